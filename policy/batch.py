@@ -35,3 +35,24 @@ class Batch:
     def context_lens(self) -> list[int]:
         """KV length each sequence attends over after this step."""
         return [c + n for c, n in zip(self.num_computed_tokens, self.num_new_tokens)]
+
+    def record(self, start: float, duration: float) -> dict:
+        """One row of `steps.parquet`: the step's shape and timing. The work features
+        (decode_context_tokens: KV read by decodes; prefill_context_tokens: sum over prefill
+        chunks of new tokens x context after the step, the attention work) are what a fitted
+        cost model regresses on."""
+        decode_ctx = prefill_ctx = num_sampled = 0
+        for seq, start_pos, n, sampled in zip(self.seqs, self.num_computed_tokens,
+                                              self.num_new_tokens, self.sample):
+            if n == 1 and start_pos >= seq.num_prompt_tokens:
+                decode_ctx += start_pos + 1
+            else:
+                prefill_ctx += n * (start_pos + n)
+            num_sampled += sampled
+        return {"start_s": start, "duration_s": duration, "num_seqs": len(self.seqs),
+                "num_batched_tokens": self.num_batched_tokens,
+                "num_prefill_tokens": self.num_prefill_tokens,
+                "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
+                "decode_context_tokens": decode_ctx, "prefill_context_tokens": prefill_ctx,
+                "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
+                "kv_blocks_used": self.kv_blocks_used}
