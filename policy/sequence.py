@@ -17,7 +17,7 @@ class Sequence:
     not ignore_eos) or "abort".
     """
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_tokens", "max_tokens",
-                 "ignore_eos", "eos_token_id", "extra_keys", "status", "finish_reason",
+                 "ignore_eos", "eos_token_ids", "extra_keys", "status", "finish_reason",
                  "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
                  "num_registered_blocks", "arrival_time", "first_scheduled_time",
                  "first_token_time", "token_times", "finish_time", "num_preemptions")
@@ -30,7 +30,9 @@ class Sequence:
         self.num_tokens = self.num_prompt_tokens
         self.max_tokens = max_tokens
         self.ignore_eos = ignore_eos
-        self.eos_token_id = eos_token_id
+        # One id, several (Llama 3 instruct stops on three) or None.
+        self.eos_token_ids = frozenset(() if eos_token_id is None else
+                                       (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id)
         self.extra_keys = extra_keys      # bytes mixed into every block hash (LoRA, salt...)
         self.status = SequenceStatus.WAITING
         self.finish_reason = None

@@ -1,0 +1,180 @@
+"""Paged KV block pool with an xxhash prefix cache (vLLM V1 semantics).
+
+A block holds `block_size` consecutive tokens of one sequence. Blocks are reference
+counted: a prefix-cache hit shares a block between sequences. Only full blocks are
+hashed, each hash chaining its parent's (so equal hashes mean equal whole prefixes), and a
+block is registered in the cache only after the step that computed its KV has run.
+Freed blocks keep their hash and stay reusable until they are handed out again, in LRU
+order (a sequence frees its blocks tail first, so its prefix is evicted last).
+"""
+from array import array
+from collections import OrderedDict
+
+import xxhash
+
+from policy.sequence import Sequence
+
+NO_HASH = -1
+
+
+def hash_block(parent: int, token_ids, extra_keys: bytes = b"") -> int:
+    """xxhash64 over (parent hash, the block's token ids as int64, extra keys)."""
+    data = parent.to_bytes(8, "little") + array("q", token_ids).tobytes()
+    return xxhash.xxh64_intdigest(data + extra_keys)
+
+
+class BlockManager:
+    """Allocates blocks to sequences and keeps the prefix cache.
+
+    Invariants (checked by `check_integrity`): every block is free xor held (ref count > 0);
+    a hash in the cache maps to a block carrying that hash; free blocks are exactly those
+    with ref count 0.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool needs at least one block, got num_blocks={num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash = [NO_HASH] * num_blocks
+        self.cached: dict[int, int] = {}       # block hash -> block id
+        # Free blocks in eviction order (front = next to reuse). OrderedDict gives O(1)
+        # pop-front, append and removal of a revived block from the middle.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.queries = 0        # prompt tokens looked up in the cache
+        self.hits = 0           # of which served from it
+        self.evictions = 0      # cached blocks overwritten by new content
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def stats(self) -> dict:
+        return {"queries": self.queries, "hits": self.hits, "evictions": self.evictions,
+                "hit_rate": self.hits / self.queries if self.queries else 0.0,
+                "usage": self.usage}
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs so that its first `num_tokens` tokens have a slot."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Hashes of the first `num_blocks` full blocks of `seq`, computed once and kept."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        tokens = seq.token_ids
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if i else 0, tokens[i * bs:(i + 1) * bs],
+                                     seq.extra_keys))
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering the longest cached prefix of `seq`. Never covers the last
+        token: its logits must be computed."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h in self.block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def count_cached_tokens(self, token_ids, extra_keys: bytes = b"") -> int:
+        """Tokens of a prompt the cache would serve (for routers; changes nothing)."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs, parent, n = self.block_size, 0, 0
+        for i in range((len(token_ids) - 1) // bs):
+            parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs], extra_keys)
+            if parent not in self.cached:
+                break
+            n += bs
+        return n
+
+    # ---- changes -------------------------------------------------------------------
+    def can_admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
+        """Whether `seq` can take the cached `hits` and get blocks for `num_tokens` tokens."""
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)
+        new = max(0, -(-num_tokens // self.block_size) - len(hits))
+        return revived + new <= len(self.free)
+
+    def admit(self, seq: Sequence, hits: list[int]) -> None:
+        """Give a sequence with no blocks the cached `hits` (its KV is then computed up to
+        them) and count the lookup."""
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+        seq.block_table.extend(hits)
+        seq.num_registered_blocks = len(hits)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        if self.enable_prefix_caching:
+            self.queries += seq.num_tokens
+            self.hits += seq.num_cached_tokens
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure `seq` has slots for its first `num_tokens` tokens. False (and nothing
+        changed) if the pool has too few free blocks."""
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        free, table = self.free, seq.block_table
+        for _ in range(need):
+            block = free.popitem(last=False)[0]
+            h = self.block_hash[block]
+            if h != NO_HASH:  # evict: its old content is gone
+                if self.cached.get(h) == block:
+                    del self.cached[h]
+                self.block_hash[block] = NO_HASH
+                self.evictions += 1
+            self.ref_counts[block] = 1
+            table.append(block)
+        return True
+
+    def register(self, seq: Sequence) -> None:
+        """Enter the full blocks whose KV is now computed into the prefix cache."""
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_registered_blocks or not self.enable_prefix_caching:
+            seq.num_registered_blocks = max(full, seq.num_registered_blocks)
+            return
+        hashes = self.block_hashes(seq, full)
+        for i in range(seq.num_registered_blocks, full):
+            h, block = hashes[i], seq.block_table[i]
+            if h not in self.cached:   # an identical block elsewhere keeps serving hits
+                self.cached[h] = block
+                self.block_hash[block] = h
+        seq.num_registered_blocks = full
+
+    def free_blocks(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def check_integrity(self) -> None:
+        """Assert the pool's invariants (tests and debugging; O(num_blocks))."""
+        for block in range(self.num_blocks):
+            assert (self.ref_counts[block] == 0) == (block in self.free), block
+            assert self.ref_counts[block] >= 0, block
+        for h, block in self.cached.items():
+            assert self.block_hash[block] == h, (h, block)

@@ -1,0 +1,232 @@
+"""Continuous-batching scheduler: decides, each step, which sequences compute how many tokens.
+
+Two policies share admission, preemption and bookkeeping:
+
+- `chunked` (vLLM V1, Sarathi-Serve): one token budget per step. Running sequences go first
+  (one decode token each, or the next chunk of an unfinished prompt), oldest first; then
+  waiting ones in FCFS order, the last admitted chunked to fit the budget. Prefill and decode
+  share the step. A step that had to preempt admits nobody.
+- `prefill_first` (nano-vLLM, vLLM V0): if any waiting prompt fits, a prefill-only step
+  (only its first prompt may be chunked; it holds blocks for its whole prompt); otherwise
+  one decode step for every running sequence.
+
+Preemption is by recompute: the victim is the newest running sequence; it frees its blocks,
+forgets its KV (`num_computed_tokens = 0`) and goes to the front of the waiting queue.
+"""
+from collections import deque
+
+from policy.batch import Batch
+from policy.block_manager import BlockManager
+from policy.config import CacheConfig, SchedulerConfig
+from policy.sequence import Sequence, SequenceStatus
+
+WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
+
+
+class Scheduler:
+    """`add` requests, then per step: `schedule(now)` -> executor -> `update(batch, ...)`."""
+
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int):
+        config.validate_with(cache)
+        self.config = config
+        self.block_size = cache.block_size
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # admission order: oldest first, victims from the end
+        self.sequences: dict = {}           # seq_id -> unfinished Sequence
+        self.num_preemptions = 0
+        self._schedule_policy = {"chunked": self._schedule_chunked,
+                                 "prefill_first": self._schedule_prefill_first}[config.policy]
+
+    # ---- requests ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a request. Raises ValueError, naming the request and the limit, if it could
+        never run: so nothing hangs waiting for room that will never exist."""
+        cfg, n = self.config, seq.num_prompt_tokens
+        if n == 0:
+            raise ValueError(f"request {seq.seq_id!r}: empty prompt")
+        if seq.max_tokens < 1:
+            raise ValueError(f"request {seq.seq_id!r}: max_tokens must be >= 1, got {seq.max_tokens}")
+        if seq.seq_id in self.sequences:
+            raise ValueError(f"request {seq.seq_id!r} is already queued or running")
+        longest = n + seq.max_tokens
+        if longest > cfg.max_model_len:
+            raise ValueError(
+                f"request {seq.seq_id!r}: prompt ({n} tokens) + max_tokens ({seq.max_tokens}) = "
+                f"{longest} exceeds max_model_len={cfg.max_model_len}")
+        # The longest it gets is recomputed in one piece after a preemption: its KV must fit.
+        blocks = -(-(longest - 1) // self.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request {seq.seq_id!r}: needs {blocks} KV blocks of {self.block_size} tokens "
+                f"({longest - 1} tokens) but the whole pool has {self.block_manager.num_blocks}")
+        seq.status = WAITING
+        self.sequences[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id) -> bool:
+        """Drop an unfinished request and free its blocks. False if unknown or finished."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is None:
+            return False
+        if seq.status is RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free_blocks(seq)
+        seq.status, seq.finish_reason = FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the step ------------------------------------------------------------------
+    def schedule(self, now: float) -> Batch:
+        """Choose this step's work and allocate its KV blocks. The batch may be empty."""
+        batch = Batch()
+        self._schedule_policy(batch)
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        batch.kv_blocks_used = self.block_manager.num_used_blocks
+        return batch
+
+    def update(self, batch: Batch, token_ids, now: float) -> list[Sequence]:
+        """Apply a step's results: advance computed tokens, register full blocks in the prefix
+        cache, append sampled tokens (one per batch entry; ignored where `sample` is False),
+        finish sequences and free their blocks. Returns the sequences finished this step."""
+        bm, max_len = self.block_manager, self.config.max_model_len
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, token_ids):
+            if seq.status is FINISHED:   # aborted while the step ran
+                continue
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + n
+            if computed // self.block_size > seq.num_registered_blocks:
+                bm.register(seq)
+            if computed < seq.num_tokens:   # a prefill chunk: nothing sampled
+                continue
+            seq.token_ids.append(token)
+            seq.num_tokens += 1
+            seq.token_times.append(now)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.num_tokens - seq.num_prompt_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
+                seq.finish_reason = "length"
+            elif not seq.ignore_eos and token in seq.eos_token_ids:
+                seq.finish_reason = "stop"
+            else:
+                continue
+            seq.status = FINISHED
+            seq.finish_time = now
+            finished.append(seq)
+        if finished:
+            for seq in finished:
+                self.running.remove(seq)
+                del self.sequences[seq.seq_id]
+                bm.free_blocks(seq)
+        return finished
+
+    # ---- policies ------------------------------------------------------------------
+    def _add_to_batch(self, batch: Batch, seq: Sequence, n: int) -> None:
+        start = seq.num_computed_tokens
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        batch.num_computed_tokens.append(start)
+        sample = start + n == seq.num_tokens
+        batch.sample.append(sample)
+        batch.num_batched_tokens += n
+        if n == 1 and start >= seq.num_prompt_tokens:
+            batch.num_decode_seqs += 1
+        else:
+            batch.num_prefill_tokens += n
+
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_blocks(seq)
+        seq.status = WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.num_preempted += 1
+        self.waiting.appendleft(seq)
+
+    def _schedule_running(self, batch: Batch, budget: int, cap: int) -> int:
+        """Give each running sequence its next tokens, oldest first, preempting the newest
+        when blocks run out. Returns the budget left."""
+        bm, running = self.block_manager, self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
+            while not bm.allocate(seq, seq.num_computed_tokens + n):
+                victim = running[-1]   # the newest
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                self._add_to_batch(batch, seq, n)
+                budget -= n
+                i += 1
+        return budget
+
+    def _admit(self, batch: Batch, budget: int, cap: int, whole_prompt: bool) -> int:
+        """Admit waiting sequences FCFS while budget, `max_num_seqs` and blocks allow; the
+        last one may be chunked. With `whole_prompt`, blocks for all known tokens are taken
+        at admission and only the batch's first sequence may be chunked."""
+        bm, cfg = self.block_manager, self.config
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.match_prefix(seq)
+            remaining = seq.num_tokens - len(hits) * self.block_size
+            n = min(remaining, budget, cap)
+            if whole_prompt and n < remaining and batch.seqs:
+                break
+            if not bm.can_admit(seq, hits, seq.num_tokens if whole_prompt else seq.num_tokens - remaining + n):
+                break   # head-of-line: FCFS admission never skips ahead
+            self.waiting.popleft()
+            bm.admit(seq, hits)
+            bm.allocate(seq, seq.num_tokens if whole_prompt else seq.num_computed_tokens + n)
+            batch.prefix_hit_tokens += seq.num_cached_tokens
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+            if whole_prompt and n < remaining:   # stays at the head of the queue, holding its blocks
+                self.waiting.appendleft(seq)
+                break
+            seq.status = RUNNING
+            self.running.append(seq)
+        return budget
+
+    def _schedule_chunked(self, batch: Batch) -> None:
+        cfg = self.config
+        cap = cfg.long_prefill_token_threshold or cfg.max_num_batched_tokens
+        budget = self._schedule_running(batch, cfg.max_num_batched_tokens, cap)
+        if not batch.num_preempted:
+            self._admit(batch, budget, cap, whole_prompt=False)
+
+    def _schedule_prefill_first(self, batch: Batch) -> None:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        head = self.waiting[0] if self.waiting else None
+        if head is not None and head.num_computed_tokens:   # finish a chunked prompt first
+            self.waiting.popleft()
+            n = min(head.num_tokens - head.num_computed_tokens, budget)
+            self._add_to_batch(batch, head, n)
+            budget -= n
+            if head.num_computed_tokens + n < head.num_tokens:
+                self.waiting.appendleft(head)
+                return
+            head.status = RUNNING
+            self.running.append(head)
+        self._admit(batch, budget, budget, whole_prompt=True)
+        if batch.seqs:
+            return
+        # Decode step: prefill_first runs decodes only when no prompt could be admitted.
+        self._schedule_running(batch, budget, 1)
