@@ -17,10 +17,22 @@ from policy.sequence import Sequence
 NO_HASH = -1
 
 
-def hash_block(parent: int, token_ids, extra_keys: bytes = b"") -> int:
-    """xxhash64 over (parent hash, the block's token ids as int64, extra keys)."""
-    data = parent.to_bytes(8, "little") + array("q", token_ids).tobytes()
-    return xxhash.xxh64_intdigest(data + extra_keys)
+def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int) -> list[int]:
+    """Hashes of `num_blocks` consecutive full blocks of `token_ids`, continuing the chain
+    from `parent`: block hash = xxhash64 of the block's token ids (int64) seeded with its
+    parent's hash, so equal hashes mean equal whole prefixes."""
+    data = memoryview(array("q", token_ids[:num_blocks * block_size]))
+    hashes = []
+    for i in range(0, num_blocks * block_size, block_size):
+        parent = xxhash.xxh64_intdigest(data[i:i + block_size], parent)
+        hashes.append(parent)
+    return hashes
+
+
+def root_hash(extra_keys: bytes) -> int:
+    """The parent of a sequence's first block: extra keys (LoRA id, cache salt...) enter the
+    chain here, so they separate every block of the sequence."""
+    return xxhash.xxh64_intdigest(extra_keys) if extra_keys else 0
 
 
 class BlockManager:
@@ -73,12 +85,11 @@ class BlockManager:
     def block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
         """Hashes of the first `num_blocks` full blocks of `seq`, computed once and kept."""
         hashes = seq.block_hashes
-        bs = self.block_size
-        tokens = seq.token_ids
-        while len(hashes) < num_blocks:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if i else 0, tokens[i * bs:(i + 1) * bs],
-                                     seq.extra_keys))
+        done = len(hashes)
+        if done < num_blocks:
+            bs = self.block_size
+            hashes += chain_hashes(seq.token_ids[done * bs:num_blocks * bs], bs, num_blocks - done,
+                                   hashes[-1] if done else root_hash(seq.extra_keys))
         return hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -95,15 +106,15 @@ class BlockManager:
         return hits
 
     def count_cached_tokens(self, token_ids, extra_keys: bytes = b"") -> int:
-        """Tokens of a prompt the cache would serve (for routers; changes nothing)."""
+        """Tokens of a prompt the cache would serve now (for routers; changes nothing)."""
         if not self.enable_prefix_caching:
             return 0
-        bs, parent, n = self.block_size, 0, 0
-        for i in range((len(token_ids) - 1) // bs):
-            parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs], extra_keys)
-            if parent not in self.cached:
+        n = 0
+        for h in chain_hashes(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size,
+                              root_hash(extra_keys)):
+            if h not in self.cached:
                 break
-            n += bs
+            n += self.block_size
         return n
 
     # ---- changes -------------------------------------------------------------------

@@ -13,14 +13,14 @@ class Sequence:
     `num_computed_tokens` counts tokens whose KV is in the cache (a preemption resets it to
     0: recompute). Times are whatever clock the executor passes in (seconds).
 
-    finish_reason: "length" (max_tokens or max_model_len reached), "stop" (eos sampled and
+    finish_reason: "length" (max_tokens reached), "stop" (eos sampled and
     not ignore_eos) or "abort".
     """
-    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_tokens", "max_tokens",
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_tokens", "max_tokens", "max_num_tokens",
                  "ignore_eos", "eos_token_ids", "extra_keys", "status", "finish_reason",
                  "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
                  "num_registered_blocks", "arrival_time", "first_scheduled_time",
-                 "first_token_time", "token_times", "finish_time", "num_preemptions")
+                 "token_times", "finish_time", "num_preemptions")
 
     def __init__(self, seq_id, prompt_token_ids, max_tokens, arrival_time=0.0,
                  ignore_eos=False, eos_token_id=None, extra_keys=b""):
@@ -29,6 +29,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.num_tokens = self.num_prompt_tokens
         self.max_tokens = max_tokens
+        self.max_num_tokens = self.num_prompt_tokens + max_tokens   # finishes on reaching it
         self.ignore_eos = ignore_eos
         # One id, several (Llama 3 instruct stops on three) or None.
         self.eos_token_ids = frozenset(() if eos_token_id is None else
@@ -43,7 +44,6 @@ class Sequence:
         self.num_registered_blocks = 0    # leading blocks already in the prefix cache
         self.arrival_time = arrival_time
         self.first_scheduled_time = None
-        self.first_token_time = None
         self.token_times: list[float] = []  # time each output token was produced
         self.finish_time = None
         self.num_preemptions = 0
@@ -55,6 +55,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def first_token_time(self):
+        return self.token_times[0] if self.token_times else None
 
     @property
     def num_output_tokens(self) -> int:

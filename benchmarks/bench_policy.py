@@ -1,0 +1,84 @@
+"""Policy-layer speed: the scheduler driven by a null executor (no model, no clock).
+
+    python benchmarks/bench_policy.py [--num-requests 10000] [--max-num-seqs 256]
+
+Replays ShareGPT lengths (traces/sharegpt_8k_filtered_stats_llama2_tokenizer.csv) with every
+request queued at t=0, prefix caching on, and counts scheduled sequence-steps per second:
+this same code is the engine's CPU cost on every step and the whole cost of the simulator.
+Prints a table and, last, one line of JSON.
+"""
+import argparse
+import cProfile
+import csv
+import json
+import pathlib
+import platform
+import pstats
+import random
+import time
+
+from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+
+TRACE = pathlib.Path(__file__).resolve().parents[1] / "traces" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+
+
+def load_lengths(n: int) -> list[tuple[int, int]]:
+    with open(TRACE) as f:
+        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    return rows[:n]
+
+
+def run(policy: str, lengths, max_num_seqs: int, num_blocks: int, block_size: int, seed: int):
+    rng = random.Random(seed)
+    sched = Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=8192, max_model_len=10240),
+                      CacheConfig(block_size=block_size, enable_prefix_caching=True), num_blocks)
+    for i, (p, o) in enumerate(lengths):
+        sched.add(Sequence(i, [rng.randrange(32000) for _ in range(p)], o, ignore_eos=True))
+    steps = seq_steps = 0
+    now = 0.0
+    t0 = time.perf_counter()
+    while sched.has_unfinished():
+        batch = sched.schedule(now)
+        now += 0.01
+        sched.update(batch, [1] * len(batch.seqs), now)
+        steps += 1
+        seq_steps += len(batch.seqs)
+    wall = time.perf_counter() - t0
+    return {"policy": policy, "steps": steps, "seq_steps": seq_steps, "wall_s": wall,
+            "seq_steps_per_s": seq_steps / wall, "us_per_seq_step": 1e6 * wall / seq_steps,
+            "preemptions": sched.num_preemptions,
+            "prefix_hit_rate": sched.block_manager.stats["hit_rate"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=10_000)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--num-blocks", type=int, default=40_000, help="KV pool (blocks)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="cProfile the chunked run")
+    args = ap.parse_args()
+    lengths = load_lengths(args.num_requests)
+    rows = []
+    for policy in ("chunked", "prefill_first"):
+        if args.profile and policy == "chunked":
+            prof = cProfile.Profile()
+            prof.enable()
+        rows.append(run(policy, lengths, args.max_num_seqs, args.num_blocks, args.block_size, args.seed))
+        if args.profile and policy == "chunked":
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    print(f"{len(lengths)} ShareGPT requests, max_num_seqs={args.max_num_seqs}, "
+          f"{args.num_blocks} blocks x {args.block_size}, prefix caching on, "
+          f"python {platform.python_version()} on {platform.processor() or platform.machine()}")
+    print(f"{'policy':<14}{'steps':>9}{'seq-steps':>12}{'wall s':>9}{'seq-steps/s':>14}{'us/seq-step':>13}{'preempt':>9}")
+    for r in rows:
+        print(f"{r['policy']:<14}{r['steps']:>9}{r['seq_steps']:>12}{r['wall_s']:>9.2f}"
+              f"{r['seq_steps_per_s']:>14,.0f}{r['us_per_seq_step']:>13.3f}{r['preemptions']:>9}")
+    print(json.dumps({"bench": "policy", "num_requests": len(lengths), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

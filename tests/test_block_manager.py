@@ -1,0 +1,175 @@
+"""BlockManager against a reference model: ownership, ref counts, prefix-cache content."""
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from policy import BlockManager, Sequence
+
+BLOCK = 4
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Sequences are admitted (taking prefix hits), grow by steps, and are freed. The
+    reference model records, for every block whose KV was written, the whole token prefix it
+    ends (the content that produced it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=True)
+        self.live: list[Sequence] = []
+        self.prefix_of: dict[int, tuple] = {}   # block -> tokens [0, end of block) of its writer
+        self.next_id = 0
+
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=20), want=st.integers(1, 20))
+    def admit(self, tokens, want):
+        seq = Sequence(self.next_id, tokens, max_tokens=1)
+        self.next_id += 1
+        hits = self.bm.match_prefix(seq)
+        assert len(hits) * BLOCK <= len(tokens) - 1, "a hit must leave the last token to compute"
+        for i, block in enumerate(hits):   # a hit is only ever identical content
+            assert self.prefix_of[block] == tuple(tokens[:(i + 1) * BLOCK])
+        n = min(len(tokens), len(hits) * BLOCK + want)
+        if not self.bm.can_admit(seq, hits, n):
+            revived = sum(self.bm.ref_counts[b] == 0 for b in hits)
+            assert revived + -(-n // BLOCK) - len(hits) > self.bm.num_free_blocks
+            return
+        self.bm.admit(seq, hits)
+        assert self.bm.allocate(seq, n)
+        self.live.append(seq)
+        self.compute(seq, n)
+
+    def compute(self, seq, upto):
+        """The executor writes KV for tokens [computed, upto) and the step registers them."""
+        for b in range(seq.num_computed_tokens // BLOCK, -(-upto // BLOCK)):
+            end = min(upto, (b + 1) * BLOCK)
+            if end == (b + 1) * BLOCK:
+                self.prefix_of[seq.block_table[b]] = tuple(seq.token_ids[:end])
+            else:   # a partial block: its content is not a cacheable prefix
+                self.prefix_of.pop(seq.block_table[b], None)
+        seq.num_computed_tokens = upto
+        self.bm.register(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), new=st.lists(st.integers(0, 2), min_size=1, max_size=6))
+    def grow(self, data, new):
+        seq = data.draw(st.sampled_from(self.live))
+        seq.token_ids += new
+        seq.num_tokens = len(seq.token_ids)
+        if self.bm.allocate(seq, seq.num_tokens):
+            self.compute(seq, seq.num_tokens)
+        else:
+            assert self.bm.blocks_needed(seq, seq.num_tokens) > self.bm.num_free_blocks
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        self.live.remove(seq)
+        self.bm.free_blocks(seq)
+        assert seq.block_table == []
+
+    @invariant()
+    def ownership(self):
+        self.bm.check_integrity()
+        holders = [0] * self.bm.num_blocks
+        for seq in self.live:
+            for block in seq.block_table:
+                holders[block] += 1
+        assert holders == self.bm.ref_counts
+        held = {b for b in range(self.bm.num_blocks) if holders[b]}
+        assert held.isdisjoint(self.bm.free)
+        assert len(held) + self.bm.num_free_blocks == self.bm.num_blocks
+        assert 0.0 <= self.bm.usage <= 1.0
+
+    @invariant()
+    def cached_blocks_hold_what_produced_them(self):
+        by_content = {}
+        for h, block in self.bm.cached.items():
+            content = self.prefix_of[block]   # only written full blocks are ever cached
+            assert by_content.setdefault(content, h) == h, "one prefix, one hash"
+            assert self.bm.block_hash[block] == h
+
+    def teardown(self):
+        for seq in self.live:
+            self.bm.free_blocks(seq)
+        assert self.bm.num_free_blocks == self.bm.num_blocks
+        assert self.bm.usage == 0.0
+        self.bm.check_integrity()
+
+
+TestBlockManager = BlockManagerMachine.TestCase
+
+
+def test_hit_never_covers_last_token():
+    bm = BlockManager(8, 4)
+    a = Sequence("a", list(range(8)), 1)
+    bm.admit(a, bm.match_prefix(a))
+    bm.allocate(a, 8)
+    a.num_computed_tokens = 8
+    bm.register(a)
+    same = Sequence("b", list(range(8)), 1)
+    assert len(bm.match_prefix(same)) == 1          # 2 full blocks cached, only 1 may hit
+    longer = Sequence("c", list(range(9)), 1)
+    assert len(bm.match_prefix(longer)) == 2
+
+
+def test_freed_blocks_are_evicted_lru_tail_first():
+    bm = BlockManager(4, 2)
+    a = Sequence("a", [1, 2, 3, 4, 5], 1)
+    bm.admit(a, [])
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.register(a)
+    bm.free_blocks(a)
+    assert len(bm.cached) == 2
+    # Only the never-cached blocks and then a's tail may be reused first: its prefix block
+    # (holding [1, 2]) survives two new allocations.
+    b = Sequence("b", [9, 9, 9, 9], 1)
+    bm.admit(b, [])
+    bm.allocate(b, 4)
+    assert a.block_table == [] and len(bm.cached) == 2
+    c = Sequence("c", [7, 7], 1)
+    bm.admit(c, [])
+    bm.allocate(c, 2)                      # reuses a's last block: its tail evicted first
+    assert bm.evictions == 1
+    again = Sequence("d", [1, 2, 3], 1)
+    assert len(bm.match_prefix(again)) == 1   # a's first block is still cached
+
+
+def test_extra_keys_separate_equal_tokens():
+    bm = BlockManager(8, 2)
+    a = Sequence("a", [1, 2, 3], 1, extra_keys=b"lora-1")
+    bm.admit(a, [])
+    bm.allocate(a, 3)
+    a.num_computed_tokens = 3
+    bm.register(a)
+    assert bm.match_prefix(Sequence("b", [1, 2, 3], 1, extra_keys=b"lora-1"))
+    assert not bm.match_prefix(Sequence("c", [1, 2, 3], 1, extra_keys=b"lora-2"))
+    assert not bm.match_prefix(Sequence("d", [1, 2, 3], 1))
+
+
+def test_disabled_cache_never_hits():
+    bm = BlockManager(8, 2, enable_prefix_caching=False)
+    a = Sequence("a", [1, 2, 3], 1)
+    bm.admit(a, bm.match_prefix(a))
+    bm.allocate(a, 3)
+    a.num_computed_tokens = 3
+    bm.register(a)
+    assert bm.match_prefix(Sequence("b", [1, 2, 3], 1)) == [] and not bm.cached
+    assert bm.count_cached_tokens([1, 2, 3]) == 0
+
+
+def test_count_cached_tokens_matches_match_prefix():
+    bm = BlockManager(8, 2)
+    a = Sequence("a", [1, 2, 3, 4, 5], 1)
+    bm.admit(a, [])
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.register(a)
+    probe = [1, 2, 3, 4, 6, 7]
+    assert bm.count_cached_tokens(probe) == 2 * len(bm.match_prefix(Sequence("p", probe, 1)))
+
+
+def test_pool_must_have_a_block():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 16)
