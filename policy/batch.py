@@ -36,23 +36,36 @@ class Batch:
         """KV length each sequence attends over after this step."""
         return [c + n for c, n in zip(self.num_computed_tokens, self.num_new_tokens)]
 
-    def record(self, start: float, duration: float) -> dict:
-        """One row of `steps.parquet`: the step's shape and timing. The work features
-        (decode_context_tokens: KV read by decodes; prefill_context_tokens: sum over prefill
-        chunks of new tokens x context after the step, the attention work) are what a fitted
-        cost model regresses on."""
-        decode_ctx = prefill_ctx = num_sampled = 0
-        for seq, start_pos, n, sampled in zip(self.seqs, self.num_computed_tokens,
-                                              self.num_new_tokens, self.sample):
-            if n == 1 and start_pos >= seq.num_prompt_tokens:
-                decode_ctx += start_pos + 1
-            else:
-                prefill_ctx += n * (start_pos + n)
-            num_sampled += sampled
-        return {"start_s": start, "duration_s": duration, "num_seqs": len(self.seqs),
-                "num_batched_tokens": self.num_batched_tokens,
+    def features(self) -> dict:
+        """The step's shape: the `steps.parquet` columns a cost model reads. Work features:
+        decode_context_tokens (KV read by decodes), prefill_context_tokens (sum over prefill
+        chunks of new tokens x context after the chunk), prefill_kv_tokens (sum of context
+        after each chunk: KV its attention reads) and prefill_attention_pairs (causal
+        query-key pairs, n*start + n(n+1)/2 per chunk). O(1) Python for decode-only steps."""
+        starts = self.num_computed_tokens
+        num_seqs = len(starts)
+        decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
+        if self.num_prefill_tokens == 0:   # decode only: the sum runs in C
+            decode_ctx = sum(starts) + num_seqs
+            num_sampled = num_seqs
+        else:
+            for seq, start, n in zip(self.seqs, starts, self.num_new_tokens):
+                if n == 1 and start >= seq.num_prompt_tokens:
+                    decode_ctx += start + 1
+                else:
+                    end = start + n
+                    prefill_ctx += n * end
+                    prefill_kv += end
+                    prefill_pairs += n * start + n * (n + 1) // 2
+            num_sampled = sum(self.sample)
+        return {"num_seqs": num_seqs, "num_batched_tokens": self.num_batched_tokens,
                 "num_prefill_tokens": self.num_prefill_tokens,
                 "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
                 "decode_context_tokens": decode_ctx, "prefill_context_tokens": prefill_ctx,
+                "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
                 "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
                 "kv_blocks_used": self.kv_blocks_used}
+
+    def record(self, start: float, duration: float) -> dict:
+        """One row of `steps.parquet`: when the step ran, how long, and its `features()`."""
+        return {"start_s": start, "duration_s": duration, **self.features()}

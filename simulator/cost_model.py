@@ -10,7 +10,7 @@ Three cost models, one contract (`CostModel.step_time(batch) -> seconds`):
   also checks that the simulator scheduled the same batch shapes: the policy-equivalence test.
 
 Every model reads the step through `step_features(batch)`: the counters of
-`Batch.record()` (the `steps.parquet` row), computed in O(1) for decode-only steps.
+`Batch.record()` (the `steps.parquet` row): `Batch.features()`.
 """
 import datetime
 import json
@@ -160,33 +160,8 @@ def kv_pool_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
 
 # ---- the step's shape -------------------------------------------------------------
 def step_features(batch) -> dict:
-    """The counters of `batch.record()` (without start/duration), plus two derived from
-    the prefill chunks: `prefill_kv_tokens` (sum of context after each chunk: KV the chunk's
-    attention reads) and `prefill_attention_pairs` (causal query-key pairs, sum of
-    n*start + n(n+1)/2). A decode entry computes one generated token (start >= prompt)."""
-    starts = batch.num_computed_tokens
-    num_seqs = len(starts)
-    decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
-    if batch.num_prefill_tokens == 0:   # decode only: sums run in C, no Python loop
-        decode_ctx = sum(starts) + num_seqs
-        num_sampled = num_seqs
-    else:
-        for seq, start, n in zip(batch.seqs, starts, batch.num_new_tokens):
-            if n == 1 and start >= seq.num_prompt_tokens:
-                decode_ctx += start + 1
-            else:
-                end = start + n
-                prefill_ctx += n * end
-                prefill_kv += end
-                prefill_pairs += n * start + n * (n + 1) // 2
-        num_sampled = sum(batch.sample)
-    return {"num_seqs": num_seqs, "num_batched_tokens": batch.num_batched_tokens,
-            "num_prefill_tokens": batch.num_prefill_tokens,
-            "num_decode_seqs": batch.num_decode_seqs, "num_sampled": num_sampled,
-            "decode_context_tokens": decode_ctx, "prefill_context_tokens": prefill_ctx,
-            "num_preempted": batch.num_preempted, "prefix_hit_tokens": batch.prefix_hit_tokens,
-            "kv_blocks_used": batch.kv_blocks_used,
-            "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs}
+    """What the cost models read: `batch.features()`, the steps.parquet columns."""
+    return batch.features()
 
 
 # ---- cost models ------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_bad_input_is_refused_with_the_request_named():
 
 
 def test_step_features_match_batch_record():
-    """The simulator's step rows (and the cost models' inputs) are Batch.record()'s columns."""
+    """The cost models' inputs are the steps.parquet columns, and mean what they say."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512),
                       CACHE, num_blocks=40)
     for r in make_requests(30, rate=1.0, prompt=(5, 120), output=(1, 30),
@@ -168,9 +168,19 @@ def test_step_features_match_batch_record():
     while sched.has_unfinished():
         batch = sched.schedule(0.0)
         features = step_features(batch)
-        record = batch.record(0.0, 0.0)
-        del record["start_s"], record["duration_s"]
-        assert {k: features[k] for k in record} == record
+        assert batch.record(1.0, 2.0) == {"start_s": 1.0, "duration_s": 2.0, **features}
+        # the features by their definitions, entry by entry
+        decode = [(c, n) for s, c, n in zip(batch.seqs, batch.num_computed_tokens, batch.num_new_tokens)
+                  if n == 1 and c >= s.num_prompt_tokens]
+        prefill = [(c, n) for s, c, n in zip(batch.seqs, batch.num_computed_tokens, batch.num_new_tokens)
+                   if not (n == 1 and c >= s.num_prompt_tokens)]
+        assert features["num_decode_seqs"] == len(decode)
+        assert features["decode_context_tokens"] == sum(c + 1 for c, _ in decode)
+        assert features["num_prefill_tokens"] == sum(n for _, n in prefill)
+        assert features["prefill_context_tokens"] == sum(n * (c + n) for c, n in prefill)
+        assert features["prefill_attention_pairs"] == sum(
+            sum(c + i + 1 for i in range(n)) for c, n in prefill)
+        assert features["num_sampled"] == sum(batch.sample)
         kinds.add((batch.num_prefill_tokens > 0, batch.num_decode_seqs > 0, batch.num_preempted > 0))
         sched.update(batch, [7] * len(batch), 0.0)
     assert {(True, True, False), (False, True, False), (True, False, False)} <= kinds
