@@ -1,0 +1,214 @@
+"""The run configuration: Hydra schemas in, one frozen `RunConfig` out.
+
+Each config group (conf/<group>/*.yaml) fills one node of the schema `Config`, so Hydra
+type-checks every YAML value and command-line override when it composes. The schemas are
+made from the frozen dataclasses the code uses (policy, traces, simulator, and the small
+ones below), field for field: Hydra needs mutable nodes to merge into, the code wants
+frozen values. `build` then constructs the frozen dataclasses, whose `__post_init__`
+checks run: a bad value fails there with a message naming the field.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from policy import CacheConfig, SchedulerConfig
+from simulator import CostModelConfig, HardwareSpec
+from traces import TraceConfig
+
+MODES = ("sim", "gpu")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """num_replicas: engine copies behind a router (simulator only, for now).
+    router: how requests are spread over replicas (the simulator's names)."""
+    num_replicas: int = 1
+    router: str = "round_robin"
+
+    def __post_init__(self):
+        _require(isinstance(self.num_replicas, int) and self.num_replicas >= 1,
+                 f"cluster.num_replicas must be an integer >= 1, got {self.num_replicas!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggerConfig:
+    """kind: "wandb" or "none". mode: wandb's mode; "offline" writes under the run dir and
+    needs no network or API key (`wandb sync` uploads later). group: wandb run group (None:
+    the sweep's folder name in a multirun)."""
+    kind: str = "wandb"
+    mode: str = "offline"
+    project: str = "twinserve"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _require(self.kind in LOGGERS, f"logger.kind must be one of {LOGGERS}, got {self.kind!r}")
+        _require(self.mode in WANDB_MODES,
+                 f"logger.mode must be one of {WANDB_MODES}, got {self.mode!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """GPU mode only: how the engine is built (see engine.EngineConfig).
+    model_path: a local Hugging Face model directory; None = a randomly initialised
+        checkpoint written from the `model` group's config.json (speed depends on the
+        architecture, not the weights).
+    device: "cuda"; "cpu" runs the same replay on the CPU (tiny models, tests)."""
+    model_path: str | None = None
+    dtype: str = "auto"
+    device: str = "cuda"
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        _require(self.device in ("cuda", "cpu"),
+                 f"engine.device must be 'cuda' or 'cpu', got {self.device!r}")
+        _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                 "engine.tensor_parallel_size must be an integer >= 1, "
+                 f"got {self.tensor_parallel_size!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SLOConfig:
+    """Service-level objectives in ms (None = not checked); with any set, the summary
+    gains request_goodput and slo_attainment."""
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+    def __post_init__(self):
+        for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"slo.{name} must be > 0 or null, got {value!r}")
+
+    def as_dict(self) -> dict:
+        return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2el_ms": self.e2el_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything one replay needs, validated."""
+    mode: str
+    seed: int
+    progress: bool
+    trace: TraceConfig
+    model_name: str
+    hf_config: dict
+    hardware: HardwareSpec
+    scheduler: SchedulerConfig
+    cache: CacheConfig
+    gpu_memory_utilization: float     # share of GPU memory for weights + activations + KV
+    num_blocks: int | None            # KV pool size; None = derived from memory
+    cost_model: CostModelConfig
+    cluster: ClusterConfig
+    logger: LoggerConfig
+    engine: EngineSettings
+    slo: SLOConfig
+
+    def __post_init__(self):
+        _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 "cache.gpu_memory_utilization must be in (0, 1], "
+                 f"got {self.gpu_memory_utilization}")
+        _require(self.num_blocks is None or self.num_blocks >= 1,
+                 f"cache.num_blocks must be null (derived) or >= 1, got {self.num_blocks}")
+        _require(self.mode == "sim" or self.cluster.num_replicas == 1,
+                 f"mode=gpu runs one replica; got cluster.num_replicas={self.cluster.num_replicas}")
+        _require("vocab_size" in self.hf_config,
+                 f"model {self.model_name!r}: hf_config has no vocab_size")
+
+
+# ---- Hydra schemas -----------------------------------------------------------------
+def schema(cls, extra=()):
+    """A mutable copy of dataclass `cls` for Hydra: same field names, types and defaults,
+    plus `extra` (name, type, dataclasses.field) entries. Fields without a default are
+    MISSING: the YAML must set them."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=MISSING)
+        fields.append((f.name, hints[f.name], default))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields + list(extra))
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    hf_config: dict[str, Any] = field(default_factory=dict)   # the model's config.json
+
+
+TraceSchema = schema(TraceConfig)
+HardwareSchema = schema(HardwareSpec)
+SchedulerSchema = schema(SchedulerConfig)
+CacheSchema = schema(CacheConfig, extra=[
+    ("gpu_memory_utilization", float, field(default=0.9)),
+    ("num_blocks", typing.Optional[int], field(default=None))])
+CostModelSchema = schema(CostModelConfig)
+ClusterSchema = schema(ClusterConfig)
+LoggerSchema = schema(LoggerConfig)
+EngineSchema = schema(EngineSettings)
+SLOSchema = schema(SLOConfig)
+
+
+@dataclass
+class Config:
+    """The whole composed config (conf/config.yaml)."""
+    mode: str = "sim"
+    seed: int = 0
+    progress: bool = True
+    trace: TraceSchema = field(default_factory=TraceSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    hardware: HardwareSchema = MISSING
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    cost_model: CostModelSchema = field(default_factory=CostModelSchema)
+    cluster: ClusterSchema = field(default_factory=ClusterSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    engine: EngineSchema = field(default_factory=EngineSchema)
+    slo: SLOSchema = field(default_factory=SLOSchema)
+
+
+def register_configs() -> None:
+    """Store the schema as `schema` (conf/config.yaml lists it first in its defaults)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def build(cfg: DictConfig) -> RunConfig:
+    """The frozen, validated run config of a composed Hydra config. Raises ValueError
+    (a traces.TraceError for the trace) naming the bad field."""
+    def plain(node) -> dict:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+
+    cache = plain(cfg.cache)
+    gpu_memory_utilization = cache.pop("gpu_memory_utilization")
+    num_blocks = cache.pop("num_blocks")
+    return RunConfig(
+        mode=cfg.mode, seed=cfg.seed, progress=cfg.progress,
+        trace=TraceConfig(**plain(cfg.trace)),
+        model_name=cfg.model.name, hf_config=plain(cfg.model.hf_config),
+        hardware=HardwareSpec(**plain(cfg.hardware)),
+        scheduler=SchedulerConfig(**plain(cfg.scheduler)),
+        cache=CacheConfig(**cache),
+        gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
+        cost_model=CostModelConfig(**plain(cfg.cost_model)),
+        cluster=ClusterConfig(**plain(cfg.cluster)),
+        logger=LoggerConfig(**plain(cfg.logger)),
+        engine=EngineSettings(**plain(cfg.engine)),
+        slo=SLOConfig(**plain(cfg.slo)))

@@ -1,0 +1,182 @@
+"""Replay a request trace on the simulator or the GPU engine, then write and log the results.
+
+    trace -> materialize (token ids) -> executor -> requests/steps tables -> metrics
+          -> requests.parquet, steps.parquet, summary.json -> logger -> printed summary
+
+Both executors run the same policy (`policy.Scheduler`) on the same materialized requests
+and return the policy Sequences, so the result files of a simulated and a real run can be
+compared row for row.
+"""
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from analysis.metrics import compute_metrics, format_report
+from experiments import results
+from experiments.config import RunConfig, build
+from experiments.logging import make_logger
+from policy import Scheduler, Sequence
+from traces import load_trace, materialize
+
+GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
+
+
+@dataclass(slots=True)
+class Replay:
+    """What an executor hands back. `sequences`: every request's policy Sequence, in
+    request order (seq_id = request_id); `steps`: `Batch.record` rows + replica, step;
+    times on the executor's clock, where the replay started at `t0`."""
+    sequences: list
+    replica_of: dict
+    steps: list
+    duration_s: float
+    wall_s: float
+    num_blocks: int
+    gpu: str | None = None
+    t0: float = 0.0
+
+
+def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
+    """Fail before starting if a request can never run (too long for max_model_len or for
+    the KV pool), with the scheduler's own message: the same check `Scheduler.add` does
+    mid-run, where it would stop a long replay half way."""
+    probe = Scheduler(rc.scheduler, rc.cache, num_blocks)
+    for r in requests:
+        try:
+            probe.add(Sequence(r.request_id, r.prompt_token_ids, r.output_len, ignore_eos=True))
+        except ValueError as e:
+            fits = min(rc.scheduler.max_model_len, num_blocks * rc.cache.block_size)
+            raise ValueError(f"trace {rc.trace.name!r}: {e}. Drop such requests with "
+                             f"trace.max_total_len={fits}") from None
+
+
+def load_requests(rc: RunConfig, vocab_size: int) -> list:
+    """The trace's requests with token ids drawn for this vocabulary (deterministic in the
+    trace config, so the simulator and the engine see the same prompts)."""
+    return materialize(load_trace(rc.trace), rc.cache.block_size, vocab_size, rc.trace.seed)
+
+
+def replay_sim(rc: RunConfig) -> Replay:
+    """Simulated time: step times come from the cost model."""
+    from simulator import ModelSpec, Simulator, build_cost_model, kv_pool_blocks
+    model = ModelSpec.from_hf_config(rc.hf_config, name=rc.model_name)
+    tp = rc.engine.tensor_parallel_size
+    num_blocks = rc.num_blocks or kv_pool_blocks(model, rc.hardware, rc.cache.block_size,
+                                                 rc.gpu_memory_utilization, tp=tp)
+    requests = load_requests(rc, model.vocab_size)
+    check_requests(requests, rc, num_blocks)
+    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp)
+    sim = Simulator(rc.scheduler, rc.cache, cost_model, num_blocks,
+                    num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed)
+    with tqdm(total=len(requests), unit="req", desc="sim", disable=not rc.progress) as bar:
+        result = sim.run(requests, progress=bar.update)
+    return Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
+                  result.wall_s, num_blocks)
+
+
+def replay_gpu(rc: RunConfig) -> Replay:
+    """Online replay in wall time: a request is added once the clock passes its arrival
+    (its arrival time stays the trace's, so waiting behind a running step counts in its
+    TTFT); the engine steps while it has work and sleeps until the next arrival when idle.
+    Token ids are drawn for the checkpoint's vocabulary."""
+    try:
+        import torch
+        from engine import LLMEngine, SamplingParams
+    except ImportError as e:
+        raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
+    if rc.engine.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
+                           "(engine.device=cpu runs tiny models on the CPU)")
+    engine = LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
+                       gpu_memory_utilization=rc.gpu_memory_utilization,
+                       num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
+                       block_size=rc.cache.block_size,
+                       enable_prefix_caching=rc.cache.enable_prefix_caching,
+                       max_num_seqs=rc.scheduler.max_num_seqs,
+                       max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
+                       scheduler_policy=rc.scheduler.policy,
+                       long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
+                       enforce_eager=rc.engine.enforce_eager,
+                       tensor_parallel_size=rc.engine.tensor_parallel_size,
+                       attention_backend=rc.engine.attention_backend, seed=rc.seed)
+    try:
+        num_blocks = engine.scheduler.block_manager.num_blocks
+        requests = load_requests(rc, engine.model_config.vocab_size)
+        check_requests(requests, rc, num_blocks)
+        sequences = {}      # engine.sequences forgets finished requests; keep them here
+        pending = deque(requests)
+        wall_start = time.perf_counter()
+        t0 = engine.clock()
+        with tqdm(total=len(requests), unit="req", desc="gpu", disable=not rc.progress) as bar:
+            while pending or engine.has_unfinished():
+                now = engine.clock() - t0
+                while pending and pending[0].arrival_s <= now:
+                    r = pending.popleft()
+                    engine.add_request(list(r.prompt_token_ids),
+                                       SamplingParams(max_tokens=r.output_len, ignore_eos=True),
+                                       request_id=r.request_id, arrival_time=t0 + r.arrival_s)
+                    sequences[r.request_id] = engine.sequences[r.request_id]
+                if engine.has_unfinished():
+                    bar.update(len(engine.step()))
+                elif pending:
+                    time.sleep(max(0.0, pending[0].arrival_s - (engine.clock() - t0)))
+        wall_s = time.perf_counter() - wall_start
+    finally:
+        engine.close()
+    ordered = [sequences[r.request_id] for r in requests]
+    duration = max((seq.finish_time - t0 for seq in ordered), default=0.0)
+    gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
+    return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu, t0=t0)
+
+
+def model_path(rc: RunConfig) -> str:
+    """engine.model_path, or a random-weight checkpoint of the `model` group's architecture
+    in ckpt/<model>-<dtype>/ at the repository root, written once and reused while its
+    config.json matches (writing an 8B model takes minutes)."""
+    if rc.engine.model_path is not None:
+        return rc.engine.model_path
+    from engine.checkpoint import write_random_checkpoint
+    dtype = rc.engine.dtype
+    if dtype == "auto":
+        dtype = rc.hf_config.get("torch_dtype", "bfloat16")
+    path = CHECKPOINT_DIR / f"{rc.model_name}-{dtype}"
+    config_file = path / "config.json"
+    wanted = {k: v for k, v in rc.hf_config.items() if k != "dtype"} | {"torch_dtype": dtype}
+    if not (config_file.is_file() and json.loads(config_file.read_text()) == wanted):
+        write_random_checkpoint(rc.hf_config, path, dtype=dtype, seed=rc.seed)
+    return str(path)
+
+
+def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = None) -> dict:
+    """One replay of the composed config `cfg`; results go to `run_dir`. Returns the
+    metrics. `name`/`group` label the wandb run (Hydra's override string / sweep)."""
+    rc = build(cfg)
+    run_dir = Path(run_dir)
+    replay = replay_sim(rc) if rc.mode == "sim" else replay_gpu(rc)
+    requests_table = results.request_table(replay.sequences, replay.replica_of, replay.t0)
+    steps_table = results.step_table(replay.steps, replay.num_blocks, replay.t0)
+    metrics = compute_metrics(requests_table, duration_s=replay.duration_s, slos=rc.slo.as_dict())
+    config = OmegaConf.to_container(cfg, resolve=True)
+    summary = {"config": config, "metrics": metrics, "versions": results.versions(),
+               "gpu": replay.gpu, "mode": rc.mode,
+               "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
+                       "num_steps": len(steps_table), "wall_s": replay.wall_s}}
+    results.write(run_dir, requests_table, steps_table, summary)
+    logger = make_logger(rc.logger, run_dir, config, name=name or run_dir.name, group=group,
+                         job_type=rc.mode)
+    try:
+        logger.log_summary(metrics)
+        logger.log_steps(steps_table)
+        logger.log_cdfs(requests_table)
+    finally:
+        logger.finish()
+    print(format_report(metrics))
+    print(f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
+          f"{replay.wall_s:.1f} s wall)")
+    return metrics

@@ -1,0 +1,296 @@
+"""The experiment pipeline end to end: Hydra config -> trace -> executor -> result files.
+
+In-process runs use Hydra's compose API (fast); `run.py` itself is run as a subprocess for
+what only the command line shows: exit codes, multirun with the joblib launcher, wandb."""
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from analysis.__main__ import main as analysis_main
+from analysis.compare import compare_runs
+from analysis.metrics import compute_metrics
+from analysis.runs import load_run
+from experiments.config import build, register_configs
+from experiments.replay import run
+from experiments.results import REQUEST_COLUMNS
+from traces import load_trace
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SMALL = ["logger=none", "progress=false", "trace.num_requests=40"]
+STEP_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_batched_tokens", "num_prefill_tokens",
+                "num_decode_seqs", "num_sampled", "decode_context_tokens",
+                "prefill_context_tokens", "num_preempted", "prefix_hit_tokens",
+                "kv_blocks_used", "replica", "step", "kv_usage")
+
+
+def compose_config(overrides=(), hydra=False):
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def replay(run_dir, overrides=()):
+    metrics = run(compose_config(SMALL + list(overrides)), run_dir)
+    return metrics, pd.read_parquet(run_dir / "requests.parquet")
+
+
+def run_py(*args, cwd=REPO, timeout=300):
+    env = dict(os.environ, WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_run_dir(run_dir: Path, cfg) -> pd.DataFrame:
+    """Result files exist with the schema, every trace request appears once, timestamps are
+    ordered, and summary.json's metrics are what requests.parquet gives."""
+    requests = pd.read_parquet(run_dir / "requests.parquet")
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(REQUEST_COLUMNS) | {"ttft_s", "tpot_s", "e2el_s"} <= set(requests.columns)
+    assert set(STEP_COLUMNS) <= set(steps.columns)
+    assert {"config", "metrics", "versions", "gpu", "mode"} <= set(summary)
+    assert summary["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+    trace = load_trace(build(cfg).trace).set_index("request_id")
+    assert requests["request_id"].is_unique
+    assert sorted(requests["request_id"]) == sorted(trace.index)
+    rows = requests.set_index("request_id")
+    assert (rows["prompt_len"] == trace.loc[rows.index, "prompt_len"]).all()
+    assert (rows["output_len"] == trace.loc[rows.index, "output_len"]).all()   # ignore_eos
+    # (the engine's clock shifts arrivals by its start time and back: equal up to rounding)
+    assert rows["arrival_s"].to_numpy() == pytest.approx(
+        trace.loc[rows.index, "arrival_s"].to_numpy(), abs=1e-9)
+    assert (requests["finish_reason"] == "length").all()
+
+    assert (requests["arrival_s"] <= requests["first_scheduled_s"]).all()
+    assert (requests["first_scheduled_s"] <= requests["first_token_s"]).all()
+    assert (requests["first_token_s"] <= requests["finish_s"]).all()
+    for times, first, last, n in zip(requests["token_times_s"], requests["first_token_s"],
+                                     requests["finish_s"], requests["output_len"]):
+        assert len(times) == n and times[0] == first and times[-1] == last
+        assert all(a <= b for a, b in zip(times, times[1:]))
+    for _, replica_steps in steps.groupby("replica"):
+        assert replica_steps["start_s"].is_monotonic_increasing
+    assert steps["kv_usage"].between(0, 1).all()
+    assert steps["num_sampled"].sum() == requests["output_len"].sum()   # one token per sample
+
+    recomputed = compute_metrics(requests, duration_s=summary["metrics"]["duration_s"],
+                                 slos=summary["config"]["slo"])
+    for key, value in summary["metrics"].items():
+        assert recomputed[key] == pytest.approx(value, nan_ok=True) or value is None, key
+    assert summary["metrics"]["completed"] == len(trace)
+    return requests
+
+
+# ---- in-process -------------------------------------------------------------------
+def test_sim_replay_writes_consistent_results(tmp_path):
+    cfg = compose_config(SMALL)
+    metrics = run(cfg, tmp_path)
+    check_run_dir(tmp_path, cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "sim" and summary["gpu"] is None
+    assert summary["config"]["cache"]["block_size"] == 16
+    assert summary["run"]["num_blocks"] > 0
+    assert metrics["completed"] == 40
+
+
+def test_same_seed_same_results_other_seed_differs(tmp_path):
+    _, a = replay(tmp_path / "a", ["seed=3"])
+    _, b = replay(tmp_path / "b", ["seed=3"])
+    _, c = replay(tmp_path / "c", ["seed=4"])
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["arrival_s"].equals(c["arrival_s"])
+
+
+def test_slos_add_goodput(tmp_path):
+    metrics, _ = replay(tmp_path, ["slo.ttft_ms=1e6", "slo.tpot_ms=1e6"])
+    assert metrics["slo_attainment"] == 1.0
+    assert metrics["request_goodput"] == pytest.approx(metrics["request_throughput"])
+
+
+def test_prefill_first_and_replicas(tmp_path):
+    cfg = compose_config(SMALL + ["scheduler=prefill_first", "cluster.num_replicas=2",
+                                  "cluster.router=least_outstanding"])
+    run(cfg, tmp_path)
+    requests = check_run_dir(tmp_path, cfg)
+    assert set(requests["replica"]) == {0, 1}
+
+
+def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
+    """The sim-vs-real loop on the simulator alone: fed run A's measured step durations
+    (cost_model=replay, strict), a new run schedules the same steps, so every request's
+    timestamps and every compared metric match."""
+    _, a = replay(tmp_path / "a", ["cost_model=fitted"])
+    _, b = replay(tmp_path / "b", ["cost_model=replay",
+                                   f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
+    pd.testing.assert_frame_equal(a, b)
+    table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
+    assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
+
+
+TRACE_OPTIONS = sorted(p.stem for p in (CONF / "trace").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("trace", TRACE_OPTIONS)
+def test_every_trace_option_replays(tmp_path, trace):
+    cfg = compose_config(["logger=none", "progress=false", f"trace={trace}",
+                          "trace.num_requests=5"])
+    assert build(cfg).trace.name == trace
+    run(cfg, tmp_path)
+    check_run_dir(tmp_path, cfg)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_sweeps_name_real_keys(experiment):
+    cfg = compose_config([f"experiment={experiment}"], hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params, experiment
+    for key, values in params.items():
+        assert OmegaConf.select(cfg, key) is not None, f"{experiment}: no config key {key}"
+        first = str(values).split(",")[0]
+        build(compose_config([f"experiment={experiment}", f"{key}={first}"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cache.block_size=0", "cache.block_size must be a positive integer"),
+    ("scheduler.policy=fifo", "scheduler.policy must be one of"),
+    ("scheduler.max_num_seqs=0", "scheduler.max_num_seqs must be a positive integer"),
+    ("trace.name=nope", "trace.name must be one of"),
+    ("trace.num_requests=0", "trace.num_requests must be a positive integer"),
+    ("cluster.num_replicas=0", "cluster.num_replicas must be an integer >= 1"),
+    ("logger.kind=tensorboard", "logger.kind must be one of"),
+    ("mode=gpu cluster.num_replicas=2", "mode=gpu runs one replica"),
+    ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization must be in (0, 1]"),
+])
+def test_bad_values_fail_with_the_field_named(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(compose_config(override.split()))
+
+
+def test_bad_types_and_unknown_options_fail_at_compose():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    with pytest.raises(ConfigCompositionException, match="cache.block_size"):
+        compose_config(["cache.block_size=abc"])
+    with pytest.raises(MissingConfigException, match="trace/nope"):
+        compose_config(["trace=nope"])
+    with pytest.raises(ConfigCompositionException, match="no_such_field"):
+        compose_config(["scheduler.no_such_field=1"])
+
+
+def test_request_that_can_never_run_fails_before_starting(tmp_path):
+    cfg = compose_config(SMALL + ["trace.max_total_len=null", "scheduler.max_model_len=1024",
+                                  "scheduler.max_num_batched_tokens=1024"])
+    with pytest.raises(ValueError, match=r"exceeds max_model_len=1024.*trace.max_total_len=1024"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "requests.parquet").exists()
+    cfg = compose_config(SMALL + ["cache.num_blocks=8"])
+    with pytest.raises(ValueError, match=r"whole pool has 8.*trace.max_total_len=128"):
+        run(cfg, tmp_path)
+
+
+# ---- run.py as a command ----------------------------------------------------------
+def test_run_py_sim_and_wandb_offline(tmp_path):
+    result = run_py(*SMALL[1:], "logger=wandb", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Serving Benchmark Result" in result.stdout
+    assert "Mean TTFT (ms):" in result.stdout
+    check_run_dir(tmp_path, compose_config(SMALL))
+    offline = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert (tmp_path / "cdf.png").is_file()
+
+
+def test_multirun_sweep_then_analysis(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_py("-m", *SMALL, "trace.num_requests=20", "cache.block_size=16,32",
+                    "scheduler.max_num_seqs=32,64", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]
+    seen = set()
+    for run_dir in run_dirs:
+        config = json.loads((run_dir / "summary.json").read_text())["config"]
+        seen.add((config["cache"]["block_size"], config["scheduler"]["max_num_seqs"]))
+        check_run_dir(run_dir, compose_config(
+            SMALL + ["trace.num_requests=20", f"cache.block_size={config['cache']['block_size']}",
+                     f"scheduler.max_num_seqs={config['scheduler']['max_num_seqs']}"]))
+    assert seen == {(16, 32), (16, 64), (32, 32), (32, 64)}
+
+    out = tmp_path / "analysis"
+    assert analysis_main([str(sweep_dir), "--out", str(out)]) == 0
+    assert (out / "heatmap_p99_ttft_ms.png").is_file() and (out / "sweep.csv").is_file()
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 4 and {"cache.block_size", "scheduler.max_num_seqs"} <= set(table.columns)
+    assert analysis_main(["--compare", str(run_dirs[0]), str(run_dirs[3]), "--out", str(out)]) == 0
+    assert (out / "compare_cdfs.png").is_file()
+
+
+def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
+    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "cache.block_size must be a positive integer, got 0" in result.stderr
+    result = run_py(*SMALL, "trace=nope", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "Could not find 'trace/nope'" in result.stderr
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_available(), reason="this machine has a GPU: mode=gpu would run")
+def test_gpu_mode_without_gpu_fails_clearly(tmp_path):
+    result = run_py(*SMALL, "mode=gpu", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU" in result.stderr
+    assert not (tmp_path / "requests.parquet").exists()
+
+
+def test_random_checkpoint_is_written_once_per_architecture(tmp_path, monkeypatch):
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    from experiments import replay as replay_module
+    monkeypatch.setattr(replay_module, "CHECKPOINT_DIR", tmp_path)
+    rc = dataclasses.replace(build(compose_config(["mode=gpu", "engine.dtype=float32"])),
+                             model_name="tiny", hf_config=checkpoint.tiny_config("qwen3"))
+    path = Path(replay_module.model_path(rc))
+    assert path == tmp_path / "tiny-float32" and (path / "model.safetensors").is_file()
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    replay_module.model_path(rc)
+    assert (path / "model.safetensors").stat().st_mtime_ns == written      # reused
+    wider = dataclasses.replace(rc, hf_config=checkpoint.tiny_config("qwen3", hidden_size=128))
+    replay_module.model_path(wider)
+    assert json.loads((path / "config.json").read_text())["hidden_size"] == 128   # rewritten
+    explicit = dataclasses.replace(rc, engine=dataclasses.replace(rc.engine, model_path="/x"))
+    assert replay_module.model_path(explicit) == "/x"
+
+
+def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
+    """The engine's online replay path, on the CPU: same result files as the simulator."""
+    pytest.importorskip("torch")
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
+                                                   tmp_path / "tiny", dtype="float32")
+    cfg = compose_config(["mode=gpu", "engine.device=cpu", f"engine.model_path={model_dir}",
+                          "logger=none", "progress=false", "trace=synthetic",
+                          "trace.num_requests=8", "trace.prompt_len=24", "trace.output_len=4",
+                          "trace.request_rate=50", "scheduler.max_model_len=256",
+                          "scheduler.max_num_batched_tokens=256", "cache.num_blocks=64"])
+    run_dir = tmp_path / "run"
+    run(cfg, run_dir)
+    check_run_dir(run_dir, cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "gpu" and summary["run"]["num_blocks"] == 64
