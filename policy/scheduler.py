@@ -92,10 +92,7 @@ class Scheduler:
     def schedule(self, now: float) -> Batch:
         """Choose this step's work and allocate its KV blocks. The batch may be empty."""
         batch = Batch()
-        self._schedule_policy(batch)
-        for seq in batch.seqs:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
+        self._schedule_policy(batch, now)
         batch.kv_blocks_used = self.block_manager.num_used_blocks
         return batch
 
@@ -103,10 +100,10 @@ class Scheduler:
         """Apply a step's results: advance computed tokens, register full blocks in the prefix
         cache, append sampled tokens (one per batch entry; ignored where `sample` is False),
         finish sequences and free their blocks. Returns the sequences finished this step."""
-        bm, bs = self.block_manager, self.block_size
+        bm, bs, finished_status = self.block_manager, self.block_size, FINISHED
         finished = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, token_ids):
-            if seq.status is FINISHED:   # aborted while the step ran
+            if seq.status is finished_status:   # aborted while the step ran
                 continue
             computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             if computed // bs > seq.num_registered_blocks:
@@ -196,7 +193,7 @@ class Scheduler:
         batch.num_batched_tokens += num_decode + num_prefill
         return budget
 
-    def _admit(self, batch: Batch, budget: int, cap: int, whole_prompt: bool) -> int:
+    def _admit(self, batch: Batch, now: float, budget: int, cap: int, whole_prompt: bool) -> int:
         """Admit waiting sequences FCFS while budget, `max_num_seqs` and blocks allow; the
         last one may be chunked. With `whole_prompt`, blocks for all known tokens are taken
         at admission and only the batch's first sequence may be chunked."""
@@ -211,6 +208,8 @@ class Scheduler:
             if not bm.can_admit(seq, hits, seq.num_tokens if whole_prompt else seq.num_tokens - remaining + n):
                 break   # head-of-line: FCFS admission never skips ahead
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             bm.admit(seq, hits)
             bm.allocate(seq, seq.num_tokens if whole_prompt else seq.num_computed_tokens + n)
             batch.prefix_hit_tokens += seq.num_cached_tokens
@@ -223,14 +222,14 @@ class Scheduler:
             self.running.append(seq)
         return budget
 
-    def _schedule_chunked(self, batch: Batch) -> None:
+    def _schedule_chunked(self, batch: Batch, now: float) -> None:
         cfg = self.config
         cap = cfg.long_prefill_token_threshold or cfg.max_num_batched_tokens
         budget = self._schedule_running(batch, cfg.max_num_batched_tokens, cap)
         if not batch.num_preempted:
-            self._admit(batch, budget, cap, whole_prompt=False)
+            self._admit(batch, now, budget, cap, whole_prompt=False)
 
-    def _schedule_prefill_first(self, batch: Batch) -> None:
+    def _schedule_prefill_first(self, batch: Batch, now: float) -> None:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         head = self.waiting[0] if self.waiting else None
@@ -244,7 +243,7 @@ class Scheduler:
                 return
             head.status = RUNNING
             self.running.append(head)
-        self._admit(batch, budget, budget, whole_prompt=True)
+        self._admit(batch, now, budget, budget, whole_prompt=True)
         if batch.seqs:
             return
         # Decode step: prefill_first runs decodes only when no prompt could be admitted.
