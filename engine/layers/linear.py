@@ -1,0 +1,140 @@
+"""Tensor-parallel linear layers (Megatron style) and their weight loaders.
+
+Column-parallel layers split the output features over ranks and need no communication;
+row-parallel layers split the input features and all-reduce their partial sums. A column
+layer followed by a row layer (qkv -> o, gate_up -> down) costs one all-reduce.
+
+Every parameter carries a `weight_loader(param, loaded_weight[, shard_id])` that copies
+this rank's slice of a full checkpoint tensor into it. The rank and world size come from
+the constructor: there is no global parallel state.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def copy_weight(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy `loaded` into `param` (any dtype/device), insisting on equal shapes."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape {tuple(loaded.shape)} does not fit the parameter's "
+                         f"{tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def shard_of(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) -> torch.Tensor:
+    """Slice [start, start + size) along `dim` of a checkpoint tensor whose `dim` must have
+    `full` entries."""
+    if loaded.dim() <= dim or loaded.shape[dim] != full:
+        raise ValueError(f"shape {tuple(loaded.shape)} does not fit: expected {full} "
+                         f"entries along dim {dim}")
+    return loaded.narrow(dim, start, size)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b) with W of shape [out_features, in_features] on this rank."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split evenly: rank r holds rows [r*out/tp, (r+1)*out/tp)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        if out_features % tp_size:
+            raise ValueError(f"out_features ({out_features}) not divisible by tp_size ({tp_size})")
+        super().__init__(in_features, out_features // tp_size, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        size = param.shape[0]
+        copy_weight(param, shard_of(loaded, 0, size * self.tp_size, self.tp_rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel layers fused along the output (gate and up of the MLP).
+    Checkpoint tensor `shard_id` (0, 1, ...) fills this rank's slice of sub-layer shard_id."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.output_sizes = list(output_sizes)
+        for size in output_sizes:
+            if size % tp_size:
+                raise ValueError(f"output size {size} not divisible by tp_size ({tp_size})")
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        copy_weight(param.data.narrow(0, offset, size),
+                    shard_of(loaded, 0, self.output_sizes[shard_id], self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused; heads split over ranks. When there are fewer KV heads
+    than ranks, each KV head is replicated: rank r holds KV head r * num_kv_heads // tp_size."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        if num_heads % tp_size:
+            raise ValueError(f"num_heads ({num_heads}) not divisible by tp_size ({tp_size})")
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) and tp_size ({tp_size}) must "
+                             "divide one another")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.total_kv_heads = num_kv_heads
+        self.kv_head_start = tp_rank * num_kv_heads // tp_size
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, out * tp_size, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        q, kv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        full_kv = self.total_kv_heads * d
+        if shard_id == "q":
+            offset, size, full, start = 0, q, q * self.tp_size, self.tp_rank * q
+        elif shard_id == "k":
+            offset, size, full, start = q, kv, full_kv, self.kv_head_start * d
+        elif shard_id == "v":
+            offset, size, full, start = q + kv, kv, full_kv, self.kv_head_start * d
+        else:
+            raise ValueError(f"qkv shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        copy_weight(param.data.narrow(0, offset, size), shard_of(loaded, 0, full, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split evenly; partial outputs are summed with an all-reduce. The bias
+    is added once (by rank 0) before the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        if in_features % tp_size:
+            raise ValueError(f"in_features ({in_features}) not divisible by tp_size ({tp_size})")
+        super().__init__(in_features // tp_size, out_features, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if param.dim() == 1:  # bias: whole on every rank
+            copy_weight(param, loaded)
+            return
+        size = param.shape[1]
+        copy_weight(param, shard_of(loaded, 1, size * self.tp_size, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y

@@ -1,0 +1,65 @@
+"""Model definitions: `ModelConfig` (from a Hugging Face config.json) and `build_model`."""
+from contextlib import contextmanager
+
+import torch
+
+from engine.layers.activation import SiluAndMul
+from engine.layers.attention import resolve_backend
+from engine.layers.layernorm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import ModelConfig
+from engine.models.transformer import CausalLM
+
+__all__ = ["CausalLM", "ModelConfig", "build_model", "resolve_dtype"]
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.bfloat16 or "bfloat16" / "bf16" / "float16" / "half" / "float32" / "float"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    value = names.get(dtype) or getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown floating dtype {dtype!r}")
+    return value
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # parameters are created directly in the target dtype (an fp32 detour would need twice
+    # the memory); the previous default is always restored
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
+                device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1,
+                attention_backend: str = "torch", max_model_len: int | None = None,
+                compile: bool = False) -> CausalLM:
+    """Build this rank's shard of the model on `device`, weights uninitialized (load them
+    with engine.loader.load_weights).
+
+    attention_backend: "torch" | "triton" | "flash_attn" | "auto" (triton on CUDA, torch
+        on CPU).
+    max_model_len: cap on positions, to size the RoPE table (default: the config's
+        max_position_embeddings).
+    compile: torch.compile the elementwise layers (RMSNorm, RoPE, SiLU-and-mul).
+    """
+    device = torch.device(device)
+    backend = resolve_backend(attention_backend, device)
+    max_position = max_model_len or cfg.max_position_embeddings
+    if cfg.sliding_window is not None and max_position > cfg.sliding_window:
+        raise ValueError(f"{cfg.architecture} uses sliding-window attention "
+                         f"({cfg.sliding_window} tokens), which is not implemented; set "
+                         f"max_model_len <= {cfg.sliding_window}")
+    with _default_dtype(resolve_dtype(dtype)), device:
+        model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
+    if compile:
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+                module.compile(dynamic=True)
+    return model.eval()
