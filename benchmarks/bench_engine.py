@@ -1,0 +1,153 @@
+"""Engine throughput on nano-vLLM's bench.py workload, plus a decode-step breakdown.
+
+    python benchmarks/bench_engine.py                      # qwen3-0.6b, random weights, CUDA
+    python benchmarks/bench_engine.py --model /path/to/ckpt --block-size 256 --tp 2
+    python benchmarks/bench_engine.py --smoke              # tiny model on the CPU: it runs
+
+The workload is nano-vLLM's, draw for draw: random.seed(0); first every prompt
+([randint(0, 10000) for _ in range(randint(100, 1024))], 256 of them), then every
+SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 1024)); that is
+133,966 output tokens. Throughput = output tokens / wall time of one generate() call after a
+warm-up, as nano-vLLM reports it. Then, per decode batch size (1, 64, 256), the median
+decode step and how much of it the host spent (scheduling, input packing, launch, update)
+versus waiting for the device. Prints a table, then one line of JSON.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from random import randint, seed
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
+
+NANO_OUTPUT_TOKENS = 133_966     # nano-vLLM README: 256 seqs, seed 0
+
+
+def nano_workload(num_seqs: int, max_input_len: int, max_output_len: int):
+    """nano-vLLM bench.py's requests, in its draw order (prompts first, then params)."""
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))]
+               for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+              for _ in range(num_seqs)]
+    return prompts, params
+
+
+def decode_breakdown(llm: LLM, batch: int, context: int, steps: int) -> dict:
+    """Median decode-only step with all `batch` sequences (~`context` tokens each) decoding:
+    total, host (cpu_s) and device-wait milliseconds. The requests run long enough to
+    outlast the prefill steps, so `steps` pure decode steps of the full batch occur."""
+    budget = llm.config.max_num_batched_tokens
+    prefill_steps = -(-batch * context // budget) + 1
+    start = len(llm.step_records)
+    prompts = [[(7 * i + j) % 10000 for j in range(context)] for i in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True,
+                                         max_tokens=prefill_steps + steps), use_tqdm=False)
+    rows = [r for r in llm.step_records[start:]
+            if r["num_prefill_tokens"] == 0 and r["num_seqs"] == batch]
+    if not rows:
+        return {"batch": batch, "steps": 0}
+    step_ms = statistics.median(r["duration_s"] for r in rows) * 1e3
+    cpu_ms = statistics.median(r["cpu_s"] for r in rows) * 1e3
+    return {"batch": batch, "steps": len(rows), "step_ms": step_ms, "cpu_ms": cpu_ms,
+            "device_ms": step_ms - cpu_ms, "cpu_share": cpu_ms / step_ms,
+            "tok_per_s": batch / step_ms * 1e3}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b",
+                    help="model directory, or a conf/model name (a random checkpoint is written)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--backend", default="auto", help="attention backend")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--decode-batches", default="1,64,256")
+    ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 8 short requests, CPU if no GPU: proves the script runs")
+    args = ap.parse_args()
+
+    extra = {}
+    if args.smoke:
+        args.num_seqs, args.max_input_len, args.max_output_len = 8, 120, 110
+        args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens = 256, 8, 512
+        args.decode_batches, args.decode_context = "1,4", 32
+        if args.model == "qwen3-0.6b":
+            args.model = "tiny-qwen3"
+        if not torch.cuda.is_available():
+            extra = dict(device="cpu", dtype="float32", num_gpu_blocks=256)
+    path = args.model
+    if not os.path.isdir(path):
+        path = os.path.join(tempfile.gettempdir(), f"twinserve-{args.model}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            config = tiny_config("qwen3", vocab_size=10240) if args.model == "tiny-qwen3" else args.model
+            print(f"writing random checkpoint {args.model} -> {path}", file=sys.stderr)
+            write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16")
+
+    llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
+              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+    prompts, params = nano_workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    output_tokens = sum(p.max_tokens for p in params)
+    if (args.num_seqs, args.max_input_len, args.max_output_len) == (256, 1024, 1024):
+        assert output_tokens == NANO_OUTPUT_TOKENS, output_tokens
+
+    llm.generate([[0] * 10], SamplingParams(), use_tqdm=False)      # warm-up
+    first_step = len(llm.step_records)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    assert sum(len(o.token_ids) for o in outs) == output_tokens
+    steps = llm.step_records[first_step:]
+    cpu_share = sum(r["cpu_s"] for r in steps) / sum(r["duration_s"] for r in steps)
+
+    breakdown = [decode_breakdown(llm, b, args.decode_context, 16)
+                 for b in map(int, args.decode_batches.split(","))
+                 if b <= args.max_num_seqs]
+    llm.close()
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
+    print(f"\nnano-vLLM bench workload on {device}: {args.model}, block {args.block_size}, "
+          f"backend {args.backend}, tp {args.tp}, eager {args.enforce_eager}, "
+          f"KV pool {llm.model_runner.num_blocks} blocks")
+    print(f"{'requests':>10} {'output tokens':>14} {'time (s)':>10} {'tok/s':>10} {'steps':>7} {'host %':>7}")
+    print(f"{args.num_seqs:>10} {output_tokens:>14,} {seconds:>10.2f} {output_tokens / seconds:>10.1f} "
+          f"{len(steps):>7} {100 * cpu_share:>6.1f}%")
+    print(f"\ndecode step at context ~{args.decode_context} (median):")
+    print(f"{'batch':>6} {'step ms':>9} {'host ms':>9} {'device ms':>10} {'host %':>7} {'tok/s':>10}")
+    for b in breakdown:
+        if b["steps"]:
+            print(f"{b['batch']:>6} {b['step_ms']:>9.3f} {b['cpu_ms']:>9.3f} {b['device_ms']:>10.3f} "
+                  f"{100 * b['cpu_share']:>6.1f}% {b['tok_per_s']:>10.1f}")
+    result = {"bench": "engine", "workload": "nano-vllm", "model": args.model, "device": device,
+              "block_size": args.block_size, "backend": args.backend, "tp": args.tp,
+              "enforce_eager": args.enforce_eager, "num_seqs": args.num_seqs,
+              "output_tokens": output_tokens, "seconds": seconds,
+              "output_tok_per_s": output_tokens / seconds, "steps": len(steps),
+              "host_share": cpu_share, "decode": breakdown,
+              "kv_blocks": llm.model_runner.num_blocks, "torch": torch.__version__,
+              "python": platform.python_version()}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

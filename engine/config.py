@@ -1,0 +1,105 @@
+"""Engine configuration: one frozen dataclass, checked when built and again against the
+model's config.json (`for_model`)."""
+import os
+from dataclasses import dataclass, replace
+
+from engine.layers.attention import BACKENDS
+from engine.models.config import ModelConfig
+from policy import CacheConfig, SchedulerConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("auto",) + BACKENDS
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything `LLM(model, **kwargs)` / `LLMEngine(model, **kwargs)` accepts.
+
+    model: a local Hugging Face model directory (config.json + *.safetensors).
+    dtype: weights and KV cache; "auto" = config.json's torch_dtype.
+    device: "auto" = cuda when available, else cpu.
+    gpu_memory_utilization: fraction of the GPU's total memory the engine may fill
+        (weights + activations + KV cache); the KV pool gets what is left.
+    num_gpu_blocks: exact KV pool size in blocks (tests, reproducible runs); None = sized
+        from memory on the GPU, or a 1 GiB pool on the CPU.
+    max_model_len: longest prompt + output; None = min(8192, max_position_embeddings).
+    block_size, enable_prefix_caching: the paged KV cache (policy.CacheConfig).
+    max_num_seqs, max_num_batched_tokens, scheduler_policy, long_prefill_token_threshold:
+        the scheduler (policy.SchedulerConfig).
+    enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
+        is split over. attention_backend: one of engine.layers.attention.BACKENDS, or
+        "auto" (triton on CUDA, torch on CPU). seed: the engine's sampling stream.
+    """
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    scheduler_policy: str = "chunked"
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    attention_backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(os.path.isfile(os.path.join(self.model, "config.json")),
+                 f"model: {self.model!r} is not a model directory with a config.json (weights are "
+                 "never downloaded; write a random one with `python -m engine.checkpoint "
+                 "qwen3-0.6b /tmp/ckpt`)")
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                 f"got {self.attention_backend!r}")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1,
+                 f"num_gpu_blocks must be None (size from memory) or >= 1, got {self.num_gpu_blocks}")
+        _require(self.max_model_len is None or self.max_model_len >= 1,
+                 f"max_model_len must be None or >= 1, got {self.max_model_len}")
+        _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        # The policy configs check their own fields (block_size, budgets, policy name).
+        self.cache_config()
+        if self.max_model_len is not None:
+            self.scheduler_config().validate_with(self.cache_config())
+
+    def for_model(self, model_config: ModelConfig) -> "EngineConfig":
+        """Check against the model (engine.models.ModelConfig of config.json) and fill in
+        max_model_len."""
+        where = f"(model {self.model})"
+        try:
+            model_config.check_tp(self.tensor_parallel_size)
+        except ValueError as e:
+            raise ValueError(f"{e} {where}") from None
+        max_position = model_config.max_position_embeddings
+        if self.max_model_len is None:
+            return replace(self, max_model_len=min(DEFAULT_MAX_MODEL_LEN, max_position))
+        _require(self.max_model_len <= max_position,
+                 f"max_model_len={self.max_model_len} exceeds the model's "
+                 f"max_position_embeddings={max_position} {where}")
+        return self
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(block_size=self.block_size,
+                           enable_prefix_caching=self.enable_prefix_caching)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """Needs max_model_len resolved (after `for_model`)."""
+        return SchedulerConfig(policy=self.scheduler_policy, max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_model_len=self.max_model_len,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold)

@@ -1,0 +1,209 @@
+"""The engine loop: requests in, policy.Scheduler decides each step, ModelRunner executes it.
+
+    engine = LLMEngine("/tmp/ckpt", num_gpu_blocks=512)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=8))
+    while engine.has_unfinished():
+        for out in engine.step(): print(out.request_id, out.token_ids)
+"""
+import atexit
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.distributed import Workers, rank_device
+from engine.model_runner import ModelRunner
+from engine.models import ModelConfig
+from engine.sampling_params import SamplingParams
+from policy import Scheduler, Sequence
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """When things happened to a request (engine clock: time.perf_counter seconds) and what
+    it cost. TTFT = first_token_time - arrival_time; token_times give the ITLs."""
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float | None
+    token_times: tuple[float, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    num_preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """A finished (or aborted) request. `text` is None when the model has no tokenizer."""
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    metrics: RequestMetrics
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's Hugging Face tokenizer, or None when it ships none (our random
+    checkpoints: prompts are then token ids)."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_eos_token_ids(path: str, model_config: ModelConfig) -> list[int]:
+    """generation_config.json's eos_token_id (what HF generate stops on), else config.json's."""
+    file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(file):
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return list(eos) if isinstance(eos, list) else [eos]
+    return list(model_config.eos_token_ids)
+
+
+class LLMEngine:
+    """Continuous batching over one model. `LLMEngine(model_path, **EngineConfig fields)`.
+
+    add_request queues a request; each `step()` runs schedule -> execute -> update and
+    returns the requests that finished in it. `step_records` holds one row per step
+    (policy.Batch.record plus `cpu_s`: the part of the step not spent waiting for the
+    device). `sequences` maps the ids of unfinished requests to their policy Sequence.
+    """
+
+    def __init__(self, model: str, **kwargs):
+        config = EngineConfig(model=model, **kwargs)       # checks the path first
+        model_config = ModelConfig.from_pretrained(model)
+        self.config = config = config.for_model(model_config)
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(model)
+        self.eos_token_ids = load_eos_token_ids(model, model_config)
+        device = rank_device(config, 0)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            self.workers = Workers(config, model_config, device)
+            atexit.register(self.close)
+        try:
+            self.model_runner = ModelRunner(config, model_config, 0, device)
+        except Exception as e:
+            if not isinstance(e, ValueError):   # a config error is every rank's: report ours
+                self._raise_worker_error(e)
+            self.close()
+            raise
+        self.scheduler = Scheduler(config.scheduler_config(), config.cache_config(),
+                                   self.model_runner.num_blocks)
+        self.sequences: dict[str, Sequence] = {}
+        self.sampling_params: dict[str, SamplingParams] = {}
+        self.step_records: list[dict] = []
+        self.clock = time.perf_counter
+        self._next_request_id = 0
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a prompt (text, or token ids). Raises ValueError if it can never run."""
+        params = sampling_params or SamplingParams()
+        if request_id is None:
+            request_id = str(self._next_request_id)
+            self._next_request_id += 1
+        token_ids = self.tokenize(prompt, request_id)
+        seq = Sequence(request_id, token_ids, params.max_tokens,
+                       arrival_time=self.clock() if arrival_time is None else arrival_time,
+                       ignore_eos=params.ignore_eos, eos_token_id=self.eos_token_ids or None)
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+        self.sampling_params[request_id] = params
+        return request_id
+
+    def tokenize(self, prompt: str | list[int], request_id: str = "") -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"request {request_id!r}: a text prompt needs a tokenizer, and "
+                                 f"{self.config.model} has none; pass token ids instead")
+            return self.tokenizer.encode(prompt)
+        token_ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab:
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise ValueError(f"request {request_id!r}: token id {bad} is outside the "
+                             f"vocabulary [0, {vocab})")
+        return token_ids
+
+    def abort(self, request_id: str) -> bool:
+        """Drop an unfinished request and free its KV blocks. False if unknown."""
+        self.sequences.pop(request_id, None)
+        self.sampling_params.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> update; returns the requests finished by this step."""
+        start = self.clock()
+        batch = self.scheduler.schedule(start)
+        if not batch.seqs:
+            return []
+        params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
+        try:
+            tokens = self.model_runner.execute(batch, params)
+        except Exception as e:
+            self._raise_worker_error(e)
+            raise
+        finished = self.scheduler.update(batch, tokens, self.clock())
+        outputs = [self._output(seq) for seq in finished]
+        end = self.clock()
+        record = batch.record(start, end - start)
+        record["cpu_s"] = end - start - self.model_runner.wait_s
+        self.step_records.append(record)
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        self.sequences.pop(seq.seq_id, None)
+        self.sampling_params.pop(seq.seq_id, None)
+        token_ids = seq.output_token_ids
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        metrics = RequestMetrics(
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time, finish_time=seq.finish_time,
+            token_times=tuple(seq.token_times), num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(token_ids), num_cached_tokens=seq.num_cached_tokens,
+            num_preemptions=seq.num_preemptions)
+        return RequestOutput(seq.seq_id, seq.prompt_token_ids, token_ids, text,
+                             seq.finish_reason, metrics)
+
+    # ---- shutdown -------------------------------------------------------------------
+
+    def _raise_worker_error(self, error: Exception) -> None:
+        """With tensor parallelism a collective fails when a worker dies: raise the
+        worker's own traceback instead (if it sent one)."""
+        if self.workers is not None:
+            try:
+                self.workers.check(wait_s=5.0)
+            except RuntimeError as worker_error:
+                self.close()
+                raise worker_error from error
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; also runs at exit)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            atexit.unregister(self.close)
+            runner = getattr(self, "model_runner", None)
+            workers.close(stop=runner.stop_followers if runner else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,12 @@
+"""Triton kernels of the engine: writing K/V into the paged cache and attending over it.
+
+Use `store_kvcache` then `paged_attention` in every attention layer; `paged_decode_attention`
+and `paged_prefill_attention` are the two halves it dispatches to, for callers that split a step
+into a decode-only and a prefill-only part.
+"""
+from engine.kernels.paged_attention import (choose_num_splits, paged_attention,
+                                            paged_decode_attention, paged_prefill_attention)
+from engine.kernels.store_kv import store_kvcache
+
+__all__ = ["choose_num_splits", "paged_attention", "paged_decode_attention",
+           "paged_prefill_attention", "store_kvcache"]

@@ -1,0 +1,432 @@
+"""Paged attention over the KV cache, in Triton: one entry point for every step shape.
+
+Layout. `k_cache`/`v_cache`: `[num_blocks, block_size, num_kv_heads, head_dim]` (FlashAttention's
+paged layout; K and V must share strides, as views of one tensor do). Sequence b's token at
+position p lives in block `block_tables[b, p // block_size]`, row `p % block_size`.
+
+Queries. `q` is `[T, num_heads, head_dim]`; sequence b owns rows
+`query_start_loc[b]:query_start_loc[b+1]` and its q_len queries are the LAST q_len positions of
+its context: query i sits at position `context_lens[b] - q_len + i` and sees the keys at its own
+and earlier positions. KV of this step's tokens is already in the cache (see `store_kvcache`). So a fresh
+prompt, a prefill chunk, a prompt behind a prefix-cache hit and a decode token are all the same
+thing: q_len new tokens at the end of a context.
+
+Kernels.
+* decode (every q_len == 1): one program per (sequence, KV head, split). The program handles all
+  `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read once; the query
+  group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts with few
+  programs are split (flash-decoding) and a second kernel merges the splits by their
+  log-sum-exp.
+* prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
+  head); the tile packs BLOCK_Q tokens x the query group into BLOCK_M rows (again sharing the KV
+  reads), walks the KV blocks with an online softmax, masks only the tiles that touch the
+  causal diagonal.
+
+Supported: fp32 / fp16 / bf16; any block_size >= 1 (tiles gather per token, so 1, 24, 16..256
+all work; a block_size that is a multiple of the tile width takes a cheaper one-lookup-per-tile
+path); head_dim 16..256 (powers of two 64 and 128 are the tuned ones; others are padded);
+any num_heads that is a multiple of num_kv_heads. Softmax and accumulation in fp32.
+
+CUDA graphs: `paged_decode_attention` (and `paged_attention` with max_query_len == 1) does no
+host sync and allocates only tensors whose shapes follow from (B, num_heads, num_splits); pass
+`num_splits` explicitly when capturing so every replay uses the captured split count. Padding rows
+with `context_lens == 0` produce zeros.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies the raw uint16
+# bits of bf16 operands in tl.dot. Upcasting to fp32 first is exact (bf16 values and their
+# products fit fp32), so on the interpreter we compute the same numbers the GPU does.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Launch constants (no autotuning: graph capture must not benchmark). Chosen from offline sm_90
+# compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5 programs per SM,
+# each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
+# `benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
+DECODE_BLOCK_N = 64          # KV tokens per tile in decode
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+PROGRAMS_PER_SM = 4          # decode splits until about this many programs per SM are in flight
+MIN_TOKENS_PER_SPLIT = 128   # ... but never below this much KV per split
+MAX_SPLITS = 64
+PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 2
+
+
+@triton.jit
+def _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
+             BLOCK_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
+    """Offsets of the cache rows holding positions `pos` (one tile), via the block table."""
+    if TILE_IN_PAGE:  # the whole tile sits in one block: one block-table lookup
+        block = tl.load(block_table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+    else:
+        block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    return block * stride_cb + (pos % BLOCK_SIZE) * stride_cs
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold one tile of log2-scaled scores `s` [M, N] and values `v` [N, D] into the running
+    (acc, l, m). Every row of the first tile a row sees has a finite score, so m is finite
+    from then on and exp2(m - m_new) never meets inf - inf."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return acc, l, m_new
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (b, kv_head, split). With NUM_SPLITS == 1 it writes the normalized output in
+    q's dtype; otherwise it writes its split's normalized partial output (fp32) and its
+    log2-sum-exp, and `_merge_splits_kernel` combines them."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + b)
+    # Splits own whole tiles, sized per sequence so short sequences do not idle.
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    block_table_ptr = block_tables_ptr + b * stride_bt
+    head_off = kv_head * stride_ch
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + n
+        pos_mask = pos < end
+        rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
+                        BLOCK_SIZE, TILE_IN_PAGE)
+        kv_off = head_off + rows[:, None] + d[None, :]
+        kv_mask = pos_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(pos_mask[None, :], s, float("-inf"))
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+
+    # An empty range (padding row with context 0, or a split past a short context) has l == 0.
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    out_off = b * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if NUM_SPLITS > 1:
+        lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
+        tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr, lse_ptr, out_ptr,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    s_mask = s < NUM_SPLITS
+    d_mask = d < HEAD_DIM
+    lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: output 0
+    w = tl.exp2(lse - lse_max)
+    partial = tl.load(partial_ptr + b * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * partial, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    out_ptr, qk_scale,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (query tile, b, kv_head). Row r of the tile is token `r // GROUP_PAD` of the
+    tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
+    q_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:  # the grid covers the longest query of the batch
+        return
+    context_len = tl.load(context_lens_ptr + b)
+    num_cached = context_len - q_len  # KV positions before this step's first query
+
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    n = tl.arange(0, BLOCK_N)
+    tok = q_tile * BLOCK_Q + r // GROUP_PAD
+    g = r % GROUP_PAD
+    heads = kv_head * GROUP + g
+    row_mask = (tok < q_len) & (g < GROUP)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = num_cached + tok
+
+    block_table_ptr = block_tables_ptr + b * stride_bt
+    head_off = kv_head * stride_ch
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # Keys below the tile's first query position are visible to every row: no masks there.
+    first_q_pos = num_cached + q_tile * BLOCK_Q
+    unmasked_end = (first_q_pos // BLOCK_N) * BLOCK_N
+    for tile_start in range(0, unmasked_end, BLOCK_N):
+        pos = tile_start + n
+        rows = _kv_rows(block_table_ptr, tile_start, pos, pos < unmasked_end, stride_cb, stride_cs,
+                        BLOCK_SIZE, TILE_IN_PAGE)
+        kv_off = head_off + rows[:, None] + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+    # Tiles on the diagonal: causal mask, and stop at the tile's last query position.
+    kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
+    for tile_start in range(unmasked_end, kv_end, BLOCK_N):
+        pos = tile_start + n
+        pos_mask = pos < kv_end
+        rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
+                        BLOCK_SIZE, TILE_IN_PAGE)
+        kv_off = head_off + rows[:, None] + d[None, :]
+        kv_mask = pos_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(pos_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """Split-KV factor for decode: 1 when (sequence, KV head) programs already fill the GPU,
+    otherwise enough splits for about PROGRAMS_PER_SM programs per SM, keeping at least
+    MIN_TOKENS_PER_SPLIT tokens per split and at most MAX_SPLITS splits."""
+    programs = batch_size * num_kv_heads
+    target = PROGRAMS_PER_SM * num_sms
+    if programs >= target:
+        return 1
+    by_length = triton.cdiv(max(max_context_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(triton.cdiv(target, programs), by_length, MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs: pretend an H100 so the heuristic takes its GPU branches
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc=None):
+    """Shape/dtype/layout checks that need no device sync. Returns (group, head_dim)."""
+    if q.dim() != 3:
+        raise ValueError(f"paged attention: q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged attention: k_cache/v_cache must both be [num_blocks, block_size, "
+                         f"num_kv_heads, head_dim], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"paged attention: q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"paged attention: head_dim {head_dim} unsupported; supported 16..256")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"paged attention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"paged attention: dtype {q.dtype} unsupported; use float32, float16 or bfloat16")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"paged attention: dtypes differ: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError(f"paged attention: q and k_cache must be contiguous in head_dim, strides "
+                         f"{q.stride()} and {k_cache.stride()}")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"paged attention: k_cache and v_cache must share strides, got "
+                         f"{k_cache.stride()} and {v_cache.stride()}")
+    batch = context_lens.shape[0] if context_lens.dim() == 1 else -1
+    if context_lens.dtype != torch.int32 or batch < 0:
+        raise ValueError(f"paged attention: context_lens must be int32 [B], got {context_lens.dtype} "
+                         f"{tuple(context_lens.shape)}")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"paged attention: block_tables must be int32 [B={batch}, max_blocks_per_seq], "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"paged attention: block_tables rows must be contiguous, strides {block_tables.stride()}")
+    if query_start_loc is not None and (query_start_loc.dtype != torch.int32
+                                        or tuple(query_start_loc.shape) != (batch + 1,)):
+        raise ValueError(f"paged attention: query_start_loc must be int32 [B+1={batch + 1}], got "
+                         f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
+    return num_heads // num_kv_heads, head_dim
+
+
+def _output(q, out):
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"paged attention: out must match q ({tuple(q.shape)}, {q.dtype}, last dim "
+                         f"contiguous), got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}")
+    return out
+
+
+def _dot_flags(dtype):
+    """(input_precision, upcast) for tl.dot: fp32 inputs stay exact (no TF32)."""
+    upcast = _INTERPRETED and dtype == torch.bfloat16
+    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+
+
+def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim):
+    batch, num_heads = q.shape[0], q.shape[1]
+    block_size = k_cache.shape[1]
+    if num_splits < 1:
+        raise ValueError(f"paged attention: num_splits must be >= 1, got {num_splits}")
+    precision, upcast = _dot_flags(q.dtype)
+    if num_splits == 1:
+        dst, lse = out, out  # lse unused
+        stride_os = stride_lt = stride_lh = 0
+    else:
+        dst = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        stride_os, stride_lt, stride_lh = dst.stride(2), lse.stride(0), lse.stride(1)
+    if batch == 0:
+        return out
+    _decode_kernel[(batch, num_heads // group, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, dst, lse,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), dst.stride(0), dst.stride(1), stride_os, stride_lt, stride_lh,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
+        NUM_SPLITS=num_splits, PRECISION=precision, UPCAST=upcast,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            dst, lse, out, dst.stride(0), dst.stride(1), dst.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           num_splits=None, *, out=None):
+    """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
+    `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
+    Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
+
+    num_splits=None picks it from B, num_kv_heads and the longest context the block table can
+    hold (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
+    """
+    group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
+    if q.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"paged_decode_attention: q has {q.shape[0]} rows but context_lens has "
+                         f"{context_lens.shape[0]} sequences")
+    out = _output(q, out)
+    if num_splits is None:
+        num_splits = choose_num_splits(q.shape[0], k_cache.shape[2],
+                                       block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                            max_query_len, scale, *, out=None):
+    """Any batch: fresh prompts, prefill chunks, prompts behind a prefix-cache hit, decode
+    tokens, or a mix (see the module docstring for q's layout). `max_query_len` (host int) sizes
+    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype."""
+    group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    out = _output(q, out)
+    batch = context_lens.shape[0]
+    if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
+        return out
+    block_size = k_cache.shape[1]
+    group_pad = triton.next_power_of_2(group)
+    # Short queries (decode rows, small chunks) get a short tile, floored at tl.dot's 16 rows.
+    block_q = min(max(PREFILL_BLOCK_M // group_pad, 1), triton.next_power_of_2(max_query_len))
+    block_q = max(block_q, triton.cdiv(16, group_pad))
+    block_n = PREFILL_BLOCK_N if q.dtype != torch.float32 else PREFILL_BLOCK_N // 2
+    if q.dtype == torch.float32:
+        block_q = max(block_q // 2, triton.cdiv(16, group_pad))  # fp32 tiles take twice the SRAM
+    precision, upcast = _dot_flags(q.dtype)
+    _prefill_kernel[(triton.cdiv(max_query_len, block_q), batch, q.shape[1] // group)](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_M=block_q * group_pad, BLOCK_N=block_n,
+        TILE_IN_PAGE=block_size % block_n == 0, PRECISION=precision, UPCAST=upcast,
+        num_warps=PREFILL_NUM_WARPS if block_q * group_pad >= 128 else 4,
+        num_stages=PREFILL_NUM_STAGES,
+    )
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                    max_query_len, max_context_len, scale, num_splits=None, *, out=None):
+    """The engine's attention call for any step (see the module docstring for the layout).
+
+    Dispatch: when every sequence has exactly one query (`max_query_len == 1` and
+    `q.shape[0] == B`) the split-KV decode kernel runs, with `num_splits` (None: chosen from
+    B, num_kv_heads and `max_context_len`); otherwise the prefill kernel handles the whole batch
+    and `num_splits` is ignored. `max_query_len` and `max_context_len` are host ints, upper
+    bounds of the batch's q_len and context_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+    """
+    if max_query_len == 1 and q.dim() == 3 and q.shape[0] == context_lens.shape[0]:
+        group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+        out = _output(q, out)
+        if num_splits is None:
+            num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], max_context_len, _num_sms(q.device))
+        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                   max_query_len, scale, out=out)

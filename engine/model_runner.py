@@ -1,0 +1,463 @@
+"""Executes the policy's batches on one device: builds each step's inputs, runs the model
+(eagerly, or by replaying a CUDA graph for decode-only steps) and samples one token per
+sequence. It makes no scheduling decision.
+
+Tensor parallelism: one ModelRunner per rank. Rank 0 packs the step's inputs and
+broadcasts them; the other ranks (engine.distributed) receive them and run the same
+forward, so no rank but 0 ever sees a Batch.
+"""
+import math
+import time
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata
+from engine.loader import load_weights
+from engine.models import ModelConfig, build_model, resolve_dtype
+from engine.sampler import Sampler, SamplingTensors, row_seed
+from engine.sampling_params import SamplingParams
+from policy import Batch, Sequence
+
+CPU_KV_BYTES = 1 << 30          # default KV pool on the CPU (tests pass num_gpu_blocks)
+ALIGN = 256                     # byte alignment of each input inside the step buffer
+HEADER_SLOTS = 16               # int64 slots at the front of the step buffer (TP control)
+HEADER_BYTES = HEADER_SLOTS * 8
+RUN, STOP = 1, 2                # header[0]: what the followers do next
+GREEDY = SamplingParams(temperature=0.0)
+
+# The step's inputs, in buffer order: name, numpy dtype, shape in terms of
+# T (tokens), B (sequences), W (block-table width) and S (sampled sequences).
+FIELDS = (
+    ("input_ids", np.int64, "T"),
+    ("positions", np.int64, "T"),
+    ("slot_mapping", np.int64, "T"),
+    ("context_lens", np.int32, "B"),
+    ("query_start_loc", np.int32, "B+1"),
+    ("block_tables", np.int32, "B,W"),
+    ("logits_rows", np.int64, "S"),       # row of each sampled sequence's last token
+    ("temperatures", np.float32, "S"),
+    ("top_k", np.int64, "S"),
+    ("top_p", np.float32, "S"),
+)
+TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
+
+
+def layout(T: int, B: int, W: int, S: int) -> tuple[list[tuple[int, tuple]], int]:
+    """Byte offset and shape of each field (after the header), and the total size. A
+    function of the shapes only: a CUDA graph captured for one shape finds its inputs at
+    the same addresses in every later step of that shape."""
+    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "S": (S,)}
+    spans, offset = [], HEADER_BYTES
+    for _, dtype, dim in FIELDS:
+        shape = dims[dim]
+        spans.append((offset, shape))
+        offset += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+    return spans, offset
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, ... and max_num_seqs."""
+    sizes = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs]
+    return sizes + [max_num_seqs]
+
+
+class StepBuffer:
+    """Pinned host staging memory and its device twin. Each step's inputs are written into
+    the host side and sent with ONE copy; the device tensors are typed views into the twin."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        nbytes = layout(max_tokens, max_seqs, max_blocks, max_seqs)[1]
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
+        self.host_np = self.host.numpy()
+        self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device) if on_gpu else self.host
+        self.header = self.host_np[:HEADER_BYTES].view(np.int64)
+        self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
+
+    def views(self, T: int, B: int, W: int, S: int) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
+        """Size and (numpy, torch) views of each field for these shapes. Cached: making
+        twenty views costs more than packing a decode step."""
+        key = (T, B, W, S)
+        found = self.cache.get(key)
+        if found is None:
+            if len(self.cache) >= 4096:
+                self.cache.clear()
+            spans, nbytes = layout(T, B, W, S)
+            sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
+            host = [self.host_np[o:o + n].view(dt).reshape(shape)
+                    for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
+            device = [self.device[o:o + n].view(TORCH_DTYPES[dt]).view(shape)
+                      for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
+            found = self.cache[key] = (nbytes, host, device)
+        return found
+
+    def upload(self, nbytes: int) -> None:
+        if self.device is not self.host:
+            self.device[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+
+
+class BlockTableMirror:
+    """Numpy copies of recent sequences' block tables, so a step converts only the blocks
+    added since the last step instead of every Python int of every table.
+
+    Sound because a block table only grows while its list object lives: the policy
+    replaces the list when it frees a sequence's blocks (preemption, finish). The mirror
+    holds the list it copied and starts over when the sequence has a different one."""
+
+    def __init__(self, capacity: int, max_blocks: int):
+        self.rows = np.zeros((capacity, max_blocks), dtype=np.int32)
+        self.entries: dict = {}                   # seq_id -> [row, table list, blocks copied]
+        self.free_rows = list(range(capacity))
+
+    def gather(self, seqs: list[Sequence], num_blocks: list[int], out: np.ndarray) -> None:
+        """out[i, :num_blocks[i]] = seqs[i].block_table[:num_blocks[i]]; the rest of each
+        row is junk the attention never reads."""
+        rows = np.empty(len(seqs), dtype=np.int64)
+        entries = self.entries
+        for i, (seq, k) in enumerate(zip(seqs, num_blocks)):
+            entry = entries.get(seq.seq_id)
+            if entry is None or entry[1] is not seq.block_table:
+                entry = entries[seq.seq_id] = [self._take_row(seqs), seq.block_table, 0]
+            if entry[2] < k:
+                self.rows[entry[0], entry[2]:k] = seq.block_table[entry[2]:k]
+                entry[2] = k
+            rows[i] = entry[0]
+        np.take(self.rows[:, :out.shape[1]], rows, axis=0, out=out[:len(seqs)])
+
+    def _take_row(self, live: list[Sequence]) -> int:
+        if not self.free_rows:    # forget every sequence not in this step
+            keep = {seq.seq_id for seq in live}
+            for seq_id in [k for k in self.entries if k not in keep]:
+                self.free_rows.append(self.entries.pop(seq_id)[0])
+        return self.free_rows.pop()
+
+
+@dataclass(slots=True)
+class Step:
+    """Host-side facts about one packed step (its tensors are in the StepBuffer)."""
+    T: int
+    B: int
+    W: int
+    S: int
+    max_query_len: int
+    max_context_len: int
+    num_decode_tokens: int
+    graph_bs: int                          # 0 = eager; else the captured size replayed
+    nbytes: int
+    order: list[int] | None = None         # batch index of each packed row (None: identity)
+    sampled: list[int] | None = None       # packed rows that sample, in logits order
+    sampling: SamplingTensors | None = None
+
+    def header(self, cmd: int) -> list[int]:
+        return [cmd, self.T, self.B, self.W, self.S, self.max_query_len, self.max_context_len,
+                self.num_decode_tokens, self.graph_bs, self.nbytes]
+
+    @classmethod
+    def from_header(cls, h: list[int]) -> "Step":
+        return cls(*h[1:10])
+
+
+class ModelRunner:
+    """Owns one rank's model shard, KV cache, CUDA graphs and sampler.
+
+    `execute(batch, sampling_params)` (rank 0) returns one token id per batch sequence
+    (-1 where `batch.sample[i]` is False). After construction `num_blocks` is the KV pool
+    size, agreed by all ranks.
+    """
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, rank: int = 0,
+                 device: torch.device | None = None):
+        self.config, self.model_config, self.rank = config, model_config, rank
+        self.tp_size = config.tensor_parallel_size
+        self.device = device or torch.device("cpu")
+        self.dtype = resolve_dtype(model_config.dtype if config.dtype == "auto" else config.dtype)
+        self.block_size = config.block_size
+        self.max_blocks = -(-config.max_model_len // config.block_size)
+        self.model = build_model(model_config, self.dtype, self.device, rank, self.tp_size,
+                                 config.attention_backend, config.max_model_len)
+        load_weights(self.model, config.model)
+        self.sampler = Sampler(self.device, config.seed)
+        self.graph_sizes: list[int] = []    # decode sizes with a graph (set by capture_graphs)
+        self.buffer = StepBuffer(max(config.max_num_batched_tokens, config.max_num_seqs),
+                                 config.max_num_seqs, self.max_blocks, self.device)
+        self.block_tables = BlockTableMirror(2 * config.max_num_seqs + 2, self.max_blocks)
+        self.wait_s = 0.0   # seconds the last step waited for the device (CPU: computed on it)
+        self.num_blocks = self.allocate_kv_cache(self.profile())
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.capture_graphs()
+
+    # ---- startup --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def profile(self) -> int:
+        """Run the largest step the scheduler can produce (no KV cache yet, so attention
+        reads only the step's own K/V) and return its peak activation bytes. On the CPU
+        nothing is measured (the pool size is given or fixed), so nothing is run."""
+        if self.device.type != "cuda":
+            return 0
+        cfg = self.config
+        seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
+        seqs = [Sequence(i, [0] * seq_len, 1) for i in range(num_seqs)]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        # top-k/top-p: the sampler's sort is part of the peak
+        params = [SamplingParams(top_k=50, top_p=0.9)] * num_seqs
+        step = self.prepare(prefill_batch(seqs, self.block_size), params)
+        self.buffer.upload(step.nbytes)
+        self.forward(step)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()   # else the freed activations count again as "used"
+        return peak - current
+
+    def allocate_kv_cache(self, activation_bytes: int) -> int:
+        """Size the KV pool from what memory is left, allocate ONE tensor
+        [2, layers, blocks, block_size, kv_heads, head_dim] and give each attention layer
+        its K and V views."""
+        cfg, mc = self.config, self.model_config
+        layers = self.model.attention_layers()
+        kv_heads = mc.num_kv_heads_per_rank(self.tp_size)
+        block_bytes = (2 * len(layers) * cfg.block_size * kv_heads * mc.head_dim
+                       * self.dtype.itemsize)
+        if cfg.num_gpu_blocks is not None:
+            num_blocks = cfg.num_gpu_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * cfg.gpu_memory_utilization - used - activation_bytes
+            num_blocks = int(budget // block_bytes)
+        else:
+            num_blocks = min(CPU_KV_BYTES // block_bytes, cfg.max_num_seqs * self.max_blocks)
+        if self.tp_size > 1:    # every rank must hold the same pool
+            n = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            num_blocks = int(n.item())
+        if num_blocks < self.max_blocks:
+            has = max(num_blocks, 0)
+            raise ValueError(
+                f"the KV cache has room for {has} blocks ({size(has * block_bytes)}) but one "
+                f"max_model_len={cfg.max_model_len} request needs {self.max_blocks} blocks of "
+                f"{cfg.block_size} tokens ({size(self.max_blocks * block_bytes)}): lower "
+                "max_model_len, raise gpu_memory_utilization or num_gpu_blocks, or use more "
+                "tensor parallelism")
+        self.kv_cache = torch.zeros(2, len(layers), num_blocks, cfg.block_size, kv_heads,
+                                    mc.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """One CUDA graph per decode batch size, largest first, sharing one memory pool.
+        Each graph runs the model body; logits and sampling stay eager (their inputs are
+        only the sampled rows)."""
+        self.graph_sizes = graph_batch_sizes(self.config.max_num_seqs)
+        pool = None
+        for bs in reversed(self.graph_sizes):
+            seqs = [Sequence(i, [0], 1) for i in range(bs)]
+            step = self.prepare(prefill_batch(seqs, self.block_size), None)
+            assert step.graph_bs == bs
+            self.buffer.upload(step.nbytes)
+            views = self.buffer.views(step.T, step.B, step.W, step.S)[2]
+            input_ids, positions, meta = self.model_inputs(step, views)
+            self.model(input_ids, positions, meta)        # warm-up: JIT, autotune, allocator
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                hidden = self.model(input_ids, positions, meta)
+            pool = pool or graph.pool()
+            self.graphs[bs] = (graph, hidden)
+            torch.cuda.synchronize(self.device)
+
+    # ---- one step -------------------------------------------------------------------
+
+    def execute(self, batch: Batch, sampling_params: list[SamplingParams] | None = None) -> list[int]:
+        """Run one step; returns one token per `batch.seqs` entry (-1 where nothing is
+        sampled). `sampling_params[i]` goes with `batch.seqs[i]` (None: all greedy)."""
+        step = self.prepare(batch, sampling_params)
+        if self.tp_size > 1:
+            self.set_header(step.header(RUN))
+        self.buffer.upload(step.nbytes)        # the step's one host -> device copy
+        if self.tp_size > 1:
+            self.broadcast(step)
+        tokens = self.forward(step)
+        out = [-1] * len(batch)
+        order = step.order
+        for row, token in zip(step.sampled, tokens):
+            out[order[row] if order else row] = token
+        return out
+
+    def prepare(self, batch: Batch, sampling_params: list[SamplingParams] | None) -> Step:
+        """Pack the batch into the host step buffer: decodes first, then the others.
+        All per-token arrays are computed with numpy, not per-token Python."""
+        q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
+                                         batch.seqs, batch.sample)
+        B = len(seqs)
+        order = None
+        num_decode = q_lens.count(1)
+        if q_lens[:num_decode].count(1) < num_decode:     # some decode sits behind a prefill
+            order = [i for i in range(B) if q_lens[i] == 1] + [i for i in range(B) if q_lens[i] != 1]
+            q_lens, starts = [q_lens[i] for i in order], [starts[i] for i in order]
+            seqs, samples = [seqs[i] for i in order], [samples[i] for i in order]
+            if sampling_params is not None:
+                sampling_params = [sampling_params[i] for i in order]
+        T = sum(q_lens)
+        q = np.array(q_lens, dtype=np.int64)
+        start = np.array(starts, dtype=np.int64)
+        ctx = start + q
+        num_ctx_blocks = (ctx + self.block_size - 1) // self.block_size
+        graph_bs = 0
+        if num_decode == B and self.graph_sizes and B <= self.graph_sizes[-1]:
+            graph_bs = next(s for s in self.graph_sizes if s >= B)
+        rows = graph_bs or B
+        W = self.max_blocks if graph_bs else int(num_ctx_blocks.max())
+        sampled = list(range(B)) if samples.count(True) == B else [j for j in range(B) if samples[j]]
+        S = len(sampled)
+        nbytes, host, _ = self.buffer.views(graph_bs or T, rows, W, S)
+        (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
+         logits_rows, temperatures, top_k, top_p) = host
+
+        query_start_loc[0] = 0
+        np.cumsum(q, out=query_start_loc[1:B + 1])
+        context_lens[:B] = ctx
+        self.block_tables.gather(seqs, num_ctx_blocks.tolist(), block_tables)
+        if num_decode == B:
+            input_ids[:B] = [s.token_ids[c] for s, c in zip(seqs, starts)]
+            positions[:B] = start
+            rows_of_tokens = np.arange(B)
+        else:
+            input_ids[:T] = np.fromiter(
+                chain.from_iterable(s.token_ids[c:c + n] for s, c, n in zip(seqs, starts, q_lens)),
+                np.int64, T)
+            positions[:T] = np.arange(T) - np.repeat(query_start_loc[:B] - start, q)
+            rows_of_tokens = np.repeat(np.arange(B), q)
+        pos = positions[:T]
+        blocks = block_tables[rows_of_tokens, pos // self.block_size]
+        slot_mapping[:T] = blocks.astype(np.int64) * self.block_size + pos % self.block_size
+        if graph_bs > B:   # padding rows: one token at position 0 that is never stored
+            input_ids[B:], positions[B:], slot_mapping[B:] = 0, 0, -1
+            context_lens[B:], block_tables[B:] = 1, 0
+            query_start_loc[B + 1:] = np.arange(B + 1, graph_bs + 1)
+        logits_rows[:] = query_start_loc[1:][sampled] - 1
+        sampling = None
+        if self.rank == 0:
+            sampling = self.pack_sampling(sampling_params, seqs, sampled,
+                                          temperatures, top_k, top_p)
+        return Step(graph_bs or T, rows, W, S, int(q.max()) if B else 0,
+                    int(ctx.max()) if B else 0, num_decode, graph_bs, nbytes,
+                    order, sampled, sampling)
+
+    def pack_sampling(self, params, seqs, sampled, temperatures, top_k, top_p) -> SamplingTensors:
+        """Per sampled row: temperature, top-k, top-p (numpy views into the step buffer),
+        plus the host flags that choose the sampler's fast path."""
+        vocab = self.model_config.vocab_size
+        rows = [GREEDY] * len(sampled) if params is None else [params[j] for j in sampled]
+        first = rows[0] if rows else GREEDY
+        if all(p is first for p in rows):      # one SamplingParams for all: no per-row work
+            temperatures[:] = first.temperature
+            top_k[:] = first.top_k if first.top_k > 0 else vocab
+            top_p[:] = first.top_p
+            greedy = [first.greedy]
+        else:
+            temperatures[:] = [p.temperature for p in rows]
+            top_k[:] = [p.top_k if p.top_k > 0 else vocab for p in rows]
+            top_p[:] = [p.top_p for p in rows]
+            greedy = [p.greedy for p in rows]
+        # A seeded row's noise depends on its seed and on which output token it samples.
+        seeds = []
+        if len(greedy) > 1 or first.seed is not None:
+            seeds = [(r, row_seed(p.seed, seqs[j].num_tokens - seqs[j].num_prompt_tokens))
+                     for r, (j, p) in enumerate(zip(sampled, rows)) if p.seed is not None]
+        return SamplingTensors(None, None, None, all_greedy=all(greedy), any_greedy=any(greedy),
+                               use_top_k=bool((top_k < vocab).any()),
+                               use_top_p=bool((top_p < 1).any()), seeds=seeds)
+
+    def model_inputs(self, step: Step, views: list[torch.Tensor]):
+        input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables = views[:6]
+        # a graph serves every later batch of its size: let attention size for the longest
+        max_context_len = self.config.max_model_len if step.graph_bs else step.max_context_len
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables,
+                                 context_lens=context_lens, query_start_loc=query_start_loc,
+                                 max_query_len=step.max_query_len, max_context_len=max_context_len,
+                                 num_decode_tokens=step.num_decode_tokens)
+        return input_ids, positions, meta
+
+    @torch.inference_mode()
+    def forward(self, step: Step) -> list[int]:
+        """Run the model on the uploaded step, compute logits for the sampled rows and
+        (rank 0) sample. Returns the sampled tokens in packed-row order."""
+        start = time.perf_counter()
+        views = self.buffer.views(step.T, step.B, step.W, step.S)[2]
+        if step.graph_bs:
+            graph, hidden = self.graphs[step.graph_bs]
+            graph.replay()
+        else:
+            hidden = self.model(*self.model_inputs(step, views))
+        logits_rows, temperatures, top_k, top_p = views[6:]
+        tokens = None
+        if step.S:
+            logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+            if self.rank == 0:
+                sampling = step.sampling
+                sampling.temperatures, sampling.top_k, sampling.top_p = temperatures, top_k, top_p
+                tokens = self.sampler(logits, sampling)
+        if self.device.type == "cuda":   # on the CPU the forward itself was the device work
+            start = time.perf_counter()
+        # The step's one device -> host sync. Even with nothing sampled it must wait: the
+        # next step rewrites the pinned buffer this step's copy reads from.
+        if tokens is not None:
+            tokens = tokens.tolist()
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.wait_s = time.perf_counter() - start
+        return tokens or []
+
+    # ---- tensor parallelism -----------------------------------------------------------
+
+    def set_header(self, header: list[int]) -> None:
+        self.buffer.header[:] = 0
+        self.buffer.header[:len(header)] = header
+
+    def broadcast(self, step: Step) -> None:
+        """Rank 0: send the uploaded header, then the step's inputs, to the other ranks."""
+        dist.broadcast(self.buffer.device[:HEADER_BYTES], src=0)
+        dist.broadcast(self.buffer.device[HEADER_BYTES:step.nbytes], src=0)
+
+    def stop_followers(self) -> None:
+        """Rank 0: tell the other ranks to return from `follow`."""
+        self.set_header([STOP])
+        self.buffer.upload(HEADER_BYTES)
+        dist.broadcast(self.buffer.device[:HEADER_BYTES], src=0)
+
+    def follow(self) -> None:
+        """Ranks > 0: run what rank 0 broadcasts until it says STOP."""
+        while True:
+            dist.broadcast(self.buffer.device[:HEADER_BYTES], src=0)
+            header = self.buffer.device[:HEADER_BYTES].view(torch.int64).tolist()
+            if header[0] == STOP:
+                return
+            step = Step.from_header(header)
+            dist.broadcast(self.buffer.device[HEADER_BYTES:step.nbytes], src=0)
+            self.forward(step)
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def prefill_batch(seqs: list[Sequence], block_size: int) -> Batch:
+    """A batch computing every token of `seqs` (warm-up and graph capture), over dummy
+    block 0: the caches are empty or the slots are junk either way."""
+    for s in seqs:
+        s.block_table = [0] * -(-s.num_tokens // block_size)
+    n = [s.num_tokens for s in seqs]
+    return Batch(seqs=seqs, num_new_tokens=n, num_computed_tokens=[0] * len(seqs),
+                 sample=[True] * len(seqs), num_batched_tokens=sum(n), num_prefill_tokens=sum(n))

@@ -1,0 +1,87 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Sampling uses the exponential race: for probabilities p and independent noise
+E ~ Exp(1), argmax(p / E) is distributed as Categorical(p). It needs no cumulative sums or
+host syncs, and a request's seed only has to fix its own row of noise.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """One step's sampling inputs, one row per sampled sequence (device tensors), plus host
+    flags that pick the fast path without a device sync.
+
+    temperatures: float32 [S], 0 = greedy. top_k: int64 [S], vocab size = off.
+    top_p: float32 [S], 1 = off. seeds: (row, seed) for the rows with their own seed, where
+    seed already folds in the index of the token being sampled (`row_seed`).
+    """
+    temperatures: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    all_greedy: bool
+    any_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    seeds: list[tuple[int, int]]
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of a request's `index`-th sampled token: splitmix64 of both, so every bit
+    depends on both (CPU generators keep only the low 32 bits of a seed)."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p set to -inf (one sort for both)."""
+    sorted_logits, order = logits.sort(dim=-1)              # ascending: most likely last
+    vocab_size = logits.shape[-1]
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False                                   # always keep the most likely
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    """Picks one token per row of logits. Unseeded rows draw from one engine-wide stream
+    (seeded once at startup); seeded rows draw from their own seed, so they do not depend
+    on what else is in the batch."""
+
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.row_generator = torch.Generator(device)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """logits [S, vocab] -> token ids int64 [S]."""
+        if params.all_greedy:
+            return logits.argmax(dim=-1)
+        logits = logits.float()
+        greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
+        temperatures = params.temperatures
+        if params.any_greedy:    # greedy rows are overwritten below; avoid dividing by 0
+            temperatures = torch.where(temperatures == 0, 1.0, temperatures)
+        logits = logits / temperatures.unsqueeze(1)
+        if params.use_top_k or params.use_top_p:
+            logits = apply_top_k_top_p(logits, params.top_k if params.use_top_k else None,
+                                       params.top_p if params.use_top_p else None)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, seed in params.seeds:
+            noise[row].exponential_(generator=self.row_generator.manual_seed(seed))
+        tokens = probs.div_(noise.clamp_min_(1e-20)).argmax(dim=-1)
+        if params.any_greedy:
+            tokens = torch.where(params.temperatures == 0, greedy_tokens, tokens)
+        return tokens
