@@ -121,8 +121,10 @@ class BlockTableMirror:
         entries = self.entries
         for i, (seq, k) in enumerate(zip(seqs, num_blocks)):
             entry = entries.get(seq.seq_id)
-            if entry is None or entry[1] is not seq.block_table:
+            if entry is None:
                 entry = entries[seq.seq_id] = [self._take_row(seqs), seq.block_table, 0]
+            elif entry[1] is not seq.block_table:   # freed and re-allocated: copy afresh
+                entry[1], entry[2] = seq.block_table, 0
             if entry[2] < k:
                 self.rows[entry[0], entry[2]:k] = seq.block_table[entry[2]:k]
                 entry[2] = k

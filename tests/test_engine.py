@@ -375,3 +375,20 @@ def test_decode_graph_layout_and_padding(checkpoints, reference):
     assert [o.token_ids for o in outs] == reference["qwen3"][:3]
     decode_steps = [r for r in llm.step_records if r["num_prefill_tokens"] == 0]
     assert decode_steps and all(r["num_seqs"] == 3 for r in decode_steps)
+
+
+def test_block_table_mirror_reuses_rows():
+    """Re-allocated tables (preemption, graph capture) reuse their sequence's row: many
+    re-allocations never exhaust a mirror sized for the batch, and the copy is current."""
+    import numpy as np
+    from engine.model_runner import BlockTableMirror
+    from policy import Sequence
+    mirror = BlockTableMirror(capacity=4, max_blocks=8)
+    seqs = [Sequence(i, [1], 1) for i in range(3)]
+    out = np.full((3, 8), -1, dtype=np.int32)
+    for round_ in range(20):
+        for i, s in enumerate(seqs):
+            s.block_table = [round_ * 10 + i + j for j in range(1 + round_ % 5)]
+        mirror.gather(seqs, [len(s.block_table) for s in seqs], out)
+        for i, s in enumerate(seqs):
+            assert out[i, :len(s.block_table)].tolist() == s.block_table
