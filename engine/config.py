@@ -35,7 +35,8 @@ class EngineConfig:
         the scheduler (policy.SchedulerConfig).
     enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
         is split over. attention_backend: one of engine.layers.attention.BACKENDS, or
-        "auto" (triton on CUDA, torch on CPU). seed: the engine's sampling stream.
+        "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs).
+        seed: the engine's sampling stream.
     """
     model: str
     dtype: str = "auto"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata, resolve_backend
 from engine.loader import load_weights
 from engine.models import ModelConfig, build_model, resolve_dtype
 from engine.sampler import Sampler, SamplingTensors, row_seed
@@ -191,7 +191,9 @@ class ModelRunner:
         self.wait_s = 0.0   # seconds the last step waited for the device (CPU: computed on it)
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # The torch reference backend reads sequence lengths on the host: it runs eager.
+        backend = resolve_backend(config.attention_backend, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager and backend != "torch":
             self.capture_graphs()
 
     # ---- startup --------------------------------------------------------------------
