@@ -63,6 +63,31 @@ def decode_breakdown(llm: LLM, batch: int, context: int, steps: int) -> dict:
             "tok_per_s": batch / step_ms * 1e3}
 
 
+def copy_bandwidth() -> float:
+    """Measured HBM ceiling: a 1 GiB device-to-device copy, bytes read + written / median time."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[5:])
+
+
+def hbm_floor_s(prompts, params, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float) -> float:
+    """The workload's HBM floor: every decode step reads the weights once (at least as many
+    steps as the longest output), and every generated token's step reads its sequence's
+    whole KV cache (prompt + tokens so far)."""
+    steps = max(p.max_tokens for p in params)
+    kv_tokens = sum(len(x) * p.max_tokens + p.max_tokens * (p.max_tokens - 1) // 2
+                    for x, p in zip(prompts, params))
+    return (steps * weight_bytes + kv_tokens * kv_bytes_per_token) / bandwidth
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-0.6b",
@@ -120,30 +145,50 @@ def main():
     steps = llm.step_records[first_step:]
     cpu_share = sum(r["cpu_s"] for r in steps) / sum(r["duration_s"] for r in steps)
 
+    cuda = torch.cuda.is_available() and not extra
+    runner = llm.model_runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_per_token = sum(layer.k_cache[0, 0].numel() * 2 * layer.k_cache.element_size()
+                       for layer in runner.model.attention_layers())
+    ceiling = copy_bandwidth() if cuda else float("nan")
+    floor_s = hbm_floor_s(prompts, params, weight_bytes, kv_per_token, ceiling)
     breakdown = [decode_breakdown(llm, b, args.decode_context, 16)
                  for b in map(int, args.decode_batches.split(","))
                  if b <= args.max_num_seqs]
     llm.close()
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    for b in breakdown:    # achieved bandwidth of the decode step's device time
+        if b["steps"]:
+            nbytes = weight_bytes + kv_per_token * b["batch"] * args.decode_context
+            b["device_GBps"] = nbytes / (b["device_ms"] / 1e3) / 1e9
+            b["pct_of_copy"] = 100 * nbytes / (b["device_ms"] / 1e3) / ceiling
     print(f"\nnano-vLLM bench workload on {device}: {args.model}, block {args.block_size}, "
           f"backend {args.backend}, tp {args.tp}, eager {args.enforce_eager}, "
           f"KV pool {llm.model_runner.num_blocks} blocks")
-    print(f"{'requests':>10} {'output tokens':>14} {'time (s)':>10} {'tok/s':>10} {'steps':>7} {'host %':>7}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_per_token / 1024:.0f} KiB/token, "
+          f"copy ceiling {ceiling / 1e9:.0f} GB/s -> HBM floor {floor_s:.2f} s = "
+          f"{output_tokens / floor_s:,.0f} tok/s")
+    print(f"{'requests':>10} {'output tokens':>14} {'time (s)':>10} {'tok/s':>10} {'% roofline':>11} "
+          f"{'steps':>7} {'host %':>7}")
     print(f"{args.num_seqs:>10} {output_tokens:>14,} {seconds:>10.2f} {output_tokens / seconds:>10.1f} "
-          f"{len(steps):>7} {100 * cpu_share:>6.1f}%")
+          f"{100 * floor_s / seconds:>10.1f}% {len(steps):>7} {100 * cpu_share:>6.1f}%")
     print(f"\ndecode step at context ~{args.decode_context} (median):")
-    print(f"{'batch':>6} {'step ms':>9} {'host ms':>9} {'device ms':>10} {'host %':>7} {'tok/s':>10}")
+    print(f"{'batch':>6} {'step ms':>9} {'host ms':>9} {'device ms':>10} {'host %':>7} {'tok/s':>10} "
+          f"{'dev GB/s':>9} {'% copy':>7}")
     for b in breakdown:
         if b["steps"]:
             print(f"{b['batch']:>6} {b['step_ms']:>9.3f} {b['cpu_ms']:>9.3f} {b['device_ms']:>10.3f} "
-                  f"{100 * b['cpu_share']:>6.1f}% {b['tok_per_s']:>10.1f}")
+                  f"{100 * b['cpu_share']:>6.1f}% {b['tok_per_s']:>10.1f} "
+                  f"{b.get('device_GBps', float('nan')):>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}%")
     result = {"bench": "engine", "workload": "nano-vllm", "model": args.model, "device": device,
               "block_size": args.block_size, "backend": args.backend, "tp": args.tp,
               "enforce_eager": args.enforce_eager, "num_seqs": args.num_seqs,
               "output_tokens": output_tokens, "seconds": seconds,
               "output_tok_per_s": output_tokens / seconds, "steps": len(steps),
-              "host_share": cpu_share, "decode": breakdown,
+              "host_share": cpu_share, "decode": breakdown, "copy_GBps": ceiling / 1e9,
+              "hbm_floor_s": floor_s, "roofline_tok_per_s": output_tokens / floor_s,
+              "pct_of_roofline": 100 * floor_s / seconds,
               "kv_blocks": llm.model_runner.num_blocks, "torch": torch.__version__,
               "python": platform.python_version()}
     print(json.dumps(result))
