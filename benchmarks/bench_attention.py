@@ -1,0 +1,359 @@
+"""Speed of the engine's paged-attention kernels against the copy ceiling, flashinfer and SDPA.
+
+    python benchmarks/bench_attention.py                 # CUDA: the full table
+    python benchmarks/bench_attention.py --no-flashinfer # skip flashinfer (its first call JIT-compiles)
+    python benchmarks/bench_attention.py --sweep         # also time other launch configs (tuning)
+    python benchmarks/bench_attention.py --smoke         # CPU: one tiny shape under TRITON_INTERPRET=1
+
+Decode: B in {1, 64, 256} x context {512, 1024, 4096} x block size {16, 32, 64, 256}, Qwen3-0.6B
+heads (16 query / 8 KV, head_dim 128), bf16, blocks scattered at random over the pool. Time is
+triton.testing.do_bench's median (warm-up, L2 flushed before each run); `graph_us` replays the
+call in a CUDA graph (no launch overhead, but no L2 flush either: small cases then read from L2).
+KV bandwidth = K+V bytes of all contexts / time; `%copy` compares it with a device-to-device
+copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
+||ours - sdpa|| / ||sdpa||. Prefill: 4 x 1024 fresh prompts and 4 x 512-token chunks behind
+1536 cached tokens. Ends with one line of JSON.
+"""
+import argparse
+import importlib
+import itertools
+import json
+import os
+import pathlib
+import sys
+import time
+
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+ARGS.add_argument("--no-flashinfer", action="store_true")
+ARGS.add_argument("--sweep", action="store_true",
+                  help="time the kernels' launch constants (tile, warps, stages) on a few shapes")
+ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+args = ARGS.parse_args()
+if args.smoke:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
+                            store_kvcache)
+
+DEVICE = "cpu" if args.smoke else "cuda"
+DTYPE = torch.float32 if args.smoke else getattr(torch, args.dtype)
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = (4, 2, 64) if args.smoke else (16, 8, 128)
+SCALE = HEAD_DIM ** -0.5
+
+
+def measure(fn) -> float:
+    """Median milliseconds of fn()."""
+    if DEVICE == "cpu":
+        fn()  # compile/warm
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure_graph(fn):
+    if DEVICE == "cpu":
+        return None
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def copy_ceiling_gbps(nbytes=4 << 30) -> float:
+    src = torch.ones(nbytes // 2, dtype=torch.float16, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def paged_batch(k, v, block_size, gen):
+    """Scatter dense per-sequence K/V ([B, ctx, Hkv, D]) into a paged cache over randomly
+    permuted blocks, through store_kvcache, the way the engine fills it."""
+    batch, ctx = k.shape[0], k.shape[1]
+    blocks_per_seq = triton.cdiv(ctx, block_size)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.empty(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.empty_like(k_cache)
+    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE)
+    block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
+    pos = torch.arange(ctx, device=DEVICE)
+    slots = (block_tables[:, pos // block_size].long() * block_size + pos % block_size).flatten()
+    store_kvcache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots)
+    return k_cache, v_cache, block_tables
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def flashinfer_module():
+    if args.no_flashinfer or args.smoke:
+        return None, "skipped"
+    try:
+        import flashinfer
+        return flashinfer, getattr(flashinfer, "__version__", "?")
+    except Exception as e:  # optional dependency
+        return None, f"unavailable: {type(e).__name__}: {e}"
+
+
+def flashinfer_decode(fi, q, k_cache, v_cache, block_tables, ctx, use_tensor_cores):
+    batch, blocks_per_seq = block_tables.shape
+    block_size = k_cache.shape[1]
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=DEVICE)
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=use_tensor_cores)
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * blocks_per_seq
+    last = torch.full((batch,), ctx - (blocks_per_seq - 1) * block_size, dtype=torch.int32, device=DEVICE)
+    wrapper.plan(indptr, block_tables.flatten(), last, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, block_size,
+                 q_data_type=DTYPE, kv_data_type=DTYPE, sm_scale=SCALE)
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def flashinfer_prefill(fi, q, k_cache, v_cache, block_tables, qsl, ctx):
+    batch, blocks_per_seq = block_tables.shape
+    block_size = k_cache.shape[1]
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * blocks_per_seq
+    last = torch.full((batch,), ctx - (blocks_per_seq - 1) * block_size, dtype=torch.int32, device=DEVICE)
+    wrapper.plan(qsl, indptr, block_tables.flatten(), last, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, block_size,
+                 causal=True, sm_scale=SCALE, q_data_type=DTYPE, kv_data_type=DTYPE)
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def try_time(make_fn, ref=None):
+    """(ms, rel_err or None, error string or None) for an optional baseline."""
+    try:
+        fn = make_fn()
+        out = fn()
+        return measure(fn), (rel_err(out, ref) if ref is not None else None), None
+    except Exception as e:
+        return None, None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def bench_decode(fi, copy_gbps, gen):
+    batches, contexts, block_sizes = ([2], [300], [1, 16]) if args.smoke else (
+        [1, 64, 256], [512, 1024, 4096], [16, 32, 64, 256])
+    rows = []
+    for batch in batches:
+        for ctx in contexts:
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            v = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k_dense, v_dense = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, ctx, D]
+
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q.unsqueeze(2), k_dense, v_dense, scale=SCALE, enable_gqa=True).squeeze(2)
+            ref = sdpa()
+            sdpa_ms = measure(sdpa)
+            kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * k.element_size()
+            context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+            for block_size in block_sizes:
+                k_cache, v_cache, block_tables = paged_batch(k, v, block_size, gen)
+                num_splits = choose_num_splits(batch, NUM_KV_HEADS, ctx, _num_sms())
+                out = torch.empty_like(q)
+
+                def ours():
+                    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE,
+                                                  num_splits, out=out)
+                err = rel_err(ours(), ref)
+                ms = measure(ours)
+                graph_ms = measure_graph(ours)
+                fi_ms, fi_err, fi_note = None, None, "skipped"
+                for tensor_cores in ([] if fi is None else [False, True]):  # keep flashinfer's faster variant
+                    t = try_time(lambda: flashinfer_decode(fi, q, k_cache, v_cache, block_tables, ctx, tensor_cores), ref)
+                    if t[0] is not None and (fi_ms is None or t[0] < fi_ms):
+                        fi_ms, fi_err, fi_note = t[0], t[1], f"use_tensor_cores={tensor_cores}"
+                    elif fi_ms is None:
+                        fi_note = t[2]
+                gbps = kv_bytes / (ms * 1e-3) / 1e9
+                rows.append({"B": batch, "ctx": ctx, "block": block_size, "splits": num_splits,
+                             "us": ms * 1e3, "graph_us": graph_ms and graph_ms * 1e3, "GBps": gbps,
+                             "pct_copy": 100 * gbps / copy_gbps if copy_gbps else None, "rel_err": err,
+                             "flashinfer_us": fi_ms and fi_ms * 1e3, "flashinfer_err": fi_err,
+                             "flashinfer_note": fi_note, "sdpa_dense_us": sdpa_ms * 1e3})
+                del k_cache, v_cache, block_tables
+            del k, v, k_dense, v_dense
+    return rows
+
+
+def bench_prefill(fi, gen):
+    # (label, num_seqs, q_len, context_len)
+    cases = [("fresh", 2, 24, 24), ("chunk", 2, 8, 40)] if args.smoke else [
+        ("4x1024 fresh", 4, 1024, 1024), ("4x512 chunk after 1536 cached", 4, 512, 2048)]
+    block_sizes = [16] if args.smoke else [16, 256]
+    rows = []
+    for label, batch, q_len, ctx in cases:
+        q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        q_dense = q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2)
+        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len)  # bottom-right causal
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q_dense, k.transpose(1, 2), v.transpose(1, 2), attn_mask=None if q_len == ctx else mask,
+                is_causal=q_len == ctx, scale=SCALE, enable_gqa=True).transpose(1, 2).flatten(0, 1)
+        ref = sdpa()
+        sdpa_ms = measure(sdpa)
+        # causal attention FLOPs: 2 matmuls x 2 flops per multiply-add over every visible key
+        visible = sum(ctx - q_len + i + 1 for i in range(q_len))
+        flops = 4 * batch * NUM_HEADS * HEAD_DIM * visible
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * q_len
+        context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+        for block_size in block_sizes:
+            k_cache, v_cache, block_tables = paged_batch(k, v, block_size, gen)
+            out = torch.empty_like(q)
+
+            def ours():
+                return paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len, ctx, SCALE,
+                                       out=out)
+            err = rel_err(ours(), ref)
+            ms = measure(ours)
+            fi_ms, fi_err, fi_note = (None, None, "skipped") if fi is None else try_time(
+                lambda: flashinfer_prefill(fi, q, k_cache, v_cache, block_tables, qsl, ctx), ref)
+            rows.append({"case": label, "block": block_size, "us": ms * 1e3, "TFLOPs": flops / (ms * 1e-3) / 1e12,
+                         "rel_err": err, "flashinfer_us": fi_ms and fi_ms * 1e3, "flashinfer_err": fi_err,
+                         "flashinfer_note": fi_note, "sdpa_dense_us": sdpa_ms * 1e3})
+    return rows
+
+
+def check_cuda_graph(gen):
+    """Capture decode once (explicit num_splits), replay with new inputs copied into the static
+    buffers, compare with eager. Returns the max abs difference over two replays."""
+    if DEVICE == "cpu":
+        return None
+    batch, ctx, block_size = 64, 1024, 16
+    k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    v = torch.randn_like(k)
+    k_cache, v_cache, block_tables = paged_batch(k, v, block_size, gen)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+    num_splits = choose_num_splits(batch, NUM_KV_HEADS, ctx, _num_sms())
+    out = torch.empty_like(q)
+    call = lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE, num_splits, out=out)  # noqa: E731
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    worst = 0.0
+    for new_len in (ctx, 300):
+        q.copy_(torch.randn(q.shape, device=DEVICE, dtype=DTYPE))
+        context_lens.fill_(new_len)
+        graph.replay()
+        eager = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE, num_splits)
+        worst = max(worst, (out.float() - eager.float()).abs().max().item())
+    return worst
+
+
+def sweep(gen):
+    """Time each launch-constant combination of engine/kernels/paged_attention.py (the module
+    globals the wrappers read at call time) on the shapes that matter; the defaults are restored."""
+    pa = importlib.import_module("engine.kernels.paged_attention")
+    saved = {name: getattr(pa, name) for name in dir(pa) if name.isupper()}
+    if args.smoke:
+        decode_shapes, prefill_shapes, grid = [(2, 300, 16)], [(2, 24)], {
+            "DECODE": [(32, 4, 2)], "PREFILL": [(64, 32, 4, 2)]}
+    else:
+        decode_shapes, prefill_shapes = [(256, 1024, 16), (64, 4096, 16), (256, 1024, 256), (8, 4096, 16)], [(4, 1024)]
+        grid = {"DECODE": list(itertools.product([32, 64, 128], [4, 8], [2, 3, 4])),
+                "PREFILL": list(itertools.product([64, 128], [32, 64], [4, 8], [2, 3]))}
+    rows = []
+    try:
+        for batch, ctx, block_size in decode_shapes:
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k_cache, v_cache, block_tables = paged_batch(k, torch.randn_like(k), block_size, gen)
+            context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+            kv_bytes = 2 * k.numel() * k.element_size()
+            del k
+            for block_n, warps, stages in grid["DECODE"]:
+                pa.DECODE_BLOCK_N, pa.DECODE_NUM_WARPS, pa.DECODE_NUM_STAGES = block_n, warps, stages
+                try:
+                    ms = measure(lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE))
+                    rows.append({"kernel": "decode", "shape": f"B={batch} ctx={ctx} block={block_size}",
+                                 "config": f"BLOCK_N={block_n} warps={warps} stages={stages}",
+                                 "us": ms * 1e3, "GBps": kv_bytes / (ms * 1e-3) / 1e9})
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"  decode BLOCK_N={block_n} warps={warps} stages={stages}: {type(e).__name__}")
+            del k_cache, v_cache
+        for batch, length in prefill_shapes:
+            q = torch.randn(batch * length, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k = torch.randn(batch, length, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+            k_cache, v_cache, block_tables = paged_batch(k, torch.randn_like(k), 16, gen)
+            qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * length
+            context_lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+            flops = 4 * batch * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2
+            for block_m, block_n, warps, stages in grid["PREFILL"]:
+                pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N = block_m, block_n
+                pa.PREFILL_NUM_WARPS, pa.PREFILL_NUM_STAGES = warps, stages
+                try:
+                    ms = measure(lambda: paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
+                                                         length, length, SCALE))
+                    rows.append({"kernel": "prefill", "shape": f"{batch}x{length} block=16",
+                                 "config": f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}",
+                                 "us": ms * 1e3, "TFLOPs": flops / (ms * 1e-3) / 1e12})
+                except Exception as e:
+                    print(f"  prefill BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}: "
+                          f"{type(e).__name__}")
+    finally:
+        for name, value in saved.items():
+            setattr(pa, name, value)
+    print("\nsweep (best 5 per shape; current defaults: decode BLOCK_N={DECODE_BLOCK_N} warps={DECODE_NUM_WARPS} "
+          "stages={DECODE_NUM_STAGES}, prefill BLOCK_M={PREFILL_BLOCK_M} BLOCK_N={PREFILL_BLOCK_N} "
+          "warps={PREFILL_NUM_WARPS} stages={PREFILL_NUM_STAGES})".format(**saved))
+    for (kernel, shape), group in itertools.groupby(rows, key=lambda r: (r["kernel"], r["shape"])):
+        for r in sorted(group, key=lambda r: r["us"])[:5]:
+            rate = f"{r['GBps']:.0f} GB/s" if kernel == "decode" else f"{r['TFLOPs']:.1f} TFLOP/s"
+            print(f"  {kernel:>7} {shape:>28}  {r['config']:<44} {r['us']:>9.1f} us  {rate}")
+    return rows
+
+
+def _num_sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (TRITON_INTERPRET=1)"
+    fi, fi_version = flashinfer_module()
+    copy_gbps = copy_ceiling_gbps(64 << 20 if args.smoke else 4 << 30)
+    print(f"device: {device_name}   dtype: {DTYPE}   heads {NUM_HEADS}/{NUM_KV_HEADS} x {HEAD_DIM}   "
+          f"copy ceiling: {copy_gbps:.0f} GB/s   flashinfer: {fi_version}")
+    decode = bench_decode(fi, copy_gbps, gen)
+    print("\ndecode")
+    print(f"{'B':>4} {'ctx':>5} {'block':>5} {'splits':>6} {'us':>9} {'graph_us':>9} {'GB/s':>7} {'%copy':>6} "
+          f"{'rel_err':>8} {'flashinfer_us':>13} {'sdpa_dense_us':>13}")
+    for r in decode:
+        print(f"{r['B']:>4} {r['ctx']:>5} {r['block']:>5} {r['splits']:>6} {r['us']:>9.1f} {fmt(r['graph_us'], '9.1f')} "
+              f"{r['GBps']:>7.0f} {fmt(r['pct_copy'], '6.1f')} {r['rel_err']:>8.1e} "
+              f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
+    prefill = bench_prefill(fi, gen)
+    print("\nprefill")
+    print(f"{'case':>30} {'block':>5} {'us':>9} {'TFLOP/s':>8} {'rel_err':>8} {'flashinfer_us':>13} {'sdpa_dense_us':>13}")
+    for r in prefill:
+        print(f"{r['case']:>30} {r['block']:>5} {r['us']:>9.1f} {r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} "
+              f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
+    graph_diff = check_cuda_graph(gen)
+    sweep_rows = sweep(gen) if args.sweep else None
+    notes = sorted({r["flashinfer_note"] for r in decode + prefill if r["flashinfer_note"]})
+    if notes:
+        print("\nflashinfer notes:", *notes, sep="\n  ")
+    print(f"\ncuda graph replay max |diff| vs eager: {fmt(graph_diff, '.2e')}")
+    print(json.dumps({"bench": "attention", "device": device_name, "dtype": str(DTYPE),
+                      "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
+                      "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
+                      "decode": decode, "prefill": prefill, "sweep": sweep_rows}))
+
+
+if __name__ == "__main__":
+    main()
