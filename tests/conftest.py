@@ -1,5 +1,9 @@
 import os
 
+# Triton picks interpreter or compiler when first imported: decide before any test imports
+# it. CPU CI interprets the kernels; on a GPU run with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 # CI=1 selects hypothesis' deterministic profile (derandomized, no deadline).

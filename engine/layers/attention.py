@@ -163,9 +163,19 @@ def triton_store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-    from engine.kernels import paged_attention
-    return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                           meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
+    from engine.kernels import paged_attention, paged_decode_attention, paged_prefill_attention
+    nd = meta.num_decode_tokens
+    if nd == 0 or nd == q.shape[0]:
+        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                               meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
+    # A mixed step: the decode rows (packed first) take the bandwidth-bound decode kernel
+    # instead of a mostly empty prefill tile each.
+    out = torch.empty_like(q)
+    paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
+                           scale, out=out[:nd])
+    paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.context_lens[nd:],
+                            meta.query_start_loc[nd:] - nd, meta.max_query_len, scale, out=out[nd:])
+    return out
 
 
 # ---- flash-attn 2 backend ----------------------------------------------------------------
