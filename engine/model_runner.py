@@ -181,7 +181,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks = -(-config.max_model_len // config.block_size)
         self.model = build_model(model_config, self.dtype, self.device, rank, self.tp_size,
-                                 config.attention_backend, config.max_model_len)
+                                 config.attention_backend, config.max_model_len,
+                                 compile=config.compile and self.device.type == "cuda")
         load_weights(self.model, config.model)
         self.sampler = Sampler(self.device, config.seed)
         self.graph_sizes: list[int] = []    # decode sizes with a graph (set by capture_graphs)

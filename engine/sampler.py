@@ -1,8 +1,10 @@
 """Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
 
 Sampling uses the exponential race: for probabilities p and independent noise
-E ~ Exp(1), argmax(p / E) is distributed as Categorical(p). It needs no cumulative sums or
-host syncs, and a request's seed only has to fix its own row of noise.
+E ~ Exp(1), argmax(p / E) is distributed as Categorical(p). In log space that is
+argmax(logits / T - log E): the softmax normaliser is the same for the whole row, so no
+softmax pass is needed. No cumulative sums, no host syncs, and a request's seed only has to
+fix its own row of noise.
 """
 from dataclasses import dataclass
 
@@ -77,11 +79,10 @@ class Sampler:
         if params.use_top_k or params.use_top_p:
             logits = apply_top_k_top_p(logits, params.top_k if params.use_top_k else None,
                                        params.top_p if params.use_top_p else None)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        noise = torch.empty_like(logits).exponential_(generator=self.generator)
         for row, seed in params.seeds:
             noise[row].exponential_(generator=self.row_generator.manual_seed(seed))
-        tokens = probs.div_(noise.clamp_min_(1e-20)).argmax(dim=-1)
+        tokens = logits.sub_(noise.log_()).argmax(dim=-1)
         if params.any_greedy:
             tokens = torch.where(params.temperatures == 0, greedy_tokens, tokens)
         return tokens

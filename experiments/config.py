@@ -69,6 +69,7 @@ class EngineSettings:
     dtype: str = "auto"
     device: str = "cuda"
     enforce_eager: bool = False
+    compile: bool = True
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
 
