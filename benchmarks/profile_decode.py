@@ -24,8 +24,9 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
-    engine = LLMEngine(args.model, max_model_len=4096, max_num_batched_tokens=16384,
+    engine = LLMEngine(args.model, max_model_len=args.max_model_len, max_num_batched_tokens=16384,
                        compile=not args.no_compile)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64)
     for i in range(args.batch):
@@ -41,7 +42,7 @@ def main():
         torch.cuda.synchronize()
     rows = sorted(((e.key, e.count, getattr(e, "self_device_time_total", 0.0)) for e in prof.key_averages()),
                   key=lambda r: -r[2])
-    total_us = sum(r[2] for r in rows)
+    total_us = sum(r[2] for r in rows) or float("nan")
     launches = sum(r[1] for r in rows if r[2] > 0)
     print(f"decode batch {args.batch}, context ~{args.context}: GPU {total_us / steps / 1e3:.3f} ms/step, "
           f"{launches / steps:.0f} kernels/step")
