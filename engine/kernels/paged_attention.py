@@ -97,21 +97,22 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    stride_ot, stride_oh, stride_os, stride_lt, stride_lh, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, SPLIT_KV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (b, kv_head, split). With NUM_SPLITS == 1 it writes the normalized output in
-    q's dtype; otherwise it writes its split's normalized partial output (fp32) and its
-    log2-sum-exp, and `_merge_splits_kernel` combines them."""
+    """Program (b, kv_head, split). Without SPLIT_KV (num_splits == 1) it writes the
+    normalized output in q's dtype; otherwise it writes its split's normalized partial output
+    (fp32) and its log2-sum-exp, and `_merge_splits_kernel` combines them. num_splits is a
+    runtime argument (not constexpr) so a new split count never triggers a recompile."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + b)
     # Splits own whole tiles, sized per sequence so short sequences do not idle.
-    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
 
@@ -147,7 +148,7 @@ def _decode_kernel(
     out_mask = g_mask[:, None] & d_mask[None, :]
     out_off = b * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if NUM_SPLITS > 1:
+    if SPLIT_KV:
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
         tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
@@ -155,8 +156,8 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, num_splits,
+    SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)."""
@@ -164,7 +165,7 @@ def _merge_splits_kernel(
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
-    s_mask = s < NUM_SPLITS
+    s_mask = s < num_splits
     d_mask = d < HEAD_DIM
     lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, 0)
@@ -325,8 +326,8 @@ def _dot_flags(dtype):
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim):
     batch, num_heads = q.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
-    if num_splits < 1:
-        raise ValueError(f"paged attention: num_splits must be >= 1, got {num_splits}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"paged attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     precision, upcast = _dot_flags(q.dtype)
     if num_splits == 1:
         dst, lse = out, out  # lse unused
@@ -342,17 +343,17 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), dst.stride(0), dst.stride(1), stride_os, stride_lt, stride_lh,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
-        NUM_SPLITS=num_splits, PRECISION=precision, UPCAST=upcast,
+        SPLIT_KV=num_splits > 1, PRECISION=precision, UPCAST=upcast,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             dst, lse, out, dst.stride(0), dst.stride(1), dst.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            out.stride(0), out.stride(1), num_splits,
+            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
         )
     return out
@@ -390,9 +391,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
         return out
     block_size = k_cache.shape[1]
     group_pad = triton.next_power_of_2(group)
-    # Short queries (decode rows, small chunks) get a short tile, floored at tl.dot's 16 rows.
-    block_q = min(max(PREFILL_BLOCK_M // group_pad, 1), triton.next_power_of_2(max_query_len))
-    block_q = max(block_q, triton.cdiv(16, group_pad))
+    # Two tile heights, so steps with new query lengths never compile new variants: short
+    # queries (decode rows, small chunks) get tl.dot's 16 rows, others the full tile.
+    short_q = triton.cdiv(16, group_pad)
+    block_q = short_q if max_query_len <= short_q else max(PREFILL_BLOCK_M // group_pad, short_q)
     block_n = PREFILL_BLOCK_N if q.dtype != torch.float32 else PREFILL_BLOCK_N // 2
     if q.dtype == torch.float32:
         block_q = max(block_q // 2, triton.cdiv(16, group_pad))  # fp32 tiles take twice the SRAM
