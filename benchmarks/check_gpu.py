@@ -15,6 +15,7 @@
 Prints a table and one line of JSON; exits non-zero on a failure.
 """
 import argparse
+import gc
 import json
 import os
 import random
@@ -50,6 +51,12 @@ def hf_greedy(model, ps, max_tokens):
                              do_sample=False, pad_token_id=0)
         outs.append(ids[0, len(p):].tolist())
     return outs
+
+
+def free_memory():
+    """Return cached blocks to the driver: the next engine sizes its KV pool from free memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -89,6 +96,7 @@ def fp32_checks(root, backends):
         ref_model = hf_model(path, torch.float32)
         ref = hf_greedy(ref_model, ps + ps_prefix, 24)
         del ref_model
+        free_memory()
         for backend in backends:
             for name, kw in cases.items():
                 if arch != "qwen3" and name not in ("graphs", "chunked"):
@@ -111,7 +119,10 @@ def fp32_checks(root, backends):
                 rows.append({"check": "fp32-greedy", "arch": arch, "backend": backend, "case": name,
                              "equal": f"{equal}/{len(ref)}", "prefix_hits": hits, "preempted": pre,
                              "pass": passed})
+                print(rows[-1], flush=True)   # partial results survive a later failure
                 llm.close()
+                del llm
+                free_memory()
     return rows, ok
 
 
@@ -127,11 +138,12 @@ def bf16_checks(root, backends):
     hf_logits = [hf16(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in ps]
     hf_tokens = hf_greedy(hf16, ps, 32)
     del hf16
+    free_memory()
     rel = lambda a, b: (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()  # noqa: E731
     hf_err = max(rel(h, r) for h, r in zip(hf_logits, ref_logits))
     for backend in backends:
         llm = LLM(str(path), device="cuda", dtype="bfloat16", attention_backend=backend,
-                  max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=backend == "torch")
+                  max_model_len=2048, gpu_memory_utilization=0.8, enforce_eager=backend == "torch")
         runner = llm.model_runner
         errs = []
         for p, r in zip(ps, ref_logits):   # first-step logits through the engine's own path
@@ -145,7 +157,10 @@ def bf16_checks(root, backends):
         rows.append({"check": "bf16-qwen3-0.6b", "backend": backend,
                      "logit_rel_err_vs_fp32": err, "hf_bf16_rel_err_vs_fp32": hf_err,
                      "greedy_tokens_agreeing_with_hf_bf16": agree, "pass": passed})
+        print(rows[-1], flush=True)
         llm.close()
+        del llm, runner
+        free_memory()
     return rows, ok
 
 

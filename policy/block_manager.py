@@ -21,10 +21,12 @@ def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int) -> li
     """Hashes of `num_blocks` consecutive full blocks of `token_ids`, continuing the chain
     from `parent`: block hash = xxhash64 of the block's token ids (int64) seeded with its
     parent's hash, so equal hashes mean equal whole prefixes."""
-    data = memoryview(array("q", token_ids[:num_blocks * block_size]))
-    hashes = []
+    data = array("q", token_ids[:num_blocks * block_size])
+    if num_blocks == 1:   # a decode step filled one block: no view needed
+        return [xxhash.xxh64_intdigest(data, parent)]
+    view, hashes = memoryview(data), []
     for i in range(0, num_blocks * block_size, block_size):
-        parent = xxhash.xxh64_intdigest(data[i:i + block_size], parent)
+        parent = xxhash.xxh64_intdigest(view[i:i + block_size], parent)
         hashes.append(parent)
     return hashes
 
@@ -146,16 +148,17 @@ class BlockManager:
             return True
         if need > len(self.free):
             return False
-        free, table = self.free, seq.block_table
+        pop_front, table = self.free.popitem, seq.block_table
+        block_hash, ref_counts = self.block_hash, self.ref_counts
         for _ in range(need):
-            block = free.popitem(last=False)[0]
-            h = self.block_hash[block]
+            block = pop_front(last=False)[0]
+            h = block_hash[block]
             if h != NO_HASH:  # evict: its old content is gone
                 if self.cached.get(h) == block:
                     del self.cached[h]
-                self.block_hash[block] = NO_HASH
+                block_hash[block] = NO_HASH
                 self.evictions += 1
-            self.ref_counts[block] = 1
+            ref_counts[block] = 1
             table.append(block)
         return True
 
@@ -175,10 +178,11 @@ class BlockManager:
 
     def free_blocks(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
+        ref_counts, free = self.ref_counts, self.free
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free[block] = None
+            ref_counts[block] -= 1
+            if ref_counts[block] == 0:
+                free[block] = None
         seq.block_table = []
         seq.num_registered_blocks = 0
 

@@ -59,6 +59,9 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
     with _default_dtype(resolve_dtype(dtype)), device:
         model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
     if compile:
+        # One compiled graph per (module type, input rank, residual or not, inference mode):
+        # more than Dynamo's default limit of 8 variants, past which it silently runs eager.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for module in model.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.compile(dynamic=True)
