@@ -34,7 +34,8 @@ class EngineConfig:
     max_num_seqs, max_num_batched_tokens, scheduler_policy, long_prefill_token_threshold:
         the scheduler (policy.SchedulerConfig).
     enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
-        is split over. attention_backend: one of engine.layers.attention.BACKENDS, or
+        is split over; with more than one, steps run eager (graph capture of NCCL
+        all-reduces is not verified yet). attention_backend: one of engine.layers.attention.BACKENDS, or
         "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs).
         seed: the engine's sampling stream. compile: torch.compile the elementwise layers
         (RMSNorm + residual, RoPE, SiLU-and-mul) into fused kernels on CUDA: a decode step

@@ -192,9 +192,12 @@ class ModelRunner:
         self.wait_s = 0.0   # seconds the last step waited for the device (CPU: computed on it)
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # The torch reference backend reads sequence lengths on the host: it runs eager.
+        # Eager where graphs are not safe: the torch reference backend reads sequence lengths
+        # on the host; with tensor parallelism the first NCCL run (2x H200) hung, and CUDA-graph
+        # capture of NCCL all-reduces is the unverified part, so TP steps run eager for now.
         backend = resolve_backend(config.attention_backend, self.device)
-        if self.device.type == "cuda" and not config.enforce_eager and backend != "torch":
+        if (self.device.type == "cuda" and not config.enforce_eager and backend != "torch"
+                and self.tp_size == 1):
             self.capture_graphs()
 
     # ---- startup --------------------------------------------------------------------
