@@ -100,13 +100,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
 TestBlockManager = BlockManagerMachine.TestCase
 
 
+def computed(bm: BlockManager, seq_id, tokens, **kwargs) -> Sequence:
+    """A sequence admitted (taking any hits), given blocks for its tokens, and run: its full
+    blocks are registered, as after the step that computed them."""
+    seq = Sequence(seq_id, tokens, 1, **kwargs)
+    bm.admit(seq, bm.match_prefix(seq))
+    assert bm.allocate(seq, len(tokens))
+    seq.num_computed_tokens = len(tokens)
+    bm.register(seq)
+    return seq
+
+
 def test_hit_never_covers_last_token():
     bm = BlockManager(8, 4)
-    a = Sequence("a", list(range(8)), 1)
-    bm.admit(a, bm.match_prefix(a))
-    bm.allocate(a, 8)
-    a.num_computed_tokens = 8
-    bm.register(a)
+    computed(bm, "a", list(range(8)))
     same = Sequence("b", list(range(8)), 1)
     assert len(bm.match_prefix(same)) == 1          # 2 full blocks cached, only 1 may hit
     longer = Sequence("c", list(range(9)), 1)
@@ -115,11 +122,7 @@ def test_hit_never_covers_last_token():
 
 def test_freed_blocks_are_evicted_lru_tail_first():
     bm = BlockManager(4, 2)
-    a = Sequence("a", [1, 2, 3, 4, 5], 1)
-    bm.admit(a, [])
-    bm.allocate(a, 5)
-    a.num_computed_tokens = 5
-    bm.register(a)
+    a = computed(bm, "a", [1, 2, 3, 4, 5])
     bm.free_blocks(a)
     assert len(bm.cached) == 2
     # Only the never-cached blocks and then a's tail may be reused first: its prefix block
@@ -138,11 +141,7 @@ def test_freed_blocks_are_evicted_lru_tail_first():
 
 def test_extra_keys_separate_equal_tokens():
     bm = BlockManager(8, 2)
-    a = Sequence("a", [1, 2, 3], 1, extra_keys=b"lora-1")
-    bm.admit(a, [])
-    bm.allocate(a, 3)
-    a.num_computed_tokens = 3
-    bm.register(a)
+    computed(bm, "a", [1, 2, 3], extra_keys=b"lora-1")
     assert bm.match_prefix(Sequence("b", [1, 2, 3], 1, extra_keys=b"lora-1"))
     assert not bm.match_prefix(Sequence("c", [1, 2, 3], 1, extra_keys=b"lora-2"))
     assert not bm.match_prefix(Sequence("d", [1, 2, 3], 1))
@@ -150,22 +149,14 @@ def test_extra_keys_separate_equal_tokens():
 
 def test_disabled_cache_never_hits():
     bm = BlockManager(8, 2, enable_prefix_caching=False)
-    a = Sequence("a", [1, 2, 3], 1)
-    bm.admit(a, bm.match_prefix(a))
-    bm.allocate(a, 3)
-    a.num_computed_tokens = 3
-    bm.register(a)
+    computed(bm, "a", [1, 2, 3])
     assert bm.match_prefix(Sequence("b", [1, 2, 3], 1)) == [] and not bm.cached
     assert bm.count_cached_tokens([1, 2, 3]) == 0
 
 
 def test_count_cached_tokens_matches_match_prefix():
     bm = BlockManager(8, 2)
-    a = Sequence("a", [1, 2, 3, 4, 5], 1)
-    bm.admit(a, [])
-    bm.allocate(a, 5)
-    a.num_computed_tokens = 5
-    bm.register(a)
+    computed(bm, "a", [1, 2, 3, 4, 5])
     probe = [1, 2, 3, 4, 6, 7]
     assert bm.count_cached_tokens(probe) == 2 * len(bm.match_prefix(Sequence("p", probe, 1)))
 
