@@ -245,7 +245,7 @@ def test_eos_stops_unless_ignored():
     keep = Sequence("keep", [1, 3], 10, eos_token_id=7, ignore_eos=True)
     sched.add(stop)
     sched.add(keep)
-    finished = run_step(sched, token=7) and sched
+    run_step(sched, token=7)
     assert stop.finish_reason == "stop" and stop.output_token_ids == [7]
     assert keep.status is RUNNING
 
