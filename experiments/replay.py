@@ -109,6 +109,7 @@ def replay_gpu(rc: RunConfig) -> Replay:
         num_blocks = engine.scheduler.block_manager.num_blocks
         requests = load_requests(rc, engine.model_config.vocab_size)
         check_requests(requests, rc, num_blocks)
+        warm_up(engine, rc)
         sequences = {}      # engine.sequences forgets finished requests; keep them here
         pending = deque(requests)
         wall_start = time.perf_counter()
@@ -133,6 +134,23 @@ def replay_gpu(rc: RunConfig) -> Replay:
     duration = max((seq.finish_time - t0 for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
     return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu, t0=t0)
+
+
+def warm_up(engine, rc: RunConfig) -> None:
+    """Run a few throwaway requests before the clock starts, so kernel compilation (Triton,
+    torch.compile) and CUDA-graph first replays are not charged to the trace's first
+    requests (`vllm bench serve --num-warmups` does the same). Their prompts use token id 0
+    only, so they share no prefix-cache blocks with real prompts, and their steps are
+    dropped from the step log."""
+    from engine import SamplingParams
+    longest = min(rc.scheduler.max_model_len, rc.scheduler.max_num_batched_tokens) - 8
+    lengths = sorted({max(1, n) for n in (8, 64, longest // 2, longest)})
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ids = [engine.add_request([0] * n, params, request_id=f"warmup-{n}") for n in lengths]
+    while engine.has_unfinished():
+        engine.step()
+    engine.step_records.clear()
+    assert not any(i in engine.sequences for i in ids)
 
 
 def model_path(rc: RunConfig) -> str:
