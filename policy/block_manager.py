@@ -143,8 +143,8 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure `seq` has slots for its first `num_tokens` tokens. False (and nothing
         changed) if the pool has too few free blocks."""
-        need = -(-num_tokens // self.block_size) - len(seq.block_table)
-        if need <= 0:
+        need = self.blocks_needed(seq, num_tokens)
+        if need == 0:
             return True
         if need > len(self.free):
             return False

@@ -3,10 +3,10 @@ standing in for the GPU (roofline, fitted on the engine, or replayed from a real
 from simulator.cluster import ROUTERS
 from simulator.cost_model import (CostModel, CostModelConfig, FittedCostModel, ModelSpec,
                                   ReplayCostModel, RooflineCostModel, build_cost_model,
-                                  fit_calibration, kv_pool_blocks, step_features)
+                                  fit_calibration, kv_pool_blocks)
 from simulator.hardware import HardwareSpec
 from simulator.sim import SimResult, Simulator
 
 __all__ = ["CostModel", "CostModelConfig", "FittedCostModel", "HardwareSpec", "ModelSpec",
            "ROUTERS", "ReplayCostModel", "RooflineCostModel", "SimResult", "Simulator",
-           "build_cost_model", "fit_calibration", "kv_pool_blocks", "step_features"]
+           "build_cost_model", "fit_calibration", "kv_pool_blocks"]

@@ -9,8 +9,8 @@ Three cost models, one contract (`CostModel.step_time(batch) -> seconds`):
 - `ReplayCostModel`: a real run's measured step durations, in order. With `strict=True` it
   also checks that the simulator scheduled the same batch shapes: the policy-equivalence test.
 
-Every model reads the step through `step_features(batch)`: the counters of
-`Batch.record()` (the `steps.parquet` row): `Batch.features()`.
+Every model reads the step through `Batch.features()`: the counters of the
+`steps.parquet` row.
 """
 import datetime
 import json
@@ -158,22 +158,16 @@ def kv_pool_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
     return blocks
 
 
-# ---- the step's shape -------------------------------------------------------------
-def step_features(batch) -> dict:
-    """What the cost models read: `batch.features()`, the steps.parquet columns."""
-    return batch.features()
-
-
 # ---- cost models ------------------------------------------------------------------
 class CostModel(ABC):
     """Seconds one engine step takes."""
 
     @abstractmethod
     def predict(self, features: dict) -> float:
-        """Step time from `step_features(batch)`."""
+        """Step time from `batch.features()`."""
 
     def step_time(self, batch) -> float:
-        return self.predict(step_features(batch))
+        return self.predict(batch.features())
 
     def reset(self) -> None:
         """Forget per-run state (the simulator calls it at the start of every run)."""
@@ -245,7 +239,7 @@ class RooflineCostModel(CostModel):
 class FittedCostModel(CostModel):
     """Step time = intercept + sum(coefficient x feature), with one linear model for
     decode-only steps (`num_prefill_tokens == 0`, CUDA-graph replays on the engine) and one
-    for steps with prefill tokens ("mixed"). Features are `step_features` keys.
+    for steps with prefill tokens ("mixed"). Features are `Batch.features()` keys.
 
     The calibration file (JSON, written by `fit_calibration`):
 

@@ -20,7 +20,7 @@ import simpy
 
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator.cluster import ROUTERS, Replica
-from simulator.cost_model import CostModel, ReplayCostModel, step_features
+from simulator.cost_model import CostModel, ReplayCostModel
 
 # Generated token ids need no model. Each request repeats its own id in this range, set by
 # its position in the trace and the seed: deterministic (output blocks hash the same in
@@ -131,7 +131,7 @@ class Simulator:
                 replica.idle = env.event()
                 yield replica.idle
                 continue
-            features = step_features(batch)
+            features = batch.features()
             dt = cost.predict(features)
             start = env.now
             yield env.timeout(dt)

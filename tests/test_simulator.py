@@ -12,7 +12,7 @@ import yaml
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import (CostModelConfig, FittedCostModel, HardwareSpec, ModelSpec, ReplayCostModel,
                        RooflineCostModel, Simulator, build_cost_model, fit_calibration,
-                       kv_pool_blocks, step_features)
+                       kv_pool_blocks)
 from simulator import calibrate
 from simulator.cluster import Replica, least_outstanding
 
@@ -167,7 +167,7 @@ def test_step_features_match_batch_record():
     kinds = set()
     while sched.has_unfinished():
         batch = sched.schedule(0.0)
-        features = step_features(batch)
+        features = batch.features()
         assert batch.record(1.0, 2.0) == {"start_s": 1.0, "duration_s": 2.0, **features}
         # the features by their definitions, entry by entry
         decode = [(c, n) for s, c, n in zip(batch.seqs, batch.num_computed_tokens, batch.num_new_tokens)
