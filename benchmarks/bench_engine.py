@@ -63,6 +63,35 @@ def decode_breakdown(llm: LLM, batch: int, context: int, steps: int) -> dict:
             "tok_per_s": batch / step_ms * 1e3}
 
 
+def run_breakdown(steps: list[dict], wall_s: float) -> list[dict]:
+    """Where the timed run's wall time went: steps grouped by kind (any prefill tokens, or
+    decode-only by batch size), each with its wall, host (cpu_s) and device-wait seconds;
+    plus the time spent outside steps (request intake, the generate loop)."""
+    edges = (1, 8, 32, 64, 128, 256, 1 << 30)
+    def kind(r):
+        if r["num_prefill_tokens"]:
+            return "prefill/mixed"
+        b = r["num_seqs"]
+        lo = max(e for e in edges if e < b) + 1 if b > 1 else 1
+        hi = min(e for e in edges if e >= b)
+        return f"decode B={lo}-{hi}" if lo < hi else f"decode B={b}"
+    groups: dict[str, list[dict]] = {}
+    for r in steps:
+        groups.setdefault(kind(r), []).append(r)
+    rows = []
+    for name in sorted(groups, key=lambda k: (k != "prefill/mixed", int(k.split("=")[-1].split("-")[0]) if "=" in k else 0)):
+        rs = groups[name]
+        wall, host = sum(r["duration_s"] for r in rs), sum(r["cpu_s"] for r in rs)
+        rows.append({"kind": name, "steps": len(rs), "wall_s": wall, "host_s": host,
+                     "device_s": wall - host, "ms_per_step": 1e3 * wall / len(rs),
+                     "max_ms": 1e3 * max(r["duration_s"] for r in rs),
+                     "tokens": sum(r["num_batched_tokens"] for r in rs)})
+    outside = wall_s - sum(r["duration_s"] for r in steps)
+    rows.append({"kind": "outside steps", "steps": 0, "wall_s": outside, "host_s": outside,
+                 "device_s": 0.0, "ms_per_step": float("nan"), "max_ms": float("nan"), "tokens": 0})
+    return rows
+
+
 def copy_bandwidth() -> float:
     """Measured HBM ceiling: a 1 GiB device-to-device copy, bytes read + written / median time."""
     src = torch.randn(1 << 28, device="cuda")
@@ -106,6 +135,10 @@ def main():
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--decode-batches", default="1,64,256")
     ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--steps-csv", help="write the timed run's per-step records here")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="after the timed run, run the workload again under cProfile and "
+                         "print the N functions with the most own time (host hot spots)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, 8 short requests, CPU if no GPU: proves the script runs")
     args = ap.parse_args()
@@ -148,6 +181,19 @@ def main():
     assert sum(len(o.token_ids) for o in outs) == output_tokens
     steps = llm.step_records[first_step:]
     cpu_share = sum(r["cpu_s"] for r in steps) / sum(r["duration_s"] for r in steps)
+    phases = run_breakdown(steps, seconds)
+    if args.steps_csv:
+        import pandas as pd
+        pd.DataFrame(steps).to_csv(args.steps_csv, index=False)
+    if args.cprofile:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        profiler.disable()
+        print(f"\nhost profile of a second run (cProfile, top {args.cprofile} by own time):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
 
     cuda = torch.cuda.is_available() and not extra
     runner = llm.model_runner
@@ -177,6 +223,11 @@ def main():
           f"{'steps':>7} {'host %':>7}")
     print(f"{args.num_seqs:>10} {output_tokens:>14,} {seconds:>10.2f} {output_tokens / seconds:>10.1f} "
           f"{100 * floor_s / seconds:>10.1f}% {len(steps):>7} {100 * cpu_share:>6.1f}%")
+    print(f"\nwhere the timed run went ({seconds:.2f} s):")
+    print(f"{'steps':>22} {'count':>6} {'wall s':>8} {'host s':>8} {'device s':>9} {'ms/step':>8} {'max ms':>8} {'tokens':>9}")
+    for p in phases:
+        print(f"{p['kind']:>22} {p['steps']:>6} {p['wall_s']:>8.3f} {p['host_s']:>8.3f} "
+              f"{p['device_s']:>9.3f} {p['ms_per_step']:>8.3f} {p['max_ms']:>8.1f} {p['tokens']:>9,}")
     print(f"\ndecode step at context ~{args.decode_context} (median):")
     print(f"{'batch':>6} {'step ms':>9} {'host ms':>9} {'device ms':>10} {'host %':>7} {'tok/s':>10} "
           f"{'dev GB/s':>9} {'% copy':>7}")
@@ -190,7 +241,7 @@ def main():
               "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "num_seqs": args.num_seqs,
               "output_tokens": output_tokens, "seconds": seconds,
               "output_tok_per_s": output_tokens / seconds, "steps": len(steps),
-              "host_share": cpu_share, "decode": breakdown, "copy_GBps": ceiling / 1e9,
+              "host_share": cpu_share, "phases": phases, "decode": breakdown, "copy_GBps": ceiling / 1e9,
               "hbm_floor_s": floor_s, "roofline_tok_per_s": output_tokens / floor_s,
               "pct_of_roofline": 100 * floor_s / seconds,
               "kv_blocks": llm.model_runner.num_blocks, "torch": torch.__version__,

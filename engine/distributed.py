@@ -7,7 +7,10 @@ stop. NCCL on CUDA (rank r on cuda:r), gloo on the CPU.
 
 A failing worker sends its traceback up a pipe and exits; rank 0's next collective then
 fails (or, for NCCL, times out) and `Workers.check` re-raises the worker's error there.
+A worker that seems stuck prints its Python stack on SIGUSR1 (`kill -USR1 PID`).
 """
+import faulthandler
+import signal
 import socket
 import threading
 import traceback
@@ -49,6 +52,7 @@ def init_process_group(rank: int, world_size: int, port: int, device: torch.devi
 def worker_main(rank: int, config: EngineConfig, model_config: ModelConfig, port: int,
                 errors) -> None:
     """Entry point of a spawned rank > 0."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         device = rank_device(config, rank)
         init_process_group(rank, config.tensor_parallel_size, port, device)

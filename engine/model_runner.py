@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.layers.attention import AttentionMetadata, resolve_backend
+from engine.layers.flashinfer_backend import FlashInferPlanner
 from engine.loader import load_weights
 from engine.models import ModelConfig, build_model, resolve_dtype
 from engine.sampler import Sampler, SamplingTensors, row_seed
@@ -99,6 +100,11 @@ class StepBuffer:
     def upload(self, nbytes: int) -> None:
         if self.device is not self.host:
             self.device[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+
+    def download(self, nbytes: int) -> None:
+        """Device -> host (blocking): for a rank that received the step on the device."""
+        if self.device is not self.host:
+            self.host[:nbytes].copy_(self.device[:nbytes])
 
 
 class BlockTableMirror:
@@ -190,12 +196,19 @@ class ModelRunner:
                                  config.max_num_seqs, self.max_blocks, self.device)
         self.block_tables = BlockTableMirror(2 * config.max_num_seqs + 2, self.max_blocks)
         self.wait_s = 0.0   # seconds the last step waited for the device (CPU: computed on it)
+        backend = resolve_backend(config.attention_backend, self.device)
+        # flashinfer plans each step on the host (plan_attention). Made before profiling, so
+        # the KV pool is sized around its workspace.
+        self.planner = None
+        if backend == "flashinfer":
+            self.planner = FlashInferPlanner(self.model.attention_layers(), self.block_size,
+                                             self.dtype, config.max_num_seqs, self.max_blocks,
+                                             self.device)
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host; with tensor parallelism the first NCCL run (2x H200) hung, and CUDA-graph
         # capture of NCCL all-reduces is the unverified part, so TP steps run eager for now.
-        backend = resolve_backend(config.attention_backend, self.device)
         if (self.device.type == "cuda" and not config.enforce_eager and backend != "torch"
                 and self.tp_size == 1):
             self.capture_graphs()
@@ -392,11 +405,22 @@ class ModelRunner:
         input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables = views[:6]
         # a graph serves every later batch of its size: let attention size for the longest
         max_context_len = self.config.max_model_len if step.graph_bs else step.max_context_len
+        wrapper = self.plan_attention(step) if self.planner is not None else None
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables,
                                  context_lens=context_lens, query_start_loc=query_start_loc,
                                  max_query_len=step.max_query_len, max_context_len=max_context_len,
-                                 num_decode_tokens=step.num_decode_tokens)
+                                 num_decode_tokens=step.num_decode_tokens, wrapper=wrapper)
         return input_ids, positions, meta
+
+    def plan_attention(self, step: Step):
+        """flashinfer: plan this step's attention from the HOST copy of its inputs and
+        return the wrapper to run (for a graph step, the wrapper its graph captured)."""
+        if self.rank > 0:   # followers receive the step on the device only
+            self.buffer.download(step.nbytes)
+        host = self.buffer.views(step.T, step.B, step.W, step.S)[1]
+        context_lens, query_start_loc, block_tables = host[3:6]
+        return self.planner.plan(query_start_loc, context_lens, block_tables,
+                                 step.num_decode_tokens, step.graph_bs)
 
     @torch.inference_mode()
     def forward(self, step: Step) -> list[int]:
@@ -406,6 +430,8 @@ class ModelRunner:
         views = self.buffer.views(step.T, step.B, step.W, step.S)[2]
         if step.graph_bs:
             graph, hidden = self.graphs[step.graph_bs]
+            if self.planner is not None:   # flashinfer: re-plan the graph's wrapper first
+                self.plan_attention(step)
             graph.replay()
         else:
             hidden = self.model(*self.model_inputs(step, views))

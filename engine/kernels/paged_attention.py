@@ -92,7 +92,13 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
     return acc, l, m_new
 
 
-@triton.jit
+# Triton compiles a new variant for every new "specialization" of the runtime arguments:
+# an int that is 1 or a multiple of 16, a pointer that is 16-byte aligned. Block-table widths,
+# split counts and the pointers of sliced per-sequence arrays (a mixed step hands the decode
+# and prefill kernels `context_lens[nd:]`, ...) change every step, and a compile in the middle
+# of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     qk_scale,
@@ -153,7 +159,7 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, num_splits,
@@ -178,7 +184,9 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
+                                            "query_start_loc_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     out_ptr, qk_scale,

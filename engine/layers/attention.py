@@ -13,6 +13,9 @@ Backends (chosen by name when the model is built):
              lengths on the host, so it cannot be captured in a CUDA graph).
   triton     engine.kernels (store_kvcache + paged_attention); the CUDA default.
   flash_attn flash-attn 2's paged varlen kernel (needs block_size % 256 == 0).
+  flashinfer flashinfer's paged prefill / decode wrappers (float16 / bfloat16, any block
+             size); the model runner plans them once per step (engine.layers.
+             flashinfer_backend) and passes the planned wrapper in AttentionMetadata.
 "auto" = triton on CUDA, torch elsewhere. triton runs on the CPU only under the Triton
 interpreter (TRITON_INTERPRET=1), for tests.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("torch", "triton", "flash_attn")
+BACKENDS = ("torch", "triton", "flash_attn", "flashinfer")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class AttentionMetadata:
                                      (q_len 1); the runner orders them first
     cu_seqlens_k      int32 [B+1]    optional: prefix sums of context_lens (flash_attn
                                      computes them when absent)
+    wrapper           object         flashinfer only: the wrapper planned for this step
+                                     (FlashInferPlanner.plan); None for other backends
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
@@ -50,6 +55,7 @@ class AttentionMetadata:
     max_context_len: int
     num_decode_tokens: int = 0
     cu_seqlens_k: torch.Tensor | None = None
+    wrapper: object | None = None
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -57,13 +63,11 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if name == "flashinfer":
-        raise ValueError("attention backend 'flashinfer' is not implemented yet; use 'triton'")
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of "
                          f"{('auto',) + BACKENDS}")
     interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    if name in ("triton", "flash_attn") and device.type != "cuda" and not interpreted:
+    if name in ("triton", "flash_attn", "flashinfer") and device.type != "cuda" and not interpreted:
         raise ValueError(f"attention backend {name!r} needs a CUDA device, got {device}"
                          + (" (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)"
                             if name == "triton" else ""))
@@ -71,6 +75,10 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention backend 'flash_attn' needs the flash-attn package "
                              "(pip install flash-attn); use 'triton' instead")
+    if name == "flashinfer":
+        if importlib.util.find_spec("flashinfer") is None:
+            raise ValueError("attention backend 'flashinfer' needs the flashinfer package "
+                             "(pip install flashinfer-python); use 'triton' instead")
     return name
 
 
@@ -195,10 +203,20 @@ def flash_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
                                   causal=True, block_table=meta.block_tables)
 
 
+# ---- flashinfer backend (the runner plans the wrapper: engine.layers.flashinfer_backend) ---
+
+def flashinfer_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    # `scale` is already in the wrapper: the planner planned it with the layers' scale
+    if meta.wrapper is None:
+        raise ValueError("attention backend 'flashinfer' needs a planned wrapper in "
+                         "AttentionMetadata.wrapper (the ModelRunner plans one per step)")
+    return meta.wrapper.run(q, (k_cache, v_cache))
+
+
 STORE = {"torch": torch_store_kvcache, "triton": triton_store_kvcache,
-         "flash_attn": triton_store_kvcache}
+         "flash_attn": triton_store_kvcache, "flashinfer": triton_store_kvcache}
 ATTEND = {"torch": torch_paged_attention, "triton": triton_paged_attention,
-          "flash_attn": flash_paged_attention}
+          "flash_attn": flash_paged_attention, "flashinfer": flashinfer_paged_attention}
 
 
 class Attention(nn.Module):

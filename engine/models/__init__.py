@@ -43,8 +43,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
     """Build this rank's shard of the model on `device`, weights uninitialized (load them
     with engine.loader.load_weights).
 
-    attention_backend: "torch" | "triton" | "flash_attn" | "auto" (triton on CUDA, torch
-        on CPU).
+    attention_backend: "torch" | "triton" | "flash_attn" | "flashinfer" | "auto" (triton on
+        CUDA, torch on CPU). flashinfer also needs a per-step plan (engine.model_runner).
     max_model_len: cap on positions, to size the RoPE table (default: the config's
         max_position_embeddings).
     compile: torch.compile the elementwise layers (RMSNorm, RoPE, SiLU-and-mul).

@@ -1,0 +1,136 @@
+"""Fused sampling: one read of the logits picks each row's token (greedy or temperature).
+
+For temperature T > 0 a row's token is argmax_v(logits[v] / T - log E[v]) with E[v] ~ Exp(1)
+independent: the exponential race (Gumbel-max trick), distributed as softmax(logits / T)
+without computing a softmax. The noise is Philox, counter-based: E[v] is a pure function of
+(the row's seed, the row's offset, v), so a row's draw does not depend on the batch around it
+or on its position in it, and no generator state lives on the device.
+
+Work is split over rows and over the vocabulary (grid (S, num_chunks)), so one row still
+fills the GPU; each program writes its chunk's (best score, index) and a second tiny kernel
+picks each row's winner. One Philox call yields four 32-bit numbers, so the vocabulary is
+cut in four quarters of Q = ceil(V / 4): counter i feeds v = i, Q + i, 2Q + i, 3Q + i. That
+layout depends on V only, never on the launch's chunk size.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _uniform(r):
+    """uint32 -> float32 in (0, 1): the midpoints of 2**23 equal bins, never 0 or 1 (so both
+    logs below are finite), and exact in float32."""
+    return ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _best(row_ptr, v, valid, V, scale, noise_r, sampled: tl.constexpr):
+    """(best score, its lowest index) of the tile `v`; lanes not `valid` score -inf."""
+    valid = valid & (v < V)
+    x = tl.load(row_ptr + v, mask=valid, other=float("-inf")).to(tl.float32)
+    if sampled:
+        # log2 units: argmax of x/T - ln E equals argmax of x*log2(e)/T - log2(-log2 U)
+        x = x * scale - tl.log2(-tl.log2(_uniform(noise_r)))
+    best = tl.max(x, axis=0)
+    return best, tl.min(tl.where(valid & (x == best), v, V), axis=0)
+
+
+@triton.jit
+def _merge(best, idx, b, i):
+    """Keep the higher score; on a tie the lower index (like torch.argmax)."""
+    take = (b > best) | ((b == best) & (i < idx))
+    return tl.where(take, b, best), tl.where(take, i, idx)
+
+
+@triton.jit
+def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_ptr,
+                          part_score_ptr, part_index_ptr, V, Q, num_chunks,
+                          BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    i = chunk * BLOCK + tl.arange(0, BLOCK)     # Philox counter, position within a quarter
+    valid = i < Q
+    t = tl.load(temps_ptr + row)
+    if t == 0:
+        best, idx = _best(row_ptr, i, valid, V, 1.0, i, False)
+        for q in tl.static_range(1, 4):
+            b, j = _best(row_ptr, i + q * Q, valid, V, 1.0, i, False)
+            best, idx = _merge(best, idx, b, j)
+    else:
+        seed = tl.load(seeds_ptr + row)
+        offset = tl.load(offsets_ptr + row)
+        zero = tl.zeros_like(i).to(tl.uint32)
+        # the 128-bit counter: (position, 0, offset low, offset high)
+        r0, r1, r2, r3 = tl.philox(seed, i.to(tl.uint32), zero,
+                                   zero + (offset & 0xFFFFFFFF).to(tl.uint32),
+                                   zero + (offset >> 32).to(tl.uint32), N_ROUNDS)
+        scale = LOG2E / t
+        best, idx = _best(row_ptr, i, valid, V, scale, r0, True)
+        b, j = _best(row_ptr, i + Q, valid, V, scale, r1, True)
+        best, idx = _merge(best, idx, b, j)
+        b, j = _best(row_ptr, i + 2 * Q, valid, V, scale, r2, True)
+        best, idx = _merge(best, idx, b, j)
+        b, j = _best(row_ptr, i + 3 * Q, valid, V, scale, r3, True)
+        best, idx = _merge(best, idx, b, j)
+    tl.store(part_score_ptr + row * num_chunks + chunk, best)
+    tl.store(part_index_ptr + row * num_chunks + chunk, idx)
+
+
+@triton.jit
+def _pick_kernel(part_score_ptr, part_index_ptr, out_ptr, V, num_chunks, CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS)
+    mask = c < num_chunks
+    score = tl.load(part_score_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
+    index = tl.load(part_index_ptr + row * num_chunks + c, mask=mask, other=V)
+    best = tl.max(score, axis=0)
+    idx = tl.min(tl.where(score == best, index, V), axis=0)
+    # a row of NaNs matches nothing: still return an in-range id rather than V
+    tl.store(out_ptr + row, tl.minimum(idx, V - 1).to(tl.int64))
+
+
+def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                       offsets: torch.Tensor, block_size: int | None = None,
+                       n_rounds: int = 10) -> torch.Tensor:
+    """One token id per row of `logits` [S, V] (bf16/fp16/fp32, last dim contiguous).
+
+    temperatures: float32 [S]; 0 = greedy: argmax(logits[r]), ties to the lowest index like
+    torch.argmax. Otherwise a draw from softmax(logits[r] / T[r]) by the exponential race,
+    with ties (of the noisy scores) to the lowest index. seeds, offsets: int64 [S]; row r's
+    noise is a pure function of (seeds[r], offsets[r], v) (Philox with `n_rounds` rounds), so
+    equal (seed, offset) give equal noise whatever the batch; greedy rows ignore both. Give
+    rows that must differ different (seed, offset) pairs, and change them every step.
+    Seeds are 64-bit (pass values >= 2**63 as their two's complement).
+
+    Returns int64 [S]. `block_size` (positions per program and quarter, a power of two)
+    changes the launch only, never the result. No host sync, CUDA-graph safe apart from the
+    two small scratch tensors it allocates.
+    """
+    S, V = logits.shape
+    if logits.stride(1) != 1:
+        raise ValueError(f"sample_from_logits: logits must be contiguous in the vocab, "
+                         f"strides {logits.stride()}")
+    for name, t, dtype in (("temperatures", temperatures, torch.float32),
+                           ("seeds", seeds, torch.int64), ("offsets", offsets, torch.int64)):
+        if t.shape != (S,) or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"sample_from_logits: {name} must be contiguous {dtype} of shape "
+                             f"({S},), got {t.dtype} {tuple(t.shape)}")
+    out = torch.empty(S, dtype=torch.int64, device=logits.device)
+    if S == 0:
+        return out
+    Q = triton.cdiv(V, 4)
+    # few rows: small chunks, so that one row is still spread over many SMs
+    block = block_size or (256 if S < 16 else 1024)
+    num_chunks = triton.cdiv(Q, block)
+    part_score = torch.empty(S, num_chunks, dtype=torch.float32, device=logits.device)
+    part_index = torch.empty(S, num_chunks, dtype=torch.int32, device=logits.device)
+    _sample_chunks_kernel[(S, num_chunks)](
+        logits, logits.stride(0), temperatures, seeds, offsets, part_score, part_index,
+        V, Q, num_chunks, BLOCK=block, N_ROUNDS=n_rounds, num_warps=4)
+    _pick_kernel[(S,)](part_score, part_index, out, V, num_chunks,
+                       CHUNKS=triton.next_power_of_2(num_chunks))
+    return out
