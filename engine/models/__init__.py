@@ -6,9 +6,8 @@ import torch
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
-from engine.models.transformer import CausalLM
+from engine.models.transformer import CausalLM, DecoderAttention
 
 __all__ = ["CausalLM", "ModelConfig", "build_model", "resolve_dtype"]
 
@@ -47,7 +46,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         CUDA, torch on CPU). flashinfer also needs a per-step plan (engine.model_runner).
     max_model_len: cap on positions, to size the RoPE table (default: the config's
         max_position_embeddings).
-    compile: torch.compile the elementwise layers (RMSNorm, RoPE, SiLU-and-mul).
+    compile: torch.compile the elementwise layers (RMSNorm, q/k-norm + RoPE, SiLU-and-mul).
     """
     device = torch.device(device)
     backend = resolve_backend(attention_backend, device)
@@ -63,6 +62,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         # more than Dynamo's default limit of 8 variants, past which it silently runs eager.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for module in model.modules():
-            if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+            if isinstance(module, (RMSNorm, SiluAndMul)):
                 module.compile(dynamic=True)
+            elif isinstance(module, DecoderAttention):   # q/k norm + RoPE as one region
+                module.qk_norm_rope = torch.compile(module.qk_norm_rope, dynamic=True)
     return model.eval()

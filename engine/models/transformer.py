@@ -43,14 +43,19 @@ class DecoderAttention(nn.Module):
         num_tokens, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q, k = self.qk_norm_rope(positions, q, k)
+        o = self.attn(q, k, v.view(num_tokens, self.num_kv_heads, d), meta)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * d))
+
+    def qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q [T, H*D], k [T, Hkv*D] -> heads, q/k RMSNorm (Qwen3), RoPE. One function so that
+        torch.compile fuses it (build_model compiles it per layer: fewer kernels per step)."""
+        num_tokens, d = q.shape[0], self.head_dim
         q = q.view(num_tokens, self.num_heads, d)
         k = k.view(num_tokens, self.num_kv_heads, d)
-        v = v.view(num_tokens, self.num_kv_heads, d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v, meta)
-        return self.o_proj(o.reshape(num_tokens, self.num_heads * d))
+        return self.rotary_emb(positions, q, k)
 
 
 class MLP(nn.Module):
