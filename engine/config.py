@@ -36,7 +36,8 @@ class EngineConfig:
     enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
         is split over; with more than one, steps run eager (graph capture of NCCL
         all-reduces is not verified yet). attention_backend: one of engine.layers.attention.BACKENDS, or
-        "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs).
+        "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs);
+        "flashinfer" needs the flashinfer package and dtype float16 / bfloat16.
         seed: the engine's sampling stream. compile: torch.compile the elementwise layers
         (RMSNorm + residual, RoPE, SiLU-and-mul) into fused kernels on CUDA: a decode step
         launches far fewer kernels. Ignored on the CPU (compile time outweighs the gain).

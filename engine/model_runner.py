@@ -207,10 +207,11 @@ class ModelRunner:
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
-        # on the host; with tensor parallelism the first NCCL run (2x H200) hung, and CUDA-graph
-        # capture of NCCL all-reduces is the unverified part, so TP steps run eager for now.
-        if (self.device.type == "cuda" and not config.enforce_eager and backend != "torch"
-                and self.tp_size == 1):
+        # on the host. With tensor parallelism every rank captures the same sizes in the same
+        # order, so the NCCL all-reduces inside are captured in step.
+        if self.device.type == "cuda":
+            self.warm_up()
+        if self.device.type == "cuda" and not config.enforce_eager and backend != "torch":
             self.capture_graphs()
 
     # ---- startup --------------------------------------------------------------------
@@ -275,6 +276,32 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Build, before the first request, the compiled variants that eager steps pick by
+        shape: the Triton prefill tile heights, split-KV decode or not, torch.compile's
+        dynamic-shape graphs. Else they compile in the middle of a run (0.5-1 s each on an
+        H200). Runs eager steps over dummy block 0, whose junk K/V no request ever reads:
+        every slot is written before it is attended to."""
+        long = max(2, min(self.config.max_model_len - 1, self.config.max_num_batched_tokens // 2))
+        shapes = (                           # (context length, new tokens) per sequence
+            [(3, 3)],                        # a short prompt: the short prefill tile
+            [(long, long)],                  # a long prompt: the full tile
+            [(long, 1), (2, 1), (17, 17)],   # mixed: decodes at long context (split-KV) + prefill
+            [(2, 1)] * 3 + [(5, 5)],         # mixed: short decodes (one split) + prefill
+        )
+        for shape in shapes:
+            seqs = [Sequence(i, [0] * ctx, 1) for i, (ctx, _) in enumerate(shape)]
+            for seq in seqs:
+                seq.block_table = [0] * -(-seq.num_tokens // self.block_size)
+            new = [n for _, n in shape]
+            batch = Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
+                          sample=[True] * len(seqs), num_batched_tokens=sum(new),
+                          num_prefill_tokens=sum(n for n in new if n > 1))
+            step = self.prepare(batch, None)
+            self.buffer.upload(step.nbytes)
+            self.forward(step)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

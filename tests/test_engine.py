@@ -172,6 +172,18 @@ def test_triton_backend_interpreted(checkpoints, reference, kwargs):
         assert total(llm, "num_preempted") > 0
 
 
+def test_warm_up_leaves_no_trace(checkpoints, reference):
+    """The startup warm-up (run on CUDA before graph capture) writes junk K/V into block 0 and
+    runs dummy sequences through the runner: generation after it must still equal Hugging
+    Face, prefix-cache hits included."""
+    llm = LLM(checkpoints["qwen3"], **{**CPU, "num_gpu_blocks": 256, "max_model_len": 128})
+    llm.model_runner.warm_up()
+    outs = llm.generate(PROMPTS + PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
+    outs += llm.generate(PREFIX_PROMPTS[1:], GREEDY, use_tqdm=False)   # hits the shared prefix
+    assert [o.token_ids for o in outs] == reference["qwen3"]
+    assert total(llm, "prefix_hit_tokens") > 0
+
+
 # ---- requests, outputs, the step log ------------------------------------------------------
 
 def test_step_records_and_metrics(checkpoints):

@@ -20,64 +20,46 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _uniform(r):
-    """uint32 -> float32 in (0, 1): the midpoints of 2**23 equal bins, never 0 or 1 (so both
-    logs below are finite), and exact in float32."""
-    return ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-
-
-@triton.jit
-def _best(row_ptr, v, valid, V, scale, noise_r, sampled: tl.constexpr):
-    """(best score, its lowest index) of the tile `v`; lanes not `valid` score -inf."""
-    valid = valid & (v < V)
-    x = tl.load(row_ptr + v, mask=valid, other=float("-inf")).to(tl.float32)
-    if sampled:
-        # log2 units: argmax of x/T - ln E equals argmax of x*log2(e)/T - log2(-log2 U)
-        x = x * scale - tl.log2(-tl.log2(_uniform(noise_r)))
-    best = tl.max(x, axis=0)
-    return best, tl.min(tl.where(valid & (x == best), v, V), axis=0)
-
-
-@triton.jit
-def _merge(best, idx, b, i):
-    """Keep the higher score; on a tie the lower index (like torch.argmax)."""
-    take = (b > best) | ((b == best) & (i < idx))
-    return tl.where(take, b, best), tl.where(take, i, idx)
-
-
-@triton.jit
 def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_ptr,
                           part_score_ptr, part_index_ptr, V, Q, num_chunks,
                           BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    i = chunk * BLOCK + tl.arange(0, BLOCK)     # Philox counter, position within a quarter
+    i = chunk * BLOCK + tl.arange(0, BLOCK)     # Philox counter: position within a quarter
     valid = i < Q
     t = tl.load(temps_ptr + row)
-    if t == 0:
-        best, idx = _best(row_ptr, i, valid, V, 1.0, i, False)
-        for q in tl.static_range(1, 4):
-            b, j = _best(row_ptr, i + q * Q, valid, V, 1.0, i, False)
-            best, idx = _merge(best, idx, b, j)
-    else:
+    scale = 1.0
+    zero = tl.zeros([BLOCK], tl.uint32)
+    r0, r1, r2, r3 = zero, zero, zero, zero
+    if t != 0:                                  # greedy rows skip the noise
         seed = tl.load(seeds_ptr + row)
         offset = tl.load(offsets_ptr + row)
-        zero = tl.zeros_like(i).to(tl.uint32)
         # the 128-bit counter: (position, 0, offset low, offset high)
         r0, r1, r2, r3 = tl.philox(seed, i.to(tl.uint32), zero,
                                    zero + (offset & 0xFFFFFFFF).to(tl.uint32),
                                    zero + (offset >> 32).to(tl.uint32), N_ROUNDS)
         scale = LOG2E / t
-        best, idx = _best(row_ptr, i, valid, V, scale, r0, True)
-        b, j = _best(row_ptr, i + Q, valid, V, scale, r1, True)
-        best, idx = _merge(best, idx, b, j)
-        b, j = _best(row_ptr, i + 2 * Q, valid, V, scale, r2, True)
-        best, idx = _merge(best, idx, b, j)
-        b, j = _best(row_ptr, i + 3 * Q, valid, V, scale, r3, True)
-        best, idx = _merge(best, idx, b, j)
-    tl.store(part_score_ptr + row * num_chunks + chunk, best)
-    tl.store(part_index_ptr + row * num_chunks + chunk, idx)
+    noise = (r0, r1, r2, r3)
+    # Best per lane over the four quarters, elementwise; one reduction at the end. A later
+    # quarter only wins a lane on a strictly higher score, so each lane keeps its lowest
+    # index; a lane of -inf keeps its first element, i.
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    index = tl.where(valid, i, V)
+    for q in tl.static_range(4):
+        v = i + q * Q
+        x = tl.load(row_ptr + v, mask=valid & (v < V), other=float("-inf")).to(tl.float32)
+        if t != 0:
+            # log2 units: argmax of x/T - ln E equals argmax of x*log2(e)/T - log2(-log2 U).
+            # U: the midpoints of 2**23 equal bins of (0, 1), never 0 or 1, exact in float32.
+            u = ((noise[q] >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+            x = x * scale - tl.log2(-tl.log2(u))
+        take = x > best
+        best = tl.where(take, x, best)
+        index = tl.where(take, v, index)
+    top = tl.max(best, axis=0)
+    tl.store(part_score_ptr + row * num_chunks + chunk, top)
+    tl.store(part_index_ptr + row * num_chunks + chunk, tl.min(tl.where(best == top, index, V), axis=0))
 
 
 @triton.jit

@@ -31,13 +31,13 @@ DTYPES = (torch.float16, torch.bfloat16)
 
 def paged_kv_layout(context_lens: np.ndarray, block_tables: np.ndarray, block_size: int,
                     indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray):
-    """flashinfer's CSR page table for B = len(context_lens) sequences, written into the
+    """flashinfer's CSR page table for the B = len(block_tables) sequences, written into the
     given int32 buffers (indptr >= B+1, indices >= total pages, last_page_len >= B
     entries); returns the filled views (indptr[:B+1], indices[:nnz], last_page_len[:B]).
 
     Sequence b owns the first ceil(context_lens[b] / block_size) entries of
     block_tables[b] (every context_len >= 1); the rest of its row is never read."""
-    B, W = block_tables.shape[0], block_tables.shape[1]
+    B, W = block_tables.shape
     pages = (context_lens[:B].astype(np.int64) + block_size - 1) // block_size
     indptr[0] = 0
     np.cumsum(pages, out=indptr[1:B + 1])
