@@ -34,8 +34,10 @@ class EngineConfig:
     max_num_seqs, max_num_batched_tokens, scheduler_policy, long_prefill_token_threshold:
         the scheduler (policy.SchedulerConfig).
     enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
-        is split over; with more than one, steps run eager (graph capture of NCCL
-        all-reduces is not verified yet). attention_backend: one of engine.layers.attention.BACKENDS, or
+        is split over (NCCL all-reduces are captured in the CUDA graphs too).
+    async_scheduling: schedule and launch step N+1 while step N runs on the device (hides
+        the host's per-step work); None = on unless tensor_parallel_size > 1, where it is
+        not supported. Outputs are the same either way (see LLMEngine). attention_backend: one of engine.layers.attention.BACKENDS, or
         "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs);
         "flashinfer" needs the flashinfer package and dtype float16 / bfloat16.
         seed: the engine's sampling stream. compile: torch.compile the elementwise layers
@@ -57,6 +59,7 @@ class EngineConfig:
     enforce_eager: bool = False
     compile: bool = True
     tensor_parallel_size: int = 1
+    async_scheduling: bool | None = None
     attention_backend: str = "auto"
     seed: int = 0
 
@@ -78,6 +81,9 @@ class EngineConfig:
                  f"max_model_len must be None or >= 1, got {self.max_model_len}")
         _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        _require(not (self.async_scheduling and self.tensor_parallel_size > 1),
+                 "async_scheduling needs tensor_parallel_size == 1 (the other ranks would need "
+                 "each step's sampled tokens); leave it None (auto) or set it False")
         # The policy configs check their own fields (block_size, budgets, policy name).
         self.cache_config()
         if self.max_model_len is not None:

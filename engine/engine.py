@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from policy import Scheduler, Sequence
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PLACEHOLDER = -1   # a sampled token the host has not received yet (never a real token id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +71,19 @@ def load_eos_token_ids(path: str, model_config: ModelConfig) -> list[int]:
 class LLMEngine:
     """Continuous batching over one model. `LLMEngine(model_path, **EngineConfig fields)`.
 
-    add_request queues a request; each `step()` runs schedule -> execute -> update and
-    returns the requests that finished in it. `step_records` holds one row per step
+    add_request queues a request; each `step()` runs schedule -> launch -> update and
+    returns the requests that finished. `step_records` holds one row per step
     (policy.Batch.record plus `cpu_s`: the part of the step not spent waiting for the
     device). `sequences` maps the ids of unfinished requests to their policy Sequence.
+
+    Asynchronous scheduling (`async_scheduling`, on by default without tensor parallelism):
+    step N+1 is scheduled and launched while step N runs on the device, so the host's work
+    hides behind the device's. The policy sees each sampled token as a PLACEHOLDER until
+    the next step() receives it (the runner feeds it to step N+1 on the device). A stop
+    token is therefore seen one step late: that sequence's slot in step N+1 is wasted and
+    it finishes then, with the same output as without async scheduling. Outputs of
+    finished requests come back from the step() after the one that finished them; a
+    step's duration is then the time between launches.
     """
 
     def __init__(self, model: str, **kwargs):
@@ -102,6 +112,8 @@ class LLMEngine:
         self.step_records: list[dict] = []
         self.clock = time.perf_counter
         self._next_request_id = 0
+        self.async_scheduling = config.async_scheduling is not False and config.tensor_parallel_size == 1
+        self.in_flight = None   # (batch, Launched, finished by length) of the last launched step
 
     # ---- requests -------------------------------------------------------------------
 
@@ -142,29 +154,61 @@ class LLMEngine:
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     # ---- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """schedule -> execute -> update; returns the requests finished by this step."""
+        """schedule -> launch -> receive the previous step's tokens -> update (with
+        placeholders for this step's); returns the requests finished so far. Without async
+        scheduling this step's tokens are received at once."""
         start = self.clock()
         batch = self.scheduler.schedule(start)
-        if not batch.seqs:
-            return []
-        params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
-        try:
-            tokens = self.model_runner.execute(batch, params)
-        except Exception as e:
-            self._raise_worker_error(e)
-            raise
-        finished = self.scheduler.update(batch, tokens, self.clock())
-        outputs = [self._output(seq) for seq in finished]
-        end = self.clock()
-        record = batch.record(start, end - start)
-        record["cpu_s"] = end - start - self.model_runner.wait_s
-        self.step_records.append(record)
+        launched = None
+        if batch.seqs:
+            params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
+            pending = self.in_flight[1].pending if self.in_flight else None
+            try:
+                launched = self.model_runner.launch(batch, params, pending)
+            except Exception as e:
+                self._raise_worker_error(e)
+                raise
+        outputs, wait_s = [], 0.0
+        if self.in_flight:       # the previous step: its tokens, while this one runs
+            outputs, wait_s = self._receive(), self.model_runner.wait_s
+        if launched is not None:
+            wait_s += launched.computed_s     # the CPU: the forward ran inside launch
+            finished = self.scheduler.update(batch, [PLACEHOLDER] * len(batch.seqs), self.clock())
+            self.in_flight = (batch, launched, finished)
+            if not self.async_scheduling:
+                outputs += self._receive()
+                wait_s += self.model_runner.wait_s
+            end = self.clock()
+            record = batch.record(start, end - start)
+            record["cpu_s"] = end - start - wait_s
+            self.step_records.append(record)
         return outputs
+
+    def _receive(self) -> list[RequestOutput]:
+        """Wait for the in-flight step's tokens, put them in place of the placeholders,
+        finish sequences that sampled a stop token, and return the finished requests."""
+        batch, launched, finished = self.in_flight
+        self.in_flight = None
+        tokens = self.model_runner.wait(launched)
+        now = self.clock()
+        for seq, token in zip(batch.seqs, tokens):
+            if token < 0 or seq.token_ids[-1] != PLACEHOLDER:   # nothing sampled, or not kept
+                continue
+            seq.token_ids[-1] = token
+            seq.token_times[-1] = now
+            if (not seq.ignore_eos and token in seq.eos_token_ids
+                    and not seq.is_finished):
+                self.scheduler.finish(seq, "stop", now)
+                finished.append(seq)
+        for seq in finished:
+            if seq.finish_reason != "stop":
+                seq.finish_time = now      # the last token arrived only now
+        return [self._output(seq) for seq in finished if seq.seq_id in self.sequences]
 
     def _output(self, seq: Sequence) -> RequestOutput:
         self.sequences.pop(seq.seq_id, None)

@@ -31,8 +31,10 @@ HEADER_BYTES = HEADER_SLOTS * 8
 RUN, STOP = 1, 2                # header[0]: what the followers do next
 GREEDY = SamplingParams(temperature=0.0)
 
-# The step's inputs, in buffer order: name, numpy dtype, shape in terms of
-# T (tokens), B (sequences), W (block-table width) and S (sampled sequences).
+# The step's inputs, in buffer order: name, numpy dtype, shape in terms of T (tokens),
+# B (sequences), W (block-table width), S (sampled sequences) and F (input tokens that the
+# previous step sampled and the host has not seen yet: asynchronous scheduling). F's fields
+# come last, so the other fields' addresses (which CUDA graphs captured) do not depend on F.
 FIELDS = (
     ("input_ids", np.int64, "T"),
     ("positions", np.int64, "T"),
@@ -44,15 +46,17 @@ FIELDS = (
     ("temperatures", np.float32, "S"),
     ("top_k", np.int64, "S"),
     ("top_p", np.float32, "S"),
+    ("fix_rows", np.int64, "F"),          # input_ids rows to take from the previous step's
+    ("fix_src", np.int64, "F"),           # ... sampled tokens, at these indices
 )
 TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
 
 
-def layout(T: int, B: int, W: int, S: int) -> tuple[list[tuple[int, tuple]], int]:
+def layout(T: int, B: int, W: int, S: int, F: int = 0) -> tuple[list[tuple[int, tuple]], int]:
     """Byte offset and shape of each field (after the header), and the total size. A
     function of the shapes only: a CUDA graph captured for one shape finds its inputs at
     the same addresses in every later step of that shape."""
-    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "S": (S,)}
+    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "S": (S,), "F": (F,)}
     spans, offset = [], HEADER_BYTES
     for _, dtype, dim in FIELDS:
         shape = dims[dim]
@@ -72,7 +76,7 @@ class StepBuffer:
     the host side and sent with ONE copy; the device tensors are typed views into the twin."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
-        nbytes = layout(max_tokens, max_seqs, max_blocks, max_seqs)[1]
+        nbytes = layout(max_tokens, max_seqs, max_blocks, max_seqs, max_seqs)[1]
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
         self.host_np = self.host.numpy()
@@ -80,15 +84,15 @@ class StepBuffer:
         self.header = self.host_np[:HEADER_BYTES].view(np.int64)
         self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
 
-    def views(self, T: int, B: int, W: int, S: int) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
+    def views(self, T: int, B: int, W: int, S: int, F: int = 0) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
         """Size and (numpy, torch) views of each field for these shapes. Cached: making
         twenty views costs more than packing a decode step."""
-        key = (T, B, W, S)
+        key = (T, B, W, S, F)
         found = self.cache.get(key)
         if found is None:
             if len(self.cache) >= 4096:
                 self.cache.clear()
-            spans, nbytes = layout(T, B, W, S)
+            spans, nbytes = layout(T, B, W, S, F)
             sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
             host = [self.host_np[o:o + n].view(dt).reshape(shape)
                     for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
@@ -157,17 +161,32 @@ class Step:
     num_decode_tokens: int
     graph_bs: int                          # 0 = eager; else the captured size replayed
     nbytes: int
+    F: int = 0                             # input tokens fixed up from the previous step
     order: list[int] | None = None         # batch index of each packed row (None: identity)
     sampled: list[int] | None = None       # packed rows that sample, in logits order
     sampling: SamplingTensors | None = None
 
     def header(self, cmd: int) -> list[int]:
         return [cmd, self.T, self.B, self.W, self.S, self.max_query_len, self.max_context_len,
-                self.num_decode_tokens, self.graph_bs, self.nbytes]
+                self.num_decode_tokens, self.graph_bs, self.nbytes, self.F]
 
     @classmethod
     def from_header(cls, h: list[int]) -> "Step":
-        return cls(*h[1:10])
+        return cls(*h[1:11])
+
+
+@dataclass(slots=True)
+class Launched:
+    """A step handed to the device. `tokens` (device, one per sampled row in logits order)
+    feed the next step's fix-ups; `pending` maps the seq_id of each sampled sequence to its
+    index there; `host` receives them (pinned) and `done` fires when they have arrived."""
+    step: Step
+    num_seqs: int
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None
+    done: object
+    pending: dict
+    computed_s: float = 0.0     # CPU: seconds the forward took inside launch
 
 
 class ModelRunner:
@@ -176,6 +195,12 @@ class ModelRunner:
     `execute(batch, sampling_params)` (rank 0) returns one token id per batch sequence
     (-1 where `batch.sample[i]` is False). After construction `num_blocks` is the KV pool
     size, agreed by all ranks.
+
+    Asynchronous use (rank 0, tensor_parallel_size 1): `launch(batch, params, pending)`
+    queues a step and returns at once; `wait(launched)` returns its tokens. A sequence whose
+    last token the previous step sampled but the host has not seen yet (`pending`: seq_id ->
+    index, from the previous Launched) gets that token on the device: the policy may
+    schedule step N+1 while step N runs.
     """
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, rank: int = 0,
@@ -190,12 +215,19 @@ class ModelRunner:
                                  config.attention_backend, config.max_model_len,
                                  compile=config.compile and self.device.type == "cuda")
         load_weights(self.model, config.model)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, fused=self.device.type == "cuda")
         self.graph_sizes: list[int] = []    # decode sizes with a graph (set by capture_graphs)
         self.buffer = StepBuffer(max(config.max_num_batched_tokens, config.max_num_seqs),
                                  config.max_num_seqs, self.max_blocks, self.device)
         self.block_tables = BlockTableMirror(2 * config.max_num_seqs + 2, self.max_blocks)
-        self.wait_s = 0.0   # seconds the last step waited for the device (CPU: computed on it)
+        self.wait_s = 0.0   # seconds the last `wait` blocked for the device
+        on_gpu = self.device.type == "cuda"
+        # Sampled tokens come back through two pinned buffers, used in turn: step N+1 may
+        # be launched before step N's tokens are read.
+        self.token_host = torch.zeros(2, config.max_num_seqs, dtype=torch.int64, pin_memory=on_gpu)
+        self.num_launched = 0
+        self.last_tokens: torch.Tensor | None = None   # device tokens of the last launched step
+        self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
         backend = resolve_backend(config.attention_backend, self.device)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
         # the KV pool is sized around its workspace.
@@ -299,9 +331,7 @@ class ModelRunner:
             batch = Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
                           sample=[True] * len(seqs), num_batched_tokens=sum(new),
                           num_prefill_tokens=sum(n for n in new if n > 1))
-            step = self.prepare(batch, None)
-            self.buffer.upload(step.nbytes)
-            self.forward(step)
+            self.execute(batch)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -330,20 +360,57 @@ class ModelRunner:
     def execute(self, batch: Batch, sampling_params: list[SamplingParams] | None = None) -> list[int]:
         """Run one step; returns one token per `batch.seqs` entry (-1 where nothing is
         sampled). `sampling_params[i]` goes with `batch.seqs[i]` (None: all greedy)."""
-        step = self.prepare(batch, sampling_params)
+        return self.wait(self.launch(batch, sampling_params))
+
+    def launch(self, batch: Batch, sampling_params: list[SamplingParams] | None = None,
+               pending: dict | None = None) -> Launched:
+        """Pack, upload and queue one step (model, logits, sampling, tokens -> host); does
+        not wait for the device. `pending`: see the class docstring."""
+        if self.inputs_sent is not None:   # the host buffer is about to be rewritten
+            self.inputs_sent.synchronize()
+        step = self.prepare(batch, sampling_params, pending)
         if self.tp_size > 1:
             self.set_header(step.header(RUN))
         self.buffer.upload(step.nbytes)        # the step's one host -> device copy
         if self.tp_size > 1:
             self.broadcast(step)
+        if self.device.type == "cuda":
+            self.inputs_sent = torch.cuda.Event()
+            self.inputs_sent.record()
+        start = time.perf_counter()
         tokens = self.forward(step)
-        out = [-1] * len(batch)
-        order = step.order
-        for row, token in zip(step.sampled, tokens):
-            out[order[row] if order else row] = token
+        # on the CPU the forward itself was the device work: count it as waiting
+        computed_s = 0.0 if self.device.type == "cuda" else time.perf_counter() - start
+        host = done = None
+        if tokens is not None:
+            host = self.token_host[self.num_launched % 2, :step.S]
+            host.copy_(tokens, non_blocking=True)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self.num_launched += 1
+        self.last_tokens = tokens
+        order, seqs = step.order, batch.seqs
+        pending = {seqs[order[row] if order else row].seq_id: k for k, row in enumerate(step.sampled)}
+        return Launched(step, len(batch), tokens, host, done, pending, computed_s)
+
+    def wait(self, launched: Launched) -> list[int]:
+        """Block until a launched step's tokens are on the host; one per batch sequence, in
+        batch order (-1 where nothing was sampled)."""
+        start = time.perf_counter()
+        if launched.done is not None:
+            launched.done.synchronize()
+        self.wait_s = time.perf_counter() - start
+        step = launched.step
+        out = [-1] * launched.num_seqs
+        if launched.host is not None:
+            order = step.order
+            for row, token in zip(step.sampled, launched.host.tolist()):
+                out[order[row] if order else row] = token
         return out
 
-    def prepare(self, batch: Batch, sampling_params: list[SamplingParams] | None) -> Step:
+    def prepare(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+                pending: dict | None = None) -> Step:
         """Pack the batch into the host step buffer: decodes first, then the others.
         All per-token arrays are computed with numpy, not per-token Python."""
         q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
@@ -369,9 +436,15 @@ class ModelRunner:
         W = self.max_blocks if graph_bs else int(num_ctx_blocks.max())
         sampled = list(range(B)) if samples.count(True) == B else [j for j in range(B) if samples[j]]
         S = len(sampled)
-        nbytes, host, _ = self.buffer.views(graph_bs or T, rows, W, S)
+        fixed = []   # sequences whose last input token the previous step sampled (still on the device)
+        if pending:
+            get = pending.get
+            fixed = [i for i, (s, c, n) in enumerate(zip(seqs, starts, q_lens))
+                     if c + n == s.num_tokens and get(s.seq_id) is not None]
+        F = len(fixed)
+        nbytes, host, _ = self.buffer.views(graph_bs or T, rows, W, S, F)
         (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
-         logits_rows, temperatures, top_k, top_p) = host
+         logits_rows, temperatures, top_k, top_p, fix_rows, fix_src) = host
 
         query_start_loc[0] = 0
         np.cumsum(q, out=query_start_loc[1:B + 1])
@@ -395,12 +468,16 @@ class ModelRunner:
             context_lens[B:], block_tables[B:] = 1, 0
             query_start_loc[B + 1:] = np.arange(B + 1, graph_bs + 1)
         logits_rows[:] = query_start_loc[1:][sampled] - 1
+        if F:
+            fix_rows[:] = query_start_loc[1:][fixed] - 1
+            fix_src[:] = [pending[seqs[i].seq_id] for i in fixed]
+            input_ids[fix_rows] = 0      # the host holds a placeholder there
         sampling = None
         if self.rank == 0:
             sampling = self.pack_sampling(sampling_params, seqs, sampled,
                                           temperatures, top_k, top_p)
         return Step(graph_bs or T, rows, W, S, int(q.max()) if B else 0,
-                    int(ctx.max()) if B else 0, num_decode, graph_bs, nbytes,
+                    int(ctx.max()) if B else 0, num_decode, graph_bs, nbytes, F,
                     order, sampled, sampling)
 
     def pack_sampling(self, params, seqs, sampled, temperatures, top_k, top_p) -> SamplingTensors:
@@ -450,11 +527,12 @@ class ModelRunner:
                                  step.num_decode_tokens, step.graph_bs)
 
     @torch.inference_mode()
-    def forward(self, step: Step) -> list[int]:
-        """Run the model on the uploaded step, compute logits for the sampled rows and
-        (rank 0) sample. Returns the sampled tokens in packed-row order."""
-        start = time.perf_counter()
-        views = self.buffer.views(step.T, step.B, step.W, step.S)[2]
+    def forward(self, step: Step) -> torch.Tensor | None:
+        """Queue the model on the uploaded step, the logits of the sampled rows and (rank 0)
+        sampling. Returns the sampled tokens (device, logits order; rank 0) or None. No sync."""
+        views = self.buffer.views(step.T, step.B, step.W, step.S, step.F)[2]
+        if step.F:   # input tokens the previous step sampled: device to device
+            views[0].index_copy_(0, views[10], self.last_tokens.index_select(0, views[11]))
         if step.graph_bs:
             graph, hidden = self.graphs[step.graph_bs]
             if self.planner is not None:   # flashinfer: re-plan the graph's wrapper first
@@ -462,24 +540,15 @@ class ModelRunner:
             graph.replay()
         else:
             hidden = self.model(*self.model_inputs(step, views))
-        logits_rows, temperatures, top_k, top_p = views[6:]
-        tokens = None
-        if step.S:
-            logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-            if self.rank == 0:
-                sampling = step.sampling
-                sampling.temperatures, sampling.top_k, sampling.top_p = temperatures, top_k, top_p
-                tokens = self.sampler(logits, sampling)
-        if self.device.type == "cuda":   # on the CPU the forward itself was the device work
-            start = time.perf_counter()
-        # The step's one device -> host sync. Even with nothing sampled it must wait: the
-        # next step rewrites the pinned buffer this step's copy reads from.
-        if tokens is not None:
-            tokens = tokens.tolist()
-        elif self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.wait_s = time.perf_counter() - start
-        return tokens or []
+        logits_rows, temperatures, top_k, top_p = views[6:10]
+        if not step.S:
+            return None
+        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+        if self.rank != 0:
+            return None
+        sampling = step.sampling
+        sampling.temperatures, sampling.top_k, sampling.top_p = temperatures, top_k, top_p
+        return self.sampler(logits, sampling)
 
     # ---- tensor parallelism -----------------------------------------------------------
 

@@ -5,10 +5,18 @@ E ~ Exp(1), argmax(p / E) is distributed as Categorical(p). In log space that is
 argmax(logits / T - log E): the softmax normaliser is the same for the whole row, so no
 softmax pass is needed. No cumulative sums, no host syncs, and a request's seed only has to
 fix its own row of noise.
+
+Two implementations: torch ops with torch generators (the CPU, and any step with top-k or
+top-p), and on CUDA (`Sampler(fused=True)`) one fused Triton kernel with Philox noise,
+`engine.kernels.sample_from_logits`, for steps with temperature but no top-k/top-p
+(all-greedy steps stay one argmax). They draw different random numbers for the same seed:
+a seeded request reproduces its tokens on the same path, not across paths.
 """
 from dataclasses import dataclass
 
 import torch
+
+from engine.kernels import sample_from_logits
 
 
 @dataclass(slots=True)
@@ -56,20 +64,32 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def as_int64(seed: int) -> int:
+    """A 64-bit seed as the int64 with the same bits (what an int64 tensor can hold)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 class Sampler:
     """Picks one token per row of logits. Unseeded rows draw from one engine-wide stream
     (seeded once at startup); seeded rows draw from their own seed, so they do not depend
-    on what else is in the batch."""
+    on what else is in the batch. `fused` (CUDA only) samples steps without top-k/top-p
+    with the fused kernel."""
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, fused: bool = False):
         self.generator = torch.Generator(device).manual_seed(seed)
         self.row_generator = torch.Generator(device)
+        self.seed = seed
+        self.fused = fused
+        self.steps = 0      # fused steps so far: the engine-wide stream's position
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """logits [S, vocab] -> token ids int64 [S]."""
         if params.all_greedy:
             return logits.argmax(dim=-1)
+        if self.fused and not (params.use_top_k or params.use_top_p):
+            return self.sample_fused(logits, params)
         logits = logits.float()
         greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
         temperatures = params.temperatures
@@ -86,3 +106,24 @@ class Sampler:
         if params.any_greedy:
             tokens = torch.where(params.temperatures == 0, greedy_tokens, tokens)
         return tokens
+
+    def sample_fused(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """The fused kernel. Unseeded rows: this step's seed, derived from the Sampler's seed
+        and its step count, at offsets 1..S. Seeded rows: their own seed at offset 0, so
+        their noise depends on neither their row nor their neighbours, and never coincides
+        with an unseeded row's."""
+        self.steps += 1
+        device = logits.device
+        S = logits.shape[0]
+        seeds = torch.full((S,), as_int64(row_seed(self.seed, self.steps)), dtype=torch.int64,
+                           device=device)
+        offsets = torch.arange(1, S + 1, device=device)
+        if params.seeds:
+            table = torch.tensor([[row for row, _ in params.seeds],
+                                  [as_int64(seed) for _, seed in params.seeds]])
+            if device.type == "cuda":   # pinned: the copy below does not wait for the GPU
+                table = table.pin_memory()
+            table = table.to(device, non_blocking=True)
+            seeds.scatter_(0, table[0], table[1])
+            offsets.scatter_(0, table[0], 0)
+        return sample_from_logits(logits, params.temperatures, seeds, offsets)

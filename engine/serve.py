@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from engine.config import EngineConfig
-from engine.engine import LLMEngine, RequestOutput
+from engine.engine import PLACEHOLDER, LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -144,9 +144,13 @@ class AsyncEngine:
         fresh = {}
         for request_id, num_sent in self.sent.items():
             seq = self.engine.sequences.get(request_id)
-            if seq is not None and seq.num_output_tokens > num_sent:
-                fresh[request_id] = seq.output_token_ids[num_sent:]
-                self.sent[request_id] = seq.num_output_tokens
+            if seq is None:
+                continue
+            # async scheduling: the newest token may still be on its way (a placeholder)
+            known = seq.num_output_tokens - (seq.token_ids[-1] == PLACEHOLDER)
+            if known > num_sent:
+                fresh[request_id] = seq.output_token_ids[num_sent:known]
+                self.sent[request_id] = known
         for out in finished:
             num_sent = self.sent.pop(out.request_id, None)
             if num_sent is not None and len(out.token_ids) > num_sent:

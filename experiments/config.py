@@ -72,6 +72,7 @@ class EngineSettings:
     compile: bool = True
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),

@@ -104,7 +104,8 @@ def replay_gpu(rc: RunConfig) -> Replay:
                        long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
                        enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
                        tensor_parallel_size=rc.engine.tensor_parallel_size,
-                       attention_backend=rc.engine.attention_backend, seed=rc.seed)
+                       attention_backend=rc.engine.attention_backend,
+                       async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
     try:
         num_blocks = engine.scheduler.block_manager.num_blocks
         requests = load_requests(rc, engine.model_config.vocab_size)

@@ -66,16 +66,24 @@ class Scheduler:
 
     def abort(self, seq_id) -> bool:
         """Drop an unfinished request and free its blocks. False if unknown or finished."""
-        seq = self.sequences.pop(seq_id, None)
+        seq = self.sequences.get(seq_id)
         if seq is None:
             return False
+        self.finish(seq, "abort", None)
+        return True
+
+    def finish(self, seq: Sequence, reason: str, now: float | None) -> None:
+        """Finish an unfinished sequence outside `update` and free its blocks: an abort, or
+        a stop token the executor learns of only after the next step was scheduled (the
+        engine's asynchronous scheduling). A no-op for a finished sequence."""
+        if self.sequences.pop(seq.seq_id, None) is None:
+            return
         if seq.status is RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
         self.block_manager.free_blocks(seq)
-        seq.status, seq.finish_reason = FINISHED, "abort"
-        return True
+        seq.status, seq.finish_reason, seq.finish_time = FINISHED, reason, now
 
     def has_unfinished(self) -> bool:
         return bool(self.sequences)

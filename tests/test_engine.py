@@ -210,6 +210,35 @@ def test_stop_on_eos(checkpoints, reference, tmp_path):
     assert outs[0].finish_reason == "stop"
 
 
+def test_async_scheduling_changes_nothing_but_timing(checkpoints, reference, tmp_path):
+    """Async scheduling (the default without TP) launches step N+1 before step N's tokens
+    reach the host. Outputs must equal synchronous steps: greedy and seeded samples, stop
+    tokens (seen a step late), lengths, under preemption and prefix hits."""
+    path = tmp_path / "eos"
+    shutil.copytree(checkpoints["qwen3"], path)
+    eos = reference["qwen3"][0][3]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    prompts = PROMPTS + PREFIX_PROMPTS
+    params = ([SamplingParams(temperature=0, max_tokens=16)] * 4
+              + [SamplingParams(temperature=50.0, max_tokens=12, seed=i) for i in range(len(prompts) - 4)])
+    outs, preempted = {}, {}
+    for mode in (True, False):
+        llm = LLM(str(path), **CPU, num_gpu_blocks=24, block_size=8, max_model_len=128,
+                  async_scheduling=mode)
+        assert llm.async_scheduling is mode
+        outs[mode] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)]
+        preempted[mode] = total(llm, "num_preempted")
+        assert llm.scheduler.block_manager.num_used_blocks == 0 and not llm.has_unfinished()
+    assert outs[True] == outs[False]
+    assert {reason for _, reason in outs[True]} == {"stop", "length"}
+    assert preempted[True] > 0 and preempted[False] > 0
+
+
+def test_async_scheduling_needs_one_rank(checkpoints):
+    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size == 1"):
+        LLM(checkpoints["qwen3"], **CPU, tensor_parallel_size=2, async_scheduling=True)
+
+
 def test_abort_frees_blocks(checkpoints):
     llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=64, max_model_len=128)
     a = llm.add_request(PROMPTS[3], GREEDY)
@@ -228,7 +257,7 @@ def test_abort_frees_blocks(checkpoints):
 def test_execute_is_order_independent(checkpoints):
     """The runner packs decodes first; tokens come back in the batch's own order."""
     llm = LLM(checkpoints["llama"], **CPU, num_gpu_blocks=64, max_model_len=128,
-              max_num_batched_tokens=20, max_num_seqs=4)
+              max_num_batched_tokens=20, max_num_seqs=4, async_scheduling=False)
     for p in PROMPTS[1:4]:
         llm.add_request(p, GREEDY)
     for _ in range(2):

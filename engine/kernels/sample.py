@@ -7,29 +7,29 @@ without computing a softmax. The noise is Philox, counter-based: E[v] is a pure 
 or on its position in it, and no generator state lives on the device.
 
 Work is split over rows and over the vocabulary (grid (S, num_chunks)), so one row still
-fills the GPU; each program writes its chunk's (best score, index) and a second tiny kernel
-picks each row's winner. One Philox call yields four 32-bit numbers, so the vocabulary is
-cut in four quarters of Q = ceil(V / 4): counter i feeds v = i, Q + i, 2Q + i, 3Q + i. That
-layout depends on V only, never on the launch's chunk size.
+fills the GPU; each program writes its chunk's (best score, index) and a small torch reduction
+picks each row's winner. One Philox call yields four 32-bit numbers, so the vocabulary is cut
+in four quarters of Q = 16 * ceil(V / 64) (the last one shorter): counter i feeds v = i,
+Q + i, 2Q + i, 3Q + i. That layout depends on V only, never on the launch's chunk size.
 """
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_ptr,
                           part_score_ptr, part_index_ptr, V, Q, num_chunks,
-                          BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr):
+                          BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr, FAST_LOG: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     i = chunk * BLOCK + tl.arange(0, BLOCK)     # Philox counter: position within a quarter
     valid = i < Q
     t = tl.load(temps_ptr + row)
-    scale = 1.0
     zero = tl.zeros([BLOCK], tl.uint32)
     r0, r1, r2, r3 = zero, zero, zero, zero
     if t != 0:                                  # greedy rows skip the noise
@@ -39,11 +39,11 @@ def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_
         r0, r1, r2, r3 = tl.philox(seed, i.to(tl.uint32), zero,
                                    zero + (offset & 0xFFFFFFFF).to(tl.uint32),
                                    zero + (offset >> 32).to(tl.uint32), N_ROUNDS)
-        scale = LOG2E / t
     noise = (r0, r1, r2, r3)
     # Best per lane over the four quarters, elementwise; one reduction at the end. A later
     # quarter only wins a lane on a strictly higher score, so each lane keeps its lowest
-    # index; a lane of -inf keeps its first element, i.
+    # index; a lane of -inf keeps its first element, i. So the chunk's index is always a valid
+    # one, also when every score is -inf.
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     index = tl.where(valid, i, V)
     for q in tl.static_range(4):
@@ -53,26 +53,18 @@ def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_
             # log2 units: argmax of x/T - ln E equals argmax of x*log2(e)/T - log2(-log2 U).
             # U: the midpoints of 2**23 equal bins of (0, 1), never 0 or 1, exact in float32.
             u = ((noise[q] >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-            x = x * scale - tl.log2(-tl.log2(u))
+            if FAST_LOG:    # one MUFU op each; the exact log2 would make the kernel ALU-bound
+                g = libdevice.fast_log2f(-libdevice.fast_log2f(u))
+            else:           # the interpreter has no fast_log2f
+                g = tl.log2(-tl.log2(u))
+            x = x * (LOG2E / t) - g
         take = x > best
         best = tl.where(take, x, best)
         index = tl.where(take, v, index)
     top = tl.max(best, axis=0)
     tl.store(part_score_ptr + row * num_chunks + chunk, top)
-    tl.store(part_index_ptr + row * num_chunks + chunk, tl.min(tl.where(best == top, index, V), axis=0))
-
-
-@triton.jit
-def _pick_kernel(part_score_ptr, part_index_ptr, out_ptr, V, num_chunks, CHUNKS: tl.constexpr):
-    row = tl.program_id(0)
-    c = tl.arange(0, CHUNKS)
-    mask = c < num_chunks
-    score = tl.load(part_score_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
-    index = tl.load(part_index_ptr + row * num_chunks + c, mask=mask, other=V)
-    best = tl.max(score, axis=0)
-    idx = tl.min(tl.where(score == best, index, V), axis=0)
-    # a row of NaNs matches nothing: still return an in-range id rather than V
-    tl.store(out_ptr + row, tl.minimum(idx, V - 1).to(tl.int64))
+    index = tl.min(tl.where(best == top, index, V), axis=0)
+    tl.store(part_index_ptr + row * num_chunks + chunk, index.to(tl.int64))
 
 
 def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -88,9 +80,12 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
     rows that must differ different (seed, offset) pairs, and change them every step.
     Seeds are 64-bit (pass values >= 2**63 as their two's complement).
 
-    Returns int64 [S]. `block_size` (positions per program and quarter, a power of two)
-    changes the launch only, never the result. No host sync, CUDA-graph safe apart from the
-    two small scratch tensors it allocates.
+    Returns int64 [S], always in [0, V). `block_size` (positions per program and quarter, a
+    power of two) changes the launch only, never the result. No host sync.
+
+    On CUDA the two logs of the noise use the fast hardware log2 (absolute error ~2**-22);
+    the interpreter uses tl.log2. Both, like torch's exponential_, see U on a grid near 1
+    (here 2**-24), so tokens far below 1e-7 probability are drawn less often than they should.
     """
     S, V = logits.shape
     if logits.stride(1) != 1:
@@ -101,18 +96,18 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
         if t.shape != (S,) or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"sample_from_logits: {name} must be contiguous {dtype} of shape "
                              f"({S},), got {t.dtype} {tuple(t.shape)}")
-    out = torch.empty(S, dtype=torch.int64, device=logits.device)
     if S == 0:
-        return out
-    Q = triton.cdiv(V, 4)
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    Q = triton.cdiv(V, 64) * 16     # >= V / 4, and a multiple of 16 keeps the loads vectorised
     # few rows: small chunks, so that one row is still spread over many SMs
     block = block_size or (256 if S < 16 else 1024)
     num_chunks = triton.cdiv(Q, block)
     part_score = torch.empty(S, num_chunks, dtype=torch.float32, device=logits.device)
-    part_index = torch.empty(S, num_chunks, dtype=torch.int32, device=logits.device)
+    part_index = torch.empty(S, num_chunks, dtype=torch.int64, device=logits.device)
     _sample_chunks_kernel[(S, num_chunks)](
         logits, logits.stride(0), temperatures, seeds, offsets, part_score, part_index,
-        V, Q, num_chunks, BLOCK=block, N_ROUNDS=n_rounds, num_warps=4)
-    _pick_kernel[(S,)](part_score, part_index, out, V, num_chunks,
-                       CHUNKS=triton.next_power_of_2(num_chunks))
-    return out
+        V, Q, num_chunks, BLOCK=block, N_ROUNDS=n_rounds,
+        FAST_LOG=logits.is_cuda and torch.version.hip is None, num_warps=4)
+    # each row's winner: the best chunk, the lowest index on a tie
+    top = part_score.amax(dim=1, keepdim=True)
+    return torch.where(part_score == top, part_index, V).amin(dim=1)
