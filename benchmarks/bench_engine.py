@@ -9,8 +9,11 @@ The workload is nano-vLLM's, draw for draw: random.seed(0); first every prompt
 SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 1024)); that is
 133,966 output tokens. Throughput = output tokens / wall time of one generate() call after a
 warm-up, as nano-vLLM reports it. Then, per decode batch size (1, 64, 256), the median
-decode step and how much of it the host spent (scheduling, input packing, launch, update)
-versus waiting for the device. Prints a table, then one line of JSON.
+decode step: its wall time, its device time (CUDA events), the host's work on it
+(scheduling, packing, launch, update) and the part of that work the device waited for
+(the gap between the previous step's end and this step's start: with asynchronous
+scheduling the rest of the host's work hides behind the device). Prints tables, then one
+line of JSON.
 """
 import argparse
 import json
@@ -44,8 +47,9 @@ def nano_workload(num_seqs: int, max_input_len: int, max_output_len: int):
 
 def decode_breakdown(llm: LLM, batch: int, context: int, steps: int) -> dict:
     """Median decode-only step with all `batch` sequences (~`context` tokens each) decoding:
-    total, host (cpu_s) and device-wait milliseconds. The requests run long enough to
-    outlast the prefill steps, so `steps` pure decode steps of the full batch occur."""
+    wall, device, host-work and gap (device idle, waiting for the host) milliseconds. The
+    requests run long enough to outlast the prefill steps, so `steps` pure decode steps of
+    the full batch occur."""
     budget = llm.config.max_num_batched_tokens
     prefill_steps = -(-batch * context // budget) + 1
     start = len(llm.step_records)
@@ -56,17 +60,17 @@ def decode_breakdown(llm: LLM, batch: int, context: int, steps: int) -> dict:
             if r["num_prefill_tokens"] == 0 and r["num_seqs"] == batch]
     if not rows:
         return {"batch": batch, "steps": 0}
-    step_ms = statistics.median(r["duration_s"] for r in rows) * 1e3
-    cpu_ms = statistics.median(r["cpu_s"] for r in rows) * 1e3
-    return {"batch": batch, "steps": len(rows), "step_ms": step_ms, "cpu_ms": cpu_ms,
-            "device_ms": step_ms - cpu_ms, "cpu_share": cpu_ms / step_ms,
+    median_ms = lambda key: statistics.median(r[key] for r in rows) * 1e3  # noqa: E731
+    step_ms, gap_ms = median_ms("duration_s"), median_ms("gpu_gap_s")
+    return {"batch": batch, "steps": len(rows), "step_ms": step_ms, "cpu_ms": median_ms("cpu_s"),
+            "device_ms": median_ms("device_s"), "gap_ms": gap_ms, "gap_share": gap_ms / step_ms,
             "tok_per_s": batch / step_ms * 1e3}
 
 
 def run_breakdown(steps: list[dict], wall_s: float) -> list[dict]:
     """Where the timed run's wall time went: steps grouped by kind (any prefill tokens, or
-    decode-only by batch size), each with its wall, host (cpu_s) and device-wait seconds;
-    plus the time spent outside steps (request intake, the generate loop)."""
+    decode-only by batch size), each with its wall, device, host-work (cpu_s) and gap
+    (device idle, waiting for the host) seconds; plus the time outside steps."""
     edges = (1, 8, 32, 64, 128, 256, 1 << 30)
     def kind(r):
         if r["num_prefill_tokens"]:
@@ -81,14 +85,16 @@ def run_breakdown(steps: list[dict], wall_s: float) -> list[dict]:
     rows = []
     for name in sorted(groups, key=lambda k: (k != "prefill/mixed", int(k.split("=")[-1].split("-")[0]) if "=" in k else 0)):
         rs = groups[name]
-        wall, host = sum(r["duration_s"] for r in rs), sum(r["cpu_s"] for r in rs)
-        rows.append({"kind": name, "steps": len(rs), "wall_s": wall, "host_s": host,
-                     "device_s": wall - host, "ms_per_step": 1e3 * wall / len(rs),
+        wall = sum(r["duration_s"] for r in rs)
+        rows.append({"kind": name, "steps": len(rs), "wall_s": wall,
+                     "device_s": sum(r["device_s"] for r in rs),
+                     "host_s": sum(r["cpu_s"] for r in rs),
+                     "gap_s": sum(r["gpu_gap_s"] for r in rs), "ms_per_step": 1e3 * wall / len(rs),
                      "max_ms": 1e3 * max(r["duration_s"] for r in rs),
                      "tokens": sum(r["num_batched_tokens"] for r in rs)})
     outside = wall_s - sum(r["duration_s"] for r in steps)
     rows.append({"kind": "outside steps", "steps": 0, "wall_s": outside, "host_s": outside,
-                 "device_s": 0.0, "ms_per_step": float("nan"), "max_ms": float("nan"), "tokens": 0})
+                 "device_s": 0.0, "gap_s": float("nan"), "ms_per_step": float("nan"), "max_ms": float("nan"), "tokens": 0})
     return rows
 
 
@@ -180,7 +186,9 @@ def main():
     seconds = time.perf_counter() - start
     assert sum(len(o.token_ids) for o in outs) == output_tokens
     steps = llm.step_records[first_step:]
-    cpu_share = sum(r["cpu_s"] for r in steps) / sum(r["duration_s"] for r in steps)
+    cpu_share = sum(r["cpu_s"] for r in steps) / seconds       # host work / wall
+    gap_share = sum(r["gpu_gap_s"] for r in steps) / seconds   # device idle, waiting for the host
+    device_share = sum(r["device_s"] for r in steps) / seconds
     phases = run_breakdown(steps, seconds)
     if args.steps_csv:
         import pandas as pd
@@ -211,7 +219,7 @@ def main():
     for b in breakdown:    # achieved bandwidth of the decode step's device time
         if b["steps"]:
             nbytes = weight_bytes + kv_per_token * b["batch"] * args.decode_context
-            b["device_GBps"] = nbytes / (b["device_ms"] / 1e3) / 1e9
+            b["device_GBps"] = nbytes / (b["device_ms"] / 1e3) / 1e9     # device time (events)
             b["pct_of_copy"] = 100 * nbytes / (b["device_ms"] / 1e3) / ceiling
     print(f"\nnano-vLLM bench workload on {device}: {args.model}, block {args.block_size}, "
           f"backend {args.backend}, tp {args.tp}, eager {args.enforce_eager}, compile {not args.no_compile}, "
@@ -220,28 +228,31 @@ def main():
           f"copy ceiling {ceiling / 1e9:.0f} GB/s -> HBM floor {floor_s:.2f} s = "
           f"{output_tokens / floor_s:,.0f} tok/s")
     print(f"{'requests':>10} {'output tokens':>14} {'time (s)':>10} {'tok/s':>10} {'% roofline':>11} "
-          f"{'steps':>7} {'host %':>7}")
+          f"{'steps':>7} {'device %':>9} {'host work %':>12} {'device idle %':>14}")
     print(f"{args.num_seqs:>10} {output_tokens:>14,} {seconds:>10.2f} {output_tokens / seconds:>10.1f} "
-          f"{100 * floor_s / seconds:>10.1f}% {len(steps):>7} {100 * cpu_share:>6.1f}%")
+          f"{100 * floor_s / seconds:>10.1f}% {len(steps):>7} {100 * device_share:>8.1f}% "
+          f"{100 * cpu_share:>11.1f}% {100 * gap_share:>13.1f}%")
     print(f"\nwhere the timed run went ({seconds:.2f} s):")
-    print(f"{'steps':>22} {'count':>6} {'wall s':>8} {'host s':>8} {'device s':>9} {'ms/step':>8} {'max ms':>8} {'tokens':>9}")
+    print(f"{'steps':>22} {'count':>6} {'wall s':>8} {'device s':>9} {'host work s':>12} {'idle s':>7} "
+          f"{'ms/step':>8} {'max ms':>8} {'tokens':>9}")
     for p in phases:
-        print(f"{p['kind']:>22} {p['steps']:>6} {p['wall_s']:>8.3f} {p['host_s']:>8.3f} "
-              f"{p['device_s']:>9.3f} {p['ms_per_step']:>8.3f} {p['max_ms']:>8.1f} {p['tokens']:>9,}")
+        print(f"{p['kind']:>22} {p['steps']:>6} {p['wall_s']:>8.3f} {p['device_s']:>9.3f} "
+              f"{p['host_s']:>12.3f} {p['gap_s']:>7.3f} {p['ms_per_step']:>8.3f} {p['max_ms']:>8.1f} {p['tokens']:>9,}")
     print(f"\ndecode step at context ~{args.decode_context} (median):")
-    print(f"{'batch':>6} {'step ms':>9} {'host ms':>9} {'device ms':>10} {'host %':>7} {'tok/s':>10} "
+    print(f"{'batch':>6} {'step ms':>9} {'device ms':>10} {'host work ms':>13} {'idle ms':>8} {'idle %':>7} {'tok/s':>10} "
           f"{'dev GB/s':>9} {'% copy':>7}")
     for b in breakdown:
         if b["steps"]:
-            print(f"{b['batch']:>6} {b['step_ms']:>9.3f} {b['cpu_ms']:>9.3f} {b['device_ms']:>10.3f} "
-                  f"{100 * b['cpu_share']:>6.1f}% {b['tok_per_s']:>10.1f} "
+            print(f"{b['batch']:>6} {b['step_ms']:>9.3f} {b['device_ms']:>10.3f} {b['cpu_ms']:>13.3f} "
+                  f"{b['gap_ms']:>8.3f} {100 * b['gap_share']:>6.1f}% {b['tok_per_s']:>10.1f} "
                   f"{b.get('device_GBps', float('nan')):>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}%")
     result = {"bench": "engine", "workload": "nano-vllm", "model": args.model, "device": device,
               "block_size": args.block_size, "backend": args.backend, "tp": args.tp,
               "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "num_seqs": args.num_seqs,
               "output_tokens": output_tokens, "seconds": seconds,
               "output_tok_per_s": output_tokens / seconds, "steps": len(steps),
-              "host_share": cpu_share, "phases": phases, "decode": breakdown, "copy_GBps": ceiling / 1e9,
+              "host_share": cpu_share, "device_idle_share": gap_share, "device_share": device_share,
+              "phases": phases, "decode": breakdown, "copy_GBps": ceiling / 1e9,
               "hbm_floor_s": floor_s, "roofline_tok_per_s": output_tokens / floor_s,
               "pct_of_roofline": 100 * floor_s / seconds,
               "kv_blocks": llm.model_runner.num_blocks, "torch": torch.__version__,

@@ -114,5 +114,7 @@ class Workers:
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():   # NCCL's teardown can block on a dead peer: give it a deadline
+            closer = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            closer.start()
+            closer.join(timeout=10)

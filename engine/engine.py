@@ -176,25 +176,30 @@ class LLMEngine:
         outputs, wait_s = [], 0.0
         if self.in_flight:       # the previous step: its tokens, while this one runs
             outputs, wait_s = self._receive(), self.model_runner.wait_s
-        if launched is not None:
-            wait_s += launched.computed_s     # the CPU: the forward ran inside launch
-            finished = self.scheduler.update(batch, [PLACEHOLDER] * len(batch.seqs), self.clock())
-            self.in_flight = (batch, launched, finished)
-            if not self.async_scheduling:
-                outputs += self._receive()
-                wait_s += self.model_runner.wait_s
-            end = self.clock()
-            record = batch.record(start, end - start)
-            record["cpu_s"] = end - start - wait_s
-            self.step_records.append(record)
+        if launched is None:
+            return outputs
+        finished = self.scheduler.update(batch, [PLACEHOLDER] * len(batch.seqs), self.clock())
+        record = batch.record(start, 0.0)
+        record["device_s"] = record["gpu_gap_s"] = float("nan")   # known once received
+        self.step_records.append(record)
+        self.in_flight = (batch, launched, finished, record)
+        if not self.async_scheduling:
+            outputs += self._receive()
+            wait_s += self.model_runner.wait_s
+        end = self.clock()
+        record["duration_s"] = end - start
+        if self.model_runner.device.type != "cuda":   # the forward ran inside launch
+            wait_s += launched.device_s
+        record["cpu_s"] = end - start - wait_s
         return outputs
 
     def _receive(self) -> list[RequestOutput]:
         """Wait for the in-flight step's tokens, put them in place of the placeholders,
         finish sequences that sampled a stop token, and return the finished requests."""
-        batch, launched, finished = self.in_flight
+        batch, launched, finished, record = self.in_flight
         self.in_flight = None
         tokens = self.model_runner.wait(launched)
+        record["device_s"], record["gpu_gap_s"] = launched.device_s, launched.gap_s
         now = self.clock()
         for seq, token in zip(batch.seqs, tokens):
             if token < 0 or seq.token_ids[-1] != PLACEHOLDER:   # nothing sampled, or not kept
@@ -244,6 +249,8 @@ class LLMEngine:
         if workers is not None:
             atexit.unregister(self.close)
             runner = getattr(self, "model_runner", None)
+            if runner is not None:   # NCCL cannot tear down a communicator that live graphs use
+                runner.graphs.clear()
             workers.close(stop=runner.stop_followers if runner else None)
 
     def __enter__(self):

@@ -179,14 +179,20 @@ class Step:
 class Launched:
     """A step handed to the device. `tokens` (device, one per sampled row in logits order)
     feed the next step's fix-ups; `pending` maps the seq_id of each sampled sequence to its
-    index there; `host` receives them (pinned) and `done` fires when they have arrived."""
+    index there; `host` receives them (pinned) and `done` fires when they have arrived.
+    After `wait`: `device_s`, the device time of the step (CUDA events from its upload to
+    its tokens' arrival; on the CPU the forward's time), and `gap_s`, how long the device
+    sat idle between the previous step's end and this step's start (host-bound time)."""
     step: Step
     num_seqs: int
     tokens: torch.Tensor | None
     host: torch.Tensor | None
-    done: object
     pending: dict
-    computed_s: float = 0.0     # CPU: seconds the forward took inside launch
+    begin: object = None
+    done: object = None
+    previous: object = None     # the previous step's `done` event
+    device_s: float = 0.0
+    gap_s: float = 0.0
 
 
 class ModelRunner:
@@ -228,6 +234,7 @@ class ModelRunner:
         self.num_launched = 0
         self.last_tokens: torch.Tensor | None = None   # device tokens of the last launched step
         self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
+        self.last_done = None      # CUDA event: the last launched step has finished
         backend = resolve_backend(config.attention_backend, self.device)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
         # the KV pool is sized around its workspace.
@@ -371,28 +378,34 @@ class ModelRunner:
         step = self.prepare(batch, sampling_params, pending)
         if self.tp_size > 1:
             self.set_header(step.header(RUN))
+        cuda = self.device.type == "cuda"
+        begin = done = None
+        if cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
         self.buffer.upload(step.nbytes)        # the step's one host -> device copy
         if self.tp_size > 1:
             self.broadcast(step)
-        if self.device.type == "cuda":
+        if cuda:
             self.inputs_sent = torch.cuda.Event()
             self.inputs_sent.record()
         start = time.perf_counter()
         tokens = self.forward(step)
-        # on the CPU the forward itself was the device work: count it as waiting
-        computed_s = 0.0 if self.device.type == "cuda" else time.perf_counter() - start
-        host = done = None
+        host = None
         if tokens is not None:
             host = self.token_host[self.num_launched % 2, :step.S]
             host.copy_(tokens, non_blocking=True)
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        self.num_launched += 1
-        self.last_tokens = tokens
         order, seqs = step.order, batch.seqs
         pending = {seqs[order[row] if order else row].seq_id: k for k, row in enumerate(step.sampled)}
-        return Launched(step, len(batch), tokens, host, done, pending, computed_s)
+        launched = Launched(step, len(batch), tokens, host, pending, begin, previous=self.last_done)
+        if cuda:
+            launched.done = self.last_done = torch.cuda.Event(enable_timing=True)
+            launched.done.record()
+        else:   # the forward itself was the device work
+            launched.device_s = time.perf_counter() - start
+        self.num_launched += 1
+        self.last_tokens = tokens
+        return launched
 
     def wait(self, launched: Launched) -> list[int]:
         """Block until a launched step's tokens are on the host; one per batch sequence, in
@@ -400,6 +413,9 @@ class ModelRunner:
         start = time.perf_counter()
         if launched.done is not None:
             launched.done.synchronize()
+            launched.device_s = launched.begin.elapsed_time(launched.done) / 1e3
+            if launched.previous is not None:
+                launched.gap_s = max(0.0, launched.previous.elapsed_time(launched.begin) / 1e3)
         self.wait_s = time.perf_counter() - start
         step = launched.step
         out = [-1] * launched.num_seqs
