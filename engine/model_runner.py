@@ -329,8 +329,15 @@ class ModelRunner:
             [(long, long)],                  # a long prompt: the full tile
             [(long, 1), (2, 1), (17, 17)],   # mixed: decodes at long context (split-KV) + prefill
             [(2, 1)] * 3 + [(5, 5)],         # mixed: short decodes (one split) + prefill
+            [(2, 1)] * 16,                   # eager decode; the sampler's wide-batch tile
         )
+        # sampling with a temperature: the fused sampler kernel's variants compile here too
+        warm = SamplingParams(temperature=1.0)
+        cfg = self.config
         for shape in shapes:
+            if (len(shape) > cfg.max_num_seqs or sum(n for _, n in shape) > cfg.max_num_batched_tokens
+                    or max(c for c, _ in shape) > cfg.max_model_len):
+                continue   # a step this configuration can never produce
             seqs = [Sequence(i, [0] * ctx, 1) for i, (ctx, _) in enumerate(shape)]
             for seq in seqs:
                 seq.block_table = [0] * -(-seq.num_tokens // self.block_size)
@@ -338,7 +345,7 @@ class ModelRunner:
             batch = Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
                           sample=[True] * len(seqs), num_batched_tokens=sum(new),
                           num_prefill_tokens=sum(n for n in new if n > 1))
-            self.execute(batch)
+            self.execute(batch, [warm] * len(seqs))
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

@@ -182,6 +182,11 @@ def test_warm_up_leaves_no_trace(checkpoints, reference):
     outs += llm.generate(PREFIX_PROMPTS[1:], GREEDY, use_tqdm=False)   # hits the shared prefix
     assert [o.token_ids for o in outs] == reference["qwen3"]
     assert total(llm, "prefix_hit_tokens") > 0
+    # a small budget: only the steps it can produce are warmed (no buffer overflow)
+    small = LLM(checkpoints["qwen3"], **{**CPU, "num_gpu_blocks": 64, "max_model_len": 64,
+                                          "max_num_batched_tokens": 16, "max_num_seqs": 4})
+    small.model_runner.warm_up()
+    assert [o.token_ids for o in small.generate(PROMPTS[:2], GREEDY, use_tqdm=False)] == reference["qwen3"][:2]
 
 
 # ---- requests, outputs, the step log ------------------------------------------------------
