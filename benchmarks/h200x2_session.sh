@@ -17,18 +17,17 @@ for stage in ${STAGES:-tp bench_q06 check}; do case $stage in
   tp)          run check_tp 200 python3 benchmarks/check_tp.py --tp 2 --timeout 150 ;;
   bench_q06)   ckpt qwen3-0.6b q06; TAIL=24 run engine_q06_b16 240 $BENCH --model /tmp/q06 --steps-csv $OUT/steps_q06_b16.csv ;;
   profile_q06) ckpt qwen3-0.6b q06; TAIL=60 run engine_q06_b16_prof 300 $BENCH --model /tmp/q06 --cprofile 30 --decode-batches 256 ;;
-  b256)        ckpt qwen3-0.6b q06; run engine_q06_b256 200 $BENCH --model /tmp/q06 --block-size 256 --decode-batches 256 ;;
+  b256)        ckpt qwen3-0.6b q06; run engine_q06_b256 120 $BENCH --model /tmp/q06 --block-size 256 --decode-batches 256 ;;
   blocks)      ckpt qwen3-0.6b q06; for b in 32 64; do run engine_q06_b$b 150 $BENCH --model /tmp/q06 --block-size $b --decode-batches 256; done ;;
-  nograph)     ckpt qwen3-0.6b q06; run engine_q06_eager 200 $BENCH --model /tmp/q06 --enforce-eager --decode-batches 1,256 ;;
+  nograph)     ckpt qwen3-0.6b q06; run engine_q06_eager 150 $BENCH --model /tmp/q06 --enforce-eager --decode-batches 1,256 ;;
   sampler)     run bench_sampler 120 python3 benchmarks/bench_sampler.py ;;
-  flashinfer)  run check_flashinfer 240 python3 benchmarks/check_flashinfer.py
-               ckpt qwen3-0.6b q06; run engine_q06_fi 200 $BENCH --model /tmp/q06 --backend flashinfer ;;
+  flashinfer)  run check_flashinfer 150 python3 benchmarks/check_flashinfer.py
+               ckpt qwen3-0.6b q06; run engine_q06_fi 150 $BENCH --model /tmp/q06 --backend flashinfer --decode-batches 1,256 ;;
   l8)          ckpt llama-3.1-8b l8; run engine_l8_tp1 200 $BENCH --model /tmp/l8 --decode-batches 1,256 ;;
-  tp_bench)    ckpt llama-3.1-8b l8; run engine_l8_tp2 240 $BENCH --model /tmp/l8 --tp 2 --decode-batches 1,256
-               ckpt qwen3-0.6b q06; run engine_q06_tp2 200 $BENCH --model /tmp/q06 --tp 2 --decode-batches 1,256 ;;
+  tp_l8)       ckpt llama-3.1-8b l8; run engine_l8_tp2 240 $BENCH --model /tmp/l8 --tp 2 --decode-batches 1,256 ;;
   check)       run check_gpu 300 python3 benchmarks/check_gpu.py ;;
   replay)      R="trace=sharegpt trace.num_requests=${NREQ:-1000} trace.request_rate=${RATE:-30} hardware=h200 logger=none progress=false"
-               TAIL=30 run gpu_replay 300 python3 run.py mode=gpu $R hydra.run.dir=/tmp/gpu_run
-               run sim_replay 120 python3 run.py mode=sim $R hydra.run.dir=/tmp/sim_run
-               TAIL=40 run sim_vs_gpu 120 python3 -m analysis --compare /tmp/sim_run /tmp/gpu_run --out /tmp/cmp ;;
+               TAIL=30 run gpu_replay 200 python3 run.py mode=gpu $R hydra.run.dir=/tmp/gpu_run
+               run sim_replay 60 python3 run.py mode=sim $R hydra.run.dir=/tmp/sim_run
+               TAIL=40 run sim_vs_gpu 60 python3 -m analysis --compare /tmp/sim_run /tmp/gpu_run --out /tmp/cmp ;;
 esac; done
