@@ -235,6 +235,7 @@ class ModelRunner:
         self.last_tokens: torch.Tensor | None = None   # device tokens of the last launched step
         self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
         self.last_done = None      # CUDA event: the last launched step has finished
+        self.plan_sent = None      # CUDA event: flashinfer's last plan has been uploaded
         backend = resolve_backend(config.attention_backend, self.device)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
         # the KV pool is sized around its workspace.
@@ -386,7 +387,7 @@ class ModelRunner:
         if self.tp_size > 1:
             self.set_header(step.header(RUN))
         cuda = self.device.type == "cuda"
-        begin = done = None
+        begin = None
         if cuda:
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -546,8 +547,14 @@ class ModelRunner:
             self.buffer.download(step.nbytes)
         host = self.buffer.views(step.T, step.B, step.W, step.S)[1]
         context_lens, query_start_loc, block_tables = host[3:6]
-        return self.planner.plan(query_start_loc, context_lens, block_tables,
-                                 step.num_decode_tokens, step.graph_bs)
+        if self.plan_sent is not None:   # the last plan's uploads read the pinned arrays we rewrite
+            self.plan_sent.synchronize()
+        wrapper = self.planner.plan(query_start_loc, context_lens, block_tables,
+                                    step.num_decode_tokens, step.graph_bs)
+        if self.device.type == "cuda":
+            self.plan_sent = torch.cuda.Event()
+            self.plan_sent.record()
+        return wrapper
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor | None:

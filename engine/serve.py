@@ -32,6 +32,8 @@ from engine.config import EngineConfig
 from engine.engine import PLACEHOLDER, LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 
+MAX_STEP_RECORDS = 100_000   # steps of the engine log the server keeps (a ~1 KB dict each)
+
 
 class ApiError(Exception):
     def __init__(self, message: str, status: int = 400):
@@ -141,6 +143,9 @@ class AsyncEngine:
     def _step(self) -> tuple[dict[str, list[int]], list[RequestOutput]]:
         """On the engine thread: one step, plus the new tokens of every streamed request."""
         finished = self.engine.step()
+        records = self.engine.step_records
+        if len(records) > 2 * MAX_STEP_RECORDS:   # a server runs for days: keep the recent steps
+            del records[:-MAX_STEP_RECORDS]
         fresh = {}
         for request_id, num_sent in self.sent.items():
             seq = self.engine.sequences.get(request_id)

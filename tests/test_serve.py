@@ -196,3 +196,14 @@ def test_client_disconnect_aborts_the_stream(paths):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_server_bounds_the_step_log(paths, monkeypatch):
+    """A long-running server keeps only the recent steps of the engine's log."""
+    import engine.serve as serve
+    monkeypatch.setattr(serve, "MAX_STEP_RECORDS", 4)
+    engine = LLMEngine(paths["bare"], **CPU)
+    with TestClient(build_app(engine)) as client:
+        r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 20, "ignore_eos": True})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 20
+    assert 0 < len(engine.step_records) <= 8

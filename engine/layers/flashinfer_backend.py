@@ -83,8 +83,8 @@ class FlashInferPlanner:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self.graph_decode = {}   # batch size -> CUDA-graph decode wrapper
-        # Pinned: plan() uploads them asynchronously. Rewriting them next step is safe
-        # because the runner waits for the device at the end of every step.
+        # Pinned: plan() uploads them asynchronously. The runner waits for the last plan's
+        # uploads before the next plan rewrites them (ModelRunner.plan_attention).
         pin = device.type == "cuda"
         self.indptr = torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pin)
         self.indices = torch.zeros(max_seqs * max_blocks, dtype=torch.int32, pin_memory=pin)
