@@ -2,6 +2,9 @@
 (eagerly, or by replaying a CUDA graph for decode-only steps) and samples one token per
 sequence. It makes no scheduling decision.
 
+A step is `launch`ed (packed, uploaded, queued: no wait) and later `wait`ed for, so the
+engine can schedule and launch step N+1 while step N runs (asynchronous scheduling).
+
 Tensor parallelism: one ModelRunner per rank. Rank 0 packs the step's inputs and
 broadcasts them; the other ranks (engine.distributed) receive them and run the same
 forward, so no rank but 0 ever sees a Batch.
