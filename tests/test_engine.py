@@ -196,6 +196,7 @@ def test_step_records_and_metrics(checkpoints):
     assert len(llm.step_records) == MAX_TOKENS     # one prefill step, then 15 decodes
     for r in llm.step_records:
         assert 0 <= r["cpu_s"] <= r["duration_s"]
+        assert 0 < r["device_s"] <= r["duration_s"] and r["gpu_gap_s"] == 0   # CPU: no gap
     for o in outs:
         m = o.metrics
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time

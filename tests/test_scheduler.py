@@ -90,6 +90,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.sched.abort(seq.seq_id)
             assert seq.finish_reason == "abort" and seq.block_table == []
 
+    @rule(data=st.data())
+    def stop_seen_late(self, data):
+        """An executor that learns of a stop token after the next schedule (the engine's
+        async scheduling) finishes the sequence with Scheduler.finish, running or preempted."""
+        live = [s for s in self.added if s.status is not FINISHED and s.num_output_tokens]
+        if live:
+            seq = data.draw(st.sampled_from(live))
+            self.sched.finish(seq, "stop", self.now)
+            assert seq.status is FINISHED and seq.block_table == [] and seq.finish_time == self.now
+            assert seq.seq_id not in self.sched.sequences
+            self.sched.finish(seq, "stop", self.now + 1)    # a no-op once finished
+            assert seq.finish_time == self.now
+
     @invariant()
     def states_partition_the_requests(self):
         if not hasattr(self, "sched"):
