@@ -72,21 +72,24 @@ def run_breakdown(steps: list[dict], wall_s: float) -> list[dict]:
     decode-only by batch size), each with its wall, device, host-work (cpu_s) and gap
     (device idle, waiting for the host) seconds; plus the time outside steps."""
     edges = (1, 8, 32, 64, 128, 256, 1 << 30)
-    def kind(r):
-        if r["num_prefill_tokens"]:
+
+    def bucket(r) -> int:   # 0 = any prefill tokens, else the decode batch-size bucket's top
+        return 0 if r["num_prefill_tokens"] else min(e for e in edges if e >= r["num_seqs"])
+
+    def label(top: int) -> str:
+        if top == 0:
             return "prefill/mixed"
-        b = r["num_seqs"]
-        lo = max(e for e in edges if e < b) + 1 if b > 1 else 1
-        hi = min(e for e in edges if e >= b)
-        return f"decode B={lo}-{hi}" if lo < hi else f"decode B={b}"
-    groups: dict[str, list[dict]] = {}
+        low = max((e for e in edges if e < top), default=0) + 1
+        return f"decode B={top}" if low == top else f"decode B={low}-{top}"
+
+    groups: dict[int, list[dict]] = {}
     for r in steps:
-        groups.setdefault(kind(r), []).append(r)
+        groups.setdefault(bucket(r), []).append(r)
     rows = []
-    for name in sorted(groups, key=lambda k: (k != "prefill/mixed", int(k.split("=")[-1].split("-")[0]) if "=" in k else 0)):
-        rs = groups[name]
+    for top in sorted(groups):
+        rs = groups[top]
         wall = sum(r["duration_s"] for r in rs)
-        rows.append({"kind": name, "steps": len(rs), "wall_s": wall,
+        rows.append({"kind": label(top), "steps": len(rs), "wall_s": wall,
                      "device_s": sum(r["device_s"] for r in rs),
                      "host_s": sum(r["cpu_s"] for r in rs),
                      "gap_s": sum(r["gpu_gap_s"] for r in rs), "ms_per_step": 1e3 * wall / len(rs),

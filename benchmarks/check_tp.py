@@ -13,6 +13,7 @@ script exits non-zero.
 """
 import faulthandler
 import signal
+import threading
 import time
 import argparse
 import json
@@ -28,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.distributed import free_port  # noqa: E402
+from engine.distributed import free_port, init_process_group  # noqa: E402
 from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
 
 
@@ -39,8 +40,7 @@ def allreduce_rank(rank: int, world: int, port: int, results) -> None:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     start = time.perf_counter()
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    init_process_group(rank, world, port, device)   # the engine's own: NCCL on CUDA, else gloo
     x = torch.full((1 << 20,), float(rank + 1), device=device)
     dist.all_reduce(x)
     total = float(x[0])
@@ -79,7 +79,6 @@ def watchdog(timeout: float) -> None:
         faulthandler.dump_traceback(all_threads=True)
         time.sleep(3)
         os._exit(3)
-    import threading
     timer = threading.Timer(timeout, fire)
     timer.daemon = True
     timer.start()

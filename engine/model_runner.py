@@ -180,15 +180,15 @@ class Step:
 
 @dataclass(slots=True)
 class Launched:
-    """A step handed to the device. `tokens` (device, one per sampled row in logits order)
-    feed the next step's fix-ups; `pending` maps the seq_id of each sampled sequence to its
-    index there; `host` receives them (pinned) and `done` fires when they have arrived.
+    """A step handed to the device. Its sampled tokens (one per `sampled` batch index, in
+    logits order) stay on the device as the runner's `last_tokens`, where the next step's
+    fix-ups read them; `pending` maps the seq_id of each sampled sequence to its index
+    there; `host` receives them (pinned) and `done` fires when they have arrived.
     After `wait`: `device_s`, the device time of the step (CUDA events from its upload to
     its tokens' arrival; on the CPU the forward's time), and `gap_s`, how long the device
     sat idle between the previous step's end and this step's start (host-bound time)."""
-    step: Step
+    sampled: list[int]
     num_seqs: int
-    tokens: torch.Tensor | None
     host: torch.Tensor | None
     pending: dict
     begin: object = None
@@ -269,13 +269,12 @@ class ModelRunner:
         cfg = self.config
         seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
         num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
-        seqs = [Sequence(i, [0] * seq_len, 1) for i in range(num_seqs)]
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         # top-k/top-p: the sampler's sort is part of the peak
         params = [SamplingParams(top_k=50, top_p=0.9)] * num_seqs
-        step = self.prepare(prefill_batch(seqs, self.block_size), params)
+        step = self.prepare(dummy_batch([(seq_len, seq_len)] * num_seqs, self.block_size), params)
         self.buffer.upload(step.nbytes)
         self.forward(step)
         torch.cuda.synchronize(self.device)
@@ -342,14 +341,7 @@ class ModelRunner:
             if (len(shape) > cfg.max_num_seqs or sum(n for _, n in shape) > cfg.max_num_batched_tokens
                     or max(c for c, _ in shape) > cfg.max_model_len):
                 continue   # a step this configuration can never produce
-            seqs = [Sequence(i, [0] * ctx, 1) for i, (ctx, _) in enumerate(shape)]
-            for seq in seqs:
-                seq.block_table = [0] * -(-seq.num_tokens // self.block_size)
-            new = [n for _, n in shape]
-            batch = Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
-                          sample=[True] * len(seqs), num_batched_tokens=sum(new),
-                          num_prefill_tokens=sum(n for n in new if n > 1))
-            self.execute(batch, [warm] * len(seqs))
+            self.execute(dummy_batch(shape, self.block_size), [warm] * len(shape))
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -359,8 +351,7 @@ class ModelRunner:
         self.graph_sizes = graph_batch_sizes(self.config.max_num_seqs)
         pool = None
         for bs in reversed(self.graph_sizes):
-            seqs = [Sequence(i, [0], 1) for i in range(bs)]
-            step = self.prepare(prefill_batch(seqs, self.block_size), None)
+            step = self.prepare(dummy_batch([(1, 1)] * bs, self.block_size), None)
             assert step.graph_bs == bs
             self.buffer.upload(step.nbytes)
             views = self.buffer.views(step.T, step.B, step.W, step.S)[2]
@@ -406,9 +397,10 @@ class ModelRunner:
         if tokens is not None:
             host = self.token_host[self.num_launched % 2, :step.S]
             host.copy_(tokens, non_blocking=True)
-        order, seqs = step.order, batch.seqs
-        pending = {seqs[order[row] if order else row].seq_id: k for k, row in enumerate(step.sampled)}
-        launched = Launched(step, len(batch), tokens, host, pending, begin, previous=self.last_done)
+        order = step.order    # batch index of each sampled row
+        sampled = [order[row] for row in step.sampled] if order else step.sampled
+        pending = {batch.seqs[i].seq_id: k for k, i in enumerate(sampled)}
+        launched = Launched(sampled, len(batch), host, pending, begin, previous=self.last_done)
         if cuda:
             launched.done = self.last_done = torch.cuda.Event(enable_timing=True)
             launched.done.record()
@@ -428,12 +420,10 @@ class ModelRunner:
             if launched.previous is not None:
                 launched.gap_s = max(0.0, launched.previous.elapsed_time(launched.begin) / 1e3)
         self.wait_s = time.perf_counter() - start
-        step = launched.step
         out = [-1] * launched.num_seqs
         if launched.host is not None:
-            order = step.order
-            for row, token in zip(step.sampled, launched.host.tolist()):
-                out[order[row] if order else row] = token
+            for i, token in zip(launched.sampled, launched.host.tolist()):
+                out[i] = token
         return out
 
     def prepare(self, batch: Batch, sampling_params: list[SamplingParams] | None,
@@ -616,11 +606,13 @@ def size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
-def prefill_batch(seqs: list[Sequence], block_size: int) -> Batch:
-    """A batch computing every token of `seqs` (warm-up and graph capture), over dummy
-    block 0: the caches are empty or the slots are junk either way."""
+def dummy_batch(shape: list[tuple[int, int]], block_size: int) -> Batch:
+    """A batch of all-zero sequences, one per (context length, new tokens) in `shape`, each
+    computing its last `new tokens` and sampling (profiling, warm-up, graph capture), over
+    dummy block 0: the caches are empty or the slots are junk either way."""
+    seqs = [Sequence(i, [0] * ctx, 1) for i, (ctx, _) in enumerate(shape)]
     for s in seqs:
         s.block_table = [0] * -(-s.num_tokens // block_size)
-    n = [s.num_tokens for s in seqs]
-    return Batch(seqs=seqs, num_new_tokens=n, num_computed_tokens=[0] * len(seqs),
-                 sample=[True] * len(seqs), num_batched_tokens=sum(n), num_prefill_tokens=sum(n))
+    new = [n for _, n in shape]
+    return Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
+                 sample=[True] * len(seqs), num_batched_tokens=sum(new), num_prefill_tokens=sum(new))
