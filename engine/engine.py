@@ -76,7 +76,7 @@ class LLMEngine:
     (policy.Batch.record plus `cpu_s`: the part of the step not spent waiting for the
     device). `sequences` maps the ids of unfinished requests to their policy Sequence.
 
-    Asynchronous scheduling (`async_scheduling`, on by default without tensor parallelism):
+    Asynchronous scheduling (`async_scheduling`, on by default):
     step N+1 is scheduled and launched while step N runs on the device, so the host's work
     hides behind the device's. The policy sees each sampled token as a PLACEHOLDER until
     the next step() receives it (the runner feeds it to step N+1 on the device). A stop
@@ -112,7 +112,7 @@ class LLMEngine:
         self.step_records: list[dict] = []
         self.clock = time.perf_counter
         self._next_request_id = 0
-        self.async_scheduling = config.async_scheduling is not False and config.tensor_parallel_size == 1
+        self.async_scheduling = config.async_scheduling is not False
         self.in_flight = None   # (batch, Launched, finished by length) of the last launched step
 
     # ---- requests -------------------------------------------------------------------

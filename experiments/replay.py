@@ -102,7 +102,7 @@ def replay_gpu(rc: RunConfig) -> Replay:
                        max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
                        scheduler_policy=rc.scheduler.policy,
                        long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                       enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
+                       enforce_eager=rc.engine.enforce_eager, cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
                        tensor_parallel_size=rc.engine.tensor_parallel_size,
                        attention_backend=rc.engine.attention_backend,
                        async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
