@@ -23,7 +23,6 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--prefill", type=int, default=0, help="also keep one prompt of this many tokens in every step (a mixed step)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
     engine = LLMEngine(args.model, max_model_len=args.max_model_len, max_num_batched_tokens=16384)
