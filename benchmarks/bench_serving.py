@@ -102,8 +102,10 @@ class StepCosts:
         return torch.randint(3, self.llm.model_config.vocab_size - 1, (n,), generator=self.rng).tolist()
 
     def set_budget(self, tokens: int) -> None:
+        """The step's token budget (and, as the policy requires, max_num_seqs <= it)."""
         sched = self.llm.scheduler
-        sched.config = replace(sched.config, max_num_batched_tokens=tokens)
+        sched.config = replace(sched.config, max_num_batched_tokens=tokens,
+                               max_num_seqs=min(self.llm.config.max_num_seqs, tokens))
 
     def run(self, batches: list[int], chunks: list[int], mixed_batches: list[int]) -> list[dict]:
         llm, rows = self.llm, []
