@@ -268,7 +268,7 @@ def main():
     ap.add_argument("--decode-batches", default="1,16,64,256")
     ap.add_argument("--mixed-batches", default="1,64,256")
     ap.add_argument("--chunks", default="16,128,512,2048,8192")
-    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8448)
     ap.add_argument("--graph-max-tokens", type=int, default=512)
