@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--backend", default="auto", help="attention backend")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--graph-max-tokens", type=int, default=512, help="cuda_graph_max_tokens: largest step replayed from a CUDA graph")
+    ap.add_argument("--graph-max-tokens", type=int, default=8192, help="cuda_graph_max_tokens: largest step replayed from a CUDA graph")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024)

@@ -271,7 +271,7 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8448)
-    ap.add_argument("--graph-max-tokens", type=int, default=512)
+    ap.add_argument("--graph-max-tokens", type=int, default=8448)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--online", default="qwen3-0.6b@8,16,32;llama-3.1-8b@8",

@@ -60,7 +60,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    cuda_graph_max_tokens: int = 512
+    cuda_graph_max_tokens: int = 8192
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     attention_backend: str = "auto"

@@ -69,7 +69,7 @@ class EngineSettings:
     dtype: str = "auto"
     device: str = "cuda"
     enforce_eager: bool = False
-    cuda_graph_max_tokens: int = 512
+    cuda_graph_max_tokens: int = 8192
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
