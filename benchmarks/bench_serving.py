@@ -82,8 +82,9 @@ def ceilings(cuda: bool) -> tuple[float, float]:
 class StepCosts:
     """Shapes of steps driven through one engine (see the module docstring)."""
 
-    def __init__(self, llm: LLM, context: int, steps: int, seed: int = 0):
+    def __init__(self, llm: LLM, context: int, steps: int, seed: int = 0, profile=()):
         self.llm, self.context, self.steps = llm, context, steps
+        self.profile = set(profile)      # (decodes, prefill) shapes to profile
         self.rng = torch.Generator().manual_seed(seed)
         runner = llm.model_runner
         mc = llm.model_config
@@ -149,6 +150,8 @@ class StepCosts:
                     if r["num_seqs"] == B + (c > 0) and r["num_prefill_tokens"] == c]
         llm.step()   # the last measured step's device time arrives with the next step
         got = [r for r in got if r["device_s"] == r["device_s"]]   # NaN: not received yet
+        if (B, c) in self.profile:
+            profile_steps(step, B, c)
         row = {"decodes": B, "prefill": c, "steps": len(got)}
         if not got:
             return row
@@ -173,6 +176,21 @@ class StepCosts:
                 "target_ms": 1.25 * floor_s * 1e3 + 0.5}
 
 
+def profile_steps(step, B: int, c: int, n: int = 6) -> None:
+    """torch.profiler over n steps of this shape: the kernels that take the device time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.count, getattr(e, "self_device_time_total", 0.0)) for e in prof.key_averages()),
+                  key=lambda r: -r[2])
+    total = sum(r[2] for r in rows) or float("nan")
+    print(f"\nprofile: {B} decodes + {c} prefill tokens, device {total / n / 1e3:.3f} ms/step")
+    for key, count, us in rows[:14]:
+        print(f"  {key[:64]:<64} {count / n:>6.1f}/step {us / n:>9.1f} us {100 * us / total:>5.1f}%")
+
+
 def step_table(args, path: str, extra: dict) -> tuple[list[dict], dict]:
     cuda = torch.cuda.is_available() and not extra
     bandwidth, flops = ceilings(cuda)
@@ -180,7 +198,8 @@ def step_table(args, path: str, extra: dict) -> tuple[list[dict], dict]:
               max_num_batched_tokens=args.max_num_batched_tokens,
               cuda_graph_max_tokens=args.graph_max_tokens, enforce_eager=args.enforce_eager,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False, **extra)
-    costs = StepCosts(llm, args.context, args.steps)
+    shapes = [tuple(map(int, x.split(":"))) for x in args.profile.split(",") if x]
+    costs = StepCosts(llm, args.context, args.steps, profile=shapes)
     rows = costs.run(ints(args.decode_batches), ints(args.chunks), ints(args.mixed_batches))
     for r in rows:
         if r["steps"]:
@@ -273,6 +292,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8448)
     ap.add_argument("--graph-max-tokens", type=int, default=8448)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile", default="", help="decodes:prefill shapes to profile, e.g. 64:2048,64:16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--online", default="qwen3-0.6b@8,16,32;llama-3.1-8b@8",
                     help="model@rate,rate;model@rate (conf/model names)")

@@ -18,6 +18,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   check)    TAIL=40 run check_gpu 360 python3 benchmarks/check_gpu.py ;;
   steps)    ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b ;;
   steps_eager) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06_nograph 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --graph-max-tokens 0 --chunks 16,512 --decode-batches 1,64 --mixed-batches 64 ;;
+  profsteps) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=60 run profile_steps_q06 240 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 64 --mixed-batches 64 --chunks 16,2048 --steps 6 --profile 64:0,64:16,64:2048 ;;
   offline)  ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --steps-csv $OUT/steps_q06.csv ;;
   online)   TAIL=12 run online 580 python3 benchmarks/bench_serving.py --tables online --out /tmp/online ;;
   online_q06) TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online ;;
