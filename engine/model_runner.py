@@ -243,9 +243,11 @@ class ModelRunner:
         """Pack a dummy step of this graph's shape (its data is junk over block 0)."""
         if kind == DECODE_GRAPH:
             shape = [(1, 1)] * size
-        else:   # prompts of at most max_model_len tokens adding up to `size`
-            L = self.config.max_model_len
-            shape = [(min(L, size - i), min(L, size - i)) for i in range(0, size, L)]
+        else:   # prompts of at most max_model_len tokens adding up to `size` (or as many
+            # tokens as max_num_seqs such prompts hold: the packer pads the rest)
+            L, rows = self.config.max_model_len, min(size, self.config.max_num_seqs)
+            total = min(size, rows * L)
+            shape = [(min(L, total - i), min(L, total - i)) for i in range(0, total, L)]
         sizes = ([], [size]) if kind == MIXED_GRAPH else ([size], [])
         saved = self.packer.decode_sizes, self.packer.mixed_sizes
         self.packer.decode_sizes, self.packer.mixed_sizes = sizes

@@ -208,8 +208,8 @@ class StepPacker:
             return size, size, self.max_blocks, 0, self.split_rule(size, self.max_model_len)
         rows = min(size, self.max_num_seqs)
         tiles = -(-size // self.tile_tokens) + rows
-        # the decode rows of a mixed step are few or short: split for a small batch
-        return size, rows, self.max_blocks, tiles, self.split_rule(min(rows, 8), self.max_model_len)
+        # a mixed step carries fewer decodes than rows: split as for a batch of <= 64
+        return size, rows, self.max_blocks, tiles, self.split_rule(min(rows, 64), self.max_model_len)
 
     def pack(self, batch: Batch, sampling_params: list[SamplingParams] | None,
              pending: dict | None = None) -> Step:
