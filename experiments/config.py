@@ -64,11 +64,17 @@ class EngineSettings:
     model_path: a local Hugging Face model directory; None = a randomly initialised
         checkpoint written from the `model` group's config.json (speed depends on the
         architecture, not the weights).
-    device: "cuda"; "cpu" runs the same replay on the CPU (tiny models, tests)."""
+    device: "cuda"; "cpu" runs the same replay on the CPU (tiny models, tests).
+    cuda_graph_max_tokens: the largest step (tokens) replayed from a CUDA graph (decode and
+        mixed graphs: policy.cuda_graphs); the simulator pads steps by the same rule (0 with
+        enforce_eager).
+    async_scheduling: form step N+1 while step N runs (None: on unless tensor parallel);
+        the simulator follows the same setting."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
     enforce_eager: bool = False
+    cuda_graph_max_tokens: int = 512
     compile: bool = True
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
@@ -80,6 +86,17 @@ class EngineSettings:
         _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                  "engine.tensor_parallel_size must be an integer >= 1, "
                  f"got {self.tensor_parallel_size!r}")
+        _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
+                 f"engine.cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+
+    @property
+    def graph_limit(self) -> int:
+        """The CUDA-graph size limit in effect (0: eager)."""
+        return 0 if self.enforce_eager else self.cuda_graph_max_tokens
+
+    @property
+    def async_on(self) -> bool:
+        return self.async_scheduling is not False and self.tensor_parallel_size == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +215,8 @@ def build(cfg: DictConfig) -> RunConfig:
     def plain(node) -> dict:
         return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
 
+    if OmegaConf.is_missing(cfg.cost_model, "path"):
+        CostModelConfig(kind=cfg.cost_model.kind, path=None)   # raises, saying what path it needs
     cache = plain(cfg.cache)
     gpu_memory_utilization = cache.pop("gpu_memory_utilization")
     num_blocks = cache.pop("num_blocks")

@@ -127,14 +127,18 @@ def test_prefill_first_and_replicas(tmp_path):
     assert set(requests["replica"]) == {0, 1}
 
 
-def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
-    """The sim-vs-real loop on the simulator alone: fed run A's measured step durations
-    (cost_model=replay, strict), a new run schedules the same steps, so every request's
-    timestamps and every compared metric match."""
-    _, a = replay(tmp_path / "a", ["cost_model=fitted"])
+def test_replaying_a_runs_step_times_reproduces_it(tmp_path, capsys):
+    """The sim-vs-real loop on the simulator alone: fed run A's recorded steps
+    (cost_model=replay, strict), a new run schedules the same steps at the same times, so
+    every request's timestamps and every compared metric match, and the run says so."""
+    _, a = replay(tmp_path / "a", [])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
+    n = len(pd.read_parquet(tmp_path / "a" / "steps.parquet"))
+    assert f"{n}/{n} steps identical, {len(a)}/{len(a)} requests with identical timestamps" in capsys.readouterr().out
+    eq = json.loads((tmp_path / "b" / "summary.json").read_text())["equivalence"]
+    assert eq["steps_identical"] == eq["steps_recorded"] == n and eq["first_differing_request"] is None
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
     assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
 
@@ -177,6 +181,11 @@ def test_experiment_sweeps_name_real_keys(experiment):
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build(compose_config(override.split()))
+
+
+def test_fitted_without_a_calibration_fails_clearly():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path.*experiments.calibrate"):
+        build(compose_config(["cost_model=fitted"]))
 
 
 def test_bad_types_and_unknown_options_fail_at_compose():
