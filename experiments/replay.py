@@ -7,6 +7,7 @@ Both executors run the same policy (`policy.Scheduler`) on the same materialized
 and return the policy Sequences, so the result files of a simulated and a real run can be
 compared row for row.
 """
+import dataclasses
 import json
 import time
 from collections import deque
@@ -90,14 +91,32 @@ def replay_sim(rc: RunConfig) -> Replay:
 
 
 def recorded_num_blocks(rc: RunConfig) -> int | None:
-    """With cost_model=replay, the KV pool of the recorded run (its summary.json, next to its
-    steps.parquet): the engine sized it from GPU memory, the simulator must use the same."""
+    """With cost_model=replay: the KV pool of the recorded run (its summary.json, next to
+    its steps.parquet; the engine sized it from GPU memory, the simulator must use the
+    same), after checking that the recorded run used the policy settings of this one."""
     if rc.cost_model.kind != "replay":
         return None
     summary = Path(rc.cost_model.path).parent / "summary.json"
     if not summary.is_file():
         return None
-    return json.loads(summary.read_text()).get("run", {}).get("num_blocks")
+    recorded = json.loads(summary.read_text())
+    theirs = recorded.get("config", {})
+    ours = {"scheduler": dataclasses.asdict(rc.scheduler), "trace": dataclasses.asdict(rc.trace),
+            "cache": {"block_size": rc.cache.block_size,
+                      "enable_prefix_caching": rc.cache.enable_prefix_caching}}
+    for group, fields in ours.items():
+        for key, value in json.loads(json.dumps(fields, default=str)).items():
+            if key in theirs.get(group, {}) and theirs[group][key] != value:
+                raise ValueError(f"cost_model=replay: {summary} was recorded with "
+                                 f"{group}.{key}={theirs[group][key]!r}, this run has {value!r}")
+    engine = theirs.get("engine", {})
+    if engine:
+        async_on = engine.get("async_scheduling") is not False and engine.get("tensor_parallel_size", 1) == 1
+        if async_on != rc.engine.async_on:
+            raise ValueError(f"cost_model=replay: {summary} was recorded with async scheduling "
+                             f"{'on' if async_on else 'off'}; set engine.async_scheduling="
+                             f"{str(async_on).lower()}")
+    return recorded.get("run", {}).get("num_blocks")
 
 
 def compare_requests(table, recorded_path: Path) -> dict:

@@ -305,36 +305,64 @@ def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
     assert summary["mode"] == "gpu" and summary["run"]["num_blocks"] == 64
 
 
-@pytest.mark.parametrize("policy", ["chunked", "prefill_first"])
-def test_policy_equivalence_engine_then_simulator(tmp_path, policy):
-    """DESIGN's promise: fed the engine's measured step durations, the simulator reproduces
-    the engine's schedule step for step. The engine (on the CPU, tiny model) replays a burst
-    with chunked prefill and a pool small enough to preempt; the simulator then replays the
-    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at the
-    first step whose batch differs. Every request's timestamps then match."""
+@pytest.mark.parametrize("policy,async_scheduling", [("chunked", True), ("prefill_first", True),
+                                                     ("chunked", False), ("prefill_first", False)])
+def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_scheduling, capsys):
+    """DESIGN's promise: fed the engine's recorded steps, the simulator reproduces the
+    engine's schedule step for step and every request's timestamps. The engine (on the
+    CPU, tiny model) replays timed arrivals (Poisson, fast enough to land while steps
+    run) with shared prefixes (prefix-cache hits), chunked prefill and a pool small enough
+    to preempt, with and without asynchronous scheduling; the simulator then replays the
+    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at
+    the first step formed differently, and reports N/N steps identical."""
     pytest.importorskip("torch")
     checkpoint = pytest.importorskip("engine.checkpoint")
     model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
                                                    tmp_path / "tiny", dtype="float32")
-    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=synthetic",
-              "trace.num_requests=12", "trace.arrival=burst", "trace.length_dist=uniform",
-              "trace.prompt_len_range=[8,60]", "trace.output_len_range=[2,12]",
-              "scheduler.max_model_len=128", "scheduler.max_num_batched_tokens=48",
-              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=40"]
+    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=shared_prefix",
+              "trace.num_requests=24", "trace.request_rate=400", "trace.length_dist=uniform",
+              "trace.prompt_len_range=[4,40]", "trace.output_len_range=[8,24]",
+              "trace.num_prefixes=2", "trace.prefix_len=16",
+              "scheduler.max_model_len=96", "scheduler.max_num_batched_tokens=48",
+              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=24",
+              f"engine.async_scheduling={str(async_scheduling).lower()}"]
     real = tmp_path / "real"
     run(compose_config(common + ["mode=gpu", "engine.device=cpu",
                                  f"engine.model_path={model_dir}"]), real)
     steps = pd.read_parquet(real / "steps.parquet")
+    requests = pd.read_parquet(real / "requests.parquet")
+    # what this test is about actually happened on the engine
     assert steps["num_preempted"].sum() > 0, "the pool should force preemption"
-    assert (steps["num_prefill_tokens"] < steps["num_batched_tokens"]).any() or policy == "prefill_first"
+    assert steps["prefix_hit_tokens"].sum() > 0, "shared prefixes should hit the cache"
+    assert (requests["arrival_s"] > steps["start_s"].min()).sum() > len(requests) // 2, \
+        "arrivals should land while the engine runs, not all before it starts"
+    busy = steps["start_s"].to_numpy()
+    assert any(((busy < a) & (a < steps["end_s"].to_numpy())).any() for a in requests["arrival_s"]), \
+        "some request should arrive while a step is being formed or run"
+    if async_scheduling:   # step N+1 formed before step N's tokens were received
+        assert (steps["start_s"].to_numpy()[1:] < steps["tokens_s"].to_numpy()[:-1]).any()
+    else:
+        assert (steps["start_s"].to_numpy()[1:] >= steps["tokens_s"].to_numpy()[:-1]).all()
     sim = tmp_path / "sim"
+    capsys.readouterr()
     run(compose_config(common + ["mode=sim", "cost_model=replay",
                                  f"cost_model.path={real / 'steps.parquet'}"]), sim)
+    n, m = len(steps), len(requests)
+    assert f"{n}/{n} steps identical, {m}/{m} requests with identical timestamps" in capsys.readouterr().out
     sim_steps = pd.read_parquet(sim / "steps.parquet")
-    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
-             "num_preempted", "kv_blocks_used"]
+    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs", "num_sampled",
+             "num_preempted", "prefix_hit_tokens", "kv_blocks_used", "start_s", "launch_s", "tokens_s",
+             "end_s"]
     pd.testing.assert_frame_equal(steps[shape], sim_steps[shape])
-    a = pd.read_parquet(real / "requests.parquet").set_index("request_id").sort_index()
+    a = requests.set_index("request_id").sort_index()
     b = pd.read_parquet(sim / "requests.parquet").set_index("request_id").sort_index()
-    assert (a["num_preemptions"] == b["num_preemptions"]).all()
-    assert (a["output_len"] == b["output_len"]).all()
+    columns = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "num_preemptions",
+               "cached_prompt_tokens", "output_len", "ttft_s", "e2el_s"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+    assert (a["token_times_s"].map(list) == b["token_times_s"].map(list)).all()
+    # a replay under other policy settings is refused before it starts
+    flipped = [o for o in common if not o.startswith("engine.async")] + [
+        f"engine.async_scheduling={str(not async_scheduling).lower()}"]
+    with pytest.raises(ValueError, match="recorded with async scheduling"):
+        run(compose_config(flipped + ["mode=sim", "cost_model=replay",
+                                      f"cost_model.path={real / 'steps.parquet'}"]), tmp_path / "x")
