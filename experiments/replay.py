@@ -70,7 +70,8 @@ def replay_sim(rc: RunConfig) -> Replay:
     from simulator import CudaGraphs, ModelSpec, Simulator, build_cost_model, kv_pool_blocks
     model = ModelSpec.from_hf_config(rc.hf_config, name=rc.model_name)
     tp = rc.engine.tensor_parallel_size
-    num_blocks = rc.num_blocks or recorded_num_blocks(rc) or kv_pool_blocks(
+    recorded_blocks = recorded_num_blocks(rc)
+    num_blocks = rc.num_blocks or recorded_blocks or kv_pool_blocks(
         model, rc.hardware, rc.cache.block_size, rc.gpu_memory_utilization, tp=tp)
     requests = load_requests(rc, model.vocab_size)
     check_requests(requests, rc, num_blocks)
