@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
+from policy.model import ModelConfig
 from simulator.hardware import GiB, HardwareSpec, HostCosts
 
 CALIBRATION_FORMAT = "twinserve-calibration/2"
 STEP_KINDS = ("decode", "mixed", "eager")   # how the engine runs a step (policy.cuda_graphs)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,62 +40,54 @@ def _require(ok: bool, message: str) -> None:
 # ---- the model's shape ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The numbers of a dense decoder-only transformer that set its cost."""
+    """The numbers of a dense decoder-only transformer that set its cost, named. Read from
+    config.json by policy.model (the engine's own reading: the same defaults, the same
+    refusals); `name` labels it (conf/model/<name>.yaml)."""
     name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    dtype_bytes: int = 2
-    attention_bias: bool = False
-    qk_norm: bool = False           # Qwen3: an RMSNorm over each head's q and k
-
-    def __post_init__(self):
-        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "vocab_size", "dtype_bytes"):
-            value = getattr(self, field)
-            _require(isinstance(value, int) and value >= 1,
-                     f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
-        _require(self.num_heads % self.num_kv_heads == 0,
-                 f"model {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
-                 f"num_kv_heads ({self.num_kv_heads})")
+    config: ModelConfig
 
     @classmethod
     def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":
         """From a Hugging Face `config.json` dict (what `conf/model/<name>.yaml` holds under
-        `hf_config`). Mixture-of-experts configs are refused: their cost is not modelled."""
+        `hf_config`). Raises ValueError, naming the model, for what the engine cannot run."""
         name = name or d.get("_name_or_path") or d.get("model_type") or "model"
-        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                    "intermediate_size", "vocab_size"):
-            _require(key in d, f"model {name!r}: hf_config has no {key!r}")
-        _require(not (d.get("num_experts") or d.get("num_local_experts")),
-                 f"model {name!r}: mixture-of-experts models are not modelled by the simulator")
-        dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
-        _require(dtype in DTYPE_BYTES, f"model {name!r}: unknown torch_dtype {dtype!r} "
-                 f"(known: {sorted(DTYPE_BYTES)})")
-        heads = d["num_attention_heads"]
-        return cls(name=name, num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
-                   num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
-                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                   dtype_bytes=DTYPE_BYTES[dtype], attention_bias=bool(d.get("attention_bias", False)),
-                   qk_norm=str(d.get("model_type", "")).startswith("qwen3"))
+        try:
+            return cls(name, ModelConfig.from_hf(d))
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
 
     @property
-    def layer_matmul_params(self) -> int:
-        """Weights of one layer's linear layers (QKV, O, gate/up/down)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype_bytes(self) -> int:
+        return self.config.dtype_bytes
 
     @property
     def matmul_params(self) -> int:
         """Linear-layer weights of all layers (no embedding, LM head or norms)."""
-        return self.num_layers * self.layer_matmul_params
+        return self.num_layers * self.config.layer_matmul_params
 
     @property
     def lm_head_params(self) -> int:
@@ -103,35 +95,21 @@ class ModelSpec:
 
     @property
     def num_params(self) -> int:
-        """All parameters (tied embeddings counted once), as Hugging Face counts them."""
-        h = self.hidden_size
-        per_layer = self.layer_matmul_params + 2 * h
-        if self.attention_bias:
-            per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        if self.qk_norm:
-            per_layer += 2 * self.head_dim
-        embeddings = self.lm_head_params * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h
+        return self.config.num_params
 
     @property
     def weight_bytes(self) -> int:
         return self.num_params * self.dtype_bytes
 
-    def kv_heads_per_rank(self, tp: int) -> int:
-        """KV heads one tensor-parallel rank holds (replicated when there are fewer than tp)."""
-        return max(1, self.num_kv_heads // tp)
-
     def kv_bytes_per_token(self, tp: int = 1) -> int:
         """K and V of one token over all layers, on one rank."""
-        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * self.head_dim * self.dtype_bytes
+        return self.config.kv_cache_bytes_per_token(tp_size=tp)
 
     def check_tp(self, tp: int) -> None:
-        _require(isinstance(tp, int) and tp >= 1, f"tp must be a positive integer, got {tp!r}")
-        _require(self.num_heads % tp == 0,
-                 f"model {self.name!r}: tp={tp} does not divide num_heads={self.num_heads}")
-        _require(self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0,
-                 f"model {self.name!r}: tp={tp} and num_kv_heads={self.num_kv_heads} must divide "
-                 "one another")
+        try:
+            self.config.check_tp(tp)
+        except ValueError as e:
+            raise ValueError(f"model {self.name!r}: tp={tp}: {e}") from None
 
 
 def kv_pool_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
