@@ -20,6 +20,7 @@ from simulator import CostModelConfig, HardwareSpec
 from traces import TraceConfig
 
 MODES = ("sim", "gpu")
+TASKS = ("replay", "calibrate")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -117,6 +118,23 @@ class SLOConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CalibrateConfig:
+    """task=calibrate (`python run.py experiment=calibrate`): profile the engine over a grid
+    of step shapes and fit the simulator's cost models (experiments.calibrate).
+    repeats: timed runs of each shape (after one warm-up run); the median is kept.
+    out: the calibration JSON (None: simulator/calibrations/<model>-<hardware>-tp<tp>.json);
+    the profile goes next to it (.profile.parquet) and the fitted roofline hardware
+    parameters too (.hardware.yaml, unless fit_hardware is false)."""
+    repeats: int = 3
+    out: str | None = None
+    fit_hardware: bool = True
+
+    def __post_init__(self):
+        _require(isinstance(self.repeats, int) and self.repeats >= 1,
+                 f"calibrate.repeats must be an integer >= 1, got {self.repeats!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     """Everything one replay needs, validated."""
     mode: str
@@ -135,9 +153,12 @@ class RunConfig:
     logger: LoggerConfig
     engine: EngineSettings
     slo: SLOConfig
+    task: str = "replay"
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     def __post_init__(self):
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(0 < self.gpu_memory_utilization <= 1,
                  "cache.gpu_memory_utilization must be in (0, 1], "
                  f"got {self.gpu_memory_utilization}")
@@ -184,12 +205,14 @@ ClusterSchema = schema(ClusterConfig)
 LoggerSchema = schema(LoggerConfig)
 EngineSchema = schema(EngineSettings)
 SLOSchema = schema(SLOConfig)
+CalibrateSchema = schema(CalibrateConfig)
 
 
 @dataclass
 class Config:
     """The whole composed config (conf/config.yaml)."""
     mode: str = "sim"
+    task: str = "replay"
     seed: int = 0
     progress: bool = True
     trace: TraceSchema = field(default_factory=TraceSchema)
@@ -202,6 +225,7 @@ class Config:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     engine: EngineSchema = field(default_factory=EngineSchema)
     slo: SLOSchema = field(default_factory=SLOSchema)
+    calibrate: CalibrateSchema = field(default_factory=CalibrateSchema)
 
 
 def register_configs() -> None:
@@ -232,4 +256,5 @@ def build(cfg: DictConfig) -> RunConfig:
         cluster=ClusterConfig(**plain(cfg.cluster)),
         logger=LoggerConfig(**plain(cfg.logger)),
         engine=EngineSettings(**plain(cfg.engine)),
-        slo=SLOConfig(**plain(cfg.slo)))
+        slo=SLOConfig(**plain(cfg.slo)),
+        task=cfg.task, calibrate=CalibrateConfig(**plain(cfg.calibrate)))

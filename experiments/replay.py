@@ -146,30 +146,9 @@ def replay_gpu(rc: RunConfig) -> Replay:
     The engine's clock is shifted to start at 0 with the replay, and each step is formed at
     the time the arrivals were polled: what the simulator needs to replay it exactly.
     Token ids are drawn for the checkpoint's vocabulary."""
-    try:
-        import torch
-        from engine import EngineConfig, LLMEngine, SamplingParams
-    except ImportError as e:
-        raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
-    if rc.engine.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
-                           "(engine.device=cpu runs tiny models on the CPU)")
-    extra = {}
-    if "cuda_graph_max_tokens" in EngineConfig.__dataclass_fields__:
-        extra["cuda_graph_max_tokens"] = rc.engine.cuda_graph_max_tokens
-    engine = LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
-                       gpu_memory_utilization=rc.gpu_memory_utilization,
-                       num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
-                       block_size=rc.cache.block_size,
-                       enable_prefix_caching=rc.cache.enable_prefix_caching,
-                       max_num_seqs=rc.scheduler.max_num_seqs,
-                       max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
-                       scheduler_policy=rc.scheduler.policy,
-                       long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                       enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
-                       tensor_parallel_size=rc.engine.tensor_parallel_size,
-                       attention_backend=rc.engine.attention_backend,
-                       async_scheduling=rc.engine.async_scheduling, seed=rc.seed, **extra)
+    engine = build_engine(rc)
+    import torch
+    from engine import SamplingParams
     try:
         num_blocks = engine.scheduler.block_manager.num_blocks
         requests = load_requests(rc, engine.model_config.vocab_size)
@@ -200,6 +179,35 @@ def replay_gpu(rc: RunConfig) -> Replay:
     duration = max((seq.finish_time for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
     return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu)
+
+
+def build_engine(rc: RunConfig):
+    """The engine `rc` describes (mode=gpu replays, calibration). Raises RuntimeError, saying
+    what is missing, where the engine cannot run."""
+    try:
+        import torch
+        from engine import EngineConfig, LLMEngine
+    except ImportError as e:
+        raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
+    if rc.engine.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
+                           "(engine.device=cpu runs tiny models on the CPU)")
+    extra = {}
+    if "cuda_graph_max_tokens" in EngineConfig.__dataclass_fields__:
+        extra["cuda_graph_max_tokens"] = rc.engine.cuda_graph_max_tokens
+    return LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
+                     gpu_memory_utilization=rc.gpu_memory_utilization,
+                     num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
+                     block_size=rc.cache.block_size,
+                     enable_prefix_caching=rc.cache.enable_prefix_caching,
+                     max_num_seqs=rc.scheduler.max_num_seqs,
+                     max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
+                     scheduler_policy=rc.scheduler.policy,
+                     long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
+                     enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
+                     tensor_parallel_size=rc.engine.tensor_parallel_size,
+                     attention_backend=rc.engine.attention_backend,
+                     async_scheduling=rc.engine.async_scheduling, seed=rc.seed, **extra)
 
 
 def warm_up(engine, rc: RunConfig) -> None:

@@ -51,7 +51,7 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     def add(shape, split="train"):
         grid.append({"shape": shape, "split": split})
     contexts = sorted({max(2, min(L, c)) for c in (32, 256, 1024, 4096)})
-    held_ctx = max(2, min(L, 512))
+    held_ctx = int((contexts[len(contexts) // 2 - 1] * contexts[len(contexts) // 2]) ** 0.5)
     decode = list(graphs.decode) or sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= S} | {S})
     if graphs.decode and S > graphs.decode[-1]:
         decode += [S]                                   # past the graphs: eager decode

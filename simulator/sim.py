@@ -219,8 +219,8 @@ class Simulator:
             record = loop.last_record
             if i is not None:
                 replay.check(i, record)
-                if record is not None:
-                    executor.t = executor.current["end_s"]
+                executor.t = record["end_s"] = executor.current["end_s"]   # the host's work after
+                record["duration_s"] = record["end_s"] - now                # the tokens, as recorded
             if record is not None:
                 record.update(replica=r, step=replica.num_steps,
                               kv_usage=record["kv_blocks_used"] / num_blocks)

@@ -155,7 +155,8 @@ def test_every_trace_option_replays(tmp_path, trace):
     check_run_dir(tmp_path, cfg)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                                               if "MULTIRUN" in p.read_text()))
 def test_experiment_sweeps_name_real_keys(experiment):
     cfg = compose_config([f"experiment={experiment}"], hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -366,3 +367,40 @@ def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_schedu
     with pytest.raises(ValueError, match="recorded with async scheduling"):
         run(compose_config(flipped + ["mode=sim", "cost_model=replay",
                                       f"cost_model.path={real / 'steps.parquet'}"]), tmp_path / "x")
+
+
+def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys):
+    """`experiment=calibrate` on the CPU with a tiny model: the engine's runner is profiled
+    over the grid, the fitted model and the roofline's hardware parameters are written with
+    their provenance, the held-out error per step kind is printed, and the calibration then
+    drives a simulated run."""
+    pytest.importorskip("torch")
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    from experiments.calibrate import main as calibrate_main
+    model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
+                                                   tmp_path / "tiny", dtype="float32")
+    out = tmp_path / "calib.json"
+    calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
+                    "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                    "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
+                    f"calibrate.out={out}"])
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    calib = json.loads(out.read_text())
+    assert calib["device"].startswith("cpu") and calib["model"] == "qwen3-0.6b" and calib["tp"] == 1
+    assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
+    assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
+    assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
+    held = calib["kinds"]["eager"]["held_out"]
+    assert held["n"] > 0 and held["mape"] == pytest.approx(summary["held_out_mape"]["eager"], abs=1e-4)
+    assert "held-out MAPE" in printed and "eager" in printed
+    profile = pd.read_parquet(summary["profile"])
+    assert (profile["device_s"] > 0).all() and set(profile["split"]) == {"train", "held_out"}
+    assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
+    hardware = Path(summary["hardware"])
+    assert hardware.is_file() and "fitted on" in hardware.read_text()
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
+                                "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
+                                "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
+                                "cache.num_blocks=64"]), tmp_path / "sim")
+    assert len(pd.read_parquet(tmp_path / "sim" / "steps.parquet")) > 0
