@@ -17,11 +17,14 @@ import json
 import pathlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from simulator.hardware import GiB, HardwareSpec
+
+if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
+    import pandas as pd
 
 CALIBRATION_FORMAT = "twinserve-calibration/1"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -308,7 +311,7 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_regime(steps: pd.DataFrame, features: list[str]) -> dict:
+def fit_regime(steps: "pd.DataFrame", features: list[str]) -> dict:
     """One regime's linear model: intercept (a column of ones) + features, non-negative."""
     X = np.column_stack([np.ones(len(steps))] + [steps[f].to_numpy(float) for f in features])
     y = steps["duration_s"].to_numpy(float)
@@ -325,7 +328,7 @@ def fit_regime(steps: pd.DataFrame, features: list[str]) -> dict:
                     "r2": r2, "mean_duration_s": float(y.mean())}}
 
 
-def fit_calibration(steps: pd.DataFrame, meta: dict, features: dict | None = None) -> dict:
+def fit_calibration(steps: "pd.DataFrame", meta: dict, features: dict | None = None) -> dict:
     """A calibration dict (see `FittedCostModel`) fitted on `steps` (a steps.parquet
     frame). `meta` supplies model, device, command and optionally tp, engine_commit, source.
     Raises ValueError if a column is missing or a regime has too few steps to fit."""
@@ -357,7 +360,7 @@ class ReplayCostModel(CostModel):
     With `strict`, step i must have the recorded `num_seqs` and `num_batched_tokens`:
     a mismatch means the two runs' policies diverged, and raises RuntimeError."""
 
-    def __init__(self, steps: pd.DataFrame, strict: bool = True, source: str = "<steps>"):
+    def __init__(self, steps: "pd.DataFrame", strict: bool = True, source: str = "<steps>"):
         need = ["duration_s"] + (["num_seqs", "num_batched_tokens"] if strict else [])
         missing = [c for c in need if c not in steps.columns]
         _require(not missing, f"{source}: replay needs columns {missing}")
@@ -375,6 +378,7 @@ class ReplayCostModel(CostModel):
 
     @classmethod
     def load(cls, path, strict: bool = True) -> "ReplayCostModel":
+        import pandas as pd
         return cls(pd.read_parquet(path), strict=strict, source=str(path))
 
     def reset(self) -> None:

@@ -12,6 +12,7 @@ An idle replica sleeps on an event the arrival process triggers; it never polls.
 time only advances by arrivals and step durations, so the run's speed is the policy's speed
 plus a few microseconds per step.
 """
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +36,9 @@ class SimResult:
     `Batch.record(start, duration)` columns plus `prefill_kv_tokens`,
     `prefill_attention_pairs`, `replica`, `step` and `kv_usage` (kv_blocks_used / num_blocks).
     duration_s: simulated time of the last finish. wall_s: wall-clock seconds of `run`.
-    cache_stats: each replica's `BlockManager.stats`; num_blocks: KV blocks per replica."""
+    cache_stats: each replica's `BlockManager.stats`; num_blocks: KV blocks per replica.
+    num_iterations: passes through the replicas' step loops (steps / num_iterations is the
+    event-skipping factor)."""
     sequences: list[Sequence]
     replica_of: dict
     steps: list[dict]
@@ -43,6 +46,7 @@ class SimResult:
     wall_s: float
     num_blocks: int
     cache_stats: list[dict] = field(default_factory=list)
+    num_iterations: int = 0
 
 
 class Simulator:
@@ -86,7 +90,15 @@ class Simulator:
         env.process(self._arrivals(env, replicas, state))
         for replica in replicas:
             env.process(self._step_loop(env, replica, state, progress))
-        env.run()
+        # The run allocates millions of small objects and frees few: the cyclic collector
+        # would rescan them all, again and again, for cycles that are not there.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            env.run()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         sequences = state.sequences
         unfinished = [s.seq_id for s in sequences if not s.is_finished]
         if unfinished or len(sequences) != len(requests):   # a bug, not bad input
@@ -94,7 +106,8 @@ class Simulator:
         return SimResult(sequences=sequences, replica_of=state.replica_of, steps=state.steps,
                          duration_s=max((s.finish_time for s in sequences), default=0.0),
                          wall_s=time.perf_counter() - wall0, num_blocks=self.num_blocks,
-                         cache_stats=[r.scheduler.block_manager.stats for r in replicas])
+                         cache_stats=[r.scheduler.block_manager.stats for r in replicas],
+                         num_iterations=state.num_iterations)
 
     def _arrivals(self, env, replicas, state):
         for i, req in enumerate(state.requests):
@@ -141,6 +154,7 @@ class Simulator:
                             kv_usage=batch.kv_blocks_used / num_blocks)
             steps.append(features)
             replica.num_steps += 1
+            state.num_iterations += 1
             if finished and progress is not None:
                 progress(len(finished))
 
@@ -155,3 +169,4 @@ class _RunState:
         self.salt: dict = {}             # request_id -> the token id it generates
         self.steps: list[dict] = []
         self.arrivals_done = False
+        self.num_iterations = 0
