@@ -1,7 +1,7 @@
 """Simulator speed: ShareGPT requests near capacity, qwen3-0.6b on h100, roofline cost model.
 
     python benchmarks/bench_simulator.py [--num-requests 10000] [--rate R] [--no-breakdown]
-        [--profile] [--steps-out steps.parquet]
+        [--step-by-step] [--profile] [--steps-out steps.parquet]
 
 First a saturation probe: the first `--probe-requests` requests all arrive at t=0 (a full
 queue keeps the engine at max_num_seqs); saturation = probe requests / simulated duration.
@@ -11,7 +11,8 @@ requests per wall second and per CPU second of this process (the box may be shar
 CPU seconds), steps, loop iterations and the event-skipping factor (steps simulated per
 loop iteration). Then, unless `--no-breakdown`, the timed run once more under cProfile:
 the share of its time per component (scheduler, block manager, step loop, cost model,
-simpy, garbage collector...). `--profile` prints cProfile's top 20 functions.
+simpy, garbage collector...). `--step-by-step` runs the reference loop (one iteration per
+step) instead of event skipping. `--profile` prints cProfile's top 20 functions.
 Prints tables and, last, one line of JSON.
 """
 import argparse
@@ -38,7 +39,8 @@ from traces import TraceConfig, load_trace, materialize  # noqa: E402
 # caller's file) names its component.
 COMPONENTS = (("policy/scheduler.py", "scheduler"), ("policy/block_manager.py", "block manager"),
               ("policy/batch.py", "batch features"), ("policy/sequence.py", "scheduler"),
-              ("simulator/fast_forward.py", "event skipping"), ("simulator/sim.py", "step loop"),
+              ("policy/fast_forward.py", "event skipping"), ("simulator/fast_forward.py", "event skipping"),
+              ("simulator/sim.py", "step loop"),
               ("simulator/cluster.py", "step loop"), ("simulator/cost_model.py", "cost model"),
               ("simulator/hardware.py", "cost model"), ("policy/cuda_graphs.py", "cost model"),
               ("simpy", "simpy"), ("numpy", "numpy"))
@@ -135,6 +137,8 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--step-by-step", action="store_true",
+                    help="the reference loop: one iteration per step, no event skipping")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled breakdown run")
     ap.add_argument("--profile", action="store_true", help="print cProfile's top 20 functions")
     ap.add_argument("--steps-out", default=None, help="write the timed run's steps here (parquet)")
@@ -148,7 +152,8 @@ def main():
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)
     cache_cfg = CacheConfig(block_size=args.block_size, enable_prefix_caching=True)
-    sim = Simulator(sched_cfg, cache_cfg, build_cost_model(CostModelConfig(), model, hw), num_blocks)
+    sim = Simulator(sched_cfg, cache_cfg, build_cost_model(CostModelConfig(), model, hw), num_blocks,
+                    event_skipping=not args.step_by_step)
     build = lambda n, arrival, rate: requests_for(n, arrival, rate, args.max_model_len,  # noqa: E731
                                                   args.block_size, model.vocab_size)
 
@@ -173,7 +178,7 @@ def main():
         if args.profile:
             pstats.Stats(profiled["_prof"]).sort_stats("tottime").print_stats(20)
 
-    loop = "step by step"
+    loop = "step by step" if args.step_by_step else "event skipping"
     print(f"ShareGPT lengths, {args.model} on {args.hardware} (roofline), {num_blocks} KV blocks x "
           f"{args.block_size}, chunked, max_num_seqs={args.max_num_seqs}, {loop}, "
           f"python {platform.python_version()} on {platform.processor() or platform.machine()}")

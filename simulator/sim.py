@@ -22,6 +22,7 @@ import simpy
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator.cluster import ROUTERS, Replica
 from simulator.cost_model import CostModel, ReplayCostModel
+from simulator.fast_forward import skip_decode_steps
 
 # Generated token ids need no model. Each request repeats its own id in this range, set by
 # its position in the trace and the seed: deterministic (output blocks hash the same in
@@ -53,10 +54,13 @@ class Simulator:
     """Replays requests on `num_replicas` simulated engines, each a `Scheduler` with
     `num_blocks` KV blocks whose steps take `cost_model` seconds. Requests (anything with
     request_id, arrival_s, prompt_token_ids, output_len, sorted by arrival_s) run with
-    `ignore_eos` and `max_tokens = output_len`. The same inputs give the same result."""
+    `ignore_eos` and `max_tokens = output_len`. The same inputs give the same result.
+    `event_skipping`: simulate runs of plain decode steps at once (simulator.fast_forward;
+    the same result as step by step; used with one replica and a stateless cost model)."""
 
     def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, cost_model: CostModel,
-                 num_blocks: int, num_replicas: int = 1, router: str = "round_robin", seed: int = 0):
+                 num_blocks: int, num_replicas: int = 1, router: str = "round_robin", seed: int = 0,
+                 event_skipping: bool = True):
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {router!r}")
         if not isinstance(num_replicas, int) or num_replicas < 1:
@@ -68,6 +72,8 @@ class Simulator:
         self.sched_cfg, self.cache_cfg, self.cost_model = sched_cfg, cache_cfg, cost_model
         self.num_blocks, self.num_replicas, self.seed = num_blocks, num_replicas, seed
         self.route = ROUTERS[router]
+        self.event_skipping = (event_skipping and num_replicas == 1
+                               and not isinstance(cost_model, ReplayCostModel))
 
     def run(self, requests, progress: Callable[[int], None] | None = None) -> SimResult:
         """Simulate until every request finished. `progress(n)` is called with the number of
@@ -132,6 +138,13 @@ class Simulator:
         sched, cost, salt, steps = replica.scheduler, self.cost_model, state.salt, state.steps
         num_blocks, r = self.num_blocks, replica.index
         while True:
+            if self.event_skipping:
+                skipped, finished = yield from skip_decode_steps(env, replica, state, cost, num_blocks)
+                if skipped:
+                    state.num_iterations += 1
+                    if finished and progress is not None:
+                        progress(len(finished))
+                    continue
             batch = sched.schedule(env.now)
             if not batch.seqs:
                 if state.arrivals_done:
