@@ -155,17 +155,36 @@ class BlockManager:
             return False
         pop_front = free.popitem
         blocks = [pop_front(False)[0] for _ in range(need)]
-        block_hash, ref_counts = self.block_hash, self.ref_counts
+        block_hash, ref_counts, cached = self.block_hash, self.ref_counts, self.cached
         for block in blocks:
             ref_counts[block] = 1
             h = block_hash[block]
-            if h != NO_HASH:  # evict: its old content is gone
-                if self.cached.get(h) == block:
-                    del self.cached[h]
+            if h != NO_HASH:     # evict: its old content is gone
+                if cached.get(h) == block:
+                    del cached[h]
                 block_hash[block] = NO_HASH
                 self.evictions += 1
         table += blocks
         return True
+
+    def append_blocks(self, seqs) -> None:
+        """Give each of `seqs` one more block, in order: a decode step's allocations in one
+        call, the same blocks as `allocate` one sequence after another. ValueError if the
+        pool has fewer free blocks than `seqs` (nothing changed then)."""
+        if len(seqs) > len(self.free):
+            raise ValueError(f"{len(seqs)} blocks asked of a pool with {len(self.free)} free")
+        pop_front, block_hash, ref_counts = self.free.popitem, self.block_hash, self.ref_counts
+        cached = self.cached
+        for seq in seqs:
+            block = pop_front(False)[0]
+            ref_counts[block] = 1
+            h = block_hash[block]
+            if h != NO_HASH:     # evict, as in allocate
+                if cached.get(h) == block:
+                    del cached[h]
+                block_hash[block] = NO_HASH
+                self.evictions += 1
+            seq.block_table.append(block)
 
     def register(self, seq: Sequence) -> None:
         """Enter the full blocks whose KV is now computed into the prefix cache."""
@@ -176,8 +195,19 @@ class BlockManager:
         seq.num_registered_blocks = full
         if not self.enable_prefix_caching:
             return
-        hashes = self.block_hashes(seq, full)
         cached, block_hash, table = self.cached, self.block_hash, seq.block_table
+        hashes = seq.block_hashes
+        if full == done + 1 and len(hashes) == done:   # a decode step filled one block
+            bs = self.block_size
+            h = xxh64_intdigest(seq.token_ids[done * bs:full * bs],
+                                hashes[-1] if done else root_hash(seq.extra_keys))
+            hashes.append(h)
+            if h not in cached:
+                block = table[done]
+                cached[h] = block
+                block_hash[block] = h
+            return
+        hashes = self.block_hashes(seq, full)
         for i in range(done, full):
             h = hashes[i]
             if h not in cached:   # an identical block elsewhere keeps serving hits

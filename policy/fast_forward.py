@@ -72,10 +72,9 @@ class DecodeStretch:
             seq.token_ids.extend(array("q", (token,)) * k)
             seq.num_tokens += k
             seq.token_times += times
-        allocate, register = bm.allocate, bm.register
+        append_blocks, register = bm.append_blocks, bm.register
         for j in range(k):
-            for seq in self.alloc_groups[j % bs]:       # schedule(): new blocks, in order
-                allocate(seq, (len(seq.block_table) + 1) * bs)
+            append_blocks(self.alloc_groups[j % bs])    # schedule(): new blocks, in order
             for seq, start in self.reg_groups[j % bs]:  # update(): full blocks, in order
                 seq.num_computed_tokens = start + j + 1
                 register(seq)
@@ -105,6 +104,9 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
     or before the step whose allocation the free pool could not serve."""
     running = sched.running
     if not running:
+        return None
+    newest = running[-1]     # the one most likely still in its prompt: check it first
+    if newest.num_computed_tokens != newest.num_tokens - 1 or newest.num_tokens <= newest.num_prompt_tokens:
         return None
     waiting = sched.waiting
     if waiting and (len(running) < sched.config.max_num_seqs or waiting[0].num_computed_tokens):

@@ -30,13 +30,14 @@ def skip_decode_steps(env, replica, state, cost, num_blocks: int):
     simulate as many of them as end before the next arrival, recording each step and
     advancing the clock to the end of the last. Returns (steps taken, sequences finished);
     (0, []) when the next step must go through the step-by-step loop."""
-    sched = replica.scheduler
-    stretch = plan_decode_stretch(sched, state.salt)
-    if stretch is None:
-        return 0, []
     pending = len(state.sequences)       # the next request the arrival process will add
     next_arrival = (state.requests[pending].arrival_s if pending < len(state.requests)
                     else math.inf)
+    if state.steps and next_arrival - env.now < 2 * state.steps[-1]["duration_s"]:
+        return 0, []     # room for a step or two at most: planning would cost what it saves
+    stretch = plan_decode_stretch(replica.scheduler, state.salt)
+    if stretch is None:
+        return 0, []
     t, times, records = env.now, [], []
     predict, r, step = cost.predict, replica.index, replica.num_steps
     for j in range(stretch.max_steps):
