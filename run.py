@@ -5,6 +5,7 @@
     python run.py mode=gpu trace=sharegpt_tokens         # the real engine, on a GPU
     python run.py -m cache.block_size=16,32,64,128 scheduler.max_num_seqs=64,128,256
     python run.py experiment=block_size_sweep            # a ready sweep (see conf/experiment)
+    python run.py experiment=calibrate hardware=h200     # profile the engine, fit the cost model
     python run.py --cfg job                              # print the composed config
 
 Each run writes requests.parquet, steps.parquet and summary.json to its Hydra output dir
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from experiments.calibrate import calibrate
 from experiments.config import register_configs
 from experiments.replay import run
 
@@ -26,6 +28,9 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
+    if cfg.task == "calibrate":
+        calibrate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+        return
     run(cfg, hc.runtime.output_dir, name=hc.job.override_dirname or None,
         group=hc.sweep.dir if sweep else None)
 

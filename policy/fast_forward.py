@@ -16,8 +16,9 @@ allocated), not O(running sequences x steps).
 """
 from array import array
 
+from policy.batch import Batch
 from policy.scheduler import Scheduler
-from policy.sequence import Sequence, SequenceStatus
+from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
@@ -27,7 +28,7 @@ class DecodeStretch:
     Made by `plan_decode_stretch`; `apply` it once."""
 
     __slots__ = ("scheduler", "seqs", "tokens", "starts", "max_steps", "alloc_groups",
-                 "reg_groups", "alloc_prefix", "context0", "used0")
+                 "reg_groups", "alloc_prefix", "context0", "used0", "applied")
 
     def __init__(self, scheduler, seqs, tokens, starts, max_steps, alloc_groups, reg_groups,
                  context0, used0):
@@ -42,6 +43,7 @@ class DecodeStretch:
         for group in alloc_groups:
             self.alloc_prefix.append(self.alloc_prefix[-1] + len(group))
         self.context0, self.used0 = context0, used0
+        self.applied = 0
 
     def allocations_through(self, j: int) -> int:
         """Blocks allocated by steps 0..j together."""
@@ -58,18 +60,27 @@ class DecodeStretch:
                 "num_preempted": 0, "prefix_hit_tokens": 0,
                 "kv_blocks_used": self.used0 + self.allocations_through(j)}
 
-    def apply(self, k: int, times: list[float]) -> list[Sequence]:
-        """Run steps 0..k-1 (1 <= k <= max_steps); step j's tokens come at `times[j]`.
-        Returns the sequences finished by the last step, as `update` would."""
+    def apply(self, k: int, times: list[float], in_flight: bool = False) -> list[Sequence]:
+        """Run steps 0..k-1 (1 <= k <= max_steps). `times[j]`: the time of step j's tokens
+        (as `update`, then `receive`, would set them). `in_flight`: the last step's tokens
+        are not received yet (asynchronous scheduling): it leaves PLACEHOLDERs, to be
+        replaced by `Scheduler.receive(stretch.batch(k - 1), ...)`. Returns the sequences
+        the last step finished (by length), as `update` would."""
         if not 1 <= k <= self.max_steps or len(times) != k:
             raise ValueError(f"a stretch of {self.max_steps} steps cannot apply {k} steps "
                              f"with {len(times)} times")
         sched = self.scheduler
         bm, bs = sched.block_manager, sched.block_size
         seqs, tokens, starts = self.seqs, self.tokens, self.starts
-        # Tokens first: a block registered at step j hashes only tokens before c + j + 1.
+        # Tokens first: a block registered at step j hashes only tokens before c + j + 1,
+        # all of them received by then.
+        last = array("q", (PLACEHOLDER,)) if in_flight else None
         for seq, token in zip(seqs, tokens):
-            seq.token_ids.extend(array("q", (token,)) * k)
+            if last is None:
+                seq.token_ids.extend(array("q", (token,)) * k)
+            else:
+                seq.token_ids.extend(array("q", (token,)) * (k - 1))
+                seq.token_ids.extend(last)
             seq.num_tokens += k
             seq.token_times += times
         append_blocks, register = bm.append_blocks, bm.register
@@ -87,8 +98,17 @@ class DecodeStretch:
             sched.running.remove(seq)
             del sched.sequences[seq.seq_id]
             bm.free_blocks(seq)
+        self.applied = k
         self.max_steps = 0      # applied: the plan no longer describes the state
         return finished
+
+    def batch(self, j: int) -> Batch:
+        """The `Batch` step j was (for the executor's in-flight step)."""
+        n = len(self.seqs)
+        return Batch(seqs=list(self.seqs), num_new_tokens=[1] * n,
+                     num_computed_tokens=[start + j for start in self.starts], sample=[True] * n,
+                     num_batched_tokens=n, num_decode_seqs=n,
+                     kv_blocks_used=self.used0 + self.allocations_through(j))
 
 
 def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | None:

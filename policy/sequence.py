@@ -2,6 +2,10 @@
 from array import array
 from enum import Enum
 
+# A sampled token the host has not received yet (asynchronous scheduling): `Scheduler.update`
+# appends it, `Scheduler.receive` replaces it. Never a real token id.
+PLACEHOLDER = -1
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"      # queued, or preempted and waiting to be recomputed

@@ -127,14 +127,18 @@ def test_prefill_first_and_replicas(tmp_path):
     assert set(requests["replica"]) == {0, 1}
 
 
-def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
-    """The sim-vs-real loop on the simulator alone: fed run A's measured step durations
-    (cost_model=replay, strict), a new run schedules the same steps, so every request's
-    timestamps and every compared metric match."""
-    _, a = replay(tmp_path / "a", ["cost_model=fitted"])
+def test_replaying_a_runs_step_times_reproduces_it(tmp_path, capsys):
+    """The sim-vs-real loop on the simulator alone: fed run A's recorded steps
+    (cost_model=replay, strict), a new run schedules the same steps at the same times, so
+    every request's timestamps and every compared metric match, and the run says so."""
+    _, a = replay(tmp_path / "a", [])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
+    n = len(pd.read_parquet(tmp_path / "a" / "steps.parquet"))
+    assert f"{n}/{n} steps identical, {len(a)}/{len(a)} requests with identical timestamps" in capsys.readouterr().out
+    eq = json.loads((tmp_path / "b" / "summary.json").read_text())["equivalence"]
+    assert eq["steps_identical"] == eq["steps_recorded"] == n and eq["first_differing_request"] is None
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
     assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
 
@@ -151,7 +155,8 @@ def test_every_trace_option_replays(tmp_path, trace):
     check_run_dir(tmp_path, cfg)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                                               if "MULTIRUN" in p.read_text()))
 def test_experiment_sweeps_name_real_keys(experiment):
     cfg = compose_config([f"experiment={experiment}"], hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -177,6 +182,11 @@ def test_experiment_sweeps_name_real_keys(experiment):
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build(compose_config(override.split()))
+
+
+def test_fitted_without_a_calibration_fails_clearly():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path.*experiments.calibrate"):
+        build(compose_config(["cost_model=fitted"]))
 
 
 def test_bad_types_and_unknown_options_fail_at_compose():
@@ -296,36 +306,101 @@ def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
     assert summary["mode"] == "gpu" and summary["run"]["num_blocks"] == 64
 
 
-@pytest.mark.parametrize("policy", ["chunked", "prefill_first"])
-def test_policy_equivalence_engine_then_simulator(tmp_path, policy):
-    """DESIGN's promise: fed the engine's measured step durations, the simulator reproduces
-    the engine's schedule step for step. The engine (on the CPU, tiny model) replays a burst
-    with chunked prefill and a pool small enough to preempt; the simulator then replays the
-    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at the
-    first step whose batch differs. Every request's timestamps then match."""
+@pytest.mark.parametrize("policy,async_scheduling", [("chunked", True), ("prefill_first", True),
+                                                     ("chunked", False), ("prefill_first", False)])
+def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_scheduling, capsys):
+    """DESIGN's promise: fed the engine's recorded steps, the simulator reproduces the
+    engine's schedule step for step and every request's timestamps. The engine (on the
+    CPU, tiny model) replays timed arrivals (Poisson, fast enough to land while steps
+    run) with shared prefixes (prefix-cache hits), chunked prefill and a pool small enough
+    to preempt, with and without asynchronous scheduling; the simulator then replays the
+    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at
+    the first step formed differently, and reports N/N steps identical."""
     pytest.importorskip("torch")
     checkpoint = pytest.importorskip("engine.checkpoint")
     model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
                                                    tmp_path / "tiny", dtype="float32")
-    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=synthetic",
-              "trace.num_requests=12", "trace.arrival=burst", "trace.length_dist=uniform",
-              "trace.prompt_len_range=[8,60]", "trace.output_len_range=[2,12]",
-              "scheduler.max_model_len=128", "scheduler.max_num_batched_tokens=48",
-              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=40"]
+    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=shared_prefix",
+              "trace.num_requests=24", "trace.request_rate=400", "trace.length_dist=uniform",
+              "trace.prompt_len_range=[4,40]", "trace.output_len_range=[8,24]",
+              "trace.num_prefixes=2", "trace.prefix_len=16",
+              "scheduler.max_model_len=96", "scheduler.max_num_batched_tokens=48",
+              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=24",
+              f"engine.async_scheduling={str(async_scheduling).lower()}"]
     real = tmp_path / "real"
     run(compose_config(common + ["mode=gpu", "engine.device=cpu",
                                  f"engine.model_path={model_dir}"]), real)
     steps = pd.read_parquet(real / "steps.parquet")
+    requests = pd.read_parquet(real / "requests.parquet")
+    # what this test is about actually happened on the engine
     assert steps["num_preempted"].sum() > 0, "the pool should force preemption"
-    assert (steps["num_prefill_tokens"] < steps["num_batched_tokens"]).any() or policy == "prefill_first"
+    assert steps["prefix_hit_tokens"].sum() > 0, "shared prefixes should hit the cache"
+    assert (requests["arrival_s"] > steps["start_s"].min()).sum() > len(requests) // 2, \
+        "arrivals should land while the engine runs, not all before it starts"
+    busy = steps["start_s"].to_numpy()
+    assert any(((busy < a) & (a < steps["end_s"].to_numpy())).any() for a in requests["arrival_s"]), \
+        "some request should arrive while a step is being formed or run"
+    if async_scheduling:   # step N+1 formed before step N's tokens were received
+        assert (steps["start_s"].to_numpy()[1:] < steps["tokens_s"].to_numpy()[:-1]).any()
+    else:
+        assert (steps["start_s"].to_numpy()[1:] >= steps["tokens_s"].to_numpy()[:-1]).all()
     sim = tmp_path / "sim"
+    capsys.readouterr()
     run(compose_config(common + ["mode=sim", "cost_model=replay",
                                  f"cost_model.path={real / 'steps.parquet'}"]), sim)
+    n, m = len(steps), len(requests)
+    assert f"{n}/{n} steps identical, {m}/{m} requests with identical timestamps" in capsys.readouterr().out
     sim_steps = pd.read_parquet(sim / "steps.parquet")
-    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
-             "num_preempted", "kv_blocks_used"]
+    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs", "num_sampled",
+             "num_preempted", "prefix_hit_tokens", "kv_blocks_used", "start_s", "launch_s", "tokens_s",
+             "end_s"]
     pd.testing.assert_frame_equal(steps[shape], sim_steps[shape])
-    a = pd.read_parquet(real / "requests.parquet").set_index("request_id").sort_index()
+    a = requests.set_index("request_id").sort_index()
     b = pd.read_parquet(sim / "requests.parquet").set_index("request_id").sort_index()
-    assert (a["num_preemptions"] == b["num_preemptions"]).all()
-    assert (a["output_len"] == b["output_len"]).all()
+    columns = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "num_preemptions",
+               "cached_prompt_tokens", "output_len", "ttft_s", "e2el_s"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+    assert (a["token_times_s"].map(list) == b["token_times_s"].map(list)).all()
+    # a replay under other policy settings is refused before it starts
+    flipped = [o for o in common if not o.startswith("engine.async")] + [
+        f"engine.async_scheduling={str(not async_scheduling).lower()}"]
+    with pytest.raises(ValueError, match="recorded with async scheduling"):
+        run(compose_config(flipped + ["mode=sim", "cost_model=replay",
+                                      f"cost_model.path={real / 'steps.parquet'}"]), tmp_path / "x")
+
+
+def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys):
+    """`experiment=calibrate` on the CPU with a tiny model: the engine's runner is profiled
+    over the grid, the fitted model and the roofline's hardware parameters are written with
+    their provenance, the held-out error per step kind is printed, and the calibration then
+    drives a simulated run."""
+    pytest.importorskip("torch")
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    from experiments.calibrate import main as calibrate_main
+    model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
+                                                   tmp_path / "tiny", dtype="float32")
+    out = tmp_path / "calib.json"
+    calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
+                    "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                    "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
+                    f"calibrate.out={out}"])
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    calib = json.loads(out.read_text())
+    assert calib["device"].startswith("cpu") and calib["model"] == "qwen3-0.6b" and calib["tp"] == 1
+    assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
+    assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
+    assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
+    held = calib["kinds"]["eager"]["held_out"]
+    assert held["n"] > 0 and held["mape"] == pytest.approx(summary["held_out_mape"]["eager"], abs=1e-4)
+    assert "held-out MAPE" in printed and "eager" in printed
+    profile = pd.read_parquet(summary["profile"])
+    assert (profile["device_s"] > 0).all() and set(profile["split"]) == {"train", "held_out"}
+    assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
+    hardware = Path(summary["hardware"])
+    assert hardware.is_file() and "fitted on" in hardware.read_text()
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
+                                "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
+                                "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
+                                "cache.num_blocks=64"]), tmp_path / "sim")
+    assert len(pd.read_parquet(tmp_path / "sim" / "steps.parquet")) > 0
