@@ -104,7 +104,7 @@ def test_mooncake_requests_share_real_prefixes():
     block = {}   # hash id -> its 512 tokens, from every full block in the slice
     for row, req in zip(df.itertuples(), requests):
         for j, h in enumerate(row.hash_ids[:row.prompt_len // 512]):
-            tokens = req.prompt_token_ids[j * 512:(j + 1) * 512]
+            tokens = tuple(req.prompt_token_ids[j * 512:(j + 1) * 512])
             assert block.setdefault(h, tokens) == tokens
     assert len(set(block.values())) == len(block)   # different ids, different content
 
@@ -230,7 +230,7 @@ def test_shared_prefix_groups_share_exactly_the_system_prompt(prefix_len):
     for members in groups.values():
         for p in members[1:]:   # the system prompt, then own text (8+ tokens: no chance match)
             assert common_prefix(members[0], p) == prefix_len
-    heads = [members[0][:prefix_len] for members in groups.values()]
+    heads = [tuple(members[0][:prefix_len]) for members in groups.values()]
     assert len(set(heads)) == len(heads)
 
 
@@ -289,7 +289,7 @@ def test_materialize_rows_without_content_are_random_and_stable():
     df = load_trace(TraceConfig(name="sharegpt", num_requests=50))
     requests = materialize(df, block_size=16, vocab_size=32_000, seed=0)
     assert all(isinstance(r, Request) for r in requests)
-    assert len({r.prompt_token_ids[:8] for r in requests}) == len(requests)
+    assert len({tuple(r.prompt_token_ids[:8]) for r in requests}) == len(requests)
     # a row's tokens depend on its request_id, not on which rows are around it
     again = materialize(df.iloc[10:20], block_size=16, vocab_size=32_000, seed=0)
     assert again == requests[10:20]
