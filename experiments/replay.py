@@ -8,6 +8,7 @@ and return the policy Sequences, so the result files of a simulated and a real r
 compared row for row.
 """
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from experiments.logging import make_logger
 from policy import Scheduler, Sequence
 from traces import load_trace, materialize
 
+log = logging.getLogger(__name__)
 GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
 
@@ -182,8 +184,9 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
     steps_table = results.step_table(replay.steps, replay.num_blocks, replay.t0)
     metrics = compute_metrics(requests_table, duration_s=replay.duration_s, slos=rc.slo.as_dict())
     config = OmegaConf.to_container(cfg, resolve=True)
+    backend, load = results.backend(rc, replay.gpu), results.load(rc.trace)
     summary = {"config": config, "metrics": metrics, "versions": results.versions(),
-               "gpu": replay.gpu, "mode": rc.mode,
+               "gpu": replay.gpu, "mode": rc.mode, "backend": backend, "load": load,
                "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
                        "num_steps": len(steps_table), "wall_s": replay.wall_s}}
     results.write(run_dir, requests_table, steps_table, summary)
@@ -195,7 +198,7 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         logger.log_cdfs(requests_table)
     finally:
         logger.finish()
-    print(format_report(metrics))
-    print(f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
-          f"{replay.wall_s:.1f} s wall)")
+    log.info(f"backend: {backend}\nload: {load['text']}\n{format_report(metrics)}\n"
+             f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
+             f"{replay.wall_s:.1f} s wall)")
     return metrics

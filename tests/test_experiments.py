@@ -27,6 +27,7 @@ from traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+EXAMPLE_CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
 SMALL = ["logger=none", "progress=false", "trace.num_requests=40"]
 STEP_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_batched_tokens", "num_prefill_tokens",
                 "num_decode_seqs", "num_sampled", "decode_context_tokens",
@@ -103,6 +104,25 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert summary["config"]["cache"]["block_size"] == 16
     assert summary["run"]["num_blocks"] > 0
     assert metrics["completed"] == 40
+    # the summary says what produced the numbers and under what load
+    assert summary["backend"].startswith("simulator: roofline cost model, qwen3-0.6b on h100")
+    assert summary["load"]["request_rate"] == cfg.trace.request_rate
+    assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
+
+
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path):
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={EXAMPLE_CALIBRATION}",
+                                "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert EXAMPLE_CALIBRATION in summary["backend"]
+    assert "(EXAMPLE, not a measurement)" in summary["backend"]
+    assert summary["load"]["arrival"] == "trace" and summary["load"]["time_scale"] == 0.5
+    assert summary["load"]["request_rate"] is None
+
+
+def test_fitted_cost_model_needs_a_named_calibration():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path"):
+        build(compose_config(SMALL + ["cost_model=fitted"]))
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
@@ -131,7 +151,7 @@ def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
     """The sim-vs-real loop on the simulator alone: fed run A's measured step durations
     (cost_model=replay, strict), a new run schedules the same steps, so every request's
     timestamps and every compared metric match."""
-    _, a = replay(tmp_path / "a", ["cost_model=fitted"])
+    _, a = replay(tmp_path / "a", ["cost_model=fitted", f"cost_model.path={EXAMPLE_CALIBRATION}"])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
@@ -206,6 +226,9 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serving Benchmark Result" in result.stdout
     assert "Mean TTFT (ms):" in result.stdout
+    assert "backend: simulator: roofline cost model" in result.stdout
+    log = (tmp_path / "run.log").read_text()     # the run's log, through logging
+    assert "Mean TTFT (ms):" in log and "load: sharegpt, poisson arrivals" in log
     check_run_dir(tmp_path, compose_config(SMALL))
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
@@ -214,9 +237,18 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
 
 def test_multirun_sweep_then_analysis(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_py("-m", *SMALL, "trace.num_requests=20", "cache.block_size=16,32",
+    with_progress = [a for a in SMALL if a != "progress=false"]   # jobs must turn it off
+    result = run_py("-m", *with_progress, "trace.num_requests=20", "cache.block_size=16,32",
                     "scheduler.max_num_seqs=32,64", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # one line per job (no interleaved reports or progress bars), then one table
+    assert "Serving Benchmark Result" not in result.stdout and "%|" not in result.stderr
+    assert sorted(re.findall(r"^job (\d) \[", result.stdout, re.M)) == ["0", "1", "2", "3"]
+    table = result.stdout.split("sweep: 4 jobs in")[1].splitlines()[1:6]
+    assert table[0].split()[:4] == ["job", "cache.block_size", "scheduler.max_num_seqs", "status"]
+    assert [row.split()[:4] for row in table[1:]] == [
+        ["0", "16", "32", "ok"], ["1", "16", "64", "ok"], ["2", "32", "32", "ok"],
+        ["3", "32", "64", "ok"]]
     run_dirs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]
     seen = set()
@@ -238,11 +270,35 @@ def test_multirun_sweep_then_analysis(tmp_path):
 
 
 def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
-    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "cache.block_size must be a positive integer, got 0" in result.stderr
+    run_dir = tmp_path / "outputs" / "run"
+    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    # one line, no traceback, and no folder left behind by the failed run
+    assert result.stderr == "error: cache.block_size must be a positive integer, got 0\n"
+    assert not (tmp_path / "outputs").exists()
+    full = subprocess.run([sys.executable, str(REPO / "run.py"), *SMALL, "cache.block_size=0",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                          env=dict(os.environ, TWINSERVE_TRACEBACK="1"), timeout=300)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+    result = run_py(*SMALL, "trace=sharegpt_tokens", "scheduler.max_model_len=512",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "no request left: all 300 rows were dropped" in result.stderr
     result = run_py(*SMALL, "trace=nope", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Could not find 'trace/nope'" in result.stderr
+
+
+def test_failed_sweep_job_is_one_line_and_the_sweep_exits_nonzero(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_py("-m", *SMALL, "trace.num_requests=10", "scheduler.max_num_seqs=8,0",
+                    f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1
+    assert re.search(r"^job 1 \[.*\]: failed: scheduler.max_num_seqs must be a positive "
+                     "integer, got 0$", result.stdout, re.M)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "error: 1 of 2 jobs failed" in result.stderr
+    assert (sweep_dir / "0" / "summary.json").is_file()
+    assert "failed: scheduler.max_num_seqs" in (sweep_dir / "1" / "run.log").read_text()
 
 
 def _cuda_available() -> bool:

@@ -379,9 +379,12 @@ FEW_STEPS = [{"duration_s": 0.01, "num_prefill_tokens": 0, "num_seqs": 1, "decod
 
 
 def test_calibration_files_are_checked():
-    example = ROOT / "conf" / "cost_model" / "fitted.yaml"
-    cfg = CostModelConfig(**yaml.safe_load(open(example)))
-    model = build_cost_model(cfg, QWEN, H100)        # the shipped example loads ...
+    shipped = yaml.safe_load(open(ROOT / "conf" / "cost_model" / "fitted.yaml"))
+    with pytest.raises(ValueError, match="needs cost_model.path"):   # no default calibration
+        CostModelConfig(**shipped)
+    example = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
+    cfg = CostModelConfig(kind="fitted", path=example)
+    model = build_cost_model(cfg, QWEN, H100)        # the example loads when named ...
     assert "NOT a measurement" in model.calibration["device"]   # ... and says what it is
     with pytest.raises(ValueError, match="not 'llama-3.1-8b'"):
         build_cost_model(cfg, load_model("llama-3.1-8b"), H100)
