@@ -156,7 +156,7 @@ def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
-    assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
+    assert len(table) > 20 and (table["error_pct"].fillna(0) == 0).all()
 
 
 TRACE_OPTIONS = sorted(p.stem for p in (CONF / "trace").glob("*.yaml"))

@@ -154,6 +154,8 @@ class SweepSummary(Callback):
 
         import pandas as pd
         import yaml
+
+        from analysis.metrics import format_value
         sweep_dir = Path(config.hydra.sweep.dir)
         rows, failed = [], 0
         jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
@@ -174,9 +176,12 @@ class SweepSummary(Callback):
         table = pd.DataFrame(rows)
         same = [c for c in table.columns[1:] if c not in self.COLUMNS.values() and c != "status"
                 and table[c].nunique(dropna=False) == 1]
-        table = table.drop(columns=same).fillna("")
-        with pd.option_context("display.width", 200, "display.max_columns", 30,
-                               "display.float_format", "{:.4g}".format):
+        table = table.drop(columns=same)
+        for column in self.COLUMNS.values():
+            if column in table:
+                table[column] = [format_value(v) if v == v and v is not None else ""
+                                 for v in table[column]]
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
             print(f"\nsweep: {len(rows)} jobs in {sweep_dir}\n{table.to_string(index=False)}")
         print(f"figures and the full table: twinserve analyze {sweep_dir}")
         if failed:
