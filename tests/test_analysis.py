@@ -286,7 +286,7 @@ def test_heatmap_is_labelled_and_formatted():
     assert ax.get_ylabel() == "max sequences per step"
     assert ax.get_title() == "p99 TTFT (ms), lower is better"
     assert sorted(t.get_text() for t in ax.texts) == sorted(["5,380", "12.3", "0.0123", "100.0"])
-    assert fig.axes[1].get_ylabel() == "p99 TTFT (ms)"      # the colour bar says what it is
+    assert fig.axes[1].get_ylabel() == "p99 TTFT (ms) (log scale)"   # the colour bar too
     wide = pd.DataFrame({"a": list(range(200)) * 2, "b": [0] * 200 + [1] * 200,
                          "p99_ttft_ms": range(400)})
     width, height = plots.heatmap(wide, "a", "b", "p99_ttft_ms").get_size_inches()
