@@ -183,6 +183,33 @@ def test_experiment_sweeps_name_real_keys(experiment):
         build(compose_config([f"experiment={experiment}", f"{key}={first}"]))
 
 
+SWEEPS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                if "sweeper" in p.read_text())
+OUTCOME = ("request_throughput", "p99_ttft_ms", "p99_tpot_ms", "num_preemptions",
+           "prefix_cache_hit_rate")
+
+
+@pytest.mark.parametrize("experiment", SWEEPS)
+def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
+    """A sweep whose axis changes nothing tells its user nothing (or that the override was
+    ignored). For each axis, its lowest and highest values, the other axes at their first
+    value, must give different headline metrics (on a shortened trace)."""
+    params = compose_config([f"experiment={experiment}"], hydra=True).hydra.sweeper.params
+    axes = {key: str(values).split(",") for key, values in params.items()}
+    base = [f"{key}={values[0]}" for key, values in axes.items()]
+    num = compose_config([f"experiment={experiment}"]).trace.num_requests
+    short = [f"experiment={experiment}", "logger=none", "progress=false",
+             f"trace.num_requests={min(num or 1000, 300)}"]
+    for key, values in axes.items():
+        outcomes = []
+        for value in (values[0], values[-1]):
+            overrides = [o for o in base if not o.startswith(f"{key}=")] + [f"{key}={value}"]
+            run_dir = tmp_path / f"{key}={value}"
+            metrics = run(compose_config(short + overrides), run_dir)
+            outcomes.append(tuple(round(metrics[m], 6) for m in OUTCOME))
+        assert outcomes[0] != outcomes[1], f"{experiment}: {key} {values[0]} vs {values[-1]}"
+
+
 @pytest.mark.parametrize("override, message", [
     ("cache.block_size=0", "cache.block_size must be a positive integer"),
     ("scheduler.policy=fifo", "scheduler.policy must be one of"),
