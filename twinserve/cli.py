@@ -3,7 +3,8 @@
     twinserve run [overrides...]        replay a trace on the simulator or the engine (Hydra;
                                         the same as python run.py)
     twinserve analyze DIR... [--compare REAL SIM]   tables and figures (python -m analysis)
-    twinserve serve --model DIR ...     OpenAI-compatible server (python -m server)
+    twinserve serve --model DIR ...     OpenAI-compatible server (python -m server, else
+                                        python -m engine.serve)
     twinserve bench ...                 load generator against a server (python -m bench)
     twinserve calibrate ...             fit a cost model on the engine (experiments.calibrate)
     twinserve checkpoint MODEL DIR      random-weight checkpoint (python -m engine.checkpoint)
@@ -28,12 +29,12 @@ log = logging.getLogger("twinserve")
 # Exceptions through which the project reports bad input or a missing piece, with a
 # message meant for the user; anything else is a bug and keeps its traceback.
 PROJECT_ERRORS = (ValueError, RuntimeError, FileNotFoundError, ImportError)
-TOOLS = {   # command -> (module run as __main__, what it needs when missing)
-    "analyze": ("analysis", "the analysis package"),
-    "serve": ("server", "the server package (pip install 'twinserve[serve]')"),
-    "bench": ("bench", "the bench package"),
-    "calibrate": ("experiments.calibrate", "experiments/calibrate.py"),
-    "checkpoint": ("engine.checkpoint", "the engine extra (pip install 'twinserve[engine]')"),
+TOOLS = {   # command -> modules run as __main__ (the first one installed), extra it needs
+    "analyze": (("analysis",), None),
+    "serve": (("server", "engine.serve"), "serve"),
+    "bench": (("bench",), "serve"),
+    "calibrate": (("experiments.calibrate",), "engine"),
+    "checkpoint": (("engine.checkpoint",), "engine"),
 }
 USAGE = __doc__.split("\n\n")[1]
 
@@ -190,22 +191,32 @@ class SweepSummary(Callback):
 
 
 # ---- the other tools ---------------------------------------------------------------
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:        # its parent package is missing
+        return False
+
+
 def run_tool(command: str, argv: list[str]) -> int:
     """Run a tool's module as `python -m module argv...` would."""
-    module, needs = TOOLS[command]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ImportError:        # a missing parent package
-        found = False
-    if not found:
-        print(f"error: twinserve {command} needs {needs}: no module {module!r} in this "
-              "install", file=sys.stderr)
+    modules, extra = TOOLS[command]
+    module = next((m for m in modules if _installed(m)), None)
+    if module is None:
+        print(f"error: twinserve {command} needs the module {modules[0]!r}, which this "
+              "install does not have", file=sys.stderr)
         return 1
     sys.argv = [f"twinserve {command}", *argv]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ModuleNotFoundError as e:      # a dependency of the tool
+        if full_traceback():
+            raise
+        hint = f": pip install 'twinserve[{extra}]'" if extra else ""
+        report_error(f"twinserve {command} needs {e.name!r}{hint}")
+        return 1
     except PROJECT_ERRORS as e:
         if full_traceback():
             raise
