@@ -27,6 +27,7 @@ from traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+EXAMPLE_CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
 SMALL = ["logger=none", "progress=false", "trace.num_requests=40"]
 STEP_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_batched_tokens", "num_prefill_tokens",
                 "num_decode_seqs", "num_sampled", "decode_context_tokens",
@@ -103,6 +104,25 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert summary["config"]["cache"]["block_size"] == 16
     assert summary["run"]["num_blocks"] > 0
     assert metrics["completed"] == 40
+    # the summary says what produced the numbers and under what load
+    assert summary["backend"].startswith("simulator: roofline cost model, qwen3-0.6b on h100")
+    assert summary["load"]["request_rate"] == cfg.trace.request_rate
+    assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
+
+
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path):
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={EXAMPLE_CALIBRATION}",
+                                "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert EXAMPLE_CALIBRATION in summary["backend"]
+    assert "(EXAMPLE, not a measurement)" in summary["backend"]
+    assert summary["load"]["arrival"] == "trace" and summary["load"]["time_scale"] == 0.5
+    assert summary["load"]["request_rate"] is None
+
+
+def test_fitted_cost_model_needs_a_named_calibration():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path"):
+        build(compose_config(SMALL + ["cost_model=fitted"]))
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
@@ -140,7 +160,7 @@ def test_replaying_a_runs_step_times_reproduces_it(tmp_path, capsys):
     eq = json.loads((tmp_path / "b" / "summary.json").read_text())["equivalence"]
     assert eq["steps_identical"] == eq["steps_recorded"] == n and eq["first_differing_request"] is None
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
-    assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
+    assert len(table) > 20 and (table["error_pct"].fillna(0) == 0).all()
 
 
 TRACE_OPTIONS = sorted(p.stem for p in (CONF / "trace").glob("*.yaml"))
@@ -166,6 +186,33 @@ def test_experiment_sweeps_name_real_keys(experiment):
         assert OmegaConf.select(cfg, key) is not None, f"{experiment}: no config key {key}"
         first = str(values).split(",")[0]
         build(compose_config([f"experiment={experiment}", f"{key}={first}"]))
+
+
+SWEEPS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                if "sweeper" in p.read_text())
+OUTCOME = ("request_throughput", "p99_ttft_ms", "p99_tpot_ms", "num_preemptions",
+           "prefix_cache_hit_rate")
+
+
+@pytest.mark.parametrize("experiment", SWEEPS)
+def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
+    """A sweep whose axis changes nothing tells its user nothing (or that the override was
+    ignored). For each axis, its lowest and highest values, the other axes at their first
+    value, must give different headline metrics (on a shortened trace)."""
+    params = compose_config([f"experiment={experiment}"], hydra=True).hydra.sweeper.params
+    axes = {key: str(values).split(",") for key, values in params.items()}
+    base = [f"{key}={values[0]}" for key, values in axes.items()]
+    num = compose_config([f"experiment={experiment}"]).trace.num_requests
+    short = [f"experiment={experiment}", "logger=none", "progress=false",
+             f"trace.num_requests={min(num or 1000, 300)}"]
+    for key, values in axes.items():
+        outcomes = []
+        for value in (values[0], values[-1]):
+            overrides = [o for o in base if not o.startswith(f"{key}=")] + [f"{key}={value}"]
+            run_dir = tmp_path / f"{key}={value}"
+            metrics = run(compose_config(short + overrides), run_dir)
+            outcomes.append(tuple(round(metrics[m], 6) for m in OUTCOME))
+        assert outcomes[0] != outcomes[1], f"{experiment}: {key} {values[0]} vs {values[-1]}"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -216,6 +263,9 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serving Benchmark Result" in result.stdout
     assert "Mean TTFT (ms):" in result.stdout
+    assert "backend: simulator: roofline cost model" in result.stdout
+    log = (tmp_path / "run.log").read_text()     # the run's log, through logging
+    assert "Mean TTFT (ms):" in log and "load: sharegpt, poisson arrivals" in log
     check_run_dir(tmp_path, compose_config(SMALL))
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
@@ -224,9 +274,18 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
 
 def test_multirun_sweep_then_analysis(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_py("-m", *SMALL, "trace.num_requests=20", "cache.block_size=16,32",
+    with_progress = [a for a in SMALL if a != "progress=false"]   # jobs must turn it off
+    result = run_py("-m", *with_progress, "trace.num_requests=20", "cache.block_size=16,32",
                     "scheduler.max_num_seqs=32,64", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # one line per job (no interleaved reports or progress bars), then one table
+    assert "Serving Benchmark Result" not in result.stdout and "%|" not in result.stderr
+    assert sorted(re.findall(r"^job (\d) \[", result.stdout, re.M)) == ["0", "1", "2", "3"]
+    table = result.stdout.split("sweep: 4 jobs in")[1].splitlines()[1:6]
+    assert table[0].split()[:4] == ["job", "cache.block_size", "scheduler.max_num_seqs", "status"]
+    assert [row.split()[:4] for row in table[1:]] == [
+        ["0", "16", "32", "ok"], ["1", "16", "64", "ok"], ["2", "32", "32", "ok"],
+        ["3", "32", "64", "ok"]]
     run_dirs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]
     seen = set()
@@ -248,11 +307,35 @@ def test_multirun_sweep_then_analysis(tmp_path):
 
 
 def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
-    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "cache.block_size must be a positive integer, got 0" in result.stderr
+    run_dir = tmp_path / "outputs" / "run"
+    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    # one line, no traceback, and no folder left behind by the failed run
+    assert result.stderr == "error: cache.block_size must be a positive integer, got 0\n"
+    assert not (tmp_path / "outputs").exists()
+    full = subprocess.run([sys.executable, str(REPO / "run.py"), *SMALL, "cache.block_size=0",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                          env=dict(os.environ, TWINSERVE_TRACEBACK="1"), timeout=300)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+    result = run_py(*SMALL, "trace=sharegpt_tokens", "scheduler.max_model_len=512",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "no request left: all 300 rows were dropped" in result.stderr
     result = run_py(*SMALL, "trace=nope", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Could not find 'trace/nope'" in result.stderr
+
+
+def test_failed_sweep_job_is_one_line_and_the_sweep_exits_nonzero(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_py("-m", *SMALL, "trace.num_requests=10", "scheduler.max_num_seqs=8,0",
+                    f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1
+    assert re.search(r"^job 1 \[.*\]: failed: scheduler.max_num_seqs must be a positive "
+                     "integer, got 0$", result.stdout, re.M)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "error: 1 of 2 jobs failed" in result.stderr
+    assert (sweep_dir / "0" / "summary.json").is_file()
+    assert "failed: scheduler.max_num_seqs" in (sweep_dir / "1" / "run.log").read_text()
 
 
 def _cuda_available() -> bool:
