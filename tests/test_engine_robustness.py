@@ -144,3 +144,37 @@ def test_tiny_temperature_is_greedy(checkpoint):
         SamplingParams(temperature=1e-38, max_tokens=6, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)], use_tqdm=False)
     assert tiny.token_ids == greedy.token_ids
+
+
+def listening_addresses(pids) -> list[str]:
+    """Local addresses of the TCP sockets these processes listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:    # 0A = LISTEN
+                    addresses.append(fields[1].split(":")[0])
+    return addresses
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not os.path.isdir("/proc/net"), reason="reads listening sockets from /proc")
+def test_tensor_parallel_listens_on_loopback_only(checkpoint):
+    loopback = {"0100007F", "00000000000000000000000001000000"}     # 127.0.0.1, ::1
+    with LLM(checkpoint, **CPU, tensor_parallel_size=2, num_gpu_blocks=32, max_model_len=64) as llm:
+        pids = [os.getpid()] + [p.pid for p in llm.workers.processes]
+        addresses = listening_addresses(pids)
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert len(out[0].token_ids) == 2
+    assert addresses and set(addresses) <= loopback, addresses
