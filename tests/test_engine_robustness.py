@@ -175,6 +175,7 @@ def test_tensor_parallel_listens_on_loopback_only(checkpoint):
     with LLM(checkpoint, **CPU, tensor_parallel_size=2, num_gpu_blocks=32, max_model_len=64) as llm:
         pids = [os.getpid()] + [p.pid for p in llm.workers.processes]
         addresses = listening_addresses(pids)
-        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                           use_tqdm=False)
     assert len(out[0].token_ids) == 2
     assert addresses and set(addresses) <= loopback, addresses
