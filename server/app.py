@@ -207,12 +207,13 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             raise ApiError(f"the chat template failed on these messages: {e}",
                            param="messages") from None
 
-    def params(req: SamplingFields, max_tokens: int | None) -> GenerationParams:
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        return GenerationParams(max_tokens=max_tokens, temperature=req.temperature,
-                                top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                                ignore_eos=req.ignore_eos)
+    def params(req: SamplingFields, max_tokens: int) -> GenerationParams:
+        try:
+            return GenerationParams(max_tokens=max_tokens, temperature=req.temperature,
+                                    top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                                    ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise ApiError(str(e), param=str(e).split()[0]) from None
 
     # ---- running requests -------------------------------------------------------------------
     async def until_disconnect(request: Request, coro):

@@ -5,6 +5,7 @@ Two backends: `EngineBackend` (the real engine, `engine.LLMEngine`) and `server.
 (the policy with the simulator's cost model standing in for the GPU, paced in real time).
 Both expose their `policy.Scheduler`, which is what /metrics reads.
 """
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -13,14 +14,27 @@ from policy import Scheduler
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
-    """A request's sampling and stopping fields, as the API received them (checked by the
-    backend: the engine through `engine.SamplingParams`)."""
+    """A request's sampling and stopping fields, checked as the API promises them whatever
+    the backend (the simulated one samples nothing; the engine checks again, in
+    `engine.SamplingParams`). Raises ValueError naming the field."""
     max_tokens: int
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not self.top_k >= -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive integer, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass(frozen=True, slots=True)
