@@ -79,6 +79,7 @@ class SimBackend(Backend):
         self.sequences: dict[str, Sequence] = {}
         self.token_of: dict[str, int] = {}
         self.clock = time.perf_counter
+        self.busy_until: float | None = None   # when the simulated GPU ends its last step
 
     # ---- prompts (any thread) ----------------------------------------------------------
     def tokenize(self, prompt):
@@ -119,15 +120,25 @@ class SimBackend(Backend):
         return True
 
     def step(self):
-        start = self.clock()
-        batch = self.scheduler.schedule(start)
+        """Schedule, sleep until the simulated GPU would finish the step, update. Steps
+        follow one another on the simulated GPU's timeline: a step starts when the last one
+        ended (not when this thread got round to it), so the host's own lateness is caught
+        up instead of added to every step; the timeline restarts when the backend is idle."""
+        now = self.clock()
+        batch = self.scheduler.schedule(now)
         if not batch.seqs:
+            self.busy_until = None
             return []
-        delay = start + self.step_time(batch) - self.clock()
+        start = now if self.busy_until is None else min(now, self.busy_until)
+        self.busy_until = start + self.step_time(batch)
+        delay = self.busy_until - self.clock()
         if delay > 0:
             time.sleep(delay)
         tokens = [self.token_of[seq.seq_id] for seq in batch.seqs]
-        return [self._finished(seq) for seq in self.scheduler.update(batch, tokens, self.clock())]
+        finished = self.scheduler.update(batch, tokens, self.clock())
+        if not self.scheduler.has_unfinished():
+            self.busy_until = None
+        return [self._finished(seq) for seq in finished]
 
     def _finished(self, seq: Sequence) -> Finished:
         del self.sequences[seq.seq_id], self.token_of[seq.seq_id]
