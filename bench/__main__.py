@@ -104,10 +104,12 @@ def main(argv=None) -> dict:
     except ValueError as e:
         sys.exit(f"error: {e}")
     url = args.url.rstrip("/")
-    model = args.model or server_model(url, args.api_key)
+    listed, max_model_len = server_model(url, args.api_key)
+    model = args.model or listed
     target = Target(url, model, args.api_key, args.ignore_eos, args.timeout)
     print(f"{len(requests)} requests of trace {trace.name!r} -> {url} (model {model!r})")
-    asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups))
+    asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups,
+                        max_model_len))
     with tqdm(total=len(requests), unit="req", disable=args.disable_tqdm) as bar:
         records, t0, duration = asyncio.run(replay(target, requests, args.max_concurrency, bar.update))
     table = request_table(records, t0)

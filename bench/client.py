@@ -55,12 +55,14 @@ class Target:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def server_model(url: str, api_key: str | None = None) -> str:
-    """The first model id the server lists."""
+def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]:
+    """The first model the server lists: its id and max_model_len (vLLM and this project
+    list it; None where the server does not)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
     r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    model = r.json()["data"][0]
+    return model["id"], model.get("max_model_len")
 
 
 async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max_tokens: int,
@@ -131,12 +133,16 @@ async def replay(target: Target, requests, max_concurrency: int | None = None,
     return records, t0, duration
 
 
-async def warm_up(target: Target, prompt_lens: list[int], num: int) -> None:
+async def warm_up(target: Target, prompt_lens: list[int], num: int,
+                  max_model_len: int | None = None) -> None:
     """`num` throwaway requests of token id 0 (sharing no prefix with the trace's prompts)
-    at the trace's prompt-length quantiles: the server compiles before the clock starts."""
+    at the trace's prompt-length quantiles (below max_model_len): the server compiles
+    before the clock starts."""
     if num <= 0:
         return
     lens = np.quantile(prompt_lens, np.linspace(0, 1, num)).astype(int)
+    if max_model_len:
+        lens = np.minimum(lens, max_model_len - 8)
     records = [Record(f"warmup-{i}", int(n)) for i, n in enumerate(lens)]
     async with httpx.AsyncClient(timeout=target.timeout_s) as client:
         await asyncio.gather(*[send(client, target, [0] * max(1, int(n)), 8, rec)
