@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="as the offline run's cache.block_size")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for exactly the trace's output lengths (default on)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of every request (default 1.0, as the offline "
+                        "replay samples; 0 = greedy)")
     p.add_argument("--num-warmups", type=int, default=0,
                    help="throwaway requests before the clock starts (default 0)")
     p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
@@ -106,7 +109,7 @@ def main(argv=None) -> dict:
     url = args.url.rstrip("/")
     listed, max_model_len = server_model(url, args.api_key)
     model = args.model or listed
-    target = Target(url, model, args.api_key, args.ignore_eos, args.timeout)
+    target = Target(url, model, args.api_key, args.ignore_eos, args.temperature, args.timeout)
     print(f"{len(requests)} requests of trace {trace.name!r} -> {url} (model {model!r})")
     asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups,
                         max_model_len))
@@ -117,6 +120,7 @@ def main(argv=None) -> dict:
     config = {"trace": dataclasses.asdict(trace), "bench": {
         "url": url, "model": model, "max_concurrency": args.max_concurrency,
         "vocab_size": args.vocab_size, "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature,
         "num_warmups": args.num_warmups}, "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
                "mode": "http", "run": {"num_requests": len(table), "wall_s": duration}}

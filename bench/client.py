@@ -47,6 +47,7 @@ class Target:
     model: str
     api_key: str | None = None
     ignore_eos: bool = True
+    temperature: float = 1.0
     timeout_s: float = 6 * 3600
     extra: dict = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]
 async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max_tokens: int,
                record: Record) -> None:
     body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens,
-            "ignore_eos": target.ignore_eos, "temperature": 0.0, "stream": True,
+            "ignore_eos": target.ignore_eos, "temperature": target.temperature, "stream": True,
             "stream_options": {"include_usage": True}} | target.extra
     record.sent = time.perf_counter()
     try:

@@ -124,8 +124,8 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             raise ApiError("invalid or missing API key (Authorization: Bearer ...)", 401)
 
     # ---- request bodies -------------------------------------------------------------------
-    async def read_json(request: Request):
-        """The body, at most max_request_bytes, parsed on a worker thread."""
+    async def read_body(request: Request) -> bytes:
+        """The body, at most max_request_bytes (parsed later, on a worker thread)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
             raise ApiError(f"the request body ({declared} bytes) exceeds the limit of "
@@ -137,7 +137,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                 raise ApiError(f"the request body exceeds the limit of {max_request_bytes} "
                                "bytes (--max-request-bytes)", 413)
             chunks.append(chunk)
-        return await off_loop(loads, b"".join(chunks))
+        return b"".join(chunks)
 
     def loads(body: bytes):
         try:
@@ -307,11 +307,11 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        data = await read_json(request)
+        body = await read_body(request)
         engine.check_alive()
 
-        def prepare():
-            req = parse(CompletionRequest, data)
+        def prepare():     # on a worker thread: parse, validate, tokenize
+            req = parse(CompletionRequest, loads(body))
             check_model(req)
             gen = params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
             return req, gen, completion_prompts(req)
@@ -333,8 +333,9 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             outputs = await collect(queue, ids)
             for out in outputs:
                 check_error(out)
-            texts = await off_loop(lambda: [o.text if o.text is not None else backend.decode(o.token_ids)
-                                            for o in outputs])
+            texts = [o.text for o in outputs]
+            if None in texts:      # detokenize whole outputs off the loop
+                texts = await off_loop(lambda: [backend.decode(o.token_ids) for o in outputs])
             choices = [{"index": i, "text": t, "token_ids": o.token_ids, "logprobs": None,
                         "finish_reason": o.finish_reason}
                        for i, (o, t) in enumerate(zip(outputs, texts))]
@@ -344,11 +345,11 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        data = await read_json(request)
+        body = await read_body(request)
         engine.check_alive()
 
-        def prepare():
-            req = parse(ChatRequest, data)
+        def prepare():     # on a worker thread: parse, validate, tokenize
+            req = parse(ChatRequest, loads(body))
             check_model(req)
             token_ids = chat_prompt(req)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
