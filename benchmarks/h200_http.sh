@@ -9,7 +9,9 @@
 # then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
 # lacks in .whl/ (fastapi starlette pydantic pydantic-core uvicorn annotated-types
 # typing-inspection, plus hydra's: see benchmarks/README.md "HTTP"), carried with the call.
-#   STAGES="offline http sim" NREQ=100 RATES="6 12 24" OUT=$OUT bash benchmarks/h200_http.sh
+#   STAGES="http offline sim" NREQ=100 RATES="6 12 24" OUT=$OUT bash benchmarks/h200_http.sh
+# A stage that would start after BUDGET seconds (default 250) is skipped, saying so: the
+# twin's stage needs no GPU and can be rerun anywhere with STAGES=sim.
 set -u
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -31,7 +33,9 @@ serve() {   # start a server in the background; wait for /health
     kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server.log; return 1; }; sleep 0.5
   done; return 1; }
 stop() { kill $SERVER; wait $SERVER 2>/dev/null; }
-for stage in ${STAGES:-offline http sim}; do start=$(date +%s); echo "== $stage"; case $stage in
+for stage in ${STAGES:-http offline sim}; do
+  if [ $SECONDS -gt ${BUDGET:-250} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-250})"; continue; fi
+  start=$(date +%s); echo "== $stage"; case $stage in
   offline) for r in $RATES; do
              timeout 200 python3 run.py mode=gpu $RUN engine.model_path=$CK trace.request_rate=$r \
                hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;

@@ -301,7 +301,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "twinserve", "root": backend.name,
+                                            "owned_by": "twinserve", "root": name,
                                             "max_model_len": backend.max_model_len}]}
 
     @app.post("/v1/completions")
