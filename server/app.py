@@ -35,6 +35,7 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                422: "BadRequestError", 429: "RateLimitError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}
 DEFAULT_MAX_TOKENS = 16     # /v1/completions, as OpenAI; chat: whatever fits max_model_len
+PROBE_CHARS_PER_TOKEN = 16  # text is 3-5 characters a token: a head this long says "too long"
 
 
 def error_response(message: str, status: int, param: str | None = None) -> JSONResponse:
@@ -167,6 +168,12 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             if len(data) > max_token_bytes * backend.max_model_len:
                 raise ApiError(f"the prompt ({len(data)} bytes) is longer than max_model_len="
                                f"{backend.max_model_len} tokens can be", param="prompt")
+            # A long text is probed first: if its head alone has more tokens than fit, so
+            # has the whole (a huge prompt is refused in a fraction of its tokenizing time).
+            probe = PROBE_CHARS_PER_TOKEN * backend.max_model_len
+            if len(prompt) > probe and len(backend.tokenize(prompt[:probe])) > backend.max_model_len + 16:
+                raise ApiError(f"the prompt has more tokens than max_model_len="
+                               f"{backend.max_model_len}", param="prompt")
         try:
             token_ids = backend.tokenize(prompt)
         except ValueError as e:
@@ -174,6 +181,17 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         if not token_ids:
             raise ApiError("the prompt is empty", param="prompt")
         return token_ids
+
+    def check_token_prompts(data) -> None:
+        """Refuse token-id prompts longer than max_model_len before validating them (which
+        holds the interpreter for a second on a body of millions of ids)."""
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (list, str)):
+            prompt = [prompt]
+        for p in prompt if isinstance(prompt, list) else ():
+            if isinstance(p, list) and len(p) > backend.max_model_len:
+                raise ApiError(f"a prompt of {len(p)} token ids is longer than max_model_len="
+                               f"{backend.max_model_len}", param="prompt")
 
     def completion_prompts(req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt
@@ -311,7 +329,9 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         engine.check_alive()
 
         def prepare():     # on a worker thread: parse, validate, tokenize
-            req = parse(CompletionRequest, loads(body))
+            data = loads(body)
+            check_token_prompts(data)
+            req = parse(CompletionRequest, data)
             check_model(req)
             gen = params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
             return req, gen, completion_prompts(req)

@@ -146,3 +146,20 @@ def test_failed_step_fails_only_its_requests(tmp_path):
         assert httpx.get(f"{url}/health").status_code == 200
     bm = backend.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_huge_prompts_are_refused_without_tokenizing_them_whole():
+    backend = sim_backend()
+    backend.max_token_bytes = 1 << 20          # a tokenizer with very long tokens: no byte bound
+    seen = []
+    tokenize = backend.tokenize
+    backend.tokenize = lambda prompt: seen.append(len(prompt)) or tokenize(prompt)
+    with serving(build_app(backend)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 3_000_000}, timeout=30)
+        assert_openai_error(r, 400, "max_model_len")
+        assert max(seen) < 3_000_000 // 10       # only the head was tokenized
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": [1] * 1_000_000}, timeout=30)
+        assert_openai_error(r, 400, "1000000 token ids")
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": [[1, 2], [1] * 5000]}, timeout=30)
+        assert_openai_error(r, 400, "5000 token ids")
+        assert httpx.get(f"{url}/health").status_code == 200
