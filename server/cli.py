@@ -48,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: run the model; sim: the policy with the cost model's step times, "
                         "paced in real time, placeholder text (default engine)")
     m.add_argument("--hardware", help="sim: a conf/hardware name (e.g. h200) or .yaml file")
-    m.add_argument("--cost-model", choices=["roofline", "fitted", "replay"],
-                   help="sim: how step times are predicted (default roofline)")
+    m.add_argument("--cost-model", choices=["roofline", "fitted"],
+                   help="sim: how step times are predicted: roofline (from the hardware's peak "
+                        "rates) or fitted (a calibration of the engine on that GPU) (default "
+                        "roofline)")
     m.add_argument("--calibration",
-                   help="sim: the calibration JSON (--cost-model fitted) or a run's "
-                        "steps.parquet (--cost-model replay)")
+                   help="sim: the calibration JSON of --cost-model fitted "
+                        "(python -m simulator.calibrate writes one)")
 
     e = p.add_argument_group("engine and policy (defaults: engine.EngineConfig's)")
     e.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: config.json's)")
@@ -100,8 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if wrong:
         flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
         parser.error(f"{flags} do(es) not apply to --backend {args.backend}")
-    if args.cost_model in ("fitted", "replay") and args.calibration is None:
-        parser.error(f"--cost-model {args.cost_model} needs --calibration FILE")
+    if args.cost_model == "fitted" and args.calibration is None:
+        parser.error("--cost-model fitted needs --calibration FILE")
+    if args.calibration is not None and args.cost_model != "fitted":
+        parser.error("--calibration needs --cost-model fitted")
+    for flag in ("port", "max_queued_requests", "max_request_bytes"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     return args
 
 
@@ -125,7 +132,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         backend = make_backend(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:   # a bad option or conf file
         sys.exit(f"error: {e}")
     import uvicorn
 
