@@ -227,9 +227,11 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
 
     def params(req: SamplingFields, max_tokens: int) -> GenerationParams:
         try:
-            return GenerationParams(max_tokens=max_tokens, temperature=req.temperature,
-                                    top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                                    ignore_eos=req.ignore_eos)
+            return GenerationParams(
+                max_tokens=max_tokens, seed=req.seed, ignore_eos=bool(req.ignore_eos),
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=-1 if req.top_k is None else req.top_k,
+                top_p=1.0 if req.top_p is None else req.top_p)
         except ValueError as e:
             raise ApiError(str(e), param=str(e).split()[0]) from None
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from server.async_engine import ApiError
 
 # field -> the values that mean "off"; anything else is refused with a 400 naming it
-NEUTRAL = {"n": (1,), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
            "repetition_penalty": (None, 1), "min_tokens": (None, 0), "logprobs": (None, False, 0),
            "top_logprobs": (None, 0), "stop": (None, "", []), "stop_token_ids": (None, []),
            "logit_bias": (None, {}), "suffix": (None, ""), "echo": (None, False),
@@ -38,19 +38,19 @@ class StreamOptions(Body):
 
 
 class SamplingFields(Body):
-    model: str | None = None
+    model: str | None = None          # null means "unset" for every field, as OpenAI's API
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    temperature: float | None = None  # 1.0
+    top_p: float | None = None        # 1.0
+    top_k: int | None = None          # -1 (off)
     seed: int | None = None
-    ignore_eos: bool = False
-    stream: bool = False
+    ignore_eos: bool | None = None    # False
+    stream: bool | None = None        # False
     stream_options: StreamOptions | None = None
     user: str | None = None                      # accepted, unused
     parallel_tool_calls: bool | None = None      # accepted, unused (tools are refused)
     # OpenAI / vLLM fields accepted only when neutral (NEUTRAL)
-    n: int = 1
+    n: int | None = None
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -58,6 +58,9 @@ def test_every_error_status_is_openai_style(url):
                                                                 for i in range(0, len(big), 65536)]))
     assert_openai_error(chunked, 413)                               # no Content-Length
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    nulls = {"temperature": None, "top_p": None, "top_k": None, "n": None, "stream": None,
+             "stop": None, "presence_penalty": None, "user": None}   # null = unset, as OpenAI
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2} | nulls).status_code == 200
 
 
 def test_tokenization_never_blocks_the_event_loop():
