@@ -181,7 +181,7 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return []
         end = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)
-        return seq.token_ids[seq.num_prompt_tokens + start:end]
+        return seq.token_ids[seq.num_prompt_tokens + start:end].tolist()
 
     def has_unfinished(self) -> bool:
         return self.loop.has_work()
