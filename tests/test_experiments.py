@@ -27,7 +27,6 @@ from traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-EXAMPLE_CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
 SMALL = ["logger=none", "progress=false", "trace.num_requests=40"]
 STEP_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_batched_tokens", "num_prefill_tokens",
                 "num_decode_seqs", "num_sampled", "decode_context_tokens",
@@ -110,12 +109,11 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
 
 
-def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path):
-    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={EXAMPLE_CALIBRATION}",
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, fitted_calibration):
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={fitted_calibration}",
                                 "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert EXAMPLE_CALIBRATION in summary["backend"]
-    assert "(EXAMPLE, not a measurement)" in summary["backend"]
+    assert fitted_calibration in summary["backend"] and "roofline stand-in" in summary["backend"]
     assert summary["load"]["arrival"] == "trace" and summary["load"]["time_scale"] == 0.5
     assert summary["load"]["request_rate"] is None
 
@@ -147,16 +145,17 @@ def test_prefill_first_and_replicas(tmp_path):
     assert set(requests["replica"]) == {0, 1}
 
 
-def test_replaying_a_runs_step_times_reproduces_it(tmp_path, capsys):
+def test_replaying_a_runs_step_times_reproduces_it(tmp_path, caplog):
     """The sim-vs-real loop on the simulator alone: fed run A's recorded steps
     (cost_model=replay, strict), a new run schedules the same steps at the same times, so
     every request's timestamps and every compared metric match, and the run says so."""
+    caplog.set_level("INFO")
     _, a = replay(tmp_path / "a", [])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
     n = len(pd.read_parquet(tmp_path / "a" / "steps.parquet"))
-    assert f"{n}/{n} steps identical, {len(a)}/{len(a)} requests with identical timestamps" in capsys.readouterr().out
+    assert f"{n}/{n} steps identical, {len(a)}/{len(a)} requests with identical timestamps" in caplog.text
     eq = json.loads((tmp_path / "b" / "summary.json").read_text())["equivalence"]
     assert eq["steps_identical"] == eq["steps_recorded"] == n and eq["first_differing_request"] is None
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
@@ -391,7 +390,7 @@ def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
 
 @pytest.mark.parametrize("policy,async_scheduling", [("chunked", True), ("prefill_first", True),
                                                      ("chunked", False), ("prefill_first", False)])
-def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_scheduling, capsys):
+def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_scheduling, caplog):
     """DESIGN's promise: fed the engine's recorded steps, the simulator reproduces the
     engine's schedule step for step and every request's timestamps. The engine (on the
     CPU, tiny model) replays timed arrivals (Poisson, fast enough to land while steps
@@ -428,11 +427,12 @@ def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_schedu
     else:
         assert (steps["start_s"].to_numpy()[1:] >= steps["tokens_s"].to_numpy()[:-1]).all()
     sim = tmp_path / "sim"
-    capsys.readouterr()
+    caplog.set_level("INFO")
+    caplog.clear()
     run(compose_config(common + ["mode=sim", "cost_model=replay",
                                  f"cost_model.path={real / 'steps.parquet'}"]), sim)
     n, m = len(steps), len(requests)
-    assert f"{n}/{n} steps identical, {m}/{m} requests with identical timestamps" in capsys.readouterr().out
+    assert f"{n}/{n} steps identical, {m}/{m} requests with identical timestamps" in caplog.text
     sim_steps = pd.read_parquet(sim / "steps.parquet")
     shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs", "num_sampled",
              "num_preempted", "prefix_hit_tokens", "kv_blocks_used", "start_s", "launch_s", "tokens_s",

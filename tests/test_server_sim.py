@@ -12,10 +12,9 @@ from server.cli import make_backend, parse_args  # noqa: E402
 from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
 
-CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
 
-
-def test_sim_options():
+def test_sim_options(fitted_calibration):
+    CALIBRATION = fitted_calibration
     args = parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
                        "--cost-model", "fitted", "--calibration", CALIBRATION,
                        "--max-model-len", "2048", "--num-gpu-blocks-override", "100",
