@@ -9,6 +9,7 @@ compared row for row.
 """
 import dataclasses
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from experiments.logging import make_logger
 from policy import Scheduler, Sequence
 from traces import load_trace, materialize
 
+log = logging.getLogger(__name__)
 GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
 
@@ -193,23 +195,20 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
 
 def engine_kwargs(rc: RunConfig) -> dict:
     """engine.EngineConfig fields for the engine `rc` describes (the model path apart)."""
-    from engine import EngineConfig
-    kwargs = dict(dtype=rc.engine.dtype, device=rc.engine.device,
-                  gpu_memory_utilization=rc.gpu_memory_utilization,
-                  num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
-                  block_size=rc.cache.block_size,
-                  enable_prefix_caching=rc.cache.enable_prefix_caching,
-                  max_num_seqs=rc.scheduler.max_num_seqs,
-                  max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
-                  scheduler_policy=rc.scheduler.policy,
-                  long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                  enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
-                  tensor_parallel_size=rc.engine.tensor_parallel_size,
-                  attention_backend=rc.engine.attention_backend,
-                  async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
-    if "cuda_graph_max_tokens" in EngineConfig.__dataclass_fields__:
-        kwargs["cuda_graph_max_tokens"] = rc.engine.cuda_graph_max_tokens
-    return kwargs
+    return dict(dtype=rc.engine.dtype, device=rc.engine.device,
+                gpu_memory_utilization=rc.gpu_memory_utilization,
+                num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
+                block_size=rc.cache.block_size,
+                enable_prefix_caching=rc.cache.enable_prefix_caching,
+                max_num_seqs=rc.scheduler.max_num_seqs,
+                max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
+                scheduler_policy=rc.scheduler.policy,
+                long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
+                enforce_eager=rc.engine.enforce_eager,
+                cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
+                tensor_parallel_size=rc.engine.tensor_parallel_size,
+                attention_backend=rc.engine.attention_backend,
+                async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
 
 
 def build_engine(rc: RunConfig):
@@ -294,8 +293,10 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         recorded = Path(rc.cost_model.path).parent / "requests.parquet"
         if recorded.is_file():
             replay.equivalence.update(compare_requests(requests_table, recorded))
+    backend, load = results.backend(rc, replay.gpu), results.load(rc.trace)
     summary = {"config": config, "metrics": metrics, "versions": results.versions(),
-               "gpu": replay.gpu, "mode": rc.mode, "equivalence": replay.equivalence,
+               "gpu": replay.gpu, "mode": rc.mode, "backend": backend, "load": load,
+               "equivalence": replay.equivalence,
                "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
                        "num_steps": len(steps_table), "wall_s": replay.wall_s}}
     results.write(run_dir, requests_table, steps_table, summary)
@@ -307,9 +308,8 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         logger.log_cdfs(requests_table)
     finally:
         logger.finish()
-    print(format_report(metrics))
-    if replay.equivalence is not None:
-        print(equivalence_line(replay.equivalence))
-    print(f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
-          f"{replay.wall_s:.1f} s wall)")
+    equivalence = ("\n" + equivalence_line(replay.equivalence)) if replay.equivalence is not None else ""
+    log.info(f"backend: {backend}\nload: {load['text']}\n{format_report(metrics)}{equivalence}\n"
+             f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
+             f"{replay.wall_s:.1f} s wall)")
     return metrics

@@ -19,13 +19,16 @@ import pathlib
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.model import ModelConfig
 from simulator.hardware import GiB, HardwareSpec, HostCosts
+
+if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
+    import pandas as pd
 
 CALIBRATION_FORMAT = "twinserve-calibration/2"
 STEP_KINDS = ("decode", "mixed", "eager")   # how the engine runs a step (policy.cuda_graphs)
@@ -347,7 +350,7 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_kind(train: pd.DataFrame, test: pd.DataFrame, features: list[str]) -> dict:
+def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str]) -> dict:
     """One step kind: base values at the knots (the distinct computed-token counts of
     `train`) and non-negative feature coefficients, by least squares on relative error
     (each row weighted 1 / its time, so small steps count as much as large ones). Error
@@ -381,7 +384,7 @@ class ReplayCostModel(CostModel):
              "num_sampled", "decode_context_tokens", "prefill_context_tokens", "num_preempted",
              "prefix_hit_tokens", "kv_blocks_used")
 
-    def __init__(self, steps: pd.DataFrame, strict: bool = True, source: str = "<steps>"):
+    def __init__(self, steps: "pd.DataFrame", strict: bool = True, source: str = "<steps>"):
         missing = [c for c in self.TIMES if c not in steps.columns]
         _require(not missing, f"{source}: replay needs the step times {missing} (steps "
                  "recorded before the step loop logged them: run the engine again)")
@@ -398,6 +401,7 @@ class ReplayCostModel(CostModel):
 
     @classmethod
     def load(cls, path, strict: bool = True) -> "ReplayCostModel":
+        import pandas as pd
         return cls(pd.read_parquet(path), strict=strict, source=str(path))
 
     def reset(self) -> None:

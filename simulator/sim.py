@@ -14,6 +14,7 @@ recorded run did, and checked against the record: the policy-equivalence check.
 
 An idle replica sleeps on an event the arrival process triggers; it never polls.
 """
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.step_loop import StepLoop
 from simulator.cluster import ROUTERS, Replica
 from simulator.cost_model import CostModel, ReplayCostModel
+from simulator.fast_forward import skip_decode_turns
 
 # Generated token ids need no model. Each request repeats its own id in this range, set by
 # its position in the trace and the seed: deterministic (output blocks hash the same in
@@ -40,7 +42,9 @@ class SimResult:
     `device_s`, `replica`, `step` and `kv_usage` (kv_blocks_used / num_blocks).
     duration_s: simulated time of the last finish. wall_s: wall-clock seconds of `run`.
     cache_stats: each replica's `BlockManager.stats`; num_blocks: KV blocks per replica.
-    replayed_steps: steps checked against a replayed record (0 without replay)."""
+    replayed_steps: steps checked against a replayed record (0 without replay).
+    num_iterations: turns of the replicas' step loops, a skipped stretch counting one
+    (len(steps) / num_iterations is the event-skipping factor)."""
     sequences: list[Sequence]
     replica_of: dict
     steps: list[dict]
@@ -49,6 +53,7 @@ class SimResult:
     num_blocks: int
     cache_stats: list[dict] = field(default_factory=list)
     replayed_steps: int = 0
+    num_iterations: int = 0
 
 
 class SimExecutor:
@@ -95,12 +100,14 @@ class Simulator:
     `num_blocks` KV blocks driven by policy.StepLoop, whose steps cost what `cost_model`
     says. Requests (anything with request_id, arrival_s, prompt_token_ids, output_len,
     sorted by arrival_s) run with `ignore_eos` and `max_tokens = output_len`.
-    `async_scheduling`: as the engine's (form step N+1 while step N runs). The same inputs
-    give the same result."""
+    `async_scheduling`: as the engine's (form step N+1 while step N runs). `event_skipping`:
+    simulate runs of plain decode steps at once (simulator.fast_forward: the same result as
+    turn by turn; used with one replica and a stateless cost model). The same inputs give
+    the same result."""
 
     def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, cost_model: CostModel,
                  num_blocks: int, num_replicas: int = 1, router: str = "round_robin", seed: int = 0,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, event_skipping: bool = True):
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {router!r}")
         if not isinstance(num_replicas, int) or num_replicas < 1:
@@ -112,6 +119,8 @@ class Simulator:
         self.sched_cfg, self.cache_cfg, self.cost_model = sched_cfg, cache_cfg, cost_model
         self.num_blocks, self.num_replicas, self.seed = num_blocks, num_replicas, seed
         self.async_scheduling = async_scheduling
+        self.event_skipping = (event_skipping and num_replicas == 1
+                               and not isinstance(cost_model, ReplayCostModel))
         self.route = ROUTERS[router]
 
     def run(self, requests, progress: Callable[[int], None] | None = None) -> SimResult:
@@ -141,7 +150,15 @@ class Simulator:
         env.process(self._arrivals(env, replicas, state))
         for replica in replicas:
             env.process(self._step_loop(env, replica, state, progress))
-        env.run()
+        # The run allocates millions of small objects and frees few: the cyclic collector
+        # would rescan them all, again and again, for cycles that are not there.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            env.run()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         sequences = state.sequences
         unfinished = [s.seq_id for s in sequences if not s.is_finished]
         if unfinished or len(sequences) != len(requests):   # a bug, not bad input
@@ -153,7 +170,8 @@ class Simulator:
                          duration_s=max((s.finish_time for s in sequences), default=0.0),
                          wall_s=time.perf_counter() - wall0, num_blocks=self.num_blocks,
                          cache_stats=[r.scheduler.block_manager.stats for r in replicas],
-                         replayed_steps=replay.next_step if replay is not None else 0)
+                         replayed_steps=replay.next_step if replay is not None else 0,
+                         num_iterations=state.num_iterations)
 
     def _admit(self, replicas, state, t: float) -> None:
         """Route and queue every request that has arrived by `t` (in arrival order)."""
@@ -205,6 +223,16 @@ class Simulator:
                 yield replica.idle
                 now = max(now, env.now, state.last_arrival)   # simpy's sum may round below it
                 continue
+            state.num_iterations += 1
+            if self.event_skipping:
+                skipped, done = skip_decode_turns(replica, state, now)
+                if skipped:
+                    if done and progress is not None:
+                        progress(len(done))
+                    if executor.t > now:
+                        now = executor.t
+                        yield env.timeout(max(0.0, now - env.now))
+                    continue
             if replay is not None and sched.has_unfinished():
                 i = replay.next_step
                 executor.current = replay.take(now)
@@ -247,3 +275,4 @@ class _RunState:
         self.next = 0                    # index of the next request to admit
         self.last_arrival = 0.0
         self.arrivals_done = False
+        self.num_iterations = 0
