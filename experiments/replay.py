@@ -236,9 +236,9 @@ def check_engine(engine, rc: RunConfig) -> None:
 def warm_up(engine, rc: RunConfig) -> None:
     """Run a few throwaway requests before the clock starts, so kernel compilation (Triton,
     torch.compile) and CUDA-graph first replays are not charged to the trace's first
-    requests (`vllm bench serve --num-warmups` does the same). Their prompts use token id 0
-    only, so they share no prefix-cache blocks with real prompts, and their steps are
-    dropped from the step log."""
+    requests (`vllm bench serve --num-warmups` does the same). Then the engine is reset:
+    their steps leave the step log and their blocks the prefix cache, so the replay starts
+    from the empty pool the simulator starts from."""
     from engine import SamplingParams
     longest = min(rc.scheduler.max_model_len, rc.scheduler.max_num_batched_tokens) - 8
     lengths = sorted({max(1, n) for n in (8, 64, longest // 2, longest)})
@@ -246,8 +246,8 @@ def warm_up(engine, rc: RunConfig) -> None:
     ids = [engine.add_request([0] * n, params, request_id=f"warmup-{n}") for n in lengths]
     while engine.has_unfinished():
         engine.step()
-    engine.step_records.clear()
     assert not any(i in engine.sequences for i in ids)
+    engine.reset()
 
 
 def model_path(rc: RunConfig) -> str:

@@ -240,7 +240,11 @@ def summarize(table, effects, equivalence) -> dict:
         out["effects_within_target"] = {m: f"{int(g['within_target'].sum())}/{len(g)}"
                                         for m, g in effects.groupby("cost_model")}
     if not equivalence.empty:
-        ok = equivalence.apply(lambda r: "diverged" not in r or not isinstance(r.get("diverged"), str), axis=1)
+        def identical(r) -> bool:
+            if isinstance(r.get("diverged"), str):
+                return False
+            return r.get("requests_identical") == r.get("requests")
+        ok = equivalence.apply(identical, axis=1)
         out["replays_identical"] = f"{int(ok.sum())}/{len(equivalence)}"
     return out
 
