@@ -110,21 +110,8 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
 
 
-def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path):
-    from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel
-    from simulator.calibrate import fit_calibration, profile_grid, shape_batch
-    cfg = build(compose_config(SMALL))
-    graphs = CudaGraphs()
-    cost = RooflineCostModel(ModelSpec.from_hf_config(cfg.hf_config, cfg.model_name), cfg.hardware)
-    rows = []
-    for point in profile_grid(16, 512, 2048, graphs):     # a calibration made on a stand-in device
-        f = shape_batch(point["shape"], 16, 1000).features()
-        rows.append({**f, "kind": "eager", "rows": f["num_batched_tokens"], "split": point["split"],
-                     "device_s": cost.predict(f), "host_launch_s": 1e-4, "host_receive_s": 1e-5})
-    calib = fit_calibration(pd.DataFrame(rows), {"model": cfg.model_name, "device": "stand-in GPU",
-                                                 "command": "pytest"})
-    path = tmp_path / "calib.json"
-    path.write_text(json.dumps(calib))
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, stand_in_calibration):
+    path = stand_in_calibration
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={path}",
                                 "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
