@@ -186,6 +186,22 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.loop.has_work()
 
+    def reset(self) -> None:
+        """Forget every request, the step log and the prefix cache: a fresh Scheduler over
+        the same KV pool, so independent runs share one engine (its start-up, compilation
+        and CUDA graphs). Needs an idle engine."""
+        if self.has_unfinished():
+            raise RuntimeError("reset() needs an idle engine: requests are still running")
+        config = self.config
+        self.scheduler = Scheduler(config.scheduler_config(), config.cache_config(),
+                                   self.model_runner.num_blocks)
+        self.sequences.clear()
+        self.sampling_params.clear()
+        self.step_records = []
+        self.loop = StepLoop(self.scheduler, self._launch, self._wait, lambda: self.clock(),
+                             self.async_scheduling, self.step_records)
+        self.clock = time.perf_counter
+
     # ---- the step -------------------------------------------------------------------
 
     def step(self, now: float | None = None) -> list[RequestOutput]:

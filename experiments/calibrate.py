@@ -20,6 +20,7 @@ Ends with one JSON line (the files and the held-out errors).
 """
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def engine_commit() -> str | None:
-    """The repository's commit, with "-dirty" when the working tree has changes."""
+    """The repository's commit, with "-dirty" when the working tree has changes (or
+    $TWINSERVE_COMMIT where the tree is a copy without git)."""
+    if os.environ.get("TWINSERVE_COMMIT"):
+        return os.environ["TWINSERVE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, timeout=10).stdout.strip()

@@ -70,7 +70,10 @@ def replay_sim(rc: RunConfig) -> Replay:
     """Simulated time: step times come from the cost model; the simulator runs the engine's
     step loop with the engine's settings (async scheduling, CUDA-graph sizes)."""
     from simulator import CudaGraphs, ModelSpec, Simulator, build_cost_model, kv_pool_blocks
-    model = ModelSpec.from_hf_config(rc.hf_config, name=rc.model_name)
+    hf_config = rc.hf_config
+    if rc.engine.model_path is not None:   # the checkpoint the engine runs describes the model
+        hf_config = json.loads((Path(rc.engine.model_path) / "config.json").read_text())
+    model = ModelSpec.from_hf_config(hf_config, name=rc.model_name)
     tp = rc.engine.tensor_parallel_size
     recorded_blocks = recorded_num_blocks(rc)
     num_blocks = rc.num_blocks or recorded_blocks or kv_pool_blocks(
@@ -141,16 +144,22 @@ def compare_requests(table, recorded_path: Path) -> dict:
     return {"requests_identical": same, "requests": len(ours), "first_differing_request": first}
 
 
-def replay_gpu(rc: RunConfig) -> Replay:
+def replay_gpu(rc: RunConfig, engine=None) -> Replay:
     """Online replay in wall time: a request is added once the clock passes its arrival
     (its arrival time stays the trace's, so waiting behind a running step counts in its
     TTFT); the engine steps while it has work and sleeps until the next arrival when idle.
     The engine's clock is shifted to start at 0 with the replay, and each step is formed at
     the time the arrivals were polled: what the simulator needs to replay it exactly.
-    Token ids are drawn for the checkpoint's vocabulary."""
-    engine = build_engine(rc)
+    Token ids are drawn for the checkpoint's vocabulary. `engine`: reuse this engine (it
+    must match the config; it is reset, and left open) instead of building one."""
     import torch
     from engine import SamplingParams
+    owned = engine is None
+    if owned:
+        engine = build_engine(rc)
+    else:
+        check_engine(engine, rc)
+        engine.reset()
     try:
         num_blocks = engine.scheduler.block_manager.num_blocks
         requests = load_requests(rc, engine.model_config.vocab_size)
@@ -176,11 +185,30 @@ def replay_gpu(rc: RunConfig) -> Replay:
                     time.sleep(max(0.0, pending[0].arrival_s - engine.clock()))
         wall_s = time.perf_counter() - wall_start
     finally:
-        engine.close()
+        if owned:
+            engine.close()
     ordered = [sequences[r.request_id] for r in requests]
     duration = max((seq.finish_time for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
     return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu)
+
+
+def engine_kwargs(rc: RunConfig) -> dict:
+    """engine.EngineConfig fields for the engine `rc` describes (the model path apart)."""
+    return dict(dtype=rc.engine.dtype, device=rc.engine.device,
+                gpu_memory_utilization=rc.gpu_memory_utilization,
+                num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
+                block_size=rc.cache.block_size,
+                enable_prefix_caching=rc.cache.enable_prefix_caching,
+                max_num_seqs=rc.scheduler.max_num_seqs,
+                max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
+                scheduler_policy=rc.scheduler.policy,
+                long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
+                enforce_eager=rc.engine.enforce_eager,
+                cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
+                tensor_parallel_size=rc.engine.tensor_parallel_size,
+                attention_backend=rc.engine.attention_backend,
+                async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
 
 
 def build_engine(rc: RunConfig):
@@ -194,28 +222,23 @@ def build_engine(rc: RunConfig):
     if rc.engine.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
                            "(engine.device=cpu runs tiny models on the CPU)")
-    return LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
-                     gpu_memory_utilization=rc.gpu_memory_utilization,
-                     num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
-                     block_size=rc.cache.block_size,
-                     enable_prefix_caching=rc.cache.enable_prefix_caching,
-                     max_num_seqs=rc.scheduler.max_num_seqs,
-                     max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
-                     scheduler_policy=rc.scheduler.policy,
-                     long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                     enforce_eager=rc.engine.enforce_eager,
-                     cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
-                     tensor_parallel_size=rc.engine.tensor_parallel_size,
-                     attention_backend=rc.engine.attention_backend,
-                     async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
+    return LLMEngine(model_path(rc), **engine_kwargs(rc))
+
+
+def check_engine(engine, rc: RunConfig) -> None:
+    """A reused engine must be the one `rc` describes (ValueError naming the field)."""
+    for key, value in engine_kwargs(rc).items():
+        if value is not None and getattr(engine.config, key) != value:
+            raise ValueError(f"the engine passed in has {key}={getattr(engine.config, key)!r}, "
+                             f"this run wants {value!r}")
 
 
 def warm_up(engine, rc: RunConfig) -> None:
     """Run a few throwaway requests before the clock starts, so kernel compilation (Triton,
     torch.compile) and CUDA-graph first replays are not charged to the trace's first
-    requests (`vllm bench serve --num-warmups` does the same). Their prompts use token id 0
-    only, so they share no prefix-cache blocks with real prompts, and their steps are
-    dropped from the step log."""
+    requests (`vllm bench serve --num-warmups` does the same). Then the engine is reset:
+    their steps leave the step log and their blocks the prefix cache, so the replay starts
+    from the empty pool the simulator starts from."""
     from engine import SamplingParams
     longest = min(rc.scheduler.max_model_len, rc.scheduler.max_num_batched_tokens) - 8
     lengths = sorted({max(1, n) for n in (8, 64, longest // 2, longest)})
@@ -223,8 +246,8 @@ def warm_up(engine, rc: RunConfig) -> None:
     ids = [engine.add_request([0] * n, params, request_id=f"warmup-{n}") for n in lengths]
     while engine.has_unfinished():
         engine.step()
-    engine.step_records.clear()
     assert not any(i in engine.sequences for i in ids)
+    engine.reset()
 
 
 def model_path(rc: RunConfig) -> str:
@@ -254,12 +277,14 @@ def equivalence_line(eq: dict) -> str:
     return line
 
 
-def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = None) -> dict:
+def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = None,
+        engine=None) -> dict:
     """One replay of the composed config `cfg`; results go to `run_dir`. Returns the
-    metrics. `name`/`group` label the wandb run (Hydra's override string / sweep)."""
+    metrics. `name`/`group` label the wandb run (Hydra's override string / sweep).
+    `engine` (mode=gpu): an LLMEngine to reuse across runs (benchmarks/fidelity)."""
     rc = build(cfg)
     run_dir = Path(run_dir)
-    replay = replay_sim(rc) if rc.mode == "sim" else replay_gpu(rc)
+    replay = replay_sim(rc) if rc.mode == "sim" else replay_gpu(rc, engine)
     requests_table = results.request_table(replay.sequences, replay.replica_of, replay.t0)
     steps_table = results.step_table(replay.steps, replay.num_blocks, replay.t0)
     metrics = compute_metrics(requests_table, duration_s=replay.duration_s, slos=rc.slo.as_dict())

@@ -45,7 +45,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     both families (decode batches x KV contexts; prefill chunks with and without cached
     context, and chunks mixed with decodes), plus eager steps beyond the graphs up to the
     token budget. Held out (never fitted on): a KV context between the fitted ones for each
-    graph size, and every other eager size."""
+    graph size, and every other eager size. (With graphs up to the token budget no step runs eagerly, and
+    none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
     grid = []
     def add(shape, split="train"):
@@ -70,7 +71,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
     limit = graphs.mixed[-1] if graphs.mixed else 1
-    eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), min(M, L), 8)})
+    top = min(M, L)
+    eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
     if not graphs.mixed:
         eager = sorted({2, 8, 32} | set(eager))
     for k, t in enumerate(eager):
@@ -139,8 +141,8 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         if len(train) == 0:
             continue
         kinds[kind] = fit_kind(train, test, FITTED_FEATURES[kind])
-    if "eager" not in kinds:
-        raise ValueError("the profile has no eager steps: every step can run eagerly, profile some")
+    if not kinds:
+        raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
             "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
             "command": meta["command"], "created": datetime.date.today().isoformat(),

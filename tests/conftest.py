@@ -17,35 +17,29 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def fitted_calibration(tmp_path_factory) -> str:
-    """A `fitted` calibration file for qwen3-0.6b fitted on a profile whose step times come
-    from the roofline (a stand-in for the engine: tests need a file, not a measurement)."""
+def stand_in_calibration(tmp_path_factory):
+    """A calibration file of the real format for qwen3-0.6b, fitted on a profile whose
+    device times a roofline (conf/hardware/h100) stands in for: tests of code that takes a
+    calibration, where no GPU-made one is shipped for the case."""
     import json
     from pathlib import Path
 
     import pandas as pd
     import yaml
 
-    from policy import SchedulerConfig
-    from simulator import CudaGraphs, HardwareSpec, ModelSpec
+    from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel
     from simulator.calibrate import fit_calibration, profile_grid, shape_batch
-    from simulator.cost_model import RooflineCostModel
     conf = Path(__file__).resolve().parents[1] / "conf"
-    model = yaml.safe_load(open(conf / "model" / "qwen3-0.6b.yaml"))
-    hardware = HardwareSpec(**yaml.safe_load(open(conf / "hardware" / "h100.yaml")))
-    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048)
-    graphs = CudaGraphs.for_engine(sched.max_num_seqs, sched.max_num_batched_tokens, 256)
-    cost = RooflineCostModel(ModelSpec.from_hf_config(model["hf_config"], name=model["name"]),
-                             hardware, graphs=graphs)
+    model = yaml.safe_load((conf / "model" / "qwen3-0.6b.yaml").read_text())
+    hw = HardwareSpec(**yaml.safe_load((conf / "hardware" / "h100.yaml").read_text()))
+    cost = RooflineCostModel(ModelSpec.from_hf_config(model["hf_config"], model["name"]), hw)
     rows = []
-    for point in profile_grid(sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, graphs):
-        f = shape_batch(point["shape"], 16, 4000).features()
-        kind, padded = graphs.rows(f)
-        rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
-                     "device_s": cost.predict(f), "host_launch_s": 2e-4 + 3e-6 * f["num_seqs"],
-                     "host_receive_s": 5e-5 + 1e-6 * f["num_seqs"]})
-    calib = fit_calibration(pd.DataFrame(rows), {"model": "qwen3-0.6b", "device": "roofline stand-in",
-                                                 "command": "pytest fixture"})
-    path = tmp_path_factory.mktemp("calibration") / "qwen3-0.6b-roofline-standin.json"
+    for point in profile_grid(16, 512, 2048, CudaGraphs()):
+        f = shape_batch(point["shape"], 16, 1000).features()
+        rows.append({**f, "kind": "eager", "rows": f["num_batched_tokens"], "split": point["split"],
+                     "device_s": cost.predict(f), "host_launch_s": 1e-4, "host_receive_s": 1e-5})
+    calib = fit_calibration(pd.DataFrame(rows), {"model": "qwen3-0.6b", "device": "stand-in GPU",
+                                                 "command": "pytest"})
+    path = tmp_path_factory.mktemp("calibration") / "qwen3-0.6b-stand-in.json"
     path.write_text(json.dumps(calib))
     return str(path)

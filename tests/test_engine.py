@@ -243,6 +243,39 @@ def test_async_scheduling_changes_nothing_but_timing(checkpoints, reference, tmp
     assert preempted[True] > 0 and preempted[False] > 0
 
 
+def test_reset_forgets_requests_and_the_prefix_cache(checkpoints, reference):
+    """reset() gives an idle engine a fresh policy over the same KV pool: the same requests
+    give the same outputs, and nothing hits the previous run's prefix cache."""
+    llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=256, max_model_len=128, block_size=4)
+    first = llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
+    llm.reset()
+    assert llm.step_records == [] and not llm.has_unfinished()
+    again = llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert again[0].token_ids == first[0].token_ids == reference["qwen3"][len(PROMPTS)]
+    assert total(llm, "prefix_hit_tokens") == 0          # the cache was forgotten
+    llm.add_request(PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="idle"):
+        llm.reset()
+
+
+def test_scheduler_receive_is_the_only_writer_of_sampled_tokens(checkpoints):
+    """The engine hands sampled tokens to the policy (Scheduler.receive); it never writes
+    sequence state itself: with async scheduling, placeholders exist between a step's
+    launch and the next step, and are all filled once the engine is idle."""
+    from policy.sequence import PLACEHOLDER
+    llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=64, max_model_len=128, async_scheduling=True)
+    llm.add_request(PROMPTS[1], GREEDY)
+    llm.step()
+    seq = llm.sequences["0"]
+    assert seq.token_ids[-1] == PLACEHOLDER           # launched, its token not received yet
+    llm.step()
+    assert PLACEHOLDER not in seq.token_ids[:-1]
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    assert PLACEHOLDER not in outs[0].token_ids and len(outs[0].token_ids) == MAX_TOKENS
+
+
 def test_abort_frees_blocks(checkpoints):
     llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=64, max_model_len=128)
     a = llm.add_request(PROMPTS[3], GREEDY)

@@ -5,6 +5,7 @@ what only the command line shows: exit codes, multirun with the joblib launcher,
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -109,11 +110,13 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
 
 
-def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, fitted_calibration):
-    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={fitted_calibration}",
-                                "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert fitted_calibration in summary["backend"] and "roofline stand-in" in summary["backend"]
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, stand_in_calibration):
+    path = stand_in_calibration
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={path}",
+                                "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert str(path) in summary["backend"] and "'stand-in GPU'" in summary["backend"]
+    assert "EXAMPLE" not in summary["backend"]
     assert summary["load"]["arrival"] == "trace" and summary["load"]["time_scale"] == 0.5
     assert summary["load"]["request_rate"] is None
 
@@ -149,7 +152,7 @@ def test_replaying_a_runs_step_times_reproduces_it(tmp_path, caplog):
     """The sim-vs-real loop on the simulator alone: fed run A's recorded steps
     (cost_model=replay, strict), a new run schedules the same steps at the same times, so
     every request's timestamps and every compared metric match, and the run says so."""
-    caplog.set_level("INFO")
+    caplog.set_level(logging.INFO, logger="experiments.replay")
     _, a = replay(tmp_path / "a", [])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
@@ -427,7 +430,7 @@ def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_schedu
     else:
         assert (steps["start_s"].to_numpy()[1:] >= steps["tokens_s"].to_numpy()[:-1]).all()
     sim = tmp_path / "sim"
-    caplog.set_level("INFO")
+    caplog.set_level(logging.INFO, logger="experiments.replay")
     caplog.clear()
     run(compose_config(common + ["mode=sim", "cost_model=replay",
                                  f"cost_model.path={real / 'steps.parquet'}"]), sim)

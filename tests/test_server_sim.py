@@ -13,10 +13,10 @@ from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
 
 
-def test_sim_options(fitted_calibration):
-    CALIBRATION = fitted_calibration
+
+def test_sim_options(stand_in_calibration):
     args = parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
-                       "--cost-model", "fitted", "--calibration", CALIBRATION,
+                       "--cost-model", "fitted", "--calibration", stand_in_calibration,
                        "--max-model-len", "2048", "--num-gpu-blocks-override", "100",
                        "--block-size", "32", "--no-enable-prefix-caching"])
     backend = make_backend(args)
@@ -36,7 +36,7 @@ def test_sim_options(fitted_calibration):
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "tpu"]))
     with pytest.raises(ValueError, match="calibrated for model"):
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-8b", "--hardware", "h100",
-                                 "--cost-model", "fitted", "--calibration", CALIBRATION]))
+                                 "--cost-model", "fitted", "--calibration", stand_in_calibration]))
 
 
 def test_paced_by_the_cost_model():

@@ -16,6 +16,7 @@ from simulator import (CostModelConfig, CudaGraphs, FittedCostModel, HardwareSpe
                        kv_pool_blocks)
 from simulator import calibrate
 from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch
+from simulator.cost_model import base_time
 from simulator.cluster import Replica, least_outstanding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -388,6 +389,12 @@ def test_profile_grid_covers_every_graph_and_holds_out_shapes():
     assert kinds[("mixed", "train")] == set(GRAPHS.mixed)
     assert kinds[("eager", "train")] and kinds[("eager", "held_out")]
     assert kinds[("decode", "held_out")] and kinds[("mixed", "held_out")]
+    # graphs up to the whole budget (the engine's default): no step runs eagerly, none exceeds it
+    full = CudaGraphs.for_engine(256, 8192, 8192)
+    for p in profile_grid(256, 8192, 8192, full):
+        f = shape_batch(p["shape"], 16, 1000).features()
+        assert f["num_batched_tokens"] <= 8192 and f["num_seqs"] <= 256
+        assert full.rows(f)[0] != "eager"
 
 
 def test_fit_on_a_profile_predicts_held_out_shapes_and_runs(tmp_path):
@@ -441,10 +448,18 @@ def test_calibration_files_are_checked(tmp_path):
         build_cost_model(cfg, QWEN, H100, tp=2)
     with pytest.raises(ValueError, match="format"):
         FittedCostModel(dict(calib, format="twinserve-calibration/1"))
-    with pytest.raises(ValueError, match="eager"):
-        FittedCostModel(dict(calib, kinds={"decode": calib["kinds"]["decode"]}))
-    with pytest.raises(ValueError, match="no eager steps"):
-        fit_calibration(roofline_profile(ROOFLINE).query("kind != 'eager'"), {"model": "m", "device": "d", "command": "c"})
+    with pytest.raises(ValueError, match="no step kinds"):
+        FittedCostModel(dict(calib, kinds={}))
+    with pytest.raises(ValueError, match="no train rows"):
+        fit_calibration(roofline_profile(ROOFLINE).query("split != 'train'"), {"model": "m", "device": "d", "command": "c"})
+    # a step of a kind never profiled (here: eager, with graphs up to the budget) is costed
+    # by the fitted mixed kind at its tokens
+    mixed = calib["kinds"]["mixed"]
+    mixed_only = FittedCostModel(dict(calib, kinds={"mixed": mixed}), graphs=CudaGraphs())
+    f = make_batch([(0, 300)]).features()
+    expected = base_time(mixed["knots"], mixed["base_s"], 300) + sum(
+        c * f[name] for name, c in mixed["coefficients"].items())
+    assert mixed_only.predict(f) == pytest.approx(expected) and expected > 0
     with pytest.raises(ValueError, match="needs cost_model.path"):
         CostModelConfig(kind="replay")
     with pytest.raises(FileNotFoundError, match="nowhere.parquet"):

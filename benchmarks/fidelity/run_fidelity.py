@@ -1,0 +1,333 @@
+"""The twin's fidelity table: the same cells run on the engine (each `--repeats` times) and
+on the simulator (fitted and roofline cost models), errors (sim - real) / real per metric
+next to the spread of the real repeats, the policy-effect pairs (does the simulator
+predict the measured change of each metric?), and the step-for-step replay check of
+every real run.
+
+    python benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b --hardware h200 \\
+        --calibration simulator/calibrations/qwen3-0.6b-h200-tp1.json \\
+        --out benchmarks/fidelity/results/qwen3-0.6b-h200 \\
+        [--traces sharegpt,azure_conv,mooncake_conv] [--loads 0.25,0.5,0.8,1.1]
+        [--num-requests 400] [--repeats 3] [--pairs policy,budget,block_size,prefix_caching]
+        [--stages capacity,real,sim,table] [--set engine.tensor_parallel_size=2 ...]
+
+Stages (each reads what the earlier ones wrote under --out, so they can run apart):
+  capacity  per trace, the saturation throughput the fitted simulator predicts (requests/s
+            at an offered load far past capacity); --loads are fractions of it (or give
+            absolute rates with --rates). Poisson traces vary request_rate; traces with
+            their own timestamps (azure_conv, mooncake_conv) vary time_scale.
+  real      every cell on the engine, --repeats times, one engine per engine setting
+            (LLMEngine.reset between runs: same start-up, fresh prefix cache).
+  sim       every cell on the simulator with cost_model=fitted and roofline (and
+            roofline with the calibration's fitted hardware parameters if present), and
+            cost_model=replay on every real run (policy equivalence).
+  table     table.csv (one row per cell x metric x cost model), table.md, effects.csv
+            (policy-effect pairs), equivalence.csv; prints the summary, ends with one
+            JSON line.
+
+Cells: each trace at each load with the base settings; the pairs at the highest load
+below capacity: policy (chunked -> prefill_first), budget (max_num_batched_tokens 8192 ->
+2048), block_size (16 -> 64 under memory pressure: a KV pool of --pressure-tokens tokens),
+prefix_caching (on -> off, mooncake_conv only).
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from experiments.config import register_configs  # noqa: E402
+from experiments.replay import build_engine, run  # noqa: E402
+from experiments.config import build  # noqa: E402
+
+METRICS = ["request_throughput", "output_throughput"] + [
+    f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p90", "p99")]
+TIMED_TRACES = ("azure_conv", "azure_code", "mooncake_conv")   # replayed on their own timestamps
+PAIRS = {
+    "policy": (["scheduler=chunked"], ["scheduler=prefill_first"]),
+    "budget": (["scheduler.max_num_batched_tokens=8192"], ["scheduler.max_num_batched_tokens=2048"]),
+    "block_size": (["cache.block_size=16"], ["cache.block_size=64"]),
+    "prefix_caching": (["cache.enable_prefix_caching=true"], ["cache.enable_prefix_caching=false"]),
+}
+
+
+def compose_cfg(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("config", overrides=overrides)
+
+
+def native_rate(base: list[str], trace: str, n: int) -> float:
+    """Requests/s of a timestamped trace replayed at time_scale 1."""
+    from traces import load_trace
+    df = load_trace(build(compose_cfg(base + [f"trace={trace}", f"trace.num_requests={n}"])).trace)
+    span = float(df["arrival_s"].max() - df["arrival_s"].min())
+    return (len(df) - 1) / span if span > 0 else math.inf
+
+
+def cells(args, capacity: dict) -> list[dict]:
+    """Every cell: name, trace, load label, overrides (beyond the common ones)."""
+    out = []
+    for trace in args.traces:
+        cap = capacity[trace]
+        rates = args.rates or [f * cap["capacity_rps"] for f in args.loads]
+        below = [r for r in rates if r < cap["capacity_rps"]] or rates
+        for k, rate in enumerate(rates):
+            over = [f"trace={trace}", f"trace.num_requests={args.num_requests}"]
+            if trace in TIMED_TRACES:    # time_scale = native / wanted
+                over.append(f"trace.time_scale={cap['native_rps'] / rate:.6g}")
+            else:
+                over += ["trace.arrival=poisson", f"trace.request_rate={rate:.6g}"]
+            base = dict(trace=trace, load=f"{rate:.3g}rps", rate=rate, pair=None, side=None)
+            out.append(dict(base, name=f"{trace}-L{k}", overrides=over))
+            if rate != max(below):
+                continue
+            for pair in args.pairs:
+                if pair == "prefix_caching" and trace != "mooncake_conv":
+                    continue
+                extra = [f"cache.num_blocks={args.pressure_tokens // b}" for b in (16, 64)] \
+                    if pair == "block_size" else [None, None]
+                for side, (sets, more) in enumerate(zip(PAIRS[pair], extra)):
+                    o = over + sets + ([more] if more else [])
+                    out.append(dict(base, name=f"{trace}-L{k}-{pair}{side}", overrides=o, pair=pair, side=side))
+    return out
+
+
+def stage_capacity(args, common) -> dict:
+    """Saturation throughput of the fitted simulator per trace (offered far past capacity)."""
+    capacity = {}
+    for trace in args.traces:
+        over = common + ["mode=sim", "cost_model=fitted", f"cost_model.path={args.calibration}",
+                         f"trace={trace}", f"trace.num_requests={args.num_requests}"]
+        native = native_rate(common, trace, args.num_requests) if trace in TIMED_TRACES else None
+        over += ["trace.time_scale=0.001"] if trace in TIMED_TRACES else ["trace.arrival=burst"]
+        metrics = run(compose_cfg(over), args.out / "capacity" / trace)
+        if not metrics["request_throughput"] > 0:
+            sys.exit(f"capacity of {trace}: no request completed (do its requests fit "
+                     "scheduler.max_model_len?)")
+        capacity[trace] = {"capacity_rps": metrics["request_throughput"], "native_rps": native}
+        print(f"capacity {trace}: {metrics['request_throughput']:.2f} req/s (fitted simulator)")
+    (args.out / "capacity.json").write_text(json.dumps(capacity, indent=2))
+    return capacity
+
+
+def stage_real(args, common, todo) -> None:
+    """Every cell on the engine, --repeats times, one engine per distinct engine setting."""
+    groups = {}
+    for cell in todo:
+        cfg = compose_cfg(common + ["mode=gpu"] + cell["overrides"])
+        rc = build(cfg)
+        key = (rc.scheduler, rc.cache, rc.num_blocks, rc.engine)
+        groups.setdefault(key, []).append((cell, cfg, rc))
+    for group in groups.values():
+        engine = build_engine(group[0][2])
+        try:
+            for cell, cfg, _ in group:
+                for rep in range(args.repeats):
+                    run_dir = args.out / "real" / cell["name"] / f"r{rep}"
+                    if (run_dir / "summary.json").is_file() and not args.force:
+                        continue
+                    run(cfg, run_dir, engine=engine)
+        finally:
+            engine.close()
+
+
+def stage_sim(args, common, todo) -> None:
+    models = {"fitted": ["cost_model=fitted", f"cost_model.path={args.calibration}"],
+              "roofline": ["cost_model=roofline"]}
+    hw_file = Path(args.calibration).with_suffix(".hardware.yaml")
+    if hw_file.is_file():
+        fitted_hw = yaml.safe_load(hw_file.read_text())
+        models["roofline_fitted"] = ["cost_model=roofline"] + [
+            f"hardware.{k}={v}" for k, v in fitted_hw.items() if k != "name"]
+    for cell in todo:
+        for model, over in models.items():
+            run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
+                args.out / "sim" / model / cell["name"])
+        for rep in range(args.repeats):
+            real = args.out / "real" / cell["name"] / f"r{rep}"
+            if (real / "steps.parquet").is_file():
+                try:
+                    run(compose_cfg(common + ["mode=sim", "cost_model=replay",
+                                              f"cost_model.path={real / 'steps.parquet'}"] + cell["overrides"]),
+                        args.out / "replay" / cell["name"] / f"r{rep}")
+                except RuntimeError as e:     # diverged: recorded in the table, not fatal
+                    (args.out / "replay" / cell["name"] / f"r{rep}").mkdir(parents=True, exist_ok=True)
+                    (args.out / "replay" / cell["name"] / f"r{rep}" / "diverged.txt").write_text(str(e))
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    f = run_dir / "summary.json"
+    return json.loads(f.read_text())["metrics"] if f.is_file() else None
+
+
+def stage_table(args, todo) -> dict:
+    rows, effects, equivalence = [], [], []
+    sim_models = sorted(p.name for p in (args.out / "sim").iterdir()) if (args.out / "sim").is_dir() else []
+    for cell in todo:
+        reals = [m for r in range(args.repeats)
+                 if (m := read_metrics(args.out / "real" / cell["name"] / f"r{r}")) is not None]
+        for r in range(args.repeats):
+            d = args.out / "replay" / cell["name"] / f"r{r}"
+            summary = d / "summary.json"
+            if summary.is_file():
+                eq = json.loads(summary.read_text()).get("equivalence") or {}
+                equivalence.append({"cell": cell["name"], "repeat": r, **eq})
+            elif (d / "diverged.txt").is_file():
+                equivalence.append({"cell": cell["name"], "repeat": r, "diverged": (d / "diverged.txt").read_text()})
+        for model in sim_models:
+            sim = read_metrics(args.out / "sim" / model / cell["name"])
+            if sim is None or not reals:
+                continue
+            for metric in METRICS:
+                values = np.array([m[metric] for m in reals], float)
+                real = float(np.mean(values))
+                rows.append({"cell": cell["name"], "trace": cell["trace"], "load": cell["load"],
+                             "pair": cell["pair"], "side": cell["side"], "cost_model": model,
+                             "metric": metric, "real": real, "sim": sim[metric],
+                             "error": (sim[metric] - real) / real if real else math.nan,
+                             "real_spread": float((values.max() - values.min()) / real) if real else math.nan,
+                             "repeats": len(values)})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        paired = table[table["pair"].notna()]
+        for (cell_base, model, metric, pair), g in paired.assign(
+                base=paired["cell"].str.rsplit("-", n=1).str[0]).groupby(["base", "cost_model", "metric", "pair"]):
+            if set(g["side"]) != {0, 1}:
+                continue
+            a, b = g[g["side"] == 0].iloc[0], g[g["side"] == 1].iloc[0]
+            measured = (b["real"] - a["real"]) / a["real"]
+            predicted = (b["sim"] - a["sim"]) / a["sim"]
+            tolerance = 0.05 if "ttft" in metric else 0.03
+            effects.append({"cell": cell_base, "pair": pair, "cost_model": model, "metric": metric,
+                            "measured_change": measured, "predicted_change": predicted,
+                            "difference_pp": 100 * (predicted - measured),
+                            "same_sign": bool(np.sign(measured) == np.sign(predicted)),
+                            "within_target": bool(np.sign(measured) == np.sign(predicted)
+                                                  and abs(predicted - measured) <= tolerance)})
+    effects = pd.DataFrame(effects)
+    equivalence = pd.DataFrame(equivalence)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "table.csv", index=False)
+    effects.to_csv(args.out / "effects.csv", index=False)
+    equivalence.to_csv(args.out / "equivalence.csv", index=False)
+    summary = summarize(table, effects, equivalence)
+    (args.out / "table.md").write_text(markdown(table, effects, equivalence, summary))
+    print(markdown(table, effects, equivalence, summary))
+    print(json.dumps(summary))
+    return summary
+
+
+def summarize(table, effects, equivalence) -> dict:
+    out = {}
+    if not table.empty:
+        base = table[table["pair"].isna() | (table["side"] == 0)]
+        for model, g in base.groupby("cost_model"):
+            out[model] = {m: round(float(g[g["metric"] == m]["error"].abs().max()), 4)
+                          for m in ("request_throughput", "mean_ttft_ms", "p90_ttft_ms",
+                                    "mean_tpot_ms", "mean_e2el_ms") if (g["metric"] == m).any()}
+        out["max_real_spread"] = round(float(table["real_spread"].max()), 4)
+    if not effects.empty:
+        out["effects_within_target"] = {m: f"{int(g['within_target'].sum())}/{len(g)}"
+                                        for m, g in effects.groupby("cost_model")}
+    if not equivalence.empty:
+        def identical(r) -> bool:
+            if isinstance(r.get("diverged"), str):
+                return False
+            return r.get("requests_identical") == r.get("requests")
+        ok = equivalence.apply(identical, axis=1)
+        out["replays_identical"] = f"{int(ok.sum())}/{len(equivalence)}"
+    return out
+
+
+def md(df: pd.DataFrame, index: bool = True) -> str:
+    """A pipe table (pandas' to_markdown needs tabulate, not a dependency here)."""
+    df = df.reset_index() if index else df
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)   # noqa: E731
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def markdown(table, effects, equivalence, summary) -> str:
+    lines = ["# Fidelity: simulator vs engine", "", "error = (sim - real) / real; spread = "
+             "(max - min) / mean of the real repeats.", ""]
+    if not table.empty:
+        key = ["request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms", "p90_tpot_ms", "mean_e2el_ms"]
+        wide = table[table["metric"].isin(key)].pivot_table(
+            index=["cell", "cost_model"], columns="metric", values="error").reindex(columns=key)
+        spread = table[table["metric"].isin(key)].pivot_table(index="cell", columns="metric",
+                                                               values="real_spread").reindex(columns=key)
+        lines += ["## Errors", "", md(100 * wide), "", "## Spread of the real repeats (%)", "",
+                  md(100 * spread), ""]
+    if not effects.empty:
+        key = effects[effects["metric"].isin(["request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms"])]
+        lines += ["## Policy effects (change B vs A, %)", "",
+                  md(key.assign(measured=100 * key["measured_change"], predicted=100 * key["predicted_change"])[
+                      ["cell", "pair", "cost_model", "metric", "measured", "predicted", "same_sign", "within_target"]
+                  ], index=False), ""]
+    if not equivalence.empty:
+        lines += ["## Step-for-step replay of every real run", "", md(equivalence, index=False), ""]
+    lines += ["```", json.dumps(summary, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="conf/model/<name>")
+    ap.add_argument("--hardware", required=True, help="conf/hardware/<name> (the roofline's)")
+    ap.add_argument("--calibration", required=True, help="calibration JSON (python run.py experiment=calibrate)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--traces", default="sharegpt,azure_conv,mooncake_conv", type=lambda s: s.split(","))
+    ap.add_argument("--loads", default="0.25,0.5,0.8,1.1", type=lambda s: [float(x) for x in s.split(",")],
+                    help="offered loads as fractions of the predicted capacity")
+    ap.add_argument("--rates", default=None, type=lambda s: [float(x) for x in s.split(",")],
+                    help="absolute offered loads, requests/s (instead of --loads)")
+    ap.add_argument("--num-requests", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", default="policy,budget,block_size,prefix_caching",
+                    type=lambda s: [p for p in s.split(",") if p])
+    ap.add_argument("--pressure-tokens", type=int, default=65536,
+                    help="KV pool (tokens) of the block_size pair: memory pressure")
+    ap.add_argument("--stages", default="capacity,real,sim,table", type=lambda s: s.split(","))
+    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
+    ap.add_argument("--force", action="store_true", help="rerun real cells that already have results")
+    args = ap.parse_args(argv)
+    bad = [p for p in args.pairs if p not in PAIRS]
+    if bad:
+        sys.exit(f"unknown pairs {bad}; choose from {list(PAIRS)}")
+    common = [f"model={args.model}", f"hardware={args.hardware}", "logger=none", "progress=false"] + args.set
+    args.out.mkdir(parents=True, exist_ok=True)
+    capacity_file = args.out / "capacity.json"
+    if "capacity" in args.stages:
+        capacity = stage_capacity(args, common)
+    elif capacity_file.is_file():
+        capacity = json.loads(capacity_file.read_text())
+    elif args.rates:
+        capacity = {t: {"capacity_rps": max(args.rates),
+                        "native_rps": native_rate(common, t, args.num_requests) if t in TIMED_TRACES else None}
+                    for t in args.traces}
+    else:
+        sys.exit(f"{capacity_file} not found: run the capacity stage or give --rates")
+    todo = cells(args, capacity)
+    (args.out / "cells.json").write_text(json.dumps(todo, indent=1))
+    print(f"{len(todo)} cells x {args.repeats} real repeats")
+    if "real" in args.stages:
+        stage_real(args, common, todo)
+    if "sim" in args.stages:
+        stage_sim(args, common, todo)
+    if "table" in args.stages:
+        stage_table(args, todo)
+
+
+if __name__ == "__main__":
+    main()
