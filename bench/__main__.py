@@ -24,6 +24,9 @@ from traces import TraceConfig, TraceError, load_trace, materialize
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "trace"
 SLO_KEYS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms"}
+# steps.parquet stays empty (a client sees no steps) but has the columns readers group by
+STEP_COLUMNS = ("start_s", "duration_s", "replica", "step", "num_seqs", "num_batched_tokens",
+                "kv_blocks_used", "kv_usage")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +127,8 @@ def main(argv=None) -> dict:
         "num_warmups": args.num_warmups}, "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
                "mode": "http", "run": {"num_requests": len(table), "wall_s": duration}}
-    results.write(args.out, table, pd.DataFrame(), summary)
+    no_steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})   # the server's
+    results.write(args.out, table, no_steps, summary)
     print(format_report(metrics))
     errors = table["error"].dropna()
     if len(errors):
