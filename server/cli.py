@@ -9,7 +9,7 @@ import argparse
 import sys
 
 ENGINE_ONLY = ("dtype", "device", "enforce_eager", "compile", "async_scheduling",
-               "attention_backend", "seed")
+               "attention_backend", "seed", "engine_in_process")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
 RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", choices=["engine", "sim"], default="engine",
                    help="engine: run the model; sim: the policy with the cost model's step times, "
                         "paced in real time, placeholder text (default engine)")
+    m.add_argument("--engine-in-process", action="store_true", default=None,
+                   help="engine: run the engine in the server's process (default: a process of "
+                        "its own, as vLLM's engine core, so HTTP work never delays a step)")
     m.add_argument("--hardware", help="sim: a conf/hardware name (e.g. h200) or .yaml file")
     m.add_argument("--cost-model", choices=["roofline", "fitted"],
                    help="sim: how step times are predicted: roofline (from the hardware's peak "
@@ -114,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 SERVER_ARGS = ("host", "port", "api_key", "served_model_name", "max_queued_requests",
                "max_request_bytes", "uvicorn_log_level", "disable_uvicorn_access_log", "backend",
-               "model")
+               "model", "engine_in_process")
 
 
 def make_backend(args: argparse.Namespace):
@@ -124,8 +127,11 @@ def make_backend(args: argparse.Namespace):
     if args.backend == "sim":
         from server.sim import SimBackend
         return SimBackend(args.model, **kwargs)
-    from server.backend import EngineBackend
-    return EngineBackend(args.model, **kwargs)
+    if args.engine_in_process:
+        from server.backend import EngineBackend
+        return EngineBackend(args.model, **kwargs)
+    from server.process import EngineProcess
+    return EngineProcess(args.model, **kwargs)
 
 
 def main(argv=None) -> None:
