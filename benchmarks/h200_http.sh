@@ -3,7 +3,8 @@
 # the HTTP layer and the twin over HTTP. The same ShareGPT trace (NREQ requests, Poisson at
 # each of RATES req/s, qwen3-0.6b random weights, bf16, defaults of the engine) runs
 #   offline  python run.py mode=gpu                        (the engine in-process, wall clock)
-#   http     python -m server + python -m bench            (the same engine behind HTTP)
+#   http     python -m server + python -m bench            (the same engine behind HTTP, in
+#            its own process; stage http_inproc: --engine-in-process, not run by default)
 #   sim      python -m server --backend sim + python -m bench (the twin: h200 roofline, paced)
 #   simoff   python run.py mode=sim                        (the twin offline, for reference)
 # then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
@@ -39,8 +40,10 @@ for stage in ${STAGES:-http offline sim}; do
   offline) for r in $RATES; do
              timeout 200 python3 run.py mode=gpu $RUN engine.model_path=$CK trace.request_rate=$r \
                hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;
-  http)    serve --model $CK --served-model-name qwen3-0.6b && for r in $RATES; do
-             timeout 200 $BENCH --request-rate $r --out $RUNS/http_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+  http|http_inproc)
+           flag=""; [ $stage = http_inproc ] && flag=--engine-in-process
+           serve --model $CK --served-model-name qwen3-0.6b $flag && for r in $RATES; do
+             timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
            done; stop ;;
   sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
            serve --backend sim --model qwen3-0.6b --hardware h200 && for r in $RATES; do
