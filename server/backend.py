@@ -1,10 +1,10 @@
 """What the HTTP server drives: a `Backend` runs requests through the policy layer, one
 `step()` at a time, on the server's engine thread.
 
-Backends: `EngineBackend` (the real engine, `engine.LLMEngine`, in this process),
-`server.process.EngineProcess` (the same, in a process of its own: the server's default)
-and `server.sim.SimBackend` (the policy with the simulator's cost model standing in for the
-GPU, paced in real time). /metrics reads `Backend.stats()`.
+Backends: `EngineBackend` (the real engine, `engine.LLMEngine`), `server.sim.SimBackend`
+(the policy with the simulator's cost model standing in for the GPU, paced in real time),
+and `server.process.BackendProcess`, either of them in a process of its own (the server's
+default). /metrics reads `Backend.stats()`.
 """
 import math
 from abc import ABC, abstractmethod
@@ -117,10 +117,11 @@ class Backend(ABC):
 
 class HFText:
     """Prompts and text through a Hugging Face tokenizer, or none (token-id prompts only,
-    no text): the text half of a Backend, for backends that run a real model."""
+    no text): the text half of a Backend that runs a real model (a base class of
+    EngineBackend; on its own, the server side of an engine in another process)."""
 
-    def init_text(self, tokenizer, vocab_size: int) -> None:
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+    def __init__(self, name: str, tokenizer, vocab_size: int):
+        self.name, self.tokenizer, self.vocab_size = name, tokenizer, vocab_size
         self.has_tokenizer = tokenizer is not None
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         # bytes of the longest token (4 per character at most): bounds a prompt's length
@@ -151,7 +152,7 @@ class HFText:
 
 class EngineBackend(HFText, Backend):
     """The real engine, in this process. `EngineBackend(model_path, **EngineConfig fields)`.
-    (`server.process.EngineProcess` runs it in a process of its own.)"""
+    (`server.process.engine_process` runs it in a process of its own.)"""
 
     MAX_STEP_RECORDS = 100_000   # steps of the engine's log a long-running server keeps
 
@@ -159,10 +160,9 @@ class EngineBackend(HFText, Backend):
         from engine import LLMEngine, SamplingParams
         self.sampling_params = SamplingParams
         self.engine = engine = LLMEngine(model, **engine_kwargs)
-        self.name = model
         self.max_model_len = engine.config.max_model_len
         self.scheduler = engine.scheduler
-        self.init_text(engine.tokenizer, engine.model_config.vocab_size)
+        HFText.__init__(self, model, engine.tokenizer, engine.model_config.vocab_size)
 
     def add(self, request_id, token_ids, params):
         sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 ENGINE_ONLY = ("dtype", "device", "enforce_eager", "compile", "async_scheduling",
-               "attention_backend", "seed", "engine_in_process")
+               "attention_backend", "seed")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
 RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", choices=["engine", "sim"], default="engine",
                    help="engine: run the model; sim: the policy with the cost model's step times, "
                         "paced in real time, placeholder text (default engine)")
-    m.add_argument("--engine-in-process", action="store_true", default=None,
-                   help="engine: run the engine in the server's process (default: a process of "
-                        "its own, as vLLM's engine core, so HTTP work never delays a step)")
+    m.add_argument("--engine-in-process", action="store_true",
+                   help="step the engine (or the twin) in the server's process (default: a "
+                        "process of its own, as vLLM's engine core, so HTTP work never delays "
+                        "a step)")
     m.add_argument("--hardware", help="sim: a conf/hardware name (e.g. h200) or .yaml file")
     m.add_argument("--cost-model", choices=["roofline", "fitted"],
                    help="sim: how step times are predicted: roofline (from the hardware's peak "
@@ -124,14 +125,17 @@ def make_backend(args: argparse.Namespace):
     """The backend the options describe (loads the model, or the twin's cost model)."""
     kwargs = {RENAMED.get(k, k): v for k, v in vars(args).items()
               if v is not None and k not in SERVER_ARGS}
-    if args.backend == "sim":
+    if args.backend == "sim" and args.engine_in_process:
         from server.sim import SimBackend
         return SimBackend(args.model, **kwargs)
     if args.engine_in_process:
         from server.backend import EngineBackend
         return EngineBackend(args.model, **kwargs)
-    from server.process import EngineProcess
-    return EngineProcess(args.model, **kwargs)
+    from server.process import engine_process, sim_process
+    if args.backend == "sim":
+        hardware = kwargs.pop("hardware")
+        return sim_process(args.model, hardware, **kwargs)
+    return engine_process(args.model, **kwargs)
 
 
 def main(argv=None) -> None:

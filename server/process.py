@@ -1,38 +1,39 @@
-"""The engine in a process of its own, as vLLM's engine core: the server's Python (HTTP,
+"""A backend in a process of its own, as vLLM's engine core: the server's Python (HTTP,
 JSON, detokenizing thousands of stream chunks a second) never holds the interpreter lock
-the engine's host work needs, so serving over HTTP costs the engine no step time.
+the backend's step loop needs, so serving over HTTP costs the engine (or the twin's
+real-time pacing) no step time. The server's default for both backends.
 
-    server process                              engine process
-    EngineProcess.add / abort  -- pipe -->      EngineBackend.add / abort, between steps
-    EngineProcess.step  <-- one message a step  EngineBackend.step: new tokens, finished
-                                                requests, the policy's stats
+    server process                                backend process
+    BackendProcess.add / abort  -- pipe -->       backend.add / abort, between steps
+    BackendProcess.step  <-- one message a step   backend.step: new tokens, finished
+                                                  requests, the policy's stats
 
-The server process validates a request before sending it (sampling fields through
-`engine.SamplingParams`, lengths through a probe `policy.Scheduler` of the same config), so
-a bad request is a 400 at once and the engine never refuses one it was sent. It tokenizes
-and detokenizes with its own copy of the tokenizer.
+The server process checks a request before sending it (the sampling fields, and the
+lengths through a probe `policy.Scheduler` of the same config), so a bad request is a 400
+at once. It tokenizes and detokenizes with its own text half (`HFText`: a copy of the
+tokenizer; `ByteText` for the twin).
 """
 import atexit
 import multiprocessing as mp
 import time
 
-from policy import Scheduler, Sequence
-from server.backend import Backend, BackendDead, EngineBackend, Finished, HFText
+from policy import CacheConfig, Scheduler, Sequence
+from server.backend import Backend, BackendDead, Finished, HFText
 
 
-def engine_main(conn, model: str, engine_kwargs: dict) -> None:
-    """The engine process: build the engine, then step while there is work, taking
+def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
+    """The backend process: build the backend, then step while there is work, taking
     commands between steps and sending one message per step."""
     try:
-        backend = EngineBackend(model, **engine_kwargs)
+        backend = factory(*args, **kwargs)
     except BaseException as e:
         conn.send(("error", f"{e}" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
         return
-    engine = backend.engine
-    conn.send(("ready", {"max_model_len": engine.config.max_model_len,
-                         "scheduler_config": engine.config.scheduler_config(),
-                         "cache_config": engine.config.cache_config(),
-                         "num_blocks": engine.scheduler.block_manager.num_blocks}))
+    sched = backend.scheduler
+    bm = sched.block_manager
+    conn.send(("ready", {"max_model_len": backend.max_model_len, "scheduler_config": sched.config,
+                         "cache_config": CacheConfig(bm.block_size, bm.enable_prefix_caching),
+                         "num_blocks": bm.num_blocks}))
     sent: dict[str, int] = {}      # unfinished request -> output tokens sent so far
     try:
         while True:
@@ -54,7 +55,7 @@ def engine_main(conn, model: str, engine_kwargs: dict) -> None:
                                len(token_ids), 0, 0, now, None, (), now)], backend.stats()))
             try:
                 finished = backend.step()
-            except Exception as e:             # only a dead tensor-parallel worker gets here
+            except Exception as e:             # the engine survives a failed step: this is fatal
                 conn.send(("fatal", f"{type(e).__name__}: {e}"))
                 return
             fresh = {}
@@ -70,23 +71,21 @@ def engine_main(conn, model: str, engine_kwargs: dict) -> None:
         backend.close()
 
 
-class EngineProcess(HFText, Backend):
-    """`EngineProcess(model_path, **EngineConfig fields)`: an EngineBackend in a spawned
-    process. abort() returns False: the request may have finished in the engine meanwhile
-    (its output is then dropped by the server on arrival)."""
+class BackendProcess(Backend):
+    """`factory(*args, **kwargs)` (picklable: a class) built and stepped in a spawned
+    process; `text` is the text half on the server's side; `check(params)` raises
+    ValueError for sampling fields the backend would refuse. abort() returns False: the
+    request may have finished in the backend meanwhile (the server drops that output)."""
 
-    def __init__(self, model: str, **engine_kwargs):
-        from engine import EngineConfig, SamplingParams
-        from engine.engine import load_tokenizer
-        from engine.models import ModelConfig
-        EngineConfig(model=model, **engine_kwargs)        # bad options fail here, at once
-        self.sampling_params = SamplingParams
-        self.name = model
-        self.init_text(load_tokenizer(model), ModelConfig.from_pretrained(model).vocab_size)
+    def __init__(self, text, factory, *args, check=None, **kwargs):
+        self.text, self.check = text, check
+        self.name, self.vocab_size = text.name, text.vocab_size
+        self.has_tokenizer, self.has_chat_template = text.has_tokenizer, text.has_chat_template
+        self.max_token_bytes = text.max_token_bytes
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=engine_main, args=(child, model, engine_kwargs),
-                                   name="twinserve-engine")   # not daemonic: it may spawn TP ranks
+        self.process = ctx.Process(target=backend_main, args=(child, factory, args, kwargs),
+                                   name="twinserve-backend")   # not daemonic: it may spawn TP ranks
         self.process.start()
         child.close()
         kind, info = self._recv()
@@ -100,9 +99,18 @@ class EngineProcess(HFText, Backend):
         self.last_stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0,
                            "prefix_queries": 0, "prefix_hits": 0}
 
+    def tokenize(self, prompt):
+        return self.text.tokenize(prompt)
+
+    def chat_tokens(self, messages):
+        return self.text.chat_tokens(messages)
+
+    def decode(self, token_ids):
+        return self.text.decode(token_ids)
+
     def _dead(self) -> BackendDead:
         self.process.join(timeout=5)
-        return BackendDead(f"the engine process died (exit code {self.process.exitcode})")
+        return BackendDead(f"the backend process died (exit code {self.process.exitcode})")
 
     def _send(self, message) -> None:
         try:
@@ -116,16 +124,15 @@ class EngineProcess(HFText, Backend):
         except (EOFError, OSError):
             raise self._dead() from None
         if message[0] == "fatal":
-            raise BackendDead(f"the engine process failed: {message[1]}")
+            raise BackendDead(f"the backend process failed: {message[1]}")
         return message
 
     def add(self, request_id, token_ids, params):
-        sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,
-                                  top_p=params.top_p, max_tokens=params.max_tokens,
-                                  ignore_eos=params.ignore_eos, seed=params.seed)
-        self.probe.add(Sequence(request_id, token_ids, params.max_tokens))   # the engine's checks
+        if self.check is not None:
+            self.check(params)
+        self.probe.add(Sequence(request_id, token_ids, params.max_tokens))   # the policy's checks
         self.probe.abort(request_id)
-        self._send(("add", request_id, token_ids, sp))
+        self._send(("add", request_id, token_ids, params))
         self.tokens[request_id] = []
 
     def abort(self, request_id):
@@ -134,7 +141,7 @@ class EngineProcess(HFText, Backend):
         return False
 
     def step(self):
-        """The engine's next step (waits for it), and any that came meanwhile."""
+        """The backend's next step (waits for it), and any that came meanwhile."""
         messages = [self._recv()]
         while self.conn.poll(0):
             messages.append(self._recv())
@@ -167,3 +174,24 @@ class EngineProcess(HFText, Backend):
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=10)
+
+
+def engine_process(model: str, **engine_kwargs) -> BackendProcess:
+    """The engine (`EngineBackend(model, **engine_kwargs)`) in a process of its own."""
+    from engine import EngineConfig, SamplingParams
+    from engine.engine import load_tokenizer
+    from engine.models import ModelConfig
+    from server.backend import EngineBackend
+    EngineConfig(model=model, **engine_kwargs)        # bad options fail here, at once
+
+    def check(p):
+        SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                       max_tokens=p.max_tokens, ignore_eos=p.ignore_eos, seed=p.seed)
+    text = HFText(model, load_tokenizer(model), ModelConfig.from_pretrained(model).vocab_size)
+    return BackendProcess(text, EngineBackend, model, check=check, **engine_kwargs)
+
+
+def sim_process(model: str, hardware: str, **kwargs) -> BackendProcess:
+    """The twin (`SimBackend(model, hardware, **kwargs)`) in a process of its own."""
+    from server.sim import ByteText, SimBackend
+    return BackendProcess(ByteText.of(model), SimBackend, model, hardware, **kwargs)

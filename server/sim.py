@@ -47,41 +47,21 @@ def step_time_model(model_name: str, hf_config: dict, hardware: dict, cost_model
     return (lambda batch: cost.predict(batch.features())), num_blocks
 
 
-class SimBackend(Backend):
-    """`SimBackend("qwen3-0.6b", "h200")`: conf/model and conf/hardware names (or .yaml
-    paths); the policy fields as in engine.EngineConfig."""
+class ByteText:
+    """The simulated backend's stand-in for a tokenizer: text is one token per 4 UTF-8
+    bytes (the same text, the same ids), output text is PLACEHOLDER_TEXT per token."""
+    has_tokenizer = has_chat_template = True
+    max_token_bytes = BYTES_PER_TOKEN
 
-    def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
-                 calibration: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
-                 max_model_len: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 scheduler_policy: str = "chunked", long_prefill_token_threshold: int = 0,
-                 enable_prefix_caching: bool = True):
-        model_conf = read_conf("model", model)
-        hf_config = model_conf.get("hf_config")
-        if not isinstance(hf_config, dict) or "vocab_size" not in hf_config:
-            raise ValueError(f"model {model!r}: its conf needs an hf_config with vocab_size")
-        self.name = model_conf.get("name", model)
-        self.step_time, pool_blocks = step_time_model(
-            self.name, hf_config, read_conf("hardware", hardware), cost_model, calibration,
-            tensor_parallel_size, block_size, gpu_memory_utilization)
-        self.vocab_size = hf_config["vocab_size"]
-        self.max_model_len = max_model_len or min(8192, hf_config.get("max_position_embeddings", 8192))
-        scheduler_config = SchedulerConfig(
-            policy=scheduler_policy, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-            long_prefill_token_threshold=long_prefill_token_threshold)
-        cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks)
-        self.has_tokenizer = self.has_chat_template = True   # the byte-piece stand-in
-        self.max_token_bytes = BYTES_PER_TOKEN
-        self.sequences: dict[str, Sequence] = {}
-        self.token_of: dict[str, int] = {}
-        self.clock = time.perf_counter
-        self.busy_until: float | None = None   # when the simulated GPU ends its last step
+    def __init__(self, name: str, vocab_size: int):
+        self.name, self.vocab_size = name, vocab_size
 
-    # ---- prompts (any thread) ----------------------------------------------------------
+    @classmethod
+    def of(cls, model: str) -> "ByteText":
+        """The text half of SimBackend(model, ...), without building the backend."""
+        conf = read_conf("model", model)
+        return cls(conf.get("name", model), model_hf_config(conf, model)["vocab_size"])
+
     def tokenize(self, prompt):
         if isinstance(prompt, str):
             data = prompt.encode("utf-8")
@@ -99,6 +79,43 @@ class SimBackend(Backend):
 
     def decode(self, token_ids):
         return PLACEHOLDER_TEXT * len(token_ids)
+
+
+def model_hf_config(conf: dict, model: str) -> dict:
+    hf_config = conf.get("hf_config")
+    if not isinstance(hf_config, dict) or "vocab_size" not in hf_config:
+        raise ValueError(f"model {model!r}: its conf needs an hf_config with vocab_size")
+    return hf_config
+
+
+class SimBackend(ByteText, Backend):
+    """`SimBackend("qwen3-0.6b", "h200")`: conf/model and conf/hardware names (or .yaml
+    paths); the policy fields as in engine.EngineConfig."""
+
+    def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
+                 calibration: str | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
+                 max_model_len: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 scheduler_policy: str = "chunked", long_prefill_token_threshold: int = 0,
+                 enable_prefix_caching: bool = True):
+        model_conf = read_conf("model", model)
+        hf_config = model_hf_config(model_conf, model)
+        ByteText.__init__(self, model_conf.get("name", model), hf_config["vocab_size"])
+        self.step_time, pool_blocks = step_time_model(
+            self.name, hf_config, read_conf("hardware", hardware), cost_model, calibration,
+            tensor_parallel_size, block_size, gpu_memory_utilization)
+        self.max_model_len = max_model_len or min(8192, hf_config.get("max_position_embeddings", 8192))
+        scheduler_config = SchedulerConfig(
+            policy=scheduler_policy, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+            long_prefill_token_threshold=long_prefill_token_threshold)
+        cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks)
+        self.sequences: dict[str, Sequence] = {}
+        self.token_of: dict[str, int] = {}
+        self.clock = time.perf_counter
+        self.busy_until: float | None = None   # when the simulated GPU ends its last step
 
     # ---- the engine thread ---------------------------------------------------------------
     def add(self, request_id, token_ids, params: GenerationParams):

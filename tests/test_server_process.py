@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
 from server import build_app  # noqa: E402
 from server.cli import make_backend, parse_args  # noqa: E402
-from server.process import EngineProcess  # noqa: E402
+from server.process import BackendProcess, engine_process  # noqa: E402
 from server.thread import serving  # noqa: E402
 from test_serve import CPU, write_tokenizer  # noqa: E402
 
@@ -32,7 +32,7 @@ def test_engine_process_serves_like_the_engine(path):
     backend = make_backend(parse_args(["--model", path, "--device", "cpu", "--dtype", "float32",
                                        "--attention-backend", "torch", "--max-model-len", "128",
                                        "--num-gpu-blocks-override", "128"]))
-    assert isinstance(backend, EngineProcess)
+    assert isinstance(backend, BackendProcess)
     expected = LLM(path, **CPU).generate([[10, 11, 12]], SamplingParams(
         temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     with serving(build_app(backend, "tiny")) as url:
@@ -60,12 +60,12 @@ def test_engine_process_serves_like_the_engine(path):
         # the engine process dies: the waiting request fails, then the server says it is down
         os.kill(backend.process.pid, signal.SIGKILL)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 2}, timeout=60)
-        assert r.status_code == 500 and "engine process died" in r.json()["error"]["message"]
+        assert r.status_code == 500 and "backend process died" in r.json()["error"]["message"]
         assert httpx.get(f"{url}/health").status_code == 503
 
 
 def test_bad_engine_options_fail_before_a_process_starts(path):
     with pytest.raises(ValueError, match="dtype"):
-        EngineProcess(path, device="cpu", dtype="float8")
+        engine_process(path, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="room for"):     # the engine's own error, from the process
-        EngineProcess(path, **(CPU | dict(num_gpu_blocks=2, max_model_len=128)))
+        engine_process(path, **(CPU | dict(num_gpu_blocks=2, max_model_len=128)))

@@ -9,6 +9,7 @@ pytest.importorskip("fastapi")
 
 from server import build_app  # noqa: E402
 from server.cli import make_backend, parse_args  # noqa: E402
+from server.process import BackendProcess  # noqa: E402
 from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
 
@@ -16,14 +17,21 @@ CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic
 
 
 def test_sim_options():
-    args = parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
-                       "--cost-model", "fitted", "--calibration", CALIBRATION,
-                       "--max-model-len", "2048", "--num-gpu-blocks-override", "100",
-                       "--block-size", "32", "--no-enable-prefix-caching"])
-    backend = make_backend(args)
+    argv = ["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
+            "--cost-model", "fitted", "--calibration", CALIBRATION, "--max-model-len", "2048",
+            "--num-gpu-blocks-override", "100", "--block-size", "32", "--no-enable-prefix-caching"]
+    backend = make_backend(parse_args(argv + ["--engine-in-process"]))
     assert isinstance(backend, SimBackend) and backend.max_model_len == 2048
     bm = backend.scheduler.block_manager
     assert (bm.num_blocks, bm.block_size, bm.enable_prefix_caching) == (100, 32, False)
+    backend = make_backend(parse_args(argv))          # the default: a process of its own
+    try:
+        assert isinstance(backend, BackendProcess) and backend.max_model_len == 2048
+        bm = backend.probe.block_manager              # the server's copy of the policy config
+        assert (bm.num_blocks, bm.block_size, bm.enable_prefix_caching) == (100, 32, False)
+    finally:
+        backend.close()
+    assert backend.process.exitcode == 0
     for argv, message in (
             (["--backend", "sim", "--model", "qwen3-0.6b"], "needs --hardware"),
             (["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h200", "--dtype", "float16"],
@@ -33,11 +41,12 @@ def test_sim_options():
               "--cost-model", "fitted"], "--calibration")):
         with pytest.raises(SystemExit):
             parse_args(argv)
-    with pytest.raises(ValueError, match="unknown hardware"):
+    with pytest.raises(ValueError, match="unknown hardware"):     # from the backend process
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "tpu"]))
     with pytest.raises(ValueError, match="calibrated for model"):
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-8b", "--hardware", "h100",
-                                 "--cost-model", "fitted", "--calibration", CALIBRATION]))
+                                 "--cost-model", "fitted", "--calibration", CALIBRATION,
+                                 "--engine-in-process"]))
 
 
 def test_paced_by_the_cost_model():
