@@ -33,7 +33,10 @@ serve() {   # start a server in the background; wait for /health
     python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && return 0
     kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server.log; return 1; }; sleep 0.5
   done; return 1; }
-stop() { kill $SERVER; wait $SERVER 2>/dev/null; }
+stop() {    # stop the server; wait until it and its engine process hold no GPU memory
+  kill $SERVER; for i in $(seq 60); do kill -0 $SERVER 2>/dev/null || break; sleep 0.5; done
+  kill -9 $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+  for i in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break; sleep 0.5; done; }
 for stage in ${STAGES:-http offline sim}; do
   if [ $SECONDS -gt ${BUDGET:-250} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-250})"; continue; fi
   start=$(date +%s); echo "== $stage"; case $stage in
