@@ -7,6 +7,7 @@
 """
 import atexit
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from engine.model_runner import ModelRunner
 from engine.models import ModelConfig
 from engine.sampling_params import SamplingParams
 from policy import Scheduler, Sequence
+from policy.sequence import PLACEHOLDER  # noqa: F401  (re-exported: engine.serve reads it)
+from policy.step_loop import StepLoop
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-PLACEHOLDER = -1   # a sampled token the host has not received yet (never a real token id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +75,21 @@ def load_eos_token_ids(path: str, model_config: ModelConfig) -> list[int]:
 class LLMEngine:
     """Continuous batching over one model. `LLMEngine(model_path, **EngineConfig fields)`.
 
-    add_request queues a request; each `step()` runs schedule -> launch -> update and
-    returns the requests that finished. `step_records` holds one row per step
-    (policy.Batch.record plus `cpu_s`: the part of the step not spent waiting for the
-    device). `sequences` maps the ids of unfinished requests to their policy Sequence.
+    add_request queues a request; each `step()` runs policy.step_loop's rule (schedule ->
+    launch -> receive the previous step -> update) and returns the requests that finished.
+    `step_records` holds one row per step: policy.StepLoop's record (start_s, launch_s,
+    tokens_s, end_s, duration_s and the batch's features, on `clock`) plus `device_s` and
+    `gpu_gap_s` (the runner's CUDA-event timings) and `cpu_s` (the part of the step() that
+    formed the step not spent waiting for the device). `sequences` maps the ids of
+    unfinished requests to their policy Sequence.
 
-    Asynchronous scheduling (`async_scheduling`, on by default without tensor parallelism):
+    Asynchronous scheduling (`async_scheduling`, on by default):
     step N+1 is scheduled and launched while step N runs on the device, so the host's work
-    hides behind the device's. The policy sees each sampled token as a PLACEHOLDER until
-    the next step() receives it (the runner feeds it to step N+1 on the device). A stop
-    token is therefore seen one step late: that sequence's slot in step N+1 is wasted and
-    it finishes then, with the same output as without async scheduling. Outputs of
-    finished requests come back from the step() after the one that finished them; a
-    step's duration is then the time between launches.
+    hides behind the device's. The policy sees each sampled token as a placeholder until
+    the next step() receives it (`Scheduler.receive`; the runner feeds it to step N+1 on
+    the device). A stop token is therefore seen one step late: that sequence's slot in step
+    N+1 is wasted and it finishes then, with the same output as without async scheduling.
+    Outputs of finished requests come back from the step() after the one that finished them.
     """
 
     def __init__(self, model: str, **kwargs):
@@ -112,10 +116,13 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.sampling_params: dict[str, SamplingParams] = {}
         self.step_records: list[dict] = []
-        self.clock = time.perf_counter
+        self.clock = time.perf_counter     # replaceable (experiments shift it to the replay's start)
         self._next_request_id = 0
-        self.async_scheduling = config.async_scheduling is not False and config.tensor_parallel_size == 1
-        self.in_flight = None   # (batch, Launched, finished by length) of the last launched step
+        self.async_scheduling = config.async_scheduling is not False
+        self.loop = StepLoop(self.scheduler, self._launch, self._wait, lambda: self.clock(),
+                             self.async_scheduling, self.step_records)
+        self._blocked_s = 0.0   # seconds the current step() spent waiting for the device
+        self._batches: list = []   # batches the current step() touches (failure handling)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -174,34 +181,43 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return []
         end = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)
-        return seq.token_ids[seq.num_prompt_tokens + start:end]
+        return seq.token_ids[seq.num_prompt_tokens + start:end].tolist()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self.in_flight is not None
+        return self.loop.has_work()
 
     # ---- the step -------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """schedule -> launch -> receive the previous step's tokens -> update (with
-        placeholders for this step's); returns the requests finished so far. Without async
-        scheduling this step's tokens are received at once.
+    def step(self, now: float | None = None) -> list[RequestOutput]:
+        """One turn of the step loop (policy.step_loop): schedule at `now` (default: the
+        clock; a driver that admitted arrivals up to a time passes that time), launch,
+        receive the previous step's tokens, update. Returns the requests finished so far.
+        Without async scheduling this step's tokens are received at once.
 
         A failure inside the step ends the requests of the batches it touched (this step's
         and the one in flight) with finish_reason "error", frees their blocks and returns
         them; the engine keeps serving the rest. With tensor parallelism it is fatal (the
         ranks may no longer agree) and raises."""
-        batches = [self.in_flight[0]] if self.in_flight else []
+        start = self.clock() if now is None else now
+        self._blocked_s = 0.0
+        self._batches = [self.loop.in_flight.batch] if self.loop.in_flight is not None else []
         try:
-            return self._step(batches)
+            done = self.loop.step(start)
         except Exception as error:
             if self.config.tensor_parallel_size > 1:
                 raise
-            return self._fail(batches, error)
+            return self._fail(self._batches, error)
+        record = self.loop.last_record
+        if record is not None:
+            record.setdefault("device_s", math.nan)      # a step that only preempted
+            record.setdefault("gpu_gap_s", math.nan)
+            record["cpu_s"] = record["duration_s"] - self._blocked_s
+        return [self._output(seq) for seq in done if seq.seq_id in self.sequences]
 
     def _fail(self, batches, error: Exception) -> list[RequestOutput]:
         """End every request of `batches` still known with finish_reason "error" and forget
         the step in flight."""
-        self.in_flight = None
+        self.loop.in_flight = None
         now, message, outputs = self.clock(), f"{type(error).__name__}: {error}", []
         for batch in batches:
             for seq in batch.seqs:
@@ -210,60 +226,28 @@ class LLMEngine:
                     outputs.append(self._output(seq, error=message))
         return outputs
 
-    def _step(self, batches: list) -> list[RequestOutput]:
-        start = self.clock()
-        batch = self.scheduler.schedule(start)
-        batches.append(batch)
-        launched = None
-        if batch.seqs:
-            params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
-            pending = self.in_flight[1].pending if self.in_flight else None
-            try:
-                launched = self.model_runner.launch(batch, params, pending)
-            except Exception as e:
-                self._raise_worker_error(e)
-                raise
-        outputs, wait_s = [], 0.0
-        if self.in_flight:       # the previous step: its tokens, while this one runs
-            outputs, wait_s = self._receive(), self.model_runner.wait_s
-        if launched is None:
-            return outputs
-        finished = self.scheduler.update(batch, [PLACEHOLDER] * len(batch.seqs), self.clock())
-        record = batch.record(start, 0.0)
-        record["device_s"] = record["gpu_gap_s"] = float("nan")   # known once received
-        self.step_records.append(record)
-        self.in_flight = (batch, launched, finished, record)
-        if not self.async_scheduling:
-            outputs += self._receive()
-            wait_s += self.model_runner.wait_s
-        end = self.clock()
-        record["duration_s"] = end - start
+    def _launch(self, batch, previous, record):
+        """StepLoop's launch: the runner queues the step (the previous step's sampled
+        tokens, still on the device, feed this one's inputs)."""
+        self._batches.append(batch)
+        params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
+        pending = previous.pending if previous is not None else None
+        try:
+            launched = self.model_runner.launch(batch, params, pending)
+        except Exception as e:
+            self._raise_worker_error(e)
+            raise
         if self.model_runner.device.type != "cuda":   # the forward ran inside launch
-            wait_s += launched.device_s
-        record["cpu_s"] = end - start - wait_s
-        return outputs
+            self._blocked_s += launched.device_s
+        record["device_s"] = record["gpu_gap_s"] = math.nan   # known once received
+        return launched
 
-    def _receive(self) -> list[RequestOutput]:
-        """Wait for the in-flight step's tokens, put them in place of the placeholders,
-        finish sequences that sampled a stop token, and return the finished requests."""
-        batch, launched, finished, record = self.in_flight
-        self.in_flight = None
+    def _wait(self, launched, record) -> list[int]:
+        """StepLoop's wait: the step's tokens, and its device timings into its record."""
         tokens = self.model_runner.wait(launched)
+        self._blocked_s += self.model_runner.wait_s
         record["device_s"], record["gpu_gap_s"] = launched.device_s, launched.gap_s
-        now = self.clock()
-        for seq, token in zip(batch.seqs, tokens):
-            if token < 0 or seq.token_ids[-1] != PLACEHOLDER:   # nothing sampled, or not kept
-                continue
-            seq.token_ids[-1] = token
-            seq.token_times[-1] = now
-            if (not seq.ignore_eos and token in seq.eos_token_ids
-                    and not seq.is_finished):
-                self.scheduler.finish(seq, "stop", now)
-                finished.append(seq)
-        for seq in finished:
-            if seq.finish_reason != "stop":
-                seq.finish_time = now      # the last token arrived only now
-        return [self._output(seq) for seq in finished if seq.seq_id in self.sequences]
+        return tokens
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         """The request's output; with `error`, a failed one (received tokens only)."""

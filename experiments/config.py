@@ -20,6 +20,7 @@ from simulator import CostModelConfig, HardwareSpec
 from traces import TraceConfig
 
 MODES = ("sim", "gpu")
+TASKS = ("replay", "calibrate")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -64,12 +65,17 @@ class EngineSettings:
     model_path: a local Hugging Face model directory; None = a randomly initialised
         checkpoint written from the `model` group's config.json (speed depends on the
         architecture, not the weights).
-    device: "cuda"; "cpu" runs the same replay on the CPU (tiny models, tests)."""
+    device: "cuda"; "cpu" runs the same replay on the CPU (tiny models, tests).
+    cuda_graph_max_tokens: the largest step (tokens) replayed from a CUDA graph (decode and
+        mixed graphs: policy.cuda_graphs); the simulator pads steps by the same rule (0 with
+        enforce_eager).
+    async_scheduling: form step N+1 while step N runs (None: on); the simulator follows
+        the same setting."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
     enforce_eager: bool = False
-    compile: bool = True
+    cuda_graph_max_tokens: int = 8192
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
@@ -80,6 +86,17 @@ class EngineSettings:
         _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                  "engine.tensor_parallel_size must be an integer >= 1, "
                  f"got {self.tensor_parallel_size!r}")
+        _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
+                 f"engine.cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+
+    @property
+    def graph_limit(self) -> int:
+        """The CUDA-graph size limit in effect (0: eager)."""
+        return 0 if self.enforce_eager else self.cuda_graph_max_tokens
+
+    @property
+    def async_on(self) -> bool:
+        return self.async_scheduling is not False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +114,23 @@ class SLOConfig:
 
     def as_dict(self) -> dict:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2el_ms": self.e2el_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrateConfig:
+    """task=calibrate (`python run.py experiment=calibrate`): profile the engine over a grid
+    of step shapes and fit the simulator's cost models (experiments.calibrate).
+    repeats: timed runs of each shape (after one warm-up run); the median is kept.
+    out: the calibration JSON (None: simulator/calibrations/<model>-<hardware>-tp<tp>.json);
+    the profile goes next to it (.profile.parquet) and the fitted roofline hardware
+    parameters too (.hardware.yaml, unless fit_hardware is false)."""
+    repeats: int = 3
+    out: str | None = None
+    fit_hardware: bool = True
+
+    def __post_init__(self):
+        _require(isinstance(self.repeats, int) and self.repeats >= 1,
+                 f"calibrate.repeats must be an integer >= 1, got {self.repeats!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +152,12 @@ class RunConfig:
     logger: LoggerConfig
     engine: EngineSettings
     slo: SLOConfig
+    task: str = "replay"
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     def __post_init__(self):
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(0 < self.gpu_memory_utilization <= 1,
                  "cache.gpu_memory_utilization must be in (0, 1], "
                  f"got {self.gpu_memory_utilization}")
@@ -167,12 +204,14 @@ ClusterSchema = schema(ClusterConfig)
 LoggerSchema = schema(LoggerConfig)
 EngineSchema = schema(EngineSettings)
 SLOSchema = schema(SLOConfig)
+CalibrateSchema = schema(CalibrateConfig)
 
 
 @dataclass
 class Config:
     """The whole composed config (conf/config.yaml)."""
     mode: str = "sim"
+    task: str = "replay"
     seed: int = 0
     progress: bool = True
     trace: TraceSchema = field(default_factory=TraceSchema)
@@ -185,6 +224,7 @@ class Config:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     engine: EngineSchema = field(default_factory=EngineSchema)
     slo: SLOSchema = field(default_factory=SLOSchema)
+    calibrate: CalibrateSchema = field(default_factory=CalibrateSchema)
 
 
 def register_configs() -> None:
@@ -198,6 +238,8 @@ def build(cfg: DictConfig) -> RunConfig:
     def plain(node) -> dict:
         return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
 
+    if OmegaConf.is_missing(cfg.cost_model, "path"):
+        CostModelConfig(kind=cfg.cost_model.kind, path=None)   # raises, saying what path it needs
     cache = plain(cfg.cache)
     gpu_memory_utilization = cache.pop("gpu_memory_utilization")
     num_blocks = cache.pop("num_blocks")
@@ -213,4 +255,5 @@ def build(cfg: DictConfig) -> RunConfig:
         cluster=ClusterConfig(**plain(cfg.cluster)),
         logger=LoggerConfig(**plain(cfg.logger)),
         engine=EngineSettings(**plain(cfg.engine)),
-        slo=SLOConfig(**plain(cfg.slo)))
+        slo=SLOConfig(**plain(cfg.slo)),
+        task=cfg.task, calibrate=CalibrateConfig(**plain(cfg.calibrate)))

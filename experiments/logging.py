@@ -5,11 +5,12 @@ The result files stay authoritative; wandb is a view of them.
 """
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from analysis import plots
 from experiments.config import LoggerConfig
+
+if TYPE_CHECKING:   # pandas and matplotlib load only when a logger draws something
+    import pandas as pd
 
 MAX_TABLE_ROWS = 2000   # per-step series are thinned to this many points
 
@@ -18,10 +19,10 @@ class NullLogger:
     def log_summary(self, metrics: dict) -> None:
         pass
 
-    def log_steps(self, steps: pd.DataFrame) -> None:
+    def log_steps(self, steps: "pd.DataFrame") -> None:
         pass
 
-    def log_cdfs(self, requests: pd.DataFrame) -> None:
+    def log_cdfs(self, requests: "pd.DataFrame") -> None:
         pass
 
     def finish(self) -> None:
@@ -44,9 +45,10 @@ class WandbLogger:
     def log_summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
 
-    def log_steps(self, steps: pd.DataFrame) -> None:
+    def log_steps(self, steps: "pd.DataFrame") -> None:
         """Batch size, KV usage and step time against time, as wandb line plots. One
         wandb.log call per step would take minutes on long runs; a thinned table is cheap."""
+        import pandas as pd
         if steps.empty:
             return
         stride = max(1, len(steps) // MAX_TABLE_ROWS)
@@ -59,7 +61,8 @@ class WandbLogger:
                                                                title=f"{column} over time")
                       for column in ("batch_size", "kv_usage", "step_time_ms")})
 
-    def log_cdfs(self, requests: pd.DataFrame) -> None:
+    def log_cdfs(self, requests: "pd.DataFrame") -> None:
+        from analysis import plots   # matplotlib: only when a figure is drawn
         png = plots.save(plots.latency_cdfs({"this run": requests}), self.run_dir / "cdf.png")
         self.run.log({"latency_cdfs": self.wandb.Image(str(png))})
 

@@ -7,7 +7,9 @@ Both executors run the same policy (`policy.Scheduler`) on the same materialized
 and return the policy Sequences, so the result files of a simulated and a real run can be
 compared row for row.
 """
+import dataclasses
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from experiments.logging import make_logger
 from policy import Scheduler, Sequence
 from traces import load_trace, materialize
 
+log = logging.getLogger(__name__)
 GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
 
@@ -40,6 +43,7 @@ class Replay:
     num_blocks: int
     gpu: str | None = None
     t0: float = 0.0
+    equivalence: dict | None = None    # cost_model=replay: what matched the recorded run
 
 
 def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
@@ -63,49 +67,90 @@ def load_requests(rc: RunConfig, vocab_size: int) -> list:
 
 
 def replay_sim(rc: RunConfig) -> Replay:
-    """Simulated time: step times come from the cost model."""
-    from simulator import ModelSpec, Simulator, build_cost_model, kv_pool_blocks
+    """Simulated time: step times come from the cost model; the simulator runs the engine's
+    step loop with the engine's settings (async scheduling, CUDA-graph sizes)."""
+    from simulator import CudaGraphs, ModelSpec, Simulator, build_cost_model, kv_pool_blocks
     model = ModelSpec.from_hf_config(rc.hf_config, name=rc.model_name)
     tp = rc.engine.tensor_parallel_size
-    num_blocks = rc.num_blocks or kv_pool_blocks(model, rc.hardware, rc.cache.block_size,
-                                                 rc.gpu_memory_utilization, tp=tp)
+    recorded_blocks = recorded_num_blocks(rc)
+    num_blocks = rc.num_blocks or recorded_blocks or kv_pool_blocks(
+        model, rc.hardware, rc.cache.block_size, rc.gpu_memory_utilization, tp=tp)
     requests = load_requests(rc, model.vocab_size)
     check_requests(requests, rc, num_blocks)
-    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp)
+    graphs = CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
+                                   rc.engine.graph_limit)
+    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp, graphs=graphs)
     sim = Simulator(rc.scheduler, rc.cache, cost_model, num_blocks,
-                    num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed)
+                    num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed,
+                    async_scheduling=rc.engine.async_on)
     with tqdm(total=len(requests), unit="req", desc="sim", disable=not rc.progress) as bar:
         result = sim.run(requests, progress=bar.update)
-    return Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
-                  result.wall_s, num_blocks)
+    replay = Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
+                    result.wall_s, num_blocks)
+    if rc.cost_model.kind == "replay":
+        replay.equivalence = {"steps_identical": result.replayed_steps,
+                              "steps_recorded": len(cost_model.records)}
+    return replay
+
+
+def recorded_num_blocks(rc: RunConfig) -> int | None:
+    """With cost_model=replay: the KV pool of the recorded run (its summary.json, next to
+    its steps.parquet; the engine sized it from GPU memory, the simulator must use the
+    same), after checking that the recorded run used the policy settings of this one."""
+    if rc.cost_model.kind != "replay":
+        return None
+    summary = Path(rc.cost_model.path).parent / "summary.json"
+    if not summary.is_file():
+        return None
+    recorded = json.loads(summary.read_text())
+    theirs = recorded.get("config", {})
+    ours = {"scheduler": dataclasses.asdict(rc.scheduler), "trace": dataclasses.asdict(rc.trace),
+            "cache": {"block_size": rc.cache.block_size,
+                      "enable_prefix_caching": rc.cache.enable_prefix_caching}}
+    for group, fields in ours.items():
+        for key, value in json.loads(json.dumps(fields, default=str)).items():
+            if key in theirs.get(group, {}) and theirs[group][key] != value:
+                raise ValueError(f"cost_model=replay: {summary} was recorded with "
+                                 f"{group}.{key}={theirs[group][key]!r}, this run has {value!r}")
+    engine = theirs.get("engine", {})
+    if engine:
+        async_on = engine.get("async_scheduling") is not False and engine.get("tensor_parallel_size", 1) == 1
+        if async_on != rc.engine.async_on:
+            raise ValueError(f"cost_model=replay: {summary} was recorded with async scheduling "
+                             f"{'on' if async_on else 'off'}; set engine.async_scheduling="
+                             f"{str(async_on).lower()}")
+    return recorded.get("run", {}).get("num_blocks")
+
+
+def compare_requests(table, recorded_path: Path) -> dict:
+    """Requests whose timestamps equal the recorded run's (requests.parquet next to the
+    replayed steps.parquet), and the first that differs."""
+    import pandas as pd
+    theirs = pd.read_parquet(recorded_path).set_index("request_id")
+    ours = table.set_index("request_id")
+    columns = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "num_preemptions",
+               "cached_prompt_tokens", "output_len"]
+    same, first = 0, None
+    for rid in ours.index:
+        a, b = ours.loc[rid], theirs.loc[rid] if rid in theirs.index else None
+        ok = b is not None and all(a[c] == b[c] for c in columns) and \
+            list(a["token_times_s"]) == list(b["token_times_s"])
+        same += ok
+        if not ok and first is None:
+            first = rid
+    return {"requests_identical": same, "requests": len(ours), "first_differing_request": first}
 
 
 def replay_gpu(rc: RunConfig) -> Replay:
     """Online replay in wall time: a request is added once the clock passes its arrival
     (its arrival time stays the trace's, so waiting behind a running step counts in its
     TTFT); the engine steps while it has work and sleeps until the next arrival when idle.
+    The engine's clock is shifted to start at 0 with the replay, and each step is formed at
+    the time the arrivals were polled: what the simulator needs to replay it exactly.
     Token ids are drawn for the checkpoint's vocabulary."""
-    try:
-        import torch
-        from engine import LLMEngine, SamplingParams
-    except ImportError as e:
-        raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
-    if rc.engine.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
-                           "(engine.device=cpu runs tiny models on the CPU)")
-    engine = LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
-                       gpu_memory_utilization=rc.gpu_memory_utilization,
-                       num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
-                       block_size=rc.cache.block_size,
-                       enable_prefix_caching=rc.cache.enable_prefix_caching,
-                       max_num_seqs=rc.scheduler.max_num_seqs,
-                       max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
-                       scheduler_policy=rc.scheduler.policy,
-                       long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                       enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
-                       tensor_parallel_size=rc.engine.tensor_parallel_size,
-                       attention_backend=rc.engine.attention_backend,
-                       async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
+    engine = build_engine(rc)
+    import torch
+    from engine import SamplingParams
     try:
         num_blocks = engine.scheduler.block_manager.num_blocks
         requests = load_requests(rc, engine.model_config.vocab_size)
@@ -114,27 +159,55 @@ def replay_gpu(rc: RunConfig) -> Replay:
         sequences = {}      # engine.sequences forgets finished requests; keep them here
         pending = deque(requests)
         wall_start = time.perf_counter()
-        t0 = engine.clock()
+        t0 = time.perf_counter()
+        engine.clock = lambda: time.perf_counter() - t0
         with tqdm(total=len(requests), unit="req", desc="gpu", disable=not rc.progress) as bar:
             while pending or engine.has_unfinished():
-                now = engine.clock() - t0
+                now = engine.clock()
                 while pending and pending[0].arrival_s <= now:
                     r = pending.popleft()
                     engine.add_request(list(r.prompt_token_ids),
                                        SamplingParams(max_tokens=r.output_len, ignore_eos=True),
-                                       request_id=r.request_id, arrival_time=t0 + r.arrival_s)
+                                       request_id=r.request_id, arrival_time=r.arrival_s)
                     sequences[r.request_id] = engine.sequences[r.request_id]
                 if engine.has_unfinished():
-                    bar.update(len(engine.step()))
+                    bar.update(len(engine.step(now)))
                 elif pending:
-                    time.sleep(max(0.0, pending[0].arrival_s - (engine.clock() - t0)))
+                    time.sleep(max(0.0, pending[0].arrival_s - engine.clock()))
         wall_s = time.perf_counter() - wall_start
     finally:
         engine.close()
     ordered = [sequences[r.request_id] for r in requests]
-    duration = max((seq.finish_time - t0 for seq in ordered), default=0.0)
+    duration = max((seq.finish_time for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
-    return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu, t0=t0)
+    return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu)
+
+
+def build_engine(rc: RunConfig):
+    """The engine `rc` describes (mode=gpu replays, calibration). Raises RuntimeError, saying
+    what is missing, where the engine cannot run."""
+    try:
+        import torch
+        from engine import LLMEngine
+    except ImportError as e:
+        raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
+    if rc.engine.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
+                           "(engine.device=cpu runs tiny models on the CPU)")
+    return LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
+                     gpu_memory_utilization=rc.gpu_memory_utilization,
+                     num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
+                     block_size=rc.cache.block_size,
+                     enable_prefix_caching=rc.cache.enable_prefix_caching,
+                     max_num_seqs=rc.scheduler.max_num_seqs,
+                     max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
+                     scheduler_policy=rc.scheduler.policy,
+                     long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
+                     enforce_eager=rc.engine.enforce_eager,
+                     cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
+                     tensor_parallel_size=rc.engine.tensor_parallel_size,
+                     attention_backend=rc.engine.attention_backend,
+                     async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
 
 
 def warm_up(engine, rc: RunConfig) -> None:
@@ -172,6 +245,15 @@ def model_path(rc: RunConfig) -> str:
     return str(path)
 
 
+def equivalence_line(eq: dict) -> str:
+    line = (f"policy equivalence: {eq['steps_identical']}/{eq['steps_recorded']} steps identical")
+    if "requests" in eq:
+        line += f", {eq['requests_identical']}/{eq['requests']} requests with identical timestamps"
+        if eq["first_differing_request"] is not None:
+            line += f" (first differing: {eq['first_differing_request']!r})"
+    return line
+
+
 def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = None) -> dict:
     """One replay of the composed config `cfg`; results go to `run_dir`. Returns the
     metrics. `name`/`group` label the wandb run (Hydra's override string / sweep)."""
@@ -182,8 +264,14 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
     steps_table = results.step_table(replay.steps, replay.num_blocks, replay.t0)
     metrics = compute_metrics(requests_table, duration_s=replay.duration_s, slos=rc.slo.as_dict())
     config = OmegaConf.to_container(cfg, resolve=True)
+    if replay.equivalence is not None:
+        recorded = Path(rc.cost_model.path).parent / "requests.parquet"
+        if recorded.is_file():
+            replay.equivalence.update(compare_requests(requests_table, recorded))
+    backend, load = results.backend(rc, replay.gpu), results.load(rc.trace)
     summary = {"config": config, "metrics": metrics, "versions": results.versions(),
-               "gpu": replay.gpu, "mode": rc.mode,
+               "gpu": replay.gpu, "mode": rc.mode, "backend": backend, "load": load,
+               "equivalence": replay.equivalence,
                "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
                        "num_steps": len(steps_table), "wall_s": replay.wall_s}}
     results.write(run_dir, requests_table, steps_table, summary)
@@ -195,7 +283,8 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         logger.log_cdfs(requests_table)
     finally:
         logger.finish()
-    print(format_report(metrics))
-    print(f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
-          f"{replay.wall_s:.1f} s wall)")
+    equivalence = ("\n" + equivalence_line(replay.equivalence)) if replay.equivalence is not None else ""
+    log.info(f"backend: {backend}\nload: {load['text']}\n{format_report(metrics)}{equivalence}\n"
+             f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
+             f"{replay.wall_s:.1f} s wall)")
     return metrics

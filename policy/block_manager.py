@@ -11,23 +11,26 @@ from array import array
 from collections import OrderedDict
 
 import xxhash
+from xxhash import xxh64_intdigest
 
 from policy.sequence import Sequence
 
 NO_HASH = -1
 
 
-def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int) -> list[int]:
-    """Hashes of `num_blocks` consecutive full blocks of `token_ids`, continuing the chain
-    from `parent`: block hash = xxhash64 of the block's token ids (int64) seeded with its
-    parent's hash, so equal hashes mean equal whole prefixes."""
-    data = array("q", token_ids[:num_blocks * block_size])
-    if num_blocks == 1:   # a decode step filled one block: no view needed
-        return [xxhash.xxh64_intdigest(data, parent)]
-    view, hashes = memoryview(data), []
-    for i in range(0, num_blocks * block_size, block_size):
-        parent = xxhash.xxh64_intdigest(view[i:i + block_size], parent)
-        hashes.append(parent)
+def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int, start: int = 0) -> list[int]:
+    """Hashes of `num_blocks` consecutive full blocks of `token_ids` from token `start`,
+    continuing the chain from `parent`: block hash = xxhash64 of the block's token ids
+    (int64) seeded with its parent's hash, so equal hashes mean equal whole prefixes.
+    An int64 `array("q")` is hashed in place; anything else is converted once."""
+    if not (isinstance(token_ids, array) and token_ids.typecode == "q"):
+        token_ids = array("q", token_ids[start:start + num_blocks * block_size])
+        start = 0
+    hashes = []
+    with memoryview(token_ids) as view:   # released at once: a live view pins the array's size
+        for i in range(start, start + num_blocks * block_size, block_size):
+            parent = xxh64_intdigest(view[i:i + block_size], parent)
+            hashes.append(parent)
     return hashes
 
 
@@ -90,8 +93,8 @@ class BlockManager:
         done = len(hashes)
         if done < num_blocks:
             bs = self.block_size
-            hashes += chain_hashes(seq.token_ids[done * bs:num_blocks * bs], bs, num_blocks - done,
-                                   hashes[-1] if done else root_hash(seq.extra_keys))
+            hashes += chain_hashes(seq.token_ids, bs, num_blocks - done,
+                                   hashes[-1] if done else root_hash(seq.extra_keys), done * bs)
         return hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -143,45 +146,82 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure `seq` has slots for its first `num_tokens` tokens. False (and nothing
         changed) if the pool has too few free blocks."""
-        need = self.blocks_needed(seq, num_tokens)
-        if need == 0:
+        table = seq.block_table
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need <= 0:
             return True
-        if need > len(self.free):
+        free = self.free
+        if need > len(free):
             return False
-        pop_front, table = self.free.popitem, seq.block_table
-        block_hash, ref_counts = self.block_hash, self.ref_counts
-        for _ in range(need):
-            block = pop_front(last=False)[0]
+        pop_front = free.popitem
+        blocks = [pop_front(False)[0] for _ in range(need)]
+        block_hash, ref_counts, cached = self.block_hash, self.ref_counts, self.cached
+        for block in blocks:
+            ref_counts[block] = 1
             h = block_hash[block]
-            if h != NO_HASH:  # evict: its old content is gone
-                if self.cached.get(h) == block:
-                    del self.cached[h]
+            if h != NO_HASH:     # evict: its old content is gone
+                if cached.get(h) == block:
+                    del cached[h]
                 block_hash[block] = NO_HASH
                 self.evictions += 1
-            ref_counts[block] = 1
-            table.append(block)
+        table += blocks
         return True
+
+    def append_blocks(self, seqs) -> None:
+        """Give each of `seqs` one more block, in order: a decode step's allocations in one
+        call, the same blocks as `allocate` one sequence after another. ValueError if the
+        pool has fewer free blocks than `seqs` (nothing changed then)."""
+        if len(seqs) > len(self.free):
+            raise ValueError(f"{len(seqs)} blocks asked of a pool with {len(self.free)} free")
+        pop_front, block_hash, ref_counts = self.free.popitem, self.block_hash, self.ref_counts
+        cached = self.cached
+        for seq in seqs:
+            block = pop_front(False)[0]
+            ref_counts[block] = 1
+            h = block_hash[block]
+            if h != NO_HASH:     # evict, as in allocate
+                if cached.get(h) == block:
+                    del cached[h]
+                block_hash[block] = NO_HASH
+                self.evictions += 1
+            seq.block_table.append(block)
 
     def register(self, seq: Sequence) -> None:
         """Enter the full blocks whose KV is now computed into the prefix cache."""
         full = seq.num_computed_tokens // self.block_size
-        if full <= seq.num_registered_blocks or not self.enable_prefix_caching:
-            seq.num_registered_blocks = max(full, seq.num_registered_blocks)
+        done = seq.num_registered_blocks
+        if full <= done:
+            return
+        seq.num_registered_blocks = full
+        if not self.enable_prefix_caching:
+            return
+        cached, block_hash, table = self.cached, self.block_hash, seq.block_table
+        hashes = seq.block_hashes
+        if full == done + 1 and len(hashes) == done:   # a decode step filled one block
+            bs = self.block_size
+            h = xxh64_intdigest(seq.token_ids[done * bs:full * bs],
+                                hashes[-1] if done else root_hash(seq.extra_keys))
+            hashes.append(h)
+            if h not in cached:
+                block = table[done]
+                cached[h] = block
+                block_hash[block] = h
             return
         hashes = self.block_hashes(seq, full)
-        for i in range(seq.num_registered_blocks, full):
-            h, block = hashes[i], seq.block_table[i]
-            if h not in self.cached:   # an identical block elsewhere keeps serving hits
-                self.cached[h] = block
-                self.block_hash[block] = h
-        seq.num_registered_blocks = full
+        for i in range(done, full):
+            h = hashes[i]
+            if h not in cached:   # an identical block elsewhere keeps serving hits
+                block = table[i]
+                cached[h] = block
+                block_hash[block] = h
 
     def free_blocks(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
         ref_counts, free = self.ref_counts, self.free
         for block in reversed(seq.block_table):
-            ref_counts[block] -= 1
-            if ref_counts[block] == 0:
+            left = ref_counts[block] - 1
+            ref_counts[block] = left
+            if not left:
                 free[block] = None
         seq.block_table = []
         seq.num_registered_blocks = 0

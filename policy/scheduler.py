@@ -18,13 +18,15 @@ from collections import deque
 from policy.batch import Batch
 from policy.block_manager import BlockManager
 from policy.config import CacheConfig, SchedulerConfig
-from policy.sequence import Sequence, SequenceStatus
+from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
 
 class Scheduler:
-    """`add` requests, then per step: `schedule(now)` -> executor -> `update(batch, ...)`."""
+    """`add` requests, then per step: `schedule(now)` -> executor -> `update(batch, ...)`,
+    and `receive(batch, ...)` when the step's tokens were not known at `update` (the step
+    loop of both executors: policy.step_loop)."""
 
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int):
         config.validate_with(cache)
@@ -74,8 +76,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str, now: float | None) -> None:
         """Finish an unfinished sequence outside `update` and free its blocks: an abort, or
-        a stop token the executor learns of only after the next step was scheduled (the
-        engine's asynchronous scheduling). A no-op for a finished sequence."""
+        a stop token learnt of only after the next step was scheduled (`receive`). A no-op
+        for a finished sequence."""
         if self.sequences.pop(seq.seq_id, None) is None:
             return
         if seq.status is RUNNING:
@@ -107,11 +109,17 @@ class Scheduler:
     def update(self, batch: Batch, token_ids, now: float) -> list[Sequence]:
         """Apply a step's results: advance computed tokens, register full blocks in the prefix
         cache, append sampled tokens (one per batch entry; ignored where `sample` is False),
-        finish sequences and free their blocks. Returns the sequences finished this step."""
+        finish sequences and free their blocks. Returns the sequences finished this step.
+
+        `token_ids=None`: the step was launched but its tokens are not known yet. Each
+        sampled sequence gets a PLACEHOLDER (at time `now`) and only a length limit can
+        finish it here; `receive` puts the tokens in later."""
         bm, bs, finished_status = self.block_manager, self.block_size, FINISHED
+        if token_ids is None:
+            token_ids = [PLACEHOLDER] * len(batch.seqs)
         finished = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, token_ids):
-            if seq.status is finished_status:   # aborted while the step ran
+            if seq.status is finished_status:   # aborted (or stopped) while the step ran
                 continue
             computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             if computed // bs > seq.num_registered_blocks:
@@ -136,6 +144,28 @@ class Scheduler:
                 del self.sequences[seq.seq_id]
                 bm.free_blocks(seq)
         return finished
+
+    def receive(self, batch: Batch, token_ids, now: float) -> list[Sequence]:
+        """The tokens of a step that `update` recorded with placeholders arrive at `now`:
+        each replaces its sequence's placeholder and takes `now` as its time. A sequence
+        the update finished (length) finishes at `now`; one that sampled a stop token
+        finishes now, a step late: it may already sit in the next step, whose update then
+        skips it (its slot there is wasted, its output unchanged). Returns the batch's
+        sequences complete with this step (length or stop; not aborted ones)."""
+        done = []
+        for seq, sample, token in zip(batch.seqs, batch.sample, token_ids):
+            if not sample or seq.token_ids[-1] != PLACEHOLDER:   # nothing sampled, or aborted
+                continue
+            seq.token_ids[-1] = token
+            seq.token_times[-1] = now
+            if seq.status is FINISHED:
+                if seq.finish_reason == "length":
+                    seq.finish_time = now       # the last token exists only now
+                    done.append(seq)
+            elif not seq.ignore_eos and token in seq.eos_token_ids:
+                self.finish(seq, "stop", now)
+                done.append(seq)
+        return done
 
     # ---- policies ------------------------------------------------------------------
     def _add_to_batch(self, batch: Batch, seq: Sequence, n: int) -> None:

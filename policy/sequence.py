@@ -1,5 +1,10 @@
 """One request as the policy sees it: token ids, progress, KV blocks and timestamps."""
+from array import array
 from enum import Enum
+
+# A sampled token the host has not received yet (asynchronous scheduling): `Scheduler.update`
+# appends it, `Scheduler.receive` replaces it. Never a real token id.
+PLACEHOLDER = -1
 
 
 class SequenceStatus(Enum):
@@ -9,7 +14,8 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """A request's state. `token_ids` holds prompt then output tokens;
+    """A request's state. `token_ids` holds prompt then output tokens, as an int64
+    `array("q")` (block hashing reads it as a buffer, with no Python int per token);
     `num_computed_tokens` counts tokens whose KV is in the cache (a preemption resets it to
     0: recompute). Times are whatever clock the executor passes in (seconds).
 
@@ -25,7 +31,8 @@ class Sequence:
     def __init__(self, seq_id, prompt_token_ids, max_tokens, arrival_time=0.0,
                  ignore_eos=False, eos_token_id=None, extra_keys=b""):
         self.seq_id = seq_id
-        self.token_ids = list(prompt_token_ids)
+        # From an array("q") or bytes this is one memcpy; from a list, one C pass.
+        self.token_ids = array("q", prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_tokens = self.num_prompt_tokens
         self.max_tokens = max_tokens
@@ -50,11 +57,11 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.num_prompt_tokens]
+        return self.token_ids[:self.num_prompt_tokens].tolist()
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:].tolist()
 
     @property
     def first_token_time(self):

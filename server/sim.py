@@ -167,7 +167,7 @@ class SimBackend(ByteText, Backend):
 
     def output_tokens_since(self, request_id, start):
         seq = self.sequences.get(request_id)
-        return [] if seq is None else seq.token_ids[seq.num_prompt_tokens + start:]
+        return [] if seq is None else seq.token_ids[seq.num_prompt_tokens + start:].tolist()
 
     def has_unfinished(self):
         return self.scheduler.has_unfinished()

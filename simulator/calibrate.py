@@ -1,45 +1,248 @@
-"""Fit a `FittedCostModel` calibration file on a real run's step log.
+"""Fit the simulator's step costs on a profile of the engine: the `fitted` cost model's
+calibration file and the roofline's hardware parameters (efficiencies and overheads).
 
-    python -m simulator.calibrate outputs/<run>/steps.parquet --out calib.json \\
-        --model qwen3-0.6b --device "NVIDIA H100 80GB HBM3" --command "<the run's command>" \\
-        [--engine-commit <sha>] [--tp 1] [--source "<what the steps came from>"]
+A profile is a table, one row per measured step shape (written by `python -m
+experiments.calibrate`, which runs the engine; kept next to the calibration as
+<name>.profile.parquet): the `Batch.features()` columns, `kind` and `rows` (how the engine
+ran it: policy.cuda_graphs.graph_rows), `device_s` (the step's device time, median of the
+repeats), `host_launch_s` / `host_receive_s` (host time before the launch and after the
+tokens arrived), and `split` ("train" or "held_out": the held-out shapes are never fitted
+on, and the error reported per step kind is theirs).
 
-Decode-only steps and steps with prefill tokens get separate linear models (least squares,
-non-negative coefficients). Prints each regime's fit (MAPE, R^2) and writes the JSON.
+Re-fit a saved profile (no GPU needed):
+
+    python -m simulator.calibrate simulator/calibrations/<name>.profile.parquet --out <name>.json \\
+        [--hardware conf/hardware/h200.yaml --hardware-out conf/hardware/h200-fitted.yaml]
 """
 import argparse
+import dataclasses
+import datetime
 import json
 import sys
 
+import numpy as np
 import pandas as pd
+import yaml
 
-from simulator.cost_model import fit_calibration
+from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, STEP_KINDS, CudaGraphs,
+                                  FittedCostModel, ModelSpec, RooflineCostModel, fit_kind,
+                                  nonnegative_lstsq)
+from policy import Batch, Sequence
+from simulator.hardware import HardwareSpec
+
+# The roofline parameters a profile determines, with the range searched for each.
+HARDWARE_FIT = {
+    "flops_efficiency": (0.05, 1.0), "flops_half_tokens": (0.0, 4096.0),
+    "bandwidth_efficiency": (0.05, 1.0), "attention_bandwidth_efficiency": (0.02, 1.0),
+    "step_fixed_s": (0.0, 5e-3), "layer_fixed_s": (0.0, 200e-6), "layer_launch_s": (0.0, 500e-6),
+}
+
+
+def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 graphs: CudaGraphs) -> list[dict]:
+    """The step shapes to profile an engine with these limits on: {"shape": [(context after
+    the step, new tokens), ...], "split": "train" | "held_out"}. Every CUDA-graph size of
+    both families (decode batches x KV contexts; prefill chunks with and without cached
+    context, and chunks mixed with decodes), plus eager steps beyond the graphs up to the
+    token budget. Held out (never fitted on): a KV context between the fitted ones for each
+    graph size, and every other eager size."""
+    S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
+    grid = []
+    def add(shape, split="train"):
+        grid.append({"shape": shape, "split": split})
+    contexts = sorted({max(2, min(L, c)) for c in (32, 256, 1024, 4096)})
+    held_ctx = int((contexts[len(contexts) // 2 - 1] * contexts[len(contexts) // 2]) ** 0.5)
+    decode = list(graphs.decode) or sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= S} | {S})
+    if graphs.decode and S > graphs.decode[-1]:
+        decode += [S]                                   # past the graphs: eager decode
+    for b in decode:
+        for c in contexts:
+            add([(c, 1)] * b)
+        add([(held_ctx, 1)] * b, "held_out")
+    cached = max(0, min(L - 1, 1024))
+    for t in graphs.mixed:
+        add([(t, t)])                                              # a prompt chunk, no cache
+        if cached and t + cached <= L:
+            add([(cached + t, t)])                                 # after a cached prefix
+        d = min(t // 2, S - 1, 16)
+        if d:                                                      # chunk + decodes
+            add([(t - d, t - d)] + [(contexts[len(contexts) // 2], 1)] * d)
+        if t + cached // 2 <= L and t >= 2:
+            add([(cached // 2 + t, t)], "held_out")
+    limit = graphs.mixed[-1] if graphs.mixed else 1
+    eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), min(M, L), 8)})
+    if not graphs.mixed:
+        eager = sorted({2, 8, 32} | set(eager))
+    for k, t in enumerate(eager):
+        split = "held_out" if k % 2 and k != len(eager) - 1 else "train"
+        add([(t, t)], split)
+        if cached and t + cached <= L:
+            add([(cached + t, t)], split)
+        d = min(t // 4, S - 1, 32)
+        if d:
+            add([(t - d, t - d)] + [(contexts[len(contexts) // 2], 1)] * d, split)
+    return grid
+
+
+def shape_batch(shape: list[tuple[int, int]], block_size: int, num_blocks: int) -> Batch:
+    """A policy Batch for a profiled shape: one all-zero sequence per (context after the
+    step, new tokens); n == 1 entries are decodes (their prompt ended earlier), the others
+    prompt chunks ending at their context. Block tables take distinct blocks, wrapping
+    around a pool of `num_blocks` (the KV read is junk, its cost is real)."""
+    batch = Batch()
+    next_block = 1      # block 0 is the engine's dummy block
+    for i, (ctx, n) in enumerate(shape):
+        seq = Sequence(i, [0] * ctx, 1)
+        decode = n == 1 and ctx > 1
+        if decode:
+            seq.num_prompt_tokens = ctx - 1
+        blocks = -(-ctx // block_size)
+        seq.block_table = [1 + (next_block + j - 1) % max(1, num_blocks - 1) for j in range(blocks)]
+        next_block += blocks
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        batch.num_computed_tokens.append(ctx - n)
+        batch.sample.append(True)
+        batch.num_batched_tokens += n
+        batch.num_decode_seqs += decode
+        batch.num_prefill_tokens += 0 if decode else n
+    return batch
+
+
+def fit_host(profile: pd.DataFrame) -> dict:
+    """Host costs of the step loop, each fixed + per sequence (non-negative least squares)."""
+    X = np.column_stack([np.ones(len(profile)), profile["num_seqs"].to_numpy(float)])
+    launch = nonnegative_lstsq(X, profile["host_launch_s"].to_numpy(float))
+    receive = nonnegative_lstsq(X, profile["host_receive_s"].to_numpy(float))
+    return {"launch_s": float(launch[0]), "launch_seq_s": float(launch[1]),
+            "receive_s": float(receive[0]), "receive_seq_s": float(receive[1])}
+
+
+def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
+    """A calibration dict (see `FittedCostModel`) fitted on a profile. `meta` supplies
+    model, device, command and optionally tp, engine_commit, engine (settings). Raises
+    ValueError if columns are missing or the eager kind was not profiled."""
+    for key in ("model", "device", "command"):
+        if not meta.get(key):
+            raise ValueError(f"calibration metadata needs {key!r}")
+    needed = {"kind", "rows", "split", "device_s", "num_seqs", "host_launch_s", "host_receive_s"}
+    needed |= {f for fs in FITTED_FEATURES.values() for f in fs}
+    missing = sorted(needed - set(profile.columns))
+    if missing:
+        raise ValueError(f"profile lacks columns {missing}")
+    if (profile["device_s"] <= 0).any():
+        raise ValueError("profile has device times <= 0")
+    kinds = {}
+    for kind in STEP_KINDS:
+        rows = profile[profile["kind"] == kind]
+        train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
+        if len(train) == 0:
+            continue
+        kinds[kind] = fit_kind(train, test, FITTED_FEATURES[kind])
+    if "eager" not in kinds:
+        raise ValueError("the profile has no eager steps: every step can run eagerly, profile some")
+    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
+            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
+            "command": meta["command"], "created": datetime.date.today().isoformat(),
+            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile)}
+
+
+def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGraphs,
+                   rows: list[dict], times: np.ndarray) -> float:
+    cost = RooflineCostModel(model, hw, tp, graphs)
+    pred = np.array([cost.predict(r) for r in rows])
+    return float(np.mean(np.abs(pred - times) / times))
+
+
+def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: int,
+                 graphs: CudaGraphs, sweeps: int = 4) -> tuple[HardwareSpec, dict]:
+    """The roofline's efficiencies and fixed costs (HARDWARE_FIT) that minimise its mean
+    relative error on the profile's train rows (coordinate search over a log grid per
+    parameter), and the host overheads (`fit_host`). Returns the fitted spec and its mean
+    relative error per step kind on the held-out rows."""
+    train = profile[profile["split"] == "train"]
+    rows, times = train.to_dict("records"), train["device_s"].to_numpy(float)
+    host = fit_host(profile)
+    best = dataclasses.replace(hw, step_overhead_s=host["launch_s"], seq_overhead_s=host["launch_seq_s"],
+                               update_overhead_s=host["receive_s"],
+                               update_seq_overhead_s=host["receive_seq_s"])
+    err = roofline_error(model, best, tp, graphs, rows, times)
+    for _ in range(sweeps):
+        for name, (lo, hi) in HARDWARE_FIT.items():
+            current = getattr(best, name)
+            candidates = set(np.geomspace(max(lo, hi / 1e4), hi, 25)) | {lo, current}
+            candidates |= {min(hi, max(lo, current * f)) for f in (0.7, 0.85, 0.95, 1.05, 1.2, 1.4)}
+            for value in sorted(candidates):
+                trial = dataclasses.replace(best, **{name: float(value)})
+                e = roofline_error(model, trial, tp, graphs, rows, times)
+                if e < err:
+                    best, err = trial, e
+    held = profile[profile["split"] != "train"]
+    report = {}
+    for kind, df in held.groupby("kind"):
+        report[kind] = roofline_error(model, best, tp, graphs, df.to_dict("records"),
+                                      df["device_s"].to_numpy(float))
+    return best, report
+
+
+def print_fit(calib: dict, roofline: dict | None = None) -> None:
+    """The held-out error per step kind (and the fitted roofline's, if given)."""
+    print(f"{'kind':<7} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+          + ("  roofline MAPE" if roofline else ""))
+    for kind, fit in calib["kinds"].items():
+        held = fit.get("held_out", {})
+        line = (f"{kind:<7} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+                f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
+                f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
+        if roofline:
+            line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
+        print(line)
+    host = calib["host"]
+    print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq, "
+          f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
+
+
+def write_hardware(hw: HardwareSpec, path, note: str) -> None:
+    with open(path, "w") as f:
+        f.write(f"# {note}\n")
+        yaml.safe_dump(dataclasses.asdict(hw), f, sort_keys=False)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("steps", help="a run's steps.parquet (one replica)")
+    ap.add_argument("profile", help="a profile parquet (python -m experiments.calibrate writes one)")
     ap.add_argument("--out", required=True, help="calibration JSON to write")
-    ap.add_argument("--model", required=True, help="model name, as conf/model/<name>.yaml")
-    ap.add_argument("--device", required=True, help="GPU name (torch.cuda.get_device_name)")
-    ap.add_argument("--command", required=True, help="the exact command that produced the steps")
-    ap.add_argument("--engine-commit", default=None, help="git commit of the engine build")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--source", default="engine steps.parquet", help="what the steps came from")
+    ap.add_argument("--meta", default=None, help="JSON of the profile's metadata (default: "
+                    "<profile without .profile.parquet>.json's, i.e. the calibration it came with)")
+    ap.add_argument("--hardware", default=None, help="conf/hardware/<gpu>.yaml to fit the roofline from")
+    ap.add_argument("--model", default=None, help="conf/model/<name>.yaml (with --hardware)")
+    ap.add_argument("--hardware-out", default=None, help="where to write the fitted hardware YAML")
     args = ap.parse_args(argv)
-    steps = pd.read_parquet(args.steps)
-    if "replica" in steps.columns and steps["replica"].nunique() > 1:
-        sys.exit(f"{args.steps}: holds several replicas; calibrate on one")
-    calib = fit_calibration(steps, {"model": args.model, "device": args.device, "tp": args.tp,
-                                    "command": args.command, "engine_commit": args.engine_commit,
-                                    "source": args.source})
+    profile = pd.read_parquet(args.profile)
+    meta_path = args.meta or args.profile.replace(".profile.parquet", ".json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
+    calib = fit_calibration(profile, meta)
+    FittedCostModel(calib)   # loads back
     with open(args.out, "w") as f:
         json.dump(calib, f, indent=2)
         f.write("\n")
-    for regime, r in calib["regimes"].items():
-        fit = r["fit"]
-        print(f"{regime:<7} n={fit['n_steps']:<7} MAPE={100 * fit['mape']:.2f}%  "
-              f"p90 APE={100 * fit['p90_ape']:.2f}%  R^2={fit['r2']:.4f}")
+    print_fit(calib)
+    if args.hardware:
+        if not args.model or not args.hardware_out:
+            sys.exit("--hardware needs --model and --hardware-out")
+        model_cfg = yaml.safe_load(open(args.model))
+        model = ModelSpec.from_hf_config(model_cfg["hf_config"], name=model_cfg["name"])
+        hw = HardwareSpec(**yaml.safe_load(open(args.hardware)))
+        e = meta.get("engine", {})
+        graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
+                                       e.get("cuda_graph_max_tokens", 0))
+        fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs)
+        write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
+        print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     print(f"wrote {args.out}")
 
 

@@ -12,6 +12,8 @@ class Replica:
         self.scheduler = scheduler
         self.idle = None          # simpy event while the step loop waits for work
         self.num_steps = 0
+        self.executor = None      # the simulator's SimExecutor and policy StepLoop (set by run)
+        self.loop = None
 
     @property
     def outstanding(self) -> int:

@@ -1,31 +1,38 @@
 """How long one engine step takes: the simulator's only stand-in for the GPU.
 
-Three cost models, one contract (`CostModel.step_time(batch) -> seconds`):
+A cost model answers two questions about a step (its `Batch.features()`, the counters of
+a `steps.parquet` row): the device time (`predict`) and the host time of the step loop
+around it (`host`: before the launch, after the tokens arrive). The simulator's step loop
+(policy.step_loop, the engine's own) overlaps the two as the engine does.
 
 - `RooflineCostModel`: peak rates x efficiencies from a `HardwareSpec`, work from a
-  `ModelSpec`. No profiling; any model on any GPU.
-- `FittedCostModel`: a linear model fitted on a real engine's `steps.parquet` by
-  `fit_calibration` (CLI: `python -m simulator.calibrate`), stored as a calibration file.
-- `ReplayCostModel`: a real run's measured step durations, in order. With `strict=True` it
-  also checks that the simulator scheduled the same batch shapes: the policy-equivalence test.
-
-Every model reads the step through `Batch.features()`: the counters of the
-`steps.parquet` row.
+  `ModelSpec`, CUDA-graph padding from policy.cuda_graphs. Any model on any GPU.
+- `FittedCostModel`: fitted on a profile of the engine over a grid of step shapes
+  (`python -m experiments.calibrate`), stored as a calibration file.
+- `ReplayCostModel`: a real run's recorded steps, replayed at their recorded times (when
+  each was formed, launched, received); with `strict` it checks that the simulator formed
+  the same steps: the policy-equivalence check.
 """
-import datetime
 import json
+import math
 import pathlib
 from abc import ABC, abstractmethod
+from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from simulator.hardware import GiB, HardwareSpec
+from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
+from policy.model import ModelConfig
+from simulator.hardware import GiB, HardwareSpec, HostCosts
 
-CALIBRATION_FORMAT = "twinserve-calibration/1"
+if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
+    import pandas as pd
+
+CALIBRATION_FORMAT = "twinserve-calibration/2"
+STEP_KINDS = ("decode", "mixed", "eager")   # how the engine runs a step (policy.cuda_graphs)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -36,62 +43,54 @@ def _require(ok: bool, message: str) -> None:
 # ---- the model's shape ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The numbers of a dense decoder-only transformer that set its cost."""
+    """The numbers of a dense decoder-only transformer that set its cost, named. Read from
+    config.json by policy.model (the engine's own reading: the same defaults, the same
+    refusals); `name` labels it (conf/model/<name>.yaml)."""
     name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    dtype_bytes: int = 2
-    attention_bias: bool = False
-    qk_norm: bool = False           # Qwen3: an RMSNorm over each head's q and k
-
-    def __post_init__(self):
-        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "vocab_size", "dtype_bytes"):
-            value = getattr(self, field)
-            _require(isinstance(value, int) and value >= 1,
-                     f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
-        _require(self.num_heads % self.num_kv_heads == 0,
-                 f"model {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
-                 f"num_kv_heads ({self.num_kv_heads})")
+    config: ModelConfig
 
     @classmethod
     def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":
         """From a Hugging Face `config.json` dict (what `conf/model/<name>.yaml` holds under
-        `hf_config`). Mixture-of-experts configs are refused: their cost is not modelled."""
+        `hf_config`). Raises ValueError, naming the model, for what the engine cannot run."""
         name = name or d.get("_name_or_path") or d.get("model_type") or "model"
-        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                    "intermediate_size", "vocab_size"):
-            _require(key in d, f"model {name!r}: hf_config has no {key!r}")
-        _require(not (d.get("num_experts") or d.get("num_local_experts")),
-                 f"model {name!r}: mixture-of-experts models are not modelled by the simulator")
-        dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
-        _require(dtype in DTYPE_BYTES, f"model {name!r}: unknown torch_dtype {dtype!r} "
-                 f"(known: {sorted(DTYPE_BYTES)})")
-        heads = d["num_attention_heads"]
-        return cls(name=name, num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
-                   num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
-                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                   dtype_bytes=DTYPE_BYTES[dtype], attention_bias=bool(d.get("attention_bias", False)),
-                   qk_norm=str(d.get("model_type", "")).startswith("qwen3"))
+        try:
+            return cls(name, ModelConfig.from_hf(d))
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
 
     @property
-    def layer_matmul_params(self) -> int:
-        """Weights of one layer's linear layers (QKV, O, gate/up/down)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype_bytes(self) -> int:
+        return self.config.dtype_bytes
 
     @property
     def matmul_params(self) -> int:
         """Linear-layer weights of all layers (no embedding, LM head or norms)."""
-        return self.num_layers * self.layer_matmul_params
+        return self.num_layers * self.config.layer_matmul_params
 
     @property
     def lm_head_params(self) -> int:
@@ -99,35 +98,21 @@ class ModelSpec:
 
     @property
     def num_params(self) -> int:
-        """All parameters (tied embeddings counted once), as Hugging Face counts them."""
-        h = self.hidden_size
-        per_layer = self.layer_matmul_params + 2 * h
-        if self.attention_bias:
-            per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        if self.qk_norm:
-            per_layer += 2 * self.head_dim
-        embeddings = self.lm_head_params * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h
+        return self.config.num_params
 
     @property
     def weight_bytes(self) -> int:
         return self.num_params * self.dtype_bytes
 
-    def kv_heads_per_rank(self, tp: int) -> int:
-        """KV heads one tensor-parallel rank holds (replicated when there are fewer than tp)."""
-        return max(1, self.num_kv_heads // tp)
-
     def kv_bytes_per_token(self, tp: int = 1) -> int:
         """K and V of one token over all layers, on one rank."""
-        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * self.head_dim * self.dtype_bytes
+        return self.config.kv_cache_bytes_per_token(tp_size=tp)
 
     def check_tp(self, tp: int) -> None:
-        _require(isinstance(tp, int) and tp >= 1, f"tp must be a positive integer, got {tp!r}")
-        _require(self.num_heads % tp == 0,
-                 f"model {self.name!r}: tp={tp} does not divide num_heads={self.num_heads}")
-        _require(self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0,
-                 f"model {self.name!r}: tp={tp} and num_kv_heads={self.num_kv_heads} must divide "
-                 "one another")
+        try:
+            self.config.check_tp(tp)
+        except ValueError as e:
+            raise ValueError(f"model {self.name!r}: tp={tp}: {e}") from None
 
 
 def kv_pool_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
@@ -158,13 +143,36 @@ def kv_pool_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
     return blocks
 
 
+# ---- CUDA graphs ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CudaGraphs:
+    """The engine's CUDA-graph sizes (policy.cuda_graphs): decode graphs up to
+    min(max_num_seqs, limit) sequences, mixed-step graphs up to min(max_num_batched_tokens,
+    limit) tokens; limit = the engine's cuda_graph_max_tokens (0: eager, no graphs)."""
+    decode: tuple = ()
+    mixed: tuple = ()
+
+    @classmethod
+    def for_engine(cls, max_num_seqs: int, max_num_batched_tokens: int, limit: int) -> "CudaGraphs":
+        if limit <= 0:
+            return cls()
+        return cls(tuple(decode_sizes(max_num_seqs, limit)),
+                   tuple(mixed_sizes(max_num_batched_tokens, limit)))
+
+    def rows(self, f: dict) -> tuple[str, int]:
+        """("decode" | "mixed" | "eager", tokens the step computes, padding included)."""
+        return graph_rows(f["num_batched_tokens"], f["num_seqs"], f["num_prefill_tokens"] == 0,
+                          self.decode, self.mixed)
+
+
 # ---- cost models ------------------------------------------------------------------
 class CostModel(ABC):
-    """Seconds one engine step takes."""
+    """Device seconds of one engine step (`predict`) and the host costs around it (`host`)."""
+    host: HostCosts = HostCosts()
 
     @abstractmethod
     def predict(self, features: dict) -> float:
-        """Step time from `batch.features()`."""
+        """Device time of a step, from `batch.features()`."""
 
     def step_time(self, batch) -> float:
         return self.predict(batch.features())
@@ -177,118 +185,152 @@ class RooflineCostModel(CostModel):
     """A step is a sequence of kernel groups; each takes max(FLOPs / achievable FLOP/s,
     bytes / achievable bandwidth), and the groups add up (they run one after another):
 
-        linear   max(2 Pm T' / tp / F,  Pm b / tp / BW)       weights read once per step
-        lm_head  max(2 Pv S / tp / F,   Pv b / tp / BW)       only if S > 0
-        decode   max(A Cd / F,          K Cd / BW)            attention over each decode's KV
-        prefill  max(A Pp / F,          K Ckv / BW)           chunk attention incl. cached context
-        allreduce  2 L (lat + 2 (tp-1)/tp T h b / IC)         only if tp > 1
-        cpu      step + seq B + (launch L if eager)
+        linear   max(2 Pm T' / tp / F(T'),  Pm b / tp / BW)     weights read once per step
+        lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
+        decode   max(A Cd / F,              K Cd / BWa)         attention over each decode's KV
+        prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
+        allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
+        fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
 
-    Pm: linear-layer params, Pv: vocab x hidden, b: bytes per value, T: batched tokens,
-    T': T padded to the CUDA-graph size for a graphed decode-only step, S: sampled
-    positions, A = 4 L heads head_dim / tp (FLOPs per query-key pair, QK^T and PV),
-    K: KV bytes per token per rank, Cd: decode context tokens (decode_context_tokens),
-    Pp: causal query-key pairs of prefill chunks (prefill_attention_pairs), Ckv: their
-    context after the step (prefill_kv_tokens, cached prefix included), B: sequences,
-    L: layers, h: hidden, IC: interconnect bytes/s. A step is eager if it has prefill
-    tokens or its decode batch is larger than the largest CUDA graph.
+    Pm: linear-layer params, Pv: vocab x hidden, b: bytes per value, T': batched tokens
+    padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
+    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
+    head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
+    Cd: decode context tokens, Pp: causal query-key pairs of prefill chunks, Ckv: their
+    context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
+    layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
     """
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1):
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
+                 graphs: CudaGraphs = CudaGraphs()):
         model.check_tp(tp)
         _require(tp == 1 or hw.interconnect_gbs > 0,
                  f"hardware {hw.name!r} has interconnect_gbs=0: cannot model tp={tp}")
-        self.model, self.hw, self.tp = model, hw, tp
-        F, BW, b = hw.flops, hw.bandwidth, model.dtype_bytes
-        # Seconds per unit of work, precomputed so `predict` is a handful of multiplies.
-        self.linear_flop_s = 2 * model.matmul_params / tp / F        # per token
-        self.linear_bytes_s = model.matmul_params * b / tp / BW      # per step
-        self.lm_flop_s = 2 * model.lm_head_params / tp / F           # per sampled token
-        self.lm_bytes_s = model.lm_head_params * b / tp / BW         # per step with a sample
+        self.model, self.hw, self.tp, self.graphs = model, hw, tp, graphs
+        self.host = hw.host_costs()
+        BW, b = hw.bandwidth, model.dtype_bytes
+        # Work per unit, precomputed so `predict` is a handful of multiplies.
+        self.linear_flop = 2 * model.matmul_params / tp                # per token
+        self.linear_bytes_s = model.matmul_params * b / tp / BW        # per step
+        self.lm_flop = 2 * model.lm_head_params / tp                   # per sampled token
+        self.lm_bytes_s = model.lm_head_params * b / tp / BW           # per step with a sample
         heads_per_rank = model.num_heads // tp
-        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / F  # per pair
-        self.kv_read_s = model.kv_bytes_per_token(tp) / BW           # per context token
+        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
+        self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
         if tp > 1:
             self.allreduce_fixed_s = 2 * model.num_layers * hw.allreduce_latency_s
             self.allreduce_token_s = (2 * model.num_layers * 2 * (tp - 1) / tp
                                       * model.hidden_size * b / (hw.interconnect_gbs * 1e9))
         else:
             self.allreduce_fixed_s = self.allreduce_token_s = 0.0
+        self.fixed_s = hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
         self.eager_launch_s = hw.layer_launch_s * model.num_layers
 
     def predict(self, f: dict) -> float:
         hw = self.hw
-        num_seqs, tokens = f["num_seqs"], f["num_batched_tokens"]
-        padded = hw.graph_batch_size(num_seqs) if f["num_prefill_tokens"] == 0 else 0
-        t = max(self.linear_flop_s * (padded or tokens), self.linear_bytes_s)
-        if f["num_sampled"]:
-            t += max(self.lm_flop_s * f["num_sampled"], self.lm_bytes_s)
+        kind, rows = self.graphs.rows(f)
+        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), self.linear_bytes_s)
+        sampled = f["num_sampled"]
+        if sampled:
+            t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
         decode_ctx = f["decode_context_tokens"]
         t += max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
         if f["prefill_kv_tokens"]:
             t += max(self.attn_flop_s * f["prefill_attention_pairs"],
                      self.kv_read_s * f["prefill_kv_tokens"])
         if self.tp > 1:
-            t += self.allreduce_fixed_s + self.allreduce_token_s * tokens
-        t += hw.step_overhead_s + hw.seq_overhead_s * num_seqs
-        if not padded:
+            t += self.allreduce_fixed_s + self.allreduce_token_s * rows
+        if kind == "eager":
             t += self.eager_launch_s
         return t
 
 
+# Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).
+FITTED_FEATURES = {
+    "decode": ["decode_context_tokens"],
+    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
+    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
+}
+
+
+def hat_basis(x: np.ndarray, knots: list) -> np.ndarray:
+    """Piecewise-linear interpolation weights of each x over `knots` (one column per knot);
+    beyond the last knot the last segment extends (a single knot: proportional to x)."""
+    knots = np.asarray(knots, float)
+    x = np.asarray(x, float)
+    out = np.zeros((len(x), len(knots)))
+    if len(knots) == 1:
+        out[:, 0] = x / knots[0]
+        return out
+    i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, len(knots) - 2)
+    w = (x - knots[i]) / (knots[i + 1] - knots[i])
+    rows = np.arange(len(x))
+    out[rows, i] = 1 - w
+    out[rows, i + 1] = w
+    return out
+
+
 class FittedCostModel(CostModel):
-    """Step time = intercept + sum(coefficient x feature), with one linear model for
-    decode-only steps (`num_prefill_tokens == 0`, CUDA-graph replays on the engine) and one
-    for steps with prefill tokens ("mixed"). Features are `Batch.features()` keys.
+    """Fitted on a profile of the engine (`python -m experiments.calibrate`). Per step kind
+    (CUDA-graph decode, CUDA-graph mixed, eager: policy.cuda_graphs.graph_rows):
 
-    The calibration file (JSON, written by `fit_calibration`):
+        device time = base(T') + sum(coefficient x feature)
 
-        {"format": "twinserve-calibration/1",
-         "model": "qwen3-0.6b", "device": "NVIDIA H100 80GB HBM3", "tp": 1,
-         "engine_commit": "<git commit>" | null, "command": "<exact command that produced it>",
-         "source": "<what the steps came from>", "created": "<ISO date>",
-         "regimes": {"decode": {"features": [...], "coefficients": {name: seconds per unit},
-                                "intercept_s": s, "fit": {"n_steps", "mape", "r2", ...}},
-                     "mixed":  {...same keys...}}}
+    base: piecewise linear in the tokens T' the step computes (padding included), through
+    the values fitted at `knots` (the profiled sizes: for graphed steps the graph sizes);
+    features: FITTED_FEATURES (attention and sampling work). Host costs come from the file.
+
+        {"format": "twinserve-calibration/2", "model": "qwen3-0.6b", "device": "NVIDIA H200",
+         "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
+         "engine": {<the engine settings profiled>},
+         "kinds": {"decode": {"knots": [...], "base_s": [...], "coefficients": {name: s/unit},
+                              "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
+         "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"}}
     """
 
-    def __init__(self, calibration: dict, source: str = "<calibration>"):
+    def __init__(self, calibration: dict, source: str = "<calibration>",
+                 graphs: CudaGraphs = CudaGraphs()):
         _require(calibration.get("format") == CALIBRATION_FORMAT,
-                 f"{source}: format is {calibration.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
-        regimes = calibration.get("regimes") or {}
-        self.calibration, self.source = calibration, source
-        self.terms = {}
-        for regime in ("decode", "mixed"):
-            _require(regime in regimes, f"{source}: no {regime!r} regime in 'regimes'")
-            r = regimes[regime]
-            for key in ("features", "coefficients", "intercept_s"):
-                _require(key in r, f"{source}: regime {regime!r} has no {key!r}")
-            missing = [name for name in r["features"] if name not in r["coefficients"]]
-            _require(not missing, f"{source}: regime {regime!r} has no coefficient for {missing}")
-            self.terms[regime] = (float(r["intercept_s"]),
-                                  [(name, float(r["coefficients"][name])) for name in r["features"]])
+                 f"{source}: format is {calibration.get('format')!r}, expected {CALIBRATION_FORMAT!r} "
+                 "(make one with `python -m experiments.calibrate`)")
+        kinds = calibration.get("kinds") or {}
+        self.calibration, self.source, self.graphs = calibration, source, graphs
+        self.kinds = {}
+        for kind, fit in kinds.items():
+            _require(kind in STEP_KINDS, f"{source}: unknown step kind {kind!r} (known: {STEP_KINDS})")
+            for key in ("knots", "base_s", "coefficients"):
+                _require(key in fit, f"{source}: kind {kind!r} has no {key!r}")
+            _require(len(fit["knots"]) == len(fit["base_s"]) >= 1,
+                     f"{source}: kind {kind!r} needs as many base_s as knots (>= 1)")
+            self.kinds[kind] = ([float(k) for k in fit["knots"]], [float(b) for b in fit["base_s"]],
+                                [(name, float(c)) for name, c in fit["coefficients"].items()])
+        _require("eager" in self.kinds, f"{source}: no 'eager' kind (every step can run eagerly)")
+        self.host = HostCosts(**calibration.get("host", {}))
 
     @classmethod
-    def load(cls, path) -> "FittedCostModel":
+    def load(cls, path, graphs: CudaGraphs = CudaGraphs()) -> "FittedCostModel":
         path = pathlib.Path(path)
         with open(path) as f:
-            return cls(json.load(f), source=str(path))
+            return cls(json.load(f), source=str(path), graphs=graphs)
 
     def predict(self, f: dict) -> float:
-        intercept, terms = self.terms["decode" if f["num_prefill_tokens"] == 0 else "mixed"]
-        t = intercept
+        kind, rows = self.graphs.rows(f)
+        if kind not in self.kinds:   # profiled without graphs of this kind
+            kind, rows = "eager", f["num_batched_tokens"]
+        knots, base, terms = self.kinds[kind]
+        t = base_time(knots, base, rows)
         for name, coef in terms:
             t += coef * f[name]
         return t
 
 
-# Work the engine does per step, by regime (all are Batch.record() columns). Decode-only:
-# sequences (input prep, LM head rows) and KV read. Mixed: also GEMM tokens and attention work.
-DEFAULT_FEATURES = {
-    "decode": ["num_seqs", "decode_context_tokens"],
-    "mixed": ["num_batched_tokens", "num_seqs", "num_sampled", "decode_context_tokens",
-              "prefill_context_tokens"],
-}
+def base_time(knots: list, base: list, x: float) -> float:
+    """Piecewise-linear interpolation through (knots, base), the ends extended linearly."""
+    if len(knots) == 1:
+        return base[0] * x / knots[0]
+    i = min(max(bisect_right(knots, x) - 1, 0), len(knots) - 2)
+    w = (x - knots[i]) / (knots[i + 1] - knots[i])
+    return base[i] + w * (base[i + 1] - base[i])
 
 
 def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -299,7 +341,7 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     coef = np.zeros(X.shape[1])
     while active:
         scale = np.abs(X[:, active]).max(axis=0)
-        scale[scale == 0] = 1.0          # conditioning: features span 1 .. 1e7
+        scale[scale == 0] = 1.0          # conditioning: features span 1 .. 1e9
         sol = np.linalg.lstsq(X[:, active] / scale, y, rcond=None)[0] / scale
         if (sol >= 0).all():
             coef[active] = sol
@@ -308,92 +350,105 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_regime(steps: pd.DataFrame, features: list[str]) -> dict:
-    """One regime's linear model: intercept (a column of ones) + features, non-negative."""
-    X = np.column_stack([np.ones(len(steps))] + [steps[f].to_numpy(float) for f in features])
-    y = steps["duration_s"].to_numpy(float)
-    coef = nonnegative_lstsq(X, y)
-    pred = X @ coef
-    ape = np.abs(pred - y) / y
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float(((pred - y) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    return {"features": list(features),
-            "coefficients": {f: float(c) for f, c in zip(features, coef[1:])},
-            "intercept_s": float(coef[0]),
-            "fit": {"n_steps": int(len(y)), "mape": float(ape.mean()),
-                    "p90_ape": float(np.percentile(ape, 90)), "max_ape": float(ape.max()),
-                    "r2": r2, "mean_duration_s": float(y.mean())}}
-
-
-def fit_calibration(steps: pd.DataFrame, meta: dict, features: dict | None = None) -> dict:
-    """A calibration dict (see `FittedCostModel`) fitted on `steps` (a steps.parquet
-    frame). `meta` supplies model, device, command and optionally tp, engine_commit, source.
-    Raises ValueError if a column is missing or a regime has too few steps to fit."""
-    features = features or DEFAULT_FEATURES
-    for key in ("model", "device", "command"):
-        if not meta.get(key):
-            raise ValueError(f"calibration metadata needs {key!r}")
-    needed = {"duration_s", "num_prefill_tokens"} | {f for fs in features.values() for f in fs}
-    missing = sorted(needed - set(steps.columns))
-    if missing:
-        raise ValueError(f"steps table lacks columns {missing}")
-    if (steps["duration_s"] <= 0).any():
-        raise ValueError("steps table has durations <= 0")
-    is_decode = steps["num_prefill_tokens"] == 0
-    regimes = {}
-    for regime, rows in (("decode", steps[is_decode]), ("mixed", steps[~is_decode])):
-        if len(rows) < 2 * (len(features[regime]) + 1):
-            raise ValueError(f"only {len(rows)} {regime} steps: too few to fit "
-                             f"{len(features[regime]) + 1} coefficients (run a longer workload)")
-        regimes[regime] = fit_regime(rows, features[regime])
-    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
-            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
-            "command": meta["command"], "source": meta.get("source", "engine steps.parquet"),
-            "created": datetime.date.today().isoformat(), "regimes": regimes}
+def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str]) -> dict:
+    """One step kind: base values at the knots (the distinct computed-token counts of
+    `train`) and non-negative feature coefficients, by least squares on relative error
+    (each row weighted 1 / its time, so small steps count as much as large ones). Error
+    reported on `test` (shapes not fitted on)."""
+    knots = sorted(set(train["rows"].astype(int)))
+    def design(df):
+        return np.column_stack([hat_basis(df["rows"].to_numpy(float), knots)]
+                               + [df[f].to_numpy(float) for f in features])
+    y = train["device_s"].to_numpy(float)
+    coef = nonnegative_lstsq(design(train) / y[:, None], np.ones_like(y))
+    base, terms = coef[:len(knots)], coef[len(knots):]
+    fit = {"knots": [int(k) for k in knots], "base_s": [float(b) for b in base],
+           "coefficients": {f: float(c) for f, c in zip(features, terms)}}
+    for name, df in (("train", train), ("held_out", test)):
+        if len(df):
+            pred = design(df) @ coef
+            ape = np.abs(pred - df["device_s"].to_numpy(float)) / df["device_s"].to_numpy(float)
+            fit[name] = {"n": int(len(df)), "mape": float(ape.mean()),
+                         "p90_ape": float(np.percentile(ape, 90)), "max_ape": float(ape.max())}
+    return fit
 
 
 class ReplayCostModel(CostModel):
-    """The durations of a recorded run (`steps.parquet` of one replica), step by step.
-    With `strict`, step i must have the recorded `num_seqs` and `num_batched_tokens`:
-    a mismatch means the two runs' policies diverged, and raises RuntimeError."""
+    """A recorded run (`steps.parquet` of one engine or simulator replica), replayed step
+    by step at its recorded times: each step is formed at its `start_s`, launched at
+    `launch_s`, its tokens arrive at `tokens_s`, its step() returns at `end_s`. With
+    `strict`, the simulator's step i must have the recorded composition (`SHAPE` columns):
+    a mismatch means the policies diverged, and raises RuntimeError naming the step."""
+    TIMES = ("start_s", "launch_s", "tokens_s", "end_s")
+    SHAPE = ("num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
+             "num_sampled", "decode_context_tokens", "prefill_context_tokens", "num_preempted",
+             "prefix_hit_tokens", "kv_blocks_used")
 
-    def __init__(self, steps: pd.DataFrame, strict: bool = True, source: str = "<steps>"):
-        need = ["duration_s"] + (["num_seqs", "num_batched_tokens"] if strict else [])
-        missing = [c for c in need if c not in steps.columns]
-        _require(not missing, f"{source}: replay needs columns {missing}")
+    def __init__(self, steps: "pd.DataFrame", strict: bool = True, source: str = "<steps>"):
+        missing = [c for c in self.TIMES if c not in steps.columns]
+        _require(not missing, f"{source}: replay needs the step times {missing} (steps "
+                 "recorded before the step loop logged them: run the engine again)")
         if "replica" in steps.columns:
             _require(steps["replica"].nunique() <= 1,
                      f"{source}: replay takes one replica's steps, found replicas "
                      f"{sorted(steps['replica'].unique())}")
         if "step" in steps.columns:
             steps = steps.sort_values("step", kind="stable")
-        self.durations = steps["duration_s"].astype(float).tolist()
-        self.shapes = (list(zip(steps["num_seqs"].astype(int).tolist(),
-                                steps["num_batched_tokens"].astype(int).tolist()))
-                       if strict else None)
+        self.shape = [c for c in self.SHAPE if c in steps.columns] if strict else []
+        cols = list(self.TIMES) + self.shape + [c for c in ("device_s",) if c in steps.columns]
+        self.records = steps[cols].to_dict("records")
         self.strict, self.source, self.next_step = strict, source, 0
 
     @classmethod
     def load(cls, path, strict: bool = True) -> "ReplayCostModel":
+        import pandas as pd
         return cls(pd.read_parquet(path), strict=strict, source=str(path))
 
     def reset(self) -> None:
         self.next_step = 0
 
     def predict(self, f: dict) -> float:
+        """The device time recorded for the step being replayed (NaN if not recorded)."""
+        i = max(self.next_step - 1, 0)
+        return float(self.records[i].get("device_s", math.nan)) if self.records else math.nan
+
+    def take(self, earliest: float) -> dict:
+        """The next recorded step, which the simulator is about to form (not before
+        `earliest`, the simulated time it has reached)."""
         i = self.next_step
-        if i >= len(self.durations):
-            raise RuntimeError(f"replay: the simulator asked for step {i} but {self.source} "
-                               f"records only {len(self.durations)} steps (the schedules diverged "
+        if i >= len(self.records):
+            raise RuntimeError(f"replay: the simulator formed step {i} but {self.source} "
+                               f"records only {len(self.records)} steps (the schedules diverged "
                                "or the workloads differ)")
-        if self.strict and (f["num_seqs"], f["num_batched_tokens"]) != self.shapes[i]:
-            seqs, tokens = self.shapes[i]
-            raise RuntimeError(
-                f"replay: schedules diverged at step {i}: the simulator scheduled "
-                f"num_seqs={f['num_seqs']}, num_batched_tokens={f['num_batched_tokens']}; "
-                f"{self.source} recorded num_seqs={seqs}, num_batched_tokens={tokens}")
+        record = self.records[i]
+        if record["start_s"] < earliest:
+            raise RuntimeError(f"replay: schedules diverged at step {i}: {self.source} formed "
+                               f"it at t={record['start_s']:.6f}s, when the simulator was still busy "
+                               f"until t={earliest:.6f}s (or idle: it had no work then)")
         self.next_step = i + 1
-        return self.durations[i]
+        return record
+
+    def check(self, i: int, made: dict | None) -> None:
+        """Compare the simulator's step `i` (its record, None if it formed nothing) with the
+        recorded one."""
+        if not self.strict:
+            return
+        want = self.records[i]
+        if made is None:
+            raise RuntimeError(f"replay: schedules diverged at step {i}: the simulator formed "
+                               f"an empty step; {self.source} recorded "
+                               + ", ".join(f"{c}={want[c]}" for c in self.shape))
+        diff = [c for c in self.shape if made[c] != want[c]]
+        if diff:
+            raise RuntimeError(
+                f"replay: schedules diverged at step {i}: the simulator formed "
+                + ", ".join(f"{c}={made[c]}" for c in diff) + f"; {self.source} recorded "
+                + ", ".join(f"{c}={want[c]}" for c in diff))
+
+    def check_done(self) -> None:
+        if self.strict and self.next_step != len(self.records):
+            raise RuntimeError(f"replay: the simulator finished after {self.next_step} steps; "
+                               f"{self.source} records {len(self.records)} (the schedules diverged)")
 
 
 # ---- configuration ----------------------------------------------------------------
@@ -402,9 +457,10 @@ COST_MODELS = ("roofline", "fitted", "replay")
 
 @dataclass(frozen=True, slots=True)
 class CostModelConfig:
-    """kind: roofline | fitted | replay. path: the calibration JSON (fitted) or a run's
-    steps.parquet (replay); relative paths are tried from the working directory, then from
-    the repository root. strict: replay checks batch shapes step by step."""
+    """kind: roofline | fitted | replay. path: the calibration JSON (fitted; made by
+    `python -m experiments.calibrate`) or a run's steps.parquet (replay); relative paths
+    are tried from the working directory, then from the repository root. strict: replay
+    checks every step's composition."""
     kind: str = "roofline"
     path: str | None = None
     strict: bool = True
@@ -413,7 +469,10 @@ class CostModelConfig:
         _require(self.kind in COST_MODELS,
                  f"cost_model.kind must be one of {COST_MODELS}, got {self.kind!r}")
         _require(self.kind == "roofline" or bool(self.path),
-                 f"cost_model.kind={self.kind!r} needs cost_model.path")
+                 f"cost_model.kind={self.kind!r} needs cost_model.path"
+                 + (" (a calibration JSON from `python -m experiments.calibrate`; see "
+                    "simulator/calibrations/README.md)" if self.kind == "fitted" else
+                    " (a run's steps.parquet)"))
 
 
 def _resolve(path: str) -> pathlib.Path:
@@ -428,14 +487,15 @@ def _same_model(a: str, b: str) -> bool:
     return a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
 
 
-def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, tp: int = 1) -> CostModel:
+def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
+                     graphs: CudaGraphs = CudaGraphs()) -> CostModel:
     """The cost model `cfg` names. A calibration must be for this model and tp."""
     if cfg.kind == "roofline":
-        return RooflineCostModel(model, hw, tp)
+        return RooflineCostModel(model, hw, tp, graphs)
     path = _resolve(cfg.path)
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)
-    fitted = FittedCostModel.load(path)
+    fitted = FittedCostModel.load(path, graphs)
     calib = fitted.calibration
     _require(_same_model(str(calib.get("model", "")), model.name),
              f"{path}: calibrated for model {calib.get('model')!r}, not {model.name!r}")

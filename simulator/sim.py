@@ -1,17 +1,21 @@
-"""The discrete-event simulator: the policy layer's step loop, with a cost model for a GPU.
+"""The discrete-event simulator: the engine's step loop (policy.step_loop, the same code),
+with a cost model for the GPU.
 
 One simpy process walks the requests in arrival order and routes each to a replica; one
-process per replica runs the step contract of DESIGN.md:
+process per replica turns the step loop. Each turn forms a step at the current simulated
+time, "launches" it (host time before the launch, then device time on a device that runs
+one step at a time), receives the previous step's tokens (waiting for the device), and
+updates the policy; the next turn starts when the host is done. With asynchronous
+scheduling step N+1 is thus formed while step N runs, as on the engine; host time shows
+only where the device does not hide it.
 
-    batch = scheduler.schedule(now)
-    dt    = cost_model(batch)                 # simulated seconds instead of a forward pass
-    yield timeout(dt)
-    scheduler.update(batch, token_ids, now)
+With a `ReplayCostModel` every step is formed, launched and received at the times the
+recorded run did, and checked against the record: the policy-equivalence check.
 
-An idle replica sleeps on an event the arrival process triggers; it never polls. Simulated
-time only advances by arrivals and step durations, so the run's speed is the policy's speed
-plus a few microseconds per step.
+An idle replica sleeps on an event the arrival process triggers; it never polls.
 """
+import gc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,8 +23,10 @@ from typing import Callable
 import simpy
 
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+from policy.step_loop import StepLoop
 from simulator.cluster import ROUTERS, Replica
 from simulator.cost_model import CostModel, ReplayCostModel
+from simulator.fast_forward import skip_decode_turns
 
 # Generated token ids need no model. Each request repeats its own id in this range, set by
 # its position in the trace and the seed: deterministic (output blocks hash the same in
@@ -31,11 +37,14 @@ TOKEN_ID_RANGE = 1 << 15
 @dataclass
 class SimResult:
     """sequences: every request's `Sequence`, in request order (seq_id = request_id).
-    replica_of: request_id -> replica index. steps: one dict per step, the
-    `Batch.record(start, duration)` columns plus `prefill_kv_tokens`,
-    `prefill_attention_pairs`, `replica`, `step` and `kv_usage` (kv_blocks_used / num_blocks).
+    replica_of: request_id -> replica index. steps: one dict per step, policy.StepLoop's
+    record (start_s, launch_s, tokens_s, end_s, duration_s and the batch's features) plus
+    `device_s`, `replica`, `step` and `kv_usage` (kv_blocks_used / num_blocks).
     duration_s: simulated time of the last finish. wall_s: wall-clock seconds of `run`.
-    cache_stats: each replica's `BlockManager.stats`; num_blocks: KV blocks per replica."""
+    cache_stats: each replica's `BlockManager.stats`; num_blocks: KV blocks per replica.
+    replayed_steps: steps checked against a replayed record (0 without replay).
+    num_iterations: turns of the replicas' step loops, a skipped stretch counting one
+    (len(steps) / num_iterations is the event-skipping factor)."""
     sequences: list[Sequence]
     replica_of: dict
     steps: list[dict]
@@ -43,16 +52,62 @@ class SimResult:
     wall_s: float
     num_blocks: int
     cache_stats: list[dict] = field(default_factory=list)
+    replayed_steps: int = 0
+    num_iterations: int = 0
+
+
+class SimExecutor:
+    """A replica's device and host clock, behind the step loop's launch / wait / clock.
+    `t` is the host's simulated time; the device runs launched steps one after another."""
+
+    def __init__(self, cost: CostModel, salt: dict):
+        self.cost, self.salt = cost, salt
+        self.replay = cost if isinstance(cost, ReplayCostModel) else None
+        self.t = 0.0
+        self.device_free = 0.0      # when the device finishes the last launched step
+        self.current = None         # the replayed record of the step being formed
+
+    def clock(self) -> float:
+        return self.t
+
+    def launch(self, batch, previous, record) -> tuple[float, list]:
+        """Returns the handle (time the step's tokens exist, batch)."""
+        if self.replay is not None:
+            rec = self.current
+            self.t = rec["launch_s"]
+            record["device_s"] = rec.get("device_s", math.nan)
+            return rec["tokens_s"], batch
+        features = record
+        self.t += self.cost.host.before_launch(features["num_seqs"])
+        start = max(self.t, self.device_free)
+        device = self.cost.predict(features)
+        record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
+        self.device_free = start + device
+        return self.device_free, batch
+
+    def wait(self, handle, record) -> list[int]:
+        ready, batch = handle
+        if self.replay is not None:
+            self.t = ready
+        else:
+            self.t = max(self.t, ready) + self.cost.host.after_wait(len(batch.seqs))
+        salt = self.salt
+        return [salt[s.seq_id] if sample else -1 for s, sample in zip(batch.seqs, batch.sample)]
 
 
 class Simulator:
     """Replays requests on `num_replicas` simulated engines, each a `Scheduler` with
-    `num_blocks` KV blocks whose steps take `cost_model` seconds. Requests (anything with
-    request_id, arrival_s, prompt_token_ids, output_len, sorted by arrival_s) run with
-    `ignore_eos` and `max_tokens = output_len`. The same inputs give the same result."""
+    `num_blocks` KV blocks driven by policy.StepLoop, whose steps cost what `cost_model`
+    says. Requests (anything with request_id, arrival_s, prompt_token_ids, output_len,
+    sorted by arrival_s) run with `ignore_eos` and `max_tokens = output_len`.
+    `async_scheduling`: as the engine's (form step N+1 while step N runs). `event_skipping`:
+    simulate runs of plain decode steps at once (simulator.fast_forward: the same result as
+    turn by turn; used with one replica and a stateless cost model). The same inputs give
+    the same result."""
 
     def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, cost_model: CostModel,
-                 num_blocks: int, num_replicas: int = 1, router: str = "round_robin", seed: int = 0):
+                 num_blocks: int, num_replicas: int = 1, router: str = "round_robin", seed: int = 0,
+                 async_scheduling: bool = True, event_skipping: bool = True):
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {router!r}")
         if not isinstance(num_replicas, int) or num_replicas < 1:
@@ -63,6 +118,9 @@ class Simulator:
             raise ValueError("a replay cost model holds one replica's steps: use num_replicas=1")
         self.sched_cfg, self.cache_cfg, self.cost_model = sched_cfg, cache_cfg, cost_model
         self.num_blocks, self.num_replicas, self.seed = num_blocks, num_replicas, seed
+        self.async_scheduling = async_scheduling
+        self.event_skipping = (event_skipping and num_replicas == 1
+                               and not isinstance(cost_model, ReplayCostModel))
         self.route = ROUTERS[router]
 
     def run(self, requests, progress: Callable[[int], None] | None = None) -> SimResult:
@@ -80,69 +138,128 @@ class Simulator:
             seen.add(req.request_id)
         self.cost_model.reset()
         env = simpy.Environment()
-        replicas = [Replica(r, Scheduler(self.sched_cfg, self.cache_cfg, self.num_blocks))
-                    for r in range(self.num_replicas)]
         state = _RunState(requests)
+        replicas = state.replicas
+        for r in range(self.num_replicas):
+            scheduler = Scheduler(self.sched_cfg, self.cache_cfg, self.num_blocks)
+            replica = Replica(r, scheduler)
+            replica.executor = SimExecutor(self.cost_model, state.salt)
+            replica.loop = StepLoop(scheduler, replica.executor.launch, replica.executor.wait,
+                                    replica.executor.clock, self.async_scheduling)
+            replicas.append(replica)
         env.process(self._arrivals(env, replicas, state))
         for replica in replicas:
             env.process(self._step_loop(env, replica, state, progress))
-        env.run()
+        # The run allocates millions of small objects and frees few: the cyclic collector
+        # would rescan them all, again and again, for cycles that are not there.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            env.run()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         sequences = state.sequences
         unfinished = [s.seq_id for s in sequences if not s.is_finished]
         if unfinished or len(sequences) != len(requests):   # a bug, not bad input
             raise RuntimeError(f"simulation ended with unfinished requests: {unfinished[:5]}")
+        replay = replicas[0].executor.replay
+        if replay is not None:
+            replay.check_done()
         return SimResult(sequences=sequences, replica_of=state.replica_of, steps=state.steps,
                          duration_s=max((s.finish_time for s in sequences), default=0.0),
                          wall_s=time.perf_counter() - wall0, num_blocks=self.num_blocks,
-                         cache_stats=[r.scheduler.block_manager.stats for r in replicas])
+                         cache_stats=[r.scheduler.block_manager.stats for r in replicas],
+                         replayed_steps=replay.next_step if replay is not None else 0,
+                         num_iterations=state.num_iterations)
+
+    def _admit(self, replicas, state, t: float) -> None:
+        """Route and queue every request that has arrived by `t` (in arrival order)."""
+        requests = state.requests
+        while state.next < len(requests) and requests[state.next].arrival_s <= t:
+            self._admit_next(replicas, state)
+
+    def _admit_next(self, replicas, state) -> None:
+        i = state.next
+        req = state.requests[i]
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.output_len,
+                       arrival_time=req.arrival_s, ignore_eos=True)
+        r = self.route(seq, replicas, i)
+        try:
+            replicas[r].scheduler.add(seq)
+        except ValueError as e:
+            raise ValueError(f"request {i} ({req.request_id!r}) of the trace: {e}") from e
+        state.next = i + 1
+        state.last_arrival = req.arrival_s
+        state.sequences.append(seq)
+        state.replica_of[req.request_id] = r
+        state.salt[req.request_id] = (self.seed * 1_000_003 + i * 7919) % TOKEN_ID_RANGE
+        replicas[r].wake()
 
     def _arrivals(self, env, replicas, state):
-        for i, req in enumerate(state.requests):
+        requests = state.requests
+        while state.next < len(requests):
+            req = requests[state.next]
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
-            seq = Sequence(req.request_id, req.prompt_token_ids, req.output_len,
-                           arrival_time=req.arrival_s, ignore_eos=True)
-            r = self.route(seq, replicas, i)
-            try:
-                replicas[r].scheduler.add(seq)
-            except ValueError as e:
-                raise ValueError(f"request {i} ({req.request_id!r}) of the trace: {e}") from e
-            state.sequences.append(seq)
-            state.replica_of[req.request_id] = r
-            state.salt[req.request_id] = (self.seed * 1_000_003 + i * 7919) % TOKEN_ID_RANGE
-            replicas[r].wake()
+            if state.next < len(requests) and requests[state.next] is req:   # not yet admitted by a step
+                self._admit_next(replicas, state)
         state.arrivals_done = True
         for replica in replicas:     # let idle replicas see that no more work will come
             replica.wake()
 
     def _step_loop(self, env, replica: Replica, state, progress):
-        sched, cost, salt, steps = replica.scheduler, self.cost_model, state.salt, state.steps
-        num_blocks, r = self.num_blocks, replica.index
+        """Turns of the step loop. `now` carries the exact time of each turn (simpy's clock
+        is only used to order the replicas and arrivals)."""
+        loop, executor, sched, steps = replica.loop, replica.executor, replica.scheduler, state.steps
+        replay, num_blocks, r = executor.replay, self.num_blocks, replica.index
+        now = env.now
         while True:
-            batch = sched.schedule(env.now)
-            if not batch.seqs:
-                if state.arrivals_done:
-                    if sched.has_unfinished():
-                        raise RuntimeError(
-                            f"replica {r}: the scheduler returned an empty batch at t={env.now:.6f}s "
-                            f"with {sched.num_waiting} waiting and {sched.num_running} running "
-                            "requests and no arrivals left: the policy is stuck")
+            self._admit(state.replicas, state, now)
+            if not loop.has_work():
+                if state.arrivals_done and state.next >= len(state.requests):
                     return
                 replica.idle = env.event()
                 yield replica.idle
+                now = max(now, env.now, state.last_arrival)   # simpy's sum may round below it
                 continue
-            features = batch.features()
-            dt = cost.predict(features)
-            start = env.now
-            yield env.timeout(dt)
-            token_ids = [salt[s.seq_id] for s in batch.seqs]
-            finished = sched.update(batch, token_ids, env.now)
-            features.update(start_s=start, duration_s=dt, replica=r, step=replica.num_steps,
-                            kv_usage=batch.kv_blocks_used / num_blocks)
-            steps.append(features)
-            replica.num_steps += 1
-            if finished and progress is not None:
-                progress(len(finished))
+            state.num_iterations += 1
+            if self.event_skipping:
+                skipped, done = skip_decode_turns(replica, state, now)
+                if skipped:
+                    if done and progress is not None:
+                        progress(len(done))
+                    if executor.t > now:
+                        now = executor.t
+                        yield env.timeout(max(0.0, now - env.now))
+                    continue
+            if replay is not None and sched.has_unfinished():
+                i = replay.next_step
+                executor.current = replay.take(now)
+                if executor.current["start_s"] > now:
+                    now = executor.current["start_s"]
+                    yield env.timeout(max(0.0, now - env.now))
+                    self._admit(state.replicas, state, now)
+            else:
+                i = None
+            executor.t = now
+            done = loop.step(now)
+            record = loop.last_record
+            if i is not None:
+                replay.check(i, record)
+                executor.t = record["end_s"] = executor.current["end_s"]   # the host's work after
+                record["duration_s"] = record["end_s"] - now                # the tokens, as recorded
+            if record is not None:
+                record.update(replica=r, step=replica.num_steps,
+                              kv_usage=record["kv_blocks_used"] / num_blocks)
+                record.setdefault("device_s", math.nan)
+                steps.append(record)
+                replica.num_steps += 1
+            if done and progress is not None:
+                progress(len(done))
+            if executor.t > now:
+                now = executor.t
+                yield env.timeout(max(0.0, now - env.now))
 
 
 class _RunState:
@@ -154,4 +271,8 @@ class _RunState:
         self.replica_of: dict = {}
         self.salt: dict = {}             # request_id -> the token id it generates
         self.steps: list[dict] = []
+        self.replicas: list[Replica] = []
+        self.next = 0                    # index of the next request to admit
+        self.last_arrival = 0.0
         self.arrivals_done = False
+        self.num_iterations = 0

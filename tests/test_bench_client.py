@@ -58,7 +58,7 @@ def test_replay_writes_the_run_schema(url, tmp_path):
     assert metrics["total_output_tokens"] == fits.output_len.sum()
     assert metrics["request_goodput"] > 0 and 0 < metrics["mean_tpot_ms"] < math.inf
     table = compare_metrics(run.metrics, json.loads((out / "summary.json").read_text())["metrics"])
-    assert (table.rel_err.dropna() == 0).all()
+    assert (table.error_pct.dropna() == 0).all()
     assert pd.read_parquet(out / "steps.parquet").empty
     analysis_main([str(out), "--out", str(tmp_path / "figures")])          # one run's report
     analysis_main(["--compare", str(out), str(out), "--out", str(tmp_path / "figures")])

@@ -53,7 +53,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), new=st.lists(st.integers(0, 2), min_size=1, max_size=6))
     def grow(self, data, new):
         seq = data.draw(st.sampled_from(self.live))
-        seq.token_ids += new
+        seq.token_ids.extend(new)
         seq.num_tokens = len(seq.token_ids)
         if self.bm.allocate(seq, seq.num_tokens):
             self.compute(seq, seq.num_tokens)

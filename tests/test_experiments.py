@@ -27,6 +27,7 @@ from traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+EXAMPLE_CALIBRATION = "simulator/calibrations/example-qwen3-0.6b-h100-roofline-synthetic.json"
 SMALL = ["logger=none", "progress=false", "trace.num_requests=40"]
 STEP_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_batched_tokens", "num_prefill_tokens",
                 "num_decode_seqs", "num_sampled", "decode_context_tokens",
@@ -103,6 +104,25 @@ def test_sim_replay_writes_consistent_results(tmp_path):
     assert summary["config"]["cache"]["block_size"] == 16
     assert summary["run"]["num_blocks"] > 0
     assert metrics["completed"] == 40
+    # the summary says what produced the numbers and under what load
+    assert summary["backend"].startswith("simulator: roofline cost model, qwen3-0.6b on h100")
+    assert summary["load"]["request_rate"] == cfg.trace.request_rate
+    assert f"poisson arrivals at {cfg.trace.request_rate:g} req/s" in summary["load"]["text"]
+
+
+def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path):
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={EXAMPLE_CALIBRATION}",
+                                "trace=azure_conv", "trace.time_scale=0.5"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert EXAMPLE_CALIBRATION in summary["backend"]
+    assert "(EXAMPLE, not a measurement)" in summary["backend"]
+    assert summary["load"]["arrival"] == "trace" and summary["load"]["time_scale"] == 0.5
+    assert summary["load"]["request_rate"] is None
+
+
+def test_fitted_cost_model_needs_a_named_calibration():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path"):
+        build(compose_config(SMALL + ["cost_model=fitted"]))
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
@@ -127,16 +147,20 @@ def test_prefill_first_and_replicas(tmp_path):
     assert set(requests["replica"]) == {0, 1}
 
 
-def test_replaying_a_runs_step_times_reproduces_it(tmp_path):
-    """The sim-vs-real loop on the simulator alone: fed run A's measured step durations
-    (cost_model=replay, strict), a new run schedules the same steps, so every request's
-    timestamps and every compared metric match."""
-    _, a = replay(tmp_path / "a", ["cost_model=fitted"])
+def test_replaying_a_runs_step_times_reproduces_it(tmp_path, capsys):
+    """The sim-vs-real loop on the simulator alone: fed run A's recorded steps
+    (cost_model=replay, strict), a new run schedules the same steps at the same times, so
+    every request's timestamps and every compared metric match, and the run says so."""
+    _, a = replay(tmp_path / "a", [])
     _, b = replay(tmp_path / "b", ["cost_model=replay",
                                    f"cost_model.path={tmp_path / 'a' / 'steps.parquet'}"])
     pd.testing.assert_frame_equal(a, b)
+    n = len(pd.read_parquet(tmp_path / "a" / "steps.parquet"))
+    assert f"{n}/{n} steps identical, {len(a)}/{len(a)} requests with identical timestamps" in capsys.readouterr().out
+    eq = json.loads((tmp_path / "b" / "summary.json").read_text())["equivalence"]
+    assert eq["steps_identical"] == eq["steps_recorded"] == n and eq["first_differing_request"] is None
     table = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
-    assert len(table) > 20 and (table["rel_err"].fillna(0) == 0).all()
+    assert len(table) > 20 and (table["error_pct"].fillna(0) == 0).all()
 
 
 TRACE_OPTIONS = sorted(p.stem for p in (CONF / "trace").glob("*.yaml"))
@@ -151,7 +175,8 @@ def test_every_trace_option_replays(tmp_path, trace):
     check_run_dir(tmp_path, cfg)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                                               if "MULTIRUN" in p.read_text()))
 def test_experiment_sweeps_name_real_keys(experiment):
     cfg = compose_config([f"experiment={experiment}"], hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -161,6 +186,33 @@ def test_experiment_sweeps_name_real_keys(experiment):
         assert OmegaConf.select(cfg, key) is not None, f"{experiment}: no config key {key}"
         first = str(values).split(",")[0]
         build(compose_config([f"experiment={experiment}", f"{key}={first}"]))
+
+
+SWEEPS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                if "sweeper" in p.read_text())
+OUTCOME = ("request_throughput", "p99_ttft_ms", "p99_tpot_ms", "num_preemptions",
+           "prefix_cache_hit_rate")
+
+
+@pytest.mark.parametrize("experiment", SWEEPS)
+def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
+    """A sweep whose axis changes nothing tells its user nothing (or that the override was
+    ignored). For each axis, its lowest and highest values, the other axes at their first
+    value, must give different headline metrics (on a shortened trace)."""
+    params = compose_config([f"experiment={experiment}"], hydra=True).hydra.sweeper.params
+    axes = {key: str(values).split(",") for key, values in params.items()}
+    base = [f"{key}={values[0]}" for key, values in axes.items()]
+    num = compose_config([f"experiment={experiment}"]).trace.num_requests
+    short = [f"experiment={experiment}", "logger=none", "progress=false",
+             f"trace.num_requests={min(num or 1000, 300)}"]
+    for key, values in axes.items():
+        outcomes = []
+        for value in (values[0], values[-1]):
+            overrides = [o for o in base if not o.startswith(f"{key}=")] + [f"{key}={value}"]
+            run_dir = tmp_path / f"{key}={value}"
+            metrics = run(compose_config(short + overrides), run_dir)
+            outcomes.append(tuple(round(metrics[m], 6) for m in OUTCOME))
+        assert outcomes[0] != outcomes[1], f"{experiment}: {key} {values[0]} vs {values[-1]}"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -177,6 +229,11 @@ def test_experiment_sweeps_name_real_keys(experiment):
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build(compose_config(override.split()))
+
+
+def test_fitted_without_a_calibration_fails_clearly():
+    with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path.*experiments.calibrate"):
+        build(compose_config(["cost_model=fitted"]))
 
 
 def test_bad_types_and_unknown_options_fail_at_compose():
@@ -206,6 +263,9 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serving Benchmark Result" in result.stdout
     assert "Mean TTFT (ms):" in result.stdout
+    assert "backend: simulator: roofline cost model" in result.stdout
+    log = (tmp_path / "run.log").read_text()     # the run's log, through logging
+    assert "Mean TTFT (ms):" in log and "load: sharegpt, poisson arrivals" in log
     check_run_dir(tmp_path, compose_config(SMALL))
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
@@ -214,9 +274,18 @@ def test_run_py_sim_and_wandb_offline(tmp_path):
 
 def test_multirun_sweep_then_analysis(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_py("-m", *SMALL, "trace.num_requests=20", "cache.block_size=16,32",
+    with_progress = [a for a in SMALL if a != "progress=false"]   # jobs must turn it off
+    result = run_py("-m", *with_progress, "trace.num_requests=20", "cache.block_size=16,32",
                     "scheduler.max_num_seqs=32,64", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # one line per job (no interleaved reports or progress bars), then one table
+    assert "Serving Benchmark Result" not in result.stdout and "%|" not in result.stderr
+    assert sorted(re.findall(r"^job (\d) \[", result.stdout, re.M)) == ["0", "1", "2", "3"]
+    table = result.stdout.split("sweep: 4 jobs in")[1].splitlines()[1:6]
+    assert table[0].split()[:4] == ["job", "cache.block_size", "scheduler.max_num_seqs", "status"]
+    assert [row.split()[:4] for row in table[1:]] == [
+        ["0", "16", "32", "ok"], ["1", "16", "64", "ok"], ["2", "32", "32", "ok"],
+        ["3", "32", "64", "ok"]]
     run_dirs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]
     seen = set()
@@ -238,11 +307,35 @@ def test_multirun_sweep_then_analysis(tmp_path):
 
 
 def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
-    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "cache.block_size must be a positive integer, got 0" in result.stderr
+    run_dir = tmp_path / "outputs" / "run"
+    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    # one line, no traceback, and no folder left behind by the failed run
+    assert result.stderr == "error: cache.block_size must be a positive integer, got 0\n"
+    assert not (tmp_path / "outputs").exists()
+    full = subprocess.run([sys.executable, str(REPO / "run.py"), *SMALL, "cache.block_size=0",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                          env=dict(os.environ, TWINSERVE_TRACEBACK="1"), timeout=300)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+    result = run_py(*SMALL, "trace=sharegpt_tokens", "scheduler.max_model_len=512",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "no request left: all 300 rows were dropped" in result.stderr
     result = run_py(*SMALL, "trace=nope", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Could not find 'trace/nope'" in result.stderr
+
+
+def test_failed_sweep_job_is_one_line_and_the_sweep_exits_nonzero(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_py("-m", *SMALL, "trace.num_requests=10", "scheduler.max_num_seqs=8,0",
+                    f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1
+    assert re.search(r"^job 1 \[.*\]: failed: scheduler.max_num_seqs must be a positive "
+                     "integer, got 0$", result.stdout, re.M)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "error: 1 of 2 jobs failed" in result.stderr
+    assert (sweep_dir / "0" / "summary.json").is_file()
+    assert "failed: scheduler.max_num_seqs" in (sweep_dir / "1" / "run.log").read_text()
 
 
 def _cuda_available() -> bool:
@@ -296,36 +389,101 @@ def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
     assert summary["mode"] == "gpu" and summary["run"]["num_blocks"] == 64
 
 
-@pytest.mark.parametrize("policy", ["chunked", "prefill_first"])
-def test_policy_equivalence_engine_then_simulator(tmp_path, policy):
-    """DESIGN's promise: fed the engine's measured step durations, the simulator reproduces
-    the engine's schedule step for step. The engine (on the CPU, tiny model) replays a burst
-    with chunked prefill and a pool small enough to preempt; the simulator then replays the
-    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at the
-    first step whose batch differs. Every request's timestamps then match."""
+@pytest.mark.parametrize("policy,async_scheduling", [("chunked", True), ("prefill_first", True),
+                                                     ("chunked", False), ("prefill_first", False)])
+def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_scheduling, capsys):
+    """DESIGN's promise: fed the engine's recorded steps, the simulator reproduces the
+    engine's schedule step for step and every request's timestamps. The engine (on the
+    CPU, tiny model) replays timed arrivals (Poisson, fast enough to land while steps
+    run) with shared prefixes (prefix-cache hits), chunked prefill and a pool small enough
+    to preempt, with and without asynchronous scheduling; the simulator then replays the
+    same trace with cost_model=replay on the engine's steps.parquet, strict: it raises at
+    the first step formed differently, and reports N/N steps identical."""
     pytest.importorskip("torch")
     checkpoint = pytest.importorskip("engine.checkpoint")
     model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
                                                    tmp_path / "tiny", dtype="float32")
-    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=synthetic",
-              "trace.num_requests=12", "trace.arrival=burst", "trace.length_dist=uniform",
-              "trace.prompt_len_range=[8,60]", "trace.output_len_range=[2,12]",
-              "scheduler.max_model_len=128", "scheduler.max_num_batched_tokens=48",
-              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=40"]
+    common = ["logger=none", "progress=false", f"scheduler={policy}", "trace=shared_prefix",
+              "trace.num_requests=24", "trace.request_rate=400", "trace.length_dist=uniform",
+              "trace.prompt_len_range=[4,40]", "trace.output_len_range=[8,24]",
+              "trace.num_prefixes=2", "trace.prefix_len=16",
+              "scheduler.max_model_len=96", "scheduler.max_num_batched_tokens=48",
+              "scheduler.max_num_seqs=6", "cache.block_size=4", "cache.num_blocks=24",
+              f"engine.async_scheduling={str(async_scheduling).lower()}"]
     real = tmp_path / "real"
     run(compose_config(common + ["mode=gpu", "engine.device=cpu",
                                  f"engine.model_path={model_dir}"]), real)
     steps = pd.read_parquet(real / "steps.parquet")
+    requests = pd.read_parquet(real / "requests.parquet")
+    # what this test is about actually happened on the engine
     assert steps["num_preempted"].sum() > 0, "the pool should force preemption"
-    assert (steps["num_prefill_tokens"] < steps["num_batched_tokens"]).any() or policy == "prefill_first"
+    assert steps["prefix_hit_tokens"].sum() > 0, "shared prefixes should hit the cache"
+    assert (requests["arrival_s"] > steps["start_s"].min()).sum() > len(requests) // 2, \
+        "arrivals should land while the engine runs, not all before it starts"
+    busy = steps["start_s"].to_numpy()
+    assert any(((busy < a) & (a < steps["end_s"].to_numpy())).any() for a in requests["arrival_s"]), \
+        "some request should arrive while a step is being formed or run"
+    if async_scheduling:   # step N+1 formed before step N's tokens were received
+        assert (steps["start_s"].to_numpy()[1:] < steps["tokens_s"].to_numpy()[:-1]).any()
+    else:
+        assert (steps["start_s"].to_numpy()[1:] >= steps["tokens_s"].to_numpy()[:-1]).all()
     sim = tmp_path / "sim"
+    capsys.readouterr()
     run(compose_config(common + ["mode=sim", "cost_model=replay",
                                  f"cost_model.path={real / 'steps.parquet'}"]), sim)
+    n, m = len(steps), len(requests)
+    assert f"{n}/{n} steps identical, {m}/{m} requests with identical timestamps" in capsys.readouterr().out
     sim_steps = pd.read_parquet(sim / "steps.parquet")
-    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
-             "num_preempted", "kv_blocks_used"]
+    shape = ["num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs", "num_sampled",
+             "num_preempted", "prefix_hit_tokens", "kv_blocks_used", "start_s", "launch_s", "tokens_s",
+             "end_s"]
     pd.testing.assert_frame_equal(steps[shape], sim_steps[shape])
-    a = pd.read_parquet(real / "requests.parquet").set_index("request_id").sort_index()
+    a = requests.set_index("request_id").sort_index()
     b = pd.read_parquet(sim / "requests.parquet").set_index("request_id").sort_index()
-    assert (a["num_preemptions"] == b["num_preemptions"]).all()
-    assert (a["output_len"] == b["output_len"]).all()
+    columns = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "num_preemptions",
+               "cached_prompt_tokens", "output_len", "ttft_s", "e2el_s"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+    assert (a["token_times_s"].map(list) == b["token_times_s"].map(list)).all()
+    # a replay under other policy settings is refused before it starts
+    flipped = [o for o in common if not o.startswith("engine.async")] + [
+        f"engine.async_scheduling={str(not async_scheduling).lower()}"]
+    with pytest.raises(ValueError, match="recorded with async scheduling"):
+        run(compose_config(flipped + ["mode=sim", "cost_model=replay",
+                                      f"cost_model.path={real / 'steps.parquet'}"]), tmp_path / "x")
+
+
+def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys):
+    """`experiment=calibrate` on the CPU with a tiny model: the engine's runner is profiled
+    over the grid, the fitted model and the roofline's hardware parameters are written with
+    their provenance, the held-out error per step kind is printed, and the calibration then
+    drives a simulated run."""
+    pytest.importorskip("torch")
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    from experiments.calibrate import main as calibrate_main
+    model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
+                                                   tmp_path / "tiny", dtype="float32")
+    out = tmp_path / "calib.json"
+    calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
+                    "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                    "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
+                    f"calibrate.out={out}"])
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    calib = json.loads(out.read_text())
+    assert calib["device"].startswith("cpu") and calib["model"] == "qwen3-0.6b" and calib["tp"] == 1
+    assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
+    assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
+    assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
+    held = calib["kinds"]["eager"]["held_out"]
+    assert held["n"] > 0 and held["mape"] == pytest.approx(summary["held_out_mape"]["eager"], abs=1e-4)
+    assert "held-out MAPE" in printed and "eager" in printed
+    profile = pd.read_parquet(summary["profile"])
+    assert (profile["device_s"] > 0).all() and set(profile["split"]) == {"train", "held_out"}
+    assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
+    hardware = Path(summary["hardware"])
+    assert hardware.is_file() and "fitted on" in hardware.read_text()
+    run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
+                                "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
+                                "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
+                                "cache.num_blocks=64"]), tmp_path / "sim")
+    assert len(pd.read_parquet(tmp_path / "sim" / "steps.parquet")) > 0

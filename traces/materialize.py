@@ -10,9 +10,12 @@ and the simulator, given the same table and seed, hash identical KV blocks:
 - neither: random tokens keyed on (seed, request_id), so each prompt is its own.
 
 The hash is splitmix64, a counter-based generator: one vectorized numpy pass per prompt
-instead of one seeded RNG per block.
+instead of one seeded RNG per block. Prompts are int64 `array("q")` buffers, copied as
+they are into each `Sequence` and hashed in place by the prefix cache: no Python int is
+made per token on the way.
 """
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,10 +29,11 @@ GOLDEN = 0x9E3779B97F4A7C15
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request to replay: its prompt tokens, arrival and how many tokens to generate."""
+    """One request to replay: its prompt tokens (an int64 `array("q")`), arrival and how
+    many tokens to generate."""
     request_id: str
     arrival_s: float
-    prompt_token_ids: tuple[int, ...] = field(repr=False)
+    prompt_token_ids: array = field(repr=False)
     output_len: int
 
 
@@ -61,6 +65,13 @@ def random_tokens(request_id: str, num_tokens: int, vocab_size: int, seed: int) 
         % np.uint64(vocab_size)
 
 
+def int64_buffer(tokens: np.ndarray) -> array:
+    """Token ids as an int64 `array("q")`, copied from a numpy array in one memcpy."""
+    buffer = array("q")
+    buffer.frombytes(memoryview(np.ascontiguousarray(tokens, dtype=np.int64)).cast("B"))
+    return buffer
+
+
 def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -> list[Request]:
     """One `Request` per row of the canonical table, in row order.
 
@@ -69,7 +80,8 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
     equal hash ids give equal tokens at any block size. Hash ids cover
     `df.attrs["hash_block_size"]` tokens each (512 if unset).
     Raises TraceError for a given token id >= vocab_size or content that does not match
-    prompt_len, naming the row and request."""
+    prompt_len, naming the file and line (a table from `load_trace` keeps both: the
+    `line` column and `df.attrs["source"]`), else the row and request."""
     if not (isinstance(block_size, int) and block_size >= 1):
         raise TraceError(f"block_size must be a positive integer, got {block_size!r}")
     if not (isinstance(vocab_size, int) and vocab_size >= 2):
@@ -83,15 +95,14 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
     hbs = int(df.attrs.get("hash_block_size", DEFAULT_HASH_BLOCK_SIZE))
     given = df["prompt_token_ids"] if "prompt_token_ids" in df.columns else None
     hashed = df["hash_ids"] if "hash_ids" in df.columns else None
-    # Index an array of the vocabulary's int objects: prompts then share those objects
-    # (8 bytes a token, not 36) and no int is created per token.
-    vocab = np.array(range(vocab_size), dtype=object)
-
+    source = df.attrs.get("source")
+    lines = df["line"].tolist() if source and "line" in df.columns else None
     requests = []
     rows = zip(df["request_id"].tolist(), df["arrival_s"].tolist(),
                df["prompt_len"].tolist(), df["output_len"].tolist())
     for i, (request_id, arrival_s, prompt_len, output_len) in enumerate(rows):
-        where = f"row {i} (request_id {request_id!r})"
+        where = (f"{source}, line {lines[i]}" if lines is not None
+                 else f"row {i} (request_id {request_id!r})")
         if prompt_len < 1 or output_len < 1:
             raise TraceError(f"{where}: prompt_len and output_len must be >= 1, got "
                              f"{prompt_len} and {output_len}")
@@ -102,7 +113,8 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
                                  f"{prompt_len}")
             if len(tokens) and (tokens.max() >= vocab_size or tokens.min() < 0):
                 raise TraceError(f"{where}: token id {int(tokens.max())} is outside the "
-                                 f"vocabulary [0, {vocab_size}); use a larger vocab_size")
+                                 f"model's vocabulary [0, {vocab_size}): the ids come from "
+                                 "another tokenizer (pick a model with that vocabulary)")
         elif hashed is not None and hashed.iloc[i] is not None:
             ids = hashed.iloc[i]
             if len(ids) != -(-prompt_len // hbs):
@@ -112,6 +124,6 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
             tokens = hash_block_tokens(ids, prompt_len, hbs, vocab_size, seed)
         else:
             tokens = random_tokens(str(request_id), prompt_len, vocab_size, seed)
-        requests.append(Request(str(request_id), float(arrival_s), tuple(vocab[tokens].tolist()),
+        requests.append(Request(str(request_id), float(arrival_s), int64_buffer(tokens),
                                 int(output_len)))
     return requests

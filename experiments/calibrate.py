@@ -1,0 +1,207 @@
+"""Calibrate the simulator on the engine, in one command:
+
+    python run.py experiment=calibrate model=qwen3-0.6b hardware=h200 [engine.tensor_parallel_size=2 ...]
+
+1. build the engine the config describes (the engine used by mode=gpu, same settings);
+2. profile its ModelRunner over a grid of step shapes (simulator.calibrate.profile_grid:
+   every CUDA-graph size of decode and mixed steps x KV context or cached prefix, eager
+   steps up to the token budget) on dummy sequences: per shape one warm-up run and
+   `calibrate.repeats` timed runs (device time from the runner's CUDA events, host time
+   of its launch and wait), plus the policy's own host time per step (schedule, update,
+   receive on a Scheduler of that many sequences);
+3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
+   efficiencies and overheads (simulator.calibrate), and print the error on held-out
+   shapes per step kind;
+4. write the calibration JSON (device, model, engine commit, command, engine settings),
+   the profile next to it (<name>.profile.parquet: re-fit with `python -m
+   simulator.calibrate`) and the fitted hardware file (<name>.hardware.yaml).
+
+Ends with one JSON line (the files and the held-out errors).
+"""
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from experiments.config import RunConfig, build
+from experiments.replay import build_engine
+from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+from simulator import CudaGraphs, FittedCostModel, ModelSpec
+from simulator.calibrate import (fit_calibration, fit_hardware, print_fit, profile_grid,
+                                 shape_batch, write_hardware)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def engine_commit() -> str | None:
+    """The repository's commit, with "-dirty" when the working tree has changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=REPO, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=REPO, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def engine_graphs(rc: RunConfig, engine) -> CudaGraphs:
+    """The CUDA graphs the engine replays steps from, by the shared rule (none on the CPU,
+    with enforce_eager, or with the torch attention backend)."""
+    runner = engine.model_runner
+    eager = runner.device.type != "cuda" or rc.engine.attention_backend == "torch"
+    limit = 0 if eager else rc.engine.graph_limit
+    return CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens, limit)
+
+
+def policy_host_times(rc: RunConfig, sizes: list[int], repeats: int = 20) -> dict[int, tuple[float, float]]:
+    """Host seconds the policy spends per step with `n` running decodes, for each n in
+    `sizes`: (schedule, update + receive), medians. The same Scheduler code the engine runs."""
+    out = {}
+    for n in sizes:
+        cfg = SchedulerConfig(max_num_seqs=n, max_num_batched_tokens=max(n, 16, rc.cache.block_size),
+                              max_model_len=4096)
+        sched = Scheduler(cfg, CacheConfig(block_size=rc.cache.block_size, enable_prefix_caching=True),
+                          num_blocks=n * (64 // rc.cache.block_size + 2) + 8)
+        for i in range(n):
+            sched.add(Sequence(i, [1 + i], repeats + 2, ignore_eos=True))
+        batch = sched.schedule(0.0)
+        sched.update(batch, [1] * len(batch), 0.0)
+        before, after = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            batch = sched.schedule(0.0)
+            t1 = time.perf_counter()
+            sched.update(batch, None, 0.0)
+            sched.receive(batch, [1] * len(batch), 0.0)
+            t2 = time.perf_counter()
+            before.append(t1 - t0)
+            after.append(t2 - t1)
+        out[n] = (statistics.median(before), statistics.median(after))
+    return out
+
+
+def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=print) -> pd.DataFrame:
+    """Time every grid shape on the engine's runner; one row per shape (medians)."""
+    from engine import SamplingParams
+    runner = engine.model_runner
+    cuda = runner.device.type == "cuda"
+    grid = profile_grid(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
+                        rc.scheduler.max_model_len, graphs)
+    sizes = sorted({len(p["shape"]) for p in grid})
+    policy = policy_host_times(rc, sizes)
+    greedy = SamplingParams(temperature=0.0)
+    rows, started = [], time.perf_counter()
+    for k, point in enumerate(grid):
+        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks)
+        params = [greedy] * len(batch.seqs)
+        device, launch, receive = [], [], []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            launched = runner.launch(batch, params, None)
+            t1 = time.perf_counter()
+            runner.wait(launched)
+            t2 = time.perf_counter()
+            if r == 0:
+                continue        # warm-up: compilation, autotuning, first replay
+            device.append(launched.device_s)
+            # host work of the launch (on the CPU the forward runs inside it) and of the wait
+            launch.append(t1 - t0 - (0.0 if cuda else launched.device_s))
+            receive.append(max(0.0, t2 - t1 - runner.wait_s))
+        schedule_s, update_s = policy[len(batch.seqs)]
+        f = batch.features()
+        kind, padded = graphs.rows(f)
+        rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
+                     "device_s": statistics.median(device),
+                     "device_spread": (max(device) - min(device)) / statistics.median(device),
+                     "host_launch_s": statistics.median(launch) + schedule_s,
+                     "host_receive_s": statistics.median(receive) + update_s})
+        if progress and (k + 1) % 25 == 0:
+            progress(f"profiled {k + 1}/{len(grid)} shapes ({time.perf_counter() - started:.1f} s)")
+    return pd.DataFrame(rows)
+
+
+def device_name(rc: RunConfig) -> str:
+    if rc.engine.device == "cuda":
+        import torch
+        return torch.cuda.get_device_name()
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None) -> dict:
+    """Profile, fit, write (see the module docstring). Returns the summary also printed as
+    the last line."""
+    rc = build(cfg)
+    if rc.mode != "gpu":
+        raise ValueError("calibration profiles the engine: use mode=gpu (experiment=calibrate sets it)")
+    command = "python run.py " + " ".join(overrides if overrides is not None else sys.argv[1:])
+    tp = rc.engine.tensor_parallel_size
+    out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
+               f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    engine = build_engine(rc)
+    try:
+        startup_s = time.perf_counter() - started
+        graphs = engine_graphs(rc, engine)
+        print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
+              f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
+        table = profile(rc, engine, graphs, rc.calibrate.repeats)
+        device = device_name(rc)
+        model = ModelSpec(rc.model_name, engine.model_config)   # what was profiled (model_path's own)
+    finally:
+        engine.close()
+    profile_s = time.perf_counter() - started - startup_s
+    settings = {**dataclasses.asdict(rc.engine), "max_num_seqs": rc.scheduler.max_num_seqs,
+                "max_num_batched_tokens": rc.scheduler.max_num_batched_tokens,
+                "max_model_len": rc.scheduler.max_model_len, "block_size": rc.cache.block_size,
+                "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
+    meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
+            "command": command, "engine": settings, "hardware": rc.hardware.name}
+    calib = fit_calibration(table, meta)
+    calib["profile_s"] = round(profile_s, 1)
+    FittedCostModel(calib, source=str(out))      # loads back
+    out.write_text(json.dumps(calib, indent=2) + "\n")
+    profile_path = out.with_suffix(".profile.parquet")
+    table.to_parquet(profile_path, index=False)
+    summary = {"calibration": str(out), "profile": str(profile_path), "device": device,
+               "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
+               "held_out_mape": {k: round(v["held_out"]["mape"], 4)
+                                 for k, v in calib["kinds"].items() if "held_out" in v}}
+    roofline = None
+    if rc.calibrate.fit_hardware:
+        fitted_hw, roofline = fit_hardware(table, model, rc.hardware, tp, graphs)
+        hw_path = out.with_suffix(".hardware.yaml")
+        write_hardware(fitted_hw, hw_path, f"roofline parameters of {rc.hardware.name} fitted on "
+                       f"{profile_path.name} ({device}, {rc.model_name}, tp={tp}); command: {command}")
+        summary["hardware"] = str(hw_path)
+        summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
+    print_fit(calib, roofline)
+    print(json.dumps(summary))
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "calibration_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv=None) -> None:
+    """`python -m experiments.calibrate <hydra overrides>`: the same as `python run.py
+    experiment=calibrate <overrides>`, without Hydra's output directory."""
+    from hydra import compose, initialize_config_dir
+    from experiments.config import register_configs
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", overrides=["experiment=calibrate"] + overrides)
+    calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
+
+
+if __name__ == "__main__":
+    main()

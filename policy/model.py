@@ -1,0 +1,262 @@
+"""The model description both executors use: the architecture facts of a Hugging Face
+config.json, read as transformers reads it, and refused where the engine cannot honour it.
+
+Torch-free: the engine builds its layers from it (engine.models), the simulator its costs
+(simulator.cost_model.ModelSpec). A key missing from config.json takes the default of that
+architecture's transformers config class (checked against transformers 5.x: LlamaConfig,
+Qwen2Config, Qwen3Config, MistralConfig), never a default of ours: a Qwen3 config without
+head_dim has head_dim 128, a Mistral one without sliding_window slides over 4096 tokens.
+
+One generic decoder covers the supported architectures; what tells them apart is a handful
+of flags (q/k RMSNorm, q/k/v bias, RoPE scaling).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# What sets each architecture apart; a bias of None follows config.json's attention_bias.
+# Qwen2 hard-wires q/k/v biases and never has an o_proj bias; Llama and Qwen3 put
+# `attention_bias` on all four projections; Mistral has no biases; Qwen3 RMS-normalizes
+# each head of q and k before RoPE.
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": dict(qk_norm=True, qkv_bias=None, o_bias=None),
+    "Qwen2ForCausalLM": dict(qk_norm=False, qkv_bias=True, o_bias=False),
+    "LlamaForCausalLM": dict(qk_norm=False, qkv_bias=None, o_bias=None),
+    "MistralForCausalLM": dict(qk_norm=False, qkv_bias=False, o_bias=False),
+}
+# transformers' defaults per architecture for the keys read here (None: derived, see from_hf).
+_QWEN = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
+             use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+             bos_token_id=None, eos_token_id=None)
+HF_DEFAULTS = {
+    "LlamaForCausalLM": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                             head_dim=None, max_position_embeddings=2048, sliding_window=None,
+                             bos_token_id=1, eos_token_id=2),
+    "Qwen2ForCausalLM": dict(_QWEN, head_dim=None),
+    "Qwen3ForCausalLM": dict(_QWEN, head_dim=128),
+    "MistralForCausalLM": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=None, max_position_embeddings=4096 * 32, sliding_window=4096,
+                               bos_token_id=1, eos_token_id=2),
+}
+COMMON_DEFAULTS = dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       attention_bias=False, mlp_bias=False, rope_theta=10000.0)
+ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_REQUIRED = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A decoder-only transformer with RMSNorm, RoPE, GQA attention and a SwiGLU MLP.
+
+    rope_type "default" is plain RoPE; "linear" divides positions by `rope_factor`;
+    "llama3" rescales low frequencies (Llama 3.1) using `rope_factor`, `rope_low_freq_factor`,
+    `rope_high_freq_factor` and `rope_original_max_position`.
+    `sliding_window` is the effective window (None = dense attention in every layer).
+    `dtype`: the checkpoint's (config.json's dtype / torch_dtype; float32 when absent, as
+    transformers loads it).
+    """
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    sliding_window: int | None = None
+    dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _require(self.architecture in ARCHITECTURES,
+                 f"unsupported architecture {self.architecture!r}; supported: "
+                 f"{', '.join(ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1,
+                     f"model config {name} must be a positive integer, got {value!r}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                 f"num_key_value_heads ({self.num_key_value_heads})")
+        _require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        _require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _require(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _require(self.rope_type in ROPE_TYPES,
+                 f"unsupported rope_scaling type {self.rope_type!r}; supported: {ROPE_TYPES}")
+        _require(self.rope_factor > 0, f"rope_scaling factor must be > 0, got {self.rope_factor}")
+        if self.rope_type == "llama3":
+            _require(self.rope_high_freq_factor > self.rope_low_freq_factor,
+                     "llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+                     f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
+        _require(self.dtype in DTYPE_BYTES, f"unsupported dtype {self.dtype!r}; supported: "
+                 f"{', '.join(DTYPE_BYTES)}")
+
+    # ---- sizes ---------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one layer's linear layers (QKV, O, gate/up/down)."""
+        h = self.hidden_size
+        return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * self.intermediate_size
+
+    @property
+    def num_params(self) -> int:
+        """All parameters (tied embeddings counted once), as transformers counts them."""
+        h = self.hidden_size
+        per_layer = self.layer_matmul_params + 2 * h
+        if self.qkv_bias:
+            per_layer += self.q_size + 2 * self.kv_size
+        if self.o_bias:
+            per_layer += h
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embeddings + h
+
+    def num_kv_heads_per_rank(self, tp_size: int = 1) -> int:
+        """KV heads each tensor-parallel rank holds (and caches). With fewer KV heads than
+        ranks, each KV head is replicated on tp_size / num_key_value_heads ranks."""
+        return max(1, self.num_key_value_heads // tp_size)
+
+    def check_tp(self, tp_size: int) -> None:
+        """Raise ValueError if the model cannot be split over `tp_size` ranks."""
+        _require(isinstance(tp_size, int) and tp_size >= 1,
+                 f"tensor_parallel_size must be a positive integer, got {tp_size!r}")
+        for name in ("num_attention_heads", "intermediate_size", "vocab_size"):
+            value = getattr(self, name)
+            _require(value % tp_size == 0,
+                     f"{name} ({value}) must be divisible by tensor_parallel_size ({tp_size})")
+        kv = self.num_key_value_heads
+        _require(kv % tp_size == 0 or tp_size % kv == 0,
+                 f"num_key_value_heads ({kv}) and tensor_parallel_size ({tp_size}) must "
+                 "divide one another")
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int | None = None, tp_size: int = 1) -> int:
+        """K and V bytes one token occupies on one rank, all layers."""
+        return (2 * self.num_hidden_layers * self.num_kv_heads_per_rank(tp_size) * self.head_dim
+                * (self.dtype_bytes if dtype_bytes is None else dtype_bytes))
+
+    # ---- reading config.json ---------------------------------------------------------
+    @classmethod
+    def from_hf(cls, config: dict) -> "ModelConfig":
+        """Read a Hugging Face config.json dict (transformers v4 keys `rope_theta` /
+        `rope_scaling` / `torch_dtype`, or v5 keys `rope_parameters` / `dtype`); a missing
+        key takes the architecture's transformers default. Raises ValueError for what the
+        engine cannot run (other architectures, activations, biases, RoPE variants,
+        mixture of experts, quantization)."""
+        archs = config.get("architectures") or []
+        _require(len(archs) == 1, f"config.json must name one architecture, got {archs!r}")
+        arch = archs[0]
+        _require(arch in ARCHITECTURES, f"unsupported architecture {arch!r}; supported: "
+                 f"{', '.join(ARCHITECTURES)}")
+        d = {**COMMON_DEFAULTS, **HF_DEFAULTS[arch], **config}
+        _require(d["hidden_act"] == "silu", f"only hidden_act 'silu' is supported, got {d['hidden_act']!r}")
+        _require(not d["mlp_bias"], "mlp_bias=true is not supported")
+        _require(not (config.get("num_experts") or config.get("num_local_experts")),
+                 "mixture-of-experts models are not supported")
+        _require("quantization_config" not in config, "quantized checkpoints are not supported")
+        _require(float(config.get("partial_rotary_factor", 1.0)) == 1.0,
+                 "partial_rotary_factor != 1 is not supported")
+        flags = ARCHITECTURES[arch]
+        heads = d["num_attention_heads"]
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        missing = [k for k in ROPE_REQUIRED.get(rope_type, ()) if k not in rope]
+        _require(not missing, f"rope_scaling of type {rope_type!r} lacks {missing}")
+        attention_bias = bool(d["attention_bias"])
+        eos = d["eos_token_id"]
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d["num_key_value_heads"] or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d["rms_norm_eps"]),
+            rope_theta=float(config.get("rope_theta", rope.get("rope_theta", d["rope_theta"]))),
+            max_position_embeddings=d["max_position_embeddings"],
+            tie_word_embeddings=bool(d["tie_word_embeddings"]),
+            qk_norm=flags["qk_norm"],
+            qkv_bias=attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"],
+            o_bias=attention_bias if flags["o_bias"] is None else flags["o_bias"],
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+            sliding_window=_sliding_window(arch, d),
+            dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+            bos_token_id=d["bos_token_id"],
+            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Read `path/config.json`."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        try:
+            return cls.from_hf(json.loads(file.read_text()))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+
+
+def _sliding_window(arch: str, d: dict) -> int | None:
+    """The window of the layers that slide, or None when every layer is dense: Qwen2/3
+    switch it on with use_sliding_window for layers >= max_window_layers (or as layer_types
+    says); Mistral slides in every layer whenever sliding_window is set."""
+    window = d.get("sliding_window")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window"):
+        window = None
+    if window is None:
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is None and arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        layer_types = ["sliding_attention" if i >= d["max_window_layers"] else "full_attention"
+                       for i in range(d["num_hidden_layers"])]
+    if layer_types is not None:
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        _require(not unknown, f"unsupported layer_types {sorted(unknown)}")
+        if "sliding_attention" not in layer_types:
+            return None
+    return int(window)
