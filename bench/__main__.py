@@ -20,13 +20,14 @@ from tqdm import tqdm
 from analysis.metrics import compute_metrics, format_report
 from bench.client import Target, replay, request_table, server_model, warm_up
 from experiments import results
+from policy import Batch
 from traces import TraceConfig, TraceError, load_trace, materialize
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "trace"
 SLO_KEYS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms"}
-# steps.parquet stays empty (a client sees no steps) but has the columns readers group by
-STEP_COLUMNS = ("start_s", "duration_s", "replica", "step", "num_seqs", "num_batched_tokens",
-                "kv_blocks_used", "kv_usage")
+# steps.parquet stays empty (a client sees no steps) but has the step log's columns
+STEP_COLUMNS = (*Batch().record(0.0, 0.0), "launch_s", "tokens_s", "end_s", "device_s",
+                "replica", "step", "kv_usage")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

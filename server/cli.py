@@ -8,8 +8,7 @@
 import argparse
 import sys
 
-ENGINE_ONLY = ("dtype", "device", "enforce_eager", "compile", "async_scheduling",
-               "attention_backend", "seed")
+ENGINE_ONLY = ("dtype", "device", "attention_backend", "seed")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
 RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
@@ -60,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sim: the calibration JSON of --cost-model fitted "
                         "(python -m simulator.calibrate writes one)")
 
-    e = p.add_argument_group("engine and policy (defaults: engine.EngineConfig's)")
+    e = p.add_argument_group("engine and policy (defaults: engine.EngineConfig's; the twin "
+                             "takes all but --dtype, --device, --attention-backend, --seed)")
     e.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: config.json's)")
     e.add_argument("--device", help="auto | cuda | cpu (default auto)")
     e.add_argument("--gpu-memory-utilization", type=float,
@@ -80,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of identical prompt prefixes (default on)")
     e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="no CUDA graphs (default off)")
-    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the elementwise layers on CUDA (default on)")
+                   help="no CUDA graphs (default off; the twin pads steps as the engine would)")
+    e.add_argument("--cuda-graph-max-tokens", type=int,
+                   help="largest step (tokens) replayed from a CUDA graph; larger ones run "
+                        "eagerly (default 8192)")
     e.add_argument("-tp", "--tensor-parallel-size", type=int,
                    help="GPUs the model is split over (default 1)")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while step N runs (default: on without tensor "
-                        "parallelism)")
+                   help="form step N+1 while step N runs (default on; the twin follows)")
     e.add_argument("--attention-backend", help="auto | torch | triton | flashinfer (default auto)")
     e.add_argument("--seed", type=int, help="the engine's sampling stream (default 0)")
     return p
