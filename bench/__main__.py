@@ -20,10 +20,14 @@ from tqdm import tqdm
 from analysis.metrics import compute_metrics, format_report
 from bench.client import Target, replay, request_table, server_model, warm_up
 from experiments import results
+from policy import Batch
 from traces import TraceConfig, TraceError, load_trace, materialize
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "trace"
 SLO_KEYS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms"}
+# steps.parquet stays empty (a client sees no steps) but has the step log's columns
+STEP_COLUMNS = (*Batch().record(0.0, 0.0), "launch_s", "tokens_s", "end_s", "device_s",
+                "replica", "step", "kv_usage")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +128,8 @@ def main(argv=None) -> dict:
         "num_warmups": args.num_warmups}, "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
                "mode": "http", "run": {"num_requests": len(table), "wall_s": duration}}
-    results.write(args.out, table, pd.DataFrame(), summary)
+    no_steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})   # the server's
+    results.write(args.out, table, no_steps, summary)
     print(format_report(metrics))
     errors = table["error"].dropna()
     if len(errors):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from analysis.runs import load_run
 
-KINDS = ("offline", "http", "sim", "simoff")   # gpu in-process, gpu over HTTP, twin over HTTP, twin offline
+# gpu offline, gpu over HTTP (engine process), the same with the engine in the server's
+# process, twin over HTTP, twin offline
+KINDS = ("offline", "http", "http_inproc", "sim", "simoff")
 STATS = ("mean", "median", "p99")
 
 
@@ -25,9 +27,9 @@ def metrics(root: Path, kind: str, rate: str) -> dict | None:
 
 def main(root: str) -> dict:
     root = Path(root)
-    rates = sorted({p.name.split("_", 1)[1] for kind in KINDS for p in root.glob(f"{kind}_*")},
+    rates = sorted({p.name.rsplit("_", 1)[1] for kind in KINDS for p in root.glob(f"{kind}_*")},
                    key=float)
-    head = (f"{'rate':>5} {'run':>8} {'done':>5} {'tok/s':>8} " +
+    head = (f"{'rate':>5} {'run':>11} {'done':>5} {'tok/s':>8} " +
             " ".join(f"{s + ' ttft':>11}" for s in STATS) + " " +
             " ".join(f"{s + ' tpot':>11}" for s in STATS))
     print(head)
@@ -37,13 +39,21 @@ def main(root: str) -> dict:
         for kind, m in runs.items():
             if m is None:
                 continue
-            print(f"{rate:>5} {kind:>8} {m['completed']:>5} {m['output_throughput']:>8.0f} " +
+            print(f"{rate:>5} {kind:>11} {m['completed']:>5} {m['output_throughput']:>8.0f} " +
                   " ".join(f"{m[f'{s}_ttft_ms']:>11.2f}" for s in STATS) + " " +
                   " ".join(f"{m[f'{s}_tpot_ms']:>11.3f}" for s in STATS))
         row = {k: {key: m[key] for key in ("completed", "failed", "output_throughput",
                                             *(f"{s}_{x}_ms" for s in STATS for x in ("ttft", "tpot")))}
                for k, m in runs.items() if m is not None}
         off, http, sim = runs["offline"], runs["http"], runs["sim"]
+        inproc = runs["http_inproc"]
+        if off and inproc:
+            row["http_inproc_cost"] = {
+                "mean_ttft_added_ms": inproc["mean_ttft_ms"] - off["mean_ttft_ms"],
+                "mean_tpot_added_pct": 100 * (inproc["mean_tpot_ms"] / off["mean_tpot_ms"] - 1)}
+            print(f"{rate:>5} {'inproc':>11}  TTFT +{row['http_inproc_cost']['mean_ttft_added_ms']:.2f} ms "
+                  f"mean; TPOT {row['http_inproc_cost']['mean_tpot_added_pct']:+.2f} % mean (engine "
+                  "in the server's process)")
         if off and http:
             row["http_cost"] = {
                 **{f"{s}_ttft_added_ms": http[f"{s}_ttft_ms"] - off[f"{s}_ttft_ms"] for s in STATS},
@@ -52,7 +62,7 @@ def main(root: str) -> dict:
             cost = row["http_cost"]
             row["http_within_target"] = (max(cost["mean_ttft_added_ms"], cost["median_ttft_added_ms"]) <= 10
                                          and max(cost["mean_tpot_added_pct"], cost["median_tpot_added_pct"]) <= 5)
-            print(f"{rate:>5} {'http-off':>8}  TTFT +{cost['mean_ttft_added_ms']:.2f} ms mean, "
+            print(f"{rate:>5} {'http-off':>11}  TTFT +{cost['mean_ttft_added_ms']:.2f} ms mean, "
                   f"+{cost['median_ttft_added_ms']:.2f} ms median; TPOT {cost['mean_tpot_added_pct']:+.2f} % mean, "
                   f"{cost['median_tpot_added_pct']:+.2f} % median -> "
                   f"{'within' if row['http_within_target'] else 'OUTSIDE'} target (<= 10 ms, <= 5 %)")
@@ -60,8 +70,16 @@ def main(root: str) -> dict:
             row["twin_vs_http_rel_err"] = {f"{s}_{x}": sim[f"{s}_{x}_ms"] / http[f"{s}_{x}_ms"] - 1
                                            for s in ("mean", "median") for x in ("ttft", "tpot")}
             err = row["twin_vs_http_rel_err"]
-            print(f"{rate:>5} {'sim-http':>8}  TTFT {100 * err['mean_ttft']:+.1f} % mean, TPOT "
+            print(f"{rate:>5} {'sim-http':>11}  TTFT {100 * err['mean_ttft']:+.1f} % mean, TPOT "
                   f"{100 * err['mean_tpot']:+.1f} % mean (twin over HTTP vs engine over HTTP)")
+        simoff = runs["simoff"]
+        if sim and simoff:
+            row["twin_http_vs_offline"] = {
+                "mean_ttft_added_ms": sim["mean_ttft_ms"] - simoff["mean_ttft_ms"],
+                "mean_tpot_added_pct": 100 * (sim["mean_tpot_ms"] / simoff["mean_tpot_ms"] - 1)}
+            d = row["twin_http_vs_offline"]
+            print(f"{rate:>5} {'sim-off':>11}  TTFT +{d['mean_ttft_added_ms']:.2f} ms mean; TPOT "
+                  f"{d['mean_tpot_added_pct']:+.2f} % mean (the twin over HTTP vs offline: pacing)")
         report["rates"][rate] = row
     print(json.dumps(report))
     return report

@@ -3,7 +3,8 @@
 # the HTTP layer and the twin over HTTP. The same ShareGPT trace (NREQ requests, Poisson at
 # each of RATES req/s, qwen3-0.6b random weights, bf16, defaults of the engine) runs
 #   offline  python run.py mode=gpu                        (the engine in-process, wall clock)
-#   http     python -m server + python -m bench            (the same engine behind HTTP)
+#   http     python -m server + python -m bench            (the same engine behind HTTP, in
+#            its own process; stage http_inproc: --engine-in-process, not run by default)
 #   sim      python -m server --backend sim + python -m bench (the twin: h200 roofline, paced)
 #   simoff   python run.py mode=sim                        (the twin offline, for reference)
 # then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
@@ -32,15 +33,20 @@ serve() {   # start a server in the background; wait for /health
     python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && return 0
     kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server.log; return 1; }; sleep 0.5
   done; return 1; }
-stop() { kill $SERVER; wait $SERVER 2>/dev/null; }
+stop() {    # stop the server; wait until it and its engine process hold no GPU memory
+  kill $SERVER; for i in $(seq 60); do kill -0 $SERVER 2>/dev/null || break; sleep 0.5; done
+  kill -9 $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+  for i in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break; sleep 0.5; done; }
 for stage in ${STAGES:-http offline sim}; do
   if [ $SECONDS -gt ${BUDGET:-250} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-250})"; continue; fi
   start=$(date +%s); echo "== $stage"; case $stage in
   offline) for r in $RATES; do
              timeout 200 python3 run.py mode=gpu $RUN engine.model_path=$CK trace.request_rate=$r \
                hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;
-  http)    serve --model $CK --served-model-name qwen3-0.6b && for r in $RATES; do
-             timeout 200 $BENCH --request-rate $r --out $RUNS/http_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+  http|http_inproc)
+           flag=""; [ $stage = http_inproc ] && flag=--engine-in-process
+           serve --model $CK --served-model-name qwen3-0.6b $flag && for r in $RATES; do
+             timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
            done; stop ;;
   sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
            serve --backend sim --model qwen3-0.6b --hardware h200 && for r in $RATES; do

@@ -8,7 +8,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from server.backend import Backend, Finished, GenerationParams
+from server.backend import Backend, BackendDead, Finished, GenerationParams
 from server.metrics import ServerMetrics
 
 
@@ -73,9 +73,12 @@ class AsyncEngine:
             self.streams[request_id] = Stream(queue, index, stream)
         try:
             await self.call(self._add, ids, prompts, params)
-        except ValueError as e:
+        except (ValueError, BackendDead) as e:
             for request_id in ids:
                 self.streams.pop(request_id, None)
+            if isinstance(e, BackendDead):
+                self.error = e
+                raise ApiError(f"the engine failed: {e}", 500) from None
             raise ApiError(str(e)) from None
         self.wakeup.set()
         return ids
@@ -100,14 +103,18 @@ class AsyncEngine:
             self.thread.submit(self._abort, request_ids)
 
     def _abort(self, request_ids) -> None:
-        for request_id in request_ids:
-            self.backend.abort(request_id)
-        self.metrics.after_step(self.backend.scheduler)
+        try:
+            for request_id in request_ids:
+                self.backend.abort(request_id)
+        except BackendDead as e:      # the next add or step reports it
+            self.error = e
+            return
+        self.metrics.after_step(self.backend.stats())
 
     def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
         """On the engine thread: one step, then the new tokens of every streamed request."""
         finished = self.backend.step()
-        self.metrics.after_step(self.backend.scheduler)
+        self.metrics.after_step(self.backend.stats())
         for f in finished:
             self.metrics.finished(f)
         fresh = {}

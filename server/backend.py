@@ -1,15 +1,19 @@
 """What the HTTP server drives: a `Backend` runs requests through the policy layer, one
 `step()` at a time, on the server's engine thread.
 
-Two backends: `EngineBackend` (the real engine, `engine.LLMEngine`) and `server.sim.SimBackend`
-(the policy with the simulator's cost model standing in for the GPU, paced in real time).
-Both expose their `policy.Scheduler`, which is what /metrics reads.
+Backends: `EngineBackend` (the real engine, `engine.LLMEngine`), `server.sim.SimBackend`
+(the policy with the simulator's cost model standing in for the GPU, paced in real time),
+and `server.process.BackendProcess`, either of them in a process of its own (the server's
+default). /metrics reads `Backend.stats()`.
 """
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from policy import Scheduler
+
+
+class BackendDead(RuntimeError):
+    """The backend can serve no more requests (its engine process died, say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +66,6 @@ class Backend(ABC):
     name: str               # the model (directory or conf name) the backend runs
     vocab_size: int
     max_model_len: int
-    scheduler: Scheduler
     has_tokenizer: bool     # text prompts and decoded text available
     has_chat_template: bool
     max_token_bytes: int    # UTF-8 bytes of the longest token: bounds a prompt's length
@@ -99,32 +102,43 @@ class Backend(ABC):
     @abstractmethod
     def has_unfinished(self) -> bool: ...
 
+    def stats(self) -> dict:
+        """The policy's state for /metrics: running, waiting, kv_usage, and the running
+        totals preemptions, prefix_queries, prefix_hits (tokens). Here: from
+        `self.scheduler`, the policy.Scheduler of an in-process backend."""
+        s, bm = self.scheduler, self.scheduler.block_manager
+        return {"running": s.num_running, "waiting": s.num_waiting, "kv_usage": bm.usage,
+                "preemptions": s.num_preemptions, "prefix_queries": bm.queries,
+                "prefix_hits": bm.hits}
+
     def close(self) -> None:
         """Release devices and worker processes."""
 
 
-class EngineBackend(Backend):
-    """The real engine. `EngineBackend(model_path, **EngineConfig fields)`."""
+class HFText:
+    """Prompts and text through a Hugging Face tokenizer, or none (token-id prompts only,
+    no text): the text half of a Backend that runs a real model (a base class of
+    EngineBackend; on its own, the server side of an engine in another process)."""
 
-    MAX_STEP_RECORDS = 100_000   # steps of the engine's log a long-running server keeps
-
-    def __init__(self, model: str, **engine_kwargs):
-        from engine import LLMEngine, SamplingParams
-        self.sampling_params = SamplingParams
-        self.engine = engine = LLMEngine(model, **engine_kwargs)
-        self.name = model
-        self.vocab_size = engine.model_config.vocab_size
-        self.max_model_len = engine.config.max_model_len
-        self.scheduler = engine.scheduler
-        self.tokenizer = engine.tokenizer
-        self.has_tokenizer = self.tokenizer is not None
-        self.has_chat_template = getattr(self.tokenizer, "chat_template", None) is not None
+    def __init__(self, name: str, tokenizer, vocab_size: int):
+        self.name, self.tokenizer, self.vocab_size = name, tokenizer, vocab_size
+        self.has_tokenizer = tokenizer is not None
+        self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         # bytes of the longest token (4 per character at most): bounds a prompt's length
-        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
         self.max_token_bytes = 4 * max((len(t) for t in vocab), default=16)
 
     def tokenize(self, prompt):
-        return self.engine.tokenize(prompt)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"a text prompt needs a tokenizer, and {self.name} has none; "
+                                 "send token ids")
+            return self.tokenizer.encode(prompt)
+        token_ids = [int(t) for t in prompt]
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return token_ids
 
     def chat_tokens(self, messages):
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -134,6 +148,21 @@ class EngineBackend(Backend):
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class EngineBackend(HFText, Backend):
+    """The real engine, in this process. `EngineBackend(model_path, **EngineConfig fields)`.
+    (`server.process.engine_process` runs it in a process of its own.)"""
+
+    MAX_STEP_RECORDS = 100_000   # steps of the engine's log a long-running server keeps
+
+    def __init__(self, model: str, **engine_kwargs):
+        from engine import LLMEngine, SamplingParams
+        self.sampling_params = SamplingParams
+        self.engine = engine = LLMEngine(model, **engine_kwargs)
+        self.max_model_len = engine.config.max_model_len
+        self.scheduler = engine.scheduler
+        HFText.__init__(self, model, engine.tokenizer, engine.model_config.vocab_size)
 
     def add(self, request_id, token_ids, params):
         sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,

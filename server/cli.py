@@ -8,8 +8,7 @@
 import argparse
 import sys
 
-ENGINE_ONLY = ("dtype", "device", "enforce_eager", "compile", "async_scheduling",
-               "attention_backend", "seed")
+ENGINE_ONLY = ("dtype", "device", "attention_backend", "seed")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
 RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
@@ -47,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", choices=["engine", "sim"], default="engine",
                    help="engine: run the model; sim: the policy with the cost model's step times, "
                         "paced in real time, placeholder text (default engine)")
+    m.add_argument("--engine-in-process", action="store_true",
+                   help="step the engine (or the twin) in the server's process (default: a "
+                        "process of its own, as vLLM's engine core, so HTTP work never delays "
+                        "a step)")
     m.add_argument("--hardware", help="sim: a conf/hardware name (e.g. h200) or .yaml file")
     m.add_argument("--cost-model", choices=["roofline", "fitted"],
                    help="sim: how step times are predicted: roofline (from the hardware's peak "
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sim: the calibration JSON of --cost-model fitted "
                         "(python -m simulator.calibrate writes one)")
 
-    e = p.add_argument_group("engine and policy (defaults: engine.EngineConfig's)")
+    e = p.add_argument_group("engine and policy (defaults: engine.EngineConfig's; the twin "
+                             "takes all but --dtype, --device, --attention-backend, --seed)")
     e.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: config.json's)")
     e.add_argument("--device", help="auto | cuda | cpu (default auto)")
     e.add_argument("--gpu-memory-utilization", type=float,
@@ -76,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of identical prompt prefixes (default on)")
     e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="no CUDA graphs (default off)")
-    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the elementwise layers on CUDA (default on)")
+                   help="no CUDA graphs (default off; the twin pads steps as the engine would)")
+    e.add_argument("--cuda-graph-max-tokens", type=int,
+                   help="largest step (tokens) replayed from a CUDA graph; larger ones run "
+                        "eagerly (default 8192)")
     e.add_argument("-tp", "--tensor-parallel-size", type=int,
                    help="GPUs the model is split over (default 1)")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while step N runs (default: on without tensor "
-                        "parallelism)")
+                   help="form step N+1 while step N runs (default on; the twin follows)")
     e.add_argument("--attention-backend", help="auto | torch | triton | flashinfer (default auto)")
     e.add_argument("--seed", type=int, help="the engine's sampling stream (default 0)")
     return p
@@ -114,18 +118,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 SERVER_ARGS = ("host", "port", "api_key", "served_model_name", "max_queued_requests",
                "max_request_bytes", "uvicorn_log_level", "disable_uvicorn_access_log", "backend",
-               "model")
+               "model", "engine_in_process")
 
 
 def make_backend(args: argparse.Namespace):
     """The backend the options describe (loads the model, or the twin's cost model)."""
     kwargs = {RENAMED.get(k, k): v for k, v in vars(args).items()
               if v is not None and k not in SERVER_ARGS}
-    if args.backend == "sim":
+    if args.backend == "sim" and args.engine_in_process:
         from server.sim import SimBackend
         return SimBackend(args.model, **kwargs)
-    from server.backend import EngineBackend
-    return EngineBackend(args.model, **kwargs)
+    if args.engine_in_process:
+        from server.backend import EngineBackend
+        return EngineBackend(args.model, **kwargs)
+    from server.process import engine_process, sim_process
+    if args.backend == "sim":
+        hardware = kwargs.pop("hardware")
+        return sim_process(args.model, hardware, **kwargs)
+    return engine_process(args.model, **kwargs)
 
 
 def main(argv=None) -> None:

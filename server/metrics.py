@@ -9,7 +9,6 @@ request finishes (an aborted request counts in none of them). Every series carri
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from policy import Scheduler
 from server.backend import Finished
 
 # vLLM's bucket boundaries (seconds).
@@ -59,17 +58,16 @@ class ServerMetrics:
                              "Histogram of e2e request latency in seconds.", REQUEST_BUCKETS)
         self.queue = histogram("vllm:request_queue_time_seconds",
                                "Histogram of time spent in WAITING phase for request.", REQUEST_BUCKETS)
-        self.seen = {"preemptions": 0, "queries": 0, "hits": 0}
+        self.seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
 
-    def after_step(self, scheduler: Scheduler) -> None:
-        """Read the policy's state (on the engine thread, after a step)."""
-        bm = scheduler.block_manager
-        self.running.set(scheduler.num_running)
-        self.waiting.set(scheduler.num_waiting)
-        self.kv_usage.set(bm.usage)
-        for key, now, counter in (("preemptions", scheduler.num_preemptions, self.preemptions),
-                                  ("queries", bm.queries, self.prefix_queries),
-                                  ("hits", bm.hits, self.prefix_hits)):
+    def after_step(self, stats: dict) -> None:
+        """The policy's state after a step (`Backend.stats()`)."""
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        for key, counter in (("preemptions", self.preemptions),
+                             ("prefix_queries", self.prefix_queries), ("prefix_hits", self.prefix_hits)):
+            now = stats[key]
             if now > self.seen[key]:
                 counter.inc(now - self.seen[key])
             self.seen[key] = now

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+from policy.sequence import PLACEHOLDER
+from policy.step_loop import StepLoop
 from server.backend import Backend, Finished, GenerationParams
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -33,55 +35,40 @@ def read_conf(group: str, name: str) -> dict:
     return data
 
 
-def step_time_model(model_name: str, hf_config: dict, hardware: dict, cost_model: str,
-                    calibration: str | None, tp: int, block_size: int,
-                    gpu_memory_utilization: float):
-    """(seconds of one step as a function of the Batch, KV blocks the GPU would hold): the
-    server's only use of the simulator package."""
-    from simulator import CostModelConfig, HardwareSpec, ModelSpec, build_cost_model, kv_pool_blocks
+def twin_executor(model_name: str, hf_config: dict, hardware: dict, cost_model: str,
+                  calibration: str | None, tp: int, block_size: int, gpu_memory_utilization: float,
+                  max_num_seqs: int, max_num_batched_tokens: int, graph_limit: int, salt: dict):
+    """The simulator's executor for this model, GPU and cost model (host costs, a device
+    running one step after another), and the KV blocks that GPU would hold: the server's
+    only use of the simulator package."""
+    from simulator import (CostModelConfig, CudaGraphs, HardwareSpec, ModelSpec,
+                           build_cost_model, kv_pool_blocks)
+    from simulator.sim import SimExecutor
     spec = ModelSpec.from_hf_config(hf_config, name=model_name)
     hw = HardwareSpec(**hardware)
-    cost = build_cost_model(CostModelConfig(kind=cost_model, path=calibration), spec, hw, tp=tp)
+    graphs = CudaGraphs.for_engine(max_num_seqs, max_num_batched_tokens, graph_limit)
+    cost = build_cost_model(CostModelConfig(kind=cost_model, path=calibration), spec, hw,
+                            tp=tp, graphs=graphs)
     cost.reset()
     num_blocks = kv_pool_blocks(spec, hw, block_size, gpu_memory_utilization, tp=tp)
-    return (lambda batch: cost.predict(batch.features())), num_blocks
+    return SimExecutor(cost, salt), num_blocks
 
 
-class SimBackend(Backend):
-    """`SimBackend("qwen3-0.6b", "h200")`: conf/model and conf/hardware names (or .yaml
-    paths); the policy fields as in engine.EngineConfig."""
+class ByteText:
+    """The simulated backend's stand-in for a tokenizer: text is one token per 4 UTF-8
+    bytes (the same text, the same ids), output text is PLACEHOLDER_TEXT per token."""
+    has_tokenizer = has_chat_template = True
+    max_token_bytes = BYTES_PER_TOKEN
 
-    def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
-                 calibration: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
-                 max_model_len: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 scheduler_policy: str = "chunked", long_prefill_token_threshold: int = 0,
-                 enable_prefix_caching: bool = True):
-        model_conf = read_conf("model", model)
-        hf_config = model_conf.get("hf_config")
-        if not isinstance(hf_config, dict) or "vocab_size" not in hf_config:
-            raise ValueError(f"model {model!r}: its conf needs an hf_config with vocab_size")
-        self.name = model_conf.get("name", model)
-        self.step_time, pool_blocks = step_time_model(
-            self.name, hf_config, read_conf("hardware", hardware), cost_model, calibration,
-            tensor_parallel_size, block_size, gpu_memory_utilization)
-        self.vocab_size = hf_config["vocab_size"]
-        self.max_model_len = max_model_len or min(8192, hf_config.get("max_position_embeddings", 8192))
-        scheduler_config = SchedulerConfig(
-            policy=scheduler_policy, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-            long_prefill_token_threshold=long_prefill_token_threshold)
-        cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks)
-        self.has_tokenizer = self.has_chat_template = True   # the byte-piece stand-in
-        self.max_token_bytes = BYTES_PER_TOKEN
-        self.sequences: dict[str, Sequence] = {}
-        self.token_of: dict[str, int] = {}
-        self.clock = time.perf_counter
-        self.busy_until: float | None = None   # when the simulated GPU ends its last step
+    def __init__(self, name: str, vocab_size: int):
+        self.name, self.vocab_size = name, vocab_size
 
-    # ---- prompts (any thread) ----------------------------------------------------------
+    @classmethod
+    def of(cls, model: str) -> "ByteText":
+        """The text half of SimBackend(model, ...), without building the backend."""
+        conf = read_conf("model", model)
+        return cls(conf.get("name", model), model_hf_config(conf, model)["vocab_size"])
+
     def tokenize(self, prompt):
         if isinstance(prompt, str):
             data = prompt.encode("utf-8")
@@ -100,57 +87,110 @@ class SimBackend(Backend):
     def decode(self, token_ids):
         return PLACEHOLDER_TEXT * len(token_ids)
 
+
+def model_hf_config(conf: dict, model: str) -> dict:
+    hf_config = conf.get("hf_config")
+    if not isinstance(hf_config, dict) or "vocab_size" not in hf_config:
+        raise ValueError(f"model {model!r}: its conf needs an hf_config with vocab_size")
+    return hf_config
+
+
+class SimBackend(ByteText, Backend):
+    """`SimBackend("qwen3-0.6b", "h200")`: conf/model and conf/hardware names (or .yaml
+    paths); the policy and engine fields as in engine.EngineConfig (async scheduling and
+    CUDA-graph sizes as the engine's, which the twin follows).
+
+    It runs the twin's own step loop (policy.StepLoop with simulator.sim.SimExecutor: host
+    costs, a device running one step after another) on a timeline anchored to the wall
+    clock: after each turn it sleeps until the twin's clock says the turn ended, so tokens
+    come when the simulated GPU would make them. Steps follow one another on that timeline
+    (a host that falls behind catches up rather than adding its lateness to every step);
+    the timeline restarts at the wall clock when the backend goes idle."""
+
+    def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
+                 calibration: str | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
+                 max_model_len: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 scheduler_policy: str = "chunked", long_prefill_token_threshold: int = 0,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 cuda_graph_max_tokens: int = 8192, async_scheduling: bool | None = None):
+        model_conf = read_conf("model", model)
+        hf_config = model_hf_config(model_conf, model)
+        ByteText.__init__(self, model_conf.get("name", model), hf_config["vocab_size"])
+        self.salt: dict[str, int] = {}       # request -> the token id it generates
+        self.executor, pool_blocks = twin_executor(
+            self.name, hf_config, read_conf("hardware", hardware), cost_model, calibration,
+            tensor_parallel_size, block_size, gpu_memory_utilization, max_num_seqs,
+            max_num_batched_tokens, 0 if enforce_eager else cuda_graph_max_tokens, self.salt)
+        self.max_model_len = max_model_len or min(8192, hf_config.get("max_position_embeddings", 8192))
+        scheduler_config = SchedulerConfig(
+            policy=scheduler_policy, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+            long_prefill_token_threshold=long_prefill_token_threshold)
+        cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks)
+        ex = self.executor
+        self.loop = StepLoop(self.scheduler, ex.launch, ex.wait, ex.clock,
+                             async_scheduling is not False)
+        self.sequences: dict[str, Sequence] = {}
+        self.epoch = time.perf_counter()      # the twin's time 0 on the wall clock
+        self.idle = True                      # the timeline restarts at the next step
+
+    def now(self) -> float:
+        """The wall clock on the twin's timeline."""
+        return time.perf_counter() - self.epoch
+
     # ---- the engine thread ---------------------------------------------------------------
     def add(self, request_id, token_ids, params: GenerationParams):
-        if not (isinstance(params.max_tokens, int) and params.max_tokens >= 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
         if request_id in self.sequences:
             raise ValueError(f"request {request_id!r} is already queued or running")
-        seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=self.clock(),
+        seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=self.now(),
                        ignore_eos=True)
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
-        self.token_of[request_id] = hash(request_id) % self.vocab_size
+        self.salt[request_id] = hash(request_id) % self.vocab_size
 
     def abort(self, request_id):
         if not self.scheduler.abort(request_id):
             return False
         self.sequences.pop(request_id, None)
-        self.token_of.pop(request_id, None)
         return True
 
     def step(self):
-        """Schedule, sleep until the simulated GPU would finish the step, update. Steps
-        follow one another on the simulated GPU's timeline: a step starts when the last one
-        ended (not when this thread got round to it), so the host's own lateness is caught
-        up instead of added to every step; the timeline restarts when the backend is idle."""
-        now = self.clock()
-        batch = self.scheduler.schedule(now)
-        if not batch.seqs:
-            self.busy_until = None
+        """One turn of the twin's step loop, then sleep until its clock says it ended."""
+        if not self.loop.has_work():
+            self.idle = True
             return []
-        start = now if self.busy_until is None else min(now, self.busy_until)
-        self.busy_until = start + self.step_time(batch)
-        delay = self.busy_until - self.clock()
+        ex = self.executor
+        if self.idle:                 # nothing ran since the wall clock passed the timeline
+            ex.t = max(ex.t, self.now())
+            self.idle = False
+        done = self.loop.step(ex.t)
+        delay = ex.t - self.now()
         if delay > 0:
             time.sleep(delay)
-        tokens = [self.token_of[seq.seq_id] for seq in batch.seqs]
-        finished = self.scheduler.update(batch, tokens, self.clock())
-        if not self.scheduler.has_unfinished():
-            self.busy_until = None
-        return [self._finished(seq) for seq in finished]
+        if not self.loop.has_work():
+            self.idle = True
+        return [self._finished(seq) for seq in done if seq.seq_id in self.sequences]
 
     def _finished(self, seq: Sequence) -> Finished:
-        del self.sequences[seq.seq_id], self.token_of[seq.seq_id]
-        tokens = seq.output_token_ids
+        del self.sequences[seq.seq_id]
+        self.salt.pop(seq.seq_id, None)
+        tokens, epoch = seq.output_token_ids, self.epoch
         return Finished(seq.seq_id, tokens, self.decode(tokens), seq.finish_reason, None,
                         seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_preemptions,
-                        seq.arrival_time, seq.first_scheduled_time, tuple(seq.token_times),
-                        seq.finish_time)
+                        seq.arrival_time + epoch,
+                        None if seq.first_scheduled_time is None else seq.first_scheduled_time + epoch,
+                        tuple(t + epoch for t in seq.token_times),
+                        None if seq.finish_time is None else seq.finish_time + epoch)
 
     def output_tokens_since(self, request_id, start):
         seq = self.sequences.get(request_id)
-        return [] if seq is None else seq.token_ids[seq.num_prompt_tokens + start:].tolist()
+        if seq is None:
+            return []
+        end = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)
+        return seq.token_ids[seq.num_prompt_tokens + start:end].tolist()
 
     def has_unfinished(self):
-        return self.scheduler.has_unfinished()
+        return self.loop.has_work()

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from analysis.__main__ import main as analysis_main  # noqa: E402
 from analysis.compare import compare_metrics  # noqa: E402
 from analysis.runs import load_run  # noqa: E402
 from bench.__main__ import main, trace_config, parse_args  # noqa: E402
@@ -59,6 +60,9 @@ def test_replay_writes_the_run_schema(url, tmp_path):
     table = compare_metrics(run.metrics, json.loads((out / "summary.json").read_text())["metrics"])
     assert (table.error_pct.dropna() == 0).all()
     assert pd.read_parquet(out / "steps.parquet").empty
+    analysis_main([str(out), "--out", str(tmp_path / "figures")])          # one run's report
+    analysis_main(["--compare", str(out), str(out), "--out", str(tmp_path / "figures")])
+    assert (tmp_path / "figures" / "compare_cdfs.png").is_file()
 
 
 def test_bad_arguments_are_one_line_errors(url, tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_non_streaming_client_that_leaves_is_aborted():
 def test_overload_is_503_then_serves_again():
     backend = sim_backend()
     with serving(build_app(backend, max_queued_requests=2)) as url:
-        body = {"prompt": "hi", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        body = {"prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}   # ~5 s
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as a, \
                 httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as b:
             assert a.status_code == b.status_code == 200

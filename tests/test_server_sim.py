@@ -2,27 +2,62 @@
 file, real-time pacing by the cost model's step times (a request alone takes at least the
 sum of its steps' predicted times), true token counts with placeholder text, and the
 same policy (prefix caching) as the engine."""
+import json
+
 import httpx
+import pandas as pd
 import pytest
 
 pytest.importorskip("fastapi")
 
 from server import build_app  # noqa: E402
 from server.cli import make_backend, parse_args  # noqa: E402
+from server.process import BackendProcess  # noqa: E402
 from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
 
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> str:
+    """A fitted calibration of qwen3-0.6b on the h100 (a roofline's profile stands in for
+    the engine's: the format and the checks are what matter here)."""
+    from policy import SchedulerConfig
+    from server.sim import model_hf_config, read_conf
+    from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel
+    from simulator.calibrate import fit_calibration, profile_grid, shape_batch
+    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048)
+    graphs = CudaGraphs.for_engine(sched.max_num_seqs, sched.max_num_batched_tokens, 256)
+    spec = ModelSpec.from_hf_config(model_hf_config(read_conf("model", "qwen3-0.6b"), "q"),
+                                    name="qwen3-0.6b")
+    roofline = RooflineCostModel(spec, HardwareSpec(**read_conf("hardware", "h100")), graphs=graphs)
+    rows = []
+    for point in profile_grid(sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, graphs):
+        f = shape_batch(point["shape"], 16, 4000).features()
+        kind, padded = graphs.rows(f)
+        rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
+                     "device_s": roofline.predict(f), "host_launch_s": 2e-4, "host_receive_s": 5e-5})
+    calib = fit_calibration(pd.DataFrame(rows), {"model": "qwen3-0.6b", "device": "h100 (roofline "
+                                                 "stand-in)", "command": "tests/test_server_sim.py"})
+    path = tmp_path_factory.mktemp("calib") / "qwen3-0.6b-h100.json"
+    path.write_text(json.dumps(calib))
+    return str(path)
 
 
-def test_sim_options(stand_in_calibration):
-    args = parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
-                       "--cost-model", "fitted", "--calibration", stand_in_calibration,
-                       "--max-model-len", "2048", "--num-gpu-blocks-override", "100",
-                       "--block-size", "32", "--no-enable-prefix-caching"])
-    backend = make_backend(args)
+def test_sim_options(calibration):
+    argv = ["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h100",
+            "--cost-model", "fitted", "--calibration", calibration, "--max-model-len", "2048",
+            "--num-gpu-blocks-override", "100", "--block-size", "32", "--no-enable-prefix-caching"]
+    backend = make_backend(parse_args(argv + ["--engine-in-process"]))
     assert isinstance(backend, SimBackend) and backend.max_model_len == 2048
     bm = backend.scheduler.block_manager
     assert (bm.num_blocks, bm.block_size, bm.enable_prefix_caching) == (100, 32, False)
+    backend = make_backend(parse_args(argv))          # the default: a process of its own
+    try:
+        assert isinstance(backend, BackendProcess) and backend.max_model_len == 2048
+        bm = backend.probe.block_manager              # the server's copy of the policy config
+        assert (bm.num_blocks, bm.block_size, bm.enable_prefix_caching) == (100, 32, False)
+    finally:
+        backend.close()
+    assert backend.process.exitcode == 0
     for argv, message in (
             (["--backend", "sim", "--model", "qwen3-0.6b"], "needs --hardware"),
             (["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "h200", "--dtype", "float16"],
@@ -32,18 +67,22 @@ def test_sim_options(stand_in_calibration):
               "--cost-model", "fitted"], "--calibration")):
         with pytest.raises(SystemExit):
             parse_args(argv)
-    with pytest.raises(ValueError, match="unknown hardware"):
+    with pytest.raises(ValueError, match="unknown hardware"):     # from the backend process
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-0.6b", "--hardware", "tpu"]))
     with pytest.raises(ValueError, match="calibrated for model"):
         make_backend(parse_args(["--backend", "sim", "--model", "qwen3-8b", "--hardware", "h100",
-                                 "--cost-model", "fitted", "--calibration", stand_in_calibration]))
+                                 "--cost-model", "fitted", "--calibration", calibration,
+                                 "--engine-in-process"]))
 
 
-def test_paced_by_the_cost_model():
-    backend = SimBackend("qwen3-8b", "h100", num_gpu_blocks=256, max_model_len=1024)
-    predicted = []
-    step_time = backend.step_time
-    backend.step_time = lambda batch: predicted.append(step_time(batch)) or predicted[-1]
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_paced_by_the_cost_model(async_scheduling):
+    backend = SimBackend("qwen3-8b", "h100", num_gpu_blocks=256, max_model_len=1024,
+                         async_scheduling=async_scheduling)
+    predicted = []     # the device time of every step the twin runs
+    cost = backend.executor.cost
+    predict = cost.predict
+    cost.predict = lambda features: predicted.append(predict(features)) or predicted[-1]
     with serving(build_app(backend)) as url:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "a prompt of some bytes",
                                                       "max_tokens": 50}, timeout=30)

@@ -1,0 +1,197 @@
+"""A backend in a process of its own, as vLLM's engine core: the server's Python (HTTP,
+JSON, detokenizing thousands of stream chunks a second) never holds the interpreter lock
+the backend's step loop needs, so serving over HTTP costs the engine (or the twin's
+real-time pacing) no step time. The server's default for both backends.
+
+    server process                                backend process
+    BackendProcess.add / abort  -- pipe -->       backend.add / abort, between steps
+    BackendProcess.step  <-- one message a step   backend.step: new tokens, finished
+                                                  requests, the policy's stats
+
+The server process checks a request before sending it (the sampling fields, and the
+lengths through a probe `policy.Scheduler` of the same config), so a bad request is a 400
+at once. It tokenizes and detokenizes with its own text half (`HFText`: a copy of the
+tokenizer; `ByteText` for the twin).
+"""
+import atexit
+import multiprocessing as mp
+import time
+
+from policy import CacheConfig, Scheduler, Sequence
+from server.backend import Backend, BackendDead, Finished, HFText
+
+
+def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
+    """The backend process: build the backend, then step while there is work, taking
+    commands between steps and sending one message per step."""
+    try:
+        backend = factory(*args, **kwargs)
+    except BaseException as e:
+        conn.send(("error", f"{e}" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        return
+    sched = backend.scheduler
+    bm = sched.block_manager
+    conn.send(("ready", {"max_model_len": backend.max_model_len, "scheduler_config": sched.config,
+                         "cache_config": CacheConfig(bm.block_size, bm.enable_prefix_caching),
+                         "num_blocks": bm.num_blocks}))
+    sent: dict[str, int] = {}      # unfinished request -> output tokens sent so far
+    try:
+        while True:
+            while conn.poll(0) or not backend.has_unfinished():
+                command, *args = conn.recv()
+                if command == "close":
+                    return
+                if command == "abort":
+                    backend.abort(args[0])      # if it finished meanwhile, its output comes
+                    sent.pop(args[0], None)
+                    continue
+                request_id, token_ids, params = args
+                try:
+                    backend.add(request_id, token_ids, params)
+                    sent[request_id] = 0
+                except ValueError as e:       # the server checked it: should not happen
+                    now = time.perf_counter()
+                    conn.send(("step", {}, [Finished(request_id, [], None, "error", str(e),
+                               len(token_ids), 0, 0, now, None, (), now)], backend.stats()))
+            try:
+                finished = backend.step()
+            except Exception as e:             # the engine survives a failed step: this is fatal
+                conn.send(("fatal", f"{type(e).__name__}: {e}"))
+                return
+            fresh = {}
+            for request_id, start in sent.items():
+                tokens = backend.output_tokens_since(request_id, start)
+                if tokens:
+                    fresh[request_id] = tokens
+                    sent[request_id] = start + len(tokens)
+            for f in finished:
+                sent.pop(f.request_id, None)
+            conn.send(("step", fresh, finished, backend.stats()))
+    finally:
+        backend.close()
+
+
+class BackendProcess(Backend):
+    """`factory(*args, **kwargs)` (picklable: a class) built and stepped in a spawned
+    process; `text` is the text half on the server's side; `check(params)` raises
+    ValueError for sampling fields the backend would refuse. abort() returns False: the
+    request may have finished in the backend meanwhile (the server drops that output)."""
+
+    def __init__(self, text, factory, *args, check=None, **kwargs):
+        self.text, self.check = text, check
+        self.name, self.vocab_size = text.name, text.vocab_size
+        self.has_tokenizer, self.has_chat_template = text.has_tokenizer, text.has_chat_template
+        self.max_token_bytes = text.max_token_bytes
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=backend_main, args=(child, factory, args, kwargs),
+                                   name="twinserve-backend")   # not daemonic: it may spawn TP ranks
+        self.process.start()
+        child.close()
+        kind, info = self._recv()
+        if kind == "error":
+            self.process.join(timeout=30)
+            raise ValueError(info)
+        atexit.register(self.close)
+        self.max_model_len = info["max_model_len"]
+        self.probe = Scheduler(info["scheduler_config"], info["cache_config"], info["num_blocks"])
+        self.tokens: dict[str, list[int]] = {}     # unfinished request -> output tokens so far
+        self.last_stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0,
+                           "prefix_queries": 0, "prefix_hits": 0}
+
+    def tokenize(self, prompt):
+        return self.text.tokenize(prompt)
+
+    def chat_tokens(self, messages):
+        return self.text.chat_tokens(messages)
+
+    def decode(self, token_ids):
+        return self.text.decode(token_ids)
+
+    def _dead(self) -> BackendDead:
+        self.process.join(timeout=5)
+        return BackendDead(f"the backend process died (exit code {self.process.exitcode})")
+
+    def _send(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:
+            raise self._dead() from None
+
+    def _recv(self):
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            raise self._dead() from None
+        if message[0] == "fatal":
+            raise BackendDead(f"the backend process failed: {message[1]}")
+        return message
+
+    def add(self, request_id, token_ids, params):
+        if self.check is not None:
+            self.check(params)
+        self.probe.add(Sequence(request_id, token_ids, params.max_tokens))   # the policy's checks
+        self.probe.abort(request_id)
+        self._send(("add", request_id, token_ids, params))
+        self.tokens[request_id] = []
+
+    def abort(self, request_id):
+        if self.tokens.pop(request_id, None) is not None:
+            self._send(("abort", request_id))
+        return False
+
+    def step(self):
+        """The backend's next step (waits for it), and any that came meanwhile."""
+        messages = [self._recv()]
+        while self.conn.poll(0):
+            messages.append(self._recv())
+        finished = []
+        for _, fresh, done, stats in messages:
+            for request_id, tokens in fresh.items():
+                if request_id in self.tokens:
+                    self.tokens[request_id] += tokens
+            finished += [f for f in done if self.tokens.pop(f.request_id, None) is not None]
+            self.last_stats = stats
+        return finished
+
+    def output_tokens_since(self, request_id, start):
+        return self.tokens.get(request_id, [])[start:]
+
+    def has_unfinished(self):
+        return bool(self.tokens)
+
+    def stats(self):
+        return self.last_stats
+
+    def close(self):
+        atexit.unregister(self.close)
+        if self.process.is_alive():
+            try:
+                self.conn.send(("close",))
+            except OSError:
+                pass
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
+
+
+def engine_process(model: str, **engine_kwargs) -> BackendProcess:
+    """The engine (`EngineBackend(model, **engine_kwargs)`) in a process of its own."""
+    from engine import EngineConfig, SamplingParams
+    from engine.engine import load_tokenizer
+    from engine.models import ModelConfig
+    from server.backend import EngineBackend
+    EngineConfig(model=model, **engine_kwargs)        # bad options fail here, at once
+
+    def check(p):
+        SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                       max_tokens=p.max_tokens, ignore_eos=p.ignore_eos, seed=p.seed)
+    text = HFText(model, load_tokenizer(model), ModelConfig.from_pretrained(model).vocab_size)
+    return BackendProcess(text, EngineBackend, model, check=check, **engine_kwargs)
+
+
+def sim_process(model: str, hardware: str, **kwargs) -> BackendProcess:
+    """The twin (`SimBackend(model, hardware, **kwargs)`) in a process of its own."""
+    from server.sim import ByteText, SimBackend
+    return BackendProcess(ByteText.of(model), SimBackend, model, hardware, **kwargs)
