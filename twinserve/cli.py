@@ -89,6 +89,22 @@ def job_line(num: int, name: str, metrics: dict, wall_s: float | None = None) ->
     return line
 
 
+CPU_MODEL_PARAMS = 200e6    # beyond this, the engine on a CPU takes minutes per request
+
+
+def _warn_big_model_on_cpu(cfg) -> None:
+    """engine.device=cpu with a real-sized model writes a GB-sized checkpoint and decodes
+    slowly: say so, and name the tiny model (engine=cpu selects it)."""
+    if cfg.mode != "gpu" or cfg.engine.device != "cpu":
+        return
+    from simulator import ModelSpec
+    spec = ModelSpec.from_hf_config(dict(cfg.model.hf_config), name=cfg.model.name)
+    if spec.num_params > CPU_MODEL_PARAMS:
+        log.warning(f"engine.device=cpu with {cfg.model.name} ({spec.num_params / 1e9:.2f} B "
+                    f"parameters, a {spec.weight_bytes / 2**30:.1f} GiB checkpoint): expect "
+                    "minutes per request on a CPU; engine=cpu runs the tiny model instead")
+
+
 def experiment(cfg) -> dict | None:
     """The Hydra task: one replay (experiments.replay.run) in Hydra's output folder."""
     from hydra.core.hydra_config import HydraConfig
@@ -106,6 +122,7 @@ def experiment(cfg) -> dict | None:
         with open_dict(cfg):
             cfg.progress = False     # parallel progress bars garble each other
     try:
+        _warn_big_model_on_cpu(cfg)
         metrics = run(cfg, run_dir, name=name, group=hc.sweep.dir if sweep else None)
     except PROJECT_ERRORS as e:
         if full_traceback():
