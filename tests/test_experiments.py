@@ -457,3 +457,31 @@ def test_wheel_ships_configs_license_and_the_command(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "twinserve = twinserve.cli:main" in zipfile.ZipFile(
         next(tmp_path.glob("twinserve-*.whl"))).read(entry_points).decode()
+
+
+def test_engine_cpu_selects_a_tiny_model_that_takes_the_token_trace():
+    cfg = compose_config(["mode=gpu", "engine=cpu", "trace=sharegpt_tokens"])
+    rc = build(cfg)
+    assert rc.engine.device == "cpu" and rc.model_name == "tiny-qwen3"
+    from simulator import ModelSpec
+    assert ModelSpec.from_hf_config(rc.hf_config).num_params < 50e6
+    # the shipped token ids fit its vocabulary, and every request its context
+    from traces import materialize
+    requests = materialize(load_trace(rc.trace), rc.cache.block_size, rc.hf_config["vocab_size"],
+                           rc.trace.seed)
+    assert len(requests) == 300
+    assert max(len(r.prompt_token_ids) + r.output_len for r in requests) <= min(
+        rc.scheduler.max_model_len, rc.hf_config["max_position_embeddings"])
+    # another model can still be asked for after it
+    assert build(compose_config(["mode=gpu", "engine=cpu", "model=qwen3-0.6b"])).model_name == \
+        "qwen3-0.6b"
+
+
+def test_checkpoint_writing_shows_progress(tmp_path, capsys):
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"), tmp_path / "a",
+                                       dtype="float32")
+    assert "random weights -> a" in capsys.readouterr().err
+    checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"), tmp_path / "b",
+                                       dtype="float32", progress=False)
+    assert capsys.readouterr().err == ""
