@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.metrics import format_value, latency_samples
 
@@ -69,7 +69,7 @@ def _log_ticks(axis) -> None:
     low, high = axis.get_view_interval()
     short = low > 0 and math.log10(high / low) <= 2.5
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if short else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -89,18 +89,29 @@ def _figure_legend(fig: Figure, ax, n: int) -> None:
 
 
 def latency_cdfs(runs: dict[str, pd.DataFrame]) -> Figure:
-    """ECDFs of TTFT, TPOT and E2EL (ms, log x), one line per run: {label: requests table}."""
+    """ECDFs of TTFT, TPOT and E2EL, one line per run: {label: requests table}. Each panel
+    picks its unit (ms, or s past 20 s) and scale (log when the values span 10x or more)."""
     rows = -(-len(runs) // 4)     # legend rows below the panels
     fig = Figure(figsize=_bounded(15, 4.2 + 0.22 * rows), layout="constrained")
     axes = fig.subplots(1, len(CDF_METRICS))
     samples = {label: latency_samples(df) for label, df in runs.items()}
     for ax, (key, title) in zip(axes, CDF_METRICS):
+        values = [s[key] for s in samples.values() if s[key].size]
+        pooled = np.concatenate(values) if values else np.ones(1)
+        seconds = np.nanmax(pooled) > 20.0
+        scale, unit = (1.0, "s") if seconds else (1000.0, "ms")
+        positive = pooled[pooled > 0]
+        log = positive.size > 0 and positive.max() / positive.min() >= 10
         for i, (label, s) in enumerate(samples.items()):
-            values = s[key] * 1000.0
-            if values.size:
-                ax.ecdf(values, label=label, lw=1.4, **series_style(i))
-        ax.set(xscale="log", xlabel=f"{title} (ms)", ylabel="fraction of requests", title=title)
-        _log_ticks(ax.xaxis)
+            if s[key].size:
+                ax.ecdf(s[key] * scale, label=label, lw=1.4, **series_style(i))
+        ax.set(xlabel=f"{title} ({unit})", ylabel="fraction of requests", title=title)
+        if log:
+            ax.set_xscale("log")
+            _log_ticks(ax.xaxis)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v)))
         ax.grid(alpha=0.3)
     _figure_legend(fig, axes[0], len(runs))
     return fig
