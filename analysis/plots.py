@@ -172,23 +172,23 @@ def latency_vs_load(tables: pd.DataFrame | dict[str, pd.DataFrame],
     capacities = capacity if isinstance(capacity, dict) else {"": capacity}
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     ax_ttft, ax_tpot, ax_thr = fig.subplots(1, 3)
-    i = 0
-    for name, table in tables.items():
+    # colour = the statistic, line style = the source (real solid, sim dashed, ...)
+    for i, (name, table) in enumerate(tables.items()):
         table = table.sort_values(rate_key)
         rate = table[rate_key]
         prefix = f"{name} " if name else ""
+        line = LINE_STYLES[i % len(LINE_STYLES)]
         for ax, key in ((ax_ttft, "ttft"), (ax_tpot, "tpot")):
             for j, stat in enumerate(("median", "p99")):
                 column = f"{stat}_{key}_ms"
                 if column in table:
-                    style = series_style(2 * i + j) | {"marker": "o^"[j], "markevery": None}
-                    ax.plot(rate, table[column], label=f"{prefix}{stat}", **style)
-        style = series_style(2 * i) | {"marker": "o", "markevery": None}
-        ax_thr.plot(rate, table["request_throughput"], label=f"{prefix}throughput", **style)
+                    ax.plot(rate, table[column], color=COLORS[j], linestyle=line,
+                            marker="o^"[j], label=f"{prefix}{stat}")
+        ax_thr.plot(rate, table["request_throughput"], color=COLORS[0], linestyle=line,
+                    marker="o", label=f"{prefix}throughput")
         if "request_goodput" in table:
-            style = series_style(2 * i + 1) | {"marker": "^", "markevery": None}
-            ax_thr.plot(rate, table["request_goodput"], label=f"{prefix}goodput", **style)
-        i += 1
+            ax_thr.plot(rate, table["request_goodput"], color=COLORS[1], linestyle=line,
+                        marker="^", label=f"{prefix}goodput")
     all_rates = pd.concat([t[rate_key] for t in tables.values()])
     ax_thr.plot([all_rates.min(), all_rates.max()], [all_rates.min(), all_rates.max()],
                 ls="--", color="grey", lw=1, label="offered")
@@ -196,11 +196,11 @@ def latency_vs_load(tables: pd.DataFrame | dict[str, pd.DataFrame],
         if slos and slos.get(key):
             ax.axhline(slos[key], color="firebrick", ls="--", lw=1,
                        label=f"SLO {slos[key]:g} ms")
-    for name, rate in capacities.items():
+    for i, (name, rate) in enumerate(capacities.items()):
         if rate is not None and np.isfinite(rate):
             for ax in (ax_ttft, ax_tpot, ax_thr):
-                ax.axvline(rate, color="black", ls=":", lw=1,
-                           label=f"{name + ' ' if name else ''}capacity {rate:g} req/s")
+                ax.axvline(rate, color=("black", "dimgrey")[i % 2], ls=(":", "-.")[i % 2],
+                           lw=1.2, label=f"{name + ' ' if name else ''}capacity {rate:g} req/s")
     for ax, title in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
         ax.set(xlabel=label_of(rate_key), ylabel=title, yscale="log", title=title)
         _log_ticks(ax.yaxis)

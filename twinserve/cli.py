@@ -70,8 +70,9 @@ def _remove_failed_run_dir(run_dir: Path) -> None:
     if (run_dir / "summary.json").exists():
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    parent, stop = run_dir.parent, Path.cwd()
-    while parent != stop and parent.is_dir() and not any(parent.iterdir()):
+    parent, stop = run_dir.resolve().parent, Path.cwd().resolve()
+    # only folders Hydra made under the working directory (outputs/<date>), never others
+    while stop in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
 
