@@ -298,7 +298,7 @@ def test_multirun_sweep_then_analysis(tmp_path):
 
 def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
     run_dir = tmp_path / "outputs" / "run"
-    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={run_dir}")
+    result = run_py(*SMALL, "cache.block_size=0", cwd=tmp_path)    # Hydra's outputs/<date>/<time>
     assert result.returncode == 1
     # one line, no traceback, and no folder left behind by the failed run
     assert result.stderr == "error: cache.block_size must be a positive integer, got 0\n"
