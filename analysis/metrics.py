@@ -131,9 +131,11 @@ def compute_metrics(requests: pd.DataFrame, duration_s: float | None = None,
 
 
 def format_value(value: float) -> str:
-    """A table cell: 5380.2 -> '5,380', 12.345 -> '12.3', 0.01234 -> '0.0123'."""
+    """A table cell: 5380.2 -> '5,380', 12.345 -> '12.3', 0.01234 -> '0.0123', 30.0 -> '30'."""
     if value is None or not np.isfinite(value):
         return "n/a"
+    if float(value).is_integer() and abs(value) < 1e15:    # counts stay counts
+        return f"{int(value):,}"
     magnitude = abs(value)
     if magnitude >= 100:
         return f"{value:,.0f}"

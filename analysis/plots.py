@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.metrics import format_value, latency_samples
 
@@ -69,7 +69,7 @@ def _log_ticks(axis) -> None:
     low, high = axis.get_view_interval()
     short = low > 0 and math.log10(high / low) <= 2.5
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if short else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -89,18 +89,29 @@ def _figure_legend(fig: Figure, ax, n: int) -> None:
 
 
 def latency_cdfs(runs: dict[str, pd.DataFrame]) -> Figure:
-    """ECDFs of TTFT, TPOT and E2EL (ms, log x), one line per run: {label: requests table}."""
+    """ECDFs of TTFT, TPOT and E2EL, one line per run: {label: requests table}. Each panel
+    picks its unit (ms, or s past 20 s) and scale (log when the values span 10x or more)."""
     rows = -(-len(runs) // 4)     # legend rows below the panels
     fig = Figure(figsize=_bounded(15, 4.2 + 0.22 * rows), layout="constrained")
     axes = fig.subplots(1, len(CDF_METRICS))
     samples = {label: latency_samples(df) for label, df in runs.items()}
     for ax, (key, title) in zip(axes, CDF_METRICS):
+        values = [s[key] for s in samples.values() if s[key].size]
+        pooled = np.concatenate(values) if values else np.ones(1)
+        seconds = np.nanmax(pooled) > 20.0
+        scale, unit = (1.0, "s") if seconds else (1000.0, "ms")
+        positive = pooled[pooled > 0]
+        log = positive.size > 0 and positive.max() / positive.min() >= 10
         for i, (label, s) in enumerate(samples.items()):
-            values = s[key] * 1000.0
-            if values.size:
-                ax.ecdf(values, label=label, lw=1.4, **series_style(i))
-        ax.set(xscale="log", xlabel=f"{title} (ms)", ylabel="fraction of requests", title=title)
-        _log_ticks(ax.xaxis)
+            if s[key].size:
+                ax.ecdf(s[key] * scale, label=label, lw=1.4, **series_style(i))
+        ax.set(xlabel=f"{title} ({unit})", ylabel="fraction of requests", title=title)
+        if log:
+            ax.set_xscale("log")
+            _log_ticks(ax.xaxis)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v)))
         ax.grid(alpha=0.3)
     _figure_legend(fig, axes[0], len(runs))
     return fig
@@ -161,23 +172,23 @@ def latency_vs_load(tables: pd.DataFrame | dict[str, pd.DataFrame],
     capacities = capacity if isinstance(capacity, dict) else {"": capacity}
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     ax_ttft, ax_tpot, ax_thr = fig.subplots(1, 3)
-    i = 0
-    for name, table in tables.items():
+    # colour = the statistic, line style = the source (real solid, sim dashed, ...)
+    for i, (name, table) in enumerate(tables.items()):
         table = table.sort_values(rate_key)
         rate = table[rate_key]
         prefix = f"{name} " if name else ""
+        line = LINE_STYLES[i % len(LINE_STYLES)]
         for ax, key in ((ax_ttft, "ttft"), (ax_tpot, "tpot")):
             for j, stat in enumerate(("median", "p99")):
                 column = f"{stat}_{key}_ms"
                 if column in table:
-                    style = series_style(2 * i + j) | {"marker": "o^"[j], "markevery": None}
-                    ax.plot(rate, table[column], label=f"{prefix}{stat}", **style)
-        style = series_style(2 * i) | {"marker": "o", "markevery": None}
-        ax_thr.plot(rate, table["request_throughput"], label=f"{prefix}throughput", **style)
+                    ax.plot(rate, table[column], color=COLORS[j], linestyle=line,
+                            marker="o^"[j], label=f"{prefix}{stat}")
+        ax_thr.plot(rate, table["request_throughput"], color=COLORS[0], linestyle=line,
+                    marker="o", label=f"{prefix}throughput")
         if "request_goodput" in table:
-            style = series_style(2 * i + 1) | {"marker": "^", "markevery": None}
-            ax_thr.plot(rate, table["request_goodput"], label=f"{prefix}goodput", **style)
-        i += 1
+            ax_thr.plot(rate, table["request_goodput"], color=COLORS[1], linestyle=line,
+                        marker="^", label=f"{prefix}goodput")
     all_rates = pd.concat([t[rate_key] for t in tables.values()])
     ax_thr.plot([all_rates.min(), all_rates.max()], [all_rates.min(), all_rates.max()],
                 ls="--", color="grey", lw=1, label="offered")
@@ -185,11 +196,11 @@ def latency_vs_load(tables: pd.DataFrame | dict[str, pd.DataFrame],
         if slos and slos.get(key):
             ax.axhline(slos[key], color="firebrick", ls="--", lw=1,
                        label=f"SLO {slos[key]:g} ms")
-    for name, rate in capacities.items():
+    for i, (name, rate) in enumerate(capacities.items()):
         if rate is not None and np.isfinite(rate):
             for ax in (ax_ttft, ax_tpot, ax_thr):
-                ax.axvline(rate, color="black", ls=":", lw=1,
-                           label=f"{name + ' ' if name else ''}capacity {rate:g} req/s")
+                ax.axvline(rate, color=("black", "dimgrey")[i % 2], ls=(":", "-.")[i % 2],
+                           lw=1.2, label=f"{name + ' ' if name else ''}capacity {rate:g} req/s")
     for ax, title in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
         ax.set(xlabel=label_of(rate_key), ylabel=title, yscale="log", title=title)
         _log_ticks(ax.yaxis)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from engine.models import ModelConfig, resolve_dtype
 
@@ -111,9 +112,10 @@ def _plan_shards(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[list
 
 def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "bfloat16",
                             seed: int = 0, max_shard_bytes: int = 4 << 30, std: float = 0.02,
-                            device: str | None = None) -> Path:
+                            device: str | None = None, progress: bool = True) -> Path:
     """Write a random-weight checkpoint of `config` (an HF config dict, or a model name from
-    conf/model/) to directory `path`; returns the path.
+    conf/model/) to directory `path`; returns the path. `progress`: a bar over the bytes
+    written (an 8B model is 16 GB: minutes).
 
     Weights and biases ~ N(0, std); norm weights ~ 1 + N(0, std). The values depend on
     `seed` and on the device that draws them (cuda when available, else cpu)."""
@@ -133,6 +135,9 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
     shards = _plan_shards(shapes, torch_dtype.itemsize, max_shard_bytes)
     gen = torch.Generator(device).manual_seed(seed)
     weight_map, total = {}, 0
+    size = sum(torch.Size(shape).numel() for shape in shapes.values()) * torch_dtype.itemsize
+    bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc=f"random weights -> {path.name}", leave=False)
     for i, names in enumerate(shards):
         file = ("model.safetensors" if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
@@ -144,8 +149,10 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
             tensors[name] = t.to(torch_dtype).cpu()
             total += tensors[name].nbytes
             weight_map[name] = file
+            bar.update(tensors[name].nbytes)
         save_file(tensors, path / file, metadata={"format": "pt"})
         del tensors
+    bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -27,7 +27,11 @@ from traces import load_trace, materialize
 
 log = logging.getLogger(__name__)
 GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
-CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
+# Random weights: ckpt/ in a source checkout (gitignored), else the user's cache (a pip
+# install must not write into site-packages).
+_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_DIR = (_ROOT / "ckpt" if (_ROOT / "conf").is_dir()
+                  else Path.home() / ".cache" / "twinserve" / "ckpt")
 
 
 @dataclass(slots=True)
@@ -242,6 +246,9 @@ def warm_up(engine, rc: RunConfig) -> None:
     from engine import SamplingParams
     longest = min(rc.scheduler.max_model_len, rc.scheduler.max_num_batched_tokens) - 8
     lengths = sorted({max(1, n) for n in (8, 64, longest // 2, longest)})
+    if rc.engine.device == "cpu":    # the torch path compiles nothing: one short request
+        lengths = [8]
+    log.info(f"warming up the engine: {len(lengths)} requests of {lengths} prompt tokens")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     ids = [engine.add_request([0] * n, params, request_id=f"warmup-{n}") for n in lengths]
     while engine.has_unfinished():
@@ -264,7 +271,9 @@ def model_path(rc: RunConfig) -> str:
     config_file = path / "config.json"
     wanted = {k: v for k, v in rc.hf_config.items() if k != "dtype"} | {"torch_dtype": dtype}
     if not (config_file.is_file() and json.loads(config_file.read_text()) == wanted):
-        write_random_checkpoint(rc.hf_config, path, dtype=dtype, seed=rc.seed)
+        log.info(f"writing a random-weight checkpoint of {rc.model_name} ({dtype}) to {path}")
+        write_random_checkpoint(rc.hf_config, path, dtype=dtype, seed=rc.seed,
+                                progress=rc.progress)
     return str(path)
 
 

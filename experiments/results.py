@@ -76,8 +76,8 @@ def backend(rc, gpu: str | None = None) -> str:
             model = "roofline cost model"
         elif cost.kind == "fitted":
             model = f"fitted cost model {cost.path}{_calibration_note(cost.path)}"
-        else:
-            model = f"step times replayed from {cost.path}"
+        else:    # the recorded run's hardware, whatever conf/hardware says
+            return f"simulator: step times replayed from {cost.path}, {rc.model_name}"
         replicas = rc.cluster.num_replicas
         cluster = (f", {replicas} replicas ({rc.cluster.router})" if replicas > 1 else "")
         return (f"simulator: {model}, {rc.model_name} on {rc.hardware.name} (tp={tp}"

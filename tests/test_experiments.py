@@ -310,7 +310,7 @@ def test_multirun_sweep_then_analysis(tmp_path):
 
 def test_run_py_bad_value_exits_nonzero_with_message(tmp_path):
     run_dir = tmp_path / "outputs" / "run"
-    result = run_py(*SMALL, "cache.block_size=0", f"hydra.run.dir={run_dir}")
+    result = run_py(*SMALL, "cache.block_size=0", cwd=tmp_path)    # Hydra's outputs/<date>/<time>
     assert result.returncode == 1
     # one line, no traceback, and no folder left behind by the failed run
     assert result.stderr == "error: cache.block_size must be a positive integer, got 0\n"
@@ -490,3 +490,76 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
                                 "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
                                 "cache.num_blocks=64"]), tmp_path / "sim")
     assert len(pd.read_parquet(tmp_path / "sim" / "steps.parquet")) > 0
+
+
+# ---- the project command ----------------------------------------------------------
+def twinserve(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "twinserve", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, WANDB_SILENT="true"))
+
+
+def test_twinserve_command_dispatches(tmp_path, monkeypatch, capsys):
+    from twinserve import cli
+    result = twinserve("--help")
+    assert result.returncode == 0
+    assert all(f"twinserve {c}" in result.stdout for c in ("run", "analyze", "serve", "bench",
+                                                           "calibrate", "checkpoint"))
+    result = twinserve("run", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "run.log").is_file()
+    result = twinserve("analyze", str(tmp_path / "run"), "--out", str(tmp_path / "figs"))
+    assert result.returncode == 0 and (tmp_path / "figs" / "cdf.png").is_file()
+    assert twinserve("frobnicate").returncode == 2
+    # a tool whose module is not installed: one clear line, exit 1
+    monkeypatch.setitem(cli.TOOLS, "bench", (("no_such_bench_module",), "serve"))
+    assert cli.main(["bench"]) == 1
+    assert capsys.readouterr().err == ("error: twinserve bench needs the module "
+                                       "'no_such_bench_module', which this install does not have\n")
+
+
+def test_wheel_ships_configs_license_and_the_command(tmp_path):
+    """A plain (non-editable) `pip install .` must carry conf/ (as twinserve/conf), the
+    LICENSE and the `twinserve` entry point."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building needs setuptools >= 77 in this environment")
+    import zipfile
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-q", str(REPO), "-w", str(tmp_path)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("twinserve-*.whl"))).namelist()
+    shipped = {n.removeprefix("twinserve/conf/") for n in names if n.startswith("twinserve/conf/")}
+    assert shipped == {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "twinserve = twinserve.cli:main" in zipfile.ZipFile(
+        next(tmp_path.glob("twinserve-*.whl"))).read(entry_points).decode()
+
+
+def test_engine_cpu_selects_a_tiny_model_that_takes_the_token_trace():
+    cfg = compose_config(["mode=gpu", "engine=cpu", "trace=sharegpt_tokens"])
+    rc = build(cfg)
+    assert rc.engine.device == "cpu" and rc.model_name == "tiny-qwen3"
+    from simulator import ModelSpec
+    assert ModelSpec.from_hf_config(rc.hf_config).num_params < 50e6
+    # the shipped token ids fit its vocabulary, and every request its context
+    from traces import materialize
+    requests = materialize(load_trace(rc.trace), rc.cache.block_size, rc.hf_config["vocab_size"],
+                           rc.trace.seed)
+    assert len(requests) == 300
+    assert max(len(r.prompt_token_ids) + r.output_len for r in requests) <= min(
+        rc.scheduler.max_model_len, rc.hf_config["max_position_embeddings"])
+    # another model can still be asked for after it
+    assert build(compose_config(["mode=gpu", "engine=cpu", "model=qwen3-0.6b"])).model_name == \
+        "qwen3-0.6b"
+
+
+def test_checkpoint_writing_shows_progress(tmp_path, capsys):
+    checkpoint = pytest.importorskip("engine.checkpoint")
+    checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"), tmp_path / "a",
+                                       dtype="float32")
+    assert "random weights -> a" in capsys.readouterr().err
+    checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"), tmp_path / "b",
+                                       dtype="float32", progress=False)
+    assert capsys.readouterr().err == ""

@@ -70,8 +70,9 @@ def _remove_failed_run_dir(run_dir: Path) -> None:
     if (run_dir / "summary.json").exists():
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    parent, stop = run_dir.parent, Path.cwd()
-    while parent != stop and parent.is_dir() and not any(parent.iterdir()):
+    parent, stop = run_dir.resolve().parent, Path.cwd().resolve()
+    # only folders Hydra made under the working directory (outputs/<date>), never others
+    while stop in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
 
@@ -87,6 +88,22 @@ def job_line(num: int, name: str, metrics: dict, wall_s: float | None = None) ->
     if "slo_attainment" in metrics:
         line += f", {100 * metrics['slo_attainment']:.0f}% within SLO"
     return line
+
+
+CPU_MODEL_PARAMS = 200e6    # beyond this, the engine on a CPU takes minutes per request
+
+
+def _warn_big_model_on_cpu(cfg) -> None:
+    """engine.device=cpu with a real-sized model writes a GB-sized checkpoint and decodes
+    slowly: say so, and name the tiny model (engine=cpu selects it)."""
+    if cfg.mode != "gpu" or cfg.engine.device != "cpu":
+        return
+    from simulator import ModelSpec
+    spec = ModelSpec.from_hf_config(dict(cfg.model.hf_config), name=cfg.model.name)
+    if spec.num_params > CPU_MODEL_PARAMS:
+        log.warning(f"engine.device=cpu with {cfg.model.name} ({spec.num_params / 1e9:.2f} B "
+                    f"parameters, a {spec.weight_bytes / 2**30:.1f} GiB checkpoint): expect "
+                    "minutes per request on a CPU; engine=cpu runs the tiny model instead")
 
 
 def experiment(cfg) -> dict | None:
@@ -110,6 +127,7 @@ def experiment(cfg) -> dict | None:
         with open_dict(cfg):
             cfg.progress = False     # parallel progress bars garble each other
     try:
+        _warn_big_model_on_cpu(cfg)
         metrics = run(cfg, run_dir, name=name, group=hc.sweep.dir if sweep else None)
     except PROJECT_ERRORS as e:
         if full_traceback():
