@@ -130,6 +130,18 @@ def compute_metrics(requests: pd.DataFrame, duration_s: float | None = None,
     return m
 
 
+def format_value(value: float) -> str:
+    """A table cell: 5380.2 -> '5,380', 12.345 -> '12.3', 0.01234 -> '0.0123'."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
 def format_report(m: dict) -> str:
     """The `vllm bench serve` result block (same rows and labels), for any metrics dict."""
     def row(label, value):

@@ -1,17 +1,66 @@
 """Figures from result tables. Each function returns a matplotlib Figure (built without
 pyplot, so no global state or display is needed); `save` writes it as a PNG.
+
+Conventions, so a figure can go into a paper as it is: every series has its own colour and
+line style (`series_style`, distinct for any number of series); axes and colour bars say
+what they show and in which unit (`LABELS`); figure sizes are bounded whatever the data;
+relative errors are signed percentages, (sim - real) / real.
 """
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.metrics import latency_samples
+from analysis.metrics import format_value, latency_samples
 
 CDF_METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2EL"))
+MAX_WIDTH_IN, MAX_HEIGHT_IN = 16.0, 11.0
+COLORS = colormaps["tab10"].colors
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = (None, "o", "s", "^", "v", "D", "x", "+")
+# Readable names for config keys and metrics (anything else is shown as it is).
+LABELS = {
+    "cache.block_size": "KV block size (tokens)",
+    "cache.num_blocks": "KV pool (blocks)",
+    "cache.gpu_memory_utilization": "GPU memory share",
+    "cache.enable_prefix_caching": "prefix caching",
+    "scheduler.max_num_seqs": "max sequences per step",
+    "scheduler.max_num_batched_tokens": "token budget per step",
+    "scheduler.policy": "scheduler",
+    "trace.request_rate": "request rate (req/s)",
+    "p99_ttft_ms": "p99 TTFT (ms)", "median_ttft_ms": "median TTFT (ms)",
+    "mean_ttft_ms": "mean TTFT (ms)", "p99_tpot_ms": "p99 TPOT (ms)",
+    "median_tpot_ms": "median TPOT (ms)", "mean_tpot_ms": "mean TPOT (ms)",
+    "p99_itl_ms": "p99 ITL (ms)", "p99_e2el_ms": "p99 E2EL (ms)",
+    "output_throughput": "output throughput (tok/s)",
+    "request_throughput": "request throughput (req/s)",
+    "request_goodput": "goodput (req/s)", "slo_attainment": "share of requests within SLO",
+    "num_preemptions": "preemptions", "prefix_cache_hit_rate": "prefix-cache hit rate",
+}
+HIGHER_IS_BETTER = ("throughput", "goodput", "slo_attainment", "hit_rate")
+
+
+def label_of(key: str) -> str:
+    return LABELS.get(key, key)
+
+
+def series_style(i: int) -> dict:
+    """Colour, line style and marker of series `i`: the first 10 differ in colour, the next
+    10 repeat the colours dashed, and so on; past 40 a marker is added. Distinct for any
+    `i` below 320, and never the same as a neighbour."""
+    marker = MARKERS[(i // (len(COLORS) * len(LINE_STYLES))) % len(MARKERS)]
+    return {"color": COLORS[i % len(COLORS)], "linestyle": LINE_STYLES[(i // len(COLORS))
+                                                                       % len(LINE_STYLES)],
+            "marker": marker, "markevery": 0.1 if marker else None}
+
+
+def _bounded(width: float, height: float) -> tuple[float, float]:
+    return min(width, MAX_WIDTH_IN), min(height, MAX_HEIGHT_IN)
 
 
 def _log_ticks(axis) -> None:
@@ -31,78 +80,199 @@ def save(fig: Figure, path) -> Path:
     return path
 
 
+def _figure_legend(fig: Figure, ax, n: int) -> None:
+    """One legend for the figure: below the panels, in as many columns as fit."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", fontsize="small",
+                   ncols=max(1, min(n, 4)), frameon=False)
+
+
 def latency_cdfs(runs: dict[str, pd.DataFrame]) -> Figure:
     """ECDFs of TTFT, TPOT and E2EL (ms, log x), one line per run: {label: requests table}."""
-    fig = Figure(figsize=(15, 4), layout="constrained")
+    rows = -(-len(runs) // 4)     # legend rows below the panels
+    fig = Figure(figsize=_bounded(15, 4.2 + 0.22 * rows), layout="constrained")
     axes = fig.subplots(1, len(CDF_METRICS))
     samples = {label: latency_samples(df) for label, df in runs.items()}
     for ax, (key, title) in zip(axes, CDF_METRICS):
-        for label, s in samples.items():
+        for i, (label, s) in enumerate(samples.items()):
             values = s[key] * 1000.0
             if values.size:
-                ax.ecdf(values, label=label)
+                ax.ecdf(values, label=label, lw=1.4, **series_style(i))
         ax.set(xscale="log", xlabel=f"{title} (ms)", ylabel="fraction of requests", title=title)
         _log_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    _figure_legend(fig, axes[0], len(runs))
     return fig
+
+
+def _break_idle_gaps(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of a step series with a NaN point wherever the executor sat idle (the next step
+    starts well after the previous one ended), so no line is drawn across the gap."""
+    start = rows["start_s"].to_numpy(float)
+    end = start + rows["duration_s"].to_numpy(float)
+    y = rows[column].to_numpy(float)
+    if len(start) < 2:
+        return end, y
+    gap = start[1:] - end[:-1]
+    idle = gap > max(0.05, 10 * float(np.median(rows["duration_s"])))
+    cut = np.flatnonzero(idle) + 1
+    # plot each step's value at its end (steps-pre: held over the step); NaN after idle
+    x = np.insert(end, cut, end[cut - 1])
+    y = np.insert(y, cut, np.nan)
+    return x, y
 
 
 def timeline(steps: pd.DataFrame) -> Figure:
-    """KV usage, batch size and step time over the run, one line per replica."""
-    fig = Figure(figsize=(12, 7), layout="constrained")
+    """KV usage, batch size and step time over the run, one line per replica (a legend when
+    there are several); an idle executor shows as a gap, not a line."""
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
-    series = (("kv_usage", "KV cache usage"), ("num_seqs", "sequences in step"),
-              ("duration_s", "step time (s)"))
-    for replica, rows in steps.groupby("replica"):
-        for ax, (column, label) in zip(axes, series):
-            ax.plot(rows["start_s"], rows[column], lw=0.8, label=f"replica {replica}")
+    series = (("kv_usage", "KV cache in use (%)", 100.0), ("num_seqs", "sequences in step", 1.0),
+              ("duration_s", "step time (ms)", 1000.0))
+    replicas = sorted(steps["replica"].unique()) if "replica" in steps else [0]
+    for i, replica in enumerate(replicas):
+        rows = steps[steps["replica"] == replica] if "replica" in steps else steps
+        style = series_style(i) | {"marker": None, "markevery": None}
+        for ax, (column, label, scale) in zip(axes, series):
+            if column not in rows:
+                continue
+            x, y = _break_idle_gaps(rows, column)
+            ax.plot(x, y * scale, lw=0.8, drawstyle="steps-pre", label=f"replica {replica}",
+                    **style)
             ax.set_ylabel(label)
-    axes[-1].set_xlabel("time (s)")
+    axes[-1].set_xlabel("time since the start of the replay (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
+    if len(replicas) > 1:
+        _figure_legend(fig, axes[0], len(replicas))
     return fig
 
 
-def latency_vs_load(table: pd.DataFrame, rate_key: str = "trace.request_rate") -> Figure:
-    """Median/p99 TTFT and TPOT, and throughput, against the offered request rate."""
-    table = table.sort_values(rate_key)
-    rate = table[rate_key]
-    fig = Figure(figsize=(15, 4), layout="constrained")
+def latency_vs_load(tables: pd.DataFrame | dict[str, pd.DataFrame],
+                    rate_key: str = "trace.request_rate", slos: dict | None = None,
+                    capacity: float | dict | None = None) -> Figure:
+    """Median and p99 TTFT and TPOT, and throughput, against the offered request rate; one
+    sweep (a sweep table) or several ({label: table}, e.g. real and sim). `slos`
+    ({"ttft_ms", "tpot_ms"}) draw the objectives as horizontal lines; `capacity` (req/s, or
+    {label: req/s}) a vertical line where the SLOs stop being met."""
+    if isinstance(tables, pd.DataFrame):
+        tables = {"": tables}
+    capacities = capacity if isinstance(capacity, dict) else {"": capacity}
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
     ax_ttft, ax_tpot, ax_thr = fig.subplots(1, 3)
-    for ax, key in ((ax_ttft, "ttft"), (ax_tpot, "tpot")):
-        for stat in ("median", "p99"):
-            column = f"{stat}_{key}_ms"
-            if column in table:
-                ax.plot(rate, table[column], marker="o", label=stat)
-        ax.set(xlabel="request rate (req/s)", ylabel=f"{key.upper()} (ms)", yscale="log")
+    i = 0
+    for name, table in tables.items():
+        table = table.sort_values(rate_key)
+        rate = table[rate_key]
+        prefix = f"{name} " if name else ""
+        for ax, key in ((ax_ttft, "ttft"), (ax_tpot, "tpot")):
+            for j, stat in enumerate(("median", "p99")):
+                column = f"{stat}_{key}_ms"
+                if column in table:
+                    style = series_style(2 * i + j) | {"marker": "o^"[j], "markevery": None}
+                    ax.plot(rate, table[column], label=f"{prefix}{stat}", **style)
+        style = series_style(2 * i) | {"marker": "o", "markevery": None}
+        ax_thr.plot(rate, table["request_throughput"], label=f"{prefix}throughput", **style)
+        if "request_goodput" in table:
+            style = series_style(2 * i + 1) | {"marker": "^", "markevery": None}
+            ax_thr.plot(rate, table["request_goodput"], label=f"{prefix}goodput", **style)
+        i += 1
+    all_rates = pd.concat([t[rate_key] for t in tables.values()])
+    ax_thr.plot([all_rates.min(), all_rates.max()], [all_rates.min(), all_rates.max()],
+                ls="--", color="grey", lw=1, label="offered")
+    for ax, key in ((ax_ttft, "ttft_ms"), (ax_tpot, "tpot_ms")):
+        if slos and slos.get(key):
+            ax.axhline(slos[key], color="firebrick", ls="--", lw=1,
+                       label=f"SLO {slos[key]:g} ms")
+    for name, rate in capacities.items():
+        if rate is not None and np.isfinite(rate):
+            for ax in (ax_ttft, ax_tpot, ax_thr):
+                ax.axvline(rate, color="black", ls=":", lw=1,
+                           label=f"{name + ' ' if name else ''}capacity {rate:g} req/s")
+    for ax, title in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
+        ax.set(xlabel=label_of(rate_key), ylabel=title, yscale="log", title=title)
         _log_ticks(ax.yaxis)
-        ax.legend()
-    ax_thr.plot(rate, table["request_throughput"], marker="o", label="throughput")
-    if "request_goodput" in table:
-        ax_thr.plot(rate, table["request_goodput"], marker="o", label="goodput")
-    ax_thr.plot(rate, rate, ls="--", color="grey", label="offered")
-    ax_thr.set(xlabel="request rate (req/s)", ylabel="req/s")
-    ax_thr.legend()
+    ax_thr.set(xlabel=label_of(rate_key), ylabel="req/s", title="throughput")
     for ax in (ax_ttft, ax_tpot, ax_thr):
         ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     return fig
 
 
 def heatmap(table: pd.DataFrame, x: str, y: str, metric: str) -> Figure:
     """`metric` over a two-parameter sweep (e.g. cache.block_size x scheduler.max_num_seqs);
-    cells with several runs show their mean."""
+    cells with several runs show their mean. Cells are labelled with their value up to 16
+    columns; the colour bar names the metric and whether higher or lower is better."""
     grid = table.pivot_table(index=y, columns=x, values=metric, aggfunc="mean")
-    fig = Figure(figsize=(1.4 * len(grid.columns) + 3, 0.8 * len(grid.index) + 2),
+    values = grid.to_numpy(float)
+    fig = Figure(figsize=_bounded(1.3 * len(grid.columns) + 3.5, 0.6 * len(grid.index) + 2.4),
                  layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(grid.to_numpy(float), cmap="viridis", aspect="auto")
-    ax.set(xticks=range(len(grid.columns)), xticklabels=grid.columns,
-           yticks=range(len(grid.index)), yticklabels=grid.index, xlabel=x, ylabel=y,
-           title=metric)
-    for (i, j), value in np.ndenumerate(grid.to_numpy(float)):
-        bright = image.norm(value) > 0.6       # viridis is light at the top: dark text there
-        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize="small",
-                color="black" if bright else "white")
-    fig.colorbar(image, ax=ax)
+    better = "higher" if any(k in metric for k in HIGHER_IS_BETTER) else "lower"
+    finite = values[np.isfinite(values)]
+    # a log colour scale when values span more than 50x: otherwise one overloaded cell
+    # leaves every other cell the same colour
+    wide = finite.size and finite.min() > 0 and finite.max() / finite.min() > 50
+    image = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower",
+                      norm=LogNorm() if wide else None)
+    ax.set(xticks=range(len(grid.columns)), xticklabels=[f"{v:g}" if isinstance(v, float)
+                                                          else str(v) for v in grid.columns],
+           yticks=range(len(grid.index)), yticklabels=[str(v) for v in grid.index],
+           xlabel=label_of(x), ylabel=label_of(y),
+           title=f"{label_of(metric)}, {better} is better")
+    if len(grid.columns) > 8:
+        ax.tick_params(axis="x", labelrotation=45)
+    if len(grid.columns) <= 16 and len(grid.index) <= 24:
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                bright = image.norm(value) > 0.6   # viridis is light at the top: dark text
+                ax.text(j, i, format_value(value), ha="center", va="center", fontsize="small",
+                        color="black" if bright else "white")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(label_of(metric) + (" (log scale)" if wide else ""))
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v)))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
     return fig
+
+
+def step_time_scatter(real: pd.DataFrame, sim: pd.DataFrame) -> Figure:
+    """Predicted (sim) against measured (real) step time. When both runs made the same
+    steps (a replay, or the same schedule), one point per step; otherwise one point per
+    step shape: steps grouped by kind (decode-only or with prefill) and batched tokens
+    (powers of 2), mean time of each group, sized by how many real steps it holds."""
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = fig.subplots()
+    shape = ["num_seqs", "num_batched_tokens"]
+    same = (len(real) == len(sim) and all(c in real and c in sim for c in shape)
+            and (real[shape].to_numpy() == sim[shape].to_numpy()).all())
+    kinds = (("decode-only steps", 0), ("steps with prefill", 1))
+    if same:
+        for i, (label, k) in enumerate(kinds):
+            rows = (real["num_prefill_tokens"] > 0) == bool(k)
+            ax.scatter(real["duration_s"][rows] * 1e3, sim["duration_s"][rows] * 1e3, s=6,
+                       alpha=0.5, color=COLORS[i], label=label)
+        title = "each step"
+    else:
+        for i, (label, k) in enumerate(kinds):
+            means = [_binned_step_times(t, k) for t in (real, sim)]
+            both = means[0].join(means[1], lsuffix="_real", rsuffix="_sim", how="inner")
+            if len(both):
+                ax.scatter(both["mean_real"] * 1e3, both["mean_sim"] * 1e3,
+                           s=12 + 60 * both["count_real"] / both["count_real"].max(),
+                           color=COLORS[i], marker="os"[i], label=label)
+        title = "mean per step shape (kind, batched tokens in powers of 2)"
+    low, high = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([low, high], [low, high], color="grey", ls="--", lw=1, label="sim = real")
+    ax.set(xlabel="measured step time (ms)", ylabel="predicted step time (ms)",
+           xscale="log", yscale="log", title=f"step time, {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _binned_step_times(steps: pd.DataFrame, prefill: int) -> pd.DataFrame:
+    rows = steps[(steps["num_prefill_tokens"] > 0) == bool(prefill)]
+    bins = np.floor(np.log2(rows["num_batched_tokens"].clip(lower=1))).astype(int)
+    grouped = rows.groupby(bins)["duration_s"]
+    return pd.DataFrame({"mean": grouped.mean(), "count": grouped.size()})

@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--backend", default="auto", help="attention backend")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="no torch.compile of the elementwise layers")
+    ap.add_argument("--graph-max-tokens", type=int, default=8192, help="cuda_graph_max_tokens: largest step replayed from a CUDA graph")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024)
@@ -170,7 +170,7 @@ def main():
             write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16")
 
     llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
-              enforce_eager=args.enforce_eager, compile=not args.no_compile, tensor_parallel_size=args.tp,
+              enforce_eager=args.enforce_eager, cuda_graph_max_tokens=args.graph_max_tokens, tensor_parallel_size=args.tp,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, **extra)
@@ -225,7 +225,7 @@ def main():
             b["device_GBps"] = nbytes / (b["device_ms"] / 1e3) / 1e9     # device time (events)
             b["pct_of_copy"] = 100 * nbytes / (b["device_ms"] / 1e3) / ceiling
     print(f"\nnano-vLLM bench workload on {device}: {args.model}, block {args.block_size}, "
-          f"backend {args.backend}, tp {args.tp}, eager {args.enforce_eager}, compile {not args.no_compile}, "
+          f"backend {args.backend}, tp {args.tp}, eager {args.enforce_eager}, graph max tokens {args.graph_max_tokens}, "
           f"KV pool {llm.model_runner.num_blocks} blocks")
     print(f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_per_token / 1024:.0f} KiB/token, "
           f"copy ceiling {ceiling / 1e9:.0f} GB/s -> HBM floor {floor_s:.2f} s = "
@@ -251,7 +251,7 @@ def main():
                   f"{b.get('device_GBps', float('nan')):>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}%")
     result = {"bench": "engine", "workload": "nano-vllm", "model": args.model, "device": device,
               "block_size": args.block_size, "backend": args.backend, "tp": args.tp,
-              "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "num_seqs": args.num_seqs,
+              "enforce_eager": args.enforce_eager, "cuda_graph_max_tokens": args.graph_max_tokens, "num_seqs": args.num_seqs,
               "output_tokens": output_tokens, "seconds": seconds,
               "output_tok_per_s": output_tokens / seconds, "steps": len(steps),
               "host_share": cpu_share, "device_idle_share": gap_share, "device_share": device_share,

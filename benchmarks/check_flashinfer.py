@@ -52,7 +52,7 @@ def run(path, backend, dtype, case):
     """Greedy tokens of every prompt, prefix hits, and first-step logits per prompt (None
     where a prompt would not fit one step of the case's token budget)."""
     kw = dict(device="cuda", dtype=dtype, attention_backend=backend, num_gpu_blocks=1024,
-              max_model_len=512, block_size=16, max_num_seqs=16, compile=False)
+              max_model_len=512, block_size=16, max_num_seqs=16)
     llm = LLM(str(path), **{**kw, **CASES[case]})
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     outs += llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)   # fills the prefix cache

@@ -69,11 +69,14 @@ def engine_logits(runner, prompt):
     seq.block_table = list(range(1, 1 + -(-len(prompt) // runner.config.block_size)))
     batch = Batch(seqs=[seq], num_new_tokens=[len(prompt)], num_computed_tokens=[0], sample=[True],
                   num_batched_tokens=len(prompt), num_prefill_tokens=len(prompt))
-    step = runner.prepare(batch, None)
+    saved = runner.packer.mixed_sizes
+    runner.packer.mixed_sizes = []     # eager: the model call below runs outside any graph
+    step = runner.packer.pack(batch, None)
+    runner.packer.mixed_sizes = saved
     runner.buffer.upload(step.nbytes)
-    views = runner.buffer.views(step.T, step.B, step.W, step.S)[2]
+    views = runner.buffer.views(step.T, step.B, step.W, step.P, step.S)[2]
     hidden = runner.model(*runner.model_inputs(step, views))
-    return runner.model.compute_logits(hidden[-1:])[0]
+    return runner.model.compute_logits(hidden[step.num_tokens - 1:step.num_tokens])[0]
 
 
 def fp32_checks(root, backends):
@@ -82,9 +85,9 @@ def fp32_checks(root, backends):
     shared = prompts([37], 1, 500)[0]
     ps_prefix = prompts([1, 5, 12], 2, 500, prefix=shared)
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    # compile only where it is the point: every other case checks the policy paths
     cases = {
-        "graphs": dict(compile=True),
+        "graphs": dict(),                               # decode and mixed-step graphs
+        "decode-graphs": dict(cuda_graph_max_tokens=16),  # larger mixed steps eager
         "eager": dict(enforce_eager=True),
         "chunked": dict(max_num_batched_tokens=32, max_num_seqs=4),
         "prefill_first": dict(scheduler_policy="prefill_first", max_num_batched_tokens=64),
@@ -106,8 +109,7 @@ def fp32_checks(root, backends):
                 if arch != "qwen3" and name not in ("graphs", "chunked"):
                     continue
                 base = dict(device="cuda", dtype="float32", attention_backend=backend,
-                            num_gpu_blocks=1024, max_model_len=512, block_size=16, max_num_seqs=16,
-                            compile=False)
+                            num_gpu_blocks=1024, max_model_len=512, block_size=16, max_num_seqs=16)
                 if backend == "torch":
                     base["enforce_eager"] = True   # the torch reference reads lengths on the host
                 llm = LLM(str(path), **{**base, **kw})

@@ -106,7 +106,7 @@ def main():
             outs = {}
             for tp in (1, args.tp):
                 with LLM(path, dtype="float32", tensor_parallel_size=tp, num_gpu_blocks=512,
-                         max_model_len=512, max_num_seqs=8, compile=False) as llm:
+                         max_model_len=512, max_num_seqs=8) as llm:
                     outs[tp] = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
             equal = sum(a == b for a, b in zip(outs[1], outs[args.tp]))
             ok &= equal == len(prompts)

@@ -23,11 +23,9 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
-    engine = LLMEngine(args.model, max_model_len=args.max_model_len, max_num_batched_tokens=16384,
-                       compile=not args.no_compile)
+    engine = LLMEngine(args.model, max_model_len=args.max_model_len, max_num_batched_tokens=16384)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64)
     for i in range(args.batch):
         engine.add_request([(7 * i + j) % 10000 for j in range(args.context)], params)

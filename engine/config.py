@@ -36,13 +36,16 @@ class EngineConfig:
     enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs (or CPU processes) the model
         is split over (NCCL all-reduces are captured in the CUDA graphs too).
     async_scheduling: schedule and launch step N+1 while step N runs on the device (hides
-        the host's per-step work); None = on unless tensor_parallel_size > 1, where it is
-        not supported. Outputs are the same either way (see LLMEngine). attention_backend: one of engine.layers.attention.BACKENDS, or
+        the host's per-step work); None = on. With tensor parallelism rank 0 feeds the
+        previous step's tokens into the inputs on its device before broadcasting them.
+        Outputs are the same either way (see LLMEngine).
+    attention_backend: one of engine.layers.attention.BACKENDS, or
         "auto" (triton on CUDA, torch on CPU); "torch" always runs eager (no CUDA graphs);
         "flashinfer" needs the flashinfer package and dtype float16 / bfloat16.
-        seed: the engine's sampling stream. compile: torch.compile the elementwise layers
-        (RMSNorm + residual, RoPE, SiLU-and-mul) into fused kernels on CUDA: a decode step
-        launches far fewer kernels. Ignored on the CPU (compile time outweighs the gain).
+        seed: the engine's sampling stream. cuda_graph_max_tokens: the largest step replayed
+        from a CUDA graph (policy.cuda_graphs: decode steps by batch size, mixed
+        prefill+decode steps by token count, padded to a captured size); larger steps run
+        eagerly. 0 = decode and mixed steps all eager (as enforce_eager).
     """
     model: str
     dtype: str = "auto"
@@ -57,7 +60,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    compile: bool = True
+    cuda_graph_max_tokens: int = 8192
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     attention_backend: str = "auto"
@@ -81,9 +84,8 @@ class EngineConfig:
                  f"max_model_len must be None or >= 1, got {self.max_model_len}")
         _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
-        _require(not (self.async_scheduling and self.tensor_parallel_size > 1),
-                 "async_scheduling needs tensor_parallel_size == 1 (the other ranks would need "
-                 "each step's sampled tokens); leave it None (auto) or set it False")
+        _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
+                 f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
         # The policy configs check their own fields (block_size, budgets, policy name).
         self.cache_config()
         if self.max_model_len is not None:

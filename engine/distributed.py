@@ -5,13 +5,21 @@ packed step inputs (ModelRunner.broadcast). Ranks 1..N-1 are spawned here; each 
 ModelRunner (its weight shard, its slice of the KV heads) and follows rank 0 until told to
 stop. NCCL on CUDA (rank r on cuda:r), gloo on the CPU.
 
+The rendezvous never listens on a network port: the ranks meet through a file in a private
+temporary folder (torch's TCP store would listen on every interface), and gloo's and NCCL's
+own sockets use the loopback interface unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say
+otherwise (all ranks are on this host).
+
 A failing worker sends its traceback up a pipe and exits; rank 0's next collective then
 fails (or, for NCCL, times out) and `Workers.check` re-raises the worker's error there.
 A worker that seems stuck prints its Python stack on SIGUSR1 (`kill -USR1 PID`).
 """
 import faulthandler
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import traceback
 from datetime import timedelta
@@ -33,6 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_file() -> str:
+    """A fresh rendezvous for one process group: a file path in a new private folder."""
+    return os.path.join(tempfile.mkdtemp(prefix="twinserve-tp-"), "rendezvous")
+
+
+def loopback_interface() -> str | None:
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
     device = config.device
     if device == "auto":
@@ -43,19 +60,27 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(rank: int, world_size: int, port: int, device: torch.device) -> None:
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=TIMEOUT)
+def init_process_group(rank: int, world_size: int, rendezvous: str | int,
+                       device: torch.device) -> None:
+    """Join the group. `rendezvous`: a `rendezvous_file()` path (what the engine uses), or
+    a TCP port on 127.0.0.1 (torch's store then listens on every interface)."""
+    loopback = loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    init = (f"tcp://127.0.0.1:{rendezvous}" if isinstance(rendezvous, int)
+            else f"file://{rendezvous}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init,
+                            rank=rank, world_size=world_size, timeout=TIMEOUT)
 
 
-def worker_main(rank: int, config: EngineConfig, model_config: ModelConfig, port: int,
+def worker_main(rank: int, config: EngineConfig, model_config: ModelConfig, rendezvous: str,
                 errors) -> None:
     """Entry point of a spawned rank > 0."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         device = rank_device(config, rank)
-        init_process_group(rank, config.tensor_parallel_size, port, device)
+        init_process_group(rank, config.tensor_parallel_size, rendezvous, device)
         ModelRunner(config, model_config, rank, device).follow()
     except BaseException:
         errors.send(f"tensor-parallel worker rank {rank} failed:\n{traceback.format_exc()}")
@@ -70,17 +95,17 @@ class Workers:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
         ctx = mp.get_context("spawn")
-        port = free_port()
+        self.rendezvous = rendezvous = rendezvous_file()
         self.processes, self.errors = [], []
         for rank in range(1, config.tensor_parallel_size):
             receiver, sender = ctx.Pipe(duplex=False)
             process = ctx.Process(target=worker_main, daemon=True, name=f"twinserve-tp{rank}",
-                                  args=(rank, config, model_config, port, sender))
+                                  args=(rank, config, model_config, rendezvous, sender))
             process.start()
             sender.close()
             self.processes.append(process)
             self.errors.append(receiver)
-        init_process_group(0, config.tensor_parallel_size, port, device)
+        init_process_group(0, config.tensor_parallel_size, rendezvous, device)
 
     def check(self, wait_s: float = 0.0) -> None:
         """Raise the first worker error reported (waiting up to `wait_s` for one), or a
@@ -118,3 +143,4 @@ class Workers:
             closer = threading.Thread(target=dist.destroy_process_group, daemon=True)
             closer.start()
             closer.join(timeout=10)
+        shutil.rmtree(os.path.dirname(self.rendezvous), ignore_errors=True)

@@ -41,13 +41,15 @@ class RequestMetrics:
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
-    """A finished (or aborted) request. `text` is None when the model has no tokenizer."""
+    """A finished request. `text` is None when the model has no tokenizer. A request whose
+    step failed has finish_reason "error", `error` saying why, and the tokens it had."""
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
     finish_reason: str | None
     metrics: RequestMetrics
+    error: str | None = None
 
 
 def load_tokenizer(path: str):
@@ -81,7 +83,7 @@ class LLMEngine:
     formed the step not spent waiting for the device). `sequences` maps the ids of
     unfinished requests to their policy Sequence.
 
-    Asynchronous scheduling (`async_scheduling`, on by default without tensor parallelism):
+    Asynchronous scheduling (`async_scheduling`, on by default):
     step N+1 is scheduled and launched while step N runs on the device, so the host's work
     hides behind the device's. The policy sees each sampled token as a placeholder until
     the next step() receives it (`Scheduler.receive`; the runner feeds it to step N+1 on
@@ -116,20 +118,27 @@ class LLMEngine:
         self.step_records: list[dict] = []
         self.clock = time.perf_counter     # replaceable (experiments shift it to the replay's start)
         self._next_request_id = 0
-        self.async_scheduling = config.async_scheduling is not False and config.tensor_parallel_size == 1
+        self.async_scheduling = config.async_scheduling is not False
         self.loop = StepLoop(self.scheduler, self._launch, self._wait, lambda: self.clock(),
                              self.async_scheduling, self.step_records)
         self._blocked_s = 0.0   # seconds the current step() spent waiting for the device
+        self._batches: list = []   # batches the current step() touches (failure handling)
 
     # ---- requests -------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Queue a prompt (text, or token ids). Raises ValueError if it can never run."""
-        params = sampling_params or SamplingParams()
+        """Queue a prompt (text, or token ids). Raises ValueError, and queues nothing, if the
+        request is malformed or can never run."""
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = params.for_vocab(self.model_config.vocab_size)
         if request_id is None:
             request_id = str(self._next_request_id)
             self._next_request_id += 1
+        if request_id in self.sequences:
+            raise ValueError(f"request {request_id!r} is already queued or running")
         token_ids = self.tokenize(prompt, request_id)
         seq = Sequence(request_id, token_ids, params.max_tokens,
                        arrival_time=self.clock() if arrival_time is None else arrival_time,
@@ -154,10 +163,25 @@ class LLMEngine:
         return token_ids
 
     def abort(self, request_id: str) -> bool:
-        """Drop an unfinished request and free its KV blocks. False if unknown."""
+        """Drop an unfinished request and free its KV blocks: True, and no output will come.
+        False if the request is unknown, or already finished with its output still to come
+        from the next step() (asynchronous scheduling): an abort never loses an output
+        silently."""
+        if not self.scheduler.abort(request_id):
+            return False
         self.sequences.pop(request_id, None)
         self.sampling_params.pop(request_id, None)
-        return self.scheduler.abort(request_id)
+        return True
+
+    def output_tokens_since(self, request_id: str, start: int) -> list[int]:
+        """The output tokens of an unfinished request from index `start` on, as far as the
+        host has received them (with asynchronous scheduling the newest is still on the
+        device). Empty if the request is unknown or finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.is_finished:
+            return []
+        end = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)
+        return seq.token_ids[seq.num_prompt_tokens + start:end].tolist()
 
     def has_unfinished(self) -> bool:
         return self.loop.has_work()
@@ -168,10 +192,21 @@ class LLMEngine:
         """One turn of the step loop (policy.step_loop): schedule at `now` (default: the
         clock; a driver that admitted arrivals up to a time passes that time), launch,
         receive the previous step's tokens, update. Returns the requests finished so far.
-        Without async scheduling this step's tokens are received at once."""
+        Without async scheduling this step's tokens are received at once.
+
+        A failure inside the step ends the requests of the batches it touched (this step's
+        and the one in flight) with finish_reason "error", frees their blocks and returns
+        them; the engine keeps serving the rest. With tensor parallelism it is fatal (the
+        ranks may no longer agree) and raises."""
         start = self.clock() if now is None else now
         self._blocked_s = 0.0
-        done = self.loop.step(start)
+        self._batches = [self.loop.in_flight.batch] if self.loop.in_flight is not None else []
+        try:
+            done = self.loop.step(start)
+        except Exception as error:
+            if self.config.tensor_parallel_size > 1:
+                raise
+            return self._fail(self._batches, error)
         record = self.loop.last_record
         if record is not None:
             record.setdefault("device_s", math.nan)      # a step that only preempted
@@ -179,9 +214,22 @@ class LLMEngine:
             record["cpu_s"] = record["duration_s"] - self._blocked_s
         return [self._output(seq) for seq in done if seq.seq_id in self.sequences]
 
+    def _fail(self, batches, error: Exception) -> list[RequestOutput]:
+        """End every request of `batches` still known with finish_reason "error" and forget
+        the step in flight."""
+        self.loop.in_flight = None
+        now, message, outputs = self.clock(), f"{type(error).__name__}: {error}", []
+        for batch in batches:
+            for seq in batch.seqs:
+                if seq.seq_id in self.sequences:
+                    self.scheduler.finish(seq, "error", now)   # a no-op if it already finished
+                    outputs.append(self._output(seq, error=message))
+        return outputs
+
     def _launch(self, batch, previous, record):
         """StepLoop's launch: the runner queues the step (the previous step's sampled
         tokens, still on the device, feed this one's inputs)."""
+        self._batches.append(batch)
         params = [self.sampling_params[seq.seq_id] for seq in batch.seqs]
         pending = previous.pending if previous is not None else None
         try:
@@ -201,10 +249,13 @@ class LLMEngine:
         record["device_s"], record["gpu_gap_s"] = launched.device_s, launched.gap_s
         return tokens
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
+        """The request's output; with `error`, a failed one (received tokens only)."""
         self.sequences.pop(seq.seq_id, None)
         self.sampling_params.pop(seq.seq_id, None)
         token_ids = seq.output_token_ids
+        if error is not None:
+            token_ids = [t for t in token_ids if t != PLACEHOLDER]
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -215,7 +266,7 @@ class LLMEngine:
             num_output_tokens=len(token_ids), num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions)
         return RequestOutput(seq.seq_id, seq.prompt_token_ids, token_ids, text,
-                             seq.finish_reason, metrics)
+                             "error" if error else seq.finish_reason, metrics, error)
 
     # ---- shutdown -------------------------------------------------------------------
 

@@ -69,14 +69,13 @@ class EngineSettings:
     cuda_graph_max_tokens: the largest step (tokens) replayed from a CUDA graph (decode and
         mixed graphs: policy.cuda_graphs); the simulator pads steps by the same rule (0 with
         enforce_eager).
-    async_scheduling: form step N+1 while step N runs (None: on unless tensor parallel);
-        the simulator follows the same setting."""
+    async_scheduling: form step N+1 while step N runs (None: on); the simulator follows
+        the same setting."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
     enforce_eager: bool = False
-    cuda_graph_max_tokens: int = 512
-    compile: bool = True
+    cuda_graph_max_tokens: int = 8192
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
@@ -97,7 +96,7 @@ class EngineSettings:
 
     @property
     def async_on(self) -> bool:
-        return self.async_scheduling is not False and self.tensor_parallel_size == 1
+        return self.async_scheduling is not False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ compared row for row.
 """
 import dataclasses
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from experiments.logging import make_logger
 from policy import Scheduler, Sequence
 from traces import load_trace, materialize
 
+log = logging.getLogger(__name__)
 GPU_EXTRA = "mode=gpu needs the engine extra: pip install -e .[engine] and a GPU"
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "ckpt"   # random weights (gitignored)
 
@@ -186,15 +188,12 @@ def build_engine(rc: RunConfig):
     what is missing, where the engine cannot run."""
     try:
         import torch
-        from engine import EngineConfig, LLMEngine
+        from engine import LLMEngine
     except ImportError as e:
         raise RuntimeError(f"{GPU_EXTRA} ({e})") from None
     if rc.engine.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
                            "(engine.device=cpu runs tiny models on the CPU)")
-    extra = {}
-    if "cuda_graph_max_tokens" in EngineConfig.__dataclass_fields__:
-        extra["cuda_graph_max_tokens"] = rc.engine.cuda_graph_max_tokens
     return LLMEngine(model_path(rc), dtype=rc.engine.dtype, device=rc.engine.device,
                      gpu_memory_utilization=rc.gpu_memory_utilization,
                      num_gpu_blocks=rc.num_blocks, max_model_len=rc.scheduler.max_model_len,
@@ -204,10 +203,11 @@ def build_engine(rc: RunConfig):
                      max_num_batched_tokens=rc.scheduler.max_num_batched_tokens,
                      scheduler_policy=rc.scheduler.policy,
                      long_prefill_token_threshold=rc.scheduler.long_prefill_token_threshold,
-                     enforce_eager=rc.engine.enforce_eager, compile=rc.engine.compile,
+                     enforce_eager=rc.engine.enforce_eager,
+                     cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
                      tensor_parallel_size=rc.engine.tensor_parallel_size,
                      attention_backend=rc.engine.attention_backend,
-                     async_scheduling=rc.engine.async_scheduling, seed=rc.seed, **extra)
+                     async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
 
 
 def warm_up(engine, rc: RunConfig) -> None:
@@ -268,8 +268,10 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         recorded = Path(rc.cost_model.path).parent / "requests.parquet"
         if recorded.is_file():
             replay.equivalence.update(compare_requests(requests_table, recorded))
+    backend, load = results.backend(rc, replay.gpu), results.load(rc.trace)
     summary = {"config": config, "metrics": metrics, "versions": results.versions(),
-               "gpu": replay.gpu, "mode": rc.mode, "equivalence": replay.equivalence,
+               "gpu": replay.gpu, "mode": rc.mode, "backend": backend, "load": load,
+               "equivalence": replay.equivalence,
                "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
                        "num_steps": len(steps_table), "wall_s": replay.wall_s}}
     results.write(run_dir, requests_table, steps_table, summary)
@@ -281,9 +283,8 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
         logger.log_cdfs(requests_table)
     finally:
         logger.finish()
-    print(format_report(metrics))
-    if replay.equivalence is not None:
-        print(equivalence_line(replay.equivalence))
-    print(f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
-          f"{replay.wall_s:.1f} s wall)")
+    equivalence = ("\n" + equivalence_line(replay.equivalence)) if replay.equivalence is not None else ""
+    log.info(f"backend: {backend}\nload: {load['text']}\n{format_report(metrics)}{equivalence}\n"
+             f"results: {run_dir} ({len(requests_table)} requests, {len(steps_table)} steps, "
+             f"{replay.wall_s:.1f} s wall)")
     return metrics

@@ -55,6 +55,55 @@ def step_table(steps: list[dict], num_blocks: int, t0: float = 0.0) -> pd.DataFr
     return table
 
 
+def _calibration_note(path) -> str:
+    """' (EXAMPLE, not a measurement)' for a calibration file that says it is an example."""
+    try:
+        calib = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return ""
+    example = "EXAMPLE" in str(calib.get("source", "")) or Path(path).name.startswith("example")
+    return f", device {calib.get('device')!r}" + (" (EXAMPLE, not a measurement)" if example
+                                                   else "")
+
+
+def backend(rc, gpu: str | None = None) -> str:
+    """What produced the numbers, in one line: the simulator with its cost model and
+    hardware, or the engine with its device. `rc`: the run's RunConfig."""
+    tp = rc.engine.tensor_parallel_size
+    if rc.mode == "sim":
+        cost = rc.cost_model
+        if cost.kind == "roofline":
+            model = "roofline cost model"
+        elif cost.kind == "fitted":
+            model = f"fitted cost model {cost.path}{_calibration_note(cost.path)}"
+        else:
+            model = f"step times replayed from {cost.path}"
+        replicas = rc.cluster.num_replicas
+        cluster = (f", {replicas} replicas ({rc.cluster.router})" if replicas > 1 else "")
+        return (f"simulator: {model}, {rc.model_name} on {rc.hardware.name} (tp={tp}"
+                f"{cluster})")
+    device = gpu or rc.engine.device
+    return (f"engine: {rc.model_name} on {device} (dtype {rc.engine.dtype}, tp={tp}, "
+            f"attention {rc.engine.attention_backend})")
+
+
+def load(trace) -> dict:
+    """The configured load: arrival process and rate (`trace`: the run's TraceConfig)."""
+    arrival = trace.arrival or trace.default_arrival
+    out = {"trace": trace.name, "arrival": arrival, "request_rate": None,
+           "time_scale": None, "num_requests": trace.num_requests}
+    if arrival == "trace":
+        out["time_scale"] = trace.time_scale
+        out["text"] = f"{trace.name}, the trace's own timestamps x {trace.time_scale:g}"
+    elif arrival == "burst":
+        out["text"] = f"{trace.name}, every request at t=0 (burst)"
+    else:
+        out["request_rate"] = trace.request_rate
+        shape = f"gamma (cv={trace.cv:g})" if arrival == "gamma" else arrival
+        out["text"] = f"{trace.name}, {shape} arrivals at {trace.request_rate:g} req/s"
+    return out
+
+
 def versions() -> dict:
     """Versions of what produced the numbers (None where not installed)."""
     def version(package):

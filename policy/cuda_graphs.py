@@ -8,9 +8,10 @@ Two graph families, both keyed by a padded size from one list:
                  `size` tokens, with room for min(size, max_num_seqs) sequences.
 A step larger than the largest size runs eagerly, unpadded.
 
-The sizes: 1, 2, 4, 8, then every 16 up to 256, then every 64 up to the limit (padding
-costs at most 15 tokens where a step is bound by weight reads, and at most ~20% where it
-is bound by arithmetic), plus max_num_seqs itself for decode.
+The sizes: 1, 2, 4, 8, then eight per octave (every 16 from 16 to 128, every 32 to 256,
+every 64 to 512, ..., every 1024 to 8192, ...) up to the limit, plus the limit itself (and
+max_num_seqs for decode). A step is padded by at most 12.5% (at most 15 tokens below 128,
+where steps are bound by weight reads and padding is nearly free).
 """
 from bisect import bisect_left
 
@@ -20,8 +21,11 @@ def capture_sizes(limit: int) -> list[int]:
     if limit < 1:
         return []
     sizes = [s for s in (1, 2, 4, 8) if s < limit]
-    sizes += list(range(16, min(limit, 256), 16))
-    sizes += list(range(256, limit, 64)) if limit > 256 else []
+    octave = 16
+    while octave < limit:
+        step = max(16, octave // 8)
+        sizes += range(octave, min(2 * octave, limit), step)
+        octave *= 2
     return sorted(set(sizes) | {limit})
 
 

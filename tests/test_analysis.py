@@ -3,16 +3,18 @@ capacity, A-vs-B comparison, figures and the CLI. Expected values are recomputed
 the definitions, independently of analysis/metrics.py."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from analysis import plots
 from analysis.__main__ import main as analysis_main
-from analysis.compare import compare_metrics, relative_error
+from analysis.compare import compare_metrics, identify, percent_error
 from analysis.metrics import compute_metrics, format_report, latency_samples
 from analysis.runs import capacity, find_runs, load_run, sweep_table, varying_keys
 
@@ -159,15 +161,15 @@ def test_report_has_vllm_rows(table):
     assert int(row[40:]) == 3
 
 
-def test_relative_error():
-    assert relative_error(100.0, 110.0) == pytest.approx(0.10)
-    assert relative_error(100.0, 90.0) == pytest.approx(-0.10)
-    assert relative_error(0, 0) == 0.0 and relative_error(0, 1) == math.inf
-    assert math.isnan(relative_error(None, 1.0)) and math.isnan(relative_error(math.nan, 1.0))
+def test_percent_error_is_signed_and_relative_to_the_measurement():
+    assert percent_error(100.0, 110.0) == pytest.approx(10.0)      # (sim - real) / real
+    assert percent_error(100.0, 90.0) == pytest.approx(-10.0)
+    assert percent_error(0, 0) == 0.0 and percent_error(0, 1) == math.inf
+    assert math.isnan(percent_error(None, 1.0)) and math.isnan(percent_error(math.nan, 1.0))
     table = compare_metrics({"mean_ttft_ms": 50.0, "completed": 10},
                             {"mean_ttft_ms": 40.0, "completed": 10})
     row = table.set_index("metric").loc["mean_ttft_ms"]
-    assert (row["A"], row["B"], row["rel_err"]) == (50.0, 40.0, pytest.approx(-0.2))
+    assert (row["real"], row["sim"], row["error_pct"]) == (50.0, 40.0, pytest.approx(-20.0))
     assert list(table["metric"]) == ["completed", "mean_ttft_ms"]
 
 
@@ -176,7 +178,8 @@ def write_run(path: Path, config: dict, requests: pd.DataFrame, slos=None, mode=
     path.mkdir(parents=True)
     requests.to_parquet(path / "requests.parquet", index=False)
     steps = pd.DataFrame({"start_s": [0.0, 0.1, 0.2], "duration_s": [0.1, 0.1, 0.1],
-                          "num_seqs": [1, 2, 1], "kv_usage": [0.1, 0.2, 0.1], "replica": 0})
+                          "num_seqs": [1, 2, 1], "kv_usage": [0.1, 0.2, 0.1], "replica": 0,
+                          "num_batched_tokens": [10, 2, 1], "num_prefill_tokens": [10, 0, 0]})
     steps.to_parquet(path / "steps.parquet", index=False)
     summary = {"config": config, "metrics": compute_metrics(requests, slos=slos),
                "versions": {}, "gpu": None, "mode": mode}
@@ -257,6 +260,83 @@ def test_figures_are_written(tmp_path, table, sweep):
     assert figures["heatmap"].axes[0].images[0].get_array().shape == (2, 2)
 
 
+def test_series_styles_are_distinct_for_many_series():
+    styles = [plots.series_style(i) for i in range(200)]
+    keys = {(s["color"], s["linestyle"], s["marker"]) for s in styles}
+    assert len(keys) == 200
+    fig = plots.latency_cdfs({f"run {i}": scaled_table(i) for i in range(12)})
+    lines = fig.axes[0].get_lines()
+    assert len({(tuple(l.get_color()), l.get_linestyle()) for l in lines}) == 12
+    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 12
+
+
+def scaled_table(i):
+    base = pd.DataFrame([request(str(j), 0.1 * j, [0.1 * j + 0.05 * (i + 1) * k
+                                                   for k in range(1, 4)]) for j in range(5)])
+    return base
+
+
+def test_heatmap_is_labelled_and_formatted():
+    table = pd.DataFrame({"cache.block_size": [16, 16, 64, 64],
+                          "scheduler.max_num_seqs": [32, 256, 32, 256],
+                          "p99_ttft_ms": [5380.2, 12.345, 0.01234, 99.99]})
+    fig = plots.heatmap(table, "cache.block_size", "scheduler.max_num_seqs", "p99_ttft_ms")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "KV block size (tokens)"
+    assert ax.get_ylabel() == "max sequences per step"
+    assert ax.get_title() == "p99 TTFT (ms), lower is better"
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["5,380", "12.3", "0.0123", "100.0"])
+    assert fig.axes[1].get_ylabel() == "p99 TTFT (ms) (log scale)"   # the colour bar too
+    wide = pd.DataFrame({"a": list(range(200)) * 2, "b": [0] * 200 + [1] * 200,
+                         "p99_ttft_ms": range(400)})
+    width, height = plots.heatmap(wide, "a", "b", "p99_ttft_ms").get_size_inches()
+    assert width <= plots.MAX_WIDTH_IN and height <= plots.MAX_HEIGHT_IN
+
+
+def test_timeline_breaks_lines_across_idle_gaps_and_names_replicas():
+    steps = pd.DataFrame({"start_s": [0.0, 0.01, 0.02, 5.0, 5.01, 0.0, 0.01],
+                          "duration_s": [0.01] * 7, "num_seqs": [1, 2, 3, 1, 2, 4, 4],
+                          "kv_usage": [0.1] * 7, "replica": [0, 0, 0, 0, 0, 1, 1]})
+    fig = plots.timeline(steps)
+    lines = fig.axes[1].get_lines()
+    assert [l.get_label() for l in lines] == ["replica 0", "replica 1"]
+    y = lines[0].get_ydata()
+    assert np.isnan(y).sum() == 1 and list(np.asarray(y)[~np.isnan(y)]) == [1, 2, 3, 1, 2]
+    assert len(fig.legends) == 1
+
+
+def test_latency_vs_load_marks_slos_and_capacity():
+    load = pd.DataFrame({"trace.request_rate": [1, 2, 4], "median_ttft_ms": [1, 2, 9],
+                         "p99_ttft_ms": [2, 5, 30], "median_tpot_ms": [1, 1, 2],
+                         "p99_tpot_ms": [2, 2, 4], "request_throughput": [1, 2, 3]})
+    fig = plots.latency_vs_load(load, slos={"ttft_ms": 20, "tpot_ms": 3}, capacity=2.0)
+    ttft, tpot, _ = fig.axes
+    labels = [l.get_label() for l in ttft.get_lines()]
+    assert "SLO 20 ms" in labels and "capacity 2 req/s" in labels
+    assert "SLO 3 ms" in [l.get_label() for l in tpot.get_lines()]
+    both = plots.latency_vs_load({"real": load, "sim": load.assign(p99_ttft_ms=[3, 6, 40])})
+    assert {"real p99", "sim p99"} <= {l.get_label() for l in both.axes[0].get_lines()}
+
+
+def test_compare_identifies_the_real_run(tmp_path, table):
+    write_run(tmp_path / "sim", {}, table, mode="sim")
+    write_run(tmp_path / "gpu", {}, scaled(table, 2), mode="gpu")
+    sim, gpu = load_run(tmp_path / "sim"), load_run(tmp_path / "gpu")
+    assert identify(sim, gpu) == (gpu, sim) and identify(gpu, sim) == (gpu, sim)
+
+
+def test_compare_two_load_sweeps(tmp_path, table, capsys):
+    for name, factor in (("real", 1.0), ("sim", 1.25)):
+        for job, rate in enumerate((1.0, 2.0)):
+            write_run(tmp_path / name / str(job), {"trace": {"request_rate": rate}},
+                      scaled(table, factor * rate), mode="gpu" if name == "real" else "sim")
+    assert analysis_main(["--compare", str(tmp_path / "sim"), str(tmp_path / "real"),
+                          "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^\s+1\.0 .*\+25\.0%", printed, re.M)       # p50 TTFT 1.25x
+    assert (tmp_path / "out" / "compare_latency_vs_load.png").is_file()
+
+
 def test_cli_on_sweep_single_run_and_compare(tmp_path, sweep, capsys):
     out = tmp_path / "figs"
     assert analysis_main([str(sweep), "--out", str(out)]) == 0
@@ -271,8 +351,11 @@ def test_cli_on_sweep_single_run_and_compare(tmp_path, sweep, capsys):
     assert analysis_main(["--compare", str(sweep / "0"), str(sweep / "3"),
                           "--out", str(out / "cmp")]) == 0
     printed = capsys.readouterr().out
-    assert "rel_err" in printed and "mean_ttft_ms" in printed
+    assert "(sim-real)/real" in printed
+    # run 3's latencies are 4x run 0's: +300 % with run 0 as the reference
+    assert re.search(r"median_ttft_ms .* \+300\.0%", printed)
     assert (out / "cmp" / "compare_cdfs.png").is_file()
+    assert (out / "cmp" / "compare_step_time.png").is_file()
     assert analysis_main([str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

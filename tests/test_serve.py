@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server on a tiny CPU model, through FastAPI's TestClient: text and
-token-id prompts, chat through the tokenizer's chat template, streaming, errors."""
+"""The OpenAI-compatible server (server/) on a tiny CPU model, through FastAPI's TestClient:
+text and token-id prompts, chat through the tokenizer's chat template, streaming, errors."""
 import json
 
 import pytest
@@ -9,9 +9,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from engine import LLM, LLMEngine, SamplingParams  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
-from engine.serve import build_app, parse_args  # noqa: E402
+from server import EngineBackend, build_app  # noqa: E402
+from server.cli import parse_args  # noqa: E402
+from server.thread import serving  # noqa: E402
 
 CPU = dict(device="cpu", dtype="float32", attention_backend="torch", num_gpu_blocks=128,
            max_model_len=128)
@@ -41,14 +43,13 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(paths):
-    engine = LLMEngine(paths["chat"], **CPU)
-    with TestClient(build_app(engine, "tiny")) as client:
+    with TestClient(build_app(EngineBackend(paths["chat"], **CPU), "tiny")) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def bare_client(paths):
-    with TestClient(build_app(LLMEngine(paths["bare"], **CPU))) as client:
+    with TestClient(build_app(EngineBackend(paths["bare"], **CPU))) as client:
         yield client
 
 
@@ -58,10 +59,12 @@ def events(response):
     return [json.loads(d) for d in data if d != "[DONE]"], data[-1] == "[DONE]"
 
 
-def test_health_and_models(client):
+def test_health_and_models(client, bare_client):
     assert client.get("/health").status_code == 200
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
+    # the default model id is the directory's name, not the server's absolute path
+    assert [m["id"] for m in bare_client.get("/v1/models").json()["data"]] == ["bare"]
 
 
 def test_completion_text_matches_offline_generate(client, paths):
@@ -77,7 +80,8 @@ def test_completion_text_matches_offline_generate(client, paths):
     assert choice["token_ids"] == expected.token_ids
     assert choice["text"] == expected.text
     assert choice["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completion_batch_of_token_id_prompts(client):
@@ -145,65 +149,56 @@ def test_bare_model_serves_token_ids(bare_client):
 
 def test_cli_flags_cover_engine_config():
     args = parse_args(["--model", "/m", "--max-model-len", "256", "--enforce-eager",
-                       "--no-enable-prefix-caching", "--num-gpu-blocks", "64"])
+                       "--no-enable-prefix-caching", "--num-gpu-blocks-override", "64",
+                       "--no-async-scheduling"])
     assert (args.max_model_len, args.enforce_eager, args.enable_prefix_caching,
-            args.num_gpu_blocks) == (256, True, False, 64)
+            args.num_gpu_blocks_override, args.async_scheduling) == (256, True, False, 64, False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "/m", "--async-scheduling", "0"])   # a flag, not a value
 
 
-def test_engine_failure_is_500_not_a_hang(paths):
-    engine = LLMEngine(paths["bare"], **CPU)
+def test_fatal_engine_failure_is_500_then_503(paths):
+    """A step that raises out of the engine (the engine ends a failed step's requests
+    itself; this is the last resort) fails the waiting requests and marks the server down."""
+    backend = EngineBackend(paths["bare"], **CPU)
 
     def broken_step():
         raise RuntimeError("device lost")
-    engine.step = broken_step
-    with TestClient(build_app(engine)) as client:
+    backend.step = broken_step
+    with TestClient(build_app(backend)) as client:
         r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
         assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
-        assert client.get("/health").status_code == 500
-        assert client.post("/v1/completions", json={"prompt": [5, 6]}).status_code == 500
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": [5, 6]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
 
 
 def test_client_disconnect_aborts_the_stream(paths):
     """A real uvicorn server: a streaming client that hangs up mid-answer frees its request
     (the engine stops stepping it long before its max_tokens)."""
-    import socket
-    import threading
+    import httpx
     import time
 
-    import httpx
-    import uvicorn
-
-    engine = LLMEngine(paths["bare"], **CPU)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    backend = EngineBackend(paths["bare"], **CPU)
+    engine = backend.engine
+    with serving(build_app(backend)) as url:
         body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
-                          timeout=60) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 60
         while engine.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not engine.has_unfinished()
         assert len(engine.step_records) < 100      # aborted, not run to max_tokens
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        bm = engine.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_server_bounds_the_step_log(paths, monkeypatch):
     """A long-running server keeps only the recent steps of the engine's log."""
-    import engine.serve as serve
-    monkeypatch.setattr(serve, "MAX_STEP_RECORDS", 4)
-    engine = LLMEngine(paths["bare"], **CPU)
-    with TestClient(build_app(engine)) as client:
+    monkeypatch.setattr(EngineBackend, "MAX_STEP_RECORDS", 4)
+    backend = EngineBackend(paths["bare"], **CPU)
+    with TestClient(build_app(backend)) as client:
         r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 20, "ignore_eos": True})
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 20
-    assert 0 < len(engine.step_records) <= 8
+    assert 0 < len(backend.engine.step_records) <= 8

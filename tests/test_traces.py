@@ -21,7 +21,10 @@ VOCAB = 151_936   # Qwen3's: holds the ids of both shipped token files
 
 def check_canonical(df: pd.DataFrame) -> None:
     assert list(df.columns[:4]) == ["request_id", "arrival_s", "prompt_len", "output_len"]
-    assert set(df.columns[4:]) <= {"prompt_token_ids", "hash_ids"} and len(df.columns) <= 5
+    content = set(df.columns[4:]) - {"line"}
+    assert content <= {"prompt_token_ids", "hash_ids"} and len(content) <= 1
+    if "line" in df.columns:     # file traces: each row's line in the file, in file order
+        assert df["line"].is_monotonic_increasing and (df["line"] >= 1).all()
     assert pd.api.types.is_string_dtype(df["request_id"]) and df["request_id"].is_unique
     assert df["arrival_s"].dtype == np.float64
     assert df["prompt_len"].dtype == np.int64 and df["output_len"].dtype == np.int64
@@ -120,8 +123,12 @@ def test_sharegpt_tokens_keeps_the_real_ids():
         assert [list(r.prompt_token_ids) for r in requests] == [r["input_tok_ids"] for r in raw]
         assert df["output_len"].tolist() == [r["output_toks"] for r in raw]
     small = max(max(ids) for ids in df["prompt_token_ids"])
-    with pytest.raises(TraceError, match=r"row \d+ .*outside the vocabulary"):
+    with pytest.raises(TraceError, match=r"sharegpt-llama.*\.jsonl, line \d+: token id \d+ is "
+                       "outside the model's vocabulary"):
         materialize(df, block_size=16, vocab_size=small, seed=0)
+    # a table without a source names the row
+    with pytest.raises(TraceError, match=r"row \d+ \(request_id '\d+'\): token id"):
+        materialize(df.drop(columns="line"), block_size=16, vocab_size=small, seed=0)
 
 
 # ---------------------------------------------------------------- selection and timing
@@ -370,6 +377,26 @@ BAD_FILES = [
 ]
 
 
+BAD_FILES += [
+    # lengths no model serves, caught before a single token id is generated
+    ("sharegpt", ".csv", VIDUR_HEADER + "10,5,15,2\n1000000000000,5,1000000000005,2\n", 3,
+     "num_prefill_tokens 1000000000000 is above 10,000,000 tokens"),
+    ("azure_conv", ".csv", AZURE_HEADER + f"{AZ.format(1)},10,5\n{AZ.format(2)},10,"
+     + "9" * 30 + "\n", 3, "GeneratedTokens 999"),
+    ("mooncake_conv", ".jsonl", mooncake(0, 10, 5, [1]) + mooncake(1, 10**12, 5, [1]), 2,
+     "input_length 1000000000000 is above"),
+    # integers beyond int64 / float range
+    ("mooncake_conv", ".jsonl", mooncake(0, 10, 5, [1]) + mooncake(1, 10, 5, [2**64]), 2,
+     "hash_ids must be a list of integers >= 0 and < 2^63"),
+    ("mooncake_synthetic", ".jsonl", mooncake(0, 10, 5, [1]) + mooncake(10**400, 10, 5, [1]), 2,
+     "timestamp must be a finite number"),
+    ("sharegpt_tokens", ".jsonl", servingsim(0, [1, 2], 3) + servingsim(10**30, [1, 2], 3), 2,
+     "beyond any trace's span"),
+    ("sharegpt_tokens", ".jsonl", servingsim(0, [1, 2], 3) + servingsim(5, [2**70, 2], 3), 2,
+     "input_tok_ids must be a list of integers"),
+]
+
+
 @pytest.mark.parametrize("name,suffix,text,line,problem", BAD_FILES)
 def test_bad_rows_name_file_line_and_problem(tmp_path, name, suffix, text, line, problem):
     path = tmp_path / f"bad{suffix}"
@@ -378,6 +405,50 @@ def test_bad_rows_name_file_line_and_problem(tmp_path, name, suffix, text, line,
         load_trace(TraceConfig(name=name, path=str(path)))
     message = str(err.value)
     assert str(path) in message and f"line {line}" in message and problem in message
+
+
+@pytest.mark.parametrize("name,suffix,good,bad", [
+    ("sharegpt", ".csv", VIDUR_HEADER + "10,5,15,2\n", b"10,5,15,2\xe9\n"),
+    ("mooncake_conv", ".jsonl", mooncake(0, 10, 5, [1]) * 2, b'{"x": "\xff"}\n'),
+])
+def test_invalid_utf8_names_file_and_line(tmp_path, name, suffix, good, bad):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(good.encode() + bad)
+    with pytest.raises(TraceError, match=rf"{path}, line 3: invalid "
+                       "UTF-8 \\(byte 0x(e9|ff) at column \\d+\\)"):
+        load_trace(TraceConfig(name=name, path=str(path)))
+
+
+def test_dropped_rows_are_reported_with_count_and_reason(caplog):
+    cfg = TraceConfig(name="mooncake_conv", num_requests=100, max_total_len=8192)
+    with caplog.at_level("WARNING", logger="traces.load"):
+        df = load_trace(cfg)
+    report = df.attrs["selection"]
+    full = load_trace(TraceConfig(name="mooncake_conv"))
+    too_long = full["prompt_len"] + full["output_len"] > 8192
+    read = report["rows_read"]
+    assert len(df) == report["kept"] == 100 and read > 100
+    assert report["dropped"] == {"prompt_len + output_len > trace.max_total_len=8192":
+                                 int(too_long.head(read).sum())}
+    assert read - 100 == int(too_long.head(read).sum())
+    assert f"kept 100 of {read} rows read, dropped {read - 100}" in caplog.text
+    # nothing dropped, nothing said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="traces.load"):
+        assert load_trace(TraceConfig(name="sharegpt", num_requests=50)).attrs["selection"][
+            "dropped"] == {}
+    assert caplog.text == ""
+
+
+def test_no_request_left_is_an_error():
+    with pytest.raises(TraceError, match=r"no request left: all 300 rows were dropped \(300 "
+                       r"with prompt_len \+ output_len > trace.max_total_len=512\)"):
+        load_trace(TraceConfig(name="sharegpt_tokens", max_total_len=512))
+
+
+def test_too_many_tokens_to_materialize_is_an_error():
+    with pytest.raises(TraceError, match="prompt tokens, about"):
+        load_trace(TraceConfig(name="synthetic", num_requests=200_000, prompt_len=8_000_000))
 
 
 def test_good_temp_files_load(tmp_path):
@@ -423,6 +494,9 @@ def test_missing_file_and_empty_file(tmp_path):
     (dict(prompt_len_range=[5, 2]), "trace.prompt_len_range"),
     (dict(name="synthetic", path="x.csv"), "generated"),
     (dict(prefix_len=-1), "trace.prefix_len"),
+    (dict(prompt_len=10**12), "trace.prompt_len must be at most 10,000,000 tokens"),
+    (dict(length_dist="uniform", prompt_len_range=[1, 2], output_len_range=[1, 10**13]),
+     "trace.output_len_range must be at most"),
 ])
 def test_bad_config(fields, problem):
     with pytest.raises(TraceError, match=problem):

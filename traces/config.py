@@ -27,6 +27,10 @@ TRACE_NAMES = tuple(TRACE_FILES) + SYNTHETIC_TRACES
 # Traces whose rows carry arrival times; the others default to a Poisson process.
 TIMESTAMPED = ("azure_conv", "azure_code", "mooncake_conv", "mooncake_synthetic",
                "sharegpt_tokens")
+# Longest prompt or output one request may have. Models serve at most a few million tokens of
+# context; a longer length is a mistake, and materializing it would take the memory of
+# billions of token ids before anything else could check it.
+MAX_ROW_TOKENS = 10_000_000
 ARRIVALS = ("trace", "poisson", "gamma", "constant", "burst")
 LENGTH_DISTS = ("fixed", "uniform", "lognormal")
 
@@ -148,6 +152,12 @@ class TraceConfig:
             low, high = getattr(self, f"min_{kind}_len"), getattr(self, f"max_{kind}_len")
             _require(high is None or low <= high,
                      f"trace.min_{kind}_len ({low}) is above trace.max_{kind}_len ({high})")
+        for name in ("prompt_len", "output_len", "prefix_len", "prompt_len_range",
+                     "output_len_range"):
+            value = getattr(self, name)
+            longest = max(value) if isinstance(value, list) else (value or 0)
+            _require(longest <= MAX_ROW_TOKENS,
+                     f"trace.{name} must be at most {MAX_ROW_TOKENS:,} tokens, got {value!r}")
 
     @property
     def default_arrival(self) -> str:

@@ -80,7 +80,8 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
     equal hash ids give equal tokens at any block size. Hash ids cover
     `df.attrs["hash_block_size"]` tokens each (512 if unset).
     Raises TraceError for a given token id >= vocab_size or content that does not match
-    prompt_len, naming the row and request."""
+    prompt_len, naming the file and line (a table from `load_trace` keeps both: the
+    `line` column and `df.attrs["source"]`), else the row and request."""
     if not (isinstance(block_size, int) and block_size >= 1):
         raise TraceError(f"block_size must be a positive integer, got {block_size!r}")
     if not (isinstance(vocab_size, int) and vocab_size >= 2):
@@ -94,11 +95,14 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
     hbs = int(df.attrs.get("hash_block_size", DEFAULT_HASH_BLOCK_SIZE))
     given = df["prompt_token_ids"] if "prompt_token_ids" in df.columns else None
     hashed = df["hash_ids"] if "hash_ids" in df.columns else None
+    source = df.attrs.get("source")
+    lines = df["line"].tolist() if source and "line" in df.columns else None
     requests = []
     rows = zip(df["request_id"].tolist(), df["arrival_s"].tolist(),
                df["prompt_len"].tolist(), df["output_len"].tolist())
     for i, (request_id, arrival_s, prompt_len, output_len) in enumerate(rows):
-        where = f"row {i} (request_id {request_id!r})"
+        where = (f"{source}, line {lines[i]}" if lines is not None
+                 else f"row {i} (request_id {request_id!r})")
         if prompt_len < 1 or output_len < 1:
             raise TraceError(f"{where}: prompt_len and output_len must be >= 1, got "
                              f"{prompt_len} and {output_len}")
@@ -109,7 +113,8 @@ def materialize(df: pd.DataFrame, block_size: int, vocab_size: int, seed: int) -
                                  f"{prompt_len}")
             if len(tokens) and (tokens.max() >= vocab_size or tokens.min() < 0):
                 raise TraceError(f"{where}: token id {int(tokens.max())} is outside the "
-                                 f"vocabulary [0, {vocab_size}); use a larger vocab_size")
+                                 f"model's vocabulary [0, {vocab_size}): the ids come from "
+                                 "another tokenizer (pick a model with that vocabulary)")
         elif hashed is not None and hashed.iloc[i] is not None:
             ids = hashed.iloc[i]
             if len(ids) != -(-prompt_len // hbs):

@@ -98,24 +98,33 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
 # and prefill kernels `context_lens[nd:]`, ...) change every step, and a compile in the middle
 # of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
+                                            "query_start_loc_ptr"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    out_ptr, lse_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, SPLIT_KV: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, SPLIT_KV: tl.constexpr, USE_QSL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (b, kv_head, split). Without SPLIT_KV (num_splits == 1) it writes the
     normalized output in q's dtype; otherwise it writes its split's normalized partial output
     (fp32) and its log2-sum-exp, and `_merge_splits_kernel` combines them. num_splits is a
-    runtime argument (not constexpr) so a new split count never triggers a recompile."""
+    runtime argument (not constexpr) so a new split count never triggers a recompile.
+    USE_QSL: sequence b's query is row query_start_loc[b], and a sequence whose q_len is
+    not 1 (a prefill row, or a padding row of a CUDA graph) is skipped: mixed steps."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    row = b
+    if USE_QSL:
+        row = tl.load(query_start_loc_ptr + b)
+        if tl.load(query_start_loc_ptr + b + 1) - row != 1:
+            return
     context_len = tl.load(context_lens_ptr + b)
     # Splits own whole tiles, sized per sequence so short sequences do not idle.
     tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
@@ -128,7 +137,7 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     block_table_ptr = block_tables_ptr + b * stride_bt
@@ -152,23 +161,32 @@ def _decode_kernel(
     # An empty range (padding row with context 0, or a split past a short context) has l == 0.
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
-    out_off = b * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    # split partials are indexed by b, the final output by the query's row
+    out_row = b if SPLIT_KV else row
+    out_off = out_row * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     if SPLIT_KV:
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
         tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits"],
+            do_not_specialize_on_alignment=["query_start_loc_ptr"])
 def _merge_splits_kernel(
-    partial_ptr, lse_ptr, out_ptr,
+    partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, num_splits,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, USE_QSL: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)."""
+    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max).
+    USE_QSL: as in _decode_kernel (output row query_start_loc[b]; q_len != 1 skipped)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    row = b
+    if USE_QSL:
+        row = tl.load(query_start_loc_ptr + b)
+        if tl.load(query_start_loc_ptr + b + 1) - row != 1:
+            return
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
     s_mask = s < num_splits
@@ -181,26 +199,35 @@ def _merge_splits_kernel(
                       mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     w_sum = tl.sum(w, 0)
     out = tl.sum(w[:, None] * partial, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["stride_bt"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr"])
+                                            "query_start_loc_ptr", "tiles_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    out_ptr, qk_scale,
+    tiles_ptr, out_ptr, qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (query tile, b, kv_head). Row r of the tile is token `r // GROUP_PAD` of the
-    tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
-    q_tile = tl.program_id(0)
-    b = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    """Program (query tile, b, kv_head), or with USE_TILES program (i, kv_head) takes its
+    (b, query tile) from the tile list `tiles[i]` (b < 0: nothing to do; a CUDA graph's
+    grid covers the most tiles its size can have). Row r of the tile is token
+    `r // GROUP_PAD` of the tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
+    if USE_TILES:
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        if b < 0:
+            return
+        q_tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        kv_head = tl.program_id(1)
+    else:
+        q_tile = tl.program_id(0)
+        b = tl.program_id(1)
+        kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:  # the grid covers the longest query of the batch
@@ -331,8 +358,23 @@ def _dot_flags(dtype):
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
 
 
-def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim):
-    batch, num_heads = q.shape[0], q.shape[1]
+def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:
+    """Query tokens per prefill program (BLOCK_Q). Two tile heights, so steps with new query
+    lengths never compile new variants: short queries (small chunks) get tl.dot's 16 rows,
+    others the full tile. A tile list (`tiles=`) always uses the full tile (None here)."""
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    short_q = triton.cdiv(16, group_pad)
+    if max_query_len is not None and max_query_len <= short_q:
+        return short_q
+    block_q = max(PREFILL_BLOCK_M // group_pad, short_q)
+    if dtype == torch.float32:
+        block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
+    return block_q
+
+
+def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
+            query_start_loc=None):
+    batch, num_heads = context_lens.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"paged attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -346,76 +388,99 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         stride_os, stride_lt, stride_lh = dst.stride(2), lse.stride(0), lse.stride(1)
     if batch == 0:
         return out
+    use_qsl = query_start_loc is not None
+    qsl = query_start_loc if use_qsl else context_lens
     _decode_kernel[(batch, num_heads // group, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, dst, lse,
+        q, k_cache, v_cache, block_tables, context_lens, qsl, dst, lse,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), dst.stride(0), dst.stride(1), stride_os, stride_lt, stride_lh,
         num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
-        SPLIT_KV=num_splits > 1, PRECISION=precision, UPCAST=upcast,
+        SPLIT_KV=num_splits > 1, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
-            dst, lse, out, dst.stride(0), dst.stride(1), dst.stride(2), lse.stride(0), lse.stride(1),
+            dst, lse, out, qsl, dst.stride(0), dst.stride(1), dst.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), num_splits,
-            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
+            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS), USE_QSL=use_qsl,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
         )
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits=None, *, out=None):
+                           num_splits=None, *, out=None, query_start_loc=None):
     """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
     `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
     Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
+
+    With `query_start_loc` (int32 `[B+1]`), q may be any step's queries `[T, ...]`: sequence
+    b's query is row query_start_loc[b], and sequences whose q_len is not 1 are skipped (their
+    rows of `out` are left alone): the decode half of a mixed step, graph-safe.
 
     num_splits=None picks it from B, num_kv_heads and the longest context the block table can
     hold (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
-    if q.shape[0] != context_lens.shape[0]:
+    if query_start_loc is None and q.shape[0] != context_lens.shape[0]:
         raise ValueError(f"paged_decode_attention: q has {q.shape[0]} rows but context_lens has "
                          f"{context_lens.shape[0]} sequences")
+    if query_start_loc is not None and (query_start_loc.dtype != torch.int32
+                                        or query_start_loc.shape[0] < context_lens.shape[0] + 1):
+        raise ValueError(f"paged_decode_attention: query_start_loc must be int32 [>= B+1], got "
+                         f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
     out = _output(q, out)
     if num_splits is None:
-        num_splits = choose_num_splits(q.shape[0], k_cache.shape[2],
+        num_splits = choose_num_splits(context_lens.shape[0], k_cache.shape[2],
                                        block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
-    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim)
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
+                   head_dim, query_start_loc)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                            max_query_len, scale, *, out=None):
+                            max_query_len, scale, *, out=None, tiles=None):
     """Any batch: fresh prompts, prefill chunks, prompts behind a prefix-cache hit, decode
     tokens, or a mix (see the module docstring for q's layout). `max_query_len` (host int) sizes
-    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype."""
+    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+
+    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens) per
+    program, b = -1 for none; then the grid is (P, num_kv_heads) and only the listed tiles
+    run (max_query_len is ignored): a fixed grid for CUDA graphs, and no empty programs for
+    the decode rows of a mixed step."""
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     out = _output(q, out)
     batch = context_lens.shape[0]
-    if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
-        return out
+    num_kv_heads = q.shape[1] // group
+    if tiles is not None:
+        if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
+            raise ValueError(f"paged attention: tiles must be int32 [P, 2], got {tiles.dtype} {tuple(tiles.shape)}")
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype)
+        grid = (tiles.shape[0], num_kv_heads)
+        if tiles.shape[0] == 0 or batch == 0:
+            return out
+    else:
+        if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
+            return out
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, max_query_len)
+        grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     block_size = k_cache.shape[1]
     group_pad = triton.next_power_of_2(group)
-    # Two tile heights, so steps with new query lengths never compile new variants: short
-    # queries (decode rows, small chunks) get tl.dot's 16 rows, others the full tile.
-    short_q = triton.cdiv(16, group_pad)
-    block_q = short_q if max_query_len <= short_q else max(PREFILL_BLOCK_M // group_pad, short_q)
     block_n = PREFILL_BLOCK_N if q.dtype != torch.float32 else PREFILL_BLOCK_N // 2
-    if q.dtype == torch.float32:
-        block_q = max(block_q // 2, triton.cdiv(16, group_pad))  # fp32 tiles take twice the SRAM
     precision, upcast = _dot_flags(q.dtype)
-    _prefill_kernel[(triton.cdiv(max_query_len, block_q), batch, q.shape[1] // group)](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+        tiles if tiles is not None else query_start_loc, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_q * group_pad, BLOCK_N=block_n,
-        TILE_IN_PAGE=block_size % block_n == 0, PRECISION=precision, UPCAST=upcast,
+        TILE_IN_PAGE=block_size % block_n == 0, USE_TILES=tiles is not None,
+        PRECISION=precision, UPCAST=upcast,
         num_warps=PREFILL_NUM_WARPS if block_q * group_pad >= 128 else 4,
         num_stages=PREFILL_NUM_STAGES,
     )

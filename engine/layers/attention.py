@@ -42,6 +42,12 @@ class AttentionMetadata:
     max_context_len   int            max context_len over the batch
     num_decode_tokens int            the first num_decode_tokens sequences are decodes
                                      (q_len 1); the runner orders them first
+    decode_rows       int            triton, runner-built steps: the decode kernel scans
+                                     sequences [0, decode_rows) and computes those with
+                                     q_len 1 (graph-safe: no host int depends on the step)
+    prefill_tiles     int32 [P, 2]   triton, runner-built steps: (sequence, query tile) of
+                                     every prefill program (b = -1: none); None = no prefill
+    num_splits        int            triton: split-KV factor of the decode kernel (None: auto)
     cu_seqlens_k      int32 [B+1]    optional: prefix sums of context_lens (flash_attn
                                      computes them when absent)
     wrapper           object         flashinfer only: the wrapper planned for this step
@@ -54,6 +60,9 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     num_decode_tokens: int = 0
+    decode_rows: int = 0
+    prefill_tiles: torch.Tensor | None = None
+    num_splits: int | None = None
     cu_seqlens_k: torch.Tensor | None = None
     wrapper: object | None = None
 
@@ -172,6 +181,19 @@ def triton_store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     from engine.kernels import paged_attention, paged_decode_attention, paged_prefill_attention
+    if meta.decode_rows or meta.prefill_tiles is not None:
+        # The model runner's steps: a fixed launch shape per step shape (CUDA graphs of
+        # mixed steps), decode rows on the split-KV kernel, prefill tiles from the list.
+        out = torch.empty_like(q)
+        rows = meta.decode_rows
+        if rows:
+            paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:rows],
+                                   meta.context_lens[:rows], scale, meta.num_splits, out=out,
+                                   query_start_loc=meta.query_start_loc)
+        if meta.prefill_tiles is not None:
+            paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                    meta.query_start_loc, 0, scale, out=out, tiles=meta.prefill_tiles)
+        return out
     nd = meta.num_decode_tokens
     if nd == 0 or nd == q.shape[0]:
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
@@ -244,4 +266,8 @@ class Attention(nn.Module):
         if self.k_cache.numel() == 0:
             return torch_varlen_attention(q, k, v, meta, self.scale)
         STORE[self.backend](k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the cache alone (this step's K/V already stored)."""
         return ATTEND[self.backend](q, self.k_cache, self.v_cache, meta, self.scale)

@@ -11,6 +11,8 @@ class RMSNorm(nn.Module):
     stream the next layer adds to, so the add and the norm read x once.
     """
 
+    fused = False   # build_model sets it: one Triton kernel (engine.kernels.fused) on [T, N] inputs
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -23,6 +25,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from engine.kernels.fused import add_rmsnorm
+            if x.dim() != 2:   # q/k norms see [T, heads, D]
+                return add_rmsnorm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+            return add_rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

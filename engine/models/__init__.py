@@ -38,7 +38,7 @@ def _default_dtype(dtype: torch.dtype):
 def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                 device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1,
                 attention_backend: str = "torch", max_model_len: int | None = None,
-                compile: bool = False) -> CausalLM:
+                fused: bool | None = None) -> CausalLM:
     """Build this rank's shard of the model on `device`, weights uninitialized (load them
     with engine.loader.load_weights).
 
@@ -46,24 +46,23 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         CUDA, torch on CPU). flashinfer also needs a per-step plan (engine.model_runner).
     max_model_len: cap on positions, to size the RoPE table (default: the config's
         max_position_embeddings).
-    compile: torch.compile the elementwise layers (RMSNorm, q/k-norm + RoPE, SiLU-and-mul).
+    fused: the elementwise layers (residual + RMSNorm, q/k-norm + RoPE + KV store, SiLU-and-mul)
+        as Triton kernels (engine.kernels.fused); None = wherever the attention backend is not
+        "torch" (the torch backend is the pure-torch reference path).
     """
     device = torch.device(device)
     backend = resolve_backend(attention_backend, device)
     max_position = max_model_len or cfg.max_position_embeddings
+    if fused is None:
+        fused = backend != "torch"
     if cfg.sliding_window is not None and max_position > cfg.sliding_window:
         raise ValueError(f"{cfg.architecture} uses sliding-window attention "
                          f"({cfg.sliding_window} tokens), which is not implemented; set "
                          f"max_model_len <= {cfg.sliding_window}")
     with _default_dtype(resolve_dtype(dtype)), device:
         model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
-    if compile:
-        # One compiled graph per (module type, input rank, residual or not, inference mode):
-        # more than Dynamo's default limit of 8 variants, past which it silently runs eager.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if fused:
         for module in model.modules():
-            if isinstance(module, (RMSNorm, SiluAndMul)):
-                module.compile(dynamic=True)
-            elif isinstance(module, DecoderAttention):   # q/k norm + RoPE as one region
-                module.qk_norm_rope = torch.compile(module.qk_norm_rope, dynamic=True)
+            if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention)):
+                module.fused = True
     return model.eval()

@@ -38,18 +38,31 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim,
                               cfg.head_dim ** -0.5, backend)
 
+    fused = False   # build_model sets it: q/k-norm, RoPE and the KV store in one Triton kernel
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split(
+        qkv = self.qkv_proj(x)
+        if self.fused and self.attn.k_cache.numel():
+            from engine.kernels.fused import qk_norm_rope_store
+            q = qk_norm_rope_store(
+                qkv, positions, self.rotary_emb.cos, self.rotary_emb.sin, self.num_heads,
+                self.num_kv_heads, d, self.q_norm.weight if self.qk_norm else None,
+                self.k_norm.weight if self.qk_norm else None,
+                self.q_norm.eps if self.qk_norm else 0.0,
+                self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+            o = self.attn.attend(q, meta)
+            return self.o_proj(o.reshape(num_tokens, self.num_heads * d))
+        q, k, v = qkv.split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k = self.qk_norm_rope(positions, q, k)
         o = self.attn(q, k, v.view(num_tokens, self.num_kv_heads, d), meta)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * d))
 
     def qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, H*D], k [T, Hkv*D] -> heads, q/k RMSNorm (Qwen3), RoPE. One function so that
-        torch.compile fuses it (build_model compiles it per layer: fewer kernels per step)."""
+        """q [T, H*D], k [T, Hkv*D] -> heads, q/k RMSNorm (Qwen3), RoPE: the reference path
+        (engine.kernels.fused.qk_norm_rope_store is its one-kernel twin)."""
         num_tokens, d = q.shape[0], self.head_dim
         q = q.view(num_tokens, self.num_heads, d)
         k = k.view(num_tokens, self.num_kv_heads, d)

@@ -1,0 +1,170 @@
+"""Replay a trace against any OpenAI-compatible server, the way `vllm bench serve` measures.
+
+Each request is sent at its arrival time (seconds after the start) to /v1/completions with
+its prompt as token ids, `max_tokens` = its output length, `ignore_eos` (a vLLM extension:
+outputs have the trace's lengths), streaming with usage. Every chunk is timestamped on
+arrival. Definitions as vLLM's benchmark: TTFT = first chunk with content - send time;
+ITL = gaps between content chunks; E2EL = last content chunk - send time; output length =
+the usage's completion_tokens. A request that fails (HTTP error, error event, broken
+connection, timeout) is counted as failed.
+
+The result is a run directory in the project's schema (experiments/results.py):
+requests.parquet, steps.parquet (empty: the steps are the server's), summary.json with
+mode "http", so `python -m analysis --compare` compares it with an offline or simulated run
+of the same trace.
+"""
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from analysis.metrics import add_latencies
+from experiments.results import REQUEST_COLUMNS
+
+
+@dataclass(slots=True)
+class Record:
+    """What the client saw of one request (times: perf_counter seconds)."""
+    request_id: str
+    prompt_len: int
+    sent: float = math.nan
+    chunk_times: list[float] = field(default_factory=list)
+    output_len: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and what to send. `extra`: fields added to every request body."""
+    url: str
+    model: str
+    api_key: str | None = None
+    ignore_eos: bool = True
+    temperature: float = 1.0
+    timeout_s: float = 6 * 3600
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]:
+    """The first model the server lists: its id and max_model_len (vLLM and this project
+    list it; None where the server does not)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    model = r.json()["data"][0]
+    return model["id"], model.get("max_model_len")
+
+
+async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max_tokens: int,
+               record: Record) -> None:
+    body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens,
+            "ignore_eos": target.ignore_eos, "temperature": target.temperature, "stream": True,
+            "stream_options": {"include_usage": True}} | target.extra
+    record.sent = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{target.url}/v1/completions", json=body,
+                                 headers=target.headers, timeout=target.timeout_s) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                record.error = f"HTTP {r.status_code}: {text[:500]}"
+                return
+            async for line in r.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    record.error = str(chunk["error"].get("message", chunk["error"]))
+                    return
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") or choice.get("token_ids"):
+                        record.chunk_times.append(now)
+                    if choice.get("finish_reason"):
+                        record.finish_reason = choice["finish_reason"]
+                usage = chunk.get("usage")
+                if usage:
+                    record.output_len = usage.get("completion_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    record.cached_tokens = details.get("cached_tokens") or 0
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        record.error = f"{type(e).__name__}: {e}"
+        return
+    if record.finish_reason is None and record.error is None:
+        record.error = "the stream ended without a finish_reason"
+    if not record.output_len:       # a server without usage in streams
+        record.output_len = len(record.chunk_times)
+
+
+async def replay(target: Target, requests, max_concurrency: int | None = None,
+                 progress=None) -> tuple[list[Record], float, float]:
+    """Send every request at its arrival_s; returns (records, t0, duration_s)."""
+    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    records = [Record(r.request_id, len(r.prompt_token_ids)) for r in requests]
+    async with httpx.AsyncClient(limits=limits, timeout=target.timeout_s) as client:
+        t0 = time.perf_counter()
+
+        async def one(req, record):
+            delay = t0 + req.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if semaphore is None:
+                await send(client, target, list(req.prompt_token_ids), req.output_len, record)
+            else:
+                async with semaphore:
+                    await send(client, target, list(req.prompt_token_ids), req.output_len, record)
+            if progress is not None:
+                progress(1)
+        await asyncio.gather(*[one(r, rec) for r, rec in zip(requests, records)])
+        duration = time.perf_counter() - t0
+    return records, t0, duration
+
+
+async def warm_up(target: Target, prompt_lens: list[int], num: int,
+                  max_model_len: int | None = None) -> None:
+    """`num` throwaway requests of token id 0 (sharing no prefix with the trace's prompts)
+    at the trace's prompt-length quantiles (below max_model_len): the server compiles
+    before the clock starts."""
+    if num <= 0:
+        return
+    lens = np.quantile(prompt_lens, np.linspace(0, 1, num)).astype(int)
+    if max_model_len:
+        lens = np.minimum(lens, max_model_len - 8)
+    records = [Record(f"warmup-{i}", int(n)) for i, n in enumerate(lens)]
+    async with httpx.AsyncClient(timeout=target.timeout_s) as client:
+        await asyncio.gather(*[send(client, target, [0] * max(1, int(n)), 8, rec)
+                               for n, rec in zip(lens, records)])
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"warm-up request failed: {failed[0]}")
+
+
+def request_table(records: list[Record], t0: float) -> pd.DataFrame:
+    """requests.parquet rows (REQUEST_COLUMNS + error); a failed request has no finish."""
+    rows = []
+    for r in records:
+        ok = r.error is None and r.chunk_times
+        times = [t - t0 for t in r.chunk_times] if ok else []
+        rows.append({"request_id": r.request_id, "replica": 0, "arrival_s": r.sent - t0,
+                     "first_scheduled_s": math.nan,
+                     "first_token_s": times[0] if ok else math.nan,
+                     "finish_s": times[-1] if ok else math.nan,
+                     "prompt_len": r.prompt_len, "output_len": r.output_len if ok else 0,
+                     "cached_prompt_tokens": r.cached_tokens, "num_preemptions": 0,
+                     "token_times_s": times,
+                     "finish_reason": r.finish_reason if ok else "error", "error": r.error})
+    return add_latencies(pd.DataFrame(rows, columns=list(REQUEST_COLUMNS) + ["error"]))

@@ -1,0 +1,71 @@
+"""The HTTP layer's cost and the twin over HTTP, from the run directories of
+benchmarks/h200_http.sh: for each load, the engine over HTTP (python -m bench against
+python -m server) against the offline mode=gpu replay of the same trace, and the simulated
+server over HTTP against both. Prints one table and ends with one JSON line.
+
+    python benchmarks/compare_http.py RUNS_DIR      # RUNS_DIR/{offline,http,sim,simoff}_<rate>
+
+Targets (issue 11): the HTTP layer adds <= 5 % to TPOT and <= 10 ms to TTFT (mean and
+median); the twin's error is reported against the engine's HTTP run.
+"""
+import json
+import sys
+from pathlib import Path
+
+from analysis.runs import load_run
+
+KINDS = ("offline", "http", "sim", "simoff")   # gpu in-process, gpu over HTTP, twin over HTTP, twin offline
+STATS = ("mean", "median", "p99")
+
+
+def metrics(root: Path, kind: str, rate: str) -> dict | None:
+    path = root / f"{kind}_{rate}"
+    return load_run(path).metrics if (path / "summary.json").is_file() else None
+
+
+def main(root: str) -> dict:
+    root = Path(root)
+    rates = sorted({p.name.split("_", 1)[1] for kind in KINDS for p in root.glob(f"{kind}_*")},
+                   key=float)
+    head = (f"{'rate':>5} {'run':>8} {'done':>5} {'tok/s':>8} " +
+            " ".join(f"{s + ' ttft':>11}" for s in STATS) + " " +
+            " ".join(f"{s + ' tpot':>11}" for s in STATS))
+    print(head)
+    report = {"bench": "http_vs_offline", "rates": {}}
+    for rate in rates:
+        runs = {k: metrics(root, k, rate) for k in KINDS}
+        for kind, m in runs.items():
+            if m is None:
+                continue
+            print(f"{rate:>5} {kind:>8} {m['completed']:>5} {m['output_throughput']:>8.0f} " +
+                  " ".join(f"{m[f'{s}_ttft_ms']:>11.2f}" for s in STATS) + " " +
+                  " ".join(f"{m[f'{s}_tpot_ms']:>11.3f}" for s in STATS))
+        row = {k: {key: m[key] for key in ("completed", "failed", "output_throughput",
+                                            *(f"{s}_{x}_ms" for s in STATS for x in ("ttft", "tpot")))}
+               for k, m in runs.items() if m is not None}
+        off, http, sim = runs["offline"], runs["http"], runs["sim"]
+        if off and http:
+            row["http_cost"] = {
+                **{f"{s}_ttft_added_ms": http[f"{s}_ttft_ms"] - off[f"{s}_ttft_ms"] for s in STATS},
+                **{f"{s}_tpot_added_pct": 100 * (http[f"{s}_tpot_ms"] / off[f"{s}_tpot_ms"] - 1)
+                   for s in STATS}}
+            cost = row["http_cost"]
+            row["http_within_target"] = (max(cost["mean_ttft_added_ms"], cost["median_ttft_added_ms"]) <= 10
+                                         and max(cost["mean_tpot_added_pct"], cost["median_tpot_added_pct"]) <= 5)
+            print(f"{rate:>5} {'http-off':>8}  TTFT +{cost['mean_ttft_added_ms']:.2f} ms mean, "
+                  f"+{cost['median_ttft_added_ms']:.2f} ms median; TPOT {cost['mean_tpot_added_pct']:+.2f} % mean, "
+                  f"{cost['median_tpot_added_pct']:+.2f} % median -> "
+                  f"{'within' if row['http_within_target'] else 'OUTSIDE'} target (<= 10 ms, <= 5 %)")
+        if sim and http:
+            row["twin_vs_http_rel_err"] = {f"{s}_{x}": sim[f"{s}_{x}_ms"] / http[f"{s}_{x}_ms"] - 1
+                                           for s in ("mean", "median") for x in ("ttft", "tpot")}
+            err = row["twin_vs_http_rel_err"]
+            print(f"{rate:>5} {'sim-http':>8}  TTFT {100 * err['mean_ttft']:+.1f} % mean, TPOT "
+                  f"{100 * err['mean_tpot']:+.1f} % mean (twin over HTTP vs engine over HTTP)")
+        report["rates"][rate] = row
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/runs")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 11 on one H200, in one device call (about 5 minutes with the defaults): the cost of
+# the HTTP layer and the twin over HTTP. The same ShareGPT trace (NREQ requests, Poisson at
+# each of RATES req/s, qwen3-0.6b random weights, bf16, defaults of the engine) runs
+#   offline  python run.py mode=gpu                        (the engine in-process, wall clock)
+#   http     python -m server + python -m bench            (the same engine behind HTTP)
+#   sim      python -m server --backend sim + python -m bench (the twin: h200 roofline, paced)
+#   simoff   python run.py mode=sim                        (the twin offline, for reference)
+# then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
+# lacks in .whl/ (fastapi starlette pydantic pydantic-core uvicorn annotated-types
+# typing-inspection, plus hydra's: see benchmarks/README.md "HTTP"), carried with the call.
+#   STAGES="http offline sim" NREQ=100 RATES="6 12 24" OUT=$OUT bash benchmarks/h200_http.sh
+# A stage that would start after BUDGET seconds (default 250) is skipped, saying so: the
+# twin's stage needs no GPU and can be rerun anywhere with STAGES=sim.
+set -u
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+OUT=${OUT:-/tmp/out}; RUNS=/tmp/runs; mkdir -p $OUT $RUNS
+NREQ=${NREQ:-100}; RATES=${RATES:-"6 12 24"}; CK=/tmp/q06; PORT=8000
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -f $CK/config.json ] || python3 -m engine.checkpoint qwen3-0.6b $CK
+RUN="trace=sharegpt trace.num_requests=$NREQ model=qwen3-0.6b hardware=h200 logger=none progress=false"
+BENCH="python3 -m bench --url http://127.0.0.1:$PORT --trace sharegpt --num-prompts $NREQ \
+  --vocab-size 151936 --set max_total_len=8192 --num-warmups 4 --disable-tqdm"
+serve() {   # start a server in the background; wait for /health
+  python3 -m server --port $PORT --disable-uvicorn-access-log --uvicorn-log-level warning "$@" > $OUT/server.log 2>&1 &
+  SERVER=$!
+  for i in $(seq 600); do
+    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && return 0
+    kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server.log; return 1; }; sleep 0.5
+  done; return 1; }
+stop() { kill $SERVER; wait $SERVER 2>/dev/null; }
+for stage in ${STAGES:-http offline sim}; do
+  if [ $SECONDS -gt ${BUDGET:-250} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-250})"; continue; fi
+  start=$(date +%s); echo "== $stage"; case $stage in
+  offline) for r in $RATES; do
+             timeout 200 python3 run.py mode=gpu $RUN engine.model_path=$CK trace.request_rate=$r \
+               hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;
+  http)    serve --model $CK --served-model-name qwen3-0.6b && for r in $RATES; do
+             timeout 200 $BENCH --request-rate $r --out $RUNS/http_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+           done; stop ;;
+  sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
+           serve --backend sim --model qwen3-0.6b --hardware h200 && for r in $RATES; do
+             timeout 200 $BENCH --request-rate $r --out $RUNS/sim_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+           done; stop ;;
+esac; echo "   $stage: $(( $(date +%s) - start )) s"; done
+tar czf $OUT/h200_http_runs.tar.gz -C $RUNS . 2>/dev/null
+python3 benchmarks/compare_http.py $RUNS | tee $OUT/h200_http.txt

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Device calls on nvidia-h200 (1x H200, torch 2.11, triton 3.6) for the serving-regime
+# engine and the twin. Each STAGE runs one command; outputs land in $OUT (one .txt per run,
+# the last JSON line of each appended to results.jsonl). Wheels for what the box lacks
+# (simpy, hydra-core, omegaconf, antlr4) travel in .whl/ (see benchmarks/README.md).
+#   STAGES="smoke check steps offline" OUT=/tmp/out bash benchmarks/h200_session.sh
+set -u
+export PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+run() { name=$1; t=$2; shift 2; echo "== $name: $*"; timeout $t "$@" > $OUT/$name.txt 2>&1; rc=$?; echo "rc=$rc";
+        grep -v '^{' $OUT/$name.txt | grep -v -i 'loading\|warn' | tail -n ${TAIL:-14}; tail -n 1 $OUT/$name.txt >> $OUT/results.jsonl; return $rc; }
+ckpt() { [ -f /tmp/$2/config.json ] || python3 -m engine.checkpoint $1 /tmp/$2 > /dev/null 2>&1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+for stage in ${STAGES:-smoke check steps offline}; do case $stage in
+  smoke)    run smoke 180 python3 benchmarks/bench_engine.py --smoke || exit 1 ;;
+  check)    TAIL=40 run check_gpu 360 python3 benchmarks/check_gpu.py ;;
+  steps)    ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b ;;
+  steps_eager) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06_nograph 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --graph-max-tokens 0 --chunks 16,512 --decode-batches 1,64 --mixed-batches 64 ;;
+  profsteps) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=60 run profile_steps_q06 240 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 64 --mixed-batches 64 --chunks 16,2048 --steps 6 --profile 64:0,64:16,64:2048 ;;
+  offline)  ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --steps-csv $OUT/steps_q06.csv ;;
+  online)   TAIL=12 run online 580 python3 benchmarks/bench_serving.py --tables online --out /tmp/online ;;
+  online_q06) TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online ;;
+  online16) TAIL=12 run online_q06_r16 300 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@16" --out /tmp/online
+            for f in steps.parquet requests.parquet summary.json; do cp /tmp/online/qwen3-0.6b-r16/$f $OUT/r16_$f; done ;;
+  online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
+  online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
+            (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
+  prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
+esac; done

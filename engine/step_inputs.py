@@ -1,0 +1,348 @@
+"""A step's device inputs: how a policy Batch becomes the flat tensors the model reads.
+
+Everything a step needs (token ids, positions, KV slots, per-sequence lengths, block tables,
+prefill tile list, sampling parameters, async fix-ups) is packed with numpy into ONE pinned
+host buffer and sent with ONE copy; the device tensors are typed views into its twin. The
+layout is a function of the step's padded shape only, so a CUDA graph captured for a shape
+finds its inputs at the same addresses in every later step of that shape.
+
+Which shape a step gets is policy.cuda_graphs' rule (shared with the simulator): decode
+graphs pad the batch to a captured size, mixed graphs pad the tokens (and leave room for
+min(size, max_num_seqs) sequences), larger steps run eagerly at their exact shape.
+"""
+import math
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from engine.sampler import SamplingTensors, row_seed
+from engine.sampling_params import SamplingParams
+from policy import Batch, Sequence
+from policy.cuda_graphs import graph_rows
+
+ALIGN = 256                     # byte alignment of each input inside the step buffer
+HEADER_SLOTS = 16               # int64 slots at the front of the step buffer (TP control)
+HEADER_BYTES = HEADER_SLOTS * 8
+GREEDY = SamplingParams(temperature=0.0)
+
+# The step's inputs, in buffer order: name, numpy dtype, shape in terms of T (tokens),
+# B (sequences), W (block-table width), P (prefill tiles), S (sampled sequences) and F
+# (input tokens the previous step sampled and the host has not seen yet: asynchronous
+# scheduling). What a CUDA graph reads comes first, so its addresses depend only on the
+# graph's (T, B, W, P).
+FIELDS = (
+    ("input_ids", np.int64, "T"),
+    ("positions", np.int64, "T"),
+    ("slot_mapping", np.int64, "T"),
+    ("context_lens", np.int32, "B"),
+    ("query_start_loc", np.int32, "B+1"),
+    ("block_tables", np.int32, "B,W"),
+    ("prefill_tiles", np.int32, "P,2"),   # (sequence, query tile) per prefill program
+    ("logits_rows", np.int64, "S"),       # row of each sampled sequence's last token
+    ("temperatures", np.float32, "S"),
+    ("top_k", np.int64, "S"),
+    ("top_p", np.float32, "S"),
+    ("fix_rows", np.int64, "F"),          # input_ids rows to take from the previous step's
+    ("fix_src", np.int64, "F"),           # ... sampled tokens, at these indices
+)
+TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
+
+
+def layout(T: int, B: int, W: int, P: int, S: int, F: int = 0) -> tuple[list[tuple[int, tuple]], int]:
+    """Byte offset and shape of each field (after the header), and the total size."""
+    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "P,2": (P, 2), "S": (S,), "F": (F,)}
+    spans, offset = [], HEADER_BYTES
+    for _, dtype, dim in FIELDS:
+        shape = dims[dim]
+        spans.append((offset, shape))
+        offset += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+    return spans, offset
+
+
+class StepBuffer:
+    """Pinned host staging memory and its device twin. Each step's inputs are written into
+    the host side and sent with ONE copy; the device tensors are typed views into the twin."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, max_tiles: int,
+                 device: torch.device):
+        nbytes = layout(max_tokens, max_seqs, max_blocks, max_tiles, max_seqs, max_seqs)[1]
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
+        self.host_np = self.host.numpy()
+        self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device) if on_gpu else self.host
+        self.header = self.host_np[:HEADER_BYTES].view(np.int64)
+        self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
+
+    def views(self, T: int, B: int, W: int, P: int, S: int, F: int = 0
+              ) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
+        """Size and (numpy, torch) views of each field for these shapes. Cached: making
+        a dozen views costs more than packing a decode step."""
+        key = (T, B, W, P, S, F)
+        found = self.cache.get(key)
+        if found is None:
+            if len(self.cache) >= 4096:
+                self.cache.clear()
+            spans, nbytes = layout(T, B, W, P, S, F)
+            sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
+            host = [self.host_np[o:o + n].view(dt).reshape(shape)
+                    for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
+            device = [self.device[o:o + n].view(TORCH_DTYPES[dt]).view(shape)
+                      for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
+            found = self.cache[key] = (nbytes, host, device)
+        return found
+
+    def upload(self, nbytes: int) -> None:
+        if self.device is not self.host:
+            self.device[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+
+    def download(self, nbytes: int) -> None:
+        """Device -> host (blocking): for a rank that received the step on the device."""
+        if self.device is not self.host:
+            self.host[:nbytes].copy_(self.device[:nbytes])
+
+
+class BlockTableMirror:
+    """Numpy copies of recent sequences' block tables, so a step converts only the blocks
+    added since the last step instead of every Python int of every table.
+
+    Sound because a block table only grows while its list object lives: the policy
+    replaces the list when it frees a sequence's blocks (preemption, finish). The mirror
+    holds the list it copied and starts over when the sequence has a different one."""
+
+    def __init__(self, capacity: int, max_blocks: int):
+        self.rows = np.zeros((capacity, max_blocks), dtype=np.int32)
+        self.entries: dict = {}                   # seq_id -> [row, table list, blocks copied]
+        self.free_rows = list(range(capacity))
+
+    def gather(self, seqs: list[Sequence], num_blocks: list[int], out: np.ndarray) -> None:
+        """out[i, :num_blocks[i]] = seqs[i].block_table[:num_blocks[i]]; the rest of each
+        row is junk the attention never reads."""
+        rows = np.empty(len(seqs), dtype=np.int64)
+        entries = self.entries
+        for i, (seq, k) in enumerate(zip(seqs, num_blocks)):
+            entry = entries.get(seq.seq_id)
+            if entry is None:
+                entry = entries[seq.seq_id] = [self._take_row(seqs), seq.block_table, 0]
+            elif entry[1] is not seq.block_table:   # freed and re-allocated: copy afresh
+                entry[1], entry[2] = seq.block_table, 0
+            if entry[2] < k:
+                self.rows[entry[0], entry[2]:k] = seq.block_table[entry[2]:k]
+                entry[2] = k
+            rows[i] = entry[0]
+        np.take(self.rows[:, :out.shape[1]], rows, axis=0, out=out[:len(seqs)])
+
+    def _take_row(self, live: list[Sequence]) -> int:
+        if not self.free_rows:    # forget every sequence not in this step
+            keep = {seq.seq_id for seq in live}
+            for seq_id in [k for k in self.entries if k not in keep]:
+                self.free_rows.append(self.entries.pop(seq_id)[0])
+        return self.free_rows.pop()
+
+
+@dataclass(slots=True)
+class Step:
+    """Host-side facts about one packed step (its tensors are in the StepBuffer).
+    `graph` is "decode" / "mixed" (replay the graph captured for that kind and size T) or
+    "eager"; T, B, W, P are the padded shapes the buffer holds."""
+    T: int
+    B: int
+    W: int
+    P: int
+    S: int
+    max_query_len: int
+    max_context_len: int
+    num_decode_tokens: int
+    decode_rows: int                       # sequences the decode kernel scans
+    num_splits: int
+    graph: int                             # 0 eager, 1 decode graph, 2 mixed graph
+    nbytes: int
+    F: int = 0                             # input tokens fixed up from the previous step
+    num_tokens: int = 0                    # real (unpadded) tokens
+    order: list[int] | None = None         # batch index of each packed row (None: identity)
+    sampled: list[int] | None = None       # packed rows that sample, in logits order
+    sampling: SamplingTensors | None = None
+
+    HEADER_FIELDS = 14
+
+    def header(self, cmd: int) -> list[int]:
+        return [cmd, self.T, self.B, self.W, self.P, self.S, self.max_query_len, self.max_context_len,
+                self.num_decode_tokens, self.decode_rows, self.num_splits, self.graph, self.nbytes,
+                self.F]
+
+    @classmethod
+    def from_header(cls, h: list[int]) -> "Step":
+        return cls(*h[1:Step.HEADER_FIELDS])
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The CUDA graph this step replays: (kind, padded size)."""
+        return self.graph, self.T
+
+
+EAGER, DECODE_GRAPH, MIXED_GRAPH = 0, 1, 2
+GRAPH_KINDS = {"eager": EAGER, "decode": DECODE_GRAPH, "mixed": MIXED_GRAPH}
+
+
+class StepPacker:
+    """Packs policy Batches into a StepBuffer (rank 0; other ranks receive the bytes).
+
+    shape_of(...) decides a step's padded shape (the graph rule); pack(...) writes it.
+    `decode_sizes` / `mixed_sizes` are the captured graph sizes (empty until captured:
+    every step runs eagerly at its exact shape)."""
+
+    def __init__(self, buffer: StepBuffer, block_size: int, max_blocks: int, max_num_seqs: int,
+                 max_model_len: int, vocab_size: int, tile_tokens: int, split_rule, rank: int = 0):
+        self.buffer, self.block_size, self.max_blocks = buffer, block_size, max_blocks
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.vocab_size, self.tile_tokens, self.rank = vocab_size, tile_tokens, rank
+        self.split_rule = split_rule     # (decode rows, longest context) -> split-KV factor
+        self.decode_sizes: list[int] = []
+        self.mixed_sizes: list[int] = []
+        self.block_tables = BlockTableMirror(2 * max_num_seqs + 2, max_blocks)
+
+    def graph_shape(self, kind: int, size: int) -> tuple[int, int, int, int, int]:
+        """(T, B, W, P, num_splits) of a captured graph of this kind and size."""
+        if kind == DECODE_GRAPH:
+            return size, size, self.max_blocks, 0, self.split_rule(size, self.max_model_len)
+        rows = min(size, self.max_num_seqs)
+        tiles = -(-size // self.tile_tokens) + rows
+        # a mixed step carries fewer decodes than rows: split as for a batch of <= 64
+        return size, rows, self.max_blocks, tiles, self.split_rule(min(rows, 64), self.max_model_len)
+
+    def pack(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+             pending: dict | None = None) -> Step:
+        """Pack the batch into the host step buffer: decodes (q_len 1) first, then the
+        others. All per-token arrays are computed with numpy, not per-token Python."""
+        q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
+                                         batch.seqs, batch.sample)
+        B = len(seqs)
+        order = None
+        num_decode = q_lens.count(1)
+        if q_lens[:num_decode].count(1) < num_decode:     # some decode sits behind a prefill
+            order = [i for i in range(B) if q_lens[i] == 1] + [i for i in range(B) if q_lens[i] != 1]
+            q_lens, starts = [q_lens[i] for i in order], [starts[i] for i in order]
+            seqs, samples = [seqs[i] for i in order], [samples[i] for i in order]
+            if sampling_params is not None:
+                sampling_params = [sampling_params[i] for i in order]
+        T = sum(q_lens)
+        q = np.array(q_lens, dtype=np.int64)
+        start = np.array(starts, dtype=np.int64)
+        ctx = start + q
+        num_ctx_blocks = (ctx + self.block_size - 1) // self.block_size
+        prefill = np.flatnonzero(q != 1)            # sequences on the prefill kernel
+        tiles_per_seq = (q[prefill] + self.tile_tokens - 1) // self.tile_tokens
+        num_tiles = int(tiles_per_seq.sum())
+
+        kind, size = graph_rows(T, B, num_decode == B, self.decode_sizes, self.mixed_sizes)
+        graph = GRAPH_KINDS[kind]
+        max_ctx = int(ctx.max()) if B else 0
+        if graph:
+            Tp, Bp, W, P, splits = self.graph_shape(graph, size)
+            decode_rows = Bp
+        else:
+            Tp, Bp, W, P = T, B, int(num_ctx_blocks.max()) if B else 1, num_tiles
+            decode_rows = num_decode
+            splits = self.split_rule(num_decode, max_ctx) if num_decode else 1
+        sampled = list(range(B)) if samples.count(True) == B else [j for j in range(B) if samples[j]]
+        S = len(sampled)
+        fixed = []   # sequences whose last input token the previous step sampled (still on the device)
+        if pending:
+            get = pending.get
+            fixed = [i for i, (s, c, n) in enumerate(zip(seqs, starts, q_lens))
+                     if c + n == s.num_tokens and get(s.seq_id) is not None]
+        F = len(fixed)
+        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, S, F)
+        (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
+         prefill_tiles, logits_rows, temperatures, top_k, top_p, fix_rows, fix_src) = host
+
+        query_start_loc[0] = 0
+        np.cumsum(q, out=query_start_loc[1:B + 1])
+        context_lens[:B] = ctx
+        self.block_tables.gather(seqs, num_ctx_blocks.tolist(), block_tables)
+        if num_decode == B:
+            input_ids[:B] = [s.token_ids[c] for s, c in zip(seqs, starts)]
+            positions[:B] = start
+            rows_of_tokens = np.arange(B)
+        else:
+            input_ids[:T] = np.fromiter(
+                chain.from_iterable(s.token_ids[c:c + n] for s, c, n in zip(seqs, starts, q_lens)),
+                np.int64, T)
+            positions[:T] = np.arange(T) - np.repeat(query_start_loc[:B] - start, q)
+            rows_of_tokens = np.repeat(np.arange(B), q)
+        pos = positions[:T]
+        blocks = block_tables[rows_of_tokens, pos // self.block_size]
+        slot_mapping[:T] = blocks.astype(np.int64) * self.block_size + pos % self.block_size
+        if P:
+            seq_of_tile = np.repeat(prefill, tiles_per_seq)
+            first_tile = np.repeat(np.cumsum(tiles_per_seq) - tiles_per_seq, tiles_per_seq)
+            prefill_tiles[:num_tiles, 0] = seq_of_tile
+            prefill_tiles[:num_tiles, 1] = np.arange(num_tiles) - first_tile
+            prefill_tiles[num_tiles:] = -1
+        self._pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
+                  query_start_loc, block_tables)
+        logits_rows[:] = query_start_loc[1:][sampled] - 1
+        if F:
+            fix_rows[:] = query_start_loc[1:][fixed] - 1
+            fix_src[:] = [pending[seqs[i].seq_id] for i in fixed]
+            input_ids[fix_rows] = 0      # the host holds a placeholder there
+        sampling = None
+        if self.rank == 0:
+            sampling = self.pack_sampling(sampling_params, seqs, sampled, temperatures, top_k, top_p)
+        return Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
+                    splits, graph, nbytes, F, T, order, sampled, sampling)
+
+    @staticmethod
+    def _pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
+             query_start_loc, block_tables) -> None:
+        """Padding of a graph step. Decode graphs: each padding row is one token at position
+        0 that is never stored (flashinfer's decode plan wants q_len 1 everywhere). Mixed
+        graphs: padding tokens belong to no sequence and padding sequences have no query."""
+        if not graph:
+            return
+        input_ids[T:], positions[T:], slot_mapping[T:] = 0, 0, -1
+        block_tables[B:] = 0
+        if graph == DECODE_GRAPH:
+            context_lens[B:] = 1
+            query_start_loc[B + 1:] = np.arange(B + 1, Bp + 1)
+        else:
+            context_lens[B:] = 0
+            query_start_loc[B + 1:] = T
+
+    def pack_sampling(self, params, seqs, sampled, temperatures, top_k, top_p) -> SamplingTensors:
+        """Per sampled row: temperature, top-k, top-p (numpy views into the step buffer),
+        plus the host flags that choose the sampler's fast path."""
+        vocab = self.vocab_size
+        rows = [GREEDY] * len(sampled) if params is None else [params[j] for j in sampled]
+        first = rows[0] if rows else GREEDY
+        if all(p is first for p in rows):      # one SamplingParams for all: no per-row work
+            temperatures[:] = first.temperature
+            top_k[:] = first.top_k if first.top_k > 0 else vocab
+            top_p[:] = first.top_p
+            greedy = [first.greedy]
+        else:
+            temperatures[:] = [p.temperature for p in rows]
+            top_k[:] = [p.top_k if p.top_k > 0 else vocab for p in rows]
+            top_p[:] = [p.top_p for p in rows]
+            greedy = [p.greedy for p in rows]
+        # A seeded row's noise depends on its seed and on which output token it samples.
+        seeds = []
+        if len(greedy) > 1 or first.seed is not None:
+            seeds = [(r, row_seed(p.seed, seqs[j].num_tokens - seqs[j].num_prompt_tokens))
+                     for r, (j, p) in enumerate(zip(sampled, rows)) if p.seed is not None]
+        return SamplingTensors(None, None, None, all_greedy=all(greedy), any_greedy=any(greedy),
+                               use_top_k=bool((top_k < vocab).any()),
+                               use_top_p=bool((top_p < 1).any()), seeds=seeds)
+
+
+def dummy_batch(shape: list[tuple[int, int]], block_size: int) -> Batch:
+    """A batch of all-zero sequences, one per (context length, new tokens) in `shape`, each
+    computing its last `new tokens` and sampling (profiling, warm-up, graph capture), over
+    dummy block 0: the caches are empty or the slots are junk either way."""
+    seqs = [Sequence(i, [0] * ctx, 1) for i, (ctx, _) in enumerate(shape)]
+    for s in seqs:
+        s.block_table = [0] * -(-s.num_tokens // block_size)
+    new = [n for _, n in shape]
+    return Batch(seqs=seqs, num_new_tokens=new, num_computed_tokens=[c - n for c, n in shape],
+                 sample=[True] * len(seqs), num_batched_tokens=sum(new), num_prefill_tokens=sum(new))

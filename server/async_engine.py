@@ -1,0 +1,146 @@
+"""The bridge between asyncio and a Backend: one engine thread does every add, abort and
+step (so the policy is never touched by two threads); an asyncio task keeps it stepping
+while requests wait on their own queues. Admission is bounded: past `max_queued`
+unfinished requests a new one is refused (503) instead of queuing without limit.
+"""
+import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from server.backend import Backend, Finished, GenerationParams
+from server.metrics import ServerMetrics
+
+
+class ApiError(Exception):
+    """An error the client gets as an OpenAI-style body with this HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass(slots=True)
+class Stream:
+    """Where one request's results go: (index, list of new token ids) while it runs (if
+    `stream`), then (index, Finished), or (index, Exception) if the engine died."""
+    queue: asyncio.Queue
+    index: int
+    stream: bool
+    sent: int = 0     # output tokens published so far
+
+
+class AsyncEngine:
+    def __init__(self, backend: Backend, metrics: ServerMetrics, max_queued: int):
+        self.backend, self.metrics, self.max_queued = backend, metrics, max_queued
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.streams: dict[str, Stream] = {}
+        self.wakeup: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.error: Exception | None = None     # set if a step raised: the backend is dead
+
+    async def call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    def start(self) -> None:
+        self.wakeup = asyncio.Event()
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        self.thread.submit(self.backend.close)
+        self.thread.shutdown(wait=True)
+
+    def check_alive(self) -> None:
+        if self.error is not None:
+            raise ApiError(f"the engine failed and serves no more requests: {self.error!r}", 503)
+
+    async def add(self, prompts: list[list[int]], params: GenerationParams, queue: asyncio.Queue,
+                  stream: bool) -> list[str]:
+        """Queue one request per prompt (all or none); results go to `queue`, tagged with
+        the prompt's index. Raises ApiError 400 if the backend refuses one, 503 when the
+        server holds `max_queued` requests already."""
+        self.check_alive()
+        if len(self.streams) + len(prompts) > self.max_queued:
+            raise ApiError(f"the server is overloaded: {len(self.streams)} requests are queued "
+                           f"or running (--max-queued-requests {self.max_queued}); retry later", 503)
+        ids = [f"req-{uuid.uuid4().hex}" for _ in prompts]
+        for index, request_id in enumerate(ids):
+            self.streams[request_id] = Stream(queue, index, stream)
+        try:
+            await self.call(self._add, ids, prompts, params)
+        except ValueError as e:
+            for request_id in ids:
+                self.streams.pop(request_id, None)
+            raise ApiError(str(e)) from None
+        self.wakeup.set()
+        return ids
+
+    def _add(self, ids, prompts, params) -> None:
+        added = []
+        try:
+            for request_id, token_ids in zip(ids, prompts):
+                self.backend.add(request_id, token_ids, params)
+                added.append(request_id)
+        except Exception:
+            for request_id in added:
+                self.backend.abort(request_id)
+            raise
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop publishing to these requests and abort them on the engine thread. Not a
+        coroutine on purpose: it runs in `finally` blocks of cancelled tasks, where an await
+        would be cancelled too. A request that finished meanwhile is dropped on arrival."""
+        request_ids = [r for r in request_ids if self.streams.pop(r, None) is not None]
+        if request_ids and self.error is None:
+            self.thread.submit(self._abort, request_ids)
+
+    def _abort(self, request_ids) -> None:
+        for request_id in request_ids:
+            self.backend.abort(request_id)
+        self.metrics.after_step(self.backend.scheduler)
+
+    def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
+        """On the engine thread: one step, then the new tokens of every streamed request."""
+        finished = self.backend.step()
+        self.metrics.after_step(self.backend.scheduler)
+        for f in finished:
+            self.metrics.finished(f)
+        fresh = {}
+        for request_id, s in self.streams.copy().items():   # copy(): atomic under the GIL
+            if s.stream:
+                tokens = self.backend.output_tokens_since(request_id, s.sent)
+                if tokens:
+                    fresh[request_id] = tokens
+                    s.sent += len(tokens)
+        return fresh, finished
+
+    async def run(self) -> None:
+        backend = self.backend
+        while True:
+            if not backend.has_unfinished():
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            try:
+                fresh, finished = await self.call(self._step)
+            except Exception as e:      # the engine handles a failed step itself: this is fatal
+                self.error = e
+                for s in self.streams.values():
+                    s.queue.put_nowait((s.index, e))
+                self.streams.clear()
+                return
+            for request_id, tokens in fresh.items():
+                s = self.streams.get(request_id)
+                if s is not None:
+                    s.queue.put_nowait((s.index, tokens))
+            for f in finished:
+                s = self.streams.pop(f.request_id, None)
+                if s is not None:
+                    if s.stream and len(f.token_ids) > s.sent:   # the tail the last step made
+                        s.queue.put_nowait((s.index, f.token_ids[s.sent:]))
+                    s.queue.put_nowait((s.index, f))

@@ -1,0 +1,164 @@
+"""What the HTTP server drives: a `Backend` runs requests through the policy layer, one
+`step()` at a time, on the server's engine thread.
+
+Two backends: `EngineBackend` (the real engine, `engine.LLMEngine`) and `server.sim.SimBackend`
+(the policy with the simulator's cost model standing in for the GPU, paced in real time).
+Both expose their `policy.Scheduler`, which is what /metrics reads.
+"""
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from policy import Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """A request's sampling and stopping fields, checked as the API promises them whatever
+    the backend (the simulated one samples nothing; the engine checks again, in
+    `engine.SamplingParams`). Raises ValueError naming the field."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not self.top_k >= -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive integer, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A request that left the backend. finish_reason: "stop", "length" or "error" (then
+    `error` says why). Times are the backend's clock (time.perf_counter seconds)."""
+    request_id: str
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    error: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_preemptions: int
+    arrival_time: float
+    first_scheduled_time: float | None
+    token_times: tuple[float, ...]
+    finish_time: float | None
+
+
+class Backend(ABC):
+    """Everything but `tokenize`, `chat_tokens` and `decode` is called on the engine thread
+    only (the policy is never touched by two threads). Those three may run on other
+    threads at the same time: they must not touch the policy."""
+    name: str               # the model (directory or conf name) the backend runs
+    vocab_size: int
+    max_model_len: int
+    scheduler: Scheduler
+    has_tokenizer: bool     # text prompts and decoded text available
+    has_chat_template: bool
+    max_token_bytes: int    # UTF-8 bytes of the longest token: bounds a prompt's length
+
+    @abstractmethod
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; ValueError if it cannot be a prompt of this model."""
+
+    @abstractmethod
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt of a chat (the chat template with the generation prompt appended)."""
+
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of output tokens ("" without a tokenizer)."""
+
+    @abstractmethod
+    def add(self, request_id: str, token_ids: list[int], params: GenerationParams) -> None:
+        """Queue a request; ValueError (queuing nothing) if it is invalid or can never run."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """True: the request is gone and frees its blocks, no output will come. False: it
+        is unknown, or finished with its output coming from the next step()."""
+
+    @abstractmethod
+    def step(self) -> list[Finished]:
+        """Run one step (if there is work); the requests that left the backend."""
+
+    @abstractmethod
+    def output_tokens_since(self, request_id: str, start: int) -> list[int]:
+        """Output tokens of an unfinished request from `start` on, as far as known."""
+
+    @abstractmethod
+    def has_unfinished(self) -> bool: ...
+
+    def close(self) -> None:
+        """Release devices and worker processes."""
+
+
+class EngineBackend(Backend):
+    """The real engine. `EngineBackend(model_path, **EngineConfig fields)`."""
+
+    MAX_STEP_RECORDS = 100_000   # steps of the engine's log a long-running server keeps
+
+    def __init__(self, model: str, **engine_kwargs):
+        from engine import LLMEngine, SamplingParams
+        self.sampling_params = SamplingParams
+        self.engine = engine = LLMEngine(model, **engine_kwargs)
+        self.name = model
+        self.vocab_size = engine.model_config.vocab_size
+        self.max_model_len = engine.config.max_model_len
+        self.scheduler = engine.scheduler
+        self.tokenizer = engine.tokenizer
+        self.has_tokenizer = self.tokenizer is not None
+        self.has_chat_template = getattr(self.tokenizer, "chat_template", None) is not None
+        # bytes of the longest token (4 per character at most): bounds a prompt's length
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        self.max_token_bytes = 4 * max((len(t) for t in vocab), default=16)
+
+    def tokenize(self, prompt):
+        return self.engine.tokenize(prompt)
+
+    def chat_tokens(self, messages):
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def decode(self, token_ids):
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def add(self, request_id, token_ids, params):
+        sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,
+                                  top_p=params.top_p, max_tokens=params.max_tokens,
+                                  ignore_eos=params.ignore_eos, seed=params.seed)
+        self.engine.add_request(token_ids, sp, request_id=request_id)
+
+    def abort(self, request_id):
+        return self.engine.abort(request_id)
+
+    def step(self):
+        outputs = self.engine.step()
+        records = self.engine.step_records
+        if len(records) > 2 * self.MAX_STEP_RECORDS:   # a server runs for days
+            del records[:-self.MAX_STEP_RECORDS]
+        return [Finished(o.request_id, o.token_ids, o.text, o.finish_reason, o.error,
+                         m.num_prompt_tokens, m.num_cached_tokens, m.num_preemptions,
+                         m.arrival_time, m.first_scheduled_time, m.token_times, m.finish_time)
+                for o in outputs for m in (o.metrics,)]
+
+    def output_tokens_since(self, request_id, start):
+        return self.engine.output_tokens_since(request_id, start)
+
+    def has_unfinished(self):
+        return self.engine.has_unfinished()
+
+    def close(self):
+        self.engine.close()
