@@ -52,8 +52,14 @@ class DecodeStretch:
 
     def features(self, j: int) -> dict:
         """`Batch.features()` of step j (0-based) of the stretch."""
+        features = self.record(j, 0.0, 0.0)
+        del features["start_s"], features["duration_s"]
+        return features
+
+    def record(self, j: int, start: float, duration: float) -> dict:
+        """`Batch.record(start, duration)` of step j: the same keys, in the same order."""
         num_seqs = len(self.seqs)
-        return {"num_seqs": num_seqs, "num_batched_tokens": num_seqs, "num_prefill_tokens": 0,
+        return {"start_s": start, "duration_s": duration, "num_seqs": num_seqs, "num_batched_tokens": num_seqs, "num_prefill_tokens": 0,
                 "num_decode_seqs": num_seqs, "num_sampled": num_seqs,
                 "decode_context_tokens": self.context0 + (j + 1) * num_seqs,
                 "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
@@ -74,13 +80,11 @@ class DecodeStretch:
         seqs, tokens, starts = self.seqs, self.tokens, self.starts
         # Tokens first: a block registered at step j hashes only tokens before c + j + 1,
         # all of them received by then.
-        last = array("q", (PLACEHOLDER,)) if in_flight else None
         for seq, token in zip(seqs, tokens):
-            if last is None:
-                seq.token_ids.extend(array("q", (token,)) * k)
-            else:
-                seq.token_ids.extend(array("q", (token,)) * (k - 1))
-                seq.token_ids.extend(last)
+            new = array("q", (token,)) * k
+            if in_flight:
+                new[-1] = PLACEHOLDER
+            seq.token_ids += new
             seq.num_tokens += k
             seq.token_times += times
         append_blocks, register = bm.append_blocks, bm.register

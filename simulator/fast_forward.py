@@ -42,8 +42,7 @@ def skip_decode_turns(replica, state, now: float) -> tuple[int, list]:
         if j and next_arrival <= t:          # this turn would admit a request first
             break
         start = t
-        record = stretch.features(j)
-        record = {"start_s": start, "duration_s": 0.0, **record}
+        record = stretch.record(j, start, 0.0)
         executor.t = start
         handle = executor.launch(None, None, record)
         record["launch_s"] = launched = executor.t

@@ -1,5 +1,6 @@
 """BlockManager against a reference model: ownership, ref counts, prefix-cache content."""
 import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -164,3 +165,34 @@ def test_count_cached_tokens_matches_match_prefix():
 def test_pool_must_have_a_block():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, 16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 13), st.booleans()), min_size=1, max_size=8),
+       st.integers(0, 3))
+def test_append_blocks_hands_out_what_allocate_would(prompts, rounds):
+    """One call giving each sequence its next block = allocate one sequence after another:
+    the same blocks, evictions and cache, from a pool with freed cached blocks in it."""
+    pools = [BlockManager(num_blocks=40, block_size=BLOCK) for _ in range(2)]
+    live = [[], []]
+    for bm, seqs in zip(pools, live):
+        bm.free_blocks(computed(bm, "filler", list(range(100, 100 + 40 * BLOCK))))  # all cached
+        for i, (n, keep) in enumerate(prompts):
+            seq = computed(bm, i, [i % 3] * n)
+            if keep:
+                seqs.append(seq)
+            else:           # its cached blocks go back to the pool, to be evicted
+                bm.free_blocks(seq)
+    for _ in range(rounds):
+        if len(live[0]) > pools[0].num_free_blocks:
+            with pytest.raises(ValueError, match="free"):
+                pools[0].append_blocks(live[0])
+            break
+        pools[0].append_blocks(live[0])
+        for seq in live[1]:
+            assert pools[1].allocate(seq, (len(seq.block_table) + 1) * BLOCK)
+    assert [s.block_table for s in live[0]] == [s.block_table for s in live[1]]
+    assert pools[0].evictions > 0
+    assert pools[0].cached == pools[1].cached and pools[0].evictions == pools[1].evictions
+    assert list(pools[0].free) == list(pools[1].free)
+    pools[0].check_integrity()

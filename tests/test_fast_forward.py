@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.fast_forward import plan_decode_stretch
 from simulator import Simulator
 from simulator.cost_model import CostModel
@@ -116,6 +116,7 @@ def test_stretch_ends_at_the_first_finish():
     stretch = plan_decode_stretch(sched, {"a": 9, "b": 9})
     assert stretch.max_steps == 5          # b reaches its 6 tokens at the 5th step
     assert stretch.features(0)["kv_blocks_used"] == 4     # both take their second block at once
+    assert list(stretch.features(0)) == list(Batch().features())   # the steps.parquet columns
     finished = stretch.apply(5, [float(t) for t in range(2, 7)])
     assert finished == [b] and b.is_finished and b.finish_time == 6.0
     assert b.token_times == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and b.block_table == []
