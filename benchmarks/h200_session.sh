@@ -27,5 +27,9 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
+  calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py)
+            TAIL=40 run calibrate_q06 300 python3 run.py experiment=calibrate model=qwen3-0.6b hardware=h200
+            tar czf $OUT/calibrations.tgz simulator/calibrations ;;
+  http)     STAGES="http offline sim" NREQ=${NREQ:-100} RATES="${RATES:-6 12 24}" BUDGET=${BUDGET:-200} OUT=$OUT bash benchmarks/h200_http.sh ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
