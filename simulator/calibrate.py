@@ -189,16 +189,18 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
     """The held-out error per step kind (and the fitted roofline's, if given)."""
-    print(f"{'kind':<7} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
-          + ("  roofline MAPE" if roofline else ""))
+    print(f"{'kind':<7} {'form':<9} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+          + ("  roofline MAPE" if roofline else "") + "  (other form: held-out MAPE)")
     for kind, fit in calib["kinds"].items():
         held = fit.get("held_out", {})
-        line = (f"{kind:<7} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+        form = fit.get("form", "")
+        others = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fit.get("forms", {}).items() if k != form)
+        line = (f"{kind:<7} {form:<9} {fit['train']['n']:>8} {held.get('n', 0):>7} "
                 f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
                 f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
-        print(line)
+        print(line + (f"  ({others})" if others else ""))
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq, "
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
