@@ -246,10 +246,14 @@ class RooflineCostModel(CostModel):
 
 
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).
+# max_context_tokens: a decode batch's attention ends with its longest sequence (the
+# split-KV programs of the longest contexts set the step's tail).
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens"],
-    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
-    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
+    "decode": ["decode_context_tokens", "max_context_tokens"],
+    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
+              "max_context_tokens"],
+    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
+              "max_context_tokens"],
 }
 
 
