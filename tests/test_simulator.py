@@ -185,6 +185,7 @@ def test_step_features_match_batch_record():
         assert features["prefill_attention_pairs"] == sum(
             sum(c + i + 1 for i in range(n)) for c, n in prefill)
         assert features["num_sampled"] == sum(batch.sample)
+        assert features["max_context_tokens"] == max(batch.context_lens)
         kinds.add((batch.num_prefill_tokens > 0, batch.num_decode_seqs > 0, batch.num_preempted > 0))
         sched.update(batch, [7] * len(batch), 0.0)
     assert {(True, True, False), (False, True, False), (True, False, False)} <= kinds
