@@ -121,7 +121,7 @@ def recorded_num_blocks(rc: RunConfig) -> int | None:
                                  f"{group}.{key}={theirs[group][key]!r}, this run has {value!r}")
     engine = theirs.get("engine", {})
     if engine:
-        async_on = engine.get("async_scheduling") is not False and engine.get("tensor_parallel_size", 1) == 1
+        async_on = engine.get("async_scheduling") is not False    # as EngineSettings.async_on
         if async_on != rc.engine.async_on:
             raise ValueError(f"cost_model=replay: {summary} was recorded with async scheduling "
                              f"{'on' if async_on else 'off'}; set engine.async_scheduling="

@@ -41,14 +41,18 @@ class Batch:
         decode_context_tokens (KV read by decodes), prefill_context_tokens (sum over prefill
         chunks of new tokens x context after the chunk), prefill_kv_tokens (sum of context
         after each chunk: KV its attention reads) and prefill_attention_pairs (causal
-        query-key pairs, n*start + n(n+1)/2 per chunk). O(1) Python for decode-only steps."""
+        query-key pairs, n*start + n(n+1)/2 per chunk) and max_context_tokens (the longest
+        context after the step: a decode batch's attention ends with its longest sequence).
+        O(1) Python for decode-only steps."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
-        if self.num_prefill_tokens == 0:   # decode only: the sum runs in C
+        if self.num_prefill_tokens == 0:   # decode only: the sum and max run in C
             decode_ctx = sum(starts) + num_seqs
+            max_ctx = max(starts) + 1 if num_seqs else 0
             num_sampled = num_seqs
         else:
+            max_ctx = max(map(int.__add__, starts, self.num_new_tokens))
             for seq, start, n in zip(self.seqs, starts, self.num_new_tokens):
                 if n == 1 and start >= seq.num_prompt_tokens:
                     decode_ctx += start + 1
@@ -63,6 +67,7 @@ class Batch:
                 "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
                 "decode_context_tokens": decode_ctx, "prefill_context_tokens": prefill_ctx,
                 "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
+                "max_context_tokens": max_ctx,
                 "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
                 "kv_blocks_used": self.kv_blocks_used}
 

@@ -28,10 +28,10 @@ class DecodeStretch:
     Made by `plan_decode_stretch`; `apply` it once."""
 
     __slots__ = ("scheduler", "seqs", "tokens", "starts", "max_steps", "alloc_groups",
-                 "reg_groups", "alloc_prefix", "context0", "used0", "applied")
+                 "reg_groups", "alloc_prefix", "context0", "max0", "used0", "applied")
 
     def __init__(self, scheduler, seqs, tokens, starts, max_steps, alloc_groups, reg_groups,
-                 context0, used0):
+                 context0, used0, max0=0):
         self.scheduler = scheduler
         self.seqs, self.tokens, self.starts = seqs, tokens, starts
         self.max_steps = max_steps
@@ -42,7 +42,7 @@ class DecodeStretch:
         self.alloc_prefix = [0]          # alloc_prefix[m]: allocations at residues < m
         for group in alloc_groups:
             self.alloc_prefix.append(self.alloc_prefix[-1] + len(group))
-        self.context0, self.used0 = context0, used0
+        self.context0, self.used0, self.max0 = context0, used0, max0
         self.applied = 0
 
     def allocations_through(self, j: int) -> int:
@@ -63,6 +63,7 @@ class DecodeStretch:
                 "num_decode_seqs": num_seqs, "num_sampled": num_seqs,
                 "decode_context_tokens": self.context0 + (j + 1) * num_seqs,
                 "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
+                "max_context_tokens": self.max0 + j + 1,
                 "num_preempted": 0, "prefix_hit_tokens": 0,
                 "kv_blocks_used": self.used0 + self.allocations_through(j)}
 
@@ -160,7 +161,7 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
         if left < max_steps:
             max_steps = left
     stretch = DecodeStretch(sched, list(running), tokens, starts, max_steps, alloc_groups,
-                            reg_groups, context0, bm.num_used_blocks)
+                            reg_groups, context0, bm.num_used_blocks, max(starts) if starts else 0)
     # The pool: find the last step whose allocations (with all before) still fit.
     free, per_cycle = bm.num_free_blocks, len(running)
     cycles, rest = divmod(free, per_cycle)

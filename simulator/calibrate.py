@@ -30,6 +30,9 @@ from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, STEP_KIND
 from policy import Batch, Sequence
 from simulator.hardware import HardwareSpec
 
+# Features a profile made by an older grid may lack (fitted without them, said so).
+OPTIONAL_FEATURES = ("max_context_tokens",)
+
 # The roofline parameters a profile determines, with the range searched for each.
 HARDWARE_FIT = {
     "flops_efficiency": (0.05, 1.0), "flops_half_tokens": (0.0, 4096.0),
@@ -56,10 +59,18 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     decode = list(graphs.decode) or sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= S} | {S})
     if graphs.decode and S > graphs.decode[-1]:
         decode += [S]                                   # past the graphs: eager decode
+    def spread(b, c):   # b decodes whose contexts run evenly from c/4 to 7c/4 (mean c)
+        return [(max(2, min(L, int(c * (0.25 + 1.5 * i / (b - 1))))), 1) for i in range(b)]
     for b in decode:
         for c in contexts:
             add([(c, 1)] * b)
+            if b > 1 and c != contexts[0]:
+                add(spread(b, c))
+        if b > 1:       # one long sequence among short ones: its attention sets the tail
+            add([(min(L, 8 * contexts[1]), 1)] + [(contexts[1] // 2, 1)] * (b - 1))
         add([(held_ctx, 1)] * b, "held_out")
+        if b > 1:
+            add(spread(b, held_ctx), "held_out")
     cached = max(0, min(L - 1, 1024))
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
@@ -89,17 +100,20 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
 def shape_batch(shape: list[tuple[int, int]], block_size: int, num_blocks: int) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
     step, new tokens); n == 1 entries are decodes (their prompt ended earlier), the others
-    prompt chunks ending at their context. Block tables take distinct blocks, wrapping
-    around a pool of `num_blocks` (the KV read is junk, its cost is real)."""
+    prompt chunks ending at their context. Block tables take distinct blocks scattered over
+    a pool of `num_blocks` (a fixed random permutation, wrapping around when the shape
+    needs more), as a serving engine's tables are after some churn: the KV read is junk,
+    its cost (locality included) is real. Block 0, the engine's dummy block, is never used."""
     batch = Batch()
-    next_block = 1      # block 0 is the engine's dummy block
+    pool = np.random.default_rng(len(shape)).permutation(max(1, num_blocks - 1)) + 1
+    next_block = 0
     for i, (ctx, n) in enumerate(shape):
         seq = Sequence(i, [0] * ctx, 1)
         decode = n == 1 and ctx > 1
         if decode:
             seq.num_prompt_tokens = ctx - 1
         blocks = -(-ctx // block_size)
-        seq.block_table = [1 + (next_block + j - 1) % max(1, num_blocks - 1) for j in range(blocks)]
+        seq.block_table = pool[np.arange(next_block, next_block + blocks) % len(pool)].tolist()
         next_block += blocks
         batch.seqs.append(seq)
         batch.num_new_tokens.append(n)
@@ -128,10 +142,13 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         if not meta.get(key):
             raise ValueError(f"calibration metadata needs {key!r}")
     needed = {"kind", "rows", "split", "device_s", "num_seqs", "host_launch_s", "host_receive_s"}
-    needed |= {f for fs in FITTED_FEATURES.values() for f in fs}
+    needed |= {f for fs in FITTED_FEATURES.values() for f in fs if f not in OPTIONAL_FEATURES}
     missing = sorted(needed - set(profile.columns))
     if missing:
         raise ValueError(f"profile lacks columns {missing}")
+    absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
+    if absent:
+        print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
     kinds = {}
@@ -140,7 +157,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
             continue
-        kinds[kind] = fit_kind(train, test, FITTED_FEATURES[kind])
+        kinds[kind] = fit_kind(train, test, [f for f in FITTED_FEATURES[kind] if f in profile.columns])
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -189,16 +206,18 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
     """The held-out error per step kind (and the fitted roofline's, if given)."""
-    print(f"{'kind':<7} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
-          + ("  roofline MAPE" if roofline else ""))
+    print(f"{'kind':<7} {'form':<9} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+          + ("  roofline MAPE" if roofline else "") + "  (other form: held-out MAPE)")
     for kind, fit in calib["kinds"].items():
         held = fit.get("held_out", {})
-        line = (f"{kind:<7} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+        form = fit.get("form", "")
+        others = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fit.get("forms", {}).items() if k != form)
+        line = (f"{kind:<7} {form:<9} {fit['train']['n']:>8} {held.get('n', 0):>7} "
                 f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
                 f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
-        print(line)
+        print(line + (f"  ({others})" if others else ""))
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq, "
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")

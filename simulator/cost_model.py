@@ -246,10 +246,14 @@ class RooflineCostModel(CostModel):
 
 
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).
+# max_context_tokens: a decode batch's attention ends with its longest sequence (the
+# split-KV programs of the longest contexts set the step's tail).
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens"],
-    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
-    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens"],
+    "decode": ["decode_context_tokens", "max_context_tokens"],
+    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
+              "max_context_tokens"],
+    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
+              "max_context_tokens"],
 }
 
 
@@ -277,7 +281,9 @@ class FittedCostModel(CostModel):
         device time = base(T') + sum(coefficient x feature)
 
     base: piecewise linear in the tokens T' the step computes (padding included), through
-    the values fitted at `knots` (the profiled sizes: for graphed steps the graph sizes);
+    the values fitted at `knots` (form "piecewise": every profiled size, for graphed steps
+    the graph sizes; form "linear": the smallest and largest; `fit_kind` keeps the form
+    with the lower held-out error);
     features: FITTED_FEATURES (attention and sampling work). Host costs come from the file.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
@@ -354,11 +360,23 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str]) -> dict:
-    """One step kind: base values at the knots (the distinct computed-token counts of
-    `train`) and non-negative feature coefficients, by least squares on relative error
-    (each row weighted 1 / its time, so small steps count as much as large ones). Error
-    reported on `test` (shapes not fitted on)."""
-    knots = sorted(set(train["rows"].astype(int)))
+    """One step kind, its form chosen by measurement: the base is fitted either piecewise
+    linear through every distinct computed-token count of `train` ("piecewise": each CUDA
+    graph size its own cost) or linear between the smallest and largest ("linear"), with
+    non-negative feature coefficients, by least squares on relative error (each row
+    weighted 1 / its time, so small steps count as much as large ones). The form with the
+    lower error on `test` (shapes not fitted on; `train` if there are none) is kept;
+    `forms` records both errors."""
+    sizes = sorted(set(train["rows"].astype(int)))
+    candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
+    fits = {form: _fit_base(train, test, features, knots) for form, knots in candidates.items()}
+    def score(fit):
+        return fit.get("held_out", fit["train"])["mape"]
+    form = min(fits, key=lambda k: (score(fits[k]), k != "piecewise"))
+    return {**fits[form], "form": form, "forms": {k: score(v) for k, v in fits.items()}}
+
+
+def _fit_base(train, test, features: list[str], knots: list[int]) -> dict:
     def design(df):
         return np.column_stack([hat_basis(df["rows"].to_numpy(float), knots)]
                                + [df[f].to_numpy(float) for f in features])

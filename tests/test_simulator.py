@@ -185,6 +185,7 @@ def test_step_features_match_batch_record():
         assert features["prefill_attention_pairs"] == sum(
             sum(c + i + 1 for i in range(n)) for c, n in prefill)
         assert features["num_sampled"] == sum(batch.sample)
+        assert features["max_context_tokens"] == max(batch.context_lens)
         kinds.add((batch.num_prefill_tokens > 0, batch.num_decode_seqs > 0, batch.num_preempted > 0))
         sched.update(batch, [7] * len(batch), 0.0)
     assert {(True, True, False), (False, True, False), (True, False, False)} <= kinds
@@ -407,6 +408,9 @@ def test_fit_on_a_profile_predicts_held_out_shapes_and_runs(tmp_path):
     for kind, fit in calib["kinds"].items():
         assert fit["held_out"]["mape"] < 0.05, kind
         assert all(c >= 0 for c in fit["coefficients"].values())
+        # the form kept is the one with the lower held-out error of the two tried
+        assert set(fit["forms"]) == {"piecewise", "linear"}
+        assert fit["forms"][fit["form"]] == fit["held_out"]["mape"] == min(fit["forms"].values())
     assert calib["host"]["launch_s"] == pytest.approx(2e-4) and calib["host"]["receive_seq_s"] == pytest.approx(1e-6)
     fitted = FittedCostModel(calib, graphs=GRAPHS)
     requests = make_requests(200, rate=80.0, seed=11, prompt=(16, 600), output=(1, 60))
