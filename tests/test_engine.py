@@ -415,22 +415,3 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(checkpoints):
     assert generate(path, [PROMPTS[0]] * 2, [free, seeded], seed=9)[1][1].token_ids == alone
     other = SamplingParams(temperature=50.0, max_tokens=8, ignore_eos=True, seed=99)
     assert generate(path, PROMPTS[:1], other)[1][0].token_ids != alone
-
-
-# ---- CUDA-graph bookkeeping, emulated on the CPU ------------------------------------------
-
-def test_block_table_mirror_reuses_rows():
-    """Re-allocated tables (preemption, graph capture) reuse their sequence's row: many
-    re-allocations never exhaust a mirror sized for the batch, and the copy is current."""
-    import numpy as np
-    from engine.step_inputs import BlockTableMirror
-    from policy import Sequence
-    mirror = BlockTableMirror(capacity=4, max_blocks=8)
-    seqs = [Sequence(i, [1], 1) for i in range(3)]
-    out = np.full((3, 8), -1, dtype=np.int32)
-    for round_ in range(20):
-        for i, s in enumerate(seqs):
-            s.block_table = [round_ * 10 + i + j for j in range(1 + round_ % 5)]
-        mirror.gather(seqs, [len(s.block_table) for s in seqs], out)
-        for i, s in enumerate(seqs):
-            assert out[i, :len(s.block_table)].tolist() == s.block_table

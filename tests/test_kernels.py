@@ -310,3 +310,35 @@ def test_attention_rejects_bad_inputs_with_clear_errors():
         paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl[:2], 1, 20, 0.1)
     with pytest.raises(ValueError, match="num_splits"):
         paged_decode_attention(**args, num_splits=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_step_launch_shape_matches_reference(seed):
+    """The runner's graph-safe launch of a mixed step: the decode kernel over a grid of
+    padded rows (skipping prefill and padding rows by query_start_loc) plus the prefill
+    kernel over a tile list padded with b = -1. Every real query row is written, once, and
+    matches the reference; padding rows and tiles do nothing."""
+    from engine.kernels.paged_attention import prefill_tile_tokens
+    rng = random.Random(100 + seed)
+    group, dtype = rng.choice([1, 2, 4]), rng.choice([torch.float32, torch.bfloat16])
+    seqs = [(1, rng.randint(1, 150)) for _ in range(rng.randint(1, 4))]     # decodes first
+    for _ in range(rng.randint(1, 3)):
+        ctx = rng.randint(2, 150)
+        seqs.append((rng.randint(2, ctx), ctx))
+    q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch(
+        seqs, 2 * group, 2, 64, rng.choice([1, 16, 24]), dtype, seed=seed)
+    ref = reference_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, 0.125)
+    pad = rng.randint(1, 3)                                   # padding sequences, q_len 0
+    B, T = len(seqs), q.shape[0]
+    qsl_p = torch.cat([qsl.cpu(), torch.full((pad,), T, dtype=torch.int32)]).to(DEVICE)
+    ctx_p = torch.cat([context_lens.cpu(), torch.zeros(pad, dtype=torch.int32)]).to(DEVICE)
+    tables_p = torch.cat([block_tables.cpu(), torch.zeros(pad, block_tables.shape[1], dtype=torch.int32)]).to(DEVICE)
+    tile = prefill_tile_tokens(q.shape[1], 2, dtype)
+    tiles = [(b, t) for b, (q_len, _) in enumerate(seqs) if q_len > 1 for t in range(-(-q_len // tile))]
+    tiles += [(-1, 0)] * rng.randint(1, 5)
+    tiles = torch.tensor(tiles, dtype=torch.int32, device=DEVICE)
+    out = poisoned(q)
+    paged_decode_attention(q, k_cache, v_cache, tables_p, ctx_p, 0.125, rng.randint(1, 4), out=out,
+                           query_start_loc=qsl_p)
+    paged_prefill_attention(q, k_cache, v_cache, tables_p, ctx_p, qsl_p, 0, 0.125, out=out, tiles=tiles)
+    assert rel_error(out, ref) < TOLERANCE[dtype], (seqs, group, dtype)

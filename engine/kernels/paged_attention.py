@@ -17,10 +17,13 @@ Kernels.
   group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts with few
   programs are split (flash-decoding) and a second kernel merges the splits by their
   log-sum-exp.
+  With `query_start_loc` the decode kernel reads any step's queries and skips sequences whose
+  q_len is not 1: the decode half of a mixed step, on a grid fixed by the number of rows.
 * prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
-  head); the tile packs BLOCK_Q tokens x the query group into BLOCK_M rows (again sharing the KV
-  reads), walks the KV blocks with an online softmax, masks only the tiles that touch the
-  causal diagonal.
+  head), or per (tile of a host-built tile list, KV head): a grid fixed per CUDA graph size and
+  no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
+  BLOCK_M rows (again sharing the KV reads), walks the KV blocks with an online softmax, masks
+  only the tiles that touch the causal diagonal.
 
 Supported: fp32 / fp16 / bf16; any block_size >= 1 (tiles gather per token, so 1, 24, 16..256
 all work; a block_size that is a multiple of the tile width takes a cheaper one-lookup-per-tile
@@ -30,7 +33,8 @@ any num_heads that is a multiple of num_kv_heads. Softmax and accumulation in fp
 CUDA graphs: `paged_decode_attention` (and `paged_attention` with max_query_len == 1) does no
 host sync and allocates only tensors whose shapes follow from (B, num_heads, num_splits); pass
 `num_splits` explicitly when capturing so every replay uses the captured split count. Padding rows
-with `context_lens == 0` produce zeros.
+with `context_lens == 0` produce zeros. `paged_prefill_attention` with `tiles` is graph-safe too
+(its grid is the tile list's length), which is what lets mixed steps replay a graph.
 """
 import math
 import os
