@@ -18,7 +18,7 @@ import yaml
 from tqdm import tqdm
 
 from analysis.metrics import compute_metrics, format_report
-from bench.client import Target, replay, request_table, server_model, warm_up
+from bench.client import Target, replay, request_table, scrape, server_model, server_side, warm_up
 from experiments import results
 from policy import Batch
 from traces import TraceConfig, TraceError, load_trace, materialize
@@ -117,8 +117,10 @@ def main(argv=None) -> dict:
     print(f"{len(requests)} requests of trace {trace.name!r} -> {url} (model {model!r})")
     asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups,
                         max_model_len))
+    before = scrape(url)
     with tqdm(total=len(requests), unit="req", disable=args.disable_tqdm) as bar:
         records, t0, duration = asyncio.run(replay(target, requests, args.max_concurrency, bar.update))
+    server = server_side(before, scrape(url))
     table = request_table(records, t0)
     metrics = compute_metrics(table, duration_s=duration, slos=goodput)
     config = {"trace": dataclasses.asdict(trace), "bench": {
@@ -127,10 +129,16 @@ def main(argv=None) -> dict:
         "temperature": args.temperature,
         "num_warmups": args.num_warmups}, "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
-               "mode": "http", "run": {"num_requests": len(table), "wall_s": duration}}
+               "mode": "http", "run": {"num_requests": len(table), "wall_s": duration},
+               "server_metrics": server}
     no_steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})   # the server's
     results.write(args.out, table, no_steps, summary)
     print(format_report(metrics))
+    if server and server["mean_time_to_first_token_ms"] is not None:
+        print(f"server-side (/metrics over the run): mean TTFT {server['mean_time_to_first_token_ms']:.2f} ms, "
+              f"mean ITL {server['mean_inter_token_latency_ms'] or 0:.2f} ms, mean E2E "
+              f"{server['mean_e2e_request_latency_ms']:.2f} ms; HTTP and client add "
+              f"{metrics['mean_ttft_ms'] - server['mean_time_to_first_token_ms']:.2f} ms to the mean TTFT")
     errors = table["error"].dropna()
     if len(errors):
         print(f"{len(errors)} failed requests; the first: {errors.iloc[0]}")

@@ -56,6 +56,47 @@ class Target:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+# /metrics series whose change over a run the client reports (vLLM's names)
+SERVER_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds")
+SERVER_COUNTERS = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions",
+                   "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+
+
+def scrape(url: str) -> dict | None:
+    """The server's Prometheus sums and counts we report (summed over label sets), or None
+    if it has no /metrics (any OpenAI-compatible server may be measured)."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+        r = httpx.get(f"{url}/metrics", timeout=10)
+        r.raise_for_status()
+        values = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+    except (ImportError, httpx.HTTPError, ValueError):
+        return None
+
+
+def server_side(before: dict | None, after: dict | None) -> dict | None:
+    """What the server measured over the run (from two /metrics scrapes): mean TTFT, ITL,
+    E2E latency and queue time in ms, and the token / preemption / prefix-cache counts.
+    The client's numbers minus these are the HTTP path's share."""
+    if before is None or after is None:
+        return None
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)
+    out = {}
+    for name in SERVER_HISTOGRAMS:
+        count = delta(name + "_count")
+        short = name.removeprefix("vllm:").removesuffix("_seconds")
+        out[f"mean_{short}_ms"] = 1000 * delta(name + "_sum") / count if count else None
+        out[f"{short}_count"] = int(count)
+    for name in SERVER_COUNTERS:
+        out[name.removeprefix("vllm:")] = int(delta(name + "_total"))
+    return out
+
+
 def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]:
     """The first model the server lists: its id and max_model_len (vLLM and this project
     list it; None where the server does not)."""

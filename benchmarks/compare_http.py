@@ -21,8 +21,13 @@ STATS = ("mean", "median", "p99")
 
 
 def metrics(root: Path, kind: str, rate: str) -> dict | None:
+    """The run's metrics, plus the server-side mean TTFT (server_ttft_ms) of HTTP runs."""
     path = root / f"{kind}_{rate}"
-    return load_run(path).metrics if (path / "summary.json").is_file() else None
+    if not (path / "summary.json").is_file():
+        return None
+    run = load_run(path)
+    server = run.summary.get("server_metrics") or {}
+    return run.metrics | {"server_ttft_ms": server.get("mean_time_to_first_token_ms")}
 
 
 def main(root: str) -> dict:
@@ -62,6 +67,11 @@ def main(root: str) -> dict:
             cost = row["http_cost"]
             row["http_within_target"] = (max(cost["mean_ttft_added_ms"], cost["median_ttft_added_ms"]) <= 10
                                          and max(cost["mean_tpot_added_pct"], cost["median_tpot_added_pct"]) <= 5)
+            if http["server_ttft_ms"] is not None:
+                cost["server_mean_ttft_added_ms"] = http["server_ttft_ms"] - off["mean_ttft_ms"]
+                print(f"{rate:>5} {'server':>11}  mean TTFT {http['server_ttft_ms']:.2f} ms inside the "
+                      f"server (/metrics): the engine process adds {cost['server_mean_ttft_added_ms']:+.2f} ms, "
+                      f"HTTP and the client {http['mean_ttft_ms'] - http['server_ttft_ms']:.2f} ms")
             print(f"{rate:>5} {'http-off':>11}  TTFT +{cost['mean_ttft_added_ms']:.2f} ms mean, "
                   f"+{cost['median_ttft_added_ms']:.2f} ms median; TPOT {cost['mean_tpot_added_pct']:+.2f} % mean, "
                   f"{cost['median_tpot_added_pct']:+.2f} % median -> "

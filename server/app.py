@@ -250,7 +250,8 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         finally:
             watcher.cancel()
             if not task.done():
-                task.cancel()
+                task.cancel()            # aborts its requests (collect's finally)
+                await asyncio.gather(task, return_exceptions=True)
         if task.cancelled():
             return Response(status_code=499)    # nobody is listening
         return task.result()

@@ -72,7 +72,10 @@ class AsyncEngine:
         for index, request_id in enumerate(ids):
             self.streams[request_id] = Stream(queue, index, stream)
         try:
-            await self.call(self._add, ids, prompts, params)
+            if self.backend.concurrent_add:      # no wait for the engine thread's step
+                self._add(ids, prompts, params)
+            else:
+                await self.call(self._add, ids, prompts, params)
         except (ValueError, BackendDead) as e:
             for request_id in ids:
                 self.streams.pop(request_id, None)
@@ -100,7 +103,10 @@ class AsyncEngine:
         would be cancelled too. A request that finished meanwhile is dropped on arrival."""
         request_ids = [r for r in request_ids if self.streams.pop(r, None) is not None]
         if request_ids and self.error is None:
-            self.thread.submit(self._abort, request_ids)
+            if self.backend.concurrent_add:
+                self._abort(request_ids)
+            else:
+                self.thread.submit(self._abort, request_ids)
 
     def _abort(self, request_ids) -> None:
         try:
@@ -109,7 +115,8 @@ class AsyncEngine:
         except BackendDead as e:      # the next add or step reports it
             self.error = e
             return
-        self.metrics.after_step(self.backend.stats())
+        if not self.backend.concurrent_add:      # else the stats come with the next step
+            self.metrics.after_step(self.backend.stats())
 
     def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
         """On the engine thread: one step, then the new tokens of every streamed request."""

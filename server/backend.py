@@ -60,15 +60,19 @@ class Finished:
 
 
 class Backend(ABC):
-    """Everything but `tokenize`, `chat_tokens` and `decode` is called on the engine thread
-    only (the policy is never touched by two threads). Those three may run on other
-    threads at the same time: they must not touch the policy."""
+    """Everything but `tokenize`, `chat_tokens` and `decode` (and `add` / `abort` where
+    `concurrent_add`) is called on the engine thread only (the policy is never touched by
+    two threads). Those may run on other threads at the same time: they must not touch the
+    policy."""
     name: str               # the model (directory or conf name) the backend runs
     vocab_size: int
     max_model_len: int
     has_tokenizer: bool     # text prompts and decoded text available
     has_chat_template: bool
     max_token_bytes: int    # UTF-8 bytes of the longest token: bounds a prompt's length
+    # add and abort may run on the event loop's thread while step() runs on the engine's
+    # (else the server calls them on the engine thread, between steps)
+    concurrent_add: bool = False
 
     @abstractmethod
     def tokenize(self, prompt: str | list[int]) -> list[int]:

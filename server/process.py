@@ -15,6 +15,8 @@ tokenizer; `ByteText` for the twin).
 """
 import atexit
 import multiprocessing as mp
+import queue
+import threading
 import time
 
 from policy import CacheConfig, Scheduler, Sequence
@@ -75,7 +77,12 @@ class BackendProcess(Backend):
     """`factory(*args, **kwargs)` (picklable: a class) built and stepped in a spawned
     process; `text` is the text half on the server's side; `check(params)` raises
     ValueError for sampling fields the backend would refuse. abort() returns False: the
-    request may have finished in the backend meanwhile (the server drops that output)."""
+    request may have finished in the backend meanwhile (the server drops that output).
+
+    add and abort run on the server's event loop (`concurrent_add`): a request reaches the
+    backend process at once, not after the step the engine thread is waiting for, so it
+    joins the next step formed, as in an offline replay. Only step() receives."""
+    concurrent_add = True
 
     def __init__(self, text, factory, *args, check=None, **kwargs):
         self.text, self.check = text, check
@@ -93,6 +100,8 @@ class BackendProcess(Backend):
             self.process.join(timeout=30)
             raise ValueError(info)
         atexit.register(self.close)
+        self.outbox, self.send_error = queue.SimpleQueue(), None
+        threading.Thread(target=self._sender, daemon=True, name="backend-sender").start()
         self.max_model_len = info["max_model_len"]
         self.probe = Scheduler(info["scheduler_config"], info["cache_config"], info["num_blocks"])
         self.tokens: dict[str, list[int]] = {}     # unfinished request -> output tokens so far
@@ -113,10 +122,19 @@ class BackendProcess(Backend):
         return BackendDead(f"the backend process died (exit code {self.process.exitcode})")
 
     def _send(self, message) -> None:
-        try:
-            self.conn.send(message)
-        except OSError:
-            raise self._dead() from None
+        """Queue a message for the sender thread (pickling and a full pipe never block the
+        caller, the server's event loop)."""
+        if self.send_error is not None:
+            raise self._dead()
+        self.outbox.put(message)
+
+    def _sender(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.conn.send(message)
+            except OSError as e:
+                self.send_error = e
+                return
 
     def _recv(self):
         try:
@@ -132,8 +150,12 @@ class BackendProcess(Backend):
             self.check(params)
         self.probe.add(Sequence(request_id, token_ids, params.max_tokens))   # the policy's checks
         self.probe.abort(request_id)
-        self._send(("add", request_id, token_ids, params))
         self.tokens[request_id] = []
+        try:
+            self._send(("add", request_id, token_ids, params))
+        except BackendDead:
+            del self.tokens[request_id]
+            raise
 
     def abort(self, request_id):
         if self.tokens.pop(request_id, None) is not None:
@@ -148,8 +170,9 @@ class BackendProcess(Backend):
         finished = []
         for _, fresh, done, stats in messages:
             for request_id, tokens in fresh.items():
-                if request_id in self.tokens:
-                    self.tokens[request_id] += tokens
+                known = self.tokens.get(request_id)     # an abort may pop it meanwhile
+                if known is not None:
+                    known += tokens
             finished += [f for f in done if self.tokens.pop(f.request_id, None) is not None]
             self.last_stats = stats
         return finished
@@ -166,10 +189,8 @@ class BackendProcess(Backend):
     def close(self):
         atexit.unregister(self.close)
         if self.process.is_alive():
-            try:
-                self.conn.send(("close",))
-            except OSError:
-                pass
+            self.outbox.put(("close",))
+            self.outbox.put(None)             # the sender thread's last message
             self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.terminate()

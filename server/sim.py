@@ -9,6 +9,7 @@ token ids, or text split into 4-byte pieces (one token each, the same text gives
 ids, so prefix caching behaves) since no tokenizer is loaded.
 """
 import time
+from collections import deque
 from pathlib import Path
 
 import yaml
@@ -105,7 +106,8 @@ class SimBackend(ByteText, Backend):
     clock: after each turn it sleeps until the twin's clock says the turn ended, so tokens
     come when the simulated GPU would make them. Steps follow one another on that timeline
     (a host that falls behind catches up rather than adding its lateness to every step);
-    the timeline restarts at the wall clock when the backend goes idle."""
+    a request joins when the twin's clock passes its arrival; idle, the clock jumps to the
+    next arrival."""
 
     def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
                  calibration: str | None = None, tensor_parallel_size: int = 1,
@@ -133,9 +135,11 @@ class SimBackend(ByteText, Backend):
         ex = self.executor
         self.loop = StepLoop(self.scheduler, ex.launch, ex.wait, ex.clock,
                              async_scheduling is not False)
+        self.probe = Scheduler(scheduler_config, cache_config, self.scheduler.block_manager.num_blocks)
+        self.pending: deque[Sequence] = deque()   # added, not yet arrived on the twin's clock
+        self.forget: list[str] = []               # aborted since the last step
         self.sequences: dict[str, Sequence] = {}
         self.epoch = time.perf_counter()      # the twin's time 0 on the wall clock
-        self.idle = True                      # the timeline restarts at the next step
 
     def now(self) -> float:
         """The wall clock on the twin's timeline."""
@@ -143,35 +147,48 @@ class SimBackend(ByteText, Backend):
 
     # ---- the engine thread ---------------------------------------------------------------
     def add(self, request_id, token_ids, params: GenerationParams):
+        """Check the request against the policy now (ValueError), queue it until the
+        twin's clock reaches its arrival."""
         if request_id in self.sequences:
             raise ValueError(f"request {request_id!r} is already queued or running")
         seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=self.now(),
                        ignore_eos=True)
-        self.scheduler.add(seq)
+        self.probe.add(seq)
+        self.probe.abort(request_id)
+        self.pending.append(seq)
         self.sequences[request_id] = seq
         self.salt[request_id] = hash(request_id) % self.vocab_size
 
     def abort(self, request_id):
-        if not self.scheduler.abort(request_id):
+        seq = self.sequences.get(request_id)
+        if seq is not None and seq in self.pending:
+            self.pending.remove(seq)
+        elif not self.scheduler.abort(request_id):
             return False
         self.sequences.pop(request_id, None)
+        self.forget.append(request_id)   # its token is drawn if it is in the step in flight
         return True
 
     def step(self):
-        """One turn of the twin's step loop, then sleep until its clock says it ended."""
+        """Admit the requests that have arrived by the twin's clock, run one turn of its
+        step loop, then sleep until its clock says the turn ended. Behind the wall clock
+        the twin catches up (no sleep) and admits a request only once its clock has passed
+        the arrival, as the offline simulator does; idle, its clock jumps to the next
+        arrival."""
+        ex, pending = self.executor, self.pending
         if not self.loop.has_work():
-            self.idle = True
-            return []
-        ex = self.executor
-        if self.idle:                 # nothing ran since the wall clock passed the timeline
-            ex.t = max(ex.t, self.now())
-            self.idle = False
-        done = self.loop.step(ex.t)
+            if not pending:
+                return []
+            ex.t = max(ex.t, pending[0].arrival_time)
+        while pending and pending[0].arrival_time <= ex.t:
+            self.scheduler.add(pending.popleft())
+        done = self.loop.step(ex.t)          # receives the step in flight: then forget
+        for request_id in self.forget:
+            self.salt.pop(request_id, None)
+        self.forget.clear()
         delay = ex.t - self.now()
         if delay > 0:
             time.sleep(delay)
-        if not self.loop.has_work():
-            self.idle = True
         return [self._finished(seq) for seq in done if seq.seq_id in self.sequences]
 
     def _finished(self, seq: Sequence) -> Finished:
@@ -193,4 +210,4 @@ class SimBackend(ByteText, Backend):
         return seq.token_ids[seq.num_prompt_tokens + start:end].tolist()
 
     def has_unfinished(self):
-        return self.loop.has_work()
+        return self.loop.has_work() or bool(self.pending)

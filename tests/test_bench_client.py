@@ -60,6 +60,11 @@ def test_replay_writes_the_run_schema(url, tmp_path):
     table = compare_metrics(run.metrics, json.loads((out / "summary.json").read_text())["metrics"])
     assert (table.error_pct.dropna() == 0).all()
     assert pd.read_parquet(out / "steps.parquet").empty
+    server = run.summary["server_metrics"]          # what the server's /metrics saw meanwhile
+    assert server["time_to_first_token_count"] == len(fits)
+    assert server["generation_tokens"] == fits.output_len.sum()
+    assert server["prompt_tokens"] == fits.prompt_len.sum()
+    assert 0 < server["mean_time_to_first_token_ms"] <= metrics["mean_ttft_ms"]
     analysis_main([str(out), "--out", str(tmp_path / "figures")])          # one run's report
     analysis_main(["--compare", str(out), str(out), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "compare_cdfs.png").is_file()

@@ -100,3 +100,35 @@ def test_paced_by_the_cost_model(async_scheduling):
         again = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1}).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 48   # 3 full blocks, never the last token
+
+
+def test_disconnects_mid_stream_leave_the_twin_serving():
+    """Streams that hang up while their step is in flight (async scheduling): every abort
+    frees its blocks, the twin keeps serving, the rest complete."""
+    import asyncio
+
+    backend = SimBackend("qwen3-8b", "h100", num_gpu_blocks=512, max_model_len=1024)
+
+    async def one(client, url, i):
+        body = {"prompt": f"request {i} " * 8, "max_tokens": 40, "stream": True}
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = 0
+            async for line in r.aiter_lines():
+                lines += line.startswith("data: ")
+                if i % 2 and lines == 1 + i % 5:      # hang up after a few chunks
+                    return None
+            return lines
+
+    async def run(url):
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[one(client, url, i) for i in range(40)])
+
+    with serving(build_app(backend)) as url:
+        results = asyncio.run(run(url))
+        assert httpx.get(f"{url}/health").status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert [n for n in results[::2]] == [42] * 20, results    # 40 tokens, the finish, [DONE]
+    assert not backend.has_unfinished() and not backend.sequences and not backend.salt
+    bm = backend.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
