@@ -2,12 +2,24 @@
 downloaded here; the architecture, not the values, sets the speed).
 
     python -m engine.checkpoint qwen3-0.6b /tmp/qwen3-0.6b [--dtype bfloat16] [--seed 0]
+    python -m engine.checkpoint llama-3.1-8b /tmp/l8-gptq --quantization gptq \
+        [--group-size 128|-1] [--desc-act] [--asym] [--checkpoint-format gptq|gptq_v2]
+    python -m engine.checkpoint llama-3.1-8b /tmp/l8-awq --quantization awq [--group-size 128]
 
 writes config.json (from conf/model/<name>.yaml, the single source of truth for model
 shapes), generation_config.json and safetensors shards with Hugging Face tensor names
 (+ model.safetensors.index.json when there is more than one shard). Tensors are generated
 one at a time (on the GPU when there is one) and written shard by shard, so at most one
 shard is held in host memory.
+
+With --quantization the decoder layers' linear weights are drawn as above, then round-to-
+nearest quantized to 4 bits and packed into the published layouts (engine.layers.quant
+documents them; the packing here is written from the formats' description, and a test
+reads it back with the reference unpacking there): GPTQ as AutoGPTQ writes it (qweight
+packed along the input, qzeros along the output with the stored zero - 1 of checkpoint_format
+"gptq", act-order as a random permutation of each input's rows into groups, shared by the
+layers reading the same input), AWQ as AutoAWQ's GEMM version writes it (the interleaved
+column order). config.json gets the `quantization_config` those tools write.
 """
 import argparse
 import json
@@ -20,6 +32,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.models import ModelConfig, resolve_dtype
+from policy.quantization import PACK, QuantConfig
 
 MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
@@ -98,10 +111,9 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _plan_shards(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     shards, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = itemsize * torch.Size(shape).numel()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -112,10 +124,12 @@ def _plan_shards(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[list
 
 def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "bfloat16",
                             seed: int = 0, max_shard_bytes: int = 4 << 30, std: float = 0.02,
-                            device: str | None = None, progress: bool = True) -> Path:
+                            device: str | None = None, progress: bool = True,
+                            quantization: dict | None = None) -> Path:
     """Write a random-weight checkpoint of `config` (an HF config dict, or a model name from
     conf/model/) to directory `path`; returns the path. `progress`: a bar over the bytes
-    written (an 8B model is 16 GB: minutes).
+    written (an 8B model is 16 GB: minutes). `quantization`: a `quantization_config` (see
+    quantization_config()) to quantize the decoder's linear layers into.
 
     Weights and biases ~ N(0, std); norm weights ~ 1 + N(0, std). The values depend on
     `seed` and on the device that draws them (cuda when available, else cpu)."""
@@ -123,7 +137,11 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
     torch_dtype = resolve_dtype(dtype)
     hf["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     hf.pop("dtype", None)
+    hf.pop("quantization_config", None)
+    if quantization is not None:
+        hf["quantization_config"] = dict(quantization)
     cfg = ModelConfig.from_hf(hf)
+    quant = cfg.quantization
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -132,10 +150,13 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     shapes = hf_tensor_shapes(cfg)
-    shards = _plan_shards(shapes, torch_dtype.itemsize, max_shard_bytes)
+    sizes = {name: (quant.weight_bytes(shape[1], shape[0]) if _quantized(name, quant)
+                    else torch.Size(shape).numel() * torch_dtype.itemsize)
+             for name, shape in shapes.items()}
+    shards = _plan_shards(sizes, max_shard_bytes)
     gen = torch.Generator(device).manual_seed(seed)
     weight_map, total = {}, 0
-    size = sum(torch.Size(shape).numel() for shape in shapes.values()) * torch_dtype.itemsize
+    size = sum(sizes.values())
     bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc=f"random weights -> {path.name}", leave=False)
     for i, names in enumerate(shards):
@@ -146,10 +167,14 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
             t = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32) * std
             if "norm" in name:
                 t += 1.0
-            tensors[name] = t.to(torch_dtype).cpu()
-            total += tensors[name].nbytes
-            weight_map[name] = file
-            bar.update(tensors[name].nbytes)
+            written = ({name: t.to(torch_dtype).cpu()} if not _quantized(name, quant) else
+                       quantized_tensors(name, t.to(torch_dtype).float(), quant,
+                                         _act_order(name, shapes[name][1], quant, seed)))
+            for key, tensor in written.items():
+                tensors[key] = tensor
+                total += tensor.nbytes
+                weight_map[key] = file
+                bar.update(tensor.nbytes)
         save_file(tensors, path / file, metadata={"format": "pt"})
         del tensors
     bar.close()
@@ -157,6 +182,158 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
+
+
+# ---- 4-bit quantization (round to nearest) into the GPTQ / AWQ layouts -------------------
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ GEMM: bits 4k..4k+3 hold column order[k]
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# layers reading the same input share GPTQ's act-order (one Hessian, one permutation)
+SAME_INPUT = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2,
+              "up_proj": 2, "down_proj": 3}
+
+
+def quantization_config(method: str, group_size: int = 128, desc_act: bool = False,
+                        sym: bool = True, checkpoint_format: str = "gptq") -> dict:
+    """config.json's `quantization_config` as AutoGPTQ (method "gptq") or AutoAWQ ("awq",
+    GEMM version) writes it."""
+    if method == "gptq":
+        return {"bits": 4, "group_size": group_size, "damp_percent": 0.01,
+                "desc_act": desc_act, "static_groups": False, "sym": sym,
+                "true_sequential": True, "model_name_or_path": None,
+                "model_file_base_name": "model", "quant_method": "gptq",
+                "checkpoint_format": checkpoint_format}
+    if method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None}
+    raise ValueError(f"--quantization must be gptq or awq, got {method!r}")
+
+
+def _quantized(name: str, quant: QuantConfig | None) -> bool:
+    parts = name.split(".")
+    return (quant is not None and name.startswith("model.layers.") and parts[-1] == "weight"
+            and parts[-2] in QUANTIZED)
+
+
+def _act_order(name: str, in_features: int, quant: QuantConfig, seed: int):
+    """GPTQ act-order: the order in which the input rows were quantized (None: natural)."""
+    if not quant.desc_act:
+        return None
+    layer, proj = int(name.split(".")[2]), name.split(".")[-2]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer * 4 + SAME_INPUT[proj])
+    return torch.randperm(in_features, generator=gen)
+
+
+def quantize_rtn(w: torch.Tensor, quant: QuantConfig, perm: torch.Tensor | None = None) -> dict:
+    """Round-to-nearest 4-bit quantization of W [O, I] in groups of input rows (taken in the
+    order `perm`, GPTQ act-order, when given). Returns {"q": [I, O], "zeros": [G, O] (int64,
+    the true zero point), "scales": [G, O] fp16, "g_idx": [I] int32, "weight": the
+    dequantized W [O, I] float32}."""
+    out_features, in_features = w.shape
+    gs = in_features if quant.group_size == -1 else quant.group_size
+    if in_features % gs:
+        raise ValueError(f"group_size {gs} does not divide in_features {in_features}")
+    groups, maxq = in_features // gs, 2 ** quant.bits - 1
+    order = torch.arange(in_features) if perm is None else perm
+    g_idx = torch.empty(in_features, dtype=torch.int32)
+    g_idx[order] = torch.arange(in_features, dtype=torch.int32) // gs
+    grouped = w.t()[order].reshape(groups, gs, out_features).float()
+    lo, hi = grouped.amin(1), grouped.amax(1)
+    if quant.sym:   # AutoGPTQ: symmetric range around the zero point 2^(bits-1)
+        scales = (torch.maximum(lo.abs(), hi) * 2 / maxq).half()
+        zeros = torch.full_like(lo, (maxq + 1) // 2, dtype=torch.int64)
+    else:
+        scales = ((hi - lo) / maxq).half()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales) * 1e-4)
+    if not quant.sym:   # "gptq" stores zero - 1: a zero of 0 has no encoding there
+        zeros = (-lo / scales.float()).round().clamp(quant.zero_offset, maxq).long()
+    values = (grouped / scales.float()[:, None]).round() + zeros[:, None]
+    values = values.clamp(0, maxq).long().reshape(in_features, out_features)
+    q = torch.empty_like(values)
+    q[order] = values
+    g = g_idx.long()
+    weight = ((q - zeros[g]).float() * scales.float()[g]).t()
+    return {"q": q, "zeros": zeros, "scales": scales, "g_idx": g_idx, "weight": weight}
+
+
+def _int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words (int64) -> the int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] 4-bit values -> [R/8, C] int32: word [i, c] holds rows 8i..8i+7, row 8i+k in
+    bits 4k..4k+3."""
+    v = values.long().reshape(-1, PACK, values.shape[1])
+    return _int32(sum(v[:, k] << (4 * k) for k in range(PACK)))
+
+
+def pack_cols(values: torch.Tensor, order=tuple(range(PACK))) -> torch.Tensor:
+    """[R, C] 4-bit values -> [R, C/8] int32: bits 4k..4k+3 of word [r, j] hold column
+    8j + order[k]."""
+    v = values.long().reshape(values.shape[0], -1, PACK)
+    return _int32(sum(v[:, :, order[k]] << (4 * k) for k in range(PACK)))
+
+
+def quantized_tensors(name: str, w: torch.Tensor, quant: QuantConfig,
+                      perm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of linear weight `name` ("....q_proj.weight", W [O, I]) in the
+    layout of `quant`."""
+    rtn = quantize_rtn(w.cpu(), quant, perm)
+    prefix = name.removesuffix(".weight")
+    if quant.method == "gptq":
+        return {f"{prefix}.qweight": pack_rows(rtn["q"]),
+                f"{prefix}.qzeros": pack_cols((rtn["zeros"] - quant.zero_offset)),
+                f"{prefix}.scales": rtn["scales"],
+                f"{prefix}.g_idx": rtn["g_idx"]}
+    return {f"{prefix}.qweight": pack_cols(rtn["q"], AWQ_PACK_ORDER),
+            f"{prefix}.qzeros": pack_cols(rtn["zeros"], AWQ_PACK_ORDER),
+            f"{prefix}.scales": rtn["scales"]}
+
+
+def write_dequantized_checkpoint(src: str | Path, dst: str | Path,
+                                 dtype: str = "float32") -> Path:
+    """Copy quantized checkpoint `src` to `dst` with every quantized linear layer replaced by
+    its dequantized `weight` (engine.layers.quant's reference) in `dtype`, and no
+    quantization_config: the dense model a quantized one must match."""
+    from safetensors import safe_open
+    from engine.layers.quant import dequantize_awq, dequantize_gptq
+    src, dst = Path(src), Path(dst)
+    hf = json.loads((src / "config.json").read_text())
+    quant = QuantConfig.from_hf(hf.pop("quantization_config"))
+    torch_dtype = resolve_dtype(dtype)
+    hf["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for extra in ("generation_config.json",):
+        if (src / extra).is_file():
+            (dst / extra).write_text((src / extra).read_text())
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            tensors = {n: f.get_tensor(n).to(torch_dtype) for n in names
+                       if n.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
+            for n in names:
+                if not n.endswith(".qweight"):
+                    continue
+                prefix = n.removesuffix(".qweight")
+                q, z, s = (f.get_tensor(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales"))
+                w = (dequantize_gptq(q, z, s, f.get_tensor(f"{prefix}.g_idx"), quant.zero_offset)
+                     if quant.method == "gptq" else dequantize_awq(q, z, s, quant.group_size))
+                tensors[f"{prefix}.weight"] = w.to(torch_dtype).contiguous()
+        save_file(tensors, dst / file.name, metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    if index.is_file():   # the dense tensors live in the same files as their packed forms
+        data = json.loads(index.read_text())
+        weight_map = {}
+        for name, file in data["weight_map"].items():
+            kind = name.rsplit(".", 1)
+            if kind[-1] == "qweight":
+                weight_map[f"{kind[0]}.weight"] = file
+            elif kind[-1] not in ("qzeros", "scales", "g_idx"):
+                weight_map[name] = file
+        (dst / index.name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+    return dst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,12 +347,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="where weights are drawn (default: "
                         "cuda if available)")
     parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    parser.add_argument("--quantization", choices=("gptq", "awq"), default=None,
+                        help="4-bit linear layers in this published layout")
+    parser.add_argument("--group-size", type=int, default=128, help="-1: one group")
+    parser.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    parser.add_argument("--asym", action="store_true", help="GPTQ with zero points (sym=false)")
+    parser.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"))
     args = parser.parse_args(argv)
     config = (tiny_config(args.model.removeprefix("tiny-")) if args.model.startswith("tiny-")
               else args.model)
+    if args.quantization == "awq" and (args.desc_act or args.asym):
+        parser.error("--desc-act and --asym are GPTQ options (AWQ is always asymmetric)")
+    quantization = None if args.quantization is None else quantization_config(
+        args.quantization, args.group_size, args.desc_act, not args.asym, args.checkpoint_format)
     start = time.perf_counter()
     out = write_random_checkpoint(config, args.path, args.dtype, args.seed,
-                                  int(args.max_shard_gb * 2**30), args.std, args.device)
+                                  int(args.max_shard_gb * 2**30), args.std, args.device,
+                                  quantization=quantization)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 

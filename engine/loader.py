@@ -19,7 +19,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # config fields that must agree between the checkpoint and the built model
 SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "tie_word_embeddings", "qk_norm", "qkv_bias", "o_bias")
+                "tie_word_embeddings", "qk_norm", "qkv_bias", "o_bias", "quantization")
 
 
 def _target(name: str, packed: dict) -> tuple[str, object]:
@@ -80,6 +80,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                     continue  # some tied checkpoints still store the LM head
                 target, shard_id = _target(name, packed)
                 param = params.get(target)
+                if param is None and _zero_quant_bias(ours, target, f, name):
+                    continue
                 if param is None:
                     raise ValueError(f"{file.name}: unexpected tensor {name!r} (no parameter "
                                      f"{target!r} in {ours.architecture})")
@@ -95,3 +97,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"checkpoint {path} is missing tensor {missing[0]!r}{more}")
+
+
+def _zero_quant_bias(cfg: ModelConfig, target: str, f, name: str) -> bool:
+    """AutoGPTQ stores an all-zero bias for quantized layers that have none: skip it."""
+    return (cfg.quantization is not None and name.endswith(".bias")
+            and not f.get_tensor(name).any())

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from policy.quantization import QuantConfig
+
 # What sets each architecture apart; a bias of None follows config.json's attention_bias.
 # Qwen2 hard-wires q/k/v biases and never has an o_proj bias; Llama and Qwen3 put
 # `attention_bias` on all four projections; Mistral has no biases; Qwen3 RMS-normalizes
@@ -90,6 +92,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: QuantConfig | None = None   # 4-bit linear layers (policy.quantization)
 
     def __post_init__(self):
         _require(self.architecture in ARCHITECTURES,
@@ -135,6 +138,24 @@ class ModelConfig:
         """Weights of one layer's linear layers (QKV, O, gate/up/down)."""
         h = self.hidden_size
         return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * self.intermediate_size
+
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of one layer's linear layers, as checkpoints store
+        them (q, k, v, o, gate, up, down)."""
+        h, q, kv, inter = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as the checkpoint stores them: the linear layers quantized
+        when `quantization` says so (packed values, group scales and zeros), the rest
+        (embeddings, LM head, norms, biases) in `dtype`."""
+        if self.quantization is None:
+            return self.num_params * self.dtype_bytes
+        linear = sum(self.quantization.weight_bytes(i, o) for i, o in self.linear_shapes)
+        rest = self.num_params - self.num_hidden_layers * self.layer_matmul_params
+        return self.num_hidden_layers * linear + rest * self.dtype_bytes
 
     @property
     def num_params(self) -> int:
@@ -191,7 +212,6 @@ class ModelConfig:
         _require(not d["mlp_bias"], "mlp_bias=true is not supported")
         _require(not (config.get("num_experts") or config.get("num_local_experts")),
                  "mixture-of-experts models are not supported")
-        _require("quantization_config" not in config, "quantized checkpoints are not supported")
         _require(float(config.get("partial_rotary_factor", 1.0)) == 1.0,
                  "partial_rotary_factor != 1 is not supported")
         flags = ARCHITECTURES[arch]
@@ -227,6 +247,8 @@ class ModelConfig:
             dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
             bos_token_id=d["bos_token_id"],
             eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+            quantization=(QuantConfig.from_hf(config["quantization_config"])
+                          if "quantization_config" in config else None),
         )
 
     @classmethod

@@ -74,7 +74,7 @@ def test_sliding_windows_follow_each_architecture():
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"num_experts": 8}, "mixture-of-experts"),
-    ({"quantization_config": {"quant_method": "awq"}}, "quantized"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 8}}, "quantization_config.bits"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),

@@ -7,11 +7,17 @@ layer followed by a row layer (qkv -> o, gate_up -> down) costs one all-reduce.
 Every parameter carries a `weight_loader(param, loaded_weight[, shard_id])` that copies
 this rank's slice of a full checkpoint tensor into it. The rank and world size come from
 the constructor: there is no global parallel state.
+
+A layer of a quantized model (engine.layers.quant.quantize_linears) holds 4-bit tensors in
+place of `weight`; `quant` is then set, and the matmul dequantizes (the slices it loads
+come from the same `output_shard` / `input_shard` rules).
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from engine.layers import quant
 
 
 def copy_weight(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -33,11 +39,13 @@ def shard_of(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) -
 
 class LinearBase(nn.Module):
     """y = x W^T (+ b) with W of shape [out_features, in_features] on this rank."""
+    quant = None    # a QuantConfig when quantize_linears replaced `weight` by 4-bit tensors
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -46,8 +54,13 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return quant.linear(self, x, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -59,9 +72,15 @@ class ColumnParallelLinear(LinearBase):
             raise ValueError(f"out_features ({out_features}) not divisible by tp_size ({tp_size})")
         super().__init__(in_features, out_features // tp_size, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        size = param.shape[0]
-        copy_weight(param, shard_of(loaded, 0, size * self.tp_size, self.tp_rank * size, size))
+    def output_shard(self, shard_id=None) -> tuple[int, int, int, int]:
+        """(offset in this rank's output, size, the checkpoint tensor's full output, start of
+        this rank's slice in it) for checkpoint tensor `shard_id`, in output features."""
+        size = self.out_features
+        return 0, size, size * self.tp_size, self.tp_rank * size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        offset, size, full, start = self.output_shard(shard_id)
+        copy_weight(param.data.narrow(0, offset, size), shard_of(loaded, 0, full, start, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -76,11 +95,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                 raise ValueError(f"output size {size} not divisible by tp_size ({tp_size})")
         super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def output_shard(self, shard_id: int) -> tuple[int, int, int, int]:
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        copy_weight(param.data.narrow(0, offset, size),
-                    shard_of(loaded, 0, self.output_sizes[shard_id], self.tp_rank * size, size))
+        return offset, size, self.output_sizes[shard_id], self.tp_rank * size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -102,7 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, out * tp_size, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def output_shard(self, shard_id: str) -> tuple[int, int, int, int]:
         q, kv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         full_kv = self.total_kv_heads * d
         if shard_id == "q":
@@ -113,7 +131,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset, size, full, start = q + kv, kv, full_kv, self.kv_head_start * d
         else:
             raise ValueError(f"qkv shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        copy_weight(param.data.narrow(0, offset, size), shard_of(loaded, 0, full, start, size))
+        return offset, size, full, start
 
 
 class RowParallelLinear(LinearBase):
@@ -126,15 +144,21 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"in_features ({in_features}) not divisible by tp_size ({tp_size})")
         super().__init__(in_features // tp_size, out_features, bias, tp_rank, tp_size)
 
+    def input_shard(self) -> tuple[int, int, int]:
+        """(size, the checkpoint tensor's full input, start of this rank's slice), in input
+        features."""
+        size = self.in_features
+        return size, size * self.tp_size, self.tp_rank * size
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # bias: whole on every rank
             copy_weight(param, loaded)
             return
-        size = param.shape[1]
-        copy_weight(param, shard_of(loaded, 1, size * self.tp_size, self.tp_rank * size, size))
+        size, full, start = self.input_shard()
+        copy_weight(param, shard_of(loaded, 1, full, start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

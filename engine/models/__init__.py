@@ -6,6 +6,7 @@ import torch
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
+from engine.layers.quant import quantize_linears
 from engine.models.config import ModelConfig
 from engine.models.transformer import CausalLM, DecoderAttention
 
@@ -61,6 +62,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                          f"max_model_len <= {cfg.sliding_window}")
     with _default_dtype(resolve_dtype(dtype)), device:
         model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
+        if cfg.quantization is not None:   # 4-bit GPTQ / AWQ linear layers
+            quantize_linears(model, cfg.quantization)
     if fused:
         for module in model.modules():
             if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention)):
