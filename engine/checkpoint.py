@@ -233,9 +233,10 @@ def quantize_rtn(w: torch.Tensor, quant: QuantConfig, perm: torch.Tensor | None 
     if in_features % gs:
         raise ValueError(f"group_size {gs} does not divide in_features {in_features}")
     groups, maxq = in_features // gs, 2 ** quant.bits - 1
-    order = torch.arange(in_features) if perm is None else perm
-    g_idx = torch.empty(in_features, dtype=torch.int32)
-    g_idx[order] = torch.arange(in_features, dtype=torch.int32) // gs
+    dev = w.device
+    order = torch.arange(in_features, device=dev) if perm is None else perm.to(dev)
+    g_idx = torch.empty(in_features, dtype=torch.int32, device=dev)
+    g_idx[order] = torch.arange(in_features, dtype=torch.int32, device=dev) // gs
     grouped = w.t()[order].reshape(groups, gs, out_features).float()
     lo, hi = grouped.amin(1), grouped.amax(1)
     if quant.sym:   # AutoGPTQ: symmetric range around the zero point 2^(bits-1)
@@ -276,18 +277,20 @@ def pack_cols(values: torch.Tensor, order=tuple(range(PACK))) -> torch.Tensor:
 
 def quantized_tensors(name: str, w: torch.Tensor, quant: QuantConfig,
                       perm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of linear weight `name` ("....q_proj.weight", W [O, I]) in the
-    layout of `quant`."""
-    rtn = quantize_rtn(w.cpu(), quant, perm)
+    """Checkpoint tensors (on the CPU) of linear weight `name` ("....q_proj.weight", W [O, I],
+    quantized on its device) in the layout of `quant`."""
+    rtn = quantize_rtn(w, quant, perm)
     prefix = name.removesuffix(".weight")
     if quant.method == "gptq":
-        return {f"{prefix}.qweight": pack_rows(rtn["q"]),
-                f"{prefix}.qzeros": pack_cols((rtn["zeros"] - quant.zero_offset)),
-                f"{prefix}.scales": rtn["scales"],
-                f"{prefix}.g_idx": rtn["g_idx"]}
-    return {f"{prefix}.qweight": pack_cols(rtn["q"], AWQ_PACK_ORDER),
-            f"{prefix}.qzeros": pack_cols(rtn["zeros"], AWQ_PACK_ORDER),
-            f"{prefix}.scales": rtn["scales"]}
+        tensors = {f"{prefix}.qweight": pack_rows(rtn["q"]),
+                   f"{prefix}.qzeros": pack_cols((rtn["zeros"] - quant.zero_offset)),
+                   f"{prefix}.scales": rtn["scales"],
+                   f"{prefix}.g_idx": rtn["g_idx"]}
+    else:
+        tensors = {f"{prefix}.qweight": pack_cols(rtn["q"], AWQ_PACK_ORDER),
+                   f"{prefix}.qzeros": pack_cols(rtn["zeros"], AWQ_PACK_ORDER),
+                   f"{prefix}.scales": rtn["scales"]}
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
 
 
 def write_dequantized_checkpoint(src: str | Path, dst: str | Path,
