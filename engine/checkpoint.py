@@ -137,7 +137,6 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
     torch_dtype = resolve_dtype(dtype)
     hf["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     hf.pop("dtype", None)
-    hf.pop("quantization_config", None)
     if quantization is not None:
         hf["quantization_config"] = dict(quantization)
     cfg = ModelConfig.from_hf(hf)

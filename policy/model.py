@@ -147,15 +147,19 @@ class ModelConfig:
         return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes of all weights as the checkpoint stores them: the linear layers quantized
-        when `quantization` says so (packed values, group scales and zeros), the rest
-        (embeddings, LM head, norms, biases) in `dtype`."""
+    def layer_matmul_bytes(self) -> int:
+        """Bytes of one layer's linear weights as stored: `dtype`, or 4-bit values plus group
+        scales and zeros (and g_idx) when `quantization` says so."""
         if self.quantization is None:
-            return self.num_params * self.dtype_bytes
-        linear = sum(self.quantization.weight_bytes(i, o) for i, o in self.linear_shapes)
+            return self.layer_matmul_params * self.dtype_bytes
+        return sum(self.quantization.weight_bytes(i, o) for i, o in self.linear_shapes)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as the checkpoint stores them: the linear layers (quantized
+        or not: layer_matmul_bytes), the rest (embeddings, LM head, norms, biases) in `dtype`."""
         rest = self.num_params - self.num_hidden_layers * self.layer_matmul_params
-        return self.num_hidden_layers * linear + rest * self.dtype_bytes
+        return self.num_hidden_layers * self.layer_matmul_bytes + rest * self.dtype_bytes
 
     @property
     def num_params(self) -> int:

@@ -101,8 +101,14 @@ class ModelSpec:
         return self.config.num_params
 
     @property
+    def matmul_weight_bytes(self) -> int:
+        """Linear-layer weights of all layers in bytes (4-bit packed with group scales and
+        zeros for a GPTQ / AWQ model)."""
+        return self.num_layers * self.config.layer_matmul_bytes
+
+    @property
     def weight_bytes(self) -> int:
-        return self.num_params * self.dtype_bytes
+        return self.config.weight_bytes
 
     def kv_bytes_per_token(self, tp: int = 1) -> int:
         """K and V of one token over all layers, on one rank."""
@@ -185,14 +191,16 @@ class RooflineCostModel(CostModel):
     """A step is a sequence of kernel groups; each takes max(FLOPs / achievable FLOP/s,
     bytes / achievable bandwidth), and the groups add up (they run one after another):
 
-        linear   max(2 Pm T' / tp / F(T'),  Pm b / tp / BW)     weights read once per step
+        linear   max(2 Pm T' / tp / F(T'),  Wm / tp / BW)       weights read once per step
         lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
         decode   max(A Cd / F,              K Cd / BWa)         attention over each decode's KV
         prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
         allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
         fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
 
-    Pm: linear-layer params, Pv: vocab x hidden, b: bytes per value, T': batched tokens
+    Pm: linear-layer params, Wm: their bytes (b Pm, or 4-bit values with group scales and
+    zeros for a quantized model: the tensor cores still run Pm multiply-adds per token),
+    Pv: vocab x hidden, b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
     F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
     head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
@@ -211,7 +219,7 @@ class RooflineCostModel(CostModel):
         BW, b = hw.bandwidth, model.dtype_bytes
         # Work per unit, precomputed so `predict` is a handful of multiplies.
         self.linear_flop = 2 * model.matmul_params / tp                # per token
-        self.linear_bytes_s = model.matmul_params * b / tp / BW        # per step
+        self.linear_bytes_s = model.matmul_weight_bytes / tp / BW      # per step
         self.lm_flop = 2 * model.lm_head_params / tp                   # per sampled token
         self.lm_bytes_s = model.lm_head_params * b / tp / BW           # per step with a sample
         heads_per_rank = model.num_heads // tp

@@ -212,19 +212,29 @@ def _generate(path, **kwargs):
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
+@pytest.fixture(scope="module")
+def dense_outputs(checkpoints):
+    """variant -> greedy outputs of its dequantized fp32 model (computed once)."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = _generate(checkpoints[variant][1])
+        return cache[variant]
+    return get
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_generation_equals_the_dequantized_model(checkpoints, variant):
-    quantized, dense = checkpoints[variant]
-    ours = _generate(quantized)
-    assert ours == _generate(dense)
+def test_greedy_generation_equals_the_dequantized_model(checkpoints, dense_outputs, variant):
+    ours = _generate(checkpoints[variant][0])
+    assert ours == dense_outputs(variant)
     assert len({t for out in ours for t in out}) > 10     # the comparison means something
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("variant", ["gptq-act-order", "awq"])
-def test_greedy_generation_tensor_parallel_gloo(checkpoints, variant):
-    quantized, dense = checkpoints[variant]
-    assert _generate(quantized, tensor_parallel_size=2) == _generate(dense)
+def test_greedy_generation_tensor_parallel_gloo(checkpoints, dense_outputs, variant):
+    assert _generate(checkpoints[variant][0], tensor_parallel_size=2) == dense_outputs(variant)
 
 
 # ---- Triton W4A16 kernels (TRITON_INTERPRET=1 on the CPU) -----------------------------------
@@ -264,3 +274,40 @@ def test_w4a16_layers_of_a_tensor_parallel_rank(checkpoints, variant):
         x = torch.randn(2, layer.in_features, generator=gen)
         torch.testing.assert_close(w4a16_linear(layer, x, layer.bias),
                                    quant_layers.linear(layer, x, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+# ---- the simulator follows the quantized model -----------------------------------------------
+def test_simulator_weight_bytes_kv_pool_and_decode_cost_follow_quantization():
+    """Llama-3.1-8B GPTQ / AWQ (conf/model): ~3.6x fewer linear-weight bytes, a KV pool larger
+    by exactly the bytes the weights free, and a bandwidth-bound decode step that reads less."""
+    import yaml
+    from policy import Batch, Sequence
+    from simulator import HardwareSpec, ModelSpec, RooflineCostModel
+    from simulator.cost_model import kv_pool_blocks
+    from engine.checkpoint import MODEL_CONF_DIR
+
+    def spec(name):
+        return ModelSpec.from_hf_config(
+            yaml.safe_load((MODEL_CONF_DIR / f"{name}.yaml").read_text())["hf_config"], name)
+    hw = HardwareSpec(**yaml.safe_load((MODEL_CONF_DIR.parent / "hardware" / "h200.yaml").read_text()))
+    dense, gptq, awq = spec("llama-3.1-8b"), spec("llama-3.1-8b-gptq"), spec("llama-3.1-8b-awq")
+    for q in (gptq, awq):
+        ratio = dense.matmul_weight_bytes / q.matmul_weight_bytes
+        assert 3.4 < ratio < 4.0      # 16 bits -> 4 bits + fp16 scale and 4-bit zero per 128
+        assert q.weight_bytes == dense.weight_bytes - (dense.matmul_weight_bytes - q.matmul_weight_bytes)
+        block = 16 * q.kv_bytes_per_token()
+        grown = kv_pool_blocks(q, hw, 16, 0.9) - kv_pool_blocks(dense, hw, 16, 0.9)
+        assert abs(grown - (dense.weight_bytes - q.weight_bytes) / block) <= 1
+
+    batch = Batch()     # one sequence decoding at context 1k
+    seq = Sequence(0, [1], 16)
+    seq.num_tokens = 1025
+    batch.seqs.append(seq)
+    batch.num_new_tokens.append(1)
+    batch.num_computed_tokens.append(1024)
+    batch.sample.append(True)
+    batch.num_batched_tokens, batch.num_decode_seqs = 1, 1
+    t_dense = RooflineCostModel(dense, hw).step_time(batch)
+    t_gptq = RooflineCostModel(gptq, hw).step_time(batch)
+    saved = (dense.matmul_weight_bytes - gptq.matmul_weight_bytes) / hw.bandwidth
+    assert t_dense - t_gptq == pytest.approx(saved, rel=1e-6)
