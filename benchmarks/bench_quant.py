@@ -16,6 +16,15 @@ Stages:
           graphs as served), one 2,048-token prefill step, the weight bytes and the KV pool
           the engine sized from the memory left (engine figures: bench_engine.decode_breakdown).
   nano    (--nano) nano-vLLM's bench workload throughput per format.
+  check   bf16 correctness on the device: a small Llama (hidden 1024, 4 layers) per format
+          against its dequantized bf16 twin (engine.checkpoint.write_dequantized_checkpoint),
+          greedy, 16 prompts x 32 tokens: the share of equal tokens and of equal sequences.
+          Both run dot(x bf16, W bf16) with fp32 accumulation, W being the same dequantized
+          values rounded to bf16; only the accumulation order differs, so tokens agree
+          except where two logits nearly tie (random weights make near-ties common).
+The layers stage also reports each kernel's error against the torch reference
+(max |y - y_ref| / max |y_ref|, y_ref = x @ dequantized W in bf16); --sweep also times
+the GPTQ kernel over a grid of tile sizes and prints the fastest per shape.
 Prints tables, then one line of JSON.
 """
 import argparse
@@ -36,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import copy_bandwidth, decode_breakdown, nano_workload  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import (quantization_config, quantized_tensors, tiny_config,  # noqa: E402
-                               write_random_checkpoint)
+                               write_dequantized_checkpoint, write_random_checkpoint)
+from engine.layers.quant import dequantize_awq, dequantize_gptq  # noqa: E402
 from engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from policy.quantization import QuantConfig  # noqa: E402
 
@@ -67,7 +77,23 @@ def time_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_layers(shapes, ms, device, dtype, repeats: int, ceiling: float) -> list[dict]:
+def reference_weight(q: QuantConfig, t: dict) -> torch.Tensor:
+    if q.method == "gptq":
+        return dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], q.zero_offset)
+    return dequantize_awq(t["qweight"], t["qzeros"], t["scales"], q.group_size)
+
+
+def sweep_configs(m: int) -> list[dict]:
+    if m <= 32:
+        return [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w)
+                for n in (64, 128, 256) for k in (64, 128) for s in (1, 2, 4, 8, 16)
+                for w in (4,)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1, num_warps=w, num_stages=st)
+            for bm in (64, 128) for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+
+
+def bench_layers(shapes, ms, device, dtype, repeats: int, ceiling: float,
+                 sweep: bool = False) -> list[dict]:
     rows = []
     gen = torch.Generator(device).manual_seed(0)
     for name, k, n in shapes:
@@ -79,18 +105,26 @@ def bench_layers(shapes, ms, device, dtype, repeats: int, ceiling: float) -> lis
             perm = torch.randperm(k, device=device) if q.desc_act else None
             t = {key.rsplit(".", 1)[1]: v.to(device)
                  for key, v in quantized_tensors("x.weight", w, q, perm).items()}
-            packed[fmt] = (q, t, sum(v.nbytes for v in t.values()))
+            packed[fmt] = (q, t, sum(v.nbytes for v in t.values()),
+                           reference_weight(q, t).to(dtype))
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device).to(dtype)
             row = {"layer": name, "k": k, "n": n, "m": m}
             row["bf16_ms"] = time_ms(lambda: x @ dense.t(), device, repeats)
             row["bf16_GBps"] = dense.nbytes / row["bf16_ms"] / 1e6
-            for fmt, (q, t, nbytes) in packed.items():
-                call = lambda: w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"],  # noqa: E731
-                                            t.get("g_idx"), q.method, q.group_size,
-                                            q.desc_act, q.zero_offset)
+            for fmt, (q, t, nbytes, w_ref) in packed.items():
+                call = lambda cfg=None: w4a16_matmul(  # noqa: E731
+                    x, t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), q.method,
+                    q.group_size, q.desc_act, q.zero_offset, cfg)
                 row[f"{fmt}_ms"] = time_ms(call, device, repeats)
                 row[f"{fmt}_GBps"] = nbytes / row[f"{fmt}_ms"] / 1e6
+                ref = (x @ w_ref.t()).float()
+                row[f"{fmt}_err"] = ((call().float() - ref).abs().max() / ref.abs().max()).item()
+                if sweep and fmt == "gptq":
+                    timed = [(time_ms(lambda: call(cfg), device, repeats), cfg)
+                             for cfg in sweep_configs(m)]
+                    best_ms, best = min(timed, key=lambda p: p[0])
+                    row["sweep_best_ms"], row["sweep_best"] = best_ms, best
             row["pct_copy_gptq"] = 100 * row["gptq_GBps"] * 1e9 / ceiling
             rows.append(row)
     return rows
@@ -158,7 +192,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--stages", default="layers,engine")
+    ap.add_argument("--stages", default="layers,engine,check")
+    ap.add_argument("--sweep", action="store_true", help="layers: tile-size grid for GPTQ")
     ap.add_argument("--formats", default="bf16,gptq,awq",
                     help="engine stage: bf16, gptq, gptq-act-order, awq")
     ap.add_argument("--decode-batches", default="1,16,64,256")
@@ -195,7 +230,7 @@ def main():
     out = {"bench": "quant", "device": name, "model": args.model, "copy_GBps": ceiling / 1e9}
 
     if "layers" in stages:
-        rows = bench_layers(shapes, ms, device, dtype, args.repeats, ceiling)
+        rows = bench_layers(shapes, ms, device, dtype, args.repeats, ceiling, args.sweep)
         out["layers"] = rows
         print(f"\nW4A16 kernel vs bf16 matmul on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s); "
               "ms and weight GB/s")
@@ -208,6 +243,12 @@ def main():
                   + " ".join(f"{r[f + '_ms']:>18.3f}" for f in fmts)
                   + f" {r['bf16_GBps']:>10.0f} {r['gptq_GBps']:>10.0f}"
                   f" {r['bf16_ms'] / r['gptq_ms']:>7.2f}x")
+        print("max relative error vs the torch reference: "
+              + ", ".join(f"{f} {max(r[f + '_err'] for r in rows):.1e}" for f in fmts))
+        for r in rows:
+            if "sweep_best" in r:
+                print(f"sweep {r['layer']} M={r['m']}: best {r['sweep_best_ms']:.3f} ms "
+                      f"(default {r['gptq_ms']:.3f}) with {r['sweep_best']}")
 
     if "engine" in stages:
         results = [bench_engine(args, fmt, extra, ceiling) for fmt in args.formats.split(",")]
@@ -234,7 +275,39 @@ def main():
                       f"{ref / p['step_ms']:>7.2f}x")
             if "nano_tok_per_s" in res:
                 print(f"{res['format']:>15} nano-vLLM workload: {res['nano_tok_per_s']:,.0f} tok/s")
+    if "check" in stages:
+        out["check"] = [check_format(fmt, extra, args.smoke)
+                        for fmt in ("gptq", "gptq-act-order", "awq")]
+        print(f"\nbf16 check on {name}: quantized engine vs its dequantized twin, greedy")
+        print(f"{'format':>15} {'equal tokens':>13} {'equal sequences':>16}")
+        for c in out["check"]:
+            print(f"{c['format']:>15} {100 * c['equal_tokens']:>12.1f}% "
+                  f"{c['equal_seqs']:>10}/{c['seqs']}")
     print(json.dumps(out, default=float))
+
+
+def check_format(fmt: str, extra: dict, smoke: bool) -> dict:
+    """Greedy tokens of a small quantized Llama against its dequantized twin (same dtype)."""
+    root = os.path.join(tempfile.gettempdir(), f"twinserve-check-{fmt}")
+    dims = (dict(hidden_size=64, intermediate_size=128) if smoke else
+            dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=128, num_hidden_layers=4))
+    config = tiny_config("llama", vocab_size=10240, **dims)
+    qc = {**KERNEL_FORMATS[fmt], "group_size": 32 if smoke else 128}
+    dtype = extra.get("dtype", "bfloat16")
+    quantized = write_random_checkpoint(config, os.path.join(root, "q"), dtype=dtype, std=0.05,
+                                        progress=False, quantization=qc)
+    dense = write_dequantized_checkpoint(quantized, os.path.join(root, "dense"), dtype)
+    prompts = [[(31 * i + 7 * j) % 10000 + 3 for j in range(20 + 13 * i)] for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outs = []
+    for path in (quantized, dense):
+        with LLM(str(path), max_model_len=512, max_num_seqs=16, **extra) as llm:
+            outs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    pairs = [(a, b) for sa, sb in zip(*outs) for a, b in zip(sa, sb)]
+    return {"format": fmt, "seqs": len(prompts),
+            "equal_seqs": sum(a == b for a, b in zip(*outs)),
+            "equal_tokens": sum(a == b for a, b in pairs) / len(pairs)}
 
 
 if __name__ == "__main__":
