@@ -311,3 +311,19 @@ def test_simulator_weight_bytes_kv_pool_and_decode_cost_follow_quantization():
     t_gptq = RooflineCostModel(gptq, hw).step_time(batch)
     saved = (dense.matmul_weight_bytes - gptq.matmul_weight_bytes) / hw.bandwidth
     assert t_dense - t_gptq == pytest.approx(saved, rel=1e-6)
+
+
+def test_loader_refuses_a_g_idx_that_contradicts_desc_act(checkpoints, tmp_path):
+    """An act-order checkpoint whose config says desc_act=false: the kernels would group rows
+    as i // group_size; the loader refuses instead of computing something else."""
+    import json
+    import shutil
+    path, _ = checkpoints["gptq-act-order"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = False
+    (bad / "config.json").write_text(json.dumps(config))
+    model = build_model(ModelConfig.from_pretrained(bad), torch.float32)
+    with pytest.raises(ValueError, match="g_idx.*desc_act"):
+        load_weights(model, bad)

@@ -161,6 +161,12 @@ def _load(layer: nn.Module, tensor: str, param: nn.Parameter, loaded: torch.Tens
     if loaded.dtype != dtype:
         raise ValueError(f"dtype {loaded.dtype} is not the {cfg.method} layout's {dtype}")
     dest = param.data
+    if tensor == "g_idx" and not cfg.desc_act:
+        # the kernels take row i's group to be i // group_size unless desc_act says otherwise
+        rows = torch.arange(loaded.shape[0], dtype=loaded.dtype)
+        if not torch.equal(loaded, rows // cfg.group_size if cfg.group_size != -1 else rows * 0):
+            raise ValueError("g_idx is not row // group_size but quantization_config.desc_act "
+                             "is false")
     if isinstance(layer, RowParallelLinear):
         if in_unit != GROUP:
             size, full, start = layer.input_shard()
