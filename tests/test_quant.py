@@ -167,6 +167,7 @@ def test_tensor_parallel_slices_dequantize_to_the_dense_slices(checkpoints, vari
     ranks = []
     for rank in range(2):
         model = build_model(cfg, torch.float32, tp_rank=rank, tp_size=2)
+        assert not any(p.is_meta for p in model.parameters())   # dense weights never made
         load_weights(model, quantized)
         ranks.append({n: m for n, m in model.named_modules() if getattr(m, "quant", None)})
     assert len(ranks[0]) == 4 * cfg.num_hidden_layers

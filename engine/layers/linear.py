@@ -40,13 +40,15 @@ def shard_of(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) -
 class LinearBase(nn.Module):
     """y = x W^T (+ b) with W of shape [out_features, in_features] on this rank."""
     quant = None    # a QuantConfig when quantize_linears replaced `weight` by 4-bit tensors
+    weight_device = None   # "meta" while a quantized model is built: `weight` is never allocated
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=self.weight_device),
+                                   requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)

@@ -22,6 +22,7 @@ Tensor parallelism splits as for dense weights: column-parallel layers along the
 where the groups cannot follow the split (act-order, one group over the whole input) every
 rank keeps all groups and its slice of g_idx indexes them.
 """
+import contextlib
 import functools
 
 import torch
@@ -107,6 +108,18 @@ def tensor_specs(cfg: QuantConfig, in_features: int, out_features: int, groups: 
     return {"qweight": ((in_features, out_features // PACK), torch.int32, 1, PACK),
             "qzeros": ((groups, out_features // PACK), torch.int32, GROUP, PACK),
             "scales": ((groups, out_features), torch.float16, GROUP, 1)}
+
+
+@contextlib.contextmanager
+def dense_weights_on_meta():
+    """While a quantized model is built, its linear layers' dense `weight` lives on the meta
+    device (quantize_linears replaces it): a 70B GPTQ model never allocates 140 GB first."""
+    from engine.layers.linear import LinearBase
+    LinearBase.weight_device = "meta"
+    try:
+        yield
+    finally:
+        LinearBase.weight_device = None
 
 
 def quantize_linears(model: nn.Module, cfg: QuantConfig) -> None:

@@ -1,12 +1,12 @@
 """Model definitions: `ModelConfig` (from a Hugging Face config.json) and `build_model`."""
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
-from engine.layers.quant import quantize_linears
+from engine.layers.quant import dense_weights_on_meta, quantize_linears
 from engine.models.config import ModelConfig
 from engine.models.transformer import CausalLM, DecoderAttention
 
@@ -60,9 +60,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         raise ValueError(f"{cfg.architecture} uses sliding-window attention "
                          f"({cfg.sliding_window} tokens), which is not implemented; set "
                          f"max_model_len <= {cfg.sliding_window}")
-    with _default_dtype(resolve_dtype(dtype)), device:
+    quantized = cfg.quantization is not None   # 4-bit GPTQ / AWQ linear layers
+    with (_default_dtype(resolve_dtype(dtype)), device,
+          dense_weights_on_meta() if quantized else nullcontext()):
         model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
-        if cfg.quantization is not None:   # 4-bit GPTQ / AWQ linear layers
+        if quantized:
             quantize_linears(model, cfg.quantization)
     if fused:
         for module in model.modules():
