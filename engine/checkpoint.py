@@ -141,6 +141,11 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
         hf["quantization_config"] = dict(quantization)
     cfg = ModelConfig.from_hf(hf)
     quant = cfg.quantization
+    if quant is not None:
+        for in_features, _ in cfg.linear_shapes:
+            if quant.group_size != -1 and in_features % quant.group_size:
+                raise ValueError(f"quantization_config.group_size={quant.group_size} does not "
+                                 f"divide the in_features {in_features} of a linear layer")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -363,9 +368,12 @@ def main(argv: list[str] | None = None) -> None:
     quantization = None if args.quantization is None else quantization_config(
         args.quantization, args.group_size, args.desc_act, not args.asym, args.checkpoint_format)
     start = time.perf_counter()
-    out = write_random_checkpoint(config, args.path, args.dtype, args.seed,
-                                  int(args.max_shard_gb * 2**30), args.std, args.device,
-                                  quantization=quantization)
+    try:
+        out = write_random_checkpoint(config, args.path, args.dtype, args.seed,
+                                      int(args.max_shard_gb * 2**30), args.std, args.device,
+                                      quantization=quantization)
+    except ValueError as e:
+        parser.error(str(e))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 
