@@ -3,9 +3,10 @@ the layouts), dequantized in registers; x and y in the activation dtype, accumul
 
 One kernel, read straight from the checkpoint layouts (no repacking), in two launch shapes:
   - GEMM (prefill-sized M): [BLOCK_M x BLOCK_N] output tiles, the whole K per program;
-  - split-K (decode-sized M <= SPLIT_K_MAX_M): small BLOCK_M, K split over SPLIT_K programs
-    that add their partial sums into an fp32 output (atomics), so that a batch-1 step still
-    spreads the weight read over every SM.
+  - split-K (decode-sized M, or whenever the output has too few tiles to fill the GPU): K
+    split over SPLIT_K programs that add their partial sums into an fp32 output (atomics;
+    the summation order, hence the last bits, may vary run to run), so that a batch-1 step
+    still spreads the weight read over every SM.
 Each K step loads a [BLOCK_K, BLOCK_N] tile of 4-bit values (GPTQ: 8 input rows per int32;
 AWQ: 8 interleaved output columns per int32), the tile's zeros and fp16 scales (one group per
 tile when BLOCK_K divides the group size; per row through g_idx under act-order), and
@@ -14,6 +15,8 @@ multiplies (q - zero) * scale with the x tile on the tensor cores.
 Capture-safe: no host synchronization; the only allocations are the output (and, for
 split-K, its fp32 accumulator).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -77,17 +80,22 @@ def _w4a16_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(m: int, n: int, k: int, block_k: int) -> dict:
-    """Tile sizes by M: split-K for decode batches, plain tiles for prefill."""
+def _launch_config(m: int, n: int, k: int, block_k: int, num_sms: int) -> dict:
+    """Tile sizes by M (small tiles for decode batches, large for prefill), then split-K
+    until the grid covers ~2 waves of the SMs (with at least 4 K-steps per program): a
+    decode step's [M, N] output alone is too few tiles to read the weights at full speed."""
     if m <= SPLIT_K_MAX_M:
-        block_n = 64
-        tiles = triton.cdiv(n, block_n)
-        # enough programs to cover ~2 waves of 132 SMs, at least 4 K-steps each
-        split_k = max(1, min(k // (4 * block_k), triton.cdiv(264, tiles)))
-        return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k,
-                    SPLIT_K=split_k, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=1, num_warps=8,
-                num_stages=3)
+        cfg = dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    cfg["SPLIT_K"] = max(1, min(k // (4 * block_k), triton.cdiv(2 * num_sms, tiles)))
+    return cfg
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -102,7 +110,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     x = x if x.stride(1) == 1 else x.contiguous()
     gs = k if group_size == -1 else group_size
     block_k = 32 if gs % 64 else 64
-    cfg = dict(config or _launch_config(m, n, k, block_k))
+    cfg = dict(config or _launch_config(m, n, k, block_k, _num_sms(x.device)))
     if not act_order and gs % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
     split_k = cfg.pop("SPLIT_K")
