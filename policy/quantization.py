@@ -77,6 +77,10 @@ class QuantConfig:
             _require(fmt in GPTQ_FORMATS,
                      f"quantization_config.checkpoint_format {fmt!r} is not supported "
                      f"(supported: {', '.join(GPTQ_FORMATS)})")
+            _require(not qc.get("lm_head"), "quantization_config.lm_head=true (a quantized LM "
+                     "head) is not supported")
+            _require(not qc.get("dynamic"), "quantization_config.dynamic (per-module GPTQ "
+                     "settings) is not supported")
             exllama = qc.get("exllama_config") or {}
             _require(exllama.get("version", 2) != 1,
                      "quantization_config.exllama_config.version=1 (exllama v1 layout) is not "
@@ -88,6 +92,9 @@ class QuantConfig:
             _require(version in AWQ_VERSIONS,
                      f"quantization_config.version {version!r} is not supported "
                      f"(supported AWQ packings: {', '.join(AWQ_VERSIONS)})")
+            skipped = set(qc.get("modules_to_not_convert") or ()) - {"lm_head"}
+            _require(not skipped, f"quantization_config.modules_to_not_convert {sorted(skipped)} "
+                     "is not supported (every decoder linear layer must be quantized)")
             _require(qc.get("zero_point", True),
                      "quantization_config.zero_point=false is not supported for AWQ")
             return cls("awq", bits, group_size, False, False, 0)

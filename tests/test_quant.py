@@ -121,6 +121,9 @@ def test_awq_layout_against_autoawq():
     ({"quant_method": "awq", "version": "gemv"}, "version"),
     ({"quant_method": "awq", "zero_point": False}, "zero_point"),
     ({"quant_method": "fp8"}, "quant_method"),
+    ({"quant_method": "gptq", "lm_head": True}, "lm_head"),
+    ({"quant_method": "gptq", "dynamic": {"-:.*down_proj": {}}}, "dynamic"),
+    ({"quant_method": "awq", "modules_to_not_convert": ["mlp.gate"]}, "modules_to_not_convert"),
 ])
 def test_unsupported_variants_are_refused_naming_the_field(extra, field):
     with pytest.raises(ValueError, match=f"quantization_config.{field}"):
