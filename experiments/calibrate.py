@@ -34,8 +34,8 @@ from experiments.config import RunConfig, build
 from experiments.replay import build_engine
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
-from simulator.calibrate import (fit_calibration, fit_hardware, print_fit, profile_grid,
-                                 shape_batch, write_hardware)
+from simulator.calibrate import (fit_calibration, fit_hardware, print_fit, print_step_errors,
+                                 profile_grid, shape_batch, step_errors, write_hardware)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,6 +188,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
+    if rc.calibrate.check_steps:
+        errors = step_errors(calib, graphs, pd.read_parquet(rc.calibrate.check_steps))
+        print_step_errors(errors, rc.calibrate.check_steps)
+        summary["run_steps_median_error"] = {k: round(v["median_error"], 4) for k, v in errors.items()}
     print(json.dumps(summary))
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

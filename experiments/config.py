@@ -123,10 +123,13 @@ class CalibrateConfig:
     repeats: timed runs of each shape (after one warm-up run); the median is kept.
     out: the calibration JSON (None: simulator/calibrations/<model>-<hardware>-tp<tp>.json);
     the profile goes next to it (.profile.parquet) and the fitted roofline hardware
-    parameters too (.hardware.yaml, unless fit_hardware is false)."""
+    parameters too (.hardware.yaml, unless fit_hardware is false). check_steps: a real
+    run's steps.parquet (same engine settings): also print how the calibration predicts
+    that run's own steps, by step kind (never fitted on)."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
+    check_steps: str | None = None
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,

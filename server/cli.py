@@ -8,6 +8,8 @@
 import argparse
 import sys
 
+from server.backend import BackendDead
+
 ENGINE_ONLY = ("dtype", "device", "attention_backend", "seed")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
@@ -142,8 +144,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         backend = make_backend(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:   # a bad option or conf file
-        sys.exit(f"error: {e}")
+    except (ValueError, TypeError, FileNotFoundError, BackendDead) as e:   # a bad option or
+        sys.exit(f"error: {e}")                                          # conf, a failed start
     import uvicorn
 
     from server.app import build_app

@@ -76,11 +76,18 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         add([(t, t)])                                              # a prompt chunk, no cache
         if cached and t + cached <= L:
             add([(cached + t, t)])                                 # after a cached prefix
+        mid = contexts[len(contexts) // 2]
         d = min(t // 2, S - 1, 16)
         if d:                                                      # chunk + decodes
-            add([(t - d, t - d)] + [(contexts[len(contexts) // 2], 1)] * d)
+            add([(t - d, t - d)] + [(mid, 1)] * d)
+            add([(t - d, t - d)] + [(contexts[-1], 1)] * d)        # ... at long contexts
+        many = min(t // 2, S - 1)
+        if many > max(d, 1):                                       # chunk + many decodes, spread
+            add([(t - many, t - many)] + spread(many, mid))
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
+        if d > 1:
+            add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -94,6 +101,9 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         d = min(t // 4, S - 1, 32)
         if d:
             add([(t - d, t - d)] + [(contexts[len(contexts) // 2], 1)] * d, split)
+        many = min(t // 2, S - 1)
+        if many > max(d, 1):
+            add([(t - many, t - many)] + spread(many, contexts[len(contexts) // 2]), split)
     return grid
 
 
@@ -223,6 +233,32 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
 
 
+def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
+    """How the calibration predicts a real run's own steps (a steps.parquet with device_s):
+    per step kind, n and the median / mean of (predicted - measured) / measured, and the
+    predicted / measured sum of device time."""
+    steps = steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)]
+    model = FittedCostModel(calib, graphs=graphs)
+    rows = steps.to_dict("records")
+    kinds = [graphs.rows(r)[0] for r in rows]
+    pred = np.array([model.predict(r) for r in rows])
+    real = steps["device_s"].to_numpy(float)
+    out = {}
+    for kind in sorted(set(kinds)):
+        m = np.array([k == kind for k in kinds])
+        err = (pred[m] - real[m]) / real[m]
+        out[kind] = {"n": int(m.sum()), "median_error": float(np.median(err)), "mean_error": float(err.mean()),
+                     "predicted_s": float(pred[m].sum()), "measured_s": float(real[m].sum())}
+    return out
+
+
+def print_step_errors(errors: dict, source: str) -> None:
+    print(f"the calibration on the steps of {source} (device time, (predicted - measured) / measured):")
+    for kind, e in errors.items():
+        print(f"  {kind:<7} n={e['n']:<6} median {100 * e['median_error']:+.1f}%  mean "
+              f"{100 * e['mean_error']:+.1f}%  sum {e['predicted_s']:.2f} s predicted / {e['measured_s']:.2f} s measured")
+
+
 def write_hardware(hw: HardwareSpec, path, note: str) -> None:
     with open(path, "w") as f:
         f.write(f"# {note}\n")
@@ -238,6 +274,8 @@ def main(argv=None):
     ap.add_argument("--hardware", default=None, help="conf/hardware/<gpu>.yaml to fit the roofline from")
     ap.add_argument("--model", default=None, help="conf/model/<name>.yaml (with --hardware)")
     ap.add_argument("--hardware-out", default=None, help="where to write the fitted hardware YAML")
+    ap.add_argument("--check-steps", default=None,
+                    help="a real run's steps.parquet: print how the calibration predicts its steps")
     args = ap.parse_args(argv)
     profile = pd.read_parquet(args.profile)
     meta_path = args.meta or args.profile.replace(".profile.parquet", ".json")
@@ -264,6 +302,11 @@ def main(argv=None):
         fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs)
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
+    if args.check_steps:
+        e = meta.get("engine", {})
+        graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
+                                       e.get("cuda_graph_max_tokens", 0))
+        print_step_errors(step_errors(calib, graphs, pd.read_parquet(args.check_steps)), args.check_steps)
     print(f"wrote {args.out}")
 
 

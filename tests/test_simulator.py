@@ -15,7 +15,7 @@ from simulator import (CostModelConfig, CudaGraphs, FittedCostModel, HardwareSpe
                        ReplayCostModel, RooflineCostModel, Simulator, build_cost_model,
                        kv_pool_blocks)
 from simulator import calibrate
-from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch
+from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch, step_errors
 from simulator.cost_model import base_time
 from simulator.cluster import Replica, least_outstanding
 
@@ -418,10 +418,17 @@ def test_fit_on_a_profile_predicts_held_out_shapes_and_runs(tmp_path):
     predicted = np.array([fitted.predict(f) for f in run.steps])
     truth = np.array([ROOFLINE.predict(f) for f in run.steps])
     assert np.mean(np.abs(predicted - truth) / truth) < 0.05
+    # the same check on a run's recorded steps, by step kind (what --check-steps prints)
+    errors = step_errors(calib, GRAPHS, pd.DataFrame(run.steps))
+    assert sum(e["n"] for e in errors.values()) == len(run.steps)
+    assert all(abs(e["median_error"]) < 0.05 for e in errors.values())
+    assert sum(e["measured_s"] for e in errors.values()) == pytest.approx(truth.sum())
     # CLI: re-fit the saved profile; loads back through the config
     profile.to_parquet(tmp_path / "c.profile.parquet")
     (tmp_path / "c.json").write_text(json.dumps(calib))
-    calibrate.main([str(tmp_path / "c.profile.parquet"), "--out", str(tmp_path / "refit.json")])
+    pd.DataFrame(run.steps).to_parquet(tmp_path / "steps.parquet")
+    calibrate.main([str(tmp_path / "c.profile.parquet"), "--out", str(tmp_path / "refit.json"),
+                    "--check-steps", str(tmp_path / "steps.parquet")])
     loaded = build_cost_model(CostModelConfig(kind="fitted", path=str(tmp_path / "refit.json")), QWEN,
                               H100, graphs=GRAPHS)
     assert [loaded.predict(f) for f in run.steps] == pytest.approx(predicted.tolist())

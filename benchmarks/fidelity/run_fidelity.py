@@ -74,8 +74,10 @@ def native_rate(base: list[str], trace: str, n: int) -> float:
     return (len(df) - 1) / span if span > 0 else math.inf
 
 
-def cells(args, capacity: dict) -> list[dict]:
-    """Every cell: name, trace, load label, overrides (beyond the common ones)."""
+def cells(args, capacity: dict, common: list[str]) -> list[dict]:
+    """Every cell: name, trace, load label, overrides (beyond the common ones), `group` (the
+    load cell a pair belongs to) and `dir` (where its runs live: a pair side that composes
+    to the very config of its load cell shares that cell's runs)."""
     out = []
     for trace in args.traces:
         cap = capacity[trace]
@@ -87,8 +89,10 @@ def cells(args, capacity: dict) -> list[dict]:
                 over.append(f"trace.time_scale={cap['native_rps'] / rate:.6g}")
             else:
                 over += ["trace.arrival=poisson", f"trace.request_rate={rate:.6g}"]
-            base = dict(trace=trace, load=f"{rate:.3g}rps", rate=rate, pair=None, side=None)
-            out.append(dict(base, name=f"{trace}-L{k}", overrides=over))
+            group = f"{trace}-L{k}"
+            base = dict(trace=trace, load=f"{rate:.3g}rps", rate=rate, pair=None, side=None, group=group)
+            out.append(dict(base, name=group, dir=group, overrides=over))
+            base_config = build(compose_cfg(common + ["mode=gpu"] + over))
             if rate != max(below):
                 continue
             for pair in args.pairs:
@@ -98,7 +102,10 @@ def cells(args, capacity: dict) -> list[dict]:
                     if pair == "block_size" else [None, None]
                 for side, (sets, more) in enumerate(zip(PAIRS[pair], extra)):
                     o = over + sets + ([more] if more else [])
-                    out.append(dict(base, name=f"{trace}-L{k}-{pair}{side}", overrides=o, pair=pair, side=side))
+                    name = f"{group}-{pair}{side}"
+                    same = build(compose_cfg(common + ["mode=gpu"] + o)) == base_config
+                    out.append(dict(base, name=name, dir=group if same else name, overrides=o,
+                                    pair=pair, side=side))
     return out
 
 
@@ -123,7 +130,7 @@ def stage_capacity(args, common) -> dict:
 def stage_real(args, common, todo) -> None:
     """Every cell on the engine, --repeats times, one engine per distinct engine setting."""
     groups = {}
-    for cell in todo:
+    for cell in {c["dir"]: c for c in todo}.values():    # one run set per directory
         cfg = compose_cfg(common + ["mode=gpu"] + cell["overrides"])
         rc = build(cfg)
         key = (rc.scheduler, rc.cache, rc.num_blocks, rc.engine)
@@ -133,7 +140,7 @@ def stage_real(args, common, todo) -> None:
         try:
             for cell, cfg, _ in group:
                 for rep in range(args.repeats):
-                    run_dir = args.out / "real" / cell["name"] / f"r{rep}"
+                    run_dir = args.out / "real" / cell["dir"] / f"r{rep}"
                     if (run_dir / "summary.json").is_file() and not args.force:
                         continue
                     run(cfg, run_dir, engine=engine)
@@ -149,20 +156,20 @@ def stage_sim(args, common, todo) -> None:
         fitted_hw = yaml.safe_load(hw_file.read_text())
         models["roofline_fitted"] = ["cost_model=roofline"] + [
             f"hardware.{k}={v}" for k, v in fitted_hw.items() if k != "name"]
-    for cell in todo:
+    for cell in {c["dir"]: c for c in todo}.values():
         for model, over in models.items():
             run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
-                args.out / "sim" / model / cell["name"])
+                args.out / "sim" / model / cell["dir"])
         for rep in range(args.repeats):
-            real = args.out / "real" / cell["name"] / f"r{rep}"
+            real = args.out / "real" / cell["dir"] / f"r{rep}"
             if (real / "steps.parquet").is_file():
                 try:
                     run(compose_cfg(common + ["mode=sim", "cost_model=replay",
                                               f"cost_model.path={real / 'steps.parquet'}"] + cell["overrides"]),
-                        args.out / "replay" / cell["name"] / f"r{rep}")
+                        args.out / "replay" / cell["dir"] / f"r{rep}")
                 except RuntimeError as e:     # diverged: recorded in the table, not fatal
-                    (args.out / "replay" / cell["name"] / f"r{rep}").mkdir(parents=True, exist_ok=True)
-                    (args.out / "replay" / cell["name"] / f"r{rep}" / "diverged.txt").write_text(str(e))
+                    (args.out / "replay" / cell["dir"] / f"r{rep}").mkdir(parents=True, exist_ok=True)
+                    (args.out / "replay" / cell["dir"] / f"r{rep}" / "diverged.txt").write_text(str(e))
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -173,25 +180,27 @@ def read_metrics(run_dir: Path) -> dict | None:
 def stage_table(args, todo) -> dict:
     rows, effects, equivalence = [], [], []
     sim_models = sorted(p.name for p in (args.out / "sim").iterdir()) if (args.out / "sim").is_dir() else []
+    seen = set()
     for cell in todo:
         reals = [m for r in range(args.repeats)
-                 if (m := read_metrics(args.out / "real" / cell["name"] / f"r{r}")) is not None]
-        for r in range(args.repeats):
-            d = args.out / "replay" / cell["name"] / f"r{r}"
+                 if (m := read_metrics(args.out / "real" / cell["dir"] / f"r{r}")) is not None]
+        for r in range(args.repeats if cell["dir"] not in seen else 0):
+            d = args.out / "replay" / cell["dir"] / f"r{r}"
             summary = d / "summary.json"
             if summary.is_file():
                 eq = json.loads(summary.read_text()).get("equivalence") or {}
-                equivalence.append({"cell": cell["name"], "repeat": r, **eq})
+                equivalence.append({"cell": cell["dir"], "repeat": r, **eq})
             elif (d / "diverged.txt").is_file():
-                equivalence.append({"cell": cell["name"], "repeat": r, "diverged": (d / "diverged.txt").read_text()})
+                equivalence.append({"cell": cell["dir"], "repeat": r, "diverged": (d / "diverged.txt").read_text()})
+        seen.add(cell["dir"])
         for model in sim_models:
-            sim = read_metrics(args.out / "sim" / model / cell["name"])
+            sim = read_metrics(args.out / "sim" / model / cell["dir"])
             if sim is None or not reals:
                 continue
             for metric in METRICS:
                 values = np.array([m[metric] for m in reals], float)
                 real = float(np.mean(values))
-                rows.append({"cell": cell["name"], "trace": cell["trace"], "load": cell["load"],
+                rows.append({"cell": cell["name"], "group": cell["group"], "trace": cell["trace"], "load": cell["load"],
                              "pair": cell["pair"], "side": cell["side"], "cost_model": model,
                              "metric": metric, "real": real, "sim": sim[metric],
                              "error": (sim[metric] - real) / real if real else math.nan,
@@ -200,8 +209,7 @@ def stage_table(args, todo) -> dict:
     table = pd.DataFrame(rows)
     if not table.empty:
         paired = table[table["pair"].notna()]
-        for (cell_base, model, metric, pair), g in paired.assign(
-                base=paired["cell"].str.rsplit("-", n=1).str[0]).groupby(["base", "cost_model", "metric", "pair"]):
+        for (cell_base, model, metric, pair), g in paired.groupby(["group", "cost_model", "metric", "pair"]):
             if set(g["side"]) != {0, 1}:
                 continue
             a, b = g[g["side"] == 0].iloc[0], g[g["side"] == 1].iloc[0]
@@ -318,7 +326,7 @@ def main(argv=None) -> None:
                     for t in args.traces}
     else:
         sys.exit(f"{capacity_file} not found: run the capacity stage or give --rates")
-    todo = cells(args, capacity)
+    todo = cells(args, capacity, common)
     (args.out / "cells.json").write_text(json.dumps(todo, indent=1))
     print(f"{len(todo)} cells x {args.repeats} real repeats")
     if "real" in args.stages:
