@@ -7,6 +7,7 @@ from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
 from engine.models.config import ModelConfig
+from engine.models.gpt_neox import GPTNeoXForCausalLM
 from engine.models.transformer import CausalLM, DecoderAttention
 
 __all__ = ["CausalLM", "ModelConfig", "build_model", "resolve_dtype"]
@@ -59,8 +60,9 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         raise ValueError(f"{cfg.architecture} uses sliding-window attention "
                          f"({cfg.sliding_window} tokens), which is not implemented; set "
                          f"max_model_len <= {cfg.sliding_window}")
+    model_class = GPTNeoXForCausalLM if cfg.architecture == "GPTNeoXForCausalLM" else CausalLM
     with _default_dtype(resolve_dtype(dtype)), device:
-        model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
+        model = model_class(cfg, max_position, backend, tp_rank, tp_size)
     if fused:
         for module in model.modules():
             if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention)):
