@@ -62,7 +62,7 @@ HF_DEFAULTS = {
                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                head_dim=None, max_position_embeddings=4096 * 32, sliding_window=None,
                                bos_token_id=1, eos_token_id=2, num_local_experts=8,
-                               num_experts_per_tok=2, rms_norm_eps=1e-5),
+                               num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6),
 }
 COMMON_DEFAULTS = dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
                        attention_bias=False, mlp_bias=False, rope_theta=10000.0)
