@@ -65,7 +65,7 @@ class FusedMoE(nn.Module):
     Parameters: gate.weight [E, H] (replicated), w13 [E, 2*I/tp, H], w2 [E, H, I/tp].
     """
 
-    use_kernel = False   # build_model sets it on CUDA: engine.kernels.fused_moe
+    fused = False   # build_model sets it (with the Triton backends): engine.kernels.fused_moe
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  renormalize: bool, tp_rank: int = 0, tp_size: int = 1):
@@ -101,7 +101,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        if self.use_kernel:
+        if self.fused:
             from engine.kernels.fused_moe import fused_moe
             y = fused_moe(x, self.w13, self.w2, weights, ids)
         else:

@@ -6,6 +6,7 @@ import torch
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
+from engine.layers.moe import FusedMoE
 from engine.models.config import ModelConfig
 from engine.models.gpt_neox import GPTNeoXForCausalLM
 from engine.models.transformer import CausalLM, DecoderAttention
@@ -48,7 +49,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
     max_model_len: cap on positions, to size the RoPE table (default: the config's
         max_position_embeddings).
     fused: the elementwise layers (residual + RMSNorm, q/k-norm + RoPE + KV store, SiLU-and-mul)
-        as Triton kernels (engine.kernels.fused); None = wherever the attention backend is not
+        as Triton kernels (engine.kernels.fused), and mixture-of-experts layers as the fused
+        grouped GEMM (engine.kernels.fused_moe); None = wherever the attention backend is not
         "torch" (the torch backend is the pure-torch reference path).
     """
     device = torch.device(device)
@@ -65,6 +67,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
         model = model_class(cfg, max_position, backend, tp_rank, tp_size)
     if fused:
         for module in model.modules():
-            if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention)):
+            if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention, FusedMoE)):
                 module.fused = True
     return model.eval()
