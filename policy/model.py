@@ -204,14 +204,19 @@ class ModelConfig:
         return (2 if self.norm == "layer" else 3) * self.hidden_size * self.intermediate_size
 
     @property
-    def layer_matmul_params(self) -> int:
-        """Weights one token multiplies with in an average layer: QKV, O and its MLP (for
-        mixture-of-experts layers the router and the `num_experts_per_tok` active experts)."""
+    def active_matmul_params(self) -> int:
+        """Linear-layer weights one token multiplies with, all layers: QKV, O and the MLPs
+        (for mixture-of-experts layers the router and the `num_experts_per_tok` experts)."""
         moe = len(self.moe_layers)
         mlp = (moe * (self.num_experts * self.hidden_size + self.num_experts_per_tok
                       * self.expert_params)
                + (self.num_hidden_layers - moe) * self.dense_mlp_params)
-        return self.attention_matmul_params + mlp // self.num_hidden_layers
+        return self.num_hidden_layers * self.attention_matmul_params + mlp
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """active_matmul_params of an average layer."""
+        return self.active_matmul_params // self.num_hidden_layers
 
     @property
     def num_params(self) -> int:
@@ -237,6 +242,27 @@ class ModelConfig:
         """Parameters one token uses: all but the experts it is not routed to."""
         idle = self.num_experts - self.num_experts_per_tok
         return self.num_params - len(self.moe_layers) * idle * self.expert_params
+
+    def experts_touched(self, num_tokens: int) -> float:
+        """Expected distinct experts of one MoE layer that `num_tokens` tokens are routed to,
+        if each token picks its k of E experts uniformly: E (1 - (1 - k/E)^tokens) (an expert
+        escapes one token with probability 1 - k/E). k for one token, -> E for large batches.
+        Skewed real routing touches fewer: an upper estimate. 0 for dense models."""
+        if not self.is_moe or num_tokens <= 0:
+            return 0.0
+        e, k = self.num_experts, self.num_experts_per_tok
+        return e * (1.0 - (1.0 - k / e) ** num_tokens)
+
+    def matmul_weights_read(self, num_tokens: int) -> float:
+        """Linear-layer weights (all layers) a forward of `num_tokens` tokens reads: all of
+        them for a dense model; for a mixture of experts, all but the experts no token is
+        routed to (expected: experts_touched)."""
+        total = self.active_matmul_params
+        if not self.is_moe:
+            return float(total)
+        moe = len(self.moe_layers)
+        active = moe * self.num_experts_per_tok * self.expert_params
+        return total - active + moe * self.experts_touched(num_tokens) * self.expert_params
 
     def num_kv_heads_per_rank(self, tp_size: int = 1) -> int:
         """KV heads each tensor-parallel rank holds (and caches). With fewer KV heads than

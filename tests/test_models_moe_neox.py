@@ -300,3 +300,56 @@ def test_engine_with_fused_moe_kernel(checkpoints, reference):
     moe = [m for m in llm.model_runner.model.modules() if isinstance(m, FusedMoE)]
     assert moe and all(m.fused for m in moe)
     assert [o.token_ids for o in outs] == reference["qwen3_moe"][:2]
+
+
+# ---- the twin: expert weights read by a step ------------------------------------------------
+
+def test_experts_touched_is_the_uniform_routing_expectation():
+    """E (1 - (1 - k/E)^T) against routing drawn at random (k distinct experts per token)."""
+    import random
+    cfg = conf_model("qwen3-30b-a3b")          # E = 128, k = 8
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    rng = random.Random(0)
+    for tokens in (1, 4, 16, 64, 256):
+        drawn = [len({x for _ in range(tokens) for x in rng.sample(range(e), k)})
+                 for _ in range(200)]
+        assert abs(sum(drawn) / len(drawn) - cfg.experts_touched(tokens)) < 0.02 * e
+    assert cfg.experts_touched(1) == pytest.approx(k)
+    assert cfg.experts_touched(10_000) == pytest.approx(e)
+    assert conf_model("qwen3-8b").experts_touched(64) == 0
+
+
+def test_matmul_weights_read_grow_with_batch_from_active_to_total():
+    cfg = conf_model("qwen3-30b-a3b")
+    reads = [cfg.matmul_weights_read(t) for t in (1, 8, 64, 256, 100_000)]
+    assert reads == sorted(reads) and len(set(reads)) == len(reads)
+    assert reads[0] == pytest.approx(cfg.active_matmul_params)
+    all_matmul = cfg.active_matmul_params + len(cfg.moe_layers) * (
+        cfg.num_experts - cfg.num_experts_per_tok) * cfg.expert_params
+    assert reads[-1] == pytest.approx(all_matmul)
+    dense = conf_model("qwen3-8b")
+    assert dense.matmul_weights_read(1) == dense.matmul_weights_read(256) == \
+        dense.active_matmul_params
+
+
+def test_roofline_decode_bytes_follow_batch_size():
+    """A decode step of Qwen3-30B-A3B on the H200 roofline: weight-bound at small batches, so
+    its time grows with the distinct experts the batch touches (a dense model's would not)."""
+    from simulator import HardwareSpec, ModelSpec, RooflineCostModel
+    hw = HardwareSpec(**yaml.safe_load(open(MODEL_CONF_DIR.parent / "hardware" / "h200.yaml")))
+
+    def decode(batch):
+        return {"num_seqs": batch, "num_batched_tokens": batch, "num_prefill_tokens": 0,
+                "num_decode_seqs": batch, "num_sampled": batch, "decode_context_tokens": batch,
+                "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
+                "max_context_tokens": 1}
+    data = yaml.safe_load((MODEL_CONF_DIR / "qwen3-30b-a3b.yaml").read_text())["hf_config"]
+    moe = RooflineCostModel(ModelSpec.from_hf_config(data, "qwen3-30b-a3b"), hw)
+    times = [moe.predict(decode(b)) for b in (1, 8, 64)]
+    assert times == sorted(times) and times[-1] > 1.5 * times[0]
+    cfg = conf_model("qwen3-30b-a3b")
+    extra_bytes = (cfg.matmul_weights_read(64) - cfg.matmul_weights_read(1)) * cfg.dtype_bytes
+    assert times[2] - times[0] >= 0.9 * extra_bytes / hw.bandwidth
+    dense_data = yaml.safe_load((MODEL_CONF_DIR / "qwen3-8b.yaml").read_text())["hf_config"]
+    dense = RooflineCostModel(ModelSpec.from_hf_config(dense_data, "qwen3-8b"), hw)
+    assert dense.predict(decode(8)) - dense.predict(decode(1)) < 0.1 * (times[1] - times[0])
