@@ -4,8 +4,9 @@ config.json, read as transformers reads it, and refused where the engine cannot 
 Torch-free: the engine builds its layers from it (engine.models), the simulator its costs
 (simulator.cost_model.ModelSpec). A key missing from config.json takes the default of that
 architecture's transformers config class (checked against transformers 5.x: LlamaConfig,
-Qwen2Config, Qwen3Config, MistralConfig), never a default of ours: a Qwen3 config without
-head_dim has head_dim 128, a Mistral one without sliding_window slides over 4096 tokens.
+Qwen2Config, Qwen3Config, MistralConfig, GPTNeoXConfig, Qwen3MoeConfig, MixtralConfig), never
+a default of ours: a Qwen3 config without head_dim has head_dim 128, a Mistral one without
+sliding_window slides over 4096 tokens.
 
 One generic decoder covers the Llama-family architectures; what tells them apart is a handful
 of flags (q/k RMSNorm, q/k/v bias, RoPE scaling). GPT-NeoX differs in its layer (LayerNorm
@@ -297,7 +298,7 @@ class ModelConfig:
         `rope_scaling` / `torch_dtype`, or v5 keys `rope_parameters` / `dtype`); a missing
         key takes the architecture's transformers default. Raises ValueError for what the
         engine cannot run (other architectures, activations, biases, RoPE variants,
-        mixture of experts, quantization)."""
+        experts outside Qwen3-MoE and Mixtral, quantization)."""
         archs = config.get("architectures") or []
         _require(len(archs) == 1, f"config.json must name one architecture, got {archs!r}")
         arch = archs[0]
