@@ -121,10 +121,9 @@ def test_prefix_cache_hits(checkpoints, reference, arch):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("arch", ["gpt_neox", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_tensor_parallel_gloo(checkpoints, reference, arch):
-    """TP=2: each rank holds half the heads and half of every expert's intermediate dim
-    (Mixtral's experts are the same FusedMoE layer: test_expert_tensor_parallel_slices)."""
+    """TP=2: each rank holds half the heads and half of every expert's intermediate dim."""
     with LLM(checkpoints[arch], **CPU, num_gpu_blocks=256, max_model_len=128,
              tensor_parallel_size=2) as llm:
         outs = llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
