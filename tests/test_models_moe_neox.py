@@ -251,6 +251,7 @@ def test_bad_configs_are_rejected():
     (37, 16, 4, 40, 24, torch.float32),    # prefill: ragged dims, several row blocks per expert
     (5, 4, 4, 64, 64, torch.float32),      # top_k == num_experts
     (19, 8, 2, 32, 32, torch.bfloat16),
+    (130, 4, 2, 32, 32, torch.float32),    # 65 pairs per expert: 64-row blocks
 ])
 def test_fused_moe_kernel_matches_reference(num_tokens, num_experts, top_k, hidden, inter, dtype):
     from engine.kernels.fused_moe import fused_moe
@@ -270,16 +271,17 @@ def test_fused_moe_kernel_matches_reference(num_tokens, num_experts, top_k, hidd
         assert err < 1e-2, err
 
 
-def test_align_by_expert_blocks_hold_one_expert():
-    from engine.kernels.fused_moe import BLOCK_M, align_by_expert, max_row_blocks
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_align_by_expert_blocks_hold_one_expert(block_m):
+    from engine.kernels.fused_moe import align_by_expert, max_row_blocks
     ids = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(0))
-    pairs, block_expert = align_by_expert(ids, 8)
-    assert block_expert.numel() == max_row_blocks(100, 8)      # shape from T, k, E only
+    pairs, block_expert = align_by_expert(ids, 8, block_m)
+    assert block_expert.numel() == max_row_blocks(100, 8, block_m)   # shape from T, k, E only
     flat = ids.reshape(-1)
     real = pairs[pairs < 100].long()
     assert sorted(real.tolist()) == list(range(100))           # every pair exactly once
     for b, e in enumerate(block_expert.tolist()):
-        rows = pairs[b * BLOCK_M:(b + 1) * BLOCK_M]
+        rows = pairs[b * block_m:(b + 1) * block_m]
         rows = rows[rows < 100].long()
         if e == 8:
             assert rows.numel() == 0

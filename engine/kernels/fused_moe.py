@@ -10,6 +10,10 @@ grouped GEMM per projection over the stacked expert weights.
 Capture-safe: every shape and grid depends only on T, k, E and the block sizes (the number
 of row blocks is bounded by min(E, T*k) + T*k / BLOCK_M); blocks past the used ones exit
 at once, reading their expert id (E = none) from device memory. No host synchronization.
+Row blocks are 16 pairs (decode: few tokens per expert, little padding) or 64 once experts
+average 64 pairs (prefill: full-width tensor-core tiles); the grid runs a row block's output
+tiles back to back, and one expert's row blocks one after another, so its weights are
+re-read from L2, not HBM. Block sizes are chosen, not yet tuned on a GPU.
 """
 import os
 
@@ -17,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16
+BLOCK_M = 16                 # rows per block for decode-sized batches
+BLOCK_M_LARGE = 64           # ... once there are this many pairs per expert on average
 # The Triton interpreter (CPU tests) multiplies the raw bits of bf16 operands in tl.dot;
 # there the operands are upcast to fp32 first, which is exact (as engine.kernels.paged_attention)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,7 +63,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     UPCAST: tl.constexpr):
     """h[pair, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, inter + n])."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert >= num_experts:
         return
@@ -95,7 +100,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr):
     """y[pair, n] = weight[pair] * (h[pair] . w2[e, n])."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert >= num_experts:
         return
@@ -123,9 +128,11 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+              ids: torch.Tensor, block_m: int | None = None, block_n: int = 64,
+              block_k: int = 64) -> torch.Tensor:
     """The same contract as engine.layers.moe.moe_reference: x [T, H], w13 [E, 2I, H],
-    w2 [E, H, I], weights [T, k] (float32), ids [T, k] -> [T, H] in x's dtype."""
+    w2 [E, H, I], weights [T, k] (float32), ids [T, k] -> [T, H] in x's dtype.
+    block_m: rows per block (None: BLOCK_M, or BLOCK_M_LARGE from 64 pairs per expert)."""
     num_tokens, top_k = ids.shape
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
@@ -134,19 +141,21 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
                          f"{tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     x = x.contiguous()
     num_pairs = num_tokens * top_k
-    pairs, block_expert = align_by_expert(ids, num_experts)
+    if block_m is None:
+        block_m = BLOCK_M_LARGE if num_pairs >= BLOCK_M_LARGE * num_experts else BLOCK_M
+    pairs, block_expert = align_by_expert(ids, num_experts, block_m)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     flat_weights = weights.reshape(-1).float().contiguous()
     upcast = _INTERPRETED and x.dtype == torch.bfloat16
-    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    grid = (triton.cdiv(inter, block_n), block_expert.numel())
     _gate_up_kernel[grid](x, w13, h, pairs, block_expert, num_pairs, top_k, hidden, inter,
                           num_experts, x.stride(0), w13.stride(0), w13.stride(1),
                           w13.stride(2), h.stride(0),
-                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast)
-    grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast)
+    grid = (triton.cdiv(hidden, block_n), block_expert.numel())
     _down_kernel[grid](h, w2, y, flat_weights, pairs, block_expert, num_pairs, hidden, inter,
                        num_experts, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
-                       y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                       y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                        UPCAST=upcast)
     return y.view(num_tokens, top_k, hidden).float().sum(1).to(x.dtype)
