@@ -57,11 +57,27 @@ TINY = {
                                     high_freq_factor=4.0, original_max_position_embeddings=64)),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral",
                     rope_theta=1000000.0, sliding_window=None),
+    # GPT-NeoX (Pythia): parallel residual, RoPE on a quarter of each head, biases everywhere
+    "gpt_neox": dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox",
+                     num_key_value_heads=None, head_dim=None, hidden_act="gelu",
+                     layer_norm_eps=1e-5, rotary_pct=0.25, rotary_emb_base=10000,
+                     use_parallel_residual=True, attention_bias=True, bos_token_id=0),
+    # Qwen3-MoE: 8 experts, top-2 renormalized; layer 0 dense (mlp_only_layers) so both MLP
+    # kinds occur
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                      head_dim=32, attention_bias=False, rope_theta=1000000.0,
+                      use_sliding_window=False, sliding_window=None, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[0]),
+    # Mixtral: 4 experts of width intermediate_size, top-2
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                    rope_theta=1000000.0, sliding_window=None, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=32),
 }
 
 
 def tiny_config(arch: str, **overrides) -> dict:
-    """A small Hugging Face config dict for `arch` ("qwen3", "qwen2", "llama", "mistral"):
+    """A small Hugging Face config dict for `arch` (a key of TINY):
     hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 512, float32. `overrides` replace keys."""
     if arch not in TINY:
         raise ValueError(f"no tiny config for {arch!r}; choose one of {list(TINY)}")
@@ -84,8 +100,50 @@ def model_config_dict(name_or_file: str) -> dict:
     return data["hf_config"]
 
 
+def _neox_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GPT-NeoX: fused query_key_value (rows per head: q, k, v), LayerNorms with bias, GELU
+    MLP with biases, untied embed_out."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"gpt_neox.embed_in.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"gpt_neox.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{p}.{norm}.weight"] = shapes[f"{p}.{norm}.bias"] = (h,)
+        shapes[f"{p}.attention.query_key_value.weight"] = (3 * cfg.q_size, h)
+        shapes[f"{p}.attention.query_key_value.bias"] = (3 * cfg.q_size,)
+        shapes[f"{p}.attention.dense.weight"] = (h, cfg.q_size)
+        shapes[f"{p}.attention.dense.bias"] = (h,)
+        shapes[f"{p}.mlp.dense_h_to_4h.weight"] = (inter, h)
+        shapes[f"{p}.mlp.dense_h_to_4h.bias"] = (inter,)
+        shapes[f"{p}.mlp.dense_4h_to_h.weight"] = (h, inter)
+        shapes[f"{p}.mlp.dense_4h_to_h.bias"] = (h,)
+    shapes["gpt_neox.final_layer_norm.weight"] = shapes["gpt_neox.final_layer_norm.bias"] = (h,)
+    shapes["embed_out.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _moe_mlp_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """One layer's router and experts, named as the published checkpoints name them."""
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    if cfg.architecture == "MixtralForCausalLM":
+        shapes = {f"{p}.block_sparse_moe.gate.weight": (cfg.num_experts, h)}
+        for e in range(cfg.num_experts):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            shapes.update({f"{q}.w1.weight": (inter, h), f"{q}.w2.weight": (h, inter),
+                           f"{q}.w3.weight": (inter, h)})
+        return shapes
+    shapes = {f"{p}.mlp.gate.weight": (cfg.num_experts, h)}
+    for e in range(cfg.num_experts):
+        q = f"{p}.mlp.experts.{e}"
+        shapes.update({f"{q}.gate_proj.weight": (inter, h), f"{q}.up_proj.weight": (inter, h),
+                       f"{q}.down_proj.weight": (h, inter)})
+    return shapes
+
+
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face tensor name -> shape, in checkpoint order."""
+    if cfg.architecture == "GPTNeoXForCausalLM":
+        return _neox_tensor_shapes(cfg)
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_hidden_layers):
@@ -102,6 +160,9 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.self_attn.q_norm.weight"] = (d,)
             shapes[f"{p}.self_attn.k_norm.weight"] = (d,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        if i in cfg.moe_layers:
+            shapes.update(_moe_mlp_shapes(cfg, p))
+            continue
         shapes[f"{p}.mlp.gate_proj.weight"] = (inter, h)
         shapes[f"{p}.mlp.up_proj.weight"] = (inter, h)
         shapes[f"{p}.mlp.down_proj.weight"] = (h, inter)
@@ -169,7 +230,7 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
         tensors = {}
         for name in names:
             t = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32) * std
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight"):
                 t += 1.0
             written = ({name: t.to(torch_dtype).cpu()} if not _quantized(name, quant) else
                        quantized_tensors(name, t.to(torch_dtype).float(), quant,
@@ -346,7 +407,7 @@ def write_dequantized_checkpoint(src: str | Path, dst: str | Path,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="name in conf/model/ (e.g. qwen3-0.6b), a .yaml with "
-                        "hf_config, a config.json, or tiny-<arch> (qwen3, qwen2, llama, mistral)")
+                        f"hf_config, a config.json, or tiny-<arch> ({', '.join(TINY)})")
     parser.add_argument("path", help="output directory")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.layers.linear import copy_weight
+from engine.layers.moe import FusedMoE, expert_checkpoint_names, expert_target
 from engine.models.config import ModelConfig
 
 # tensors some checkpoints carry that are recomputed, never loaded
@@ -19,11 +20,17 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # config fields that must agree between the checkpoint and the built model
 SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "tie_word_embeddings", "qk_norm", "qkv_bias", "o_bias", "quantization")
+                "tie_word_embeddings", "qk_norm", "qkv_bias", "o_bias", "quantization", "norm",
+                "parallel_residual", "rotary_dim", "num_experts", "moe_intermediate_size",
+                "moe_layers")
 
 
 def _target(name: str, packed: dict) -> tuple[str, object]:
-    """Checkpoint tensor name -> (our parameter name, shard id or None)."""
+    """Checkpoint tensor name -> (our parameter name, shard id or None). Experts of a
+    mixture-of-experts layer go to the stacked w13 / w2 (engine.layers.moe.expert_target)."""
+    expert = expert_target(name)
+    if expert is not None:
+        return expert
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in packed:
@@ -38,7 +45,12 @@ def expected_tensors(model: nn.Module) -> set[str]:
     for hf_module, (fused, _) in model.packed_modules_mapping.items():
         sources.setdefault(fused, []).append(hf_module)
     names = set()
+    experts = {m: f"{name}." for name, m in model.named_modules() if isinstance(m, FusedMoE)}
+    for m, prefix in experts.items():
+        names.update(expert_checkpoint_names(prefix, m.num_experts, model.config.architecture))
     for name, _ in model.named_parameters():  # tied weights are listed once
+        if any(name.startswith(prefix) for prefix in experts.values()):
+            continue
         parts = name.split(".")
         fused = [i for i, part in enumerate(parts) if part in sources]
         if not fused:

@@ -43,7 +43,8 @@ def _require(ok: bool, message: str) -> None:
 # ---- the model's shape ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The numbers of a dense decoder-only transformer that set its cost, named. Read from
+    """The numbers of a decoder-only transformer (dense or mixture of experts) that set its
+    cost, named. Read from
     config.json by policy.model (the engine's own reading: the same defaults, the same
     refusals); `name` labels it (conf/model/<name>.yaml)."""
     name: str
@@ -191,15 +192,17 @@ class RooflineCostModel(CostModel):
     """A step is a sequence of kernel groups; each takes max(FLOPs / achievable FLOP/s,
     bytes / achievable bandwidth), and the groups add up (they run one after another):
 
-        linear   max(2 Pm T' / tp / F(T'),  Wm / tp / BW)       weights read once per step
+        linear   max(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
         lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
         decode   max(A Cd / F,              K Cd / BWa)         attention over each decode's KV
         prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
         allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
         fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
 
-    Pm: linear-layer params, Wm: their bytes (b Pm, or 4-bit values with group scales and
-    zeros for a quantized model: the tensor cores still run Pm multiply-adds per token),
+    Pm: linear-layer params a token multiplies with; Wr: the bytes a step reads of them (b Pm
+    for a dense model; 4-bit values with group scales and zeros for a quantized one, whose
+    tensor cores still run Pm multiply-adds per token; with experts, every expert some token
+    is routed to: policy.model.ModelConfig.matmul_weights_read of the step's T tokens x b),
     Pv: vocab x hidden, b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
     F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
@@ -237,7 +240,11 @@ class RooflineCostModel(CostModel):
     def predict(self, f: dict) -> float:
         hw = self.hw
         kind, rows = self.graphs.rows(f)
-        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), self.linear_bytes_s)
+        linear_bytes_s = self.linear_bytes_s
+        if self.model.config.is_moe:   # expert weights: only those the step's tokens touch
+            linear_bytes_s = (self.model.config.matmul_weights_read(f["num_batched_tokens"])
+                              * self.model.dtype_bytes / self.tp / hw.bandwidth)
+        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
         sampled = f["num_sampled"]
         if sampled:
             t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)

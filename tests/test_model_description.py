@@ -27,9 +27,13 @@ def hf_view(d: dict) -> dict:
     rope = c.rope_parameters or {}
     return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": heads, "num_key_value_heads": c.num_key_value_heads,
+            "num_attention_heads": heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", heads),   # GPT-NeoX: MHA
             "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
-            "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+            "max_position_embeddings": c.max_position_embeddings,
+            "rms_norm_eps": getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_eps", None),
+            "num_experts": getattr(c, "num_experts", None) or getattr(c, "num_local_experts", 0),
+            "num_experts_per_tok": getattr(c, "num_experts_per_tok", 0),
             "tie_word_embeddings": c.tie_word_embeddings, "rope_theta": rope.get("rope_theta"),
             "sliding_window": window, "bos_token_id": c.bos_token_id}
 

@@ -314,7 +314,8 @@ def test_conf_model_yaml_is_a_valid_hf_config(file):
     assert data["name"] == file.stem
     cfg = ModelConfig.from_hf(data["hf_config"])
     cfg.check_tp(8 if "70b" in file.stem else 1)
-    assert cfg.sliding_window is None and cfg.dtype == "bfloat16"
+    assert cfg.sliding_window is None
+    assert cfg.dtype == ("float16" if file.stem.startswith("pythia") else "bfloat16")   # as shipped
 
 
 def conf_model(name):

@@ -6,8 +6,10 @@ import torch
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import resolve_backend
 from engine.layers.layernorm import RMSNorm
+from engine.layers.moe import FusedMoE
 from engine.layers.quant import dense_weights_on_meta, quantize_linears
 from engine.models.config import ModelConfig
+from engine.models.gpt_neox import GPTNeoXForCausalLM
 from engine.models.transformer import CausalLM, DecoderAttention
 
 __all__ = ["CausalLM", "ModelConfig", "build_model", "resolve_dtype"]
@@ -48,7 +50,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
     max_model_len: cap on positions, to size the RoPE table (default: the config's
         max_position_embeddings).
     fused: the elementwise layers (residual + RMSNorm, q/k-norm + RoPE + KV store, SiLU-and-mul)
-        as Triton kernels (engine.kernels.fused); None = wherever the attention backend is not
+        as Triton kernels (engine.kernels.fused), and mixture-of-experts layers as the fused
+        grouped GEMM (engine.kernels.fused_moe); None = wherever the attention backend is not
         "torch" (the torch backend is the pure-torch reference path).
     """
     device = torch.device(device)
@@ -61,13 +64,14 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                          f"({cfg.sliding_window} tokens), which is not implemented; set "
                          f"max_model_len <= {cfg.sliding_window}")
     quantized = cfg.quantization is not None   # 4-bit GPTQ / AWQ linear layers
+    model_class = GPTNeoXForCausalLM if cfg.architecture == "GPTNeoXForCausalLM" else CausalLM
     with (_default_dtype(resolve_dtype(dtype)), device,
           dense_weights_on_meta() if quantized else nullcontext()):
-        model = CausalLM(cfg, max_position, backend, tp_rank, tp_size)
+        model = model_class(cfg, max_position, backend, tp_rank, tp_size)
         if quantized:
             quantize_linears(model, cfg.quantization)
     if fused:
         for module in model.modules():
-            if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention)):
+            if isinstance(module, (RMSNorm, SiluAndMul, DecoderAttention, FusedMoE)):
                 module.fused = True
     return model.eval()

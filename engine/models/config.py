@@ -1,6 +1,6 @@
 """`ModelConfig`: the engine reads the model description shared with the simulator
 (policy.model: config.json read as transformers reads it, refused where the engine cannot
 honour it). This module only keeps the engine's import path."""
-from policy.model import ARCHITECTURES, ROPE_TYPES, ModelConfig
+from policy.model import ARCHITECTURES, GELU_ACTS, ROPE_TYPES, ModelConfig
 
-__all__ = ["ARCHITECTURES", "ROPE_TYPES", "ModelConfig"]
+__all__ = ["ARCHITECTURES", "GELU_ACTS", "ROPE_TYPES", "ModelConfig"]

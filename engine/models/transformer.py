@@ -1,4 +1,5 @@
-"""One generic decoder-only transformer for Qwen3, Qwen2/2.5, Llama 2/3.x and Mistral.
+"""One generic decoder-only transformer for Qwen3, Qwen2/2.5, Llama 2/3.x, Mistral and, with
+routed experts in place of the MLP (engine.layers.moe), Qwen3-MoE and Mixtral.
 
     embed -> N x [RMSNorm -> attention (qkv, q/k-norm?, RoPE, paged attention, o)
                   RMSNorm -> SwiGLU MLP (gate_up, silu*mul, down)] -> RMSNorm -> LM head
@@ -15,6 +16,7 @@ from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.moe import FusedMoE
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 
@@ -88,12 +90,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: str,
-                 tp_rank: int, tp_size: int):
+                 tp_rank: int, tp_size: int, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, rotary, backend, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp_rank, tp_size)
+        if layer_idx in cfg.moe_layers:   # Qwen3-MoE, Mixtral: routed experts
+            self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                cfg.num_experts_per_tok, cfg.norm_topk_prob, tp_rank, tp_size)
+        else:
+            self.mlp = MLP(cfg, tp_rank, tp_size)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata):
@@ -117,8 +123,8 @@ class TransformerModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_type,
                                  cfg.rope_factor, cfg.rope_low_freq_factor,
                                  cfg.rope_high_freq_factor, cfg.rope_original_max_position)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, tp_rank, tp_size)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, tp_rank, tp_size, i)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -1,0 +1,173 @@
+"""Mixture-of-experts engine throughput against its memory floor (default Qwen3-30B-A3B).
+
+    python benchmarks/bench_moe.py                         # qwen3-30b-a3b, random weights, CUDA
+    python benchmarks/bench_moe.py --num-layers 16         # a third of the layers (21 GB)
+    python benchmarks/bench_moe.py --model mixtral-8x7b --tp 2
+    python benchmarks/bench_moe.py --smoke                 # tiny Qwen3-MoE on the CPU: it runs
+
+Stages: (1) nano-vLLM's bench workload (benchmarks/bench_engine.py: 256 requests, 133,966
+output tokens), output tokens / wall time; (2) the median decode step at batch 1, 64, 256
+(context ~1024). Each against its floor over the measured copy bandwidth, where a step reads
+the non-expert weights once, in every MoE layer only the experts its tokens touch (expected
+E (1 - (1 - k/E)^tokens): policy.model.ModelConfig.experts_touched; random weights route
+close to uniformly) and its sequences' KV. The workload's floor sums that over decode steps
+with every live sequence in one batch. Prints tables, then one line of JSON.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_engine import copy_bandwidth, decode_breakdown, nano_workload  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.checkpoint import model_config_dict, tiny_config, write_random_checkpoint  # noqa: E402
+from engine.layers.moe import FusedMoE  # noqa: E402
+
+
+def weight_split(model) -> tuple[int, int, int]:
+    """(bytes of everything but the experts, bytes of one expert in one layer, MoE layers)
+    on this rank."""
+    moe = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    if not moe:
+        raise SystemExit(f"{type(model).__name__} has no mixture-of-experts layer")
+    expert_params = {id(p) for m in moe for p in (m.w13, m.w2)}
+    other = sum(p.numel() * p.element_size() for p in model.parameters()
+                if id(p) not in expert_params)
+    one = (moe[0].w13[0].numel() + moe[0].w2[0].numel()) * moe[0].w13.element_size()
+    return other, one, len(moe)
+
+
+def step_floor_bytes(cfg, split, batch: int, kv_tokens: int, kv_per_token: int) -> float:
+    other, one_expert, layers = split
+    return other + layers * cfg.experts_touched(batch) * one_expert + kv_tokens * kv_per_token
+
+
+def workload_floor_bytes(cfg, split, prompts, params, kv_per_token: int) -> float:
+    """Decode step j holds every sequence with more than j tokens left (all in one batch):
+    its touched experts, the non-expert weights, and each live sequence's KV."""
+    total = 0.0
+    for j in range(max(p.max_tokens for p in params)):
+        live = [(len(x), p) for x, p in zip(prompts, params) if p.max_tokens > j]
+        kv = sum(n + j for n, _ in live)
+        total += step_floor_bytes(cfg, split, len(live), kv, kv_per_token)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-30b-a3b",
+                    help="model directory, or a conf/model name (a random checkpoint is written)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--backend", default="auto", help="attention backend (triton on CUDA: "
+                    "the fused MoE kernel too)")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--decode-batches", default="1,64,256")
+    ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="keep only this many layers of a conf/model name (the random "
+                         "checkpoint of all 48 Qwen3-30B-A3B layers is 61 GB; the floor is "
+                         "computed for the model as built)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny Qwen3-MoE, 8 short requests, CPU if no GPU: proves the script runs")
+    args = ap.parse_args()
+
+    extra = {}
+    if args.smoke:
+        args.num_seqs, args.max_input_len, args.max_output_len = 8, 120, 110
+        args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens = 256, 8, 512
+        args.decode_batches, args.decode_context = "1,4", 32
+        if args.model == "qwen3-30b-a3b":
+            args.model = "tiny-qwen3_moe"
+        if not torch.cuda.is_available():
+            extra = dict(device="cpu", dtype="float32", num_gpu_blocks=256)
+    path = args.model
+    if not os.path.isdir(path):
+        layers = f"-{args.num_layers}l" if args.num_layers else ""
+        path = os.path.join(tempfile.gettempdir(), f"twinserve-{args.model}{layers}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            config = (tiny_config(args.model.removeprefix("tiny-"), vocab_size=10240)
+                      if args.model.startswith("tiny-") else model_config_dict(args.model))
+            if args.num_layers:
+                config = {**config, "num_hidden_layers": args.num_layers}
+            print(f"writing random checkpoint {args.model} -> {path}", file=sys.stderr)
+            write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16")
+
+    llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
+              tensor_parallel_size=args.tp, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+    cfg = llm.model_runner.model.config
+    prompts, params = nano_workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    output_tokens = sum(p.max_tokens for p in params)
+
+    # stage 1: the workload (after a warm-up that builds kernels and graphs)
+    llm.generate(prompts[:32], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=8),
+                 use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    assert sum(len(o.token_ids) for o in outs) == output_tokens
+
+    # stage 2: decode steps by batch size
+    runner = llm.model_runner
+    split = weight_split(runner.model)
+    kv_per_token = sum(layer.k_cache[0, 0].numel() * 2 * layer.k_cache.element_size()
+                       for layer in runner.model.attention_layers())
+    cuda = torch.cuda.is_available() and not extra
+    ceiling = copy_bandwidth() if cuda else float("nan")
+    floor_s = workload_floor_bytes(cfg, split, prompts, params, kv_per_token) / ceiling
+    decode = [decode_breakdown(llm, b, args.decode_context, 16)
+              for b in map(int, args.decode_batches.split(",")) if b <= args.max_num_seqs]
+    llm.close()
+    for d in decode:
+        d["experts_touched"] = cfg.experts_touched(d["batch"])
+        d["floor_bytes"] = step_floor_bytes(cfg, split, d["batch"],
+                                            d["batch"] * args.decode_context, kv_per_token)
+        if d["steps"]:
+            d["floor_ms"] = d["floor_bytes"] / ceiling * 1e3
+            d["pct_of_floor"] = 100 * d["floor_ms"] / d["device_ms"]
+
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    other, one_expert, layers = split
+    print(f"\n{args.model} ({cfg.num_hidden_layers} layers) on {device}, tp {args.tp}, backend {args.backend}: "
+          f"{cfg.num_experts} experts, top {cfg.num_experts_per_tok}, {layers} MoE layers; "
+          f"per rank: non-expert weights {other / 1e9:.2f} GB, experts "
+          f"{layers * cfg.num_experts * one_expert / 1e9:.2f} GB, KV {kv_per_token / 1024:.0f} "
+          f"KiB/token; copy ceiling {ceiling / 1e9:.0f} GB/s")
+    print(f"{'requests':>9} {'output tokens':>14} {'time (s)':>9} {'tok/s':>9} {'floor (s)':>10} "
+          f"{'% of floor':>11}")
+    print(f"{args.num_seqs:>9} {output_tokens:>14,} {seconds:>9.2f} {output_tokens / seconds:>9.1f} "
+          f"{floor_s:>10.2f} {100 * floor_s / seconds:>10.1f}%")
+    print(f"\ndecode step at context ~{args.decode_context} (median):")
+    print(f"{'batch':>6} {'experts/layer':>14} {'floor GB':>9} {'step ms':>8} {'device ms':>10} "
+          f"{'floor ms':>9} {'% of floor':>11}")
+    for d in decode:
+        if d["steps"]:
+            print(f"{d['batch']:>6} {d['experts_touched']:>14.1f} {d['floor_bytes'] / 1e9:>9.3f} "
+                  f"{d['step_ms']:>8.3f} {d['device_ms']:>10.3f} {d['floor_ms']:>9.3f} "
+                  f"{d['pct_of_floor']:>10.1f}%")
+    print(json.dumps({"bench": "moe", "workload": "nano-vllm", "model": args.model,
+                      "num_layers": cfg.num_hidden_layers,
+                      "device": device, "tp": args.tp, "backend": args.backend,
+                      "output_tokens": output_tokens, "seconds": seconds,
+                      "output_tok_per_s": output_tokens / seconds, "floor_s": floor_s,
+                      "pct_of_floor": 100 * floor_s / seconds, "copy_GBps": ceiling / 1e9,
+                      "decode": decode}))
+
+
+if __name__ == "__main__":
+    main()
