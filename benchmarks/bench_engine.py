@@ -101,6 +101,19 @@ def run_breakdown(steps: list[dict], wall_s: float) -> list[dict]:
     return rows
 
 
+def checkpoint(model: str, dtype: str) -> str:
+    """`model` if it is a model directory; else a random-weight checkpoint of that conf/model
+    name (or "tiny-qwen3") in the temp folder, written once and reused."""
+    if os.path.isdir(model):
+        return model
+    path = os.path.join(tempfile.gettempdir(), f"twinserve-{model}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        config = tiny_config("qwen3", vocab_size=10240) if model == "tiny-qwen3" else model
+        print(f"writing random checkpoint {model} -> {path}", file=sys.stderr, flush=True)
+        write_random_checkpoint(config, path, dtype=dtype)
+    return path
+
+
 def copy_bandwidth() -> float:
     """Measured HBM ceiling: a 1 GiB device-to-device copy, bytes read + written / median time."""
     src = torch.randn(1 << 28, device="cuda")
@@ -161,13 +174,7 @@ def main():
             args.model = "tiny-qwen3"
         if not torch.cuda.is_available():
             extra = dict(device="cpu", dtype="float32", num_gpu_blocks=256)
-    path = args.model
-    if not os.path.isdir(path):
-        path = os.path.join(tempfile.gettempdir(), f"twinserve-{args.model}")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            config = tiny_config("qwen3", vocab_size=10240) if args.model == "tiny-qwen3" else args.model
-            print(f"writing random checkpoint {args.model} -> {path}", file=sys.stderr)
-            write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16")
+    path = checkpoint(args.model, "float32" if extra else "bfloat16")
 
     llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
               enforce_eager=args.enforce_eager, cuda_graph_max_tokens=args.graph_max_tokens, tensor_parallel_size=args.tp,

@@ -23,7 +23,6 @@ Prints both tables, then one line of JSON.
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,26 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_engine import checkpoint, copy_bandwidth  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
 from policy.cuda_graphs import graph_rows  # noqa: E402
 
 
-
-def checkpoint(model: str, smoke: bool) -> str:
-    if os.path.isdir(model):
-        return model
-    path = os.path.join(tempfile.gettempdir(), f"twinserve-{model}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        config = tiny_config("qwen3", vocab_size=10240) if model == "tiny-qwen3" else model
-        print(f"writing random checkpoint {model} -> {path}", file=sys.stderr, flush=True)
-        write_random_checkpoint(config, path, dtype="float32" if smoke else "bfloat16")
-    return path
-
-
 def ceilings(cuda: bool) -> tuple[float, float]:
-    """Measured copy bandwidth (bytes read + written per s, 1 GiB device copy) and bf16
-    matmul rate (FLOP/s, 8192^3 on random data): medians of timed repeats after warm-up."""
+    """Measured copy bandwidth (bench_engine.copy_bandwidth) and bf16 matmul rate (FLOP/s,
+    8192^3 on random data): medians of timed repeats after warm-up."""
     if not cuda:
         return float("nan"), float("nan")
 
@@ -70,10 +57,7 @@ def ceilings(cuda: bool) -> tuple[float, float]:
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         return statistics.median(times[5:])
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 4 / median_s(lambda: dst.copy_(src))
-    del src, dst
+    bw = copy_bandwidth()
     x, y = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     flops = 2 * 8192 ** 3 / median_s(lambda: x @ y)
     return bw, flops
@@ -313,7 +297,7 @@ def main():
     tables = args.tables.split(",")
     result = {"bench": "serving", "device": device_name(torch.cuda.is_available() and not extra)}
     if "steps" in tables:
-        rows, meta = step_table(args, checkpoint(args.model, args.smoke), extra)
+        rows, meta = step_table(args, checkpoint(args.model, "float32" if args.smoke else "bfloat16"), extra)
         result |= {"model": args.model, "steps": rows, **meta}
     if "online" in tables:
         result["online"] = online_table(args, args.smoke)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
+from engine.step_inputs import EAGER  # noqa: E402
 from policy import Batch, Sequence  # noqa: E402
 
 
@@ -69,10 +70,7 @@ def engine_logits(runner, prompt):
     seq.block_table = list(range(1, 1 + -(-len(prompt) // runner.config.block_size)))
     batch = Batch(seqs=[seq], num_new_tokens=[len(prompt)], num_computed_tokens=[0], sample=[True],
                   num_batched_tokens=len(prompt), num_prefill_tokens=len(prompt))
-    saved = runner.packer.mixed_sizes
-    runner.packer.mixed_sizes = []     # eager: the model call below runs outside any graph
-    step = runner.packer.pack(batch, None)
-    runner.packer.mixed_sizes = saved
+    step = runner.packer.pack(batch, None, graph=(EAGER, 0))   # the call below runs no graph
     runner.buffer.upload(step.nbytes)
     views = runner.buffer.views(step.T, step.B, step.W, step.P, step.S)[2]
     hidden = runner.model(*runner.model_inputs(step, views))
@@ -112,24 +110,29 @@ def fp32_checks(root, backends):
                             num_gpu_blocks=1024, max_model_len=512, block_size=16, max_num_seqs=16)
                 if backend == "torch":
                     base["enforce_eager"] = True   # the torch reference reads lengths on the host
-                llm = LLM(str(path), **{**base, **kw})
-                outs = llm.generate(ps, greedy, use_tqdm=False)
-                outs += llm.generate(ps_prefix[:1], greedy, use_tqdm=False)
-                outs += llm.generate(ps_prefix[1:], greedy, use_tqdm=False)
-                got = [o.token_ids for o in outs]
-                equal = sum(a == b for a, b in zip(got, ref))
-                hits = sum(r["prefix_hit_tokens"] for r in llm.step_records)
-                pre = sum(r["num_preempted"] for r in llm.step_records)
-                passed = equal == len(ref)
-                ok &= passed
                 rows.append({"check": "fp32-greedy", "arch": arch, "backend": backend, "case": name,
-                             "equal": f"{equal}/{len(ref)}", "prefix_hits": hits, "preempted": pre,
-                             "pass": passed})
+                             **greedy_case(path, {**base, **kw}, ps, ps_prefix, ref, greedy)})
+                ok &= rows[-1]["pass"]
                 print(rows[-1], flush=True)   # partial results survive a later failure
-                llm.close()
-                del llm
-                free_memory()
     return rows, ok
+
+
+def greedy_case(path, engine_kwargs, ps, ps_prefix, ref, greedy) -> dict:
+    """One engine on `ps`, then on the prefix-sharing prompts in two calls (the second hits
+    the first's cache): how many outputs equal `ref`, prefix hits, preemptions, pass."""
+    llm = LLM(str(path), **engine_kwargs)
+    outs = llm.generate(ps, greedy, use_tqdm=False)
+    outs += llm.generate(ps_prefix[:1], greedy, use_tqdm=False)
+    outs += llm.generate(ps_prefix[1:], greedy, use_tqdm=False)
+    equal = sum(o.token_ids == r for o, r in zip(outs, ref))
+    row = {"equal": f"{equal}/{len(ref)}",
+           "prefix_hits": sum(r["prefix_hit_tokens"] for r in llm.step_records),
+           "preempted": sum(r["num_preempted"] for r in llm.step_records),
+           "pass": equal == len(ref)}
+    llm.close()
+    del llm
+    free_memory()
+    return row
 
 
 @torch.no_grad()

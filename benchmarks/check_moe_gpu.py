@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_gpu import engine_logits, free_memory, hf_greedy, hf_model, prompts  # noqa: E402
+from check_gpu import engine_logits, free_memory, greedy_case, hf_greedy, hf_model, prompts  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import model_config_dict, tiny_config, write_random_checkpoint  # noqa: E402
 
@@ -46,21 +46,11 @@ def fp32_checks(root, backends):
                 base = dict(device="cuda", dtype="float32", attention_backend=backend,
                             num_gpu_blocks=1024, max_model_len=192, block_size=16,
                             max_num_seqs=16, enforce_eager=backend == "torch")
-                llm = LLM(str(path), **{**base, **kw})
-                outs = llm.generate(ps, greedy, use_tqdm=False)
-                outs += llm.generate(ps_prefix[:1], greedy, use_tqdm=False)
-                outs += llm.generate(ps_prefix[1:], greedy, use_tqdm=False)
-                equal = sum(o.token_ids == r for o, r in zip(outs, ref))
                 rows.append({"check": "fp32-greedy", "arch": arch, "backend": backend,
-                             "case": name, "equal": f"{equal}/{len(ref)}",
-                             "prefix_hits": sum(r["prefix_hit_tokens"] for r in llm.step_records),
-                             "preempted": sum(r["num_preempted"] for r in llm.step_records),
-                             "pass": equal == len(ref)})
+                             "case": name,
+                             **greedy_case(path, {**base, **kw}, ps, ps_prefix, ref, greedy)})
                 ok &= rows[-1]["pass"]
                 print(rows[-1], flush=True)
-                llm.close()
-                del llm
-                free_memory()
     return rows, ok
 
 

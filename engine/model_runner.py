@@ -24,7 +24,7 @@ from engine.loader import load_weights
 from engine.models import ModelConfig, build_model, resolve_dtype
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.step_inputs import (DECODE_GRAPH, EAGER, HEADER_BYTES, MIXED_GRAPH, Step,
+from engine.step_inputs import (DECODE_GRAPH, HEADER_BYTES, MIXED_GRAPH, Step,
                                 StepBuffer, StepPacker, dummy_batch)
 from policy import Batch
 from policy.cuda_graphs import decode_sizes, mixed_sizes
@@ -51,8 +51,6 @@ class Launched:
     previous: object = None     # the previous step's `done` event
     device_s: float = 0.0
     gap_s: float = 0.0
-    graph: int = EAGER          # how the step ran: EAGER, DECODE_GRAPH or MIXED_GRAPH
-    padded_tokens: int = 0      # tokens the step computed (padding included)
 
 
 class ModelRunner:
@@ -248,15 +246,7 @@ class ModelRunner:
             L, rows = self.config.max_model_len, min(size, self.config.max_num_seqs)
             total = min(size, rows * L)
             shape = [(min(L, total - i), min(L, total - i)) for i in range(0, total, L)]
-        sizes = ([], [size]) if kind == MIXED_GRAPH else ([size], [])
-        saved = self.packer.decode_sizes, self.packer.mixed_sizes
-        self.packer.decode_sizes, self.packer.mixed_sizes = sizes
-        try:
-            step = self.packer.pack(dummy_batch(shape, self.block_size), None)
-        finally:
-            self.packer.decode_sizes, self.packer.mixed_sizes = saved
-        assert step.key == (kind, size), (step.key, kind, size)
-        return step
+        return self.packer.pack(dummy_batch(shape, self.block_size), None, graph=(kind, size))
 
     # ---- one step -------------------------------------------------------------------
 
@@ -297,8 +287,7 @@ class ModelRunner:
         order = step.order    # batch index of each sampled row
         sampled = [order[row] for row in step.sampled] if order else step.sampled
         pending = {batch.seqs[i].seq_id: k for k, i in enumerate(sampled)}
-        launched = Launched(sampled, len(batch), host, pending, begin, previous=self.last_done,
-                            graph=step.graph, padded_tokens=step.T)
+        launched = Launched(sampled, len(batch), host, pending, begin, previous=self.last_done)
         if cuda:
             launched.done = self.last_done = torch.cuda.Event(enable_timing=True)
             launched.done.record()

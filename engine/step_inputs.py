@@ -212,9 +212,11 @@ class StepPacker:
         return size, rows, self.max_blocks, tiles, self.split_rule(min(rows, 64), self.max_model_len)
 
     def pack(self, batch: Batch, sampling_params: list[SamplingParams] | None,
-             pending: dict | None = None) -> Step:
+             pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
         """Pack the batch into the host step buffer: decodes (q_len 1) first, then the
-        others. All per-token arrays are computed with numpy, not per-token Python."""
+        others. All per-token arrays are computed with numpy, not per-token Python.
+        `graph` = (kind, size) overrides the graph rule (capture; EAGER: the exact shape);
+        the batch must fit that shape."""
         q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
                                          batch.seqs, batch.sample)
         B = len(seqs)
@@ -235,8 +237,11 @@ class StepPacker:
         tiles_per_seq = (q[prefill] + self.tile_tokens - 1) // self.tile_tokens
         num_tiles = int(tiles_per_seq.sum())
 
-        kind, size = graph_rows(T, B, num_decode == B, self.decode_sizes, self.mixed_sizes)
-        graph = GRAPH_KINDS[kind]
+        if graph is None:
+            kind, size = graph_rows(T, B, num_decode == B, self.decode_sizes, self.mixed_sizes)
+            graph = GRAPH_KINDS[kind]
+        else:
+            graph, size = graph
         max_ctx = int(ctx.max()) if B else 0
         if graph:
             Tp, Bp, W, P, splits = self.graph_shape(graph, size)

@@ -194,18 +194,9 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
             paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                     meta.query_start_loc, 0, scale, out=out, tiles=meta.prefill_tiles)
         return out
-    nd = meta.num_decode_tokens
-    if nd == 0 or nd == q.shape[0]:
-        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                               meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
-    # A mixed step: the decode rows (packed first) take the bandwidth-bound decode kernel
-    # instead of a mostly empty prefill tile each.
-    out = torch.empty_like(q)
-    paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
-                           scale, out=out[:nd])
-    paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.context_lens[nd:],
-                            meta.query_start_loc[nd:] - nd, meta.max_query_len, scale, out=out[nd:])
-    return out
+    # Metadata built by hand (tests, scripts): the kernels' own dispatch by max_query_len.
+    return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                           meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
 
 
 # ---- flash-attn 2 backend ----------------------------------------------------------------
