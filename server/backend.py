@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 
 
+def token_ids_in_vocab(prompt, vocab_size: int) -> list[int]:
+    """A token-id prompt as ints; ValueError naming the first id outside [0, vocab_size)."""
+    token_ids = [int(t) for t in prompt]
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return token_ids
+
+
 class BackendDead(RuntimeError):
     """The backend can serve no more requests (its engine process died, say)."""
 
@@ -138,11 +147,7 @@ class HFText:
                 raise ValueError(f"a text prompt needs a tokenizer, and {self.name} has none; "
                                  "send token ids")
             return self.tokenizer.encode(prompt)
-        token_ids = [int(t) for t in prompt]
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return token_ids
+        return token_ids_in_vocab(prompt, self.vocab_size)
 
     def chat_tokens(self, messages):
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,

@@ -17,7 +17,7 @@ import yaml
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.sequence import PLACEHOLDER
 from policy.step_loop import StepLoop
-from server.backend import Backend, Finished, GenerationParams
+from server.backend import Backend, Finished, GenerationParams, token_ids_in_vocab
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BYTES_PER_TOKEN = 4
@@ -75,11 +75,7 @@ class ByteText:
             data = prompt.encode("utf-8")
             return [int.from_bytes(data[i:i + BYTES_PER_TOKEN], "little") % self.vocab_size
                     for i in range(0, len(data), BYTES_PER_TOKEN)]
-        token_ids = [int(t) for t in prompt]
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return token_ids
+        return token_ids_in_vocab(prompt, self.vocab_size)
 
     def chat_tokens(self, messages):
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
