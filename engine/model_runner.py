@@ -111,7 +111,7 @@ class ModelRunner:
             self.capture_graphs(mixed=backend == "triton")
 
     def make_packer(self) -> StepPacker:
-        from engine.kernels.paged_attention import choose_num_splits, prefill_tile_tokens
+        from engine.kernels.launch import choose_num_splits, prefill_tile_tokens
         cfg, mc = self.config, self.model_config
         kv_heads = mc.num_kv_heads_per_rank(self.tp_size)
         tile = prefill_tile_tokens(mc.num_attention_heads, mc.num_key_value_heads, self.dtype)

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kernels import sample_from_logits
-
 
 @dataclass(slots=True)
 class SamplingTensors:
@@ -126,4 +124,5 @@ class Sampler:
             table = table.to(device, non_blocking=True)
             seeds.scatter_(0, table[0], table[1])
             offsets.scatter_(0, table[0], 0)
+        from engine.kernels import sample_from_logits   # Triton: CUDA only, imported on use
         return sample_from_logits(logits, params.temperatures, seeds, offsets)

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
                             paged_prefill_attention, store_kvcache)
-from engine.kernels.paged_attention import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, _decode_kernel  # noqa: E402
+from engine.kernels.launch import MAX_SPLITS, MIN_TOKENS_PER_SPLIT  # noqa: E402
+from engine.kernels.paged_attention import _decode_kernel  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
 
@@ -318,7 +319,7 @@ def test_mixed_step_launch_shape_matches_reference(seed):
     padded rows (skipping prefill and padding rows by query_start_loc) plus the prefill
     kernel over a tile list padded with b = -1. Every real query row is written, once, and
     matches the reference; padding rows and tiles do nothing."""
-    from engine.kernels.paged_attention import prefill_tile_tokens
+    from engine.kernels.launch import prefill_tile_tokens
     rng = random.Random(100 + seed)
     group, dtype = rng.choice([1, 2, 4]), rng.choice([torch.float32, torch.bfloat16])
     seqs = [(1, rng.randint(1, 150)) for _ in range(rng.randint(1, 4))]     # decodes first
@@ -329,7 +330,7 @@ def test_mixed_step_launch_shape_matches_reference(seed):
         seqs, 2 * group, 2, 64, rng.choice([1, 16, 24]), dtype, seed=seed)
     ref = reference_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, 0.125)
     pad = rng.randint(1, 3)                                   # padding sequences, q_len 0
-    B, T = len(seqs), q.shape[0]
+    T = q.shape[0]
     qsl_p = torch.cat([qsl.cpu(), torch.full((pad,), T, dtype=torch.int32)]).to(DEVICE)
     ctx_p = torch.cat([context_lens.cpu(), torch.zeros(pad, dtype=torch.int32)]).to(DEVICE)
     tables_p = torch.cat([block_tables.cpu(), torch.zeros(pad, block_tables.shape[1], dtype=torch.int32)]).to(DEVICE)

@@ -48,20 +48,9 @@ import triton.language as tl
 # products fit fp32), so on the interpreter we compute the same numbers the GPU does.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Launch constants (no autotuning: graph capture must not benchmark). Chosen from offline sm_90
-# compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5 programs per SM,
-# each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
-# `benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
-DECODE_BLOCK_N = 64          # KV tokens per tile in decode
-DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 3
-PROGRAMS_PER_SM = 4          # decode splits until about this many programs per SM are in flight
-MIN_TOKENS_PER_SPLIT = 128   # ... but never below this much KV per split
-MAX_SPLITS = 64
-PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
-PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 2
+from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
+    DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_BLOCK_N,
+    PREFILL_NUM_STAGES, PREFILL_NUM_WARPS, choose_num_splits, prefill_tile_tokens)
 
 
 @triton.jit
@@ -288,18 +277,6 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
-    """Split-KV factor for decode: 1 when (sequence, KV head) programs already fill the GPU,
-    otherwise enough splits for about PROGRAMS_PER_SM programs per SM, keeping at least
-    MIN_TOKENS_PER_SPLIT tokens per split and at most MAX_SPLITS splits."""
-    programs = batch_size * num_kv_heads
-    target = PROGRAMS_PER_SM * num_sms
-    if programs >= target:
-        return 1
-    by_length = triton.cdiv(max(max_context_len, 1), MIN_TOKENS_PER_SPLIT)
-    return max(1, min(triton.cdiv(target, programs), by_length, MAX_SPLITS))
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -360,20 +337,6 @@ def _dot_flags(dtype):
     """(input_precision, upcast) for tl.dot: fp32 inputs stay exact (no TF32)."""
     upcast = _INTERPRETED and dtype == torch.bfloat16
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
-
-
-def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:
-    """Query tokens per prefill program (BLOCK_Q). Two tile heights, so steps with new query
-    lengths never compile new variants: short queries (small chunks) get tl.dot's 16 rows,
-    others the full tile. A tile list (`tiles=`) always uses the full tile (None here)."""
-    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    short_q = triton.cdiv(16, group_pad)
-    if max_query_len is not None and max_query_len <= short_q:
-        return short_q
-    block_q = max(PREFILL_BLOCK_M // group_pad, short_q)
-    if dtype == torch.float32:
-        block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
-    return block_q
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,

@@ -1,0 +1,55 @@
+"""The paged-attention kernels' launch geometry, as host rules without Triton: the step
+packer (engine.step_inputs) sizes tile lists and split counts with them on any machine,
+and engine.kernels.paged_attention launches with them.
+
+Launch constants (no autotuning: graph capture must not benchmark). Chosen from offline sm_90
+compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5 programs per
+SM, each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
+`benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
+"""
+import torch
+
+DECODE_BLOCK_N = 64          # KV tokens per tile in decode
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+PROGRAMS_PER_SM = 4          # decode splits until about this many programs per SM are in flight
+MIN_TOKENS_PER_SPLIT = 128   # ... but never below this much KV per split
+MAX_SPLITS = 64
+PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 2
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 1
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """Split-KV factor for decode: 1 when (sequence, KV head) programs already fill the GPU,
+    otherwise enough splits for about PROGRAMS_PER_SM programs per SM, keeping at least
+    MIN_TOKENS_PER_SPLIT tokens per split and at most MAX_SPLITS splits."""
+    programs = batch_size * num_kv_heads
+    target = PROGRAMS_PER_SM * num_sms
+    if programs >= target:
+        return 1
+    by_length = cdiv(max(max_context_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(cdiv(target, programs), by_length, MAX_SPLITS))
+
+
+def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:
+    """Query tokens per prefill program (BLOCK_Q). Two tile heights, so steps with new query
+    lengths never compile new variants: short queries (small chunks) get tl.dot's 16 rows,
+    others the full tile. A tile list (`tiles=`) always uses the full tile (None here)."""
+    group_pad = next_power_of_2(num_heads // num_kv_heads)
+    short_q = cdiv(16, group_pad)
+    if max_query_len is not None and max_query_len <= short_q:
+        return short_q
+    block_q = max(PREFILL_BLOCK_M // group_pad, short_q)
+    if dtype == torch.float32:
+        block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
+    return block_q
