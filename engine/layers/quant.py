@@ -132,7 +132,7 @@ def quantize_linears(model: nn.Module, cfg: QuantConfig) -> None:
         if not isinstance(layer, LinearBase):
             continue
         row = isinstance(layer, RowParallelLinear)
-        tp, rank = layer.tp_size, layer.tp_rank
+        tp = layer.tp_size
         in_local, out = layer.in_features, layer.out_features
         in_full = in_local * tp if row else in_local
         gs = cfg.group_size
