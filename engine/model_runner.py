@@ -11,6 +11,7 @@ Tensor parallelism: one ModelRunner per rank. Rank 0 packs the step's inputs and
 broadcasts them; the other ranks (engine.distributed) receive them and run the same
 forward, so no rank but 0 ever sees a Batch.
 """
+import gc
 import time
 from dataclasses import dataclass
 
@@ -109,6 +110,16 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and backend != "torch":
             # mixed steps need the triton kernels' tile list; flashinfer plans them eagerly
             self.capture_graphs(mixed=backend == "triton")
+
+    def release(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
+        the device (LLMEngine.close): the runner cannot run steps afterwards."""
+        self.graphs.clear()
+        self.model = self.kv_cache = self.last_tokens = self.planner = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def make_packer(self) -> StepPacker:
         from engine.kernels.launch import decode_work_capacity, prefill_tile_tokens
