@@ -219,9 +219,13 @@ def test_decode_work_plan_partitions_every_context():
             mine = items[first:first + shares]
             assert 1 <= shares <= MAX_SPLITS and (mine[:, 0] == b).all() and (mine[:, 3] == shares).all()
             assert mine[0, 1] == 0 and mine[-1, 2] == ctx[b] and (mine[1:, 1] == mine[:-1, 2]).all()
-        # balanced: no item is longer than the longest that equal shares would need
-        assert lengths.max() <= max(MIN_TOKENS_PER_SPLIT, -(-int(ctx.sum()) // max(1, cap - n)),
-                                    -(-int(ctx.max()) // MAX_SPLITS)) + DECODE_BLOCK_N
+            # a sequence's shares are whole tiles, as even as tiles allow
+            sizes = mine[:, 2] - mine[:, 1]
+            assert (sizes[:-1] % DECODE_BLOCK_N == 0).all() and (sizes[:-1] == sizes[0]).all()
+            assert 0 < sizes[-1] <= sizes[0]
+        # balanced: no item is much longer than the equal share of the total context
+        chunk = max(MIN_TOKENS_PER_SPLIT, -(-int(ctx.sum()) // (cap - n)), -(-int(ctx.max()) // MAX_SPLITS))
+        assert lengths.max() <= chunk + 2 * DECODE_BLOCK_N
 
 
 @pytest.mark.parametrize("group,block_size,dtype,sms", [
