@@ -6,7 +6,7 @@
 #   STAGES="smoke check steps offline" OUT=/tmp/out bash benchmarks/h200_session.sh
 set -u
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+[ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed; }
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 run() { name=$1; t=$2; shift 2; echo "== $name: $*"; timeout $t "$@" > $OUT/$name.txt 2>&1; rc=$?; echo "rc=$rc";
@@ -47,6 +47,18 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
                 --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
             tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  pairs)    # the fidelity table's policy-effect pairs, both sides on this engine, at the load of
+            # the table's L2 cells (0.9 x the capacity call 2's fitted twin found)
+            TAIL=20 run pairs_sharegpt ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json} --out /tmp/pairs_sg \
+                --traces sharegpt --rates 17.68 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs policy,budget,block_size --stages real
+            TAIL=20 run pairs_mooncake ${FID_T:-300} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json} --out /tmp/pairs_mc \
+                --traces mooncake_conv --rates 18.59 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs prefix_caching,policy --stages real
+            tar czf $OUT/pairs.tgz -C /tmp pairs_sg pairs_mc ;;
   http)     STAGES="http offline sim" NREQ=${NREQ:-100} RATES="${RATES:-6 12 24}" BUDGET=${BUDGET:-200} OUT=$OUT bash benchmarks/h200_http.sh ;;
+  check_tp) TAIL=20 run check_tp 300 python3 benchmarks/check_tp.py --tp 2 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
