@@ -4,7 +4,7 @@ memory, the interconnect, and the CPU-side costs of one engine step.
 `conf/hardware/<name>.yaml` holds exactly these fields (`HardwareSpec(**yaml)`).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GiB = 1 << 30
 # The attention kernels whose speed by KV block size a hardware file may state
@@ -49,7 +49,7 @@ class HardwareSpec:
     attention_block_cost: how the paged-attention kernels' time depends on the KV block
         size: {"decode": {block_size: relative time}, "prefill": {...}}, measured by
         `benchmarks/bench_attention.py --stages blocks` (time at each block size / time at
-        block 16, the same work). None, or a kernel left out: no effect (1.0). Between
+        block 16, the same work). Empty, or a kernel left out: no effect (1.0). Between
         measured sizes the cost is interpolated in log(block) and log(cost); outside them
         the nearest measured size's cost holds.
     attention_reference_block: the block size the efficiencies above describe (the engine's
@@ -74,7 +74,7 @@ class HardwareSpec:
     seq_overhead_s: float = 5e-6
     update_overhead_s: float = 0.1e-3
     update_seq_overhead_s: float = 1e-6
-    attention_block_cost: dict | None = None
+    attention_block_cost: dict = field(default_factory=dict)
     attention_reference_block: int = 16
 
     def __post_init__(self):
@@ -92,9 +92,9 @@ class HardwareSpec:
         ref = self.attention_reference_block
         _require(isinstance(ref, int) and not isinstance(ref, bool) and ref >= 1,
                  f"hardware {self.name!r}: attention_reference_block must be an integer >= 1, got {ref!r}")
-        if self.attention_block_cost is not None:   # frozen: store the checked, plain copy
-            object.__setattr__(self, "attention_block_cost",
-                               check_block_cost(self.attention_block_cost, f"hardware {self.name!r}"))
+        # frozen: store the checked, plain copy (None, as YAML's null, is "nothing measured")
+        object.__setattr__(self, "attention_block_cost",
+                           check_block_cost(self.attention_block_cost or {}, f"hardware {self.name!r}"))
 
     @property
     def flops(self) -> float:
@@ -118,7 +118,7 @@ class HardwareSpec:
     def attention_block_factor(self, kernel: str, block_size: int) -> float:
         """Time of the `kernel` ("decode" | "prefill") attention at `block_size` over its time
         at `attention_reference_block`, the same work (1.0 where nothing was measured)."""
-        table = (self.attention_block_cost or {}).get(kernel)
+        table = self.attention_block_cost.get(kernel)
         if not table:
             return 1.0
         return block_cost(table, block_size) / block_cost(table, self.attention_reference_block)
