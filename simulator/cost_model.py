@@ -349,14 +349,14 @@ class FittedCostModel(CostModel):
             self.kinds[kind] = (knots, base, terms)
 
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
-        """{"decode": f, "prefill": f}: the run's block size against the profiled one."""
+        """{"decode": f, "prefill": f}: the run's block size against the profiled one
+        (the calibration's engine.block_size; 16, the engine's default, if not recorded,
+        as for its other engine settings)."""
         if hw is None or block_size is None or not hw.attention_block_cost:
             return {}
-        profiled = (self.calibration.get("engine") or {}).get("block_size")
+        profiled = (self.calibration.get("engine") or {}).get("block_size", 16)
         _require(isinstance(profiled, int) and profiled >= 1,
-                 f"{self.source}: no engine.block_size recorded (the block size the profile ran at), "
-                 f"so attention cannot be scaled to block {block_size} by hardware {hw.name!r}'s "
-                 "attention_block_cost")
+                 f"{self.source}: engine.block_size must be an integer >= 1, got {profiled!r}")
         return {kernel: hw.attention_block_factor(kernel, block_size) / hw.attention_block_factor(kernel, profiled)
                 for kernel in hw.attention_block_cost}
 

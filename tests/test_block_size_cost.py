@@ -116,9 +116,11 @@ def test_fitted_model_scales_attention_by_the_run_block_over_the_profiled_block(
     built = build_cost_model(CostModelConfig(kind="fitted", path=str(CALIBRATION)), QWEN, hw,
                              graphs=GRAPHS, block_size=1)
     assert built.predict(DECODE) == pytest.approx(fitted.predict(DECODE) + attention, rel=1e-9)
-    no_block = {**calib, "engine": {}}
-    with pytest.raises(ValueError, match="no engine.block_size recorded"):
-        FittedCostModel(no_block, graphs=GRAPHS, hw=hw, block_size=1)
+    unrecorded = {**calib, "engine": {}}      # the engine's default block size, 16
+    assert (FittedCostModel(unrecorded, graphs=GRAPHS, hw=hw, block_size=1).predict(DECODE)
+            == pytest.approx(fitted.predict(DECODE) + attention, rel=1e-9))
+    with pytest.raises(ValueError, match="engine.block_size must be an integer >= 1, got 0"):
+        FittedCostModel({**calib, "engine": {"block_size": 0}}, graphs=GRAPHS, hw=hw, block_size=1)
 
 
 @pytest.mark.parametrize("cost, message", [
