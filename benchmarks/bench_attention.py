@@ -76,7 +76,7 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
-                            paged_prefill_attention, store_kvcache)
+                            paged_prefill_attention)
 from simulator.hardware import HardwareSpec  # noqa: E402
 
 for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
@@ -117,7 +117,8 @@ def copy_ceiling_gbps(nbytes=4 << 30) -> float:
 
 def paged_batch(k, v, block_size, gen):
     """Scatter dense per-sequence K/V ([B, ctx, Hkv, D]) into a paged cache over randomly
-    permuted blocks, through store_kvcache, the way the engine fills it."""
+    permuted blocks (the rows store_kvcache would write, by torch indexing: no kernel to
+    compile per block size)."""
     batch, ctx = k.shape[0], k.shape[1]
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = batch * blocks_per_seq
@@ -127,7 +128,8 @@ def paged_batch(k, v, block_size, gen):
     block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
     pos = torch.arange(ctx, device=DEVICE)
     slots = (block_tables[:, pos // block_size].long() * block_size + pos % block_size).flatten()
-    store_kvcache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots)
+    k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = k.flatten(0, 1)
+    v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = v.flatten(0, 1)
     return k_cache, v_cache, block_tables
 
 
@@ -269,6 +271,7 @@ def bench_prefill(fi, gen):
 
 # ---- blocks: the same work at every KV block size ------------------------------------------
 REFERENCE_BLOCK = 16
+STARTED = time.perf_counter()
 
 
 def block_points():
@@ -311,9 +314,7 @@ def bench_blocks(gen):
         def make_call(k_cache, v_cache, block_tables):
             return lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE,
                                                   out=out, query_start_loc=qsl)
-        times = time_by_block(make_call, ref, k, v, gen)
-        rows.append({"kernel": "decode", "point": f"B={batch} ctx={ctx}",
-                     "ms": {b: t[0] for b, t in times.items()}, "rel_err": max(t[1] for t in times.values())})
+        rows.append(point_row("decode", f"B={batch} ctx={ctx}", time_by_block(make_call, ref, k, v, gen)))
         del q, k, v, ref, out
     for label, batch, q_len, ctx in prefill_points:
         q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
@@ -330,11 +331,18 @@ def bench_blocks(gen):
         def make_call(k_cache, v_cache, block_tables):
             return lambda: paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
                                                    q_len, SCALE, out=out)
-        times = time_by_block(make_call, ref, k, v, gen)
-        rows.append({"kernel": "prefill", "point": label,
-                     "ms": {b: t[0] for b, t in times.items()}, "rel_err": max(t[1] for t in times.values())})
+        rows.append(point_row("prefill", label, time_by_block(make_call, ref, k, v, gen)))
         del q, k, v, ref, out
     return rows
+
+
+def point_row(kernel, point, times) -> dict:
+    """The row of one point, printed at once (a run cut short still shows what it measured)."""
+    row = {"kernel": kernel, "point": point, "ms": {b: t[0] for b, t in times.items()},
+           "rel_err": max(t[1] for t in times.values())}
+    print(f"  measured {kernel} {point} at {time.perf_counter() - STARTED:.1f} s: "
+          + " ".join(f"{b}:{1e3 * ms:.1f}us" for b, ms in row["ms"].items()), flush=True)
+    return row
 
 
 def block_cost(rows) -> dict:
