@@ -4,7 +4,8 @@ memory, the interconnect, and the CPU-side costs of one engine step.
 `conf/hardware/<name>.yaml` holds exactly these fields (`HardwareSpec(**yaml)`).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 GiB = 1 << 30
 # The attention kernels whose speed by KV block size a hardware file may state
@@ -49,7 +50,7 @@ class HardwareSpec:
     attention_block_cost: how the paged-attention kernels' time depends on the KV block
         size: {"decode": {block_size: relative time}, "prefill": {...}}, measured by
         `benchmarks/bench_attention.py --stages blocks` (time at each block size / time at
-        block 16, the same work). Empty, or a kernel left out: no effect (1.0). Between
+        block 16, the same work). None, or a kernel left out: no effect (1.0). Between
         measured sizes the cost is interpolated in log(block) and log(cost); outside them
         the nearest measured size's cost holds.
     attention_reference_block: the block size the efficiencies above describe (the engine's
@@ -74,7 +75,7 @@ class HardwareSpec:
     seq_overhead_s: float = 5e-6
     update_overhead_s: float = 0.1e-3
     update_seq_overhead_s: float = 1e-6
-    attention_block_cost: dict = field(default_factory=dict)
+    attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
     attention_reference_block: int = 16
 
     def __post_init__(self):
@@ -93,8 +94,8 @@ class HardwareSpec:
         _require(isinstance(ref, int) and not isinstance(ref, bool) and ref >= 1,
                  f"hardware {self.name!r}: attention_reference_block must be an integer >= 1, got {ref!r}")
         # frozen: store the checked, plain copy (None, as YAML's null, is "nothing measured")
-        object.__setattr__(self, "attention_block_cost",
-                           check_block_cost(self.attention_block_cost or {}, f"hardware {self.name!r}"))
+        cost = {} if self.attention_block_cost is None else self.attention_block_cost
+        object.__setattr__(self, "attention_block_cost", check_block_cost(cost, f"hardware {self.name!r}"))
 
     @property
     def flops(self) -> float:

@@ -84,6 +84,7 @@ def test_roofline_prefill_step_uses_the_prefill_cost():
 
 
 def test_absent_costs_change_nothing():
+    assert replace(H200, attention_block_cost=None).attention_block_cost == {}   # YAML's null
     base = RooflineCostModel(QWEN, H200, graphs=GRAPHS)
     for block in (1, 16, 256):
         assert RooflineCostModel(QWEN, H200, graphs=GRAPHS, block_size=block).predict(DECODE) == base.predict(DECODE)
@@ -132,6 +133,7 @@ def test_fitted_model_scales_attention_by_the_run_block_over_the_profiled_block(
     ({"decode": {16: 1.0, "16": 1.0}}, "attention_block_cost.decode gives block size 16 twice"),
     ({"decode": {}}, "attention_block_cost.decode must be a non-empty mapping"),
     ([1.0], "attention_block_cost must be a mapping"),
+    ([], "attention_block_cost must be a mapping"),
 ])
 def test_bad_block_costs_are_one_line_errors(cost, message):
     with pytest.raises(ValueError) as e:
