@@ -27,9 +27,26 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
-  calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py)
+  kernels)  TAIL=6 run kernels_gpu 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
+  online_r16) # the three loads, then the 16 req/s run's step and request records (twin checks)
+            TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online
+            tar czf $OUT/online_runs.tgz -C /tmp/online . ;;
+  calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py);
+            # a copy in /tmp/calib for later calls on this machine (the tree is re-copied each call)
             TAIL=40 run calibrate_q06 300 python3 run.py experiment=calibrate model=qwen3-0.6b hardware=h200
+            mkdir -p /tmp/calib && cp simulator/calibrations/qwen3-0.6b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations.tgz simulator/calibrations ;;
+  calibrate_l8)
+            TAIL=40 run calibrate_l8 400 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200
+            mkdir -p /tmp/calib && cp simulator/calibrations/llama-3.1-8b-h200-tp1.* /tmp/calib/
+            tar czf $OUT/calibrations_l8.tgz simulator/calibrations/llama-3.1-8b-h200-tp1.* ;;
+  fidelity) # the real cells of the fidelity table (capacity from the fitted twin, then the
+            # engine runs); the sim and table stages run on any CPU from the tarball
+            TAIL=30 run fidelity ${FID_T:-540} python3 benchmarks/fidelity/run_fidelity.py --model ${FID_MODEL:-qwen3-0.6b} \
+                --hardware h200 --calibration ${CAL:-/tmp/calib/qwen3-0.6b-h200-tp1.json} --out /tmp/fid \
+                --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
+                --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
+            tar czf $OUT/fidelity.tgz -C /tmp fid ;;
   http)     STAGES="http offline sim" NREQ=${NREQ:-100} RATES="${RATES:-6 12 24}" BUDGET=${BUDGET:-200} OUT=$OUT bash benchmarks/h200_http.sh ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
