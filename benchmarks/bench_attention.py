@@ -20,8 +20,8 @@ copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
 1536 cached tokens.
 
 Blocks: the same work at every KV block size of `--block-sizes` (default 1..256), through the
-engine's public calls only: `paged_decode_attention` (its own split count, queries located
-by query_start_loc as the model runner passes them) at (batch, context) = (32, 2048),
+engine's public calls only: `paged_decode_attention` (with the model runner's split-KV work
+list from `plan_decode_work` and its query_start_loc) at (batch, context) = (32, 2048),
 (64, 4096), (256, 1024), and `paged_prefill_attention` on 4 fresh 1024-token prompts, 4
 512-token chunks behind 1536 cached tokens and 16 64-token chunks behind 2048 (prefill
 chunks: also the prefill half of a mixed step). Each row prints time / time at block 16; the
@@ -70,6 +70,7 @@ if args.write_hardware and "blocks" not in STAGES:
 if args.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import yaml  # noqa: E402
@@ -77,6 +78,7 @@ import yaml  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
                             paged_prefill_attention)
+from engine.kernels.launch import decode_work_capacity, plan_decode_work  # noqa: E402
 from simulator.hardware import HardwareSpec  # noqa: E402
 
 for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
@@ -283,6 +285,15 @@ def block_points():
              ("16x64 behind 2048 cached", 16, 64, 2112)])
 
 
+def decode_work(contexts):
+    """The model runner's split-KV plan for decodes of these contexts (items, index), as
+    engine.step_inputs builds it with engine.kernels.launch.plan_decode_work."""
+    items = np.empty((decode_work_capacity(len(contexts), NUM_KV_HEADS, _num_sms()), 4), np.int32)
+    index = np.empty((len(contexts), 2), np.int32)
+    plan_decode_work(np.array(contexts), NUM_KV_HEADS, _num_sms(), items, index)
+    return torch.from_numpy(items).to(DEVICE), torch.from_numpy(index).to(DEVICE)
+
+
 def time_by_block(make_call, ref, k, v, gen) -> dict:
     """{block size: (ms, rel_err)} of the call `make_call(k_cache, v_cache, block_tables)`
     returns, over the same K/V scattered into a fresh paged cache of each block size."""
@@ -309,11 +320,12 @@ def bench_blocks(gen):
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE, enable_gqa=True).squeeze(2)
         context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)   # as the model runner passes it
+        work = decode_work([ctx] * batch)
         out = torch.empty_like(q)
 
         def make_call(k_cache, v_cache, block_tables):
             return lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE,
-                                                  out=out, query_start_loc=qsl)
+                                                  out=out, query_start_loc=qsl, work=work)
         rows.append(point_row("decode", f"B={batch} ctx={ctx}", time_by_block(make_call, ref, k, v, gen)))
         del q, k, v, ref, out
     for label, batch, q_len, ctx in prefill_points:
