@@ -14,6 +14,7 @@ around it (`host`: before the launch, after the tokens arrive). The simulator's 
   the same steps: the policy-equivalence check.
 """
 import json
+import logging
 import math
 import pathlib
 from abc import ABC, abstractmethod
@@ -33,6 +34,7 @@ if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simula
 CALIBRATION_FORMAT = "twinserve-calibration/2"
 STEP_KINDS = ("decode", "mixed", "eager")   # how the engine runs a step (policy.cuda_graphs)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -558,7 +560,13 @@ def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, t
                      graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None) -> CostModel:
     """The cost model `cfg` names. A calibration must be for this model and tp. `block_size`:
     the run's KV block size, whose attention speed the hardware's `attention_block_cost`
-    states (None: the block size the costs were measured at)."""
+    states (None: the block size the costs were measured at); one outside a kernel's
+    measured sizes is logged (it takes the nearest measured size's cost)."""
+    for kernel, table in hw.attention_block_cost.items():
+        if block_size is not None and cfg.kind != "replay" and not min(table) <= block_size <= max(table):
+            nearest = min(table) if block_size < min(table) else max(table)
+            log.warning(f"hardware {hw.name!r}: attention_block_cost.{kernel} was measured at block sizes "
+                        f"{min(table)}-{max(table)}; block {block_size} takes block {nearest}'s cost")
     if cfg.kind == "roofline":
         return RooflineCostModel(model, hw, tp, graphs, block_size)
     path = _resolve(cfg.path)

@@ -83,6 +83,15 @@ def test_roofline_prefill_step_uses_the_prefill_cost():
     assert at_1 == pytest.approx(base + (1.5 - 1) * attention, rel=1e-9)
 
 
+def test_a_block_size_outside_the_measured_ones_is_logged(caplog):
+    hw = replace(H200, attention_block_cost={"decode": {16: 1.0, 256: 0.9}})
+    build_cost_model(CostModelConfig(), QWEN, hw, graphs=GRAPHS, block_size=64)
+    assert not caplog.records
+    build_cost_model(CostModelConfig(), QWEN, hw, graphs=GRAPHS, block_size=4)
+    assert caplog.records[-1].getMessage() == ("hardware 'h200': attention_block_cost.decode was measured "
+                                               "at block sizes 16-256; block 4 takes block 16's cost")
+
+
 def test_absent_costs_change_nothing():
     assert replace(H200, attention_block_cost=None).attention_block_cost == {}   # YAML's null
     base = RooflineCostModel(QWEN, H200, graphs=GRAPHS)
