@@ -184,17 +184,21 @@ def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGrap
 
 
 def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: int,
-                 graphs: CudaGraphs, sweeps: int = 4) -> tuple[HardwareSpec, dict]:
+                 graphs: CudaGraphs, sweeps: int = 4,
+                 block_size: int | None = None) -> tuple[HardwareSpec, dict]:
     """The roofline's efficiencies and fixed costs (HARDWARE_FIT) that minimise its mean
     relative error on the profile's train rows (coordinate search over a log grid per
     parameter), and the host overheads (`fit_host`). Returns the fitted spec and its mean
-    relative error per step kind on the held-out rows."""
+    relative error per step kind on the held-out rows. `block_size`: the engine's KV block
+    size in the profile, which the fitted efficiencies then describe
+    (`attention_reference_block`; the spec's own if None)."""
     train = profile[profile["split"] == "train"]
     rows, times = train.to_dict("records"), train["device_s"].to_numpy(float)
     host = fit_host(profile)
     best = dataclasses.replace(hw, step_overhead_s=host["launch_s"], seq_overhead_s=host["launch_seq_s"],
                                update_overhead_s=host["receive_s"],
-                               update_seq_overhead_s=host["receive_seq_s"])
+                               update_seq_overhead_s=host["receive_seq_s"],
+                               attention_reference_block=block_size or hw.attention_reference_block)
     err = roofline_error(model, best, tp, graphs, rows, times)
     for _ in range(sweeps):
         for name, (lo, hi) in HARDWARE_FIT.items():
@@ -299,7 +303,8 @@ def main(argv=None):
         e = meta.get("engine", {})
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
-        fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs)
+        fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs,
+                                      block_size=e.get("block_size"))
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     if args.check_steps:
