@@ -433,6 +433,7 @@ def sweep(gen):
     """Time each launch-constant combination of engine/kernels/paged_attention.py (the module
     globals the wrappers read at call time) on the shapes that matter; the defaults are restored."""
     pa = importlib.import_module("engine.kernels.paged_attention")
+    launch = importlib.import_module("engine.kernels.launch")   # prefill_tile_tokens reads BLOCK_M there
     saved = {name: getattr(pa, name) for name in dir(pa) if name.isupper()}
     if args.smoke:
         decode_shapes, prefill_shapes, grid = [(2, 300, 16)], [(2, 24)], {
@@ -469,6 +470,7 @@ def sweep(gen):
             flops = 4 * batch * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2
             for block_m, block_n, warps, stages in grid["PREFILL"]:
                 pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N = block_m, block_n
+                launch.PREFILL_BLOCK_M = block_m
                 pa.PREFILL_NUM_WARPS, pa.PREFILL_NUM_STAGES = warps, stages
                 try:
                     ms = measure(lambda: paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
@@ -482,6 +484,7 @@ def sweep(gen):
     finally:
         for name, value in saved.items():
             setattr(pa, name, value)
+        launch.PREFILL_BLOCK_M = saved["PREFILL_BLOCK_M"]
     print("\nsweep (best 5 per shape; current defaults: decode BLOCK_N={DECODE_BLOCK_N} warps={DECODE_NUM_WARPS} "
           "stages={DECODE_NUM_STAGES}, prefill BLOCK_M={PREFILL_BLOCK_M} BLOCK_N={PREFILL_BLOCK_N} "
           "warps={PREFILL_NUM_WARPS} stages={PREFILL_NUM_STAGES})".format(**saved))

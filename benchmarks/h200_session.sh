@@ -60,5 +60,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             tar czf $OUT/pairs.tgz -C /tmp pairs_sg pairs_mc ;;
   http)     STAGES="http offline sim" NREQ=${NREQ:-100} RATES="${RATES:-6 12 24}" BUDGET=${BUDGET:-200} OUT=$OUT bash benchmarks/h200_http.sh ;;
   check_tp) TAIL=20 run check_tp 300 python3 benchmarks/check_tp.py --tp 2 ;;
+  blocksize) # attention speed by block size 1-256 -> the H200 hardware yaml and the calibration's
+            TAIL=30 run h200_attention_blocks 150 python3 benchmarks/bench_attention.py --stages blocks \
+                --write-hardware conf/hardware/h200.yaml --write-hardware simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml
+            tar czf $OUT/blocksize_yaml.tgz conf/hardware/h200.yaml simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml ;;
+  attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
