@@ -407,21 +407,30 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str]) -> dict:
-    """One step kind, its form chosen by measurement: the base is fitted either piecewise
-    linear through every distinct computed-token count of `train` ("piecewise": each CUDA
-    graph size its own cost) or linear between the smallest and largest ("linear"), with
-    non-negative feature coefficients, by least squares on relative error (each row
-    weighted 1 / its time, so small steps count as much as large ones). The form with the
-    lower error on `test` (shapes not fitted on; `train` if there are none) is kept;
-    `forms` records both errors."""
+def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
+             optional: tuple[str, ...] = ()) -> dict:
+    """One step kind, its form and features chosen by measurement: the base is fitted either
+    piecewise linear through every distinct computed-token count of `train` ("piecewise":
+    each CUDA graph size its own cost) or linear between the smallest and largest
+    ("linear"), with non-negative feature coefficients, by least squares on relative error
+    (each row weighted 1 / its time, so small steps count as much as large ones); each
+    `optional` feature is tried in and out. The variant with the lower error on `test`
+    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, more
+    features); `variant` names it and `forms` records every variant's error."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
-    fits = {form: _fit_base(train, test, features, knots) for form, knots in candidates.items()}
+    feature_sets = {"": features}
+    for f in optional:
+        if f in features:
+            feature_sets[f" without {f}"] = [x for x in features if x != f]
+    fits = {form + label: (form, _fit_base(train, test, fs, knots))
+            for form, knots in candidates.items() for label, fs in feature_sets.items()}
+
     def score(fit):
         return fit.get("held_out", fit["train"])["mape"]
-    form = min(fits, key=lambda k: (score(fits[k]), k != "piecewise"))
-    return {**fits[form], "form": form, "forms": {k: score(v) for k, v in fits.items()}}
+    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", len(k)))
+    form, fit = fits[best]
+    return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
 
 
 def _fit_base(train, test, features: list[str], knots: list[int]) -> dict:
