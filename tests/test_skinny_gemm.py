@@ -1,0 +1,130 @@
+"""The skinny GEMM (engine/kernels/skinny_gemm.py) on the Triton interpreter: equal to torch's
+matmul for shapes off the tiles, with and without bias and split-K; the split-K reduction
+leaves its workspace ready for the next call; the layers' dispatch follows the measured plan
+and stays on torch on the CPU."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import skinny_gemm as sk
+from engine.layers.embed_head import ParallelLMHead
+from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, dense_linear
+
+# max |y - ref| / max |ref|: fp32 accumulates in fp32 (IEEE dots); bf16 / fp16 round the
+# output once (2^-8 / 2^-11 relative) after an fp32 accumulation
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, n, k, split_k, bias", [
+    (1, 77, 150, 1, False),     # nothing a multiple of a tile
+    (3, 130, 300, 3, True),     # split-K, two N tiles, bias
+    (17, 70, 513, 4, True),     # BLOCK_M 32, a ragged last split
+    (64, 65, 129, 2, False),    # the largest M
+])
+def test_equals_torch(dtype, m, n, k, split_k, bias):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    y = sk.skinny_gemm(x, w, b, split_k)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert rel_err(y, ref) < TOLERANCE[dtype]
+
+
+def test_split_k_is_deterministic_and_leaves_counters_at_zero():
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(5, 1000, generator=gen), torch.randn(150, 1000, generator=gen)
+    splits = sk.launch_config(5, 150, 1000, 4, 132)["splits"]
+    assert splits == 4
+    first = sk.skinny_gemm(x, w, None, 4)
+    _, arrivals = sk._WORKSPACES[x.device]
+    assert not arrivals.any()                       # reset by each tile's last split
+    assert torch.equal(sk.skinny_gemm(x, w, None, 4), first)   # partials summed in split order
+    unsplit = sk.skinny_gemm(x, w, None, 1)
+    assert rel_err(first, unsplit.float()) < 1e-5
+
+
+def test_split_rule_splits_narrow_outputs_only():
+    # Qwen3-0.6B on 132 SMs: o_proj (N 1024) is split, the LM head (N 151936) is not
+    assert sk.default_split_k(1024, 2048, 132) > 1
+    assert sk.default_split_k(151936, 1024, 132) == 1
+    for n, k in [(1024, 2048), (4096, 1024), (1024, 3072)]:
+        cfg = sk.launch_config(1, n, k, None, 132)
+        assert cfg["splits"] * cfg["k_per_split"] >= k > (cfg["splits"] - 1) * cfg["k_per_split"]
+        assert cfg["k_per_split"] % cfg["BLOCK_K"] == 0
+
+
+def test_leading_dims_and_bad_input():
+    x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
+    y = sk.skinny_linear(x, w, None)
+    assert y.shape == (2, 3, 24)
+    assert rel_err(y, F.linear(x, w)) < 1e-5
+    with pytest.raises(ValueError, match="1..64 rows"):
+        sk.skinny_gemm(torch.randn(65, 40), w)
+    with pytest.raises(ValueError, match="share a dtype"):
+        sk.skinny_gemm(torch.randn(2, 40).half(), w)
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        sk.skinny_gemm(torch.randn(2, 41), w)
+
+
+def test_dense_linear_follows_the_plan(monkeypatch):
+    calls = []
+
+    def spy(x, weight, bias, split_k=None):
+        calls.append((x.shape[0], split_k))
+        return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(sk, "skinny_linear", spy)
+    w = torch.randn(8, 16)
+    plan = ((1, 4), (4, 0), (16, 2))   # kernel at 1 row, torch at 2-4, kernel at 5-16
+    for rows in (1, 3, 4, 9, 16, 17):
+        y = dense_linear(torch.randn(rows, 16), w, None, plan)
+        assert y.shape == (rows, 8)
+    assert calls == [(1, 4), (9, 2), (16, 2)]
+    calls.clear()
+    dense_linear(torch.randn(3, 16), w, None, ())   # no plan: torch
+    assert calls == []
+
+
+def test_choice_on_cpu_leaves_torch_path():
+    """No measurement runs off CUDA: the layers keep an empty plan, outputs are F.linear's."""
+    model = torch.nn.ModuleDict(dict(
+        col=ColumnParallelLinear(16, 24, bias=True), row=RowParallelLinear(24, 16),
+        head=ParallelLMHead(40, 16)))
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    assert sk.choose_skinny_gemm(model) == []
+    assert all(layer.skinny == () for layer in model.values())
+    x = torch.randn(3, 16)
+    assert torch.equal(model["col"](x), F.linear(x, model["col"].weight, model["col"].bias))
+    assert torch.equal(model["head"](x), F.linear(x, model["head"].weight))
+
+
+def test_engine_config_switch(tmp_path):
+    from engine.config import EngineConfig
+    (tmp_path / "config.json").write_text("{}")   # EngineConfig checks the directory only
+    assert EngineConfig(str(tmp_path)).skinny_gemm is True
+    assert EngineConfig(str(tmp_path), skinny_gemm=False).skinny_gemm is False
+    with pytest.raises(ValueError, match="skinny_gemm"):
+        EngineConfig(str(tmp_path), skinny_gemm="no")
+
+
+def test_bench_smoke(capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_gemm
+    bench_gemm.main(["--smoke"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["bench"] == "gemm" and result["rows"]
+    assert {r["m"] for r in result["rows"]} == set(bench_gemm.SMOKE_MS)
+    assert max(r["err"] for r in result["rows"]) < 2e-2
