@@ -46,7 +46,7 @@ MAX_M = 64                 # rows the kernel takes (the decode regime)
 BLOCK_N = 64               # W rows per program: the wide MMA operand (one warpgroup on sm_90)
 BLOCK_K = 128              # K per step: a 16 KB bf16 weight tile
 NUM_WARPS = 4
-NUM_STAGES = 4             # weight tiles in flight per program (cp.async pipeline)
+NUM_STAGES = 4             # K steps in flight per program (cp.async pipeline); 3 at BLOCK_M 64
 PROGRAMS_PER_SM = 2        # split K until about this many programs per SM
 MIN_K_PER_SPLIT = 256      # ... keeping at least this much K per program
 MAX_SPLIT_K = 16
@@ -140,7 +140,10 @@ def launch_config(m: int, n: int, k: int, split_k: int | None, sms: int,
     """The launch constants of a call: tiles (BLOCK_N, BLOCK_K: the module's, or `config`'s
     for sweeps), warps, stages, and the split actually run (`splits`: K split into
     `k_per_split`-sized pieces, a multiple of BLOCK_K; never an empty split)."""
-    cfg = dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    # stages x (weight + x tile): 80 / 96 / 96 KB of shared memory at BLOCK_M 16 / 32 / 64
+    # (sm_90 compiles), so two programs fit on an SM
+    stages = NUM_STAGES if block_m(m) < 64 else NUM_STAGES - 1
+    cfg = dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=stages)
     cfg.update(config or {})
     split_k = split_k or default_split_k(n, k, sms, cfg["BLOCK_N"])
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
