@@ -6,6 +6,7 @@ bf16, against the measured copy ceiling.
     python benchmarks/bench_gemm.py            # GPU: all shapes, under 90 s on an H200
     python benchmarks/bench_gemm.py --sweep    # + a tile / stage grid per TP=1 shape at M = 1, 16, 64 (minutes)
     python benchmarks/bench_gemm.py --smoke    # tiny shapes on the CPU (Triton interpreter): it runs
+    python benchmarks/bench_gemm.py --engine qwen3-0.6b --stages engine   # engine A/B only (~2 min)
 
 Method: per (shape, M, path), a CUDA graph of >= 100 back-to-back calls rotating over copies
 of the weight that together exceed twice the L2 (so every call reads its weight from HBM, as
@@ -16,9 +17,16 @@ is the launch rule's split, `best` the fastest, what the engine's load-time choi
 pick. GB/s counts weight bytes only (x and y are < 1% of them); % copy is against a 1 GiB
 device-to-device copy measured in the same run (bytes read + written / time).
 
+Stage `engine` (with --engine MODEL: a model directory or a conf/model name, random weights
+written once): the engine's decode step at batch 1, 16, 64 (context ~1k, CUDA graphs, bf16,
+bench_engine.decode_breakdown) with skinny_gemm off, then on, built one after the other;
+its load-time choice (which shapes and M took the kernel); the extra start-up time; and the
+share of equal greedy tokens between the two (16 prompts x 32 tokens; both accumulate in
+fp32 in a different order, so only near-tied logits may flip).
+
 Tables: per shape and M (cuBLAS us, GB/s, % copy; Triton rule us; Triton best us, split,
-GB/s, % copy; speedup of the better path over cuBLAS; max relative difference of the
-outputs), then per model / TP and M the GEMM time of one decode step (every layer's four
+GB/s, % copy; speedup of the better path over cuBLAS; max relative difference from
+cuBLAS' output over every split timed), then per model / TP and M the GEMM time of one decode step (every layer's four
 GEMMs + the LM head): cuBLAS, the engine's choice (the faster path per shape), and the floor
 (weight bytes / copy bandwidth). Ends with one line of JSON.
 """
@@ -124,8 +132,8 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], device, dtype, rotate_
         row["best_split"] = min(timed, key=timed.get)
         row["best_us"] = timed[row["best_split"]]
         ref = F.linear(x, weights[0]).float()
-        rule = skinny_gemm(x, weights[0]).float()
-        row["err"] = ((rule - ref).abs().max() / ref.abs().max()).item()
+        row["err"] = max(((skinny_gemm(x, weights[0], None, s).float() - ref).abs().max()
+                          / ref.abs().max()).item() for s in timed)   # every split timed
         for path in ("cublas", "triton", "best"):
             row[f"{path}_GBps"] = wbytes / row[f"{path}_us"] / 1e3
             row[f"{path}_pct_copy"] = 100 * row[f"{path}_GBps"] * 1e9 / ceiling
@@ -151,6 +159,56 @@ def sweep_shape(x, weights, n: int, k: int, copies: int, device) -> dict:
     return best
 
 
+def bench_engine_ab(model: str, batches: list[int], context: int, steps: int) -> dict:
+    """Decode steps of the engine with skinny_gemm off and on (see the module docstring)."""
+    import gc
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_engine import checkpoint, decode_breakdown
+    from engine import LLM, SamplingParams
+    path = checkpoint(model, "bfloat16")
+    prompts = [[(31 * i + 7 * j) % 10000 + 3 for j in range(20 + 13 * i)] for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    out = {"model": model, "runs": []}
+    tokens = []
+    for skinny in (False, True):
+        start = time.perf_counter()
+        llm = LLM(path, dtype="bfloat16", skinny_gemm=skinny, max_model_len=context + 256,
+                  max_num_seqs=max(batches), max_num_batched_tokens=4096,
+                  cuda_graph_max_tokens=512, gpu_memory_utilization=0.5)
+        run = {"skinny_gemm": skinny, "startup_s": time.perf_counter() - start,
+               "choice": llm.model_runner.skinny_report,
+               "decode": [decode_breakdown(llm, b, context, steps) for b in batches]}
+        tokens.append([o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        out["runs"].append(run)
+        llm.close()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    pairs = [(a, b) for sa, sb in zip(*tokens) for a, b in zip(sa, sb)]
+    out["equal_tokens"] = sum(a == b for a, b in pairs) / len(pairs)
+    return out
+
+
+def print_engine(res: dict) -> None:
+    off, on = res["runs"]
+    print(f"\nengine decode step, {res['model']} bf16, skinny_gemm off vs on (median step ms)")
+    print(f"{'batch':>5} {'off ms':>8} {'on ms':>8} {'off dev':>8} {'on dev':>8} {'speedup':>8}")
+    for a, b in zip(off["decode"], on["decode"]):
+        if a.get("steps") and b.get("steps"):
+            print(f"{a['batch']:>5} {a['step_ms']:>8.3f} {b['step_ms']:>8.3f} {a['device_ms']:>8.3f} "
+                  f"{b['device_ms']:>8.3f} {a['step_ms'] / b['step_ms']:>7.2f}x")
+    print(f"start-up {off['startup_s']:.1f} s off, {on['startup_s']:.1f} s on; equal greedy "
+          f"tokens {100 * res['equal_tokens']:.1f}%")
+    print("load-time choice (us per call, torch / kernel; * = kernel):")
+    shapes = {}
+    for r in on["choice"]:
+        shapes.setdefault((r["n"], r["k"], r["layers"]), []).append(
+            f"M{r['m']} {r['torch_us']:.1f}/{r['triton_us']:.1f}{'*' if r['skinny'] else ''}")
+    for (n, k, layers), cells in shapes.items():
+        print(f"  N={n} K={k} x{layers}: " + ", ".join(cells))
+
+
 def step_summary(rows: list[dict], shapes, ceiling: float) -> list[dict]:
     """Per M: one decode step's GEMM time (every layer's GEMMs + the LM head)."""
     count = {name: c for name, _, _, c in shapes}
@@ -171,6 +229,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--tp", default="1,2", help="tensor-parallel shards to time")
     ap.add_argument("--sweep", action="store_true", help="also time a tile / stage grid (TP=1, M=1,16,64)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
+    ap.add_argument("--stages", default="gemm", help="gemm,engine (engine needs --engine)")
+    ap.add_argument("--engine", metavar="MODEL", help="engine A/B on this model (dir or conf/model name)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -190,7 +250,10 @@ def main(argv: list[str] | None = None):
     out = {"bench": "gemm", "device": name, "dtype": str(dtype).removeprefix("torch."),
            "copy_GBps": ceiling / 1e9, "l2_MB": l2 / 1e6, "rows": [], "steps": []}
     t0 = time.perf_counter()
-    for model, tp, shapes in plan:
+    stages = args.stages.split(",")
+    if args.engine and "engine" not in stages:
+        stages.append("engine")
+    for model, tp, shapes in (plan if "gemm" in stages else []):
         rows = []
         for layer, n, k, _ in shapes:
             sweep = args.sweep and tp == 1
@@ -200,7 +263,13 @@ def main(argv: list[str] | None = None):
         out["rows"] += rows
         out["steps"] += [dict(model=model, tp=tp, **s) for s in step_summary(rows, shapes, ceiling)]
     out["seconds"] = time.perf_counter() - t0
-    print_tables(out)
+    if out["rows"]:
+        print_tables(out)
+    if "engine" in stages:
+        if not (cuda and args.engine):
+            raise SystemExit("the engine stage needs a GPU and --engine MODEL")
+        out["engine"] = bench_engine_ab(args.engine, [1, 16, 64], 1024, 30)
+        print_engine(out["engine"])
     print(json.dumps(out, default=float))
 
 
@@ -209,7 +278,7 @@ def print_tables(out: dict) -> None:
           f"{out['copy_GBps']:.0f} GB/s; us per call (weights from HBM), weight GB/s, % of copy")
     print(f"{'model':>13} {'tp':>2} {'layer':>8} {'N':>7} {'K':>6} {'M':>3} | {'cuBLAS':>8} "
           f"{'GB/s':>6} {'%copy':>6} | {'triton':>8} {'best':>8} {'split':>5} {'GB/s':>6} "
-          f"{'%copy':>6} | {'speedup':>7} {'rel err':>8}")
+          f"{'%copy':>6} | {'speedup':>7} {'max err':>8}")
     for r in out["rows"]:
         print(f"{r['model']:>13} {r['tp']:>2} {r['layer']:>8} {r['n']:>7} {r['k']:>6} {r['m']:>3} | "
               f"{r['cublas_us']:>8.2f} {r['cublas_GBps']:>6.0f} {r['cublas_pct_copy']:>5.1f}% | "

@@ -3,6 +3,7 @@ matmul for shapes off the tiles, with and without bias and split-K; the split-K 
 leaves its workspace ready for the next call; the layers' dispatch follows the measured plan
 and stays on torch on the CPU."""
 import json
+import time
 
 import pytest
 import torch
@@ -106,6 +107,47 @@ def test_choice_on_cpu_leaves_torch_path():
     x = torch.randn(3, 16)
     assert torch.equal(model["col"](x), F.linear(x, model["col"].weight, model["col"].bias))
     assert torch.equal(model["head"](x), F.linear(x, model["head"].weight))
+
+
+def wall_us(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+def test_choice_takes_the_faster_path_per_shape(monkeypatch):
+    """The measurement groups layers by shape, times both paths and records per M whether
+    the kernel won: on the interpreter the kernel is far slower than torch, until torch is
+    made slower still for one shape."""
+    model = torch.nn.ModuleDict(dict(
+        a=ColumnParallelLinear(32, 40), b=ColumnParallelLinear(32, 40),
+        o=RowParallelLinear(300, 24), head=ParallelLMHead(48, 32)))
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    groups = sk.skinny_layers(model, "cpu")
+    assert sorted(len(g) for g in groups.values()) == [1, 1, 2]   # a and b share a shape
+
+    report = sk.choose_skinny_gemm(model, [1, 3], device_type="cpu", time_us=wall_us)
+    assert len(report) == 3 * 2 and not any(r["skinny"] for r in report)
+    assert model["a"].skinny == model["b"].skinny == ((1, 0), (3, 0))
+
+    slow_shape = model["o"].weight.shape
+    real_linear = F.linear
+
+    def linear(x, weight, bias=None):   # torch made slow for o_proj's shape only
+        if weight.shape == slow_shape:
+            time.sleep(0.2)
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    sk.choose_skinny_gemm(model, [1, 3], device_type="cpu", time_us=wall_us)
+    splits = [s for _, s in model["o"].skinny]
+    assert [m for m, _ in model["o"].skinny] == [1, 3] and all(s >= 1 for s in splits)
+    assert all(s == 0 for _, s in model["head"].skinny)
+    x = torch.randn(2, 300).to(torch.bfloat16)   # 2 rows: the M=3 entry, the kernel
+    ref = real_linear(x.float(), model["o"].weight.float())
+    assert rel_err(model["o"](x), ref) < TOLERANCE[torch.bfloat16]
 
 
 def test_engine_config_switch(tmp_path):

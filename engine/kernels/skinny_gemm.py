@@ -50,6 +50,7 @@ NUM_STAGES = 4             # K steps in flight per program (cp.async pipeline); 
 PROGRAMS_PER_SM = 2        # split K until about this many programs per SM
 MIN_K_PER_SPLIT = 256      # ... keeping at least this much K per program
 MAX_SPLIT_K = 16
+MIN_GAIN = 0.02            # choose_skinny_gemm keeps cuBLAS unless the kernel is 2% faster
 
 # The Triton interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies the raw bits of bf16
 # tl.dot operands: there the kernel upcasts to fp32 first (exact for bf16 products).
@@ -66,7 +67,9 @@ def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
              acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-@triton.jit
+# M is not specialized (Triton would compile M == 1 and M % 16 == 0 apart): the LM head sees
+# any row count, and a variant compiled mid-run stalls the engine for a second
+@triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
                         M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
@@ -90,10 +93,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
         else:
             acc += tl.dot(w, xt)
     if SPLIT:
-        # partial[split, tile] is a [BLOCK_N, BLOCK_M] fp32 block
-        tile = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * BLOCK_M + offs_m[None, :]
+        # partial[split, tile] is an fp32 [BLOCK_M, BLOCK_N] block (rows m < M written)
+        tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
         split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
-        tl.store(partial_ptr + pid_k * split_stride + tile, acc)
+        tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
         # every thread's partial is written before the counter moves (the release below is
         # one thread's; the barrier orders the others' stores before it)
         tl.debug_barrier()
@@ -102,7 +105,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
             tl.debug_barrier()
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, tl.num_programs(1)):
-                acc += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
+                acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
+                               other=0.0, cache_modifier=".cg")
             _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
             tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
     else:
@@ -235,15 +239,17 @@ def graph_time_us(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def skinny_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module]]:
+def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tuple, list[torch.nn.Module]]:
     """(N, K, dtype, has bias) -> the layers of that shape the kernel may serve: modules with a
     `skinny` plan slot (engine.layers.linear.LinearBase, engine.layers.embed_head.ParallelLMHead)
-    whose dense 2-D weight is bf16 / fp16 on CUDA (quantized layers keep their own kernels)."""
+    whose dense 2-D weight is bf16 / fp16 on `device_type` (quantized layers keep their own
+    kernels)."""
     groups: dict[tuple, list[torch.nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (not hasattr(module, "skinny") or getattr(module, "quant", None) is not None
-                or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_cuda
+                or not isinstance(weight, torch.Tensor) or weight.dim() != 2
+                or weight.device.type != device_type
                 or weight.dtype not in (torch.bfloat16, torch.float16)):
             continue
         key = (*weight.shape, weight.dtype, getattr(module, "bias", None) is not None)
@@ -253,33 +259,35 @@ def skinny_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module]]:
 
 @torch.inference_mode()
 def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None,
-                       repeats: int = 7) -> list[dict]:
+                       repeats: int = 7, device_type: str = "cuda", time_us=None) -> list[dict]:
     """Per layer shape and row count M in `m_values` (default: the CUDA-graph sizes up to
     MAX_M, policy.cuda_graphs), time F.linear and the skinny kernel (at each of
     split_candidates) under CUDA graphs, each graph one pass over every layer of the shape
     (real weights, read from HBM as in a step when they outweigh the L2), and set each layer's
     `skinny` plan: ((M, split_k or 0 where torch won), ...) ascending, which
-    engine.layers.linear.dense_linear follows (a call of M rows takes the entry of the
-    smallest measured M >= its rows; above the largest, torch). Call once after loading and
-    before graph capture (it also sizes the workspace the captured calls use). Returns one
-    row per (shape, M): the timings and the choice."""
+    engine.layers.linear.dense_linear follows (a call of R rows takes the entry of the
+    smallest measured M >= R; above the largest, torch). The kernel must beat torch by
+    MIN_GAIN: within noise, cuBLAS stays. Call once after loading and before graph capture
+    (it also sizes the workspace the captured calls use, and compiles every variant a call
+    can select). Returns one row per (shape, M): the timings and the choice.
+    device_type, time_us (fn -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     m_values = sorted({m for m in (m_values or capture_sizes(MAX_M)) if 1 <= m <= MAX_M})
+    time_us = time_us or (lambda fn: graph_time_us(fn, repeats))
     report = []
-    gen = None
-    for (n, k, dtype, has_bias), layers in skinny_layers(model).items():
+    for (n, k, dtype, has_bias), layers in skinny_layers(model, device_type).items():
         device = layers[0].weight.device
-        gen = gen or torch.Generator(device).manual_seed(0)   # leaves the global RNG alone
+        params = [(layer.weight, getattr(layer, "bias", None)) for layer in layers]
+        gen = torch.Generator(device).manual_seed(n + k)   # leaves the global RNG alone
         plan = []
         for m in m_values:
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            torch_us = graph_time_us(lambda: [torch.nn.functional.linear(x, layer.weight, layer.bias)
-                                              for layer in layers], repeats) / len(layers)
-            timed = [(graph_time_us(lambda: [skinny_gemm(x, layer.weight, layer.bias, s)
-                                             for layer in layers], repeats) / len(layers), s)
+            torch_us = time_us(lambda: [torch.nn.functional.linear(x, w, b)
+                                        for w, b in params]) / len(layers)
+            timed = [(time_us(lambda: [skinny_gemm(x, w, b, s) for w, b in params]) / len(layers), s)
                      for s in split_candidates(n, k, num_sms(device))]
             triton_us, split_k = min(timed)
-            use = triton_us < torch_us
+            use = triton_us < (1 - MIN_GAIN) * torch_us
             plan.append((m, split_k if use else 0))
             report.append(dict(n=n, k=k, dtype=str(dtype).removeprefix("torch."), layers=len(layers),
                                m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
