@@ -3,7 +3,6 @@ matmul for shapes off the tiles, with and without bias and split-K; the split-K 
 leaves its workspace ready for the next call; the layers' dispatch follows the measured plan
 and stays on torch on the CPU."""
 import json
-import time
 
 import pytest
 import torch
@@ -109,16 +108,11 @@ def test_choice_on_cpu_leaves_torch_path():
     assert torch.equal(model["head"](x), F.linear(x, model["head"].weight))
 
 
-def wall_us(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e6
-
-
 def test_choice_takes_the_faster_path_per_shape(monkeypatch):
-    """The measurement groups layers by shape, times both paths and records per M whether
-    the kernel won: on the interpreter the kernel is far slower than torch, until torch is
-    made slower still for one shape."""
+    """The measurement groups layers by shape, times both paths (each kernel split) and
+    records per M whether, and at which split, the kernel won. The timer charges fixed costs
+    per call (torch 10, the kernel 50 minus a hair per split), except that torch costs 100
+    for o_proj's shape: only o_proj takes the kernel, at its largest split."""
     model = torch.nn.ModuleDict(dict(
         a=ColumnParallelLinear(32, 40), b=ColumnParallelLinear(32, 40),
         o=RowParallelLinear(300, 24), head=ParallelLMHead(48, 32)))
@@ -127,27 +121,37 @@ def test_choice_takes_the_faster_path_per_shape(monkeypatch):
         torch.nn.init.normal_(p)
     groups = sk.skinny_layers(model, "cpu")
     assert sorted(len(g) for g in groups.values()) == [1, 1, 2]   # a and b share a shape
+    slow = model["o"].weight.shape
+    calls = []
+    real_linear, real_gemm = F.linear, sk.skinny_gemm
 
-    report = sk.choose_skinny_gemm(model, [1, 3], device_type="cpu", time_us=wall_us)
-    assert len(report) == 3 * 2 and not any(r["skinny"] for r in report)
-    assert model["a"].skinny == model["b"].skinny == ((1, 0), (3, 0))
-
-    slow_shape = model["o"].weight.shape
-    real_linear = F.linear
-
-    def linear(x, weight, bias=None):   # torch made slow for o_proj's shape only
-        if weight.shape == slow_shape:
-            time.sleep(0.2)
+    def linear(x, weight, bias=None):
+        calls.append(100 if weight.shape == slow else 10)
         return real_linear(x, weight, bias)
 
+    def gemm(x, weight, bias=None, split_k=None, config=None):
+        calls.append(50 - 0.1 * split_k)
+        return real_gemm(x, weight, bias, split_k, config)   # runs: every split is exercised
+
+    def time_us(fn) -> float:
+        calls.clear()
+        fn()
+        return sum(calls)
+
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
-    sk.choose_skinny_gemm(model, [1, 3], device_type="cpu", time_us=wall_us)
-    splits = [s for _, s in model["o"].skinny]
-    assert [m for m, _ in model["o"].skinny] == [1, 3] and all(s >= 1 for s in splits)
-    assert all(s == 0 for _, s in model["head"].skinny)
+    monkeypatch.setattr(sk, "skinny_gemm", gemm)
+    report = sk.choose_skinny_gemm(model, [1, 3], device_type="cpu", time_us=time_us)
+    assert len(report) == 3 * 2
+    top = max(sk.split_candidates(24, 300, 132))
+    assert model["o"].skinny == ((1, top), (3, top))
+    for name in ("a", "b", "head"):
+        assert model[name].skinny == ((1, 0), (3, 0))
+    assert [r["skinny"] for r in report if r["n"] == 24] == [True, True]
     x = torch.randn(2, 300).to(torch.bfloat16)   # 2 rows: the M=3 entry, the kernel
-    ref = real_linear(x.float(), model["o"].weight.float())
-    assert rel_err(model["o"](x), ref) < TOLERANCE[torch.bfloat16]
+    calls.clear()
+    y = model["o"](x)
+    assert calls == [50 - 0.1 * top]
+    assert rel_err(y, real_linear(x.float(), model["o"].weight.float())) < TOLERANCE[torch.bfloat16]
 
 
 def test_engine_config_switch(tmp_path):
