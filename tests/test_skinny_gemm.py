@@ -174,3 +174,32 @@ def test_bench_smoke(capsys):
     assert result["bench"] == "gemm" and result["rows"]
     assert {r["m"] for r in result["rows"]} == set(bench_gemm.SMOKE_MS)
     assert max(r["err"] for r in result["rows"]) < 2e-2
+
+
+def test_engine_tokens_unchanged_on_the_kernel(tmp_path, monkeypatch):
+    """A tiny Qwen3 on the CPU (fp32: the kernel's dots are IEEE there), every linear layer
+    and the LM head routed to the kernel at <= 64 rows (split-K 2), generates the tokens the
+    torch path does; the 70-token prompt's prefill step (> 64 rows) stays on torch."""
+    from engine import LLM, SamplingParams
+    from engine.checkpoint import tiny_config, write_random_checkpoint
+    path = write_random_checkpoint(tiny_config("qwen3"), tmp_path / "qwen3", dtype="float32",
+                                   std=0.3, progress=False)
+    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate((5, 70, 12))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", dtype="float32", attention_backend="torch",
+              num_gpu_blocks=64, max_model_len=128)
+    want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    routed = [m for m in llm.model_runner.model.modules() if hasattr(m, "skinny")]
+    assert len(routed) == 2 * 4 + 1   # 2 layers x (qkv, o, gate_up, down) + LM head
+    for module in routed:
+        module.skinny = ((64, 2),)
+    rows, shapes, real = [], set(), sk.skinny_linear
+
+    def spy(x, weight, bias, split_k=None):
+        rows.append(x.numel() // x.shape[-1])
+        shapes.add(tuple(weight.shape))
+        return real(x, weight, bias, split_k)
+
+    monkeypatch.setattr(sk, "skinny_linear", spy)
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert shapes == {tuple(m.weight.shape) for m in routed} and max(rows) <= 64
