@@ -101,6 +101,11 @@ class ModelRunner:
                                              self.dtype, config.max_num_seqs, self.max_blocks,
                                              self.device)
         self.num_blocks = self.allocate_kv_cache(self.profile())
+        self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
+        if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
+                and not config.enforce_eager and backend != "torch"):
+            from engine.kernels.skinny_gemm import choose_skinny_gemm
+            self.skinny_report = choose_skinny_gemm(self.model)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same

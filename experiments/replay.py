@@ -213,7 +213,8 @@ def engine_kwargs(rc: RunConfig) -> dict:
                 cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
                 tensor_parallel_size=rc.engine.tensor_parallel_size,
                 attention_backend=rc.engine.attention_backend,
-                async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
+                async_scheduling=rc.engine.async_scheduling, skinny_gemm=rc.engine.skinny_gemm,
+                seed=rc.seed)
 
 
 def build_engine(rc: RunConfig):
