@@ -64,6 +64,9 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             TAIL=30 run h200_attention_blocks 150 python3 benchmarks/bench_attention.py --stages blocks \
                 --write-hardware conf/hardware/h200.yaml --write-hardware simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml
             tar czf $OUT/blocksize_yaml.tgz conf/hardware/h200.yaml simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml ;;
+  gemm)     TAIL=40 run bench_gemm 200 python3 benchmarks/bench_gemm.py ;;
+  gemm_engine) TAIL=30 run bench_gemm_engine 240 python3 benchmarks/bench_gemm.py --stages engine --engine qwen3-0.6b ;;
+  check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
