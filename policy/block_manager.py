@@ -6,9 +6,14 @@ hashed, each hash chaining its parent's (so equal hashes mean equal whole prefix
 block is registered in the cache only after the step that computed its KV has run.
 Freed blocks keep their hash and stay reusable until they are handed out again, in LRU
 order (a sequence frees its blocks tail first, so its prefix is evicted last).
+
+The free list is a FIFO of block ids kept in a plain list read from a moving head, so that
+freeing appends and allocating takes a slice: no per-block node (an OrderedDict's cost,
+once the block manager's largest). A freed block that a prefix hit takes back leaves a
+stale entry behind, skipped when the head reaches it (`_free_pos` says which entry of a
+block is live).
 """
 from array import array
-from collections import OrderedDict
 
 import xxhash
 from xxhash import xxh64_intdigest
@@ -16,6 +21,7 @@ from xxhash import xxh64_intdigest
 from policy.sequence import Sequence
 
 NO_HASH = -1
+COMPACT_AFTER = 4096    # consumed free-list entries dropped from the front once past this
 
 
 def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int, start: int = 0) -> list[int]:
@@ -57,9 +63,13 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash = [NO_HASH] * num_blocks
         self.cached: dict[int, int] = {}       # block hash -> block id
-        # Free blocks in eviction order (front = next to reuse). OrderedDict gives O(1)
-        # pop-front, append and removal of a revived block from the middle.
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Free blocks in eviction order (front = next to reuse): entries _queue[_head:],
+        # the entry at absolute position p (= _base + list index) being live iff
+        # _free_pos[its block] == p; _free_pos is -1 for a held block. _stale counts the
+        # dead entries after the head (blocks revived by a prefix hit).
+        self._queue: list[int] = list(range(num_blocks))
+        self._head = self._base = self._stale = 0
+        self._free_pos: list[int] = list(range(num_blocks))
         self.queries = 0        # prompt tokens looked up in the cache
         self.hits = 0           # of which served from it
         self.evictions = 0      # cached blocks overwritten by new content
@@ -67,11 +77,16 @@ class BlockManager:
     # ---- queries -------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self._queue) - self._head - self._stale
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - (len(self._queue) - self._head - self._stale)
+
+    def free_list(self) -> list[int]:
+        """The free blocks in eviction order (the next one handed out first)."""
+        pos = self._free_pos
+        return [b for p, b in enumerate(self._queue[self._head:], self._base + self._head) if pos[b] == p]
 
     @property
     def usage(self) -> float:
@@ -127,15 +142,17 @@ class BlockManager:
         """Whether `seq` can take the cached `hits` and get blocks for `num_tokens` tokens."""
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         new = max(0, -(-num_tokens // self.block_size) - len(hits))
-        return revived + new <= len(self.free)
+        return revived + new <= self.num_free_blocks
 
     def admit(self, seq: Sequence, hits: list[int]) -> None:
         """Give a sequence with no blocks the cached `hits` (its KV is then computed up to
         them) and count the lookup."""
+        ref_counts, pos = self.ref_counts, self._free_pos
         for block in hits:
-            if self.ref_counts[block] == 0:
-                del self.free[block]
-            self.ref_counts[block] += 1
+            if ref_counts[block] == 0:     # revived: its free-list entry goes stale
+                pos[block] = -1
+                self._stale += 1
+            ref_counts[block] += 1
         seq.block_table.extend(hits)
         seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
@@ -150,41 +167,53 @@ class BlockManager:
         need = -(-num_tokens // self.block_size) - len(table)
         if need <= 0:
             return True
-        free = self.free
-        if need > len(free):
+        if need > len(self._queue) - self._head - self._stale:
             return False
-        pop_front = free.popitem
-        blocks = [pop_front(False)[0] for _ in range(need)]
-        block_hash, ref_counts, cached = self.block_hash, self.ref_counts, self.cached
-        for block in blocks:
-            ref_counts[block] = 1
-            h = block_hash[block]
-            if h != NO_HASH:     # evict: its old content is gone
-                if cached.get(h) == block:
-                    del cached[h]
-                block_hash[block] = NO_HASH
-                self.evictions += 1
-        table += blocks
+        table += self.take(need)
         return True
 
     def append_blocks(self, seqs) -> None:
         """Give each of `seqs` one more block, in order: a decode step's allocations in one
         call, the same blocks as `allocate` one sequence after another. ValueError if the
         pool has fewer free blocks than `seqs` (nothing changed then)."""
-        if len(seqs) > len(self.free):
-            raise ValueError(f"{len(seqs)} blocks asked of a pool with {len(self.free)} free")
-        pop_front, block_hash, ref_counts = self.free.popitem, self.block_hash, self.ref_counts
-        cached = self.cached
-        for seq in seqs:
-            block = pop_front(False)[0]
+        if len(seqs) > self.num_free_blocks:
+            raise ValueError(f"{len(seqs)} blocks asked of a pool with {self.num_free_blocks} free")
+        for seq, block in zip(seqs, self.take(len(seqs))):
+            seq.block_table.append(block)
+
+    def take(self, n: int) -> list[int]:
+        """Hand out the first `n` free blocks, in order (the caller checked that there are
+        n): ref count 1, old content evicted from the prefix cache."""
+        queue, head = self._queue, self._head
+        pos = self._free_pos
+        if not self._stale:        # every entry live: one slice
+            blocks = queue[head:head + n]
+            head += n
+        else:
+            blocks, base = [], self._base
+            while len(blocks) < n:
+                block = queue[head]
+                if pos[block] == base + head:
+                    blocks.append(block)
+                else:
+                    self._stale -= 1
+                head += 1
+        if head > COMPACT_AFTER and 2 * head > len(queue):   # drop the consumed front now and then
+            del queue[:head]
+            self._base += head
+            head = 0
+        self._head = head
+        block_hash, ref_counts, cached = self.block_hash, self.ref_counts, self.cached
+        for block in blocks:
             ref_counts[block] = 1
+            pos[block] = -1
             h = block_hash[block]
-            if h != NO_HASH:     # evict, as in allocate
+            if h != NO_HASH:     # evict: its old content is gone
                 if cached.get(h) == block:
                     del cached[h]
                 block_hash[block] = NO_HASH
                 self.evictions += 1
-            seq.block_table.append(block)
+        return blocks
 
     def register(self, seq: Sequence) -> None:
         """Enter the full blocks whose KV is now computed into the prefix cache."""
@@ -217,19 +246,26 @@ class BlockManager:
 
     def free_blocks(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
-        ref_counts, free = self.ref_counts, self.free
+        ref_counts, pos, queue = self.ref_counts, self._free_pos, self._queue
+        end = self._base + len(queue)
         for block in reversed(seq.block_table):
             left = ref_counts[block] - 1
             ref_counts[block] = left
             if not left:
-                free[block] = None
+                pos[block] = end
+                end += 1
+                queue.append(block)
         seq.block_table = []
         seq.num_registered_blocks = 0
 
     def check_integrity(self) -> None:
         """Assert the pool's invariants (tests and debugging; O(num_blocks))."""
+        free = self.free_list()
+        assert len(free) == len(set(free)) == self.num_free_blocks
+        free = set(free)
         for block in range(self.num_blocks):
-            assert (self.ref_counts[block] == 0) == (block in self.free), block
+            assert (self.ref_counts[block] == 0) == (block in free), block
             assert self.ref_counts[block] >= 0, block
+            assert (self._free_pos[block] >= 0) == (block in free), block
         for h, block in self.cached.items():
             assert self.block_hash[block] == h, (h, block)

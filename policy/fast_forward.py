@@ -16,7 +16,10 @@ allocated), not O(running sequences x steps).
 """
 from array import array
 
+from xxhash import xxh64_intdigest
+
 from policy.batch import Batch
+from policy.block_manager import root_hash
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -88,12 +91,34 @@ class DecodeStretch:
             seq.token_ids += new
             seq.num_tokens += k
             seq.token_times += times
-        append_blocks, register = bm.append_blocks, bm.register
+        # Step j: schedule() hands out blocks (in running order), then update() registers
+        # the blocks the step filled (in running order). Registration is `register`'s,
+        # inlined: block i of a sequence fills at the step that computes its token
+        # (i + 1) * bs - 1, and a hash once computed (before a preemption, say) is reused.
+        take, groups, regs = bm.take, self.alloc_groups, self.reg_groups
+        caching, cached, block_hash = bm.enable_prefix_caching, bm.cached, bm.block_hash
         for j in range(k):
-            append_blocks(self.alloc_groups[j % bs])    # schedule(): new blocks, in order
-            for seq, start in self.reg_groups[j % bs]:  # update(): full blocks, in order
-                seq.num_computed_tokens = start + j + 1
-                register(seq)
+            r = j % bs
+            group = groups[r]
+            if group:
+                for seq, block in zip(group, take(len(group))):
+                    seq.block_table.append(block)
+            for seq, start in regs[r]:
+                i = (start + j) // bs            # the block step j fills
+                seq.num_registered_blocks = i + 1
+                if not caching:
+                    continue
+                hashes = seq.block_hashes
+                if len(hashes) > i:
+                    h = hashes[i]
+                else:
+                    h = xxh64_intdigest(seq.token_ids[i * bs:(i + 1) * bs],
+                                        hashes[-1] if i else root_hash(seq.extra_keys))
+                    hashes.append(h)
+                if h not in cached:   # an identical block elsewhere keeps serving hits
+                    block = seq.block_table[i]
+                    cached[h] = block
+                    block_hash[block] = h
         for seq, start in zip(seqs, starts):
             seq.num_computed_tokens = start + k
         finished = [seq for seq in seqs if seq.num_tokens >= seq.max_num_tokens]
