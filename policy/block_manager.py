@@ -196,7 +196,7 @@ class BlockManager:
         head = self._head
         self._head = head + n
         if n == 1:      # a decode step's block: scalar work beats an array call
-            block = int(self._queue[head])
+            block = self._queue.item(head)
             self.ref_counts[block] = 1
             self._free_pos[block] = -1
             if self.hashed[block]:     # evict: its old content is gone
@@ -236,7 +236,13 @@ class BlockManager:
             h = xxh64_intdigest(seq.token_ids[done * bs:full * bs],
                                 hashes[-1] if done else root_hash(seq.extra_keys))
             hashes.append(h)
-            self.cache_block(h, table[done])
+            old = self._cache.get(h)
+            if old is None or not (self.hashed[old] and self.block_hash[old] == h):
+                self._cache[h] = block = table[done]    # as cache_block, inlined
+                self.block_hash[block] = h
+                self.hashed[block] = True
+                if len(self._cache) > 4 * self.num_blocks:
+                    self._drop_dead_entries()
             return
         hashes = self.block_hashes(seq, full)[done:full]
         blocks = table[done:full]
