@@ -15,8 +15,6 @@ one pass before the next allocation.
 """
 from array import array
 
-from itertools import compress
-
 import numpy as np
 import xxhash
 from xxhash import xxh64_intdigest
@@ -65,14 +63,12 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = np.zeros(num_blocks, np.int64)
-        # The prefix cache: block hash -> block + num_blocks * (the block's generation when
-        # it was entered). Evicting a block (handing it out with cached content) only bumps
-        # its generation, which kills its entry: no dict is touched per block handed out;
-        # dead entries are dropped when they outnumber the pool. `hashed`: the block is a
-        # live entry's.
-        self._cache: dict[int, int] = {}
-        self._gen = np.zeros(num_blocks, np.int64)
+        self.block_hash = np.zeros(num_blocks, np.uint64)   # its hash, where `hashed`
         self.hashed = np.zeros(num_blocks, np.bool_)
+        # block hash -> block id. An entry is live while its block carries its hash
+        # (`lookup`); evicting a block only clears `hashed`, so that handing out blocks
+        # touches no dict entry; dead entries are dropped when they outnumber the pool.
+        self._cache: dict[int, int] = {}
         # Free blocks in eviction order (front = next to reuse): _queue[_head:_tail]. The
         # entry at position p is live iff _free_pos[its block] == p (-1: held); _stale
         # counts the dead ones (blocks a prefix hit took back), dropped before a take.
@@ -199,23 +195,22 @@ class BlockManager:
             self._drop_stale()
         head = self._head
         self._head = head + n
-        if n == 1:      # a decode step's block: scalar work beats an array call
-            block = self._queue.item(head)
-            self.ref_counts[block] = 1
-            self._free_pos[block] = -1
-            if self.hashed[block]:     # evict: its old content is gone
-                self.hashed[block] = False
-                self._gen[block] += 1
-                self.evictions += 1
-            return [block]
+        if n <= 4:      # a decode step's few blocks: scalar work beats array calls
+            blocks = self._queue[head:head + n].tolist()
+            ref_counts, pos, hashed = self.ref_counts, self._free_pos, self.hashed
+            for block in blocks:
+                ref_counts[block] = 1
+                pos[block] = -1
+                if hashed[block]:     # evict: its old content is gone
+                    hashed[block] = False
+                    self.evictions += 1
+            return blocks
         blocks = self._queue[head:head + n]
         self.ref_counts[blocks] = 1
         self._free_pos[blocks] = -1
-        hashed = self.hashed[blocks]
-        evicted = int(np.count_nonzero(hashed))
+        evicted = int(np.count_nonzero(self.hashed[blocks]))
         if evicted:         # their old content is gone
             self.hashed[blocks] = False
-            self._gen[blocks] += hashed
             self.evictions += evicted
         return blocks.tolist()
 
@@ -243,52 +238,66 @@ class BlockManager:
             h = xxh64_intdigest(seq.token_ids[done * bs:full * bs],
                                 hashes[-1] if done else root_hash(seq.extra_keys))
             hashes.append(h)
-            self.cache_block(h, table[done])
+            old = self._cache.get(h)
+            if old is None or not (self.hashed[old] and self.block_hash[old] == h):
+                self._cache[h] = block = table[done]    # as cache_block, inlined
+                self.block_hash[block] = h
+                self.hashed[block] = True
+                if len(self._cache) > 4 * self.num_blocks:
+                    self._drop_dead_entries()
             return
         hashes = self.block_hashes(seq, full)[done:full]
         blocks = table[done:full]
-        cache, nb = self._cache, self.num_blocks
-        if any(map(cache.__contains__, hashes)):   # some content may be cached already
-            keep = [self.lookup(h) is None for h in hashes]  # (else that block keeps serving hits)
-            hashes, blocks = list(compress(hashes, keep)), list(compress(blocks, keep))
-        if blocks:       # new content: entered in bulk, in C
+        cache, block_hash, hashed = self._cache, self.block_hash, self.hashed
+        if not any(map(cache.__contains__, hashes)):   # all new content: in bulk, in C
+            cache.update(zip(hashes, blocks))
+        else:
+            new_blocks, new_hashes = [], []
+            for h, block in zip(hashes, blocks):
+                old = cache.get(h)
+                if old is None or not (hashed[old] and block_hash[old] == h):
+                    cache[h] = block   # (else an identical block elsewhere keeps serving hits)
+                    new_blocks.append(block)
+                    new_hashes.append(h)
+            hashes, blocks = new_hashes, new_blocks
+        if blocks:
             blocks = np.array(blocks)
-            cache.update(zip(hashes, (blocks + nb * self._gen[blocks]).tolist()))
-            self.hashed[blocks] = True
-            if len(cache) > 4 * nb:
+            block_hash[blocks] = np.fromiter(hashes, np.uint64, len(hashes))
+            hashed[blocks] = True
+            if len(cache) > 4 * self.num_blocks:
                 self._drop_dead_entries()
 
     def lookup(self, h: int) -> int | None:
         """The cached block holding the content with hash `h`, or None."""
-        entry = self._cache.get(h)
-        if entry is None:
+        block = self._cache.get(h)
+        if block is None or not self.hashed[block] or self.block_hash[block] != h:
             return None
-        gen, block = divmod(entry, self.num_blocks)
-        return block if self._gen[block] == gen else None
+        return block
 
     def cache_block(self, h: int, block: int) -> None:
         """Enter `block`, just filled with the content of hash `h`, in the prefix cache,
         unless an identical block already serves that content."""
-        if self.lookup(h) is None:
-            cache = self._cache
-            cache[h] = block + self.num_blocks * int(self._gen[block])
-            self.hashed[block] = True
-            if len(cache) > 4 * self.num_blocks:
-                self._drop_dead_entries()
-
-    def _live_entries(self):
-        cache, nb = self._cache, self.num_blocks
-        entries = np.fromiter(cache.values(), np.int64, len(cache))
-        live = self._gen[entries % nb] == entries // nb
-        return compress(cache.items(), live.tolist())
+        cache = self._cache
+        old = cache.get(h)
+        if old is not None and self.hashed[old] and self.block_hash[old] == h:
+            return
+        cache[h] = block
+        self.block_hash[block] = h
+        self.hashed[block] = True
+        if len(cache) > 4 * self.num_blocks:
+            self._drop_dead_entries()
 
     def _drop_dead_entries(self) -> None:
-        self._cache = dict(self._live_entries())
+        self._cache = self.cached
 
     @property
     def cached(self) -> dict[int, int]:
         """The prefix cache, block hash -> block id (a new dict: O(entries))."""
-        return {h: entry % self.num_blocks for h, entry in self._live_entries()}
+        cache = self._cache
+        hashes = np.fromiter(cache.keys(), np.uint64, len(cache))
+        blocks = np.fromiter(cache.values(), np.int64, len(cache))
+        live = self.hashed[blocks] & (self.block_hash[blocks] == hashes)
+        return dict(zip(hashes[live].tolist(), blocks[live].tolist()))
 
     def free_blocks(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
@@ -324,5 +333,5 @@ class BlockManager:
             assert (self._free_pos[block] >= 0) == (block in free), block
         cached = self.cached
         for h, block in cached.items():
-            assert self.hashed[block], (h, block)
+            assert self.hashed[block] and int(self.block_hash[block]) == h, (h, block)
         assert np.count_nonzero(self.hashed) == len(cached)   # a hashed block is its hash's entry

@@ -88,7 +88,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for h, block in self.bm.cached.items():
             content = self.prefix_of[block]   # only written full blocks are ever cached
             assert by_content.setdefault(content, h) == h, "one prefix, one hash"
-            assert self.bm.lookup(h) == block
+            assert self.bm.block_hash[block] == h
 
     def teardown(self):
         for seq in self.live:
