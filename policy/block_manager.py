@@ -196,7 +196,7 @@ class BlockManager:
         head = self._head
         self._head = head + n
         if n <= 4:      # a decode step's few blocks: scalar work beats array calls
-            blocks = self._queue[head:head + n].tolist()
+            blocks = [self._queue.item(head)] if n == 1 else self._queue[head:head + n].tolist()
             ref_counts, pos, hashed = self.ref_counts, self._free_pos, self.hashed
             for block in blocks:
                 ref_counts[block] = 1
