@@ -7,11 +7,12 @@ block is registered in the cache only after the step that computed its KV has ru
 Freed blocks keep their hash and stay reusable until they are handed out again, in LRU
 order (a sequence frees its blocks tail first, so its prefix is evicted last).
 
-The free list is a FIFO of block ids in an array read from a moving head: freeing appends
-a request's blocks and allocating takes a slice, each one array operation (an OrderedDict
-of blocks, before, cost a Python node per block and was the block manager's largest
-cost). A freed block that a prefix hit takes back leaves a dead entry behind, dropped in
-one pass before the next allocation.
+Per-block state is in numpy arrays: a request's blocks are handed out, evicted and freed
+in a few array operations, not a Python step each. The free list is a FIFO of block ids
+read from a moving head (freeing appends, allocating takes a slice); a freed block that a
+prefix hit takes back leaves a dead entry, dropped in one pass before the next allocation.
+Evicting a block only clears its `hashed` flag: its dict entry dies with it (`lookup`
+checks) and dead entries are dropped in bulk when they outnumber the pool.
 """
 from array import array
 
@@ -20,7 +21,6 @@ import xxhash
 from xxhash import xxh64_intdigest
 
 from policy.sequence import Sequence
-
 
 
 def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int, start: int = 0) -> list[int]:
@@ -48,12 +48,9 @@ def root_hash(extra_keys: bytes) -> int:
 class BlockManager:
     """Allocates blocks to sequences and keeps the prefix cache.
 
-    Per-block state lives in numpy arrays so that a request's blocks are handed out,
-    evicted and freed in a few array operations, not one Python step per block.
-
     Invariants (checked by `check_integrity`): every block is free xor held (ref count > 0);
-    a hash in the cache maps to a block carrying that hash and a block carrying a hash is
-    that hash's entry in the cache; free blocks are exactly those with ref count 0.
+    a hash in the cache (`cached`) maps to a block carrying that hash, and a block carrying
+    a hash is that hash's entry; free blocks are exactly those with ref count 0.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
