@@ -1,9 +1,14 @@
-"""Speed of the engine's paged-attention kernels against the copy ceiling, flashinfer and SDPA.
+"""Speed of the engine's paged-attention kernels against the copy ceiling, flashinfer and SDPA,
+and by KV block size (what the simulator's cost model is told).
 
-    python benchmarks/bench_attention.py                 # CUDA: the full table
+    python benchmarks/bench_attention.py                 # CUDA: every stage
     python benchmarks/bench_attention.py --no-flashinfer # skip flashinfer (its first call JIT-compiles)
     python benchmarks/bench_attention.py --sweep         # also time other launch configs (tuning)
-    python benchmarks/bench_attention.py --smoke         # CPU: one tiny shape under TRITON_INTERPRET=1
+    python benchmarks/bench_attention.py --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1
+    python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
+                                                         # block-size costs into a hardware file
+
+Stages (`--stages`, default all): `decode` and `prefill` (the kernel tables below) and `blocks`.
 
 Decode: B in {1, 64, 256} x context {512, 1024, 4096} x block size {16, 32, 64, 256}, Qwen3-0.6B
 heads (16 query / 8 KV, head_dim 128), bf16, blocks scattered at random over the pool. Time is
@@ -12,7 +17,21 @@ call in a CUDA graph (no launch overhead, but no L2 flush either: small cases th
 KV bandwidth = K+V bytes of all contexts / time; `%copy` compares it with a device-to-device
 copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
 ||ours - sdpa|| / ||sdpa||. Prefill: 4 x 1024 fresh prompts and 4 x 512-token chunks behind
-1536 cached tokens. Ends with one line of JSON.
+1536 cached tokens.
+
+Blocks: the same work at every KV block size of `--block-sizes` (default 1..256), through the
+engine's public calls only: `paged_decode_attention` (with the model runner's split-KV work
+list from `plan_decode_work` and its query_start_loc) at (batch, context) = (32, 2048),
+(64, 4096), (256, 1024), and `paged_prefill_attention` on 4 fresh 1024-token prompts, 4
+512-token chunks behind 1536 cached tokens and 16 64-token chunks behind 2048 (prefill
+chunks: also the prefill half of a mixed step). Each row prints time / time at block 16; the
+`all` row is the time-weighted ratio (sum of the row times / their sum at block 16), which is
+what the cost model's `attention_block_cost` holds per kernel (simulator/hardware.py): the
+roofline multiplies its decode and prefill attention terms by it, the fitted model its
+attention coefficients (by cost(run's block) / cost(profiled block)). `--write-hardware`
+replaces a hardware YAML's `attention_block_cost` with the measured one (comments kept).
+
+Ends with one line of JSON (`block_cost`: {"decode": {block: cost}, "prefill": {...}}).
 """
 import argparse
 import importlib
@@ -29,16 +48,44 @@ ARGS.add_argument("--no-flashinfer", action="store_true")
 ARGS.add_argument("--sweep", action="store_true",
                   help="time the kernels' launch constants (tile, warps, stages) on a few shapes")
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+ARGS.add_argument("--stages", default="decode,prefill,blocks",
+                  help="comma list of decode, prefill, blocks (default: all three)")
+ARGS.add_argument("--block-sizes", default="1,2,4,8,16,32,64,128,256",
+                  help="KV block sizes of the blocks stage (16, the reference, is always included)")
+ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML",
+                  help="write the blocks stage's costs into this hardware YAML's attention_block_cost "
+                       "(repeat for several files)")
 args = ARGS.parse_args()
+STAGES = [x.strip() for x in args.stages.split(",") if x.strip()]
+if not STAGES or set(STAGES) - {"decode", "prefill", "blocks"}:
+    ARGS.error(f"--stages must list some of decode, prefill, blocks; got {args.stages!r}")
+try:
+    BLOCK_SIZES = sorted({int(x) for x in args.block_sizes.split(",") if x.strip()} | {16})
+except ValueError:
+    ARGS.error(f"--block-sizes must be a comma list of integers, got {args.block_sizes!r}")
+if BLOCK_SIZES[0] < 1:
+    ARGS.error(f"--block-sizes must be >= 1, got {args.block_sizes!r}")
+if args.write_hardware and "blocks" not in STAGES:
+    ARGS.error("--write-hardware writes the blocks stage's costs: add blocks to --stages")
 if args.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+import yaml  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
-                            store_kvcache)
+                            paged_prefill_attention)
+from engine.kernels.launch import decode_work_capacity, plan_decode_work  # noqa: E402
+from simulator.hardware import HardwareSpec  # noqa: E402
+
+for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
+    try:
+        HardwareSpec(**yaml.safe_load(open(_path)))
+    except (OSError, TypeError, ValueError, yaml.YAMLError) as _e:
+        ARGS.error(f"--write-hardware {_path}: not a hardware file ({type(_e).__name__}: {_e})")
 
 DEVICE = "cpu" if args.smoke else "cuda"
 DTYPE = torch.float32 if args.smoke else getattr(torch, args.dtype)
@@ -46,14 +93,14 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = (4, 2, 64) if args.smoke else (16, 8, 128)
 SCALE = HEAD_DIM ** -0.5
 
 
-def measure(fn) -> float:
+def measure(fn, warmup_ms=25, rep_ms=100) -> float:
     """Median milliseconds of fn()."""
     if DEVICE == "cpu":
         fn()  # compile/warm
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def measure_graph(fn):
@@ -72,7 +119,8 @@ def copy_ceiling_gbps(nbytes=4 << 30) -> float:
 
 def paged_batch(k, v, block_size, gen):
     """Scatter dense per-sequence K/V ([B, ctx, Hkv, D]) into a paged cache over randomly
-    permuted blocks, through store_kvcache, the way the engine fills it."""
+    permuted blocks (the rows store_kvcache would write, by torch indexing: no kernel to
+    compile per block size)."""
     batch, ctx = k.shape[0], k.shape[1]
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = batch * blocks_per_seq
@@ -82,7 +130,8 @@ def paged_batch(k, v, block_size, gen):
     block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
     pos = torch.arange(ctx, device=DEVICE)
     slots = (block_tables[:, pos // block_size].long() * block_size + pos % block_size).flatten()
-    store_kvcache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots)
+    k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = k.flatten(0, 1)
+    v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = v.flatten(0, 1)
     return k_cache, v_cache, block_tables
 
 
@@ -222,6 +271,135 @@ def bench_prefill(fi, gen):
     return rows
 
 
+# ---- blocks: the same work at every KV block size ------------------------------------------
+REFERENCE_BLOCK = 16
+STARTED = time.perf_counter()
+
+
+def block_points():
+    """(decode points [(batch, context)], prefill points [(label, num_seqs, q_len, context)])."""
+    if args.smoke:
+        return [(2, 40)], [("2x16 fresh", 2, 16, 16), ("1x8 behind 32 cached", 1, 8, 40)]
+    return ([(32, 2048), (64, 4096), (256, 1024)],
+            [("4x1024 fresh", 4, 1024, 1024), ("4x512 behind 1536 cached", 4, 512, 2048),
+             ("16x64 behind 2048 cached", 16, 64, 2112)])
+
+
+def decode_work(contexts):
+    """The model runner's split-KV plan for decodes of these contexts (items, index), as
+    engine.step_inputs builds it with engine.kernels.launch.plan_decode_work."""
+    items = np.empty((decode_work_capacity(len(contexts), NUM_KV_HEADS, _num_sms()), 4), np.int32)
+    index = np.empty((len(contexts), 2), np.int32)
+    plan_decode_work(np.array(contexts), NUM_KV_HEADS, _num_sms(), items, index)
+    return torch.from_numpy(items).to(DEVICE), torch.from_numpy(index).to(DEVICE)
+
+
+def time_by_block(make_call, ref, k, v, gen) -> dict:
+    """{block size: (ms, rel_err)} of the call `make_call(k_cache, v_cache, block_tables)`
+    returns, over the same K/V scattered into a fresh paged cache of each block size."""
+    out = {}
+    for block_size in BLOCK_SIZES:
+        k_cache, v_cache, block_tables = paged_batch(k, v, block_size, gen)
+        call = make_call(k_cache, v_cache, block_tables)
+        err = rel_err(call(), ref)
+        out[block_size] = (measure(call, warmup_ms=10, rep_ms=50), err)   # 54 timings in one short call
+        del k_cache, v_cache, block_tables, call
+    return out
+
+
+def bench_blocks(gen):
+    """Rows {"kernel", "point", "ms": {block: ms}, "rel_err": worst} per point; see the
+    module docstring."""
+    decode_points, prefill_points = block_points()
+    rows = []
+    for batch, ctx in decode_points:
+        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE, enable_gqa=True).squeeze(2)
+        context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)   # as the model runner passes it
+        work = decode_work([ctx] * batch)
+        out = torch.empty_like(q)
+
+        def make_call(k_cache, v_cache, block_tables):
+            return lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE,
+                                                  out=out, query_start_loc=qsl, work=work)
+        rows.append(point_row("decode", f"B={batch} ctx={ctx}", time_by_block(make_call, ref, k, v, gen)))
+        del q, k, v, ref, out
+    for label, batch, q_len, ctx in prefill_points:
+        q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len)  # bottom-right causal
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, scale=SCALE, enable_gqa=True).transpose(1, 2).flatten(0, 1)
+        context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * q_len
+        out = torch.empty_like(q)
+
+        def make_call(k_cache, v_cache, block_tables):
+            return lambda: paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
+                                                   q_len, SCALE, out=out)
+        rows.append(point_row("prefill", label, time_by_block(make_call, ref, k, v, gen)))
+        del q, k, v, ref, out
+    return rows
+
+
+def point_row(kernel, point, times) -> dict:
+    """The row of one point, printed at once (a run cut short still shows what it measured)."""
+    row = {"kernel": kernel, "point": point, "ms": {b: t[0] for b, t in times.items()},
+           "rel_err": max(t[1] for t in times.values())}
+    print(f"  measured {kernel} {point} at {time.perf_counter() - STARTED:.1f} s: "
+          + " ".join(f"{b}:{1e3 * ms:.1f}us" for b, ms in row["ms"].items()), flush=True)
+    return row
+
+
+def block_cost(rows) -> dict:
+    """{kernel: {block: sum of its points' times / their sum at block 16}} (3 decimals)."""
+    cost = {}
+    for kernel in ("decode", "prefill"):
+        ms = [r["ms"] for r in rows if r["kernel"] == kernel]
+        ref = sum(m[REFERENCE_BLOCK] for m in ms)
+        cost[kernel] = {b: round(sum(m[b] for m in ms) / ref, 3) for b in BLOCK_SIZES}
+    return cost
+
+
+def print_blocks(rows, cost) -> None:
+    sizes = "".join(f"{b:>7}" for b in BLOCK_SIZES)
+    for kernel in ("decode", "prefill"):
+        print(f"\n{kernel} attention time by KV block size / time at block {REFERENCE_BLOCK}")
+        print(f"{'point':>26}{sizes} {'us@16':>9} {'rel_err':>8}")
+        for r in (r for r in rows if r["kernel"] == kernel):
+            ratios = "".join(f"{r['ms'][b] / r['ms'][REFERENCE_BLOCK]:>7.3f}" for b in BLOCK_SIZES)
+            print(f"{r['point']:>26}{ratios} {1e3 * r['ms'][REFERENCE_BLOCK]:>9.1f} {r['rel_err']:>8.1e}")
+        print(f"{'all (time-weighted)':>26}" + "".join(f"{cost[kernel][b]:>7.3f}" for b in BLOCK_SIZES))
+
+
+def write_block_cost(path, cost: dict, note: str) -> None:
+    """Replace `attention_block_cost` in the hardware YAML at `path` (the key, its indented
+    body and the comment lines right above it) with `cost`, keeping every other line; the
+    result must load as a HardwareSpec holding exactly `cost`."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("attention_block_cost:")), None)
+    if start is not None:
+        end = start + 1
+        while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
+            end += 1
+        while start > 0 and lines[start - 1].startswith("#"):
+            start -= 1
+        lines[start:end] = []
+    block = [f"# {line}" for line in note.splitlines()] + ["attention_block_cost:"] + [
+        f"  {kernel}: {{" + ", ".join(f"{b}: {c}" for b, c in table.items()) + "}"
+        for kernel, table in cost.items()]
+    text = "\n".join(lines + block) + "\n"
+    written = HardwareSpec(**yaml.safe_load(text))
+    assert written.attention_block_cost == cost, (written.attention_block_cost, cost)
+    pathlib.Path(path).write_text(text)
+
+
 def check_cuda_graph(gen):
     """Capture decode once (explicit num_splits), replay with new inputs copied into the static
     buffers, compare with eager. Returns the max abs difference over two replays."""
@@ -255,6 +433,7 @@ def sweep(gen):
     """Time each launch-constant combination of engine/kernels/paged_attention.py (the module
     globals the wrappers read at call time) on the shapes that matter; the defaults are restored."""
     pa = importlib.import_module("engine.kernels.paged_attention")
+    launch = importlib.import_module("engine.kernels.launch")   # prefill_tile_tokens reads BLOCK_M there
     saved = {name: getattr(pa, name) for name in dir(pa) if name.isupper()}
     if args.smoke:
         decode_shapes, prefill_shapes, grid = [(2, 300, 16)], [(2, 24)], {
@@ -291,6 +470,7 @@ def sweep(gen):
             flops = 4 * batch * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2
             for block_m, block_n, warps, stages in grid["PREFILL"]:
                 pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N = block_m, block_n
+                launch.PREFILL_BLOCK_M = block_m
                 pa.PREFILL_NUM_WARPS, pa.PREFILL_NUM_STAGES = warps, stages
                 try:
                     ms = measure(lambda: paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
@@ -304,6 +484,7 @@ def sweep(gen):
     finally:
         for name, value in saved.items():
             setattr(pa, name, value)
+        launch.PREFILL_BLOCK_M = saved["PREFILL_BLOCK_M"]
     print("\nsweep (best 5 per shape; current defaults: decode BLOCK_N={DECODE_BLOCK_N} warps={DECODE_NUM_WARPS} "
           "stages={DECODE_NUM_STAGES}, prefill BLOCK_M={PREFILL_BLOCK_M} BLOCK_N={PREFILL_BLOCK_N} "
           "warps={PREFILL_NUM_WARPS} stages={PREFILL_NUM_STAGES})".format(**saved))
@@ -325,11 +506,46 @@ def fmt(x, spec):
 def main():
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (TRITON_INTERPRET=1)"
-    fi, fi_version = flashinfer_module()
-    copy_gbps = copy_ceiling_gbps(64 << 20 if args.smoke else 4 << 30)
+    tables = "decode" in STAGES or "prefill" in STAGES
+    fi, fi_version = flashinfer_module() if tables else (None, "skipped")
+    copy_gbps = copy_ceiling_gbps(64 << 20 if args.smoke else 4 << 30) if "decode" in STAGES else None
     print(f"device: {device_name}   dtype: {DTYPE}   heads {NUM_HEADS}/{NUM_KV_HEADS} x {HEAD_DIM}   "
-          f"copy ceiling: {copy_gbps:.0f} GB/s   flashinfer: {fi_version}")
-    decode = bench_decode(fi, copy_gbps, gen)
+          f"copy ceiling: {fmt(copy_gbps, '.0f')} GB/s   flashinfer: {fi_version}   stages: {','.join(STAGES)}")
+    decode = print_decode(bench_decode(fi, copy_gbps, gen)) if "decode" in STAGES else []
+    prefill = print_prefill(bench_prefill(fi, gen)) if "prefill" in STAGES else []
+    graph_diff = check_cuda_graph(gen) if "decode" in STAGES else None
+    sweep_rows = sweep(gen) if args.sweep else None
+    blocks, cost, failed = None, None, None
+    if "blocks" in STAGES:
+        blocks = bench_blocks(gen)
+        cost = block_cost(blocks)
+        print_blocks(blocks, cost)
+        tol = 1e-4 if DTYPE == torch.float32 else 3e-2
+        wrong = [f"{r['kernel']} {r['point']}" for r in blocks if not r["rel_err"] <= tol]
+        if wrong:   # never hand the cost model the speed of a wrong result
+            failed = f"rel_err vs SDPA above {tol:g} at {', '.join(wrong)}"
+            print(f"\nERROR: {failed}; no hardware file written")
+        note = (f"Attention time by KV block size / time at block {REFERENCE_BLOCK} (time-weighted over its points),\n"
+                f"measured by `benchmarks/bench_attention.py --stages blocks` on {device_name}, {DTYPE}, "
+                f"{time.strftime('%Y-%m-%d')}.")
+        for path in [] if wrong else args.write_hardware:
+            write_block_cost(path, cost, note)
+            print(f"wrote attention_block_cost into {path}")
+    notes = sorted({r["flashinfer_note"] for r in decode + prefill if r["flashinfer_note"]})
+    if notes:
+        print("\nflashinfer notes:", *notes, sep="\n  ")
+    if "decode" in STAGES:
+        print(f"\ncuda graph replay max |diff| vs eager: {fmt(graph_diff, '.2e')}")
+    print(json.dumps({"bench": "attention", "device": device_name, "dtype": str(DTYPE),
+                      "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
+                      "stages": STAGES, "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
+                      "decode": decode, "prefill": prefill, "sweep": sweep_rows,
+                      "block_cost": cost, "blocks": blocks}))
+    if failed:
+        sys.exit(failed)
+
+
+def print_decode(decode):
     print("\ndecode")
     print(f"{'B':>4} {'ctx':>5} {'block':>5} {'splits':>6} {'us':>9} {'graph_us':>9} {'GB/s':>7} {'%copy':>6} "
           f"{'rel_err':>8} {'flashinfer_us':>13} {'sdpa_dense_us':>13}")
@@ -337,22 +553,16 @@ def main():
         print(f"{r['B']:>4} {r['ctx']:>5} {r['block']:>5} {r['splits']:>6} {r['us']:>9.1f} {fmt(r['graph_us'], '9.1f')} "
               f"{r['GBps']:>7.0f} {fmt(r['pct_copy'], '6.1f')} {r['rel_err']:>8.1e} "
               f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
-    prefill = bench_prefill(fi, gen)
+    return decode
+
+
+def print_prefill(prefill):
     print("\nprefill")
     print(f"{'case':>30} {'block':>5} {'us':>9} {'TFLOP/s':>8} {'rel_err':>8} {'flashinfer_us':>13} {'sdpa_dense_us':>13}")
     for r in prefill:
         print(f"{r['case']:>30} {r['block']:>5} {r['us']:>9.1f} {r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} "
               f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
-    graph_diff = check_cuda_graph(gen)
-    sweep_rows = sweep(gen) if args.sweep else None
-    notes = sorted({r["flashinfer_note"] for r in decode + prefill if r["flashinfer_note"]})
-    if notes:
-        print("\nflashinfer notes:", *notes, sep="\n  ")
-    print(f"\ncuda graph replay max |diff| vs eager: {fmt(graph_diff, '.2e')}")
-    print(json.dumps({"bench": "attention", "device": device_name, "dtype": str(DTYPE),
-                      "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
-                      "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
-                      "decode": decode, "prefill": prefill, "sweep": sweep_rows}))
+    return prefill
 
 
 if __name__ == "__main__":

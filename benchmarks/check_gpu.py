@@ -72,7 +72,7 @@ def engine_logits(runner, prompt):
                   num_batched_tokens=len(prompt), num_prefill_tokens=len(prompt))
     step = runner.packer.pack(batch, None, graph=(EAGER, 0))   # the call below runs no graph
     runner.buffer.upload(step.nbytes)
-    views = runner.buffer.views(step.T, step.B, step.W, step.P, step.S)[2]
+    views = runner.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
     hidden = runner.model(*runner.model_inputs(step, views))
     return runner.model.compute_logits(hidden[step.num_tokens - 1:step.num_tokens])[0]
 

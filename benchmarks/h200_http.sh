@@ -5,7 +5,8 @@
 #   offline  python run.py mode=gpu                        (the engine in-process, wall clock)
 #   http     python -m server + python -m bench            (the same engine behind HTTP, in
 #            its own process; stage http_inproc: --engine-in-process, not run by default)
-#   sim      python -m server --backend sim + python -m bench (the twin: h200 roofline, paced)
+#   sim      python -m server --backend sim + python -m bench (the twin: the fitted H200
+#            calibration, CAL=none for the roofline; paced)
 #   simoff   python run.py mode=sim                        (the twin offline, for reference)
 # then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
 # lacks in .whl/ (fastapi starlette pydantic pydantic-core uvicorn annotated-types
@@ -16,11 +17,14 @@
 set -u
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
-OUT=${OUT:-/tmp/out}; RUNS=/tmp/runs; mkdir -p $OUT $RUNS
-NREQ=${NREQ:-100}; RATES=${RATES:-"6 12 24"}; CK=/tmp/q06; PORT=8000
+OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; mkdir -p $OUT $RUNS
+NREQ=${NREQ:-100}; RATES=${RATES:-"6 12 24"}; CK=/tmp/q06; PORT=${PORT:-8000}
+# the twin: the shipped H200 calibration of this model (CAL= to choose another, CAL=none: roofline)
+CAL=${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json}; SIMCOST=""; SERVECOST=""
+if [ "$CAL" != none ]; then SIMCOST="cost_model=fitted cost_model.path=$CAL"; SERVECOST="--cost-model fitted --calibration $CAL"; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f $CK/config.json ] || python3 -m engine.checkpoint qwen3-0.6b $CK
 RUN="trace=sharegpt trace.num_requests=$NREQ model=qwen3-0.6b hardware=h200 logger=none progress=false"
@@ -48,8 +52,8 @@ for stage in ${STAGES:-http offline sim}; do
            serve --model $CK --served-model-name qwen3-0.6b $flag && for r in $RATES; do
              timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
            done; stop ;;
-  sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
-           serve --backend sim --model qwen3-0.6b --hardware h200 && for r in $RATES; do
+  sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r $SIMCOST hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
+           serve --backend sim --model qwen3-0.6b --hardware h200 $SERVECOST && for r in $RATES; do
              timeout 200 $BENCH --request-rate $r --out $RUNS/sim_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
            done; stop ;;
 esac; echo "   $stage: $(( $(date +%s) - start )) s"; done

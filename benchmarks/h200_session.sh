@@ -6,7 +6,7 @@
 #   STAGES="smoke check steps offline" OUT=/tmp/out bash benchmarks/h200_session.sh
 set -u
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+[ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed; }
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 run() { name=$1; t=$2; shift 2; echo "== $name: $*"; timeout $t "$@" > $OUT/$name.txt 2>&1; rc=$?; echo "rc=$rc";
@@ -27,9 +27,46 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
-  calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py)
+  kernels)  TAIL=6 run kernels_gpu 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
+  online_r16) # the three loads, then the 16 req/s run's step and request records (twin checks)
+            TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online
+            tar czf $OUT/online_runs.tgz -C /tmp/online . ;;
+  calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py);
+            # a copy in /tmp/calib for later calls on this machine (the tree is re-copied each call)
             TAIL=40 run calibrate_q06 300 python3 run.py experiment=calibrate model=qwen3-0.6b hardware=h200
+            mkdir -p /tmp/calib && cp simulator/calibrations/qwen3-0.6b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations.tgz simulator/calibrations ;;
+  calibrate_l8)
+            TAIL=40 run calibrate_l8 400 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200
+            mkdir -p /tmp/calib && cp simulator/calibrations/llama-3.1-8b-h200-tp1.* /tmp/calib/
+            tar czf $OUT/calibrations_l8.tgz simulator/calibrations/llama-3.1-8b-h200-tp1.* ;;
+  fidelity) # the real cells of the fidelity table (capacity from the fitted twin, then the
+            # engine runs); the sim and table stages run on any CPU from the tarball
+            TAIL=30 run fidelity ${FID_T:-540} python3 benchmarks/fidelity/run_fidelity.py --model ${FID_MODEL:-qwen3-0.6b} \
+                --hardware h200 --calibration ${CAL:-/tmp/calib/qwen3-0.6b-h200-tp1.json} --out /tmp/fid \
+                --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
+                --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
+            tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  pairs)    # the fidelity table's policy-effect pairs, both sides on this engine, at the load of
+            # the table's L2 cells (0.9 x the capacity call 2's fitted twin found)
+            TAIL=20 run pairs_sharegpt ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json} --out /tmp/pairs_sg \
+                --traces sharegpt --rates 17.68 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs policy,budget,block_size --stages real
+            TAIL=20 run pairs_mooncake ${FID_T:-300} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json} --out /tmp/pairs_mc \
+                --traces mooncake_conv --rates 18.59 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs prefix_caching,policy --stages real
+            tar czf $OUT/pairs.tgz -C /tmp pairs_sg pairs_mc ;;
   http)     STAGES="http offline sim" NREQ=${NREQ:-100} RATES="${RATES:-6 12 24}" BUDGET=${BUDGET:-200} OUT=$OUT bash benchmarks/h200_http.sh ;;
+  check_tp) TAIL=20 run check_tp 300 python3 benchmarks/check_tp.py --tp 2 ;;
+  blocksize) # attention speed by block size 1-256 -> the H200 hardware yaml and the calibration's
+            TAIL=30 run h200_attention_blocks 150 python3 benchmarks/bench_attention.py --stages blocks \
+                --write-hardware conf/hardware/h200.yaml --write-hardware simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml
+            tar czf $OUT/blocksize_yaml.tgz conf/hardware/h200.yaml simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml ;;
+  gemm)     TAIL=40 run bench_gemm 200 python3 benchmarks/bench_gemm.py ;;
+  gemm_engine) TAIL=30 run bench_gemm_engine 240 python3 benchmarks/bench_gemm.py --stages engine --engine qwen3-0.6b ;;
+  check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
+  attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done

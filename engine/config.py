@@ -46,6 +46,11 @@ class EngineConfig:
         from a CUDA graph (policy.cuda_graphs: decode steps by batch size, mixed
         prefill+decode steps by token count, padded to a captured size); larger steps run
         eagerly. 0 = decode and mixed steps all eager (as enforce_eager).
+    skinny_gemm: on CUDA in bf16 / fp16 with CUDA graphs, measure at start, per linear layer
+        shape (LM head included) and row count up to 64, the Triton skinny GEMM
+        (engine.kernels.skinny_gemm) against torch's matmul under graph replay, and use it
+        where it is faster; False = torch's matmul always (eager engines always use torch:
+        a Triton launch from Python costs more host time than cuBLAS').
     """
     model: str
     dtype: str = "auto"
@@ -64,6 +69,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     attention_backend: str = "auto"
+    skinny_gemm: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -86,6 +92,8 @@ class EngineConfig:
                  f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
                  f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+        _require(isinstance(self.skinny_gemm, bool),
+                 f"skinny_gemm must be true or false, got {self.skinny_gemm!r}")
         # The policy configs check their own fields (block_size, budgets, policy name).
         self.cache_config()
         if self.max_model_len is not None:

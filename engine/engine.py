@@ -297,14 +297,19 @@ class LLMEngine:
                 raise worker_error from error
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers (idempotent; also runs at exit)."""
+        """Stop the tensor-parallel workers and give back the device memory this engine
+        holds (CUDA graphs, KV cache, weights), so that another engine fits in the same
+        process (a sweep over engine settings). Idempotent; also runs at exit. The engine
+        cannot run steps afterwards."""
         workers, self.workers = self.workers, None
+        runner = getattr(self, "model_runner", None)
         if workers is not None:
             atexit.unregister(self.close)
-            runner = getattr(self, "model_runner", None)
             if runner is not None:   # NCCL cannot tear down a communicator that live graphs use
                 runner.graphs.clear()
             workers.close(stop=runner.stop_followers if runner else None)
+        if runner is not None:
+            runner.release()
 
     def __enter__(self):
         return self

@@ -11,6 +11,7 @@ Tensor parallelism: one ModelRunner per rank. Rank 0 packs the step's inputs and
 broadcasts them; the other ranks (engine.distributed) receive them and run the same
 forward, so no rank but 0 ever sees a Batch.
 """
+import gc
 import time
 from dataclasses import dataclass
 
@@ -100,6 +101,11 @@ class ModelRunner:
                                              self.dtype, config.max_num_seqs, self.max_blocks,
                                              self.device)
         self.num_blocks = self.allocate_kv_cache(self.profile())
+        self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
+        if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
+                and not config.enforce_eager and backend != "torch"):
+            from engine.kernels.skinny_gemm import choose_skinny_gemm
+            self.skinny_report = choose_skinny_gemm(self.model)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same
@@ -110,8 +116,18 @@ class ModelRunner:
             # mixed steps need the triton kernels' tile list; flashinfer plans them eagerly
             self.capture_graphs(mixed=backend == "triton")
 
+    def release(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
+        the device (LLMEngine.close): the runner cannot run steps afterwards."""
+        self.graphs.clear()
+        self.model = self.kv_cache = self.last_tokens = self.planner = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def make_packer(self) -> StepPacker:
-        from engine.kernels.launch import choose_num_splits, prefill_tile_tokens
+        from engine.kernels.launch import decode_work_capacity, prefill_tile_tokens
         cfg, mc = self.config, self.model_config
         kv_heads = mc.num_kv_heads_per_rank(self.tp_size)
         tile = prefill_tile_tokens(mc.num_attention_heads, mc.num_key_value_heads, self.dtype)
@@ -119,10 +135,10 @@ class ModelRunner:
                if self.device.type == "cuda" else 132)
         max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         buffer = StepBuffer(max_tokens, cfg.max_num_seqs, self.max_blocks,
-                            -(-max_tokens // tile) + cfg.max_num_seqs, self.device)
+                            -(-max_tokens // tile) + cfg.max_num_seqs,
+                            decode_work_capacity(cfg.max_num_seqs, kv_heads, sms), self.device)
         return StepPacker(buffer, self.block_size, self.max_blocks, cfg.max_num_seqs,
-                          cfg.max_model_len, mc.vocab_size, tile,
-                          lambda rows, ctx: choose_num_splits(max(rows, 1), kv_heads, ctx, sms), rank=self.rank)
+                          cfg.max_model_len, mc.vocab_size, tile, kv_heads, sms, rank=self.rank)
 
     # ---- startup --------------------------------------------------------------------
 
@@ -225,7 +241,7 @@ class ModelRunner:
         for kind, size in sorted(todo, key=lambda ks: -ks[1]):
             step = self.graph_step(kind, size)
             self.buffer.upload(step.nbytes)
-            views = self.buffer.views(step.T, step.B, step.W, step.P, step.S)[2]
+            views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
             input_ids, positions, meta = self.model_inputs(step, views)
             self.model(input_ids, positions, meta)        # warm-up: JIT, allocator
             graph = torch.cuda.CUDAGraph()
@@ -271,8 +287,8 @@ class ModelRunner:
             begin.record()
         self.buffer.upload(step.nbytes)        # the step's one host -> device copy
         if step.F:   # input tokens the previous step sampled: device to device, before the
-            views = self.buffer.views(step.T, step.B, step.W, step.P, step.S, step.F)[2]
-            views[0].index_copy_(0, views[11], self.last_tokens.index_select(0, views[12]))
+            views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S, step.F)[2]
+            views[0].index_copy_(0, views[13], self.last_tokens.index_select(0, views[14]))
         if self.tp_size > 1:                   # ... broadcast, so followers never need them
             self.broadcast(step)
         if cuda:
@@ -314,7 +330,8 @@ class ModelRunner:
         return out
 
     def model_inputs(self, step: Step, views: list[torch.Tensor]):
-        input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables, tiles = views[:7]
+        (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables, tiles,
+         decode_work, decode_index) = views[:9]
         # a graph serves every later batch of its size: let attention size for the longest
         max_context_len = self.config.max_model_len if step.graph else step.max_context_len
         wrapper = self.plan_attention(step) if self.planner is not None else None
@@ -324,7 +341,8 @@ class ModelRunner:
                                  num_decode_tokens=step.num_decode_tokens,
                                  decode_rows=step.decode_rows,
                                  prefill_tiles=tiles if step.P else None,
-                                 num_splits=step.num_splits, wrapper=wrapper)
+                                 decode_work=(decode_work, decode_index) if step.D else None,
+                                 wrapper=wrapper)
         return input_ids, positions, meta
 
     def plan_attention(self, step: Step):
@@ -332,7 +350,7 @@ class ModelRunner:
         return the wrapper to run (for a graph step, the wrapper its graph captured)."""
         if self.rank > 0:   # followers receive the step on the device only
             self.buffer.download(step.nbytes)
-        host = self.buffer.views(step.T, step.B, step.W, step.P, step.S)[1]
+        host = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[1]
         context_lens, query_start_loc, block_tables = host[3:6]
         if self.plan_sent is not None:   # the last plan's uploads read the pinned arrays we rewrite
             self.plan_sent.synchronize()
@@ -347,7 +365,7 @@ class ModelRunner:
     def forward(self, step: Step) -> torch.Tensor | None:
         """Queue the model on the uploaded step, the logits of the sampled rows and (rank 0)
         sampling. Returns the sampled tokens (device, logits order; rank 0) or None. No sync."""
-        views = self.buffer.views(step.T, step.B, step.W, step.P, step.S, step.F)[2]
+        views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S, step.F)[2]
         if step.graph:
             graph, hidden = self.graphs[step.key]
             if self.planner is not None:   # flashinfer: re-plan the graph's wrapper first
@@ -355,7 +373,7 @@ class ModelRunner:
             graph.replay()
         else:
             hidden = self.model(*self.model_inputs(step, views))
-        logits_rows, temperatures, top_k, top_p = views[7:11]
+        logits_rows, temperatures, top_k, top_p = views[9:13]
         if not step.S:
             return None
         logits = self.model.compute_logits(hidden.index_select(0, logits_rows))

@@ -17,6 +17,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from engine.kernels.launch import decode_work_capacity, plan_decode_work
 from engine.sampler import SamplingTensors, row_seed
 from engine.sampling_params import SamplingParams
 from policy import Batch, Sequence
@@ -28,10 +29,11 @@ HEADER_BYTES = HEADER_SLOTS * 8
 GREEDY = SamplingParams(temperature=0.0)
 
 # The step's inputs, in buffer order: name, numpy dtype, shape in terms of T (tokens),
-# B (sequences), W (block-table width), P (prefill tiles), S (sampled sequences) and F
+# B (sequences), W (block-table width), P (prefill tiles), D (decode work items: the
+# split-KV plan of engine.kernels.launch.plan_decode_work), S (sampled sequences) and F
 # (input tokens the previous step sampled and the host has not seen yet: asynchronous
 # scheduling). What a CUDA graph reads comes first, so its addresses depend only on the
-# graph's (T, B, W, P).
+# graph's (T, B, W, P, D).
 FIELDS = (
     ("input_ids", np.int64, "T"),
     ("positions", np.int64, "T"),
@@ -40,6 +42,8 @@ FIELDS = (
     ("query_start_loc", np.int32, "B+1"),
     ("block_tables", np.int32, "B,W"),
     ("prefill_tiles", np.int32, "P,2"),   # (sequence, query tile) per prefill program
+    ("decode_work", np.int32, "D,4"),     # (sequence, first, end, shares) per split-KV item
+    ("decode_index", np.int32, "B,2"),    # (first item, shares) per decode sequence
     ("logits_rows", np.int64, "S"),       # row of each sampled sequence's last token
     ("temperatures", np.float32, "S"),
     ("top_k", np.int64, "S"),
@@ -50,9 +54,10 @@ FIELDS = (
 TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
 
 
-def layout(T: int, B: int, W: int, P: int, S: int, F: int = 0) -> tuple[list[tuple[int, tuple]], int]:
+def layout(T: int, B: int, W: int, P: int, D: int, S: int, F: int = 0) -> tuple[list[tuple[int, tuple]], int]:
     """Byte offset and shape of each field (after the header), and the total size."""
-    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "P,2": (P, 2), "S": (S,), "F": (F,)}
+    dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "P,2": (P, 2), "D,4": (D, 4),
+            "B,2": (B, 2), "S": (S,), "F": (F,)}
     spans, offset = [], HEADER_BYTES
     for _, dtype, dim in FIELDS:
         shape = dims[dim]
@@ -66,8 +71,8 @@ class StepBuffer:
     the host side and sent with ONE copy; the device tensors are typed views into the twin."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, max_tiles: int,
-                 device: torch.device):
-        nbytes = layout(max_tokens, max_seqs, max_blocks, max_tiles, max_seqs, max_seqs)[1]
+                 max_work: int, device: torch.device):
+        nbytes = layout(max_tokens, max_seqs, max_blocks, max_tiles, max_work, max_seqs, max_seqs)[1]
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
         self.host_np = self.host.numpy()
@@ -75,16 +80,16 @@ class StepBuffer:
         self.header = self.host_np[:HEADER_BYTES].view(np.int64)
         self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
 
-    def views(self, T: int, B: int, W: int, P: int, S: int, F: int = 0
+    def views(self, T: int, B: int, W: int, P: int, D: int, S: int, F: int = 0
               ) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
         """Size and (numpy, torch) views of each field for these shapes. Cached: making
         a dozen views costs more than packing a decode step."""
-        key = (T, B, W, P, S, F)
+        key = (T, B, W, P, D, S, F)
         found = self.cache.get(key)
         if found is None:
             if len(self.cache) >= 4096:
                 self.cache.clear()
-            spans, nbytes = layout(T, B, W, P, S, F)
+            spans, nbytes = layout(T, B, W, P, D, S, F)
             sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
             host = [self.host_np[o:o + n].view(dt).reshape(shape)
                     for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
@@ -145,7 +150,7 @@ class BlockTableMirror:
 class Step:
     """Host-side facts about one packed step (its tensors are in the StepBuffer).
     `graph` is "decode" / "mixed" (replay the graph captured for that kind and size T) or
-    "eager"; T, B, W, P are the padded shapes the buffer holds."""
+    "eager"; T, B, W, P, D are the padded shapes the buffer holds."""
     T: int
     B: int
     W: int
@@ -155,7 +160,7 @@ class Step:
     max_context_len: int
     num_decode_tokens: int
     decode_rows: int                       # sequences the decode kernel scans
-    num_splits: int
+    D: int                                 # decode work items (split-KV plan capacity)
     graph: int                             # 0 eager, 1 decode graph, 2 mixed graph
     nbytes: int
     F: int = 0                             # input tokens fixed up from the previous step
@@ -168,7 +173,7 @@ class Step:
 
     def header(self, cmd: int) -> list[int]:
         return [cmd, self.T, self.B, self.W, self.P, self.S, self.max_query_len, self.max_context_len,
-                self.num_decode_tokens, self.decode_rows, self.num_splits, self.graph, self.nbytes,
+                self.num_decode_tokens, self.decode_rows, self.D, self.graph, self.nbytes,
                 self.F]
 
     @classmethod
@@ -193,23 +198,27 @@ class StepPacker:
     every step runs eagerly at its exact shape)."""
 
     def __init__(self, buffer: StepBuffer, block_size: int, max_blocks: int, max_num_seqs: int,
-                 max_model_len: int, vocab_size: int, tile_tokens: int, split_rule, rank: int = 0):
+                 max_model_len: int, vocab_size: int, tile_tokens: int, num_kv_heads: int,
+                 num_sms: int, rank: int = 0):
         self.buffer, self.block_size, self.max_blocks = buffer, block_size, max_blocks
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.vocab_size, self.tile_tokens, self.rank = vocab_size, tile_tokens, rank
-        self.split_rule = split_rule     # (decode rows, longest context) -> split-KV factor
+        self.num_kv_heads, self.num_sms = num_kv_heads, num_sms   # the split-KV plan's inputs
         self.decode_sizes: list[int] = []
         self.mixed_sizes: list[int] = []
         self.block_tables = BlockTableMirror(2 * max_num_seqs + 2, max_blocks)
 
+    def work_capacity(self, decode_rows: int) -> int:
+        """Decode work items a step with this many decode rows can need (0: no decode)."""
+        return decode_work_capacity(decode_rows, self.num_kv_heads, self.num_sms) if decode_rows else 0
+
     def graph_shape(self, kind: int, size: int) -> tuple[int, int, int, int, int]:
-        """(T, B, W, P, num_splits) of a captured graph of this kind and size."""
+        """(T, B, W, P, D) of a captured graph of this kind and size."""
         if kind == DECODE_GRAPH:
-            return size, size, self.max_blocks, 0, self.split_rule(size, self.max_model_len)
+            return size, size, self.max_blocks, 0, self.work_capacity(size)
         rows = min(size, self.max_num_seqs)
         tiles = -(-size // self.tile_tokens) + rows
-        # a mixed step carries fewer decodes than rows: split as for a batch of <= 64
-        return size, rows, self.max_blocks, tiles, self.split_rule(min(rows, 64), self.max_model_len)
+        return size, rows, self.max_blocks, tiles, self.work_capacity(rows)
 
     def pack(self, batch: Batch, sampling_params: list[SamplingParams] | None,
              pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
@@ -244,12 +253,12 @@ class StepPacker:
             graph, size = graph
         max_ctx = int(ctx.max()) if B else 0
         if graph:
-            Tp, Bp, W, P, splits = self.graph_shape(graph, size)
+            Tp, Bp, W, P, D = self.graph_shape(graph, size)
             decode_rows = Bp
         else:
             Tp, Bp, W, P = T, B, int(num_ctx_blocks.max()) if B else 1, num_tiles
             decode_rows = num_decode
-            splits = self.split_rule(num_decode, max_ctx) if num_decode else 1
+            D = self.work_capacity(num_decode)
         sampled = list(range(B)) if samples.count(True) == B else [j for j in range(B) if samples[j]]
         S = len(sampled)
         fixed = []   # sequences whose last input token the previous step sampled (still on the device)
@@ -258,9 +267,10 @@ class StepPacker:
             fixed = [i for i, (s, c, n) in enumerate(zip(seqs, starts, q_lens))
                      if c + n == s.num_tokens and get(s.seq_id) is not None]
         F = len(fixed)
-        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, S, F)
+        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, D, S, F)
         (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
-         prefill_tiles, logits_rows, temperatures, top_k, top_p, fix_rows, fix_src) = host
+         prefill_tiles, decode_work, decode_index, logits_rows, temperatures, top_k, top_p,
+         fix_rows, fix_src) = host
 
         query_start_loc[0] = 0
         np.cumsum(q, out=query_start_loc[1:B + 1])
@@ -287,6 +297,10 @@ class StepPacker:
             prefill_tiles[num_tiles:] = -1
         self._pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
                   query_start_loc, block_tables)
+        if D:   # the split-KV plan; a decode graph's padding rows too, so no row is left junk
+            n = Bp if graph == DECODE_GRAPH else num_decode
+            plan_decode_work(context_lens[:n], self.num_kv_heads, self.num_sms, decode_work, decode_index)
+            decode_index[n:] = 0    # prefill and padding rows: nothing to merge
         logits_rows[:] = query_start_loc[1:][sampled] - 1
         if F:
             fix_rows[:] = query_start_loc[1:][fixed] - 1
@@ -296,7 +310,7 @@ class StepPacker:
         if self.rank == 0:
             sampling = self.pack_sampling(sampling_params, seqs, sampled, temperatures, top_k, top_p)
         return Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
-                    splits, graph, nbytes, F, T, order, sampled, sampling)
+                    D, graph, nbytes, F, T, order, sampled, sampling)
 
     @staticmethod
     def _pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,

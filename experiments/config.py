@@ -70,7 +70,8 @@ class EngineSettings:
         mixed graphs: policy.cuda_graphs); the simulator pads steps by the same rule (0 with
         enforce_eager).
     async_scheduling: form step N+1 while step N runs (None: on); the simulator follows
-        the same setting."""
+        the same setting.
+    skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig)."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
@@ -79,6 +80,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
+    skinny_gemm: bool = True
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),

@@ -86,7 +86,8 @@ def replay_sim(rc: RunConfig) -> Replay:
     check_requests(requests, rc, num_blocks)
     graphs = CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
                                    rc.engine.graph_limit)
-    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp, graphs=graphs)
+    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp, graphs=graphs,
+                                  block_size=rc.cache.block_size)
     sim = Simulator(rc.scheduler, rc.cache, cost_model, num_blocks,
                     num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed,
                     async_scheduling=rc.engine.async_on)
@@ -212,7 +213,8 @@ def engine_kwargs(rc: RunConfig) -> dict:
                 cuda_graph_max_tokens=rc.engine.cuda_graph_max_tokens,
                 tensor_parallel_size=rc.engine.tensor_parallel_size,
                 attention_backend=rc.engine.attention_backend,
-                async_scheduling=rc.engine.async_scheduling, seed=rc.seed)
+                async_scheduling=rc.engine.async_scheduling, skinny_gemm=rc.engine.skinny_gemm,
+                seed=rc.seed)
 
 
 def build_engine(rc: RunConfig):

@@ -49,7 +49,7 @@ def twin_executor(model_name: str, hf_config: dict, hardware: dict, cost_model: 
     hw = HardwareSpec(**hardware)
     graphs = CudaGraphs.for_engine(max_num_seqs, max_num_batched_tokens, graph_limit)
     cost = build_cost_model(CostModelConfig(kind=cost_model, path=calibration), spec, hw,
-                            tp=tp, graphs=graphs)
+                            tp=tp, graphs=graphs, block_size=block_size)
     cost.reset()
     num_blocks = kv_pool_blocks(spec, hw, block_size, gpu_memory_utilization, tp=tp)
     return SimExecutor(cost, salt), num_blocks

@@ -30,7 +30,9 @@ from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, STEP_KIND
 from policy import Batch, Sequence
 from simulator.hardware import HardwareSpec
 
-# Features a profile made by an older grid may lack (fitted without them, said so).
+# Features a profile made by an older grid may lack (fitted without them, said so), and
+# that each step kind's fit tries in and out (kept where shapes not fitted on say so: with the
+# balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
 OPTIONAL_FEATURES = ("max_context_tokens",)
 
 # The roofline parameters a profile determines, with the range searched for each.
@@ -167,7 +169,8 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
             continue
-        kinds[kind] = fit_kind(train, test, [f for f in FITTED_FEATURES[kind] if f in profile.columns])
+        kinds[kind] = fit_kind(train, test, [f for f in FITTED_FEATURES[kind] if f in profile.columns],
+                               optional=OPTIONAL_FEATURES)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -184,17 +187,21 @@ def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGrap
 
 
 def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: int,
-                 graphs: CudaGraphs, sweeps: int = 4) -> tuple[HardwareSpec, dict]:
+                 graphs: CudaGraphs, sweeps: int = 4,
+                 block_size: int | None = None) -> tuple[HardwareSpec, dict]:
     """The roofline's efficiencies and fixed costs (HARDWARE_FIT) that minimise its mean
     relative error on the profile's train rows (coordinate search over a log grid per
     parameter), and the host overheads (`fit_host`). Returns the fitted spec and its mean
-    relative error per step kind on the held-out rows."""
+    relative error per step kind on the held-out rows. `block_size`: the engine's KV block
+    size in the profile, which the fitted efficiencies then describe
+    (`attention_reference_block`; the spec's own if None)."""
     train = profile[profile["split"] == "train"]
     rows, times = train.to_dict("records"), train["device_s"].to_numpy(float)
     host = fit_host(profile)
     best = dataclasses.replace(hw, step_overhead_s=host["launch_s"], seq_overhead_s=host["launch_seq_s"],
                                update_overhead_s=host["receive_s"],
-                               update_seq_overhead_s=host["receive_seq_s"])
+                               update_seq_overhead_s=host["receive_seq_s"],
+                               attention_reference_block=block_size or hw.attention_reference_block)
     err = roofline_error(model, best, tp, graphs, rows, times)
     for _ in range(sweeps):
         for name, (lo, hi) in HARDWARE_FIT.items():
@@ -216,13 +223,13 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
     """The held-out error per step kind (and the fitted roofline's, if given)."""
-    print(f"{'kind':<7} {'form':<9} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
-          + ("  roofline MAPE" if roofline else "") + "  (other form: held-out MAPE)")
+    print(f"{'kind':<7} {'variant':<36} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+          + ("  roofline MAPE" if roofline else "") + "  (other variants: held-out MAPE)")
     for kind, fit in calib["kinds"].items():
         held = fit.get("held_out", {})
-        form = fit.get("form", "")
+        form = fit.get("variant", fit.get("form", ""))
         others = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fit.get("forms", {}).items() if k != form)
-        line = (f"{kind:<7} {form:<9} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+        line = (f"{kind:<7} {form:<36} {fit['train']['n']:>8} {held.get('n', 0):>7} "
                 f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
                 f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
         if roofline:
@@ -299,7 +306,8 @@ def main(argv=None):
         e = meta.get("engine", {})
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
-        fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs)
+        fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs,
+                                      block_size=e.get("block_size"))
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     if args.check_steps:

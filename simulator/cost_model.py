@@ -14,6 +14,7 @@ around it (`host`: before the launch, after the tokens arrive). The simulator's 
   the same steps: the policy-equivalence check.
 """
 import json
+import logging
 import math
 import pathlib
 from abc import ABC, abstractmethod
@@ -33,6 +34,7 @@ if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simula
 CALIBRATION_FORMAT = "twinserve-calibration/2"
 STEP_KINDS = ("decode", "mixed", "eager")   # how the engine runs a step (policy.cuda_graphs)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -210,10 +212,13 @@ class RooflineCostModel(CostModel):
     Cd: decode context tokens, Pp: causal query-key pairs of prefill chunks, Ckv: their
     context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
     layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
+    The decode and prefill attention terms are multiplied by the hardware's measured cost
+    of the run's KV block size relative to the block its efficiencies describe
+    (`HardwareSpec.attention_block_factor`; 1.0 without measurements or block_size=None).
     """
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                 graphs: CudaGraphs = CudaGraphs()):
+                 graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None):
         model.check_tp(tp)
         _require(tp == 1 or hw.interconnect_gbs > 0,
                  f"hardware {hw.name!r} has interconnect_gbs=0: cannot model tp={tp}")
@@ -228,6 +233,9 @@ class RooflineCostModel(CostModel):
         heads_per_rank = model.num_heads // tp
         self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
         self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
+        block = hw.attention_reference_block if block_size is None else block_size
+        self.decode_attn_factor = hw.attention_block_factor("decode", block)
+        self.prefill_attn_factor = hw.attention_block_factor("prefill", block)
         if tp > 1:
             self.allreduce_fixed_s = 2 * model.num_layers * hw.allreduce_latency_s
             self.allreduce_token_s = (2 * model.num_layers * 2 * (tp - 1) / tp
@@ -249,10 +257,10 @@ class RooflineCostModel(CostModel):
         if sampled:
             t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
         decode_ctx = f["decode_context_tokens"]
-        t += max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
+        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
         if f["prefill_kv_tokens"]:
-            t += max(self.attn_flop_s * f["prefill_attention_pairs"],
-                     self.kv_read_s * f["prefill_kv_tokens"])
+            t += self.prefill_attn_factor * max(self.attn_flop_s * f["prefill_attention_pairs"],
+                                                self.kv_read_s * f["prefill_kv_tokens"])
         if self.tp > 1:
             t += self.allreduce_fixed_s + self.allreduce_token_s * rows
         if kind == "eager":
@@ -270,6 +278,9 @@ FITTED_FEATURES = {
     "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
               "max_context_tokens"],
 }
+# Which attention kernel's time each fitted feature measures (what a block size scales).
+ATTENTION_FEATURES = {"decode_context_tokens": "decode", "max_context_tokens": "decode",
+                      "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
 
 
 def hat_basis(x: np.ndarray, knots: list) -> np.ndarray:
@@ -300,6 +311,9 @@ class FittedCostModel(CostModel):
     the graph sizes; form "linear": the smallest and largest; `fit_kind` keeps the form
     with the lower held-out error);
     features: FITTED_FEATURES (attention and sampling work). Host costs come from the file.
+    Given the hardware and the run's block size, each attention coefficient is scaled by
+    cost(run's block) / cost(block profiled) of its kernel (ATTENTION_FEATURES, the
+    hardware's `attention_block_cost`): the profile measured attention at one block size.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
 
@@ -312,7 +326,8 @@ class FittedCostModel(CostModel):
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
-                 graphs: CudaGraphs = CudaGraphs()):
+                 graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
+                 block_size: int | None = None):
         _require(calibration.get("format") == CALIBRATION_FORMAT,
                  f"{source}: format is {calibration.get('format')!r}, expected {CALIBRATION_FORMAT!r} "
                  "(make one with `python -m experiments.calibrate`)")
@@ -329,12 +344,30 @@ class FittedCostModel(CostModel):
                                 [(name, float(c)) for name, c in fit["coefficients"].items()])
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.host = HostCosts(**calibration.get("host", {}))
+        self.attn_factors = self._block_factors(hw, block_size)
+        for kind, (knots, base, terms) in self.kinds.items():
+            terms = [(name, coef * self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0))
+                     for name, coef in terms]
+            self.kinds[kind] = (knots, base, terms)
+
+    def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
+        """{"decode": f, "prefill": f}: the run's block size against the profiled one
+        (the calibration's engine.block_size; 16, the engine's default, if not recorded,
+        as for its other engine settings)."""
+        if hw is None or block_size is None or not hw.attention_block_cost:
+            return {}
+        profiled = (self.calibration.get("engine") or {}).get("block_size", 16)
+        _require(isinstance(profiled, int) and profiled >= 1,
+                 f"{self.source}: engine.block_size must be an integer >= 1, got {profiled!r}")
+        return {kernel: hw.attention_block_factor(kernel, block_size) / hw.attention_block_factor(kernel, profiled)
+                for kernel in hw.attention_block_cost}
 
     @classmethod
-    def load(cls, path, graphs: CudaGraphs = CudaGraphs()) -> "FittedCostModel":
+    def load(cls, path, graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
+             block_size: int | None = None) -> "FittedCostModel":
         path = pathlib.Path(path)
         with open(path) as f:
-            return cls(json.load(f), source=str(path), graphs=graphs)
+            return cls(json.load(f), source=str(path), graphs=graphs, hw=hw, block_size=block_size)
 
     def predict(self, f: dict) -> float:
         kind, rows = self.graphs.rows(f)
@@ -374,21 +407,30 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str]) -> dict:
-    """One step kind, its form chosen by measurement: the base is fitted either piecewise
-    linear through every distinct computed-token count of `train` ("piecewise": each CUDA
-    graph size its own cost) or linear between the smallest and largest ("linear"), with
-    non-negative feature coefficients, by least squares on relative error (each row
-    weighted 1 / its time, so small steps count as much as large ones). The form with the
-    lower error on `test` (shapes not fitted on; `train` if there are none) is kept;
-    `forms` records both errors."""
+def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
+             optional: tuple[str, ...] = ()) -> dict:
+    """One step kind, its form and features chosen by measurement: the base is fitted either
+    piecewise linear through every distinct computed-token count of `train` ("piecewise":
+    each CUDA graph size its own cost) or linear between the smallest and largest
+    ("linear"), with non-negative feature coefficients, by least squares on relative error
+    (each row weighted 1 / its time, so small steps count as much as large ones); each
+    `optional` feature is tried in and out. The variant with the lower error on `test`
+    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, more
+    features); `variant` names it and `forms` records every variant's error."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
-    fits = {form: _fit_base(train, test, features, knots) for form, knots in candidates.items()}
+    feature_sets = {"": features}
+    for f in optional:
+        if f in features:
+            feature_sets[f" without {f}"] = [x for x in features if x != f]
+    fits = {form + label: (form, _fit_base(train, test, fs, knots))
+            for form, knots in candidates.items() for label, fs in feature_sets.items()}
+
     def score(fit):
         return fit.get("held_out", fit["train"])["mape"]
-    form = min(fits, key=lambda k: (score(fits[k]), k != "piecewise"))
-    return {**fits[form], "form": form, "forms": {k: score(v) for k, v in fits.items()}}
+    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", len(k)))
+    form, fit = fits[best]
+    return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
 
 
 def _fit_base(train, test, features: list[str], knots: list[int]) -> dict:
@@ -524,14 +566,22 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                     graphs: CudaGraphs = CudaGraphs()) -> CostModel:
-    """The cost model `cfg` names. A calibration must be for this model and tp."""
+                     graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None) -> CostModel:
+    """The cost model `cfg` names. A calibration must be for this model and tp. `block_size`:
+    the run's KV block size, whose attention speed the hardware's `attention_block_cost`
+    states (None: the block size the costs were measured at); one outside a kernel's
+    measured sizes is logged (it takes the nearest measured size's cost)."""
+    for kernel, table in hw.attention_block_cost.items():
+        if block_size is not None and cfg.kind != "replay" and not min(table) <= block_size <= max(table):
+            nearest = min(table) if block_size < min(table) else max(table)
+            log.warning(f"hardware {hw.name!r}: attention_block_cost.{kernel} was measured at block sizes "
+                        f"{min(table)}-{max(table)}; block {block_size} takes block {nearest}'s cost")
     if cfg.kind == "roofline":
-        return RooflineCostModel(model, hw, tp, graphs)
+        return RooflineCostModel(model, hw, tp, graphs, block_size)
     path = _resolve(cfg.path)
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)
-    fitted = FittedCostModel.load(path, graphs)
+    fitted = FittedCostModel.load(path, graphs, hw, block_size)
     calib = fitted.calibration
     _require(_same_model(str(calib.get("model", "")), model.name),
              f"{path}: calibrated for model {calib.get('model')!r}, not {model.name!r}")

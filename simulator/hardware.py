@@ -3,9 +3,15 @@ memory, the interconnect, and the CPU-side costs of one engine step.
 
 `conf/hardware/<name>.yaml` holds exactly these fields (`HardwareSpec(**yaml)`).
 """
+import math
 from dataclasses import dataclass
+from typing import Any
 
 GiB = 1 << 30
+# The attention kernels whose speed by KV block size a hardware file may state
+# (`attention_block_cost`): the split-KV decode kernel and the prefill kernel (prompt chunks,
+# the prefill half of a mixed step).
+ATTENTION_KERNELS = ("decode", "prefill")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -41,6 +47,16 @@ class HardwareSpec:
         (receive them, update the policy): fixed, and per scheduled sequence.
     Host time runs concurrently with the device under asynchronous scheduling; the
     simulator's step loop (policy.step_loop) charges what the device does not hide.
+    attention_block_cost: how the paged-attention kernels' time depends on the KV block
+        size: {"decode": {block_size: relative time}, "prefill": {...}}, measured by
+        `benchmarks/bench_attention.py --stages blocks` (time at each block size / time at
+        block 16, the same work). None, or a kernel left out: no effect (1.0). Between
+        measured sizes the cost is interpolated in log(block) and log(cost); outside them
+        the nearest measured size's cost holds.
+    attention_reference_block: the block size the efficiencies above describe (the engine's
+        block size in the profile they were fitted on; 16, the engine's default, for
+        datasheet leads). A run at block b scales attention time by
+        cost(b) / cost(attention_reference_block): `attention_block_factor`.
     """
     name: str
     peak_tflops: float
@@ -59,6 +75,8 @@ class HardwareSpec:
     seq_overhead_s: float = 5e-6
     update_overhead_s: float = 0.1e-3
     update_seq_overhead_s: float = 1e-6
+    attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
+    attention_reference_block: int = 16
 
     def __post_init__(self):
         for field in ("peak_tflops", "hbm_bandwidth_gbs", "memory_gib"):
@@ -72,6 +90,12 @@ class HardwareSpec:
                       "update_overhead_s", "update_seq_overhead_s"):
             value = getattr(self, field)
             _require(value >= 0, f"hardware {self.name!r}: {field} must be >= 0, got {value!r}")
+        ref = self.attention_reference_block
+        _require(isinstance(ref, int) and not isinstance(ref, bool) and ref >= 1,
+                 f"hardware {self.name!r}: attention_reference_block must be an integer >= 1, got {ref!r}")
+        # frozen: store the checked, plain copy (None, as YAML's null, is "nothing measured")
+        cost = {} if self.attention_block_cost is None else self.attention_block_cost
+        object.__setattr__(self, "attention_block_cost", check_block_cost(cost, f"hardware {self.name!r}"))
 
     @property
     def flops(self) -> float:
@@ -92,6 +116,14 @@ class HardwareSpec:
         """Achievable bytes/s of paged KV reads."""
         return self.hbm_bandwidth_gbs * 1e9 * self.attention_bandwidth_efficiency
 
+    def attention_block_factor(self, kernel: str, block_size: int) -> float:
+        """Time of the `kernel` ("decode" | "prefill") attention at `block_size` over its time
+        at `attention_reference_block`, the same work (1.0 where nothing was measured)."""
+        table = self.attention_block_cost.get(kernel)
+        if not table:
+            return 1.0
+        return block_cost(table, block_size) / block_cost(table, self.attention_reference_block)
+
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GiB)
@@ -99,6 +131,50 @@ class HardwareSpec:
     def host_costs(self) -> "HostCosts":
         return HostCosts(self.step_overhead_s, self.seq_overhead_s, self.update_overhead_s,
                          self.update_seq_overhead_s)
+
+
+def check_block_cost(value, where: str) -> dict:
+    """`attention_block_cost` checked and made plain: {kernel: {int block size: float cost}},
+    sizes ascending. Raises ValueError (one line, naming `where`) for anything else."""
+    name = f"{where}: attention_block_cost"
+    _require(isinstance(value, dict), f"{name} must be a mapping of {ATTENTION_KERNELS} to "
+             f"{{block_size: relative time}}, got {value!r}")
+    out = {}
+    for kernel, table in value.items():
+        _require(kernel in ATTENTION_KERNELS, f"{name} has unknown key {kernel!r} (known: "
+                 f"{', '.join(ATTENTION_KERNELS)})")
+        _require(isinstance(table, dict) and len(table) > 0,
+                 f"{name}.{kernel} must be a non-empty mapping of block size to relative time, got {table!r}")
+        clean = {}
+        for size, cost in table.items():
+            try:
+                block = int(size)
+                ok = block >= 1 and str(block) == str(size).strip()
+            except (TypeError, ValueError):
+                ok = False
+            _require(ok, f"{name}.{kernel} has key {size!r}: block sizes must be integers >= 1")
+            _require(block not in clean, f"{name}.{kernel} gives block size {block} twice")
+            _require(isinstance(cost, (int, float)) and not isinstance(cost, bool)
+                     and math.isfinite(cost) and cost > 0,
+                     f"{name}.{kernel}[{block}] must be a number > 0, got {cost!r}")
+            clean[block] = float(cost)
+        out[kernel] = dict(sorted(clean.items()))
+    return out
+
+
+def block_cost(table: dict, block_size: int) -> float:
+    """Relative cost at `block_size` from a {block size: cost} table (ascending keys):
+    interpolated linearly in (log block, log cost) between measured sizes, the nearest
+    measured cost outside them."""
+    sizes = list(table)
+    if block_size <= sizes[0]:
+        return table[sizes[0]]
+    if block_size >= sizes[-1]:
+        return table[sizes[-1]]
+    hi = next(i for i, s in enumerate(sizes) if s >= block_size)
+    lo_size, hi_size = sizes[hi - 1], sizes[hi]
+    w = math.log(block_size / lo_size) / math.log(hi_size / lo_size)
+    return math.exp((1 - w) * math.log(table[lo_size]) + w * math.log(table[hi_size]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere
 
+import gc
 import json
 import random
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -256,6 +258,19 @@ def test_reset_forgets_requests_and_the_prefix_cache(checkpoints, reference):
     llm.add_request(PROMPTS[0], GREEDY)
     with pytest.raises(RuntimeError, match="idle"):
         llm.reset()
+
+
+def test_close_gives_back_the_weights_and_kv_cache(checkpoints):
+    """close() releases what the engine holds on the device (a sweep builds one engine per
+    setting in one process): nothing keeps the weights or the KV pool alive afterwards."""
+    llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=64, max_model_len=64, block_size=4)
+    llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    runner = llm.model_runner
+    weight = weakref.ref(next(runner.model.parameters()))
+    kv = weakref.ref(runner.kv_cache)
+    llm.close()
+    gc.collect()
+    assert weight() is None and kv() is None
 
 
 def test_scheduler_receive_is_the_only_writer_of_sampled_tokens(checkpoints):

@@ -15,12 +15,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import random  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
                             paged_prefill_attention, store_kvcache)
-from engine.kernels.launch import MAX_SPLITS, MIN_TOKENS_PER_SPLIT  # noqa: E402
+from engine.kernels.launch import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT,  # noqa: E402
+                                   decode_work_capacity, plan_decode_work)
 from engine.kernels.paged_attention import _decode_kernel  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
@@ -194,6 +196,61 @@ def test_choose_num_splits_fills_the_gpu_without_tiny_splits():
     splits = [choose_num_splits(b, 8, 4096, sms) for b in (1, 2, 4, 16, 64, 256)]
     assert splits == sorted(splits, reverse=True)
     assert all(1 <= s <= MAX_SPLITS for s in splits)
+
+
+def test_decode_work_plan_partitions_every_context():
+    """plan_decode_work: each decode sequence's items tile [0, context) in order without gaps
+    or overlaps, no item is longer than the plan's share, at most MAX_SPLITS shares a
+    sequence, never more items than decode_work_capacity, and unused items are marked."""
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 300)
+        sms, kv_heads = rng.choice([(132, 8), (132, 1), (78, 4), (4, 2)])
+        ctx = np.array([rng.choice([1, rng.randint(1, 200), rng.randint(1, 40000)]) for _ in range(n)])
+        cap = decode_work_capacity(n, kv_heads, sms)
+        items = np.full((cap + 3, 4), 7, dtype=np.int32)
+        index = np.full((n, 2), 7, dtype=np.int32)
+        count = plan_decode_work(ctx, kv_heads, sms, items, index)
+        assert count <= cap and (items[count:, 0] == -1).all()
+        lengths = items[:count, 2] - items[:count, 1]
+        assert (lengths > 0).all()
+        for b in range(n):
+            first, shares = index[b]
+            mine = items[first:first + shares]
+            assert 1 <= shares <= MAX_SPLITS and (mine[:, 0] == b).all() and (mine[:, 3] == shares).all()
+            assert mine[0, 1] == 0 and mine[-1, 2] == ctx[b] and (mine[1:, 1] == mine[:-1, 2]).all()
+            # a sequence's shares are whole tiles, as even as tiles allow
+            sizes = mine[:, 2] - mine[:, 1]
+            assert (sizes[:-1] % DECODE_BLOCK_N == 0).all() and (sizes[:-1] == sizes[0]).all()
+            assert 0 < sizes[-1] <= sizes[0]
+        # balanced: no item is much longer than the equal share of the total context
+        chunk = max(MIN_TOKENS_PER_SPLIT, -(-int(ctx.sum()) // (cap - n)), -(-int(ctx.max()) // MAX_SPLITS))
+        assert lengths.max() <= chunk + 2 * DECODE_BLOCK_N
+
+
+@pytest.mark.parametrize("group,block_size,dtype,sms", [
+    (1, 16, torch.float32, 132), (4, 1, torch.float32, 8), (8, 64, torch.bfloat16, 4), (2, 24, torch.float16, 2)])
+def test_decode_work_list_matches_reference(group, block_size, dtype, sms):
+    """The runner's decode launch: a host work list (a few SMs so long contexts split into
+    many shares, short ones stay whole), padded with unused items, over rows addressed by
+    query_start_loc; sequences after the decodes (prefill rows) are left alone."""
+    num_kv_heads, head_dim = 2, 64
+    seqs = [(1, 300), (1, 1), (1, 37), (1, 129), (1, 700), (5, 40)]
+    q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch(
+        seqs, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=group * block_size)
+    num_decode = 5
+    cap = decode_work_capacity(num_decode, num_kv_heads, sms) + 2
+    items, index = np.zeros((cap, 4), np.int32), np.zeros((len(seqs), 2), np.int32)
+    count = plan_decode_work(context_lens[:num_decode].cpu().numpy(), num_kv_heads, sms, items, index)
+    assert count > num_decode or sms == 132   # the small "GPUs" split the long contexts
+    work = on_device(torch.from_numpy(items), torch.from_numpy(index))
+    scale = head_dim ** -0.5
+    ref = reference_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, scale)
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                 out=poisoned(q), query_start_loc=qsl, work=work)
+    rows = qsl[:num_decode].long()
+    assert rel_error(out[rows], ref[rows.cpu()]) < TOLERANCE[dtype]
+    assert torch.isnan(out[int(qsl[num_decode]):]).all()   # the prefill row's queries: untouched
 
 
 # --------------------------------------------------------------------------------------- prefill

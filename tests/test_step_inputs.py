@@ -14,6 +14,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import tiny_config, write_random_checkpoint
+from engine.kernels.launch import decode_work_capacity
 from engine.step_inputs import (DECODE_GRAPH, EAGER, MIXED_GRAPH, BlockTableMirror, StepBuffer,
                                 StepPacker, dummy_batch, layout)
 from policy import Batch, Sequence
@@ -45,9 +46,10 @@ def test_capture_sizes_rule():
 
 def packer(max_seqs=8, max_tokens=64, block_size=4, max_model_len=64, tile=4):
     max_blocks = -(-max_model_len // block_size)
-    buffer = StepBuffer(max_tokens, max_seqs, max_blocks, max_tokens // tile + max_seqs, torch.device("cpu"))
-    return StepPacker(buffer, block_size, max_blocks, max_seqs, max_model_len, 1000, tile,
-                      lambda rows, ctx: 1 + (rows < 4))
+    kv_heads, sms = 2, 4     # a small "GPU": the split-KV plan splits contexts of a few tokens
+    buffer = StepBuffer(max_tokens, max_seqs, max_blocks, max_tokens // tile + max_seqs,
+                        decode_work_capacity(max_seqs, kv_heads, sms), torch.device("cpu"))
+    return StepPacker(buffer, block_size, max_blocks, max_seqs, max_model_len, 1000, tile, kv_heads, sms)
 
 
 def batch_of(rng, n):
@@ -75,7 +77,7 @@ def test_mixed_graph_packing(seed):
     batch = batch_of(rng, rng.randrange(2, 7))
     e_packer = packer()
     eager = e_packer.pack(batch, None)
-    e_host = [a.copy() for a in e_packer.buffer.views(eager.T, eager.B, eager.W, eager.P, eager.S)[1]]
+    e_host = [a.copy() for a in e_packer.buffer.views(eager.T, eager.B, eager.W, eager.P, eager.D, eager.S)[1]]
     step = p.pack(batch, None)
     T = sum(batch.num_new_tokens)
     if T < 2 or all(q == 1 for q in batch.num_new_tokens):
@@ -83,7 +85,7 @@ def test_mixed_graph_packing(seed):
     assert step.graph == MIXED_GRAPH and step.T == padded_size(T, p.mixed_sizes) >= T
     assert step.num_tokens == T and step.decode_rows == step.B == min(step.T, 8)
     assert eager.graph == EAGER and eager.T == T
-    host = p.buffer.views(step.T, step.B, step.W, step.P, step.S)[1]
+    host = p.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[1]
     ids, pos, slots, ctx, qsl, tables, tiles = host[:7]
     order = step.order or list(range(len(batch)))
     q = np.diff(qsl[:len(batch) + 1])
@@ -104,8 +106,8 @@ def test_mixed_graph_packing(seed):
                                                                  batch.num_computed_tokens[i] + batch.num_new_tokens[i]]]
     assert ids[:T].tolist() == tokens == e_host[0][:T].tolist()
     assert pos[:T].tolist() == e_host[1][:T].tolist() and slots[:T].tolist() == e_host[2][:T].tolist()
-    spans = layout(step.T, step.B, step.W, step.P, 1, 0)[0]
-    assert [o for o, _ in layout(step.T, step.B, step.W, step.P, 7, 3)[0][:7]] == [o for o, _ in spans[:7]]
+    spans = layout(step.T, step.B, step.W, step.P, step.D, 1, 0)[0]
+    assert [o for o, _ in layout(step.T, step.B, step.W, step.P, step.D, 7, 3)[0][:9]] == [o for o, _ in spans[:9]]
 
 
 def test_block_table_mirror_reuses_rows():
@@ -142,7 +144,7 @@ def capture_on_cpu(runner, kinds=(DECODE_GRAPH, MIXED_GRAPH)):
         if kind not in kinds:
             continue
         step = runner.graph_step(kind, size)
-        views = runner.buffer.views(step.T, step.B, step.W, step.P, step.S)[2]
+        views = runner.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
         inputs = runner.model_inputs(step, views)
         hidden = torch.empty(step.T, runner.model_config.hidden_size)
         runner.graphs[(kind, size)] = (ReplayOnCpu(lambda i=inputs: runner.model(*i), hidden), hidden)

@@ -7,6 +7,7 @@ compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5
 SM, each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
 `benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
 """
+import numpy as np
 import torch
 
 DECODE_BLOCK_N = 64          # KV tokens per tile in decode
@@ -39,6 +40,51 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, 
         return 1
     by_length = cdiv(max(max_context_len, 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(cdiv(target, programs), by_length, MAX_SPLITS))
+
+
+def decode_work_capacity(num_rows: int, num_kv_heads: int, num_sms: int) -> int:
+    """Most work items `plan_decode_work` can produce for `num_rows` decode sequences: what a
+    CUDA graph of that many decode rows sizes its work list (and grid) for."""
+    return num_rows + cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
+
+
+def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
+                     items: np.ndarray, index: np.ndarray) -> int:
+    """Balanced split-KV plan for the decode kernel (flash-decoding with a host work list).
+
+    Every decode sequence b (rows 0..len(context_lens)-1) is cut into ceil(context / chunk)
+    shares of whole decode tiles, as even as tiles allow, one work item each: items[i] = (b,
+    start, end, shares of b), index[b] = (first item, shares). `chunk` is the total context
+    over about PROGRAMS_PER_SM programs per SM, but at least MIN_TOKENS_PER_SPLIT and at
+    most MAX_SPLITS shares per sequence. So one long context among short ones no longer sets the
+    step time (each sequence got the same split count before): every program reads about
+    the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
+    of `items` gets b = -1. Returns the number of items."""
+    n = len(context_lens)
+    if n == 0:
+        items[:, 0] = -1
+        return 0
+    ctx = np.maximum(context_lens.astype(np.int64), 1)
+    target = cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
+    chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), target), cdiv(int(ctx.max()), MAX_SPLITS))
+    # a sequence's shares split its tiles evenly (1030 tokens at chunk 1024: two shares of
+    # ~512, not 1024 + 6), and no share is empty
+    tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
+    per = (tiles + (ctx + chunk - 1) // chunk - 1) // ((ctx + chunk - 1) // chunk)   # tiles per share
+    shares = (tiles + per - 1) // per
+    count = int(shares.sum())
+    first = np.cumsum(shares) - shares
+    seq = np.repeat(np.arange(n), shares)
+    k = np.arange(count) - first[seq]
+    size = per[seq] * DECODE_BLOCK_N
+    items[:count, 0] = seq
+    items[:count, 1] = k * size
+    items[:count, 2] = np.minimum((k + 1) * size, ctx[seq])
+    items[:count, 3] = shares[seq]
+    items[count:, 0] = -1
+    index[:n, 0] = first
+    index[:n, 1] = shares
+    return count
 
 
 def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:

@@ -92,37 +92,55 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
 # of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr"])
+                                            "query_start_loc_ptr", "work_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    out_ptr, lse_ptr,
+    work_ptr, out_ptr, partial_ptr, lse_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_ot, stride_oh, stride_os, stride_lt, stride_lh, num_splits,
+    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, SPLIT_KV: tl.constexpr, USE_QSL: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (b, kv_head, split). Without SPLIT_KV (num_splits == 1) it writes the
-    normalized output in q's dtype; otherwise it writes its split's normalized partial output
-    (fp32) and its log2-sum-exp, and `_merge_splits_kernel` combines them. num_splits is a
-    runtime argument (not constexpr) so a new split count never triggers a recompile.
-    USE_QSL: sequence b's query is row query_start_loc[b], and a sequence whose q_len is
-    not 1 (a prefill row, or a padding row of a CUDA graph) is skipped: mixed steps."""
-    b = tl.program_id(0)
+    """One split of one sequence's KV for one KV head: positions [start, end).
+
+    USE_WORK: program (i, kv_head) runs item i of the host's work list, `work[i]` = (b,
+    start, end, splits of b); b < 0: nothing to do (a CUDA graph's grid covers the most
+    items its size can have). Otherwise program (b, kv_head, split) takes split `split` of
+    `num_splits` equal shares of b's tiles. A sequence with one split writes its normalized
+    output in q's dtype; a split of a longer one writes its normalized partial output (fp32)
+    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp, for
+    `_merge_splits_kernel`. num_splits is a runtime argument so a new count never compiles.
+    USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
+    whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped."""
+    if USE_WORK:
+        slot = tl.program_id(0)
+        b = tl.load(work_ptr + 4 * slot)
+        if b < 0:
+            return
+        start = tl.load(work_ptr + 4 * slot + 1)
+        end = tl.load(work_ptr + 4 * slot + 2)
+        splits = tl.load(work_ptr + 4 * slot + 3)
+    else:
+        b = tl.program_id(0)
+        split = tl.program_id(2)
+        slot = b * num_splits + split
+        splits = num_splits
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     row = b
     if USE_QSL:
         row = tl.load(query_start_loc_ptr + b)
-        if tl.load(query_start_loc_ptr + b + 1) - row != 1:
-            return
-    context_len = tl.load(context_lens_ptr + b)
-    # Splits own whole tiles, sized per sequence so short sequences do not idle.
-    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
+        if not USE_WORK:
+            if tl.load(query_start_loc_ptr + b + 1) - row != 1:
+                return
+    if not USE_WORK:
+        context_len = tl.load(context_lens_ptr + b)
+        # Splits own whole tiles, sized per sequence so short sequences do not idle.
+        tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
+        start = split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -154,41 +172,54 @@ def _decode_kernel(
     # An empty range (padding row with context 0, or a split past a short context) has l == 0.
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
-    # split partials are indexed by b, the final output by the query's row
-    out_row = b if SPLIT_KV else row
-    out_off = out_row * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if SPLIT_KV:
+    if splits == 1:
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(partial_ptr + slot * stride_pp + heads[:, None] * stride_ph + d[None, :], out,
+                 mask=out_mask)
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
-        tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
+        tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"],
-            do_not_specialize_on_alignment=["query_start_loc_ptr"])
+            do_not_specialize_on_alignment=["query_start_loc_ptr", "index_ptr"])
 def _merge_splits_kernel(
-    partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, num_splits,
-    SPLITS_PAD: tl.constexpr, USE_QSL: tl.constexpr,
+    partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr, index_ptr,
+    stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, num_splits,
+    SPLITS_PAD: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max).
-    USE_QSL: as in _decode_kernel (output row query_start_loc[b]; q_len != 1 skipped)."""
+    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)
+    over b's partial slots: `index[b]` = (first slot, count) with a work list (count <= 1:
+    nothing to merge, the split wrote the output), else slots b * num_splits + [0,
+    num_splits). USE_QSL: output row query_start_loc[b] (without a work list, q_len != 1 is
+    skipped as in _decode_kernel)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_WORK:
+        first = tl.load(index_ptr + 2 * b)
+        count = tl.load(index_ptr + 2 * b + 1)
+        if count <= 1:
+            return
+    else:
+        first = b * num_splits
+        count = num_splits
     row = b
     if USE_QSL:
         row = tl.load(query_start_loc_ptr + b)
-        if tl.load(query_start_loc_ptr + b + 1) - row != 1:
-            return
+        if not USE_WORK:
+            if tl.load(query_start_loc_ptr + b + 1) - row != 1:
+                return
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
-    s_mask = s < num_splits
+    s_mask = s < count
     d_mask = d < HEAD_DIM
-    lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + s, mask=s_mask, other=float("-inf"))
+    lse = tl.load(lse_ptr + (first + s) * stride_lp + h, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: output 0
     w = tl.exp2(lse - lse_max)
-    partial = tl.load(partial_ptr + b * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+    partial = tl.load(partial_ptr + (first + s)[:, None] * stride_pp + h * stride_ph + d[None, :],
                       mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     w_sum = tl.sum(w, 0)
     out = tl.sum(w[:, None] * partial, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
@@ -340,46 +371,51 @@ def _dot_flags(dtype):
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
-            query_start_loc=None):
+            query_start_loc=None, work=None):
     batch, num_heads = context_lens.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"paged attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     precision, upcast = _dot_flags(q.dtype)
-    if num_splits == 1:
-        dst, lse = out, out  # lse unused
-        stride_os = stride_lt = stride_lh = 0
+    if work is not None:
+        items, index = work
+        slots, grid = items.shape[0], (items.shape[0], num_heads // group)
+        merge = True
     else:
-        dst = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        stride_os, stride_lt, stride_lh = dst.stride(2), lse.stride(0), lse.stride(1)
-    if batch == 0:
+        if not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"paged attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+        items = index = context_lens  # unused
+        slots, grid = batch * num_splits, (batch, num_heads // group, num_splits)
+        merge = num_splits > 1
+    if batch == 0 or slots == 0:
         return out
+    # partial outputs and log-sum-exps of split sequences, one slot per split
+    partial = torch.empty(slots if merge else 1, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(slots if merge else 1, num_heads, dtype=torch.float32, device=q.device)
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
-    _decode_kernel[(batch, num_heads // group, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, dst, lse,
+    _decode_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, qsl, items, out, partial, lse,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), dst.stride(0), dst.stride(1), stride_os, stride_lt, stride_lh,
-        num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
+        lse.stride(0), num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
-        SPLIT_KV=num_splits > 1, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
+        USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
-    if num_splits > 1:
+    if merge:
         _merge_splits_kernel[(batch, num_heads)](
-            dst, lse, out, qsl, dst.stride(0), dst.stride(1), dst.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1), num_splits,
-            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS), USE_QSL=use_qsl,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+            partial, lse, out, qsl, index, partial.stride(0), partial.stride(1), lse.stride(0),
+            out.stride(0), out.stride(1), num_splits or 1,
+            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS), USE_WORK=work is not None,
+            USE_QSL=use_qsl, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            num_warps=4,
         )
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits=None, *, out=None, query_start_loc=None):
+                           num_splits=None, *, out=None, query_start_loc=None, work=None):
     """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
     `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
     Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
@@ -388,8 +424,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     b's query is row query_start_loc[b], and sequences whose q_len is not 1 are skipped (their
     rows of `out` are left alone): the decode half of a mixed step, graph-safe.
 
-    num_splits=None picks it from B, num_kv_heads and the longest context the block table can
-    hold (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
+    Splits. `work` = (items int32 `[D, 4]`, index int32 `[B, 2]`) from
+    `engine.kernels.launch.plan_decode_work`: the host's balanced split-KV plan for this
+    step's contexts (each item a share of one sequence, b = -1 for unused items; index[b] =
+    its first item and count). Only listed sequences are computed; `num_splits` is ignored;
+    graph-safe (the grid is D). Without it every sequence gets `num_splits` equal shares;
+    None picks the count from B, num_kv_heads and the longest context the block table can hold
+    (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
     if query_start_loc is None and q.shape[0] != context_lens.shape[0]:
@@ -399,12 +440,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
                                         or query_start_loc.shape[0] < context_lens.shape[0] + 1):
         raise ValueError(f"paged_decode_attention: query_start_loc must be int32 [>= B+1], got "
                          f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
+    if work is not None:
+        items, index = work
+        if (items.dtype != torch.int32 or items.dim() != 2 or items.shape[1] != 4
+                or index.dtype != torch.int32 or index.dim() != 2 or index.shape[1] != 2
+                or index.shape[0] < context_lens.shape[0]):
+            raise ValueError(f"paged_decode_attention: work must be (int32 [D, 4], int32 [>= B, 2]), "
+                             f"got {items.dtype} {tuple(items.shape)} and {index.dtype} {tuple(index.shape)}")
+        num_splits = None
     out = _output(q, out)
-    if num_splits is None:
+    if num_splits is None and work is None:
         num_splits = choose_num_splits(context_lens.shape[0], k_cache.shape[2],
                                        block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
-                   head_dim, query_start_loc)
+                   head_dim, query_start_loc, work)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,

@@ -47,7 +47,9 @@ class AttentionMetadata:
                                      q_len 1 (graph-safe: no host int depends on the step)
     prefill_tiles     int32 [P, 2]   triton, runner-built steps: (sequence, query tile) of
                                      every prefill program (b = -1: none); None = no prefill
-    num_splits        int            triton: split-KV factor of the decode kernel (None: auto)
+    decode_work       (int32 [D, 4], int32 [B, 2])  triton, runner-built steps: the split-KV
+                                     plan of the decode rows (engine.kernels.launch.
+                                     plan_decode_work); None = equal splits, chosen by shape
     cu_seqlens_k      int32 [B+1]    optional: prefix sums of context_lens (flash_attn
                                      computes them when absent)
     wrapper           object         flashinfer only: the wrapper planned for this step
@@ -62,7 +64,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_rows: int = 0
     prefill_tiles: torch.Tensor | None = None
-    num_splits: int | None = None
+    decode_work: tuple[torch.Tensor, torch.Tensor] | None = None
     cu_seqlens_k: torch.Tensor | None = None
     wrapper: object | None = None
 
@@ -188,8 +190,8 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
         rows = meta.decode_rows
         if rows:
             paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:rows],
-                                   meta.context_lens[:rows], scale, meta.num_splits, out=out,
-                                   query_start_loc=meta.query_start_loc)
+                                   meta.context_lens[:rows], scale, out=out,
+                                   query_start_loc=meta.query_start_loc, work=meta.decode_work)
         if meta.prefill_tiles is not None:
             paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                     meta.query_start_loc, 0, scale, out=out, tiles=meta.prefill_tiles)

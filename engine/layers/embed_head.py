@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import copy_weight, shard_of
+from engine.layers.linear import copy_weight, dense_linear, shard_of
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -41,10 +41,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """logits = hidden @ W^T over the whole vocabulary, gathered on every rank."""
+    """logits = hidden @ W^T over the whole vocabulary, gathered on every rank (the matmul:
+    engine.layers.linear.dense_linear, following the `skinny` plan)."""
+    skinny = ()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = dense_linear(hidden, self.weight, None, self.skinny)
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]

@@ -11,6 +11,11 @@ the constructor: there is no global parallel state.
 A layer of a quantized model (engine.layers.quant.quantize_linears) holds 4-bit tensors in
 place of `weight`; `quant` is then set, and the matmul dequantizes (the slices it loads
 come from the same `output_shard` / `input_shard` rules).
+
+A dense layer's matmul is F.linear, or the Triton skinny GEMM for decode-sized inputs where
+engine.kernels.skinny_gemm.choose_skinny_gemm measured it faster for the layer's shape at
+that many rows (its `skinny` plan; empty unless the measurement ran: on the CPU, always
+F.linear).
 """
 import torch
 import torch.distributed as dist
@@ -28,6 +33,22 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 skinny: tuple = ()) -> torch.Tensor:
+    """F.linear(x, weight, bias), or engine.kernels.skinny_gemm where the plan `skinny`
+    says so: ((measured rows M, split_k, or 0 where torch won), ...) ascending; a call of R
+    rows follows the entry of the smallest M >= R, and F.linear above the largest."""
+    if skinny:
+        rows = x.numel() // x.shape[-1]
+        for max_rows, split_k in skinny:
+            if rows <= max_rows:
+                if split_k and rows:
+                    from engine.kernels.skinny_gemm import skinny_linear
+                    return skinny_linear(x, weight, bias, split_k)
+                break
+    return F.linear(x, weight, bias)
+
+
 def shard_of(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) -> torch.Tensor:
     """Slice [start, start + size) along `dim` of a checkpoint tensor whose `dim` must have
     `full` entries."""
@@ -41,6 +62,7 @@ class LinearBase(nn.Module):
     """y = x W^T (+ b) with W of shape [out_features, in_features] on this rank."""
     quant = None    # a QuantConfig when quantize_linears replaced `weight` by 4-bit tensors
     weight_device = None   # "meta" while a quantized model is built: `weight` is never allocated
+    skinny = ()     # the skinny-GEMM plan choose_skinny_gemm sets (see dense_linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1):
@@ -59,7 +81,7 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is not None:
             return quant.linear(self, x, bias)
-        return F.linear(x, self.weight, bias)
+        return dense_linear(x, self.weight, bias, self.skinny)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
