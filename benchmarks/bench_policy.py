@@ -16,11 +16,15 @@ import pathlib
 import platform
 import pstats
 import random
+import sys
 import time
 
-from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this checkout's policy/, not an installed one
 
-TRACE = pathlib.Path(__file__).resolve().parents[1] / "traces" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence  # noqa: E402
+
+TRACE = ROOT / "traces" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 
 
 def load_lengths(n: int) -> list[tuple[int, int]]:

@@ -16,7 +16,10 @@ allocated), not O(running sequences x steps).
 """
 from array import array
 
+from xxhash import xxh64_intdigest
+
 from policy.batch import Batch
+from policy.block_manager import root_hash
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -81,22 +84,42 @@ class DecodeStretch:
         seqs, tokens, starts = self.seqs, self.tokens, self.starts
         # Tokens first: a block registered at step j hashes only tokens before c + j + 1,
         # all of them received by then.
-        for seq, token in zip(seqs, tokens):
-            new = array("q", (token,)) * k
-            if in_flight:
-                new[-1] = PLACEHOLDER
-            seq.token_ids += new
-            seq.num_tokens += k
-            seq.token_times += times
-        append_blocks, register = bm.append_blocks, bm.register
-        for j in range(k):
-            append_blocks(self.alloc_groups[j % bs])    # schedule(): new blocks, in order
-            for seq, start in self.reg_groups[j % bs]:  # update(): full blocks, in order
-                seq.num_computed_tokens = start + j + 1
-                register(seq)
-        for seq, start in zip(seqs, starts):
+        finished = []
+        for seq, token, start in zip(seqs, tokens, starts):
+            ids = seq.token_ids
+            if k > 1:
+                ids += array("q", (token,)) * (k - 1)
+            ids.append(PLACEHOLDER if in_flight else token)
             seq.num_computed_tokens = start + k
-        finished = [seq for seq in seqs if seq.num_tokens >= seq.max_num_tokens]
+            seq.token_times += times
+            num_tokens = seq.num_tokens = seq.num_tokens + k
+            if num_tokens >= seq.max_num_tokens:
+                finished.append(seq)
+        # Step j: schedule() hands out blocks (in running order), then update() registers
+        # the blocks the step filled (in running order). Registration is `register`'s,
+        # inlined: block i of a sequence fills at the step that computes its token
+        # (i + 1) * bs - 1, and a hash once computed (before a preemption, say) is reused.
+        take, groups, regs = bm.take, self.alloc_groups, self.reg_groups
+        caching, cache_block = bm.enable_prefix_caching, bm.cache_block
+        for j in range(k):
+            r = j % bs
+            group = groups[r]
+            if group:
+                for seq, block in zip(group, take(len(group))):
+                    seq.block_table.append(block)
+            for seq, start in regs[r]:
+                i = (start + j) // bs            # the block step j fills
+                seq.num_registered_blocks = i + 1
+                if not caching:
+                    continue
+                hashes = seq.block_hashes
+                if len(hashes) > i:
+                    h = hashes[i]
+                else:
+                    h = xxh64_intdigest(seq.token_ids[i * bs:(i + 1) * bs],
+                                        hashes[-1] if i else root_hash(seq.extra_keys))
+                    hashes.append(h)
+                cache_block(h, seq.block_table[i])
         for seq in finished:
             seq.status, seq.finish_reason, seq.finish_time = FINISHED, "length", times[-1]
         for seq in finished:
@@ -139,11 +162,11 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
     bm, bs = sched.block_manager, sched.block_size
     alloc_groups = [[] for _ in range(bs)]
     reg_groups = [[] for _ in range(bs)]
-    tokens, starts = [], []
-    context0, max_steps = 0, 1 << 62
+    tokens, starts, lefts = [], [], []
     for seq in running:
         start = seq.num_computed_tokens
-        if (start != seq.num_tokens - 1 or start < seq.num_prompt_tokens   # a prompt's last token is prefill
+        num_tokens = seq.num_tokens
+        if (start != num_tokens - 1 or start < seq.num_prompt_tokens   # a prompt's last token is prefill
                 or seq.num_registered_blocks != start // bs):
             return None
         token = token_of[seq.seq_id]
@@ -156,10 +179,8 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
         reg_groups[(bs - 1 - start) % bs].append((seq, start))
         tokens.append(token)
         starts.append(start)
-        context0 += start
-        left = seq.max_num_tokens - seq.num_tokens
-        if left < max_steps:
-            max_steps = left
+        lefts.append(seq.max_num_tokens - num_tokens)
+    context0, max_steps = sum(starts), min(lefts)
     stretch = DecodeStretch(sched, list(running), tokens, starts, max_steps, alloc_groups,
                             reg_groups, context0, bm.num_used_blocks, max(starts) if starts else 0)
     # The pool: find the last step whose allocations (with all before) still fit.

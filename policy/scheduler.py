@@ -124,12 +124,13 @@ class Scheduler:
             computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             if computed // bs > seq.num_registered_blocks:
                 bm.register(seq)
-            if computed < seq.num_tokens:   # a prefill chunk: nothing sampled
+            num_tokens = seq.num_tokens
+            if computed < num_tokens:   # a prefill chunk: nothing sampled
                 continue
             seq.token_ids.append(token)
-            seq.num_tokens += 1
+            seq.num_tokens = num_tokens = num_tokens + 1
             seq.token_times.append(now)
-            if seq.num_tokens >= seq.max_num_tokens:
+            if num_tokens >= seq.max_num_tokens:
                 seq.finish_reason = "length"
             elif not seq.ignore_eos and token in seq.eos_token_ids:
                 seq.finish_reason = "stop"

@@ -71,17 +71,14 @@ def skip_decode_turns(replica, state, now: float) -> tuple[int, list]:
     if previous is not None:
         received_at = ends[0]
         previous.record["tokens_s"] = received_at
-        salt = state.salt
-        tokens = [salt[s.seq_id] if sample else -1
-                  for s, sample in zip(previous.batch.seqs, previous.batch.sample)]
-        done += sched.receive(previous.batch, tokens, received_at)
+        done += sched.receive(previous.batch, tokens_of(previous.handle, state.salt), received_at)
         loop.in_flight = None
     if async_scheduling:     # step j's tokens come with turn j + 1; the last is in flight
         for j in range(k - 1):
             records[j]["tokens_s"] = ends[j + 1]
         finished = stretch.apply(k, ends[1:] + ends[-1:], in_flight=True)
         last = stretch.batch(k - 1)
-        loop.in_flight = InFlight(last, (ready, last), records[-1])
+        loop.in_flight = InFlight(last, (ready, last, stretch.tokens), records[-1])
     else:
         finished = stretch.apply(k, ends)
         done += finished
@@ -93,3 +90,11 @@ def skip_decode_turns(replica, state, now: float) -> tuple[int, list]:
     state.steps += records
     replica.num_steps += k
     return k, done
+
+
+def tokens_of(handle, salt: dict) -> list[int]:
+    """The tokens of a launched step (-1 where it sampled none). `handle`: the executor's,
+    (ready, batch), or a stretch's last step, (ready, batch, tokens)."""
+    if len(handle) > 2:
+        return handle[2]
+    return [salt[s.seq_id] if sample else -1 for s, sample in zip(handle[1].seqs, handle[1].sample)]

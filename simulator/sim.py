@@ -26,7 +26,7 @@ from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.step_loop import StepLoop
 from simulator.cluster import ROUTERS, Replica
 from simulator.cost_model import CostModel, ReplayCostModel
-from simulator.fast_forward import skip_decode_turns
+from simulator.fast_forward import skip_decode_turns, tokens_of
 
 # Generated token ids need no model. Each request repeats its own id in this range, set by
 # its position in the trace and the seed: deterministic (output blocks hash the same in
@@ -86,13 +86,12 @@ class SimExecutor:
         return self.device_free, batch
 
     def wait(self, handle, record) -> list[int]:
-        ready, batch = handle
+        ready, batch = handle[0], handle[1]
         if self.replay is not None:
             self.t = ready
         else:
             self.t = max(self.t, ready) + self.cost.host.after_wait(len(batch.seqs))
-        salt = self.salt
-        return [salt[s.seq_id] if sample else -1 for s, sample in zip(batch.seqs, batch.sample)]
+        return tokens_of(handle, self.salt)
 
 
 class Simulator:

@@ -76,9 +76,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in self.live:
             for block in seq.block_table:
                 holders[block] += 1
-        assert holders == self.bm.ref_counts
+        assert holders == self.bm.ref_counts.tolist()
         held = {b for b in range(self.bm.num_blocks) if holders[b]}
-        assert held.isdisjoint(self.bm.free)
+        assert held.isdisjoint(self.bm.free_list())
         assert len(held) + self.bm.num_free_blocks == self.bm.num_blocks
         assert 0.0 <= self.bm.usage <= 1.0
 
@@ -194,5 +194,43 @@ def test_append_blocks_hands_out_what_allocate_would(prompts, rounds):
     assert [s.block_table for s in live[0]] == [s.block_table for s in live[1]]
     assert pools[0].evictions > 0
     assert pools[0].cached == pools[1].cached and pools[0].evictions == pools[1].evictions
-    assert list(pools[0].free) == list(pools[1].free)
+    assert pools[0].free_list() == pools[1].free_list()
     pools[0].check_integrity()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "free"]), st.integers(0, 5), st.integers(1, 30)),
+                max_size=60))
+def test_free_list_keeps_lru_order_through_revivals(ops):
+    """The free list hands blocks out in the order they were freed, minus those a prefix hit
+    took back, across its moves to the front of its array (a small pool moves it often):
+    the same order as a reference ordered-dict model."""
+    import collections
+    bm = BlockManager(num_blocks=24, block_size=BLOCK)
+    ref = collections.OrderedDict.fromkeys(range(24))
+    live = []
+    for i, (op, prefix, n) in enumerate(ops):
+        if op == "free" and live:
+            seq = live.pop(prefix % len(live))
+            for block in reversed(seq.block_table):
+                if bm.ref_counts[block] == 1:
+                    ref[block] = None
+            bm.free_blocks(seq)
+        elif op == "admit":
+            seq = Sequence(i, [prefix] * n, 1)
+            hits = bm.match_prefix(seq)
+            if not bm.can_admit(seq, hits, n):
+                continue
+            for block in hits:
+                ref.pop(block, None)
+            bm.admit(seq, hits)
+            table = len(seq.block_table)
+            assert bm.allocate(seq, n)
+            for block in seq.block_table[table:]:
+                assert next(iter(ref)) == block
+                del ref[block]
+            seq.num_computed_tokens = n
+            bm.register(seq)
+            live.append(seq)
+        assert bm.free_list() == list(ref)
+        bm.check_integrity()

@@ -120,7 +120,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for seq in self.added:
             for block in seq.block_table:
                 holders[block] += 1
-        assert holders == sched.block_manager.ref_counts
+        assert holders == sched.block_manager.ref_counts.tolist()
 
     @invariant()
     def admission_is_fcfs(self):
