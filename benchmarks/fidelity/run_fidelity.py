@@ -155,7 +155,7 @@ def stage_sim(args, common, todo) -> None:
     if hw_file.is_file():
         fitted_hw = yaml.safe_load(hw_file.read_text())
         models["roofline_fitted"] = ["cost_model=roofline"] + [
-            f"hardware.{k}={v}" for k, v in fitted_hw.items() if k != "name"]
+            f"hardware.{k}={hydra_value(v)}" for k, v in fitted_hw.items() if k != "name"]
     for cell in {c["dir"]: c for c in todo}.values():
         for model, over in models.items():
             run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
@@ -170,6 +170,14 @@ def stage_sim(args, common, todo) -> None:
                 except RuntimeError as e:     # diverged: recorded in the table, not fatal
                     (args.out / "replay" / cell["dir"] / f"r{rep}").mkdir(parents=True, exist_ok=True)
                     (args.out / "replay" / cell["dir"] / f"r{rep}" / "diverged.txt").write_text(str(e))
+
+
+def hydra_value(v) -> str:
+    """A value in Hydra's override grammar (mappings as {key:value,...}, e.g. the hardware
+    file's attention_block_cost)."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def read_metrics(run_dir: Path) -> dict | None:
