@@ -61,7 +61,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     num_pairs, top_k, hidden, inter, num_experts,
                     stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """h[pair, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, inter + n])."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -86,8 +86,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                      mask=wmask, other=0.0)
         if UPCAST:
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        gate = tl.dot(a, wg, gate)
-        up = tl.dot(a, wu, up)
+        gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+        up = tl.dot(a, wu, up, input_precision=PRECISION)
     h = gate * tl.sigmoid(gate) * up
     tl.store(h_ptr + pairs[:, None].to(tl.int64) * stride_ht + offs_n[None, :],
              h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < inter))
@@ -98,7 +98,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
                  num_pairs, hidden, inter, num_experts,
                  stride_ht, stride_we, stride_wn, stride_wk, stride_yt,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """y[pair, n] = weight[pair] * (h[pair] . w2[e, n])."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -118,7 +118,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
                     mask=(ks[:, None] < inter) & (offs_n[None, :] < hidden), other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     # the product in the activations' dtype first, as transformers rounds it
     y = acc.to(y_ptr.dtype.element_ty)
     weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
@@ -148,14 +148,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     flat_weights = weights.reshape(-1).float().contiguous()
     upcast = _INTERPRETED and x.dtype == torch.bfloat16
+    # fp32 stays fp32 (Triton's default for fp32 operands on a GPU is TF32: a 1e-3 error that
+    # flipped a near-tie greedy token of Mixtral in check_moe_gpu)
+    precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
     grid = (triton.cdiv(inter, block_n), block_expert.numel())
     _gate_up_kernel[grid](x, w13, h, pairs, block_expert, num_pairs, top_k, hidden, inter,
                           num_experts, x.stride(0), w13.stride(0), w13.stride(1),
                           w13.stride(2), h.stride(0),
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast)
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
+                          PRECISION=precision)
     grid = (triton.cdiv(hidden, block_n), block_expert.numel())
     _down_kernel[grid](h, w2, y, flat_weights, pairs, block_expert, num_pairs, hidden, inter,
                        num_experts, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
                        y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       UPCAST=upcast)
+                       UPCAST=upcast, PRECISION=precision)
     return y.view(num_tokens, top_k, hidden).float().sum(1).to(x.dtype)
