@@ -1,18 +1,31 @@
-"""Event skipping: a stretch of identical decode steps, applied at once.
+"""Event skipping: the scheduler's steps while every running sequence decodes, taken one
+step at a time in O(blocks), with each sequence's tokens and counters written back once.
 
-Between events that change the schedule (an arrival, a finish, a preemption, a prompt
-chunk), a step's batch is always the same: every running sequence computes one token.
-`plan_decode_stretch` checks that the scheduler is in such a state and bounds how many
-such steps can follow (until the first sequence reaches its length, or until the pool
-would run out and the scheduler would preempt). `DecodeStretch.features(j)` is what
-`Batch.features()` would say of step j. `DecodeStretch.apply(k, times)` leaves the
-scheduler exactly as k rounds of `schedule` + `update` would: the same blocks handed out
-in the same order, the same full blocks registered in the prefix cache in the same order,
-the same tokens and token times, the same finishes (only ever at the last step).
+While every running sequence decodes one token per step, a step changes little: each
+sequence's counters move by one and a sequence touches the pool only every `block_size`
+steps (one block taken, one filled and registered). A `DecodeStretch` keeps each running
+sequence's position relative to a step counter (its *virtual start*: computed tokens =
+virtual start + step), groups the sequences by the step residue (mod block_size) at which
+they take and fill a block, and leaves `token_ids`, `token_times`, `num_tokens` and
+`num_computed_tokens` untouched until `close` writes them back. What a stretch does at
+step j is what `Scheduler.schedule` + `update` would do, in the same order:
 
-The executor picks k (the simulator: the steps that end before the next arrival) and
-gives each step's end time. Per stretch the work is O(running sequences + blocks
-allocated), not O(running sequences x steps).
+- `schedule(now)`: the blocks the step's decodes need, handed out in running order; then,
+  with the chunked policy, the admission of waiting requests, by the scheduler's own
+  `_admit` (so a new request's prompt joins the stretch's step as a prefill chunk). It
+  returns the step's record (`Batch.record`), or None when step j is not one a stretch
+  can take (the pool would run out and the scheduler preempt; prefill_first would run a
+  prompt), changing nothing.
+- `update(now)`: the full blocks the step filled registered in the prefix cache (running
+  order, then the new prompts'), new requests advanced by the scheduler's `_advance`,
+  sequences reaching their length finished and their blocks freed (the same order as
+  `update`). A new request whose whole prompt was computed joins the decoding sequences;
+  one still chunked, finished or stopping ends the stretch after this step.
+
+The caller (the simulator) forms the steps' times and gives `close` each step's token time.
+The scheduler's state is current after every step for everything but the decoding
+sequences' tokens and counters, which only `close` writes (the policy is their only
+writer, and no one else reads them until the stretch is closed).
 """
 from array import array
 
@@ -23,92 +36,135 @@ from policy.block_manager import root_hash
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
-RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+FINISHED = SequenceStatus.FINISHED
 
 
 class DecodeStretch:
-    """Up to `max_steps` plain decode steps of `seqs` (the running sequences, in order).
-    Made by `plan_decode_stretch`; `apply` it once."""
+    """Steps of a scheduler whose running sequences all decode. Made by
+    `plan_decode_stretch`; then `schedule` + `update` per step, and `close` once.
+    `token_of[seq_id]`: the token every step samples for that sequence."""
 
-    __slots__ = ("scheduler", "seqs", "tokens", "starts", "max_steps", "alloc_groups",
-                 "reg_groups", "alloc_prefix", "context0", "max0", "used0", "applied")
+    def __init__(self, scheduler: Scheduler, token_of: dict):
+        self.scheduler, self.token_of = scheduler, token_of
+        bs = scheduler.block_size
+        # Sequence s takes a block at steps j = -v (mod bs) and fills one at j = -1 - v,
+        # v its virtual start; each group in running order (the order the scheduler visits).
+        self.alloc_groups = [[] for _ in range(bs)]
+        self.reg_groups = [[] for _ in range(bs)]
+        # seq -> (virtual start, token, first step it decodes, leading token_ids that are
+        # final (the rest, a placeholder included, is `token`), whether its last token is
+        # one a step before `first` sampled, not received yet)
+        self.members: dict[Sequence, tuple] = {}
+        self.finishing: dict[int, list] = {}   # step -> members its update finishes
+        self.left = []                  # (seq, its entry, steps it ran to) finished members
+        self.sum_starts = self.max_start = 0
+        self.max_stale = False
+        self.j = 0                      # steps taken
+        self.ended = False              # the last step taken ends the stretch
+        self.admitted: Batch | None = None   # the current step's new requests
+        self.num_decoding = 0           # sequences decoding in the current step
+        self.step_decoders = None       # those, saved when some finished at the step
+        self.kv_blocks_used = 0
+        self.chunked = scheduler.config.policy == "chunked"
 
-    def __init__(self, scheduler, seqs, tokens, starts, max_steps, alloc_groups, reg_groups,
-                 context0, used0, max0=0):
-        self.scheduler = scheduler
-        self.seqs, self.tokens, self.starts = seqs, tokens, starts
-        self.max_steps = max_steps
-        # Sequence i needs a new block at steps j = a_i (mod block_size), and fills (and
-        # registers) one at steps j = r_i (mod block_size): grouped by residue, in
-        # running order (the order `_schedule_running` and `update` visit them).
-        self.alloc_groups, self.reg_groups = alloc_groups, reg_groups
-        self.alloc_prefix = [0]          # alloc_prefix[m]: allocations at residues < m
-        for group in alloc_groups:
-            self.alloc_prefix.append(self.alloc_prefix[-1] + len(group))
-        self.context0, self.used0, self.max0 = context0, used0, max0
-        self.applied = 0
+    def join(self, seq: Sequence, first: int) -> bool:
+        """Make running `seq` decode from step `first`. False (nothing changed) if its next
+        step would not be a plain decode: a prompt still to compute, a token that would
+        stop it, blocks or prefix-cache entries not matching its computed tokens."""
+        bs = self.scheduler.block_size
+        start = seq.num_computed_tokens
+        if (start != seq.num_tokens - 1 or start < seq.num_prompt_tokens
+                or seq.num_registered_blocks != start // bs
+                or not 0 <= len(seq.block_table) * bs - start < bs):
+            return False
+        token = self.token_of[seq.seq_id]
+        if not seq.ignore_eos and token in seq.eos_token_ids:
+            return False
+        v = start - first
+        ids = seq.token_ids
+        members = self.members
+        pending = ids[-1] == PLACEHOLDER
+        members[seq] = (v, token, first, len(ids) - pending, pending and first > 0)
+        self.alloc_groups[-v % bs].append(seq)
+        self.reg_groups[(-1 - v) % bs].append(seq)
+        last = first + seq.max_num_tokens - seq.num_tokens - 1   # its update finishes it
+        finishing = self.finishing.get(last)
+        if finishing is None:
+            self.finishing[last] = [seq]
+        else:
+            finishing.append(seq)
+        self.sum_starts += v
+        if v > self.max_start or len(members) == 1:
+            self.max_start = v
+        return True
 
-    def allocations_through(self, j: int) -> int:
-        """Blocks allocated by steps 0..j together."""
-        bs = len(self.alloc_groups)
-        return (j // bs) * len(self.seqs) + self.alloc_prefix[j % bs + 1]
-
-    def features(self, j: int) -> dict:
-        """`Batch.features()` of step j (0-based) of the stretch."""
-        features = self.record(j, 0.0, 0.0)
-        del features["start_s"], features["duration_s"]
-        return features
-
-    def record(self, j: int, start: float, duration: float) -> dict:
-        """`Batch.record(start, duration)` of step j: the same keys, in the same order."""
-        num_seqs = len(self.seqs)
-        return {"start_s": start, "duration_s": duration, "num_seqs": num_seqs, "num_batched_tokens": num_seqs, "num_prefill_tokens": 0,
-                "num_decode_seqs": num_seqs, "num_sampled": num_seqs,
-                "decode_context_tokens": self.context0 + (j + 1) * num_seqs,
-                "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
-                "max_context_tokens": self.max0 + j + 1,
-                "num_preempted": 0, "prefix_hit_tokens": 0,
-                "kv_blocks_used": self.used0 + self.allocations_through(j)}
-
-    def apply(self, k: int, times: list[float], in_flight: bool = False) -> list[Sequence]:
-        """Run steps 0..k-1 (1 <= k <= max_steps). `times[j]`: the time of step j's tokens
-        (as `update`, then `receive`, would set them). `in_flight`: the last step's tokens
-        are not received yet (asynchronous scheduling): it leaves PLACEHOLDERs, to be
-        replaced by `Scheduler.receive(stretch.batch(k - 1), ...)`. Returns the sequences
-        the last step finished (by length), as `update` would."""
-        if not 1 <= k <= self.max_steps or len(times) != k:
-            raise ValueError(f"a stretch of {self.max_steps} steps cannot apply {k} steps "
-                             f"with {len(times)} times")
+    # ---- one step ------------------------------------------------------------------
+    def schedule(self, now: float) -> dict | None:
+        """Form step j at `now` (as `Scheduler.schedule`) and return its record, or None
+        (nothing changed) if it is not a step this stretch can take."""
         sched = self.scheduler
-        bm, bs = sched.block_manager, sched.block_size
-        seqs, tokens, starts = self.seqs, self.tokens, self.starts
-        # Tokens first: a block registered at step j hashes only tokens before c + j + 1,
-        # all of them received by then.
-        finished = []
-        for seq, token, start in zip(seqs, tokens, starts):
-            ids = seq.token_ids
-            if k > 1:
-                ids += array("q", (token,)) * (k - 1)
-            ids.append(PLACEHOLDER if in_flight else token)
-            seq.num_computed_tokens = start + k
-            seq.token_times += times
-            num_tokens = seq.num_tokens = seq.num_tokens + k
-            if num_tokens >= seq.max_num_tokens:
-                finished.append(seq)
-        # Step j: schedule() hands out blocks (in running order), then update() registers
-        # the blocks the step filled (in running order). Registration is `register`'s,
-        # inlined: block i of a sequence fills at the step that computes its token
-        # (i + 1) * bs - 1, and a hash once computed (before a preemption, say) is reused.
-        take, groups, regs = bm.take, self.alloc_groups, self.reg_groups
-        caching, cache_block = bm.enable_prefix_caching, bm.cache_block
-        for j in range(k):
-            r = j % bs
-            group = groups[r]
-            if group:
-                for seq, block in zip(group, take(len(group))):
-                    seq.block_table.append(block)
-            for seq, start in regs[r]:
-                i = (start + j) // bs            # the block step j fills
+        running, waiting, cfg = sched.running, sched.waiting, sched.config
+        num_dec = len(self.members)
+        if self.ended or num_dec > cfg.max_num_batched_tokens:
+            return None
+        if waiting and not self.chunked and (len(running) < cfg.max_num_seqs
+                                             or waiting[0].num_computed_tokens):
+            return None     # prefill_first would run a prompt
+        bm, j = sched.block_manager, self.j
+        group = self.alloc_groups[j % sched.block_size]
+        if group:
+            if len(group) > bm.num_free_blocks:
+                return None     # the scheduler would preempt
+            for seq, block in zip(group, bm.take(len(group))):
+                seq.block_table.append(block)
+        admitted = None
+        if waiting and len(running) < cfg.max_num_seqs:
+            admitted = Batch()
+            sched._admit(admitted, now, cfg.max_num_batched_tokens - num_dec,
+                         cfg.long_prefill_token_threshold or cfg.max_num_batched_tokens, False)
+            if not admitted.seqs:
+                admitted = None
+                if not num_dec:
+                    return None     # an empty step: nothing to run
+        self.admitted, self.num_decoding = admitted, num_dec
+        self.kv_blocks_used = used = bm.num_used_blocks
+        if self.max_stale:
+            self.max_start = max((m[0] for m in self.members.values()), default=0)
+            self.max_stale = False
+        context = self.sum_starts + (j + 1) * num_dec
+        longest = self.max_start + j + 1 if num_dec else 0
+        if admitted is None:
+            return {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec,
+                    "num_batched_tokens": num_dec, "num_prefill_tokens": 0,
+                    "num_decode_seqs": num_dec, "num_sampled": num_dec,
+                    "decode_context_tokens": context, "prefill_context_tokens": 0,
+                    "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
+                    "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
+                    "kv_blocks_used": used}
+        f = admitted.features()
+        return {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec + f["num_seqs"],
+                "num_batched_tokens": num_dec + f["num_batched_tokens"],
+                "num_prefill_tokens": f["num_prefill_tokens"],
+                "num_decode_seqs": num_dec + f["num_decode_seqs"],
+                "num_sampled": num_dec + f["num_sampled"],
+                "decode_context_tokens": context + f["decode_context_tokens"],
+                "prefill_context_tokens": f["prefill_context_tokens"],
+                "prefill_kv_tokens": f["prefill_kv_tokens"],
+                "prefill_attention_pairs": f["prefill_attention_pairs"],
+                "max_context_tokens": max(longest, f["max_context_tokens"]),
+                "num_preempted": 0, "prefix_hit_tokens": f["prefix_hit_tokens"],
+                "kv_blocks_used": used}
+
+    def update(self, now: float) -> None:
+        """Land step j at `now` (as `Scheduler.update` with the tokens not yet known)."""
+        sched = self.scheduler
+        bm, bs, j, members = sched.block_manager, sched.block_size, self.j, self.members
+        regs = self.reg_groups[j % bs]
+        if regs:     # `register`'s work, for the block each filled: hashes reused if known
+            caching, cache_block = bm.enable_prefix_caching, bm.cache_block
+            for seq in regs:
+                v, token, _, final, _ = members[seq]
+                i = (v + j) // bs
                 seq.num_registered_blocks = i + 1
                 if not caching:
                     continue
@@ -116,76 +172,138 @@ class DecodeStretch:
                 if len(hashes) > i:
                     h = hashes[i]
                 else:
-                    h = xxh64_intdigest(seq.token_ids[i * bs:(i + 1) * bs],
-                                        hashes[-1] if i else root_hash(seq.extra_keys))
+                    lo, hi = i * bs, (i + 1) * bs
+                    if hi <= final:
+                        content = seq.token_ids[lo:hi]
+                    elif lo >= final:
+                        content = array("q", (token,)) * bs
+                    else:
+                        content = seq.token_ids[lo:final] + array("q", (token,)) * (hi - final)
+                    h = xxh64_intdigest(content, hashes[-1] if i else root_hash(seq.extra_keys))
                     hashes.append(h)
                 cache_block(h, seq.block_table[i])
-        for seq in finished:
-            seq.status, seq.finish_reason, seq.finish_time = FINISHED, "length", times[-1]
-        for seq in finished:
-            sched.running.remove(seq)
-            del sched.sequences[seq.seq_id]
-            bm.free_blocks(seq)
-        self.applied = k
-        self.max_steps = 0      # applied: the plan no longer describes the state
-        return finished
+        admitted = self.admitted
+        finished = sched._advance(admitted, None, now) if admitted is not None else []
+        leaving = self.finishing.pop(j, None)
+        self.step_decoders = None
+        if leaving:
+            self.step_decoders = sched.running[:self.num_decoding]
+            for seq in leaving:
+                seq.status, seq.finish_reason, seq.finish_time = FINISHED, "length", now
+                entry = members.pop(seq)
+                v = entry[0]
+                self.alloc_groups[-v % bs].remove(seq)
+                self.reg_groups[(-1 - v) % bs].remove(seq)
+                self.sum_starts -= v
+                if v == self.max_start:
+                    self.max_stale = True
+                self.left.append((seq, entry, j + 1))
+            finished = leaving + finished
+        if finished:
+            sched._release(finished)
+        self.j = j + 1
+        if admitted is not None:
+            for seq in admitted.seqs:
+                if seq.status is FINISHED or not self.join(seq, j + 1):
+                    self.ended = True
+        if not sched.running:
+            self.ended = True
 
-    def batch(self, j: int) -> Batch:
-        """The `Batch` step j was (for the executor's in-flight step)."""
-        n = len(self.seqs)
-        return Batch(seqs=list(self.seqs), num_new_tokens=[1] * n,
-                     num_computed_tokens=[start + j for start in self.starts], sample=[True] * n,
-                     num_batched_tokens=n, num_decode_seqs=n,
-                     kv_blocks_used=self.used0 + self.allocations_through(j))
+    # ---- the end -------------------------------------------------------------------
+    def close(self, times: list[float], in_flight: bool = False) -> list[Sequence]:
+        """Write the stretch back after its k = len(times) steps; `times[j]` is the time of
+        step j's tokens. `in_flight`: the last step's tokens are not received yet
+        (asynchronous scheduling): it leaves PLACEHOLDERs, to be replaced by
+        `Scheduler.receive(*stretch.last_step())`; otherwise they are received at
+        times[-1]. Returns the sequences completed by received steps."""
+        k = self.j
+        if len(times) != k:
+            raise ValueError(f"a stretch of {k} steps cannot take {len(times)} times")
+        done = []
+        write = self._write_back
+        for seq, entry in self.members.items():
+            write(seq, entry, k, times, in_flight)
+        for seq, entry, last in self.left:
+            write(seq, entry, last, times, in_flight and last == k)
+            if last < k:
+                seq.finish_time = times[last - 1]
+                done.append(seq)
+            elif not in_flight:
+                seq.finish_time = times[-1]
+                done.append(seq)
+        if not in_flight and self.admitted is not None:
+            admitted = self.admitted
+            tokens = [self.token_of[s.seq_id] if sample else -1
+                      for s, sample in zip(admitted.seqs, admitted.sample)]
+            done += self.scheduler.receive(admitted, tokens, times[-1])
+        return done
+
+    @staticmethod
+    def _write_back(seq: Sequence, entry: tuple, last: int, times: list, placeholder: bool) -> None:
+        """Steps entry's first .. last - 1 of `seq`, at once."""
+        v, token, first, final, pending = entry
+        if first >= last:
+            return      # joined after the last step: that step's receive completes it
+        ids = seq.token_ids
+        n = v + last + 1
+        del ids[final:]
+        ids += array("q", (token,)) * (n - final)
+        if placeholder:
+            ids[-1] = PLACEHOLDER
+        seq.num_tokens = n
+        seq.num_computed_tokens = v + last
+        token_times = seq.token_times
+        if pending:     # the token its prompt sampled, in flight when it joined
+            token_times[-1] = times[first - 1]
+        token_times += times[first:last]
+
+    def last_step(self) -> tuple[Batch, list[int]]:
+        """The last step as the `Batch` it was and its tokens (after `close`)."""
+        decoders = self.step_decoders
+        if decoders is None:
+            decoders = self.scheduler.running[:self.num_decoding]
+        n = len(decoders)
+        token_of = self.token_of
+        batch = Batch(seqs=list(decoders), num_new_tokens=[1] * n,
+                      num_computed_tokens=[s.num_computed_tokens - 1 for s in decoders],
+                      sample=[True] * n, num_batched_tokens=n, num_decode_seqs=n,
+                      kv_blocks_used=self.kv_blocks_used)
+        tokens = [token_of[s.seq_id] for s in decoders]
+        admitted = self.admitted
+        if admitted is not None:
+            batch.seqs += admitted.seqs
+            batch.num_new_tokens += admitted.num_new_tokens
+            batch.num_computed_tokens += admitted.num_computed_tokens
+            batch.sample += admitted.sample
+            batch.num_batched_tokens += admitted.num_batched_tokens
+            batch.num_prefill_tokens += admitted.num_prefill_tokens
+            batch.num_decode_seqs += admitted.num_decode_seqs
+            batch.prefix_hit_tokens = admitted.prefix_hit_tokens
+            tokens += [token_of[s.seq_id] if sample else -1
+                       for s, sample in zip(admitted.seqs, admitted.sample)]
+        return batch, tokens
 
 
 def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | None:
-    """The decode stretch that starts at the scheduler's next step, or None if that step
-    is not a plain decode step of every running sequence: nothing running, a prompt (or
-    chunk) still to compute, a waiting request the policy could admit, a token that would
-    stop a sequence, or a block table that does not end at the computed tokens.
-    `token_of[seq_id]`: the token every step samples for that sequence.
-
-    Admission is ruled out only where it cannot even be tried (nothing waits, or
-    max_num_seqs sequences run): an admission that would fail for want of blocks is not
-    predicted. The stretch ends at the step where the first sequence reaches its length,
-    or before the step whose allocation the free pool could not serve."""
-    running = sched.running
-    if not running:
+    """A stretch starting at the scheduler's next step, or None if that step would not be
+    the stretch's kind: a running sequence with a prompt (or chunk) to compute or a token
+    that would stop it; nothing running and nothing to admit; with prefill_first, a
+    waiting request it could try to admit. `token_of[seq_id]`: the token every step
+    samples for that sequence."""
+    running, waiting = sched.running, sched.waiting
+    chunked = sched.config.policy == "chunked"
+    if waiting:
+        if not chunked and (len(running) < sched.config.max_num_seqs or waiting[0].num_computed_tokens):
+            return None
+    elif not running:
         return None
-    newest = running[-1]     # the one most likely still in its prompt: check it first
-    if newest.num_computed_tokens != newest.num_tokens - 1 or newest.num_tokens <= newest.num_prompt_tokens:
-        return None
-    waiting = sched.waiting
-    if waiting and (len(running) < sched.config.max_num_seqs or waiting[0].num_computed_tokens):
-        return None
-    bm, bs = sched.block_manager, sched.block_size
-    alloc_groups = [[] for _ in range(bs)]
-    reg_groups = [[] for _ in range(bs)]
-    tokens, starts, lefts = [], [], []
+    if running:
+        newest = running[-1]     # the one most likely still in its prompt: check it first
+        if newest.num_computed_tokens != newest.num_tokens - 1 or newest.num_tokens <= newest.num_prompt_tokens:
+            return None
+    stretch = DecodeStretch(sched, token_of)
+    join = stretch.join
     for seq in running:
-        start = seq.num_computed_tokens
-        num_tokens = seq.num_tokens
-        if (start != num_tokens - 1 or start < seq.num_prompt_tokens   # a prompt's last token is prefill
-                or seq.num_registered_blocks != start // bs):
+        if not join(seq, 0):
             return None
-        token = token_of[seq.seq_id]
-        if not seq.ignore_eos and token in seq.eos_token_ids:
-            return None
-        first_alloc = len(seq.block_table) * bs - start     # the step that computes past the table
-        if not 0 <= first_alloc < bs:
-            return None
-        alloc_groups[first_alloc].append(seq)
-        reg_groups[(bs - 1 - start) % bs].append((seq, start))
-        tokens.append(token)
-        starts.append(start)
-        lefts.append(seq.max_num_tokens - num_tokens)
-    context0, max_steps = sum(starts), min(lefts)
-    stretch = DecodeStretch(sched, list(running), tokens, starts, max_steps, alloc_groups,
-                            reg_groups, context0, bm.num_used_blocks, max(starts) if starts else 0)
-    # The pool: find the last step whose allocations (with all before) still fit.
-    free, per_cycle = bm.num_free_blocks, len(running)
-    cycles, rest = divmod(free, per_cycle)
-    last = max(m for m in range(bs + 1) if stretch.alloc_prefix[m] <= rest)   # residues fully served
-    stretch.max_steps = min(max_steps, cycles * bs + last)
-    return stretch if stretch.max_steps > 0 else None
+    return stretch

@@ -114,6 +114,14 @@ class Scheduler:
         `token_ids=None`: the step was launched but its tokens are not known yet. Each
         sampled sequence gets a PLACEHOLDER (at time `now`) and only a length limit can
         finish it here; `receive` puts the tokens in later."""
+        finished = self._advance(batch, token_ids, now)
+        if finished:
+            self._release(finished)
+        return finished
+
+    def _advance(self, batch: Batch, token_ids, now: float) -> list[Sequence]:
+        """`update` up to releasing what it finished (returned with their status set, still
+        in `running` and holding their blocks)."""
         bm, bs, finished_status = self.block_manager, self.block_size, FINISHED
         if token_ids is None:
             token_ids = [PLACEHOLDER] * len(batch.seqs)
@@ -139,12 +147,16 @@ class Scheduler:
             seq.status = FINISHED
             seq.finish_time = now
             finished.append(seq)
-        if finished:
-            for seq in finished:
-                self.running.remove(seq)
-                del self.sequences[seq.seq_id]
-                bm.free_blocks(seq)
         return finished
+
+    def _release(self, finished: list[Sequence]) -> None:
+        """Drop sequences `update` finished from the running batch and free their blocks,
+        in order (the order blocks return to the free list)."""
+        running, sequences, free_blocks = self.running, self.sequences, self.block_manager.free_blocks
+        for seq in finished:
+            running.remove(seq)
+            del sequences[seq.seq_id]
+            free_blocks(seq)
 
     def receive(self, batch: Batch, token_ids, now: float) -> list[Sequence]:
         """The tokens of a step that `update` recorded with placeholders arrive at `now`:

@@ -224,7 +224,8 @@ class Simulator:
                 continue
             state.num_iterations += 1
             if self.event_skipping:
-                skipped, done = skip_decode_turns(replica, state, now)
+                skipped, done = skip_decode_turns(
+                    replica, state, now, lambda t: self._admit(state.replicas, state, t))
                 if skipped:
                     if done and progress is not None:
                         progress(len(done))

@@ -88,16 +88,86 @@ def test_a_steady_batch_is_skipped_many_steps_at_once():
     assert result.num_iterations <= 20      # one prefill step, then one stretch per finish
 
 
-def test_no_stretch_while_a_request_waits_to_be_admitted():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=2), CacheConfig(block_size=4), num_blocks=64)
-    for i in range(3):
-        sched.add(Sequence(i, [1, 2, 3], 20, ignore_eos=True))
-    batch = sched.schedule(0.0)
-    sched.update(batch, [5] * len(batch), 1.0)
-    tokens = {i: 5 for i in range(3)}
-    assert plan_decode_stretch(sched, tokens) is not None    # max_num_seqs running: no admission
-    sched.abort(0)
-    assert plan_decode_stretch(sched, tokens) is None        # now the third one gets in
+def run_stretch(sched: Scheduler, tokens: dict, times: list[float]):
+    """A stretch from the scheduler's state, one step per time while it can take them,
+    closed with every step received (no asynchronous scheduling)."""
+    stretch = plan_decode_stretch(sched, tokens)
+    records = []
+    for t in times:
+        record = stretch.schedule(t)
+        if record is None:
+            break
+        stretch.update(t)
+        records.append(record)
+    return records, stretch.close(times[:len(records)])
+
+
+def run_steps(sched: Scheduler, tokens: dict, times: list[float]):
+    """The reference: schedule + update, one step per time."""
+    records, done = [], []
+    for t in times:
+        batch = sched.schedule(t)
+        records.append(batch.record(t, 0.0))
+        done += sched.update(batch, [tokens[s.seq_id] for s in batch.seqs], t)
+    return records, done
+
+
+def state(sched: Scheduler, seqs: list[Sequence]):
+    bm = sched.block_manager
+    return ([(list(s.token_ids), s.token_times, s.num_tokens, s.num_computed_tokens, s.block_table,
+              s.num_registered_blocks, s.block_hashes, s.status, s.finish_time, s.first_scheduled_time)
+             for s in seqs], [s.seq_id for s in sched.running], [s.seq_id for s in sched.waiting],
+            bm.free_list(), bm.cached, bm.stats)
+
+
+def twins(make):
+    """Two schedulers in the same state, from `make()` -> (scheduler, sequences)."""
+    return make(), make()
+
+
+def three_requests(num_blocks: int, policy: str = "chunked"):
+    """a and b decoding (4-token prompts, block size 4; b stops after 6 tokens), c waiting
+    for a slot (max_num_seqs 2), sharing a's prompt prefix."""
+    def make():
+        sched = Scheduler(SchedulerConfig(policy=policy, max_num_seqs=2, max_num_batched_tokens=64),
+                          CacheConfig(block_size=4), num_blocks)
+        seqs = [Sequence("a", [1, 2, 3, 4, 5], 30, ignore_eos=True),
+                Sequence("b", [5, 6, 7, 8], 6, ignore_eos=True),
+                Sequence("c", [1, 2, 3, 4, 9, 9, 9, 9, 9], 40, ignore_eos=True)]
+        for seq in seqs:
+            sched.add(seq)
+        batch = sched.schedule(0.0)
+        sched.update(batch, [9] * len(batch), 1.0)
+        return sched, seqs
+    return make
+
+
+TOKENS = {"a": 9, "b": 9, "c": 7}
+
+
+def test_a_stretch_is_the_scheduler_through_finishes_and_admissions():
+    """b finishes inside the stretch, c is admitted to its slot as a prefill chunk and then
+    decodes with a, and every block, cache entry, token and time is the scheduler's."""
+    (sched, seqs), (ref, ref_seqs) = twins(three_requests(num_blocks=40))
+    times = [float(t) for t in range(2, 30)]
+    records, done = run_stretch(sched, TOKENS, times)
+    assert len(records) == len(times)      # nothing ended it
+    assert any(r["num_prefill_tokens"] for r in records[1:])   # c's prompt, mid-stretch
+    ref_records, ref_done = run_steps(ref, TOKENS, times)
+    assert records == ref_records
+    assert [s.seq_id for s in done] == [s.seq_id for s in ref_done] == ["b"]
+    assert state(sched, seqs) == state(ref, ref_seqs)
+    sched.block_manager.check_integrity()
+
+
+def test_prefill_first_stops_where_a_prompt_could_run():
+    (sched, seqs), (ref, ref_seqs) = twins(three_requests(num_blocks=40, policy="prefill_first"))
+    times = [float(t) for t in range(2, 30)]
+    records, _ = run_stretch(sched, TOKENS, times)
+    assert len(records) == 5        # b finishes at the 5th step: c's prompt runs next
+    run_steps(ref, TOKENS, times[:5])
+    assert state(sched, seqs) == state(ref, ref_seqs)
+    assert sched.schedule(8.0).num_prefill_tokens > 0
 
 
 def two_decoding(num_blocks: int, max_tokens_b: int) -> tuple[Scheduler, Sequence, Sequence]:
@@ -111,24 +181,23 @@ def two_decoding(num_blocks: int, max_tokens_b: int) -> tuple[Scheduler, Sequenc
     return sched, a, b
 
 
-def test_stretch_ends_at_the_first_finish():
+def test_a_finish_inside_a_stretch():
     sched, a, b = two_decoding(num_blocks=40, max_tokens_b=6)
-    stretch = plan_decode_stretch(sched, {"a": 9, "b": 9})
-    assert stretch.max_steps == 5          # b reaches its 6 tokens at the 5th step
-    assert stretch.features(0)["kv_blocks_used"] == 4     # both take their second block at once
-    assert list(stretch.features(0)) == list(Batch().features())   # the steps.parquet columns
-    finished = stretch.apply(5, [float(t) for t in range(2, 7)])
-    assert finished == [b] and b.is_finished and b.finish_time == 6.0
+    records, done = run_stretch(sched, {"a": 9, "b": 9}, [float(t) for t in range(2, 12)])
+    assert len(records) == 10
+    assert [r["num_seqs"] for r in records] == [2] * 5 + [1] * 5
+    assert records[0]["kv_blocks_used"] == 4     # both take their second block at once
+    assert list(records[0]) == list(Batch().record(0.0, 0.0))   # the steps.parquet columns
+    assert done == [b] and b.is_finished and b.finish_time == 6.0
     assert b.token_times == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and b.block_table == []
-    assert sched.running == [a] and a.num_tokens == 10 and a.num_computed_tokens == 9
+    assert sched.running == [a] and a.num_tokens == 15 and a.num_computed_tokens == 14
 
 
 def test_stretch_ends_before_the_step_that_would_preempt():
     sched, a, b = two_decoding(num_blocks=9, max_tokens_b=30)
-    stretch = plan_decode_stretch(sched, {"a": 9, "b": 9})
+    records, _ = run_stretch(sched, {"a": 9, "b": 9}, [1.0 + j for j in range(1, 30)])
     # 7 free blocks; both need one at steps 0, 4, 8 (6 blocks), and at step 12 there is one.
-    assert stretch.max_steps == 12
-    assert [stretch.features(j)["kv_blocks_used"] for j in (0, 3, 4, 8, 11)] == [4, 4, 6, 8, 8]
-    stretch.apply(12, [1.0 + j for j in range(1, 13)])
+    assert len(records) == 12
+    assert [records[j]["kv_blocks_used"] for j in (0, 3, 4, 8, 11)] == [4, 4, 6, 8, 8]
     sched.block_manager.check_integrity()
     assert sched.schedule(14.0).num_preempted == 1     # the step after it preempts b
