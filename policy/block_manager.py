@@ -32,10 +32,11 @@ def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int, start
         token_ids = array("q", token_ids[start:start + num_blocks * block_size])
         start = 0
     hashes = []
+    append, digest = hashes.append, xxh64_intdigest
     with memoryview(token_ids) as view:   # released at once: a live view pins the array's size
         for i in range(start, start + num_blocks * block_size, block_size):
-            parent = xxh64_intdigest(view[i:i + block_size], parent)
-            hashes.append(parent)
+            parent = digest(view[i:i + block_size], parent)
+            append(parent)
     return hashes
 
 
@@ -246,7 +247,7 @@ class BlockManager:
         hashes = self.block_hashes(seq, full)[done:full]
         blocks = table[done:full]
         cache, block_hash, hashed = self._cache, self.block_hash, self.hashed
-        if not any(map(cache.__contains__, hashes)):   # all new content: in bulk, in C
+        if cache.keys().isdisjoint(hashes):   # all new content: in bulk, in C
             cache.update(zip(hashes, blocks))
         else:
             new_blocks, new_hashes = [], []

@@ -66,6 +66,7 @@ class DecodeStretch:
         self.step_decoders = None       # those, saved when some finished at the step
         self.kv_blocks_used = 0
         self.chunked = scheduler.config.policy == "chunked"
+        self.fills: dict[int, array] = {}     # token -> a block of it
 
     def join(self, seq: Sequence, first: int) -> bool:
         """Make running `seq` decode from step `first`. False (nothing changed) if its next
@@ -160,28 +161,11 @@ class DecodeStretch:
         sched = self.scheduler
         bm, bs, j, members = sched.block_manager, sched.block_size, self.j, self.members
         regs = self.reg_groups[j % bs]
-        if regs:     # `register`'s work, for the block each filled: hashes reused if known
-            caching, cache_block = bm.enable_prefix_caching, bm.cache_block
+        if regs and bm.enable_prefix_caching:
+            self._register(regs, j)
+        elif regs:
             for seq in regs:
-                v, token, _, final, _ = members[seq]
-                i = (v + j) // bs
-                seq.num_registered_blocks = i + 1
-                if not caching:
-                    continue
-                hashes = seq.block_hashes
-                if len(hashes) > i:
-                    h = hashes[i]
-                else:
-                    lo, hi = i * bs, (i + 1) * bs
-                    if hi <= final:
-                        content = seq.token_ids[lo:hi]
-                    elif lo >= final:
-                        content = array("q", (token,)) * bs
-                    else:
-                        content = seq.token_ids[lo:final] + array("q", (token,)) * (hi - final)
-                    h = xxh64_intdigest(content, hashes[-1] if i else root_hash(seq.extra_keys))
-                    hashes.append(h)
-                cache_block(h, seq.block_table[i])
+                seq.num_registered_blocks = (members[seq][0] + j) // bs + 1
         admitted = self.admitted
         finished = sched._advance(admitted, None, now) if admitted is not None else []
         leaving = self.finishing.pop(j, None)
@@ -208,6 +192,40 @@ class DecodeStretch:
                     self.ended = True
         if not sched.running:
             self.ended = True
+
+    def _register(self, regs: list, j: int) -> None:
+        """`BlockManager.register` of the block each of `regs` filled at step j (a hash
+        once computed, before a preemption say, is reused; a block whose content an
+        identical live block already serves is not entered)."""
+        bm, bs, members, fills = self.scheduler.block_manager, self.scheduler.block_size, self.members, self.fills
+        cache, block_hash, hashed = bm._cache, bm.block_hash, bm.hashed
+        for seq in regs:
+            v, token, _, final, _ = members[seq]
+            i = (v + j) // bs
+            seq.num_registered_blocks = i + 1
+            hashes = seq.block_hashes
+            if len(hashes) > i:
+                h = hashes[i]
+            else:
+                lo = i * bs
+                if lo >= final:         # all of it the stretch's token
+                    content = fills.get(token)
+                    if content is None:
+                        content = fills[token] = array("q", (token,)) * bs
+                elif lo + bs <= final:
+                    content = seq.token_ids[lo:lo + bs]
+                else:
+                    content = seq.token_ids[lo:final] + array("q", (token,)) * (lo + bs - final)
+                h = xxh64_intdigest(content, hashes[-1] if i else root_hash(seq.extra_keys))
+                hashes.append(h)
+            old = cache.get(h)
+            if old is None or not (hashed[old] and block_hash[old] == h):
+                block = seq.block_table[i]
+                cache[h] = block
+                block_hash[block] = h
+                hashed[block] = True
+        if len(cache) > 4 * bm.num_blocks:
+            bm._drop_dead_entries()
 
     # ---- the end -------------------------------------------------------------------
     def close(self, times: list[float], in_flight: bool = False) -> list[Sequence]:

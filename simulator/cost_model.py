@@ -244,18 +244,16 @@ class RooflineCostModel(CostModel):
             self.allreduce_fixed_s = self.allreduce_token_s = 0.0
         self.fixed_s = hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
         self.eager_launch_s = hw.layer_launch_s * model.num_layers
+        self._by_shape: dict[tuple, tuple] = {}   # step shape -> _shape_time's
 
     def predict(self, f: dict) -> float:
-        hw = self.hw
-        kind, rows = self.graphs.rows(f)
-        linear_bytes_s = self.linear_bytes_s
-        if self.model.config.is_moe:   # expert weights: only those the step's tokens touch
-            linear_bytes_s = (self.model.config.matmul_weights_read(f["num_batched_tokens"])
-                              * self.model.dtype_bytes / self.tp / hw.bandwidth)
-        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
-        sampled = f["num_sampled"]
-        if sampled:
-            t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
+        # The fixed, linear and lm_head terms depend on the step's shape only: computed once
+        # per shape (the same operations in the same order: the same float).
+        shape = (f["num_batched_tokens"], f["num_seqs"], f["num_prefill_tokens"] == 0, f["num_sampled"])
+        known = self._by_shape.get(shape)
+        if known is None:
+            known = self._by_shape[shape] = self._shape_time(f)
+        t, kind, rows = known
         decode_ctx = f["decode_context_tokens"]
         t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
         if f["prefill_kv_tokens"]:
@@ -266,6 +264,23 @@ class RooflineCostModel(CostModel):
         if kind == "eager":
             t += self.eager_launch_s
         return t
+
+    def _shape_time(self, f: dict) -> tuple[float, str, int]:
+        """(fixed + linear + lm_head seconds, graph kind, rows) of a step's shape."""
+        hw = self.hw
+        kind, rows = self.graphs.rows(f)
+        linear_bytes_s = self.linear_bytes_s
+        if self.model.config.is_moe:   # expert weights: only those the step's tokens touch
+            linear_bytes_s = (self.model.config.matmul_weights_read(f["num_batched_tokens"])
+                              * self.model.dtype_bytes / self.tp / hw.bandwidth)
+        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
+        sampled = f["num_sampled"]
+        if sampled:
+            t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
+        return t, kind, rows
+
+    def reset(self) -> None:
+        self._by_shape = {}
 
 
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).

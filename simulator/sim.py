@@ -220,7 +220,9 @@ class Simulator:
                     return
                 replica.idle = env.event()
                 yield replica.idle
-                now = max(now, env.now, state.last_arrival)   # simpy's sum may round below it
+                # Woken by an arrival: the turn starts at its time exactly (simpy's clock is a
+                # sum of delays, which rounds differently depending on who slept when).
+                now = max(now, state.last_arrival)
                 continue
             state.num_iterations += 1
             if self.event_skipping:
