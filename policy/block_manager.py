@@ -65,7 +65,7 @@ class BlockManager:
         self.hashed = np.zeros(num_blocks, np.bool_)
         # block hash -> block id. An entry is live while its block carries its hash
         # (`lookup`); evicting a block only clears `hashed`, so that handing out blocks
-        # touches no dict entry; dead entries are dropped when they outnumber the pool.
+        # touches no dict entry; dead entries are dropped (the dict rebuilt from the hashed blocks) past 4 x the pool.
         self._cache: dict[int, int] = {}
         # Free blocks in eviction order (front = next to reuse): _queue[_head:_tail]. The
         # entry at position p is live iff _free_pos[its block] == p (-1: held); _stale
@@ -290,12 +290,10 @@ class BlockManager:
 
     @property
     def cached(self) -> dict[int, int]:
-        """The prefix cache, block hash -> block id (a new dict: O(entries))."""
-        cache = self._cache
-        hashes = np.fromiter(cache.keys(), np.uint64, len(cache))
-        blocks = np.fromiter(cache.values(), np.int64, len(cache))
-        live = self.hashed[blocks] & (self.block_hash[blocks] == hashes)
-        return dict(zip(hashes[live].tolist(), blocks[live].tolist()))
+        """The prefix cache, block hash -> block id (a new dict, built from the blocks
+        that carry a hash: each is its hash's live entry; O(pool))."""
+        blocks = np.flatnonzero(self.hashed)
+        return dict(zip(self.block_hash[blocks].tolist(), blocks.tolist()))
 
     def free_blocks(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first; cached ones stay findable until reused."""
@@ -329,7 +327,5 @@ class BlockManager:
             assert (self.ref_counts[block] == 0) == (block in free), block
             assert self.ref_counts[block] >= 0, block
             assert (self._free_pos[block] >= 0) == (block in free), block
-        cached = self.cached
-        for h, block in cached.items():
-            assert self.hashed[block] and int(self.block_hash[block]) == h, (h, block)
-        assert np.count_nonzero(self.hashed) == len(cached)   # a hashed block is its hash's entry
+        for block in np.flatnonzero(self.hashed).tolist():   # a hashed block is its hash's entry
+            assert self._cache.get(self.block_hash.item(block)) == block, block
