@@ -9,7 +9,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import (pack_cols, pack_rows, quantization_config, quantize_rtn,
