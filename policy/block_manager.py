@@ -12,7 +12,8 @@ in a few array operations, not a Python step each. The free list is a FIFO of bl
 read from a moving head (freeing appends, allocating takes a slice); a freed block that a
 prefix hit takes back leaves a dead entry, dropped in one pass before the next allocation.
 Evicting a block only clears its `hashed` flag: its dict entry dies with it (`lookup`
-checks) and dead entries are dropped in bulk when they outnumber the pool.
+checks) and dead entries are dropped in bulk (the dict rebuilt from the blocks that carry a
+hash) when they outnumber the pool.
 """
 from array import array
 
@@ -65,7 +66,7 @@ class BlockManager:
         self.hashed = np.zeros(num_blocks, np.bool_)
         # block hash -> block id. An entry is live while its block carries its hash
         # (`lookup`); evicting a block only clears `hashed`, so that handing out blocks
-        # touches no dict entry; dead entries are dropped (the dict rebuilt from the hashed blocks) past 4 x the pool.
+        # touches no dict entry; past 4 x the pool, the dict is rebuilt from the hashed blocks.
         self._cache: dict[int, int] = {}
         # Free blocks in eviction order (front = next to reuse): _queue[_head:_tail]. The
         # entry at position p is live iff _free_pos[its block] == p (-1: held); _stale

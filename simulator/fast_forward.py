@@ -1,9 +1,10 @@
-"""Event skipping for the simulator's step loop: when the next turns of policy.StepLoop
-would be plain decode steps (policy.fast_forward), cost them one after another (the
-executor's own launch, so device and host times and their overlap are the loop's), keep
-those that start before the next arrival, and apply them to the policy at once. The result
-is the turn-by-turn loop's, to the last bit of every timestamp and record
-(tests/test_fast_forward.py runs both).
+"""Event skipping for the simulator's step loop: while the next turns of policy.StepLoop
+keep every running sequence decoding (policy.fast_forward), run them as one stretch: each
+turn costed by the executor's own launch (so device and host times and their overlap are
+the loop's), requests arriving meanwhile queued and admitted by the stretch's steps as the
+scheduler would, sequences finishing inside it, and each running sequence's tokens and
+counters written once at the end. The result is the turn-by-turn loop's, to the last bit of
+every timestamp and record (tests/test_fast_forward.py runs both).
 
 Used only where nothing outside the replica can observe the turns in between: one replica
 (a router would see another replica's state mid-stretch) and a stateless cost model (a

@@ -201,3 +201,31 @@ def test_stretch_ends_before_the_step_that_would_preempt():
     assert [records[j]["kv_blocks_used"] for j in (0, 3, 4, 8, 11)] == [4, 4, 6, 8, 8]
     sched.block_manager.check_integrity()
     assert sched.schedule(14.0).num_preempted == 1     # the step after it preempts b
+
+
+def roofline(model_name: str):
+    import pathlib
+
+    import yaml
+
+    from simulator import HardwareSpec, ModelSpec
+    from simulator.cost_model import RooflineCostModel
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load(open(root / "conf" / "model" / f"{model_name}.yaml"))
+    hw = HardwareSpec(**yaml.safe_load(open(root / "conf" / "hardware" / "h100.yaml")))
+    return lambda: RooflineCostModel(ModelSpec.from_hf_config(cfg["hf_config"], name=cfg["name"]), hw)
+
+
+def test_roofline_steps_cost_what_a_fresh_model_says():
+    """The roofline model computes each step shape's fixed and GEMM terms once: every step
+    of a run (prompts, mixed and decode steps; dense and MoE) costs exactly what a model
+    that never saw another step says, and skipping turns changes no step."""
+    requests = [Req(f"r{i}", 0.01 * i, tuple(range(i, i + 20 + 7 * i)), 5 + 3 * i) for i in range(12)]
+    for model_name in ("qwen3-0.6b", "qwen3-30b-a3b"):
+        make = roofline(model_name)
+        runs = [Simulator(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CacheConfig(block_size=4),
+                          make(), num_blocks=200, event_skipping=skip).run(requests) for skip in (False, True)]
+        assert observed(runs[0]) == observed(runs[1])
+        assert {step["num_prefill_tokens"] > 0 for step in runs[1].steps} == {True, False}
+        for step in runs[1].steps:
+            assert step["device_s"] == make().predict(step)
