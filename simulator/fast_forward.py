@@ -11,7 +11,7 @@ Used only where nothing outside the replica can observe the turns in between: on
 replayed run is consumed turn by turn).
 """
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from policy.fast_forward import plan_decode_stretch
 from policy.step_loop import InFlight

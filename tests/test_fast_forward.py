@@ -211,8 +211,8 @@ def roofline(model_name: str):
     from simulator import HardwareSpec, ModelSpec
     from simulator.cost_model import RooflineCostModel
     root = pathlib.Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load(open(root / "conf" / "model" / f"{model_name}.yaml"))
-    hw = HardwareSpec(**yaml.safe_load(open(root / "conf" / "hardware" / "h100.yaml")))
+    cfg = yaml.safe_load((root / "conf" / "model" / f"{model_name}.yaml").read_text())
+    hw = HardwareSpec(**yaml.safe_load((root / "conf" / "hardware" / "h100.yaml").read_text()))
     return lambda: RooflineCostModel(ModelSpec.from_hf_config(cfg["hf_config"], name=cfg["name"]), hw)
 
 
