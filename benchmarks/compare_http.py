@@ -90,6 +90,12 @@ def main(root: str) -> dict:
             d = row["twin_http_vs_offline"]
             print(f"{rate:>5} {'sim-off':>11}  TTFT +{d['mean_ttft_added_ms']:.2f} ms mean; TPOT "
                   f"{d['mean_tpot_added_pct']:+.2f} % mean (the twin over HTTP vs offline: pacing)")
+        hits = {k: m["prefix_cache_hit_rate"] for k, m in runs.items() if m is not None}
+        if hits and max(hits.values()) - min(hits.values()) > 0.05:
+            row["prefix_cache_mismatch"] = hits
+            print(f"{rate:>5} {'WARNING':>11}  prefix-cache hit rates differ (" +
+                  ", ".join(f"{k} {100 * v:.1f} %" for k, v in hits.items()) + "): a run that "
+                  "found the trace cached is not comparable (bench --reset-prefix-cache)")
         report["rates"][rate] = row
     print(json.dumps(report))
     return report
