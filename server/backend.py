@@ -7,6 +7,7 @@ and `server.process.BackendProcess`, either of them in a process of its own (the
 default). /metrics reads `Backend.stats()`.
 """
 import math
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -184,6 +185,11 @@ class EngineBackend(HFText, Backend):
         self.max_model_len = engine.config.max_model_len
         self.scheduler = engine.scheduler
         HFText.__init__(self, model, engine.tokenizer, engine.model_config.vocab_size)
+        report = getattr(engine.model_runner, "skinny_report", None)
+        if report:     # measured at start, per process: two engines may choose differently
+            chosen = [f"{r['n']}x{r['k']}@{r['m']}" for r in report if r["skinny"]]
+            print(f"skinny GEMM (measured at start) for {len(chosen)} of {len(report)} layer "
+                  f"shapes @ rows: {' '.join(chosen) or 'none'}", file=sys.stderr, flush=True)
 
     def add(self, request_id, token_ids, params, arrival_time=None):
         sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,

@@ -102,8 +102,9 @@ class SimBackend(ByteText, Backend):
     clock: after each turn it sleeps until the twin's clock says the turn ended, so tokens
     come when the simulated GPU would make them. Steps follow one another on that timeline
     (a host that falls behind catches up rather than adding its lateness to every step);
-    a request joins when the twin's clock passes its arrival; idle, the clock jumps to the
-    next arrival."""
+    a request joins the first turn formed after its arrival (the server's stamp, not the
+    time the twin read it: the twin reads between turns, after sleeping), as in the
+    offline simulator; idle, the clock jumps to the next arrival."""
 
     def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
                  calibration: str | None = None, tensor_parallel_size: int = 1,
@@ -155,8 +156,9 @@ class SimBackend(ByteText, Backend):
     # ---- the engine thread ---------------------------------------------------------------
     def add(self, request_id, token_ids, params: GenerationParams, arrival_time=None):
         """Check the request against the policy now (ValueError), queue it until the
-        twin's clock reaches its arrival (`arrival_time` on the twin's timeline: it may
-        lie before now, as for a request that waited in the pipe while the twin slept)."""
+        twin's clock reaches its arrival (`arrival_time`, perf_counter seconds: when the
+        server took it in, which may lie before now, as for a request that waited in the
+        pipe while the twin slept; default now)."""
         if request_id in self.sequences:
             raise ValueError(f"request {request_id!r} is already queued or running")
         arrival = self.now() if arrival_time is None else arrival_time - self.epoch
