@@ -186,3 +186,7 @@ def test_reset_prefix_cache_over_http():
             assert r.status_code == 409 and r.json()["error"]["code"] == 409
             assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200   # the stream's
             assert cached() == 0                                # abort is stepped out first
+    with serving(build_app(SimBackend("qwen3-0.6b", "h200", num_gpu_blocks=64, max_model_len=256),
+                           api_key="k")) as url:
+        assert httpx.post(f"{url}/reset_prefix_cache").status_code == 401
+        assert httpx.post(f"{url}/reset_prefix_cache", headers={"Authorization": "Bearer k"}).status_code == 200
