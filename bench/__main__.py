@@ -18,7 +18,8 @@ import yaml
 from tqdm import tqdm
 
 from analysis.metrics import compute_metrics, format_report
-from bench.client import Target, replay, request_table, scrape, server_model, server_side, warm_up
+from bench.client import (Target, replay, request_table, reset_prefix_cache, scrape, server_model,
+                          server_side, warm_up)
 from experiments import results
 from policy import Batch
 from traces import TraceConfig, TraceError, load_trace, materialize
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "replay samples; 0 = greedy)")
     p.add_argument("--num-warmups", type=int, default=0,
                    help="throwaway requests before the clock starts (default 0)")
+    p.add_argument("--reset-prefix-cache", action="store_true",
+                   help="after the warm-up, empty the server's prefix cache (POST "
+                        "/reset_prefix_cache: this server, or vLLM with VLLM_SERVER_DEV_MODE=1), "
+                        "so the run starts as an offline replay does, whatever ran before")
     p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, as vLLM: ttft:500 tpot:50 e2el:10000")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per request")
@@ -117,6 +122,11 @@ def main(argv=None) -> dict:
     print(f"{len(requests)} requests of trace {trace.name!r} -> {url} (model {model!r})")
     asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups,
                         max_model_len))
+    if args.reset_prefix_cache:
+        try:
+            reset_prefix_cache(target)
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
     before = scrape(url)
     with tqdm(total=len(requests), unit="req", disable=args.disable_tqdm) as bar:
         records, t0, duration = asyncio.run(replay(target, requests, args.max_concurrency, bar.update))
@@ -127,7 +137,8 @@ def main(argv=None) -> dict:
         "url": url, "model": model, "max_concurrency": args.max_concurrency,
         "vocab_size": args.vocab_size, "ignore_eos": args.ignore_eos,
         "temperature": args.temperature,
-        "num_warmups": args.num_warmups}, "slo": goodput}
+        "num_warmups": args.num_warmups, "reset_prefix_cache": args.reset_prefix_cache},
+        "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
                "mode": "http", "run": {"num_requests": len(table), "wall_s": duration},
                "server_metrics": server}

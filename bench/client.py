@@ -107,6 +107,17 @@ def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]
     return model["id"], model.get("max_model_len")
 
 
+def reset_prefix_cache(target: Target) -> None:
+    """POST /reset_prefix_cache (vLLM's endpoint); RuntimeError saying why if it fails."""
+    try:
+        r = httpx.post(f"{target.url}/reset_prefix_cache", headers=target.headers, timeout=60)
+    except httpx.HTTPError as e:
+        raise RuntimeError(f"--reset-prefix-cache: {type(e).__name__}: {e}") from None
+    if r.status_code != 200:
+        raise RuntimeError(f"--reset-prefix-cache: the server answered HTTP {r.status_code} "
+                           f"({r.text[:200]}); vLLM serves it only with VLLM_SERVER_DEV_MODE=1")
+
+
 async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max_tokens: int,
                record: Record) -> None:
     body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens,

@@ -25,17 +25,21 @@ NREQ=${NREQ:-100}; RATES=${RATES:-"6 12 24"}; CK=/tmp/q06; PORT=${PORT:-8000}
 # the twin: the shipped H200 calibration of this model (CAL= to choose another, CAL=none: roofline)
 CAL=${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json}; SIMCOST=""; SERVECOST=""
 if [ "$CAL" != none ]; then SIMCOST="cost_model=fitted cost_model.path=$CAL"; SERVECOST="--cost-model fitted --calibration $CAL"; fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-[ -f $CK/config.json ] || python3 -m engine.checkpoint qwen3-0.6b $CK
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+case " ${STAGES:-http offline sim} " in *" offline "*|*" http"*)   # the engine's stages only
+  [ -f $CK/config.json ] || python3 -m engine.checkpoint qwen3-0.6b $CK ;; esac
 RUN="trace=sharegpt trace.num_requests=$NREQ model=qwen3-0.6b hardware=h200 logger=none progress=false"
 BENCH="python3 -m bench --url http://127.0.0.1:$PORT --trace sharegpt --num-prompts $NREQ \
-  --vocab-size 151936 --set max_total_len=8192 --num-warmups 4 --disable-tqdm"
+  --vocab-size 151936 --set max_total_len=8192 --num-warmups 4 --reset-prefix-cache --disable-tqdm"
+# --reset-prefix-cache: every rate starts from an empty prefix cache, as run.py's replays do
+# (they reset the engine after the warm-up); without it the rates after the first found the
+# whole trace cached (same prompts) and their TPOT read 17-21 % below the offline replay's.
 serve() {   # start a server in the background; wait for /health
-  python3 -m server --port $PORT --disable-uvicorn-access-log --uvicorn-log-level warning "$@" > $OUT/server.log 2>&1 &
+  python3 -m server --port $PORT --disable-uvicorn-access-log --uvicorn-log-level warning "$@" > $OUT/server_$stage.log 2>&1 &
   SERVER=$!
   for i in $(seq 600); do
     python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && return 0
-    kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server.log; return 1; }; sleep 0.5
+    kill -0 $SERVER 2>/dev/null || { tail -20 $OUT/server_$stage.log; return 1; }; sleep 0.5
   done; return 1; }
 stop() {    # stop the server; wait until it and its engine process hold no GPU memory
   kill $SERVER; for i in $(seq 60); do kill -0 $SERVER 2>/dev/null || break; sleep 0.5; done
@@ -49,7 +53,8 @@ for stage in ${STAGES:-http offline sim}; do
                hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;
   http|http_inproc)
            flag=""; [ $stage = http_inproc ] && flag=--engine-in-process
-           serve --model $CK --served-model-name qwen3-0.6b $flag && for r in $RATES; do
+           serve --model $CK --served-model-name qwen3-0.6b $flag && { grep -h "skinny GEMM" $OUT/server_$stage.log; true; } &&
+           for r in $RATES; do
              timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
            done; stop ;;
   sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r $SIMCOST hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done

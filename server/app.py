@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a Backend.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (with "stream": true they answer
-with server-sent events ending in `data: [DONE]`), GET /v1/models, /health, /metrics.
+with server-sent events ending in `data: [DONE]`), GET /v1/models, /health, /metrics, and
+POST /reset_prefix_cache (vLLM's: benchmarks start each run from an empty prefix cache).
 
 Isolation, request by request:
 - every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}
@@ -31,9 +32,9 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatRequest, CompletionRequest, SamplingFields, parse
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+               405: "MethodNotAllowedError", 409: "ConflictError", 413: "RequestTooLargeError",
                422: "BadRequestError", 429: "RateLimitError", 500: "InternalServerError",
-               503: "ServiceUnavailableError"}
+               501: "NotImplementedError", 503: "ServiceUnavailableError"}
 DEFAULT_MAX_TOKENS = 16     # /v1/completions, as OpenAI; chat: whatever fits max_model_len
 PROBE_CHARS_PER_TOKEN = 16  # text is 3-5 characters a token: a head this long says "too long"
 
@@ -317,6 +318,14 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request):
+        """vLLM's endpoint (there behind VLLM_SERVER_DEV_MODE; here behind --api-key):
+        an empty prefix cache, as an offline replay starts with. 409 while requests run."""
+        authorize(request)
+        await engine.reset_prefix_cache()
+        return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models(request: Request):

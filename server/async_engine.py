@@ -4,6 +4,7 @@ while requests wait on their own queues. Admission is bounded: past `max_queued`
 unfinished requests a new one is refused (503) instead of queuing without limit.
 """
 import asyncio
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,13 +70,14 @@ class AsyncEngine:
             raise ApiError(f"the server is overloaded: {len(self.streams)} requests are queued "
                            f"or running (--max-queued-requests {self.max_queued}); retry later", 503)
         ids = [f"req-{uuid.uuid4().hex}" for _ in prompts]
+        arrival = time.perf_counter()    # here, not after a hop to the engine thread or process
         for index, request_id in enumerate(ids):
             self.streams[request_id] = Stream(queue, index, stream)
         try:
             if self.backend.concurrent_add:      # no wait for the engine thread's step
-                self._add(ids, prompts, params)
+                self._add(ids, prompts, params, arrival)
             else:
-                await self.call(self._add, ids, prompts, params)
+                await self.call(self._add, ids, prompts, params, arrival)
         except (ValueError, BackendDead) as e:
             for request_id in ids:
                 self.streams.pop(request_id, None)
@@ -86,11 +88,11 @@ class AsyncEngine:
         self.wakeup.set()
         return ids
 
-    def _add(self, ids, prompts, params) -> None:
+    def _add(self, ids, prompts, params, arrival) -> None:
         added = []
         try:
             for request_id, token_ids in zip(ids, prompts):
-                self.backend.add(request_id, token_ids, params)
+                self.backend.add(request_id, token_ids, params, arrival)
                 added.append(request_id)
         except Exception:
             for request_id in added:
@@ -117,6 +119,26 @@ class AsyncEngine:
             return
         if not self.backend.concurrent_add:      # else the stats come with the next step
             self.metrics.after_step(self.backend.stats())
+
+    async def reset_prefix_cache(self) -> None:
+        """Empty the backend's prefix cache; ApiError 409 while requests are unfinished."""
+        self.check_alive()
+        if self.streams:
+            raise ApiError(f"the prefix cache can be reset only when no request runs "
+                           f"({len(self.streams)} unfinished)", 409)
+        try:
+            if self.backend.concurrent_add:
+                self.backend.reset_prefix_cache()
+            else:
+                await self.call(self.backend.reset_prefix_cache)
+                self.metrics.after_step(self.backend.stats())
+        except BackendDead as e:
+            self.error = e
+            raise ApiError(f"the engine failed: {e}", 500) from None
+        except NotImplementedError as e:
+            raise ApiError(str(e), 501) from None
+        except RuntimeError as e:        # a request came in meanwhile
+            raise ApiError(str(e), 409) from None
 
     def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
         """On the engine thread: one step, then the new tokens of every streamed request."""

@@ -7,6 +7,7 @@ and `server.process.BackendProcess`, either of them in a process of its own (the
 default). /metrics reads `Backend.stats()`.
 """
 import math
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -96,8 +97,13 @@ class Backend(ABC):
         """Text of output tokens ("" without a tokenizer)."""
 
     @abstractmethod
-    def add(self, request_id: str, token_ids: list[int], params: GenerationParams) -> None:
-        """Queue a request; ValueError (queuing nothing) if it is invalid or can never run."""
+    def add(self, request_id: str, token_ids: list[int], params: GenerationParams,
+            arrival_time: float | None = None) -> None:
+        """Queue a request; ValueError (queuing nothing) if it is invalid or can never run.
+        `arrival_time`: when the server took it in (time.perf_counter seconds: on Linux
+        CLOCK_MONOTONIC, one clock for every process of the host), default now. It is the
+        request's arrival for TTFT and queue time, and, on the twin, for when it may join
+        a step (a request that waited in a pipe while the twin slept is still on time)."""
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:
@@ -123,6 +129,13 @@ class Backend(ABC):
         return {"running": s.num_running, "waiting": s.num_waiting, "kv_usage": bm.usage,
                 "preemptions": s.num_preemptions, "prefix_queries": bm.queries,
                 "prefix_hits": bm.hits}
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache (the pool keeps its blocks; the next prompts find no
+        cached prefix), so that a benchmark run starts as an offline replay does. Called
+        when no request is unfinished on the server's side; requests aborted meanwhile
+        are stepped out first."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reset its prefix cache")
 
     def close(self) -> None:
         """Release devices and worker processes."""
@@ -172,12 +185,18 @@ class EngineBackend(HFText, Backend):
         self.max_model_len = engine.config.max_model_len
         self.scheduler = engine.scheduler
         HFText.__init__(self, model, engine.tokenizer, engine.model_config.vocab_size)
+        report = getattr(engine.model_runner, "skinny_report", None)
+        if report:     # measured at start, per process: two engines may choose differently
+            chosen = [f"{r['n']}x{r['k']}@{r['m']}" for r in report if r["skinny"]]
+            print(f"skinny GEMM (measured at start) for {len(chosen)} of {len(report)} layer "
+                  f"shapes @ rows: {' '.join(chosen) or 'none'}", file=sys.stderr, flush=True)
 
-    def add(self, request_id, token_ids, params):
+    def add(self, request_id, token_ids, params, arrival_time=None):
         sp = self.sampling_params(temperature=params.temperature, top_k=params.top_k,
                                   top_p=params.top_p, max_tokens=params.max_tokens,
                                   ignore_eos=params.ignore_eos, seed=params.seed)
-        self.engine.add_request(token_ids, sp, request_id=request_id)
+        self.engine.add_request(token_ids, sp, request_id=request_id,   # engine clock:
+                                arrival_time=arrival_time)               # perf_counter
 
     def abort(self, request_id):
         return self.engine.abort(request_id)
@@ -197,6 +216,12 @@ class EngineBackend(HFText, Backend):
 
     def has_unfinished(self):
         return self.engine.has_unfinished()
+
+    def reset_prefix_cache(self):
+        while self.engine.has_unfinished():    # aborted requests of the step in flight
+            self.engine.step()
+        self.engine.reset()                      # a fresh policy over the same KV pool
+        self.scheduler = self.engine.scheduler
 
     def close(self):
         self.engine.close()

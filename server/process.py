@@ -37,6 +37,18 @@ def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
                          "cache_config": CacheConfig(bm.block_size, bm.enable_prefix_caching),
                          "num_blocks": bm.num_blocks}))
     sent: dict[str, int] = {}      # unfinished request -> output tokens sent so far
+
+    def step() -> None:
+        finished = backend.step()
+        fresh = {}
+        for request_id, start in sent.items():
+            tokens = backend.output_tokens_since(request_id, start)
+            if tokens:
+                fresh[request_id] = tokens
+                sent[request_id] = start + len(tokens)
+        for f in finished:
+            sent.pop(f.request_id, None)
+        conn.send(("step", fresh, finished, backend.stats()))
     try:
         while True:
             while conn.poll(0) or not backend.has_unfinished():
@@ -47,28 +59,28 @@ def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
                     backend.abort(args[0])      # if it finished meanwhile, its output comes
                     sent.pop(args[0], None)
                     continue
-                request_id, token_ids, params = args
+                if command == "reset_prefix_cache":   # the server has no unfinished request
+                    try:                              # (aborted ones are stepped out silently)
+                        backend.reset_prefix_cache()
+                    except Exception as e:
+                        conn.send(("fatal", f"reset_prefix_cache: {type(e).__name__}: {e}"))
+                        return
+                    sent.clear()
+                    conn.send(("step", {}, [], backend.stats()))
+                    continue
+                request_id, token_ids, params, arrival = args
                 try:
-                    backend.add(request_id, token_ids, params)
+                    backend.add(request_id, token_ids, params, arrival)
                     sent[request_id] = 0
                 except ValueError as e:       # the server checked it: should not happen
                     now = time.perf_counter()
                     conn.send(("step", {}, [Finished(request_id, [], None, "error", str(e),
                                len(token_ids), 0, 0, now, None, (), now)], backend.stats()))
             try:
-                finished = backend.step()
+                step()
             except Exception as e:             # the engine survives a failed step: this is fatal
                 conn.send(("fatal", f"{type(e).__name__}: {e}"))
                 return
-            fresh = {}
-            for request_id, start in sent.items():
-                tokens = backend.output_tokens_since(request_id, start)
-                if tokens:
-                    fresh[request_id] = tokens
-                    sent[request_id] = start + len(tokens)
-            for f in finished:
-                sent.pop(f.request_id, None)
-            conn.send(("step", fresh, finished, backend.stats()))
     finally:
         backend.close()
 
@@ -145,14 +157,16 @@ class BackendProcess(Backend):
             raise BackendDead(f"the backend process failed: {message[1]}")
         return message
 
-    def add(self, request_id, token_ids, params):
+    def add(self, request_id, token_ids, params, arrival_time=None):
+        if arrival_time is None:
+            arrival_time = time.perf_counter()
         if self.check is not None:
             self.check(params)
         self.probe.add(Sequence(request_id, token_ids, params.max_tokens))   # the policy's checks
         self.probe.abort(request_id)
         self.tokens[request_id] = []
         try:
-            self._send(("add", request_id, token_ids, params))
+            self._send(("add", request_id, token_ids, params, arrival_time))
         except BackendDead:
             del self.tokens[request_id]
             raise
@@ -179,6 +193,12 @@ class BackendProcess(Backend):
 
     def output_tokens_since(self, request_id, start):
         return self.tokens.get(request_id, [])[start:]
+
+    def reset_prefix_cache(self):
+        """Sent at once; the backend process resets before it takes the next request."""
+        if self.tokens:
+            raise RuntimeError("the prefix cache can be reset only with no request unfinished")
+        self._send(("reset_prefix_cache",))
 
     def has_unfinished(self):
         return bool(self.tokens)

@@ -102,8 +102,9 @@ class SimBackend(ByteText, Backend):
     clock: after each turn it sleeps until the twin's clock says the turn ended, so tokens
     come when the simulated GPU would make them. Steps follow one another on that timeline
     (a host that falls behind catches up rather than adding its lateness to every step);
-    a request joins when the twin's clock passes its arrival; idle, the clock jumps to the
-    next arrival."""
+    a request joins the first turn formed after its arrival (the server's stamp, not the
+    time the twin read it: the twin reads between turns, after sleeping), as in the
+    offline simulator; idle, the clock jumps to the next arrival."""
 
     def __init__(self, model: str, hardware: str, cost_model: str = "roofline",
                  calibration: str | None = None, tensor_parallel_size: int = 1,
@@ -127,27 +128,41 @@ class SimBackend(ByteText, Backend):
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
             long_prefill_token_threshold=long_prefill_token_threshold)
         cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks)
-        ex = self.executor
-        self.loop = StepLoop(self.scheduler, ex.launch, ex.wait, ex.clock,
-                             async_scheduling is not False)
+        self.async_scheduling = async_scheduling is not False
+        self.fresh_policy(Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks))
         self.probe = Scheduler(scheduler_config, cache_config, self.scheduler.block_manager.num_blocks)
         self.pending: deque[Sequence] = deque()   # added, not yet arrived on the twin's clock
         self.forget: list[str] = []               # aborted since the last step
         self.sequences: dict[str, Sequence] = {}
         self.epoch = time.perf_counter()      # the twin's time 0 on the wall clock
 
+    def fresh_policy(self, scheduler: Scheduler) -> None:
+        """Run `scheduler` (an empty one) from now on, on the same executor and clock."""
+        ex = self.executor
+        self.scheduler = scheduler
+        self.loop = StepLoop(scheduler, ex.launch, ex.wait, ex.clock, self.async_scheduling)
+
+    def reset_prefix_cache(self):
+        while self.loop.has_work():        # aborted requests of the step in flight
+            self.step()
+        s, bm = self.scheduler, self.scheduler.block_manager
+        self.fresh_policy(Scheduler(s.config, CacheConfig(bm.block_size, bm.enable_prefix_caching),
+                                    bm.num_blocks))
+
     def now(self) -> float:
         """The wall clock on the twin's timeline."""
         return time.perf_counter() - self.epoch
 
     # ---- the engine thread ---------------------------------------------------------------
-    def add(self, request_id, token_ids, params: GenerationParams):
+    def add(self, request_id, token_ids, params: GenerationParams, arrival_time=None):
         """Check the request against the policy now (ValueError), queue it until the
-        twin's clock reaches its arrival."""
+        twin's clock reaches its arrival (`arrival_time`, perf_counter seconds: when the
+        server took it in, which may lie before now, as for a request that waited in the
+        pipe while the twin slept; default now)."""
         if request_id in self.sequences:
             raise ValueError(f"request {request_id!r} is already queued or running")
-        seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=self.now(),
+        arrival = self.now() if arrival_time is None else arrival_time - self.epoch
+        seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=arrival,
                        ignore_eos=True)
         self.probe.add(seq)
         self.probe.abort(request_id)

@@ -77,3 +77,21 @@ def test_bad_arguments_are_one_line_errors(url, tmp_path, capsys):
         main(["--url", url, "--trace", "synthetic", "--set", "colour=red", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="goodput"):
         main(["--url", url, *TRACE, "--goodput", "speed:3", "--out", str(tmp_path)])
+
+
+def test_reset_prefix_cache_makes_a_rerun_start_cold(tmp_path):
+    """The same trace replayed twice on one server: the second run finds every prompt
+    cached (its numbers are not an offline replay's) unless --reset-prefix-cache empties
+    the cache after the warm-up, as run.py resets its engine."""
+    backend = SimBackend("qwen3-0.6b", "h200", num_gpu_blocks=512, max_model_len=512)
+    trace = [*TRACE[:-4], "--num-prompts", "10", "--request-rate", "200", "--disable-tqdm"]
+    with serving(build_app(backend, "sim-qwen")) as url:
+        runs = {}
+        for name, extra in (("first", []), ("again", []), ("reset", ["--reset-prefix-cache"])):
+            main(["--url", url, *trace, "--out", str(tmp_path / name), *extra])
+            runs[name] = load_run(tmp_path / name)
+    hits = {k: r.summary["server_metrics"]["prefix_cache_hits"] for k, r in runs.items()}
+    assert hits["first"] == 0 and hits["again"] > 0 and hits["reset"] == 0, hits
+    assert runs["again"].metrics["prefix_cache_hit_rate"] > 0.5
+    assert runs["reset"].metrics["prefix_cache_hit_rate"] == 0
+    assert runs["reset"].config["bench"]["reset_prefix_cache"] is True

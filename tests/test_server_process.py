@@ -53,10 +53,16 @@ def test_engine_process_serves_like_the_engine(path):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             next(line for line in r.iter_lines() if line.startswith("data: {"))
         client.completions.create(model="tiny", prompt=[1, 2], max_tokens=1)   # after the abort
+        # the prefix cache, and POST /reset_prefix_cache emptying it in the engine process
+        cached = lambda: client.completions.create(
+            model="tiny", prompt=list(range(20, 60)), max_tokens=1).usage.prompt_tokens_details.cached_tokens
+        assert (cached(), cached()) == (0, 32)
+        assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200
+        assert cached() == 0
         metrics = httpx.get(f"{url}/metrics").text
         assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in metrics
         assert 'vllm:kv_cache_usage_perc{model_name="tiny"} 0.0' in metrics
-        assert 'vllm:generation_tokens_total{model_name="tiny"} 17.0' in metrics   # 8 + 8 + 1
+        assert 'vllm:generation_tokens_total{model_name="tiny"} 20.0' in metrics   # 8 + 8 + 1 + 3
         # the engine process dies: the waiting request fails, then the server says it is down
         os.kill(backend.process.pid, signal.SIGKILL)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 2}, timeout=60)

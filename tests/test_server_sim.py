@@ -13,6 +13,7 @@ pytest.importorskip("fastapi")
 from server import build_app  # noqa: E402
 from server.cli import make_backend, parse_args  # noqa: E402
 from server.process import BackendProcess  # noqa: E402
+from server.backend import GenerationParams  # noqa: E402
 from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
 
@@ -132,3 +133,60 @@ def test_disconnects_mid_stream_leave_the_twin_serving():
     assert not backend.has_unfinished() and not backend.sequences and not backend.salt
     bm = backend.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_request_joins_the_turn_after_its_arrival_not_after_the_pipe():
+    """The twin admits a request at the first turn formed after its arrival, as the offline
+    simulator does, when the arrival is the server's stamp: a request that reached the
+    server during a turn (and waited in the pipe while the twin slept) joins the next turn;
+    stamped only when the twin reads it, it would lose a whole turn."""
+    backend = SimBackend("qwen3-0.6b", "h200", num_gpu_blocks=256, max_model_len=1024)
+    backend.add("long", list(range(1, 200)), GenerationParams(max_tokens=50))
+    for _ in range(5):
+        backend.step()
+    turn_end = backend.executor.t            # the twin slept until here (wall ~ twin clock)
+    backend.add("in-time", list(range(300, 340)), GenerationParams(max_tokens=2),
+                arrival_time=backend.epoch + turn_end - 1e-4)   # arrived during the last turn
+    backend.add("late", list(range(400, 440)), GenerationParams(max_tokens=2))   # stamped now
+    backend.step()
+    on_time, late = backend.sequences["in-time"], backend.sequences["late"]
+    assert on_time.arrival_time < turn_end < late.arrival_time
+    assert on_time.first_scheduled_time == turn_end       # the very next turn
+    assert late.first_scheduled_time is None               # waits for its arrival to pass
+    while backend.has_unfinished():
+        backend.step()
+    assert late.first_scheduled_time > turn_end
+
+
+def test_reset_prefix_cache_over_http():
+    """POST /reset_prefix_cache empties the twin's prefix cache (a repeated prompt finds
+    nothing cached), in its own process and in the server's; 409 while a request runs."""
+    import asyncio
+
+    from server.process import sim_process
+    prompt = list(range(100, 164))
+    for backend in (SimBackend("qwen3-0.6b", "h200", num_gpu_blocks=256, max_model_len=1024),
+                    sim_process("qwen3-0.6b", "h200", num_gpu_blocks=256, max_model_len=1024)):
+        with serving(build_app(backend)) as url:
+            def cached():
+                r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+                return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert (cached(), cached()) == (0, 48)
+            assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200
+            assert (cached(), cached()) == (0, 48)
+
+            async def while_running():
+                async with httpx.AsyncClient(timeout=60) as client:
+                    body = {"prompt": [7] * 20, "max_tokens": 200, "stream": True}
+                    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                return await client.post(f"{url}/reset_prefix_cache")
+            r = asyncio.run(while_running())
+            assert r.status_code == 409 and r.json()["error"]["code"] == 409
+            assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200   # the stream's
+            assert cached() == 0                                # abort is stepped out first
+    with serving(build_app(SimBackend("qwen3-0.6b", "h200", num_gpu_blocks=64, max_model_len=256),
+                           api_key="k")) as url:
+        assert httpx.post(f"{url}/reset_prefix_cache").status_code == 401
+        assert httpx.post(f"{url}/reset_prefix_cache", headers={"Authorization": "Bearer k"}).status_code == 200
