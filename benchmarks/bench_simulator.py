@@ -1,7 +1,7 @@
 """Simulator speed: ShareGPT requests near capacity, qwen3-0.6b on h100, roofline cost model.
 
     python benchmarks/bench_simulator.py [--num-requests 10000] [--rate R] [--no-breakdown]
-        [--step-by-step] [--profile] [--steps-out steps.parquet]
+        [--step-by-step] [--no-prefix-caching] [--profile] [--steps-out steps.parquet]
 
 First a saturation probe: the first `--probe-requests` requests all arrive at t=0 (a full
 queue keeps the engine at max_num_seqs); saturation = probe requests / simulated duration.
@@ -12,7 +12,9 @@ CPU seconds), steps, loop iterations and the event-skipping factor (steps simula
 loop iteration). Then, unless `--no-breakdown`, the timed run once more under cProfile:
 the share of its time per component (scheduler, block manager, step loop, cost model,
 simpy, garbage collector...). `--step-by-step` runs the reference loop (one iteration per
-step) instead of event skipping. `--profile` prints cProfile's top 20 functions.
+step) instead of event skipping. `--no-prefix-caching` runs without block hashing and the
+prefix cache: the same schedule on this trace (it has no prefix hits), so the difference
+is what hashing and the cache cost. `--profile` prints cProfile's top 20 functions.
 Prints tables and, last, one line of JSON.
 """
 import argparse
@@ -137,6 +139,8 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="no block hashing or prefix cache (what they cost: this trace has no hits)")
     ap.add_argument("--step-by-step", action="store_true",
                     help="the reference loop: one iteration per step, no event skipping")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled breakdown run")
@@ -151,7 +155,7 @@ def main():
     sched_cfg = SchedulerConfig(policy="chunked", max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)
-    cache_cfg = CacheConfig(block_size=args.block_size, enable_prefix_caching=True)
+    cache_cfg = CacheConfig(block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching)
     sim = Simulator(sched_cfg, cache_cfg, build_cost_model(CostModelConfig(), model, hw), num_blocks,
                     event_skipping=not args.step_by_step)
     build = lambda n, arrival, rate: requests_for(n, arrival, rate, args.max_model_len,  # noqa: E731
