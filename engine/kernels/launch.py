@@ -70,8 +70,9 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     # a sequence's shares split its tiles evenly (1030 tokens at chunk 1024: two shares of
     # ~512, not 1024 + 6), and no share is empty
     tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
-    per = (tiles + (ctx + chunk - 1) // chunk - 1) // ((ctx + chunk - 1) // chunk)   # tiles per share
-    shares = (tiles + per - 1) // per
+    wanted = (ctx + chunk - 1) // chunk
+    per = (tiles + wanted - 1) // wanted        # tiles per share
+    shares = (tiles + per - 1) // per           # <= wanted
     count = int(shares.sum())
     first = np.cumsum(shares) - shares
     seq = np.repeat(np.arange(n), shares)
