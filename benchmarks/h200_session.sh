@@ -21,14 +21,13 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   profsteps) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=60 run profile_steps_q06 240 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 64 --mixed-batches 64 --chunks 16,2048 --steps 6 --profile 64:0,64:16,64:2048 ;;
   offline)  ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --steps-csv $OUT/steps_q06.csv ;;
   online)   TAIL=12 run online 580 python3 benchmarks/bench_serving.py --tables online --out /tmp/online ;;
-  online_q06) TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online ;;
   online16) TAIL=12 run online_q06_r16 300 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@16" --out /tmp/online
             for f in steps.parquet requests.parquet summary.json; do cp /tmp/online/qwen3-0.6b-r16/$f $OUT/r16_$f; done ;;
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
   kernels)  TAIL=6 run kernels_gpu 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
-  online_r16) # the three loads, then the 16 req/s run's step and request records (twin checks)
+  online_q06|online_r16) # the three loads; their run folders (steps and requests: twin checks) tarred
             TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online
             tar czf $OUT/online_runs.tgz -C /tmp/online . ;;
   calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py);
