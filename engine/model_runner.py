@@ -138,7 +138,7 @@ class ModelRunner:
                             -(-max_tokens // tile) + cfg.max_num_seqs,
                             decode_work_capacity(cfg.max_num_seqs, kv_heads, sms), self.device)
         return StepPacker(buffer, self.block_size, self.max_blocks, cfg.max_num_seqs,
-                          cfg.max_model_len, mc.vocab_size, tile, kv_heads, sms, rank=self.rank)
+                          mc.vocab_size, tile, kv_heads, sms, rank=self.rank)
 
     # ---- startup --------------------------------------------------------------------
 

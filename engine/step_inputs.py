@@ -198,10 +198,10 @@ class StepPacker:
     every step runs eagerly at its exact shape)."""
 
     def __init__(self, buffer: StepBuffer, block_size: int, max_blocks: int, max_num_seqs: int,
-                 max_model_len: int, vocab_size: int, tile_tokens: int, num_kv_heads: int,
+                 vocab_size: int, tile_tokens: int, num_kv_heads: int,
                  num_sms: int, rank: int = 0):
         self.buffer, self.block_size, self.max_blocks = buffer, block_size, max_blocks
-        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.max_num_seqs = max_num_seqs
         self.vocab_size, self.tile_tokens, self.rank = vocab_size, tile_tokens, rank
         self.num_kv_heads, self.num_sms = num_kv_heads, num_sms   # the split-KV plan's inputs
         self.decode_sizes: list[int] = []

@@ -49,7 +49,7 @@ def packer(max_seqs=8, max_tokens=64, block_size=4, max_model_len=64, tile=4):
     kv_heads, sms = 2, 4     # a small "GPU": the split-KV plan splits contexts of a few tokens
     buffer = StepBuffer(max_tokens, max_seqs, max_blocks, max_tokens // tile + max_seqs,
                         decode_work_capacity(max_seqs, kv_heads, sms), torch.device("cpu"))
-    return StepPacker(buffer, block_size, max_blocks, max_seqs, max_model_len, 1000, tile, kv_heads, sms)
+    return StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, tile, kv_heads, sms)
 
 
 def batch_of(rng, n):
