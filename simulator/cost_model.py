@@ -196,7 +196,7 @@ class RooflineCostModel(CostModel):
 
         linear   max(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
         lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
-        decode   max(A Cd / F,              K Cd / BWa)         attention over each decode's KV
+        decode   max(A Cd / F,   K (Cu + r (Cd - Cu)) / BWa)    attention over each decode's KV
         prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
         allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
         fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
@@ -209,7 +209,9 @@ class RooflineCostModel(CostModel):
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
     F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
     head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
-    Cd: decode context tokens, Pp: causal query-key pairs of prefill chunks, Ckv: their
+    Cd: decode context tokens, Cu: of them, the tokens of distinct blocks (a block several
+    decodes share, a prefix-cache hit, counted once), r: the hardware's shared_kv_read_cost
+    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal query-key pairs of prefill chunks, Ckv: their
     context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
     layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
     The decode and prefill attention terms are multiplied by the hardware's measured cost
@@ -233,6 +235,7 @@ class RooflineCostModel(CostModel):
         heads_per_rank = model.num_heads // tp
         self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
         self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
+        self.reread = hw.shared_kv_read_cost
         block = hw.attention_reference_block if block_size is None else block_size
         self.decode_attn_factor = hw.attention_block_factor("decode", block)
         self.prefill_attn_factor = hw.attention_block_factor("prefill", block)
@@ -254,8 +257,11 @@ class RooflineCostModel(CostModel):
         if known is None:
             known = self._by_shape[shape] = self._shape_time(f)
         t, kind, rows = known
-        decode_ctx = f["decode_context_tokens"]
-        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
+        decode_ctx = kv = f["decode_context_tokens"]
+        if self.reread != 1.0:
+            distinct = f["decode_distinct_context_tokens"]
+            kv = distinct + self.reread * (decode_ctx - distinct)
+        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
         if f["prefill_kv_tokens"]:
             t += self.prefill_attn_factor * max(self.attn_flop_s * f["prefill_attention_pairs"],
                                                 self.kv_read_s * f["prefill_kv_tokens"])
@@ -286,15 +292,20 @@ class RooflineCostModel(CostModel):
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).
 # max_context_tokens: a decode batch's attention ends with its longest sequence (the
 # split-KV programs of the longest contexts set the step's tail).
+# decode_distinct_context_tokens next to decode_context_tokens: decodes sharing KV blocks
+# (prefix-cache hits) read each shared block once per sequence, but every read after the
+# first mostly hits L2, so a step costs a x distinct + b x (total - distinct); written
+# b x total + (a - b) x distinct, both coefficients >= 0 when a first read costs more.
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens", "max_context_tokens"],
-    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
-              "max_context_tokens"],
-    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
-              "max_context_tokens"],
+    "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens"],
+    "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
+    "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
 }
 # Which attention kernel's time each fitted feature measures (what a block size scales).
-ATTENTION_FEATURES = {"decode_context_tokens": "decode", "max_context_tokens": "decode",
+ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
+                      "max_context_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
 
 
@@ -474,7 +485,8 @@ class ReplayCostModel(CostModel):
     a mismatch means the policies diverged, and raises RuntimeError naming the step."""
     TIMES = ("start_s", "launch_s", "tokens_s", "end_s")
     SHAPE = ("num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
-             "num_sampled", "decode_context_tokens", "prefill_context_tokens", "num_preempted",
+             "num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+             "prefill_context_tokens", "num_preempted",
              "prefix_hit_tokens", "kv_blocks_used")
 
     def __init__(self, steps: "pd.DataFrame", strict: bool = True, source: str = "<steps>"):
