@@ -17,6 +17,7 @@ Re-fit a saved profile (no GPU needed):
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import sys
 
@@ -37,6 +38,11 @@ from simulator.hardware import HardwareSpec
 # decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens")
 SHARED_FEATURE = "decode_distinct_context_tokens"
+# Features whose coefficient each step kind's fit also tries piecewise linear in the step's
+# rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
+# context token is not the same at every batch size (serving steps of 16-64 decodes ran
+# 5-7% over a single slope fitted on the profile).
+SLOPED_FEATURES = ("decode_context_tokens",)
 
 # The roofline parameters a profile determines, with the range searched for each.
 HARDWARE_FIT = {
@@ -134,6 +140,12 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     return grid
 
 
+@functools.lru_cache(maxsize=64)
+def scattered_blocks(seed: int, num_blocks: int) -> np.ndarray:
+    """Blocks 1 .. num_blocks - 1 in a fixed random order (`seed`)."""
+    return np.random.default_rng(seed).permutation(max(1, num_blocks - 1)) + 1
+
+
 def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
     step, new tokens[, shared tokens, group]); n == 1 entries are decodes (their prompt ended
@@ -145,7 +157,7 @@ def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
     blocks (a prefix-cache hit; never the block its step writes), the rest its own. Block
     0, the engine's dummy block, is never used."""
     batch = Batch(block_size=block_size)
-    pool = np.random.default_rng(len(shape)).permutation(max(1, num_blocks - 1)) + 1
+    pool = scattered_blocks(len(shape), num_blocks)
     next_block = 0
     def take(k):
         nonlocal next_block
@@ -153,7 +165,7 @@ def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
         return pool[np.arange(next_block - k, next_block) % len(pool)].tolist()
     prefixes: dict[int, list] = {}       # group -> its shared blocks
     for i, (ctx, n, *share) in enumerate(shape):
-        seq = Sequence(i, [0] * ctx, 1)
+        seq = Sequence(i, bytes(8 * ctx), 1)      # ctx zero token ids (int64), one memcpy
         decode = n == 1 and ctx > 1
         if decode:
             seq.num_prompt_tokens = ctx - 1
@@ -231,7 +243,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             features.remove(SHARED_FEATURE)
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE}")
-        kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES)
+        kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES, sloped=SLOPED_FEATURES)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -288,13 +300,13 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
     """The held-out error per step kind (and the fitted roofline's, if given)."""
-    print(f"{'kind':<7} {'variant':<36} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+    print(f"{'kind':<7} {'variant':<56} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
           + ("  roofline MAPE" if roofline else "") + "  (other variants: held-out MAPE)")
     for kind, fit in calib["kinds"].items():
         held = fit.get("held_out", {})
         form = fit.get("variant", fit.get("form", ""))
         others = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fit.get("forms", {}).items() if k != form)
-        line = (f"{kind:<7} {form:<36} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+        line = (f"{kind:<7} {form:<56} {fit['train']['n']:>8} {held.get('n', 0):>7} "
                 f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
                 f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
         if roofline:

@@ -336,7 +336,9 @@ class FittedCostModel(CostModel):
     the values fitted at `knots` (form "piecewise": every profiled size, for graphed steps
     the graph sizes; form "linear": the smallest and largest; `fit_kind` keeps the form
     with the lower held-out error);
-    features: FITTED_FEATURES (attention and sampling work). Host costs come from the file.
+    features: FITTED_FEATURES (attention and sampling work), each with a coefficient, or
+    (`slopes`, variant " sloped") a coefficient piecewise linear in T' through its own
+    knots. Host costs come from the file.
     Given the hardware and the run's block size, each attention coefficient is scaled by
     cost(run's block) / cost(block profiled) of its kernel (ATTENTION_FEATURES, the
     hardware's `attention_block_cost`): the profile measured attention at one block size.
@@ -347,6 +349,7 @@ class FittedCostModel(CostModel):
          "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
          "engine": {<the engine settings profiled>},
          "kinds": {"decode": {"knots": [...], "base_s": [...], "coefficients": {name: s/unit},
+                              "slopes": {name: {"knots": [...], "coefficients": [s/unit at each]}} (optional),
                               "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
          "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"}}
     """
@@ -366,15 +369,22 @@ class FittedCostModel(CostModel):
                 _require(key in fit, f"{source}: kind {kind!r} has no {key!r}")
             _require(len(fit["knots"]) == len(fit["base_s"]) >= 1,
                      f"{source}: kind {kind!r} needs as many base_s as knots (>= 1)")
+            slopes = fit.get("slopes") or {}
+            for name, slope in slopes.items():
+                _require(len(slope.get("knots", ())) == len(slope.get("coefficients", ())) >= 1,
+                         f"{source}: kind {kind!r}: slope of {name!r} needs as many coefficients as knots (>= 1)")
             self.kinds[kind] = ([float(k) for k in fit["knots"]], [float(b) for b in fit["base_s"]],
-                                [(name, float(c)) for name, c in fit["coefficients"].items()])
+                                [(name, float(c)) for name, c in fit["coefficients"].items()],
+                                [(name, [float(k) for k in sl["knots"]], [float(c) for c in sl["coefficients"]])
+                                 for name, sl in slopes.items()])
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.host = HostCosts(**calibration.get("host", {}))
         self.attn_factors = self._block_factors(hw, block_size)
-        for kind, (knots, base, terms) in self.kinds.items():
-            terms = [(name, coef * self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0))
-                     for name, coef in terms]
-            self.kinds[kind] = (knots, base, terms)
+        factor = lambda name: self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)  # noqa: E731
+        for kind, (knots, base, terms, slopes) in self.kinds.items():
+            terms = [(name, coef * factor(name)) for name, coef in terms]
+            slopes = [(name, k, [c * factor(name) for c in cs]) for name, k, cs in slopes]
+            self.kinds[kind] = (knots, base, terms, slopes)
 
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
@@ -400,10 +410,12 @@ class FittedCostModel(CostModel):
         if kind not in self.kinds:   # a step the profiled engine never ran this way
             kind = next(k for k in ("eager", "mixed", "decode") if k in self.kinds)
             rows = f["num_batched_tokens"]
-        knots, base, terms = self.kinds[kind]
+        knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
             t += coef * f[name]
+        for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
+            t += base_time(k, coefs, rows) * f[name]
         return t
 
 
@@ -434,40 +446,61 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
-             optional: tuple[str, ...] = ()) -> dict:
+             optional: tuple[str, ...] = (), sloped: tuple[str, ...] = ()) -> dict:
     """One step kind, its form and features chosen by measurement: the base is fitted either
     piecewise linear through every distinct computed-token count of `train` ("piecewise":
     each CUDA graph size its own cost) or linear between the smallest and largest
     ("linear"), with non-negative feature coefficients, by least squares on relative error
     (each row weighted 1 / its time, so small steps count as much as large ones); each
-    `optional` feature is tried in and out. The variant with the lower error on `test`
-    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, more
-    features); `variant` names it and `forms` records every variant's error."""
+    `optional` feature is tried in and out, and the `sloped` features with a coefficient
+    that is itself piecewise linear in the step's rows, through 4 of its sizes spaced
+    geometrically (" sloped": attention's cost per token of KV depends on the batch, through
+    how the kernel's programs cover the GPU). The variant with the lower error on `test`
+    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, fewer
+    slopes, more features); `variant` names it and `forms` records every variant's error."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
     feature_sets = {"": features}
     for f in optional:
         if f in features:
             feature_sets[f" without {f}"] = [x for x in features if x != f]
-    fits = {form + label: (form, _fit_base(train, test, fs, knots))
-            for form, knots in candidates.items() for label, fs in feature_sets.items()}
+    sloped = [f for f in sloped if f in features]
+    slopes = {"": ()}
+    if sloped and len(sizes) >= 4:
+        slopes[" sloped"] = sorted({min(sizes, key=lambda s: abs(math.log(s / x)))
+                                    for x in np.geomspace(sizes[0], sizes[-1], 4)})
+    fits = {form + label + sl: (form, _fit_base(train, test, fs, knots,
+                                                {f: slope_knots for f in sloped if f in fs} if sl else {}))
+            for form, knots in candidates.items() for label, fs in feature_sets.items()
+            for sl, slope_knots in slopes.items()}
 
     def score(fit):
         return fit.get("held_out", fit["train"])["mape"]
-    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", len(k)))
+    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", "sloped" in k, len(k)))
     form, fit = fits[best]
     return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
 
 
-def _fit_base(train, test, features: list[str], knots: list[int]) -> dict:
+def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict | None = None) -> dict:
+    """`slopes`: {feature: knots}: those features' coefficients piecewise linear in rows."""
+    slopes = slopes or {}
+    flat = [f for f in features if f not in slopes]
     def design(df):
-        return np.column_stack([hat_basis(df["rows"].to_numpy(float), knots)]
-                               + [df[f].to_numpy(float) for f in features])
+        rows = df["rows"].to_numpy(float)
+        return np.column_stack([hat_basis(rows, knots)] + [df[f].to_numpy(float) for f in flat]
+                               + [hat_basis(rows, k) * df[f].to_numpy(float)[:, None]
+                                  for f, k in slopes.items()])
     y = train["device_s"].to_numpy(float)
     coef = nonnegative_lstsq(design(train) / y[:, None], np.ones_like(y))
-    base, terms = coef[:len(knots)], coef[len(knots):]
+    base, terms = coef[:len(knots)], coef[len(knots):len(knots) + len(flat)]
     fit = {"knots": [int(k) for k in knots], "base_s": [float(b) for b in base],
-           "coefficients": {f: float(c) for f, c in zip(features, terms)}}
+           "coefficients": {f: float(c) for f, c in zip(flat, terms)}}
+    at = len(knots) + len(flat)
+    if slopes:
+        fit["slopes"] = {}
+        for f, k in slopes.items():
+            fit["slopes"][f] = {"knots": [int(x) for x in k], "coefficients": [float(c) for c in coef[at:at + len(k)]]}
+            at += len(k)
     for name, df in (("train", train), ("held_out", test)):
         if len(df):
             pred = design(df) @ coef

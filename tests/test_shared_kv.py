@@ -3,6 +3,7 @@
 calibration grid; the fitted and roofline cost models pricing it; profiles and runs made
 before it was recorded still working."""
 from dataclasses import replace
+from functools import cache
 from itertools import chain
 
 import numpy as np
@@ -127,16 +128,16 @@ def test_the_scheduler_and_a_decode_stretch_see_prefix_hits():
 
 # ---- the calibration grid -------------------------------------------------------------
 def test_grid_has_decodes_sharing_real_blocks_in_train_and_held_out():
-    full = CudaGraphs.for_engine(256, 8192, 8192)
+    full = CudaGraphs.for_engine(64, 2048, 2048)
     seen = set()
-    for p in profile_grid(256, 8192, 8192, full):
+    for p in profile_grid(64, 2048, 4096, full):
         groups = {}
         for i, entry in enumerate(p["shape"]):
             if len(entry) == 4:
                 groups.setdefault(entry[3], []).append(i)
         if not groups:
             continue
-        batch = shape_batch(p["shape"], 16, 66803)
+        batch = shape_batch(p["shape"], 16, 20000)
         f = batch.features()
         for members in groups.values():
             # each shares its first min(shared, context - new) tokens' whole blocks, the same ids
@@ -156,17 +157,28 @@ def test_grid_has_decodes_sharing_real_blocks_in_train_and_held_out():
 
 
 # ---- the fitted model -----------------------------------------------------------------
-def planted_profile(first_read=3e-8, reread=0.6e-8):
-    """The grid's shapes with a known cost: a decode's first read of a KV token costs
-    `first_read` s, a read of a shared block's token after the first `reread` s."""
-    rows, graphs = [], CudaGraphs.for_engine(256, 8192, 8192)
+@cache
+def grid_features():
+    """(features, kind, rows, split) of the H200 engine's grid (256 sequences, 8192 tokens)."""
+    graphs = CudaGraphs.for_engine(256, 8192, 8192)
+    out = []
     for p in profile_grid(256, 8192, 8192, graphs):
         f = shape_batch(p["shape"], 16, 66803).features()
-        kind, padded = graphs.rows(f)
+        out.append((f, *graphs.rows(f), p["split"]))
+    return out
+
+
+def planted_profile(first_read=3e-8, reread=0.6e-8, slope=lambda rows: 0.0):
+    """The grid's shapes with a known cost: a decode's first read of a KV token costs
+    `first_read` s, a read of a shared block's token after the first `reread` s, every
+    token of KV `slope(rows)` s more."""
+    rows = []
+    for f, kind, padded, split in grid_features():
         distinct, total = f["decode_distinct_context_tokens"], f["decode_context_tokens"]
         device = (1.2e-3 + 2e-7 * padded + first_read * distinct + reread * (total - distinct)
+                  + slope(padded) * total
                   + 1e-12 * f["prefill_attention_pairs"] + 2e-9 * f["prefill_kv_tokens"])
-        rows.append({**f, "kind": kind, "rows": padded, "split": p["split"], "device_s": device,
+        rows.append({**f, "kind": kind, "rows": padded, "split": split, "device_s": device,
                      "host_launch_s": 2e-4, "host_receive_s": 5e-5})
     return pd.DataFrame(rows)
 
@@ -183,6 +195,27 @@ def test_fit_recovers_a_planted_reread_cost():
     # without the feature the same profile is priced worse on the shapes not fitted on
     fit = calib["kinds"]["decode"]
     assert fit["forms"][fit["variant"]] < fit["forms"][f"{fit['form']} without decode_distinct_context_tokens"]
+
+
+def test_fit_finds_a_cost_per_token_that_depends_on_the_batch():
+    """A decode step whose KV costs more per token at mid batch sizes (as measured on the
+    H200): the " sloped" variant is kept and recovers it; a flat cost keeps one slope."""
+    bump = lambda rows: 1e-8 * max(0.0, 1 - abs(np.log2(rows / 32)) / 3)    # peaks at 32 rows
+    calib = fit_calibration(planted_profile(slope=bump), META)
+    fit = calib["kinds"]["decode"]
+    assert fit["variant"].endswith(" sloped") and "decode_context_tokens" not in fit["coefficients"]
+    slope = fit["slopes"]["decode_context_tokens"]
+    at = dict(zip(slope["knots"], slope["coefficients"]))
+    assert at[256] == pytest.approx(0.6e-8, rel=0.2)                    # past the bump
+    inner = [c for k, c in at.items() if 1 < k < 256]
+    assert max(inner) > 1.3e-8 and max(inner) > 2 * at[256]             # a mid-batch knot carries it
+    assert fit["held_out"]["mape"] < fit["forms"][fit["variant"].removesuffix(" sloped")]
+    # it loads and prices steps with the slope
+    model = FittedCostModel(calib, graphs=CudaGraphs.for_engine(256, 8192, 8192))
+    f = shape_batch([(1024, 1)] * 32, 16, 66803).features()
+    assert model.predict(f) == pytest.approx(1.2e-3 + 2e-7 * 32 + (3e-8 + bump(32)) * 32 * 1024, rel=0.03)
+    flat = fit_calibration(planted_profile(), META)["kinds"]["decode"]
+    assert not flat["variant"].endswith(" sloped") and "slopes" not in flat
 
 
 def test_profiles_and_runs_without_the_column_still_work(capsys):
