@@ -46,6 +46,15 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
                 --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
             tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  fid_mc)   # mooncake_conv's cells (shared prefixes) at the loads of the table's L0-L2, plus the
+            # prefix-caching pair, on this engine and its fresh calibration (the shared-KV feature);
+            # the table's capacity file, so the pair runs at L2 as in the table
+            mkdir -p /tmp/fid_mc && cp benchmarks/fidelity/results/qwen3-0.6b-h200/capacity.json /tmp/fid_mc/
+            TAIL=20 run fidelity_mooncake ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-/tmp/calib/qwen3-0.6b-h200-tp1.json} --out /tmp/fid_mc \
+                --traces mooncake_conv --rates 6.2,12.39,18.59 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs prefix_caching --stages real
+            tar czf $OUT/fid_mc.tgz -C /tmp fid_mc ;;
   pairs)    # the fidelity table's policy-effect pairs, both sides on this engine, at the load of
             # the table's L2 cells (0.9 x the capacity call 2's fitted twin found)
             TAIL=20 run pairs_sharegpt ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
@@ -67,5 +76,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   gemm_engine) TAIL=30 run bench_gemm_engine 240 python3 benchmarks/bench_gemm.py --stages engine --engine qwen3-0.6b ;;
   check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
+  quant_a)  # issue 13: W4A16 kernels per layer shape (+ tile sweep) and the bf16 check, then the bf16 engine
+            TAIL=40 run quant_kernels 300 python3 benchmarks/bench_quant.py --stages layers,check --sweep
+            TAIL=30 run quant_engine_bf16 330 python3 benchmarks/bench_quant.py --stages engine --formats bf16 --nano ;;
+  quant_b)  TAIL=30 run quant_engine_q 500 python3 benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano ;;
+  moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
