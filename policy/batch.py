@@ -51,8 +51,9 @@ class Batch:
         Exact, not an estimate, for block tables shared the prefix cache's way (a shared
         block is full, and whoever holds it holds the same blocks before it); a prefill chunk
         reading the same blocks in the step does not count. O(decodes) Python for
-        decode-only steps with no sharing (a set of first blocks); sharing costs
-        O(k log k) more per group of k decodes with the same first block."""
+        decode-only steps with no sharing (a set of first blocks); a group of k decodes
+        with a common first block costs O(k) more (a bisection for a table whose shared
+        prefix ends elsewhere than the one before)."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
@@ -116,8 +117,8 @@ def _repeated_refs(group: list, start: int) -> int:
     `start` blocks), in a trie's insertion order: group[0], then the others, by branch: the
     tables that leave group[0] after l blocks for the same block b; the first of a branch
     repeats l blocks, each other one its longest common prefix with the branch's tables
-    before it (recursion on the branch, which agrees on l + 1 blocks). O(1) per table when they all
-    leave group[0] where the previous one did (one shared prefix: the usual case), a
+    before it (recursion on the branch, which agrees on l + 1 blocks). O(1) per table that
+    leaves group[0] where the previous one did (one shared prefix: the usual case), a
     bisection otherwise."""
     anchor, refs, hint = group[0], 0, start
     branches: dict[tuple, list] = {}

@@ -164,7 +164,8 @@ class DecodeStretch:
                     "num_batched_tokens": num_dec, "num_prefill_tokens": 0,
                     "num_decode_seqs": num_dec, "num_sampled": num_dec,
                     "decode_context_tokens": context,
-                    "decode_distinct_context_tokens": context - self.repeated, "prefill_context_tokens": 0,
+                    "decode_distinct_context_tokens": context - self.repeated,
+                    "prefill_context_tokens": 0,
                     "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
                     "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
                     "kv_blocks_used": used}
@@ -175,7 +176,8 @@ class DecodeStretch:
                 "num_decode_seqs": num_dec + f["num_decode_seqs"],
                 "num_sampled": num_dec + f["num_sampled"],
                 "decode_context_tokens": context + f["decode_context_tokens"],
-                "decode_distinct_context_tokens": context - self.repeated + f["decode_distinct_context_tokens"],
+                "decode_distinct_context_tokens": (context - self.repeated
+                                                   + f["decode_distinct_context_tokens"]),
                 "prefill_context_tokens": f["prefill_context_tokens"],
                 "prefill_kv_tokens": f["prefill_kv_tokens"],
                 "prefill_attention_pairs": f["prefill_attention_pairs"],

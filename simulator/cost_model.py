@@ -369,18 +369,20 @@ class FittedCostModel(CostModel):
                 _require(key in fit, f"{source}: kind {kind!r} has no {key!r}")
             _require(len(fit["knots"]) == len(fit["base_s"]) >= 1,
                      f"{source}: kind {kind!r} needs as many base_s as knots (>= 1)")
-            slopes = fit.get("slopes") or {}
-            for name, slope in slopes.items():
-                _require(len(slope.get("knots", ())) == len(slope.get("coefficients", ())) >= 1,
-                         f"{source}: kind {kind!r}: slope of {name!r} needs as many coefficients as knots (>= 1)")
+            slopes = []     # (feature, knots, coefficient at each): a coefficient piecewise in rows
+            for name, sl in (fit.get("slopes") or {}).items():
+                _require(len(sl.get("knots", ())) == len(sl.get("coefficients", ())) >= 1,
+                         f"{source}: kind {kind!r}: the slope of {name!r} needs as many "
+                         "coefficients as knots (>= 1)")
+                slopes.append((name, [float(k) for k in sl["knots"]], [float(c) for c in sl["coefficients"]]))
             self.kinds[kind] = ([float(k) for k in fit["knots"]], [float(b) for b in fit["base_s"]],
-                                [(name, float(c)) for name, c in fit["coefficients"].items()],
-                                [(name, [float(k) for k in sl["knots"]], [float(c) for c in sl["coefficients"]])
-                                 for name, sl in slopes.items()])
+                                [(name, float(c)) for name, c in fit["coefficients"].items()], slopes)
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.host = HostCosts(**calibration.get("host", {}))
         self.attn_factors = self._block_factors(hw, block_size)
-        factor = lambda name: self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)  # noqa: E731
+
+        def factor(name):
+            return self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)
         for kind, (knots, base, terms, slopes) in self.kinds.items():
             terms = [(name, coef * factor(name)) for name, coef in terms]
             slopes = [(name, k, [c * factor(name) for c in cs]) for name, k, cs in slopes]

@@ -214,6 +214,10 @@ def test_fit_finds_a_cost_per_token_that_depends_on_the_batch():
     model = FittedCostModel(calib, graphs=CudaGraphs.for_engine(256, 8192, 8192))
     f = shape_batch([(1024, 1)] * 32, 16, 66803).features()
     assert model.predict(f) == pytest.approx(1.2e-3 + 2e-7 * 32 + (3e-8 + bump(32)) * 32 * 1024, rel=0.03)
+    broken = {**calib, "kinds": {"decode": {**fit, "slopes": {"decode_context_tokens": {"knots": [1, 8],
+                                                                                         "coefficients": [1e-8]}}}}}
+    with pytest.raises(ValueError, match="slope of 'decode_context_tokens' needs as many coefficients as knots"):
+        FittedCostModel(broken)
     flat = fit_calibration(planted_profile(), META)["kinds"]["decode"]
     assert not flat["variant"].endswith(" sloped") and "slopes" not in flat
 
