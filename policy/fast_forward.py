@@ -60,8 +60,11 @@ class DecodeStretch:
         self.sum_starts = self.max_start = 0
         # Decodes sharing KV blocks (prefix-cache hits) share their first block: members by
         # first block, and the tokens they read again (`repeated_kv_tokens`), which only a
-        # join or a leave changes (a stretch appends blocks nobody else holds).
+        # join or a leave changes (a stretch appends blocks nobody else holds): a group it
+        # changed is counted again once, at the next step.
         self.by_first: dict[int, list] = {}
+        self.group_repeated: dict[int, int] = {}
+        self.changed: set[int] = set()
         self.repeated = 0
         self.max_stale = False
         self.j = 0                      # steps taken
@@ -106,23 +109,31 @@ class DecodeStretch:
         return True
 
     def _share(self, seq: Sequence, sign: int) -> None:
-        """`seq` joins (+1) or leaves (-1) the decoding members: `repeated` follows."""
+        """`seq` joins (+1) or leaves (-1) the decoding members (`_count_shared` then
+        counts its group again)."""
         first = seq.block_table[0]
         group = self.by_first.get(first)
         if group is None:
-            self.by_first[first] = [seq]
+            self.by_first[first] = [seq]    # alone: shares nothing
             return
-        bs = self.scheduler.block_size
-        if len(group) > 1:
-            self.repeated -= repeated_kv_tokens([s.block_table for s in group], bs)
         if sign > 0:
             group.append(seq)
         else:
             group.remove(seq)
-        if len(group) > 1:
-            self.repeated += repeated_kv_tokens([s.block_table for s in group], bs)
-        elif not group:
-            del self.by_first[first]
+            if not group:
+                del self.by_first[first]
+        self.changed.add(first)
+
+    def _count_shared(self) -> None:
+        """`repeated` after the joins and leaves since the last step."""
+        bs, by_first, counted = self.scheduler.block_size, self.by_first, self.group_repeated
+        for first in self.changed:
+            group = by_first.get(first)
+            now = repeated_kv_tokens([s.block_table for s in group], bs) if group and len(group) > 1 else 0
+            self.repeated += now - counted.pop(first, 0)
+            if now:
+                counted[first] = now
+        self.changed.clear()
 
     # ---- one step ------------------------------------------------------------------
     def schedule(self, now: float) -> dict | None:
@@ -157,6 +168,8 @@ class DecodeStretch:
         if self.max_stale:
             self.max_start = max((m[0] for m in self.members.values()), default=0)
             self.max_stale = False
+        if self.changed:
+            self._count_shared()
         context = self.sum_starts + (j + 1) * num_dec
         longest = self.max_start + j + 1 if num_dec else 0
         if admitted is None:
