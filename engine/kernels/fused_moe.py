@@ -185,7 +185,8 @@ def _align_tile(ids, valid_t, offs_t, h, total, before, pairs_ptr, block_expert_
         tl.store(pairs_ptr + at, tl.zeros_like(at) + num_pairs, mask=pad & (bs < hi)[:, None])
 
 
-@triton.jit
+# token and block counts vary by step: not specialized (a variant compiled mid-run stalls it)
+@triton.jit(do_not_specialize=["num_tokens", "num_blocks"])
 def _route_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, pairs_ptr, block_expert_ptr,
                   num_tokens, num_experts, num_blocks, stride_lt,
                   TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
@@ -222,7 +223,7 @@ def _route_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, pairs_ptr, block
         tl.store(counts_ptr + pid * E_PAD + offs_e, counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_blocks"])
 def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr,
                   num_tokens, num_experts, num_blocks,
                   TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
@@ -313,7 +314,7 @@ def _rounded(v, dtype: tl.constexpr, RTNE: tl.constexpr):
     return v.to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     num_pairs, top_k, hidden, inter, num_experts,
                     stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
@@ -351,7 +352,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr,
              mask=valid[:, None] & (offs_n[None, :] < inter))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
                  num_pairs, hidden, inter, num_experts,
                  stride_ht, stride_we, stride_wn, stride_wk, stride_yt,
