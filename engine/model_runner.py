@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
+from engine.layers import quant
 from engine.layers.attention import AttentionMetadata, resolve_backend
 from engine.layers.flashinfer_backend import FlashInferPlanner
 from engine.loader import load_weights
@@ -106,6 +107,7 @@ class ModelRunner:
                 and not config.enforce_eager and backend != "torch"):
             from engine.kernels.skinny_gemm import choose_skinny_gemm
             self.skinny_report = choose_skinny_gemm(self.model)
+        self.quant_report = quant.choose_kernels(self.model) if on_gpu else []   # 4-bit layers
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same
