@@ -52,15 +52,16 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "tiled" | "dequant"; for skinny the tile
-    (block_n, block_k: K per step before the group-size cap), warps, pipeline stages and the
-    K split (0: the launch rule's)."""
+    """How one call runs: kind "skinny" | "tiled" | "dequant"; for the kernels the tile
+    (block_n; block_k: K per step, for skinny before the group-size cap), warps, pipeline
+    stages; for skinny the K split (0: the launch rule's); for tiled the rows per tile."""
     kind: str
     block_n: int = 0
     block_k: int = 0
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0
+    block_m: int = 64
 
 
 SKINNY_TILES = (Launch("skinny", 128, 128, 4, 4),    # 8 KB of 4-bit weights per K step
@@ -340,16 +341,16 @@ def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
 
 
 def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
-                launch: Launch = TILED, block_m_rows: int = 64) -> torch.Tensor:
+                launch: Launch = TILED) -> torch.Tensor:
     """The tiled (prefill) kernel on x [M, K]."""
     x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
     m = x.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m_rows), triton.cdiv(n, launch.block_n))
+    grid = (triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n))
     _w4a16_tiled_kernel[grid](
         x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
         group, w.zero_offset, AWQ=w.awq, ACT_ORDER=w.act_order, IEEE=ieee,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m_rows, BLOCK_N=launch.block_n,
+        HAS_BIAS=bias is not None, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         BLOCK_K=launch.block_k, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return y
@@ -443,15 +444,16 @@ def quantized_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module
 
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
-    """What choose_w4a16 times at M rows: the skinny tiles at a few splits (M <= MAX_M), the
-    tiled kernel (M >= 32) and dequantize + cuBLAS (M >= 32). The first is the default."""
+    """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
+    splits (M <= MAX_M), the tiled kernel (M >= 32), dequantize + cuBLAS (always: it also
+    stands in should no kernel variant fit the device)."""
     out = []
     if m <= MAX_M:
         out += [tile._replace(split_k=s) for tile in SKINNY_TILES
                 for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
-        out += [TILED, Launch("dequant")]
-    return out
+        out.append(TILED)
+    return out + [Launch("dequant")]
 
 
 @torch.inference_mode()
@@ -466,13 +468,13 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     once after loading and before graph capture: it also compiles every variant a call can
     select, sizes the split-K workspace, and allocates the dequantization scratch (for the
     largest layer) when any plan uses it. Returns one row per (shape, M) with the timings.
-    time_us ((fn, launch) -> microseconds of one fn() call): for tests on the CPU."""
+    time_us ((fn, M, launch) -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     groups = quantized_layers(model)
     if not groups:
         return []
     m_values = sorted(set(m_values or (capture_sizes(MAX_M) + list(PREFILL_M))))
-    time_us = time_us or (lambda fn, launch: graph_time_us(fn, repeats))
+    time_us = time_us or (lambda fn, m, launch: graph_time_us(fn, repeats))
     first = next(iter(groups.values()))[0]
     device = first.qweight.device
     dtype = next(p.dtype for name, p in model.named_parameters()   # the activations'
@@ -489,11 +491,12 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             timed_layers = layers if m <= MAX_M else layers[:max_layers]
             params = [(weight_of(layer), layer.bias) for layer in timed_layers]
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            times = []
+            times, failed = [], {}
             for launch in candidates(m, n, k, sms):
                 try:
-                    us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], launch)
-                except triton.runtime.errors.OutOfResources:
+                    us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
+                except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
+                    failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
                     continue
                 times.append((us / len(params), launch))
             default_us, best = times[0][0], times[0][1]
@@ -503,7 +506,8 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             plan.append((m, best))
             report.append(dict(n=n, k=k, format="awq" if key[2] else "gptq", group=key[3],
                                act_order=key[4], layers=len(layers), m=m,
-                               times_us={_name(l): t for t, l in times}, choice=_name(best),
+                               times_us={_name(l): t for t, l in times}, failed=failed,
+                               choice=_name(best),
                                us=fastest_us if best is fastest else default_us))
         for layer in layers:
             layer.w4a16 = tuple(plan)
@@ -513,7 +517,12 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     return report
 
 
+_LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError)
+
+
 def _name(launch: Launch) -> str:
     if launch.kind == "skinny":
         return f"skinny{launch.block_n}x{launch.block_k}/s{launch.split_k}"
+    if launch.kind == "tiled":
+        return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
     return launch.kind
