@@ -456,6 +456,13 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
     return out + [Launch("dequant")]
 
 
+def pick(timed: list[tuple[float, Launch]]) -> tuple[float, Launch]:
+    """(us, launch) to use of the timed candidates: the first (the default) unless another
+    is MIN_GAIN faster, then the fastest."""
+    fastest = min(timed, key=lambda t: t[0])
+    return fastest if fastest[0] < (1 - MIN_GAIN) * timed[0][0] else timed[0]
+
+
 @torch.inference_mode()
 def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repeats: int = 7,
                  time_us=None, max_layers: int = 4) -> list[dict]:
@@ -499,16 +506,12 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                     failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
                     continue
                 times.append((us / len(params), launch))
-            default_us, best = times[0][0], times[0][1]
-            fastest_us, fastest = min(times, key=lambda t: t[0])
-            if fastest_us < (1 - MIN_GAIN) * default_us:
-                best = fastest
+            us, best = pick(times)
             plan.append((m, best))
             report.append(dict(n=n, k=k, format="awq" if key[2] else "gptq", group=key[3],
                                act_order=key[4], layers=len(layers), m=m,
                                times_us={_name(l): t for t, l in times}, failed=failed,
-                               choice=_name(best),
-                               us=fastest_us if best is fastest else default_us))
+                               choice=_name(best), us=us))
         for layer in layers:
             layer.w4a16 = tuple(plan)
     if not any(launch.kind == "dequant" for layers in groups.values()
