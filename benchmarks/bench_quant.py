@@ -24,8 +24,7 @@ Stages:
           served), one 2,048-token prefill by device time (the engine's step wall time of an
           asynchronous step is only its launch), the weight bytes and the KV pool the engine
           sized from the memory left (engine figures: bench_engine.decode_breakdown).
-          --nano: nano-vLLM's bench workload per format, skipped (saying so) when less than
-          NANO_RESERVE_S of --time-budget is left. --reference: a saved bench_quant output
+          --nano: nano-vLLM's bench workload per format. --reference: a saved bench_quant output
           whose bf16 engine figures the table compares against (when bf16 is not run here).
   check   bf16 correctness on the device: a small Llama (hidden 1024, 4 layers) per format
           against its dequantized bf16 twin (engine.checkpoint.write_dequantized_checkpoint),
@@ -33,6 +32,8 @@ Stages:
           The twin multiplies bf16-rounded dequantized weights; the W4A16 decode kernel
           applies zero and scale in fp32 after the dot, so the two differ in the last bits
           and tokens agree except where two logits nearly tie (common with random weights).
+--time-budget: seconds for the run; the nano workload, the sweep and each check format are
+skipped (saying so) when less than they need (*_RESERVE_S) is left.
 Progress goes to stderr as it happens; tables to stdout; the last line is one JSON object.
 """
 import argparse
@@ -65,8 +66,16 @@ LLAMA8B_LINEARS = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 286
 KERNEL_FORMATS = {"gptq": quantization_config("gptq", 128),
                   "gptq-act-order": quantization_config("gptq", 128, desc_act=True),
                   "awq": quantization_config("awq", 128)}
+# --time-budget: what a step needs left to start (else it is skipped, saying so)
 NANO_RESERVE_S = 75     # the nano workload on an 8B model: ~20-40 s of prefill and decode
+SWEEP_RESERVE_S = 150   # the sweep: ~50 compiled variants, then their timings
+CHECK_RESERVE_S = 40    # one format's check: two small engines (load, choice, capture)
 T0 = time.monotonic()
+
+
+def time_left(args) -> float:
+    """Seconds of --time-budget left (inf without one)."""
+    return args.time_budget - (time.monotonic() - T0) if args.time_budget else float("inf")
 
 
 def progress(msg: str) -> None:
@@ -298,7 +307,7 @@ def bench_engine(args, fmt: str, extra: dict, ceiling: float) -> dict:
     progress(f"engine {fmt}: prefill {args.prefill_tokens}: "
              f"{result['prefill'].get('device_ms', float('nan')):.2f} ms device")
     if args.nano:
-        left = args.time_budget - (time.monotonic() - T0) if args.time_budget else float("inf")
+        left = time_left(args)
         if left < NANO_RESERVE_S:
             result["nano_skipped"] = f"{left:.0f} s of --time-budget left < {NANO_RESERVE_S} s"
             progress(f"engine {fmt}: nano workload skipped ({result['nano_skipped']})")
@@ -399,9 +408,9 @@ def main():
     ap.add_argument("--reference", help="engine: a saved bench_quant output with bf16 engine "
                     "figures to compare against (e.g. benchmarks/raw/h200_quant_engine_bf16.txt)")
     ap.add_argument("--time-budget", type=float, default=0,
-                    help="seconds for the whole run (0: none): the nano workload is skipped "
-                    f"when less than {NANO_RESERVE_S} s are left")
-    ap.add_argument("--copies", type=int, default=16, help="layers: distinct copies per shape")
+                    help="seconds for the whole run (0: none): the nano workload, the sweep "
+                    "and each check format are skipped when less than they need is left")
+    ap.add_argument("--copies", type=int, default=8, help="layers: distinct copies per shape")
     ap.add_argument("--decode-batches", default="1,16,64,256")
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
@@ -446,17 +455,31 @@ def main():
     if "layers" in stages:
         out["layers"] = bench_layers(args, shapes, ms, device, dtype, ceiling)
         print_layers(out["layers"], name, ceiling)
-        if args.sweep:
-            out["sweep"] = bench_sweep(args, shapes, sweep_ms, device, dtype)
-            print_sweep(out["sweep"])
         sys.stdout.flush()
     if "check" in stages:
-        out["check"] = [check_format(fmt, extra, args.smoke) for fmt in KERNEL_FORMATS]
+        out["check"] = []
+        for fmt in KERNEL_FORMATS:
+            if time_left(args) < CHECK_RESERVE_S:
+                out["check"].append({"format": fmt, "skipped": f"{time_left(args):.0f} s left"})
+                progress(f"check {fmt} skipped: {time_left(args):.0f} s of --time-budget left")
+            else:
+                out["check"].append(check_format(fmt, extra, args.smoke))
         print(f"\nbf16 check on {name}: quantized engine vs its dequantized twin, greedy")
         print(f"{'format':>15} {'equal tokens':>13} {'equal sequences':>16}")
         for c in out["check"]:
+            if "skipped" in c:
+                print(f"{c['format']:>15} skipped ({c['skipped']} of --time-budget)")
+                continue
             print(f"{c['format']:>15} {100 * c['equal_tokens']:>12.1f}% "
                   f"{c['equal_seqs']:>10}/{c['seqs']}")
+        sys.stdout.flush()
+    if "layers" in stages:   # the sweep last of the kernel stages: tuning, not a result
+        if args.sweep and time_left(args) < SWEEP_RESERVE_S:
+            out["sweep_skipped"] = f"{time_left(args):.0f} s of --time-budget left"
+            print(f"\nsweep skipped: {out['sweep_skipped']} < {SWEEP_RESERVE_S} s")
+        elif args.sweep:
+            out["sweep"] = bench_sweep(args, shapes, sweep_ms, device, dtype)
+            print_sweep(out["sweep"])
         sys.stdout.flush()
     if "engine" in stages:
         base = read_reference(args.reference) if args.reference else None

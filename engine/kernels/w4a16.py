@@ -11,7 +11,7 @@ shape, row count M) by measurement at load time (`choose_w4a16`):
            over a second grid axis, reduced inside the same launch by the split that arrives
            last at the tile's counter (skinny_gemm's workspace: no memset, no reduce, no cast
            kernel). M and the split's K range are runtime arguments: one compiled variant per
-           (tile, BLOCK_M in 16 / 32 / 64, split or not), whatever the graph size.
+           (tile, BLOCK_M 16 or 64, split or not), whatever the graph size.
            Dequantization per weight is a shift, a mask and an OR: with one group per K step
            (BLOCK_K divides group_size), (q | MAGIC) read as bf16 (fp16) is exactly 128 + q
            (1024 + q), and zero and scale come out of the dot:
@@ -266,7 +266,9 @@ def weight_of(layer) -> W4:
 
 
 def block_m(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))
+    """x rows per skinny program: tl.dot's 16, else 64 (two variants to compile, not three;
+    at decode sizes the padded MMA costs far less than the weight read)."""
+    return 16 if m <= 16 else 64
 
 
 def group_block_k(block_k: int, group: int) -> int:
