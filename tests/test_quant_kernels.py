@@ -114,26 +114,24 @@ def test_choice_records_the_fastest_launch_and_dispatch_follows_it(tiny_quantize
     torch path's product."""
     model = tiny_quantized_model
 
-    def time_us(fn, m, launch):   # the second skinny tile wins up to 64 rows, dequant above
-        return {"skinny": 1.0 if launch.block_n == 256 else 2.0, "tiled": 1.0,
+    def time_us(fn, m, launch):   # GEMV at 1 row, the second skinny tile to 64, dequant above
+        return {"skinny": 1.0 if launch.block_n == 256 else 2.0, "gemv": 0.8, "tiled": 1.0,
                 "dequant": 0.5 if m > 64 else 3.0}[launch.kind]
     report = w4a16.choose_w4a16(model, m_values=[1, 4, 128], time_us=time_us)
     assert len(report) == 3 * len(w4a16.quantized_layers(model))
-    assert all(r["choice"] == "dequant" if r["m"] == 128 else r["choice"].startswith("skinny256")
-               for r in report)
+    expected = {1: "gemv", 4: "skinny256", 128: "dequant"}
+    assert all(r["choice"].startswith(expected[r["m"]]) for r in report)
     layer = next(m for m in model.modules() if getattr(m, "quant", None) is not None)
     (m1, l1), (m4, l4), (m128, l128) = layer.w4a16
     assert (m1, m4, m128) == (1, 4, 128)
-    assert l1.kind == l4.kind == "skinny" and l1.block_n == l4.block_n == 256
+    assert l1.kind == "gemv" and l4.kind == "skinny" and l4.block_n == 256
     assert l128.kind == "dequant" and w4a16._SCRATCH   # the dequant plan keeps its buffer
 
-    ran = []
-    for kind in ("skinny", "tiled", "dequant"):
-        real = getattr(w4a16, f"w4a16_{kind}")
-        monkeypatch.setattr(w4a16, f"w4a16_{kind}",
-                            lambda *a, _real=real, _kind=kind: ran.append(_kind) or _real(*a))
+    ran, real = [], w4a16.w4a16_matmul
+    monkeypatch.setattr(w4a16, "w4a16_matmul",
+                        lambda x, w, b, launch: ran.append(launch.kind) or real(x, w, b, launch))
     gen = torch.Generator().manual_seed(1)
-    for rows, kind in ((3, "skinny"), (100, "dequant"), (300, "dequant")):
+    for rows, kind in ((1, "gemv"), (2, "skinny"), (3, "skinny"), (100, "dequant"), (300, "dequant")):
         x = torch.randn(rows, layer.in_features, generator=gen)
         torch.testing.assert_close(w4a16_linear(layer, x, None),
                                    quant_layers.linear(layer, x, None), rtol=1e-4, atol=1e-4)
@@ -156,3 +154,17 @@ def test_choice_keeps_the_default_within_noise(tiny_quantized_model):
     assert l64 == w4a16.candidates(64, n, k, skinny_gemm.num_sms(torch.device("cpu")))[0]
     assert l256 == w4a16.TILED
     assert not w4a16._SCRATCH
+
+
+@pytest.mark.parametrize("name", ["gptq", "gptq-act-order", "awq"])
+@pytest.mark.parametrize("m,split,dtype", [(1, 1, torch.bfloat16), (2, 3, torch.float32)])
+def test_gemv_variant_matches_the_reference(name, m, split, dtype):
+    """The multiply-add form (fp32 128 + q from the mantissa bits) at 1 and 2 rows."""
+    w, ref_w = weight(name)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    y = w4a16_matmul(x, w, bias, Launch("gemv", 16, 32, 4, 2, split))
+    check(y, x, ref_w, bias, dtype)
+    with pytest.raises(ValueError, match="gemv kernel takes 1..2 rows"):
+        w4a16_matmul(torch.zeros(3, ref_w.shape[1]), w, None, Launch("gemv", 16, 32))

@@ -1,6 +1,6 @@
 """W4A16: y = x W^T (+ bias) with W stored as 4-bit GPTQ or AWQ tensors (engine.layers.quant
 documents the layouts), read straight from the checkpoint layouts (no repacking); x and y in
-the activation dtype, accumulation in fp32. Three ways to run a layer, chosen per (layer
+the activation dtype, accumulation in fp32. Four ways to run a layer, chosen per (layer
 shape, row count M) by measurement at load time (`choose_w4a16`):
 
   skinny   (M <= 64, the decode regime) built for HBM bandwidth like
@@ -18,6 +18,11 @@ shape, row count M) by measurement at load time (`choose_w4a16`):
                sum_k (q - z) s x = s * (dot(128 + q, x) - (128 + z) * sum_k x)
            Act-order (g_idx) and group sizes that no BLOCK_K >= 16 divides take the per-row
            path: each weight is dequantized with its row's group before the dot (slower).
+  gemv     (M <= 2) the same kernel with the product as fp32 multiply-adds reduced over K:
+           (q << 16 | 0x43000000) read as fp32 is 128 + q, so a weight costs a shift, an OR
+           and one FMA per row, with no padded MMA and no shared-memory round trip of the
+           dequantized tile; at batch 1 the 4-bit read leaves the ALUs little slack, which
+           is why both forms are measured.
   tiled    (prefill-sized M) [BLOCK_M x BLOCK_N] output tiles over the whole K, each K step
            dequantizing a [BLOCK_K, BLOCK_N] weight tile for the x tile.
   dequant  the layer's W^T [K, N] dequantized into one shared scratch buffer (allocated by
@@ -42,6 +47,7 @@ import triton.language as tl
 from engine.kernels.skinny_gemm import graph_time_us, num_sms, workspace
 
 MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
+GEMV_MAX_M = 2             # rows its multiply-add (GEMV) variant takes
 PROGRAMS_PER_SM = 2        # split K until about this many programs per SM ...
 MIN_K_PER_SPLIT = 512      # ... keeping at least this much K per program
 MAX_SPLIT_K = 16
@@ -66,6 +72,7 @@ class Launch(NamedTuple):
 
 SKINNY_TILES = (Launch("skinny", 128, 128, 4, 4),    # 8 KB of 4-bit weights per K step
                 Launch("skinny", 256, 128, 8, 3))    # 16 KB
+GEMV = Launch("gemv", 128, 128, 4, 4)
 TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
 
 
@@ -114,14 +121,33 @@ def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
              acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
+@triton.jit
+def _product(w, xt, offs_m, DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_M: tl.constexpr):
+    """w [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, BLOCK_M] in fp32: on the tensor cores (DOT), or
+    as BLOCK_M (1 or 2) multiply-add reductions over K in fp32 registers (GEMV: no padded
+    MMA, no shared-memory round trip of the dequantized tile)."""
+    if DOT:
+        if IEEE:
+            return tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        return tl.dot(w.to(xt.dtype), xt)
+    wf, xf = w.to(tl.float32), xt.to(tl.float32)
+    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        xm = tl.sum(tl.where(offs_m[None, :] == m, xf, 0.0), axis=1)     # column m: [BLOCK_K]
+        pm = tl.sum(wf * xm[None, :], axis=1)
+        part += tl.where(offs_m[None, :] == m, pm[:, None], 0.0)
+    return part
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
                          partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
                          group_size, zero_offset,
                          AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
                          MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, IEEE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -135,7 +161,7 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
                      mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
         q = _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
-        if PER_ROW:   # each input row its own group: dequantize before the dot
+        if PER_ROW:   # each input row its own group: dequantize before the product
             if ACT_ORDER:
                 g = tl.load(g_idx_ptr + offs_k, mask=offs_k < k_end, other=0)
             else:
@@ -144,23 +170,20 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
             z = _zeros_of(qzeros_ptr, g[None, :], offs_n[:, None], mask, zero_offset, N, AWQ)
             s = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
             w = (q - z).to(tl.float32) * s.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(w.to(xt.dtype), xt)
-        else:         # one group per K step: zero and scale applied after the dot
+            acc += _product(w, xt, offs_m, DOT, IEEE, BLOCK_N, BLOCK_M)
+        else:         # one group per K step: zero and scale applied after the product
             g = k0 // group_size
             z = _zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ)
             s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if MAGIC:   # (q | MAGIC) as a 16-bit float is exactly MAGIC_VALUE + q
+            if not DOT:   # q in the mantissa of 128.0 (0x43000000): the fp32 128 + q
+                w = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)
+                z = z + 128
+            elif MAGIC:   # (q | MAGIC) as a 16-bit float is exactly MAGIC_VALUE + q
                 w = (q | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True)
                 z = z + MAGIC_VALUE
             else:
                 w = q.to(tl.float32)
-            if IEEE:
-                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(w, xt)
+            part = _product(w, xt, offs_m, DOT, IEEE, BLOCK_N, BLOCK_M)
             xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
             acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
     if SPLIT:   # as engine.kernels.skinny_gemm: the last split to arrive reduces, in split order
@@ -299,6 +322,11 @@ def default_launch(m: int) -> Launch:
     return SKINNY_TILES[0] if m <= MAX_M else TILED
 
 
+def max_rows(launch: Launch) -> float:
+    """The most rows a launch kind takes."""
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M}.get(launch.kind, float("inf"))
+
+
 # ---- the three ways ------------------------------------------------------------------------
 
 def _common(x: torch.Tensor, w: W4, bias: torch.Tensor | None):
@@ -316,17 +344,20 @@ def _common(x: torch.Tensor, w: W4, bias: torch.Tensor | None):
 
 
 def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
-    """The decode kernel on x [M, K], 1 <= M <= MAX_M."""
+    """The decode kernel on x [M, K]: launch kind "skinny" (tensor cores, 1 <= M <= MAX_M) or
+    "gemv" (fp32 multiply-adds, 1 <= M <= GEMV_MAX_M)."""
     x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
     m = x.shape[0]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"w4a16 skinny kernel takes 1..{MAX_M} rows, got {m}")
+    dot = launch.kind == "skinny"
+    if not 1 <= m <= max_rows(launch):
+        raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{max_rows(launch)} rows, got {m}")
     bk = 0 if w.act_order else group_block_k(launch.block_k, group)
     per_row = bk == 0
     bk = bk or launch.block_k
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    splits, tiles, bm = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n), block_m(m)
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    bm = block_m(m) if dot else triton.next_power_of_2(m)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = arrivals = y
     if splits > 1:
@@ -336,7 +367,7 @@ def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, partial, arrivals,
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
         AWQ=w.awq, PER_ROW=per_row, ACT_ORDER=w.act_order, MAGIC=magic, MAGIC_VALUE=value,
-        IEEE=ieee, HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=bm,
+        IEEE=ieee, HAS_BIAS=bias is not None, SPLIT=splits > 1, DOT=dot, BLOCK_M=bm,
         BLOCK_N=launch.block_n, BLOCK_K=bk, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return y
@@ -398,7 +429,7 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
     x's dtype, run as `launch` says (None: skinny with the default tile and split for
     M <= MAX_M, else tiled)."""
     launch = launch or default_launch(x.shape[0])
-    if launch.kind == "skinny":
+    if launch.kind in ("skinny", "gemv"):
         return w4a16_skinny(x, w, bias, launch)
     if launch.kind == "tiled":
         return w4a16_tiled(x, w, bias, launch)
@@ -416,11 +447,11 @@ def w4a16_linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     rows = x2.shape[0]
     plan = getattr(layer, "w4a16", ())
     launch = None
-    for max_rows, entry in plan:
+    for measured, entry in plan:
         launch = entry
-        if rows <= max_rows:
+        if rows <= measured:
             break
-    if launch is None or (launch.kind == "skinny" and rows > MAX_M):
+    if launch is None or rows > max_rows(launch):
         launch = default_launch(rows)
     if rows == 0:
         y = x2.new_empty((0, layer.scales.shape[1]))
@@ -447,12 +478,14 @@ def quantized_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
     """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
-    splits (M <= MAX_M), the tiled kernel (M >= 32), dequantize + cuBLAS (always: it also
-    stands in should no kernel variant fit the device)."""
+    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), the tiled kernel (M >= 32),
+    dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     out = []
     if m <= MAX_M:
         out += [tile._replace(split_k=s) for tile in SKINNY_TILES
                 for s in split_candidates(n, k, tile, sms)]
+    if m <= GEMV_MAX_M:
+        out += [GEMV._replace(split_k=s) for s in split_candidates(n, k, GEMV, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -526,8 +559,8 @@ _LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.C
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind == "skinny":
-        return f"skinny{launch.block_n}x{launch.block_k}/s{launch.split_k}"
+    if launch.kind in ("skinny", "gemv"):
+        return f"{launch.kind}{launch.block_n}x{launch.block_k}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
     return launch.kind
