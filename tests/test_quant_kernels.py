@@ -76,7 +76,7 @@ def test_split_k_counters_reset_between_calls():
         assert not arrivals.any()
 
 
-@pytest.mark.parametrize("name", ["gptq", "gptq-act-order", "awq"])
+@pytest.mark.parametrize("name", ["gptq", "gptq-act-order", "gptq-group-24", "awq"])
 @pytest.mark.parametrize("kind", ["tiled", "dequant"])
 def test_prefill_paths_match_the_reference(name, kind):
     w, ref_w = weight(name)

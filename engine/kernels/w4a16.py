@@ -205,11 +205,17 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
 
 
 @triton.jit
-def _dequantize_rows(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
-                     N, K, group_size, zero_offset, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W^T tile [BLOCK_K, BLOCK_N] in fp32, each row with its own group."""
+def _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
+                     N, K, group_size, zero_offset, AWQ: tl.constexpr, PER_ROW: tl.constexpr,
+                     ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W^T tile [BLOCK_K, BLOCK_N] in fp32: one group for the tile (k0's), or PER_ROW each
+    row with its own."""
     q = tl.trans(_unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, K, AWQ, BLOCK_N, BLOCK_K))
+    if not PER_ROW:
+        g = k0 // group_size
+        z = _zeros_of(qzeros_ptr, g, offs_n, offs_n < N, zero_offset, N, AWQ)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+        return (q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
     if ACT_ORDER:
         g = tl.load(g_idx_ptr + offs_k, mask=offs_k < K, other=0)
     else:
@@ -223,8 +229,9 @@ def _dequantize_rows(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, off
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
                         M, N, K, stride_xm, stride_ym, group_size, zero_offset,
-                        AWQ: tl.constexpr, ACT_ORDER: tl.constexpr, IEEE: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                        IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,8 +243,9 @@ def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, b
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _dequantize_rows(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0,
-                             n0, N, K, group_size, zero_offset, AWQ, ACT_ORDER, BLOCK_K, BLOCK_N)
+        w = _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0,
+                             n0, N, K, group_size, zero_offset, AWQ, PER_ROW, ACT_ORDER,
+                             BLOCK_K, BLOCK_N)
         if IEEE:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -250,13 +258,13 @@ def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, b
 
 @triton.jit
 def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, N, K,
-                       group_size, zero_offset, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                       group_size, zero_offset, AWQ: tl.constexpr, PER_ROW: tl.constexpr,
+                       ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out [K, N] (row-major, out's dtype) = W^T."""
     k0, n0 = tl.program_id(0) * BLOCK_K, tl.program_id(1) * BLOCK_N
     offs_k, offs_n = k0 + tl.arange(0, BLOCK_K), n0 + tl.arange(0, BLOCK_N)
-    w = _dequantize_rows(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
-                         N, K, group_size, zero_offset, AWQ, ACT_ORDER, BLOCK_K, BLOCK_N)
+    w = _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
+                         N, K, group_size, zero_offset, AWQ, PER_ROW, ACT_ORDER, BLOCK_K, BLOCK_N)
     tl.store(out_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :],
              w.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
@@ -373,6 +381,12 @@ def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
     return y
 
 
+def per_row(w: W4, group: int, block_k: int) -> bool:
+    """Whether a K step of block_k rows may span groups (act-order, or block_k not dividing
+    the group size): then every row is dequantized with its own group."""
+    return w.act_order or group % block_k != 0
+
+
 def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
                 launch: Launch = TILED) -> torch.Tensor:
     """The tiled (prefill) kernel on x [M, K]."""
@@ -382,8 +396,9 @@ def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
     grid = (triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n))
     _w4a16_tiled_kernel[grid](
         x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
-        group, w.zero_offset, AWQ=w.awq, ACT_ORDER=w.act_order, IEEE=ieee,
-        HAS_BIAS=bias is not None, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, launch.block_k),
+        ACT_ORDER=w.act_order, IEEE=ieee, HAS_BIAS=bias is not None, BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
         BLOCK_K=launch.block_k, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return y
@@ -411,8 +426,8 @@ def dequantize_into(w: W4, out: torch.Tensor, block_k: int = 64, block_n: int = 
     group = k if w.group_size == -1 else w.group_size
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         w.qweight, w.qzeros, w.scales, w.qweight if w.g_idx is None else w.g_idx, wt, n, k,
-        group, w.zero_offset, AWQ=w.awq, ACT_ORDER=w.act_order, BLOCK_K=block_k,
-        BLOCK_N=block_n, num_warps=4)
+        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, block_k),
+        ACT_ORDER=w.act_order, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return wt
 
 
