@@ -125,6 +125,7 @@ def time_launches(launches, x, ws, time_us) -> tuple[list, dict]:
         try:
             us = time_us(lambda: [w4a16.w4a16_matmul(x, w, None, launch) for w in ws])
         except w4a16._LAUNCH_ERRORS as e:
+            w4a16.device_still_sound(x.device)
             failed[w4a16._name(launch)] = type(e).__name__
             continue
         timed.append((us / len(ws), launch))

@@ -553,6 +553,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                 try:
                     us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
                 except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
+                    device_still_sound(device)
                     failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
                     continue
                 times.append((us / len(params), launch))
@@ -570,7 +571,16 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     return report
 
 
-_LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError)
+# a variant that does not compile or fit here (RuntimeError: Triton's MLIR pass failures)
+_LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError,
+                  RuntimeError)
+
+
+def device_still_sound(device: torch.device) -> None:
+    """After one of _LAUNCH_ERRORS: raises if the device is not sound (a CUDA error is
+    sticky: synchronizing raises it), so only a variant that never ran is skipped."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _name(launch: Launch) -> str:
