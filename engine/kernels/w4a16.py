@@ -557,6 +557,8 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                     failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
                     continue
                 times.append((us / len(params), launch))
+            if not times:
+                raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
             us, best = pick(times)
             plan.append((m, best))
             report.append(dict(n=n, k=k, format="awq" if key[2] else "gptq", group=key[3],
