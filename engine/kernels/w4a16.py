@@ -147,7 +147,8 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
                          AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
                          MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, IEEE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -156,7 +157,7 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
                      mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
@@ -376,8 +377,8 @@ def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
         AWQ=w.awq, PER_ROW=per_row, ACT_ORDER=w.act_order, MAGIC=magic, MAGIC_VALUE=value,
         IEEE=ieee, HAS_BIAS=bias is not None, SPLIT=splits > 1, DOT=dot, BLOCK_M=bm,
-        BLOCK_N=launch.block_n, BLOCK_K=bk, num_warps=launch.num_warps,
-        num_stages=launch.num_stages)
+        BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+        num_warps=launch.num_warps)
     return y
 
 
