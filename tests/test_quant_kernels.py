@@ -168,3 +168,51 @@ def test_gemv_variant_matches_the_reference(name, m, split, dtype):
     check(y, x, ref_w, bias, dtype)
     with pytest.raises(ValueError, match="gemv kernel takes 1..2 rows"):
         w4a16_matmul(torch.zeros(3, ref_w.shape[1]), w, None, Launch("gemv", 16, 32))
+
+
+# ---- the kernels compile for the H200 (sm_90) without a GPU ----------------------------------
+SM90_SHARED = 232448   # bytes of shared memory an sm_90 program may use
+COMPILE_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels import w4a16
+out = []
+for kind, awq, bm in json.loads(sys.argv[1]):
+    launch = {"skinny": w4a16.SKINNY_TILES[0], "skinny256": w4a16.SKINNY_TILES[1], "gemv": w4a16.GEMV}[kind]
+    sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "arrivals_ptr")}
+    sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
+    sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
+                                   "group_size", "zero_offset")})
+    const = dict(AWQ=awq, PER_ROW=False, ACT_ORDER=False, MAGIC=0x4300, MAGIC_VALUE=128, IEEE=False,
+                 HAS_BIAS=True, SPLIT=True, DOT=launch.kind == "skinny", BLOCK_M=bm,
+                 BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, NUM_STAGES=launch.num_stages)
+    sig.update({name: "constexpr" for name in const})
+    src = ASTSource(fn=w4a16._w4a16_skinny_kernel, signature=sig, constexprs=const)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
+    out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"]))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__),
+                                                    "backends", "nvidia", "bin", "ptxas")),
+                    reason="triton's ptxas is not installed")
+def test_decode_variants_compile_for_sm90_and_fit():
+    """The default decode launches compile ahead of time for sm_90 (bf16 activations, GPTQ and
+    AWQ, split-K; a fresh interpreter without TRITON_INTERPRET), fit its shared memory, keep
+    their weight loads software-pipelined (async copies), and the MMA form runs on wgmma."""
+    import json
+    import subprocess
+    import sys
+    variants = [("skinny", False, 16), ("skinny256", True, 64), ("gemv", False, 1)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", COMPILE_SM90, json.dumps(variants)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (kind, _, _), c in zip(variants, json.loads(done.stdout.splitlines()[-1])):
+        assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
+        assert "async_copy_global_to_local" in c["ttgir"], kind
+        assert ("warp_group_dot" in c["ttgir"]) == kind.startswith("skinny"), kind
