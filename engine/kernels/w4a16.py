@@ -18,11 +18,12 @@ shape, row count M) by measurement at load time (`choose_w4a16`):
                sum_k (q - z) s x = s * (dot(128 + q, x) - (128 + z) * sum_k x)
            Act-order (g_idx) and group sizes that no BLOCK_K >= 16 divides take the per-row
            path: each weight is dequantized with its row's group before the dot (slower).
-  gemv     (M <= 2) the same kernel with the product as fp32 multiply-adds reduced over K:
-           (q << 16 | 0x43000000) read as fp32 is 128 + q, so a weight costs a shift, an OR
-           and one FMA per row, with no padded MMA and no shared-memory round trip of the
-           dequantized tile; at batch 1 the 4-bit read leaves the ALUs little slack, which
-           is why both forms are measured.
+  gemv     (M <= 2) the same kernel with K-major tiles (the words as stored: GPTQ
+           [K/8, N], AWQ [K, N/8]) reduced along K inside each thread by fp32 multiply-adds:
+           (q << 16 | 0x43000000) read as fp32 is 128 + q, so a weight costs a shift, a
+           mask-and-OR and one FMA per row, with no padded MMA, no shared-memory round trip
+           of the dequantized tile and no cross-thread reduction; at batch 1 the 4-bit read
+           leaves the ALUs little slack, which is why both forms are measured.
   tiled    (prefill-sized M) [BLOCK_M x BLOCK_N] output tiles over the whole K, each K step
            dequantizing a [BLOCK_K, BLOCK_N] weight tile for the x tile.
   dequant  the layer's W^T [K, N] dequantized into one shared scratch buffer (allocated by
@@ -100,6 +101,64 @@ def _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
 
 
 @triton.jit
+def _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
+                    AWQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of 4-bit values q[k, n] (int32), K-major: the words in
+    their checkpoint orientation (GPTQ [K/8, N], AWQ [K, N/8]), so a thread's values run
+    along K (a GEMV reduces them in registers)."""
+    nibble = tl.arange(0, 8)
+    if AWQ:
+        cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+        words = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + cols[None, :],
+                        mask=(offs_k[:, None] < k_end) & (cols[None, :] < N // 8), other=0)
+        shift = (nibble // 2 + 4 * (nibble % 2)) * 4
+        q = (words[:, :, None] >> shift[None, None, :]) & 0xF        # [BLOCK_K, BLOCK_N/8, 8]
+    else:
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(rows[:, None] * 8 < k_end) & (offs_n[None, :] < N), other=0)
+        q = (words[:, None, :] >> (nibble * 4)[None, :, None]) & 0xF   # [BLOCK_K/8, 8, BLOCK_N]
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m, n0, k0,
+               k_end, M, N, stride_xm, group_size, zero_offset, AWQ: tl.constexpr,
+               PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the GEMV form: [BLOCK_N, BLOCK_M] fp32, each output column reduced
+    along K inside a thread (fp32 multiply-adds; (q << 16 | 0x43000000) read as fp32 is
+    128 + q, zero and scale applied after the sum)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    q = _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
+    mask_n = offs_n < N
+    if PER_ROW:
+        if ACT_ORDER:
+            g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            g = offs_k // group_size
+        mask = mask_k[:, None] & mask_n[None, :]
+        z = _zeros_of(qzeros_ptr, g[:, None], offs_n[None, :], mask, zero_offset, N, AWQ)
+        s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        w = (q - z).to(tl.float32) * s.to(tl.float32)
+    else:
+        g = k0 // group_size
+        z = (_zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ) + 128).to(tl.float32)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)
+    out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
+        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & row_ok, other=0.0).to(tl.float32)
+        pm = tl.sum(w * xm[:, None], axis=0)                               # [BLOCK_N]
+        if not PER_ROW:
+            pm = s * (pm - z * tl.sum(xm, axis=0))
+        out += tl.where(offs_m[None, :] == m, pm[:, None], 0.0)
+    return out
+
+
+@triton.jit
 def _zeros_of(qzeros_ptr, g, offs_n, mask, zero_offset, N, AWQ: tl.constexpr):
     """Zero points (int32) of columns offs_n in groups g (broadcast; 0 where not mask)."""
     c = offs_n % 8
@@ -122,22 +181,12 @@ def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
 
 
 @triton.jit
-def _product(w, xt, offs_m, DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_M: tl.constexpr):
-    """w [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, BLOCK_M] in fp32: on the tensor cores (DOT), or
-    as BLOCK_M (1 or 2) multiply-add reductions over K in fp32 registers (GEMV: no padded
-    MMA, no shared-memory round trip of the dequantized tile)."""
-    if DOT:
-        if IEEE:
-            return tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        return tl.dot(w.to(xt.dtype), xt)
-    wf, xf = w.to(tl.float32), xt.to(tl.float32)
-    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for m in tl.static_range(BLOCK_M):
-        xm = tl.sum(tl.where(offs_m[None, :] == m, xf, 0.0), axis=1)     # column m: [BLOCK_K]
-        pm = tl.sum(wf * xm[None, :], axis=1)
-        part += tl.where(offs_m[None, :] == m, pm[:, None], 0.0)
-    return part
+def _dot(w, xt, IEEE: tl.constexpr):
+    """w [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, BLOCK_M] on the tensor cores, fp32 out (IEEE:
+    fp32 operands, for fp32 activations and the interpreter)."""
+    if IEEE:
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+    return tl.dot(w.to(xt.dtype), xt)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -158,35 +207,37 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
-                     mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
-        q = _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
-        if PER_ROW:   # each input row its own group: dequantize before the product
-            if ACT_ORDER:
-                g = tl.load(g_idx_ptr + offs_k, mask=offs_k < k_end, other=0)
-            else:
-                g = offs_k // group_size
-            mask = mask_n[:, None] & (offs_k < k_end)[None, :]
-            z = _zeros_of(qzeros_ptr, g[None, :], offs_n[:, None], mask, zero_offset, N, AWQ)
-            s = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
-            w = (q - z).to(tl.float32) * s.to(tl.float32)
-            acc += _product(w, xt, offs_m, DOT, IEEE, BLOCK_N, BLOCK_M)
-        else:         # one group per K step: zero and scale applied after the product
-            g = k0 // group_size
-            z = _zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ)
-            s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if not DOT:   # q in the mantissa of 128.0 (0x43000000): the fp32 128 + q
-                w = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)
-                z = z + 128
-            elif MAGIC:   # (q | MAGIC) as a 16-bit float is exactly MAGIC_VALUE + q
-                w = (q | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True)
-                z = z + MAGIC_VALUE
-            else:
-                w = q.to(tl.float32)
-            part = _product(w, xt, offs_m, DOT, IEEE, BLOCK_N, BLOCK_M)
-            xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
-            acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
+        if not DOT:
+            acc += _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m,
+                              n0, k0, k_end, M, N, stride_xm, group_size, zero_offset, AWQ,
+                              PER_ROW, ACT_ORDER, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
+                         mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
+            q = _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
+            if PER_ROW:   # each input row its own group: dequantize before the product
+                if ACT_ORDER:
+                    g = tl.load(g_idx_ptr + offs_k, mask=offs_k < k_end, other=0)
+                else:
+                    g = offs_k // group_size
+                mask = mask_n[:, None] & (offs_k < k_end)[None, :]
+                z = _zeros_of(qzeros_ptr, g[None, :], offs_n[:, None], mask, zero_offset, N, AWQ)
+                s = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+                w = (q - z).to(tl.float32) * s.to(tl.float32)
+                acc += _dot(w, xt, IEEE)
+            else:         # one group per K step: zero and scale applied after the product
+                g = k0 // group_size
+                z = _zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ)
+                s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                if MAGIC:   # (q | MAGIC) as a 16-bit float is exactly MAGIC_VALUE + q
+                    w = (q | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True)
+                    z = z + MAGIC_VALUE
+                else:
+                    w = q.to(tl.float32)
+                part = _dot(w, xt, IEEE)
+                xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
+                acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
     if SPLIT:   # as engine.kernels.skinny_gemm: the last split to arrive reduces, in split order
         tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
         split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
@@ -211,7 +262,7 @@ def _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, off
                      ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W^T tile [BLOCK_K, BLOCK_N] in fp32: one group for the tile (k0's), or PER_ROW each
     row with its own."""
-    q = tl.trans(_unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, K, AWQ, BLOCK_N, BLOCK_K))
+    q = _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, K, AWQ, BLOCK_N, BLOCK_K)
     if not PER_ROW:
         g = k0 // group_size
         z = _zeros_of(qzeros_ptr, g, offs_n, offs_n < N, zero_offset, N, AWQ)
