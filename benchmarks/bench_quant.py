@@ -16,9 +16,9 @@ Stages:
           layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
           error of the chosen launch against the torch reference (max |y - y_ref| / max
           |y_ref|, y_ref = x @ dequantized W in fp32).
-          --sweep: the decode kernel's tile / stage / split grid at M = 1, 16, 64 and the tiled
-          kernel's at M = 2,048 (GPTQ); configurations that do not fit the device (shared
-          memory) are skipped and counted.
+          --sweep: the decode kernel's tile / warp / split grid (both forms at M = 1) at
+          M = 1, 16, 64 and the tiled kernel's at M = 2,048 (GPTQ); configurations that do not
+          fit the device (shared memory) or do not compile are skipped and counted.
   engine  per format: the load time (the W4A16 choice included) and the choice per layer
           shape, the median decode step at batch 1, 16, 64, 256 (context ~1k, CUDA graphs as
           served), one 2,048-token prefill by device time (the engine's step wall time of an
@@ -192,10 +192,14 @@ def print_layers(rows, name, ceiling) -> None:
 def sweep_launches(m: int, n: int, k: int, sms: int) -> list:
     if m <= w4a16.MAX_M:
         out = []
-        for bn in (64, 128, 256):
-            for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                tile = w4a16.Launch("skinny", bn, 128, warps, stages)
-                out += [tile._replace(split_k=s) for s in w4a16.split_candidates(n, k, tile, sms)]
+        kinds = ("skinny", "gemv") if m <= w4a16.GEMV_MAX_M else ("skinny",)
+        for kind in kinds:
+            for bn in (128, 256):
+                for bk in (64, 128):
+                    for warps, stages in ((4, 4), (8, 4)):
+                        tile = w4a16.Launch(kind, bn, bk, warps, stages)
+                        out += [tile._replace(split_k=s)
+                                for s in w4a16.split_candidates(n, k, tile, sms)]
         return out
     return [w4a16.Launch("tiled", bn, 64, warps, stages, block_m=bm)
             for bm in (64, 128) for bn in (64, 128, 256)

@@ -90,7 +90,7 @@ def test_prefill_paths_match_the_reference(name, kind):
 def test_skinny_kernel_refuses_prefill_sized_inputs():
     w, _ = weight("gptq")
     with pytest.raises(ValueError, match="1..64 rows"):
-        w4a16.w4a16_skinny(torch.zeros(65, 128), w, None, w4a16.SKINNY_TILES[0])
+        w4a16.w4a16_skinny(torch.zeros(65, 128), w, None, w4a16.SKINNY_TILES[64][0])
 
 
 @pytest.fixture
@@ -115,16 +115,18 @@ def test_choice_records_the_fastest_launch_and_dispatch_follows_it(tiny_quantize
     model = tiny_quantized_model
 
     def time_us(fn, m, launch):   # GEMV at 1 row, the second skinny tile to 64, dequant above
-        return {"skinny": 1.0 if launch.block_n == 256 else 2.0, "gemv": 0.8, "tiled": 1.0,
+        second = launch in [t._replace(split_k=launch.split_k) for t in (
+            w4a16.SKINNY_TILES[16][1], w4a16.SKINNY_TILES[64][1])]
+        return {"skinny": 1.0 if second else 2.0, "gemv": 0.8, "tiled": 1.0,
                 "dequant": 0.5 if m > 64 else 3.0}[launch.kind]
     report = w4a16.choose_w4a16(model, m_values=[1, 4, 128], time_us=time_us)
     assert len(report) == 3 * len(w4a16.quantized_layers(model))
-    expected = {1: "gemv", 4: "skinny256", 128: "dequant"}
+    expected = {1: "gemv", 4: "skinny256x64", 128: "dequant"}
     assert all(r["choice"].startswith(expected[r["m"]]) for r in report)
     layer = next(m for m in model.modules() if getattr(m, "quant", None) is not None)
     (m1, l1), (m4, l4), (m128, l128) = layer.w4a16
     assert (m1, m4, m128) == (1, 4, 128)
-    assert l1.kind == "gemv" and l4.kind == "skinny" and l4.block_n == 256
+    assert l1.kind == "gemv" and l4._replace(split_k=0) == w4a16.SKINNY_TILES[16][1]
     assert l128.kind == "dequant" and w4a16._SCRATCH   # the dequant plan keeps its buffer
 
     ran, real = [], w4a16.w4a16_matmul
@@ -145,7 +147,7 @@ def test_choice_keeps_the_default_within_noise(tiny_quantized_model):
     w4a16._SCRATCH.clear()
 
     def time_us(fn, m, launch):
-        default = launch == w4a16.TILED or (launch.kind == "skinny" and launch.block_n == 128)
+        default = launch == w4a16.TILED or launch._replace(split_k=0) == w4a16.SKINNY_TILES[64][0]
         return 1.0 if default else 0.995
     w4a16.choose_w4a16(tiny_quantized_model, m_values=[64, 256], time_us=time_us)
     layer = next(m for m in tiny_quantized_model.modules() if getattr(m, "quant", None) is not None)
@@ -173,14 +175,14 @@ def test_gemv_variant_matches_the_reference(name, m, split, dtype):
 # ---- the kernels compile for the H200 (sm_90) without a GPU ----------------------------------
 SM90_SHARED = 232448   # bytes of shared memory an sm_90 program may use
 COMPILE_SM90 = """
-import json, sys
+import json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from engine.kernels import w4a16
 out = []
 for kind, awq, bm in json.loads(sys.argv[1]):
-    launch = {"skinny": w4a16.SKINNY_TILES[0], "skinny256": w4a16.SKINNY_TILES[1], "gemv": w4a16.GEMV}[kind]
+    launch = w4a16.GEMV if kind == "gemv" else w4a16.SKINNY_TILES[bm][kind == "skinny2"]
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
     sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
@@ -191,7 +193,13 @@ for kind, awq, bm in json.loads(sys.argv[1]):
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(fn=w4a16._w4a16_skinny_kernel, signature=sig, constexprs=const)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
-    out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"]))
+    path = os.path.join(tempfile.mkdtemp(), "k.cubin")
+    open(path, "wb").write(c.asm["cubin"])
+    usage = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                         "bin", "cuobjdump"), "--dump-resource-usage", path],
+                           capture_output=True, text=True, check=True).stdout
+    out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"],
+                    stack=int(usage.split("STACK:")[1].split()[0])))
 print(json.dumps(out))
 """
 
@@ -202,11 +210,13 @@ print(json.dumps(out))
 def test_decode_variants_compile_for_sm90_and_fit():
     """The default decode launches compile ahead of time for sm_90 (bf16 activations, GPTQ and
     AWQ, split-K; a fresh interpreter without TRITON_INTERPRET), fit its shared memory, keep
-    their weight loads software-pipelined (async copies), and the MMA form runs on wgmma."""
+    their weight loads software-pipelined (async copies), spill no registers, and the MMA
+    form runs on wgmma."""
     import json
     import subprocess
     import sys
-    variants = [("skinny", False, 16), ("skinny256", True, 64), ("gemv", False, 1)]
+    variants = [("skinny", False, 16), ("skinny2", True, 16), ("skinny", True, 64),
+                ("skinny2", False, 64), ("gemv", True, 1), ("gemv", False, 2)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", COMPILE_SM90, json.dumps(variants)], env=env,
@@ -216,3 +226,4 @@ def test_decode_variants_compile_for_sm90_and_fit():
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert "async_copy_global_to_local" in c["ttgir"], kind
         assert ("warp_group_dot" in c["ttgir"]) == kind.startswith("skinny"), kind
+        assert c["stack"] == 0, (kind, "spills registers")

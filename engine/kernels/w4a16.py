@@ -71,9 +71,13 @@ class Launch(NamedTuple):
     block_m: int = 64
 
 
-SKINNY_TILES = (Launch("skinny", 128, 128, 4, 4),    # 8 KB of 4-bit weights per K step
-                Launch("skinny", 256, 128, 8, 3))    # 16 KB
-GEMV = Launch("gemv", 128, 128, 4, 4)
+# Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
+# spills: 4-warp tiles spill at BLOCK_M 64) pending GPU timings (bench_quant.py --sweep)
+SKINNY_TILES = {16: (Launch("skinny", 128, 128, 4, 4),   # 8 KB of 4-bit weights per K step
+                     Launch("skinny", 256, 64, 8, 4)),   # 8 KB, twice the output columns
+                64: (Launch("skinny", 128, 128, 8, 4),
+                     Launch("skinny", 128, 64, 8, 6))}   # 4 KB steps, deeper pipeline
+GEMV = Launch("gemv", 128, 128, 8, 4)    # 8 warps: AWQ at 4 spills near 255 registers
 TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
 
 
@@ -379,7 +383,7 @@ def split_candidates(n: int, k: int, tile: Launch, sms: int) -> list[int]:
 
 
 def default_launch(m: int) -> Launch:
-    return SKINNY_TILES[0] if m <= MAX_M else TILED
+    return SKINNY_TILES[block_m(m)][0] if m <= MAX_M else TILED
 
 
 def max_rows(launch: Launch) -> float:
@@ -549,7 +553,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     out = []
     if m <= MAX_M:
-        out += [tile._replace(split_k=s) for tile in SKINNY_TILES
+        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
                 for s in split_candidates(n, k, tile, sms)]
     if m <= GEMV_MAX_M:
         out += [GEMV._replace(split_k=s) for s in split_candidates(n, k, GEMV, sms)]
