@@ -13,6 +13,11 @@
 #   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="engine_q kernels", BUDGET=520 s
 set -u
 export PYTHONUNBUFFERED=1
+# as h200_session.sh: wheels for what the box lacks, when .whl/ is carried
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed
+fi
+export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 STAGES=${STAGES:-"engine_q kernels"}; BUDGET=${BUDGET:-520}; ENGINE_S=${ENGINE_S:-300}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
