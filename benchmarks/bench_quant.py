@@ -1,31 +1,40 @@
-"""4-bit weights against bf16: the W4A16 kernels per linear layer, and the engine's decode
-step, prefill and KV pool, for Llama-3.1-8B in bf16, GPTQ and AWQ (random weights in the
-published layouts, engine.checkpoint --quantization).
+"""4-bit weights against bf16: the W4A16 paths per linear layer, and the engine's decode
+step, prefill and KV pool, for Llama-3.1-8B in GPTQ and AWQ (random weights in the published
+layouts, engine.checkpoint --quantization) against bf16.
 
-    python benchmarks/bench_quant.py                          # H200: all stages, ~5-8 min
-    python benchmarks/bench_quant.py --stages layers           # kernels only (~1 min)
-    python benchmarks/bench_quant.py --formats bf16,gptq --nano
+    python benchmarks/bench_quant.py --stages layers,check --sweep     # H200, ~3 min
+    python benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano \\
+        --reference benchmarks/raw/h200_quant_engine_bf16.txt --time-budget 330
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
   layers  each Llama-3.1-8B linear shape (qkv, o, gate_up, down) at M = 1, 16, 64, 256, 2048:
-          torch bf16 matmul vs the W4A16 kernel on GPTQ (group 128), GPTQ act-order and AWQ
-          tensors; median device time (CUDA events) and the weight bytes read per second
-          against the measured copy ceiling (a 1 GiB device-to-device copy).
-  engine  per format: the median decode step at batch 1, 16, 64, 256 (context ~1k, CUDA
-          graphs as served), one 2,048-token prefill step, the weight bytes and the KV pool
-          the engine sized from the memory left (engine figures: bench_engine.decode_breakdown).
-  nano    (--nano) nano-vLLM's bench workload throughput per format.
+          cuBLAS bf16 against every W4A16 launch the engine's load-time choice
+          (engine.kernels.w4a16.choose_w4a16) considers at that M, on GPTQ (group 128), GPTQ
+          act-order and AWQ tensors. Each time is one CUDA-graph replay over `--copies`
+          copies of the layer (distinct weights, so they come from HBM as in a step), per
+          layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
+          error of the chosen launch against the torch reference (max |y - y_ref| / max
+          |y_ref|, y_ref = x @ dequantized W in fp32).
+          --sweep: the decode kernel's tile / warp / split grid (both forms at M = 1) at
+          M = 1, 16, 64 and the tiled kernel's at M = 2,048 (GPTQ); configurations that do not
+          fit the device (shared memory) or do not compile are skipped and counted.
+  engine  per format: the load time (the W4A16 choice included) and the choice per layer
+          shape, the median decode step at batch 1, 16, 64, 256 (context ~1k, CUDA graphs as
+          served), one 2,048-token prefill by device time (the engine's step wall time of an
+          asynchronous step is only its launch), the weight bytes and the KV pool the engine
+          sized from the memory left (engine figures: bench_engine.decode_breakdown).
+          --nano: nano-vLLM's bench workload per format. --reference: a saved bench_quant output
+          whose bf16 engine figures the table compares against (when bf16 is not run here).
   check   bf16 correctness on the device: a small Llama (hidden 1024, 4 layers) per format
           against its dequantized bf16 twin (engine.checkpoint.write_dequantized_checkpoint),
           greedy, 16 prompts x 32 tokens: the share of equal tokens and of equal sequences.
-          Both run dot(x bf16, W bf16) with fp32 accumulation, W being the same dequantized
-          values rounded to bf16; only the accumulation order differs, so tokens agree
-          except where two logits nearly tie (random weights make near-ties common).
-The layers stage also reports each kernel's error against the torch reference
-(max |y - y_ref| / max |y_ref|, y_ref = x @ dequantized W in bf16); --sweep also times
-the GPTQ kernel over a grid of tile sizes and prints the fastest per shape.
-Prints tables, then one line of JSON.
+          The twin multiplies bf16-rounded dequantized weights; the W4A16 decode kernel
+          applies zero and scale in fp32 after the dot, so the two differ in the last bits
+          and tokens agree except where two logits nearly tie (common with random weights).
+--time-budget: seconds for the run; the nano workload, the sweep and each check format are
+skipped (saying so) when less than they need (*_RESERVE_S) is left.
+Progress goes to stderr as it happens; tables to stdout; the last line is one JSON object.
 """
 import argparse
 import json
@@ -46,8 +55,9 @@ from bench_engine import copy_bandwidth, decode_breakdown, nano_workload  # noqa
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import (quantization_config, quantized_tensors, tiny_config,  # noqa: E402
                                write_dequantized_checkpoint, write_random_checkpoint)
+from engine.kernels import w4a16  # noqa: E402
+from engine.kernels.skinny_gemm import graph_time_us  # noqa: E402
 from engine.layers.quant import dequantize_awq, dequantize_gptq  # noqa: E402
-from engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from policy.quantization import QuantConfig  # noqa: E402
 
 # (name, in_features, out_features) of one Llama-3.1-8B layer's linears, fused as the engine runs them
@@ -56,26 +66,39 @@ LLAMA8B_LINEARS = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 286
 KERNEL_FORMATS = {"gptq": quantization_config("gptq", 128),
                   "gptq-act-order": quantization_config("gptq", 128, desc_act=True),
                   "awq": quantization_config("awq", 128)}
+# --time-budget: what a step needs left to start (else it is skipped, saying so)
+NANO_RESERVE_S = 75     # the nano workload on an 8B model: ~20-40 s of prefill and decode
+SWEEP_RESERVE_S = 150   # the sweep: ~50 compiled variants, then their timings
+CHECK_RESERVE_S = 40    # one format's check: two small engines (load, choice, capture)
+T0 = time.monotonic()
 
 
-def time_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of fn(): CUDA events on the GPU, wall clock elsewhere."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+def time_left(args) -> float:
+    """Seconds of --time-budget left (inf without one)."""
+    return args.time_budget - (time.monotonic() - T0) if args.time_budget else float("inf")
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def timer(device: torch.device, repeats: int):
+    """fn -> microseconds of one fn(): a CUDA-graph replay on the GPU, wall clock elsewhere."""
+    if device.type == "cuda":
+        return lambda fn: graph_time_us(fn, repeats)
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
             t = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+            times.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(times)
+    return wall
 
+
+# ---- layers --------------------------------------------------------------------------------
 
 def reference_weight(q: QuantConfig, t: dict) -> torch.Tensor:
     if q.method == "gptq":
@@ -83,68 +106,151 @@ def reference_weight(q: QuantConfig, t: dict) -> torch.Tensor:
     return dequantize_awq(t["qweight"], t["qzeros"], t["scales"], q.group_size)
 
 
-def sweep_configs(m: int) -> list[dict]:
-    if m <= 32:
-        return [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w)
-                for n in (64, 128, 256) for k in (64, 128) for s in (1, 2, 4, 8, 16)
-                for w in (4,)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1, num_warps=w, num_stages=st)
-            for bm in (64, 128) for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+def quantized_copies(w: torch.Tensor, fmt: str, copies: int, device) -> tuple[list, int, torch.Tensor]:
+    """`copies` distinct W4 tensors of w in `fmt`, bytes of one, the reference W [N, K] fp32."""
+    q = QuantConfig.from_hf(KERNEL_FORMATS[fmt])
+    perm = torch.randperm(w.shape[1], device=w.device) if q.desc_act else None
+    t = {key.rsplit(".", 1)[1]: v.to(device) for key, v in quantized_tensors("x.weight", w, q, perm).items()}
+    nbytes = sum(v.nbytes for v in t.values())
+    ws = [w4a16.W4(t["qweight"].clone(), t["qzeros"].clone(), t["scales"].clone(),
+                   t["g_idx"].clone() if "g_idx" in t else None, q.method == "awq",
+                   q.group_size, q.desc_act, q.zero_offset) for _ in range(copies)]
+    return ws, nbytes, reference_weight(q, t).float()
 
 
-def bench_layers(shapes, ms, device, dtype, repeats: int, ceiling: float,
-                 sweep: bool = False) -> list[dict]:
+def time_launches(launches, x, ws, time_us) -> tuple[list, dict]:
+    """[(us per layer, launch)] of the launches that run here, {name: why} of the others."""
+    timed, failed = [], {}
+    for launch in launches:
+        try:
+            us = time_us(lambda: [w4a16.w4a16_matmul(x, w, None, launch) for w in ws])
+        except w4a16._LAUNCH_ERRORS as e:
+            w4a16.device_still_sound(x.device)
+            failed[w4a16._name(launch)] = type(e).__name__
+            continue
+        timed.append((us / len(ws), launch))
+    return timed, failed
+
+
+def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
     rows = []
     gen = torch.Generator(device).manual_seed(0)
+    time_us = timer(device, args.repeats)
+    sms = w4a16.num_sms(device)
     for name, k, n in shapes:
         w = torch.randn(n, k, generator=gen, device=device) * 0.02
-        dense = w.to(dtype)
-        packed = {}
-        for fmt, qc in KERNEL_FORMATS.items():
-            q = QuantConfig.from_hf(qc)
-            perm = torch.randperm(k, device=device) if q.desc_act else None
-            t = {key.rsplit(".", 1)[1]: v.to(device)
-                 for key, v in quantized_tensors("x.weight", w, q, perm).items()}
-            packed[fmt] = (q, t, sum(v.nbytes for v in t.values()),
-                           reference_weight(q, t).to(dtype))
+        dense = [w.to(dtype).clone() for _ in range(args.copies)]
+        packed = {fmt: quantized_copies(w, fmt, args.copies, device) for fmt in KERNEL_FORMATS}
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device).to(dtype)
             row = {"layer": name, "k": k, "n": n, "m": m}
-            row["bf16_ms"] = time_ms(lambda: x @ dense.t(), device, repeats)
-            row["bf16_GBps"] = dense.nbytes / row["bf16_ms"] / 1e6
-            for fmt, (q, t, nbytes, w_ref) in packed.items():
-                call = lambda cfg=None: w4a16_matmul(  # noqa: E731
-                    x, t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), q.method,
-                    q.group_size, q.desc_act, q.zero_offset, cfg)
-                row[f"{fmt}_ms"] = time_ms(call, device, repeats)
-                row[f"{fmt}_GBps"] = nbytes / row[f"{fmt}_ms"] / 1e6
-                ref = (x @ w_ref.t()).float()
-                row[f"{fmt}_err"] = ((call().float() - ref).abs().max() / ref.abs().max()).item()
-                if sweep and fmt == "gptq":
-                    timed = [(time_ms(lambda: call(cfg), device, repeats), cfg)
-                             for cfg in sweep_configs(m)]
-                    best_ms, best = min(timed, key=lambda p: p[0])
-                    row["sweep_best_ms"], row["sweep_best"] = best_ms, best
-            row["pct_copy_gptq"] = 100 * row["gptq_GBps"] * 1e9 / ceiling
+            row["bf16_us"] = time_us(lambda: [x @ d.t() for d in dense]) / len(dense)
+            row["bf16_GBps"] = dense[0].nbytes / row["bf16_us"] / 1e3
+            for fmt, (ws, nbytes, w_ref) in packed.items():
+                launches = w4a16.candidates(m, n, k, sms)
+                if args.smoke:
+                    launches = [launches[0], launches[-1]]
+                timed, failed = time_launches(launches, x, ws, time_us)
+                default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
+                best_us, best = w4a16.pick(timed)
+                ref = x.float() @ w_ref.t()
+                y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
+                row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
+                            "GBps": nbytes / best_us / 1e3,
+                            "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
+                            "err": ((y - ref).abs().max() / ref.abs().max()).item(),
+                            "times_us": {w4a16._name(l): t for t, l in timed}, "failed": failed}
             rows.append(row)
+            progress(f"layers {name} M={m}: bf16 {row['bf16_us']:.1f} us, "
+                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in KERNEL_FORMATS))
     return rows
 
+
+def print_layers(rows, name, ceiling) -> None:
+    print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
+          "(CUDA-graph replay over distinct copies), the launch the load-time choice would take")
+    fmts = list(KERNEL_FORMATS)
+    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>5} {'bf16 us':>8} {'GB/s':>6} "
+          + " ".join(f"{f + ' us':>17} {'GB/s':>6} {'%copy':>5} {'choice':>22}" for f in fmts)
+          + f" {'gptq vs bf16':>12}")
+    for r in rows:
+        print(f"{r['layer']:>8} {r['k']:>6} {r['n']:>6} {r['m']:>5} {r['bf16_us']:>8.1f} "
+              f"{r['bf16_GBps']:>6.0f} "
+              + " ".join(f"{r[f]['us']:>17.1f} {r[f]['GBps']:>6.0f} {r[f]['pct_copy']:>5.1f} "
+                         f"{r[f]['choice']:>22}" for f in fmts)
+              + f" {r['bf16_us'] / r['gptq']['us']:>11.2f}x")
+    print("max relative error vs the torch reference: "
+          + ", ".join(f"{f} {max(r[f]['err'] for r in rows):.1e}" for f in fmts))
+    failed = {k: v for r in rows for f in fmts for k, v in r[f]["failed"].items()}
+    if failed:
+        print("launches that did not run here (skipped): "
+              + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())))
+
+
+# ---- sweep -----------------------------------------------------------------------------------
+
+def sweep_launches(m: int, n: int, k: int, sms: int) -> list:
+    if m <= w4a16.MAX_M:
+        out = []
+        kinds = ("skinny", "gemv") if m <= w4a16.GEMV_MAX_M else ("skinny",)
+        for kind in kinds:
+            for bn in (128, 256):
+                for bk in (64, 128):
+                    for warps, stages in ((4, 4), (8, 4)):
+                        tile = w4a16.Launch(kind, bn, bk, warps, stages)
+                        out += [tile._replace(split_k=s)
+                                for s in w4a16.split_candidates(n, k, tile, sms)]
+        return out
+    return [w4a16.Launch("tiled", bn, 64, warps, stages, block_m=bm)
+            for bm in (64, 128) for bn in (64, 128, 256)
+            for warps, stages in ((4, 3), (8, 3), (8, 4))]
+
+
+def bench_sweep(args, shapes, ms, device, dtype) -> list[dict]:
+    """GPTQ: every sweep_launches config per shape and M; the fastest three and what failed."""
+    rows = []
+    gen = torch.Generator(device).manual_seed(1)
+    time_us = timer(device, args.repeats)
+    sms = w4a16.num_sms(device)
+    for name, k, n in shapes:
+        w = torch.randn(n, k, generator=gen, device=device) * 0.02
+        ws, _, _ = quantized_copies(w, "gptq", args.copies, device)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+            timed, failed = time_launches(sweep_launches(m, n, k, sms), x,
+                                          ws if m <= w4a16.MAX_M else ws[:4], time_us)
+            timed.sort(key=lambda t: t[0])
+            rows.append({"layer": name, "m": m, "best": [(w4a16._name(l), t) for t, l in timed[:3]],
+                         "tried": len(timed) + len(failed), "failed": failed})
+            progress(f"sweep {name} M={m}: best {rows[-1]['best'][:1]}, {len(failed)} skipped")
+    return rows
+
+
+def print_sweep(rows) -> None:
+    print("\nsweep (GPTQ group 128): the fastest launches per shape and M, us per layer")
+    for r in rows:
+        best = ", ".join(f"{c} {t:.1f}" for c, t in r["best"])
+        why = sorted(set(r["failed"].values()))
+        skipped = f"; {len(r['failed'])} of {r['tried']} skipped ({', '.join(why)})" if why else ""
+        print(f"{r['layer']:>8} M={r['m']:<5} {best}{skipped}")
+
+
+# ---- engine ----------------------------------------------------------------------------------
 
 def checkpoint(model: str, fmt: str, dtype: str, smoke: bool) -> str:
     path = os.path.join(tempfile.gettempdir(), f"twinserve-{model}-{fmt}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         config = tiny_config("llama", vocab_size=10240) if model.startswith("tiny") else model
         qc = None if fmt == "bf16" else KERNEL_FORMATS[fmt]
-        print(f"writing random checkpoint {model} ({fmt}) -> {path}", file=sys.stderr)
-        group = 32 if smoke else 128
+        progress(f"writing random checkpoint {model} ({fmt}) -> {path}")
         if qc is not None and smoke:
-            qc = {**qc, "group_size": group}
-        write_random_checkpoint(config, path, dtype=dtype, quantization=qc)
+            qc = {**qc, "group_size": 32}
+        write_random_checkpoint(config, path, dtype=dtype, quantization=qc, progress=False)
     return path
 
 
 def prefill_step(llm: LLM, tokens: int, repeats: int) -> dict:
-    """Median step with one `tokens`-token prompt prefilled in one step."""
+    """Median device time of a step that prefills one `tokens`-token prompt."""
     rows = []
     for i in range(repeats):
         start = len(llm.step_records)
@@ -155,136 +261,121 @@ def prefill_step(llm: LLM, tokens: int, repeats: int) -> dict:
     if not rows:
         return {"tokens": tokens, "steps": 0}
     return {"tokens": tokens, "steps": len(rows),
-            "step_ms": statistics.median(r["duration_s"] for r in rows) * 1e3,
-            "device_ms": statistics.median(r["device_s"] for r in rows) * 1e3}
+            "device_ms": statistics.median(r["device_s"] for r in rows) * 1e3,
+            "launch_ms": statistics.median(r["duration_s"] for r in rows) * 1e3}
+
+
+def choices_by_shape(report: list[dict]) -> dict[str, str]:
+    """'N x K' -> 'M1-8 choice, M16-64 choice, ...' (runs of equal choices)."""
+    names = {(n, k): name for name, k, n in LLAMA8B_LINEARS}
+    out = {}
+    for r in report:
+        key = f"{names.get((r['n'], r['k']), '')} {r['n']}x{r['k']}".strip()
+        out.setdefault(key, []).append((r["m"], r["choice"]))
+    text = {}
+    for key, plan in out.items():
+        runs = []
+        for m, choice in plan:
+            if runs and runs[-1][2] == choice:
+                runs[-1][1] = m
+            else:
+                runs.append([m, m, choice])
+        text[key] = ", ".join(f"M{a}{'' if a == b else f'-{b}'} {c}" for a, b, c in runs)
+    return text
 
 
 def bench_engine(args, fmt: str, extra: dict, ceiling: float) -> dict:
     path = checkpoint(args.model, fmt, "float32" if "device" in extra else "bfloat16", args.smoke)
+    progress(f"engine {fmt}: loading {path} (with the W4A16 choice)")
+    start = time.monotonic()
     llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, **extra)
     runner = llm.model_runner
+    result = {"format": fmt, "load_s": time.monotonic() - start,
+              "choices": choices_by_shape(getattr(runner, "quant_report", []))}
+    progress(f"engine {fmt}: loaded in {result['load_s']:.0f} s")
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = sum(layer.k_cache[0, 0].numel() * 2 * layer.k_cache.element_size()
                        for layer in runner.model.attention_layers())
     llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    result = {"format": fmt, "weight_GB": weight_bytes / 1e9, "kv_blocks": runner.num_blocks,
-              "kv_tokens": runner.num_blocks * llm.config.block_size}
-    result["decode"] = [decode_breakdown(llm, b, args.decode_context, 16)
-                        for b in map(int, args.decode_batches.split(","))]
-    for b in result["decode"]:
+    result.update(weight_GB=weight_bytes / 1e9, kv_blocks=runner.num_blocks,
+                  kv_tokens=runner.num_blocks * llm.config.block_size, decode=[])
+    for batch in map(int, args.decode_batches.split(",")):
+        b = decode_breakdown(llm, batch, args.decode_context, 16)
         if b["steps"] and ceiling == ceiling:
-            nbytes = weight_bytes + kv_per_token * b["batch"] * args.decode_context
+            nbytes = weight_bytes + kv_per_token * batch * args.decode_context
             b["pct_of_copy"] = 100 * nbytes / (b["device_ms"] / 1e3) / ceiling
+        result["decode"].append(b)
+        progress(f"engine {fmt}: decode batch {batch}: {b.get('device_ms', float('nan')):.3f} ms")
     result["prefill"] = prefill_step(llm, args.prefill_tokens, 3)
+    progress(f"engine {fmt}: prefill {args.prefill_tokens}: "
+             f"{result['prefill'].get('device_ms', float('nan')):.2f} ms device")
     if args.nano:
-        prompts, params = nano_workload(args.num_seqs, args.max_input_len, args.max_output_len)
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        result["nano_tok_per_s"] = sum(len(o.token_ids) for o in outs) / seconds
+        left = time_left(args)
+        if left < NANO_RESERVE_S:
+            result["nano_skipped"] = f"{left:.0f} s of --time-budget left < {NANO_RESERVE_S} s"
+            progress(f"engine {fmt}: nano workload skipped ({result['nano_skipped']})")
+        else:
+            prompts, params = nano_workload(args.num_seqs, args.max_input_len, args.max_output_len)
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            result["nano_tok_per_s"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+            progress(f"engine {fmt}: nano workload {result['nano_tok_per_s']:,.0f} tok/s")
     llm.close()
     return result
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--stages", default="layers,engine,check")
-    ap.add_argument("--sweep", action="store_true", help="layers: tile-size grid for GPTQ")
-    ap.add_argument("--formats", default="bf16,gptq,awq",
-                    help="engine stage: bf16, gptq, gptq-act-order, awq")
-    ap.add_argument("--decode-batches", default="1,16,64,256")
-    ap.add_argument("--decode-context", type=int, default=1024)
-    ap.add_argument("--prefill-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--nano", action="store_true", help="also nano-vLLM's bench workload")
-    ap.add_argument("--num-seqs", type=int, default=256)
-    ap.add_argument("--max-input-len", type=int, default=1024)
-    ap.add_argument("--max-output-len", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
-    args = ap.parse_args()
+def read_reference(path: str) -> dict | None:
+    """The bf16 engine result of a saved bench_quant output (its last JSON line)."""
+    with open(path) as f:
+        lines = [line for line in f if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"--reference {path}: no JSON line (a bench_quant.py output)")
+    engines = json.loads(lines[-1]).get("engine", [])
+    ref = next((e for e in engines if e["format"] == "bf16"), None)
+    if ref is None:
+        raise SystemExit(f"--reference {path}: no bf16 engine result in its JSON line")
+    return ref
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [1, 16, 64, 256, 2048], torch.bfloat16, {}
-    if args.smoke:
-        shapes, ms, args.repeats = [("qkv", 128, 96), ("down", 256, 64)], [1, 40], 2
-        args.model = "tiny-llama" if args.model == "llama-3.1-8b" else args.model
-        args.decode_batches, args.decode_context, args.prefill_tokens = "1,4", 32, 64
-        args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens = 256, 8, 512
-        args.num_seqs, args.max_input_len, args.max_output_len = 4, 120, 110
-        if not cuda:
-            dtype, extra = torch.float32, dict(device="cpu", dtype="float32", num_gpu_blocks=128)
-    if cuda and not extra:
-        extra = dict(dtype="bfloat16")
-    stages = args.stages.split(",")
-    ceiling = copy_bandwidth() if cuda else float("nan")
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    out = {"bench": "quant", "device": name, "model": args.model, "copy_GBps": ceiling / 1e9}
 
-    if "layers" in stages:
-        rows = bench_layers(shapes, ms, device, dtype, args.repeats, ceiling, args.sweep)
-        out["layers"] = rows
-        print(f"\nW4A16 kernel vs bf16 matmul on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s); "
-              "ms and weight GB/s")
-        fmts = list(KERNEL_FORMATS)
-        print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>5} {'bf16 ms':>8} "
-              + " ".join(f"{f + ' ms':>18}" for f in fmts)
-              + f" {'bf16 GB/s':>10} {'gptq GB/s':>10} {'speedup':>8}")
-        for r in rows:
-            print(f"{r['layer']:>8} {r['k']:>6} {r['n']:>6} {r['m']:>5} {r['bf16_ms']:>8.3f} "
-                  + " ".join(f"{r[f + '_ms']:>18.3f}" for f in fmts)
-                  + f" {r['bf16_GBps']:>10.0f} {r['gptq_GBps']:>10.0f}"
-                  f" {r['bf16_ms'] / r['gptq_ms']:>7.2f}x")
-        print("max relative error vs the torch reference: "
-              + ", ".join(f"{f} {max(r[f + '_err'] for r in rows):.1e}" for f in fmts))
-        for r in rows:
-            if "sweep_best" in r:
-                print(f"sweep {r['layer']} M={r['m']}: best {r['sweep_best_ms']:.3f} ms "
-                      f"(default {r['gptq_ms']:.3f}) with {r['sweep_best']}")
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a == a and b == b and b else "-"
 
-    if "engine" in stages:
-        results = [bench_engine(args, fmt, extra, ceiling) for fmt in args.formats.split(",")]
-        out["engine"] = results
-        base = {b["batch"]: b for b in results[0]["decode"]}
-        print(f"\nengine on {name}: {args.model}, decode at context ~{args.decode_context} "
-              "(median step), prefill of one prompt")
-        print(f"{'format':>15} {'weights GB':>11} {'KV tokens':>10} {'batch':>6} {'step ms':>8} "
-              f"{'device ms':>10} {'tok/s':>9} {'% copy':>7} {'vs ' + results[0]['format']:>8}")
-        for res in results:
-            for b in res["decode"]:
-                if not b["steps"]:
-                    continue
-                ref = base.get(b["batch"], {}).get("step_ms", float("nan"))
-                print(f"{res['format']:>15} {res['weight_GB']:>11.2f} {res['kv_tokens']:>10,} "
-                      f"{b['batch']:>6} {b['step_ms']:>8.3f} {b['device_ms']:>10.3f} "
-                      f"{b['tok_per_s']:>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}% "
-                      f"{ref / b['step_ms']:>7.2f}x")
-            p = res["prefill"]
-            if p["steps"]:
-                ref = results[0]["prefill"].get("step_ms", float("nan"))
-                print(f"{res['format']:>15} {'':>11} {'':>10} {'P' + str(p['tokens']):>6} "
-                      f"{p['step_ms']:>8.3f} {p['device_ms']:>10.3f} {'':>9} {'':>7} "
-                      f"{ref / p['step_ms']:>7.2f}x")
-            if "nano_tok_per_s" in res:
-                print(f"{res['format']:>15} nano-vLLM workload: {res['nano_tok_per_s']:,.0f} tok/s")
-    if "check" in stages:
-        out["check"] = [check_format(fmt, extra, args.smoke)
-                        for fmt in ("gptq", "gptq-act-order", "awq")]
-        print(f"\nbf16 check on {name}: quantized engine vs its dequantized twin, greedy")
-        print(f"{'format':>15} {'equal tokens':>13} {'equal sequences':>16}")
-        for c in out["check"]:
-            print(f"{c['format']:>15} {100 * c['equal_tokens']:>12.1f}% "
-                  f"{c['equal_seqs']:>10}/{c['seqs']}")
-    print(json.dumps(out, default=float))
 
+def print_engine(res: dict, base: dict | None, name: str, args) -> None:
+    """One format's rows (printed as soon as it is measured); ratios are bf16 / this format
+    (>1: faster), on device time."""
+    by_batch = {b["batch"]: b for b in (base or {}).get("decode", []) if b.get("steps")}
+    if res.get("choices"):
+        print(f"\n{res['format']} load-time W4A16 choice (load {res['load_s']:.0f} s):")
+        for shape, text in res["choices"].items():
+            print(f"  {shape}: {text}")
+    print(f"{'format':>15} {'weights GB':>11} {'KV tokens':>10} {'batch':>6} {'step ms':>8} "
+          f"{'device ms':>10} {'tok/s':>9} {'% copy':>7} {'vs bf16':>8}")
+    for b in res["decode"]:
+        if not b["steps"]:
+            continue
+        ref = by_batch.get(b["batch"], {}).get("device_ms", float("nan"))
+        print(f"{res['format']:>15} {res['weight_GB']:>11.2f} {res['kv_tokens']:>10,} "
+              f"{b['batch']:>6} {b['step_ms']:>8.3f} {b['device_ms']:>10.3f} "
+              f"{b['tok_per_s']:>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}% "
+              f"{ratio(ref, b['device_ms']):>8}")
+    p = res["prefill"]
+    if p["steps"]:
+        ref = (base or {}).get("prefill", {}).get("device_ms", float("nan"))
+        print(f"{res['format']:>15} {'':>11} {'':>10} {'P' + str(p['tokens']):>6} {'':>8} "
+              f"{p['device_ms']:>10.3f} {'':>9} {'':>7} {ratio(ref, p['device_ms']):>8}")
+    if "nano_tok_per_s" in res:
+        ref = (base or {}).get("nano_tok_per_s", float("nan"))
+        print(f"{res['format']:>15} nano-vLLM workload: {res['nano_tok_per_s']:,.0f} tok/s "
+              f"({ratio(res['nano_tok_per_s'], ref)} bf16)")
+    elif "nano_skipped" in res:
+        print(f"{res['format']:>15} nano-vLLM workload skipped: {res['nano_skipped']}")
+    sys.stdout.flush()
+
+
+# ---- check -----------------------------------------------------------------------------------
 
 def check_format(fmt: str, extra: dict, smoke: bool) -> dict:
     """Greedy tokens of a small quantized Llama against its dequantized twin (same dtype)."""
@@ -305,9 +396,109 @@ def check_format(fmt: str, extra: dict, smoke: bool) -> dict:
         with LLM(str(path), max_model_len=512, max_num_seqs=16, **extra) as llm:
             outs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     pairs = [(a, b) for sa, sb in zip(*outs) for a, b in zip(sa, sb)]
+    progress(f"check {fmt} done")
     return {"format": fmt, "seqs": len(prompts),
             "equal_seqs": sum(a == b for a, b in zip(*outs)),
             "equal_tokens": sum(a == b for a, b in pairs) / len(pairs)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--stages", default="layers,engine,check")
+    ap.add_argument("--sweep", action="store_true", help="layers: the tile / split grid (GPTQ)")
+    ap.add_argument("--formats", default="bf16,gptq,awq",
+                    help="engine stage: bf16, gptq, gptq-act-order, awq")
+    ap.add_argument("--reference", help="engine: a saved bench_quant output with bf16 engine "
+                    "figures to compare against (e.g. benchmarks/raw/h200_quant_engine_bf16.txt)")
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds for the whole run (0: none): the nano workload, the sweep "
+                    "and each check format are skipped when less than they need is left")
+    ap.add_argument("--copies", type=int, default=8, help="layers: distinct copies per shape")
+    ap.add_argument("--decode-batches", default="1,16,64,256")
+    ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--nano", action="store_true", help="also nano-vLLM's bench workload")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
+    args = ap.parse_args()
+    stages = args.stages.split(",")
+    unknown = set(stages) - {"layers", "engine", "check"}
+    if unknown:
+        ap.error(f"unknown stage(s) {sorted(unknown)}: layers, engine, check")
+    formats = args.formats.split(",")
+    if set(formats) - {"bf16", *KERNEL_FORMATS}:
+        ap.error(f"unknown format(s) in --formats {args.formats}: bf16, {', '.join(KERNEL_FORMATS)}")
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [1, 16, 64, 256, 2048], torch.bfloat16, {}
+    sweep_ms = [1, 16, 64, 2048]
+    if args.smoke:
+        shapes, ms, sweep_ms = [("qkv", 128, 96), ("down", 256, 64)], [1, 70], [1]
+        args.repeats, args.copies = 1, 1
+        args.model = "tiny-llama" if args.model == "llama-3.1-8b" else args.model
+        args.decode_batches, args.decode_context, args.prefill_tokens = "1,4", 32, 64
+        args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens = 256, 8, 512
+        args.num_seqs, args.max_input_len, args.max_output_len = 4, 120, 110
+        if not cuda:
+            dtype, extra = torch.float32, dict(device="cpu", dtype="float32", num_gpu_blocks=128)
+    if cuda and not extra:
+        extra = dict(dtype="bfloat16")
+    ceiling = copy_bandwidth() if cuda else float("nan")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    out = {"bench": "quant", "device": name, "model": args.model, "copy_GBps": ceiling / 1e9}
+
+    if "layers" in stages:
+        out["layers"] = bench_layers(args, shapes, ms, device, dtype, ceiling)
+        print_layers(out["layers"], name, ceiling)
+        sys.stdout.flush()
+    if "check" in stages:
+        out["check"] = []
+        for fmt in KERNEL_FORMATS:
+            if time_left(args) < CHECK_RESERVE_S:
+                out["check"].append({"format": fmt, "skipped": f"{time_left(args):.0f} s left"})
+                progress(f"check {fmt} skipped: {time_left(args):.0f} s of --time-budget left")
+            else:
+                out["check"].append(check_format(fmt, extra, args.smoke))
+        print(f"\nbf16 check on {name}: quantized engine vs its dequantized twin, greedy")
+        print(f"{'format':>15} {'equal tokens':>13} {'equal sequences':>16}")
+        for c in out["check"]:
+            if "skipped" in c:
+                print(f"{c['format']:>15} skipped ({c['skipped']} of --time-budget)")
+                continue
+            print(f"{c['format']:>15} {100 * c['equal_tokens']:>12.1f}% "
+                  f"{c['equal_seqs']:>10}/{c['seqs']}")
+        sys.stdout.flush()
+    if "layers" in stages:   # the sweep last of the kernel stages: tuning, not a result
+        if args.sweep and time_left(args) < SWEEP_RESERVE_S:
+            out["sweep_skipped"] = f"{time_left(args):.0f} s of --time-budget left"
+            print(f"\nsweep skipped: {out['sweep_skipped']} < {SWEEP_RESERVE_S} s")
+        elif args.sweep:
+            out["sweep"] = bench_sweep(args, shapes, sweep_ms, device, dtype)
+            print_sweep(out["sweep"])
+        sys.stdout.flush()
+    if "engine" in stages:
+        base = read_reference(args.reference) if args.reference else None
+        print(f"\nengine on {name}: {args.model}, decode at context ~{args.decode_context} "
+              "(median step), prefill of one prompt (device time); vs bf16"
+              + (f" from {args.reference}" if args.reference and "bf16" not in formats else ""))
+        out["engine"] = []
+        for fmt in formats:
+            res = bench_engine(args, fmt, extra, ceiling)
+            out["engine"].append(res)
+            if fmt == "bf16":
+                base = res
+            print_engine(res, base, name, args)
+    print(json.dumps(out, default=float))
 
 
 if __name__ == "__main__":

@@ -1,137 +1,649 @@
-"""W4A16: y = x W^T with W stored as 4-bit GPTQ or AWQ tensors (engine.layers.quant documents
-the layouts), dequantized in registers; x and y in the activation dtype, accumulation in fp32.
+"""W4A16: y = x W^T (+ bias) with W stored as 4-bit GPTQ or AWQ tensors (engine.layers.quant
+documents the layouts), read straight from the checkpoint layouts (no repacking); x and y in
+the activation dtype, accumulation in fp32. Four ways to run a layer, chosen per (layer
+shape, row count M) by measurement at load time (`choose_w4a16`):
 
-One kernel, read straight from the checkpoint layouts (no repacking), in two launch shapes:
-  - GEMM (prefill-sized M): [BLOCK_M x BLOCK_N] output tiles, the whole K per program;
-  - split-K (decode-sized M, or whenever the output has too few tiles to fill the GPU): K
-    split over SPLIT_K programs that add their partial sums into an fp32 output (atomics;
-    the summation order, hence the last bits, may vary run to run), so that a batch-1 step
-    still spreads the weight read over every SM.
-Each K step loads a [BLOCK_K, BLOCK_N] tile of 4-bit values (GPTQ: 8 input rows per int32;
-AWQ: 8 interleaved output columns per int32), the tile's zeros and fp16 scales (one group per
-tile when BLOCK_K divides the group size; per row through g_idx under act-order), and
-multiplies (q - zero) * scale with the x tile on the tensor cores.
+  skinny   (M <= 64, the decode regime) built for HBM bandwidth like
+           engine.kernels.skinny_gemm: each program streams [BLOCK_N, BLOCK_K] tiles of 4-bit
+           weights (BLOCK_N * BLOCK_K / 2 bytes per K step, several steps in flight), unpacks
+           them in registers and runs the "swapped" dot acc[BLOCK_N, BLOCK_M] += W @ x^T, so
+           the weight tile is the wide MMA operand and M only pads the narrow one. K is split
+           over a second grid axis, reduced inside the same launch by the split that arrives
+           last at the tile's counter (skinny_gemm's workspace: no memset, no reduce, no cast
+           kernel). M and the split's K range are runtime arguments: one compiled variant per
+           (tile, BLOCK_M 16 or 64, split or not), whatever the graph size.
+           Dequantization per weight is a shift, a mask and an OR: with one group per K step
+           (BLOCK_K divides group_size), (q | MAGIC) read as bf16 (fp16) is exactly 128 + q
+           (1024 + q), and zero and scale come out of the dot:
+               sum_k (q - z) s x = s * (dot(128 + q, x) - (128 + z) * sum_k x)
+           Act-order (g_idx) and group sizes that no BLOCK_K >= 16 divides take the per-row
+           path: each weight is dequantized with its row's group before the dot (slower).
+  gemv     (M <= 2) the same kernel with K-major tiles (the words as stored: GPTQ
+           [K/8, N], AWQ [K, N/8]) reduced along K inside each thread by fp32 multiply-adds:
+           (q << 16 | 0x43000000) read as fp32 is 128 + q, so a weight costs a shift, a
+           mask-and-OR and one FMA per row, with no padded MMA, no shared-memory round trip
+           of the dequantized tile and no cross-thread reduction; at batch 1 the 4-bit read
+           leaves the ALUs little slack, which is why both forms are measured.
+  tiled    (prefill-sized M) [BLOCK_M x BLOCK_N] output tiles over the whole K, each K step
+           dequantizing a [BLOCK_K, BLOCK_N] weight tile for the x tile.
+  dequant  the layer's W^T [K, N] dequantized into one shared scratch buffer (allocated by
+           `choose_w4a16` for the largest layer, never freed), then torch's matmul (cuBLAS).
+           At M = 2,048 the dequantization (0.5 byte read and 2 written per weight) is a few
+           per cent of the matmul, so prefill runs at the dense model's speed.
 
-Capture-safe: no host synchronization; the only allocations are the output (and, for
-split-K, its fp32 accumulator).
+Capture-safe: no host synchronization; the allocations are y and, on first use at a size,
+the shared workspace / scratch (choose_w4a16 sizes both before capture). Calls on a device
+must be stream-ordered (they share the workspace and the scratch), as the engine's are.
+
+The Triton interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies the raw bits of bf16
+tl.dot operands: there (and for fp32 activations) dots run in fp32 on upcast operands.
 """
-import functools
+import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-SPLIT_K_MAX_M = 32
+from engine.kernels.skinny_gemm import graph_time_us, num_sms, workspace
+
+MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
+GEMV_MAX_M = 2             # rows its multiply-add (GEMV) variant takes
+PROGRAMS_PER_SM = 2        # split K until about this many programs per SM ...
+MIN_K_PER_SPLIT = 512      # ... keeping at least this much K per program
+MAX_SPLIT_K = 16
+PREFILL_M = (128, 256, 512, 1024, 2048)   # row counts choose_w4a16 measures above MAX_M
+MIN_GAIN = 0.02            # a candidate must beat the default by 2% to replace it
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits, value
+
+
+class Launch(NamedTuple):
+    """How one call runs: kind "skinny" | "tiled" | "dequant"; for the kernels the tile
+    (block_n; block_k: K per step, for skinny before the group-size cap), warps, pipeline
+    stages; for skinny the K split (0: the launch rule's); for tiled the rows per tile."""
+    kind: str
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 0
+    block_m: int = 64
+
+
+# Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
+# spills: 4-warp tiles spill at BLOCK_M 64) pending GPU timings (bench_quant.py --sweep)
+SKINNY_TILES = {16: (Launch("skinny", 128, 128, 4, 4),   # 8 KB of 4-bit weights per K step
+                     Launch("skinny", 256, 64, 8, 4)),   # 8 KB, twice the output columns
+                64: (Launch("skinny", 128, 128, 8, 4),
+                     Launch("skinny", 128, 64, 8, 6))}   # 4 KB steps, deeper pipeline
+GEMV = Launch("gemv", 128, 128, 8, 4)    # 8 warps: AWQ at 4 spills near 255 registers
+TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+@triton.jit
+def _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
+                 AWQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of 4-bit values q[n, k] (int32, 0..15), each packed word
+    loaded once. GPTQ [K/8, N]: word [k/8, n] holds rows k..k+7 in order; AWQ [K, N/8]: word
+    [k, n/8] holds columns n..n+7, column c at nibble c // 2 + 4 * (c % 2)."""
+    nibble = tl.arange(0, 8)
+    if AWQ:
+        cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+        words = tl.load(qweight_ptr + offs_k[None, :] * (N // 8) + cols[:, None],
+                        mask=(cols[:, None] < N // 8) & (offs_k[None, :] < k_end), other=0)
+        shift = (nibble // 2 + 4 * (nibble % 2)) * 4
+        q = (words[:, None, :] >> shift[None, :, None]) & 0xF        # [BLOCK_N/8, 8, BLOCK_K]
+    else:
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qweight_ptr + rows[None, :] * N + offs_n[:, None],
+                        mask=(offs_n[:, None] < N) & (rows[None, :] * 8 < k_end), other=0)
+        q = (words[:, :, None] >> (nibble * 4)[None, None, :]) & 0xF   # [BLOCK_N, BLOCK_K/8, 8]
+    return tl.reshape(q, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
-                  M, N, K, stride_xm, stride_ym, group_size, zero_offset,
-                  AWQ: tl.constexpr, ACT_ORDER: tl.constexpr, SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    n8 = N // 8
-    # bit position of column n inside its packed word: natural (GPTQ zeros) or AWQ's
-    # interleave (value k of a word is column (0,2,4,6,1,3,5,7)[k], so column c sits at
-    # position c // 2 + 4 * (c % 2))
+def _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
+                    AWQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of 4-bit values q[k, n] (int32), K-major: the words in
+    their checkpoint orientation (GPTQ [K/8, N], AWQ [K, N/8]), so a thread's values run
+    along K (a GEMV reduces them in registers)."""
+    nibble = tl.arange(0, 8)
+    if AWQ:
+        cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+        words = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + cols[None, :],
+                        mask=(offs_k[:, None] < k_end) & (cols[None, :] < N // 8), other=0)
+        shift = (nibble // 2 + 4 * (nibble % 2)) * 4
+        q = (words[:, :, None] >> shift[None, None, :]) & 0xF        # [BLOCK_K, BLOCK_N/8, 8]
+    else:
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(rows[:, None] * 8 < k_end) & (offs_n[None, :] < N), other=0)
+        q = (words[:, None, :] >> (nibble * 4)[None, :, None]) & 0xF   # [BLOCK_K/8, 8, BLOCK_N]
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m, n0, k0,
+               k_end, M, N, stride_xm, group_size, zero_offset, AWQ: tl.constexpr,
+               PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the GEMV form: [BLOCK_N, BLOCK_M] fp32, each output column reduced
+    along K inside a thread (fp32 multiply-adds; (q << 16 | 0x43000000) read as fp32 is
+    128 + q, zero and scale applied after the sum)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    q = _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
+    mask_n = offs_n < N
+    if PER_ROW:
+        if ACT_ORDER:
+            g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            g = offs_k // group_size
+        mask = mask_k[:, None] & mask_n[None, :]
+        z = _zeros_of(qzeros_ptr, g[:, None], offs_n[None, :], mask, zero_offset, N, AWQ)
+        s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        w = (q - z).to(tl.float32) * s.to(tl.float32)
+    else:
+        g = k0 // group_size
+        z = (_zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ) + 128).to(tl.float32)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)
+    out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
+        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & row_ok, other=0.0).to(tl.float32)
+        pm = tl.sum(w * xm[:, None], axis=0)                               # [BLOCK_N]
+        if not PER_ROW:
+            pm = s * (pm - z * tl.sum(xm, axis=0))
+        out += tl.where(offs_m[None, :] == m, pm[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def _zeros_of(qzeros_ptr, g, offs_n, mask, zero_offset, N, AWQ: tl.constexpr):
+    """Zero points (int32) of columns offs_n in groups g (broadcast; 0 where not mask)."""
     c = offs_n % 8
     if AWQ:
-        col_shift = (c // 2 + 4 * (c % 2)) * 4
+        shift = (c // 2 + 4 * (c % 2)) * 4
     else:
-        col_shift = c * 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        shift = c * 4
+    words = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask, other=0)
+    return ((words >> shift) & 0xF) + zero_offset
+
+
+@triton.jit
+def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
+             HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] fp32 (+ bias[n]) -> y[m, n] in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _dot(w, xt, IEEE: tl.constexpr):
+    """w [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, BLOCK_M] on the tensor cores, fp32 out (IEEE:
+    fp32 operands, for fp32 activations and the interpreter)."""
+    if IEEE:
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+    return tl.dot(w.to(xt.dtype), xt)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
+                         partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                         group_size, zero_offset,
+                         AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                         MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if not DOT:
+            acc += _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m,
+                              n0, k0, k_end, M, N, stride_xm, group_size, zero_offset, AWQ,
+                              PER_ROW, ACT_ORDER, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
+                         mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
+            q = _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
+            if PER_ROW:   # each input row its own group: dequantize before the product
+                if ACT_ORDER:
+                    g = tl.load(g_idx_ptr + offs_k, mask=offs_k < k_end, other=0)
+                else:
+                    g = offs_k // group_size
+                mask = mask_n[:, None] & (offs_k < k_end)[None, :]
+                z = _zeros_of(qzeros_ptr, g[None, :], offs_n[:, None], mask, zero_offset, N, AWQ)
+                s = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+                w = (q - z).to(tl.float32) * s.to(tl.float32)
+                acc += _dot(w, xt, IEEE)
+            else:         # one group per K step: zero and scale applied after the product
+                g = k0 // group_size
+                z = _zeros_of(qzeros_ptr, g, offs_n, mask_n, zero_offset, N, AWQ)
+                s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                if MAGIC:   # (q | MAGIC) as a 16-bit float is exactly MAGIC_VALUE + q
+                    w = (q | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True)
+                    z = z + MAGIC_VALUE
+                else:
+                    w = q.to(tl.float32)
+                part = _dot(w, xt, IEEE)
+                xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
+                acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
+    if SPLIT:   # as engine.kernels.skinny_gemm: the last split to arrive reduces, in split order
+        tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
+        tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
+        tl.debug_barrier()   # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:
+            tl.debug_barrier()
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
+                               other=0.0, cache_modifier=".cg")
+            _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
+    else:
+        _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
+                     N, K, group_size, zero_offset, AWQ: tl.constexpr, PER_ROW: tl.constexpr,
+                     ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W^T tile [BLOCK_K, BLOCK_N] in fp32: one group for the tile (k0's), or PER_ROW each
+    row with its own."""
+    q = _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, K, AWQ, BLOCK_N, BLOCK_K)
+    if not PER_ROW:
+        g = k0 // group_size
+        z = _zeros_of(qzeros_ptr, g, offs_n, offs_n < N, zero_offset, N, AWQ)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+        return (q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
+    if ACT_ORDER:
+        g = tl.load(g_idx_ptr + offs_k, mask=offs_k < K, other=0)
+    else:
+        g = offs_k // group_size
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    z = _zeros_of(qzeros_ptr, g[:, None], offs_n[None, :], mask, zero_offset, N, AWQ)
+    s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    return (q - z).to(tl.float32) * s.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
+                        M, N, K, stride_xm, stride_ym, group_size, zero_offset,
+                        AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                        IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wmask = mask_k[:, None] & mask_n[None, :]
-        if AWQ:   # [K, N/8]: 8 output columns per word
-            words = tl.load(qweight_ptr + offs_k[:, None] * n8 + (offs_n // 8)[None, :],
-                            mask=wmask, other=0)
-            q = (words >> col_shift[None, :]) & 0xF
-        else:     # GPTQ [K/8, N]: 8 input rows per word
-            words = tl.load(qweight_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
-                            mask=wmask, other=0)
-            q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
-        if ACT_ORDER:   # each input row names its group
-            g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-            zw = tl.load(qzeros_ptr + g[:, None] * n8 + (offs_n // 8)[None, :], mask=wmask, other=0)
-            z = ((zw >> col_shift[None, :]) & 0xF) + zero_offset
-            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0)
-            w = (q - z).to(tl.float32) * s.to(tl.float32)
-        else:           # BLOCK_K divides the group size: one group per tile
-            g = k0 // group_size
-            zw = tl.load(qzeros_ptr + g * n8 + offs_n // 8, mask=mask_n, other=0)
-            z = ((zw >> col_shift) & 0xF) + zero_offset
-            s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-            w = (q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
-        acc += tl.dot(x, w.to(x.dtype))
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=mask)
-    else:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0,
+                             n0, N, K, group_size, zero_offset, AWQ, PER_ROW, ACT_ORDER,
+                             BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _launch_config(m: int, n: int, k: int, block_k: int, num_sms: int) -> dict:
-    """Tile sizes by M (small tiles for decode batches, large for prefill), then split-K
-    until the grid covers ~2 waves of the SMs (with at least 4 K-steps per program): a
-    decode step's [M, N] output alone is too few tiles to read the weights at full speed."""
-    if m <= SPLIT_K_MAX_M:
-        cfg = dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = max(1, min(k // (4 * block_k), triton.cdiv(2 * num_sms, tiles)))
-    return cfg
+@triton.jit
+def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, N, K,
+                       group_size, zero_offset, AWQ: tl.constexpr, PER_ROW: tl.constexpr,
+                       ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [K, N] (row-major, out's dtype) = W^T."""
+    k0, n0 = tl.program_id(0) * BLOCK_K, tl.program_id(1) * BLOCK_N
+    offs_k, offs_n = k0 + tl.arange(0, BLOCK_K), n0 + tl.arange(0, BLOCK_N)
+    w = _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0, n0,
+                         N, K, group_size, zero_offset, AWQ, PER_ROW, ACT_ORDER, BLOCK_K, BLOCK_N)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+# ---- launch rules --------------------------------------------------------------------------
+
+class W4(NamedTuple):
+    """One quantized weight: the checkpoint tensors and their format (engine.layers.quant)."""
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    awq: bool
+    group_size: int      # -1: one group over all K
+    act_order: bool
+    zero_offset: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K)."""
+        n = self.scales.shape[1]
+        k = self.qweight.shape[0] * (1 if self.awq else 8)
+        return n, k
 
 
-def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                 scales: torch.Tensor, g_idx: torch.Tensor | None, method: str,
-                 group_size: int, act_order: bool, zero_offset: int = 0,
-                 config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32) times the dequantized W [N, K]^T -> [M, N] in x's dtype.
-    method "gptq" | "awq"; group_size -1 = one group; g_idx needed under act_order.
-    config: tile sizes (default: by M, see _launch_config)."""
-    m, k = x.shape
-    n = scales.shape[1]
+def weight_of(layer) -> W4:
+    q = layer.quant
+    return W4(layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
+              q.method == "awq", q.group_size, q.desc_act, q.zero_offset)
+
+
+def block_m(m: int) -> int:
+    """x rows per skinny program: tl.dot's 16, else 64 (two variants to compile, not three;
+    at decode sizes the padded MMA costs far less than the weight read)."""
+    return 16 if m <= 16 else 64
+
+
+def group_block_k(block_k: int, group: int) -> int:
+    """The K step of a skinny launch with one group per step: the largest power of two <=
+    block_k dividing `group` (at least 16, tl.dot's minimum), or 0 where none does (the
+    per-row path runs)."""
+    while block_k >= 16 and group % block_k:
+        block_k //= 2
+    return block_k if block_k >= 16 else 0
+
+
+def default_split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
+    """Split K until about PROGRAMS_PER_SM programs per SM, at least MIN_K_PER_SPLIT (and one
+    K step) of K per program. Llama-3.1-8B on 132 SMs at BLOCK_N 128: qkv 6, o 8, gate_up 2,
+    down 9."""
+    tiles = triton.cdiv(n, block_n)
+    by_k = max(1, k // max(MIN_K_PER_SPLIT, block_k))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), by_k, MAX_SPLIT_K))
+
+
+def split_candidates(n: int, k: int, tile: Launch, sms: int) -> list[int]:
+    """The rule's split first, then half and twice it."""
+    s = default_split_k(n, k, tile.block_n, tile.block_k, sms)
+    return list(dict.fromkeys((s, max(1, s // 2), min(2 * s, MAX_SPLIT_K, max(1, k // tile.block_k)))))
+
+
+def default_launch(m: int) -> Launch:
+    return SKINNY_TILES[block_m(m)][0] if m <= MAX_M else TILED
+
+
+def max_rows(launch: Launch) -> float:
+    """The most rows a launch kind takes."""
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M}.get(launch.kind, float("inf"))
+
+
+# ---- the three ways ------------------------------------------------------------------------
+
+def _common(x: torch.Tensor, w: W4, bias: torch.Tensor | None):
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"w4a16: x {tuple(x.shape)} must be [M, {k}]")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"w4a16: bias {tuple(bias.shape)} must be [{n}]")
     x = x if x.stride(1) == 1 else x.contiguous()
-    gs = k if group_size == -1 else group_size
-    block_k = 32 if gs % 64 else 64
-    cfg = dict(config or _launch_config(m, n, k, block_k, _num_sms(x.device)))
-    if not act_order and gs % cfg["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
-    split_k = cfg.pop("SPLIT_K")
-    if split_k > 1:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-    _w4a16_kernel[grid](x, qweight, qzeros, scales, qweight if g_idx is None else g_idx, y,
-                        m, n, k, x.stride(0), y.stride(0), gs, zero_offset,
-                        AWQ=method == "awq", ACT_ORDER=act_order, SPLIT_K=split_k, **cfg)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    group = k if w.group_size == -1 else w.group_size
+    ieee = x.dtype == torch.float32 or _INTERPRETED
+    placeholder = w.qweight
+    extra = (w.qweight if w.g_idx is None else w.g_idx, placeholder if bias is None else bias)
+    return x, n, k, group, ieee, extra
+
+
+def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The decode kernel on x [M, K]: launch kind "skinny" (tensor cores, 1 <= M <= MAX_M) or
+    "gemv" (fp32 multiply-adds, 1 <= M <= GEMV_MAX_M)."""
+    x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
+    m = x.shape[0]
+    dot = launch.kind == "skinny"
+    if not 1 <= m <= max_rows(launch):
+        raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{max_rows(launch)} rows, got {m}")
+    bk = 0 if w.act_order else group_block_k(launch.block_k, group)
+    per_row = bk == 0
+    bk = bk or launch.block_k
+    split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    bm = block_m(m) if dot else triton.next_power_of_2(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
+    magic, value = _MAGIC.get(x.dtype, (0, 0))   # fp32: plain conversion
+    _w4a16_skinny_kernel[(tiles, splits)](
+        x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, partial, arrivals,
+        m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
+        AWQ=w.awq, PER_ROW=per_row, ACT_ORDER=w.act_order, MAGIC=magic, MAGIC_VALUE=value,
+        IEEE=ieee, HAS_BIAS=bias is not None, SPLIT=splits > 1, DOT=dot, BLOCK_M=bm,
+        BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+        num_warps=launch.num_warps)
+    return y
+
+
+def per_row(w: W4, group: int, block_k: int) -> bool:
+    """Whether a K step of block_k rows may span groups (act-order, or block_k not dividing
+    the group size): then every row is dequantized with its own group."""
+    return w.act_order or group % block_k != 0
+
+
+def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
+                launch: Launch = TILED) -> torch.Tensor:
+    """The tiled (prefill) kernel on x [M, K]."""
+    x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n))
+    _w4a16_tiled_kernel[grid](
+        x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
+        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, launch.block_k),
+        ACT_ORDER=w.act_order, IEEE=ieee, HAS_BIAS=bias is not None, BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
+    return y
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []   # outgrown scratch buffers: captured graphs may still use them
+
+
+def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The shared dequantization buffer of at least `numel` elements; grown, never freed."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[(device, dtype)] = buf
+    return buf
+
+
+def dequantize_into(w: W4, out: torch.Tensor, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
+    """W^T [K, N] in out's dtype, written into `out` (>= K * N elements); returns the view."""
+    n, k = w.shape
+    wt = out[: k * n].view(k, n)
+    group = k if w.group_size == -1 else w.group_size
+    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        w.qweight, w.qzeros, w.scales, w.qweight if w.g_idx is None else w.g_idx, wt, n, k,
+        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, block_k),
+        ACT_ORDER=w.act_order, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return wt
+
+
+def w4a16_dequant(x: torch.Tensor, w: W4, bias: torch.Tensor | None) -> torch.Tensor:
+    """W^T dequantized into the shared scratch buffer, then torch's matmul."""
+    n, k = w.shape
+    wt = dequantize_into(w, scratch(x.device, x.dtype, n * k))
+    return torch.addmm(bias, x, wt) if bias is not None else x @ wt
+
+
+def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
+                 launch: Launch | None = None) -> torch.Tensor:
+    """x [M, K] (fp16 / bf16 / fp32) times the dequantized W [N, K]^T (+ bias) -> [M, N] in
+    x's dtype, run as `launch` says (None: skinny with the default tile and split for
+    M <= MAX_M, else tiled)."""
+    launch = launch or default_launch(x.shape[0])
+    if launch.kind in ("skinny", "gemv"):
+        return w4a16_skinny(x, w, bias, launch)
+    if launch.kind == "tiled":
+        return w4a16_tiled(x, w, bias, launch)
+    if launch.kind == "dequant":
+        return w4a16_dequant(x, w, bias)
+    raise ValueError(f"w4a16: unknown launch kind {launch.kind!r}")
 
 
 def w4a16_linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A quantized linear layer (engine.layers.quant) on x [..., K]."""
-    q = layer.quant
+    """A quantized linear layer (engine.layers.quant) on x [..., K], following the layer's
+    `w4a16` plan ((measured rows M, Launch), ...) ascending: a call of R rows takes the entry
+    of the smallest M >= R, above the largest the largest's (without a plan: default_launch)."""
     shape = x.shape
-    y = w4a16_matmul(x.reshape(-1, shape[-1]), layer.qweight, layer.qzeros, layer.scales,
-                     getattr(layer, "g_idx", None), q.method, q.group_size, q.desc_act,
-                     q.zero_offset)
-    if bias is not None:
-        y += bias
+    x2 = x.reshape(-1, shape[-1])
+    rows = x2.shape[0]
+    plan = getattr(layer, "w4a16", ())
+    launch = None
+    for measured, entry in plan:
+        launch = entry
+        if rows <= measured:
+            break
+    if launch is None or rows > max_rows(launch):
+        launch = default_launch(rows)
+    if rows == 0:
+        y = x2.new_empty((0, layer.scales.shape[1]))
+    else:
+        y = w4a16_matmul(x2, weight_of(layer), bias, launch)
     return y.view(*shape[:-1], y.shape[-1])
+
+
+# ---- the load-time choice ------------------------------------------------------------------
+
+def quantized_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module]]:
+    """(N, K, format, group size, act-order, zero offset, has bias) -> the quantized linear
+    layers of that shape (engine.layers.quant.quantize_linears)."""
+    groups: dict[tuple, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        if getattr(module, "quant", None) is None or not hasattr(module, "qweight"):
+            continue
+        w = weight_of(module)
+        key = (*w.shape, w.awq, w.group_size, w.act_order, w.zero_offset,
+               getattr(module, "bias", None) is not None)
+        groups.setdefault(key, []).append(module)
+    return groups
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
+    """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
+    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), the tiled kernel (M >= 32),
+    dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
+    out = []
+    if m <= MAX_M:
+        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
+                for s in split_candidates(n, k, tile, sms)]
+    if m <= GEMV_MAX_M:
+        out += [GEMV._replace(split_k=s) for s in split_candidates(n, k, GEMV, sms)]
+    if m >= 32:
+        out.append(TILED)
+    return out + [Launch("dequant")]
+
+
+def pick(timed: list[tuple[float, Launch]]) -> tuple[float, Launch]:
+    """(us, launch) to use of the timed candidates: the first (the default) unless another
+    is MIN_GAIN faster, then the fastest."""
+    fastest = min(timed, key=lambda t: t[0])
+    return fastest if fastest[0] < (1 - MIN_GAIN) * timed[0][0] else timed[0]
+
+
+@torch.inference_mode()
+def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repeats: int = 7,
+                 time_us=None, max_layers: int = 4) -> list[dict]:
+    """Per quantized layer shape and row count M (default: the CUDA-graph sizes up to MAX_M,
+    policy.cuda_graphs, then PREFILL_M), time every `candidates` launch, each under a CUDA
+    graph of one pass over the shape's layers (all of them up to MAX_M rows, so the weights
+    come from HBM as in a decode step; `max_layers` above, where the matmul is compute-bound),
+    and set each layer's `w4a16` plan ((M, Launch), ...) ascending, which w4a16_linear
+    follows. A candidate replaces the default (the first) only when MIN_GAIN faster. Call
+    once after loading and before graph capture: it also compiles every variant a call can
+    select, sizes the split-K workspace, and allocates the dequantization scratch (for the
+    largest layer) when any plan uses it. Returns one row per (shape, M) with the timings.
+    time_us ((fn, M, launch) -> microseconds of one fn() call): for tests on the CPU."""
+    from policy.cuda_graphs import capture_sizes
+    groups = quantized_layers(model)
+    if not groups:
+        return []
+    m_values = sorted(set(m_values or (capture_sizes(MAX_M) + list(PREFILL_M))))
+    time_us = time_us or (lambda fn, m, launch: graph_time_us(fn, repeats))
+    first = next(iter(groups.values()))[0]
+    device = first.qweight.device
+    dtype = next(p.dtype for name, p in model.named_parameters()   # the activations'
+                 if p.is_floating_point() and not name.endswith("scales"))
+    largest = max(key[0] * key[1] for key in groups)
+    scratch(device, dtype, largest)   # allocated before timing: the candidates share it
+    sms = num_sms(device)
+    report = []
+    for key, layers in groups.items():
+        n, k = key[0], key[1]
+        gen = torch.Generator(device).manual_seed(n + k)
+        plan = []
+        for m in m_values:
+            timed_layers = layers if m <= MAX_M else layers[:max_layers]
+            params = [(weight_of(layer), layer.bias) for layer in timed_layers]
+            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+            times, failed = [], {}
+            for launch in candidates(m, n, k, sms):
+                try:
+                    us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
+                except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
+                    device_still_sound(device)
+                    failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
+                    continue
+                times.append((us / len(params), launch))
+            if not times:
+                raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
+            us, best = pick(times)
+            plan.append((m, best))
+            report.append(dict(n=n, k=k, format="awq" if key[2] else "gptq", group=key[3],
+                               act_order=key[4], layers=len(layers), m=m,
+                               times_us={_name(l): t for t, l in times}, failed=failed,
+                               choice=_name(best), us=us))
+        for layer in layers:
+            layer.w4a16 = tuple(plan)
+    if not any(launch.kind == "dequant" for layers in groups.values()
+               for _, launch in layers[0].w4a16):
+        _SCRATCH.pop((device, dtype), None)   # nobody uses it: give the memory back
+    return report
+
+
+# a variant that does not compile or fit here (RuntimeError: Triton's MLIR pass failures)
+_LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError,
+                  RuntimeError)
+
+
+def device_still_sound(device: torch.device) -> None:
+    """After one of _LAUNCH_ERRORS: raises if the device is not sound (a CUDA error is
+    sticky: synchronizing raises it), so only a variant that never ran is skipped."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _name(launch: Launch) -> str:
+    if launch.kind in ("skinny", "gemv"):
+        return f"{launch.kind}{launch.block_n}x{launch.block_k}/s{launch.split_k}"
+    if launch.kind == "tiled":
+        return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
+    return launch.kind

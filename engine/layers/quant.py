@@ -88,12 +88,23 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
 
 
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T (+ bias) for a quantized layer: the Triton W4A16 kernels on CUDA, the
-    torch reference (dequantize, then matmul) elsewhere."""
+    """y = x W^T (+ bias) for a quantized layer: on CUDA the W4A16 path the layer's `w4a16`
+    plan names for this many rows (choose_kernels), the torch reference (dequantize, then
+    matmul) elsewhere."""
     if x.is_cuda:
         from engine.kernels.w4a16 import w4a16_linear
         return w4a16_linear(layer, x, bias)
     return F.linear(x, dequantize(layer).to(x.dtype), bias)
+
+
+def choose_kernels(model: nn.Module) -> list[dict]:
+    """On CUDA, for a quantized model: measure and record each layer's fastest W4A16 path
+    per row count (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph
+    capture). Returns its report ([] for a dense model)."""
+    if getattr(model, "quantization", None) is None:
+        return []
+    from engine.kernels.w4a16 import choose_w4a16
+    return choose_w4a16(model)
 
 
 # ---- building and loading ----------------------------------------------------------------
