@@ -76,6 +76,8 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   gemm_engine) TAIL=30 run bench_gemm_engine 240 python3 benchmarks/bench_gemm.py --stages engine --engine qwen3-0.6b ;;
   check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
+  quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
+            BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
   quant_a)  # issue 13: W4A16 kernels per layer shape (+ tile sweep) and the bf16 check, then the bf16 engine
             TAIL=40 run quant_kernels 300 python3 benchmarks/bench_quant.py --stages layers,check --sweep
             TAIL=30 run quant_engine_bf16 330 python3 benchmarks/bench_quant.py --stages engine --formats bf16 --nano ;;
