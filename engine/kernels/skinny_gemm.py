@@ -19,6 +19,10 @@ the kernel is built for HBM bandwidth alone:
     resets the counter for the next call. One kernel per GEMM, no memset, no reduce kernel:
     at batch 1 a Qwen3-0.6B GEMM moves 4-13 MB (1-3 us of HBM time), so a second launch
     would cost as much as the read.
+  - the MLP's down projection can take the gate_up output [M, 2K] and apply SiLU-and-mul
+    to each x tile as it loads it (`swiglu=True`): the activation kernel's launch goes, and
+    the numbers are bit for bit those of engine.kernels.fused.silu_and_mul (one shared
+    definition, `silu_mul`). x is tiny at decode, so recomputing it per program is free.
 
 Capture-safe: no host synchronization; the allocations are y (shape from x and W only) and,
 on first use at a size, the per-device workspace, which is never freed (graphs keep its
@@ -41,6 +45,8 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.fused import silu_and_mul, silu_mul
 
 MAX_M = 64                 # rows the kernel takes (the decode regime)
 BLOCK_N = 64               # W rows per program: the wide MMA operand (one warpgroup on sm_90)
@@ -73,7 +79,11 @@ def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
                         M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                        SWIGLU: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SWIGLU: x is [M, 2K] = [gate | up] and the A operand is silu(gate) * up, computed per
+    tile as engine.kernels.fused.silu_and_mul computes it (the MLP's down projection without
+    a separate activation kernel)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -87,8 +97,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
         mask_k = offs_k < k_end
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],   # x^T tile
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        x_tile = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]   # x^T tile
+        mask_x = mask_k[:, None] & mask_m[None, :]
+        if SWIGLU:
+            xt = silu_mul(tl.load(x_tile, mask=mask_x, other=0.0),
+                          tl.load(x_tile + K, mask=mask_x, other=0.0))
+        else:
+            xt = tl.load(x_tile, mask=mask_x, other=0.0)
         if IEEE:   # fp32 inputs (no TF32), or bf16 on the interpreter
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
@@ -181,15 +196,19 @@ def workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[tor
 # ---- the call ----------------------------------------------------------------------------
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+                split_k: int | None = None, config: dict | None = None,
+                swiglu: bool = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] in x's dtype, for 1 <= M <= MAX_M.
     split_k: K splits (None: the launch rule); fewer run where K has fewer BLOCK_K steps.
-    config: launch constants to override (BLOCK_N, BLOCK_K, num_warps, num_stages: sweeps)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    config: launch constants to override (BLOCK_N, BLOCK_K, num_warps, num_stages: sweeps).
+    swiglu: x is [M, 2K] = [gate | up] (the MLP's gate_up output) and the product is
+    silu(gate) * up @ weight^T, bit for bit engine.kernels.fused.silu_and_mul(x) then the
+    kernel, in one launch."""
+    k = weight.shape[1] if weight.dim() == 2 else -1
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
-                         "must be [M, K] and [N, K]")
-    m, k = x.shape
-    n = weight.shape[0]
+                         f"must be [M, {'2K' if swiglu else 'K'}] and [N, K]")
+    m, n = x.shape[0], weight.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny_gemm takes 1..{MAX_M} rows, got {m}")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
@@ -207,15 +226,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x, weight, weight if bias is None else bias, y, partial, arrivals,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), cfg.pop("k_per_split"),
         HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32 or _INTERPRETED,
-        **cfg)
+        SWIGLU=swiglu, **cfg)
     return y
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  split_k: int | None = None) -> torch.Tensor:
-    """F.linear's contract (x [..., K]) on the skinny kernel."""
+                  split_k: int | None = None, swiglu: bool = False) -> torch.Tensor:
+    """F.linear's contract (x [..., K]) on the skinny kernel; swiglu: x [..., 2K] = [gate |
+    up], see skinny_gemm."""
     shape = x.shape
-    y = skinny_gemm(x.reshape(-1, shape[-1]), weight, bias, split_k)
+    y = skinny_gemm(x.reshape(-1, shape[-1]), weight, bias, split_k, swiglu=swiglu)
     return y.view(*shape[:-1], y.shape[-1])
 
 
@@ -241,10 +261,11 @@ def graph_time_us(fn, repeats: int) -> float:
 
 
 def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tuple, list[torch.nn.Module]]:
-    """(N, K, dtype, has bias) -> the layers of that shape the kernel may serve: modules with a
-    `skinny` plan slot (engine.layers.linear.LinearBase, engine.layers.embed_head.ParallelLMHead)
-    whose dense 2-D weight is bf16 / fp16 on `device_type` (quantized layers keep their own
-    kernels)."""
+    """(N, K, dtype, has bias, swiglu) -> the layers of that shape the kernel may serve: modules
+    with a `skinny` plan slot (engine.layers.linear.LinearBase, engine.layers.embed_head.
+    ParallelLMHead) whose dense 2-D weight is bf16 / fp16 on `device_type` (quantized layers
+    keep their own kernels). swiglu: the layer's `swiglu_input` (an MLP's down projection,
+    which takes the gate_up output and applies SiLU-and-mul itself)."""
     groups: dict[tuple, list[torch.nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -253,7 +274,8 @@ def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tup
                 or weight.device.type != device_type
                 or weight.dtype not in (torch.bfloat16, torch.float16)):
             continue
-        key = (*weight.shape, weight.dtype, getattr(module, "bias", None) is not None)
+        key = (*weight.shape, weight.dtype, getattr(module, "bias", None) is not None,
+               getattr(module, "swiglu_input", False))
         groups.setdefault(key, []).append(module)
     return groups
 
@@ -268,30 +290,37 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
     `skinny` plan: ((M, split_k or 0 where torch won), ...) ascending, which
     engine.layers.linear.dense_linear follows (a call of R rows takes the entry of the
     smallest measured M >= R; above the largest, torch). The kernel must beat torch by
-    MIN_GAIN: within noise, cuBLAS stays. Call once after loading and before graph capture
-    (it also sizes the workspace the captured calls use, and compiles every variant a call
-    can select). Returns one row per (shape, M): the timings and the choice.
+    MIN_GAIN: within noise, cuBLAS stays. A down projection (`swiglu_input`) is timed like
+    for like: the kernel with SiLU-and-mul in its prologue, from the [M, 2K] gate_up output,
+    against engine.kernels.fused.silu_and_mul + F.linear. Call once after loading and before
+    graph capture (it also sizes the workspace the captured calls use, and compiles every
+    variant a call can select). Returns one row per (shape, M): the timings and the choice.
     device_type, time_us (fn -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     m_values = sorted({m for m in (m_values or capture_sizes(MAX_M)) if 1 <= m <= MAX_M})
     time_us = time_us or (lambda fn: graph_time_us(fn, repeats))
     report = []
-    for (n, k, dtype, has_bias), layers in skinny_layers(model, device_type).items():
+    for (n, k, dtype, has_bias, swiglu), layers in skinny_layers(model, device_type).items():
         device = layers[0].weight.device
         params = [(layer.weight, getattr(layer, "bias", None)) for layer in layers]
         gen = torch.Generator(device).manual_seed(n + k)   # leaves the global RNG alone
         plan = []
         for m in m_values:
-            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            torch_us = time_us(lambda: [torch.nn.functional.linear(x, w, b)
-                                        for w, b in params]) / len(layers)
-            timed = [(time_us(lambda: [skinny_gemm(x, w, b, s) for w, b in params]) / len(layers), s)
+            x = torch.randn(m, 2 * k if swiglu else k, device=device, generator=gen).to(dtype)
+            if swiglu:
+                torch_path = lambda w, b: torch.nn.functional.linear(silu_and_mul(x), w, b)  # noqa: E731
+                kernel = lambda w, b, s: skinny_gemm(x, w, b, s, swiglu=True)  # noqa: E731
+            else:
+                torch_path = lambda w, b: torch.nn.functional.linear(x, w, b)  # noqa: E731
+                kernel = lambda w, b, s: skinny_gemm(x, w, b, s)  # noqa: E731
+            torch_us = time_us(lambda: [torch_path(w, b) for w, b in params]) / len(layers)
+            timed = [(time_us(lambda: [kernel(w, b, s) for w, b in params]) / len(layers), s)
                      for s in split_candidates(n, k, num_sms(device))]
             triton_us, split_k = min(timed)
             use = triton_us < (1 - MIN_GAIN) * torch_us
             plan.append((m, split_k if use else 0))
             report.append(dict(n=n, k=k, dtype=str(dtype).removeprefix("torch."), layers=len(layers),
-                               m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
+                               swiglu=swiglu, m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
                                skinny=use))
         for layer in layers:
             layer.skinny = tuple(plan)

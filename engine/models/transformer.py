@@ -82,9 +82,13 @@ class MLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False,
                                            tp_rank, tp_size)
+        self.down_proj.swiglu_input = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.act_fn.fused:   # SiLU-and-mul inside down_proj's skinny GEMM where it runs
+            return self.down_proj(gate_up, swiglu=True)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class DecoderLayer(nn.Module):
