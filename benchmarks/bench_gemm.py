@@ -30,7 +30,8 @@ Stage `launches`: kernels per decode step and per decoder layer (layer 0), count
 Python on eager decode steps (the launches a CUDA graph of the step captures; see
 `count_launches`) at batch 1 and 16, context ~1k (split-KV decode at batch 1), with every
 GEMM on cuBLAS and with the skinny-GEMM load-time choice (smoke: tiny Qwen3 in fp32 on the
-Triton interpreter, every projection on the kernel); on a GPU also torch.profiler's count
+Triton interpreter, every projection on the kernel, the norms and SiLU-and-mul fused in);
+on a GPU also torch.profiler's count
 of device kernels in the same step, which is the truth where one torch op launches several
 (cuBLAS split-K).
 
@@ -214,13 +215,21 @@ def print_engine(res: dict) -> None:
                   f"{b['device_ms']:>8.3f} {a['step_ms'] / b['step_ms']:>7.2f}x")
     print(f"start-up {off['startup_s']:.1f} s off, {on['startup_s']:.1f} s on; equal greedy "
           f"tokens {100 * res['equal_tokens']:.1f}%")
-    print("load-time choice (us per call, torch / kernel; * = kernel):")
+    print_choice(on["choice"])
+
+
+def print_choice(report: list[dict]) -> None:
+    print("load-time choice (us per call, torch / kernel, * = kernel; down projections with "
+          "SiLU-and-mul; after norms: norm + chosen / fused, + = fused)")
     shapes = {}
-    for r in on["choice"]:
-        shapes.setdefault((r["n"], r["k"], r["layers"]), []).append(
-            f"M{r['m']} {r['torch_us']:.1f}/{r['triton_us']:.1f}{'*' if r['skinny'] else ''}")
-    for (n, k, layers), cells in shapes.items():
-        print(f"  N={n} K={k} x{layers}: " + ", ".join(cells))
+    for r in report:
+        cell = f"M{r['m']} {r['torch_us']:.1f}/{r['triton_us']:.1f}{'*' if r['skinny'] else ''}"
+        if "norm_fused" in r:
+            cell += f" [{r['norm_pair_us']:.1f}/{r['norm_fused_us']:.1f}{'+' if r['norm_fused'] else ''}]"
+        name = "down" if r.get("swiglu") else "after norm" if "norm_fused" in r else ""
+        shapes.setdefault((r["n"], r["k"], r["layers"], name), []).append(cell)
+    for (n, k, layers, name), cells in shapes.items():
+        print(f"  N={n} K={k} x{layers} {name}: " + ", ".join(cells))
 
 
 # ---- launches per decode step -------------------------------------------------------------
@@ -313,7 +322,8 @@ def decode_step_launches(llm, batch: int, context: int) -> dict:
 
 def bench_launches(model: str | None, batches: list[int], context: int, smoke: bool) -> dict:
     """Kernels per decode step (see the module docstring): every GEMM on cuBLAS, then with
-    the skinny-GEMM plan (GPU: the load-time choice; smoke: every projection on the kernel)."""
+    the skinny-GEMM plans (GPU: the load-time choice; smoke: every projection on the kernel,
+    SiLU-and-mul and both norms inside)."""
     import tempfile
 
     from engine import LLM
@@ -337,10 +347,11 @@ def bench_launches(model: str | None, batches: list[int], context: int, smoke: b
     for plan in ("cublas", "skinny"):
         if plan == "cublas":
             for m in routed:
-                m.skinny = ()
+                m.skinny = m.skinny_norm = ()
         elif smoke:
             for m in routed:
                 m.skinny = ((MAX_M, 2),)
+                m.skinny_norm = ((MAX_M, 2),) if getattr(m, "norm_input", False) else ()
         else:
             out["choice"] = choose_skinny_gemm(llm.model_runner.model)
         for b in batches:
@@ -350,6 +361,8 @@ def bench_launches(model: str | None, batches: list[int], context: int, smoke: b
 
 
 def print_launches(res: dict) -> None:
+    if res.get("choice"):
+        print_choice(res["choice"])
     print(f"\nlaunches per decode step, {res['model']} (counted from Python on eager steps)")
     print(f"{'plan':>7} {'batch':>5} {'context':>7} {'step':>5} {'layer 0':>7} {'profiler':>8}  layer 0 kernels"
           " (* = the counted step was not decode-only)")

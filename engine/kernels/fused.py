@@ -1,7 +1,8 @@
 """Fused elementwise kernels of a decoder layer, so a step launches a few fat kernels per
 layer instead of a dozen thin ones (and no torch.compile wrapper or guard runs per call):
 
-  add_rmsnorm          residual add + RMSNorm                        (2 per layer)
+  add_rmsnorm          residual add + RMSNorm                        (2 per layer, or 0 where
+                       the qkv / gate_up skinny GEMMs apply it in their prologue)
   silu_and_mul         SwiGLU: silu(gate) * up                       (1 per layer, or 0 where
                        the down projection's skinny GEMM applies it in its prologue)
   qk_norm_rope_store   split the fused QKV output, q/k RMSNorm (Qwen3), RoPE on q and k,

@@ -57,6 +57,8 @@ from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules,
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_BLOCK_N,
     PREFILL_NUM_STAGES, PREFILL_NUM_WARPS, choose_num_splits, prefill_tile_tokens)
 
+MERGE_CHUNK = 16   # shares the merging program reads at once (per head: 16 x head_dim fp32)
+
 
 @triton.jit
 def _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
@@ -91,29 +93,35 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
-def _merge_shares(partial_ptr, lse_ptr, first, count, heads, g_mask, d, d_mask,
-                  stride_pp, stride_ph, stride_lp, GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """sum_s w_s * partial_s / sum_s w_s over partial slots [first, first + count), with
-    w_s = 2^(lse_s - max lse), for the query heads `heads` [GROUP_PAD]. Slots are read in
+def _merge_shares(partial_ptr, lse_ptr, first, count, head, d, d_mask, stride_pp, stride_ph,
+                  stride_lp, CHUNK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Query head `head`'s output from its shares' partials in slots [first, first + count):
+    sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max lse). CHUNK shares are read
+    at once (one L2 round trip per pass for up to CHUNK shares), and the sums run in a fixed
     order, so the result does not depend on which share arrived last. The loads bypass L1
-    (.cg): other programs wrote these slots, and L1 is not coherent with them."""
-    lse_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for s in range(0, count):
-        lse = tl.load(lse_ptr + (first + s) * stride_lp + heads, mask=g_mask, other=float("-inf"),
-                      cache_modifier=".cg")
+    (.cg): other programs wrote these slots."""
+    c = tl.arange(0, CHUNK)
+    lse_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, count, CHUNK):
+        lse = tl.load(lse_ptr + (first + s0 + c) * stride_lp + head, mask=s0 + c < count,
+                      other=float("-inf"), cache_modifier=".cg")
         lse_max = tl.maximum(lse_max, lse)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # every share empty: output 0
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    w_sum = tl.zeros([GROUP_PAD], tl.float32)
-    for s in range(0, count):
-        lse = tl.load(lse_ptr + (first + s) * stride_lp + heads, mask=g_mask, other=float("-inf"),
+    top = tl.max(lse_max, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)   # every share empty: output 0
+    acc = tl.zeros([CHUNK, HEAD_DIM_PAD], tl.float32)
+    w_sum = tl.zeros([CHUNK], tl.float32)
+    for s0 in range(0, count, CHUNK):
+        slot = first + s0 + c
+        mask = s0 + c < count
+        lse = tl.load(lse_ptr + slot * stride_lp + head, mask=mask, other=float("-inf"),
                       cache_modifier=".cg")
-        w = tl.exp2(lse - lse_max)
-        part = tl.load(partial_ptr + (first + s) * stride_pp + heads[:, None] * stride_ph + d[None, :],
-                       mask=g_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+        w = tl.exp2(lse - top)
+        part = tl.load(partial_ptr + slot[:, None] * stride_pp + head * stride_ph + d[None, :],
+                       mask=mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * part
         w_sum += w
-    return acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+    total = tl.sum(w_sum, 0)
+    return tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
 
 
 # Triton compiles a new variant for every new "specialization" of the runtime arguments:
@@ -133,7 +141,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     """One share of one sequence's KV for one KV head: positions [start, end).
 
@@ -146,9 +154,9 @@ def _decode_kernel(
 
     A sequence with one share writes its normalized output in q's dtype. A share of a longer
     one writes its normalized partial output (fp32) and log2-sum-exp at its slot, then bumps
-    the arrival counter of (b, kv_head); the share that arrives last merges all the shares in
-    slot order (`_merge_shares`), writes the output and resets the counter to 0 for the next
-    call. So one launch does split-KV decode, with no memset and no merge kernel.
+    the arrival counter of (b, kv_head); the share that arrives last merges all the shares
+    (`_merge_shares`, head by head of the group, in slot order), writes the output and
+    resets the counter to 0 for the next call. So one launch does split-KV decode, with no memset and no merge kernel.
 
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
     whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped."""
@@ -209,9 +217,9 @@ def _decode_kernel(
     # An empty range (padding row with context 0, or a split past a short context) has l == 0.
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
-    out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
     if splits == 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(partial_ptr + slot * stride_pp + heads[:, None] * stride_ph + d[None, :], out,
                  mask=out_mask)
@@ -229,9 +237,12 @@ def _decode_kernel(
                 first = tl.load(index_ptr + 2 * b)
             else:
                 first = b * num_splits
-            out = _merge_shares(partial_ptr, lse_ptr, first, splits, heads, g_mask, d, d_mask,
-                                stride_pp, stride_ph, stride_lp, GROUP_PAD, HEAD_DIM_PAD)
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            for g in tl.static_range(GROUP):
+                head = kv_head * GROUP + g
+                merged = _merge_shares(partial_ptr, lse_ptr, first, splits, head, d, d_mask,
+                                       stride_pp, stride_ph, stride_lp, MERGE_CHUNK, HEAD_DIM_PAD)
+                tl.store(out_ptr + row * stride_ot + head * stride_oh + d,
+                         merged.to(out_ptr.dtype.element_ty), mask=d_mask)
             tl.atomic_xchg(counter, 0)   # ready for the next call
 
 
@@ -441,7 +452,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        MERGE_CHUNK=MERGE_CHUNK, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     return out
 

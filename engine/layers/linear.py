@@ -16,7 +16,8 @@ A dense layer's matmul is F.linear, or the Triton skinny GEMM for decode-sized i
 engine.kernels.skinny_gemm.choose_skinny_gemm measured it faster for the layer's shape at
 that many rows (its `skinny` plan; empty unless the measurement ran: on the CPU, always
 F.linear). An MLP's down projection may take the gate_up output and fold SiLU-and-mul into
-that kernel (`swiglu`).
+that kernel (`swiglu`); a decoder layer's qkv and gate_up projections may fold the RMSNorm
+(and residual add) before them into it (`forward_rmsnorm`, its own measured plan).
 """
 import torch
 import torch.distributed as dist
@@ -85,6 +86,8 @@ class LinearBase(nn.Module):
     weight_device = None   # "meta" while a quantized model is built: `weight` is never allocated
     skinny = ()     # the skinny-GEMM plan choose_skinny_gemm sets (see dense_linear)
     swiglu_input = False   # an MLP's down projection: fed [gate | up] on the fused path
+    norm_input = False     # a decoder layer's qkv / gate_up projection: input = an RMSNorm's output
+    skinny_norm = ()       # choose_skinny_gemm's plan for that norm in the kernel (forward_rmsnorm)
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1):
@@ -108,6 +111,24 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+    def forward_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                        norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual), the residual stream as `norm`
+        (engine.layers.layernorm.RMSNorm) returns it; residual None: (self(norm(x)), x).
+        Where the `skinny_norm` plan takes this many rows (a dense layer, the norm on its
+        fused path) one kernel does both: engine.kernels.skinny_gemm.skinny_gemm_rmsnorm."""
+        rows = x.numel() // x.shape[-1]
+        split_k = 0
+        if self.skinny_norm and self.quant is None and norm.fused and x.dim() == 2:
+            split_k = skinny_split(self.skinny_norm, rows)
+        if split_k:
+            from engine.kernels.skinny_gemm import skinny_gemm_rmsnorm
+            return skinny_gemm_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias, split_k)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
 
 
 class ColumnParallelLinear(LinearBase):
