@@ -237,8 +237,8 @@ def _decode_kernel(
                 first = tl.load(index_ptr + 2 * b)
             else:
                 first = b * num_splits
-            for g in tl.static_range(GROUP):
-                head = kv_head * GROUP + g
+            for j in tl.static_range(GROUP):
+                head = kv_head * GROUP + j
                 merged = _merge_shares(partial_ptr, lse_ptr, first, splits, head, d, d_mask,
                                        stride_pp, stride_ph, stride_lp, MERGE_CHUNK, HEAD_DIM_PAD)
                 tl.store(out_ptr + row * stride_ot + head * stride_oh + d,
