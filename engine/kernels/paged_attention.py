@@ -96,32 +96,32 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
 def _merge_shares(partial_ptr, lse_ptr, first, count, head, d, d_mask, stride_pp, stride_ph,
                   stride_lp, CHUNK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Query head `head`'s output from its shares' partials in slots [first, first + count):
-    sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max lse). CHUNK shares are read
-    at once (one L2 round trip per pass for up to CHUNK shares), and the sums run in a fixed
-    order, so the result does not depend on which share arrived last. The loads bypass L1
-    (.cg): other programs wrote these slots."""
+    sum_s w_s * partial_s / sum_s w_s with w_s = 2^lse_s. One pass, CHUNK shares per L2
+    round trip (the loads bypass L1, .cg: other programs wrote these slots): lane i of the
+    chunk folds shares i, i + CHUNK, ... into its own running max, weight sum and weighted
+    sum (an online softmax per lane), and the lanes are combined at the end. The order is
+    fixed, so the result does not depend on which share arrived last."""
     c = tl.arange(0, CHUNK)
-    lse_max = tl.full([CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, count, CHUNK):
-        lse = tl.load(lse_ptr + (first + s0 + c) * stride_lp + head, mask=s0 + c < count,
-                      other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.maximum(lse_max, lse)
-    top = tl.max(lse_max, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)   # every share empty: output 0
-    acc = tl.zeros([CHUNK, HEAD_DIM_PAD], tl.float32)
-    w_sum = tl.zeros([CHUNK], tl.float32)
+    m = tl.full([CHUNK], float("-inf"), tl.float32)        # per lane: running max lse
+    w_sum = tl.zeros([CHUNK], tl.float32)                   # sum of 2^(lse - m)
+    acc = tl.zeros([CHUNK, HEAD_DIM_PAD], tl.float32)       # sum of 2^(lse - m) * partial
     for s0 in range(0, count, CHUNK):
         slot = first + s0 + c
         mask = s0 + c < count
         lse = tl.load(lse_ptr + slot * stride_lp + head, mask=mask, other=float("-inf"),
                       cache_modifier=".cg")
-        w = tl.exp2(lse - top)
         part = tl.load(partial_ptr + slot[:, None] * stride_pp + head * stride_ph + d[None, :],
                        mask=mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * part
-        w_sum += w
-    total = tl.sum(w_sum, 0)
-    return tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # empty so far: weights 0
+        scale, w = tl.exp2(m - m_safe), tl.exp2(lse - m_safe)
+        acc = acc * scale[:, None] + w[:, None] * part
+        w_sum = w_sum * scale + w
+        m = m_new
+    top = tl.max(m, 0)
+    lane = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))   # every share empty: 0
+    total = tl.sum(w_sum * lane, 0)
+    return tl.sum(acc * lane[:, None], 0) / tl.where(total == 0.0, 1.0, total)
 
 
 # Triton compiles a new variant for every new "specialization" of the runtime arguments:
