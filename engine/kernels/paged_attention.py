@@ -155,7 +155,7 @@ def _decode_kernel(
     A sequence with one share writes its normalized output in q's dtype. A share of a longer
     one writes its normalized partial output (fp32) and log2-sum-exp at its slot, then bumps
     the arrival counter of (b, kv_head); the share that arrives last merges all the shares
-    (`_merge_shares`, head by head of the group, in slot order), writes the output and
+    (`_merge_shares`, head by head of the group, in a fixed order), writes the output and
     resets the counter to 0 for the next call. So one launch does split-KV decode, with no memset and no merge kernel.
 
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
