@@ -7,6 +7,8 @@ bf16, against the measured copy ceiling.
     python benchmarks/bench_gemm.py --sweep    # + a tile / stage grid per TP=1 shape at M = 1, 16, 64 (minutes)
     python benchmarks/bench_gemm.py --smoke    # tiny shapes on the CPU (Triton interpreter): it runs
     python benchmarks/bench_gemm.py --engine qwen3-0.6b --stages engine   # engine A/B only (~2 min)
+    python benchmarks/bench_gemm.py --engine qwen3-0.6b --stages launches # kernels per decode step
+    python benchmarks/bench_gemm.py --smoke --stages launches             # the same on the CPU (tiny Qwen3)
 
 Method: per (shape, M, path), a CUDA graph of >= 100 back-to-back calls rotating over copies
 of the weight that together exceed twice the L2 (so every call reads its weight from HBM, as
@@ -24,6 +26,15 @@ its load-time choice (which shapes and M took the kernel); the extra start-up ti
 share of equal greedy tokens between the two (16 prompts x 32 tokens; both accumulate in
 fp32 in a different order, so only near-tied logits may flip).
 
+Stage `launches`: kernels per decode step and per decoder layer (layer 0), counted from
+Python on eager decode steps (the launches a CUDA graph of the step captures; see
+`count_launches`) at batch 1 and 16, context ~1k (split-KV decode at batch 1), with every
+GEMM on cuBLAS and with the skinny-GEMM load-time choice (smoke: tiny Qwen3 in fp32 on the
+Triton interpreter, every projection on the kernel, the norms and SiLU-and-mul fused in);
+on a GPU also torch.profiler's count
+of device kernels in the same step, which is the truth where one torch op launches several
+(cuBLAS split-K).
+
 Tables: per shape and M (cuBLAS us, GB/s, % copy; Triton rule us; Triton best us, split,
 GB/s, % copy; speedup of the better path over cuBLAS; max relative difference from
 cuBLAS' output over every split timed), then per model / TP and M the GEMM time of one decode step (every layer's four
@@ -31,6 +42,8 @@ GEMMs + the LM head): cuBLAS, the engine's choice (the faster path per shape), a
 (weight bytes / copy bandwidth). Ends with one line of JSON.
 """
 import argparse
+import collections
+import contextlib
 import json
 import math
 import os
@@ -202,13 +215,162 @@ def print_engine(res: dict) -> None:
                   f"{b['device_ms']:>8.3f} {a['step_ms'] / b['step_ms']:>7.2f}x")
     print(f"start-up {off['startup_s']:.1f} s off, {on['startup_s']:.1f} s on; equal greedy "
           f"tokens {100 * res['equal_tokens']:.1f}%")
-    print("load-time choice (us per call, torch / kernel; * = kernel):")
+    print_choice(on["choice"])
+
+
+def print_choice(report: list[dict]) -> None:
+    print("load-time choice (us per call, torch / kernel, * = kernel; down projections with "
+          "SiLU-and-mul; after norms: norm + chosen / fused, + = fused)")
     shapes = {}
-    for r in on["choice"]:
-        shapes.setdefault((r["n"], r["k"], r["layers"]), []).append(
-            f"M{r['m']} {r['torch_us']:.1f}/{r['triton_us']:.1f}{'*' if r['skinny'] else ''}")
-    for (n, k, layers), cells in shapes.items():
-        print(f"  N={n} K={k} x{layers}: " + ", ".join(cells))
+    for r in report:
+        cell = f"M{r['m']} {r['torch_us']:.1f}/{r['triton_us']:.1f}{'*' if r['skinny'] else ''}"
+        if "norm_fused" in r:
+            cell += f" [{r['norm_pair_us']:.1f}/{r['norm_fused_us']:.1f}{'+' if r['norm_fused'] else ''}]"
+        name = "down" if r.get("swiglu") else "after norm" if "norm_fused" in r else ""
+        shapes.setdefault((r["n"], r["k"], r["layers"], name), []).append(cell)
+    for (n, k, layers, name), cells in shapes.items():
+        print(f"  N={n} K={k} x{layers} {name}: " + ", ".join(cells))
+
+
+# ---- launches per decode step -------------------------------------------------------------
+
+# torch operators that launch no device kernel (views are recognised by their schema)
+NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::detach", "aten::alias",
+             "aten::_unsafe_view", "aten::lift_fresh", "aten::_local_scalar_dense", "aten::set_",
+             "aten::resize_"}
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts the kernel launches issued from Python inside the block (none inside a CUDA
+    graph replay): 'triton <kernel>' per Triton `kernel[grid](...)` call, and one per torch
+    operator that computes ('aten::mm', ...; views, allocations and host reads excluded).
+    Nested blocks all count. On a GPU one torch operator can launch several kernels (cuBLAS
+    split-K), so torch.profiler's count is the device truth; this one also runs on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import KernelInterface
+    counts = collections.Counter()
+    in_triton = [False]   # the interpreter's own tensor copies are not launches
+    getitem = KernelInterface.__getitem__
+
+    def launch(kernel, grid):
+        run = getitem(kernel, grid)
+
+        def counted(*args, **kwargs):
+            counts[f"triton {kernel.__name__}"] += 1
+            outer, in_triton[0] = in_triton[0], True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                in_triton[0] = outer
+        return counted
+
+    class TorchOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if not in_triton[0] and not func.is_view and name not in NO_KERNEL:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    KernelInterface.__getitem__ = launch
+    try:
+        with TorchOps():
+            yield counts
+    finally:
+        KernelInterface.__getitem__ = getitem
+
+
+def decode_step_launches(llm, batch: int, context: int) -> dict:
+    """Launches of one decode-only step of `batch` sequences at ~`context` tokens: per step
+    and in decoder layer 0; on CUDA also the profiler's device kernel count."""
+    from engine import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = len(llm.step_records)
+    for i in range(batch):
+        llm.add_request([(7 * i + j) % 500 + 3 for j in range(context)], params)
+    while len(llm.step_records) == first or llm.step_records[-1]["num_prefill_tokens"]:
+        llm.step()                       # the prefill, up to the first decode-only step
+    layer = llm.model_runner.model.model.layers[0]
+    per_layer = collections.Counter()
+
+    def counted(*args, **kwargs):
+        with count_launches() as c:
+            out = real(*args, **kwargs)
+        per_layer.update(c)
+        return out
+    real, layer.forward = layer.forward, counted
+    try:
+        with count_launches() as per_step:
+            llm.step()
+    finally:
+        del layer.forward
+    row = dict(batch=batch, context=context, step=sum(per_step.values()), layer=sum(per_layer.values()),
+               layer_kernels=dict(per_layer), step_kernels=dict(per_step),
+               decode_only=llm.step_records[-1]["num_prefill_tokens"] == 0
+               and llm.step_records[-1]["num_seqs"] == batch)
+    if torch.cuda.is_available():
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.step()
+            torch.cuda.synchronize()
+        row["profiler_device_events"] = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    while llm.has_unfinished():
+        llm.step()
+    return row
+
+
+def bench_launches(model: str | None, batches: list[int], context: int, smoke: bool) -> dict:
+    """Kernels per decode step (see the module docstring): every GEMM on cuBLAS, then with
+    the skinny-GEMM plans (GPU: the load-time choice; smoke: every projection on the kernel,
+    SiLU-and-mul and both norms inside)."""
+    import tempfile
+
+    from engine import LLM
+    from engine.kernels.skinny_gemm import MAX_M, choose_skinny_gemm
+    if smoke:
+        from engine.checkpoint import tiny_config, write_random_checkpoint
+        path = str(write_random_checkpoint(tiny_config("qwen3"), os.path.join(
+            tempfile.mkdtemp(), "tiny-qwen3"), dtype="float32", std=0.3, progress=False))
+        llm = LLM(path, device="cpu", dtype="float32", attention_backend="triton",
+                  num_gpu_blocks=4 * max(batches) * (context // 16 + 2), max_model_len=context + 16,
+                  max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * (context + 16))
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_engine import checkpoint
+        # eager steps: the Python count sees the launches a graph would capture
+        llm = LLM(checkpoint(model, "bfloat16"), dtype="bfloat16", enforce_eager=True,
+                  max_model_len=context + 64, max_num_seqs=max(batches),
+                  max_num_batched_tokens=4096, gpu_memory_utilization=0.4)
+    routed = [m for m in llm.model_runner.model.modules() if hasattr(m, "skinny")]
+    out = {"model": model or "tiny-qwen3", "rows": []}
+    for plan in ("cublas", "skinny"):
+        if plan == "cublas":
+            for m in routed:
+                m.skinny = m.skinny_norm = ()
+        elif smoke:
+            for m in routed:
+                m.skinny = ((MAX_M, 2),)
+                m.skinny_norm = ((MAX_M, 2),) if getattr(m, "norm_input", False) else ()
+        else:
+            out["choice"] = choose_skinny_gemm(llm.model_runner.model)
+        for b in batches:
+            out["rows"].append(dict(plan=plan, **decode_step_launches(llm, b, context)))
+    llm.close()
+    return out
+
+
+def print_launches(res: dict) -> None:
+    if res.get("choice"):
+        print_choice(res["choice"])
+    print(f"\nlaunches per decode step, {res['model']} (counted from Python on eager steps)")
+    print(f"{'plan':>7} {'batch':>5} {'context':>7} {'step':>5} {'layer 0':>7} {'profiler':>8}  layer 0 kernels"
+          " (* = the counted step was not decode-only)")
+    for r in res["rows"]:
+        kernels = ", ".join(f"{k.removeprefix('triton ')} x{n}" if n > 1 else k.removeprefix("triton ")
+                            for k, n in r["layer_kernels"].items())
+        print(f"{r['plan']:>7} {r['batch']:>5} {r['context']:>7} {r['step']:>5} {r['layer']:>7} "
+              f"{r.get('profiler_device_events', '-'):>8}  {kernels}{'' if r['decode_only'] else ' *'}")
 
 
 def step_summary(rows: list[dict], shapes, ceiling: float) -> list[dict]:
@@ -231,7 +393,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--tp", default="1,2", help="tensor-parallel shards to time")
     ap.add_argument("--sweep", action="store_true", help="also time a tile / stage grid (TP=1, M=1,16,64)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
-    ap.add_argument("--stages", default="gemm", help="gemm,engine (engine needs --engine)")
+    ap.add_argument("--stages", default="gemm",
+                    help="gemm,engine,launches (engine needs --engine; launches needs --engine or --smoke)")
     ap.add_argument("--engine", metavar="MODEL", help="engine A/B on this model (dir or conf/model name)")
     args = ap.parse_args(argv)
 
@@ -253,7 +416,7 @@ def main(argv: list[str] | None = None):
            "copy_GBps": ceiling / 1e9, "l2_MB": l2 / 1e6, "rows": [], "steps": []}
     t0 = time.perf_counter()
     stages = args.stages.split(",")
-    if args.engine and "engine" not in stages:
+    if args.engine and not {"engine", "launches"} & set(stages):
         stages.append("engine")
     for model, tp, shapes in (plan if "gemm" in stages else []):
         rows = []
@@ -272,6 +435,14 @@ def main(argv: list[str] | None = None):
             raise SystemExit("the engine stage needs a GPU and --engine MODEL")
         out["engine"] = bench_engine_ab(args.engine, [1, 16, 64], 1024, 30)
         print_engine(out["engine"])
+    if "launches" in stages:
+        if not (args.smoke or (cuda and args.engine)):
+            raise SystemExit("the launches stage needs --smoke, or a GPU and --engine MODEL")
+        if args.smoke:
+            out["launches"] = bench_launches(None, [1, 3], 200, smoke=True)
+        else:
+            out["launches"] = bench_launches(args.engine, [1, 16], 1024, smoke=False)
+        print_launches(out["launches"])
     print(json.dumps(out, default=float))
 
 

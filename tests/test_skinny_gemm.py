@@ -129,9 +129,9 @@ def test_choice_takes_the_faster_path_per_shape(monkeypatch):
         calls.append(100 if weight.shape == slow else 10)
         return real_linear(x, weight, bias)
 
-    def gemm(x, weight, bias=None, split_k=None, config=None):
+    def gemm(x, weight, bias=None, split_k=None, config=None, swiglu=False):
         calls.append(50 - 0.1 * split_k)
-        return real_gemm(x, weight, bias, split_k, config)   # runs: every split is exercised
+        return real_gemm(x, weight, bias, split_k, config, swiglu)   # runs: every split is exercised
 
     def time_us(fn) -> float:
         calls.clear()

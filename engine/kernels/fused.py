@@ -1,8 +1,10 @@
 """Fused elementwise kernels of a decoder layer, so a step launches a few fat kernels per
 layer instead of a dozen thin ones (and no torch.compile wrapper or guard runs per call):
 
-  add_rmsnorm          residual add + RMSNorm                        (2 per layer)
-  silu_and_mul         SwiGLU: silu(gate) * up                       (1 per layer)
+  add_rmsnorm          residual add + RMSNorm                        (2 per layer, or 0 where
+                       the qkv / gate_up skinny GEMMs apply it in their prologue)
+  silu_and_mul         SwiGLU: silu(gate) * up                       (1 per layer, or 0 where
+                       the down projection's skinny GEMM applies it in its prologue)
   qk_norm_rope_store   split the fused QKV output, q/k RMSNorm (Qwen3), RoPE on q and k,
                        and K/V into the paged cache                  (1 per layer)
 
@@ -53,15 +55,23 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up in the inputs' dtype, rounded where torch's F.silu(gate) * up rounds.
+    The one definition: engine.kernels.skinny_gemm applies it in its prologue, so the fused
+    down projection sees exactly the activations silu_and_mul writes."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)   # F.silu rounds here
+    return (act * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)   # F.silu rounds here
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(gate, up), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,18 @@ the kernel is built for HBM bandwidth alone:
     resets the counter for the next call. One kernel per GEMM, no memset, no reduce kernel:
     at batch 1 a Qwen3-0.6B GEMM moves 4-13 MB (1-3 us of HBM time), so a second launch
     would cost as much as the read.
+  - the MLP's down projection can take the gate_up output [M, 2K] and apply SiLU-and-mul
+    to each x tile as it loads it (`swiglu=True`): the activation kernel's launch goes, and
+    the numbers are bit for bit those of engine.kernels.fused.silu_and_mul (one shared
+    definition, `silu_mul`). x is tiny at decode, so recomputing it per program is free;
+  - likewise a decoder layer's qkv and gate_up projections can take the un-normed input and
+    the residual stream (`skinny_gemm_rmsnorm`): every program first sums the squares of
+    its rows over all of K (M x K from L2, little at decode) for RMSNorm's scale, program
+    (0, 0) writes the new residual stream, and each x tile is added, normed and weighted as
+    engine.kernels.fused.add_rmsnorm does, so the norm kernel's launch goes too.
 
-Capture-safe: no host synchronization; the allocations are y (shape from x and W only) and,
+Capture-safe: no host synchronization; the allocations are the outputs (y, and
+skinny_gemm_rmsnorm's residual stream: shapes from x and W only) and,
 on first use at a size, the per-device workspace, which is never freed (graphs keep its
 address) and which `choose_skinny_gemm` sizes before capture. Calls on a device must be
 stream-ordered (they share the workspace), as the engine's single stream is.
@@ -41,6 +51,8 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.fused import add_rmsnorm, silu_and_mul, silu_mul
 
 MAX_M = 64                 # rows the kernel takes (the decode regime)
 BLOCK_N = 64               # W rows per program: the wide MMA operand (one warpgroup on sm_90)
@@ -67,13 +79,59 @@ def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
              acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
+@triton.jit
+def _input_tile(x_ptr, res_ptr, offs_m, offs_k, mask_x, stride_xm, stride_rm, K,
+                SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The layer input's x^T tile [BLOCK_K, BLOCK_M] (rows offs_m, columns offs_k) in x's
+    dtype: x; or silu(gate) * up of x = [gate | up] (SWIGLU); or x + residual rounded to
+    the dtype, the residual stream, as engine.kernels.fused.add_rmsnorm rounds it."""
+    x_tile = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+    xt = tl.load(x_tile, mask=mask_x, other=0.0)
+    if SWIGLU:
+        xt = silu_mul(xt, tl.load(x_tile + K, mask=mask_x, other=0.0))
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_k[:, None], mask=mask_x, other=0.0)
+        xt = (xt.to(tl.float32) + res.to(tl.float32)).to(xt.dtype)
+    return xt
+
+
+@triton.jit
+def _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm, stride_om, K,
+              eps, write_residual, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """RMSNorm's 1 / sqrt(mean(h^2) + eps) of every row h of the layer input (x, or x +
+    residual), over all K: every program recomputes it, which costs M x K reads of L2 at
+    decode sizes. The program with `write_residual` also stores h, the new residual stream."""
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_x = (offs_k < K)[:, None] & mask_m[None, :]
+        h = _input_tile(x_ptr, res_ptr, offs_m, offs_k, mask_x, stride_xm, stride_rm, K,
+                        False, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if write_residual:
+                tl.store(res_out_ptr + offs_m[None, :] * stride_om + offs_k[:, None], h, mask=mask_x)
+        hf = h.to(tl.float32)
+        sq += tl.sum(hf * hf, 0)
+    return 1.0 / tl.sqrt(sq / K + eps)
+
+
 # M is not specialized (Triton would compile M == 1 and M % 16 == 0 apart): the LM head sees
 # any row count, and a variant compiled mid-run stalls the engine for a second
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
-                        M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+                        res_ptr, norm_w_ptr, res_out_ptr, eps,
+                        M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                        SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The A operand (x^T tiles, `_input_tile`) is x, or:
+    SWIGLU: x is [M, 2K] = [gate | up] and the operand silu(gate) * up, computed per tile as
+    engine.kernels.fused.silu_and_mul computes it (an MLP's down projection without its
+    activation kernel);
+    NORM: the operand is RMSNorm(h) * norm_w with h = x (+ residual with HAS_RESIDUAL),
+    rounded as engine.kernels.fused.add_rmsnorm rounds it (a decoder layer's qkv or gate_up
+    projection without its norm kernel); program (0, 0) writes h to res_out."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -81,14 +139,22 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     rows = offs_n.to(tl.int64)   # N * K may pass 2^31 (LM heads of large vocabularies)
+    if NORM:
+        rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
+                         stride_om, K, eps, (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M,
+                         BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],   # x^T tile
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        xt = _input_tile(x_ptr, res_ptr, offs_m, offs_k, mask_k[:, None] & mask_m[None, :],
+                         stride_xm, stride_rm, K, SWIGLU, HAS_RESIDUAL)
+        if NORM:
+            nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            normed = (xt.to(tl.float32) * rstd[None, :]).to(xt.dtype).to(tl.float32)
+            xt = (normed * nw[:, None]).to(xt.dtype)
         if IEEE:   # fp32 inputs (no TF32), or bf16 on the interpreter
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
@@ -181,15 +247,42 @@ def workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[tor
 # ---- the call ----------------------------------------------------------------------------
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+                split_k: int | None = None, config: dict | None = None,
+                swiglu: bool = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] in x's dtype, for 1 <= M <= MAX_M.
     split_k: K splits (None: the launch rule); fewer run where K has fewer BLOCK_K steps.
-    config: launch constants to override (BLOCK_N, BLOCK_K, num_warps, num_stages: sweeps)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    config: launch constants to override (BLOCK_N, BLOCK_K, num_warps, num_stages: sweeps).
+    swiglu: x is [M, 2K] = [gate | up] (the MLP's gate_up output) and the product is
+    silu(gate) * up @ weight^T, bit for bit engine.kernels.fused.silu_and_mul(x) then the
+    kernel, in one launch."""
+    return _launch(x, weight, bias, split_k, config, swiglu)
+
+
+def skinny_gemm_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine.kernels.fused.add_rmsnorm(x, norm_weight, eps, residual) followed by
+    skinny_gemm, in one launch: returns (RMSNorm(h) @ weight^T (+ bias), h) with h = x +
+    residual (the residual stream; h = x itself when residual is None). x, residual [M, K],
+    norm_weight [K]. Equal to the two kernels up to the order in which the rows' squares are
+    summed for RMSNorm (here in BLOCK_K pieces), which may move a rounding of the output."""
+    if x.dim() != 2 or norm_weight.shape != (x.shape[1],) or (
+            residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype)):
+        raise ValueError(f"skinny_gemm_rmsnorm: x {tuple(x.shape)}, residual "
+                         f"{None if residual is None else tuple(residual.shape)} and norm weight "
+                         f"{tuple(norm_weight.shape)} must be [M, K], [M, K] (x's dtype) and [K]")
+    residual = None if residual is None else (residual if residual.stride(1) == 1 else residual.contiguous())
+    res_out = x if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = _launch(x, weight, bias, split_k, None, False, (residual, norm_weight, eps, res_out))
+    return y, res_out
+
+
+def _launch(x, weight, bias, split_k, config, swiglu, norm=None):
+    k = weight.shape[1] if weight.dim() == 2 else -1
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
-                         "must be [M, K] and [N, K]")
-    m, k = x.shape
-    n = weight.shape[0]
+                         f"must be [M, {'2K' if swiglu else 'K'}] and [N, K]")
+    m, n = x.shape[0], weight.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny_gemm takes 1..{MAX_M} rows, got {m}")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
@@ -203,19 +296,25 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     partial = arrivals = y   # unused without split-K
     if splits > 1:
         partial, arrivals = workspace(x.device, splits * tiles * cfg["BLOCK_N"] * cfg["BLOCK_M"], tiles)
+    residual, norm_weight, eps, res_out = norm or (None, None, 0.0, None)
+    residual = residual if residual is not None else x          # unused without a residual
     _skinny_gemm_kernel[(tiles, splits)](
         x, weight, weight if bias is None else bias, y, partial, arrivals,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0), cfg.pop("k_per_split"),
+        residual, weight if norm_weight is None else norm_weight, x if res_out is None else res_out, eps,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), residual.stride(0),
+        x.stride(0) if res_out is None else res_out.stride(0), cfg.pop("k_per_split"),
         HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32 or _INTERPRETED,
+        SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm[0] is not None,
         **cfg)
     return y
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  split_k: int | None = None) -> torch.Tensor:
-    """F.linear's contract (x [..., K]) on the skinny kernel."""
+                  split_k: int | None = None, swiglu: bool = False) -> torch.Tensor:
+    """F.linear's contract (x [..., K]) on the skinny kernel; swiglu: x [..., 2K] = [gate |
+    up], see skinny_gemm."""
     shape = x.shape
-    y = skinny_gemm(x.reshape(-1, shape[-1]), weight, bias, split_k)
+    y = skinny_gemm(x.reshape(-1, shape[-1]), weight, bias, split_k, swiglu=swiglu)
     return y.view(*shape[:-1], y.shape[-1])
 
 
@@ -241,10 +340,12 @@ def graph_time_us(fn, repeats: int) -> float:
 
 
 def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tuple, list[torch.nn.Module]]:
-    """(N, K, dtype, has bias) -> the layers of that shape the kernel may serve: modules with a
-    `skinny` plan slot (engine.layers.linear.LinearBase, engine.layers.embed_head.ParallelLMHead)
-    whose dense 2-D weight is bf16 / fp16 on `device_type` (quantized layers keep their own
-    kernels)."""
+    """(N, K, dtype, has bias, swiglu, norm) -> the layers of that shape the kernel may serve:
+    modules with a `skinny` plan slot (engine.layers.linear.LinearBase, engine.layers.
+    embed_head.ParallelLMHead) whose dense 2-D weight is bf16 / fp16 on `device_type`
+    (quantized layers keep their own kernels). swiglu: the layer's `swiglu_input` (an MLP's
+    down projection, which takes the gate_up output and applies SiLU-and-mul itself); norm:
+    its `norm_input` (a projection after an RMSNorm, which the kernel can compute)."""
     groups: dict[tuple, list[torch.nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -253,7 +354,8 @@ def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tup
                 or weight.device.type != device_type
                 or weight.dtype not in (torch.bfloat16, torch.float16)):
             continue
-        key = (*weight.shape, weight.dtype, getattr(module, "bias", None) is not None)
+        key = (*weight.shape, weight.dtype, getattr(module, "bias", None) is not None,
+               getattr(module, "swiglu_input", False), getattr(module, "norm_input", False))
         groups.setdefault(key, []).append(module)
     return groups
 
@@ -268,31 +370,66 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
     `skinny` plan: ((M, split_k or 0 where torch won), ...) ascending, which
     engine.layers.linear.dense_linear follows (a call of R rows takes the entry of the
     smallest measured M >= R; above the largest, torch). The kernel must beat torch by
-    MIN_GAIN: within noise, cuBLAS stays. Call once after loading and before graph capture
-    (it also sizes the workspace the captured calls use, and compiles every variant a call
-    can select). Returns one row per (shape, M): the timings and the choice.
+    MIN_GAIN: within noise, cuBLAS stays. A down projection (`swiglu_input`) is timed like
+    for like: the kernel with SiLU-and-mul in its prologue, from the [M, 2K] gate_up output,
+    against engine.kernels.fused.silu_and_mul + F.linear. A projection after an RMSNorm
+    (`norm_input`: a decoder layer's qkv and gate_up) also gets a `skinny_norm` plan: per M,
+    the split at which skinny_gemm_rmsnorm (residual add, norm and GEMM in one launch) beats
+    add_rmsnorm + the path just chosen by MIN_GAIN, else 0
+    (engine.layers.linear.LinearBase.forward_rmsnorm follows it). Call once after loading and
+    before graph capture (it also sizes the workspace the captured calls use, and compiles every
+    variant a call can select). Returns one row per (shape, M): the timings and the choice.
     device_type, time_us (fn -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     m_values = sorted({m for m in (m_values or capture_sizes(MAX_M)) if 1 <= m <= MAX_M})
     time_us = time_us or (lambda fn: graph_time_us(fn, repeats))
     report = []
-    for (n, k, dtype, has_bias), layers in skinny_layers(model, device_type).items():
+    for (n, k, dtype, has_bias, swiglu, norm), layers in skinny_layers(model, device_type).items():
         device = layers[0].weight.device
         params = [(layer.weight, getattr(layer, "bias", None)) for layer in layers]
         gen = torch.Generator(device).manual_seed(n + k)   # leaves the global RNG alone
-        plan = []
+        splits = split_candidates(n, k, num_sms(device))
+        plan, norm_plan = [], []
         for m in m_values:
-            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            torch_us = time_us(lambda: [torch.nn.functional.linear(x, w, b)
-                                        for w, b in params]) / len(layers)
-            timed = [(time_us(lambda: [skinny_gemm(x, w, b, s) for w, b in params]) / len(layers), s)
-                     for s in split_candidates(n, k, num_sms(device))]
+            x = torch.randn(m, 2 * k if swiglu else k, device=device, generator=gen).to(dtype)
+            if swiglu:
+                torch_path = lambda w, b: torch.nn.functional.linear(silu_and_mul(x), w, b)  # noqa: E731
+                kernel = lambda w, b, s: skinny_gemm(x, w, b, s, swiglu=True)  # noqa: E731
+            else:
+                torch_path = lambda w, b: torch.nn.functional.linear(x, w, b)  # noqa: E731
+                kernel = lambda w, b, s: skinny_gemm(x, w, b, s)  # noqa: E731
+            torch_us = time_us(lambda: [torch_path(w, b) for w, b in params]) / len(layers)
+            timed = [(time_us(lambda: [kernel(w, b, s) for w, b in params]) / len(layers), s)
+                     for s in splits]
             triton_us, split_k = min(timed)
             use = triton_us < (1 - MIN_GAIN) * torch_us
             plan.append((m, split_k if use else 0))
             report.append(dict(n=n, k=k, dtype=str(dtype).removeprefix("torch."), layers=len(layers),
-                               m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
+                               swiglu=swiglu, m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
                                skinny=use))
+            if norm:
+                report[-1].update(_time_norm_fusion(x, params, splits, split_k if use else 0, time_us))
+                norm_plan.append((m, report[-1]["norm_split_k"] if report[-1]["norm_fused"] else 0))
         for layer in layers:
             layer.skinny = tuple(plan)
+            if norm:
+                layer.skinny_norm = tuple(norm_plan)
     return report
+
+
+def _time_norm_fusion(x, params, splits, gemm_split, time_us) -> dict:
+    """Microseconds per layer of add_rmsnorm + the GEMM path chosen for the plain call (the
+    kernel at `gemm_split`, or F.linear for 0) against skinny_gemm_rmsnorm at each split, on
+    x and a residual stream of x's shape."""
+    res = torch.randn_like(x)
+    norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+
+    def unfused(w, b):
+        h, _ = add_rmsnorm(x, norm_weight, 1e-6, res)
+        return skinny_gemm(h, w, b, gemm_split) if gemm_split else torch.nn.functional.linear(h, w, b)
+    pair_us = time_us(lambda: [unfused(w, b) for w, b in params]) / len(params)
+    timed = [(time_us(lambda: [skinny_gemm_rmsnorm(x, res, norm_weight, 1e-6, w, b, s)
+                               for w, b in params]) / len(params), s) for s in splits]
+    fused_us, split_k = min(timed)
+    return dict(norm_pair_us=pair_us, norm_fused_us=fused_us, norm_split_k=split_k,
+                norm_fused=fused_us < (1 - MIN_GAIN) * pair_us)

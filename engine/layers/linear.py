@@ -15,7 +15,9 @@ come from the same `output_shard` / `input_shard` rules).
 A dense layer's matmul is F.linear, or the Triton skinny GEMM for decode-sized inputs where
 engine.kernels.skinny_gemm.choose_skinny_gemm measured it faster for the layer's shape at
 that many rows (its `skinny` plan; empty unless the measurement ran: on the CPU, always
-F.linear).
+F.linear). An MLP's down projection may take the gate_up output and fold SiLU-and-mul into
+that kernel (`swiglu`); a decoder layer's qkv and gate_up projections may fold the RMSNorm
+(and residual add) before them into it (`forward_rmsnorm`, its own measured plan).
 """
 import torch
 import torch.distributed as dist
@@ -33,20 +35,40 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def skinny_split(skinny: tuple, rows: int) -> int:
+    """The skinny-GEMM plan's split-K for a call of `rows` rows, 0 for torch: the plan is
+    ((measured rows M, split_k, or 0 where torch won), ...) ascending; a call follows the
+    entry of the smallest M >= rows, and torch above the largest."""
+    for max_rows, split_k in skinny:
+        if rows <= max_rows:
+            return split_k if rows else 0
+    return 0
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 skinny: tuple = ()) -> torch.Tensor:
+                 skinny: tuple = (), swiglu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias), or engine.kernels.skinny_gemm where the plan `skinny`
-    says so: ((measured rows M, split_k, or 0 where torch won), ...) ascending; a call of R
-    rows follows the entry of the smallest M >= R, and F.linear above the largest."""
-    if skinny:
-        rows = x.numel() // x.shape[-1]
-        for max_rows, split_k in skinny:
-            if rows <= max_rows:
-                if split_k and rows:
-                    from engine.kernels.skinny_gemm import skinny_linear
-                    return skinny_linear(x, weight, bias, split_k)
-                break
+    says so (see skinny_split).
+
+    swiglu: x is [..., 2K] = [gate | up] and the layer's input is silu(gate) * up (an MLP's
+    down projection on the fused path): where the plan takes the kernel, the kernel applies
+    SiLU-and-mul as it loads x (one launch); else engine.kernels.fused.silu_and_mul runs
+    first. Either way the activations are bit for bit silu_and_mul's."""
+    split_k = skinny_split(skinny, x.numel() // x.shape[-1]) if skinny else 0
+    if split_k:
+        from engine.kernels.skinny_gemm import skinny_linear
+        if swiglu:
+            return skinny_linear(x, weight, bias, split_k, swiglu=True)
+        return skinny_linear(x, weight, bias, split_k)
+    if swiglu:
+        x = swiglu_activation(x)
     return F.linear(x, weight, bias)
+
+
+def swiglu_activation(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x [..., 2K] = [gate | up], on the fused Triton kernel."""
+    from engine.kernels.fused import silu_and_mul
+    return silu_and_mul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
 
 
 def shard_of(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) -> torch.Tensor:
@@ -63,6 +85,9 @@ class LinearBase(nn.Module):
     quant = None    # a QuantConfig when quantize_linears replaced `weight` by 4-bit tensors
     weight_device = None   # "meta" while a quantized model is built: `weight` is never allocated
     skinny = ()     # the skinny-GEMM plan choose_skinny_gemm sets (see dense_linear)
+    swiglu_input = False   # an MLP's down projection: fed [gate | up] on the fused path
+    norm_input = False     # a decoder layer's qkv / gate_up projection: input = an RMSNorm's output
+    skinny_norm = ()       # choose_skinny_gemm's plan for that norm in the kernel (forward_rmsnorm)
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1):
@@ -78,13 +103,32 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> torch.Tensor:
+        """swiglu: x is [..., 2 * in_features] = [gate | up], the input silu(gate) * up."""
         if self.quant is not None:
-            return quant.linear(self, x, bias)
-        return dense_linear(x, self.weight, bias, self.skinny)
+            return quant.linear(self, swiglu_activation(x) if swiglu else x, bias)
+        return dense_linear(x, self.weight, bias, self.skinny, swiglu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+    def forward_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                        norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual), the residual stream as `norm`
+        (engine.layers.layernorm.RMSNorm) returns it; residual None: (self(norm(x)), x).
+        Where the `skinny_norm` plan takes this many rows (a dense layer, the norm on its
+        fused path) one kernel does both: engine.kernels.skinny_gemm.skinny_gemm_rmsnorm."""
+        rows = x.numel() // x.shape[-1]
+        split_k = 0
+        if self.skinny_norm and self.quant is None and norm.fused and x.dim() == 2:
+            split_k = skinny_split(self.skinny_norm, rows)
+        if split_k:
+            from engine.kernels.skinny_gemm import skinny_gemm_rmsnorm
+            return skinny_gemm_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias, split_k)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
 
 
 class ColumnParallelLinear(LinearBase):
@@ -181,8 +225,10 @@ class RowParallelLinear(LinearBase):
         size, full, start = self.input_shard()
         copy_weight(param, shard_of(loaded, 1, full, start, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
+    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """swiglu: x is this rank's [gate | up] slice of the MLP's gate_up output (see
+        dense_linear); set `swiglu_input` so choose_skinny_gemm times the layer that way."""
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None, swiglu)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

@@ -44,8 +44,13 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)
+        return self.attend_qkv(positions, self.qkv_proj(x), meta)
+
+    def attend_qkv(self, positions: torch.Tensor, qkv: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the qkv projection (DecoderLayer may compute qkv itself, its
+        input norm fused in)."""
+        num_tokens, d = qkv.shape[0], self.head_dim
         if self.fused and self.attn.k_cache.numel():
             from engine.kernels.fused import qk_norm_rope_store
             q = qk_norm_rope_store(
@@ -82,9 +87,15 @@ class MLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False,
                                            tp_rank, tp_size)
+        self.down_proj.swiglu_input = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.act_fn.fused:   # SiLU-and-mul inside down_proj's skinny GEMM where it runs
+            return self.down_proj(gate_up, swiglu=True)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -100,14 +111,19 @@ class DecoderLayer(nn.Module):
                                 cfg.num_experts_per_tok, cfg.norm_topk_prob, tp_rank, tp_size)
         else:
             self.mlp = MLP(cfg, tp_rank, tp_size)
+            self.mlp.gate_up_proj.norm_input = True
+        self.self_attn.qkv_proj.norm_input = True
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        # Each norm runs in the next projection's kernel where that layer's measured plan
+        # says so (engine.layers.linear.LinearBase.forward_rmsnorm), else as its own kernel.
+        qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn.attend_qkv(positions, qkv, meta)
+        if isinstance(self.mlp, MLP):
+            gate_up, residual = self.mlp.gate_up_proj.forward_rmsnorm(
+                hidden, residual, self.post_attention_layernorm)
+            return self.mlp.down(gate_up), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
