@@ -26,7 +26,8 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
-  kernels)  TAIL=6 run kernels_gpu 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
+  kernels)  TAIL=12 run kernels_gpu 300 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fusion.py tests/test_quant_kernels.py tests/test_moe_kernels.py ;;
+  launches) TAIL=40 run launches_q06 240 python3 benchmarks/bench_gemm.py --stages launches --engine qwen3-0.6b ;;
   online_q06|online_r16) # the three loads; their run folders (steps and requests: twin checks) tarred
             TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online
             tar czf $OUT/online_runs.tgz -C /tmp/online . ;;
