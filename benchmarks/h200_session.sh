@@ -78,7 +78,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
-            BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
+            STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
   quant_a)  # issue 13: W4A16 kernels per layer shape (+ tile sweep) and the bf16 check, then the bf16 engine
             TAIL=40 run quant_kernels 300 python3 benchmarks/bench_quant.py --stages layers,check --sweep
             TAIL=30 run quant_engine_bf16 330 python3 benchmarks/bench_quant.py --stages engine --formats bf16 --nano ;;
