@@ -440,7 +440,10 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         partial, lse, arrivals = split_workspace(q.device, slots, num_heads, head_dim,
                                                  batch * (num_heads // group))
     else:
-        partial = lse = arrivals = out   # unused: every sequence is one share
+        # unused (every sequence is one share), but the kernel is compiled for their types:
+        # the counter must be an int32 pointer (atomics on a bf16 one do not compile)
+        partial = lse = out
+        arrivals = context_lens
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
     _decode_kernel[grid](
