@@ -29,10 +29,8 @@ writer, and no one else reads them until the stretch is closed).
 """
 from array import array
 
-from xxhash import xxh64_intdigest
-
 from policy.batch import Batch
-from policy.block_manager import root_hash
+from policy.block_manager import DEFERRED
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -66,7 +64,9 @@ class DecodeStretch:
         self.step_decoders = None       # those, saved when some finished at the step
         self.kv_blocks_used = 0
         self.chunked = scheduler.config.policy == "chunked"
-        self.fills: dict[int, array] = {}     # token -> a block of it
+        # The members' tokens past `final` are `token` until `close` writes them: the block
+        # manager reads them so (it may hash a member's blocks when a lookup finds them).
+        self.lagging = scheduler.block_manager.lagging
 
     def join(self, seq: Sequence, first: int) -> bool:
         """Make running `seq` decode from step `first`. False (nothing changed) if its next
@@ -86,6 +86,7 @@ class DecodeStretch:
         members = self.members
         pending = ids[-1] == PLACEHOLDER
         members[seq] = (v, token, first, len(ids) - pending, pending and first > 0)
+        self.lagging[seq] = (len(ids) - pending, token)
         self.alloc_groups[-v % bs].append(seq)
         self.reg_groups[(-1 - v) % bs].append(seq)
         last = first + seq.max_num_tokens - seq.num_tokens - 1   # its update finishes it
@@ -194,38 +195,22 @@ class DecodeStretch:
             self.ended = True
 
     def _register(self, regs: list, j: int) -> None:
-        """`BlockManager.register` of the block each of `regs` filled at step j (a hash
-        once computed, before a preemption say, is reused; a block whose content an
-        identical live block already serves is not entered)."""
-        bm, bs, members, fills = self.scheduler.block_manager, self.scheduler.block_size, self.members, self.fills
-        cache, block_hash, hashed = bm._cache, bm.block_hash, bm.hashed
+        """`BlockManager.register` of the block each of `regs` filled at step j (their
+        tokens past the stretch's start read from `BlockManager.lagging`). The common case,
+        a block of a chain its sequence owns, is inlined: marked deferred."""
+        bm, bs, members = self.scheduler.block_manager, self.scheduler.block_size, self.members
+        deferred, state, tags = bm._deferred, bm.cache_state, bm.block_hash
         for seq in regs:
-            v, token, _, final, _ = members[seq]
-            i = (v + j) // bs
-            seq.num_registered_blocks = i + 1
-            hashes = seq.block_hashes
-            if len(hashes) > i:
-                h = hashes[i]
+            i = (members[seq][0] + j) // bs
+            table = seq.block_table
+            record = deferred.get(seq.block_hashes[0]) if i else None
+            if record is not None and record[1] is table:   # as register_blocks' owner case
+                seq.num_registered_blocks = i + 1
+                block = table[i]
+                state[block] = DEFERRED
+                tags[block] = seq.block_hashes[0]
             else:
-                lo = i * bs
-                if lo >= final:         # all of it the stretch's token
-                    content = fills.get(token)
-                    if content is None:
-                        content = fills[token] = array("q", (token,)) * bs
-                elif lo + bs <= final:
-                    content = seq.token_ids[lo:lo + bs]
-                else:
-                    content = seq.token_ids[lo:final] + array("q", (token,)) * (lo + bs - final)
-                h = xxh64_intdigest(content, hashes[-1] if i else root_hash(seq.extra_keys))
-                hashes.append(h)
-            old = cache.get(h)
-            if old is None or not (hashed[old] and block_hash[old] == h):
-                block = seq.block_table[i]
-                cache[h] = block
-                block_hash[block] = h
-                hashed[block] = True
-        if len(cache) > 4 * bm.num_blocks:
-            bm._drop_dead_entries()
+                bm.register_blocks(seq, i + 1)
 
     # ---- the end -------------------------------------------------------------------
     def close(self, times: list[float], in_flight: bool = False) -> list[Sequence]:
@@ -238,6 +223,7 @@ class DecodeStretch:
         if len(times) != k:
             raise ValueError(f"a stretch of {k} steps cannot take {len(times)} times")
         done = []
+        self.lagging.clear()
         write = self._write_back
         for seq, entry in self.members.items():
             write(seq, entry, k, times, in_flight)
@@ -323,5 +309,6 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
     join = stretch.join
     for seq in running:
         if not join(seq, 0):
+            stretch.lagging.clear()
             return None
     return stretch
