@@ -165,9 +165,10 @@ class BlockManager:
         if not num_blocks or self.lookup(self.block_hashes(seq, 1)[0]) is None:
             return []
         hits = []
-        for h in self.block_hashes(seq, num_blocks):
-            block = self.lookup(h)
-            if block is None:
+        cache, state, block_hash = self._cache, self.cache_state, self.block_hash
+        for h in self.block_hashes(seq, num_blocks)[:num_blocks]:   # `lookup`, inlined: the chain is entered now
+            block = cache.get(h)
+            if block is None or state[block] != ENTERED or block_hash[block] != h:
                 break
             hits.append(block)
         return hits
