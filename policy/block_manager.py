@@ -43,18 +43,17 @@ from policy.sequence import Sequence
 NONE, ENTERED, DEFERRED = 0, 1, 2
 
 
-def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int, start: int = 0) -> list[int]:
-    """Hashes of `num_blocks` consecutive full blocks of `token_ids` from token `start`,
-    continuing the chain from `parent`: block hash = xxhash64 of the block's token ids
-    (int64) seeded with its parent's hash, so equal hashes mean equal whole prefixes.
-    An int64 `array("q")` is hashed in place; anything else is converted once."""
+def chain_hashes(token_ids, block_size: int, num_blocks: int, parent: int) -> list[int]:
+    """Hashes of the first `num_blocks` full blocks of `token_ids`, continuing the chain
+    from `parent`: block hash = xxhash64 of the block's token ids (int64) seeded with its
+    parent's hash, so equal hashes mean equal whole prefixes. An int64 `array("q")` is
+    hashed in place; anything else is converted once."""
     if not (isinstance(token_ids, array) and token_ids.typecode == "q"):
-        token_ids = array("q", token_ids[start:start + num_blocks * block_size])
-        start = 0
+        token_ids = array("q", token_ids[:num_blocks * block_size])
     hashes = []
     append, digest = hashes.append, xxh64_intdigest
     with memoryview(token_ids) as view:   # released at once: a live view pins the array's size
-        for i in range(start, start + num_blocks * block_size, block_size):
+        for i in range(0, num_blocks * block_size, block_size):
             parent = digest(view[i:i + block_size], parent)
             append(parent)
     return hashes
@@ -146,14 +145,20 @@ class BlockManager:
         done = len(hashes)
         if done < num_blocks:
             bs = self.block_size
-            ids, start, end = seq.token_ids, done * bs, num_blocks * bs
-            lag = self.lagging.get(seq) if self.lagging else None
-            if lag is not None and end > lag[0]:    # tokens [n, end) are all `token`
-                n, token = lag
-                ids, start = ids[start:n] + array("q", (token,)) * (end - max(start, n)), 0
-            hashes += chain_hashes(ids, bs, num_blocks - done,
-                                   hashes[-1] if done else root_hash(seq.extra_keys), start)
+            hashes += chain_hashes(self._tokens(seq, done * bs, num_blocks * bs), bs, num_blocks - done,
+                                   hashes[-1] if done else root_hash(seq.extra_keys))
         return hashes
+
+    def _tokens(self, seq: Sequence, start: int, end: int) -> array:
+        """Tokens [start, end) of `seq`, including those an event-skipping stretch has not
+        written yet (`lagging`)."""
+        lag = self.lagging.get(seq) if self.lagging else None
+        if lag is None or end <= lag[0]:
+            return seq.token_ids[start:end]
+        n, token = lag
+        if start >= n:
+            return array("q", (token,)) * (end - start)
+        return seq.token_ids[start:n] + array("q", (token,)) * (end - n)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering the longest cached prefix of `seq`. Never covers the last
@@ -311,11 +316,17 @@ class BlockManager:
                 self.cache_state[block] = DEFERRED
                 self.block_hash[block] = first
             else:
-                blocks = table[done:full]
+                blocks = np.array(table[done:full])
                 self.cache_state[blocks] = DEFERRED
                 self.block_hash[blocks] = first
             return
-        self._enter(self.block_hashes(seq, full)[done:full], table[done:full])
+        hashes = seq.block_hashes
+        if full == done + 1 and len(hashes) == done:    # a decode step filled one block
+            h = xxh64_intdigest(self._tokens(seq, done * self.block_size, full * self.block_size), hashes[-1])
+            hashes.append(h)
+            self._enter_one(h, table[done])
+        else:
+            self._enter(self.block_hashes(seq, full)[done:full], table[done:full])
 
     def _register_first(self, seq: Sequence) -> bool:
         """Enter the first block of `seq` (unless an identical live block serves it). True
@@ -324,10 +335,9 @@ class BlockManager:
         h = self.block_hashes(seq, 1)[0]
         block = seq.block_table[0]
         if not self.defer_registration or h in self._shared or self.lookup(h) is not None:
-            # A shared chain, or a second writer of a live one: that lookup entered the
-            # owner's deferred blocks and shared the chain; this block, a duplicate, is not
-            # entered.
-            self._enter([h], [block])
+            # Registered at once: deferral off, a shared chain, or a second writer of a live
+            # one (the lookup entered the owner's deferred blocks and shared the chain).
+            self._enter_one(h, block)
             return False
         # A new chain, or one whose first block was evicted: every deferred block of its
         # last owner went before it, so `seq` owns it now.
@@ -339,33 +349,34 @@ class BlockManager:
             self._drop_dead_chains()
         return True
 
+    def _enter_one(self, h: int, block: int) -> None:
+        """Enter `block`, just filled with the content of hash `h`, in the cache, unless an
+        identical live block already serves that content."""
+        if not self._live(h):
+            self._cache[h] = block
+            self.block_hash[block] = h
+            self.cache_state[block] = ENTERED
+            if len(self._cache) > 4 * self.num_blocks:
+                self._cache = self._entered()
+
     def _enter(self, hashes: list[int], blocks: list[int]) -> None:
-        """Enter `blocks`, just filled with the content of `hashes`, in the cache, except
-        those whose content an identical live block already serves."""
+        """`_enter_one` of each of `blocks`, in bulk."""
         cache, block_hash, state = self._cache, self.block_hash, self.cache_state
-        if len(blocks) == 1:
-            h, block = hashes[0], blocks[0]
-            old = cache.get(h)
-            if old is None or not (state[old] == ENTERED and block_hash[old] == h):
-                cache[h] = block
-                block_hash[block] = h
-                state[block] = ENTERED
+        if cache.keys().isdisjoint(hashes):   # all new content: in bulk, in C
+            cache.update(zip(hashes, blocks))
         else:
-            if cache.keys().isdisjoint(hashes):   # all new content: in bulk, in C
-                cache.update(zip(hashes, blocks))
-            else:
-                new_blocks, new_hashes = [], []
-                for h, block in zip(hashes, blocks):
-                    old = cache.get(h)
-                    if old is None or not (state[old] == ENTERED and block_hash[old] == h):
-                        cache[h] = block   # (else an identical block elsewhere keeps serving hits)
-                        new_blocks.append(block)
-                        new_hashes.append(h)
-                hashes, blocks = new_hashes, new_blocks
-            if blocks:
-                blocks = np.array(blocks)
-                block_hash[blocks] = np.fromiter(hashes, np.uint64, len(hashes))
-                state[blocks] = ENTERED
+            new_blocks, new_hashes = [], []
+            for h, block in zip(hashes, blocks):
+                old = cache.get(h)
+                if old is None or not (state[old] == ENTERED and block_hash[old] == h):
+                    cache[h] = block   # (else an identical block elsewhere keeps serving hits)
+                    new_blocks.append(block)
+                    new_hashes.append(h)
+            hashes, blocks = new_hashes, new_blocks
+        if blocks:
+            blocks = np.array(blocks)
+            block_hash[blocks] = np.fromiter(hashes, np.uint64, len(hashes))
+            state[blocks] = ENTERED
         if len(cache) > 4 * self.num_blocks:
             self._cache = self._entered()
 
@@ -381,12 +392,7 @@ class BlockManager:
         if m == 1:
             return [], []
         bs = self.block_size
-        ids, start = owner.token_ids, bs
-        lag = self.lagging.get(owner) if self.lagging else None
-        if lag is not None and m * bs > lag[0]:
-            n, token = lag
-            ids, start = ids[bs:n] + array("q", (token,)) * (m * bs - max(bs, n)), 0
-        return chain_hashes(ids, bs, m - 1, first, start), table[1:m]
+        return chain_hashes(self._tokens(owner, bs, m * bs), bs, m - 1, first), table[1:m]
 
     def _enter_deferred(self, first: int) -> None:
         """A lookup found the first block of a deferred chain: hash and enter its deferred

@@ -25,7 +25,9 @@ step j is what `Scheduler.schedule` + `update` would do, in the same order:
 The caller (the simulator) forms the steps' times and gives `close` each step's token time.
 The scheduler's state is current after every step for everything but the decoding
 sequences' tokens and counters, which only `close` writes (the policy is their only
-writer, and no one else reads them until the stretch is closed).
+writer, and no one else reads them until the stretch is closed; the block manager, which
+may hash their blocks when a lookup finds their chain, reads their tokens as
+`BlockManager.lagging` says).
 """
 from array import array
 
