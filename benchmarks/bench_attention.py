@@ -439,7 +439,7 @@ def sweep(gen):
         decode_shapes, prefill_shapes, grid = [(2, 300, 16)], [(2, 24)], {
             "DECODE": [(32, 4, 2)], "PREFILL": [(64, 32, 4, 2)]}
     else:
-        decode_shapes, prefill_shapes = [(256, 1024, 16), (64, 4096, 16), (256, 1024, 256), (8, 4096, 16)], [(4, 1024)]
+        decode_shapes, prefill_shapes = [(256, 1024, 16), (64, 4096, 16), (256, 1024, 256), (8, 4096, 16)], [(4, 1024), (1, 2048)]
         grid = {"DECODE": list(itertools.product([32, 64, 128], [4, 8], [2, 3, 4])),
                 "PREFILL": list(itertools.product([64, 128], [32, 64], [4, 8], [2, 3]))}
     rows = []

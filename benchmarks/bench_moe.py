@@ -11,7 +11,12 @@ output tokens), output tokens / wall time; (2) the median decode step at batch 1
 the non-expert weights once, in every MoE layer only the experts its tokens touch (expected
 E (1 - (1 - k/E)^tokens): policy.model.ModelConfig.experts_touched; random weights route
 close to uniformly) and its sequences' KV. The workload's floor sums that over decode steps
-with every live sequence in one batch. Prints tables, then one line of JSON.
+with every live sequence in one batch. (3) per MoE layer at batch 1, 64, 256 (CUDA, tp 1):
+device launches counted by torch.profiler and microseconds per layer under a CUDA graph, of
+the layer as it ran before the routing kernels (torch route + torch alignment + the two
+grouped GEMMs at default tiles + torch's slot sum) and as it runs now (fused_experts at the
+tiles chosen at load); and the tiles chosen per token-count bucket
+(engine.kernels.fused_moe.choose_moe_tiles). Prints tables, then one line of JSON.
 """
 import argparse
 import json
@@ -27,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_engine import copy_bandwidth, decode_breakdown, nano_workload  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import model_config_dict, tiny_config, write_random_checkpoint  # noqa: E402
-from engine.layers.moe import FusedMoE  # noqa: E402
+from engine.layers.moe import FusedMoE, route  # noqa: E402
 
 
 def weight_split(model) -> tuple[int, int, int]:
@@ -57,6 +62,49 @@ def workload_floor_bytes(cfg, split, prompts, params, kv_per_token: int) -> floa
         kv = sum(n + j for n, _ in live)
         total += step_floor_bytes(cfg, split, len(live), kv, kv_per_token)
     return total
+
+
+def legacy_moe(layer: FusedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The fused layer as it ran before the routing kernels (for the launch count)."""
+    from engine.kernels import fused_moe as fm
+    weights, ids = route(layer.gate(x), layer.top_k, layer.renormalize)
+    tiles = fm.default_tiles(ids.numel(), layer.num_experts)
+    pairs, blocks = fm.align_by_expert(ids, layer.num_experts, tiles.block_m)
+    h = fm.gate_up(x, layer.w13, pairs, blocks, layer.top_k, tiles.block_m, tiles.gate_up)
+    y = fm.down(h, layer.w2, weights.reshape(-1).float().contiguous(), pairs, blocks,
+                tiles.block_m, tiles.down)
+    return y.view(x.shape[0], layer.top_k, -1).float().sum(1).to(x.dtype)
+
+
+def device_launches(fn) -> int:
+    """Device activities (kernels, memsets, copies) of one eager fn() call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@torch.inference_mode()
+def layer_rows(model, batches: list[int]) -> list[dict]:
+    """Stage 3: launches and graph-replay microseconds per MoE layer, before and now (over
+    up to 4 layers per graph, so the experts come from HBM as in a step)."""
+    from engine.kernels.skinny_gemm import graph_time_us
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE) and m.fused][:4]
+    if not layers:
+        return []
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, layers[0].w13.shape[2], device=layers[0].w13.device,
+                        dtype=layers[0].w13.dtype)
+        row = {"batch": batch}
+        for name, fn in (("before", legacy_moe), ("now", lambda m, x: m(x))):
+            row[f"launches_{name}"] = device_launches(lambda: fn(layers[0], x))
+            row[f"us_{name}"] = graph_time_us(lambda: [fn(m, x) for m in layers], 10) / len(layers)
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -132,6 +180,9 @@ def main():
     floor_s = workload_floor_bytes(cfg, split, prompts, params, kv_per_token) / ceiling
     decode = [decode_breakdown(llm, b, args.decode_context, 16)
               for b in map(int, args.decode_batches.split(",")) if b <= args.max_num_seqs]
+    # stage 3: one MoE layer, before and now (tp 1: the layer's all-reduce needs every rank)
+    layer_table = layer_rows(runner.model, [1, 64, 256]) if cuda and args.tp == 1 else []
+    tiles = getattr(runner, "moe_report", [])
     llm.close()
     for d in decode:
         d["experts_touched"] = cfg.experts_touched(d["batch"])
@@ -160,13 +211,31 @@ def main():
             print(f"{d['batch']:>6} {d['experts_touched']:>14.1f} {d['floor_bytes'] / 1e9:>9.3f} "
                   f"{d['step_ms']:>8.3f} {d['device_ms']:>10.3f} {d['floor_ms']:>9.3f} "
                   f"{d['pct_of_floor']:>10.1f}%")
+    print("\nMoE layer (eager launches counted by torch.profiler; us: CUDA-graph replay, "
+          "over up to 4 layers):")
+    if layer_table:
+        print(f"{'batch':>6} {'launches before':>16} {'now':>5} {'us before':>10} {'us now':>8}")
+        for r in layer_table:
+            print(f"{r['batch']:>6} {r['launches_before']:>16} {r['launches_now']:>5} "
+                  f"{r['us_before']:>10.1f} {r['us_now']:>8.1f}")
+    else:
+        print("  n/a (needs CUDA and tp 1)")
+    print("\nfused MoE tiles chosen at load (gate_up + down, us per layer; BNxBK warps stages):")
+    if tiles:
+        print(f"{'tokens':>7} {'block_m':>8} {'gate_up':>16} {'down':>16} {'default us':>11} "
+              f"{'chosen us':>10}")
+        for r in tiles:
+            print(f"{r['tokens']:>7} {r['block_m']:>8} {r['gate_up']:>16} {r['down']:>16} "
+                  f"{r['default_us']:>11.1f} {r['chosen_us']:>10.1f}")
+    else:
+        print("  none (CPU, fp32, or no fused MoE layer)")
     print(json.dumps({"bench": "moe", "workload": "nano-vllm", "model": args.model,
                       "num_layers": cfg.num_hidden_layers,
                       "device": device, "tp": args.tp, "backend": args.backend,
                       "output_tokens": output_tokens, "seconds": seconds,
                       "output_tok_per_s": output_tokens / seconds, "floor_s": floor_s,
                       "pct_of_floor": 100 * floor_s / seconds, "copy_GBps": ceiling / 1e9,
-                      "decode": decode}))
+                      "decode": decode, "moe_layer": layer_table, "moe_tiles": tiles}))
 
 
 if __name__ == "__main__":

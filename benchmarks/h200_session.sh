@@ -46,6 +46,15 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
                 --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
             tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  fid_mc)   # mooncake_conv's cells (shared prefixes) at the loads of the table's L0-L2, plus the
+            # prefix-caching pair, on this engine and its fresh calibration (the shared-KV feature);
+            # the table's capacity file, so the pair runs at L2 as in the table
+            mkdir -p /tmp/fid_mc && cp benchmarks/fidelity/results/qwen3-0.6b-h200/capacity.json /tmp/fid_mc/
+            TAIL=20 run fidelity_mooncake ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \
+                --hardware h200 --calibration ${CAL:-/tmp/calib/qwen3-0.6b-h200-tp1.json} --out /tmp/fid_mc \
+                --traces mooncake_conv --rates 6.2,12.39,18.59 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} \
+                --pairs prefix_caching --stages real
+            tar czf $OUT/fid_mc.tgz -C /tmp fid_mc ;;
   pairs)    # the fidelity table's policy-effect pairs, both sides on this engine, at the load of
             # the table's L2 cells (0.9 x the capacity call 2's fitted twin found)
             TAIL=20 run pairs_sharegpt ${FID_T:-400} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-0.6b \

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.layers.attention import AttentionMetadata, resolve_backend
 from engine.layers.flashinfer_backend import FlashInferPlanner
+from engine.layers.moe import choose_moe_tiles
 from engine.loader import load_weights
 from engine.models import ModelConfig, build_model, resolve_dtype
 from engine.sampler import Sampler
@@ -106,6 +107,8 @@ class ModelRunner:
                 and not config.enforce_eager and backend != "torch"):
             from engine.kernels.skinny_gemm import choose_skinny_gemm
             self.skinny_report = choose_skinny_gemm(self.model)
+        # fused MoE tiles: timed per token-count bucket on the expert weights (bf16/fp16 only)
+        self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same

@@ -4,8 +4,8 @@
 
 1. build the engine the config describes (the engine used by mode=gpu, same settings);
 2. profile its ModelRunner over a grid of step shapes (simulator.calibrate.profile_grid:
-   every CUDA-graph size of decode and mixed steps x KV context or cached prefix, eager
-   steps up to the token budget) on dummy sequences: per shape one warm-up run and
+   every CUDA-graph size of decode and mixed steps x KV context or cached prefix, decodes
+   sharing a prefix's blocks, eager steps up to the token budget) on dummy sequences: per shape one warm-up run and
    `calibrate.repeats` timed runs (device time from the runner's CUDA events, host time
    of its launch and wait), plus the policy's own host time per step (schedule, update,
    receive on a Scheduler of that many sequences);
@@ -178,7 +178,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     summary = {"calibration": str(out), "profile": str(profile_path), "device": device,
                "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
                "held_out_mape": {k: round(v["held_out"]["mape"], 4)
-                                 for k, v in calib["kinds"].items() if "held_out" in v}}
+                                 for k, v in calib["kinds"].items() if "held_out" in v},
+               "variants": {k: v.get("variant") for k, v in calib["kinds"].items()}}
     roofline = None
     if rc.calibrate.fit_hardware:
         fitted_hw, roofline = fit_hardware(table, model, rc.hardware, tp, graphs,

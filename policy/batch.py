@@ -27,6 +27,7 @@ class Batch:
     num_preempted: int = 0          # sequences preempted while building this step
     prefix_hit_tokens: int = 0      # prompt tokens served from the prefix cache this step
     kv_blocks_used: int = 0         # blocks held after this step's allocation
+    block_size: int = 0             # tokens per KV block of the tables (0: not given)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,7 +44,16 @@ class Batch:
         after each chunk: KV its attention reads) and prefill_attention_pairs (causal
         query-key pairs, n*start + n(n+1)/2 per chunk) and max_context_tokens (the longest
         context after the step: a decode batch's attention ends with its longest sequence).
-        O(1) Python for decode-only steps."""
+        decode_distinct_context_tokens: decode_context_tokens less the tokens of KV blocks
+        read again, by a decode of the step whose table holds a block another decode's table
+        already holds (prefix-cache hits: the decode attention kernel reads such a block once
+        per sequence, every read after the first mostly from L2); `repeated_kv_tokens`.
+        Exact, not an estimate, for block tables shared the prefix cache's way (a shared
+        block is full, and whoever holds it holds the same blocks before it); a prefill chunk
+        reading the same blocks in the step does not count. O(decodes) Python for
+        decode-only steps with no sharing (a set of first blocks); a group of k decodes
+        with a common first block costs O(k) more (a bisection for a table whose shared
+        prefix ends elsewhere than the one before)."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
@@ -51,21 +61,31 @@ class Batch:
             decode_ctx = sum(starts) + num_seqs
             max_ctx = max(starts) + 1 if num_seqs else 0
             num_sampled = num_seqs
+            decoders = self.seqs
         else:
             max_ctx = max(map(int.__add__, starts, self.num_new_tokens))
+            decoders = []
             for seq, start, n in zip(self.seqs, starts, self.num_new_tokens):
                 if n == 1 and start >= seq.num_prompt_tokens:
                     decode_ctx += start + 1
+                    decoders.append(seq)
                 else:
                     end = start + n
                     prefill_ctx += n * end
                     prefill_kv += end
                     prefill_pairs += n * start + n * (n + 1) // 2
             num_sampled = sum(self.sample)
+        try:    # the usual case: no two decodes share their first block, so none shares any
+            shared = len({seq.block_table[0] for seq in decoders}) < len(decoders)
+        except IndexError:   # a table not allocated (hand-built batches): it shares nothing
+            shared = True
+        distinct = decode_ctx - repeated_kv_tokens([s.block_table for s in decoders],
+                                                   self.block_size) if shared else decode_ctx
         return {"num_seqs": num_seqs, "num_batched_tokens": self.num_batched_tokens,
                 "num_prefill_tokens": self.num_prefill_tokens,
                 "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
-                "decode_context_tokens": decode_ctx, "prefill_context_tokens": prefill_ctx,
+                "decode_context_tokens": decode_ctx, "decode_distinct_context_tokens": distinct,
+                "prefill_context_tokens": prefill_ctx,
                 "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
                 "max_context_tokens": max_ctx,
                 "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
@@ -74,3 +94,50 @@ class Batch:
     def record(self, start: float, duration: float) -> dict:
         """One row of `steps.parquet`: when the step ran, how long, and its `features()`."""
         return {"start_s": start, "duration_s": duration, **self.features()}
+
+
+def repeated_kv_tokens(tables: list[list[int]], block_size: int) -> int:
+    """Tokens of the blocks in `tables` read again: (references - distinct blocks) x
+    `block_size`, for tables shared the prefix cache's way (a block two tables hold is
+    full and at the same position in both, and so are all the blocks before it: a cached
+    prefix starts at block 0). Tables sharing a first block form a trie (`_repeated_refs`).
+    ValueError if blocks are shared and `block_size` is not given."""
+    groups: dict[int, list] = {}
+    for table in tables:
+        if table:
+            groups.setdefault(table[0], []).append(table)
+    repeated = sum(_repeated_refs(group, 1) for group in groups.values() if len(group) > 1)
+    if repeated and block_size <= 0:
+        raise ValueError("Batch.block_size is not set: the tokens of shared KV blocks are unknown")
+    return repeated * block_size
+
+
+def _repeated_refs(group: list, start: int) -> int:
+    """References to blocks already counted, over `group` (tables that agree on their first
+    `start` blocks), in a trie's insertion order: group[0], then the others, by branch: the
+    tables that leave group[0] after l blocks for the same block b; the first of a branch
+    repeats l blocks, each other one its longest common prefix with the branch's tables
+    before it (recursion on the branch, which agrees on l + 1 blocks). O(1) per table that
+    leaves group[0] where the previous one did (one shared prefix: the usual case), a
+    bisection otherwise."""
+    anchor, refs, hint = group[0], 0, start
+    branches: dict[tuple, list] = {}
+    for table in group[1:]:
+        n = min(len(anchor), len(table))
+        lcp = hint
+        if not (lcp <= n and anchor[lcp - 1] == table[lcp - 1] and (lcp == n or anchor[lcp] != table[lcp])):
+            lo, hi = start, n          # anchor[:lo] == table[:lo]; they differ by hi + 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if anchor[mid - 1] == table[mid - 1]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            lcp = hint = lo
+        if lcp < len(table):
+            branches.setdefault((lcp, table[lcp]), []).append(table)
+        else:
+            refs += lcp
+    for (lcp, _), branch in branches.items():   # its first table repeats lcp blocks, the others more
+        refs += lcp + (_repeated_refs(branch, lcp + 1) if len(branch) > 1 else 0)
+    return refs

@@ -31,7 +31,7 @@ may hash their blocks when a lookup finds their chain, reads their tokens as
 """
 from array import array
 
-from policy.batch import Batch
+from policy.batch import Batch, repeated_kv_tokens
 from policy.block_manager import DEFERRED
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
@@ -58,6 +58,14 @@ class DecodeStretch:
         self.finishing: dict[int, list] = {}   # step -> members its update finishes
         self.left = []                  # (seq, its entry, steps it ran to) finished members
         self.sum_starts = self.max_start = 0
+        # Decodes sharing KV blocks (prefix-cache hits) share their first block: members by
+        # first block, and the tokens they read again (`repeated_kv_tokens`), which only a
+        # join or a leave changes (a stretch appends blocks nobody else holds): a group it
+        # changed is counted again once, at the next step.
+        self.by_first: dict[int, list] = {}
+        self.group_repeated: dict[int, int] = {}
+        self.changed: set[int] = set()
+        self.repeated = 0
         self.max_stale = False
         self.j = 0                      # steps taken
         self.ended = False              # the last step taken ends the stretch
@@ -98,9 +106,37 @@ class DecodeStretch:
         else:
             finishing.append(seq)
         self.sum_starts += v
+        self._share(seq, +1)
         if v > self.max_start or len(members) == 1:
             self.max_start = v
         return True
+
+    def _share(self, seq: Sequence, sign: int) -> None:
+        """`seq` joins (+1) or leaves (-1) the decoding members (`_count_shared` then
+        counts its group again)."""
+        first = seq.block_table[0]
+        group = self.by_first.get(first)
+        if group is None:
+            self.by_first[first] = [seq]    # alone: shares nothing
+            return
+        if sign > 0:
+            group.append(seq)
+        else:
+            group.remove(seq)
+            if not group:
+                del self.by_first[first]
+        self.changed.add(first)
+
+    def _count_shared(self) -> None:
+        """`repeated` after the joins and leaves since the last step."""
+        bs, by_first, counted = self.scheduler.block_size, self.by_first, self.group_repeated
+        for first in self.changed:
+            group = by_first.get(first)
+            now = repeated_kv_tokens([s.block_table for s in group], bs) if group and len(group) > 1 else 0
+            self.repeated += now - counted.pop(first, 0)
+            if now:
+                counted[first] = now
+        self.changed.clear()
 
     # ---- one step ------------------------------------------------------------------
     def schedule(self, now: float) -> dict | None:
@@ -123,7 +159,7 @@ class DecodeStretch:
                 seq.block_table.append(block)
         admitted = None
         if waiting and len(running) < cfg.max_num_seqs:
-            admitted = Batch()
+            admitted = Batch(block_size=sched.block_size)
             sched._admit(admitted, now, cfg.max_num_batched_tokens - num_dec,
                          cfg.long_prefill_token_threshold or cfg.max_num_batched_tokens, False)
             if not admitted.seqs:
@@ -135,13 +171,17 @@ class DecodeStretch:
         if self.max_stale:
             self.max_start = max((m[0] for m in self.members.values()), default=0)
             self.max_stale = False
+        if self.changed:
+            self._count_shared()
         context = self.sum_starts + (j + 1) * num_dec
         longest = self.max_start + j + 1 if num_dec else 0
         if admitted is None:
             return {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec,
                     "num_batched_tokens": num_dec, "num_prefill_tokens": 0,
                     "num_decode_seqs": num_dec, "num_sampled": num_dec,
-                    "decode_context_tokens": context, "prefill_context_tokens": 0,
+                    "decode_context_tokens": context,
+                    "decode_distinct_context_tokens": context - self.repeated,
+                    "prefill_context_tokens": 0,
                     "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
                     "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
                     "kv_blocks_used": used}
@@ -152,6 +192,8 @@ class DecodeStretch:
                 "num_decode_seqs": num_dec + f["num_decode_seqs"],
                 "num_sampled": num_dec + f["num_sampled"],
                 "decode_context_tokens": context + f["decode_context_tokens"],
+                "decode_distinct_context_tokens": (context - self.repeated
+                                                   + f["decode_distinct_context_tokens"]),
                 "prefill_context_tokens": f["prefill_context_tokens"],
                 "prefill_kv_tokens": f["prefill_kv_tokens"],
                 "prefill_attention_pairs": f["prefill_attention_pairs"],
@@ -182,6 +224,7 @@ class DecodeStretch:
                 self.alloc_groups[-v % bs].remove(seq)
                 self.reg_groups[(-1 - v) % bs].remove(seq)
                 self.sum_starts -= v
+                self._share(seq, -1)
                 if v == self.max_start:
                     self.max_stale = True
                 self.left.append((seq, entry, j + 1))
@@ -273,7 +316,7 @@ class DecodeStretch:
         batch = Batch(seqs=list(decoders), num_new_tokens=[1] * n,
                       num_computed_tokens=[s.num_computed_tokens - 1 for s in decoders],
                       sample=[True] * n, num_batched_tokens=n, num_decode_seqs=n,
-                      kv_blocks_used=self.kv_blocks_used)
+                      kv_blocks_used=self.kv_blocks_used, block_size=self.scheduler.block_size)
         tokens = [token_of[s.seq_id] for s in decoders]
         admitted = self.admitted
         if admitted is not None:

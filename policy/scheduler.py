@@ -101,7 +101,7 @@ class Scheduler:
     # ---- the step ------------------------------------------------------------------
     def schedule(self, now: float) -> Batch:
         """Choose this step's work and allocate its KV blocks. The batch may be empty."""
-        batch = Batch()
+        batch = Batch(block_size=self.block_size)
         self._schedule_policy(batch, now)
         batch.kv_blocks_used = self.block_manager.num_used_blocks
         return batch

@@ -17,6 +17,7 @@ Re-fit a saved profile (no GPU needed):
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import sys
 
@@ -33,25 +34,38 @@ from simulator.hardware import HardwareSpec
 # Features a profile made by an older grid may lack (fitted without them, said so), and
 # that each step kind's fit tries in and out (kept where shapes not fitted on say so: with the
 # balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
-OPTIONAL_FEATURES = ("max_context_tokens",)
+# decode_distinct_context_tokens is fitted only for a step kind whose train shapes include
+# decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
+OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens")
+SHARED_FEATURE = "decode_distinct_context_tokens"
+# Features whose coefficient each step kind's fit also tries piecewise linear in the step's
+# rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
+# context token is not the same at every batch size (serving steps of 16-64 decodes ran
+# 5-7% over a single slope fitted on the profile).
+SLOPED_FEATURES = ("decode_context_tokens",)
 
 # The roofline parameters a profile determines, with the range searched for each.
 HARDWARE_FIT = {
     "flops_efficiency": (0.05, 1.0), "flops_half_tokens": (0.0, 4096.0),
     "bandwidth_efficiency": (0.05, 1.0), "attention_bandwidth_efficiency": (0.02, 1.0),
     "step_fixed_s": (0.0, 5e-3), "layer_fixed_s": (0.0, 200e-6), "layer_launch_s": (0.0, 500e-6),
+    "shared_kv_read_cost": (0.02, 1.0),   # only with shared-prefix shapes in the profile
 }
 
 
 def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  graphs: CudaGraphs) -> list[dict]:
     """The step shapes to profile an engine with these limits on: {"shape": [(context after
-    the step, new tokens), ...], "split": "train" | "held_out"}. Every CUDA-graph size of
-    both families (decode batches x KV contexts; prefill chunks with and without cached
-    context, and chunks mixed with decodes), plus eager steps beyond the graphs up to the
+    the step, new tokens) or (context, new tokens, shared tokens, group), ...], "split":
+    "train" | "held_out"}; an entry with a group shares its first `shared tokens` (whole
+    blocks) with the other entries of its group, the same KV blocks, as prefix-cache hits
+    do (`shape_batch`). Every CUDA-graph size of both families (decode batches x KV
+    contexts, also with the decodes sharing a prefix of 1/2 or 7/8 of their context, in
+    one group or four; prefill chunks with and without cached context, and chunks mixed
+    with decodes, sharing a prefix or not), plus eager steps beyond the graphs up to the
     token budget. Held out (never fitted on): a KV context between the fitted ones for each
-    graph size, and every other eager size. (With graphs up to the token budget no step runs eagerly, and
-    none is profiled.)"""
+    graph size (shared 3/4 as well), and every other eager size. (With graphs up to the
+    token budget no step runs eagerly, and none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
     grid = []
     def add(shape, split="train"):
@@ -63,6 +77,9 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         decode += [S]                                   # past the graphs: eager decode
     def spread(b, c):   # b decodes whose contexts run evenly from c/4 to 7c/4 (mean c)
         return [(max(2, min(L, int(c * (0.25 + 1.5 * i / (b - 1))))), 1) for i in range(b)]
+    def shared(entries, s, groups=1):   # the entries share their first s tokens, by group
+        return [(ctx, n, s, i % groups) for i, (ctx, n) in enumerate(entries)]
+    mid = contexts[len(contexts) // 2]
     for b in decode:
         for c in contexts:
             add([(c, 1)] * b)
@@ -73,23 +90,35 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         add([(held_ctx, 1)] * b, "held_out")
         if b > 1:
             add(spread(b, held_ctx), "held_out")
+            # decodes sharing a prefix (prefix-cache hits): a shared block is read once per
+            # sequence, the reads after the first mostly from L2
+            for c in contexts[1:]:
+                for frac in (0.5, 0.875):
+                    add(shared([(c, 1)] * b, int(c * frac)))
+            add(shared(spread(b, mid), mid // 4))
+            if b >= 8:
+                add(shared([(contexts[-1], 1)] * b, contexts[-1] * 7 // 8, groups=4))
+            add(shared([(held_ctx, 1)] * b, held_ctx * 3 // 4), "held_out")
     cached = max(0, min(L - 1, 1024))
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
         if cached and t + cached <= L:
             add([(cached + t, t)])                                 # after a cached prefix
-        mid = contexts[len(contexts) // 2]
         d = min(t // 2, S - 1, 16)
         if d:                                                      # chunk + decodes
             add([(t - d, t - d)] + [(mid, 1)] * d)
             add([(t - d, t - d)] + [(contexts[-1], 1)] * d)        # ... at long contexts
+        if d > 1:                                                  # ... sharing a prefix
+            add([(t - d, t - d)] + shared([(contexts[-1], 1)] * d, contexts[-1] * 7 // 8))
         many = min(t // 2, S - 1)
         if many > max(d, 1):                                       # chunk + many decodes, spread
             add([(t - many, t - many)] + spread(many, mid))
+            add([(t - many, t - many)] + shared(spread(many, mid), mid // 4))
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
+            add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -103,30 +132,52 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         d = min(t // 4, S - 1, 32)
         if d:
             add([(t - d, t - d)] + [(contexts[len(contexts) // 2], 1)] * d, split)
+        if d > 1:
+            add([(t - d, t - d)] + shared([(mid, 1)] * d, mid * 7 // 8), split)
         many = min(t // 2, S - 1)
         if many > max(d, 1):
             add([(t - many, t - many)] + spread(many, contexts[len(contexts) // 2]), split)
     return grid
 
 
-def shape_batch(shape: list[tuple[int, int]], block_size: int, num_blocks: int) -> Batch:
+@functools.lru_cache(maxsize=64)
+def scattered_blocks(seed: int, num_blocks: int) -> np.ndarray:
+    """Blocks 1 .. num_blocks - 1 in a fixed random order (`seed`)."""
+    return np.random.default_rng(seed).permutation(max(1, num_blocks - 1)) + 1
+
+
+def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
-    step, new tokens); n == 1 entries are decodes (their prompt ended earlier), the others
-    prompt chunks ending at their context. Block tables take distinct blocks scattered over
-    a pool of `num_blocks` (a fixed random permutation, wrapping around when the shape
-    needs more), as a serving engine's tables are after some churn: the KV read is junk,
-    its cost (locality included) is real. Block 0, the engine's dummy block, is never used."""
-    batch = Batch()
-    pool = np.random.default_rng(len(shape)).permutation(max(1, num_blocks - 1)) + 1
+    step, new tokens[, shared tokens, group]); n == 1 entries are decodes (their prompt ended
+    earlier), the others prompt chunks ending at their context. Block tables take blocks
+    scattered over a pool of `num_blocks` (a fixed random permutation, wrapping around when
+    the shape needs more), as a serving engine's tables are after some churn: the KV read
+    is junk, its cost (locality included) is real. An entry with a group starts its table
+    with the group's blocks, the same block ids, for its first `shared tokens` // block_size
+    blocks (a prefix-cache hit; never the block its step writes), the rest its own. Block
+    0, the engine's dummy block, is never used."""
+    batch = Batch(block_size=block_size)
+    pool = scattered_blocks(len(shape), num_blocks)
     next_block = 0
-    for i, (ctx, n) in enumerate(shape):
-        seq = Sequence(i, [0] * ctx, 1)
+    def take(k):
+        nonlocal next_block
+        next_block += k
+        return pool[np.arange(next_block - k, next_block) % len(pool)].tolist()
+    prefixes: dict[int, list] = {}       # group -> its shared blocks
+    for i, (ctx, n, *share) in enumerate(shape):
+        seq = Sequence(i, bytes(8 * ctx), 1)      # ctx zero token ids (int64), one memcpy
         decode = n == 1 and ctx > 1
         if decode:
             seq.num_prompt_tokens = ctx - 1
         blocks = -(-ctx // block_size)
-        seq.block_table = pool[np.arange(next_block, next_block + blocks) % len(pool)].tolist()
-        next_block += blocks
+        common = 0
+        if share:
+            tokens, group = share
+            common = min(tokens, ctx - n) // block_size    # whole blocks its step does not write
+            prefix = prefixes.setdefault(group, [])
+            if len(prefix) < common:
+                prefix += take(common - len(prefix))
+        seq.block_table = (prefixes[share[1]][:common] if common else []) + take(blocks - common)
         batch.seqs.append(seq)
         batch.num_new_tokens.append(n)
         batch.num_computed_tokens.append(ctx - n)
@@ -135,6 +186,24 @@ def shape_batch(shape: list[tuple[int, int]], block_size: int, num_blocks: int) 
         batch.num_decode_seqs += decode
         batch.num_prefill_tokens += 0 if decode else n
     return batch
+
+
+def shares_kv(steps: pd.DataFrame) -> pd.Series:
+    """Which steps have decodes sharing KV blocks (False for all of a table made before
+    `decode_distinct_context_tokens` was recorded)."""
+    if SHARED_FEATURE not in steps.columns:
+        return pd.Series(False, index=steps.index)
+    return steps[SHARED_FEATURE] < steps["decode_context_tokens"]
+
+
+def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
+    """`steps` with `decode_distinct_context_tokens`: as recorded, or, for a table made
+    before it was, equal to decode_context_tokens (no sharing known; said so)."""
+    if SHARED_FEATURE in steps.columns:
+        return steps
+    print(f"note: {source} has no {SHARED_FEATURE} (recorded before it was): taken as "
+          "decode_context_tokens (no decodes sharing KV blocks)")
+    return steps.assign(**{SHARED_FEATURE: steps["decode_context_tokens"]})
 
 
 def fit_host(profile: pd.DataFrame) -> dict:
@@ -169,8 +238,12 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
             continue
-        kinds[kind] = fit_kind(train, test, [f for f in FITTED_FEATURES[kind] if f in profile.columns],
-                               optional=OPTIONAL_FEATURES)
+        features = [f for f in FITTED_FEATURES[kind] if f in profile.columns]
+        if SHARED_FEATURE in features and not shares_kv(train).any():
+            features.remove(SHARED_FEATURE)
+            print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
+                  f"{kind} fitted without {SHARED_FEATURE}")
+        kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES, sloped=SLOPED_FEATURES)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -194,8 +267,12 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
     parameter), and the host overheads (`fit_host`). Returns the fitted spec and its mean
     relative error per step kind on the held-out rows. `block_size`: the engine's KV block
     size in the profile, which the fitted efficiencies then describe
-    (`attention_reference_block`; the spec's own if None)."""
+    (`attention_reference_block`; the spec's own if None). `shared_kv_read_cost` is fitted
+    only if the profile has decodes sharing KV blocks (else the spec's own is kept)."""
+    profile = with_shared_feature(profile, "the profile")
     train = profile[profile["split"] == "train"]
+    fit_params = {k: v for k, v in HARDWARE_FIT.items()
+                  if k != "shared_kv_read_cost" or shares_kv(train).any()}
     rows, times = train.to_dict("records"), train["device_s"].to_numpy(float)
     host = fit_host(profile)
     best = dataclasses.replace(hw, step_overhead_s=host["launch_s"], seq_overhead_s=host["launch_seq_s"],
@@ -204,7 +281,7 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
                                attention_reference_block=block_size or hw.attention_reference_block)
     err = roofline_error(model, best, tp, graphs, rows, times)
     for _ in range(sweeps):
-        for name, (lo, hi) in HARDWARE_FIT.items():
+        for name, (lo, hi) in fit_params.items():
             current = getattr(best, name)
             candidates = set(np.geomspace(max(lo, hi / 1e4), hi, 25)) | {lo, current}
             candidates |= {min(hi, max(lo, current * f)) for f in (0.7, 0.85, 0.95, 1.05, 1.2, 1.4)}
@@ -223,13 +300,13 @@ def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
     """The held-out error per step kind (and the fitted roofline's, if given)."""
-    print(f"{'kind':<7} {'variant':<36} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
+    print(f"{'kind':<7} {'variant':<56} {'n train':>8} {'n held':>7} {'held-out MAPE':>14} {'p90 APE':>8} {'max APE':>8}"
           + ("  roofline MAPE" if roofline else "") + "  (other variants: held-out MAPE)")
     for kind, fit in calib["kinds"].items():
         held = fit.get("held_out", {})
         form = fit.get("variant", fit.get("form", ""))
         others = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fit.get("forms", {}).items() if k != form)
-        line = (f"{kind:<7} {form:<36} {fit['train']['n']:>8} {held.get('n', 0):>7} "
+        line = (f"{kind:<7} {form:<56} {fit['train']['n']:>8} {held.get('n', 0):>7} "
                 f"{100 * held.get('mape', float('nan')):>13.2f}% {100 * held.get('p90_ape', float('nan')):>7.2f}% "
                 f"{100 * held.get('max_ape', float('nan')):>7.2f}%")
         if roofline:
@@ -244,7 +321,7 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     """How the calibration predicts a real run's own steps (a steps.parquet with device_s):
     per step kind, n and the median / mean of (predicted - measured) / measured, and the
     predicted / measured sum of device time."""
-    steps = steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)]
+    steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
     model = FittedCostModel(calib, graphs=graphs)
     rows = steps.to_dict("records")
     kinds = [graphs.rows(r)[0] for r in rows]

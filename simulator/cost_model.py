@@ -196,7 +196,7 @@ class RooflineCostModel(CostModel):
 
         linear   max(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
         lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
-        decode   max(A Cd / F,              K Cd / BWa)         attention over each decode's KV
+        decode   max(A Cd / F,   K (Cu + r (Cd - Cu)) / BWa)    attention over each decode's KV
         prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
         allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
         fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
@@ -209,7 +209,9 @@ class RooflineCostModel(CostModel):
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
     F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
     head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
-    Cd: decode context tokens, Pp: causal query-key pairs of prefill chunks, Ckv: their
+    Cd: decode context tokens, Cu: of them, the tokens of distinct blocks (a block several
+    decodes share, a prefix-cache hit, counted once), r: the hardware's shared_kv_read_cost
+    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal query-key pairs of prefill chunks, Ckv: their
     context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
     layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
     The decode and prefill attention terms are multiplied by the hardware's measured cost
@@ -233,6 +235,7 @@ class RooflineCostModel(CostModel):
         heads_per_rank = model.num_heads // tp
         self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
         self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
+        self.reread = hw.shared_kv_read_cost
         block = hw.attention_reference_block if block_size is None else block_size
         self.decode_attn_factor = hw.attention_block_factor("decode", block)
         self.prefill_attn_factor = hw.attention_block_factor("prefill", block)
@@ -254,8 +257,11 @@ class RooflineCostModel(CostModel):
         if known is None:
             known = self._by_shape[shape] = self._shape_time(f)
         t, kind, rows = known
-        decode_ctx = f["decode_context_tokens"]
-        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * decode_ctx)
+        decode_ctx = kv = f["decode_context_tokens"]
+        if self.reread != 1.0:
+            distinct = f["decode_distinct_context_tokens"]
+            kv = distinct + self.reread * (decode_ctx - distinct)
+        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
         if f["prefill_kv_tokens"]:
             t += self.prefill_attn_factor * max(self.attn_flop_s * f["prefill_attention_pairs"],
                                                 self.kv_read_s * f["prefill_kv_tokens"])
@@ -286,15 +292,20 @@ class RooflineCostModel(CostModel):
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).
 # max_context_tokens: a decode batch's attention ends with its longest sequence (the
 # split-KV programs of the longest contexts set the step's tail).
+# decode_distinct_context_tokens next to decode_context_tokens: decodes sharing KV blocks
+# (prefix-cache hits) read each shared block once per sequence, but every read after the
+# first mostly hits L2, so a step costs a x distinct + b x (total - distinct); written
+# b x total + (a - b) x distinct, both coefficients >= 0 when a first read costs more.
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens", "max_context_tokens"],
-    "mixed": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
-              "max_context_tokens"],
-    "eager": ["num_sampled", "decode_context_tokens", "prefill_attention_pairs", "prefill_kv_tokens",
-              "max_context_tokens"],
+    "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens"],
+    "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
+    "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
 }
 # Which attention kernel's time each fitted feature measures (what a block size scales).
-ATTENTION_FEATURES = {"decode_context_tokens": "decode", "max_context_tokens": "decode",
+ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
+                      "max_context_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
 
 
@@ -325,7 +336,9 @@ class FittedCostModel(CostModel):
     the values fitted at `knots` (form "piecewise": every profiled size, for graphed steps
     the graph sizes; form "linear": the smallest and largest; `fit_kind` keeps the form
     with the lower held-out error);
-    features: FITTED_FEATURES (attention and sampling work). Host costs come from the file.
+    features: FITTED_FEATURES (attention and sampling work), each with a coefficient, or
+    (`slopes`, variant " sloped") a coefficient piecewise linear in T' through its own
+    knots. Host costs come from the file.
     Given the hardware and the run's block size, each attention coefficient is scaled by
     cost(run's block) / cost(block profiled) of its kernel (ATTENTION_FEATURES, the
     hardware's `attention_block_cost`): the profile measured attention at one block size.
@@ -336,6 +349,7 @@ class FittedCostModel(CostModel):
          "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
          "engine": {<the engine settings profiled>},
          "kinds": {"decode": {"knots": [...], "base_s": [...], "coefficients": {name: s/unit},
+                              "slopes": {name: {"knots": [...], "coefficients": [s/unit at each]}} (optional),
                               "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
          "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"}}
     """
@@ -355,15 +369,24 @@ class FittedCostModel(CostModel):
                 _require(key in fit, f"{source}: kind {kind!r} has no {key!r}")
             _require(len(fit["knots"]) == len(fit["base_s"]) >= 1,
                      f"{source}: kind {kind!r} needs as many base_s as knots (>= 1)")
+            slopes = []     # (feature, knots, coefficient at each): a coefficient piecewise in rows
+            for name, sl in (fit.get("slopes") or {}).items():
+                _require(len(sl.get("knots", ())) == len(sl.get("coefficients", ())) >= 1,
+                         f"{source}: kind {kind!r}: the slope of {name!r} needs as many "
+                         "coefficients as knots (>= 1)")
+                slopes.append((name, [float(k) for k in sl["knots"]], [float(c) for c in sl["coefficients"]]))
             self.kinds[kind] = ([float(k) for k in fit["knots"]], [float(b) for b in fit["base_s"]],
-                                [(name, float(c)) for name, c in fit["coefficients"].items()])
+                                [(name, float(c)) for name, c in fit["coefficients"].items()], slopes)
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.host = HostCosts(**calibration.get("host", {}))
         self.attn_factors = self._block_factors(hw, block_size)
-        for kind, (knots, base, terms) in self.kinds.items():
-            terms = [(name, coef * self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0))
-                     for name, coef in terms]
-            self.kinds[kind] = (knots, base, terms)
+
+        def factor(name):
+            return self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)
+        for kind, (knots, base, terms, slopes) in self.kinds.items():
+            terms = [(name, coef * factor(name)) for name, coef in terms]
+            slopes = [(name, k, [c * factor(name) for c in cs]) for name, k, cs in slopes]
+            self.kinds[kind] = (knots, base, terms, slopes)
 
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
@@ -389,10 +412,12 @@ class FittedCostModel(CostModel):
         if kind not in self.kinds:   # a step the profiled engine never ran this way
             kind = next(k for k in ("eager", "mixed", "decode") if k in self.kinds)
             rows = f["num_batched_tokens"]
-        knots, base, terms = self.kinds[kind]
+        knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
             t += coef * f[name]
+        for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
+            t += base_time(k, coefs, rows) * f[name]
         return t
 
 
@@ -423,40 +448,61 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
-             optional: tuple[str, ...] = ()) -> dict:
+             optional: tuple[str, ...] = (), sloped: tuple[str, ...] = ()) -> dict:
     """One step kind, its form and features chosen by measurement: the base is fitted either
     piecewise linear through every distinct computed-token count of `train` ("piecewise":
     each CUDA graph size its own cost) or linear between the smallest and largest
     ("linear"), with non-negative feature coefficients, by least squares on relative error
     (each row weighted 1 / its time, so small steps count as much as large ones); each
-    `optional` feature is tried in and out. The variant with the lower error on `test`
-    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, more
-    features); `variant` names it and `forms` records every variant's error."""
+    `optional` feature is tried in and out, and the `sloped` features with a coefficient
+    that is itself piecewise linear in the step's rows, through 4 of its sizes spaced
+    geometrically (" sloped": attention's cost per token of KV depends on the batch, through
+    how the kernel's programs cover the GPU). The variant with the lower error on `test`
+    (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, fewer
+    slopes, more features); `variant` names it and `forms` records every variant's error."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
     feature_sets = {"": features}
     for f in optional:
         if f in features:
             feature_sets[f" without {f}"] = [x for x in features if x != f]
-    fits = {form + label: (form, _fit_base(train, test, fs, knots))
-            for form, knots in candidates.items() for label, fs in feature_sets.items()}
+    sloped = [f for f in sloped if f in features]
+    slopes = {"": ()}
+    if sloped and len(sizes) >= 4:
+        slopes[" sloped"] = sorted({min(sizes, key=lambda s: abs(math.log(s / x)))
+                                    for x in np.geomspace(sizes[0], sizes[-1], 4)})
+    fits = {form + label + sl: (form, _fit_base(train, test, fs, knots,
+                                                {f: slope_knots for f in sloped if f in fs} if sl else {}))
+            for form, knots in candidates.items() for label, fs in feature_sets.items()
+            for sl, slope_knots in slopes.items()}
 
     def score(fit):
         return fit.get("held_out", fit["train"])["mape"]
-    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", len(k)))
+    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", "sloped" in k, len(k)))
     form, fit = fits[best]
     return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
 
 
-def _fit_base(train, test, features: list[str], knots: list[int]) -> dict:
+def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict | None = None) -> dict:
+    """`slopes`: {feature: knots}: those features' coefficients piecewise linear in rows."""
+    slopes = slopes or {}
+    flat = [f for f in features if f not in slopes]
     def design(df):
-        return np.column_stack([hat_basis(df["rows"].to_numpy(float), knots)]
-                               + [df[f].to_numpy(float) for f in features])
+        rows = df["rows"].to_numpy(float)
+        return np.column_stack([hat_basis(rows, knots)] + [df[f].to_numpy(float) for f in flat]
+                               + [hat_basis(rows, k) * df[f].to_numpy(float)[:, None]
+                                  for f, k in slopes.items()])
     y = train["device_s"].to_numpy(float)
     coef = nonnegative_lstsq(design(train) / y[:, None], np.ones_like(y))
-    base, terms = coef[:len(knots)], coef[len(knots):]
+    base, terms = coef[:len(knots)], coef[len(knots):len(knots) + len(flat)]
     fit = {"knots": [int(k) for k in knots], "base_s": [float(b) for b in base],
-           "coefficients": {f: float(c) for f, c in zip(features, terms)}}
+           "coefficients": {f: float(c) for f, c in zip(flat, terms)}}
+    at = len(knots) + len(flat)
+    if slopes:
+        fit["slopes"] = {}
+        for f, k in slopes.items():
+            fit["slopes"][f] = {"knots": [int(x) for x in k], "coefficients": [float(c) for c in coef[at:at + len(k)]]}
+            at += len(k)
     for name, df in (("train", train), ("held_out", test)):
         if len(df):
             pred = design(df) @ coef
@@ -474,7 +520,8 @@ class ReplayCostModel(CostModel):
     a mismatch means the policies diverged, and raises RuntimeError naming the step."""
     TIMES = ("start_s", "launch_s", "tokens_s", "end_s")
     SHAPE = ("num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs",
-             "num_sampled", "decode_context_tokens", "prefill_context_tokens", "num_preempted",
+             "num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
+             "prefill_context_tokens", "num_preempted",
              "prefix_hit_tokens", "kv_blocks_used")
 
     def __init__(self, steps: "pd.DataFrame", strict: bool = True, source: str = "<steps>"):

@@ -57,6 +57,14 @@ class HardwareSpec:
         block size in the profile they were fitted on; 16, the engine's default, for
         datasheet leads). A run at block b scales attention time by
         cost(b) / cost(attention_reference_block): `attention_block_factor`.
+    shared_kv_read_cost: time of a decode's read of a KV block that another decode of the
+        same step reads too (prefix-cache hits share blocks), after the first read, relative
+        to a first read (0 < x <= 1): the decode kernel reads a shared block once per
+        sequence, and the reads after the first mostly come from L2 (50 MB on an H200),
+        not HBM. 1.0 (the default): no reuse. Fitted from a profile with shared-prefix
+        decode shapes; L2's capacity is not modelled (the sharing decodes of a step read a
+        shared block at about the same time, so what matters is that a layer's shared
+        prefix is read while it is resident, which holds for the prefixes profiled).
     """
     name: str
     peak_tflops: float
@@ -77,12 +85,14 @@ class HardwareSpec:
     update_seq_overhead_s: float = 1e-6
     attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
     attention_reference_block: int = 16
+    shared_kv_read_cost: float = 1.0
 
     def __post_init__(self):
         for field in ("peak_tflops", "hbm_bandwidth_gbs", "memory_gib"):
             value = getattr(self, field)
             _require(value > 0, f"hardware {self.name!r}: {field} must be > 0, got {value!r}")
-        for field in ("flops_efficiency", "bandwidth_efficiency", "attention_bandwidth_efficiency"):
+        for field in ("flops_efficiency", "bandwidth_efficiency", "attention_bandwidth_efficiency",
+                      "shared_kv_read_cost"):
             value = getattr(self, field)
             _require(0 < value <= 1, f"hardware {self.name!r}: {field} must be in (0, 1], got {value!r}")
         for field in ("flops_half_tokens", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",

@@ -373,10 +373,18 @@ def test_random_checkpoint_is_written_once_per_architecture(tmp_path, monkeypatc
     assert replay_module.model_path(explicit) == "/x"
 
 
-def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
-    """The engine's online replay path, on the CPU: same result files as the simulator."""
+def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path, monkeypatch):
+    """The engine's online replay path, on the CPU: same result files as the simulator; the
+    timed steps run with the start-up objects frozen out of the garbage collector (no full
+    collection charged to the trace), and the freeze is undone afterwards."""
+    import gc
     pytest.importorskip("torch")
     checkpoint = pytest.importorskip("engine.checkpoint")
+    from engine import LLMEngine
+    frozen, step = [], LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "step",
+                        lambda self, *a, **k: frozen.append(gc.get_freeze_count()) or step(self, *a, **k))
+    before = gc.get_freeze_count()
     model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
                                                    tmp_path / "tiny", dtype="float32")
     cfg = compose_config(["mode=gpu", "engine.device=cpu", f"engine.model_path={model_dir}",
@@ -389,6 +397,8 @@ def test_gpu_mode_replays_on_cpu_with_a_tiny_model(tmp_path):
     check_run_dir(run_dir, cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mode"] == "gpu" and summary["run"]["num_blocks"] == 64
+    assert frozen[0] == before and frozen[-1] > before   # warm-up unfrozen, replay frozen
+    assert gc.get_freeze_count() == before
 
 
 @pytest.mark.parametrize("policy,async_scheduling", [("chunked", True), ("prefill_first", True),
@@ -483,6 +493,8 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     profile = pd.read_parquet(summary["profile"])
     assert (profile["device_s"] > 0).all() and set(profile["split"]) == {"train", "held_out"}
     assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
+    # decodes sharing a prefix were profiled (the engine read the same blocks)
+    assert (profile["decode_distinct_context_tokens"] < profile["decode_context_tokens"]).any()
     hardware = Path(summary["hardware"])
     assert hardware.is_file() and "fitted on" in hardware.read_text()
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",

@@ -25,13 +25,15 @@ class Req:
 
 
 class LinearCost(CostModel):
-    """Stateless, and reads kv_blocks_used: a wrong per-step feature changes the times."""
+    """Stateless, and reads kv_blocks_used and the distinct KV read (prefix-cache hits): a
+    wrong per-step feature changes the times."""
 
     def __init__(self, host: HostCosts = HostCosts()):
         self.host = host
 
     def predict(self, f: dict) -> float:
         return (1.3e-3 + 2.9e-6 * f["num_batched_tokens"] + 7.1e-7 * f["decode_context_tokens"]
+                + 3.3e-7 * f["decode_distinct_context_tokens"]
                 + 3.7e-6 * f["kv_blocks_used"] + 1.1e-5 * f["num_seqs"])
 
 

@@ -244,50 +244,7 @@ def test_bad_configs_are_rejected():
         dataclasses.replace(cfg, moe_intermediate_size=30).check_tp(4)
 
 
-# ---- the Triton fused-MoE kernel (interpreted on the CPU) ----------------------------------
-
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter,dtype", [
-    (1, 8, 2, 32, 48, torch.float32),      # decode: one token, most experts idle
-    (37, 16, 4, 40, 24, torch.float32),    # prefill: ragged dims, several row blocks per expert
-    (5, 4, 4, 64, 64, torch.float32),      # top_k == num_experts
-    (19, 8, 2, 32, 32, torch.bfloat16),
-    (130, 4, 2, 32, 32, torch.float32),    # 65 pairs per expert: 64-row blocks
-])
-def test_fused_moe_kernel_matches_reference(num_tokens, num_experts, top_k, hidden, inter, dtype):
-    from engine.kernels.fused_moe import fused_moe
-    g = torch.Generator().manual_seed(num_tokens)
-    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / 5).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, generator=g) / 5).to(dtype)
-    weights, ids = route(torch.randn(num_tokens, num_experts, generator=g), top_k, True)
-    out = fused_moe(x, w13, w2, weights, ids, block_n=32, block_k=32)
-    ref = moe_reference(x, w13, w2, weights, ids)
-    assert out.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    else:   # against the exact (fp32) result of the same bf16 inputs: bf16 output rounding
-        exact = moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
-        err = (out.float() - exact).norm() / exact.norm()
-        assert err < 1e-2, err
-
-
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_align_by_expert_blocks_hold_one_expert(block_m):
-    from engine.kernels.fused_moe import align_by_expert, max_row_blocks
-    ids = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(0))
-    pairs, block_expert = align_by_expert(ids, 8, block_m)
-    assert block_expert.numel() == max_row_blocks(100, 8, block_m)   # shape from T, k, E only
-    flat = ids.reshape(-1)
-    real = pairs[pairs < 100].long()
-    assert sorted(real.tolist()) == list(range(100))           # every pair exactly once
-    for b, e in enumerate(block_expert.tolist()):
-        rows = pairs[b * block_m:(b + 1) * block_m]
-        rows = rows[rows < 100].long()
-        if e == 8:
-            assert rows.numel() == 0
-        else:
-            assert (flat[rows] == e).all() and rows.numel() > 0
-
+# ---- the engine on the Triton kernels (the kernels themselves: tests/test_moe_kernels.py) --
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_neox"])
 def test_engine_with_triton_kernels(checkpoints, reference, arch):

@@ -66,6 +66,7 @@ class FusedMoE(nn.Module):
     """
 
     fused = False   # build_model sets it (with the Triton backends): engine.kernels.fused_moe
+    moe_tiles = ()  # the fused kernels' tiles per token count: fused_moe.choose_moe_tiles sets it
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  renormalize: bool, tp_rank: int = 0, tp_size: int = 1):
@@ -100,15 +101,26 @@ class FusedMoE(nn.Module):
             copy_weight(param.data[expert].narrow(0, which * i, i), shard_of(loaded, 0, full, start, i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        if self.fused:
-            from engine.kernels.fused_moe import fused_moe
-            y = fused_moe(x, self.w13, self.w2, weights, ids)
+        logits = self.gate(x)
+        if self.fused:   # routing, alignment, experts and the sum in 4-5 Triton launches
+            from engine.kernels.fused_moe import fused_experts
+            y = fused_experts(x, logits, self.w13, self.w2, self.top_k, self.renormalize,
+                              self.moe_tiles)
         else:
-            y = moe_reference(x, self.w13, self.w2, weights, ids)
+            y = moe_reference(x, self.w13, self.w2, *route(logits, self.top_k, self.renormalize))
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y
+
+
+def choose_moe_tiles(model: nn.Module, max_tokens: int) -> list[dict]:
+    """Time and set the fused kernels' tiles of the model's fused MoE layers
+    (engine.kernels.fused_moe.choose_moe_tiles; Triton is imported only where there are
+    any). Returns its report, [] without such layers."""
+    if not any(isinstance(m, FusedMoE) and m.fused for m in model.modules()):
+        return []
+    from engine.kernels import fused_moe
+    return fused_moe.choose_moe_tiles(model, max_tokens)
 
 
 # checkpoint expert module -> (our stacked parameter, which): Qwen3-MoE names, Mixtral names
