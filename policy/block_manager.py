@@ -25,8 +25,9 @@ lookup that finds the first block, or a second sequence registering the same fir
 hashes and enters the owner's deferred blocks; from then on that chain is *shared*: every
 sequence starting with that first block registers its blocks at once. Nothing observable
 changes (the tests run both ways, `defer_registration`): no other sequence holds a block
-of a chain no lookup found, so the owner frees its deferred blocks itself, tail first,
-before its first block: once the first block is evicted, so is every deferred block.
+of a chain no lookup found, so the owner frees its deferred blocks itself, in one call,
+tail first: they come before its first block in the free list, so once the first block is
+evicted, so is every deferred block.
 (Equal hashes are taken for equal prefixes throughout, as the eager cache does; deferral
 adds no other assumption.)
 """
@@ -171,7 +172,8 @@ class BlockManager:
             return []
         hits = []
         cache, state, block_hash = self._cache, self.cache_state, self.block_hash
-        for h in self.block_hashes(seq, num_blocks)[:num_blocks]:   # `lookup`, inlined: the chain is entered now
+        # `lookup`, inlined (the chain's deferred blocks are entered now)
+        for h in self.block_hashes(seq, num_blocks)[:num_blocks]:
             block = cache.get(h)
             if block is None or state[block] != ENTERED or block_hash[block] != h:
                 break
@@ -461,7 +463,7 @@ class BlockManager:
         for block in np.flatnonzero(state == ENTERED).tolist():   # an entered block is its hash's entry
             assert self._cache.get(self.block_hash.item(block)) == block, block
         deferred = set()
-        for first, (owner, table) in self._deferred.items():
+        for first in self._deferred:
             assert first not in self._shared
             blocks = self._deferred_entries(first)[1]
             assert not blocks or self._live(first), "a deferred block outlived its chain's first"
