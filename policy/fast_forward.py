@@ -138,6 +138,22 @@ class DecodeStretch:
                 counted[first] = now
         self.changed.clear()
 
+    def _repeated_with(self, admitted: Batch) -> int:
+        """Tokens the step's admitted decodes (sequences re-admitted with prefix hits up to
+        their last token) read again from blocks of the members they share a first block
+        with: counted by neither `repeated` nor the admitted batch's own features."""
+        extra: dict[int, list] = {}
+        for seq, n, start in zip(admitted.seqs, admitted.num_new_tokens, admitted.num_computed_tokens):
+            table = seq.block_table
+            if n == 1 and start >= seq.num_prompt_tokens and table[0] in self.by_first:
+                extra.setdefault(table[0], []).append(table)
+        bs, joint = self.scheduler.block_size, 0
+        for first, tables in extra.items():
+            members = [s.block_table for s in self.by_first[first]]
+            joint += (repeated_kv_tokens(members + tables, bs) - repeated_kv_tokens(members, bs)
+                      - repeated_kv_tokens(tables, bs))
+        return joint
+
     # ---- one step ------------------------------------------------------------------
     def schedule(self, now: float) -> dict | None:
         """Form step j at `now` (as `Scheduler.schedule`) and return its record, or None
@@ -193,7 +209,8 @@ class DecodeStretch:
                 "num_sampled": num_dec + f["num_sampled"],
                 "decode_context_tokens": context + f["decode_context_tokens"],
                 "decode_distinct_context_tokens": (context - self.repeated
-                                                   + f["decode_distinct_context_tokens"]),
+                                                   + f["decode_distinct_context_tokens"]
+                                                   - (self._repeated_with(admitted) if f["num_decode_seqs"] else 0)),
                 "prefill_context_tokens": f["prefill_context_tokens"],
                 "prefill_kv_tokens": f["prefill_kv_tokens"],
                 "prefill_attention_pairs": f["prefill_attention_pairs"],
