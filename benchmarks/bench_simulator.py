@@ -1,7 +1,7 @@
 """Simulator speed: ShareGPT requests near capacity, qwen3-0.6b on h100, roofline cost model.
 
     python benchmarks/bench_simulator.py [--num-requests 10000] [--rate R] [--no-breakdown]
-        [--step-by-step] [--no-prefix-caching] [--profile] [--steps-out steps.parquet]
+        [--step-by-step] [--no-prefix-caching] [--no-deferral] [--profile] [--steps-out steps.parquet]
 
 First a saturation probe: the first `--probe-requests` requests all arrive at t=0 (a full
 queue keeps the engine at max_num_seqs); saturation = probe requests / simulated duration.
@@ -14,7 +14,9 @@ the share of its time per component (scheduler, block manager, step loop, cost m
 simpy, garbage collector...). `--step-by-step` runs the reference loop (one iteration per
 step) instead of event skipping. `--no-prefix-caching` runs without block hashing and the
 prefix cache: the same schedule on this trace (it has no prefix hits), so the difference
-is what hashing and the cache cost. `--profile` prints cProfile's top 20 functions.
+is what hashing and the cache cost. `--no-deferral` hashes and enters every full block when
+it is registered (policy.block_manager's deferred registration off): the same result, so
+the difference is what deferral saves. `--profile` prints cProfile's top 20 functions.
 Prints tables and, last, one line of JSON.
 """
 import argparse
@@ -32,7 +34,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policy import CacheConfig, SchedulerConfig  # noqa: E402
+from policy import BlockManager, CacheConfig, SchedulerConfig  # noqa: E402
 from simulator import (CostModelConfig, HardwareSpec, ModelSpec, Simulator,  # noqa: E402
                        build_cost_model, kv_pool_blocks)
 from traces import TraceConfig, load_trace, materialize  # noqa: E402
@@ -141,12 +143,15 @@ def main():
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="no block hashing or prefix cache (what they cost: this trace has no hits)")
+    ap.add_argument("--no-deferral", action="store_true",
+                    help="hash and enter every full block at once (what deferred registration saves)")
     ap.add_argument("--step-by-step", action="store_true",
                     help="the reference loop: one iteration per step, no event skipping")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled breakdown run")
     ap.add_argument("--profile", action="store_true", help="print cProfile's top 20 functions")
     ap.add_argument("--steps-out", default=None, help="write the timed run's steps here (parquet)")
     args = ap.parse_args()
+    BlockManager.defer_registration = not args.no_deferral
 
     model_cfg = yaml.safe_load(open(ROOT / "conf" / "model" / f"{args.model}.yaml"))
     model = ModelSpec.from_hf_config(model_cfg["hf_config"], name=model_cfg["name"])
@@ -183,6 +188,10 @@ def main():
             pstats.Stats(profiled["_prof"]).sort_stats("tottime").print_stats(20)
 
     loop = "step by step" if args.step_by_step else "event skipping"
+    if args.no_prefix_caching:
+        loop += ", no prefix caching"
+    elif args.no_deferral:
+        loop += ", no deferred registration"
     print(f"ShareGPT lengths, {args.model} on {args.hardware} (roofline), {num_blocks} KV blocks x "
           f"{args.block_size}, chunked, max_num_seqs={args.max_num_seqs}, {loop}, "
           f"python {platform.python_version()} on {platform.processor() or platform.machine()}")

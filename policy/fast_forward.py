@@ -25,14 +25,14 @@ step j is what `Scheduler.schedule` + `update` would do, in the same order:
 The caller (the simulator) forms the steps' times and gives `close` each step's token time.
 The scheduler's state is current after every step for everything but the decoding
 sequences' tokens and counters, which only `close` writes (the policy is their only
-writer, and no one else reads them until the stretch is closed).
+writer, and no one else reads them until the stretch is closed; the block manager, which
+may hash their blocks when a lookup finds their chain, reads their tokens as
+`BlockManager.lagging` says).
 """
 from array import array
 
-from xxhash import xxh64_intdigest
-
 from policy.batch import Batch, repeated_kv_tokens
-from policy.block_manager import root_hash
+from policy.block_manager import DEFERRED
 from policy.scheduler import Scheduler
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -74,7 +74,9 @@ class DecodeStretch:
         self.step_decoders = None       # those, saved when some finished at the step
         self.kv_blocks_used = 0
         self.chunked = scheduler.config.policy == "chunked"
-        self.fills: dict[int, array] = {}     # token -> a block of it
+        # The members' tokens past `final` are `token` until `close` writes them: the block
+        # manager reads them so (it may hash a member's blocks when a lookup finds them).
+        self.lagging = scheduler.block_manager.lagging
 
     def join(self, seq: Sequence, first: int) -> bool:
         """Make running `seq` decode from step `first`. False (nothing changed) if its next
@@ -94,6 +96,7 @@ class DecodeStretch:
         members = self.members
         pending = ids[-1] == PLACEHOLDER
         members[seq] = (v, token, first, len(ids) - pending, pending and first > 0)
+        self.lagging[seq] = (len(ids) - pending, token)
         self.alloc_groups[-v % bs].append(seq)
         self.reg_groups[(-1 - v) % bs].append(seq)
         last = first + seq.max_num_tokens - seq.num_tokens - 1   # its update finishes it
@@ -134,6 +137,22 @@ class DecodeStretch:
             if now:
                 counted[first] = now
         self.changed.clear()
+
+    def _repeated_with(self, admitted: Batch) -> int:
+        """Tokens the step's admitted decodes (sequences re-admitted with prefix hits up to
+        their last token) read again from blocks of the members they share a first block
+        with: counted by neither `repeated` nor the admitted batch's own features."""
+        extra: dict[int, list] = {}
+        for seq, n, start in zip(admitted.seqs, admitted.num_new_tokens, admitted.num_computed_tokens):
+            table = seq.block_table
+            if n == 1 and start >= seq.num_prompt_tokens and table[0] in self.by_first:
+                extra.setdefault(table[0], []).append(table)
+        bs, joint = self.scheduler.block_size, 0
+        for first, tables in extra.items():
+            members = [s.block_table for s in self.by_first[first]]
+            joint += (repeated_kv_tokens(members + tables, bs) - repeated_kv_tokens(members, bs)
+                      - repeated_kv_tokens(tables, bs))
+        return joint
 
     # ---- one step ------------------------------------------------------------------
     def schedule(self, now: float) -> dict | None:
@@ -190,7 +209,8 @@ class DecodeStretch:
                 "num_sampled": num_dec + f["num_sampled"],
                 "decode_context_tokens": context + f["decode_context_tokens"],
                 "decode_distinct_context_tokens": (context - self.repeated
-                                                   + f["decode_distinct_context_tokens"]),
+                                                   + f["decode_distinct_context_tokens"]
+                                                   - (self._repeated_with(admitted) if f["num_decode_seqs"] else 0)),
                 "prefill_context_tokens": f["prefill_context_tokens"],
                 "prefill_kv_tokens": f["prefill_kv_tokens"],
                 "prefill_attention_pairs": f["prefill_attention_pairs"],
@@ -237,38 +257,22 @@ class DecodeStretch:
             self.ended = True
 
     def _register(self, regs: list, j: int) -> None:
-        """`BlockManager.register` of the block each of `regs` filled at step j (a hash
-        once computed, before a preemption say, is reused; a block whose content an
-        identical live block already serves is not entered)."""
-        bm, bs, members, fills = self.scheduler.block_manager, self.scheduler.block_size, self.members, self.fills
-        cache, block_hash, hashed = bm._cache, bm.block_hash, bm.hashed
+        """`BlockManager.register` of the block each of `regs` filled at step j (their
+        tokens past the stretch's start read from `BlockManager.lagging`). The common case,
+        a block of a chain its sequence owns, is inlined: marked deferred."""
+        bm, bs, members = self.scheduler.block_manager, self.scheduler.block_size, self.members
+        deferred, state, tags = bm._deferred, bm.cache_state, bm.block_hash
         for seq in regs:
-            v, token, _, final, _ = members[seq]
-            i = (v + j) // bs
-            seq.num_registered_blocks = i + 1
-            hashes = seq.block_hashes
-            if len(hashes) > i:
-                h = hashes[i]
+            i = (members[seq][0] + j) // bs
+            table = seq.block_table
+            record = deferred.get(seq.block_hashes[0]) if i else None
+            if record is not None and record[1] is table:   # as register_blocks' owner case
+                seq.num_registered_blocks = i + 1
+                block = table[i]
+                state[block] = DEFERRED
+                tags[block] = seq.block_hashes[0]
             else:
-                lo = i * bs
-                if lo >= final:         # all of it the stretch's token
-                    content = fills.get(token)
-                    if content is None:
-                        content = fills[token] = array("q", (token,)) * bs
-                elif lo + bs <= final:
-                    content = seq.token_ids[lo:lo + bs]
-                else:
-                    content = seq.token_ids[lo:final] + array("q", (token,)) * (lo + bs - final)
-                h = xxh64_intdigest(content, hashes[-1] if i else root_hash(seq.extra_keys))
-                hashes.append(h)
-            old = cache.get(h)
-            if old is None or not (hashed[old] and block_hash[old] == h):
-                block = seq.block_table[i]
-                cache[h] = block
-                block_hash[block] = h
-                hashed[block] = True
-        if len(cache) > 4 * bm.num_blocks:
-            bm._drop_dead_entries()
+                bm.register_blocks(seq, i + 1)
 
     # ---- the end -------------------------------------------------------------------
     def close(self, times: list[float], in_flight: bool = False) -> list[Sequence]:
@@ -281,6 +285,7 @@ class DecodeStretch:
         if len(times) != k:
             raise ValueError(f"a stretch of {k} steps cannot take {len(times)} times")
         done = []
+        self.lagging.clear()
         write = self._write_back
         for seq, entry in self.members.items():
             write(seq, entry, k, times, in_flight)
@@ -366,5 +371,6 @@ def plan_decode_stretch(sched: Scheduler, token_of: dict) -> DecodeStretch | Non
     join = stretch.join
     for seq in running:
         if not join(seq, 0):
+            stretch.lagging.clear()
             return None
     return stretch

@@ -70,6 +70,7 @@ def skip_decode_turns(replica, state, now: float, admit: Callable[[float], None]
         ends.append(t)
     k = len(records)
     if not k:
+        stretch.close([])       # no step taken: nothing to write back, nothing lagging
         return 0, []
     executor.t = t
 

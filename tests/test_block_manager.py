@@ -85,10 +85,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def cached_blocks_hold_what_produced_them(self):
         by_content = {}
-        for h, block in self.bm.cached.items():
+        cached = self.bm.cached
+        for h, block in cached.items():
             content = self.prefix_of[block]   # only written full blocks are ever cached
             assert by_content.setdefault(content, h) == h, "one prefix, one hash"
-            assert self.bm.block_hash[block] == h
+        assert len(set(cached.values())) == len(cached), "one block, one content"
 
     def teardown(self):
         for seq in self.live:
@@ -234,3 +235,85 @@ def test_free_list_keeps_lru_order_through_revivals(ops):
             live.append(seq)
         assert bm.free_list() == list(ref)
         bm.check_integrity()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["decode", "free", "free", "preempt", "probe"]),
+                          st.integers(0, 40), st.lists(st.integers(0, 1), min_size=1, max_size=14),
+                          st.integers(1, 12)),
+                max_size=120))
+def test_deferred_registration_changes_nothing(ops):
+    """A pool that defers hashing (`defer_registration`, the default) and one that hashes and
+    enters every block at once, driven alike (prompts admitted in chunks, decodes, frees,
+    preemptions and re-admissions, router probes; chains shared or not, a pool small enough
+    to evict): the same hits, blocks, evictions, cache content and free list after each op."""
+    pools = [BlockManager(num_blocks=16, block_size=2), BlockManager(num_blocks=16, block_size=2)]
+    pools[1].defer_registration = False
+    live: list[tuple[Sequence, Sequence]] = []
+
+    def step(pair, upto, token):
+        """The step computing tokens [computed, upto) of both twins, if it gets its blocks;
+        having computed all, it samples `token` (as the scheduler's update)."""
+        if pools[0].blocks_needed(pair[0], upto) > pools[0].num_free_blocks:
+            return False
+        for bm, seq in zip(pools, pair):
+            assert bm.allocate(seq, upto)
+            seq.num_computed_tokens = upto
+            bm.register(seq)
+            if upto == seq.num_tokens:
+                seq.token_ids.append(token)
+                seq.num_tokens += 1
+        return True
+
+    def admit(pair, chunk):
+        hits = [bm.match_prefix(seq) for bm, seq in zip(pools, pair)]
+        assert hits[0] == hits[1]
+        n = min(pair[0].num_tokens, len(hits[0]) * 2 + chunk)
+        if not pools[0].can_admit(pair[0], hits[0], n):
+            return False
+        for bm, seq, h in zip(pools, pair, hits):
+            bm.admit(seq, h)
+        step(pair, n, 100 + pair[0].seq_id)
+        step(pair, pair[0].num_tokens, 100 + pair[0].seq_id)   # the rest, as a later chunk
+        return True
+
+    for i, (op, first, tokens, k) in enumerate(ops):
+        if op in ("admit", "probe"):
+            prompt = [first] + tokens
+            if op == "probe":
+                counts = [bm.count_cached_tokens(prompt) for bm in pools]
+                assert counts[0] == counts[1]
+                continue
+            pair = (Sequence(i, prompt, 1), Sequence(i, prompt, 1))
+            if admit(pair, k):
+                live.append(pair)
+        elif live:
+            pair = live[first % len(live)]
+            if op == "decode":      # k steps: the rest of its prompt, then decodes
+                for _ in range(k):
+                    if not step(pair, pair[0].num_tokens, 100 + i):
+                        break
+            else:
+                live.remove(pair)
+                for bm, seq in zip(pools, pair):
+                    bm.free_blocks(seq)
+                    seq.num_computed_tokens = 0
+                if op == "preempt" and admit(pair, k):   # recomputed: its own blocks may hit
+                    live.append(pair)
+        assert [[s.block_table for s in pair] for pair in live] == [[p[0].block_table] * 2 for p in live]
+        assert pools[0].cached == pools[1].cached
+        assert pools[0].stats == pools[1].stats
+        assert pools[0].free_list() == pools[1].free_list()
+        for bm in pools:
+            bm.check_integrity()
+
+
+def test_deferred_chains_are_forgotten_once_evicted():
+    """Each owner's record of its deferred chain lives while the chain's first block is
+    cached: a long run of distinct prompts through a small pool keeps the records bounded."""
+    bm = BlockManager(num_blocks=4, block_size=2)
+    for i in range(50):
+        bm.free_blocks(computed(bm, i, [i, i, i, i, 0]))
+        assert len(bm._deferred) <= 2 * bm.num_blocks + 1
+        bm.check_integrity()
+    assert bm.evictions > 0

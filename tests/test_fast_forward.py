@@ -1,13 +1,15 @@
 """Event skipping gives exactly the turn-by-turn loop's result: every request's token ids
 and timestamps, every step record, every counter, on random workloads (arrivals with ties,
 shared prefixes, tiny pools that preempt, both policies, several block sizes, asynchronous
-scheduling on and off, host time hidden by the device or not)."""
+scheduling on and off, host time hidden by the device or not). The reference loop runs with
+every block hashed and entered at once (no deferred registration, policy.block_manager)."""
 from dataclasses import dataclass
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
+from policy import Batch, BlockManager, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.fast_forward import plan_decode_stretch
 from simulator import Simulator
 from simulator.cost_model import CostModel
@@ -72,10 +74,14 @@ def observed(result):
        st.sampled_from([HostCosts(), HostCosts(2e-4, 3e-6, 1e-4, 2e-6), HostCosts(3e-3, 1e-5, 2e-3, 1e-5)]))
 def test_event_skipping_matches_step_by_step(workload, seed, async_scheduling, host):
     sched, cache, num_blocks, requests = workload
-    runs = [Simulator(sched, cache, LinearCost(host), num_blocks, seed=seed,
-                      async_scheduling=async_scheduling, event_skipping=skip).run(requests)
-            for skip in (False, True)]
-    reference, skipped = runs
+
+    def run(skip: bool, defer: bool):
+        with mock.patch.object(BlockManager, "defer_registration", defer):
+            return Simulator(sched, cache, LinearCost(host), num_blocks, seed=seed,
+                             async_scheduling=async_scheduling, event_skipping=skip).run(requests)
+    reference = run(skip=False, defer=False)
+    deferred, skipped = run(skip=False, defer=True), run(skip=True, defer=True)
+    assert observed(deferred) == observed(reference)
     assert observed(skipped) == observed(reference)
     assert skipped.num_iterations <= reference.num_iterations
 
