@@ -98,46 +98,19 @@ class Batch:
 
 def repeated_kv_tokens(tables: list[list[int]], block_size: int) -> int:
     """Tokens of the blocks in `tables` read again: (references - distinct blocks) x
-    `block_size`, for tables shared the prefix cache's way (a block two tables hold is
-    full and at the same position in both, and so are all the blocks before it: a cached
-    prefix starts at block 0). Tables sharing a first block form a trie (`_repeated_refs`).
-    ValueError if blocks are shared and `block_size` is not given."""
+    `block_size`, for tables shared the prefix cache's way (a cached prefix starts at block
+    0, so only tables with the same first block share blocks: they are counted per first
+    block). ValueError if blocks are shared and `block_size` is not given."""
     groups: dict[int, list] = {}
     for table in tables:
         if table:
             groups.setdefault(table[0], []).append(table)
-    repeated = sum(_repeated_refs(group, 1) for group in groups.values() if len(group) > 1)
+    # references minus distinct blocks per group: exact even where a concurrent prompt
+    # registered a duplicate of a block (two tables can then share a later block but not
+    # the one before it)
+    repeated = sum(sum(map(len, group)) - len(set().union(*group))
+                   for group in groups.values() if len(group) > 1)
     if repeated and block_size <= 0:
         raise ValueError("Batch.block_size is not set: the tokens of shared KV blocks are unknown")
     return repeated * block_size
 
-
-def _repeated_refs(group: list, start: int) -> int:
-    """References to blocks already counted, over `group` (tables that agree on their first
-    `start` blocks), in a trie's insertion order: group[0], then the others, by branch: the
-    tables that leave group[0] after l blocks for the same block b; the first of a branch
-    repeats l blocks, each other one its longest common prefix with the branch's tables
-    before it (recursion on the branch, which agrees on l + 1 blocks). O(1) per table that
-    leaves group[0] where the previous one did (one shared prefix: the usual case), a
-    bisection otherwise."""
-    anchor, refs, hint = group[0], 0, start
-    branches: dict[tuple, list] = {}
-    for table in group[1:]:
-        n = min(len(anchor), len(table))
-        lcp = hint
-        if not (lcp <= n and anchor[lcp - 1] == table[lcp - 1] and (lcp == n or anchor[lcp] != table[lcp])):
-            lo, hi = start, n          # anchor[:lo] == table[:lo]; they differ by hi + 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if anchor[mid - 1] == table[mid - 1]:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            lcp = hint = lo
-        if lcp < len(table):
-            branches.setdefault((lcp, table[lcp]), []).append(table)
-        else:
-            refs += lcp
-    for (lcp, _), branch in branches.items():   # its first table repeats lcp blocks, the others more
-        refs += lcp + (_repeated_refs(branch, lcp + 1) if len(branch) > 1 else 0)
-    return refs
