@@ -268,6 +268,5 @@ def test_roofline_prices_rereads_by_the_hardware_and_fits_it():
 def test_a_duplicate_block_shared_after_a_fork_is_counted():
     """A concurrent prompt can register a duplicate of a block, so two tables may share a
     later block but not the one before it: every repeated reference still counts."""
-    from policy.batch import repeated_kv_tokens
     assert repeated_kv_tokens([[1, 2, 14, 16], [1, 2, 13, 16]], 4) == 3 * 4
     assert repeated_kv_tokens([[1, 2, 3], [1, 2, 3], [7, 8]], 2) == 3 * 2
