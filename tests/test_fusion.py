@@ -62,18 +62,20 @@ def test_swiglu_gemm_rejects_a_width_that_is_not_twice_k():
         sk.skinny_gemm_rmsnorm(torch.randn(2, 16), None, torch.ones(15), 1e-6, w)
 
 
-@pytest.mark.parametrize("plan, launched", [
-    (((8, 2),), ["triton _skinny_gemm_kernel"]),                  # the kernel: one launch
-    (((8, 0),), ["triton _silu_and_mul_kernel", "torch"]),        # torch won at this M
-    ((), ["triton _silu_and_mul_kernel", "torch"]),               # no plan (CPU, eager)
+@pytest.mark.parametrize("fused_plan, plan, launched", [
+    (((8, 2),), ((8, 0),), ["triton _skinny_gemm_kernel"]),                 # fused: one launch
+    (((8, 0),), ((8, 2),), ["triton _silu_and_mul_kernel", "triton _skinny_gemm_kernel"]),
+    (((8, 0),), ((8, 0),), ["triton _silu_and_mul_kernel", "torch"]),       # torch won at this M
+    ((), (), ["triton _silu_and_mul_kernel", "torch"]),                     # no plan (CPU, eager)
 ])
-def test_down_projection_dispatch(plan, launched):
-    """dense_linear(swiglu=True) follows the plan: SiLU-and-mul inside the kernel where the
-    kernel serves the call, else silu_and_mul then F.linear; the same numbers either way."""
+def test_down_projection_dispatch(fused_plan, plan, launched):
+    """dense_linear(swiglu=True) follows the plans: SiLU-and-mul inside the kernel where
+    `skinny_swiglu` takes the call, else silu_and_mul then the plain plan's path (the kernel
+    or F.linear); the same numbers every way."""
     gen = torch.Generator().manual_seed(3)
     x2, w = torch.randn(3, 2, 80, generator=gen).to(DEVICE), torch.randn(24, 40, generator=gen).to(DEVICE)
     with count_launches() as counts:
-        y = dense_linear(x2, w, None, plan, swiglu=True)
+        y = dense_linear(x2, w, None, plan, swiglu=True, skinny_swiglu=fused_plan)
     names = sorted(n if n.startswith("triton") else "torch" for n in counts.elements())
     assert names == sorted(launched)
     assert y.shape == (3, 2, 24)
@@ -82,12 +84,14 @@ def test_down_projection_dispatch(plan, launched):
 
 
 @interpreted
-def test_choice_times_the_down_projection_like_for_like(monkeypatch):
-    """choose_skinny_gemm times a `swiglu_input` layer as it runs: the fused kernel on the
-    [M, 2K] gate_up output against silu_and_mul + F.linear, and the plan it records sends
-    the layer's calls to the fused kernel. The timer charges the launches it sees (10 each,
-    the skinny kernel 15): the fused kernel (15) beats silu_and_mul + F.linear (20) for the
-    down projection, while F.linear alone (10) keeps the same shape elsewhere."""
+def test_choice_gives_the_down_projection_a_swiglu_plan(monkeypatch):
+    """choose_skinny_gemm times a `swiglu_input` layer's plain call on silu_and_mul's output
+    (so the kernel without the fusion stays a choice), then the kernel with SiLU-and-mul in
+    its prologue on the [M, 2K] gate_up output against silu_and_mul + the path chosen, and
+    records that in `skinny_swiglu`. The timer charges the launches it sees (10 each, the
+    skinny kernel 15): F.linear (10) wins the plain call, the fused kernel (15) beats
+    silu_and_mul + F.linear (20); a layer of the same shape not fed by an MLP gets no
+    swiglu plan."""
     down = RowParallelLinear(48, 16)
     down.swiglu_input = True
     plain = RowParallelLinear(48, 16)          # the same shape, not fed by an MLP
@@ -110,16 +114,18 @@ def test_choice_times_the_down_projection_like_for_like(monkeypatch):
         return sum(15 if name.startswith("triton _skinny") else 10 for name in counts.elements())
 
     report = sk.choose_skinny_gemm(model, [1, 2], device_type="cpu", time_us=time_us)
-    rows = {(r["swiglu"], r["m"]): r for r in report}
-    assert rows[(True, 1)]["torch_us"] == 20 and rows[(False, 1)]["torch_us"] == 10
-    assert all(r["triton_us"] == 15 for r in report)
+    swiglu_rows = [r for r in report if r["swiglu"]]
+    assert len(swiglu_rows) == 2 and all(r["torch_us"] == 10 and r["triton_us"] == 15
+                                         and r["swiglu_pair_us"] == 20 and r["swiglu_fused_us"] == 15
+                                         for r in swiglu_rows)
     assert (96, True) in widths and (48, False) in widths
-    assert all(s for _, s in down.skinny) and not any(s for _, s in plain.skinny)
+    assert down.skinny == plain.skinny == ((1, 0), (2, 0))
+    assert all(s for _, s in down.skinny_swiglu) and plain.skinny_swiglu == ()
     x2 = torch.randn(2, 96).to(torch.bfloat16)
     with count_launches() as counts:
         y = down(x2, swiglu=True)
     assert list(counts) == ["triton _skinny_gemm_kernel"]
-    assert torch.equal(y, real(silu_and_mul(x2), down.weight, None, down.skinny[-1][1]))
+    assert torch.equal(y, real(silu_and_mul(x2), down.weight, None, down.skinny_swiglu[-1][1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -225,7 +231,7 @@ def test_engine_decode_layer_launches_three_fewer_with_the_same_tokens(tmp_path)
 
     def plans(on: bool):
         for layer in layers:
-            layer.mlp.down_proj.skinny = ((64, 2),) if on else ()
+            layer.mlp.down_proj.skinny_swiglu = ((64, 2),) if on else ()
             layer.self_attn.qkv_proj.skinny_norm = ((64, 2),) if on else ()
             layer.mlp.gate_up_proj.skinny_norm = ((64, 1),) if on else ()
     plans(True)

@@ -370,9 +370,10 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
     `skinny` plan: ((M, split_k or 0 where torch won), ...) ascending, which
     engine.layers.linear.dense_linear follows (a call of R rows takes the entry of the
     smallest measured M >= R; above the largest, torch). The kernel must beat torch by
-    MIN_GAIN: within noise, cuBLAS stays. A down projection (`swiglu_input`) is timed like
-    for like: the kernel with SiLU-and-mul in its prologue, from the [M, 2K] gate_up output,
-    against engine.kernels.fused.silu_and_mul + F.linear. A projection after an RMSNorm
+    MIN_GAIN: within noise, cuBLAS stays. A down projection (`swiglu_input`) is timed on
+    silu_and_mul's output like any layer, and also gets a `skinny_swiglu` plan: per M, the
+    split at which the kernel with SiLU-and-mul in its prologue (from the [M, 2K] gate_up
+    output) beats silu_and_mul + the path just chosen by MIN_GAIN, else 0. A projection after an RMSNorm
     (`norm_input`: a decoder layer's qkv and gate_up) also gets a `skinny_norm` plan: per M,
     the split at which skinny_gemm_rmsnorm (residual add, norm and GEMM in one launch) beats
     add_rmsnorm + the path just chosen by MIN_GAIN, else 0
@@ -389,17 +390,12 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
         params = [(layer.weight, getattr(layer, "bias", None)) for layer in layers]
         gen = torch.Generator(device).manual_seed(n + k)   # leaves the global RNG alone
         splits = split_candidates(n, k, num_sms(device))
-        plan, norm_plan = [], []
+        plan, swiglu_plan, norm_plan = [], [], []
         for m in m_values:
             x = torch.randn(m, 2 * k if swiglu else k, device=device, generator=gen).to(dtype)
-            if swiglu:
-                torch_path = lambda w, b: torch.nn.functional.linear(silu_and_mul(x), w, b)  # noqa: E731
-                kernel = lambda w, b, s: skinny_gemm(x, w, b, s, swiglu=True)  # noqa: E731
-            else:
-                torch_path = lambda w, b: torch.nn.functional.linear(x, w, b)  # noqa: E731
-                kernel = lambda w, b, s: skinny_gemm(x, w, b, s)  # noqa: E731
-            torch_us = time_us(lambda: [torch_path(w, b) for w, b in params]) / len(layers)
-            timed = [(time_us(lambda: [kernel(w, b, s) for w, b in params]) / len(layers), s)
+            x2, x = (x, silu_and_mul(x)) if swiglu else (None, x)   # the plain call's input
+            torch_us = time_us(lambda: [torch.nn.functional.linear(x, w, b) for w, b in params]) / len(layers)
+            timed = [(time_us(lambda: [skinny_gemm(x, w, b, s) for w, b in params]) / len(layers), s)
                      for s in splits]
             triton_us, split_k = min(timed)
             use = triton_us < (1 - MIN_GAIN) * torch_us
@@ -407,14 +403,34 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
             report.append(dict(n=n, k=k, dtype=str(dtype).removeprefix("torch."), layers=len(layers),
                                swiglu=swiglu, m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
                                skinny=use))
+            if swiglu:
+                report[-1].update(_time_swiglu_fusion(x2, params, splits, split_k if use else 0, time_us))
+                swiglu_plan.append((m, report[-1]["swiglu_split_k"] if report[-1]["swiglu_fused"] else 0))
             if norm:
                 report[-1].update(_time_norm_fusion(x, params, splits, split_k if use else 0, time_us))
                 norm_plan.append((m, report[-1]["norm_split_k"] if report[-1]["norm_fused"] else 0))
         for layer in layers:
             layer.skinny = tuple(plan)
+            if swiglu:
+                layer.skinny_swiglu = tuple(swiglu_plan)
             if norm:
                 layer.skinny_norm = tuple(norm_plan)
     return report
+
+
+def _time_swiglu_fusion(x2, params, splits, gemm_split, time_us) -> dict:
+    """Microseconds per layer of silu_and_mul + the GEMM path chosen for the plain call (the
+    kernel at `gemm_split`, or F.linear for 0) against the kernel with SiLU-and-mul in its
+    prologue at each split, on the [M, 2K] gate_up output x2."""
+    def unfused(w, b):
+        h = silu_and_mul(x2)
+        return skinny_gemm(h, w, b, gemm_split) if gemm_split else torch.nn.functional.linear(h, w, b)
+    pair_us = time_us(lambda: [unfused(w, b) for w, b in params]) / len(params)
+    timed = [(time_us(lambda: [skinny_gemm(x2, w, b, s, swiglu=True) for w, b in params]) / len(params), s)
+             for s in splits]
+    fused_us, split_k = min(timed)
+    return dict(swiglu_pair_us=pair_us, swiglu_fused_us=fused_us, swiglu_split_k=split_k,
+                swiglu_fused=fused_us < (1 - MIN_GAIN) * pair_us)
 
 
 def _time_norm_fusion(x, params, splits, gemm_split, time_us) -> dict:

@@ -46,22 +46,26 @@ def skinny_split(skinny: tuple, rows: int) -> int:
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 skinny: tuple = (), swiglu: bool = False) -> torch.Tensor:
+                 skinny: tuple = (), swiglu: bool = False, skinny_swiglu: tuple = ()) -> torch.Tensor:
     """F.linear(x, weight, bias), or engine.kernels.skinny_gemm where the plan `skinny`
     says so (see skinny_split).
 
     swiglu: x is [..., 2K] = [gate | up] and the layer's input is silu(gate) * up (an MLP's
-    down projection on the fused path): where the plan takes the kernel, the kernel applies
-    SiLU-and-mul as it loads x (one launch); else engine.kernels.fused.silu_and_mul runs
-    first. Either way the activations are bit for bit silu_and_mul's."""
-    split_k = skinny_split(skinny, x.numel() // x.shape[-1]) if skinny else 0
+    down projection on the fused path): where the plan `skinny_swiglu` takes the rows, the
+    kernel applies SiLU-and-mul as it loads x (one launch); else engine.kernels.fused.
+    silu_and_mul runs first and the product follows `skinny`. Either way the activations
+    are bit for bit silu_and_mul's."""
+    rows = x.numel() // x.shape[-1]
+    if swiglu:
+        split_k = skinny_split(skinny_swiglu, rows) if skinny_swiglu else 0
+        if split_k:
+            from engine.kernels.skinny_gemm import skinny_linear
+            return skinny_linear(x, weight, bias, split_k, swiglu=True)
+        x = swiglu_activation(x)
+    split_k = skinny_split(skinny, rows) if skinny else 0
     if split_k:
         from engine.kernels.skinny_gemm import skinny_linear
-        if swiglu:
-            return skinny_linear(x, weight, bias, split_k, swiglu=True)
         return skinny_linear(x, weight, bias, split_k)
-    if swiglu:
-        x = swiglu_activation(x)
     return F.linear(x, weight, bias)
 
 
@@ -86,6 +90,7 @@ class LinearBase(nn.Module):
     weight_device = None   # "meta" while a quantized model is built: `weight` is never allocated
     skinny = ()     # the skinny-GEMM plan choose_skinny_gemm sets (see dense_linear)
     swiglu_input = False   # an MLP's down projection: fed [gate | up] on the fused path
+    skinny_swiglu = ()     # choose_skinny_gemm's plan for SiLU-and-mul in the kernel (dense_linear)
     norm_input = False     # a decoder layer's qkv / gate_up projection: input = an RMSNorm's output
     skinny_norm = ()       # choose_skinny_gemm's plan for that norm in the kernel (forward_rmsnorm)
 
@@ -107,7 +112,7 @@ class LinearBase(nn.Module):
         """swiglu: x is [..., 2 * in_features] = [gate | up], the input silu(gate) * up."""
         if self.quant is not None:
             return quant.linear(self, swiglu_activation(x) if swiglu else x, bias)
-        return dense_linear(x, self.weight, bias, self.skinny, swiglu)
+        return dense_linear(x, self.weight, bias, self.skinny, swiglu, self.skinny_swiglu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
