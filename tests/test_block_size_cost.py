@@ -44,7 +44,8 @@ def step(entries) -> dict:
 
 
 DECODE = step([(2047, 1)] * 64)                    # decode only: 64 sequences at 2k context
-NO_ATTENTION = {**DECODE, "decode_context_tokens": 0, "max_context_tokens": 0}
+NO_ATTENTION = {**DECODE, "decode_context_tokens": 0, "decode_distinct_context_tokens": 0,
+                "max_context_tokens": 0}
 PREFILL = step([(1536, 512)] * 2)                  # prefill only: chunks behind a cached prefix
 
 
