@@ -78,6 +78,11 @@ SKINNY_TILES = {16: (Launch("skinny", 128, 128, 4, 4),   # 8 KB of 4-bit weights
                 64: (Launch("skinny", 128, 128, 8, 4),
                      Launch("skinny", 128, 64, 8, 6))}   # 4 KB steps, deeper pipeline
 GEMV = Launch("gemv", 128, 128, 8, 4)    # 8 warps: AWQ at 4 spills near 255 registers
+# The GEMV tiles choose_w4a16 also times: the H200 sweep (bench_quant.py --sweep, session 4)
+# found 256-column tiles 1.5-1.9x faster at one row than the launches chosen then, and GEMV
+# at 8 warps / 4 stages out of shared memory there (triton 3.6); what does not fit is skipped.
+GEMV_TILES = (GEMV, Launch("gemv", 256, 128, 4, 4), Launch("gemv", 256, 128, 8, 4),
+              Launch("gemv", 256, 64, 4, 4), Launch("gemv", 128, 128, 4, 4))
 TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
 
 
@@ -556,7 +561,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
         out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
                 for s in split_candidates(n, k, tile, sms)]
     if m <= GEMV_MAX_M:
-        out += [GEMV._replace(split_k=s) for s in split_candidates(n, k, GEMV, sms)]
+        out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
