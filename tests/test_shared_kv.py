@@ -237,8 +237,8 @@ def test_profiles_and_runs_without_the_column_still_work(capsys):
     errors = step_errors(calib, CudaGraphs.for_engine(256, 8192, 8192), old.head(50))
     assert sum(e["n"] for e in errors.values()) == 50
     assert "taken as decode_context_tokens" in capsys.readouterr().out
-    # the shipped calibration (fitted before the column) prices steps with or without it
-    model = FittedCostModel.load("simulator/calibrations/qwen3-0.6b-h200-tp1.json",
+    # a calibration fitted before the column (the fidelity table's) prices steps with or without it
+    model = FittedCostModel.load("benchmarks/fidelity/results/qwen3-0.6b-h200/calibration.json",
                                  graphs=CudaGraphs.for_engine(256, 8192, 8192))
     row = old.iloc[0].to_dict()
     assert model.predict(row) == model.predict({**row, "decode_distinct_context_tokens": 0})
