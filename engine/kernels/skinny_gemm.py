@@ -116,6 +116,36 @@ def _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
     return 1.0 / tl.sqrt(sq / K + eps)
 
 
+@triton.jit
+def store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               mask_n, mask_m, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The end of a swapped-dot program (this kernel's and engine.kernels.w4a16's): its fp32
+    acc [BLOCK_N, BLOCK_M] to y (+ bias). With split-K (SPLIT, grid axis 1) each split writes
+    its partial tile to the workspace and bumps the tile's arrival counter; the split that
+    arrives last sums the partials in split order (deterministic), stores y and resets the
+    counter for the next call."""
+    if SPLIT:
+        # partial[split, tile] is an fp32 [BLOCK_M, BLOCK_N] block (rows m < M written)
+        tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
+        tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
+        # every thread's partial is written before the counter moves (the release below is
+        # one thread's; the barrier orders the others' stores before it)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:   # the last split of this tile: reduce
+            tl.debug_barrier()
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
+                               other=0.0, cache_modifier=".cg")
+            _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
+    else:
+        _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+
+
 # M is not specialized (Triton would compile M == 1 and M % 16 == 0 apart): the LM head sees
 # any row count, and a variant compiled mid-run stalls the engine for a second
 @triton.jit(do_not_specialize=["M"])
@@ -159,25 +189,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(w, xt)
-    if SPLIT:
-        # partial[split, tile] is an fp32 [BLOCK_M, BLOCK_N] block (rows m < M written)
-        tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
-        tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
-        # every thread's partial is written before the counter moves (the release below is
-        # one thread's; the barrier orders the others' stores before it)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == tl.num_programs(1) - 1:   # the last split of this tile: reduce
-            tl.debug_barrier()
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, tl.num_programs(1)):
-                acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
-                               other=0.0, cache_modifier=".cg")
-            _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
-    else:
-        _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+    store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- launch rule -------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.skinny_gemm import graph_time_us, num_sms, workspace
+from engine.kernels.skinny_gemm import graph_time_us, num_sms, store_tile, workspace
 
 MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
 GEMV_MAX_M = 2             # rows its multiply-add (GEMV) variant takes
@@ -180,16 +180,6 @@ def _zeros_of(qzeros_ptr, g, offs_n, mask, zero_offset, N, AWQ: tl.constexpr):
 
 
 @triton.jit
-def _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym,
-             HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] fp32 (+ bias[n]) -> y[m, n] in y's dtype."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
-
-
-@triton.jit
 def _dot(w, xt, IEEE: tl.constexpr):
     """w [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, BLOCK_M] on the tensor cores, fp32 out (IEEE:
     fp32 operands, for fp32 activations and the interpreter)."""
@@ -247,22 +237,8 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
                 part = _dot(w, xt, IEEE)
                 xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
                 acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
-    if SPLIT:   # as engine.kernels.skinny_gemm: the last split to arrive reduces, in split order
-        tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
-        tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
-        tl.debug_barrier()   # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == tl.num_programs(1) - 1:
-            tl.debug_barrier()
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, tl.num_programs(1)):
-                acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
-                               other=0.0, cache_modifier=".cg")
-            _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
-    else:
-        _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
+    store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
