@@ -431,34 +431,34 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
     return report
 
 
-def _time_swiglu_fusion(x2, params, splits, gemm_split, time_us) -> dict:
-    """Microseconds per layer of silu_and_mul + the GEMM path chosen for the plain call (the
-    kernel at `gemm_split`, or F.linear for 0) against the kernel with SiLU-and-mul in its
-    prologue at each split, on the [M, 2K] gate_up output x2."""
+def _time_fusion(name, prologue, fused, params, splits, gemm_split, time_us) -> dict:
+    """Microseconds per layer of `prologue()` (the kernel a fusion removes) + the GEMM path
+    chosen for the plain call (the kernel at `gemm_split`, or F.linear for 0), against
+    `fused(w, b, split)` at each split; keys prefixed `name`, and `<name>_fused` where the
+    fused kernel wins by MIN_GAIN."""
     def unfused(w, b):
-        h = silu_and_mul(x2)
+        h = prologue()
         return skinny_gemm(h, w, b, gemm_split) if gemm_split else torch.nn.functional.linear(h, w, b)
     pair_us = time_us(lambda: [unfused(w, b) for w, b in params]) / len(params)
-    timed = [(time_us(lambda: [skinny_gemm(x2, w, b, s, swiglu=True) for w, b in params]) / len(params), s)
-             for s in splits]
+    timed = [(time_us(lambda: [fused(w, b, s) for w, b in params]) / len(params), s) for s in splits]
     fused_us, split_k = min(timed)
-    return dict(swiglu_pair_us=pair_us, swiglu_fused_us=fused_us, swiglu_split_k=split_k,
-                swiglu_fused=fused_us < (1 - MIN_GAIN) * pair_us)
+    return {f"{name}_pair_us": pair_us, f"{name}_fused_us": fused_us, f"{name}_split_k": split_k,
+            f"{name}_fused": fused_us < (1 - MIN_GAIN) * pair_us}
+
+
+def _time_swiglu_fusion(x2, params, splits, gemm_split, time_us) -> dict:
+    """silu_and_mul + the chosen path against the kernel with SiLU-and-mul in its prologue,
+    on the [M, 2K] gate_up output x2."""
+    return _time_fusion("swiglu", lambda: silu_and_mul(x2),
+                        lambda w, b, s: skinny_gemm(x2, w, b, s, swiglu=True),
+                        params, splits, gemm_split, time_us)
 
 
 def _time_norm_fusion(x, params, splits, gemm_split, time_us) -> dict:
-    """Microseconds per layer of add_rmsnorm + the GEMM path chosen for the plain call (the
-    kernel at `gemm_split`, or F.linear for 0) against skinny_gemm_rmsnorm at each split, on
-    x and a residual stream of x's shape."""
+    """add_rmsnorm + the chosen path against skinny_gemm_rmsnorm, on x and a residual stream
+    of x's shape."""
     res = torch.randn_like(x)
     norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-
-    def unfused(w, b):
-        h, _ = add_rmsnorm(x, norm_weight, 1e-6, res)
-        return skinny_gemm(h, w, b, gemm_split) if gemm_split else torch.nn.functional.linear(h, w, b)
-    pair_us = time_us(lambda: [unfused(w, b) for w, b in params]) / len(params)
-    timed = [(time_us(lambda: [skinny_gemm_rmsnorm(x, res, norm_weight, 1e-6, w, b, s)
-                               for w, b in params]) / len(params), s) for s in splits]
-    fused_us, split_k = min(timed)
-    return dict(norm_pair_us=pair_us, norm_fused_us=fused_us, norm_split_k=split_k,
-                norm_fused=fused_us < (1 - MIN_GAIN) * pair_us)
+    return _time_fusion("norm", lambda: add_rmsnorm(x, norm_weight, 1e-6, res)[0],
+                        lambda w, b, s: skinny_gemm_rmsnorm(x, res, norm_weight, 1e-6, w, b, s),
+                        params, splits, gemm_split, time_us)
