@@ -26,7 +26,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
             (cd old && PYTHONPATH=/tmp/site:$PWD TAIL=40 run online_old_r${RATE:-16} 300 python3 run.py mode=gpu trace=sharegpt trace.num_requests=400 trace.request_rate=${RATE:-16} hardware=h200 logger=none hydra.run.dir=/tmp/old_r${RATE:-16}) ;;
-  kernels)  TAIL=12 run kernels_gpu 300 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fusion.py tests/test_quant_kernels.py tests/test_moe_kernels.py ;;
+  kernels)  TAIL=12 run kernels_gpu 300 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fusion.py ;;   # (MoE, W4A16: check_moe, quant)
   launches) TAIL=40 run launches_q06 240 python3 benchmarks/bench_gemm.py --stages launches --engine qwen3-0.6b ;;
   online_q06|online_r16) # the three loads; their run folders (steps and requests: twin checks) tarred
             TAIL=12 run online_q06 400 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@8,16,32" --out /tmp/online
@@ -79,10 +79,6 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
-  quant_a)  # issue 13: W4A16 kernels per layer shape (+ tile sweep) and the bf16 check, then the bf16 engine
-            TAIL=40 run quant_kernels 300 python3 benchmarks/bench_quant.py --stages layers,check --sweep
-            TAIL=30 run quant_engine_bf16 330 python3 benchmarks/bench_quant.py --stages engine --formats bf16 --nano ;;
-  quant_b)  TAIL=30 run quant_engine_q 500 python3 benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano ;;
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
