@@ -79,6 +79,15 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
+  prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
+            ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            for b in 1 64; do TAIL=70 run profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done ;;
+  steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small${TAG:-} 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 ;;
+  old_prof) # the same on the engine carried as old/ (another commit), side by side
+            ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            (cd old && PYTHONPATH=/tmp/site:$PWD; export PYTHONPATH
+             for b in 1 64; do TAIL=70 run old_profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done
+             TAIL=12 run old_steps_small 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16) ;;
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done
