@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.models import ModelConfig
 from engine.sampling_params import SamplingParams
 from policy import Scheduler, Sequence
+from policy.decode_plan import DecodePlan
 from policy.sequence import PLACEHOLDER  # noqa: F401  (re-exported: engine.serve reads it)
 from policy.step_loop import StepLoop
 
@@ -112,7 +113,7 @@ class LLMEngine:
             self.close()
             raise
         self.scheduler = Scheduler(config.scheduler_config(), config.cache_config(),
-                                   self.model_runner.num_blocks)
+                                   self.model_runner.num_blocks, decode_plan=self.decode_plan())
         self.sequences: dict[str, Sequence] = {}
         self.sampling_params: dict[str, SamplingParams] = {}
         self.step_records: list[dict] = []
@@ -123,6 +124,15 @@ class LLMEngine:
                              self.async_scheduling, self.step_records)
         self._blocked_s = 0.0   # seconds the current step() spent waiting for the device
         self._batches: list = []   # batches the current step() touches (failure handling)
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The split-KV plan rank 0's decode kernel runs with (its KV heads, SMs and captured
+        decode graphs): every step's record then has `decode_span_tokens`, which the fitted
+        cost model prices. None with flashinfer, which plans decode attention its own way."""
+        packer = self.model_runner.packer
+        if self.model_runner.planner is not None:
+            return None
+        return DecodePlan(packer.num_kv_heads, packer.num_sms, tuple(packer.decode_sizes))
 
     # ---- requests -------------------------------------------------------------------
 
@@ -194,7 +204,7 @@ class LLMEngine:
             raise RuntimeError("reset() needs an idle engine: requests are still running")
         config = self.config
         self.scheduler = Scheduler(config.scheduler_config(), config.cache_config(),
-                                   self.model_runner.num_blocks)
+                                   self.model_runner.num_blocks, decode_plan=self.decode_plan())
         self.sequences.clear()
         self.sampling_params.clear()
         self.step_records = []

@@ -5,8 +5,9 @@
 1. build the engine the config describes (the engine used by mode=gpu, same settings);
 2. profile its ModelRunner over a grid of step shapes (simulator.calibrate.profile_grid:
    every CUDA-graph size of decode and mixed steps x KV context or cached prefix, decodes
-   sharing a prefix's blocks, eager steps up to the token budget) on dummy sequences: per shape one warm-up run and
-   `calibrate.repeats` timed runs (device time from the runner's CUDA events, host time
+   sharing a prefix's blocks, eager steps up to the token budget) on dummy sequences (the
+   features with the span of the engine's split-KV decode plan): per shape one warm-up run
+   and `calibrate.repeats` timed runs (device time from the runner's CUDA events, host time
    of its launch and wait), plus the policy's own host time per step (schedule, update,
    receive on a Scheduler of that many sequences);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
@@ -101,9 +102,10 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     sizes = sorted({len(p["shape"]) for p in grid})
     policy = policy_host_times(rc, sizes)
     greedy = SamplingParams(temperature=0.0)
+    plan = engine.decode_plan()       # the features get the span of the plan the kernel runs
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
-        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks)
+        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan)
         params = [greedy] * len(batch.seqs)
         device, launch, receive = [], [], []
         for r in range(repeats + 1):
@@ -158,6 +160,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table = profile(rc, engine, graphs, rc.calibrate.repeats)
+        plan = engine.decode_plan()
         device = device_name(rc)
         model = ModelSpec(rc.model_name, engine.model_config)   # what was profiled (model_path's own)
     finally:
@@ -168,7 +171,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
                 "max_model_len": rc.scheduler.max_model_len, "block_size": rc.cache.block_size,
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
     meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
-            "command": command, "engine": settings, "hardware": rc.hardware.name}
+            "command": command, "engine": settings, "hardware": rc.hardware.name,
+            "decode_plan": {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms} if plan else None}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
     FittedCostModel(calib, source=str(out))      # loads back

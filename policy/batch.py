@@ -1,6 +1,7 @@
 """The step contract between the policy and an executor."""
 from dataclasses import dataclass, field
 
+from policy.decode_plan import DecodePlan
 from policy.sequence import Sequence
 
 
@@ -28,6 +29,8 @@ class Batch:
     prefix_hit_tokens: int = 0      # prompt tokens served from the prefix cache this step
     kv_blocks_used: int = 0         # blocks held after this step's allocation
     block_size: int = 0             # tokens per KV block of the tables (0: not given)
+    decode_plan: DecodePlan | None = None   # the engine's split-KV decode plan (None: no
+                                            # decode_span_tokens feature)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -53,7 +56,11 @@ class Batch:
         reading the same blocks in the step does not count. O(decodes) Python for
         decode-only steps with no sharing (a set of first blocks); a group of k decodes
         with a common first block costs O(k) more (a bisection for a table whose shared
-        prefix ends elsewhere than the one before)."""
+        prefix ends elsewhere than the one before).
+        decode_span_tokens (only with a `decode_plan`): the decode attention's longest chain
+        of work under the engine's split-KV plan (`DecodePlan.span_tokens`: heterogeneous
+        contexts and a plan rounding up past one wave of programs cost more than their summed
+        context says); O(decodes) numpy plus a heap over the items past one wave."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
@@ -62,13 +69,15 @@ class Batch:
             max_ctx = max(starts) + 1 if num_seqs else 0
             num_sampled = num_seqs
             decoders = self.seqs
+            decode_lens = None     # made only for a decode plan
         else:
             max_ctx = max(map(int.__add__, starts, self.num_new_tokens))
-            decoders = []
+            decoders, decode_lens = [], []
             for seq, start, n in zip(self.seqs, starts, self.num_new_tokens):
                 if n == 1 and start >= seq.num_prompt_tokens:
                     decode_ctx += start + 1
                     decoders.append(seq)
+                    decode_lens.append(start + 1)
                 else:
                     end = start + n
                     prefill_ctx += n * end
@@ -81,15 +90,21 @@ class Batch:
             shared = True
         distinct = decode_ctx - repeated_kv_tokens([s.block_table for s in decoders],
                                                    self.block_size) if shared else decode_ctx
-        return {"num_seqs": num_seqs, "num_batched_tokens": self.num_batched_tokens,
-                "num_prefill_tokens": self.num_prefill_tokens,
-                "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
-                "decode_context_tokens": decode_ctx, "decode_distinct_context_tokens": distinct,
-                "prefill_context_tokens": prefill_ctx,
-                "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
-                "max_context_tokens": max_ctx,
-                "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
-                "kv_blocks_used": self.kv_blocks_used}
+        out = {"num_seqs": num_seqs, "num_batched_tokens": self.num_batched_tokens,
+               "num_prefill_tokens": self.num_prefill_tokens,
+               "num_decode_seqs": self.num_decode_seqs, "num_sampled": num_sampled,
+               "decode_context_tokens": decode_ctx, "decode_distinct_context_tokens": distinct,
+               "prefill_context_tokens": prefill_ctx,
+               "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
+               "max_context_tokens": max_ctx,
+               "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
+               "kv_blocks_used": self.kv_blocks_used}
+        if self.decode_plan is not None:
+            decode_only = self.num_prefill_tokens == 0
+            if decode_only:
+                decode_lens = [s + 1 for s in starts]
+            out["decode_span_tokens"] = self.decode_plan.span_tokens(decode_lens, decode_only)
+        return out
 
     def record(self, start: float, duration: float) -> dict:
         """One row of `steps.parquet`: when the step ran, how long, and its `features()`."""

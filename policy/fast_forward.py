@@ -192,31 +192,51 @@ class DecodeStretch:
         context = self.sum_starts + (j + 1) * num_dec
         longest = self.max_start + j + 1 if num_dec else 0
         if admitted is None:
-            return {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec,
-                    "num_batched_tokens": num_dec, "num_prefill_tokens": 0,
-                    "num_decode_seqs": num_dec, "num_sampled": num_dec,
-                    "decode_context_tokens": context,
-                    "decode_distinct_context_tokens": context - self.repeated,
-                    "prefill_context_tokens": 0,
-                    "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
-                    "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
-                    "kv_blocks_used": used}
+            record = {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec,
+                      "num_batched_tokens": num_dec, "num_prefill_tokens": 0,
+                      "num_decode_seqs": num_dec, "num_sampled": num_dec,
+                      "decode_context_tokens": context,
+                      "decode_distinct_context_tokens": context - self.repeated,
+                      "prefill_context_tokens": 0,
+                      "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
+                      "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
+                      "kv_blocks_used": used}
+            if sched.decode_plan is not None:
+                record["decode_span_tokens"] = self._span(running, num_dec, None)
+            return record
         f = admitted.features()
-        return {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec + f["num_seqs"],
-                "num_batched_tokens": num_dec + f["num_batched_tokens"],
-                "num_prefill_tokens": f["num_prefill_tokens"],
-                "num_decode_seqs": num_dec + f["num_decode_seqs"],
-                "num_sampled": num_dec + f["num_sampled"],
-                "decode_context_tokens": context + f["decode_context_tokens"],
-                "decode_distinct_context_tokens": (context - self.repeated
-                                                   + f["decode_distinct_context_tokens"]
-                                                   - (self._repeated_with(admitted) if f["num_decode_seqs"] else 0)),
-                "prefill_context_tokens": f["prefill_context_tokens"],
-                "prefill_kv_tokens": f["prefill_kv_tokens"],
-                "prefill_attention_pairs": f["prefill_attention_pairs"],
-                "max_context_tokens": max(longest, f["max_context_tokens"]),
-                "num_preempted": 0, "prefix_hit_tokens": f["prefix_hit_tokens"],
-                "kv_blocks_used": used}
+        record = {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec + f["num_seqs"],
+                  "num_batched_tokens": num_dec + f["num_batched_tokens"],
+                  "num_prefill_tokens": f["num_prefill_tokens"],
+                  "num_decode_seqs": num_dec + f["num_decode_seqs"],
+                  "num_sampled": num_dec + f["num_sampled"],
+                  "decode_context_tokens": context + f["decode_context_tokens"],
+                  "decode_distinct_context_tokens": (context - self.repeated
+                                                     + f["decode_distinct_context_tokens"]
+                                                     - (self._repeated_with(admitted) if f["num_decode_seqs"] else 0)),
+                  "prefill_context_tokens": f["prefill_context_tokens"],
+                  "prefill_kv_tokens": f["prefill_kv_tokens"],
+                  "prefill_attention_pairs": f["prefill_attention_pairs"],
+                  "max_context_tokens": max(longest, f["max_context_tokens"]),
+                  "num_preempted": 0, "prefix_hit_tokens": f["prefix_hit_tokens"],
+                  "kv_blocks_used": used}
+        if sched.decode_plan is not None:
+            record["decode_span_tokens"] = self._span(running, num_dec, admitted)
+        return record
+
+    def _span(self, running: list, num_dec: int, admitted: Batch | None) -> int:
+        """`decode_span_tokens` of step j (Batch.features' with the scheduler's decode plan):
+        the decodes in batch order, the members (the first `num_dec` running, in running
+        order) then the admitted batch's decodes."""
+        members, ahead = self.members, self.j + 1
+        lens = [members[seq][0] + ahead for seq in running[:num_dec]]
+        decode_only = True
+        if admitted is not None:
+            lens += [start + 1 for seq, n, start in zip(admitted.seqs, admitted.num_new_tokens,
+                                                        admitted.num_computed_tokens)
+                     if n == 1 and start >= seq.num_prompt_tokens]
+            decode_only = admitted.num_prefill_tokens == 0
+        return self.scheduler.decode_plan.span_tokens(lens, decode_only)
 
     def update(self, now: float) -> None:
         """Land step j at `now` (as `Scheduler.update` with the tokens not yet known)."""

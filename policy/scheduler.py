@@ -18,6 +18,7 @@ from collections import deque
 from policy.batch import Batch
 from policy.block_manager import BlockManager
 from policy.config import CacheConfig, SchedulerConfig
+from policy.decode_plan import DecodePlan
 from policy.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
@@ -26,12 +27,16 @@ WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, Seq
 class Scheduler:
     """`add` requests, then per step: `schedule(now)` -> executor -> `update(batch, ...)`,
     and `receive(batch, ...)` when the step's tokens were not known at `update` (the step
-    loop of both executors: policy.step_loop)."""
+    loop of both executors: policy.step_loop). `decode_plan`: the executor's split-KV decode
+    plan (policy.decode_plan), given to every batch so its record has `decode_span_tokens`
+    (None: no such feature)."""
 
-    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int):
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int,
+                 decode_plan: DecodePlan | None = None):
         config.validate_with(cache)
         self.config = config
         self.block_size = cache.block_size
+        self.decode_plan = decode_plan
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # admission order: oldest first, victims from the end
@@ -101,7 +106,7 @@ class Scheduler:
     # ---- the step ------------------------------------------------------------------
     def schedule(self, now: float) -> Batch:
         """Choose this step's work and allocate its KV blocks. The batch may be empty."""
-        batch = Batch(block_size=self.block_size)
+        batch = Batch(block_size=self.block_size, decode_plan=self.decode_plan)
         self._schedule_policy(batch, now)
         batch.kv_blocks_used = self.block_manager.num_used_blocks
         return batch

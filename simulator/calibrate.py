@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, STEP_KINDS, CudaGraphs,
-                                  FittedCostModel, ModelSpec, RooflineCostModel, fit_kind,
-                                  nonnegative_lstsq)
+from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, SPAN_FEATURE, STEP_KINDS,
+                                  CudaGraphs, FittedCostModel, ModelSpec, RooflineCostModel,
+                                  fit_kind, nonnegative_lstsq)
 from policy import Batch, Sequence
+from policy.decode_plan import DecodePlan
 from simulator.hardware import HardwareSpec
 
 # Features a profile made by an older grid may lack (fitted without them, said so), and
@@ -36,7 +37,8 @@ from simulator.hardware import HardwareSpec
 # balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
 # decode_distinct_context_tokens is fitted only for a step kind whose train shapes include
 # decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
-OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens")
+# decode_span_tokens needs the profiled engine's split-KV plan (meta "decode_plan").
+OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens")
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -61,9 +63,10 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     blocks) with the other entries of its group, the same KV blocks, as prefix-cache hits
     do (`shape_batch`). Every CUDA-graph size of both families (decode batches x KV
     contexts, also with the decodes sharing a prefix of 1/2 or 7/8 of their context, in
-    one group or four; prefill chunks with and without cached context, and chunks mixed
-    with decodes, sharing a prefix or not), plus eager steps beyond the graphs up to the
-    token budget. Held out (never fitted on): a KV context between the fitted ones for each
+    one group or four; decode batches one past the graph size below, run padded, with
+    contexts of unequal length; prefill chunks with and without cached context, and chunks
+    mixed with decodes, sharing a prefix or not), plus eager steps beyond the graphs up to
+    the token budget. Held out (never fitted on): a KV context between the fitted ones for each
     graph size (shared 3/4 as well), and every other eager size. (With graphs up to the
     token budget no step runs eagerly, and none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
@@ -99,6 +102,11 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             if b >= 8:
                 add(shared([(contexts[-1], 1)] * b, contexts[-1] * 7 // 8, groups=4))
             add(shared([(held_ctx, 1)] * b, held_ctx * 3 // 4), "held_out")
+    for below, b in zip(decode, decode[1:]):
+        if below >= 8 and b - below > 1:   # one decode past the graph below: padded to b rows
+            # (most serving decode steps run padded, and the kernel plans the padding rows)
+            add(spread(below + 1, mid))
+            add(spread(below + 1, held_ctx), "held_out")
     cached = max(0, min(L - 1, 1024))
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
@@ -146,7 +154,8 @@ def scattered_blocks(seed: int, num_blocks: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(max(1, num_blocks - 1)) + 1
 
 
-def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
+def shape_batch(shape: list[tuple], block_size: int, num_blocks: int,
+                decode_plan: DecodePlan | None = None) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
     step, new tokens[, shared tokens, group]); n == 1 entries are decodes (their prompt ended
     earlier), the others prompt chunks ending at their context. Block tables take blocks
@@ -155,8 +164,9 @@ def shape_batch(shape: list[tuple], block_size: int, num_blocks: int) -> Batch:
     is junk, its cost (locality included) is real. An entry with a group starts its table
     with the group's blocks, the same block ids, for its first `shared tokens` // block_size
     blocks (a prefix-cache hit; never the block its step writes), the rest its own. Block
-    0, the engine's dummy block, is never used."""
-    batch = Batch(block_size=block_size)
+    0, the engine's dummy block, is never used. `decode_plan`: the engine's (its features then
+    have decode_span_tokens)."""
+    batch = Batch(block_size=block_size, decode_plan=decode_plan)
     pool = scattered_blocks(len(shape), num_blocks)
     next_block = 0
     def take(k):
@@ -217,7 +227,9 @@ def fit_host(profile: pd.DataFrame) -> dict:
 
 def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     """A calibration dict (see `FittedCostModel`) fitted on a profile. `meta` supplies
-    model, device, command and optionally tp, engine_commit, engine (settings). Raises
+    model, device, command and optionally tp, engine_commit, engine (settings), decode_plan
+    ({num_kv_heads, num_sms}: the engine's split-KV plan, which the profile's
+    decode_span_tokens was computed with; without it that feature is not fitted). Raises
     ValueError if columns are missing or the eager kind was not profiled."""
     for key in ("model", "device", "command"):
         if not meta.get(key):
@@ -230,6 +242,10 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
+    plan = meta.get("decode_plan")
+    if SPAN_FEATURE in profile.columns and not plan:
+        print(f"note: no decode_plan in the metadata (the engine's split-KV plan): fitted without {SPAN_FEATURE}")
+        profile = profile.drop(columns=[SPAN_FEATURE])
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
     kinds = {}
@@ -249,7 +265,9 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
             "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
             "command": meta["command"], "created": datetime.date.today().isoformat(),
-            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile)}
+            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
+            **({"decode_plan": {"num_kv_heads": int(plan["num_kv_heads"]), "num_sms": int(plan["num_sms"])}}
+               if SPAN_FEATURE in profile.columns else {})}
 
 
 def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGraphs,
@@ -323,6 +341,10 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     predicted / measured sum of device time."""
     steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
     model = FittedCostModel(calib, graphs=graphs)
+    if model.decode_plan is not None and SPAN_FEATURE not in steps.columns:
+        raise ValueError(f"the run's steps have no {SPAN_FEATURE} (recorded before the engine "
+                         "logged its split-KV decode plan), which this calibration prices: record "
+                         "the run again, or check it against a calibration fitted without it")
     rows = steps.to_dict("records")
     kinds = [graphs.rows(r)[0] for r in rows]
     pred = np.array([model.predict(r) for r in rows])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
+from policy.decode_plan import DecodePlan
 from policy.model import ModelConfig
 from simulator.hardware import GiB, HardwareSpec, HostCosts
 
@@ -176,8 +177,11 @@ class CudaGraphs:
 
 # ---- cost models ------------------------------------------------------------------
 class CostModel(ABC):
-    """Device seconds of one engine step (`predict`) and the host costs around it (`host`)."""
+    """Device seconds of one engine step (`predict`) and the host costs around it (`host`).
+    `decode_plan`: the split-KV decode plan whose `decode_span_tokens` `predict` reads (the
+    simulator gives it to its schedulers, so every step's features have it), or None."""
     host: HostCosts = HostCosts()
+    decode_plan: DecodePlan | None = None
 
     @abstractmethod
     def predict(self, features: dict) -> float:
@@ -296,16 +300,23 @@ class RooflineCostModel(CostModel):
 # (prefix-cache hits) read each shared block once per sequence, but every read after the
 # first mostly hits L2, so a step costs a x distinct + b x (total - distinct); written
 # b x total + (a - b) x distinct, both coefficients >= 0 when a first read costs more.
+# decode_span_tokens: the decode attention's longest chain of work under the engine's
+# split-KV plan (policy.decode_plan): with contexts of unequal length, or shares rounding up
+# past one wave of programs, the kernel takes longer than its summed context says.
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens"],
+    "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
+               "decode_span_tokens"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
-              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
+              "decode_span_tokens"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
-              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens"],
+              "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
+              "decode_span_tokens"],
 }
+SPAN_FEATURE = "decode_span_tokens"
 # Which attention kernel's time each fitted feature measures (what a block size scales).
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
-                      "max_context_tokens": "decode",
+                      "max_context_tokens": "decode", "decode_span_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
 
 
@@ -344,6 +355,9 @@ class FittedCostModel(CostModel):
     hardware's `attention_block_cost`): the profile measured attention at one block size.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
+    A fit that uses decode_span_tokens needs the profiled engine's split-KV plan
+    (`decode_plan`: KV heads per rank and SMs; the run's decode graphs add its padding
+    rows): it becomes this model's `decode_plan`.
 
         {"format": "twinserve-calibration/2", "model": "qwen3-0.6b", "device": "NVIDIA H200",
          "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
@@ -351,7 +365,8 @@ class FittedCostModel(CostModel):
          "kinds": {"decode": {"knots": [...], "base_s": [...], "coefficients": {name: s/unit},
                               "slopes": {name: {"knots": [...], "coefficients": [s/unit at each]}} (optional),
                               "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
-         "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"}}
+         "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"},
+         "decode_plan": {"num_kv_heads": 8, "num_sms": 132} (what the profiled engine planned with)}
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
@@ -378,6 +393,7 @@ class FittedCostModel(CostModel):
             self.kinds[kind] = ([float(k) for k in fit["knots"]], [float(b) for b in fit["base_s"]],
                                 [(name, float(c)) for name, c in fit["coefficients"].items()], slopes)
         _require(self.kinds, f"{source}: no step kinds fitted")
+        self.decode_plan = self._decode_plan(graphs)
         self.host = HostCosts(**calibration.get("host", {}))
         self.attn_factors = self._block_factors(hw, block_size)
 
@@ -387,6 +403,19 @@ class FittedCostModel(CostModel):
             terms = [(name, coef * factor(name)) for name, coef in terms]
             slopes = [(name, k, [c * factor(name) for c in cs]) for name, k, cs in slopes]
             self.kinds[kind] = (knots, base, terms, slopes)
+
+    def _decode_plan(self, graphs: CudaGraphs) -> DecodePlan | None:
+        """The profiled engine's split-KV plan with this run's decode graphs, if a fitted kind
+        prices decode_span_tokens (None otherwise: the features need not carry it)."""
+        used = any(SPAN_FEATURE in [name for name, _ in terms] + [name for name, _, _ in slopes]
+                   for _, _, terms, slopes in self.kinds.values())
+        if not used:
+            return None
+        plan = self.calibration.get("decode_plan") or {}
+        _require(isinstance(plan.get("num_kv_heads"), int) and isinstance(plan.get("num_sms"), int),
+                 f"{self.source}: the fit prices {SPAN_FEATURE} but the file has no decode_plan "
+                 "{num_kv_heads, num_sms} (the profiled engine's split-KV plan)")
+        return DecodePlan(plan["num_kv_heads"], plan["num_sms"], tuple(graphs.decode))
 
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
@@ -447,6 +476,9 @@ def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
+TIE_MAPE = 1e-7   # held-out errors closer than this are equal when a fit's variant is chosen
+
+
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
              optional: tuple[str, ...] = (), sloped: tuple[str, ...] = ()) -> dict:
     """One step kind, its form and features chosen by measurement: the base is fitted either
@@ -478,7 +510,10 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
 
     def score(fit):
         return fit.get("held_out", fit["train"])["mape"]
-    best = min(fits, key=lambda k: (score(fits[k][1]), fits[k][0] != "piecewise", "sloped" in k, len(k)))
+    # errors within TIE_MAPE of the lowest tie (a noise-free profile fits several exactly)
+    lowest = min(score(fit) for _, fit in fits.values())
+    tied = [k for k, (_, fit) in fits.items() if score(fit) <= lowest + TIE_MAPE]
+    best = min(tied, key=lambda k: (fits[k][0] != "piecewise", "sloped" in k, len(k)))
     form, fit = fits[best]
     return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
 

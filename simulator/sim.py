@@ -140,7 +140,9 @@ class Simulator:
         state = _RunState(requests)
         replicas = state.replicas
         for r in range(self.num_replicas):
-            scheduler = Scheduler(self.sched_cfg, self.cache_cfg, self.num_blocks)
+            # the cost model's decode plan, if it prices one: every step then records its span
+            scheduler = Scheduler(self.sched_cfg, self.cache_cfg, self.num_blocks,
+                                  decode_plan=self.cost_model.decode_plan)
             replica = Replica(r, scheduler)
             replica.executor = SimExecutor(self.cost_model, state.salt)
             replica.loop = StepLoop(scheduler, replica.executor.launch, replica.executor.wait,

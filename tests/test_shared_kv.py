@@ -226,7 +226,7 @@ def test_profiles_and_runs_without_the_column_still_work(capsys):
     profile = planted_profile(reread=3e-8)            # no reuse: the feature has nothing to learn
     old = profile.drop(columns=["decode_distinct_context_tokens"])
     calib = fit_calibration(old, META)
-    assert "no ['decode_distinct_context_tokens']" in capsys.readouterr().out
+    assert "no ['decode_distinct_context_tokens'" in capsys.readouterr().out
     assert all("decode_distinct_context_tokens" not in k["coefficients"] for k in calib["kinds"].values())
     # a new profile whose shapes share nothing: fitted without it, said so
     unshared = profile[profile["decode_distinct_context_tokens"] == profile["decode_context_tokens"]]

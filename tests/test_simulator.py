@@ -16,7 +16,7 @@ from simulator import (CostModelConfig, CudaGraphs, FittedCostModel, HardwareSpe
                        kv_pool_blocks)
 from simulator import calibrate
 from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch, step_errors
-from simulator.cost_model import base_time
+from simulator.cost_model import TIE_MAPE, base_time
 from simulator.cluster import Replica, least_outstanding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -410,7 +410,7 @@ def test_fit_on_a_profile_predicts_held_out_shapes_and_runs(tmp_path):
         assert all(c >= 0 for c in fit["coefficients"].values())
         # the variant kept (form x optional features) is the one with the lowest held-out error
         assert {"piecewise", "linear"} <= set(fit["forms"]) and fit["variant"].startswith(fit["form"])
-        assert fit["forms"][fit["variant"]] == fit["held_out"]["mape"] == min(fit["forms"].values())
+        assert fit["forms"][fit["variant"]] == fit["held_out"]["mape"] <= min(fit["forms"].values()) + TIE_MAPE
     assert calib["host"]["launch_s"] == pytest.approx(2e-4) and calib["host"]["receive_seq_s"] == pytest.approx(1e-6)
     fitted = FittedCostModel(calib, graphs=GRAPHS)
     requests = make_requests(200, rate=80.0, seed=11, prompt=(16, 600), output=(1, 60))

@@ -10,20 +10,17 @@ SM, each with the next K/V tile in flight; prefill on wgmma, no spills), not yet
 import numpy as np
 import torch
 
-DECODE_BLOCK_N = 64          # KV tokens per tile in decode
+# The split-KV plan's rule and constants live with the policy (torch-free), so the simulator
+# costs a step by the plan the kernel runs: policy.decode_plan.
+from policy.decode_plan import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT,  # noqa: F401
+                                PROGRAMS_PER_SM, cdiv, decode_shares)
+
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
-PROGRAMS_PER_SM = 4          # decode splits until about this many programs per SM are in flight
-MIN_TOKENS_PER_SPLIT = 128   # ... but never below this much KV per split
-MAX_SPLITS = 64
 PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
@@ -54,25 +51,16 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
 
     Every decode sequence b (rows 0..len(context_lens)-1) is cut into ceil(context / chunk)
     shares of whole decode tiles, as even as tiles allow, one work item each: items[i] = (b,
-    start, end, shares of b), index[b] = (first item, shares). `chunk` is the total context
-    over about PROGRAMS_PER_SM programs per SM, but at least MIN_TOKENS_PER_SPLIT and at
-    most MAX_SPLITS shares per sequence. So one long context among short ones no longer sets the
-    step time (each sequence got the same split count before): every program reads about
-    the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
+    start, end, shares of b), index[b] = (first item, shares); the shares are
+    policy.decode_plan.decode_shares' (about PROGRAMS_PER_SM programs per SM). So one long
+    context among short ones no longer sets the step time (each sequence got the same split
+    count before): every program reads about the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
     of `items` gets b = -1. Returns the number of items."""
     n = len(context_lens)
     if n == 0:
         items[:, 0] = -1
         return 0
-    ctx = np.maximum(context_lens.astype(np.int64), 1)
-    target = cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
-    chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), target), cdiv(int(ctx.max()), MAX_SPLITS))
-    # a sequence's shares split its tiles evenly (1030 tokens at chunk 1024: two shares of
-    # ~512, not 1024 + 6), and no share is empty
-    tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
-    wanted = (ctx + chunk - 1) // chunk
-    per = (tiles + wanted - 1) // wanted        # tiles per share
-    shares = (tiles + per - 1) // per           # <= wanted
+    ctx, tiles, per, shares = decode_shares(context_lens, num_kv_heads, num_sms)
     count = int(shares.sum())
     first = np.cumsum(shares) - shares
     seq = np.repeat(np.arange(n), shares)
