@@ -89,11 +89,11 @@ class DecodePlan:
             if rows > n:   # padding rows: one-token contexts the engine plans too
                 context_lens = list(context_lens) + [1] * (rows - n)
         _, tiles, per, shares = decode_shares(context_lens, self.num_kv_heads, self.num_sms)
+        slots = plan_target(self.num_kv_heads, self.num_sms)
+        if int(shares.sum()) <= slots:   # one wave: the largest share (a sequence's first)
+            return (int(per.max()) + PROGRAM_OVERHEAD_TILES) * DECODE_BLOCK_N
         cost = np.repeat(per + PROGRAM_OVERHEAD_TILES, shares)
         cost[np.cumsum(shares) - 1] = tiles - per * (shares - 1) + PROGRAM_OVERHEAD_TILES
-        slots = plan_target(self.num_kv_heads, self.num_sms)
-        if len(cost) <= slots:
-            return int(cost.max()) * DECODE_BLOCK_N
         busy = sorted(cost[:slots].tolist())     # a sorted list is a heap
         for c in cost[slots:].tolist():
             heapreplace(busy, busy[0] + c)

@@ -65,10 +65,12 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     contexts, also with the decodes sharing a prefix of 1/2 or 7/8 of their context, in
     one group or four; decode batches one past the graph size below, run padded, with
     contexts of unequal length; prefill chunks with and without cached context, and chunks
-    mixed with decodes, sharing a prefix or not), plus eager steps beyond the graphs up to
-    the token budget. Held out (never fitted on): a KV context between the fitted ones for each
-    graph size (shared 3/4 as well), and every other eager size. (With graphs up to the
-    token budget no step runs eagerly, and none is profiled.)"""
+    mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
+    serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens),
+    plus eager steps beyond the graphs up to the token budget. Held out (never fitted on):
+    a KV context between the fitted ones for each graph size (shared 3/4 as well), and
+    every other eager size. (With graphs up to the token budget no step runs eagerly, and
+    none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
     grid = []
     def add(shape, split="train"):
@@ -121,6 +123,7 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         many = min(t // 2, S - 1)
         if many > max(d, 1):                                       # chunk + many decodes, spread
             add([(t - many, t - many)] + spread(many, mid))
+            add([(t - many, t - many)] + spread(many, contexts[-1] // 2))   # ... at longer contexts
             add([(t - many, t - many)] + shared(spread(many, mid), mid // 4))
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
