@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from policy import Batch, Sequence
+from policy.decode_plan import DecodePlan
 from simulator import CudaGraphs, FittedCostModel, HardwareSpec, ModelSpec, RooflineCostModel
 from simulator.cost_model import CostModelConfig, build_cost_model
 
@@ -28,7 +29,7 @@ CALIBRATION = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1.json"
 def step(entries) -> dict:
     """Features of a step of (context before the step, new tokens) entries: n == 1 entries
     decode, the others are prompt chunks ending the prompt."""
-    batch = Batch()
+    batch = Batch(decode_plan=DecodePlan(8, 132, GRAPHS.decode))   # the shipped file prices the span
     for i, (start, n) in enumerate(entries):
         decode = n == 1 and start > 0
         seq = Sequence(i, [1] * (start if decode else start + n), 16)
@@ -45,7 +46,7 @@ def step(entries) -> dict:
 
 DECODE = step([(2047, 1)] * 64)                    # decode only: 64 sequences at 2k context
 NO_ATTENTION = {**DECODE, "decode_context_tokens": 0, "decode_distinct_context_tokens": 0,
-                "max_context_tokens": 0}
+                "max_context_tokens": 0, "decode_span_tokens": 0}
 PREFILL = step([(1536, 512)] * 2)                  # prefill only: chunks behind a cached prefix
 
 
