@@ -102,6 +102,11 @@ class ModelRunner:
             self.planner = FlashInferPlanner(self.model.attention_layers(), self.block_size,
                                              self.dtype, config.max_num_seqs, self.max_blocks,
                                              self.device)
+        # programmatic dependent launch for the step's Triton kernels (before the load-time
+        # choices time them and the graphs capture them)
+        if on_gpu:   # (engine.kernels needs Triton, which CPU-only installs may lack)
+            from engine.kernels import pdl
+            pdl.enable(config.pdl and pdl.supported(self.device))
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
         if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens

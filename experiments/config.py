@@ -71,7 +71,8 @@ class EngineSettings:
         enforce_eager).
     async_scheduling: form step N+1 while step N runs (None: on); the simulator follows
         the same setting.
-    skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig)."""
+    skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig).
+    pdl: programmatic dependent launch of the Triton kernels on sm_90+ (engine.EngineConfig)."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
@@ -81,6 +82,7 @@ class EngineSettings:
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
     skinny_gemm: bool = True
+    pdl: bool = True
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 # The Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies the raw uint16
 # bits of bf16 operands in tl.dot. Upcasting to fp32 first is exact (bf16 values and their
 # products fit fp32), so on the interpreter we compute the same numbers the GPU does.
@@ -102,7 +104,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
 ):
     """One split of one sequence's KV for one KV head: positions [start, end).
 
@@ -114,7 +117,12 @@ def _decode_kernel(
     at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp, for
     `_merge_splits_kernel`. num_splits is a runtime argument so a new count never compiles.
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
-    whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped."""
+    whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
+    PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
+    table are step inputs, read before the wait; with PREFETCH the program also asks L2 for
+    its share of every KV page of [start, end) (a page [block_size, kv_heads, head_dim] is
+    contiguous; KV head h prefetches its 1/kv_heads of it, PART_ELEMS elements at h *
+    PART_ELEMS, so the programs of a work item cover the pages between them)."""
     if USE_WORK:
         slot = tl.program_id(0)
         b = tl.load(work_ptr + 4 * slot)
@@ -141,6 +149,11 @@ def _decode_kernel(
         tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
+    if PREFETCH:
+        _prefetch_pages(k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start, end,
+                        kv_head, stride_cb, BLOCK_SIZE, PART_ELEMS, PART_BYTES, PDL)
+    pdl.wait(PDL)             # q and this step's K/V come from the kernel before
+    pdl.launch_dependents(PDL)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -182,19 +195,38 @@ def _decode_kernel(
         tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
 
 
+@triton.jit
+def _prefetch_pages(k_cache_ptr, v_cache_ptr, block_table_ptr, start, end, kv_head, stride_cb,
+                    BLOCK_SIZE: tl.constexpr, PART_ELEMS: tl.constexpr, PART_BYTES: tl.constexpr,
+                    PDL: tl.constexpr):
+    """L2 prefetch of KV head `kv_head`'s part of the K and V pages holding [start, end),
+    16 pages per round (past the last page: the last page again, a harmless repeat)."""
+    if end > start:
+        first, last = start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        for p0 in range(first, last + 1, 16):
+            pages = tl.minimum(p0 + tl.arange(0, 16), last)
+            blocks = tl.load(block_table_ptr + pages).to(tl.int64)
+            off = blocks * stride_cb + kv_head * PART_ELEMS
+            nbytes = tl.zeros((16,), dtype=tl.int32) + PART_BYTES
+            pdl.prefetch_rows_l2(k_cache_ptr + off, nbytes, PDL)
+            pdl.prefetch_rows_l2(v_cache_ptr + off, nbytes, PDL)
+
+
 @triton.jit(do_not_specialize=["num_splits"],
             do_not_specialize_on_alignment=["query_start_loc_ptr", "index_ptr"])
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr, index_ptr,
     stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, num_splits,
     SPLITS_PAD: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)
     over b's partial slots: `index[b]` = (first slot, count) with a work list (count <= 1:
     nothing to merge, the split wrote the output), else slots b * num_splits + [0,
     num_splits). USE_QSL: output row query_start_loc[b] (without a work list, q_len != 1 is
     skipped as in _decode_kernel)."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     if USE_WORK:
@@ -392,6 +424,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
     lse = torch.empty(slots if merge else 1, num_heads, dtype=torch.float32, device=q.device)
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
+    prefetch = pdl.enabled() and _pages_contiguous(k_cache, v_cache)
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, qsl, items, out, partial, lse,
         scale * math.log2(math.e),
@@ -402,6 +435,9 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        PDL=pdl.enabled(), PREFETCH=prefetch, PART_ELEMS=block_size * head_dim if prefetch else 0,
+        PART_BYTES=block_size * head_dim * k_cache.element_size() if prefetch else 0,
+        **pdl.launch_kwargs(),
     )
     if merge:
         _merge_splits_kernel[(batch, num_heads)](
@@ -409,9 +445,19 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
             out.stride(0), out.stride(1), num_splits or 1,
             SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS), USE_WORK=work is not None,
             USE_QSL=use_qsl, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            num_warps=4,
+            num_warps=4, PDL=pdl.enabled(), **pdl.launch_kwargs(),
         )
     return out
+
+
+def _pages_contiguous(k_cache, v_cache) -> bool:
+    """Each KV page [block_size, kv_heads, head_dim] one contiguous, 16-byte aligned range,
+    its per-head parts multiples of 16 bytes: what _prefetch_pages asks of the layout."""
+    _, bs, h, d = k_cache.shape
+    e = k_cache.element_size()
+    return (k_cache.stride()[1:] == (h * d, d, 1) and v_cache.stride() == k_cache.stride()
+            and all(t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))
+            and k_cache.stride(0) * e % 16 == 0 and bs * d * e % 16 == 0)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
