@@ -49,7 +49,7 @@ def kernels(on):
                     "stride_oh", "stride_pp", "stride_ph", "stride_lp", "num_splits"]))
     const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
                  TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
-                 PDL=on, PREFETCH=on, PART_ELEMS=2048 if on else 0, PART_BYTES=4096 if on else 0)
+                 PDL=on, PREFETCH=on, PART_ELEMS=2048 if on else 0, PART_BYTES=4096 if on else 0, PAGES=8)
     out["decode"] = compile_(pa._decode_kernel, sig, const, 4, 3)
     sig = {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32", "index_ptr": "*i32"}
     sig.update(i32(["stride_pp", "stride_ph", "stride_lp", "stride_ot", "stride_oh", "num_splits"]))
@@ -107,6 +107,8 @@ def test_step_kernels_compile_with_pdl_for_sm90():
             assert r["prefetch"] >= 1 and r["loads_before_wait"] == 0, (name, r)
         elif name == "decode":           # step inputs (work item, query_start_loc, block table)
             assert r["prefetch"] >= 2 and 0 < r["loads_before_wait"] <= 8, (name, r)
+        elif name == "merge":            # its entry of the plan (idle programs leave unblocked)
+            assert r["prefetch"] == 0 and 0 < r["loads_before_wait"] <= 2, (name, r)
         else:
             assert r["prefetch"] == 0 and r["loads_before_wait"] == 0, (name, r)
 
