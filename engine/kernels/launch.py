@@ -16,6 +16,7 @@ DECODE_NUM_STAGES = 3
 PROGRAMS_PER_SM = 4          # decode splits until about this many programs per SM are in flight
 MIN_TOKENS_PER_SPLIT = 128   # ... but never below this much KV per split
 MAX_SPLITS = 64
+SPLIT_SLACK = 1.25           # a sequence up to 1.25 shares long stays one share (no merge)
 PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
@@ -56,7 +57,8 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     shares of whole decode tiles, as even as tiles allow, one work item each: items[i] = (b,
     start, end, shares of b), index[b] = (first item, shares). `chunk` is the total context
     over about PROGRAMS_PER_SM programs per SM, but at least MIN_TOKENS_PER_SPLIT and at
-    most MAX_SPLITS shares per sequence. So one long context among short ones no longer sets the
+    most MAX_SPLITS shares per sequence; a share may reach SPLIT_SLACK x chunk. So one long
+    context among short ones no longer sets the
     step time (each sequence got the same split count before): every program reads about
     the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
     of `items` gets b = -1. Returns the number of items."""
@@ -68,9 +70,12 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     target = cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
     chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), target), cdiv(int(ctx.max()), MAX_SPLITS))
     # a sequence's shares split its tiles evenly (1030 tokens at chunk 1024: two shares of
-    # ~512, not 1024 + 6), and no share is empty
+    # ~512, not 1024 + 6), and no share is empty. A sequence at most SPLIT_SLACK chunks long
+    # stays whole: at batch 64 and context ~1k every sequence was just over the chunk, and
+    # splitting them all in two cost a merge kernel (~6 us a layer on the H200) to shorten
+    # programs that were already about the balanced length.
     tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
-    wanted = (ctx + chunk - 1) // chunk
+    wanted = np.maximum(1, np.ceil(ctx / (chunk * SPLIT_SLACK)).astype(np.int64))
     per = (tiles + wanted - 1) // wanted        # tiles per share
     shares = (tiles + per - 1) // per           # <= wanted
     count = int(shares.sum())
