@@ -53,7 +53,7 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
                      items: np.ndarray, index: np.ndarray) -> int:
     """Balanced split-KV plan for the decode kernel (flash-decoding with a host work list).
 
-    Every decode sequence b (rows 0..len(context_lens)-1) is cut into ceil(context / chunk)
+    Every decode sequence b (rows 0..len(context_lens)-1) is cut into ceil(context / (SPLIT_SLACK x chunk))
     shares of whole decode tiles, as even as tiles allow, one work item each: items[i] = (b,
     start, end, shares of b), index[b] = (first item, shares). `chunk` is the total context
     over about PROGRAMS_PER_SM programs per SM, but at least MIN_TOKENS_PER_SPLIT and at
