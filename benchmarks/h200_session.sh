@@ -82,7 +82,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             for b in 1 64; do TAIL=70 run profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done ;;
-  steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small${TAG:-} 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 ;;
+  steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small${TAG:-} 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 ${SARGS:-} ;;
+  steps_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small_nopdl 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 --pdl-max-tokens 0 ;;
+  prof_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=70 run profile_q06_b1_nopdl 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch 1 --top 30 --timeline 40 --pdl-max-tokens 0 ;;
+  offline_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06_nopdl 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --pdl-max-tokens 0 ;;
   old_prof) # the same on the engine carried as old/ (another commit), side by side
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             (cd old && PYTHONPATH=/tmp/site:$PWD; export PYTHONPATH

@@ -51,6 +51,12 @@ class EngineConfig:
         (engine.kernels.skinny_gemm) against torch's matmul under graph replay, and use it
         where it is faster; False = torch's matmul always (eager engines always use torch:
         a Triton launch from Python costs more host time than cuBLAS').
+    pdl_max_tokens: on sm_90+ GPUs, steps of at most this many tokens launch their Triton
+        kernels with programmatic dependent launch (engine.kernels.pdl): each starts while
+        the one before finishes, prefetching its weights (skinny GEMM) or first KV tile
+        (decode attention) into L2 meanwhile. 0 = never (plain stream order). Measured on
+        the H200 (Qwen3-0.6B decode, context 1k): -12% step time at batch 1, -2% at 16,
+        +2% at 64, hence 32. Ignored where unsupported (CPU, interpreter, before sm_90).
     """
     model: str
     dtype: str = "auto"
@@ -70,6 +76,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     attention_backend: str = "auto"
     skinny_gemm: bool = True
+    pdl_max_tokens: int = 32
     seed: int = 0
 
     def __post_init__(self):

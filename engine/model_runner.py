@@ -102,6 +102,12 @@ class ModelRunner:
             self.planner = FlashInferPlanner(self.model.attention_layers(), self.block_size,
                                              self.dtype, config.max_num_seqs, self.max_blocks,
                                              self.device)
+        # programmatic dependent launch for the step's Triton kernels (before the load-time
+        # choices time them and the graphs capture them)
+        self.pdl = None   # engine.kernels.pdl where supported (it needs Triton: CPU installs may lack it)
+        if on_gpu and config.pdl_max_tokens:
+            from engine.kernels import pdl
+            self.pdl = pdl if pdl.supported(self.device) else None
         self.num_blocks = self.allocate_kv_cache(self.profile())
         self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
         if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
@@ -248,6 +254,7 @@ class ModelRunner:
             self.buffer.upload(step.nbytes)
             views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
             input_ids, positions, meta = self.model_inputs(step, views)
+            self.use_pdl(step.T)                          # the graph captures the launch attribute
             self.model(input_ids, positions, meta)        # warm-up: JIT, allocator
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
@@ -255,6 +262,8 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[(kind, size)] = (graph, hidden)
             torch.cuda.synchronize(self.device)
+        if self.pdl is not None:
+            self.pdl.enable(False)
         self.packer.decode_sizes = sorted(s for k, s in self.graphs if k == DECODE_GRAPH)
         self.packer.mixed_sizes = sorted(s for k, s in self.graphs if k == MIXED_GRAPH)
 
@@ -371,6 +380,7 @@ class ModelRunner:
         """Queue the model on the uploaded step, the logits of the sampled rows and (rank 0)
         sampling. Returns the sampled tokens (device, logits order; rank 0) or None. No sync."""
         views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S, step.F)[2]
+        self.use_pdl(step.T)   # the eager launches below (a graph replays what it captured)
         if step.graph:
             graph, hidden = self.graphs[step.key]
             if self.planner is not None:   # flashinfer: re-plan the graph's wrapper first
@@ -387,6 +397,14 @@ class ModelRunner:
         sampling = step.sampling
         sampling.temperatures, sampling.top_k, sampling.top_p = temperatures, top_k, top_p
         return self.sampler(logits, sampling)
+
+    def use_pdl(self, num_tokens: int) -> None:
+        """Launch the following Triton kernels with programmatic dependent launch iff a step
+        of `num_tokens` tokens is small enough (EngineConfig.pdl_max_tokens): there the
+        kernels are short and mostly latency, which PDL overlaps; in larger steps it measured
+        slower (programs waiting early hold SM slots)."""
+        if self.pdl is not None:
+            self.pdl.enable(num_tokens <= self.config.pdl_max_tokens)
 
     # ---- tensor parallelism -----------------------------------------------------------
 

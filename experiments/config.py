@@ -71,7 +71,9 @@ class EngineSettings:
         enforce_eager).
     async_scheduling: form step N+1 while step N runs (None: on); the simulator follows
         the same setting.
-    skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig)."""
+    skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig).
+    pdl_max_tokens: steps up to this many tokens launch their Triton kernels with
+        programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig)."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
@@ -81,6 +83,7 @@ class EngineSettings:
     attention_backend: str = "auto"
     async_scheduling: bool | None = None
     skinny_gemm: bool = True
+    pdl_max_tokens: int = 32
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),

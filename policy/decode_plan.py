@@ -24,6 +24,7 @@ DECODE_BLOCK_N = 64          # KV tokens per tile of the decode kernel
 PROGRAMS_PER_SM = 4          # the plan aims at about this many programs per SM in flight
 MIN_TOKENS_PER_SPLIT = 128   # ... but never a share below this much KV
 MAX_SPLITS = 64              # ... nor more shares of one sequence than this
+SPLIT_SLACK = 1.25           # a sequence up to 1.25 shares long stays one share (no merge)
 # A program's fixed work (its query, its partial output, the merge of a split sequence)
 # in tiles of KV: what `span_tokens` adds per item. Chosen on the H200 profile's held-out
 # shapes: 0, 1, 2 or 4 tiles gave decode 1.73 / 1.62 / 1.55 / 1.62% and mixed 3.22 / 2.11 /
@@ -45,13 +46,17 @@ def decode_shares(context_lens: np.ndarray, num_kv_heads: int, num_sms: int):
     Sequence b (context ctx[b] >= 1, clamped) is cut into shares[b] shares of per[b] tiles
     (the last takes the rest, tiles[b] - per[b] (shares[b] - 1)). A share holds about
     `chunk` tokens: the total context over `plan_target` items, but at least
-    MIN_TOKENS_PER_SPLIT and at most MAX_SPLITS shares per sequence; a sequence's shares
-    split its tiles evenly (1030 tokens at chunk 1024: two shares of ~512, not 1024 + 6)."""
+    MIN_TOKENS_PER_SPLIT and at most MAX_SPLITS shares per sequence, and a share may reach
+    SPLIT_SLACK x chunk; a sequence's shares split its tiles evenly (2100 tokens at chunk
+    1024: two shares of 17 and 16 tiles, not 16 and 17 and a 52-token third)."""
     ctx = np.maximum(np.asarray(context_lens, dtype=np.int64), 1)
     chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), plan_target(num_kv_heads, num_sms)),
                 cdiv(int(ctx.max()), MAX_SPLITS))
     tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
-    wanted = (ctx + chunk - 1) // chunk
+    # A sequence at most SPLIT_SLACK chunks long stays whole: at batch 64 and context ~1k
+    # every sequence was just over the chunk, and splitting them all in two cost a merge
+    # kernel (~6 us a layer on the H200) to shorten programs already about the balanced length.
+    wanted = np.maximum(1, np.ceil(ctx / (chunk * SPLIT_SLACK)).astype(np.int64))
     per = (tiles + wanted - 1) // wanted        # tiles per share
     shares = (tiles + per - 1) // per           # <= wanted: no share is empty
     return ctx, tiles, per, shares

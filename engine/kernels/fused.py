@@ -17,11 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                         stride_x, stride_r, stride_o, stride_ro,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -50,7 +54,8 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _add_rmsnorm_kernel[(rows,)](x, r, weight, out, res_out, n, eps, x.stride(0), r.stride(0),
                                      out.stride(0), res_out.stride(0),
                                      HAS_RESIDUAL=residual is not None,
-                                     BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+                                     BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
+                                     PDL=pdl.enabled(), **pdl.launch_kwargs())
     return out if residual is None else (out, res_out)
 
 
@@ -65,7 +70,10 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -83,7 +91,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows:
         block = min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, n, x.stride(0), out.stride(0),
-                                                           BLOCK=block, num_warps=4)
+                                                           BLOCK=block, num_warps=4, PDL=pdl.enabled(),
+                                                           **pdl.launch_kwargs())
     return out
 
 
@@ -117,7 +126,10 @@ def _qk_norm_rope_store_kernel(
     eps, stride_t, stride_cos, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     t = tl.program_id(0).to(tl.int64)
     half = HEAD_DIM // 2
     d = tl.arange(0, HALF_PAD)
@@ -181,5 +193,5 @@ def qk_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Te
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads), HKV_PAD=triton.next_power_of_2(num_kv_heads),
             HEAD_DIM=head_dim, HALF_PAD=triton.next_power_of_2(head_dim // 2),
-            BLOCK_SIZE=k_cache.shape[1], QK_NORM=norm, num_warps=4)
+            BLOCK_SIZE=k_cache.shape[1], QK_NORM=norm, num_warps=4, PDL=pdl.enabled(), **pdl.launch_kwargs())
     return q

@@ -12,17 +12,13 @@ prompt, a prefill chunk, a prompt behind a prefix-cache hit and a decode token a
 thing: q_len new tokens at the end of a context.
 
 Kernels.
-* decode (every q_len == 1): one program per (share of a sequence's KV, KV head). The program
-  handles all `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read
-  once; the query group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts
-  are split (flash-decoding); the split that finishes last for its (sequence, KV head) merges
-  the splits by their log-sum-exp, in the same launch (an arrival counter, as the skinny
-  GEMM's split-K does), so decode attention is one kernel whatever the split. The
-  shares come either from a host work list (`engine.kernels.launch.plan_decode_work`: the
-  batch's total context balanced over the GPU; what the model runner uses) or, without one, as
-  `num_splits` equal shares of every sequence.
-  With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
-  step (without a work list, sequences whose q_len is not 1 are skipped).
+* decode (every q_len == 1): one program per (sequence, KV head, split). The program handles all
+  `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read once; the query
+  group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts with few
+  programs are split (flash-decoding) and a second kernel merges the splits by their
+  log-sum-exp.
+  With `query_start_loc` the decode kernel reads any step's queries and skips sequences whose
+  q_len is not 1: the decode half of a mixed step, on a grid fixed by the number of rows.
 * prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
   head), or per (tile of a host-built tile list, KV head): a grid fixed per CUDA graph size and
   no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
@@ -35,9 +31,8 @@ path); head_dim 16..256 (powers of two 64 and 128 are the tuned ones; others are
 any num_heads that is a multiple of num_kv_heads. Softmax and accumulation in fp32.
 
 CUDA graphs: `paged_decode_attention` (and `paged_attention` with max_query_len == 1) does no
-host sync and allocates nothing but its output; split-KV partials and counters live in a
-per-device workspace (`split_workspace`), sized by the first eager call at a size; pass `work`
-or `num_splits` explicitly when capturing so every replay uses the captured grid. Padding rows
+host sync and allocates only tensors whose shapes follow from (B, num_heads, num_splits); pass
+`num_splits` explicitly when capturing so every replay uses the captured split count. Padding rows
 with `context_lens == 0` produce zeros. `paged_prefill_attention` with `tiles` is graph-safe too
 (its grid is the tile list's length), which is what lets mixed steps replay a graph.
 """
@@ -48,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 # The Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies the raw uint16
 # bits of bf16 operands in tl.dot. Upcasting to fp32 first is exact (bf16 values and their
 # products fit fp32), so on the interpreter we compute the same numbers the GPU does.
@@ -56,8 +53,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_BLOCK_N,
     PREFILL_NUM_STAGES, PREFILL_NUM_WARPS, choose_num_splits, prefill_tile_tokens)
-
-MERGE_CHUNK = 16   # shares the merging program reads at once (per head: 16 x head_dim fp32)
 
 
 @triton.jit
@@ -92,38 +87,6 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
     return acc, l, m_new
 
 
-@triton.jit
-def _merge_shares(partial_ptr, lse_ptr, first, count, head, d, d_mask, stride_pp, stride_ph,
-                  stride_lp, CHUNK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """Query head `head`'s output from its shares' partials in slots [first, first + count):
-    sum_s w_s * partial_s / sum_s w_s with w_s = 2^lse_s. One pass, CHUNK shares per L2
-    round trip (the loads bypass L1, .cg: other programs wrote these slots): lane i of the
-    chunk folds shares i, i + CHUNK, ... into its own running max, weight sum and weighted
-    sum (an online softmax per lane), and the lanes are combined at the end. The order is
-    fixed, so the result does not depend on which share arrived last."""
-    c = tl.arange(0, CHUNK)
-    m = tl.full([CHUNK], float("-inf"), tl.float32)        # per lane: running max lse
-    w_sum = tl.zeros([CHUNK], tl.float32)                   # sum of 2^(lse - m)
-    acc = tl.zeros([CHUNK, HEAD_DIM_PAD], tl.float32)       # sum of 2^(lse - m) * partial
-    for s0 in range(0, count, CHUNK):
-        slot = first + s0 + c
-        mask = s0 + c < count
-        lse = tl.load(lse_ptr + slot * stride_lp + head, mask=mask, other=float("-inf"),
-                      cache_modifier=".cg")
-        part = tl.load(partial_ptr + slot[:, None] * stride_pp + head * stride_ph + d[None, :],
-                       mask=mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # empty so far: weights 0
-        scale, w = tl.exp2(m - m_safe), tl.exp2(lse - m_safe)
-        acc = acc * scale[:, None] + w[:, None] * part
-        w_sum = w_sum * scale + w
-        m = m_new
-    top = tl.max(m, 0)
-    lane = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))   # every share empty: 0
-    total = tl.sum(w_sum * lane, 0)
-    return tl.sum(acc * lane[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-
-
 # Triton compiles a new variant for every new "specialization" of the runtime arguments:
 # an int that is 1 or a multiple of 16, a pointer that is 16-byte aligned. Block-table widths,
 # split counts and the pointers of sliced per-sequence arrays (a mixed step hands the decode
@@ -131,35 +94,36 @@ def _merge_shares(partial_ptr, lse_ptr, first, count, head, d, d_mask, stride_pp
 # of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "work_ptr", "index_ptr"])
+                                            "query_start_loc_ptr", "work_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, arrivals_ptr,
+    work_ptr, out_ptr, partial_ptr, lse_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
     stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
+    PAGES: tl.constexpr = 1,
 ):
-    """One share of one sequence's KV for one KV head: positions [start, end).
+    """One split of one sequence's KV for one KV head: positions [start, end).
 
     USE_WORK: program (i, kv_head) runs item i of the host's work list, `work[i]` = (b,
-    start, end, shares of b), and b's shares are items index[b] = (first, count); b < 0:
-    nothing to do (a CUDA graph's grid covers the most items its size can have). Otherwise
-    program (b, kv_head, split) takes split `split` of `num_splits` equal shares of b's
-    tiles, in slots b * num_splits + [0, num_splits). num_splits is a runtime argument so a
-    new count never compiles.
-
-    A sequence with one share writes its normalized output in q's dtype. A share of a longer
-    one writes its normalized partial output (fp32) and log2-sum-exp at its slot, then bumps
-    the arrival counter of (b, kv_head); the share that arrives last merges all the shares
-    (`_merge_shares`, head by head of the group, in a fixed order), writes the output and
-    resets the counter to 0 for the next call. So one launch does split-KV decode, with no memset and no merge kernel.
-
+    start, end, splits of b); b < 0: nothing to do (a CUDA graph's grid covers the most
+    items its size can have). Otherwise program (b, kv_head, split) takes split `split` of
+    `num_splits` equal shares of b's tiles. A sequence with one split writes its normalized
+    output in q's dtype; a split of a longer one writes its normalized partial output (fp32)
+    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp, for
+    `_merge_splits_kernel`. num_splits is a runtime argument so a new count never compiles.
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
-    whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped."""
+    whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
+    PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
+    table are step inputs, read before the wait; with PREFETCH the program also asks L2 for
+    its share of every KV page of [start, end) (a page [block_size, kv_heads, head_dim] is
+    contiguous; KV head h prefetches its 1/kv_heads of it, PART_ELEMS elements at h *
+    PART_ELEMS, so the programs of a work item cover the pages between them)."""
     if USE_WORK:
         slot = tl.program_id(0)
         b = tl.load(work_ptr + 4 * slot)
@@ -186,6 +150,11 @@ def _decode_kernel(
         tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
+    if PREFETCH:
+        _prefetch_pages(k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start, end,
+                        kv_head, stride_cb, BLOCK_SIZE, PART_ELEMS, PART_BYTES, BLOCK_N, PAGES, PDL)
+    pdl.wait(PDL)             # q and this step's K/V come from the kernel before
+    pdl.launch_dependents(PDL)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -225,25 +194,72 @@ def _decode_kernel(
                  mask=out_mask)
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
         tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
-        # Every thread's stores are issued before the counter moves (the atomic is one
-        # thread's release; the barrier orders the other threads' stores before it), and the
-        # last share's loads come after its acquire (the second barrier).
-        tl.debug_barrier()
-        counter = arrivals_ptr + b * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            tl.debug_barrier()
-            if USE_WORK:
-                first = tl.load(index_ptr + 2 * b)
-            else:
-                first = b * num_splits
-            for j in tl.static_range(GROUP):
-                head = kv_head * GROUP + j
-                merged = _merge_shares(partial_ptr, lse_ptr, first, splits, head, d, d_mask,
-                                       stride_pp, stride_ph, stride_lp, MERGE_CHUNK, HEAD_DIM_PAD)
-                tl.store(out_ptr + row * stride_ot + head * stride_oh + d,
-                         merged.to(out_ptr.dtype.element_ty), mask=d_mask)
-            tl.atomic_xchg(counter, 0)   # ready for the next call
+
+
+@triton.jit
+def _prefetch_pages(k_cache_ptr, v_cache_ptr, block_table_ptr, start, end, kv_head, stride_cb,
+                    BLOCK_SIZE: tl.constexpr, PART_ELEMS: tl.constexpr, PART_BYTES: tl.constexpr,
+                    TILE: tl.constexpr, PAGES: tl.constexpr, PDL: tl.constexpr):
+    """L2 prefetch of KV head `kv_head`'s part of the K and V pages holding the first tile of
+    [start, end): the loads the program waits on first; its pipeline keeps the later tiles
+    in flight itself. (Prefetching whole shares thrashed L2 at batch 64: ~600 resident
+    programs x 512 KB; one tile is <= 32 KB per program.) Pages past the tile's last: the
+    last again, a harmless repeat."""
+    if end > start:
+        first = start // BLOCK_SIZE
+        last = (tl.minimum(end, start + TILE) - 1) // BLOCK_SIZE
+        pages = tl.minimum(first + tl.arange(0, PAGES), last)
+        blocks = tl.load(block_table_ptr + pages).to(tl.int64)
+        off = blocks * stride_cb + kv_head * PART_ELEMS
+        nbytes = tl.zeros((PAGES,), dtype=tl.int32) + PART_BYTES
+        pdl.prefetch_rows_l2(k_cache_ptr + off, nbytes, PDL)
+        pdl.prefetch_rows_l2(v_cache_ptr + off, nbytes, PDL)
+
+
+@triton.jit(do_not_specialize=["num_splits"],
+            do_not_specialize_on_alignment=["query_start_loc_ptr", "index_ptr"])
+def _merge_splits_kernel(
+    partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr, index_ptr,
+    stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, num_splits,
+    SPLITS_PAD: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Program (b, head): out = sum_s w_s * partial_s / sum_s w_s with w_s = 2^(lse_s - max)
+    over b's partial slots: `index[b]` = (first slot, count) with a work list (count <= 1:
+    nothing to merge, the split wrote the output), else slots b * num_splits + [0,
+    num_splits). USE_QSL: output row query_start_loc[b] (without a work list, q_len != 1 is
+    skipped as in _decode_kernel)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if USE_WORK:   # the plan is a step input: read before the wait, so idle programs leave at once
+        first = tl.load(index_ptr + 2 * b)
+        count = tl.load(index_ptr + 2 * b + 1)
+        if count <= 1:
+            return
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    if not USE_WORK:
+        first = b * num_splits
+        count = num_splits
+    row = b
+    if USE_QSL:
+        row = tl.load(query_start_loc_ptr + b)
+        if not USE_WORK:
+            if tl.load(query_start_loc_ptr + b + 1) - row != 1:
+                return
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    s_mask = s < count
+    d_mask = d < HEAD_DIM
+    lse = tl.load(lse_ptr + (first + s) * stride_lp + h, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: output 0
+    w = tl.exp2(lse - lse_max)
+    partial = tl.load(partial_ptr + (first + s)[:, None] * stride_pp + h * stride_ph + d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * partial, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["stride_bt"],
@@ -390,35 +406,6 @@ def _dot_flags(dtype):
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
 
 
-# ---- split-KV workspace -------------------------------------------------------------------
-
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-_RETIRED: list[torch.Tensor] = []   # outgrown workspaces: captured graphs may still use them
-
-
-def split_workspace(device: torch.device, slots: int, num_heads: int, head_dim: int,
-                    counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views (partial fp32 [slots, num_heads, head_dim], lse fp32 [slots, num_heads], arrival
-    counters int32 [counters], all zero) over the device's split-KV workspace, grown on
-    first use at a size and never freed: a CUDA graph keeps the addresses it captured, and
-    the decode kernel leaves every counter at 0. The engine sizes it in the eager warm-up
-    that precedes each capture (largest graph first), so capture itself allocates nothing.
-    Calls on a device must be stream-ordered (they share it), as the engine's one stream is."""
-    partial_numel, lse_numel = slots * num_heads * head_dim, slots * num_heads
-    partial, lse, arrivals = _WORKSPACES.get(device, (None, None, None))
-    if (partial is None or partial.numel() < partial_numel or lse.numel() < lse_numel
-            or arrivals.numel() < counters):
-        if partial is not None:
-            _RETIRED.extend((partial, lse, arrivals))
-        grow = lambda old, n: max(n, 0 if old is None else old.numel())  # noqa: E731
-        partial = torch.empty(grow(partial, partial_numel), dtype=torch.float32, device=device)
-        lse = torch.empty(grow(lse, lse_numel), dtype=torch.float32, device=device)
-        arrivals = torch.zeros(grow(arrivals, counters), dtype=torch.int32, device=device)
-        _WORKSPACES[device] = partial, lse, arrivals
-    return (partial[:partial_numel].view(slots, num_heads, head_dim),
-            lse[:lse_numel].view(slots, num_heads), arrivals)
-
-
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
             query_start_loc=None, work=None):
     batch, num_heads = context_lens.shape[0], q.shape[1]
@@ -427,37 +414,55 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
     if work is not None:
         items, index = work
         slots, grid = items.shape[0], (items.shape[0], num_heads // group)
-        split = True
+        merge = True
     else:
         if not 1 <= num_splits <= MAX_SPLITS:
             raise ValueError(f"paged attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
         items = index = context_lens  # unused
         slots, grid = batch * num_splits, (batch, num_heads // group, num_splits)
-        split = num_splits > 1
+        merge = num_splits > 1
     if batch == 0 or slots == 0:
         return out
-    if split:   # partial outputs and log-sum-exps, one slot per share; a counter per (b, kv head)
-        partial, lse, arrivals = split_workspace(q.device, slots, num_heads, head_dim,
-                                                 batch * (num_heads // group))
-    else:
-        # unused (every sequence is one share), but the kernel is compiled for their types:
-        # the counter must be an int32 pointer (atomics on a bf16 one do not compile)
-        partial = lse = out
-        arrivals = context_lens
+    # partial outputs and log-sum-exps of split sequences, one slot per split
+    partial = torch.empty(slots if merge else 1, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(slots if merge else 1, num_heads, dtype=torch.float32, device=q.device)
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
+    prefetch = pdl.enabled() and _pages_contiguous(k_cache, v_cache)
     _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, items, index, out, partial, lse,
-        arrivals, scale * math.log2(math.e),
+        q, k_cache, v_cache, block_tables, context_lens, qsl, items, out, partial, lse,
+        scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
         lse.stride(0), num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
-        MERGE_CHUNK=MERGE_CHUNK, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        PDL=pdl.enabled(), PREFETCH=prefetch, PART_ELEMS=block_size * head_dim if prefetch else 0,
+        PART_BYTES=block_size * head_dim * k_cache.element_size() if prefetch else 0,
+        PAGES=triton.next_power_of_2(triton.cdiv(DECODE_BLOCK_N, block_size) + 1),   # a tile's pages
+        **pdl.launch_kwargs(),
     )
+    if merge:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial, lse, out, qsl, index, partial.stride(0), partial.stride(1), lse.stride(0),
+            out.stride(0), out.stride(1), num_splits or 1,
+            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS), USE_WORK=work is not None,
+            USE_QSL=use_qsl, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            num_warps=4, PDL=pdl.enabled(), **pdl.launch_kwargs(),
+        )
     return out
+
+
+def _pages_contiguous(k_cache, v_cache) -> bool:
+    """Each KV page [block_size, kv_heads, head_dim] one contiguous, 16-byte aligned range,
+    its per-head parts multiples of 16 bytes: what _prefetch_pages asks of the layout."""
+    _, bs, h, d = k_cache.shape
+    e = k_cache.element_size()
+    return (k_cache.stride()[1:] == (h * d, d, 1) and v_cache.stride() == k_cache.stride()
+            and all(t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))
+            and k_cache.stride(0) * e % 16 == 0 and bs * d * e % 16 == 0)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,

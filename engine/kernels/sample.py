@@ -17,13 +17,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from engine.kernels import pdl
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_ptr,
                           part_score_ptr, part_index_ptr, V, Q, num_chunks,
-                          BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr, FAST_LOG: tl.constexpr):
+                          BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr, FAST_LOG: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -107,7 +112,8 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
     _sample_chunks_kernel[(S, num_chunks)](
         logits, logits.stride(0), temperatures, seeds, offsets, part_score, part_index,
         V, Q, num_chunks, BLOCK=block, N_ROUNDS=n_rounds,
-        FAST_LOG=logits.is_cuda and torch.version.hip is None, num_warps=4)
+        FAST_LOG=logits.is_cuda and torch.version.hip is None, num_warps=4,
+        PDL=pdl.enabled(), **pdl.launch_kwargs())
     # each row's winner: the best chunk, the lowest index on a tie
     top = part_score.amax(dim=1, keepdim=True)
     return torch.where(part_score == top, part_index, V).amin(dim=1)

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.fused import add_rmsnorm, silu_and_mul, silu_mul
 
 MAX_M = 64                 # rows the kernel takes (the decode regime)
@@ -154,7 +155,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
                         M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                         SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                        ELEM_BYTES: tl.constexpr = 2):
     """The A operand (x^T tiles, `_input_tile`) is x, or:
     SWIGLU: x is [M, 2K] = [gate | up] and the operand silu(gate) * up, computed per tile as
     engine.kernels.fused.silu_and_mul computes it (an MLP's down projection without its
@@ -169,6 +172,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     rows = offs_n.to(tl.int64)   # N * K may pass 2^31 (LM heads of large vocabularies)
+    if PREFETCH:   # launched early (PDL): pull this program's weight slice into L2 meanwhile
+        first = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start
+        nbytes = tl.zeros((BLOCK_N,), dtype=tl.int32) + ((k_end - k_start) * ELEM_BYTES) // 16 * 16
+        pdl.prefetch_rows_l2(w_ptr + first, nbytes, PDL)
+    pdl.wait(PDL)               # x, the residual and the workspace come from earlier kernels
+    pdl.launch_dependents(PDL)
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
                          stride_om, K, eps, (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M,
@@ -318,8 +327,15 @@ def _launch(x, weight, bias, split_k, config, swiglu, norm=None):
         x.stride(0) if res_out is None else res_out.stride(0), cfg.pop("k_per_split"),
         HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32 or _INTERPRETED,
         SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm[0] is not None,
-        **cfg)
+        PDL=pdl.enabled(), PREFETCH=pdl.enabled() and _aligned(weight), ELEM_BYTES=weight.element_size(),
+        **cfg, **pdl.launch_kwargs())
     return y
+
+
+def _aligned(weight: torch.Tensor) -> bool:
+    """Every program's weight slice starts on 16 bytes (what a bulk L2 prefetch needs):
+    k_per_split is a multiple of BLOCK_K, so the base and the row stride decide."""
+    return weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
