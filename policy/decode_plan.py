@@ -46,8 +46,8 @@ def decode_shares(context_lens: np.ndarray, num_kv_heads: int, num_sms: int):
     Sequence b (context ctx[b] >= 1, clamped) is cut into shares[b] shares of per[b] tiles
     (the last takes the rest, tiles[b] - per[b] (shares[b] - 1)). A share holds about
     `chunk` tokens: the total context over `plan_target` items, but at least
-    MIN_TOKENS_PER_SPLIT and at most MAX_SPLITS shares per sequence; a sequence at most
-    SPLIT_SLACK x chunk long stays one share; a sequence's shares split its tiles evenly (2100 tokens at chunk
+    MIN_TOKENS_PER_SPLIT and at most MAX_SPLITS shares per sequence, and a share may reach
+    SPLIT_SLACK x chunk; a sequence's shares split its tiles evenly (2100 tokens at chunk
     1024: two shares of 17 and 16 tiles, not 16 and 17 and a 52-token third)."""
     ctx = np.maximum(np.asarray(context_lens, dtype=np.int64), 1)
     chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), plan_target(num_kv_heads, num_sms)),
@@ -56,8 +56,7 @@ def decode_shares(context_lens: np.ndarray, num_kv_heads: int, num_sms: int):
     # A sequence at most SPLIT_SLACK chunks long stays whole: at batch 64 and context ~1k
     # every sequence was just over the chunk, and splitting them all in two cost a merge
     # kernel (~6 us a layer on the H200) to shorten programs already about the balanced length.
-    # Longer sequences keep ceil(ctx / chunk) shares (at batch 1, context 1k: 8 of 128 tokens).
-    wanted = np.where(ctx <= chunk * SPLIT_SLACK, 1, (ctx + chunk - 1) // chunk)
+    wanted = np.maximum(1, np.ceil(ctx / (chunk * SPLIT_SLACK)).astype(np.int64))
     per = (tiles + wanted - 1) // wanted        # tiles per share
     shares = (tiles + per - 1) // per           # <= wanted: no share is empty
     return ctx, tiles, per, shares
