@@ -85,6 +85,13 @@ GEMV = Launch("gemv", 128, 128, 8, 4)    # 8 warps: AWQ at 4 spills near 255 reg
 GEMV_TILES = (GEMV, Launch("gemv", 256, 128, 4, 4), Launch("gemv", 256, 128, 8, 4),
               Launch("gemv", 256, 64, 4, 4), Launch("gemv", 128, 128, 4, 4))
 TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
+# The multiply-add kernel on repacked weights (M = 1): BLOCK_N / 8 words per program, 1-4
+# words per thread per row (BLOCK_N / (256 x warps): 4-16 byte loads); sm_90 compiles (ptxas,
+# no spills): 64 / 72 / 127 / 56 registers, 4 / 8 / 16 / 16 KB of shared memory (3 stages).
+FMA_TILES = (Launch("fma", 256, 16, 1, 3), Launch("fma", 512, 16, 1, 3),
+             Launch("fma", 1024, 16, 1, 3), Launch("fma", 1024, 16, 4, 3))
+FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 registers)
+MAX_FMA_SPLIT_K = 64
 
 
 # ---- kernels -------------------------------------------------------------------------------
@@ -473,7 +480,7 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
         if PER_ROW:
             for r in tl.static_range(BLOCK_K):
                 k = k0 + r
-                mask = mask_c & (k < k_end)
+                mask = mask_c & (tl.full((NW,), k, tl.int32) < k_end)
                 words = tl.load(qweight_ptr + k * (N // 8) + cols, mask=mask, other=0)
                 if ACT_ORDER:
                     g = tl.sum(tl.load(g_idx_ptr + k + tl.arange(0, 1), mask=k + tl.arange(0, 1) < k_end,
@@ -494,8 +501,8 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                         words = tl.load(qweight_ptr + k * (N // 8) + cols, mask=mask_c, other=0)
                     xr = _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM, False)
                 else:
-                    words = tl.load(qweight_ptr + k * (N // 8) + cols, mask=mask_c & (k < k_end),
-                                    other=0)
+                    words = tl.load(qweight_ptr + k * (N // 8) + cols,
+                                    mask=mask_c & (tl.full((NW,), k, tl.int32) < k_end), other=0)
                     xr = _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM, True)
                 xs += xr
                 p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(words, xr, p0, p1, p2, p3, p4, p5,
@@ -731,7 +738,7 @@ def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
         raise ValueError(f"w4a16 fma kernel takes 1..{FMA_MAX_M} rows, got {m}")
     bk = 0 if w.act_order else fma_block_k(launch.block_k, group)
     per_row = bk == 0
-    bk = bk or launch.block_k
+    bk = bk or 8   # per-row steps of 8 rows (16 spill registers on sm_90)
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
@@ -866,16 +873,30 @@ def quantized_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module
     return groups
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
+def fma_split_k(n: int, k: int, tile: Launch, sms: int) -> int:
+    """The fma kernel's split: about FMA_WARPS_PER_SM warps per SM (its programs are small:
+    one to four warps, each streaming whole words), at least 2 K steps per program."""
+    tiles = triton.cdiv(n, tile.block_n)
+    want = triton.cdiv(FMA_WARPS_PER_SM * sms, tiles * tile.num_warps)
+    return max(1, min(want, k // (2 * tile.block_k), MAX_FMA_SPLIT_K))
+
+
+def candidates(m: int, n: int, k: int, sms: int, packing: int = GPTQ) -> list[Launch]:
     """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
-    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), the tiled kernel (M >= 32),
-    dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
+    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), on repacked weights the fma
+    kernel's tiles at its rule's split, half and twice it (M <= FMA_MAX_M), the tiled kernel
+    (M >= 32), dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     out = []
     if m <= MAX_M:
         out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
                 for s in split_candidates(n, k, tile, sms)]
     if m <= GEMV_MAX_M:
         out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in split_candidates(n, k, tile, sms)]
+    if m <= FMA_MAX_M and packing == REPACKED:
+        for tile in FMA_TILES:
+            s = fma_split_k(n, k, tile, sms)
+            out += [tile._replace(split_k=x) for x in dict.fromkeys(
+                (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -924,7 +945,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             params = [(weight_of(layer), layer.bias) for layer in timed_layers]
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
             times, failed = [], {}
-            for launch in candidates(m, n, k, sms):
+            for launch in candidates(m, n, k, sms, key[2]):
                 try:
                     us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
                 except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
