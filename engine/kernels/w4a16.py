@@ -1,7 +1,19 @@
 """W4A16: y = x W^T (+ bias) with W stored as 4-bit GPTQ or AWQ tensors (engine.layers.quant
-documents the layouts), read straight from the checkpoint layouts (no repacking); x and y in
-the activation dtype, accumulation in fp32. Four ways to run a layer, chosen per (layer
-shape, row count M) by measurement at load time (`choose_w4a16`):
+documents the layouts); x and y in the activation dtype, accumulation in fp32.
+
+At load time (engine.layers.quant.repack_layers, before the choice) every layer is repacked
+once into one kernel layout, `repack`: words [K, N/8] packed along N in natural order (a
+thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
+zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
+weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Five ways to
+run a layer, chosen per (layer shape, row count M) by measurement at load time
+(`choose_w4a16`):
+
+  fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
+           one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
+           one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
+           shared by two, and one FMA. Split-K wide (about 16 one-warp programs per SM).
 
   skinny   (M <= 64, the decode regime) built for HBM bandwidth like
            engine.kernels.skinny_gemm: each program streams [BLOCK_N, BLOCK_K] tiles of 4-bit
@@ -752,7 +764,8 @@ def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
             arrivals, n, k, k_per_split, group, w.zero_offset, 0xF000, 0xF0000,
             PER_ROW=per_row, ACT_ORDER=w.act_order, HAS_PERM=w.perm is not None,
             HAS_BIAS=bias is not None, SPLIT=splits > 1, PRECISE=x.dtype == torch.float32,
-            EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+            EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n,
+            BLOCK_K=bk, NUM_STAGES=launch.num_stages,
             num_warps=launch.num_warps)
     return y
 
