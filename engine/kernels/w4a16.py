@@ -2,7 +2,7 @@
 documents the layouts); x and y in the activation dtype, accumulation in fp32.
 
 At load time (engine.layers.quant.repack_layers, before the choice) every layer is repacked
-once into one kernel layout, `repack`: words [K, N/8] packed along N in natural order (a
+once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's order (a
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
@@ -110,9 +110,9 @@ MAX_FMA_SPLIT_K = 64
 
 @triton.jit
 def _nibble_shift(c, AWQ: tl.constexpr):
-    """Bit position of column c % 8 in an N-packed word: AWQ's interleaved order (AWQ 1),
-    or the repacked natural order (AWQ 2, and GPTQ's qzeros: AWQ 0)."""
-    if AWQ == 1:
+    """Bit position of column c % 8 in an N-packed word: AWQ's interleaved order (AWQ 1, and
+    the repacked layout: AWQ 2), or natural (GPTQ's qzeros: AWQ 0)."""
+    if AWQ >= 1:
         return (c // 2 + 4 * (c % 2)) * 4
     return c * 4
 
@@ -406,8 +406,14 @@ def _fma_group(acc, p, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, J: t
                PRECISE: tl.constexpr):
     """acc + s * (p - (base_J + z) * sum x) for the columns 8c + J of group g."""
     zb = (((zw >> (4 * J)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(J, PRECISE)
-    s = tl.load(scales_ptr + g * N + cols * 8 + J, mask=mask_c, other=0.0).to(tl.float32)
+    s = tl.load(scales_ptr + g * N + cols * 8 + _awq_col(J), mask=mask_c, other=0.0).to(tl.float32)
     return acc + s * (p - zb * xs)
+
+
+@triton.jit
+def _awq_col(J):
+    """The column (within its 8) of nibble J: AWQ_ORDER[J]."""
+    return 2 * (J % 4) + J // 4
 
 
 @triton.jit
@@ -430,7 +436,7 @@ def _fma_row_dequant(words, xr, g, qzeros_ptr, scales_ptr, cols, mask, N, zero_o
 @triton.jit
 def _fma_weight(words, zw, sp, mask, zero_offset, J: tl.constexpr, PRECISE: tl.constexpr):
     z = (((zw >> (4 * J)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(J, PRECISE)
-    s = tl.load(sp + J, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sp + _awq_col(J), mask=mask, other=0.0).to(tl.float32)
     return (_fma_nibbles(words, J, PRECISE) - z) * s
 
 
@@ -466,7 +472,7 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                       PRECISE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """The one-row (M = 1) multiply-add kernel on the repacked layout (`repack`: words
-    [K, N/8] packed along N in natural order). A program owns BLOCK_N / 8 word columns (each
+    [K, N/8] packed along N in AWQ's order). A program owns BLOCK_N / 8 word columns (each
     thread whole words, 16-byte vectors) and walks its K range one row of words at a time:
     per weight a shift (shared by two nibbles), one AND-OR that makes it the float base + q
     (`_fma_nibbles`) and one fp32 FMA into its column's chain, so K is reduced inside the
@@ -538,8 +544,8 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
     # joins give the column numbers) for the shared split-K epilogue
     acc = tl.reshape(_join8(a0, a1, a2, a3, a4, a5, a6, a7), (BLOCK_N, 1))
     c8 = cols * 8
-    offs_n = tl.reshape(_join8(c8, c8 + 1, c8 + 2, c8 + 3, c8 + 4, c8 + 5, c8 + 6, c8 + 7),
-                        (BLOCK_N,))
+    offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
+                        (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
     offs_m = tl.arange(0, 1)
     store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
                offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
@@ -553,8 +559,8 @@ GPTQ, AWQ, REPACKED = 0, 1, 2   # W4.packing
 class W4(NamedTuple):
     """One quantized weight: its tensors and their layout (engine.layers.quant documents the
     checkpoint ones). packing: GPTQ (qweight [K/8, N], words along K), AWQ ([K, N/8], words
-    along N in AWQ's interleaved order) or REPACKED (`repack`: [K, N/8] in natural order,
-    qzeros likewise; rows of an act-order weight sorted by group, x read through `perm`).
+    along N in AWQ's interleaved order) or REPACKED (`repack`: AWQ's layout, qzeros
+    likewise; rows of an act-order weight sorted by group, x read through `perm`).
     qzeros of GPTQ are N-packed in natural order too. (A bool packing reads as GPTQ / AWQ.)"""
     qweight: torch.Tensor
     qzeros: torch.Tensor
@@ -598,28 +604,36 @@ def _unpack(words: torch.Tensor, along_rows: bool, interleaved: bool = False) ->
     return v.reshape(words.shape[0], -1).to(torch.uint8)
 
 
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of an N-packed word is column AWQ_ORDER[i]
+
+
 def _pack_cols(values: torch.Tensor) -> torch.Tensor:
-    """uint8 [R, 8C] -> int32 [R, C], column 8c + i in bits 4i..4i+3 (natural order)."""
+    """uint8 [R, 8C] -> int32 [R, C] in AWQ's order: nibble i (bits 4i..4i+3) is column
+    8c + AWQ_ORDER[i]."""
     v = values.view(values.shape[0], -1, 8).to(torch.int32)
-    out = v[:, :, 0].clone()
+    out = v[:, :, AWQ_ORDER[0]].clone()
     for i in range(1, 8):
-        out |= v[:, :, i] << (4 * i)    # int32 shifts wrap: nibble 7 sets the sign bit
+        out |= v[:, :, AWQ_ORDER[i]] << (4 * i)   # int32 shifts wrap: nibble 7 sets the sign bit
     return out
 
 
 @torch.no_grad()
 def repack(w: W4, rows_per_chunk: int = 2048) -> W4:
     """The kernel layout (REPACKED) of a GPTQ or AWQ weight, computed once at load time:
-    qweight [K, N/8] and qzeros [G, N/8] packed along N in natural order (the multiply-add
-    kernel's threads own whole words of one input row: 8 output columns each); an act-order
+    qweight [K, N/8] and qzeros [G, N/8] packed along N in AWQ's interleaved order (the
+    multiply-add kernel's threads own whole words of one input row: 8 output columns each;
+    nibbles i and i + 4 are adjacent columns, so one AND-OR makes a bf16 pair of them, as
+    AWQ's kernels use it). An AWQ weight is that already (its tensors are kept); an act-order
     weight's rows sorted by group (stable), so its groups are contiguous again and run the
     fast path, x read through `perm`; where the sorted groups are not `group_size` rows each
     (a tensor-parallel rank's slice of act-order rows) g_idx stays, sorted, and the per-row
     path runs. Bytes as before (plus perm: 4 per input row)."""
     if w.packing == REPACKED:
         return w
+    if w.packing == AWQ:
+        return w._replace(packing=REPACKED)
     n, k = w.shape
-    zeros = _unpack(w.qzeros, False, w.packing == AWQ)
+    zeros = _unpack(w.qzeros, False)   # GPTQ: natural order
     perm, g_idx, act_order = None, w.g_idx, w.act_order
     if w.act_order:
         g_idx, perm = torch.sort(w.g_idx, stable=True)
@@ -631,14 +645,11 @@ def repack(w: W4, rows_per_chunk: int = 2048) -> W4:
     qweight = torch.empty((k, n // 8), dtype=torch.int32, device=w.qweight.device)
     for r0 in range(0, k, rows_per_chunk):   # bounded scratch on 28672 x 4096 layers
         r1 = min(k, r0 + rows_per_chunk)
-        if w.packing == GPTQ:
-            if perm is None:
-                q = _unpack(w.qweight[r0 // 8: r1 // 8], True)
-            else:
-                idx = perm[r0:r1].long()
-                q = ((w.qweight[idx // 8] >> (4 * (idx % 8)).to(torch.int32)[:, None]) & 0xF).to(torch.uint8)
+        if perm is None:
+            q = _unpack(w.qweight[r0 // 8: r1 // 8], True)
         else:
-            q = _unpack(w.qweight[r0:r1], False, True)
+            idx = perm[r0:r1].long()
+            q = ((w.qweight[idx // 8] >> (4 * (idx % 8)).to(torch.int32)[:, None]) & 0xF).to(torch.uint8)
         qweight[r0:r1] = _pack_cols(q)
     return W4(qweight, _pack_cols(zeros), w.scales, g_idx, REPACKED, w.group_size, act_order,
               w.zero_offset, perm)

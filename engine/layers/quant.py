@@ -82,10 +82,10 @@ def dequantize_repacked(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
                         g_idx: torch.Tensor | None, perm: torch.Tensor | None, group_size: int,
                         zero_offset: int) -> torch.Tensor:
     """The load-time kernel layout (engine.kernels.w4a16.repack: qweight [I, O/8] and qzeros
-    [G, O/8] packed along the output in natural order; weight row r is input feature
-    perm[r], of group g_idx[r] (None: r // group_size)) -> W [O, I] float32."""
-    q = unpack_along_cols(qweight)                           # [I, O], rows in perm order
-    zeros = unpack_along_cols(qzeros) + zero_offset          # [G, O]
+    [G, O/8] packed along the output in AWQ's order; weight row r is input feature perm[r],
+    of group g_idx[r] (None: r // group_size)) -> W [O, I] float32."""
+    q = unpack_along_cols(qweight, AWQ_ORDER)                # [I, O], rows in perm order
+    zeros = unpack_along_cols(qzeros, AWQ_ORDER) + zero_offset   # [G, O]
     g = awq_groups(q.shape[0], group_size, q.device) if g_idx is None else g_idx.long()
     wt = (q - zeros[g]).float() * scales.float()[g]
     if perm is not None:
