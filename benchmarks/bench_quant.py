@@ -159,17 +159,20 @@ def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
             row["bf16_us"] = time_us(lambda: [x @ d.t() for d in dense]) / len(dense)
             row["bf16_GBps"] = dense[0].nbytes / row["bf16_us"] / 1e3
             for fmt, (ws, nbytes, w_ref) in packed.items():
-                launches = w4a16.candidates(m, n, k, sms, ws[0].packing)
-                if args.smoke:   # the default, one fma tile (repacked, M = 1), dequant
-                    launches = [launches[0], *[l for l in launches if l.kind == "fma"][:1], launches[-1]]
+                launches = w4a16.candidates(m, n, k, sms, ws[0], dtype)
+                if args.smoke:   # the default, one fma and one mma tile (repacked), dequant
+                    launches = [launches[0], *[l for l in launches if l.kind == "fma"][:1],
+                                *[l for l in launches if l.kind == "mma"][:1], launches[-1]]
                 timed, failed = time_launches(launches, x, ws, time_us)
                 default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
                 best_us, best = w4a16.pick(timed)
                 ref = x.float() @ w_ref.t()
                 y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
                 fma = [t for t, l in timed if l.kind == "fma"]
+                mma = [t for t, l in timed if l.kind == "mma"]
                 row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
                             "fma_us": min(fma) if fma else float("nan"),
+                            "mma_us": min(mma) if mma else float("nan"),
                             "GBps": nbytes / best_us / 1e3,
                             "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
@@ -184,8 +187,8 @@ def print_layers(rows, name, ceiling) -> None:
     fmts = [f for f in rows[0] if isinstance(rows[0][f], dict)] if rows else []
     print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
           "(CUDA-graph replay over distinct copies) of the launch the load-time choice would take; "
-          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (the fma kernel "
-          "at M=1 + the old kernels on the new layout); speedup = bf16 us / us")
+          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the fma kernel "
+          "at M=1, the mma kernel at M<=64); vs bf16 = bf16 us / us")
     print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'bf16 us':>8} {'GB/s':>5} "
           + " ".join(f"{f + ' us':>16} {'GB/s':>5} {'%copy':>5} {'vs bf16':>7}" for f in fmts))
     for r in rows:
@@ -195,9 +198,11 @@ def print_layers(rows, name, ceiling) -> None:
                          f"{r['bf16_us'] / r[f]['us']:>6.2f}x" for f in fmts))
     print("choices: " + "; ".join(f"{r['layer']} M={r['m']}: " + ", ".join(
         f"{f} {r[f]['choice']}" for f in fmts) for r in rows))
-    fma = [(r['layer'], r['m'], f, r[f]['fma_us']) for r in rows for f in fmts if r[f]['fma_us'] == r[f]['fma_us']]
-    if fma:
-        print("fastest fma tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in fma))
+    for kind in ("fma", "mma"):
+        best = [(r['layer'], r['m'], f, r[f][kind + '_us']) for r in rows for f in fmts
+                if r[f].get(kind + '_us', float('nan')) == r[f].get(kind + '_us')]
+        if best:
+            print(f"fastest {kind} tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in best))
     for m in sorted({r["m"] for r in rows}):
         per = [r for r in rows if r["m"] == m]
         bf16 = sum(r["bf16_us"] for r in per)

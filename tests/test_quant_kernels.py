@@ -235,6 +235,28 @@ def test_fma_kernel_matches_the_reference(name, dtype, split, block_n):
         w4a16_matmul(x, w, None, Launch("fma", 64, 16))
 
 
+@pytest.mark.parametrize("name", [*FORMATS])
+@pytest.mark.parametrize("m,split,dtype", [(1, 1, torch.float32), (5, 2, torch.bfloat16),
+                                           (20, 3, torch.float32), (64, 1, torch.bfloat16)])
+def test_mma_kernel_matches_the_reference(name, m, split, dtype):
+    """The tensor-core kernel on repacked weights (q - z exact in bf16, scale in fp32 after
+    each step's product), every decode M, split or not, act-order through the permutation;
+    weights it cannot take (per-row groups, fp16 activations) are refused."""
+    w, ref_w = weight(name)
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    launch = Launch("mma", 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
+        with pytest.raises(ValueError, match="mma kernel"):
+            w4a16_matmul(x, r, bias, launch._replace(block_k=16))
+        return
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype)
+    assert not w4a16.mma_fits(r, 32, torch.float16)
+    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", REPACK_CASES)
 @pytest.mark.parametrize("launch,m", [(Launch("skinny", 32, 64, 4, 2, 2), 5),
                                       (Launch("gemv", 16, 32, 4, 2, 3), 2),
@@ -299,7 +321,14 @@ out = []
 for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    if kind == "fma":
+    if kind == "mma":
+        fn = w4a16._w4a16_mma_kernel
+        del sig["g_idx_ptr"]
+        sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
+                                       "group_size", "zero_offset")})
+        const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
+                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+    elif kind == "fma":
         fn = w4a16._w4a16_fma_kernel
         sig.update({a: "i32" for a in ("N", "K", "k_per_split", "group_size", "zero_offset", "lo", "hi")})
         const = dict(PER_ROW=False, ACT_ORDER=False, HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True,
@@ -347,16 +376,19 @@ def test_decode_variants_compile_for_sm90_and_fit():
     """The default decode launches compile ahead of time for sm_90 (bf16 activations, GPTQ,
     AWQ and repacked words, split-K; a fresh interpreter without TRITON_INTERPRET), fit its
     shared memory, keep their weight loads software-pipelined (async copies), spill no
-    registers, and the MMA form runs on wgmma; so do the fma tiles (with the x permutation)."""
+    registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
+    (half of them with the x permutation)."""
     tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
              ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
              ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
     tiles += [("fma", 2 * (i % 2), 1, t) for i, t in enumerate(w4a16.FMA_TILES)]
+    tiles += [("mma", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.MMA_TILES[bm])]
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, *_), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
+        if kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
+            assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
         assert c["stack"] == 0, (kind, "spills registers")
         assert c["regs"] <= 255

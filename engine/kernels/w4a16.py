@@ -104,6 +104,13 @@ FMA_TILES = (Launch("fma", 256, 16, 1, 3), Launch("fma", 512, 16, 1, 3),
              Launch("fma", 1024, 16, 1, 3), Launch("fma", 1024, 16, 4, 3))
 FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 registers)
 MAX_FMA_SPLIT_K = 64
+# The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
+# spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
+# wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
+# at BLOCK_M 16 (the skinny kernel on the checkpoint layout: 10.4), 5.7-6.0 at 64.
+MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
+                  Launch("mma", 64, 128, 4, 4)),
+             64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
 
 
 # ---- kernels -------------------------------------------------------------------------------
@@ -551,6 +558,109 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
 
 
+@triton.jit
+def _bf16_pair(v, IEEE: tl.constexpr):
+    """int32 [..] holding two bf16 bit patterns -> the low one and the high one as bf16
+    (IEEE: as fp32; the interpreter computes on bf16's raw bits)."""
+    lo = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if IEEE:
+        return lo.to(tl.float32), hi.to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _sub_bf16x2(a, b):
+    """Lane-wise a - b of two int32 tensors each holding a bf16 pair (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
+    """The W^T tile [BLOCK_K, BLOCK_N] in bf16, q - z exact (integers -16..15), from words
+    [BLOCK_K, BLOCK_N / 8] in AWQ's order and the group's zero words [BLOCK_N / 8]: per word
+    4 shifts-and-ANDs-ORs, each making a bf16 pair (128 + q) of adjacent columns 2a, 2a + 1
+    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z)."""
+    off = zero_offset * 0x00010001        # + offset in each 16-bit lane (z + offset <= 16)
+    v0 = (words & 0x000F000F) | 0x43004300
+    v1 = ((words >> 4) & 0x000F000F) | 0x43004300
+    v2 = ((words >> 8) & 0x000F000F) | 0x43004300
+    v3 = ((words >> 12) & 0x000F000F) | 0x43004300
+    z0 = (((zw & 0x000F000F) + off) | 0x43004300)[None, :]
+    z1 = ((((zw >> 4) & 0x000F000F) + off) | 0x43004300)[None, :]
+    z2 = ((((zw >> 8) & 0x000F000F) + off) | 0x43004300)[None, :]
+    z3 = ((((zw >> 12) & 0x000F000F) + off) | 0x43004300)[None, :]
+    if IEEE:   # the interpreter: in fp32
+        lo0, hi0 = _bf16_pair(v0, IEEE)
+        lo1, hi1 = _bf16_pair(v1, IEEE)
+        lo2, hi2 = _bf16_pair(v2, IEEE)
+        lo3, hi3 = _bf16_pair(v3, IEEE)
+        zl0, zh0 = _bf16_pair(z0, IEEE)
+        zl1, zh1 = _bf16_pair(z1, IEEE)
+        zl2, zh2 = _bf16_pair(z2, IEEE)
+        zl3, zh3 = _bf16_pair(z3, IEEE)
+        d0l, d0h, d1l, d1h = lo0 - zl0, hi0 - zh0, lo1 - zl1, hi1 - zh1
+        d2l, d2h, d3l, d3h = lo2 - zl2, hi2 - zh2, lo3 - zl3, hi3 - zh3
+    else:      # one bf16x2 subtraction per pair (the compiler would split it in two)
+        d0l, d0h = _bf16_pair(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)), IEEE)
+        d1l, d1h = _bf16_pair(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)), IEEE)
+        d2l, d2h = _bf16_pair(_sub_bf16x2(v2, tl.broadcast_to(z2, v2.shape)), IEEE)
+        d3l, d3h = _bf16_pair(_sub_bf16x2(v3, tl.broadcast_to(z3, v3.shape)), IEEE)
+    # column 8c + 4 a1 + 2 a0 + b (a = 2 a1 + a0; b: low / high half) from nested joins,
+    # innermost b, then a0, then a1, so the reshape keeps each thread's registers in place
+    lo = tl.join(tl.join(d0l, d2l), tl.join(d1l, d3l))
+    hi = tl.join(tl.join(d0h, d2h), tl.join(d1h, d3h))
+    t = tl.join(lo, hi)                                     # [BLOCK_K, NW, a1, a0, b]
+    return tl.reshape(t, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                      partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                      group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The tensor-core decode kernel on the repacked layout (M <= 64, bf16 activations; one
+    group per K step): acc[BLOCK_M, BLOCK_N] += x tile @ W^T tile, the W^T tile made in
+    registers from each thread's own words (`_mma_weight_tile`: about one instruction per
+    weight, q - z exact in bf16) and handed to the MMA (through shared memory, as the
+    compiler stages a B operand), the group's scale applied to the step's fp32 product."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        # EVEN_K / EVEN_N (K, N multiples of the tile): no row / column masks on the weights
+        mask_k = (rows < k_end) | EVEN_K
+        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
+        x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
+        else:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        g = k0 // group_size
+        zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_c | EVEN_N, other=0)
+        w = _mma_weight_tile(words, zw, zero_offset, IEEE)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n | EVEN_N, other=0.0).to(tl.float32)
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(x, w)
+        acc += part * s[None, :]
+    store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n,
+               offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
+
+
 # ---- launch rules --------------------------------------------------------------------------
 
 GPTQ, AWQ, REPACKED = 0, 1, 2   # W4.packing
@@ -691,7 +801,8 @@ def default_launch(m: int) -> Launch:
 
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
-    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M}.get(launch.kind, float("inf"))
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M,
+            "mma": MAX_M}.get(launch.kind, float("inf"))
 
 
 # ---- the three ways ------------------------------------------------------------------------
@@ -781,6 +892,45 @@ def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     return y
 
 
+def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The tensor-core decode kernel (`_w4a16_mma_kernel`) on x [M, K], 1 <= M <= MAX_M,
+    bf16 (or fp32: tests) activations; w REPACKED, one group per K step (mma_fits)."""
+    if not mma_fits(w, launch.block_k, x.dtype):
+        raise ValueError("w4a16 mma kernel: needs a repacked weight without per-row groups "
+                         "(act-order kept, or a group size the K step does not divide) and "
+                         "bf16 activations")
+    x, n, k, group, ieee, (_, bias_arg, perm) = _common(x, w, bias)
+    m = x.shape[0]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"w4a16 mma kernel takes 1..{MAX_M} rows, got {m}")
+    bk = launch.block_k
+    split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    bm = block_m(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
+    _w4a16_mma_kernel[(tiles, splits)](
+        x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals,
+        m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
+        HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
+        EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
+        BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+        num_warps=launch.num_warps)
+    return y
+
+
+def mma_fits(w: W4, block_k: int, dtype: torch.dtype) -> bool:
+    """Whether the mma kernel takes this weight: repacked, one group per K step, bf16
+    activations (its dequantized tile is bf16; fp32 for tests)."""
+    n, k = w.shape
+    group = k if w.group_size == -1 else w.group_size
+    return (w.packing == REPACKED and not w.act_order and group % block_k == 0
+            and dtype in (torch.bfloat16, torch.float32))
+
+
 def per_row(w: W4, group: int, block_k: int) -> bool:
     """Whether a K step of block_k rows may span groups (act-order, or block_k not dividing
     the group size): then every row is dequantized with its own group."""
@@ -852,6 +1002,8 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
         return w4a16_skinny(x, w, bias, launch)
     if launch.kind == "fma":
         return w4a16_fma(x, w, bias, launch)
+    if launch.kind == "mma":
+        return w4a16_mma(x, w, bias, launch)
     if launch.kind == "tiled":
         return w4a16_tiled(x, w, bias, launch)
     if launch.kind == "dequant":
@@ -905,11 +1057,15 @@ def fma_split_k(n: int, k: int, tile: Launch, sms: int) -> int:
     return max(1, min(want, k // (2 * tile.block_k), MAX_FMA_SPLIT_K))
 
 
-def candidates(m: int, n: int, k: int, sms: int, packing: int = GPTQ) -> list[Launch]:
-    """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
-    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), on repacked weights the fma
-    kernel's tiles at its rule's split, half and twice it (M <= FMA_MAX_M), the tiled kernel
+def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
+    """What choose_w4a16 times at M rows for weight w (its layout decides; None: a
+    checkpoint-layout one), the default first: the skinny tiles at a few splits
+    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the fma kernel's
+    tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma kernel's
+    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits; the tiled kernel
     (M >= 32), dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
+    packing = GPTQ if w is None else w.packing
     out = []
     if m <= MAX_M:
         out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
@@ -921,6 +1077,9 @@ def candidates(m: int, n: int, k: int, sms: int, packing: int = GPTQ) -> list[La
             s = fma_split_k(n, k, tile, sms)
             out += [tile._replace(split_k=x) for x in dict.fromkeys(
                 (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
+    if m <= MAX_M and w is not None:
+        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
+                if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -969,7 +1128,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             params = [(weight_of(layer), layer.bias) for layer in timed_layers]
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
             times, failed = [], {}
-            for launch in candidates(m, n, k, sms, key[2]):
+            for launch in candidates(m, n, k, sms, weight_of(layers[0]), dtype):
                 try:
                     us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
                 except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
@@ -1006,7 +1165,7 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv", "fma"):
+    if launch.kind in ("skinny", "gemv", "fma", "mma"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
