@@ -4,12 +4,14 @@
 # last JSON line, lands in $OUT; progress lines go to the same file as they happen).
 #   kernels   per Llama-3.1-8B linear shape at M = 1, 16, 64: cuBLAS bf16 against the
 #             load-time choice's launches on the checkpoint layout (the old kernels) and on
-#             the repacked one (the fma kernel at M = 1, the old kernels on the new words),
-#             GPTQ, AWQ, GPTQ act-order; us, weight GB/s, % of the copy ceiling   ~2 min
+#             the repacked one (the fma kernel at M = 1, the mma kernel at M <= 64, the
+#             old skinny tiles on the new words),
+#             GPTQ and AWQ (--kernel-formats also takes gptq-act-order); us, weight GB/s,
+#             % of the copy ceiling                                                ~2 min
 #   engine    the engine on bf16, GPTQ and AWQ checkpoints (written first): load time and the
 #             load-time W4A16 choice per layer shape, decode B=1/16/64/256 at ~1k context,
 #             2,048-token prefill (device time), KV pool                          ~3 min
-#   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="kernels engine", BUDGET=350 s
+#   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="kernels engine", BUDGET=360 s
 set -u
 export PYTHONUNBUFFERED=1
 # as h200_session.sh: wheels for what the box lacks, when .whl/ is carried
@@ -18,7 +20,7 @@ if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-STAGES=${STAGES:-"kernels engine"}; BUDGET=${BUDGET:-350}; KERNELS_S=${KERNELS_S:-140}
+STAGES=${STAGES:-"kernels engine"}; BUDGET=${BUDGET:-360}; KERNELS_S=${KERNELS_S:-130}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /'
 for stage in $STAGES; do
@@ -28,10 +30,11 @@ for stage in $STAGES; do
   case $stage in
     kernels)  t=$((left < KERNELS_S ? left : KERNELS_S))
               timeout $t python3 benchmarks/bench_quant.py --stages layers --layer-m 1,16,64 \
-                --kernel-formats gptq,awq,gptq-act-order --copies 8 --repeats 10 \
+                --kernel-formats gptq,awq --copies 8 --repeats 10 \
                 > $OUT/quant_kernels.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_kernels.txt | grep -v '^\[' | tail -n 40 ;;
-    engine)   timeout $left python3 benchmarks/bench_quant.py --stages engine --formats bf16,gptq,awq \
+    engine|engine_q)   # (engine_q: h200_session.sh's older name)
+              timeout $left python3 benchmarks/bench_quant.py --stages engine --formats bf16,gptq,awq \
                 --decode-batches 1,16,64,256 --time-budget $((left - 10)) \
                 > $OUT/quant_engine.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_engine.txt | grep -v '^\[' | tail -n 50 ;;

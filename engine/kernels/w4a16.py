@@ -1063,15 +1063,18 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
     checkpoint-layout one), the default first: the skinny tiles at a few splits
     (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the fma kernel's
     tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma kernel's
-    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits; the tiled kernel
-    (M >= 32), dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
+    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits (and of the checkpoint
+    kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
+    dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     packing = GPTQ if w is None else w.packing
     out = []
+    # on repacked weights the checkpoint-layout kernels stay as the baseline (the skinny tiles
+    # at the rule's split; the GEMV form not: the fma kernel is its successor)
+    splits = (lambda tile: split_candidates(n, k, tile, sms)[:1 if packing == REPACKED else 3])
     if m <= MAX_M:
-        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
-                for s in split_candidates(n, k, tile, sms)]
-    if m <= GEMV_MAX_M:
-        out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in split_candidates(n, k, tile, sms)]
+        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)] for s in splits(tile)]
+    if m <= GEMV_MAX_M and packing != REPACKED:
+        out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in splits(tile)]
     if m <= FMA_MAX_M and packing == REPACKED:
         for tile in FMA_TILES:
             s = fma_split_k(n, k, tile, sms)
