@@ -115,6 +115,7 @@ class BackendProcess(Backend):
         self.outbox, self.send_error = queue.SimpleQueue(), None
         threading.Thread(target=self._sender, daemon=True, name="backend-sender").start()
         self.max_model_len = info["max_model_len"]
+        self.step_fd = self.conn.fileno()        # the server steps on its event loop
         self.probe = Scheduler(info["scheduler_config"], info["cache_config"], info["num_blocks"])
         self.tokens: dict[str, list[int]] = {}     # unfinished request -> output tokens so far
         self.last_stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0,
