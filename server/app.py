@@ -16,7 +16,6 @@ Isolation, request by request:
   event); the engine keeps serving the rest.
 """
 import asyncio
-import gc
 import json
 import time
 import uuid
@@ -99,11 +98,6 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
-        # The start-up objects (modules, the app, the tokenizer) live as long as the server:
-        # out of the garbage collector's scans, so no full collection (~0.1 s here) stalls
-        # every stream and request at once (vLLM's API server freezes them too)
-        gc.collect()
-        gc.freeze()
         yield
         await engine.stop()
         workers.shutdown(wait=False, cancel_futures=True)
