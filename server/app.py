@@ -275,41 +275,57 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         """SSE events: base | {"choices": [...]}: an optional first choice, then one per
         delta (make_choice(index, text, token_ids, finish_reason)), an optional usage chunk,
         [DONE]. A request that fails sends an error event and ends the stream. Aborts
-        whatever is unfinished when the client goes away (the generator is closed)."""
+        whatever is unfinished when the client goes away (the generator is closed). The
+        events waiting when the stream wakes are written together (one send, not one per
+        event: a loop that fell behind catches up)."""
         detoks = [Detokenizer(backend.decode) if backend.has_tokenizer else None
                   for _ in request_ids]
         outputs = [None] * len(request_ids)
         got = [None] * len(request_ids)        # when the first tokens came off the queue
         written = [None] * len(request_ids)    # when their chunk was written to the socket
+        # = sse(base | {"choices": [choice]}), with base encoded once, not at every token
+        head = f'data: {json.dumps(base)[:-1]}, "choices": ['
+
+        def event(choice: dict) -> str:
+            return f"{head}{json.dumps(choice)}]}}\n\n"
         try:
             if first_choice is not None:
-                yield sse(base | {"choices": [first_choice]})
+                yield event(first_choice)
             while any(o is None for o in outputs):
-                index, item = await queue.get()
-                if isinstance(item, Exception) or (isinstance(item, Finished)
-                                                   and item.finish_reason == "error"):
-                    message = (f"the engine failed: {item!r}" if isinstance(item, Exception)
-                               else f"the request failed inside an engine step: {item.error}")
-                    yield sse({"error": {"message": message, "type": "InternalServerError",
-                                         "param": None, "code": 500}})
-                    yield sse("[DONE]")
-                    return
-                detok = detoks[index]
-                if isinstance(item, Finished):
-                    outputs[index] = item
-                    text = detok.add([], final=True) if detok else ""
-                    yield sse(base | {"choices": [make_choice(index, text, [], item.finish_reason)]})
+                items = [await queue.get()]
+                while not queue.empty():     # behind the engine: what waits goes in one write
+                    items.append(queue.get_nowait())
+                now = time.perf_counter()
+                events, firsts, finished = [], [], []
+                for index, item in items:
+                    if isinstance(item, Exception) or (isinstance(item, Finished)
+                                                       and item.finish_reason == "error"):
+                        message = (f"the engine failed: {item!r}" if isinstance(item, Exception)
+                                   else f"the request failed inside an engine step: {item.error}")
+                        yield "".join(events) + sse({"error": {
+                            "message": message, "type": "InternalServerError", "param": None,
+                            "code": 500}}) + sse("[DONE]")
+                        return
+                    detok = detoks[index]
+                    if isinstance(item, Finished):
+                        outputs[index] = item
+                        text = detok.add([], final=True) if detok else ""
+                        events.append(event(make_choice(index, text, [], item.finish_reason)))
+                        finished.append((index, item))
+                    else:
+                        if got[index] is None:
+                            got[index] = now
+                            firsts.append(index)
+                        text = detok.add(item) if detok else ""
+                        events.append(event(make_choice(index, text, item, None)))
+                yield "".join(events)
+                now = time.perf_counter()     # resumed: the chunk was sent
+                for index in firsts:
+                    written[index] = now
+                for index, item in finished:
                     if got[index] is not None and item.token_times:
                         metrics.handoff.observe(got[index] - item.token_times[0])
                         metrics.write.observe(written[index] - got[index])
-                elif got[index] is None:
-                    got[index] = time.perf_counter()
-                    text = detok.add(item) if detok else ""
-                    yield sse(base | {"choices": [make_choice(index, text, item, None)]})
-                    written[index] = time.perf_counter()   # resumed: the chunk was sent
-                else:
-                    text = detok.add(item) if detok else ""
-                    yield sse(base | {"choices": [make_choice(index, text, item, None)]})
             if include_usage:
                 yield sse(base | {"choices": [], "usage": usage(outputs)})
             yield sse("[DONE]")

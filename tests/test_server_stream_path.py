@@ -34,6 +34,8 @@ def test_stage_histograms_and_the_ttft_split():
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
                 chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
             assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 4
+            assert all(list(c) == ["id", "object", "created", "model", "choices"] for c in chunks)
+            assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
         for prompt in ([5, 6, 7], "a text prompt"):       # not streamed: prepare only
             r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2})
             assert r.status_code == 200
