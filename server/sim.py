@@ -129,7 +129,10 @@ class SimBackend(ByteText, Backend):
             long_prefill_token_threshold=long_prefill_token_threshold)
         cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
         self.async_scheduling = async_scheduling is not False
-        self.fresh_policy(Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks))
+        # the cost model's decode plan, if it prices one: every step then records its span
+        self.decode_plan = self.executor.cost.decode_plan
+        self.fresh_policy(Scheduler(scheduler_config, cache_config, num_gpu_blocks or pool_blocks,
+                                    decode_plan=self.decode_plan))
         self.probe = Scheduler(scheduler_config, cache_config, self.scheduler.block_manager.num_blocks)
         self.pending: deque[Sequence] = deque()   # added, not yet arrived on the twin's clock
         self.forget: list[str] = []               # aborted since the last step
@@ -147,7 +150,7 @@ class SimBackend(ByteText, Backend):
             self.step()
         s, bm = self.scheduler, self.scheduler.block_manager
         self.fresh_policy(Scheduler(s.config, CacheConfig(bm.block_size, bm.enable_prefix_caching),
-                                    bm.num_blocks))
+                                    bm.num_blocks, decode_plan=self.decode_plan))
 
     def now(self) -> float:
         """The wall clock on the twin's timeline."""

@@ -3,6 +3,7 @@ file, real-time pacing by the cost model's step times (a request alone takes at 
 sum of its steps' predicted times), true token counts with placeholder text, and the
 same policy (prefix caching) as the engine."""
 import json
+import os
 
 import httpx
 import pandas as pd
@@ -16,6 +17,8 @@ from server.process import BackendProcess  # noqa: E402
 from server.backend import GenerationParams  # noqa: E402
 from server.sim import PLACEHOLDER_TEXT, SimBackend  # noqa: E402
 from server.thread import serving  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory) -> str:
@@ -101,6 +104,23 @@ def test_paced_by_the_cost_model(async_scheduling):
         again = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1}).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 48   # 3 full blocks, never the last token
+
+
+def test_shipped_calibration_drives_the_twin_through_a_reset():
+    """The shipped H200 calibration prices decode attention by the engine's split-KV plan
+    (decode_span_tokens): the twin's scheduler must record it on every step, also after a
+    prefix-cache reset rebuilds the policy (the H200 run found the backend dying on the first
+    request with a KeyError)."""
+    path = os.path.join(ROOT, "simulator", "calibrations", "qwen3-0.6b-h200-tp1.json")
+    backend = SimBackend("qwen3-0.6b", "h200", cost_model="fitted", calibration=path,
+                         num_gpu_blocks=256, max_model_len=1024)
+    assert backend.executor.cost.decode_plan is not None
+    with serving(build_app(backend)) as url:
+        for _ in range(2):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": list(range(40)), "max_tokens": 8},
+                           timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+            assert httpx.post(f"{url}/reset_prefix_cache", timeout=30).status_code == 200
 
 
 def test_disconnects_mid_stream_leave_the_twin_serving():
