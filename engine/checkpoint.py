@@ -441,8 +441,8 @@ def write_dequantized_checkpoint(src: str | Path, dst: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="name in conf/model/ (e.g. qwen3-0.6b), a .yaml with "
-                        f"hf_config, a config.json, or tiny-<arch> ({', '.join(TINY)})")
+    parser.add_argument("model", help="name in conf/model/ (e.g. qwen3-0.6b, tiny-qwen3-moe), a "
+                        f".yaml with hf_config, a config.json, or tiny-<arch> ({', '.join(TINY)})")
     parser.add_argument("path", help="output directory")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
@@ -461,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
                         "the loader draws the same random tensors on the device (for models "
                         "larger than the disk or to skip minutes of writing and reading)")
     args = parser.parse_args(argv)
-    config = (tiny_config(args.model.removeprefix("tiny-")) if args.model.startswith("tiny-")
-              else args.model)
+    tiny = args.model.startswith("tiny-") and not (MODEL_CONF_DIR / f"{args.model}.yaml").is_file()
+    config = tiny_config(args.model.removeprefix("tiny-")) if tiny else args.model
     if args.quantization == "awq" and (args.desc_act or args.asym):
         parser.error("--desc-act and --asym are GPTQ options (AWQ is always asymmetric)")
     quantization = None if args.quantization is None else quantization_config(

@@ -60,3 +60,10 @@ def test_rewrite_leaves_no_stale_weights(tmp_path, capsys):
     (path / RECIPE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files \(nor random_weights\.json\)"):
         load_weights(built(path), path)
+
+
+def test_a_conf_model_named_tiny_is_the_conf_model(tmp_path):
+    """`tiny-qwen3-moe` is a conf/model entry: the CLI writes its config, not TINY's arch."""
+    checkpoint_main(["tiny-qwen3-moe", str(tmp_path), "--draw-at-load"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_experts"] == 16 and config["vocab_size"] == 151936
