@@ -91,10 +91,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
   # Issue 15 on the whole Qwen3-30B-A3B (48 layers, 61 GB bf16): weights drawn on each GPU at
-  # load (engine.checkpoint --draw-at-load, /tmp/twinserve-qwen3-30b-a3b-drawn: no disk). One
-  # nvidia-h200-x2 call, then moe_tp2 (both GPUs, so never inside a lane):
-  #   LANE0="fid_moe" LANE1="calibrate_moe moe_full" LIMIT=420 OUT=$OUT bash benchmarks/two_lanes.sh
-  #   STAGES=moe_tp2 OUT=$OUT/tp2 bash benchmarks/h200_session.sh
+  # load (engine.checkpoint --draw-at-load, /tmp/twinserve-qwen3-30b-a3b-drawn: no disk). On
+  # nvidia-h200-x2: the lanes, then moe_tp2 (both GPUs, so never inside a lane), e.g. as two calls
+  #   TWINSERVE_COMMIT=<sha> LANE0="fid_moe" LANE1="moe_full calibrate_moe" LIMIT=500 OUT=$OUT bash benchmarks/two_lanes.sh
+  #   STAGES=moe_tp2 OUT=$OUT bash benchmarks/h200_session.sh
   moe_full) # (a) one H200: nano-vLLM workload, decode B=1/64/256 vs floor, MoE layer, tiles, routing
             TAIL=48 run bench_moe_full 420 python3 benchmarks/bench_moe.py ;;
   moe_tp2)  # (b) TP=2: every expert's intermediate dim split over the 2 GPUs
