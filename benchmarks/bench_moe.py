@@ -1,9 +1,15 @@
 """Mixture-of-experts engine throughput against its memory floor (default Qwen3-30B-A3B).
 
-    python benchmarks/bench_moe.py                         # qwen3-30b-a3b, random weights, CUDA
-    python benchmarks/bench_moe.py --num-layers 16         # a third of the layers (21 GB)
+    python benchmarks/bench_moe.py                         # qwen3-30b-a3b, all 48 layers, CUDA
+    python benchmarks/bench_moe.py --tensor-parallel-size 2   # the same over 2 GPUs
+    python benchmarks/bench_moe.py --num-layers 16         # a third of the layers
     python benchmarks/bench_moe.py --model mixtral-8x7b --tp 2
     python benchmarks/bench_moe.py --smoke                 # tiny Qwen3-MoE on the CPU: it runs
+
+Weights: a conf/model name gets random weights drawn on each GPU at load time
+(`python -m engine.checkpoint --draw-at-load`: Qwen3-30B-A3B's 61 GB of bf16 never touch the
+disk, which on nvidia-h200 is 64 GiB; the values are those of the written checkpoint);
+--write-files writes and reads safetensors instead (the whole loading path, minutes).
 
 Stages: (1) nano-vLLM's bench workload (benchmarks/bench_engine.py: 256 requests, 133,966
 output tokens), output tokens / wall time; (2) the median decode step at batch 1, 64, 256
@@ -16,11 +22,16 @@ device launches counted by torch.profiler and microseconds per layer under a CUD
 the layer as it ran before the routing kernels (torch route + torch alignment + the two
 grouped GEMMs at default tiles + torch's slot sum) and as it runs now (fused_experts at the
 tiles chosen at load); and the tiles chosen per token-count bucket
-(engine.kernels.fused_moe.choose_moe_tiles). Prints tables, then one line of JSON.
+(engine.kernels.fused_moe.choose_moe_tiles). (4) routing (tp 1): distinct experts per MoE
+layer that real decode steps of --decode-batches sequences route to (eager steps, forward
+hooks on the routers), against the uniform expectation the floor and the twin use.
+Prints tables, then one line of JSON.
 """
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -107,12 +118,52 @@ def layer_rows(model, batches: list[int]) -> list[dict]:
     return rows
 
 
+def measured_routing(llm, batches: list[int], context: int, steps: int = 4) -> list[dict]:
+    """Stage 4: distinct experts per MoE layer in real decode steps of each batch size (the
+    engine's eager path, so forward hooks on the routers see every step; top-k of the router
+    logits = top-k of their softmax), with the uniform expectation
+    (policy.model.ModelConfig.experts_touched). Rank 0 only: tensor parallelism 1."""
+    runner = llm.model_runner
+    cfg = runner.model.config
+    layers = [m for m in runner.model.modules() if isinstance(m, FusedMoE)]
+    seen: list[tuple[int, int]] = []   # (tokens, distinct experts) per MoE layer call
+
+    def count(module, args, logits):
+        ids = torch.topk(logits.float(), layers[0].top_k, dim=-1).indices
+        seen.append((logits.shape[0], ids.unique().numel()))
+    handles = [m.gate.register_forward_hook(count) for m in layers]
+    graphs = runner.packer.decode_sizes, runner.packer.mixed_sizes
+    runner.packer.decode_sizes, runner.packer.mixed_sizes = [], []     # eager steps
+    rows = []
+    try:
+        rng = random.Random(1)
+        for batch in batches:
+            prompts = [[rng.randrange(10000) for _ in range(context)] for _ in range(batch)]
+            seen.clear()
+            llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 1),
+                         use_tqdm=False)
+            decode = [n for tokens, n in seen if tokens == batch]    # decode-only steps
+            if not decode:
+                continue
+            per_step = [statistics.mean(decode[i:i + len(layers)])
+                        for i in range(0, len(decode), len(layers))]
+            rows.append({"batch": batch, "steps": len(per_step),
+                         "measured": statistics.mean(decode), "min_layer": min(decode),
+                         "max_layer": max(decode), "expected": cfg.experts_touched(batch)})
+    finally:
+        runner.packer.decode_sizes, runner.packer.mixed_sizes = graphs
+        for h in handles:
+            h.remove()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-30b-a3b",
                     help="model directory, or a conf/model name (a random checkpoint is written)")
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                    help="tensor parallelism: every expert's intermediate dim split over the GPUs")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--backend", default="auto", help="attention backend (triton on CUDA: "
                     "the fused MoE kernel too)")
@@ -129,6 +180,9 @@ def main():
                     help="keep only this many layers of a conf/model name (the random "
                          "checkpoint of all 48 Qwen3-30B-A3B layers is 61 GB; the floor is "
                          "computed for the model as built)")
+    ap.add_argument("--write-files", action="store_true",
+                    help="write the random checkpoint as safetensors and load it from disk "
+                         "(default: drawn on the GPU at load time, no files)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny Qwen3-MoE, 8 short requests, CPU if no GPU: proves the script runs")
     args = ap.parse_args()
@@ -145,19 +199,24 @@ def main():
     path = args.model
     if not os.path.isdir(path):
         layers = f"-{args.num_layers}l" if args.num_layers else ""
-        path = os.path.join(tempfile.gettempdir(), f"twinserve-{args.model}{layers}")
+        kind = "" if args.write_files else "-drawn"
+        path = os.path.join(tempfile.gettempdir(), f"twinserve-{args.model}{layers}{kind}")
         if not os.path.isfile(os.path.join(path, "config.json")):
             config = (tiny_config(args.model.removeprefix("tiny-"), vocab_size=10240)
                       if args.model.startswith("tiny-") else model_config_dict(args.model))
             if args.num_layers:
                 config = {**config, "num_hidden_layers": args.num_layers}
-            print(f"writing random checkpoint {args.model} -> {path}", file=sys.stderr)
-            write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16")
+            print(f"random checkpoint {args.model} -> {path}"
+                  + ("" if args.write_files else " (drawn at load time)"), file=sys.stderr)
+            write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16",
+                                    files=args.write_files)
 
+    started = time.perf_counter()
     llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
               tensor_parallel_size=args.tp, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+    startup_s = time.perf_counter() - started
     cfg = llm.model_runner.model.config
     prompts, params = nano_workload(args.num_seqs, args.max_input_len, args.max_output_len)
     output_tokens = sum(p.max_tokens for p in params)
@@ -183,6 +242,10 @@ def main():
     # stage 3: one MoE layer, before and now (tp 1: the layer's all-reduce needs every rank)
     layer_table = layer_rows(runner.model, [1, 64, 256]) if cuda and args.tp == 1 else []
     tiles = getattr(runner, "moe_report", [])
+    # stage 4: routing of real decode steps (tp 1: the hooks run on rank 0's process)
+    routing = (measured_routing(llm, [b for b in map(int, args.decode_batches.split(","))
+                                      if b <= args.max_num_seqs], min(args.decode_context, 256))
+               if args.tp == 1 else [])
     llm.close()
     for d in decode:
         d["experts_touched"] = cfg.experts_touched(d["batch"])
@@ -194,7 +257,8 @@ def main():
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     other, one_expert, layers = split
-    print(f"\n{args.model} ({cfg.num_hidden_layers} layers) on {device}, tp {args.tp}, backend {args.backend}: "
+    print(f"\n{args.model} ({cfg.num_hidden_layers} layers) on {device}, tp {args.tp}, backend {args.backend}, "
+          f"engine ready in {startup_s:.1f} s: "
           f"{cfg.num_experts} experts, top {cfg.num_experts_per_tok}, {layers} MoE layers; "
           f"per rank: non-expert weights {other / 1e9:.2f} GB, experts "
           f"{layers * cfg.num_experts * one_expert / 1e9:.2f} GB, KV {kv_per_token / 1024:.0f} "
@@ -229,9 +293,20 @@ def main():
                   f"{r['default_us']:>11.1f} {r['chosen_us']:>10.1f}")
     else:
         print("  none (CPU, fp32, or no fused MoE layer)")
+    print("\nrouting of real decode steps (distinct experts per MoE layer; expected: uniform "
+          "top-k, E (1 - (1 - k/E)^batch)):")
+    if routing:
+        print(f"{'batch':>6} {'steps':>6} {'measured':>9} {'min layer':>10} {'max layer':>10} {'expected':>9}")
+        for r in routing:
+            print(f"{r['batch']:>6} {r['steps']:>6} {r['measured']:>9.1f} {r['min_layer']:>10} "
+                  f"{r['max_layer']:>10} {r['expected']:>9.1f}")
+    else:
+        print("  n/a (tp 1 only)")
     print(json.dumps({"bench": "moe", "workload": "nano-vllm", "model": args.model,
                       "num_layers": cfg.num_hidden_layers,
                       "device": device, "tp": args.tp, "backend": args.backend,
+                      "weights": "files" if args.write_files else "drawn at load",
+                      "startup_s": startup_s, "routing": routing,
                       "output_tokens": output_tokens, "seconds": seconds,
                       "output_tok_per_s": output_tokens / seconds, "floor_s": floor_s,
                       "pct_of_floor": 100 * floor_s / seconds, "copy_GBps": ceiling / 1e9,

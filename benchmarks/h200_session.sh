@@ -95,4 +95,28 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             (cd ${CARRIED} && OUT=$OUT STAGES="${CSTAGES}" bash benchmarks/h200_session.sh) ;;
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
+  # Issue 15 on the whole Qwen3-30B-A3B (48 layers, 61 GB bf16): weights drawn on each GPU at
+  # load (engine.checkpoint --draw-at-load, /tmp/twinserve-qwen3-30b-a3b-drawn: no disk). On
+  # nvidia-h200-x2: the lanes, then moe_tp2 (both GPUs, so never inside a lane), e.g. as two calls
+  #   TWINSERVE_COMMIT=<sha> LANE0="fid_moe" LANE1="moe_full calibrate_moe" LIMIT=500 OUT=$OUT bash benchmarks/two_lanes.sh
+  #   STAGES=moe_tp2 OUT=$OUT bash benchmarks/h200_session.sh
+  moe_full) # (a) one H200: nano-vLLM workload, decode B=1/64/256 vs floor, MoE layer, tiles, routing
+            TAIL=48 run bench_moe_full 420 python3 benchmarks/bench_moe.py ;;
+  moe_tp2)  # (b) TP=2: every expert's intermediate dim split over the 2 GPUs
+            TAIL=30 run bench_moe_tp2 420 python3 benchmarks/bench_moe.py --tensor-parallel-size 2 ;;
+  calibrate_moe) # (c) the twin's MoE calibration (experts_touched, the MoE grid); TWINSERVE_COMMIT as in calibrate
+            q30=/tmp/twinserve-qwen3-30b-a3b-drawn
+            [ -f $q30/config.json ] || python3 -m engine.checkpoint qwen3-30b-a3b $q30 --draw-at-load > /dev/null 2>&1
+            TAIL=40 run calibrate_moe 420 python3 run.py experiment=calibrate model=qwen3-30b-a3b hardware=h200 engine.model_path=$q30
+            tar czf $OUT/calibration_moe.tgz simulator/calibrations/qwen3-30b-a3b-h200-tp1.* ;;
+  fid_moe)  # (c) the fidelity table's MoE row, real cells: sharegpt, 100 requests, 2 repeats, at
+            # 0.3/0.6/0.9 x 5.88 req/s (the H200 roofline twin's capacity at 100 requests, on a CPU:
+            # independent of calibrate_moe, so the two lanes run side by side); sim + table on a CPU
+            q30=/tmp/twinserve-qwen3-30b-a3b-drawn
+            [ -f $q30/config.json ] || python3 -m engine.checkpoint qwen3-30b-a3b $q30 --draw-at-load > /dev/null 2>&1
+            TAIL=20 run fidelity_moe ${FID_T:-420} python3 benchmarks/fidelity/run_fidelity.py --model qwen3-30b-a3b \
+                --hardware h200 --calibration simulator/calibrations/qwen3-30b-a3b-h200-tp1.json --out /tmp/fid_moe \
+                --traces sharegpt --rates ${MOE_RATES:-1.764,3.528,5.292} --num-requests ${NREQ:-100} --repeats ${REPEATS:-2} \
+                --pairs "" --stages real --set engine.model_path=$q30
+            tar czf $OUT/fid_moe.tgz -C /tmp fid_moe ;;
 esac; done

@@ -5,12 +5,14 @@ downloaded here; the architecture, not the values, sets the speed).
     python -m engine.checkpoint llama-3.1-8b /tmp/l8-gptq --quantization gptq \
         [--group-size 128|-1] [--desc-act] [--asym] [--checkpoint-format gptq|gptq_v2]
     python -m engine.checkpoint llama-3.1-8b /tmp/l8-awq --quantization awq [--group-size 128]
+    python -m engine.checkpoint qwen3-30b-a3b /tmp/q30 --draw-at-load   # no weight files
 
 writes config.json (from conf/model/<name>.yaml, the single source of truth for model
 shapes), generation_config.json and safetensors shards with Hugging Face tensor names
 (+ model.safetensors.index.json when there is more than one shard). Tensors are generated
 one at a time (on the GPU when there is one) and written shard by shard, so at most one
-shard is held in host memory.
+shard is held in host memory. With --draw-at-load no weights are written: engine.loader
+draws the same tensors on the model's device when it loads (RECIPE_FILE).
 
 With --quantization the decoder layers' linear weights are drawn as above, then round-to-
 nearest quantized to 4 bits and packed into the published layouts (engine.layers.quant
@@ -183,17 +185,47 @@ def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]
     return shards
 
 
+RECIPE_FILE = "random_weights.json"   # a checkpoint drawn at load time (no safetensors files)
+
+
+def random_tensors(hf: dict, seed: int = 0, std: float = 0.02,
+                   device: str | torch.device | None = None):
+    """The tensors of a random checkpoint of Hugging Face config `hf` (its torch_dtype, its
+    quantization_config if any), one at a time in checkpoint order: yields (name, tensor on
+    `device`). Weights and biases ~ N(0, std); norm weights ~ 1 + N(0, std); quantized
+    layers round-to-nearest 4-bit in their published layout. The values depend on `seed`
+    and on the device type that draws them (cuda when available, else cpu); at most one
+    full tensor is held at a time."""
+    cfg = ModelConfig.from_hf(hf)
+    quant, torch_dtype = cfg.quantization, resolve_dtype(hf["torch_dtype"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = hf_tensor_shapes(cfg)
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
+        if "norm" in name and name.endswith("weight"):
+            t += 1.0
+        if not _quantized(name, quant):
+            yield name, t.to(torch_dtype)
+            continue
+        yield from quantized_tensors(name, t.to(torch_dtype).float(), quant,
+                                     _act_order(name, shape[1], quant, seed)).items()
+
+
 def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "bfloat16",
                             seed: int = 0, max_shard_bytes: int = 4 << 30, std: float = 0.02,
                             device: str | None = None, progress: bool = True,
-                            quantization: dict | None = None) -> Path:
+                            quantization: dict | None = None, files: bool = True) -> Path:
     """Write a random-weight checkpoint of `config` (an HF config dict, or a model name from
     conf/model/) to directory `path`; returns the path. `progress`: a bar over the bytes
     written (an 8B model is 16 GB: minutes). `quantization`: a `quantization_config` (see
-    quantization_config()) to quantize the decoder's linear layers into.
+    quantization_config()) to quantize the decoder's linear layers into. Values:
+    `random_tensors`.
 
-    Weights and biases ~ N(0, std); norm weights ~ 1 + N(0, std). The values depend on
-    `seed` and on the device that draws them (cuda when available, else cpu)."""
+    `files=False` writes no safetensors: config.json and a recipe (RECIPE_FILE: seed, std)
+    from which engine.loader draws the same tensors on the model's device at load time, so
+    a model larger than the disk (Qwen3-30B-A3B: 61 GB) still loads through the loader's
+    name mapping and weight loaders; only the file reads are skipped."""
     hf = dict(model_config_dict(config) if isinstance(config, str) else config)
     torch_dtype = resolve_dtype(dtype)
     hf["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
@@ -207,41 +239,44 @@ def write_random_checkpoint(config: dict | str, path: str | Path, dtype: str = "
             if quant.group_size != -1 and in_features % quant.group_size:
                 raise ValueError(f"quantization_config.group_size={quant.group_size} does not "
                                  f"divide the in_features {in_features} of a linear layer")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for old in [*path.glob("*.safetensors"), path / "model.safetensors.index.json", path / RECIPE_FILE]:
+        old.unlink(missing_ok=True)     # a rewrite leaves no stale weights behind
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if hf.get(k) is not None}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if not files:
+        (path / RECIPE_FILE).write_text(json.dumps({"seed": seed, "std": std}, indent=2) + "\n")
+        return path
 
     shapes = hf_tensor_shapes(cfg)
     sizes = {name: (quant.weight_bytes(shape[1], shape[0]) if _quantized(name, quant)
                     else torch.Size(shape).numel() * torch_dtype.itemsize)
              for name, shape in shapes.items()}
     shards = _plan_shards(sizes, max_shard_bytes)
-    gen = torch.Generator(device).manual_seed(seed)
-    weight_map, total = {}, 0
-    size = sum(sizes.values())
-    bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc=f"random weights -> {path.name}", leave=False)
-    for i, names in enumerate(shards):
-        file = ("model.safetensors" if len(shards) == 1
+    shard_of = {name: i for i, names in enumerate(shards) for name in names}
+    weight_map, total, shard, tensors = {}, 0, 0, {}
+    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress, desc=f"random weights -> {path.name}", leave=False)
+
+    def file_name(i: int) -> str:
+        return ("model.safetensors" if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-        tensors = {}
-        for name in names:
-            t = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32) * std
-            if "norm" in name and name.endswith("weight"):
-                t += 1.0
-            written = ({name: t.to(torch_dtype).cpu()} if not _quantized(name, quant) else
-                       quantized_tensors(name, t.to(torch_dtype).float(), quant,
-                                         _act_order(name, shapes[name][1], quant, seed)))
-            for key, tensor in written.items():
-                tensors[key] = tensor
-                total += tensor.nbytes
-                weight_map[key] = file
-                bar.update(tensor.nbytes)
-        save_file(tensors, path / file, metadata={"format": "pt"})
-        del tensors
+
+    def flush() -> None:      # one shard on the host at a time
+        save_file(tensors, path / file_name(shard), metadata={"format": "pt"})
+        tensors.clear()
+    for key, tensor in random_tensors(hf, seed, std, device):
+        i = shard_of[key if key in shard_of else key.rsplit(".", 1)[0] + ".weight"]
+        if i != shard:
+            flush()
+            shard = i
+        tensors[key] = tensor.cpu().contiguous()
+        total += tensor.nbytes
+        weight_map[key] = file_name(i)
+        bar.update(tensor.nbytes)
+    flush()
     bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -406,8 +441,8 @@ def write_dequantized_checkpoint(src: str | Path, dst: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="name in conf/model/ (e.g. qwen3-0.6b), a .yaml with "
-                        f"hf_config, a config.json, or tiny-<arch> ({', '.join(TINY)})")
+    parser.add_argument("model", help="name in conf/model/ (e.g. qwen3-0.6b, tiny-qwen3-moe), a "
+                        f".yaml with hf_config, a config.json, or tiny-<arch> ({', '.join(TINY)})")
     parser.add_argument("path", help="output directory")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
@@ -421,9 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     parser.add_argument("--asym", action="store_true", help="GPTQ with zero points (sym=false)")
     parser.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"))
+    parser.add_argument("--draw-at-load", action="store_true",
+                        help=f"write no weight files: config.json and {RECIPE_FILE}, from which "
+                        "the loader draws the same random tensors on the device (for models "
+                        "larger than the disk or to skip minutes of writing and reading)")
     args = parser.parse_args(argv)
-    config = (tiny_config(args.model.removeprefix("tiny-")) if args.model.startswith("tiny-")
-              else args.model)
+    tiny = args.model.startswith("tiny-") and not (MODEL_CONF_DIR / f"{args.model}.yaml").is_file()
+    config = tiny_config(args.model.removeprefix("tiny-")) if tiny else args.model
     if args.quantization == "awq" and (args.desc_act or args.asym):
         parser.error("--desc-act and --asym are GPTQ options (AWQ is always asymmetric)")
     quantization = None if args.quantization is None else quantization_config(
@@ -432,11 +471,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = write_random_checkpoint(config, args.path, args.dtype, args.seed,
                                       int(args.max_shard_gb * 2**30), args.std, args.device,
-                                      quantization=quantization)
+                                      quantization=quantization, files=not args.draw_at_load)
     except ValueError as e:
         parser.error(str(e))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+    what = f"{size / 2**30:.2f} GiB" if not args.draw_at_load else "weights drawn at load time"
+    print(f"wrote {out} ({what}) in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Load a Hugging Face safetensors checkpoint into a built model.
 
 Files are read one at a time and tensors one at a time (safe_open), so the whole
-checkpoint is never in memory. Checkpoint names map onto our parameters through the
+checkpoint is never in memory. A checkpoint written with `python -m engine.checkpoint ...
+--draw-at-load` has no files: its tensors are drawn on the model's device instead. Checkpoint names map onto our parameters through the
 model's `packed_modules_mapping` (q/k/v -> qkv_proj, gate/up -> gate_up_proj); each
 parameter's `weight_loader` copies this rank's tensor-parallel slice.
 """
+import json
 from pathlib import Path
 
 import torch
@@ -75,43 +77,58 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if differ:
         raise ValueError(f"{path}/config.json describes another model than the one built "
                          f"(checkpoint vs model: {'; '.join(differ)})")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = model.packed_modules_mapping
     needed = expected_tensors(model)
     seen = set()
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(IGNORED_SUFFIXES):
-                    continue
-                if name == "lm_head.weight" and ours.tie_word_embeddings:
-                    continue  # some tied checkpoints still store the LM head
-                target, shard_id = _target(name, packed)
-                param = params.get(target)
-                if param is None and _zero_quant_bias(ours, target, f, name):
-                    continue
-                if param is None:
-                    raise ValueError(f"{file.name}: unexpected tensor {name!r} (no parameter "
-                                     f"{target!r} in {ours.architecture})")
-                loader = getattr(param, "weight_loader", copy_weight)
-                args = () if shard_id is None else (shard_id,)
-                try:
-                    with torch.no_grad():
-                        loader(param, f.get_tensor(name), *args)
-                except ValueError as e:
-                    raise ValueError(f"{file.name}: tensor {name!r}: {e}") from None
-                seen.add(name)
+    for source, name, get_tensor in _checkpoint_tensors(path, model):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and ours.tie_word_embeddings:
+            continue  # some tied checkpoints still store the LM head
+        target, shard_id = _target(name, packed)
+        param = params.get(target)
+        if param is None and _zero_quant_bias(ours, name, get_tensor):
+            continue
+        if param is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r} (no parameter "
+                             f"{target!r} in {ours.architecture})")
+        loader = getattr(param, "weight_loader", copy_weight)
+        args = () if shard_id is None else (shard_id,)
+        try:
+            with torch.no_grad():
+                loader(param, get_tensor(), *args)
+        except ValueError as e:
+            raise ValueError(f"{source}: tensor {name!r}: {e}") from None
+        seen.add(name)
     missing = sorted(needed - seen)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"checkpoint {path} is missing tensor {missing[0]!r}{more}")
 
 
-def _zero_quant_bias(cfg: ModelConfig, target: str, f, name: str) -> bool:
+def _checkpoint_tensors(path: Path, model: nn.Module):
+    """(source, name, get_tensor) for every tensor of the checkpoint, one at a time: read
+    from the *.safetensors files, or, for a checkpoint written with engine.checkpoint's
+    --draw-at-load (its RECIPE_FILE), drawn on the model's device as the writer would."""
+    from engine.checkpoint import RECIPE_FILE, random_tensors
+    recipe = path / RECIPE_FILE
+    if recipe.is_file():
+        spec = json.loads(recipe.read_text())
+        hf = json.loads((path / "config.json").read_text())
+        device = next(model.parameters()).device
+        for name, tensor in random_tensors(hf, spec["seed"], spec["std"], device):
+            yield RECIPE_FILE, name, lambda t=tensor: t
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files (nor {RECIPE_FILE}) in {path}")
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield file.name, name, lambda f=f, name=name: f.get_tensor(name)
+
+
+def _zero_quant_bias(cfg: ModelConfig, name: str, get_tensor) -> bool:
     """AutoGPTQ stores an all-zero bias for quantized layers that have none: skip it."""
-    return (cfg.quantization is not None and name.endswith(".bias")
-            and not f.get_tensor(name).any())
+    return cfg.quantization is not None and name.endswith(".bias") and not get_tensor().any()

@@ -5,9 +5,11 @@
 1. build the engine the config describes (the engine used by mode=gpu, same settings);
 2. profile its ModelRunner over a grid of step shapes (simulator.calibrate.profile_grid:
    every CUDA-graph size of decode and mixed steps x KV context or cached prefix, decodes
-   sharing a prefix's blocks, eager steps up to the token budget) on dummy sequences (the
-   features with the span of the engine's split-KV decode plan): per shape one warm-up run
-   and `calibrate.repeats` timed runs (device time from the runner's CUDA events, host time
+   sharing a prefix's blocks, eager steps up to the token budget; for a mixture of experts
+   also token counts between the graph sizes, and random token ids so rows route as in
+   serving: simulator.calibrate.moe_grid) on dummy sequences (the features with the span of
+   the engine's split-KV decode plan): per shape one warm-up run and `calibrate.repeats`
+   timed runs (device time from the runner's CUDA events, host time
    of its launch and wait), plus the policy's own host time per step (schedule, update,
    receive on a Scheduler of that many sequences);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
@@ -35,8 +37,10 @@ from experiments.config import RunConfig, build
 from experiments.replay import build_engine
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
-from simulator.calibrate import (fit_calibration, fit_hardware, print_fit, print_step_errors,
-                                 profile_grid, shape_batch, step_errors, write_hardware)
+from simulator.calibrate import (fit_calibration, fit_hardware, moe_grid, moe_held_out, moe_meta,
+                                 moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
+                                 print_step_errors, profile_grid, shape_batch, step_errors,
+                                 write_hardware)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +103,10 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     cuda = runner.device.type == "cuda"
     grid = profile_grid(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
                         rc.scheduler.max_model_len, graphs)
+    model = engine.model_config
+    if model.is_moe:    # token counts between the graph sizes (simulator.calibrate: moe_grid)
+        grid += moe_grid(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
+                         rc.scheduler.max_model_len, graphs, model.num_experts, model.num_experts_per_tok)
     sizes = sorted({len(p["shape"]) for p in grid})
     policy = policy_host_times(rc, sizes)
     greedy = SamplingParams(temperature=0.0)
@@ -106,6 +114,8 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan)
+        if model.is_moe:    # rows routed as a serving batch's (all-zero ids: to k experts)
+            moe_token_ids(batch, model.vocab_size, seed=k)
         params = [greedy] * len(batch.seqs)
         device, launch, receive = [], [], []
         for r in range(repeats + 1):
@@ -124,13 +134,17 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
         f = batch.features()
         kind, padded = graphs.rows(f)
         rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
+                     "grid": point.get("grid", "base"),
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
                      "host_launch_s": statistics.median(launch) + schedule_s,
                      "host_receive_s": statistics.median(receive) + update_s})
         if progress and (k + 1) % 25 == 0:
             progress(f"profiled {k + 1}/{len(grid)} shapes ({time.perf_counter() - started:.1f} s)")
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if model.is_moe:
+        table = moe_profile_columns(table, model.num_experts, model.num_experts_per_tok)
+    return table
 
 
 def device_name(rc: RunConfig) -> str:
@@ -172,7 +186,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
     meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
-            "decode_plan": {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms} if plan else None}
+            "decode_plan": {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms} if plan else None,
+            **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
     FittedCostModel(calib, source=str(out))      # loads back
@@ -194,6 +209,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
+    moe = moe_held_out(calib, table, graphs)
+    if moe:
+        print_moe_held_out(moe)
+        summary["moe_held_out"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in moe.items()}
     if rc.calibrate.check_steps:
         errors = step_errors(calib, graphs, pd.read_parquet(rc.calibrate.check_steps))
         print_step_errors(errors, rc.calibrate.check_steps)

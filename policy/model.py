@@ -274,10 +274,9 @@ class ModelConfig:
         if each token picks its k of E experts uniformly: E (1 - (1 - k/E)^tokens) (an expert
         escapes one token with probability 1 - k/E). k for one token, -> E for large batches.
         Skewed real routing touches fewer: an upper estimate. 0 for dense models."""
-        if not self.is_moe or num_tokens <= 0:
+        if not self.is_moe:
             return 0.0
-        e, k = self.num_experts, self.num_experts_per_tok
-        return e * (1.0 - (1.0 - k / e) ** num_tokens)
+        return expected_experts_touched(self.num_experts, self.num_experts_per_tok, num_tokens)
 
     def matmul_weights_read(self, num_tokens: int) -> float:
         """Linear-layer weights (all layers) a forward of `num_tokens` tokens reads: all of
@@ -446,3 +445,11 @@ def _sliding_window(arch: str, d: dict) -> int | None:
         if "sliding_attention" not in layer_types:
             return None
     return int(window)
+
+
+def expected_experts_touched(num_experts: int, top_k: int, num_tokens: float) -> float:
+    """Expected distinct experts of E = `num_experts` that `num_tokens` tokens, each routed
+    uniformly to k = `top_k` of them, touch: E (1 - (1 - k/E)^tokens); 0 for no tokens."""
+    if num_tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)

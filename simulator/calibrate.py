@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, SPAN_FEATURE, STEP_KINDS,
-                                  CudaGraphs, FittedCostModel, ModelSpec, RooflineCostModel,
-                                  fit_kind, nonnegative_lstsq)
+from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, SPAN_FEATURE,
+                                  STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
+                                  RooflineCostModel, fit_kind, nonnegative_lstsq,
+                                  step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import HardwareSpec
@@ -257,12 +258,13 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
             continue
-        features = [f for f in FITTED_FEATURES[kind] if f in profile.columns]
+        features = [f for f in FITTED_FEATURES[kind] if f in profile.columns] + moe_features(profile)
         if SHARED_FEATURE in features and not shares_kv(train).any():
             features.remove(SHARED_FEATURE)
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE}")
-        kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES, sloped=SLOPED_FEATURES)
+        kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
+                               sloped=SLOPED_FEATURES)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -270,7 +272,112 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
             **({"decode_plan": {"num_kv_heads": int(plan["num_kv_heads"]), "num_sms": int(plan["num_sms"])}}
-               if SPAN_FEATURE in profile.columns else {})}
+               if SPAN_FEATURE in profile.columns else {}),
+            **moe_section(profile, meta)}
+
+
+# ---- mixture of experts ----------------------------------------------------------------
+# A MoE step reads, per MoE layer, the experts its rows are routed to (cost_model.MOE_FEATURE,
+# the expected count under uniform routing). For the profile to measure that as serving
+# does: its dummy sequences carry random token ids (all-zero sequences route every row to
+# the same k experts: a batch-256 decode would read 8 of Qwen3-30B-A3B's 128 experts where a
+# serving batch reads all), and extra shapes put real token counts between the CUDA-graph
+# sizes (a padded step reads the experts of its real rows plus one for the padding, not
+# those of its graph size), so the feature is measured apart from the graph size's base.
+
+def moe_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+             graphs: CudaGraphs, num_experts: int, top_k: int) -> list[dict]:
+    """Extra profile shapes for a mixture of experts ("grid": "moe"): decode batches (context
+    ~1024) and prompt chunks whose token counts lie between consecutive CUDA-graph sizes
+    (without graphs: between the base grid's batch sizes), up to the first size past the
+    point where the expected experts touched reach 99% of all: in each gap the first and
+    last count are fitted on, the middle one held out."""
+    S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
+    saturated = next((t for t in range(1, M + 1)
+                      if step_experts_touched(num_experts, top_k, t, t) >= 0.99 * num_experts), M)
+    ctx = max(2, min(L, 1024))
+    decode = list(graphs.decode) or sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= S} | {S})
+    mixed = list(graphs.mixed) or sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= min(M, L)})
+    grid = []
+
+    def between(sizes: list[int], make) -> None:
+        for a, b in zip(sizes, sizes[1:]):
+            inner = list(range(a + 1, b))
+            if not inner or a > saturated:
+                continue
+            held = inner[len(inner) // 2] if len(inner) >= 2 else None
+            for n in sorted({inner[0], inner[-1]} - {held}):
+                grid.append({"shape": make(n), "split": "train", "grid": "moe"})
+            if held is not None:
+                grid.append({"shape": make(held), "split": "held_out", "grid": "moe"})
+    between(decode, lambda b: [(ctx, 1)] * b)
+    between(mixed, lambda t: [(t, t)])
+    return grid
+
+
+def moe_token_ids(batch: Batch, vocab_size: int, seed: int) -> None:
+    """Give every sequence of a profiled batch random token ids in [1, vocab) (fixed by
+    `seed`), in place, so its rows route as a serving batch's do."""
+    rng = np.random.default_rng(seed)
+    for seq in batch.seqs:
+        seq.token_ids = type(seq.token_ids)("q", rng.integers(1, vocab_size, seq.num_tokens,
+                                                              dtype=np.int64).tobytes())
+
+
+def moe_profile_columns(table: pd.DataFrame, num_experts: int, top_k: int) -> pd.DataFrame:
+    """The profile with MOE_FEATURE: expected distinct experts per MoE layer of each step,
+    from its tokens and the rows the engine ran it as."""
+    touched = [step_experts_touched(num_experts, top_k, int(t), int(r))
+               for t, r in zip(table["num_batched_tokens"], table["rows"])]
+    return table.assign(**{MOE_FEATURE: touched})
+
+
+def moe_meta(model_config) -> dict:
+    """The calibration metadata of a mixture-of-experts model ({} for a dense one)."""
+    if not model_config.is_moe:
+        return {}
+    return {"moe": {"num_experts": model_config.num_experts, "top_k": model_config.num_experts_per_tok,
+                    "moe_layers": len(model_config.moe_layers)}}
+
+
+def moe_features(profile: pd.DataFrame) -> list[str]:
+    return [MOE_FEATURE] if MOE_FEATURE in profile.columns else []
+
+
+def moe_section(profile: pd.DataFrame, meta: dict) -> dict:
+    """{"moe": {num_experts, top_k, ...}} for a profile with MOE_FEATURE (the fitted model
+    computes the feature from them), {} otherwise."""
+    if not moe_features(profile):
+        return {}
+    if not isinstance(meta.get("moe"), dict):
+        raise ValueError(f"the profile has {MOE_FEATURE}: the calibration metadata needs "
+                         "'moe' with num_experts and top_k")
+    return {"moe": dict(meta["moe"])}
+
+
+def moe_held_out(calib: dict, profile: pd.DataFrame, graphs: CudaGraphs) -> dict:
+    """How the calibration predicts the held-out MoE shapes (token counts between the graph
+    sizes), next to the same fit without MOE_FEATURE: {"n", "mape", "mape_without"}; {}
+    without such shapes."""
+    if not moe_features(profile) or "grid" not in profile.columns:
+        return {}
+    held = profile[(profile["grid"] == "moe") & (profile["split"] != "train")]
+    if held.empty:
+        return {}
+    meta = {k: calib[k] for k in ("model", "device", "command")}
+    without = fit_calibration(profile.drop(columns=[MOE_FEATURE]), meta)
+    real = held["device_s"].to_numpy(float)
+
+    def mape(c):
+        model = FittedCostModel(c, graphs=graphs)
+        return float(np.mean(np.abs(np.array([model.predict(r) for r in held.to_dict("records")]) - real) / real))
+    return {"n": int(len(held)), "mape": mape(calib), "mape_without": mape(without)}
+
+
+def print_moe_held_out(report: dict) -> None:
+    if report:
+        print(f"MoE shapes between the graph sizes (held out, n={report['n']}): MAPE "
+              f"{100 * report['mape']:.2f}% ({100 * report['mape_without']:.2f}% fitted without {MOE_FEATURE})")
 
 
 def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGraphs,

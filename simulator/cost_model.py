@@ -26,7 +26,7 @@ import numpy as np
 
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.decode_plan import DecodePlan
-from policy.model import ModelConfig
+from policy.model import ModelConfig, expected_experts_touched
 from simulator.hardware import GiB, HardwareSpec, HostCosts
 
 if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
@@ -281,7 +281,8 @@ class RooflineCostModel(CostModel):
         kind, rows = self.graphs.rows(f)
         linear_bytes_s = self.linear_bytes_s
         if self.model.config.is_moe:   # expert weights: only those the step's tokens touch
-            linear_bytes_s = (self.model.config.matmul_weights_read(f["num_batched_tokens"])
+            routed = routed_tokens(f["num_batched_tokens"], rows)
+            linear_bytes_s = (self.model.config.matmul_weights_read(routed)
                               * self.model.dtype_bytes / self.tp / hw.bandwidth)
         t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
         sampled = f["num_sampled"]
@@ -318,6 +319,26 @@ SPAN_FEATURE = "decode_span_tokens"
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
+
+
+# ---- mixture of experts: the experts a step reads ------------------------------------
+# A MoE step reads, in every MoE layer, the weights of each expert some row is routed to.
+# The fitted model's feature for it: the expected distinct experts per MoE layer (uniform
+# routing, policy.model.expected_experts_touched) of the rows the engine routes. A CUDA
+# graph's padding rows all hold token 0 at position 0 (engine.step_inputs), so they route
+# as one more token. The calibration file names E and k ("moe"), so it predicts alone.
+MOE_FEATURE = "experts_touched"
+
+
+def routed_tokens(num_tokens: int, rows: int) -> int:
+    """Distinct tokens the router sees in a step of `num_tokens` tokens run as `rows` rows
+    (its padding rows are identical: one more token)."""
+    return num_tokens + (rows > num_tokens)
+
+
+def step_experts_touched(num_experts: int, top_k: int, num_tokens: int, rows: int) -> float:
+    """The MOE_FEATURE of a step: expected distinct experts per MoE layer it reads."""
+    return expected_experts_touched(num_experts, top_k, routed_tokens(num_tokens, rows))
 
 
 def hat_basis(x: np.ndarray, knots: list) -> np.ndarray:
@@ -358,6 +379,9 @@ class FittedCostModel(CostModel):
     A fit that uses decode_span_tokens needs the profiled engine's split-KV plan
     (`decode_plan`: KV heads per rank and SMs; the run's decode graphs add its padding
     rows): it becomes this model's `decode_plan`.
+    Mixture of experts: a kind may have a coefficient for MOE_FEATURE (seconds per expert
+    read per MoE layer), computed from the step's tokens and rows with the file's
+    "moe": {"num_experts", "top_k"} (step_experts_touched).
 
         {"format": "twinserve-calibration/2", "model": "qwen3-0.6b", "device": "NVIDIA H200",
          "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
@@ -394,6 +418,7 @@ class FittedCostModel(CostModel):
                                 [(name, float(c)) for name, c in fit["coefficients"].items()], slopes)
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.decode_plan = self._decode_plan(graphs)
+        self.moe, self.moe_coef = self._moe_terms(calibration, source)
         self.host = HostCosts(**calibration.get("host", {}))
         self.attn_factors = self._block_factors(hw, block_size)
 
@@ -416,6 +441,22 @@ class FittedCostModel(CostModel):
                  f"{self.source}: the fit prices {SPAN_FEATURE} but the file has no decode_plan "
                  "{num_kv_heads, num_sms} (the profiled engine's split-KV plan)")
         return DecodePlan(plan["num_kv_heads"], plan["num_sms"], tuple(graphs.decode))
+
+    def _moe_terms(self, calibration: dict, source: str) -> tuple[tuple[int, int] | None, dict]:
+        """((num_experts, top_k) or None, {kind: MOE_FEATURE coefficient}): the MoE term,
+        taken out of each kind's feature terms (predict computes its feature)."""
+        coef = {}
+        for kind, (knots, base, terms, slopes) in self.kinds.items():
+            coef[kind] = sum(c for name, c in terms if name == MOE_FEATURE)
+            self.kinds[kind] = (knots, base, [(n, c) for n, c in terms if n != MOE_FEATURE], slopes)
+        moe = calibration.get("moe")
+        if not any(coef.values()):
+            return None, {}
+        _require(isinstance(moe, dict) and moe.get("num_experts", 0) >= 1
+                 and 1 <= moe.get("top_k", 0) <= moe["num_experts"],
+                 f"{source}: a {MOE_FEATURE} coefficient needs \"moe\": {{\"num_experts\", "
+                 f"\"top_k\"}} (1 <= top_k <= num_experts), got {moe!r}")
+        return (int(moe["num_experts"]), int(moe["top_k"])), {k: c for k, c in coef.items() if c}
 
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
@@ -447,6 +488,8 @@ class FittedCostModel(CostModel):
             t += coef * f[name]
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
             t += base_time(k, coefs, rows) * f[name]
+        if self.moe_coef and kind in self.moe_coef:
+            t += self.moe_coef[kind] * step_experts_touched(*self.moe, f["num_batched_tokens"], rows)
         return t
 
 
