@@ -227,6 +227,12 @@ class ModelRunner:
             [(long, 1), (2, 1), (17, 17)],   # mixed: decodes at long context (split-KV) + prefill
             [(2, 1)] * 3 + [(5, 5)],         # mixed: short decodes (one split) + prefill
             [(2, 1)] * 16,                   # eager decode; the sampler's wide-batch tile
+            # the LM head's row tiles (16 / 32 / 64 rows) and the sampler's, with and without
+            # programmatic dependent launch (a step of at most pdl_max_tokens tokens launches
+            # with it: each is its own compiled variant)
+            [(2, 1)] * 24,
+            [(2, 1)] * 20 + [(40, 40)],
+            [(2, 1)] * 64,
         )
         # sampling with a temperature: the fused sampler kernel's variants compile here too
         warm = SamplingParams(temperature=1.0)
