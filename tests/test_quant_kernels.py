@@ -216,11 +216,10 @@ def test_repack_keeps_every_weight(name):
 
 
 @pytest.mark.parametrize("name", REPACK_CASES)
-@pytest.mark.parametrize("dtype,split,block_n", [(torch.float32, 1, 64), (torch.bfloat16, 3, 16),
-                                                 (torch.float32, 2, 32)])
+@pytest.mark.parametrize("dtype,split,block_n", [(torch.float32, 1, 64), (torch.bfloat16, 2, 32)])
 def test_fma_kernel_matches_the_reference(name, dtype, split, block_n):
     """The one-row multiply-add kernel on repacked weights, split or not, masked tiles
-    (N = 48 against 64-column tiles), bias once. fp32 within 3e-4: the float (128 + q) x
+    (N = 48 against 64- and 32-column tiles), bias once. fp32 within 3e-4: the float (128 + q) x
     products keep ~2^-24 of 128 |x| each, as the GEMV form's."""
     w, ref_w = case(name)
     r = w4a16.repack(w)
