@@ -6,14 +6,19 @@ once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's or
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
-layouts and the repacked one (W4.packing), so the engine keeps a single copy. Five ways to
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Six ways to
 run a layer, chosen per (layer shape, row count M) by measurement at load time
-(`choose_w4a16`):
+(`choose_w4a16`, which also checks every candidate's product against the torch reference):
 
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
            shared by two, and one FMA. Split-K wide (about 16 one-warp programs per SM).
+  mma      (M <= 64, repacked, one group per K step, bf16) `_w4a16_mma_kernel`: the W^T
+           tile made in registers from each thread's own words (one AND-OR per bf16 pair of
+           adjacent columns, one bf16x2 subtraction of the zero: q - z exact), handed to
+           tl.dot (mma.v2 at BLOCK_M 16, wgmma at 64), the group's scale applied in fp32 to
+           each step's product.
 
   skinny   (M <= 64, the decode regime) built for HBM bandwidth like
            engine.kernels.skinny_gemm: each program streams [BLOCK_N, BLOCK_K] tiles of 4-bit
@@ -72,7 +77,7 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "tiled" | "dequant"; for the kernels the tile
+    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the kernels the tile
     (block_n; block_k: K per step, for skinny before the group-size cap), warps, pipeline
     stages; for skinny the K split (0: the launch rule's); for tiled the rows per tile."""
     kind: str
