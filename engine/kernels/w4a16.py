@@ -77,9 +77,10 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the kernels the tile
-    (block_n; block_k: K per step, for skinny before the group-size cap), warps, pipeline
-    stages; for skinny the K split (0: the launch rule's); for tiled the rows per tile."""
+    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the
+    kernels the tile (block_n; block_k: K per step, for skinny before the group-size cap),
+    warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
+    per tile."""
     kind: str
     block_n: int = 0
     block_k: int = 0
