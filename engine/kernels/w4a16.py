@@ -6,14 +6,19 @@ once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's or
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
-layouts and the repacked one (W4.packing), so the engine keeps a single copy. Five ways to
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Six ways to
 run a layer, chosen per (layer shape, row count M) by measurement at load time
-(`choose_w4a16`):
+(`choose_w4a16`, which also checks every candidate's product against the torch reference):
 
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
            shared by two, and one FMA. Split-K wide (about 16 one-warp programs per SM).
+  mma      (M <= 64, repacked, one group per K step, bf16) `_w4a16_mma_kernel`: the W^T
+           tile made in registers from each thread's own words (one AND-OR per bf16 pair of
+           adjacent columns, one bf16x2 subtraction of the zero: q - z exact), handed to
+           tl.dot (mma.v2 at BLOCK_M 16, wgmma at 64), the group's scale applied in fp32 to
+           each step's product.
 
   skinny   (M <= 64, the decode regime) built for HBM bandwidth like
            engine.kernels.skinny_gemm: each program streams [BLOCK_N, BLOCK_K] tiles of 4-bit
@@ -72,9 +77,10 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "tiled" | "dequant"; for the kernels the tile
-    (block_n; block_k: K per step, for skinny before the group-size cap), warps, pipeline
-    stages; for skinny the K split (0: the launch rule's); for tiled the rows per tile."""
+    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the
+    kernels the tile (block_n; block_k: K per step, for skinny before the group-size cap),
+    warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
+    per tile."""
     kind: str
     block_n: int = 0
     block_k: int = 0
@@ -1097,7 +1103,7 @@ def pick(timed: list[tuple[float, Launch]]) -> tuple[float, Launch]:
 
 @torch.inference_mode()
 def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repeats: int = 7,
-                 time_us=None, max_layers: int = 4) -> list[dict]:
+                 time_us=None, max_layers: int = 4, verify: bool = True) -> list[dict]:
     """Per quantized layer shape and row count M (default: the CUDA-graph sizes up to MAX_M,
     policy.cuda_graphs, then PREFILL_M), time every `candidates` launch, each under a CUDA
     graph of one pass over the shape's layers (all of them up to MAX_M rows, so the weights
@@ -1107,6 +1113,9 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     once after loading and before graph capture: it also compiles every variant a call can
     select, sizes the split-K workspace, and allocates the dequantization scratch (for the
     largest layer) when any plan uses it. Returns one row per (shape, M) with the timings.
+    verify: each candidate's product (first layer of the shape) is checked against the torch
+    reference (reference_product); one off by more than VERIFY_TOL is never chosen (reported
+    under `failed`), so a kernel that computes wrong on some device cannot win on speed.
     time_us ((fn, M, launch) -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     groups = quantized_layers(model)
@@ -1131,12 +1140,17 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             params = [(weight_of(layer), layer.bias) for layer in timed_layers]
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
             times, failed = [], {}
+            ref = reference_product(x, *params[0]) if verify else None
             for launch in candidates(m, n, k, sms, weight_of(layers[0]), dtype):
                 try:
                     us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
+                    error = relative_error(w4a16_matmul(x, *params[0], launch), ref) if verify else 0.0
                 except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
                     device_still_sound(device)
                     failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
+                    continue
+                if not error <= VERIFY_TOL:   # a wrong product is never chosen (NaN included)
+                    failed[_name(launch)] = f"wrong product: relative error {error:.2e}"
                     continue
                 times.append((us / len(params), launch))
             if not times:
@@ -1153,6 +1167,33 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                for _, launch in layers[0].w4a16):
         _SCRATCH.pop((device, dtype), None)   # nobody uses it: give the memory back
     return report
+
+
+VERIFY_TOL = 3e-2   # relative_error a candidate may show (bf16 products: ~4e-3; a broken one: ~1)
+
+
+def reference_product(x: torch.Tensor, w: W4, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) in fp32 by the torch reference dequantization of w's layout."""
+    from engine.layers import quant
+    if w.packing == REPACKED:
+        dense = quant.dequantize_repacked(w.qweight, w.qzeros, w.scales, w.g_idx, w.perm,
+                                          w.group_size, w.zero_offset)
+    elif w.packing == AWQ:
+        dense = quant.dequantize_awq(w.qweight, w.qzeros, w.scales, w.group_size)
+    else:
+        k = w.shape[1]
+        g_idx = w.g_idx if w.g_idx is not None else (
+            torch.arange(k, device=x.device) // (k if w.group_size == -1 else w.group_size))
+        dense = quant.dequantize_gptq(w.qweight, w.qzeros, w.scales, g_idx, w.zero_offset)
+    y = x.float() @ dense.t()
+    return y + bias.float() if bias is not None else y
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (NaN where y is not finite)."""
+    if not torch.isfinite(y).all():
+        return float("nan")
+    return ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 # a variant that does not compile or fit here (RuntimeError: Triton's MLIR pass failures)
