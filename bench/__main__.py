@@ -18,8 +18,8 @@ import yaml
 from tqdm import tqdm
 
 from analysis.metrics import compute_metrics, format_report
-from bench.client import (Target, replay, request_table, reset_prefix_cache, scrape, server_model,
-                          server_side, warm_up)
+from bench.client import (Sender, Target, replay, request_table, reset_prefix_cache, scrape,
+                          server_model, server_side, ttft_split, warm_up)
 from experiments import results
 from policy import Batch
 from traces import TraceConfig, TraceError, load_trace, materialize
@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so the run starts as an offline replay does, whatever ran before")
     p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, as vLLM: ttft:500 tpot:50 e2el:10000")
+    p.add_argument("--http-client", choices=Sender.CLIENTS, default="lean",
+                   help="lean: HTTP/1.1 on asyncio streams (default; little Python per stream "
+                        "chunk); httpx: the general client, as a cross-check")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per request")
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
     target = Target(url, model, args.api_key, args.ignore_eos, args.temperature, args.timeout)
     print(f"{len(requests)} requests of trace {trace.name!r} -> {url} (model {model!r})")
     asyncio.run(warm_up(target, [len(r.prompt_token_ids) for r in requests], args.num_warmups,
-                        max_model_len))
+                        max_model_len, args.http_client))
     if args.reset_prefix_cache:
         try:
             reset_prefix_cache(target)
@@ -129,20 +132,23 @@ def main(argv=None) -> dict:
             sys.exit(f"error: {e}")
     before = scrape(url)
     with tqdm(total=len(requests), unit="req", disable=args.disable_tqdm) as bar:
-        records, t0, duration = asyncio.run(replay(target, requests, args.max_concurrency, bar.update))
+        records, t0, duration = asyncio.run(replay(target, requests, args.max_concurrency, bar.update,
+                                                    args.http_client))
     server = server_side(before, scrape(url))
     table = request_table(records, t0)
     metrics = compute_metrics(table, duration_s=duration, slos=goodput)
     config = {"trace": dataclasses.asdict(trace), "bench": {
         "url": url, "model": model, "max_concurrency": args.max_concurrency,
         "vocab_size": args.vocab_size, "ignore_eos": args.ignore_eos,
-        "temperature": args.temperature,
+        "temperature": args.temperature, "http_client": args.http_client,
         "num_warmups": args.num_warmups, "reset_prefix_cache": args.reset_prefix_cache},
         "slo": goodput}
     summary = {"config": config, "metrics": metrics, "versions": results.versions(), "gpu": None,
                "mode": "http", "run": {"num_requests": len(table), "wall_s": duration},
                "server_metrics": server}
     no_steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})   # the server's
+    split = ttft_split(metrics["mean_ttft_ms"], server) if metrics["completed"] else None
+    summary["ttft_split"] = split
     results.write(args.out, table, no_steps, summary)
     print(format_report(metrics))
     if server and server["mean_time_to_first_token_ms"] is not None:
@@ -150,6 +156,10 @@ def main(argv=None) -> dict:
               f"mean ITL {server['mean_inter_token_latency_ms'] or 0:.2f} ms, mean E2E "
               f"{server['mean_e2e_request_latency_ms']:.2f} ms; HTTP and client add "
               f"{metrics['mean_ttft_ms'] - server['mean_time_to_first_token_ms']:.2f} ms to the mean TTFT")
+    if split:
+        print(f"mean TTFT {metrics['mean_ttft_ms']:.2f} ms = client and transport {split['client_ms']:.2f} "
+              f"+ server prepare {split['prepare_ms']:.2f} + engine {split['engine_ms']:.2f} + handoff "
+              f"{split['handoff_ms']:.2f} + write {split['write_ms']:.2f} ms ({args.http_client} client)")
     errors = table["error"].dropna()
     if len(errors):
         print(f"{len(errors)} failed requests; the first: {errors.iloc[0]}")

@@ -8,6 +8,11 @@ ITL = gaps between content chunks; E2EL = last content chunk - send time; output
 the usage's completion_tokens. A request that fails (HTTP error, error event, broken
 connection, timeout) is counted as failed.
 
+Two HTTP clients: "lean" (default; bench/http1.py on asyncio streams: a few microseconds
+of Python per chunk, so the client's own work does not queue up into the latencies it
+measures at thousands of chunks a second) and "httpx" (a general client, the cross-check).
+Both feed the same event handler (`take_event`).
+
 The result is a run directory in the project's schema (experiments/results.py):
 requests.parquet, steps.parquet (empty: the steps are the server's), summary.json with
 mode "http", so `python -m analysis --compare` compares it with an offline or simulated run
@@ -24,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.metrics import add_latencies
+from bench.http1 import Pool, ProtocolError
 from experiments.results import REQUEST_COLUMNS
 
 
@@ -58,7 +64,10 @@ class Target:
 
 # /metrics series whose change over a run the client reports (vLLM's names)
 SERVER_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds")
+                     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                     # twinserve's server only: the HTTP path's stages around the engine's TTFT
+                     "twinserve:request_prepare_seconds", "twinserve:first_token_handoff_seconds",
+                     "twinserve:first_chunk_write_seconds")
 SERVER_COUNTERS = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions",
                    "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
@@ -89,12 +98,28 @@ def server_side(before: dict | None, after: dict | None) -> dict | None:
     out = {}
     for name in SERVER_HISTOGRAMS:
         count = delta(name + "_count")
-        short = name.removeprefix("vllm:").removesuffix("_seconds")
+        short = name.split(":", 1)[1].removesuffix("_seconds")
         out[f"mean_{short}_ms"] = 1000 * delta(name + "_sum") / count if count else None
         out[f"{short}_count"] = int(count)
     for name in SERVER_COUNTERS:
         out[name.removeprefix("vllm:")] = int(delta(name + "_total"))
     return out
+
+
+def ttft_split(client_ttft_ms: float, server: dict | None) -> dict | None:
+    """The client's mean TTFT as the sum of its stages (ms): the server's prepare (handler
+    to engine queue), the engine's TTFT, handoff (engine's first token to the stream
+    handler), write (to the socket), and what remains: the client and the transport (the
+    client's send and parse of the chunk, the loopback, the HTTP parser before the
+    handler). None unless the server reports the stages (a twinserve server)."""
+    keys = ("mean_request_prepare_ms", "mean_time_to_first_token_ms",
+            "mean_first_token_handoff_ms", "mean_first_chunk_write_ms")
+    if server is None or any(server.get(k) is None for k in keys):
+        return None
+    prepare, engine, handoff, write = (server[k] for k in keys)
+    return {"prepare_ms": prepare, "engine_ms": engine, "handoff_ms": handoff, "write_ms": write,
+            "server_http_ms": prepare + handoff + write,
+            "client_ms": client_ttft_ms - prepare - engine - handoff - write}
 
 
 def server_model(url: str, api_key: str | None = None) -> tuple[str, int | None]:
@@ -118,11 +143,49 @@ def reset_prefix_cache(target: Target) -> None:
                            f"({r.text[:200]}); vLLM serves it only with VLLM_SERVER_DEV_MODE=1")
 
 
-async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max_tokens: int,
-               record: Record) -> None:
-    body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens,
+def request_body(target: Target, prompt: list[int], max_tokens: int) -> dict:
+    return {"model": target.model, "prompt": prompt, "max_tokens": max_tokens,
             "ignore_eos": target.ignore_eos, "temperature": target.temperature, "stream": True,
             "stream_options": {"include_usage": True}} | target.extra
+
+
+def take_event(record: Record, data: bytes | str, now: float) -> bool:
+    """One server-sent event's data, seen at `now`, into `record` (both HTTP clients go
+    through here: one definition of TTFT, ITL and output length). True when the stream is
+    over: [DONE], or an error event (record.error set)."""
+    if data == "[DONE]" or data == b"[DONE]":
+        return True
+    chunk = json.loads(data)
+    if "error" in chunk:
+        error = chunk["error"]
+        record.error = str(error.get("message", error) if isinstance(error, dict) else error)
+        return True
+    for choice in chunk.get("choices") or []:
+        if choice.get("text") or choice.get("token_ids"):
+            record.chunk_times.append(now)
+        if choice.get("finish_reason"):
+            record.finish_reason = choice["finish_reason"]
+    usage = chunk.get("usage")
+    if usage:
+        record.output_len = usage.get("completion_tokens", 0)
+        details = usage.get("prompt_tokens_details") or {}
+        record.cached_tokens = details.get("cached_tokens") or 0
+    return False
+
+
+def finish_record(record: Record) -> None:
+    if record.error is not None:
+        return
+    if record.finish_reason is None:
+        record.error = "the stream ended without a finish_reason"
+    if not record.output_len:       # a server without usage in streams
+        record.output_len = len(record.chunk_times)
+
+
+async def send_httpx(client: httpx.AsyncClient, target: Target, prompt: list[int],
+                     max_tokens: int, record: Record) -> None:
+    """One streamed request through httpx (the cross-check of the lean client)."""
+    body = request_body(target, prompt, max_tokens)
     record.sent = time.perf_counter()
     try:
         async with client.stream("POST", f"{target.url}/v1/completions", json=body,
@@ -133,41 +196,78 @@ async def send(client: httpx.AsyncClient, target: Target, prompt: list[int], max
                 return
             async for line in r.aiter_lines():
                 now = time.perf_counter()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                if line.startswith("data:") and take_event(record, line[5:].strip(), now):
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    record.error = str(chunk["error"].get("message", chunk["error"]))
-                    return
-                for choice in chunk.get("choices") or []:
-                    if choice.get("text") or choice.get("token_ids"):
-                        record.chunk_times.append(now)
-                    if choice.get("finish_reason"):
-                        record.finish_reason = choice["finish_reason"]
-                usage = chunk.get("usage")
-                if usage:
-                    record.output_len = usage.get("completion_tokens", 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    record.cached_tokens = details.get("cached_tokens") or 0
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         record.error = f"{type(e).__name__}: {e}"
         return
-    if record.finish_reason is None and record.error is None:
-        record.error = "the stream ended without a finish_reason"
-    if not record.output_len:       # a server without usage in streams
-        record.output_len = len(record.chunk_times)
+    finish_record(record)
+
+
+async def send_lean(pool: Pool, target: Target, prompt: list[int], max_tokens: int,
+                    record: Record) -> None:
+    """One streamed request through the lean client (bench/http1.py). The stream is read
+    to its end after [DONE], so its connection is kept alive for the next request."""
+    body = json.dumps(request_body(target, prompt, max_tokens)).encode()
+    headers = {"Content-Type": "application/json", **target.headers}
+    record.sent = time.perf_counter()
+    try:
+        async with asyncio.timeout(target.timeout_s):
+            async with pool.request("POST", "/v1/completions", body, headers) as r:
+                if r.status != 200:
+                    text = (await r.read()).decode(errors="replace")
+                    record.error = f"HTTP {r.status}: {text[:500]}"
+                    return
+                done = False
+                async for now, data in r.events():
+                    if not done:
+                        done = take_event(record, data, now)
+                        if record.error is not None:
+                            return
+    except (OSError, ProtocolError, TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        record.error = f"{type(e).__name__}: {e}"
+        return
+    finish_record(record)
+
+
+class Sender:
+    """Sends streamed requests through one HTTP client for a run: "lean" (bench/http1.py,
+    the default) or "httpx"; `async with Sender(...) as send: await send(target, ...)`."""
+    CLIENTS = ("lean", "httpx")
+
+    def __init__(self, kind: str, url: str, max_connections: int | None, timeout_s: float):
+        if kind not in self.CLIENTS:
+            raise ValueError(f"unknown HTTP client {kind!r}; known: {list(self.CLIENTS)}")
+        self.kind, self.url, self.max_connections, self.timeout_s = kind, url, max_connections, timeout_s
+
+    async def __aenter__(self):
+        if self.kind == "lean":
+            self.pool = Pool(self.url)
+        else:
+            limits = httpx.Limits(max_connections=self.max_connections,
+                                  max_keepalive_connections=self.max_connections)
+            self.client = await httpx.AsyncClient(limits=limits, timeout=self.timeout_s).__aenter__()
+        return self.send
+
+    async def __aexit__(self, *exc):
+        if self.kind == "lean":
+            await self.pool.aclose()
+        else:
+            await self.client.__aexit__(*exc)
+
+    async def send(self, target: Target, prompt: list[int], max_tokens: int, record: Record) -> None:
+        if self.kind == "lean":
+            await send_lean(self.pool, target, prompt, max_tokens, record)
+        else:
+            await send_httpx(self.client, target, prompt, max_tokens, record)
 
 
 async def replay(target: Target, requests, max_concurrency: int | None = None,
-                 progress=None) -> tuple[list[Record], float, float]:
+                 progress=None, http_client: str = "lean") -> tuple[list[Record], float, float]:
     """Send every request at its arrival_s; returns (records, t0, duration_s)."""
-    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records = [Record(r.request_id, len(r.prompt_token_ids)) for r in requests]
-    async with httpx.AsyncClient(limits=limits, timeout=target.timeout_s) as client:
+    async with Sender(http_client, target.url, max_concurrency, target.timeout_s) as send:
         t0 = time.perf_counter()
 
         async def one(req, record):
@@ -175,10 +275,10 @@ async def replay(target: Target, requests, max_concurrency: int | None = None,
             if delay > 0:
                 await asyncio.sleep(delay)
             if semaphore is None:
-                await send(client, target, list(req.prompt_token_ids), req.output_len, record)
+                await send(target, list(req.prompt_token_ids), req.output_len, record)
             else:
                 async with semaphore:
-                    await send(client, target, list(req.prompt_token_ids), req.output_len, record)
+                    await send(target, list(req.prompt_token_ids), req.output_len, record)
             if progress is not None:
                 progress(1)
         await asyncio.gather(*[one(r, rec) for r, rec in zip(requests, records)])
@@ -187,7 +287,7 @@ async def replay(target: Target, requests, max_concurrency: int | None = None,
 
 
 async def warm_up(target: Target, prompt_lens: list[int], num: int,
-                  max_model_len: int | None = None) -> None:
+                  max_model_len: int | None = None, http_client: str = "lean") -> None:
     """`num` throwaway requests of token id 0 (sharing no prefix with the trace's prompts)
     at the trace's prompt-length quantiles (below max_model_len): the server compiles
     before the clock starts."""
@@ -197,8 +297,8 @@ async def warm_up(target: Target, prompt_lens: list[int], num: int,
     if max_model_len:
         lens = np.minimum(lens, max_model_len - 8)
     records = [Record(f"warmup-{i}", int(n)) for i, n in enumerate(lens)]
-    async with httpx.AsyncClient(timeout=target.timeout_s) as client:
-        await asyncio.gather(*[send(client, target, [0] * max(1, int(n)), 8, rec)
+    async with Sender(http_client, target.url, None, target.timeout_s) as send:
+        await asyncio.gather(*[send(target, [0] * max(1, int(n)), 8, rec)
                                for n, rec in zip(lens, records)])
     failed = [r.error for r in records if r.error]
     if failed:

@@ -2,16 +2,20 @@
 step, prefill and KV pool, for Llama-3.1-8B in GPTQ and AWQ (random weights in the published
 layouts, engine.checkpoint --quantization) against bf16.
 
+    OUT=$OUT bash benchmarks/h200_quant.sh   # H200, one call <= 6 min: kernels old vs repacked
+                                             # vs bf16 at M = 1/16/64, engine bf16/GPTQ/AWQ
     python benchmarks/bench_quant.py --stages layers,check --sweep     # H200, ~3 min
     python benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano \\
         --reference benchmarks/raw/h200_quant_engine_bf16.txt --time-budget 330
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
-  layers  each Llama-3.1-8B linear shape (qkv, o, gate_up, down) at M = 1, 16, 64, 256, 2048:
-          cuBLAS bf16 against every W4A16 launch the engine's load-time choice
-          (engine.kernels.w4a16.choose_w4a16) considers at that M, on GPTQ (group 128), GPTQ
-          act-order and AWQ tensors. Each time is one CUDA-graph replay over `--copies`
+  layers  each Llama-3.1-8B linear shape (qkv, o, gate_up, down) at M = --layer-m (1, 16, 64,
+          256, 2048): cuBLAS bf16 against every W4A16 launch the engine's load-time choice
+          (engine.kernels.w4a16.choose_w4a16) considers at that M, on --kernel-formats (GPTQ
+          group 128, AWQ, GPTQ act-order) tensors, each in the checkpoint layout (`gptq`: the
+          kernels before the repack) and repacked as the engine now loads them (`gptq+r`: the
+          fma kernel at M = 1, the other kernels reading the repacked words). Each time is one CUDA-graph replay over `--copies`
           copies of the layer (distinct weights, so they come from HBM as in a step), per
           layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
           error of the chosen launch against the torch reference (max |y - y_ref| / max
@@ -133,52 +137,78 @@ def time_launches(launches, x, ws, time_us) -> tuple[list, dict]:
 
 
 def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
+    """Per shape and M: cuBLAS bf16, and per format the load-time choice's candidates on the
+    checkpoint layout (`fmt`, the old engine) and on the repacked one (`fmt+r`: the fma
+    kernel at M = 1, the other kernels reading the repacked words)."""
     rows = []
     gen = torch.Generator(device).manual_seed(0)
     time_us = timer(device, args.repeats)
     sms = w4a16.num_sms(device)
+    formats = args.kernel_formats.split(",")
     for name, k, n in shapes:
         w = torch.randn(n, k, generator=gen, device=device) * 0.02
         dense = [w.to(dtype).clone() for _ in range(args.copies)]
-        packed = {fmt: quantized_copies(w, fmt, args.copies, device) for fmt in KERNEL_FORMATS}
+        packed = {}
+        for fmt in formats:
+            ws, nbytes, w_ref = quantized_copies(w, fmt, args.copies, device)
+            packed[fmt] = ws, nbytes, w_ref
+            packed[fmt + "+r"] = [w4a16.repack(x) for x in ws], nbytes, w_ref
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device).to(dtype)
             row = {"layer": name, "k": k, "n": n, "m": m}
             row["bf16_us"] = time_us(lambda: [x @ d.t() for d in dense]) / len(dense)
             row["bf16_GBps"] = dense[0].nbytes / row["bf16_us"] / 1e3
             for fmt, (ws, nbytes, w_ref) in packed.items():
-                launches = w4a16.candidates(m, n, k, sms)
-                if args.smoke:
-                    launches = [launches[0], launches[-1]]
+                launches = w4a16.candidates(m, n, k, sms, ws[0], dtype)
+                if args.smoke:   # the default, one fma and one mma tile (repacked), dequant
+                    launches = [launches[0], *[l for l in launches if l.kind == "fma"][:1],
+                                *[l for l in launches if l.kind == "mma"][:1], launches[-1]]
                 timed, failed = time_launches(launches, x, ws, time_us)
                 default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
                 best_us, best = w4a16.pick(timed)
                 ref = x.float() @ w_ref.t()
                 y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
+                fma = [t for t, l in timed if l.kind == "fma"]
+                mma = [t for t, l in timed if l.kind == "mma"]
                 row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
+                            "fma_us": min(fma) if fma else float("nan"),
+                            "mma_us": min(mma) if mma else float("nan"),
                             "GBps": nbytes / best_us / 1e3,
                             "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
                             "times_us": {w4a16._name(l): t for t, l in timed}, "failed": failed}
             rows.append(row)
             progress(f"layers {name} M={m}: bf16 {row['bf16_us']:.1f} us, "
-                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in KERNEL_FORMATS))
+                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in packed))
     return rows
 
 
 def print_layers(rows, name, ceiling) -> None:
+    fmts = [f for f in rows[0] if isinstance(rows[0][f], dict)] if rows else []
     print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
-          "(CUDA-graph replay over distinct copies), the launch the load-time choice would take")
-    fmts = list(KERNEL_FORMATS)
-    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>5} {'bf16 us':>8} {'GB/s':>6} "
-          + " ".join(f"{f + ' us':>17} {'GB/s':>6} {'%copy':>5} {'choice':>22}" for f in fmts)
-          + f" {'gptq vs bf16':>12}")
+          "(CUDA-graph replay over distinct copies) of the launch the load-time choice would take; "
+          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the fma kernel "
+          "at M=1, the mma kernel at M<=64); vs bf16 = bf16 us / us")
+    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'bf16 us':>8} {'GB/s':>5} "
+          + " ".join(f"{f + ' us':>16} {'GB/s':>5} {'%copy':>5} {'vs bf16':>7}" for f in fmts))
     for r in rows:
-        print(f"{r['layer']:>8} {r['k']:>6} {r['n']:>6} {r['m']:>5} {r['bf16_us']:>8.1f} "
-              f"{r['bf16_GBps']:>6.0f} "
-              + " ".join(f"{r[f]['us']:>17.1f} {r[f]['GBps']:>6.0f} {r[f]['pct_copy']:>5.1f} "
-                         f"{r[f]['choice']:>22}" for f in fmts)
-              + f" {r['bf16_us'] / r['gptq']['us']:>11.2f}x")
+        print(f"{r['layer']:>8} {r['k']:>6} {r['n']:>6} {r['m']:>4} {r['bf16_us']:>8.1f} "
+              f"{r['bf16_GBps']:>5.0f} "
+              + " ".join(f"{r[f]['us']:>16.1f} {r[f]['GBps']:>5.0f} {r[f]['pct_copy']:>5.1f} "
+                         f"{r['bf16_us'] / r[f]['us']:>6.2f}x" for f in fmts))
+    print("choices: " + "; ".join(f"{r['layer']} M={r['m']}: " + ", ".join(
+        f"{f} {r[f]['choice']}" for f in fmts) for r in rows))
+    for kind in ("fma", "mma"):
+        best = [(r['layer'], r['m'], f, r[f][kind + '_us']) for r in rows for f in fmts
+                if r[f].get(kind + '_us', float('nan')) == r[f].get(kind + '_us')]
+        if best:
+            print(f"fastest {kind} tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in best))
+    for m in sorted({r["m"] for r in rows}):
+        per = [r for r in rows if r["m"] == m]
+        bf16 = sum(r["bf16_us"] for r in per)
+        print(f"M={m}: one layer's 4 linears: bf16 {bf16:.1f} us, "
+              + ", ".join(f"{f} {sum(r[f]['us'] for r in per):.1f} us "
+                          f"({bf16 / sum(r[f]['us'] for r in per):.2f}x)" for f in fmts))
     print("max relative error vs the torch reference: "
           + ", ".join(f"{f} {max(r[f]['err'] for r in rows):.1e}" for f in fmts))
     failed = {k: v for r in rows for f in fmts for k, v in r[f]["failed"].items()}
@@ -416,6 +446,9 @@ def main():
                     help="seconds for the whole run (0: none): the nano workload, the sweep "
                     "and each check format are skipped when less than they need is left")
     ap.add_argument("--copies", type=int, default=8, help="layers: distinct copies per shape")
+    ap.add_argument("--kernel-formats", default="gptq,awq,gptq-act-order",
+                    help="layers: formats (each on the checkpoint and the repacked layout)")
+    ap.add_argument("--layer-m", default="1,16,64,256,2048", help="layers: row counts")
     ap.add_argument("--decode-batches", default="1,16,64,256")
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
@@ -440,7 +473,7 @@ def main():
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [1, 16, 64, 256, 2048], torch.bfloat16, {}
+    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [int(m) for m in args.layer_m.split(",")], torch.bfloat16, {}
     sweep_ms = [1, 16, 64, 2048]
     if args.smoke:
         shapes, ms, sweep_ms = [("qkv", 128, 96), ("down", 256, 64)], [1, 70], [1]

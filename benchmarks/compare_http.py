@@ -5,6 +5,13 @@ server over HTTP against both. Prints one table and ends with one JSON line.
 
     python benchmarks/compare_http.py RUNS_DIR      # RUNS_DIR/{offline,http,sim,simoff}_<rate>
 
+For every HTTP run of this project's server, the client's mean TTFT is split into the
+client and transport, and the server's stages (prepare, the engine's TTFT, handoff,
+write: its twinserve: histograms); HTTP's cost on TTFT (against the offline replay) is
+then (engine in the server - offline) + the server's HTTP path + the client's share.
+`*_httpx` runs are the same server measured by the httpx client: the lean client's
+cross-check (their difference in the client's share is the client's own cost).
+
 Targets (issue 11): the HTTP layer adds <= 5 % to TPOT and <= 10 ms to TTFT (mean and
 median); the twin's error is reported against the engine's HTTP run.
 """
@@ -12,22 +19,51 @@ import json
 import sys
 from pathlib import Path
 
-from analysis.runs import load_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from analysis.runs import load_run  # noqa: E402
+from bench.client import ttft_split  # noqa: E402
 
-# gpu offline, gpu over HTTP (engine process), the same with the engine in the server's
-# process, twin over HTTP, twin offline
-KINDS = ("offline", "http", "http_inproc", "sim", "simoff")
+# gpu offline, gpu over HTTP (engine process; the lean client), the same measured by the
+# httpx client (the client's cross-check), the engine in the server's process, twin over
+# HTTP (lean, httpx), twin offline
+KINDS = ("offline", "http", "http_httpx", "http_inproc", "sim", "sim_httpx", "simoff")
+HTTP_KINDS = ("http", "http_httpx", "http_inproc", "sim", "sim_httpx")
 STATS = ("mean", "median", "p99")
 
 
 def metrics(root: Path, kind: str, rate: str) -> dict | None:
-    """The run's metrics, plus the server-side mean TTFT (server_ttft_ms) of HTTP runs."""
+    """The run's metrics, plus, for HTTP runs, the server-side mean TTFT (server_ttft_ms)
+    and the split of the client's mean TTFT (ttft_split: bench.client.ttft_split)."""
     path = root / f"{kind}_{rate}"
     if not (path / "summary.json").is_file():
         return None
     run = load_run(path)
     server = run.summary.get("server_metrics") or {}
-    return run.metrics | {"server_ttft_ms": server.get("mean_time_to_first_token_ms")}
+    split = run.summary.get("ttft_split")
+    if split is None and server and run.metrics["completed"]:
+        split = ttft_split(run.metrics["mean_ttft_ms"], server)
+    return run.metrics | {"server_ttft_ms": server.get("mean_time_to_first_token_ms"),
+                          "ttft_split": split}
+
+
+def print_split(rate: str, kind: str, m: dict, offline_ttft_ms: float | None) -> dict | None:
+    """One line: the client's mean TTFT as client + server stages; with an offline run of
+    the same trace, HTTP's cost on it as (engine in the server - offline) + the server's
+    HTTP path + the client and transport."""
+    split = m["ttft_split"]
+    if split is None:
+        return None
+    line = (f"{rate:>5} {kind + ' ttft':>11}  {m['mean_ttft_ms']:.2f} ms = client+transport "
+            f"{split['client_ms']:.2f} + prepare {split['prepare_ms']:.2f} + engine "
+            f"{split['engine_ms']:.2f} + handoff {split['handoff_ms']:.2f} + write {split['write_ms']:.2f}")
+    out = dict(split)
+    if offline_ttft_ms is not None:
+        out["cost_ms"] = m["mean_ttft_ms"] - offline_ttft_ms
+        out["engine_vs_offline_ms"] = split["engine_ms"] - offline_ttft_ms
+        line += (f"; cost +{out['cost_ms']:.2f} = engine {out['engine_vs_offline_ms']:+.2f} + server "
+                 f"HTTP {split['server_http_ms']:.2f} + client {split['client_ms']:.2f}")
+    print(line)
+    return out
 
 
 def main(root: str) -> dict:
@@ -51,6 +87,15 @@ def main(root: str) -> dict:
                                             *(f"{s}_{x}_ms" for s in STATS for x in ("ttft", "tpot")))}
                for k, m in runs.items() if m is not None}
         off, http, sim = runs["offline"], runs["http"], runs["sim"]
+        splits = {}
+        for kind in HTTP_KINDS:     # vs the offline run of the same executor
+            base = runs["simoff"] if kind.startswith("sim") else off
+            if runs[kind] is not None:
+                split = print_split(rate, kind, runs[kind], base["mean_ttft_ms"] if base else None)
+                if split is not None:
+                    splits[kind] = split
+        if splits:
+            row["ttft_split"] = splits
         inproc = runs["http_inproc"]
         if off and inproc:
             row["http_inproc_cost"] = {

@@ -4,11 +4,15 @@
 # each of RATES req/s, qwen3-0.6b random weights, bf16, defaults of the engine) runs
 #   offline  python run.py mode=gpu                        (the engine in-process, wall clock)
 #   http     python -m server + python -m bench            (the same engine behind HTTP, in
-#            its own process; stage http_inproc: --engine-in-process, not run by default)
+#            its own process; stage http_inproc: --engine-in-process, not run by default;
+#            at XCHECK_RATES, default the highest rate, also measured by the httpx client)
 #   sim      python -m server --backend sim + python -m bench (the twin: the fitted H200
 #            calibration, CAL=none for the roofline; paced)
 #   simoff   python run.py mode=sim                        (the twin offline, for reference)
-# then benchmarks/compare_http.py prints the table and one JSON line. Needs wheels the box
+# then benchmarks/compare_http.py prints the table, the split of each HTTP run's mean TTFT
+# (client and transport / the server's prepare, engine, handoff, write: its twinserve:
+# histograms) and HTTP's cost as (engine - offline) + server HTTP path + client, and one
+# JSON line. Needs wheels the box
 # lacks in .whl/ (fastapi starlette pydantic pydantic-core uvicorn annotated-types
 # typing-inspection, plus hydra's: see benchmarks/README.md "HTTP"), carried with the call.
 #   STAGES="http offline sim" NREQ=100 RATES="6 12 24" OUT=$OUT bash benchmarks/h200_http.sh
@@ -16,12 +20,14 @@
 # twin's stage needs no GPU and can be rerun anywhere with STAGES=sim.
 set -u
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # this tree's packages, for every script
 if ls .whl/*.whl >/dev/null 2>&1; then
   [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
 OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; mkdir -p $OUT $RUNS
 NREQ=${NREQ:-100}; RATES=${RATES:-"6 12 24"}; CK=/tmp/q06; PORT=${PORT:-8000}
+XCHECK_RATES=${XCHECK_RATES-${RATES##* }}   # rates also measured by the httpx client ("" = none)
 # the twin: the shipped H200 calibration of this model (CAL= to choose another, CAL=none: roofline)
 CAL=${CAL:-simulator/calibrations/qwen3-0.6b-h200-tp1.json}; SIMCOST=""; SERVECOST=""
 if [ "$CAL" != none ]; then SIMCOST="cost_model=fitted cost_model.path=$CAL"; SERVECOST="--cost-model fitted --calibration $CAL"; fi
@@ -55,11 +61,16 @@ for stage in ${STAGES:-http offline sim}; do
            flag=""; [ $stage = http_inproc ] && flag=--engine-in-process
            serve --model $CK --served-model-name qwen3-0.6b $flag && { grep -h "skinny GEMM" $OUT/server_$stage.log; true; } &&
            for r in $RATES; do
-             timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+             timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|^mean TTFT|failed"
+           done
+           [ $stage = http ] && for r in $XCHECK_RATES; do
+             timeout 200 $BENCH --request-rate $r --http-client httpx --out $RUNS/http_httpx_$r 2>&1 | grep -E "^mean TTFT|failed"
            done; stop ;;
   sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r $SIMCOST hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
            serve --backend sim --model qwen3-0.6b --hardware h200 $SERVECOST && for r in $RATES; do
-             timeout 200 $BENCH --request-rate $r --out $RUNS/sim_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|failed"
+             timeout 200 $BENCH --request-rate $r --out $RUNS/sim_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|^mean TTFT|failed"
+           done && for r in $XCHECK_RATES; do
+             timeout 200 $BENCH --request-rate $r --http-client httpx --out $RUNS/sim_httpx_$r 2>&1 | grep -E "^mean TTFT|failed"
            done; stop ;;
 esac; echo "   $stage: $(( $(date +%s) - start )) s"; done
 tar czf $OUT/h200_http_runs.tar.gz -C $RUNS . 2>/dev/null

@@ -91,6 +91,8 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             (cd old && PYTHONPATH=/tmp/site:$PWD; export PYTHONPATH
              for b in 1 64; do TAIL=70 run old_profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done
              TAIL=12 run old_steps_small 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16) ;;
+  carried)  # a stage list of another tree carried as carried/<NAME> (a helper's branch), e.g. CARRIED=moe15 CSTAGES=moe_full
+            (cd ${CARRIED} && OUT=$OUT STAGES="${CSTAGES}" bash benchmarks/h200_session.sh) ;;
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
 esac; done

@@ -37,6 +37,7 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                501: "NotImplementedError", 503: "ServiceUnavailableError"}
 DEFAULT_MAX_TOKENS = 16     # /v1/completions, as OpenAI; chat: whatever fits max_model_len
 PROBE_CHARS_PER_TOKEN = 16  # text is 3-5 characters a token: a head this long says "too long"
+INLINE_BODY_BYTES = 16 << 10   # a completion body of token ids this small is parsed on the loop
 
 
 def error_response(message: str, status: int, param: str | None = None) -> JSONResponse:
@@ -274,40 +275,66 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         """SSE events: base | {"choices": [...]}: an optional first choice, then one per
         delta (make_choice(index, text, token_ids, finish_reason)), an optional usage chunk,
         [DONE]. A request that fails sends an error event and ends the stream. Aborts
-        whatever is unfinished when the client goes away (the generator is closed)."""
+        whatever is unfinished when the client goes away (the generator is closed). The
+        events waiting when the stream wakes are written together (one send, not one per
+        event: a loop that fell behind catches up)."""
         detoks = [Detokenizer(backend.decode) if backend.has_tokenizer else None
                   for _ in request_ids]
         outputs = [None] * len(request_ids)
+        got = [None] * len(request_ids)        # when the first tokens came off the queue
+        written = [None] * len(request_ids)    # when their chunk was written to the socket
+        # = sse(base | {"choices": [choice]}), with base encoded once, not at every token
+        head = f'data: {json.dumps(base)[:-1]}, "choices": ['
+
+        def event(choice: dict) -> str:
+            return f"{head}{json.dumps(choice)}]}}\n\n"
         try:
             if first_choice is not None:
-                yield sse(base | {"choices": [first_choice]})
+                yield event(first_choice)
             while any(o is None for o in outputs):
-                index, item = await queue.get()
-                if isinstance(item, Exception) or (isinstance(item, Finished)
-                                                   and item.finish_reason == "error"):
-                    message = (f"the engine failed: {item!r}" if isinstance(item, Exception)
-                               else f"the request failed inside an engine step: {item.error}")
-                    yield sse({"error": {"message": message, "type": "InternalServerError",
-                                         "param": None, "code": 500}})
-                    yield sse("[DONE]")
-                    return
-                detok = detoks[index]
-                if isinstance(item, Finished):
-                    outputs[index] = item
-                    text = detok.add([], final=True) if detok else ""
-                    yield sse(base | {"choices": [make_choice(index, text, [], item.finish_reason)]})
-                else:
-                    text = detok.add(item) if detok else ""
-                    yield sse(base | {"choices": [make_choice(index, text, item, None)]})
+                items = [await queue.get()]
+                while not queue.empty():     # behind the engine: what waits goes in one write
+                    items.append(queue.get_nowait())
+                now = time.perf_counter()
+                events, firsts, finished = [], [], []
+                for index, item in items:
+                    if isinstance(item, Exception) or (isinstance(item, Finished)
+                                                       and item.finish_reason == "error"):
+                        message = (f"the engine failed: {item!r}" if isinstance(item, Exception)
+                                   else f"the request failed inside an engine step: {item.error}")
+                        yield "".join(events) + sse({"error": {
+                            "message": message, "type": "InternalServerError", "param": None,
+                            "code": 500}}) + sse("[DONE]")
+                        return
+                    detok = detoks[index]
+                    if isinstance(item, Finished):
+                        outputs[index] = item
+                        text = detok.add([], final=True) if detok else ""
+                        events.append(event(make_choice(index, text, [], item.finish_reason)))
+                        finished.append((index, item))
+                    else:
+                        if got[index] is None:
+                            got[index] = now
+                            firsts.append(index)
+                        text = detok.add(item) if detok else ""
+                        events.append(event(make_choice(index, text, item, None)))
+                yield "".join(events)
+                now = time.perf_counter()     # resumed: the chunk was sent
+                for index in firsts:
+                    written[index] = now
+                for index, item in finished:
+                    if got[index] is not None and item.token_times:
+                        metrics.handoff.observe(got[index] - item.token_times[0])
+                        metrics.write.observe(written[index] - got[index])
             if include_usage:
                 yield sse(base | {"choices": [], "usage": usage(outputs)})
             yield sse("[DONE]")
         finally:
             engine.abort([r for r, o in zip(request_ids, outputs) if o is None])
 
-    async def submit(prompts, gen: GenerationParams, is_stream: bool):
+    async def submit(prompts, gen: GenerationParams, is_stream: bool, received: float):
         queue = asyncio.Queue()
-        return queue, await engine.add(prompts, gen, queue, is_stream)
+        return queue, await engine.add(prompts, gen, queue, is_stream, received)
 
     # ---- endpoints ------------------------------------------------------------------------
     @app.get("/health")
@@ -336,22 +363,37 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        received = time.perf_counter()
         authorize(request)
         body = await read_body(request)
         engine.check_alive()
 
-        def prepare():     # on a worker thread: parse, validate, tokenize
+        def parsed():
             data = loads(body)
             check_token_prompts(data)
             req = parse(CompletionRequest, data)
             check_model(req)
-            gen = params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
+            return req, params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
+
+        def prepare():     # on a worker thread: parse, validate, tokenize
+            req, gen = parsed()
             return req, gen, completion_prompts(req)
-        req, gen, prompts = await off_loop(prepare)
+        # A small body is parsed on the loop (~0.2 us a token id), and token-id prompts are
+        # checked there too: a hop to a worker thread costs more, waiting for the
+        # interpreter lock while the loop streams chunks. Tokenizing text and large bodies
+        # go to a worker: they never stall the loop.
+        if len(body) > INLINE_BODY_BYTES:
+            req, gen, prompts = await off_loop(prepare)
+        else:
+            req, gen = parsed()
+            if isinstance(req.prompt, str) or any(isinstance(p, str) for p in req.prompt):
+                prompts = await off_loop(completion_prompts, req)
+            else:
+                prompts = completion_prompts(req)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": name}
         if req.stream:
-            queue, ids = await submit(prompts, gen, True)
+            queue, ids = await submit(prompts, gen, True, received)
 
             def choice(index, text, token_ids, finish_reason):
                 return {"index": index, "text": text, "token_ids": token_ids, "logprobs": None,
@@ -361,7 +403,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                                      media_type="text/event-stream")
 
         async def run():
-            queue, ids = await submit(prompts, gen, False)
+            queue, ids = await submit(prompts, gen, False, received)
             outputs = await collect(queue, ids)
             for out in outputs:
                 check_error(out)
@@ -376,6 +418,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        received = time.perf_counter()
         authorize(request)
         body = await read_body(request)
         engine.check_alive()
@@ -392,7 +435,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
         if req.stream:
-            queue, ids = await submit([token_ids], gen, True)
+            queue, ids = await submit([token_ids], gen, True, received)
 
             def choice(index, text, token_ids, finish_reason):
                 return {"index": index, "delta": {"content": text} if text else {},
@@ -404,7 +447,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                                      media_type="text/event-stream")
 
         async def run():
-            queue, ids = await submit([token_ids], gen, False)
+            queue, ids = await submit([token_ids], gen, False, received)
             (out,) = await collect(queue, ids)
             check_error(out)
             text = out.text if out.text is not None else await off_loop(backend.decode, out.token_ids)

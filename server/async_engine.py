@@ -2,6 +2,10 @@
 step (so the policy is never touched by two threads); an asyncio task keeps it stepping
 while requests wait on their own queues. Admission is bounded: past `max_queued`
 unfinished requests a new one is refused (503) instead of queuing without limit.
+
+A backend whose steps run in another process (`Backend.step_fd`, `concurrent_add`) needs
+no engine thread: the task waits on the event loop for the step's message and reads it
+there, so a token reaches its stream without a thread switch.
 """
 import asyncio
 import time
@@ -47,6 +51,21 @@ class AsyncEngine:
         self.wakeup = asyncio.Event()
         self.task = asyncio.create_task(self.run())
 
+    async def next_step(self) -> tuple[dict[str, list[int]], list[Finished]]:
+        """The next step's results: on the engine thread, or, where the backend's step
+        only receives (step_fd), on the loop once its message is there."""
+        fd = self.backend.step_fd
+        if fd is None:
+            return await self.call(self._step)
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        return self._step()
+
     async def stop(self) -> None:
         self.task.cancel()
         try:
@@ -61,10 +80,11 @@ class AsyncEngine:
             raise ApiError(f"the engine failed and serves no more requests: {self.error!r}", 503)
 
     async def add(self, prompts: list[list[int]], params: GenerationParams, queue: asyncio.Queue,
-                  stream: bool) -> list[str]:
+                  stream: bool, received: float | None = None) -> list[str]:
         """Queue one request per prompt (all or none); results go to `queue`, tagged with
         the prompt's index. Raises ApiError 400 if the backend refuses one, 503 when the
-        server holds `max_queued` requests already."""
+        server holds `max_queued` requests already. `received`: when the HTTP handler
+        started (perf_counter), for the prepare-time histogram."""
         self.check_alive()
         if len(self.streams) + len(prompts) > self.max_queued:
             raise ApiError(f"the server is overloaded: {len(self.streams)} requests are queued "
@@ -85,6 +105,8 @@ class AsyncEngine:
                 self.error = e
                 raise ApiError(f"the engine failed: {e}", 500) from None
             raise ApiError(str(e)) from None
+        if received is not None:
+            self.metrics.prepare.observe(arrival - received)
         self.wakeup.set()
         return ids
 
@@ -141,19 +163,23 @@ class AsyncEngine:
             raise ApiError(str(e), 409) from None
 
     def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
-        """On the engine thread: one step, then the new tokens of every streamed request."""
+        """One step, then the new tokens of every streamed request (on the engine thread,
+        or on the loop where the backend has a step_fd)."""
         finished = self.backend.step()
         self.metrics.after_step(self.backend.stats())
         for f in finished:
             self.metrics.finished(f)
-        fresh = {}
+        first, more = {}, {}
         for request_id, s in self.streams.copy().items():   # copy(): atomic under the GIL
             if s.stream:
                 tokens = self.backend.output_tokens_since(request_id, s.sent)
                 if tokens:
-                    fresh[request_id] = tokens
+                    (more if s.sent else first)[request_id] = tokens
                     s.sent += len(tokens)
-        return fresh, finished
+        # First tokens are published first: their streams' chunks are written before the
+        # step's other chunks (a new request's TTFT does not wait for ~a chunk per running
+        # request; those see it as a few microseconds on one inter-token gap each)
+        return first | more, finished
 
     async def run(self) -> None:
         backend = self.backend
@@ -163,7 +189,7 @@ class AsyncEngine:
                 await self.wakeup.wait()
                 continue
             try:
-                fresh, finished = await self.call(self._step)
+                fresh, finished = await self.next_step()
             except Exception as e:      # the engine handles a failed step itself: this is fatal
                 self.error = e
                 for s in self.streams.values():

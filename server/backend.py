@@ -84,6 +84,11 @@ class Backend(ABC):
     # add and abort may run on the event loop's thread while step() runs on the engine's
     # (else the server calls them on the engine thread, between steps)
     concurrent_add: bool = False
+    # where set: a file descriptor that turns readable when step() has a result to return
+    # at once (the step runs elsewhere, in a process of its own); the server then waits for
+    # it on its event loop and calls step() there: no hop through the engine thread, whose
+    # wake-up waits for the interpreter lock while the loop streams chunks
+    step_fd: int | None = None
 
     @abstractmethod
     def tokenize(self, prompt: str | list[int]) -> list[int]:

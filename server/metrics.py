@@ -4,7 +4,9 @@ so dashboards and autoscalers written for vLLM read a twinserve server unchanged
 Gauges and the preemption / prefix-cache counters are read from the policy after every
 step; token counters, request_success and the latency histograms are updated when a
 request finishes (an aborted request counts in none of them). Every series carries the
-`model_name` label (the served model name).
+`model_name` label (the served model name). The `twinserve:` histograms are the server's
+own: the stages of the HTTP path around the engine's TTFT (benchmarks/compare_http.py
+splits HTTP's cost on TTFT into the client's share and the server's with them).
 """
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -16,6 +18,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
+# the server's own stages of a request (twinserve's, not vLLM's): milliseconds matter
+STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -58,6 +63,19 @@ class ServerMetrics:
                              "Histogram of e2e request latency in seconds.", REQUEST_BUCKETS)
         self.queue = histogram("vllm:request_queue_time_seconds",
                                "Histogram of time spent in WAITING phase for request.", REQUEST_BUCKETS)
+        # Where the HTTP path spends a request's TTFT, on the server's side (twinserve's own
+        # series): the client's TTFT = (client and transport) + prepare + the engine's TTFT
+        # above + handoff + write, so the client's share is what remains.
+        self.prepare = histogram("twinserve:request_prepare_seconds",
+                                 "From the request's handler starting to the request queued in the "
+                                 "engine (body read, parse, validation, tokenization).", STAGE_BUCKETS)
+        self.handoff = histogram("twinserve:first_token_handoff_seconds",
+                                 "Streamed requests: from the engine's first token to its stream "
+                                 "handler holding it (engine process, pipe, event loop).", STAGE_BUCKETS)
+        self.write = histogram("twinserve:first_chunk_write_seconds",
+                               "Streamed requests: from the stream handler holding the first token "
+                               "to its chunk written to the socket (detokenize, JSON, SSE, HTTP).",
+                               STAGE_BUCKETS)
         self.seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
 
     def after_step(self, stats: dict) -> None:

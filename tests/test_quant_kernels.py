@@ -1,8 +1,9 @@
 """The W4A16 kernels (engine.kernels.w4a16) under TRITON_INTERPRET=1 against the torch
 dequantize reference: the decode (skinny, split-K reduced in-launch) kernel, the tiled
 kernel and dequantize + matmul, for GPTQ (group 32, one group, act-order, asymmetric v2),
-AWQ and a group size no K step divides; and the load-time choice with the dispatch that
-follows it."""
+AWQ and a group size no K step divides, on the checkpoint layouts and on the load-time
+repacked one; the one-row multiply-add (fma) kernel on the repacked layout; the repack
+itself; the load-time choice with the dispatch that follows it; and sm_90 compiles."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere
@@ -45,11 +46,11 @@ def weight(name: str, seed: int = 2):
     return w, quantize_rtn(dense, q, perm)["weight"]
 
 
-def check(y, x, ref_w, bias, dtype):
+def check(y, x, ref_w, bias, dtype, fp32_tol=1e-4):
     expected = x.float() @ ref_w.t() + bias.float()
     assert y.shape == expected.shape and y.dtype == dtype
     if dtype == torch.float32:
-        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y, expected, rtol=fp32_tol, atol=fp32_tol)
     else:   # bf16 x, bias and y: relative to the output's scale
         assert (y.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
 
@@ -122,7 +123,7 @@ def test_choice_records_the_fastest_launch_and_dispatch_follows_it(tiny_quantize
     def time_us(fn, m, launch):   # GEMV at 1 row, the second skinny tile to 64, dequant above
         second = launch in [t._replace(split_k=launch.split_k) for t in (
             w4a16.SKINNY_TILES[16][1], w4a16.SKINNY_TILES[64][1])]
-        return {"skinny": 1.0 if second else 2.0, "gemv": 0.8, "tiled": 1.0,
+        return {"skinny": 1.0 if second else 2.0, "gemv": 0.8, "tiled": 1.0, "fma": 5.0,
                 "dequant": 0.5 if m > 64 else 3.0}[launch.kind]
     report = w4a16.choose_w4a16(model, m_values=[1, 4, 128], time_us=time_us)
     assert len(report) == 3 * len(w4a16.quantized_layers(model))
@@ -177,58 +178,217 @@ def test_gemv_variant_matches_the_reference(name, m, split, dtype):
         w4a16_matmul(torch.zeros(3, ref_w.shape[1]), w, None, Launch("gemv", 16, 32))
 
 
+# ---- the load-time repack and the kernels on it ----------------------------------------------
+def tp_act_order_slice():
+    """Rank 1 of 2 of a row-parallel act-order layer: half the input rows, all groups, so the
+    rows' groups sorted are not group_size rows each (the repack keeps g_idx: per-row path)."""
+    w, ref_w = weight("gptq-act-order")
+    k = ref_w.shape[1]
+    half = slice(k // 2, k)
+    sliced = w._replace(qweight=w.qweight[k // 16:], g_idx=w.g_idx[half].contiguous())
+    return sliced, ref_w[:, half]
+
+
+REPACK_CASES = [*FORMATS, "tp-act-order"]
+
+
+def case(name):
+    return tp_act_order_slice() if name == "tp-act-order" else weight(name)
+
+
+@pytest.mark.parametrize("name", REPACK_CASES)
+def test_repack_keeps_every_weight(name):
+    """The repacked tensors dequantize (by the layout's own reference) to the checkpoint's
+    weights exactly; act-order rows come sorted by group with x's permutation, and the
+    per-row g_idx stays only where the sorted groups are not whole."""
+    w, ref_w = case(name)
+    r = w4a16.repack(w)
+    n, k = w.shape
+    assert r.packing == w4a16.REPACKED and r.shape == (n, k) and r.qweight.shape == (k, n // 8)
+    got = quant_layers.dequantize_repacked(r.qweight, r.qzeros, r.scales, r.g_idx, r.perm,
+                                           r.group_size, r.zero_offset)
+    assert torch.equal(got, ref_w)
+    assert (r.perm is not None) == w.act_order
+    assert r.act_order == (name == "tp-act-order")
+    if r.perm is not None:
+        assert sorted(r.perm.tolist()) == list(range(k))
+    assert w4a16.repack(r) is r
+
+
+@pytest.mark.parametrize("name", REPACK_CASES)
+@pytest.mark.parametrize("dtype,split,block_n", [(torch.float32, 1, 64), (torch.bfloat16, 3, 16),
+                                                 (torch.float32, 2, 32)])
+def test_fma_kernel_matches_the_reference(name, dtype, split, block_n):
+    """The one-row multiply-add kernel on repacked weights, split or not, masked tiles
+    (N = 48 against 64-column tiles), bias once. fp32 within 3e-4: the float (128 + q) x
+    products keep ~2^-24 of 128 |x| each, as the GEMV form's."""
+    w, ref_w = case(name)
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(split)
+    x = torch.randn(1, ref_w.shape[1], generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    y = w4a16_matmul(x, r, bias, Launch("fma", block_n, 16, 1, 2, split))
+    check(y, x, ref_w, bias, dtype, fp32_tol=3e-4)
+    with pytest.raises(ValueError, match="fma kernel takes 1..1 rows"):
+        w4a16_matmul(torch.zeros(2, ref_w.shape[1]), r, None, Launch("fma", 64, 16))
+    with pytest.raises(ValueError, match="must be repacked"):
+        w4a16_matmul(x, w, None, Launch("fma", 64, 16))
+
+
+@pytest.mark.parametrize("name", [*FORMATS])
+@pytest.mark.parametrize("m,split,dtype", [(1, 1, torch.float32), (5, 2, torch.bfloat16),
+                                           (20, 3, torch.float32), (64, 1, torch.bfloat16)])
+def test_mma_kernel_matches_the_reference(name, m, split, dtype):
+    """The tensor-core kernel on repacked weights (q - z exact in bf16, scale in fp32 after
+    each step's product), every decode M, split or not, act-order through the permutation;
+    weights it cannot take (per-row groups, fp16 activations) are refused."""
+    w, ref_w = weight(name)
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    launch = Launch("mma", 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
+        with pytest.raises(ValueError, match="mma kernel"):
+            w4a16_matmul(x, r, bias, launch._replace(block_k=16))
+        return
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype)
+    assert not w4a16.mma_fits(r, 32, torch.float16)
+    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", REPACK_CASES)
+@pytest.mark.parametrize("launch,m", [(Launch("skinny", 32, 64, 4, 2, 2), 5),
+                                      (Launch("gemv", 16, 32, 4, 2, 3), 2),
+                                      (Launch("tiled", 32, 32, 4, 2), 70), (Launch("dequant"), 70)])
+def test_every_path_runs_on_the_repacked_layout(name, launch, m):
+    """The checkpoint-layout kernels read the repacked one too (N-packed words in natural
+    order, x through the act-order permutation), so one copy of the weights serves all."""
+    w, ref_w = case(name)
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, ref_w.shape[1], generator=gen)
+    bias = torch.randn(N, generator=gen)
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, x.dtype)
+
+
+def test_repack_layers_in_place_and_dispatch_follows(tiny_quantized_model):
+    """quant.repack_layers swaps every layer's tensors for the repacked ones (same bytes:
+    no second copy), the torch reference dequantizes them to the same weights, and the
+    layer dispatch (fma at one row, skinny above) gives the torch path's product."""
+    model = tiny_quantized_model
+    layers = [m for m in model.modules() if getattr(m, "quant", None) is not None]
+    before = [quant_layers.dequantize(layer) for layer in layers]
+    nbytes = sum(p.nbytes for p in model.parameters())
+    quant_layers.repack_layers(model)
+    assert sum(p.nbytes for p in model.parameters()) == nbytes
+    gen = torch.Generator().manual_seed(4)
+    for layer, dense in zip(layers, before):
+        assert torch.equal(quant_layers.dequantize(layer), dense)
+        w = w4a16.weight_of(layer)
+        assert w.packing == w4a16.REPACKED and w.qweight is layer.qweight
+        layer.w4a16 = ((1, Launch("fma", 64, 16, 1, 2)), (64, w4a16.SKINNY_TILES[64][0]))
+        for rows in (1, 3):
+            x = torch.randn(rows, layer.in_features, generator=gen)
+            torch.testing.assert_close(w4a16_linear(layer, x, None), x @ dense.t(),
+                                       rtol=3e-4, atol=3e-4)
+
+
+def test_choice_times_the_fma_kernel_on_repacked_weights(tiny_quantized_model):
+    """After the repack, choose_w4a16 times the fma tiles at one row and records the
+    fastest; above one row they are not candidates."""
+    quant_layers.repack_layers(tiny_quantized_model)
+    seen = set()
+
+    def time_us(fn, m, launch):
+        seen.add((m, launch.kind))
+        return 0.5 if launch.kind == "fma" else 1.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 2], time_us=time_us)
+    assert (1, "fma") in seen and (2, "fma") not in seen
+    assert all(r["choice"].startswith("fma") == (r["m"] == 1) for r in report)
+
+
 # ---- the kernels compile for the H200 (sm_90) without a GPU ----------------------------------
 SM90_SHARED = 232448   # bytes of shared memory an sm_90 program may use
 COMPILE_SM90 = """
-import json, os, subprocess, sys, tempfile
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from engine.kernels import w4a16
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 out = []
-for kind, awq, bm in json.loads(sys.argv[1]):
-    launch = w4a16.GEMV if kind == "gemv" else w4a16.SKINNY_TILES[bm][kind == "skinny2"]
-    sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "arrivals_ptr")}
+for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
+    sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
-                                   "group_size", "zero_offset")})
-    const = dict(AWQ=awq, PER_ROW=False, ACT_ORDER=False, MAGIC=0x4300, MAGIC_VALUE=128, IEEE=False,
-                 HAS_BIAS=True, SPLIT=True, DOT=launch.kind == "skinny", BLOCK_M=bm,
-                 BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, NUM_STAGES=launch.num_stages)
+    if kind == "mma":
+        fn = w4a16._w4a16_mma_kernel
+        del sig["g_idx_ptr"]
+        sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
+                                       "group_size", "zero_offset")})
+        const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
+                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+    elif kind == "fma":
+        fn = w4a16._w4a16_fma_kernel
+        sig.update({a: "i32" for a in ("N", "K", "k_per_split", "group_size", "zero_offset", "lo", "hi")})
+        const = dict(PER_ROW=False, ACT_ORDER=False, HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True,
+                     PRECISE=False, EVEN_K=True, EVEN_N=True, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+    else:
+        fn = w4a16._w4a16_skinny_kernel
+        sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
+                                       "group_size", "zero_offset")})
+        const = dict(AWQ=awq, PER_ROW=False, ACT_ORDER=False, HAS_PERM=False, MAGIC=0x4300,
+                     MAGIC_VALUE=128, IEEE=False, HAS_BIAS=True, SPLIT=True, DOT=kind == "skinny",
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
     sig.update({name: "constexpr" for name in const})
-    src = ASTSource(fn=w4a16._w4a16_skinny_kernel, signature=sig, constexprs=const)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     path = os.path.join(tempfile.mkdtemp(), "k.cubin")
     open(path, "wb").write(c.asm["cubin"])
-    usage = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                         "bin", "cuobjdump"), "--dump-resource-usage", path],
+    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
                            capture_output=True, text=True, check=True).stdout
     out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"],
+                    regs=int(re.search(r"REG:(\\d+)", usage).group(1)),
                     stack=int(usage.split("STACK:")[1].split()[0])))
 print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__),
-                                                    "backends", "nvidia", "bin", "ptxas")),
-                    reason="triton's ptxas is not installed")
-def test_decode_variants_compile_for_sm90_and_fit():
-    """The default decode launches compile ahead of time for sm_90 (bf16 activations, GPTQ and
-    AWQ, split-K; a fresh interpreter without TRITON_INTERPRET), fit its shared memory, keep
-    their weight loads software-pipelined (async copies), spill no registers, and the MMA
-    form runs on wgmma."""
+def sm90_compile(variants):
     import json
     import subprocess
     import sys
-    variants = [("skinny", False, 16), ("skinny2", True, 16), ("skinny", True, 64),
-                ("skinny2", False, 64), ("gemv", True, 1), ("gemv", False, 2)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", COMPILE_SM90, json.dumps(variants)], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=300)
+                          cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for (kind, _, _), c in zip(variants, json.loads(done.stdout.splitlines()[-1])):
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+needs_ptxas = pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
+                                    "nvidia", "bin", "ptxas")), reason="triton's ptxas is not installed")
+
+
+@needs_ptxas
+def test_decode_variants_compile_for_sm90_and_fit():
+    """The default decode launches compile ahead of time for sm_90 (bf16 activations, GPTQ,
+    AWQ and repacked words, split-K; a fresh interpreter without TRITON_INTERPRET), fit its
+    shared memory, keep their weight loads software-pipelined (async copies), spill no
+    registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
+    (half of them with the x permutation)."""
+    tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
+             ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
+             ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
+    tiles += [("fma", 2 * (i % 2), 1, t) for i, t in enumerate(w4a16.FMA_TILES)]
+    tiles += [("mma", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.MMA_TILES[bm])]
+    variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
+                for kind, awq, bm, t in tiles]
+    for (kind, *_), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        assert ("warp_group_dot" in c["ttgir"]) == kind.startswith("skinny"), kind
+        if kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
+            assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
         assert c["stack"] == 0, (kind, "spills registers")
+        assert c["regs"] <= 255

@@ -1,7 +1,19 @@
 """W4A16: y = x W^T (+ bias) with W stored as 4-bit GPTQ or AWQ tensors (engine.layers.quant
-documents the layouts), read straight from the checkpoint layouts (no repacking); x and y in
-the activation dtype, accumulation in fp32. Four ways to run a layer, chosen per (layer
-shape, row count M) by measurement at load time (`choose_w4a16`):
+documents the layouts); x and y in the activation dtype, accumulation in fp32.
+
+At load time (engine.layers.quant.repack_layers, before the choice) every layer is repacked
+once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's order (a
+thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
+zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
+weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Five ways to
+run a layer, chosen per (layer shape, row count M) by measurement at load time
+(`choose_w4a16`):
+
+  fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
+           one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
+           one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
+           shared by two, and one FMA. Split-K wide (about 16 one-warp programs per SM).
 
   skinny   (M <= 64, the decode regime) built for HBM bandwidth like
            engine.kernels.skinny_gemm: each program streams [BLOCK_N, BLOCK_K] tiles of 4-bit
@@ -49,6 +61,7 @@ from engine.kernels.skinny_gemm import graph_time_us, num_sms, store_tile, works
 
 MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
 GEMV_MAX_M = 2             # rows its multiply-add (GEMV) variant takes
+FMA_MAX_M = 1              # rows the multiply-add kernel on the repacked layout takes
 PROGRAMS_PER_SM = 2        # split K until about this many programs per SM ...
 MIN_K_PER_SPLIT = 512      # ... keeping at least this much K per program
 MAX_SPLIT_K = 16
@@ -84,9 +97,41 @@ GEMV = Launch("gemv", 128, 128, 8, 4)    # 8 warps: AWQ at 4 spills near 255 reg
 GEMV_TILES = (GEMV, Launch("gemv", 256, 128, 4, 4), Launch("gemv", 256, 128, 8, 4),
               Launch("gemv", 256, 64, 4, 4), Launch("gemv", 128, 128, 4, 4))
 TILED = Launch("tiled", 128, 64, 8, 3)               # BLOCK_M 64
+# The multiply-add kernel on repacked weights (M = 1): BLOCK_N / 8 words per program, 1-4
+# words per thread per row (BLOCK_N / (256 x warps): 4-16 byte loads); sm_90 compiles (ptxas,
+# no spills): 64 / 72 / 127 / 56 registers, 4 / 8 / 16 / 16 KB of shared memory (3 stages).
+FMA_TILES = (Launch("fma", 256, 16, 1, 3), Launch("fma", 512, 16, 1, 3),
+             Launch("fma", 1024, 16, 1, 3), Launch("fma", 1024, 16, 4, 3))
+FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 registers)
+MAX_FMA_SPLIT_K = 64
+# The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
+# spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
+# wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
+# at BLOCK_M 16 (the skinny kernel on the checkpoint layout: 10.4), 5.7-6.0 at 64.
+MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
+                  Launch("mma", 64, 128, 4, 4)),
+             64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
 
 
 # ---- kernels -------------------------------------------------------------------------------
+
+@triton.jit
+def _nibble_shift(c, AWQ: tl.constexpr):
+    """Bit position of column c % 8 in an N-packed word: AWQ's interleaved order (AWQ 1, and
+    the repacked layout: AWQ 2), or natural (GPTQ's qzeros: AWQ 0)."""
+    if AWQ >= 1:
+        return (c // 2 + 4 * (c % 2)) * 4
+    return c * 4
+
+
+@triton.jit
+def _x_cols(perm_ptr, offs_k, mask_k, HAS_PERM: tl.constexpr):
+    """The x columns of weight rows offs_k: the rows themselves, or perm[offs_k] where the
+    repack sorted act-order rows by group (`repack`)."""
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+    return offs_k
+
 
 @triton.jit
 def _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
@@ -99,7 +144,7 @@ def _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
         cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
         words = tl.load(qweight_ptr + offs_k[None, :] * (N // 8) + cols[:, None],
                         mask=(cols[:, None] < N // 8) & (offs_k[None, :] < k_end), other=0)
-        shift = (nibble // 2 + 4 * (nibble % 2)) * 4
+        shift = _nibble_shift(nibble, AWQ)
         q = (words[:, None, :] >> shift[None, :, None]) & 0xF        # [BLOCK_N/8, 8, BLOCK_K]
     else:
         rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -120,7 +165,7 @@ def _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
         cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
         words = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + cols[None, :],
                         mask=(offs_k[:, None] < k_end) & (cols[None, :] < N // 8), other=0)
-        shift = (nibble // 2 + 4 * (nibble % 2)) * 4
+        shift = _nibble_shift(nibble, AWQ)
         q = (words[:, :, None] >> shift[None, None, :]) & 0xF        # [BLOCK_K, BLOCK_N/8, 8]
     else:
         rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -131,9 +176,10 @@ def _unpack_tile_kn(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end,
 
 
 @triton.jit
-def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m, n0, k0,
-               k_end, M, N, stride_xm, group_size, zero_offset, AWQ: tl.constexpr,
-               PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, offs_n, offs_m,
+               n0, k0, k_end, M, N, stride_xm, group_size, zero_offset, AWQ: tl.constexpr,
+               PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_PERM: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step of the GEMV form: [BLOCK_N, BLOCK_M] fp32, each output column reduced
     along K inside a thread (fp32 multiply-adds; (q << 16 | 0x43000000) read as fp32 is
@@ -157,9 +203,10 @@ def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, of
         s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         w = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)
     out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    x_cols = _x_cols(perm_ptr, offs_k, mask_k, HAS_PERM)
     for m in tl.static_range(BLOCK_M):
         row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
-        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & row_ok, other=0.0).to(tl.float32)
+        xm = tl.load(x_ptr + m * stride_xm + x_cols, mask=mask_k & row_ok, other=0.0).to(tl.float32)
         pm = tl.sum(w * xm[:, None], axis=0)                               # [BLOCK_N]
         if not PER_ROW:
             pm = s * (pm - z * tl.sum(xm, axis=0))
@@ -170,11 +217,7 @@ def _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, of
 @triton.jit
 def _zeros_of(qzeros_ptr, g, offs_n, mask, zero_offset, N, AWQ: tl.constexpr):
     """Zero points (int32) of columns offs_n in groups g (broadcast; 0 where not mask)."""
-    c = offs_n % 8
-    if AWQ:
-        shift = (c // 2 + 4 * (c % 2)) * 4
-    else:
-        shift = c * 4
+    shift = _nibble_shift(offs_n % 8, AWQ)
     words = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask, other=0)
     return ((words >> shift) & 0xF) + zero_offset
 
@@ -189,10 +232,11 @@ def _dot(w, xt, IEEE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
-                         partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
-                         group_size, zero_offset,
+def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, bias_ptr,
+                         y_ptr, partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym,
+                         k_per_split, group_size, zero_offset,
                          AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                         HAS_PERM: tl.constexpr,
                          MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, IEEE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -207,12 +251,14 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         if not DOT:
-            acc += _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_n, offs_m,
-                              n0, k0, k_end, M, N, stride_xm, group_size, zero_offset, AWQ,
-                              PER_ROW, ACT_ORDER, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc += _gemv_step(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
+                              offs_n, offs_m, n0, k0, k_end, M, N, stride_xm, group_size,
+                              zero_offset, AWQ, PER_ROW, ACT_ORDER, HAS_PERM, BLOCK_M, BLOCK_N,
+                              BLOCK_K)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],    # x^T tile
+            x_cols = _x_cols(perm_ptr, offs_k, offs_k < k_end, HAS_PERM)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + x_cols[:, None],    # x^T tile
                          mask=(offs_k[:, None] < k_end) & mask_m[None, :], other=0.0)
             q = _unpack_tile(qweight_ptr, offs_n, offs_k, n0, k0, N, k_end, AWQ, BLOCK_N, BLOCK_K)
             if PER_ROW:   # each input row its own group: dequantize before the product
@@ -264,9 +310,10 @@ def _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, off
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
-                        M, N, K, stride_xm, stride_ym, group_size, zero_offset,
+def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, bias_ptr,
+                        y_ptr, M, N, K, stride_xm, stride_ym, group_size, zero_offset,
                         AWQ: tl.constexpr, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                        HAS_PERM: tl.constexpr,
                         IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -278,7 +325,8 @@ def _w4a16_tiled_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, b
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        x_cols = _x_cols(perm_ptr, offs_k, offs_k < K, HAS_PERM)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = _dequantize_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k0,
                              n0, N, K, group_size, zero_offset, AWQ, PER_ROW, ACT_ORDER,
@@ -306,31 +354,415 @@ def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, 
              w.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
+# The fp32 bit patterns that make a nibble a float without a convert: nibble j of a word,
+# shifted left by _FMA_LSH[j] / right by _FMA_RSH[j], lands in bits 12-15 (exponent of 2048:
+# the float is 2048 + q) or 16-19 (exponent of 128: 128 + q); nibbles 3 and 4 need no shift
+# and 1, 2 (5, 6) share one. Per 8 weights: 4 shifts, 8 AND-ORs (one LOP3 each), 8 FMAs.
+@triton.jit
+def _fma_high(j, PRECISE: tl.constexpr):
+    """Whether nibble j goes to bits 16-19 (base 128), else 12-15 (base 2048). PRECISE (fp32
+    activations): all to 16-19. The 2048 base costs a sum (2048 + q) x some fp32 bits (about
+    2e-4 of the output's scale): nothing next to bf16 rounding, too much for fp32."""
+    if PRECISE:
+        return j >= 0
+    return (j == 2) | (j == 4) | (j >= 6)
+
+
+@triton.jit
+def _fma_base(j, PRECISE: tl.constexpr):
+    """The float base_j of nibble j: 128 or 2048."""
+    return tl.where(_fma_high(j, PRECISE), 128.0, 2048.0)
+
+
+@triton.jit
+def _fma_nibbles(words, j, PRECISE: tl.constexpr, lo_mask=0xF000, hi_mask=0xF0000):
+    """words int32 and nibble indices j (broadcast together) -> fp32 base_j + q_j.
+    lo_mask / hi_mask: 0xF000 / 0xF0000, passed to the kernel as arguments: as literals
+    ptxas re-creates one with a move before every AND-OR (a LOP3 takes one immediate), a
+    third instruction per weight."""
+    if PRECISE:
+        lsh = tl.where(j < 4, 16 - 4 * j, 0)
+        rsh = tl.where(j > 4, 4 * j - 16, 0)
+    else:
+        lsh = tl.where(j == 0, 12, tl.where(j < 3, 8, 0))
+        rsh = tl.where(j == 7, 12, tl.where((j == 5) | (j == 6), 8, 0))
+    high = _fma_high(j, PRECISE)
+    mask = tl.where(high, hi_mask, lo_mask)
+    magic = tl.where(high, 0x43000000, 0x45000000)
+    bits = (((words << lsh) >> rsh) & mask) | magic
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fma_row(words, xr, p0, p1, p2, p3, p4, p5, p6, p7, lo, hi, PRECISE: tl.constexpr):
+    """p_j += (base_j + q_j) * x for the 8 nibbles of one input row's words [NW] (x: that
+    row's activation, a scalar): one FMA chain per output column, K reduced in the thread."""
+    p0 += _fma_nibbles(words, 0, PRECISE, lo, hi) * xr
+    p1 += _fma_nibbles(words, 1, PRECISE, lo, hi) * xr
+    p2 += _fma_nibbles(words, 2, PRECISE, lo, hi) * xr
+    p3 += _fma_nibbles(words, 3, PRECISE, lo, hi) * xr
+    p4 += _fma_nibbles(words, 4, PRECISE, lo, hi) * xr
+    p5 += _fma_nibbles(words, 5, PRECISE, lo, hi) * xr
+    p6 += _fma_nibbles(words, 6, PRECISE, lo, hi) * xr
+    p7 += _fma_nibbles(words, 7, PRECISE, lo, hi) * xr
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _fma_group(acc, p, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, J: tl.constexpr,
+               PRECISE: tl.constexpr):
+    """acc + s * (p - (base_J + z) * sum x) for the columns 8c + J of group g."""
+    zb = (((zw >> (4 * J)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(J, PRECISE)
+    s = tl.load(scales_ptr + g * N + cols * 8 + _awq_col(J), mask=mask_c, other=0.0).to(tl.float32)
+    return acc + s * (p - zb * xs)
+
+
+@triton.jit
+def _awq_col(J):
+    """The column (within its 8) of nibble J: AWQ_ORDER[J]."""
+    return 2 * (J % 4) + J // 4
+
+
+@triton.jit
+def _fma_row_dequant(words, xr, g, qzeros_ptr, scales_ptr, cols, mask, N, zero_offset,
+                     p0, p1, p2, p3, p4, p5, p6, p7, PRECISE: tl.constexpr):
+    """The per-row path: each weight of the row dequantized with the row's group g first."""
+    zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask, other=0)
+    sp = scales_ptr + g * N + cols * 8
+    p0 += _fma_weight(words, zw, sp, mask, zero_offset, 0, PRECISE) * xr
+    p1 += _fma_weight(words, zw, sp, mask, zero_offset, 1, PRECISE) * xr
+    p2 += _fma_weight(words, zw, sp, mask, zero_offset, 2, PRECISE) * xr
+    p3 += _fma_weight(words, zw, sp, mask, zero_offset, 3, PRECISE) * xr
+    p4 += _fma_weight(words, zw, sp, mask, zero_offset, 4, PRECISE) * xr
+    p5 += _fma_weight(words, zw, sp, mask, zero_offset, 5, PRECISE) * xr
+    p6 += _fma_weight(words, zw, sp, mask, zero_offset, 6, PRECISE) * xr
+    p7 += _fma_weight(words, zw, sp, mask, zero_offset, 7, PRECISE) * xr
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _fma_weight(words, zw, sp, mask, zero_offset, J: tl.constexpr, PRECISE: tl.constexpr):
+    z = (((zw >> (4 * J)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(J, PRECISE)
+    s = tl.load(sp + _awq_col(J), mask=mask, other=0.0).to(tl.float32)
+    return (_fma_nibbles(words, J, PRECISE) - z) * s
+
+
+@triton.jit
+def _join8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Eight [NW] tensors (nibbles 0..7) -> one [NW, 2, 2, 2] (tl.join pairs)."""
+    return tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)),
+                   tl.join(tl.join(a4, a5), tl.join(a6, a7)))
+
+
+@triton.jit
+def _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM: tl.constexpr, MASKED: tl.constexpr):
+    """x[0, column of weight row k] in fp32 (MASKED: 0 past k_end)."""
+    if MASKED:
+        ok = tl.full((1,), k, tl.int32) < k_end
+        if HAS_PERM:
+            col = tl.load(perm_ptr + k + tl.arange(0, 1), mask=ok, other=0)
+        else:
+            col = k + tl.arange(0, 1)
+        return tl.sum(tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32), axis=0)
+    if HAS_PERM:
+        col = tl.load(perm_ptr + k)
+    else:
+        col = k
+    return tl.load(x_ptr + col).to(tl.float32)
+
+
+@triton.jit
+def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, bias_ptr,
+                      y_ptr, partial_ptr, arrivals_ptr, N, K, k_per_split,
+                      group_size, zero_offset, lo, hi, PER_ROW: tl.constexpr, ACT_ORDER: tl.constexpr,
+                      HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      PRECISE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The one-row (M = 1) multiply-add kernel on the repacked layout (`repack`: words
+    [K, N/8] packed along N in AWQ's order). A program owns BLOCK_N / 8 word columns (each
+    thread whole words, 16-byte vectors) and walks its K range one row of words at a time:
+    per weight a shift (shared by two nibbles), one AND-OR that makes it the float base + q
+    (`_fma_nibbles`) and one fp32 FMA into its column's chain, so K is reduced inside the
+    thread: no MMA padding, no shared-memory round trip of a dequantized tile, no
+    cross-thread reduction until the split-K epilogue. The 8 nibbles of a word are 8
+    separate tensors (a [.., 8] dimension would be spread over threads by the compiler).
+    Zero and scale per group and column once per BLOCK_K rows (one group):
+        sum_k (q - z) s x = s * (sum_k (base + q) x - (base + z) sum_k x).
+    PER_ROW (act-order rows whose groups the repack could not make contiguous, or a group
+    size no BLOCK_K >= 8 divides): each weight dequantized with its row's group first."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)                          # word columns
+    mask_c = cols < N // 8
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    a0 = tl.zeros((NW,), dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    p0 = tl.zeros((NW,), dtype=tl.float32)
+    p1, p2, p3, p4, p5, p6, p7 = p0, p0, p0, p0, p0, p0, p0
+    xs = 0.0
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if PER_ROW:
+            for r in tl.static_range(BLOCK_K):
+                k = k0 + r
+                mask = mask_c & (tl.full((NW,), k, tl.int32) < k_end)
+                words = tl.load(qweight_ptr + k * (N // 8) + cols, mask=mask, other=0)
+                if ACT_ORDER:
+                    g = tl.sum(tl.load(g_idx_ptr + k + tl.arange(0, 1), mask=k + tl.arange(0, 1) < k_end,
+                                       other=0), axis=0)
+                else:
+                    g = k // group_size
+                a0, a1, a2, a3, a4, a5, a6, a7 = _fma_row_dequant(
+                    words, _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM, True), g, qzeros_ptr,
+                    scales_ptr, cols, mask, N, zero_offset, a0, a1, a2, a3, a4, a5, a6, a7, PRECISE)
+        else:
+            # EVEN_K: every step's rows lie in [k_start, k_end) (K a multiple of BLOCK_K)
+            for r in tl.static_range(BLOCK_K):
+                k = k0 + r
+                if EVEN_K:
+                    if EVEN_N:
+                        words = tl.load(qweight_ptr + k * (N // 8) + cols)
+                    else:
+                        words = tl.load(qweight_ptr + k * (N // 8) + cols, mask=mask_c, other=0)
+                    xr = _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM, False)
+                else:
+                    words = tl.load(qweight_ptr + k * (N // 8) + cols,
+                                    mask=mask_c & (tl.full((NW,), k, tl.int32) < k_end), other=0)
+                    xr = _fma_row_x(x_ptr, perm_ptr, k, k_end, HAS_PERM, True)
+                xs += xr
+                p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(words, xr, p0, p1, p2, p3, p4, p5,
+                                                          p6, p7, lo, hi, PRECISE)
+            # zero and scale once per group (or at the end of this program's K range)
+            if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= k_end):
+                g = k0 // group_size
+                zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_c, other=0)
+                a0 = _fma_group(a0, p0, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 0, PRECISE)
+                a1 = _fma_group(a1, p1, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 1, PRECISE)
+                a2 = _fma_group(a2, p2, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 2, PRECISE)
+                a3 = _fma_group(a3, p3, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 3, PRECISE)
+                a4 = _fma_group(a4, p4, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 4, PRECISE)
+                a5 = _fma_group(a5, p5, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 5, PRECISE)
+                a6 = _fma_group(a6, p6, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 6, PRECISE)
+                a7 = _fma_group(a7, p7, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset, 7, PRECISE)
+                p0 = tl.zeros((NW,), dtype=tl.float32)
+                p1, p2, p3, p4, p5, p6, p7 = p0, p0, p0, p0, p0, p0, p0
+                xs = 0.0
+    # the eight [NW] sums as one [BLOCK_N, 1] tile (columns 8c + j in the order the same
+    # joins give the column numbers) for the shared split-K epilogue
+    acc = tl.reshape(_join8(a0, a1, a2, a3, a4, a5, a6, a7), (BLOCK_N, 1))
+    c8 = cols * 8
+    offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
+                        (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
+    offs_m = tl.arange(0, 1)
+    store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
+
+
+@triton.jit
+def _bf16_pair(v, IEEE: tl.constexpr):
+    """int32 [..] holding two bf16 bit patterns -> the low one and the high one as bf16
+    (IEEE: as fp32; the interpreter computes on bf16's raw bits)."""
+    lo = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if IEEE:
+        return lo.to(tl.float32), hi.to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _sub_bf16x2(a, b):
+    """Lane-wise a - b of two int32 tensors each holding a bf16 pair (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
+    """The W^T tile [BLOCK_K, BLOCK_N] in bf16, q - z exact (integers -16..15), from words
+    [BLOCK_K, BLOCK_N / 8] in AWQ's order and the group's zero words [BLOCK_N / 8]: per word
+    4 shifts-and-ANDs-ORs, each making a bf16 pair (128 + q) of adjacent columns 2a, 2a + 1
+    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z)."""
+    off = zero_offset * 0x00010001        # + offset in each 16-bit lane (z + offset <= 16)
+    v0 = (words & 0x000F000F) | 0x43004300
+    v1 = ((words >> 4) & 0x000F000F) | 0x43004300
+    v2 = ((words >> 8) & 0x000F000F) | 0x43004300
+    v3 = ((words >> 12) & 0x000F000F) | 0x43004300
+    z0 = (((zw & 0x000F000F) + off) | 0x43004300)[None, :]
+    z1 = ((((zw >> 4) & 0x000F000F) + off) | 0x43004300)[None, :]
+    z2 = ((((zw >> 8) & 0x000F000F) + off) | 0x43004300)[None, :]
+    z3 = ((((zw >> 12) & 0x000F000F) + off) | 0x43004300)[None, :]
+    if IEEE:   # the interpreter: in fp32
+        lo0, hi0 = _bf16_pair(v0, IEEE)
+        lo1, hi1 = _bf16_pair(v1, IEEE)
+        lo2, hi2 = _bf16_pair(v2, IEEE)
+        lo3, hi3 = _bf16_pair(v3, IEEE)
+        zl0, zh0 = _bf16_pair(z0, IEEE)
+        zl1, zh1 = _bf16_pair(z1, IEEE)
+        zl2, zh2 = _bf16_pair(z2, IEEE)
+        zl3, zh3 = _bf16_pair(z3, IEEE)
+        d0l, d0h, d1l, d1h = lo0 - zl0, hi0 - zh0, lo1 - zl1, hi1 - zh1
+        d2l, d2h, d3l, d3h = lo2 - zl2, hi2 - zh2, lo3 - zl3, hi3 - zh3
+    else:      # one bf16x2 subtraction per pair (the compiler would split it in two)
+        d0l, d0h = _bf16_pair(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)), IEEE)
+        d1l, d1h = _bf16_pair(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)), IEEE)
+        d2l, d2h = _bf16_pair(_sub_bf16x2(v2, tl.broadcast_to(z2, v2.shape)), IEEE)
+        d3l, d3h = _bf16_pair(_sub_bf16x2(v3, tl.broadcast_to(z3, v3.shape)), IEEE)
+    # column 8c + 4 a1 + 2 a0 + b (a = 2 a1 + a0; b: low / high half) from nested joins,
+    # innermost b, then a0, then a1, so the reshape keeps each thread's registers in place
+    lo = tl.join(tl.join(d0l, d2l), tl.join(d1l, d3l))
+    hi = tl.join(tl.join(d0h, d2h), tl.join(d1h, d3h))
+    t = tl.join(lo, hi)                                     # [BLOCK_K, NW, a1, a0, b]
+    return tl.reshape(t, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                      partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                      group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The tensor-core decode kernel on the repacked layout (M <= 64, bf16 activations; one
+    group per K step): acc[BLOCK_M, BLOCK_N] += x tile @ W^T tile, the W^T tile made in
+    registers from each thread's own words (`_mma_weight_tile`: about one instruction per
+    weight, q - z exact in bf16) and handed to the MMA (through shared memory, as the
+    compiler stages a B operand), the group's scale applied to the step's fp32 product."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        # EVEN_K / EVEN_N (K, N multiples of the tile): no row / column masks on the weights
+        mask_k = (rows < k_end) | EVEN_K
+        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
+        x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
+        else:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        g = k0 // group_size
+        zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_c | EVEN_N, other=0)
+        w = _mma_weight_tile(words, zw, zero_offset, IEEE)
+        s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n | EVEN_N, other=0.0).to(tl.float32)
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(x, w)
+        acc += part * s[None, :]
+    store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n,
+               offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
+
+
 # ---- launch rules --------------------------------------------------------------------------
 
+GPTQ, AWQ, REPACKED = 0, 1, 2   # W4.packing
+
+
 class W4(NamedTuple):
-    """One quantized weight: the checkpoint tensors and their format (engine.layers.quant)."""
+    """One quantized weight: its tensors and their layout (engine.layers.quant documents the
+    checkpoint ones). packing: GPTQ (qweight [K/8, N], words along K), AWQ ([K, N/8], words
+    along N in AWQ's interleaved order) or REPACKED (`repack`: AWQ's layout, qzeros
+    likewise; rows of an act-order weight sorted by group, x read through `perm`).
+    qzeros of GPTQ are N-packed in natural order too. (A bool packing reads as GPTQ / AWQ.)"""
     qweight: torch.Tensor
     qzeros: torch.Tensor
     scales: torch.Tensor
     g_idx: torch.Tensor | None
-    awq: bool
+    packing: int
     group_size: int      # -1: one group over all K
-    act_order: bool
+    act_order: bool      # rows' groups from g_idx (else row // group_size)
     zero_offset: int
+    perm: torch.Tensor | None = None   # REPACKED: weight row r multiplies x[:, perm[r]]
 
     @property
     def shape(self) -> tuple[int, int]:
         """(N, K)."""
         n = self.scales.shape[1]
-        k = self.qweight.shape[0] * (1 if self.awq else 8)
+        k = self.qweight.shape[0] * (8 if self.packing == GPTQ else 1)
         return n, k
 
 
 def weight_of(layer) -> W4:
+    """The W4 of a quantized linear layer: as loaded, or as `repack_layer` left it."""
+    if getattr(layer, "w4_repacked", None) is not None:
+        return layer.w4_repacked
     q = layer.quant
     return W4(layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
-              q.method == "awq", q.group_size, q.desc_act, q.zero_offset)
+              int(q.method == "awq"), q.group_size, q.desc_act, q.zero_offset)
+
+
+# ---- the load-time repack --------------------------------------------------------------------
+
+def _unpack(words: torch.Tensor, along_rows: bool, interleaved: bool = False) -> torch.Tensor:
+    """int32 words -> uint8 values 0..15: along_rows [R, C] -> [8R, C] (row 8r + i is nibble
+    i of word [r, c]); else [R, C] -> [R, 8C] (column 8c + i is nibble i, or AWQ's order)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+    if along_rows:
+        v = (words.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF
+        return v.reshape(-1, words.shape[1]).to(torch.uint8)
+    v = (words.unsqueeze(2) >> shifts.view(1, 1, 8)) & 0xF       # [R, C, 8] nibble order
+    if interleaved:   # nibble i is column AWQ_ORDER[i]: column c is nibble c // 2 + 4 (c % 2)
+        v = v[:, :, [c // 2 + 4 * (c % 2) for c in range(8)]]
+    return v.reshape(words.shape[0], -1).to(torch.uint8)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of an N-packed word is column AWQ_ORDER[i]
+
+
+def _pack_cols(values: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, 8C] -> int32 [R, C] in AWQ's order: nibble i (bits 4i..4i+3) is column
+    8c + AWQ_ORDER[i]."""
+    v = values.view(values.shape[0], -1, 8).to(torch.int32)
+    out = v[:, :, AWQ_ORDER[0]].clone()
+    for i in range(1, 8):
+        out |= v[:, :, AWQ_ORDER[i]] << (4 * i)   # int32 shifts wrap: nibble 7 sets the sign bit
+    return out
+
+
+@torch.no_grad()
+def repack(w: W4, rows_per_chunk: int = 2048) -> W4:
+    """The kernel layout (REPACKED) of a GPTQ or AWQ weight, computed once at load time:
+    qweight [K, N/8] and qzeros [G, N/8] packed along N in AWQ's interleaved order (the
+    multiply-add kernel's threads own whole words of one input row: 8 output columns each;
+    nibbles i and i + 4 are adjacent columns, so one AND-OR makes a bf16 pair of them, as
+    AWQ's kernels use it). An AWQ weight is that already (its tensors are kept); an act-order
+    weight's rows sorted by group (stable), so its groups are contiguous again and run the
+    fast path, x read through `perm`; where the sorted groups are not `group_size` rows each
+    (a tensor-parallel rank's slice of act-order rows) g_idx stays, sorted, and the per-row
+    path runs. Bytes as before (plus perm: 4 per input row)."""
+    if w.packing == REPACKED:
+        return w
+    if w.packing == AWQ:
+        return w._replace(packing=REPACKED)
+    n, k = w.shape
+    zeros = _unpack(w.qzeros, False)   # GPTQ: natural order
+    perm, g_idx, act_order = None, w.g_idx, w.act_order
+    if w.act_order:
+        g_idx, perm = torch.sort(w.g_idx, stable=True)
+        group = w.group_size if w.group_size != -1 else k
+        rows = torch.arange(k, device=g_idx.device, dtype=g_idx.dtype)
+        act_order = not torch.equal(g_idx, rows // group)
+        g_idx = g_idx.to(torch.int32).contiguous() if act_order else None
+        perm = perm.to(torch.int32)
+    qweight = torch.empty((k, n // 8), dtype=torch.int32, device=w.qweight.device)
+    for r0 in range(0, k, rows_per_chunk):   # bounded scratch on 28672 x 4096 layers
+        r1 = min(k, r0 + rows_per_chunk)
+        if perm is None:
+            q = _unpack(w.qweight[r0 // 8: r1 // 8], True)
+        else:
+            idx = perm[r0:r1].long()
+            q = ((w.qweight[idx // 8] >> (4 * (idx % 8)).to(torch.int32)[:, None]) & 0xF).to(torch.uint8)
+        qweight[r0:r1] = _pack_cols(q)
+    return W4(qweight, _pack_cols(zeros), w.scales, g_idx, REPACKED, w.group_size, act_order,
+              w.zero_offset, perm)
 
 
 def block_m(m: int) -> int:
@@ -369,7 +801,8 @@ def default_launch(m: int) -> Launch:
 
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
-    return {"skinny": MAX_M, "gemv": GEMV_MAX_M}.get(launch.kind, float("inf"))
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M,
+            "mma": MAX_M}.get(launch.kind, float("inf"))
 
 
 # ---- the three ways ------------------------------------------------------------------------
@@ -384,14 +817,15 @@ def _common(x: torch.Tensor, w: W4, bias: torch.Tensor | None):
     group = k if w.group_size == -1 else w.group_size
     ieee = x.dtype == torch.float32 or _INTERPRETED
     placeholder = w.qweight
-    extra = (w.qweight if w.g_idx is None else w.g_idx, placeholder if bias is None else bias)
+    extra = (w.qweight if w.g_idx is None else w.g_idx, placeholder if bias is None else bias,
+             placeholder if w.perm is None else w.perm)
     return x, n, k, group, ieee, extra
 
 
 def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
     """The decode kernel on x [M, K]: launch kind "skinny" (tensor cores, 1 <= M <= MAX_M) or
     "gemv" (fp32 multiply-adds, 1 <= M <= GEMV_MAX_M)."""
-    x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
+    x, n, k, group, ieee, (g_idx, bias_arg, perm) = _common(x, w, bias)
     m = x.shape[0]
     dot = launch.kind == "skinny"
     if not 1 <= m <= max_rows(launch):
@@ -409,13 +843,92 @@ def w4a16_skinny(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
     magic, value = _MAGIC.get(x.dtype, (0, 0))   # fp32: plain conversion
     _w4a16_skinny_kernel[(tiles, splits)](
-        x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, partial, arrivals,
+        x, w.qweight, w.qzeros, w.scales, g_idx, perm, bias_arg, y, partial, arrivals,
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
-        AWQ=w.awq, PER_ROW=per_row, ACT_ORDER=w.act_order, MAGIC=magic, MAGIC_VALUE=value,
+        AWQ=int(w.packing), PER_ROW=per_row, ACT_ORDER=w.act_order, HAS_PERM=w.perm is not None,
+        MAGIC=magic, MAGIC_VALUE=value,
         IEEE=ieee, HAS_BIAS=bias is not None, SPLIT=splits > 1, DOT=dot, BLOCK_M=bm,
         BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
         num_warps=launch.num_warps)
     return y
+
+
+def fma_block_k(block_k: int, group: int) -> int:
+    """The fma kernel's K step: the largest power of two <= block_k dividing `group` (one
+    group per step), or 0 where none >= 8 does (the per-row path runs)."""
+    while block_k >= 8 and group % block_k:
+        block_k //= 2
+    return block_k if block_k >= 8 else 0
+
+
+def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The multiply-add decode kernel (`_w4a16_fma_kernel`) on x [M, K], 1 <= M <= FMA_MAX_M;
+    w must be REPACKED."""
+    if w.packing != REPACKED:
+        raise ValueError("w4a16 fma kernel: the weight must be repacked first (w4a16.repack)")
+    x, n, k, group, _, (g_idx, bias_arg, perm) = _common(x, w, bias)
+    m = x.shape[0]
+    if not 1 <= m <= FMA_MAX_M:
+        raise ValueError(f"w4a16 fma kernel takes 1..{FMA_MAX_M} rows, got {m}")
+    bk = 0 if w.act_order else fma_block_k(launch.block_k, group)
+    per_row = bk == 0
+    bk = bk or 8   # per-row steps of 8 rows (16 spill registers on sm_90)
+    split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n, tiles)
+    for row in range(m):   # FMA_MAX_M rows, one launch each (the kernel is built for M = 1)
+        _w4a16_fma_kernel[(tiles, splits)](
+            x[row], w.qweight, w.qzeros, w.scales, g_idx, perm, bias_arg, y[row], partial,
+            arrivals, n, k, k_per_split, group, w.zero_offset, 0xF000, 0xF0000,
+            PER_ROW=per_row, ACT_ORDER=w.act_order, HAS_PERM=w.perm is not None,
+            HAS_BIAS=bias is not None, SPLIT=splits > 1, PRECISE=x.dtype == torch.float32,
+            EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n,
+            BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+            num_warps=launch.num_warps)
+    return y
+
+
+def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The tensor-core decode kernel (`_w4a16_mma_kernel`) on x [M, K], 1 <= M <= MAX_M,
+    bf16 (or fp32: tests) activations; w REPACKED, one group per K step (mma_fits)."""
+    if not mma_fits(w, launch.block_k, x.dtype):
+        raise ValueError("w4a16 mma kernel: needs a repacked weight without per-row groups "
+                         "(act-order kept, or a group size the K step does not divide) and "
+                         "bf16 activations")
+    x, n, k, group, ieee, (_, bias_arg, perm) = _common(x, w, bias)
+    m = x.shape[0]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"w4a16 mma kernel takes 1..{MAX_M} rows, got {m}")
+    bk = launch.block_k
+    split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    bm = block_m(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
+    _w4a16_mma_kernel[(tiles, splits)](
+        x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals,
+        m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
+        HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
+        EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
+        BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
+        num_warps=launch.num_warps)
+    return y
+
+
+def mma_fits(w: W4, block_k: int, dtype: torch.dtype) -> bool:
+    """Whether the mma kernel takes this weight: repacked, one group per K step, bf16
+    activations (its dequantized tile is bf16; fp32 for tests)."""
+    n, k = w.shape
+    group = k if w.group_size == -1 else w.group_size
+    return (w.packing == REPACKED and not w.act_order and group % block_k == 0
+            and dtype in (torch.bfloat16, torch.float32))
 
 
 def per_row(w: W4, group: int, block_k: int) -> bool:
@@ -427,14 +940,15 @@ def per_row(w: W4, group: int, block_k: int) -> bool:
 def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
                 launch: Launch = TILED) -> torch.Tensor:
     """The tiled (prefill) kernel on x [M, K]."""
-    x, n, k, group, ieee, (g_idx, bias_arg) = _common(x, w, bias)
+    x, n, k, group, ieee, (g_idx, bias_arg, perm) = _common(x, w, bias)
     m = x.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n))
     _w4a16_tiled_kernel[grid](
-        x, w.qweight, w.qzeros, w.scales, g_idx, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
-        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, launch.block_k),
-        ACT_ORDER=w.act_order, IEEE=ieee, HAS_BIAS=bias is not None, BLOCK_M=launch.block_m,
+        x, w.qweight, w.qzeros, w.scales, g_idx, perm, bias_arg, y, m, n, k, x.stride(0),
+        y.stride(0), group, w.zero_offset, AWQ=int(w.packing),
+        PER_ROW=per_row(w, group, launch.block_k), ACT_ORDER=w.act_order,
+        HAS_PERM=w.perm is not None, IEEE=ieee, HAS_BIAS=bias is not None, BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
         BLOCK_K=launch.block_k, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
@@ -463,15 +977,18 @@ def dequantize_into(w: W4, out: torch.Tensor, block_k: int = 64, block_n: int = 
     group = k if w.group_size == -1 else w.group_size
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         w.qweight, w.qzeros, w.scales, w.qweight if w.g_idx is None else w.g_idx, wt, n, k,
-        group, w.zero_offset, AWQ=w.awq, PER_ROW=per_row(w, group, block_k),
+        group, w.zero_offset, AWQ=int(w.packing), PER_ROW=per_row(w, group, block_k),
         ACT_ORDER=w.act_order, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return wt
 
 
 def w4a16_dequant(x: torch.Tensor, w: W4, bias: torch.Tensor | None) -> torch.Tensor:
-    """W^T dequantized into the shared scratch buffer, then torch's matmul."""
+    """W^T dequantized into the shared scratch buffer, then torch's matmul (x's columns in
+    the repacked row order first, where the repack sorted act-order rows)."""
     n, k = w.shape
     wt = dequantize_into(w, scratch(x.device, x.dtype, n * k))
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
     return torch.addmm(bias, x, wt) if bias is not None else x @ wt
 
 
@@ -483,6 +1000,10 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
     launch = launch or default_launch(x.shape[0])
     if launch.kind in ("skinny", "gemv"):
         return w4a16_skinny(x, w, bias, launch)
+    if launch.kind == "fma":
+        return w4a16_fma(x, w, bias, launch)
+    if launch.kind == "mma":
+        return w4a16_mma(x, w, bias, launch)
     if launch.kind == "tiled":
         return w4a16_tiled(x, w, bias, launch)
     if launch.kind == "dequant":
@@ -522,22 +1043,46 @@ def quantized_layers(model: torch.nn.Module) -> dict[tuple, list[torch.nn.Module
         if getattr(module, "quant", None) is None or not hasattr(module, "qweight"):
             continue
         w = weight_of(module)
-        key = (*w.shape, w.awq, w.group_size, w.act_order, w.zero_offset,
+        key = (*w.shape, w.packing, w.group_size, w.act_order, w.zero_offset,
                getattr(module, "bias", None) is not None)
         groups.setdefault(key, []).append(module)
     return groups
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[Launch]:
-    """What choose_w4a16 times at M rows, the default first: the skinny tiles at a few
-    splits (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M), the tiled kernel (M >= 32),
+def fma_split_k(n: int, k: int, tile: Launch, sms: int) -> int:
+    """The fma kernel's split: about FMA_WARPS_PER_SM warps per SM (its programs are small:
+    one to four warps, each streaming whole words), at least 2 K steps per program."""
+    tiles = triton.cdiv(n, tile.block_n)
+    want = triton.cdiv(FMA_WARPS_PER_SM * sms, tiles * tile.num_warps)
+    return max(1, min(want, k // (2 * tile.block_k), MAX_FMA_SPLIT_K))
+
+
+def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
+    """What choose_w4a16 times at M rows for weight w (its layout decides; None: a
+    checkpoint-layout one), the default first: the skinny tiles at a few splits
+    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the fma kernel's
+    tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma kernel's
+    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits (and of the checkpoint
+    kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
+    packing = GPTQ if w is None else w.packing
     out = []
+    # on repacked weights the checkpoint-layout kernels stay as the baseline (the skinny tiles
+    # at the rule's split; the GEMV form not: the fma kernel is its successor)
+    splits = (lambda tile: split_candidates(n, k, tile, sms)[:1 if packing == REPACKED else 3])
     if m <= MAX_M:
-        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)]
-                for s in split_candidates(n, k, tile, sms)]
-    if m <= GEMV_MAX_M:
-        out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in split_candidates(n, k, tile, sms)]
+        out += [tile._replace(split_k=s) for tile in SKINNY_TILES[block_m(m)] for s in splits(tile)]
+    if m <= GEMV_MAX_M and packing != REPACKED:
+        out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in splits(tile)]
+    if m <= FMA_MAX_M and packing == REPACKED:
+        for tile in FMA_TILES:
+            s = fma_split_k(n, k, tile, sms)
+            out += [tile._replace(split_k=x) for x in dict.fromkeys(
+                (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
+    if m <= MAX_M and w is not None:
+        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
+                if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -586,7 +1131,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
             params = [(weight_of(layer), layer.bias) for layer in timed_layers]
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
             times, failed = [], {}
-            for launch in candidates(m, n, k, sms):
+            for launch in candidates(m, n, k, sms, weight_of(layers[0]), dtype):
                 try:
                     us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
                 except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
@@ -598,7 +1143,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                 raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
             us, best = pick(times)
             plan.append((m, best))
-            report.append(dict(n=n, k=k, format="awq" if key[2] else "gptq", group=key[3],
+            report.append(dict(n=n, k=k, format=("gptq", "awq", "repacked")[key[2]], group=key[3],
                                act_order=key[4], layers=len(layers), m=m,
                                times_us={_name(l): t for t, l in times}, failed=failed,
                                choice=_name(best), us=us))
@@ -623,8 +1168,8 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv"):
-        return f"{launch.kind}{launch.block_n}x{launch.block_k}/s{launch.split_k}"
+    if launch.kind in ("skinny", "gemv", "fma", "mma"):
+        return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
     return launch.kind

@@ -78,9 +78,28 @@ def awq_groups(in_features: int, group_size: int, device=None) -> torch.Tensor:
     return torch.zeros_like(rows) if group_size == -1 else rows // group_size
 
 
+def dequantize_repacked(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                        g_idx: torch.Tensor | None, perm: torch.Tensor | None, group_size: int,
+                        zero_offset: int) -> torch.Tensor:
+    """The load-time kernel layout (engine.kernels.w4a16.repack: qweight [I, O/8] and qzeros
+    [G, O/8] packed along the output in AWQ's order; weight row r is input feature perm[r],
+    of group g_idx[r] (None: r // group_size)) -> W [O, I] float32."""
+    q = unpack_along_cols(qweight, AWQ_ORDER)                # [I, O], rows in perm order
+    zeros = unpack_along_cols(qzeros, AWQ_ORDER) + zero_offset   # [G, O]
+    g = awq_groups(q.shape[0], group_size, q.device) if g_idx is None else g_idx.long()
+    wt = (q - zeros[g]).float() * scales.float()[g]
+    if perm is not None:
+        wt = torch.empty_like(wt).index_copy_(0, perm.long(), wt)
+    return wt.t()
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
-    """This rank's W [out, in] float32 of a quantized linear layer."""
+    """This rank's W [out, in] float32 of a quantized linear layer (as loaded or repacked)."""
     cfg = layer.quant
+    w = getattr(layer, "w4_repacked", None)
+    if w is not None:
+        return dequantize_repacked(w.qweight, w.qzeros, w.scales, w.g_idx, w.perm,
+                                   w.group_size, w.zero_offset)
     if cfg.method == "gptq":
         return dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
                                cfg.zero_offset)
@@ -98,13 +117,38 @@ def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 def choose_kernels(model: nn.Module) -> list[dict]:
-    """On CUDA, for a quantized model: measure and record each layer's fastest W4A16 path
-    per row count (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph
-    capture). Returns its report ([] for a dense model)."""
+    """On CUDA, for a quantized model: repack every quantized layer into the kernels' layout
+    (repack_layers), then measure and record each layer's fastest W4A16 path per row count
+    (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph capture).
+    Returns its report ([] for a dense model)."""
     if getattr(model, "quantization", None) is None:
         return []
     from engine.kernels.w4a16 import choose_w4a16
+    repack_layers(model)
     return choose_w4a16(model)
+
+
+@torch.no_grad()
+def repack_layers(model: nn.Module) -> None:
+    """Replace each quantized layer's checkpoint tensors by the kernel layout
+    (engine.kernels.w4a16.repack), once, in place: qweight / qzeros / g_idx become the
+    repacked ones (no copy kept, so the weights take the same memory) and `w4_repacked`
+    holds them for the kernels. Per rank: a tensor-parallel shard repacks its own slice."""
+    from engine.kernels.w4a16 import repack, weight_of
+    for layer in model.modules():
+        if getattr(layer, "quant", None) is None or getattr(layer, "w4_repacked", None) is not None:
+            continue
+        w = repack(weight_of(layer))
+        layer.qweight = nn.Parameter(w.qweight, requires_grad=False)
+        layer.qzeros = nn.Parameter(w.qzeros, requires_grad=False)
+        if hasattr(layer, "g_idx"):
+            del layer.g_idx
+        if w.g_idx is not None:
+            layer.g_idx = nn.Parameter(w.g_idx, requires_grad=False)
+        if w.perm is not None:
+            layer.register_buffer("perm", w.perm, persistent=False)
+        layer.w4_repacked = w._replace(qweight=layer.qweight, qzeros=layer.qzeros,
+                                       g_idx=getattr(layer, "g_idx", None))
 
 
 # ---- building and loading ----------------------------------------------------------------
