@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.distributed import Workers, rank_device
+from engine.layers.attention import resolve_backend
 from engine.model_runner import ModelRunner
 from engine.models import ModelConfig
 from engine.sampling_params import SamplingParams
@@ -128,10 +129,12 @@ class LLMEngine:
     def decode_plan(self) -> DecodePlan | None:
         """The split-KV plan rank 0's decode kernel runs with (its KV heads, SMs and captured
         decode graphs): every step's record then has `decode_span_tokens`, which the fitted
-        cost model prices. None with flashinfer, which plans decode attention its own way."""
-        packer = self.model_runner.packer
-        if self.model_runner.planner is not None:
+        cost model prices. None unless the Triton kernels run (the other backends plan
+        decode attention their own way, or not at all)."""
+        runner = self.model_runner
+        if resolve_backend(self.config.attention_backend, runner.device) != "triton":
             return None
+        packer = runner.packer
         return DecodePlan(packer.num_kv_heads, packer.num_sms, tuple(packer.decode_sizes))
 
     # ---- requests -------------------------------------------------------------------

@@ -186,7 +186,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
     meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
-            "decode_plan": {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms} if plan else None,
+            "decode_plan": plan.describe() if plan else None,
             **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)

@@ -30,62 +30,84 @@ SPLIT_SLACK = 1.25           # a sequence up to 1.25 shares long stays one share
 # shapes: 0, 1, 2 or 4 tiles gave decode 1.73 / 1.62 / 1.55 / 1.62% and mixed 3.22 / 2.11 /
 # 1.54 / 2.02% held-out error.
 PROGRAM_OVERHEAD_TILES = 2
+# The fields of a `DecodePlan` that state its rule (a calibration records them: the rule of
+# the engine it profiled, which may since have changed).
+RULE_FIELDS = ("block_n", "programs_per_sm", "min_tokens_per_split", "max_splits", "split_slack",
+               "overhead_tiles")
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_target(num_kv_heads: int, num_sms: int) -> int:
-    """Items the plan aims at: about PROGRAMS_PER_SM programs per SM, one per (item, KV head)."""
-    return cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
-
-
-def decode_shares(context_lens: np.ndarray, num_kv_heads: int, num_sms: int):
-    """The plan's shares: (ctx, tiles, per, shares), int64 arrays over the sequences.
-    Sequence b (context ctx[b] >= 1, clamped) is cut into shares[b] shares of per[b] tiles
-    (the last takes the rest, tiles[b] - per[b] (shares[b] - 1)). A share holds about
-    `chunk` tokens: the total context over `plan_target` items, but at least
-    MIN_TOKENS_PER_SPLIT and at most MAX_SPLITS shares per sequence, and a share may reach
-    SPLIT_SLACK x chunk; a sequence's shares split its tiles evenly (2100 tokens at chunk
-    1024: two shares of 17 and 16 tiles, not 16 and 17 and a 52-token third)."""
-    ctx = np.maximum(np.asarray(context_lens, dtype=np.int64), 1)
-    chunk = max(MIN_TOKENS_PER_SPLIT, cdiv(int(ctx.sum()), plan_target(num_kv_heads, num_sms)),
-                cdiv(int(ctx.max()), MAX_SPLITS))
-    tiles = (ctx + DECODE_BLOCK_N - 1) // DECODE_BLOCK_N
-    # A sequence at most SPLIT_SLACK chunks long stays whole: at batch 64 and context ~1k
-    # every sequence was just over the chunk, and splitting them all in two cost a merge
-    # kernel (~6 us a layer on the H200) to shorten programs already about the balanced length.
-    wanted = np.maximum(1, np.ceil(ctx / (chunk * SPLIT_SLACK)).astype(np.int64))
-    per = (tiles + wanted - 1) // wanted        # tiles per share
-    shares = (tiles + per - 1) // per           # <= wanted: no share is empty
-    return ctx, tiles, per, shares
-
-
 @dataclass(frozen=True, slots=True)
 class DecodePlan:
-    """How the engine plans one rank's decode attention: its KV heads, the GPU's SMs, and
-    its decode CUDA-graph sizes (a decode-only step replayed from a graph of `size` rows
-    plans its padding rows too, each a one-token context: policy.cuda_graphs)."""
+    """How the engine plans one rank's decode attention: its KV heads, the GPU's SMs, its
+    decode CUDA-graph sizes (a decode-only step replayed from a graph of `size` rows plans
+    its padding rows too, each a one-token context: policy.cuda_graphs), and the rule's
+    constants (RULE_FIELDS; the module's, i.e. the engine's, unless given: a calibration
+    keeps those of the engine it profiled). `overhead_tiles` is the span's, not the kernel's:
+    a program's fixed work in tiles of KV."""
     num_kv_heads: int
     num_sms: int
     decode_graph_sizes: tuple = ()
+    block_n: int = DECODE_BLOCK_N
+    programs_per_sm: int = PROGRAMS_PER_SM
+    min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT
+    max_splits: int = MAX_SPLITS
+    split_slack: float = SPLIT_SLACK
+    overhead_tiles: int = PROGRAM_OVERHEAD_TILES
 
     def __post_init__(self):
-        if not (isinstance(self.num_kv_heads, int) and self.num_kv_heads >= 1
-                and isinstance(self.num_sms, int) and self.num_sms >= 1):
-            raise ValueError(f"decode plan: num_kv_heads and num_sms must be integers >= 1, "
-                             f"got {self.num_kv_heads!r}, {self.num_sms!r}")
+        for name in ("num_kv_heads", "num_sms", "block_n", "programs_per_sm", "min_tokens_per_split", "max_splits"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"decode plan: {name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.split_slack, (int, float)) and self.split_slack >= 1):
+            raise ValueError(f"decode plan: split_slack must be >= 1, got {self.split_slack!r}")
+        if not (isinstance(self.overhead_tiles, int) and self.overhead_tiles >= 0):
+            raise ValueError(f"decode plan: overhead_tiles must be an integer >= 0, got {self.overhead_tiles!r}")
+
+    @property
+    def target(self) -> int:
+        """Items the plan aims at: about programs_per_sm programs per SM, one per (item, KV head)."""
+        return cdiv(self.programs_per_sm * self.num_sms, self.num_kv_heads)
+
+    def describe(self) -> dict:
+        """What a calibration records: the geometry and the rule (not the graph sizes, which
+        the simulated run's engine settings give)."""
+        return {"num_kv_heads": self.num_kv_heads, "num_sms": self.num_sms,
+                **{name: getattr(self, name) for name in RULE_FIELDS}}
+
+    def shares(self, context_lens):
+        """The plan's shares: (ctx, tiles, per, shares), int64 arrays over the sequences.
+        Sequence b (context ctx[b] >= 1, clamped) is cut into shares[b] shares of per[b]
+        tiles (the last takes the rest, tiles[b] - per[b] (shares[b] - 1)). A share holds
+        about `chunk` tokens: the total context over `target` items, but at least
+        min_tokens_per_split and at most max_splits shares per sequence, and a share may
+        reach split_slack x chunk; a sequence's shares split its tiles evenly (2100 tokens at
+        chunk 1024: two shares of 17 and 16 tiles, not 16 and 17 and a 52-token third)."""
+        ctx = np.maximum(np.asarray(context_lens, dtype=np.int64), 1)
+        chunk = max(self.min_tokens_per_split, cdiv(int(ctx.sum()), self.target),
+                    cdiv(int(ctx.max()), self.max_splits))
+        tiles = (ctx + self.block_n - 1) // self.block_n
+        # A sequence at most split_slack chunks long stays whole: at batch 64 and context ~1k
+        # every sequence was just over the chunk, and splitting them all in two cost a merge
+        # kernel (~6 us a layer on the H200) to shorten programs already about the balanced length.
+        wanted = np.maximum(1, np.ceil(ctx / (chunk * self.split_slack)).astype(np.int64))
+        per = (tiles + wanted - 1) // wanted        # tiles per share
+        shares = (tiles + per - 1) // per           # <= wanted: no share is empty
+        return ctx, tiles, per, shares
 
     def span_tokens(self, context_lens: list[int], decode_only: bool) -> int:
         """The decode attention's longest chain of work, in KV tokens: the plan's items
-        (each its tiles + PROGRAM_OVERHEAD_TILES) dealt in launch order to `plan_target`
-        slots (the items in flight at once: one per PROGRAMS_PER_SM x SMs / KV heads), each
-        item to the slot that frees first; the busiest slot's tiles x DECODE_BLOCK_N. Within
-        `target` items that is the largest share; past it, the items beyond run in a
-        second wave behind the first ones to finish. `context_lens`: the step's decodes in
-        batch order (KV length after the step); `decode_only`: the step has no prefill
-        chunk (so it may replay a padded decode graph). 0 without decodes."""
+        (each its tiles + overhead_tiles) dealt in launch order to `target` slots (the items
+        in flight at once: programs_per_sm x SMs / KV heads), each item to the slot that
+        frees first; the busiest slot's tiles x block_n. Within `target` items that is the
+        largest share; past it, the items beyond run in a second wave behind the first ones
+        to finish. `context_lens`: the step's decodes in batch order (KV length after the
+        step); `decode_only`: the step has no prefill chunk (so it may replay a padded
+        decode graph). 0 without decodes."""
         if not context_lens:
             return 0
         n = len(context_lens)
@@ -93,13 +115,19 @@ class DecodePlan:
             rows = padded_size(n, self.decode_graph_sizes)
             if rows > n:   # padding rows: one-token contexts the engine plans too
                 context_lens = list(context_lens) + [1] * (rows - n)
-        _, tiles, per, shares = decode_shares(context_lens, self.num_kv_heads, self.num_sms)
-        slots = plan_target(self.num_kv_heads, self.num_sms)
+        _, tiles, per, shares = self.shares(context_lens)
+        slots, extra = self.target, self.overhead_tiles
         if int(shares.sum()) <= slots:   # one wave: the largest share (a sequence's first)
-            return (int(per.max()) + PROGRAM_OVERHEAD_TILES) * DECODE_BLOCK_N
-        cost = np.repeat(per + PROGRAM_OVERHEAD_TILES, shares)
-        cost[np.cumsum(shares) - 1] = tiles - per * (shares - 1) + PROGRAM_OVERHEAD_TILES
+            return (int(per.max()) + extra) * self.block_n
+        cost = np.repeat(per + extra, shares)
+        cost[np.cumsum(shares) - 1] = tiles - per * (shares - 1) + extra
         busy = sorted(cost[:slots].tolist())     # a sorted list is a heap
         for c in cost[slots:].tolist():
             heapreplace(busy, busy[0] + c)
-        return max(busy) * DECODE_BLOCK_N
+        return max(busy) * self.block_n
+
+
+def decode_shares(context_lens, num_kv_heads: int, num_sms: int):
+    """`DecodePlan.shares` under the engine's rule (the module's constants): what
+    engine.kernels.launch.plan_decode_work cuts the batch into."""
+    return DecodePlan(num_kv_heads, num_sms).shares(context_lens)

@@ -232,7 +232,7 @@ def fit_host(profile: pd.DataFrame) -> dict:
 def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     """A calibration dict (see `FittedCostModel`) fitted on a profile. `meta` supplies
     model, device, command and optionally tp, engine_commit, engine (settings), decode_plan
-    ({num_kv_heads, num_sms}: the engine's split-KV plan, which the profile's
+    (`DecodePlan.describe()`: the engine's split-KV plan, which the profile's
     decode_span_tokens was computed with; without it that feature is not fitted). Raises
     ValueError if columns are missing or the eager kind was not profiled."""
     for key in ("model", "device", "command"):
@@ -271,8 +271,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
-            **({"decode_plan": {"num_kv_heads": int(plan["num_kv_heads"]), "num_sms": int(plan["num_sms"])}}
-               if SPAN_FEATURE in profile.columns else {}),
+            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
             **moe_section(profile, meta)}
 
 

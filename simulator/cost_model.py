@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
-from policy.decode_plan import DecodePlan
+from policy.decode_plan import RULE_FIELDS, DecodePlan
 from policy.model import ModelConfig, expected_experts_touched
 from simulator.hardware import GiB, HardwareSpec, HostCosts
 
@@ -377,8 +377,9 @@ class FittedCostModel(CostModel):
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
     A fit that uses decode_span_tokens needs the profiled engine's split-KV plan
-    (`decode_plan`: KV heads per rank and SMs; the run's decode graphs add its padding
-    rows): it becomes this model's `decode_plan`.
+    (`decode_plan`: KV heads per rank, SMs and the rule's constants, policy.decode_plan;
+    the run's decode graphs add its padding rows): it becomes this model's `decode_plan`,
+    so the simulator plans every step as the profiled engine did.
     Mixture of experts: a kind may have a coefficient for MOE_FEATURE (seconds per expert
     read per MoE layer), computed from the step's tokens and rows with the file's
     "moe": {"num_experts", "top_k"} (step_experts_touched).
@@ -390,7 +391,8 @@ class FittedCostModel(CostModel):
                               "slopes": {name: {"knots": [...], "coefficients": [s/unit at each]}} (optional),
                               "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
          "host": {"launch_s", "launch_seq_s", "receive_s", "receive_seq_s"},
-         "decode_plan": {"num_kv_heads": 8, "num_sms": 132} (what the profiled engine planned with)}
+         "decode_plan": {"num_kv_heads": 8, "num_sms": 132, "split_slack": 1.25, ...}
+                        (the split-KV plan the profiled engine ran: DecodePlan.describe())}
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
@@ -437,10 +439,15 @@ class FittedCostModel(CostModel):
         if not used:
             return None
         plan = self.calibration.get("decode_plan") or {}
-        _require(isinstance(plan.get("num_kv_heads"), int) and isinstance(plan.get("num_sms"), int),
+        _require("num_kv_heads" in plan and "num_sms" in plan,
                  f"{self.source}: the fit prices {SPAN_FEATURE} but the file has no decode_plan "
-                 "{num_kv_heads, num_sms} (the profiled engine's split-KV plan)")
-        return DecodePlan(plan["num_kv_heads"], plan["num_sms"], tuple(graphs.decode))
+                 "{num_kv_heads, num_sms, ...} (the profiled engine's split-KV plan)")
+        unknown = sorted(set(plan) - {"num_kv_heads", "num_sms", *RULE_FIELDS})
+        _require(not unknown, f"{self.source}: decode_plan has unknown fields {unknown}")
+        try:    # the rule's fields a file lacks are the engine's own
+            return DecodePlan(decode_graph_sizes=tuple(graphs.decode), **plan)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
 
     def _moe_terms(self, calibration: dict, source: str) -> tuple[tuple[int, int] | None, dict]:
         """((num_experts, top_k) or None, {kind: MOE_FEATURE coefficient}): the MoE term,

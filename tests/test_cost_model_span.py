@@ -15,15 +15,14 @@ from hypothesis import strategies as st
 from engine.kernels.launch import decode_work_capacity, plan_decode_work
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.cuda_graphs import decode_sizes
-from policy.decode_plan import DECODE_BLOCK_N, PROGRAM_OVERHEAD_TILES, DecodePlan, plan_target
+from policy.decode_plan import DECODE_BLOCK_N, PROGRAM_OVERHEAD_TILES, DecodePlan
 from simulator import Simulator, calibrate
 from simulator.calibrate import fit_calibration, profile_grid, shape_batch, step_errors
 from simulator.cost_model import CostModel, CudaGraphs, FittedCostModel
 from tests.test_fast_forward import LinearCost, observed, workloads
 
 H200 = DecodePlan(8, 132, tuple(decode_sizes(256, 8192)))
-META = {"model": "qwen3-0.6b", "device": "stand-in", "command": "pytest",
-        "decode_plan": {"num_kv_heads": 8, "num_sms": 132}}
+META = {"model": "qwen3-0.6b", "device": "stand-in", "command": "pytest", "decode_plan": H200.describe()}
 
 
 def kernel_span(contexts, kv_heads=8, sms=132):
@@ -34,7 +33,7 @@ def kernel_span(contexts, kv_heads=8, sms=132):
     index = np.zeros((n, 2), np.int32)
     count = plan_decode_work(np.array(contexts), kv_heads, sms, items, index)
     cost = [-(-(end - start) // DECODE_BLOCK_N) + PROGRAM_OVERHEAD_TILES for _, start, end, _ in items[:count]]
-    slots = [0] * plan_target(kv_heads, sms)
+    slots = [0] * DecodePlan(kv_heads, sms).target
     for c in cost:
         heapq.heappush(slots, heapq.heappop(slots) + c)
     return max(slots) * DECODE_BLOCK_N
@@ -49,7 +48,9 @@ def test_span_is_the_kernel_plan_list_scheduled(contexts, geometry):
 
 def test_unequal_contexts_and_a_second_wave_cost_more_than_their_sum_says():
     # one wave (items <= target): the largest share
-    assert H200.span_tokens([1024], False) == (1024 // 64 // 8 + PROGRAM_OVERHEAD_TILES) * 64 == 256
+    exact = DecodePlan(8, 132, split_slack=1.0)          # 1024 tokens in 8 shares of 128
+    assert exact.span_tokens([1024], False) == (1024 // 64 // 8 + PROGRAM_OVERHEAD_TILES) * 64 == 256
+    assert H200.span_tokens([1024], False) == kernel_span([1024])
     uniform = H200.span_tokens([2048] * 32, False)
     spread = H200.span_tokens([int(2048 * (0.25 + 1.5 * i / 31)) for i in range(32)], False)
     assert sum(int(2048 * (0.25 + 1.5 * i / 31)) for i in range(32)) <= 2048 * 32
@@ -62,8 +63,10 @@ def test_a_decode_graph_plans_its_padding_rows():
     assert H200.span_tokens(contexts, decode_only=True) == kernel_span(contexts + [1] * 15)
     assert H200.span_tokens(contexts, decode_only=False) == kernel_span(contexts)   # mixed: no padding
     assert DecodePlan(8, 132).span_tokens(contexts, True) == kernel_span(contexts)  # no graphs
-    with pytest.raises(ValueError, match="num_kv_heads and num_sms"):
+    with pytest.raises(ValueError, match="num_kv_heads must be an integer >= 1"):
         DecodePlan(0, 132)
+    with pytest.raises(ValueError, match="split_slack must be >= 1"):
+        DecodePlan(8, 132, split_slack=0.5)
 
 
 def test_batch_features_carry_the_span_only_with_a_plan():
@@ -141,6 +144,12 @@ def test_fit_learns_the_span_and_carries_the_plan(tmp_path, capsys):
     graphs = CudaGraphs.for_engine(256, 8192, 8192)
     model = FittedCostModel(calib, graphs=graphs)
     assert model.decode_plan == H200
+    # the simulator plans with the rule of the engine the file profiled, not today's
+    older = FittedCostModel({**calib, "decode_plan": {**calib["decode_plan"], "split_slack": 1.0}}, graphs=graphs)
+    contexts = [1100] * 64       # just over the chunk: one share each with the slack, two without
+    assert older.decode_plan.span_tokens(contexts, False) != model.decode_plan.span_tokens(contexts, False)
+    with pytest.raises(ValueError, match="unknown fields"):
+        FittedCostModel({**calib, "decode_plan": {**calib["decode_plan"], "slack": 1.0}})
     # the simulator records the span of every step for a model that prices it
     requests = [type("R", (), dict(request_id=f"r{i}", arrival_s=0.01 * i, prompt_token_ids=tuple(range(1, 300 + 50 * i)),
                                    output_len=40))() for i in range(12)]

@@ -495,6 +495,8 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
     # decodes sharing a prefix were profiled (the engine read the same blocks)
     assert (profile["decode_distinct_context_tokens"] < profile["decode_context_tokens"]).any()
+    # the torch backend runs no split-KV plan: no span, no plan in the file
+    assert "decode_span_tokens" not in profile.columns and "decode_plan" not in calib
     hardware = Path(summary["hardware"])
     assert hardware.is_file() and "fitted on" in hardware.read_text()
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
