@@ -99,6 +99,10 @@ class EngineConfig:
                  f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
                  f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+        _require(isinstance(self.pdl_max_tokens, int) and not isinstance(self.pdl_max_tokens, bool)
+                 and self.pdl_max_tokens >= 0,
+                 f"pdl_max_tokens must be an integer >= 0 (0: no programmatic dependent launch), "
+                 f"got {self.pdl_max_tokens!r}")
         _require(isinstance(self.skinny_gemm, bool),
                  f"skinny_gemm must be true or false, got {self.skinny_gemm!r}")
         # The policy configs check their own fields (block_size, budgets, policy name).

@@ -93,6 +93,9 @@ class EngineSettings:
                  f"got {self.tensor_parallel_size!r}")
         _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
                  f"engine.cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+        _require(isinstance(self.pdl_max_tokens, int) and not isinstance(self.pdl_max_tokens, bool)
+                 and self.pdl_max_tokens >= 0,
+                 f"engine.pdl_max_tokens must be an integer >= 0 (0: never), got {self.pdl_max_tokens!r}")
 
     @property
     def graph_limit(self) -> int:

@@ -334,7 +334,9 @@ def test_config_errors(checkpoints, tmp_path):
                        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
                        (dict(tensor_parallel_size=0), "tensor_parallel_size"),
                        (dict(dtype="float8"), "dtype"),
-                       (dict(scheduler_policy="sjf"), "policy")]:
+                       (dict(scheduler_policy="sjf"), "policy"),
+                       (dict(pdl_max_tokens=-1), "pdl_max_tokens"),
+                       (dict(pdl_max_tokens=True), "pdl_max_tokens")]:
         with pytest.raises(ValueError, match=match):
             EngineConfig(model=path, max_model_len=128, **bad)
     with pytest.raises(ValueError, match="max_position_embeddings"):

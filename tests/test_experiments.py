@@ -227,6 +227,7 @@ def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
     ("logger.kind=tensorboard", "logger.kind must be one of"),
     ("mode=gpu cluster.num_replicas=2", "mode=gpu runs one replica"),
     ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization must be in (0, 1]"),
+    ("engine.pdl_max_tokens=-1", "engine.pdl_max_tokens must be an integer >= 0"),
 ])
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
