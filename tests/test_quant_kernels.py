@@ -46,6 +46,13 @@ def weight(name: str, seed: int = 2):
     return w, quantize_rtn(dense, q, perm)["weight"]
 
 
+def inputs(rows: int, k: int, seed: int, dtype=torch.float32):
+    """(x [rows, k], bias [N]) drawn from one seeded generator, x first, in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    return x, torch.randn(N, generator=gen).to(dtype)
+
+
 def check(y, x, ref_w, bias, dtype, fp32_tol=1e-4):
     expected = x.float() @ ref_w.t() + bias.float()
     assert y.shape == expected.shape and y.dtype == dtype
@@ -62,9 +69,7 @@ def test_skinny_kernel_matches_the_reference(name, m, split, dtype):
     """Every M the decode regime has, split or not, bias added once, in fp32 and in bf16
     (bf16 runs the MAGIC dequantization: (q | 0x4300) read as bf16 is 128 + q)."""
     w, ref_w = weight(name)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
+    x, bias = inputs(m, ref_w.shape[1], m, dtype)
     y = w4a16_matmul(x, w, bias, Launch("skinny", 32, 64, 4, 2, split))
     check(y, x, ref_w, bias, dtype)
 
@@ -86,9 +91,7 @@ def test_split_k_counters_reset_between_calls():
 @pytest.mark.parametrize("kind", ["tiled", "dequant"])
 def test_prefill_paths_match_the_reference(name, kind):
     w, ref_w = weight(name)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(70, ref_w.shape[1], generator=gen)
-    bias = torch.randn(N, generator=gen)
+    x, bias = inputs(70, ref_w.shape[1], 7)
     launch = Launch("tiled", 32, 32, 4, 2) if kind == "tiled" else Launch("dequant")
     check(w4a16_matmul(x, w, bias, launch), x, ref_w, bias, x.dtype)
 
@@ -169,9 +172,7 @@ def test_choice_keeps_the_default_within_noise(tiny_quantized_model):
 def test_gemv_variant_matches_the_reference(name, m, split, dtype):
     """The multiply-add form (fp32 128 + q from the mantissa bits) at 1 and 2 rows."""
     w, ref_w = weight(name)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
+    x, bias = inputs(m, ref_w.shape[1], m, dtype)
     y = w4a16_matmul(x, w, bias, Launch("gemv", 16, 32, 4, 2, split))
     check(y, x, ref_w, bias, dtype)
     with pytest.raises(ValueError, match="gemv kernel takes 1..2 rows"):
@@ -223,9 +224,7 @@ def test_fma_kernel_matches_the_reference(name, dtype, split, block_n):
     products keep ~2^-24 of 128 |x| each, as the GEMV form's."""
     w, ref_w = case(name)
     r = w4a16.repack(w)
-    gen = torch.Generator().manual_seed(split)
-    x = torch.randn(1, ref_w.shape[1], generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
+    x, bias = inputs(1, ref_w.shape[1], split, dtype)
     y = w4a16_matmul(x, r, bias, Launch("fma", block_n, 16, 1, 2, split))
     check(y, x, ref_w, bias, dtype, fp32_tol=3e-4)
     with pytest.raises(ValueError, match="fma kernel takes 1..1 rows"):
@@ -243,9 +242,7 @@ def test_mma_kernel_matches_the_reference(name, m, split, dtype):
     weights it cannot take (per-row groups, fp16 activations) are refused."""
     w, ref_w = weight(name)
     r = w4a16.repack(w)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, ref_w.shape[1], generator=gen).to(dtype)
-    bias = torch.randn(N, generator=gen).to(dtype)
+    x, bias = inputs(m, ref_w.shape[1], m, dtype)
     launch = Launch("mma", 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
     if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
         with pytest.raises(ValueError, match="mma kernel"):
@@ -265,9 +262,7 @@ def test_every_path_runs_on_the_repacked_layout(name, launch, m):
     order, x through the act-order permutation), so one copy of the weights serves all."""
     w, ref_w = case(name)
     r = w4a16.repack(w)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, ref_w.shape[1], generator=gen)
-    bias = torch.randn(N, generator=gen)
+    x, bias = inputs(m, ref_w.shape[1], m)
     check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, x.dtype)
 
 
