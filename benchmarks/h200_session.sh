@@ -12,6 +12,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 run() { name=$1; t=$2; shift 2; echo "== $name: $*"; timeout $t "$@" > $OUT/$name.txt 2>&1; rc=$?; echo "rc=$rc";
         grep -v '^{' $OUT/$name.txt | grep -v -i 'loading\|warn' | tail -n ${TAIL:-14}; tail -n 1 $OUT/$name.txt >> $OUT/results.jsonl; return $rc; }
 ckpt() { [ -f /tmp/$2/config.json ] || python3 -m engine.checkpoint $1 /tmp/$2 > /dev/null 2>&1; }
+# the small step-cost table and the one-step kernel timeline of Qwen3-0.6B (A/B stages below)
+SMALL_STEPS="python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16"
+TIMELINE="python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --top 30 --timeline 40"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   smoke)    run smoke 180 python3 benchmarks/bench_engine.py --smoke || exit 1 ;;
@@ -81,17 +84,17 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
-            for b in 1 64; do TAIL=70 run profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done ;;
-  steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small${TAG:-} 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 ${SARGS:-} ;;
-  steps_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small_nopdl 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 --pdl-max-tokens 0 ;;
-  prof_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=70 run profile_q06_b1_nopdl 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch 1 --top 30 --timeline 40 --pdl-max-tokens 0 ;;
+            for b in 1 64; do TAIL=70 run profile_q06_b$b 200 $TIMELINE --batch $b; done ;;
+  steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small 200 $SMALL_STEPS ;;
+  steps_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small_nopdl 200 $SMALL_STEPS --pdl-max-tokens 0 ;;
+  prof_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=70 run profile_q06_b1_nopdl 200 $TIMELINE --batch 1 --pdl-max-tokens 0 ;;
   offline_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06_nopdl 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --pdl-max-tokens 0 ;;
   old_prof) # the same on the engine carried as old/ (another commit), side by side
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             (cd old && PYTHONPATH=/tmp/site:$PWD; export PYTHONPATH
-             for b in 1 64; do TAIL=70 run old_profile_q06_b$b 200 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch $b --top 30 --timeline 40; done
-             TAIL=12 run old_steps_small 200 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16) ;;
-  carried)  # a stage list of another tree carried as carried/<NAME> (a helper's branch), e.g. CARRIED=moe15 CSTAGES=moe_full
+             for b in 1 64; do TAIL=70 run old_profile_q06_b$b 200 $TIMELINE --batch $b; done
+             TAIL=12 run old_steps_small 200 $SMALL_STEPS) ;;
+  carried)  # a stage list of another tree (a helper's branch) carried as the folder $CARRIED, e.g. CARRIED=moe15 CSTAGES=moe_full
             (cd ${CARRIED} && OUT=$OUT STAGES="${CSTAGES}" bash benchmarks/h200_session.sh) ;;
   moe_bench) TAIL=30 run bench_moe_l16 400 python3 benchmarks/bench_moe.py --num-layers 16 ;;
   prof)     ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=24 run profile_q06_b${BATCH:-256} 240 python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --batch ${BATCH:-256} ;;
