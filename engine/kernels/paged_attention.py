@@ -12,13 +12,15 @@ prompt, a prefill chunk, a prompt behind a prefix-cache hit and a decode token a
 thing: q_len new tokens at the end of a context.
 
 Kernels.
-* decode (every q_len == 1): one program per (sequence, KV head, split). The program handles all
-  `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read once; the query
-  group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts with few
-  programs are split (flash-decoding) and a second kernel merges the splits by their
-  log-sum-exp.
-  With `query_start_loc` the decode kernel reads any step's queries and skips sequences whose
-  q_len is not 1: the decode half of a mixed step, on a grid fixed by the number of rows.
+* decode (every q_len == 1): one program per (share of a sequence's KV, KV head). The program
+  handles all `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read
+  once; the query group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts
+  are split (flash-decoding) and a second kernel merges the splits by their log-sum-exp. The
+  shares come either from a host work list (`engine.kernels.launch.plan_decode_work`: the
+  batch's total context balanced over the GPU; what the model runner uses) or, without one, as
+  `num_splits` equal shares of every sequence.
+  With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
+  step (without a work list, sequences whose q_len is not 1 are skipped).
 * prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
   head), or per (tile of a host-built tile list, KV head): a grid fixed per CUDA graph size and
   no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
@@ -31,8 +33,9 @@ path); head_dim 16..256 (powers of two 64 and 128 are the tuned ones; others are
 any num_heads that is a multiple of num_kv_heads. Softmax and accumulation in fp32.
 
 CUDA graphs: `paged_decode_attention` (and `paged_attention` with max_query_len == 1) does no
-host sync and allocates only tensors whose shapes follow from (B, num_heads, num_splits); pass
-`num_splits` explicitly when capturing so every replay uses the captured split count. Padding rows
+host sync and allocates only tensors whose shapes follow from (B, num_heads, num_splits) or the
+work list's length; pass `work` or `num_splits` explicitly when capturing so every replay uses
+the captured grid. Padding rows
 with `context_lens == 0` produce zeros. `paged_prefill_attention` with `tiles` is graph-safe too
 (its grid is the tile list's length), which is what lets mixed steps replay a graph.
 """
@@ -121,9 +124,9 @@ def _decode_kernel(
     whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
     PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
     table are step inputs, read before the wait; with PREFETCH the program also asks L2 for
-    its share of every KV page of [start, end) (a page [block_size, kv_heads, head_dim] is
-    contiguous; KV head h prefetches its 1/kv_heads of it, PART_ELEMS elements at h *
-    PART_ELEMS, so the programs of a work item cover the pages between them)."""
+    its share of the KV pages of its first tile (`_prefetch_pages`: a page [block_size,
+    kv_heads, head_dim] is contiguous; KV head h prefetches its 1/kv_heads of it, PART_ELEMS
+    elements at h * PART_ELEMS, so the programs of a work item cover the pages between them)."""
     if USE_WORK:
         slot = tl.program_id(0)
         b = tl.load(work_ptr + 4 * slot)
