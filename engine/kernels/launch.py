@@ -53,9 +53,9 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     (SPLIT_SLACK x chunk)) shares of whole decode tiles, as even as tiles allow, one work
     item each: items[i] = (b, start, end, shares of b), index[b] = (first item, shares); the
     shares are policy.decode_plan.decode_shares' (about PROGRAMS_PER_SM programs per SM; a
-    share may reach SPLIT_SLACK x chunk). So one long context among short ones no longer sets the step
-    time (each sequence got the same split count before): every program reads about the
-    same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
+    share may reach SPLIT_SLACK x chunk). So one long context among short ones no longer
+    sets the step time (each sequence got the same split count before): every program reads
+    about the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
     of `items` gets b = -1. Returns the number of items."""
     n = len(context_lens)
     if n == 0:
