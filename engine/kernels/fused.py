@@ -24,8 +24,7 @@ from engine.kernels import pdl
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                         stride_x, stride_r, stride_o, stride_ro,
                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -72,8 +71,7 @@ def silu_mul(gate, up):
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
                          PDL: tl.constexpr = False):
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -128,8 +126,7 @@ def _qk_norm_rope_store_kernel(
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     half = HEAD_DIM // 2
     d = tl.arange(0, HALF_PAD)

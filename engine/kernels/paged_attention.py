@@ -156,8 +156,7 @@ def _decode_kernel(
     if PREFETCH:
         _prefetch_pages(k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start, end,
                         kv_head, stride_cb, BLOCK_SIZE, PART_ELEMS, PART_BYTES, BLOCK_N, PAGES, PDL)
-    pdl.wait(PDL)             # q and this step's K/V come from the kernel before
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)             # q and this step's K/V come from the kernel before
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -239,8 +238,7 @@ def _merge_splits_kernel(
         count = tl.load(index_ptr + 2 * b + 1)
         if count <= 1:
             return
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)
     if not USE_WORK:
         first = b * num_splits
         count = num_splits

@@ -4,15 +4,16 @@ one finishes, instead of after it.
 At batch 1 a decode layer is ~10 kernels of 1-6 us, each mostly launch, ramp-up and the
 latency of its first loads: the bytes themselves take a fraction of that. Launched with
 PDL, kernel N+1's programs are scheduled as soon as every program of kernel N has passed
-its `launch_dependents`; they do what needs no result of kernel N (compute offsets, start
-pulling their weights from HBM into L2 with `prefetch_rows_l2`), then `wait` until kernel N
-has completed and its writes are visible. A CUDA graph captures the launches with their
+its `enter`; they do what needs no result of kernel N (compute offsets, start pulling their
+weights from HBM into L2 with `prefetch_rows_l2`), then wait in their own `enter` until
+kernel N has completed and its writes are visible. A CUDA graph captures the launches with their
 programmatic edges, so replays keep the overlap.
 
 The contract of a kernel launched with `launch_kwargs()` (PDL constexpr true):
-  - before `wait(PDL)` it reads only memory that no kernel of the step writes (weights,
+  - before `enter(PDL)` it reads only memory that no kernel of the step writes (weights,
     norms, step inputs uploaded before the step) and writes nothing;
-  - it calls `wait(PDL)`, then `launch_dependents(PDL)`, before any other load or store.
+  - it calls `enter(PDL)` (wait, then let the next kernel start) before any other load or
+    store.
 By induction every earlier kernel has completed when a kernel passes its wait (kernel N
 triggers only after its own wait, which needed kernel N-1 complete), so the order of every
 read-after-write and write-after-read in the step is the plain stream order's. Kernels
@@ -57,16 +58,12 @@ def launch_kwargs() -> dict:
 
 
 @triton.jit
-def wait(PDL: tl.constexpr):
-    """Block until the previous kernel has completed and its writes are visible."""
+def enter(PDL: tl.constexpr):
+    """The contract's turn, in its order: block until the previous kernel has completed and
+    its writes are visible, then let the next kernel's programs start (once every program
+    of this one has got here)."""
     if PDL:
         gdc_wait()
-
-
-@triton.jit
-def launch_dependents(PDL: tl.constexpr):
-    """Let the next kernel's programs start (once every program of this one has called it)."""
-    if PDL:
         gdc_launch_dependents()
 
 
@@ -74,7 +71,7 @@ def launch_dependents(PDL: tl.constexpr):
 def prefetch_rows_l2(row_ptrs, nbytes, PDL: tl.constexpr):
     """Ask for `nbytes` (a multiple of 16) from each of `row_ptrs` (16-byte aligned) to be
     brought into L2 (one bulk prefetch per row: a hint, no registers, nothing waits on it).
-    Meant for the weights a program will stream after `wait`."""
+    Meant for the weights a program will stream after `enter`."""
     if PDL:
         tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
                                   "=r,l,r", [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)

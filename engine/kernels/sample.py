@@ -27,8 +27,7 @@ def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_
                           part_score_ptr, part_index_ptr, V, Q, num_chunks,
                           BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr, FAST_LOG: tl.constexpr,
                           PDL: tl.constexpr = False):
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row

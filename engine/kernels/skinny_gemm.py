@@ -176,8 +176,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
         first = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start
         nbytes = tl.zeros((BLOCK_N,), dtype=tl.int32) + ((k_end - k_start) * ELEM_BYTES) // 16 * 16
         pdl.prefetch_rows_l2(w_ptr + first, nbytes, PDL)
-    pdl.wait(PDL)               # x, the residual and the workspace come from earlier kernels
-    pdl.launch_dependents(PDL)
+    pdl.enter(PDL)               # x, the residual and the workspace come from earlier kernels
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
                          stride_om, K, eps, (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M,
