@@ -43,6 +43,9 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             TAIL=40 run calibrate_l8 400 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200
             mkdir -p /tmp/calib && cp simulator/calibrations/llama-3.1-8b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations_l8.tgz simulator/calibrations/llama-3.1-8b-h200-tp1.* ;;
+  calibrate_l8_tp2) # Llama-3.1-8B at TP=2: both GPUs of nvidia-h200-x2, so never inside a lane
+            TAIL=40 run calibrate_l8_tp2 560 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 engine.tensor_parallel_size=2
+            tar czf $OUT/calibrations_l8_tp2.tgz simulator/calibrations/llama-3.1-8b-h200-tp2.* ;;
   fidelity) # the real cells of the fidelity table (capacity from the fitted twin, then the
             # engine runs); the sim and table stages run on any CPU from the tarball
             TAIL=30 run fidelity ${FID_T:-540} python3 benchmarks/fidelity/run_fidelity.py --model ${FID_MODEL:-qwen3-0.6b} \
