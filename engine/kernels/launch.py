@@ -7,6 +7,8 @@ compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5
 SM, each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
 `benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -17,10 +19,30 @@ from policy.decode_plan import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
-PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
-PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 2
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """Launch geometry of the prefill kernel. block_m: query rows per program (tokens x the
+    padded query group of one KV head; fp32 halves it); block_n: keys per step of the inner
+    loop (fp32 halves it). On sm_90 bf16 head_dim 128 the tiles compile to wgmma, and the
+    K/V loads to a `num_stages`-deep cp.async pipeline."""
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"PrefillLaunch.{name} must be a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"PrefillLaunch: num_warps must be 1..16 (a power of two) and num_stages >= 1, "
+                             f"got {self.num_warps} and {self.num_stages}")
+
+
+PREFILL_LAUNCH = PrefillLaunch()   # the engine's; bench_attention.py --stages prefill times the others
 
 
 def next_power_of_2(n: int) -> int:
@@ -77,7 +99,8 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     return count
 
 
-def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:
+def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None,
+                        launch: PrefillLaunch = PREFILL_LAUNCH) -> int:
     """Query tokens per prefill program (BLOCK_Q). Two tile heights, so steps with new query
     lengths never compile new variants: short queries (small chunks) get tl.dot's 16 rows,
     others the full tile. A tile list (`tiles=`) always uses the full tile (None here)."""
@@ -85,7 +108,7 @@ def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, m
     short_q = cdiv(16, group_pad)
     if max_query_len is not None and max_query_len <= short_q:
         return short_q
-    block_q = max(PREFILL_BLOCK_M // group_pad, short_q)
+    block_q = max(launch.block_m // group_pad, short_q)
     if dtype == torch.float32:
         block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
     return block_q

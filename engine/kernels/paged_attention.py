@@ -54,8 +54,8 @@ from engine.kernels import pdl
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
-    DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_BLOCK_N,
-    PREFILL_NUM_STAGES, PREFILL_NUM_WARPS, choose_num_splits, prefill_tile_tokens)
+    DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
+    choose_num_splits, prefill_tile_tokens)
 
 
 @triton.jit
@@ -263,6 +263,35 @@ def _merge_splits_kernel(
     tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit
+def _load_kv(ptrs, pos_mask, d_mask, MASK_POS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM_PAD] K or V tile; masks only what can be out of range, so the
+    unmasked steps of a power-of-two head_dim are plain vector copies."""
+    if MASK_POS:
+        return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold one tile of raw scores `qk` [M, N] (q.k, masked entries -inf) and values `v` into
+    the running (acc, l, m), m in log2 units. The scale (softmax scale x log2 e, > 0) is
+    folded into one multiply-add per score. The first tile a row sees holds a visible key
+    (the caller's loop order), so m is finite from then on."""
+    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l, m_new
+
+
 @triton.jit(do_not_specialize=["stride_bt"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
                                             "query_start_loc_ptr", "tiles_ptr"])
@@ -275,26 +304,29 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
     USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (query tile, b, kv_head), or with USE_TILES program (i, kv_head) takes its
-    (b, query tile) from the tile list `tiles[i]` (b < 0: nothing to do; a CUDA graph's
-    grid covers the most tiles its size can have). Row r of the tile is token
-    `r // GROUP_PAD` of the tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
+    """Program (kv_head, b, j) takes query tile `num_programs(2) - 1 - j` of sequence b, or
+    with USE_TILES program (kv_head, i) takes (b, query tile) from the tile list `tiles[i]`
+    (b < 0: nothing to do; a CUDA graph's grid covers the most tiles its size can have).
+    Either way the programs that start first hold the latest query tiles, which see the
+    most keys (causal): the long programs start early and short ones fill the tail.
+    Row r of the tile is token `r // GROUP_PAD` of the tile and query head
+    `kv_head * GROUP + r % GROUP_PAD`."""
+    kv_head = tl.program_id(0)
     if USE_TILES:
-        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        b = tl.load(tiles_ptr + 2 * tl.program_id(1))
         if b < 0:
             return
-        q_tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
-        kv_head = tl.program_id(1)
+        q_tile = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)
     else:
-        q_tile = tl.program_id(0)
         b = tl.program_id(1)
-        kv_head = tl.program_id(2)
+        q_tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:  # the grid covers the longest query of the batch
         return
     context_len = tl.load(context_lens_ptr + b)
     num_cached = context_len - q_len  # KV positions before this step's first query
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
 
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -306,6 +338,8 @@ def _prefill_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     q_pos = num_cached + tok
 
     block_table_ptr = block_tables_ptr + b * stride_bt
@@ -321,11 +355,13 @@ def _prefill_kernel(
         rows = _kv_rows(block_table_ptr, tile_start, pos, pos < unmasked_end, stride_cb, stride_cs,
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
-    # Tiles on the diagonal: causal mask, and stop at the tile's last query position.
+        k = _load_kv(k_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
+        v = _load_kv(v_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
+        qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
+    # Tiles on the diagonal: causal mask, and stop at the tile's last query position. Keys
+    # past kv_end load as zeros and are visible only to padding rows (tok >= q_len), whose
+    # output is never stored.
     kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         pos = tile_start + n
@@ -333,14 +369,14 @@ def _prefill_kernel(
         rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
-        kv_mask = pos_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(pos_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+        k = _load_kv(k_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
+        v = _load_kv(v_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
+        qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
 
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    # Every stored row saw at least its own key, so l > 0 there.
+    out = acc * (1.0 / tl.where(l == 0.0, 1.0, l))[:, None]
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -509,34 +545,41 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                            max_query_len, scale, *, out=None, tiles=None):
+                            max_query_len, scale, *, out=None, tiles=None,
+                            launch: PrefillLaunch = PREFILL_LAUNCH):
     """Any batch: fresh prompts, prefill chunks, prompts behind a prefix-cache hit, decode
     tokens, or a mix (see the module docstring for q's layout). `max_query_len` (host int) sizes
-    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+    the grid; it must be >= every q_len. `scale` must be > 0. Returns `[T, num_heads,
+    head_dim]` in q's dtype.
 
     tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens) per
-    program, b = -1 for none; then the grid is (P, num_kv_heads) and only the listed tiles
+    program, b = -1 for none; then the grid is (num_kv_heads, P) and only the listed tiles
     run (max_query_len is ignored): a fixed grid for CUDA graphs, and no empty programs for
-    the decode rows of a mixed step."""
+    the decode rows of a mixed step. Programs start in list order, so a list with the tiles
+    that see the most keys first (engine.step_inputs builds it so) finishes soonest.
+    launch: the kernel's tile geometry (engine.kernels.launch.PrefillLaunch); a tile list
+    must be built with the same one (`prefill_tile_tokens(..., launch=launch)`)."""
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    if not scale > 0:
+        raise ValueError(f"paged attention: scale must be > 0, got {scale}")
     out = _output(q, out)
     batch = context_lens.shape[0]
     num_kv_heads = q.shape[1] // group
     if tiles is not None:
         if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
             raise ValueError(f"paged attention: tiles must be int32 [P, 2], got {tiles.dtype} {tuple(tiles.shape)}")
-        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype)
-        grid = (tiles.shape[0], num_kv_heads)
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, launch=launch)
+        grid = (num_kv_heads, tiles.shape[0])
         if tiles.shape[0] == 0 or batch == 0:
             return out
     else:
         if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
             return out
-        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, max_query_len)
-        grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, max_query_len, launch=launch)
+        grid = (num_kv_heads, batch, triton.cdiv(max_query_len, block_q))
     block_size = k_cache.shape[1]
     group_pad = triton.next_power_of_2(group)
-    block_n = PREFILL_BLOCK_N if q.dtype != torch.float32 else PREFILL_BLOCK_N // 2
+    block_n = launch.block_n if q.dtype != torch.float32 else max(16, launch.block_n // 2)
     precision, upcast = _dot_flags(q.dtype)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
@@ -549,8 +592,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
         BLOCK_Q=block_q, BLOCK_M=block_q * group_pad, BLOCK_N=block_n,
         TILE_IN_PAGE=block_size % block_n == 0, USE_TILES=tiles is not None,
         PRECISION=precision, UPCAST=upcast,
-        num_warps=PREFILL_NUM_WARPS if block_q * group_pad >= 128 else 4,
-        num_stages=PREFILL_NUM_STAGES,
+        num_warps=launch.num_warps if block_q * group_pad >= 128 else min(4, launch.num_warps),
+        num_stages=launch.num_stages,
     )
     return out
 
