@@ -1,0 +1,103 @@
+"""The prefill attention kernel's launch geometries and program orders, against the float64
+reference of tests/test_kernels.py, under the Triton interpreter: every launch the benchmark
+may pick for the engine (PrefillLaunch) computes the same attention, on the paths the engine
+takes (a grid over query tiles, a tile list in any order, prefixes in the cache, decode rows
+in the batch), at head dims the tuned kernels do not pad (64, 128) and ones they do (80, 96).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from engine.kernels import paged_prefill_attention  # noqa: E402
+from engine.kernels.launch import PREFILL_LAUNCH, PrefillLaunch, prefill_tile_tokens  # noqa: E402
+from tests.test_kernels import (TOLERANCE, DEVICE, make_batch, poisoned, reference_attention,  # noqa: E402
+                                rel_error)
+
+REPO = Path(__file__).resolve().parents[1]
+# the engine's launch, the wide-key, the narrow-key and the two-programs-per-SM geometries
+LAUNCHES = [PREFILL_LAUNCH, PrefillLaunch(128, 128, 8, 2), PrefillLaunch(128, 32, 8, 3), PrefillLaunch(64, 64, 4, 2)]
+# decodes, a fresh prompt, a chunk behind a cached prefix that ends mid-page, a prefix hit
+MIXED = [(1, 57), (70, 70), (37, 150), (1, 1), (48, 112)]
+
+
+def tile_list(q_lens, block_q, order):
+    """Every (sequence, query tile) of the sequences with q_len > 1, in `order`
+    ("heavy_first" as engine.step_inputs builds it, "ascending" as it did before), plus
+    padding tiles (b = -1)."""
+    tiles = [(b, t) for b, q in enumerate(q_lens) if q > 1 for t in range(-(-q // block_q))]
+    if order == "heavy_first":
+        tiles.reverse()
+    return torch.tensor(tiles + [(-1, 0)] * 3, dtype=torch.int32, device=DEVICE)
+
+
+def run(seqs, group, head_dim, block_size, dtype, launch, order=None, seed=0):
+    q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch(
+        seqs, 2 * group, 2, head_dim, block_size, dtype, seed=seed)
+    scale = head_dim ** -0.5
+    ref = reference_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, scale)
+    tiles = None
+    if order is not None:
+        block_q = prefill_tile_tokens(q.shape[1], 2, dtype, launch=launch)
+        tiles = tile_list([s[0] for s in seqs], block_q, order)
+    out = poisoned(q)
+    if tiles is not None:   # the decode rows are the decode kernel's: leave them out of the check
+        rows = torch.cat([torch.arange(int(qsl[b]), int(qsl[b + 1])) for b, s in enumerate(seqs) if s[0] > 1])
+    else:
+        rows = torch.arange(q.shape[0])
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, max(s[0] for s in seqs), scale,
+                            out=out, tiles=tiles, launch=launch)
+    return rel_error(out[rows.to(out.device)], ref[rows])
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda x: f"M{x.block_m}N{x.block_n}w{x.num_warps}s{x.num_stages}")
+@pytest.mark.parametrize("order", [None, "heavy_first", "ascending"])
+def test_every_launch_and_program_order_matches_reference(launch, order):
+    """bf16, GQA group 2, pages of 16: the engine's Qwen3 case, on a mixed batch."""
+    assert run(MIXED, 2, 64, 16, torch.bfloat16, launch, order) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("group,head_dim,block_size,dtype", [
+    (1, 128, 256, torch.bfloat16),   # a tile inside one page (one block-table load per tile)
+    (4, 80, 1, torch.float32),       # padded head_dim, a page per token
+    (8, 96, 24, torch.bfloat16),     # padded head_dim, pages that straddle tiles
+    (2, 128, 64, torch.float32),     # fp32 halves the tiles: 32-key tiles inside 64-token pages
+])
+@pytest.mark.parametrize("launch", [LAUNCHES[0], LAUNCHES[3]], ids=["engine", "M64"])
+def test_head_dims_groups_and_pages(group, head_dim, block_size, dtype, launch):
+    seqs = [(1, 30), (45, 45), (20, 99)]
+    assert run(seqs, group, head_dim, block_size, dtype, launch, "heavy_first", seed=group) < TOLERANCE[dtype]
+    assert run(seqs, group, head_dim, block_size, dtype, launch, None, seed=group) < TOLERANCE[dtype]
+
+
+def test_launch_and_scale_are_validated():
+    for bad in (dict(block_m=96), dict(block_n=8), dict(num_warps=3), dict(num_stages=0)):
+        with pytest.raises(ValueError, match="PrefillLaunch"):
+            PrefillLaunch(**bad)
+    q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch([(5, 9)], 4, 2, 64, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, 5, -0.125)
+
+
+def test_bench_prefill_stage_runs_on_the_interpreter():
+    """`bench_attention.py --smoke --stages prefill`: the old kernel and the engine's launch per
+    case, both matching SDPA, and one JSON line naming the engine's launch."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_attention.py"), "--smoke",
+                             "--stages", "prefill"], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = report["prefill"]
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 3 and any("tiles" in c for c in cases)
+    for case in cases:
+        kernels = {r["kernel"] for r in rows if r["case"] == case}
+        assert any(k.startswith("old kernel") for k in kernels) and any(k.endswith("(engine)") for k in kernels)
+    assert all(r["rel_err"] < 1e-4 and r["us"] > 0 for r in rows)
+    assert report["prefill_engine_launch"] in {r["kernel"].removesuffix(" (engine)") for r in rows}
