@@ -3,7 +3,8 @@ and by KV block size (what the simulator's cost model is told).
 
     python benchmarks/bench_attention.py                 # CUDA: every stage
     python benchmarks/bench_attention.py --no-flashinfer # skip flashinfer (its first call JIT-compiles)
-    python benchmarks/bench_attention.py --sweep         # also time other launch configs (tuning)
+    python benchmarks/bench_attention.py --stages prefill --no-flashinfer   # prefill launches vs the old kernel
+    python benchmarks/bench_attention.py --sweep         # also time other decode launch configs (tuning)
     python benchmarks/bench_attention.py --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1
     python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
                                                          # block-size costs into a hardware file
@@ -16,8 +17,15 @@ triton.testing.do_bench's median (warm-up, L2 flushed before each run); `graph_u
 call in a CUDA graph (no launch overhead, but no L2 flush either: small cases then read from L2).
 KV bandwidth = K+V bytes of all contexts / time; `%copy` compares it with a device-to-device
 copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
-||ours - sdpa|| / ||sdpa||. Prefill: 4 x 1024 fresh prompts and 4 x 512-token chunks behind
-1536 cached tokens.
+||ours - sdpa|| / ||sdpa||.
+
+Prefill (`--stages prefill`, ~1-2 min on an H200): one sequence of 512, 2048 and 8192 fresh
+tokens, 2048 new tokens behind a 2048-token cached prefix, and the 2048-token prompt through
+a tile list (the engine's CUDA-graph path), same heads and pages of 16. Per case: the old
+kernel (benchmarks/prefill_baseline.py, engine 93476b2), the engine's kernel at every launch
+of PREFILL_CANDIDATES (the engine's own, engine.kernels.launch.PREFILL_LAUNCH, is marked),
+and flashinfer when installed; us per call (= per layer), causal TFLOP/s, % of the bf16
+matmul peak measured here (torch.mm 8192^3), speedup over the old kernel, rel_err vs SDPA.
 
 Blocks: the same work at every KV block size of `--block-sizes` (default 1..256), through the
 engine's public calls only: `paged_decode_attention` (with the model runner's split-KV work
@@ -233,9 +241,9 @@ def bench_decode(fi, copy_gbps, gen):
 
 # ---- prefill: the engine's kernel, its launch candidates and the old kernel ---------------
 # Candidate launches the prefill stage times (the engine's PREFILL_LAUNCH is always one of them).
-PREFILL_CANDIDATES = [PrefillLaunch(128, 64, 8, 3), PrefillLaunch(128, 64, 8, 2), PrefillLaunch(128, 128, 8, 2),
-                      PrefillLaunch(128, 128, 8, 3), PrefillLaunch(128, 32, 8, 3), PrefillLaunch(64, 64, 4, 3),
-                      PrefillLaunch(64, 64, 4, 2), PrefillLaunch(64, 32, 4, 3)]
+PREFILL_CANDIDATES = [PrefillLaunch(64, 64, 4, 3), PrefillLaunch(64, 64, 4, 2), PrefillLaunch(64, 32, 4, 3),
+                      PrefillLaunch(128, 32, 8, 3), PrefillLaunch(128, 32, 8, 2), PrefillLaunch(128, 64, 8, 3),
+                      PrefillLaunch(128, 64, 8, 2), PrefillLaunch(128, 128, 8, 2)]
 
 
 def launch_name(launch) -> str:
@@ -280,10 +288,10 @@ def bench_prefill(fi, gen, peak):
         q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
         k = torch.randn(1, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
         v = torch.randn_like(k)
-        ref = torch.nn.functional.scaled_dot_product_attention(
+        mask = None if q_len == ctx else torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len)
+        ref = torch.nn.functional.scaled_dot_product_attention(   # bottom-right causal
             q.unsqueeze(0).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE, enable_gqa=True,
-            attn_mask=torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len),  # bottom-right
-        ).transpose(1, 2)[0]
+            attn_mask=mask, is_causal=mask is None).transpose(1, 2)[0]
         k_cache, v_cache, block_tables = paged_batch(k, v, 16, gen)
         del k, v
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)

@@ -25,11 +25,17 @@ DECODE_NUM_STAGES = 3
 class PrefillLaunch:
     """Launch geometry of the prefill kernel. block_m: query rows per program (tokens x the
     padded query group of one KV head; fp32 halves it); block_n: keys per step of the inner
-    loop (fp32 halves it). On sm_90 bf16 head_dim 128 the tiles compile to wgmma, and the
-    K/V loads to a `num_stages`-deep cp.async pipeline."""
-    block_m: int = 128
+    loop (fp32 halves it); num_stages: depth of the cp.async pipeline of the K/V loads.
+
+    The default is chosen from offline sm_90 compiles (bf16, head_dim 128, Triton 3.9):
+    every candidate of `bench_attention.py --stages prefill` runs both dots on wgmma without
+    spills, but Triton waits for q.k^T right after issuing it, so one program never overlaps
+    its softmax with its own matmuls; a second program on the SM can. M64 N64 w4 (185
+    registers, 81 KB shared) fits two programs per SM where M128 N64 w8 (175 registers x 256
+    threads) fits one. M128 N32 w8 (128 registers, 64 KB) fits two as well."""
+    block_m: int = 64
     block_n: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
     def __post_init__(self):

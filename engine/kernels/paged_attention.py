@@ -265,8 +265,9 @@ def _merge_splits_kernel(
 
 @triton.jit
 def _load_kv(ptrs, pos_mask, d_mask, MASK_POS: tl.constexpr, EVEN_D: tl.constexpr):
-    """A [BLOCK_N, HEAD_DIM_PAD] K or V tile; masks only what can be out of range, so the
-    unmasked steps of a power-of-two head_dim are plain vector copies."""
+    """A [BLOCK_N, HEAD_DIM_PAD] K or V tile. Masks only what can be out of range: positions
+    past the end on the diagonal (MASK_POS), the padding of a head_dim that is not a power of
+    two (not EVEN_D); elsewhere the load is a plain vector copy."""
     if MASK_POS:
         return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
     if EVEN_D:
@@ -326,7 +327,7 @@ def _prefill_kernel(
         return
     context_len = tl.load(context_lens_ptr + b)
     num_cached = context_len - q_len  # KV positions before this step's first query
-    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    EVEN_D = HEAD_DIM == HEAD_DIM_PAD   # constexpr: no head_dim padding to mask
 
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -348,21 +349,21 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     # Keys below the tile's first query position are visible to every row: no masks there.
+    # Tiles from unmasked_end to kv_end touch the diagonal: causal mask, and stop at the
+    # tile's last query position. Keys past kv_end load as zeros and are visible only to
+    # padding rows (tok >= q_len), whose output is never stored.
     first_q_pos = num_cached + q_tile * BLOCK_Q
     unmasked_end = (first_q_pos // BLOCK_N) * BLOCK_N
+    kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
     for tile_start in range(0, unmasked_end, BLOCK_N):
         pos = tile_start + n
         rows = _kv_rows(block_table_ptr, tile_start, pos, pos < unmasked_end, stride_cb, stride_cs,
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
         k = _load_kv(k_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
-        v = _load_kv(v_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
         qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        v = _load_kv(v_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
         acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
-    # Tiles on the diagonal: causal mask, and stop at the tile's last query position. Keys
-    # past kv_end load as zeros and are visible only to padding rows (tok >= q_len), whose
-    # output is never stored.
-    kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         pos = tile_start + n
         pos_mask = pos < kv_end
@@ -370,9 +371,9 @@ def _prefill_kernel(
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
         k = _load_kv(k_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
-        v = _load_kv(v_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
         qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
         qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        v = _load_kv(v_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
         acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
 
     # Every stored row saw at least its own key, so l > 0 there.
