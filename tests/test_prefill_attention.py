@@ -105,3 +105,50 @@ def test_bench_prefill_stage_runs_on_the_interpreter():
         assert any(k.startswith("old kernel") for k in kernels) and any(k.endswith("(engine)") for k in kernels)
     assert all(r["rel_err"] < 1e-4 and r["us"] > 0 for r in rows)
     assert report["prefill_engine_launch"] in {r["kernel"].removesuffix(" (engine)") for r in rows}
+
+
+COMPILE = """
+import importlib, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels.launch import PREFILL_LAUNCH as L
+pa = importlib.import_module("engine.kernels.paged_attention")   # the package exports a function of that name
+
+fn = pa._prefill_kernel
+names = fn.arg_names
+const = dict(GROUP=2, GROUP_PAD=2, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_Q=L.block_m // 2,
+             BLOCK_M=L.block_m, BLOCK_N=L.block_n, TILE_IN_PAGE=False, PRECISION="tf32", UPCAST=False)
+# what a launch specializes: 16-divisible cache/q/out pointers and strides (not the block-table stride)
+aligned = ["q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "stride_qt", "stride_qh", "stride_cb",
+           "stride_cs", "stride_ch", "stride_ot", "stride_oh"]
+out = {}
+for tiles in (False, True):
+    sig = {n: ("constexpr" if n in const or n == "USE_TILES" else "*bf16" if n in aligned[:4] else
+               "*i32" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={**const, "USE_TILES": tiles},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=L.num_warps, num_stages=L.num_stages))
+    ir = k.asm["ttgir"]
+    out[str(tiles)] = dict(wgmma=ir.count("ttng.warp_group_dot "), mma=ir.count("tt.dot "),
+                           async_copies=ir.count("ttg.async_copy_global_to_local"),
+                           tile_loads=sum("tt.load" in l and "bf16" in l for l in ir.splitlines()),
+                           ptx_wgmma=k.asm["ptx"].count("wgmma.mma_async"))
+print(json.dumps(out))
+"""
+
+
+def test_engine_launch_compiles_to_wgmma_with_pipelined_kv_loads_for_sm90():
+    """The engine's launch, compiled for sm_90 (bf16, head_dim 128, GQA 2, pages of 16) the way
+    a GPU launch specializes it: both dots of both loops on wgmma, and the K/V tiles loaded by
+    cp.async (the software pipeline) rather than synchronously: q is the only tile loaded
+    with a plain load. (A local `EVEN_D = ...` without `tl.constexpr` once turned the
+    loads back into plain ones: 255 registers and spills.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    res = json.loads(subprocess.run([sys.executable, "-c", COMPILE], env=env, cwd=REPO, capture_output=True,
+                                    text=True, check=True).stdout.strip().splitlines()[-1])
+    for tiles, r in res.items():
+        assert r["wgmma"] == 4 and r["mma"] == 0 and r["ptx_wgmma"] > 0, (tiles, r)
+        assert r["tile_loads"] == 1 and r["async_copies"] >= 4, (tiles, r)

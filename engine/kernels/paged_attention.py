@@ -21,11 +21,13 @@ Kernels.
   `num_splits` equal shares of every sequence.
   With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
   step (without a work list, sequences whose q_len is not 1 are skipped).
-* prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
-  head), or per (tile of a host-built tile list, KV head): a grid fixed per CUDA graph size and
+* prefill (anything else, mixed batches included): one program per (KV head, sequence, query
+  tile), or per (KV head, tile of a host-built tile list): a grid fixed per CUDA graph size and
   no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
   BLOCK_M rows (again sharing the KV reads), walks the KV blocks with an online softmax, masks
-  only the tiles that touch the causal diagonal.
+  only the tiles that touch the causal diagonal. Programs start heaviest first (the query
+  tiles that see the most keys), so the causal triangle's long tiles do not form the tail.
+  Launch geometry: engine.kernels.launch.PrefillLaunch.
 
 Supported: fp32 / fp16 / bf16; any block_size >= 1 (tiles gather per token, so 1, 24, 16..256
 all work; a block_size that is a multiple of the tile width takes a cheaper one-lookup-per-tile
@@ -327,7 +329,7 @@ def _prefill_kernel(
         return
     context_len = tl.load(context_lens_ptr + b)
     num_cached = context_len - q_len  # KV positions before this step's first query
-    EVEN_D = HEAD_DIM == HEAD_DIM_PAD   # constexpr: no head_dim padding to mask
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD   # no head_dim padding to mask
 
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM_PAD)
