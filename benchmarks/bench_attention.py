@@ -24,7 +24,8 @@ tokens, 2048 new tokens behind a 2048-token cached prefix, and the 2048-token pr
 a tile list (the engine's CUDA-graph path), same heads and pages of 16. Per case: the old
 kernel (benchmarks/prefill_baseline.py, engine 93476b2), the engine's kernel at every launch
 of PREFILL_CANDIDATES (the engine's own, engine.kernels.launch.PREFILL_LAUNCH, is marked),
-and flashinfer when installed; us per call (= per layer), causal TFLOP/s, % of the bf16
+flashinfer when installed, and PyTorch SDPA on dense K/V for the fresh prompts (FlashAttention-2
+where torch has it: a reference); us per call (= per layer), causal TFLOP/s, % of the bf16
 matmul peak measured here (torch.mm 8192^3), speedup over the old kernel, rel_err vs SDPA.
 
 Blocks: the same work at every KV block size of `--block-sizes` (default 1..256), through the
@@ -278,7 +279,9 @@ def tile_list(q_len, context_len, block_q):
 def bench_prefill(fi, gen, peak):
     """Rows {case, kernel, us, TFLOPs, pct_peak, speedup (old us / us), rel_err} per case and
     kernel: the old kernel (benchmarks/prefill_baseline.py), every PREFILL_CANDIDATES launch
-    of the engine's kernel, flashinfer when available. Block size 16, scattered pages."""
+    of the engine's kernel, flashinfer when available, and for fresh prompts PyTorch's SDPA on
+    dense K/V (its FlashAttention-2 backend: a reference, not paged). Block size 16, scattered
+    pages."""
     from benchmarks.prefill_baseline import baseline_prefill_attention, prefill_tile_tokens as baseline_tile
     candidates = PREFILL_CANDIDATES[:2] if args.smoke else PREFILL_CANDIDATES
     if PREFILL_LAUNCH not in candidates:
@@ -293,6 +296,7 @@ def bench_prefill(fi, gen, peak):
             q.unsqueeze(0).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE, enable_gqa=True,
             attn_mask=mask, is_causal=mask is None).transpose(1, 2)[0]
         k_cache, v_cache, block_tables = paged_batch(k, v, 16, gen)
+        dense = [t.transpose(1, 2).contiguous() for t in (q.unsqueeze(0), k, v)]   # [1, heads, tokens, D]
         del k, v
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
         context_lens = torch.tensor([ctx], dtype=torch.int32, device=DEVICE)
@@ -317,6 +321,9 @@ def bench_prefill(fi, gen, peak):
                                                        SCALE, out=out, tiles=tiles, launch=launch)
             default = " (engine)" if launch == PREFILL_LAUNCH else ""
             calls.append((launch_name(launch) + default, ours))
+        if mask is None and not use_tiles and DEVICE == "cuda":   # PyTorch's FlashAttention-2, dense K/V
+            calls.append(("sdpa dense (flash)", lambda: lambda: torch.nn.functional.scaled_dot_product_attention(
+                *dense, scale=SCALE, is_causal=True, enable_gqa=True).transpose(1, 2)[0]))
         if fi is not None and not use_tiles:
             calls.append(("flashinfer", lambda: flashinfer_prefill(fi, q.contiguous(), k_cache, v_cache, block_tables,
                                                                    qsl, ctx)))
@@ -331,7 +338,7 @@ def bench_prefill(fi, gen, peak):
             rows.append({"case": label, "kernel": name, "us": ms * 1e3, "TFLOPs": tflops,
                          "pct_peak": 100 * tflops / peak if peak else None, "speedup": base_ms and base_ms / ms,
                          "rel_err": err})
-        del q, k_cache, v_cache, block_tables, ref, out
+        del q, k_cache, v_cache, block_tables, ref, out, dense
     return rows
 
 
