@@ -20,8 +20,9 @@ copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
 ||ours - sdpa|| / ||sdpa||.
 
 Prefill (`--stages prefill`, ~1-2 min on an H200): one sequence of 512, 2048 and 8192 fresh
-tokens, 2048 new tokens behind a 2048-token cached prefix, and the 2048-token prompt through
-a tile list (the engine's CUDA-graph path), same heads and pages of 16. Per case: the old
+tokens, 2048 new tokens behind a 2048-token cached prefix, and through a tile list padded as
+a mixed CUDA graph's (the engine's path) a 2048-token prompt (graph of 2112 tokens: 64
+decodes + 2048) and a 16-token one (graph of 128), same heads and pages of 16. Per case: the old
 kernel (benchmarks/prefill_baseline.py, engine 93476b2), the engine's kernel at every launch
 of PREFILL_CANDIDATES (the engine's own, engine.kernels.launch.PREFILL_LAUNCH, is marked),
 flashinfer when installed, and PyTorch SDPA on dense K/V for the fresh prompts (FlashAttention-2
@@ -262,17 +263,26 @@ def matmul_peak_tflops() -> float | None:
 
 
 def prefill_cases():
-    """(label, q_len, context_len, tile list?) of one sequence: fresh prompts, a chunk behind a
-    cached prefix, and the engine's CUDA-graph path (a tile list) for the 2048-token prompt."""
+    """(label, q_len, context_len, tiles) of one sequence: fresh prompts, a chunk behind a
+    cached prefix (tiles None: the grid over query tiles), and the engine's CUDA-graph path,
+    a tile list (tiles = the graph's token count: the list is padded with b = -1 to what
+    engine.step_inputs sizes for a mixed graph of that many tokens, as the runner replays it)."""
     if args.smoke:
-        return [("40 fresh", 40, 40, False), ("24 behind 24 cached", 24, 48, False), ("40 fresh, tiles", 40, 40, True)]
-    return [("512 fresh", 512, 512, False), ("2048 fresh", 2048, 2048, False), ("8192 fresh", 8192, 8192, False),
-            ("2048 behind 2048 cached", 2048, 4096, False), ("2048 fresh, tile list", 2048, 2048, True)]
+        return [("40 fresh", 40, 40, None), ("24 behind 24 cached", 24, 48, None), ("40 fresh, tiles", 40, 40, 40)]
+    return [("512 fresh", 512, 512, None), ("2048 fresh", 2048, 2048, None), ("8192 fresh", 8192, 8192, None),
+            ("2048 behind 2048 cached", 2048, 4096, None), ("2048 fresh, graph 2112", 2048, 2048, 2112),
+            ("16 fresh, graph 128", 16, 16, 128)]
 
 
-def tile_list(q_len, context_len, block_q):
-    """The tile list engine.step_inputs builds for one prefill sequence: heaviest tile first."""
-    tiles = [(0, t) for t in reversed(range(triton.cdiv(q_len, block_q)))]
+def tile_list(q_len, block_q, graph_tokens, heavy_first=True):
+    """The tile list engine.step_inputs builds for one prefill sequence in a mixed graph of
+    `graph_tokens` tokens: its tiles heaviest first (the old kernel's: lightest first), then
+    padding up to the graph's tile capacity (tokens / block_q + rows, rows = min(tokens, 256):
+    EngineConfig.max_num_seqs' default)."""
+    tiles = [(0, t) for t in range(triton.cdiv(q_len, block_q))]
+    if heavy_first:
+        tiles.reverse()
+    tiles += [(-1, 0)] * (triton.cdiv(graph_tokens, block_q) + min(graph_tokens, 256) - len(tiles))
     return torch.tensor(tiles, dtype=torch.int32, device=DEVICE)
 
 
@@ -287,7 +297,7 @@ def bench_prefill(fi, gen, peak):
     if PREFILL_LAUNCH not in candidates:
         candidates = [PREFILL_LAUNCH] + candidates
     rows = []
-    for label, q_len, ctx, use_tiles in prefill_cases():
+    for label, q_len, ctx, graph_tokens in prefill_cases():
         q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
         k = torch.randn(1, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
         v = torch.randn_like(k)
@@ -306,25 +316,25 @@ def bench_prefill(fi, gen, peak):
 
         def old():
             tiles = None
-            if use_tiles:   # the old kernel's list: light tiles first, as step_inputs built it
-                block_q = baseline_tile(NUM_HEADS, NUM_KV_HEADS, DTYPE)
-                tiles = tile_list(q_len, ctx, block_q).flip(0)
+            if graph_tokens:   # the old kernel's list: light tiles first, as step_inputs built it
+                tiles = tile_list(q_len, baseline_tile(NUM_HEADS, NUM_KV_HEADS, DTYPE), graph_tokens, False)
             return lambda: baseline_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len,
                                                       SCALE, out=out, tiles=tiles)
         calls.append(("old kernel (93476b2)", old))
         for launch in candidates:
             def ours(launch=launch):
                 tiles = None
-                if use_tiles:
-                    tiles = tile_list(q_len, ctx, prefill_tile_tokens(NUM_HEADS, NUM_KV_HEADS, DTYPE, launch=launch))
+                if graph_tokens:
+                    tiles = tile_list(q_len, prefill_tile_tokens(NUM_HEADS, NUM_KV_HEADS, DTYPE, launch=launch),
+                                      graph_tokens)
                 return lambda: paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len,
                                                        SCALE, out=out, tiles=tiles, launch=launch)
             default = " (engine)" if launch == PREFILL_LAUNCH else ""
             calls.append((launch_name(launch) + default, ours))
-        if mask is None and not use_tiles and DEVICE == "cuda":   # PyTorch's FlashAttention-2, dense K/V
+        if mask is None and not graph_tokens and DEVICE == "cuda":   # PyTorch's FlashAttention-2, dense K/V
             calls.append(("sdpa dense (flash)", lambda: lambda: torch.nn.functional.scaled_dot_product_attention(
                 *dense, scale=SCALE, is_causal=True, enable_gqa=True).transpose(1, 2)[0]))
-        if fi is not None and not use_tiles:
+        if fi is not None and not graph_tokens:
             calls.append(("flashinfer", lambda: flashinfer_prefill(fi, q.contiguous(), k_cache, v_cache, block_tables,
                                                                    qsl, ctx)))
         base_ms = None
