@@ -16,6 +16,7 @@ PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES = 128, 6
 
 
 def prefill_tile_tokens(num_heads, num_kv_heads, dtype, max_query_len=None):
+    """engine.kernels.launch.prefill_tile_tokens as of 93476b2 (BLOCK_M 128)."""
     group_pad = next_power_of_2(num_heads // num_kv_heads)
     short_q = -(-16 // group_pad)
     if max_query_len is not None and max_query_len <= short_q:
@@ -109,15 +110,9 @@ def _prefill_kernel(
 
 
 def baseline_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                            max_query_len, scale, *, out=None, tiles=None):
-    """Any batch: fresh prompts, prefill chunks, prompts behind a prefix-cache hit, decode
-    tokens, or a mix (see the module docstring for q's layout). `max_query_len` (host int) sizes
-    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype.
-
-    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens) per
-    program, b = -1 for none; then the grid is (P, num_kv_heads) and only the listed tiles
-    run (max_query_len is ignored): a fixed grid for CUDA graphs, and no empty programs for
-    the decode rows of a mixed step."""
+                               max_query_len, scale, *, out=None, tiles=None):
+    """engine.kernels.paged_prefill_attention as of 93476b2 (same contract; tiles of this
+    module's `prefill_tile_tokens`, grid (P, num_kv_heads))."""
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     out = _output(q, out)
     batch = context_lens.shape[0]
