@@ -80,8 +80,20 @@ def test_head_dims_groups_and_pages(group, head_dim, block_size, dtype, launch):
     assert run(seqs, group, head_dim, block_size, dtype, launch, None, seed=group) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("num_sms", [1, 3])
+def test_programs_walking_the_tile_list_cover_every_tile(monkeypatch, num_sms):
+    """A GPU of 1 or 3 SMs: fewer programs than tiles, so each program walks several entries
+    of the list (the snake order) and stops at the padding; every tile is still computed."""
+    import importlib
+    pa = importlib.import_module("engine.kernels.paged_attention")
+    monkeypatch.setattr(pa, "_num_sms", lambda device: num_sms)
+    seqs = MIXED + [(90, 90)]
+    assert run(seqs, 2, 64, 16, torch.bfloat16, LAUNCHES[0], "heavy_first") < TOLERANCE[torch.bfloat16]
+    assert run(seqs, 4, 64, 32, torch.float32, LAUNCHES[2], "heavy_first") < TOLERANCE[torch.float32]
+
+
 def test_launch_and_scale_are_validated():
-    for bad in (dict(block_m=96), dict(block_n=8), dict(num_warps=3), dict(num_stages=0)):
+    for bad in (dict(block_m=96), dict(block_n=8), dict(num_warps=3), dict(num_stages=0), dict(programs_per_sm=0)):
         with pytest.raises(ValueError, match="PrefillLaunch"):
             PrefillLaunch(**bad)
     q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch([(5, 9)], 4, 2, 64, 16, torch.float32, seed=0)

@@ -32,20 +32,27 @@ class PrefillLaunch:
     spills, but Triton waits for q.k^T right after issuing it, so one program never overlaps
     its softmax with its own matmuls; a second program on the SM can. M64 N64 w4 (185
     registers, 81 KB shared) fits two programs per SM where M128 N64 w8 (175 registers x 256
-    threads) fits one. M128 N32 w8 (128 registers, 64 KB) fits two as well."""
+    threads) fits one. (Walking a tile list costs registers: M64 N64 w4 then takes 224 and
+    still fits two; M128 N32 w8, 128 on the grid, takes 161 and fits one.)
+
+    programs_per_sm: programs per SM of the grid that walks a tile list. At least as many as
+    an SM holds at once (two for the default), so no SM idles while tiles are left; more let
+    the hardware's scheduler even out uneven programs; each costs one read of the padding."""
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    programs_per_sm: int = 4
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"PrefillLaunch.{name} must be a power of two >= 16, got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
-            raise ValueError(f"PrefillLaunch: num_warps must be 1..16 (a power of two) and num_stages >= 1, "
-                             f"got {self.num_warps} and {self.num_stages}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ValueError(f"PrefillLaunch: num_warps must be 1..16 (a power of two), num_stages and "
+                             f"programs_per_sm >= 1, got {self.num_warps}, {self.num_stages}, "
+                             f"{self.programs_per_sm}")
 
 
 PREFILL_LAUNCH = PrefillLaunch()   # the engine's; bench_attention.py --stages prefill times the others
@@ -118,3 +125,12 @@ def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, m
     if dtype == torch.float32:
         block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
     return block_q
+
+
+def prefill_tile_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
+                          launch: PrefillLaunch = PREFILL_LAUNCH) -> int:
+    """Programs per KV head that walk a prefill tile list of `num_tiles` entries: one per
+    entry up to what the GPU holds at once (launch.programs_per_sm x num_sms over the KV
+    heads). A CUDA graph's list is padded far past its real tiles; capped, the padding costs
+    one read per program instead of a wave of programs per SM. Shape-only: graph-safe."""
+    return max(1, min(num_tiles, cdiv(launch.programs_per_sm * num_sms, num_kv_heads)))

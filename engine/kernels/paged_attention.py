@@ -57,7 +57,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
-    choose_num_splits, prefill_tile_tokens)
+    choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
 
 
 @triton.jit
@@ -295,38 +295,21 @@ def _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION: tl.constexpr, UPCAST: t
     return acc, l, m_new
 
 
-@triton.jit(do_not_specialize=["stride_bt"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "tiles_ptr"])
-def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    tiles_ptr, out_ptr, qk_scale,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+@triton.jit
+def _prefill_tile(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
+    qk_scale, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    b, q_tile, kv_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
-    USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (kv_head, b, j) takes query tile `num_programs(2) - 1 - j` of sequence b, or
-    with USE_TILES program (kv_head, i) takes (b, query tile) from the tile list `tiles[i]`
-    (b < 0: nothing to do; a CUDA graph's grid covers the most tiles its size can have).
-    Either way the programs that start first hold the latest query tiles, which see the
-    most keys (causal): the long programs start early and short ones fill the tail.
-    Row r of the tile is token `r // GROUP_PAD` of the tile and query head
-    `kv_head * GROUP + r % GROUP_PAD`."""
-    kv_head = tl.program_id(0)
-    if USE_TILES:
-        b = tl.load(tiles_ptr + 2 * tl.program_id(1))
-        if b < 0:
-            return
-        q_tile = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)
-    else:
-        b = tl.program_id(1)
-        q_tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    """Query tile `q_tile` (BLOCK_Q tokens, which must hold at least one of the sequence's
+    queries) of sequence b, for the query heads of `kv_head`. Row r of the tile is token
+    `r // GROUP_PAD` of the tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:  # the grid covers the longest query of the batch
-        return
     context_len = tl.load(context_lens_ptr + b)
     num_cached = context_len - q_len  # KV positions before this step's first query
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD   # no head_dim padding to mask
@@ -382,6 +365,59 @@ def _prefill_kernel(
     out = acc * (1.0 / tl.where(l == 0.0, 1.0, l))[:, None]
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_tiles"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
+                                            "query_start_loc_ptr", "tiles_ptr"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    tiles_ptr, out_ptr, qk_scale,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, num_tiles,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
+    USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Without USE_TILES: program (kv_head, b, j) takes query tile `num_programs(2) - 1 - j`
+    of sequence b (none if past b's query). With USE_TILES: program (kv_head, j) of G =
+    num_programs(1) walks the tile list `tiles` [num_tiles, 2] = (b, query tile), real
+    entries first, sorted heaviest first, ended by the first b < 0 (padding of a CUDA
+    graph's list): entries j, 2G - 1 - j, 2G + j, 4G - 1 - j, ... (a snake, so every program
+    gets about the same keys), so a padded list costs one read per program, not a program
+    per entry. Either way the programs that start first hold the query tiles that see the
+    most keys (causal): the long programs start early and short ones fill the tail."""
+    kv_head = tl.program_id(0)
+    if USE_TILES:
+        j = tl.program_id(1)
+        G = tl.num_programs(1)
+        i = j
+        b = tl.load(tiles_ptr + 2 * i, mask=i < num_tiles, other=-1)
+        rnd = 0
+        while b >= 0:
+            q_tile = tl.load(tiles_ptr + 2 * i + 1)
+            q_len = tl.load(query_start_loc_ptr + b + 1) - tl.load(query_start_loc_ptr + b)
+            if q_tile * BLOCK_Q < q_len:   # an entry past its sequence's query does nothing
+                _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                              query_start_loc_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_cb,
+                              stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, b, q_tile, kv_head,
+                              GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M, BLOCK_N,
+                              TILE_IN_PAGE, PRECISION, UPCAST)
+            rnd += 1
+            i = rnd * G + tl.where(rnd % 2 == 0, j, G - 1 - j)
+            b = tl.load(tiles_ptr + 2 * i, mask=i < num_tiles, other=-1)
+    else:
+        b = tl.program_id(1)
+        q_tile = tl.num_programs(2) - 1 - tl.program_id(2)
+        q_len = tl.load(query_start_loc_ptr + b + 1) - tl.load(query_start_loc_ptr + b)
+        if q_tile * BLOCK_Q < q_len:   # the grid covers the longest query of the batch
+            _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                          query_start_loc_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_cb, stride_cs,
+                          stride_ch, stride_bt, stride_ot, stride_oh, b, q_tile, kv_head,
+                          GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M, BLOCK_N,
+                          TILE_IN_PAGE, PRECISION, UPCAST)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -555,11 +591,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
     the grid; it must be >= every q_len. `scale` must be > 0. Returns `[T, num_heads,
     head_dim]` in q's dtype.
 
-    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens) per
-    program, b = -1 for none; then the grid is (num_kv_heads, P) and only the listed tiles
-    run (max_query_len is ignored): a fixed grid for CUDA graphs, and no empty programs for
-    the decode rows of a mixed step. Programs start in list order, so a list with the tiles
-    that see the most keys first (engine.step_inputs builds it so) finishes soonest.
+    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens): the
+    real entries first, then padding (b = -1; the first one ends the list), as
+    engine.step_inputs builds it: heaviest tiles (most keys) first. Only the listed tiles run
+    (max_query_len is ignored) on a grid of (num_kv_heads, prefill_tile_programs(P, ...))
+    programs that walk the list: fixed per CUDA graph size, no programs for the decode rows
+    of a mixed step, and a padded list costs one read per program.
     launch: the kernel's tile geometry (engine.kernels.launch.PrefillLaunch); a tile list
     must be built with the same one (`prefill_tile_tokens(..., launch=launch)`)."""
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
@@ -572,7 +609,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
         if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
             raise ValueError(f"paged attention: tiles must be int32 [P, 2], got {tiles.dtype} {tuple(tiles.shape)}")
         block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, launch=launch)
-        grid = (num_kv_heads, tiles.shape[0])
+        grid = (num_kv_heads, prefill_tile_programs(tiles.shape[0], num_kv_heads, _num_sms(q.device), launch))
         if tiles.shape[0] == 0 or batch == 0:
             return out
     else:
@@ -589,7 +626,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
         tiles if tiles is not None else query_start_loc, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), tiles.shape[0] if tiles is not None else 0,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_q * group_pad, BLOCK_N=block_n,
