@@ -22,8 +22,8 @@ Kernels.
   With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
   step (without a work list, sequences whose q_len is not 1 are skipped).
 * prefill (anything else, mixed batches included): one program per (KV head, sequence, query
-  tile), or per (KV head, tile of a host-built tile list): a grid fixed per CUDA graph size and
-  no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
+  tile), or programs per KV head that walk a host-built tile list: a grid fixed per CUDA graph
+  size, no programs for decode rows, and the list's padding costs one read; the tile packs BLOCK_Q tokens x the query group into
   BLOCK_M rows (again sharing the KV reads), walks the KV blocks with an online softmax, masks
   only the tiles that touch the causal diagonal. Programs start heaviest first (the query
   tiles that see the most keys), so the causal triangle's long tiles do not form the tail.
