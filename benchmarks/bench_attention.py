@@ -3,7 +3,8 @@ and by KV block size (what the simulator's cost model is told).
 
     python benchmarks/bench_attention.py                 # CUDA: every stage
     python benchmarks/bench_attention.py --no-flashinfer # skip flashinfer (its first call JIT-compiles)
-    python benchmarks/bench_attention.py --sweep         # also time other launch configs (tuning)
+    python benchmarks/bench_attention.py --stages prefill --no-flashinfer   # prefill launches vs the old kernel
+    python benchmarks/bench_attention.py --sweep         # also time other decode launch configs (tuning)
     python benchmarks/bench_attention.py --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1
     python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
                                                          # block-size costs into a hardware file
@@ -16,8 +17,17 @@ triton.testing.do_bench's median (warm-up, L2 flushed before each run); `graph_u
 call in a CUDA graph (no launch overhead, but no L2 flush either: small cases then read from L2).
 KV bandwidth = K+V bytes of all contexts / time; `%copy` compares it with a device-to-device
 copy of a 4 GiB tensor measured here ((read + write) bytes / time). `rel_err` is
-||ours - sdpa|| / ||sdpa||. Prefill: 4 x 1024 fresh prompts and 4 x 512-token chunks behind
-1536 cached tokens.
+||ours - sdpa|| / ||sdpa||.
+
+Prefill (`--stages prefill`, ~1-2 min on an H200): one sequence of 512, 2048 and 8192 fresh
+tokens, 2048 new tokens behind a 2048-token cached prefix, and through a tile list padded as
+a mixed CUDA graph's (the engine's path) a 2048-token prompt (graph of 2112 tokens: 64
+decodes + 2048) and a 16-token one (graph of 128), same heads and pages of 16. Per case: the old
+kernel (benchmarks/prefill_baseline.py, engine 93476b2), the engine's kernel at every launch
+of PREFILL_CANDIDATES (the engine's own, engine.kernels.launch.PREFILL_LAUNCH, is marked),
+flashinfer when installed, and PyTorch SDPA on dense K/V for the fresh prompts (FlashAttention-2
+where torch has it: a reference); us per call (= per layer), causal TFLOP/s, % of the bf16
+matmul peak measured here (torch.mm 8192^3), speedup over the old kernel, rel_err vs SDPA.
 
 Blocks: the same work at every KV block size of `--block-sizes` (default 1..256), through the
 engine's public calls only: `paged_decode_attention` (with the model runner's split-KV work
@@ -78,7 +88,8 @@ import yaml  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
                             paged_prefill_attention)
-from engine.kernels.launch import decode_work_capacity, plan_decode_work  # noqa: E402
+from engine.kernels.launch import (PREFILL_LAUNCH, PrefillLaunch, decode_work_capacity,  # noqa: E402
+                                   plan_decode_work, prefill_tile_tokens)
 from simulator.hardware import HardwareSpec  # noqa: E402
 
 for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
@@ -230,45 +241,131 @@ def bench_decode(fi, copy_gbps, gen):
     return rows
 
 
-def bench_prefill(fi, gen):
-    # (label, num_seqs, q_len, context_len)
-    cases = [("fresh", 2, 24, 24), ("chunk", 2, 8, 40)] if args.smoke else [
-        ("4x1024 fresh", 4, 1024, 1024), ("4x512 chunk after 1536 cached", 4, 512, 2048)]
-    block_sizes = [16] if args.smoke else [16, 256]
+# ---- prefill: the engine's kernel, its launch candidates and the old kernel ---------------
+# Candidate launches the prefill stage times (the engine's PREFILL_LAUNCH is always one of them).
+PREFILL_CANDIDATES = [PrefillLaunch(64, 64, 4, 3), PrefillLaunch(64, 64, 4, 2), PrefillLaunch(64, 32, 4, 3),
+                      PrefillLaunch(128, 32, 8, 3), PrefillLaunch(128, 32, 8, 2), PrefillLaunch(128, 64, 8, 3),
+                      PrefillLaunch(128, 64, 8, 2), PrefillLaunch(128, 128, 8, 2)]
+
+
+def launch_name(launch) -> str:
+    return f"M{launch.block_m} N{launch.block_n} w{launch.num_warps} s{launch.num_stages}"
+
+
+def matmul_peak_tflops() -> float | None:
+    """bf16 (or --dtype) matmul rate of torch.mm at 8192^3, the compute ceiling of the table."""
+    if DEVICE == "cpu":
+        return None
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    ms = measure(lambda: torch.mm(a, b))
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def prefill_cases():
+    """(label, q_len, context_len, tiles) of one sequence: fresh prompts, a chunk behind a
+    cached prefix (tiles None: the grid over query tiles), and the engine's CUDA-graph path,
+    a tile list (tiles = the graph's token count: the list is padded with b = -1 to what
+    engine.step_inputs sizes for a mixed graph of that many tokens, as the runner replays it)."""
+    if args.smoke:
+        return [("40 fresh", 40, 40, None), ("24 behind 24 cached", 24, 48, None), ("40 fresh, tiles", 40, 40, 40)]
+    return [("512 fresh", 512, 512, None), ("2048 fresh", 2048, 2048, None), ("8192 fresh", 8192, 8192, None),
+            ("2048 behind 2048 cached", 2048, 4096, None), ("2048 fresh, graph 2112", 2048, 2048, 2112),
+            ("16 fresh, graph 128", 16, 16, 128)]
+
+
+def tile_list(q_len, block_q, graph_tokens, heavy_first=True):
+    """The tile list engine.step_inputs builds for one prefill sequence in a mixed graph of
+    `graph_tokens` tokens: its tiles heaviest first (the old kernel's: lightest first), then
+    padding up to the graph's tile capacity (tokens / block_q + rows, rows = min(tokens, 256):
+    EngineConfig.max_num_seqs' default)."""
+    tiles = [(0, t) for t in range(triton.cdiv(q_len, block_q))]
+    if heavy_first:
+        tiles.reverse()
+    tiles += [(-1, 0)] * (triton.cdiv(graph_tokens, block_q) + min(graph_tokens, 256) - len(tiles))
+    return torch.tensor(tiles, dtype=torch.int32, device=DEVICE)
+
+
+def bench_prefill(fi, gen, peak):
+    """Rows {case, kernel, us, TFLOPs, pct_peak, speedup (old us / us), rel_err} per case and
+    kernel: the old kernel (benchmarks/prefill_baseline.py), every PREFILL_CANDIDATES launch
+    of the engine's kernel, flashinfer when available, and for fresh prompts PyTorch's SDPA on
+    dense K/V (its FlashAttention-2 backend: a reference, not paged). Block size 16, scattered
+    pages."""
+    from benchmarks.prefill_baseline import baseline_prefill_attention, prefill_tile_tokens as baseline_tile
+    candidates = PREFILL_CANDIDATES[:2] if args.smoke else PREFILL_CANDIDATES
+    if PREFILL_LAUNCH not in candidates:
+        candidates = [PREFILL_LAUNCH] + candidates
     rows = []
-    for label, batch, q_len, ctx in cases:
-        q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-        k = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-        v = torch.randn(batch, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-        q_dense = q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2)
-        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len)  # bottom-right causal
+    for label, q_len, ctx, graph_tokens in prefill_cases():
+        q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(1, ctx, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        mask = None if q_len == ctx else torch.ones(q_len, ctx, dtype=torch.bool, device=DEVICE).tril(ctx - q_len)
+        ref = torch.nn.functional.scaled_dot_product_attention(   # bottom-right causal
+            q.unsqueeze(0).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE, enable_gqa=True,
+            attn_mask=mask, is_causal=mask is None).transpose(1, 2)[0]
+        k_cache, v_cache, block_tables = paged_batch(k, v, 16, gen)
+        dense = [t.transpose(1, 2).contiguous() for t in (q.unsqueeze(0), k, v)]   # [1, heads, tokens, D]
+        del k, v
+        qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
+        context_lens = torch.tensor([ctx], dtype=torch.int32, device=DEVICE)
+        flops = 4 * NUM_HEADS * HEAD_DIM * sum(ctx - q_len + i + 1 for i in range(q_len))
+        out = torch.empty_like(q)
+        calls = []
 
-        def sdpa():
-            return torch.nn.functional.scaled_dot_product_attention(
-                q_dense, k.transpose(1, 2), v.transpose(1, 2), attn_mask=None if q_len == ctx else mask,
-                is_causal=q_len == ctx, scale=SCALE, enable_gqa=True).transpose(1, 2).flatten(0, 1)
-        ref = sdpa()
-        sdpa_ms = measure(sdpa)
-        # causal attention FLOPs: 2 matmuls x 2 flops per multiply-add over every visible key
-        visible = sum(ctx - q_len + i + 1 for i in range(q_len))
-        flops = 4 * batch * NUM_HEADS * HEAD_DIM * visible
-        qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * q_len
-        context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
-        for block_size in block_sizes:
-            k_cache, v_cache, block_tables = paged_batch(k, v, block_size, gen)
-            out = torch.empty_like(q)
-
-            def ours():
-                return paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len, ctx, SCALE,
-                                       out=out)
-            err = rel_err(ours(), ref)
-            ms = measure(ours)
-            fi_ms, fi_err, fi_note = (None, None, "skipped") if fi is None else try_time(
-                lambda: flashinfer_prefill(fi, q, k_cache, v_cache, block_tables, qsl, ctx), ref)
-            rows.append({"case": label, "block": block_size, "us": ms * 1e3, "TFLOPs": flops / (ms * 1e-3) / 1e12,
-                         "rel_err": err, "flashinfer_us": fi_ms and fi_ms * 1e3, "flashinfer_err": fi_err,
-                         "flashinfer_note": fi_note, "sdpa_dense_us": sdpa_ms * 1e3})
+        def old():
+            tiles = None
+            if graph_tokens:   # the old kernel's list: light tiles first, as step_inputs built it
+                tiles = tile_list(q_len, baseline_tile(NUM_HEADS, NUM_KV_HEADS, DTYPE), graph_tokens, False)
+            return lambda: baseline_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len,
+                                                      SCALE, out=out, tiles=tiles)
+        calls.append(("old kernel (93476b2)", old))
+        for launch in candidates:
+            def ours(launch=launch):
+                tiles = None
+                if graph_tokens:
+                    tiles = tile_list(q_len, prefill_tile_tokens(NUM_HEADS, NUM_KV_HEADS, DTYPE, launch=launch),
+                                      graph_tokens)
+                return lambda: paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, qsl, q_len,
+                                                       SCALE, out=out, tiles=tiles, launch=launch)
+            default = " (engine)" if launch == PREFILL_LAUNCH else ""
+            calls.append((launch_name(launch) + default, ours))
+        if mask is None and not graph_tokens and DEVICE == "cuda":   # PyTorch's FlashAttention-2, dense K/V
+            calls.append(("sdpa dense (flash)", lambda: lambda: torch.nn.functional.scaled_dot_product_attention(
+                *dense, scale=SCALE, is_causal=True, enable_gqa=True).transpose(1, 2)[0]))
+        if fi is not None and not graph_tokens:
+            calls.append(("flashinfer", lambda: flashinfer_prefill(fi, q.contiguous(), k_cache, v_cache, block_tables,
+                                                                   qsl, ctx)))
+        base_ms = None
+        for name, make in calls:
+            ms, err, note = try_time(make, ref)
+            if ms is None:
+                print(f"  {label}: {name}: {note}", flush=True)
+                continue
+            base_ms = ms if name.startswith("old") else base_ms
+            tflops = flops / (ms * 1e-3) / 1e12
+            rows.append({"case": label, "kernel": name, "us": ms * 1e3, "TFLOPs": tflops,
+                         "pct_peak": 100 * tflops / peak if peak else None, "speedup": base_ms and base_ms / ms,
+                         "rel_err": err})
+        del q, k_cache, v_cache, block_tables, ref, out, dense
     return rows
+
+
+def print_prefill(prefill, peak):
+    print(f"\nprefill attention, one sequence, block 16 (time per layer; matmul peak {fmt(peak, '.0f')} "
+          f"TFLOP/s; speedup = old kernel's time / this one's)")
+    print(f"{'case':>26} {'kernel':>24} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} {'speedup':>7} {'rel_err':>8}")
+    for r in prefill:
+        print(f"{r['case']:>26} {r['kernel']:>24} {r['us']:>9.1f} {r['TFLOPs']:>8.1f} {fmt(r['pct_peak'], '6.1f')} "
+              f"{fmt(r['speedup'], '7.2f')} {fmt(r['rel_err'], '8.1e')}")
+    best = {}
+    for r in prefill:
+        if r["kernel"].startswith("M") and (r["case"] not in best or r["us"] < best[r["case"]]["us"]):
+            best[r["case"]] = r
+    for case, r in best.items():
+        print(f"  fastest launch for {case}: {r['kernel']} ({fmt(r['speedup'], '.2f')}x the old kernel)")
+    return prefill
 
 
 # ---- blocks: the same work at every KV block size ------------------------------------------
@@ -430,18 +527,16 @@ def check_cuda_graph(gen):
 
 
 def sweep(gen):
-    """Time each launch-constant combination of engine/kernels/paged_attention.py (the module
-    globals the wrappers read at call time) on the shapes that matter; the defaults are restored."""
+    """Time each decode launch-constant combination of engine/kernels/paged_attention.py (the
+    module globals the wrapper reads at call time) on the shapes that matter; the defaults are
+    restored. (The prefill kernel's launches are the prefill stage's PREFILL_CANDIDATES.)"""
     pa = importlib.import_module("engine.kernels.paged_attention")
-    launch = importlib.import_module("engine.kernels.launch")   # prefill_tile_tokens reads BLOCK_M there
-    saved = {name: getattr(pa, name) for name in dir(pa) if name.isupper()}
+    saved = {name: getattr(pa, name) for name in ("DECODE_BLOCK_N", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")}
     if args.smoke:
-        decode_shapes, prefill_shapes, grid = [(2, 300, 16)], [(2, 24)], {
-            "DECODE": [(32, 4, 2)], "PREFILL": [(64, 32, 4, 2)]}
+        decode_shapes, grid = [(2, 300, 16)], [(32, 4, 2)]
     else:
-        decode_shapes, prefill_shapes = [(256, 1024, 16), (64, 4096, 16), (256, 1024, 256), (8, 4096, 16)], [(4, 1024), (1, 2048)]
-        grid = {"DECODE": list(itertools.product([32, 64, 128], [4, 8], [2, 3, 4])),
-                "PREFILL": list(itertools.product([64, 128], [32, 64], [4, 8], [2, 3]))}
+        decode_shapes = [(256, 1024, 16), (64, 4096, 16), (256, 1024, 256), (8, 4096, 16)]
+        grid = list(itertools.product([32, 64, 128], [4, 8], [2, 3, 4]))
     rows = []
     try:
         for batch, ctx, block_size in decode_shapes:
@@ -451,7 +546,7 @@ def sweep(gen):
             context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
             kv_bytes = 2 * k.numel() * k.element_size()
             del k
-            for block_n, warps, stages in grid["DECODE"]:
+            for block_n, warps, stages in grid:
                 pa.DECODE_BLOCK_N, pa.DECODE_NUM_WARPS, pa.DECODE_NUM_STAGES = block_n, warps, stages
                 try:
                     ms = measure(lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, SCALE))
@@ -461,37 +556,14 @@ def sweep(gen):
                 except Exception as e:  # e.g. out of shared memory
                     print(f"  decode BLOCK_N={block_n} warps={warps} stages={stages}: {type(e).__name__}")
             del k_cache, v_cache
-        for batch, length in prefill_shapes:
-            q = torch.randn(batch * length, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-            k = torch.randn(batch, length, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-            k_cache, v_cache, block_tables = paged_batch(k, torch.randn_like(k), 16, gen)
-            qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * length
-            context_lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
-            flops = 4 * batch * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2
-            for block_m, block_n, warps, stages in grid["PREFILL"]:
-                pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N = block_m, block_n
-                launch.PREFILL_BLOCK_M = block_m
-                pa.PREFILL_NUM_WARPS, pa.PREFILL_NUM_STAGES = warps, stages
-                try:
-                    ms = measure(lambda: paged_attention(q, k_cache, v_cache, block_tables, context_lens, qsl,
-                                                         length, length, SCALE))
-                    rows.append({"kernel": "prefill", "shape": f"{batch}x{length} block=16",
-                                 "config": f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}",
-                                 "us": ms * 1e3, "TFLOPs": flops / (ms * 1e-3) / 1e12})
-                except Exception as e:
-                    print(f"  prefill BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}: "
-                          f"{type(e).__name__}")
     finally:
         for name, value in saved.items():
             setattr(pa, name, value)
-        launch.PREFILL_BLOCK_M = saved["PREFILL_BLOCK_M"]
     print("\nsweep (best 5 per shape; current defaults: decode BLOCK_N={DECODE_BLOCK_N} warps={DECODE_NUM_WARPS} "
-          "stages={DECODE_NUM_STAGES}, prefill BLOCK_M={PREFILL_BLOCK_M} BLOCK_N={PREFILL_BLOCK_N} "
-          "warps={PREFILL_NUM_WARPS} stages={PREFILL_NUM_STAGES})".format(**saved))
+          "stages={DECODE_NUM_STAGES})".format(**saved))
     for (kernel, shape), group in itertools.groupby(rows, key=lambda r: (r["kernel"], r["shape"])):
         for r in sorted(group, key=lambda r: r["us"])[:5]:
-            rate = f"{r['GBps']:.0f} GB/s" if kernel == "decode" else f"{r['TFLOPs']:.1f} TFLOP/s"
-            print(f"  {kernel:>7} {shape:>28}  {r['config']:<44} {r['us']:>9.1f} us  {rate}")
+            print(f"  {kernel:>7} {shape:>28}  {r['config']:<44} {r['us']:>9.1f} us  {r['GBps']:.0f} GB/s")
     return rows
 
 
@@ -512,7 +584,8 @@ def main():
     print(f"device: {device_name}   dtype: {DTYPE}   heads {NUM_HEADS}/{NUM_KV_HEADS} x {HEAD_DIM}   "
           f"copy ceiling: {fmt(copy_gbps, '.0f')} GB/s   flashinfer: {fi_version}   stages: {','.join(STAGES)}")
     decode = print_decode(bench_decode(fi, copy_gbps, gen)) if "decode" in STAGES else []
-    prefill = print_prefill(bench_prefill(fi, gen)) if "prefill" in STAGES else []
+    peak = matmul_peak_tflops() if "prefill" in STAGES else None
+    prefill = print_prefill(bench_prefill(fi, gen, peak), peak) if "prefill" in STAGES else []
     graph_diff = check_cuda_graph(gen) if "decode" in STAGES else None
     sweep_rows = sweep(gen) if args.sweep else None
     blocks, cost, failed = None, None, None
@@ -531,7 +604,7 @@ def main():
         for path in [] if wrong else args.write_hardware:
             write_block_cost(path, cost, note)
             print(f"wrote attention_block_cost into {path}")
-    notes = sorted({r["flashinfer_note"] for r in decode + prefill if r["flashinfer_note"]})
+    notes = sorted({r["flashinfer_note"] for r in decode if r["flashinfer_note"]})
     if notes:
         print("\nflashinfer notes:", *notes, sep="\n  ")
     if "decode" in STAGES:
@@ -539,6 +612,7 @@ def main():
     print(json.dumps({"bench": "attention", "device": device_name, "dtype": str(DTYPE),
                       "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
                       "stages": STAGES, "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
+                      "matmul_peak_TFLOPs": peak, "prefill_engine_launch": launch_name(PREFILL_LAUNCH),
                       "decode": decode, "prefill": prefill, "sweep": sweep_rows,
                       "block_cost": cost, "blocks": blocks}))
     if failed:
@@ -554,15 +628,6 @@ def print_decode(decode):
               f"{r['GBps']:>7.0f} {fmt(r['pct_copy'], '6.1f')} {r['rel_err']:>8.1e} "
               f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
     return decode
-
-
-def print_prefill(prefill):
-    print("\nprefill")
-    print(f"{'case':>30} {'block':>5} {'us':>9} {'TFLOP/s':>8} {'rel_err':>8} {'flashinfer_us':>13} {'sdpa_dense_us':>13}")
-    for r in prefill:
-        print(f"{r['case']:>30} {r['block']:>5} {r['us']:>9.1f} {r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} "
-              f"{fmt(r['flashinfer_us'], '13.1f')} {r['sdpa_dense_us']:>13.1f}")
-    return prefill
 
 
 if __name__ == "__main__":

@@ -292,8 +292,13 @@ class StepPacker:
         if P:
             seq_of_tile = np.repeat(prefill, tiles_per_seq)
             first_tile = np.repeat(np.cumsum(tiles_per_seq) - tiles_per_seq, tiles_per_seq)
-            prefill_tiles[:num_tiles, 0] = seq_of_tile
-            prefill_tiles[:num_tiles, 1] = np.arange(num_tiles) - first_tile
+            tile = np.arange(num_tiles) - first_tile
+            # Heaviest first (causal: a tile's cost is the keys up to its last query), so the
+            # longest programs start first and the short ones fill the GPU's tail.
+            keys = start[seq_of_tile] + np.minimum(q[seq_of_tile], (tile + 1) * self.tile_tokens)
+            heavy_first = np.argsort(-keys, kind="stable")
+            prefill_tiles[:num_tiles, 0] = seq_of_tile[heavy_first]
+            prefill_tiles[:num_tiles, 1] = tile[heavy_first]
             prefill_tiles[num_tiles:] = -1
         self._pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
                   query_start_loc, block_tables)

@@ -101,6 +101,10 @@ def test_mixed_graph_packing(seed):
         covered[lo:min(lo + p.tile_tokens, qsl[b + 1])] += 1
     assert all(covered[qsl[b]:qsl[b + 1]].tolist() == [1] * q[b] for b in range(len(batch)) if q[b] > 1)
     assert all(covered[qsl[b]] == 0 for b in range(len(batch)) if q[b] == 1)   # decode kernel's rows
+    real = tiles[tiles[:, 0] >= 0]
+    assert (tiles[len(real):, 0] < 0).all()                    # padding tiles after the real ones
+    keys = [ctx[b] - q[b] + min(q[b], (t + 1) * p.tile_tokens) for b, t in real]
+    assert keys == sorted(keys, reverse=True)                  # heaviest (most keys) first
     # the eager packing of the same batch agrees on every real row
     tokens = [t for i in order for t in batch.seqs[i].token_ids[batch.num_computed_tokens[i]:
                                                                  batch.num_computed_tokens[i] + batch.num_new_tokens[i]]]

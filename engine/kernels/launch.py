@@ -7,6 +7,8 @@ compiles (bf16, head_dim 128: decode 92 registers and 39 KB shared memory, so ~5
 SM, each with the next K/V tile in flight; prefill on wgmma, no spills), not yet from timings:
 `benchmarks/bench_attention.py --sweep` times the alternatives on a GPU.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -17,10 +19,43 @@ from policy.decode_plan import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
-PREFILL_BLOCK_M = 128        # query rows (tokens x query heads of one KV head) per program
-PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 2
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """Launch geometry of the prefill kernel. block_m: query rows per program (tokens x the
+    padded query group of one KV head; fp32 halves it); block_n: keys per step of the inner
+    loop (fp32 halves it); num_stages: depth of the cp.async pipeline of the K/V loads.
+
+    The default is chosen from offline sm_90 compiles (bf16, head_dim 128, Triton 3.9):
+    every candidate of `bench_attention.py --stages prefill` runs both dots on wgmma without
+    spills, but Triton waits for q.k^T right after issuing it, so one program never overlaps
+    its softmax with its own matmuls; a second program on the SM can. M64 N64 w4 (185
+    registers, 81 KB shared) fits two programs per SM where M128 N64 w8 (175 registers x 256
+    threads) fits one. (Walking a tile list costs registers: M64 N64 w4 then takes 224 and
+    still fits two; M128 N32 w8, 128 on the grid, takes 161 and fits one.)
+
+    programs_per_sm: programs per SM of the grid that walks a tile list. At least as many as
+    an SM holds at once (two for the default), so no SM idles while tiles are left; more let
+    the hardware's scheduler even out uneven programs; each costs one read of the padding."""
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"PrefillLaunch.{name} must be a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ValueError(f"PrefillLaunch: num_warps must be 1..16 (a power of two), num_stages and "
+                             f"programs_per_sm >= 1, got {self.num_warps}, {self.num_stages}, "
+                             f"{self.programs_per_sm}")
+
+
+PREFILL_LAUNCH = PrefillLaunch()   # the engine's; bench_attention.py --stages prefill times the others
 
 
 def next_power_of_2(n: int) -> int:
@@ -77,7 +112,8 @@ def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
     return count
 
 
-def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None) -> int:
+def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, max_query_len: int | None = None,
+                        launch: PrefillLaunch = PREFILL_LAUNCH) -> int:
     """Query tokens per prefill program (BLOCK_Q). Two tile heights, so steps with new query
     lengths never compile new variants: short queries (small chunks) get tl.dot's 16 rows,
     others the full tile. A tile list (`tiles=`) always uses the full tile (None here)."""
@@ -85,7 +121,16 @@ def prefill_tile_tokens(num_heads: int, num_kv_heads: int, dtype: torch.dtype, m
     short_q = cdiv(16, group_pad)
     if max_query_len is not None and max_query_len <= short_q:
         return short_q
-    block_q = max(PREFILL_BLOCK_M // group_pad, short_q)
+    block_q = max(launch.block_m // group_pad, short_q)
     if dtype == torch.float32:
         block_q = max(block_q // 2, short_q)  # fp32 tiles take twice the SRAM
     return block_q
+
+
+def prefill_tile_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
+                          launch: PrefillLaunch = PREFILL_LAUNCH) -> int:
+    """Programs per KV head that walk a prefill tile list of `num_tiles` entries: one per
+    entry up to what the GPU holds at once (launch.programs_per_sm x num_sms over the KV
+    heads). A CUDA graph's list is padded far past its real tiles; capped, the padding costs
+    one read per program instead of a wave of programs per SM. Shape-only: graph-safe."""
+    return max(1, min(num_tiles, cdiv(launch.programs_per_sm * num_sms, num_kv_heads)))

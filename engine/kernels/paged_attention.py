@@ -21,11 +21,13 @@ Kernels.
   `num_splits` equal shares of every sequence.
   With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
   step (without a work list, sequences whose q_len is not 1 are skipped).
-* prefill (anything else, mixed batches included): one program per (query tile, sequence, KV
-  head), or per (tile of a host-built tile list, KV head): a grid fixed per CUDA graph size and
-  no empty programs for decode rows; the tile packs BLOCK_Q tokens x the query group into
+* prefill (anything else, mixed batches included): one program per (KV head, sequence, query
+  tile), or programs per KV head that walk a host-built tile list: a grid fixed per CUDA graph
+  size, no programs for decode rows, and the list's padding costs one read; the tile packs BLOCK_Q tokens x the query group into
   BLOCK_M rows (again sharing the KV reads), walks the KV blocks with an online softmax, masks
-  only the tiles that touch the causal diagonal.
+  only the tiles that touch the causal diagonal. Programs start heaviest first (the query
+  tiles that see the most keys), so the causal triangle's long tiles do not form the tail.
+  Launch geometry: engine.kernels.launch.PrefillLaunch.
 
 Supported: fp32 / fp16 / bf16; any block_size >= 1 (tiles gather per token, so 1, 24, 16..256
 all work; a block_size that is a multiple of the tile width takes a cheaper one-lookup-per-tile
@@ -54,8 +56,8 @@ from engine.kernels import pdl
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
-    DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_BLOCK_N,
-    PREFILL_NUM_STAGES, PREFILL_NUM_WARPS, choose_num_splits, prefill_tile_tokens)
+    DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
+    choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
 
 
 @triton.jit
@@ -263,38 +265,54 @@ def _merge_splits_kernel(
     tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit(do_not_specialize=["stride_bt"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "tiles_ptr"])
-def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    tiles_ptr, out_ptr, qk_scale,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+@triton.jit
+def _load_kv(ptrs, pos_mask, d_mask, MASK_POS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM_PAD] K or V tile. Masks only what can be out of range: positions
+    past the end on the diagonal (MASK_POS), the padding of a head_dim that is not a power of
+    two (not EVEN_D); elsewhere the load is a plain vector copy."""
+    if MASK_POS:
+        return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold one tile of raw scores `qk` [M, N] (q.k, masked entries -inf) and values `v` into
+    the running (acc, l, m), m in log2 units. The scale (softmax scale x log2 e, > 0) is
+    folded into one multiply-add per score. The first tile a row sees holds a visible key
+    (the caller's loop order), so m is finite from then on."""
+    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l, m_new
+
+
+@triton.jit
+def _prefill_tile(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
+    qk_scale, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    b, q_tile, kv_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
-    USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (query tile, b, kv_head), or with USE_TILES program (i, kv_head) takes its
-    (b, query tile) from the tile list `tiles[i]` (b < 0: nothing to do; a CUDA graph's
-    grid covers the most tiles its size can have). Row r of the tile is token
+    """Query tile `q_tile` (BLOCK_Q tokens, which must hold at least one of the sequence's
+    queries) of sequence b, for the query heads of `kv_head`. Row r of the tile is token
     `r // GROUP_PAD` of the tile and query head `kv_head * GROUP + r % GROUP_PAD`."""
-    if USE_TILES:
-        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
-        if b < 0:
-            return
-        q_tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
-        kv_head = tl.program_id(1)
-    else:
-        q_tile = tl.program_id(0)
-        b = tl.program_id(1)
-        kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:  # the grid covers the longest query of the batch
-        return
     context_len = tl.load(context_lens_ptr + b)
     num_cached = context_len - q_len  # KV positions before this step's first query
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD   # no head_dim padding to mask
 
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -306,6 +324,8 @@ def _prefill_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     q_pos = num_cached + tok
 
     block_table_ptr = block_tables_ptr + b * stride_bt
@@ -314,35 +334,90 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     # Keys below the tile's first query position are visible to every row: no masks there.
+    # Tiles from unmasked_end to kv_end touch the diagonal: causal mask, and stop at the
+    # tile's last query position. Keys past kv_end load as zeros and are visible only to
+    # padding rows (tok >= q_len), whose output is never stored.
     first_q_pos = num_cached + q_tile * BLOCK_Q
     unmasked_end = (first_q_pos // BLOCK_N) * BLOCK_N
+    kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
     for tile_start in range(0, unmasked_end, BLOCK_N):
         pos = tile_start + n
         rows = _kv_rows(block_table_ptr, tile_start, pos, pos < unmasked_end, stride_cb, stride_cs,
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
-    # Tiles on the diagonal: causal mask, and stop at the tile's last query position.
-    kv_end = tl.minimum(context_len, num_cached + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q))
+        k = _load_kv(k_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
+        qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        v = _load_kv(v_cache_ptr + kv_off, pos, d_mask, False, EVEN_D)
+        acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         pos = tile_start + n
         pos_mask = pos < kv_end
         rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
                         BLOCK_SIZE, TILE_IN_PAGE)
         kv_off = head_off + rows[:, None] + d[None, :]
-        kv_mask = pos_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(pos_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+        k = _load_kv(k_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
+        qk = _dot(q, tl.trans(k), PRECISION, UPCAST)
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        v = _load_kv(v_cache_ptr + kv_off, pos_mask, d_mask, True, EVEN_D)
+        acc, l, m = _prefill_step(acc, l, m, qk, v, qk_scale, PRECISION, UPCAST)
 
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    # Every stored row saw at least its own key, so l > 0 there.
+    out = acc * (1.0 / tl.where(l == 0.0, 1.0, l))[:, None]
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_tiles"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
+                                            "query_start_loc_ptr", "tiles_ptr"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    tiles_ptr, out_ptr, qk_scale,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, num_tiles,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
+    USE_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Without USE_TILES: program (kv_head, b, j) takes query tile `num_programs(2) - 1 - j`
+    of sequence b (none if past b's query). With USE_TILES: program (kv_head, j) of G =
+    num_programs(1) walks the tile list `tiles` [num_tiles, 2] = (b, query tile), real
+    entries first, sorted heaviest first, ended by the first b < 0 (padding of a CUDA
+    graph's list): entries j, 2G - 1 - j, 2G + j, 4G - 1 - j, ... (a snake, so every program
+    gets about the same keys), so a padded list costs one read per program, not a program
+    per entry. Either way the programs that start first hold the query tiles that see the
+    most keys (causal): the long programs start early and short ones fill the tail."""
+    kv_head = tl.program_id(0)
+    if USE_TILES:
+        j = tl.program_id(1)
+        G = tl.num_programs(1)
+        i = j
+        b = tl.load(tiles_ptr + 2 * i, mask=i < num_tiles, other=-1)
+        rnd = 0
+        while b >= 0:
+            q_tile = tl.load(tiles_ptr + 2 * i + 1)
+            q_len = tl.load(query_start_loc_ptr + b + 1) - tl.load(query_start_loc_ptr + b)
+            if q_tile * BLOCK_Q < q_len:   # an entry past its sequence's query does nothing
+                _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                              query_start_loc_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_cb,
+                              stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, b, q_tile, kv_head,
+                              GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M, BLOCK_N,
+                              TILE_IN_PAGE, PRECISION, UPCAST)
+            rnd += 1
+            i = rnd * G + tl.where(rnd % 2 == 0, j, G - 1 - j)
+            b = tl.load(tiles_ptr + 2 * i, mask=i < num_tiles, other=-1)
+    else:
+        b = tl.program_id(1)
+        q_tile = tl.num_programs(2) - 1 - tl.program_id(2)
+        q_len = tl.load(query_start_loc_ptr + b + 1) - tl.load(query_start_loc_ptr + b)
+        if q_tile * BLOCK_Q < q_len:   # the grid covers the longest query of the batch
+            _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                          query_start_loc_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_cb, stride_cs,
+                          stride_ch, stride_bt, stride_ot, stride_oh, b, q_tile, kv_head,
+                          GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M, BLOCK_N,
+                          TILE_IN_PAGE, PRECISION, UPCAST)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -509,48 +584,56 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                            max_query_len, scale, *, out=None, tiles=None):
+                            max_query_len, scale, *, out=None, tiles=None,
+                            launch: PrefillLaunch = PREFILL_LAUNCH):
     """Any batch: fresh prompts, prefill chunks, prompts behind a prefix-cache hit, decode
     tokens, or a mix (see the module docstring for q's layout). `max_query_len` (host int) sizes
-    the grid; it must be >= every q_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+    the grid; it must be >= every q_len. `scale` must be > 0. Returns `[T, num_heads,
+    head_dim]` in q's dtype.
 
-    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens) per
-    program, b = -1 for none; then the grid is (P, num_kv_heads) and only the listed tiles
-    run (max_query_len is ignored): a fixed grid for CUDA graphs, and no empty programs for
-    the decode rows of a mixed step."""
+    tiles: int32 `[P, 2]` (sequence, query tile of `prefill_tile_tokens(...)` tokens): the
+    real entries first, then padding (b = -1; the first one ends the list), as
+    engine.step_inputs builds it: heaviest tiles (most keys) first. Only the listed tiles run
+    (max_query_len is ignored) on a grid of (num_kv_heads, prefill_tile_programs(P, ...))
+    programs that walk the list: fixed per CUDA graph size, no programs for the decode rows
+    of a mixed step, and a padded list costs one read per program.
+    launch: the kernel's tile geometry (engine.kernels.launch.PrefillLaunch); a tile list
+    must be built with the same one (`prefill_tile_tokens(..., launch=launch)`)."""
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    if not scale > 0:
+        raise ValueError(f"paged attention: scale must be > 0, got {scale}")
     out = _output(q, out)
     batch = context_lens.shape[0]
     num_kv_heads = q.shape[1] // group
     if tiles is not None:
         if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
             raise ValueError(f"paged attention: tiles must be int32 [P, 2], got {tiles.dtype} {tuple(tiles.shape)}")
-        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype)
-        grid = (tiles.shape[0], num_kv_heads)
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, launch=launch)
+        grid = (num_kv_heads, prefill_tile_programs(tiles.shape[0], num_kv_heads, _num_sms(q.device), launch))
         if tiles.shape[0] == 0 or batch == 0:
             return out
     else:
         if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
             return out
-        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, max_query_len)
-        grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
+        block_q = prefill_tile_tokens(q.shape[1], num_kv_heads, q.dtype, max_query_len, launch=launch)
+        grid = (num_kv_heads, batch, triton.cdiv(max_query_len, block_q))
     block_size = k_cache.shape[1]
     group_pad = triton.next_power_of_2(group)
-    block_n = PREFILL_BLOCK_N if q.dtype != torch.float32 else PREFILL_BLOCK_N // 2
+    block_n = launch.block_n if q.dtype != torch.float32 else max(16, launch.block_n // 2)
     precision, upcast = _dot_flags(q.dtype)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         tiles if tiles is not None else query_start_loc, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), tiles.shape[0] if tiles is not None else 0,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_q * group_pad, BLOCK_N=block_n,
         TILE_IN_PAGE=block_size % block_n == 0, USE_TILES=tiles is not None,
         PRECISION=precision, UPCAST=upcast,
-        num_warps=PREFILL_NUM_WARPS if block_q * group_pad >= 128 else 4,
-        num_stages=PREFILL_NUM_STAGES,
+        num_warps=launch.num_warps if block_q * group_pad >= 128 else min(4, launch.num_warps),
+        num_stages=launch.num_stages,
     )
     return out
 
