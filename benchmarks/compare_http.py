@@ -66,7 +66,7 @@ def print_split(rate: str, kind: str, m: dict, offline_ttft_ms: float | None) ->
         line += (f"; cost +{out['cost_ms']:.2f} = engine {out['engine_vs_offline_ms']:+.2f} + server "
                  f"HTTP {split['server_http_ms']:.2f} + client {split['client_ms']:.2f}")
     if "pacing_late_ms" in out:
-        line += f"; the twin's steps left {1e3 * out['pacing_late_ms']:.0f} us late (mean of {m['pacing_steps']})"
+        line += f"; the twin's steps left {1e3 * out['pacing_late_ms']:.0f} us late (mean over {m['pacing_steps']} steps)"
     print(line)
     return out
 
