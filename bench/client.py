@@ -67,7 +67,9 @@ SERVER_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_laten
                      "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
                      # twinserve's server only: the HTTP path's stages around the engine's TTFT
                      "twinserve:request_prepare_seconds", "twinserve:first_token_handoff_seconds",
-                     "twinserve:first_chunk_write_seconds")
+                     "twinserve:first_chunk_write_seconds",
+                     # the simulated server only: its steps' lateness against the twin's clock
+                     "twinserve:pacing_lateness_seconds")
 SERVER_COUNTERS = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions",
                    "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 

@@ -43,7 +43,8 @@ def metrics(root: Path, kind: str, rate: str) -> dict | None:
     if split is None and server and run.metrics["completed"]:
         split = ttft_split(run.metrics["mean_ttft_ms"], server)
     return run.metrics | {"server_ttft_ms": server.get("mean_time_to_first_token_ms"),
-                          "ttft_split": split}
+                          "ttft_split": split, "pacing_late_ms": server.get("mean_pacing_lateness_ms"),
+                          "pacing_steps": server.get("pacing_lateness_count")}
 
 
 def print_split(rate: str, kind: str, m: dict, offline_ttft_ms: float | None) -> dict | None:
@@ -57,11 +58,15 @@ def print_split(rate: str, kind: str, m: dict, offline_ttft_ms: float | None) ->
             f"{split['client_ms']:.2f} + prepare {split['prepare_ms']:.2f} + engine "
             f"{split['engine_ms']:.2f} + handoff {split['handoff_ms']:.2f} + write {split['write_ms']:.2f}")
     out = dict(split)
+    if m.get("pacing_late_ms") is not None:      # the twin: how late its steps left
+        out["pacing_late_ms"] = m["pacing_late_ms"]
     if offline_ttft_ms is not None:
         out["cost_ms"] = m["mean_ttft_ms"] - offline_ttft_ms
         out["engine_vs_offline_ms"] = split["engine_ms"] - offline_ttft_ms
         line += (f"; cost +{out['cost_ms']:.2f} = engine {out['engine_vs_offline_ms']:+.2f} + server "
                  f"HTTP {split['server_http_ms']:.2f} + client {split['client_ms']:.2f}")
+    if "pacing_late_ms" in out:
+        line += f"; the twin's steps left {1e3 * out['pacing_late_ms']:.0f} us late (mean over {m['pacing_steps']} steps)"
     print(line)
     return out
 

@@ -16,8 +16,12 @@
 # lacks in .whl/ (fastapi starlette pydantic pydantic-core uvicorn annotated-types
 # typing-inspection, plus hydra's: see benchmarks/README.md "HTTP"), carried with the call.
 #   STAGES="http offline sim" NREQ=100 RATES="6 12 24" OUT=$OUT bash benchmarks/h200_http.sh
-# A stage that would start after BUDGET seconds (default 250) is skipped, saying so: the
-# twin's stage needs no GPU and can be rerun anywhere with STAGES=sim.
+# A stage that would start after BUDGET seconds (default 360) is skipped, saying so. The
+# twin's stage needs no GPU: on the GPU host it runs last, on the host's idle cores, against
+# the GPU runs just made (in $RUNS); on a CPU-only box `STAGES=sim RUNS=<those runs>` reruns
+# it alone (its own runs are replaced, the GPU runs kept).
+# The http stage prints the server's stall log after each rate (python -m server: kernels
+# compiled after the engine's warm-up, named, and the run's slowest steps with their shapes).
 set -u
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # this tree's packages, for every script
@@ -40,6 +44,11 @@ BENCH="python3 -m bench --url http://127.0.0.1:$PORT --trace sharegpt --num-prom
 # --reset-prefix-cache: every rate starts from an empty prefix cache, as run.py's replays do
 # (they reset the engine after the warm-up); without it the rates after the first found the
 # whole trace cached (same prompts) and their TPOT read 17-21 % below the offline replay's.
+mark=0     # lines of the server's log already shown
+stalls() { # the server's stall log since the last call (printed at a prefix-cache reset)
+  python3 -c "import httpx; httpx.post('http://127.0.0.1:$PORT/reset_prefix_cache', timeout=60)" 2>/dev/null
+  sleep 1; local log=$OUT/server_$stage.log
+  tail -n +$((mark + 1)) $log | grep -E "^stalls|^  compiled|^  slow step" | sed 's/^/   /'; mark=$(wc -l < $log); }
 serve() {   # start a server in the background; wait for /health
   python3 -m server --port $PORT --disable-uvicorn-access-log --uvicorn-log-level warning "$@" > $OUT/server_$stage.log 2>&1 &
   SERVER=$!
@@ -52,19 +61,21 @@ stop() {    # stop the server; wait until it and its engine process hold no GPU 
   kill -9 $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
   for i in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break; sleep 0.5; done; }
 for stage in ${STAGES:-http offline sim}; do
-  if [ $SECONDS -gt ${BUDGET:-250} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-250})"; continue; fi
+  if [ $SECONDS -gt ${BUDGET:-360} ]; then echo "== $stage skipped: ${SECONDS} s spent (BUDGET ${BUDGET:-360})"; continue; fi
   start=$(date +%s); echo "== $stage"; case $stage in
   offline) for r in $RATES; do
              timeout 200 python3 run.py mode=gpu $RUN engine.model_path=$CK trace.request_rate=$r \
                hydra.run.dir=$RUNS/offline_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|results:"; done ;;
   http|http_inproc)
            flag=""; [ $stage = http_inproc ] && flag=--engine-in-process
-           serve --model $CK --served-model-name qwen3-0.6b $flag && { grep -h "skinny GEMM" $OUT/server_$stage.log; true; } &&
+           mark=0; serve --model $CK --served-model-name qwen3-0.6b $flag && { grep -h "skinny GEMM\|^stalls" $OUT/server_$stage.log; mark=$(wc -l < $OUT/server_$stage.log); } &&
            for r in $RATES; do
              timeout 200 $BENCH --request-rate $r --out $RUNS/${stage}_$r 2>&1 | grep -E "Successful|Mean TTFT|Mean TPOT|^mean TTFT|failed"
+             stalls
            done
            [ $stage = http ] && for r in $XCHECK_RATES; do
              timeout 200 $BENCH --request-rate $r --http-client httpx --out $RUNS/http_httpx_$r 2>&1 | grep -E "^mean TTFT|failed"
+             stalls
            done; stop ;;
   sim)     for r in $RATES; do python3 run.py mode=sim $RUN trace.request_rate=$r $SIMCOST hydra.run.dir=$RUNS/simoff_$r > /dev/null 2>&1; done
            serve --backend sim --model qwen3-0.6b --hardware h200 $SERVECOST && for r in $RATES; do

@@ -30,7 +30,7 @@ from engine.sampling_params import SamplingParams
 from engine.step_inputs import (DECODE_GRAPH, HEADER_BYTES, MIXED_GRAPH, Step,
                                 StepBuffer, StepPacker, dummy_batch)
 from policy import Batch
-from policy.cuda_graphs import decode_sizes, mixed_sizes
+from policy.cuda_graphs import capture_sizes, decode_sizes, mixed_sizes
 
 CPU_KV_BYTES = 1 << 30          # default KV pool on the CPU (tests pass num_gpu_blocks)
 RUN, STOP = 1, 2                # header[0]: what the followers do next
@@ -221,22 +221,24 @@ class ModelRunner:
         H200). Runs eager steps over dummy block 0, whose junk K/V no request ever reads:
         every slot is written before it is attended to."""
         long = max(2, min(self.config.max_model_len - 1, self.config.max_num_batched_tokens // 2))
-        shapes = (                           # (context length, new tokens) per sequence
+        cfg = self.config
+        shapes = [                           # (context length, new tokens) per sequence
             [(3, 3)],                        # a short prompt: the short prefill tile
             [(long, long)],                  # a long prompt: the full tile
             [(long, 1), (2, 1), (17, 17)],   # mixed: decodes at long context (split-KV) + prefill
             [(2, 1)] * 3 + [(5, 5)],         # mixed: short decodes (one split) + prefill
-            [(2, 1)] * 16,                   # eager decode; the sampler's wide-batch tile
-            # the LM head's row tiles (16 / 32 / 64 rows) and the sampler's, with and without
-            # programmatic dependent launch (a step of at most pdl_max_tokens tokens launches
-            # with it: each is its own compiled variant)
-            [(2, 1)] * 24,
-            [(2, 1)] * 20 + [(40, 40)],
-            [(2, 1)] * 64,
-        )
+        ]
+        # The LM head and the sampler run eagerly after every step, graph or not. Their
+        # compiled variants follow the sampled rows (the skinny GEMM's plan entry, one per
+        # capture size up to its 64 rows, and row tile; the sampler's tile) and PDL (on in
+        # steps of at most pdl_max_tokens tokens): every plan size as a decode step and with
+        # a prompt chunk past pdl_max_tokens (a plan size that only a run's mixed steps met
+        # compiled mid-run)
+        chunk = cfg.pdl_max_tokens + 8
+        for rows in capture_sizes(64):
+            shapes += [[(2, 1)] * rows, [(2, 1)] * (rows - 1) + [(chunk, chunk)]]
         # sampling with a temperature: the fused sampler kernel's variants compile here too
         warm = SamplingParams(temperature=1.0)
-        cfg = self.config
         for shape in shapes:
             if (len(shape) > cfg.max_num_seqs or sum(n for _, n in shape) > cfg.max_num_batched_tokens
                     or max(c for c, _ in shape) > cfg.max_model_len):

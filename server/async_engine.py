@@ -13,7 +13,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from server.backend import Backend, BackendDead, Finished, GenerationParams
+from server.backend import Backend, BackendDead, Finished, GenerationParams, sleep_until
 from server.metrics import ServerMetrics
 
 
@@ -165,7 +165,7 @@ class AsyncEngine:
     def _step(self) -> tuple[dict[str, list[int]], list[Finished]]:
         """One step, then the new tokens of every streamed request (on the engine thread,
         or on the loop where the backend has a step_fd)."""
-        finished = self.backend.step()
+        finished, due = self.backend.step_due()
         self.metrics.after_step(self.backend.stats())
         for f in finished:
             self.metrics.finished(f)
@@ -176,6 +176,10 @@ class AsyncEngine:
                 if tokens:
                     (more if s.sent else first)[request_id] = tokens
                     s.sent += len(tokens)
+        if due is not None:           # a paced backend (the twin): hand them on when due
+            self.metrics.pacing_late.observe(sleep_until(due))
+        for late in self.backend.take_lateness():     # paced in its own process
+            self.metrics.pacing_late.observe(late)
         # First tokens are published first: their streams' chunks are written before the
         # step's other chunks (a new request's TTFT does not wait for ~a chunk per running
         # request; those see it as a few microseconds on one inter-token gap each)

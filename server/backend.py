@@ -9,9 +9,23 @@ default). /metrics reads `Backend.stats()`.
 import gc
 import math
 import sys
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from server.stalls import KernelCensus, StallLog
+
+
+def sleep_until(deadline: float | None) -> float:
+    """Sleep until time.perf_counter() reaches `deadline` (None or past: at once); returns
+    how late it woke (seconds after the deadline, 0 if none). One absolute clock: a late
+    wake-up shortens the next sleep instead of delaying every later deadline."""
+    if deadline is None:
+        return 0.0
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+    return time.perf_counter() - deadline
 
 
 def token_ids_in_vocab(prompt, vocab_size: int) -> list[int]:
@@ -120,6 +134,20 @@ class Backend(ABC):
     def step(self) -> list[Finished]:
         """Run one step (if there is work); the requests that left the backend."""
 
+    def step_due(self) -> tuple[list[Finished], float | None]:
+        """step(), for a caller that hands the results on itself: the results, and when
+        they are due (perf_counter seconds; None: at once). A paced backend (the twin)
+        computes its step at once and says when the GPU it simulates would have made the
+        tokens: the caller prepares what it sends (new tokens, the message) first, sleeps
+        until then (`sleep_until`) and sends, so the tokens leave on time, not a message's
+        work after it."""
+        return self.step(), None
+
+    def take_lateness(self) -> list[float]:
+        """A backend paced in a process of its own (the twin): how late (seconds) each step
+        since the last call left for the server against its clock; else nothing."""
+        return []
+
     @abstractmethod
     def output_tokens_since(self, request_id: str, start: int) -> list[int]:
         """Output tokens of an unfinished request from `start` on, as far as known."""
@@ -196,6 +224,15 @@ class EngineBackend(HFText, Backend):
             chosen = [f"{r['n']}x{r['k']}@{r['m']}" for r in report if r["skinny"]]
             print(f"skinny GEMM (measured at start) for {len(chosen)} of {len(report)} layer "
                   f"shapes @ rows: {' '.join(chosen) or 'none'}", file=sys.stderr, flush=True)
+        # Kernels compiled after the warm-up, and the slowest steps: reported to stderr at
+        # every prefix-cache reset (a benchmark run's start) and at close
+        self.stalls = StallLog(KernelCensus.of_modules("engine.")
+                               if engine.model_runner.device.type == "cuda" else None)
+        self.stall_reports = 0
+        if self.stalls.census is not None:
+            census = self.stalls.census
+            print(f"stalls: the warm-up compiled {census.count} variants of {len(census.kernels)} "
+                  "Triton kernels", file=sys.stderr, flush=True)
         # The engine's start-up objects (modules, graphs) live as long as the server: out of
         # the garbage collector's scans, so no full collection stalls every stream for ~0.1 s
         gc.collect()
@@ -213,6 +250,7 @@ class EngineBackend(HFText, Backend):
 
     def step(self):
         outputs = self.engine.step()
+        self.stalls.after_step(self.engine.loop.last_record)
         records = self.engine.step_records
         if len(records) > 2 * self.MAX_STEP_RECORDS:   # a server runs for days
             del records[:-self.MAX_STEP_RECORDS]
@@ -230,8 +268,17 @@ class EngineBackend(HFText, Backend):
     def reset_prefix_cache(self):
         while self.engine.has_unfinished():    # aborted requests of the step in flight
             self.engine.step()
+        self.report_stalls(f"before prefix-cache reset {self.stall_reports + 1}")
         self.engine.reset()                      # a fresh policy over the same KV pool
         self.scheduler = self.engine.scheduler
 
+    def report_stalls(self, title: str) -> None:
+        """Print the stall log of the steps since the last report (if any) and restart it."""
+        self.stall_reports += 1
+        if self.stalls.steps:
+            print(self.stalls.report(title), file=sys.stderr, flush=True)
+        self.stalls.reset()
+
     def close(self):
+        self.report_stalls("at close")
         self.engine.close()

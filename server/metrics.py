@@ -21,6 +21,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 # the server's own stages of a request (twinserve's, not vLLM's): milliseconds matter
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                  0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# the twin's pacing: how late a step's tokens leave (a sleep wakes ~0.05-0.1 ms late)
+PACING_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -76,6 +78,10 @@ class ServerMetrics:
                                "Streamed requests: from the stream handler holding the first token "
                                "to its chunk written to the socket (detokenize, JSON, SSE, HTTP).",
                                STAGE_BUCKETS)
+        self.pacing_late = histogram("twinserve:pacing_lateness_seconds",
+                                     "The simulated backend only: how late each step's tokens "
+                                     "left for the server against the twin's clock (its host "
+                                     "keeping pace with the GPU it simulates).", PACING_BUCKETS)
         self.seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
 
     def after_step(self, stats: dict) -> None:

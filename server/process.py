@@ -24,7 +24,7 @@ import threading
 import time
 
 from policy import CacheConfig, Scheduler, Sequence
-from server.backend import Backend, BackendDead, Finished, HFText
+from server.backend import Backend, BackendDead, Finished, HFText, sleep_until
 
 INLINE_SEND_BYTES = 32 << 10    # a message this small is sent from the caller's thread
 
@@ -44,8 +44,12 @@ def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
                          "num_blocks": bm.num_blocks}))
     sent: dict[str, int] = {}      # unfinished request -> output tokens sent so far
 
+    late: list[float] = []         # how late the paced steps since the last message left
+
     def step() -> None:
-        finished = backend.step()
+        """One step's message, built before it is due (the twin's turn ends on its clock),
+        sent when it is: the pickling is off the tokens' path."""
+        finished, due = backend.step_due()
         fresh = {}
         for request_id, start in sent.items():
             tokens = backend.output_tokens_since(request_id, start)
@@ -54,7 +58,14 @@ def backend_main(conn, factory, args: tuple, kwargs: dict) -> None:
                 sent[request_id] = start + len(tokens)
         for f in finished:
             sent.pop(f.request_id, None)
-        conn.send(("step", fresh, finished, backend.stats()))
+        stats = backend.stats()
+        if due is not None:
+            stats["late_s"], late[:] = tuple(late), []
+        data = pickle.dumps(("step", fresh, finished, stats), protocol=pickle.HIGHEST_PROTOCOL)
+        sleep_until(due)
+        conn.send_bytes(data)
+        if due is not None:
+            late.append(time.perf_counter() - due)
     try:
         while True:
             while conn.poll(0) or not backend.has_unfinished():
@@ -129,6 +140,7 @@ class BackendProcess(Backend):
             self.inline_bytes = min(INLINE_SEND_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4)
         self.probe = Scheduler(info["scheduler_config"], info["cache_config"], info["num_blocks"])
         self.tokens: dict[str, list[int]] = {}     # unfinished request -> output tokens so far
+        self.late: list[float] = []                # the paced steps' lateness, not yet taken
         self.last_stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0,
                            "prefix_queries": 0, "prefix_hits": 0}
 
@@ -215,6 +227,7 @@ class BackendProcess(Backend):
             messages.append(self._recv())
         finished = []
         for _, fresh, done, stats in messages:
+            self.late += stats.pop("late_s", ())
             for request_id, tokens in fresh.items():
                 known = self.tokens.get(request_id)     # an abort may pop it meanwhile
                 if known is not None:
@@ -222,6 +235,10 @@ class BackendProcess(Backend):
             finished += [f for f in done if self.tokens.pop(f.request_id, None) is not None]
             self.last_stats = stats
         return finished
+
+    def take_lateness(self):
+        late, self.late = self.late, []
+        return late
 
     def output_tokens_since(self, request_id, start):
         return self.tokens.get(request_id, [])[start:]

@@ -1,7 +1,8 @@
 """The simulated backend: the engine's policy (`policy.Scheduler`, same config) with the
 simulator's cost model standing in for the GPU, paced in real time. A laptop serves the
-API as a given model on a given GPU would: each step sleeps for the step time the cost
-model predicts, so TTFT, inter-token latency and throughput under load are the twin's.
+API as a given model on a given GPU would: each step's tokens leave when the step time
+the cost model predicts has passed on one clock anchored at the start, so TTFT,
+inter-token latency and throughput under load are the twin's.
 
 No model runs: every output token is a placeholder (text " tok" each), and requests run
 to max_tokens (there is no EOS to sample); `usage` counts the true tokens. Prompts are
@@ -17,7 +18,7 @@ import yaml
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.sequence import PLACEHOLDER
 from policy.step_loop import StepLoop
-from server.backend import Backend, Finished, GenerationParams, token_ids_in_vocab
+from server.backend import Backend, Finished, GenerationParams, sleep_until, token_ids_in_vocab
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BYTES_PER_TOKEN = 4
@@ -99,8 +100,9 @@ class SimBackend(ByteText, Backend):
 
     It runs the twin's own step loop (policy.StepLoop with simulator.sim.SimExecutor: host
     costs, a device running one step after another) on a timeline anchored to the wall
-    clock: after each turn it sleeps until the twin's clock says the turn ended, so tokens
-    come when the simulated GPU would make them. Steps follow one another on that timeline
+    clock at its start (`epoch`): a turn is computed at once and its results are due when
+    the twin's clock says it ended (`step_due`; `step` sleeps until then), so tokens come
+    when the simulated GPU would make them. Steps follow one another on that timeline
     (a host that falls behind catches up rather than adding its lateness to every step);
     a request joins the first turn formed after its arrival (the server's stamp, not the
     time the twin read it: the twin reads between turns, after sleeping), as in the
@@ -184,15 +186,22 @@ class SimBackend(ByteText, Backend):
         return True
 
     def step(self):
+        """One turn of the twin (`step_due`), returned when its clock says it ended."""
+        finished, due = self.step_due()
+        sleep_until(due)
+        return finished
+
+    def step_due(self):
         """Admit the requests that have arrived by the twin's clock, run one turn of its
-        step loop, then sleep until its clock says the turn ended. Behind the wall clock
-        the twin catches up (no sleep) and admits a request only once its clock has passed
-        the arrival, as the offline simulator does; idle, its clock jumps to the next
-        arrival."""
+        step loop and return at once: the requests it finished, and when the turn ends on
+        the wall clock (the twin's time + its epoch: one absolute clock, so lateness never
+        accumulates). Behind the wall clock (due in the past) the twin catches up, and
+        admits a request only once its clock has passed the arrival, as the offline
+        simulator does; idle, its clock jumps to the next arrival."""
         ex, pending = self.executor, self.pending
         if not self.loop.has_work():
             if not pending:
-                return []
+                return [], None
             ex.t = max(ex.t, pending[0].arrival_time)
         while pending and pending[0].arrival_time <= ex.t:
             self.scheduler.add(pending.popleft())
@@ -200,10 +209,8 @@ class SimBackend(ByteText, Backend):
         for request_id in self.forget:
             self.salt.pop(request_id, None)
         self.forget.clear()
-        delay = ex.t - self.now()
-        if delay > 0:
-            time.sleep(delay)
-        return [self._finished(seq) for seq in done if seq.seq_id in self.sequences]
+        finished = [self._finished(seq) for seq in done if seq.seq_id in self.sequences]
+        return finished, self.epoch + ex.t
 
     def _finished(self, seq: Sequence) -> Finished:
         del self.sequences[seq.seq_id]

@@ -202,3 +202,25 @@ def test_server_bounds_the_step_log(paths, monkeypatch):
         r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 20, "ignore_eos": True})
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 20
     assert 0 < len(backend.engine.step_records) <= 8
+
+
+def test_the_engine_server_logs_its_stalls_at_each_reset(paths, capsys):
+    """At every prefix-cache reset (a benchmark run's start) and at close the engine's
+    server writes its stall log to stderr: the steps since the last log and the slowest of
+    them with their shapes (on the CPU no Triton kernel compiles: no census)."""
+    backend = EngineBackend(paths["bare"], **CPU)
+    with TestClient(build_app(backend)) as client:
+        r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True})
+        assert r.status_code == 200
+        steps = len(backend.engine.step_records)
+        capsys.readouterr()
+        assert client.post("/reset_prefix_cache").status_code == 200
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0].startswith(f"stalls before prefix-cache reset 1: {steps} steps, 0 kernel")
+        slow = lines[1:]
+        assert len(slow) == min(5, steps) and all(s.startswith("  slow step") for s in slow)
+        assert all("num_seqs=1" in s for s in slow)
+        assert client.post("/reset_prefix_cache").status_code == 200      # no step since
+        assert "stalls" not in capsys.readouterr().err
+        client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True})
+    assert "stalls at close: " in capsys.readouterr().err

@@ -210,3 +210,41 @@ def test_reset_prefix_cache_over_http():
                            api_key="k")) as url:
         assert httpx.post(f"{url}/reset_prefix_cache").status_code == 401
         assert httpx.post(f"{url}/reset_prefix_cache", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_the_twin_hands_each_turn_on_when_its_clock_says_it_ended():
+    """The twin computes a turn at once and hands its tokens on at the turn's end on its
+    clock (`step_due`; the message is built before): never earlier (the twin would run
+    faster than the GPU it simulates), and how late each turn left is in /metrics
+    (twinserve:pacing_lateness_seconds), in its own process and in the server's."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.process import sim_process
+    backend = sim_process("qwen3-8b", "h100", num_gpu_blocks=256, max_model_len=1024)
+    try:
+        backend.add("r", list(range(1, 100)), GenerationParams(max_tokens=30))
+        finished, turns = [], 0
+        while not finished:
+            finished = backend.step()
+            received = time.perf_counter()      # CLOCK_MONOTONIC: one clock for both processes
+            turns += 1
+        (f,) = finished
+        assert len(f.token_times) == 30 and received >= f.token_times[-1]
+        late = backend.take_lateness()     # each turn's, with the message after it (a step()
+        assert len(late) >= turns - 1 and min(late) >= 0         # may take several)
+        assert backend.take_lateness() == []
+    finally:
+        backend.close()
+
+    def paced_turns(url) -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "twinserve:pacing_lateness_seconds_count")
+    for backend in (SimBackend("qwen3-8b", "h100", num_gpu_blocks=256, max_model_len=1024),
+                    sim_process("qwen3-8b", "h100", num_gpu_blocks=256, max_model_len=1024)):
+        with serving(build_app(backend)) as url:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": [5] * 40, "max_tokens": 12}, timeout=30)
+            assert r.status_code == 200
+            assert paced_turns(url) >= 12

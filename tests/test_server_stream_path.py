@@ -95,6 +95,12 @@ class Tokens:
             self.counts[r] += 1
         return []
 
+    def step_due(self):
+        return self.step(), None
+
+    def take_lateness(self):
+        return []
+
     def stats(self):
         return {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0,
                 "prefix_queries": 0, "prefix_hits": 0}
