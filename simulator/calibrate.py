@@ -27,8 +27,8 @@ import yaml
 
 from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, SPAN_FEATURE,
                                   STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
-                                  RooflineCostModel, fit_kind, nonnegative_lstsq,
-                                  step_experts_touched)
+                                  TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
+                                  nonnegative_lstsq, step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import HardwareSpec
@@ -44,8 +44,10 @@ SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
 # context token is not the same at every batch size (serving steps of 16-64 decodes ran
-# 5-7% over a single slope fitted on the profile).
-SLOPED_FEATURES = ("decode_context_tokens",)
+# 5-7% over a single slope fitted on the profile), nor is its cost per token of the split-KV
+# plan's longest chain (Qwen3-0.6B's profile, fitted per batch size: 0.07 us per span token
+# at 8-16 decodes, 0.5-0.8 us at 32-256, where the plan's shares run in a second wave).
+SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens")
 
 # The roofline parameters a profile determines, with the range searched for each.
 HARDWARE_FIT = {
@@ -252,8 +254,24 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         profile = profile.drop(columns=[SPAN_FEATURE])
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
+    moe = moe_section(profile, meta)
+    kinds = fit_kinds(profile, STEP_KINDS)
+    if not kinds:
+        raise ValueError("the profile has no train rows to fit")
+    if moe:
+        kinds, moe["moe"] = fit_chunk_routing(profile, kinds, moe["moe"])
+    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
+            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
+            "command": meta["command"], "created": datetime.date.today().isoformat(),
+            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
+            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
+            **moe}
+
+
+def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
+    """{kind: fit_kind(...)} for each of `step_kinds` with train rows in the profile."""
     kinds = {}
-    for kind in STEP_KINDS:
+    for kind in step_kinds:
         rows = profile[profile["kind"] == kind]
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
@@ -265,14 +283,35 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
                   f"{kind} fitted without {SHARED_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
                                sloped=SLOPED_FEATURES)
-    if not kinds:
-        raise ValueError("the profile has no train rows to fit")
-    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
-            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
-            "command": meta["command"], "created": datetime.date.today().isoformat(),
-            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
-            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
-            **moe_section(profile, meta)}
+    return kinds
+
+
+# Exponents tried for how a prompt chunk's tokens route (cost_model.routing_units): 1 = every
+# token on its own (uniform routing), 0 = the whole chunk as one token.
+CHUNK_ROUTING_EXPONENTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def fit_chunk_routing(profile: pd.DataFrame, kinds: dict, moe: dict) -> tuple[dict, dict]:
+    """The step kinds with prompt chunks (mixed, eager) re-fitted with MOE_FEATURE counted at
+    each of CHUNK_ROUTING_EXPONENTS; the exponent whose fits predict the held-out shapes of
+    those kinds best (pooled mean APE; train rows without held-out ones; ties: the larger
+    exponent) is kept. Returns (kinds, the "moe" section with `chunk_routing_exponent` and
+    `chunk_routing_errors`: {exponent: held-out MAPE})."""
+    chunked = [k for k in kinds if k != "decode"]
+    if not chunked:
+        return kinds, moe
+    E, k = int(moe["num_experts"]), int(moe["top_k"])
+    records = profile.to_dict("records")
+    fits, errors = {}, {}
+    for a in CHUNK_ROUTING_EXPONENTS:
+        touched = [moe_experts_touched(E, k, r, int(r["rows"]), a) for r in records]
+        fits[a] = fit_kinds(profile.assign(**{MOE_FEATURE: touched}), chunked)
+        scored = [fit.get("held_out", fit["train"]) for fit in fits[a].values()]
+        errors[a] = sum(s["n"] * s["mape"] for s in scored) / sum(s["n"] for s in scored)
+    lowest = min(errors.values())
+    best = max(a for a in CHUNK_ROUTING_EXPONENTS if errors[a] <= lowest + TIE_MAPE)
+    return ({**kinds, **fits[best]},
+            {**moe, "chunk_routing_exponent": best, "chunk_routing_errors": {str(a): e for a, e in errors.items()}})
 
 
 # ---- mixture of experts ----------------------------------------------------------------
@@ -325,7 +364,8 @@ def moe_token_ids(batch: Batch, vocab_size: int, seed: int) -> None:
 
 def moe_profile_columns(table: pd.DataFrame, num_experts: int, top_k: int) -> pd.DataFrame:
     """The profile with MOE_FEATURE: expected distinct experts per MoE layer of each step,
-    from its tokens and the rows the engine ran it as."""
+    from its tokens and the rows the engine ran it as, every token routed on its own (the
+    fit re-counts the chunks' tokens: fit_chunk_routing)."""
     touched = [step_experts_touched(num_experts, top_k, int(t), int(r))
                for t, r in zip(table["num_batched_tokens"], table["rows"])]
     return table.assign(**{MOE_FEATURE: touched})
@@ -439,6 +479,11 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
         print(line + (f"  ({others})" if others else ""))
+    moe = calib.get("moe") or {}
+    if "chunk_routing_exponent" in moe:
+        errors = ", ".join(f"{a}: {100 * e:.2f}%" for a, e in moe.get("chunk_routing_errors", {}).items())
+        print(f"moe: a prompt chunk of n tokens routes as n^{moe['chunk_routing_exponent']} tokens "
+              f"(held-out MAPE of the kinds with chunks by exponent: {errors})")
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq, "
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
