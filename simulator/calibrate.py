@@ -69,10 +69,13 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     one group or four; decode batches one past the graph size below, run padded, with
     contexts of unequal length; prefill chunks with and without cached context, and chunks
     mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
-    serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens),
-    plus eager steps beyond the graphs up to the token budget. Held out (never fitted on):
-    a KV context between the fitted ones for each graph size (shared 3/4 as well), and
-    every other eager size. (With graphs up to the token budget no step runs eagerly, and
+    serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
+    decode batches and chunks beside decodes whose contexts are spread as serving's are
+    (`serving`), decode batches also between the graph sizes), plus eager steps beyond the
+    graphs up to the token budget. Held out (never fitted on): a KV context between the
+    fitted ones for each graph size (shared 3/4 as well), serving-like batches at means
+    between the fitted ones, every other mixed size's serving-like decodes, and every
+    other eager size. (With graphs up to the token budget no step runs eagerly, and
     none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
     grid = []
@@ -112,6 +115,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             # (most serving decode steps run padded, and the kernel plans the padding rows)
             add(spread(below + 1, mid))
             add(spread(below + 1, held_ctx), "held_out")
+    # Decode batches as serving forms them: contexts of every length around a mean, a long
+    # tail included (serving(b, c)), at each graph size and in the middle of each gap
+    # between two (run padded), at means between the uniform contexts above; some means
+    # held out, so the held-out error measures what serving steps will see.
+    top = contexts[-1]
+    batches = sorted(set(decode[1:]) | {(a + b) // 2 for a, b in zip(decode, decode[1:]) if b - a > 1})
+    for b in batches:
+        for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train"),
+                            (5 / 8, "held_out"), (3 / 4, "train")):
+            add(serving(b, int(top * frac), L), split)
     cached = max(0, min(L - 1, 1024))
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
@@ -133,6 +146,10 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
+        served = min(t // 2, S - 1, 64)
+        if served > 1:                                             # ... decodes as serving has them
+            add([(t - served, t - served)] + serving(served, contexts[-1] // 2, L),
+                "held_out" if len(grid) % 2 else "train")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -152,6 +169,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if many > max(d, 1):
             add([(t - many, t - many)] + spread(many, contexts[len(contexts) // 2]), split)
     return grid
+
+
+def serving(b: int, mean: int, max_len: int) -> list[tuple]:
+    """b decodes whose contexts are drawn as a serving batch's are (ShareGPT on Qwen3-0.6B,
+    8-32 req/s: within a step, context / the step's mean had quantiles 0.1 / 0.4 / 0.85 /
+    1.45 / 2.1 / 2.4 at 5 / 25 / 50 / 75 / 90 / 95%, a coefficient of variation of 0.7):
+    Gamma(2) around `mean`, in [2, max_len], fixed by (b, mean)."""
+    rng = np.random.default_rng(b * 100_003 + mean)
+    return [(int(min(max_len, max(2, x))), 1) for x in rng.gamma(2.0, mean / 2.0, b)]
 
 
 @functools.lru_cache(maxsize=64)
