@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import sys
 
 import numpy as np
@@ -71,7 +72,10 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
     serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
     decode batches and chunks beside decodes whose contexts are spread as serving's are
-    (`serving`), decode batches also between the graph sizes), plus eager steps beyond the
+    (`serving`), decode batches also between the graph sizes; two and four prompt chunks in
+    one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
+    with one chunk per step, its pairs grow with the step's tokens and cannot be told from
+    them), plus eager steps beyond the
     graphs up to the token budget. Held out (never fitted on): a KV context between the
     fitted ones for each graph size (shared 3/4 as well), serving-like batches at means
     between the fitted ones, every other mixed size's serving-like decodes, and every
@@ -146,6 +150,11 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
+        if t >= 64 and S >= 4:   # several prompts in one step, as chunked prefill packs them
+            # at load: the same tokens with a half or a quarter of one chunk's query-key pairs
+            add([(t // 2, t // 2), (t - t // 2, t - t // 2)])
+            add([(t // 4, t // 4)] * 3 + [(t - 3 * (t // 4), t - 3 * (t // 4))],
+                "held_out" if len(grid) % 2 else "train")
         served = min(t // 2, S - 1, 64)
         if served > 1:                                             # ... decodes as serving has them
             add([(t - served, t - served)] + serving(served, contexts[-1] // 2, L),
@@ -319,23 +328,28 @@ CHUNK_ROUTING_EXPONENTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 def fit_chunk_routing(profile: pd.DataFrame, kinds: dict, moe: dict) -> tuple[dict, dict]:
     """The step kinds with prompt chunks (mixed, eager) re-fitted with MOE_FEATURE counted at
-    each of CHUNK_ROUTING_EXPONENTS; the exponent whose fits predict the held-out shapes of
-    those kinds best (pooled mean APE; train rows without held-out ones; ties: the larger
-    exponent) is kept. Returns (kinds, the "moe" section with `chunk_routing_exponent` and
-    `chunk_routing_errors`: {exponent: held-out MAPE})."""
+    each of CHUNK_ROUTING_EXPONENTS; kept: the largest exponent (the closest to every token
+    routed on its own) whose fits predict the held-out shapes of those kinds within one
+    standard error of the best exponent's (pooled mean APE; train rows where a kind has no
+    held-out ones): a profile's chunks route by their random token ids and seed, and
+    exponents a standard error apart are not told apart by it. Returns (kinds, the "moe"
+    section with `chunk_routing_exponent` and `chunk_routing_errors`: {exponent: held-out
+    MAPE})."""
     chunked = [k for k in kinds if k != "decode"]
     if not chunked:
         return kinds, moe
     E, k = int(moe["num_experts"]), int(moe["top_k"])
     records = profile.to_dict("records")
-    fits, errors = {}, {}
+    fits, errors, ses = {}, {}, {}
     for a in CHUNK_ROUTING_EXPONENTS:
         touched = [moe_experts_touched(E, k, r, int(r["rows"]), a) for r in records]
         fits[a] = fit_kinds(profile.assign(**{MOE_FEATURE: touched}), chunked)
         scored = [fit.get("held_out", fit["train"]) for fit in fits[a].values()]
-        errors[a] = sum(s["n"] * s["mape"] for s in scored) / sum(s["n"] for s in scored)
-    lowest = min(errors.values())
-    best = max(a for a in CHUNK_ROUTING_EXPONENTS if errors[a] <= lowest + TIE_MAPE)
+        n = sum(s["n"] for s in scored)
+        errors[a] = sum(s["n"] * s["mape"] for s in scored) / n
+        ses[a] = math.sqrt(sum((s["n"] * s.get("se", 0.0)) ** 2 for s in scored)) / n
+    lowest = min(CHUNK_ROUTING_EXPONENTS, key=lambda a: errors[a])
+    best = max(a for a in CHUNK_ROUTING_EXPONENTS if errors[a] <= errors[lowest] + ses[lowest] + TIE_MAPE)
     return ({**kinds, **fits[best]},
             {**moe, "chunk_routing_exponent": best, "chunk_routing_errors": {str(a): e for a, e in errors.items()}})
 
@@ -571,6 +585,11 @@ def main(argv=None):
     except FileNotFoundError:
         sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
     calib = fit_calibration(profile, meta)
+    # a re-fit keeps where the profile came from (made when, how long) and says how it was re-fitted
+    calib["created"] = meta.get("created", calib["created"])
+    calib.update({k: meta[k] for k in ("profile_s", "profiled") if k in meta})
+    calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
+                      "date": datetime.date.today().isoformat()}
     FittedCostModel(calib)   # loads back
     with open(args.out, "w") as f:
         json.dump(calib, f, indent=2)

@@ -640,7 +640,8 @@ def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict |
             pred = design(df) @ coef
             ape = np.abs(pred - df["device_s"].to_numpy(float)) / df["device_s"].to_numpy(float)
             fit[name] = {"n": int(len(df)), "mape": float(ape.mean()),
-                         "p90_ape": float(np.percentile(ape, 90)), "max_ape": float(ape.max())}
+                         "p90_ape": float(np.percentile(ape, 90)), "max_ape": float(ape.max()),
+                         "se": float(ape.std() / math.sqrt(len(ape)))}   # the MAPE's standard error
     return fit
 
 
