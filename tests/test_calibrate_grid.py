@@ -88,3 +88,22 @@ def test_each_timed_step_is_launched_while_the_previous_runs(repeats, monkeypatc
     assert idle_s == pytest.approx(2e-3)
     assert device == pytest.approx([1e-3 * i for i in range(3, repeats + 3)])
     assert len(launch_s) == repeats and len(receive_s) == repeats + 1
+
+
+def test_a_chunks_cached_prefix_is_computed_before_it_is_timed():
+    from experiments.calibrate import write_prefixes
+    batch = shape_batch([(40, 8), (100, 1), (16, 16)], 16, 1 << 12)
+    launched = []
+
+    class Runner:
+        def launch(self, b, params, pending):
+            launched.append(b)
+            return b
+
+        def wait(self, b):
+            pass
+    assert write_prefixes(Runner(), batch, 16, None) == 32
+    assert [(b.num_computed_tokens, b.num_new_tokens, b.sample) for b in launched] == \
+        [([0], [16], [False]), ([16], [16], [False])]
+    assert all(b.seqs == [batch.seqs[0]] and b.num_prefill_tokens == 16 for b in launched)
+    assert batch.num_computed_tokens == [32, 99, 0]           # the timed shape is unchanged
