@@ -576,8 +576,15 @@ def main(argv=None):
     ap.add_argument("--hardware-out", default=None, help="where to write the fitted hardware YAML")
     ap.add_argument("--check-steps", default=None,
                     help="a real run's steps.parquet: print how the calibration predicts its steps")
+    ap.add_argument("--device-time", default="device_s", choices=("device_s", "device_idle_s"),
+                    help="which device time of the profile to fit: device_s (steps back to back, "
+                         "as serving runs them; the default) or device_idle_s (each from an idle device)")
     args = ap.parse_args(argv)
     profile = pd.read_parquet(args.profile)
+    if args.device_time != "device_s":
+        if args.device_time not in profile.columns:
+            sys.exit(f"{args.profile} has no {args.device_time} (profiled before it was recorded)")
+        profile = profile.assign(device_s=profile[args.device_time])
     meta_path = args.meta or args.profile.replace(".profile.parquet", ".json")
     try:
         with open(meta_path) as f:

@@ -88,3 +88,26 @@ def test_a_file_without_the_exponent_routes_every_token_and_a_bad_one_is_refused
         calib["moe"]["chunk_routing_exponent"] = bad
         with pytest.raises(ValueError, match="chunk_routing_exponent"):
             FittedCostModel(calib, source="x.json")
+
+
+def test_refit_on_the_idle_device_times_when_asked(tmp_path):
+    from simulator.calibrate import main
+    import json
+    profile = synthetic_profile(1.0)
+    profile["device_idle_s"] = 1.5 * profile["device_s"]
+    path = tmp_path / "x.profile.parquet"
+    profile.to_parquet(path)
+    (tmp_path / "x.json").write_text(json.dumps(META))
+    main([str(path), "--out", str(tmp_path / "b2b.json")])
+    main([str(path), "--out", str(tmp_path / "idle.json"), "--device-time", "device_idle_s"])
+    b2b, idle = (FittedCostModel(json.loads((tmp_path / f).read_text()), graphs=GRAPHS)
+                 for f in ("b2b.json", "idle.json"))
+    f = profile[profile["split"] != "train"].iloc[0].to_dict()
+    assert idle.predict(f) == pytest.approx(1.5 * b2b.predict(f), rel=1e-3)
+    refit = json.loads((tmp_path / "idle.json").read_text())["refit"]["command"]
+    assert "--device-time device_idle_s" in refit
+    old = tmp_path / "old.profile.parquet"      # profiled before the idle time was recorded
+    profile.drop(columns=["device_idle_s"]).to_parquet(old)
+    with pytest.raises(SystemExit, match="no device_idle_s"):
+        main([str(old), "--out", str(tmp_path / "y.json"), "--device-time", "device_idle_s",
+              "--meta", str(tmp_path / "x.json")])
