@@ -6,12 +6,15 @@
 2. profile its ModelRunner over a grid of step shapes (simulator.calibrate.profile_grid:
    every CUDA-graph size of decode and mixed steps x KV context or cached prefix, decodes
    sharing a prefix's blocks, eager steps up to the token budget; for a mixture of experts
-   also token counts between the graph sizes, and random token ids so rows route as in
-   serving: simulator.calibrate.moe_grid) on dummy sequences (the features with the span of
-   the engine's split-KV decode plan): per shape one warm-up run and `calibrate.repeats`
-   timed runs (device time from the runner's CUDA events, host time
-   of its launch and wait), plus the policy's own host time per step (schedule, update,
-   receive on a Scheduler of that many sequences);
+   also token counts between the graph sizes, random token ids so rows route as in
+   serving, and a prompt chunk's cached prefix computed first: simulator.calibrate.moe_grid,
+   `write_prefixes`) on dummy sequences (the features with the span of
+   the engine's split-KV decode plan), sampled as the engine samples by default
+   (temperature 1): per shape one warm-up run, one from an idle device (`device_idle_s`),
+   and `calibrate.repeats` timed runs back to back, each launched while the one before runs,
+   as asynchronous scheduling runs serving steps (device time from the runner's CUDA events,
+   host time of its launch and wait: `time_shape`), plus the policy's own host time per step
+   (schedule, update, receive on a Scheduler of that many sequences);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
    efficiencies and overheads (simulator.calibrate), and print the error on held-out
    shapes per step kind;
@@ -35,7 +38,7 @@ from omegaconf import DictConfig
 
 from experiments.config import RunConfig, build
 from experiments.replay import build_engine
-from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
+from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
 from simulator.calibrate import (fit_calibration, fit_hardware, moe_grid, moe_held_out, moe_meta,
                                  moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
@@ -96,6 +99,58 @@ def policy_host_times(rc: RunConfig, sizes: list[int], repeats: int = 20) -> dic
     return out
 
 
+def write_prefixes(runner, batch, max_tokens: int, sampling) -> int:
+    """Compute the cached prefix of every prompt chunk of `batch` (an entry of more than one
+    new token after computed ones) through the model, untimed, in chunks of at most
+    `max_tokens`, so its KV blocks hold the model's keys and values rather than whatever the
+    pool held. What a MoE step costs depends on it: measured on the H200 (Qwen3-30B-A3B,
+    random weights), a 16-token chunk ran 5.2 ms fresh and 10.4 / 12.3 ms behind 512 / 1024
+    tokens of unwritten KV, its tokens routed to more experts. Returns the tokens computed."""
+    done = 0
+    for seq, start, n in zip(batch.seqs, batch.num_computed_tokens, batch.num_new_tokens):
+        if n <= 1 or start == 0:
+            continue
+        for first in range(0, start, max_tokens):
+            chunk = min(max_tokens, start - first)
+            prefix = Batch(seqs=[seq], num_new_tokens=[chunk], num_computed_tokens=[first],
+                           sample=[False], num_batched_tokens=chunk, num_prefill_tokens=chunk,
+                           block_size=batch.block_size, decode_plan=batch.decode_plan)
+            runner.wait(runner.launch(prefix, [sampling], None))
+            done += chunk
+    return done
+
+
+def time_shape(runner, batch, params, repeats: int, cuda: bool) -> tuple[list, float, list, list]:
+    """Time one step shape as a serving engine with asynchronous scheduling runs its steps:
+    each launched while the previous one runs, so its device time (CUDA events from its
+    upload to its tokens' arrival) starts when the device reaches it, not when the host
+    gets there. A warm-up launch (compilation, autotuning, first replay), one from an idle
+    device (its time, with the host's launch latency inside, is returned apart), then
+    `repeats` back to back. Returns (device seconds of the back-to-back launches, the idle
+    launch's device seconds, host seconds of each launch, host seconds of each wait beyond
+    waiting for the device)."""
+    runner.wait(runner.launch(batch, params, None))             # warm-up
+    device, launch, receive = [], [], []
+    previous = runner.launch(batch, params, None)               # from an idle device
+    idle_s = None
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        launched = runner.launch(batch, params, None) if r < repeats else None
+        t1 = time.perf_counter()
+        runner.wait(previous)
+        t2 = time.perf_counter()
+        if idle_s is None:
+            idle_s = previous.device_s
+        else:
+            device.append(previous.device_s)
+        receive.append(max(0.0, t2 - t1 - runner.wait_s))
+        if launched is not None:
+            # host work of the launch (on the CPU the forward runs inside it)
+            launch.append(t1 - t0 - (0.0 if cuda else launched.device_s))
+        previous = launched
+    return device, idle_s, launch, receive
+
+
 def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=print) -> pd.DataFrame:
     """Time every grid shape on the engine's runner; one row per shape (medians)."""
     from engine import SamplingParams
@@ -109,27 +164,19 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
                          rc.scheduler.max_model_len, graphs, model.num_experts, model.num_experts_per_tok)
     sizes = sorted({len(p["shape"]) for p in grid})
     policy = policy_host_times(rc, sizes)
-    greedy = SamplingParams(temperature=0.0)
+    sampling = SamplingParams()   # the engine's default (temperature 1): what replays and
+    # the server's default request sample with, through the fused sampler on the GPU
     plan = engine.decode_plan()       # the features get the span of the plan the kernel runs
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan)
         if model.is_moe:    # rows routed as a serving batch's (all-zero ids: to k experts)
             moe_token_ids(batch, model.vocab_size, seed=k)
-        params = [greedy] * len(batch.seqs)
-        device, launch, receive = [], [], []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            launched = runner.launch(batch, params, None)
-            t1 = time.perf_counter()
-            runner.wait(launched)
-            t2 = time.perf_counter()
-            if r == 0:
-                continue        # warm-up: compilation, autotuning, first replay
-            device.append(launched.device_s)
-            # host work of the launch (on the CPU the forward runs inside it) and of the wait
-            launch.append(t1 - t0 - (0.0 if cuda else launched.device_s))
-            receive.append(max(0.0, t2 - t1 - runner.wait_s))
+            # a chunk's cached prefix written as serving writes it: the router sees the
+            # chunk's tokens through their attention over it
+            write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
+        device, idle_s, launch, receive = time_shape(runner, batch, [sampling] * len(batch.seqs),
+                                                     repeats, cuda)
         schedule_s, update_s = policy[len(batch.seqs)]
         f = batch.features()
         kind, padded = graphs.rows(f)
@@ -137,6 +184,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
                      "grid": point.get("grid", "base"),
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
+                     "device_idle_s": idle_s,
                      "host_launch_s": statistics.median(launch) + schedule_s,
                      "host_receive_s": statistics.median(receive) + update_s})
         if progress and (k + 1) % 25 == 0:
@@ -190,6 +238,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
             **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
+    calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
+                         "sampling": "temperature 1.0 (the engine's default)"}
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
     profile_path = out.with_suffix(".profile.parquet")

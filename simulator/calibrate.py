@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import sys
 
 import numpy as np
@@ -27,8 +28,8 @@ import yaml
 
 from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, SPAN_FEATURE,
                                   STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
-                                  RooflineCostModel, fit_kind, nonnegative_lstsq,
-                                  step_experts_touched)
+                                  TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
+                                  nonnegative_lstsq, step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import HardwareSpec
@@ -44,8 +45,10 @@ SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
 # context token is not the same at every batch size (serving steps of 16-64 decodes ran
-# 5-7% over a single slope fitted on the profile).
-SLOPED_FEATURES = ("decode_context_tokens",)
+# 5-7% over a single slope fitted on the profile), nor is its cost per token of the split-KV
+# plan's longest chain (Qwen3-0.6B's profile, fitted per batch size: 0.07 us per span token
+# at 8-16 decodes, 0.5-0.8 us at 32-256, where the plan's shares run in a second wave).
+SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens")
 
 # The roofline parameters a profile determines, with the range searched for each.
 HARDWARE_FIT = {
@@ -67,10 +70,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     one group or four; decode batches one past the graph size below, run padded, with
     contexts of unequal length; prefill chunks with and without cached context, and chunks
     mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
-    serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens),
-    plus eager steps beyond the graphs up to the token budget. Held out (never fitted on):
-    a KV context between the fitted ones for each graph size (shared 3/4 as well), and
-    every other eager size. (With graphs up to the token budget no step runs eagerly, and
+    serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
+    decode batches and chunks beside decodes whose contexts are spread as serving's are
+    (`serving`), decode batches also between the graph sizes; two and four prompt chunks in
+    one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
+    with one chunk per step, its pairs grow with the step's tokens and cannot be told from
+    them), plus eager steps beyond the
+    graphs up to the token budget. Held out (never fitted on): a KV context between the
+    fitted ones for each graph size (shared 3/4 as well), serving-like batches at means
+    between the fitted ones, every other mixed size's serving-like decodes, and every
+    other eager size. (With graphs up to the token budget no step runs eagerly, and
     none is profiled.)"""
     S, M, L = max_num_seqs, max_num_batched_tokens, max_model_len
     grid = []
@@ -110,6 +119,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             # (most serving decode steps run padded, and the kernel plans the padding rows)
             add(spread(below + 1, mid))
             add(spread(below + 1, held_ctx), "held_out")
+    # Decode batches as serving forms them: contexts of every length around a mean, a long
+    # tail included (serving(b, c)), at each graph size and in the middle of each gap
+    # between two (run padded), at means between the uniform contexts above; some means
+    # held out, so the held-out error measures what serving steps will see.
+    top = contexts[-1]
+    batches = sorted(set(decode[1:]) | {(a + b) // 2 for a, b in zip(decode, decode[1:]) if b - a > 1})
+    for b in batches:
+        for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train"),
+                            (5 / 8, "held_out"), (3 / 4, "train")):
+            add(serving(b, int(top * frac), L), split)
     cached = max(0, min(L - 1, 1024))
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
@@ -131,6 +150,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
+        if t >= 64 and S >= 4:   # several prompts in one step, as chunked prefill packs them
+            # at load: the same tokens with a half or a quarter of one chunk's query-key pairs
+            add([(t // 2, t // 2), (t - t // 2, t - t // 2)])
+            add([(t // 4, t // 4)] * 3 + [(t - 3 * (t // 4), t - 3 * (t // 4))],
+                "held_out" if len(grid) % 2 else "train")
+        served = min(t // 2, S - 1, 64)
+        if served > 1:                                             # ... decodes as serving has them
+            add([(t - served, t - served)] + serving(served, contexts[-1] // 2, L),
+                "held_out" if len(grid) % 2 else "train")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -150,6 +178,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if many > max(d, 1):
             add([(t - many, t - many)] + spread(many, contexts[len(contexts) // 2]), split)
     return grid
+
+
+def serving(b: int, mean: int, max_len: int) -> list[tuple]:
+    """b decodes whose contexts are drawn as a serving batch's are (ShareGPT on Qwen3-0.6B,
+    8-32 req/s: within a step, context / the step's mean had quantiles 0.1 / 0.4 / 0.85 /
+    1.45 / 2.1 / 2.4 at 5 / 25 / 50 / 75 / 90 / 95%, a coefficient of variation of 0.7):
+    Gamma(2) around `mean`, in [2, max_len], fixed by (b, mean)."""
+    rng = np.random.default_rng(b * 100_003 + mean)
+    return [(int(min(max_len, max(2, x))), 1) for x in rng.gamma(2.0, mean / 2.0, b)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,8 +289,24 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         profile = profile.drop(columns=[SPAN_FEATURE])
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
+    moe = moe_section(profile, meta)
+    kinds = fit_kinds(profile, STEP_KINDS)
+    if not kinds:
+        raise ValueError("the profile has no train rows to fit")
+    if moe:
+        kinds, moe["moe"] = fit_chunk_routing(profile, kinds, moe["moe"])
+    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
+            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
+            "command": meta["command"], "created": datetime.date.today().isoformat(),
+            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
+            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
+            **moe}
+
+
+def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
+    """{kind: fit_kind(...)} for each of `step_kinds` with train rows in the profile."""
     kinds = {}
-    for kind in STEP_KINDS:
+    for kind in step_kinds:
         rows = profile[profile["kind"] == kind]
         train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
         if len(train) == 0:
@@ -265,14 +318,40 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
                   f"{kind} fitted without {SHARED_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
                                sloped=SLOPED_FEATURES)
-    if not kinds:
-        raise ValueError("the profile has no train rows to fit")
-    return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
-            "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
-            "command": meta["command"], "created": datetime.date.today().isoformat(),
-            "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
-            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
-            **moe_section(profile, meta)}
+    return kinds
+
+
+# Exponents tried for how a prompt chunk's tokens route (cost_model.routing_units): 1 = every
+# token on its own (uniform routing), 0 = the whole chunk as one token.
+CHUNK_ROUTING_EXPONENTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def fit_chunk_routing(profile: pd.DataFrame, kinds: dict, moe: dict) -> tuple[dict, dict]:
+    """The step kinds with prompt chunks (mixed, eager) re-fitted with MOE_FEATURE counted at
+    each of CHUNK_ROUTING_EXPONENTS; kept: the largest exponent (the closest to every token
+    routed on its own) whose fits predict the held-out shapes of those kinds within one
+    standard error of the best exponent's (pooled mean APE; train rows where a kind has no
+    held-out ones): a profile's chunks route by their random token ids and seed, and
+    exponents a standard error apart are not told apart by it. Returns (kinds, the "moe"
+    section with `chunk_routing_exponent` and `chunk_routing_errors`: {exponent: held-out
+    MAPE})."""
+    chunked = [k for k in kinds if k != "decode"]
+    if not chunked:
+        return kinds, moe
+    E, k = int(moe["num_experts"]), int(moe["top_k"])
+    records = profile.to_dict("records")
+    fits, errors, ses = {}, {}, {}
+    for a in CHUNK_ROUTING_EXPONENTS:
+        touched = [moe_experts_touched(E, k, r, int(r["rows"]), a) for r in records]
+        fits[a] = fit_kinds(profile.assign(**{MOE_FEATURE: touched}), chunked)
+        scored = [fit.get("held_out", fit["train"]) for fit in fits[a].values()]
+        n = sum(s["n"] for s in scored)
+        errors[a] = sum(s["n"] * s["mape"] for s in scored) / n
+        ses[a] = math.sqrt(sum((s["n"] * s.get("se", 0.0)) ** 2 for s in scored)) / n
+    lowest = min(CHUNK_ROUTING_EXPONENTS, key=lambda a: errors[a])
+    best = max(a for a in CHUNK_ROUTING_EXPONENTS if errors[a] <= errors[lowest] + ses[lowest] + TIE_MAPE)
+    return ({**kinds, **fits[best]},
+            {**moe, "chunk_routing_exponent": best, "chunk_routing_errors": {str(a): e for a, e in errors.items()}})
 
 
 # ---- mixture of experts ----------------------------------------------------------------
@@ -325,7 +404,8 @@ def moe_token_ids(batch: Batch, vocab_size: int, seed: int) -> None:
 
 def moe_profile_columns(table: pd.DataFrame, num_experts: int, top_k: int) -> pd.DataFrame:
     """The profile with MOE_FEATURE: expected distinct experts per MoE layer of each step,
-    from its tokens and the rows the engine ran it as."""
+    from its tokens and the rows the engine ran it as, every token routed on its own (the
+    fit re-counts the chunks' tokens: fit_chunk_routing)."""
     touched = [step_experts_touched(num_experts, top_k, int(t), int(r))
                for t, r in zip(table["num_batched_tokens"], table["rows"])]
     return table.assign(**{MOE_FEATURE: touched})
@@ -439,6 +519,11 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
         print(line + (f"  ({others})" if others else ""))
+    moe = calib.get("moe") or {}
+    if "chunk_routing_exponent" in moe:
+        errors = ", ".join(f"{a}: {100 * e:.2f}%" for a, e in moe.get("chunk_routing_errors", {}).items())
+        print(f"moe: a prompt chunk of n tokens routes as n^{moe['chunk_routing_exponent']} tokens "
+              f"(held-out MAPE of the kinds with chunks by exponent: {errors})")
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq, "
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
@@ -491,8 +576,15 @@ def main(argv=None):
     ap.add_argument("--hardware-out", default=None, help="where to write the fitted hardware YAML")
     ap.add_argument("--check-steps", default=None,
                     help="a real run's steps.parquet: print how the calibration predicts its steps")
+    ap.add_argument("--device-time", default="device_s", choices=("device_s", "device_idle_s"),
+                    help="which device time of the profile to fit: device_s (steps back to back, "
+                         "as serving runs them; the default) or device_idle_s (each from an idle device)")
     args = ap.parse_args(argv)
     profile = pd.read_parquet(args.profile)
+    if args.device_time != "device_s":
+        if args.device_time not in profile.columns:
+            sys.exit(f"{args.profile} has no {args.device_time} (profiled before it was recorded)")
+        profile = profile.assign(device_s=profile[args.device_time])
     meta_path = args.meta or args.profile.replace(".profile.parquet", ".json")
     try:
         with open(meta_path) as f:
@@ -500,6 +592,11 @@ def main(argv=None):
     except FileNotFoundError:
         sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
     calib = fit_calibration(profile, meta)
+    # a re-fit keeps where the profile came from (made when, how long) and says how it was re-fitted
+    calib["created"] = meta.get("created", calib["created"])
+    calib.update({k: meta[k] for k in ("profile_s", "profiled") if k in meta})
+    calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
+                      "date": datetime.date.today().isoformat()}
     FittedCostModel(calib)   # loads back
     with open(args.out, "w") as f:
         json.dump(calib, f, indent=2)

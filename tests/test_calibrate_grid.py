@@ -1,0 +1,109 @@
+"""The profiling grid holds the step shapes serving runs (decode batches whose contexts spread
+as serving's do, between the graph sizes too; several prompt chunks in one step), holds some
+of them out, and every shape is timed as asynchronous serving runs it: launched while the
+step before it runs."""
+import numpy as np
+import pytest
+
+from simulator import CudaGraphs
+from simulator.calibrate import profile_grid, serving, shape_batch
+
+S, M, L = 256, 8192, 8192
+GRAPHS = CudaGraphs.for_engine(S, M, M)
+
+
+def cv(xs):
+    return float(np.std(xs) / np.mean(xs))
+
+
+def test_serving_contexts_spread_as_serving_batches_do():
+    drawn = [c for c, n in serving(20_000, 2048, L)]
+    assert abs(np.mean(drawn) / 2048 - 1) < 0.03 and 0.6 < cv(drawn) < 0.8
+    assert min(drawn) >= 2 and max(serving(512, 6000, L))[0] == L     # clipped to the model's length
+    assert serving(24, 1024, L) == serving(24, 1024, L)                 # fixed
+
+
+def test_grid_profiles_serving_like_decode_batches_at_and_between_graph_sizes():
+    grid = profile_grid(S, M, L, GRAPHS)
+    spread = {}
+    for p in grid:
+        ctx = [c for c, n, *_ in p["shape"]]
+        if len(ctx) >= 8 and all(n == 1 for _, n, *_ in p["shape"]) and cv(ctx) > 0.5 and len(p["shape"][0]) == 2:
+            spread.setdefault(p["split"], []).append((len(ctx), np.mean(ctx)))
+    assert set(spread) == {"train", "held_out"}
+    sizes = {b for b, _ in spread["train"]}
+    assert {b for b in GRAPHS.decode if b >= 8} <= sizes and sizes - set(GRAPHS.decode)   # padded too
+    train_means = sorted({round(m, -2) for _, m in spread["train"]})
+    held_means = sorted({round(m, -2) for _, m in spread["held_out"]})
+    assert min(train_means) < min(held_means) and max(held_means) < max(train_means)
+    assert {b for b, _ in spread["held_out"]} == sizes
+
+
+def test_grid_profiles_several_prompt_chunks_in_one_step():
+    grid = profile_grid(S, M, L, GRAPHS)
+    multi = [p for p in grid if sum(n > 1 for _, n, *_ in p["shape"]) >= 2]
+    assert {p["split"] for p in multi} == {"train", "held_out"}
+    assert {sum(n for _, n, *_ in p["shape"]) for p in multi} <= set(GRAPHS.mixed)
+    for p in multi[:5]:
+        tokens = sum(n for _, n, *_ in p["shape"])
+        f = shape_batch(p["shape"], 16, 1 << 16).features()
+        one = shape_batch([(tokens, tokens)], 16, 1 << 16).features()
+        assert f["num_batched_tokens"] == one["num_batched_tokens"]
+        assert f["prefill_attention_pairs"] < 0.6 * one["prefill_attention_pairs"]
+
+
+class FakeRunner:
+    """Logs launches and waits; the device time of launch i is 1 + i ms."""
+
+    def __init__(self):
+        self.log, self.wait_s, self.n = [], 0.0, 0
+
+    def launch(self, batch, params, pending):
+        self.n += 1
+        self.log.append(("launch", self.n))
+        return {"i": self.n, "device_s": None}
+
+    def wait(self, launched):
+        self.log.append(("wait", launched["i"]))
+        launched["device_s"] = 1e-3 * launched["i"]
+
+    # the timing reads attributes, as of the engine's Launched
+    class Launched(dict):
+        __getattr__ = dict.__getitem__
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_each_timed_step_is_launched_while_the_previous_runs(repeats, monkeypatch):
+    from experiments.calibrate import time_shape
+    runner = FakeRunner()
+    launch = runner.launch
+    monkeypatch.setattr(runner, "launch", lambda *a: FakeRunner.Launched(launch(*a)))
+    device, idle_s, launch_s, receive_s = time_shape(runner, None, [], repeats, cuda=True)
+    # warm-up (1) waited alone; 2 from an idle device; then 3.. each launched before the
+    # previous one is waited on
+    assert runner.log[:3] == [("launch", 1), ("wait", 1), ("launch", 2)]
+    for i in range(3, repeats + 3):
+        assert runner.log.index(("launch", i)) < runner.log.index(("wait", i - 1))
+    assert runner.log[-1] == ("wait", repeats + 2)
+    assert idle_s == pytest.approx(2e-3)
+    assert device == pytest.approx([1e-3 * i for i in range(3, repeats + 3)])
+    assert len(launch_s) == repeats and len(receive_s) == repeats + 1
+
+
+def test_a_chunks_cached_prefix_is_computed_before_it_is_timed():
+    from experiments.calibrate import write_prefixes
+    batch = shape_batch([(40, 8), (100, 1), (16, 16)], 16, 1 << 12)
+    launched = []
+
+    class Runner:
+        def launch(self, b, params, pending):
+            launched.append(b)
+            return b
+
+        def wait(self, b):
+            pass
+    assert write_prefixes(Runner(), batch, 16, None) == 32
+    assert [(b.num_computed_tokens, b.num_new_tokens, b.sample) for b in launched] == \
+        [([0], [16], [False]), ([16], [16], [False])]
+    assert all(b.seqs == [batch.seqs[0]] and b.num_prefill_tokens == 16 for b in launched)
+    assert batch.num_computed_tokens == [32, 99, 0]           # the timed shape is unchanged
