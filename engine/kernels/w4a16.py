@@ -110,6 +110,15 @@ FMA_TILES = (Launch("fma", 256, 16, 1, 3), Launch("fma", 512, 16, 1, 3),
              Launch("fma", 1024, 16, 1, 3), Launch("fma", 1024, 16, 4, 3))
 FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 registers)
 MAX_FMA_SPLIT_K = 64
+# The streaming kernel on repacked weights (M = 1): (BLOCK_N, STEP rows per K step, warps,
+# pipeline stages); a program's threads cover 128 x warps / (BLOCK_N / 8) rows with one
+# 16-byte load each, so a thread issues STEP / that loads per step before using one.
+STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1),
+                Launch("stream", 1024, 16, 4, 1), Launch("stream", 1024, 32, 4, 1),
+                Launch("stream", 512, 64, 8, 1), Launch("stream", 256, 128, 4, 1),
+                Launch("stream", 512, 32, 4, 3))
+STREAM_PROGRAMS_PER_SM = 4   # the stream split rule's target (4-8-warp programs)
+MAX_STREAM_SPLIT_K = 128
 # The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
@@ -564,6 +573,156 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
 
 
+# ---- the streaming GEMV (M = 1, repacked) -----------------------------------------------------
+# Built for HBM bandwidth at one row: every thread issues several 16-byte loads (4 words: 32
+# weights of one input row) before it uses any, the program's [STEP, NW] word tile covers its
+# threads exactly (no replicated loads), K is reduced inside each thread across its rows and
+# across threads once at the end, and split-K spreads narrow layers over many programs with
+# an epilogue whose reduction issues all its loads at once.
+
+@triton.jit
+def _stream_fold(t, ROWS: tl.constexpr):
+    """[STEP, C] -> [ROWS, C]: row r + i * ROWS summed into row r. A program's threads cover
+    ROWS rows, so rows ROWS apart are one thread's registers: the sum stays in the thread."""
+    return tl.sum(tl.reshape(t, (t.shape[0] // ROWS, ROWS, t.shape[1])), axis=0)
+
+
+@triton.jit
+def _stream_x(x_ptr, perm_ptr, rows, mask, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x[0, column of weight row r] in fp32 for rows [STEP, 1] (0 where not mask)."""
+    if HAS_PERM:
+        if EVEN:
+            return tl.load(x_ptr + tl.load(perm_ptr + rows)).to(tl.float32)
+        col = tl.load(perm_ptr + rows, mask=mask, other=0)
+        return tl.load(x_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    if EVEN:
+        return tl.load(x_ptr + rows).to(tl.float32)
+    return tl.load(x_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _stream_flush(a_lo, a_hi, p_lo, p_hi, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset,
+                  U: tl.constexpr, PRECISE: tl.constexpr):
+    """a + s * (p - (base + z) * xs) for nibbles U and U + 4 (columns 8c + 2U, 8c + 2U + 1:
+    one 4-byte load of 16-bit scales), the group's zero and scale applied to each thread's
+    partial sums p [ROWS, NW] (xs: its sums of x over the same rows [ROWS, 1]); no
+    cross-thread traffic."""
+    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
+    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    if sdt.primitive_bitwidth == 16:
+        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                       + cols * 4 + U, mask=mask_c, other=0)
+        s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+        s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+    else:
+        s_lo = tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0).to(tl.float32)
+        s_hi = tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0).to(tl.float32)
+    return a_lo + s_lo * (p_lo - zb_lo * xs), a_hi + s_hi * (p_hi - zb_hi * xs)
+
+
+@triton.jit
+def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """acc [BLOCK_N] fp32 of columns offs_n -> y (+ bias). SPLIT: each split stores its row
+    of partial sums (fp32 [splits, tiles * BLOCK_N], columns in order) and counts itself in at
+    the tile's counter; the split that arrives last sums the splits (in split order:
+    deterministic) with all its loads in flight at once (chunks of RCHUNK splits), stores y
+    and resets the counter for the next call."""
+    if SPLIT:
+        width = tl.num_programs(0) * BLOCK_N
+        n_splits = tl.num_programs(1)
+        tl.store(partial_ptr + pid_k * width + offs_n, acc)
+        tl.debug_barrier()   # every thread's partial written before the counter moves
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()
+            RCHUNK: tl.constexpr = max(1, min(SPLITS_P2, 4096 // BLOCK_N))
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s0 in tl.static_range(0, SPLITS_P2, RCHUNK):
+                s = s0 + tl.arange(0, RCHUNK)
+                part = tl.load(partial_ptr + s[:, None] * width + n[None, :],
+                               mask=(s < n_splits)[:, None], other=0.0, cache_modifier=".cg")
+                total += tl.sum(part, axis=0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n < N)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                         partial_ptr, arrivals_ptr, N, K, stride_w, k_per_split, group_size,
+                         zero_offset, lo, hi, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PRECISE: tl.constexpr,
+                         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ROWS: tl.constexpr, STEP: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The streaming one-row kernel on the repacked layout (words [K, N/8], stride_w = N/8).
+    A program owns NW = BLOCK_N / 8 word columns and a K range; each step loads the
+    [STEP, NW] word tile in one go: 4 words (a 16-byte load) per thread and row, the
+    program's threads covering ROWS rows, so each thread issues STEP / ROWS loads before
+    any is used. Per weight one AND-OR makes it the float base + q (`_fma_nibbles`) and one
+    FMA multiplies it by its row's x into the thread's partial sum of its column; at each
+    group's end (one group per step: STEP divides the group size) the thread applies the
+    group's zero and scale to its partials:
+        sum_k (q - z) s x = s * (sum_k (base + q) x - (base + z) sum_k x)."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = (pid_n * NW + tl.arange(0, NW))[None, :]                  # [1, NW] word columns
+    mask_c = (cols < stride_w) | EVEN_N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    r = tl.arange(0, STEP)[:, None]
+    zero = tl.zeros((ROWS, NW), dtype=tl.float32)
+    p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+    a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+    xs = tl.zeros((ROWS, 1), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=NUM_STAGES):
+        rows = k0 + r                                                 # [STEP, 1]
+        mask_k = rows < k_end
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows * stride_w + cols)
+        else:
+            words = tl.load(qweight_ptr + rows * stride_w + cols, mask=mask_k & mask_c, other=0)
+        x = _stream_x(x_ptr, perm_ptr, rows, mask_k, EVEN_K, HAS_PERM)   # [STEP, 1]
+        xs += _stream_fold(x, ROWS)
+        p0 += _stream_fold(_fma_nibbles(words, 0, PRECISE, lo, hi) * x, ROWS)
+        p1 += _stream_fold(_fma_nibbles(words, 1, PRECISE, lo, hi) * x, ROWS)
+        p2 += _stream_fold(_fma_nibbles(words, 2, PRECISE, lo, hi) * x, ROWS)
+        p3 += _stream_fold(_fma_nibbles(words, 3, PRECISE, lo, hi) * x, ROWS)
+        p4 += _stream_fold(_fma_nibbles(words, 4, PRECISE, lo, hi) * x, ROWS)
+        p5 += _stream_fold(_fma_nibbles(words, 5, PRECISE, lo, hi) * x, ROWS)
+        p6 += _stream_fold(_fma_nibbles(words, 6, PRECISE, lo, hi) * x, ROWS)
+        p7 += _stream_fold(_fma_nibbles(words, 7, PRECISE, lo, hi) * x, ROWS)
+        # zero and scale once per group (or at the end of this program's K range)
+        if ((k0 + STEP) % group_size == 0) | (k0 + STEP >= k_end):
+            g = k0 // group_size
+            zw = tl.load(qzeros_ptr + g * stride_w + cols, mask=mask_c, other=0)
+            a0, a4 = _stream_flush(a0, a4, p0, p4, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                   zero_offset, 0, PRECISE)
+            a1, a5 = _stream_flush(a1, a5, p1, p5, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                   zero_offset, 1, PRECISE)
+            a2, a6 = _stream_flush(a2, a6, p2, p6, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                   zero_offset, 2, PRECISE)
+            a3, a7 = _stream_flush(a3, a7, p3, p7, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                   zero_offset, 3, PRECISE)
+            p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+            xs = tl.zeros((ROWS, 1), dtype=tl.float32)
+    # the 8 nibbles joined to columns, the tile's rows summed across threads (one reduction)
+    acc = tl.reshape(tl.sum(_join8(a0, a1, a2, a3, a4, a5, a6, a7), axis=0), (BLOCK_N,))
+    c8 = (pid_n * NW + tl.arange(0, NW)) * 8
+    offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
+                        (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
+    _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
+                  HAS_BIAS, SPLIT, SPLITS_P2, BLOCK_N)
+
+
 @triton.jit
 def _bf16_pair(v, IEEE: tl.constexpr):
     """int32 [..] holding two bf16 bit patterns -> the low one and the high one as bf16
@@ -807,7 +966,7 @@ def default_launch(m: int) -> Launch:
 
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
-    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M,
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M, "stream": 1,
             "mma": MAX_M}.get(launch.kind, float("inf"))
 
 
@@ -895,6 +1054,65 @@ def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
             EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n,
             BLOCK_K=bk, NUM_STAGES=launch.num_stages,
             num_warps=launch.num_warps)
+    return y
+
+
+def stream_rows(launch: Launch) -> int:
+    """Rows a stream program's threads cover: one 16-byte load (4 words) per thread each."""
+    return max(1, 128 * launch.num_warps // (launch.block_n // 8))
+
+
+def stream_step(launch: Launch, group: int) -> int:
+    """The stream kernel's K step: the largest power-of-two multiple of stream_rows <=
+    block_k dividing `group` (one group per step), or 0 where none does (it does not run)."""
+    rows, step = stream_rows(launch), launch.block_k
+    while step >= rows and group % step:
+        step //= 2
+    return step if step >= rows and step % rows == 0 else 0
+
+
+def stream_fits(w: W4, launch: Launch, dtype: torch.dtype) -> bool:
+    """Whether the stream kernel takes this weight: repacked, groups contiguous (act-order
+    rows sorted by the repack), a group size some step divides."""
+    n, k = w.shape
+    group = k if w.group_size == -1 else w.group_size
+    return (w.packing == REPACKED and not w.act_order and stream_step(launch, group) > 0
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def stream_split_k(n: int, k: int, launch: Launch, step: int, sms: int) -> int:
+    """About STREAM_PROGRAMS_PER_SM programs per SM, at least 2 K steps per program.
+    Llama-3.1-8B on 132 SMs at BLOCK_N 512: qkv 44, o 66, gate_up 10, down 66 (capped)."""
+    tiles = triton.cdiv(n, launch.block_n)
+    want = triton.cdiv(STREAM_PROGRAMS_PER_SM * sms, tiles)
+    return max(1, min(want, k // (2 * step), MAX_STREAM_SPLIT_K))
+
+
+def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The streaming one-row kernel (`_w4a16_stream_kernel`) on x [1, K]; w REPACKED with
+    contiguous groups (stream_fits)."""
+    if not stream_fits(w, launch, x.dtype):
+        raise ValueError("w4a16 stream kernel: needs a repacked weight with contiguous groups "
+                         f"(no act-order kept) whose group size a {stream_rows(launch)}-row step "
+                         "divides, and fp16 / bf16 / fp32 activations")
+    x, n, k, group, _, (_, bias_arg, perm) = _common(x, w, bias)
+    if x.shape[0] != 1:
+        raise ValueError(f"w4a16 stream kernel takes 1 row, got {x.shape[0]}")
+    step = stream_step(launch, group)
+    split = launch.split_k or stream_split_k(n, k, launch, step, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n, tiles)
+    _w4a16_stream_kernel[(tiles, splits)](
+        x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals, n, k, n // 8,
+        k_per_split, group, w.zero_offset, 0xF000, 0xF0000, HAS_PERM=w.perm is not None,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, SPLITS_P2=triton.next_power_of_2(splits),
+        PRECISE=x.dtype == torch.float32, EVEN_K=k % k_per_split == 0,
+        EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, ROWS=stream_rows(launch),
+        STEP=step, NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
     return y
 
 
@@ -1010,6 +1228,8 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
         return w4a16_fma(x, w, bias, launch)
     if launch.kind == "mma":
         return w4a16_mma(x, w, bias, launch)
+    if launch.kind == "stream":
+        return w4a16_stream(x, w, bias, launch)
     if launch.kind == "tiled":
         return w4a16_tiled(x, w, bias, launch)
     if launch.kind == "dequant":
@@ -1086,6 +1306,13 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
             s = fma_split_k(n, k, tile, sms)
             out += [tile._replace(split_k=x) for x in dict.fromkeys(
                 (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
+    if m == 1 and w is not None:
+        for tile in STREAM_TILES:
+            if stream_fits(w, tile, dtype):
+                s = stream_split_k(n, k, tile, stream_step(tile, k if w.group_size == -1
+                                                           else w.group_size), sms)
+                out += [tile._replace(split_k=x) for x in dict.fromkeys(
+                    (s, max(1, s // 2), min(2 * s, MAX_STREAM_SPLIT_K)))]
     if m <= MAX_M and w is not None:
         out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
                 if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
@@ -1209,7 +1436,7 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv", "fma", "mma"):
+    if launch.kind in ("skinny", "gemv", "fma", "mma", "stream"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
