@@ -114,10 +114,9 @@ MAX_FMA_SPLIT_K = 64
 # pipeline stages); a program's threads cover 128 x warps / (BLOCK_N / 8) rows with one
 # 16-byte load each, so a thread issues STEP / that loads per step before using one.
 STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1),
-                Launch("stream", 1024, 16, 4, 1), Launch("stream", 1024, 32, 4, 1),
-                Launch("stream", 512, 64, 8, 1), Launch("stream", 256, 128, 4, 1),
-                Launch("stream", 512, 32, 4, 3))
-STREAM_PROGRAMS_PER_SM = 4   # the stream split rule's target (4-8-warp programs)
+                Launch("stream", 256, 32, 2, 1), Launch("stream", 256, 16, 1, 1),
+                Launch("stream", 1024, 16, 4, 1), Launch("stream", 512, 32, 4, 3))
+STREAM_WARPS_PER_SM = 16     # the stream split rule's target
 MAX_STREAM_SPLIT_K = 128
 # The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
@@ -601,35 +600,14 @@ def _stream_x(x_ptr, perm_ptr, rows, mask, EVEN: tl.constexpr, HAS_PERM: tl.cons
 
 
 @triton.jit
-def _stream_flush(a_lo, a_hi, p_lo, p_hi, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset,
-                  U: tl.constexpr, PRECISE: tl.constexpr):
-    """a + s * (p - (base + z) * xs) for nibbles U and U + 4 (columns 8c + 2U, 8c + 2U + 1:
-    one 4-byte load of 16-bit scales), the group's zero and scale applied to each thread's
-    partial sums p [ROWS, NW] (xs: its sums of x over the same rows [ROWS, 1]); no
-    cross-thread traffic."""
-    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
-    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
-    sdt: tl.constexpr = scales_ptr.dtype.element_ty
-    if sdt.primitive_bitwidth == 16:
-        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
-                       + cols * 4 + U, mask=mask_c, other=0)
-        s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
-        s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
-    else:
-        s_lo = tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0).to(tl.float32)
-        s_hi = tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0).to(tl.float32)
-    return a_lo + s_lo * (p_lo - zb_lo * xs), a_hi + s_hi * (p_hi - zb_hi * xs)
-
-
-@triton.jit
 def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
-                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, RCHUNK: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """acc [BLOCK_N] fp32 of columns offs_n -> y (+ bias). SPLIT: each split stores its row
     of partial sums (fp32 [splits, tiles * BLOCK_N], columns in order) and counts itself in at
-    the tile's counter; the split that arrives last sums the splits (in split order:
-    deterministic) with all its loads in flight at once (chunks of RCHUNK splits), stores y
-    and resets the counter for the next call."""
+    the tile's counter; the split that arrives last sums the splits in split order
+    (deterministic), RCHUNK splits' loads in flight at once, stores y and resets the counter
+    for the next call."""
     if SPLIT:
         width = tl.num_programs(0) * BLOCK_N
         n_splits = tl.num_programs(1)
@@ -638,10 +616,9 @@ def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n
         arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
         if arrived == n_splits - 1:
             tl.debug_barrier()
-            RCHUNK: tl.constexpr = max(1, min(SPLITS_P2, 4096 // BLOCK_N))
             n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s0 in tl.static_range(0, SPLITS_P2, RCHUNK):
+            for s0 in tl.range(0, n_splits, RCHUNK):
                 s = s0 + tl.arange(0, RCHUNK)
                 part = tl.load(partial_ptr + s[:, None] * width + n[None, :],
                                mask=(s < n_splits)[:, None], other=0.0, cache_modifier=".cg")
@@ -657,21 +634,53 @@ def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n
 
 
 @triton.jit
+def _stream_group_terms(zw, scales_ptr, g, cols, mask_c, N, zero_offset, U: tl.constexpr,
+                        PRECISE: tl.constexpr):
+    """(base + z, s) in fp32 of nibbles U and U + 4 (columns 8c + 2U, 8c + 2U + 1) of group
+    g for words cols: zero words zw; the two 16-bit scales in one 4-byte load."""
+    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
+    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    if sdt.primitive_bitwidth == 16:
+        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                       + cols * 4 + U, mask=mask_c, other=0)
+        s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+        s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+    else:
+        s_lo = tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0).to(tl.float32)
+        s_hi = tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0).to(tl.float32)
+    return zb_lo, zb_hi, s_lo, s_hi
+
+
+@triton.jit
+def _stream_flush(a_lo, a_hi, p_lo, p_hi, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset,
+                  U: tl.constexpr, PRECISE: tl.constexpr):
+    """a + s * (p - (base + z) * xs) for nibbles U and U + 4: the group's zero and scale
+    applied to partial sums p (xs: the sums of x over the same rows), broadcast."""
+    zb_lo, zb_hi, s_lo, s_hi = _stream_group_terms(zw, scales_ptr, g, cols, mask_c, N,
+                                                   zero_offset, U, PRECISE)
+    return a_lo + s_lo * (p_lo - zb_lo * xs), a_hi + s_hi * (p_hi - zb_hi * xs)
+
+
+@triton.jit
 def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
                          partial_ptr, arrivals_ptr, N, K, stride_w, k_per_split, group_size,
                          zero_offset, lo, hi, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PRECISE: tl.constexpr,
+                         SPLIT: tl.constexpr, ONE_GROUP: tl.constexpr, PRECISE: tl.constexpr,
                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ROWS: tl.constexpr, STEP: tl.constexpr, NUM_STAGES: tl.constexpr):
+                         ROWS: tl.constexpr, STEP: tl.constexpr, RCHUNK: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
     """The streaming one-row kernel on the repacked layout (words [K, N/8], stride_w = N/8).
     A program owns NW = BLOCK_N / 8 word columns and a K range; each step loads the
     [STEP, NW] word tile in one go: 4 words (a 16-byte load) per thread and row, the
     program's threads covering ROWS rows, so each thread issues STEP / ROWS loads before
     any is used. Per weight one AND-OR makes it the float base + q (`_fma_nibbles`) and one
-    FMA multiplies it by its row's x into the thread's partial sum of its column; at each
-    group's end (one group per step: STEP divides the group size) the thread applies the
-    group's zero and scale to its partials:
-        sum_k (q - z) s x = s * (sum_k (base + q) x - (base + z) sum_k x)."""
+    FMA multiplies it by its row's x into the thread's partial sum of its column, and
+        sum_k (q - z) s x = s * (sum_k (base + q) x - (base + z) sum_k x)
+    applies zero and scale per group: ONE_GROUP (the program's K range inside one group:
+    k_per_split divides the group size) once, after the partial sums are reduced across
+    the threads; else by each thread to its own partial sums at each group's end (one
+    group per step: STEP divides the group size)."""
     NW: tl.constexpr = BLOCK_N // 8
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     cols = (pid_n * NW + tl.arange(0, NW))[None, :]                  # [1, NW] word columns
@@ -700,27 +709,41 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
         p5 += _stream_fold(_fma_nibbles(words, 5, PRECISE, lo, hi) * x, ROWS)
         p6 += _stream_fold(_fma_nibbles(words, 6, PRECISE, lo, hi) * x, ROWS)
         p7 += _stream_fold(_fma_nibbles(words, 7, PRECISE, lo, hi) * x, ROWS)
-        # zero and scale once per group (or at the end of this program's K range)
-        if ((k0 + STEP) % group_size == 0) | (k0 + STEP >= k_end):
-            g = k0 // group_size
-            zw = tl.load(qzeros_ptr + g * stride_w + cols, mask=mask_c, other=0)
-            a0, a4 = _stream_flush(a0, a4, p0, p4, zw, xs, scales_ptr, g, cols, mask_c, N,
-                                   zero_offset, 0, PRECISE)
-            a1, a5 = _stream_flush(a1, a5, p1, p5, zw, xs, scales_ptr, g, cols, mask_c, N,
-                                   zero_offset, 1, PRECISE)
-            a2, a6 = _stream_flush(a2, a6, p2, p6, zw, xs, scales_ptr, g, cols, mask_c, N,
-                                   zero_offset, 2, PRECISE)
-            a3, a7 = _stream_flush(a3, a7, p3, p7, zw, xs, scales_ptr, g, cols, mask_c, N,
-                                   zero_offset, 3, PRECISE)
-            p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
-            xs = tl.zeros((ROWS, 1), dtype=tl.float32)
-    # the 8 nibbles joined to columns, the tile's rows summed across threads (one reduction)
-    acc = tl.reshape(tl.sum(_join8(a0, a1, a2, a3, a4, a5, a6, a7), axis=0), (BLOCK_N,))
-    c8 = (pid_n * NW + tl.arange(0, NW)) * 8
+        if not ONE_GROUP:   # zero and scale at each group's end (or this program's K range's)
+            if ((k0 + STEP) % group_size == 0) | (k0 + STEP >= k_end):
+                g = k0 // group_size
+                zw = tl.load(qzeros_ptr + g * stride_w + cols, mask=mask_c, other=0)
+                a0, a4 = _stream_flush(a0, a4, p0, p4, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 0, PRECISE)
+                a1, a5 = _stream_flush(a1, a5, p1, p5, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 1, PRECISE)
+                a2, a6 = _stream_flush(a2, a6, p2, p6, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 2, PRECISE)
+                a3, a7 = _stream_flush(a3, a7, p3, p7, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 3, PRECISE)
+                p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+                xs = tl.zeros((ROWS, 1), dtype=tl.float32)
+    c = pid_n * NW + tl.arange(0, NW)                                 # [NW] word columns
+    if ONE_GROUP:   # the sums reduced across threads first, then zero and scale, once
+        sums = tl.sum(_join8(p0, p1, p2, p3, p4, p5, p6, p7), axis=0)          # [NW, 2, 2, 2]
+        x_sum = tl.sum(tl.sum(xs, axis=1), axis=0)
+        g = k_start // group_size
+        mask_w = (c < stride_w) | EVEN_N
+        zw = tl.load(qzeros_ptr + g * stride_w + c, mask=mask_w, other=0)
+        zb0, zb4, s0, s4 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 0, PRECISE)
+        zb1, zb5, s1, s5 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 1, PRECISE)
+        zb2, zb6, s2, s6 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 2, PRECISE)
+        zb3, zb7, s3, s7 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 3, PRECISE)
+        zb = _join8(zb0, zb1, zb2, zb3, zb4, zb5, zb6, zb7)
+        s = _join8(s0, s1, s2, s3, s4, s5, s6, s7)
+        acc = tl.reshape(s * (sums - zb * x_sum), (BLOCK_N,))
+    else:           # the 8 nibbles joined to columns, the rows summed across threads, once
+        acc = tl.reshape(tl.sum(_join8(a0, a1, a2, a3, a4, a5, a6, a7), axis=0), (BLOCK_N,))
+    c8 = c * 8
     offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
                         (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
     _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
-                  HAS_BIAS, SPLIT, SPLITS_P2, BLOCK_N)
+                  HAS_BIAS, SPLIT, RCHUNK, BLOCK_N)
 
 
 @triton.jit
@@ -1081,10 +1104,10 @@ def stream_fits(w: W4, launch: Launch, dtype: torch.dtype) -> bool:
 
 
 def stream_split_k(n: int, k: int, launch: Launch, step: int, sms: int) -> int:
-    """About STREAM_PROGRAMS_PER_SM programs per SM, at least 2 K steps per program.
-    Llama-3.1-8B on 132 SMs at BLOCK_N 512: qkv 44, o 66, gate_up 10, down 66 (capped)."""
+    """About STREAM_WARPS_PER_SM warps per SM, at least 2 K steps per program. Llama-3.1-8B
+    on 132 SMs, 4-warp 512-column tiles: qkv 44, o 66, gate_up 10, down 66."""
     tiles = triton.cdiv(n, launch.block_n)
-    want = triton.cdiv(STREAM_PROGRAMS_PER_SM * sms, tiles)
+    want = triton.cdiv(STREAM_WARPS_PER_SM * sms, tiles * launch.num_warps)
     return max(1, min(want, k // (2 * step), MAX_STREAM_SPLIT_K))
 
 
@@ -1109,10 +1132,12 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
     _w4a16_stream_kernel[(tiles, splits)](
         x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals, n, k, n // 8,
         k_per_split, group, w.zero_offset, 0xF000, 0xF0000, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, SPLIT=splits > 1, SPLITS_P2=triton.next_power_of_2(splits),
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, ONE_GROUP=group % k_per_split == 0,
         PRECISE=x.dtype == torch.float32, EVEN_K=k % k_per_split == 0,
         EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, ROWS=stream_rows(launch),
-        STEP=step, NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+        STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
+                                     2048 * launch.num_warps // launch.block_n)),
+        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
     return y
 
 
@@ -1307,12 +1332,14 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
             out += [tile._replace(split_k=x) for x in dict.fromkeys(
                 (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
     if m == 1 and w is not None:
+        group = k if w.group_size == -1 else w.group_size
         for tile in STREAM_TILES:
             if stream_fits(w, tile, dtype):
-                s = stream_split_k(n, k, tile, stream_step(tile, k if w.group_size == -1
-                                                           else w.group_size), sms)
-                out += [tile._replace(split_k=x) for x in dict.fromkeys(
-                    (s, max(1, s // 2), min(2 * s, MAX_STREAM_SPLIT_K)))]
+                s = stream_split_k(n, k, tile, stream_step(tile, group), sms)
+                # the rule's split and twice it; one group or half a group per program
+                splits = (s, 2 * s, k // group, 2 * k // group)
+                out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)
+                        if 1 <= x <= MAX_STREAM_SPLIT_K]
     if m <= MAX_M and w is not None:
         out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
                 if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
