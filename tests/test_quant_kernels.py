@@ -301,23 +301,31 @@ def test_stream_split_counters_reset_between_calls():
 
 
 @pytest.mark.parametrize("name", [*FORMATS])
-@pytest.mark.parametrize("m,split,dtype", [(1, 1, torch.float32), (5, 2, torch.bfloat16),
-                                           (20, 3, torch.float32), (64, 1, torch.bfloat16)])
-def test_mma_kernel_matches_the_reference(name, m, split, dtype):
+@pytest.mark.parametrize("kind,m,split,dtype", [
+    ("mma", 1, 1, torch.float32), ("mma", 5, 2, torch.bfloat16), ("mma", 20, 3, torch.float32),
+    ("mma", 64, 1, torch.bfloat16), ("swap", 1, 1, torch.bfloat16), ("swap", 16, 3, torch.bfloat16),
+    ("swap", 40, 2, torch.bfloat16)])
+def test_mma_kernel_matches_the_reference(name, kind, m, split, dtype):
     """The tensor-core kernel on repacked weights (q - z exact in bf16, scale in fp32 after
-    each step's product), every decode M, split or not, act-order through the permutation;
-    weights it cannot take (per-row groups, fp16 activations) are refused."""
+    each step's product) and its swapped form (weights the MMA's wide operand, the scale
+    folded into the bf16 tile), every decode M, split or not, act-order through the
+    permutation; weights they cannot take (per-row groups, fp16 activations; fp32 ones for
+    the swapped form, which rounds the scaled weights to bf16) are refused."""
     w, ref_w = weight(name)
     r = w4a16.repack(w)
     x, bias = inputs(m, ref_w.shape[1], m, dtype)
-    launch = Launch("mma", 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    launch = Launch(kind, 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    if kind == "swap":
+        assert not w4a16.mma_fits(r, 32, torch.float32, "swap")
+        with pytest.raises(ValueError, match="swap kernel"):
+            w4a16_matmul(x.float(), r, bias.float(), launch._replace(block_k=16))
     if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
-        with pytest.raises(ValueError, match="mma kernel"):
+        with pytest.raises(ValueError, match=f"{kind} kernel"):
             w4a16_matmul(x, r, bias, launch._replace(block_k=16))
         return
     check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype)
-    assert not w4a16.mma_fits(r, 32, torch.float16)
-    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16)
+    assert not w4a16.mma_fits(r, 32, torch.float16, kind)
+    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16, kind)
 
 
 @pytest.mark.parametrize("name", REPACK_CASES)
@@ -423,8 +431,8 @@ out = []
 for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    if kind == "mma":
-        fn = w4a16._w4a16_mma_kernel
+    if kind in ("mma", "swap"):
+        fn = w4a16._w4a16_swap_kernel if kind == "swap" else w4a16._w4a16_mma_kernel
         del sig["g_idx_ptr"]
         sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
                                        "group_size", "zero_offset")})
@@ -502,6 +510,7 @@ def test_decode_variants_compile_for_sm90_and_fit():
     tiles += [("fma", 2 * (i % 2), 1, t) for i, t in enumerate(w4a16.FMA_TILES)]
     tiles += [("mma", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.MMA_TILES[bm])]
     tiles += [("stream", 2 * (i % 2), (i // 2) % 2, t) for i, t in enumerate(w4a16.STREAM_TILES)]
+    tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
@@ -513,7 +522,9 @@ def test_decode_variants_compile_for_sm90_and_fit():
             assert ("async_copy_global_to_local" in c["ttgir"]) == (stages > 1)
             continue
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        if kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
+        if kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
+            assert "warp_group_dot" in c["ttgir"] and "dot_op<{opIdx = 0" in c["ttgir"]
+        elif kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
             assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
         assert c["stack"] == 0, (kind, "spills registers")
         assert c["regs"] <= 255

@@ -118,6 +118,13 @@ STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1)
                 Launch("stream", 1024, 16, 4, 1), Launch("stream", 512, 32, 4, 3))
 STREAM_WARPS_PER_SM = 16     # the stream split rule's target
 MAX_STREAM_SPLIT_K = 128
+# The swapped mma kernel (weights the wide operand, from registers; M <= 64), per BLOCK_M;
+# sm_90 compiles (ptxas, no spills): wgmma with the A operand in registers, one MMA in flight
+# across steps; 16: 143 / 96 / 168 registers, 45 / 43 / 50 KB of shared memory; 64: 128 / 168,
+# 73 / 50 KB.
+SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4),
+                   Launch("swap", 128, 64, 4, 4)),
+              64: (Launch("swap", 128, 128, 8, 3), Launch("swap", 128, 64, 4, 4))}
 # The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
@@ -765,11 +772,35 @@ def _sub_bf16x2(a, b):
 
 
 @triton.jit
-def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
+def _mul_bf16x2(a, b):
+    """Lane-wise a * b of two int32 tensors each holding a bf16 pair (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _scale_pair_bf16(scales_ptr, g, cols, mask, N, U: tl.constexpr):
+    """The 16-bit scales of columns 8c + 2U, 8c + 2U + 1 (nibbles U, U + 4) of group g as one
+    int32 holding their bf16 pair (one 4-byte load; fp16 scales rounded to bf16)."""
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                   + cols * 4 + U, mask=mask, other=0)
+    if sdt == tl.bfloat16:
+        return pair
+    lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
+    return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+
+
+@triton.jit
+def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr, s0=None, s1=None, s2=None,
+                     s3=None, FOLD: tl.constexpr = False):
     """The W^T tile [BLOCK_K, BLOCK_N] in bf16, q - z exact (integers -16..15), from words
     [BLOCK_K, BLOCK_N / 8] in AWQ's order and the group's zero words [BLOCK_N / 8]: per word
     4 shifts-and-ANDs-ORs, each making a bf16 pair (128 + q) of adjacent columns 2a, 2a + 1
-    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z)."""
+    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z). FOLD: each pair then
+    times its columns' scales (s0..s3 [BLOCK_N / 8]: bf16 pairs, _scale_pair_bf16), one
+    bf16x2 multiply, so the tile is W^T itself rounded to bf16."""
     off = zero_offset * 0x00010001        # + offset in each 16-bit lane (z + offset <= 16)
     v0 = (words & 0x000F000F) | 0x43004300
     v1 = ((words >> 4) & 0x000F000F) | 0x43004300
@@ -790,6 +821,24 @@ def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
         zl3, zh3 = _bf16_pair(z3, IEEE)
         d0l, d0h, d1l, d1h = lo0 - zl0, hi0 - zh0, lo1 - zl1, hi1 - zh1
         d2l, d2h, d3l, d3h = lo2 - zl2, hi2 - zh2, lo3 - zl3, hi3 - zh3
+        if FOLD:   # the products rounded to bf16 as the GPU's bf16x2 multiply rounds them
+            sl0, sh0 = _bf16_pair(s0[None, :], IEEE)
+            sl1, sh1 = _bf16_pair(s1[None, :], IEEE)
+            sl2, sh2 = _bf16_pair(s2[None, :], IEEE)
+            sl3, sh3 = _bf16_pair(s3[None, :], IEEE)
+            d0l, d0h = (d0l * sl0).to(tl.bfloat16).to(tl.float32), (d0h * sh0).to(tl.bfloat16).to(tl.float32)
+            d1l, d1h = (d1l * sl1).to(tl.bfloat16).to(tl.float32), (d1h * sh1).to(tl.bfloat16).to(tl.float32)
+            d2l, d2h = (d2l * sl2).to(tl.bfloat16).to(tl.float32), (d2h * sh2).to(tl.bfloat16).to(tl.float32)
+            d3l, d3h = (d3l * sl3).to(tl.bfloat16).to(tl.float32), (d3h * sh3).to(tl.bfloat16).to(tl.float32)
+    elif FOLD:  # one bf16x2 subtraction and one multiply per pair
+        d0l, d0h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)),
+                                          tl.broadcast_to(s0[None, :], v0.shape)), IEEE)
+        d1l, d1h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)),
+                                          tl.broadcast_to(s1[None, :], v1.shape)), IEEE)
+        d2l, d2h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v2, tl.broadcast_to(z2, v2.shape)),
+                                          tl.broadcast_to(s2[None, :], v2.shape)), IEEE)
+        d3l, d3h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v3, tl.broadcast_to(z3, v3.shape)),
+                                          tl.broadcast_to(s3[None, :], v3.shape)), IEEE)
     else:      # one bf16x2 subtraction per pair (the compiler would split it in two)
         d0l, d0h = _bf16_pair(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)), IEEE)
         d1l, d1h = _bf16_pair(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)), IEEE)
@@ -847,6 +896,56 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
         acc += part * s[None, :]
     store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n,
                offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                       partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                       group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                       EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The mma kernel's swapped form (M <= 64, bf16 activations, one group per K step):
+    acc[BLOCK_N, BLOCK_M] += W tile @ x^T tile, the weights the MMA's wide operand (64 rows
+    per warp group on sm_90, M only the narrow one: 16 at decode sizes) and taken from
+    registers (wgmma's A operand: the dequantized tile never goes through shared memory),
+    x^T the operand staged through shared memory by the pipeline; the scale folded into the
+    tile (W in bf16, as dequantize + cuBLAS rounds it) so the MMA accumulates in place and
+    runs while the next tile is dequantized."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        mask_k = (rows < k_end) | EVEN_K
+        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
+        x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + x_cols[:, None],
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)       # [BLOCK_K, BLOCK_M]
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
+        else:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        g = k0 // group_size
+        mask_g = mask_c | EVEN_N
+        zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_g, other=0)
+        wt = _mma_weight_tile(words, zw, zero_offset, IEEE,
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 0),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 1),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 2),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 3), FOLD=True)
+        if IEEE:
+            acc = tl.dot(tl.trans(wt.to(tl.float32)), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(wt), xt, acc)
+    store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- launch rules --------------------------------------------------------------------------
@@ -990,7 +1089,7 @@ def default_launch(m: int) -> Launch:
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
     return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M, "stream": 1,
-            "mma": MAX_M}.get(launch.kind, float("inf"))
+            "mma": MAX_M, "swap": MAX_M}.get(launch.kind, float("inf"))
 
 
 # ---- the three ways ------------------------------------------------------------------------
@@ -1144,14 +1243,14 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
 def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
     """The tensor-core decode kernel (`_w4a16_mma_kernel`) on x [M, K], 1 <= M <= MAX_M,
     bf16 (or fp32: tests) activations; w REPACKED, one group per K step (mma_fits)."""
-    if not mma_fits(w, launch.block_k, x.dtype):
-        raise ValueError("w4a16 mma kernel: needs a repacked weight without per-row groups "
-                         "(act-order kept, or a group size the K step does not divide) and "
-                         "bf16 activations")
+    if not mma_fits(w, launch.block_k, x.dtype, launch.kind):
+        raise ValueError(f"w4a16 {launch.kind} kernel: needs a repacked weight without per-row "
+                         "groups (act-order kept, or a group size the K step does not divide) "
+                         "and bf16 activations")
     x, n, k, group, ieee, (_, bias_arg, perm) = _common(x, w, bias)
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
-        raise ValueError(f"w4a16 mma kernel takes 1..{MAX_M} rows, got {m}")
+        raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{MAX_M} rows, got {m}")
     bk = launch.block_k
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -1161,7 +1260,8 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     partial = arrivals = y
     if splits > 1:
         partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
-    _w4a16_mma_kernel[(tiles, splits)](
+    kernel = _w4a16_swap_kernel if launch.kind == "swap" else _w4a16_mma_kernel
+    kernel[(tiles, splits)](
         x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals,
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
@@ -1171,13 +1271,15 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     return y
 
 
-def mma_fits(w: W4, block_k: int, dtype: torch.dtype) -> bool:
+def mma_fits(w: W4, block_k: int, dtype: torch.dtype, kind: str = "mma") -> bool:
     """Whether the mma kernel takes this weight: repacked, one group per K step, bf16
-    activations (its dequantized tile is bf16; fp32 for tests)."""
+    activations (its dequantized tile is bf16; fp32 for tests); the swapped form (kind
+    "swap", which rounds the scaled weights to bf16) bf16 activations and 16-bit scales."""
     n, k = w.shape
     group = k if w.group_size == -1 else w.group_size
+    dtypes = (torch.bfloat16,) if kind == "swap" else (torch.bfloat16, torch.float32)
     return (w.packing == REPACKED and not w.act_order and group % block_k == 0
-            and dtype in (torch.bfloat16, torch.float32))
+            and dtype in dtypes and (kind != "swap" or w.scales.element_size() == 2))
 
 
 def per_row(w: W4, group: int, block_k: int) -> bool:
@@ -1251,7 +1353,7 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
         return w4a16_skinny(x, w, bias, launch)
     if launch.kind == "fma":
         return w4a16_fma(x, w, bias, launch)
-    if launch.kind == "mma":
+    if launch.kind in ("mma", "swap"):
         return w4a16_mma(x, w, bias, launch)
     if launch.kind == "stream":
         return w4a16_stream(x, w, bias, launch)
@@ -1341,8 +1443,9 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                 out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)
                         if 1 <= x <= MAX_STREAM_SPLIT_K]
     if m <= MAX_M and w is not None:
-        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
-                if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
+        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
+                if mma_fits(w, tile.block_k, dtype, tile.kind)
+                for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -1463,7 +1566,7 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv", "fma", "mma", "stream"):
+    if launch.kind in ("skinny", "gemv", "fma", "mma", "stream", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
