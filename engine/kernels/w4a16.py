@@ -112,10 +112,13 @@ FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 regist
 MAX_FMA_SPLIT_K = 64
 # The streaming kernel on repacked weights (M = 1): (BLOCK_N, STEP rows per K step, warps,
 # pipeline stages); a program's threads cover 128 x warps / (BLOCK_N / 8) rows with one
-# 16-byte load each, so a thread issues STEP / that loads per step before using one.
+# 16-byte load each, so a thread issues STEP / that loads per step before using one (4 or
+# 8). sm_90 compiles (ptxas, no spills), one group per program: 96 / 84 / 128 / 82 / 84 / 80
+# registers, the last pipelined through 16 KB of shared memory (16-byte async copies).
 STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1),
-                Launch("stream", 256, 32, 2, 1), Launch("stream", 256, 16, 1, 1),
-                Launch("stream", 1024, 16, 4, 1), Launch("stream", 512, 32, 4, 3))
+                Launch("stream", 512, 64, 4, 1), Launch("stream", 256, 32, 2, 1),
+                Launch("stream", 256, 16, 1, 1), Launch("stream", 1024, 16, 4, 1),
+                Launch("stream", 512, 32, 4, 3))
 STREAM_WARPS_PER_SM = 16     # the stream split rule's target
 MAX_STREAM_SPLIT_K = 128
 # The swapped mma kernel (weights the wide operand, from registers; M <= 64), per BLOCK_M;
@@ -641,21 +644,32 @@ def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n
 
 
 @triton.jit
-def _stream_group_terms(zw, scales_ptr, g, cols, mask_c, N, zero_offset, U: tl.constexpr,
-                        PRECISE: tl.constexpr):
-    """(base + z, s) in fp32 of nibbles U and U + 4 (columns 8c + 2U, 8c + 2U + 1) of group
-    g for words cols: zero words zw; the two 16-bit scales in one 4-byte load."""
-    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
-    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
+def _stream_scale_pair(scales_ptr, g, cols, mask_c, N, U: tl.constexpr):
+    """The 16-bit scales of columns 8c + 2U, 8c + 2U + 1 (nibbles U, U + 4) of group g, both
+    in one int32 (one 4-byte load); 32-bit scales: the two loaded as floats."""
     sdt: tl.constexpr = scales_ptr.dtype.element_ty
     if sdt.primitive_bitwidth == 16:
         pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
                        + cols * 4 + U, mask=mask_c, other=0)
+    else:
+        pair = tl.join(tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0),
+                       tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0))
+    return pair
+
+
+@triton.jit
+def _stream_terms(zw, pair, scales_ptr, zero_offset, U: tl.constexpr, PRECISE: tl.constexpr):
+    """(base + z, s) in fp32 of nibbles U and U + 4 from the group's zero words zw and the
+    scales `pair` (_stream_scale_pair)."""
+    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
+    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    if sdt.primitive_bitwidth == 16:
         s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
         s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
     else:
-        s_lo = tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0).to(tl.float32)
-        s_hi = tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0).to(tl.float32)
+        s_lo, s_hi = tl.split(pair)
+        s_lo, s_hi = s_lo.to(tl.float32), s_hi.to(tl.float32)
     return zb_lo, zb_hi, s_lo, s_hi
 
 
@@ -664,8 +678,9 @@ def _stream_flush(a_lo, a_hi, p_lo, p_hi, zw, xs, scales_ptr, g, cols, mask_c, N
                   U: tl.constexpr, PRECISE: tl.constexpr):
     """a + s * (p - (base + z) * xs) for nibbles U and U + 4: the group's zero and scale
     applied to partial sums p (xs: the sums of x over the same rows), broadcast."""
-    zb_lo, zb_hi, s_lo, s_hi = _stream_group_terms(zw, scales_ptr, g, cols, mask_c, N,
-                                                   zero_offset, U, PRECISE)
+    zb_lo, zb_hi, s_lo, s_hi = _stream_terms(
+        zw, _stream_scale_pair(scales_ptr, g, cols, mask_c, N, U), scales_ptr, zero_offset, U,
+        PRECISE)
     return a_lo + s_lo * (p_lo - zb_lo * xs), a_hi + s_hi * (p_hi - zb_hi * xs)
 
 
@@ -737,10 +752,14 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
         g = k_start // group_size
         mask_w = (c < stride_w) | EVEN_N
         zw = tl.load(qzeros_ptr + g * stride_w + c, mask=mask_w, other=0)
-        zb0, zb4, s0, s4 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 0, PRECISE)
-        zb1, zb5, s1, s5 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 1, PRECISE)
-        zb2, zb6, s2, s6 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 2, PRECISE)
-        zb3, zb7, s3, s7 = _stream_group_terms(zw, scales_ptr, g, c, mask_w, N, zero_offset, 3, PRECISE)
+        zb0, zb4, s0, s4 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 0),
+                                         scales_ptr, zero_offset, 0, PRECISE)
+        zb1, zb5, s1, s5 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 1),
+                                         scales_ptr, zero_offset, 1, PRECISE)
+        zb2, zb6, s2, s6 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 2),
+                                         scales_ptr, zero_offset, 2, PRECISE)
+        zb3, zb7, s3, s7 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 3),
+                                         scales_ptr, zero_offset, 3, PRECISE)
         zb = _join8(zb0, zb1, zb2, zb3, zb4, zb5, zb6, zb7)
         s = _join8(s0, s1, s2, s3, s4, s5, s6, s7)
         acc = tl.reshape(s * (sums - zb * x_sum), (BLOCK_N,))
@@ -1566,7 +1585,10 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv", "fma", "mma", "stream", "swap"):
+    if launch.kind == "stream":   # tiles that differ only in their pipeline stages: p<stages>
+        stages = f"p{launch.num_stages}" if launch.num_stages > 1 else ""
+        return f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}/s{launch.split_k}"
+    if launch.kind in ("skinny", "gemv", "fma", "mma", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
