@@ -646,15 +646,9 @@ def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n
 @triton.jit
 def _stream_scale_pair(scales_ptr, g, cols, mask_c, N, U: tl.constexpr):
     """The 16-bit scales of columns 8c + 2U, 8c + 2U + 1 (nibbles U, U + 4) of group g, both
-    in one int32 (one 4-byte load); 32-bit scales: the two loaded as floats."""
-    sdt: tl.constexpr = scales_ptr.dtype.element_ty
-    if sdt.primitive_bitwidth == 16:
-        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
-                       + cols * 4 + U, mask=mask_c, other=0)
-    else:
-        pair = tl.join(tl.load(scales_ptr + g * N + cols * 8 + 2 * U, mask=mask_c, other=0.0),
-                       tl.load(scales_ptr + g * N + cols * 8 + 2 * U + 1, mask=mask_c, other=0.0))
-    return pair
+    in one int32 (one 4-byte load)."""
+    return tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                   + cols * 4 + U, mask=mask_c, other=0)
 
 
 @triton.jit
@@ -664,12 +658,8 @@ def _stream_terms(zw, pair, scales_ptr, zero_offset, U: tl.constexpr, PRECISE: t
     zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
     zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
     sdt: tl.constexpr = scales_ptr.dtype.element_ty
-    if sdt.primitive_bitwidth == 16:
-        s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
-        s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
-    else:
-        s_lo, s_hi = tl.split(pair)
-        s_lo, s_hi = s_lo.to(tl.float32), s_hi.to(tl.float32)
+    s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+    s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
     return zb_lo, zb_hi, s_lo, s_hi
 
 
@@ -1214,10 +1204,11 @@ def stream_step(launch: Launch, group: int) -> int:
 
 def stream_fits(w: W4, launch: Launch, dtype: torch.dtype) -> bool:
     """Whether the stream kernel takes this weight: repacked, groups contiguous (act-order
-    rows sorted by the repack), a group size some step divides."""
+    rows sorted by the repack), a group size some step divides, 16-bit scales."""
     n, k = w.shape
     group = k if w.group_size == -1 else w.group_size
     return (w.packing == REPACKED and not w.act_order and stream_step(launch, group) > 0
+            and w.scales.element_size() == 2
             and dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
@@ -1235,7 +1226,7 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
     if not stream_fits(w, launch, x.dtype):
         raise ValueError("w4a16 stream kernel: needs a repacked weight with contiguous groups "
                          f"(no act-order kept) whose group size a {stream_rows(launch)}-row step "
-                         "divides, and fp16 / bf16 / fp32 activations")
+                         "divides, 16-bit scales, and fp16 / bf16 / fp32 activations")
     x, n, k, group, _, (_, bias_arg, perm) = _common(x, w, bias)
     if x.shape[0] != 1:
         raise ValueError(f"w4a16 stream kernel takes 1 row, got {x.shape[0]}")
