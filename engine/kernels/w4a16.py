@@ -6,10 +6,24 @@ once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's or
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
-layouts and the repacked one (W4.packing), so the engine keeps a single copy. Six ways to
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Eight ways to
 run a layer, chosen per (layer shape, row count M) by measurement at load time
 (`choose_w4a16`, which also checks every candidate's product against the torch reference):
 
+  stream   (M = 1, repacked) `_w4a16_stream_kernel`: built for HBM bandwidth: each step a
+           program loads a [STEP, BLOCK_N / 8] word tile with one 16-byte load per thread
+           and row, so every thread has STEP / (rows its program covers) loads in flight
+           before it uses one; a weight costs one AND-OR (the float base + q, as fma) and one
+           FMA into the thread's partial sum of its column; K is reduced inside the thread,
+           across the program's threads once at the end, and across splits by the last
+           split to arrive, which issues all its partial loads at once (deterministic).
+           Split so that a program's K range is one group (or half): zero and scale are then
+           applied once per column after the cross-thread sum, not per thread.
+  swap     (M <= 64, repacked, one group per K step, bf16) `_w4a16_swap_kernel`: the mma
+           kernel's tile with its group's scale folded in (bf16x2 subtract and multiply),
+           the weights the MMA's wide operand taken from registers (wgmma's A operand on
+           sm_90: M only pads the narrow one), x^T staged through shared memory; the MMA
+           accumulates in place, so one stays in flight while the next tile is dequantized.
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
@@ -77,8 +91,9 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the
-    kernels the tile (block_n; block_k: K per step, for skinny before the group-size cap),
+    """How one call runs: kind "stream" | "fma" | "swap" | "mma" | "skinny" | "gemv" | "tiled" |
+    "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny before the
+    group-size cap, for stream the most rows per step),
     warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
     per tile."""
     kind: str
@@ -1424,9 +1439,10 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
     """What choose_w4a16 times at M rows for weight w (its layout decides; None: a
     checkpoint-layout one), the default first: the skinny tiles at a few splits
-    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the fma kernel's
-    tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma kernel's
-    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits (and of the checkpoint
+    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the stream tiles
+    (M = 1) at their rule's split, twice it, one group and half a group per program, the fma
+    kernel's tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma and
+    swap kernels' (M <= MAX_M, where they fit: mma_fits) at the skinny rule's splits (and of the checkpoint
     kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     packing = GPTQ if w is None else w.packing
