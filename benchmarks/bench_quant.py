@@ -15,7 +15,10 @@ Stages:
           (engine.kernels.w4a16.choose_w4a16) considers at that M, on --kernel-formats (GPTQ
           group 128, AWQ, GPTQ act-order) tensors, each in the checkpoint layout (`gptq`: the
           kernels before the repack) and repacked as the engine now loads them (`gptq+r`: the
-          fma kernel at M = 1, the other kernels reading the repacked words). Each time is one CUDA-graph replay over `--copies`
+          stream and fma kernels at M = 1, the mma and swap kernels at M <= 64, the others
+          reading the repacked words; --layouts picks). Every candidate's line (us, packed-
+          weight GB/s, % of the copy ceiling, cuBLAS bf16 alongside) is printed as its shape
+          and M are measured, then a summary. Each time is one CUDA-graph replay over `--copies`
           copies of the layer (distinct weights, so they come from HBM as in a step), per
           layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
           error of the chosen launch against the torch reference (max |y - y_ref| / max
@@ -184,8 +187,10 @@ def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
                             "times_us": {w4a16._name(l): t for t, l in timed}, "failed": failed}
             rows.append(row)
+            print_candidates([row], ceiling, header=len(rows) == 1)   # as measured: a run cut
+            sys.stdout.flush()                                         # short keeps its rows
             progress(f"layers {name} M={m}: bf16 {row['bf16_us']:.1f} us, "
-                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in packed))
+                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in packed if f in row))
     return rows
 
 
@@ -193,8 +198,8 @@ def print_layers(rows, name, ceiling) -> None:
     fmts = [f for f in rows[0] if isinstance(rows[0][f], dict)] if rows else []
     print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
           "(CUDA-graph replay over distinct copies) of the launch the load-time choice would take; "
-          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the fma kernel "
-          "at M=1, the mma kernel at M<=64); vs bf16 = bf16 us / us")
+          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the stream and "
+          "fma kernels at M=1, the mma and swap kernels at M<=64); vs bf16 = bf16 us / us")
     print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'bf16 us':>8} {'GB/s':>5} "
           + " ".join(f"{f + ' us':>16} {'GB/s':>5} {'%copy':>5} {'vs bf16':>7}" for f in fmts))
     for r in rows:
@@ -204,7 +209,7 @@ def print_layers(rows, name, ceiling) -> None:
                          f"{r['bf16_us'] / r[f]['us']:>6.2f}x" for f in fmts))
     print("choices: " + "; ".join(f"{r['layer']} M={r['m']}: " + ", ".join(
         f"{f} {r[f]['choice']}" for f in fmts) for r in rows))
-    for kind in ("stream", "fma", "mma"):
+    for kind in ("stream", "fma", "swap", "mma"):
         best = [(r['layer'], r['m'], f, r[f]["kind_us"][kind]) for r in rows for f in fmts
                 if kind in r[f].get("kind_us", {})]
         if best:
@@ -223,14 +228,15 @@ def print_layers(rows, name, ceiling) -> None:
               + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())))
 
 
-def print_candidates(rows, ceiling) -> None:
+def print_candidates(rows, ceiling, header: bool = True) -> None:
     """Every timed candidate per shape, M and format, fastest first: us per layer, GB/s of
     the packed weights (qweight, qzeros, scales, g_idx), % of the copy ceiling, and cuBLAS
     bf16 on the same line."""
-    print("\nW4A16 candidates per shape (fastest first; * = the load-time choice): us per layer, "
-          "packed-weight GB/s, % of the copy ceiling; bf16 = cuBLAS on the dense weight")
-    print(f"{'layer':>8} {'M':>4} {'format':>14} {'candidate':>22} {'us':>7} {'GB/s':>6} "
-          f"{'%copy':>6} {'bf16 us':>8} {'bf16 GB/s':>9} {'vs bf16':>8}")
+    if header:
+        print("\nW4A16 candidates per shape (fastest first; * = the load-time choice): us per "
+              "layer, packed-weight GB/s, % of the copy ceiling; bf16 = cuBLAS on the dense weight")
+        print(f"{'layer':>8} {'M':>4} {'format':>14} {'candidate':>22} {'us':>7} {'GB/s':>6} "
+              f"{'%copy':>6} {'bf16 us':>8} {'bf16 GB/s':>9} {'vs bf16':>8}")
     for r in rows:
         for f in [f for f in r if isinstance(r[f], dict)]:
             nbytes = r[f]["bytes"]
@@ -519,7 +525,6 @@ def main():
 
     if "layers" in stages:
         out["layers"] = bench_layers(args, shapes, ms, device, dtype, ceiling)
-        print_candidates(out["layers"], ceiling)
         print_layers(out["layers"], name, ceiling)
         sys.stdout.flush()
     if "check" in stages:
