@@ -138,11 +138,12 @@ STREAM_WARPS_PER_SM = 16     # the stream split rule's target
 MAX_STREAM_SPLIT_K = 128
 # The swapped mma kernel (weights the wide operand, from registers; M <= 64), per BLOCK_M;
 # sm_90 compiles (ptxas, no spills): wgmma with the A operand in registers, one MMA in flight
-# across steps; 16: 143 / 96 / 168 registers, 45 / 43 / 50 KB of shared memory; 64: 128 / 168,
-# 73 / 50 KB.
+# across steps; 16: 143 / 96 / 168 / 80 registers, 45 / 43 / 50 / 33 KB of shared memory;
+# 64: 128 / 168 / 172 / 127 registers, 73 / 50 / 50 / 82 KB.
 SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4),
-                   Launch("swap", 128, 64, 4, 4)),
-              64: (Launch("swap", 128, 128, 8, 3), Launch("swap", 128, 64, 4, 4))}
+                   Launch("swap", 128, 64, 4, 4), Launch("swap", 64, 128, 4, 4)),
+              64: (Launch("swap", 128, 128, 8, 3), Launch("swap", 128, 64, 4, 4),
+                   Launch("swap", 256, 64, 8, 3), Launch("swap", 64, 128, 4, 4))}
 # The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
