@@ -437,7 +437,8 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
         sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
                                        "group_size", "zero_offset")})
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
-                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages,
+                     PDL=kind == "swap", PREFETCH=kind == "swap")
     elif kind == "stream":   # bm: 1 = one group per program, 0 = per-thread group flushes
         fn = w4a16._w4a16_stream_kernel
         del sig["g_idx_ptr"]
@@ -446,7 +447,8 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
         tile = w4a16.Launch("stream", bn, bk, warps, stages)
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, ONE_GROUP=bm == 1,
                      PRECISE=False, EVEN_K=True, EVEN_N=True, BLOCK_N=bn,
-                     ROWS=w4a16.stream_rows(tile), STEP=bk, RCHUNK=4, NUM_STAGES=stages)
+                     ROWS=w4a16.stream_rows(tile), STEP=bk, RCHUNK=4, NUM_STAGES=stages,
+                     PDL=True, PREFETCH=True)   # as decode steps launch it on sm_90
     elif kind == "fma":
         fn = w4a16._w4a16_fma_kernel
         sig.update({a: "i32" for a in ("N", "K", "k_per_split", "group_size", "zero_offset", "lo", "hi")})
@@ -473,6 +475,7 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     ptx = c.asm["ptx"]
     out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"],
                     wide_loads=ptx.count("ld.global.v4.b32") + ptx.count("cp.async.cg.shared.global"),
+                    pdl=ptx.count("griddepcontrol.wait"), l2_prefetch=ptx.count("cp.async.bulk.prefetch"),
                     regs=int(re.search(r"REG:(\\d+)", usage).group(1)),
                     stack=int(usage.split("STACK:")[1].split()[0])))
 print(json.dumps(out))
@@ -503,7 +506,9 @@ def test_decode_variants_compile_for_sm90_and_fit():
     shared memory, keep their weight loads software-pipelined (async copies), spill no
     registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
     (half of them with the x permutation), and the stream tiles, whose weight loads are
-    16 bytes wide (ld.global.v4, or 16-byte async copies where pipelined)."""
+    16 bytes wide (ld.global.v4, or 16-byte async copies where pipelined); the stream and
+    swap tiles as decode steps launch them on sm_90 (programmatic dependent launch: one
+    wait, the weight slice prefetched into L2 before it)."""
     tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
              ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
              ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
@@ -516,6 +521,8 @@ def test_decode_variants_compile_for_sm90_and_fit():
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert c["stack"] == 0, (kind, "spills registers")
+        if kind in ("stream", "swap"):   # programmatic dependent launch, weights prefetched
+            assert c["pdl"] >= 1 and c["l2_prefetch"] >= 1, (kind, c["pdl"], c["l2_prefetch"])
         if kind == "stream":   # each step's loads 16 bytes wide, all issued before use
             loads = bk // w4a16.stream_rows(Launch("stream", bn, bk, warps))
             assert c["wide_loads"] >= (loads if stages == 1 else 1), (bn, bk, c["wide_loads"])

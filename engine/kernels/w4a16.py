@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.skinny_gemm import graph_time_us, num_sms, store_tile, workspace
 
 MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
@@ -606,6 +607,22 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
 # an epilogue whose reduction issues all its loads at once.
 
 @triton.jit
+def _start(qweight_ptr, k_start, k_end, stride_w, word0, NW: tl.constexpr, PDL: tl.constexpr,
+           PREFETCH: tl.constexpr):
+    """A decode kernel's entry under programmatic dependent launch (engine.kernels.pdl):
+    PREFETCH, launched early, ask for this program's weight slice (rows k_start..k_end of
+    words word0..word0 + NW: weights no kernel of the step writes) to come into L2 while the
+    previous kernel finishes; then wait for it (`pdl.enter`), before any other load or
+    store. Without PDL: nothing."""
+    if PREFETCH:
+        for k0 in tl.range(k_start, k_end, 128):
+            rows = tl.minimum(k0 + tl.arange(0, 128), k_end - 1).to(tl.int64)
+            pdl.prefetch_rows_l2(qweight_ptr + rows * stride_w + word0,
+                                 tl.full((128,), NW * 4, tl.int32), PDL)
+    pdl.enter(PDL)
+
+
+@triton.jit
 def _stream_fold(t, ROWS: tl.constexpr):
     """[STEP, C] -> [ROWS, C]: row r + i * ROWS summed into row r. A program's threads cover
     ROWS rows, so rows ROWS apart are one thread's registers: the sum stays in the thread."""
@@ -697,7 +714,8 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
                          SPLIT: tl.constexpr, ONE_GROUP: tl.constexpr, PRECISE: tl.constexpr,
                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                          ROWS: tl.constexpr, STEP: tl.constexpr, RCHUNK: tl.constexpr,
-                         NUM_STAGES: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
+                         PREFETCH: tl.constexpr = False):
     """The streaming one-row kernel on the repacked layout (words [K, N/8], stride_w = N/8).
     A program owns NW = BLOCK_N / 8 word columns and a K range; each step loads the
     [STEP, NW] word tile in one go: 4 words (a 16-byte load) per thread and row, the
@@ -715,6 +733,7 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
     mask_c = (cols < stride_w) | EVEN_N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, stride_w, pid_n * NW, NW, PDL, PREFETCH)
     r = tl.arange(0, STEP)[:, None]
     zero = tl.zeros((ROWS, NW), dtype=tl.float32)
     p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -883,7 +902,8 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
                       group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                       EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """The tensor-core decode kernel on the repacked layout (M <= 64, bf16 activations; one
     group per K step): acc[BLOCK_M, BLOCK_N] += x tile @ W^T tile, the W^T tile made in
     registers from each thread's own words (`_mma_weight_tile`: about one instruction per
@@ -897,6 +917,7 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
     mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -929,7 +950,8 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
                        group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                        SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                        EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """The mma kernel's swapped form (M <= 64, bf16 activations, one group per K step):
     acc[BLOCK_N, BLOCK_M] += W tile @ x^T tile, the weights the MMA's wide operand (64 rows
     per warp group on sm_90, M only the narrow one: 16 at decode sizes) and taken from
@@ -945,6 +967,7 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
     mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -1262,7 +1285,8 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, ROWS=stream_rows(launch),
         STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
                                      2048 * launch.num_warps // launch.block_n)),
-        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps,
+        **_pdl_args(w, n % launch.block_n == 0))
     return y
 
 
@@ -1293,8 +1317,19 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
         EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
         BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
-        num_warps=launch.num_warps)
+        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0))
     return y
+
+
+def _pdl_args(w: W4, even_n: bool) -> dict:
+    """The PDL constexprs and launch attribute of a repacked-layout decode launch
+    (engine.kernels.pdl: on where the engine enabled it); the L2 prefetch of the weight slice
+    where every program's slice is whole 16-byte pieces (N a multiple of the tile: each
+    slice is BLOCK_N / 2 bytes at a 16-byte aligned offset of its row)."""
+    on = pdl.enabled()
+    prefetch = (on and even_n and w.qweight.data_ptr() % 16 == 0
+                and w.qweight.stride(0) * 4 % 16 == 0)
+    return dict(PDL=on, PREFETCH=prefetch, **pdl.launch_kwargs())
 
 
 def mma_fits(w: W4, block_k: int, dtype: torch.dtype, kind: str = "mma") -> bool:
