@@ -247,7 +247,9 @@ STREAM_LAUNCHES = [   # (launch, split, dtype): per-thread group flushes; one gr
     (Launch("stream", 64, 32, 1, 1), 1, torch.float32),
     (Launch("stream", 32, 32, 1, 1), 3, torch.bfloat16),
     (Launch("stream", 128, 16, 2, 1), 2, torch.float32),
-    (Launch("stream", 64, 32, 1, 2), 4, torch.bfloat16)]
+    (Launch("stream", 64, 32, 1, 2), 4, torch.bfloat16),
+    (Launch("stream", 128, 32, 1, 1, chain=True), 4, torch.bfloat16),   # 4 x 8-row loads
+    (Launch("stream", 128, 32, 1, 1, chain=True), 1, torch.float32)]
 
 
 @pytest.mark.parametrize("name", REPACK_CASES)
@@ -439,7 +441,8 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
                      EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages,
                      PDL=kind == "swap", PREFETCH=kind == "swap")
-    elif kind == "stream":   # bm: 1 = one group per program, 0 = per-thread group flushes
+    elif kind in ("stream", "streamc"):   # bm: 1 = one group per program, 0 = per-thread
+        # group flushes; streamc: the FMA-chain form
         fn = w4a16._w4a16_stream_kernel
         del sig["g_idx_ptr"]
         sig.update({a: "i32" for a in ("N", "K", "stride_w", "k_per_split", "group_size",
@@ -448,7 +451,7 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, ONE_GROUP=bm == 1,
                      PRECISE=False, EVEN_K=True, EVEN_N=True, BLOCK_N=bn,
                      ROWS=w4a16.stream_rows(tile), STEP=bk, RCHUNK=4, NUM_STAGES=stages,
-                     PDL=True, PREFETCH=True)   # as decode steps launch it on sm_90
+                     PDL=True, PREFETCH=True, CHAIN=kind == "streamc")   # as decode steps launch it
     elif kind == "fma":
         fn = w4a16._w4a16_fma_kernel
         sig.update({a: "i32" for a in ("N", "K", "k_per_split", "group_size", "zero_offset", "lo", "hi")})
@@ -464,7 +467,7 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig.update({name: "constexpr" for name in const})
     # as a launch specializes them: pointers 16-byte aligned, Llama's sizes multiples of 16
     aligned = [i for i, (a, t) in enumerate(sig.items()) if t.startswith("*") or a in (
-        "N", "K", "stride_w", "k_per_split", "group_size")] if kind == "stream" else []
+        "N", "K", "stride_w", "k_per_split", "group_size")] if kind.startswith("stream") else []
     src = ASTSource(fn=fn, signature=sig, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -515,15 +518,17 @@ def test_decode_variants_compile_for_sm90_and_fit():
     tiles += [("fma", 2 * (i % 2), 1, t) for i, t in enumerate(w4a16.FMA_TILES)]
     tiles += [("mma", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.MMA_TILES[bm])]
     tiles += [("stream", 2 * (i % 2), (i // 2) % 2, t) for i, t in enumerate(w4a16.STREAM_TILES)]
+    tiles += [("streamc", 0, 1, t) for t in w4a16.STREAM_TILES
+              if t.block_k == 4 * w4a16.stream_rows(t)]
     tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert c["stack"] == 0, (kind, "spills registers")
-        if kind in ("stream", "swap"):   # programmatic dependent launch, weights prefetched
+        if kind in ("stream", "streamc", "swap"):   # programmatic dependent launch, prefetch
             assert c["pdl"] >= 1 and c["l2_prefetch"] >= 1, (kind, c["pdl"], c["l2_prefetch"])
-        if kind == "stream":   # each step's loads 16 bytes wide, all issued before use
+        if kind in ("stream", "streamc"):   # each step's loads 16 bytes wide, issued before use
             loads = bk // w4a16.stream_rows(Launch("stream", bn, bk, warps))
             assert c["wide_loads"] >= (loads if stages == 1 else 1), (bn, bk, c["wide_loads"])
             assert ("async_copy_global_to_local" in c["ttgir"]) == (stages > 1)

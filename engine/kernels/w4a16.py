@@ -104,6 +104,7 @@ class Launch(NamedTuple):
     num_stages: int = 4
     split_k: int = 0
     block_m: int = 64
+    chain: bool = False   # stream: the 4 row blocks of a step in one FMA chain (no adds)
 
 
 # Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
@@ -630,6 +631,28 @@ def _stream_fold(t, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _stream_split4(t, ROWS: tl.constexpr):
+    """[4 ROWS, C] -> its four row blocks [ROWS, C] (rows u ROWS + r), each a thread's own
+    registers (split along an in-thread dimension: no data moves)."""
+    t = tl.permute(tl.reshape(t, (2, 2, ROWS, t.shape[1])), (2, 3, 0, 1))   # [ROWS, C, i, j]
+    even, odd = tl.split(t)                    # u = 2 i + j: j = 0, j = 1
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _stream_chain(p, w0, w1, w2, w3, x0, x1, x2, x3, J: tl.constexpr, PRECISE: tl.constexpr,
+                  lo, hi):
+    """p + sum_u (base + q_u) x_u for nibble J of the four row blocks: one FMA chain."""
+    p += _fma_nibbles(w0, J, PRECISE, lo, hi) * x0
+    p += _fma_nibbles(w1, J, PRECISE, lo, hi) * x1
+    p += _fma_nibbles(w2, J, PRECISE, lo, hi) * x2
+    p += _fma_nibbles(w3, J, PRECISE, lo, hi) * x3
+    return p
+
+
+@triton.jit
 def _stream_x(x_ptr, perm_ptr, rows, mask, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
     """x[0, column of weight row r] in fp32 for rows [STEP, 1] (0 where not mask)."""
     if HAS_PERM:
@@ -715,7 +738,7 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                          ROWS: tl.constexpr, STEP: tl.constexpr, RCHUNK: tl.constexpr,
                          NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False, CHAIN: tl.constexpr = False):
     """The streaming one-row kernel on the repacked layout (words [K, N/8], stride_w = N/8).
     A program owns NW = BLOCK_N / 8 word columns and a K range; each step loads the
     [STEP, NW] word tile in one go: 4 words (a 16-byte load) per thread and row, the
@@ -748,14 +771,26 @@ def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, b
             words = tl.load(qweight_ptr + rows * stride_w + cols, mask=mask_k & mask_c, other=0)
         x = _stream_x(x_ptr, perm_ptr, rows, mask_k, EVEN_K, HAS_PERM)   # [STEP, 1]
         xs += _stream_fold(x, ROWS)
-        p0 += _stream_fold(_fma_nibbles(words, 0, PRECISE, lo, hi) * x, ROWS)
-        p1 += _stream_fold(_fma_nibbles(words, 1, PRECISE, lo, hi) * x, ROWS)
-        p2 += _stream_fold(_fma_nibbles(words, 2, PRECISE, lo, hi) * x, ROWS)
-        p3 += _stream_fold(_fma_nibbles(words, 3, PRECISE, lo, hi) * x, ROWS)
-        p4 += _stream_fold(_fma_nibbles(words, 4, PRECISE, lo, hi) * x, ROWS)
-        p5 += _stream_fold(_fma_nibbles(words, 5, PRECISE, lo, hi) * x, ROWS)
-        p6 += _stream_fold(_fma_nibbles(words, 6, PRECISE, lo, hi) * x, ROWS)
-        p7 += _stream_fold(_fma_nibbles(words, 7, PRECISE, lo, hi) * x, ROWS)
+        if CHAIN:   # four loads per thread: one FMA chain per column, no adds
+            w0, w1, w2, w3 = _stream_split4(words, ROWS)
+            x0, x1, x2, x3 = _stream_split4(x, ROWS)
+            p0 = _stream_chain(p0, w0, w1, w2, w3, x0, x1, x2, x3, 0, PRECISE, lo, hi)
+            p1 = _stream_chain(p1, w0, w1, w2, w3, x0, x1, x2, x3, 1, PRECISE, lo, hi)
+            p2 = _stream_chain(p2, w0, w1, w2, w3, x0, x1, x2, x3, 2, PRECISE, lo, hi)
+            p3 = _stream_chain(p3, w0, w1, w2, w3, x0, x1, x2, x3, 3, PRECISE, lo, hi)
+            p4 = _stream_chain(p4, w0, w1, w2, w3, x0, x1, x2, x3, 4, PRECISE, lo, hi)
+            p5 = _stream_chain(p5, w0, w1, w2, w3, x0, x1, x2, x3, 5, PRECISE, lo, hi)
+            p6 = _stream_chain(p6, w0, w1, w2, w3, x0, x1, x2, x3, 6, PRECISE, lo, hi)
+            p7 = _stream_chain(p7, w0, w1, w2, w3, x0, x1, x2, x3, 7, PRECISE, lo, hi)
+        else:
+            p0 += _stream_fold(_fma_nibbles(words, 0, PRECISE, lo, hi) * x, ROWS)
+            p1 += _stream_fold(_fma_nibbles(words, 1, PRECISE, lo, hi) * x, ROWS)
+            p2 += _stream_fold(_fma_nibbles(words, 2, PRECISE, lo, hi) * x, ROWS)
+            p3 += _stream_fold(_fma_nibbles(words, 3, PRECISE, lo, hi) * x, ROWS)
+            p4 += _stream_fold(_fma_nibbles(words, 4, PRECISE, lo, hi) * x, ROWS)
+            p5 += _stream_fold(_fma_nibbles(words, 5, PRECISE, lo, hi) * x, ROWS)
+            p6 += _stream_fold(_fma_nibbles(words, 6, PRECISE, lo, hi) * x, ROWS)
+            p7 += _stream_fold(_fma_nibbles(words, 7, PRECISE, lo, hi) * x, ROWS)
         if not ONE_GROUP:   # zero and scale at each group's end (or this program's K range's)
             if ((k0 + STEP) % group_size == 0) | (k0 + STEP >= k_end):
                 g = k0 // group_size
@@ -1246,7 +1281,9 @@ def stream_fits(w: W4, launch: Launch, dtype: torch.dtype) -> bool:
     rows sorted by the repack), a group size some step divides, 16-bit scales."""
     n, k = w.shape
     group = k if w.group_size == -1 else w.group_size
-    return (w.packing == REPACKED and not w.act_order and stream_step(launch, group) > 0
+    step = stream_step(launch, group)
+    return (w.packing == REPACKED and not w.act_order and step > 0
+            and (not launch.chain or step == 4 * stream_rows(launch))
             and w.scales.element_size() == 2
             and dtype in (torch.bfloat16, torch.float16, torch.float32))
 
@@ -1265,7 +1302,8 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
     if not stream_fits(w, launch, x.dtype):
         raise ValueError("w4a16 stream kernel: needs a repacked weight with contiguous groups "
                          f"(no act-order kept) whose group size a {stream_rows(launch)}-row step "
-                         "divides, 16-bit scales, and fp16 / bf16 / fp32 activations")
+                         "divides (the FMA-chain form: a step of 4 loads per thread), 16-bit "
+                         "scales, and fp16 / bf16 / fp32 activations")
     x, n, k, group, _, (_, bias_arg, perm) = _common(x, w, bias)
     if x.shape[0] != 1:
         raise ValueError(f"w4a16 stream kernel takes 1 row, got {x.shape[0]}")
@@ -1285,7 +1323,7 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, ROWS=stream_rows(launch),
         STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
                                      2048 * launch.num_warps // launch.block_n)),
-        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps,
+        NUM_STAGES=launch.num_stages, CHAIN=launch.chain, num_warps=launch.num_warps,
         **_pdl_args(w, n % launch.block_n == 0))
     return y
 
@@ -1504,6 +1542,8 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                 splits = (s, 2 * s, k // group, 2 * k // group)
                 out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)
                         if 1 <= x <= MAX_STREAM_SPLIT_K]
+                if stream_step(tile, group) == 4 * stream_rows(tile) and k // group <= MAX_STREAM_SPLIT_K:
+                    out.append(tile._replace(split_k=k // group, chain=True))   # one group each
     if m <= MAX_M and w is not None:
         out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
                 if mma_fits(w, tile.block_k, dtype, tile.kind)
@@ -1630,7 +1670,9 @@ def device_still_sound(device: torch.device) -> None:
 def _name(launch: Launch) -> str:
     if launch.kind == "stream":   # tiles that differ only in their pipeline stages: p<stages>
         stages = f"p{launch.num_stages}" if launch.num_stages > 1 else ""
-        return f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}/s{launch.split_k}"
+        chain = "c" if launch.chain else ""
+        return (f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}{chain}"
+                f"/s{launch.split_k}")
     if launch.kind in ("skinny", "gemv", "fma", "mma", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
