@@ -15,7 +15,10 @@ Stages:
           (engine.kernels.w4a16.choose_w4a16) considers at that M, on --kernel-formats (GPTQ
           group 128, AWQ, GPTQ act-order) tensors, each in the checkpoint layout (`gptq`: the
           kernels before the repack) and repacked as the engine now loads them (`gptq+r`: the
-          fma kernel at M = 1, the other kernels reading the repacked words). Each time is one CUDA-graph replay over `--copies`
+          stream and fma kernels at M = 1, the mma and swap kernels at M <= 64, the others
+          reading the repacked words; --layouts picks). Every candidate's line (us, packed-
+          weight GB/s, % of the copy ceiling, cuBLAS bf16 alongside) is printed as its shape
+          and M are measured, then a summary. Each time is one CUDA-graph replay over `--copies`
           copies of the layer (distinct weights, so they come from HBM as in a step), per
           layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
           error of the chosen launch against the torch reference (max |y - y_ref| / max
@@ -159,27 +162,35 @@ def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
             row["bf16_us"] = time_us(lambda: [x @ d.t() for d in dense]) / len(dense)
             row["bf16_GBps"] = dense[0].nbytes / row["bf16_us"] / 1e3
             for fmt, (ws, nbytes, w_ref) in packed.items():
+                if (fmt.endswith("+r") and "repacked" not in args.layouts
+                        or not fmt.endswith("+r") and "checkpoint" not in args.layouts):
+                    continue
                 launches = w4a16.candidates(m, n, k, sms, ws[0], dtype)
-                if args.smoke:   # the default, one fma and one mma tile (repacked), dequant
-                    launches = [launches[0], *[l for l in launches if l.kind == "fma"][:1],
+                if args.smoke:   # the default, one stream, fma and mma tile (repacked), dequant
+                    launches = [launches[0], *[l for l in launches if l.kind == "stream"][:1],
+                                *[l for l in launches if l.kind == "fma"][:1],
                                 *[l for l in launches if l.kind == "mma"][:1], launches[-1]]
                 timed, failed = time_launches(launches, x, ws, time_us)
                 default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
                 best_us, best = w4a16.pick(timed)
                 ref = x.float() @ w_ref.t()
                 y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
-                fma = [t for t, l in timed if l.kind == "fma"]
-                mma = [t for t, l in timed if l.kind == "mma"]
+                kinds = {}
+                for t, l in timed:
+                    kinds[l.kind] = min(t, kinds.get(l.kind, float("inf")))
                 row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
-                            "fma_us": min(fma) if fma else float("nan"),
-                            "mma_us": min(mma) if mma else float("nan"),
+                            "fma_us": kinds.get("fma", float("nan")),
+                            "mma_us": kinds.get("mma", float("nan")),
+                            "kind_us": kinds, "bytes": nbytes,
                             "GBps": nbytes / best_us / 1e3,
                             "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
                             "times_us": {w4a16._name(l): t for t, l in timed}, "failed": failed}
             rows.append(row)
+            print_candidates([row], ceiling, header=len(rows) == 1)   # as measured: a run cut
+            sys.stdout.flush()                                         # short keeps its rows
             progress(f"layers {name} M={m}: bf16 {row['bf16_us']:.1f} us, "
-                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in packed))
+                     + ", ".join(f"{f} {row[f]['us']:.1f} us ({row[f]['choice']})" for f in packed if f in row))
     return rows
 
 
@@ -187,8 +198,8 @@ def print_layers(rows, name, ceiling) -> None:
     fmts = [f for f in rows[0] if isinstance(rows[0][f], dict)] if rows else []
     print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
           "(CUDA-graph replay over distinct copies) of the launch the load-time choice would take; "
-          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the fma kernel "
-          "at M=1, the mma kernel at M<=64); vs bf16 = bf16 us / us")
+          "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the stream and "
+          "fma kernels at M=1, the mma and swap kernels at M<=64); vs bf16 = bf16 us / us")
     print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'bf16 us':>8} {'GB/s':>5} "
           + " ".join(f"{f + ' us':>16} {'GB/s':>5} {'%copy':>5} {'vs bf16':>7}" for f in fmts))
     for r in rows:
@@ -198,9 +209,9 @@ def print_layers(rows, name, ceiling) -> None:
                          f"{r['bf16_us'] / r[f]['us']:>6.2f}x" for f in fmts))
     print("choices: " + "; ".join(f"{r['layer']} M={r['m']}: " + ", ".join(
         f"{f} {r[f]['choice']}" for f in fmts) for r in rows))
-    for kind in ("fma", "mma"):
-        best = [(r['layer'], r['m'], f, r[f][kind + '_us']) for r in rows for f in fmts
-                if r[f].get(kind + '_us', float('nan')) == r[f].get(kind + '_us')]
+    for kind in ("stream", "fma", "swap", "mma"):
+        best = [(r['layer'], r['m'], f, r[f]["kind_us"][kind]) for r in rows for f in fmts
+                if kind in r[f].get("kind_us", {})]
         if best:
             print(f"fastest {kind} tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in best))
     for m in sorted({r["m"] for r in rows}):
@@ -215,6 +226,25 @@ def print_layers(rows, name, ceiling) -> None:
     if failed:
         print("launches that did not run here (skipped): "
               + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())))
+
+
+def print_candidates(rows, ceiling, header: bool = True) -> None:
+    """Every timed candidate per shape, M and format, fastest first: us per layer, GB/s of
+    the packed weights (qweight, qzeros, scales, g_idx), % of the copy ceiling, and cuBLAS
+    bf16 on the same line."""
+    if header:
+        print("\nW4A16 candidates per shape (fastest first; * = the load-time choice): us per "
+              "layer, packed-weight GB/s, % of the copy ceiling; bf16 = cuBLAS on the dense weight")
+        print(f"{'layer':>8} {'M':>4} {'format':>14} {'candidate':>22} {'us':>7} {'GB/s':>6} "
+              f"{'%copy':>6} {'bf16 us':>8} {'bf16 GB/s':>9} {'vs bf16':>8}")
+    for r in rows:
+        for f in [f for f in r if isinstance(r[f], dict)]:
+            nbytes = r[f]["bytes"]
+            for name, us in sorted(r[f]["times_us"].items(), key=lambda t: t[1]):
+                mark = "*" if name == r[f]["choice"] else " "
+                print(f"{r['layer']:>8} {r['m']:>4} {f:>14} {mark + name:>22} {us:>7.1f} "
+                      f"{nbytes / us / 1e3:>6.0f} {100 * nbytes / us * 1e6 / ceiling:>6.1f} "
+                      f"{r['bf16_us']:>8.1f} {r['bf16_GBps']:>9.0f} {r['bf16_us'] / us:>7.2f}x")
 
 
 # ---- sweep -----------------------------------------------------------------------------------
@@ -449,6 +479,9 @@ def main():
     ap.add_argument("--kernel-formats", default="gptq,awq,gptq-act-order",
                     help="layers: formats (each on the checkpoint and the repacked layout)")
     ap.add_argument("--layer-m", default="1,16,64,256,2048", help="layers: row counts")
+    ap.add_argument("--layouts", default="checkpoint,repacked",
+                    help="layers: the weight layouts to time (checkpoint: the kernels reading "
+                    "the published tensors; repacked: as the engine loads them, <fmt>+r)")
     ap.add_argument("--decode-batches", default="1,16,64,256")
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--prefill-tokens", type=int, default=2048)

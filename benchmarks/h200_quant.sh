@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue 13 on one H200 in one device call (<= 6 min): GPTQ / AWQ 4-bit against bf16,
+# Issue 13 on one H200 in one device call (<= 9.5 min): GPTQ / AWQ 4-bit against bf16,
 # Llama-3.1-8B random weights (benchmarks/bench_quant.py; each stage's output, tables and a
 # last JSON line, lands in $OUT; progress lines go to the same file as they happen).
-#   kernels   per Llama-3.1-8B linear shape at M = 1, 16, 64: cuBLAS bf16 against the
-#             load-time choice's launches on the checkpoint layout (the old kernels) and on
-#             the repacked one (the fma kernel at M = 1, the mma kernel at M <= 64, the
-#             old skinny tiles on the new words),
-#             GPTQ and AWQ (--kernel-formats also takes gptq-act-order); us, weight GB/s,
-#             % of the copy ceiling                                                ~2 min
+#   kernels   per Llama-3.1-8B linear shape at M = 1, 16, 64: cuBLAS bf16 against every
+#             candidate of the load-time choice, on the checkpoint layout (the old kernels)
+#             and on the repacked one (<fmt>+r: the stream and fma kernels at M = 1, the mma
+#             kernel at M <= 64, the old skinny tiles on the new words), GPTQ and AWQ: per
+#             shape and candidate us, packed-weight GB/s, % of the copy ceiling, bf16 on the
+#             same line (fastest first), then the summary per format              <= 4 min
 #   engine    the engine on bf16, GPTQ and AWQ checkpoints (written first): load time and the
 #             load-time W4A16 choice per layer shape, decode B=1/16/64/256 at ~1k context,
 #             2,048-token prefill (device time), KV pool                          ~3 min
-#   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="kernels engine", BUDGET=360 s
+#   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="kernels engine", BUDGET=560 s
 set -u
 export PYTHONUNBUFFERED=1
 # as h200_session.sh: wheels for what the box lacks, when .whl/ is carried
@@ -20,7 +20,7 @@ if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-STAGES=${STAGES:-"kernels engine"}; BUDGET=${BUDGET:-360}; KERNELS_S=${KERNELS_S:-130}
+STAGES=${STAGES:-"kernels engine"}; BUDGET=${BUDGET:-560}; KERNELS_S=${KERNELS_S:-230}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /'
 for stage in $STAGES; do
@@ -32,7 +32,7 @@ for stage in $STAGES; do
               timeout $t python3 benchmarks/bench_quant.py --stages layers --layer-m 1,16,64 \
                 --kernel-formats gptq,awq --copies 8 --repeats 10 \
                 > $OUT/quant_kernels.txt 2>&1; echo "rc=$?"
-              grep -v '^{' $OUT/quant_kernels.txt | grep -v '^\[' | tail -n 40 ;;
+              grep -v '^{' $OUT/quant_kernels.txt | grep -v '^\[' | grep -A 40 '^W4A16 vs cuBLAS' ;;
     engine|engine_q)   # (engine_q: h200_session.sh's older name)
               timeout $left python3 benchmarks/bench_quant.py --stages engine --formats bf16,gptq,awq \
                 --decode-batches 1,16,64,256 --time-budget $((left - 10)) \

@@ -233,24 +233,101 @@ def test_fma_kernel_matches_the_reference(name, dtype, split, block_n):
         w4a16_matmul(x, w, None, Launch("fma", 64, 16))
 
 
+def odd_weight(method: str, group: int, n: int = 40, k: int = 160, seed: int = 5):
+    """A layer whose N (40: five words) and K (160) no tile divides, and its reference W."""
+    q = QuantConfig.from_hf(quantization_config(method, group))
+    dense = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    t = {key.rsplit(".", 1)[1]: v for key, v in quantized_tensors("x.weight", dense, q).items()}
+    w = W4(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), q.method == "awq",
+           q.group_size, q.desc_act, q.zero_offset)
+    return w, quantize_rtn(dense, q)["weight"]
+
+
+STREAM_LAUNCHES = [   # (launch, split, dtype): per-thread group flushes; one group per program
+    (Launch("stream", 64, 32, 1, 1), 1, torch.float32),
+    (Launch("stream", 32, 32, 1, 1), 3, torch.bfloat16),
+    (Launch("stream", 128, 16, 2, 1), 2, torch.float32),
+    (Launch("stream", 64, 32, 1, 2), 4, torch.bfloat16),
+    (Launch("stream", 128, 32, 1, 1, chain=True), 4, torch.bfloat16),   # 4 x 8-row loads
+    (Launch("stream", 128, 32, 1, 1, chain=True), 1, torch.float32)]
+
+
+@pytest.mark.parametrize("name", REPACK_CASES)
+@pytest.mark.parametrize("launch,split,dtype", STREAM_LAUNCHES)
+def test_stream_kernel_matches_the_reference(name, launch, split, dtype):
+    """The streaming one-row kernel on repacked weights: masked column tiles (N = 48
+    against 32- to 128-column tiles), split or not, zero and scale applied per thread at
+    each group's end or once per program (4 splits of 128 rows: one 32-row group each),
+    act-order through the permutation, bias once; weights whose groups no step divides
+    (24-row groups, a tensor-parallel slice of act-order rows) are refused."""
+    w, ref_w = case(name)
+    r = w4a16.repack(w)
+    x, bias = inputs(1, ref_w.shape[1], split, dtype)
+    launch = launch._replace(split_k=split)
+    if name in ("gptq-group-24", "tp-act-order"):
+        assert not w4a16.stream_fits(r, launch, dtype)
+        with pytest.raises(ValueError, match="stream kernel: needs a repacked weight"):
+            w4a16_matmul(x, r, bias, launch)
+        return
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype, fp32_tol=3e-4)
+
+
+@pytest.mark.parametrize("method,group,split", [("gptq", -1, 2), ("awq", 32, 5), ("gptq", 32, 1)])
+def test_stream_kernel_on_odd_shapes(method, group, split):
+    """N = 40 and K = 160 (a last split shorter than the others, a partly masked tile),
+    one group over all K or 32-row groups; one row only, the checkpoint layout refused."""
+    w, ref_w = odd_weight(method, group)
+    r = w4a16.repack(w)
+    launch = Launch("stream", 64, 32, 1, 1, split)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, _ = inputs(1, ref_w.shape[1], split, dtype)
+        y = w4a16_matmul(x, r, None, launch)
+        expected = x.float() @ ref_w.t()
+        tol = 3e-4 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+        torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="stream kernel takes 1 row"):
+        w4a16_matmul(torch.zeros(2, ref_w.shape[1]), r, None, launch)
+    with pytest.raises(ValueError, match="stream kernel: needs a repacked weight"):
+        w4a16_matmul(torch.zeros(1, ref_w.shape[1]), w, None, launch)
+
+
+def test_stream_split_counters_reset_between_calls():
+    """The split epilogue's counters are back at zero after a call: a second call with
+    other inputs gives its own product, not a stale sum."""
+    w, ref_w = weight("awq")
+    r = w4a16.repack(w)
+    launch = Launch("stream", 32, 32, 1, 1, 4)
+    for seed in (1, 2):
+        x, bias = inputs(1, ref_w.shape[1], seed)
+        check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, x.dtype, fp32_tol=3e-4)
+
+
 @pytest.mark.parametrize("name", [*FORMATS])
-@pytest.mark.parametrize("m,split,dtype", [(1, 1, torch.float32), (5, 2, torch.bfloat16),
-                                           (20, 3, torch.float32), (64, 1, torch.bfloat16)])
-def test_mma_kernel_matches_the_reference(name, m, split, dtype):
+@pytest.mark.parametrize("kind,m,split,dtype", [
+    ("mma", 1, 1, torch.float32), ("mma", 5, 2, torch.bfloat16), ("mma", 20, 3, torch.float32),
+    ("mma", 64, 1, torch.bfloat16), ("swap", 1, 1, torch.bfloat16), ("swap", 16, 3, torch.bfloat16),
+    ("swap", 40, 2, torch.bfloat16)])
+def test_mma_kernel_matches_the_reference(name, kind, m, split, dtype):
     """The tensor-core kernel on repacked weights (q - z exact in bf16, scale in fp32 after
-    each step's product), every decode M, split or not, act-order through the permutation;
-    weights it cannot take (per-row groups, fp16 activations) are refused."""
+    each step's product) and its swapped form (weights the MMA's wide operand, the scale
+    folded into the bf16 tile), every decode M, split or not, act-order through the
+    permutation; weights they cannot take (per-row groups, fp16 activations; fp32 ones for
+    the swapped form, which rounds the scaled weights to bf16) are refused."""
     w, ref_w = weight(name)
     r = w4a16.repack(w)
     x, bias = inputs(m, ref_w.shape[1], m, dtype)
-    launch = Launch("mma", 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    launch = Launch(kind, 32, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    if kind == "swap":
+        assert not w4a16.mma_fits(r, 32, torch.float32, "swap")
+        with pytest.raises(ValueError, match="swap kernel"):
+            w4a16_matmul(x.float(), r, bias.float(), launch._replace(block_k=16))
     if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
-        with pytest.raises(ValueError, match="mma kernel"):
+        with pytest.raises(ValueError, match=f"{kind} kernel"):
             w4a16_matmul(x, r, bias, launch._replace(block_k=16))
         return
     check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype)
-    assert not w4a16.mma_fits(r, 32, torch.float16)
-    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16)
+    assert not w4a16.mma_fits(r, 32, torch.float16, kind)
+    assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16, kind)
 
 
 @pytest.mark.parametrize("name", REPACK_CASES)
@@ -303,6 +380,30 @@ def test_choice_times_the_fma_kernel_on_repacked_weights(tiny_quantized_model):
     assert all(r["choice"].startswith("fma") == (r["m"] == 1) for r in report)
 
 
+def test_choice_times_the_stream_kernel_at_one_row(tiny_quantized_model):
+    """On repacked weights choose_w4a16 times the stream tiles at one row (at the rule's
+    split and at one group per program among others) and records the fastest; above one
+    row they are not candidates, and the dispatch runs the recorded launch."""
+    quant_layers.repack_layers(tiny_quantized_model)
+    seen = []
+
+    def time_us(fn, m, launch):
+        seen.append((m, launch))
+        return 0.5 if launch.kind == "stream" else 1.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 2], time_us=time_us,
+                                verify=False)
+    streams = [launch for m, launch in seen if launch.kind == "stream"]
+    assert streams and all(m == 1 for m, launch in seen if launch.kind == "stream")
+    n, k = w4a16.weight_of(next(iter(w4a16.quantized_layers(tiny_quantized_model).values()))[0]).shape
+    assert any(launch.split_k == k // 32 for launch in streams)   # one 32-row group per program
+    assert all(r["choice"].startswith("stream") == (r["m"] == 1) for r in report)
+    layer = next(m for m in tiny_quantized_model.modules() if getattr(m, "quant", None) is not None)
+    assert layer.w4a16[0][1].kind == "stream"
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(w4a16_linear(layer, x, None), quant_layers.linear(layer, x, None),
+                               rtol=3e-4, atol=3e-4)
+
+
 def test_choice_never_takes_a_wrong_product(tiny_quantized_model, monkeypatch):
     """A candidate whose product is off (here: the fma kernel made to return zeros) is
     reported under `failed` and not chosen, however fast; the right ones pass the check."""
@@ -332,13 +433,25 @@ out = []
 for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    if kind == "mma":
-        fn = w4a16._w4a16_mma_kernel
+    if kind in ("mma", "swap"):
+        fn = w4a16._w4a16_swap_kernel if kind == "swap" else w4a16._w4a16_mma_kernel
         del sig["g_idx_ptr"]
         sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
                                        "group_size", "zero_offset")})
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
-                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
+                     EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages,
+                     PDL=kind == "swap", PREFETCH=kind == "swap")
+    elif kind in ("stream", "streamc"):   # bm: 1 = one group per program, 0 = per-thread
+        # group flushes; streamc: the FMA-chain form
+        fn = w4a16._w4a16_stream_kernel
+        del sig["g_idx_ptr"]
+        sig.update({a: "i32" for a in ("N", "K", "stride_w", "k_per_split", "group_size",
+                                       "zero_offset", "lo", "hi")})
+        tile = w4a16.Launch("stream", bn, bk, warps, stages)
+        const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, ONE_GROUP=bm == 1,
+                     PRECISE=False, EVEN_K=True, EVEN_N=True, BLOCK_N=bn,
+                     ROWS=w4a16.stream_rows(tile), STEP=bk, RCHUNK=4, NUM_STAGES=stages,
+                     PDL=True, PREFETCH=True, CHAIN=kind == "streamc")   # as decode steps launch it
     elif kind == "fma":
         fn = w4a16._w4a16_fma_kernel
         sig.update({a: "i32" for a in ("N", "K", "k_per_split", "group_size", "zero_offset", "lo", "hi")})
@@ -352,13 +465,20 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
                      MAGIC_VALUE=128, IEEE=False, HAS_BIAS=True, SPLIT=True, DOT=kind == "skinny",
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages)
     sig.update({name: "constexpr" for name in const})
-    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    # as a launch specializes them: pointers 16-byte aligned, Llama's sizes multiples of 16
+    aligned = [i for i, (a, t) in enumerate(sig.items()) if t.startswith("*") or a in (
+        "N", "K", "stride_w", "k_per_split", "group_size")] if kind.startswith("stream") else []
+    src = ASTSource(fn=fn, signature=sig, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     path = os.path.join(tempfile.mkdtemp(), "k.cubin")
     open(path, "wb").write(c.asm["cubin"])
     usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
                            capture_output=True, text=True, check=True).stdout
+    ptx = c.asm["ptx"]
     out.append(dict(shared=c.metadata.shared, ttgir=c.asm["ttgir"],
+                    wide_loads=ptx.count("ld.global.v4.b32") + ptx.count("cp.async.cg.shared.global"),
+                    pdl=ptx.count("griddepcontrol.wait"), l2_prefetch=ptx.count("cp.async.bulk.prefetch"),
                     regs=int(re.search(r"REG:(\\d+)", usage).group(1)),
                     stack=int(usage.split("STACK:")[1].split()[0])))
 print(json.dumps(out))
@@ -388,18 +508,35 @@ def test_decode_variants_compile_for_sm90_and_fit():
     AWQ and repacked words, split-K; a fresh interpreter without TRITON_INTERPRET), fit its
     shared memory, keep their weight loads software-pipelined (async copies), spill no
     registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
-    (half of them with the x permutation)."""
+    (half of them with the x permutation), and the stream tiles, whose weight loads are
+    16 bytes wide (ld.global.v4, or 16-byte async copies where pipelined); the stream and
+    swap tiles as decode steps launch them on sm_90 (programmatic dependent launch: one
+    wait, the weight slice prefetched into L2 before it)."""
     tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
              ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
              ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
     tiles += [("fma", 2 * (i % 2), 1, t) for i, t in enumerate(w4a16.FMA_TILES)]
     tiles += [("mma", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.MMA_TILES[bm])]
+    tiles += [("stream", 2 * (i % 2), (i // 2) % 2, t) for i, t in enumerate(w4a16.STREAM_TILES)]
+    tiles += [("streamc", 0, 1, t) for t in w4a16.STREAM_TILES
+              if t.block_k == 4 * w4a16.stream_rows(t)]
+    tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
-    for (kind, *_), c in zip(variants, sm90_compile(variants)):
+    for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
+        assert c["stack"] == 0, (kind, "spills registers")
+        if kind in ("stream", "streamc", "swap"):   # programmatic dependent launch, prefetch
+            assert c["pdl"] >= 1 and c["l2_prefetch"] >= 1, (kind, c["pdl"], c["l2_prefetch"])
+        if kind in ("stream", "streamc"):   # each step's loads 16 bytes wide, issued before use
+            loads = bk // w4a16.stream_rows(Launch("stream", bn, bk, warps))
+            assert c["wide_loads"] >= (loads if stages == 1 else 1), (bn, bk, c["wide_loads"])
+            assert ("async_copy_global_to_local" in c["ttgir"]) == (stages > 1)
+            continue
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        if kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
+        if kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
+            assert "warp_group_dot" in c["ttgir"] and "dot_op<{opIdx = 0" in c["ttgir"]
+        elif kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
             assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
         assert c["stack"] == 0, (kind, "spills registers")
         assert c["regs"] <= 255

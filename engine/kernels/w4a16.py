@@ -6,10 +6,24 @@ once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's or
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
-layouts and the repacked one (W4.packing), so the engine keeps a single copy. Six ways to
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Eight ways to
 run a layer, chosen per (layer shape, row count M) by measurement at load time
 (`choose_w4a16`, which also checks every candidate's product against the torch reference):
 
+  stream   (M = 1, repacked) `_w4a16_stream_kernel`: built for HBM bandwidth: each step a
+           program loads a [STEP, BLOCK_N / 8] word tile with one 16-byte load per thread
+           and row, so every thread has STEP / (rows its program covers) loads in flight
+           before it uses one; a weight costs one AND-OR (the float base + q, as fma) and one
+           FMA into the thread's partial sum of its column; K is reduced inside the thread,
+           across the program's threads once at the end, and across splits by the last
+           split to arrive, which issues all its partial loads at once (deterministic).
+           Split so that a program's K range is one group (or half): zero and scale are then
+           applied once per column after the cross-thread sum, not per thread.
+  swap     (M <= 64, repacked, one group per K step, bf16) `_w4a16_swap_kernel`: the mma
+           kernel's tile with its group's scale folded in (bf16x2 subtract and multiply),
+           the weights the MMA's wide operand taken from registers (wgmma's A operand on
+           sm_90: M only pads the narrow one), x^T staged through shared memory; the MMA
+           accumulates in place, so one stays in flight while the next tile is dequantized.
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
@@ -62,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.skinny_gemm import graph_time_us, num_sms, store_tile, workspace
 
 MAX_M = 64                 # rows the skinny kernel takes (the decode regime)
@@ -77,8 +92,9 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "skinny" | "gemv" | "fma" | "mma" | "tiled" | "dequant"; for the
-    kernels the tile (block_n; block_k: K per step, for skinny before the group-size cap),
+    """How one call runs: kind "stream" | "fma" | "swap" | "mma" | "skinny" | "gemv" | "tiled" |
+    "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny before the
+    group-size cap, for stream the most rows per step),
     warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
     per tile."""
     kind: str
@@ -88,6 +104,7 @@ class Launch(NamedTuple):
     num_stages: int = 4
     split_k: int = 0
     block_m: int = 64
+    chain: bool = False   # stream: the 4 row blocks of a step in one FMA chain (no adds)
 
 
 # Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
@@ -110,6 +127,25 @@ FMA_TILES = (Launch("fma", 256, 16, 1, 3), Launch("fma", 512, 16, 1, 3),
              Launch("fma", 1024, 16, 1, 3), Launch("fma", 1024, 16, 4, 3))
 FMA_WARPS_PER_SM = 16      # the fma split rule's target (warps of 56-127 registers)
 MAX_FMA_SPLIT_K = 64
+# The streaming kernel on repacked weights (M = 1): (BLOCK_N, STEP rows per K step, warps,
+# pipeline stages); a program's threads cover 128 x warps / (BLOCK_N / 8) rows with one
+# 16-byte load each, so a thread issues STEP / that loads per step before using one (4 or
+# 8). sm_90 compiles (ptxas, no spills), one group per program: 96 / 84 / 128 / 82 / 84 / 80
+# registers, the last pipelined through 16 KB of shared memory (16-byte async copies).
+STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1),
+                Launch("stream", 512, 64, 4, 1), Launch("stream", 256, 32, 2, 1),
+                Launch("stream", 256, 16, 1, 1), Launch("stream", 1024, 16, 4, 1),
+                Launch("stream", 512, 32, 4, 3))
+STREAM_WARPS_PER_SM = 16     # the stream split rule's target
+MAX_STREAM_SPLIT_K = 128
+# The swapped mma kernel (weights the wide operand, from registers; M <= 64), per BLOCK_M;
+# sm_90 compiles (ptxas, no spills): wgmma with the A operand in registers, one MMA in flight
+# across steps; 16: 143 / 96 / 168 / 80 registers, 45 / 43 / 50 / 33 KB of shared memory;
+# 64: 128 / 168 / 172 / 127 registers, 73 / 50 / 50 / 82 KB.
+SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4),
+                   Launch("swap", 128, 64, 4, 4), Launch("swap", 64, 128, 4, 4)),
+              64: (Launch("swap", 128, 128, 8, 3), Launch("swap", 128, 64, 4, 4),
+                   Launch("swap", 256, 64, 8, 3), Launch("swap", 64, 128, 4, 4))}
 # The mma kernel on repacked weights (M <= 64), per BLOCK_M; sm_90 compiles (ptxas, no
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
@@ -564,6 +600,238 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
 
 
+# ---- the streaming GEMV (M = 1, repacked) -----------------------------------------------------
+# Built for HBM bandwidth at one row: every thread issues several 16-byte loads (4 words: 32
+# weights of one input row) before it uses any, the program's [STEP, NW] word tile covers its
+# threads exactly (no replicated loads), K is reduced inside each thread across its rows and
+# across threads once at the end, and split-K spreads narrow layers over many programs with
+# an epilogue whose reduction issues all its loads at once.
+
+@triton.jit
+def _start(qweight_ptr, k_start, k_end, stride_w, word0, NW: tl.constexpr, PDL: tl.constexpr,
+           PREFETCH: tl.constexpr):
+    """A decode kernel's entry under programmatic dependent launch (engine.kernels.pdl):
+    PREFETCH, launched early, ask for this program's weight slice (rows k_start..k_end of
+    words word0..word0 + NW: weights no kernel of the step writes) to come into L2 while the
+    previous kernel finishes; then wait for it (`pdl.enter`), before any other load or
+    store. Without PDL: nothing."""
+    if PREFETCH:
+        for k0 in tl.range(k_start, k_end, 128):
+            rows = tl.minimum(k0 + tl.arange(0, 128), k_end - 1).to(tl.int64)
+            pdl.prefetch_rows_l2(qweight_ptr + rows * stride_w + word0,
+                                 tl.full((128,), NW * 4, tl.int32), PDL)
+    pdl.enter(PDL)
+
+
+@triton.jit
+def _stream_fold(t, ROWS: tl.constexpr):
+    """[STEP, C] -> [ROWS, C]: row r + i * ROWS summed into row r. A program's threads cover
+    ROWS rows, so rows ROWS apart are one thread's registers: the sum stays in the thread."""
+    return tl.sum(tl.reshape(t, (t.shape[0] // ROWS, ROWS, t.shape[1])), axis=0)
+
+
+@triton.jit
+def _stream_split4(t, ROWS: tl.constexpr):
+    """[4 ROWS, C] -> its four row blocks [ROWS, C] (rows u ROWS + r), each a thread's own
+    registers (split along an in-thread dimension: no data moves)."""
+    t = tl.permute(tl.reshape(t, (2, 2, ROWS, t.shape[1])), (2, 3, 0, 1))   # [ROWS, C, i, j]
+    even, odd = tl.split(t)                    # u = 2 i + j: j = 0, j = 1
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _stream_chain(p, w0, w1, w2, w3, x0, x1, x2, x3, J: tl.constexpr, PRECISE: tl.constexpr,
+                  lo, hi):
+    """p + sum_u (base + q_u) x_u for nibble J of the four row blocks: one FMA chain."""
+    p += _fma_nibbles(w0, J, PRECISE, lo, hi) * x0
+    p += _fma_nibbles(w1, J, PRECISE, lo, hi) * x1
+    p += _fma_nibbles(w2, J, PRECISE, lo, hi) * x2
+    p += _fma_nibbles(w3, J, PRECISE, lo, hi) * x3
+    return p
+
+
+@triton.jit
+def _stream_x(x_ptr, perm_ptr, rows, mask, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x[0, column of weight row r] in fp32 for rows [STEP, 1] (0 where not mask)."""
+    if HAS_PERM:
+        if EVEN:
+            return tl.load(x_ptr + tl.load(perm_ptr + rows)).to(tl.float32)
+        col = tl.load(perm_ptr + rows, mask=mask, other=0)
+        return tl.load(x_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    if EVEN:
+        return tl.load(x_ptr + rows).to(tl.float32)
+    return tl.load(x_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, RCHUNK: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """acc [BLOCK_N] fp32 of columns offs_n -> y (+ bias). SPLIT: each split stores its row
+    of partial sums (fp32 [splits, tiles * BLOCK_N], columns in order) and counts itself in at
+    the tile's counter; the split that arrives last sums the splits in split order
+    (deterministic), RCHUNK splits' loads in flight at once, stores y and resets the counter
+    for the next call."""
+    if SPLIT:
+        width = tl.num_programs(0) * BLOCK_N
+        n_splits = tl.num_programs(1)
+        tl.store(partial_ptr + pid_k * width + offs_n, acc)
+        tl.debug_barrier()   # every thread's partial written before the counter moves
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s0 in tl.range(0, n_splits, RCHUNK):
+                s = s0 + tl.arange(0, RCHUNK)
+                part = tl.load(partial_ptr + s[:, None] * width + n[None, :],
+                               mask=(s < n_splits)[:, None], other=0.0, cache_modifier=".cg")
+                total += tl.sum(part, axis=0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n < N)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)   # ready for the next call
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _stream_scale_pair(scales_ptr, g, cols, mask_c, N, U: tl.constexpr):
+    """The 16-bit scales of columns 8c + 2U, 8c + 2U + 1 (nibbles U, U + 4) of group g, both
+    in one int32 (one 4-byte load)."""
+    return tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                   + cols * 4 + U, mask=mask_c, other=0)
+
+
+@triton.jit
+def _stream_terms(zw, pair, scales_ptr, zero_offset, U: tl.constexpr, PRECISE: tl.constexpr):
+    """(base + z, s) in fp32 of nibbles U and U + 4 from the group's zero words zw and the
+    scales `pair` (_stream_scale_pair)."""
+    zb_lo = (((zw >> (4 * U)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U, PRECISE)
+    zb_hi = (((zw >> (4 * U + 16)) & 0xF) + zero_offset).to(tl.float32) + _fma_base(U + 4, PRECISE)
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    s_lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+    s_hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.float32)
+    return zb_lo, zb_hi, s_lo, s_hi
+
+
+@triton.jit
+def _stream_flush(a_lo, a_hi, p_lo, p_hi, zw, xs, scales_ptr, g, cols, mask_c, N, zero_offset,
+                  U: tl.constexpr, PRECISE: tl.constexpr):
+    """a + s * (p - (base + z) * xs) for nibbles U and U + 4: the group's zero and scale
+    applied to partial sums p (xs: the sums of x over the same rows), broadcast."""
+    zb_lo, zb_hi, s_lo, s_hi = _stream_terms(
+        zw, _stream_scale_pair(scales_ptr, g, cols, mask_c, N, U), scales_ptr, zero_offset, U,
+        PRECISE)
+    return a_lo + s_lo * (p_lo - zb_lo * xs), a_hi + s_hi * (p_hi - zb_hi * xs)
+
+
+@triton.jit
+def _w4a16_stream_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                         partial_ptr, arrivals_ptr, N, K, stride_w, k_per_split, group_size,
+                         zero_offset, lo, hi, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SPLIT: tl.constexpr, ONE_GROUP: tl.constexpr, PRECISE: tl.constexpr,
+                         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ROWS: tl.constexpr, STEP: tl.constexpr, RCHUNK: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
+                         PREFETCH: tl.constexpr = False, CHAIN: tl.constexpr = False):
+    """The streaming one-row kernel on the repacked layout (words [K, N/8], stride_w = N/8).
+    A program owns NW = BLOCK_N / 8 word columns and a K range; each step loads the
+    [STEP, NW] word tile in one go: 4 words (a 16-byte load) per thread and row, the
+    program's threads covering ROWS rows, so each thread issues STEP / ROWS loads before
+    any is used. Per weight one AND-OR makes it the float base + q (`_fma_nibbles`) and one
+    FMA multiplies it by its row's x into the thread's partial sum of its column, and
+        sum_k (q - z) s x = s * (sum_k (base + q) x - (base + z) sum_k x)
+    applies zero and scale per group: ONE_GROUP (the program's K range inside one group:
+    k_per_split divides the group size) once, after the partial sums are reduced across
+    the threads; else by each thread to its own partial sums at each group's end (one
+    group per step: STEP divides the group size)."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = (pid_n * NW + tl.arange(0, NW))[None, :]                  # [1, NW] word columns
+    mask_c = (cols < stride_w) | EVEN_N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, stride_w, pid_n * NW, NW, PDL, PREFETCH)
+    r = tl.arange(0, STEP)[:, None]
+    zero = tl.zeros((ROWS, NW), dtype=tl.float32)
+    p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+    a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+    xs = tl.zeros((ROWS, 1), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=NUM_STAGES):
+        rows = k0 + r                                                 # [STEP, 1]
+        mask_k = rows < k_end
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows * stride_w + cols)
+        else:
+            words = tl.load(qweight_ptr + rows * stride_w + cols, mask=mask_k & mask_c, other=0)
+        x = _stream_x(x_ptr, perm_ptr, rows, mask_k, EVEN_K, HAS_PERM)   # [STEP, 1]
+        xs += _stream_fold(x, ROWS)
+        if CHAIN:   # four loads per thread: one FMA chain per column, no adds
+            w0, w1, w2, w3 = _stream_split4(words, ROWS)
+            x0, x1, x2, x3 = _stream_split4(x, ROWS)
+            p0 = _stream_chain(p0, w0, w1, w2, w3, x0, x1, x2, x3, 0, PRECISE, lo, hi)
+            p1 = _stream_chain(p1, w0, w1, w2, w3, x0, x1, x2, x3, 1, PRECISE, lo, hi)
+            p2 = _stream_chain(p2, w0, w1, w2, w3, x0, x1, x2, x3, 2, PRECISE, lo, hi)
+            p3 = _stream_chain(p3, w0, w1, w2, w3, x0, x1, x2, x3, 3, PRECISE, lo, hi)
+            p4 = _stream_chain(p4, w0, w1, w2, w3, x0, x1, x2, x3, 4, PRECISE, lo, hi)
+            p5 = _stream_chain(p5, w0, w1, w2, w3, x0, x1, x2, x3, 5, PRECISE, lo, hi)
+            p6 = _stream_chain(p6, w0, w1, w2, w3, x0, x1, x2, x3, 6, PRECISE, lo, hi)
+            p7 = _stream_chain(p7, w0, w1, w2, w3, x0, x1, x2, x3, 7, PRECISE, lo, hi)
+        else:
+            p0 += _stream_fold(_fma_nibbles(words, 0, PRECISE, lo, hi) * x, ROWS)
+            p1 += _stream_fold(_fma_nibbles(words, 1, PRECISE, lo, hi) * x, ROWS)
+            p2 += _stream_fold(_fma_nibbles(words, 2, PRECISE, lo, hi) * x, ROWS)
+            p3 += _stream_fold(_fma_nibbles(words, 3, PRECISE, lo, hi) * x, ROWS)
+            p4 += _stream_fold(_fma_nibbles(words, 4, PRECISE, lo, hi) * x, ROWS)
+            p5 += _stream_fold(_fma_nibbles(words, 5, PRECISE, lo, hi) * x, ROWS)
+            p6 += _stream_fold(_fma_nibbles(words, 6, PRECISE, lo, hi) * x, ROWS)
+            p7 += _stream_fold(_fma_nibbles(words, 7, PRECISE, lo, hi) * x, ROWS)
+        if not ONE_GROUP:   # zero and scale at each group's end (or this program's K range's)
+            if ((k0 + STEP) % group_size == 0) | (k0 + STEP >= k_end):
+                g = k0 // group_size
+                zw = tl.load(qzeros_ptr + g * stride_w + cols, mask=mask_c, other=0)
+                a0, a4 = _stream_flush(a0, a4, p0, p4, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 0, PRECISE)
+                a1, a5 = _stream_flush(a1, a5, p1, p5, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 1, PRECISE)
+                a2, a6 = _stream_flush(a2, a6, p2, p6, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 2, PRECISE)
+                a3, a7 = _stream_flush(a3, a7, p3, p7, zw, xs, scales_ptr, g, cols, mask_c, N,
+                                       zero_offset, 3, PRECISE)
+                p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+                xs = tl.zeros((ROWS, 1), dtype=tl.float32)
+    c = pid_n * NW + tl.arange(0, NW)                                 # [NW] word columns
+    if ONE_GROUP:   # the sums reduced across threads first, then zero and scale, once
+        sums = tl.sum(_join8(p0, p1, p2, p3, p4, p5, p6, p7), axis=0)          # [NW, 2, 2, 2]
+        x_sum = tl.sum(tl.sum(xs, axis=1), axis=0)
+        g = k_start // group_size
+        mask_w = (c < stride_w) | EVEN_N
+        zw = tl.load(qzeros_ptr + g * stride_w + c, mask=mask_w, other=0)
+        zb0, zb4, s0, s4 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 0),
+                                         scales_ptr, zero_offset, 0, PRECISE)
+        zb1, zb5, s1, s5 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 1),
+                                         scales_ptr, zero_offset, 1, PRECISE)
+        zb2, zb6, s2, s6 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 2),
+                                         scales_ptr, zero_offset, 2, PRECISE)
+        zb3, zb7, s3, s7 = _stream_terms(zw, _stream_scale_pair(scales_ptr, g, c, mask_w, N, 3),
+                                         scales_ptr, zero_offset, 3, PRECISE)
+        zb = _join8(zb0, zb1, zb2, zb3, zb4, zb5, zb6, zb7)
+        s = _join8(s0, s1, s2, s3, s4, s5, s6, s7)
+        acc = tl.reshape(s * (sums - zb * x_sum), (BLOCK_N,))
+    else:           # the 8 nibbles joined to columns, the rows summed across threads, once
+        acc = tl.reshape(tl.sum(_join8(a0, a1, a2, a3, a4, a5, a6, a7), axis=0), (BLOCK_N,))
+    c8 = c * 8
+    offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
+                        (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
+    _stream_store(acc, offs_n, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, N,
+                  HAS_BIAS, SPLIT, RCHUNK, BLOCK_N)
+
+
 @triton.jit
 def _bf16_pair(v, IEEE: tl.constexpr):
     """int32 [..] holding two bf16 bit patterns -> the low one and the high one as bf16
@@ -583,11 +851,35 @@ def _sub_bf16x2(a, b):
 
 
 @triton.jit
-def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
+def _mul_bf16x2(a, b):
+    """Lane-wise a * b of two int32 tensors each holding a bf16 pair (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _scale_pair_bf16(scales_ptr, g, cols, mask, N, U: tl.constexpr):
+    """The 16-bit scales of columns 8c + 2U, 8c + 2U + 1 (nibbles U, U + 4) of group g as one
+    int32 holding their bf16 pair (one 4-byte load; fp16 scales rounded to bf16)."""
+    sdt: tl.constexpr = scales_ptr.dtype.element_ty
+    pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2)
+                   + cols * 4 + U, mask=mask, other=0)
+    if sdt == tl.bfloat16:
+        return pair
+    lo = pair.to(tl.int16).to(sdt, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(sdt, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
+    return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+
+
+@triton.jit
+def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr, s0=None, s1=None, s2=None,
+                     s3=None, FOLD: tl.constexpr = False):
     """The W^T tile [BLOCK_K, BLOCK_N] in bf16, q - z exact (integers -16..15), from words
     [BLOCK_K, BLOCK_N / 8] in AWQ's order and the group's zero words [BLOCK_N / 8]: per word
     4 shifts-and-ANDs-ORs, each making a bf16 pair (128 + q) of adjacent columns 2a, 2a + 1
-    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z)."""
+    (nibbles a, a + 4), and a bf16 subtraction of the pair's (128 + z). FOLD: each pair then
+    times its columns' scales (s0..s3 [BLOCK_N / 8]: bf16 pairs, _scale_pair_bf16), one
+    bf16x2 multiply, so the tile is W^T itself rounded to bf16."""
     off = zero_offset * 0x00010001        # + offset in each 16-bit lane (z + offset <= 16)
     v0 = (words & 0x000F000F) | 0x43004300
     v1 = ((words >> 4) & 0x000F000F) | 0x43004300
@@ -608,6 +900,24 @@ def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr):
         zl3, zh3 = _bf16_pair(z3, IEEE)
         d0l, d0h, d1l, d1h = lo0 - zl0, hi0 - zh0, lo1 - zl1, hi1 - zh1
         d2l, d2h, d3l, d3h = lo2 - zl2, hi2 - zh2, lo3 - zl3, hi3 - zh3
+        if FOLD:   # the products rounded to bf16 as the GPU's bf16x2 multiply rounds them
+            sl0, sh0 = _bf16_pair(s0[None, :], IEEE)
+            sl1, sh1 = _bf16_pair(s1[None, :], IEEE)
+            sl2, sh2 = _bf16_pair(s2[None, :], IEEE)
+            sl3, sh3 = _bf16_pair(s3[None, :], IEEE)
+            d0l, d0h = (d0l * sl0).to(tl.bfloat16).to(tl.float32), (d0h * sh0).to(tl.bfloat16).to(tl.float32)
+            d1l, d1h = (d1l * sl1).to(tl.bfloat16).to(tl.float32), (d1h * sh1).to(tl.bfloat16).to(tl.float32)
+            d2l, d2h = (d2l * sl2).to(tl.bfloat16).to(tl.float32), (d2h * sh2).to(tl.bfloat16).to(tl.float32)
+            d3l, d3h = (d3l * sl3).to(tl.bfloat16).to(tl.float32), (d3h * sh3).to(tl.bfloat16).to(tl.float32)
+    elif FOLD:  # one bf16x2 subtraction and one multiply per pair
+        d0l, d0h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)),
+                                          tl.broadcast_to(s0[None, :], v0.shape)), IEEE)
+        d1l, d1h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)),
+                                          tl.broadcast_to(s1[None, :], v1.shape)), IEEE)
+        d2l, d2h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v2, tl.broadcast_to(z2, v2.shape)),
+                                          tl.broadcast_to(s2[None, :], v2.shape)), IEEE)
+        d3l, d3h = _bf16_pair(_mul_bf16x2(_sub_bf16x2(v3, tl.broadcast_to(z3, v3.shape)),
+                                          tl.broadcast_to(s3[None, :], v3.shape)), IEEE)
     else:      # one bf16x2 subtraction per pair (the compiler would split it in two)
         d0l, d0h = _bf16_pair(_sub_bf16x2(v0, tl.broadcast_to(z0, v0.shape)), IEEE)
         d1l, d1h = _bf16_pair(_sub_bf16x2(v1, tl.broadcast_to(z1, v1.shape)), IEEE)
@@ -627,7 +937,8 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
                       group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                       EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """The tensor-core decode kernel on the repacked layout (M <= 64, bf16 activations; one
     group per K step): acc[BLOCK_M, BLOCK_N] += x tile @ W^T tile, the W^T tile made in
     registers from each thread's own words (`_mma_weight_tile`: about one instruction per
@@ -641,6 +952,7 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
     mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -665,6 +977,58 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
         acc += part * s[None, :]
     store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n,
                offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                       partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                       group_size, zero_offset, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                       EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    """The mma kernel's swapped form (M <= 64, bf16 activations, one group per K step):
+    acc[BLOCK_N, BLOCK_M] += W tile @ x^T tile, the weights the MMA's wide operand (64 rows
+    per warp group on sm_90, M only the narrow one: 16 at decode sizes) and taken from
+    registers (wgmma's A operand: the dequantized tile never goes through shared memory),
+    x^T the operand staged through shared memory by the pipeline; the scale folded into the
+    tile (W in bf16, as dequantize + cuBLAS rounds it) so the MMA accumulates in place and
+    runs while the next tile is dequantized."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        mask_k = (rows < k_end) | EVEN_K
+        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
+        x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + x_cols[:, None],
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)       # [BLOCK_K, BLOCK_M]
+        if EVEN_K and EVEN_N:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
+        else:
+            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        g = k0 // group_size
+        mask_g = mask_c | EVEN_N
+        zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_g, other=0)
+        wt = _mma_weight_tile(words, zw, zero_offset, IEEE,
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 0),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 1),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 2),
+                              _scale_pair_bf16(scales_ptr, g, cols, mask_g, N, 3), FOLD=True)
+        if IEEE:
+            acc = tl.dot(tl.trans(wt.to(tl.float32)), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(wt), xt, acc)
+    store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- launch rules --------------------------------------------------------------------------
@@ -807,8 +1171,8 @@ def default_launch(m: int) -> Launch:
 
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
-    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M,
-            "mma": MAX_M}.get(launch.kind, float("inf"))
+    return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M, "stream": 1,
+            "mma": MAX_M, "swap": MAX_M}.get(launch.kind, float("inf"))
 
 
 # ---- the three ways ------------------------------------------------------------------------
@@ -898,17 +1262,83 @@ def w4a16_fma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     return y
 
 
+def stream_rows(launch: Launch) -> int:
+    """Rows a stream program's threads cover: one 16-byte load (4 words) per thread each."""
+    return max(1, 128 * launch.num_warps // (launch.block_n // 8))
+
+
+def stream_step(launch: Launch, group: int) -> int:
+    """The stream kernel's K step: the largest power-of-two multiple of stream_rows <=
+    block_k dividing `group` (one group per step), or 0 where none does (it does not run)."""
+    rows, step = stream_rows(launch), launch.block_k
+    while step >= rows and group % step:
+        step //= 2
+    return step if step >= rows and step % rows == 0 else 0
+
+
+def stream_fits(w: W4, launch: Launch, dtype: torch.dtype) -> bool:
+    """Whether the stream kernel takes this weight: repacked, groups contiguous (act-order
+    rows sorted by the repack), a group size some step divides, 16-bit scales."""
+    n, k = w.shape
+    group = k if w.group_size == -1 else w.group_size
+    step = stream_step(launch, group)
+    return (w.packing == REPACKED and not w.act_order and step > 0
+            and (not launch.chain or step == 4 * stream_rows(launch))
+            and w.scales.element_size() == 2
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def stream_split_k(n: int, k: int, launch: Launch, step: int, sms: int) -> int:
+    """About STREAM_WARPS_PER_SM warps per SM, at least 2 K steps per program. Llama-3.1-8B
+    on 132 SMs, 4-warp 512-column tiles: qkv 44, o 66, gate_up 10, down 66."""
+    tiles = triton.cdiv(n, launch.block_n)
+    want = triton.cdiv(STREAM_WARPS_PER_SM * sms, tiles * launch.num_warps)
+    return max(1, min(want, k // (2 * step), MAX_STREAM_SPLIT_K))
+
+
+def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
+    """The streaming one-row kernel (`_w4a16_stream_kernel`) on x [1, K]; w REPACKED with
+    contiguous groups (stream_fits)."""
+    if not stream_fits(w, launch, x.dtype):
+        raise ValueError("w4a16 stream kernel: needs a repacked weight with contiguous groups "
+                         f"(no act-order kept) whose group size a {stream_rows(launch)}-row step "
+                         "divides (the FMA-chain form: a step of 4 loads per thread), 16-bit "
+                         "scales, and fp16 / bf16 / fp32 activations")
+    x, n, k, group, _, (_, bias_arg, perm) = _common(x, w, bias)
+    if x.shape[0] != 1:
+        raise ValueError(f"w4a16 stream kernel takes 1 row, got {x.shape[0]}")
+    step = stream_step(launch, group)
+    split = launch.split_k or stream_split_k(n, k, launch, step, num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    partial = arrivals = y
+    if splits > 1:
+        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n, tiles)
+    _w4a16_stream_kernel[(tiles, splits)](
+        x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals, n, k, n // 8,
+        k_per_split, group, w.zero_offset, 0xF000, 0xF0000, HAS_PERM=w.perm is not None,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, ONE_GROUP=group % k_per_split == 0,
+        PRECISE=x.dtype == torch.float32, EVEN_K=k % k_per_split == 0,
+        EVEN_N=n % launch.block_n == 0, BLOCK_N=launch.block_n, ROWS=stream_rows(launch),
+        STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
+                                     2048 * launch.num_warps // launch.block_n)),
+        NUM_STAGES=launch.num_stages, CHAIN=launch.chain, num_warps=launch.num_warps,
+        **_pdl_args(w, n % launch.block_n == 0))
+    return y
+
+
 def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
     """The tensor-core decode kernel (`_w4a16_mma_kernel`) on x [M, K], 1 <= M <= MAX_M,
     bf16 (or fp32: tests) activations; w REPACKED, one group per K step (mma_fits)."""
-    if not mma_fits(w, launch.block_k, x.dtype):
-        raise ValueError("w4a16 mma kernel: needs a repacked weight without per-row groups "
-                         "(act-order kept, or a group size the K step does not divide) and "
-                         "bf16 activations")
+    if not mma_fits(w, launch.block_k, x.dtype, launch.kind):
+        raise ValueError(f"w4a16 {launch.kind} kernel: needs a repacked weight without per-row "
+                         "groups (act-order kept, or a group size the K step does not divide) "
+                         "and bf16 activations")
     x, n, k, group, ieee, (_, bias_arg, perm) = _common(x, w, bias)
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
-        raise ValueError(f"w4a16 mma kernel takes 1..{MAX_M} rows, got {m}")
+        raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{MAX_M} rows, got {m}")
     bk = launch.block_k
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -918,23 +1348,37 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     partial = arrivals = y
     if splits > 1:
         partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
-    _w4a16_mma_kernel[(tiles, splits)](
+    kernel = _w4a16_swap_kernel if launch.kind == "swap" else _w4a16_mma_kernel
+    kernel[(tiles, splits)](
         x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals,
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
         EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
         BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
-        num_warps=launch.num_warps)
+        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0))
     return y
 
 
-def mma_fits(w: W4, block_k: int, dtype: torch.dtype) -> bool:
+def _pdl_args(w: W4, even_n: bool) -> dict:
+    """The PDL constexprs and launch attribute of a repacked-layout decode launch
+    (engine.kernels.pdl: on where the engine enabled it); the L2 prefetch of the weight slice
+    where every program's slice is whole 16-byte pieces (N a multiple of the tile: each
+    slice is BLOCK_N / 2 bytes at a 16-byte aligned offset of its row)."""
+    on = pdl.enabled()
+    prefetch = (on and even_n and w.qweight.data_ptr() % 16 == 0
+                and w.qweight.stride(0) * 4 % 16 == 0)
+    return dict(PDL=on, PREFETCH=prefetch, **pdl.launch_kwargs())
+
+
+def mma_fits(w: W4, block_k: int, dtype: torch.dtype, kind: str = "mma") -> bool:
     """Whether the mma kernel takes this weight: repacked, one group per K step, bf16
-    activations (its dequantized tile is bf16; fp32 for tests)."""
+    activations (its dequantized tile is bf16; fp32 for tests); the swapped form (kind
+    "swap", which rounds the scaled weights to bf16) bf16 activations and 16-bit scales."""
     n, k = w.shape
     group = k if w.group_size == -1 else w.group_size
+    dtypes = (torch.bfloat16,) if kind == "swap" else (torch.bfloat16, torch.float32)
     return (w.packing == REPACKED and not w.act_order and group % block_k == 0
-            and dtype in (torch.bfloat16, torch.float32))
+            and dtype in dtypes and (kind != "swap" or w.scales.element_size() == 2))
 
 
 def per_row(w: W4, group: int, block_k: int) -> bool:
@@ -1008,8 +1452,10 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
         return w4a16_skinny(x, w, bias, launch)
     if launch.kind == "fma":
         return w4a16_fma(x, w, bias, launch)
-    if launch.kind == "mma":
+    if launch.kind in ("mma", "swap"):
         return w4a16_mma(x, w, bias, launch)
+    if launch.kind == "stream":
+        return w4a16_stream(x, w, bias, launch)
     if launch.kind == "tiled":
         return w4a16_tiled(x, w, bias, launch)
     if launch.kind == "dequant":
@@ -1067,9 +1513,10 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
     """What choose_w4a16 times at M rows for weight w (its layout decides; None: a
     checkpoint-layout one), the default first: the skinny tiles at a few splits
-    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the fma kernel's
-    tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma kernel's
-    (M <= MAX_M, where it fits: mma_fits) at the skinny rule's splits (and of the checkpoint
+    (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the stream tiles
+    (M = 1) at their rule's split, twice it, one group and half a group per program, the fma
+    kernel's tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma and
+    swap kernels' (M <= MAX_M, where they fit: mma_fits) at the skinny rule's splits (and of the checkpoint
     kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     packing = GPTQ if w is None else w.packing
@@ -1086,9 +1533,21 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
             s = fma_split_k(n, k, tile, sms)
             out += [tile._replace(split_k=x) for x in dict.fromkeys(
                 (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
+    if m == 1 and w is not None:
+        group = k if w.group_size == -1 else w.group_size
+        for tile in STREAM_TILES:
+            if stream_fits(w, tile, dtype):
+                s = stream_split_k(n, k, tile, stream_step(tile, group), sms)
+                # the rule's split and twice it; one group or half a group per program
+                splits = (s, 2 * s, k // group, 2 * k // group)
+                out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)
+                        if 1 <= x <= MAX_STREAM_SPLIT_K]
+                if stream_step(tile, group) == 4 * stream_rows(tile) and k // group <= MAX_STREAM_SPLIT_K:
+                    out.append(tile._replace(split_k=k // group, chain=True))   # one group each
     if m <= MAX_M and w is not None:
-        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)]
-                if mma_fits(w, tile.block_k, dtype) for s in split_candidates(n, k, tile, sms)]
+        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
+                if mma_fits(w, tile.block_k, dtype, tile.kind)
+                for s in split_candidates(n, k, tile, sms)]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -1209,7 +1668,12 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
-    if launch.kind in ("skinny", "gemv", "fma", "mma"):
+    if launch.kind == "stream":   # tiles that differ only in their pipeline stages: p<stages>
+        stages = f"p{launch.num_stages}" if launch.num_stages > 1 else ""
+        chain = "c" if launch.chain else ""
+        return (f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}{chain}"
+                f"/s{launch.split_k}")
+    if launch.kind in ("skinny", "gemv", "fma", "mma", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
         return f"tiled{launch.block_m}x{launch.block_n}x{launch.block_k}"
