@@ -931,6 +931,19 @@ def _mma_weight_tile(words, zw, zero_offset, IEEE: tl.constexpr, s0=None, s1=Non
     return tl.reshape(t, (words.shape[0], words.shape[1] * 8))
 
 
+@triton.jit
+def _tile_words(qweight_ptr, rows, cols, mask_k, mask_c, N, EVEN_K: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    """The repacked words of rows x word columns `cols` ([BLOCK_K, BLOCK_N // 8] int32);
+    EVEN_K / EVEN_N (K, N multiples of the tile): no row / column masks, a plain load."""
+    ptrs = qweight_ptr + rows[:, None] * (N // 8) + cols[None, :]
+    if EVEN_K and EVEN_N:
+        words = tl.load(ptrs)
+    else:
+        words = tl.load(ptrs, mask=mask_k[:, None] & (mask_c[None, :] | EVEN_N), other=0)
+    return words
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
                       partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
@@ -958,14 +971,10 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
         rows = k0 + tl.arange(0, BLOCK_K)
         # EVEN_K / EVEN_N (K, N multiples of the tile): no row / column masks on the weights
         mask_k = (rows < k_end) | EVEN_K
-        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
         x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if EVEN_K and EVEN_N:
-            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
-        else:
-            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        words = _tile_words(qweight_ptr, rows, cols, mask_k, mask_c, N, EVEN_K, EVEN_N)
         g = k0 // group_size
         zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_c | EVEN_N, other=0)
         w = _mma_weight_tile(words, zw, zero_offset, IEEE)
@@ -1007,14 +1016,10 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = (rows < k_end) | EVEN_K
-        mask_w = mask_k[:, None] & (mask_c[None, :] | EVEN_N)
         x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + x_cols[:, None],
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)       # [BLOCK_K, BLOCK_M]
-        if EVEN_K and EVEN_N:
-            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :])
-        else:
-            words = tl.load(qweight_ptr + rows[:, None] * (N // 8) + cols[None, :], mask=mask_w, other=0)
+        words = _tile_words(qweight_ptr, rows, cols, mask_k, mask_c, N, EVEN_K, EVEN_N)
         g = k0 // group_size
         mask_g = mask_c | EVEN_N
         zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_g, other=0)
