@@ -92,6 +92,20 @@ def _online_softmax_step(acc, l, m, s, v, PRECISION: tl.constexpr, UPCAST: tl.co
     return acc, l, m_new
 
 
+@triton.jit
+def _decode_row(query_start_loc_ptr, b, USE_QSL: tl.constexpr, USE_WORK: tl.constexpr):
+    """(row, skip) of decode sequence b, for the decode and merge kernels alike: its query
+    and output row is query_start_loc[b] with USE_QSL, else b; without a work list a
+    sequence whose q_len is not 1 (a prefill row, a CUDA graph's padding row) is skipped."""
+    row = b
+    skip = False
+    if USE_QSL:
+        row = tl.load(query_start_loc_ptr + b)
+        if not USE_WORK:
+            skip = tl.load(query_start_loc_ptr + b + 1) - row != 1
+    return row, skip
+
+
 # Triton compiles a new variant for every new "specialization" of the runtime arguments:
 # an int that is 1 or a multiple of 16, a pointer that is 16-byte aligned. Block-table widths,
 # split counts and the pointers of sliced per-sequence arrays (a mixed step hands the decode
@@ -143,12 +157,9 @@ def _decode_kernel(
         slot = b * num_splits + split
         splits = num_splits
     kv_head = tl.program_id(1)
-    row = b
-    if USE_QSL:
-        row = tl.load(query_start_loc_ptr + b)
-        if not USE_WORK:
-            if tl.load(query_start_loc_ptr + b + 1) - row != 1:
-                return
+    row, skip = _decode_row(query_start_loc_ptr, b, USE_QSL, USE_WORK)
+    if skip:
+        return
     if not USE_WORK:
         context_len = tl.load(context_lens_ptr + b)
         # Splits own whole tiles, sized per sequence so short sequences do not idle.
@@ -244,12 +255,9 @@ def _merge_splits_kernel(
     if not USE_WORK:
         first = b * num_splits
         count = num_splits
-    row = b
-    if USE_QSL:
-        row = tl.load(query_start_loc_ptr + b)
-        if not USE_WORK:
-            if tl.load(query_start_loc_ptr + b + 1) - row != 1:
-                return
+    row, skip = _decode_row(query_start_loc_ptr, b, USE_QSL, USE_WORK)
+    if skip:
+        return
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
     s_mask = s < count
