@@ -53,6 +53,15 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
                 --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
             tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  fid_real) # real cells of the fidelity table straight into $OUT/fid_<model> (a lane stopped
+            # by its time limit still brings back every finished run); knobs: FID_MODEL CAL
+            # TRACES LOADS NREQ REPEATS PAIRS FID_T
+            m=${FID_MODEL:-qwen3-0.6b}
+            TAIL=30 run fid_real_$m ${FID_T:-540} python3 benchmarks/fidelity/run_fidelity.py --model $m \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/$m-h200-tp1.json} --out $OUT/fid_$m \
+                --traces ${TRACES:-sharegpt,azure_conv,mooncake_conv} --num-requests ${NREQ:-100} \
+                --repeats ${REPEATS:-3} --loads ${LOADS:-0.3,0.6,0.9,1.2} --pairs "${PAIRS-policy,budget,block_size,prefix_caching}" \
+                --stages capacity,real ;;
   fid_mc)   # mooncake_conv's cells (shared prefixes) at the loads of the table's L0-L2, plus the
             # prefix-caching pair, on this engine and its fresh calibration (the shared-KV feature);
             # the table's capacity file, so the pair runs at L2 as in the table
