@@ -182,6 +182,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
         kind, padded = graphs.rows(f)
         rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
                      "grid": point.get("grid", "base"),
+                     "shape": json.dumps(point["shape"]),   # so a later feature can be computed
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
                      "device_idle_s": idle_s,

@@ -99,6 +99,18 @@ class DecodePlan:
         shares = (tiles + per - 1) // per           # <= wanted: no share is empty
         return ctx, tiles, per, shares
 
+    def planned_lens(self, context_lens, decode_only: bool) -> list[int]:
+        """The contexts the engine plans for a step's decodes (`context_lens`, in batch order,
+        KV length after the step): a decode-only step that replays a decode CUDA graph of
+        more rows adds its padding rows, one-token contexts the engine plans too
+        (engine.step_inputs); a step with a prefill chunk plans its decodes only."""
+        n = len(context_lens)
+        if n and decode_only and self.decode_graph_sizes:
+            rows = padded_size(n, self.decode_graph_sizes)
+            if rows > n:
+                return list(context_lens) + [1] * (rows - n)
+        return list(context_lens)
+
     def span_tokens(self, context_lens: list[int], decode_only: bool) -> int:
         """The decode attention's longest chain of work, in KV tokens: the plan's items
         (each its tiles + overhead_tiles) dealt in launch order to `target` slots (the items
@@ -107,15 +119,26 @@ class DecodePlan:
         largest share; past it, the items beyond run in a second wave behind the first ones
         to finish. `context_lens`: the step's decodes in batch order (KV length after the
         step); `decode_only`: the step has no prefill chunk (so it may replay a padded
-        decode graph). 0 without decodes."""
+        decode graph: `planned_lens`). 0 without decodes."""
+        return self.step_features(context_lens, decode_only)["decode_span_tokens"]
+
+    def split_seqs(self, context_lens: list[int], decode_only: bool) -> int:
+        """Decode sequences the plan cuts into more than one share: the sequences whose
+        partial outputs the merge kernel combines (its other programs return at once). A
+        padding row (one token) is never split, but it counts in the total context that
+        sets the share size. Same arguments as `span_tokens`."""
+        return self.step_features(context_lens, decode_only)["decode_split_seqs"]
+
+    def step_features(self, context_lens: list[int], decode_only: bool) -> dict:
+        """The step features of the plan, from one `shares` call: {"decode_span_tokens":
+        `span_tokens`, "decode_split_seqs": `split_seqs`} (both 0 without decodes)."""
         if not context_lens:
-            return 0
-        n = len(context_lens)
-        if decode_only and self.decode_graph_sizes:
-            rows = padded_size(n, self.decode_graph_sizes)
-            if rows > n:   # padding rows: one-token contexts the engine plans too
-                context_lens = list(context_lens) + [1] * (rows - n)
-        _, tiles, per, shares = self.shares(context_lens)
+            return {"decode_span_tokens": 0, "decode_split_seqs": 0}
+        _, tiles, per, shares = self.shares(self.planned_lens(context_lens, decode_only))
+        return {"decode_span_tokens": self._span(tiles, per, shares),
+                "decode_split_seqs": int(np.count_nonzero(shares > 1))}
+
+    def _span(self, tiles, per, shares) -> int:
         slots, extra = self.target, self.overhead_tiles
         if int(shares.sum()) <= slots:   # one wave: the largest share (a sequence's first)
             return (int(per.max()) + extra) * self.block_n
