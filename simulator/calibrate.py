@@ -570,7 +570,8 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     if lacking:
         raise ValueError(f"the run's steps have no {', '.join(lacking)} (recorded before the engine "
                          "logged it from its split-KV decode plan), which this calibration prices: "
-                         "record the run again, or check it against a calibration fitted without it")
+                         "record the run again, compute it (python -m experiments.plan_features <run dir> "
+                         "--calibration <file> --out <steps>), or check it against a calibration fitted without it")
     rows = steps.to_dict("records")
     kinds = [graphs.rows(r)[0] for r in rows]
     pred = np.array([model.predict(r) for r in rows])
@@ -651,7 +652,11 @@ def main(argv=None):
         e = meta.get("engine", {})
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
-        print_step_errors(step_errors(calib, graphs, pd.read_parquet(args.check_steps)), args.check_steps)
+        try:
+            errors = step_errors(calib, graphs, pd.read_parquet(args.check_steps))
+        except ValueError as e:
+            sys.exit(f"--check-steps {args.check_steps}: {e}")
+        print_step_errors(errors, args.check_steps)
     print(f"wrote {args.out}")
 
 

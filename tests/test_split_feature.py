@@ -200,8 +200,49 @@ def test_files_and_profiles_made_before_it_still_load_and_fit(capsys):
     # shapes that do not give the profile's own span are not the profiled ones: refused
     wrong = {**meta, "decode_plan": {**meta["decode_plan"], "split_slack": 1.0}}
     with pytest.raises(ValueError, match="differs from its shapes'"):
-        with_plan_features(profile.drop(columns=["decode_split_seqs"]), wrong)
+        with_plan_features(profile.head(50).drop(columns=["decode_split_seqs"]), wrong)
     # without shapes, the count cannot be known: the fit goes without it, said so
     bare = fit_calibration(profile.drop(columns=["decode_split_seqs", "shape"]), meta)
     assert "no ['decode_split_seqs']" in capsys.readouterr().out
     assert all("decode_split_seqs" not in str(k["forms"]) for k in bare["kinds"].values())
+
+
+def test_a_run_recorded_without_the_plan_features_gets_them_by_replay(tmp_path):
+    """experiments.plan_features: a run's steps (here a simulated run on the roofline, whose
+    steps carry no plan features) replayed with a calibration's plan give the features the
+    same run records when its executor plans with it."""
+    from unittest import mock
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config import register_configs
+    from experiments.plan_features import main, plan_features
+    from experiments.replay import run
+    from simulator.cost_model import RooflineCostModel
+    overrides = ["mode=sim", "trace=sharegpt", "trace.num_requests=30", "trace.request_rate=40",
+                 "model=qwen3-0.6b", "hardware=h200", "logger=none", "progress=false"]
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", overrides=overrides)
+    def record(name):      # a run directory as run.py writes one
+        run(cfg, tmp_path / name)
+        (tmp_path / name / ".hydra").mkdir()
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    record("bare")
+    assert "decode_split_seqs" not in pd.read_parquet(tmp_path / "bare" / "steps.parquet").columns
+    plan = DecodePlan(8, 132, tuple(decode_sizes(256, 8192)))
+    with mock.patch.object(RooflineCostModel, "decode_plan", plan):   # the executor plans
+        record("planned")
+    planned = pd.read_parquet(tmp_path / "planned" / "steps.parquet")
+    computed = plan_features(tmp_path / "bare", plan.describe())
+    assert len(computed) == len(planned) and planned["decode_split_seqs"].gt(0).any()
+    for f in ("decode_span_tokens", "decode_split_seqs"):
+        assert (computed[f].to_numpy() == planned[f].to_numpy()).all()
+    # a plan other than the one the run recorded its span with is refused
+    other = {**plan.describe(), "split_slack": 1.0}
+    with pytest.raises(ValueError, match="planned its decodes otherwise"):
+        plan_features(tmp_path / "planned", other)
+    (tmp_path / "c.json").write_text(json.dumps({"decode_plan": plan.describe()}))
+    main([str(tmp_path / "bare"), "--calibration", str(tmp_path / "c.json"), "--out", str(tmp_path / "s.parquet")])
+    assert pd.read_parquet(tmp_path / "s.parquet")["decode_split_seqs"].equals(computed["decode_split_seqs"])
