@@ -1,7 +1,8 @@
 """The split-KV plan of the engine's decode attention, as host rules without torch: the engine
 launches its decode kernel with it (engine.kernels.launch.plan_decode_work), and a step's
-record prices it (`DecodePlan.span_tokens`, the `decode_span_tokens` feature the fitted
-cost model reads), so both executors cost a step by the same plan.
+record prices it (`DecodePlan.step_features`: the `decode_span_tokens` and
+`decode_split_seqs` features the fitted cost model reads), so both executors cost a step by
+the same plan.
 
 The plan: the batch's total context is cut into about `target` = PROGRAMS_PER_SM x SMs /
 KV heads items (shares of whole DECODE_BLOCK_N-token tiles, each sequence's shares as even as
@@ -11,7 +12,9 @@ shares round up to more items than `target` runs a second wave, and sequences of
 length leave unequal shares (measured on an H200, Qwen3-0.6B: real serving batches, whose
 contexts differ, ran 4-6% over a model fitted on uniform-context batches; with the span
 the fit's held-out error fell from 2.3% to 1.6% on decode steps and from 3.4% to 1.5-2%
-on mixed ones).
+on mixed ones). `DecodePlan.split_seqs` counts the decodes the plan splits (the
+`decode_split_seqs` feature): each split sequence's partial outputs are written in fp32 and
+combined by the merge kernel, whose programs for the other sequences return at once.
 """
 from dataclasses import dataclass
 from heapq import heapreplace

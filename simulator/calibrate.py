@@ -7,7 +7,9 @@ experiments.calibrate`, which runs the engine; kept next to the calibration as
 ran it: policy.cuda_graphs.graph_rows), `device_s` (the step's device time, median of the
 repeats), `host_launch_s` / `host_receive_s` (host time before the launch and after the
 tokens arrived), and `split` ("train" or "held_out": the held-out shapes are never fitted
-on, and the error reported per step kind is theirs).
+on, and the error reported per step kind is theirs), and `shape` (the grid point, JSON, so a
+feature added later can be computed for it: `with_plan_features`; profiles made before it
+was kept got it back with `python -m simulator.calibrations.recover_shapes`).
 
 Re-fit a saved profile (no GPU needed):
 

@@ -411,10 +411,10 @@ class FittedCostModel(CostModel):
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
     A fit that uses decode_span_tokens or decode_split_seqs (PLAN_FEATURES) needs the
-    profiled engine's split-KV plan
-    (`decode_plan`: KV heads per rank, SMs and the rule's constants, policy.decode_plan;
-    the run's decode graphs add its padding rows): it becomes this model's `decode_plan`,
-    so the simulator plans every step as the profiled engine did.
+    profiled engine's split-KV plan (`decode_plan`: KV heads per rank, SMs and the rule's
+    constants, policy.decode_plan; the run's decode graphs add its padding rows): it
+    becomes this model's `decode_plan`, so the simulator plans every step as the profiled
+    engine did; `plan_features` lists the ones it prices.
     Mixture of experts: a kind may have a coefficient for MOE_FEATURE (seconds per expert
     read per MoE layer), computed from the step's features and rows with the file's
     "moe": {"num_experts", "top_k", "chunk_routing_exponent" (1.0 if absent)}
