@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
-                                  SPLIT_FEATURE, STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
+                                  STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
                                   TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
                                   nonnegative_lstsq, step_experts_touched)
 from policy import Batch, Sequence
@@ -283,7 +283,7 @@ def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
         if not (computed[f] == profile[f]).all():
             raise ValueError(f"the profile's {f} differs from its shapes' under the metadata's "
                              "decode_plan: not the plan (or the shapes) it was profiled with")
-    print(f"note: {missing} computed from the profile's shapes (recorded before they were)")
+    print(f"note: {', '.join(missing)} computed from the profile's shapes (recorded before they were)")
     return profile.assign(**{f: computed[f] for f in missing})
 
 
