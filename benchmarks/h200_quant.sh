@@ -2,16 +2,20 @@
 # Issue 13 on one H200 in one device call (<= 9.5 min): GPTQ / AWQ 4-bit against bf16,
 # Llama-3.1-8B random weights (benchmarks/bench_quant.py; each stage's output, tables and a
 # last JSON line, lands in $OUT; progress lines go to the same file as they happen).
-#   kernels   per Llama-3.1-8B linear shape at M = 1, 16, 64: cuBLAS bf16 against every
-#             candidate of the load-time choice, on the checkpoint layout (the old kernels)
-#             and on the repacked one (<fmt>+r: the stream and fma kernels at M = 1, the mma
-#             kernel at M <= 64, the old skinny tiles on the new words), GPTQ and AWQ: per
+#   kernels   per Llama-3.1-8B linear shape at M = 1, 16, 32, 64: cuBLAS bf16 against every
+#             candidate of the load-time choice on the repacked layout the engine loads (GPTQ
+#             group 128; AWQ repacks to the same words and runs the same kernels): the stream
+#             and fma kernels at M = 1, the slice, swap and mma kernels at M <= 64, the skinny
+#             tiles; M <= 32 with programmatic dependent launch, as decode steps run them: per
 #             shape and candidate us, packed-weight GB/s, % of the copy ceiling, bf16 on the
-#             same line (fastest first), then the summary per format              <= 4 min
+#             same line (fastest first), then the summary                          <= 4 min
 #   engine    the engine on bf16, GPTQ and AWQ checkpoints (written first): load time and the
 #             load-time W4A16 choice per layer shape, decode B=1/16/64/256 at ~1k context,
 #             2,048-token prefill (device time), KV pool                          ~3 min
-#   OUT=$OUT bash benchmarks/h200_quant.sh        # STAGES="kernels engine", BUDGET=560 s
+#   profile   where a batch-1 decode step's GPU time goes, bf16 and GPTQ (profile_decode.py:
+#             kernels by GPU time per step: LM head, attention, norms, the 4-bit linears)
+#                                                                                 ~1.5 min
+#   OUT=$OUT bash benchmarks/h200_quant.sh   # STAGES="kernels engine profile", BUDGET=560 s
 set -u
 export PYTHONUNBUFFERED=1
 # as h200_session.sh: wheels for what the box lacks, when .whl/ is carried
@@ -20,7 +24,7 @@ if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-STAGES=${STAGES:-"kernels engine"}; BUDGET=${BUDGET:-560}; KERNELS_S=${KERNELS_S:-230}
+STAGES=${STAGES:-"kernels engine profile"}; BUDGET=${BUDGET:-560}; KERNELS_S=${KERNELS_S:-240}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /'
 for stage in $STAGES; do
@@ -29,8 +33,8 @@ for stage in $STAGES; do
   echo "== stage $stage (at ${SECONDS}s, ${left}s left)"
   case $stage in
     kernels)  t=$((left < KERNELS_S ? left : KERNELS_S))
-              timeout $t python3 benchmarks/bench_quant.py --stages layers --layer-m 1,16,64 \
-                --kernel-formats gptq,awq --copies 8 --repeats 10 \
+              timeout $t python3 benchmarks/bench_quant.py --stages layers --layer-m 1,16,32,64 \
+                --kernel-formats gptq --layouts repacked --copies 8 --repeats 10 \
                 > $OUT/quant_kernels.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_kernels.txt | grep -v '^\[' | grep -A 40 '^W4A16 vs cuBLAS' ;;
     engine|engine_q)   # (engine_q: h200_session.sh's older name)
@@ -38,6 +42,14 @@ for stage in $STAGES; do
                 --decode-batches 1,16,64,256 --time-budget $((left - 10)) \
                 > $OUT/quant_engine.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_engine.txt | grep -v '^\[' | tail -n 50 ;;
-    *) echo "unknown stage $stage (kernels, engine)" ;;
+    profile)  for fmt in bf16 gptq; do   # the engine stage's checkpoints (written here if absent)
+                left=$((BUDGET - SECONDS)); [ $left -lt 45 ] && { echo "skipped profile $fmt (${left}s left)"; continue; }
+                dir=$(python3 -c "import sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks')
+from bench_quant import checkpoint; print(checkpoint('llama-3.1-8b', '$fmt', 'bfloat16', False))" | tail -n 1)
+                timeout $left python3 benchmarks/profile_decode.py --model $dir --batch 1 --context 1024 \
+                  --top 25 --timeline 0 > $OUT/profile_b1_$fmt.txt 2>&1; echo "rc=$?"
+                grep -v '^{' $OUT/profile_b1_$fmt.txt | tail -n 30
+              done ;;
+    *) echo "unknown stage $stage (kernels, engine, profile)" ;;
   esac
 done

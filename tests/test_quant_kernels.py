@@ -5,6 +5,7 @@ AWQ and a group size no K step divides, on the checkpoint layouts and on the loa
 repacked one; the one-row multiply-add (fma) kernel on the repacked layout; the repack
 itself; the load-time choice with the dispatch that follows it; and sm_90 compiles."""
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere
 
@@ -330,6 +331,46 @@ def test_mma_kernel_matches_the_reference(name, kind, m, split, dtype):
     assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16, kind)
 
 
+@pytest.mark.parametrize("name", [*FORMATS])
+@pytest.mark.parametrize("m,split,dtype,block_n", [
+    (1, 1, torch.float32, 32), (5, 2, torch.bfloat16, 16), (16, 3, torch.float32, 32),
+    (20, 1, torch.float32, 16), (40, 2, torch.float32, 32), (64, 3, torch.bfloat16, 32)])
+def test_slice_kernel_matches_the_reference(name, m, split, dtype, block_n):
+    """The nibble-sliced tensor-core kernel on repacked weights (eight column slices per K
+    step, zero and scale on each slice's fp32 product): every decode M (16- and 32-row
+    programs, 33-64 rows as two programs per tile), split or not, N not a multiple of the
+    tile, act-order through the permutation, bias added once; weights it cannot take
+    (per-row groups, fp16 activations) are refused."""
+    w, ref_w = weight(name)
+    r = w4a16.repack(w)
+    x, bias = inputs(m, ref_w.shape[1], m, dtype)
+    launch = Launch("slice", block_n, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
+        with pytest.raises(ValueError, match="slice kernel"):
+            w4a16_matmul(x, r, bias, launch._replace(block_k=16))
+        return
+    # the sum-of-x form: s * (sum (128 + q) x - (128 + z) sum x) in fp32, a few ulp of 128 |x|
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype, fp32_tol=3e-4)
+    assert not w4a16.mma_fits(r, 32, torch.float16, "slice")
+    with pytest.raises(ValueError, match="slice kernel"):
+        w4a16_matmul(x.half(), r, bias.half(), launch)
+
+
+def test_slice_split_counters_reset_between_calls():
+    """Split-K with two-program tiles (33-64 rows): every (tile, row block) has its own
+    counter, reset by its last split, so repeated calls on new inputs give their own product."""
+    w, ref_w = weight("awq")
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(6)
+    bias = torch.zeros(N)
+    for rows in (40, 3, 64):
+        x = torch.randn(rows, ref_w.shape[1], generator=gen)
+        check(w4a16_matmul(x, r, bias, Launch("slice", 16, 32, 4, 2, 4)), x, ref_w, bias,
+              x.dtype, fp32_tol=3e-4)
+        _, arrivals = skinny_gemm._WORKSPACES[x.device]
+        assert not arrivals.any()
+
+
 @pytest.mark.parametrize("name", REPACK_CASES)
 @pytest.mark.parametrize("launch,m", [(Launch("skinny", 32, 64, 4, 2, 2), 5),
                                       (Launch("gemv", 16, 32, 4, 2, 3), 2),
@@ -404,6 +445,28 @@ def test_choice_times_the_stream_kernel_at_one_row(tiny_quantized_model):
                                rtol=3e-4, atol=3e-4)
 
 
+def test_choice_times_small_row_counts_with_pdl_as_steps_run_them(tiny_quantized_model, monkeypatch):
+    """With pdl_rows (the engine's pdl_max_tokens), M <= pdl_rows are timed with
+    programmatic dependent launch on and larger M with it off, as the step's graphs launch
+    them; the switch is back as it was afterwards. Where PDL is not supported (this CPU) it
+    stays off."""
+    from engine.kernels import pdl
+    seen = {}
+
+    def time_us(fn, m, launch):
+        seen.setdefault(m, set()).add(pdl.enabled())
+        return 1.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 4, 128], time_us=time_us,
+                                verify=False, pdl_rows=4)
+    assert seen == {1: {False}, 4: {False}, 128: {False}} and not any(r["pdl"] for r in report)
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    seen.clear()
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 4, 128], time_us=time_us,
+                                verify=False, pdl_rows=4)
+    assert seen == {1: {True}, 4: {True}, 128: {False}} and not pdl.enabled()
+    assert {r["m"]: r["pdl"] for r in report} == {1: True, 4: True, 128: False}
+
+
 def test_choice_never_takes_a_wrong_product(tiny_quantized_model, monkeypatch):
     """A candidate whose product is off (here: the fma kernel made to return zeros) is
     reported under `failed` and not chosen, however fast; the right ones pass the check."""
@@ -433,14 +496,17 @@ out = []
 for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    if kind in ("mma", "swap"):
-        fn = w4a16._w4a16_swap_kernel if kind == "swap" else w4a16._w4a16_mma_kernel
+    if kind in ("mma", "swap", "slice"):
+        fn = {"swap": w4a16._w4a16_swap_kernel, "slice": w4a16._w4a16_slice_kernel}.get(
+            kind, w4a16._w4a16_mma_kernel)
         del sig["g_idx_ptr"]
         sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
                                        "group_size", "zero_offset")})
+        if kind == "slice":
+            sig["m_blocks"] = "i32"
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
                      EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages,
-                     PDL=kind == "swap", PREFETCH=kind == "swap")
+                     PDL=kind != "mma", PREFETCH=kind != "mma")
     elif kind in ("stream", "streamc"):   # bm: 1 = one group per program, 0 = per-thread
         # group flushes; streamc: the FMA-chain form
         fn = w4a16._w4a16_stream_kernel
@@ -467,7 +533,8 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig.update({name: "constexpr" for name in const})
     # as a launch specializes them: pointers 16-byte aligned, Llama's sizes multiples of 16
     aligned = [i for i, (a, t) in enumerate(sig.items()) if t.startswith("*") or a in (
-        "N", "K", "stride_w", "k_per_split", "group_size")] if kind.startswith("stream") else []
+        "N", "K", "stride_w", "stride_xm", "stride_ym", "k_per_split", "group_size")
+        ] if kind.startswith("stream") or kind == "slice" else []
     src = ASTSource(fn=fn, signature=sig, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -510,8 +577,10 @@ def test_decode_variants_compile_for_sm90_and_fit():
     registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
     (half of them with the x permutation), and the stream tiles, whose weight loads are
     16 bytes wide (ld.global.v4, or 16-byte async copies where pipelined); the stream and
-    swap tiles as decode steps launch them on sm_90 (programmatic dependent launch: one
-    wait, the weight slice prefetched into L2 before it)."""
+    swap and slice tiles as decode steps launch them on sm_90 (programmatic dependent launch:
+    one wait, the weight slice prefetched into L2 before it); the slice tiles on mma.v2 with
+    the words loaded from shared memory straight into the MMA operand's layout (no
+    dequantized tile stored to shared memory)."""
     tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
              ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
              ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
@@ -521,12 +590,13 @@ def test_decode_variants_compile_for_sm90_and_fit():
     tiles += [("streamc", 0, 1, t) for t in w4a16.STREAM_TILES
               if t.block_k == 4 * w4a16.stream_rows(t)]
     tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
+    tiles += [("slice", 2 * (i % 2), bm, t) for bm in (16, 32) for i, t in enumerate(w4a16.SLICE_TILES[bm])]
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert c["stack"] == 0, (kind, "spills registers")
-        if kind in ("stream", "streamc", "swap"):   # programmatic dependent launch, prefetch
+        if kind in ("stream", "streamc", "swap", "slice"):   # programmatic dependent launch, prefetch
             assert c["pdl"] >= 1 and c["l2_prefetch"] >= 1, (kind, c["pdl"], c["l2_prefetch"])
         if kind in ("stream", "streamc"):   # each step's loads 16 bytes wide, issued before use
             loads = bk // w4a16.stream_rows(Launch("stream", bn, bk, warps))
@@ -534,7 +604,11 @@ def test_decode_variants_compile_for_sm90_and_fit():
             assert ("async_copy_global_to_local" in c["ttgir"]) == (stages > 1)
             continue
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        if kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
+        if kind == "slice":   # mma.v2, the words read from shared memory in the operand layout
+            assert "warp_group_dot" not in c["ttgir"] and "xi32, #ttg.dot_op<{opIdx = 1" in c["ttgir"]
+            slice_tile = re.compile(rf"local_alloc %\S+ : \(tensor<{bk}x{bn // 8}xbf16")
+            assert not slice_tile.search(c["ttgir"]), "a dequantized slice stored to shared memory"
+        elif kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
             assert "warp_group_dot" in c["ttgir"] and "dot_op<{opIdx = 0" in c["ttgir"]
         elif kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
             assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind
