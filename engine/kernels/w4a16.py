@@ -26,11 +26,12 @@ run a layer, chosen per (layer shape, row count M) by measurement at load time
            accumulates in place, so one stays in flight while the next tile is dequantized.
   slice    (M <= 64, repacked, one group per K step, bf16) `_w4a16_slice_kernel`: nibble j
            of every word is column 8c + AWQ_ORDER[j], so the words tile is eight column
-           slices of W^T, each an elementwise function of the words ((w >> 4j) & 0xF | 0x4300
-           as bf16 is 128 + q): eight mma.v2 products per K step share the x tile, and since
-           only elementwise ops lie between the words' load and the dots, the words go from
-           the pipeline's shared memory straight into the operand's registers and are
-           dequantized there: no shared-memory round trip of a bf16 tile, no barrier for it.
+           slices of W^T, each made in registers from the words (rows paired, then one shift
+           and one AND-OR per two weights: (q | 0x4300) as bf16 is 128 + q): eight mma.v2
+           products per K step share the x tile, the words go from the pipeline's shared
+           memory into registers in a layout whose reshapes land on the MMA operand's (no
+           shared-memory round trip of a bf16 tile, no barrier for it; ~3.3 SASS instructions
+           per weight against the swap kernel's 6.8).
            Zero and scale per slice and group on the fp32 product (the sum-of-x trick).
            Programs of 16 or 32 rows; 33-64 rows: two programs per tile.
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
@@ -166,13 +167,14 @@ SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4)
 # at BLOCK_M 16 (the skinny kernel on the checkpoint layout: 10.4), 5.7-6.0 at 64.
 # The nibble-sliced kernel (M <= 64 in programs of BLOCK_M 16 or 32 rows: slice_block_m), per
 # BLOCK_M; sm_90 compiles (ptxas, no spills; mma.v2, the words loaded from the pipeline's
-# shared memory straight into the operand's layout): 16: 159 / 145 / 156 / 165 registers,
-# 41 / 75 / 31 / 38 KB of shared memory, 4.1 / 4.1 / 5.1 / 5.0 SASS instructions per weight
-# in the K loop (the swap kernel: 6.8); 32: 252 / 254 registers, 42 / 63 KB, 6.0. (At 32
-# rows 4-warp and 256-column tiles spill: the compiler puts the warps along M.)
+# shared memory and dequantized in registers, no tile stored back): 16: 161 / 148 / 150 / 161
+# registers, 41 / 75 / 31 / 38 KB of shared memory, 3.3 / 3.5 / 4.3 / 4.3 SASS instructions
+# per weight in the K loop (the swap kernel: 6.8, with 10 barriers per step); 32: 246 / 251
+# registers, 83 / 63 KB, 4.1 / 5.2 (with act-order's x permutation they spill 120 / 16
+# bytes; 4-warp and 256-column tiles spill at 32 rows: the compiler puts the warps along M).
 SLICE_TILES = {16: (Launch("slice", 256, 128, 4, 3), Launch("slice", 512, 128, 8, 3),
                     Launch("slice", 256, 64, 4, 4), Launch("slice", 512, 64, 8, 3)),
-               32: (Launch("slice", 512, 64, 8, 3), Launch("slice", 512, 64, 8, 4))}
+               32: (Launch("slice", 512, 128, 8, 3), Launch("slice", 512, 64, 8, 4))}
 MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
                   Launch("mma", 64, 128, 4, 4)),
              64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
@@ -1061,13 +1063,35 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
 
 # ---- the nibble-sliced tensor-core kernel (M <= 64, repacked) ---------------------------------
 # Nibble j of every repacked word is output column 8c + AWQ_ORDER[j] of word column c, so the
-# words tile [BLOCK_K, NW] holds eight column slices of W^T, each an elementwise function of
-# the words: (w >> 4j) & 0xF | 0x4300 read as bf16 is 128 + q. Eight tensor-core products
-# per K step, one per slice, share the x tile; because nothing between the words' load and
-# the dots but elementwise ops, the compiler loads the words from the pipeline's shared
-# memory straight into the MMA operand's register layout and dequantizes there (sm_90 TTGIR:
-# local_load to #dot_op of the int32 words): no shared-memory round trip of a dequantized
-# tile and no barrier for it (the mma and swap kernels store and reload theirs every step).
+# words tile [BLOCK_K, NW] holds eight column slices of W^T. Eight tensor-core products per K
+# step, one per slice, share the x tile. The words are loaded from the pipeline's shared
+# memory into registers in a layout whose reshapes (`_slice_tile`: rows paired, halves
+# joined) land exactly on the MMA operand's, so the dequantized slices never go back
+# through shared memory (sm_90 TTGIR: linear layouts, no convert_layout or local_alloc of a
+# slice; the mma and swap kernels store and reload their bf16 tile every step, with barriers).
+
+@triton.jit
+def _slice_tile(words, J: tl.constexpr, IEEE: tl.constexpr):
+    """Slice J of a words tile [BLOCK_K, NW]: [BLOCK_K, NW] of 128 + q (bf16; IEEE: fp32),
+    q the nibble J of each word (column 8c + AWQ_ORDER[J]). Rows are paired first: the 16-bit
+    halves of rows 2r and 2r + 1 that hold nibble J go into one word, so one shift and one
+    AND-OR make both bf16 values (q | 0x4300 as bf16 is exactly 128 + q) in the register
+    pair the MMA operand takes (two rows of one column); the compiler keeps the reshapes
+    in registers (sm_90: ~2 SASS instructions per weight, HMMA included)."""
+    BLOCK_K: tl.constexpr = words.shape[0]
+    NW: tl.constexpr = words.shape[1]
+    even, odd = tl.split(tl.permute(tl.reshape(words, (BLOCK_K // 2, 2, NW)), (0, 2, 1)))
+    if J < 4:   # nibbles 0-3: the low halves of rows 2r (bits 0-15) and 2r + 1 (16-31)
+        pair = (even & 0xFFFF) | (odd << 16)
+    else:       # nibbles 4-7: the high halves
+        pair = ((even >> 16) & 0xFFFF) | (odd & -65536)
+    v = ((pair >> (4 * (J % 4))) & 0x000F000F) | 0x43004300
+    lo = v.to(tl.int16).to(tl.bfloat16, bitcast=True)             # row 2r
+    hi = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)     # row 2r + 1
+    if IEEE:   # the interpreter computes on bf16's raw bits: fp32 operands
+        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, NW))
+
 
 @triton.jit
 def _slice_dot(acc, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset,
@@ -1075,11 +1099,10 @@ def _slice_dot(acc, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offse
     """acc + s * (x @ (128 + q_J) - (128 + z) * sum_k x) for slice J (columns 8c +
     AWQ_ORDER[J]) of one group's K step: acc [BLOCK_M, NW] fp32, x [BLOCK_M, BLOCK_K], xs
     [BLOCK_M, 1] its row sums in fp32, words [BLOCK_K, NW], zw the group's zero words [NW]."""
+    w = _slice_tile(words, J, IEEE)
     if IEEE:   # fp32 operands (fp32 activations, the interpreter)
-        w = (((words >> (4 * J)) & 0xF) + 128).to(tl.float32)
         p = tl.dot(x.to(tl.float32), w, input_precision="ieee")
-    else:      # (q | 0x4300) as bf16 is exactly 128 + q
-        w = (((words >> (4 * J)) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
         p = tl.dot(x, w)
     zb = (((zw >> (4 * J)) & 0xF) + zero_offset + 128).to(tl.float32)
     s = tl.load(scales_ptr + g * N + cols * 8 + _awq_col(J), mask=mask_c, other=0.0).to(tl.float32)
