@@ -332,19 +332,21 @@ def test_mma_kernel_matches_the_reference(name, kind, m, split, dtype):
 
 
 @pytest.mark.parametrize("name", [*FORMATS])
-@pytest.mark.parametrize("m,split,dtype,block_n", [
-    (1, 1, torch.float32, 32), (5, 2, torch.bfloat16, 16), (16, 3, torch.float32, 32),
-    (20, 1, torch.float32, 16), (40, 2, torch.float32, 32), (64, 3, torch.bfloat16, 32)])
-def test_slice_kernel_matches_the_reference(name, m, split, dtype, block_n):
+@pytest.mark.parametrize("m,split,dtype,block_n,block_m", [
+    (1, 1, torch.float32, 32, 16), (5, 2, torch.bfloat16, 16, 16), (16, 3, torch.float32, 32, 16),
+    (20, 1, torch.float32, 16, 16), (20, 2, torch.float32, 32, 32), (40, 2, torch.float32, 32, 32),
+    (64, 3, torch.bfloat16, 32, 32), (64, 1, torch.float32, 16, 16)])
+def test_slice_kernel_matches_the_reference(name, m, split, dtype, block_n, block_m):
     """The nibble-sliced tensor-core kernel on repacked weights (eight column slices per K
-    step, zero and scale on each slice's fp32 product): every decode M (16- and 32-row
-    programs, 33-64 rows as two programs per tile), split or not, N not a multiple of the
+    step, zero and scale on each slice's fp32 product): every decode M in programs of 16 or
+    32 rows (more rows: several programs per tile), split or not, N not a multiple of the
     tile, act-order through the permutation, bias added once; weights it cannot take
-    (per-row groups, fp16 activations) are refused."""
+    (per-row groups, fp16 activations) and 64-row programs are refused."""
     w, ref_w = weight(name)
     r = w4a16.repack(w)
     x, bias = inputs(m, ref_w.shape[1], m, dtype)
-    launch = Launch("slice", block_n, 32 if name != "gptq-group-24" else 8, 4, 2, split)
+    launch = Launch("slice", block_n, 32 if name != "gptq-group-24" else 8, 4, 2, split,
+                    block_m=block_m)
     if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
         with pytest.raises(ValueError, match="slice kernel"):
             w4a16_matmul(x, r, bias, launch._replace(block_k=16))
@@ -354,6 +356,18 @@ def test_slice_kernel_matches_the_reference(name, m, split, dtype, block_n):
     assert not w4a16.mma_fits(r, 32, torch.float16, "slice")
     with pytest.raises(ValueError, match="slice kernel"):
         w4a16_matmul(x.half(), r, bias.half(), launch)
+    with pytest.raises(ValueError, match="block_m must be 16 or 32"):
+        w4a16_matmul(x, r, bias, launch._replace(block_m=64))
+
+
+def test_slice_candidates_by_rows():
+    """The choice times 16-row slice programs up to 32 rows, 32-row ones above 16 rows, each
+    at most two programs per tile."""
+    w, _ = weight("gptq-one-group")   # K = 128 in one group: the tiles' K steps fit
+    r = w4a16.repack(w)
+    rows = {m: {l.block_m for l in w4a16.candidates(m, N, 128, 4, r) if l.kind == "slice"}
+            for m in (1, 16, 17, 32, 33, 64)}
+    assert rows == {1: {16}, 16: {16}, 17: {16, 32}, 32: {16, 32}, 33: {32}, 64: {32}}
 
 
 def test_slice_split_counters_reset_between_calls():
@@ -365,8 +379,8 @@ def test_slice_split_counters_reset_between_calls():
     bias = torch.zeros(N)
     for rows in (40, 3, 64):
         x = torch.randn(rows, ref_w.shape[1], generator=gen)
-        check(w4a16_matmul(x, r, bias, Launch("slice", 16, 32, 4, 2, 4)), x, ref_w, bias,
-              x.dtype, fp32_tol=3e-4)
+        check(w4a16_matmul(x, r, bias, Launch("slice", 16, 32, 4, 2, 4, block_m=32)), x, ref_w,
+              bias, x.dtype, fp32_tol=3e-4)
         _, arrivals = skinny_gemm._WORKSPACES[x.device]
         assert not arrivals.any()
 
@@ -590,8 +604,8 @@ def test_decode_variants_compile_for_sm90_and_fit():
     tiles += [("streamc", 0, 1, t) for t in w4a16.STREAM_TILES
               if t.block_k == 4 * w4a16.stream_rows(t)]
     tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
-    tiles += [("slice", 2 * (i % 2), 16, t) for i, t in enumerate(w4a16.SLICE_TILES[16])]
-    tiles += [("slice", 0, 32, t) for t in w4a16.SLICE_TILES[32]]   # (x permuted: a few spills)
+    tiles += [("slice", 2 * (i % 2) * (t.block_m == 16), t.block_m, t)   # (x permuted at 32
+              for i, t in enumerate(w4a16.SLICE_TILES)]                     # rows: a few spills)
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):

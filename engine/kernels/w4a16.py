@@ -33,7 +33,7 @@ run a layer, chosen per (layer shape, row count M) by measurement at load time
            shared-memory round trip of a bf16 tile, no barrier for it; ~3.3 SASS instructions
            per weight against the swap kernel's 6.8).
            Zero and scale per slice and group on the fp32 product (the sum-of-x trick).
-           Programs of 16 or 32 rows; 33-64 rows: two programs per tile.
+           Programs of 16 or 32 rows (Launch.block_m), two per tile above that.
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
@@ -165,16 +165,17 @@ SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4)
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
 # at BLOCK_M 16 (the skinny kernel on the checkpoint layout: 10.4), 5.7-6.0 at 64.
-# The nibble-sliced kernel (M <= 64 in programs of BLOCK_M 16 or 32 rows: slice_block_m), per
-# BLOCK_M; sm_90 compiles (ptxas, no spills; mma.v2, the words loaded from the pipeline's
-# shared memory and dequantized in registers, no tile stored back): 16: 161 / 148 / 150 / 161
-# registers, 41 / 75 / 31 / 38 KB of shared memory, 3.3 / 3.5 / 4.3 / 4.3 SASS instructions
-# per weight in the K loop (the swap kernel: 6.8, with 10 barriers per step); 32: 246 / 251
-# registers, 83 / 63 KB, 4.1 / 5.2 (with act-order's x permutation they spill 120 / 16
-# bytes; 4-warp and 256-column tiles spill at 32 rows: the compiler puts the warps along M).
-SLICE_TILES = {16: (Launch("slice", 256, 128, 4, 3), Launch("slice", 512, 128, 8, 3),
-                    Launch("slice", 256, 64, 4, 4), Launch("slice", 512, 64, 8, 3)),
-               32: (Launch("slice", 512, 128, 8, 3), Launch("slice", 512, 64, 8, 4))}
+# The nibble-sliced kernel (M <= 64; block_m: rows per program, 16 or 32, more rows in more
+# programs: slice_fits); sm_90 compiles (ptxas, no spills; mma.v2, the words loaded from the
+# pipeline's shared memory and dequantized in registers, no tile stored back): 16 rows: 161 /
+# 148 / 150 / 161 registers, 41 / 75 / 31 / 38 KB of shared memory, 3.3 / 3.5 / 4.3 / 4.3
+# SASS instructions per weight in the K loop (the swap kernel: 6.8, with 10 barriers per
+# step); 32 rows: 246 / 251 registers, 83 / 63 KB, 4.1 / 5.2 (with act-order's x permutation
+# they spill 120 / 16 bytes; 4-warp and 256-column tiles spill at 32 rows: the compiler puts
+# the warps along M).
+SLICE_TILES = (Launch("slice", 256, 128, 4, 3, block_m=16), Launch("slice", 512, 128, 8, 3, block_m=16),
+               Launch("slice", 256, 64, 4, 4, block_m=16), Launch("slice", 512, 64, 8, 3, block_m=16),
+               Launch("slice", 512, 128, 8, 3, block_m=32), Launch("slice", 512, 64, 8, 4, block_m=32))
 MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
                   Launch("mma", 64, 128, 4, 4)),
              64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
@@ -1477,11 +1478,14 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{MAX_M} rows, got {m}")
+    if launch.kind == "slice" and launch.block_m not in (16, 32):
+        raise ValueError(f"w4a16 slice kernel: block_m must be 16 or 32 (mma.v2 programs), "
+                         f"got {launch.block_m}")
     bk = launch.block_k
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
-    bm = slice_block_m(m) if launch.kind == "slice" else block_m(m)
+    bm = launch.block_m if launch.kind == "slice" else block_m(m)
     m_blocks = triton.cdiv(m, bm) if launch.kind == "slice" else 1   # slice: rows in programs of bm
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = arrivals = y
@@ -1511,9 +1515,10 @@ def _pdl_args(w: W4, even_n: bool) -> dict:
     return dict(PDL=on, PREFETCH=prefetch, **pdl.launch_kwargs())
 
 
-def slice_block_m(m: int) -> int:
-    """Rows per slice-kernel program: 16, or 32 (mma.v2 either way; more rows: more programs)."""
-    return 16 if m <= 16 else 32
+def slice_fits(m: int, launch: Launch) -> bool:
+    """Whether a slice tile is a candidate at M rows: at most two programs of its block_m rows
+    per tile (each program dequantizes the tile again), and no 32-row programs for <= 16."""
+    return launch.block_m in (16, 32) and m <= 2 * launch.block_m and (m > 16 or launch.block_m == 16)
 
 
 def mma_fits(w: W4, block_k: int, dtype: torch.dtype, kind: str = "mma") -> bool:
@@ -1693,7 +1698,8 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                 if stream_step(tile, group) == 4 * stream_rows(tile) and k // group <= MAX_STREAM_SPLIT_K:
                     out.append(tile._replace(split_k=k // group, chain=True))   # one group each
     if m <= MAX_M and w is not None:
-        tiles = MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)] + SLICE_TILES[slice_block_m(m)]
+        tiles = (MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
+                 + tuple(t for t in SLICE_TILES if slice_fits(m, t)))
         for tile in (t for t in tiles if mma_fits(w, t.block_k, dtype, t.kind)):
             splits = split_candidates(n, k, tile, sms)   # at one row the slice's rule's split only
             out += [tile._replace(split_k=s) for s in splits[:1 if m == 1 and tile.kind == "slice" else 3]]
@@ -1841,8 +1847,9 @@ def _name(launch: Launch) -> str:
         chain = "c" if launch.chain else ""
         return (f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}{chain}"
                 f"/s{launch.split_k}")
-    if launch.kind == "slice":   # tiles that differ only in their pipeline stages
-        return f"slice{launch.block_n}x{launch.block_k}w{launch.num_warps}p{launch.num_stages}/s{launch.split_k}"
+    if launch.kind == "slice":   # rows per program first
+        return (f"slice{launch.block_m}x{launch.block_n}x{launch.block_k}w{launch.num_warps}"
+                f"p{launch.num_stages}/s{launch.split_k}")
     if launch.kind in ("skinny", "gemv", "fma", "mma", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":
