@@ -1667,7 +1667,8 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
     (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the stream tiles
     (M = 1) at their rule's split, twice it, one group and half a group per program, the fma
     kernel's first tile at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma, swap
-    and slice kernels' (M <= MAX_M, where they fit: mma_fits) at the skinny rule's splits (and of the checkpoint
+    and slice kernels' (M <= MAX_M, where they fit: mma_fits, slice_fits) at the skinny rule's
+    splits (the slice tiles at one row: the rule's and twice it) (and of the checkpoint
     kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     packing = GPTQ if w is None else w.packing
@@ -1701,8 +1702,10 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
         tiles = (MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
                  + tuple(t for t in SLICE_TILES if slice_fits(m, t)))
         for tile in (t for t in tiles if mma_fits(w, t.block_k, dtype, t.kind)):
-            splits = split_candidates(n, k, tile, sms)   # at one row the slice's rule's split only
-            out += [tile._replace(split_k=s) for s in splits[:1 if m == 1 and tile.kind == "slice" else 3]]
+            splits = split_candidates(n, k, tile, sms)   # (s, s / 2, 2 s); at one row the
+            if m == 1 and tile.kind == "slice":         # slice tiles at s and 2 s only
+                splits = [splits[0], *splits[2:]]
+            out += [tile._replace(split_k=s) for s in splits]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
