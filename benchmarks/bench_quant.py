@@ -179,17 +179,24 @@ def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
                                 *[l for l in launches if l.kind == "mma"][:1],
                                 *[l for l in launches if l.kind == "slice"][:1], launches[-1]]
                 timed, failed = time_launches(launches, x, ws, time_us)
+                if pdl.enabled():   # as the load-time choice: the fastest again without the
+                    more, more_failed = time_launches(   # weight prefetch and without PDL
+                        w4a16.pdl_alternatives(timed), x, ws, time_us)
+                    timed, failed = timed + more, {**failed, **more_failed}
                 default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
                 best_us, best = w4a16.pick(timed)
                 ref = x.float() @ w_ref.t()
                 y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
-                kinds = {}
+                kinds, modes = {}, {}
                 for t, l in timed:
                     kinds[l.kind] = min(t, kinds.get(l.kind, float("inf")))
+                    if l.kind in w4a16.PDL_KINDS:
+                        mode = ("off", "wait", "prefetch")[l.pdl]
+                        modes[mode] = min(t, modes.get(mode, float("inf")))
                 row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
                             "fma_us": kinds.get("fma", float("nan")),
                             "mma_us": kinds.get("mma", float("nan")),
-                            "kind_us": kinds, "bytes": nbytes,
+                            "kind_us": kinds, "pdl_mode_us": modes, "bytes": nbytes,
                             "GBps": nbytes / best_us / 1e3,
                             "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
@@ -225,6 +232,13 @@ def print_layers(rows, name, ceiling) -> None:
                 if kind in r[f].get("kind_us", {})]
         if best:
             print(f"fastest {kind} tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in best))
+    with_pdl = [(r, f) for r in rows if r.get("pdl") for f in fmts if r[f].get("pdl_mode_us")]
+    if with_pdl:
+        print("with PDL, the fastest stream/slice/swap/mma launch per mode (weight prefetch, wait "
+              "only, PDL off), us: " + "; ".join(
+                  f"{r['layer']} M={r['m']} {f}: " + ", ".join(
+                      f"{mode} {r[f]['pdl_mode_us'][mode]:.1f}" for mode in ("prefetch", "wait", "off")
+                      if mode in r[f]["pdl_mode_us"]) for r, f in with_pdl))
     for m in sorted({r["m"] for r in rows}):
         per = [r for r in rows if r["m"] == m]
         bf16 = sum(r["bf16_us"] for r in per)

@@ -6,9 +6,10 @@
 #             candidate of the load-time choice on the repacked layout the engine loads (GPTQ
 #             group 128; AWQ repacks to the same words and runs the same kernels): the stream
 #             and fma kernels at M = 1, the slice, swap and mma kernels at M <= 64, the skinny
-#             tiles; M <= 32 with programmatic dependent launch, as decode steps run them: per
-#             shape and candidate us, packed-weight GB/s, % of the copy ceiling, bf16 on the
-#             same line (fastest first), then the summary                          <= 4 min
+#             tiles; M <= 32 with programmatic dependent launch, as decode steps run them
+#             (the 3 fastest again without the weight prefetch, /wait, and without PDL,
+#             /nopdl): per shape and candidate us, packed-weight GB/s, % of the copy
+#             ceiling, bf16 on the same line (fastest first), then the summary     <= 4 min
 #   engine    the engine on bf16, GPTQ and AWQ checkpoints (written first): load time and the
 #             load-time W4A16 choice per layer shape, decode B=1/16/64/256 at ~1k context,
 #             2,048-token prefill (device time), KV pool                          ~3 min

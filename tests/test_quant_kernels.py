@@ -481,6 +481,39 @@ def test_choice_times_small_row_counts_with_pdl_as_steps_run_them(tiny_quantized
     assert {r["m"]: r["pdl"] for r in report} == {1: True, 4: True, 128: False}
 
 
+def test_choice_retimes_the_fastest_without_the_prefetch_and_without_pdl(tiny_quantized_model,
+                                                                           monkeypatch):
+    """Where the engine launches with PDL, the three fastest PDL launches (weight prefetch
+    on) are timed again with the prefetch off and with PDL off; the plan keeps the mode
+    that won, and w4a16_linear launches it so."""
+    from engine.kernels import pdl
+    quant_layers.repack_layers(tiny_quantized_model)
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    seen = []
+
+    def time_us(fn, m, launch):   # streams fastest; without PDL faster still
+        seen.append(launch)
+        return {w4a16.PDL_OFF: 0.5, w4a16.PDL_WAIT: 0.8}.get(launch.pdl, 1.0) if launch.kind == "stream" else 2.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1], time_us=time_us,
+                                verify=False, pdl_rows=1)
+    again = [l for l in seen if l.pdl != w4a16.PDL_PREFETCH]
+    assert again and all(l.kind == "stream" for l in again)
+    assert len(again) == 2 * 3 * len(report)   # the three fastest, in two modes, per shape
+    assert all(r["choice"].endswith("/nopdl") for r in report)
+    layer = next(m for m in tiny_quantized_model.modules() if getattr(m, "quant", None) is not None)
+    assert layer.w4a16[0][1].pdl == w4a16.PDL_OFF
+    w, chosen = w4a16.weight_of(layer), layer.w4a16[0][1]
+    pdl.enable(True)   # as in a decode step: each mode's launch arguments
+    try:
+        modes = {mode: w4a16._pdl_args(w, True, chosen._replace(pdl=mode))
+                 for mode in (w4a16.PDL_OFF, w4a16.PDL_WAIT, w4a16.PDL_PREFETCH)}
+    finally:
+        pdl.enable(False)
+    assert modes[w4a16.PDL_OFF] == dict(PDL=False, PREFETCH=False)
+    assert modes[w4a16.PDL_WAIT] == dict(PDL=True, PREFETCH=False, launch_pdl=True)
+    assert modes[w4a16.PDL_PREFETCH] == dict(PDL=True, PREFETCH=True, launch_pdl=True)
+
+
 def test_choice_never_takes_a_wrong_product(tiny_quantized_model, monkeypatch):
     """A candidate whose product is off (here: the fma kernel made to return zeros) is
     reported under `failed` and not chosen, however fast; the right ones pass the check."""

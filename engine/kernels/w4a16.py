@@ -103,11 +103,9 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 class Launch(NamedTuple):
     """How one call runs: kind "stream" | "fma" | "slice" | "swap" | "mma" | "skinny" | "gemv" |
-    "tiled" |
-    "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny before the
-    group-size cap, for stream the most rows per step),
-    warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
-    per tile."""
+    "tiled" | "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny
+    before the group-size cap, for stream the most rows per step), warps, pipeline stages;
+    the K split (0: the launch rule's); for tiled and slice the rows per program."""
     kind: str
     block_n: int = 0
     block_k: int = 0
@@ -116,6 +114,13 @@ class Launch(NamedTuple):
     split_k: int = 0
     block_m: int = 64
     chain: bool = False   # stream: the 4 row blocks of a step in one FMA chain (no adds)
+    # stream / slice / swap / mma while the engine launches with programmatic dependent
+    # launch (engine.kernels.pdl): PDL_PREFETCH its programs bulk-prefetch their weight
+    # slice into L2 before they wait, PDL_WAIT they only wait, PDL_OFF launched without PDL
+    pdl: int = 2
+
+
+PDL_OFF, PDL_WAIT, PDL_PREFETCH = 0, 1, 2   # Launch.pdl
 
 
 # Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
@@ -1461,7 +1466,7 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
                                      2048 * launch.num_warps // launch.block_n)),
         NUM_STAGES=launch.num_stages, CHAIN=launch.chain, num_warps=launch.num_warps,
-        **_pdl_args(w, n % launch.block_n == 0))
+        **_pdl_args(w, n % launch.block_n == 0, launch))
     return y
 
 
@@ -1500,19 +1505,20 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
         EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
         BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
-        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0))
+        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0, launch))
     return y
 
 
-def _pdl_args(w: W4, even_n: bool) -> dict:
+def _pdl_args(w: W4, even_n: bool, launch: Launch) -> dict:
     """The PDL constexprs and launch attribute of a repacked-layout decode launch
-    (engine.kernels.pdl: on where the engine enabled it); the L2 prefetch of the weight slice
-    where every program's slice is whole 16-byte pieces (N a multiple of the tile: each
-    slice is BLOCK_N / 2 bytes at a 16-byte aligned offset of its row)."""
-    on = pdl.enabled()
-    prefetch = (on and even_n and w.qweight.data_ptr() % 16 == 0
+    (engine.kernels.pdl: on where the engine enabled it and launch.pdl asks for it); the L2
+    prefetch of the weight slice (PDL_PREFETCH) where every program's slice is whole 16-byte
+    pieces (N a multiple of the tile: each slice is BLOCK_N / 2 bytes at a 16-byte aligned
+    offset of its row)."""
+    on = pdl.enabled() and launch.pdl != PDL_OFF
+    prefetch = (on and launch.pdl == PDL_PREFETCH and even_n and w.qweight.data_ptr() % 16 == 0
                 and w.qweight.stride(0) * 4 % 16 == 0)
-    return dict(PDL=on, PREFETCH=prefetch, **pdl.launch_kwargs())
+    return dict(PDL=on, PREFETCH=prefetch, **(pdl.launch_kwargs() if on else {}))
 
 
 def slice_fits(m: int, launch: Launch) -> bool:
@@ -1737,7 +1743,9 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     pdl_rows: the row counts up to which the engine launches its kernels with programmatic
     dependent launch (EngineConfig.pdl_max_tokens where PDL is on, engine.kernels.pdl): those
     M are timed with it on, as the step's graphs run them (each launch's weights prefetched
-    into L2 while the previous kernel finishes), the others with it off.
+    into L2 while the previous kernel finishes), the others with it off; there the three
+    fastest are timed again without the prefetch and without PDL (pdl_alternatives), and
+    the plan keeps the launch's mode (Launch.pdl).
     time_us ((fn, M, launch) -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     groups = quantized_layers(model)
@@ -1778,20 +1786,13 @@ def _choose_shape(key, layers, m_values, time_us, max_layers, verify, pdl_rows, 
         timed_layers = layers if m <= MAX_M else layers[:max_layers]
         params = [(weight_of(layer), layer.bias) for layer in timed_layers]
         x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-        times, failed = [], {}
         ref = reference_product(x, *params[0]) if verify else None
-        for launch in candidates(m, n, k, sms, weight_of(layers[0]), dtype):
-            try:
-                us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
-                error = relative_error(w4a16_matmul(x, *params[0], launch), ref) if verify else 0.0
-            except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
-                device_still_sound(device)
-                failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
-                continue
-            if not error <= VERIFY_TOL:   # a wrong product is never chosen (NaN included)
-                failed[_name(launch)] = f"wrong product: relative error {error:.2e}"
-                continue
-            times.append((us / len(params), launch))
+        times, failed = _time_launches(candidates(m, n, k, sms, weight_of(layers[0]), dtype),
+                                       x, params, ref, time_us, m, device)
+        if pdl.enabled():   # the fastest again with the weight prefetch, and PDL, off
+            more, more_failed = _time_launches(pdl_alternatives(times), x, params, ref, time_us,
+                                               m, device)
+            times, failed = times + more, {**failed, **more_failed}
         if not times:
             raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
         us, best = pick(times)
@@ -1803,6 +1804,41 @@ def _choose_shape(key, layers, m_values, time_us, max_layers, verify, pdl_rows, 
     for layer in layers:
         layer.w4a16 = tuple(plan)
     return report
+
+
+def _time_launches(launches, x, params, ref, time_us, m, device) -> tuple[list, dict]:
+    """([(us per layer, launch)] of the launches that run here and compute right (within
+    VERIFY_TOL of ref, None: unchecked), {name: why} of the others), each timed over `params`
+    ([(W4, bias)], the layers of one shape)."""
+    times, failed = [], {}
+    for launch in launches:
+        try:
+            us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
+            error = relative_error(w4a16_matmul(x, *params[0], launch), ref) if ref is not None else 0.0
+        except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
+            device_still_sound(device)
+            failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
+            continue
+        if not error <= VERIFY_TOL:   # a wrong product is never chosen (NaN included)
+            failed[_name(launch)] = f"wrong product: relative error {error:.2e}"
+            continue
+        times.append((us / len(params), launch))
+    return times, failed
+
+
+PDL_KINDS = ("stream", "slice", "swap", "mma")   # the launches Launch.pdl applies to
+
+
+def pdl_alternatives(timed: list[tuple[float, Launch]], top: int = 3) -> list[Launch]:
+    """The `top` fastest of the timed (us, launch) that launch with PDL and the weight
+    prefetch, each with the prefetch off (PDL_WAIT) and with PDL off (PDL_OFF): what the
+    load-time choice times next where the engine launches with PDL. (H200, session 7: with
+    PDL and the prefetch the engine's 4-bit decode steps measured slower than session 6's
+    without, batch 1 3.85 ms against 3.67, batch 16 8.00 against 5.97, bf16 unchanged; a
+    slice of the repacked words is 64-128 byte pieces of many rows, one bulk prefetch each.)"""
+    best = sorted((t for t in timed if t[1].kind in PDL_KINDS and t[1].pdl == PDL_PREFETCH),
+                  key=lambda t: t[0])[:top]
+    return [launch._replace(pdl=mode) for _, launch in best for mode in (PDL_WAIT, PDL_OFF)]
 
 
 VERIFY_TOL = 3e-2   # relative_error a candidate may show (bf16 products: ~4e-3; a broken one: ~1)
@@ -1845,6 +1881,13 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
+    name = _tile_name(launch)
+    if launch.kind in PDL_KINDS and launch.pdl != PDL_PREFETCH:
+        name += "/wait" if launch.pdl == PDL_WAIT else "/nopdl"
+    return name
+
+
+def _tile_name(launch: Launch) -> str:
     if launch.kind == "stream":   # tiles that differ only in their pipeline stages: p<stages>
         stages = f"p{launch.num_stages}" if launch.num_stages > 1 else ""
         chain = "c" if launch.chain else ""
