@@ -253,6 +253,24 @@ def print_layers(rows, name, ceiling) -> None:
               + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())))
 
 
+def summarize(paths: list[str]) -> None:
+    """print_layers over the layers rows of saved outputs (runs cut short: what they have)."""
+    rows, device, ceiling = [], None, float("nan")
+    for path in paths:
+        lines = []
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = [line for line in f if line.startswith("{")]
+        if not lines:
+            print(f"{path}: no JSON line (the run did not finish)")
+            continue
+        out = json.loads(lines[-1])
+        rows += out.get("layers", [])
+        device, ceiling = out["device"], out["copy_GBps"] * 1e9
+    if rows:
+        print_layers(rows, device, ceiling)
+
+
 def print_candidates(rows, ceiling, header: bool = True) -> None:
     """Every timed candidate per shape, M and format, fastest first: us per layer, GB/s of
     the packed weights (qweight, qzeros, scales, g_idx), % of the copy ceiling, and cuBLAS
@@ -504,6 +522,11 @@ def main():
     ap.add_argument("--kernel-formats", default="gptq,awq,gptq-act-order",
                     help="layers: formats (each on the checkpoint and the repacked layout)")
     ap.add_argument("--layer-m", default="1,16,32,64,256,2048", help="layers: row counts")
+    ap.add_argument("--layers", default=",".join(n for n, _, _ in LLAMA8B_LINEARS),
+                    help="layers: which Llama-3.1-8B linear shapes (qkv, o, gate_up, down)")
+    ap.add_argument("--summarize", nargs="+", metavar="OUTPUT",
+                    help="print the layers summary over the rows of saved bench_quant outputs "
+                    "(their last JSON lines; e.g. one run per shape), then exit")
     ap.add_argument("--pdl-rows", type=int, default=32,
                     help="layers: W4A16 launches at up to this many rows are timed with "
                     "programmatic dependent launch (sm_90+), as the engine runs them "
@@ -525,6 +548,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
     stages = args.stages.split(",")
     unknown = set(stages) - {"layers", "engine", "check"}
     if unknown:
@@ -535,10 +561,16 @@ def main():
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [int(m) for m in args.layer_m.split(",")], torch.bfloat16, {}
+    picked = args.layers.split(",")
+    if set(picked) - {n for n, _, _ in LLAMA8B_LINEARS}:
+        ap.error(f"unknown layer(s) in --layers {args.layers}: "
+                 f"{', '.join(n for n, _, _ in LLAMA8B_LINEARS)}")
+    shapes = [shape for shape in LLAMA8B_LINEARS if shape[0] in picked]
+    ms, dtype, extra = [int(m) for m in args.layer_m.split(",")], torch.bfloat16, {}
     sweep_ms = [1, 16, 64, 2048]
     if args.smoke:
-        shapes, ms, sweep_ms = [("qkv", 128, 96), ("down", 256, 64)], [1, 70], [1]
+        shapes = [shape for shape in [("qkv", 128, 96), ("down", 256, 64)] if shape[0] in picked]
+        ms, sweep_ms = [1, 70], [1]
         args.repeats, args.copies = 1, 1
         args.model = "tiny-llama" if args.model == "llama-3.1-8b" else args.model
         args.decode_batches, args.decode_context, args.prefill_tokens = "1,4", 32, 64

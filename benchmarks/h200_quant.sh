@@ -9,10 +9,12 @@
 #             tiles; M <= 32 with programmatic dependent launch, as decode steps run them
 #             (the 3 fastest again without the weight prefetch, /wait, and without PDL,
 #             /nopdl): per shape and candidate us, packed-weight GB/s, % of the copy
-#             ceiling, bf16 on the same line (fastest first), then the summary     <= 4 min
-#   engine    the engine on bf16, GPTQ and AWQ checkpoints (written first): load time and the
-#             load-time W4A16 choice per layer shape, decode B=1/16/64/256 at ~1k context,
-#             2,048-token prefill (device time), KV pool                          ~3 min
+#             ceiling, bf16 on the same line (fastest first), one process and file per
+#             shape (quant_kernels_<shape>.txt), then the summary over the four     <= 4 min
+#   engine    the engine on bf16 and GPTQ checkpoints (written first; FORMATS=bf16,gptq,awq
+#             adds AWQ, which repacks to the same words: within 1-4% of GPTQ in session 7):
+#             load time and the load-time W4A16 choice per layer shape, decode B=1/16/64/256
+#             at ~1k context, 2,048-token prefill (device time), KV pool           ~3.5 min
 #   profile   where a batch-1 decode step's GPU time goes, bf16 and GPTQ (profile_decode.py:
 #             kernels by GPU time per step: LM head, attention, norms, the 4-bit linears)
 #                                                                                 ~1.5 min
@@ -33,13 +35,17 @@ for stage in $STAGES; do
   if [ $left -lt 60 ]; then echo "skipped stage $stage (${left}s of BUDGET $BUDGET left)"; continue; fi
   echo "== stage $stage (at ${SECONDS}s, ${left}s left)"
   case $stage in
-    kernels)  t=$((left < KERNELS_S ? left : KERNELS_S))
-              timeout $t python3 benchmarks/bench_quant.py --stages layers --layer-m 1,16,32,64 \
-                --kernel-formats gptq --layouts repacked --copies 8 --repeats 10 \
-                > $OUT/quant_kernels.txt 2>&1; echo "rc=$?"
-              grep -v '^{' $OUT/quant_kernels.txt | grep -v '^\[' | grep -A 40 '^W4A16 vs cuBLAS' ;;
+    kernels)  t=$((left < KERNELS_S ? left : KERNELS_S)); deadline=$((SECONDS + t)); rest=3
+              for shape in qkv o gate_up down; do   # a process each: a crash or hang costs one shape
+                share=$((deadline - SECONDS - 35 * rest)); rest=$((rest - 1))   # (the first compiles)
+                [ $share -lt 20 ] && { echo "$shape skipped (${share}s of KERNELS_S left)"; continue; }
+                timeout $share python3 benchmarks/bench_quant.py --stages layers --layers $shape \
+                  --layer-m 1,16,32,64 --kernel-formats gptq --layouts repacked --copies 8 --repeats 10 \
+                  > $OUT/quant_kernels_$shape.txt 2>&1; echo "$shape rc=$? (${share}s allowed)"
+              done
+              python3 benchmarks/bench_quant.py --summarize $OUT/quant_kernels_{qkv,o,gate_up,down}.txt ;;
     engine|engine_q)   # (engine_q: h200_session.sh's older name)
-              timeout $left python3 benchmarks/bench_quant.py --stages engine --formats bf16,gptq,awq \
+              timeout $left python3 benchmarks/bench_quant.py --stages engine --formats ${FORMATS:-bf16,gptq} \
                 --decode-batches 1,16,64,256 --time-budget $((left - 10)) \
                 > $OUT/quant_engine.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_engine.txt | grep -v '^\[' | tail -n 50 ;;
