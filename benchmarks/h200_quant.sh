@@ -15,9 +15,10 @@
 #             adds AWQ, which repacks to the same words: within 1-4% of GPTQ in session 7):
 #             load time and the load-time W4A16 choice per layer shape, decode B=1/16/64/256
 #             at ~1k context, 2,048-token prefill (device time), KV pool           ~3.5 min
-#   profile   where a batch-1 decode step's GPU time goes, bf16 and GPTQ (profile_decode.py:
-#             kernels by GPU time per step: LM head, attention, norms, the 4-bit linears)
-#                                                                                 ~1.5 min
+#   profile   where a batch-1 decode step's GPU time goes (profile_decode.py: kernels by GPU
+#             time per step: LM head, attention, norms, linears), bf16 (the step without its
+#             linears is the same in GPTQ; PROFILE_FORMATS="bf16 gptq" adds GPTQ, ~2.5 min
+#             more: its load times the W4A16 candidates again)                   ~0.7 min
 #   OUT=$OUT bash benchmarks/h200_quant.sh   # STAGES="kernels engine profile", BUDGET=560 s
 set -u
 export PYTHONUNBUFFERED=1
@@ -49,7 +50,7 @@ for stage in $STAGES; do
                 --decode-batches 1,16,64,256 --time-budget $((left - 10)) \
                 > $OUT/quant_engine.txt 2>&1; echo "rc=$?"
               grep -v '^{' $OUT/quant_engine.txt | grep -v '^\[' | tail -n 50 ;;
-    profile)  for fmt in bf16 gptq; do   # the engine stage's checkpoints (written here if absent)
+    profile)  for fmt in ${PROFILE_FORMATS:-bf16}; do   # the engine stage's checkpoints (written here if absent)
                 left=$((BUDGET - SECONDS)); [ $left -lt 45 ] && { echo "skipped profile $fmt (${left}s left)"; continue; }
                 dir=$(python3 -c "import sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks')
 from bench_quant import checkpoint; print(checkpoint('llama-3.1-8b', '$fmt', 'bfloat16', False))" | tail -n 1)

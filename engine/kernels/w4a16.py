@@ -178,9 +178,9 @@ SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4)
 # step); 32 rows: 246 / 251 registers, 83 / 63 KB, 4.1 / 5.2 (with act-order's x permutation
 # they spill 120 / 16 bytes; 4-warp and 256-column tiles spill at 32 rows: the compiler puts
 # the warps along M).
-SLICE_TILES = (Launch("slice", 256, 128, 4, 3, block_m=16), Launch("slice", 512, 128, 8, 3, block_m=16),
-               Launch("slice", 256, 64, 4, 4, block_m=16), Launch("slice", 512, 64, 8, 3, block_m=16),
-               Launch("slice", 512, 128, 8, 3, block_m=32), Launch("slice", 512, 64, 8, 4, block_m=32))
+SLICE_TILES = tuple(Launch("slice", bn, bk, warps, stages, block_m=bm) for bm, bn, bk, warps, stages in (
+    (16, 256, 128, 4, 3), (16, 512, 128, 8, 3), (16, 256, 64, 4, 4), (16, 512, 64, 8, 3),
+    (32, 512, 128, 8, 3), (32, 512, 64, 8, 4)))
 MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
                   Launch("mma", 64, 128, 4, 4)),
              64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
