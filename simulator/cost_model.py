@@ -225,7 +225,8 @@ class RooflineCostModel(CostModel):
     """
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                 graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None):
+                 graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None,
+                 pdl_max_tokens: int = 0):
         model.check_tp(tp)
         _require(tp == 1 or hw.interconnect_gbs > 0,
                  f"hardware {hw.name!r} has interconnect_gbs=0: cannot model tp={tp}")
@@ -238,7 +239,7 @@ class RooflineCostModel(CostModel):
         self.lm_flop = 2 * model.lm_head_params / tp                   # per sampled token
         self.lm_bytes_s = model.lm_head_params * b / tp / BW           # per step with a sample
         heads_per_rank = model.num_heads // tp
-        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
+        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.attention_flops
         self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
         self.reread = hw.shared_kv_read_cost
         block = hw.attention_reference_block if block_size is None else block_size
@@ -250,8 +251,12 @@ class RooflineCostModel(CostModel):
                                       * model.hidden_size * b / (hw.interconnect_gbs * 1e9))
         else:
             self.allreduce_fixed_s = self.allreduce_token_s = 0.0
-        self.fixed_s = hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
+        self.fixed_s = (hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
+                        + hw.moe_layer_fixed_s * len(model.config.moe_layers))
         self.eager_launch_s = hw.layer_launch_s * model.num_layers
+        # steps of at most pdl_max_tokens rows launch each kernel while the one before ends
+        self.pdl_max_tokens = pdl_max_tokens
+        self.pdl_saving_s = hw.pdl_layer_saving_s * model.num_layers
         self._by_shape: dict[tuple, tuple] = {}   # step shape -> _shape_time's
 
     def predict(self, f: dict) -> float:
@@ -266,10 +271,11 @@ class RooflineCostModel(CostModel):
         if self.reread != 1.0:
             distinct = f["decode_distinct_context_tokens"]
             kv = distinct + self.reread * (decode_ctx - distinct)
-        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
+        roofline = self.hw.roofline
+        t += self.decode_attn_factor * roofline(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
         if f["prefill_kv_tokens"]:
-            t += self.prefill_attn_factor * max(self.attn_flop_s * f["prefill_attention_pairs"],
-                                                self.kv_read_s * f["prefill_kv_tokens"])
+            t += self.prefill_attn_factor * roofline(self.attn_flop_s * f["prefill_attention_pairs"],
+                                                     self.kv_read_s * f["prefill_kv_tokens"])
         if self.tp > 1:
             t += self.allreduce_fixed_s + self.allreduce_token_s * rows
         if kind == "eager":
@@ -285,10 +291,11 @@ class RooflineCostModel(CostModel):
             routed = routed_tokens(f["num_batched_tokens"], rows)
             linear_bytes_s = (self.model.config.matmul_weights_read(routed)
                               * self.model.dtype_bytes / self.tp / hw.bandwidth)
-        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
+        fixed = self.fixed_s - (self.pdl_saving_s if rows <= self.pdl_max_tokens else 0.0)
+        t = fixed + hw.roofline(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
         sampled = f["num_sampled"]
         if sampled:
-            t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
+            t += hw.roofline(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
         return t, kind, rows
 
     def reset(self) -> None:
@@ -760,18 +767,21 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                     graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None) -> CostModel:
+                     graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None,
+                     pdl_max_tokens: int = 0) -> CostModel:
     """The cost model `cfg` names. A calibration must be for this model and tp. `block_size`:
     the run's KV block size, whose attention speed the hardware's `attention_block_cost`
     states (None: the block size the costs were measured at); one outside a kernel's
-    measured sizes is logged (it takes the nearest measured size's cost)."""
+    measured sizes is logged (it takes the nearest measured size's cost). `pdl_max_tokens`:
+    the engine's (the roofline's `pdl_layer_saving_s` applies to steps of at most that many
+    rows)."""
     for kernel, table in hw.attention_block_cost.items():
         if block_size is not None and cfg.kind != "replay" and not min(table) <= block_size <= max(table):
             nearest = min(table) if block_size < min(table) else max(table)
             log.warning(f"hardware {hw.name!r}: attention_block_cost.{kernel} was measured at block sizes "
                         f"{min(table)}-{max(table)}; block {block_size} takes block {nearest}'s cost")
     if cfg.kind == "roofline":
-        return RooflineCostModel(model, hw, tp, graphs, block_size)
+        return RooflineCostModel(model, hw, tp, graphs, block_size, pdl_max_tokens)
     path = _resolve(cfg.path)
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)
