@@ -196,32 +196,40 @@ class CostModel(ABC):
 
 
 class RooflineCostModel(CostModel):
-    """A step is a sequence of kernel groups; each takes max(FLOPs / achievable FLOP/s,
-    bytes / achievable bandwidth), and the groups add up (they run one after another):
+    """A step is a sequence of kernel groups; each takes R(compute time, memory time), and
+    the groups add up (they run one after another):
 
-        linear   max(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
-        lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
-        decode   max(A Cd / F,   K (Cu + r (Cd - Cu)) / BWa)    attention over each decode's KV
-        prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
-        allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
-        fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
+        linear   R(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
+        lm_head  R(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
+        decode   R(A Cd / Fa,   K (Cu + r (Cd - Cu)) / BWa)   attention over each decode's KV
+        prefill  R(A Pp / Fa,              K Ckv / BWa)       chunk attention incl. cached context
+        allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)        only if tp > 1
+        fixed    step_fixed + L layer_fixed - L pdl_saving (if T' <= pdl_max_tokens)
+                 + L layer_launch (if eager)
 
+    R(c, m) = (c^p + m^p)^(1/p), p the hardware's roofline_exponent (infinity, the default:
+    max(c, m), the ideal roofline; a finite p charges steps near the ridge point, where
+    neither the tensor cores nor memory run at their rate, more).
     Pm: linear-layer params a token multiplies with; Wr: the bytes a step reads of them (b Pm
     for a dense model; 4-bit values with group scales and zeros for a quantized one, whose
     tensor cores still run Pm multiply-adds per token; with experts, every expert some token
     is routed to: policy.model.ModelConfig.matmul_weights_read of the step's T tokens x b),
     Pv: vocab x hidden, b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
-    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
-    head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
+    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads head_dim / tp (FLOPs per query-key pair, QK^T and PV), Fa: the
+    attention kernels' FLOP/s, K: KV bytes per token per rank,
     Cd: decode context tokens, Cu: of them, the tokens of distinct blocks (a block several
     decodes share, a prefix-cache hit, counted once), r: the hardware's shared_kv_read_cost
-    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal query-key pairs of prefill chunks, Ckv: their
-    context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
-    layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
+    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal
+    query-key pairs of prefill chunks, Ckv: their context after the step (cached prefix
+    included), BWa: paged-attention bandwidth, L: layers, h: hidden, IC: interconnect bytes/s; pdl_max_tokens: the engine's (steps that small
+    launch with programmatic dependent launch; 0: none). Host costs: the hardware's overheads.
     The decode and prefill attention terms are multiplied by the hardware's measured cost
     of the run's KV block size relative to the block its efficiencies describe
     (`HardwareSpec.attention_block_factor`; 1.0 without measurements or block_size=None).
+    Which terms and efficiencies carry over between models was decided by fitting them on
+    several models' profiles at once and predicting a model left out
+    (simulator.hardware_fit; simulator/calibrations/README.md, "Error to expect").
     """
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
@@ -251,8 +259,7 @@ class RooflineCostModel(CostModel):
                                       * model.hidden_size * b / (hw.interconnect_gbs * 1e9))
         else:
             self.allreduce_fixed_s = self.allreduce_token_s = 0.0
-        self.fixed_s = (hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
-                        + hw.moe_layer_fixed_s * len(model.config.moe_layers))
+        self.fixed_s = hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
         self.eager_launch_s = hw.layer_launch_s * model.num_layers
         # steps of at most pdl_max_tokens rows launch each kernel while the one before ends
         self.pdl_max_tokens = pdl_max_tokens

@@ -41,8 +41,6 @@ class HardwareSpec:
     allreduce_latency_s: fixed cost of one all-reduce (launch + synchronisation).
     step_fixed_s: device time every step pays whatever its size (sampling, small kernels).
     layer_fixed_s: device time per decoder layer and step (the minimum of its kernels).
-    moe_layer_fixed_s: a mixture-of-experts layer's device time per step beyond a dense
-        layer's (its router, top-k and the alignment of tokens to experts).
     pdl_layer_saving_s: what a step of at most the engine's `pdl_max_tokens` rows saves of
         `layer_fixed_s` per layer (programmatic dependent launch: each kernel starts while
         the one before it ends); the roofline subtracts it only when told the engine's
@@ -89,7 +87,6 @@ class HardwareSpec:
     allreduce_latency_s: float = 10e-6
     step_fixed_s: float = 0.0
     layer_fixed_s: float = 0.0
-    moe_layer_fixed_s: float = 0.0
     pdl_layer_saving_s: float = 0.0
     attention_flops_efficiency: float | None = None
     roofline_exponent: float = math.inf
@@ -115,7 +112,7 @@ class HardwareSpec:
                  f"hardware {self.name!r}: attention_flops_efficiency must be in (0, 1] or null, got {a!r}")
         _require(self.roofline_exponent >= 1,
                  f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
-        for field in ("flops_half_tokens", "moe_layer_fixed_s", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
+        for field in ("flops_half_tokens", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
                       "update_overhead_s", "update_seq_overhead_s"):
             value = getattr(self, field)

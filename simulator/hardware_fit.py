@@ -33,29 +33,30 @@ import yaml
 from simulator.cost_model import REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel
 from simulator.hardware import HardwareSpec
 
-# The parameters a joint fit searches, with their ranges (log-spaced candidates). What each
-# one describes is in HardwareSpec; `fitted_params` drops those no profile can determine.
-JOINT_FIT = {
+# The parameters a joint fit searches, with their ranges (a log grid each): the rates and
+# the shape of the roofline. What each one describes is in HardwareSpec.
+SEARCHED = {
     "flops_efficiency": (0.05, 1.0),
     "attention_flops_efficiency": (0.05, 1.0),
     "roofline_exponent": (1.0, 32.0),           # and infinity (the max)
     "bandwidth_efficiency": (0.05, 1.0),
     "attention_bandwidth_efficiency": (0.02, 1.0),
-    "step_fixed_s": (0.0, 5e-3),
-    "layer_fixed_s": (0.0, 200e-6),
-    "pdl_layer_saving_s": (0.0, 100e-6),        # only with profiles of an engine using PDL
-    "moe_layer_fixed_s": (0.0, 200e-6),         # only with a mixture-of-experts profile
-    "allreduce_latency_s": (0.0, 200e-6),       # only with a tp > 1 profile
     "shared_kv_read_cost": (0.02, 1.0),         # only with decodes sharing KV blocks
 }
-# Tried and left out (the leave-one-model-out error decides; simulator/calibrations/README.md).
-JOINT_EXTRA = {"flops_half_tokens": (0.0, 4096.0), "layer_launch_s": (0.0, 500e-6)}
-# Where the search starts, besides the given file: a step's fixed cost can sit on the step or
-# on its layers, nearly the same over a few models; a coordinate search does not cross from
-# one to the other, so it also starts with the cost on the layers (about 25 us per layer, as
-# a small model's decode at batch 1 says) and keeps the better fit.
-STARTS = ({}, {"step_fixed_s": 50e-6, "layer_fixed_s": 25e-6, "pdl_layer_saving_s": 5e-6,
-               "bandwidth_efficiency": 0.8, "roofline_exponent": 2.0})
+# The fixed costs: a step's time is linear in them (RooflineCostModel adds them outside the
+# rooflines), so for each trial of the searched parameters they are solved exactly (least
+# squares of the relative error, non-negative): over a few models a step's fixed cost and its
+# layers' (28 / 32 / 48 layers) are nearly collinear, and a search one parameter at a time
+# stalls on that valley instead of reaching its floor.
+FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s",
+         "allreduce_latency_s")      # only with a tp > 1 profile
+# Tried and left out, the leave-one-model-out error deciding (simulator/calibrations/README.md):
+# flops_half_tokens (GEMM efficiency rising with a step's rows: fitted 0 jointly, and without
+# Llama-3.1-8B it grew until Llama's decode came out +74%), and a separate efficiency for a
+# mixture of experts' expert GEMMs (the joint fit's MoE steps improved, but without
+# Qwen3-0.6B it traded attention against expert FLOPs, attention efficiency 0.99, and
+# Qwen3-0.6B's mixed steps came out -25% instead of -16%); a fixed cost per MoE layer beyond
+# a dense layer's (router, top-k, token alignment: solved 0 s, the per-layer cost covers it).
 PROFILE_COLUMNS = ("kind", "rows", "split", "device_s", "num_seqs", "num_batched_tokens",
                    "num_prefill_tokens", "num_decode_seqs", "num_sampled", "decode_context_tokens",
                    "prefill_kv_tokens", "prefill_attention_pairs", "host_launch_s", "host_receive_s")
@@ -140,10 +141,15 @@ def check_profiles(profiles: list[Profile]) -> None:
 def relative_errors(profile: Profile, hw: HardwareSpec, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """((predicted - measured) / measured per step, the steps' kinds) of `split`."""
     rows, times = profile.rows(split)
-    cost = RooflineCostModel(profile.model, hw, profile.tp, profile.graphs, pdl_max_tokens=profile.pdl_max_tokens)
-    pred = np.array([cost.predict(r) for r in rows])
     kinds = np.array([r["kind"] for r in rows])
-    return (pred - times) / times, kinds
+    return (predictions(profile, hw, split) - times) / times, kinds
+
+
+def predictions(profile: Profile, hw: HardwareSpec, split: str | None = None) -> np.ndarray:
+    """The roofline's device time of each step of `split`."""
+    rows, _ = profile.rows(split)
+    cost = RooflineCostModel(profile.model, hw, profile.tp, profile.graphs, pdl_max_tokens=profile.pdl_max_tokens)
+    return np.array([cost.predict(r) for r in rows])
 
 
 def kind_errors(profile: Profile, hw: HardwareSpec, split: str = "held_out") -> dict:
@@ -159,20 +165,17 @@ def joint_error(profiles: list[Profile], hw: HardwareSpec, split: str = "train")
     return float(np.mean([np.abs(relative_errors(p, hw, split)[0]).mean() for p in profiles]))
 
 
-def fitted_params(profiles: list[Profile]) -> dict:
-    """JOINT_FIT less what the profiles cannot determine: all-reduce latency without a
-    tensor-parallel profile, the shared-read cost without decodes sharing KV blocks."""
-    params = dict(JOINT_FIT)
-    if all(p.tp == 1 for p in profiles):
-        params.pop("allreduce_latency_s")
-    if not any(p.pdl_max_tokens for p in profiles):
-        params.pop("pdl_layer_saving_s")
-    if not any(p.model.config.is_moe for p in profiles):
-        params.pop("moe_layer_fixed_s")
+def fitted_params(profiles: list[Profile]) -> tuple[dict, tuple]:
+    """(SEARCHED, FIXED) less what the profiles cannot determine: the shared-read cost
+    without decodes sharing KV blocks, the PDL saving without an engine using PDL, the
+    all-reduce latency without tp > 1."""
+    searched = dict(SEARCHED)
     if not any((p.steps["decode_distinct_context_tokens"] < p.steps["decode_context_tokens"]).any()
                for p in profiles):
-        params.pop("shared_kv_read_cost")
-    return params
+        searched.pop("shared_kv_read_cost")
+    skip = {"pdl_layer_saving_s": not any(p.pdl_max_tokens for p in profiles),
+            "allreduce_latency_s": all(p.tp == 1 for p in profiles)}
+    return searched, tuple(n for n in FIXED if not skip.get(n))
 
 
 def fit_host_joint(profiles: list[Profile]) -> dict:
@@ -194,48 +197,168 @@ def fit_host_joint(profiles: list[Profile]) -> dict:
 
 
 def fit_joint(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4,
-              params: dict | None = None) -> HardwareSpec:
-    """`hw` with the parameters of `params` (default: fitted_params) that minimise
-    joint_error on the profiles' train steps (a coordinate search from each of STARTS, the
-    better fit kept), and the host costs of fit_host_joint. Peaks, memory, interconnect
-    bandwidth and the measured attention block costs stay `hw`'s."""
+              params: tuple[dict, tuple] | None = None, polish_iterations: int = 300) -> HardwareSpec:
+    """`hw` with the parameters `params` (default: fitted_params; searched, fixed) that
+    minimise joint_error on the profiles' train steps: a search over the searched ones from
+    each of STARTS, the fixed costs solved for each trial (FIXED), the best fit kept; and
+    the host costs of fit_host_joint. Peaks, memory, interconnect bandwidth, the eager
+    launch cost and the measured attention block costs stay `hw`'s."""
     check_profiles(profiles)
-    params = fitted_params(profiles) if params is None else params
-    base = dataclasses.replace(hw, **fit_host_joint(profiles), attention_reference_block=profiles[0].block_size)
-    if "attention_flops_efficiency" in params and base.attention_flops_efficiency is None:
-        base = dataclasses.replace(base, attention_flops_efficiency=base.flops_efficiency)
-    fits = []
-    for start in STARTS:
-        fit = dataclasses.replace(base, **{k: v for k, v in start.items() if k in params})
-        fits.append(coordinate_search(profiles, fit, params, sweeps))
-    return min(fits, key=lambda f: f[1])[0]
+    searched, fixed = fitted_params(profiles) if params is None else params
+    # the search starts from HardwareSpec's leads, not from `hw`'s values: a re-fit of the
+    # file it wrote gives the same file
+    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec) if f.name in searched}
+    if leads.get("attention_flops_efficiency", 0) is None:
+        leads["attention_flops_efficiency"] = leads.get("flops_efficiency", hw.flops_efficiency)
+    base = dataclasses.replace(hw, **leads, **fit_host_joint(profiles),
+                               attention_reference_block=profiles[0].block_size)
+    columns = [fixed_columns(p, base, fixed) for p in profiles]
+    fits = [search(profiles, dataclasses.replace(base, **{k: v for k, v in start.items() if k in searched}),
+                   searched, fixed, columns, sweeps, polish_iterations) for start in STARTS]
+    return min(fits, key=lambda fit: fit[1])[0]
 
 
-def coordinate_search(profiles: list[Profile], best: HardwareSpec, params: dict,
-                      sweeps: int) -> tuple[HardwareSpec, float]:
-    """(spec, joint train error) after `sweeps` passes over `params`, each trying a log grid
-    over its range and steps around its current value, keeping whatever lowers the error."""
-    err = joint_error(profiles, best)
+# Where the search starts: HardwareSpec's leads, and two points between them and what the
+# H200 profiles say; the error has several local minima (a step's fixed cost against its
+# layers', the rates against the exponent), and from the leads alone the search stopped in
+# one 2% (relative) above the best the others found.
+STARTS = ({}, {"roofline_exponent": 2.0, "bandwidth_efficiency": 0.8, "attention_flops_efficiency": 0.4},
+          {"roofline_exponent": 4.0, "flops_efficiency": 0.6, "attention_flops_efficiency": 0.3})
+# Besides its log grid, each searched parameter tries these multiples of its current value.
+STEPS = (0.7, 0.85, 0.95, 1.05, 1.2, 1.4)
+
+
+def search(profiles: list[Profile], start: HardwareSpec, searched: dict, fixed: tuple,
+           columns: list[np.ndarray], sweeps: int, polish_iterations: int) -> tuple[HardwareSpec, float]:
+    """(spec, joint train error) from `start`: `sweeps` passes of a coordinate search (each
+    searched parameter over a log grid of its range and STEPS around its value, kept where
+    the error falls), then `polish`."""
+    best, err = solve_fixed(profiles, start, fixed, columns)
     for _ in range(sweeps):
-        for name, (lo, hi) in params.items():
+        for name, (lo, hi) in searched.items():
             current = getattr(best, name)
             candidates = set(np.geomspace(max(lo, hi / 1e4), hi, 25)) | {lo}
             if math.isfinite(current):
-                candidates |= {current} | {min(hi, max(lo, current * f)) for f in (0.7, 0.85, 0.95, 1.05, 1.2, 1.4)}
+                candidates |= {current} | {min(hi, max(lo, current * f)) for f in STEPS}
             if name == "roofline_exponent":
                 candidates.add(math.inf)
             for value in sorted(candidates):
-                try:
-                    trial = dataclasses.replace(best, **{name: float(value)})
-                except ValueError:       # out of HardwareSpec's bounds (a saving above its cost)
-                    continue
-                e = joint_error(profiles, trial)
+                trial, e = solve_fixed(profiles, dataclasses.replace(best, **{name: float(value)}), fixed, columns)
                 if e < err:
                     best, err = trial, e
-    return best, err
+    return polish(profiles, best, err, searched, fixed, columns, polish_iterations)
 
 
-def leave_one_out(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4) -> dict[str, HardwareSpec]:
+def polish(profiles: list[Profile], best: HardwareSpec, err: float, searched: dict, fixed: tuple,
+           columns: list[np.ndarray], iterations: int = 300) -> tuple[HardwareSpec, float]:
+    """The coordinate search's result moved on by a Nelder-Mead simplex over all searched
+    parameters at once (log of each, shifted where 0 is allowed; roofline_exponent as 1 / p,
+    0 the max), the fixed costs
+    solved at each point: the rates trade off against each other (bandwidth against FLOP
+    efficiency against the exponent near the ridge), a valley that moves of one parameter
+    at a time cross only slowly."""
+    names = list(searched)
+    shift = {n: hi * 1e-4 if lo == 0 else 0.0 for n, (lo, hi) in searched.items()}   # log of a 0
+
+    def to_x(hw):
+        return np.array([1 / getattr(hw, n) if n == "roofline_exponent" else math.log(getattr(hw, n) + shift[n])
+                         for n in names])
+
+    def to_spec(x):
+        values = {}
+        for n, v in zip(names, x):
+            lo, hi = searched[n]
+            if n == "roofline_exponent":
+                values[n] = math.inf if v <= 1 / (2 * hi) else 1 / min(1 / lo, max(1 / hi, v))
+            else:
+                values[n] = min(hi, max(lo, math.exp(v) - shift[n]))
+        return dataclasses.replace(best, **values)
+
+    def f(x):
+        return solve_fixed(profiles, to_spec(x), fixed, columns)[1]
+    if not names:
+        return best, err
+    x0 = to_x(best)
+    simplex = [x0] + [x0 + 0.1 * np.eye(len(names))[i] for i in range(len(names))]
+    values = [err] + [f(x) for x in simplex[1:]]
+    for _ in range(iterations):
+        order = np.argsort(values)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        if values[-1] - values[0] < 1e-9:            # the simplex has converged
+            break
+        centroid = np.mean(simplex[:-1], axis=0)
+        worst = simplex[-1]
+        reflected = centroid + (centroid - worst)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = centroid + 2 * (centroid - worst)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            inside = centroid + 0.5 * (worst - centroid)
+            fi = f(inside)
+            if fi < values[-1]:
+                simplex[-1], values[-1] = inside, fi
+            else:                                   # shrink towards the best point
+                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+    x = simplex[int(np.argmin(values))]
+    return solve_fixed(profiles, to_spec(x), fixed, columns) if min(values) < err else (best, err)
+
+
+MICROSECOND = 1e-6
+
+
+def fixed_columns(profile: Profile, hw: HardwareSpec, fixed: tuple) -> np.ndarray:
+    """The profile's train steps x `fixed`: the seconds each fixed cost adds to a step per
+    second of it, read off the cost model (they add outside the rooflines, so this holds
+    whatever the searched parameters). pdl_layer_saving_s's column is layer_fixed_s's on
+    the steps past the PDL range (0 within it): its coefficient b and layer_fixed_s's a
+    make layer_fixed_s = a + b, the saving b, both >= 0 as HardwareSpec wants."""
+    zero = dataclasses.replace(hw, **{n: 0.0 for n in FIXED})
+    base = predictions(profile, zero, "train")
+    cols = []
+    for name in fixed:
+        unit = {"layer_fixed_s": MICROSECOND, name: MICROSECOND}
+        if name != "pdl_layer_saving_s":
+            unit = {name: MICROSECOND}
+        cols.append((predictions(profile, dataclasses.replace(zero, **unit), "train") - base) / MICROSECOND)
+    return np.column_stack(cols) if cols else np.zeros((len(base), 0))
+
+
+def solve_fixed(profiles: list[Profile], hw: HardwareSpec, fixed: tuple,
+                columns: list[np.ndarray], rounds: int = 8) -> tuple[HardwareSpec, float]:
+    """`hw` with the fixed costs that minimise joint_error on the profiles' train steps
+    given its other parameters (non-negative), and that error. The mean absolute relative
+    error is minimised by iteratively reweighted least squares: each round weighs a step by
+    1 / (its profile's steps x its current |error|), `rounds` rounds (a least-squares fit
+    alone lands elsewhere: 7.87% against 7.58% on the H200 profiles, at the same rates)."""
+    from simulator.cost_model import nonnegative_lstsq
+    zero = dataclasses.replace(hw, **{n: 0.0 for n in FIXED})
+    rests = [predictions(p, zero, "train") for p in profiles]
+    times = [p.rows("train")[1] for p in profiles]
+
+    def errors(coef):
+        return [(r + X @ coef - t) / t for r, X, t in zip(rests, columns, times)]
+    coef = np.zeros(len(fixed))
+    if fixed:
+        weights = [np.full(len(t), 1 / len(t)) for t in times]
+        for _ in range(rounds):
+            root = [np.sqrt(w) / t for w, t in zip(weights, times)]
+            coef = nonnegative_lstsq(np.vstack([X * s[:, None] for X, s in zip(columns, root)]),
+                                     np.concatenate([(t - r) * s for t, r, s in zip(times, rests, root)]))
+            weights = [1 / (len(e) * np.maximum(np.abs(e), 1e-4)) for e in errors(coef)]
+    values = dict(zip(fixed, map(float, coef)))
+    if "pdl_layer_saving_s" in values:
+        values["layer_fixed_s"] = values.get("layer_fixed_s", 0.0) + values["pdl_layer_saving_s"]
+    err = float(np.mean([np.abs(e).mean() for e in errors(coef)]))
+    return dataclasses.replace(zero, **values), err
+
+
+def leave_one_out(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4,
+                  polish_iterations: int = 300) -> dict[str, HardwareSpec]:
     """{model name: `hw` fitted jointly on the profiles of every other model} (a model's
     profiles at other tensor-parallel sizes are left out with it: what a model never
     profiled gets). Needs profiles of two models or more."""
@@ -243,7 +366,8 @@ def leave_one_out(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4) ->
     models = list(dict.fromkeys(p.model.name for p in profiles))
     if len(models) < 2:
         raise ValueError("leave-one-out needs profiles of two models or more")
-    return {m: fit_joint([p for p in profiles if p.model.name != m], hw, sweeps) for m in models}
+    return {m: fit_joint([p for p in profiles if p.model.name != m], hw, sweeps, polish_iterations=polish_iterations)
+            for m in models}
 
 
 def error_table(profiles: list[Profile], specs: dict) -> list[dict]:
@@ -272,7 +396,8 @@ def print_table(rows: list[dict]) -> None:
 
 def write_spec(hw: HardwareSpec, path, header: list[str]) -> None:
     """The spec as a hardware YAML (HardwareSpec's fields), `header` as comment lines."""
-    fields = dataclasses.asdict(hw)
+    fields = {k: float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
+              for k, v in dataclasses.asdict(hw).items()}     # 4 digits: a readable file
     with open(path, "w") as f:
         for line in header:
             f.write(f"# {line}\n".replace("# \n", "#\n"))
@@ -288,13 +413,14 @@ def main(argv=None) -> None:
     ap.add_argument("--leave-one-out", default=None, metavar="DIR",
                     help="also fit without each model's profiles, for each model, and write DIR/<gpu>-without-<model>.yaml")
     ap.add_argument("--sweeps", type=int, default=4, help="coordinate-search sweeps (default 4)")
+    ap.add_argument("--polish", type=int, default=300, help="Nelder-Mead iterations after them (default 300)")
     args = ap.parse_args(argv)
     try:
         profiles = [load_profile(p) for p in args.profiles]
         check_profiles(profiles)
         datasheet = HardwareSpec(**yaml.safe_load(Path(args.hardware).read_text()))
-        joint = fit_joint(profiles, datasheet, args.sweeps)
-        loo = leave_one_out(profiles, datasheet, args.sweeps) if args.leave_one_out else None
+        joint = fit_joint(profiles, datasheet, args.sweeps, polish_iterations=args.polish)
+        loo = leave_one_out(profiles, datasheet, args.sweeps, args.polish) if args.leave_one_out else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     specs = {"datasheet": datasheet, "joint": joint} | ({"leave-one-out": loo} if loo else {})
@@ -303,7 +429,8 @@ def main(argv=None) -> None:
     print_table(rows)
     command = "python -m simulator.hardware_fit " + " ".join(sys.argv[1:] if argv is None else argv)
     source = [f"{p.name} (engine {p.engine_commit[:7]})" for p in profiles]
-    fitted = [k for k in fitted_params(profiles)] + ["step_overhead_s", "seq_overhead_s",
+    searched, fixed = fitted_params(profiles)
+    fitted = list(searched) + list(fixed) + ["step_overhead_s", "seq_overhead_s",
                                                      "update_overhead_s", "update_seq_overhead_s"]
     if args.out:
         write_spec(joint, args.out, [f"{datasheet.name}: datasheet peaks; efficiencies and overheads fitted jointly "
