@@ -133,6 +133,9 @@ def main(argv=None) -> None:
                for label, g in table.groupby("hardware", sort=False)}
     print("mean |error| over the runs:")
     print((100 * pd.DataFrame(summary).T.rename(columns=SHORT)).round(1).to_string())
+    by_model = table.drop(columns="run").set_index(["model", "hardware"]).abs().groupby(level=[0, 1], sort=False).mean()
+    print("mean |error| by model:")
+    print((100 * by_model.rename(columns=SHORT)).round(1).to_string())
     print(json.dumps({"mean_abs_error": summary}))
 
 

@@ -394,14 +394,41 @@ def print_table(rows: list[dict]) -> None:
 
 
 
-def write_spec(hw: HardwareSpec, path, header: list[str]) -> None:
-    """The spec as a hardware YAML (HardwareSpec's fields), `header` as comment lines."""
-    fields = {k: float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
-              for k, v in dataclasses.asdict(hw).items()}     # 4 digits: a readable file
-    with open(path, "w") as f:
-        for line in header:
-            f.write(f"# {line}\n".replace("# \n", "#\n"))
-        yaml.safe_dump(fields, f, sort_keys=False)
+FIT_NOTE = "# fit: "    # the comment lines write_spec owns (replaced on every write)
+
+
+def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: list[str]) -> None:
+    """Write `source` (the hardware YAML fitted from) to `path` with `fields` set to `hw`'s
+    values (4 significant digits: a readable file): each such line replaced where the file
+    has one, the others added after its last top-level field line; every other line kept
+    (the datasheet comments, the measured attention_block_cost and its comment). `note`
+    becomes the FIT_NOTE comment lines above `name:`, replacing the ones a fit wrote before.
+    The result must load as `hw` (rounded)."""
+    values = {}
+    for name in fields:
+        v = getattr(hw, name)
+        values[name] = float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
+    lines = [line for line in source.splitlines() if not line.startswith(FIT_NOTE)]
+    def text_of(name):
+        return yaml.safe_dump({name: values[name]}, default_flow_style=True).strip().strip("{}")
+    last_field = 0
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if line[:1].isalpha() and ":" in line:
+            if key in values:
+                lines[i] = text_of(key)
+                values[key] = None
+            if key != "attention_block_cost":
+                last_field = i
+    lines[last_field + 1:last_field + 1] = [text_of(k) for k in fields if values[k] is not None]
+    name_at = next(i for i, line in enumerate(lines) if line.startswith("name:"))
+    lines[name_at:name_at] = [FIT_NOTE + line for line in note]
+    text = "\n".join(lines) + "\n"
+    written = HardwareSpec(**yaml.safe_load(text))
+    for name in fields:
+        got, want = getattr(written, name), getattr(hw, name)
+        assert got == want or math.isclose(got, want, rel_tol=1e-3), (name, got, want)
+    Path(path).write_text(text)
 
 
 def main(argv=None) -> None:
@@ -432,18 +459,23 @@ def main(argv=None) -> None:
     searched, fixed = fitted_params(profiles)
     fitted = list(searched) + list(fixed) + ["step_overhead_s", "seq_overhead_s",
                                                      "update_overhead_s", "update_seq_overhead_s"]
+    fitted += ["attention_reference_block"]
+    text = Path(args.hardware).read_text()
+    done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:
-        write_spec(joint, args.out, [f"{datasheet.name}: datasheet peaks; efficiencies and overheads fitted jointly "
-                                     f"on {len(profiles)} profiles of {profiles[0].device}:"] + source
-                   + [f"fitted: {', '.join(fitted)}", f"command: {command} ({datetime.date.today().isoformat()})"])
+        write_spec(joint, args.out, text, fitted,
+                   [f"efficiencies, fixed costs and host overheads fitted jointly on {len(profiles)} profiles of "
+                    f"{profiles[0].device}:"] + [f"  {s}" for s in source] + [done])
         print(f"wrote {args.out}")
     if loo:
         out_dir = Path(args.leave_one_out)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, spec in loo.items():
             path = out_dir / f"{datasheet.name}-without-{name}.yaml"
-            write_spec(spec, path, [f"{datasheet.name} fitted jointly on the profiles of models other than {name}:"]
-                       + [s for s, p in zip(source, profiles) if p.model.name != name] + [f"command: {command}"])
+            kept = [s for s, p in zip(source, profiles) if p.model.name != name]
+            write_spec(spec, path, text, fitted,
+                       [f"fitted jointly on the profiles of models other than {name} (leave one model out):"]
+                       + [f"  {s}" for s in kept] + [done])
             print(f"wrote {path}")
     print(json.dumps({"joint": {r["profile"] + "/" + r["kind"]: round(r["mape"], 4) for r in rows if r["hardware"] == "joint"},
                       **({"leave_one_out": {r["profile"] + "/" + r["kind"]: round(r["mape"], 4)
