@@ -1,21 +1,22 @@
 """One GPU's roofline parameters fitted jointly on the profiles of several models, so that a
 model with no calibration file of its own gets the best analytic estimate on that GPU.
 
-`python -m simulator.calibrate` fits the roofline on one model's profile; the parameters it
-finds absorb that model's quirks (a small model's GEMMs run at half the efficiency of a
-large one's, a mixture of experts pays its router on every layer). Fitted on several models
-at once, the parameters have to hold for all of them: what is left is what the GPU (and
-the engine's kernels on it) does, and the leave-one-model-out error says what to expect
-for a model never profiled.
+`python -m simulator.calibrate` fits the roofline on one model's profile, and what it finds
+describes that model: one model cannot tell a fixed cost from its weight reads (both are the
+same every step), nor GEMM from attention efficiency when its prompts' attention is half
+their FLOPs. Fitted on several models at once, the parameters have to hold for all of them:
+what is left is what the GPU (and the engine's kernels on it) does, and the
+leave-one-model-out error says what to expect for a model never profiled.
 
     python -m simulator.hardware_fit simulator/calibrations/*.profile.parquet \\
-        --hardware conf/hardware/h200.yaml --out conf/hardware/h200.yaml [--leave-one-out]
+        --hardware conf/hardware/h200.yaml --out conf/hardware/h200.yaml \\
+        [--leave-one-out simulator/calibrations/leave_one_out]
 
 Each profile needs its metadata JSON beside it (<name>.json: model, device, tp, engine), as
 `python run.py experiment=calibrate` writes them; the model is read from conf/model/<model>.yaml.
 All profiles must come from one device. Prints per profile and step kind the held-out MAPE
-of the datasheet file and of the joint fit (and, with --leave-one-out, of the fit on the
-other profiles), and ends with one JSON line.
+of the --hardware file as given (the datasheet leads, the first time), of the joint fit and,
+with --leave-one-out, of the fit without the profile's model; ends with one JSON line.
 """
 import argparse
 import dataclasses
@@ -30,7 +31,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel
+from simulator.cost_model import (REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel,
+                                  nonnegative_lstsq)
 from simulator.hardware import HardwareSpec
 
 # The parameters a joint fit searches, with their ranges (a log grid each): the rates and
@@ -44,12 +46,12 @@ SEARCHED = {
     "shared_kv_read_cost": (0.02, 1.0),         # only with decodes sharing KV blocks
 }
 # The fixed costs: a step's time is linear in them (RooflineCostModel adds them outside the
-# rooflines), so for each trial of the searched parameters they are solved exactly (least
-# squares of the relative error, non-negative): over a few models a step's fixed cost and its
-# layers' (28 / 32 / 48 layers) are nearly collinear, and a search one parameter at a time
-# stalls on that valley instead of reaching its floor.
+# rooflines), so for each trial of the searched parameters they are solved exactly (solve_fixed,
+# non-negative): over a few models a step's fixed cost and its layers' (28 / 32 / 48 layers)
+# are nearly collinear, and a search one parameter at a time stalls on that valley.
 FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s",
-         "allreduce_latency_s")      # only with a tp > 1 profile
+         "allreduce_latency_s",      # only with a tp > 1 profile
+         "layer_launch_s")           # only with eager steps in a profile
 # Tried and left out, the leave-one-model-out error deciding (simulator/calibrations/README.md):
 # flops_half_tokens (GEMM efficiency rising with a step's rows: fitted 0 jointly, and without
 # Llama-3.1-8B it grew until Llama's decode came out +74%), and a separate efficiency for a
@@ -122,7 +124,8 @@ def load_profile(path, meta_path=None, model_dir=None) -> Profile:
     graphs = CudaGraphs.for_engine(engine.get("max_num_seqs", 256), engine.get("max_num_batched_tokens", 8192),
                                    engine.get("cuda_graph_max_tokens", 0))
     return Profile(path.name.replace(".profile.parquet", ""), meta["device"], model, int(meta.get("tp", 1)),
-                   graphs, int(engine.get("block_size", 16)), int(engine.get("pdl_max_tokens") or 0), str(meta.get("engine_commit") or "?"), steps)
+                   graphs, int(engine.get("block_size", 16)), int(engine.get("pdl_max_tokens") or 0),
+                   str(meta.get("engine_commit") or "?"), steps)
 
 
 def check_profiles(profiles: list[Profile]) -> None:
@@ -143,6 +146,15 @@ def relative_errors(profile: Profile, hw: HardwareSpec, split: str | None = None
     rows, times = profile.rows(split)
     kinds = np.array([r["kind"] for r in rows])
     return (predictions(profile, hw, split) - times) / times, kinds
+
+
+def without_fixed(hw: HardwareSpec, fixed: tuple) -> HardwareSpec:
+    """`hw` with the fixed costs of `fixed` at 0 (and the PDL saving, which may not exceed
+    layer_fixed_s, with it); the others keep `hw`'s values."""
+    zero = {n: 0.0 for n in fixed}
+    if "layer_fixed_s" in fixed:
+        zero["pdl_layer_saving_s"] = 0.0
+    return dataclasses.replace(hw, **zero)
 
 
 def predictions(profile: Profile, hw: HardwareSpec, split: str | None = None) -> np.ndarray:
@@ -168,13 +180,14 @@ def joint_error(profiles: list[Profile], hw: HardwareSpec, split: str = "train")
 def fitted_params(profiles: list[Profile]) -> tuple[dict, tuple]:
     """(SEARCHED, FIXED) less what the profiles cannot determine: the shared-read cost
     without decodes sharing KV blocks, the PDL saving without an engine using PDL, the
-    all-reduce latency without tp > 1."""
+    all-reduce latency without tp > 1, the eager launch cost without eager steps."""
     searched = dict(SEARCHED)
     if not any((p.steps["decode_distinct_context_tokens"] < p.steps["decode_context_tokens"]).any()
                for p in profiles):
         searched.pop("shared_kv_read_cost")
     skip = {"pdl_layer_saving_s": not any(p.pdl_max_tokens for p in profiles),
-            "allreduce_latency_s": all(p.tp == 1 for p in profiles)}
+            "allreduce_latency_s": all(p.tp == 1 for p in profiles),
+            "layer_launch_s": not any((p.steps["kind"] == "eager").any() for p in profiles)}
     return searched, tuple(n for n in FIXED if not skip.get(n))
 
 
@@ -182,7 +195,6 @@ def fit_host_joint(profiles: list[Profile]) -> dict:
     """Host costs of the step loop (HardwareSpec's step/seq/update overheads): fixed + per
     scheduled sequence, least squares over every profile's steps, each profile weighted
     the same."""
-    from simulator.cost_model import nonnegative_lstsq
     out = {}
     for column, (fixed, per_seq) in {"host_launch_s": ("step_overhead_s", "seq_overhead_s"),
                                      "host_receive_s": ("update_overhead_s", "update_seq_overhead_s")}.items():
@@ -201,15 +213,16 @@ def fit_joint(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4,
     """`hw` with the parameters `params` (default: fitted_params; searched, fixed) that
     minimise joint_error on the profiles' train steps: a search over the searched ones from
     each of STARTS, the fixed costs solved for each trial (FIXED), the best fit kept; and
-    the host costs of fit_host_joint. Peaks, memory, interconnect bandwidth, the eager
-    launch cost and the measured attention block costs stay `hw`'s."""
+    the host costs of fit_host_joint. Peaks, memory, interconnect bandwidth and the measured
+    attention block costs stay `hw`'s; every parameter of SEARCHED and FIXED starts from
+    HardwareSpec's lead, not from `hw`'s value, and one the profiles cannot determine
+    (fitted_params) stays there: a re-fit of the file this wrote gives the same file, and a
+    fit leaving a model out learns nothing from it through the file."""
     check_profiles(profiles)
     searched, fixed = fitted_params(profiles) if params is None else params
-    # the search starts from HardwareSpec's leads, not from `hw`'s values: a re-fit of the
-    # file it wrote gives the same file
-    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec) if f.name in searched}
-    if leads.get("attention_flops_efficiency", 0) is None:
-        leads["attention_flops_efficiency"] = leads.get("flops_efficiency", hw.flops_efficiency)
+    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec) if f.name in SEARCHED or f.name in FIXED}
+    if leads["attention_flops_efficiency"] is None:
+        leads["attention_flops_efficiency"] = leads["flops_efficiency"]
     base = dataclasses.replace(hw, **leads, **fit_host_joint(profiles),
                                attention_reference_block=profiles[0].block_size)
     columns = [fixed_columns(p, base, fixed) for p in profiles]
@@ -317,7 +330,7 @@ def fixed_columns(profile: Profile, hw: HardwareSpec, fixed: tuple) -> np.ndarra
     whatever the searched parameters). pdl_layer_saving_s's column is layer_fixed_s's on
     the steps past the PDL range (0 within it): its coefficient b and layer_fixed_s's a
     make layer_fixed_s = a + b, the saving b, both >= 0 as HardwareSpec wants."""
-    zero = dataclasses.replace(hw, **{n: 0.0 for n in FIXED})
+    zero = without_fixed(hw, fixed)
     base = predictions(profile, zero, "train")
     cols = []
     for name in fixed:
@@ -335,8 +348,7 @@ def solve_fixed(profiles: list[Profile], hw: HardwareSpec, fixed: tuple,
     error is minimised by iteratively reweighted least squares: each round weighs a step by
     1 / (its profile's steps x its current |error|), `rounds` rounds (a least-squares fit
     alone lands elsewhere: 7.87% against 7.58% on the H200 profiles, at the same rates)."""
-    from simulator.cost_model import nonnegative_lstsq
-    zero = dataclasses.replace(hw, **{n: 0.0 for n in FIXED})
+    zero = without_fixed(hw, fixed)
     rests = [predictions(p, zero, "train") for p in profiles]
     times = [p.rows("train")[1] for p in profiles]
 
@@ -393,7 +405,6 @@ def print_table(rows: list[dict]) -> None:
             f"{100 * cells[l]['mape']:>15.1f}% ({100 * cells[l]['bias']:+6.1f}%)" for l in labels))
 
 
-
 FIT_NOTE = "# fit: "    # the comment lines write_spec owns (replaced on every write)
 
 
@@ -409,6 +420,7 @@ def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: lis
         v = getattr(hw, name)
         values[name] = float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
     lines = [line for line in source.splitlines() if not line.startswith(FIT_NOTE)]
+
     def text_of(name):
         return yaml.safe_dump({name: values[name]}, default_flow_style=True).strip().strip("{}")
     last_field = 0
@@ -434,8 +446,8 @@ def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: lis
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profiles", nargs="+", help="profile parquets (python run.py experiment=calibrate writes them)")
-    ap.add_argument("--hardware", required=True, help="the GPU's hardware YAML: its peaks are kept, "
-                    "its efficiencies and overheads are the datasheet leads compared against")
+    ap.add_argument("--hardware", required=True, help="the GPU's hardware YAML: its peaks, memory, interconnect "
+                    "and block costs are kept, the fitted values and `# fit:` lines replaced")
     ap.add_argument("--out", default=None, help="where to write the jointly fitted hardware YAML")
     ap.add_argument("--leave-one-out", default=None, metavar="DIR",
                     help="also fit without each model's profiles, for each model, and write DIR/<gpu>-without-<model>.yaml")
@@ -445,33 +457,32 @@ def main(argv=None) -> None:
     try:
         profiles = [load_profile(p) for p in args.profiles]
         check_profiles(profiles)
-        datasheet = HardwareSpec(**yaml.safe_load(Path(args.hardware).read_text()))
-        joint = fit_joint(profiles, datasheet, args.sweeps, polish_iterations=args.polish)
-        loo = leave_one_out(profiles, datasheet, args.sweeps, args.polish) if args.leave_one_out else None
+        given = HardwareSpec(**yaml.safe_load(Path(args.hardware).read_text()))
+        joint = fit_joint(profiles, given, args.sweeps, polish_iterations=args.polish)
+        loo = leave_one_out(profiles, given, args.sweeps, args.polish) if args.leave_one_out else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    specs = {"datasheet": datasheet, "joint": joint} | ({"leave-one-out": loo} if loo else {})
+    specs = {"given": given, "joint": joint} | ({"leave-one-out": loo} if loo else {})
     rows = error_table(profiles, specs)
     print("held-out steps, roofline (predicted - measured) / measured:")
     print_table(rows)
     command = "python -m simulator.hardware_fit " + " ".join(sys.argv[1:] if argv is None else argv)
     source = [f"{p.name} (engine {p.engine_commit[:7]})" for p in profiles]
     searched, fixed = fitted_params(profiles)
-    fitted = list(searched) + list(fixed) + ["step_overhead_s", "seq_overhead_s",
-                                                     "update_overhead_s", "update_seq_overhead_s"]
-    fitted += ["attention_reference_block"]
+    fitted = list(searched) + list(fixed) + ["step_overhead_s", "seq_overhead_s", "update_overhead_s",
+                                             "update_seq_overhead_s", "attention_reference_block"]
     text = Path(args.hardware).read_text()
     done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:
         write_spec(joint, args.out, text, fitted,
-                   [f"efficiencies, fixed costs and host overheads fitted jointly on {len(profiles)} profiles of "
-                    f"{profiles[0].device}:"] + [f"  {s}" for s in source] + [done])
+                   [f"efficiencies, fixed costs and host overheads fitted jointly on {len(profiles)} "
+                    f"profiles of {profiles[0].device}:", *[f"  {s}" for s in source], done])
         print(f"wrote {args.out}")
     if loo:
         out_dir = Path(args.leave_one_out)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, spec in loo.items():
-            path = out_dir / f"{datasheet.name}-without-{name}.yaml"
+            path = out_dir / f"{given.name}-without-{name}.yaml"
             kept = [s for s, p in zip(source, profiles) if p.model.name != name]
             write_spec(spec, path, text, fitted,
                        [f"fitted jointly on the profiles of models other than {name} (leave one model out):"]

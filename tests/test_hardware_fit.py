@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -26,9 +25,9 @@ ENGINE = {"max_num_seqs": 16, "max_num_batched_tokens": 512, "cuda_graph_max_tok
 # A device the search must find: every fitted term away from the file's leads.
 TRUTH = dataclasses.replace(H100, flops_efficiency=0.6, attention_flops_efficiency=0.35,
                             bandwidth_efficiency=0.75, step_fixed_s=1e-4, layer_fixed_s=20e-6,
-                            pdl_layer_saving_s=5e-6, roofline_exponent=2.0)
-SEARCHED = ("flops_efficiency", "attention_flops_efficiency", "bandwidth_efficiency")
-FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s")
+                            pdl_layer_saving_s=5e-6, layer_launch_s=40e-6, roofline_exponent=2.0)
+SEARCHED = ("flops_efficiency", "attention_flops_efficiency", "bandwidth_efficiency", "roofline_exponent")
+FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s", "layer_launch_s")   # the grid has eager steps
 
 
 def write_profile(tmp_path, model: str, hw: HardwareSpec, device="NVIDIA H100", tp=1, every=1) -> Path:
@@ -57,7 +56,7 @@ def test_joint_fit_recovers_the_parameters_a_roofline_made(tmp_path):
     searched, fixed = hardware_fit.fitted_params(profiles)
     assert set(SEARCHED) < set(searched) and fixed == FIXED
     params = ({k: v for k, v in searched.items() if k in SEARCHED}, fixed)
-    fitted = hardware_fit.fit_joint(profiles, dataclasses.replace(H100, roofline_exponent=2.0), sweeps=3,
+    fitted = hardware_fit.fit_joint(profiles, H100, sweeps=3,
                                     params=params)
     for name in SEARCHED + FIXED:
         assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=0.15), name
@@ -72,6 +71,15 @@ def test_what_the_profiles_cannot_determine_is_not_fitted(tmp_path):
     dense = [hardware_fit.load_profile(write_profile(tmp_path, "qwen3-0.6b", TRUTH))]
     searched, fixed = hardware_fit.fitted_params(dense)
     assert "allreduce_latency_s" not in fixed and "pdl_layer_saving_s" in fixed
+    graphed = hardware_fit.load_profile(write_profile(tmp_path, "qwen3-0.6b", TRUTH))
+    graphed = dataclasses.replace(graphed, steps=graphed.steps[graphed.steps["kind"] != "eager"], _rows={})
+    assert "layer_launch_s" not in hardware_fit.fitted_params([graphed])[1]
+    # what the profiles cannot determine is HardwareSpec's lead, not the file's value (a file
+    # fitted with a tp=2 profile must not lend its all-reduce latency to a fit without it)
+    kept = hardware_fit.fit_joint([graphed], dataclasses.replace(H100, allreduce_latency_s=7e-6, layer_launch_s=1e-6),
+                                  sweeps=1, polish_iterations=5)
+    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec)}
+    assert kept.allreduce_latency_s == leads["allreduce_latency_s"] and kept.layer_launch_s == leads["layer_launch_s"]
     assert "shared_kv_read_cost" in searched           # the grid has decodes sharing blocks
 
 
@@ -146,6 +154,7 @@ def test_fidelity_roofline_hardware_overrides():
     it leaves out at HardwareSpec's defaults (not conf/hardware's), through Hydra."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "fidelity"))
     import run_fidelity
+
     from experiments.config import build
     leads = ROOT / "conf" / "hardware" / "rtx4090.yaml"     # no fitted terms: all left out
     rc = build(run_fidelity.compose_cfg(["model=qwen3-0.6b", "hardware=h200", "mode=sim", "cost_model=roofline"]
