@@ -577,7 +577,7 @@ def main(argv=None):
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
         fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs,
-                                      block_size=e.get("block_size"))
+                                      block_size=e.get("block_size"), pdl_max_tokens=e.get("pdl_max_tokens") or 0)
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     if args.check_steps:
