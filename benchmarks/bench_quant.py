@@ -10,19 +10,22 @@ layouts, engine.checkpoint --quantization) against bf16.
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
-  layers  each Llama-3.1-8B linear shape (qkv, o, gate_up, down) at M = --layer-m (1, 16, 64,
-          256, 2048): cuBLAS bf16 against every W4A16 launch the engine's load-time choice
+  layers  each Llama-3.1-8B linear shape (qkv, o, gate_up, down) at M = --layer-m (1, 16, 32,
+          64, 256, 2048): cuBLAS bf16 against every W4A16 launch the engine's load-time choice
           (engine.kernels.w4a16.choose_w4a16) considers at that M, on --kernel-formats (GPTQ
           group 128, AWQ, GPTQ act-order) tensors, each in the checkpoint layout (`gptq`: the
           kernels before the repack) and repacked as the engine now loads them (`gptq+r`: the
-          stream and fma kernels at M = 1, the mma and swap kernels at M <= 64, the others
-          reading the repacked words; --layouts picks). Every candidate's line (us, packed-
+          stream and fma kernels at M = 1, the mma, swap and slice kernels at M <= 64, the
+          others reading the repacked words; --layouts picks). Every candidate's line (us, packed-
           weight GB/s, % of the copy ceiling, cuBLAS bf16 alongside) is printed as its shape
           and M are measured, then a summary. Each time is one CUDA-graph replay over `--copies`
           copies of the layer (distinct weights, so they come from HBM as in a step), per
           layer; weight GB/s against the measured copy ceiling (a 1 GiB device copy); the
           error of the chosen launch against the torch reference (max |y - y_ref| / max
-          |y_ref|, y_ref = x @ dequantized W in fp32).
+          |y_ref|, y_ref = x @ dequantized W in fp32). Up to --pdl-rows rows the W4A16
+          launches run with programmatic dependent launch (each program's weight slice
+          prefetched into L2 while the previous launch finishes), as decode steps run them;
+          cuBLAS bf16 without (the engine's bf16 decode runs engine.kernels.skinny_gemm).
           --sweep: the decode kernel's tile / warp / split grid (both forms at M = 1) at
           M = 1, 16, 64 and the tiled kernel's at M = 2,048 (GPTQ); configurations that do not
           fit the device (shared memory) or do not compile are skipped and counted.
@@ -62,7 +65,7 @@ from bench_engine import copy_bandwidth, decode_breakdown, nano_workload  # noqa
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import (quantization_config, quantized_tensors, tiny_config,  # noqa: E402
                                write_dequantized_checkpoint, write_random_checkpoint)
-from engine.kernels import w4a16  # noqa: E402
+from engine.kernels import pdl, w4a16  # noqa: E402
 from engine.kernels.skinny_gemm import graph_time_us  # noqa: E402
 from engine.layers.quant import dequantize_awq, dequantize_gptq  # noqa: E402
 from policy.quantization import QuantConfig  # noqa: E402
@@ -160,32 +163,45 @@ def bench_layers(args, shapes, ms, device, dtype, ceiling) -> list[dict]:
             x = torch.randn(m, k, generator=gen, device=device).to(dtype)
             row = {"layer": name, "k": k, "n": n, "m": m}
             row["bf16_us"] = time_us(lambda: [x @ d.t() for d in dense]) / len(dense)
+            # the W4A16 launches as the engine's steps run them: with programmatic dependent
+            # launch up to --pdl-rows rows (EngineConfig.pdl_max_tokens), as choose_w4a16 times them
+            pdl.enable(pdl.supported(device) and m <= args.pdl_rows)
+            row["pdl"] = pdl.enabled()
             row["bf16_GBps"] = dense[0].nbytes / row["bf16_us"] / 1e3
             for fmt, (ws, nbytes, w_ref) in packed.items():
                 if (fmt.endswith("+r") and "repacked" not in args.layouts
                         or not fmt.endswith("+r") and "checkpoint" not in args.layouts):
                     continue
                 launches = w4a16.candidates(m, n, k, sms, ws[0], dtype)
-                if args.smoke:   # the default, one stream, fma and mma tile (repacked), dequant
+                if args.smoke:   # the default, one stream, fma, mma, slice tile (repacked), dequant
                     launches = [launches[0], *[l for l in launches if l.kind == "stream"][:1],
                                 *[l for l in launches if l.kind == "fma"][:1],
-                                *[l for l in launches if l.kind == "mma"][:1], launches[-1]]
+                                *[l for l in launches if l.kind == "mma"][:1],
+                                *[l for l in launches if l.kind == "slice"][:1], launches[-1]]
                 timed, failed = time_launches(launches, x, ws, time_us)
+                if pdl.enabled():   # as the load-time choice: the fastest again without the
+                    more, more_failed = time_launches(   # weight prefetch and without PDL
+                        w4a16.pdl_alternatives(timed), x, ws, time_us)
+                    timed, failed = timed + more, {**failed, **more_failed}
                 default_us = timed[0][0] if timed and timed[0][1] == launches[0] else float("nan")
                 best_us, best = w4a16.pick(timed)
                 ref = x.float() @ w_ref.t()
                 y = w4a16.w4a16_matmul(x, ws[0], None, best).float()
-                kinds = {}
+                kinds, modes = {}, {}
                 for t, l in timed:
                     kinds[l.kind] = min(t, kinds.get(l.kind, float("inf")))
+                    if l.kind in w4a16.PDL_KINDS:
+                        mode = ("off", "wait", "prefetch")[l.pdl]
+                        modes[mode] = min(t, modes.get(mode, float("inf")))
                 row[fmt] = {"us": best_us, "choice": w4a16._name(best), "default_us": default_us,
                             "fma_us": kinds.get("fma", float("nan")),
                             "mma_us": kinds.get("mma", float("nan")),
-                            "kind_us": kinds, "bytes": nbytes,
+                            "kind_us": kinds, "pdl_mode_us": modes, "bytes": nbytes,
                             "GBps": nbytes / best_us / 1e3,
                             "pct_copy": 100 * nbytes / best_us * 1e6 / ceiling,
                             "err": ((y - ref).abs().max() / ref.abs().max()).item(),
                             "times_us": {w4a16._name(l): t for t, l in timed}, "failed": failed}
+            pdl.enable(False)
             rows.append(row)
             print_candidates([row], ceiling, header=len(rows) == 1)   # as measured: a run cut
             sys.stdout.flush()                                         # short keeps its rows
@@ -199,7 +215,9 @@ def print_layers(rows, name, ceiling) -> None:
     print(f"\nW4A16 vs cuBLAS bf16 on {name} (copy ceiling {ceiling / 1e9:.0f} GB/s): us per layer "
           "(CUDA-graph replay over distinct copies) of the launch the load-time choice would take; "
           "<fmt> = checkpoint layout (the old kernels), <fmt>+r = repacked at load (+ the stream and "
-          "fma kernels at M=1, the mma and swap kernels at M<=64); vs bf16 = bf16 us / us")
+          "fma kernels at M=1, the mma, swap and slice kernels at M<=64); vs bf16 = bf16 us / us; "
+          "W4A16 at M <= " + str(max([r["m"] for r in rows if r.get("pdl")], default=0))
+          + " with programmatic dependent launch")
     print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'bf16 us':>8} {'GB/s':>5} "
           + " ".join(f"{f + ' us':>16} {'GB/s':>5} {'%copy':>5} {'vs bf16':>7}" for f in fmts))
     for r in rows:
@@ -209,11 +227,18 @@ def print_layers(rows, name, ceiling) -> None:
                          f"{r['bf16_us'] / r[f]['us']:>6.2f}x" for f in fmts))
     print("choices: " + "; ".join(f"{r['layer']} M={r['m']}: " + ", ".join(
         f"{f} {r[f]['choice']}" for f in fmts) for r in rows))
-    for kind in ("stream", "fma", "swap", "mma"):
+    for kind in ("stream", "fma", "slice", "swap", "mma"):
         best = [(r['layer'], r['m'], f, r[f]["kind_us"][kind]) for r in rows for f in fmts
                 if kind in r[f].get("kind_us", {})]
         if best:
             print(f"fastest {kind} tile: " + ", ".join(f"{l} M={m} {f} {t:.1f} us" for l, m, f, t in best))
+    with_pdl = [(r, f) for r in rows if r.get("pdl") for f in fmts if r[f].get("pdl_mode_us")]
+    if with_pdl:
+        print("with PDL, the fastest stream/slice/swap/mma launch per mode (weight prefetch, wait "
+              "only, PDL off), us: " + "; ".join(
+                  f"{r['layer']} M={r['m']} {f}: " + ", ".join(
+                      f"{mode} {r[f]['pdl_mode_us'][mode]:.1f}" for mode in ("prefetch", "wait", "off")
+                      if mode in r[f]["pdl_mode_us"]) for r, f in with_pdl))
     for m in sorted({r["m"] for r in rows}):
         per = [r for r in rows if r["m"] == m]
         bf16 = sum(r["bf16_us"] for r in per)
@@ -226,6 +251,24 @@ def print_layers(rows, name, ceiling) -> None:
     if failed:
         print("launches that did not run here (skipped): "
               + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())))
+
+
+def summarize(paths: list[str]) -> None:
+    """print_layers over the layers rows of saved outputs (runs cut short: what they have)."""
+    rows, device, ceiling = [], None, float("nan")
+    for path in paths:
+        lines = []
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = [line for line in f if line.startswith("{")]
+        if not lines:
+            print(f"{path}: no JSON line (the run did not finish)")
+            continue
+        out = json.loads(lines[-1])
+        rows += out.get("layers", [])
+        device, ceiling = out["device"], out["copy_GBps"] * 1e9
+    if rows:
+        print_layers(rows, device, ceiling)
 
 
 def print_candidates(rows, ceiling, header: bool = True) -> None:
@@ -478,7 +521,16 @@ def main():
     ap.add_argument("--copies", type=int, default=8, help="layers: distinct copies per shape")
     ap.add_argument("--kernel-formats", default="gptq,awq,gptq-act-order",
                     help="layers: formats (each on the checkpoint and the repacked layout)")
-    ap.add_argument("--layer-m", default="1,16,64,256,2048", help="layers: row counts")
+    ap.add_argument("--layer-m", default="1,16,32,64,256,2048", help="layers: row counts")
+    ap.add_argument("--layers", default=",".join(n for n, _, _ in LLAMA8B_LINEARS),
+                    help="layers: which Llama-3.1-8B linear shapes (qkv, o, gate_up, down)")
+    ap.add_argument("--summarize", nargs="+", metavar="OUTPUT",
+                    help="print the layers summary over the rows of saved bench_quant outputs "
+                    "(their last JSON lines; e.g. one run per shape), then exit")
+    ap.add_argument("--pdl-rows", type=int, default=32,
+                    help="layers: W4A16 launches at up to this many rows are timed with "
+                    "programmatic dependent launch (sm_90+), as the engine runs them "
+                    "(EngineConfig.pdl_max_tokens; 0: none)")
     ap.add_argument("--layouts", default="checkpoint,repacked",
                     help="layers: the weight layouts to time (checkpoint: the kernels reading "
                     "the published tensors; repacked: as the engine loads them, <fmt>+r)")
@@ -496,6 +548,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
     stages = args.stages.split(",")
     unknown = set(stages) - {"layers", "engine", "check"}
     if unknown:
@@ -506,10 +561,16 @@ def main():
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    shapes, ms, dtype, extra = LLAMA8B_LINEARS, [int(m) for m in args.layer_m.split(",")], torch.bfloat16, {}
+    picked = args.layers.split(",")
+    if set(picked) - {n for n, _, _ in LLAMA8B_LINEARS}:
+        ap.error(f"unknown layer(s) in --layers {args.layers}: "
+                 f"{', '.join(n for n, _, _ in LLAMA8B_LINEARS)}")
+    shapes = [shape for shape in LLAMA8B_LINEARS if shape[0] in picked]
+    ms, dtype, extra = [int(m) for m in args.layer_m.split(",")], torch.bfloat16, {}
     sweep_ms = [1, 16, 64, 2048]
     if args.smoke:
-        shapes, ms, sweep_ms = [("qkv", 128, 96), ("down", 256, 64)], [1, 70], [1]
+        shapes = [shape for shape in [("qkv", 128, 96), ("down", 256, 64)] if shape[0] in picked]
+        ms, sweep_ms = [1, 70], [1]
         args.repeats, args.copies = 1, 1
         args.model = "tiny-llama" if args.model == "llama-3.1-8b" else args.model
         args.decode_batches, args.decode_context, args.prefill_tokens = "1,4", 32, 64

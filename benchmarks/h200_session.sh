@@ -53,6 +53,15 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-requests ${NREQ:-200} --repeats ${REPEATS:-2} --loads ${LOADS:-0.3,0.6,0.9,1.2} \
                 --pairs ${PAIRS:-policy,budget,prefix_caching,block_size} --stages capacity,real
             tar czf $OUT/fidelity.tgz -C /tmp fid ;;
+  fid_real) # real cells of the fidelity table straight into $OUT/fid_<model> (a lane stopped
+            # by its time limit still brings back every finished run); knobs: FID_MODEL CAL
+            # TRACES LOADS NREQ REPEATS PAIRS FID_T
+            m=${FID_MODEL:-qwen3-0.6b}
+            TAIL=30 run fid_real_$m ${FID_T:-540} python3 benchmarks/fidelity/run_fidelity.py --model $m \
+                --hardware h200 --calibration ${CAL:-simulator/calibrations/$m-h200-tp1.json} --out $OUT/fid_$m \
+                --traces ${TRACES:-sharegpt,azure_conv,mooncake_conv} --num-requests ${NREQ:-100} \
+                --repeats ${REPEATS:-3} --loads ${LOADS:-0.3,0.6,0.9,1.2} --pairs "${PAIRS-policy,budget,block_size,prefix_caching}" \
+                --stages capacity,real ;;
   fid_mc)   # mooncake_conv's cells (shared prefixes) at the loads of the table's L0-L2, plus the
             # prefix-caching pair, on this engine and its fresh calibration (the shared-KV feature);
             # the table's capacity file, so the pair runs at L2 as in the table
@@ -85,6 +94,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
+  b1host)   # batch-1 decoding's host time: one sequence, 1,024 tokens, under cProfile (issue 9)
+            ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            TAIL=60 run b1_cprofile_q06 200 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b \
+                --num-seqs 1 --max-input-len 512 --max-output-len 1024 --decode-batches 1 --cprofile 45 ;;
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             for b in 1 64; do TAIL=70 run profile_q06_b$b 200 $TIMELINE --batch $b; done ;;

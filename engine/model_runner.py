@@ -116,7 +116,8 @@ class ModelRunner:
             self.skinny_report = choose_skinny_gemm(self.model)
         # fused MoE tiles: timed per token-count bucket on the expert weights (bf16/fp16 only)
         self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
-        self.quant_report = quant.choose_kernels(self.model) if on_gpu else []   # 4-bit layers
+        self.quant_report = quant.choose_kernels(   # 4-bit layers, timed with PDL as steps run
+            self.model, config.pdl_max_tokens if self.pdl else 0) if on_gpu else []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same

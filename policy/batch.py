@@ -30,7 +30,7 @@ class Batch:
     kv_blocks_used: int = 0         # blocks held after this step's allocation
     block_size: int = 0             # tokens per KV block of the tables (0: not given)
     decode_plan: DecodePlan | None = None   # the engine's split-KV decode plan (None: no
-                                            # decode_span_tokens feature)
+                                            # decode_span_tokens / decode_split_seqs)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -60,7 +60,10 @@ class Batch:
         decode_span_tokens (only with a `decode_plan`): the decode attention's longest chain
         of work under the engine's split-KV plan (`DecodePlan.span_tokens`: heterogeneous
         contexts and a plan rounding up past one wave of programs cost more than their summed
-        context says); O(decodes) numpy plus a heap over the items past one wave."""
+        context says); O(decodes) numpy plus a heap over the items past one wave.
+        decode_split_seqs (only with a `decode_plan`): the decodes the plan cuts into more
+        than one share, whose partial outputs the merge kernel combines
+        (`DecodePlan.split_seqs`), from the same plan."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
@@ -103,7 +106,7 @@ class Batch:
             decode_only = self.num_prefill_tokens == 0
             if decode_only:
                 decode_lens = [s + 1 for s in starts]
-            out["decode_span_tokens"] = self.decode_plan.span_tokens(decode_lens, decode_only)
+            out.update(self.decode_plan.step_features(decode_lens, decode_only))
         return out
 
     def record(self, start: float, duration: float) -> dict:

@@ -1,7 +1,8 @@
 """The split-KV plan of the engine's decode attention, as host rules without torch: the engine
 launches its decode kernel with it (engine.kernels.launch.plan_decode_work), and a step's
-record prices it (`DecodePlan.span_tokens`, the `decode_span_tokens` feature the fitted
-cost model reads), so both executors cost a step by the same plan.
+record prices it (`DecodePlan.step_features`: the `decode_span_tokens` and
+`decode_split_seqs` features the fitted cost model reads), so both executors cost a step by
+the same plan.
 
 The plan: the batch's total context is cut into about `target` = PROGRAMS_PER_SM x SMs /
 KV heads items (shares of whole DECODE_BLOCK_N-token tiles, each sequence's shares as even as
@@ -11,7 +12,9 @@ shares round up to more items than `target` runs a second wave, and sequences of
 length leave unequal shares (measured on an H200, Qwen3-0.6B: real serving batches, whose
 contexts differ, ran 4-6% over a model fitted on uniform-context batches; with the span
 the fit's held-out error fell from 2.3% to 1.6% on decode steps and from 3.4% to 1.5-2%
-on mixed ones).
+on mixed ones). `DecodePlan.split_seqs` counts the decodes the plan splits (the
+`decode_split_seqs` feature): each split sequence's partial outputs are written in fp32 and
+combined by the merge kernel, whose programs for the other sequences return at once.
 """
 from dataclasses import dataclass
 from heapq import heapreplace
@@ -99,6 +102,18 @@ class DecodePlan:
         shares = (tiles + per - 1) // per           # <= wanted: no share is empty
         return ctx, tiles, per, shares
 
+    def planned_lens(self, context_lens, decode_only: bool) -> list[int]:
+        """The contexts the engine plans for a step's decodes (`context_lens`, in batch order,
+        KV length after the step): a decode-only step that replays a decode CUDA graph of
+        more rows adds its padding rows, one-token contexts the engine plans too
+        (engine.step_inputs); a step with a prefill chunk plans its decodes only."""
+        n = len(context_lens)
+        if n and decode_only and self.decode_graph_sizes:
+            rows = padded_size(n, self.decode_graph_sizes)
+            if rows > n:
+                return list(context_lens) + [1] * (rows - n)
+        return list(context_lens)
+
     def span_tokens(self, context_lens: list[int], decode_only: bool) -> int:
         """The decode attention's longest chain of work, in KV tokens: the plan's items
         (each its tiles + overhead_tiles) dealt in launch order to `target` slots (the items
@@ -107,15 +122,26 @@ class DecodePlan:
         largest share; past it, the items beyond run in a second wave behind the first ones
         to finish. `context_lens`: the step's decodes in batch order (KV length after the
         step); `decode_only`: the step has no prefill chunk (so it may replay a padded
-        decode graph). 0 without decodes."""
+        decode graph: `planned_lens`). 0 without decodes."""
+        return self.step_features(context_lens, decode_only)["decode_span_tokens"]
+
+    def split_seqs(self, context_lens: list[int], decode_only: bool) -> int:
+        """Decode sequences the plan cuts into more than one share: the sequences whose
+        partial outputs the merge kernel combines (its other programs return at once). A
+        padding row (one token) is never split, but it counts in the total context that
+        sets the share size. Same arguments as `span_tokens`."""
+        return self.step_features(context_lens, decode_only)["decode_split_seqs"]
+
+    def step_features(self, context_lens: list[int], decode_only: bool) -> dict:
+        """The step features of the plan, from one `shares` call: {"decode_span_tokens":
+        `span_tokens`, "decode_split_seqs": `split_seqs`} (both 0 without decodes)."""
         if not context_lens:
-            return 0
-        n = len(context_lens)
-        if decode_only and self.decode_graph_sizes:
-            rows = padded_size(n, self.decode_graph_sizes)
-            if rows > n:   # padding rows: one-token contexts the engine plans too
-                context_lens = list(context_lens) + [1] * (rows - n)
-        _, tiles, per, shares = self.shares(context_lens)
+            return {"decode_span_tokens": 0, "decode_split_seqs": 0}
+        _, tiles, per, shares = self.shares(self.planned_lens(context_lens, decode_only))
+        return {"decode_span_tokens": self._span(tiles, per, shares),
+                "decode_split_seqs": int(np.count_nonzero(shares > 1))}
+
+    def _span(self, tiles, per, shares) -> int:
         slots, extra = self.target, self.overhead_tiles
         if int(shares.sum()) <= slots:   # one wave: the largest share (a sequence's first)
             return (int(per.max()) + extra) * self.block_n

@@ -202,7 +202,7 @@ class DecodeStretch:
                       "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
                       "kv_blocks_used": used}
             if sched.decode_plan is not None:
-                record["decode_span_tokens"] = self._span(running, num_dec, None)
+                record.update(self._plan_features(running, num_dec, None))
             return record
         f = admitted.features()
         record = {"start_s": now, "duration_s": 0.0, "num_seqs": num_dec + f["num_seqs"],
@@ -221,11 +221,12 @@ class DecodeStretch:
                   "num_preempted": 0, "prefix_hit_tokens": f["prefix_hit_tokens"],
                   "kv_blocks_used": used}
         if sched.decode_plan is not None:
-            record["decode_span_tokens"] = self._span(running, num_dec, admitted)
+            record.update(self._plan_features(running, num_dec, admitted))
         return record
 
-    def _span(self, running: list, num_dec: int, admitted: Batch | None) -> int:
-        """`decode_span_tokens` of step j (Batch.features' with the scheduler's decode plan):
+    def _plan_features(self, running: list, num_dec: int, admitted: Batch | None) -> dict:
+        """`decode_span_tokens` and `decode_split_seqs` of step j (Batch.features' with the
+        scheduler's decode plan: DecodePlan.step_features):
         the decodes in batch order, the members (the first `num_dec` running, in running
         order) then the admitted batch's decodes."""
         members, ahead = self.members, self.j + 1
@@ -236,7 +237,7 @@ class DecodeStretch:
                                                         admitted.num_computed_tokens)
                      if n == 1 and start >= seq.num_prompt_tokens]
             decode_only = admitted.num_prefill_tokens == 0
-        return self.scheduler.decode_plan.span_tokens(lens, decode_only)
+        return self.scheduler.decode_plan.step_features(lens, decode_only)
 
     def update(self, now: float) -> None:
         """Land step j at `now` (as `Scheduler.update` with the tokens not yet known)."""

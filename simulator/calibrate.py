@@ -7,7 +7,9 @@ experiments.calibrate`, which runs the engine; kept next to the calibration as
 ran it: policy.cuda_graphs.graph_rows), `device_s` (the step's device time, median of the
 repeats), `host_launch_s` / `host_receive_s` (host time before the launch and after the
 tokens arrived), and `split` ("train" or "held_out": the held-out shapes are never fitted
-on, and the error reported per step kind is theirs).
+on, and the error reported per step kind is theirs), and `shape` (the grid point, JSON, so a
+feature added later can be computed for it: `with_plan_features`; profiles made before it
+was kept got it back with `python -m simulator.calibrations.recover_shapes`).
 
 Re-fit a saved profile (no GPU needed):
 
@@ -26,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, SPAN_FEATURE,
+from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
                                   STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
                                   TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
                                   nonnegative_lstsq, step_experts_touched)
@@ -39,8 +41,11 @@ from simulator.hardware import HardwareSpec
 # balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
 # decode_distinct_context_tokens is fitted only for a step kind whose train shapes include
 # decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
-# decode_span_tokens needs the profiled engine's split-KV plan (meta "decode_plan").
-OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens")
+# decode_span_tokens and decode_split_seqs (PLAN_FEATURES) need the profiled engine's split-KV
+# plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
+# shapes where it has them (with_plan_features).
+OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
+                     "decode_split_seqs")
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -250,6 +255,31 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
     return steps.assign(**{SHARED_FEATURE: steps["decode_context_tokens"]})
 
 
+def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """`profile` with the PLAN_FEATURES it lacks, computed from each row's `shape` (the grid
+    point it ran, JSON: experiments.calibrate records it) under the metadata's decode_plan
+    with the profiled engine's decode graphs, through `shape_batch(...).features()`, as the
+    profile's own columns were; the profile as it is without a `shape` column (the fit
+    then goes without them, said so). Raises ValueError if a recomputed feature the
+    profile has differs from it (the shapes or the plan are not the profiled ones)."""
+    missing = [f for f in PLAN_FEATURES if f not in profile.columns]
+    if not missing or "shape" not in profile.columns:
+        return profile
+    e = meta.get("engine") or {}
+    graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
+                                   e.get("cuda_graph_max_tokens", 0))
+    plan = DecodePlan(decode_graph_sizes=tuple(graphs.decode), **meta["decode_plan"])
+    block_size = e.get("block_size", 16)
+    computed = pd.DataFrame([shape_batch(json.loads(shape), block_size, 1 << 20, plan).features()
+                             for shape in profile["shape"]], index=profile.index)
+    for f in set(PLAN_FEATURES) - set(missing):
+        if not (computed[f] == profile[f]).all():
+            raise ValueError(f"the profile's {f} differs from its shapes' under the metadata's "
+                             "decode_plan: not the plan (or the shapes) it was profiled with")
+    print(f"note: {', '.join(missing)} computed from the profile's shapes (recorded before they were)")
+    return profile.assign(**{f: computed[f] for f in missing})
+
+
 def fit_host(profile: pd.DataFrame) -> dict:
     """Host costs of the step loop, each fixed + per sequence (non-negative least squares)."""
     X = np.column_stack([np.ones(len(profile)), profile["num_seqs"].to_numpy(float)])
@@ -273,13 +303,16 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     missing = sorted(needed - set(profile.columns))
     if missing:
         raise ValueError(f"profile lacks columns {missing}")
+    plan = meta.get("decode_plan")
+    if plan:
+        profile = with_plan_features(profile, meta)
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
-    plan = meta.get("decode_plan")
-    if SPAN_FEATURE in profile.columns and not plan:
-        print(f"note: no decode_plan in the metadata (the engine's split-KV plan): fitted without {SPAN_FEATURE}")
-        profile = profile.drop(columns=[SPAN_FEATURE])
+    planned = [f for f in PLAN_FEATURES if f in profile.columns]
+    if planned and not plan:
+        print(f"note: no decode_plan in the metadata (the engine's split-KV plan): fitted without {', '.join(planned)}")
+        profile = profile.drop(columns=planned)
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
     moe = moe_section(profile, meta)
@@ -292,7 +325,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "tp": int(meta.get("tp", 1)), "engine_commit": meta.get("engine_commit"),
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
-            **({"decode_plan": dict(plan)} if SPAN_FEATURE in profile.columns else {}),
+            **({"decode_plan": dict(plan)} if planned and plan else {}),
             **moe}
 
 
@@ -500,10 +533,12 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     predicted / measured sum of device time."""
     steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
     model = FittedCostModel(calib, graphs=graphs)
-    if model.decode_plan is not None and SPAN_FEATURE not in steps.columns:
-        raise ValueError(f"the run's steps have no {SPAN_FEATURE} (recorded before the engine "
-                         "logged its split-KV decode plan), which this calibration prices: record "
-                         "the run again, or check it against a calibration fitted without it")
+    lacking = [f for f in model.plan_features if f not in steps.columns]
+    if lacking:
+        raise ValueError(f"the run's steps have no {', '.join(lacking)} (recorded before the engine "
+                         "logged it from its split-KV decode plan), which this calibration prices: "
+                         "record the run again, compute it (python -m experiments.plan_features <run dir> "
+                         "--calibration <file> --out <steps>), or check it against a calibration fitted without it")
     rows = steps.to_dict("records")
     kinds = [graphs.rows(r)[0] for r in rows]
     pred = np.array([model.predict(r) for r in rows])
@@ -584,7 +619,11 @@ def main(argv=None):
         e = meta.get("engine", {})
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
-        print_step_errors(step_errors(calib, graphs, pd.read_parquet(args.check_steps)), args.check_steps)
+        try:
+            errors = step_errors(calib, graphs, pd.read_parquet(args.check_steps))
+        except ValueError as e:
+            sys.exit(f"--check-steps {args.check_steps}: {e}")
+        print_step_errors(errors, args.check_steps)
     print(f"wrote {args.out}")
 
 

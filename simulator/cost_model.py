@@ -319,17 +319,21 @@ class RooflineCostModel(CostModel):
 # decode_span_tokens: the decode attention's longest chain of work under the engine's
 # split-KV plan (policy.decode_plan): with contexts of unequal length, or shares rounding up
 # past one wave of programs, the kernel takes longer than its summed context says.
+# decode_split_seqs: the decodes that plan splits, each a merge of its partial outputs (the
+# merge kernel's work; its programs for unsplit sequences return at once).
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
-               "decode_span_tokens"],
+               "decode_span_tokens", "decode_split_seqs"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens"],
+              "decode_span_tokens", "decode_split_seqs"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens"],
+              "decode_span_tokens", "decode_split_seqs"],
 }
 SPAN_FEATURE = "decode_span_tokens"
+SPLIT_FEATURE = "decode_split_seqs"
+PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE)   # computed by the split-KV plan (DecodePlan.step_features)
 # Which attention kernel's time each fitted feature measures (what a block size scales).
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
@@ -420,10 +424,11 @@ class FittedCostModel(CostModel):
     hardware's `attention_block_cost`): the profile measured attention at one block size.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
-    A fit that uses decode_span_tokens needs the profiled engine's split-KV plan
-    (`decode_plan`: KV heads per rank, SMs and the rule's constants, policy.decode_plan;
-    the run's decode graphs add its padding rows): it becomes this model's `decode_plan`,
-    so the simulator plans every step as the profiled engine did.
+    A fit that uses decode_span_tokens or decode_split_seqs (PLAN_FEATURES) needs the
+    profiled engine's split-KV plan (`decode_plan`: KV heads per rank, SMs and the rule's
+    constants, policy.decode_plan; the run's decode graphs add its padding rows): it
+    becomes this model's `decode_plan`, so the simulator plans every step as the profiled
+    engine did; `plan_features` lists the ones it prices.
     Mixture of experts: a kind may have a coefficient for MOE_FEATURE (seconds per expert
     read per MoE layer), computed from the step's features and rows with the file's
     "moe": {"num_experts", "top_k", "chunk_routing_exponent" (1.0 if absent)}
@@ -479,14 +484,15 @@ class FittedCostModel(CostModel):
 
     def _decode_plan(self, graphs: CudaGraphs) -> DecodePlan | None:
         """The profiled engine's split-KV plan with this run's decode graphs, if a fitted kind
-        prices decode_span_tokens (None otherwise: the features need not carry it)."""
-        used = any(SPAN_FEATURE in [name for name, _ in terms] + [name for name, _, _ in slopes]
-                   for _, _, terms, slopes in self.kinds.values())
-        if not used:
+        prices one of PLAN_FEATURES (None otherwise: the features need not carry them)."""
+        priced = {name for _, _, terms, slopes in self.kinds.values()
+                  for name in [n for n, _ in terms] + [n for n, _, _ in slopes]}
+        self.plan_features = [f for f in PLAN_FEATURES if f in priced]
+        if not self.plan_features:
             return None
         plan = self.calibration.get("decode_plan") or {}
         _require("num_kv_heads" in plan and "num_sms" in plan,
-                 f"{self.source}: the fit prices {SPAN_FEATURE} but the file has no decode_plan "
+                 f"{self.source}: the fit prices {self.plan_features[0]} but the file has no decode_plan "
                  "{num_kv_heads, num_sms, ...} (the profiled engine's split-KV plan)")
         unknown = sorted(set(plan) - {"num_kv_heads", "num_sms", *RULE_FIELDS})
         _require(not unknown, f"{self.source}: decode_plan has unknown fields {unknown}")

@@ -5,6 +5,7 @@ AWQ and a group size no K step divides, on the checkpoint layouts and on the loa
 repacked one; the one-row multiply-add (fma) kernel on the repacked layout; the repack
 itself; the load-time choice with the dispatch that follows it; and sm_90 compiles."""
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere
 
@@ -330,6 +331,60 @@ def test_mma_kernel_matches_the_reference(name, kind, m, split, dtype):
     assert not w4a16.mma_fits(w4a16.repack(tp_act_order_slice()[0]), 32, torch.bfloat16, kind)
 
 
+@pytest.mark.parametrize("name", [*FORMATS])
+@pytest.mark.parametrize("m,split,dtype,block_n,block_m", [
+    (1, 1, torch.float32, 32, 16), (5, 2, torch.bfloat16, 16, 16), (16, 3, torch.float32, 32, 16),
+    (20, 1, torch.float32, 16, 16), (20, 2, torch.float32, 32, 32), (40, 2, torch.float32, 32, 32),
+    (64, 3, torch.bfloat16, 32, 32), (64, 1, torch.float32, 16, 16)])
+def test_slice_kernel_matches_the_reference(name, m, split, dtype, block_n, block_m):
+    """The nibble-sliced tensor-core kernel on repacked weights (eight column slices per K
+    step, zero and scale on each slice's fp32 product): every decode M in programs of 16 or
+    32 rows (more rows: several programs per tile), split or not, N not a multiple of the
+    tile, act-order through the permutation, bias added once; weights it cannot take
+    (per-row groups, fp16 activations) and 64-row programs are refused."""
+    w, ref_w = weight(name)
+    r = w4a16.repack(w)
+    x, bias = inputs(m, ref_w.shape[1], m, dtype)
+    launch = Launch("slice", block_n, 32 if name != "gptq-group-24" else 8, 4, 2, split,
+                    block_m=block_m)
+    if name == "gptq-group-24":   # 24-row groups: no power-of-two step of >= 16 rows fits
+        with pytest.raises(ValueError, match="slice kernel"):
+            w4a16_matmul(x, r, bias, launch._replace(block_k=16))
+        return
+    # the sum-of-x form: s * (sum (128 + q) x - (128 + z) sum x) in fp32, a few ulp of 128 |x|
+    check(w4a16_matmul(x, r, bias, launch), x, ref_w, bias, dtype, fp32_tol=3e-4)
+    assert not w4a16.mma_fits(r, 32, torch.float16, "slice")
+    with pytest.raises(ValueError, match="slice kernel"):
+        w4a16_matmul(x.half(), r, bias.half(), launch)
+    with pytest.raises(ValueError, match="block_m must be 16 or 32"):
+        w4a16_matmul(x, r, bias, launch._replace(block_m=64))
+
+
+def test_slice_candidates_by_rows():
+    """The choice times 16-row slice programs up to 32 rows, 32-row ones above 16 rows, each
+    at most two programs per tile."""
+    w, _ = weight("gptq-one-group")   # K = 128 in one group: the tiles' K steps fit
+    r = w4a16.repack(w)
+    rows = {m: {l.block_m for l in w4a16.candidates(m, N, 128, 4, r) if l.kind == "slice"}
+            for m in (1, 16, 17, 32, 33, 64)}
+    assert rows == {1: {16}, 16: {16}, 17: {16, 32}, 32: {16, 32}, 33: {32}, 64: {32}}
+
+
+def test_slice_split_counters_reset_between_calls():
+    """Split-K with two-program tiles (33-64 rows): every (tile, row block) has its own
+    counter, reset by its last split, so repeated calls on new inputs give their own product."""
+    w, ref_w = weight("awq")
+    r = w4a16.repack(w)
+    gen = torch.Generator().manual_seed(6)
+    bias = torch.zeros(N)
+    for rows in (40, 3, 64):
+        x = torch.randn(rows, ref_w.shape[1], generator=gen)
+        check(w4a16_matmul(x, r, bias, Launch("slice", 16, 32, 4, 2, 4, block_m=32)), x, ref_w,
+              bias, x.dtype, fp32_tol=3e-4)
+        _, arrivals = skinny_gemm._WORKSPACES[x.device]
+        assert not arrivals.any()
+
+
 @pytest.mark.parametrize("name", REPACK_CASES)
 @pytest.mark.parametrize("launch,m", [(Launch("skinny", 32, 64, 4, 2, 2), 5),
                                       (Launch("gemv", 16, 32, 4, 2, 3), 2),
@@ -404,6 +459,61 @@ def test_choice_times_the_stream_kernel_at_one_row(tiny_quantized_model):
                                rtol=3e-4, atol=3e-4)
 
 
+def test_choice_times_small_row_counts_with_pdl_as_steps_run_them(tiny_quantized_model, monkeypatch):
+    """With pdl_rows (the engine's pdl_max_tokens), M <= pdl_rows are timed with
+    programmatic dependent launch on and larger M with it off, as the step's graphs launch
+    them; the switch is back as it was afterwards. Where PDL is not supported (this CPU) it
+    stays off."""
+    from engine.kernels import pdl
+    seen = {}
+
+    def time_us(fn, m, launch):
+        seen.setdefault(m, set()).add(pdl.enabled())
+        return 1.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 4, 128], time_us=time_us,
+                                verify=False, pdl_rows=4)
+    assert seen == {1: {False}, 4: {False}, 128: {False}} and not any(r["pdl"] for r in report)
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    seen.clear()
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1, 4, 128], time_us=time_us,
+                                verify=False, pdl_rows=4)
+    assert seen == {1: {True}, 4: {True}, 128: {False}} and not pdl.enabled()
+    assert {r["m"]: r["pdl"] for r in report} == {1: True, 4: True, 128: False}
+
+
+def test_choice_retimes_the_fastest_without_the_prefetch_and_without_pdl(tiny_quantized_model,
+                                                                           monkeypatch):
+    """Where the engine launches with PDL, the three fastest PDL launches (weight prefetch
+    on) are timed again with the prefetch off and with PDL off; the plan keeps the mode
+    that won, and w4a16_linear launches it so."""
+    from engine.kernels import pdl
+    quant_layers.repack_layers(tiny_quantized_model)
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    seen = []
+
+    def time_us(fn, m, launch):   # streams fastest; without PDL faster still
+        seen.append(launch)
+        return {w4a16.PDL_OFF: 0.5, w4a16.PDL_WAIT: 0.8}.get(launch.pdl, 1.0) if launch.kind == "stream" else 2.0
+    report = w4a16.choose_w4a16(tiny_quantized_model, m_values=[1], time_us=time_us,
+                                verify=False, pdl_rows=1)
+    again = [l for l in seen if l.pdl != w4a16.PDL_PREFETCH]
+    assert again and all(l.kind == "stream" for l in again)
+    assert len(again) == 2 * 3 * len(report)   # the three fastest, in two modes, per shape
+    assert all(r["choice"].endswith("/nopdl") for r in report)
+    layer = next(m for m in tiny_quantized_model.modules() if getattr(m, "quant", None) is not None)
+    assert layer.w4a16[0][1].pdl == w4a16.PDL_OFF
+    w, chosen = w4a16.weight_of(layer), layer.w4a16[0][1]
+    pdl.enable(True)   # as in a decode step: each mode's launch arguments
+    try:
+        modes = {mode: w4a16._pdl_args(w, True, chosen._replace(pdl=mode))
+                 for mode in (w4a16.PDL_OFF, w4a16.PDL_WAIT, w4a16.PDL_PREFETCH)}
+    finally:
+        pdl.enable(False)
+    assert modes[w4a16.PDL_OFF] == dict(PDL=False, PREFETCH=False)
+    assert modes[w4a16.PDL_WAIT] == dict(PDL=True, PREFETCH=False, launch_pdl=True)
+    assert modes[w4a16.PDL_PREFETCH] == dict(PDL=True, PREFETCH=True, launch_pdl=True)
+
+
 def test_choice_never_takes_a_wrong_product(tiny_quantized_model, monkeypatch):
     """A candidate whose product is off (here: the fma kernel made to return zeros) is
     reported under `failed` and not chosen, however fast; the right ones pass the check."""
@@ -433,14 +543,17 @@ out = []
 for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig = {a: "*i32" for a in ("qweight_ptr", "qzeros_ptr", "g_idx_ptr", "perm_ptr", "arrivals_ptr")}
     sig.update(x_ptr="*bf16", scales_ptr="*fp16", bias_ptr="*bf16", y_ptr="*bf16", partial_ptr="*fp32")
-    if kind in ("mma", "swap"):
-        fn = w4a16._w4a16_swap_kernel if kind == "swap" else w4a16._w4a16_mma_kernel
+    if kind in ("mma", "swap", "slice"):
+        fn = {"swap": w4a16._w4a16_swap_kernel, "slice": w4a16._w4a16_slice_kernel}.get(
+            kind, w4a16._w4a16_mma_kernel)
         del sig["g_idx_ptr"]
         sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_ym", "k_per_split",
                                        "group_size", "zero_offset")})
+        if kind == "slice":
+            sig["m_blocks"] = "i32"
         const = dict(HAS_PERM=awq == 2, HAS_BIAS=True, SPLIT=True, IEEE=False, EVEN_K=True,
                      EVEN_N=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=stages,
-                     PDL=kind == "swap", PREFETCH=kind == "swap")
+                     PDL=kind != "mma", PREFETCH=kind != "mma")
     elif kind in ("stream", "streamc"):   # bm: 1 = one group per program, 0 = per-thread
         # group flushes; streamc: the FMA-chain form
         fn = w4a16._w4a16_stream_kernel
@@ -467,7 +580,8 @@ for kind, awq, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
     sig.update({name: "constexpr" for name in const})
     # as a launch specializes them: pointers 16-byte aligned, Llama's sizes multiples of 16
     aligned = [i for i, (a, t) in enumerate(sig.items()) if t.startswith("*") or a in (
-        "N", "K", "stride_w", "k_per_split", "group_size")] if kind.startswith("stream") else []
+        "N", "K", "stride_w", "stride_xm", "stride_ym", "k_per_split", "group_size")
+        ] if kind.startswith("stream") or kind == "slice" else []
     src = ASTSource(fn=fn, signature=sig, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -510,8 +624,10 @@ def test_decode_variants_compile_for_sm90_and_fit():
     registers, and the MMA form runs on wgmma; so do the fma and mma tiles on repacked weights
     (half of them with the x permutation), and the stream tiles, whose weight loads are
     16 bytes wide (ld.global.v4, or 16-byte async copies where pipelined); the stream and
-    swap tiles as decode steps launch them on sm_90 (programmatic dependent launch: one
-    wait, the weight slice prefetched into L2 before it)."""
+    swap and slice tiles as decode steps launch them on sm_90 (programmatic dependent launch:
+    one wait, the weight slice prefetched into L2 before it); the slice tiles on mma.v2 with
+    their dequantized slices made in registers in the MMA operand's layout (no slice stored
+    to shared memory or converted)."""
     tiles = [("skinny", False, 16, w4a16.SKINNY_TILES[16][0]), ("skinny", 1, 16, w4a16.SKINNY_TILES[16][1]),
              ("skinny", 2, 64, w4a16.SKINNY_TILES[64][0]), ("skinny", False, 64, w4a16.SKINNY_TILES[64][1]),
              ("gemv", 1, 1, w4a16.GEMV), ("gemv", 2, 2, w4a16.GEMV)]
@@ -521,12 +637,14 @@ def test_decode_variants_compile_for_sm90_and_fit():
     tiles += [("streamc", 0, 1, t) for t in w4a16.STREAM_TILES
               if t.block_k == 4 * w4a16.stream_rows(t)]
     tiles += [("swap", 2 * (i % 2), bm, t) for bm in (16, 64) for i, t in enumerate(w4a16.SWAP_TILES[bm])]
+    tiles += [("slice", 2 * (i % 2) * (t.block_m == 16), t.block_m, t)   # (x permuted at 32
+              for i, t in enumerate(w4a16.SLICE_TILES)]                     # rows: a few spills)
     variants = [(kind, awq, bm, t.block_n, t.block_k, t.num_warps, t.num_stages)
                 for kind, awq, bm, t in tiles]
     for (kind, _, _, bn, bk, warps, stages), c in zip(variants, sm90_compile(variants)):
         assert 0 < c["shared"] <= SM90_SHARED, (kind, c["shared"])
         assert c["stack"] == 0, (kind, "spills registers")
-        if kind in ("stream", "streamc", "swap"):   # programmatic dependent launch, prefetch
+        if kind in ("stream", "streamc", "swap", "slice"):   # programmatic dependent launch, prefetch
             assert c["pdl"] >= 1 and c["l2_prefetch"] >= 1, (kind, c["pdl"], c["l2_prefetch"])
         if kind in ("stream", "streamc"):   # each step's loads 16 bytes wide, issued before use
             loads = bk // w4a16.stream_rows(Launch("stream", bn, bk, warps))
@@ -534,7 +652,11 @@ def test_decode_variants_compile_for_sm90_and_fit():
             assert ("async_copy_global_to_local" in c["ttgir"]) == (stages > 1)
             continue
         assert "async_copy_global_to_local" in c["ttgir"], kind
-        if kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
+        if kind == "slice":   # mma.v2, the slices made in registers, never stored back
+            assert "warp_group_dot" not in c["ttgir"]
+            slice_tile = re.compile(rf"(local_alloc|convert_layout) %\S+ : \(?tensor<{bk}x{bn // 8}xbf16")
+            assert not slice_tile.search(c["ttgir"]), "a dequantized slice moved through shared memory"
+        elif kind == "swap":   # wgmma at every BLOCK_M, its A operand (the weights) in registers
             assert "warp_group_dot" in c["ttgir"] and "dot_op<{opIdx = 0" in c["ttgir"]
         elif kind != "mma":   # the mma kernel: wgmma at BLOCK_M 64, mma.v2 at 16
             assert ("warp_group_dot" in c["ttgir"]) == (kind == "skinny"), kind

@@ -6,7 +6,7 @@ once into one kernel layout, `repack`: words [K, N/8] packed along N in AWQ's or
 thread's 32-bit word is 8 output columns of one input row, all multiplied by the same x),
 zeros likewise, act-order rows sorted by group (x read through a permutation, so act-order
 weights run the one-group-per-step paths). Every kernel below reads both the checkpoint
-layouts and the repacked one (W4.packing), so the engine keeps a single copy. Eight ways to
+layouts and the repacked one (W4.packing), so the engine keeps a single copy. Nine ways to
 run a layer, chosen per (layer shape, row count M) by measurement at load time
 (`choose_w4a16`, which also checks every candidate's product against the torch reference):
 
@@ -24,6 +24,16 @@ run a layer, chosen per (layer shape, row count M) by measurement at load time
            the weights the MMA's wide operand taken from registers (wgmma's A operand on
            sm_90: M only pads the narrow one), x^T staged through shared memory; the MMA
            accumulates in place, so one stays in flight while the next tile is dequantized.
+  slice    (M <= 64, repacked, one group per K step, bf16) `_w4a16_slice_kernel`: nibble j
+           of every word is column 8c + AWQ_ORDER[j], so the words tile is eight column
+           slices of W^T, each made in registers from the words (rows paired, then one shift
+           and one AND-OR per two weights: (q | 0x4300) as bf16 is 128 + q): eight mma.v2
+           products per K step share the x tile, the words go from the pipeline's shared
+           memory into registers in a layout whose reshapes land on the MMA operand's (no
+           shared-memory round trip of a bf16 tile, no barrier for it; ~3.3 SASS instructions
+           per weight against the swap kernel's 6.8).
+           Zero and scale per slice and group on the fp32 product (the sum-of-x trick).
+           Programs of 16 or 32 rows (Launch.block_m), two per tile above that.
   fma      (M = 1, repacked) `_w4a16_fma_kernel`: each thread streams whole words and keeps
            one fp32 FMA chain per output column, K reduced inside the thread; a weight costs
            one AND-OR (the nibble into the mantissa of the float 128 or 2048) plus a shift
@@ -92,11 +102,10 @@ _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}   # bits
 
 
 class Launch(NamedTuple):
-    """How one call runs: kind "stream" | "fma" | "swap" | "mma" | "skinny" | "gemv" | "tiled" |
-    "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny before the
-    group-size cap, for stream the most rows per step),
-    warps, pipeline stages; for skinny the K split (0: the launch rule's); for tiled the rows
-    per tile."""
+    """How one call runs: kind "stream" | "fma" | "slice" | "swap" | "mma" | "skinny" | "gemv" |
+    "tiled" | "dequant"; for the kernels the tile (block_n; block_k: K per step, for skinny
+    before the group-size cap, for stream the most rows per step), warps, pipeline stages;
+    the K split (0: the launch rule's); for tiled and slice the rows per program."""
     kind: str
     block_n: int = 0
     block_k: int = 0
@@ -105,6 +114,13 @@ class Launch(NamedTuple):
     split_k: int = 0
     block_m: int = 64
     chain: bool = False   # stream: the 4 row blocks of a step in one FMA chain (no adds)
+    # stream / slice / swap / mma while the engine launches with programmatic dependent
+    # launch (engine.kernels.pdl): PDL_PREFETCH its programs bulk-prefetch their weight
+    # slice into L2 before they wait, PDL_WAIT they only wait, PDL_OFF launched without PDL
+    pdl: int = 2
+
+
+PDL_OFF, PDL_WAIT, PDL_PREFETCH = 0, 1, 2   # Launch.pdl
 
 
 # Tiles per BLOCK_M (x rows padded for the MMA), from sm_90 compiles (ptxas registers, no
@@ -131,11 +147,15 @@ MAX_FMA_SPLIT_K = 64
 # pipeline stages); a program's threads cover 128 x warps / (BLOCK_N / 8) rows with one
 # 16-byte load each, so a thread issues STEP / that loads per step before using one (4 or
 # 8). sm_90 compiles (ptxas, no spills), one group per program: 96 / 84 / 128 / 82 / 84 / 80
-# registers, the last pipelined through 16 KB of shared memory (16-byte async copies).
+# registers, the 7th pipelined through 16 KB of shared memory (16-byte async copies); the
+# last two take a whole 128-row group in one step (8 / 16 loads per thread in flight: one
+# HBM round trip per program where it is one group, for layers too small to fill the GPU
+# with steps), 165 / 239 registers (4-warp tiles of 8+ loads per thread spill).
 STREAM_TILES = (Launch("stream", 256, 64, 4, 1), Launch("stream", 512, 32, 4, 1),
                 Launch("stream", 512, 64, 4, 1), Launch("stream", 256, 32, 2, 1),
                 Launch("stream", 256, 16, 1, 1), Launch("stream", 1024, 16, 4, 1),
-                Launch("stream", 512, 32, 4, 3))
+                Launch("stream", 512, 32, 4, 3), Launch("stream", 512, 128, 8, 1),
+                Launch("stream", 1024, 128, 8, 1))
 STREAM_WARPS_PER_SM = 16     # the stream split rule's target
 MAX_STREAM_SPLIT_K = 128
 # The swapped mma kernel (weights the wide operand, from registers; M <= 64), per BLOCK_M;
@@ -150,6 +170,17 @@ SWAP_TILES = {16: (Launch("swap", 128, 128, 4, 4), Launch("swap", 256, 64, 8, 4)
 # spills): 16: mma.v2, 167 / 126 / 114 registers, 68 / 62 / 40 KB of shared memory; 64:
 # wgmma, 124 / 208 registers, 97 / 72 KB. SASS per K step: 3.6-4.7 instructions per weight
 # at BLOCK_M 16 (the skinny kernel on the checkpoint layout: 10.4), 5.7-6.0 at 64.
+# The nibble-sliced kernel (M <= 64; block_m: rows per program, 16 or 32, more rows in more
+# programs: slice_fits); sm_90 compiles (ptxas, no spills; mma.v2, the words loaded from the
+# pipeline's shared memory and dequantized in registers, no tile stored back): 16 rows: 161 /
+# 148 / 150 / 161 registers, 41 / 75 / 31 / 38 KB of shared memory, 3.3 / 3.5 / 4.3 / 4.3
+# SASS instructions per weight in the K loop (the swap kernel: 6.8, with 10 barriers per
+# step); 32 rows: 246 / 251 registers, 83 / 63 KB, 4.1 / 5.2 (with act-order's x permutation
+# they spill 120 / 16 bytes; 4-warp and 256-column tiles spill at 32 rows: the compiler puts
+# the warps along M).
+SLICE_TILES = tuple(Launch("slice", bn, bk, warps, stages, block_m=bm) for bm, bn, bk, warps, stages in (
+    (16, 256, 128, 4, 3), (16, 512, 128, 8, 3), (16, 256, 64, 4, 4), (16, 512, 64, 8, 3),
+    (32, 512, 128, 8, 3), (32, 512, 64, 8, 4)))
 MMA_TILES = {16: (Launch("mma", 128, 128, 4, 4), Launch("mma", 256, 64, 8, 4),
                   Launch("mma", 64, 128, 4, 4)),
              64: (Launch("mma", 128, 128, 8, 3), Launch("mma", 256, 64, 8, 3))}
@@ -1036,6 +1067,112 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
                mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
+# ---- the nibble-sliced tensor-core kernel (M <= 64, repacked) ---------------------------------
+# Nibble j of every repacked word is output column 8c + AWQ_ORDER[j] of word column c, so the
+# words tile [BLOCK_K, NW] holds eight column slices of W^T. Eight tensor-core products per K
+# step, one per slice, share the x tile. The words are loaded from the pipeline's shared
+# memory into registers in a layout whose reshapes (`_slice_tile`: rows paired, halves
+# joined) land exactly on the MMA operand's, so the dequantized slices never go back
+# through shared memory (sm_90 TTGIR: linear layouts, no convert_layout or local_alloc of a
+# slice; the mma and swap kernels store and reload their bf16 tile every step, with barriers).
+
+@triton.jit
+def _slice_tile(words, J: tl.constexpr, IEEE: tl.constexpr):
+    """Slice J of a words tile [BLOCK_K, NW]: [BLOCK_K, NW] of 128 + q (bf16; IEEE: fp32),
+    q the nibble J of each word (column 8c + AWQ_ORDER[J]). Rows are paired first: the 16-bit
+    halves of rows 2r and 2r + 1 that hold nibble J go into one word, so one shift and one
+    AND-OR make both bf16 values (q | 0x4300 as bf16 is exactly 128 + q) in the register
+    pair the MMA operand takes (two rows of one column); the compiler keeps the reshapes
+    in registers (sm_90: ~2 SASS instructions per weight, HMMA included)."""
+    BLOCK_K: tl.constexpr = words.shape[0]
+    NW: tl.constexpr = words.shape[1]
+    even, odd = tl.split(tl.permute(tl.reshape(words, (BLOCK_K // 2, 2, NW)), (0, 2, 1)))
+    if J < 4:   # nibbles 0-3: the low halves of rows 2r (bits 0-15) and 2r + 1 (16-31)
+        pair = (even & 0xFFFF) | (odd << 16)
+    else:       # nibbles 4-7: the high halves
+        pair = ((even >> 16) & 0xFFFF) | (odd & -65536)
+    v = ((pair >> (4 * (J % 4))) & 0x000F000F) | 0x43004300
+    lo = v.to(tl.int16).to(tl.bfloat16, bitcast=True)             # row 2r
+    hi = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)     # row 2r + 1
+    if IEEE:   # the interpreter computes on bf16's raw bits: fp32 operands
+        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, NW))
+
+
+@triton.jit
+def _slice_dot(acc, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset,
+               J: tl.constexpr, IEEE: tl.constexpr):
+    """acc + s * (x @ (128 + q_J) - (128 + z) * sum_k x) for slice J (columns 8c +
+    AWQ_ORDER[J]) of one group's K step: acc [BLOCK_M, NW] fp32, x [BLOCK_M, BLOCK_K], xs
+    [BLOCK_M, 1] its row sums in fp32, words [BLOCK_K, NW], zw the group's zero words [NW]."""
+    w = _slice_tile(words, J, IEEE)
+    if IEEE:   # fp32 operands (fp32 activations, the interpreter)
+        p = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+    else:
+        p = tl.dot(x, w)
+    zb = (((zw >> (4 * J)) & 0xF) + zero_offset + 128).to(tl.float32)
+    s = tl.load(scales_ptr + g * N + cols * 8 + _awq_col(J), mask=mask_c, other=0.0).to(tl.float32)
+    return acc + s[None, :] * (p - zb[None, :] * xs)
+
+
+@triton.jit(do_not_specialize=["M", "m_blocks"])
+def _w4a16_slice_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias_ptr, y_ptr,
+                        partial_ptr, arrivals_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+                        group_size, zero_offset, m_blocks, HAS_PERM: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    """The nibble-sliced tensor-core kernel (M <= 64, bf16 activations, one group per K
+    step) on the repacked layout: per K step eight products x tile @ slice J of the W^T
+    tile (`_slice_dot`), zero and scale applied to each slice's fp32 product per group
+    (sum_k (q - z) s x = s * (sum_k (128 + q) x - (128 + z) sum_k x)). BLOCK_M 16 or 32
+    (mma.v2, both operands in registers: at 64 rows the compiler would pick wgmma, whose
+    weight operand goes through shared memory); more rows run as m_blocks programs of
+    BLOCK_M rows per tile, adjacent in the grid so the second reads the words from L2.
+    Grid axis 0: tile x M block, axis 1: K split."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = pid // m_blocks, pid % m_blocks
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows_left = M - pid_m * BLOCK_M
+    x_ptr += pid_m * BLOCK_M * stride_xm
+    y_ptr += pid_m * BLOCK_M * stride_ym
+    mask_c, mask_m = (cols < N // 8) | EVEN_N, offs_m < rows_left
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
+    a0 = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        mask_k = (rows < k_end) | EVEN_K
+        x_cols = _x_cols(perm_ptr, rows, mask_k, HAS_PERM)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)    # [BLOCK_M, BLOCK_K]
+        words = _tile_words(qweight_ptr, rows, cols, mask_k, mask_c, N, EVEN_K, EVEN_N)
+        xs = tl.sum(x.to(tl.float32), axis=1)[:, None]
+        g = k0 // group_size
+        zw = tl.load(qzeros_ptr + g * (N // 8) + cols, mask=mask_c, other=0)
+        a0 = _slice_dot(a0, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 0, IEEE)
+        a1 = _slice_dot(a1, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 1, IEEE)
+        a2 = _slice_dot(a2, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 2, IEEE)
+        a3 = _slice_dot(a3, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 3, IEEE)
+        a4 = _slice_dot(a4, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 4, IEEE)
+        a5 = _slice_dot(a5, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 5, IEEE)
+        a6 = _slice_dot(a6, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 6, IEEE)
+        a7 = _slice_dot(a7, x, xs, words, zw, scales_ptr, g, cols, mask_c, N, zero_offset, 7, IEEE)
+    # the eight slices as one [BLOCK_M, BLOCK_N] tile, columns in the order the same joins
+    # give the column numbers (slice j is column 8c + AWQ_ORDER[j])
+    acc = tl.reshape(_join8(a0, a1, a2, a3, a4, a5, a6, a7), (BLOCK_M, BLOCK_N))
+    c8 = cols * 8
+    offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
+                        (BLOCK_N,))
+    store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid, pid_k, offs_n,
+               offs_m, offs_n < N, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
+
+
 # ---- launch rules --------------------------------------------------------------------------
 
 GPTQ, AWQ, REPACKED = 0, 1, 2   # W4.packing
@@ -1177,7 +1314,7 @@ def default_launch(m: int) -> Launch:
 def max_rows(launch: Launch) -> float:
     """The most rows a launch kind takes."""
     return {"skinny": MAX_M, "gemv": GEMV_MAX_M, "fma": FMA_MAX_M, "stream": 1,
-            "mma": MAX_M, "swap": MAX_M}.get(launch.kind, float("inf"))
+            "mma": MAX_M, "swap": MAX_M, "slice": MAX_M}.get(launch.kind, float("inf"))
 
 
 # ---- the three ways ------------------------------------------------------------------------
@@ -1329,13 +1466,15 @@ def w4a16_stream(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Laun
         STEP=step, RCHUNK=max(1, min(triton.next_power_of_2(splits),
                                      2048 * launch.num_warps // launch.block_n)),
         NUM_STAGES=launch.num_stages, CHAIN=launch.chain, num_warps=launch.num_warps,
-        **_pdl_args(w, n % launch.block_n == 0))
+        **_pdl_args(w, n % launch.block_n == 0, launch))
     return y
 
 
 def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch) -> torch.Tensor:
-    """The tensor-core decode kernel (`_w4a16_mma_kernel`) on x [M, K], 1 <= M <= MAX_M,
-    bf16 (or fp32: tests) activations; w REPACKED, one group per K step (mma_fits)."""
+    """A tensor-core decode kernel on x [M, K], 1 <= M <= MAX_M, bf16 (or fp32: tests)
+    activations, as launch.kind names it: "mma" (`_w4a16_mma_kernel`), "swap"
+    (`_w4a16_swap_kernel`) or "slice" (`_w4a16_slice_kernel`); w REPACKED, one group per K
+    step (mma_fits)."""
     if not mma_fits(w, launch.block_k, x.dtype, launch.kind):
         raise ValueError(f"w4a16 {launch.kind} kernel: needs a repacked weight without per-row "
                          "groups (act-order kept, or a group size the K step does not divide) "
@@ -1344,40 +1483,53 @@ def w4a16_mma(x: torch.Tensor, w: W4, bias: torch.Tensor | None, launch: Launch)
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"w4a16 {launch.kind} kernel takes 1..{MAX_M} rows, got {m}")
+    if launch.kind == "slice" and launch.block_m not in (16, 32):
+        raise ValueError(f"w4a16 slice kernel: block_m must be 16 or 32 (mma.v2 programs), "
+                         f"got {launch.block_m}")
     bk = launch.block_k
     split = launch.split_k or default_split_k(n, k, launch.block_n, bk, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, launch.block_n)
-    bm = block_m(m)
+    bm = launch.block_m if launch.kind == "slice" else block_m(m)
+    m_blocks = triton.cdiv(m, bm) if launch.kind == "slice" else 1   # slice: rows in programs of bm
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = arrivals = y
     if splits > 1:
-        partial, arrivals = workspace(x.device, splits * tiles * launch.block_n * bm, tiles)
-    kernel = _w4a16_swap_kernel if launch.kind == "swap" else _w4a16_mma_kernel
-    kernel[(tiles, splits)](
+        partial, arrivals = workspace(x.device, splits * tiles * m_blocks * launch.block_n * bm,
+                                      tiles * m_blocks)
+    kernel = {"swap": _w4a16_swap_kernel, "slice": _w4a16_slice_kernel}.get(launch.kind, _w4a16_mma_kernel)
+    kernel[(tiles * m_blocks, splits)](
         x, w.qweight, w.qzeros, w.scales, perm, bias_arg, y, partial, arrivals,
         m, n, k, x.stride(0), y.stride(0), k_per_split, group, w.zero_offset,
+        *((m_blocks,) if launch.kind == "slice" else ()),
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=ieee,
         EVEN_K=k % bk == 0, EVEN_N=n % launch.block_n == 0,
         BLOCK_M=bm, BLOCK_N=launch.block_n, BLOCK_K=bk, NUM_STAGES=launch.num_stages,
-        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0))
+        num_warps=launch.num_warps, **_pdl_args(w, n % launch.block_n == 0, launch))
     return y
 
 
-def _pdl_args(w: W4, even_n: bool) -> dict:
+def _pdl_args(w: W4, even_n: bool, launch: Launch) -> dict:
     """The PDL constexprs and launch attribute of a repacked-layout decode launch
-    (engine.kernels.pdl: on where the engine enabled it); the L2 prefetch of the weight slice
-    where every program's slice is whole 16-byte pieces (N a multiple of the tile: each
-    slice is BLOCK_N / 2 bytes at a 16-byte aligned offset of its row)."""
-    on = pdl.enabled()
-    prefetch = (on and even_n and w.qweight.data_ptr() % 16 == 0
+    (engine.kernels.pdl: on where the engine enabled it and launch.pdl asks for it); the L2
+    prefetch of the weight slice (PDL_PREFETCH) where every program's slice is whole 16-byte
+    pieces (N a multiple of the tile: each slice is BLOCK_N / 2 bytes at a 16-byte aligned
+    offset of its row)."""
+    on = pdl.enabled() and launch.pdl != PDL_OFF
+    prefetch = (on and launch.pdl == PDL_PREFETCH and even_n and w.qweight.data_ptr() % 16 == 0
                 and w.qweight.stride(0) * 4 % 16 == 0)
-    return dict(PDL=on, PREFETCH=prefetch, **pdl.launch_kwargs())
+    return dict(PDL=on, PREFETCH=prefetch, **(pdl.launch_kwargs() if on else {}))
+
+
+def slice_fits(m: int, launch: Launch) -> bool:
+    """Whether a slice tile is a candidate at M rows: at most two programs of its block_m rows
+    per tile (each program dequantizes the tile again), and no 32-row programs for <= 16."""
+    return launch.block_m in (16, 32) and m <= 2 * launch.block_m and (m > 16 or launch.block_m == 16)
 
 
 def mma_fits(w: W4, block_k: int, dtype: torch.dtype, kind: str = "mma") -> bool:
-    """Whether the mma kernel takes this weight: repacked, one group per K step, bf16
-    activations (its dequantized tile is bf16; fp32 for tests); the swapped form (kind
+    """Whether the mma (or slice) kernel takes this weight: repacked, one group per K step,
+    bf16 activations (its dequantized tile is bf16; fp32 for tests); the swapped form (kind
     "swap", which rounds the scaled weights to bf16) bf16 activations and 16-bit scales."""
     n, k = w.shape
     group = k if w.group_size == -1 else w.group_size
@@ -1457,7 +1609,7 @@ def w4a16_matmul(x: torch.Tensor, w: W4, bias: torch.Tensor | None = None,
         return w4a16_skinny(x, w, bias, launch)
     if launch.kind == "fma":
         return w4a16_fma(x, w, bias, launch)
-    if launch.kind in ("mma", "swap"):
+    if launch.kind in ("mma", "swap", "slice"):
         return w4a16_mma(x, w, bias, launch)
     if launch.kind == "stream":
         return w4a16_stream(x, w, bias, launch)
@@ -1520,8 +1672,9 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
     checkpoint-layout one), the default first: the skinny tiles at a few splits
     (M <= MAX_M), the GEMV variant (M <= GEMV_MAX_M); on repacked weights the stream tiles
     (M = 1) at their rule's split, twice it, one group and half a group per program, the fma
-    kernel's tiles at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma and
-    swap kernels' (M <= MAX_M, where they fit: mma_fits) at the skinny rule's splits (and of the checkpoint
+    kernel's first tile at its rule's split, half and twice it (M <= FMA_MAX_M) and the mma, swap
+    and slice kernels' (M <= MAX_M, where they fit: mma_fits, slice_fits) at the skinny rule's
+    splits (the slice tiles at one row: the rule's and twice it) (and of the checkpoint
     kernels only the skinny tiles at the rule's split); the tiled kernel (M >= 32),
     dequantize + cuBLAS (always: it also stands in should no kernel variant fit)."""
     packing = GPTQ if w is None else w.packing
@@ -1534,7 +1687,9 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
     if m <= GEMV_MAX_M and packing != REPACKED:
         out += [tile._replace(split_k=s) for tile in GEMV_TILES for s in splits(tile)]
     if m <= FMA_MAX_M and packing == REPACKED:
-        for tile in FMA_TILES:
+        # H200 (session 6): the stream kernel beat every fma tile on every Llama-3.1-8B shape
+        # by 5-15%; the fastest of them everywhere stays a candidate, the others are not timed
+        for tile in FMA_TILES[:1]:
             s = fma_split_k(n, k, tile, sms)
             out += [tile._replace(split_k=x) for x in dict.fromkeys(
                 (s, max(1, s // 2), min(2 * s, MAX_FMA_SPLIT_K, max(1, k // tile.block_k))))]
@@ -1545,14 +1700,18 @@ def candidates(m: int, n: int, k: int, sms: int, w: W4 | None = None,
                 s = stream_split_k(n, k, tile, stream_step(tile, group), sms)
                 # the rule's split and twice it; one group or half a group per program
                 splits = (s, 2 * s, k // group, 2 * k // group)
-                out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)
-                        if 1 <= x <= MAX_STREAM_SPLIT_K]
+                out += [tile._replace(split_k=x) for x in dict.fromkeys(splits)   # a split of
+                        if 1 <= x <= MAX_STREAM_SPLIT_K and k // x >= stream_step(tile, group)]   # >= 1 step
                 if stream_step(tile, group) == 4 * stream_rows(tile) and k // group <= MAX_STREAM_SPLIT_K:
                     out.append(tile._replace(split_k=k // group, chain=True))   # one group each
     if m <= MAX_M and w is not None:
-        out += [tile._replace(split_k=s) for tile in MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
-                if mma_fits(w, tile.block_k, dtype, tile.kind)
-                for s in split_candidates(n, k, tile, sms)]
+        tiles = (MMA_TILES[block_m(m)] + SWAP_TILES[block_m(m)]
+                 + tuple(t for t in SLICE_TILES if slice_fits(m, t)))
+        for tile in (t for t in tiles if mma_fits(w, t.block_k, dtype, t.kind)):
+            splits = split_candidates(n, k, tile, sms)   # (s, s / 2, 2 s); at one row the
+            if m == 1 and tile.kind == "slice":         # slice tiles at s and 2 s only
+                splits = [splits[0], *splits[2:]]
+            out += [tile._replace(split_k=s) for s in splits]
     if m >= 32:
         out.append(TILED)
     return out + [Launch("dequant")]
@@ -1567,7 +1726,8 @@ def pick(timed: list[tuple[float, Launch]]) -> tuple[float, Launch]:
 
 @torch.inference_mode()
 def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repeats: int = 7,
-                 time_us=None, max_layers: int = 4, verify: bool = True) -> list[dict]:
+                 time_us=None, max_layers: int = 4, verify: bool = True,
+                 pdl_rows: int = 0) -> list[dict]:
     """Per quantized layer shape and row count M (default: the CUDA-graph sizes up to MAX_M,
     policy.cuda_graphs, then PREFILL_M), time every `candidates` launch, each under a CUDA
     graph of one pass over the shape's layers (all of them up to MAX_M rows, so the weights
@@ -1580,6 +1740,12 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     verify: each candidate's product (first layer of the shape) is checked against the torch
     reference (reference_product); one off by more than VERIFY_TOL is never chosen (reported
     under `failed`), so a kernel that computes wrong on some device cannot win on speed.
+    pdl_rows: the row counts up to which the engine launches its kernels with programmatic
+    dependent launch (EngineConfig.pdl_max_tokens where PDL is on, engine.kernels.pdl): those
+    M are timed with it on, as the step's graphs run them (each launch's weights prefetched
+    into L2 while the previous kernel finishes), the others with it off; there the three
+    fastest are timed again without the prefetch and without PDL (pdl_alternatives), and
+    the plan keeps the launch's mode (Launch.pdl).
     time_us ((fn, M, launch) -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     groups = quantized_layers(model)
@@ -1595,42 +1761,84 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     scratch(device, dtype, largest)   # allocated before timing: the candidates share it
     sms = num_sms(device)
     report = []
-    for key, layers in groups.items():
-        n, k = key[0], key[1]
-        gen = torch.Generator(device).manual_seed(n + k)
-        plan = []
-        for m in m_values:
-            timed_layers = layers if m <= MAX_M else layers[:max_layers]
-            params = [(weight_of(layer), layer.bias) for layer in timed_layers]
-            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            times, failed = [], {}
-            ref = reference_product(x, *params[0]) if verify else None
-            for launch in candidates(m, n, k, sms, weight_of(layers[0]), dtype):
-                try:
-                    us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
-                    error = relative_error(w4a16_matmul(x, *params[0], launch), ref) if verify else 0.0
-                except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
-                    device_still_sound(device)
-                    failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
-                    continue
-                if not error <= VERIFY_TOL:   # a wrong product is never chosen (NaN included)
-                    failed[_name(launch)] = f"wrong product: relative error {error:.2e}"
-                    continue
-                times.append((us / len(params), launch))
-            if not times:
-                raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
-            us, best = pick(times)
-            plan.append((m, best))
-            report.append(dict(n=n, k=k, format=("gptq", "awq", "repacked")[key[2]], group=key[3],
-                               act_order=key[4], layers=len(layers), m=m,
-                               times_us={_name(l): t for t, l in times}, failed=failed,
-                               choice=_name(best), us=us))
-        for layer in layers:
-            layer.w4a16 = tuple(plan)
+    pdl_was = pdl.enabled()
+    try:
+        for key, layers in groups.items():
+            report += _choose_shape(key, layers, m_values, time_us, max_layers, verify, pdl_rows,
+                                    device, dtype, sms)
+    finally:
+        pdl.enable(pdl_was)
     if not any(launch.kind == "dequant" for layers in groups.values()
                for _, launch in layers[0].w4a16):
         _SCRATCH.pop((device, dtype), None)   # nobody uses it: give the memory back
     return report
+
+
+def _choose_shape(key, layers, m_values, time_us, max_layers, verify, pdl_rows, device, dtype,
+                  sms) -> list[dict]:
+    """choose_w4a16 for the layers of one shape (quantized_layers' key): sets their plan,
+    returns the report rows."""
+    n, k = key[0], key[1]
+    gen = torch.Generator(device).manual_seed(n + k)
+    plan, report = [], []
+    for m in m_values:
+        pdl.enable(pdl.supported(device) and m <= pdl_rows)
+        timed_layers = layers if m <= MAX_M else layers[:max_layers]
+        params = [(weight_of(layer), layer.bias) for layer in timed_layers]
+        x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+        ref = reference_product(x, *params[0]) if verify else None
+        times, failed = _time_launches(candidates(m, n, k, sms, weight_of(layers[0]), dtype),
+                                       x, params, ref, time_us, m, device)
+        if pdl.enabled():   # the fastest again with the weight prefetch, and PDL, off
+            more, more_failed = _time_launches(pdl_alternatives(times), x, params, ref, time_us,
+                                               m, device)
+            times, failed = times + more, {**failed, **more_failed}
+        if not times:
+            raise RuntimeError(f"w4a16: no launch runs for a {n} x {k} layer at M={m}: {failed}")
+        us, best = pick(times)
+        plan.append((m, best))
+        report.append(dict(n=n, k=k, format=("gptq", "awq", "repacked")[key[2]], group=key[3],
+                           act_order=key[4], layers=len(layers), m=m, pdl=pdl.enabled(),
+                           times_us={_name(l): t for t, l in times}, failed=failed,
+                           choice=_name(best), us=us))
+    for layer in layers:
+        layer.w4a16 = tuple(plan)
+    return report
+
+
+def _time_launches(launches, x, params, ref, time_us, m, device) -> tuple[list, dict]:
+    """([(us per layer, launch)] of the launches that run here and compute right (within
+    VERIFY_TOL of ref, None: unchecked), {name: why} of the others), each timed over `params`
+    ([(W4, bias)], the layers of one shape)."""
+    times, failed = [], {}
+    for launch in launches:
+        try:
+            us = time_us(lambda: [w4a16_matmul(x, w, b, launch) for w, b in params], m, launch)
+            error = relative_error(w4a16_matmul(x, *params[0], launch), ref) if ref is not None else 0.0
+        except _LAUNCH_ERRORS as e:   # e.g. a tile that needs more shared memory
+            device_still_sound(device)
+            failed[_name(launch)] = f"{type(e).__name__}: {str(e)[:120]}"
+            continue
+        if not error <= VERIFY_TOL:   # a wrong product is never chosen (NaN included)
+            failed[_name(launch)] = f"wrong product: relative error {error:.2e}"
+            continue
+        times.append((us / len(params), launch))
+    return times, failed
+
+
+PDL_KINDS = ("stream", "slice", "swap", "mma")   # the launches Launch.pdl applies to
+
+
+def pdl_alternatives(timed: list[tuple[float, Launch]], top: int = 3) -> list[Launch]:
+    """The `top` fastest of the timed (us, launch) that launch with PDL and the weight
+    prefetch, each with the prefetch off (PDL_WAIT) and with PDL off (PDL_OFF): what the
+    load-time choice times next where the engine launches with PDL. (H200, session 7: with
+    PDL and the prefetch the engine's 4-bit decode steps measured slower than session 6's
+    without, batch 1 3.85 ms against 3.67, batch 16 8.00 against 5.97, bf16 unchanged; a
+    slice of the repacked words is 64-128 byte pieces of many rows, one bulk prefetch each.)"""
+    best = sorted((t for t in timed if t[1].kind in PDL_KINDS and t[1].pdl == PDL_PREFETCH),
+                  key=lambda t: t[0])[:top]
+    return [launch._replace(pdl=mode) for _, launch in best for mode in (PDL_WAIT, PDL_OFF)]
 
 
 VERIFY_TOL = 3e-2   # relative_error a candidate may show (bf16 products: ~4e-3; a broken one: ~1)
@@ -1673,11 +1881,21 @@ def device_still_sound(device: torch.device) -> None:
 
 
 def _name(launch: Launch) -> str:
+    name = _tile_name(launch)
+    if launch.kind in PDL_KINDS and launch.pdl != PDL_PREFETCH:
+        name += "/wait" if launch.pdl == PDL_WAIT else "/nopdl"
+    return name
+
+
+def _tile_name(launch: Launch) -> str:
     if launch.kind == "stream":   # tiles that differ only in their pipeline stages: p<stages>
         stages = f"p{launch.num_stages}" if launch.num_stages > 1 else ""
         chain = "c" if launch.chain else ""
         return (f"stream{launch.block_n}x{launch.block_k}w{launch.num_warps}{stages}{chain}"
                 f"/s{launch.split_k}")
+    if launch.kind == "slice":   # rows per program first
+        return (f"slice{launch.block_m}x{launch.block_n}x{launch.block_k}w{launch.num_warps}"
+                f"p{launch.num_stages}/s{launch.split_k}")
     if launch.kind in ("skinny", "gemv", "fma", "mma", "swap"):
         return f"{launch.kind}{launch.block_n}x{launch.block_k}w{launch.num_warps}/s{launch.split_k}"
     if launch.kind == "tiled":

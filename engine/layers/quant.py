@@ -116,16 +116,17 @@ def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return F.linear(x, dequantize(layer).to(x.dtype), bias)
 
 
-def choose_kernels(model: nn.Module) -> list[dict]:
+def choose_kernels(model: nn.Module, pdl_rows: int = 0) -> list[dict]:
     """On CUDA, for a quantized model: repack every quantized layer into the kernels' layout
     (repack_layers), then measure and record each layer's fastest W4A16 path per row count
-    (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph capture).
+    (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph capture; row
+    counts up to pdl_rows timed with programmatic dependent launch, as the engine runs them).
     Returns its report ([] for a dense model)."""
     if getattr(model, "quantization", None) is None:
         return []
     from engine.kernels.w4a16 import choose_w4a16
     repack_layers(model)
-    return choose_w4a16(model)
+    return choose_w4a16(model, pdl_rows=pdl_rows)
 
 
 @torch.no_grad()
