@@ -11,8 +11,9 @@ config, and each of its steps priced by the roofline against the device time it 
 DIR`: for each run the file fitted without that run's model (DIR/<gpu>-without-<model>.yaml),
 labelled "leave-one-out". Prints per run and hardware file the error (sim - real) / real
 of throughput and mean / p50 / p90 TTFT, TPOT and E2E latency, and the mean error of the
-roofline on the run's decode and mixed steps; ends with one JSON line. Simulated runs go
-to --out/<label>/<run name>. Runs on a CPU in seconds per run.
+roofline on the run's decode and mixed steps, then the mean |error| over the runs and by
+model; ends with one JSON line. Simulated runs go to --out/<label>/<model>/<run name>.
+Runs on a CPU in seconds per run.
 """
 import argparse
 import json
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
         config = real["config"]
         for label, source in sources.items():
             hardware = hardware_for(label, source, config)
-            sim = simulate(config, hardware, args.out / label / run_name(run_dir))
+            sim = simulate(config, hardware, args.out / label / config["model"]["name"] / run_name(run_dir))
             row = {"run": run_name(run_dir), "model": config["model"]["name"], "hardware": label}
             row |= {m: (sim[m] - real["metrics"][m]) / real["metrics"][m] for m in METRICS}
             row |= {f"step_{k}": v for k, v in step_errors(run_dir, config, hardware).items()}
