@@ -253,7 +253,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     roofline = None
     if rc.calibrate.fit_hardware:
         fitted_hw, roofline = fit_hardware(table, model, rc.hardware, tp, graphs,
-                                           block_size=rc.cache.block_size)
+                                           block_size=rc.cache.block_size, pdl_max_tokens=rc.engine.pdl_max_tokens)
         hw_path = out.with_suffix(".hardware.yaml")
         write_hardware(fitted_hw, hw_path, f"roofline parameters of {rc.hardware.name} fitted on "
                        f"{profile_path.name} ({device}, {rc.model_name}, tp={tp}); command: {command}")

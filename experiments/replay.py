@@ -88,7 +88,7 @@ def replay_sim(rc: RunConfig) -> Replay:
     graphs = CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
                                    rc.engine.graph_limit)
     cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp, graphs=graphs,
-                                  block_size=rc.cache.block_size)
+                                  block_size=rc.cache.block_size, pdl_max_tokens=rc.engine.pdl_max_tokens)
     sim = Simulator(rc.scheduler, rc.cache, cost_model, num_blocks,
                     num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed,
                     async_scheduling=rc.engine.async_on)

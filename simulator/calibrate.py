@@ -55,13 +55,6 @@ SHARED_FEATURE = "decode_distinct_context_tokens"
 # at 8-16 decodes, 0.5-0.8 us at 32-256, where the plan's shares run in a second wave).
 SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens")
 
-# The roofline parameters a profile determines, with the range searched for each.
-HARDWARE_FIT = {
-    "flops_efficiency": (0.05, 1.0), "flops_half_tokens": (0.0, 4096.0),
-    "bandwidth_efficiency": (0.05, 1.0), "attention_bandwidth_efficiency": (0.02, 1.0),
-    "step_fixed_s": (0.0, 5e-3), "layer_fixed_s": (0.0, 200e-6), "layer_launch_s": (0.0, 500e-6),
-    "shared_kv_read_cost": (0.02, 1.0),   # only with shared-prefix shapes in the profile
-}
 
 
 def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
@@ -492,50 +485,22 @@ def print_moe_held_out(report: dict) -> None:
               f"{100 * report['mape']:.2f}% ({100 * report['mape_without']:.2f}% fitted without {MOE_FEATURE})")
 
 
-def roofline_error(model: ModelSpec, hw: HardwareSpec, tp: int, graphs: CudaGraphs,
-                   rows: list[dict], times: np.ndarray) -> float:
-    cost = RooflineCostModel(model, hw, tp, graphs)
-    pred = np.array([cost.predict(r) for r in rows])
-    return float(np.mean(np.abs(pred - times) / times))
-
-
 def fit_hardware(profile: pd.DataFrame, model: ModelSpec, hw: HardwareSpec, tp: int,
-                 graphs: CudaGraphs, sweeps: int = 4,
-                 block_size: int | None = None) -> tuple[HardwareSpec, dict]:
-    """The roofline's efficiencies and fixed costs (HARDWARE_FIT) that minimise its mean
-    relative error on the profile's train rows (coordinate search over a log grid per
-    parameter), and the host overheads (`fit_host`). Returns the fitted spec and its mean
-    relative error per step kind on the held-out rows. `block_size`: the engine's KV block
-    size in the profile, which the fitted efficiencies then describe
-    (`attention_reference_block`; the spec's own if None). `shared_kv_read_cost` is fitted
-    only if the profile has decodes sharing KV blocks (else the spec's own is kept)."""
-    profile = with_shared_feature(profile, "the profile")
-    train = profile[profile["split"] == "train"]
-    fit_params = {k: v for k, v in HARDWARE_FIT.items()
-                  if k != "shared_kv_read_cost" or shares_kv(train).any()}
-    rows, times = train.to_dict("records"), train["device_s"].to_numpy(float)
-    host = fit_host(profile)
-    best = dataclasses.replace(hw, step_overhead_s=host["launch_s"], seq_overhead_s=host["launch_seq_s"],
-                               update_overhead_s=host["receive_s"],
-                               update_seq_overhead_s=host["receive_seq_s"],
-                               attention_reference_block=block_size or hw.attention_reference_block)
-    err = roofline_error(model, best, tp, graphs, rows, times)
-    for _ in range(sweeps):
-        for name, (lo, hi) in fit_params.items():
-            current = getattr(best, name)
-            candidates = set(np.geomspace(max(lo, hi / 1e4), hi, 25)) | {lo, current}
-            candidates |= {min(hi, max(lo, current * f)) for f in (0.7, 0.85, 0.95, 1.05, 1.2, 1.4)}
-            for value in sorted(candidates):
-                trial = dataclasses.replace(best, **{name: float(value)})
-                e = roofline_error(model, trial, tp, graphs, rows, times)
-                if e < err:
-                    best, err = trial, e
-    held = profile[profile["split"] != "train"]
-    report = {}
-    for kind, df in held.groupby("kind"):
-        report[kind] = roofline_error(model, best, tp, graphs, df.to_dict("records"),
-                                      df["device_s"].to_numpy(float))
-    return best, report
+                 graphs: CudaGraphs, sweeps: int = 4, block_size: int | None = None,
+                 pdl_max_tokens: int = 0) -> tuple[HardwareSpec, dict]:
+    """The roofline's parameters fitted on this one profile (simulator.hardware_fit's fit,
+    on one model: its efficiencies, fixed costs and host overheads), and its mean relative
+    error per step kind on the held-out rows. One model cannot tell a fixed cost from its
+    weight reads, so the result describes this model on the GPU (the calibration's
+    .hardware.yaml); the GPU's own file is fitted on several (python -m
+    simulator.hardware_fit). `block_size`: the engine's KV block size in the profile, which
+    the fitted efficiencies then describe (`attention_reference_block`; the spec's own if
+    None); `pdl_max_tokens`: the engine's."""
+    from simulator.hardware_fit import Profile, fit_joint, kind_errors
+    one = Profile("profile", "device", model, tp, graphs, block_size or hw.attention_reference_block,
+                  pdl_max_tokens, "?", with_shared_feature(profile, "the profile"))
+    fitted = fit_joint([one], hw, sweeps)
+    return fitted, {kind: e["mape"] for kind, e in kind_errors(one, fitted).items()}
 
 
 def print_fit(calib: dict, roofline: dict | None = None) -> None:
@@ -647,7 +612,7 @@ def main(argv=None):
         graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
                                        e.get("cuda_graph_max_tokens", 0))
         fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs,
-                                      block_size=e.get("block_size"))
+                                      block_size=e.get("block_size"), pdl_max_tokens=e.get("pdl_max_tokens") or 0)
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     if args.check_steps:

@@ -196,36 +196,45 @@ class CostModel(ABC):
 
 
 class RooflineCostModel(CostModel):
-    """A step is a sequence of kernel groups; each takes max(FLOPs / achievable FLOP/s,
-    bytes / achievable bandwidth), and the groups add up (they run one after another):
+    """A step is a sequence of kernel groups; each takes R(compute time, memory time), and
+    the groups add up (they run one after another):
 
-        linear   max(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
-        lm_head  max(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
-        decode   max(A Cd / F,   K (Cu + r (Cd - Cu)) / BWa)    attention over each decode's KV
-        prefill  max(A Pp / F,              K Ckv / BWa)        chunk attention incl. cached context
-        allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)          only if tp > 1
-        fixed    step_fixed + L layer_fixed (+ L layer_launch if eager)
+        linear   R(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
+        lm_head  R(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
+        decode   R(A Cd / Fa,   K (Cu + r (Cd - Cu)) / BWa)   attention over each decode's KV
+        prefill  R(A Pp / Fa,              K Ckv / BWa)       chunk attention incl. cached context
+        allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)        only if tp > 1
+        fixed    step_fixed + L layer_fixed - L pdl_saving (if T' <= pdl_max_tokens)
+                 + L layer_launch (if eager)
 
+    R(c, m) = (c^p + m^p)^(1/p), p the hardware's roofline_exponent (infinity, the default:
+    max(c, m), the ideal roofline; a finite p charges steps near the ridge point, where
+    neither the tensor cores nor memory run at their rate, more).
     Pm: linear-layer params a token multiplies with; Wr: the bytes a step reads of them (b Pm
     for a dense model; 4-bit values with group scales and zeros for a quantized one, whose
     tensor cores still run Pm multiply-adds per token; with experts, every expert some token
     is routed to: policy.model.ModelConfig.matmul_weights_read of the step's T tokens x b),
     Pv: vocab x hidden, b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
-    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
-    head_dim / tp (FLOPs per query-key pair, QK^T and PV), K: KV bytes per token per rank,
+    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads head_dim / tp (FLOPs per query-key pair, QK^T and PV), Fa: the
+    attention kernels' FLOP/s, K: KV bytes per token per rank,
     Cd: decode context tokens, Cu: of them, the tokens of distinct blocks (a block several
     decodes share, a prefix-cache hit, counted once), r: the hardware's shared_kv_read_cost
-    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal query-key pairs of prefill chunks, Ckv: their
-    context after the step (cached prefix included), BWa: paged-attention bandwidth, L:
-    layers, h: hidden, IC: interconnect bytes/s. Host costs: the hardware's overheads.
+    (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal
+    query-key pairs of prefill chunks, Ckv: their context after the step (cached prefix
+    included), BWa: paged-attention bandwidth, L: layers, h: hidden, IC: interconnect bytes/s; pdl_max_tokens: the engine's (steps that small
+    launch with programmatic dependent launch; 0: none). Host costs: the hardware's overheads.
     The decode and prefill attention terms are multiplied by the hardware's measured cost
     of the run's KV block size relative to the block its efficiencies describe
     (`HardwareSpec.attention_block_factor`; 1.0 without measurements or block_size=None).
+    Which terms and efficiencies carry over between models was decided by fitting them on
+    several models' profiles at once and predicting a model left out
+    (simulator.hardware_fit; simulator/calibrations/README.md, "Error to expect").
     """
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                 graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None):
+                 graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None,
+                 pdl_max_tokens: int = 0):
         model.check_tp(tp)
         _require(tp == 1 or hw.interconnect_gbs > 0,
                  f"hardware {hw.name!r} has interconnect_gbs=0: cannot model tp={tp}")
@@ -238,7 +247,7 @@ class RooflineCostModel(CostModel):
         self.lm_flop = 2 * model.lm_head_params / tp                   # per sampled token
         self.lm_bytes_s = model.lm_head_params * b / tp / BW           # per step with a sample
         heads_per_rank = model.num_heads // tp
-        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.flops
+        self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.attention_flops
         self.kv_read_s = model.kv_bytes_per_token(tp) / hw.attention_bandwidth
         self.reread = hw.shared_kv_read_cost
         block = hw.attention_reference_block if block_size is None else block_size
@@ -252,6 +261,9 @@ class RooflineCostModel(CostModel):
             self.allreduce_fixed_s = self.allreduce_token_s = 0.0
         self.fixed_s = hw.step_fixed_s + hw.layer_fixed_s * model.num_layers
         self.eager_launch_s = hw.layer_launch_s * model.num_layers
+        # steps of at most pdl_max_tokens rows launch each kernel while the one before ends
+        self.pdl_max_tokens = pdl_max_tokens
+        self.pdl_saving_s = hw.pdl_layer_saving_s * model.num_layers
         self._by_shape: dict[tuple, tuple] = {}   # step shape -> _shape_time's
 
     def predict(self, f: dict) -> float:
@@ -266,10 +278,11 @@ class RooflineCostModel(CostModel):
         if self.reread != 1.0:
             distinct = f["decode_distinct_context_tokens"]
             kv = distinct + self.reread * (decode_ctx - distinct)
-        t += self.decode_attn_factor * max(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
+        roofline = self.hw.roofline
+        t += self.decode_attn_factor * roofline(self.attn_flop_s * decode_ctx, self.kv_read_s * kv)
         if f["prefill_kv_tokens"]:
-            t += self.prefill_attn_factor * max(self.attn_flop_s * f["prefill_attention_pairs"],
-                                                self.kv_read_s * f["prefill_kv_tokens"])
+            t += self.prefill_attn_factor * roofline(self.attn_flop_s * f["prefill_attention_pairs"],
+                                                     self.kv_read_s * f["prefill_kv_tokens"])
         if self.tp > 1:
             t += self.allreduce_fixed_s + self.allreduce_token_s * rows
         if kind == "eager":
@@ -285,10 +298,11 @@ class RooflineCostModel(CostModel):
             routed = routed_tokens(f["num_batched_tokens"], rows)
             linear_bytes_s = (self.model.config.matmul_weights_read(routed)
                               * self.model.dtype_bytes / self.tp / hw.bandwidth)
-        t = self.fixed_s + max(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
+        fixed = self.fixed_s - (self.pdl_saving_s if rows <= self.pdl_max_tokens else 0.0)
+        t = fixed + hw.roofline(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
         sampled = f["num_sampled"]
         if sampled:
-            t += max(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
+            t += hw.roofline(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
         return t, kind, rows
 
     def reset(self) -> None:
@@ -766,18 +780,21 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, tp: int = 1,
-                     graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None) -> CostModel:
+                     graphs: CudaGraphs = CudaGraphs(), block_size: int | None = None,
+                     pdl_max_tokens: int = 0) -> CostModel:
     """The cost model `cfg` names. A calibration must be for this model and tp. `block_size`:
     the run's KV block size, whose attention speed the hardware's `attention_block_cost`
     states (None: the block size the costs were measured at); one outside a kernel's
-    measured sizes is logged (it takes the nearest measured size's cost)."""
+    measured sizes is logged (it takes the nearest measured size's cost). `pdl_max_tokens`:
+    the engine's (the roofline's `pdl_layer_saving_s` applies to steps of at most that many
+    rows)."""
     for kernel, table in hw.attention_block_cost.items():
         if block_size is not None and cfg.kind != "replay" and not min(table) <= block_size <= max(table):
             nearest = min(table) if block_size < min(table) else max(table)
             log.warning(f"hardware {hw.name!r}: attention_block_cost.{kernel} was measured at block sizes "
                         f"{min(table)}-{max(table)}; block {block_size} takes block {nearest}'s cost")
     if cfg.kind == "roofline":
-        return RooflineCostModel(model, hw, tp, graphs, block_size)
+        return RooflineCostModel(model, hw, tp, graphs, block_size, pdl_max_tokens)
     path = _resolve(cfg.path)
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)

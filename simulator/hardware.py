@@ -33,12 +33,21 @@ class HardwareSpec:
     flops_efficiency: achieved / peak for large GEMMs (0 < x <= 1).
     flops_half_tokens: GEMM tokens at which a GEMM reaches half of `flops_efficiency`
         (small GEMMs are latency-bound): efficiency(T) = flops_efficiency * T / (T + this).
+    attention_flops_efficiency: achieved / peak of the attention kernels' tensor-core work
+        (query-key pairs); None: flops_efficiency.
     bandwidth_efficiency: achieved / peak for streaming weight reads (0 < x <= 1).
     attention_bandwidth_efficiency: achieved / peak for paged-attention KV reads.
     interconnect_gbs: per-GPU, per-direction bandwidth seen by a tensor-parallel all-reduce.
     allreduce_latency_s: fixed cost of one all-reduce (launch + synchronisation).
     step_fixed_s: device time every step pays whatever its size (sampling, small kernels).
     layer_fixed_s: device time per decoder layer and step (the minimum of its kernels).
+    pdl_layer_saving_s: what a step of at most the engine's `pdl_max_tokens` rows saves of
+        `layer_fixed_s` per layer (programmatic dependent launch: each kernel starts while
+        the one before it ends); the roofline subtracts it only when told the engine's
+        pdl_max_tokens.
+    roofline_exponent: p of how a kernel group's compute time c and memory time m combine,
+        (c^p + m^p)^(1/p): infinity is the ideal roofline max(c, m); a finite p charges the
+        shapes near the ridge point, where neither unit runs at its rate, more.
     layer_launch_s: extra per-layer cost of a step run eagerly (kernel launches the device
         waits for); a step replayed from a CUDA graph does not pay it.
     step_overhead_s, seq_overhead_s: host time to form, pack and launch a step: fixed, and
@@ -78,6 +87,9 @@ class HardwareSpec:
     allreduce_latency_s: float = 10e-6
     step_fixed_s: float = 0.0
     layer_fixed_s: float = 0.0
+    pdl_layer_saving_s: float = 0.0
+    attention_flops_efficiency: float | None = None
+    roofline_exponent: float = math.inf
     layer_launch_s: float = 30e-6
     step_overhead_s: float = 0.5e-3
     seq_overhead_s: float = 5e-6
@@ -95,11 +107,19 @@ class HardwareSpec:
                       "shared_kv_read_cost"):
             value = getattr(self, field)
             _require(0 < value <= 1, f"hardware {self.name!r}: {field} must be in (0, 1], got {value!r}")
-        for field in ("flops_half_tokens", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
+        a = self.attention_flops_efficiency
+        _require(a is None or 0 < a <= 1,
+                 f"hardware {self.name!r}: attention_flops_efficiency must be in (0, 1] or null, got {a!r}")
+        _require(self.roofline_exponent >= 1,
+                 f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
+        for field in ("flops_half_tokens", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
                       "update_overhead_s", "update_seq_overhead_s"):
             value = getattr(self, field)
             _require(value >= 0, f"hardware {self.name!r}: {field} must be >= 0, got {value!r}")
+        _require(self.pdl_layer_saving_s <= self.layer_fixed_s,
+                 f"hardware {self.name!r}: pdl_layer_saving_s ({self.pdl_layer_saving_s!r}) must not exceed "
+                 f"layer_fixed_s ({self.layer_fixed_s!r})")
         ref = self.attention_reference_block
         _require(isinstance(ref, int) and not isinstance(ref, bool) and ref >= 1,
                  f"hardware {self.name!r}: attention_reference_block must be an integer >= 1, got {ref!r}")
@@ -112,9 +132,26 @@ class HardwareSpec:
         """Achievable FLOP/s of a large GEMM."""
         return self.peak_tflops * 1e12 * self.flops_efficiency
 
+    @property
+    def attention_flops(self) -> float:
+        """Achievable FLOP/s of the attention kernels' matrix work."""
+        eff = self.flops_efficiency if self.attention_flops_efficiency is None else self.attention_flops_efficiency
+        return self.peak_tflops * 1e12 * eff
+
     def gemm_flops(self, tokens: int) -> float:
         """Achievable FLOP/s of a GEMM over `tokens` rows."""
         return self.flops * tokens / (tokens + self.flops_half_tokens) if tokens else self.flops
+
+    def roofline(self, compute_s: float, memory_s: float) -> float:
+        """Time of a kernel group that needs `compute_s` at the achievable FLOP/s and
+        `memory_s` at the achievable bandwidth (roofline_exponent)."""
+        p = self.roofline_exponent
+        if p == math.inf:
+            return max(compute_s, memory_s)
+        top = max(compute_s, memory_s)
+        if top <= 0:
+            return 0.0
+        return top * ((compute_s / top) ** p + (memory_s / top) ** p) ** (1 / p)
 
     @property
     def bandwidth(self) -> float:

@@ -300,7 +300,7 @@ def test_roofline_decode_bytes_follow_batch_size():
     def decode(batch):
         return {"num_seqs": batch, "num_batched_tokens": batch, "num_prefill_tokens": 0,
                 "num_decode_seqs": batch, "num_sampled": batch, "decode_context_tokens": batch,
-                "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
+                "decode_distinct_context_tokens": batch, "prefill_context_tokens": 0, "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
                 "max_context_tokens": 1}
     data = yaml.safe_load((MODEL_CONF_DIR / "qwen3-30b-a3b.yaml").read_text())["hf_config"]
     moe = RooflineCostModel(ModelSpec.from_hf_config(data, "qwen3-30b-a3b"), hw)

@@ -291,8 +291,11 @@ def test_simulator_weight_bytes_kv_pool_and_decode_cost_follow_quantization():
     batch.num_computed_tokens.append(1024)
     batch.sample.append(True)
     batch.num_batched_tokens, batch.num_decode_seqs = 1, 1
-    t_dense = RooflineCostModel(dense, hw).step_time(batch)
-    t_gptq = RooflineCostModel(gptq, hw).step_time(batch)
+    # the ideal roofline, max(compute, memory): a weight-bound step saves exactly the bytes' time
+    ideal = HardwareSpec(**{**yaml.safe_load((MODEL_CONF_DIR.parent / "hardware" / "h200.yaml").read_text()),
+                            "roofline_exponent": float("inf")})
+    t_dense = RooflineCostModel(dense, ideal).step_time(batch)
+    t_gptq = RooflineCostModel(gptq, ideal).step_time(batch)
     saved = (dense.matmul_weight_bytes - gptq.matmul_weight_bytes) / hw.bandwidth
     assert t_dense - t_gptq == pytest.approx(saved, rel=1e-6)
 

@@ -18,8 +18,9 @@ Stages (each reads what the earlier ones wrote under --out, so they can run apar
             their own timestamps (azure_conv, mooncake_conv) vary time_scale.
   real      every cell on the engine, --repeats times, one engine per engine setting
             (LLMEngine.reset between runs: same start-up, fresh prefix cache).
-  sim       every cell on the simulator with cost_model=fitted and roofline (and
-            roofline with the calibration's fitted hardware parameters if present), and
+  sim       every cell on the simulator with cost_model=fitted and roofline (the
+            hardware file of --roofline-hardware, default conf/hardware/<--hardware>.yaml; and
+            roofline_fitted: the calibration's own fitted hardware parameters if present), and
             cost_model=replay on every real run (policy equivalence).
   table     table.csv (one row per cell x metric x cost model), table.md, effects.csv
             (policy-effect pairs), equivalence.csv; prints the summary, ends with one
@@ -31,6 +32,7 @@ below capacity: policy (chunked -> prefill_first), budget (max_num_batched_token
 prefix_caching (on -> off, mooncake_conv only).
 """
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -48,6 +50,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from experiments.config import register_configs  # noqa: E402
 from experiments.replay import build_engine, run  # noqa: E402
 from experiments.config import build  # noqa: E402
+from simulator.hardware import HardwareSpec  # noqa: E402
 
 METRICS = ["request_throughput", "output_throughput"] + [
     f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p90", "p99")]
@@ -148,14 +151,22 @@ def stage_real(args, common, todo) -> None:
             engine.close()
 
 
+def hardware_overrides(path) -> list[str]:
+    """Hydra overrides that make the run's hardware the file's: every HardwareSpec field,
+    those the file leaves out at their defaults (not at conf/hardware's values)."""
+    spec = HardwareSpec(**yaml.safe_load(Path(path).read_text()))
+    # an empty mapping would merge into conf/hardware's table: null replaces it
+    return [f"hardware.{k}={hydra_value(v if v != {} else None)}"
+            for k, v in dataclasses.asdict(spec).items() if k != "name"]
+
+
 def stage_sim(args, common, todo) -> None:
     models = {"fitted": ["cost_model=fitted", f"cost_model.path={args.calibration}"],
-              "roofline": ["cost_model=roofline"]}
+              "roofline": ["cost_model=roofline"]
+              + (hardware_overrides(args.roofline_hardware) if args.roofline_hardware else [])}
     hw_file = Path(args.calibration).with_suffix(".hardware.yaml")
     if hw_file.is_file():
-        fitted_hw = yaml.safe_load(hw_file.read_text())
-        models["roofline_fitted"] = ["cost_model=roofline"] + [
-            f"hardware.{k}={hydra_value(v)}" for k, v in fitted_hw.items() if k != "name"]
+        models["roofline_fitted"] = ["cost_model=roofline"] + hardware_overrides(hw_file)
     for cell in {c["dir"]: c for c in todo}.values():
         for model, over in models.items():
             run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
@@ -177,7 +188,9 @@ def hydra_value(v) -> str:
     file's attention_block_cost)."""
     if isinstance(v, dict):
         return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
+    if v is None:
+        return "null"
+    return str(v)     # a float's repr: inf reads back as infinity
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -301,6 +314,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="conf/model/<name>")
     ap.add_argument("--hardware", required=True, help="conf/hardware/<name> (the roofline's)")
+    ap.add_argument("--roofline-hardware", default=None, metavar="FILE",
+                    help="hardware YAML of the `roofline` row (default: conf/hardware/<--hardware>.yaml); "
+                         "e.g. the file fitted without this model (python -m simulator.hardware_fit "
+                         "--leave-one-out), so the row is the estimate for a model never profiled")
     ap.add_argument("--calibration", required=True, help="calibration JSON (python run.py experiment=calibrate)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--traces", default="sharegpt,azure_conv,mooncake_conv", type=lambda s: s.split(","))
@@ -318,6 +335,11 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     ap.add_argument("--force", action="store_true", help="rerun real cells that already have results")
     args = ap.parse_args(argv)
+    if args.roofline_hardware:
+        try:
+            hardware_overrides(args.roofline_hardware)
+        except (OSError, TypeError, ValueError) as e:
+            sys.exit(f"--roofline-hardware {args.roofline_hardware}: {e}")
     bad = [p for p in args.pairs if p not in PAIRS]
     if bad:
         sys.exit(f"unknown pairs {bad}; choose from {list(PAIRS)}")
