@@ -1,0 +1,31 @@
+"""The fidelity table's policy-effect test (benchmarks/fidelity/run_fidelity.py pair_effect)."""
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location(
+    "run_fidelity", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run_fidelity.py")
+run_fidelity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_fidelity)
+
+
+def side(real, sim, spread):
+    return {"real": real, "sim": sim, "real_spread": spread}
+
+
+def test_effect_within_target_needs_sign_and_distance():
+    e = run_fidelity.pair_effect(side(100, 100, 0.01), side(110, 112, 0.01), "mean_tpot_ms")
+    assert abs(e["measured_change"] - 0.10) < 1e-12 and abs(e["predicted_change"] - 0.12) < 1e-12
+    assert e["same_sign"] and e["within_target"] and e["beyond_spread"]
+    far = run_fidelity.pair_effect(side(100, 100, 0.01), side(110, 114, 0.01), "mean_tpot_ms")
+    assert far["same_sign"] and not far["within_target"]             # 4 points off: TPOT allows 3
+    ttft = run_fidelity.pair_effect(side(100, 100, 0.01), side(110, 114, 0.01), "mean_ttft_ms")
+    assert ttft["within_target"]                                       # TTFT allows 5
+    flipped = run_fidelity.pair_effect(side(100, 100, 0.01), side(101, 99, 0.01), "mean_tpot_ms")
+    assert not flipped["same_sign"] and not flipped["within_target"]
+
+
+def test_effect_inside_the_repeats_spread_is_flagged():
+    small = run_fidelity.pair_effect(side(100, 100, 0.02), side(101, 99, 0.005), "request_throughput")
+    assert not small["beyond_spread"]          # 1% change, 2% spread on side A
+    clear = run_fidelity.pair_effect(side(100, 100, 0.02), side(105, 104, 0.005), "request_throughput")
+    assert clear["beyond_spread"]
