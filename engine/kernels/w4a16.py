@@ -655,6 +655,24 @@ def _start(qweight_ptr, k_start, k_end, stride_w, word0, NW: tl.constexpr, PDL: 
 
 
 @triton.jit
+def _mn_tile(qweight_ptr, M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """The mma and swap kernels' program (grid: output tile x K split): its tile and split
+    ids, the tile's word columns, output columns and rows with their masks, and its K range;
+    entered through `_start`."""
+    NW: tl.constexpr = BLOCK_N // 8
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * NW + tl.arange(0, NW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
+    return pid_n, pid_k, cols, offs_n, offs_m, mask_c, mask_n, mask_m, k_start, k_end
+
+
+@triton.jit
 def _stream_fold(t, ROWS: tl.constexpr):
     """[STEP, C] -> [ROWS, C]: row r + i * ROWS summed into row r. A program's threads cover
     ROWS rows, so rows ROWS apart are one thread's registers: the sum stays in the thread."""
@@ -988,15 +1006,8 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
     registers from each thread's own words (`_mma_weight_tile`: about one instruction per
     weight, q - z exact in bf16) and handed to the MMA (through shared memory, as the
     compiler stages a B operand), the group's scale applied to the step's fp32 product."""
-    NW: tl.constexpr = BLOCK_N // 8
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * NW + tl.arange(0, NW)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
+    pid_n, pid_k, cols, offs_n, offs_m, mask_c, mask_n, mask_m, k_start, k_end = _mn_tile(
+        qweight_ptr, M, N, K, k_per_split, BLOCK_M, BLOCK_N, PDL, PREFETCH)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -1034,15 +1045,8 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
     x^T the operand staged through shared memory by the pipeline; the scale folded into the
     tile (W in bf16, as dequantize + cuBLAS rounds it) so the MMA accumulates in place and
     runs while the next tile is dequantized."""
-    NW: tl.constexpr = BLOCK_N // 8
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * NW + tl.arange(0, NW)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_c, mask_n, mask_m = cols < N // 8, offs_n < N, offs_m < M
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    _start(qweight_ptr, k_start, k_end, N // 8, pid_n * NW, NW, PDL, PREFETCH)
+    pid_n, pid_k, cols, offs_n, offs_m, mask_c, mask_n, mask_m, k_start, k_end = _mn_tile(
+        qweight_ptr, M, N, K, k_per_split, BLOCK_M, BLOCK_N, PDL, PREFETCH)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rows = k0 + tl.arange(0, BLOCK_K)
