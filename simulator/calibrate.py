@@ -56,7 +56,6 @@ SHARED_FEATURE = "decode_distinct_context_tokens"
 SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens")
 
 
-
 def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  graphs: CudaGraphs) -> list[dict]:
     """The step shapes to profile an engine with these limits on: {"shape": [(context after
@@ -266,8 +265,7 @@ def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
     if not missing or "shape" not in profile.columns:
         return profile
     e = meta.get("engine") or {}
-    graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
-                                   e.get("cuda_graph_max_tokens", 0))
+    graphs = CudaGraphs.for_calibration(e)
     plan = DecodePlan(decode_graph_sizes=tuple(graphs.decode), **meta["decode_plan"])
     block_size = e.get("block_size", 16)
     computed = pd.DataFrame([shape_batch(json.loads(shape), block_size, 1 << 20, plan).features()
@@ -609,16 +607,13 @@ def main(argv=None):
         model = ModelSpec.from_hf_config(model_cfg["hf_config"], name=model_cfg["name"])
         hw = HardwareSpec(**yaml.safe_load(open(args.hardware)))
         e = meta.get("engine", {})
-        graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
-                                       e.get("cuda_graph_max_tokens", 0))
+        graphs = CudaGraphs.for_calibration(e)
         fitted, report = fit_hardware(profile, model, hw, int(meta.get("tp", 1)), graphs,
                                       block_size=e.get("block_size"), pdl_max_tokens=e.get("pdl_max_tokens") or 0)
         write_hardware(fitted, args.hardware_out, f"fitted on {args.profile} ({meta.get('device')})")
         print("roofline held-out MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.items()))
     if args.check_steps:
-        e = meta.get("engine", {})
-        graphs = CudaGraphs.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
-                                       e.get("cuda_graph_max_tokens", 0))
+        graphs = CudaGraphs.for_calibration(meta.get("engine"))
         try:
             errors = step_errors(calib, graphs, pd.read_parquet(args.check_steps))
         except ValueError as e:

@@ -170,6 +170,15 @@ class CudaGraphs:
         return cls(tuple(decode_sizes(max_num_seqs, limit)),
                    tuple(mixed_sizes(max_num_batched_tokens, limit)))
 
+    @classmethod
+    def for_calibration(cls, engine: dict | None) -> "CudaGraphs":
+        """The graphs of the engine settings a calibration file records (its "engine":
+        max_num_seqs, max_num_batched_tokens, cuda_graph_max_tokens; absent keys: 256, 8192,
+        0 as files made before they were recorded)."""
+        e = engine or {}
+        return cls.for_engine(e.get("max_num_seqs", 256), e.get("max_num_batched_tokens", 8192),
+                              e.get("cuda_graph_max_tokens", 0))
+
     def rows(self, f: dict) -> tuple[str, int]:
         """("decode" | "mixed" | "eager", tokens the step computes, padding included)."""
         return graph_rows(f["num_batched_tokens"], f["num_seqs"], f["num_prefill_tokens"] == 0,
@@ -216,14 +225,16 @@ class RooflineCostModel(CostModel):
     is routed to: policy.model.ModelConfig.matmul_weights_read of the step's T tokens x b),
     Pv: vocab x hidden, b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
-    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads head_dim / tp (FLOPs per query-key pair, QK^T and PV), Fa: the
-    attention kernels' FLOP/s, K: KV bytes per token per rank,
+    F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
+    head_dim / tp (FLOPs per query-key pair, QK^T and PV), Fa: the attention kernels'
+    FLOP/s, K: KV bytes per token per rank,
     Cd: decode context tokens, Cu: of them, the tokens of distinct blocks (a block several
     decodes share, a prefix-cache hit, counted once), r: the hardware's shared_kv_read_cost
     (a shared block's reads after the first come mostly from L2; 1.0: no reuse), Pp: causal
     query-key pairs of prefill chunks, Ckv: their context after the step (cached prefix
-    included), BWa: paged-attention bandwidth, L: layers, h: hidden, IC: interconnect bytes/s; pdl_max_tokens: the engine's (steps that small
-    launch with programmatic dependent launch; 0: none). Host costs: the hardware's overheads.
+    included), BWa: paged-attention bandwidth, L: layers, h: hidden, IC: interconnect
+    bytes/s; pdl_max_tokens: the engine's (steps that small launch with programmatic
+    dependent launch; 0: none). Host costs: the hardware's overheads.
     The decode and prefill attention terms are multiplied by the hardware's measured cost
     of the run's KV block size relative to the block its efficiencies describe
     (`HardwareSpec.attention_block_factor`; 1.0 without measurements or block_size=None).

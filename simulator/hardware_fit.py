@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from simulator.calibrate import with_shared_feature
 from simulator.cost_model import (REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel,
                                   nonnegative_lstsq)
 from simulator.hardware import HardwareSpec
@@ -113,16 +114,14 @@ def load_profile(path, meta_path=None, model_dir=None) -> Profile:
     for key in ("model", "device"):
         if not meta.get(key):
             raise ValueError(f"{meta_path}: the metadata has no {key!r}")
-    if "decode_distinct_context_tokens" not in steps.columns:
-        steps = steps.assign(decode_distinct_context_tokens=steps["decode_context_tokens"])
+    steps = with_shared_feature(steps, str(path))
     model_file = Path(model_dir or REPO_ROOT / "conf" / "model") / f"{meta['model']}.yaml"
     if not model_file.is_file():
         raise ValueError(f"{path}: model {meta['model']!r} has no {model_file}")
     model_cfg = yaml.safe_load(model_file.read_text())
     model = ModelSpec.from_hf_config(model_cfg["hf_config"], name=model_cfg.get("name", meta["model"]))
     engine = meta.get("engine", {})
-    graphs = CudaGraphs.for_engine(engine.get("max_num_seqs", 256), engine.get("max_num_batched_tokens", 8192),
-                                   engine.get("cuda_graph_max_tokens", 0))
+    graphs = CudaGraphs.for_calibration(engine)
     return Profile(path.name.replace(".profile.parquet", ""), meta["device"], model, int(meta.get("tp", 1)),
                    graphs, int(engine.get("block_size", 16)), int(engine.get("pdl_max_tokens") or 0),
                    str(meta.get("engine_commit") or "?"), steps)
