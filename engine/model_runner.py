@@ -339,7 +339,7 @@ class ModelRunner:
         tokens = self.forward(step)
         sampled = step.sampled
         host = None
-        if tokens is not None:
+        if tokens is not None and sampled:
             host = self.token_host[self.num_launched % 2, :len(sampled)]
             host.copy_(tokens[:len(sampled)], non_blocking=True)
         if step.order:   # batch index of each sampled row

@@ -81,6 +81,7 @@ class StepBuffer:
         self.host_np = self.host.numpy()
         self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device) if on_gpu else self.host
         self.header = self.host_np[:HEADER_BYTES].view(np.int64)
+        self.max_tokens = max_tokens
         self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
 
     def views(self, T: int, B: int, W: int, P: int, D: int, S: int
@@ -213,6 +214,8 @@ class StepPacker:
         self.mixed_sizes: list[int] = []
         self.block_tables = BlockTableMirror(2 * max_num_seqs + 2, max_blocks)
         self.seed, self.sample_steps = seed, 0   # the sampler's engine-wide noise stream
+        self.iota = np.arange(max(max_num_seqs, buffer.max_tokens) + 1, dtype=np.int64)
+        self.iota_list = self.iota.tolist()
 
     def work_capacity(self, decode_rows: int) -> int:
         """Decode work items a step with this many decode rows can need (0: no decode)."""
@@ -231,7 +234,63 @@ class StepPacker:
         """Pack the batch into the host step buffer: decodes (q_len 1) first, then the
         others. All per-token arrays are computed with numpy, not per-token Python.
         `graph` = (kind, size) overrides the graph rule (capture; EAGER: the exact shape);
-        the batch must fit that shape."""
+        the batch must fit that shape. Decode-only steps take `pack_decode`, the same
+        bytes with a third of the numpy calls (the step that must be cheapest)."""
+        if batch.num_new_tokens.count(1) == len(batch.seqs):
+            return self.pack_decode(batch, sampling_params, pending, graph)
+        return self.pack_any(batch, sampling_params, pending, graph)
+
+    def pack_decode(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+                    pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
+        """`pack_any` for a batch of decodes only (q_len 1 everywhere): token i is sequence
+        i's, at position num_computed_tokens[i]."""
+        starts, seqs, samples = batch.num_computed_tokens, batch.seqs, batch.sample
+        B, bs = len(seqs), self.block_size
+        if graph is None:
+            kind, size = graph_rows(B, B, True, self.decode_sizes, self.mixed_sizes)
+            graph = GRAPH_KINDS[kind]
+        else:
+            graph, size = graph
+        max_ctx = max(starts) + 1 if B else 0
+        if graph:
+            Tp, Bp, W, P, D = self.graph_shape(graph, size)
+        else:
+            Tp, Bp, W, P, D = B, B, max(1, -(-max_ctx // bs)), 0, self.work_capacity(B)
+        sampled = self.iota_list[:B] if samples.count(True) == B else [j for j in range(B) if samples[j]]
+        S = Bp if graph else len(sampled)
+        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, D, S)
+        (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
+         prefill_tiles, decode_work, decode_index, logits_rows) = host[:LOGITS_ROWS + 1]
+        iota = self.iota
+        # each sequence's last token, or -1 - k where the previous step sampled it (k: its
+        # index there; the device fills it in)
+        F = 0
+        if pending:
+            get = pending.get
+            ids = [-1 - k if (k := get(s.seq_id)) is not None and c + 1 == s.num_tokens else s.token_ids[c]
+                   for s, c in zip(seqs, starts)]
+            input_ids[:B] = ids
+            F = B - np.count_nonzero(input_ids[:B] >= 0)
+        else:
+            input_ids[:B] = [s.token_ids[c] for s, c in zip(seqs, starts)]
+        start = positions[:B]
+        start[:] = starts
+        np.add(start, 1, out=context_lens[:B])
+        query_start_loc[:B + 1] = iota[:B + 1]
+        self.block_tables.gather(seqs, (start // bs + 1).tolist(), block_tables)
+        slot_mapping[:B] = block_tables[iota[:B], start // bs].astype(np.int64) * bs + start % bs
+        if Bp > B:
+            self._pad(graph, B, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
+                      query_start_loc, block_tables)
+        # the split-KV plan; a decode graph's padding rows too, so no row is left junk
+        plan_decode_work(context_lens[:Bp], self.num_kv_heads, self.num_sms, decode_work, decode_index)
+        logits_rows[:len(sampled)] = iota[:B] if len(sampled) == B else sampled
+        return self.finish(batch, sampling_params, seqs, sampled, host, graph,
+                           Step(Tp, Bp, W, P, S, 1 if B else 0, max_ctx, B, Bp, D, graph, nbytes, F, 0, B))
+
+    def pack_any(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+                 pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
+        """`pack` for any batch (prefill chunks, decodes, both)."""
         q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
                                          batch.seqs, batch.sample)
         B = len(seqs)
@@ -241,8 +300,6 @@ class StepPacker:
             order = [i for i in range(B) if q_lens[i] == 1] + [i for i in range(B) if q_lens[i] != 1]
             q_lens, starts = [q_lens[i] for i in order], [starts[i] for i in order]
             seqs, samples = [seqs[i] for i in order], [samples[i] for i in order]
-            if sampling_params is not None:
-                sampling_params = [sampling_params[i] for i in order]
         T = sum(q_lens)
         q = np.array(q_lens, dtype=np.int64)
         start = np.array(starts, dtype=np.int64)
@@ -311,21 +368,30 @@ class StepPacker:
             n = Bp if graph == DECODE_GRAPH else num_decode
             plan_decode_work(context_lens[:n], self.num_kv_heads, self.num_sms, decode_work, decode_index)
             decode_index[n:] = 0    # prefill and padding rows: nothing to merge
-        n = len(sampled)
-        logits_rows[:n] = query_start_loc[1:][sampled] - 1
+        logits_rows[:len(sampled)] = query_start_loc[1:][sampled] - 1
         if fixed:    # the host holds a placeholder there: name the device's token instead
             input_ids[query_start_loc[1:][fixed] - 1] = [-1 - pending[seqs[i].seq_id] for i in fixed]
-        sampling, resample = None, 0
-        if self.rank == 0:
-            sampling = self.pack_sampling(sampling_params, seqs, sampled, host[LOGITS_ROWS + 1:])
-            # a graph samples without top-k/top-p: such a step samples its rows again
-            resample = int(bool(graph) and (sampling.use_top_k or sampling.use_top_p))
-            if n < S:    # a graph's padding rows: greedy over row 0, never read back
-                logits_rows[n:] = 0
-                temperatures[n:], top_k[n:], top_p[n:] = 0.0, self.vocab_size, 1.0
-                sampling.any_greedy = True
-        return Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
-                    D, graph, nbytes, len(fixed), resample, T, order, sampled, sampling)
+        step = Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
+                    D, graph, nbytes, len(fixed), 0, T, order)
+        return self.finish(batch, sampling_params, seqs, sampled, host, graph, step)
+
+    def finish(self, batch, sampling_params, seqs, sampled, host, graph, step: Step) -> Step:
+        """The sampling rows of a packed step (rank 0), a graph's padding rows included."""
+        step.sampled = sampled
+        if self.rank != 0:
+            return step
+        if step.order is not None and sampling_params is not None:
+            sampling_params = [sampling_params[i] for i in step.order]
+        sampling = step.sampling = self.pack_sampling(sampling_params, seqs, sampled, host[LOGITS_ROWS + 1:])
+        # a graph samples without top-k/top-p: such a step samples its rows again
+        step.resample = int(bool(graph) and (sampling.use_top_k or sampling.use_top_p))
+        n = len(sampled)
+        if n < step.S:    # a graph's padding rows: greedy over row 0, never read back
+            logits_rows, temperatures, top_k, top_p = host[LOGITS_ROWS:LOGITS_ROWS + 4]
+            logits_rows[n:] = 0
+            temperatures[n:], top_k[n:], top_p[n:] = 0.0, self.vocab_size, 1.0
+            sampling.any_greedy = True
+        return step
 
     @staticmethod
     def _pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,

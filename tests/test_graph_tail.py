@@ -104,3 +104,53 @@ def test_top_k_steps_resample_after_replay(ckpt):
     llm = engine(ckpt, graphs=True)
     assert [o.token_ids for o in llm.generate(ps, top1, use_tqdm=False)] == ref
     assert replays(llm) > 0
+
+
+# ---- the decode-only packing path ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_decode_writes_what_pack_any_writes(seed):
+    """StepPacker.pack_decode (decode-only steps' fast path) against the general pack_any on
+    the same stream of decode batches: the same bytes in the step buffer and the same Step,
+    eager and padded to decode graphs, with pending tokens, greedy/temperature/top-k/seeded
+    rows, sequences whose tables grow a block or get replaced (preemption)."""
+    from engine.step_inputs import Step
+    from policy import Batch, Sequence
+    from tests.test_step_inputs import packer
+
+    rng = random.Random(seed)
+    fast, ref = packer(max_seqs=8), packer(max_seqs=8)
+    for p in (fast, ref):
+        p.decode_sizes = [1, 2, 4, 8] if seed % 2 else []
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8),
+             SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.7, seed=3)]
+    seqs = [Sequence(i, [rng.randrange(1, 999) for _ in range(rng.randrange(1, 40))], 4) for i in range(8)]
+    next_block = 1
+    for s in seqs:
+        s.block_table = list(range(next_block, next_block + -(-s.num_tokens // 4)))
+        next_block += len(s.block_table)
+    previous, seen = None, set()
+    for step_no in range(12):
+        live = rng.sample(seqs, rng.randrange(1, 9))
+        for s in live:
+            s.token_ids.append(rng.randrange(1, 999))   # the token decoded last step
+            s.num_tokens += 1
+            if rng.random() < 0.1:                      # preempted and re-allocated
+                s.block_table = []
+            while len(s.block_table) * 4 < s.num_tokens:
+                s.block_table.append(next_block)
+                next_block += 1
+        batch = Batch(seqs=live, num_new_tokens=[1] * len(live),
+                      num_computed_tokens=[s.num_tokens - 1 for s in live],
+                      sample=[True] * len(live), num_batched_tokens=len(live))
+        params = [rng.choice(kinds) for _ in live]
+        a, b = (pack(batch, params, previous) for pack in (fast.pack_decode, ref.pack_any))
+        assert fast.buffer.host_np[:a.nbytes].tobytes() == ref.buffer.host_np[:b.nbytes].tobytes()
+        same = [f for f in Step.__slots__ if f != "sampling"]
+        assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
+        assert (a.sampling.all_greedy, a.sampling.any_greedy, a.sampling.use_top_k, a.sampling.seeds) == \
+               (b.sampling.all_greedy, b.sampling.any_greedy, b.sampling.use_top_k, b.sampling.seeds)
+        seen |= {("pending", a.F > 0), ("graph", a.graph)}
+        # the previous step sampled some of these sequences' last tokens (still on the device)
+        previous = {s.seq_id: k for k, s in enumerate(live) if rng.random() < 0.7}
+    assert ("pending", True) in seen and ("graph", DECODE_GRAPH if seed % 2 else 0) in seen
