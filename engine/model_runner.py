@@ -97,6 +97,12 @@ class ModelRunner:
         self.tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
         self.last_done = None      # CUDA event: the last launched step has finished
+        # Each step's (begin, inputs sent, done) events, reused in turn: at most two steps are
+        # in flight, and a step's events are read before the fourth launch after it. Recorded
+        # on the stream the runner was made on (torch.cuda.current_stream costs ~10 us a call).
+        self.stream = torch.cuda.current_stream(self.device) if on_gpu else None
+        self.events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(),
+                        torch.cuda.Event(enable_timing=True)) for _ in range(4)] if on_gpu else []
         self.plan_sent = None      # CUDA event: flashinfer's last plan has been uploaded
         backend = resolve_backend(config.attention_backend, self.device)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
@@ -322,10 +328,10 @@ class ModelRunner:
         if self.tp_size > 1:
             self.set_header(step.header(RUN))
         cuda = self.device.type == "cuda"
-        begin = None
+        begin = sent = done = None
         if cuda:
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
+            begin, sent, done = self.events[self.num_launched % len(self.events)]
+            begin.record(self.stream)
         self.buffer.upload(step.nbytes)        # the step's one host -> device copy
         if self.tp_size > 1:                   # followers hold no sampled tokens: resolve the
             if step.F:                         # pending inputs here, before the broadcast
@@ -333,8 +339,8 @@ class ModelRunner:
                 input_ids.copy_(take_pending(input_ids, self.tokens))
             self.broadcast(step)
         if cuda:
-            self.inputs_sent = torch.cuda.Event()
-            self.inputs_sent.record()
+            sent.record(self.stream)
+            self.inputs_sent = sent
         start = time.perf_counter()
         tokens = self.forward(step)
         sampled = step.sampled
@@ -347,8 +353,8 @@ class ModelRunner:
         pending = {batch.seqs[i].seq_id: k for k, i in enumerate(sampled)}
         launched = Launched(sampled, len(batch), host, pending, begin, previous=self.last_done)
         if cuda:
-            launched.done = self.last_done = torch.cuda.Event(enable_timing=True)
-            launched.done.record()
+            done.record(self.stream)
+            launched.done = self.last_done = done
         else:   # the forward itself was the device work
             launched.device_s = time.perf_counter() - start
         self.num_launched += 1
@@ -402,11 +408,11 @@ class ModelRunner:
             self.plan_sent.record()
         return wrapper
 
-    @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor | None:
         """Queue the step's device work on the uploaded step: a graph replay or `run_body`
         eagerly. Returns (rank 0) the device token buffer's first S rows, the sampled tokens
-        in logits order, or None. No sync."""
+        in logits order, or None. No sync. A replay needs no inference mode (it runs no torch
+        op); eager work enters it (~10 us a call: not on the graph path)."""
         views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
         self.use_pdl(step.T)   # the eager launches below (a graph replays what it captured)
         sampling = step.sampling
@@ -421,12 +427,14 @@ class ModelRunner:
             if step.resample:   # top-k/top-p, which the graph lacks: the LM head (every
                 # rank: it gathers) and the sampler again, eagerly. Graph outputs keep only
                 # these [S, hidden] rows: keeping every graph's logits would pin GBs.
-                logits = self.model.compute_logits(rows)
-                if self.rank == 0:
-                    self.sampler(logits, sampling, out=self.tokens[:step.S])
+                with torch.inference_mode():
+                    logits = self.model.compute_logits(rows)
+                    if self.rank == 0:
+                        self.sampler(logits, sampling, out=self.tokens[:step.S])
         else:
-            self.run_body(self.model_inputs(step, views), views[LOGITS_ROWS], sampling,
-                          pending=step.F > 0)
+            with torch.inference_mode():
+                self.run_body(self.model_inputs(step, views), views[LOGITS_ROWS], sampling,
+                              pending=step.F > 0)
         return self.tokens[:step.S] if self.rank == 0 and step.S else None
 
     def run_body(self, model_inputs, logits_rows: torch.Tensor, sampling: SamplingTensors | None,
