@@ -50,7 +50,7 @@ def run(batch: int, steps: int, context: int, profile: bool) -> dict:
                                       max_model_len=MAX_LEN),
                       CacheConfig(block_size=BLOCK), num_blocks=batch * (MAX_LEN // BLOCK) + 16)
     for i in range(batch):
-        sched.add(Sequence(i, [(7 * i + j) % 10_000 for j in range(context)], steps + 1000, ignore_eos=True))
+        sched.add(Sequence(i, [(7 * i + j) % 10_000 for j in range(context)], min(steps + 1000, MAX_LEN - context), ignore_eos=True))
     packer = make_packer()
     params = SamplingParams(temperature=0.6)
     b = None

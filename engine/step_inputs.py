@@ -416,18 +416,23 @@ class StepPacker:
         the caller), plus the host flags that choose the sampler's path."""
         vocab, n = self.vocab_size, len(sampled)
         temperatures, top_k, top_p, philox_seeds, philox_offsets = (f[:n] for f in fields)
-        rows = [GREEDY] * n if params is None else [params[j] for j in sampled]
+        if params is None:
+            rows = [GREEDY] * n
+        else:   # sampled is a sorted subset of the rows: all of them when as many
+            rows = params if n == len(params) else [params[j] for j in sampled]
         first = rows[0] if rows else GREEDY
-        if all(p is first for p in rows):      # one SamplingParams for all: no per-row work
+        if rows.count(first) == n:      # one SamplingParams for all (C-speed test): no per-row work
             temperatures[:] = first.temperature
             top_k[:] = first.top_k if first.top_k > 0 else vocab
             top_p[:] = first.top_p
             greedy = [first.greedy]
+            use_top_k, use_top_p = 0 < first.top_k < vocab, first.top_p < 1
         else:
             temperatures[:] = [p.temperature for p in rows]
             top_k[:] = [p.top_k if p.top_k > 0 else vocab for p in rows]
             top_p[:] = [p.top_p for p in rows]
             greedy = [p.greedy for p in rows]
+            use_top_k, use_top_p = bool((top_k < vocab).any()), bool((top_p < 1).any())
         # A seeded row's noise depends on its seed and on which output token it samples.
         seeds = []
         if len(greedy) > 1 or first.seed is not None:
@@ -438,8 +443,7 @@ class StepPacker:
             self.sample_steps += 1
             philox_inputs(self.seed, self.sample_steps, seeds, philox_seeds, philox_offsets)
         return SamplingTensors(None, None, None, all_greedy=all_greedy, any_greedy=any(greedy),
-                               use_top_k=bool((top_k < vocab).any()),
-                               use_top_p=bool((top_p < 1).any()), seeds=seeds)
+                               use_top_k=use_top_k, use_top_p=use_top_p, seeds=seeds)
 
 
 def take_pending(input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
