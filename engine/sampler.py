@@ -9,12 +9,14 @@ fix its own row of noise.
 Two implementations: torch ops with torch generators (the CPU, and any step with top-k or
 top-p), and on CUDA (`Sampler(fused=True)`) one fused Triton kernel with Philox noise,
 `engine.kernels.sample_from_logits`, for steps with temperature but no top-k/top-p
-(all-greedy steps stay one argmax). They draw different random numbers for the same seed:
-a seeded request reproduces its tokens on the same path, not across paths.
+(eager all-greedy steps stay one argmax). They draw different random numbers for the same
+seed: a seeded request reproduces its tokens on the same path, not across paths.
 
-The fused path is what a CUDA graph captures (`sample_fused`): it reads every per-step
-value, the rows' Philox seeds and offsets included, from device tensors the engine packs
-into its step buffer, so a replay draws fresh noise without any host work.
+The fused path is what a CUDA graph captures (`sample_fused`, whatever the step's flags:
+its greedy rows are torch.argmax's): it reads every per-step value, the rows' Philox seeds
+and offsets included, from device tensors the engine packs into its step buffer, so a
+replay draws fresh noise without any host work. A graph step with top-k/top-p samples again
+on the torch path after the replay.
 """
 from dataclasses import dataclass
 
