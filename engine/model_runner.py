@@ -242,11 +242,10 @@ class ModelRunner:
         # The LM head and the sampler run eagerly after the model in eager steps, and again
         # after the replay in graph steps with top-k/top-p (over the graph's padded rows; a
         # graph's own variants compile at its capture). Their compiled variants follow the
-        # sampled rows (the skinny GEMM's plan entry, one per
-        # capture size up to its 64 rows, and row tile; the sampler's tile) and PDL (on in
-        # steps of at most pdl_max_tokens tokens): every plan size as a decode step and with
-        # a prompt chunk past pdl_max_tokens (a plan size that only a run's mixed steps met
-        # compiled mid-run)
+        # sampled rows (the skinny GEMM's plan entry, one per capture size up to its 64 rows,
+        # and row tile; the sampler's tile) and PDL (on in steps of at most pdl_max_tokens
+        # tokens): every plan size as a decode step and with a prompt chunk past
+        # pdl_max_tokens (a plan size that only a run's mixed steps met compiled mid-run)
         chunk = cfg.pdl_max_tokens + 8
         for rows in capture_sizes(64):
             shapes += [[(2, 1)] * rows, [(2, 1)] * (rows - 1) + [(chunk, chunk)]]
