@@ -234,23 +234,28 @@ class StepPacker:
         """Pack the batch into the host step buffer: decodes (q_len 1) first, then the
         others. All per-token arrays are computed with numpy, not per-token Python.
         `graph` = (kind, size) overrides the graph rule (capture; EAGER: the exact shape);
-        the batch must fit that shape. Decode-only steps take `pack_decode`, the same
-        bytes with a third of the numpy calls (the step that must be cheapest)."""
-        if batch.num_new_tokens.count(1) == len(batch.seqs):
-            return self.pack_decode(batch, sampling_params, pending, graph)
+        the batch must fit that shape. Decode-only steps that run eagerly or replay a
+        decode graph take `pack_decode`: the same bytes with a third of the numpy calls (the
+        step that must be cheapest)."""
+        B = len(batch.seqs)
+        if batch.num_new_tokens.count(1) == B:
+            if graph is None:
+                kind, size = graph_rows(B, B, True, self.decode_sizes, self.mixed_sizes)
+                graph = GRAPH_KINDS[kind], size
+            if graph[0] != MIXED_GRAPH:   # (past the decode graphs, a mixed graph may take it)
+                return self.pack_decode(batch, sampling_params, pending, graph)
         return self.pack_any(batch, sampling_params, pending, graph)
 
     def pack_decode(self, batch: Batch, sampling_params: list[SamplingParams] | None,
-                    pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
-        """`pack_any` for a batch of decodes only (q_len 1 everywhere): token i is sequence
+                    pending: dict | None, graph: tuple[int, int]) -> Step:
+        """`pack_any` for a batch of decodes only (q_len 1 everywhere), eager or on a
+        decode graph (`graph` = (EAGER, _) or (DECODE_GRAPH, size)): token i is sequence
         i's, at position num_computed_tokens[i]."""
         starts, seqs, samples = batch.num_computed_tokens, batch.seqs, batch.sample
         B, bs = len(seqs), self.block_size
-        if graph is None:
-            kind, size = graph_rows(B, B, True, self.decode_sizes, self.mixed_sizes)
-            graph = GRAPH_KINDS[kind]
-        else:
-            graph, size = graph
+        graph, size = graph
+        if graph == MIXED_GRAPH:
+            raise ValueError("pack_decode: a decode-only step on a mixed graph goes through pack_any")
         max_ctx = max(starts) + 1 if B else 0
         if graph:
             Tp, Bp, W, P, D = self.graph_shape(graph, size)

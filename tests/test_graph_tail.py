@@ -15,7 +15,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import tiny_config, write_random_checkpoint
-from engine.step_inputs import DECODE_GRAPH, take_pending
+from engine.step_inputs import DECODE_GRAPH, EAGER, MIXED_GRAPH, take_pending
 from tests.test_step_inputs import capture_on_cpu
 
 # the torch attention path (fast on a CPU); decode graphs only (mixed graphs pad tokens that
@@ -108,20 +108,23 @@ def test_top_k_steps_resample_after_replay(ckpt):
 
 # ---- the decode-only packing path ----------------------------------------------------------
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_pack_decode_writes_what_pack_any_writes(seed):
-    """StepPacker.pack_decode (decode-only steps' fast path) against the general pack_any on
-    the same stream of decode batches: the same bytes in the step buffer and the same Step,
-    eager and padded to decode graphs, with pending tokens, greedy/temperature/top-k/seeded
-    rows, sequences whose tables grow a block or get replaced (preemption)."""
+    """StepPacker.pack (decode-only steps go through pack_decode, their fast path) against the
+    general pack_any on the same stream of decode batches: the same bytes in the step buffer
+    and the same Step, eager, padded to decode graphs, and on mixed graphs (which pack hands
+    to pack_any), with pending tokens, greedy/temperature/top-k/seeded rows, sequences whose
+    tables grow a block or get replaced (preemption)."""
     from engine.step_inputs import Step
     from policy import Batch, Sequence
     from tests.test_step_inputs import packer
 
     rng = random.Random(seed)
     fast, ref = packer(max_seqs=8), packer(max_seqs=8)
+    kind = (EAGER, DECODE_GRAPH, MIXED_GRAPH)[seed % 3]
     for p in (fast, ref):
-        p.decode_sizes = [1, 2, 4, 8] if seed % 2 else []
+        p.decode_sizes = [1, 2, 4, 8] if kind == DECODE_GRAPH else []
+        p.mixed_sizes = [2, 4, 8, 16] if kind == MIXED_GRAPH else []
     kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8),
              SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.7, seed=3)]
     seqs = [Sequence(i, [rng.randrange(1, 999) for _ in range(rng.randrange(1, 40))], 4) for i in range(8)]
@@ -144,7 +147,7 @@ def test_pack_decode_writes_what_pack_any_writes(seed):
                       num_computed_tokens=[s.num_tokens - 1 for s in live],
                       sample=[True] * len(live), num_batched_tokens=len(live))
         params = [rng.choice(kinds) for _ in live]
-        a, b = (pack(batch, params, previous) for pack in (fast.pack_decode, ref.pack_any))
+        a, b = (pack(batch, params, previous) for pack in (fast.pack, ref.pack_any))
         assert fast.buffer.host_np[:a.nbytes].tobytes() == ref.buffer.host_np[:b.nbytes].tobytes()
         same = [f for f in Step.__slots__ if f != "sampling"]
         assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
@@ -153,4 +156,4 @@ def test_pack_decode_writes_what_pack_any_writes(seed):
         seen |= {("pending", a.F > 0), ("graph", a.graph)}
         # the previous step sampled some of these sequences' last tokens (still on the device)
         previous = {s.seq_id: k for k, s in enumerate(live) if rng.random() < 0.7}
-    assert ("pending", True) in seen and ("graph", DECODE_GRAPH if seed % 2 else 0) in seen
+    assert ("pending", True) in seen and ("graph", kind) in seen
