@@ -101,6 +101,11 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             for b in 1 64; do TAIL=70 run profile_q06_b$b 200 $TIMELINE --batch $b; done ;;
+  b1host)  # issue 9's host half: a cProfile of batch-1 decoding, and StepPacker.pack on this host's CPU
+            ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            TAIL=60 run b1_cprofile_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b \
+                --num-seqs 1 --max-input-len 512 --max-output-len 1024 --decode-batches 1 --cprofile 45
+            TAIL=8 run bench_pack 120 python3 benchmarks/bench_pack.py ;;
   steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small 200 $SMALL_STEPS ;;
   steps_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small_nopdl 200 $SMALL_STEPS --pdl-max-tokens 0 ;;
   prof_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=70 run profile_q06_b1_nopdl 200 $TIMELINE --batch 1 --pdl-max-tokens 0 ;;

@@ -1,8 +1,10 @@
 """Executes the policy's batches on one device: load, capture, launch, wait. Each step's
-inputs are packed by engine.step_inputs; the model runs by replaying a CUDA graph (decode
-steps and mixed prefill+decode steps up to `cuda_graph_max_tokens` tokens, padded to a
-captured size by policy.cuda_graphs' rule) or eagerly (larger steps); one token per
-sequence is sampled. It makes no scheduling decision.
+inputs are packed by engine.step_inputs; the step's device work (`run_body`: pending input
+tokens, model, logits rows, LM head, sampling into the device token buffer) runs by
+replaying a CUDA graph (decode steps and mixed prefill+decode steps up to
+`cuda_graph_max_tokens` tokens, padded to a captured size by policy.cuda_graphs' rule) or
+eagerly (larger steps); one token per sequence is sampled. So a graphed step is: pack, one
+upload, one replay, one device -> host copy. It makes no scheduling decision.
 
 A step is `launch`ed (packed, uploaded, queued: no wait) and later `wait`ed for, so the
 engine can schedule and launch step N+1 while step N runs (asynchronous scheduling).
@@ -25,10 +27,10 @@ from engine.layers.flashinfer_backend import FlashInferPlanner
 from engine.layers.moe import choose_moe_tiles
 from engine.loader import load_weights
 from engine.models import ModelConfig, build_model, resolve_dtype
-from engine.sampler import Sampler
+from engine.sampler import Sampler, SamplingTensors
 from engine.sampling_params import SamplingParams
-from engine.step_inputs import (DECODE_GRAPH, HEADER_BYTES, MIXED_GRAPH, Step,
-                                StepBuffer, StepPacker, dummy_batch)
+from engine.step_inputs import (DECODE_GRAPH, HEADER_BYTES, LOGITS_ROWS, MIXED_GRAPH, Step,
+                                StepBuffer, StepPacker, dummy_batch, take_pending)
 from policy import Batch
 from policy.cuda_graphs import capture_sizes, decode_sizes, mixed_sizes
 
@@ -39,9 +41,9 @@ RUN, STOP = 1, 2                # header[0]: what the followers do next
 @dataclass(slots=True)
 class Launched:
     """A step handed to the device. Its sampled tokens (one per `sampled` batch index, in
-    logits order) stay on the device as the runner's `last_tokens`, where the next step's
-    fix-ups read them; `pending` maps the seq_id of each sampled sequence to its index
-    there; `host` receives them (pinned) and `done` fires when they have arrived.
+    logits order) stay in the runner's device token buffer `tokens`, where the next step
+    reads its pending inputs; `pending` maps the seq_id of each sampled sequence to its
+    index there; `host` receives them (pinned) and `done` fires when they have arrived.
     After `wait`: `device_s`, the device time of the step (CUDA events from its upload to
     its tokens' arrival; on the CPU the forward's time), and `gap_s`, how long the device
     sat idle between the previous step's end and this step's start (host-bound time)."""
@@ -90,9 +92,17 @@ class ModelRunner:
         # be launched before step N's tokens are read.
         self.token_host = torch.zeros(2, config.max_num_seqs, dtype=torch.int64, pin_memory=on_gpu)
         self.num_launched = 0
-        self.last_tokens: torch.Tensor | None = None   # device tokens of the last launched step
+        # The last launched step's sampled tokens, at one address for every step (graphs
+        # write it, the next step's pending inputs read it)
+        self.tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
         self.last_done = None      # CUDA event: the last launched step has finished
+        # Each step's (begin, inputs sent, done) events, reused in turn: at most two steps are
+        # in flight, and a step's events are read before the fourth launch after it. Recorded
+        # on the stream the runner was made on (torch.cuda.current_stream costs ~10 us a call).
+        self.stream = torch.cuda.current_stream(self.device) if on_gpu else None
+        self.events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(),
+                        torch.cuda.Event(enable_timing=True)) for _ in range(4)] if on_gpu else []
         self.plan_sent = None      # CUDA event: flashinfer's last plan has been uploaded
         backend = resolve_backend(config.attention_backend, self.device)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
@@ -118,7 +128,8 @@ class ModelRunner:
         self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
         self.quant_report = quant.choose_kernels(   # 4-bit layers, timed with PDL as steps run
             self.model, config.pdl_max_tokens if self.pdl else 0) if on_gpu else []
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (kind, size) -> (graph, its hidden rows of the sampled tokens: for `resample`)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
         # on the host. With tensor parallelism every rank captures the same sizes in the same
         # order, so the NCCL all-reduces inside are captured in step.
@@ -132,7 +143,7 @@ class ModelRunner:
         """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
         the device (LLMEngine.close): the runner cannot run steps afterwards."""
         self.graphs.clear()
-        self.model = self.kv_cache = self.last_tokens = self.planner = None
+        self.model = self.kv_cache = self.tokens = self.planner = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -150,7 +161,7 @@ class ModelRunner:
                             -(-max_tokens // tile) + cfg.max_num_seqs,
                             decode_work_capacity(cfg.max_num_seqs, kv_heads, sms), self.device)
         return StepPacker(buffer, self.block_size, self.max_blocks, cfg.max_num_seqs,
-                          mc.vocab_size, tile, kv_heads, sms, rank=self.rank)
+                          mc.vocab_size, tile, kv_heads, sms, rank=self.rank, seed=cfg.seed)
 
     # ---- startup --------------------------------------------------------------------
 
@@ -229,12 +240,13 @@ class ModelRunner:
             [(long, 1), (2, 1), (17, 17)],   # mixed: decodes at long context (split-KV) + prefill
             [(2, 1)] * 3 + [(5, 5)],         # mixed: short decodes (one split) + prefill
         ]
-        # The LM head and the sampler run eagerly after every step, graph or not. Their
-        # compiled variants follow the sampled rows (the skinny GEMM's plan entry, one per
-        # capture size up to its 64 rows, and row tile; the sampler's tile) and PDL (on in
-        # steps of at most pdl_max_tokens tokens): every plan size as a decode step and with
-        # a prompt chunk past pdl_max_tokens (a plan size that only a run's mixed steps met
-        # compiled mid-run)
+        # The LM head and the sampler run eagerly after the model in eager steps, and again
+        # after the replay in graph steps with top-k/top-p (over the graph's padded rows; a
+        # graph's own variants compile at its capture). Their compiled variants follow the
+        # sampled rows (the skinny GEMM's plan entry, one per capture size up to its 64 rows,
+        # and row tile; the sampler's tile) and PDL (on in steps of at most pdl_max_tokens
+        # tokens): every plan size as a decode step and with a prompt chunk past
+        # pdl_max_tokens (a plan size that only a run's mixed steps met compiled mid-run)
         chunk = cfg.pdl_max_tokens + 8
         for rows in capture_sizes(64):
             shapes += [[(2, 1)] * rows, [(2, 1)] * (rows - 1) + [(chunk, chunk)]]
@@ -250,8 +262,8 @@ class ModelRunner:
     def capture_graphs(self, mixed: bool = True) -> None:
         """One CUDA graph per (kind, size) of policy.cuda_graphs, largest first, sharing one
         memory pool: decode graphs per batch size, mixed graphs per token count. Each graph
-        runs the model body; logits and sampling stay eager (their inputs are only the
-        sampled rows)."""
+        captures the whole step (`graph_body`): pending tokens, model, logits rows, LM head
+        and the fused sampler."""
         cfg = self.config
         limit = cfg.cuda_graph_max_tokens
         todo = [(DECODE_GRAPH, s) for s in decode_sizes(cfg.max_num_seqs, limit)]
@@ -259,22 +271,34 @@ class ModelRunner:
             todo += [(MIXED_GRAPH, s) for s in mixed_sizes(cfg.max_num_batched_tokens, limit)]
         pool = None
         for kind, size in sorted(todo, key=lambda ks: -ks[1]):
-            step = self.graph_step(kind, size)
-            self.buffer.upload(step.nbytes)
-            views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
-            input_ids, positions, meta = self.model_inputs(step, views)
+            step, body = self.graph_body(kind, size)
             self.use_pdl(step.T)                          # the graph captures the launch attribute
-            self.model(input_ids, positions, meta)        # warm-up: JIT, allocator
+            body()                                        # warm-up: JIT, allocator
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                hidden = self.model(input_ids, positions, meta)
+                rows = body()
             pool = pool or graph.pool()
-            self.graphs[(kind, size)] = (graph, hidden)
+            self.graphs[(kind, size)] = (graph, rows)
             torch.cuda.synchronize(self.device)
         if self.pdl is not None:
             self.pdl.enable(False)
         self.packer.decode_sizes = sorted(s for k, s in self.graphs if k == DECODE_GRAPH)
         self.packer.mixed_sizes = sorted(s for k, s in self.graphs if k == MIXED_GRAPH)
+
+    def graph_body(self, kind: int, size: int):
+        """(step, body) of the graph of this kind and size: `body()` runs `run_body` over the
+        step buffer's views of that shape (their addresses are what the graph captures) with
+        the fused sampler, and returns the hidden rows it sampled from. CUDA captures it; a
+        CPU test calls it as its replay."""
+        step = self.graph_step(kind, size)
+        self.buffer.upload(step.nbytes)
+        views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
+        inputs = self.model_inputs(step, views)
+        temperatures, top_k, top_p, seeds, offsets = views[LOGITS_ROWS + 1:]
+        sampling = SamplingTensors(temperatures, top_k, top_p, all_greedy=False, any_greedy=True,
+                                   use_top_k=False, use_top_p=False, seeds=[],
+                                   philox_seeds=seeds, philox_offsets=offsets)
+        return step, lambda: self.run_body(inputs, views[LOGITS_ROWS], sampling, graphed=True)
 
     def graph_step(self, kind: int, size: int) -> Step:
         """Pack a dummy step of this graph's shape (its data is junk over block 0)."""
@@ -304,36 +328,36 @@ class ModelRunner:
         if self.tp_size > 1:
             self.set_header(step.header(RUN))
         cuda = self.device.type == "cuda"
-        begin = None
+        begin = sent = done = None
         if cuda:
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
+            begin, sent, done = self.events[self.num_launched % len(self.events)]
+            begin.record(self.stream)
         self.buffer.upload(step.nbytes)        # the step's one host -> device copy
-        if step.F:   # input tokens the previous step sampled: device to device, before the
-            views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S, step.F)[2]
-            views[0].index_copy_(0, views[13], self.last_tokens.index_select(0, views[14]))
-        if self.tp_size > 1:                   # ... broadcast, so followers never need them
+        if self.tp_size > 1:                   # followers hold no sampled tokens: resolve the
+            if step.F:                         # pending inputs here, before the broadcast
+                input_ids = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2][0]
+                input_ids.copy_(take_pending(input_ids, self.tokens))
             self.broadcast(step)
         if cuda:
-            self.inputs_sent = torch.cuda.Event()
-            self.inputs_sent.record()
+            sent.record(self.stream)
+            self.inputs_sent = sent
         start = time.perf_counter()
         tokens = self.forward(step)
+        sampled = step.sampled
         host = None
-        if tokens is not None:
-            host = self.token_host[self.num_launched % 2, :step.S]
-            host.copy_(tokens, non_blocking=True)
-        order = step.order    # batch index of each sampled row
-        sampled = [order[row] for row in step.sampled] if order else step.sampled
+        if tokens is not None and sampled:
+            host = self.token_host[self.num_launched % 2, :len(sampled)]
+            host.copy_(tokens[:len(sampled)], non_blocking=True)
+        if step.order:   # batch index of each sampled row
+            sampled = [step.order[row] for row in sampled]
         pending = {batch.seqs[i].seq_id: k for k, i in enumerate(sampled)}
         launched = Launched(sampled, len(batch), host, pending, begin, previous=self.last_done)
         if cuda:
-            launched.done = self.last_done = torch.cuda.Event(enable_timing=True)
-            launched.done.record()
+            done.record(self.stream)
+            launched.done = self.last_done = done
         else:   # the forward itself was the device work
             launched.device_s = time.perf_counter() - start
         self.num_launched += 1
-        self.last_tokens = tokens
         return launched
 
     def wait(self, launched: Launched) -> list[int]:
@@ -384,28 +408,58 @@ class ModelRunner:
             self.plan_sent.record()
         return wrapper
 
-    @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor | None:
-        """Queue the model on the uploaded step, the logits of the sampled rows and (rank 0)
-        sampling. Returns the sampled tokens (device, logits order; rank 0) or None. No sync."""
-        views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S, step.F)[2]
+        """Queue the step's device work on the uploaded step: a graph replay or `run_body`
+        eagerly. Returns (rank 0) the device token buffer's first S rows, the sampled tokens
+        in logits order, or None. No sync. A replay needs no inference mode (it runs no torch
+        op); eager work enters it (~10 us a call: not on the graph path)."""
+        views = self.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
         self.use_pdl(step.T)   # the eager launches below (a graph replays what it captured)
+        sampling = step.sampling
+        if sampling is not None:
+            sampling.temperatures, sampling.top_k, sampling.top_p = views[LOGITS_ROWS + 1:LOGITS_ROWS + 4]
+            sampling.philox_seeds, sampling.philox_offsets = views[LOGITS_ROWS + 4:]
         if step.graph:
-            graph, hidden = self.graphs[step.key]
+            graph, rows = self.graphs[step.key]
             if self.planner is not None:   # flashinfer: re-plan the graph's wrapper first
                 self.plan_attention(step)
             graph.replay()
+            if step.resample:   # top-k/top-p, which the graph lacks: the LM head (every
+                # rank: it gathers) and the sampler again, eagerly. Graph outputs keep only
+                # these [S, hidden] rows: keeping every graph's logits would pin GBs.
+                with torch.inference_mode():
+                    logits = self.model.compute_logits(rows)
+                    if self.rank == 0:
+                        self.sampler(logits, sampling, out=self.tokens[:step.S])
         else:
-            hidden = self.model(*self.model_inputs(step, views))
-        logits_rows, temperatures, top_k, top_p = views[9:13]
-        if not step.S:
+            with torch.inference_mode():
+                self.run_body(self.model_inputs(step, views), views[LOGITS_ROWS], sampling,
+                              pending=step.F > 0)
+        return self.tokens[:step.S] if self.rank == 0 and step.S else None
+
+    def run_body(self, model_inputs, logits_rows: torch.Tensor, sampling: SamplingTensors | None,
+                 graphed: bool = False, pending: bool = True) -> torch.Tensor | None:
+        """A step's device work, in stream order: the pending input tokens from the token
+        buffer (`take_pending`; skipped when `pending` is False), the model, the hidden
+        rows of `logits_rows`, the LM head (every rank: its vocabulary slice, gathered), and
+        on rank 0 sampling into `self.tokens[:S]` (`graphed`: the fused sampler, whatever
+        the flags; the flags never change what a graph runs). Returns those hidden rows, or
+        None when nothing is sampled. No host sync: this is what a CUDA graph captures."""
+        input_ids, positions, meta = model_inputs
+        if pending or graphed:
+            input_ids = take_pending(input_ids, self.tokens)
+        hidden = self.model(input_ids, positions, meta)
+        S = logits_rows.shape[0]
+        if not S:
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-        if self.rank != 0:
-            return None
-        sampling = step.sampling
-        sampling.temperatures, sampling.top_k, sampling.top_p = temperatures, top_k, top_p
-        return self.sampler(logits, sampling)
+        rows = hidden.index_select(0, logits_rows)
+        logits = self.model.compute_logits(rows)
+        if self.rank == 0:
+            if graphed:
+                self.sampler.sample_fused(logits, sampling, out=self.tokens[:S])
+            else:
+                self.sampler(logits, sampling, out=self.tokens[:S])
+        return rows
 
     def use_pdl(self, num_tokens: int) -> None:
         """Launch the following Triton kernels with programmatic dependent launch iff a step

@@ -9,11 +9,18 @@ fix its own row of noise.
 Two implementations: torch ops with torch generators (the CPU, and any step with top-k or
 top-p), and on CUDA (`Sampler(fused=True)`) one fused Triton kernel with Philox noise,
 `engine.kernels.sample_from_logits`, for steps with temperature but no top-k/top-p
-(all-greedy steps stay one argmax). They draw different random numbers for the same seed:
-a seeded request reproduces its tokens on the same path, not across paths.
+(eager all-greedy steps stay one argmax). They draw different random numbers for the same
+seed: a seeded request reproduces its tokens on the same path, not across paths.
+
+The fused path is what a CUDA graph captures (`sample_fused`, whatever the step's flags:
+its greedy rows are torch.argmax's): it reads every per-step value, the rows' Philox seeds
+and offsets included, from device tensors the engine packs into its step buffer, so a
+replay draws fresh noise without any host work. A graph step with top-k/top-p samples again
+on the torch path after the replay.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -25,6 +32,8 @@ class SamplingTensors:
     temperatures: float32 [S], 0 = greedy. top_k: int64 [S], vocab size = off.
     top_p: float32 [S], 1 = off. seeds: (row, seed) for the rows with their own seed, where
     seed already folds in the index of the token being sampled (`row_seed`).
+    philox_seeds, philox_offsets: int64 [S], the fused kernel's noise per row (the engine
+    packs them: `philox_inputs`); None: the Sampler derives them from its own step count.
     """
     temperatures: torch.Tensor
     top_k: torch.Tensor
@@ -34,6 +43,8 @@ class SamplingTensors:
     use_top_k: bool
     use_top_p: bool
     seeds: list[tuple[int, int]]
+    philox_seeds: torch.Tensor | None = None
+    philox_offsets: torch.Tensor | None = None
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -44,6 +55,20 @@ def row_seed(seed: int, index: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
     return x ^ (x >> 31)
+
+
+def philox_inputs(engine_seed: int, step: int, seeds: list[tuple[int, int]], out_seeds,
+                  out_offsets) -> None:
+    """The fused kernel's (seed, offset) per row, written into `out_seeds` / `out_offsets`
+    (int64 numpy arrays of S rows): unseeded rows use the `step`-th seed of the
+    engine-wide stream at offsets 1..S; seeded rows their own seed at offset 0, so their
+    noise depends on neither their row nor their neighbours, and never coincides with an
+    unseeded row's."""
+    S = len(out_seeds)
+    out_seeds[:] = as_int64(row_seed(engine_seed, step))
+    out_offsets[:] = np.arange(1, S + 1)
+    for row, seed in seeds:
+        out_seeds[row], out_offsets[row] = as_int64(seed), 0
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
@@ -82,12 +107,13 @@ class Sampler:
         self.steps = 0      # fused steps so far: the engine-wide stream's position
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """logits [S, vocab] -> token ids int64 [S]."""
+    def __call__(self, logits: torch.Tensor, params: SamplingTensors,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [S, vocab] -> token ids int64 [S] (written into `out` if given)."""
         if params.all_greedy:
-            return logits.argmax(dim=-1)
+            return torch.argmax(logits, dim=-1, out=out)
         if self.fused and not (params.use_top_k or params.use_top_p):
-            return self.sample_fused(logits, params)
+            return self.sample_fused(logits, params, out)
         logits = logits.float()
         greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
         temperatures = params.temperatures
@@ -103,26 +129,25 @@ class Sampler:
         tokens = logits.sub_(noise.log_()).argmax(dim=-1)
         if params.any_greedy:
             tokens = torch.where(params.temperatures == 0, greedy_tokens, tokens)
-        return tokens
+        return tokens if out is None else out.copy_(tokens)
 
-    def sample_fused(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """The fused kernel. Unseeded rows: this step's seed, derived from the Sampler's seed
-        and its step count, at offsets 1..S. Seeded rows: their own seed at offset 0, so
-        their noise depends on neither their row nor their neighbours, and never coincides
-        with an unseeded row's."""
-        self.steps += 1
-        device = logits.device
-        S = logits.shape[0]
-        seeds = torch.full((S,), as_int64(row_seed(self.seed, self.steps)), dtype=torch.int64,
-                           device=device)
-        offsets = torch.arange(1, S + 1, device=device)
-        if params.seeds:
-            table = torch.tensor([[row for row, _ in params.seeds],
-                                  [as_int64(seed) for _, seed in params.seeds]])
-            if device.type == "cuda":   # pinned: the copy below does not wait for the GPU
-                table = table.pin_memory()
-            table = table.to(device, non_blocking=True)
-            seeds.scatter_(0, table[0], table[1])
-            offsets.scatter_(0, table[0], 0)
-        from engine.kernels import sample_from_logits   # Triton: CUDA only, imported on use
-        return sample_from_logits(logits, params.temperatures, seeds, offsets)
+    def sample_fused(self, logits: torch.Tensor, params: SamplingTensors,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused kernel over every row, greedy rows (temperature 0: the argmax, ties to
+        the lowest index, as torch.argmax) included; top-k/top-p are ignored. With the
+        step's packed `philox_seeds` / `philox_offsets` this is two kernel launches and no
+        host work (what a CUDA graph captures); without them, this Sampler's step count
+        picks the engine-wide stream's seed (`philox_inputs`)."""
+        from engine.kernels import sample_from_logits   # Triton: imported on use
+        seeds, offsets = params.philox_seeds, params.philox_offsets
+        if seeds is None:
+            self.steps += 1
+            S = logits.shape[0]
+            seeds, offsets = np.empty(S, dtype=np.int64), np.empty(S, dtype=np.int64)
+            philox_inputs(self.seed, self.steps, params.seeds, seeds, offsets)
+            seeds, offsets = torch.from_numpy(seeds), torch.from_numpy(offsets)
+            if logits.device.type == "cuda":   # pinned: the copies do not wait for the GPU
+                seeds, offsets = seeds.pin_memory(), offsets.pin_memory()
+            seeds = seeds.to(logits.device, non_blocking=True)
+            offsets = offsets.to(logits.device, non_blocking=True)
+        return sample_from_logits(logits, params.temperatures, seeds, offsets, out=out)

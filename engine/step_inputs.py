@@ -1,10 +1,14 @@
 """A step's device inputs: how a policy Batch becomes the flat tensors the model reads.
 
 Everything a step needs (token ids, positions, KV slots, per-sequence lengths, block tables,
-prefill tile list, sampling parameters, async fix-ups) is packed with numpy into ONE pinned
+prefill tile list, sampling parameters and noise seeds) is packed with numpy into ONE pinned
 host buffer and sent with ONE copy; the device tensors are typed views into its twin. The
 layout is a function of the step's padded shape only, so a CUDA graph captured for a shape
 finds its inputs at the same addresses in every later step of that shape.
+
+Asynchronous scheduling: an input token that the previous step sampled and the host has not
+seen yet is packed as the negative id -1 - k, k its index among that step's sampled tokens;
+the step itself reads it from the device (`take_pending`), so no host work waits for it.
 
 Which shape a step gets is policy.cuda_graphs' rule (shared with the simulator): decode
 graphs pad the batch to a captured size, mixed graphs pad the tokens (and leave room for
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.kernels.launch import decode_work_capacity, plan_decode_work
-from engine.sampler import SamplingTensors, row_seed
+from engine.sampler import SamplingTensors, philox_inputs, row_seed
 from engine.sampling_params import SamplingParams
 from policy import Batch, Sequence
 from policy.cuda_graphs import graph_rows
@@ -30,10 +34,8 @@ GREEDY = SamplingParams(temperature=0.0)
 
 # The step's inputs, in buffer order: name, numpy dtype, shape in terms of T (tokens),
 # B (sequences), W (block-table width), P (prefill tiles), D (decode work items: the
-# split-KV plan of engine.kernels.launch.plan_decode_work), S (sampled sequences) and F
-# (input tokens the previous step sampled and the host has not seen yet: asynchronous
-# scheduling). What a CUDA graph reads comes first, so its addresses depend only on the
-# graph's (T, B, W, P, D).
+# split-KV plan of engine.kernels.launch.plan_decode_work) and S (sampled rows: a graph
+# step's padded row count, so that the graph's sampler finds them at fixed addresses too).
 FIELDS = (
     ("input_ids", np.int64, "T"),
     ("positions", np.int64, "T"),
@@ -48,16 +50,17 @@ FIELDS = (
     ("temperatures", np.float32, "S"),
     ("top_k", np.int64, "S"),
     ("top_p", np.float32, "S"),
-    ("fix_rows", np.int64, "F"),          # input_ids rows to take from the previous step's
-    ("fix_src", np.int64, "F"),           # ... sampled tokens, at these indices
+    ("philox_seeds", np.int64, "S"),      # the fused sampler's noise per row
+    ("philox_offsets", np.int64, "S"),
 )
+LOGITS_ROWS = 9                           # index of the first sampling field in FIELDS
 TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
 
 
-def layout(T: int, B: int, W: int, P: int, D: int, S: int, F: int = 0) -> tuple[list[tuple[int, tuple]], int]:
+def layout(T: int, B: int, W: int, P: int, D: int, S: int) -> tuple[list[tuple[int, tuple]], int]:
     """Byte offset and shape of each field (after the header), and the total size."""
     dims = {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,W": (B, W), "P,2": (P, 2), "D,4": (D, 4),
-            "B,2": (B, 2), "S": (S,), "F": (F,)}
+            "B,2": (B, 2), "S": (S,)}
     spans, offset = [], HEADER_BYTES
     for _, dtype, dim in FIELDS:
         shape = dims[dim]
@@ -72,24 +75,25 @@ class StepBuffer:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, max_tiles: int,
                  max_work: int, device: torch.device):
-        nbytes = layout(max_tokens, max_seqs, max_blocks, max_tiles, max_work, max_seqs, max_seqs)[1]
+        nbytes = layout(max_tokens, max_seqs, max_blocks, max_tiles, max_work, max_seqs)[1]
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
         self.host_np = self.host.numpy()
         self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device) if on_gpu else self.host
         self.header = self.host_np[:HEADER_BYTES].view(np.int64)
+        self.max_tokens = max_tokens
         self.cache: dict[tuple, tuple] = {}   # shapes -> (nbytes, host views, device views)
 
-    def views(self, T: int, B: int, W: int, P: int, D: int, S: int, F: int = 0
+    def views(self, T: int, B: int, W: int, P: int, D: int, S: int
               ) -> tuple[int, list[np.ndarray], list[torch.Tensor]]:
         """Size and (numpy, torch) views of each field for these shapes. Cached: making
         a dozen views costs more than packing a decode step."""
-        key = (T, B, W, P, D, S, F)
+        key = (T, B, W, P, D, S)
         found = self.cache.get(key)
         if found is None:
             if len(self.cache) >= 4096:
                 self.cache.clear()
-            spans, nbytes = layout(T, B, W, P, D, S, F)
+            spans, nbytes = layout(T, B, W, P, D, S)
             sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
             host = [self.host_np[o:o + n].view(dt).reshape(shape)
                     for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
@@ -150,7 +154,8 @@ class BlockTableMirror:
 class Step:
     """Host-side facts about one packed step (its tensors are in the StepBuffer).
     `graph` is "decode" / "mixed" (replay the graph captured for that kind and size T) or
-    "eager"; T, B, W, P, D are the padded shapes the buffer holds."""
+    "eager"; T, B, W, P, D, S are the padded shapes the buffer holds (S: sampling rows; a
+    graph step samples B rows, `sampled` says which are real)."""
     T: int
     B: int
     W: int
@@ -163,18 +168,19 @@ class Step:
     D: int                                 # decode work items (split-KV plan capacity)
     graph: int                             # 0 eager, 1 decode graph, 2 mixed graph
     nbytes: int
-    F: int = 0                             # input tokens fixed up from the previous step
+    F: int = 0                             # input tokens the previous step sampled (take_pending)
+    resample: int = 0                      # a graph step with top-k/top-p: sampled again after replay
     num_tokens: int = 0                    # real (unpadded) tokens
     order: list[int] | None = None         # batch index of each packed row (None: identity)
     sampled: list[int] | None = None       # packed rows that sample, in logits order
     sampling: SamplingTensors | None = None
 
-    HEADER_FIELDS = 14
+    HEADER_FIELDS = 15
 
     def header(self, cmd: int) -> list[int]:
         return [cmd, self.T, self.B, self.W, self.P, self.S, self.max_query_len, self.max_context_len,
                 self.num_decode_tokens, self.decode_rows, self.D, self.graph, self.nbytes,
-                self.F]
+                self.F, self.resample]
 
     @classmethod
     def from_header(cls, h: list[int]) -> "Step":
@@ -199,7 +205,7 @@ class StepPacker:
 
     def __init__(self, buffer: StepBuffer, block_size: int, max_blocks: int, max_num_seqs: int,
                  vocab_size: int, tile_tokens: int, num_kv_heads: int,
-                 num_sms: int, rank: int = 0):
+                 num_sms: int, rank: int = 0, seed: int = 0):
         self.buffer, self.block_size, self.max_blocks = buffer, block_size, max_blocks
         self.max_num_seqs = max_num_seqs
         self.vocab_size, self.tile_tokens, self.rank = vocab_size, tile_tokens, rank
@@ -207,6 +213,9 @@ class StepPacker:
         self.decode_sizes: list[int] = []
         self.mixed_sizes: list[int] = []
         self.block_tables = BlockTableMirror(2 * max_num_seqs + 2, max_blocks)
+        self.seed, self.sample_steps = seed, 0   # the sampler's engine-wide noise stream
+        self.iota = np.arange(max(max_num_seqs, buffer.max_tokens) + 1, dtype=np.int64)
+        self.iota_list = self.iota.tolist()
 
     def work_capacity(self, decode_rows: int) -> int:
         """Decode work items a step with this many decode rows can need (0: no decode)."""
@@ -225,7 +234,68 @@ class StepPacker:
         """Pack the batch into the host step buffer: decodes (q_len 1) first, then the
         others. All per-token arrays are computed with numpy, not per-token Python.
         `graph` = (kind, size) overrides the graph rule (capture; EAGER: the exact shape);
-        the batch must fit that shape."""
+        the batch must fit that shape. Decode-only steps that run eagerly or replay a
+        decode graph take `pack_decode`: the same bytes with a third of the numpy calls (the
+        step that must be cheapest)."""
+        B = len(batch.seqs)
+        if batch.num_new_tokens.count(1) == B:
+            if graph is None:
+                kind, size = graph_rows(B, B, True, self.decode_sizes, self.mixed_sizes)
+                graph = GRAPH_KINDS[kind], size
+            if graph[0] != MIXED_GRAPH:   # (past the decode graphs, a mixed graph may take it)
+                return self.pack_decode(batch, sampling_params, pending, graph)
+        return self.pack_any(batch, sampling_params, pending, graph)
+
+    def pack_decode(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+                    pending: dict | None, graph: tuple[int, int]) -> Step:
+        """`pack_any` for a batch of decodes only (q_len 1 everywhere), eager or on a
+        decode graph (`graph` = (EAGER, _) or (DECODE_GRAPH, size)): token i is sequence
+        i's, at position num_computed_tokens[i]."""
+        starts, seqs, samples = batch.num_computed_tokens, batch.seqs, batch.sample
+        B, bs = len(seqs), self.block_size
+        graph, size = graph
+        if graph == MIXED_GRAPH:
+            raise ValueError("pack_decode: a decode-only step on a mixed graph goes through pack_any")
+        max_ctx = max(starts) + 1 if B else 0
+        if graph:
+            Tp, Bp, W, P, D = self.graph_shape(graph, size)
+        else:
+            Tp, Bp, W, P, D = B, B, max(1, -(-max_ctx // bs)), 0, self.work_capacity(B)
+        sampled = self.iota_list[:B] if samples.count(True) == B else [j for j in range(B) if samples[j]]
+        S = Bp if graph else len(sampled)
+        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, D, S)
+        (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
+         prefill_tiles, decode_work, decode_index, logits_rows) = host[:LOGITS_ROWS + 1]
+        iota = self.iota
+        # each sequence's last token, or -1 - k where the previous step sampled it (k: its
+        # index there; the device fills it in)
+        F = 0
+        if pending:
+            get = pending.get
+            ids = [-1 - k if (k := get(s.seq_id)) is not None and c + 1 == s.num_tokens else s.token_ids[c]
+                   for s, c in zip(seqs, starts)]
+            input_ids[:B] = ids
+            F = B - np.count_nonzero(input_ids[:B] >= 0)
+        else:
+            input_ids[:B] = [s.token_ids[c] for s, c in zip(seqs, starts)]
+        start = positions[:B]
+        start[:] = starts
+        np.add(start, 1, out=context_lens[:B])
+        query_start_loc[:B + 1] = iota[:B + 1]
+        self.block_tables.gather(seqs, (start // bs + 1).tolist(), block_tables)
+        slot_mapping[:B] = block_tables[iota[:B], start // bs].astype(np.int64) * bs + start % bs
+        if Bp > B:
+            self._pad(graph, B, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
+                      query_start_loc, block_tables)
+        # the split-KV plan; a decode graph's padding rows too, so no row is left junk
+        plan_decode_work(context_lens[:Bp], self.num_kv_heads, self.num_sms, decode_work, decode_index)
+        logits_rows[:len(sampled)] = iota[:B] if len(sampled) == B else sampled
+        return self.finish(batch, sampling_params, seqs, sampled, host, graph,
+                           Step(Tp, Bp, W, P, S, 1 if B else 0, max_ctx, B, Bp, D, graph, nbytes, F, 0, B))
+
+    def pack_any(self, batch: Batch, sampling_params: list[SamplingParams] | None,
+                 pending: dict | None = None, graph: tuple[int, int] | None = None) -> Step:
+        """`pack` for any batch (prefill chunks, decodes, both)."""
         q_lens, starts, seqs, samples = (batch.num_new_tokens, batch.num_computed_tokens,
                                          batch.seqs, batch.sample)
         B = len(seqs)
@@ -235,8 +305,6 @@ class StepPacker:
             order = [i for i in range(B) if q_lens[i] == 1] + [i for i in range(B) if q_lens[i] != 1]
             q_lens, starts = [q_lens[i] for i in order], [starts[i] for i in order]
             seqs, samples = [seqs[i] for i in order], [samples[i] for i in order]
-            if sampling_params is not None:
-                sampling_params = [sampling_params[i] for i in order]
         T = sum(q_lens)
         q = np.array(q_lens, dtype=np.int64)
         start = np.array(starts, dtype=np.int64)
@@ -260,17 +328,16 @@ class StepPacker:
             decode_rows = num_decode
             D = self.work_capacity(num_decode)
         sampled = list(range(B)) if samples.count(True) == B else [j for j in range(B) if samples[j]]
-        S = len(sampled)
+        S = Bp if graph else len(sampled)       # a graph samples all its rows
         fixed = []   # sequences whose last input token the previous step sampled (still on the device)
         if pending:
             get = pending.get
             fixed = [i for i, (s, c, n) in enumerate(zip(seqs, starts, q_lens))
                      if c + n == s.num_tokens and get(s.seq_id) is not None]
-        F = len(fixed)
-        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, D, S, F)
+        nbytes, host, _ = self.buffer.views(Tp, Bp, W, P, D, S)
         (input_ids, positions, slot_mapping, context_lens, query_start_loc, block_tables,
          prefill_tiles, decode_work, decode_index, logits_rows, temperatures, top_k, top_p,
-         fix_rows, fix_src) = host
+         philox_seeds, philox_offsets) = host
 
         query_start_loc[0] = 0
         np.cumsum(q, out=query_start_loc[1:B + 1])
@@ -306,16 +373,30 @@ class StepPacker:
             n = Bp if graph == DECODE_GRAPH else num_decode
             plan_decode_work(context_lens[:n], self.num_kv_heads, self.num_sms, decode_work, decode_index)
             decode_index[n:] = 0    # prefill and padding rows: nothing to merge
-        logits_rows[:] = query_start_loc[1:][sampled] - 1
-        if F:
-            fix_rows[:] = query_start_loc[1:][fixed] - 1
-            fix_src[:] = [pending[seqs[i].seq_id] for i in fixed]
-            input_ids[fix_rows] = 0      # the host holds a placeholder there
-        sampling = None
-        if self.rank == 0:
-            sampling = self.pack_sampling(sampling_params, seqs, sampled, temperatures, top_k, top_p)
-        return Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
-                    D, graph, nbytes, F, T, order, sampled, sampling)
+        logits_rows[:len(sampled)] = query_start_loc[1:][sampled] - 1
+        if fixed:    # the host holds a placeholder there: name the device's token instead
+            input_ids[query_start_loc[1:][fixed] - 1] = [-1 - pending[seqs[i].seq_id] for i in fixed]
+        step = Step(Tp, Bp, W, P, S, int(q.max()) if B else 0, max_ctx, num_decode, decode_rows,
+                    D, graph, nbytes, len(fixed), 0, T, order)
+        return self.finish(batch, sampling_params, seqs, sampled, host, graph, step)
+
+    def finish(self, batch, sampling_params, seqs, sampled, host, graph, step: Step) -> Step:
+        """The sampling rows of a packed step (rank 0), a graph's padding rows included."""
+        step.sampled = sampled
+        if self.rank != 0:
+            return step
+        if step.order is not None and sampling_params is not None:
+            sampling_params = [sampling_params[i] for i in step.order]
+        sampling = step.sampling = self.pack_sampling(sampling_params, seqs, sampled, host[LOGITS_ROWS + 1:])
+        # a graph samples without top-k/top-p: such a step samples its rows again
+        step.resample = int(bool(graph) and (sampling.use_top_k or sampling.use_top_p))
+        n = len(sampled)
+        if n < step.S:    # a graph's padding rows: greedy over row 0, never read back
+            logits_rows, temperatures, top_k, top_p = host[LOGITS_ROWS:LOGITS_ROWS + 4]
+            logits_rows[n:] = 0
+            temperatures[n:], top_k[n:], top_p[n:] = 0.0, self.vocab_size, 1.0
+            sampling.any_greedy = True
+        return step
 
     @staticmethod
     def _pad(graph, T, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
@@ -334,30 +415,48 @@ class StepPacker:
             context_lens[B:] = 0
             query_start_loc[B + 1:] = T
 
-    def pack_sampling(self, params, seqs, sampled, temperatures, top_k, top_p) -> SamplingTensors:
-        """Per sampled row: temperature, top-k, top-p (numpy views into the step buffer),
-        plus the host flags that choose the sampler's fast path."""
-        vocab = self.vocab_size
-        rows = [GREEDY] * len(sampled) if params is None else [params[j] for j in sampled]
+    def pack_sampling(self, params, seqs, sampled, fields) -> SamplingTensors:
+        """Per sampled row: temperature, top-k, top-p and the fused sampler's Philox seed and
+        offset (`fields`: numpy views into the step buffer, rows past len(sampled) left to
+        the caller), plus the host flags that choose the sampler's path."""
+        vocab, n = self.vocab_size, len(sampled)
+        temperatures, top_k, top_p, philox_seeds, philox_offsets = (f[:n] for f in fields)
+        if params is None:
+            rows = [GREEDY] * n
+        else:   # sampled is a sorted subset of the rows: all of them when as many
+            rows = params if n == len(params) else [params[j] for j in sampled]
         first = rows[0] if rows else GREEDY
-        if all(p is first for p in rows):      # one SamplingParams for all: no per-row work
+        if rows.count(first) == n:      # one SamplingParams for all (C-speed test): no per-row work
             temperatures[:] = first.temperature
             top_k[:] = first.top_k if first.top_k > 0 else vocab
             top_p[:] = first.top_p
             greedy = [first.greedy]
+            use_top_k, use_top_p = 0 < first.top_k < vocab, first.top_p < 1
         else:
             temperatures[:] = [p.temperature for p in rows]
             top_k[:] = [p.top_k if p.top_k > 0 else vocab for p in rows]
             top_p[:] = [p.top_p for p in rows]
             greedy = [p.greedy for p in rows]
+            use_top_k, use_top_p = bool((top_k < vocab).any()), bool((top_p < 1).any())
         # A seeded row's noise depends on its seed and on which output token it samples.
         seeds = []
         if len(greedy) > 1 or first.seed is not None:
             seeds = [(r, row_seed(p.seed, seqs[j].num_tokens - seqs[j].num_prompt_tokens))
                      for r, (j, p) in enumerate(zip(sampled, rows)) if p.seed is not None]
-        return SamplingTensors(None, None, None, all_greedy=all(greedy), any_greedy=any(greedy),
-                               use_top_k=bool((top_k < vocab).any()),
-                               use_top_p=bool((top_p < 1).any()), seeds=seeds)
+        all_greedy = all(greedy)
+        if not all_greedy:   # the next seed of the engine-wide stream (greedy steps draw none)
+            self.sample_steps += 1
+            philox_inputs(self.seed, self.sample_steps, seeds, philox_seeds, philox_offsets)
+        return SamplingTensors(None, None, None, all_greedy=all_greedy, any_greedy=any(greedy),
+                               use_top_k=use_top_k, use_top_p=use_top_p, seeds=seeds)
+
+
+def take_pending(input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """input_ids with each pending entry -1 - k replaced by tokens[k] (the previous step's
+    k-th sampled token, still on the device). Device ops only, no sync: a graph captures
+    them, and they leave input_ids as they are when nothing is pending."""
+    index = torch.bitwise_not(input_ids).clamp_(min=0)     # -1 - id: k where pending, else 0
+    return torch.where(input_ids < 0, tokens.index_select(0, index), input_ids)
 
 
 def dummy_batch(shape: list[tuple[int, int]], block_size: int) -> Batch:

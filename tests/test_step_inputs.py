@@ -70,7 +70,8 @@ def batch_of(rng, n):
 def test_mixed_graph_packing(seed):
     """A mixed step packed for a graph: every real token keeps its slot and position, every
     prefill token is covered by exactly one tile, padding stores nothing and belongs to no
-    sequence, and the graph's inputs sit where the capture saw them whatever S and F are."""
+    sequence, the graph samples all its rows (padding rows greedy over row 0), and the
+    graph's inputs sit where the capture saw them whatever the batch is."""
     rng = random.Random(seed)
     p = packer()
     p.mixed_sizes = mixed_sizes(64, 64)
@@ -110,8 +111,12 @@ def test_mixed_graph_packing(seed):
                                                                  batch.num_computed_tokens[i] + batch.num_new_tokens[i]]]
     assert ids[:T].tolist() == tokens == e_host[0][:T].tolist()
     assert pos[:T].tolist() == e_host[1][:T].tolist() and slots[:T].tolist() == e_host[2][:T].tolist()
-    spans = layout(step.T, step.B, step.W, step.P, step.D, 1, 0)[0]
-    assert [o for o, _ in layout(step.T, step.B, step.W, step.P, step.D, 7, 3)[0][:9]] == [o for o, _ in spans[:9]]
+    assert step.S == step.B and step.sampled == list(range(len(batch)))
+    logits_rows, temperatures = host[9:11]
+    assert logits_rows[:len(batch)].tolist() == (qsl[1:len(batch) + 1] - 1).tolist()
+    assert (logits_rows[len(batch):] == 0).all() and (temperatures == 0).all()
+    spans = layout(step.T, step.B, step.W, step.P, step.D, 1)[0]
+    assert [o for o, _ in layout(step.T, step.B, step.W, step.P, step.D, 7)[0][:9]] == [o for o, _ in spans[:9]]
 
 
 def test_block_table_mirror_reuses_rows():
@@ -129,14 +134,15 @@ def test_block_table_mirror_reuses_rows():
 
 
 class ReplayOnCpu:
-    """A CPU stand-in for torch.cuda.CUDAGraph: replays the body captured over fixed views."""
+    """A CPU stand-in for torch.cuda.CUDAGraph: replays the body captured over fixed views
+    (ModelRunner.graph_body, the callable CUDA captures), writing its output in place."""
 
-    def __init__(self, body, hidden):
-        self.body, self.hidden, self.replays = body, hidden, 0
+    def __init__(self, body, out):
+        self.body, self.out, self.replays = body, out, 0
 
     def replay(self):
         self.replays += 1
-        self.hidden.copy_(self.body())
+        self.out.copy_(self.body())
 
 
 def capture_on_cpu(runner, kinds=(DECODE_GRAPH, MIXED_GRAPH)):
@@ -147,11 +153,9 @@ def capture_on_cpu(runner, kinds=(DECODE_GRAPH, MIXED_GRAPH)):
     for kind, size in todo:
         if kind not in kinds:
             continue
-        step = runner.graph_step(kind, size)
-        views = runner.buffer.views(step.T, step.B, step.W, step.P, step.D, step.S)[2]
-        inputs = runner.model_inputs(step, views)
-        hidden = torch.empty(step.T, runner.model_config.hidden_size)
-        runner.graphs[(kind, size)] = (ReplayOnCpu(lambda i=inputs: runner.model(*i), hidden), hidden)
+        step, body = runner.graph_body(kind, size)
+        out = body().clone()                   # the "capture": the body's output, kept
+        runner.graphs[(kind, size)] = (ReplayOnCpu(body, out), out)
     runner.packer.decode_sizes = sorted(s for k, s in runner.graphs if k == DECODE_GRAPH)
     runner.packer.mixed_sizes = sorted(s for k, s in runner.graphs if k == MIXED_GRAPH)
 

@@ -11,6 +11,8 @@ fills the GPU; each program writes its chunk's (best score, index) and a small t
 picks each row's winner. One Philox call yields four 32-bit numbers, so the vocabulary is cut
 in four quarters of Q = 16 * ceil(V / 64) (the last one shorter): counter i feeds v = i,
 Q + i, 2Q + i, 3Q + i. That layout depends on V only, never on the launch's chunk size.
+A second kernel picks each row's winner among its chunks: two launches, no torch op, so the
+whole sampler fits in a CUDA graph at the cost of two kernel nodes.
 """
 import torch
 import triton
@@ -71,9 +73,24 @@ def _sample_chunks_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, offsets_
     tl.store(part_index_ptr + row * num_chunks + chunk, index.to(tl.int64))
 
 
+@triton.jit
+def _pick_winner_kernel(part_score_ptr, part_index_ptr, out_ptr, num_chunks,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """out[row] = the index of the row's best chunk score (the lowest index on a tie)."""
+    pdl.enter(PDL)
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    valid = c < num_chunks
+    score = tl.load(part_score_ptr + row * num_chunks + c, mask=valid, other=float("-inf"))
+    index = tl.load(part_index_ptr + row * num_chunks + c, mask=valid, other=2**62)
+    top = tl.max(score, axis=0)
+    # every chunk's index is valid (see above), so a row of -inf still picks a valid token
+    tl.store(out_ptr + row, tl.min(tl.where(valid & (score == top), index, 2**62), axis=0))
+
+
 def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
                        offsets: torch.Tensor, block_size: int | None = None,
-                       n_rounds: int = 10) -> torch.Tensor:
+                       n_rounds: int = 10, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` [S, V] (bf16/fp16/fp32, last dim contiguous).
 
     temperatures: float32 [S]; 0 = greedy: argmax(logits[r]), ties to the lowest index like
@@ -84,8 +101,10 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
     rows that must differ different (seed, offset) pairs, and change them every step.
     Seeds are 64-bit (pass values >= 2**63 as their two's complement).
 
-    Returns int64 [S], always in [0, V). `block_size` (positions per program and quarter, a
-    power of two) changes the launch only, never the result. No host sync.
+    Returns int64 [S], always in [0, V) (written into `out`, contiguous int64 [S], if given).
+    `block_size` (positions per program and quarter, a power of two) changes the launch
+    only, never the result. No host sync, no torch op but two allocations: safe to capture
+    in a CUDA graph.
 
     On CUDA the two logs of the noise use the fast hardware log2 (absolute error ~2**-22);
     the interpreter uses tl.log2. Both, like torch's exponential_, see U on a grid near 1
@@ -100,8 +119,13 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
         if t.shape != (S,) or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"sample_from_logits: {name} must be contiguous {dtype} of shape "
                              f"({S},), got {t.dtype} {tuple(t.shape)}")
+    if out is None:
+        out = torch.empty(S, dtype=torch.int64, device=logits.device)
+    elif out.shape != (S,) or out.dtype != torch.int64 or not out.is_contiguous():
+        raise ValueError(f"sample_from_logits: out must be contiguous int64 of shape ({S},), "
+                         f"got {out.dtype} {tuple(out.shape)}")
     if S == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
+        return out
     Q = triton.cdiv(V, 64) * 16     # >= V / 4, and a multiple of 16 keeps the loads vectorised
     # few rows: small chunks, so that one row is still spread over many SMs
     block = block_size or (256 if S < 16 else 1024)
@@ -113,6 +137,7 @@ def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: 
         V, Q, num_chunks, BLOCK=block, N_ROUNDS=n_rounds,
         FAST_LOG=logits.is_cuda and torch.version.hip is None, num_warps=4,
         PDL=pdl.enabled(), **pdl.launch_kwargs())
-    # each row's winner: the best chunk, the lowest index on a tie
-    top = part_score.amax(dim=1, keepdim=True)
-    return torch.where(part_score == top, part_index, V).amin(dim=1)
+    _pick_winner_kernel[(S,)](part_score, part_index, out, num_chunks,
+                              BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
+                              PDL=pdl.enabled(), **pdl.launch_kwargs())
+    return out
