@@ -94,10 +94,6 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
-  b1host)   # batch-1 decoding's host time: one sequence, 1,024 tokens, under cProfile (issue 9)
-            ckpt qwen3-0.6b twinserve-qwen3-0.6b
-            TAIL=60 run b1_cprofile_q06 200 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b \
-                --num-seqs 1 --max-input-len 512 --max-output-len 1024 --decode-batches 1 --cprofile 45 ;;
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
             ckpt qwen3-0.6b twinserve-qwen3-0.6b
             for b in 1 64; do TAIL=70 run profile_q06_b$b 200 $TIMELINE --batch $b; done ;;
