@@ -550,6 +550,47 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     return out
 
 
+def size_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame",
+                profile: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+    """How the calibration predicts a real run's steps by CUDA-graph size: one row per
+    (kind, rows) with n, the run's mean error (predicted - measured) / measured, its share of
+    the run's device time, and (given the calibration's `profile`) the mean error of the
+    profile's own shapes of that size. The fit passes through every graph size of the
+    profile, so a size whose run error departs from the profile's by more than the rest is
+    a size that ran at another speed in the run than when profiled: measured on the H200, an
+    engine's start-up choice of GEMM kernels per row count (engine.kernels.skinny_gemm's
+    plan) moved Llama-3.1-8B decode steps of one size by up to -21% / +14% between two
+    engines of the same commit."""
+    steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
+    model = FittedCostModel(calib, graphs=graphs)
+    def table(rows_df: "pd.DataFrame") -> "pd.DataFrame":
+        rows = rows_df.to_dict("records")
+        kind_rows = [graphs.rows(r) for r in rows]
+        pred = np.array([model.predict(r) for r in rows])
+        real = rows_df["device_s"].to_numpy(float)
+        return pd.DataFrame({"kind": [k for k, _ in kind_rows], "rows": [n for _, n in kind_rows],
+                             "err": (pred - real) / real, "device_s": real})
+    run = table(steps)
+    out = run.groupby(["kind", "rows"]).agg(n=("err", "size"), run_error=("err", "mean"),
+                                             device_s=("device_s", "sum"))
+    out["share"] = out.pop("device_s") / run["device_s"].sum()
+    if profile is not None:
+        prof = table(profile[profile["kind"].isin(list(calib["kinds"]))])
+        out["profile_error"] = prof.groupby(["kind", "rows"])["err"].mean()
+    return out.reset_index()
+
+
+def print_size_errors(table: "pd.DataFrame") -> None:
+    has_profile = "profile_error" in table.columns
+    print("by CUDA-graph size (rows): n, mean error on the run's steps"
+          + (", on the profile's shapes of that size" if has_profile else "") + ", share of the run's device time")
+    for r in table.itertuples():
+        line = f"  {r.kind:<7} {r.rows:>5}  n={r.n:<6} run {100 * r.run_error:+6.1f}%"
+        if has_profile:
+            line += f"  profile {100 * r.profile_error:+6.1f}%" if r.profile_error == r.profile_error else "  profile    -  "
+        print(line + f"  {100 * r.share:5.1f}% of device time")
+
+
 def print_step_errors(errors: dict, source: str) -> None:
     print(f"the calibration on the steps of {source} (device time, (predicted - measured) / measured):")
     for kind, e in errors.items():
@@ -615,10 +656,13 @@ def main(argv=None):
     if args.check_steps:
         graphs = CudaGraphs.for_calibration(meta.get("engine"))
         try:
-            errors = step_errors(calib, graphs, pd.read_parquet(args.check_steps))
+            checked = pd.read_parquet(args.check_steps)
+            errors = step_errors(calib, graphs, checked)
+            sizes = size_errors(calib, graphs, checked, profile)
         except ValueError as e:
             sys.exit(f"--check-steps {args.check_steps}: {e}")
         print_step_errors(errors, args.check_steps)
+        print_size_errors(sizes)
     print(f"wrote {args.out}")
 
 
