@@ -144,6 +144,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             add([(t - many, t - many)] + shared(spread(many, mid), mid // 4))
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
+        # ... behind a long prefix (a conversation's history from the prefix cache, a long
+        # prompt's earlier chunks): serving chunks sit behind 2-8k tokens; with at most 1k
+        # profiled, the fit extrapolated their attention and priced Qwen3-0.6B's mooncake_conv
+        # chunks of 256-2048 tokens behind 2-8k tokens 8-16% over what they ran on the H200
+        long_prefix = 4 * cached
+        if cached and t + long_prefix <= L:
+            add([(long_prefix + t, t)])
+        if cached and t + 6 * cached <= L:
+            add([(6 * cached + t, t)], "held_out" if graphs.mixed.index(t) % 2 else "train")
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
