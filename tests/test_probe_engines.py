@@ -39,11 +39,11 @@ def test_probe_times_every_shape_with_each_kind_of_data(capsys):
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     # batches past max_num_seqs and chunks past the token budget are left out, not run
-    assert [r["shape"] for r in result["rows"]] == ["decode 1 x 16", "decode 2 x 16", "chunk 8 + 3 decodes"]
+    assert [r["shape"] for r in result["rows"]] == ["decode 1 x 16", "decode 2 x 16", "chunk 5 + 3 decodes"]
     for r in result["rows"]:
         assert set(r["ms"]["e1"]) == set(probe.DATA) and all(v > 0 for v in r["ms"]["e1"].values())
         assert r["engines_spread"] == 0.0 and r["kind"] == "eager"
-    assert result["rows"][2]["rows"] == 11 and result["plan_differences"] == {}
+    assert result["rows"][2]["rows"] == 8 and result["plan_differences"] == {}
     with pytest.raises(SystemExit, match="exceeds scheduler.max_model_len"):
         probe.main(["--model", "tiny-qwen3", "--hardware", "h200", "--context", "999",
                     "--set", "engine=cpu", "scheduler.max_model_len=128"])

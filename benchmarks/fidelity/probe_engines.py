@@ -4,7 +4,7 @@ miss the fit").
 
     python benchmarks/fidelity/probe_engines.py --model llama-3.1-8b --hardware h200 \\
         [--engines 2] [--batches 1,2,3,4,8,9,16,17,32,48,64] [--context 1024] \\
-        [--chunks 512,2048,7168] [--repeats 5] [--calibration simulator/calibrations/<file>.json] \\
+        [--chunks 1536,1792,6656,7168] [--repeats 5] [--calibration simulator/calibrations/<file>.json] \\
         [--set engine.skinny_gemm=false ...]
 
 Builds the engine of the calibration's settings (conf/config.yaml, `model`, `hardware` and
@@ -17,8 +17,9 @@ Builds the engine of the calibration's settings (conf/config.yaml, `model`, `har
   same; the KV pool as allocated, all zeros), `zeros+kv` (the same ids over a KV pool filled
   with random values), `random` (random token ids over the random KV pool), as serving has it.
 Shapes: decode batches of `--batches` sequences of `--context` tokens each (the profile's
-uniform decode shape; CUDA-graph sizes and sizes padded to one), and prompt chunks of
-`--chunks` tokens beside 16 such decodes.
+uniform decode shape; CUDA-graph sizes and sizes padded to one), and steps of `--chunks`
+tokens in all: a prompt chunk beside 16 such decodes (the default sizes are the mixed graphs
+whose Llama-3.1-8B real steps in session 7 departed most from the profile, +8% to -15%).
 
 Prints per shape the milliseconds of every engine x data, the engines' spread (max - min) /
 min with the profile's data, the data effect (random / zeros - 1, first engine), and with
@@ -51,10 +52,11 @@ DATA = ("zeros", "zeros+kv", "random")
 def probe_shapes(batches, context, chunks, max_tokens, max_seqs) -> list[tuple[str, list]]:
     """(label, shape) of every probe step (simulator.calibrate.shape_batch entries)."""
     shapes = [(f"decode {b} x {context}", [(context, 1)] * b) for b in batches if b <= max_seqs]
-    for n in chunks:
-        decodes = min(16, max_seqs - 1)
-        if n + decodes <= max_tokens:
-            shapes.append((f"chunk {n} + {decodes} decodes", [(n, n)] + [(context, 1)] * decodes))
+    for n in chunks:      # n tokens in all: a step of exactly n rows (a mixed graph size)
+        decodes = min(16, max_seqs - 1, n - 1)
+        if n <= max_tokens:
+            shapes.append((f"chunk {n - decodes} + {decodes} decodes",
+                           [(n - decodes, n - decodes)] + [(context, 1)] * decodes))
     return shapes
 
 
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,2,3,4,8,9,16,17,32,48,64",
                     type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--context", type=int, default=1024, help="KV tokens of every decode")
-    ap.add_argument("--chunks", default="512,2048,7168", type=lambda s: [int(x) for x in s.split(",") if x])
+    ap.add_argument("--chunks", default="1536,1792,6656,7168", type=lambda s: [int(x) for x in s.split(",") if x])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calibration", default=None, help="a calibration JSON: print its prediction too")
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides (engine settings)")
