@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
+from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
                                   STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
                                   TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
                                   nonnegative_lstsq, step_experts_touched)
@@ -45,7 +45,7 @@ from simulator.hardware import HardwareSpec
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs")
+                     "decode_split_seqs", CAUSAL_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -263,6 +263,12 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
     return steps.assign(**{SHARED_FEATURE: steps["decode_context_tokens"]})
 
 
+def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with CAUSAL_FEATURE (cost_model.prefill_causal_pairs of every row)."""
+    return table.assign(**{CAUSAL_FEATURE: table["prefill_context_tokens"] - table["prefill_attention_pairs"]
+                           + table["num_prefill_tokens"]})
+
+
 def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """`profile` with the PLAN_FEATURES it lacks, computed from each row's `shape` (the grid
     point it ran, JSON: experiments.calibrate records it) under the metadata's decode_plan
@@ -313,6 +319,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     plan = meta.get("decode_plan")
     if plan:
         profile = with_plan_features(profile, meta)
+    profile = with_causal_pairs(profile)     # computed from the columns, never absent
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")

@@ -3,6 +3,7 @@ than the profiled engine shows that size, and only it, departing from the profil
 import json
 import pathlib
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -59,3 +60,51 @@ def test_a_graph_size_that_ran_slower_than_profiled_stands_out(tmp_path, capsys)
     assert "by CUDA-graph size" in out
     line = next(x.split() for x in out.splitlines() if x.split()[:2] == ["decode", "4"])
     assert float(line[line.index("run") + 1].rstrip("%")) == pytest.approx(100 * (1 / 1.2 - 1), abs=3)
+
+
+def test_causal_pairs_are_exact_from_the_features():
+    """cost_model.prefill_causal_pairs: sum of n (n + 1) / 2 over a step's prompt chunks,
+    whatever their sizes, prefixes and the decodes beside them."""
+    from simulator.cost_model import prefill_causal_pairs
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        chunks = [(int(rng.integers(0, 3000)), int(rng.integers(2, 600))) for _ in range(rng.integers(0, 4))]
+        decodes = [(int(rng.integers(2, 4000)), 1) for _ in range(rng.integers(0, 5))]
+        shape = [(start + n, n) for start, n in chunks] + decodes
+        if not shape:
+            continue
+        f = shape_batch(shape, 16, 1 << 16).features()
+        assert prefill_causal_pairs(f) == sum(n * (n + 1) // 2 for _, n in chunks)
+
+
+def test_a_pair_behind_a_long_prefix_is_priced_at_its_own_rate(monkeypatch):
+    """A stand-in engine whose causal pairs (a chunk with itself: masked diagonal tiles)
+    cost 2.5x a pair with the context before the chunk: the fit keeps the causal feature
+    (the held-out shapes say so) and prices chunks behind 6k tokens of context as the engine
+    runs them, where the same fit without it, every pair alike, cannot."""
+    from simulator.cost_model import FittedCostModel, prefill_causal_pairs
+    graphs = CudaGraphs.for_engine(16, 2048, 2048)
+
+    def engine(f):
+        rows = graphs.rows(f)[1]
+        return (1e-3 + 2e-6 * rows + 1e-9 * f["prefill_attention_pairs"] + 1.5e-9 * prefill_causal_pairs(f)
+                + 3e-9 * f["decode_context_tokens"])
+
+    rows = []
+    for point in profile_grid(16, 2048, 8192, graphs):
+        f = shape_batch(point["shape"], 16, 4000).features()
+        kind, padded = graphs.rows(f)
+        rows.append({**f, "kind": kind, "rows": padded, "split": point["split"],
+                     "device_s": engine(f), "host_launch_s": 2e-4, "host_receive_s": 5e-5})
+    meta = {"model": "qwen3-0.6b", "device": "stand-in", "command": "pytest"}
+    calib = fit_calibration(pd.DataFrame(rows), meta)
+    assert "without prefill_causal_pairs" not in calib["kinds"]["mixed"]["variant"]
+    monkeypatch.setattr(calibrate, "with_causal_pairs", lambda table: table)
+    without = fit_calibration(pd.DataFrame(rows), meta)
+    assert "prefill_causal_pairs" not in without["kinds"]["mixed"]["coefficients"]
+    behind = [shape_batch([(6000 + n, n)] + [(1000, 1)] * 4, 16, 4000).features() for n in (100, 700, 1500)]
+
+    def error(c):
+        model = FittedCostModel(c, graphs=graphs)
+        return max(abs(model.predict(f) / engine(f) - 1) for f in behind)
+    assert error(calib) < 0.005 < 0.02 < error(without)
