@@ -8,8 +8,9 @@ features. The recorded steps are written back with them, so `python -m simulator
 
     python -m experiments.plan_features <run dir> --calibration <file>.json --out <steps.parquet>
 
-The run directory is a `run.py` output (`.hydra/overrides.yaml`, `steps.parquet`,
-`summary.json`); its trace and policy settings are taken from its overrides.
+The run directory is any run's output (`run.py`'s, or a `benchmarks/fidelity/run_fidelity.py`
+cell's `real/<cell>/r<k>`): `steps.parquet` and `summary.json`, whose `config` (the run's whole
+resolved config) gives the trace and the policy settings to replay.
 """
 import argparse
 import json
@@ -17,27 +18,33 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import build, register_configs
+from experiments.config import Config, build
 from experiments.replay import load_requests, recorded_num_blocks
 from policy.decode_plan import DecodePlan
 from simulator import CudaGraphs, ModelSpec, Simulator
 from simulator.cost_model import PLAN_FEATURES, ReplayCostModel
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def run_config(run_dir: Path):
-    """The run's config as a simulated replay of its own steps."""
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("mode=", "engine.model_path=", "logger=",
-                                                                    "cost_model", "progress="))]
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("config", overrides=kept + ["mode=sim", "logger=none", "progress=false",
-                                                  "cost_model=replay", f"cost_model.path={run_dir / 'steps.parquet'}"])
+    """The run's config (its summary.json's, as it ran) as a simulated replay of its own
+    steps. Raises ValueError if the directory holds no run or its config no longer composes."""
+    summary, steps = run_dir / "summary.json", run_dir / "steps.parquet"
+    if not summary.is_file() or not steps.is_file():
+        raise ValueError(f"{run_dir}: not a run directory (it needs summary.json and steps.parquet)")
+    config = json.loads(summary.read_text()).get("config")
+    if not config:
+        raise ValueError(f"{summary} records no config")
+    replay = {"mode": "sim", "progress": False, "logger": dict(config.get("logger", {}), kind="none"),
+              "cost_model": {"kind": "replay", "path": str(steps), "strict": True},
+              "engine": dict(config.get("engine", {}), model_path=None)}   # the model: config["model"]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), config, replay)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{summary}: its config does not fit this code's ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from e
     return build(cfg)
 
 
@@ -78,7 +85,10 @@ def main(argv=None) -> None:
     plan = json.loads(Path(args.calibration).read_text()).get("decode_plan")
     if not plan:
         sys.exit(f"{args.calibration} has no decode_plan (it prices no plan feature)")
-    steps = plan_features(Path(args.run), plan)
+    try:
+        steps = plan_features(Path(args.run), plan)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(str(e))
     steps.to_parquet(args.out)
     print(f"wrote {args.out}: {len(steps)} steps, every one replayed as recorded, with "
           + ", ".join(PLAN_FEATURES))

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
+from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
                                   STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
                                   TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
                                   nonnegative_lstsq, step_experts_touched)
@@ -45,7 +45,7 @@ from simulator.hardware import HardwareSpec
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs")
+                     "decode_split_seqs", CAUSAL_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -144,6 +144,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             add([(t - many, t - many)] + shared(spread(many, mid), mid // 4))
         if t + cached // 2 <= L and t >= 2:
             add([(cached // 2 + t, t)], "held_out")
+        # ... behind a long prefix (a conversation's history from the prefix cache, a long
+        # prompt's earlier chunks): serving chunks sit behind 2-8k tokens; with at most 1k
+        # profiled, the fit extrapolated their attention and priced Qwen3-0.6B's mooncake_conv
+        # chunks of 256-2048 tokens behind 2-8k tokens 8-16% over what they ran on the H200
+        long_prefix = 4 * cached
+        if cached and t + long_prefix <= L:
+            add([(long_prefix + t, t)])
+        if cached and t + 6 * cached <= L:
+            add([(6 * cached + t, t)], "held_out" if graphs.mixed.index(t) % 2 else "train")
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
@@ -254,6 +263,12 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
     return steps.assign(**{SHARED_FEATURE: steps["decode_context_tokens"]})
 
 
+def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with CAUSAL_FEATURE (cost_model.prefill_causal_pairs of every row)."""
+    return table.assign(**{CAUSAL_FEATURE: table["prefill_context_tokens"] - table["prefill_attention_pairs"]
+                           + table["num_prefill_tokens"]})
+
+
 def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """`profile` with the PLAN_FEATURES it lacks, computed from each row's `shape` (the grid
     point it ran, JSON: experiments.calibrate records it) under the metadata's decode_plan
@@ -304,6 +319,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     plan = meta.get("decode_plan")
     if plan:
         profile = with_plan_features(profile, meta)
+    profile = with_causal_pairs(profile)     # computed from the columns, never absent
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
@@ -550,6 +566,47 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     return out
 
 
+def size_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame",
+                profile: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+    """How the calibration predicts a real run's steps by CUDA-graph size: one row per
+    (kind, rows) with n, the run's mean error (predicted - measured) / measured, its share of
+    the run's device time, and (given the calibration's `profile`) the mean error of the
+    profile's own shapes of that size. The fit passes through every graph size of the
+    profile, so a size whose run error departs from the profile's by more than the rest is
+    a size that ran at another speed in the run than when profiled: measured on the H200, an
+    engine's start-up choice of GEMM kernels per row count (engine.kernels.skinny_gemm's
+    plan) moved Llama-3.1-8B decode steps of one size by up to -21% / +14% between two
+    engines of the same commit."""
+    steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
+    model = FittedCostModel(calib, graphs=graphs)
+    def table(rows_df: "pd.DataFrame") -> "pd.DataFrame":
+        rows = rows_df.to_dict("records")
+        kind_rows = [graphs.rows(r) for r in rows]
+        pred = np.array([model.predict(r) for r in rows])
+        real = rows_df["device_s"].to_numpy(float)
+        return pd.DataFrame({"kind": [k for k, _ in kind_rows], "rows": [n for _, n in kind_rows],
+                             "err": (pred - real) / real, "device_s": real})
+    run = table(steps)
+    out = run.groupby(["kind", "rows"]).agg(n=("err", "size"), run_error=("err", "mean"),
+                                             device_s=("device_s", "sum"))
+    out["share"] = out.pop("device_s") / run["device_s"].sum()
+    if profile is not None:
+        prof = table(profile[profile["kind"].isin(list(calib["kinds"]))])
+        out["profile_error"] = prof.groupby(["kind", "rows"])["err"].mean()
+    return out.reset_index()
+
+
+def print_size_errors(table: "pd.DataFrame") -> None:
+    has_profile = "profile_error" in table.columns
+    print("by CUDA-graph size (rows): n, mean error on the run's steps"
+          + (", on the profile's shapes of that size" if has_profile else "") + ", share of the run's device time")
+    for r in table.itertuples():
+        line = f"  {r.kind:<7} {r.rows:>5}  n={r.n:<6} run {100 * r.run_error:+6.1f}%"
+        if has_profile:
+            line += f"  profile {100 * r.profile_error:+6.1f}%" if r.profile_error == r.profile_error else "  profile    -  "
+        print(line + f"  {100 * r.share:5.1f}% of device time")
+
+
 def print_step_errors(errors: dict, source: str) -> None:
     print(f"the calibration on the steps of {source} (device time, (predicted - measured) / measured):")
     for kind, e in errors.items():
@@ -615,10 +672,13 @@ def main(argv=None):
     if args.check_steps:
         graphs = CudaGraphs.for_calibration(meta.get("engine"))
         try:
-            errors = step_errors(calib, graphs, pd.read_parquet(args.check_steps))
+            checked = pd.read_parquet(args.check_steps)
+            errors = step_errors(calib, graphs, checked)
+            sizes = size_errors(calib, graphs, checked, profile)
         except ValueError as e:
             sys.exit(f"--check-steps {args.check_steps}: {e}")
         print_step_errors(errors, args.check_steps)
+        print_size_errors(sizes)
     print(f"wrote {args.out}")
 
 

@@ -332,23 +332,37 @@ class RooflineCostModel(CostModel):
 # past one wave of programs, the kernel takes longer than its summed context says.
 # decode_split_seqs: the decodes that plan splits, each a merge of its partial outputs (the
 # merge kernel's work; its programs for unsplit sequences return at once).
+# prefill_causal_pairs: of prefill_attention_pairs, those of each chunk with itself (the
+# causal triangle, whose diagonal tiles are partly masked) as against those with the context
+# before it (full tiles): a fit with both prices a pair behind a long prefix at its own rate
+# instead of extrapolating the triangle's (CAUSAL_FEATURE, computed by the model itself).
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
                "decode_span_tokens", "decode_split_seqs"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs"],
+              "decode_span_tokens", "decode_split_seqs", "prefill_causal_pairs"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs"],
+              "decode_span_tokens", "decode_split_seqs", "prefill_causal_pairs"],
 }
+CAUSAL_FEATURE = "prefill_causal_pairs"
 SPAN_FEATURE = "decode_span_tokens"
 SPLIT_FEATURE = "decode_split_seqs"
 PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE)   # computed by the split-KV plan (DecodePlan.step_features)
 # Which attention kernel's time each fitted feature measures (what a block size scales).
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
-                      "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill"}
+                      "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill",
+                      CAUSAL_FEATURE: "prefill"}
+
+
+def prefill_causal_pairs(f: dict) -> int:
+    """CAUSAL_FEATURE of a step (its `Batch.features()` `f`): the sum over its prompt chunks
+    of n (n + 1) / 2, n a chunk's tokens. Exact from the features: per chunk of n tokens after
+    s computed ones, prefill_context_tokens adds n (s + n) and prefill_attention_pairs
+    n s + n (n + 1) / 2, so context - pairs + tokens = sum of n (n + 1) / 2."""
+    return f["prefill_context_tokens"] - f["prefill_attention_pairs"] + f["num_prefill_tokens"]
 
 
 # ---- mixture of experts: the experts a step reads ------------------------------------
@@ -563,7 +577,7 @@ class FittedCostModel(CostModel):
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
-            t += coef * f[name]
+            t += coef * (f[name] if name != CAUSAL_FEATURE else prefill_causal_pairs(f))
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
             t += base_time(k, coefs, rows) * f[name]
         if self.moe_coef and kind in self.moe_coef:

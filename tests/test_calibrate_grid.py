@@ -52,6 +52,22 @@ def test_grid_profiles_several_prompt_chunks_in_one_step():
         assert f["prefill_attention_pairs"] < 0.6 * one["prefill_attention_pairs"]
 
 
+def test_grid_profiles_chunks_behind_long_prefixes():
+    """Serving's chunks sit behind up to max_model_len - chunk tokens of earlier context (a
+    conversation's cached history, a long prompt's earlier chunks): the grid reaches 6k of
+    the 8k, in the train and the held-out shapes, at small and large chunks."""
+    behind = {}
+    for p in profile_grid(S, M, L, GRAPHS):
+        f = shape_batch(p["shape"], 16, 1 << 16).features()
+        if f["num_decode_seqs"] == 0 and f["num_seqs"] == 1:
+            behind.setdefault(p["split"], []).append((f["prefill_kv_tokens"] - f["num_prefill_tokens"],
+                                                      f["num_prefill_tokens"]))
+    for split in ("train", "held_out"):
+        long = [(c, n) for c, n in behind[split] if c >= 4096]
+        assert max(c for c, _ in long) >= 6144 and min(n for _, n in long) <= 64 and max(n for _, n in long) >= 1024
+    assert all(c + n <= L for c, n in behind["train"] + behind["held_out"])
+
+
 class FakeRunner:
     """Logs launches and waits; the device time of launch i is 1 + i ms."""
 

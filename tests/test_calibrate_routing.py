@@ -80,7 +80,8 @@ def test_a_file_without_the_exponent_routes_every_token_and_a_bad_one_is_refused
     calib = fit_calibration(synthetic_profile(1.0), copy.deepcopy(META))
     f, rows = features(decodes=3, chunks=(200,), rows=256)
     f.update(decode_context_tokens=3000, decode_distinct_context_tokens=3000, num_sampled=4,
-             prefill_attention_pairs=20100, prefill_kv_tokens=200, max_context_tokens=1000)
+             prefill_attention_pairs=20100, prefill_context_tokens=40000, prefill_kv_tokens=200,
+             max_context_tokens=1000)
     old = copy.deepcopy(calib)
     del old["moe"]["chunk_routing_exponent"]
     assert FittedCostModel(old, graphs=GRAPHS).predict(f) == FittedCostModel(calib, graphs=GRAPHS).predict(f)

@@ -213,7 +213,6 @@ def test_a_run_recorded_without_the_plan_features_gets_them_by_replay(tmp_path):
     same run records when its executor plans with it."""
     from unittest import mock
 
-    import yaml
     from hydra import compose, initialize_config_dir
 
     from experiments.config import register_configs
@@ -225,10 +224,8 @@ def test_a_run_recorded_without_the_plan_features_gets_them_by_replay(tmp_path):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=overrides)
-    def record(name):      # a run directory as run.py writes one
-        run(cfg, tmp_path / name)
-        (tmp_path / name / ".hydra").mkdir()
-        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    def record(name):      # a run directory as run_fidelity writes one: no .hydra/, the
+        run(cfg, tmp_path / name)   # config only in summary.json
     record("bare")
     assert "decode_split_seqs" not in pd.read_parquet(tmp_path / "bare" / "steps.parquet").columns
     plan = DecodePlan(8, 132, tuple(decode_sizes(256, 8192)))
@@ -246,3 +243,7 @@ def test_a_run_recorded_without_the_plan_features_gets_them_by_replay(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"decode_plan": plan.describe()}))
     main([str(tmp_path / "bare"), "--calibration", str(tmp_path / "c.json"), "--out", str(tmp_path / "s.parquet")])
     assert pd.read_parquet(tmp_path / "s.parquet")["decode_split_seqs"].equals(computed["decode_split_seqs"])
+    # a folder that holds no run is refused in one line
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="not a run directory"):
+        main([str(tmp_path / "empty"), "--calibration", str(tmp_path / "c.json"), "--out", str(tmp_path / "x.parquet")])

@@ -1,0 +1,49 @@
+"""benchmarks/fidelity/probe_engines.py end to end on the CPU (tiny model, one engine), and
+the skinny-GEMM plan a calibration records (experiments.calibrate.skinny_plan)."""
+import importlib.util
+import json
+import pathlib
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_probe():
+    spec = importlib.util.spec_from_file_location("probe_engines", ROOT / "benchmarks/fidelity/probe_engines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_skinny_plan_names_each_layer_shape_and_row_count():
+    from experiments.calibrate import skinny_plan
+    report = [dict(n=4096, k=1024, m=1, split_k=4, skinny=True),
+              dict(n=4096, k=1024, m=2, split_k=4, skinny=False),
+              dict(n=1024, k=3072, m=1, split_k=6, skinny=True, swiglu_fused=True, swiglu_split_k=2),
+              dict(n=6144, k=1024, m=8, split_k=1, skinny=False, norm_fused=True, norm_split_k=1)]
+    engine = SimpleNamespace(model_runner=SimpleNamespace(skinny_report=report))
+    assert skinny_plan(engine) == {"4096x1024/m1": "split4", "4096x1024/m2": "torch",
+                                   "1024x3072/m1": "split6+swiglu2", "6144x1024/m8": "torch+norm1"}
+    assert skinny_plan(SimpleNamespace(model_runner=SimpleNamespace())) == {}
+
+
+def test_probe_times_every_shape_with_each_kind_of_data(capsys):
+    pytest.importorskip("torch")
+    probe = load_probe()
+    probe.main(["--model", "tiny-qwen3", "--hardware", "h200", "--engines", "1", "--batches", "1,2,9",
+                "--context", "16", "--chunks", "8,100", "--repeats", "1", "--set", "engine=cpu",
+                "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                "scheduler.max_model_len=128", "cache.num_blocks=64"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    # batches past max_num_seqs and chunks past the token budget are left out, not run
+    assert [r["shape"] for r in result["rows"]] == ["decode 1 x 16", "decode 2 x 16", "chunk 5 + 3 decodes"]
+    for r in result["rows"]:
+        assert set(r["ms"]["e1"]) == set(probe.DATA) and all(v > 0 for v in r["ms"]["e1"].values())
+        assert r["engines_spread"] == 0.0 and r["kind"] == "eager"
+    assert result["rows"][2]["rows"] == 8 and result["plan_differences"] == {}
+    with pytest.raises(SystemExit, match="exceeds scheduler.max_model_len"):
+        probe.main(["--model", "tiny-qwen3", "--hardware", "h200", "--context", "999",
+                    "--set", "engine=cpu", "scheduler.max_model_len=128"])
