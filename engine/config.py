@@ -57,6 +57,10 @@ class EngineConfig:
         (decode attention) into L2 meanwhile. 0 = never (plain stream order). Measured on
         the H200 (Qwen3-0.6B decode, context 1k): -12% step time at batch 1, -2% at 16,
         +2% at 64, hence 32. Ignored where unsupported (CPU, interpreter, before sm_90).
+    kernel_plan: a file pinning skinny_gemm's start-up choice (engine.kernel_plan): where it
+        exists (a plan, or a calibration that records one) the engine runs its choice and
+        times nothing; where it does not, the engine times as usual and writes it there.
+        None: time at every start (two engines may then choose differently).
     """
     model: str
     dtype: str = "auto"
@@ -77,6 +81,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
+    kernel_plan: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -105,6 +110,8 @@ class EngineConfig:
                  f"got {self.pdl_max_tokens!r}")
         _require(isinstance(self.skinny_gemm, bool),
                  f"skinny_gemm must be true or false, got {self.skinny_gemm!r}")
+        _require(self.kernel_plan is None or (isinstance(self.kernel_plan, str) and self.kernel_plan),
+                 f"kernel_plan must be a file path or None, got {self.kernel_plan!r}")
         # The policy configs check their own fields (block_size, budgets, policy name).
         self.cache_config()
         if self.max_model_len is not None:

@@ -122,8 +122,7 @@ class ModelRunner:
         self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
         if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
                 and not config.enforce_eager and backend != "torch"):
-            from engine.kernels.skinny_gemm import choose_skinny_gemm
-            self.skinny_report = choose_skinny_gemm(self.model)
+            self.skinny_report = self.choose_skinny()
         # fused MoE tiles: timed per token-count bucket on the expert weights (bf16/fp16 only)
         self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
         self.quant_report = quant.choose_kernels(   # 4-bit layers, timed with PDL as steps run
@@ -224,6 +223,22 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
+
+    def choose_skinny(self) -> list[dict]:
+        """Set the skinny-GEMM plan: from EngineConfig.kernel_plan where that file exists
+        (nothing timed), else timed (choose_skinny_gemm) and, where a file is named, written
+        there by rank 0. Returns the timings ([] for a plan read from a file)."""
+        from engine import kernel_plan
+        from engine.kernels.skinny_gemm import choose_skinny_gemm
+        path, device = self.config.kernel_plan, torch.cuda.get_device_name(self.device)
+        plan = kernel_plan.read(path) if path else None
+        if plan is not None:
+            kernel_plan.apply(self.model, plan, device, path)
+            return []
+        report = choose_skinny_gemm(self.model)
+        if path and self.rank == 0:
+            kernel_plan.write(path, kernel_plan.snapshot(self.model, device))
+        return report
 
     @torch.inference_mode()
     def warm_up(self) -> None:

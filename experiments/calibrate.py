@@ -72,6 +72,15 @@ def engine_graphs(rc: RunConfig, engine) -> CudaGraphs:
     return CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens, limit)
 
 
+def pinned_plan(engine, device: str) -> dict | None:
+    """The engine's skinny-GEMM plan in engine.kernel_plan's format (None where no layer
+    has one: the CPU, engine.skinny_gemm=false, eager engines): a calibration records it, so
+    `engine.kernel_plan=<calibration>` runs what its profile ran."""
+    from engine import kernel_plan
+    plan = kernel_plan.snapshot(engine.model_runner.model, device)
+    return plan if any(g["plan"] for g in plan["skinny"].values()) else None
+
+
 def skinny_plan(engine) -> dict:
     """The engine's start-up choice of GEMM kernel per linear layer shape and row count
     (engine.kernels.skinny_gemm.choose_skinny_gemm; empty on the CPU or with
@@ -243,6 +252,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         plan = engine.decode_plan()
         kernels = skinny_plan(engine)
         device = device_name(rc)
+        pinned = pinned_plan(engine, device)
         model = ModelSpec(rc.model_name, engine.model_config)   # what was profiled (model_path's own)
     finally:
         engine.close()
@@ -259,6 +269,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     calib["profile_s"] = round(profile_s, 1)
     if kernels:
         calib["skinny_plan"] = kernels
+    if pinned:
+        calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)"}
     FittedCostModel(calib, source=str(out))      # loads back

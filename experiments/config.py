@@ -73,7 +73,9 @@ class EngineSettings:
         the same setting.
     skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig).
     pdl_max_tokens: steps up to this many tokens launch their Triton kernels with
-        programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig)."""
+        programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig).
+    kernel_plan: a file pinning the skinny-GEMM choice (engine.kernel_plan): read where it
+        exists (a plan or a calibration), written where it does not; None: timed at start."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
@@ -84,6 +86,7 @@ class EngineSettings:
     async_scheduling: bool | None = None
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
+    kernel_plan: str | None = None
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),
@@ -96,6 +99,8 @@ class EngineSettings:
         _require(isinstance(self.pdl_max_tokens, int) and not isinstance(self.pdl_max_tokens, bool)
                  and self.pdl_max_tokens >= 0,
                  f"engine.pdl_max_tokens must be an integer >= 0 (0: never), got {self.pdl_max_tokens!r}")
+        _require(self.kernel_plan is None or (isinstance(self.kernel_plan, str) and self.kernel_plan),
+                 f"engine.kernel_plan must be a file path or null, got {self.kernel_plan!r}")
 
     @property
     def graph_limit(self) -> int:

@@ -222,7 +222,7 @@ def engine_kwargs(rc: RunConfig) -> dict:
                 tensor_parallel_size=rc.engine.tensor_parallel_size,
                 attention_backend=rc.engine.attention_backend,
                 async_scheduling=rc.engine.async_scheduling, skinny_gemm=rc.engine.skinny_gemm,
-                pdl_max_tokens=rc.engine.pdl_max_tokens,
+                pdl_max_tokens=rc.engine.pdl_max_tokens, kernel_plan=rc.engine.kernel_plan,
                 seed=rc.seed)
 
 

@@ -11,7 +11,7 @@ import sys
 
 from server.backend import BackendDead
 
-ENGINE_ONLY = ("dtype", "device", "attention_backend", "seed")
+ENGINE_ONLY = ("dtype", "device", "attention_backend", "kernel_plan", "seed")
 SIM_ONLY = ("hardware", "cost_model", "calibration")
 # flag dest -> EngineConfig / SimBackend keyword, where they differ
 RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="form step N+1 while step N runs (default on; the twin follows)")
     e.add_argument("--attention-backend", help="auto | torch | triton | flashinfer (default auto)")
+    e.add_argument("--kernel-plan", help="a file pinning the skinny-GEMM choice made at start: read "
+                   "where it exists (a plan, or a calibration that records one), else timed and written "
+                   "there (engine.kernel_plan)")
     e.add_argument("--seed", type=int, help="the engine's sampling stream (default 0)")
     return p
 

@@ -131,10 +131,14 @@ def stage_capacity(args, common) -> dict:
 
 
 def stage_real(args, common, todo) -> None:
-    """Every cell on the engine, --repeats times, one engine per distinct engine setting."""
+    """Every cell on the engine, --repeats times, one engine per distinct engine setting. The
+    engines run the kernels the calibration's profile ran where it records them
+    (engine.kernel_plan): chosen afresh by timing, one size of step can run up to 20% apart."""
+    pin = [f"engine.kernel_plan={args.calibration}"] if "kernel_plan" in json.loads(
+        Path(args.calibration).read_text()) else []
     groups = {}
     for cell in {c["dir"]: c for c in todo}.values():    # one run set per directory
-        cfg = compose_cfg(common + ["mode=gpu"] + cell["overrides"])
+        cfg = compose_cfg(common + ["mode=gpu"] + pin + cell["overrides"])
         rc = build(cfg)
         key = (rc.scheduler, rc.cache, rc.num_blocks, rc.engine)
         groups.setdefault(key, []).append((cell, cfg, rc))
