@@ -15,7 +15,9 @@ Kernels.
 * decode (every q_len == 1): one program per (share of a sequence's KV, KV head). The program
   handles all `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read
   once; the query group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts
-  are split (flash-decoding) and a second kernel merges the splits by their log-sum-exp. The
+  are split (flash-decoding) and the splits are merged by their log-sum-exp: inside the same
+  launch by default (the split that finishes last merges, see `_merge_if_last`), or by a
+  second kernel (`fold=False`, or TWINSERVE_DECODE_FOLD=0: the A/B of bench_attention.py). The
   shares come either from a host work list (`engine.kernels.launch.plan_decode_work`: the
   batch's total context balanced over the GPU; what the model runner uses) or, without one, as
   `num_splits` equal shares of every sequence.
@@ -58,6 +60,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
     choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
+
+# Split-KV decode merges its splits inside the decode kernel (one launch) unless this is "0":
+# the process-wide default of `fold`, for A/B runs of whole engine steps.
+FOLD_SPLITS = os.environ.get("TWINSERVE_DECODE_FOLD", "1") != "0"
 
 
 @triton.jit
@@ -113,10 +119,11 @@ def _decode_row(query_start_loc_ptr, b, USE_QSL: tl.constexpr, USE_WORK: tl.cons
 # of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "work_ptr"])
+                                            "query_start_loc_ptr", "work_ptr", "index_ptr",
+                                            "tickets_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    work_ptr, out_ptr, partial_ptr, lse_ptr,
+    work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
     stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, num_splits,
@@ -125,7 +132,8 @@ def _decode_kernel(
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
-    PAGES: tl.constexpr = 1,
+    PAGES: tl.constexpr = 1, FOLD: tl.constexpr = False, MERGE_G: tl.constexpr = 1,
+    MERGE_S: tl.constexpr = 1,
 ):
     """One split of one sequence's KV for one KV head: positions [start, end).
 
@@ -134,8 +142,11 @@ def _decode_kernel(
     items its size can have). Otherwise program (b, kv_head, split) takes split `split` of
     `num_splits` equal shares of b's tiles. A sequence with one split writes its normalized
     output in q's dtype; a split of a longer one writes its normalized partial output (fp32)
-    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp, for
-    `_merge_splits_kernel`. num_splits is a runtime argument so a new count never compiles.
+    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp; FOLD:
+    the split of (b, kv_head) that finishes last merges them into the output
+    (`_merge_if_last`, ticket counters `tickets`, with the work list `index[b]` = (first
+    slot, count)); else `_merge_splits_kernel` does, launched next. num_splits is a runtime
+    argument so a new count never compiles.
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
     whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
     PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
@@ -209,6 +220,65 @@ def _decode_kernel(
                  mask=out_mask)
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
         tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
+        if FOLD:
+            if USE_WORK:
+                first = tl.load(index_ptr + 2 * b)
+            else:
+                first = b * num_splits
+            _merge_if_last(partial_ptr, lse_ptr, out_ptr, tickets_ptr + b * tl.num_programs(1) + kv_head,
+                           first, splits, row, kv_head, stride_pp, stride_ph, stride_lp, stride_ot,
+                           stride_oh, GROUP, MERGE_G, MERGE_S, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _merge_if_last(partial_ptr, lse_ptr, out_ptr, ticket_ptr, first, splits, row, kv_head,
+                   stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, GROUP: tl.constexpr,
+                   MERGE_G: tl.constexpr, MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr):
+    """The in-launch merge of a split sequence, for the query heads of one KV head: called by
+    each of its `splits` programs right after it stored its partial (slots first .. first +
+    splits - 1). Each takes a ticket from its (sequence, KV head) counter; the one that draws
+    the last has every other split's partial visible (release by each, acquire by it), and
+    computes what `_merge_splits_kernel` does: out = sum_s w_s * partial_s / sum_s w_s,
+    w_s = 2^(lse_s - max), in split order whoever arrives last (deterministic), MERGE_S
+    splits x MERGE_G heads per round trip to L2 (an online max across rounds: one round
+    unless a sequence has more than MERGE_S splits). It then puts the counter back to 0 for
+    the next launch (graph replays included: no memset). The loads bypass L1 (.cg): another
+    program's partials may share a line with what this SM read earlier."""
+    # every thread's stores are done before the counter moves (the atomic is one thread's
+    # release; the barrier orders the others' stores before it)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == splits - 1:
+        tl.debug_barrier()
+        g = tl.arange(0, MERGE_G)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        sv = tl.arange(0, MERGE_S)
+        heads = kv_head * GROUP + g
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        m = tl.full([MERGE_G], float("-inf"), tl.float32)   # running max lse per head
+        acc = tl.zeros([MERGE_G, HEAD_DIM_PAD], tl.float32)
+        w_sum = tl.zeros([MERGE_G], tl.float32)
+        for s0 in range(0, splits, MERGE_S):   # one pass: all loads of a chunk in flight at once
+            s = first + s0 + sv
+            mask = (s0 + sv < splits)[:, None] & g_mask[None, :]
+            lse = tl.load(lse_ptr + s[:, None] * stride_lp + heads[None, :], mask=mask,
+                          other=float("-inf"), cache_modifier=".cg")                # [S, G]
+            partial = tl.load(partial_ptr + s[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
+                              + d[None, None, :], mask=mask[:, :, None] & d_mask[None, None, :],
+                              other=0.0, cache_modifier=".cg")                      # [S, G, D]
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all empty so far: weights 0
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe[None, :])
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * partial, 0)
+            w_sum = w_sum * alpha + tl.sum(w, 0)
+            m = m_new
+        out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.atomic_xchg(ticket_ptr, 0)   # ready for the next launch
 
 
 @triton.jit
@@ -491,7 +561,7 @@ def _dot_flags(dtype):
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
-            query_start_loc=None, work=None):
+            query_start_loc=None, work=None, fold=None):
     batch, num_heads = context_lens.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
     precision, upcast = _dot_flags(q.dtype)
@@ -513,8 +583,13 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
     prefetch = pdl.enabled() and _pages_contiguous(k_cache, v_cache)
+    fold = merge and (FOLD_SPLITS if fold is None else fold)
+    num_kv_heads = num_heads // group
+    tickets = _tickets(q.device, batch * num_kv_heads) if fold else context_lens   # unused unfolded
+    merge_g = triton.next_power_of_2(group)
+    merge_s = max(1, min(triton.next_power_of_2(MAX_SPLITS), 4096 // (merge_g * triton.next_power_of_2(head_dim))))
     _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, items, out, partial, lse,
+        q, k_cache, v_cache, block_tables, context_lens, qsl, items, index, out, partial, lse, tickets,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
@@ -526,9 +601,10 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         PDL=pdl.enabled(), PREFETCH=prefetch, PART_ELEMS=block_size * head_dim if prefetch else 0,
         PART_BYTES=block_size * head_dim * k_cache.element_size() if prefetch else 0,
         PAGES=triton.next_power_of_2(triton.cdiv(DECODE_BLOCK_N, block_size) + 1),   # a tile's pages
+        FOLD=fold, MERGE_G=merge_g, MERGE_S=merge_s,
         **pdl.launch_kwargs(),
     )
-    if merge:
+    if merge and not fold:
         _merge_splits_kernel[(batch, num_heads)](
             partial, lse, out, qsl, index, partial.stride(0), partial.stride(1), lse.stride(0),
             out.stride(0), out.stride(1), num_splits or 1,
@@ -537,6 +613,30 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
             num_warps=4, PDL=pdl.enabled(), **pdl.launch_kwargs(),
         )
     return out
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []   # outgrown ticket counters: captured graphs may still use them
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """The folded merge's int32 ticket counters, one per (decode row, KV head), all zero
+    between launches (the last split of each puts its counter back): at least `count`, grown
+    (never freed: a CUDA graph keeps the address it captured) outside a capture only, since
+    the zeros of a buffer made inside one would be written only when the graph first replays.
+    Launches on a device must be stream-ordered (they share the counters), as the engine's
+    single stream is."""
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"paged_decode_attention: the folded split merge needs {count} ticket "
+                               f"counters on {device}, more than allocated; call it once at this batch "
+                               f"size before CUDA-graph capture")
+        if tickets is not None:
+            _RETIRED.append(tickets)
+        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = tickets
+    return tickets
 
 
 def _pages_contiguous(k_cache, v_cache) -> bool:
@@ -550,7 +650,7 @@ def _pages_contiguous(k_cache, v_cache) -> bool:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits=None, *, out=None, query_start_loc=None, work=None):
+                           num_splits=None, *, out=None, query_start_loc=None, work=None, fold=None):
     """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
     `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
     Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
@@ -566,6 +666,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     graph-safe (the grid is D). Without it every sequence gets `num_splits` equal shares;
     None picks the count from B, num_kv_heads and the longest context the block table can hold
     (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
+
+    fold: merge the splits inside the decode launch (True) or in a second kernel (False);
+    None: FOLD_SPLITS (on unless TWINSERVE_DECODE_FOLD=0). The same numbers either way, up
+    to the order of the fp32 sums. Folded launches share per-device ticket counters, so
+    launches on one device must not overlap (one stream, as the engine runs them).
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
     if query_start_loc is None and q.shape[0] != context_lens.shape[0]:
@@ -588,7 +693,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         num_splits = choose_num_splits(context_lens.shape[0], k_cache.shape[2],
                                        block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
-                   head_dim, query_start_loc, work)
+                   head_dim, query_start_loc, work, fold)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
@@ -647,20 +752,22 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                    max_query_len, max_context_len, scale, num_splits=None, *, out=None):
+                    max_query_len, max_context_len, scale, num_splits=None, *, out=None, fold=None):
     """The engine's attention call for any step (see the module docstring for the layout).
 
     Dispatch: when every sequence has exactly one query (`max_query_len == 1` and
     `q.shape[0] == B`) the split-KV decode kernel runs, with `num_splits` (None: chosen from
     B, num_kv_heads and `max_context_len`); otherwise the prefill kernel handles the whole batch
     and `num_splits` is ignored. `max_query_len` and `max_context_len` are host ints, upper
-    bounds of the batch's q_len and context_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+    bounds of the batch's q_len and context_len. `fold`: see paged_decode_attention. Returns
+    `[T, num_heads, head_dim]` in q's dtype.
     """
     if max_query_len == 1 and q.dim() == 3 and q.shape[0] == context_lens.shape[0]:
         group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
         out = _output(q, out)
         if num_splits is None:
             num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], max_context_len, _num_sms(q.device))
-        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim)
+        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
+                       head_dim, fold=fold)
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    max_query_len, scale, out=out)
