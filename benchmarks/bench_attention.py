@@ -8,8 +8,20 @@ and by KV block size (what the simulator's cost model is told).
     python benchmarks/bench_attention.py --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1
     python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
                                                          # block-size costs into a hardware file
+    python benchmarks/bench_attention.py --stages fold --no-flashinfer   # split merge: in-kernel vs 2 kernels
 
-Stages (`--stages`, default all): `decode` and `prefill` (the kernel tables below) and `blocks`.
+Stages (`--stages`, default all but fold): `decode` and `prefill` (the kernel tables below),
+`blocks`, and `fold`.
+
+Fold (`--stages fold`, ~20 s on an H200): the A/B of the split-KV merge, folded into the decode
+kernel (`fold=True`, the engine's default) or in a second kernel (`fold=False`), through the
+model runner's launch (balanced work list from plan_decode_work, query_start_loc, PDL on at
+B <= 32 as EngineConfig.pdl_max_tokens has it) at B = 1, 16, 64, 256, contexts drawn from
+768..1280 (mean ~1k), pages of 16. `layer_us`: one CUDA-graph replay of `layers` back-to-back
+calls, each over its own KV cache (as a step's layers are; up to 28, at most ~8 GB of KV),
+divided by `layers`: per layer of a step, launch overhead gone, PDL overlap kept. `eager_us`:
+one call, do_bench (L2 flushed). `items` / `split`: work items and sequences split (merged).
+`regs`: registers / spilled bytes of the compiled decode kernel (sm_90 compile here).
 
 Decode: B in {1, 64, 256} x context {512, 1024, 4096} x block size {16, 32, 64, 256}, Qwen3-0.6B
 heads (16 query / 8 KV, head_dim 128), bf16, blocks scattered at random over the pool. Time is
@@ -59,7 +71,7 @@ ARGS.add_argument("--sweep", action="store_true",
                   help="time the kernels' launch constants (tile, warps, stages) on a few shapes")
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
 ARGS.add_argument("--stages", default="decode,prefill,blocks",
-                  help="comma list of decode, prefill, blocks (default: all three)")
+                  help="comma list of decode, prefill, blocks, fold (default: the first three)")
 ARGS.add_argument("--block-sizes", default="1,2,4,8,16,32,64,128,256",
                   help="KV block sizes of the blocks stage (16, the reference, is always included)")
 ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML",
@@ -67,8 +79,8 @@ ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML
                        "(repeat for several files)")
 args = ARGS.parse_args()
 STAGES = [x.strip() for x in args.stages.split(",") if x.strip()]
-if not STAGES or set(STAGES) - {"decode", "prefill", "blocks"}:
-    ARGS.error(f"--stages must list some of decode, prefill, blocks; got {args.stages!r}")
+if not STAGES or set(STAGES) - {"decode", "prefill", "blocks", "fold"}:
+    ARGS.error(f"--stages must list some of decode, prefill, blocks, fold; got {args.stages!r}")
 try:
     BLOCK_SIZES = sorted({int(x) for x in args.block_sizes.split(",") if x.strip()} | {16})
 except ValueError:
@@ -87,7 +99,7 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
-                            paged_prefill_attention)
+                            paged_prefill_attention, pdl)
 from engine.kernels.launch import (PREFILL_LAUNCH, PrefillLaunch, decode_work_capacity,  # noqa: E402
                                    plan_decode_work, prefill_tile_tokens)
 from simulator.hardware import HardwareSpec  # noqa: E402
@@ -497,6 +509,109 @@ def write_block_cost(path, cost: dict, note: str) -> None:
     pathlib.Path(path).write_text(text)
 
 
+# ---- fold: the split-KV merge in the decode kernel vs its own kernel --------------------------
+FOLD_BATCHES = [1, 16, 64, 256]
+PDL_MAX_TOKENS = 32          # EngineConfig.pdl_max_tokens' default: steps up to 32 tokens use PDL
+
+
+def fold_layer_us(batch, contexts, gen) -> dict:
+    """{fold: (layer_us, eager_us, rel_err)} of the runner's decode launch over `contexts`, and
+    the plan's (items, split sequences)."""
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    longest = max(contexts)
+    kv_bytes = 2 * sum(contexts) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    layers = 2 if args.smoke else max(2, min(28, (8 << 30) // kv_bytes))
+    items, index = decode_work(contexts)
+    work = (items, index)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    caches, ref = [], None
+    for i in range(layers):
+        k = torch.randn(batch, longest, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        caches.append(paged_batch(k, v, 16, gen))
+        if i == 0:   # the reference: SDPA over the first layer's dense K/V, masked to each context
+            mask = torch.arange(longest, device=DEVICE)[None, :] < ctx[:, None]
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
+                scale=SCALE, enable_gqa=True).squeeze(2)
+        del k, v
+    outs = [torch.empty_like(q) for _ in range(layers)]
+    pdl.enable(pdl.supported(q.device) and batch <= PDL_MAX_TOKENS)
+    row = {}
+    try:
+        for fold in (True, False):
+            def call(i, fold=fold):
+                k_cache, v_cache, block_tables = caches[i]
+                return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i],
+                                              query_start_loc=qsl, work=work, fold=fold)
+            err = rel_err(call(0), ref)
+            first = outs[0].clone()
+            eager_ms = measure(lambda: call(0))
+            graph_ms = measure_graph(lambda: [call(i) for i in range(layers)])
+            row[fold] = (graph_ms and 1e3 * graph_ms / layers, 1e3 * eager_ms, err, first)
+    finally:
+        pdl.enable(False)
+    count = int((items[:, 0] >= 0).sum())
+    split = int((index[:, 1] > 1).sum())
+    diff = (row[True][3].float() - row[False][3].float()).abs().max().item()
+    return {"B": batch, "ctx_mean": sum(contexts) / batch, "layers": layers, "items": count, "split": split,
+            "pdl": pdl.supported(q.device) and batch <= PDL_MAX_TOKENS,
+            "fold_layer_us": row[True][0], "two_layer_us": row[False][0],
+            "fold_eager_us": row[True][1], "two_eager_us": row[False][1],
+            "fold_rel_err": row[True][2], "two_rel_err": row[False][2], "max_diff": diff}
+
+
+def decode_registers() -> dict:
+    """{fold: "registers/spill bytes"} of the decode kernel as the engine compiles it for this
+    GPU (bf16, Qwen3-0.6B heads, pages of 16, work list, PDL and prefetch on)."""
+    if DEVICE == "cpu":
+        return {}
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pa = importlib.import_module("engine.kernels.paged_attention")
+    sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
+           "context_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "work_ptr": "*i32", "index_ptr": "*i32",
+           "out_ptr": "*bf16", "partial_ptr": "*fp32", "lse_ptr": "*fp32", "tickets_ptr": "*i32", "qk_scale": "fp32"}
+    sig.update({n: "i32" for n in ["stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch", "stride_bt",
+                                   "stride_ot", "stride_oh", "stride_pp", "stride_ph", "stride_lp", "num_splits"]})
+    major, minor = torch.cuda.get_device_capability()
+    out = {}
+    for fold in (True, False):
+        const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
+                     TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
+                     PDL=major >= 9, PREFETCH=major >= 9, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8,
+                     FOLD=fold, MERGE_G=2, MERGE_S=16)
+        try:
+            kernel = triton.compile(ASTSource(fn=pa._decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                                              constexprs=const), target=GPUTarget("cuda", 10 * major + minor, 32),
+                                    options={"num_warps": pa.DECODE_NUM_WARPS, "num_stages": pa.DECODE_NUM_STAGES})
+            kernel._init_handles()
+            out[fold] = f"{kernel.n_regs}/{kernel.n_spills}"
+        except Exception as e:   # another Triton's compile API: the timings stand without it
+            out[fold] = f"? ({type(e).__name__})"
+    return out
+
+
+def bench_fold(gen):
+    rng = np.random.default_rng(0)
+    batches = [1, 3] if args.smoke else FOLD_BATCHES
+    rows = [fold_layer_us(b, rng.integers(120, 200, b).tolist() if args.smoke else
+                          rng.integers(768, 1281, b).tolist(), gen) for b in batches]
+    regs = decode_registers()
+    print(f"\nfold: split-KV merge in the decode kernel (fold) vs a second kernel (two); us per layer; "
+          f"decode kernel registers/spills: fold {regs.get(True, '-')}, two {regs.get(False, '-')}")
+    print(f"{'B':>4} {'ctx':>6} {'items':>5} {'split':>5} {'pdl':>4} {'layers':>6} {'fold_us':>8} {'two_us':>8} "
+          f"{'fold/two':>8} {'eager_fold':>10} {'eager_two':>9} {'rel_err':>8} {'max_diff':>8}")
+    for r in rows:
+        ratio = r["fold_layer_us"] / r["two_layer_us"] if r["fold_layer_us"] and r["two_layer_us"] else None
+        print(f"{r['B']:>4} {r['ctx_mean']:>6.0f} {r['items']:>5} {r['split']:>5} {str(r['pdl'])[0]:>4} "
+              f"{r['layers']:>6} {fmt(r['fold_layer_us'], '8.2f')} {fmt(r['two_layer_us'], '8.2f')} "
+              f"{fmt(ratio, '8.3f')} {r['fold_eager_us']:>10.1f} {r['two_eager_us']:>9.1f} "
+              f"{max(r['fold_rel_err'], r['two_rel_err']):>8.1e} {r['max_diff']:>8.1e}")
+    return {"rows": rows, "registers": {"fold": regs.get(True), "two": regs.get(False)}}
+
+
 def check_cuda_graph(gen):
     """Capture decode once (explicit num_splits), replay with new inputs copied into the static
     buffers, compare with eager. Returns the max abs difference over two replays."""
@@ -587,6 +702,7 @@ def main():
     peak = matmul_peak_tflops() if "prefill" in STAGES else None
     prefill = print_prefill(bench_prefill(fi, gen, peak), peak) if "prefill" in STAGES else []
     graph_diff = check_cuda_graph(gen) if "decode" in STAGES else None
+    fold = bench_fold(gen) if "fold" in STAGES else None
     sweep_rows = sweep(gen) if args.sweep else None
     blocks, cost, failed = None, None, None
     if "blocks" in STAGES:
@@ -614,7 +730,7 @@ def main():
                       "stages": STAGES, "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
                       "matmul_peak_TFLOPs": peak, "prefill_engine_launch": launch_name(PREFILL_LAUNCH),
                       "decode": decode, "prefill": prefill, "sweep": sweep_rows,
-                      "block_cost": cost, "blocks": blocks}))
+                      "block_cost": cost, "blocks": blocks, "fold": fold}))
     if failed:
         sys.exit(failed)
 

@@ -180,3 +180,17 @@ def test_folded_kernel_orders_its_ticket_for_sm90():
     last_store_before = max(s for s in r["lse_store"] if s < add)
     assert any(last_store_before < b < add for b in r["bar"])      # ... and a barrier between
     assert r["cg_loads"] and min(r["cg_loads"]) > add              # merge loads after it, from L2
+
+
+def test_bench_fold_stage_smoke():
+    """`bench_attention.py --smoke --stages fold`: both paths per batch on the runner's launch,
+    some sequences split (so the merge is what is compared), both right, equal to each other."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--smoke",
+                             "--stages", "fold", "--no-flashinfer"], capture_output=True, text=True, check=True,
+                            cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert "fold/two" in result.stdout
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["fold"]["rows"]
+    assert [r["B"] for r in rows] == [1, 3] and all(r["split"] >= 1 for r in rows)
+    for r in rows:
+        assert r["fold_rel_err"] < 1e-5 and r["two_rel_err"] < 1e-5 and r["max_diff"] <= 1e-6, r
+        assert r["fold_eager_us"] > 0 and r["two_eager_us"] > 0
