@@ -123,7 +123,8 @@ class ModelRunner:
         if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
                 and not config.enforce_eager and backend != "torch"):
             from engine.kernels.skinny_gemm import choose_skinny_gemm
-            self.skinny_report = choose_skinny_gemm(self.model)
+            self.skinny_report = choose_skinny_gemm(   # timed with PDL as the graphs launch
+                self.model, pdl_rows=config.pdl_max_tokens if self.pdl else 0)
         # fused MoE tiles: timed per token-count bucket on the expert weights (bf16/fp16 only)
         self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
         self.quant_report = quant.choose_kernels(   # 4-bit layers, timed with PDL as steps run
