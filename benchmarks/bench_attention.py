@@ -13,15 +13,19 @@ and by KV block size (what the simulator's cost model is told).
 Stages (`--stages`, default all but fold): `decode` and `prefill` (the kernel tables below),
 `blocks`, and `fold`.
 
-Fold (`--stages fold`, ~20 s on an H200): the A/B of the split-KV merge, folded into the decode
-kernel (`fold=True`, the engine's default) or in a second kernel (`fold=False`), through the
-model runner's launch (balanced work list from plan_decode_work, query_start_loc, PDL on at
-B <= 32 as EngineConfig.pdl_max_tokens has it) at B = 1, 16, 64, 256, contexts drawn from
-768..1280 (mean ~1k), pages of 16. `layer_us`: one CUDA-graph replay of `layers` back-to-back
-calls, each over its own KV cache (as a step's layers are; up to 28, at most ~8 GB of KV),
-divided by `layers`: per layer of a step, launch overhead gone, PDL overlap kept. `eager_us`:
-one call, do_bench (L2 flushed). `items` / `split`: work items and sequences split (merged).
-`regs`: registers / spilled bytes of the compiled decode kernel (sm_90 compile here).
+Fold (`--stages fold`, ~30 s on an H200): a decode layer's attention as a decode-only step
+runs it, q/k RMSNorm + RoPE + the K/V store of its qkv row, then split-KV attention, in three
+variants: `two` (qk_norm_rope_store, the decode kernel, the merge kernel: TWINSERVE_DECODE_FOLD=0),
+`fold` (the merge in the decode kernel: =1), `fold_qkv` (everything in the decode kernel: =2,
+the default). Through the model runner's launch (balanced work list from plan_decode_work,
+query_start_loc, PDL on at B <= 32 as EngineConfig.pdl_max_tokens has it) at B = 1, 16, 64,
+256, contexts drawn from 768..1280 (mean ~1k), pages of 16, Qwen3-style q/k norms.
+`<variant>_us`: one CUDA-graph replay of `layers` layers, each over its own KV cache (as a
+step's layers are; up to 28, at most ~8 GB of KV), divided by `layers`: per layer of a step,
+launch overhead gone, PDL overlap kept. `eager_<variant>`: one layer, do_bench (L2 flushed).
+`items` / `split`: work items and sequences split (merged). `rel_err`: `two` against the torch
+decode attention over the cache it filled; `max_diff`: the largest difference of the others
+from `two`. Registers / spilled bytes of each variant's decode kernel (compiled for this GPU).
 
 Decode: B in {1, 64, 256} x context {512, 1024, 4096} x block size {16, 32, 64, 256}, Qwen3-0.6B
 heads (16 query / 8 KV, head_dim 128), bf16, blocks scattered at random over the pool. Time is
@@ -100,8 +104,12 @@ import yaml  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
                             paged_prefill_attention, pdl)
+from engine.kernels.fused import qk_norm_rope_store  # noqa: E402
 from engine.kernels.launch import (PREFILL_LAUNCH, PrefillLaunch, decode_work_capacity,  # noqa: E402
                                    plan_decode_work, prefill_tile_tokens)
+from engine.kernels.paged_attention import paged_decode_attention_qkv  # noqa: E402
+from engine.layers.attention import torch_decode_attention  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding  # noqa: E402
 from simulator.hardware import HardwareSpec  # noqa: E402
 
 for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
@@ -514,82 +522,94 @@ FOLD_BATCHES = [1, 16, 64, 256]
 PDL_MAX_TOKENS = 32          # EngineConfig.pdl_max_tokens' default: steps up to 32 tokens use PDL
 
 
+FOLD_VARIANTS = ("two", "fold", "fold_qkv")   # kernels per layer: 3 (2 without splits), 2, 1
+
+
 def fold_layer_us(batch, contexts, gen) -> dict:
-    """{fold: (layer_us, eager_us, rel_err)} of the runner's decode launch over `contexts`, and
-    the plan's (items, split sequences)."""
+    """One row of the fold table: per variant (FOLD_VARIANTS) us per layer in a CUDA graph,
+    eager us, and the largest difference from `two`'s output; `two`'s rel_err against the
+    torch decode attention over the cache it filled; the plan's items and split sequences.
+    Each layer: q/k RMSNorm + RoPE + the K/V store of its qkv row, then decode attention, as
+    a decode-only step runs it (`two`: qk_norm_rope_store, decode kernel, merge kernel;
+    `fold`: the merge in the decode kernel; `fold_qkv`: all in the decode kernel)."""
     ctx = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
     longest = max(contexts)
     kv_bytes = 2 * sum(contexts) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     layers = 2 if args.smoke else max(2, min(28, (8 << 30) // kv_bytes))
-    items, index = decode_work(contexts)
-    work = (items, index)
+    work = decode_work(contexts)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-    caches, ref = [], None
-    for i in range(layers):
+    qkv = torch.randn(batch, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    positions = (ctx - 1).long()
+    rope = RotaryEmbedding(HEAD_DIM, max(4096, longest), 1e6).to(DEVICE)
+    q_norm = (1 + 0.1 * torch.randn(HEAD_DIM, generator=gen, device=DEVICE)).to(DTYPE)
+    k_norm = (1 + 0.1 * torch.randn(HEAD_DIM, generator=gen, device=DEVICE)).to(DTYPE)
+    caches = []
+    for _ in range(layers):
         k = torch.randn(batch, longest, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
-        v = torch.randn_like(k)
-        caches.append(paged_batch(k, v, 16, gen))
-        if i == 0:   # the reference: SDPA over the first layer's dense K/V, masked to each context
-            mask = torch.arange(longest, device=DEVICE)[None, :] < ctx[:, None]
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
-                scale=SCALE, enable_gqa=True).squeeze(2)
-        del k, v
-    outs = [torch.empty_like(q) for _ in range(layers)]
-    pdl.enable(pdl.supported(q.device) and batch <= PDL_MAX_TOKENS)
+        k_cache, v_cache, block_tables = paged_batch(k, torch.randn_like(k), 16, gen)
+        slots = block_tables[torch.arange(batch, device=DEVICE), positions // 16].long() * 16 + positions % 16
+        caches.append((k_cache, v_cache, block_tables, slots))
+        del k
+    outs = [torch.empty(batch, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(layers)]
+
+    def layer(i, variant):
+        k_cache, v_cache, block_tables, slots = caches[i]
+        if variant == "fold_qkv":
+            return paged_decode_attention_qkv(qkv, positions, rope.cos, rope.sin, q_norm, k_norm, 1e-6, NUM_HEADS,
+                                              k_cache, v_cache, block_tables, ctx, slots, SCALE, query_start_loc=qsl,
+                                              work=work, out=outs[i])
+        q = qk_norm_rope_store(qkv, positions, rope.cos, rope.sin, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, q_norm, k_norm,
+                               1e-6, k_cache, v_cache, slots)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i],
+                                      query_start_loc=qsl, work=work, fold=variant == "fold")
+
+    pdl.enable(pdl.supported(qkv.device) and batch <= PDL_MAX_TOKENS)
     row = {}
     try:
-        for fold in (True, False):
-            def call(i, fold=fold):
-                k_cache, v_cache, block_tables = caches[i]
-                return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i],
-                                              query_start_loc=qsl, work=work, fold=fold)
-            err = rel_err(call(0), ref)
-            first = outs[0].clone()
-            eager_ms = measure(lambda: call(0))
-            graph_ms = measure_graph(lambda: [call(i) for i in range(layers)])
-            row[fold] = (graph_ms and 1e3 * graph_ms / layers, 1e3 * eager_ms, err, first)
+        for variant in FOLD_VARIANTS:
+            out = layer(0, variant).clone()
+            if variant == "two":
+                q = qk_norm_rope_store(qkv, positions, rope.cos, rope.sin, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM,
+                                       q_norm, k_norm, 1e-6, *caches[0][:2], caches[0][3])
+                ref = torch_decode_attention(q, *caches[0][:3], ctx, SCALE)
+                err, first = rel_err(out, ref), out
+            eager_ms = measure(lambda: layer(0, variant))
+            graph_ms = measure_graph(lambda: [layer(i, variant) for i in range(layers)])
+            row[f"{variant}_layer_us"] = graph_ms and 1e3 * graph_ms / layers
+            row[f"{variant}_eager_us"] = 1e3 * eager_ms
+            row[f"{variant}_max_diff"] = (out.float() - first.float()).abs().max().item()
     finally:
         pdl.enable(False)
-    count = int((items[:, 0] >= 0).sum())
-    split = int((index[:, 1] > 1).sum())
-    diff = (row[True][3].float() - row[False][3].float()).abs().max().item()
-    return {"B": batch, "ctx_mean": sum(contexts) / batch, "layers": layers, "items": count, "split": split,
-            "pdl": pdl.supported(q.device) and batch <= PDL_MAX_TOKENS,
-            "fold_layer_us": row[True][0], "two_layer_us": row[False][0],
-            "fold_eager_us": row[True][1], "two_eager_us": row[False][1],
-            "fold_rel_err": row[True][2], "two_rel_err": row[False][2], "max_diff": diff}
+    items, index = work
+    return {"B": batch, "ctx_mean": sum(contexts) / batch, "layers": layers,
+            "items": int((items[:, 0] >= 0).sum()), "split": int((index[:, 1] > 1).sum()),
+            "pdl": pdl.supported(qkv.device) and batch <= PDL_MAX_TOKENS, "rel_err": err, **row}
 
 
 def decode_registers() -> dict:
-    """{fold: "registers/spill bytes"} of the decode kernel as the engine compiles it for this
+    """{variant: "registers/spill bytes"} of the decode kernel as the engine compiles it for this
     GPU (bf16, Qwen3-0.6B heads, pages of 16, work list, PDL and prefetch on)."""
     if DEVICE == "cpu":
         return {}
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     pa = importlib.import_module("engine.kernels.paged_attention")
-    sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-           "context_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "work_ptr": "*i32", "index_ptr": "*i32",
-           "out_ptr": "*bf16", "partial_ptr": "*fp32", "lse_ptr": "*fp32", "tickets_ptr": "*i32", "qk_scale": "fp32"}
-    sig.update({n: "i32" for n in ["stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch", "stride_bt",
-                                   "stride_ot", "stride_oh", "stride_pp", "stride_ph", "stride_lp", "num_splits"]})
+    sig = pa.decode_signature()
     major, minor = torch.cuda.get_device_capability()
     out = {}
-    for fold in (True, False):
+    for name, fold, qkv in (("two", False, False), ("fold", True, False), ("fold_qkv", True, True)):
         const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
                      TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
                      PDL=major >= 9, PREFETCH=major >= 9, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8,
-                     FOLD=fold, MERGE_G=2, MERGE_S=16)
+                     FOLD=fold, MERGE_G=2, MERGE_S=16, QKV=qkv, QK_NORM=qkv)
         try:
             kernel = triton.compile(ASTSource(fn=pa._decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                                               constexprs=const), target=GPUTarget("cuda", 10 * major + minor, 32),
                                     options={"num_warps": pa.DECODE_NUM_WARPS, "num_stages": pa.DECODE_NUM_STAGES})
             kernel._init_handles()
-            out[fold] = f"{kernel.n_regs}/{kernel.n_spills}"
+            out[name] = f"{kernel.n_regs}/{kernel.n_spills}"
         except Exception as e:   # another Triton's compile API: the timings stand without it
-            out[fold] = f"? ({type(e).__name__})"
+            out[name] = f"? ({type(e).__name__})"
     return out
 
 
@@ -599,17 +619,21 @@ def bench_fold(gen):
     rows = [fold_layer_us(b, rng.integers(120, 200, b).tolist() if args.smoke else
                           rng.integers(768, 1281, b).tolist(), gen) for b in batches]
     regs = decode_registers()
-    print(f"\nfold: split-KV merge in the decode kernel (fold) vs a second kernel (two); us per layer; "
-          f"decode kernel registers/spills: fold {regs.get(True, '-')}, two {regs.get(False, '-')}")
-    print(f"{'B':>4} {'ctx':>6} {'items':>5} {'split':>5} {'pdl':>4} {'layers':>6} {'fold_us':>8} {'two_us':>8} "
-          f"{'fold/two':>8} {'eager_fold':>10} {'eager_two':>9} {'rel_err':>8} {'max_diff':>8}")
+    print("\nfold: a decode layer's RoPE + KV store and split-KV attention, us per layer (CUDA graph of "
+          "`layers` layers); two = RoPE/store, decode, merge kernels; fold = merge in the decode kernel; "
+          "fold_qkv = all in one")
+    print("decode kernel registers/spills: " + ", ".join(f"{v} {regs.get(v, '-')}" for v in FOLD_VARIANTS))
+    print(f"{'B':>4} {'ctx':>6} {'items':>5} {'split':>5} {'pdl':>4} {'layers':>6} "
+          + " ".join(f"{v + '_us':>11}" for v in FOLD_VARIANTS) + f" {'best/two':>8} "
+          + " ".join(f"{'eager_' + v:>14}" for v in FOLD_VARIANTS) + f" {'rel_err':>8} {'max_diff':>8}")
     for r in rows:
-        ratio = r["fold_layer_us"] / r["two_layer_us"] if r["fold_layer_us"] and r["two_layer_us"] else None
+        times = [r[f"{v}_layer_us"] for v in FOLD_VARIANTS]
+        ratio = min(times) / times[0] if all(times) else None
         print(f"{r['B']:>4} {r['ctx_mean']:>6.0f} {r['items']:>5} {r['split']:>5} {str(r['pdl'])[0]:>4} "
-              f"{r['layers']:>6} {fmt(r['fold_layer_us'], '8.2f')} {fmt(r['two_layer_us'], '8.2f')} "
-              f"{fmt(ratio, '8.3f')} {r['fold_eager_us']:>10.1f} {r['two_eager_us']:>9.1f} "
-              f"{max(r['fold_rel_err'], r['two_rel_err']):>8.1e} {r['max_diff']:>8.1e}")
-    return {"rows": rows, "registers": {"fold": regs.get(True), "two": regs.get(False)}}
+              f"{r['layers']:>6} " + " ".join(fmt(t, "11.2f") for t in times) + f" {fmt(ratio, '8.3f')} "
+              + " ".join(f"{r[f'{v}_eager_us']:>14.1f}" for v in FOLD_VARIANTS)
+              + f" {r['rel_err']:>8.1e} {max(r[f'{v}_max_diff'] for v in FOLD_VARIANTS):>8.1e}")
+    return {"rows": rows, "registers": regs}
 
 
 def check_cuda_graph(gen):

@@ -5,6 +5,7 @@ differently; the ticket counters are back to zero after every launch, so back-to
 (graph replays) need no memset. Under the Triton interpreter the programs run one after the
 other, so the last split in grid order merges; the sm_90 compile below checks the ordering
 the GPU needs (barrier, acq_rel ticket, L1-bypassing merge loads)."""
+import dataclasses
 import importlib
 import json
 import os
@@ -16,7 +17,10 @@ import pytest
 import torch
 
 from engine.kernels import paged_decode_attention
+from engine.kernels.fused import qk_norm_rope_store
 from engine.kernels.launch import decode_work_capacity, plan_decode_work
+from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.rotary import RotaryEmbedding
 from tests.test_kernels import (DEVICE, TOLERANCE, make_batch, on_device, poisoned, reference_attention,
                                 rel_error)
 
@@ -141,14 +145,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
 pa = importlib.import_module("engine.kernels.paged_attention")
-sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-       "context_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "work_ptr": "*i32", "index_ptr": "*i32",
-       "out_ptr": "*bf16", "partial_ptr": "*fp32", "lse_ptr": "*fp32", "tickets_ptr": "*i32", "qk_scale": "fp32"}
-sig.update({n: "i32" for n in ["stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch", "stride_bt",
-                               "stride_ot", "stride_oh", "stride_pp", "stride_ph", "stride_lp", "num_splits"]})
+sig = pa.decode_signature()
 const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
              TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
-             PDL=True, PREFETCH=True, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8, FOLD=True, MERGE_G=2, MERGE_S=16)
+             PDL=True, PREFETCH=True, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8, FOLD=True, MERGE_G=2, MERGE_S=16,
+             QKV=True, QK_NORM=True)
 sig.update({k: "constexpr" for k in const})
 ptx = triton.compile(ASTSource(fn=pa._decode_kernel, signature=sig, constexprs=const),
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
@@ -183,14 +184,114 @@ def test_folded_kernel_orders_its_ticket_for_sm90():
 
 
 def test_bench_fold_stage_smoke():
-    """`bench_attention.py --smoke --stages fold`: both paths per batch on the runner's launch,
-    some sequences split (so the merge is what is compared), both right, equal to each other."""
+    """`bench_attention.py --smoke --stages fold`: the three variants per batch on the runner's
+    launch, some sequences split (so the merge is what is compared), all right and equal."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--smoke",
                              "--stages", "fold", "--no-flashinfer"], capture_output=True, text=True, check=True,
                             cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert "fold/two" in result.stdout
+    assert "best/two" in result.stdout
     rows = json.loads(result.stdout.strip().splitlines()[-1])["fold"]["rows"]
     assert [r["B"] for r in rows] == [1, 3] and all(r["split"] >= 1 for r in rows)
     for r in rows:
-        assert r["fold_rel_err"] < 1e-5 and r["two_rel_err"] < 1e-5 and r["max_diff"] <= 1e-6, r
-        assert r["fold_eager_us"] > 0 and r["two_eager_us"] > 0
+        assert r["rel_err"] < 1e-5, r
+        for v in ("two", "fold", "fold_qkv"):
+            assert r[f"{v}_max_diff"] <= 1e-5 and r[f"{v}_eager_us"] > 0, r
+
+
+# ---- q/k RMSNorm + RoPE + the K/V store folded in too (decode-only steps) -------------------
+
+def qkv_step(group, block_size, dtype, norm, sms, seed):
+    """A decode-only step as the runner hands it to the layer: the qkv projection's output,
+    each row's position (context - 1) and slot, RoPE tables, q/k norm weights, the work
+    list; the last row is a graph padding row (context 1, slot -1)."""
+    num_kv_heads, head_dim = 2, 64
+    num_heads = group * num_kv_heads
+    seqs = [(1, 300), (1, 1), (1, 37), (1, 130), (1, 451), (1, 1)]
+    _, k_cache, v_cache, block_tables, context_lens, qsl = make_batch(
+        seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(len(seqs), (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    positions = (context_lens.cpu() - 1).long()
+    rows = torch.arange(len(seqs))
+    slots = block_tables.cpu()[rows, positions // block_size].long() * block_size + positions % block_size
+    slots[-1] = -1
+    rope = RotaryEmbedding(head_dim, 1024, 10000.0)
+    norms = (tuple((1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype) for _ in range(2))
+             if norm else (None, None))
+    items, index = work_list(context_lens.cpu().numpy(), num_kv_heads, sms, len(seqs))
+    qkv, positions, slots, cos, sin, items, index = on_device(qkv, positions, slots, rope.cos, rope.sin,
+                                                               torch.from_numpy(items), torch.from_numpy(index))
+    norms = tuple(None if w is None else w.to(DEVICE) for w in norms)
+    return dict(qkv=qkv, positions=positions, cos=cos, sin=sin, q_norm=norms[0], k_norm=norms[1], eps=1e-6,
+                num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                context_lens=context_lens, slot_mapping=slots, scale=head_dim ** -0.5,
+                query_start_loc=qsl, work=(items, index))
+
+
+@pytest.mark.parametrize("group,block_size,dtype,norm,sms", [
+    (2, 16, torch.float32, True, 4), (1, 24, torch.bfloat16, True, 3), (4, 1, torch.float32, False, 2),
+    (8, 64, torch.bfloat16, True, 12), (2, 16, torch.float16, False, 6)])
+def test_qkv_fold_equals_rope_store_then_decode(group, block_size, dtype, norm, sms):
+    """paged_decode_attention_qkv against qk_norm_rope_store + the two-kernel decode on copies
+    of the same caches: the same attention output and the same cache contents (rotated K and
+    V at each row's slot, nothing for the padding row), up to RMSNorm's order of summation."""
+    a = qkv_step(group, block_size, dtype, norm, sms, seed=group + block_size + sms)
+    assert (a["work"][1][:, 1] > 1).any() and (a["work"][1][:, 1] == 1).any()
+    b = {**a, "k_cache": a["k_cache"].clone(), "v_cache": a["v_cache"].clone()}
+    q = qk_norm_rope_store(a["qkv"], a["positions"], a["cos"], a["sin"], a["num_heads"], a["k_cache"].shape[2],
+                           a["k_cache"].shape[3], a["q_norm"], a["k_norm"], a["eps"], a["k_cache"], a["v_cache"],
+                           a["slot_mapping"])
+    ref = paged_decode_attention(q, a["k_cache"], a["v_cache"], a["block_tables"], a["context_lens"], a["scale"],
+                                 out=poisoned(q), query_start_loc=a["query_start_loc"], work=a["work"], fold=False)
+    out = paged_attention_qkv(b)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rows = torch.arange(5)                                   # the real rows (the last pads)
+    exact = reference_attention(q, a["k_cache"], a["v_cache"], a["block_tables"], a["context_lens"],
+                                a["query_start_loc"], a["scale"])
+    assert rel_error(out[rows], exact[rows]) < TOLERANCE[dtype]
+    assert rel_error(out, ref.cpu().double()) < tol
+    assert torch.equal(b["v_cache"], a["v_cache"])           # V: a copy
+    assert rel_error(b["k_cache"], a["k_cache"].cpu().double()) < tol * 1e-1
+    written = b["k_cache"].flatten(0, 1)[a["slot_mapping"][:5]]
+    assert not torch.equal(written, torch.zeros_like(written))
+    assert tickets_are_zero(q)
+
+
+def paged_attention_qkv(step):
+    return pa.paged_decode_attention_qkv(
+        step["qkv"], step["positions"], step["cos"], step["sin"], step["q_norm"], step["k_norm"], step["eps"],
+        step["num_heads"], step["k_cache"], step["v_cache"], step["block_tables"], step["context_lens"],
+        step["slot_mapping"], step["scale"], query_start_loc=step["query_start_loc"], work=step["work"])
+
+
+def test_qkv_fold_rejects_bad_inputs():
+    step = qkv_step(2, 16, torch.float32, True, 4, seed=3)
+    for change, words in [(dict(qkv=step["qkv"][:, :-2]), "qkv must be"),
+                          (dict(positions=step["positions"].int()), "positions and slot_mapping int64"),
+                          (dict(cos=step["cos"][:, :-1]), "cos/sin must be"),
+                          (dict(k_norm=None), "both be"),
+                          (dict(work=None), "work list")]:
+        with pytest.raises(ValueError, match=words):
+            paged_attention_qkv({**step, **change})
+
+
+def test_attention_layer_takes_the_qkv_fold_on_decode_only_steps(monkeypatch):
+    """Attention.attend_qkv: one launch for a runner-built decode-only step; None (the caller
+    stores and attends in two launches) for a step with prefill tiles, without a plan, or with
+    the fold off (TWINSERVE_DECODE_FOLD below 2)."""
+    step = qkv_step(2, 16, torch.float32, True, 4, seed=9)
+    layer = Attention(step["num_heads"], 2, 64, step["scale"], "triton")
+    layer.k_cache, layer.v_cache = step["k_cache"], step["v_cache"]
+    meta = AttentionMetadata(slot_mapping=step["slot_mapping"], block_tables=step["block_tables"],
+                             context_lens=step["context_lens"], query_start_loc=step["query_start_loc"],
+                             max_query_len=1, max_context_len=451, num_decode_tokens=6, decode_rows=6,
+                             decode_work=step["work"])
+    args = (step["qkv"], step["positions"], step["cos"], step["sin"], step["q_norm"], step["k_norm"], 1e-6)
+    expected = paged_attention_qkv({**step, "k_cache": step["k_cache"].clone(), "v_cache": step["v_cache"].clone()})
+    out = layer.attend_qkv(*args, meta)
+    assert out is not None and torch.equal(out, expected)
+    tiles = torch.full((4, 2), -1, dtype=torch.int32, device=DEVICE)
+    assert layer.attend_qkv(*args, dataclasses.replace(meta, prefill_tiles=tiles)) is None
+    assert layer.attend_qkv(*args, dataclasses.replace(meta, decode_work=None)) is None
+    monkeypatch.setattr(pa, "FOLD_QKV", False)
+    assert layer.attend_qkv(*args, meta) is None

@@ -22,7 +22,9 @@ Kernels.
   batch's total context balanced over the GPU; what the model runner uses) or, without one, as
   `num_splits` equal shares of every sequence.
   With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
-  step (without a work list, sequences whose q_len is not 1 are skipped).
+  step (without a work list, sequences whose q_len is not 1 are skipped). In a decode-only
+  step it can also take the qkv projection's output and do q/k RMSNorm, RoPE and the K/V
+  store itself (`paged_decode_attention_qkv`): a layer's attention is then one launch.
 * prefill (anything else, mixed batches included): one program per (KV head, sequence, query
   tile), or programs per KV head that walk a host-built tile list: a grid fixed per CUDA graph
   size, no programs for decode rows, and the list's padding costs one read; the tile packs BLOCK_Q tokens x the query group into
@@ -61,9 +63,15 @@ from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules,
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
     choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
 
-# Split-KV decode merges its splits inside the decode kernel (one launch) unless this is "0":
-# the process-wide default of `fold`, for A/B runs of whole engine steps.
-FOLD_SPLITS = os.environ.get("TWINSERVE_DECODE_FOLD", "1") != "0"
+# What a decode step's attention folds into its one decode launch (TWINSERVE_DECODE_FOLD, for
+# A/B runs of whole engine steps): 2 (default) the split-KV merge, and q/k RMSNorm + RoPE +
+# the K/V store of decode-only steps (paged_decode_attention_qkv, engine.layers.attention.
+# Attention.attend_qkv); 1 the merge only; 0 neither (a merge kernel, a RoPE + store kernel).
+_FOLD_LEVEL = os.environ.get("TWINSERVE_DECODE_FOLD", "2")
+if _FOLD_LEVEL not in ("0", "1", "2"):
+    raise ValueError(f"TWINSERVE_DECODE_FOLD must be 0, 1 or 2, got {_FOLD_LEVEL!r}")
+FOLD_SPLITS = _FOLD_LEVEL != "0"      # the default of paged_decode_attention's `fold`
+FOLD_QKV = _FOLD_LEVEL == "2"
 
 
 @triton.jit
@@ -120,20 +128,21 @@ def _decode_row(query_start_loc_ptr, b, USE_QSL: tl.constexpr, USE_WORK: tl.cons
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
                                             "query_start_loc_ptr", "work_ptr", "index_ptr",
-                                            "tickets_ptr"])
+                                            "tickets_ptr", "pos_ptr", "slot_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr,
-    qk_scale,
+    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
+    qk_scale, eps,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, num_splits,
+    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, stride_cos, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
     PAGES: tl.constexpr = 1, FOLD: tl.constexpr = False, MERGE_G: tl.constexpr = 1,
-    MERGE_S: tl.constexpr = 1,
+    MERGE_S: tl.constexpr = 1, QKV: tl.constexpr = False, QK_NORM: tl.constexpr = False,
 ):
     """One split of one sequence's KV for one KV head: positions [start, end).
 
@@ -147,6 +156,13 @@ def _decode_kernel(
     (`_merge_if_last`, ticket counters `tickets`, with the work list `index[b]` = (first
     slot, count)); else `_merge_splits_kernel` does, launched next. num_splits is a runtime
     argument so a new count never compiles.
+    QKV (with a work list and query_start_loc): q_ptr is the qkv projection's output [T, (H
+    + 2 Hkv) * D] (stride_qt its row stride, stride_qh = D), and the kernel does what
+    engine.kernels.fused.qk_norm_rope_store would have done first: each program normalizes
+    (QK_NORM: q_norm weights qw) and rotates (RoPE at positions[row], cos/sin tables
+    [max_position, D/2]) its query group, and the program whose share ends at the context's
+    end does the same to the row's K of its KV head and stores K and V at slot_mapping[row]
+    (-1: not stored) before it reads its tiles, the only ones that hold that position.
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
     whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
     PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
@@ -188,8 +204,19 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_mask = g_mask[:, None] & d_mask[None, :]
+    q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh
+    if QKV:
+        position = tl.load(pos_ptr + row)
+        q = _norm_rope(q_rows, d, q_mask, position, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps,
+                       QK_NORM, HEAD_DIM)
+        if end == tl.load(context_lens_ptr + b):
+            _store_new_kv(q_ptr + row * stride_qt, d, d_mask, kv_head, GROUP * tl.num_programs(1),
+                          tl.num_programs(1), tl.load(slot_ptr + row), position, cos_ptr, sin_ptr,
+                          stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs,
+                          stride_ch, BLOCK_SIZE, QK_NORM, HEAD_DIM)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
 
     block_table_ptr = block_tables_ptr + b * stride_bt
     head_off = kv_head * stride_ch
@@ -279,6 +306,55 @@ def _merge_if_last(partial_ptr, lse_ptr, out_ptr, ticket_ptr, first, splits, row
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
         tl.atomic_xchg(ticket_ptr, 0)   # ready for the next launch
+
+
+@triton.jit
+def _norm_rope(rows, d, mask, pos, cos_ptr, sin_ptr, stride_cos, w_ptr, eps,
+               QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Heads `rows[:, None] + d` ([R, HEAD_DIM_PAD], masked), RMSNorm'ed per head (QK_NORM,
+    weights w) and rotated GPT-NeoX style at position `pos`, rounded to the activation dtype
+    where engine.kernels.fused._rms and _rope round (the torch layers'): each element d is
+    paired with d +- D/2, loaded a second time, so the head stays one [R, D] tile."""
+    half = HEAD_DIM // 2
+    first = d < half
+    partner = tl.where(first, d + half, d - half)
+    x = tl.load(rows + d[None, :], mask=mask, other=0.0)
+    xp = tl.load(rows + partner[None, :], mask=mask, other=0.0)
+    dt = x.dtype
+    if QK_NORM:
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / HEAD_DIM + eps)
+        d_mask = d < HEAD_DIM
+        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)
+        x = ((xf * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
+        xp = ((xp.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * wp[None, :]).to(dt)
+    c_off = pos * stride_cos + d % half
+    cos = tl.load(cos_ptr + c_off, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + c_off, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = (xp.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return tl.where(first[None, :], a - b, a + b).to(dt)
+
+
+@triton.jit
+def _store_new_kv(qkv_row, d, d_mask, kv_head, num_heads, num_kv_heads, slot, pos, cos_ptr,
+                  sin_ptr, stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb,
+                  stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """K (normed, rotated) and V of KV head `kv_head` from one qkv row into the paged cache
+    at `slot` (-1: nothing), visible to this program's loads that follow (the barrier)."""
+    if slot >= 0:
+        one = tl.arange(0, 1)
+        mask = (one < 1)[:, None] & d_mask[None, :]
+        k = _norm_rope(qkv_row + (num_heads + kv_head) * HEAD_DIM + one[:, None] * 0, d, mask, pos,
+                       cos_ptr, sin_ptr, stride_cos, kw_ptr, eps, QK_NORM, HEAD_DIM)
+        v = tl.load(qkv_row + (num_heads + num_kv_heads + kv_head) * HEAD_DIM + d, mask=d_mask, other=0.0)
+        slot = slot.to(tl.int64)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        tl.store(k_cache_ptr + dst + one[:, None] * 0 + d[None, :], k, mask=mask)
+        tl.store(v_cache_ptr + dst + d, v, mask=d_mask)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -498,6 +574,21 @@ def _prefill_kernel(
                           TILE_IN_PAGE, PRECISION, UPCAST)
 
 
+def decode_signature(dtype: str = "bf16") -> dict:
+    """Triton's types of `_decode_kernel`'s runtime arguments, in order, for ahead-of-time
+    compiles (tests, bench_attention.py); q, the caches and out in `dtype`."""
+    sig = {name: f"*{dtype}" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    sig.update({name: "*i32" for name in ("block_tables_ptr", "context_lens_ptr", "query_start_loc_ptr",
+                                          "work_ptr", "index_ptr")})
+    sig.update(out_ptr=f"*{dtype}", partial_ptr="*fp32", lse_ptr="*fp32", tickets_ptr="*i32",
+               pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=f"*{dtype}", kw_ptr=f"*{dtype}",
+               slot_ptr="*i64", qk_scale="fp32", eps="fp32")
+    sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch",
+                                         "stride_bt", "stride_ot", "stride_oh", "stride_pp", "stride_ph",
+                                         "stride_lp", "stride_cos", "num_splits")})
+    return sig
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -561,7 +652,7 @@ def _dot_flags(dtype):
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
-            query_start_loc=None, work=None, fold=None):
+            query_start_loc=None, work=None, fold=None, rope=None):
     batch, num_heads = context_lens.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
     precision, upcast = _dot_flags(q.dtype)
@@ -588,12 +679,20 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
     tickets = _tickets(q.device, batch * num_kv_heads) if fold else context_lens   # unused unfolded
     merge_g = triton.next_power_of_2(group)
     merge_s = max(1, min(triton.next_power_of_2(MAX_SPLITS), 4096 // (merge_g * triton.next_power_of_2(head_dim))))
+    # rope: (positions, cos, sin, q_norm, k_norm, eps, slot_mapping): q is the qkv output's
+    # query part, normed, rotated and its K/V stored here (QKV); else unused stand-ins
+    if rope is None:
+        positions = cos = sin = q_norm = k_norm = slots = context_lens
+        eps = 0.0
+    else:
+        positions, cos, sin, q_norm, k_norm, eps, slots = rope
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, qsl, items, index, out, partial, lse, tickets,
-        scale * math.log2(math.e),
+        positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
+        slots, scale * math.log2(math.e), eps,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
-        lse.stride(0), num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        lse.stride(0), cos.stride(0) if rope else 0, num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
@@ -601,7 +700,8 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         PDL=pdl.enabled(), PREFETCH=prefetch, PART_ELEMS=block_size * head_dim if prefetch else 0,
         PART_BYTES=block_size * head_dim * k_cache.element_size() if prefetch else 0,
         PAGES=triton.next_power_of_2(triton.cdiv(DECODE_BLOCK_N, block_size) + 1),   # a tile's pages
-        FOLD=fold, MERGE_G=merge_g, MERGE_S=merge_s,
+        FOLD=fold, MERGE_G=merge_g, MERGE_S=merge_s, QKV=rope is not None,
+        QK_NORM=rope is not None and q_norm is not None,
         **pdl.launch_kwargs(),
     )
     if merge and not fold:
@@ -650,7 +750,8 @@ def _pages_contiguous(k_cache, v_cache) -> bool:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits=None, *, out=None, query_start_loc=None, work=None, fold=None):
+                           num_splits=None, *, out=None, query_start_loc=None, work=None, fold=None,
+                           _rope=None):
     """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
     `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
     Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
@@ -692,8 +793,51 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if num_splits is None and work is None:
         num_splits = choose_num_splits(context_lens.shape[0], k_cache.shape[2],
                                        block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
+    if _rope is not None and (work is None or query_start_loc is None):
+        raise ValueError("paged_decode_attention_qkv needs the runner's work list and query_start_loc")
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
-                   head_dim, query_start_loc, work, fold)
+                   head_dim, query_start_loc, work, fold, _rope)
+
+
+def paged_decode_attention_qkv(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, k_cache,
+                               v_cache, block_tables, context_lens, slot_mapping, scale, *,
+                               query_start_loc, work, out=None, fold=None):
+    """engine.kernels.fused.qk_norm_rope_store followed by paged_decode_attention, in the one
+    decode launch, for a step whose every sequence decodes (the model runner's decode-only
+    steps: `work` and `query_start_loc` as paged_decode_attention takes them, every row of
+    the batch in the plan). qkv [T, (num_heads + 2 Hkv) * D] (the qkv projection's output),
+    positions int64 [T], cos / sin [max_position, D / 2] (fp32: cast to qkv's dtype, as the torch
+    layer casts them), q_norm / k_norm [D] or None
+    (no q/k RMSNorm), slot_mapping int64 [T] (-1: K/V not stored). Returns [T, num_heads, D]
+    in qkv's dtype (rows of no planned sequence left alone); stores the rows' rotated K and V
+    in the caches as qk_norm_rope_store does. The same numbers as the two calls up to the
+    order of RMSNorm's fp32 sum of squares (which may move a rounding)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if (qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2
+            or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim):
+        raise ValueError(f"paged_decode_attention_qkv: qkv must be [T, (H + 2 Hkv) * D] = "
+                         f"[T, {(num_heads + 2 * num_kv_heads) * head_dim}] contiguous in its rows, D even; "
+                         f"got {tuple(qkv.shape)} strides {qkv.stride()} for H={num_heads}, "
+                         f"Hkv={num_kv_heads}, D={head_dim}")
+    tables_ok = (cos.dtype == sin.dtype and cos.is_floating_point() and cos.dim() == 2 and cos.shape == sin.shape
+                 and cos.stride() == sin.stride() and cos.shape[1] == head_dim // 2 and cos.stride(1) == 1)
+    if (not tables_ok or positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64
+            or positions.shape[0] < qkv.shape[0] or slot_mapping.shape[0] < qkv.shape[0]):
+        raise ValueError(f"paged_decode_attention_qkv: cos/sin must be [max_position, {head_dim // 2}] "
+                         f"alike (one float dtype), positions and slot_mapping int64 [>= T]; got cos {cos.dtype} "
+                         f"{tuple(cos.shape)}, sin {sin.dtype} {tuple(sin.shape)}, positions "
+                         f"{positions.dtype} {tuple(positions.shape)}, slot_mapping {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    if (q_norm is None) != (k_norm is None) or (q_norm is not None and (
+            q_norm.shape != (head_dim,) or k_norm.shape != (head_dim,))):
+        raise ValueError(f"paged_decode_attention_qkv: q_norm and k_norm must both be [{head_dim}] or "
+                         f"both None")
+    q = qkv[:, :num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
+    if out is None:
+        out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=out,
+                                  query_start_loc=query_start_loc, work=work, fold=fold,
+                                  _rope=(positions, cos, sin, q_norm, k_norm, eps, slot_mapping))
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
