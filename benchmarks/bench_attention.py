@@ -14,10 +14,11 @@ Stages (`--stages`, default all but fold): `decode` and `prefill` (the kernel ta
 `blocks`, and `fold`.
 
 Fold (`--stages fold`, ~30 s on an H200): a decode layer's attention as a decode-only step
-runs it, q/k RMSNorm + RoPE + the K/V store of its qkv row, then split-KV attention, in three
-variants: `two` (qk_norm_rope_store, the decode kernel, the merge kernel: TWINSERVE_DECODE_FOLD=0),
-`fold` (the merge in the decode kernel: =1), `fold_qkv` (everything in the decode kernel: =2,
-the default). Through the model runner's launch (balanced work list from plan_decode_work,
+runs it, q/k RMSNorm + RoPE + the K/V store of its qkv row, then split-KV attention, in four
+variants (TWINSERVE_DECODE_FOLD's settings): `two` (qk_norm_rope_store, the decode kernel, the
+merge kernel: none), `fold` (the merge in the decode kernel: merge), `qkv` (RoPE + store in the
+decode kernel, the merge kernel after it: qkv), `fold_qkv` (everything in the decode kernel:
+merge,qkv, the default). Through the model runner's launch (balanced work list from plan_decode_work,
 query_start_loc, PDL on at B <= 32 as EngineConfig.pdl_max_tokens has it) at B = 1, 16, 64,
 256, contexts drawn from 768..1280 (mean ~1k), pages of 16, Qwen3-style q/k norms.
 `<variant>_us`: one CUDA-graph replay of `layers` layers, each over its own KV cache (as a
@@ -155,8 +156,10 @@ def paged_batch(k, v, block_size, gen):
     batch, ctx = k.shape[0], k.shape[1]
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = batch * blocks_per_seq
-    k_cache = torch.empty(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    v_cache = torch.empty_like(k_cache)
+    # zeros, not empty: the last block's rows past ctx are read (masked) by torch references,
+    # where 0 x a NaN of uninitialized memory would still be NaN
+    k_cache = torch.zeros(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
     perm = torch.randperm(num_blocks, generator=gen, device=DEVICE)
     block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
     pos = torch.arange(ctx, device=DEVICE)
@@ -522,7 +525,8 @@ FOLD_BATCHES = [1, 16, 64, 256]
 PDL_MAX_TOKENS = 32          # EngineConfig.pdl_max_tokens' default: steps up to 32 tokens use PDL
 
 
-FOLD_VARIANTS = ("two", "fold", "fold_qkv")   # kernels per layer: 3 (2 without splits), 2, 1
+# variant: (merge folded, RoPE + store folded); kernels per layer 3, 2, 2, 1 (one less without splits)
+FOLD_VARIANTS = {"two": (False, False), "fold": (True, False), "qkv": (False, True), "fold_qkv": (True, True)}
 
 
 def fold_layer_us(batch, contexts, gen) -> dict:
@@ -530,8 +534,7 @@ def fold_layer_us(batch, contexts, gen) -> dict:
     eager us, and the largest difference from `two`'s output; `two`'s rel_err against the
     torch decode attention over the cache it filled; the plan's items and split sequences.
     Each layer: q/k RMSNorm + RoPE + the K/V store of its qkv row, then decode attention, as
-    a decode-only step runs it (`two`: qk_norm_rope_store, decode kernel, merge kernel;
-    `fold`: the merge in the decode kernel; `fold_qkv`: all in the decode kernel)."""
+    a decode-only step runs it (see the module docstring's Fold)."""
     ctx = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
     longest = max(contexts)
     kv_bytes = 2 * sum(contexts) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
@@ -554,14 +557,15 @@ def fold_layer_us(batch, contexts, gen) -> dict:
 
     def layer(i, variant):
         k_cache, v_cache, block_tables, slots = caches[i]
-        if variant == "fold_qkv":
+        fold, fold_qkv = FOLD_VARIANTS[variant]
+        if fold_qkv:
             return paged_decode_attention_qkv(qkv, positions, rope.cos, rope.sin, q_norm, k_norm, 1e-6, NUM_HEADS,
                                               k_cache, v_cache, block_tables, ctx, slots, SCALE, query_start_loc=qsl,
-                                              work=work, out=outs[i])
+                                              work=work, out=outs[i], fold=fold)
         q = qk_norm_rope_store(qkv, positions, rope.cos, rope.sin, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, q_norm, k_norm,
                                1e-6, k_cache, v_cache, slots)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i],
-                                      query_start_loc=qsl, work=work, fold=variant == "fold")
+                                      query_start_loc=qsl, work=work, fold=fold)
 
     pdl.enable(pdl.supported(qkv.device) and batch <= PDL_MAX_TOKENS)
     row = {}
@@ -597,7 +601,7 @@ def decode_registers() -> dict:
     sig = pa.decode_signature()
     major, minor = torch.cuda.get_device_capability()
     out = {}
-    for name, fold, qkv in (("two", False, False), ("fold", True, False), ("fold_qkv", True, True)):
+    for name, (fold, qkv) in FOLD_VARIANTS.items():
         const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
                      TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
                      PDL=major >= 9, PREFETCH=major >= 9, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8,
@@ -621,7 +625,7 @@ def bench_fold(gen):
     regs = decode_registers()
     print("\nfold: a decode layer's RoPE + KV store and split-KV attention, us per layer (CUDA graph of "
           "`layers` layers); two = RoPE/store, decode, merge kernels; fold = merge in the decode kernel; "
-          "fold_qkv = all in one")
+          "qkv = RoPE/store in it; fold_qkv = all in one")
     print("decode kernel registers/spills: " + ", ".join(f"{v} {regs.get(v, '-')}" for v in FOLD_VARIANTS))
     print(f"{'B':>4} {'ctx':>6} {'items':>5} {'split':>5} {'pdl':>4} {'layers':>6} "
           + " ".join(f"{v + '_us':>11}" for v in FOLD_VARIANTS) + f" {'best/two':>8} "

@@ -127,6 +127,27 @@ def test_back_to_back_calls_reuse_the_reset_counters():
     tickets(q).zero_()
 
 
+def test_fold_switch_is_read_and_checked_at_import():
+    """TWINSERVE_DECODE_FOLD: a comma list of merge and qkv (default both), or none; anything
+    else stops the import with a one-line error."""
+    code = ("import importlib; pa = importlib.import_module('engine.kernels.paged_attention'); "
+            "print(pa.FOLD_SPLITS, pa.FOLD_QKV)")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    seen = {}
+    for value in (None, "merge", "qkv", "none", "merge, qkv"):
+        run_env = {k: v for k, v in env.items() if k != "TWINSERVE_DECODE_FOLD"}
+        if value is not None:
+            run_env["TWINSERVE_DECODE_FOLD"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+        seen[value] = tuple(word == "True" for word in out)
+    assert seen == {None: (True, True), "merge": (True, False), "qkv": (False, True), "none": (False, False),
+                    "merge, qkv": (True, True)}
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "TWINSERVE_DECODE_FOLD": "2"}, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "TWINSERVE_DECODE_FOLD must be a comma list of merge and qkv" in bad.stderr
+
+
 def test_fold_default_follows_the_switch(monkeypatch):
     """fold=None takes FOLD_SPLITS (TWINSERVE_DECODE_FOLD): both settings give the result."""
     seqs = [(1, 500), (1, 3)]
@@ -194,7 +215,7 @@ def test_bench_fold_stage_smoke():
     assert [r["B"] for r in rows] == [1, 3] and all(r["split"] >= 1 for r in rows)
     for r in rows:
         assert r["rel_err"] < 1e-5, r
-        for v in ("two", "fold", "fold_qkv"):
+        for v in ("two", "fold", "qkv", "fold_qkv"):
             assert r[f"{v}_max_diff"] <= 1e-5 and r[f"{v}_eager_us"] > 0, r
 
 
@@ -278,7 +299,7 @@ def test_qkv_fold_rejects_bad_inputs():
 def test_attention_layer_takes_the_qkv_fold_on_decode_only_steps(monkeypatch):
     """Attention.attend_qkv: one launch for a runner-built decode-only step; None (the caller
     stores and attends in two launches) for a step with prefill tiles, without a plan, or with
-    the fold off (TWINSERVE_DECODE_FOLD below 2)."""
+    the fold off (TWINSERVE_DECODE_FOLD without qkv)."""
     step = qkv_step(2, 16, torch.float32, True, 4, seed=9)
     layer = Attention(step["num_heads"], 2, 64, step["scale"], "triton")
     layer.k_cache, layer.v_cache = step["k_cache"], step["v_cache"]

@@ -17,7 +17,8 @@ Kernels.
   once; the query group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts
   are split (flash-decoding) and the splits are merged by their log-sum-exp: inside the same
   launch by default (the split that finishes last merges, see `_merge_if_last`), or by a
-  second kernel (`fold=False`, or TWINSERVE_DECODE_FOLD=0: the A/B of bench_attention.py). The
+  second kernel (`fold=False`, or TWINSERVE_DECODE_FOLD without `merge`: the A/B of
+  bench_attention.py). The
   shares come either from a host work list (`engine.kernels.launch.plan_decode_work`: the
   batch's total context balanced over the GPU; what the model runner uses) or, without one, as
   `num_splits` equal shares of every sequence.
@@ -63,15 +64,17 @@ from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules,
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
     choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
 
-# What a decode step's attention folds into its one decode launch (TWINSERVE_DECODE_FOLD, for
-# A/B runs of whole engine steps): 2 (default) the split-KV merge, and q/k RMSNorm + RoPE +
-# the K/V store of decode-only steps (paged_decode_attention_qkv, engine.layers.attention.
-# Attention.attend_qkv); 1 the merge only; 0 neither (a merge kernel, a RoPE + store kernel).
-_FOLD_LEVEL = os.environ.get("TWINSERVE_DECODE_FOLD", "2")
-if _FOLD_LEVEL not in ("0", "1", "2"):
-    raise ValueError(f"TWINSERVE_DECODE_FOLD must be 0, 1 or 2, got {_FOLD_LEVEL!r}")
-FOLD_SPLITS = _FOLD_LEVEL != "0"      # the default of paged_decode_attention's `fold`
-FOLD_QKV = _FOLD_LEVEL == "2"
+# What a decode step's attention folds into its decode launch (TWINSERVE_DECODE_FOLD, a comma
+# list, for A/B runs of whole engine steps): "merge" the split-KV merge (else a merge kernel
+# follows), "qkv" q/k RMSNorm + RoPE + the K/V store of decode-only steps (else a RoPE + store
+# kernel precedes: paged_decode_attention_qkv, engine.layers.attention.Attention.attend_qkv);
+# default both, "none" neither.
+_FOLDS = {f.strip() for f in os.environ.get("TWINSERVE_DECODE_FOLD", "merge,qkv").split(",") if f.strip()}
+if _FOLDS - {"merge", "qkv", "none"} or ("none" in _FOLDS and len(_FOLDS) > 1):
+    raise ValueError(f"TWINSERVE_DECODE_FOLD must be a comma list of merge and qkv, or none; got "
+                     f"{os.environ.get('TWINSERVE_DECODE_FOLD')!r}")
+FOLD_SPLITS = "merge" in _FOLDS       # the default of paged_decode_attention's `fold`
+FOLD_QKV = "qkv" in _FOLDS
 
 
 @triton.jit
@@ -769,8 +772,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
 
     fold: merge the splits inside the decode launch (True) or in a second kernel (False);
-    None: FOLD_SPLITS (on unless TWINSERVE_DECODE_FOLD=0). The same numbers either way, up
-    to the order of the fp32 sums. Folded launches share per-device ticket counters, so
+    None: FOLD_SPLITS (on unless TWINSERVE_DECODE_FOLD leaves out `merge`). The same numbers
+    either way, up to the order of the fp32 sums. Folded launches share per-device ticket counters, so
     launches on one device must not overlap (one stream, as the engine runs them).
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
