@@ -695,7 +695,8 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         slots, scale * math.log2(math.e), eps,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
-        lse.stride(0), cos.stride(0) if rope else 0, num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        lse.stride(0), cos.stride(0) if rope else 0, num_splits or 1,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
@@ -773,8 +774,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
     fold: merge the splits inside the decode launch (True) or in a second kernel (False);
     None: FOLD_SPLITS (on unless TWINSERVE_DECODE_FOLD leaves out `merge`). The same numbers
-    either way, up to the order of the fp32 sums. Folded launches share per-device ticket counters, so
-    launches on one device must not overlap (one stream, as the engine runs them).
+    either way, up to the order of the fp32 sums. Folded launches share per-device ticket
+    counters, so launches on one device must not overlap (one stream, as the engine runs them).
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
     if query_start_loc is None and q.shape[0] != context_lens.shape[0]:
@@ -809,12 +810,12 @@ def paged_decode_attention_qkv(qkv, positions, cos, sin, q_norm, k_norm, eps, nu
     decode launch, for a step whose every sequence decodes (the model runner's decode-only
     steps: `work` and `query_start_loc` as paged_decode_attention takes them, every row of
     the batch in the plan). qkv [T, (num_heads + 2 Hkv) * D] (the qkv projection's output),
-    positions int64 [T], cos / sin [max_position, D / 2] (fp32: cast to qkv's dtype, as the torch
-    layer casts them), q_norm / k_norm [D] or None
-    (no q/k RMSNorm), slot_mapping int64 [T] (-1: K/V not stored). Returns [T, num_heads, D]
-    in qkv's dtype (rows of no planned sequence left alone); stores the rows' rotated K and V
-    in the caches as qk_norm_rope_store does. The same numbers as the two calls up to the
-    order of RMSNorm's fp32 sum of squares (which may move a rounding)."""
+    positions int64 [T], cos / sin [max_position, D / 2] (cast to qkv's dtype, as the torch
+    layer casts them), q_norm / k_norm [D] or None (no q/k RMSNorm), slot_mapping int64 [T]
+    (-1: K/V not stored). Returns [T, num_heads, D] in qkv's dtype (rows of no planned
+    sequence left alone); stores the rows' rotated K and V in the caches as
+    qk_norm_rope_store does. The same numbers as the two calls up to the order of RMSNorm's
+    fp32 sum of squares (which may move a rounding). fold: see paged_decode_attention."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if (qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2
             or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim):
