@@ -8,8 +8,25 @@ and by KV block size (what the simulator's cost model is told).
     python benchmarks/bench_attention.py --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1
     python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
                                                          # block-size costs into a hardware file
+    python benchmarks/bench_attention.py --stages fold --no-flashinfer   # split merge: in-kernel vs 2 kernels
 
-Stages (`--stages`, default all): `decode` and `prefill` (the kernel tables below) and `blocks`.
+Stages (`--stages`, default all but fold): `decode` and `prefill` (the kernel tables below),
+`blocks`, and `fold`.
+
+Fold (`--stages fold`, ~30 s on an H200): a decode layer's attention as a decode-only step
+runs it, q/k RMSNorm + RoPE + the K/V store of its qkv row, then split-KV attention, in four
+variants (TWINSERVE_DECODE_FOLD's settings): `two` (qk_norm_rope_store, the decode kernel, the
+merge kernel: none), `fold` (the merge in the decode kernel: merge), `qkv` (RoPE + store in the
+decode kernel, the merge kernel after it: qkv), `fold_qkv` (everything in the decode kernel:
+merge,qkv, the default). Through the model runner's launch (balanced work list from plan_decode_work,
+query_start_loc, PDL on at B <= 32 as EngineConfig.pdl_max_tokens has it) at B = 1, 16, 64,
+256, contexts drawn from 768..1280 (mean ~1k), pages of 16, Qwen3-style q/k norms.
+`<variant>_us`: one CUDA-graph replay of `layers` layers, each over its own KV cache (as a
+step's layers are; up to 28, at most ~8 GB of KV), divided by `layers`: per layer of a step,
+launch overhead gone, PDL overlap kept. `eager_<variant>`: one layer, do_bench (L2 flushed).
+`items` / `split`: work items and sequences split (merged). `rel_err`: `two` against the torch
+decode attention over the cache it filled; `max_diff`: the largest difference of the others
+from `two`. Registers / spilled bytes of each variant's decode kernel (compiled for this GPU).
 
 Decode: B in {1, 64, 256} x context {512, 1024, 4096} x block size {16, 32, 64, 256}, Qwen3-0.6B
 heads (16 query / 8 KV, head_dim 128), bf16, blocks scattered at random over the pool. Time is
@@ -59,7 +76,7 @@ ARGS.add_argument("--sweep", action="store_true",
                   help="time the kernels' launch constants (tile, warps, stages) on a few shapes")
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
 ARGS.add_argument("--stages", default="decode,prefill,blocks",
-                  help="comma list of decode, prefill, blocks (default: all three)")
+                  help="comma list of decode, prefill, blocks, fold (default: the first three)")
 ARGS.add_argument("--block-sizes", default="1,2,4,8,16,32,64,128,256",
                   help="KV block sizes of the blocks stage (16, the reference, is always included)")
 ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML",
@@ -67,8 +84,8 @@ ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML
                        "(repeat for several files)")
 args = ARGS.parse_args()
 STAGES = [x.strip() for x in args.stages.split(",") if x.strip()]
-if not STAGES or set(STAGES) - {"decode", "prefill", "blocks"}:
-    ARGS.error(f"--stages must list some of decode, prefill, blocks; got {args.stages!r}")
+if not STAGES or set(STAGES) - {"decode", "prefill", "blocks", "fold"}:
+    ARGS.error(f"--stages must list some of decode, prefill, blocks, fold; got {args.stages!r}")
 try:
     BLOCK_SIZES = sorted({int(x) for x in args.block_sizes.split(",") if x.strip()} | {16})
 except ValueError:
@@ -87,9 +104,13 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from engine.kernels import (choose_num_splits, paged_attention, paged_decode_attention,  # noqa: E402
-                            paged_prefill_attention)
+                            paged_prefill_attention, pdl)
+from engine.kernels.fused import qk_norm_rope_store  # noqa: E402
 from engine.kernels.launch import (PREFILL_LAUNCH, PrefillLaunch, decode_work_capacity,  # noqa: E402
                                    plan_decode_work, prefill_tile_tokens)
+from engine.kernels.paged_attention import paged_decode_attention_qkv  # noqa: E402
+from engine.layers.attention import torch_decode_attention  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding  # noqa: E402
 from simulator.hardware import HardwareSpec  # noqa: E402
 
 for _path in args.write_hardware:   # refuse a file that cannot take the costs before measuring
@@ -135,8 +156,10 @@ def paged_batch(k, v, block_size, gen):
     batch, ctx = k.shape[0], k.shape[1]
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = batch * blocks_per_seq
-    k_cache = torch.empty(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    v_cache = torch.empty_like(k_cache)
+    # zeros, not empty: the last block's rows past ctx are read (masked) by torch references,
+    # where 0 x a NaN of uninitialized memory would still be NaN
+    k_cache = torch.zeros(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
     perm = torch.randperm(num_blocks, generator=gen, device=DEVICE)
     block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
     pos = torch.arange(ctx, device=DEVICE)
@@ -497,6 +520,126 @@ def write_block_cost(path, cost: dict, note: str) -> None:
     pathlib.Path(path).write_text(text)
 
 
+# ---- fold: the split-KV merge in the decode kernel vs its own kernel --------------------------
+FOLD_BATCHES = [1, 16, 64, 256]
+PDL_MAX_TOKENS = 32          # EngineConfig.pdl_max_tokens' default: steps up to 32 tokens use PDL
+
+
+# variant: (merge folded, RoPE + store folded); kernels per layer 3, 2, 2, 1 (one less without splits)
+FOLD_VARIANTS = {"two": (False, False), "fold": (True, False), "qkv": (False, True), "fold_qkv": (True, True)}
+
+
+def fold_layer_us(batch, contexts, gen) -> dict:
+    """One row of the fold table: per variant (FOLD_VARIANTS) us per layer in a CUDA graph,
+    eager us, and the largest difference from `two`'s output; `two`'s rel_err against the
+    torch decode attention over the cache it filled; the plan's items and split sequences.
+    Each layer: q/k RMSNorm + RoPE + the K/V store of its qkv row, then decode attention, as
+    a decode-only step runs it (see the module docstring's Fold)."""
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    longest = max(contexts)
+    kv_bytes = 2 * sum(contexts) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    layers = 2 if args.smoke else max(2, min(28, (8 << 30) // kv_bytes))
+    work = decode_work(contexts)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(batch, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    positions = (ctx - 1).long()
+    rope = RotaryEmbedding(HEAD_DIM, max(4096, longest), 1e6).to(DEVICE)
+    q_norm = (1 + 0.1 * torch.randn(HEAD_DIM, generator=gen, device=DEVICE)).to(DTYPE)
+    k_norm = (1 + 0.1 * torch.randn(HEAD_DIM, generator=gen, device=DEVICE)).to(DTYPE)
+    caches = []
+    for _ in range(layers):
+        k = torch.randn(batch, longest, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        k_cache, v_cache, block_tables = paged_batch(k, torch.randn_like(k), 16, gen)
+        slots = block_tables[torch.arange(batch, device=DEVICE), positions // 16].long() * 16 + positions % 16
+        caches.append((k_cache, v_cache, block_tables, slots))
+        del k
+    outs = [torch.empty(batch, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(layers)]
+
+    def layer(i, variant):
+        k_cache, v_cache, block_tables, slots = caches[i]
+        fold, fold_qkv = FOLD_VARIANTS[variant]
+        if fold_qkv:
+            return paged_decode_attention_qkv(qkv, positions, rope.cos, rope.sin, q_norm, k_norm, 1e-6, NUM_HEADS,
+                                              k_cache, v_cache, block_tables, ctx, slots, SCALE, query_start_loc=qsl,
+                                              work=work, out=outs[i], fold=fold)
+        q = qk_norm_rope_store(qkv, positions, rope.cos, rope.sin, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, q_norm, k_norm,
+                               1e-6, k_cache, v_cache, slots)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i],
+                                      query_start_loc=qsl, work=work, fold=fold)
+
+    pdl.enable(pdl.supported(qkv.device) and batch <= PDL_MAX_TOKENS)
+    row = {}
+    try:
+        for variant in FOLD_VARIANTS:
+            out = layer(0, variant).clone()
+            if variant == "two":
+                q = qk_norm_rope_store(qkv, positions, rope.cos, rope.sin, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM,
+                                       q_norm, k_norm, 1e-6, *caches[0][:2], caches[0][3])
+                ref = torch_decode_attention(q, *caches[0][:3], ctx, SCALE)
+                err, first = rel_err(out, ref), out
+            eager_ms = measure(lambda: layer(0, variant))
+            graph_ms = measure_graph(lambda: [layer(i, variant) for i in range(layers)])
+            row[f"{variant}_layer_us"] = graph_ms and 1e3 * graph_ms / layers
+            row[f"{variant}_eager_us"] = 1e3 * eager_ms
+            row[f"{variant}_max_diff"] = (out.float() - first.float()).abs().max().item()
+    finally:
+        pdl.enable(False)
+    items, index = work
+    return {"B": batch, "ctx_mean": sum(contexts) / batch, "layers": layers,
+            "items": int((items[:, 0] >= 0).sum()), "split": int((index[:, 1] > 1).sum()),
+            "pdl": pdl.supported(qkv.device) and batch <= PDL_MAX_TOKENS, "rel_err": err, **row}
+
+
+def decode_registers() -> dict:
+    """{variant: "registers/spill bytes"} of the decode kernel as the engine compiles it for this
+    GPU (bf16, Qwen3-0.6B heads, pages of 16, work list, PDL and prefetch on)."""
+    if DEVICE == "cpu":
+        return {}
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pa = importlib.import_module("engine.kernels.paged_attention")
+    sig = pa.decode_signature()
+    major, minor = torch.cuda.get_device_capability()
+    out = {}
+    for name, (fold, qkv) in FOLD_VARIANTS.items():
+        const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
+                     TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
+                     PDL=major >= 9, PREFETCH=major >= 9, PART_ELEMS=2048, PART_BYTES=4096, PAGES=8,
+                     FOLD=fold, MERGE_G=2, MERGE_S=16, QKV=qkv, QK_NORM=qkv)
+        try:
+            kernel = triton.compile(ASTSource(fn=pa._decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                                              constexprs=const), target=GPUTarget("cuda", 10 * major + minor, 32),
+                                    options={"num_warps": pa.DECODE_NUM_WARPS, "num_stages": pa.DECODE_NUM_STAGES})
+            kernel._init_handles()
+            out[name] = f"{kernel.n_regs}/{kernel.n_spills}"
+        except Exception as e:   # another Triton's compile API: the timings stand without it
+            out[name] = f"? ({type(e).__name__})"
+    return out
+
+
+def bench_fold(gen):
+    rng = np.random.default_rng(0)
+    batches = [1, 3] if args.smoke else FOLD_BATCHES
+    rows = [fold_layer_us(b, rng.integers(120, 200, b).tolist() if args.smoke else
+                          rng.integers(768, 1281, b).tolist(), gen) for b in batches]
+    regs = decode_registers()
+    print("\nfold: a decode layer's RoPE + KV store and split-KV attention, us per layer (CUDA graph of "
+          "`layers` layers); two = RoPE/store, decode, merge kernels; fold = merge in the decode kernel; "
+          "qkv = RoPE/store in it; fold_qkv = all in one")
+    print("decode kernel registers/spills: " + ", ".join(f"{v} {regs.get(v, '-')}" for v in FOLD_VARIANTS))
+    print(f"{'B':>4} {'ctx':>6} {'items':>5} {'split':>5} {'pdl':>4} {'layers':>6} "
+          + " ".join(f"{v + '_us':>11}" for v in FOLD_VARIANTS) + f" {'best/two':>8} "
+          + " ".join(f"{'eager_' + v:>14}" for v in FOLD_VARIANTS) + f" {'rel_err':>8} {'max_diff':>8}")
+    for r in rows:
+        times = [r[f"{v}_layer_us"] for v in FOLD_VARIANTS]
+        ratio = min(times) / times[0] if all(times) else None
+        print(f"{r['B']:>4} {r['ctx_mean']:>6.0f} {r['items']:>5} {r['split']:>5} {str(r['pdl'])[0]:>4} "
+              f"{r['layers']:>6} " + " ".join(fmt(t, "11.2f") for t in times) + f" {fmt(ratio, '8.3f')} "
+              + " ".join(f"{r[f'{v}_eager_us']:>14.1f}" for v in FOLD_VARIANTS)
+              + f" {r['rel_err']:>8.1e} {max(r[f'{v}_max_diff'] for v in FOLD_VARIANTS):>8.1e}")
+    return {"rows": rows, "registers": regs}
+
+
 def check_cuda_graph(gen):
     """Capture decode once (explicit num_splits), replay with new inputs copied into the static
     buffers, compare with eager. Returns the max abs difference over two replays."""
@@ -587,6 +730,7 @@ def main():
     peak = matmul_peak_tflops() if "prefill" in STAGES else None
     prefill = print_prefill(bench_prefill(fi, gen, peak), peak) if "prefill" in STAGES else []
     graph_diff = check_cuda_graph(gen) if "decode" in STAGES else None
+    fold = bench_fold(gen) if "fold" in STAGES else None
     sweep_rows = sweep(gen) if args.sweep else None
     blocks, cost, failed = None, None, None
     if "blocks" in STAGES:
@@ -614,7 +758,7 @@ def main():
                       "stages": STAGES, "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
                       "matmul_peak_TFLOPs": peak, "prefill_engine_launch": launch_name(PREFILL_LAUNCH),
                       "decode": decode, "prefill": prefill, "sweep": sweep_rows,
-                      "block_cost": cost, "blocks": blocks}))
+                      "block_cost": cost, "blocks": blocks, "fold": fold}))
     if failed:
         sys.exit(failed)
 

@@ -3,7 +3,9 @@
     python benchmarks/profile_decode.py --model DIR [--batch 256] [--context 1024]
 
 Runs `batch` requests of `context` prompt tokens, then profiles 8 pure-decode steps and
-prints the kernels by total GPU time, plus kernels launched per step. One line of JSON last.
+prints the kernels by total GPU time, plus kernels launched per step, and the load-time
+skinny-GEMM choice of the LM head (cuBLAS vs the kernel per row count, with or without PDL as
+timed; which one a step of this batch runs is in the kernel list). One line of JSON last.
 """
 import argparse
 import json
@@ -66,11 +68,25 @@ def main():
         print(f"{'#':>4} {'kernel':<64} {'us':>7} {'gap us':>7}")
         for i, (name, dur, gap) in enumerate(timeline[:args.timeline]):
             print(f"{i:>4} {name[:64]:<64} {dur:>7.1f} {gap:>7.1f}")
+    head = lm_head_choice(engine)
+    if head:
+        print("\nLM head, load-time choice (engine.kernels.skinny_gemm.choose_skinny_gemm): us per call")
+        print(f"{'M':>4} {'pdl':>5} {'cuBLAS':>8} {'kernel':>8} {'split':>5}  chosen")
+        for r in head:
+            print(f"{r['m']:>4} {str(r.get('pdl', '-')):>5} {r['torch_us']:>8.1f} {r['triton_us']:>8.1f} "
+                  f"{r['split_k']:>5}  {'kernel' if r['skinny'] else 'cuBLAS'}")
     print(json.dumps({"bench": "profile_decode", "batch": args.batch, "context": args.context,
                       "gpu_ms_per_step": total_us / steps / 1e3, "wall_ms": wall_ms, "kernels_per_step": launches / steps,
                       "step_ms": [1e3 * r["duration_s"] for r in recs], "cpu_ms": [1e3 * r["cpu_s"] for r in recs],
                       "top": [[k, c / steps, us / steps] for k, c, us in rows[:args.top]],
-                      "timeline": timeline}))
+                      "timeline": timeline, "lm_head_choice": head}))
+
+
+def lm_head_choice(engine):
+    """The skinny-GEMM report's rows of the widest layer shape (the LM head's vocabulary)."""
+    report = getattr(getattr(engine, "model_runner", None), "skinny_report", None) or []
+    widest = max((r["n"] for r in report), default=None)
+    return [r for r in report if r["n"] == widest]
 
 
 def step_timeline(prof, per_step):

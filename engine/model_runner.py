@@ -235,7 +235,8 @@ class ModelRunner:
         if plan is not None:
             kernel_plan.apply(self.model, plan, device, path)
             return []
-        report = choose_skinny_gemm(self.model)
+        report = choose_skinny_gemm(   # timed with PDL as the graphs launch
+            self.model, pdl_rows=self.config.pdl_max_tokens if self.pdl else 0)
         if path and self.rank == 0:
             kernel_plan.write(path, kernel_plan.snapshot(self.model, device))
         return report

@@ -42,14 +42,11 @@ def kernels(on):
         const = dict(HAS_BIAS=False, SPLIT=True, IEEE=False, SWIGLU=False, NORM=norm, HAS_RESIDUAL=norm,
                      BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL=on, PREFETCH=on, ELEM_BYTES=2)
         out[f"skinny norm={norm}"] = compile_(sg._skinny_gemm_kernel, sig, const, 4, 4)
-    sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-           "context_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "work_ptr": "*i32", "out_ptr": "*bf16",
-           "partial_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}
-    sig.update(i32(["stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch", "stride_bt", "stride_ot",
-                    "stride_oh", "stride_pp", "stride_ph", "stride_lp", "num_splits"]))
+    sig = pa.decode_signature()
     const = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64,
                  TILE_IN_PAGE=False, USE_WORK=True, USE_QSL=True, PRECISION="tf32", UPCAST=False,
-                 PDL=on, PREFETCH=on, PART_ELEMS=2048 if on else 0, PART_BYTES=4096 if on else 0, PAGES=8)
+                 PDL=on, PREFETCH=on, PART_ELEMS=2048 if on else 0, PART_BYTES=4096 if on else 0, PAGES=8,
+                 FOLD=True, MERGE_G=2, MERGE_S=16, QKV=True, QK_NORM=True)
     out["decode"] = compile_(pa._decode_kernel, sig, const, 4, 3)
     sig = {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32", "index_ptr": "*i32"}
     sig.update(i32(["stride_pp", "stride_ph", "stride_lp", "stride_ot", "stride_oh", "num_splits"]))

@@ -15,12 +15,17 @@ Kernels.
 * decode (every q_len == 1): one program per (share of a sequence's KV, KV head). The program
   handles all `num_heads / num_kv_heads` query heads of its KV head, so every KV byte is read
   once; the query group is padded to 16 rows so the scores and P@V are `tl.dot`s. Long contexts
-  are split (flash-decoding) and a second kernel merges the splits by their log-sum-exp. The
+  are split (flash-decoding) and the splits are merged by their log-sum-exp: inside the same
+  launch by default (the split that finishes last merges, see `_merge_if_last`), or by a
+  second kernel (`fold=False`, or TWINSERVE_DECODE_FOLD without `merge`: the A/B of
+  bench_attention.py). The
   shares come either from a host work list (`engine.kernels.launch.plan_decode_work`: the
   batch's total context balanced over the GPU; what the model runner uses) or, without one, as
   `num_splits` equal shares of every sequence.
   With `query_start_loc` the decode kernel reads any step's queries: the decode half of a mixed
-  step (without a work list, sequences whose q_len is not 1 are skipped).
+  step (without a work list, sequences whose q_len is not 1 are skipped). In a decode-only
+  step it can also take the qkv projection's output and do q/k RMSNorm, RoPE and the K/V
+  store itself (`paged_decode_attention_qkv`): a layer's attention is then one launch.
 * prefill (anything else, mixed batches included): one program per (KV head, sequence, query
   tile), or programs per KV head that walk a host-built tile list: a grid fixed per CUDA graph
   size, no programs for decode rows, and the list's padding costs one read; the tile packs BLOCK_Q tokens x the query group into
@@ -58,6 +63,18 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 from engine.kernels.launch import (  # noqa: E402  (launch geometry: host rules, no Triton)
     DECODE_BLOCK_N, DECODE_NUM_STAGES, DECODE_NUM_WARPS, MAX_SPLITS, PREFILL_LAUNCH, PrefillLaunch,
     choose_num_splits, prefill_tile_programs, prefill_tile_tokens)
+
+# What a decode step's attention folds into its decode launch (TWINSERVE_DECODE_FOLD, a comma
+# list, for A/B runs of whole engine steps): "merge" the split-KV merge (else a merge kernel
+# follows), "qkv" q/k RMSNorm + RoPE + the K/V store of decode-only steps (else a RoPE + store
+# kernel precedes: paged_decode_attention_qkv, engine.layers.attention.Attention.attend_qkv);
+# default both, "none" neither.
+_FOLDS = {f.strip() for f in os.environ.get("TWINSERVE_DECODE_FOLD", "merge,qkv").split(",") if f.strip()}
+if _FOLDS - {"merge", "qkv", "none"} or ("none" in _FOLDS and len(_FOLDS) > 1):
+    raise ValueError(f"TWINSERVE_DECODE_FOLD must be a comma list of merge and qkv, or none; got "
+                     f"{os.environ.get('TWINSERVE_DECODE_FOLD')!r}")
+FOLD_SPLITS = "merge" in _FOLDS       # the default of paged_decode_attention's `fold`
+FOLD_QKV = "qkv" in _FOLDS
 
 
 @triton.jit
@@ -113,19 +130,22 @@ def _decode_row(query_start_loc_ptr, b, USE_QSL: tl.constexpr, USE_WORK: tl.cons
 # of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "work_ptr"])
+                                            "query_start_loc_ptr", "work_ptr", "index_ptr",
+                                            "tickets_ptr", "pos_ptr", "slot_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    work_ptr, out_ptr, partial_ptr, lse_ptr,
-    qk_scale,
+    work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr,
+    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
+    qk_scale, eps,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, num_splits,
+    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, stride_cos, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
-    PAGES: tl.constexpr = 1,
+    PAGES: tl.constexpr = 1, FOLD: tl.constexpr = False, MERGE_G: tl.constexpr = 1,
+    MERGE_S: tl.constexpr = 1, QKV: tl.constexpr = False, QK_NORM: tl.constexpr = False,
 ):
     """One split of one sequence's KV for one KV head: positions [start, end).
 
@@ -134,8 +154,18 @@ def _decode_kernel(
     items its size can have). Otherwise program (b, kv_head, split) takes split `split` of
     `num_splits` equal shares of b's tiles. A sequence with one split writes its normalized
     output in q's dtype; a split of a longer one writes its normalized partial output (fp32)
-    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp, for
-    `_merge_splits_kernel`. num_splits is a runtime argument so a new count never compiles.
+    at partial slot `i` (work list) or `b * num_splits + split`, and its log2-sum-exp; FOLD:
+    the split of (b, kv_head) that finishes last merges them into the output
+    (`_merge_if_last`, ticket counters `tickets`, with the work list `index[b]` = (first
+    slot, count)); else `_merge_splits_kernel` does, launched next. num_splits is a runtime
+    argument so a new count never compiles.
+    QKV (with a work list and query_start_loc): q_ptr is the qkv projection's output [T, (H
+    + 2 Hkv) * D] (stride_qt its row stride, stride_qh = D), and the kernel does what
+    engine.kernels.fused.qk_norm_rope_store would have done first: each program normalizes
+    (QK_NORM: q_norm weights qw) and rotates (RoPE at positions[row], cos/sin tables
+    [max_position, D/2]) its query group, and the program whose share ends at the context's
+    end does the same to the row's K of its KV head and stores K and V at slot_mapping[row]
+    (-1: not stored) before it reads its tiles, the only ones that hold that position.
     USE_QSL: sequence b's query is row query_start_loc[b]; without a work list a sequence
     whose q_len is not 1 (a prefill row, or a padding row of a CUDA graph) is skipped.
     PDL (engine.kernels.pdl): the work item, query_start_loc, context_lens and the block
@@ -177,8 +207,19 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_mask = g_mask[:, None] & d_mask[None, :]
+    q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh
+    if QKV:
+        position = tl.load(pos_ptr + row)
+        q = _norm_rope(q_rows, d, q_mask, position, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps,
+                       QK_NORM, HEAD_DIM)
+        if end == tl.load(context_lens_ptr + b):
+            _store_new_kv(q_ptr + row * stride_qt, d, d_mask, kv_head, GROUP * tl.num_programs(1),
+                          tl.num_programs(1), tl.load(slot_ptr + row), position, cos_ptr, sin_ptr,
+                          stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs,
+                          stride_ch, BLOCK_SIZE, QK_NORM, HEAD_DIM)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
 
     block_table_ptr = block_tables_ptr + b * stride_bt
     head_off = kv_head * stride_ch
@@ -209,6 +250,114 @@ def _decode_kernel(
                  mask=out_mask)
         lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
         tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
+        if FOLD:
+            if USE_WORK:
+                first = tl.load(index_ptr + 2 * b)
+            else:
+                first = b * num_splits
+            _merge_if_last(partial_ptr, lse_ptr, out_ptr, tickets_ptr + b * tl.num_programs(1) + kv_head,
+                           first, splits, row, kv_head, stride_pp, stride_ph, stride_lp, stride_ot,
+                           stride_oh, GROUP, MERGE_G, MERGE_S, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _merge_if_last(partial_ptr, lse_ptr, out_ptr, ticket_ptr, first, splits, row, kv_head,
+                   stride_pp, stride_ph, stride_lp, stride_ot, stride_oh, GROUP: tl.constexpr,
+                   MERGE_G: tl.constexpr, MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr):
+    """The in-launch merge of a split sequence, for the query heads of one KV head: called by
+    each of its `splits` programs right after it stored its partial (slots first .. first +
+    splits - 1). Each takes a ticket from its (sequence, KV head) counter; the one that draws
+    the last has every other split's partial visible (release by each, acquire by it), and
+    computes what `_merge_splits_kernel` does: out = sum_s w_s * partial_s / sum_s w_s,
+    w_s = 2^(lse_s - max), in split order whoever arrives last (deterministic), MERGE_S
+    splits x MERGE_G heads per round trip to L2 (an online max across rounds: one round
+    unless a sequence has more than MERGE_S splits). It then puts the counter back to 0 for
+    the next launch (graph replays included: no memset). The loads bypass L1 (.cg): another
+    program's partials may share a line with what this SM read earlier."""
+    # every thread's stores are done before the counter moves (the atomic is one thread's
+    # release; the barrier orders the others' stores before it)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == splits - 1:
+        tl.debug_barrier()
+        g = tl.arange(0, MERGE_G)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        sv = tl.arange(0, MERGE_S)
+        heads = kv_head * GROUP + g
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        m = tl.full([MERGE_G], float("-inf"), tl.float32)   # running max lse per head
+        acc = tl.zeros([MERGE_G, HEAD_DIM_PAD], tl.float32)
+        w_sum = tl.zeros([MERGE_G], tl.float32)
+        for s0 in range(0, splits, MERGE_S):   # one pass: all loads of a chunk in flight at once
+            s = first + s0 + sv
+            mask = (s0 + sv < splits)[:, None] & g_mask[None, :]
+            lse = tl.load(lse_ptr + s[:, None] * stride_lp + heads[None, :], mask=mask,
+                          other=float("-inf"), cache_modifier=".cg")                # [S, G]
+            partial = tl.load(partial_ptr + s[:, None, None] * stride_pp + heads[None, :, None] * stride_ph
+                              + d[None, None, :], mask=mask[:, :, None] & d_mask[None, None, :],
+                              other=0.0, cache_modifier=".cg")                      # [S, G, D]
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all empty so far: weights 0
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe[None, :])
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * partial, 0)
+            w_sum = w_sum * alpha + tl.sum(w, 0)
+            m = m_new
+        out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.atomic_xchg(ticket_ptr, 0)   # ready for the next launch
+
+
+@triton.jit
+def _norm_rope(rows, d, mask, pos, cos_ptr, sin_ptr, stride_cos, w_ptr, eps,
+               QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Heads `rows[:, None] + d` ([R, HEAD_DIM_PAD], masked), RMSNorm'ed per head (QK_NORM,
+    weights w) and rotated GPT-NeoX style at position `pos`, rounded to the activation dtype
+    where engine.kernels.fused._rms and _rope round (the torch layers'): each element d is
+    paired with d +- D/2, loaded a second time, so the head stays one [R, D] tile."""
+    half = HEAD_DIM // 2
+    first = d < half
+    partner = tl.where(first, d + half, d - half)
+    x = tl.load(rows + d[None, :], mask=mask, other=0.0)
+    xp = tl.load(rows + partner[None, :], mask=mask, other=0.0)
+    dt = x.dtype
+    if QK_NORM:
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / HEAD_DIM + eps)
+        d_mask = d < HEAD_DIM
+        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)
+        x = ((xf * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
+        xp = ((xp.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * wp[None, :]).to(dt)
+    c_off = pos * stride_cos + d % half
+    cos = tl.load(cos_ptr + c_off, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + c_off, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = (xp.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return tl.where(first[None, :], a - b, a + b).to(dt)
+
+
+@triton.jit
+def _store_new_kv(qkv_row, d, d_mask, kv_head, num_heads, num_kv_heads, slot, pos, cos_ptr,
+                  sin_ptr, stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb,
+                  stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """K (normed, rotated) and V of KV head `kv_head` from one qkv row into the paged cache
+    at `slot` (-1: nothing), visible to this program's loads that follow (the barrier)."""
+    if slot >= 0:
+        one = tl.arange(0, 1)
+        mask = (one < 1)[:, None] & d_mask[None, :]
+        k = _norm_rope(qkv_row + (num_heads + kv_head) * HEAD_DIM + one[:, None] * 0, d, mask, pos,
+                       cos_ptr, sin_ptr, stride_cos, kw_ptr, eps, QK_NORM, HEAD_DIM)
+        v = tl.load(qkv_row + (num_heads + num_kv_heads + kv_head) * HEAD_DIM + d, mask=d_mask, other=0.0)
+        slot = slot.to(tl.int64)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        tl.store(k_cache_ptr + dst + one[:, None] * 0 + d[None, :], k, mask=mask)
+        tl.store(v_cache_ptr + dst + d, v, mask=d_mask)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -428,6 +577,21 @@ def _prefill_kernel(
                           TILE_IN_PAGE, PRECISION, UPCAST)
 
 
+def decode_signature(dtype: str = "bf16") -> dict:
+    """Triton's types of `_decode_kernel`'s runtime arguments, in order, for ahead-of-time
+    compiles (tests, bench_attention.py); q, the caches and out in `dtype`."""
+    sig = {name: f"*{dtype}" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    sig.update({name: "*i32" for name in ("block_tables_ptr", "context_lens_ptr", "query_start_loc_ptr",
+                                          "work_ptr", "index_ptr")})
+    sig.update(out_ptr=f"*{dtype}", partial_ptr="*fp32", lse_ptr="*fp32", tickets_ptr="*i32",
+               pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=f"*{dtype}", kw_ptr=f"*{dtype}",
+               slot_ptr="*i64", qk_scale="fp32", eps="fp32")
+    sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch",
+                                         "stride_bt", "stride_ot", "stride_oh", "stride_pp", "stride_ph",
+                                         "stride_lp", "stride_cos", "num_splits")})
+    return sig
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -491,7 +655,7 @@ def _dot_flags(dtype):
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim,
-            query_start_loc=None, work=None):
+            query_start_loc=None, work=None, fold=None, rope=None):
     batch, num_heads = context_lens.shape[0], q.shape[1]
     block_size = k_cache.shape[1]
     precision, upcast = _dot_flags(q.dtype)
@@ -513,12 +677,26 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
     use_qsl = query_start_loc is not None
     qsl = query_start_loc if use_qsl else context_lens
     prefetch = pdl.enabled() and _pages_contiguous(k_cache, v_cache)
+    fold = merge and (FOLD_SPLITS if fold is None else fold)
+    num_kv_heads = num_heads // group
+    tickets = _tickets(q.device, batch * num_kv_heads) if fold else context_lens   # unused unfolded
+    merge_g = triton.next_power_of_2(group)
+    merge_s = max(1, min(triton.next_power_of_2(MAX_SPLITS), 4096 // (merge_g * triton.next_power_of_2(head_dim))))
+    # rope: (positions, cos, sin, q_norm, k_norm, eps, slot_mapping): q is the qkv output's
+    # query part, normed, rotated and its K/V stored here (QKV); else unused stand-ins
+    if rope is None:
+        positions = cos = sin = q_norm = k_norm = slots = context_lens
+        eps = 0.0
+    else:
+        positions, cos, sin, q_norm, k_norm, eps, slots = rope
     _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, items, out, partial, lse,
-        scale * math.log2(math.e),
+        q, k_cache, v_cache, block_tables, context_lens, qsl, items, index, out, partial, lse, tickets,
+        positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
+        slots, scale * math.log2(math.e), eps,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
-        lse.stride(0), num_splits or 1, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        lse.stride(0), cos.stride(0) if rope else 0, num_splits or 1,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, TILE_IN_PAGE=block_size % DECODE_BLOCK_N == 0,
         USE_WORK=work is not None, USE_QSL=use_qsl, PRECISION=precision, UPCAST=upcast,
@@ -526,9 +704,11 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         PDL=pdl.enabled(), PREFETCH=prefetch, PART_ELEMS=block_size * head_dim if prefetch else 0,
         PART_BYTES=block_size * head_dim * k_cache.element_size() if prefetch else 0,
         PAGES=triton.next_power_of_2(triton.cdiv(DECODE_BLOCK_N, block_size) + 1),   # a tile's pages
+        FOLD=fold, MERGE_G=merge_g, MERGE_S=merge_s, QKV=rope is not None,
+        QK_NORM=rope is not None and q_norm is not None,
         **pdl.launch_kwargs(),
     )
-    if merge:
+    if merge and not fold:
         _merge_splits_kernel[(batch, num_heads)](
             partial, lse, out, qsl, index, partial.stride(0), partial.stride(1), lse.stride(0),
             out.stride(0), out.stride(1), num_splits or 1,
@@ -537,6 +717,30 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
             num_warps=4, PDL=pdl.enabled(), **pdl.launch_kwargs(),
         )
     return out
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []   # outgrown ticket counters: captured graphs may still use them
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """The folded merge's int32 ticket counters, one per (decode row, KV head), all zero
+    between launches (the last split of each puts its counter back): at least `count`, grown
+    (never freed: a CUDA graph keeps the address it captured) outside a capture only, since
+    the zeros of a buffer made inside one would be written only when the graph first replays.
+    Launches on a device must be stream-ordered (they share the counters), as the engine's
+    single stream is."""
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"paged_decode_attention: the folded split merge needs {count} ticket "
+                               f"counters on {device}, more than allocated; call it once at this batch "
+                               f"size before CUDA-graph capture")
+        if tickets is not None:
+            _RETIRED.append(tickets)
+        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = tickets
+    return tickets
 
 
 def _pages_contiguous(k_cache, v_cache) -> bool:
@@ -550,7 +754,8 @@ def _pages_contiguous(k_cache, v_cache) -> bool:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits=None, *, out=None, query_start_loc=None, work=None):
+                           num_splits=None, *, out=None, query_start_loc=None, work=None, fold=None,
+                           _rope=None):
     """Decode: one query token per sequence. q `[B, num_heads, head_dim]`, block_tables int32
     `[B, max_blocks_per_seq]`, context_lens int32 `[B]` (0 = padding row, output zeros).
     Returns `[B, num_heads, head_dim]` in q's dtype (written into `out` when given).
@@ -566,6 +771,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     graph-safe (the grid is D). Without it every sequence gets `num_splits` equal shares;
     None picks the count from B, num_kv_heads and the longest context the block table can hold
     (`max_blocks_per_seq * block_size`): a shape-only choice, so capture is safe either way.
+
+    fold: merge the splits inside the decode launch (True) or in a second kernel (False);
+    None: FOLD_SPLITS (on unless TWINSERVE_DECODE_FOLD leaves out `merge`). The same numbers
+    either way, up to the order of the fp32 sums. Folded launches share per-device ticket
+    counters, so launches on one device must not overlap (one stream, as the engine runs them).
     """
     group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens)
     if query_start_loc is None and q.shape[0] != context_lens.shape[0]:
@@ -587,8 +797,51 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if num_splits is None and work is None:
         num_splits = choose_num_splits(context_lens.shape[0], k_cache.shape[2],
                                        block_tables.shape[1] * k_cache.shape[1], _num_sms(q.device))
+    if _rope is not None and (work is None or query_start_loc is None):
+        raise ValueError("paged_decode_attention_qkv needs the runner's work list and query_start_loc")
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
-                   head_dim, query_start_loc, work)
+                   head_dim, query_start_loc, work, fold, _rope)
+
+
+def paged_decode_attention_qkv(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, k_cache,
+                               v_cache, block_tables, context_lens, slot_mapping, scale, *,
+                               query_start_loc, work, out=None, fold=None):
+    """engine.kernels.fused.qk_norm_rope_store followed by paged_decode_attention, in the one
+    decode launch, for a step whose every sequence decodes (the model runner's decode-only
+    steps: `work` and `query_start_loc` as paged_decode_attention takes them, every row of
+    the batch in the plan). qkv [T, (num_heads + 2 Hkv) * D] (the qkv projection's output),
+    positions int64 [T], cos / sin [max_position, D / 2] (cast to qkv's dtype, as the torch
+    layer casts them), q_norm / k_norm [D] or None (no q/k RMSNorm), slot_mapping int64 [T]
+    (-1: K/V not stored). Returns [T, num_heads, D] in qkv's dtype (rows of no planned
+    sequence left alone); stores the rows' rotated K and V in the caches as
+    qk_norm_rope_store does. The same numbers as the two calls up to the order of RMSNorm's
+    fp32 sum of squares (which may move a rounding). fold: see paged_decode_attention."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if (qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2
+            or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim):
+        raise ValueError(f"paged_decode_attention_qkv: qkv must be [T, (H + 2 Hkv) * D] = "
+                         f"[T, {(num_heads + 2 * num_kv_heads) * head_dim}] contiguous in its rows, D even; "
+                         f"got {tuple(qkv.shape)} strides {qkv.stride()} for H={num_heads}, "
+                         f"Hkv={num_kv_heads}, D={head_dim}")
+    tables_ok = (cos.dtype == sin.dtype and cos.is_floating_point() and cos.dim() == 2 and cos.shape == sin.shape
+                 and cos.stride() == sin.stride() and cos.shape[1] == head_dim // 2 and cos.stride(1) == 1)
+    if (not tables_ok or positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64
+            or positions.shape[0] < qkv.shape[0] or slot_mapping.shape[0] < qkv.shape[0]):
+        raise ValueError(f"paged_decode_attention_qkv: cos/sin must be [max_position, {head_dim // 2}] "
+                         f"alike (one float dtype), positions and slot_mapping int64 [>= T]; got cos {cos.dtype} "
+                         f"{tuple(cos.shape)}, sin {sin.dtype} {tuple(sin.shape)}, positions "
+                         f"{positions.dtype} {tuple(positions.shape)}, slot_mapping {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    if (q_norm is None) != (k_norm is None) or (q_norm is not None and (
+            q_norm.shape != (head_dim,) or k_norm.shape != (head_dim,))):
+        raise ValueError(f"paged_decode_attention_qkv: q_norm and k_norm must both be [{head_dim}] or "
+                         f"both None")
+    q = qkv[:, :num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
+    if out is None:
+        out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=out,
+                                  query_start_loc=query_start_loc, work=work, fold=fold,
+                                  _rope=(positions, cos, sin, q_norm, k_norm, eps, slot_mapping))
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
@@ -647,20 +900,22 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, que
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                    max_query_len, max_context_len, scale, num_splits=None, *, out=None):
+                    max_query_len, max_context_len, scale, num_splits=None, *, out=None, fold=None):
     """The engine's attention call for any step (see the module docstring for the layout).
 
     Dispatch: when every sequence has exactly one query (`max_query_len == 1` and
     `q.shape[0] == B`) the split-KV decode kernel runs, with `num_splits` (None: chosen from
     B, num_kv_heads and `max_context_len`); otherwise the prefill kernel handles the whole batch
     and `num_splits` is ignored. `max_query_len` and `max_context_len` are host ints, upper
-    bounds of the batch's q_len and context_len. Returns `[T, num_heads, head_dim]` in q's dtype.
+    bounds of the batch's q_len and context_len. `fold`: see paged_decode_attention. Returns
+    `[T, num_heads, head_dim]` in q's dtype.
     """
     if max_query_len == 1 and q.dim() == 3 and q.shape[0] == context_lens.shape[0]:
         group, head_dim = _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
         out = _output(q, out)
         if num_splits is None:
             num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], max_context_len, _num_sms(q.device))
-        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group, head_dim)
+        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out, group,
+                       head_dim, fold=fold)
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    max_query_len, scale, out=out)

@@ -348,9 +348,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # ---- the load-time choice ----------------------------------------------------------------
 
-def graph_time_us(fn, repeats: int) -> float:
+def graph_time_us(fn, repeats: int, flush=None) -> float:
     """Median microseconds of one replay of a CUDA graph of fn() (run once eagerly first:
-    compiles, workspace)."""
+    compiles, workspace). flush: run before each timed replay, outside the timing (l2_flush)."""
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -358,6 +358,8 @@ def graph_time_us(fn, repeats: int) -> float:
     graph.replay()
     times = []
     for _ in range(repeats):
+        if flush is not None:
+            flush()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -365,6 +367,17 @@ def graph_time_us(fn, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
+
+
+def l2_flush(device: torch.device):
+    """A function that reads twice the device's L2 in other data (a read: no dirty lines
+    to write back during what is timed next), so the next replay finds none of its weights
+    in L2, as in a step, where the layers before wash it. One replay of a graph over a single
+    layer whose weights exceed the L2 (the LM head: 311 MB at Qwen3-0.6B) would otherwise
+    find part of them left there by the replay before."""
+    size = 2 * getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    scratch = torch.zeros(size // 2, dtype=torch.float16, device=device)
+    return lambda: scratch.amax()
 
 
 def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tuple, list[torch.nn.Module]]:
@@ -390,12 +403,14 @@ def skinny_layers(model: torch.nn.Module, device_type: str = "cuda") -> dict[tup
 
 @torch.inference_mode()
 def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None,
-                       repeats: int = 7, device_type: str = "cuda", time_us=None) -> list[dict]:
+                       repeats: int = 7, device_type: str = "cuda", time_us=None,
+                       pdl_rows: int = 0) -> list[dict]:
     """Per layer shape and row count M in `m_values` (default: the CUDA-graph sizes up to
     MAX_M, policy.cuda_graphs), time F.linear and the skinny kernel (at each of
     split_candidates) under CUDA graphs, each graph one pass over every layer of the shape
-    (real weights, read from HBM as in a step when they outweigh the L2), and set each layer's
-    `skinny` plan: ((M, split_k or 0 where torch won), ...) ascending, which
+    (real weights, read from HBM as in a step: the L2 is washed before each replay,
+    l2_flush), and set each layer's `skinny` plan: ((M, split_k or 0 where torch won), ...)
+    ascending, which
     engine.layers.linear.dense_linear follows (a call of R rows takes the entry of the
     smallest measured M >= R; above the largest, torch). The kernel must beat torch by
     MIN_GAIN: within noise, cuBLAS stays. A down projection (`swiglu_input`) is timed on
@@ -408,18 +423,36 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
     (engine.layers.linear.LinearBase.forward_rmsnorm follows it). Call once after loading and
     before graph capture (it also sizes the workspace the captured calls use, and compiles every
     variant a call can select). Returns one row per (shape, M): the timings and the choice.
+    pdl_rows: the row counts up to which the engine's steps launch with programmatic
+    dependent launch (EngineConfig.pdl_max_tokens where PDL is on, engine.kernels.pdl): the
+    kernels of those M are timed with it on, weight prefetch included, as the step's graphs
+    run them (each row's `pdl`); the others with it off.
     device_type, time_us (fn -> microseconds of one fn() call): for tests on the CPU."""
     from policy.cuda_graphs import capture_sizes
     m_values = sorted({m for m in (m_values or capture_sizes(MAX_M)) if 1 <= m <= MAX_M})
-    time_us = time_us or (lambda fn: graph_time_us(fn, repeats))
+    groups = skinny_layers(model, device_type)
+    if time_us is None and groups:
+        flush = l2_flush(next(iter(groups.values()))[0].weight.device)
+        time_us = lambda fn: graph_time_us(fn, repeats, flush)   # noqa: E731
+    pdl_was = pdl.enabled()
+    try:
+        return _choose(groups, m_values, time_us, pdl_rows)
+    finally:
+        pdl.enable(pdl_was)
+
+
+def _choose(groups, m_values, time_us, pdl_rows) -> list[dict]:
+    """choose_skinny_gemm's measurement over skinny_layers' groups: sets the plans, returns
+    the report rows."""
     report = []
-    for (n, k, dtype, has_bias, swiglu, norm), layers in skinny_layers(model, device_type).items():
+    for (n, k, dtype, has_bias, swiglu, norm), layers in groups.items():
         device = layers[0].weight.device
         params = [(layer.weight, getattr(layer, "bias", None)) for layer in layers]
         gen = torch.Generator(device).manual_seed(n + k)   # leaves the global RNG alone
         splits = split_candidates(n, k, num_sms(device))
         plan, swiglu_plan, norm_plan = [], [], []
         for m in m_values:
+            pdl.enable(pdl.supported(device) and m <= pdl_rows)
             x = torch.randn(m, 2 * k if swiglu else k, device=device, generator=gen).to(dtype)
             x2, x = (x, silu_and_mul(x)) if swiglu else (None, x)   # the plain call's input
             torch_us = time_us(lambda: [torch.nn.functional.linear(x, w, b) for w, b in params]) / len(layers)
@@ -429,8 +462,8 @@ def choose_skinny_gemm(model: torch.nn.Module, m_values: list[int] | None = None
             use = triton_us < (1 - MIN_GAIN) * torch_us
             plan.append((m, split_k if use else 0))
             report.append(dict(n=n, k=k, dtype=str(dtype).removeprefix("torch."), layers=len(layers),
-                               swiglu=swiglu, m=m, torch_us=torch_us, triton_us=triton_us, split_k=split_k,
-                               skinny=use))
+                               swiglu=swiglu, m=m, pdl=pdl.enabled(), torch_us=torch_us, triton_us=triton_us,
+                               split_k=split_k, skinny=use))
             if swiglu:
                 report[-1].update(_time_swiglu_fusion(x2, params, splits, split_k if use else 0, time_us))
                 swiglu_plan.append((m, report[-1]["swiglu_split_k"] if report[-1]["swiglu_fused"] else 0))

@@ -19,6 +19,7 @@ Backends (chosen by name when the model is built):
 "auto" = triton on CUDA, torch elsewhere. triton runs on the CPU only under the Triton
 interpreter (TRITON_INTERPRET=1), for tests.
 """
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -264,3 +265,24 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the cache alone (this step's K/V already stored)."""
         return ATTEND[self.backend](q, self.k_cache, self.v_cache, meta, self.scale)
+
+    def attend_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                   eps: float, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The whole layer's attention from the qkv projection's output [T, (H + 2 Hkv) * D]
+        in one decode launch (q/k RMSNorm, RoPE and the K/V store inside it: engine.kernels.
+        paged_attention.paged_decode_attention_qkv), where that applies: the triton backend,
+        a runner-built decode-only step (its split-KV plan, no prefill tiles), the KV cache
+        assigned, and the fold on (engine.kernels.paged_attention.FOLD_QKV). Returns
+        [T, H, D], or None: then the caller stores and attends in two launches."""
+        if (self.backend != "triton" or meta.prefill_tiles is not None or meta.decode_work is None
+                or not meta.decode_rows or self.k_cache.numel() == 0):
+            return None
+        pa = importlib.import_module("engine.kernels.paged_attention")   # (the package's
+        if not pa.FOLD_QKV:                                  # name `paged_attention` is a function)
+            return None
+        rows = meta.decode_rows
+        return pa.paged_decode_attention_qkv(
+            qkv, positions, cos, sin, q_norm, k_norm, eps, self.num_heads, self.k_cache, self.v_cache,
+            meta.block_tables[:rows], meta.context_lens[:rows], meta.slot_mapping, self.scale,
+            query_start_loc=meta.query_start_loc, work=meta.decode_work)

@@ -52,14 +52,16 @@ class DecoderAttention(nn.Module):
         input norm fused in)."""
         num_tokens, d = qkv.shape[0], self.head_dim
         if self.fused and self.attn.k_cache.numel():
-            from engine.kernels.fused import qk_norm_rope_store
-            q = qk_norm_rope_store(
-                qkv, positions, self.rotary_emb.cos, self.rotary_emb.sin, self.num_heads,
-                self.num_kv_heads, d, self.q_norm.weight if self.qk_norm else None,
-                self.k_norm.weight if self.qk_norm else None,
-                self.q_norm.eps if self.qk_norm else 0.0,
-                self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
-            o = self.attn.attend(q, meta)
+            norms = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm
+                     else (None, None, 0.0))
+            # decode-only steps: norm, RoPE and the K/V store inside the decode launch
+            o = self.attn.attend_qkv(qkv, positions, self.rotary_emb.cos, self.rotary_emb.sin, *norms, meta)
+            if o is None:
+                from engine.kernels.fused import qk_norm_rope_store
+                q = qk_norm_rope_store(
+                    qkv, positions, self.rotary_emb.cos, self.rotary_emb.sin, self.num_heads,
+                    self.num_kv_heads, d, *norms, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+                o = self.attn.attend(q, meta)
             return self.o_proj(o.reshape(num_tokens, self.num_heads * d))
         q, k, v = qkv.split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
