@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--backend", default="auto", help="attention backend")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--pdl-max-tokens", type=int, default=32, help="EngineConfig.pdl_max_tokens (0: no PDL, A/B)")
+    ap.add_argument("--kernel-plan", help="EngineConfig.kernel_plan: a file pinning the skinny-GEMM choice "
+                    "(written by the first run that names it, read by the others: A/B runs on one kernel plan)")
     ap.add_argument("--graph-max-tokens", type=int, default=8192, help="cuda_graph_max_tokens: largest step replayed from a CUDA graph")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--num-seqs", type=int, default=256)
@@ -178,7 +180,7 @@ def main():
     path = checkpoint(args.model, "float32" if extra else "bfloat16")
 
     llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
-              enforce_eager=args.enforce_eager, pdl_max_tokens=args.pdl_max_tokens, cuda_graph_max_tokens=args.graph_max_tokens, tensor_parallel_size=args.tp,
+              enforce_eager=args.enforce_eager, pdl_max_tokens=args.pdl_max_tokens, cuda_graph_max_tokens=args.graph_max_tokens, tensor_parallel_size=args.tp, kernel_plan=args.kernel_plan,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, **extra)

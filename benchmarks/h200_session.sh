@@ -4,6 +4,8 @@
 # the last JSON line of each appended to results.jsonl). Wheels for what the box lacks
 # (simpy, hydra-core, omegaconf, antlr4) travel in .whl/ (see benchmarks/README.md).
 #   STAGES="smoke check steps offline" OUT=/tmp/out bash benchmarks/h200_session.sh
+# KPLAN=<file>: the Qwen3-0.6B stages steps_small, offline, online16 and calibrate run one
+# skinny-GEMM plan (engine.kernel_plan: the first writes it, the others read it).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
 [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.installed; }
@@ -13,7 +15,7 @@ run() { name=$1; t=$2; shift 2; echo "== $name: $*"; timeout $t "$@" > $OUT/$nam
         grep -v '^{' $OUT/$name.txt | grep -v -i 'loading\|warn' | tail -n ${TAIL:-14}; tail -n 1 $OUT/$name.txt >> $OUT/results.jsonl; return $rc; }
 ckpt() { [ -f /tmp/$2/config.json ] || python3 -m engine.checkpoint $1 /tmp/$2 > /dev/null 2>&1; }
 # the small step-cost table and the one-step kernel timeline of Qwen3-0.6B (A/B stages below)
-SMALL_STEPS="python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16"
+SMALL_STEPS="python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 1,16,64 --mixed-batches 64 --chunks 16 ${KPLAN:+--kernel-plan $KPLAN}"
 TIMELINE="python3 benchmarks/profile_decode.py --model /tmp/twinserve-qwen3-0.6b --top 30 --timeline 40"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 for stage in ${STAGES:-smoke check steps offline}; do case $stage in
@@ -22,9 +24,9 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   steps)    ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b ;;
   steps_eager) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run steps_q06_nograph 300 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --graph-max-tokens 0 --chunks 16,512 --decode-batches 1,64 --mixed-batches 64 ;;
   profsteps) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=60 run profile_steps_q06 240 python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 64 --mixed-batches 64 --chunks 16,2048 --steps 6 --profile 64:0,64:16,64:2048 ;;
-  offline)  ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --steps-csv $OUT/steps_q06.csv ;;
+  offline)  ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --steps-csv $OUT/steps_q06.csv ${KPLAN:+--kernel-plan $KPLAN} ;;
   online)   TAIL=12 run online 580 python3 benchmarks/bench_serving.py --tables online --out /tmp/online ;;
-  online16) TAIL=12 run online_q06_r16 300 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@16" --out /tmp/online
+  online16) TAIL=12 run online_q06_r16 300 python3 benchmarks/bench_serving.py --tables online --online "qwen3-0.6b@16" --out /tmp/online ${KPLAN:+--override engine.kernel_plan=$KPLAN}
             for f in steps.parquet requests.parquet summary.json; do cp /tmp/online/qwen3-0.6b-r16/$f $OUT/r16_$f; done ;;
   online_l8) TAIL=12 run online_l8 400 python3 benchmarks/bench_serving.py --tables online --online "llama-3.1-8b@8" --out /tmp/online ;;
   online_old) # the previous engine (commit 9352870, carried as old/) on the same replay, side by side
@@ -36,7 +38,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             tar czf $OUT/online_runs.tgz -C /tmp/online . ;;
   calibrate) # TWINSERVE_COMMIT: the tree here is a copy without git (experiments/calibrate.py);
             # a copy in /tmp/calib for later calls on this machine (the tree is re-copied each call)
-            TAIL=40 run calibrate_q06 300 python3 run.py experiment=calibrate model=qwen3-0.6b hardware=h200
+            TAIL=40 run calibrate_q06 300 python3 run.py experiment=calibrate model=qwen3-0.6b hardware=h200 ${KPLAN:+engine.kernel_plan=$KPLAN}
             mkdir -p /tmp/calib && cp simulator/calibrations/qwen3-0.6b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations.tgz simulator/calibrations ;;
   calibrate_l8)

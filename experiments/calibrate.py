@@ -72,6 +72,17 @@ def engine_graphs(rc: RunConfig, engine) -> CudaGraphs:
     return CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens, limit)
 
 
+def decode_folds() -> list[str]:
+    """What the engine's decode attention launch folds in (TWINSERVE_DECODE_FOLD, read by
+    engine.kernels.paged_attention at import): step costs differ with it."""
+    import importlib
+    try:    # (the package's `paged_attention` is the kernel's entry point, not the module)
+        pa = importlib.import_module("engine.kernels.paged_attention")
+    except ImportError:     # no Triton: the torch attention, nothing folded
+        return []
+    return [name for name, on in (("merge", pa.FOLD_SPLITS), ("qkv", pa.FOLD_QKV)) if on]
+
+
 def pinned_plan(engine, device: str) -> dict | None:
     """The engine's skinny-GEMM plan in engine.kernel_plan's format (None where no layer
     has one: the CPU, engine.skinny_gemm=false, eager engines): a calibration records it, so
@@ -263,7 +274,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
     meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
-            "decode_plan": plan.describe() if plan else None,
+            "decode_plan": plan.describe() if plan else None, "decode_folds": decode_folds(),
             **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
