@@ -450,16 +450,16 @@ def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: lis
 
     def text_of(name):
         return yaml.safe_dump({name: values[name]}, default_flow_style=True).strip().strip("{}")
-    last_field = 0
+    last_field, done = 0, set()
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if line[:1].isalpha() and ":" in line:
             if key in values:
                 lines[i] = text_of(key)
-                values[key] = None
+                done.add(key)
             if key != "attention_block_cost":
                 last_field = i
-    lines[last_field + 1:last_field + 1] = [text_of(k) for k in fields if values[k] is not None]
+    lines[last_field + 1:last_field + 1] = [text_of(k) for k in fields if k not in done]
     name_at = next(i for i, line in enumerate(lines) if line.startswith("name:"))
     lines[name_at:name_at] = [FIT_NOTE + line for line in note]
     text = "\n".join(lines) + "\n"

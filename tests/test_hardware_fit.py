@@ -59,8 +59,7 @@ def test_joint_fit_recovers_the_parameters_a_roofline_made(tmp_path):
     searched, fixed = hardware_fit.fitted_params(profiles)
     assert set(SEARCHED) < set(searched) and fixed == FIXED
     params = ({k: v for k, v in searched.items() if k in SEARCHED}, fixed)
-    fitted = hardware_fit.fit_joint(profiles, H100, sweeps=3,
-                                    params=params)
+    fitted = hardware_fit.fit_joint(profiles, H100, sweeps=5, params=params, polish_iterations=600)
     for name in SEARCHED + FIXED:
         assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=0.15), name
     for p in profiles:
@@ -103,6 +102,12 @@ def test_what_one_dense_model_or_no_moe_cannot_tell_stays_at_the_lead(tmp_path):
     assert kept.attention_flops_efficiency == 0.123                # measured: kept
     assert kept.gemm_depth_overhead == hardware_fit.LEADS["gemm_depth_overhead"]   # not the file's 7
     assert kept.expert_flops_efficiency is None                    # not the file's: no MoE profile
+    # written as such: a null the source file lacks is added, a stated one replaced
+    source = (ROOT / "conf" / "hardware" / "h100.yaml").read_text()
+    for text in (source, source + "expert_flops_efficiency: 0.4\n"):
+        hardware_fit.write_spec(kept, tmp_path / "out.yaml", text, ["expert_flops_efficiency", "gemm_depth_overhead"], ["t"])
+        written = (tmp_path / "out.yaml").read_text()
+        assert "expert_flops_efficiency: null" in written and written.count("expert_flops_efficiency") == 1
 
 
 def test_bad_profiles_are_refused_in_one_line(tmp_path, capsys):
