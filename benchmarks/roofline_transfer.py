@@ -12,7 +12,9 @@ DIR`: for each run the file fitted without that run's model (DIR/<gpu>-without-<
 labelled "leave-one-out". Prints per run and hardware file the error (sim - real) / real
 of throughput and mean / p50 / p90 TTFT, TPOT and E2E latency, and the mean error of the
 roofline on the run's decode and mixed steps, then the mean |error| over the runs and by
-model; ends with one JSON line. Simulated runs go to --out/<label>/<model>/<run name>.
+model, and per cell (a fidelity cell's repeats <cell>/r<k> averaged) how many of its 10
+metrics are off by more than --target (default 0.15, issue 10's roofline target); ends with
+one JSON line. Simulated runs go to --out/<label>/<model>/<run name>.
 Runs on a CPU in seconds per run.
 """
 import argparse
@@ -95,6 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--leave-one-out", default=None, metavar="DIR",
                     help="folder of <gpu>-without-<model>.yaml (python -m simulator.hardware_fit --leave-one-out)")
     ap.add_argument("--out", required=True, type=Path, help="where the simulated runs go")
+    ap.add_argument("--target", type=float, default=0.15, help="|error| a metric must stay within (0.15)")
     args = ap.parse_args(argv)
     sources = {}
     for item in args.hardware:
@@ -120,12 +123,13 @@ def main(argv=None) -> None:
         for label, source in sources.items():
             hardware = hardware_for(label, source, config)
             sim = simulate(config, hardware, args.out / label / config["model"]["name"] / run_name(run_dir))
-            row = {"run": run_name(run_dir), "model": config["model"]["name"], "hardware": label}
+            row = {"run": run_name(run_dir), "cell": run_dir.parent.name if run_dir.name[1:].isdigit() else run_dir.name,
+                   "model": config["model"]["name"], "hardware": label}
             row |= {m: (sim[m] - real["metrics"][m]) / real["metrics"][m] for m in METRICS}
             row |= {f"step_{k}": v for k, v in step_errors(run_dir, config, hardware).items()}
             rows.append(row)
     table = pd.DataFrame(rows)
-    shown = table.rename(columns=SHORT)
+    shown = table.drop(columns="cell").rename(columns=SHORT)
     numeric = [c for c in shown.columns if c not in ("run", "model", "hardware")]
     shown[numeric] = (100 * shown[numeric]).round(1)
     print("error (sim - real) / real, %; step_<kind>: the roofline's mean error on the run's own steps")
@@ -134,10 +138,16 @@ def main(argv=None) -> None:
                for label, g in table.groupby("hardware", sort=False)}
     print("mean |error| over the runs:")
     print((100 * pd.DataFrame(summary).T.rename(columns=SHORT)).round(1).to_string())
-    by_model = table.drop(columns="run").set_index(["model", "hardware"]).abs().groupby(level=[0, 1], sort=False).mean()
+    by_model = table.drop(columns=["run", "cell"]).set_index(["model", "hardware"]).abs().groupby(level=[0, 1], sort=False).mean()
     print("mean |error| by model:")
     print((100 * by_model.rename(columns=SHORT)).round(1).to_string())
-    print(json.dumps({"mean_abs_error": summary}))
+    cells = table.groupby(["model", "cell", "hardware"], sort=False)[METRICS].mean()
+    off = (cells.abs() > args.target).sum(axis=1)
+    print(f"per cell (mean over its repeats): metrics of {len(METRICS)} off by more than {args.target:.0%}, "
+          "and the worst |error|, %:")
+    print(pd.DataFrame({"off": off, "worst": (100 * cells.abs().max(axis=1)).round(1)}).unstack("hardware").to_string())
+    print(json.dumps({"mean_abs_error": summary,
+                      "metrics_off_target": {label: int(g.sum()) for label, g in off.groupby(level="hardware", sort=False)}}))
 
 
 if __name__ == "__main__":

@@ -208,8 +208,8 @@ class RooflineCostModel(CostModel):
     """A step is a sequence of kernel groups; each takes R(compute time, memory time), and
     the groups add up (they run one after another):
 
-        linear   R(2 Pm T' / tp / F(T'),  Wr / tp / BW)       weights read once per step
-        lm_head  R(2 Pv S / tp / F(S),    Pv b / tp / BW)     only if S > 0
+        linear   R(2 Gm T' / tp / F(T') + 2 Ge T' / tp / Fe,  Wr / tp / BW)   weights read once
+        lm_head  R(2 V (h + K0) S / tp / F(S),  Pv b / tp / BW)   only if S > 0
         decode   R(A Cd / Fa,   K (Cu + r (Cd - Cu)) / BWa)   attention over each decode's KV
         prefill  R(A Pp / Fa,              K Ckv / BWa)       chunk attention incl. cached context
         allreduce  2 L (lat + 2 (tp-1)/tp T' h b / IC)        only if tp > 1
@@ -219,11 +219,15 @@ class RooflineCostModel(CostModel):
     R(c, m) = (c^p + m^p)^(1/p), p the hardware's roofline_exponent (infinity, the default:
     max(c, m), the ideal roofline; a finite p charges steps near the ridge point, where
     neither the tensor cores nor memory run at their rate, more).
-    Pm: linear-layer params a token multiplies with; Wr: the bytes a step reads of them (b Pm
-    for a dense model; 4-bit values with group scales and zeros for a quantized one, whose
+    Gm: the dense GEMMs' sum of N (K + K0) over every layer's (layer_gemms: QKV, O, the MLP
+    or a MoE layer's router), K0 the hardware's gemm_depth_overhead (an output tile's fixed
+    work, in multiply-adds: 0 makes Gm the linear-layer params a token multiplies with),
+    Ge: the same of a token's top-k experts, run at the expert GEMMs' FLOP/s Fe
+    (expert_flops_efficiency; None: F, with Ge in Gm); Wr: the bytes a step reads of the
+    weights (b Pm, Pm the linear-layer params a token multiplies with, for a dense model; 4-bit values with group scales and zeros for a quantized one, whose
     tensor cores still run Pm multiply-adds per token; with experts, every expert some token
     is routed to: policy.model.ModelConfig.matmul_weights_read of the step's T tokens x b),
-    Pv: vocab x hidden, b: bytes per value, T': batched tokens
+    Pv: vocab x hidden (V x h), b: bytes per value, T': batched tokens
     padded to the step's CUDA graph (policy.cuda_graphs.graph_rows; unpadded if eager),
     F(T): the hardware's GEMM FLOP/s at T rows, S: sampled positions, A = 4 L heads
     head_dim / tp (FLOPs per query-key pair, QK^T and PV), Fa: the attention kernels'
@@ -253,9 +257,13 @@ class RooflineCostModel(CostModel):
         self.host = hw.host_costs()
         BW, b = hw.bandwidth, model.dtype_bytes
         # Work per unit, precomputed so `predict` is a handful of multiplies.
-        self.linear_flop = 2 * model.matmul_params / tp                # per token
+        self.dense_gemms, self.expert_gemms = layer_gemms(model.config, tp)
+        k0, top_k = hw.gemm_depth_overhead, model.config.num_experts_per_tok
+        self.dense_flop = sum(2 * count * n * (k + k0) for count, n, k in self.dense_gemms)    # per token
+        self.expert_flop = sum(2 * count * n * (k + k0) for count, n, k in self.expert_gemms) * top_k
+        self.linear_flop = self.dense_flop + self.expert_flop                 # per token
         self.linear_bytes_s = model.matmul_weight_bytes / tp / BW      # per step
-        self.lm_flop = 2 * model.lm_head_params / tp                   # per sampled token
+        self.lm_flop = 2 * model.vocab_size // tp * (model.hidden_size + k0)   # per sampled token
         self.lm_bytes_s = model.lm_head_params * b / tp / BW           # per step with a sample
         heads_per_rank = model.num_heads // tp
         self.attn_flop_s = 4 * model.num_layers * heads_per_rank * model.head_dim / hw.attention_flops
@@ -310,14 +318,44 @@ class RooflineCostModel(CostModel):
             linear_bytes_s = (self.model.config.matmul_weights_read(routed)
                               * self.model.dtype_bytes / self.tp / hw.bandwidth)
         fixed = self.fixed_s - (self.pdl_saving_s if rows <= self.pdl_max_tokens else 0.0)
-        t = fixed + hw.roofline(self.linear_flop * rows / hw.gemm_flops(rows), linear_bytes_s)
+        t = fixed + hw.roofline(self._linear_compute_s(f, rows), linear_bytes_s)
         sampled = f["num_sampled"]
         if sampled:
             t += hw.roofline(self.lm_flop * sampled / hw.gemm_flops(sampled), self.lm_bytes_s)
         return t, kind, rows
 
+    def _linear_compute_s(self, f: dict, rows: int) -> float:
+        """Compute seconds of a step's linear layers: the dense GEMMs' FLOPs at the GEMM rate
+        and a mixture of experts' grouped expert GEMMs at expert_flops_efficiency (None: the
+        GEMM rate)."""
+        hw = self.hw
+        if not self.expert_flop or hw.expert_flops_efficiency is None:
+            return self.linear_flop * rows / hw.gemm_flops(rows)
+        return rows * (self.dense_flop / hw.gemm_flops(rows)
+                       + self.expert_flop / (hw.peak_tflops * 1e12 * hw.expert_flops_efficiency))
+
     def reset(self) -> None:
         self._by_shape = {}
+
+
+def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
+    """The GEMMs of all layers on one rank, as (how many, N, K) with every token's row:
+    (dense ones: QKV, O, the MLP's or the router; expert ones: each expert's gate_up and
+    down, run for the rows routed to it). Column-parallel layers split N, row-parallel ones
+    K, as the engine shards them."""
+    h, q = cfg.hidden_size, cfg.q_size // tp
+    kv = cfg.num_kv_heads_per_rank(tp) * cfg.head_dim
+    layers, moe = cfg.num_hidden_layers, len(cfg.moe_layers)
+    dense = [(layers, q + 2 * kv, h), (layers, h, q)]
+    inter = cfg.intermediate_size // tp
+    mlp = [(1, inter, h), (1, h, inter)] if cfg.norm == "layer" else [(1, 2 * inter, h), (1, h, inter)]
+    dense += [(layers - moe, n, k) for _, n, k in mlp] if layers > moe else []
+    experts = []
+    if moe:
+        dense.append((moe, cfg.num_experts, h))
+        inter = cfg.moe_intermediate_size // tp
+        experts = [(moe, 2 * inter, h), (moe, h, inter)]
+    return dense, experts
 
 
 # Attention and sampling work a fitted step time grows with, by step kind (Batch.features keys).

@@ -33,8 +33,16 @@ class HardwareSpec:
     flops_efficiency: achieved / peak for large GEMMs (0 < x <= 1).
     flops_half_tokens: GEMM tokens at which a GEMM reaches half of `flops_efficiency`
         (small GEMMs are latency-bound): efficiency(T) = flops_efficiency * T / (T + this).
+    gemm_depth_overhead: K0 of a GEMM's fixed work per output, in multiply-adds: a GEMM of
+        depth K costs as if it were K + K0 deep (each output tile fills the load pipeline
+        and writes its results once, whatever K), so a narrow model's GEMMs (K of 1-3k)
+        run at a smaller share of the rate than a wide one's (4-14k): efficiency(K) =
+        flops_efficiency * K / (K + K0).
     attention_flops_efficiency: achieved / peak of the attention kernels' tensor-core work
         (query-key pairs); None: flops_efficiency.
+    expert_flops_efficiency: achieved / peak of a mixture of experts' grouped expert GEMMs
+        (the engine's Triton kernel: 16-64 pair rows x 64 columns per tile, far below the
+        dense GEMMs' rate), K0 included; None: the dense GEMMs' rate.
     bandwidth_efficiency: achieved / peak for streaming weight reads (0 < x <= 1).
     attention_bandwidth_efficiency: achieved / peak for paged-attention KV reads.
     interconnect_gbs: per-GPU, per-direction bandwidth seen by a tensor-parallel all-reduce.
@@ -81,6 +89,7 @@ class HardwareSpec:
     memory_gib: float
     flops_efficiency: float = 0.7
     flops_half_tokens: float = 0.0
+    gemm_depth_overhead: float = 0.0
     bandwidth_efficiency: float = 0.85
     attention_bandwidth_efficiency: float = 0.7
     interconnect_gbs: float = 0.0
@@ -89,6 +98,7 @@ class HardwareSpec:
     layer_fixed_s: float = 0.0
     pdl_layer_saving_s: float = 0.0
     attention_flops_efficiency: float | None = None
+    expert_flops_efficiency: float | None = None
     roofline_exponent: float = math.inf
     layer_launch_s: float = 30e-6
     step_overhead_s: float = 0.5e-3
@@ -110,9 +120,12 @@ class HardwareSpec:
         a = self.attention_flops_efficiency
         _require(a is None or 0 < a <= 1,
                  f"hardware {self.name!r}: attention_flops_efficiency must be in (0, 1] or null, got {a!r}")
+        a = self.expert_flops_efficiency
+        _require(a is None or 0 < a <= 1,
+                 f"hardware {self.name!r}: expert_flops_efficiency must be in (0, 1] or null, got {a!r}")
         _require(self.roofline_exponent >= 1,
                  f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
-        for field in ("flops_half_tokens", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
+        for field in ("flops_half_tokens", "gemm_depth_overhead", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
                       "update_overhead_s", "update_seq_overhead_s"):
             value = getattr(self, field)

@@ -40,12 +40,24 @@ from simulator.hardware import HardwareSpec
 # the shape of the roofline. What each one describes is in HardwareSpec.
 SEARCHED = {
     "flops_efficiency": (0.05, 1.0),
-    "attention_flops_efficiency": (0.05, 1.0),
+    "gemm_depth_overhead": (0.0, 4096.0),       # only with two dense models or more
+    "attention_flops_efficiency": (0.05, 1.0),  # unless the file states it (MEASURED)
     "roofline_exponent": (1.0, 32.0),           # and infinity (the max)
     "bandwidth_efficiency": (0.05, 1.0),
     "attention_bandwidth_efficiency": (0.02, 1.0),
+    "expert_flops_efficiency": (0.05, 1.0),     # only with a mixture of experts
     "shared_kv_read_cost": (0.02, 1.0),         # only with decodes sharing KV blocks
 }
+# Where the fit starts each searched parameter, and what a parameter the profiles cannot
+# determine (fitted_params) is: HardwareSpec's defaults, but for the GEMM depth overhead,
+# whose default 0 leaves the datasheet files as they were. 384 is what the H200's dense
+# profiles agree on: fitted alone, each model's prompt steps of >= 512 rows give GEMM
+# efficiencies 0.72 / 0.71 (Llama-3.1-8B TP1 / TP2) and 0.61 (Qwen3-0.6B) with K0 = 0,
+# 0.80 / 0.80 / 0.86 with K0 = 512, equal near 384 (simulator/calibrations/README.md).
+LEADS = {"gemm_depth_overhead": 384.0}
+# Parameters a kernel benchmark measures on the GPU: a hardware file that states one keeps
+# it (the fit neither searches nor rewrites it); null: fitted.
+MEASURED = ("attention_flops_efficiency",)
 # The fixed costs: a step's time is linear in them (RooflineCostModel adds them outside the
 # rooflines), so for each trial of the searched parameters they are solved exactly (solve_fixed,
 # non-negative): over a few models a step's fixed cost and its layers' (28 / 32 / 48 layers)
@@ -55,11 +67,13 @@ FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s",
          "layer_launch_s")           # only with eager steps in a profile
 # Tried and left out, the leave-one-model-out error deciding (simulator/calibrations/README.md):
 # flops_half_tokens (GEMM efficiency rising with a step's rows: fitted 0 jointly, and without
-# Llama-3.1-8B it grew until Llama's decode came out +74%), and a separate efficiency for a
-# mixture of experts' expert GEMMs (the joint fit's MoE steps improved, but without
-# Qwen3-0.6B it traded attention against expert FLOPs, attention efficiency 0.99, and
-# Qwen3-0.6B's mixed steps came out -25% instead of -16%); a fixed cost per MoE layer beyond
-# a dense layer's (router, top-k, token alignment: solved 0 s, the per-layer cost covers it).
+# Llama-3.1-8B it grew until Llama's decode came out +74%); a fixed cost per MoE layer beyond
+# a dense layer's (router, top-k, token alignment: solved 0 s, the per-layer cost covers it);
+# in session 8: the elementwise kernels' activation traffic at a fitted bandwidth (each
+# leave-one-out fit put it elsewhere: off, 0.23 and 0.68 of HBM), GEMMs priced by waves of
+# 128 x 128 output tiles on 132 SMs (the fits pinned flops_efficiency at 1.0 and moved the
+# fixed costs), a per-layer fixed cost of steps with a prompt chunk (solved 0-4 us), and
+# weighing each step by its time in the error (Qwen3-0.6B's held-out mixed steps -22%).
 PROFILE_COLUMNS = ("kind", "rows", "split", "device_s", "num_seqs", "num_batched_tokens",
                    "num_prefill_tokens", "num_decode_seqs", "num_sampled", "decode_context_tokens",
                    "prefill_kv_tokens", "prefill_attention_pairs", "host_launch_s", "host_receive_s")
@@ -176,14 +190,25 @@ def joint_error(profiles: list[Profile], hw: HardwareSpec, split: str = "train")
     return float(np.mean([np.abs(relative_errors(p, hw, split)[0]).mean() for p in profiles]))
 
 
-def fitted_params(profiles: list[Profile]) -> tuple[dict, tuple]:
-    """(SEARCHED, FIXED) less what the profiles cannot determine: the shared-read cost
-    without decodes sharing KV blocks, the PDL saving without an engine using PDL, the
-    all-reduce latency without tp > 1, the eager launch cost without eager steps."""
+def fitted_params(profiles: list[Profile], hw: HardwareSpec | None = None) -> tuple[dict, tuple]:
+    """(SEARCHED, FIXED) less what the profiles cannot determine: the GEMM depth overhead
+    without two dense models (one model's GEMMs all grow with its rows together, so K0
+    only scales its efficiency; models of different widths tell them apart), the expert
+    GEMMs' efficiency without a mixture of experts, the shared-read cost without decodes
+    sharing KV blocks, the PDL saving without an engine using PDL, the all-reduce latency
+    without tp > 1, the eager launch cost without eager steps; and the attention FLOP
+    efficiency where `hw` states it (MEASURED)."""
     searched = dict(SEARCHED)
+    if len({p.model.name for p in profiles if not p.model.config.is_moe}) < 2:
+        searched.pop("gemm_depth_overhead")
+    if not any(p.model.config.is_moe for p in profiles):
+        searched.pop("expert_flops_efficiency")
     if not any((p.steps["decode_distinct_context_tokens"] < p.steps["decode_context_tokens"]).any()
                for p in profiles):
         searched.pop("shared_kv_read_cost")
+    for name in MEASURED:
+        if hw is not None and getattr(hw, name) is not None:
+            searched.pop(name)
     skip = {"pdl_layer_saving_s": not any(p.pdl_max_tokens for p in profiles),
             "allreduce_latency_s": all(p.tp == 1 for p in profiles),
             "layer_launch_s": not any((p.steps["kind"] == "eager").any() for p in profiles)}
@@ -218,10 +243,13 @@ def fit_joint(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4,
     (fitted_params) stays there: a re-fit of the file this wrote gives the same file, and a
     fit leaving a model out learns nothing from it through the file."""
     check_profiles(profiles)
-    searched, fixed = fitted_params(profiles) if params is None else params
-    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec) if f.name in SEARCHED or f.name in FIXED}
-    if leads["attention_flops_efficiency"] is None:
-        leads["attention_flops_efficiency"] = leads["flops_efficiency"]
+    searched, fixed = fitted_params(profiles, hw) if params is None else params
+    leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec)
+             if (f.name in SEARCHED or f.name in FIXED) and not (f.name in MEASURED and f.name not in searched)}
+    leads |= LEADS
+    for name in ("attention_flops_efficiency", "expert_flops_efficiency"):    # None: flops_efficiency's
+        if name in searched and leads[name] is None:
+            leads[name] = leads["flops_efficiency"]
     base = dataclasses.replace(hw, **leads, **fit_host_joint(profiles),
                                attention_reference_block=profiles[0].block_size)
     columns = [fixed_columns(p, base, fixed) for p in profiles]
@@ -422,16 +450,16 @@ def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: lis
 
     def text_of(name):
         return yaml.safe_dump({name: values[name]}, default_flow_style=True).strip().strip("{}")
-    last_field = 0
+    last_field, done = 0, set()
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if line[:1].isalpha() and ":" in line:
             if key in values:
                 lines[i] = text_of(key)
-                values[key] = None
+                done.add(key)
             if key != "attention_block_cost":
                 last_field = i
-    lines[last_field + 1:last_field + 1] = [text_of(k) for k in fields if values[k] is not None]
+    lines[last_field + 1:last_field + 1] = [text_of(k) for k in fields if k not in done]
     name_at = next(i for i, line in enumerate(lines) if line.startswith("name:"))
     lines[name_at:name_at] = [FIT_NOTE + line for line in note]
     text = "\n".join(lines) + "\n"
@@ -467,9 +495,11 @@ def main(argv=None) -> None:
     print_table(rows)
     command = "python -m simulator.hardware_fit " + " ".join(sys.argv[1:] if argv is None else argv)
     source = [f"{p.name} (engine {p.engine_commit[:7]})" for p in profiles]
-    searched, fixed = fitted_params(profiles)
-    fitted = list(searched) + list(fixed) + ["step_overhead_s", "seq_overhead_s", "update_overhead_s",
-                                             "update_seq_overhead_s", "attention_reference_block"]
+    searched, fixed = fitted_params(profiles, given)
+    # every searched name, determined or at its lead (a leave-one-out fit may lack what the
+    # joint one has), but a measured one the file states
+    fitted = [n for n in SEARCHED if n in searched or n not in MEASURED] + list(fixed) + [
+        "step_overhead_s", "seq_overhead_s", "update_overhead_s", "update_seq_overhead_s", "attention_reference_block"]
     text = Path(args.hardware).read_text()
     done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:

@@ -25,8 +25,10 @@ ENGINE = {"max_num_seqs": 16, "max_num_batched_tokens": 512, "cuda_graph_max_tok
 # A device the search must find: every fitted term away from the file's leads.
 TRUTH = dataclasses.replace(H100, flops_efficiency=0.6, attention_flops_efficiency=0.35,
                             bandwidth_efficiency=0.75, step_fixed_s=1e-4, layer_fixed_s=20e-6,
-                            pdl_layer_saving_s=5e-6, layer_launch_s=40e-6, roofline_exponent=2.0)
-SEARCHED = ("flops_efficiency", "attention_flops_efficiency", "bandwidth_efficiency", "roofline_exponent")
+                            pdl_layer_saving_s=5e-6, layer_launch_s=40e-6, roofline_exponent=2.0,
+                            gemm_depth_overhead=600.0)
+SEARCHED = ("flops_efficiency", "gemm_depth_overhead", "attention_flops_efficiency", "bandwidth_efficiency",
+            "roofline_exponent")
 FIXED = ("step_fixed_s", "layer_fixed_s", "pdl_layer_saving_s", "layer_launch_s")   # the grid has eager steps
 
 
@@ -50,14 +52,14 @@ def write_profile(tmp_path, model: str, hw: HardwareSpec, device="NVIDIA H100", 
 
 def test_joint_fit_recovers_the_parameters_a_roofline_made(tmp_path):
     """Two models of different sizes tell a step's fixed cost from its weight reads (one
-    model cannot: both are the same every step), and of different depths (28 and 80
-    layers) its per-step from its per-layer part; the fit finds the device that made them."""
+    model cannot: both are the same every step), of different depths (28 and 80 layers) its
+    per-step from its per-layer part, and of different widths (GEMMs 1-3k and 8-28k deep)
+    the GEMM rate from its per-output overhead; the fit finds the device that made them."""
     profiles = [hardware_fit.load_profile(write_profile(tmp_path, m, TRUTH)) for m in ("qwen3-0.6b", "llama-3.1-70b")]
     searched, fixed = hardware_fit.fitted_params(profiles)
     assert set(SEARCHED) < set(searched) and fixed == FIXED
     params = ({k: v for k, v in searched.items() if k in SEARCHED}, fixed)
-    fitted = hardware_fit.fit_joint(profiles, H100, sweeps=3,
-                                    params=params)
+    fitted = hardware_fit.fit_joint(profiles, H100, sweeps=5, params=params, polish_iterations=600)
     for name in SEARCHED + FIXED:
         assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=0.15), name
     for p in profiles:
@@ -81,6 +83,31 @@ def test_what_the_profiles_cannot_determine_is_not_fitted(tmp_path):
     leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec)}
     assert kept.allreduce_latency_s == leads["allreduce_latency_s"] and kept.layer_launch_s == leads["layer_launch_s"]
     assert "shared_kv_read_cost" in searched           # the grid has decodes sharing blocks
+
+
+def test_what_one_dense_model_or_no_moe_cannot_tell_stays_at_the_lead(tmp_path):
+    """K0 needs dense models of two widths, the expert GEMMs' rate a mixture of experts; a
+    file that states the attention FLOP efficiency (measured) keeps it, and the fit's file
+    neither searches nor rewrites it."""
+    one = [hardware_fit.load_profile(write_profile(tmp_path, "qwen3-0.6b", TRUTH, every=7))]
+    two = one + [hardware_fit.load_profile(write_profile(tmp_path, "llama-3.1-70b", TRUTH, every=7))]
+    assert "gemm_depth_overhead" not in hardware_fit.fitted_params(one)[0]
+    assert "gemm_depth_overhead" in hardware_fit.fitted_params(two)[0]
+    assert "expert_flops_efficiency" not in hardware_fit.fitted_params(two)[0]
+    assert "attention_flops_efficiency" in hardware_fit.fitted_params(two, H100)[0]       # h100.yaml: null
+    measured = dataclasses.replace(H100, attention_flops_efficiency=0.123, expert_flops_efficiency=0.4,
+                                   gemm_depth_overhead=7.0)
+    assert "attention_flops_efficiency" not in hardware_fit.fitted_params(two, measured)[0]
+    kept = hardware_fit.fit_joint(one, measured, sweeps=1, polish_iterations=5)
+    assert kept.attention_flops_efficiency == 0.123                # measured: kept
+    assert kept.gemm_depth_overhead == hardware_fit.LEADS["gemm_depth_overhead"]   # not the file's 7
+    assert kept.expert_flops_efficiency is None                    # not the file's: no MoE profile
+    # written as such: a null the source file lacks is added, a stated one replaced
+    source = (ROOT / "conf" / "hardware" / "h100.yaml").read_text()
+    for text in (source, source + "expert_flops_efficiency: 0.4\n"):
+        hardware_fit.write_spec(kept, tmp_path / "out.yaml", text, ["expert_flops_efficiency", "gemm_depth_overhead"], ["t"])
+        written = (tmp_path / "out.yaml").read_text()
+        assert "expert_flops_efficiency: null" in written and written.count("expert_flops_efficiency") == 1
 
 
 def test_bad_profiles_are_refused_in_one_line(tmp_path, capsys):
@@ -132,6 +159,35 @@ def test_roofline_terms(tmp_path):
         dataclasses.replace(H100, pdl_layer_saving_s=1e-6)          # above layer_fixed_s (0)
     with pytest.raises(ValueError, match="roofline_exponent"):
         dataclasses.replace(H100, roofline_exponent=0.5)
+
+
+def test_gemm_shapes_and_their_depth_overhead():
+    """The roofline's GEMMs are the model's linear layers as the engine shards them; K0
+    charges a narrow model's GEMMs more than a wide one's, and a mixture of experts' expert
+    GEMMs run at their own rate."""
+    from simulator.cost_model import layer_gemms
+    for name, tp in (("qwen3-0.6b", 1), ("llama-3.1-70b", 2), ("qwen3-30b-a3b", 1), ("pythia-1.4b", 1)):
+        cfg = load_model(name).config
+        dense, experts = layer_gemms(cfg, tp)
+        flop = sum(c * n * k for c, n, k in dense) + cfg.num_experts_per_tok * sum(c * n * k for c, n, k in experts)
+        assert flop == load_model(name).matmul_params // tp, name
+    chunk = shape_batch([(0, 512)], 16, 1000).features()
+    compute_bound = dataclasses.replace(H100, hbm_bandwidth_gbs=1e9)     # weights read in no time
+    growth = {}
+    for name in ("qwen3-0.6b", "llama-3.1-70b"):
+        model = load_model(name)
+        plain = RooflineCostModel(model, compute_bound, graphs=GRAPHS)
+        deep = RooflineCostModel(model, dataclasses.replace(compute_bound, gemm_depth_overhead=512.0), graphs=GRAPHS)
+        growth[name] = deep.predict(chunk) / plain.predict(chunk)
+    assert growth["qwen3-0.6b"] > growth["llama-3.1-70b"] > 1.0
+    moe, qwen = load_model("qwen3-30b-a3b"), load_model("qwen3-0.6b")
+    slow = dataclasses.replace(compute_bound, expert_flops_efficiency=0.2)
+    for model, changes in ((moe, True), (qwen, False)):
+        before = RooflineCostModel(model, compute_bound, graphs=GRAPHS).predict(chunk)
+        assert (RooflineCostModel(model, slow, graphs=GRAPHS).predict(chunk) > before) == changes
+    for bad in ({"gemm_depth_overhead": -1.0}, {"expert_flops_efficiency": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(H100, **bad)
 
 
 def test_cli_writes_the_joint_and_leave_one_out_files(tmp_path, capsys):
