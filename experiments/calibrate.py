@@ -271,10 +271,11 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     settings = {**dataclasses.asdict(rc.engine), "max_num_seqs": rc.scheduler.max_num_seqs,
                 "max_num_batched_tokens": rc.scheduler.max_num_batched_tokens,
                 "max_model_len": rc.scheduler.max_model_len, "block_size": rc.cache.block_size,
-                "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0}
+                "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0,
+                "decode_folds": decode_folds()}
     meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
-            "decode_plan": plan.describe() if plan else None, "decode_folds": decode_folds(),
+            "decode_plan": plan.describe() if plan else None,
             **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
