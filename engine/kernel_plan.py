@@ -45,6 +45,23 @@ def snapshot(model: torch.nn.Module, device: str, device_type: str = "cuda") -> 
     return {"format": FORMAT, "device": device, "skinny": groups}
 
 
+def describe(plan: dict) -> dict[str, str]:
+    """A plan at a glance, per layer shape and row count: {"<out>x<in>/m<rows>": "torch" |
+    "split<k>", with "+swiglu<k>" / "+norm<k>" where that prologue runs inside the kernel}
+    (benchmarks/fidelity/probe_engines.py compares engines by it)."""
+    out = {}
+    for name, entry in plan["skinny"].items():
+        shape = name.split("/")[0]
+        fused = {f: dict(map(tuple, entry.get(f, []))) for f in ("swiglu", "norm")}
+        for m, split in entry["plan"]:
+            choice = f"split{split}" if split else "torch"
+            for f, splits in fused.items():
+                if splits.get(m):
+                    choice += f"+{f}{splits[m]}"
+            out[f"{shape}/m{m}"] = choice
+    return out
+
+
 def apply(model: torch.nn.Module, plan: dict, device: str, source: str,
           device_type: str = "cuda") -> None:
     """Set every skinny-GEMM layer's plan from `plan` (see `read`). Raises ValueError, in one

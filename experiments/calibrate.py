@@ -93,20 +93,11 @@ def pinned_plan(engine, device: str) -> dict | None:
 
 
 def skinny_plan(engine) -> dict:
-    """The engine's start-up choice of GEMM kernel per linear layer shape and row count
-    (engine.kernels.skinny_gemm.choose_skinny_gemm; empty on the CPU or with
-    engine.skinny_gemm=false): {"<out>x<in>/m<rows>": "torch" | "split<k>", with "+swiglu<k>" /
-    "+norm<k>" where a fused prologue won}. It is chosen by timing at every start, so two
-    engines of one commit can run a size with different kernels: a calibration records the
-    plan its profile ran with."""
-    plan = {}
-    for r in getattr(engine.model_runner, "skinny_report", None) or []:
-        choice = f"split{r['split_k']}" if r["skinny"] else "torch"
-        for fused in ("swiglu", "norm"):
-            if r.get(f"{fused}_fused"):
-                choice += f"+{fused}{r[f'{fused}_split_k']}"
-        plan[f"{r['n']}x{r['k']}/m{r['m']}"] = choice
-    return plan
+    """What the engine's linear layers run, per layer shape and row count
+    (engine.kernel_plan.describe; empty on the CPU or with engine.skinny_gemm=false), whether
+    the plan was timed at start or read from engine.kernel_plan."""
+    from engine import kernel_plan
+    return kernel_plan.describe(kernel_plan.snapshot(engine.model_runner.model, device=""))
 
 
 def policy_host_times(rc: RunConfig, sizes: list[int], repeats: int = 20) -> dict[int, tuple[float, float]]:
@@ -261,7 +252,6 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table = profile(rc, engine, graphs, rc.calibrate.repeats)
         plan = engine.decode_plan()
-        kernels = skinny_plan(engine)
         device = device_name(rc)
         pinned = pinned_plan(engine, device)
         model = ModelSpec(rc.model_name, engine.model_config)   # what was profiled (model_path's own)
@@ -279,8 +269,6 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
             **moe_meta(model.config)}
     calib = fit_calibration(table, meta)
     calib["profile_s"] = round(profile_s, 1)
-    if kernels:
-        calib["skinny_plan"] = kernels
     if pinned:
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",

@@ -1,5 +1,5 @@
 """benchmarks/fidelity/probe_engines.py end to end on the CPU (tiny model, one engine), and
-the skinny-GEMM plan a calibration records (experiments.calibrate.skinny_plan)."""
+the skinny-GEMM plan at a glance (engine.kernel_plan.describe, experiments.calibrate.skinny_plan)."""
 import importlib.util
 import json
 import pathlib
@@ -18,15 +18,16 @@ def load_probe():
 
 
 def test_skinny_plan_names_each_layer_shape_and_row_count():
+    torch = pytest.importorskip("torch")
+    from engine.kernel_plan import FORMAT, describe
     from experiments.calibrate import skinny_plan
-    report = [dict(n=4096, k=1024, m=1, split_k=4, skinny=True),
-              dict(n=4096, k=1024, m=2, split_k=4, skinny=False),
-              dict(n=1024, k=3072, m=1, split_k=6, skinny=True, swiglu_fused=True, swiglu_split_k=2),
-              dict(n=6144, k=1024, m=8, split_k=1, skinny=False, norm_fused=True, norm_split_k=1)]
-    engine = SimpleNamespace(model_runner=SimpleNamespace(skinny_report=report))
-    assert skinny_plan(engine) == {"4096x1024/m1": "split4", "4096x1024/m2": "torch",
-                                   "1024x3072/m1": "split6+swiglu2", "6144x1024/m8": "torch+norm1"}
-    assert skinny_plan(SimpleNamespace(model_runner=SimpleNamespace())) == {}
+    plan = {"format": FORMAT, "device": "gpu0", "skinny": {
+        "4096x1024/bfloat16": {"plan": [[1, 4], [2, 0]]},
+        "1024x3072/bfloat16/swiglu": {"plan": [[1, 6]], "swiglu": [[1, 2]]},
+        "6144x1024/bfloat16/norm": {"plan": [[8, 0]], "norm": [[8, 1]]}}}
+    assert describe(plan) == {"4096x1024/m1": "split4", "4096x1024/m2": "torch",
+                              "1024x3072/m1": "split6+swiglu2", "6144x1024/m8": "torch+norm1"}
+    assert skinny_plan(SimpleNamespace(model_runner=SimpleNamespace(model=torch.nn.Module()))) == {}
 
 
 def test_probe_times_every_shape_with_each_kind_of_data(capsys):
