@@ -614,10 +614,20 @@ def print_step_errors(errors: dict, source: str) -> None:
               f"{100 * e['mean_error']:+.1f}%  sum {e['predicted_s']:.2f} s predicted / {e['measured_s']:.2f} s measured")
 
 
+def _plain(value):
+    """The value with numpy scalars (what a fit hands back) as Python numbers, which
+    yaml.safe_dump can write."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def write_hardware(hw: HardwareSpec, path, note: str) -> None:
     with open(path, "w") as f:
         f.write(f"# {note}\n")
-        yaml.safe_dump(dataclasses.asdict(hw), f, sort_keys=False)
+        yaml.safe_dump(_plain(dataclasses.asdict(hw)), f, sort_keys=False)
 
 
 def main(argv=None):
@@ -649,7 +659,7 @@ def main(argv=None):
     calib = fit_calibration(profile, meta)
     # a re-fit keeps where the profile came from (made when, how long) and says how it was re-fitted
     calib["created"] = meta.get("created", calib["created"])
-    calib.update({k: meta[k] for k in ("profile_s", "profiled") if k in meta})
+    calib.update({k: meta[k] for k in ("profile_s", "profiled", "kernel_plan") if k in meta})
     calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
                       "date": datetime.date.today().isoformat()}
     FittedCostModel(calib)   # loads back

@@ -98,8 +98,11 @@ def test_refit_on_the_idle_device_times_when_asked(tmp_path):
     profile["device_idle_s"] = 1.5 * profile["device_s"]
     path = tmp_path / "x.profile.parquet"
     profile.to_parquet(path)
-    (tmp_path / "x.json").write_text(json.dumps(META))
+    plan = {"format": "twinserve-kernel-plan/1", "device": "GPU", "skinny": {}}
+    (tmp_path / "x.json").write_text(json.dumps({**META, "kernel_plan": plan}))
     main([str(path), "--out", str(tmp_path / "b2b.json")])
+    # the kernels the profile ran stay pinned: a re-fit must not lose the plan
+    assert json.loads((tmp_path / "b2b.json").read_text())["kernel_plan"] == plan
     main([str(path), "--out", str(tmp_path / "idle.json"), "--device-time", "device_idle_s"])
     b2b, idle = (FittedCostModel(json.loads((tmp_path / f).read_text()), graphs=GRAPHS)
                  for f in ("b2b.json", "idle.json"))

@@ -217,3 +217,16 @@ def test_fidelity_roofline_hardware_overrides():
                                         + run_fidelity.hardware_overrides(leads)))
     assert rc.hardware == dataclasses.replace(HardwareSpec(**yaml.safe_load(leads.read_text())), name="h200")
     assert rc.hardware.roofline_exponent == math.inf and rc.hardware.attention_flops_efficiency is None
+
+
+def test_write_hardware_takes_numpy_values(tmp_path):
+    """A fit hands back numpy scalars; the file must still be written and read back."""
+    import numpy as np
+    from simulator.calibrate import write_hardware
+    hw = dataclasses.replace(H100, flops_efficiency=np.float64(0.61), layer_fixed_s=np.float32(2e-5))
+    path = tmp_path / "hw.yaml"
+    write_hardware(hw, path, "numpy values")
+    back = yaml.safe_load(path.read_text())
+    assert back["flops_efficiency"] == pytest.approx(0.61)
+    assert back["layer_fixed_s"] == pytest.approx(2e-5)
+    assert HardwareSpec(**back) == dataclasses.replace(hw, flops_efficiency=0.61, layer_fixed_s=back["layer_fixed_s"])
