@@ -16,7 +16,6 @@ min(size, max_num_seqs) sequences), larger steps run eagerly at their exact shap
 """
 import math
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -348,9 +347,13 @@ class StepPacker:
             positions[:B] = start
             rows_of_tokens = np.arange(B)
         else:
-            input_ids[:T] = np.fromiter(
-                chain.from_iterable(s.token_ids[c:c + n] for s, c, n in zip(seqs, starts, q_lens)),
-                np.int64, T)
+            # token_ids is an int64 array("q"): each chunk is copied from a view of its
+            # buffer (a Python-level walk over the tokens cost ~0.6 us each: milliseconds
+            # for a long prompt, host time the device waits for)
+            offset = 0
+            for s, c, n in zip(seqs, starts, q_lens):
+                input_ids[offset:offset + n] = np.frombuffer(s.token_ids, np.int64, n, 8 * c)
+                offset += n
             positions[:T] = np.arange(T) - np.repeat(query_start_loc[:B] - start, q)
             rows_of_tokens = np.repeat(np.arange(B), q)
         pos = positions[:T]
