@@ -41,11 +41,11 @@ from simulator.hardware import HardwareSpec
 # balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
 # decode_distinct_context_tokens is fitted only for a step kind whose train shapes include
 # decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
-# decode_span_tokens and decode_split_seqs (PLAN_FEATURES) need the profiled engine's split-KV
+# decode_span_tokens, decode_split_seqs and decode_work_items (PLAN_FEATURES) need the profiled engine's split-KV
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs", CAUSAL_FEATURE)
+                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -646,10 +646,13 @@ def main(argv=None):
             meta = json.load(f)
     except FileNotFoundError:
         sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
+    if meta.get("decode_plan"):     # features the grid's shapes give that the profile lacks
+        profile = with_plan_features(profile, meta)    # (the fit and --check-steps price them)
     calib = fit_calibration(profile, meta)
-    # a re-fit keeps where the profile came from (made when, how long) and says how it was re-fitted
+    # a re-fit keeps where the profile came from (made when, how long, the kernels its engine
+    # ran: engine.kernel_plan=<file> must still run them) and says how it was re-fitted
     calib["created"] = meta.get("created", calib["created"])
-    calib.update({k: meta[k] for k in ("profile_s", "profiled") if k in meta})
+    calib.update({k: meta[k] for k in ("profile_s", "profiled", "kernel_plan") if k in meta})
     calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
                       "date": datetime.date.today().isoformat()}
     FittedCostModel(calib)   # loads back
