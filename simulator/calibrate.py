@@ -69,7 +69,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
     serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
     decode batches and chunks beside decodes whose contexts are spread as serving's are
-    (`serving`), decode batches also between the graph sizes; two and four prompt chunks in
+    (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
+    decode batches also between the graph sizes; two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
     them), plus eager steps beyond the
@@ -165,6 +166,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if served > 1:                                             # ... decodes as serving has them
             add([(t - served, t - served)] + serving(served, contexts[-1] // 2, L),
                 "held_out" if len(grid) % 2 else "train")
+        # ... beside a few decodes of serving's contexts, as a prompt step mostly is below
+        # capacity: the shapes above put 0, 16 or t/2 decodes beside a chunk, and their decode
+        # attention's work items (none, or near the plan's target) left the few of serving's
+        # steps between them (Qwen3-0.6B on the H200: real steps of a chunk beside 1-8 decodes
+        # ran 2-8% over the fit, those beside 16-32 within 1%)
+        for k, few in enumerate((1, 3, 8)):
+            if few <= t // 2 and few < S:
+                add([(t - few, t - few)] + serving(few, contexts[-1] // 2, L),
+                    "held_out" if (graphs.mixed.index(t) + k) % 3 == 0 else "train")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
