@@ -30,7 +30,8 @@ class Batch:
     kv_blocks_used: int = 0         # blocks held after this step's allocation
     block_size: int = 0             # tokens per KV block of the tables (0: not given)
     decode_plan: DecodePlan | None = None   # the engine's split-KV decode plan (None: no
-                                            # decode_span_tokens / decode_split_seqs)
+                                            # decode_span_tokens / decode_split_seqs /
+                                            # decode_work_items)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -63,7 +64,8 @@ class Batch:
         context says); O(decodes) numpy plus a heap over the items past one wave.
         decode_split_seqs (only with a `decode_plan`): the decodes the plan cuts into more
         than one share, whose partial outputs the merge kernel combines
-        (`DecodePlan.split_seqs`), from the same plan."""
+        (`DecodePlan.split_seqs`), from the same plan; decode_work_items (only with a
+        `decode_plan`): the plan's items, each a program per KV head with fixed work."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
         decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0

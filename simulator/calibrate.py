@@ -41,11 +41,11 @@ from simulator.hardware import HardwareSpec
 # balanced split-KV decode kernel the longest context no longer sets a decode step's tail).
 # decode_distinct_context_tokens is fitted only for a step kind whose train shapes include
 # decodes sharing KV blocks (otherwise it equals decode_context_tokens: nothing to learn).
-# decode_span_tokens and decode_split_seqs (PLAN_FEATURES) need the profiled engine's split-KV
+# decode_span_tokens, decode_split_seqs and decode_work_items (PLAN_FEATURES) need the profiled engine's split-KV
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs", CAUSAL_FEATURE)
+                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -69,7 +69,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     mixed with decodes, sharing a prefix or not, many decodes at two context spreads:
     serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
     decode batches and chunks beside decodes whose contexts are spread as serving's are
-    (`serving`), decode batches also between the graph sizes; two and four prompt chunks in
+    (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
+    decode batches also between the graph sizes; two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
     them), plus eager steps beyond the
@@ -165,6 +166,15 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if served > 1:                                             # ... decodes as serving has them
             add([(t - served, t - served)] + serving(served, contexts[-1] // 2, L),
                 "held_out" if len(grid) % 2 else "train")
+        # ... beside a few decodes of serving's contexts, as a prompt step mostly is below
+        # capacity: the shapes above put 0, 16 or t/2 decodes beside a chunk, and their decode
+        # attention's work items (none, or near the plan's target) left the few of serving's
+        # steps between them (Qwen3-0.6B on the H200: real steps of a chunk beside 1-8 decodes
+        # ran 2-8% over the fit, those beside 16-32 within 1%)
+        for k, few in enumerate((1, 3, 8)):
+            if few <= t // 2 and few < S:
+                add([(t - few, t - few)] + serving(few, contexts[-1] // 2, L),
+                    "held_out" if (graphs.mixed.index(t) + k) % 3 == 0 else "train")
     limit = graphs.mixed[-1] if graphs.mixed else 1
     top = min(M, L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -656,8 +666,11 @@ def main(argv=None):
             meta = json.load(f)
     except FileNotFoundError:
         sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
+    if meta.get("decode_plan"):     # features the grid's shapes give that the profile lacks
+        profile = with_plan_features(profile, meta)    # (the fit and --check-steps price them)
     calib = fit_calibration(profile, meta)
-    # a re-fit keeps where the profile came from (made when, how long) and says how it was re-fitted
+    # a re-fit keeps where the profile came from (made when, how long, the kernels its engine
+    # ran: engine.kernel_plan=<file> must still run them) and says how it was re-fitted
     calib["created"] = meta.get("created", calib["created"])
     calib.update({k: meta[k] for k in ("profile_s", "profiled", "kernel_plan") if k in meta})
     calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),

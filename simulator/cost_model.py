@@ -370,24 +370,31 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # past one wave of programs, the kernel takes longer than its summed context says.
 # decode_split_seqs: the decodes that plan splits, each a merge of its partial outputs (the
 # merge kernel's work; its programs for unsplit sequences return at once).
+# decode_work_items: the plan's items (programs per KV head), each with fixed work (its
+# query, its partial output, its merge ticket): while a batch's context grows, the plan adds
+# items up to its target and the attention's cost rises faster than its KV; past the target
+# it grows with the KV alone. Without it the fit, linear in context at each batch size, priced
+# the middle of that curve low: Qwen3-0.6B on the H200, decode steps of 3-32 decodes of 1-4k
+# tokens each (serving's) 2-6% low, on the profile's own shapes as on real runs.
 # prefill_causal_pairs: of prefill_attention_pairs, those of each chunk with itself (the
 # causal triangle, whose diagonal tiles are partly masked) as against those with the context
 # before it (full tiles): a fit with both prices a pair behind a long prefix at its own rate
 # instead of extrapolating the triangle's (CAUSAL_FEATURE, computed by the model itself).
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
-               "decode_span_tokens", "decode_split_seqs"],
+               "decode_span_tokens", "decode_split_seqs", "decode_work_items"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs", "prefill_causal_pairs"],
+              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs", "prefill_causal_pairs"],
+              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs"],
 }
 CAUSAL_FEATURE = "prefill_causal_pairs"
 SPAN_FEATURE = "decode_span_tokens"
 SPLIT_FEATURE = "decode_split_seqs"
-PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE)   # computed by the split-KV plan (DecodePlan.step_features)
+ITEMS_FEATURE = "decode_work_items"
+PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE, ITEMS_FEATURE)   # computed by the split-KV plan (DecodePlan.step_features)
 # Which attention kernel's time each fitted feature measures (what a block size scales).
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
@@ -487,7 +494,7 @@ class FittedCostModel(CostModel):
     hardware's `attention_block_cost`): the profile measured attention at one block size.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
-    A fit that uses decode_span_tokens or decode_split_seqs (PLAN_FEATURES) needs the
+    A fit that uses decode_span_tokens, decode_split_seqs or decode_work_items (PLAN_FEATURES) needs the
     profiled engine's split-KV plan (`decode_plan`: KV heads per rank, SMs and the rule's
     constants, policy.decode_plan; the run's decode graphs add its padding rows): it
     becomes this model's `decode_plan`, so the simulator plans every step as the profiled

@@ -123,3 +123,19 @@ def test_a_chunks_cached_prefix_is_computed_before_it_is_timed():
         [([0], [16], [False]), ([16], [16], [False])]
     assert all(b.seqs == [batch.seqs[0]] and b.num_prefill_tokens == 16 for b in launched)
     assert batch.num_computed_tokens == [32, 99, 0]           # the timed shape is unchanged
+
+
+def test_grid_profiles_chunks_beside_a_few_decodes():
+    """A prompt step below capacity carries a chunk beside a few decodes of serving's contexts
+    (their attention runs few work items): every mixed size that holds one has such shapes
+    with 1, 3 and 8 decodes, some held out."""
+    few = {}
+    for p in profile_grid(S, M, L, GRAPHS):
+        chunks = [n for _, n, *_ in p["shape"] if n > 1]
+        decodes = [c for c, n, *_ in p["shape"] if n == 1]
+        if len(chunks) == 1 and 1 <= len(decodes) <= 8 and len(p["shape"][-1]) == 2:
+            few.setdefault(sum(chunks) + len(decodes), set()).add((len(decodes), p["split"]))
+    for t in GRAPHS.mixed:
+        if t >= 16:
+            assert {1, 3, 8} <= {d for d, _ in few[t]}, t
+    assert {s for shapes in few.values() for _, s in shapes} == {"train", "held_out"}

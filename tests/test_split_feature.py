@@ -31,11 +31,16 @@ QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1"
 def kernel_merges(contexts, kv_heads=8, sms=132):
     """Sequences the engine's work list gives more than one item (index[b] = (first, count)):
     the merge kernel's programs that do work."""
+    return kernel_work(contexts, kv_heads, sms)[1]
+
+
+def kernel_work(contexts, kv_heads=8, sms=132):
+    """(items of the engine's work list, sequences it gives more than one)."""
     n = len(contexts)
     items = np.zeros((decode_work_capacity(n, kv_heads, sms), 4), np.int32)
     index = np.zeros((n, 2), np.int32)
-    plan_decode_work(np.array(contexts), kv_heads, sms, items, index)
-    return int((index[:, 1] > 1).sum())
+    count = plan_decode_work(np.array(contexts), kv_heads, sms, items, index)
+    return count, int((index[:, 1] > 1).sum())
 
 
 @settings(max_examples=100, deadline=None)
@@ -49,7 +54,9 @@ def test_split_seqs_is_the_kernel_work_list_count(contexts, geometry, decode_onl
     assert plan.split_seqs(contexts, decode_only) == int((shares > 1).sum()) == kernel_merges(planned, *geometry)
     assert plan.step_features(contexts, decode_only) == {
         "decode_span_tokens": plan.span_tokens(contexts, decode_only),
-        "decode_split_seqs": plan.split_seqs(contexts, decode_only)}
+        "decode_split_seqs": plan.split_seqs(contexts, decode_only),
+        "decode_work_items": int(shares.sum())}
+    assert int(shares.sum()) == kernel_work(planned, *geometry)[0]     # the kernel's programs per KV head
 
 
 def test_padding_rows_count_as_the_engine_plans_them():
@@ -184,7 +191,7 @@ def test_fit_learns_the_merge_cost_and_the_model_reproduces_the_profile():
 
 def test_files_and_profiles_made_before_it_still_load_and_fit(capsys):
     # a calibration that does not price it: loads, and needs no count in the features
-    old_profile = split_profile(per_split=0.0).drop(columns=["decode_split_seqs"])
+    old_profile = split_profile(per_split=0.0).drop(columns=["decode_split_seqs", "decode_work_items"])
     old = fit_calibration(old_profile, META)
     assert "fitted without" in capsys.readouterr().out
     row = old_profile.iloc[-1].to_dict()
@@ -196,6 +203,7 @@ def test_files_and_profiles_made_before_it_still_load_and_fit(capsys):
     meta = json.loads(pathlib.Path(f"{QWEN}.json").read_text())
     recomputed = with_plan_features(profile.drop(columns=["decode_split_seqs"]), meta)
     assert (recomputed["decode_split_seqs"] == profile["decode_split_seqs"]).all()
+    assert recomputed["decode_work_items"].gt(0).any()      # (the profile predates this one)
     assert profile["decode_split_seqs"].gt(0).any()
     # shapes that do not give the profile's own span are not the profiled ones: refused
     wrong = {**meta, "decode_plan": {**meta["decode_plan"], "split_slack": 1.0}}
@@ -203,7 +211,7 @@ def test_files_and_profiles_made_before_it_still_load_and_fit(capsys):
         with_plan_features(profile.head(50).drop(columns=["decode_split_seqs"]), wrong)
     # without shapes, the count cannot be known: the fit goes without it, said so
     bare = fit_calibration(profile.drop(columns=["decode_split_seqs", "shape"]), meta)
-    assert "no ['decode_split_seqs']" in capsys.readouterr().out
+    assert "no ['decode_split_seqs', 'decode_work_items']" in capsys.readouterr().out
     assert all("decode_split_seqs" not in str(k["forms"]) for k in bare["kinds"].values())
 
 

@@ -1,0 +1,171 @@
+"""Where a calibration misprices real steps: each step of recorded real runs priced by the
+fitted model against its measured device time, grouped by what could make serving's steps
+differ from the profile's, and real steps matched to profiled shapes of the same size.
+
+    python benchmarks/fidelity/step_residuals.py --calibration simulator/calibrations/<file>.json \\
+        <run dir> [<run dir> ...]
+
+A run directory is a real run's output (run.py's, or run_fidelity.py's `real/<cell>/r<k>`:
+steps.parquet, requests.parquet, summary.json). A step record holds counts, not each
+sequence's context or block table, so every run is replayed on the simulator
+(cost_model=replay, strict: the same steps as recorded, experiments.plan_features) and the
+batches it forms, the engine's own, give them. Tables (error = (predicted - measured) /
+measured, mean over steps):
+- by step kind: the mean and the time-weighted error (the sum of predicted over measured);
+- decode steps by CUDA-graph size next to the profile's own shapes of that size, and by
+  what the profile lacks or serving adds: padding rows (graph size - decodes), the spread of
+  the decodes' contexts (coefficient of variation), the KV block layout (share of a table's
+  consecutive blocks that are adjacent ids: 1 contiguous, the profile's are scattered), the
+  step before (decode or mixed), the device idle before the step;
+- matched: profiled decode shapes and the real steps with the same graph size, decodes,
+  split-KV span and splits and a total context within 3%: measured real / measured profile
+  (does the engine run serving's steps at the profile's speed?), and the fit's error on both;
+- host time from forming a step to its launch (launch_s - start_s) by step kind and by the
+  requests that arrived since the previous step was formed (the engine admits them in that
+  window), next to the calibration's host model.
+The last line is a JSON summary. Runs only on recorded data (no GPU); seconds per run.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from experiments.plan_features import plan_features  # noqa: E402
+from simulator import sim  # noqa: E402
+from simulator.calibrate import with_plan_features  # noqa: E402
+from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
+
+
+def replayed_batches(run_dir: Path, plan: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the run's steps with the plan's features, one row per step of what its batch held:
+    step, cv (contexts' coefficient of variation), contiguity (adjacent block ids / pairs))."""
+    shapes = []
+    launch = sim.SimExecutor.launch
+
+    def record_batch(self, batch, previous, record):     # the replay's launch: note the batch
+        ctx = np.array(batch.context_lens, float)
+        pairs = adjacent = 0
+        for seq in batch.seqs:
+            d = np.diff(seq.block_table)
+            pairs, adjacent = pairs + len(d), adjacent + int((d == 1).sum())
+        shapes.append({"cv": float(ctx.std() / ctx.mean()) if len(ctx) else math.nan,
+                       "contiguity": adjacent / pairs if pairs else math.nan})
+        return launch(self, batch, previous, record)
+    with mock.patch.object(sim.SimExecutor, "launch", record_batch):
+        steps = plan_features(run_dir, plan)
+    steps = steps[steps["num_seqs"] > 0].reset_index(drop=True)     # (a step that only preempted: none)
+    if len(shapes) != len(steps):
+        raise RuntimeError(f"{len(shapes)} batches launched, {len(steps)} steps recorded")
+    return steps, pd.DataFrame(shapes)
+
+
+def priced(model: FittedCostModel, graphs: CudaGraphs, steps: pd.DataFrame) -> pd.DataFrame:
+    rows = steps.to_dict("records")
+    kind_rows = [graphs.rows(r) for r in rows]
+    pred = np.array([model.predict(r) for r in rows])
+    return steps.assign(kind=[k for k, _ in kind_rows], rows=[n for _, n in kind_rows], pred=pred,
+                        err=(pred - steps["device_s"].to_numpy(float)) / steps["device_s"].to_numpy(float))
+
+
+def table(df: pd.DataFrame, by, title: str) -> None:
+    t = df.groupby(by, observed=True)["err"].agg(n="size", mean_error="mean")
+    t["mean_error"] = (100 * t["mean_error"]).round(2)
+    print(f"\n{title}\n" + t.T.to_string())
+
+
+def matched(real: pd.DataFrame, profile: pd.DataFrame) -> pd.DataFrame:
+    """Profiled decode shapes without shared blocks, and the real steps like them."""
+    out = []
+    prof = profile[(profile["kind"] == "decode")
+                   & (profile["decode_distinct_context_tokens"] == profile["decode_context_tokens"])]
+    for x in prof.itertuples():
+        near = real[(real["kind"] == "decode") & (real["rows"] == x.rows) & (real["num_seqs"] == x.num_seqs)
+                    & ((real["decode_context_tokens"] / x.decode_context_tokens - 1).abs() < 0.03)
+                    & ((real["decode_span_tokens"] - x.decode_span_tokens).abs() <= 0.05 * x.decode_span_tokens)
+                    & (real["decode_split_seqs"] == x.decode_split_seqs)]
+        if len(near) >= 5:
+            out.append({"rows": x.rows, "decodes": x.num_seqs, "context": x.decode_context_tokens,
+                        "real_steps": len(near), "real_over_profile": near["device_s"].median() / x.device_s - 1,
+                        "fit_error_profile": x.err, "fit_error_real": near["err"].mean()})
+    return pd.DataFrame(out)
+
+
+def arrivals_between(steps: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
+    """Requests that arrived after the step before was formed, up to this one's forming."""
+    arrival = np.sort(requests["arrival_s"].to_numpy(float))
+    start = steps["start_s"].to_numpy(float)
+    before = np.r_[-np.inf, start[:-1]]
+    return np.searchsorted(arrival, start, side="right") - np.searchsorted(arrival, before, side="right")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="real run directories")
+    ap.add_argument("--calibration", required=True, type=Path)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="the calibration's profile (default: <calibration>.profile.parquet)")
+    args = ap.parse_args(argv)
+    calib = json.loads(args.calibration.read_text())
+    if not calib.get("decode_plan"):
+        sys.exit(f"{args.calibration} has no decode_plan: its steps' plan features cannot be computed")
+    graphs = CudaGraphs.for_calibration(calib.get("engine"))
+    model = FittedCostModel(calib, source=str(args.calibration), graphs=graphs)
+    profile_path = args.profile or args.calibration.with_suffix(".profile.parquet")
+    runs = []
+    for run_dir in args.runs:
+        try:
+            steps, shapes = replayed_batches(run_dir, calib["decode_plan"])
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"{run_dir}: {e}")
+        steps = priced(model, graphs, steps).join(shapes)
+        steps["after"] = np.where(steps["num_prefill_tokens"].shift(1).fillna(0) > 0, "mixed", "decode")
+        steps["arrived"] = arrivals_between(steps, pd.read_parquet(run_dir / "requests.parquet"))
+        runs.append(steps.assign(run=str(run_dir)))
+    real = pd.concat(runs, ignore_index=True)
+    summary = {"runs": len(runs), "steps": len(real)}
+    print("by step kind: n, mean error, time-weighted error (sum predicted / sum measured - 1)")
+    for kind, d in real.groupby("kind"):
+        weighted = d["pred"].sum() / d["device_s"].sum() - 1
+        summary[kind] = {"n": len(d), "mean_error": round(float(d["err"].mean()), 4), "weighted_error": round(float(weighted), 4)}
+        print(f"  {kind:<7} n={len(d):<7} mean {100 * d['err'].mean():+.2f}%  weighted {100 * weighted:+.2f}%")
+    decode = real[real["kind"] == "decode"].copy()
+    table(decode, "rows", "decode steps by CUDA-graph size (rows)")
+    decode["padding rows"] = (decode["rows"] - decode["num_seqs"]).clip(upper=8)
+    table(decode, "padding rows", "decode steps by padding rows (graph size - decodes; 8: 8 or more)")
+    decode["context cv"] = pd.cut(decode["cv"], [-0.01, 0.2, 0.4, 0.6, 0.8, 10])
+    table(decode, "context cv", "decode steps by the spread of their contexts (std / mean)")
+    decode["block contiguity"] = pd.cut(decode["contiguity"], [-0.01, 0.5, 0.9, 0.99, 1.0])
+    table(decode, "block contiguity", "decode steps by KV block layout (adjacent block ids / pairs; the profile's: scattered)")
+    table(decode, "after", "decode steps by the step before")
+    decode["idle before (ms)"] = pd.cut(1e3 * decode["gpu_gap_s"], [-1, 0.01, 0.1, 1, 10, math.inf])
+    table(decode, "idle before (ms)", "decode steps by device idle before them")
+    if profile_path.is_file():
+        profile = with_plan_features(pd.read_parquet(profile_path), calib)
+        profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
+        m = matched(real, profile)
+        if len(m):
+            print("\nreal decode steps matched to profiled shapes (same rows, decodes, span, splits; context +-3%):")
+            print((m.assign(**{c: (100 * m[c]).round(2) for c in ("real_over_profile", "fit_error_profile", "fit_error_real")})
+                   ).to_string(index=False))
+            summary["matched"] = {"shapes": len(m), "median_real_over_profile": round(float(m["real_over_profile"].median()), 4)}
+    host = real.assign(host_us=1e6 * (real["launch_s"] - real["start_s"]),
+                       model_us=[1e6 * model.host.before_launch(n) for n in real["num_seqs"]])
+    t = host.groupby(["kind", host["arrived"].clip(upper=2)])[["host_us", "model_us"]].agg(["size", "median"])
+    print("\nhost time from forming a step to its launch, us (by step kind and requests arrived since the "
+          "step before: the engine admits them in that window), measured and the calibration's host model")
+    print(t.round(0).to_string())
+    summary["host_us_median"] = {f"{k}/{a}": round(float(v), 1)
+                                 for (k, a), v in host.groupby(["kind", host["arrived"].clip(upper=2)])["host_us"].median().items()}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/fidelity/step_residuals.py on a run whose every step the calibration priced
+(a simulated run with the fitted model: device_s is the model's own prediction, the host
+window its host model): the tool must line each step up with the batch the replay formed
+and find no error, whatever the grouping."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1.json"
+spec = importlib.util.spec_from_file_location("step_residuals", REPO / "benchmarks/fidelity/step_residuals.py")
+step_residuals = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(step_residuals)
+
+
+def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
+    from experiments.replay import run
+    overrides = ["mode=sim", "trace=sharegpt", "trace.num_requests=25", "trace.request_rate=20",
+                 "model=qwen3-0.6b", "hardware=h200", "logger=none", "progress=false",
+                 "cost_model=fitted", f"cost_model.path={QWEN}", "cache.enable_prefix_caching=false"]
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        run(compose("config", overrides=overrides), tmp_path / "run")
+    step_residuals.main(["--calibration", str(QWEN), str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["decode"]["n"] > 100 and "mixed" in summary
+    for kind in ("decode", "mixed"):
+        assert summary[kind]["mean_error"] == pytest.approx(0, abs=1e-9)
+        assert summary[kind]["weighted_error"] == pytest.approx(0, abs=1e-9)
+    assert "by KV block layout" in out and "by the spread of their contexts" in out
+    # the simulated host window before each launch is the calibration's host model
+    host = json.loads(QWEN.read_text())["host"]
+    assert summary["host_us_median"]["decode/0"] > 1e6 * host["launch_s"]
+    # a directory that holds no run is refused in one line
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="not a run directory"):
+        step_residuals.main(["--calibration", str(QWEN), str(tmp_path / "empty")])
