@@ -215,20 +215,28 @@ def fitted_params(profiles: list[Profile], hw: HardwareSpec | None = None) -> tu
     return searched, tuple(n for n in FIXED if not skip.get(n))
 
 
+HOST_TERMS = {   # profile column -> the overheads fitted on it: fixed, per sequence, per prompt token
+    "host_launch_s": ("step_overhead_s", "seq_overhead_s", "prefill_token_overhead_s"),
+    "host_receive_s": ("update_overhead_s", "update_seq_overhead_s"),
+}
+
+
 def fit_host_joint(profiles: list[Profile]) -> dict:
     """Host costs of the step loop (HardwareSpec's step/seq/update overheads): fixed + per
-    scheduled sequence, least squares over every profile's steps, each profile weighted
+    scheduled sequence (+ per prompt token for the launch: a chunk is packed token by
+    token), non-negative least squares over every profile's steps, each profile weighted
     the same."""
     out = {}
-    for column, (fixed, per_seq) in {"host_launch_s": ("step_overhead_s", "seq_overhead_s"),
-                                     "host_receive_s": ("update_overhead_s", "update_seq_overhead_s")}.items():
+    for column, names in HOST_TERMS.items():
         X, y = [], []
         for p in profiles:
             w = 1 / np.sqrt(len(p.steps))
-            X.append(w * np.column_stack([np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float)]))
+            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float),
+                    p.steps["num_prefill_tokens"].to_numpy(float)][:len(names)]
+            X.append(w * np.column_stack(cols))
             y.append(w * p.steps[column].to_numpy(float))
         coef = nonnegative_lstsq(np.vstack(X), np.concatenate(y))
-        out[fixed], out[per_seq] = float(coef[0]), float(coef[1])
+        out |= {name: float(c) for name, c in zip(names, coef)}
     return out
 
 
@@ -499,7 +507,7 @@ def main(argv=None) -> None:
     # every searched name, determined or at its lead (a leave-one-out fit may lack what the
     # joint one has), but a measured one the file states
     fitted = [n for n in SEARCHED if n in searched or n not in MEASURED] + list(fixed) + [
-        "step_overhead_s", "seq_overhead_s", "update_overhead_s", "update_seq_overhead_s", "attention_reference_block"]
+        n for names in HOST_TERMS.values() for n in names] + ["attention_reference_block"]
     text = Path(args.hardware).read_text()
     done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:
