@@ -78,7 +78,7 @@ class SimExecutor:
             record["device_s"] = rec.get("device_s", math.nan)
             return rec["tokens_s"], batch
         features = record
-        self.t += self.cost.host.before_launch(features["num_seqs"])
+        self.t += self.cost.host.before_launch(features["num_seqs"], features["num_prefill_tokens"])
         start = max(self.t, self.device_free)
         device = self.cost.predict(features)
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
