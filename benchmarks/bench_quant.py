@@ -7,6 +7,8 @@ layouts, engine.checkpoint --quantization) against bf16.
     python benchmarks/bench_quant.py --stages layers,check --sweep     # H200, ~3 min
     python benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano \\
         --reference benchmarks/raw/h200_quant_engine_bf16.txt --time-budget 330
+    python benchmarks/bench_quant.py --stages engine --formats gptq,awq \
+        --kernel-plan /tmp/quant-plan-{format}.json   # A/B runs on one W4A16 choice per format
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
@@ -36,6 +38,9 @@ Stages:
           sized from the memory left (engine figures: bench_engine.decode_breakdown).
           --nano: nano-vLLM's bench workload per format. --reference: a saved bench_quant output
           whose bf16 engine figures the table compares against (when bf16 is not run here).
+          --kernel-plan: EngineConfig.kernel_plan per format ({format} in the path: bf16, gptq
+          and awq are different models, one plan each): the first run times the choice and
+          writes it, later runs read it and time nothing (the choice printed is the one run).
   check   bf16 correctness on the device: a small Llama (hidden 1024, 4 layers) per format
           against its dequantized bf16 twin (engine.checkpoint.write_dequantized_checkpoint),
           greedy, 16 prompts x 32 tokens: the share of equal tokens and of equal sequences.
@@ -387,16 +392,27 @@ def choices_by_shape(report: list[dict]) -> dict[str, str]:
     return text
 
 
+def plan_rows(model) -> list[dict]:
+    """The W4A16 launch each quantized layer shape runs per row count (its `w4a16` plan,
+    timed at start or read from a kernel plan), as choose_w4a16's report rows."""
+    return [dict(n=n, k=k, m=m, choice=w4a16.launch_name(launch))
+            for (n, k, *_), layers in w4a16.quantized_layers(model).items()
+            for m, launch in getattr(layers[0], "w4a16", ())]
+
+
 def bench_engine(args, fmt: str, extra: dict, ceiling: float) -> dict:
     path = checkpoint(args.model, fmt, "float32" if "device" in extra else "bfloat16", args.smoke)
-    progress(f"engine {fmt}: loading {path} (with the W4A16 choice)")
+    plan = args.kernel_plan.replace("{format}", fmt) if args.kernel_plan else None
+    read = bool(plan) and os.path.exists(plan)
+    progress(f"engine {fmt}: loading {path} (with the W4A16 choice"
+             + (f" read from {plan})" if read else ", timed)"))
     start = time.monotonic()
     llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+              gpu_memory_utilization=args.gpu_memory_utilization, kernel_plan=plan, **extra)
     runner = llm.model_runner
-    result = {"format": fmt, "load_s": time.monotonic() - start,
-              "choices": choices_by_shape(getattr(runner, "quant_report", []))}
+    result = {"format": fmt, "load_s": time.monotonic() - start, "kernel_plan": plan,
+              "kernel_plan_read": read, "choices": choices_by_shape(plan_rows(runner.model))}
     progress(f"engine {fmt}: loaded in {result['load_s']:.0f} s")
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = sum(layer.k_cache[0, 0].numel() * 2 * layer.k_cache.element_size()
@@ -451,7 +467,8 @@ def print_engine(res: dict, base: dict | None, name: str, args) -> None:
     (>1: faster), on device time."""
     by_batch = {b["batch"]: b for b in (base or {}).get("decode", []) if b.get("steps")}
     if res.get("choices"):
-        print(f"\n{res['format']} load-time W4A16 choice (load {res['load_s']:.0f} s):")
+        source = f"read from {res['kernel_plan']}" if res.get("kernel_plan_read") else "timed"
+        print(f"\n{res['format']} load-time W4A16 choice ({source}; load {res['load_s']:.0f} s):")
         for shape, text in res["choices"].items():
             print(f"  {shape}: {text}")
     print(f"{'format':>15} {'weights GB':>11} {'KV tokens':>10} {'batch':>6} {'step ms':>8} "
@@ -545,6 +562,9 @@ def main():
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024)
     ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--kernel-plan", help="engine: EngineConfig.kernel_plan of each format's "
+                    "engine, {format} in the path replaced by the format (a file per model): "
+                    "written by the first run that names it, read by the others")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
     args = ap.parse_args()
@@ -558,6 +578,9 @@ def main():
     formats = args.formats.split(",")
     if set(formats) - {"bf16", *KERNEL_FORMATS}:
         ap.error(f"unknown format(s) in --formats {args.formats}: bf16, {', '.join(KERNEL_FORMATS)}")
+    if args.kernel_plan and len(formats) > 1 and "{format}" not in args.kernel_plan:
+        ap.error(f"--kernel-plan {args.kernel_plan} names one file for {len(formats)} formats "
+                 "(each a different model): put {format} in the path")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
