@@ -9,6 +9,7 @@ layouts, engine.checkpoint --quantization) against bf16.
         --reference benchmarks/raw/h200_quant_engine_bf16.txt --time-budget 330
     python benchmarks/bench_quant.py --stages engine --formats gptq,awq \
         --kernel-plan /tmp/quant-plan-{format}.json   # A/B runs on one W4A16 choice per format
+    python benchmarks/bench_quant.py --stages pin --formats gptq,awq --model qwen3-0.6b   # H200, ~2 min
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
@@ -47,6 +48,11 @@ Stages:
           The twin multiplies bf16-rounded dequantized weights; the W4A16 decode kernel
           applies zero and scale in fp32 after the dot, so the two differ in the last bits
           and tokens agree except where two logits nearly tie (common with random weights).
+  pin     per format: the kernel plan (engine.kernel_plan) on this device: one engine times
+          the start-up choice and writes a fresh plan, a second reads it; their load seconds,
+          whether the second runs the first one's W4A16 launches (kernel_plan.describe), the
+          greedy tokens of 16 prompts x 32 tokens of both (equal: same kernels, same order),
+          and the median decode step at the first two --decode-batches of both.
 --time-budget: seconds for the run; the nano workload, the sweep and each check format are
 skipped (saying so) when less than they need (*_RESERVE_S) is left.
 Progress goes to stderr as it happens; tables to stdout; the last line is one JSON object.
@@ -495,6 +501,52 @@ def print_engine(res: dict, base: dict | None, name: str, args) -> None:
     sys.stdout.flush()
 
 
+# ---- pin ------------------------------------------------------------------------------------
+
+def pin_format(args, fmt: str, extra: dict) -> dict:
+    """Two engines of `fmt` on one fresh kernel plan: the first times and writes it, the
+    second reads it (timing nothing): load seconds, launches, greedy tokens, decode steps."""
+    from engine import kernel_plan
+    path = checkpoint(args.model, fmt, extra.get("dtype", "bfloat16"), args.smoke)
+    plan = os.path.join(tempfile.mkdtemp(prefix="twinserve-pin-"), "plan.json")
+    prompts = [[(31 * i + 7 * j) % 10000 + 3 for j in range(20 + 13 * i)] for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    batches, runs = [int(b) for b in args.decode_batches.split(",")][:2], []
+    for role in ("timed", "pinned"):
+        start = time.monotonic()
+        with LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens,
+                 gpu_memory_utilization=args.gpu_memory_utilization, kernel_plan=plan, **extra) as llm:
+            load_s = time.monotonic() - start
+            runner = llm.model_runner
+            launches = kernel_plan.describe(kernel_plan.snapshot(runner.model, device=""))
+            tokens = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            decode = {b: decode_breakdown(llm, b, args.decode_context, 16).get("device_ms", float("nan"))
+                      for b in batches}
+        runs.append(dict(role=role, load_s=load_s, timed_rows=len(runner.quant_report), launches=launches,
+                         tokens=tokens, decode_ms=decode))
+        progress(f"pin {fmt}: {role} engine: load {load_s:.1f} s, decode {decode} ms")
+    timed, pinned = runs
+    return {"format": fmt, "plan_written": os.path.exists(plan),
+            "load_s": [r["load_s"] for r in runs], "pinned_timed_rows": pinned["timed_rows"],
+            "w4a16_launches": sum(k.startswith("w4a16 ") for k in timed["launches"]),
+            "same_launches": timed["launches"] == pinned["launches"],
+            "same_tokens": timed["tokens"] == pinned["tokens"],
+            "decode_ms": {b: [r["decode_ms"][b] for r in runs] for b in batches}}
+
+
+def print_pin(rows, name) -> None:
+    print(f"\nkernel plan on {name}: engine 1 times and writes the plan, engine 2 reads it")
+    print(f"{'format':>15} {'load s 1':>9} {'load s 2':>9} {'rows timed 2':>13} {'w4a16 launches':>15} "
+          f"{'same launches':>14} {'same tokens':>12}"
+          + "".join(f"{f'B={b} ms 1/2':>16}" for b in rows[0]["decode_ms"]))
+    for r in rows:
+        print(f"{r['format']:>15} {r['load_s'][0]:>9.1f} {r['load_s'][1]:>9.1f} {r['pinned_timed_rows']:>13} "
+              f"{r['w4a16_launches']:>15} {str(r['same_launches']):>14} {str(r['same_tokens']):>12}"
+              + "".join(f" {a:>7.3f}/{b:<7.3f}" for a, b in r["decode_ms"].values()))
+    sys.stdout.flush()
+
+
 # ---- check -----------------------------------------------------------------------------------
 
 def check_format(fmt: str, extra: dict, smoke: bool) -> dict:
@@ -572,9 +624,9 @@ def main():
         summarize(args.summarize)
         return
     stages = args.stages.split(",")
-    unknown = set(stages) - {"layers", "engine", "check"}
+    unknown = set(stages) - {"layers", "engine", "check", "pin"}
     if unknown:
-        ap.error(f"unknown stage(s) {sorted(unknown)}: layers, engine, check")
+        ap.error(f"unknown stage(s) {sorted(unknown)}: layers, engine, check, pin")
     formats = args.formats.split(",")
     if set(formats) - {"bf16", *KERNEL_FORMATS}:
         ap.error(f"unknown format(s) in --formats {args.formats}: bf16, {', '.join(KERNEL_FORMATS)}")
@@ -636,6 +688,9 @@ def main():
             out["sweep"] = bench_sweep(args, shapes, sweep_ms, device, dtype)
             print_sweep(out["sweep"])
         sys.stdout.flush()
+    if "pin" in stages:
+        out["pin"] = [pin_format(args, fmt, extra) for fmt in formats]
+        print_pin(out["pin"], name)
     if "engine" in stages:
         base = read_reference(args.reference) if args.reference else None
         print(f"\nengine on {name}: {args.model}, decode at context ~{args.decode_context} "
