@@ -11,9 +11,9 @@ calibration's profile and a fidelity run. A plan pins the choice:
 - it names a plan file, or a calibration (which records its engine's plan): the engine reads
   the choice from it and times nothing, so it runs the kernels that file's engine ran.
 
-A quantized or mixture-of-experts engine makes two more such choices at start, pinned the
-same way (the sections "w4a16" and "moe" of one plan file; a plan without them still pins a
-bf16 dense model):
+A plan has a section per start-up choice; a quantized or mixture-of-experts engine makes
+two more than a bf16 dense one, pinned the same way (a plan with only "skinny", as written
+before the other two existed, still pins a bf16 dense model):
 
 - skinny  per dense layer group (output x input features, dtype, bias, and whether the layer
           takes SiLU-and-mul or an RMSNorm in its prologue) and row count M: (M, split_k or 0
@@ -47,7 +47,9 @@ def group_key(n: int, k: int, dtype: torch.dtype, has_bias: bool, swiglu: bool, 
 
 
 def snapshot(model: torch.nn.Module, device: str, device_type: str = "cuda") -> dict:
-    """The skinny-GEMM plan `model`'s layers run now (set by choose_skinny_gemm or `apply`)."""
+    """The plan `model`'s layers run now (set by the timed choices or by `apply`): "skinny"
+    always (empty plans where none was chosen), "w4a16" / "moe" where a 4-bit / fused MoE
+    layer has a plan."""
     from engine.kernels.skinny_gemm import skinny_layers
     groups = {}
     for key, layers in skinny_layers(model, device_type).items():

@@ -227,12 +227,11 @@ class ModelRunner:
         named, written there by rank 0. Returns the (skinny, moe, w4a16) timing reports ([]
         where read from a file or not timed)."""
         from engine import kernel_plan
-        from engine.kernels.skinny_gemm import choose_skinny_gemm
         cfg, on_gpu = self.config, self.device.type == "cuda"
         pdl_rows = cfg.pdl_max_tokens if self.pdl else 0
         skinny = (on_gpu and cfg.skinny_gemm and cfg.cuda_graph_max_tokens
                   and not cfg.enforce_eager and backend != "torch")
-        parts = [p for p, on in (("skinny", skinny), ("moe", on_gpu or backend != "torch"),
+        parts = [p for p, on in (("skinny", skinny), ("moe", backend != "torch"),   # fused MoE
                                  ("w4a16", on_gpu or backend != "torch")) if on]
         path = cfg.kernel_plan
         device = torch.cuda.get_device_name(self.device) if on_gpu else "cpu"
@@ -242,6 +241,7 @@ class ModelRunner:
             return [], [], []
         if not on_gpu:
             return [], [], []
+        from engine.kernels.skinny_gemm import choose_skinny_gemm   # Triton: CUDA only here
         reports = (choose_skinny_gemm(self.model, pdl_rows=pdl_rows) if skinny else [],  # with PDL as graphs launch
                    choose_moe_tiles(self.model, cfg.max_num_batched_tokens),   # bf16 / fp16 experts
                    quant.choose_kernels(self.model, pdl_rows))                 # 4-bit layers
