@@ -194,3 +194,15 @@ def test_applied_launches_size_the_scratch_and_workspace_as_the_choice_does(gptq
     uses_dequant = any(launch["kind"] == "dequant" for e in gptq_plan["w4a16"].values() for _, launch in e["plan"])
     assert bool(w4a16._SCRATCH) == uses_dequant
     assert name in kernel_plan.snapshot(model, "gpu0", "cpu")["w4a16"]
+
+
+def test_a_calibration_records_the_w4a16_launches(gptq_plan):
+    """experiments.calibrate.pinned_plan (what a calibration records as `kernel_plan`)
+    includes a quantized model's launches, even where no dense layer has a skinny plan."""
+    from experiments.calibrate import pinned_plan
+    model = tiny_quantized()
+    engine = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+    assert pinned_plan(engine, "gpu0") is None   # nothing chosen yet (as on the CPU)
+    kernel_plan.apply(model, gptq_plan, "gpu0", "p.json", "cpu", parts=("w4a16",))
+    pinned = pinned_plan(engine, "gpu0")
+    assert pinned["w4a16"] == gptq_plan["w4a16"] and not any(g["plan"] for g in pinned["skinny"].values())
