@@ -4,6 +4,7 @@
     python benchmarks/bench_moe.py --tensor-parallel-size 2   # the same over 2 GPUs
     python benchmarks/bench_moe.py --num-layers 16         # a third of the layers
     python benchmarks/bench_moe.py --model mixtral-8x7b --tp 2
+    python benchmarks/bench_moe.py --kernel-plan /tmp/moe-plan.json   # A/B runs on one tile choice
     python benchmarks/bench_moe.py --smoke                 # tiny Qwen3-MoE on the CPU: it runs
 
 Weights: a conf/model name gets random weights drawn on each GPU at load time
@@ -22,7 +23,8 @@ device launches counted by torch.profiler and microseconds per layer under a CUD
 the layer as it ran before the routing kernels (torch route + torch alignment + the two
 grouped GEMMs at default tiles + torch's slot sum) and as it runs now (fused_experts at the
 tiles chosen at load); and the tiles chosen per token-count bucket
-(engine.kernels.fused_moe.choose_moe_tiles). (4) routing (tp 1): distinct experts per MoE
+(engine.kernels.fused_moe.choose_moe_tiles; with --kernel-plan naming an existing file, the
+tiles read from it, untimed). (4) routing (tp 1): distinct experts per MoE
 layer that real decode steps of --decode-batches sequences route to (eager steps, forward
 hooks on the routers), against the uniform expectation the floor and the twin use.
 Prints tables, then one line of JSON.
@@ -118,6 +120,15 @@ def layer_rows(model, batches: list[int]) -> list[dict]:
     return rows
 
 
+def planned_tiles(model) -> list[dict]:
+    """The tiles the first fused MoE layer runs per token bucket (as choose_moe_tiles
+    reports them, without timings): what a kernel plan read at start set."""
+    from engine.kernels.fused_moe import _tiles_str
+    layer = next((m for m in model.modules() if isinstance(m, FusedMoE) and m.moe_tiles), None)
+    return [dict(tokens=t, block_m=c.block_m, gate_up=_tiles_str(c.gate_up), down=_tiles_str(c.down))
+            for t, c in (layer.moe_tiles if layer else ())]
+
+
 def measured_routing(llm, batches: list[int], context: int, steps: int = 4) -> list[dict]:
     """Stage 4: distinct experts per MoE layer in real decode steps of each batch size (the
     engine's eager path, so forward hooks on the routers see every step; top-k of the router
@@ -183,6 +194,9 @@ def main():
     ap.add_argument("--write-files", action="store_true",
                     help="write the random checkpoint as safetensors and load it from disk "
                          "(default: drawn on the GPU at load time, no files)")
+    ap.add_argument("--kernel-plan", help="EngineConfig.kernel_plan: a file pinning the start-up "
+                    "kernel choice, the fused-MoE tiles included (written by the first run that "
+                    "names it, read by the others: A/B runs on one kernel plan)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny Qwen3-MoE, 8 short requests, CPU if no GPU: proves the script runs")
     args = ap.parse_args()
@@ -211,9 +225,10 @@ def main():
             write_random_checkpoint(config, path, dtype="float32" if extra else "bfloat16",
                                     files=args.write_files)
 
+    plan_read = bool(args.kernel_plan) and os.path.exists(args.kernel_plan)
     started = time.perf_counter()
     llm = LLM(path, block_size=args.block_size, attention_backend=args.backend,
-              tensor_parallel_size=args.tp, max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tp, kernel_plan=args.kernel_plan, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, **extra)
     startup_s = time.perf_counter() - started
@@ -241,7 +256,7 @@ def main():
               for b in map(int, args.decode_batches.split(",")) if b <= args.max_num_seqs]
     # stage 3: one MoE layer, before and now (tp 1: the layer's all-reduce needs every rank)
     layer_table = layer_rows(runner.model, [1, 64, 256]) if cuda and args.tp == 1 else []
-    tiles = getattr(runner, "moe_report", [])
+    tiles = getattr(runner, "moe_report", []) or planned_tiles(runner.model)
     # stage 4: routing of real decode steps (tp 1: the hooks run on rank 0's process)
     routing = (measured_routing(llm, [b for b in map(int, args.decode_batches.split(","))
                                       if b <= args.max_num_seqs], min(args.decode_context, 256))
@@ -284,8 +299,13 @@ def main():
                   f"{r['us_before']:>10.1f} {r['us_now']:>8.1f}")
     else:
         print("  n/a (needs CUDA and tp 1)")
-    print("\nfused MoE tiles chosen at load (gate_up + down, us per layer; BNxBK warps stages):")
-    if tiles:
+    print("\nfused MoE tiles chosen at load (gate_up + down, us per layer; BNxBK warps stages)"
+          + (f", read from {args.kernel_plan} (not timed):" if plan_read else ":"))
+    if tiles and plan_read:
+        print(f"{'tokens':>7} {'block_m':>8} {'gate_up':>16} {'down':>16}")
+        for r in tiles:
+            print(f"{r['tokens']:>7} {r['block_m']:>8} {r['gate_up']:>16} {r['down']:>16}")
+    elif tiles:
         print(f"{'tokens':>7} {'block_m':>8} {'gate_up':>16} {'down':>16} {'default us':>11} "
               f"{'chosen us':>10}")
         for r in tiles:
@@ -307,6 +327,7 @@ def main():
                       "device": device, "tp": args.tp, "backend": args.backend,
                       "weights": "files" if args.write_files else "drawn at load",
                       "startup_s": startup_s, "routing": routing,
+                      "kernel_plan": args.kernel_plan, "kernel_plan_read": plan_read,
                       "output_tokens": output_tokens, "seconds": seconds,
                       "output_tok_per_s": output_tokens / seconds, "floor_s": floor_s,
                       "pct_of_floor": 100 * floor_s / seconds, "copy_GBps": ceiling / 1e9,

@@ -7,6 +7,9 @@ layouts, engine.checkpoint --quantization) against bf16.
     python benchmarks/bench_quant.py --stages layers,check --sweep     # H200, ~3 min
     python benchmarks/bench_quant.py --stages engine --formats gptq,awq --nano \\
         --reference benchmarks/raw/h200_quant_engine_bf16.txt --time-budget 330
+    python benchmarks/bench_quant.py --stages engine --formats gptq,awq \
+        --kernel-plan /tmp/quant-plan-{format}.json   # A/B runs on one W4A16 choice per format
+    python benchmarks/bench_quant.py --stages pin --formats gptq,awq --model qwen3-0.6b   # H200, ~2 min
     python benchmarks/bench_quant.py --smoke                  # tiny shapes on the CPU: it runs
 
 Stages:
@@ -36,12 +39,20 @@ Stages:
           sized from the memory left (engine figures: bench_engine.decode_breakdown).
           --nano: nano-vLLM's bench workload per format. --reference: a saved bench_quant output
           whose bf16 engine figures the table compares against (when bf16 is not run here).
+          --kernel-plan: EngineConfig.kernel_plan per format ({format} in the path: bf16, gptq
+          and awq are different models, one plan each): the first run times the choice and
+          writes it, later runs read it and time nothing (the choice printed is the one run).
   check   bf16 correctness on the device: a small Llama (hidden 1024, 4 layers) per format
           against its dequantized bf16 twin (engine.checkpoint.write_dequantized_checkpoint),
           greedy, 16 prompts x 32 tokens: the share of equal tokens and of equal sequences.
           The twin multiplies bf16-rounded dequantized weights; the W4A16 decode kernel
           applies zero and scale in fp32 after the dot, so the two differ in the last bits
           and tokens agree except where two logits nearly tie (common with random weights).
+  pin     per format: the kernel plan (engine.kernel_plan) on this device: one engine times
+          the start-up choice and writes a fresh plan, a second reads it; their load seconds,
+          whether the second runs the first one's W4A16 launches (kernel_plan.describe), the
+          greedy tokens of 16 prompts x 32 tokens of both (equal: same kernels, same order),
+          and the median decode step at the first two --decode-batches of both.
 --time-budget: seconds for the run; the nano workload, the sweep and each check format are
 skipped (saying so) when less than they need (*_RESERVE_S) is left.
 Progress goes to stderr as it happens; tables to stdout; the last line is one JSON object.
@@ -387,16 +398,27 @@ def choices_by_shape(report: list[dict]) -> dict[str, str]:
     return text
 
 
+def plan_rows(model) -> list[dict]:
+    """The W4A16 launch each quantized layer shape runs per row count (its `w4a16` plan,
+    timed at start or read from a kernel plan), as choose_w4a16's report rows."""
+    return [dict(n=n, k=k, m=m, choice=w4a16.launch_name(launch))
+            for (n, k, *_), layers in w4a16.quantized_layers(model).items()
+            for m, launch in getattr(layers[0], "w4a16", ())]
+
+
 def bench_engine(args, fmt: str, extra: dict, ceiling: float) -> dict:
     path = checkpoint(args.model, fmt, "float32" if "device" in extra else "bfloat16", args.smoke)
-    progress(f"engine {fmt}: loading {path} (with the W4A16 choice)")
+    plan = args.kernel_plan.replace("{format}", fmt) if args.kernel_plan else None
+    read = bool(plan) and os.path.exists(plan)
+    progress(f"engine {fmt}: loading {path} (with the W4A16 choice"
+             + (f" read from {plan})" if read else ", timed)"))
     start = time.monotonic()
     llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+              gpu_memory_utilization=args.gpu_memory_utilization, kernel_plan=plan, **extra)
     runner = llm.model_runner
-    result = {"format": fmt, "load_s": time.monotonic() - start,
-              "choices": choices_by_shape(getattr(runner, "quant_report", []))}
+    result = {"format": fmt, "load_s": time.monotonic() - start, "kernel_plan": plan,
+              "kernel_plan_read": read, "choices": choices_by_shape(plan_rows(runner.model))}
     progress(f"engine {fmt}: loaded in {result['load_s']:.0f} s")
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = sum(layer.k_cache[0, 0].numel() * 2 * layer.k_cache.element_size()
@@ -451,7 +473,8 @@ def print_engine(res: dict, base: dict | None, name: str, args) -> None:
     (>1: faster), on device time."""
     by_batch = {b["batch"]: b for b in (base or {}).get("decode", []) if b.get("steps")}
     if res.get("choices"):
-        print(f"\n{res['format']} load-time W4A16 choice (load {res['load_s']:.0f} s):")
+        source = f"read from {res['kernel_plan']}" if res.get("kernel_plan_read") else "timed"
+        print(f"\n{res['format']} load-time W4A16 choice ({source}; load {res['load_s']:.0f} s):")
         for shape, text in res["choices"].items():
             print(f"  {shape}: {text}")
     print(f"{'format':>15} {'weights GB':>11} {'KV tokens':>10} {'batch':>6} {'step ms':>8} "
@@ -475,6 +498,52 @@ def print_engine(res: dict, base: dict | None, name: str, args) -> None:
               f"({ratio(res['nano_tok_per_s'], ref)} bf16)")
     elif "nano_skipped" in res:
         print(f"{res['format']:>15} nano-vLLM workload skipped: {res['nano_skipped']}")
+    sys.stdout.flush()
+
+
+# ---- pin ------------------------------------------------------------------------------------
+
+def pin_format(args, fmt: str, extra: dict) -> dict:
+    """Two engines of `fmt` on one fresh kernel plan: the first times and writes it, the
+    second reads it (timing nothing): load seconds, launches, greedy tokens, decode steps."""
+    from engine import kernel_plan
+    path = checkpoint(args.model, fmt, extra.get("dtype", "bfloat16"), args.smoke)
+    plan = os.path.join(tempfile.mkdtemp(prefix="twinserve-pin-"), "plan.json")
+    prompts = [[(31 * i + 7 * j) % 10000 + 3 for j in range(20 + 13 * i)] for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    batches, runs = [int(b) for b in args.decode_batches.split(",")][:2], []
+    for role in ("timed", "pinned"):
+        start = time.monotonic()
+        with LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens,
+                 gpu_memory_utilization=args.gpu_memory_utilization, kernel_plan=plan, **extra) as llm:
+            load_s = time.monotonic() - start
+            runner = llm.model_runner
+            launches = kernel_plan.describe(kernel_plan.snapshot(runner.model, device=""))
+            tokens = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            decode = {b: decode_breakdown(llm, b, args.decode_context, 16).get("device_ms", float("nan"))
+                      for b in batches}
+        runs.append(dict(role=role, load_s=load_s, timed_rows=len(runner.quant_report), launches=launches,
+                         tokens=tokens, decode_ms=decode))
+        progress(f"pin {fmt}: {role} engine: load {load_s:.1f} s, decode {decode} ms")
+    timed, pinned = runs
+    return {"format": fmt, "plan_written": os.path.exists(plan),
+            "load_s": [r["load_s"] for r in runs], "pinned_timed_rows": pinned["timed_rows"],
+            "w4a16_launches": sum(k.startswith("w4a16 ") for k in timed["launches"]),
+            "same_launches": timed["launches"] == pinned["launches"],
+            "same_tokens": timed["tokens"] == pinned["tokens"],
+            "decode_ms": {b: [r["decode_ms"][b] for r in runs] for b in batches}}
+
+
+def print_pin(rows, name) -> None:
+    print(f"\nkernel plan on {name}: engine 1 times and writes the plan, engine 2 reads it")
+    print(f"{'format':>15} {'load s 1':>9} {'load s 2':>9} {'rows timed 2':>13} {'w4a16 launches':>15} "
+          f"{'same launches':>14} {'same tokens':>12}"
+          + "".join(f"{f'B={b} ms 1/2':>16}" for b in rows[0]["decode_ms"]))
+    for r in rows:
+        print(f"{r['format']:>15} {r['load_s'][0]:>9.1f} {r['load_s'][1]:>9.1f} {r['pinned_timed_rows']:>13} "
+              f"{r['w4a16_launches']:>15} {str(r['same_launches']):>14} {str(r['same_tokens']):>12}"
+              + "".join(f" {a:>7.3f}/{b:<7.3f}" for a, b in r["decode_ms"].values()))
     sys.stdout.flush()
 
 
@@ -545,6 +614,9 @@ def main():
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024)
     ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--kernel-plan", help="engine: EngineConfig.kernel_plan of each format's "
+                    "engine, {format} in the path replaced by the format (a file per model): "
+                    "written by the first run that names it, read by the others")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU when no GPU")
     args = ap.parse_args()
@@ -552,12 +624,15 @@ def main():
         summarize(args.summarize)
         return
     stages = args.stages.split(",")
-    unknown = set(stages) - {"layers", "engine", "check"}
+    unknown = set(stages) - {"layers", "engine", "check", "pin"}
     if unknown:
-        ap.error(f"unknown stage(s) {sorted(unknown)}: layers, engine, check")
+        ap.error(f"unknown stage(s) {sorted(unknown)}: layers, engine, check, pin")
     formats = args.formats.split(",")
     if set(formats) - {"bf16", *KERNEL_FORMATS}:
         ap.error(f"unknown format(s) in --formats {args.formats}: bf16, {', '.join(KERNEL_FORMATS)}")
+    if args.kernel_plan and len(formats) > 1 and "{format}" not in args.kernel_plan:
+        ap.error(f"--kernel-plan {args.kernel_plan} names one file for {len(formats)} formats "
+                 "(each a different model): put {format} in the path")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -613,6 +688,9 @@ def main():
             out["sweep"] = bench_sweep(args, shapes, sweep_ms, device, dtype)
             print_sweep(out["sweep"])
         sys.stdout.flush()
+    if "pin" in stages:
+        out["pin"] = [pin_format(args, fmt, extra) for fmt in formats]
+        print_pin(out["pin"], name)
     if "engine" in stages:
         base = read_reference(args.reference) if args.reference else None
         print(f"\nengine on {name}: {args.model}, decode at context ~{args.decode_context} "

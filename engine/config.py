@@ -57,10 +57,11 @@ class EngineConfig:
         (decode attention) into L2 meanwhile. 0 = never (plain stream order). Measured on
         the H200 (Qwen3-0.6B decode, context 1k): -12% step time at batch 1, -2% at 16,
         +2% at 64, hence 32. Ignored where unsupported (CPU, interpreter, before sm_90).
-    kernel_plan: a file pinning skinny_gemm's start-up choice (engine.kernel_plan): where it
-        exists (a plan, or a calibration that records one) the engine runs its choice and
-        times nothing; where it does not, the engine times as usual and writes it there.
-        None: time at every start (two engines may then choose differently).
+    kernel_plan: a file pinning the start-up kernel choices (engine.kernel_plan: skinny_gemm's,
+        a 4-bit model's W4A16 launches, an MoE model's fused-MoE tiles): where it exists (a
+        plan, or a calibration that records one) the engine runs its choice and times
+        nothing; where it does not, the engine times as usual and writes it there. None:
+        time at every start (two engines may then choose differently).
     """
     model: str
     dtype: str = "auto"

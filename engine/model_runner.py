@@ -119,14 +119,9 @@ class ModelRunner:
             from engine.kernels import pdl
             self.pdl = pdl if pdl.supported(self.device) else None
         self.num_blocks = self.allocate_kv_cache(self.profile())
-        self.skinny_report = []   # skinny GEMM: measured per layer shape, before capture (graphs only)
-        if (on_gpu and config.skinny_gemm and config.cuda_graph_max_tokens
-                and not config.enforce_eager and backend != "torch"):
-            self.skinny_report = self.choose_skinny()
-        # fused MoE tiles: timed per token-count bucket on the expert weights (bf16/fp16 only)
-        self.moe_report = choose_moe_tiles(self.model, config.max_num_batched_tokens) if on_gpu else []
-        self.quant_report = quant.choose_kernels(   # 4-bit layers, timed with PDL as steps run
-            self.model, config.pdl_max_tokens if self.pdl else 0) if on_gpu else []
+        # the start-up kernel choices (skinny GEMM, fused MoE tiles, W4A16 launches), before
+        # capture: timed, or read from EngineConfig.kernel_plan; their timing reports
+        self.skinny_report, self.moe_report, self.quant_report = self.choose_kernels(backend)
         # (kind, size) -> (graph, its hidden rows of the sampled tokens: for `resample`)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
@@ -224,22 +219,35 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
 
-    def choose_skinny(self) -> list[dict]:
-        """Set the skinny-GEMM plan: from EngineConfig.kernel_plan where that file exists
-        (nothing timed), else timed (choose_skinny_gemm) and, where a file is named, written
-        there by rank 0. Returns the timings ([] for a plan read from a file)."""
+    def choose_kernels(self, backend: str) -> tuple[list, list, list]:
+        """Set the start-up kernel choices: the skinny GEMM's (CUDA graphs on, bf16 / fp16
+        layers), the fused MoE tiles and the W4A16 launches. From EngineConfig.kernel_plan
+        where that file exists (nothing timed; on the CPU too where the Triton backend
+        interprets the kernels, TRITON_INTERPRET=1), else timed on CUDA and, where a file is
+        named, written there by rank 0. Returns the (skinny, moe, w4a16) timing reports ([]
+        where read from a file or not timed)."""
         from engine import kernel_plan
-        from engine.kernels.skinny_gemm import choose_skinny_gemm
-        path, device = self.config.kernel_plan, torch.cuda.get_device_name(self.device)
-        plan = kernel_plan.read(path) if path else None
+        cfg, on_gpu = self.config, self.device.type == "cuda"
+        pdl_rows = cfg.pdl_max_tokens if self.pdl else 0
+        skinny = (on_gpu and cfg.skinny_gemm and cfg.cuda_graph_max_tokens
+                  and not cfg.enforce_eager and backend != "torch")
+        parts = [p for p, on in (("skinny", skinny), ("moe", backend != "torch"),   # fused MoE
+                                 ("w4a16", on_gpu or backend != "torch")) if on]
+        path = cfg.kernel_plan
+        device = torch.cuda.get_device_name(self.device) if on_gpu else "cpu"
+        plan = kernel_plan.read(path) if path and parts else None
         if plan is not None:
-            kernel_plan.apply(self.model, plan, device, path)
-            return []
-        report = choose_skinny_gemm(   # timed with PDL as the graphs launch
-            self.model, pdl_rows=self.config.pdl_max_tokens if self.pdl else 0)
+            kernel_plan.apply(self.model, plan, device, path, self.device.type, parts, pdl_rows)
+            return [], [], []
+        if not on_gpu:
+            return [], [], []
+        from engine.kernels.skinny_gemm import choose_skinny_gemm   # Triton: CUDA only here
+        reports = (choose_skinny_gemm(self.model, pdl_rows=pdl_rows) if skinny else [],  # with PDL as graphs launch
+                   choose_moe_tiles(self.model, cfg.max_num_batched_tokens),   # bf16 / fp16 experts
+                   quant.choose_kernels(self.model, pdl_rows))                 # 4-bit layers
         if path and self.rank == 0:
             kernel_plan.write(path, kernel_plan.snapshot(self.model, device))
-        return report
+        return reports
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -84,12 +84,14 @@ def decode_folds() -> list[str]:
 
 
 def pinned_plan(engine, device: str) -> dict | None:
-    """The engine's skinny-GEMM plan in engine.kernel_plan's format (None where no layer
-    has one: the CPU, engine.skinny_gemm=false, eager engines): a calibration records it, so
-    `engine.kernel_plan=<calibration>` runs what its profile ran."""
+    """The engine's kernel plan in engine.kernel_plan's format: the skinny GEMM's, and a
+    quantized or MoE model's W4A16 launches and MoE tiles (None where no layer has one: the
+    CPU, engine.skinny_gemm=false on a bf16 dense model, eager engines): a calibration
+    records it, so `engine.kernel_plan=<calibration>` runs what its profile ran."""
     from engine import kernel_plan
     plan = kernel_plan.snapshot(engine.model_runner.model, device)
-    return plan if any(g["plan"] for g in plan["skinny"].values()) else None
+    pinned = any(g["plan"] for g in plan["skinny"].values()) or "w4a16" in plan or "moe" in plan
+    return plan if pinned else None
 
 
 def skinny_plan(engine) -> dict:

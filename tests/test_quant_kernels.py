@@ -121,7 +121,7 @@ def tiny_quantized_model():
 def test_choice_records_the_fastest_launch_and_dispatch_follows_it(tiny_quantized_model, monkeypatch):
     """choose_w4a16 records the fastest candidate per (shape, M); w4a16_linear takes the
     entry of the smallest measured M >= its rows (the largest's above them) and gives the
-    torch path's product."""
+    torch path's product; so does quant.linear, on the CPU too, once the layer has a plan."""
     model = tiny_quantized_model
 
     def time_us(fn, m, launch):   # GEMV at 1 row, the second skinny tile to 64, dequant above
@@ -145,8 +145,10 @@ def test_choice_records_the_fastest_launch_and_dispatch_follows_it(tiny_quantize
     gen = torch.Generator().manual_seed(1)
     for rows, kind in ((1, "gemv"), (2, "skinny"), (3, "skinny"), (100, "dequant"), (300, "dequant")):
         x = torch.randn(rows, layer.in_features, generator=gen)
-        torch.testing.assert_close(w4a16_linear(layer, x, None),
-                                   quant_layers.linear(layer, x, None), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w4a16_linear(layer, x, None),   # the torch reference path
+                                   x @ quant_layers.dequantize(layer).t(), rtol=1e-4, atol=1e-4)
+        assert ran[-1] == kind
+        quant_layers.linear(layer, x, None)
         assert ran[-1] == kind
 
 

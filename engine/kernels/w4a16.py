@@ -1759,8 +1759,7 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
     time_us = time_us or (lambda fn, m, launch: graph_time_us(fn, repeats))
     first = next(iter(groups.values()))[0]
     device = first.qweight.device
-    dtype = next(p.dtype for name, p in model.named_parameters()   # the activations'
-                 if p.is_floating_point() and not name.endswith("scales"))
+    dtype = activation_dtype(model)
     largest = max(key[0] * key[1] for key in groups)
     scratch(device, dtype, largest)   # allocated before timing: the candidates share it
     sms = num_sms(device)
@@ -1776,6 +1775,41 @@ def choose_w4a16(model: torch.nn.Module, m_values: list[int] | None = None, repe
                for _, launch in layers[0].w4a16):
         _SCRATCH.pop((device, dtype), None)   # nobody uses it: give the memory back
     return report
+
+
+def activation_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a quantized model's layers take and return (its floating parameters but
+    the 4-bit groups' scales)."""
+    return next(p.dtype for name, p in model.named_parameters()
+                if p.is_floating_point() and not name.endswith("scales"))
+
+
+@torch.inference_mode()
+def prepare_w4a16(model: torch.nn.Module, pdl_rows: int = 0) -> None:
+    """What choose_w4a16 leaves besides the plans, for layers whose `w4a16` plans were set
+    without timing (engine.kernel_plan.apply): the dequantization scratch for the largest
+    layer where any plan uses it (else none), and each plan entry's launch run once on its
+    shape's first layer with its M rows (zeros; with PDL on where M <= pdl_rows, as steps
+    launch them), so every variant the plans select is compiled and the split-K workspace
+    sized before graph capture. Times nothing."""
+    groups = quantized_layers(model)
+    if not groups:
+        return
+    device = next(iter(groups.values()))[0].qweight.device
+    dtype = activation_dtype(model)
+    if any(launch.kind == "dequant" for layers in groups.values() for _, launch in layers[0].w4a16):
+        scratch(device, dtype, max(key[0] * key[1] for key in groups))
+    else:
+        _SCRATCH.pop((device, dtype), None)
+    pdl_was = pdl.enabled()
+    try:
+        for layers in groups.values():
+            w, bias = weight_of(layers[0]), layers[0].bias
+            for m, launch in layers[0].w4a16:
+                pdl.enable(pdl.supported(device) and m <= pdl_rows)
+                w4a16_matmul(torch.zeros(m, w.shape[1], dtype=dtype, device=device), w, bias, launch)
+    finally:
+        pdl.enable(pdl_was)
 
 
 def _choose_shape(key, layers, m_values, time_us, max_layers, verify, pdl_rows, device, dtype,
@@ -1884,11 +1918,15 @@ def device_still_sound(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _name(launch: Launch) -> str:
+def launch_name(launch: Launch) -> str:
+    """A launch at a glance, e.g. "stream512x32w4/s44", "slice16x256x128w4p3/s4/nopdl"."""
     name = _tile_name(launch)
     if launch.kind in PDL_KINDS and launch.pdl != PDL_PREFETCH:
         name += "/wait" if launch.pdl == PDL_WAIT else "/nopdl"
     return name
+
+
+_name = launch_name
 
 
 def _tile_name(launch: Launch) -> str:

@@ -107,10 +107,11 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
 
 
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T (+ bias) for a quantized layer: on CUDA the W4A16 path the layer's `w4a16`
-    plan names for this many rows (choose_kernels), the torch reference (dequantize, then
-    matmul) elsewhere."""
-    if x.is_cuda:
+    """y = x W^T (+ bias) for a quantized layer: on CUDA, and wherever the layer has a
+    `w4a16` plan (a kernel plan applied to an engine that interprets its Triton kernels on
+    the CPU, engine.kernel_plan), the W4A16 path that plan names for this many rows
+    (choose_kernels); the torch reference (dequantize, then matmul) elsewhere."""
+    if x.is_cuda or getattr(layer, "w4a16", ()):
         from engine.kernels.w4a16 import w4a16_linear
         return w4a16_linear(layer, x, bias)
     return F.linear(x, dequantize(layer).to(x.dtype), bias)
@@ -121,7 +122,8 @@ def choose_kernels(model: nn.Module, pdl_rows: int = 0) -> list[dict]:
     (repack_layers), then measure and record each layer's fastest W4A16 path per row count
     (engine.kernels.w4a16.choose_w4a16; once after loading, before CUDA-graph capture; row
     counts up to pdl_rows timed with programmatic dependent launch, as the engine runs them).
-    Returns its report ([] for a dense model)."""
+    Returns its report ([] for a dense model). engine.kernel_plan.apply sets the same
+    plans from a file instead (repack_layers, then w4a16.prepare_w4a16: nothing timed)."""
     if getattr(model, "quantization", None) is None:
         return []
     from engine.kernels.w4a16 import choose_w4a16
