@@ -14,7 +14,9 @@
    and `calibrate.repeats` timed runs back to back, each launched while the one before runs,
    as asynchronous scheduling runs serving steps (device time from the runner's CUDA events,
    host time of its launch and wait: `time_shape`), plus the policy's own host time per step
-   (schedule, update, receive on a Scheduler of that many sequences);
+   (schedule, update, receive on a Scheduler of that many sequences); then a short run of
+   the engine's own step loop on synthetic requests (`serving_host`: the host window from
+   forming a step to its launch, admissions included; recorded as `host_serving`);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
    efficiencies and overheads (simulator.calibrate), and print the error on held-out
    shapes per step kind;
@@ -40,7 +42,8 @@ from experiments.config import RunConfig, build
 from experiments.replay import build_engine
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
-from simulator.calibrate import (fit_calibration, fit_hardware, moe_grid, moe_held_out, moe_meta,
+from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardware, fit_serving_host,
+                                 moe_grid, moe_held_out, moe_meta,
                                  moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
                                  print_step_errors, profile_grid, shape_batch, step_errors,
                                  write_hardware)
@@ -226,6 +229,45 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     return table
 
 
+SERVING_REQUESTS = 24   # the short run of the engine's step loop that times its host window
+SERVING_OUTPUT = 16     # tokens each
+SERVING_EVERY = 3       # one request admitted every 3 turns of the loop
+
+
+def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
+    """The engine's own step loop on SERVING_REQUESTS synthetic requests (random token ids,
+    prompts of 16 to `max_prompt` tokens spaced geometrically, in a fixed shuffled order,
+    SERVING_OUTPUT tokens each), one admitted every SERVING_EVERY turns the way a replay
+    admits arrivals: the clock is polled, the request added (engine.add_request), then the
+    step formed at the polled time. Returns the step records it made (start_s, launch_s, ...
+    as policy.StepLoop writes them) with `admitted` / `admitted_tokens`: the requests and
+    prompt tokens added in the turn that formed the step. What the profile's launches leave
+    out of a serving step's host window: admissions and the loop's own work."""
+    import numpy as np
+    from engine import SamplingParams
+    rng = np.random.default_rng(seed)
+    lengths = np.geomspace(16, max(16, max_prompt), SERVING_REQUESTS).astype(int)
+    rng.shuffle(lengths)
+    vocab = engine.model_config.vocab_size
+    pending = [rng.integers(1, vocab, n).tolist() for n in lengths]
+    params = SamplingParams(max_tokens=SERVING_OUTPUT, ignore_eos=True)
+    first, added, turn = len(engine.step_records), {}, 0
+    while pending or engine.has_unfinished():
+        now = engine.clock()
+        tokens = []
+        if pending and turn % SERVING_EVERY == 0:
+            prompt = pending.pop()
+            engine.add_request(prompt, params)
+            tokens.append(len(prompt))
+        engine.step(now)
+        if engine.loop.last_record is not None:
+            added[id(engine.loop.last_record)] = tokens
+        turn += 1
+    records = engine.step_records[first:]
+    return pd.DataFrame(records).assign(admitted=[len(added.get(id(r), ())) for r in records],
+                                        admitted_tokens=[sum(added.get(id(r), ())) for r in records])
+
+
 def device_name(rc: RunConfig) -> str:
     if rc.engine.device == "cuda":
         import torch
@@ -253,6 +295,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table = profile(rc, engine, graphs, rc.calibrate.repeats)
+        serving = serving_host(engine, min(rc.scheduler.max_model_len - SERVING_OUTPUT,
+                                           rc.scheduler.max_num_batched_tokens))
         plan = engine.decode_plan()
         device = device_name(rc)
         pinned = pinned_plan(engine, device)
@@ -275,6 +319,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)"}
+    # measured for the simulator's host model, whose HostCosts take fixed + per sequence only
+    calib["host_serving"] = fit_serving_host(serving)
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
     profile_path = out.with_suffix(".profile.parquet")
@@ -294,6 +340,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
+    hs = calib["host_serving"]
+    print(f"host window of the engine's step loop ({hs['n']} steps of {SERVING_REQUESTS} requests): "
+          + ", ".join(f"{name} {1e6 * hs[name]:.3g} us" for name in SERVING_HOST_TERMS))
+    summary["host_serving_us"] = {name: round(1e6 * hs[name], 3) for name in SERVING_HOST_TERMS}
     moe = moe_held_out(calib, table, graphs)
     if moe:
         print_moe_held_out(moe)

@@ -315,6 +315,30 @@ def fit_host(profile: pd.DataFrame) -> dict:
             "receive_s": float(receive[0]), "receive_seq_s": float(receive[1])}
 
 
+# The host window from forming a step to its launch in the engine's own step loop, by term
+# (fit_serving_host). The profile times the runner's launch and the policy's decode
+# scheduling alone; serving's window also holds the admission of the requests that arrived
+# since the step before (the engine's add_request, after the clock is polled the step is
+# formed at) and the loop's own work. Measured on the H200 (Qwen3-0.6B, session 8's
+# ShareGPT runs): 427 us + 302 us for a step with a prompt chunk + 2.2 us a sequence + 0.27
+# us a prompt token + 183 us an admitted request, where the profile's launches say 172 +
+# 264 + 3.5 a sequence + 0.11 a prompt token: light-load TTFT came out 3-5% short.
+SERVING_HOST_TERMS = ("launch_s", "launch_prompt_s", "launch_seq_s", "launch_token_s", "admit_s",
+                      "admit_token_s")
+
+
+def fit_serving_host(steps: pd.DataFrame) -> dict:
+    """SERVING_HOST_TERMS (seconds; non-negative least squares) of the window launch_s -
+    start_s of a run's step records, with `admitted` and `admitted_tokens` (requests, prompt
+    tokens added since the step before: experiments.calibrate.serving_host), and `n`."""
+    steps = steps[steps["num_seqs"] > 0]
+    X = np.column_stack([np.ones(len(steps)), (steps["num_prefill_tokens"] > 0).to_numpy(float),
+                         steps["num_seqs"].to_numpy(float), steps["num_prefill_tokens"].to_numpy(float),
+                         steps["admitted"].to_numpy(float), steps["admitted_tokens"].to_numpy(float)])
+    coef = nonnegative_lstsq(X, (steps["launch_s"] - steps["start_s"]).to_numpy(float))
+    return {**{name: float(c) for name, c in zip(SERVING_HOST_TERMS, coef)}, "n": int(len(steps))}
+
+
 def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     """A calibration dict (see `FittedCostModel`) fitted on a profile. `meta` supplies
     model, device, command and optionally tp, engine_commit, engine (settings), decode_plan
@@ -674,9 +698,10 @@ def main(argv=None):
         profile = with_plan_features(profile, meta)    # (the fit and --check-steps price them)
     calib = fit_calibration(profile, meta)
     # a re-fit keeps where the profile came from (made when, how long, the kernels its engine
-    # ran: engine.kernel_plan=<file> must still run them) and says how it was re-fitted
+    # ran: engine.kernel_plan=<file> must still run them; its step loop's host window) and says
+    # how it was re-fitted
     calib["created"] = meta.get("created", calib["created"])
-    calib.update({k: meta[k] for k in ("profile_s", "profiled", "kernel_plan") if k in meta})
+    calib.update({k: meta[k] for k in ("profile_s", "profiled", "kernel_plan", "host_serving") if k in meta})
     calib["refit"] = {"command": "python -m simulator.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
                       "date": datetime.date.today().isoformat()}
     FittedCostModel(calib)   # loads back

@@ -23,8 +23,9 @@ Stages (each reads what the earlier ones wrote under --out, so they can run apar
             roofline_fitted: the calibration's own fitted hardware parameters if present), and
             cost_model=replay on every real run (policy equivalence).
   table     table.csv (one row per cell x metric x cost model), table.md, effects.csv
-            (policy-effect pairs), equivalence.csv; prints the summary, ends with one
-            JSON line.
+            (policy-effect pairs), equivalence.csv, steps.csv (the fitted model on every real
+            run's own steps: device time error per step kind, each run replayed for the
+            split-KV plan's features); prints the summary, ends with one JSON line.
 
 Cells: each trace at each load with the base settings; the pairs at the highest load
 below capacity: policy (chunked -> prefill_first), budget (max_num_batched_tokens 8192 ->
@@ -246,11 +247,54 @@ def stage_table(args, todo) -> dict:
     table.to_csv(args.out / "table.csv", index=False)
     effects.to_csv(args.out / "effects.csv", index=False)
     equivalence.to_csv(args.out / "equivalence.csv", index=False)
-    summary = summarize(table, effects, equivalence)
-    (args.out / "table.md").write_text(markdown(table, effects, equivalence, summary))
-    print(markdown(table, effects, equivalence, summary))
+    steps = step_costs(args, todo)
+    steps.to_csv(args.out / "steps.csv", index=False)
+    summary = summarize(table, effects, equivalence, steps)
+    text = markdown(table, effects, equivalence, summary, steps)
+    (args.out / "table.md").write_text(text)
+    print(text)
     print(json.dumps(summary))
     return summary
+
+
+def step_costs(args, todo) -> pd.DataFrame:
+    """The calibration on every real run's own steps (simulator.calibrate.step_errors): per
+    run and step kind, n, mean and median error of the predicted device time, and the summed
+    time's error (predicted / measured - 1). Each run is replayed first (strict) so its steps
+    carry the calibration's plan features (experiments.plan_features); runs at a KV block size
+    other than the profiled one are left out (the attention's block cost is the hardware
+    file's, not the calibration's), as are runs that cannot be priced (`note` says why)."""
+    from experiments.plan_features import plan_features, run_config
+    from simulator import CudaGraphs
+    from simulator.calibrate import step_errors
+    calib = json.loads(Path(args.calibration).read_text())
+    plan, profiled_block = calib.get("decode_plan"), (calib.get("engine") or {}).get("block_size", 16)
+    rows, seen = [], set()
+    for cell in todo:
+        if cell["dir"] in seen:
+            continue
+        seen.add(cell["dir"])
+        for r in range(args.repeats):
+            run_dir = args.out / "real" / cell["dir"] / f"r{r}"
+            if not (run_dir / "steps.parquet").is_file():
+                continue
+            base = {"cell": cell["dir"], "repeat": r}
+            try:
+                rc = run_config(run_dir)
+                if rc.cache.block_size != profiled_block:
+                    rows.append({**base, "note": f"block {rc.cache.block_size}, profiled at {profiled_block}"})
+                    continue
+                steps = plan_features(run_dir, plan) if plan else pd.read_parquet(run_dir / "steps.parquet")
+                graphs = CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
+                                               rc.engine.graph_limit)
+                errors = step_errors(calib, graphs, steps)
+            except (ValueError, RuntimeError) as e:
+                rows.append({**base, "note": str(e).splitlines()[0]})
+                continue
+            rows += [{**base, "kind": kind, "n": e["n"], "mean_error": e["mean_error"],
+                      "median_error": e["median_error"], "sum_error": e["predicted_s"] / e["measured_s"] - 1}
+                     for kind, e in errors.items()]
+    return pd.DataFrame(rows)
 
 
 def pair_effect(a, b, metric: str) -> dict:
@@ -268,7 +312,7 @@ def pair_effect(a, b, metric: str) -> dict:
             "beyond_spread": bool(abs(measured) > max(a["real_spread"], b["real_spread"]))}
 
 
-def summarize(table, effects, equivalence) -> dict:
+def summarize(table, effects, equivalence, steps: pd.DataFrame | None = None) -> dict:
     out = {}
     if not table.empty:
         base = table[table["pair"].isna() | (table["side"] == 0)]
@@ -290,6 +334,10 @@ def summarize(table, effects, equivalence) -> dict:
             return r.get("requests_identical") == r.get("requests")
         ok = equivalence.apply(identical, axis=1)
         out["replays_identical"] = f"{int(ok.sum())}/{len(equivalence)}"
+    if steps is not None and "kind" in steps.columns:   # the fitted model's device time, all runs' steps
+        priced = steps[steps["kind"].notna()]
+        out["fitted_step_sum_error"] = {k: [round(float(g["sum_error"].min()), 4), round(float(g["sum_error"].max()), 4)]
+                                        for k, g in priced.groupby("kind")}
     return out
 
 
@@ -302,7 +350,7 @@ def md(df: pd.DataFrame, index: bool = True) -> str:
     return "\n".join(lines)
 
 
-def markdown(table, effects, equivalence, summary) -> str:
+def markdown(table, effects, equivalence, summary, steps: pd.DataFrame | None = None) -> str:
     lines = ["# Fidelity: simulator vs engine", "", "error = (sim - real) / real; spread = "
              "(max - min) / mean of the real repeats.", ""]
     if not table.empty:
@@ -321,6 +369,13 @@ def markdown(table, effects, equivalence, summary) -> str:
                   ], index=False), ""]
     if not equivalence.empty:
         lines += ["## Step-for-step replay of every real run", "", md(equivalence, index=False), ""]
+    if steps is not None and not steps.empty:
+        shown = steps.copy()
+        for c in ("mean_error", "median_error", "sum_error"):
+            if c in shown.columns:
+                shown[c] = 100 * shown[c]
+        lines += ["## The fitted model on the real runs' own steps (device time error, %)", "",
+                  md(shown, index=False), ""]
     lines += ["```", json.dumps(summary, indent=1), "```", ""]
     return "\n".join(lines)
 
