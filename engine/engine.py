@@ -10,7 +10,10 @@ import json
 import math
 import os
 import time
+from array import array
 from dataclasses import dataclass
+
+import numpy as np
 
 from engine.config import EngineConfig
 from engine.distributed import Workers, rank_device
@@ -161,19 +164,29 @@ class LLMEngine:
         self.sampling_params[request_id] = params
         return request_id
 
-    def tokenize(self, prompt: str | list[int], request_id: str = "") -> list[int]:
+    def tokenize(self, prompt: str | list[int], request_id: str = "") -> list[int] | array:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"request {request_id!r}: a text prompt needs a tokenizer, and "
                                  f"{self.config.model} has none; pass token ids instead")
             return self.tokenizer.encode(prompt)
-        token_ids = [int(t) for t in prompt]
+        # Checked and copied in C: a replay admits its arrivals between steps, so a Python
+        # pass per token (a few thousand per prompt) is host time the next step waits for.
+        try:
+            ids = np.asarray(prompt)
+        except (OverflowError, ValueError) as e:
+            raise ValueError(f"request {request_id!r}: token ids must be integers ({e})") from None
+        if ids.size == 0:
+            return array("q")
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"request {request_id!r}: token ids must be a flat sequence of "
+                             f"integers, got {ids.dtype} of shape {ids.shape}")
         vocab = self.model_config.vocab_size
-        if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab:
-            bad = next(t for t in token_ids if not 0 <= t < vocab)
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
             raise ValueError(f"request {request_id!r}: token id {bad} is outside the "
                              f"vocabulary [0, {vocab})")
-        return token_ids
+        return array("q", ids.astype(np.int64, copy=False).tobytes())
 
     def abort(self, request_id: str) -> bool:
         """Drop an unfinished request and free its KV blocks: True, and no output will come.

@@ -187,7 +187,7 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
                 now = engine.clock()
                 while pending and pending[0].arrival_s <= now:
                     r = pending.popleft()
-                    engine.add_request(list(r.prompt_token_ids),
+                    engine.add_request(r.prompt_token_ids,   # int64 array: checked in C
                                        SamplingParams(max_tokens=r.output_len, ignore_eos=True),
                                        request_id=r.request_id, arrival_time=r.arrival_s)
                     sequences[r.request_id] = engine.sequences[r.request_id]

@@ -123,6 +123,29 @@ def test_add_request_validation(checkpoint):
     assert len(outputs) == 3 and not any(o.error for o in outputs.values())
 
 
+def test_prompt_token_ids_in_any_integer_form(checkpoint):
+    """A list, an int64 array("q") (what a replay passes) and a numpy array of the same ids
+    queue the same prompt; anything not a flat sequence of in-vocabulary integers is
+    refused in one line, naming the request, and queues nothing."""
+    import numpy as np
+    from array import array
+    engine = LLMEngine(checkpoint, **CPU, num_gpu_blocks=64, max_model_len=64)
+    vocab = engine.model_config.vocab_size
+    forms = {"list": list(PROMPT), "array": array("q", PROMPT), "numpy": np.array(PROMPT, dtype=np.int32)}
+    for name, prompt in forms.items():
+        engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0), request_id=name)
+        assert engine.sequences[name].prompt_token_ids == list(PROMPT)
+    for bad, match in (([1.5, 2.0], "integers"), ([True, False], "integers"), ([[1, 2]], "flat"),
+                       ([1, vocab], f"token id {vocab} is outside"), ([3, -1], "token id -1 is outside"),
+                       ([1, 2 ** 70], "integers")):
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(bad, SamplingParams(max_tokens=2), request_id="bad")
+        assert "bad" not in engine.sequences
+    outputs = run_all(engine)
+    assert set(outputs) == set(forms)          # greedy: one prompt, one output
+    assert len({tuple(o.token_ids) for o in outputs.values()}) == 1
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"), (dict(top_k=-2), "top_k"),
