@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
-                                  STEP_KINDS, CudaGraphs, FittedCostModel, ModelSpec,
+                                  STEP_KINDS, TAPER_FEATURE, CudaGraphs, FittedCostModel, ModelSpec,
                                   TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
                                   nonnegative_lstsq, step_experts_touched)
 from policy import Batch, Sequence
@@ -45,7 +45,7 @@ from simulator.hardware import HardwareSpec
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE)
+                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -127,7 +127,29 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train"),
                             (5 / 8, "held_out"), (3 / 4, "train")):
             add(serving(b, int(top * frac), L), split)
+    # ... whose decodes all share one prompt prefix (a system prompt: mooncake_conv's 512
+    # tokens), so that 10-25% of their KV is re-read: serving's shared decodes. The shapes
+    # above re-read 1/2-7/8 of it (a conversation's history), where a re-read saves less:
+    # on the H200 (Qwen3-0.6B) mooncake_conv's decode steps of 8-16 decodes ran 19-20 ns per
+    # re-read token faster than unshared steps of their shape, the fit says 11 ns
+    prefix = min(512, top // 8)
+    for b in batches:
+        if 2 <= b <= 64:
+            for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train")):
+                add(shared(serving(b, int(top * frac), L), prefix), split)
     cached = max(0, min(L - 1, 1024))
+    for k, t in enumerate(t for t in graphs.mixed if t >= 1024 and t // 2 + cached <= L):
+        # several prompts in one step, each behind cached context, beside serving's decodes:
+        # a burst of conversation turns (mooncake_conv's steps of 2-5 prompts filling the
+        # budget behind 0.5-2k cached tokens each ran 4-10% over the fit, which had several
+        # chunks per step only without cached context)
+        few = min(8, S - 2)
+        half = (t - few) // 2
+        add([(cached + half, half), (cached + t - few - half, t - few - half)] + serving(few, top // 2, L),
+            "held_out" if k % 2 else "train")
+        third = (t - few) // 3
+        add(shared([(prefix + third, third)] * 2 + [(prefix + t - few - 2 * third, t - few - 2 * third)], prefix)
+            + shared(serving(few, top // 2, L), prefix), "train" if k % 2 else "held_out")
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
         if cached and t + cached <= L:
@@ -274,9 +296,13 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
-    """`table` with CAUSAL_FEATURE (cost_model.prefill_causal_pairs of every row)."""
+    """`table` with the features the fitted model computes from the others: CAUSAL_FEATURE
+    (cost_model.prefill_causal_pairs of every row) and TAPER_FEATURE (decode_reread_share_tokens)."""
+    total = table["decode_context_tokens"].to_numpy(float)
+    reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
     return table.assign(**{CAUSAL_FEATURE: table["prefill_context_tokens"] - table["prefill_attention_pairs"]
-                           + table["num_prefill_tokens"]})
+                           + table["num_prefill_tokens"],
+                           TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0)})
 
 
 def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
@@ -390,11 +416,11 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             continue
         features = [f for f in FITTED_FEATURES[kind] if f in profile.columns] + moe_features(profile)
         if SHARED_FEATURE in features and not shares_kv(train).any():
-            features.remove(SHARED_FEATURE)
+            features = [f for f in features if f not in (SHARED_FEATURE, TAPER_FEATURE)]
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
-                  f"{kind} fitted without {SHARED_FEATURE}")
+                  f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES)
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,))
     return kinds
 
 

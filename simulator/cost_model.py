@@ -380,17 +380,27 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # causal triangle, whose diagonal tiles are partly masked) as against those with the context
 # before it (full tiles): a fit with both prices a pair behind a long prefix at its own rate
 # instead of extrapolating the triangle's (CAUSAL_FEATURE, computed by the model itself).
+# decode_reread_share_tokens: R x R / C, R the decodes' re-read tokens (decode_context_tokens C
+# less decode_distinct_context_tokens): a re-read saves less the larger the re-read share of the
+# step's KV, as the attention stops being bound by HBM reads (the longest chain, L2). Measured on
+# the H200 (Qwen3-0.6B, 8-48 decodes of 1-4k tokens each): a re-read token saved 15-18 ns with
+# 1/2 of the KV re-read, 8-11 ns with 7/8; a fit linear in R (11 ns everywhere) priced the
+# profile's shapes re-reading 1/4 of their KV 2% high and those re-reading 7/8 0.5-3.4% low
+# (TAPER_FEATURE, computed by the model itself; 0 without shared blocks).
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
-               "decode_span_tokens", "decode_split_seqs", "decode_work_items"],
+               "decode_span_tokens", "decode_split_seqs", "decode_work_items", "decode_reread_share_tokens"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs"],
+              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs",
+              "decode_reread_share_tokens"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
-              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs"],
+              "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs",
+              "decode_reread_share_tokens"],
 }
 CAUSAL_FEATURE = "prefill_causal_pairs"
+TAPER_FEATURE = "decode_reread_share_tokens"
 SPAN_FEATURE = "decode_span_tokens"
 SPLIT_FEATURE = "decode_split_seqs"
 ITEMS_FEATURE = "decode_work_items"
@@ -399,7 +409,7 @@ PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE, ITEMS_FEATURE)   # computed by the
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill",
-                      CAUSAL_FEATURE: "prefill"}
+                      CAUSAL_FEATURE: "prefill", TAPER_FEATURE: "decode"}
 
 
 def prefill_causal_pairs(f: dict) -> int:
@@ -408,6 +418,23 @@ def prefill_causal_pairs(f: dict) -> int:
     s computed ones, prefill_context_tokens adds n (s + n) and prefill_attention_pairs
     n s + n (n + 1) / 2, so context - pairs + tokens = sum of n (n + 1) / 2."""
     return f["prefill_context_tokens"] - f["prefill_attention_pairs"] + f["num_prefill_tokens"]
+
+
+def decode_reread_share_tokens(f: dict) -> float:
+    """TAPER_FEATURE of a step (its `Batch.features()` `f`): R x R / C, where C is its decodes'
+    KV tokens (decode_context_tokens) and R those re-read (C - decode_distinct_context_tokens:
+    blocks another decode of the step reads too); 0 without decodes or shared blocks."""
+    total = f["decode_context_tokens"]
+    reread = total - f["decode_distinct_context_tokens"]
+    return reread * reread / total if reread > 0 else 0.0
+
+
+# A feature that only refines another (fit_kind never keeps it without that one): the taper
+# prices how a re-read's saving shrinks, meaningless without the re-read's saving itself (alone,
+# its coefficient would make re-reads cost more than first reads).
+FEATURE_NEEDS = {TAPER_FEATURE: "decode_distinct_context_tokens"}
+# Features the fitted model computes from a step's features (a steps.parquet need not hold them).
+COMPUTED_FEATURES = {CAUSAL_FEATURE: prefill_causal_pairs, TAPER_FEATURE: decode_reread_share_tokens}
 
 
 # ---- mixture of experts: the experts a step reads ------------------------------------
@@ -623,7 +650,7 @@ class FittedCostModel(CostModel):
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
-            t += coef * (f[name] if name != CAUSAL_FEATURE else prefill_causal_pairs(f))
+            t += coef * (f[name] if name not in COMPUTED_FEATURES else COMPUTED_FEATURES[name](f))
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
             t += base_time(k, coefs, rows) * f[name]
         if self.moe_coef and kind in self.moe_coef:
@@ -661,7 +688,8 @@ TIE_MAPE = 1e-7   # held-out errors closer than this are equal when a fit's vari
 
 
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
-             optional: tuple[str, ...] = (), sloped: tuple[str, ...] = ()) -> dict:
+             optional: tuple[str, ...] = (), sloped: tuple[str, ...] = (),
+             earn: tuple[str, ...] = ()) -> dict:
     """One step kind, its form and features chosen by measurement: the base is fitted either
     piecewise linear through every distinct computed-token count of `train` ("piecewise":
     each CUDA graph size its own cost) or linear between the smallest and largest
@@ -674,13 +702,13 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
     longest chain, depends on the batch, through how the kernel's programs cover the GPU).
     The variant with the lower error on `test`
     (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, fewer
-    slopes, more features); `variant` names it and `forms` records every variant's error."""
+    slopes, more features); `variant` names it and `forms` records every variant's error.
+    A feature of `earn` is searched apart: the variants above without it, then all of them
+    again with it (" with <feature>"); those with it are kept only if their best beats the best
+    without by more than that one's standard error: a new term must pay for itself beyond the
+    held-out shapes' noise, so a profile that cannot tell keeps the fit it had without it."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
-    feature_sets = {"": features}
-    for f in optional:
-        if f in features:
-            feature_sets[f" without {f}"] = [x for x in features if x != f]
     sloped = [f for f in sloped if f in features]
     slopes = {"": ()}       # label -> the features whose coefficient is sloped
     if sloped and len(sizes) >= 4:
@@ -690,19 +718,36 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
             for subset in itertools.combinations(sloped, n):
                 label = " sloped" if len(sloped) == 1 else " sloped " + "+".join(subset)
                 slopes[label] = subset
-    fits = {form + label + sl: (form, _fit_base(train, test, fs, knots,
-                                                {f: slope_knots for f in subset if f in fs}))
-            for form, knots in candidates.items() for label, fs in feature_sets.items()
-            for sl, subset in slopes.items()}
 
-    def score(fit):
-        return fit.get("held_out", fit["train"])["mape"]
-    # errors within TIE_MAPE of the lowest tie (a noise-free profile fits several exactly)
-    lowest = min(score(fit) for _, fit in fits.values())
-    tied = [k for k, (_, fit) in fits.items() if score(fit) <= lowest + TIE_MAPE]
-    best = min(tied, key=lambda k: (fits[k][0] != "piecewise", "sloped" in k, len(k)))
+    def variants(features: list[str], suffix: str) -> dict:
+        feature_sets = {"": features}
+        for f in optional:
+            if f in features:     # (a feature that refines another leaves with it: FEATURE_NEEDS)
+                feature_sets[f" without {f}"] = [x for x in features if x != f and FEATURE_NEEDS.get(x) != f]
+        return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots,
+                                                             {f: slope_knots for f in subset if f in fs}))
+                for form, knots in candidates.items() for label, fs in feature_sets.items()
+                for sl, subset in slopes.items()}
+
+    def held(fit):
+        return fit.get("held_out", fit["train"])
+
+    def choose(fits: dict) -> str:
+        # errors within TIE_MAPE of the lowest tie (a noise-free profile fits several exactly)
+        lowest = min(held(fit)["mape"] for _, fit in fits.values())
+        tied = [k for k, (_, fit) in fits.items() if held(fit)["mape"] <= lowest + TIE_MAPE]
+        return min(tied, key=lambda k: (fits[k][0] != "piecewise", "sloped" in k, len(k)))
+    base = [f for f in features if f not in earn]
+    fits = variants(base, "")
+    best = choose(fits)
+    for f in (f for f in earn if f in features):
+        more = variants(base + [f], f" with {f}")
+        fits.update(more)
+        challenger = choose(more)
+        if held(more[challenger][1])["mape"] < held(fits[best][1])["mape"] - held(fits[best][1])["se"]:
+            best = challenger
     form, fit = fits[best]
-    return {**fit, "form": form, "variant": best, "forms": {k: score(v) for k, (_, v) in fits.items()}}
+    return {**fit, "form": form, "variant": best, "forms": {k: held(v)["mape"] for k, (_, v) in fits.items()}}
 
 
 def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict | None = None) -> dict:

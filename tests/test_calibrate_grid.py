@@ -44,7 +44,9 @@ def test_grid_profiles_several_prompt_chunks_in_one_step():
     multi = [p for p in grid if sum(n > 1 for _, n, *_ in p["shape"]) >= 2]
     assert {p["split"] for p in multi} == {"train", "held_out"}
     assert {sum(n for _, n, *_ in p["shape"]) for p in multi} <= set(GRAPHS.mixed)
-    for p in multi[:5]:
+    fresh = [p for p in multi if all(c == n for c, n, *_ in p["shape"])]    # no cached context
+    assert len(fresh) >= 5
+    for p in fresh[:5]:
         tokens = sum(n for _, n, *_ in p["shape"])
         f = shape_batch(p["shape"], 16, 1 << 16).features()
         one = shape_batch([(tokens, tokens)], 16, 1 << 16).features()
