@@ -18,8 +18,17 @@ measured, mean over steps):
   consecutive blocks that are adjacent ids: 1 contiguous, the profile's are scattered), the
   step before (decode or mixed), the device idle before the step;
 - matched: profiled decode shapes and the real steps with the same graph size, decodes,
-  split-KV span and splits and a total context within 3%: measured real / measured profile
+  split-KV span and splits and a total context within 3% (neither with shared blocks): measured real / measured profile
   (does the engine run serving's steps at the profile's speed?), and the fit's error on both;
+- decodes sharing KV blocks (prefix-cache hits): decode steps by the share of their KV that is
+  re-read (decode_context_tokens - decode_distinct_context_tokens over decode_context_tokens), and
+  the saving per re-read token, measured (each shared step against the real steps of the runs
+  with no shared blocks and the same graph size, decodes, span, splits, work items and a total
+  context within 2%, their time moved by the fit's difference in context) next to the fit's
+  (its price of the step as if unshared, less its price): give runs of a trace without sharing
+  (sharegpt, azure_conv) beside the shared ones (mooncake_conv);
+- mixed steps by prompt chunks in the step and the cached context before each (a burst of
+  conversation turns: several prompts behind their history, which the grid profiled apart);
 - host time from forming a step to its launch (launch_s - start_s) by step kind and by the
   requests that arrived since the previous step was formed (the engine admits them in that
   window), next to the calibration's host model.
@@ -82,8 +91,10 @@ def table(df: pd.DataFrame, by, title: str) -> None:
 
 
 def matched(real: pd.DataFrame, profile: pd.DataFrame) -> pd.DataFrame:
-    """Profiled decode shapes without shared blocks, and the real steps like them."""
+    """Profiled decode shapes without shared blocks, and the real steps like them (without
+    shared blocks either: a re-read costs less, reread_savings)."""
     out = []
+    real = real[real["decode_distinct_context_tokens"] == real["decode_context_tokens"]]
     prof = profile[(profile["kind"] == "decode")
                    & (profile["decode_distinct_context_tokens"] == profile["decode_context_tokens"])]
     for x in prof.itertuples():
@@ -95,6 +106,32 @@ def matched(real: pd.DataFrame, profile: pd.DataFrame) -> pd.DataFrame:
             out.append({"rows": x.rows, "decodes": x.num_seqs, "context": x.decode_context_tokens,
                         "real_steps": len(near), "real_over_profile": near["device_s"].median() / x.device_s - 1,
                         "fit_error_profile": x.err, "fit_error_real": near["err"].mean()})
+    return pd.DataFrame(out)
+
+
+def reread_savings(real: pd.DataFrame, model: FittedCostModel) -> pd.DataFrame:
+    """Per decode step with shared blocks and unshared twins (same rows, decodes, span, splits,
+    work items; total context within 2%): rows, share, and the saving per re-read token in ns,
+    measured and the fit's."""
+    key = ["rows", "num_seqs", "decode_span_tokens", "decode_split_seqs", "decode_work_items"]
+    decode = real[real["kind"] == "decode"]
+    shared = decode[decode["decode_distinct_context_tokens"] < decode["decode_context_tokens"]]
+    alone = decode[decode["decode_distinct_context_tokens"] == decode["decode_context_tokens"]]
+    twins = {k: (g["decode_context_tokens"].to_numpy(float), g["device_s"].to_numpy(float), g["pred"].to_numpy(float))
+             for k, g in alone.groupby(key)}
+    out = []
+    for r in shared.to_dict("records"):
+        t = twins.get(tuple(r[k] for k in key))
+        if t is None:
+            continue
+        near = np.abs(t[0] / r["decode_context_tokens"] - 1) < 0.02
+        if near.sum() < 3:
+            continue
+        unshared = model.predict({**r, "decode_distinct_context_tokens": r["decode_context_tokens"]})
+        reread = r["decode_context_tokens"] - r["decode_distinct_context_tokens"]
+        measured = np.median(t[1][near] + unshared - t[2][near]) - r["device_s"]
+        out.append({"rows": r["rows"], "share": reread / r["decode_context_tokens"],
+                    "measured_ns": 1e9 * measured / reread, "fit_ns": 1e9 * (unshared - r["pred"]) / reread})
     return pd.DataFrame(out)
 
 
@@ -147,6 +184,25 @@ def main(argv=None) -> None:
     table(decode, "after", "decode steps by the step before")
     decode["idle before (ms)"] = pd.cut(1e3 * decode["gpu_gap_s"], [-1, 0.01, 0.1, 1, 10, math.inf])
     table(decode, "idle before (ms)", "decode steps by device idle before them")
+    decode["re-read share"] = pd.cut(1 - decode["decode_distinct_context_tokens"] / decode["decode_context_tokens"].clip(lower=1),
+                                     [-0.01, 0, 0.1, 0.2, 0.3, 0.5, 1.0])
+    table(decode, ["re-read share", "rows"], "decode steps by the share of their KV re-read (shared blocks) and graph size")
+    savings = reread_savings(real, model)
+    if len(savings):
+        t = savings.groupby("rows").agg(n=("share", "size"), share=("share", "median"),
+                                        measured_ns=("measured_ns", "median"), fit_ns=("fit_ns", "median"))
+        print("\nsaving per re-read token of shared decode steps (median over steps with unshared twins in the "
+              "runs), ns:\n" + t.round(3).T.to_string())
+        summary["reread_saving_ns"] = {int(r): {"n": int(x.n), "measured": round(float(x.measured_ns), 2),
+                                                "fit": round(float(x.fit_ns), 2)} for r, x in t.iterrows()}
+    mixed = real[real["kind"] == "mixed"].copy()
+    if len(mixed):
+        chunks = mixed["num_seqs"] - mixed["num_decode_seqs"]
+        mixed["prompt chunks"] = chunks.clip(upper=4)
+        mixed["cached per chunk"] = pd.cut((mixed["prefill_kv_tokens"] - mixed["num_prefill_tokens"]) / chunks.clip(lower=1),
+                                           [-1, 0, 512, 1536, math.inf])
+        table(mixed, ["prompt chunks", "cached per chunk"],
+              "mixed steps by prompt chunks (4: 4 or more) and the cached context before each (tokens)")
     if profile_path.is_file():
         profile = with_plan_features(pd.read_parquet(profile_path), calib)
         profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
