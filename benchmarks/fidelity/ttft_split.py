@@ -1,0 +1,83 @@
+"""Where a simulated run's TTFT differs from the real runs of the same cell: each request's time to
+first token cut at the step loop's events, real (mean over the repeats) against simulated.
+
+    python benchmarks/fidelity/ttft_split.py --sim <sim run dir> <real run dir> [<real run dir> ...]
+
+Run directories are run.py's (or run_fidelity.py's `real/<cell>/r<k>` and `sim/<model>/<cell>`):
+requests.parquet and steps.parquet. A request's first token comes with step S (the step whose
+tokens were received at its first_token_s); its TTFT is the sum of
+- queue: arrival to the forming of the first step that schedules it (waiting for the step loop:
+  the step in flight, its host work, the admission of the requests before it);
+- earlier chunks: from there to the forming of S (a prompt cut over several steps);
+- host window: S formed to S launched (scheduling, the admission of requests that arrived since
+  the step before, packing the inputs, the launch);
+- device: S's device time;
+- behind and receive: the rest, launch to tokens (S waiting on the device for the step before it,
+  and the host's receive of S's tokens after forming and launching the next step).
+Prints per component the real and simulated mean (ms) and the difference as a share of the real
+mean TTFT (the components' differences add up to the TTFT error); the last line is JSON. No GPU.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COMPONENTS = ("queue", "earlier_chunks", "host_window", "device", "behind_and_receive")
+
+
+def split(run_dir: Path) -> pd.DataFrame:
+    """One row per request with a first token: ttft and COMPONENTS (seconds). Raises ValueError
+    if a first token matches no step's received tokens (not a step-recorded run)."""
+    requests = pd.read_parquet(run_dir / "requests.parquet")
+    requests = requests[requests["first_token_s"].notna()].reset_index(drop=True)
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    steps = steps[steps["tokens_s"].notna()].sort_values("tokens_s").reset_index(drop=True)
+    received = steps["tokens_s"].to_numpy(float)
+    i = np.clip(np.searchsorted(received, requests["first_token_s"].to_numpy(float) - 1e-9), 0, len(steps) - 1)
+    s = steps.iloc[i].reset_index(drop=True)
+    if not np.allclose(s["tokens_s"], requests["first_token_s"], rtol=0, atol=1e-6):
+        raise ValueError(f"{run_dir}: first tokens do not match the steps' received tokens")
+    return pd.DataFrame({
+        "request_id": requests["request_id"],
+        "ttft": requests["first_token_s"] - requests["arrival_s"],
+        "queue": requests["first_scheduled_s"] - requests["arrival_s"],
+        "earlier_chunks": s["start_s"] - requests["first_scheduled_s"],
+        "host_window": s["launch_s"] - s["start_s"],
+        "device": s["device_s"],
+        "behind_and_receive": s["tokens_s"] - s["launch_s"] - s["device_s"]})
+
+
+def compare(real_dirs: list[Path], sim_dir: Path) -> dict:
+    """{"ttft_real_ms", "ttft_sim_ms", "error", component: {"real_ms", "sim_ms", "share"}} with
+    share = (sim - real) / real mean TTFT; the real means are the repeats' mean."""
+    real = pd.concat([split(d).mean(numeric_only=True) for d in real_dirs], axis=1).mean(axis=1)
+    sim = split(sim_dir).mean(numeric_only=True)
+    out = {"ttft_real_ms": 1e3 * real["ttft"], "ttft_sim_ms": 1e3 * sim["ttft"],
+           "error": sim["ttft"] / real["ttft"] - 1}
+    for c in COMPONENTS:
+        out[c] = {"real_ms": 1e3 * real[c], "sim_ms": 1e3 * sim[c], "share": (sim[c] - real[c]) / real["ttft"]}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("real", nargs="+", type=Path, help="real run directories (repeats of one cell)")
+    ap.add_argument("--sim", required=True, type=Path, help="the simulated run of the same cell")
+    args = ap.parse_args(argv)
+    try:
+        r = compare(args.real, args.sim)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"ttft_split: {e}")
+    print(f"mean TTFT real {r['ttft_real_ms']:.2f} ms, sim {r['ttft_sim_ms']:.2f} ms: error {100 * r['error']:+.2f}%")
+    print(f"{'component':<20} {'real ms':>9} {'sim ms':>9} {'(sim - real) / real TTFT':>26}")
+    for c in COMPONENTS:
+        print(f"{c:<20} {r[c]['real_ms']:>9.2f} {r[c]['sim_ms']:>9.2f} {100 * r[c]['share']:>+25.2f}%")
+    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else {a: round(b, 5) for a, b in v.items()})
+                      for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()

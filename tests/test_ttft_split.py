@@ -1,0 +1,55 @@
+"""benchmarks/fidelity/ttft_split.py: a request's TTFT cut at the step loop's events, its parts
+adding up to the TTFT, and a simulated run's TTFT error split into the parts' differences."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "ttft_split", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "ttft_split.py")
+ttft_split = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(ttft_split)
+
+
+def write_run(d: Path, host: float, device: float, queue: float) -> Path:
+    """Two requests: r0's prompt in one step, r1's cut over two steps; times in seconds."""
+    d.mkdir(parents=True)
+    steps, t = [], 0.0
+    for k in range(3):      # step k formed at t, launched after `host`, tokens after the device
+        start = t + queue
+        launch = start + host
+        steps.append({"step": k, "start_s": start, "launch_s": launch, "device_s": device,
+                      "tokens_s": launch + device + 1e-4})
+        t = launch + device + 1e-4
+    pd.DataFrame(steps).to_parquet(d / "steps.parquet")
+    pd.DataFrame([
+        {"request_id": "r0", "arrival_s": 0.0, "first_scheduled_s": steps[0]["start_s"], "first_token_s": steps[0]["tokens_s"]},
+        {"request_id": "r1", "arrival_s": 0.0, "first_scheduled_s": steps[1]["start_s"], "first_token_s": steps[2]["tokens_s"]},
+    ]).to_parquet(d / "requests.parquet")
+    return d
+
+
+def test_the_parts_add_up_to_each_requests_ttft(tmp_path):
+    parts = ttft_split.split(write_run(tmp_path / "real", host=2e-3, device=20e-3, queue=1e-3))
+    total = parts[list(ttft_split.COMPONENTS)].sum(axis=1)
+    assert total.tolist() == pytest.approx(parts["ttft"].tolist())
+    r0, r1 = parts.iloc[0], parts.iloc[1]
+    assert r0["earlier_chunks"] == 0 and r1["earlier_chunks"] > 0     # r1's first chunk ran a step before
+    assert r0["host_window"] == pytest.approx(2e-3) and r0["device"] == pytest.approx(20e-3)
+
+
+def test_the_ttft_error_is_split_into_the_parts_differences(tmp_path, capsys):
+    real = [write_run(tmp_path / f"r{k}", host=3e-3, device=20e-3, queue=1e-3) for k in range(2)]
+    sim = write_run(tmp_path / "sim", host=1e-3, device=19e-3, queue=1e-3)
+    r = ttft_split.compare(real, sim)
+    assert sum(r[c]["share"] for c in ttft_split.COMPONENTS) == pytest.approx(r["error"])
+    assert r["host_window"]["share"] < 0 and r["device"]["share"] < 0
+    assert r["host_window"]["real_ms"] == pytest.approx(3.0) and r["host_window"]["sim_ms"] == pytest.approx(1.0)
+    ttft_split.main([str(p) for p in real] + ["--sim", str(sim)])
+    assert '"error"' in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_directory_without_a_run_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="ttft_split: .*requests.parquet"):
+        ttft_split.main([str(tmp_path), "--sim", str(tmp_path)])
