@@ -70,7 +70,9 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     serving steps at high load carry a chunk beside 64-256 decodes of thousands of tokens;
     decode batches and chunks beside decodes whose contexts are spread as serving's are
     (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
-    decode batches also between the graph sizes; two and four prompt chunks in
+    decode batches also between the graph sizes, and up to 64 of them sharing one 512-token
+    prefix (a system prompt: 10-25% of their KV re-read); two or three prompt chunks behind
+    cached context beside 8 such decodes (a burst of conversation turns); two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
     them), plus eager steps beyond the
@@ -133,10 +135,12 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     # on the H200 (Qwen3-0.6B) mooncake_conv's decode steps of 8-16 decodes ran 19-20 ns per
     # re-read token faster than unshared steps of their shape, the fit says 11 ns
     prefix = min(512, top // 8)
+    def prompted(entries):      # every sequence holds the prefix and something of its own
+        return [(min(L, max(ctx, prefix + 64)), n) for ctx, n in entries]
     for b in batches:
         if 2 <= b <= 64:
             for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train")):
-                add(shared(serving(b, int(top * frac), L), prefix), split)
+                add(shared(prompted(serving(b, int(top * frac), L)), prefix), split)
     cached = max(0, min(L - 1, 1024))
     for k, t in enumerate(t for t in graphs.mixed if t >= 1024 and t // 2 + cached <= L):
         # several prompts in one step, each behind cached context, beside serving's decodes:
@@ -149,7 +153,7 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             "held_out" if k % 2 else "train")
         third = (t - few) // 3
         add(shared([(prefix + third, third)] * 2 + [(prefix + t - few - 2 * third, t - few - 2 * third)], prefix)
-            + shared(serving(few, top // 2, L), prefix), "train" if k % 2 else "held_out")
+            + shared(prompted(serving(few, top // 2, L)), prefix), "train" if k % 2 else "held_out")
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
         if cached and t + cached <= L:
