@@ -53,13 +53,6 @@ class HardwareSpec:
         `layer_fixed_s` per layer (programmatic dependent launch: each kernel starts while
         the one before it ends); the roofline subtracts it only when told the engine's
         pdl_max_tokens.
-    pdl_layer_saving_measured_s: the PDL saving per layer measured on the GPU (the same
-        small steps timed with the engine's pdl_max_tokens at 0 and at its default, kernel
-        plan pinned), or None. Stated, simulator.hardware_fit holds pdl_layer_saving_s at it
-        instead of solving it: in profiles whose small steps are dominated by weight reads
-        (Llama-3.1-8B, a mixture of experts) the saving is barely determined (the H200 fit
-        without Qwen3-0.6B: train MAPE 7.19% at 0 us, 7.28% at 7 us; it took 0) though a
-        narrow model's decode steps depend on it (Qwen3-0.6B's TPOT +14..+18% at 0).
     roofline_exponent: p of how a kernel group's compute time c and memory time m combine,
         (c^p + m^p)^(1/p): infinity is the ideal roofline max(c, m); a finite p charges the
         shapes near the ridge point, where neither unit runs at its rate, more.
@@ -104,7 +97,6 @@ class HardwareSpec:
     step_fixed_s: float = 0.0
     layer_fixed_s: float = 0.0
     pdl_layer_saving_s: float = 0.0
-    pdl_layer_saving_measured_s: float | None = None
     attention_flops_efficiency: float | None = None
     expert_flops_efficiency: float | None = None
     roofline_exponent: float = math.inf
@@ -132,9 +124,6 @@ class HardwareSpec:
         a = self.expert_flops_efficiency
         _require(a is None or 0 < a <= 1,
                  f"hardware {self.name!r}: expert_flops_efficiency must be in (0, 1] or null, got {a!r}")
-        a = self.pdl_layer_saving_measured_s
-        _require(a is None or a >= 0,
-                 f"hardware {self.name!r}: pdl_layer_saving_measured_s must be >= 0 or null, got {a!r}")
         _require(self.roofline_exponent >= 1,
                  f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
         for field in ("flops_half_tokens", "gemm_depth_overhead", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
