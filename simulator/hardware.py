@@ -58,8 +58,9 @@ class HardwareSpec:
         shapes near the ridge point, where neither unit runs at its rate, more.
     layer_launch_s: extra per-layer cost of a step run eagerly (kernel launches the device
         waits for); a step replayed from a CUDA graph does not pay it.
-    step_overhead_s, seq_overhead_s, prefill_token_overhead_s: host time to form, pack and
-        launch a step: fixed, per scheduled sequence, and per prompt token it computes.
+    step_overhead_s, seq_overhead_s, prefill_token_overhead_s, prefill_step_overhead_s: host
+        time to form, pack and launch a step: fixed, per scheduled sequence, per prompt token
+        it computes, and once more for a step that carries a prompt chunk at all.
     update_overhead_s, update_seq_overhead_s: host time after a step's tokens arrive
         (receive them, update the policy): fixed, and per scheduled sequence.
     Host time runs concurrently with the device under asynchronous scheduling; the
@@ -106,6 +107,7 @@ class HardwareSpec:
     update_overhead_s: float = 0.1e-3
     update_seq_overhead_s: float = 1e-6
     prefill_token_overhead_s: float = 0.0
+    prefill_step_overhead_s: float = 0.0
     attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
     attention_reference_block: int = 16
     shared_kv_read_cost: float = 1.0
@@ -128,7 +130,8 @@ class HardwareSpec:
                  f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
         for field in ("flops_half_tokens", "gemm_depth_overhead", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
-                      "update_overhead_s", "update_seq_overhead_s", "prefill_token_overhead_s"):
+                      "update_overhead_s", "update_seq_overhead_s", "prefill_token_overhead_s",
+                      "prefill_step_overhead_s"):
             value = getattr(self, field)
             _require(value >= 0, f"hardware {self.name!r}: {field} must be >= 0, got {value!r}")
         _require(self.pdl_layer_saving_s <= self.layer_fixed_s,
@@ -191,7 +194,8 @@ class HardwareSpec:
 
     def host_costs(self) -> "HostCosts":
         return HostCosts(self.step_overhead_s, self.seq_overhead_s, self.update_overhead_s,
-                         self.update_seq_overhead_s, self.prefill_token_overhead_s)
+                         self.update_seq_overhead_s, self.prefill_token_overhead_s,
+                         self.prefill_step_overhead_s)
 
 
 def check_block_cost(value, where: str) -> dict:
@@ -245,15 +249,19 @@ class HostCosts:
     launch also per prompt token the step computes (`launch_token_s`: a prompt chunk's
     token ids, positions and KV slots are packed token by token, so a step with 8k prompt
     tokens takes about twice a decode step's host time, more than the device needs for the
-    decode step before it)."""
+    decode step before it), and once per step that carries a prompt chunk (`launch_prompt_s`:
+    the prefill path's own work, tile list and chunk bookkeeping; every H200 profile shows
+    it, +330..600 us)."""
     launch_s: float = 0.0
     launch_seq_s: float = 0.0
     receive_s: float = 0.0
     receive_seq_s: float = 0.0
     launch_token_s: float = 0.0
+    launch_prompt_s: float = 0.0
 
     def before_launch(self, num_seqs: int, num_prefill_tokens: int = 0) -> float:
-        return self.launch_s + self.launch_seq_s * num_seqs + self.launch_token_s * num_prefill_tokens
+        return (self.launch_s + self.launch_seq_s * num_seqs + self.launch_token_s * num_prefill_tokens
+                + (self.launch_prompt_s if num_prefill_tokens else 0.0))
 
     def after_wait(self, num_seqs: int) -> float:
         return self.receive_s + self.receive_seq_s * num_seqs

@@ -215,24 +215,27 @@ def fitted_params(profiles: list[Profile], hw: HardwareSpec | None = None) -> tu
     return searched, tuple(n for n in FIXED if not skip.get(n))
 
 
-HOST_TERMS = {   # profile column -> the overheads fitted on it: fixed, per sequence, per prompt token
-    "host_launch_s": ("step_overhead_s", "seq_overhead_s", "prefill_token_overhead_s"),
+HOST_TERMS = {   # profile column -> the overheads fitted on it: fixed, per sequence, per prompt
+    # token, per step with a prompt chunk
+    "host_launch_s": ("step_overhead_s", "seq_overhead_s", "prefill_token_overhead_s", "prefill_step_overhead_s"),
     "host_receive_s": ("update_overhead_s", "update_seq_overhead_s"),
 }
 
 
 def fit_host_joint(profiles: list[Profile]) -> dict:
     """Host costs of the step loop (HardwareSpec's step/seq/update overheads): fixed + per
-    scheduled sequence (+ per prompt token for the launch: a chunk is packed token by
-    token), non-negative least squares over every profile's steps, each profile weighted
+    scheduled sequence (+ per prompt token and per step with a prompt chunk for the launch:
+    a chunk is packed token by token, and the prefill path has work of its own),
+    non-negative least squares over every profile's steps, each profile weighted
     the same."""
     out = {}
     for column, names in HOST_TERMS.items():
         X, y = [], []
         for p in profiles:
             w = 1 / np.sqrt(len(p.steps))
-            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float),
-                    p.steps["num_prefill_tokens"].to_numpy(float)][:len(names)]
+            prompt = p.steps["num_prefill_tokens"].to_numpy(float)
+            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float), prompt,
+                    (prompt > 0).astype(float)][:len(names)]
             X.append(w * np.column_stack(cols))
             y.append(w * p.steps[column].to_numpy(float))
         coef = nonnegative_lstsq(np.vstack(X), np.concatenate(y))

@@ -41,7 +41,8 @@ def write_profile(tmp_path, model: str, hw: HardwareSpec, device="NVIDIA H100", 
         f = shape_batch(point["shape"], 16, 4000).features()
         kind, padded = GRAPHS.rows(f)
         rows.append({**f, "kind": kind, "rows": padded, "split": point["split"], "device_s": cost.predict(f),
-                     "host_launch_s": 3e-4 + 2e-6 * f["num_seqs"] + 1.5e-7 * f["num_prefill_tokens"],
+                     "host_launch_s": 3e-4 + 2e-6 * f["num_seqs"] + 1.5e-7 * f["num_prefill_tokens"]
+                                      + 2.5e-4 * (f["num_prefill_tokens"] > 0),
                      "host_receive_s": 4e-5 + 1e-6 * f["num_seqs"]})
     path = tmp_path / f"{model}-tp{tp}.profile.parquet"
     pd.DataFrame(rows).to_parquet(path)
@@ -68,6 +69,7 @@ def test_joint_fit_recovers_the_parameters_a_roofline_made(tmp_path):
     # host costs: least squares over both profiles' steps
     assert fitted.step_overhead_s == pytest.approx(3e-4) and fitted.seq_overhead_s == pytest.approx(2e-6)
     assert fitted.prefill_token_overhead_s == pytest.approx(1.5e-7)
+    assert fitted.prefill_step_overhead_s == pytest.approx(2.5e-4)
     assert fitted.update_overhead_s == pytest.approx(4e-5)
 
 
