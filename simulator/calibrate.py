@@ -335,13 +335,15 @@ def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
 
 def fit_host(profile: pd.DataFrame) -> dict:
     """Host costs of the step loop (non-negative least squares): the launch fixed + per
-    sequence + per prompt token (packing a chunk is per token), the receive fixed + per
-    sequence."""
+    sequence + per prompt token (packing a chunk is per token) + per step with a prompt chunk
+    (the prefill path's own work), the receive fixed + per sequence."""
     seqs = profile["num_seqs"].to_numpy(float)
-    X = np.column_stack([np.ones(len(profile)), seqs, profile["num_prefill_tokens"].to_numpy(float)])
+    prompt = profile["num_prefill_tokens"].to_numpy(float)
+    X = np.column_stack([np.ones(len(profile)), seqs, prompt, (prompt > 0).astype(float)])
     launch = nonnegative_lstsq(X, profile["host_launch_s"].to_numpy(float))
     receive = nonnegative_lstsq(X[:, :2], profile["host_receive_s"].to_numpy(float))
     return {"launch_s": float(launch[0]), "launch_seq_s": float(launch[1]), "launch_token_s": float(launch[2]),
+            "launch_prompt_s": float(launch[3]),
             "receive_s": float(receive[0]), "receive_seq_s": float(receive[1])}
 
 
@@ -605,7 +607,8 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
               f"(held-out MAPE of the kinds with chunks by exponent: {errors})")
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq "
-          f"+ {1e6 * host.get('launch_token_s', 0.0):.3f} us/prompt token, "
+          f"+ {1e6 * host.get('launch_token_s', 0.0):.3f} us/prompt token "
+          f"+ {1e6 * host.get('launch_prompt_s', 0.0):.1f} us/step with a prompt, "
           f"receive {1e6 * host['receive_s']:.1f} us + {1e6 * host['receive_seq_s']:.2f} us/seq")
 
 

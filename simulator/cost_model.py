@@ -538,6 +538,7 @@ class FittedCostModel(CostModel):
                               "slopes": {name: {"knots": [...], "coefficients": [s/unit at each]}} (optional),
                               "held_out": {"n", "mape", "p90_ape", "max_ape"}}, "mixed": ..., "eager": ...},
          "host": {"launch_s", "launch_seq_s", "launch_token_s" (per prompt token; 0 if absent),
+                  "launch_prompt_s" (per step with a prompt chunk; 0 if absent),
                   "receive_s", "receive_seq_s"},
          "decode_plan": {"num_kv_heads": 8, "num_sms": 132, "split_slack": 1.25, ...}
                         (the split-KV plan the profiled engine ran: DecodePlan.describe())}

@@ -53,20 +53,14 @@ class HardwareSpec:
         `layer_fixed_s` per layer (programmatic dependent launch: each kernel starts while
         the one before it ends); the roofline subtracts it only when told the engine's
         pdl_max_tokens.
-    pdl_layer_saving_measured_s: the PDL saving per layer measured on the GPU (the same
-        small steps timed with the engine's pdl_max_tokens at 0 and at its default, kernel
-        plan pinned), or None. Stated, simulator.hardware_fit holds pdl_layer_saving_s at it
-        instead of solving it: in profiles whose small steps are dominated by weight reads
-        (Llama-3.1-8B, a mixture of experts) the saving is barely determined (the H200 fit
-        without Qwen3-0.6B: train MAPE 7.19% at 0 us, 7.28% at 7 us; it took 0) though a
-        narrow model's decode steps depend on it (Qwen3-0.6B's TPOT +14..+18% at 0).
     roofline_exponent: p of how a kernel group's compute time c and memory time m combine,
         (c^p + m^p)^(1/p): infinity is the ideal roofline max(c, m); a finite p charges the
         shapes near the ridge point, where neither unit runs at its rate, more.
     layer_launch_s: extra per-layer cost of a step run eagerly (kernel launches the device
         waits for); a step replayed from a CUDA graph does not pay it.
-    step_overhead_s, seq_overhead_s, prefill_token_overhead_s: host time to form, pack and
-        launch a step: fixed, per scheduled sequence, and per prompt token it computes.
+    step_overhead_s, seq_overhead_s, prefill_token_overhead_s, prefill_step_overhead_s: host
+        time to form, pack and launch a step: fixed, per scheduled sequence, per prompt token
+        it computes, and once more for a step that carries a prompt chunk at all.
     update_overhead_s, update_seq_overhead_s: host time after a step's tokens arrive
         (receive them, update the policy): fixed, and per scheduled sequence.
     Host time runs concurrently with the device under asynchronous scheduling; the
@@ -104,7 +98,6 @@ class HardwareSpec:
     step_fixed_s: float = 0.0
     layer_fixed_s: float = 0.0
     pdl_layer_saving_s: float = 0.0
-    pdl_layer_saving_measured_s: float | None = None
     attention_flops_efficiency: float | None = None
     expert_flops_efficiency: float | None = None
     roofline_exponent: float = math.inf
@@ -114,6 +107,7 @@ class HardwareSpec:
     update_overhead_s: float = 0.1e-3
     update_seq_overhead_s: float = 1e-6
     prefill_token_overhead_s: float = 0.0
+    prefill_step_overhead_s: float = 0.0
     attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
     attention_reference_block: int = 16
     shared_kv_read_cost: float = 1.0
@@ -132,14 +126,12 @@ class HardwareSpec:
         a = self.expert_flops_efficiency
         _require(a is None or 0 < a <= 1,
                  f"hardware {self.name!r}: expert_flops_efficiency must be in (0, 1] or null, got {a!r}")
-        a = self.pdl_layer_saving_measured_s
-        _require(a is None or a >= 0,
-                 f"hardware {self.name!r}: pdl_layer_saving_measured_s must be >= 0 or null, got {a!r}")
         _require(self.roofline_exponent >= 1,
                  f"hardware {self.name!r}: roofline_exponent must be >= 1 (.inf: the max), got {self.roofline_exponent!r}")
         for field in ("flops_half_tokens", "gemm_depth_overhead", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
-                      "update_overhead_s", "update_seq_overhead_s", "prefill_token_overhead_s"):
+                      "update_overhead_s", "update_seq_overhead_s", "prefill_token_overhead_s",
+                      "prefill_step_overhead_s"):
             value = getattr(self, field)
             _require(value >= 0, f"hardware {self.name!r}: {field} must be >= 0, got {value!r}")
         _require(self.pdl_layer_saving_s <= self.layer_fixed_s,
@@ -202,7 +194,8 @@ class HardwareSpec:
 
     def host_costs(self) -> "HostCosts":
         return HostCosts(self.step_overhead_s, self.seq_overhead_s, self.update_overhead_s,
-                         self.update_seq_overhead_s, self.prefill_token_overhead_s)
+                         self.update_seq_overhead_s, self.prefill_token_overhead_s,
+                         self.prefill_step_overhead_s)
 
 
 def check_block_cost(value, where: str) -> dict:
@@ -256,15 +249,19 @@ class HostCosts:
     launch also per prompt token the step computes (`launch_token_s`: a prompt chunk's
     token ids, positions and KV slots are packed token by token, so a step with 8k prompt
     tokens takes about twice a decode step's host time, more than the device needs for the
-    decode step before it)."""
+    decode step before it), and once per step that carries a prompt chunk (`launch_prompt_s`:
+    the prefill path's own work, tile list and chunk bookkeeping; every H200 profile shows
+    it, +330..600 us)."""
     launch_s: float = 0.0
     launch_seq_s: float = 0.0
     receive_s: float = 0.0
     receive_seq_s: float = 0.0
     launch_token_s: float = 0.0
+    launch_prompt_s: float = 0.0
 
     def before_launch(self, num_seqs: int, num_prefill_tokens: int = 0) -> float:
-        return self.launch_s + self.launch_seq_s * num_seqs + self.launch_token_s * num_prefill_tokens
+        return (self.launch_s + self.launch_seq_s * num_seqs + self.launch_token_s * num_prefill_tokens
+                + (self.launch_prompt_s if num_prefill_tokens else 0.0))
 
     def after_wait(self, num_seqs: int) -> float:
         return self.receive_s + self.receive_seq_s * num_seqs

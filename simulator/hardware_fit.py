@@ -161,22 +161,12 @@ def relative_errors(profile: Profile, hw: HardwareSpec, split: str | None = None
     return (predictions(profile, hw, split) - times) / times, kinds
 
 
-def held_pdl(hw: HardwareSpec, fixed: tuple) -> bool:
-    """Whether the fit holds the PDL saving at the measured value `hw` states."""
-    return hw.pdl_layer_saving_measured_s is not None and "pdl_layer_saving_s" not in fixed
-
-
 def without_fixed(hw: HardwareSpec, fixed: tuple) -> HardwareSpec:
     """`hw` with the fixed costs of `fixed` at 0 (and the PDL saving, which may not exceed
-    layer_fixed_s, with it; a held, measured saving stays, and layer_fixed_s starts at it:
-    the steps in the PDL range then pay 0 per layer, the others the saving); the others keep
-    `hw`'s values."""
+    layer_fixed_s, with it); the others keep `hw`'s values."""
     zero = {n: 0.0 for n in fixed}
     if "layer_fixed_s" in fixed:
-        if held_pdl(hw, fixed):
-            zero["layer_fixed_s"] = hw.pdl_layer_saving_s
-        else:
-            zero["pdl_layer_saving_s"] = 0.0
+        zero["pdl_layer_saving_s"] = 0.0
     return dataclasses.replace(hw, **zero)
 
 
@@ -205,8 +195,7 @@ def fitted_params(profiles: list[Profile], hw: HardwareSpec | None = None) -> tu
     without two dense models (one model's GEMMs all grow with its rows together, so K0
     only scales its efficiency; models of different widths tell them apart), the expert
     GEMMs' efficiency without a mixture of experts, the shared-read cost without decodes
-    sharing KV blocks, the PDL saving without an engine using PDL (or where `hw` states
-    it measured: pdl_layer_saving_measured_s, held there), the all-reduce latency
+    sharing KV blocks, the PDL saving without an engine using PDL, the all-reduce latency
     without tp > 1, the eager launch cost without eager steps; and the attention FLOP
     efficiency where `hw` states it (MEASURED)."""
     searched = dict(SEARCHED)
@@ -220,31 +209,33 @@ def fitted_params(profiles: list[Profile], hw: HardwareSpec | None = None) -> tu
     for name in MEASURED:
         if hw is not None and getattr(hw, name) is not None:
             searched.pop(name)
-    skip = {"pdl_layer_saving_s": not any(p.pdl_max_tokens for p in profiles)
-                                  or (hw is not None and hw.pdl_layer_saving_measured_s is not None),
+    skip = {"pdl_layer_saving_s": not any(p.pdl_max_tokens for p in profiles),
             "allreduce_latency_s": all(p.tp == 1 for p in profiles),
             "layer_launch_s": not any((p.steps["kind"] == "eager").any() for p in profiles)}
     return searched, tuple(n for n in FIXED if not skip.get(n))
 
 
-HOST_TERMS = {   # profile column -> the overheads fitted on it: fixed, per sequence, per prompt token
-    "host_launch_s": ("step_overhead_s", "seq_overhead_s", "prefill_token_overhead_s"),
+HOST_TERMS = {   # profile column -> the overheads fitted on it: fixed, per sequence, per prompt
+    # token, per step with a prompt chunk
+    "host_launch_s": ("step_overhead_s", "seq_overhead_s", "prefill_token_overhead_s", "prefill_step_overhead_s"),
     "host_receive_s": ("update_overhead_s", "update_seq_overhead_s"),
 }
 
 
 def fit_host_joint(profiles: list[Profile]) -> dict:
     """Host costs of the step loop (HardwareSpec's step/seq/update overheads): fixed + per
-    scheduled sequence (+ per prompt token for the launch: a chunk is packed token by
-    token), non-negative least squares over every profile's steps, each profile weighted
+    scheduled sequence (+ per prompt token and per step with a prompt chunk for the launch:
+    a chunk is packed token by token, and the prefill path has work of its own),
+    non-negative least squares over every profile's steps, each profile weighted
     the same."""
     out = {}
     for column, names in HOST_TERMS.items():
         X, y = [], []
         for p in profiles:
             w = 1 / np.sqrt(len(p.steps))
-            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float),
-                    p.steps["num_prefill_tokens"].to_numpy(float)][:len(names)]
+            prompt = p.steps["num_prefill_tokens"].to_numpy(float)
+            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float), prompt,
+                    (prompt > 0).astype(float)][:len(names)]
             X.append(w * np.column_stack(cols))
             y.append(w * p.steps[column].to_numpy(float))
         coef = nonnegative_lstsq(np.vstack(X), np.concatenate(y))
@@ -267,9 +258,6 @@ def fit_joint(profiles: list[Profile], hw: HardwareSpec, sweeps: int = 4,
     leads = {f.name: f.default for f in dataclasses.fields(HardwareSpec)
              if (f.name in SEARCHED or f.name in FIXED) and not (f.name in MEASURED and f.name not in searched)}
     leads |= LEADS
-    measured = hw.pdl_layer_saving_measured_s
-    if measured is not None and "pdl_layer_saving_s" not in fixed:    # held at the measurement
-        leads |= {"pdl_layer_saving_s": measured, "layer_fixed_s": max(leads["layer_fixed_s"], measured)}
     for name in ("attention_flops_efficiency", "expert_flops_efficiency"):    # None: flops_efficiency's
         if name in searched and leads[name] is None:
             leads[name] = leads["flops_efficiency"]
@@ -384,8 +372,9 @@ def fixed_columns(profile: Profile, hw: HardwareSpec, fixed: tuple) -> np.ndarra
     base = predictions(profile, zero, "train")
     cols = []
     for name in fixed:
-        names = ("layer_fixed_s", name) if name == "pdl_layer_saving_s" else (name,)
-        unit = {n: getattr(zero, n) + MICROSECOND for n in names}
+        unit = {"layer_fixed_s": MICROSECOND, name: MICROSECOND}
+        if name != "pdl_layer_saving_s":
+            unit = {name: MICROSECOND}
         cols.append((predictions(profile, dataclasses.replace(zero, **unit), "train") - base) / MICROSECOND)
     return np.column_stack(cols) if cols else np.zeros((len(base), 0))
 
@@ -411,7 +400,7 @@ def solve_fixed(profiles: list[Profile], hw: HardwareSpec, fixed: tuple,
             coef = nonnegative_lstsq(np.vstack([X * s[:, None] for X, s in zip(columns, root)]),
                                      np.concatenate([(t - r) * s for t, r, s in zip(times, rests, root)]))
             weights = [1 / (len(e) * np.maximum(np.abs(e), 1e-4)) for e in errors(coef)]
-    values = {n: getattr(zero, n) + float(c) for n, c in zip(fixed, coef)}   # a held PDL saving's base
+    values = dict(zip(fixed, map(float, coef)))
     if "pdl_layer_saving_s" in values:
         values["layer_fixed_s"] = values.get("layer_fixed_s", 0.0) + values["pdl_layer_saving_s"]
     err = float(np.mean([np.abs(e).mean() for e in errors(coef)]))
@@ -522,8 +511,6 @@ def main(argv=None) -> None:
     # joint one has), but a measured one the file states
     fitted = [n for n in SEARCHED if n in searched or n not in MEASURED] + list(fixed) + [
         n for names in HOST_TERMS.values() for n in names] + ["attention_reference_block"]
-    if held_pdl(given, fixed):      # the measured saving the fit held, in the field the roofline reads
-        fitted.append("pdl_layer_saving_s")
     text = Path(args.hardware).read_text()
     done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:

@@ -43,6 +43,27 @@ def test_fit_host_recovers_a_per_prompt_token_launch_cost():
     assert costs.before_launch(10, 4000) == pytest.approx(9e-4 + 3e-5 + 8e-4)
 
 
+def test_fit_host_recovers_a_per_prompt_step_launch_cost():
+    """A step that carries a prompt chunk pays once more (the prefill path's own work),
+    whatever its tokens: fitted apart from the per-token cost, charged to prompt steps only."""
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(1, 256, 400)
+    tokens = np.where(rng.random(400) < 0.5, 0, rng.integers(1, 8192, 400))
+    profile = pd.DataFrame({"num_seqs": seqs, "num_prefill_tokens": tokens,
+                            "host_launch_s": 3e-4 + 3e-6 * seqs + 1e-7 * tokens + 4e-4 * (tokens > 0),
+                            "host_receive_s": 2e-5 + 5e-7 * seqs})
+    host = fit_host(profile)
+    assert host["launch_prompt_s"] == pytest.approx(4e-4) and host["launch_s"] == pytest.approx(3e-4)
+    assert host["launch_token_s"] == pytest.approx(1e-7)
+    costs = HostCosts(**host)
+    assert costs.before_launch(10, 0) == pytest.approx(3e-4 + 3e-5)
+    assert costs.before_launch(10, 1) - costs.before_launch(10, 0) == pytest.approx(4e-4 + 1e-7)
+    hw = dataclasses.replace(H100, prefill_step_overhead_s=4e-4)
+    assert hw.host_costs().launch_prompt_s == 4e-4
+    with pytest.raises(ValueError, match="prefill_step_overhead_s"):
+        dataclasses.replace(H100, prefill_step_overhead_s=-1e-6)
+
+
 def run(token_s: float):
     hw = dataclasses.replace(H100, prefill_token_overhead_s=token_s)
     cost = RooflineCostModel(QWEN, hw, graphs=CudaGraphs.for_engine(16, 2048, 2048))
