@@ -723,7 +723,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
     def variants(features: list[str], suffix: str) -> dict:
         feature_sets = {"": features}
         for f in optional:
-            if f in features:     # (a feature that refines another leaves with it: FEATURE_NEEDS)
+            if f in features and f not in earn:   # (a feature refining another leaves with it: FEATURE_NEEDS)
                 feature_sets[f" without {f}"] = [x for x in features if x != f and FEATURE_NEEDS.get(x) != f]
         return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots,
                                                              {f: slope_knots for f in subset if f in fs}))
