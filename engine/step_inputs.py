@@ -342,16 +342,16 @@ class StepPacker:
         np.cumsum(q, out=query_start_loc[1:B + 1])
         context_lens[:B] = ctx
         self.block_tables.gather(seqs, num_ctx_blocks.tolist(), block_tables)
+        # the decodes (first, one token each), then each prompt chunk copied from a view of
+        # its sequence's int64 buffer (a Python walk over a chunk's tokens cost ~0.6 us a
+        # token: milliseconds for a long prompt, host time the device waits for)
+        input_ids[:num_decode] = [s.token_ids[c] for s, c in zip(seqs[:num_decode], starts)]
         if num_decode == B:
-            input_ids[:B] = [s.token_ids[c] for s, c in zip(seqs, starts)]
             positions[:B] = start
             rows_of_tokens = np.arange(B)
         else:
-            # token_ids is an int64 array("q"): each chunk is copied from a view of its
-            # buffer (a Python-level walk over the tokens cost ~0.6 us each: milliseconds
-            # for a long prompt, host time the device waits for)
-            offset = 0
-            for s, c, n in zip(seqs, starts, q_lens):
+            offset = num_decode
+            for s, c, n in zip(seqs[num_decode:], starts[num_decode:], q_lens[num_decode:]):
                 input_ids[offset:offset + n] = np.frombuffer(s.token_ids, np.int64, n, 8 * c)
                 offset += n
             positions[:T] = np.arange(T) - np.repeat(query_start_loc[:B] - start, q)
