@@ -15,7 +15,7 @@ from simulator import Simulator
 from simulator.calibrate import fit_calibration, shape_batch
 from simulator.cost_model import CudaGraphs, FittedCostModel
 from tests.test_cost_model_span import H200, META, grid_features
-from tests.test_fast_forward import LinearCost, observed, workloads
+from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads
 
 
 def test_items_are_the_plans_shares_padding_rows_included():
@@ -70,12 +70,7 @@ class ItemsCost(LinearCost):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.booleans())
 def test_event_skipping_counts_items_as_step_by_step_does(workload, async_scheduling):
-    sched, cache_cfg, num_blocks, requests = workload
-
-    def run(skip: bool):
-        return Simulator(sched, cache_cfg, ItemsCost(), num_blocks, async_scheduling=async_scheduling,
-                         event_skipping=skip).run(requests)
-    reference, skipped = run(False), run(True)
+    skipped, reference = skipped_and_reference(ItemsCost(), workload, async_scheduling)
     assert observed(skipped) == observed(reference)
     assert all("decode_work_items" in s for s in reference.steps)
 

@@ -19,7 +19,7 @@ from policy.decode_plan import DECODE_BLOCK_N, PROGRAM_OVERHEAD_TILES, DecodePla
 from simulator import Simulator, calibrate
 from simulator.calibrate import fit_calibration, profile_grid, shape_batch, step_errors
 from simulator.cost_model import CostModel, CudaGraphs, FittedCostModel
-from tests.test_fast_forward import LinearCost, observed, workloads
+from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads
 
 H200 = DecodePlan(8, 132, tuple(decode_sizes(256, 8192)))
 META = {"model": "qwen3-0.6b", "device": "stand-in", "command": "pytest", "decode_plan": H200.describe()}
@@ -89,12 +89,7 @@ class SpanCost(LinearCost):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.booleans())
 def test_event_skipping_records_the_span_step_by_step_does(workload, async_scheduling):
-    sched, cache_cfg, num_blocks, requests = workload
-
-    def run(skip: bool):
-        return Simulator(sched, cache_cfg, SpanCost(), num_blocks, async_scheduling=async_scheduling,
-                         event_skipping=skip).run(requests)
-    reference, skipped = run(False), run(True)
+    skipped, reference = skipped_and_reference(SpanCost(), workload, async_scheduling)
     assert observed(skipped) == observed(reference)
     assert all("decode_span_tokens" in s for s in reference.steps)
 

@@ -62,6 +62,16 @@ def workloads(draw):
     return sched, cache, num_blocks, requests
 
 
+def skipped_and_reference(cost, workload, async_scheduling: bool):
+    """A workload simulated with event skipping and turn by turn on `cost`: (skipped, reference)."""
+    sched, cache, num_blocks, requests = workload
+
+    def run(skip: bool):
+        return Simulator(sched, cache, cost, num_blocks, async_scheduling=async_scheduling,
+                         event_skipping=skip).run(requests)
+    return run(True), run(False)
+
+
 def observed(result):
     seqs = [(s.seq_id, list(s.token_ids), s.token_times, s.first_scheduled_time, s.finish_time,
              s.finish_reason, s.num_preemptions, s.num_cached_tokens, s.num_computed_tokens)
@@ -71,7 +81,8 @@ def observed(result):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.integers(0, 3), st.booleans(),
-       st.sampled_from([HostCosts(), HostCosts(2e-4, 3e-6, 1e-4, 2e-6), HostCosts(3e-3, 1e-5, 2e-3, 1e-5)]))
+       st.sampled_from([HostCosts(), HostCosts(2e-4, 3e-6, 1e-4, 2e-6), HostCosts(3e-3, 1e-5, 2e-3, 1e-5),
+                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_token_s=2e-7, launch_prompt_s=4e-4)]))
 def test_event_skipping_matches_step_by_step(workload, seed, async_scheduling, host):
     sched, cache, num_blocks, requests = workload
 

@@ -22,7 +22,7 @@ from simulator import Simulator
 from simulator.calibrate import fit_calibration, shape_batch, step_errors, with_plan_features
 from simulator.cost_model import CudaGraphs, FittedCostModel
 from tests.test_cost_model_span import H200, META, grid_features
-from tests.test_fast_forward import LinearCost, observed, workloads
+from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1"
@@ -139,12 +139,7 @@ class SplitCost(LinearCost):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.booleans())
 def test_event_skipping_counts_the_splits_step_by_step_does(workload, async_scheduling):
-    sched, cache_cfg, num_blocks, requests = workload
-
-    def run(skip: bool):
-        return Simulator(sched, cache_cfg, SplitCost(), num_blocks, async_scheduling=async_scheduling,
-                         event_skipping=skip).run(requests)
-    reference, skipped = run(False), run(True)
+    skipped, reference = skipped_and_reference(SplitCost(), workload, async_scheduling)
     assert observed(skipped) == observed(reference)
 
 
