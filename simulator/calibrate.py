@@ -333,13 +333,19 @@ def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
     return profile.assign(**{f: computed[f] for f in missing})
 
 
+def host_columns(steps: pd.DataFrame) -> np.ndarray:
+    """Each step's host-cost regressors, in HostCosts' launch order: 1, its sequences, its
+    prompt tokens, whether it carries a prompt chunk (the receive takes the first two)."""
+    prompt = steps["num_prefill_tokens"].to_numpy(float)
+    return np.column_stack([np.ones(len(steps)), steps["num_seqs"].to_numpy(float), prompt,
+                            (prompt > 0).astype(float)])
+
+
 def fit_host(profile: pd.DataFrame) -> dict:
     """Host costs of the step loop (non-negative least squares): the launch fixed + per
     sequence + per prompt token (packing a chunk is per token) + per step with a prompt chunk
     (the prefill path's own work), the receive fixed + per sequence."""
-    seqs = profile["num_seqs"].to_numpy(float)
-    prompt = profile["num_prefill_tokens"].to_numpy(float)
-    X = np.column_stack([np.ones(len(profile)), seqs, prompt, (prompt > 0).astype(float)])
+    X = host_columns(profile)
     launch = nonnegative_lstsq(X, profile["host_launch_s"].to_numpy(float))
     receive = nonnegative_lstsq(X[:, :2], profile["host_receive_s"].to_numpy(float))
     return {"launch_s": float(launch[0]), "launch_seq_s": float(launch[1]), "launch_token_s": float(launch[2]),

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.calibrate import with_shared_feature
+from simulator.calibrate import host_columns, with_shared_feature
 from simulator.cost_model import (REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel,
                                   nonnegative_lstsq)
 from simulator.hardware import HardwareSpec
@@ -233,10 +233,7 @@ def fit_host_joint(profiles: list[Profile]) -> dict:
         X, y = [], []
         for p in profiles:
             w = 1 / np.sqrt(len(p.steps))
-            prompt = p.steps["num_prefill_tokens"].to_numpy(float)
-            cols = [np.ones(len(p.steps)), p.steps["num_seqs"].to_numpy(float), prompt,
-                    (prompt > 0).astype(float)][:len(names)]
-            X.append(w * np.column_stack(cols))
+            X.append(w * host_columns(p.steps)[:, :len(names)])
             y.append(w * p.steps[column].to_numpy(float))
         coef = nonnegative_lstsq(np.vstack(X), np.concatenate(y))
         out |= {name: float(c) for name, c in zip(names, coef)}
