@@ -689,8 +689,11 @@ def main():
             print_sweep(out["sweep"])
         sys.stdout.flush()
     if "pin" in stages:
-        out["pin"] = [pin_format(args, fmt, extra) for fmt in formats]
-        print_pin(out["pin"], name)
+        out["pin"] = []
+        for fmt in formats:     # a row per format as it finishes: a time limit keeps the done ones
+            out["pin"].append(pin_format(args, fmt, extra))
+            print_pin(out["pin"][-1:], name)
+            sys.stdout.flush()
     if "engine" in stages:
         base = read_reference(args.reference) if args.reference else None
         print(f"\nengine on {name}: {args.model}, decode at context ~{args.decode_context} "
