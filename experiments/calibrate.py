@@ -16,7 +16,8 @@
    host time of its launch and wait: `time_shape`), plus the policy's own host time per step
    (schedule, update, receive on a Scheduler of that many sequences); then a short run of
    the engine's own step loop on synthetic requests (`serving_host`: the host window from
-   forming a step to its launch, admissions included; recorded as `host_serving`);
+   forming a step to its launch, admissions timed apart; recorded as `host_serving`, the
+   step records as <name>.serving.parquet);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
    efficiencies and overheads (simulator.calibrate), and print the error on held-out
    shapes per step kind;
@@ -229,20 +230,26 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     return table
 
 
-SERVING_REQUESTS = 24   # the short run of the engine's step loop that times its host window
-SERVING_OUTPUT = 16     # tokens each
-SERVING_EVERY = 3       # one request admitted every 3 turns of the loop
+SERVING_REQUESTS = 48   # the short run of the engine's step loop that times its host window
+SERVING_OUTPUT = 24     # tokens each
+# Requests added per turn of the loop, cycled: turns admitting 0, 1, 2 and 3 requests, so a
+# step's admissions vary apart from its prompt chunks (a burst's prompts share a step or
+# spill into the next; a prompt past the token budget is cut into chunks that admit nothing).
+SERVING_BURSTS = (1, 0, 0, 2, 0, 0, 0, 3, 0, 0, 1, 0, 0, 0, 2, 0)
 
 
 def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
     """The engine's own step loop on SERVING_REQUESTS synthetic requests (random token ids,
     prompts of 16 to `max_prompt` tokens spaced geometrically, in a fixed shuffled order,
-    SERVING_OUTPUT tokens each), one admitted every SERVING_EVERY turns the way a replay
-    admits arrivals: the clock is polled, the request added (engine.add_request), then the
-    step formed at the polled time. Returns the step records it made (start_s, launch_s, ...
-    as policy.StepLoop writes them) with `admitted` / `admitted_tokens`: the requests and
-    prompt tokens added in the turn that formed the step. What the profile's launches leave
-    out of a serving step's host window: admissions and the loop's own work."""
+    SERVING_OUTPUT tokens each), added SERVING_BURSTS[turn] at a time the way a replay admits
+    arrivals: the clock is polled, the requests added (engine.add_request, timed), then the
+    step formed at the polled time; the collector is frozen first, as a replay freezes it.
+    Returns the step records it made (start_s, launch_s, ... as policy.StepLoop writes them)
+    with `admitted` / `admitted_tokens` / `admit_time_s`: the requests and prompt tokens added
+    in the turn that formed the step and the host seconds their add_request calls took. What
+    the profile's launches leave out of a serving step's host window: admissions and the
+    loop's own work (simulator.calibrate.fit_serving_host fits it)."""
+    import gc
     import numpy as np
     from engine import SamplingParams
     rng = np.random.default_rng(seed)
@@ -252,20 +259,28 @@ def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
     pending = [rng.integers(1, vocab, n).tolist() for n in lengths]
     params = SamplingParams(max_tokens=SERVING_OUTPUT, ignore_eos=True)
     first, added, turn = len(engine.step_records), {}, 0
-    while pending or engine.has_unfinished():
-        now = engine.clock()
-        tokens = []
-        if pending and turn % SERVING_EVERY == 0:
-            prompt = pending.pop()
-            engine.add_request(prompt, params)
-            tokens.append(len(prompt))
-        engine.step(now)
-        if engine.loop.last_record is not None:
-            added[id(engine.loop.last_record)] = tokens
-        turn += 1
+    gc.collect()
+    gc.freeze()
+    try:
+        while pending or engine.has_unfinished():
+            now = engine.clock()
+            tokens, t0 = [], time.perf_counter()
+            for _ in range(min(len(pending), SERVING_BURSTS[turn % len(SERVING_BURSTS)])):
+                prompt = pending.pop()
+                engine.add_request(prompt, params)
+                tokens.append(len(prompt))
+            admit_s = time.perf_counter() - t0 if tokens else 0.0
+            engine.step(now)
+            if engine.loop.last_record is not None:
+                added[id(engine.loop.last_record)] = (tokens, admit_s)
+            turn += 1
+    finally:
+        gc.unfreeze()
     records = engine.step_records[first:]
-    return pd.DataFrame(records).assign(admitted=[len(added.get(id(r), ())) for r in records],
-                                        admitted_tokens=[sum(added.get(id(r), ())) for r in records])
+    turns = [added.get(id(r), ((), 0.0)) for r in records]
+    return pd.DataFrame(records).assign(admitted=[len(t) for t, _ in turns],
+                                        admitted_tokens=[sum(t) for t, _ in turns],
+                                        admit_time_s=[a for _, a in turns])
 
 
 def device_name(rc: RunConfig) -> str:
@@ -319,13 +334,16 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)"}
-    # measured for the simulator's host model, whose HostCosts take fixed + per sequence only
+    # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(serving)
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
     profile_path = out.with_suffix(".profile.parquet")
     table.to_parquet(profile_path, index=False)
-    summary = {"calibration": str(out), "profile": str(profile_path), "device": device,
+    serving_path = out.with_suffix(".serving.parquet")    # fit_serving_host re-fits it, no GPU
+    serving.to_parquet(serving_path, index=False)
+    summary = {"calibration": str(out), "profile": str(profile_path), "serving": str(serving_path),
+               "device": device,
                "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
                "held_out_mape": {k: round(v["held_out"]["mape"], 4)
                                  for k, v in calib["kinds"].items() if "held_out" in v},

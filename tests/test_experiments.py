@@ -500,6 +500,10 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert "decode_span_tokens" not in profile.columns and "decode_plan" not in calib
     hardware = Path(summary["hardware"])
     assert hardware.is_file() and "fitted on" in hardware.read_text()
+    # the serving loop's host window: its steps kept, admissions of 0-3 requests timed apart
+    serving = pd.read_parquet(summary["serving"])
+    assert set(serving["admitted"]) == {0, 1, 2, 3} and (serving.loc[serving["admitted"] > 0, "admit_time_s"] > 0).all()
+    assert calib["host_serving"]["n"] > 0 and calib["host_serving"]["launch_s"] > 0
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
                                 "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
                                 "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
