@@ -26,6 +26,12 @@
    simulator.calibrate`) and the fitted hardware file (<name>.hardware.yaml).
 
 Ends with one JSON line (the files and the held-out errors).
+
+    python -m experiments.calibrate --host-serving-only model=qwen3-0.6b hardware=h200 [...]
+
+re-measures only step 2's serving loop of the existing calibration file (its `host_serving`
+and <name>.serving.parquet; the profile and the fits stay), on the engine the overrides
+describe (give the ones the calibration was made with).
 """
 import dataclasses
 import json
@@ -283,6 +289,54 @@ def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
                                         admit_time_s=[a for _, a in turns])
 
 
+def measure_serving_host(rc: RunConfig, engine) -> pd.DataFrame:
+    """serving_host on the engine `rc` describes, after a run of other requests (seed 1) that
+    compiles and warms what its prompt shapes launch; returns the second run's steps."""
+    max_prompt = min(rc.scheduler.max_model_len - SERVING_OUTPUT, rc.scheduler.max_num_batched_tokens)
+    serving_host(engine, max_prompt, seed=1)
+    return serving_host(engine, max_prompt, seed=0)
+
+
+def remeasure_host_serving(cfg: DictConfig, overrides: list[str]) -> dict:
+    """Re-measure only the serving loop's host window of an existing calibration (the file
+    `calibrate.out` names, else the default path): build the engine, run measure_serving_host,
+    write `host_serving` (with `host_serving_command` and `host_serving_commit`) into the
+    calibration and the steps next to it (<name>.serving.parquet); the profile and the fits
+    are left as they are. Returns the summary also printed as the last line."""
+    rc = build(cfg)
+    if rc.mode != "gpu":
+        raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
+    tp = rc.engine.tensor_parallel_size
+    out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
+               f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
+    if not out.is_file():
+        raise ValueError(f"--host-serving-only: no calibration at {out} (make one with "
+                         "`python run.py experiment=calibrate ...`)")
+    calib = json.loads(out.read_text())
+    if calib.get("model") != rc.model_name or int(calib.get("tp", 1)) != tp:
+        raise ValueError(f"--host-serving-only: {out} is for {calib.get('model')} tp={calib.get('tp')}, "
+                         f"not {rc.model_name} tp={tp}")
+    engine = build_engine(rc)
+    try:
+        serving = measure_serving_host(rc, engine)
+    finally:
+        engine.close()
+    calib["host_serving"] = fit_serving_host(serving)
+    calib["host_serving_command"] = "python -m experiments.calibrate --host-serving-only " + " ".join(overrides)
+    calib["host_serving_commit"] = engine_commit()
+    FittedCostModel(calib, source=str(out))      # loads back
+    out.write_text(json.dumps(calib, indent=2) + "\n")
+    serving_path = out.with_suffix(".serving.parquet")
+    serving.to_parquet(serving_path, index=False)
+    hs = calib["host_serving"]
+    print(f"host window of the engine's step loop ({hs['n']} steps of {SERVING_REQUESTS} requests): "
+          + ", ".join(f"{name} {1e6 * hs[name]:.3g} us" for name in SERVING_HOST_TERMS))
+    summary = {"calibration": str(out), "serving": str(serving_path), "steps": len(serving),
+               "host_serving_us": {name: round(1e6 * hs[name], 3) for name in SERVING_HOST_TERMS}}
+    print(json.dumps(summary))
+    return summary
+
+
 def device_name(rc: RunConfig) -> str:
     if rc.engine.device == "cuda":
         import torch
@@ -310,8 +364,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table = profile(rc, engine, graphs, rc.calibrate.repeats)
-        serving = serving_host(engine, min(rc.scheduler.max_model_len - SERVING_OUTPUT,
-                                           rc.scheduler.max_num_batched_tokens))
+        serving = measure_serving_host(rc, engine)
         plan = engine.decode_plan()
         device = device_name(rc)
         pinned = pinned_plan(engine, device)
@@ -383,14 +436,24 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
 
 def main(argv=None) -> None:
     """`python -m experiments.calibrate <hydra overrides>`: the same as `python run.py
-    experiment=calibrate <overrides>`, without Hydra's output directory."""
+    experiment=calibrate <overrides>`, without Hydra's output directory.
+    `python -m experiments.calibrate --host-serving-only <overrides>`: re-measure only the
+    calibration's serving-loop host window (remeasure_host_serving)."""
     from hydra import compose, initialize_config_dir
     from experiments.config import register_configs
     overrides = list(sys.argv[1:] if argv is None else argv)
+    serving_only = "--host-serving-only" in overrides
+    overrides = [o for o in overrides if o != "--host-serving-only"]
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=["experiment=calibrate"] + overrides)
-    calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
+    if serving_only:
+        try:
+            remeasure_host_serving(cfg, overrides)
+        except ValueError as e:
+            sys.exit(f"experiments.calibrate: {e}")
+    else:
+        calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
 
 
 if __name__ == "__main__":
