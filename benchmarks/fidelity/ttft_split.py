@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     out = {k: (round(v, 5) if isinstance(v, float) else {a: round(b, 5) for a, b in v.items()})
            for k, v in r.items()}
     if bins is not None:
-        print(f"\nby prompt length: mean TTFT (ms) and each part's sim - real (ms)")
+        print("\nby prompt length: mean TTFT (ms) and each part's sim - real (ms)")
         print(f"{'prompt_len':>11} {'n':>4} {'real':>7} {'sim':>7} {'error':>7} "
               + " ".join(f"{c[:12]:>12}" for c in COMPONENTS))
         for b in bins.itertuples(index=False):
