@@ -16,7 +16,8 @@
    host time of its launch and wait: `time_shape`), plus the policy's own host time per step
    (schedule, update, receive on a Scheduler of that many sequences); then a short run of
    the engine's own step loop on synthetic requests (`serving_host`: the host window from
-   forming a step to its launch, admissions included; recorded as `host_serving`);
+   forming a step to its launch, admissions timed apart; recorded as `host_serving`, the
+   step records as <name>.serving.parquet);
 3. fit the `fitted` cost model per step kind and, from the same profile, the roofline's
    efficiencies and overheads (simulator.calibrate), and print the error on held-out
    shapes per step kind;
@@ -25,6 +26,12 @@
    simulator.calibrate`) and the fitted hardware file (<name>.hardware.yaml).
 
 Ends with one JSON line (the files and the held-out errors).
+
+    python -m experiments.calibrate --host-serving-only model=qwen3-0.6b hardware=h200 [...]
+
+re-measures only step 2's serving loop of the existing calibration file (its `host_serving`
+and <name>.serving.parquet; the profile and the fits stay), on the engine the overrides
+describe (give the ones the calibration was made with).
 """
 import dataclasses
 import json
@@ -229,20 +236,26 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     return table
 
 
-SERVING_REQUESTS = 24   # the short run of the engine's step loop that times its host window
-SERVING_OUTPUT = 16     # tokens each
-SERVING_EVERY = 3       # one request admitted every 3 turns of the loop
+SERVING_REQUESTS = 48   # the short run of the engine's step loop that times its host window
+SERVING_OUTPUT = 24     # tokens each
+# Requests added per turn of the loop, cycled: turns admitting 0, 1, 2 and 3 requests, so a
+# step's admissions vary apart from its prompt chunks (a burst's prompts share a step or
+# spill into the next; a prompt past the token budget is cut into chunks that admit nothing).
+SERVING_BURSTS = (1, 0, 0, 2, 0, 0, 0, 3, 0, 0, 1, 0, 0, 0, 2, 0)
 
 
 def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
     """The engine's own step loop on SERVING_REQUESTS synthetic requests (random token ids,
     prompts of 16 to `max_prompt` tokens spaced geometrically, in a fixed shuffled order,
-    SERVING_OUTPUT tokens each), one admitted every SERVING_EVERY turns the way a replay
-    admits arrivals: the clock is polled, the request added (engine.add_request), then the
-    step formed at the polled time. Returns the step records it made (start_s, launch_s, ...
-    as policy.StepLoop writes them) with `admitted` / `admitted_tokens`: the requests and
-    prompt tokens added in the turn that formed the step. What the profile's launches leave
-    out of a serving step's host window: admissions and the loop's own work."""
+    SERVING_OUTPUT tokens each), added SERVING_BURSTS[turn] at a time the way a replay admits
+    arrivals: the clock is polled, the requests added (engine.add_request, timed), then the
+    step formed at the polled time; the collector is frozen first, as a replay freezes it.
+    Returns the step records it made (start_s, launch_s, ... as policy.StepLoop writes them)
+    with `admitted` / `admitted_tokens` / `admit_time_s`: the requests and prompt tokens added
+    in the turn that formed the step and the host seconds their add_request calls took. What
+    the profile's launches leave out of a serving step's host window: admissions and the
+    loop's own work (simulator.calibrate.fit_serving_host fits it)."""
+    import gc
     import numpy as np
     from engine import SamplingParams
     rng = np.random.default_rng(seed)
@@ -252,20 +265,76 @@ def serving_host(engine, max_prompt: int, seed: int = 0) -> pd.DataFrame:
     pending = [rng.integers(1, vocab, n).tolist() for n in lengths]
     params = SamplingParams(max_tokens=SERVING_OUTPUT, ignore_eos=True)
     first, added, turn = len(engine.step_records), {}, 0
-    while pending or engine.has_unfinished():
-        now = engine.clock()
-        tokens = []
-        if pending and turn % SERVING_EVERY == 0:
-            prompt = pending.pop()
-            engine.add_request(prompt, params)
-            tokens.append(len(prompt))
-        engine.step(now)
-        if engine.loop.last_record is not None:
-            added[id(engine.loop.last_record)] = tokens
-        turn += 1
+    gc.collect()
+    gc.freeze()
+    try:
+        while pending or engine.has_unfinished():
+            now = engine.clock()
+            tokens, t0 = [], time.perf_counter()
+            for _ in range(min(len(pending), SERVING_BURSTS[turn % len(SERVING_BURSTS)])):
+                prompt = pending.pop()
+                engine.add_request(prompt, params)
+                tokens.append(len(prompt))
+            admit_s = time.perf_counter() - t0 if tokens else 0.0
+            engine.step(now)
+            if engine.loop.last_record is not None:
+                added[id(engine.loop.last_record)] = (tokens, admit_s)
+            turn += 1
+    finally:
+        gc.unfreeze()
     records = engine.step_records[first:]
-    return pd.DataFrame(records).assign(admitted=[len(added.get(id(r), ())) for r in records],
-                                        admitted_tokens=[sum(added.get(id(r), ())) for r in records])
+    turns = [added.get(id(r), ((), 0.0)) for r in records]
+    return pd.DataFrame(records).assign(admitted=[len(t) for t, _ in turns],
+                                        admitted_tokens=[sum(t) for t, _ in turns],
+                                        admit_time_s=[a for _, a in turns])
+
+
+def measure_serving_host(rc: RunConfig, engine) -> pd.DataFrame:
+    """serving_host on the engine `rc` describes, after a run of other requests (seed 1) that
+    compiles and warms what its prompt shapes launch; returns the second run's steps."""
+    max_prompt = min(rc.scheduler.max_model_len - SERVING_OUTPUT, rc.scheduler.max_num_batched_tokens)
+    serving_host(engine, max_prompt, seed=1)
+    return serving_host(engine, max_prompt, seed=0)
+
+
+def remeasure_host_serving(cfg: DictConfig, overrides: list[str]) -> dict:
+    """Re-measure only the serving loop's host window of an existing calibration (the file
+    `calibrate.out` names, else the default path): build the engine, run measure_serving_host,
+    write `host_serving` (with `host_serving_command` and `host_serving_commit`) into the
+    calibration and the steps next to it (<name>.serving.parquet); the profile and the fits
+    are left as they are. Returns the summary also printed as the last line."""
+    rc = build(cfg)
+    if rc.mode != "gpu":
+        raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
+    tp = rc.engine.tensor_parallel_size
+    out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
+               f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
+    if not out.is_file():
+        raise ValueError(f"--host-serving-only: no calibration at {out} (make one with "
+                         "`python run.py experiment=calibrate ...`)")
+    calib = json.loads(out.read_text())
+    if calib.get("model") != rc.model_name or int(calib.get("tp", 1)) != tp:
+        raise ValueError(f"--host-serving-only: {out} is for {calib.get('model')} tp={calib.get('tp')}, "
+                         f"not {rc.model_name} tp={tp}")
+    engine = build_engine(rc)
+    try:
+        serving = measure_serving_host(rc, engine)
+    finally:
+        engine.close()
+    calib["host_serving"] = fit_serving_host(serving)
+    calib["host_serving_command"] = "python -m experiments.calibrate --host-serving-only " + " ".join(overrides)
+    calib["host_serving_commit"] = engine_commit()
+    FittedCostModel(calib, source=str(out))      # loads back
+    out.write_text(json.dumps(calib, indent=2) + "\n")
+    serving_path = out.with_suffix(".serving.parquet")
+    serving.to_parquet(serving_path, index=False)
+    hs = calib["host_serving"]
+    print(f"host window of the engine's step loop ({hs['n']} steps of {SERVING_REQUESTS} requests): "
+          + ", ".join(f"{name} {1e6 * hs[name]:.3g} us" for name in SERVING_HOST_TERMS))
+    summary = {"calibration": str(out), "serving": str(serving_path), "steps": len(serving),
+               "host_serving_us": {name: round(1e6 * hs[name], 3) for name in SERVING_HOST_TERMS}}
+    print(json.dumps(summary))
+    return summary
 
 
 def device_name(rc: RunConfig) -> str:
@@ -295,8 +364,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table = profile(rc, engine, graphs, rc.calibrate.repeats)
-        serving = serving_host(engine, min(rc.scheduler.max_model_len - SERVING_OUTPUT,
-                                           rc.scheduler.max_num_batched_tokens))
+        serving = measure_serving_host(rc, engine)
         plan = engine.decode_plan()
         device = device_name(rc)
         pinned = pinned_plan(engine, device)
@@ -319,13 +387,16 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)"}
-    # measured for the simulator's host model, whose HostCosts take fixed + per sequence only
+    # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(serving)
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
     profile_path = out.with_suffix(".profile.parquet")
     table.to_parquet(profile_path, index=False)
-    summary = {"calibration": str(out), "profile": str(profile_path), "device": device,
+    serving_path = out.with_suffix(".serving.parquet")    # fit_serving_host re-fits it, no GPU
+    serving.to_parquet(serving_path, index=False)
+    summary = {"calibration": str(out), "profile": str(profile_path), "serving": str(serving_path),
+               "device": device,
                "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
                "held_out_mape": {k: round(v["held_out"]["mape"], 4)
                                  for k, v in calib["kinds"].items() if "held_out" in v},
@@ -365,14 +436,24 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
 
 def main(argv=None) -> None:
     """`python -m experiments.calibrate <hydra overrides>`: the same as `python run.py
-    experiment=calibrate <overrides>`, without Hydra's output directory."""
+    experiment=calibrate <overrides>`, without Hydra's output directory.
+    `python -m experiments.calibrate --host-serving-only <overrides>`: re-measure only the
+    calibration's serving-loop host window (remeasure_host_serving)."""
     from hydra import compose, initialize_config_dir
     from experiments.config import register_configs
     overrides = list(sys.argv[1:] if argv is None else argv)
+    serving_only = "--host-serving-only" in overrides
+    overrides = [o for o in overrides if o != "--host-serving-only"]
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=["experiment=calibrate"] + overrides)
-    calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
+    if serving_only:
+        try:
+            remeasure_host_serving(cfg, overrides)
+        except ValueError as e:
+            sys.exit(f"experiments.calibrate: {e}")
+    else:
+        calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEA
                                   nonnegative_lstsq, step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
-from simulator.hardware import HardwareSpec
+from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 
 # Features a profile made by an older grid may lack (fitted without them, said so), and
 # that each step kind's fit tries in and out (kept where shapes not fitted on say so: with the
@@ -353,28 +353,51 @@ def fit_host(profile: pd.DataFrame) -> dict:
             "receive_s": float(receive[0]), "receive_seq_s": float(receive[1])}
 
 
-# The host window from forming a step to its launch in the engine's own step loop, by term
-# (fit_serving_host). The profile times the runner's launch and the policy's decode
-# scheduling alone; serving's window also holds the admission of the requests that arrived
-# since the step before (the engine's add_request, after the clock is polled the step is
-# formed at) and the loop's own work. Measured on the H200 (Qwen3-0.6B, session 8's
-# ShareGPT runs): 427 us + 302 us for a step with a prompt chunk + 2.2 us a sequence + 0.27
-# us a prompt token + 183 us an admitted request, where the profile's launches say 172 +
-# 264 + 3.5 a sequence + 0.11 a prompt token: light-load TTFT came out 3-5% short.
-SERVING_HOST_TERMS = ("launch_s", "launch_prompt_s", "launch_seq_s", "launch_token_s", "admit_s",
-                      "admit_token_s")
+# The host window from forming a step to its launch in the engine's own step loop
+# (fit_serving_host; the terms, simulator.hardware.SERVING_HOST_TERMS, are what
+# `cost_model.host_window=serving` charges). The profile times the runner's launch and the
+# policy's decode scheduling alone; serving's window also holds the admission of the requests
+# that arrived since the step before (the engine's add_request, after the clock is polled the
+# step is formed at), a new prompt's first scheduling and the loop's own work. Measured on the
+# H200 (Qwen3-0.6B, session 10's azure_conv runs at 0.3 x capacity): a decode step's window
+# 270-292 us (median) against 188 us from the profile's terms, a step with a prompt chunk and
+# its admission 690-940 us against ~460 us.
 
 
 def fit_serving_host(steps: pd.DataFrame) -> dict:
-    """SERVING_HOST_TERMS (seconds; non-negative least squares) of the window launch_s -
-    start_s of a run's step records, with `admitted` and `admitted_tokens` (requests, prompt
-    tokens added since the step before: experiments.calibrate.serving_host), and `n`."""
+    """SERVING_HOST_TERMS (seconds, non-negative least squares) and `n` (steps fitted) from the
+    step records of a run of the engine's step loop (experiments.calibrate.serving_host), with
+    `admitted` / `admitted_tokens` (requests and prompt tokens added in the turn that formed
+    the step) and `admit_time_s` (the host time those add_request calls took). The admission
+    terms are fitted on the timed calls of the turns that admitted; the launch terms
+    (simulator.calibrate.host_columns: fixed, per sequence, per prompt token, per step with
+    a prompt chunk) on the rest of each window, launch_s - start_s - admit_time_s, so the two
+    never trade off against each other. Steps that only preempted are left out, and so is a
+    window more than 10 median absolute residuals off the first fit (a pause of the host:
+    the mean should be the steps', not one collector run's). Raises ValueError for a run
+    without those columns or without an admission."""
+    missing = {"admitted", "admitted_tokens", "admit_time_s"} - set(steps.columns)
+    if missing:
+        raise ValueError(f"serving-host steps lack {sorted(missing)} (recorded by "
+                         "experiments.calibrate.serving_host)")
     steps = steps[steps["num_seqs"] > 0]
-    X = np.column_stack([np.ones(len(steps)), (steps["num_prefill_tokens"] > 0).to_numpy(float),
-                         steps["num_seqs"].to_numpy(float), steps["num_prefill_tokens"].to_numpy(float),
-                         steps["admitted"].to_numpy(float), steps["admitted_tokens"].to_numpy(float)])
-    coef = nonnegative_lstsq(X, (steps["launch_s"] - steps["start_s"]).to_numpy(float))
-    return {**{name: float(c) for name, c in zip(SERVING_HOST_TERMS, coef)}, "n": int(len(steps))}
+    admitting = steps[steps["admitted"] > 0]
+    if admitting.empty:
+        raise ValueError("serving-host steps admit no request: the admission terms cannot be fitted")
+
+    def fit(X, y):      # least squares, again without the outliers of the first fit
+        coef = nonnegative_lstsq(X, y)
+        residual = np.abs(y - X @ coef)
+        keep = residual <= 10 * max(np.median(residual), 1e-6)
+        return (nonnegative_lstsq(X[keep], y[keep]) if not keep.all() else coef), int(keep.sum())
+
+    admit, _ = fit(admitting[["admitted", "admitted_tokens"]].to_numpy(float),
+                   admitting["admit_time_s"].to_numpy(float))
+    window = (steps["launch_s"] - steps["start_s"] - steps["admit_time_s"]).to_numpy(float)
+    launch, n = fit(host_columns(steps), window)
+    terms = {"launch_s": launch[0], "launch_seq_s": launch[1], "launch_token_s": launch[2],
+             "launch_prompt_s": launch[3], "admit_s": admit[0], "admit_token_s": admit[1]}
+    return {**{name: float(terms[name]) for name in SERVING_HOST_TERMS}, "n": n}
 
 
 def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:

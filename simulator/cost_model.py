@@ -28,7 +28,7 @@ import numpy as np
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.decode_plan import RULE_FIELDS, DecodePlan
 from policy.model import ModelConfig, expected_experts_touched
-from simulator.hardware import GiB, HardwareSpec, HostCosts
+from simulator.hardware import HOST_WINDOWS, GiB, HardwareSpec, HostCosts
 
 if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
     import pandas as pd
@@ -546,7 +546,7 @@ class FittedCostModel(CostModel):
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
                  graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
-                 block_size: int | None = None):
+                 block_size: int | None = None, host_window: str = "profile"):
         _require(calibration.get("format") == CALIBRATION_FORMAT,
                  f"{source}: format is {calibration.get('format')!r}, expected {CALIBRATION_FORMAT!r} "
                  "(make one with `python -m experiments.calibrate`)")
@@ -571,7 +571,7 @@ class FittedCostModel(CostModel):
         self.decode_plan = self._decode_plan(graphs)
         self.moe, self.moe_coef = self._moe_terms(calibration, source)
         self.chunk_exponent = self._chunk_exponent(calibration, source)
-        self.host = HostCosts(**calibration.get("host", {}))
+        self.host = HostCosts.from_calibration(calibration, host_window, source)
         self.attn_factors = self._block_factors(hw, block_size)
 
         def factor(name):
@@ -638,10 +638,11 @@ class FittedCostModel(CostModel):
 
     @classmethod
     def load(cls, path, graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
-             block_size: int | None = None) -> "FittedCostModel":
+             block_size: int | None = None, host_window: str = "profile") -> "FittedCostModel":
         path = pathlib.Path(path)
         with open(path) as f:
-            return cls(json.load(f), source=str(path), graphs=graphs, hw=hw, block_size=block_size)
+            return cls(json.load(f), source=str(path), graphs=graphs, hw=hw, block_size=block_size,
+                       host_window=host_window)
 
     def predict(self, f: dict) -> float:
         kind, rows = self.graphs.rows(f)
@@ -869,10 +870,13 @@ class CostModelConfig:
     """kind: roofline | fitted | replay. path: the calibration JSON (fitted; made by
     `python -m experiments.calibrate`) or a run's steps.parquet (replay); relative paths
     are tried from the working directory, then from the repository root. strict: replay
-    checks every step's composition."""
+    checks every step's composition. host_window (fitted): which of the calibration's host
+    measurements the simulator charges (simulator.hardware.HOST_WINDOWS: "profile", the
+    runner's launches; "serving", the engine's own step loop, admissions included)."""
     kind: str = "roofline"
     path: str | None = None
     strict: bool = True
+    host_window: str = "profile"
 
     def __post_init__(self):
         _require(self.kind in COST_MODELS,
@@ -882,6 +886,8 @@ class CostModelConfig:
                  + (" (a calibration JSON from `python -m experiments.calibrate`; see "
                     "simulator/calibrations/README.md)" if self.kind == "fitted" else
                     " (a run's steps.parquet)"))
+        _require(self.host_window in HOST_WINDOWS,
+                 f"cost_model.host_window must be one of {HOST_WINDOWS}, got {self.host_window!r}")
 
 
 def _resolve(path: str) -> pathlib.Path:
@@ -915,7 +921,7 @@ def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, t
     path = _resolve(cfg.path)
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)
-    fitted = FittedCostModel.load(path, graphs, hw, block_size)
+    fitted = FittedCostModel.load(path, graphs, hw, block_size, cfg.host_window)
     calib = fitted.calibration
     _require(_same_model(str(calib.get("model", "")), model.name),
              f"{path}: calibrated for model {calib.get('model')!r}, not {model.name!r}")

@@ -63,6 +63,9 @@ class HardwareSpec:
         it computes, and once more for a step that carries a prompt chunk at all.
     update_overhead_s, update_seq_overhead_s: host time after a step's tokens arrive
         (receive them, update the policy): fixed, and per scheduled sequence.
+    admit_overhead_s, admit_token_overhead_s: host time to admit a request that arrived
+        since the step before (the engine's add_request, inside the window of the step
+        formed next): per request, and per prompt token of it.
     Host time runs concurrently with the device under asynchronous scheduling; the
     simulator's step loop (policy.step_loop) charges what the device does not hide.
     attention_block_cost: how the paged-attention kernels' time depends on the KV block
@@ -108,6 +111,8 @@ class HardwareSpec:
     update_seq_overhead_s: float = 1e-6
     prefill_token_overhead_s: float = 0.0
     prefill_step_overhead_s: float = 0.0
+    admit_overhead_s: float = 0.0
+    admit_token_overhead_s: float = 0.0
     attention_block_cost: Any = None    # a mapping; typed Any so a Hydra override can fill a null
     attention_reference_block: int = 16
     shared_kv_read_cost: float = 1.0
@@ -131,7 +136,7 @@ class HardwareSpec:
         for field in ("flops_half_tokens", "gemm_depth_overhead", "pdl_layer_saving_s", "interconnect_gbs", "allreduce_latency_s", "step_fixed_s",
                       "layer_fixed_s", "layer_launch_s", "step_overhead_s", "seq_overhead_s",
                       "update_overhead_s", "update_seq_overhead_s", "prefill_token_overhead_s",
-                      "prefill_step_overhead_s"):
+                      "prefill_step_overhead_s", "admit_overhead_s", "admit_token_overhead_s"):
             value = getattr(self, field)
             _require(value >= 0, f"hardware {self.name!r}: {field} must be >= 0, got {value!r}")
         _require(self.pdl_layer_saving_s <= self.layer_fixed_s,
@@ -195,7 +200,8 @@ class HardwareSpec:
     def host_costs(self) -> "HostCosts":
         return HostCosts(self.step_overhead_s, self.seq_overhead_s, self.update_overhead_s,
                          self.update_seq_overhead_s, self.prefill_token_overhead_s,
-                         self.prefill_step_overhead_s)
+                         self.prefill_step_overhead_s, self.admit_overhead_s,
+                         self.admit_token_overhead_s)
 
 
 def check_block_cost(value, where: str) -> dict:
@@ -242,26 +248,62 @@ def block_cost(table: dict, block_size: int) -> float:
     return math.exp((1 - w) * math.log(table[lo_size]) + w * math.log(table[hi_size]))
 
 
+# Where a calibration's host terms come from (HostCosts.from_calibration): "profile", the
+# runner's launches of the profiled shapes plus the policy's decode scheduling ("host"); or
+# "serving", the window forming -> launch of the engine's own step loop on synthetic
+# requests, admissions included ("host_serving"; the receive terms stay the profile's).
+HOST_WINDOWS = ("profile", "serving")
+SERVING_HOST_TERMS = ("launch_s", "launch_seq_s", "launch_token_s", "launch_prompt_s", "admit_s",
+                        "admit_token_s")
+
+
 @dataclass(frozen=True, slots=True)
 class HostCosts:
-    """Host time of one turn of the step loop: before the launch (form, pack, launch) and
-    after the tokens arrive (receive, update), each fixed + per scheduled sequence; the
+    """Host time of one turn of the step loop: before the launch (admit, form, pack, launch)
+    and after the tokens arrive (receive, update), each fixed + per scheduled sequence; the
     launch also per prompt token the step computes (`launch_token_s`: a prompt chunk's
     token ids, positions and KV slots are packed token by token, so a step with 8k prompt
     tokens takes about twice a decode step's host time, more than the device needs for the
     decode step before it), and once per step that carries a prompt chunk (`launch_prompt_s`:
     the prefill path's own work, tile list and chunk bookkeeping; every H200 profile shows
-    it, +330..600 us)."""
+    it, +330..600 us). `admit_s` + `admit_token_s` x prompt tokens: per request that arrived
+    since the step before, added to the policy in the turn before the step is formed (the
+    engine's add_request; a replay polls the clock, adds the arrivals, then forms the step
+    at the polled time, so this time lies inside the step's window start_s -> launch_s)."""
     launch_s: float = 0.0
     launch_seq_s: float = 0.0
     receive_s: float = 0.0
     receive_seq_s: float = 0.0
     launch_token_s: float = 0.0
     launch_prompt_s: float = 0.0
+    admit_s: float = 0.0
+    admit_token_s: float = 0.0
+
+    @classmethod
+    def from_calibration(cls, calibration: dict, window: str = "profile",
+                         source: str = "<calibration>") -> "HostCosts":
+        """A calibration's host terms (HOST_WINDOWS): "profile", its `host`; "serving", its
+        `host_serving` launch and admission terms with `host`'s receive terms. Raises
+        ValueError (one line) for an unknown window or a calibration without host_serving."""
+        _require(window in HOST_WINDOWS, f"host window must be one of {HOST_WINDOWS}, got {window!r}")
+        host = dict(calibration.get("host", {}))
+        if window == "profile":
+            return cls(**host)
+        serving = calibration.get("host_serving")
+        _require(isinstance(serving, dict) and all(k in serving for k in SERVING_HOST_TERMS),
+                 f"{source}: host window 'serving' needs the calibration's host_serving "
+                 f"({', '.join(SERVING_HOST_TERMS)}); this one has none: re-calibrate, or use "
+                 "cost_model.host_window=profile")
+        receive = {k: host[k] for k in ("receive_s", "receive_seq_s") if k in host}
+        return cls(**receive, **{k: float(serving[k]) for k in SERVING_HOST_TERMS})
 
     def before_launch(self, num_seqs: int, num_prefill_tokens: int = 0) -> float:
         return (self.launch_s + self.launch_seq_s * num_seqs + self.launch_token_s * num_prefill_tokens
                 + (self.launch_prompt_s if num_prefill_tokens else 0.0))
+
+    def admission(self, num_requests: int, num_prompt_tokens: int) -> float:
+        """Host time to admit `num_requests` arrivals of `num_prompt_tokens` prompt tokens in all."""
+        return self.admit_s * num_requests + self.admit_token_s * num_prompt_tokens
 
     def after_wait(self, num_seqs: int) -> float:
         return self.receive_s + self.receive_seq_s * num_seqs

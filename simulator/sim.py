@@ -3,8 +3,8 @@ with a cost model for the GPU.
 
 One simpy process walks the requests in arrival order and routes each to a replica; one
 process per replica turns the step loop. Each turn forms a step at the current simulated
-time, "launches" it (host time before the launch, then device time on a device that runs
-one step at a time), receives the previous step's tokens (waiting for the device), and
+time, "launches" it (host time before the launch, the admission of the requests that arrived
+since the last launch included, then device time on a device that runs one step at a time), receives the previous step's tokens (waiting for the device), and
 updates the policy; the next turn starts when the host is done. With asynchronous
 scheduling step N+1 is thus formed while step N runs, as on the engine; host time shows
 only where the device does not hide it.
@@ -58,7 +58,11 @@ class SimResult:
 
 class SimExecutor:
     """A replica's device and host clock, behind the step loop's launch / wait / clock.
-    `t` is the host's simulated time; the device runs launched steps one after another."""
+    `t` is the host's simulated time; the device runs launched steps one after another.
+    Requests routed to the replica are counted (`admit`) until the next launch, which pays
+    their admission (HostCosts.admission) in its window: the engine adds a turn's arrivals
+    after polling the clock the step is formed at, before it forms the step. A turn that
+    launches nothing carries them to the next launch."""
 
     def __init__(self, cost: CostModel, salt: dict):
         self.cost, self.salt = cost, salt
@@ -66,19 +70,28 @@ class SimExecutor:
         self.t = 0.0
         self.device_free = 0.0      # when the device finishes the last launched step
         self.current = None         # the replayed record of the step being formed
+        self.admitted = 0           # requests added since the last launch ...
+        self.admitted_tokens = 0    # ... and their prompt tokens
 
     def clock(self) -> float:
         return self.t
 
+    def admit(self, prompt_len: int) -> None:
+        self.admitted += 1
+        self.admitted_tokens += prompt_len
+
     def launch(self, batch, previous, record) -> tuple[float, list]:
         """Returns the handle (time the step's tokens exist, batch)."""
+        admitted, admitted_tokens = self.admitted, self.admitted_tokens
+        self.admitted = self.admitted_tokens = 0
         if self.replay is not None:
             rec = self.current
             self.t = rec["launch_s"]
             record["device_s"] = rec.get("device_s", math.nan)
             return rec["tokens_s"], batch
-        features = record
-        self.t += self.cost.host.before_launch(features["num_seqs"], features["num_prefill_tokens"])
+        features, host = record, self.cost.host
+        self.t += (host.admission(admitted, admitted_tokens)
+                   + host.before_launch(features["num_seqs"], features["num_prefill_tokens"]))
         start = max(self.t, self.device_free)
         device = self.cost.predict(features)
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
@@ -194,6 +207,7 @@ class Simulator:
         state.last_arrival = req.arrival_s
         state.sequences.append(seq)
         state.replica_of[req.request_id] = r
+        replicas[r].executor.admit(len(req.prompt_token_ids))
         state.salt[req.request_id] = (self.seed * 1_000_003 + i * 7919) % TOKEN_ID_RANGE
         replicas[r].wake()
 

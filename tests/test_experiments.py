@@ -466,17 +466,21 @@ def test_policy_equivalence_engine_then_simulator(tmp_path, policy, async_schedu
                                       f"cost_model.path={real / 'steps.parquet'}"]), tmp_path / "x")
 
 
-def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys):
+def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys, monkeypatch):
     """`experiment=calibrate` on the CPU with a tiny model: the engine's runner is profiled
     over the grid, the fitted model and the roofline's hardware parameters are written with
     their provenance, the held-out error per step kind is printed, and the calibration then
     drives a simulated run."""
     pytest.importorskip("torch")
     checkpoint = pytest.importorskip("engine.checkpoint")
+    from experiments import calibrate as calibrate_module
     from experiments.calibrate import main as calibrate_main
     model_dir = checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"),
                                                    tmp_path / "tiny", dtype="float32")
     out = tmp_path / "calib.json"
+    # a shorter serving-loop run (its first bursts still admit 0-3 requests a turn)
+    monkeypatch.setattr(calibrate_module, "SERVING_REQUESTS", 12)
+    monkeypatch.setattr(calibrate_module, "SERVING_OUTPUT", 4)
     calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
                     "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
                     "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
@@ -500,6 +504,20 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert "decode_span_tokens" not in profile.columns and "decode_plan" not in calib
     hardware = Path(summary["hardware"])
     assert hardware.is_file() and "fitted on" in hardware.read_text()
+    # the serving loop's host window: its steps kept, admissions of 0-3 requests timed apart
+    serving = pd.read_parquet(summary["serving"])
+    assert set(serving["admitted"]) == {0, 1, 2, 3} and (serving.loc[serving["admitted"] > 0, "admit_time_s"] > 0).all()
+    assert calib["host_serving"]["n"] > 0 and calib["host_serving"]["launch_s"] > 0
+    # re-measured alone: host_serving and its steps rewritten, the fits left as they were
+    Path(summary["serving"]).unlink()
+    calibrate_main(["--host-serving-only", "engine.device=cpu", f"engine.model_path={model_dir}",
+                    "engine.dtype=float32", "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                    "scheduler.max_model_len=128", "cache.num_blocks=64", f"calibrate.out={out}"])
+    again = json.loads(out.read_text())
+    assert Path(summary["serving"]).is_file() and "--host-serving-only" in again["host_serving_command"]
+    assert again["host_serving"] != calib["host_serving"] and again["kinds"] == calib["kinds"]
+    with pytest.raises(SystemExit, match="no calibration at"):
+        calibrate_main(["--host-serving-only", "engine.device=cpu", f"calibrate.out={tmp_path / 'none.json'}"])
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
                                 "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
                                 "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",

@@ -82,7 +82,8 @@ def observed(result):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.integers(0, 3), st.booleans(),
        st.sampled_from([HostCosts(), HostCosts(2e-4, 3e-6, 1e-4, 2e-6), HostCosts(3e-3, 1e-5, 2e-3, 1e-5),
-                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_token_s=2e-7, launch_prompt_s=4e-4)]))
+                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_token_s=2e-7, launch_prompt_s=4e-4),
+                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_prompt_s=4e-4, admit_s=2e-4, admit_token_s=3e-7)]))
 def test_event_skipping_matches_step_by_step(workload, seed, async_scheduling, host):
     sched, cache, num_blocks, requests = workload
 

@@ -53,3 +53,29 @@ def test_the_ttft_error_is_split_into_the_parts_differences(tmp_path, capsys):
 def test_a_directory_without_a_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="ttft_split: .*requests.parquet"):
         ttft_split.main([str(tmp_path), "--sim", str(tmp_path)])
+
+
+def with_prompt_lens(d: Path, lens: list[int]) -> Path:
+    requests = pd.read_parquet(d / "requests.parquet")
+    requests.assign(prompt_len=lens).to_parquet(d / "requests.parquet")
+    return d
+
+
+def test_the_error_is_split_by_prompt_length(tmp_path, capsys):
+    real = [with_prompt_lens(write_run(tmp_path / f"r{k}", host=3e-3, device=20e-3, queue=1e-3), [100, 5000])
+            for k in range(2)]
+    sim = with_prompt_lens(write_run(tmp_path / "sim", host=1e-3, device=19e-3, queue=1e-3), [100, 5000])
+    bins = ttft_split.by_prompt_len(real, sim, bins=2)
+    assert bins["n"].tolist() == [1, 1] and bins["prompt_len"].tolist()[0].startswith("100")
+    for b in bins.itertuples():     # each bin's parts add up to its TTFT difference
+        assert sum(getattr(b, c) for c in ttft_split.COMPONENTS) == pytest.approx(b.ttft_sim_ms - b.ttft_real_ms)
+    assert bins["host_window"].tolist() == pytest.approx([-2.0, -2.0])
+    ttft_split.main([str(p) for p in real] + ["--sim", str(sim), "--by", "prompt_len", "--bins", "2"])
+    out = capsys.readouterr().out
+    assert "by prompt length" in out and '"by_prompt_len"' in out.splitlines()[-1]
+
+
+def test_splitting_by_prompt_length_needs_the_lengths(tmp_path):
+    real = write_run(tmp_path / "r0", host=3e-3, device=20e-3, queue=1e-3)
+    with pytest.raises(SystemExit, match="ttft_split: .*no prompt_len"):
+        ttft_split.main([str(real), "--sim", str(real), "--by", "prompt_len"])

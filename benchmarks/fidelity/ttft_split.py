@@ -2,6 +2,7 @@
 first token cut at the step loop's events, real (mean over the repeats) against simulated.
 
     python benchmarks/fidelity/ttft_split.py --sim <sim run dir> <real run dir> [<real run dir> ...]
+        [--by prompt_len [--bins 4]]
 
 Run directories are run.py's (or run_fidelity.py's `real/<cell>/r<k>` and `sim/<model>/<cell>`):
 requests.parquet and steps.parquet. A request's first token comes with step S (the step whose
@@ -15,7 +16,10 @@ tokens were received at its first_token_s); its TTFT is the sum of
 - behind and receive: the rest, launch to tokens (S waiting on the device for the step before it,
   and the host's receive of S's tokens after forming and launching the next step).
 Prints per component the real and simulated mean (ms) and the difference as a share of the real
-mean TTFT (the components' differences add up to the TTFT error); the last line is JSON. No GPU.
+mean TTFT (the components' differences add up to the TTFT error). `--by prompt_len` adds one row
+per prompt-length quantile bin (`--bins`, by the requests' prompt lengths): its requests' mean TTFT
+real and simulated and each component's difference (sim - real, ms; each request's real parts
+are its mean over the repeats). The last line is JSON. No GPU.
 """
 import argparse
 import json
@@ -42,6 +46,7 @@ def split(run_dir: Path) -> pd.DataFrame:
         raise ValueError(f"{run_dir}: first tokens do not match the steps' received tokens")
     return pd.DataFrame({
         "request_id": requests["request_id"],
+        "prompt_len": requests["prompt_len"] if "prompt_len" in requests else np.nan,
         "ttft": requests["first_token_s"] - requests["arrival_s"],
         "queue": requests["first_scheduled_s"] - requests["arrival_s"],
         "earlier_chunks": s["start_s"] - requests["first_scheduled_s"],
@@ -62,21 +67,58 @@ def compare(real_dirs: list[Path], sim_dir: Path) -> dict:
     return out
 
 
+def by_prompt_len(real_dirs: list[Path], sim_dir: Path, bins: int) -> pd.DataFrame:
+    """One row per prompt-length quantile bin: `prompt_len` (the bin), `n`, ttft_real_ms,
+    ttft_sim_ms, error, and per component its sim - real mean over the bin's requests (ms).
+    Raises ValueError if the runs carry no prompt_len or do not hold the same requests."""
+    real = pd.concat([split(d) for d in real_dirs]).groupby("request_id").mean(numeric_only=True)
+    sim = split(sim_dir).set_index("request_id")
+    if real["prompt_len"].isna().any():
+        raise ValueError(f"{real_dirs[0]}: requests.parquet has no prompt_len")
+    if set(real.index) != set(sim.index):
+        raise ValueError(f"{sim_dir} and the real runs do not hold the same requests")
+    sim = sim.loc[real.index]
+    group = pd.qcut(real["prompt_len"], bins, duplicates="drop")
+    rows = []
+    for interval, idx in real.groupby(group, observed=True).groups.items():
+        r, s = real.loc[idx].mean(), sim.loc[idx].mean()
+        rows.append({"prompt_len": f"{int(np.ceil(interval.left))}-{int(interval.right)}", "n": len(idx),
+                     "ttft_real_ms": 1e3 * r["ttft"], "ttft_sim_ms": 1e3 * s["ttft"],
+                     "error": s["ttft"] / r["ttft"] - 1,
+                     **{c: 1e3 * (s[c] - r[c]) for c in COMPONENTS}})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("real", nargs="+", type=Path, help="real run directories (repeats of one cell)")
     ap.add_argument("--sim", required=True, type=Path, help="the simulated run of the same cell")
+    ap.add_argument("--by", choices=["prompt_len"], default=None,
+                    help="also split the requests into prompt-length quantile bins")
+    ap.add_argument("--bins", type=int, default=4, help="bins of --by (default 4)")
     args = ap.parse_args(argv)
+    if args.bins < 1:
+        sys.exit(f"ttft_split: --bins must be >= 1, got {args.bins}")
     try:
         r = compare(args.real, args.sim)
+        bins = by_prompt_len(args.real, args.sim, args.bins) if args.by else None
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"ttft_split: {e}")
     print(f"mean TTFT real {r['ttft_real_ms']:.2f} ms, sim {r['ttft_sim_ms']:.2f} ms: error {100 * r['error']:+.2f}%")
     print(f"{'component':<20} {'real ms':>9} {'sim ms':>9} {'(sim - real) / real TTFT':>26}")
     for c in COMPONENTS:
         print(f"{c:<20} {r[c]['real_ms']:>9.2f} {r[c]['sim_ms']:>9.2f} {100 * r[c]['share']:>+25.2f}%")
-    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else {a: round(b, 5) for a, b in v.items()})
-                      for k, v in r.items()}))
+    out = {k: (round(v, 5) if isinstance(v, float) else {a: round(b, 5) for a, b in v.items()})
+           for k, v in r.items()}
+    if bins is not None:
+        print("\nby prompt length: mean TTFT (ms) and each part's sim - real (ms)")
+        print(f"{'prompt_len':>11} {'n':>4} {'real':>7} {'sim':>7} {'error':>7} "
+              + " ".join(f"{c[:12]:>12}" for c in COMPONENTS))
+        for b in bins.itertuples(index=False):
+            print(f"{b.prompt_len:>11} {b.n:>4} {b.ttft_real_ms:>7.2f} {b.ttft_sim_ms:>7.2f} "
+                  f"{100 * b.error:>+6.1f}% " + " ".join(f"{getattr(b, c):>+12.3f}" for c in COMPONENTS))
+        out["by_prompt_len"] = bins.round(5).to_dict(orient="records")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
