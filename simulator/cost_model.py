@@ -651,12 +651,17 @@ class FittedCostModel(CostModel):
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
-            t += coef * (f[name] if name not in COMPUTED_FEATURES else COMPUTED_FEATURES[name](f))
+            t += coef * feature(f, name)
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
-            t += base_time(k, coefs, rows) * f[name]
+            t += base_time(k, coefs, rows) * feature(f, name)
         if self.moe_coef and kind in self.moe_coef:
             t += self.moe_coef[kind] * moe_experts_touched(*self.moe, f, rows, self.chunk_exponent)
         return t
+
+
+def feature(f: dict, name: str) -> float:
+    """A step's feature `name`: from its features `f`, or computed from them (COMPUTED_FEATURES)."""
+    return COMPUTED_FEATURES[name](f) if name in COMPUTED_FEATURES else f[name]
 
 
 def base_time(knots: list, base: list, x: float) -> float:
