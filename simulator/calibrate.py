@@ -449,7 +449,7 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,))
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,), earn_slopes=(SHARED_FEATURE,))
     return kinds
 
 
