@@ -52,11 +52,8 @@ SHARED_FEATURE = "decode_distinct_context_tokens"
 # context token is not the same at every batch size (serving steps of 16-64 decodes ran
 # 5-7% over a single slope fitted on the profile), nor is its cost per token of the split-KV
 # plan's longest chain (Qwen3-0.6B's profile, fitted per batch size: 0.07 us per span token
-# at 8-16 decodes, 0.5-0.8 us at 32-256, where the plan's shares run in a second wave), nor
-# what a re-read of a shared block saves (the profile's twin pairs, reread_savings: at shares
-# up to 30%, 14 ns per re-read token at 9-64 rows and 16.5 at 65-256, 10 at 1-8; Llama-3.1-8B's
-# held-out decode error fell from 1.37% to 1.29% with its coefficient sloped).
-SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens", SHARED_FEATURE)
+# at 8-16 decodes, 0.5-0.8 us at 32-256, where the plan's shares run in a second wave).
+SLOPED_FEATURES = ("decode_context_tokens", "decode_span_tokens")
 
 
 def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
@@ -449,7 +446,7 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,), earn_slopes=(SHARED_FEATURE,))
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,))
     return kinds
 
 

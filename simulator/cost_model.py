@@ -651,17 +651,12 @@ class FittedCostModel(CostModel):
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
-            t += coef * feature(f, name)
+            t += coef * (f[name] if name not in COMPUTED_FEATURES else COMPUTED_FEATURES[name](f))
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
-            t += base_time(k, coefs, rows) * feature(f, name)
+            t += base_time(k, coefs, rows) * f[name]
         if self.moe_coef and kind in self.moe_coef:
             t += self.moe_coef[kind] * moe_experts_touched(*self.moe, f, rows, self.chunk_exponent)
         return t
-
-
-def feature(f: dict, name: str) -> float:
-    """A step's feature `name`: from its features `f`, or computed from them (COMPUTED_FEATURES)."""
-    return COMPUTED_FEATURES[name](f) if name in COMPUTED_FEATURES else f[name]
 
 
 def base_time(knots: list, base: list, x: float) -> float:
@@ -695,7 +690,7 @@ TIE_MAPE = 1e-7   # held-out errors closer than this are equal when a fit's vari
 
 def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
              optional: tuple[str, ...] = (), sloped: tuple[str, ...] = (),
-             earn: tuple[str, ...] = (), earn_slopes: tuple[str, ...] = ()) -> dict:
+             earn: tuple[str, ...] = ()) -> dict:
     """One step kind, its form and features chosen by measurement: the base is fitted either
     piecewise linear through every distinct computed-token count of `train` ("piecewise":
     each CUDA graph size its own cost) or linear between the smallest and largest
@@ -712,10 +707,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
     A feature of `earn` is searched apart: the variants above without it, then all of them
     again with it (" with <feature>"); those with it are kept only if their best beats the best
     without by more than that one's standard error: a new term must pay for itself beyond the
-    held-out shapes' noise, so a profile that cannot tell keeps the fit it had without it.
-    A feature of `earn_slopes` (one of `sloped`) is sloped only so: the variants sloping it
-    (the kept one's features, every subset of slopes with it) must beat the kept one by more
-    than its standard error."""
+    held-out shapes' noise, so a profile that cannot tell keeps the fit it had without it."""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
     sloped = [f for f in sloped if f in features]
@@ -728,7 +720,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
                 label = " sloped" if len(sloped) == 1 else " sloped " + "+".join(subset)
                 slopes[label] = subset
 
-    def variants(features: list[str], suffix: str, slope_sets: dict) -> dict:
+    def variants(features: list[str], suffix: str) -> dict:
         feature_sets = {"": features}
         for f in optional:
             if f in features and f not in earn:   # (a feature refining another leaves with it: FEATURE_NEEDS)
@@ -736,7 +728,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
         return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots,
                                                              {f: slope_knots for f in subset if f in fs}))
                 for form, knots in candidates.items() for label, fs in feature_sets.items()
-                for sl, subset in slope_sets.items()}
+                for sl, subset in slopes.items()}
 
     def held(fit):
         return fit.get("held_out", fit["train"])
@@ -746,24 +738,15 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
         lowest = min(held(fit)["mape"] for _, fit in fits.values())
         tied = [k for k, (_, fit) in fits.items() if held(fit)["mape"] <= lowest + TIE_MAPE]
         return min(tied, key=lambda k: (fits[k][0] != "piecewise", "sloped" in k, len(k)))
-    def beats(more: dict, best: str) -> str | None:      # the challenger of `more`, if it pays
-        challenger = choose(more)
-        mape, se = held(fits[best][1])["mape"], held(fits[best][1])["se"]
-        return challenger if held(more[challenger][1])["mape"] < mape - se else None
-    earned = [f for f in earn_slopes if f in sloped]
-    plain = {label: subset for label, subset in slopes.items() if not set(subset) & set(earned)}
     base = [f for f in features if f not in earn]
-    fits = variants(base, "", plain)
-    best, kept = choose(fits), (base, "")
+    fits = variants(base, "")
+    best = choose(fits)
     for f in (f for f in earn if f in features):
-        more = variants(base + [f], f" with {f}", plain)
+        more = variants(base + [f], f" with {f}")
         fits.update(more)
-        if challenger := beats(more, best):
-            best, kept = challenger, (base + [f], f" with {f}")
-    for g in earned:
-        more = variants(*kept, {label: subset for label, subset in slopes.items() if g in subset})
-        fits.update(more)
-        best = beats(more, best) or best
+        challenger = choose(more)
+        if held(more[challenger][1])["mape"] < held(fits[best][1])["mape"] - held(fits[best][1])["se"]:
+            best = challenger
     form, fit = fits[best]
     return {**fit, "form": form, "variant": best, "forms": {k: held(v)["mape"] for k, (_, v) in fits.items()}}
 

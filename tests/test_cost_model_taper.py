@@ -172,26 +172,3 @@ def test_reread_savings_measure_each_twin_pair_against_the_fit(capsys):
     assert "measured   14.0  fit   10.0" in out and "measured    9.0  fit   10.0" in out
     assert reread_savings(calib, graphs, pd.DataFrame(rows).drop(columns=["shape"])).empty
 
-
-def test_a_reread_saving_sloped_in_rows_is_kept_only_where_it_pays_beyond_the_noise():
-    """earn_slopes: the variants sloping the re-read's coefficient are tried after the rest and
-    kept only if they beat the kept fit by more than its standard error."""
-    def profile(dearer, rng):
-        rows = []
-        for b in (4, 8, 16, 32, 64):
-            for ctx in (512, 1024, 2048, 4096):
-                for frac in (0, 1 / 4, 1 / 2, 3 / 4):
-                    f = decode_features([ctx] * b, int(ctx * frac) // 16 * 16)
-                    C, D = f["decode_context_tokens"], f[SHARED]
-                    t = 1e-3 + 20e-9 * D + (4e-9 + dearer(b)) * (C - D)
-                    rows.append({**f, "rows": b, "device_s": t * (1 + 0.003 * rng.standard_normal()),
-                                 "split": "held_out" if ctx == 1024 else "train"})
-        return pd.DataFrame(rows)
-    rng = np.random.default_rng(0)     # a draw whose noise alone favours a sloped re-read by less than a standard error
-    features = ["decode_context_tokens", SHARED]
-    for dearer, kept in ((lambda b: 0.0, False), (lambda b: 12e-9 * np.log2(b / 4) / 4, True)):
-        p = profile(dearer, rng)
-        fit = fit_kind(p[p.split == "train"], p[p.split != "train"], features, optional=(SHARED,),
-                       sloped=features, earn_slopes=(SHARED,))
-        assert (SHARED in fit.get("slopes", {})) == kept, fit["variant"]
-        assert any(f"+{SHARED}" in k for k in fit["forms"])                 # tried either way

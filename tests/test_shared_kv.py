@@ -168,15 +168,15 @@ def grid_features():
     return out
 
 
-def planted_profile(first_read=3e-8, reread=0.6e-8, slope=lambda rows: 0.0, reread_slope=lambda rows: 0.0):
+def planted_profile(first_read=3e-8, reread=0.6e-8, slope=lambda rows: 0.0):
     """The grid's shapes with a known cost: a decode's first read of a KV token costs
     `first_read` s, a read of a shared block's token after the first `reread` s, every
-    token of KV `slope(rows)` s more, every re-read `reread_slope(rows)` s more."""
+    token of KV `slope(rows)` s more."""
     rows = []
     for f, kind, padded, split in grid_features():
         distinct, total = f["decode_distinct_context_tokens"], f["decode_context_tokens"]
         device = (1.2e-3 + 2e-7 * padded + first_read * distinct + reread * (total - distinct)
-                  + slope(padded) * total + reread_slope(padded) * (total - distinct)
+                  + slope(padded) * total
                   + 1e-12 * f["prefill_attention_pairs"] + 2e-9 * f["prefill_kv_tokens"])
         rows.append({**f, "kind": kind, "rows": padded, "split": split, "device_s": device,
                      "host_launch_s": 2e-4, "host_receive_s": 5e-5})
@@ -203,13 +203,13 @@ def test_fit_finds_a_cost_per_token_that_depends_on_the_batch():
     bump = lambda rows: 1e-8 * max(0.0, 1 - abs(np.log2(rows / 32)) / 3)    # peaks at 32 rows
     calib = fit_calibration(planted_profile(slope=bump), META)
     fit = calib["kinds"]["decode"]
-    assert fit["variant"].endswith(" sloped decode_context_tokens") and "decode_context_tokens" not in fit["coefficients"]
+    assert fit["variant"].endswith(" sloped") and "decode_context_tokens" not in fit["coefficients"]
     slope = fit["slopes"]["decode_context_tokens"]
     at = dict(zip(slope["knots"], slope["coefficients"]))
     assert at[256] == pytest.approx(0.6e-8, rel=0.2)                    # past the bump
     inner = [c for k, c in at.items() if 1 < k < 256]
     assert max(inner) > 1.2e-8 and max(inner) > 2 * at[256]             # a mid-batch knot carries it
-    assert fit["held_out"]["mape"] < fit["forms"][fit["variant"].removesuffix(" sloped decode_context_tokens")]
+    assert fit["held_out"]["mape"] < fit["forms"][fit["variant"].removesuffix(" sloped")]
     # it loads and prices steps with the slope
     model = FittedCostModel(calib, graphs=CudaGraphs.for_engine(256, 8192, 8192))
     f = shape_batch([(1024, 1)] * 32, 16, 66803).features()
@@ -219,26 +219,7 @@ def test_fit_finds_a_cost_per_token_that_depends_on_the_batch():
     with pytest.raises(ValueError, match="slope of 'decode_context_tokens' needs as many coefficients as knots"):
         FittedCostModel(broken)
     flat = fit_calibration(planted_profile(), META)["kinds"]["decode"]
-    assert "sloped" not in flat["variant"] and "slopes" not in flat
-
-
-def test_fit_finds_a_reread_saving_that_depends_on_the_batch():
-    """A re-read that saves less at large batches than at small ones (as the H200 profile's twin
-    pairs measure): the variant with decode_distinct_context_tokens sloped is kept and prices the
-    saving of each batch size; without the dependence the saving stays one coefficient."""
-    dearer = lambda rows: 1.2e-8 * min(1.0, max(0.0, np.log2(rows / 8) / 5))   # 0 to 8 rows, +12 ns at 256
-    calib = fit_calibration(planted_profile(reread_slope=dearer), META)
-    fit = calib["kinds"]["decode"]
-    assert "decode_distinct_context_tokens" in fit.get("slopes", {}), fit["variant"]
-    model = FittedCostModel(calib, graphs=CudaGraphs.for_engine(256, 8192, 8192))
-    def saving(b):     # per re-read token, b decodes of 2048 tokens sharing 1536
-        f = shape_batch([(2048, 1, 1536, 0)] * b, 16, 66803).features()
-        reread = f["decode_context_tokens"] - f["decode_distinct_context_tokens"]
-        return (model.predict({**f, "decode_distinct_context_tokens": f["decode_context_tokens"]}) - model.predict(f)) / reread
-    for b in (8, 32, 256):
-        assert saving(b) == pytest.approx(3e-8 - 0.6e-8 - dearer(b), rel=0.15), b
-    flat = fit_calibration(planted_profile(), META)["kinds"]["decode"]
-    assert "decode_distinct_context_tokens" not in flat.get("slopes", {})
+    assert not flat["variant"].endswith(" sloped") and "slopes" not in flat
 
 
 def test_profiles_and_runs_without_the_column_still_work(capsys):
