@@ -148,8 +148,9 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     # re-read, 4-32 decodes). Measured on the H200 (Qwen3-0.6B): those steps ran 21 ns per
     # re-read token faster than unshared steps of the same features; the profile's twins at
     # 8-64 rows save 15-20 ns at such shares, 10-11 ns at 7/8, ~2 ns at 256-token contexts; the
-    # fit's one coefficient, 11 ns, priced them 3-4% high. Pairs are held out together.
-    for k, b in enumerate(b for b in batches if 2 <= b <= 64):
+    # fit's one coefficient, 11 ns, priced them 3-4% high. Pairs are held out together. (Only
+    # where the profiled contexts reach 2k: below, the shapes above cover serving's.)
+    for k, b in enumerate(b for b in batches if 2 <= b <= 64 and top >= 2048):
         for j, frac in enumerate((5 / 8, 3 / 4, 7 / 8)):
             entries = prompted(serving(b, int(top * frac), L))
             split = "held_out" if (k + j) % 3 == 1 else "train"
