@@ -146,9 +146,10 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     # that a pair's difference measures the re-read's saving alone (print_reread_savings): the
     # steps of mooncake_conv, a system prompt under every decode of 2-4k tokens (10-20% of the KV
     # re-read, 4-32 decodes). Measured on the H200 (Qwen3-0.6B): those steps ran 21 ns per
-    # re-read token faster than unshared steps of the same features; the profile's twins at
-    # 8-64 rows save 15-20 ns at such shares, 10-11 ns at 7/8, ~2 ns at 256-token contexts; the
-    # fit's one coefficient, 11 ns, priced them 3-4% high. Pairs are held out together. (Only
+    # re-read token faster than unshared steps of the same features (16-32 decodes); the
+    # profile's shapes at 8-64 rows saved 14-20 ns at such shares (4 exact twins and the prompted
+    # shapes above against their unprompted kin), 10-11 ns at 7/8, ~2 ns at 256-token contexts;
+    # the fit's one coefficient, 11 ns, priced them 3-4% high. Pairs are held out together. (Only
     # where the profiled contexts reach 2k: below, the shapes above cover serving's.)
     for k, b in enumerate(b for b in batches if 2 <= b <= 64 and top >= 2048):
         for j, frac in enumerate((5 / 8, 3 / 4, 7 / 8)):
