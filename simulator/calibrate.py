@@ -71,7 +71,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     decode batches and chunks beside decodes whose contexts are spread as serving's are
     (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
     decode batches also between the graph sizes, and up to 64 of them sharing one 512-token
-    prefix (a system prompt: 10-25% of their KV re-read); two or three prompt chunks behind
+    prefix (a system prompt: 10-25% of their KV re-read), and at longer means (10-20% re-read)
+    beside their unshared twins; two or three prompt chunks behind
     cached context beside 8 such decodes (a burst of conversation turns); two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
@@ -141,6 +142,21 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         if 2 <= b <= 64:
             for frac, split in ((1 / 4, "train"), (3 / 8, "held_out"), (1 / 2, "train")):
                 add(shared(prompted(serving(b, int(top * frac), L)), prefix), split)
+    # ... at serving's longer means, each beside its twin (the same contexts, nothing shared), so
+    # that a pair's difference measures the re-read's saving alone (print_reread_savings): the
+    # steps of mooncake_conv, a system prompt under every decode of 2-4k tokens (10-20% of the KV
+    # re-read, 4-32 decodes). Measured on the H200 (Qwen3-0.6B): those steps ran 21 ns per
+    # re-read token faster than unshared steps of the same features (16-32 decodes); the
+    # profile's shapes at 8-64 rows saved 14-20 ns at such shares (4 exact twins and the prompted
+    # shapes above against their unprompted kin), 10-11 ns at 7/8, ~2 ns at 256-token contexts;
+    # the fit's one coefficient, 11 ns, priced them 3-4% high. Pairs are held out together. (Only
+    # where the profiled contexts reach 2k: below, the shapes above cover serving's.)
+    for k, b in enumerate(b for b in batches if 2 <= b <= 64 and top >= 2048):
+        for j, frac in enumerate((5 / 8, 3 / 4, 7 / 8)):
+            entries = prompted(serving(b, int(top * frac), L))
+            split = "held_out" if (k + j) % 3 == 1 else "train"
+            add(entries, split)
+            add(shared(entries, prefix), split)
     cached = max(0, min(L - 1, 1024))
     for k, t in enumerate(t for t in graphs.mixed if t >= 1024 and t // 2 + cached <= L):
         # several prompts in one step, each behind cached context, beside serving's decodes:
@@ -696,6 +712,49 @@ def size_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame",
     return out.reset_index()
 
 
+def reread_savings(calib: dict, graphs: CudaGraphs, profile: "pd.DataFrame") -> "pd.DataFrame":
+    """What a re-read of a shared KV block saves, measured against what the calibration prices:
+    one row per pair of the profile's decode shapes that are twins (the same contexts, one with
+    decodes sharing blocks, the other with nothing shared: `shape` equal but for the shares), with
+    rows, share (re-read tokens / KV tokens of the shared one), mean_context, measured_ns ((twin
+    - shared) device time per re-read token) and fit_ns (the calibration's price of the shared
+    shape as if unshared, less its price, per re-read token). Empty without `shape` or twins."""
+    cols = ["rows", "share", "mean_context", "measured_ns", "fit_ns", "split"]
+    if "shape" not in profile.columns:
+        return pd.DataFrame(columns=cols)
+    decode = profile[profile["kind"] == "decode"]
+    twins = {}
+    for r in decode[decode[SHARED_FEATURE] == decode["decode_context_tokens"]].to_dict("records"):
+        twins.setdefault(tuple((e[0], e[1]) for e in json.loads(r["shape"])), r)
+    model = FittedCostModel(calib, graphs=graphs)
+    out = []
+    for r in decode[decode[SHARED_FEATURE] < decode["decode_context_tokens"]].to_dict("records"):
+        shape = json.loads(r["shape"])
+        twin = twins.get(tuple((e[0], e[1]) for e in shape))
+        if twin is None:
+            continue
+        reread = r["decode_context_tokens"] - r[SHARED_FEATURE]
+        unshared = model.predict({**r, SHARED_FEATURE: r["decode_context_tokens"]})
+        out.append({"rows": int(r["rows"]), "share": reread / r["decode_context_tokens"],
+                    "mean_context": r["decode_context_tokens"] / max(1, r["num_decode_seqs"]),
+                    "measured_ns": 1e9 * (twin["device_s"] - r["device_s"]) / reread,
+                    "fit_ns": 1e9 * (unshared - model.predict(r)) / reread, "split": r["split"]})
+    return pd.DataFrame(out, columns=cols)
+
+
+def print_reread_savings(table: "pd.DataFrame") -> None:
+    if table.empty:
+        return
+    t = table.assign(batch=pd.cut(table["rows"], [0, 8, 64, 256, math.inf], labels=["1-8", "9-64", "65-256", ">256"]),
+                     reread=pd.cut(table["share"], [0, 0.3, 0.6, 1.0], labels=["<=30%", "30-60%", ">60%"]))
+    g = t.groupby(["batch", "reread"], observed=True).agg(n=("share", "size"), measured_ns=("measured_ns", "median"),
+                                                          fit_ns=("fit_ns", "median"))
+    print("saving per re-read token of shared decode shapes against their unshared twins (median ns; "
+          "rows: graph size, re-read: share of the KV):")
+    for (batch, reread), r in g.iterrows():
+        print(f"  rows {batch:<7} re-read {reread:<7} n={int(r.n):<4} measured {r.measured_ns:6.1f}  fit {r.fit_ns:6.1f}")
+
+
 def print_size_errors(table: "pd.DataFrame") -> None:
     has_profile = "profile_error" in table.columns
     print("by CUDA-graph size (rows): n, mean error on the run's steps"
@@ -771,6 +830,8 @@ def main(argv=None):
         json.dump(calib, f, indent=2)
         f.write("\n")
     print_fit(calib)
+    print_reread_savings(reread_savings(calib, CudaGraphs.for_calibration(meta.get("engine")),
+                                        with_causal_pairs(profile)))
     if args.hardware:
         if not args.model or not args.hardware_out:
             sys.exit("--hardware needs --model and --hardware-out")

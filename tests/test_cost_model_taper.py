@@ -114,3 +114,61 @@ def test_grid_profiles_serving_decodes_sharing_a_small_prefix_and_prompts_behind
     assert {b for b in graphs.decode if 4 <= b <= 64} <= set(low_share)
     assert set().union(*low_share.values()) == {"train", "held_out"}
     assert set(bursts) == {2, 3} and all(s == {"train", "held_out"} for s in bursts.values())
+
+
+def test_grid_pairs_serving_decodes_under_a_system_prompt_with_unshared_twins():
+    """mooncake_conv's decode steps (a 512-token prefix under every decode of 2-4k tokens: 10-20%
+    of the KV re-read) beside twins of the same contexts sharing nothing, the pair in one split."""
+    S, M, L = 256, 8192, 8192
+    graphs = CudaGraphs.for_engine(S, M, M)
+    grid = profile_grid(S, M, L, graphs)
+    unshared = {}
+    for p in grid:
+        if all(len(e) == 2 and e[1] == 1 for e in p["shape"]):
+            unshared.setdefault(tuple(map(tuple, p["shape"])), set()).add(p["split"])
+    pairs = {}
+    for p in grid:
+        shape = p["shape"]
+        if len(shape) < 2 or not all(len(e) == 4 and e[1] == 1 and e[2] == 512 for e in shape):
+            continue
+        f = shape_batch(shape, 16, 1 << 20).features()
+        share = 1 - f[SHARED] / f["decode_context_tokens"]
+        twin = tuple((c, n) for c, n, *_ in shape)
+        if share <= 0.2 and twin in unshared:
+            assert p["split"] in unshared[twin]
+            pairs.setdefault(len(shape), set()).add(p["split"])
+    assert {2, 4, 8, 16, 32, 64} <= set(pairs)
+    assert set().union(*pairs.values()) == {"train", "held_out"}
+
+
+def test_reread_savings_measure_each_twin_pair_against_the_fit(capsys):
+    """Measured: (twin - shared) device time per re-read token; the fit's: its price of the shared
+    shape as if unshared, less its price. A shared shape without a twin is left out."""
+    import json
+    from simulator.calibrate import print_reread_savings, reread_savings
+    graphs = CudaGraphs.for_engine(256, 8192, 8192)
+    rows = []
+    def add(shape, split="train"):
+        f = shape_batch(shape, 16, 1 << 14).features()
+        reread = f["decode_context_tokens"] - f[SHARED]
+        saving = 14e-9 if reread / f["decode_context_tokens"] < 0.3 else 9e-9      # planted
+        t = 1e-3 + 25e-9 * f["decode_context_tokens"] - saving * reread
+        rows.append({**f, "kind": "decode", "rows": graphs.rows(f)[1], "split": split, "device_s": t,
+                     "shape": json.dumps(shape)})
+    for b, ctx, shared in ((8, 2048, 256), (16, 3072, 512), (32, 1024, 768)):
+        add([(ctx, 1)] * b)
+        add([(ctx, 1, shared, 0)] * b)
+    add([(4096, 1, 512, 0)] * 8)                                    # no twin
+    calib = {"format": CALIBRATION_FORMAT, "kinds": {"decode": {
+        "knots": [1, 256], "base_s": [1e-3, 1e-3], "coefficients": {"decode_context_tokens": 15e-9, SHARED: 10e-9}}}}
+    table = reread_savings(calib, graphs, pd.DataFrame(rows))
+    assert sorted(table["rows"]) == [8, 16, 32]
+    low = table["share"] < 0.3
+    assert table.loc[low, "measured_ns"].tolist() == pytest.approx([14.0, 14.0])
+    assert table.loc[~low, "measured_ns"].tolist() == pytest.approx([9.0])
+    assert table["fit_ns"].tolist() == pytest.approx([10.0] * 3)
+    print_reread_savings(table)
+    out = capsys.readouterr().out
+    assert "measured   14.0  fit   10.0" in out and "measured    9.0  fit   10.0" in out
+    assert reread_savings(calib, graphs, pd.DataFrame(rows).drop(columns=["shape"])).empty
+

@@ -208,7 +208,7 @@ def test_fit_finds_a_cost_per_token_that_depends_on_the_batch():
     at = dict(zip(slope["knots"], slope["coefficients"]))
     assert at[256] == pytest.approx(0.6e-8, rel=0.2)                    # past the bump
     inner = [c for k, c in at.items() if 1 < k < 256]
-    assert max(inner) > 1.3e-8 and max(inner) > 2 * at[256]             # a mid-batch knot carries it
+    assert max(inner) > 1.2e-8 and max(inner) > 2 * at[256]             # a mid-batch knot carries it
     assert fit["held_out"]["mape"] < fit["forms"][fit["variant"].removesuffix(" sloped")]
     # it loads and prices steps with the slope
     model = FittedCostModel(calib, graphs=CudaGraphs.for_engine(256, 8192, 8192))
