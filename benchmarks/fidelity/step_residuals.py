@@ -87,7 +87,9 @@ def priced(model: FittedCostModel, graphs: CudaGraphs, steps: pd.DataFrame) -> p
 def table(df: pd.DataFrame, by, title: str) -> None:
     t = df.groupby(by, observed=True)["err"].agg(n="size", mean_error="mean")
     t["mean_error"] = (100 * t["mean_error"]).round(2)
-    print(f"\n{title}\n" + t.T.to_string())
+    # one group key: groups as columns; two: one row per group (a transposed two-level header
+    # prints each outer label once, over the first of its columns, and reads as shifted)
+    print(f"\n{title}\n" + (t.to_string() if isinstance(by, list) and len(by) > 1 else t.T.to_string()))
 
 
 def matched(real: pd.DataFrame, profile: pd.DataFrame) -> pd.DataFrame:
