@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
-                                  STEP_KINDS, TAPER_FEATURE, CudaGraphs, FittedCostModel, ModelSpec,
-                                  TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
-                                  nonnegative_lstsq, step_experts_touched)
+from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
+                                  MOE_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
+                                  CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, fit_kind,
+                                  moe_experts_touched, nonnegative_lstsq, prefill_span_tokens,
+                                  step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import HardwareSpec
@@ -45,7 +46,8 @@ from simulator.hardware import HardwareSpec
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE)
+                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE,
+                     CACHED_PAIRS_FEATURE, PREFILL_SPAN_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -301,11 +303,12 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
 
 def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     """`table` with the features the fitted model computes from the others: CAUSAL_FEATURE
-    (cost_model.prefill_causal_pairs of every row) and TAPER_FEATURE (decode_reread_share_tokens)."""
+    (cost_model.prefill_causal_pairs of every row), CACHED_PAIRS_FEATURE (the other pairs) and
+    TAPER_FEATURE (decode_reread_share_tokens)."""
     total = table["decode_context_tokens"].to_numpy(float)
     reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
-    return table.assign(**{CAUSAL_FEATURE: table["prefill_context_tokens"] - table["prefill_attention_pairs"]
-                           + table["num_prefill_tokens"],
+    causal = table["prefill_context_tokens"] - table["prefill_attention_pairs"] + table["num_prefill_tokens"]
+    return table.assign(**{CAUSAL_FEATURE: causal, CACHED_PAIRS_FEATURE: table["prefill_attention_pairs"] - causal,
                            TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0)})
 
 
@@ -395,7 +398,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     if plan:
         profile = with_plan_features(profile, meta)
     profile = with_causal_pairs(profile)     # computed from the columns, never absent
-    absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
+    absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns and f != PREFILL_SPAN_FEATURE]   # (computed: fit_prefill_span)
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
     planned = [f for f in PLAN_FEATURES if f in profile.columns]
@@ -408,6 +411,9 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     kinds = fit_kinds(profile, STEP_KINDS)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
+    kinds, span = fit_prefill_span(profile, kinds)
+    if span:    # (the chunk routing below re-fits the mixed kind: with the span it keeps)
+        profile = profile.assign(**{PREFILL_SPAN_FEATURE: span_column(profile, span["pairs_per_key"])})
     if moe:
         kinds, moe["moe"] = fit_chunk_routing(profile, kinds, moe["moe"])
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -415,7 +421,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
             **({"decode_plan": dict(plan)} if planned and plan else {}),
-            **moe}
+            **({"prefill_span": span} if span else {}), **moe}
 
 
 def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
@@ -432,8 +438,45 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,))
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE, PREFILL_SPAN_FEATURE))
     return kinds
+
+
+# Pairs per key tried for the prefill attention's span (cost_model.prefill_span_tokens): the
+# query-key pairs the GPU works through while one of its programs walks one key, i.e. query
+# tokens per tile x programs running at once per KV head (Llama-3.1-8B on the H200: 16-token
+# tiles, the step's cost per cached token turned from flat to growing with the chunk at about
+# 400 tokens, so D ~ 400 there; other models and GPUs differ: the fit picks D).
+PREFILL_SPAN_PAIRS = (128, 256, 512, 1024, 2048)
+
+
+def span_column(profile: pd.DataFrame, pairs_per_key: float) -> list[float]:
+    return [prefill_span_tokens(r, pairs_per_key) for r in
+            profile[["num_seqs", "num_decode_seqs", "num_prefill_tokens", "prefill_kv_tokens",
+                     "prefill_attention_pairs"]].to_dict("records")]
+
+
+def fit_prefill_span(profile: pd.DataFrame, kinds: dict) -> tuple[dict, dict]:
+    """The mixed kind re-fitted with PREFILL_SPAN_FEATURE at each of PREFILL_SPAN_PAIRS (the
+    feature must earn its place: fit_kind's `earn`); kept: the D whose fit predicts the held-out
+    mixed shapes best, if that fit prices the span. Returns (kinds, {"pairs_per_key": D, "errors":
+    {D: held-out MAPE}}), or (kinds, {}) when no D's fit keeps the span (or there is no mixed
+    kind, or the profile has no prompt chunk behind cached context to tell D by)."""
+    if "mixed" not in kinds or PREFILL_SPAN_FEATURE not in FITTED_FEATURES["mixed"]:
+        return kinds, {}
+    mixed = profile[profile["kind"] == "mixed"]
+    if not (mixed["prefill_kv_tokens"] > mixed["num_prefill_tokens"]).any():
+        print(f"note: no mixed shape of the profile has a prompt chunk behind cached context: "
+              f"mixed fitted without {PREFILL_SPAN_FEATURE}")
+        return kinds, {}
+    fits, errors = {}, {}
+    for d in PREFILL_SPAN_PAIRS:
+        fits[d] = fit_kinds(profile.assign(**{PREFILL_SPAN_FEATURE: span_column(profile, d)}), ["mixed"])["mixed"]
+        errors[d] = fits[d].get("held_out", fits[d]["train"])["mape"]
+    best = min(PREFILL_SPAN_PAIRS, key=lambda d: errors[d])
+    if PREFILL_SPAN_FEATURE not in fits[best]["coefficients"]:
+        return kinds, {}
+    return {**kinds, "mixed": fits[best]}, {"pairs_per_key": best, "errors": {str(d): e for d, e in errors.items()}}
 
 
 # Exponents tried for how a prompt chunk's tokens route (cost_model.routing_units): 1 = every
@@ -606,6 +649,11 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
         print(line + (f"  ({others})" if others else ""))
+    span = calib.get("prefill_span") or {}
+    if span:
+        errors = ", ".join(f"{d}: {100 * e:.2f}%" for d, e in span.get("errors", {}).items())
+        print(f"mixed: {PREFILL_SPAN_FEATURE} at {span['pairs_per_key']} pairs per key "
+              f"(held-out MAPE of the mixed kind by pairs per key: {errors})")
     moe = calib.get("moe") or {}
     if "chunk_routing_exponent" in moe:
         errors = ", ".join(f"{a}: {100 * e:.2f}%" for a, e in moe.get("chunk_routing_errors", {}).items())
