@@ -74,7 +74,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
     decode batches also between the graph sizes, and up to 64 of them sharing one 512-token
     prefix (a system prompt: 10-25% of their KV re-read); two or three prompt chunks behind
-    cached context beside 8 such decodes (a burst of conversation turns); two and four prompt chunks in
+    cached context beside 8 such decodes (a burst of conversation turns; two also alone), and one chunk behind
+    2-4k cached tokens beside 1, 8 or 32 of them (a turn at load); two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
     them), plus eager steps beyond the
@@ -153,6 +154,11 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         half = (t - few) // 2
         add([(cached + half, half), (cached + t - few - half, t - few - half)] + serving(few, top // 2, L),
             "held_out" if k % 2 else "train")
+        # ... and the same two alone: Llama-3.1-8B's two chunks of 2,040 behind 1,024 each beside
+        # 8 decodes ran 13.9 ms over two fresh ones, one chunk of 4,096 behind 1,024 5.4 ms over
+        # a fresh one (the same cached pairs; the decodes cost 0.2 ms beside a fresh chunk): is it
+        # the chunks or the decodes beside them?
+        add([(cached + t // 2, t // 2), (cached + t - t // 2, t - t // 2)], "train" if k % 2 else "held_out")
         third = (t - few) // 3
         add(shared([(prefix + third, third)] * 2 + [(prefix + t - few - 2 * third, t - few - 2 * third)], prefix)
             + shared(prompted(serving(few, top // 2, L)), prefix), "train" if k % 2 else "held_out")
@@ -182,6 +188,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             add([(long_prefix + t, t)])
         if cached and t + 6 * cached <= L:
             add([(6 * cached + t, t)], "held_out" if graphs.mixed.index(t) % 2 else "train")
+        # ... behind a long prefix beside serving's decodes: a conversation turn at load. The
+        # shapes above put a chunk behind cached context alone, or 2-3 of them beside 8 decodes;
+        # Llama-3.1-8B's real steps of one chunk behind 0.5-5k cached tokens beside 2-40 decodes
+        # (azure_conv, mooncake_conv on the H200) ran 8-16% over the fit, which priced the lone
+        # chunks within 2-7% (the 2-3 chunks beside 8 decodes: 4-6% over, fitted and held out)
+        i = graphs.mixed.index(t)
+        behind, beside = (2 * cached, 4 * cached)[i % 2], (1, 8, 32)[i % 3]
+        if cached and beside <= t // 2 and beside < S and t - beside + behind <= L:
+            add([(behind + t - beside, t - beside)] + serving(beside, contexts[-1] // 2, L),
+                "held_out" if i % 4 == 3 else "train")
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
