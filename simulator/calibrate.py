@@ -30,8 +30,8 @@ import yaml
 
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
                                   MOE_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
-                                  CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, fit_kind,
-                                  moe_experts_touched, nonnegative_lstsq, prefill_span_tokens,
+                                  CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
+                                  fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_span_tokens,
                                   step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
@@ -473,11 +473,13 @@ def span_column(profile: pd.DataFrame, pairs_per_key: float) -> list[float]:
 
 
 def fit_prefill_span(profile: pd.DataFrame, kinds: dict) -> tuple[dict, dict]:
-    """The mixed kind re-fitted with PREFILL_SPAN_FEATURE at each of PREFILL_SPAN_PAIRS (the
-    feature must earn its place: fit_kind's `earn`); kept: the D whose fit predicts the held-out
-    mixed shapes best, if that fit prices the span. Returns (kinds, {"pairs_per_key": D, "errors":
-    {D: held-out MAPE}}), or (kinds, {}) when no D's fit keeps the span (or there is no mixed
-    kind, or the profile has no prompt chunk behind cached context to tell D by)."""
+    """The mixed kind's fit (its variant: features, form, slopes) tried again with
+    PREFILL_SPAN_FEATURE at each of PREFILL_SPAN_PAIRS; kept: the D whose fit predicts the
+    held-out mixed shapes best, if it beats the fit without the span by more than that one's
+    standard error (a new term must pay beyond the held-out noise, as fit_kind's `earn`).
+    Returns (kinds, {"pairs_per_key": D, "errors": {D: held-out MAPE}}), or (kinds, {}) when
+    the span does not pay (or there is no mixed kind, or no prompt chunk behind cached
+    context in the profile to tell D by)."""
     if "mixed" not in kinds or PREFILL_SPAN_FEATURE not in FITTED_FEATURES["mixed"]:
         return kinds, {}
     mixed = profile[profile["kind"] == "mixed"]
@@ -485,14 +487,23 @@ def fit_prefill_span(profile: pd.DataFrame, kinds: dict) -> tuple[dict, dict]:
         print(f"note: no mixed shape of the profile has a prompt chunk behind cached context: "
               f"mixed fitted without {PREFILL_SPAN_FEATURE}")
         return kinds, {}
+    fit = kinds["mixed"]
+    slopes = {f: s["knots"] for f, s in (fit.get("slopes") or {}).items()}
+    features = [f for f in fit["coefficients"] if f != PREFILL_SPAN_FEATURE] + list(slopes) + [PREFILL_SPAN_FEATURE]
     fits, errors = {}, {}
     for d in PREFILL_SPAN_PAIRS:
-        fits[d] = fit_kinds(profile.assign(**{PREFILL_SPAN_FEATURE: span_column(profile, d)}), ["mixed"])["mixed"]
+        rows = mixed.assign(**{PREFILL_SPAN_FEATURE: span_column(mixed, d)})
+        train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
+        fits[d] = _fit_base(train, test, features, fit["knots"], slopes)
         errors[d] = fits[d].get("held_out", fits[d]["train"])["mape"]
     best = min(PREFILL_SPAN_PAIRS, key=lambda d: errors[d])
-    if PREFILL_SPAN_FEATURE not in fits[best]["coefficients"]:
+    without = fit.get("held_out", fit["train"])
+    if errors[best] >= without["mape"] - without.get("se", 0.0) - TIE_MAPE:
         return kinds, {}
-    return {**kinds, "mixed": fits[best]}, {"pairs_per_key": best, "errors": {str(d): e for d, e in errors.items()}}
+    label = f"{fit['variant']} with {PREFILL_SPAN_FEATURE}"
+    forms = {**fit.get("forms", {}), **{f"{label} at {d}": e for d, e in errors.items()}}
+    return ({**kinds, "mixed": {**fits[best], "form": fit["form"], "variant": label, "forms": forms}},
+            {"pairs_per_key": best, "errors": {str(d): e for d, e in errors.items()}})
 
 
 # Exponents tried for how a prompt chunk's tokens route (cost_model.routing_units): 1 = every
