@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from simulator.cost_model import (CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES, MOE_FEATURE, PLAN_FEATURES,
-                                  STEP_KINDS, TAPER_FEATURE, CudaGraphs, FittedCostModel, ModelSpec,
-                                  TIE_MAPE, RooflineCostModel, fit_kind, moe_experts_touched,
-                                  nonnegative_lstsq, step_experts_touched)
+from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
+                                  MOE_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
+                                  CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
+                                  fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_span_tokens,
+                                  step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
@@ -45,7 +46,8 @@ from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 # plan (meta "decode_plan"); a profile made before one was recorded gets it from its rows'
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
-                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE)
+                     "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE,
+                     CACHED_PAIRS_FEATURE, PREFILL_SPAN_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -73,7 +75,8 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     decode batches also between the graph sizes, and up to 64 of them sharing one 512-token
     prefix (a system prompt: 10-25% of their KV re-read), and at longer means (10-20% re-read)
     beside their unshared twins; two or three prompt chunks behind
-    cached context beside 8 such decodes (a burst of conversation turns); two and four prompt chunks in
+    cached context beside 8 such decodes (a burst of conversation turns; two also alone), and one chunk behind
+    2-4k cached tokens beside 1, 8 or 32 of them (a turn at load); two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
     with one chunk per step, its pairs grow with the step's tokens and cannot be told from
     them), plus eager steps beyond the
@@ -167,6 +170,11 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         half = (t - few) // 2
         add([(cached + half, half), (cached + t - few - half, t - few - half)] + serving(few, top // 2, L),
             "held_out" if k % 2 else "train")
+        # ... and the same two alone: Llama-3.1-8B's two chunks of 2,040 behind 1,024 each beside
+        # 8 decodes ran 13.9 ms over two fresh ones, one chunk of 4,096 behind 1,024 5.4 ms over
+        # a fresh one (the same cached pairs; the decodes cost 0.2 ms beside a fresh chunk): is it
+        # the chunks or the decodes beside them?
+        add([(cached + t // 2, t // 2), (cached + t - t // 2, t - t // 2)], "train" if k % 2 else "held_out")
         third = (t - few) // 3
         add(shared([(prefix + third, third)] * 2 + [(prefix + t - few - 2 * third, t - few - 2 * third)], prefix)
             + shared(prompted(serving(few, top // 2, L)), prefix), "train" if k % 2 else "held_out")
@@ -196,6 +204,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
             add([(long_prefix + t, t)])
         if cached and t + 6 * cached <= L:
             add([(6 * cached + t, t)], "held_out" if graphs.mixed.index(t) % 2 else "train")
+        # ... behind a long prefix beside serving's decodes: a conversation turn at load. The
+        # shapes above put a chunk behind cached context alone, or 2-3 of them beside 8 decodes;
+        # Llama-3.1-8B's real steps of one chunk behind 0.5-5k cached tokens beside 2-40 decodes
+        # (azure_conv, mooncake_conv on the H200) ran 8-16% over the fit, which priced the lone
+        # chunks within 2-7% (the 2-3 chunks beside 8 decodes: 4-6% over, fitted and held out)
+        i = graphs.mixed.index(t)
+        behind, beside = (2 * cached, 4 * cached)[i % 2], (1, 8, 32)[i % 3]
+        if cached and beside <= t // 2 and beside < S and t - beside + behind <= L:
+            add([(behind + t - beside, t - beside)] + serving(beside, contexts[-1] // 2, L),
+                "held_out" if i % 4 == 3 else "train")
         if d > 1:
             add([(t - d, t - d)] + spread(d, held_ctx), "held_out")
             add([(t - d, t - d)] + shared([(held_ctx, 1)] * d, held_ctx // 2), "held_out")
@@ -317,11 +335,12 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
 
 def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     """`table` with the features the fitted model computes from the others: CAUSAL_FEATURE
-    (cost_model.prefill_causal_pairs of every row) and TAPER_FEATURE (decode_reread_share_tokens)."""
+    (cost_model.prefill_causal_pairs of every row), CACHED_PAIRS_FEATURE (the other pairs) and
+    TAPER_FEATURE (decode_reread_share_tokens)."""
     total = table["decode_context_tokens"].to_numpy(float)
     reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
-    return table.assign(**{CAUSAL_FEATURE: table["prefill_context_tokens"] - table["prefill_attention_pairs"]
-                           + table["num_prefill_tokens"],
+    causal = table["prefill_context_tokens"] - table["prefill_attention_pairs"] + table["num_prefill_tokens"]
+    return table.assign(**{CAUSAL_FEATURE: causal, CACHED_PAIRS_FEATURE: table["prefill_attention_pairs"] - causal,
                            TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0)})
 
 
@@ -434,7 +453,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     if plan:
         profile = with_plan_features(profile, meta)
     profile = with_causal_pairs(profile)     # computed from the columns, never absent
-    absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns]
+    absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns and f != PREFILL_SPAN_FEATURE]   # (computed: fit_prefill_span)
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
     planned = [f for f in PLAN_FEATURES if f in profile.columns]
@@ -447,6 +466,9 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     kinds = fit_kinds(profile, STEP_KINDS)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
+    kinds, span = fit_prefill_span(profile, kinds)
+    if span:    # (the chunk routing below re-fits the mixed kind: with the span it keeps)
+        profile = profile.assign(**{PREFILL_SPAN_FEATURE: span_column(profile, span["pairs_per_key"])})
     if moe:
         kinds, moe["moe"] = fit_chunk_routing(profile, kinds, moe["moe"])
     return {"format": CALIBRATION_FORMAT, "model": meta["model"], "device": meta["device"],
@@ -454,7 +476,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
             **({"decode_plan": dict(plan)} if planned and plan else {}),
-            **moe}
+            **({"prefill_span": span} if span else {}), **moe}
 
 
 def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
@@ -471,8 +493,56 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE,))
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE, PREFILL_SPAN_FEATURE))
     return kinds
+
+
+# Pairs per key tried for the prefill attention's span (cost_model.prefill_span_tokens): the
+# query-key pairs the GPU works through while one of its programs walks one key, i.e. query
+# tokens per tile x programs running at once per KV head (Llama-3.1-8B on the H200: 16-token
+# tiles, the step's cost per cached token turned from flat to growing with the chunk at about
+# 400 tokens, so D ~ 400 there; other models and GPUs differ: the fit picks D).
+PREFILL_SPAN_PAIRS = (128, 256, 512, 1024, 2048)
+
+
+def span_column(profile: pd.DataFrame, pairs_per_key: float) -> list[float]:
+    return [prefill_span_tokens(r, pairs_per_key) for r in
+            profile[["num_seqs", "num_decode_seqs", "num_prefill_tokens", "prefill_kv_tokens",
+                     "prefill_attention_pairs"]].to_dict("records")]
+
+
+def fit_prefill_span(profile: pd.DataFrame, kinds: dict) -> tuple[dict, dict]:
+    """The mixed kind's fit (its variant: features, form, slopes) tried again with
+    PREFILL_SPAN_FEATURE at each of PREFILL_SPAN_PAIRS; kept: the D whose fit predicts the
+    held-out mixed shapes best, if it beats the fit without the span by more than that one's
+    standard error (a new term must pay beyond the held-out noise, as fit_kind's `earn`).
+    Returns (kinds, {"pairs_per_key": D, "errors": {D: held-out MAPE}}), or (kinds, {}) when
+    the span does not pay (or there is no mixed kind, or no prompt chunk behind cached
+    context in the profile to tell D by)."""
+    if "mixed" not in kinds or PREFILL_SPAN_FEATURE not in FITTED_FEATURES["mixed"]:
+        return kinds, {}
+    mixed = profile[profile["kind"] == "mixed"]
+    if not (mixed["prefill_kv_tokens"] > mixed["num_prefill_tokens"]).any():
+        print(f"note: no mixed shape of the profile has a prompt chunk behind cached context: "
+              f"mixed fitted without {PREFILL_SPAN_FEATURE}")
+        return kinds, {}
+    fit = kinds["mixed"]
+    slopes = {f: s["knots"] for f, s in (fit.get("slopes") or {}).items()}
+    features = [f for f in fit["coefficients"] if f != PREFILL_SPAN_FEATURE] + list(slopes) + [PREFILL_SPAN_FEATURE]
+    fits, errors = {}, {}
+    for d in PREFILL_SPAN_PAIRS:
+        rows = mixed.assign(**{PREFILL_SPAN_FEATURE: span_column(mixed, d)})
+        train, test = rows[rows["split"] == "train"], rows[rows["split"] != "train"]
+        fits[d] = _fit_base(train, test, features, fit["knots"], slopes)
+        errors[d] = fits[d].get("held_out", fits[d]["train"])["mape"]
+    best = min(PREFILL_SPAN_PAIRS, key=lambda d: errors[d])
+    without = fit.get("held_out", fit["train"])
+    if errors[best] >= without["mape"] - without.get("se", 0.0) - TIE_MAPE:
+        return kinds, {}
+    label = f"{fit['variant']} with {PREFILL_SPAN_FEATURE}"
+    forms = {**fit.get("forms", {}), **{f"{label} at {d}": e for d, e in errors.items()}}
+    return ({**kinds, "mixed": {**fits[best], "form": fit["form"], "variant": label, "forms": forms}},
+            {"pairs_per_key": best, "errors": {str(d): e for d, e in errors.items()}})
 
 
 # Exponents tried for how a prompt chunk's tokens route (cost_model.routing_units): 1 = every
@@ -645,6 +715,11 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
         print(line + (f"  ({others})" if others else ""))
+    span = calib.get("prefill_span") or {}
+    if span:
+        errors = ", ".join(f"{d}: {100 * e:.2f}%" for d, e in span.get("errors", {}).items())
+        print(f"mixed: {PREFILL_SPAN_FEATURE} at {span['pairs_per_key']} pairs per key "
+              f"(held-out MAPE of the mixed kind by pairs per key: {errors})")
     moe = calib.get("moe") or {}
     if "chunk_routing_exponent" in moe:
         errors = ", ".join(f"{a}: {100 * e:.2f}%" for a, e in moe.get("chunk_routing_errors", {}).items())

@@ -387,13 +387,24 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # 1/2 of the KV re-read, 8-11 ns with 7/8; a fit linear in R (11 ns everywhere) priced the
 # profile's shapes re-reading 1/4 of their KV 2% high and those re-reading 7/8 0.5-3.4% low
 # (TAPER_FEATURE, computed by the model itself; 0 without shared blocks).
+# prefill_cached_pairs: of prefill_attention_pairs, those of each chunk with the cached context
+# before it (CACHED_PAIRS_FEATURE: pairs less the causal ones), so a pair behind a prefix may
+# cost more than one of the triangle as well as less (coefficients are >= 0).
+# prefill_span_tokens: the prefill attention kernel's longest chain, in keys (PREFILL_SPAN_FEATURE:
+# the larger of a chunk's context and the step's pairs over a fitted pairs-per-key D). The kernel
+# runs one program per (KV head, query tile); a few tiles behind a long prefix all run at once and
+# take as long as one tile's walk over the prefix, many tiles fill the GPU and take their total
+# work. Measured on the H200 (Llama-3.1-8B profile, one chunk of n tokens behind s cached): the
+# step cost 0.69-0.72 us more per cached token for n = 2..176 whatever n, then 1.6 us at n = 1024,
+# 3.4-3.6 at 2048, 7.1 at 4096 (1.7 ns per pair); a fit linear in pairs and kv tokens priced
+# such chunks behind 4-6k tokens 4-7% low at n <= 64 and at n >= 1k, 5-13% high at n = 200-500.
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
                "decode_span_tokens", "decode_split_seqs", "decode_work_items", "decode_reread_share_tokens"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
               "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs",
-              "decode_reread_share_tokens"],
+              "decode_reread_share_tokens", "prefill_cached_pairs", "prefill_span_tokens"],
     "eager": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",
               "decode_span_tokens", "decode_split_seqs", "decode_work_items", "prefill_causal_pairs",
@@ -401,6 +412,8 @@ FITTED_FEATURES = {
 }
 CAUSAL_FEATURE = "prefill_causal_pairs"
 TAPER_FEATURE = "decode_reread_share_tokens"
+CACHED_PAIRS_FEATURE = "prefill_cached_pairs"
+PREFILL_SPAN_FEATURE = "prefill_span_tokens"
 SPAN_FEATURE = "decode_span_tokens"
 SPLIT_FEATURE = "decode_split_seqs"
 ITEMS_FEATURE = "decode_work_items"
@@ -409,7 +422,8 @@ PLAN_FEATURES = (SPAN_FEATURE, SPLIT_FEATURE, ITEMS_FEATURE)   # computed by the
 ATTENTION_FEATURES = {"decode_context_tokens": "decode", "decode_distinct_context_tokens": "decode",
                       "max_context_tokens": "decode", "decode_span_tokens": "decode",
                       "prefill_attention_pairs": "prefill", "prefill_kv_tokens": "prefill",
-                      CAUSAL_FEATURE: "prefill", TAPER_FEATURE: "decode"}
+                      CAUSAL_FEATURE: "prefill", TAPER_FEATURE: "decode", CACHED_PAIRS_FEATURE: "prefill",
+                      PREFILL_SPAN_FEATURE: "prefill"}
 
 
 def prefill_causal_pairs(f: dict) -> int:
@@ -418,6 +432,25 @@ def prefill_causal_pairs(f: dict) -> int:
     s computed ones, prefill_context_tokens adds n (s + n) and prefill_attention_pairs
     n s + n (n + 1) / 2, so context - pairs + tokens = sum of n (n + 1) / 2."""
     return f["prefill_context_tokens"] - f["prefill_attention_pairs"] + f["num_prefill_tokens"]
+
+
+def prefill_cached_pairs(f: dict) -> int:
+    """CACHED_PAIRS_FEATURE of a step: the query-key pairs of its prompt chunks with the context
+    computed before each (sum of n x s, n a chunk's tokens, s its start): prefill_attention_pairs
+    less prefill_causal_pairs."""
+    return f["prefill_attention_pairs"] - prefill_causal_pairs(f)
+
+
+def prefill_span_tokens(f: dict, pairs_per_key: float) -> float:
+    """PREFILL_SPAN_FEATURE of a step: the prefill attention's longest chain of keys, the larger
+    of its chunks' mean context (prefill_kv_tokens over the chunks: a chunk's few query tiles,
+    all running at once, each walk its whole context) and its query-key pairs over
+    `pairs_per_key` (the pairs the GPU works through while one program walks a key, once its
+    tiles fill it); 0 without a prompt chunk."""
+    chunks = f["num_seqs"] - f["num_decode_seqs"]
+    if not f["num_prefill_tokens"] or chunks <= 0:
+        return 0.0
+    return max(f["prefill_kv_tokens"] / chunks, f["prefill_attention_pairs"] / pairs_per_key)
 
 
 def decode_reread_share_tokens(f: dict) -> float:
@@ -434,7 +467,9 @@ def decode_reread_share_tokens(f: dict) -> float:
 # its coefficient would make re-reads cost more than first reads).
 FEATURE_NEEDS = {TAPER_FEATURE: "decode_distinct_context_tokens"}
 # Features the fitted model computes from a step's features (a steps.parquet need not hold them).
-COMPUTED_FEATURES = {CAUSAL_FEATURE: prefill_causal_pairs, TAPER_FEATURE: decode_reread_share_tokens}
+COMPUTED_FEATURES = {CAUSAL_FEATURE: prefill_causal_pairs, TAPER_FEATURE: decode_reread_share_tokens,
+                     CACHED_PAIRS_FEATURE: prefill_cached_pairs}
+# (PREFILL_SPAN_FEATURE too, with the calibration's "prefill_span": {"pairs_per_key"}: FittedCostModel)
 
 
 # ---- mixture of experts: the experts a step reads ------------------------------------
@@ -530,6 +565,8 @@ class FittedCostModel(CostModel):
     read per MoE layer), computed from the step's features and rows with the file's
     "moe": {"num_experts", "top_k", "chunk_routing_exponent" (1.0 if absent)}
     (moe_experts_touched).
+    A kind may price PREFILL_SPAN_FEATURE, computed with the file's "prefill_span":
+    {"pairs_per_key": D} (prefill_span_tokens; D chosen by simulator.calibrate.fit_prefill_span).
 
         {"format": "twinserve-calibration/2", "model": "qwen3-0.6b", "device": "NVIDIA H200",
          "tp": 1, "engine_commit": "<sha>", "command": "<exact command>", "created": "<ISO>",
@@ -570,6 +607,7 @@ class FittedCostModel(CostModel):
         _require(self.kinds, f"{source}: no step kinds fitted")
         self.decode_plan = self._decode_plan(graphs)
         self.moe, self.moe_coef = self._moe_terms(calibration, source)
+        self.computed = self._computed_features(calibration, source)
         self.chunk_exponent = self._chunk_exponent(calibration, source)
         self.host = HostCosts.from_calibration(calibration, host_window, source)
         self.attn_factors = self._block_factors(hw, block_size)
@@ -616,6 +654,18 @@ class FittedCostModel(CostModel):
                  f"\"top_k\"}} (1 <= top_k <= num_experts), got {moe!r}")
         return (int(moe["num_experts"]), int(moe["top_k"])), {k: c for k, c in coef.items() if c}
 
+    def _computed_features(self, calibration: dict, source: str) -> dict:
+        """COMPUTED_FEATURES, with PREFILL_SPAN_FEATURE at the file's prefill_span.pairs_per_key
+        where a kind prices it."""
+        priced = {name for _, _, terms, _ in self.kinds.values() for name, _ in terms}
+        if PREFILL_SPAN_FEATURE not in priced:
+            return COMPUTED_FEATURES
+        d = (calibration.get("prefill_span") or {}).get("pairs_per_key")
+        _require(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0,
+                 f"{source}: a {PREFILL_SPAN_FEATURE} coefficient needs \"prefill_span\": "
+                 f"{{\"pairs_per_key\": a number > 0}}, got {calibration.get('prefill_span')!r}")
+        return {**COMPUTED_FEATURES, PREFILL_SPAN_FEATURE: lambda f: prefill_span_tokens(f, d)}
+
     @staticmethod
     def _chunk_exponent(calibration: dict, source: str) -> float:
         """The file's moe.chunk_routing_exponent (1.0, every token routed on its own, if absent)."""
@@ -652,7 +702,7 @@ class FittedCostModel(CostModel):
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
         for name, coef in terms:
-            t += coef * (f[name] if name not in COMPUTED_FEATURES else COMPUTED_FEATURES[name](f))
+            t += coef * (f[name] if name not in self.computed else self.computed[name](f))
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
             t += base_time(k, coefs, rows) * f[name]
         if self.moe_coef and kind in self.moe_coef:

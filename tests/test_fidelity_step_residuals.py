@@ -34,6 +34,7 @@ def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
         assert summary[kind]["mean_error"] == pytest.approx(0, abs=1e-9)
         assert summary[kind]["weighted_error"] == pytest.approx(0, abs=1e-9)
     assert "by KV block layout" in out and "by the spread of their contexts" in out
+    assert "the profile's own mixed shapes in the same groups" in out   # (the calibration's profile, found beside it)
     # the simulated host window before each launch is the calibration's host model
     host = json.loads(QWEN.read_text())["host"]
     assert summary["host_us_median"]["decode/0"] > 1e6 * host["launch_s"]

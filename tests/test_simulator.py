@@ -468,8 +468,9 @@ def test_calibration_files_are_checked(tmp_path):
     mixed = calib["kinds"]["mixed"]
     mixed_only = FittedCostModel(dict(calib, kinds={"mixed": mixed}), graphs=CudaGraphs())
     f = make_batch([(0, 300)]).features()
+    value = {**f, **{name: compute(f) for name, compute in mixed_only.computed.items()}}   # (computed features too)
     expected = base_time(mixed["knots"], mixed["base_s"], 300) + sum(
-        c * f[name] for name, c in mixed["coefficients"].items())
+        c * value[name] for name, c in mixed["coefficients"].items())
     assert mixed_only.predict(f) == pytest.approx(expected) and expected > 0
     with pytest.raises(ValueError, match="needs cost_model.path"):
         CostModelConfig(kind="replay")

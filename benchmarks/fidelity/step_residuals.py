@@ -28,7 +28,9 @@ measured, mean over steps):
   (its price of the step as if unshared, less its price): give runs of a trace without sharing
   (sharegpt, azure_conv) beside the shared ones (mooncake_conv);
 - mixed steps by prompt chunks in the step and the cached context before each (a burst of
-  conversation turns: several prompts behind their history, which the grid profiled apart);
+  conversation turns: several prompts behind their history, which the grid profiled apart),
+  next to the profile's own mixed shapes in those groups, train and held out, with decodes
+  beside them or not (does the profile hold serving's mixed steps, and does the fit price them?);
 - host time from forming a step to its launch (launch_s - start_s) by step kind and by the
   requests that arrived since the previous step was formed (the engine admits them in that
   window), next to the calibration's host model.
@@ -90,6 +92,15 @@ def table(df: pd.DataFrame, by, title: str) -> None:
     # one group key: groups as columns; two: one row per group (a transposed two-level header
     # prints each outer label once, over the first of its columns, and reads as shifted)
     print(f"\n{title}\n" + (t.to_string() if isinstance(by, list) and len(by) > 1 else t.T.to_string()))
+
+
+def chunk_groups(mixed: pd.DataFrame) -> pd.DataFrame:
+    """Mixed steps with "prompt chunks" (4: 4 or more) and "cached per chunk" (the mean context
+    before each chunk, binned: none, <= 512, <= 1536, more)."""
+    chunks = mixed["num_seqs"] - mixed["num_decode_seqs"]
+    cached = (mixed["prefill_kv_tokens"] - mixed["num_prefill_tokens"]) / chunks.clip(lower=1)
+    return mixed.assign(**{"prompt chunks": chunks.clip(upper=4),
+                           "cached per chunk": pd.cut(cached, [-1, 0, 512, 1536, math.inf])})
 
 
 def matched(real: pd.DataFrame, profile: pd.DataFrame) -> pd.DataFrame:
@@ -197,17 +208,18 @@ def main(argv=None) -> None:
               "runs), ns:\n" + t.round(3).T.to_string())
         summary["reread_saving_ns"] = {int(r): {"n": int(x.n), "measured": round(float(x.measured_ns), 2),
                                                 "fit": round(float(x.fit_ns), 2)} for r, x in t.iterrows()}
-    mixed = real[real["kind"] == "mixed"].copy()
+    mixed = chunk_groups(real[real["kind"] == "mixed"])
     if len(mixed):
-        chunks = mixed["num_seqs"] - mixed["num_decode_seqs"]
-        mixed["prompt chunks"] = chunks.clip(upper=4)
-        mixed["cached per chunk"] = pd.cut((mixed["prefill_kv_tokens"] - mixed["num_prefill_tokens"]) / chunks.clip(lower=1),
-                                           [-1, 0, 512, 1536, math.inf])
         table(mixed, ["prompt chunks", "cached per chunk"],
               "mixed steps by prompt chunks (4: 4 or more) and the cached context before each (tokens)")
     if profile_path.is_file():
         profile = with_plan_features(pd.read_parquet(profile_path), calib)
         profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
+        shapes = chunk_groups(profile[profile["kind"] == "mixed"])
+        if len(mixed) and len(shapes):   # does the profile hold the run's mixed steps, and fit them?
+            shapes["with decodes"] = np.where(shapes["num_decode_seqs"] > 0, "yes", "no")
+            table(shapes, ["split", "prompt chunks", "cached per chunk", "with decodes"],
+                  "the profile's own mixed shapes in the same groups (train / held_out), alone or beside decodes")
         m = matched(real, profile)
         if len(m):
             print("\nreal decode steps matched to profiled shapes (same rows, decodes, span, splits; context +-3%):")
