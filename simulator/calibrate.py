@@ -31,7 +31,8 @@ import yaml
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
                                   MOE_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
-                                  fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_span_tokens,
+                                  fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
+                                  prefill_causal_pairs, prefill_span_tokens,
                                   step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
@@ -339,8 +340,9 @@ def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     TAPER_FEATURE (decode_reread_share_tokens)."""
     total = table["decode_context_tokens"].to_numpy(float)
     reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
-    causal = table["prefill_context_tokens"] - table["prefill_attention_pairs"] + table["num_prefill_tokens"]
-    return table.assign(**{CAUSAL_FEATURE: causal, CACHED_PAIRS_FEATURE: table["prefill_attention_pairs"] - causal,
+    # the pairs by the model's own rules (column arithmetic works on a table as on a step's
+    # features); the taper's branch is per step, so it is written out over the columns here
+    return table.assign(**{CAUSAL_FEATURE: prefill_causal_pairs(table), CACHED_PAIRS_FEATURE: prefill_cached_pairs(table),
                            TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0)})
 
 
