@@ -369,9 +369,9 @@ def fixed_columns(profile: Profile, hw: HardwareSpec, fixed: tuple) -> np.ndarra
     base = predictions(profile, zero, "train")
     cols = []
     for name in fixed:
-        unit = {"layer_fixed_s": MICROSECOND, name: MICROSECOND}
-        if name != "pdl_layer_saving_s":
-            unit = {name: MICROSECOND}
+        # a PDL saving is a share of layer_fixed_s (it may not exceed it): both move together
+        names = ("layer_fixed_s", name) if name == "pdl_layer_saving_s" else (name,)
+        unit = dict.fromkeys(names, MICROSECOND)
         cols.append((predictions(profile, dataclasses.replace(zero, **unit), "train") - base) / MICROSECOND)
     return np.column_stack(cols) if cols else np.zeros((len(base), 0))
 
