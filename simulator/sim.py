@@ -4,10 +4,10 @@ with a cost model for the GPU.
 One simpy process walks the requests in arrival order and routes each to a replica; one
 process per replica turns the step loop. Each turn forms a step at the current simulated
 time, "launches" it (host time before the launch, the admission of the requests that arrived
-since the last launch included, then device time on a device that runs one step at a time), receives the previous step's tokens (waiting for the device), and
-updates the policy; the next turn starts when the host is done. With asynchronous
-scheduling step N+1 is thus formed while step N runs, as on the engine; host time shows
-only where the device does not hide it.
+since the last launch included, then device time on a device that runs one step at a time),
+receives the previous step's tokens (waiting for the device), and updates the policy; the
+next turn starts when the host is done. With asynchronous scheduling step N+1 is thus formed
+while step N runs, as on the engine; host time shows only where the device does not hide it.
 
 With a `ReplayCostModel` every step is formed, launched and received at the times the
 recorded run did, and checked against the record: the policy-equivalence check.
