@@ -4,7 +4,7 @@
 # the last JSON line of each appended to results.jsonl). Wheels for what the box lacks
 # (simpy, hydra-core, omegaconf, antlr4) travel in .whl/ (see benchmarks/README.md).
 #   STAGES="smoke check steps offline" OUT=/tmp/out bash benchmarks/h200_session.sh
-# KPLAN=<file>: the Qwen3-0.6B stages steps_small, offline, online16 and calibrate run one
+# KPLAN=<file>: the stages steps_small, offline, online16 and the calibrate stages run one
 # skinny-GEMM plan (engine.kernel_plan: the first writes it, the others read it).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
@@ -42,11 +42,11 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             mkdir -p /tmp/calib && cp simulator/calibrations/qwen3-0.6b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations.tgz simulator/calibrations ;;
   calibrate_l8)
-            TAIL=40 run calibrate_l8 400 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200
+            TAIL=40 run calibrate_l8 ${CAL_T:-480} python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 ${KPLAN:+engine.kernel_plan=$KPLAN}
             mkdir -p /tmp/calib && cp simulator/calibrations/llama-3.1-8b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations_l8.tgz simulator/calibrations/llama-3.1-8b-h200-tp1.* ;;
   calibrate_l8_tp2) # Llama-3.1-8B at TP=2: both GPUs of nvidia-h200-x2, so never inside a lane
-            TAIL=40 run calibrate_l8_tp2 560 python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 engine.tensor_parallel_size=2
+            TAIL=40 run calibrate_l8_tp2 ${CAL_T:-560} python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 engine.tensor_parallel_size=2 ${KPLAN:+engine.kernel_plan=$KPLAN}
             tar czf $OUT/calibrations_l8_tp2.tgz simulator/calibrations/llama-3.1-8b-h200-tp2.* ;;
   fidelity) # the real cells of the fidelity table (capacity from the fitted twin, then the
             # engine runs); the sim and table stages run on any CPU from the tarball
