@@ -756,9 +756,12 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
     (shapes not fitted on; `train` if there are none) is kept (ties: piecewise, fewer
     slopes, more features); `variant` names it and `forms` records every variant's error.
     A feature of `earn` is searched apart: the variants above without it, then all of them
-    again with it (" with <feature>"); those with it are kept only if their best beats the best
-    without by more than that one's standard error: a new term must pay for itself beyond the
-    held-out shapes' noise, so a profile that cannot tell keeps the fit it had without it."""
+    again with it (" with <feature>"); those with it are kept only if their best, on the held-out
+    shapes where the feature is not 0 (the only ones it can change), beats the best without by
+    more than that one's standard error there, and is no worse on the kind's held-out shapes as a
+    whole: a new term must pay for itself beyond the noise of the shapes it prices, so a profile
+    that cannot tell keeps the fit it had without it. (Judged on the whole kind, a term that
+    prices a quarter of the shapes is diluted four times by shapes it cannot move.)"""
     sizes = sorted(set(train["rows"].astype(int)))
     candidates = {"piecewise": sizes, "linear": [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes}
     sloped = [f for f in sloped if f in features]
@@ -776,7 +779,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
         for f in optional:
             if f in features and f not in earn:   # (a feature refining another leaves with it: FEATURE_NEEDS)
                 feature_sets[f" without {f}"] = [x for x in features if x != f and FEATURE_NEEDS.get(x) != f]
-        return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots,
+        return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots, keep_ape=True, slopes=
                                                              {f: slope_knots for f in subset if f in fs}))
                 for form, knots in candidates.items() for label, fs in feature_sets.items()
                 for sl, subset in slopes.items()}
@@ -789,21 +792,31 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
         lowest = min(held(fit)["mape"] for _, fit in fits.values())
         tied = [k for k, (_, fit) in fits.items() if held(fit)["mape"] <= lowest + TIE_MAPE]
         return min(tied, key=lambda k: (fits[k][0] != "piecewise", "sloped" in k, len(k)))
+    def pays(challenger: dict, incumbent: dict, touched: np.ndarray) -> bool:
+        if not touched.any():            # no held-out shape it prices: nothing to judge it on
+            return False
+        new, old = held(challenger)["ape"][touched], held(incumbent)["ape"][touched]
+        return (new.mean() < old.mean() - old.std() / math.sqrt(len(old))
+                and held(challenger)["mape"] <= held(incumbent)["mape"])
     base = [f for f in features if f not in earn]
     fits = variants(base, "")
     best = choose(fits)
+    judged = test if len(test) else train
     for f in (f for f in earn if f in features):
         more = variants(base + [f], f" with {f}")
         fits.update(more)
         challenger = choose(more)
-        if held(more[challenger][1])["mape"] < held(fits[best][1])["mape"] - held(fits[best][1])["se"]:
+        if pays(more[challenger][1], fits[best][1], judged[f].to_numpy(float) != 0):
             best = challenger
     form, fit = fits[best]
+    fit = {**fit, **{k: {x: y for x, y in fit[k].items() if x != "ape"} for k in ("train", "held_out") if k in fit}}
     return {**fit, "form": form, "variant": best, "forms": {k: held(v)["mape"] for k, (_, v) in fits.items()}}
 
 
-def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict | None = None) -> dict:
-    """`slopes`: {feature: knots}: those features' coefficients piecewise linear in rows."""
+def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict | None = None,
+              keep_ape: bool = False) -> dict:
+    """`slopes`: {feature: knots}: those features' coefficients piecewise linear in rows.
+    `keep_ape`: each error summary also holds its rows' errors ("ape", an array: not JSON)."""
     slopes = slopes or {}
     flat = [f for f in features if f not in slopes]
     def design(df):
@@ -828,7 +841,8 @@ def _fit_base(train, test, features: list[str], knots: list[int], slopes: dict |
             ape = np.abs(pred - df["device_s"].to_numpy(float)) / df["device_s"].to_numpy(float)
             fit[name] = {"n": int(len(df)), "mape": float(ape.mean()),
                          "p90_ape": float(np.percentile(ape, 90)), "max_ape": float(ape.max()),
-                         "se": float(ape.std() / math.sqrt(len(ape)))}   # the MAPE's standard error
+                         "se": float(ape.std() / math.sqrt(len(ape))),   # the MAPE's standard error
+                         **({"ape": ape} if keep_ape else {})}   # per row: fit_kind judges `earn` terms on theirs
     return fit
 
 

@@ -84,9 +84,9 @@ def test_no_fitted_variant_has_the_taper_without_the_reread(monkeypatch):
     tried = []
     fit_base = cm._fit_base
 
-    def spy(train, test, features, knots, slopes=None):
+    def spy(train, test, features, knots, **kw):
         tried.append(list(features))
-        return fit_base(train, test, features, knots, slopes)
+        return fit_base(train, test, features, knots, **kw)
     monkeypatch.setattr(cm, "_fit_base", spy)
     p = synthetic_profile(12e-9, np.random.default_rng(1))
     cm.fit_kind(p[p.split == "train"], p[p.split != "train"], ["decode_context_tokens", SHARED, TAPER_FEATURE],
@@ -172,3 +172,39 @@ def test_reread_savings_measure_each_twin_pair_against_the_fit(capsys):
     assert "measured   14.0  fit   10.0" in out and "measured    9.0  fit   10.0" in out
     assert reread_savings(calib, graphs, pd.DataFrame(rows).drop(columns=["shape"])).empty
 
+
+
+def diluted_profile(taper_s: float, rng) -> pd.DataFrame:
+    """As synthetic_profile, but most shapes re-read nothing (8 unshared shapes for each shared
+    one, as in a serving profile): the taper prices a few shapes of the kind."""
+    rows = []
+    for b in (4, 8, 16, 32):
+        for ctx in (512, 1024, 2048, 4096):
+            fracs = [0] * 32 + [1 / 8, 1 / 4, 1 / 2, 3 / 4]
+            for i, frac in enumerate(fracs):
+                f = decode_features([ctx + 16 * i * (frac == 0)] * b, int(ctx * frac) // 16 * 16)
+                C, D = f["decode_context_tokens"], f[SHARED]
+                t = 1e-3 + 20e-9 * D + 4e-9 * (C - D) + taper_s * decode_reread_share_tokens(f)
+                rows.append({**f, "rows": b, "device_s": t * (1 + 0.003 * rng.standard_normal()),
+                             "split": "held_out" if i % 3 == 1 else "train"})
+    return with_causal_pairs(pd.DataFrame(rows))
+
+
+def test_the_taper_is_judged_on_the_shapes_it_prices_not_diluted_by_the_rest():
+    import simulator.cost_model as cm
+    p = diluted_profile(2e-9, np.random.default_rng(0))
+    train, test = p[p.split == "train"], p[p.split != "train"]
+    features = ["decode_context_tokens", SHARED]
+    knots = sorted(set(train["rows"].astype(int)))
+    without = cm._fit_base(train, test, features, knots)["held_out"]
+    with_taper = cm._fit_base(train, test, features + [TAPER_FEATURE], knots)["held_out"]
+    # the scenario: over the whole kind, the taper's gain is inside the noise
+    assert without["mape"] - with_taper["mape"] < without["se"]
+    fit = fit_kind(train, test, features + [TAPER_FEATURE], optional=(SHARED,), earn=(TAPER_FEATURE,))
+    assert fit["variant"].endswith(f"with {TAPER_FEATURE}")
+    assert fit["coefficients"][TAPER_FEATURE] == pytest.approx(2e-9, rel=0.5)
+    assert "ape" not in fit["held_out"] and "ape" not in fit["train"]      # the file stays JSON
+    flat = diluted_profile(0.0, np.random.default_rng(0))
+    fit = fit_kind(flat[flat.split == "train"], flat[flat.split != "train"], features + [TAPER_FEATURE],
+                   optional=(SHARED,), earn=(TAPER_FEATURE,))
+    assert "with" not in fit["variant"]
