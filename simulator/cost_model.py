@@ -583,7 +583,7 @@ class FittedCostModel(CostModel):
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
                  graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
-                 block_size: int | None = None, host_window: str = "profile"):
+                 block_size: int | None = None, host_window: str = "auto"):
         _require(calibration.get("format") == CALIBRATION_FORMAT,
                  f"{source}: format is {calibration.get('format')!r}, expected {CALIBRATION_FORMAT!r} "
                  "(make one with `python -m experiments.calibrate`)")
@@ -688,7 +688,7 @@ class FittedCostModel(CostModel):
 
     @classmethod
     def load(cls, path, graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,
-             block_size: int | None = None, host_window: str = "profile") -> "FittedCostModel":
+             block_size: int | None = None, host_window: str = "auto") -> "FittedCostModel":
         path = pathlib.Path(path)
         with open(path) as f:
             return cls(json.load(f), source=str(path), graphs=graphs, hw=hw, block_size=block_size,
@@ -951,11 +951,12 @@ class CostModelConfig:
     are tried from the working directory, then from the repository root. strict: replay
     checks every step's composition. host_window (fitted): which of the calibration's host
     measurements the simulator charges (simulator.hardware.HOST_WINDOWS: "profile", the
-    runner's launches; "serving", the engine's own step loop, admissions included)."""
+    runner's launches; "serving", the engine's own step loop, admissions included; "auto",
+    "serving" where the file measured it, else "profile")."""
     kind: str = "roofline"
     path: str | None = None
     strict: bool = True
-    host_window: str = "profile"
+    host_window: str = "auto"
 
     def __post_init__(self):
         _require(self.kind in COST_MODELS,

@@ -249,10 +249,14 @@ def block_cost(table: dict, block_size: int) -> float:
 
 
 # Where a calibration's host terms come from (HostCosts.from_calibration): "profile", the
-# runner's launches of the profiled shapes plus the policy's decode scheduling ("host"); or
+# runner's launches of the profiled shapes plus the policy's decode scheduling ("host");
 # "serving", the window forming -> launch of the engine's own step loop on synthetic
-# requests, admissions included ("host_serving"; the receive terms stay the profile's).
-HOST_WINDOWS = ("profile", "serving")
+# requests, admissions included ("host_serving"; the receive terms stay the profile's); or
+# "auto" (the default), "serving" where the calibration measured it, else "profile". Session
+# 11's H200 calibrations (host_serving measured with turns of 0-3 admissions) put the
+# fidelity table's mean TTFT within 0.51% of the engine on average with "serving", 1.05% with
+# "profile" (Qwen3-0.6B, 9 cells; Llama-3.1-8B 3.72 / 3.73%: benchmarks/README.md).
+HOST_WINDOWS = ("auto", "profile", "serving")
 SERVING_HOST_TERMS = ("launch_s", "launch_seq_s", "launch_token_s", "launch_prompt_s", "admit_s",
                         "admit_token_s")
 
@@ -280,17 +284,19 @@ class HostCosts:
     admit_token_s: float = 0.0
 
     @classmethod
-    def from_calibration(cls, calibration: dict, window: str = "profile",
+    def from_calibration(cls, calibration: dict, window: str = "auto",
                          source: str = "<calibration>") -> "HostCosts":
         """A calibration's host terms (HOST_WINDOWS): "profile", its `host`; "serving", its
-        `host_serving` launch and admission terms with `host`'s receive terms. Raises
-        ValueError (one line) for an unknown window or a calibration without host_serving."""
+        `host_serving` launch and admission terms with `host`'s receive terms; "auto",
+        "serving" where the file has host_serving, else "profile". Raises ValueError (one
+        line) for an unknown window or "serving" asked of a calibration without host_serving."""
         _require(window in HOST_WINDOWS, f"host window must be one of {HOST_WINDOWS}, got {window!r}")
         host = dict(calibration.get("host", {}))
-        if window == "profile":
-            return cls(**host)
         serving = calibration.get("host_serving")
-        _require(isinstance(serving, dict) and all(k in serving for k in SERVING_HOST_TERMS),
+        measured = isinstance(serving, dict) and all(k in serving for k in SERVING_HOST_TERMS)
+        if window == "profile" or (window == "auto" and not measured):
+            return cls(**host)
+        _require(measured,
                  f"{source}: host window 'serving' needs the calibration's host_serving "
                  f"({', '.join(SERVING_HOST_TERMS)}); this one has none: re-calibrate, or use "
                  "cost_model.host_window=profile")

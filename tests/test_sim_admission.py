@@ -123,11 +123,18 @@ def test_the_fitted_model_charges_the_window_the_config_names(tmp_path):
         cost = build_cost_model(CostModelConfig(kind="fitted", path=str(source), host_window=window), model, hw,
                                 graphs=graphs)
         assert cost.host == HostCosts.from_calibration(calib, window)
+    # the default: the serving loop's window where the file measured it ...
+    assert CostModelConfig(kind="fitted", path=str(source)).host_window == "auto"
+    auto = build_cost_model(CostModelConfig(kind="fitted", path=str(source)), model, hw, graphs=graphs)
+    assert auto.host == HostCosts.from_calibration(calib, "serving") != HostCosts.from_calibration(calib, "profile")
     del calib["host_serving"]
     (tmp_path / "old.json").write_text(json.dumps(calib))
     with pytest.raises(ValueError, match="old.json: host window 'serving'"):
         build_cost_model(CostModelConfig(kind="fitted", path=str(tmp_path / "old.json"), host_window="serving"),
                          model, hw, graphs=graphs)
+    # ... and the profile's where it did not
+    auto = build_cost_model(CostModelConfig(kind="fitted", path=str(tmp_path / "old.json")), model, hw, graphs=graphs)
+    assert auto.host == HostCosts.from_calibration(calib, "profile")
 
 
 def test_a_hardware_file_states_the_roofline_s_admission():
