@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
-                                  MOE_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
+                                  MOE_FEATURE, OTHER_CACHED_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_span_tokens,
@@ -48,7 +48,7 @@ from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 # shapes where it has them (with_plan_features).
 OPTIONAL_FEATURES = ("max_context_tokens", "decode_distinct_context_tokens", "decode_span_tokens",
                      "decode_split_seqs", "decode_work_items", CAUSAL_FEATURE, TAPER_FEATURE,
-                     CACHED_PAIRS_FEATURE, PREFILL_SPAN_FEATURE)
+                     CACHED_PAIRS_FEATURE, PREFILL_SPAN_FEATURE, OTHER_CACHED_FEATURE)
 SHARED_FEATURE = "decode_distinct_context_tokens"
 # Features whose coefficient each step kind's fit also tries piecewise linear in the step's
 # rows (kept where the held-out shapes say so): on the H200, decode attention's cost per
@@ -337,13 +337,18 @@ def with_shared_feature(steps: pd.DataFrame, source: str) -> pd.DataFrame:
 def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     """`table` with the features the fitted model computes from the others: CAUSAL_FEATURE
     (cost_model.prefill_causal_pairs of every row), CACHED_PAIRS_FEATURE (the other pairs) and
-    TAPER_FEATURE (decode_reread_share_tokens)."""
+    TAPER_FEATURE (decode_reread_share_tokens) and OTHER_CACHED_FEATURE."""
     total = table["decode_context_tokens"].to_numpy(float)
     reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
+    others = (table["num_seqs"] - table["num_decode_seqs"] - 1).to_numpy(float)
+    cached = (table["prefill_kv_tokens"] - table["num_prefill_tokens"]).to_numpy(float)
+    prompted = table["num_prefill_tokens"].to_numpy(float) > 0
     # the pairs by the model's own rules (column arithmetic works on a table as on a step's
-    # features); the taper's branch is per step, so it is written out over the columns here
+    # features); the taper's and the other chunks' branches are per step, so they are written
+    # out over the columns here
     return table.assign(**{CAUSAL_FEATURE: prefill_causal_pairs(table), CACHED_PAIRS_FEATURE: prefill_cached_pairs(table),
-                           TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0)})
+                           TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0),
+                           OTHER_CACHED_FEATURE: np.where((others > 0) & prompted, others * cached, 0.0)})
 
 
 def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
@@ -495,7 +500,7 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
             print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
                   f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
-                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE, PREFILL_SPAN_FEATURE))
+                               sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE, PREFILL_SPAN_FEATURE, OTHER_CACHED_FEATURE))
     return kinds
 
 
