@@ -255,7 +255,7 @@ def block_cost(table: dict, block_size: int) -> float:
 # "auto" (the default), "serving" where the calibration measured it, else "profile". Session
 # 11's H200 calibrations (host_serving measured with turns of 0-3 admissions) put the
 # fidelity table's mean TTFT within 0.51% of the engine on average with "serving", 1.05% with
-# "profile" (Qwen3-0.6B, 9 cells; Llama-3.1-8B 3.72 / 3.73%: benchmarks/README.md).
+# "profile" (Qwen3-0.6B, 9 cells; Llama-3.1-8B 2.95 / 3.40%: benchmarks/README.md).
 HOST_WINDOWS = ("auto", "profile", "serving")
 SERVING_HOST_TERMS = ("launch_s", "launch_seq_s", "launch_token_s", "launch_prompt_s", "admit_s",
                         "admit_token_s")
