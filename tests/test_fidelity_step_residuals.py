@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.config import register_configs
+from simulator.hardware import HostCosts
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1.json"
@@ -35,9 +36,10 @@ def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
         assert summary[kind]["weighted_error"] == pytest.approx(0, abs=1e-9)
     assert "by KV block layout" in out and "by the spread of their contexts" in out
     assert "the profile's own mixed shapes in the same groups" in out   # (the calibration's profile, found beside it)
-    # the simulated host window before each launch is the calibration's host model
-    host = json.loads(QWEN.read_text())["host"]
-    assert summary["host_us_median"]["decode/0"] > 1e6 * host["launch_s"]
+    # the simulated host window before each launch is the calibration's host model (the
+    # window the simulator charged: cost_model.host_window's default)
+    host = HostCosts.from_calibration(json.loads(QWEN.read_text()))
+    assert summary["host_us_median"]["decode/0"] > 1e6 * host.launch_s
     # a directory that holds no run is refused in one line
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="not a run directory"):
