@@ -287,6 +287,8 @@ class LLMEngine:
     def _wait(self, launched, record) -> list[int]:
         """StepLoop's wait: the step's tokens, and its device timings into its record."""
         tokens = self.model_runner.wait(launched)
+        if self.workers is not None:   # a worker failed during the step: its tokens are junk
+            self.workers.check()
         self._blocked_s += self.model_runner.wait_s
         record["device_s"], record["gpu_gap_s"] = launched.device_s, launched.gap_s
         return tokens

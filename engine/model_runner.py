@@ -288,13 +288,8 @@ class ModelRunner:
         memory pool: decode graphs per batch size, mixed graphs per token count. Each graph
         captures the whole step (`graph_body`): pending tokens, model, logits rows, LM head
         and the fused sampler."""
-        cfg = self.config
-        limit = cfg.cuda_graph_max_tokens
-        todo = [(DECODE_GRAPH, s) for s in decode_sizes(cfg.max_num_seqs, limit)]
-        if mixed:
-            todo += [(MIXED_GRAPH, s) for s in mixed_sizes(cfg.max_num_batched_tokens, limit)]
         pool = None
-        for kind, size in sorted(todo, key=lambda ks: -ks[1]):
+        for kind, size in self.graph_keys(mixed):
             step, body = self.graph_body(kind, size)
             self.use_pdl(step.T)                          # the graph captures the launch attribute
             body()                                        # warm-up: JIT, allocator
@@ -308,6 +303,16 @@ class ModelRunner:
             self.pdl.enable(False)
         self.packer.decode_sizes = sorted(s for k, s in self.graphs if k == DECODE_GRAPH)
         self.packer.mixed_sizes = sorted(s for k, s in self.graphs if k == MIXED_GRAPH)
+
+    def graph_keys(self, mixed: bool = True) -> list[tuple[int, int]]:
+        """(kind, size) of every graph `capture_graphs` captures, in its order: largest
+        first (the smaller graphs then fit in the first one's memory pool)."""
+        cfg = self.config
+        limit = cfg.cuda_graph_max_tokens
+        keys = [(DECODE_GRAPH, s) for s in decode_sizes(cfg.max_num_seqs, limit)]
+        if mixed:
+            keys += [(MIXED_GRAPH, s) for s in mixed_sizes(cfg.max_num_batched_tokens, limit)]
+        return sorted(keys, key=lambda ks: -ks[1])
 
     def graph_body(self, kind: int, size: int):
         """(step, body) of the graph of this kind and size: `body()` runs `run_body` over the
