@@ -117,8 +117,8 @@ def abort_process_group() -> None:
 def parse_fault(value: str | None) -> tuple[str, int] | None:
     """TWINSERVE_TP_FAULT, to test the failure path: rank 1 raises RuntimeError("injected
     fault ...") at `join` (before it joins the process group), `build` (joined, before its
-    ModelRunner exists) or `step:N` (at its N-th forward, N >= 1: warm-up and start-up
-    steps count on CUDA). Unset or empty: no fault. Returns (where, N)."""
+    ModelRunner exists) or `step:N` (at the N-th step it follows after start-up, N >= 1).
+    Unset or empty: no fault. Returns (where, N)."""
     if not value:
         return None
     where, _, n = value.partition(":")
@@ -135,7 +135,8 @@ def fail_at(fault: tuple[str, int] | None, where: str) -> None:
 
 
 def fail_at_step(runner: ModelRunner, n: int) -> None:
-    """Make `runner.forward` raise at its n-th call (TWINSERVE_TP_FAULT=step:n)."""
+    """Make `runner.forward` raise at its n-th call from now (TWINSERVE_TP_FAULT=step:n:
+    installed once the runner is built, so start-up steps do not count)."""
     forward, calls = runner.forward, itertools.count(1)
 
     def forward_or_fail(step):
