@@ -14,7 +14,7 @@ A failing worker never leaves rank 0 waiting for the collective timeout (10 minu
 worker sends its traceback up a pipe and exits; a watchdog thread of rank 0 (`Workers.watch`)
 waits on those pipes and on the workers' exits, and on a failure:
   1. records it: `Workers.check` raises it, with the worker's traceback, wherever rank 0
-     notices (the engine calls it when a collective fails and after every step);
+     notices (its ModelRunner at every launch and wait, the engine when a collective fails);
   2. kills the other workers (they sit in collectives that will never complete) and aborts
      rank 0's process group: NCCL's abort ends the collective kernels that wait for the
      dead peer, so a blocked stream sync returns and the next collective raises (gloo's
@@ -112,6 +112,15 @@ def abort_process_group() -> None:
         group.abort()
     except AttributeError:   # a torch whose ProcessGroup lacks abort(): its NCCL backend has it
         group._get_backend(torch.device("cuda")).abort()
+
+
+def destroy_process_group() -> None:
+    """Leave the group, whatever state a failure left it in (an aborted NCCL group may
+    refuse an orderly shutdown: it is gone either way)."""
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 def parse_fault(value: str | None) -> tuple[str, int] | None:
@@ -291,9 +300,9 @@ class Workers:
 
     def check(self, wait_s: float = 0.0) -> None:
         """Raise the worker failure the watchdog saw (RuntimeError with the worker's
-        traceback), waiting up to `wait_s` for one. Cheap (an event test): the engine calls it
-        after every step."""
-        if self.failed.wait(wait_s):
+        traceback), waiting up to `wait_s` for one. Cheap (a flag test): rank 0's runner calls
+        it at every launch and wait."""
+        if self.failed.is_set() or (wait_s > 0 and self.failed.wait(wait_s)):
             self.reported.set()
             raise RuntimeError(self.failure)
 
@@ -317,7 +326,7 @@ class Workers:
                 process.terminate()
                 process.join(timeout=5)
         if dist.is_initialized():   # NCCL's teardown can block on a dead peer: give it a deadline
-            closer = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            closer = threading.Thread(target=destroy_process_group, daemon=True)
             closer.start()
             closer.join(timeout=10)
         shutil.rmtree(os.path.dirname(self.rendezvous), ignore_errors=True)
