@@ -127,6 +127,47 @@ def test_rank0_still_blocked_after_a_worker_failure_exits_with_its_error(llama):
     assert time.perf_counter() - start < 4 * BOUND_S
 
 
+NEVER_JOINS = """
+import time
+import engine.distributed
+def join_never(self, world_size, device):   # the worker waits in the rendezvous, where no
+    self.arrived.wait()                       # socket closes when rank 0 dies
+    time.sleep(1)
+    print(self.processes[0].pid, flush=True)
+    time.sleep(600)
+engine.distributed.Workers.join = join_never
+from engine import LLM
+LLM({path!r}, **{cpu!r})
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"    # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_workers_exit_when_rank0_is_killed(llama):
+    """Rank 0 killed (no atexit, no close) while its worker waits for it: the worker must not
+    stay behind until the timeout (NCCL: spinning in a collective, holding its GPU)."""
+    rank0 = subprocess.Popen([sys.executable, "-c", NEVER_JOINS.format(path=llama, cpu=CPU)],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        worker = int(rank0.stdout.readline())
+        assert alive(worker)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.perf_counter() + BOUND_S
+    while alive(worker) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker)
+
+
 def test_bad_fault_setting_is_refused_in_one_line(llama, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "step:0")
     with pytest.raises(ValueError, match=f"{FAULT_ENV} must be join, build or step:N"):
