@@ -110,7 +110,7 @@ class LLMEngine:
             self.workers = Workers(config, model_config, device)
             atexit.register(self.close)
         try:
-            self.model_runner = ModelRunner(config, model_config, 0, device)
+            self.model_runner = ModelRunner(config, model_config, 0, device, peers=self.workers)
         except Exception as e:
             if not isinstance(e, ValueError):   # a config error is every rank's: report ours
                 self._raise_worker_error(e)

@@ -73,8 +73,12 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, rank: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, peers=None):
         self.config, self.model_config, self.rank = config, model_config, rank
+        # rank 0 with tensor parallelism: the workers (engine.distributed.Workers), whose
+        # failure `peers.check()` raises; checked at each launch and wait, so a step that a
+        # dead worker cut short (its tokens junk) raises that worker's error, whoever drives
+        self.peers = peers
         self.tp_size = config.tensor_parallel_size
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(model_config.dtype if config.dtype == "auto" else config.dtype)
@@ -132,6 +136,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and backend != "torch":
             # mixed steps need the triton kernels' tile list; flashinfer plans them eagerly
             self.capture_graphs(mixed=backend == "triton")
+        self.check_peers()
 
     def release(self) -> None:
         """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
@@ -288,13 +293,8 @@ class ModelRunner:
         memory pool: decode graphs per batch size, mixed graphs per token count. Each graph
         captures the whole step (`graph_body`): pending tokens, model, logits rows, LM head
         and the fused sampler."""
-        cfg = self.config
-        limit = cfg.cuda_graph_max_tokens
-        todo = [(DECODE_GRAPH, s) for s in decode_sizes(cfg.max_num_seqs, limit)]
-        if mixed:
-            todo += [(MIXED_GRAPH, s) for s in mixed_sizes(cfg.max_num_batched_tokens, limit)]
         pool = None
-        for kind, size in sorted(todo, key=lambda ks: -ks[1]):
+        for kind, size in self.graph_keys(mixed):
             step, body = self.graph_body(kind, size)
             self.use_pdl(step.T)                          # the graph captures the launch attribute
             body()                                        # warm-up: JIT, allocator
@@ -308,6 +308,16 @@ class ModelRunner:
             self.pdl.enable(False)
         self.packer.decode_sizes = sorted(s for k, s in self.graphs if k == DECODE_GRAPH)
         self.packer.mixed_sizes = sorted(s for k, s in self.graphs if k == MIXED_GRAPH)
+
+    def graph_keys(self, mixed: bool = True) -> list[tuple[int, int]]:
+        """(kind, size) of every graph `capture_graphs` captures, in its order: largest
+        first (the smaller graphs then fit in the first one's memory pool)."""
+        cfg = self.config
+        limit = cfg.cuda_graph_max_tokens
+        keys = [(DECODE_GRAPH, s) for s in decode_sizes(cfg.max_num_seqs, limit)]
+        if mixed:
+            keys += [(MIXED_GRAPH, s) for s in mixed_sizes(cfg.max_num_batched_tokens, limit)]
+        return sorted(keys, key=lambda ks: -ks[1])
 
     def graph_body(self, kind: int, size: int):
         """(step, body) of the graph of this kind and size: `body()` runs `run_body` over the
@@ -346,6 +356,7 @@ class ModelRunner:
                pending: dict | None = None) -> Launched:
         """Pack, upload and queue one step (model, logits, sampling, tokens -> host); does
         not wait for the device. `pending`: see the class docstring."""
+        self.check_peers()
         if self.inputs_sent is not None:   # the host buffer is about to be rewritten
             self.inputs_sent.synchronize()
         step = self.packer.pack(batch, sampling_params, pending)
@@ -393,6 +404,7 @@ class ModelRunner:
             launched.device_s = launched.begin.elapsed_time(launched.done) / 1e3
             if launched.previous is not None:
                 launched.gap_s = max(0.0, launched.previous.elapsed_time(launched.begin) / 1e3)
+        self.check_peers()
         self.wait_s = time.perf_counter() - start
         out = [-1] * launched.num_seqs
         if launched.host is not None:
@@ -494,6 +506,11 @@ class ModelRunner:
             self.pdl.enable(num_tokens <= self.config.pdl_max_tokens)
 
     # ---- tensor parallelism -----------------------------------------------------------
+
+    def check_peers(self) -> None:
+        """Rank 0: raise the error of a tensor-parallel worker that failed (an event test)."""
+        if self.peers is not None:
+            self.peers.check()
 
     def set_header(self, header: list[int]) -> None:
         self.buffer.header[:] = 0

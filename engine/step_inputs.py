@@ -384,8 +384,14 @@ class StepPacker:
         return self.finish(batch, sampling_params, seqs, sampled, host, graph, step)
 
     def finish(self, batch, sampling_params, seqs, sampled, host, graph, step: Step) -> Step:
-        """The sampling rows of a packed step (rank 0), a graph's padding rows included."""
+        """The sampling rows of a packed step, a graph's padding rows included: the logits
+        rows on every rank (every rank's LM head reads them: a rank > 0 packs its own graph
+        steps at capture), the sampling parameters on rank 0 (the only one that samples)."""
         step.sampled = sampled
+        n = len(sampled)
+        if n < step.S:    # a graph's padding rows: row 0, never read back. Else they hold
+            # what earlier steps left in the buffer, rows past this step's tokens.
+            host[LOGITS_ROWS][n:] = 0
         if self.rank != 0:
             return step
         if step.order is not None and sampling_params is not None:
@@ -393,10 +399,8 @@ class StepPacker:
         sampling = step.sampling = self.pack_sampling(sampling_params, seqs, sampled, host[LOGITS_ROWS + 1:])
         # a graph samples without top-k/top-p: such a step samples its rows again
         step.resample = int(bool(graph) and (sampling.use_top_k or sampling.use_top_p))
-        n = len(sampled)
-        if n < step.S:    # a graph's padding rows: greedy over row 0, never read back
-            logits_rows, temperatures, top_k, top_p = host[LOGITS_ROWS:LOGITS_ROWS + 4]
-            logits_rows[n:] = 0
+        if n < step.S:    # the padding rows sample greedily
+            temperatures, top_k, top_p = host[LOGITS_ROWS + 1:LOGITS_ROWS + 4]
             temperatures[n:], top_k[n:], top_p[n:] = 0.0, self.vocab_size, 1.0
             sampling.any_greedy = True
         return step
