@@ -1,0 +1,126 @@
+"""Does a step cost the same after a different step as after itself?
+
+The calibration profile (`experiments/calibrate.py`) times every grid shape back to back after
+itself. Serving runs a decode step right after a prompt step, and a prompt step after a run of
+decodes. On the H200 (session 11, Llama-3.1-8B) the replayed runs' decode steps right after a
+prompt step ran 3.8% over the fitted price, and their single prompt chunks beside decodes
+3.0-3.5% over it, while the profile's own shapes of both kinds were priced within 0.2%. This
+probe times, on the engine's runner, a decode step D (`--decodes` sequences of `--context`
+tokens) and a prompt step M (a chunk of `--chunk` tokens beside `--beside` decodes) in four
+orders, each step launched while the one before runs (as serving and the profile run them):
+
+  D after D, D right after M, M after M, M after `--run` decodes
+
+and prints each median device time next to the same step after itself.
+
+    python benchmarks/probe_transitions.py --model DIR [--kernel-plan FILE] [--decodes 32 ...]
+    python benchmarks/probe_transitions.py --smoke     # tiny model on the CPU: it runs
+
+Ends with one JSON line.
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_engine import checkpoint  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from simulator.calibrate import serving, shape_batch  # noqa: E402
+
+
+def timed_cycles(runner, cycle: list, measured: int, repeats: int) -> list[float]:
+    """Run `cycle` (batches) `repeats` times in order, one step in flight ahead of the one
+    waited on; returns the device seconds of position `measured` of every cycle. A warm-up
+    cycle first (compilation, first replays)."""
+    params = [[SamplingParams()] * len(b.seqs) for b in cycle]
+    for batch, p in zip(cycle, params):
+        runner.wait(runner.launch(batch, p, None))
+    order = [(i, b, p) for _ in range(repeats) for i, (b, p) in enumerate(zip(cycle, params))]
+    out, previous = [], None
+    for i, batch, p in order:
+        launched = runner.launch(batch, p, None)
+        if previous is not None:
+            runner.wait(previous[1])
+            if previous[0] == measured:
+                out.append(previous[1].device_s)
+        previous = (i, launched)
+    runner.wait(previous[1])
+    if previous[0] == measured:
+        out.append(previous[1].device_s)
+    return out
+
+
+def probe(llm, args) -> list[dict]:
+    runner = llm.model_runner
+    plan = llm.decode_plan()
+    L = args.max_model_len
+
+    def batch(shape):
+        return shape_batch(shape, llm.config.block_size, runner.num_blocks, plan)
+    decode = batch(serving(args.decodes, args.context, L))
+    prompt = batch([(args.chunk, args.chunk)] + serving(args.beside, args.context, L))
+    cases = [("decode", "itself", [decode, decode], 1),
+             ("decode", "a prompt step", [prompt, decode], 1),
+             ("prompt", "itself", [prompt, prompt], 1),
+             ("prompt", f"{args.run} decodes", [decode] * args.run + [prompt], args.run)]
+    rows = []
+    for step, after, cycle, measured in cases:
+        times = timed_cycles(runner, cycle, measured, args.repeats)
+        rows.append({"step": step, "after": after, "n": len(times),
+                     "median_ms": 1e3 * statistics.median(times),
+                     "spread": (max(times) - min(times)) / statistics.median(times)})
+    for r in rows:
+        alone = next(x for x in rows if x["step"] == r["step"] and x["after"] == "itself")
+        r["vs_itself"] = r["median_ms"] / alone["median_ms"] - 1
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-3.1-8b", help="model dir or conf/model name")
+    ap.add_argument("--kernel-plan", help="EngineConfig.kernel_plan (the calibration's, to run its kernels)")
+    ap.add_argument("--decodes", type=int, default=32, help="sequences of the decode step")
+    ap.add_argument("--context", type=int, default=1024, help="mean context of the decodes")
+    ap.add_argument("--chunk", type=int, default=1024, help="prompt tokens of the prompt step")
+    ap.add_argument("--beside", type=int, default=16, help="decodes beside the prompt chunk")
+    ap.add_argument("--run", type=int, default=8, help="decode steps before the prompt step")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, small shapes")
+    args = ap.parse_args(argv)
+    extra = {}
+    if args.smoke:
+        args.model, args.decodes, args.context, args.chunk, args.beside = "tiny-qwen3", 4, 40, 24, 2
+        args.run, args.repeats, args.max_model_len = 2, 3, 256
+        if not torch.cuda.is_available():
+            extra = dict(device="cpu", dtype="float32", num_gpu_blocks=512, attention_backend="torch")
+    if args.beside + 1 > 256 or args.decodes > 256:
+        sys.exit("--decodes and --beside + 1 must be at most 256 (the engine's max_num_seqs)")
+    if args.chunk + args.beside > 8192:
+        sys.exit("--chunk + --beside must be at most 8192 tokens (the step budget)")
+    llm = LLM(checkpoint(args.model, "float32" if args.smoke else "bfloat16"), max_model_len=args.max_model_len,
+              max_num_seqs=256, max_num_batched_tokens=8192, kernel_plan=args.kernel_plan,
+              enable_prefix_caching=False, **extra)
+    try:
+        rows = probe(llm, args)
+    finally:
+        llm.close()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
+    print(f"step cost by the step before it, {args.model} on {device}: decode = {args.decodes} decodes of "
+          f"~{args.context} tokens, prompt = {args.chunk} prompt tokens beside {args.beside} decodes; "
+          f"median of {args.repeats} (device time)")
+    print(f"{'step':>7} {'after':>16} {'n':>4} {'median ms':>10} {'spread':>7} {'vs after itself':>16}")
+    for r in rows:
+        print(f"{r['step']:>7} {r['after']:>16} {r['n']:>4} {r['median_ms']:>10.3f} {100 * r['spread']:>6.1f}% "
+              f"{100 * r['vs_itself']:>+15.1f}%")
+    print(json.dumps({"bench": "transitions", "device": device, "model": args.model, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
