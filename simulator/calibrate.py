@@ -32,7 +32,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   MOE_FEATURE, OTHER_CACHED_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
-                                  prefill_causal_pairs, prefill_span_tokens,
+                                  prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
                                   step_experts_touched)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
@@ -340,15 +340,12 @@ def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     TAPER_FEATURE (decode_reread_share_tokens) and OTHER_CACHED_FEATURE."""
     total = table["decode_context_tokens"].to_numpy(float)
     reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
-    others = (table["num_seqs"] - table["num_decode_seqs"] - 1).to_numpy(float)
-    cached = (table["prefill_kv_tokens"] - table["num_prefill_tokens"]).to_numpy(float)
-    prompted = table["num_prefill_tokens"].to_numpy(float) > 0
-    # the pairs by the model's own rules (column arithmetic works on a table as on a step's
-    # features); the taper's and the other chunks' branches are per step, so they are written
-    # out over the columns here
+    # the pairs and the other chunks' cached context by the model's own rules (column
+    # arithmetic works on a table as on a step's features); the taper's branch is per step, so
+    # it is written out over the columns here
     return table.assign(**{CAUSAL_FEATURE: prefill_causal_pairs(table), CACHED_PAIRS_FEATURE: prefill_cached_pairs(table),
                            TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0),
-                           OTHER_CACHED_FEATURE: np.where((others > 0) & prompted, others * cached, 0.0)})
+                           OTHER_CACHED_FEATURE: prefill_other_cached_tokens(table)})
 
 
 def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:

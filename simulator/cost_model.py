@@ -456,9 +456,9 @@ def prefill_cached_pairs(f: dict) -> int:
 def prefill_other_cached_tokens(f: dict) -> int:
     """OTHER_CACHED_FEATURE of a step: over its prompt chunks, the sum of the cached context of
     the other chunks, (chunks - 1) x (prefill_kv_tokens - num_prefill_tokens); 0 with at most
-    one chunk."""
+    one chunk. Branch-free, so it works on a table's columns as on a step's features."""
     others = f["num_seqs"] - f["num_decode_seqs"] - 1
-    return others * (f["prefill_kv_tokens"] - f["num_prefill_tokens"]) if others > 0 and f["num_prefill_tokens"] else 0
+    return others * (others > 0) * (f["num_prefill_tokens"] > 0) * (f["prefill_kv_tokens"] - f["num_prefill_tokens"])
 
 
 def prefill_span_tokens(f: dict, pairs_per_key: float) -> float:
@@ -800,8 +800,9 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
         for f in optional:
             if f in features and f not in earn:   # (a feature refining another leaves with it: FEATURE_NEEDS)
                 feature_sets[f" without {f}"] = [x for x in features if x != f and FEATURE_NEEDS.get(x) != f]
-        return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots, keep_ape=True, slopes=
-                                                             {f: slope_knots for f in subset if f in fs}))
+        return {form + label + sl + suffix: (form, _fit_base(train, test, fs, knots,
+                                                             slopes={f: slope_knots for f in subset if f in fs},
+                                                             keep_ape=True))
                 for form, knots in candidates.items() for label, fs in feature_sets.items()
                 for sl, subset in slopes.items()}
 
@@ -827,6 +828,7 @@ def fit_kind(train: "pd.DataFrame", test: "pd.DataFrame", features: list[str],
             if held(fits[best][1])["mape"] >= held(full[keep][1])["mape"] - held(full[keep][1])["se"]:
                 return keep
         return best
+
     def pays(challenger: dict, incumbent: dict, touched: np.ndarray) -> bool:
         if not touched.any():            # no held-out shape it prices: nothing to judge it on
             return False
