@@ -96,8 +96,12 @@ class StepBuffer:
             sizes = [math.prod(shape) * np.dtype(dt).itemsize for (_, shape), (_, dt, _) in zip(spans, FIELDS)]
             host = [self.host_np[o:o + n].view(dt).reshape(shape)
                     for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
-            device = [self.device[o:o + n].view(TORCH_DTYPES[dt]).view(shape)
-                      for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
+            # Never inference tensors: the first call for a shape may come from warm-up or
+            # graph capture (inference mode), and a dtype view made there could not be
+            # written outside it (TP's rank 0 writes the resolved pending tokens in place).
+            with torch.inference_mode(False):
+                device = [self.device[o:o + n].view(TORCH_DTYPES[dt]).view(shape)
+                          for (o, shape), n, (_, dt, _) in zip(spans, sizes, FIELDS)]
             found = self.cache[key] = (nbytes, host, device)
         return found
 

@@ -207,3 +207,18 @@ def test_dummy_batch_shapes():
     b = dummy_batch([(5, 5), (9, 1)], 4)
     assert b.num_new_tokens == [5, 1] and b.num_computed_tokens == [0, 8]
     assert [len(s.block_table) for s in b.seqs] == [2, 3]
+
+
+def test_views_first_made_in_inference_mode_stay_writable():
+    """A shape's views are cached on first use, and that use may be warm-up or CUDA-graph
+    capture (inference mode). TP's rank 0 later writes the resolved pending tokens into the
+    input_ids view outside inference mode; a view made as an inference tensor refuses that
+    (the H200's TP=2 start-up failure of session 12)."""
+    buffer = packer().buffer
+    with torch.inference_mode():
+        _, _, device = buffer.views(8, 2, 4, 2, 2, 2)
+    _, _, again = buffer.views(8, 2, 4, 2, 2, 2)
+    assert all(a is b for a, b in zip(device, again))      # served from the cache
+    for view in device:
+        assert not view.is_inference()
+        view.zero_()                                        # in place, outside inference mode
