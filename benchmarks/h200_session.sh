@@ -88,8 +88,11 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   check_tp) TAIL=20 run check_tp 420 python3 benchmarks/check_tp.py --tp 2 ;;
   transitions) # a step after a different step vs after itself (Llama-3.1-8B, its calibration's kernel plan)
             ckpt llama-3.1-8b twinserve-llama-3.1-8b
-            TAIL=12 run transitions_l8 240 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-llama-3.1-8b \
-                --kernel-plan ${KPLAN:-simulator/calibrations/llama-3.1-8b-h200-tp1.json} ;;
+            TAIL=40 run transitions_l8 240 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-llama-3.1-8b \
+                --kernel-plan ${KPLAN:-simulator/calibrations/llama-3.1-8b-h200-tp1.json} --decodes ${TD:-8,32,128} --chunk ${TC:-128,512,2048} ;;
+  transitions_q06) ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            TAIL=40 run transitions_q06 200 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-qwen3-0.6b \
+                --kernel-plan simulator/calibrations/qwen3-0.6b-h200-tp1.json --decodes ${TD:-8,32,128} --chunk ${TC:-128,512,2048} ;;
   blocksize) # attention speed by block size 1-256 -> the H200 hardware yaml and the calibration's
             TAIL=30 run h200_attention_blocks 150 python3 benchmarks/bench_attention.py --stages blocks \
                 --write-hardware conf/hardware/h200.yaml --write-hardware simulator/calibrations/qwen3-0.6b-h200-tp1.hardware.yaml

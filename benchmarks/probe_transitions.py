@@ -11,9 +11,10 @@ orders, each step launched while the one before runs (as serving and the profile
 
   D after D, D right after M, M after M, M after `--run` decodes
 
-and prints each median device time next to the same step after itself.
+and prints each median device time next to the same step after itself, for every pair of
+`--decodes` and `--chunk` values.
 
-    python benchmarks/probe_transitions.py --model DIR [--kernel-plan FILE] [--decodes 32 ...]
+    python benchmarks/probe_transitions.py --model DIR [--kernel-plan FILE] [--decodes 8,32,128 --chunk 128,1024]
     python benchmarks/probe_transitions.py --smoke     # tiny model on the CPU: it runs
 
 Ends with one JSON line.
@@ -56,15 +57,18 @@ def timed_cycles(runner, cycle: list, measured: int, repeats: int) -> list[float
     return out
 
 
-def probe(llm, args) -> list[dict]:
+def probe(llm, args, decodes: int, chunk: int) -> list[dict]:
+    """The four orders for one (decode batch, prompt chunk) pair; the prompt step carries
+    `--beside` decodes (default: the decode step's own batch, as in serving)."""
     runner = llm.model_runner
     plan = llm.decode_plan()
     L = args.max_model_len
+    beside = decodes if args.beside is None else args.beside
 
     def batch(shape):
         return shape_batch(shape, llm.config.block_size, runner.num_blocks, plan)
-    decode = batch(serving(args.decodes, args.context, L))
-    prompt = batch([(args.chunk, args.chunk)] + serving(args.beside, args.context, L))
+    decode = batch(serving(decodes, args.context, L))
+    prompt = batch([(chunk, chunk)] + serving(beside, args.context, L))
     cases = [("decode", "itself", [decode, decode], 1),
              ("decode", "a prompt step", [prompt, decode], 1),
              ("prompt", "itself", [prompt, prompt], 1),
@@ -72,8 +76,8 @@ def probe(llm, args) -> list[dict]:
     rows = []
     for step, after, cycle, measured in cases:
         times = timed_cycles(runner, cycle, measured, args.repeats)
-        rows.append({"step": step, "after": after, "n": len(times),
-                     "median_ms": 1e3 * statistics.median(times),
+        rows.append({"decodes": decodes, "chunk": chunk, "beside": beside, "step": step,
+                     "after": after, "n": len(times), "median_ms": 1e3 * statistics.median(times),
                      "spread": (max(times) - min(times)) / statistics.median(times)})
     for r in rows:
         alone = next(x for x in rows if x["step"] == r["step"] and x["after"] == "itself")
@@ -85,10 +89,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b", help="model dir or conf/model name")
     ap.add_argument("--kernel-plan", help="EngineConfig.kernel_plan (the calibration's, to run its kernels)")
-    ap.add_argument("--decodes", type=int, default=32, help="sequences of the decode step")
+    ap.add_argument("--decodes", default="32", help="sequences of the decode step (a comma list: each)")
     ap.add_argument("--context", type=int, default=1024, help="mean context of the decodes")
-    ap.add_argument("--chunk", type=int, default=1024, help="prompt tokens of the prompt step")
-    ap.add_argument("--beside", type=int, default=16, help="decodes beside the prompt chunk")
+    ap.add_argument("--chunk", default="1024", help="prompt tokens of the prompt step (a comma list: each)")
+    ap.add_argument("--beside", type=int, default=None,
+                    help="decodes beside the prompt chunk (default: the decode step's batch)")
     ap.add_argument("--run", type=int, default=8, help="decode steps before the prompt step")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--max-model-len", type=int, default=8192)
@@ -96,29 +101,36 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     extra = {}
     if args.smoke:
-        args.model, args.decodes, args.context, args.chunk, args.beside = "tiny-qwen3", 4, 40, 24, 2
+        args.model, args.decodes, args.context, args.chunk, args.beside = "tiny-qwen3", "4", 40, "24", 2
         args.run, args.repeats, args.max_model_len = 2, 3, 256
         if not torch.cuda.is_available():
             extra = dict(device="cpu", dtype="float32", num_gpu_blocks=512, attention_backend="torch")
-    if args.beside + 1 > 256 or args.decodes > 256:
-        sys.exit("--decodes and --beside + 1 must be at most 256 (the engine's max_num_seqs)")
-    if args.chunk + args.beside > 8192:
-        sys.exit("--chunk + --beside must be at most 8192 tokens (the step budget)")
+    try:
+        decodes = [int(x) for x in str(args.decodes).split(",")]
+        chunks = [int(x) for x in str(args.chunk).split(",")]
+    except ValueError:
+        sys.exit(f"--decodes and --chunk take comma lists of integers, got {args.decodes!r}, {args.chunk!r}")
+    for d in decodes:
+        beside = d if args.beside is None else args.beside
+        if min(decodes + chunks) < 1 or beside + 1 > 256 or d > 256:
+            sys.exit("--decodes and --beside + 1 must be 1..256 (the engine's max_num_seqs), --chunk >= 1")
+        if max(chunks) + beside > 8192:
+            sys.exit("--chunk + --beside must be at most 8192 tokens (the step budget)")
     llm = LLM(checkpoint(args.model, "float32" if args.smoke else "bfloat16"), max_model_len=args.max_model_len,
               max_num_seqs=256, max_num_batched_tokens=8192, kernel_plan=args.kernel_plan,
               enable_prefix_caching=False, **extra)
     try:
-        rows = probe(llm, args)
+        rows = [r for d in decodes for c in chunks for r in probe(llm, args, d, c)]
     finally:
         llm.close()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
-    print(f"step cost by the step before it, {args.model} on {device}: decode = {args.decodes} decodes of "
-          f"~{args.context} tokens, prompt = {args.chunk} prompt tokens beside {args.beside} decodes; "
+    print(f"step cost by the step before it, {args.model} on {device}: decode = D decodes of "
+          f"~{args.context} tokens, prompt = C prompt tokens beside the same decodes; "
           f"median of {args.repeats} (device time)")
-    print(f"{'step':>7} {'after':>16} {'n':>4} {'median ms':>10} {'spread':>7} {'vs after itself':>16}")
+    print(f"{'D':>4} {'C':>5} {'step':>7} {'after':>16} {'n':>4} {'median ms':>10} {'spread':>7} {'vs after itself':>16}")
     for r in rows:
-        print(f"{r['step']:>7} {r['after']:>16} {r['n']:>4} {r['median_ms']:>10.3f} {100 * r['spread']:>6.1f}% "
-              f"{100 * r['vs_itself']:>+15.1f}%")
+        print(f"{r['decodes']:>4} {r['chunk']:>5} {r['step']:>7} {r['after']:>16} {r['n']:>4} {r['median_ms']:>10.3f} "
+              f"{100 * r['spread']:>6.1f}% {100 * r['vs_itself']:>+15.1f}%")
     print(json.dumps({"bench": "transitions", "device": device, "model": args.model, "rows": rows}))
 
 
