@@ -75,7 +75,7 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
     (`serving`), chunks beside a few of them (1, 3, 8: a prompt step below capacity),
     decode batches also between the graph sizes, and up to 64 of them sharing one 512-token
     prefix (a system prompt: 10-25% of their KV re-read), and at longer means (10-20% re-read)
-    beside their unshared twins; two or three prompt chunks behind
+    beside their unshared twins; two, three, four or six prompt chunks behind
     cached context beside 8 such decodes (a burst of conversation turns; two also alone), and one chunk behind
     2-4k cached tokens beside 1, 8 or 32 of them (a turn at load); two and four prompt chunks in
     one step, whose attention reads fewer query-key pairs than one chunk of their tokens:
@@ -179,6 +179,16 @@ def profile_grid(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: 
         third = (t - few) // 3
         add(shared([(prefix + third, third)] * 2 + [(prefix + t - few - 2 * third, t - few - 2 * third)], prefix)
             + shared(prompted(serving(few, top // 2, L)), prefix), "train" if k % 2 else "held_out")
+        # ... and four or six of them, behind 1k or 2k cached tokens each: the fit had seen at
+        # most three chunks behind cached context, and Llama-3.1-8B's real mooncake_conv steps of
+        # four or more chunks behind over 512 cached tokens each ran 17-22% under its price on the H200
+        # (session 12: (chunks - 1) x the cached tokens, extrapolated past three chunks)
+        for j, (many, behind) in enumerate(((4, cached), (6, 2 * cached))):
+            each = (t - few) // many
+            if each >= 16 and behind + each <= L:
+                add([(behind + each, each)] * (many - 1) + [(behind + t - few - (many - 1) * each,
+                                                             t - few - (many - 1) * each)]
+                    + serving(few, top // 2, L), "held_out" if (k + j) % 2 else "train")
     for t in graphs.mixed:
         add([(t, t)])                                              # a prompt chunk, no cache
         if cached and t + cached <= L:

@@ -141,3 +141,19 @@ def test_grid_profiles_chunks_beside_a_few_decodes():
         if t >= 16:
             assert {1, 3, 8} <= {d for d, _ in few[t]}, t
     assert {s for shapes in few.values() for _, s in shapes} == {"train", "held_out"}
+
+
+def test_grid_profiles_bursts_of_many_chunks_behind_cached_context():
+    """A burst of conversation turns packs 4-6 prompt chunks, each behind its cached history,
+    into one step: the grid holds such steps (train and held out), beside serving's decodes,
+    within the token budget and the model's length."""
+    found = {}
+    for p in profile_grid(S, M, L, GRAPHS):
+        chunks = [(c, n) for c, n, *_ in p["shape"] if n > 1]
+        if len(chunks) >= 4 and all(c - n >= 1024 for c, n in chunks):
+            found.setdefault(p["split"], set()).add(len(chunks))
+            assert sum(n for _, n, *_ in p["shape"]) in GRAPHS.mixed
+            assert all(c <= L for c, _, *_ in p["shape"])
+            assert any(n == 1 for _, n, *_ in p["shape"])          # decodes beside them
+    assert set(found) == {"train", "held_out"}
+    assert found["train"] | found["held_out"] == {4, 6}

@@ -29,3 +29,20 @@ def test_effect_inside_the_repeats_spread_is_flagged():
     assert not small["beyond_spread"]          # 1% change, 2% spread on side A
     clear = run_fidelity.pair_effect(side(100, 100, 0.02), side(105, 104, 0.005), "request_throughput")
     assert clear["beyond_spread"]
+
+
+def test_within_targets_counts_cells_below_capacity_by_each_models_tolerance():
+    import pandas as pd
+    rows = []
+    for trace, below, pair in (("a", True, None), ("a", False, None), ("b", True, None), ("b", True, "policy")):
+        for model, err in (("fitted", 0.03), ("roofline", 0.12)):
+            for metric in ("request_throughput", "mean_ttft_ms", "mean_tpot_ms", "p99_ttft_ms"):
+                rows.append({"trace": trace, "below_capacity": below, "pair": pair, "cost_model": model,
+                             "metric": metric, "error": err if trace == "a" else -0.01})
+    w = run_fidelity.within_targets(pd.DataFrame(rows)).set_index(["cost_model", "trace"])
+    # p99 carries no target; the cell past capacity and the pair's row are not counted
+    assert w.loc[("fitted", "a"), "of"] == 3 and w.loc[("fitted", "b"), "of"] == 3
+    assert w.loc[("fitted", "a"), "within"] == 1          # 3% passes only TTFT's 5%
+    assert w.loc[("fitted", "b"), "within"] == 3
+    assert w.loc[("roofline", "a"), "within"] == 3        # 12% is within the roofline's 15%
+    assert w.loc[("fitted", "all"), "within"] == 4 and w.loc[("fitted", "all"), "of"] == 6
