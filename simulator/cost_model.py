@@ -398,16 +398,20 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # step cost 0.69-0.72 us more per cached token for n = 2..176 whatever n, then 1.6 us at n = 1024,
 # 3.4-3.6 at 2048, 7.1 at 4096 (1.7 ns per pair); a fit linear in pairs and kv tokens priced
 # such chunks behind 4-6k tokens 4-7% low at n <= 64 and at n >= 1k, 5-13% high at n = 200-500.
-# prefill_other_cached_tokens: summed over a step's prompt chunks, the cached context of the
-# OTHER chunks ((chunks - 1) x the chunks' cached tokens): each chunk behind cached context
-# costs more the more cached context the step's other chunks have. Measured on the H200
-# (Llama-3.1-8B, 1,881-shape profile): two or three chunks behind cached context were priced
-# 3.4 / 5.2% short by every form without it, one chunk or chunks without cache within 0.7%;
-# with it 0.9 / 1.1% (held-out mixed 1.82 -> 1.61%, 0.91 us per token), and the real
-# mooncake_conv steps of 2-5 chunks behind 1.5-7k cached tokens (never fitted on) went from
-# -3.1..-5.3% to -0.3..-2.1% time-weighted. Qwen3-0.6B's profile does not need it. Why the
-# kernel pays it is not measured apart (a guess: a chunk's query tiles wait behind the other
-# chunks' long walks over their prefixes); OTHER_CACHED_FEATURE, computed by the model.
+# prefill_other_cached_tokens: per prompt chunk of a step, the cached context of the OTHER
+# chunks, averaged over the chunks ((chunks - 1) x the chunks' mean cached tokens): each chunk
+# behind cached context costs more the more cached context the step's other chunks have.
+# Measured on the H200 (Llama-3.1-8B, 1,881-shape profile): two or three chunks behind cached
+# context were priced 3.4 / 5.2% short by every form without it, one chunk or chunks without
+# cache within 0.7%; with it 0.9 / 1.1% (held-out mixed 1.82 -> 1.61%). Qwen3-0.6B's profile
+# does not need it. Why the kernel pays it is not measured apart (a guess: a chunk's query
+# tiles wait behind the other chunks' long walks over their prefixes). Its form in the number
+# of chunks k: the profile holds k = 2 and 3 only, where the sum over chunks ((k - 1) x the
+# cached tokens, session 11) and this mean fit alike (held-out mixed 1.61 / 1.62%); past
+# them the sum grows as k^2 and the mean as k. On Llama's real mooncake_conv steps of four or
+# more chunks behind cached context (session 12, never fitted on) the sum priced them
+# 17-22% high, the mean 6-12%; the grid now profiles four and six such chunks to settle it.
+# OTHER_CACHED_FEATURE, computed by the model.
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
                "decode_span_tokens", "decode_split_seqs", "decode_work_items", "decode_reread_share_tokens"],
@@ -453,12 +457,15 @@ def prefill_cached_pairs(f: dict) -> int:
     return f["prefill_attention_pairs"] - prefill_causal_pairs(f)
 
 
-def prefill_other_cached_tokens(f: dict) -> int:
-    """OTHER_CACHED_FEATURE of a step: over its prompt chunks, the sum of the cached context of
-    the other chunks, (chunks - 1) x (prefill_kv_tokens - num_prefill_tokens); 0 with at most
-    one chunk. Branch-free, so it works on a table's columns as on a step's features."""
-    others = f["num_seqs"] - f["num_decode_seqs"] - 1
-    return others * (others > 0) * (f["num_prefill_tokens"] > 0) * (f["prefill_kv_tokens"] - f["num_prefill_tokens"])
+def prefill_other_cached_tokens(f: dict) -> float:
+    """OTHER_CACHED_FEATURE of a step: per prompt chunk, the cached context of the other chunks,
+    averaged over its chunks: (chunks - 1) / chunks x (prefill_kv_tokens - num_prefill_tokens);
+    0 with at most one chunk. Branch-free, so it works on a table's columns as on a step's
+    features."""
+    chunks = f["num_seqs"] - f["num_decode_seqs"]
+    others = chunks - 1
+    cached = f["prefill_kv_tokens"] - f["num_prefill_tokens"]
+    return others * (others > 0) * (f["num_prefill_tokens"] > 0) * cached / (chunks + (chunks < 1))
 
 
 def prefill_span_tokens(f: dict, pairs_per_key: float) -> float:

@@ -1,5 +1,5 @@
-"""Several prompt chunks behind cached context in one step (prefill_other_cached_tokens: over the
-step's chunks, the cached context of the other chunks): computed from a step's features alike
+"""Several prompt chunks behind cached context in one step (prefill_other_cached_tokens: per chunk,
+the cached context of the other chunks, averaged over the chunks): computed from a step's features alike
 in the simulator and on a profile table, and fitted only where the shapes it prices say so."""
 import numpy as np
 import pandas as pd
@@ -19,9 +19,12 @@ def test_each_chunk_counts_the_other_chunks_cached_context():
     assert prefill_other_cached_tokens(features([(2048, 1024)] + decodes)) == 0       # one chunk
     assert prefill_other_cached_tokens(features([(512, 512), (256, 256)])) == 0      # none cached
     two = features([(1024 + 300, 300), (512 + 200, 200)] + decodes)
-    assert prefill_other_cached_tokens(two) == 1 * (1024 + 512)
+    assert prefill_other_cached_tokens(two) == 1 * (1024 + 512) / 2
     three = features([(1024 + 300, 300), (512 + 200, 200), (100, 100)])
-    assert prefill_other_cached_tokens(three) == 2 * (1024 + 512)
+    assert prefill_other_cached_tokens(three) == 2 * (1024 + 512) / 3
+    # linear in the number of chunks: k equal chunks behind s cached tokens each give (k - 1) s
+    for k in (2, 4, 6):
+        assert prefill_other_cached_tokens(features([(1000 + 100, 100)] * k)) == (k - 1) * 1000
     rows = [features(s) for s in ([(2048, 1024)], [(1024 + 300, 300), (512 + 200, 200)], decodes)]
     table = with_causal_pairs(pd.DataFrame(rows))
     assert table[OTHER_CACHED_FEATURE].tolist() == [prefill_other_cached_tokens(f) for f in rows]
