@@ -90,6 +90,11 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             ckpt llama-3.1-8b twinserve-llama-3.1-8b
             TAIL=40 run transitions_l8 240 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-llama-3.1-8b \
                 --kernel-plan ${KPLAN:-simulator/calibrations/llama-3.1-8b-h200-tp1.json} --decodes ${TD:-8,32,128} --chunk ${TC:-128,512,2048} ;;
+  transitions_more) # the KV block layout (scattered as profiled vs in order) and the clock under a burst of prompt steps
+            ckpt llama-3.1-8b twinserve-llama-3.1-8b
+            TAIL=40 run transitions_more_l8 300 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-llama-3.1-8b \
+                --kernel-plan ${KPLAN:-simulator/calibrations/llama-3.1-8b-h200-tp1.json} --stages layout,recovery \
+                --decodes ${TD:-8,32,128} --chunk ${TC:-2048} --context ${TCTX:-3072} ;;
   transitions_q06) ckpt qwen3-0.6b twinserve-qwen3-0.6b
             TAIL=40 run transitions_q06 200 python3 benchmarks/probe_transitions.py --model /tmp/twinserve-qwen3-0.6b \
                 --kernel-plan simulator/calibrations/qwen3-0.6b-h200-tp1.json --decodes ${TD:-8,32,128} --chunk ${TC:-128,512,2048} ;;

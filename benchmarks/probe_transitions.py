@@ -12,9 +12,14 @@ orders, each step launched while the one before runs (as serving and the profile
   D after D, D right after M, M after M, M after `--run` decodes
 
 and prints each median device time next to the same step after itself, for every pair of
-`--decodes` and `--chunk` values.
+`--decodes` and `--chunk` values (stage `orders`). Stage `layout`: the decode step with its KV
+blocks scattered over the pool (the profile's layout) and in order (a fresh pool's). Stage
+`recovery`: a burst of `--burst` prompt steps back to back, device time by position (does the
+clock fall under sustained compute?), then after k decode steps (`--gaps`) one more prompt
+step (how fast it comes back).
 
     python benchmarks/probe_transitions.py --model DIR [--kernel-plan FILE] [--decodes 8,32,128 --chunk 128,1024]
+        [--stages orders,layout,recovery] [--burst 60 --gaps 1,4,16,64]
     python benchmarks/probe_transitions.py --smoke     # tiny model on the CPU: it runs
 
 Ends with one JSON line.
@@ -35,26 +40,70 @@ from engine import LLM, SamplingParams  # noqa: E402
 from simulator.calibrate import serving, shape_batch  # noqa: E402
 
 
+def timed_sequence(runner, batches: list) -> list[float]:
+    """Launch `batches` in order, each while the one before runs (one step in flight ahead of
+    the one waited on, as serving and the profile run them); returns each one's device
+    seconds. No warm-up: the caller runs one."""
+    out, previous = [], None
+    for batch in batches:
+        launched = runner.launch(batch, [SamplingParams()] * len(batch.seqs), None)
+        if previous is not None:
+            runner.wait(previous)
+            out.append(previous.device_s)
+        previous = launched
+    if previous is not None:
+        runner.wait(previous)
+        out.append(previous.device_s)
+    return out
+
+
+def warm(runner, batches: list) -> None:
+    """One launch of each distinct batch, waited on (compilation, first replays)."""
+    for batch in {id(b): b for b in batches}.values():
+        runner.wait(runner.launch(batch, [SamplingParams()] * len(batch.seqs), None))
+
+
 def timed_cycles(runner, cycle: list, measured: int, repeats: int) -> list[float]:
     """Run `cycle` (batches) `repeats` times in order, one step in flight ahead of the one
     waited on; returns the device seconds of position `measured` of every cycle. A warm-up
     cycle first (compilation, first replays)."""
-    params = [[SamplingParams()] * len(b.seqs) for b in cycle]
-    for batch, p in zip(cycle, params):
-        runner.wait(runner.launch(batch, p, None))
-    order = [(i, b, p) for _ in range(repeats) for i, (b, p) in enumerate(zip(cycle, params))]
-    out, previous = [], None
-    for i, batch, p in order:
-        launched = runner.launch(batch, p, None)
-        if previous is not None:
-            runner.wait(previous[1])
-            if previous[0] == measured:
-                out.append(previous[1].device_s)
-        previous = (i, launched)
-    runner.wait(previous[1])
-    if previous[0] == measured:
-        out.append(previous[1].device_s)
-    return out
+    warm(runner, cycle)
+    times = timed_sequence(runner, cycle * repeats)
+    return times[measured::len(cycle)]
+
+
+def recovery(runner, prompt, decode, burst: int, gaps: tuple[int, ...]) -> list[dict]:
+    """The GPU clock under sustained prompt steps and after them: `burst` prompt steps back to
+    back (device time by position: a compute-bound step slows as the clock falls under the
+    power limit), then for each gap k in `gaps`: k decode steps, then one prompt step (how far
+    the clock has come back), each after a fresh burst. Rows: what, position or gap, ms."""
+    warm(runner, [prompt, decode])
+    rows = []
+    times = timed_sequence(runner, [prompt] * burst)
+    for i, t in enumerate(times):
+        rows.append({"case": "burst", "at": i + 1, "ms": 1e3 * t})
+    for k in gaps:
+        times = timed_sequence(runner, [prompt] * burst + [decode] * k + [prompt])
+        rows.append({"case": "prompt after burst + decodes", "at": k, "ms": 1e3 * times[-1]})
+        if k:
+            rows.append({"case": "decode right after burst", "at": k, "ms": 1e3 * times[burst]})
+    return rows
+
+
+def layouts(llm, args, decodes: int) -> list[dict]:
+    """The decode step after itself with its KV blocks scattered over the pool (the profile's
+    layout) and in order (a fresh pool's: the fidelity table's short runs are 50-99%
+    contiguous); median device time of `--repeats` each."""
+    runner, plan = llm.model_runner, llm.decode_plan()
+    rows = []
+    for contiguous in (False, True):
+        batch = shape_batch(serving(decodes, args.context, args.max_model_len), llm.config.block_size,
+                            runner.num_blocks, plan, contiguous=contiguous)
+        times = timed_cycles(runner, [batch], 0, args.repeats)
+        rows.append({"decodes": decodes, "layout": "contiguous" if contiguous else "scattered",
+                     "median_ms": 1e3 * statistics.median(times)})
+    rows[1]["vs_scattered"] = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
+    return rows
 
 
 def probe(llm, args, decodes: int, chunk: int) -> list[dict]:
@@ -97,19 +146,31 @@ def main(argv=None) -> None:
     ap.add_argument("--run", type=int, default=8, help="decode steps before the prompt step")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--stages", default="orders",
+                    help="comma list: orders (the four orders), layout (scattered vs contiguous "
+                         "KV blocks), recovery (the clock under a burst of prompt steps and after)")
+    ap.add_argument("--burst", type=int, default=60, help="recovery: prompt steps in a burst")
+    ap.add_argument("--gaps", default="1,4,16,64", help="recovery: decode steps after a burst")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, small shapes")
     args = ap.parse_args(argv)
     extra = {}
     if args.smoke:
         args.model, args.decodes, args.context, args.chunk, args.beside = "tiny-qwen3", "4", 40, "24", 2
-        args.run, args.repeats, args.max_model_len = 2, 3, 256
+        args.run, args.repeats, args.max_model_len, args.burst = 2, 3, 256, 4
         if not torch.cuda.is_available():
             extra = dict(device="cpu", dtype="float32", num_gpu_blocks=512, attention_backend="torch")
+    stages = args.stages.split(",")
+    if not stages or set(stages) - {"orders", "layout", "recovery"}:
+        sys.exit(f"--stages takes orders, layout and recovery, got {args.stages!r}")
     try:
         decodes = [int(x) for x in str(args.decodes).split(",")]
         chunks = [int(x) for x in str(args.chunk).split(",")]
+        gaps = tuple(int(x) for x in str(args.gaps).split(","))
     except ValueError:
-        sys.exit(f"--decodes and --chunk take comma lists of integers, got {args.decodes!r}, {args.chunk!r}")
+        sys.exit(f"--decodes, --chunk and --gaps take comma lists of integers, got "
+                 f"{args.decodes!r}, {args.chunk!r}, {args.gaps!r}")
+    if args.burst < 1 or min(gaps) < 0:
+        sys.exit("--burst must be >= 1 and --gaps >= 0")
     for d in decodes:
         beside = d if args.beside is None else args.beside
         if min(decodes + chunks) < 1 or beside + 1 > 256 or d > 256:
@@ -119,19 +180,51 @@ def main(argv=None) -> None:
     llm = LLM(checkpoint(args.model, "float32" if args.smoke else "bfloat16"), max_model_len=args.max_model_len,
               max_num_seqs=256, max_num_batched_tokens=8192, kernel_plan=args.kernel_plan,
               enable_prefix_caching=False, **extra)
+    out = {}
     try:
-        rows = [r for d in decodes for c in chunks for r in probe(llm, args, d, c)]
+        if "orders" in stages:
+            out["rows"] = [r for d in decodes for c in chunks for r in probe(llm, args, d, c)]
+        if "layout" in stages:
+            out["layout"] = [r for d in decodes for r in layouts(llm, args, d)]
+        if "recovery" in stages:
+            runner, plan, L = llm.model_runner, llm.decode_plan(), args.max_model_len
+            d, c = decodes[0], max(chunks)
+            beside = d if args.beside is None else args.beside
+            decode = shape_batch(serving(d, args.context, L), llm.config.block_size, runner.num_blocks, plan)
+            prompt = shape_batch([(c, c)] + serving(beside, args.context, L), llm.config.block_size,
+                                 runner.num_blocks, plan)
+            out["recovery"] = [dict(r, decodes=d, chunk=c) for r in recovery(runner, prompt, decode, args.burst, gaps)]
     finally:
         llm.close()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
-    print(f"step cost by the step before it, {args.model} on {device}: decode = D decodes of "
-          f"~{args.context} tokens, prompt = C prompt tokens beside the same decodes; "
-          f"median of {args.repeats} (device time)")
-    print(f"{'D':>4} {'C':>5} {'step':>7} {'after':>16} {'n':>4} {'median ms':>10} {'spread':>7} {'vs after itself':>16}")
-    for r in rows:
-        print(f"{r['decodes']:>4} {r['chunk']:>5} {r['step']:>7} {r['after']:>16} {r['n']:>4} {r['median_ms']:>10.3f} "
-              f"{100 * r['spread']:>6.1f}% {100 * r['vs_itself']:>+15.1f}%")
-    print(json.dumps({"bench": "transitions", "device": device, "model": args.model, "rows": rows}))
+    print_tables(out, args, device)
+    print(json.dumps({"bench": "transitions", "device": device, "model": args.model, **out}))
+
+
+def print_tables(out: dict, args, device: str) -> None:
+    if "rows" in out:
+        print(f"step cost by the step before it, {args.model} on {device}: decode = D decodes of "
+              f"~{args.context} tokens, prompt = C prompt tokens beside the same decodes; "
+              f"median of {args.repeats} (device time)")
+        print(f"{'D':>4} {'C':>5} {'step':>7} {'after':>16} {'n':>4} {'median ms':>10} {'spread':>7} {'vs after itself':>16}")
+        for r in out["rows"]:
+            print(f"{r['decodes']:>4} {r['chunk']:>5} {r['step']:>7} {r['after']:>16} {r['n']:>4} {r['median_ms']:>10.3f} "
+                  f"{100 * r['spread']:>6.1f}% {100 * r['vs_itself']:>+15.1f}%")
+    if "layout" in out:
+        print(f"decode step by KV block layout (D decodes of ~{args.context} tokens), median of {args.repeats}")
+        print(f"{'D':>4} {'layout':>11} {'median ms':>10} {'vs scattered':>13}")
+        for r in out["layout"]:
+            print(f"{r['decodes']:>4} {r['layout']:>11} {r['median_ms']:>10.3f} {100 * r.get('vs_scattered', 0):>+12.1f}%")
+    if "recovery" in out:
+        rows = out["recovery"]
+        burst = [r for r in rows if r["case"] == "burst"]
+        first = burst[0]["ms"]
+        print(f"the clock under a burst of {len(burst)} prompt steps (C = {rows[0]['chunk']} beside "
+              f"{rows[0]['decodes']} decodes) and after k decodes; device ms, vs the burst's first step")
+        print(f"{'case':>30} {'at':>5} {'ms':>9} {'vs first':>9}")
+        shown = [r for r in burst if r["at"] in {1, 2, 3, 5} or r["at"] % 10 == 0 or r["at"] == len(burst)]
+        for r in shown + [r for r in rows if r["case"] != "burst"]:
+            print(f"{r['case']:>30} {r['at']:>5} {r['ms']:>9.3f} {100 * (r['ms'] / first - 1):>+8.1f}%")
 
 
 if __name__ == "__main__":

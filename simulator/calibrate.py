@@ -283,7 +283,7 @@ def scattered_blocks(seed: int, num_blocks: int) -> np.ndarray:
 
 
 def shape_batch(shape: list[tuple], block_size: int, num_blocks: int,
-                decode_plan: DecodePlan | None = None) -> Batch:
+                decode_plan: DecodePlan | None = None, contiguous: bool = False) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
     step, new tokens[, shared tokens, group]); n == 1 entries are decodes (their prompt ended
     earlier), the others prompt chunks ending at their context. Block tables take blocks
@@ -293,9 +293,10 @@ def shape_batch(shape: list[tuple], block_size: int, num_blocks: int,
     with the group's blocks, the same block ids, for its first `shared tokens` // block_size
     blocks (a prefix-cache hit; never the block its step writes), the rest its own. Block
     0, the engine's dummy block, is never used. `decode_plan`: the engine's (its features then
-    have decode_span_tokens)."""
+    have decode_span_tokens). `contiguous`: blocks 1, 2, 3, ... in order instead, as a fresh
+    pool hands them out (benchmarks/probe_transitions.py times both layouts)."""
     batch = Batch(block_size=block_size, decode_plan=decode_plan)
-    pool = scattered_blocks(len(shape), num_blocks)
+    pool = np.arange(1, max(2, num_blocks)) if contiguous else scattered_blocks(len(shape), num_blocks)
     next_block = 0
     def take(k):
         nonlocal next_block

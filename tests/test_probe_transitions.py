@@ -37,3 +37,29 @@ def test_the_measured_position_of_every_cycle_is_kept_with_one_step_ahead():
         times = probe.timed_cycles(runner, [a, b, c], measured, repeats=5)
         assert times == [cost] * 5
         assert runner.launches == 3 * 6 and runner.in_flight == 0 and runner.max_in_flight == 2
+
+
+def test_recovery_times_the_burst_by_position_and_the_steps_after_each_gap():
+    prompt, decode = SimpleNamespace(seqs=[0], cost=5.0), SimpleNamespace(seqs=[0], cost=1.0)
+    runner = FakeRunner()
+    rows = probe.recovery(runner, prompt, decode, burst=4, gaps=(0, 2))
+    burst = [r for r in rows if r["case"] == "burst"]
+    assert [r["at"] for r in burst] == [1, 2, 3, 4] and all(r["ms"] == 5e3 for r in burst)
+    after = {(r["case"], r["at"]): r["ms"] for r in rows if r["case"] != "burst"}
+    assert after[("prompt after burst + decodes", 0)] == after[("prompt after burst + decodes", 2)] == 5e3
+    assert after[("decode right after burst", 2)] == 1e3       # the step right after the burst
+    assert ("decode right after burst", 0) not in after         # none without decodes
+    # warm-up (2) + the burst (4) + per gap a burst, the gap's decodes and one prompt step
+    assert runner.launches == 2 + 4 + (4 + 0 + 1) + (4 + 2 + 1)
+    assert runner.in_flight == 0 and runner.max_in_flight == 2
+
+
+def test_contiguous_layout_takes_blocks_in_order_with_the_same_features():
+    from simulator.calibrate import shape_batch
+    shape = [(100, 1), (40, 1), (300, 20)]
+    scattered = shape_batch(shape, 16, 1000)
+    contiguous = shape_batch(shape, 16, 1000, contiguous=True)
+    blocks = [b for s in contiguous.seqs for b in s.block_table]
+    assert blocks == list(range(1, len(blocks) + 1))
+    assert [b for s in scattered.seqs for b in s.block_table] != blocks
+    assert contiguous.features() == scattered.features()
