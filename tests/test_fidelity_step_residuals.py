@@ -35,6 +35,9 @@ def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
         assert summary[kind]["mean_error"] == pytest.approx(0, abs=1e-9)
         assert summary[kind]["weighted_error"] == pytest.approx(0, abs=1e-9)
     assert "by KV block layout" in out and "by the spread of their contexts" in out
+    assert "by the tokens run in the second before them" in out
+    for group in summary["prompt_steps_by_tokens_before"].values():   # priced by its own model
+        assert group["mean_error"] == pytest.approx(0, abs=1e-9)
     assert "the profile's own mixed shapes in the same groups" in out   # (the calibration's profile, found beside it)
     # the simulated host window before each launch is the calibration's host model (the
     # window the simulator charged: cost_model.host_window's default)
@@ -44,3 +47,13 @@ def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="not a run directory"):
         step_residuals.main(["--calibration", str(QWEN), str(tmp_path / "empty")])
+
+
+def test_tokens_before_counts_the_steps_started_in_the_window_before_each():
+    import numpy as np
+    start = np.array([0.0, 0.4, 0.9, 1.3, 2.5])
+    tokens = np.array([100, 10, 1, 1000, 5])
+    got = step_residuals.tokens_before(start, tokens, window_s=1.0)
+    # step 3 (t=1.3) counts the steps at 0.4 and 0.9, not the one at 0.0 (1.3 s before); step 4
+    # (t=2.5) none: the last started 1.2 s before it
+    assert got.tolist() == [0, 100, 110, 11, 0]

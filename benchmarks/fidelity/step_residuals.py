@@ -31,6 +31,8 @@ measured, mean over steps):
   conversation turns: several prompts behind their history, which the grid profiled apart),
   next to the profile's own mixed shapes in those groups, train and held out, with decodes
   beside them or not (does the profile hold serving's mixed steps, and does the fit price them?);
+- mixed steps of more than 512 prompt tokens by the tokens the engine ran in the second before
+  them (the GPU clock's state), next to the profile's own (its timeline estimated from its order);
 - host time from forming a step to its launch (launch_s - start_s) by step kind and by the
   requests that arrived since the previous step was formed (the engine admits them in that
   window), next to the calibration's host model.
@@ -148,6 +150,26 @@ def reread_savings(real: pd.DataFrame, model: FittedCostModel) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def tokens_before(start_s: np.ndarray, tokens: np.ndarray, window_s: float = 1.0) -> np.ndarray:
+    """For each step (in start order), the tokens of the steps that started in the `window_s`
+    seconds before it: how hard the GPU worked just before (its clock's state: under
+    sustained compute-bound work an H200 slows, probe_transitions.py)."""
+    cum = np.concatenate([[0], np.cumsum(tokens)])
+    first = np.searchsorted(start_s, start_s - window_s, side="left")
+    return cum[np.arange(len(start_s))] - cum[first]
+
+
+# the bins of tokens_before for prompt steps (the table's runs: 0-80k tokens in a second)
+WARM_BINS = [-1, 2_000, 8_000, 20_000, 50_000, math.inf]
+
+
+def profile_timeline(profile: pd.DataFrame, steps_per_shape: int = 5) -> np.ndarray:
+    """Estimated start of each profiled shape, in profile order: each ran `steps_per_shape`
+    steps (a warm-up, one from an idle device, calibrate.repeats = 3 timed) back to back."""
+    runs = steps_per_shape * profile["device_s"].to_numpy(float)
+    return np.concatenate([[0.0], np.cumsum(runs)[:-1]])
+
+
 def arrivals_between(steps: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
     """Requests that arrived after the step before was formed, up to this one's forming."""
     arrival = np.sort(requests["arrival_s"].to_numpy(float))
@@ -178,6 +200,8 @@ def main(argv=None) -> None:
         steps = priced(model, graphs, steps).join(shapes)
         steps["after"] = np.where(steps["num_prefill_tokens"].shift(1).fillna(0) > 0, "mixed", "decode")
         steps["arrived"] = arrivals_between(steps, pd.read_parquet(run_dir / "requests.parquet"))
+        steps["tokens before"] = tokens_before(steps["start_s"].to_numpy(float),
+                                               steps["num_batched_tokens"].to_numpy(float))
         runs.append(steps.assign(run=str(run_dir)))
     real = pd.concat(runs, ignore_index=True)
     summary = {"runs": len(runs), "steps": len(real)}
@@ -212,9 +236,26 @@ def main(argv=None) -> None:
     if len(mixed):
         table(mixed, ["prompt chunks", "cached per chunk"],
               "mixed steps by prompt chunks (4: 4 or more) and the cached context before each (tokens)")
+    prompt = mixed[mixed["num_prefill_tokens"] > 512].copy() if len(mixed) else mixed
+    if len(prompt):
+        prompt["tokens in the second before"] = pd.cut(prompt["tokens before"], WARM_BINS)
+        table(prompt, "tokens in the second before", "mixed steps of more than 512 prompt tokens by the tokens "
+              "run in the second before them (a GPU warm from compute-bound work runs them slower)")
+        prompt["prompt tokens"] = pd.cut(prompt["num_prefill_tokens"], [512, 1024, 2048, 4096, 8192, math.inf])
+        table(prompt, ["prompt tokens", "tokens in the second before"], "... and by their prompt tokens")
+        summary["prompt_steps_by_tokens_before"] = {
+            str(k): {"n": len(g), "mean_error": round(float(g["err"].mean()), 4)}
+            for k, g in prompt.groupby("tokens in the second before", observed=True)}
     if profile_path.is_file():
         profile = with_plan_features(pd.read_parquet(profile_path), calib)
         profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
+        start = profile_timeline(profile)
+        profile["tokens before"] = tokens_before(start, 5 * profile["num_batched_tokens"].to_numpy(float))
+        heavy = profile[(profile["kind"] == "mixed") & (profile["num_prefill_tokens"] > 512)].copy()
+        if len(prompt) and len(heavy):
+            heavy["tokens in the second before"] = pd.cut(heavy["tokens before"], WARM_BINS)
+            table(heavy, ["split", "tokens in the second before"], "the profile's own shapes of that kind by the "
+                  "same (estimated from its order: each shape 5 steps back to back)")
         shapes = chunk_groups(profile[profile["kind"] == "mixed"])
         if len(mixed) and len(shapes):   # does the profile hold the run's mixed steps, and fit them?
             shapes["with decodes"] = np.where(shapes["num_decode_seqs"] > 0, "yes", "no")
