@@ -90,16 +90,26 @@ def recovery(runner, prompt, decode, burst: int, gaps: tuple[int, ...]) -> list[
     return rows
 
 
+def step_batches(llm, args, decodes: int, chunk: int, contiguous: bool = False):
+    """(decode step, prompt step): `decodes` decodes of serving's contexts around `--context`,
+    and a `chunk`-token prompt beside `--beside` of them (default: the decode step's own
+    batch, as in serving); KV blocks scattered as profiled, or in order (`contiguous`)."""
+    runner, L = llm.model_runner, args.max_model_len
+    beside = decodes if args.beside is None else args.beside
+
+    def batch(shape):
+        return shape_batch(shape, llm.config.block_size, runner.num_blocks, llm.decode_plan(), contiguous=contiguous)
+    return batch(serving(decodes, args.context, L)), batch([(chunk, chunk)] + serving(beside, args.context, L))
+
+
 def layouts(llm, args, decodes: int) -> list[dict]:
     """The decode step after itself with its KV blocks scattered over the pool (the profile's
     layout) and in order (a fresh pool's: the fidelity table's short runs are 50-99%
     contiguous); median device time of `--repeats` each."""
-    runner, plan = llm.model_runner, llm.decode_plan()
     rows = []
     for contiguous in (False, True):
-        batch = shape_batch(serving(decodes, args.context, args.max_model_len), llm.config.block_size,
-                            runner.num_blocks, plan, contiguous=contiguous)
-        times = timed_cycles(runner, [batch], 0, args.repeats)
+        batch, _ = step_batches(llm, args, decodes, 1, contiguous)
+        times = timed_cycles(llm.model_runner, [batch], 0, args.repeats)
         rows.append({"decodes": decodes, "layout": "contiguous" if contiguous else "scattered",
                      "median_ms": 1e3 * statistics.median(times)})
     rows[1]["vs_scattered"] = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
@@ -110,14 +120,8 @@ def probe(llm, args, decodes: int, chunk: int) -> list[dict]:
     """The four orders for one (decode batch, prompt chunk) pair; the prompt step carries
     `--beside` decodes (default: the decode step's own batch, as in serving)."""
     runner = llm.model_runner
-    plan = llm.decode_plan()
-    L = args.max_model_len
     beside = decodes if args.beside is None else args.beside
-
-    def batch(shape):
-        return shape_batch(shape, llm.config.block_size, runner.num_blocks, plan)
-    decode = batch(serving(decodes, args.context, L))
-    prompt = batch([(chunk, chunk)] + serving(beside, args.context, L))
+    decode, prompt = step_batches(llm, args, decodes, chunk)
     cases = [("decode", "itself", [decode, decode], 1),
              ("decode", "a prompt step", [prompt, decode], 1),
              ("prompt", "itself", [prompt, prompt], 1),
@@ -187,13 +191,10 @@ def main(argv=None) -> None:
         if "layout" in stages:
             out["layout"] = [r for d in decodes for r in layouts(llm, args, d)]
         if "recovery" in stages:
-            runner, plan, L = llm.model_runner, llm.decode_plan(), args.max_model_len
             d, c = decodes[0], max(chunks)
-            beside = d if args.beside is None else args.beside
-            decode = shape_batch(serving(d, args.context, L), llm.config.block_size, runner.num_blocks, plan)
-            prompt = shape_batch([(c, c)] + serving(beside, args.context, L), llm.config.block_size,
-                                 runner.num_blocks, plan)
-            out["recovery"] = [dict(r, decodes=d, chunk=c) for r in recovery(runner, prompt, decode, args.burst, gaps)]
+            decode, prompt = step_batches(llm, args, d, c)
+            out["recovery"] = [dict(r, decodes=d, chunk=c)
+                               for r in recovery(llm.model_runner, prompt, decode, args.burst, gaps)]
     finally:
         llm.close()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"

@@ -163,11 +163,16 @@ def tokens_before(start_s: np.ndarray, tokens: np.ndarray, window_s: float = 1.0
 WARM_BINS = [-1, 2_000, 8_000, 20_000, 50_000, math.inf]
 
 
-def profile_timeline(profile: pd.DataFrame, steps_per_shape: int = 5) -> np.ndarray:
-    """Estimated start of each profiled shape, in profile order: each ran `steps_per_shape`
-    steps (a warm-up, one from an idle device, calibrate.repeats = 3 timed) back to back."""
-    runs = steps_per_shape * profile["device_s"].to_numpy(float)
-    return np.concatenate([[0.0], np.cumsum(runs)[:-1]])
+# steps the profile ran per shape: a warm-up, one from an idle device, calibrate.repeats = 3 timed
+PROFILE_STEPS_PER_SHAPE = 5
+
+
+def profile_tokens_before(profile: pd.DataFrame) -> np.ndarray:
+    """tokens_before of each profiled shape, its timeline estimated from the profile's order:
+    each shape ran PROFILE_STEPS_PER_SHAPE steps back to back."""
+    runs = PROFILE_STEPS_PER_SHAPE * profile["device_s"].to_numpy(float)
+    start = np.concatenate([[0.0], np.cumsum(runs)[:-1]])
+    return tokens_before(start, PROFILE_STEPS_PER_SHAPE * profile["num_batched_tokens"].to_numpy(float))
 
 
 def arrivals_between(steps: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
@@ -249,13 +254,12 @@ def main(argv=None) -> None:
     if profile_path.is_file():
         profile = with_plan_features(pd.read_parquet(profile_path), calib)
         profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
-        start = profile_timeline(profile)
-        profile["tokens before"] = tokens_before(start, 5 * profile["num_batched_tokens"].to_numpy(float))
-        heavy = profile[(profile["kind"] == "mixed") & (profile["num_prefill_tokens"] > 512)].copy()
-        if len(prompt) and len(heavy):
-            heavy["tokens in the second before"] = pd.cut(heavy["tokens before"], WARM_BINS)
+        heavy = (profile["kind"] == "mixed") & (profile["num_prefill_tokens"] > 512)
+        if len(prompt) and heavy.any():
+            heavy = profile.assign(**{"tokens in the second before": pd.cut(profile_tokens_before(profile),
+                                                                            WARM_BINS)})[heavy]
             table(heavy, ["split", "tokens in the second before"], "the profile's own shapes of that kind by the "
-                  "same (estimated from its order: each shape 5 steps back to back)")
+                  f"same (estimated from its order: each shape {PROFILE_STEPS_PER_SHAPE} steps back to back)")
         shapes = chunk_groups(profile[profile["kind"] == "mixed"])
         if len(mixed) and len(shapes):   # does the profile hold the run's mixed steps, and fit them?
             shapes["with decodes"] = np.where(shapes["num_decode_seqs"] > 0, "yes", "no")
