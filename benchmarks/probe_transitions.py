@@ -16,10 +16,11 @@ and prints each median device time next to the same step after itself, for every
 blocks scattered over the pool (the profile's layout) and in order (a fresh pool's). Stage
 `recovery`: a burst of `--burst` prompt steps back to back, device time by position (does the
 clock fall under sustained compute?), then after k decode steps (`--gaps`) one more prompt
-step (how fast it comes back).
+step (how fast it comes back). Stage `share`: the decode step with a `--shared`-token prefix
+all its decodes share, against none, in both layouts (what a re-read token saves).
 
     python benchmarks/probe_transitions.py --model DIR [--kernel-plan FILE] [--decodes 8,32,128 --chunk 128,1024]
-        [--stages orders,layout,recovery] [--burst 60 --gaps 1,4,16,64]
+        [--stages orders,layout,recovery,share] [--burst 60 --gaps 1,4,16,64] [--shared 512]
     python benchmarks/probe_transitions.py --smoke     # tiny model on the CPU: it runs
 
 Ends with one JSON line.
@@ -116,6 +117,26 @@ def layouts(llm, args, decodes: int) -> list[dict]:
     return rows
 
 
+def shares(llm, args, decodes: int) -> list[dict]:
+    """The decode step with its decodes' first `--shared` tokens one shared prefix (the same
+    blocks: mooncake_conv's system block, a prefix-cache hit) against the same step with no
+    sharing, in both layouts; the saving per re-read token, (D - 1) x shared of them, in ns."""
+    runner, L, bs = llm.model_runner, args.max_model_len, llm.config.block_size
+    shared = args.shared // bs * bs
+    rows = []
+    for contiguous in (False, True):
+        times = {}
+        for share in (False, True):
+            shape = [(c, n, shared, 0) if share else (c, n) for c, n in serving(decodes, args.context, L)]
+            batch = shape_batch(shape, bs, runner.num_blocks, llm.decode_plan(), contiguous=contiguous)
+            times[share] = statistics.median(timed_cycles(runner, [batch], 0, args.repeats))
+        reread = (decodes - 1) * shared
+        rows.append({"decodes": decodes, "layout": "contiguous" if contiguous else "scattered",
+                     "alone_ms": 1e3 * times[False], "shared_ms": 1e3 * times[True], "reread_tokens": reread,
+                     "saving_ns": 1e9 * (times[False] - times[True]) / reread if reread else 0.0})
+    return rows
+
+
 def probe(llm, args, decodes: int, chunk: int) -> list[dict]:
     """The four orders for one (decode batch, prompt chunk) pair; the prompt step carries
     `--beside` decodes (default: the decode step's own batch, as in serving)."""
@@ -152,7 +173,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--stages", default="orders",
                     help="comma list: orders (the four orders), layout (scattered vs contiguous "
-                         "KV blocks), recovery (the clock under a burst of prompt steps and after)")
+                         "KV blocks), recovery (the clock under a burst of prompt steps and after), "
+                         "share (the saving per re-read token of a shared prefix, by layout)")
+    ap.add_argument("--shared", type=int, default=512, help="share: tokens of the decodes' shared prefix")
     ap.add_argument("--burst", type=int, default=60, help="recovery: prompt steps in a burst")
     ap.add_argument("--gaps", default="1,4,16,64", help="recovery: decode steps after a burst")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, small shapes")
@@ -164,8 +187,8 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             extra = dict(device="cpu", dtype="float32", num_gpu_blocks=512, attention_backend="torch")
     stages = args.stages.split(",")
-    if not stages or set(stages) - {"orders", "layout", "recovery"}:
-        sys.exit(f"--stages takes orders, layout and recovery, got {args.stages!r}")
+    if not stages or set(stages) - {"orders", "layout", "recovery", "share"}:
+        sys.exit(f"--stages takes orders, layout, recovery and share, got {args.stages!r}")
     try:
         decodes = [int(x) for x in str(args.decodes).split(",")]
         chunks = [int(x) for x in str(args.chunk).split(",")]
@@ -190,6 +213,8 @@ def main(argv=None) -> None:
             out["rows"] = [r for d in decodes for c in chunks for r in probe(llm, args, d, c)]
         if "layout" in stages:
             out["layout"] = [r for d in decodes for r in layouts(llm, args, d)]
+        if "share" in stages:
+            out["share"] = [r for d in decodes for r in shares(llm, args, d)]
         if "recovery" in stages:
             d, c = decodes[0], max(chunks)
             decode, prompt = step_batches(llm, args, d, c)
@@ -216,6 +241,13 @@ def print_tables(out: dict, args, device: str) -> None:
         print(f"{'D':>4} {'layout':>11} {'median ms':>10} {'vs scattered':>13}")
         for r in out["layout"]:
             print(f"{r['decodes']:>4} {r['layout']:>11} {r['median_ms']:>10.3f} {100 * r.get('vs_scattered', 0):>+12.1f}%")
+    if "share" in out:
+        print(f"decode step with a {args.shared}-token shared prefix vs none (D decodes of ~{args.context} "
+              f"tokens), median of {args.repeats}; saving per re-read token")
+        print(f"{'D':>4} {'layout':>11} {'alone ms':>9} {'shared ms':>10} {'re-read':>8} {'saving ns':>10}")
+        for r in out["share"]:
+            print(f"{r['decodes']:>4} {r['layout']:>11} {r['alone_ms']:>9.3f} {r['shared_ms']:>10.3f} "
+                  f"{r['reread_tokens']:>8} {r['saving_ns']:>10.2f}")
     if "recovery" in out:
         rows = out["recovery"]
         burst = [r for r in rows if r["case"] == "burst"]

@@ -209,7 +209,8 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     plan = engine.decode_plan()       # the features get the span of the plan the kernel runs
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
-        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan)
+        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan,
+                            contiguous=rc.calibrate.kv_layout == "contiguous")
         if model.is_moe:    # rows routed as a serving batch's (all-zero ids: to k experts)
             moe_token_ids(batch, model.vocab_size, seed=k)
             # a chunk's cached prefix written as serving writes it: the router sees the
@@ -386,7 +387,8 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     if pinned:
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
-                         "sampling": "temperature 1.0 (the engine's default)"}
+                         "sampling": "temperature 1.0 (the engine's default)",
+                         "kv_layout": rc.calibrate.kv_layout}
     # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(serving)
     FittedCostModel(calib, source=str(out))      # loads back

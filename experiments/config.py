@@ -138,15 +138,22 @@ class CalibrateConfig:
     the profile goes next to it (.profile.parquet) and the fitted roofline hardware
     parameters too (.hardware.yaml, unless fit_hardware is false). check_steps: a real
     run's steps.parquet (same engine settings): also print how the calibration predicts
-    that run's own steps, by step kind (never fitted on)."""
+    that run's own steps, by step kind (never fitted on). kv_layout: where the profiled
+    shapes' KV blocks lie in the pool: "contiguous" (blocks 1, 2, 3, ... as a fresh pool
+    hands them out, as the replays of a run have them) or "scattered" (a random permutation
+    of the whole pool, a long-running server's after churn); on the H200 a decode step reads
+    scattered blocks 0.6-0.9% slower (benchmarks/probe_transitions.py --stages layout)."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
     check_steps: str | None = None
+    kv_layout: str = "contiguous"
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,
                  f"calibrate.repeats must be an integer >= 1, got {self.repeats!r}")
+        _require(self.kv_layout in ("contiguous", "scattered"),
+                 f"calibrate.kv_layout must be contiguous or scattered, got {self.kv_layout!r}")
 
 
 @dataclass(frozen=True, slots=True)

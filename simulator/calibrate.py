@@ -33,7 +33,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
-                                  step_experts_touched)
+                                  step_experts_touched, decode_reread_share_tokens)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
@@ -349,13 +349,11 @@ def with_causal_pairs(table: pd.DataFrame) -> pd.DataFrame:
     """`table` with the features the fitted model computes from the others: CAUSAL_FEATURE
     (cost_model.prefill_causal_pairs of every row), CACHED_PAIRS_FEATURE (the other pairs) and
     TAPER_FEATURE (decode_reread_share_tokens) and OTHER_CACHED_FEATURE."""
-    total = table["decode_context_tokens"].to_numpy(float)
-    reread = total - table[SHARED_FEATURE].to_numpy(float) if SHARED_FEATURE in table.columns else 0 * total
-    # the pairs and the other chunks' cached context by the model's own rules (column
-    # arithmetic works on a table as on a step's features); the taper's branch is per step, so
-    # it is written out over the columns here
+    # the model's own rules (column arithmetic works on a table as on a step's features); a
+    # table made before SHARED_FEATURE was recorded shares nothing
+    taper = decode_reread_share_tokens(table) if SHARED_FEATURE in table.columns else 0.0
     return table.assign(**{CAUSAL_FEATURE: prefill_causal_pairs(table), CACHED_PAIRS_FEATURE: prefill_cached_pairs(table),
-                           TAPER_FEATURE: np.where(reread > 0, reread * reread / np.maximum(total, 1), 0.0),
+                           TAPER_FEATURE: taper,
                            OTHER_CACHED_FEATURE: prefill_other_cached_tokens(table)})
 
 

@@ -486,7 +486,7 @@ def decode_reread_share_tokens(f: dict) -> float:
     blocks another decode of the step reads too); 0 without decodes or shared blocks."""
     total = f["decode_context_tokens"]
     reread = total - f["decode_distinct_context_tokens"]
-    return reread * reread / total if reread > 0 else 0.0
+    return reread * reread / (total + (total < 1))      # branch-free: a step's features or a table's columns
 
 
 # A feature that only refines another (fit_kind never keeps it without that one): the taper

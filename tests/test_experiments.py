@@ -229,6 +229,7 @@ def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
     ("mode=gpu cluster.num_replicas=2", "mode=gpu runs one replica"),
     ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization must be in (0, 1]"),
     ("engine.pdl_max_tokens=-1", "engine.pdl_max_tokens must be an integer >= 0"),
+    ("calibrate.kv_layout=random", "calibrate.kv_layout must be contiguous or scattered"),
 ])
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -492,6 +493,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert calib["device"].startswith("cpu") and calib["model"] == "qwen3-0.6b" and calib["tp"] == 1
     assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
     assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
+    assert calib["profiled"]["kv_layout"] == "contiguous"    # (the default: a fresh pool's, as replays have)
     assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
     held = calib["kinds"]["eager"]["held_out"]
     assert held["n"] > 0 and held["mape"] == pytest.approx(summary["held_out_mape"]["eager"], abs=1e-4)
