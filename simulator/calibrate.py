@@ -33,7 +33,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
-                                  step_experts_touched, decode_reread_share_tokens)
+                                  step_experts_touched, decode_reread_share_tokens, reread_saving)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
@@ -476,7 +476,10 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
     moe = moe_section(profile, meta)
-    kinds = fit_kinds(profile, STEP_KINDS)
+    reread = reread_curve(profile)
+    if reread:      # the kinds fitted on every step as if unshared (cost_model.reread_saving)
+        profile = with_causal_pairs(unshared(profile, reread))
+    kinds = fit_kinds(profile, STEP_KINDS, note=not reread)
     if not kinds:
         raise ValueError("the profile has no train rows to fit")
     kinds, span = fit_prefill_span(profile, kinds)
@@ -489,11 +492,72 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
             **({"decode_plan": dict(plan)} if planned and plan else {}),
-            **({"prefill_span": span} if span else {}), **moe}
+            **({"prefill_span": span} if span else {}), **({"reread": reread} if reread else {}), **moe}
 
 
-def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
-    """{kind: fit_kind(...)} for each of `step_kinds` with train rows in the profile."""
+# Re-read shares bounding the bins of the profile's twin pairs (reread_curve): the grid's
+# shared decode shapes re-read a system prompt under serving contexts (10-30% of their KV) or a
+# conversation's history (1/2 to 7/8).
+REREAD_SHARE_BINS = (0.0, 0.2, 0.35, 0.6, 1.0)
+REREAD_MIN_PAIRS = 3    # a bin's saving is the median of at least this many pairs
+
+
+def twin_pairs(profile: pd.DataFrame) -> pd.DataFrame:
+    """The profile's decode shapes that are twins: the same contexts (`shape` equal but for the
+    shares), one whose decodes share KV blocks, the other nothing. One row per shared shape
+    with an unshared twin: rows, share (re-read tokens R / its KV tokens), mean_context,
+    saving_s (the twin's device time less its own, per re-read token), split. Empty without
+    `shape` (a profile made before it was recorded) or twins."""
+    cols = ["rows", "share", "mean_context", "saving_s", "split"]
+    if "shape" not in profile.columns or SHARED_FEATURE not in profile.columns:
+        return pd.DataFrame(columns=cols)
+    decode = profile[profile["kind"] == "decode"]
+    key = lambda r: tuple((e[0], e[1]) for e in json.loads(r["shape"]))    # noqa: E731
+    twins = {key(r): r for r in decode[decode[SHARED_FEATURE] == decode["decode_context_tokens"]].to_dict("records")}
+    out = []
+    for r in decode[decode[SHARED_FEATURE] < decode["decode_context_tokens"]].to_dict("records"):
+        twin = twins.get(key(r))
+        if twin is not None:
+            reread = r["decode_context_tokens"] - r[SHARED_FEATURE]
+            out.append({"rows": int(r["rows"]), "share": reread / r["decode_context_tokens"],
+                        "mean_context": r["decode_context_tokens"] / max(1, r["num_decode_seqs"]),
+                        "saving_s": (twin["device_s"] - r["device_s"]) / reread, "split": r["split"]})
+    return pd.DataFrame(out, columns=cols)
+
+
+def reread_curve(profile: pd.DataFrame) -> dict:
+    """What a re-read KV token saves by the step's re-read share, measured on the profile's
+    twin pairs (train and held-out: a raw measurement, no fitted term): per bin of
+    REREAD_SHARE_BINS with at least REREAD_MIN_PAIRS pairs, the median share and the median
+    saving, made non-increasing in the share (a larger share never saves more per token, and
+    a bin's noise must not make it) and >= 0. Returns {"shares", "saving_s", "pairs"} for
+    cost_model.reread_saving, or {} without twins (the kinds then price re-reads through
+    decode_distinct_context_tokens, as before)."""
+    pairs = twin_pairs(profile)
+    if pairs.empty:
+        return {}
+    bins = pd.cut(pairs["share"], REREAD_SHARE_BINS, include_lowest=True)
+    g = pairs.groupby(bins, observed=True).agg(share=("share", "median"), saving=("saving_s", "median"),
+                                               n=("share", "size"))
+    g = g[g["n"] >= REREAD_MIN_PAIRS]
+    if g.empty:
+        return {}
+    saving = np.maximum(np.minimum.accumulate(g["saving"].to_numpy(float)), 0.0)
+    return {"shares": [round(float(x), 4) for x in g["share"]], "saving_s": [float(x) for x in saving],
+            "pairs": int(g["n"].sum())}
+
+
+def unshared(table: pd.DataFrame, reread: dict) -> pd.DataFrame:
+    """`table`'s steps as if nothing were shared: each step's device time plus what its
+    re-reads save (cost_model.reread_saving with the `reread` curve), its distinct KV tokens
+    its KV tokens. Rows without re-reads are unchanged."""
+    saving = reread_saving(table, reread["shares"], reread["saving_s"])
+    return table.assign(device_s=table["device_s"] + saving, **{SHARED_FEATURE: table["decode_context_tokens"]})
+
+
+def fit_kinds(profile: pd.DataFrame, step_kinds, note: bool = True) -> dict:
+    """{kind: fit_kind(...)} for each of `step_kinds` with train rows in the profile (`note`:
+    say so where a kind is fitted without the shared-KV features for want of shared shapes)."""
     kinds = {}
     for kind in step_kinds:
         rows = profile[profile["kind"] == kind]
@@ -503,8 +567,9 @@ def fit_kinds(profile: pd.DataFrame, step_kinds) -> dict:
         features = [f for f in FITTED_FEATURES[kind] if f in profile.columns] + moe_features(profile)
         if SHARED_FEATURE in features and not shares_kv(train).any():
             features = [f for f in features if f not in (SHARED_FEATURE, TAPER_FEATURE)]
-            print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
-                  f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
+            if note:
+                print(f"note: no {kind} shape of the profile has decodes sharing KV blocks: "
+                      f"{kind} fitted without {SHARED_FEATURE} and {TAPER_FEATURE}")
         kinds[kind] = fit_kind(train, test, features, optional=OPTIONAL_FEATURES + (MOE_FEATURE,),
                                sloped=SLOPED_FEATURES, earn=(TAPER_FEATURE, PREFILL_SPAN_FEATURE, OTHER_CACHED_FEATURE))
     return kinds
@@ -728,6 +793,11 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         if roofline:
             line += f"  {100 * roofline.get(kind, float('nan')):>12.2f}%"
         print(line + (f"  ({others})" if others else ""))
+    reread = calib.get("reread") or {}
+    if reread:
+        print(f"re-reads (the kinds priced as if unshared): saving per re-read KV token by share, "
+              f"{reread.get('pairs', '?')} twin pairs: " + ", ".join(
+                  f"{100 * x:.0f}%: {1e9 * y:.1f} ns" for x, y in zip(reread["shares"], reread["saving_s"])))
     span = calib.get("prefill_span") or {}
     if span:
         errors = ", ".join(f"{d}: {100 * e:.2f}%" for d, e in span.get("errors", {}).items())
@@ -802,32 +872,17 @@ def size_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame",
 
 def reread_savings(calib: dict, graphs: CudaGraphs, profile: "pd.DataFrame") -> "pd.DataFrame":
     """What a re-read of a shared KV block saves, measured against what the calibration prices:
-    one row per pair of the profile's decode shapes that are twins (the same contexts, one with
-    decodes sharing blocks, the other with nothing shared: `shape` equal but for the shares), with
-    rows, share (re-read tokens / KV tokens of the shared one), mean_context, measured_ns ((twin
-    - shared) device time per re-read token) and fit_ns (the calibration's price of the shared
-    shape as if unshared, less its price, per re-read token). Empty without `shape` or twins."""
+    the profile's twin pairs (twin_pairs) with measured_ns (the twin's device time less the
+    shared shape's, per re-read token) and fit_ns (the calibration's price of the shared shape
+    as if unshared, less its price, per re-read token). Empty without twins."""
     cols = ["rows", "share", "mean_context", "measured_ns", "fit_ns", "split"]
-    if "shape" not in profile.columns:
+    pairs = twin_pairs(profile)
+    if pairs.empty:
         return pd.DataFrame(columns=cols)
-    decode = profile[profile["kind"] == "decode"]
-    twins = {}
-    for r in decode[decode[SHARED_FEATURE] == decode["decode_context_tokens"]].to_dict("records"):
-        twins.setdefault(tuple((e[0], e[1]) for e in json.loads(r["shape"])), r)
     model = FittedCostModel(calib, graphs=graphs)
-    out = []
-    for r in decode[decode[SHARED_FEATURE] < decode["decode_context_tokens"]].to_dict("records"):
-        shape = json.loads(r["shape"])
-        twin = twins.get(tuple((e[0], e[1]) for e in shape))
-        if twin is None:
-            continue
-        reread = r["decode_context_tokens"] - r[SHARED_FEATURE]
-        unshared = model.predict({**r, SHARED_FEATURE: r["decode_context_tokens"]})
-        out.append({"rows": int(r["rows"]), "share": reread / r["decode_context_tokens"],
-                    "mean_context": r["decode_context_tokens"] / max(1, r["num_decode_seqs"]),
-                    "measured_ns": 1e9 * (twin["device_s"] - r["device_s"]) / reread,
-                    "fit_ns": 1e9 * (unshared - model.predict(r)) / reread, "split": r["split"]})
-    return pd.DataFrame(out, columns=cols)
+    decode = profile[profile["kind"] == "decode"]     # (the same pairs, in order, priced)
+    priced = twin_pairs(decode.assign(device_s=[model.predict(r) for r in decode.to_dict("records")]))
+    return pairs.assign(measured_ns=1e9 * pairs["saving_s"], fit_ns=1e9 * priced["saving_s"].to_numpy())[cols]
 
 
 def print_reread_savings(table: "pd.DataFrame") -> None:

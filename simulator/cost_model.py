@@ -489,6 +489,35 @@ def decode_reread_share_tokens(f: dict) -> float:
     return reread * reread / (total + (total < 1))      # branch-free: a step's features or a table's columns
 
 
+# A re-read's saving, measured apart (a calibration's "reread"): the profile holds exact twins,
+# decode shapes with the same contexts, one whose decodes share a prefix's blocks and one with
+# nothing shared, so a twin pair's difference is what its re-reads save. On the H200 that saving
+# per re-read token falls with the step's re-read share R / C: Qwen3-0.6B 18.2 ns at shares up to
+# 20% (mooncake_conv's steps: one 512-token system block under 2-8k-token contexts), 17.1 at
+# 20-35%, 10.3 at 35-60% and 11.0 above; Llama-3.1-8B 15.1 / 16.6 / 10.2 / 10.1. One coefficient on
+# decode_distinct_context_tokens (even with the taper above) fits the many high-share shapes and
+# priced the re-reads of mooncake_conv's real steps at 10.4 ns where they saved 20-22 (Qwen3-0.6B,
+# session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
+# subtracts R x the twins' saving at its share (simulator.calibrate.reread_curve).
+def reread_saving(f: dict, shares: list, saving_s: list) -> float:
+    """The device seconds a step saves because its decodes re-read KV blocks another of its
+    decodes reads: R x the saving per re-read token at its share R / C (C its decodes' KV
+    tokens, R = C - decode_distinct_context_tokens), interpolated through (shares, saving_s)
+    and flat past the ends. A step's features or a table's columns."""
+    total = f["decode_context_tokens"]
+    reread = total - f["decode_distinct_context_tokens"]
+    share = reread / (total + (total < 1))
+    if isinstance(share, np.ndarray) or hasattr(share, "to_numpy"):
+        return reread * np.interp(share, shares, saving_s)
+    if reread <= 0:
+        return 0.0
+    i = bisect_right(shares, share)
+    if i == 0 or i == len(shares):
+        return reread * saving_s[min(i, len(shares) - 1)]
+    w = (share - shares[i - 1]) / (shares[i] - shares[i - 1])
+    return reread * (saving_s[i - 1] + w * (saving_s[i] - saving_s[i - 1]))
+
+
 # A feature that only refines another (fit_kind never keeps it without that one): the taper
 # prices how a re-read's saving shrinks, meaningless without the re-read's saving itself (alone,
 # its coefficient would make re-reads cost more than first reads).
@@ -605,7 +634,10 @@ class FittedCostModel(CostModel):
                   "launch_prompt_s" (per step with a prompt chunk; 0 if absent),
                   "receive_s", "receive_seq_s"},
          "decode_plan": {"num_kv_heads": 8, "num_sms": 132, "split_slack": 1.25, ...}
-                        (the split-KV plan the profiled engine ran: DecodePlan.describe())}
+                        (the split-KV plan the profiled engine ran: DecodePlan.describe()),
+         "reread": {"shares": [...], "saving_s": [...]} (optional: the kinds were fitted on
+                   steps as if unshared; a step with re-read KV costs its unshared price less
+                   reread_saving)}
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
@@ -636,6 +668,7 @@ class FittedCostModel(CostModel):
         self.moe, self.moe_coef = self._moe_terms(calibration, source)
         self.computed = self._computed_features(calibration, source)
         self.chunk_exponent = self._chunk_exponent(calibration, source)
+        self.reread = self._reread(calibration, source)
         self.host = HostCosts.from_calibration(calibration, host_window, source)
         self.attn_factors = self._block_factors(hw, block_size)
 
@@ -701,6 +734,22 @@ class FittedCostModel(CostModel):
                  f"{source}: moe.chunk_routing_exponent must be a number in [0, 1], got {a!r}")
         return float(a)
 
+    @staticmethod
+    def _reread(calibration: dict, source: str) -> tuple[list, list] | None:
+        """The file's reread curve (shares, saving_s), or None: the kinds price re-reads
+        themselves (decode_distinct_context_tokens), as files made before it do."""
+        curve = calibration.get("reread")
+        if curve is None:
+            return None
+        shares, saving = (curve or {}).get("shares"), (curve or {}).get("saving_s")
+        ok = (isinstance(shares, list) and isinstance(saving, list) and len(shares) == len(saving) >= 1
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in shares + saving)
+              and all(0 <= a < b <= 1 for a, b in zip(shares, shares[1:])) and 0 <= shares[0] <= 1
+              and all(x >= 0 for x in saving))
+        _require(ok, f"{source}: reread must be {{\"shares\": increasing numbers in [0, 1], \"saving_s\": "
+                     f"as many numbers >= 0}}, got {curve!r}")
+        return [float(x) for x in shares], [float(x) for x in saving]
+
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
         (the calibration's engine.block_size; 16, the engine's default, if not recorded,
@@ -728,6 +777,10 @@ class FittedCostModel(CostModel):
             rows = f["num_batched_tokens"]
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
+        if self.reread and f["decode_distinct_context_tokens"] < f["decode_context_tokens"]:
+            # priced as if nothing were shared, less what the twins measured re-reads to save
+            t -= reread_saving(f, *self.reread)
+            f = {**f, "decode_distinct_context_tokens": f["decode_context_tokens"]}
         for name, coef in terms:
             t += coef * (f[name] if name not in self.computed else self.computed[name](f))
         for name, k, coefs in slopes:     # a coefficient piecewise linear in rows
