@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 spec = importlib.util.spec_from_file_location("probe_transitions", REPO / "benchmarks/probe_transitions.py")
@@ -63,3 +65,22 @@ def test_contiguous_layout_takes_blocks_in_order_with_the_same_features():
     assert blocks == list(range(1, len(blocks) + 1))
     assert [b for s in scattered.seqs for b in s.block_table] != blocks
     assert contiguous.features() == scattered.features()
+
+
+def test_share_times_each_layout_with_and_without_the_shared_prefix(monkeypatch):
+    """Per layout: the step whose decodes share the prefix's blocks and the same contexts with
+    nothing shared; the saving is their difference per re-read token, (D - 1) x shared."""
+    class Runner(FakeRunner):
+        num_blocks = 4096
+
+        def launch(self, batch, params, pending):   # 1 ms + 1 ns per distinct KV token read
+            f = batch.features()
+            return SimpleNamespace(device_s=1e-3 + 1e-9 * f["decode_distinct_context_tokens"], waited=False)
+    runner = Runner()
+    llm = SimpleNamespace(model_runner=runner, config=SimpleNamespace(block_size=16), decode_plan=lambda: None)
+    args = SimpleNamespace(max_model_len=4096, shared=512, context=2048, repeats=3)
+    rows = probe.shares(llm, args, 8)
+    assert [r["layout"] for r in rows] == ["scattered", "contiguous"]
+    for r in rows:
+        assert r["reread_tokens"] == 7 * 512 and r["shared_ms"] < r["alone_ms"]
+        assert r["saving_ns"] == pytest.approx(1.0)     # 1 ns per token the shared step does not read again
