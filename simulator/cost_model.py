@@ -496,7 +496,7 @@ def decode_reread_share_tokens(f: dict) -> float:
 # 20% (mooncake_conv's steps: one 512-token system block under 2-8k-token contexts), 17.1 at
 # 20-35%, 10.3 at 35-60% and 11.0 above; Llama-3.1-8B 15.1 / 16.6 / 10.2 / 10.1. One coefficient on
 # decode_distinct_context_tokens (even with the taper above) fits the many high-share shapes and
-# priced the re-reads of mooncake_conv's real steps at 10.4 ns where they saved 20-22 (Qwen3-0.6B,
+# priced the re-reads of mooncake_conv's real steps at 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B,
 # session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
 # subtracts R x the twins' saving at its share (simulator.calibrate.reread_curve).
 def reread_saving(f: dict, shares: list, saving_s: list) -> float:
