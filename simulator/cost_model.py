@@ -493,8 +493,9 @@ def decode_reread_share_tokens(f: dict) -> float:
 # decode shapes with the same contexts, one whose decodes share a prefix's blocks and one with
 # nothing shared, so a twin pair's difference is what its re-reads save. On the H200 that saving
 # per re-read token falls with the step's re-read share R / C: Qwen3-0.6B 18.2 ns at shares up to
-# 20% (mooncake_conv's steps: one 512-token system block under 2-8k-token contexts), 17.1 at
-# 20-35%, 10.3 at 35-60% and 11.0 above; Llama-3.1-8B 15.1 / 16.6 / 10.2 / 10.1. One coefficient on
+# 20% (mooncake_conv's steps: one 512-token system block under 2-8k-token contexts), 15.3 at
+# 20-35%, 10.3 at 35-60% and 10.2 above (decode twin pairs' medians); Llama-3.1-8B 16.3 / 16.3 /
+# 10.8 / 10.4. One coefficient on
 # decode_distinct_context_tokens (even with the taper above) fits the many high-share shapes and
 # priced the re-reads of mooncake_conv's real steps at 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B,
 # session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
