@@ -42,7 +42,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
             mkdir -p /tmp/calib && cp simulator/calibrations/qwen3-0.6b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations.tgz simulator/calibrations ;;
   calibrate_l8)
-            TAIL=40 run calibrate_l8 ${CAL_T:-480} python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 ${KPLAN:+engine.kernel_plan=$KPLAN}
+            TAIL=40 run calibrate_l8 ${CAL_T:-560} python3 run.py experiment=calibrate model=llama-3.1-8b hardware=h200 ${KPLAN:+engine.kernel_plan=$KPLAN}
             mkdir -p /tmp/calib && cp simulator/calibrations/llama-3.1-8b-h200-tp1.* /tmp/calib/
             tar czf $OUT/calibrations_l8.tgz simulator/calibrations/llama-3.1-8b-h200-tp1.* ;;
   calibrate_l8_tp2) # Llama-3.1-8B at TP=2: both GPUs of nvidia-h200-x2, so never inside a lane

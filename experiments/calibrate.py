@@ -13,7 +13,9 @@
    (temperature 1): per shape one warm-up run, one from an idle device (`device_idle_s`),
    and `calibrate.repeats` timed runs back to back, each launched while the one before runs,
    as asynchronous scheduling runs serving steps (device time from the runner's CUDA events,
-   host time of its launch and wait: `time_shape`), plus the policy's own host time per step
+   host time of its launch and wait: `time_shape`); every fourth shape of 512 prompt tokens
+   or more also right after a run of light decode steps (`device_cool_s`, the GPU clock
+   recovered: `time_cool`); plus the policy's own host time per step
    (schedule, update, receive on a Scheduler of that many sequences); then a short run of
    the engine's own step loop on synthetic requests (`serving_host`: the host window from
    forming a step to its launch, admissions timed apart; recorded as `host_serving`, the
@@ -52,6 +54,7 @@ from simulator import CudaGraphs, FittedCostModel, ModelSpec
 from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardware, fit_serving_host,
                                  moe_grid, moe_held_out, moe_meta,
                                  moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
+                                 cool_ratios, print_cool_ratios,
                                  print_step_errors, profile_grid, shape_batch, step_errors,
                                  write_hardware)
 
@@ -191,6 +194,38 @@ def time_shape(runner, batch, params, repeats: int, cuda: bool) -> tuple[list, f
     return device, idle_s, launch, receive
 
 
+# The GPU clock under prompt steps (benchmarks/probe_transitions.py --stages recovery, H200,
+# Llama-3.1-8B, 2,048-token chunks): back to back, as the grid times every shape, they run
+# 6-14% slower than the first of a burst; after 4 decode steps (~26 ms) one runs 1.3% faster
+# than that first, after 16 decodes 4% faster. Serving runs most prompt steps after decodes.
+# So every COOL_EVERY-th shape with at least COOL_MIN_PROMPT_TOKENS prompt tokens is also
+# timed cool (`device_cool_s`): right after COOL_STEPS light decode steps (COOL_BATCH decodes
+# of COOL_CONTEXT tokens), each launched while the one before runs, `repeats` times, median.
+COOL_MIN_PROMPT_TOKENS = 512
+COOL_EVERY = 4
+COOL_STEPS = 16
+COOL_BATCH, COOL_CONTEXT = 8, 1024
+
+
+def time_cool(runner, batch, params, light, light_params, repeats: int) -> float:
+    """Device seconds of `batch` launched right after COOL_STEPS launches of `light` (the
+    light steps back to back, the shape launched while the last one runs), median of
+    `repeats`. The shape was just timed hot (time_shape): nothing compiles here."""
+    times = []
+    for _ in range(repeats):
+        previous = None
+        for _ in range(COOL_STEPS):
+            launched = runner.launch(light, light_params, None)
+            if previous is not None:
+                runner.wait(previous)
+            previous = launched
+        launched = runner.launch(batch, params, None)
+        runner.wait(previous)
+        runner.wait(launched)
+        times.append(launched.device_s)
+    return statistics.median(times)
+
+
 def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=print) -> pd.DataFrame:
     """Time every grid shape on the engine's runner; one row per shape (medians)."""
     from engine import SamplingParams
@@ -207,10 +242,13 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     sampling = SamplingParams()   # the engine's default (temperature 1): what replays and
     # the server's default request sample with, through the fused sampler on the GPU
     plan = engine.decode_plan()       # the features get the span of the plan the kernel runs
+    contiguous = rc.calibrate.kv_layout == "contiguous"
+    light = shape_batch([(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * min(COOL_BATCH, rc.scheduler.max_num_seqs),
+                        rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
+    heavy_seen = 0
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
-        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan,
-                            contiguous=rc.calibrate.kv_layout == "contiguous")
+        batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
         if model.is_moe:    # rows routed as a serving batch's (all-zero ids: to k experts)
             moe_token_ids(batch, model.vocab_size, seed=k)
             # a chunk's cached prefix written as serving writes it: the router sees the
@@ -218,6 +256,12 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
             write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
         device, idle_s, launch, receive = time_shape(runner, batch, [sampling] * len(batch.seqs),
                                                      repeats, cuda)
+        cool_s = float("nan")
+        if batch.num_prefill_tokens >= COOL_MIN_PROMPT_TOKENS:
+            if heavy_seen % COOL_EVERY == 0:
+                cool_s = time_cool(runner, batch, [sampling] * len(batch.seqs), light,
+                                   [sampling] * len(light.seqs), repeats)
+            heavy_seen += 1
         schedule_s, update_s = policy[len(batch.seqs)]
         f = batch.features()
         kind, padded = graphs.rows(f)
@@ -226,7 +270,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
                      "shape": json.dumps(point["shape"]),   # so a later feature can be computed
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
-                     "device_idle_s": idle_s,
+                     "device_idle_s": idle_s, "device_cool_s": cool_s,
                      "host_launch_s": statistics.median(launch) + schedule_s,
                      "host_receive_s": statistics.median(receive) + update_s})
         if progress and (k + 1) % 25 == 0:
@@ -413,6 +457,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
+    cool = cool_ratios(table)
+    print_cool_ratios(cool)
+    if not cool.empty:
+        summary["cool_over_hot"] = {r.prompt_tokens: round(r.median, 4) for r in cool.itertuples()}
     hs = calib["host_serving"]
     print(f"host window of the engine's step loop ({hs['n']} steps of {SERVING_REQUESTS} requests): "
           + ", ".join(f"{name} {1e6 * hs[name]:.3g} us" for name in SERVING_HOST_TERMS))

@@ -898,6 +898,34 @@ def print_reread_savings(table: "pd.DataFrame") -> None:
         print(f"  rows {batch:<7} re-read {reread:<7} n={int(r.n):<4} measured {r.measured_ns:6.1f}  fit {r.fit_ns:6.1f}")
 
 
+def cool_ratios(profile: pd.DataFrame) -> pd.DataFrame:
+    """The GPU clock's effect as the profile measured it: shapes timed cool as well as back to
+    back (`device_cool_s`, experiments.calibrate.time_cool), by prompt tokens: n and the
+    median and p10 / p90 of cool / back-to-back device time. Empty for a profile without
+    the column (made before session 13) or without such shapes."""
+    cols = ["prompt_tokens", "n", "median", "p10", "p90"]
+    if "device_cool_s" not in profile.columns:
+        return pd.DataFrame(columns=cols)
+    cool = profile[profile["device_cool_s"].notna() & (profile["device_cool_s"] > 0)]
+    if cool.empty:
+        return pd.DataFrame(columns=cols)
+    ratio = cool["device_cool_s"] / cool["device_s"]
+    bins = pd.cut(cool["num_prefill_tokens"], [0, 1024, 2048, 4096, math.inf], right=False,
+                  labels=["<1k", "1-2k", "2-4k", ">=4k"])
+    g = ratio.groupby(bins, observed=True)
+    return pd.DataFrame({"n": g.size(), "median": g.median(), "p10": g.quantile(0.1),
+                         "p90": g.quantile(0.9)}).rename_axis("prompt_tokens").reset_index()[cols]
+
+
+def print_cool_ratios(table: "pd.DataFrame") -> None:
+    if table.empty:
+        return
+    print("prompt steps timed cool (right after light decode steps) against back to back, "
+          "cool / back-to-back device time by prompt tokens:")
+    for r in table.itertuples():
+        print(f"  {r.prompt_tokens:<5} n={r.n:<4} median {r.median:.3f}  p10 {r.p10:.3f}  p90 {r.p90:.3f}")
+
+
 def print_size_errors(table: "pd.DataFrame") -> None:
     has_profile = "profile_error" in table.columns
     print("by CUDA-graph size (rows): n, mean error on the run's steps"
@@ -975,6 +1003,7 @@ def main(argv=None):
     print_fit(calib)
     print_reread_savings(reread_savings(calib, CudaGraphs.for_calibration(meta.get("engine")),
                                         with_causal_pairs(profile)))
+    print_cool_ratios(cool_ratios(profile))
     if args.hardware:
         if not args.model or not args.hardware_out:
             sys.exit("--hardware needs --model and --hardware-out")

@@ -483,6 +483,10 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     # a shorter serving-loop run (its first bursts still admit 0-3 requests a turn)
     monkeypatch.setattr(calibrate_module, "SERVING_REQUESTS", 12)
     monkeypatch.setattr(calibrate_module, "SERVING_OUTPUT", 4)
+    # shapes of 32 prompt tokens or more also timed cool, every other one, after 2 light steps
+    monkeypatch.setattr(calibrate_module, "COOL_MIN_PROMPT_TOKENS", 32)
+    monkeypatch.setattr(calibrate_module, "COOL_EVERY", 2)
+    monkeypatch.setattr(calibrate_module, "COOL_STEPS", 2)
     calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
                     "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
                     "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
@@ -501,6 +505,12 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     profile = pd.read_parquet(summary["profile"])
     assert (profile["device_s"] > 0).all() and set(profile["split"]) == {"train", "held_out"}
     assert profile["num_batched_tokens"].max() == 64 and profile["num_decode_seqs"].max() == 4
+    # every other shape of 32 prompt tokens or more timed cool too, the rest not
+    heavy = profile[profile["num_prefill_tokens"] >= 32]
+    timed = heavy["device_cool_s"].notna()
+    assert 0 < timed.sum() < len(heavy) and (heavy.loc[timed, "device_cool_s"] > 0).all()
+    assert profile.loc[profile["num_prefill_tokens"] < 32, "device_cool_s"].isna().all()
+    assert "timed cool" in printed and summary["cool_over_hot"]
     # decodes sharing a prefix were profiled (the engine read the same blocks)
     assert (profile["decode_distinct_context_tokens"] < profile["decode_context_tokens"]).any()
     # the torch backend runs no split-KV plan: no span, no plan in the file
