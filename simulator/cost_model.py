@@ -495,10 +495,9 @@ def decode_reread_share_tokens(f: dict) -> float:
 # per re-read token falls with the step's re-read share R / C: Qwen3-0.6B 18.2 ns at shares up to
 # 20% (mooncake_conv's steps: one 512-token system block under 2-8k-token contexts), 15.3 at
 # 20-35%, 10.3 at 35-60% and 10.2 above (decode twin pairs' medians); Llama-3.1-8B 16.3 / 16.3 /
-# 10.8 / 10.4. One coefficient on
-# decode_distinct_context_tokens (even with the taper above) fits the many high-share shapes and
-# priced the re-reads of mooncake_conv's real steps at 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B,
-# session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
+# 10.8 / 10.4. One coefficient on decode_distinct_context_tokens (even with the taper above)
+# fits the many high-share shapes: it priced the re-reads of mooncake_conv's real steps at
+# 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B, session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
 # subtracts R x the twins' saving at its share (simulator.calibrate.reread_curve).
 def reread_saving(f: dict, shares: list, saving_s: list) -> float:
     """The device seconds a step saves because its decodes re-read KV blocks another of its
@@ -778,9 +777,10 @@ class FittedCostModel(CostModel):
             rows = f["num_batched_tokens"]
         knots, base, terms, slopes = self.kinds[kind]
         t = base_time(knots, base, rows)
-        if self.reread and f["decode_distinct_context_tokens"] < f["decode_context_tokens"]:
+        if self.reread and f.get("decode_distinct_context_tokens", f["decode_context_tokens"]) < f["decode_context_tokens"]:
             # priced as if nothing were shared, less what the twins measured re-reads to save
-            t -= reread_saving(f, *self.reread)
+            # (decode attention's time, so scaled by the block size as its other terms are)
+            t -= reread_saving(f, *self.reread) * self.attn_factors.get("decode", 1.0)
             f = {**f, "decode_distinct_context_tokens": f["decode_context_tokens"]}
         for name, coef in terms:
             t += coef * (f[name] if name not in self.computed else self.computed[name](f))

@@ -131,3 +131,23 @@ def test_every_shipped_calibration_prices_rereads_by_its_twins():
         assert curve, path
         assert all(a >= b for a, b in zip(curve["saving_s"], curve["saving_s"][1:])), path
         FittedCostModel(calib, source=str(path))
+
+
+def test_the_saving_scales_with_the_block_size_as_decode_attention_does():
+    """A run at another block size than the profiled one: the re-reads' saving is decode
+    attention's time, so it takes the hardware's decode block factor, as the kinds' other
+    attention terms do."""
+    import yaml
+    from dataclasses import replace
+    from simulator import HardwareSpec
+    hw = replace(HardwareSpec(**yaml.safe_load(open("conf/hardware/h200.yaml"))),
+                 attention_block_cost={"decode": {16: 1.0, 64: 0.8}})
+    calib = {"format": CALIBRATION_FORMAT, "engine": {"block_size": 16}, "kinds": {"decode": {
+        "knots": [1, 64], "base_s": [1e-3, 1e-3], "coefficients": {"decode_context_tokens": 25e-9}}},
+        "reread": {"shares": [0.2, 0.5], "saving_s": [20e-9, 10e-9]}}
+    alone = shape_batch([(2048, 1)] * 8, 16, 1 << 14).features()
+    shared = shape_batch([(2048, 1, 256, 0)] * 8, 16, 1 << 14).features()
+    saving = {b: FittedCostModel(calib, hw=hw, block_size=b).predict(alone)
+              - FittedCostModel(calib, hw=hw, block_size=b).predict(shared) for b in (16, 64)}
+    assert saving[16] == pytest.approx(7 * 256 * 20e-9)
+    assert saving[64] == pytest.approx(0.8 * saving[16])
