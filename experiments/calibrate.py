@@ -15,7 +15,8 @@
    as asynchronous scheduling runs serving steps (device time from the runner's CUDA events,
    host time of its launch and wait: `time_shape`); every fourth shape of 512 prompt tokens
    or more also right after a run of light decode steps (`device_cool_s`, the GPU clock
-   recovered: `time_cool`); plus the policy's own host time per step
+   recovered: `time_cool`), every eighth shape after 50 ms of device idle (`device_cold_s`:
+   `time_cold`); plus the policy's own host time per step
    (schedule, update, receive on a Scheduler of that many sequences); then a short run of
    the engine's own step loop on synthetic requests (`serving_host`: the host window from
    forming a step to its launch, admissions timed apart; recorded as `host_serving`, the
@@ -54,7 +55,7 @@ from simulator import CudaGraphs, FittedCostModel, ModelSpec
 from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardware, fit_serving_host,
                                  moe_grid, moe_held_out, moe_meta,
                                  moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
-                                 cool_ratios, print_cool_ratios,
+                                 clock_ratios, print_clock_ratios,
                                  print_step_errors, profile_grid, shape_batch, step_errors,
                                  write_hardware)
 
@@ -207,6 +208,27 @@ COOL_STEPS = 16
 COOL_BATCH, COOL_CONTEXT = 8, 1024
 
 
+# ... and after the device sat idle: on the H200 the SM clock idles at 345 MHz, and Qwen3-0.6B's
+# real prompt steps launched after more than 5 ms of device idle ran 7.4% over their price
+# (34 steps of session 13's replays), while the profile's one launch from an idle device
+# (`device_idle_s`, right after a wait) ran 1.0% over back to back. So every COLD_EVERY-th
+# shape is also timed after COLD_IDLE_S of idle (`device_cold_s`), median of `repeats`.
+COLD_EVERY = 8
+COLD_IDLE_S = 0.05
+
+
+def time_cold(runner, batch, params, repeats: int) -> float:
+    """Device seconds of `batch` launched after COLD_IDLE_S with nothing on the device,
+    median of `repeats`."""
+    times = []
+    for _ in range(repeats):
+        time.sleep(COLD_IDLE_S)
+        launched = runner.launch(batch, params, None)
+        runner.wait(launched)
+        times.append(launched.device_s)
+    return statistics.median(times)
+
+
 def time_cool(runner, batch, params, light, light_params, repeats: int) -> float:
     """Device seconds of `batch` launched right after COOL_STEPS launches of `light` (the
     light steps back to back, the shape launched while the last one runs), median of
@@ -256,7 +278,9 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
             write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
         device, idle_s, launch, receive = time_shape(runner, batch, [sampling] * len(batch.seqs),
                                                      repeats, cuda)
-        cool_s = float("nan")
+        cool_s, cold_s = float("nan"), float("nan")
+        if k % COLD_EVERY == 0:
+            cold_s = time_cold(runner, batch, [sampling] * len(batch.seqs), repeats)
         if batch.num_prefill_tokens >= COOL_MIN_PROMPT_TOKENS:
             if heavy_seen % COOL_EVERY == 0:
                 cool_s = time_cool(runner, batch, [sampling] * len(batch.seqs), light,
@@ -270,7 +294,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
                      "shape": json.dumps(point["shape"]),   # so a later feature can be computed
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
-                     "device_idle_s": idle_s, "device_cool_s": cool_s,
+                     "device_idle_s": idle_s, "device_cool_s": cool_s, "device_cold_s": cold_s,
                      "host_launch_s": statistics.median(launch) + schedule_s,
                      "host_receive_s": statistics.median(receive) + update_s})
         if progress and (k + 1) % 25 == 0:
@@ -457,10 +481,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
-    cool = cool_ratios(table)
-    print_cool_ratios(cool)
-    if not cool.empty:
-        summary["cool_over_hot"] = {r.prompt_tokens: round(r.median, 4) for r in cool.itertuples()}
+    clock = clock_ratios(table)
+    print_clock_ratios(clock)
+    if not clock.empty:
+        summary["clock_over_back_to_back"] = {f"{r.timing} {r.group}": round(r.median, 4) for r in clock.itertuples()}
     hs = calib["host_serving"]
     print(f"host window of the engine's step loop ({hs['n']} steps of {SERVING_REQUESTS} requests): "
           + ", ".join(f"{name} {1e6 * hs[name]:.3g} us" for name in SERVING_HOST_TERMS))

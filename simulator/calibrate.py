@@ -898,32 +898,36 @@ def print_reread_savings(table: "pd.DataFrame") -> None:
         print(f"  rows {batch:<7} re-read {reread:<7} n={int(r.n):<4} measured {r.measured_ns:6.1f}  fit {r.fit_ns:6.1f}")
 
 
-def cool_ratios(profile: pd.DataFrame) -> pd.DataFrame:
-    """The GPU clock's effect as the profile measured it: shapes timed cool as well as back to
-    back (`device_cool_s`, experiments.calibrate.time_cool), by prompt tokens: n and the
-    median and p10 / p90 of cool / back-to-back device time. Empty for a profile without
-    the column (made before session 13) or without such shapes."""
-    cols = ["prompt_tokens", "n", "median", "p10", "p90"]
-    if "device_cool_s" not in profile.columns:
-        return pd.DataFrame(columns=cols)
-    cool = profile[profile["device_cool_s"].notna() & (profile["device_cool_s"] > 0)]
-    if cool.empty:
-        return pd.DataFrame(columns=cols)
-    ratio = cool["device_cool_s"] / cool["device_s"]
-    bins = pd.cut(cool["num_prefill_tokens"], [0, 1024, 2048, 4096, math.inf], right=False,
-                  labels=["<1k", "1-2k", "2-4k", ">=4k"])
-    g = ratio.groupby(bins, observed=True)
-    return pd.DataFrame({"n": g.size(), "median": g.median(), "p10": g.quantile(0.1),
-                         "p90": g.quantile(0.9)}).rename_axis("prompt_tokens").reset_index()[cols]
+def clock_ratios(profile: pd.DataFrame) -> pd.DataFrame:
+    """The GPU clock's effect as the profile measured it (experiments.calibrate): shapes timed
+    cool, right after light decode steps (`device_cool_s`, by prompt tokens), and cold, after
+    the device sat idle (`device_cold_s`, by step kind), against back to back: timing, group,
+    n and the median and p10 / p90 of their device time over the back-to-back one. Empty for
+    a profile without the columns (made before session 13)."""
+    cols = ["timing", "group", "n", "median", "p10", "p90"]
+    out = []
+    for timing, column in (("cool", "device_cool_s"), ("cold", "device_cold_s")):
+        if column not in profile.columns:
+            continue
+        timed = profile[profile[column].notna() & (profile[column] > 0)]
+        if timed.empty:
+            continue
+        ratio = timed[column] / timed["device_s"]
+        groups = (pd.cut(timed["num_prefill_tokens"], [0, 1024, 2048, 4096, math.inf], right=False,
+                         labels=["<1k", "1-2k", "2-4k", ">=4k"]) if timing == "cool" else timed["kind"])
+        for group, r in ratio.groupby(groups, observed=True):
+            out.append({"timing": timing, "group": str(group), "n": len(r), "median": r.median(),
+                        "p10": r.quantile(0.1), "p90": r.quantile(0.9)})
+    return pd.DataFrame(out, columns=cols)
 
 
-def print_cool_ratios(table: "pd.DataFrame") -> None:
+def print_clock_ratios(table: "pd.DataFrame") -> None:
     if table.empty:
         return
-    print("prompt steps timed cool (right after light decode steps) against back to back, "
-          "cool / back-to-back device time by prompt tokens:")
+    print("the GPU clock: device time timed cool (prompt steps right after light decode steps, by "
+          "prompt tokens) and cold (after 50 ms idle, by kind) over back to back:")
     for r in table.itertuples():
-        print(f"  {r.prompt_tokens:<5} n={r.n:<4} median {r.median:.3f}  p10 {r.p10:.3f}  p90 {r.p90:.3f}")
+        print(f"  {r.timing:<5} {r.group:<7} n={r.n:<4} median {r.median:.3f}  p10 {r.p10:.3f}  p90 {r.p90:.3f}")
 
 
 def print_size_errors(table: "pd.DataFrame") -> None:
@@ -1003,7 +1007,7 @@ def main(argv=None):
     print_fit(calib)
     print_reread_savings(reread_savings(calib, CudaGraphs.for_calibration(meta.get("engine")),
                                         with_causal_pairs(profile)))
-    print_cool_ratios(cool_ratios(profile))
+    print_clock_ratios(clock_ratios(profile))
     if args.hardware:
         if not args.model or not args.hardware_out:
             sys.exit("--hardware needs --model and --hardware-out")

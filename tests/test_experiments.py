@@ -487,6 +487,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     monkeypatch.setattr(calibrate_module, "COOL_MIN_PROMPT_TOKENS", 32)
     monkeypatch.setattr(calibrate_module, "COOL_EVERY", 2)
     monkeypatch.setattr(calibrate_module, "COOL_STEPS", 2)
+    monkeypatch.setattr(calibrate_module, "COLD_IDLE_S", 0.001)     # (every eighth shape after 1 ms idle)
     calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
                     "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
                     "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
@@ -510,7 +511,9 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     timed = heavy["device_cool_s"].notna()
     assert 0 < timed.sum() < len(heavy) and (heavy.loc[timed, "device_cool_s"] > 0).all()
     assert profile.loc[profile["num_prefill_tokens"] < 32, "device_cool_s"].isna().all()
-    assert "timed cool" in printed and summary["cool_over_hot"]
+    cold = profile["device_cold_s"].notna()
+    assert 0 < cold.sum() < len(profile) and (profile.loc[cold, "device_cold_s"] > 0).all()
+    assert "timed cool" in printed and summary["clock_over_back_to_back"]
     # decodes sharing a prefix were profiled (the engine read the same blocks)
     assert (profile["decode_distinct_context_tokens"] < profile["decode_context_tokens"]).any()
     # the torch backend runs no split-KV plan: no span, no plan in the file
