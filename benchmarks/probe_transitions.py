@@ -38,24 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_engine import checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from experiments.calibrate import timed_sequence  # noqa: E402
 from simulator.calibrate import serving, shape_batch  # noqa: E402
-
-
-def timed_sequence(runner, batches: list) -> list[float]:
-    """Launch `batches` in order, each while the one before runs (one step in flight ahead of
-    the one waited on, as serving and the profile run them); returns each one's device
-    seconds. No warm-up: the caller runs one."""
-    out, previous = [], None
-    for batch in batches:
-        launched = runner.launch(batch, [SamplingParams()] * len(batch.seqs), None)
-        if previous is not None:
-            runner.wait(previous)
-            out.append(previous.device_s)
-        previous = launched
-    if previous is not None:
-        runner.wait(previous)
-        out.append(previous.device_s)
-    return out
 
 
 def warm(runner, batches: list) -> None:

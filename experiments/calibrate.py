@@ -229,23 +229,29 @@ def time_cold(runner, batch, params, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_cool(runner, batch, params, light, light_params, repeats: int) -> float:
+def timed_sequence(runner, batches: list) -> list[float]:
+    """Launch `batches` in order, each while the one before runs (one step in flight ahead of
+    the one waited on, as serving and the profile run them), sampled with the engine's
+    default; returns each one's device seconds. No warm-up: the caller runs one."""
+    from engine import SamplingParams
+    out, previous = [], None
+    for batch in batches:
+        launched = runner.launch(batch, [SamplingParams()] * len(batch.seqs), None)
+        if previous is not None:
+            runner.wait(previous)
+            out.append(previous.device_s)
+        previous = launched
+    if previous is not None:
+        runner.wait(previous)
+        out.append(previous.device_s)
+    return out
+
+
+def time_cool(runner, batch, light, repeats: int) -> float:
     """Device seconds of `batch` launched right after COOL_STEPS launches of `light` (the
     light steps back to back, the shape launched while the last one runs), median of
     `repeats`. The shape was just timed hot (time_shape): nothing compiles here."""
-    times = []
-    for _ in range(repeats):
-        previous = None
-        for _ in range(COOL_STEPS):
-            launched = runner.launch(light, light_params, None)
-            if previous is not None:
-                runner.wait(previous)
-            previous = launched
-        launched = runner.launch(batch, params, None)
-        runner.wait(previous)
-        runner.wait(launched)
-        times.append(launched.device_s)
-    return statistics.median(times)
+    return statistics.median(timed_sequence(runner, [light] * COOL_STEPS + [batch])[-1] for _ in range(repeats))
 
 
 def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=print) -> pd.DataFrame:
@@ -276,15 +282,14 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
             # a chunk's cached prefix written as serving writes it: the router sees the
             # chunk's tokens through their attention over it
             write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
-        device, idle_s, launch, receive = time_shape(runner, batch, [sampling] * len(batch.seqs),
-                                                     repeats, cuda)
+        params = [sampling] * len(batch.seqs)
+        device, idle_s, launch, receive = time_shape(runner, batch, params, repeats, cuda)
         cool_s, cold_s = float("nan"), float("nan")
         if k % COLD_EVERY == 0:
-            cold_s = time_cold(runner, batch, [sampling] * len(batch.seqs), repeats)
+            cold_s = time_cold(runner, batch, params, repeats)
         if batch.num_prefill_tokens >= COOL_MIN_PROMPT_TOKENS:
             if heavy_seen % COOL_EVERY == 0:
-                cool_s = time_cool(runner, batch, [sampling] * len(batch.seqs), light,
-                                   [sampling] * len(light.seqs), repeats)
+                cool_s = time_cool(runner, batch, light, repeats)
             heavy_seen += 1
         schedule_s, update_s = policy[len(batch.seqs)]
         f = batch.features()

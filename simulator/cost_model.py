@@ -497,8 +497,9 @@ def decode_reread_share_tokens(f: dict) -> float:
 # 20-35%, 10.3 at 35-60% and 10.2 above (decode twin pairs' medians); Llama-3.1-8B 16.3 / 16.3 /
 # 10.8 / 10.4. One coefficient on decode_distinct_context_tokens (even with the taper above)
 # fits the many high-share shapes: it priced the re-reads of mooncake_conv's real steps at
-# 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B, session 13), those steps 1-3% high. So the fit prices every step as if nothing were shared and
-# subtracts R x the twins' saving at its share (simulator.calibrate.reread_curve).
+# 10.4 ns where they saved 19.5-22.5 (Qwen3-0.6B, session 13), those steps 1-3% high. So the
+# fit prices every step as if nothing were shared and subtracts R x the twins' saving at its
+# share (simulator.calibrate.reread_curve).
 def reread_saving(f: dict, shares: list, saving_s: list) -> float:
     """The device seconds a step saves because its decodes re-read KV blocks another of its
     decodes reads: R x the saving per re-read token at its share R / C (C its decodes' KV
@@ -509,6 +510,7 @@ def reread_saving(f: dict, shares: list, saving_s: list) -> float:
     share = reread / (total + (total < 1))
     if isinstance(share, np.ndarray) or hasattr(share, "to_numpy"):
         return reread * np.interp(share, shares, saving_s)
+    # one step: np.interp on a scalar costs ~3.5 us, this ~0.9 (the simulator prices every step)
     if reread <= 0:
         return 0.0
     i = bisect_right(shares, share)
