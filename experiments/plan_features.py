@@ -1,5 +1,6 @@
 """A real run's steps with the split-KV plan's features (`decode_span_tokens`,
-`decode_split_seqs`) under a calibration's plan, for a run recorded before the engine logged
+`decode_split_seqs`, `decode_work_items`) under a calibration's plan, and the longest prompt
+chunk's context (`prefill_max_context_tokens`), for a run recorded before the engine logged
 them: a step record holds counts, not each sequence's context, so the simulator replays the
 run (cost_model=replay, strict: every step's composition must be the recorded one) with the
 calibration's `decode_plan`, and its step records, batch for batch the engine's, carry the
@@ -25,7 +26,9 @@ from experiments.config import Config, build
 from experiments.replay import load_requests, recorded_num_blocks
 from policy.decode_plan import DecodePlan
 from simulator import CudaGraphs, ModelSpec, Simulator
-from simulator.cost_model import PLAN_FEATURES, ReplayCostModel
+from simulator.cost_model import PLAN_FEATURES, PREFILL_MAX_FEATURE, ReplayCostModel
+
+REPLAYED = PLAN_FEATURES + (PREFILL_MAX_FEATURE,)   # what the replay's batches give a step record
 
 
 def run_config(run_dir: Path):
@@ -69,11 +72,11 @@ def plan_features(run_dir: Path, plan: dict) -> pd.DataFrame:
     made = pd.DataFrame(result.steps)
     if len(made) != len(steps):
         raise RuntimeError(f"{run_dir}: the replay formed {len(made)} steps, the run recorded {len(steps)}")
-    for f in PLAN_FEATURES:
+    for f in REPLAYED:
         if f in steps.columns and not (steps[f].to_numpy() == made[f].to_numpy()).all():
-            raise ValueError(f"{run_dir}: the recorded {f} differs from the calibration's plan's: "
-                             "the run's engine planned its decodes otherwise")
-    return steps.assign(**{f: made[f].to_numpy() for f in PLAN_FEATURES})
+            raise ValueError(f"{run_dir}: the recorded {f} differs from the replay's: "
+                             "the run's engine planned its steps otherwise")
+    return steps.assign(**{f: made[f].to_numpy() for f in REPLAYED})
 
 
 def main(argv=None) -> None:

@@ -47,7 +47,10 @@ class Batch:
         chunks of new tokens x context after the chunk), prefill_kv_tokens (sum of context
         after each chunk: KV its attention reads) and prefill_attention_pairs (causal
         query-key pairs, n*start + n(n+1)/2 per chunk) and max_context_tokens (the longest
-        context after the step: a decode batch's attention ends with its longest sequence).
+        context after the step: a decode batch's attention ends with its longest sequence);
+        prefill_max_context_tokens: the longest prompt chunk's context after the step (the
+        prefill attention's longest walk over keys, as when one chunk sits behind a long
+        cached prefix and another behind none; 0 without a chunk).
         decode_distinct_context_tokens: decode_context_tokens less the tokens of KV blocks
         read again, by a decode of the step whose table holds a block another decode's table
         already holds (prefix-cache hits: the decode attention kernel reads such a block once
@@ -68,7 +71,7 @@ class Batch:
         `decode_plan`): the plan's items, each a program per KV head with fixed work."""
         starts = self.num_computed_tokens
         num_seqs = len(starts)
-        decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = 0
+        decode_ctx = prefill_ctx = prefill_kv = prefill_pairs = prefill_max = 0
         if self.num_prefill_tokens == 0:   # decode only: the sum and max run in C
             decode_ctx = sum(starts) + num_seqs
             max_ctx = max(starts) + 1 if num_seqs else 0
@@ -87,6 +90,7 @@ class Batch:
                     end = start + n
                     prefill_ctx += n * end
                     prefill_kv += end
+                    prefill_max = max(prefill_max, end)
                     prefill_pairs += n * start + n * (n + 1) // 2
             num_sampled = sum(self.sample)
         try:    # the usual case: no two decodes share their first block, so none shares any
@@ -101,7 +105,7 @@ class Batch:
                "decode_context_tokens": decode_ctx, "decode_distinct_context_tokens": distinct,
                "prefill_context_tokens": prefill_ctx,
                "prefill_kv_tokens": prefill_kv, "prefill_attention_pairs": prefill_pairs,
-               "max_context_tokens": max_ctx,
+               "max_context_tokens": max_ctx, "prefill_max_context_tokens": prefill_max,
                "num_preempted": self.num_preempted, "prefix_hit_tokens": self.prefix_hit_tokens,
                "kv_blocks_used": self.kv_blocks_used}
         if self.decode_plan is not None:

@@ -199,7 +199,8 @@ class DecodeStretch:
                       "decode_distinct_context_tokens": context - self.repeated,
                       "prefill_context_tokens": 0,
                       "prefill_kv_tokens": 0, "prefill_attention_pairs": 0,
-                      "max_context_tokens": longest, "num_preempted": 0, "prefix_hit_tokens": 0,
+                      "max_context_tokens": longest, "prefill_max_context_tokens": 0,
+                      "num_preempted": 0, "prefix_hit_tokens": 0,
                       "kv_blocks_used": used}
             if sched.decode_plan is not None:
                 record.update(self._plan_features(running, num_dec, None))
@@ -218,6 +219,7 @@ class DecodeStretch:
                   "prefill_kv_tokens": f["prefill_kv_tokens"],
                   "prefill_attention_pairs": f["prefill_attention_pairs"],
                   "max_context_tokens": max(longest, f["max_context_tokens"]),
+                  "prefill_max_context_tokens": f["prefill_max_context_tokens"],
                   "num_preempted": 0, "prefix_hit_tokens": f["prefix_hit_tokens"],
                   "kv_blocks_used": used}
         if sched.decode_plan is not None:

@@ -29,7 +29,8 @@ import pandas as pd
 import yaml
 
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
-                                  MOE_FEATURE, OTHER_CACHED_FEATURE, PLAN_FEATURES, PREFILL_SPAN_FEATURE, STEP_KINDS, TAPER_FEATURE,
+                                  MOE_FEATURE, OTHER_CACHED_FEATURE, PLAN_FEATURES, PREFILL_MAX_FEATURE, PREFILL_SPAN_FEATURE,
+                                  STEP_KINDS, TAPER_FEATURE,
                                   CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
@@ -465,7 +466,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     plan = meta.get("decode_plan")
     if plan:
         profile = with_plan_features(profile, meta)
-    profile = with_causal_pairs(profile)     # computed from the columns, never absent
+    profile = with_causal_pairs(with_prefill_max(profile))     # computed, never absent
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns and f != PREFILL_SPAN_FEATURE]   # (computed: fit_prefill_span)
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")
@@ -610,9 +611,21 @@ PREFILL_SPAN_PAIRS = (128, 256, 512, 1024, 2048)
 
 
 def span_column(profile: pd.DataFrame, pairs_per_key: float) -> list[float]:
-    return [prefill_span_tokens(r, pairs_per_key) for r in
-            profile[["num_seqs", "num_decode_seqs", "num_prefill_tokens", "prefill_kv_tokens",
-                     "prefill_attention_pairs"]].to_dict("records")]
+    columns = ["num_seqs", "num_decode_seqs", "num_prefill_tokens", "prefill_kv_tokens", "prefill_attention_pairs"]
+    columns += [PREFILL_MAX_FEATURE] if PREFILL_MAX_FEATURE in profile.columns else []
+    return [prefill_span_tokens(r, pairs_per_key) for r in profile[columns].to_dict("records")]
+
+
+def with_prefill_max(profile: pd.DataFrame) -> pd.DataFrame:
+    """`profile` with PREFILL_MAX_FEATURE (the longest prompt chunk's context after the step),
+    for a profile made before it was recorded: from each row's `shape` (its prompt chunks:
+    the entries shape_batch does not make decodes); the profile as it is without `shape` (the
+    span then takes the chunks' mean context)."""
+    if PREFILL_MAX_FEATURE in profile.columns or "shape" not in profile.columns:
+        return profile
+    def longest(shape: str) -> int:
+        return max((ctx for ctx, n, *_ in json.loads(shape) if not (n == 1 and ctx > 1)), default=0)
+    return profile.assign(**{PREFILL_MAX_FEATURE: profile["shape"].map(longest)})
 
 
 def fit_prefill_span(profile: pd.DataFrame, kinds: dict) -> tuple[dict, dict]:

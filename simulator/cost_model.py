@@ -391,7 +391,7 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # before it (CACHED_PAIRS_FEATURE: pairs less the causal ones), so a pair behind a prefix may
 # cost more than one of the triangle as well as less (coefficients are >= 0).
 # prefill_span_tokens: the prefill attention kernel's longest chain, in keys (PREFILL_SPAN_FEATURE:
-# the larger of a chunk's context and the step's pairs over a fitted pairs-per-key D). The kernel
+# the larger of the longest chunk's context and the step's pairs over a fitted pairs-per-key D). The kernel
 # runs one program per (KV head, query tile); a few tiles behind a long prefix all run at once and
 # take as long as one tile's walk over the prefix, many tiles fill the GPU and take their total
 # work. Measured on the H200 (Llama-3.1-8B profile, one chunk of n tokens behind s cached): the
@@ -411,7 +411,11 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # them the sum grows as k^2 and the mean as k. On Llama's real mooncake_conv steps of four or
 # more chunks behind cached context (session 12, never fitted on) the sum priced them
 # 17-22% high, the mean 6-12%; the grid now profiles four and six such chunks to settle it.
-# OTHER_CACHED_FEATURE, computed by the model.
+# OTHER_CACHED_FEATURE, computed by the model. (Session 14: the real steps of several chunks
+# behind cached context that ran 13-21% over their price, Qwen3-0.6B at a 2,048-token budget,
+# held chunks of unequal context, a short chunk behind a 4k prefix beside a fresh one, which
+# prefill_span_tokens took at the chunks' mean context; at the longest chunk's they are within
+# 1-3%, and neither H200 profile of session 14 keeps this term.)
 FITTED_FEATURES = {
     "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
                "decode_span_tokens", "decode_split_seqs", "decode_work_items", "decode_reread_share_tokens"],
@@ -430,6 +434,7 @@ TAPER_FEATURE = "decode_reread_share_tokens"
 CACHED_PAIRS_FEATURE = "prefill_cached_pairs"
 OTHER_CACHED_FEATURE = "prefill_other_cached_tokens"
 PREFILL_SPAN_FEATURE = "prefill_span_tokens"
+PREFILL_MAX_FEATURE = "prefill_max_context_tokens"   # a step record's column the span reads
 SPAN_FEATURE = "decode_span_tokens"
 SPLIT_FEATURE = "decode_split_seqs"
 ITEMS_FEATURE = "decode_work_items"
@@ -470,14 +475,16 @@ def prefill_other_cached_tokens(f: dict) -> float:
 
 def prefill_span_tokens(f: dict, pairs_per_key: float) -> float:
     """PREFILL_SPAN_FEATURE of a step: the prefill attention's longest chain of keys, the larger
-    of its chunks' mean context (prefill_kv_tokens over the chunks: a chunk's few query tiles,
-    all running at once, each walk its whole context) and its query-key pairs over
-    `pairs_per_key` (the pairs the GPU works through while one program walks a key, once its
-    tiles fill it); 0 without a prompt chunk."""
+    of its longest chunk's context (prefill_max_context_tokens: a chunk's few query tiles, all
+    running at once, each walk its whole context) and its query-key pairs over `pairs_per_key`
+    (the pairs the GPU works through while one program walks a key, once its tiles fill it);
+    0 without a prompt chunk. A step recorded before prefill_max_context_tokens was (or a
+    table without the column) takes its chunks' mean context, prefill_kv_tokens over them."""
     chunks = f["num_seqs"] - f["num_decode_seqs"]
     if not f["num_prefill_tokens"] or chunks <= 0:
         return 0.0
-    return max(f["prefill_kv_tokens"] / chunks, f["prefill_attention_pairs"] / pairs_per_key)
+    longest = f.get(PREFILL_MAX_FEATURE) or f["prefill_kv_tokens"] / chunks
+    return max(longest, f["prefill_attention_pairs"] / pairs_per_key)
 
 
 def decode_reread_share_tokens(f: dict) -> float:

@@ -2,13 +2,15 @@
 prefix take one tile's walk over it, many tiles take their total work; the fitted mixed kind
 prices it at a pairs-per-key the profile's held-out shapes choose, keeps it only where it pays,
 and the grid profiles chunks behind cached context beside serving's decodes."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from simulator import CudaGraphs
 from simulator.calibrate import (PREFILL_SPAN_PAIRS, fit_kinds, fit_prefill_span, profile_grid,
-                                 shape_batch, with_causal_pairs)
+                                 shape_batch, with_causal_pairs, with_prefill_max)
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, PREFILL_SPAN_FEATURE,
                                   FittedCostModel, prefill_causal_pairs, prefill_cached_pairs,
                                   prefill_span_tokens)
@@ -36,8 +38,16 @@ def test_the_span_is_a_chunks_context_until_its_tiles_fill_the_gpu():
     spans = [prefill_span_tokens(f, d) for f in many]
     assert spans == [f["prefill_attention_pairs"] / d for f in many]
     assert spans[1] > 2 * spans[0] > 2 * (4096 + 2048)
-    # several chunks: their mean context, not the sum (their tiles run side by side)
+    # several chunks: the longest one's context, not the sum (their tiles run side by side)
     assert prefill_span_tokens(features([(2048 + 32, 32)] * 3), d) == 2048 + 32
+    # ... the longest, not their mean: a short chunk behind a long prefix beside a fresh one
+    # walks the whole prefix (on the H200 such real steps ran 13-21% over the mean's price)
+    unequal = features([(3900 + 150, 150), (150, 150), (2048, 1)])
+    assert unequal["prefill_max_context_tokens"] == 3900 + 150
+    assert prefill_span_tokens(unequal, d) == 3900 + 150
+    # a step recorded before the column was: the chunks' mean context
+    recorded = {k: v for k, v in unequal.items() if k != "prefill_max_context_tokens"}
+    assert prefill_span_tokens(recorded, d) == (3900 + 150 + 150) / 2
     # decodes only: no prefill attention
     assert prefill_span_tokens(features([(2048, 1)] * 4), d) == 0.0
     # a larger D (more of the GPU per key) keeps a chunk in the walk regime longer
@@ -125,3 +135,15 @@ def test_grid_profiles_chunks_behind_a_long_prefix_beside_serving_decodes_and_al
     assert set(beside) == {1, 8, 32}
     assert set().union(*beside.values()) == {"train", "held_out"}
     assert two_alone == {"train", "held_out"}
+
+
+def test_a_profile_without_the_column_gets_it_from_its_shapes():
+    shapes = [[(3900 + 150, 150), (150, 150), (2048, 1)], [(2048, 1)] * 4, [(512, 512)]]
+    rows = [features(shape) for shape in shapes]
+    recorded = pd.DataFrame(rows).drop(columns=["prefill_max_context_tokens"])
+    recorded["shape"] = [json.dumps(shape) for shape in shapes]
+    got = with_prefill_max(recorded)
+    assert got["prefill_max_context_tokens"].tolist() == [r["prefill_max_context_tokens"] for r in rows]
+    assert got["prefill_max_context_tokens"].tolist() == [3900 + 150, 0, 512]
+    # without shapes it stays absent (the span then takes the mean)
+    assert "prefill_max_context_tokens" not in with_prefill_max(recorded.drop(columns=["shape"])).columns
