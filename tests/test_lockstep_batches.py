@@ -4,36 +4,21 @@ H200 they ran apart from the spread batches it does form."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import simulator.calibrate as calibrate
-from simulator.calibrate import fit_calibration, lockstep_batches, profile_grid, shape_batch, twin_pairs
+from simulator.calibrate import fit_calibration, lockstep_batches, twin_pairs
 from simulator.cost_model import CudaGraphs, FittedCostModel
+from tests.test_reread_curve import planted_profile
 
 META = {"model": "qwen3-0.6b", "device": "stand-in", "command": "pytest"}
 GRAPHS = CudaGraphs.for_engine(256, 8192, 8192)
 LOCKSTEP_EXTRA = 0.05     # planted: a lockstep batch runs 5% over the rule spread batches follow
 
 
-def planted_profile():
-    rows = []
-    for p in profile_grid(256, 8192, 8192, GRAPHS):
-        f = shape_batch(p["shape"], 16, 66803).features()
-        kind, padded = GRAPHS.rows(f)
-        device = (1.0e-3 + 2e-7 * padded + 30e-9 * f["decode_context_tokens"]
-                  + 1e-12 * f["prefill_attention_pairs"] + 2e-9 * f["prefill_kv_tokens"])
-        contexts = {e[0] for e in p["shape"]}
-        if kind == "decode" and len(p["shape"]) > 1 and len(contexts) == 1:
-            device *= 1 + LOCKSTEP_EXTRA
-        rows.append({**f, "kind": kind, "rows": padded, "split": p["split"], "device_s": device,
-                     "host_launch_s": 2e-4, "host_receive_s": 5e-5, "shape": json.dumps(p["shape"])})
-    return pd.DataFrame(rows)
-
-
 @pytest.fixture(scope="module")
 def profile():
-    return planted_profile()
+    return planted_profile(LOCKSTEP_EXTRA)
 
 
 def test_lockstep_batches_are_the_decode_batches_of_one_context(profile):

@@ -23,9 +23,11 @@ def planted_saving(share):
     return np.interp(share, [0.2, 0.5], [24e-9, 12e-9])
 
 
-def planted_profile():
+def planted_profile(lockstep_extra: float = 0.0):
     """The engine grid's shapes (with their `shape`), timed as fixed + 30 ns a KV token less
-    what the planted curve says each step's re-reads save."""
+    what the planted curve says each step's re-reads save; decode batches of two or more
+    decodes all of one context (lockstep) that much longer again (`lockstep_extra`, a
+    fraction: tests/test_lockstep_batches.py)."""
     rows = []
     for p in profile_grid(256, 8192, 8192, GRAPHS):
         f = shape_batch(p["shape"], 16, 66803).features()
@@ -34,6 +36,8 @@ def planted_profile():
         R = C - D
         device = (1.2e-3 + 2e-7 * padded + 30e-9 * C - R * planted_saving(R / max(C, 1))
                   + 1e-12 * f["prefill_attention_pairs"] + 2e-9 * f["prefill_kv_tokens"])
+        if kind == "decode" and len(p["shape"]) > 1 and len({e[0] for e in p["shape"]}) == 1:
+            device *= 1 + lockstep_extra
         rows.append({**f, "kind": kind, "rows": padded, "split": p["split"], "device_s": device,
                      "host_launch_s": 2e-4, "host_receive_s": 5e-5, "shape": json.dumps(p["shape"])})
     return pd.DataFrame(rows)
