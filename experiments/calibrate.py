@@ -38,9 +38,7 @@ describe (give the ones the calibration was made with).
 """
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from experiments import results
 from experiments.config import RunConfig, build
 from experiments.replay import build_engine
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
@@ -60,21 +59,6 @@ from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardwa
                                  write_hardware)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def engine_commit() -> str | None:
-    """The repository's commit, with "-dirty" when the working tree has changes (or
-    $TWINSERVE_COMMIT where the tree is a copy without git)."""
-    if os.environ.get("TWINSERVE_COMMIT"):
-        return os.environ["TWINSERVE_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=REPO, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) or None
 
 
 def engine_graphs(rc: RunConfig, engine) -> CudaGraphs:
@@ -397,7 +381,7 @@ def remeasure_host_serving(cfg: DictConfig, overrides: list[str]) -> dict:
         engine.close()
     calib["host_serving"] = fit_serving_host(serving)
     calib["host_serving_command"] = "python -m experiments.calibrate --host-serving-only " + " ".join(overrides)
-    calib["host_serving_commit"] = engine_commit()
+    calib["host_serving_commit"] = results.commit()
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
     serving_path = out.with_suffix(".serving.parquet")
@@ -451,7 +435,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
                 "max_model_len": rc.scheduler.max_model_len, "block_size": rc.cache.block_size,
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0,
                 "decode_folds": decode_folds()}
-    meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": engine_commit(),
+    meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": results.commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
             "decode_plan": plan.describe() if plan else None,
             **moe_meta(model.config)}

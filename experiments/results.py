@@ -5,6 +5,7 @@ All times are seconds on the replay's clock: 0 is the start of the replay.
 """
 import json
 import math
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -104,20 +105,32 @@ def load(trace) -> dict:
     return out
 
 
+def commit() -> str | None:
+    """The repository's commit, with "-dirty" when the working tree has changes, or
+    $TWINSERVE_COMMIT where it is set (a copy of the tree sent to a GPU machine, whose .git,
+    if any, is not the tree's); None without either."""
+    if os.environ.get("TWINSERVE_COMMIT"):
+        return os.environ["TWINSERVE_COMMIT"]
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=repo, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=repo, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
 def versions() -> dict:
-    """Versions of what produced the numbers (None where not installed)."""
+    """Versions of what produced the numbers (None where not installed); `git`: `commit()`."""
     def version(package):
         try:
             return metadata.version(package)
         except metadata.PackageNotFoundError:
             return None
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
     return {"python": platform.python_version(), "twinserve": version("twinserve"),
-            "git": git or None, "simpy": version("simpy"), "torch": version("torch")}
+            "git": commit(), "simpy": version("simpy"), "torch": version("torch")}
 
 
 def _json_safe(value):

@@ -616,3 +616,15 @@ def test_checkpoint_writing_shows_progress(tmp_path, capsys):
     checkpoint.write_random_checkpoint(checkpoint.tiny_config("qwen3"), tmp_path / "b",
                                        dtype="float32", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_records_the_commit_it_was_told_where_the_tree_is_a_copy(monkeypatch):
+    # a GPU machine gets a copy of the tree whose .git, if any, is not the tree's: the
+    # summary's commit and a calibration's engine_commit both follow $TWINSERVE_COMMIT
+    from experiments import results
+    monkeypatch.setenv("TWINSERVE_COMMIT", "feedbee")
+    assert results.commit() == "feedbee" and results.versions()["git"] == "feedbee"
+    monkeypatch.delenv("TWINSERVE_COMMIT")
+    here = results.commit()
+    if here is not None:        # a git checkout: its full commit, marked dirty when changed
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", here)
