@@ -466,7 +466,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
     plan = meta.get("decode_plan")
     if plan:
         profile = with_plan_features(profile, meta)
-    profile = with_causal_pairs(with_prefill_max(profile))     # computed, never absent
+    profile = with_causal_pairs(with_prefill_max(profile))     # computed from the columns and shapes
     absent = [f for f in OPTIONAL_FEATURES if f not in profile.columns and f != PREFILL_SPAN_FEATURE]   # (computed: fit_prefill_span)
     if absent:
         print(f"note: the profile has no {absent} (made before they were recorded): fitted without")

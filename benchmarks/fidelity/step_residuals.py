@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from experiments.plan_features import plan_features  # noqa: E402
 from simulator import sim  # noqa: E402
-from simulator.calibrate import with_plan_features  # noqa: E402
+from simulator.calibrate import with_plan_features, with_prefill_max  # noqa: E402
 from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
 
 
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
             str(k): {"n": len(g), "mean_error": round(float(g["err"].mean()), 4)}
             for k, g in prompt.groupby("tokens in the second before", observed=True)}
     if profile_path.is_file():
-        profile = with_plan_features(pd.read_parquet(profile_path), calib)
+        profile = with_prefill_max(with_plan_features(pd.read_parquet(profile_path), calib))
         profile = priced(model, graphs, profile.drop(columns=["kind", "rows"]))
         heavy = (profile["kind"] == "mixed") & (profile["num_prefill_tokens"] > 512)
         if len(prompt) and heavy.any():
