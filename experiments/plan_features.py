@@ -74,8 +74,9 @@ def plan_features(run_dir: Path, plan: dict) -> pd.DataFrame:
         raise RuntimeError(f"{run_dir}: the replay formed {len(made)} steps, the run recorded {len(steps)}")
     for f in REPLAYED:
         if f in steps.columns and not (steps[f].to_numpy() == made[f].to_numpy()).all():
-            raise ValueError(f"{run_dir}: the recorded {f} differs from the replay's: "
-                             "the run's engine planned its steps otherwise")
+            why = ("the calibration's plan's: the run's engine planned its decodes otherwise"
+                   if f in PLAN_FEATURES else "the replay's: its steps held other prompt chunks")
+            raise ValueError(f"{run_dir}: the recorded {f} differs from {why}")
     return steps.assign(**{f: made[f].to_numpy() for f in REPLAYED})
 
 
