@@ -12,15 +12,17 @@ ttft_split = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(ttft_split)
 
 
-def write_run(d: Path, host: float, device: float, queue: float) -> Path:
-    """Two requests: r0's prompt in one step, r1's cut over two steps; times in seconds."""
+def write_run(d: Path, host: float, device: float, queue: float, prompt_tokens=None) -> Path:
+    """Two requests: r0's prompt in one step, r1's cut over two steps; times in seconds;
+    `prompt_tokens`: the three steps' num_prefill_tokens (none recorded without)."""
     d.mkdir(parents=True)
     steps, t = [], 0.0
     for k in range(3):      # step k formed at t, launched after `host`, tokens after the device
         start = t + queue
         launch = start + host
         steps.append({"step": k, "start_s": start, "launch_s": launch, "device_s": device,
-                      "tokens_s": launch + device + 1e-4})
+                      "tokens_s": launch + device + 1e-4,
+                      **({"num_prefill_tokens": prompt_tokens[k]} if prompt_tokens else {})})
         t = launch + device + 1e-4
     pd.DataFrame(steps).to_parquet(d / "steps.parquet")
     pd.DataFrame([
@@ -79,3 +81,21 @@ def test_splitting_by_prompt_length_needs_the_lengths(tmp_path):
     real = write_run(tmp_path / "r0", host=3e-3, device=20e-3, queue=1e-3)
     with pytest.raises(SystemExit, match="ttft_split: .*no prompt_len"):
         ttft_split.main([str(real), "--sim", str(real), "--by", "prompt_len"])
+
+
+def test_the_error_over_requests_whose_first_step_matches(tmp_path, capsys):
+    # r1's first-token step holds another prompt's tokens too in the sim (2,000 more), and takes
+    # longer: the error over the requests whose first steps match is r0's alone
+    real = [write_run(tmp_path / f"r{k}", host=3e-3, device=20e-3, queue=1e-3, prompt_tokens=[100, 50, 50])
+            for k in range(2)]
+    sim = write_run(tmp_path / "sim", host=3e-3, device=22e-3, queue=1e-3, prompt_tokens=[100, 50, 2050])
+    same = ttft_split.same_first_step(real, sim)
+    assert same["requests"] == 1 and same["of"] == 2
+    r0_real = ttft_split.split(real[0]).iloc[0]["ttft"]
+    r0_sim = ttft_split.split(sim).iloc[0]["ttft"]
+    assert same["error"] == pytest.approx(r0_sim / r0_real - 1)
+    ttft_split.main([str(p) for p in real] + ["--sim", str(sim)])
+    assert '"same_first_step"' in capsys.readouterr().out.splitlines()[-1]
+    # runs recorded without the prompt tokens: nothing to match
+    bare = [write_run(tmp_path / "bare", host=3e-3, device=20e-3, queue=1e-3)]
+    assert ttft_split.same_first_step(bare, write_run(tmp_path / "bare_sim", host=1e-3, device=19e-3, queue=1e-3)) is None
