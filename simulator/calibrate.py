@@ -283,6 +283,12 @@ def scattered_blocks(seed: int, num_blocks: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(max(1, num_blocks - 1)) + 1
 
 
+def is_decode_entry(ctx: int, n: int) -> bool:
+    """Whether a shape entry (context after the step, new tokens) is a decode (its prompt ended
+    earlier) rather than a prompt chunk: shape_batch's rule, which the profile's columns follow."""
+    return n == 1 and ctx > 1
+
+
 def shape_batch(shape: list[tuple], block_size: int, num_blocks: int,
                 decode_plan: DecodePlan | None = None, contiguous: bool = False) -> Batch:
     """A policy Batch for a profiled shape: one all-zero sequence per (context after the
@@ -306,7 +312,7 @@ def shape_batch(shape: list[tuple], block_size: int, num_blocks: int,
     prefixes: dict[int, list] = {}       # group -> its shared blocks
     for i, (ctx, n, *share) in enumerate(shape):
         seq = Sequence(i, bytes(8 * ctx), 1)      # ctx zero token ids (int64), one memcpy
-        decode = n == 1 and ctx > 1
+        decode = is_decode_entry(ctx, n)
         if decode:
             seq.num_prompt_tokens = ctx - 1
         blocks = -(-ctx // block_size)
@@ -624,7 +630,7 @@ def with_prefill_max(profile: pd.DataFrame) -> pd.DataFrame:
     if PREFILL_MAX_FEATURE in profile.columns or "shape" not in profile.columns:
         return profile
     def longest(shape: str) -> int:
-        return max((ctx for ctx, n, *_ in json.loads(shape) if not (n == 1 and ctx > 1)), default=0)
+        return max((ctx for ctx, n, *_ in json.loads(shape) if not is_decode_entry(ctx, n)), default=0)
     return profile.assign(**{PREFILL_MAX_FEATURE: profile["shape"].map(longest)})
 
 
