@@ -564,12 +564,12 @@ def unshared(table: pd.DataFrame, reread: dict) -> pd.DataFrame:
 
 # Decode batches whose sequences all have one context length (the grid's batch x context
 # points, kept as the unshared twins of its shared shapes: twin_pairs) are not fitted on:
-# serving never forms them, and they run apart from the batches it does. Measured on the H200:
-# Qwen3-0.6B's 16 x 4,096-token batch ran 5.2% over a fit of batches of spread contexts, 16 x
-# 1,024 1.6% over; with them in, that fit priced real ShareGPT and mooncake_conv decode steps
-# (contexts spread, coefficient of variation 0.4-0.9) +1.0% on average and the profile's own
-# spread 12-decode batches +1-2.5%; without them real decode steps -0.04% (Llama-3.1-8B:
-# +1.2% -> +0.5%). A batch of one decode is kept (every serving step of one decode is one).
+# serving never forms them, and they run apart from the batches it does. Measured on the H200
+# (session 13's Qwen3-0.6B profile): a fit with them priced its 16 x 4,096-token batch 5.2% low
+# and 16 x 1,024 1.6% low, the profile's own spread 12-decode batches 0.5-2.5% high, and real
+# ShareGPT and mooncake_conv decode steps (contexts spread, coefficient of variation 0.4-0.9)
+# +1.0% on average; without them the real decode steps +0.4% (Llama-3.1-8B: +1.2% -> +0.6%).
+# A batch of one decode is kept (every serving step of one decode is one).
 FIT_LOCKSTEP = False
 
 
