@@ -16,7 +16,9 @@
    host time of its launch and wait: `time_shape`); every fourth shape of 512 prompt tokens
    or more also right after a run of light decode steps (`device_cool_s`, the GPU clock
    recovered: `time_cool`), every eighth shape after 50 ms of device idle (`device_cold_s`:
-   `time_cold`); plus the policy's own host time per step
+   `time_cold`), every sixteenth lighter one right after two heavy prompt steps
+   (`device_hot_s`: `time_hot`), every launch recorded in order (`Timeline`: the history
+   the fitted model's clock term is fitted on); plus the policy's own host time per step
    (schedule, update, receive on a Scheduler of that many sequences); then a short run of
    the engine's own step loop on synthetic requests (`serving_host`: the host window from
    forming a step to its launch, admissions timed apart; recorded as `host_serving`, the
@@ -26,7 +28,8 @@
    shapes per step kind;
 4. write the calibration JSON (device, model, engine commit, command, engine settings),
    the profile next to it (<name>.profile.parquet: re-fit with `python -m
-   simulator.calibrate`) and the fitted hardware file (<name>.hardware.yaml).
+   simulator.calibrate`), its launch timeline (<name>.timeline.parquet) and the fitted
+   hardware file (<name>.hardware.yaml).
 
 Ends with one JSON line (the files and the held-out errors).
 
@@ -201,6 +204,56 @@ COLD_EVERY = 8
 COLD_IDLE_S = 0.05
 
 
+# ... and right after heavy prompt steps: the measured state the clock term of the fitted
+# model (simulator.clock) has to price a decode after a burst of prompts by. Every HOT_EVERY-th
+# shape of fewer than COOL_MIN_PROMPT_TOKENS prompt tokens is also timed right after HOT_STEPS
+# prompt steps of a HOT_CHUNK-token fresh chunk (`device_hot_s`, median of `repeats`): on the
+# H200 (Llama-3.1-8B) one such step already slows the next by 6% (raw/h200-s13/c1).
+HOT_EVERY = 16
+HOT_STEPS = 2
+HOT_CHUNK = 2048
+
+
+class Timeline:
+    """The runner, with every step launched through it recorded in launch order: the shape
+    (grid index) and phase it was launched for, whether it is that shape's own batch or a
+    step around it (warm-up is the first own step of phase `back_to_back`, the launch from an
+    idle device the second), the counts its compute follows (simulator.clock.step_flops) and,
+    once waited on, the device idle before it (`gap_s`) and its device time (`device_s`).
+    Written next to the profile (<name>.timeline.parquet): the fit of the clock term reads
+    each timed step's recent history from it."""
+    COUNTS = ("num_batched_tokens", "num_prefill_tokens", "num_sampled", "prefill_attention_pairs",
+              "decode_context_tokens")
+
+    def __init__(self, runner):
+        self.runner, self.rows, self._index = runner, [], {}
+        self.shape, self.phase, self.batch = -1, "", None
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def at(self, shape: int, phase: str, batch) -> "Timeline":
+        self.shape, self.phase, self.batch = shape, phase, batch
+        return self
+
+    def launch(self, batch, params, pending):
+        launched = self.runner.launch(batch, params, pending)
+        f = batch.features()
+        self._index[id(launched)] = len(self.rows)
+        self.rows.append({"shape": self.shape, "phase": self.phase, "own": batch is self.batch,
+                          **{k: f[k] for k in self.COUNTS}, "gap_s": float("nan"), "device_s": float("nan")})
+        return launched
+
+    def wait(self, launched):
+        out = self.runner.wait(launched)
+        row = self.rows[self._index.pop(id(launched))]
+        row["gap_s"], row["device_s"] = launched.gap_s, launched.device_s
+        return out
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
 def time_cold(runner, batch, params, repeats: int) -> float:
     """Device seconds of `batch` launched after COLD_IDLE_S with nothing on the device,
     median of `repeats`."""
@@ -231,6 +284,12 @@ def timed_sequence(runner, batches: list) -> list[float]:
     return out
 
 
+def time_hot(runner, batch, heavy, repeats: int) -> float:
+    """Device seconds of `batch` launched right after HOT_STEPS launches of `heavy` (the
+    launch while the last one runs), median of `repeats`."""
+    return statistics.median(timed_sequence(runner, [heavy] * HOT_STEPS + [batch])[-1] for _ in range(repeats))
+
+
 def time_cool(runner, batch, light, repeats: int) -> float:
     """Device seconds of `batch` launched right after COOL_STEPS launches of `light` (the
     light steps back to back, the shape launched while the last one runs), median of
@@ -238,10 +297,12 @@ def time_cool(runner, batch, light, repeats: int) -> float:
     return statistics.median(timed_sequence(runner, [light] * COOL_STEPS + [batch])[-1] for _ in range(repeats))
 
 
-def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=print) -> pd.DataFrame:
-    """Time every grid shape on the engine's runner; one row per shape (medians)."""
+def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int,
+            progress=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Time every grid shape on the engine's runner: one row per shape (medians), and the
+    Timeline of every step launched."""
     from engine import SamplingParams
-    runner = engine.model_runner
+    runner = Timeline(engine.model_runner)
     cuda = runner.device.type == "cuda"
     grid = profile_grid(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
                         rc.scheduler.max_model_len, graphs)
@@ -257,7 +318,11 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     contiguous = rc.calibrate.kv_layout == "contiguous"
     light = shape_batch([(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * min(COOL_BATCH, rc.scheduler.max_num_seqs),
                         rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
-    heavy_seen = 0
+    beside = min(COOL_BATCH, rc.scheduler.max_num_seqs - 1)    # the heavy step: a fresh chunk beside decodes
+    chunk = min(HOT_CHUNK, rc.scheduler.max_num_batched_tokens - beside, rc.scheduler.max_model_len)
+    heavy = shape_batch([(chunk, chunk)] + [(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * beside,
+                        rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
+    heavy_seen = light_seen = 0
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
@@ -265,16 +330,21 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
             moe_token_ids(batch, model.vocab_size, seed=k)
             # a chunk's cached prefix written as serving writes it: the router sees the
             # chunk's tokens through their attention over it
-            write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
+            write_prefixes(runner.at(k, "prefix", batch), batch, rc.scheduler.max_num_batched_tokens, sampling)
         params = [sampling] * len(batch.seqs)
-        device, idle_s, launch, receive = time_shape(runner, batch, params, repeats, cuda)
-        cool_s, cold_s = float("nan"), float("nan")
+        device, idle_s, launch, receive = time_shape(runner.at(k, "back_to_back", batch), batch, params,
+                                                     repeats, cuda)
+        cool_s, cold_s, hot_s = float("nan"), float("nan"), float("nan")
         if k % COLD_EVERY == 0:
-            cold_s = time_cold(runner, batch, params, repeats)
+            cold_s = time_cold(runner.at(k, "cold", batch), batch, params, repeats)
         if batch.num_prefill_tokens >= COOL_MIN_PROMPT_TOKENS:
             if heavy_seen % COOL_EVERY == 0:
-                cool_s = time_cool(runner, batch, light, repeats)
+                cool_s = time_cool(runner.at(k, "cool", batch), batch, light, repeats)
             heavy_seen += 1
+        else:
+            if light_seen % HOT_EVERY == 0 and chunk >= COOL_MIN_PROMPT_TOKENS:
+                hot_s = time_hot(runner.at(k, "hot", batch), batch, heavy, repeats)
+            light_seen += 1
         schedule_s, update_s = policy[len(batch.seqs)]
         f = batch.features()
         kind, padded = graphs.rows(f)
@@ -284,6 +354,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
                      "device_s": statistics.median(device),
                      "device_spread": (max(device) - min(device)) / statistics.median(device),
                      "device_idle_s": idle_s, "device_cool_s": cool_s, "device_cold_s": cold_s,
+                     "device_hot_s": hot_s,
                      "host_launch_s": statistics.median(launch) + schedule_s,
                      "host_receive_s": statistics.median(receive) + update_s})
         if progress and (k + 1) % 25 == 0:
@@ -291,7 +362,7 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int, progress=pr
     table = pd.DataFrame(rows)
     if model.is_moe:
         table = moe_profile_columns(table, model.num_experts, model.num_experts_per_tok)
-    return table
+    return table, runner.table()
 
 
 SERVING_REQUESTS = 48   # the short run of the engine's step loop that times its host window
@@ -421,7 +492,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         graphs = engine_graphs(rc, engine)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
-        table = profile(rc, engine, graphs, rc.calibrate.repeats)
+        table, timeline = profile(rc, engine, graphs, rc.calibrate.repeats)
         serving = measure_serving_host(rc, engine)
         plan = engine.decode_plan()
         device = device_name(rc)
@@ -454,7 +525,10 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     table.to_parquet(profile_path, index=False)
     serving_path = out.with_suffix(".serving.parquet")    # fit_serving_host re-fits it, no GPU
     serving.to_parquet(serving_path, index=False)
+    timeline_path = out.with_suffix(".timeline.parquet")  # the clock term's fit reads it
+    timeline.to_parquet(timeline_path, index=False)
     summary = {"calibration": str(out), "profile": str(profile_path), "serving": str(serving_path),
+               "timeline": str(timeline_path),
                "device": device,
                "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
                "held_out_mape": {k: round(v["held_out"]["mape"], 4)

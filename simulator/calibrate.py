@@ -945,13 +945,14 @@ def print_reread_savings(table: "pd.DataFrame") -> None:
 
 def clock_ratios(profile: pd.DataFrame) -> pd.DataFrame:
     """The GPU clock's effect as the profile measured it (experiments.calibrate): shapes timed
-    cool, right after light decode steps (`device_cool_s`, by prompt tokens), and cold, after
-    the device sat idle (`device_cold_s`, by step kind), against back to back: timing, group,
+    cool, right after light decode steps (`device_cool_s`, by prompt tokens), cold, after
+    the device sat idle (`device_cold_s`, by step kind), and hot, right after heavy prompt
+    steps (`device_hot_s`, by step kind), against back to back: timing, group,
     n and the median and p10 / p90 of their device time over the back-to-back one. Empty for
     a profile without the columns (made before session 13)."""
     cols = ["timing", "group", "n", "median", "p10", "p90"]
     out = []
-    for timing, column in (("cool", "device_cool_s"), ("cold", "device_cold_s")):
+    for timing, column in (("cool", "device_cool_s"), ("cold", "device_cold_s"), ("hot", "device_hot_s")):
         if column not in profile.columns:
             continue
         timed = profile[profile[column].notna() & (profile[column] > 0)]
@@ -970,7 +971,8 @@ def print_clock_ratios(table: "pd.DataFrame") -> None:
     if table.empty:
         return
     print("the GPU clock: device time timed cool (prompt steps right after light decode steps, by "
-          "prompt tokens) and cold (after 50 ms idle, by kind) over back to back:")
+          "prompt tokens), cold (after 50 ms idle, by kind) and hot (right after heavy prompt steps, "
+          "by kind) over back to back:")
     for r in table.itertuples():
         print(f"  {r.timing:<5} {r.group:<7} n={r.n:<4} median {r.median:.3f}  p10 {r.p10:.3f}  p90 {r.p90:.3f}")
 

@@ -514,6 +514,19 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     cold = profile["device_cold_s"].notna()
     assert 0 < cold.sum() < len(profile) and (profile.loc[cold, "device_cold_s"] > 0).all()
     assert "timed cool" in printed and summary["clock_over_back_to_back"]
+    # every 16th lighter shape timed right after heavy prompt steps
+    light = profile[profile["num_prefill_tokens"] < 32]
+    hot = light["device_hot_s"].notna()
+    assert 0 < hot.sum() < len(light) and (light.loc[hot, "device_hot_s"] > 0).all()
+    assert profile.loc[profile["num_prefill_tokens"] >= 32, "device_hot_s"].isna().all()
+    # the timeline: every launch waited on, in order; per shape its warm-up, its idle launch
+    # and the repeats back to back; the heavy steps before a hot timing are not the shape's own
+    timeline = pd.read_parquet(summary["timeline"])
+    assert (timeline["device_s"] > 0).all() and (timeline["gap_s"] >= 0).all()
+    own = timeline[timeline["own"] & (timeline["phase"] == "back_to_back")]
+    assert (own.groupby("shape").size() == 2 + 2).all() and own["shape"].nunique() == len(profile)
+    before_hot = timeline[(timeline["phase"] == "hot") & ~timeline["own"]]
+    assert len(before_hot) > 0 and (before_hot["num_prefill_tokens"] > 32).all()
     # decodes sharing a prefix were profiled (the engine read the same blocks)
     assert (profile["decode_distinct_context_tokens"] < profile["decode_context_tokens"]).any()
     # the torch backend runs no split-KV plan: no span, no plan in the file
