@@ -121,6 +121,27 @@ def shares(llm, args, decodes: int) -> list[dict]:
     return rows
 
 
+def token_ids(llm, args, decodes: int, chunk: int) -> list[dict]:
+    """The prompt step with the profile's token ids (all zero: every row of every layer's
+    activations the same) against random ones (as serving's prompts), each `--burst` times
+    back to back after a run of `--run` decode steps: device ms by position (1 = the first
+    after the decodes) and the burst's median. A GPU at its power limit clocks lower for
+    operands whose bits toggle."""
+    from simulator.calibrate import moe_token_ids
+    runner = llm.model_runner
+    decode, zeros = step_batches(llm, args, decodes, chunk)
+    _, random_ids = step_batches(llm, args, decodes, chunk)
+    moe_token_ids(random_ids, llm.model_config.vocab_size, seed=0)
+    warm(runner, [decode, zeros, random_ids])
+    rows = []
+    for _ in range(2):
+        for ids, batch in (("zero", zeros), ("random", random_ids)):
+            times = timed_sequence(runner, [decode] * args.run + [batch] * args.burst)[args.run:]
+            rows.append({"decodes": decodes, "chunk": chunk, "ids": ids, "first_ms": 1e3 * times[0],
+                         "median_ms": 1e3 * statistics.median(times), "last_ms": 1e3 * times[-1]})
+    return rows
+
+
 def probe(llm, args, decodes: int, chunk: int) -> list[dict]:
     """The four orders for one (decode batch, prompt chunk) pair; the prompt step carries
     `--beside` decodes (default: the decode step's own batch, as in serving)."""
@@ -158,7 +179,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", default="orders",
                     help="comma list: orders (the four orders), layout (scattered vs contiguous "
                          "KV blocks), recovery (the clock under a burst of prompt steps and after), "
-                         "share (the saving per re-read token of a shared prefix, by layout)")
+                         "share (the saving per re-read token of a shared prefix, by layout), "
+                         "tokens (the prompt step with all-zero token ids, as profiled, against random ones)")
     ap.add_argument("--shared", type=int, default=512, help="share: tokens of the decodes' shared prefix")
     ap.add_argument("--burst", type=int, default=60, help="recovery: prompt steps in a burst")
     ap.add_argument("--gaps", default="1,4,16,64", help="recovery: decode steps after a burst")
@@ -171,8 +193,8 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             extra = dict(device="cpu", dtype="float32", num_gpu_blocks=512, attention_backend="torch")
     stages = args.stages.split(",")
-    if not stages or set(stages) - {"orders", "layout", "recovery", "share"}:
-        sys.exit(f"--stages takes orders, layout, recovery and share, got {args.stages!r}")
+    if not stages or set(stages) - {"orders", "layout", "recovery", "share", "tokens"}:
+        sys.exit(f"--stages takes orders, layout, recovery, share and tokens, got {args.stages!r}")
     try:
         decodes = [int(x) for x in str(args.decodes).split(",")]
         chunks = [int(x) for x in str(args.chunk).split(",")]
@@ -204,6 +226,8 @@ def main(argv=None) -> None:
             decode, prompt = step_batches(llm, args, d, c)
             out["recovery"] = [dict(r, decodes=d, chunk=c)
                                for r in recovery(llm.model_runner, prompt, decode, args.burst, gaps)]
+        if "tokens" in stages:
+            out["tokens"] = [r for d in decodes for c in chunks for r in token_ids(llm, args, d, c)]
     finally:
         llm.close()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not extra else "cpu"
@@ -212,6 +236,12 @@ def main(argv=None) -> None:
 
 
 def print_tables(out: dict, args, device: str) -> None:
+    if "tokens" in out:
+        print(f"the prompt step (C prompt tokens beside D decodes) by its token ids, {args.burst} back to back "
+              f"after {args.run} decodes, device ms ({args.model} on {device})")
+        print(f"{'D':>4} {'C':>5} {'ids':>7} {'first':>8} {'median':>8} {'last':>8}")
+        for r in out["tokens"]:
+            print(f"{r['decodes']:>4} {r['chunk']:>5} {r['ids']:>7} {r['first_ms']:>8.3f} {r['median_ms']:>8.3f} {r['last_ms']:>8.3f}")
     if "rows" in out:
         print(f"step cost by the step before it, {args.model} on {device}: decode = D decodes of "
               f"~{args.context} tokens, prompt = C prompt tokens beside the same decodes; "

@@ -54,6 +54,7 @@ from experiments.config import RunConfig, build
 from experiments.replay import build_engine
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
+from simulator.clock import flops_per_unit
 from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardware, fit_serving_host,
                                  moe_grid, moe_held_out, moe_meta,
                                  moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
@@ -322,12 +323,15 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int,
     chunk = min(HOT_CHUNK, rc.scheduler.max_num_batched_tokens - beside, rc.scheduler.max_model_len)
     heavy = shape_batch([(chunk, chunk)] + [(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * beside,
                         rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
+    if model.is_moe or rc.calibrate.token_ids == "random":
+        moe_token_ids(heavy, model.vocab_size, seed=len(grid))
     heavy_seen = light_seen = 0
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
-        if model.is_moe:    # rows routed as a serving batch's (all-zero ids: to k experts)
+        if model.is_moe or rc.calibrate.token_ids == "random":   # (a MoE's all-zero ids route to k experts)
             moe_token_ids(batch, model.vocab_size, seed=k)
+        if model.is_moe:
             # a chunk's cached prefix written as serving writes it: the router sees the
             # chunk's tokens through their attention over it
             write_prefixes(runner.at(k, "prefix", batch), batch, rc.scheduler.max_num_batched_tokens, sampling)
@@ -510,13 +514,14 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
             "command": command, "engine": settings, "hardware": rc.hardware.name,
             "decode_plan": plan.describe() if plan else None,
             **moe_meta(model.config)}
-    calib = fit_calibration(table, meta)
+    calib = fit_calibration(table, meta, *((timeline, flops_per_unit(model, tp)) if rc.calibrate.clock else ()))
     calib["profile_s"] = round(profile_s, 1)
     if pinned:
         calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)",
-                         "kv_layout": rc.calibrate.kv_layout}
+                         "kv_layout": rc.calibrate.kv_layout,
+                         "token_ids": "random" if model.config.is_moe else rc.calibrate.token_ids}
     # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(serving)
     FittedCostModel(calib, source=str(out))      # loads back

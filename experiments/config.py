@@ -142,18 +142,29 @@ class CalibrateConfig:
     shapes' KV blocks lie in the pool: "contiguous" (blocks 1, 2, 3, ... as a fresh pool
     hands them out, as the replays of a run have them) or "scattered" (a random permutation
     of the whole pool, a long-running server's after churn); on the H200 a decode step reads
-    scattered blocks 0.6-0.9% slower (benchmarks/probe_transitions.py --stages layout)."""
+    scattered blocks 0.6-0.9% slower (benchmarks/probe_transitions.py --stages layout).
+    clock: also fit the clock term (simulator.clock, on the profile's launch timeline) and
+    the kinds on base-clock times; off by default (simulator/calibrations/README.md, session
+    15: on Llama-3.1-8B it predicts the profile's own cool and hot timings, not yet serving).
+    token_ids: the profiled prompts' token ids, "zero" (every row of the activations alike)
+    or "random" (as serving's prompts; a mixture of experts always gets random ones, so its
+    rows route as serving's do): a GPU at its power limit may clock differently for them
+    (benchmarks/probe_transitions.py --stages tokens)."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
     check_steps: str | None = None
     kv_layout: str = "contiguous"
+    clock: bool = False
+    token_ids: str = "zero"
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,
                  f"calibrate.repeats must be an integer >= 1, got {self.repeats!r}")
         _require(self.kv_layout in ("contiguous", "scattered"),
                  f"calibrate.kv_layout must be contiguous or scattered, got {self.kv_layout!r}")
+        _require(self.token_ids in ("zero", "random"),
+                 f"calibrate.token_ids must be zero or random, got {self.token_ids!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -31,12 +32,13 @@ import yaml
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUSAL_FEATURE, FITTED_FEATURES,
                                   MOE_FEATURE, OTHER_CACHED_FEATURE, PLAN_FEATURES, PREFILL_MAX_FEATURE, PREFILL_SPAN_FEATURE,
                                   STEP_KINDS, TAPER_FEATURE,
-                                  CudaGraphs, FittedCostModel, ModelSpec, TIE_MAPE, RooflineCostModel, _fit_base,
+                                  CudaGraphs, FittedCostModel, ModelSpec, REPO_ROOT, TIE_MAPE, RooflineCostModel, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
                                   step_experts_touched, decode_reread_share_tokens, reread_saving)
 from policy import Batch, Sequence
 from policy.decode_plan import DecodePlan
+from simulator.clock import ClockTerm, flops_per_unit, heat_along
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 
 # Features a profile made by an older grid may lack (fitted without them, said so), and
@@ -455,12 +457,106 @@ def fit_serving_host(steps: pd.DataFrame) -> dict:
     return {**{name: float(terms[name]) for name in SERVING_HOST_TERMS}, "n": n}
 
 
-def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
+# The clock term's candidate time constants (s): the H200's SM clock falls within a step or
+# two of a burst of prompt steps and is back within tens of milliseconds of decodes.
+CLOCK_TAUS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+# The timings the clock term is fitted on: each shape back to back, right after light decodes
+# and right after heavy prompt steps. Not `cold`: after 50 ms of idle the SM clock ramps up
+# from its idle speed, which the heat does not describe (cold decodes run 2% slower).
+CLOCK_PHASES = ("back_to_back", "cool", "hot")
+# The term is kept only if it predicts at least this many held-out cool and hot timings with at
+# most this share of the error of pricing them as back to back (noise alone fits a small term).
+CLOCK_MIN_HELD_OUT = 10
+CLOCK_GAIN = 0.9
+
+
+def clock_rows(profile: pd.DataFrame, timeline: pd.DataFrame, term: ClockTerm) -> pd.DataFrame:
+    """The timeline's timed launches of each shape's own batch in CLOCK_PHASES (back to back
+    without its warm-up and idle launch), with the heat each ran at (`heat_along` the whole
+    timeline), its kind ("decode" / "prompt") and its shape's split."""
+    heat = heat_along(np.asarray(term.step_flops(timeline), float), timeline["device_s"].to_numpy(float),
+                      timeline["gap_s"].to_numpy(float), term.tau_s)
+    rows = timeline.assign(heat=heat)
+    rows = rows[rows["own"] & rows["phase"].isin(CLOCK_PHASES) & (rows["shape"] >= 0)]
+    first = rows.groupby(["shape", "phase"]).cumcount()
+    rows = rows[(rows["phase"] != "back_to_back") | (first >= 2)]
+    return rows.assign(kind=np.where(rows["num_prefill_tokens"] > 0, "prompt", "decode"),
+                       split=profile["split"].to_numpy()[rows["shape"].to_numpy()],
+                       log_s=np.log(rows["device_s"].to_numpy(float)))
+
+
+def _within_shape(rows: pd.DataFrame, column: str) -> pd.Series:
+    return rows[column] - rows.groupby("shape")[column].transform("mean")
+
+
+def fit_clock(profile: pd.DataFrame, timeline: pd.DataFrame, flops: dict) -> tuple[dict | None, np.ndarray]:
+    """The clock term (simulator.clock) fitted on the profile's launch timeline: for each
+    time constant of CLOCK_TAUS, per kind the slowdown that best explains, within each train
+    shape timed more than one way (back to back, cool, hot), its log device time by its
+    heat; the constant with the lowest error. Held out: each held-out shape's cool and hot
+    timings predicted from its back-to-back one, with the term and without. Returns (the
+    calibration's "clock" section, or None where the timeline holds no such shape or the
+    term does not predict CLOCK_MIN_HELD_OUT or more held-out timings with at most CLOCK_GAIN
+    of the error without it; and the mean heat of each
+    profile row's back-to-back timings, to turn its device_s into a base-clock time)."""
+    best = None
+    for tau in CLOCK_TAUS:
+        timed = clock_rows(profile, timeline, ClockTerm(tau, {}, flops))
+        rows = timed[timed.groupby("shape")["phase"].transform("nunique") > 1]
+        train = rows[rows["split"] == "train"]
+        if train.empty:
+            return None, np.full(len(profile), np.nan)
+        slowdown, sse = {}, 0.0
+        for kind, g in train.groupby("kind"):
+            x, y = _within_shape(g, "heat"), _within_shape(g, "log_s")
+            k = max(0.0, float((x * y).sum() / (x * x).sum())) if (x * x).sum() > 0 else 0.0
+            slowdown[kind] = k
+            sse += float(((y - k * x) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, tau, slowdown, rows, timed)
+    _, tau, slowdown, rows, timed = best
+    slowdown = {kind: round(slowdown.get(kind, 0.0), 4) for kind in ("decode", "prompt")}
+    held = rows[rows["split"] != "train"]
+    base = held[held["phase"] == "back_to_back"].groupby("shape")[["device_s", "heat"]].median()
+    other = held[held["phase"] != "back_to_back"].merge(base, left_on="shape", right_index=True,
+                                                         suffixes=("", "_b2b")).dropna()
+    if other.empty:
+        return None, np.full(len(profile), np.nan)
+    k = other["kind"].map(slowdown).to_numpy(float)
+    with_term = other["device_s_b2b"] * (1 + k * other["heat"]) / (1 + k * other["heat_b2b"])
+    mape = float((with_term / other["device_s"] - 1).abs().mean())
+    mape_without = float((other["device_s_b2b"] / other["device_s"] - 1).abs().mean())
+    heat = (timed[timed["phase"] == "back_to_back"].groupby("shape")["heat"].mean()
+            .reindex(range(len(profile))).to_numpy(float))
+    if len(other) < CLOCK_MIN_HELD_OUT or mape > CLOCK_GAIN * mape_without:
+        return None, heat
+    return ({"tau_s": tau, "slowdown": slowdown, "flops": {k: float(v) for k, v in flops.items()},
+             "fitted_on": {"shapes": int(rows["shape"].nunique()), "timings": len(rows),
+                           "phases": list(CLOCK_PHASES)},
+             "held_out": {"n": len(other), "mape": round(mape, 4), "mape_without": round(mape_without, 4)}},
+            heat)
+
+
+def model_flops(meta: dict) -> dict | None:
+    """flops_per_unit of the calibration's model (conf/model/<model>.yaml) and tp; None if
+    the repository has no such model file."""
+    path = REPO_ROOT / "conf" / "model" / f"{meta.get('model')}.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text())
+    return flops_per_unit(ModelSpec.from_hf_config(cfg["hf_config"], name=cfg.get("name")), int(meta.get("tp", 1)))
+
+
+def fit_calibration(profile: pd.DataFrame, meta: dict, timeline: pd.DataFrame | None = None,
+                    flops: dict | None = None) -> dict:
     """A calibration dict (see `FittedCostModel`) fitted on a profile. `meta` supplies
     model, device, command and optionally tp, engine_commit, engine (settings), decode_plan
     (`DecodePlan.describe()`: the engine's split-KV plan, which the profile's
-    decode_span_tokens was computed with; without it that feature is not fitted). Raises
-    ValueError if columns are missing or the eager kind was not profiled."""
+    decode_span_tokens was computed with; without it that feature is not fitted). With the
+    profile's launch `timeline` and the model's `flops` (flops_per_unit), the clock term is
+    fitted first (fit_clock) and the kinds on base-clock times (each shape's back-to-back
+    time over 1 + slowdown x its heat). Raises ValueError if columns are missing or the
+    eager kind was not profiled."""
     for key in ("model", "device", "command"):
         if not meta.get(key):
             raise ValueError(f"calibration metadata needs {key!r}")
@@ -482,6 +578,12 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
         profile = profile.drop(columns=planned)
     if (profile["device_s"] <= 0).any():
         raise ValueError("profile has device times <= 0")
+    clock = None
+    if timeline is not None and flops:
+        clock, heat = fit_clock(profile, timeline, flops)
+        if clock:
+            slow = np.where(profile["num_prefill_tokens"] > 0, clock["slowdown"]["prompt"], clock["slowdown"]["decode"])
+            profile = profile.assign(device_s=profile["device_s"] / (1 + slow * np.nan_to_num(heat)))
     moe = moe_section(profile, meta)
     reread = reread_curve(profile)
     if reread:      # the kinds fitted on every step as if unshared (cost_model.reread_saving)
@@ -499,7 +601,8 @@ def fit_calibration(profile: pd.DataFrame, meta: dict) -> dict:
             "command": meta["command"], "created": datetime.date.today().isoformat(),
             "engine": meta.get("engine", {}), "kinds": kinds, "host": fit_host(profile),
             **({"decode_plan": dict(plan)} if planned and plan else {}),
-            **({"prefill_span": span} if span else {}), **({"reread": reread} if reread else {}), **moe}
+            **({"prefill_span": span} if span else {}), **({"reread": reread} if reread else {}), **moe,
+            **({"clock": clock} if clock else {})}
 
 
 # Re-read shares bounding the bins of the profile's twin pairs (reread_curve): the grid's
@@ -853,6 +956,13 @@ def print_fit(calib: dict, roofline: dict | None = None) -> None:
         errors = ", ".join(f"{a}: {100 * e:.2f}%" for a, e in moe.get("chunk_routing_errors", {}).items())
         print(f"moe: a prompt chunk of n tokens routes as n^{moe['chunk_routing_exponent']} tokens "
               f"(held-out MAPE of the kinds with chunks by exponent: {errors})")
+    clock = calib.get("clock") or {}
+    if clock:
+        held = clock["held_out"]
+        print(f"clock: tau {1e3 * clock['tau_s']:.0f} ms, slowdown per PFLOP/s of heat: decode "
+              f"{clock['slowdown']['decode']:.3f}, prompt {clock['slowdown']['prompt']:.3f} (the kinds fitted on "
+              f"base-clock times); held-out cool and hot timings from back to back: MAPE "
+              f"{100 * held['mape']:.2f}% ({100 * held['mape_without']:.2f}% without the term, n={held['n']})")
     host = calib["host"]
     print(f"host: launch {1e6 * host['launch_s']:.1f} us + {1e6 * host['launch_seq_s']:.2f} us/seq "
           f"+ {1e6 * host.get('launch_token_s', 0.0):.3f} us/prompt token "
@@ -1025,6 +1135,8 @@ def main(argv=None):
     ap.add_argument("--device-time", default="device_s", choices=("device_s", "device_idle_s"),
                     help="which device time of the profile to fit: device_s (steps back to back, "
                          "as serving runs them; the default) or device_idle_s (each from an idle device)")
+    ap.add_argument("--clock", action="store_true",
+                    help="also fit the clock term on the profile's launch timeline (<name>.timeline.parquet)")
     args = ap.parse_args(argv)
     profile = pd.read_parquet(args.profile)
     if args.device_time != "device_s":
@@ -1039,7 +1151,16 @@ def main(argv=None):
         sys.exit(f"{meta_path}: no metadata (give --meta, a JSON with model, device, command)")
     if meta.get("decode_plan"):     # features the grid's shapes give that the profile lacks
         profile = with_plan_features(profile, meta)    # (the fit and --check-steps price them)
-    calib = fit_calibration(profile, meta)
+    timeline = None
+    if args.clock:
+        timeline_path = args.profile.replace(".profile.parquet", ".timeline.parquet")
+        if timeline_path == args.profile or not os.path.isfile(timeline_path):
+            sys.exit(f"--clock: no launch timeline next to {args.profile} ({timeline_path}: profiled "
+                     "before session 15 recorded it)")
+        timeline = pd.read_parquet(timeline_path)
+        if model_flops(meta) is None:
+            sys.exit(f"--clock: no conf/model/{meta.get('model')}.yaml to count the model's FLOPs")
+    calib = fit_calibration(profile, meta, timeline, model_flops(meta) if timeline is not None else None)
     # a re-fit keeps where the profile came from (made when, how long, the kernels its engine
     # ran: engine.kernel_plan=<file> must still run them; its step loop's host window) and says
     # how it was re-fitted

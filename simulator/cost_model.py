@@ -28,6 +28,7 @@ import numpy as np
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.decode_plan import RULE_FIELDS, DecodePlan
 from policy.model import ModelConfig, expected_experts_touched
+from simulator.clock import ClockTerm
 from simulator.hardware import HOST_WINDOWS, GiB, HardwareSpec, HostCosts
 
 if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
@@ -192,6 +193,7 @@ class CostModel(ABC):
     simulator gives it to its schedulers, so every step's features have it), or None."""
     host: HostCosts = HostCosts()
     decode_plan: DecodePlan | None = None
+    clock: ClockTerm | None = None      # the GPU clock's state (fitted models only)
 
     @abstractmethod
     def predict(self, features: dict) -> float:
@@ -646,7 +648,11 @@ class FittedCostModel(CostModel):
                         (the split-KV plan the profiled engine ran: DecodePlan.describe()),
          "reread": {"shares": [...], "saving_s": [...]} (optional: the kinds were fitted on
                    steps as if unshared; a step with re-read KV costs its unshared price less
-                   reread_saving)}
+                   reread_saving),
+         "clock": {"tau_s", "slowdown": {"decode", "prompt"}, "flops": {...}} (optional: the
+                  kinds were fitted on base-clock times; `clock`, a simulator.clock.ClockTerm,
+                  and the simulator's executor turn each prediction into the step's time
+                  under the GPU clock's state)}
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
@@ -680,6 +686,7 @@ class FittedCostModel(CostModel):
         self.reread = self._reread(calibration, source)
         self.host = HostCosts.from_calibration(calibration, host_window, source)
         self.attn_factors = self._block_factors(hw, block_size)
+        self.clock = ClockTerm.from_calibration(calibration.get("clock"), source)
 
         def factor(name):
             return self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)
@@ -1044,11 +1051,14 @@ class CostModelConfig:
     checks every step's composition. host_window (fitted): which of the calibration's host
     measurements the simulator charges (simulator.hardware.HOST_WINDOWS: "profile", the
     runner's launches; "serving", the engine's own step loop, admissions included; "auto",
-    "serving" where the file measured it, else "profile")."""
+    "serving" where the file measured it, else "profile"). clock (fitted): apply the
+    calibration's clock term (simulator.clock) where it has one; false prices every step at
+    the base clock."""
     kind: str = "roofline"
     path: str | None = None
     strict: bool = True
     host_window: str = "auto"
+    clock: bool = True
 
     def __post_init__(self):
         _require(self.kind in COST_MODELS,
@@ -1094,6 +1104,8 @@ def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, t
     if cfg.kind == "replay":
         return ReplayCostModel.load(path, strict=cfg.strict)
     fitted = FittedCostModel.load(path, graphs, hw, block_size, cfg.host_window)
+    if not cfg.clock:
+        fitted.clock = None
     calib = fitted.calibration
     _require(_same_model(str(calib.get("model", "")), model.name),
              f"{path}: calibrated for model {calib.get('model')!r}, not {model.name!r}")

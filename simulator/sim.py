@@ -24,6 +24,7 @@ import simpy
 
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.step_loop import StepLoop
+from simulator.clock import Clock
 from simulator.cluster import ROUTERS, Replica
 from simulator.cost_model import CostModel, ReplayCostModel
 from simulator.fast_forward import skip_decode_turns, tokens_of
@@ -72,6 +73,7 @@ class SimExecutor:
         self.current = None         # the replayed record of the step being formed
         self.admitted = 0           # requests added since the last launch ...
         self.admitted_tokens = 0    # ... and their prompt tokens
+        self.gpu_clock = Clock(cost.clock) if cost.clock is not None and self.replay is None else None
 
     def clock(self) -> float:
         return self.t
@@ -94,6 +96,8 @@ class SimExecutor:
                    + host.before_launch(features["num_seqs"], features["num_prefill_tokens"]))
         start = max(self.t, self.device_free)
         device = self.cost.predict(features)
+        if self.gpu_clock is not None:      # the base-clock price under the clock's state
+            device = self.gpu_clock.run(start, device, features)
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
         self.device_free = start + device
         return self.device_free, batch

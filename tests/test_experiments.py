@@ -24,6 +24,7 @@ from analysis.runs import load_run
 from experiments.config import build, register_configs
 from experiments.replay import run
 from experiments.results import REQUEST_COLUMNS
+from simulator.cost_model import FittedCostModel
 from simulator.hardware import SERVING_HOST_TERMS, HostCosts
 from traces import load_trace
 
@@ -230,6 +231,7 @@ def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
     ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization must be in (0, 1]"),
     ("engine.pdl_max_tokens=-1", "engine.pdl_max_tokens must be an integer >= 0"),
     ("calibrate.kv_layout=random", "calibrate.kv_layout must be contiguous or scattered"),
+    ("calibrate.token_ids=ones", "calibrate.token_ids must be zero or random"),
 ])
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -491,7 +493,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
                     "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
                     "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
-                    f"calibrate.out={out}"])
+                    "calibrate.clock=true", "calibrate.token_ids=random", f"calibrate.out={out}"])
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
     calib = json.loads(out.read_text())
@@ -499,6 +501,9 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
     assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
     assert calib["profiled"]["kv_layout"] == "contiguous"    # (the default: a fresh pool's, as replays have)
+    assert calib["profiled"]["token_ids"] == "random"
+    # the clock term, where the CPU's timings gave one, loads back as the simulator prices it
+    assert "clock" not in calib or FittedCostModel(calib).clock.tau_s == calib["clock"]["tau_s"]
     assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
     held = calib["kinds"]["eager"]["held_out"]
     assert held["n"] > 0 and held["mape"] == pytest.approx(summary["held_out_mape"]["eager"], abs=1e-4)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from policy import Batch, BlockManager, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.fast_forward import plan_decode_stretch
 from simulator import Simulator
+from simulator.clock import ClockTerm
 from simulator.cost_model import CostModel
 from simulator.hardware import HostCosts
 
@@ -28,8 +29,8 @@ class LinearCost(CostModel):
     """Stateless, and reads kv_blocks_used and the distinct KV read (prefix-cache hits): a
     wrong per-step feature changes the times."""
 
-    def __init__(self, host: HostCosts = HostCosts()):
-        self.host = host
+    def __init__(self, host: HostCosts = HostCosts(), clock: ClockTerm | None = None):
+        self.host, self.clock = host, clock
 
     def predict(self, f: dict) -> float:
         return (1.3e-3 + 2.9e-6 * f["num_batched_tokens"] + 7.1e-7 * f["decode_context_tokens"]
@@ -38,6 +39,8 @@ class LinearCost(CostModel):
 
 
 PREFIXES = [(), tuple(range(1, 10)), (7,) * 21]
+# the GPU clock's state carried from step to step (every step's time depends on the ones before)
+CLOCK = ClockTerm(0.005, {"decode": 0.4, "prompt": 0.6}, {"token": 2e11, "sampled": 1e10, "pair": 1e7})
 
 
 @st.composite
@@ -83,13 +86,14 @@ def observed(result):
 @given(workloads(), st.integers(0, 3), st.booleans(),
        st.sampled_from([HostCosts(), HostCosts(2e-4, 3e-6, 1e-4, 2e-6), HostCosts(3e-3, 1e-5, 2e-3, 1e-5),
                         HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_token_s=2e-7, launch_prompt_s=4e-4),
-                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_prompt_s=4e-4, admit_s=2e-4, admit_token_s=3e-7)]))
-def test_event_skipping_matches_step_by_step(workload, seed, async_scheduling, host):
+                        HostCosts(2e-4, 3e-6, 1e-4, 2e-6, launch_prompt_s=4e-4, admit_s=2e-4, admit_token_s=3e-7)]),
+       st.sampled_from([None, CLOCK]))
+def test_event_skipping_matches_step_by_step(workload, seed, async_scheduling, host, clock):
     sched, cache, num_blocks, requests = workload
 
     def run(skip: bool, defer: bool):
         with mock.patch.object(BlockManager, "defer_registration", defer):
-            return Simulator(sched, cache, LinearCost(host), num_blocks, seed=seed,
+            return Simulator(sched, cache, LinearCost(host, clock), num_blocks, seed=seed,
                              async_scheduling=async_scheduling, event_skipping=skip).run(requests)
     reference = run(skip=False, defer=False)
     deferred, skipped = run(skip=False, defer=True), run(skip=True, defer=True)

@@ -1,0 +1,117 @@
+"""The GPU clock's state: a step costs more right after compute-heavy work.
+
+Under sustained compute an H200 holds its power limit by lowering its SM clock, within a
+step or two, and raises it again within tens of milliseconds of lighter work
+(benchmarks/README.md, sessions 12-15: on Llama-3.1-8B a 2,048-token prompt step runs 6-14%
+slower back to back than after a run of decodes, and a decode right after two such steps
+8% slower than after decodes). A twin that prices every step at one clock is fast after a
+burst of prompts and slow on a prompt that follows decodes, by more than its targets.
+
+The model, one rule that the fit (simulator.calibrate.fit_clock, on the profile's launch
+timeline) and the simulator (SimExecutor, through FittedCostModel.clock) both use:
+- a step's compute rate u is its FLOPs (`ClockTerm.step_flops`, on one rank) over its device
+  time, in PFLOP/s;
+- the heat h follows u through a first-order lag of time constant `tau_s` while a step runs,
+  and decays toward 0 while the device is idle;
+- a step whose base (cool-clock) time is T runs T x (1 + slowdown[kind] x its mean heat),
+  kind "prompt" for a step with prompt tokens, else "decode" (a memory-bound decode slows
+  less than a compute-bound prompt step under the same clock).
+No torch: the simulator imports it.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PFLOPS = 1e15    # heat is in PFLOP/s of compute
+
+
+def step_kind(num_prefill_tokens) -> str:
+    return "prompt" if num_prefill_tokens > 0 else "decode"
+
+
+def flops_per_unit(model, tp: int = 1) -> dict:
+    """FLOPs of one rank per computed token (the linear layers), per sampled token (the LM
+    head) and per attention (query, key) pair (QK and PV over all layers), from a ModelSpec."""
+    c = model.config
+    return {"token": 2.0 * model.matmul_params / tp, "sampled": 2.0 * model.lm_head_params / tp,
+            "pair": 4.0 * model.num_layers * c.num_attention_heads * c.head_dim / tp}
+
+
+def mean_heat(h0, u, duration, tau):
+    """Mean heat over a step of `duration` at rate u, starting at h0 (first-order lag)."""
+    x = duration / tau
+    return u + (h0 - u) * (-np.expm1(-x) / x if np.ndim(x) else -math.expm1(-x) / x)
+
+
+def end_heat(h0, u, duration, tau):
+    return u + (h0 - u) * np.exp(-duration / tau)
+
+
+@dataclass(frozen=True)
+class ClockTerm:
+    """The fitted constants (a calibration's "clock" section, `describe()`)."""
+    tau_s: float
+    slowdown: dict          # "decode" / "prompt" -> relative slowdown per PFLOP/s of heat
+    flops: dict             # flops_per_unit
+
+    @classmethod
+    def from_calibration(cls, d: dict | None, source: str = "<calibration>") -> "ClockTerm | None":
+        if not d:
+            return None
+        try:
+            term = cls(float(d["tau_s"]), {k: float(v) for k, v in d["slowdown"].items()},
+                       {k: float(d["flops"][k]) for k in ("token", "sampled", "pair")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: the clock section needs tau_s, slowdown and flops "
+                             f"(token, sampled, pair): {e!r}") from None
+        if term.tau_s <= 0 or any(v < 0 for v in term.slowdown.values()):
+            raise ValueError(f"{source}: the clock section needs tau_s > 0 and slowdowns >= 0")
+        return term
+
+    def describe(self) -> dict:
+        return {"tau_s": self.tau_s, "slowdown": dict(self.slowdown), "flops": dict(self.flops)}
+
+    def step_flops(self, f) -> float:
+        """FLOPs of one rank for a step's features (a dict or a DataFrame's columns)."""
+        pairs = f["prefill_attention_pairs"] + f["decode_context_tokens"]
+        return (self.flops["token"] * f["num_batched_tokens"] + self.flops["sampled"] * f["num_sampled"]
+                + self.flops["pair"] * pairs)
+
+
+class Clock:
+    """One device's clock state through a run (each simulated replica's executor holds one)."""
+
+    def __init__(self, term: ClockTerm):
+        self.term, self.heat, self.t = term, 0.0, 0.0
+
+    def run(self, start: float, base_s: float, features: dict) -> float:
+        """Device seconds of a step of base time `base_s` that starts at `start` (no earlier
+        than the last step's end); the state moves to its end."""
+        term = self.term
+        h0 = self.heat * math.exp(-max(0.0, start - self.t) / term.tau_s)
+        if base_s <= 0:
+            self.heat, self.t = h0, start
+            return base_s
+        flops = term.step_flops(features)
+        slow = term.slowdown.get(step_kind(features["num_prefill_tokens"]), 0.0)
+        duration = base_s
+        for _ in range(3):      # u is the step's FLOPs over the time it actually takes, as
+            u = flops / (duration * PFLOPS)     # heat_along reads a measured timeline
+            duration = base_s * (1.0 + slow * mean_heat(h0, u, duration, term.tau_s))
+        self.heat, self.t = end_heat(h0, u, duration, term.tau_s), start + duration
+        return duration
+
+
+def heat_along(flops: np.ndarray, device_s: np.ndarray, gap_s: np.ndarray, tau: float) -> np.ndarray:
+    """Mean heat of each step of a device timeline: steps in order, each with its FLOPs, its
+    device time and the device idle before it (measured, as the profile's Timeline records)."""
+    u = flops / (device_s * PFLOPS)
+    out = np.empty(len(u))
+    h = 0.0
+    for i in range(len(u)):
+        h *= math.exp(-gap_s[i] / tau)
+        x = device_s[i] / tau
+        out[i] = u[i] + (h - u[i]) * (-math.expm1(-x) / x)
+        h = u[i] + (h - u[i]) * math.exp(-x)
+    return out
