@@ -57,3 +57,33 @@ def test_tokens_before_counts_the_steps_started_in_the_window_before_each():
     # step 3 (t=1.3) counts the steps at 0.4 and 0.9, not the one at 0.0 (1.3 s before); step 4
     # (t=2.5) none: the last started 1.2 s before it
     assert got.tolist() == [0, 100, 110, 11, 0]
+
+
+def test_a_run_priced_under_the_clock_term_has_no_residual_under_it(tmp_path, capsys):
+    """The simulator's clock (SimExecutor) and the diagnostics' (the term along a run's own
+    device timeline, as the fit reads the profile's) are one rule: a run simulated with a clock
+    term shows no residual under it, and a clear one without it."""
+    from experiments.replay import run
+    from simulator.clock import flops_per_unit
+    from simulator.cost_model import ModelSpec
+    import yaml
+    cfg = yaml.safe_load((REPO / "conf/model/qwen3-0.6b.yaml").read_text())
+    flops = flops_per_unit(ModelSpec.from_hf_config(cfg["hf_config"], name="qwen3-0.6b"))
+    calib = json.loads(QWEN.read_text())
+    calib["clock"] = {"tau_s": 0.02, "slowdown": {"decode": 2.0, "prompt": 1.0}, "flops": flops}
+    clocked = tmp_path / "clocked.json"
+    clocked.write_text(json.dumps(calib))
+    overrides = ["mode=sim", "trace=sharegpt", "trace.num_requests=25", "trace.request_rate=20",
+                 "model=qwen3-0.6b", "hardware=h200", "logger=none", "progress=false",
+                 "cost_model=fitted", f"cost_model.path={clocked}", "cache.enable_prefix_caching=false"]
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        run(compose("config", overrides=overrides), tmp_path / "run")
+    summaries = {}
+    for name, path in (("with", clocked), ("without", QWEN)):
+        step_residuals.main(["--calibration", str(path), str(tmp_path / "run")])
+        summaries[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "clock" in summaries["with"] and "clock" not in summaries["without"]
+    for kind in ("decode", "mixed"):
+        assert summaries["with"][kind]["weighted_error"] == pytest.approx(0, abs=2e-4)
+        assert summaries["without"][kind]["weighted_error"] < -0.005    # the clock made every step longer

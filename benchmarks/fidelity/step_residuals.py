@@ -36,6 +36,8 @@ measured, mean over steps):
 - host time from forming a step to its launch (launch_s - start_s) by step kind and by the
   requests that arrived since the previous step was formed (the engine admits them in that
   window), next to the calibration's host model.
+With a clock term in the calibration (simulator.clock) every price is taken under it, along
+each run's own measured device timeline, and a table by heat is added.
 The last line is a JSON summary. Runs only on recorded data (no GPU); seconds per run.
 """
 import argparse
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from experiments.plan_features import plan_features  # noqa: E402
 from simulator import sim  # noqa: E402
 from simulator.calibrate import with_plan_features, with_prefill_max  # noqa: E402
+from simulator.clock import heat_along  # noqa: E402
 from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
 
 
@@ -86,6 +89,17 @@ def priced(model: FittedCostModel, graphs: CudaGraphs, steps: pd.DataFrame) -> p
     pred = np.array([model.predict(r) for r in rows])
     return steps.assign(kind=[k for k, _ in kind_rows], rows=[n for _, n in kind_rows], pred=pred,
                         err=(pred - steps["device_s"].to_numpy(float)) / steps["device_s"].to_numpy(float))
+
+
+def with_clock(steps: pd.DataFrame, term) -> pd.DataFrame:
+    """A run's priced steps (in start order) with the calibration's clock term applied along
+    the run's own device timeline (its measured device times and the idle before each, as
+    the fit reads the profile's): `heat`, and `pred` / `err` under the clock."""
+    heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
+                      steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
+    slow = np.where(steps["num_prefill_tokens"] > 0, term.slowdown["prompt"], term.slowdown["decode"])
+    pred = steps["pred"].to_numpy(float) * (1 + slow * heat)
+    return steps.assign(heat=heat, pred=pred, err=pred / steps["device_s"].to_numpy(float) - 1)
 
 
 def table(df: pd.DataFrame, by, title: str) -> None:
@@ -203,6 +217,8 @@ def main(argv=None) -> None:
         except (ValueError, RuntimeError) as e:
             sys.exit(f"{run_dir}: {e}")
         steps = priced(model, graphs, steps).join(shapes)
+        if model.clock is not None:
+            steps = with_clock(steps, model.clock)
         steps["after"] = np.where(steps["num_prefill_tokens"].shift(1).fillna(0) > 0, "mixed", "decode")
         steps["arrived"] = arrivals_between(steps, pd.read_parquet(run_dir / "requests.parquet"))
         steps["tokens before"] = tokens_before(steps["start_s"].to_numpy(float),
@@ -215,6 +231,11 @@ def main(argv=None) -> None:
         weighted = d["pred"].sum() / d["device_s"].sum() - 1
         summary[kind] = {"n": len(d), "mean_error": round(float(d["err"].mean()), 4), "weighted_error": round(float(weighted), 4)}
         print(f"  {kind:<7} n={len(d):<7} mean {100 * d['err'].mean():+.2f}%  weighted {100 * weighted:+.2f}%")
+    if model.clock is not None:
+        summary["clock"] = model.clock.describe()
+        by_heat = real.assign(heat_bin=pd.cut(real["heat"], [-1, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, math.inf]))
+        table(by_heat, ["kind", "heat_bin"], f"steps by their heat (PFLOP/s; the clock term's, tau "
+              f"{1e3 * model.clock.tau_s:.0f} ms, applied to every price above and below)")
     decode = real[real["kind"] == "decode"].copy()
     table(decode, "rows", "decode steps by CUDA-graph size (rows)")
     decode["padding rows"] = (decode["rows"] - decode["num_seqs"]).clip(upper=8)
