@@ -146,17 +146,18 @@ class CalibrateConfig:
     clock: also fit the clock term (simulator.clock, on the profile's launch timeline) and
     the kinds on base-clock times; off by default (simulator/calibrations/README.md, session
     15: on Llama-3.1-8B it predicts the profile's own cool and hot timings, not yet serving).
-    token_ids: the profiled prompts' token ids, "zero" (every row of the activations alike)
-    or "random" (as serving's prompts; a mixture of experts always gets random ones, so its
-    rows route as serving's do): a GPU at its power limit may clock differently for them
-    (benchmarks/probe_transitions.py --stages tokens)."""
+    token_ids: the profiled steps' token ids, "random" (as serving's prompts; a mixture of
+    experts always gets random ones, so its rows route as serving's do) or "zero" (every row
+    of the activations alike, as every profile before session 15 had them): a GPU at its
+    power limit may clock differently for them (benchmarks/probe_transitions.py --stages
+    tokens)."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
     check_steps: str | None = None
     kv_layout: str = "contiguous"
     clock: bool = False
-    token_ids: str = "zero"
+    token_ids: str = "random"
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,

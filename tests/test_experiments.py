@@ -493,7 +493,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     calibrate_main(["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
                     "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
                     "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=2",
-                    "calibrate.clock=true", "calibrate.token_ids=random", f"calibrate.out={out}"])
+                    "calibrate.clock=true", f"calibrate.out={out}"])
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
     calib = json.loads(out.read_text())
@@ -501,7 +501,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert "experiment=calibrate" in calib["command"] and calib["engine_commit"]
     assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
     assert calib["profiled"]["kv_layout"] == "contiguous"    # (the default: a fresh pool's, as replays have)
-    assert calib["profiled"]["token_ids"] == "random"
+    assert calib["profiled"]["token_ids"] == "random"       # (the default: as serving's prompts)
     # the clock term, where the CPU's timings gave one, loads back as the simulator prices it
     assert "clock" not in calib or FittedCostModel(calib).clock.tau_s == calib["clock"]["tau_s"]
     assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
