@@ -19,14 +19,19 @@ step_residuals = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(step_residuals)
 
 
-def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
+def simulated_run(calibration: Path, out: Path) -> None:
+    """A 25-request ShareGPT run of the simulator priced by `calibration`, into `out`."""
     from experiments.replay import run
     overrides = ["mode=sim", "trace=sharegpt", "trace.num_requests=25", "trace.request_rate=20",
                  "model=qwen3-0.6b", "hardware=h200", "logger=none", "progress=false",
-                 "cost_model=fitted", f"cost_model.path={QWEN}", "cache.enable_prefix_caching=false"]
+                 "cost_model=fitted", f"cost_model.path={calibration}", "cache.enable_prefix_caching=false"]
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        run(compose("config", overrides=overrides), tmp_path / "run")
+        run(compose("config", overrides=overrides), out)
+
+
+def test_a_run_priced_by_the_calibration_has_no_residual(tmp_path, capsys):
+    simulated_run(QWEN, tmp_path / "run")
     step_residuals.main(["--calibration", str(QWEN), str(tmp_path / "run")])
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -63,7 +68,6 @@ def test_a_run_priced_under_the_clock_term_has_no_residual_under_it(tmp_path, ca
     """The simulator's clock (SimExecutor) and the diagnostics' (the term along a run's own
     device timeline, as the fit reads the profile's) are one rule: a run simulated with a clock
     term shows no residual under it, and a clear one without it."""
-    from experiments.replay import run
     from simulator.clock import flops_per_unit
     from simulator.cost_model import ModelSpec
     import yaml
@@ -73,12 +77,7 @@ def test_a_run_priced_under_the_clock_term_has_no_residual_under_it(tmp_path, ca
     calib["clock"] = {"tau_s": 0.02, "slowdown": {"decode": 2.0, "prompt": 1.0}, "flops": flops}
     clocked = tmp_path / "clocked.json"
     clocked.write_text(json.dumps(calib))
-    overrides = ["mode=sim", "trace=sharegpt", "trace.num_requests=25", "trace.request_rate=20",
-                 "model=qwen3-0.6b", "hardware=h200", "logger=none", "progress=false",
-                 "cost_model=fitted", f"cost_model.path={clocked}", "cache.enable_prefix_caching=false"]
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        run(compose("config", overrides=overrides), tmp_path / "run")
+    simulated_run(clocked, tmp_path / "run")
     summaries = {}
     for name, path in (("with", clocked), ("without", QWEN)):
         step_residuals.main(["--calibration", str(path), str(tmp_path / "run")])
