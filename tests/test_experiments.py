@@ -530,6 +530,8 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert (timeline["device_s"] > 0).all() and (timeline["gap_s"] >= 0).all()
     own = timeline[timeline["own"] & (timeline["phase"] == "back_to_back")]
     assert (own.groupby("shape").size() == 2 + 2).all() and own["shape"].nunique() == len(profile)
+    for column in ("num_batched_tokens", "num_prefill_tokens", "decode_context_tokens", "prefill_attention_pairs"):
+        assert (own[column].to_numpy() == profile[column].to_numpy()[own["shape"].to_numpy()]).all()
     before_hot = timeline[(timeline["phase"] == "hot") & ~timeline["own"]]
     assert len(before_hot) > 0 and (before_hot["num_prefill_tokens"] > 32).all()
     # decodes sharing a prefix were profiled (the engine read the same blocks)
