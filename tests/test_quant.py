@@ -1,5 +1,6 @@
 """4-bit GPTQ / AWQ weights: the checkpoint writer's layouts read back by the reference
-dequantization (and by AutoAWQ's own unpacking where it is installed), the config checks,
+dequantization and by the formats' own code (AutoGPTQ's pack and forward, AutoAWQ's
+unpacking) where it is installed, the config checks,
 tensor-parallel slicing, and greedy generation of a quantized tiny model equal to that of
 the same model with its weights dequantized to fp32 (TP=1 and TP=2 over gloo)."""
 import importlib.util
@@ -92,15 +93,26 @@ def test_gptq_v1_stores_zero_minus_one():
     assert (t["x.qzeros"] == 0x77777777).all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("awq") is None, reason="autoawq not installed")
+def _packing_module(package: str, relpath: str, name: str):
+    """A format's own packing code, one file of its installed package loaded alone (the
+    packages' __init__ need CUDA extensions); None where the package is not installed
+    (.ci/run installs both without their dependencies)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], *relpath.split("/"))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("awq") is None,
+                    reason="autoawq not installed (pip install --no-deps autoawq==0.2.9)")
 def test_awq_layout_against_autoawq():
     """AutoAWQ's own unpack-and-dequantize (awq/utils/packing_utils.py, torch only) reads
     the writer's AWQ tensors as the same weights."""
-    spec = importlib.util.find_spec("awq")
-    path = os.path.join(spec.submodule_search_locations[0], "utils", "packing_utils.py")
-    module_spec = importlib.util.spec_from_file_location("awq_packing_utils", path)
-    packing = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(packing)   # not `import awq`: its __init__ needs CUDA deps
+    packing = _packing_module("awq", "utils/packing_utils.py", "awq_packing_utils")
     q = quant("awq")
     w = torch.randn(64, 96)
     rtn = quantize_rtn(w, q)
@@ -108,6 +120,38 @@ def test_awq_layout_against_autoawq():
     theirs = packing.dequantize_gemm(t["x.qweight"], t["x.qzeros"], t["x.scales"].float(), 4,
                                      q.group_size)
     assert torch.equal(theirs.t().float(), rtn["weight"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("auto_gptq") is None,
+                    reason="auto-gptq not installed (pip install --no-deps auto-gptq==0.7.1)")
+@pytest.mark.parametrize("group_size,desc_act,sym", [(32, False, True), (32, True, True),
+                                                     (-1, False, True), (32, False, False)])
+def test_gptq_layout_against_autogptq(group_size, desc_act, sym):
+    """AutoGPTQ's own QuantLinear (auto_gptq/nn_modules/qlinear/qlinear_cuda.py, whose CPU
+    path is torch) both ways: its pack() of the round-to-nearest weights, scales, zero points
+    and g_idx writes the writer's qweight and qzeros bit for bit (the stored zero - 1 of
+    checkpoint_format "gptq" included), and its forward reads the writer's tensors, act-order
+    g_idx included, as the same weights."""
+    qlinear = _packing_module("auto_gptq", "nn_modules/qlinear/qlinear_cuda.py", "autogptq_qlinear")
+    q = QuantConfig.from_hf(quantization_config("gptq", group_size, desc_act=desc_act, sym=sym))
+    out_features, in_features = 64, 128
+    w = torch.randn(out_features, in_features)
+    perm = torch.randperm(in_features) if desc_act else None
+    rtn = quantize_rtn(w, q, perm)
+    ours = {k.rsplit(".", 1)[1]: v for k, v in quantized_tensors("x.weight", w, q, perm).items()}
+
+    packed = qlinear.QuantLinear(4, group_size, in_features, out_features, bias=False)
+    dense = torch.nn.Linear(in_features, out_features, bias=False)
+    dense.weight.data = rtn["weight"].clone()
+    packed.pack(dense, rtn["scales"].float().t(), rtn["zeros"].float().t(), g_idx=rtn["g_idx"])
+    assert torch.equal(packed.qweight, ours["qweight"])
+    assert torch.equal(packed.qzeros, ours["qzeros"])
+
+    reader = qlinear.QuantLinear(4, group_size, in_features, out_features, bias=False)
+    reader.qweight, reader.qzeros, reader.g_idx = ours["qweight"], ours["qzeros"], ours["g_idx"]
+    reader.scales = ours["scales"].float()    # fp32: their product (q - z) * s is then exact
+    theirs = reader(torch.eye(in_features))   # x @ W^T with x = I: W^T [I, O]
+    assert torch.equal(theirs.t(), rtn["weight"])
 
 
 # ---- config -------------------------------------------------------------------------------
