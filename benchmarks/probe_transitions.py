@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench_engine import checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from experiments.calibrate import timed_sequence  # noqa: E402
-from simulator.calibrate import serving, shape_batch  # noqa: E402
+from simulator.profile_grid import serving, shape_batch  # noqa: E402
 
 
 def warm(runner, batches: list) -> None:
@@ -127,11 +127,11 @@ def token_ids(llm, args, decodes: int, chunk: int) -> list[dict]:
     back to back after a run of `--run` decode steps: device ms by position (1 = the first
     after the decodes) and the burst's median. A GPU at its power limit clocks lower for
     operands whose bits toggle."""
-    from simulator.calibrate import moe_token_ids
+    from simulator.profile_grid import random_token_ids
     runner = llm.model_runner
     decode, zeros = step_batches(llm, args, decodes, chunk)
     _, random_ids = step_batches(llm, args, decodes, chunk)
-    moe_token_ids(random_ids, llm.model_config.vocab_size, seed=0)
+    random_token_ids(random_ids, llm.model_config.vocab_size, seed=0)
     warm(runner, [decode, zeros, random_ids])
     rows = []
     for _ in range(2):

@@ -55,12 +55,10 @@ from experiments.replay import build_engine
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
 from simulator.clock import flops_per_unit
-from simulator.calibrate import (SERVING_HOST_TERMS, fit_calibration, fit_hardware, fit_serving_host,
-                                 moe_grid, moe_held_out, moe_meta,
-                                 moe_profile_columns, moe_token_ids, print_fit, print_moe_held_out,
-                                 clock_ratios, print_clock_ratios,
-                                 print_step_errors, profile_grid, shape_batch, step_errors,
-                                 write_hardware)
+from simulator.calibrate import (SERVING_HOST_TERMS, clock_ratios, fit_calibration, fit_hardware,
+                                 fit_serving_host, moe_held_out, moe_meta, moe_profile_columns, print_clock_ratios,
+                                 print_fit, print_moe_held_out, print_step_errors, step_errors, write_hardware)
+from simulator.profile_grid import moe_grid, profile_grid, random_token_ids, shape_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,14 +340,14 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int,
     heavy = shape_batch([(chunk, chunk)] + [(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * beside,
                         rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
     if model.is_moe or rc.calibrate.token_ids == "random":
-        moe_token_ids(heavy, model.vocab_size, seed=len(grid))
+        random_token_ids(heavy, model.vocab_size, seed=len(grid))
     runner.known(light), runner.known(heavy)
     heavy_seen = light_seen = 0
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
         if model.is_moe or rc.calibrate.token_ids == "random":   # (a MoE's all-zero ids route to k experts)
-            moe_token_ids(batch, model.vocab_size, seed=k)
+            random_token_ids(batch, model.vocab_size, seed=k)
         if model.is_moe:
             # a chunk's cached prefix written as serving writes it: the router sees the
             # chunk's tokens through their attention over it

@@ -28,7 +28,8 @@ def stand_in_calibration(tmp_path_factory):
     import yaml
 
     from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel
-    from simulator.calibrate import fit_calibration, profile_grid, shape_batch
+    from simulator.calibrate import fit_calibration
+    from simulator.profile_grid import profile_grid, shape_batch
     conf = Path(__file__).resolve().parents[1] / "conf"
     model = yaml.safe_load((conf / "model" / "qwen3-0.6b.yaml").read_text())
     hw = HardwareSpec(**yaml.safe_load((conf / "hardware" / "h100.yaml").read_text()))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simulator import CudaGraphs
-from simulator.calibrate import profile_grid, serving, shape_batch
+from simulator.profile_grid import profile_grid, serving, shape_batch
 
 S, M, L = 256, 8192, 8192
 GRAPHS = CudaGraphs.for_engine(S, M, M)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from simulator import CudaGraphs, FittedCostModel
-from simulator.calibrate import (CHUNK_ROUTING_EXPONENTS, fit_calibration, moe_grid,
-                                 moe_profile_columns, profile_grid, shape_batch)
+from simulator.calibrate import CHUNK_ROUTING_EXPONENTS, fit_calibration, moe_profile_columns
+from simulator.profile_grid import moe_grid, profile_grid, shape_batch
 from simulator.cost_model import moe_experts_touched, routed_tokens, routing_units
 
 E, K = 128, 8

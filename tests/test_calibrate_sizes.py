@@ -10,7 +10,8 @@ import yaml
 
 from policy.config import SchedulerConfig
 from simulator import calibrate
-from simulator.calibrate import fit_calibration, profile_grid, shape_batch, size_errors
+from simulator.calibrate import fit_calibration, size_errors
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CudaGraphs, ModelSpec, RooflineCostModel
 from simulator.hardware import HardwareSpec
 

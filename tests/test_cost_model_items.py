@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from policy import CacheConfig, SchedulerConfig
 from policy.decode_plan import DecodePlan
 from simulator import Simulator
-from simulator.calibrate import fit_calibration, shape_batch
+from simulator.calibrate import fit_calibration
+from simulator.profile_grid import shape_batch
 from simulator.cost_model import CudaGraphs, FittedCostModel
 from tests.test_cost_model_span import H200, META, grid_features
 from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads

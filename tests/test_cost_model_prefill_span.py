@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from simulator import CudaGraphs
-from simulator.calibrate import (PREFILL_SPAN_PAIRS, fit_kinds, fit_prefill_span, profile_grid,
-                                 shape_batch, with_causal_pairs, with_prefill_max)
+from simulator.calibrate import (PREFILL_SPAN_PAIRS, fit_kinds, fit_prefill_span, with_causal_pairs,
+                                 with_prefill_max)
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, PREFILL_SPAN_FEATURE,
                                   FittedCostModel, prefill_causal_pairs, prefill_cached_pairs,
                                   prefill_span_tokens)

@@ -17,7 +17,8 @@ from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.cuda_graphs import decode_sizes
 from policy.decode_plan import DECODE_BLOCK_N, PROGRAM_OVERHEAD_TILES, DecodePlan
 from simulator import Simulator, calibrate
-from simulator.calibrate import fit_calibration, profile_grid, shape_batch, step_errors
+from simulator.calibrate import fit_calibration, step_errors
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CostModel, CudaGraphs, FittedCostModel
 from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from simulator import CudaGraphs
-from simulator.calibrate import profile_grid, shape_batch, with_causal_pairs
+from simulator.calibrate import with_causal_pairs
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import (CALIBRATION_FORMAT, TAPER_FEATURE, FittedCostModel,
                                   decode_reread_share_tokens, fit_kind)
 

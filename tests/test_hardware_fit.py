@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from simulator import hardware_fit
-from simulator.calibrate import profile_grid, shape_batch
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CudaGraphs, RooflineCostModel
 from simulator.hardware import HardwareSpec
 from tests.test_simulator import load_hardware, load_model

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from simulator import CudaGraphs, FittedCostModel, HardwareSpec, ModelSpec, RooflineCostModel
-from simulator.calibrate import (fit_calibration, moe_grid, moe_held_out, moe_profile_columns,
-                                 profile_grid, shape_batch)
+from simulator.calibrate import fit_calibration, moe_held_out, moe_profile_columns
+from simulator.profile_grid import moe_grid, profile_grid, shape_batch
 from simulator.cost_model import MOE_FEATURE, step_experts_touched
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,18 +114,18 @@ def write_tiny_moe(path):
 
 
 def test_profile_rows_route_like_serving(tmp_path):
-    """All-zero dummy sequences route every row to the same k experts; with moe_token_ids a
+    """All-zero dummy sequences route every row to the same k experts; with random_token_ids a
     profiled decode batch reads about the experts the uniform expectation says."""
     pytest.importorskip("torch")
     from engine import LLMEngine
-    from simulator.calibrate import moe_token_ids
+    from simulator.profile_grid import random_token_ids
     engine = LLMEngine(str(write_tiny_moe(tmp_path / "m")), device="cpu", dtype="float32",
                        num_gpu_blocks=128, max_model_len=256, max_num_seqs=16, enforce_eager=True)
     runner, cfg = engine.model_runner, engine.model_config
     k = cfg.num_experts_per_tok
     batch = shape_batch([(128, 1)] * 16, 16, runner.num_blocks)
     assert max(routed_experts(runner, batch, k)) <= k + 1
-    moe_token_ids(batch, cfg.vocab_size, seed=0)
+    random_token_ids(batch, cfg.vocab_size, seed=0)
     touched = routed_experts(runner, batch, k)
     assert min(touched) >= cfg.experts_touched(16) - 2 > k + 1
     engine.close()

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulator.calibrate import shape_batch, with_causal_pairs
+from simulator.calibrate import with_causal_pairs
+from simulator.profile_grid import shape_batch
 from simulator.cost_model import OTHER_CACHED_FEATURE, fit_kind, prefill_other_cached_tokens
 
 

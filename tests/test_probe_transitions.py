@@ -57,7 +57,7 @@ def test_recovery_times_the_burst_by_position_and_the_steps_after_each_gap():
 
 
 def test_contiguous_layout_takes_blocks_in_order_with_the_same_features():
-    from simulator.calibrate import shape_batch
+    from simulator.profile_grid import shape_batch
     shape = [(100, 1), (40, 1), (300, 20)]
     scattered = shape_batch(shape, 16, 1000)
     contiguous = shape_batch(shape, 16, 1000, contiguous=True)

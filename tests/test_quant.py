@@ -5,6 +5,7 @@ tensor-parallel slicing, and greedy generation of a quantized tiny model equal t
 the same model with its weights dequantized to fp32 (TP=1 and TP=2 over gloo)."""
 import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere
 
@@ -93,22 +94,30 @@ def test_gptq_v1_stores_zero_minus_one():
     assert (t["x.qzeros"] == 0x77777777).all()
 
 
-def _packing_module(package: str, relpath: str, name: str):
-    """A format's own packing code, one file of its installed package loaded alone (the
-    packages' __init__ need CUDA extensions); None where the package is not installed
-    (.ci/run installs both without their dependencies)."""
+FORMATS = Path(__file__).resolve().parents[1] / ".formats"   # .ci/run's --target install
+
+
+def _package_dir(package: str) -> Path | None:
+    """Where a format's own package is: .formats/ (off the import path: auto-gptq's wheel has a
+    top-level `tests` package that would shadow this one), else the environment; None if neither."""
+    if (FORMATS / package).is_dir():
+        return FORMATS / package
     spec = importlib.util.find_spec(package)
-    if spec is None:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], *relpath.split("/"))
+    return Path(spec.submodule_search_locations[0]) if spec else None
+
+
+def _packing_module(package: str, relpath: str, name: str):
+    """A format's own packing code, one file of its package loaded alone (the packages'
+    __init__ need CUDA extensions and dependencies the tests do not install)."""
+    path = _package_dir(package) / relpath
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.skipif(importlib.util.find_spec("awq") is None,
-                    reason="autoawq not installed (pip install --no-deps autoawq==0.2.9)")
+@pytest.mark.skipif(_package_dir("awq") is None, reason="autoawq not installed "
+                    "(pip install --no-deps --target .formats autoawq==0.2.9, as .ci/run does)")
 def test_awq_layout_against_autoawq():
     """AutoAWQ's own unpack-and-dequantize (awq/utils/packing_utils.py, torch only) reads
     the writer's AWQ tensors as the same weights."""
@@ -122,8 +131,8 @@ def test_awq_layout_against_autoawq():
     assert torch.equal(theirs.t().float(), rtn["weight"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("auto_gptq") is None,
-                    reason="auto-gptq not installed (pip install --no-deps auto-gptq==0.7.1)")
+@pytest.mark.skipif(_package_dir("auto_gptq") is None, reason="auto-gptq not installed "
+                    "(pip install --no-deps --target .formats auto-gptq==0.7.1, as .ci/run does)")
 @pytest.mark.parametrize("group_size,desc_act,sym", [(32, False, True), (32, True, True),
                                                      (-1, False, True), (32, False, False)])
 def test_gptq_layout_against_autogptq(group_size, desc_act, sym):

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulator.calibrate import (REREAD_MIN_PAIRS, fit_calibration, profile_grid, reread_curve,
-                                 shape_batch, twin_pairs, unshared)
+from simulator.calibrate import REREAD_MIN_PAIRS, fit_calibration, reread_curve, twin_pairs, unshared
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CALIBRATION_FORMAT, CudaGraphs, FittedCostModel, reread_saving
 
 SHARED = "decode_distinct_context_tokens"

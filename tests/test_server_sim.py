@@ -27,7 +27,8 @@ def calibration(tmp_path_factory) -> str:
     from policy import SchedulerConfig
     from server.sim import model_hf_config, read_conf
     from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel
-    from simulator.calibrate import fit_calibration, profile_grid, shape_batch
+    from simulator.calibrate import fit_calibration
+    from simulator.profile_grid import profile_grid, shape_batch
     sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048)
     graphs = CudaGraphs.for_engine(sched.max_num_seqs, sched.max_num_batched_tokens, 256)
     spec = ModelSpec.from_hf_config(model_hf_config(read_conf("model", "qwen3-0.6b"), "q"),

@@ -13,7 +13,8 @@ import pytest
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from policy.batch import repeated_kv_tokens
 from simulator import calibrate
-from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch, step_errors
+from simulator.calibrate import fit_calibration, fit_hardware, step_errors
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CudaGraphs, FittedCostModel, RooflineCostModel
 from tests.test_simulator import GRAPHS, H100, QWEN, roofline_profile
 

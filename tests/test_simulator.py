@@ -15,7 +15,8 @@ from simulator import (CostModelConfig, CudaGraphs, FittedCostModel, HardwareSpe
                        ReplayCostModel, RooflineCostModel, Simulator, build_cost_model,
                        kv_pool_blocks)
 from simulator import calibrate
-from simulator.calibrate import fit_calibration, fit_hardware, profile_grid, shape_batch, step_errors
+from simulator.calibrate import fit_calibration, fit_hardware, step_errors
+from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import TIE_MAPE, base_time
 from simulator.cluster import Replica, least_outstanding
 

@@ -19,7 +19,8 @@ from policy import Batch, Sequence
 from policy.cuda_graphs import decode_sizes, padded_size
 from policy.decode_plan import DecodePlan
 from simulator import Simulator
-from simulator.calibrate import fit_calibration, shape_batch, step_errors, with_plan_features
+from simulator.calibrate import fit_calibration, step_errors, with_plan_features
+from simulator.profile_grid import shape_batch
 from simulator.cost_model import CudaGraphs, FittedCostModel
 from tests.test_cost_model_span import H200, META, grid_features
 from tests.test_fast_forward import LinearCost, observed, skipped_and_reference, workloads

@@ -43,7 +43,7 @@ from engine import SamplingParams  # noqa: E402
 from experiments.calibrate import engine_graphs, skinny_plan, time_shape  # noqa: E402
 from experiments.config import build, register_configs  # noqa: E402
 from experiments.replay import build_engine  # noqa: E402
-from simulator.calibrate import moe_token_ids, shape_batch  # noqa: E402
+from simulator.profile_grid import random_token_ids, shape_batch  # noqa: E402
 from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
 
 DATA = ("zeros", "zeros+kv", "random")
@@ -75,7 +75,7 @@ def time_engine(rc, shapes, repeats: int, seed: int) -> tuple[dict, dict, CudaGr
             for k, (label, shape) in enumerate(shapes):
                 batch = shape_batch(shape, rc.cache.block_size, runner.num_blocks, plan)
                 if data == "random":
-                    moe_token_ids(batch, engine.model_config.vocab_size, seed=seed + k)
+                    random_token_ids(batch, engine.model_config.vocab_size, seed=seed + k)
                 device = time_shape(runner, batch, [params] * len(batch.seqs), repeats, cuda)[0]
                 times[label][data] = statistics.median(device)
         return skinny_plan(engine), times, graphs

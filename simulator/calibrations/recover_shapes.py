@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from policy.decode_plan import DecodePlan
-from simulator.calibrate import shape_batch, with_plan_features
+from simulator.calibrate import with_plan_features
+from simulator.profile_grid import shape_batch
 from simulator.cost_model import CudaGraphs
 
 CHECKED = ("num_seqs", "num_batched_tokens", "num_prefill_tokens", "num_decode_seqs", "num_sampled",
