@@ -87,28 +87,19 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
               tokenizer_threads: int = 2) -> FastAPI:
     """The FastAPI app serving `backend` as `served_model_name` (default: the last part of
     its model path). The app owns the backend: shutting the app down closes it."""
-    name = served_model_name or backend.name.rstrip("/").rsplit("/", 1)[-1]
-    metrics = ServerMetrics(name)
-    engine = AsyncEngine(backend, metrics, max_queued_requests)
-    # Tokenization, parsing and detokenizing whole outputs: off the event loop, bounded.
-    workers = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenizer")
-    # A prompt longer than this many bytes cannot fit max_model_len (no token is longer).
-    max_token_bytes = backend.max_token_bytes
+    server = OpenAIServer(backend, served_model_name, api_key, max_request_bytes,
+                          max_queued_requests, tokenizer_threads)
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        server.engine.start()
         yield
-        await engine.stop()
-        workers.shutdown(wait=False, cancel_futures=True)
+        await server.engine.stop()
+        server.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="twinserve", lifespan=lifespan)
-    app.state.engine, app.state.metrics, app.state.backend = engine, metrics, backend
+    app.state.engine, app.state.metrics, app.state.backend = server.engine, server.metrics, backend
 
-    async def off_loop(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
-
-    # ---- errors -------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return error_response(str(e), e.status, e.param)
@@ -121,27 +112,59 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
     async def internal_error(request: Request, e: Exception):
         return error_response(f"internal server error: {type(e).__name__}: {e}", 500)
 
-    def authorize(request: Request) -> None:
+    app.get("/health")(server.health)
+    app.get("/metrics")(server.prometheus)
+    app.post("/reset_prefix_cache")(server.reset_prefix_cache)
+    app.get("/v1/models")(server.models)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    return app
+
+
+class OpenAIServer:
+    """The endpoints and what they share: the AsyncEngine over the backend, its metrics, and
+    the worker threads that parse, tokenize and detokenize off the event loop. A request goes
+    through three stages: its body read, parsed and tokenized (`read_body`, `loads`,
+    `tokenize`, `completion_prompts`, `chat_prompt`, `params`), submitted to the engine
+    (`submit`), its outputs collected or streamed (`collect`, `stream`)."""
+
+    def __init__(self, backend: Backend, served_model_name: str | None, api_key: str | None,
+                 max_request_bytes: int, max_queued_requests: int, tokenizer_threads: int):
+        self.backend, self.api_key, self.max_request_bytes = backend, api_key, max_request_bytes
+        self.name = served_model_name or backend.name.rstrip("/").rsplit("/", 1)[-1]
+        self.metrics = ServerMetrics(self.name)
+        self.engine = AsyncEngine(backend, self.metrics, max_queued_requests)
+        # Tokenization, parsing and detokenizing whole outputs: off the event loop, bounded.
+        self.workers = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenizer")
+        # A prompt longer than this many bytes cannot fit max_model_len (no token is longer).
+        self.max_token_bytes = backend.max_token_bytes
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+
+    def authorize(self, request: Request) -> None:
         """With --api-key, every /v1 endpoint needs `Authorization: Bearer <key>`."""
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise ApiError("invalid or missing API key (Authorization: Bearer ...)", 401)
 
-    # ---- request bodies -------------------------------------------------------------------
-    async def read_body(request: Request) -> bytes:
+    # ---- request bodies ---------------------------------------------------------------------
+    async def read_body(self, request: Request) -> bytes:
         """The body, at most max_request_bytes (parsed later, on a worker thread)."""
+        limit = self.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(f"the request body ({declared} bytes) exceeds the limit of "
-                           f"{max_request_bytes} bytes (--max-request-bytes)", 413)
+                           f"{limit} bytes (--max-request-bytes)", 413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_request_bytes:
-                raise ApiError(f"the request body exceeds the limit of {max_request_bytes} "
+            if size > limit:
+                raise ApiError(f"the request body exceeds the limit of {limit} "
                                "bytes (--max-request-bytes)", 413)
             chunks.append(chunk)
         return b"".join(chunks)
 
+    @staticmethod
     def loads(body: bytes):
         try:
             return json.loads(body.decode("utf-8"))
@@ -152,22 +175,23 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
         except json.JSONDecodeError as e:
             raise ApiError(f"the request body is not valid JSON: {e}") from None
 
-    def check_model(req: SamplingFields) -> None:
-        if req.model is not None and req.model != name:
-            raise ApiError(f"the model {req.model!r} does not exist; this server serves {name!r}",
+    def check_model(self, req: SamplingFields) -> None:
+        if req.model is not None and req.model != self.name:
+            raise ApiError(f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            404, "model")
 
-    def tokenize(prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
         """On a worker thread."""
+        backend = self.backend
         if isinstance(prompt, str):
             if not backend.has_tokenizer:
-                raise ApiError(f"the model {name!r} has no tokenizer: send the prompt as token ids",
+                raise ApiError(f"the model {self.name!r} has no tokenizer: send the prompt as token ids",
                                param="prompt")
             try:
                 data = prompt.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise ApiError(f"the prompt is not valid Unicode: {e}", param="prompt") from None
-            if len(data) > max_token_bytes * backend.max_model_len:
+            if len(data) > self.max_token_bytes * backend.max_model_len:
                 raise ApiError(f"the prompt ({len(data)} bytes) is longer than max_model_len="
                                f"{backend.max_model_len} tokens can be", param="prompt")
             # A long text is probed first: if its head alone has more tokens than fit, so
@@ -184,30 +208,31 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             raise ApiError("the prompt is empty", param="prompt")
         return token_ids
 
-    def check_token_prompts(data) -> None:
+    def check_token_prompts(self, data) -> None:
         """Refuse token-id prompts longer than max_model_len before validating them (which
         holds the interpreter for a second on a body of millions of ids)."""
         prompt = data.get("prompt") if isinstance(data, dict) else None
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (list, str)):
             prompt = [prompt]
         for p in prompt if isinstance(prompt, list) else ():
-            if isinstance(p, list) and len(p) > backend.max_model_len:
+            if isinstance(p, list) and len(p) > self.backend.max_model_len:
                 raise ApiError(f"a prompt of {len(p)} token ids is longer than max_model_len="
-                               f"{backend.max_model_len}", param="prompt")
+                               f"{self.backend.max_model_len}", param="prompt")
 
-    def completion_prompts(req: CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise ApiError("the prompt is empty", param="prompt")
-        return [tokenize(p) for p in prompt]
+        return [self.tokenize(p) for p in prompt]
 
-    def chat_prompt(req: ChatRequest) -> list[int]:
+    def chat_prompt(self, req: ChatRequest) -> list[int]:
+        backend = self.backend
         if not req.messages:
             raise ApiError("messages must hold at least one message", param="messages")
         if not backend.has_chat_template:
-            raise ApiError(f"the model {name!r} has no chat template: use /v1/completions")
+            raise ApiError(f"the model {self.name!r} has no chat template: use /v1/completions")
         messages = []
         for i, m in enumerate(req.messages):
             text = m.text()
@@ -218,7 +243,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                                param=f"messages.{i}.content") from None
             messages.append({"role": m.role, "content": text})
         size = sum(len(m["content"]) for m in messages)
-        if size > max_token_bytes * backend.max_model_len:
+        if size > self.max_token_bytes * backend.max_model_len:
             raise ApiError(f"the messages ({size} characters) are longer than max_model_len="
                            f"{backend.max_model_len} tokens can be", param="messages")
         try:
@@ -227,6 +252,7 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             raise ApiError(f"the chat template failed on these messages: {e}",
                            param="messages") from None
 
+    @staticmethod
     def params(req: SamplingFields, max_tokens: int) -> GenerationParams:
         try:
             return GenerationParams(
@@ -238,27 +264,11 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             raise ApiError(str(e), param=str(e).split()[0]) from None
 
     # ---- running requests -------------------------------------------------------------------
-    async def until_disconnect(request: Request, coro):
-        """Run `coro`; if the client disconnects first, cancel it (which aborts its
-        requests) and answer nothing."""
-        task = asyncio.ensure_future(coro)
+    async def submit(self, prompts, gen: GenerationParams, is_stream: bool, received: float):
+        queue = asyncio.Queue()
+        return queue, await self.engine.add(prompts, gen, queue, is_stream, received)
 
-        async def disconnected():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-        watcher = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()            # aborts its requests (collect's finally)
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            return Response(status_code=499)    # nobody is listening
-        return task.result()
-
-    async def collect(queue: asyncio.Queue, request_ids: list[str]) -> list[Finished]:
+    async def collect(self, queue: asyncio.Queue, request_ids: list[str]) -> list[Finished]:
         outputs = [None] * len(request_ids)
         try:
             while any(o is None for o in outputs):
@@ -268,16 +278,17 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                 if isinstance(item, Finished):
                     outputs[index] = item
         finally:
-            engine.abort([r for r, o in zip(request_ids, outputs) if o is None])
+            self.engine.abort([r for r, o in zip(request_ids, outputs) if o is None])
         return outputs
 
-    async def stream(queue, request_ids, base: dict, make_choice, first_choice, include_usage):
+    async def stream(self, queue, request_ids, base: dict, make_choice, first_choice, include_usage):
         """SSE events: base | {"choices": [...]}: an optional first choice, then one per
         delta (make_choice(index, text, token_ids, finish_reason)), an optional usage chunk,
         [DONE]. A request that fails sends an error event and ends the stream. Aborts
         whatever is unfinished when the client goes away (the generator is closed). The
         events waiting when the stream wakes are written together (one send, not one per
         event: a loop that fell behind catches up)."""
+        backend, metrics = self.backend, self.metrics
         detoks = [Detokenizer(backend.decode) if backend.has_tokenizer else None
                   for _ in request_ids]
         outputs = [None] * len(request_ids)
@@ -330,112 +341,102 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                 yield sse(base | {"choices": [], "usage": usage(outputs)})
             yield sse("[DONE]")
         finally:
-            engine.abort([r for r, o in zip(request_ids, outputs) if o is None])
+            self.engine.abort([r for r, o in zip(request_ids, outputs) if o is None])
 
-    async def submit(prompts, gen: GenerationParams, is_stream: bool, received: float):
-        queue = asyncio.Queue()
-        return queue, await engine.add(prompts, gen, queue, is_stream, received)
-
-    # ---- endpoints ------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        engine.check_alive()
+    # ---- endpoints --------------------------------------------------------------------------
+    async def health(self):
+        self.engine.check_alive()
         return Response(status_code=200)
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=metrics.content_type)
+    async def prometheus(self):
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
-    @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache(request: Request):
+    async def reset_prefix_cache(self, request: Request):
         """vLLM's endpoint (there behind VLLM_SERVER_DEV_MODE; here behind --api-key):
         an empty prefix cache, as an offline replay starts with. 409 while requests run."""
-        authorize(request)
-        await engine.reset_prefix_cache()
+        self.authorize(request)
+        await self.engine.reset_prefix_cache()
         return Response(status_code=200)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "twinserve", "root": name,
-                                            "max_model_len": backend.max_model_len}]}
+    async def models(self, request: Request):
+        self.authorize(request)
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                            "owned_by": "twinserve", "root": self.name,
+                                            "max_model_len": self.backend.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(self, request: Request):
         received = time.perf_counter()
-        authorize(request)
-        body = await read_body(request)
-        engine.check_alive()
+        self.authorize(request)
+        body = await self.read_body(request)
+        self.engine.check_alive()
 
         def parsed():
-            data = loads(body)
-            check_token_prompts(data)
+            data = self.loads(body)
+            self.check_token_prompts(data)
             req = parse(CompletionRequest, data)
-            check_model(req)
-            return req, params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
+            self.check_model(req)
+            return req, self.params(req, DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
 
         def prepare():     # on a worker thread: parse, validate, tokenize
             req, gen = parsed()
-            return req, gen, completion_prompts(req)
+            return req, gen, self.completion_prompts(req)
         # A small body is parsed on the loop (~0.2 us a token id), and token-id prompts are
         # checked there too: a hop to a worker thread costs more, waiting for the
         # interpreter lock while the loop streams chunks. Tokenizing text and large bodies
         # go to a worker: they never stall the loop.
         if len(body) > INLINE_BODY_BYTES:
-            req, gen, prompts = await off_loop(prepare)
+            req, gen, prompts = await self.off_loop(prepare)
         else:
             req, gen = parsed()
             if isinstance(req.prompt, str) or any(isinstance(p, str) for p in req.prompt):
-                prompts = await off_loop(completion_prompts, req)
+                prompts = await self.off_loop(self.completion_prompts, req)
             else:
-                prompts = completion_prompts(req)
+                prompts = self.completion_prompts(req)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": name}
+                "created": int(time.time()), "model": self.name}
         if req.stream:
-            queue, ids = await submit(prompts, gen, True, received)
+            queue, ids = await self.submit(prompts, gen, True, received)
 
             def choice(index, text, token_ids, finish_reason):
                 return {"index": index, "text": text, "token_ids": token_ids, "logprobs": None,
                         "finish_reason": finish_reason}
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(queue, ids, base, choice, None, include_usage),
+            return StreamingResponse(self.stream(queue, ids, base, choice, None, include_usage),
                                      media_type="text/event-stream")
 
         async def run():
-            queue, ids = await submit(prompts, gen, False, received)
-            outputs = await collect(queue, ids)
+            queue, ids = await self.submit(prompts, gen, False, received)
+            outputs = await self.collect(queue, ids)
             for out in outputs:
                 check_error(out)
             texts = [o.text for o in outputs]
             if None in texts:      # detokenize whole outputs off the loop
-                texts = await off_loop(lambda: [backend.decode(o.token_ids) for o in outputs])
+                texts = await self.off_loop(lambda: [self.backend.decode(o.token_ids) for o in outputs])
             choices = [{"index": i, "text": t, "token_ids": o.token_ids, "logprobs": None,
                         "finish_reason": o.finish_reason}
                        for i, (o, t) in enumerate(zip(outputs, texts))]
             return base | {"choices": choices, "usage": usage(outputs)}
         return await until_disconnect(request, run())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
         received = time.perf_counter()
-        authorize(request)
-        body = await read_body(request)
-        engine.check_alive()
+        self.authorize(request)
+        body = await self.read_body(request)
+        self.engine.check_alive()
 
         def prepare():     # on a worker thread: parse, validate, tokenize
-            req = parse(ChatRequest, loads(body))
-            check_model(req)
-            token_ids = chat_prompt(req)
+            req = parse(ChatRequest, self.loads(body))
+            self.check_model(req)
+            token_ids = self.chat_prompt(req)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             if max_tokens is None:
-                max_tokens = max(1, backend.max_model_len - len(token_ids))
-            return req, params(req, max_tokens), token_ids
-        req, gen, token_ids = await off_loop(prepare)
+                max_tokens = max(1, self.backend.max_model_len - len(token_ids))
+            return req, self.params(req, max_tokens), token_ids
+        req, gen, token_ids = await self.off_loop(prepare)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name}
         if req.stream:
-            queue, ids = await submit([token_ids], gen, True, received)
+            queue, ids = await self.submit([token_ids], gen, True, received)
 
             def choice(index, text, token_ids, finish_reason):
                 return {"index": index, "delta": {"content": text} if text else {},
@@ -443,14 +444,14 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(queue, ids, base, choice, first, include_usage),
+            return StreamingResponse(self.stream(queue, ids, base, choice, first, include_usage),
                                      media_type="text/event-stream")
 
         async def run():
-            queue, ids = await submit([token_ids], gen, False, received)
-            (out,) = await collect(queue, ids)
+            queue, ids = await self.submit([token_ids], gen, False, received)
+            (out,) = await self.collect(queue, ids)
             check_error(out)
-            text = out.text if out.text is not None else await off_loop(backend.decode, out.token_ids)
+            text = out.text if out.text is not None else await self.off_loop(self.backend.decode, out.token_ids)
             return base | {"object": "chat.completion",
                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                         "token_ids": out.token_ids, "logprobs": None,
@@ -458,4 +459,23 @@ def build_app(backend: Backend, served_model_name: str | None = None, api_key: s
                            "usage": usage([out])}
         return await until_disconnect(request, run())
 
-    return app
+
+async def until_disconnect(request: Request, coro):
+    """Run `coro`; if the client disconnects first, cancel it (which aborts its requests) and
+    answer nothing."""
+    task = asyncio.ensure_future(coro)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()            # aborts its requests (collect's finally)
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)    # nobody is listening
+    return task.result()
