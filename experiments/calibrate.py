@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -495,6 +496,21 @@ def device_name(rc: RunConfig) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+class Profiled(NamedTuple):
+    """What profiling the engine gave: the profile (one row per shape), the launch timeline,
+    the serving loop's host window, and the engine's settings as the calibration records them."""
+    table: pd.DataFrame
+    timeline: pd.DataFrame
+    serving: pd.DataFrame
+    graphs: CudaGraphs
+    model: ModelSpec
+    device: str
+    decode_plan: object
+    kernel_plan: dict | None
+    startup_s: float
+    profile_s: float
+
+
 def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None) -> dict:
     """Profile, fit, write (see the module docstring). Returns the summary also printed as
     the last line."""
@@ -506,6 +522,19 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
                f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    run = profile_engine(rc)
+    calib = fit(rc, run, command)
+    summary = write(rc, run, calib, out)
+    report(rc, run, calib, out, command, summary)
+    print(json.dumps(summary))
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "calibration_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def profile_engine(rc) -> Profiled:
+    """Start the engine, time the grid and the serving loop's host window, close it."""
     started = time.perf_counter()
     engine = build_engine(rc)
     try:
@@ -515,54 +544,74 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
               f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
         table, timeline = profile(rc, engine, graphs, rc.calibrate.repeats)
         serving = measure_serving_host(rc, engine)
-        plan = engine.decode_plan()
         device = device_name(rc)
-        pinned = pinned_plan(engine, device)
-        model = ModelSpec(rc.model_name, engine.model_config)   # what was profiled (model_path's own)
+        run = Profiled(table, timeline, serving, graphs,
+                       ModelSpec(rc.model_name, engine.model_config),   # what was profiled (model_path's own)
+                       device, engine.decode_plan(), pinned_plan(engine, device), startup_s, 0.0)
     finally:
         engine.close()
-    profile_s = time.perf_counter() - started - startup_s
+    return run._replace(profile_s=time.perf_counter() - started - startup_s)
+
+
+def fit(rc, run: Profiled, command: str) -> dict:
+    """The calibration: the fit of the profile, with the engine's settings, its kernel plan,
+    how the steps were profiled, and the serving loop's host window."""
+    tp = rc.engine.tensor_parallel_size
+    graphs, model = run.graphs, run.model
     settings = {**dataclasses.asdict(rc.engine), "max_num_seqs": rc.scheduler.max_num_seqs,
                 "max_num_batched_tokens": rc.scheduler.max_num_batched_tokens,
                 "max_model_len": rc.scheduler.max_model_len, "block_size": rc.cache.block_size,
                 "cuda_graph_max_tokens": rc.engine.graph_limit if graphs.mixed or graphs.decode else 0,
                 "decode_folds": decode_folds()}
-    meta = {"model": rc.model_name, "device": device, "tp": tp, "engine_commit": results.commit(),
+    meta = {"model": rc.model_name, "device": run.device, "tp": tp, "engine_commit": results.commit(),
             "command": command, "engine": settings, "hardware": rc.hardware.name,
-            "decode_plan": plan.describe() if plan else None,
+            "decode_plan": run.decode_plan.describe() if run.decode_plan else None,
             **moe_meta(model.config)}
-    calib = fit_calibration(table, meta, *((timeline, flops_per_unit(model, tp)) if rc.calibrate.clock else ()))
-    calib["profile_s"] = round(profile_s, 1)
-    if pinned:
-        calib["kernel_plan"] = pinned   # engine.kernel_plan=<this file> runs the same kernels
+    clock = (run.timeline, flops_per_unit(model, tp)) if rc.calibrate.clock else ()
+    calib = fit_calibration(run.table, meta, *clock)
+    calib["profile_s"] = round(run.profile_s, 1)
+    if run.kernel_plan:
+        calib["kernel_plan"] = run.kernel_plan   # engine.kernel_plan=<this file> runs the same kernels
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)",
                          "kv_layout": rc.calibrate.kv_layout,
                          "token_ids": "random" if model.config.is_moe else rc.calibrate.token_ids}
     # the serving loop's host window: what cost_model.host_window=serving charges
-    calib["host_serving"] = fit_serving_host(serving)
+    calib["host_serving"] = fit_serving_host(run.serving)
+    return calib
+
+
+def write(rc, run: Profiled, calib: dict, out: Path) -> dict:
+    """The calibration file (checked by loading it back) and the tables it was fitted on, next to
+    it; returns the summary's first fields."""
     FittedCostModel(calib, source=str(out))      # loads back
     out.write_text(json.dumps(calib, indent=2) + "\n")
-    profile_path = out.with_suffix(".profile.parquet")
-    table.to_parquet(profile_path, index=False)
-    serving_path = out.with_suffix(".serving.parquet")    # fit_serving_host re-fits it, no GPU
-    serving.to_parquet(serving_path, index=False)
-    timeline_path = out.with_suffix(".timeline.parquet")  # the clock term's fit reads it
-    timeline.to_parquet(timeline_path, index=False)
-    summary = {"calibration": str(out), "profile": str(profile_path), "serving": str(serving_path),
-               "timeline": str(timeline_path),
-               "device": device,
-               "shapes": len(table), "startup_s": round(startup_s, 1), "profile_s": round(profile_s, 1),
-               "held_out_mape": {k: round(v["held_out"]["mape"], 4)
-                                 for k, v in calib["kinds"].items() if "held_out" in v},
-               "variants": {k: v.get("variant") for k, v in calib["kinds"].items()}}
+    paths = {"profile": out.with_suffix(".profile.parquet"),
+             "serving": out.with_suffix(".serving.parquet"),     # fit_serving_host re-fits it, no GPU
+             "timeline": out.with_suffix(".timeline.parquet")}   # the clock term's fit reads it
+    run.table.to_parquet(paths["profile"], index=False)
+    run.serving.to_parquet(paths["serving"], index=False)
+    run.timeline.to_parquet(paths["timeline"], index=False)
+    return {"calibration": str(out), **{k: str(v) for k, v in paths.items()},
+            "device": run.device,
+            "shapes": len(run.table), "startup_s": round(run.startup_s, 1), "profile_s": round(run.profile_s, 1),
+            "held_out_mape": {k: round(v["held_out"]["mape"], 4)
+                              for k, v in calib["kinds"].items() if "held_out" in v},
+            "variants": {k: v.get("variant") for k, v in calib["kinds"].items()}}
+
+
+def report(rc, run: Profiled, calib: dict, out: Path, command: str, summary: dict) -> None:
+    """Print the fit's errors (and fit the roofline's hardware parameters where asked), the clock's
+    ratios, the host window, a mixture of experts' held-out error and a recorded run's step
+    errors; each also into `summary`."""
+    tp, table, graphs = rc.engine.tensor_parallel_size, run.table, run.graphs
     roofline = None
     if rc.calibrate.fit_hardware:
-        fitted_hw, roofline = fit_hardware(table, model, rc.hardware, tp, graphs,
+        fitted_hw, roofline = fit_hardware(table, run.model, rc.hardware, tp, graphs,
                                            block_size=rc.cache.block_size, pdl_max_tokens=rc.engine.pdl_max_tokens)
         hw_path = out.with_suffix(".hardware.yaml")
         write_hardware(fitted_hw, hw_path, f"roofline parameters of {rc.hardware.name} fitted on "
-                       f"{profile_path.name} ({device}, {rc.model_name}, tp={tp}); command: {command}")
+                       f"{Path(summary['profile']).name} ({run.device}, {rc.model_name}, tp={tp}); command: {command}")
         summary["hardware"] = str(hw_path)
         summary["roofline_held_out_mape"] = {k: round(v, 4) for k, v in roofline.items()}
     print_fit(calib, roofline)
@@ -586,11 +635,6 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
         else:
             print_step_errors(errors, rc.calibrate.check_steps)
             summary["run_steps_median_error"] = {k: round(v["median_error"], 4) for k, v in errors.items()}
-    print(json.dumps(summary))
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "calibration_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def main(argv=None) -> None:
