@@ -9,9 +9,20 @@ and by KV block size (what the simulator's cost model is told).
     python benchmarks/bench_attention.py --stages blocks --write-hardware conf/hardware/h200.yaml
                                                          # block-size costs into a hardware file
     python benchmarks/bench_attention.py --stages fold --no-flashinfer   # split merge: in-kernel vs 2 kernels
+    python benchmarks/bench_attention.py --stages overlap --no-flashinfer  # a mixed step's two kernels on two streams
 
-Stages (`--stages`, default all but fold): `decode` and `prefill` (the kernel tables below),
-`blocks`, and `fold`.
+Stages (`--stages`, default all but fold and overlap): `decode` and `prefill` (the kernel
+tables below), `blocks`, `fold` and `overlap`.
+
+Overlap (`--stages overlap`, ~20 s on an H200): a mixed step's attention runs two kernels one
+after the other, the decodes' split-KV kernel (memory-bound) and the prompt chunk's prefill
+kernel (compute-bound), on disjoint rows: could they share the GPU? Per case (B decodes of
+contexts 768..1280 beside one fresh prompt of P tokens, its tile list padded as a mixed graph
+of B + P tokens pads it), us per layer in a CUDA graph of `layers` layers (each its own KV):
+`decode` and `prefill` alone, `serial` (both, the engine's order), `streams` (the decode
+kernel on a second stream forked and joined inside the graph, at every layer), `ideal` =
+max(decode, prefill), and `saved` = serial - streams. `max_diff`: streams' output against
+serial's (the same kernels: 0).
 
 Fold (`--stages fold`, ~30 s on an H200): a decode layer's attention as a decode-only step
 runs it, q/k RMSNorm + RoPE + the K/V store of its qkv row, then split-KV attention, in four
@@ -76,7 +87,7 @@ ARGS.add_argument("--sweep", action="store_true",
                   help="time the kernels' launch constants (tile, warps, stages) on a few shapes")
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
 ARGS.add_argument("--stages", default="decode,prefill,blocks",
-                  help="comma list of decode, prefill, blocks, fold (default: the first three)")
+                  help="comma list of decode, prefill, blocks, fold, overlap (default: the first three)")
 ARGS.add_argument("--block-sizes", default="1,2,4,8,16,32,64,128,256",
                   help="KV block sizes of the blocks stage (16, the reference, is always included)")
 ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML",
@@ -84,8 +95,8 @@ ARGS.add_argument("--write-hardware", action="append", default=[], metavar="YAML
                        "(repeat for several files)")
 args = ARGS.parse_args()
 STAGES = [x.strip() for x in args.stages.split(",") if x.strip()]
-if not STAGES or set(STAGES) - {"decode", "prefill", "blocks", "fold"}:
-    ARGS.error(f"--stages must list some of decode, prefill, blocks, fold; got {args.stages!r}")
+if not STAGES or set(STAGES) - {"decode", "prefill", "blocks", "fold", "overlap"}:
+    ARGS.error(f"--stages must list some of decode, prefill, blocks, fold, overlap; got {args.stages!r}")
 try:
     BLOCK_SIZES = sorted({int(x) for x in args.block_sizes.split(",") if x.strip()} | {16})
 except ValueError:
@@ -640,6 +651,98 @@ def bench_fold(gen):
     return {"rows": rows, "registers": regs}
 
 
+OVERLAP_CASES = ((64, 2048), (64, 512), (64, 128), (256, 512))   # (decodes, prompt tokens)
+
+
+def overlap_row(batch, prompt, gen) -> dict:
+    """One row of the overlap table (see the module docstring's Overlap)."""
+    rng = np.random.default_rng(batch * 7 + prompt)
+    contexts = (rng.integers(120, 200, batch) if args.smoke else rng.integers(768, 1281, batch)).tolist()
+    kv_bytes = 2 * (sum(contexts) + prompt) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    layers = 2 if args.smoke else max(2, min(16, (6 << 30) // kv_bytes))
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    work = decode_work(contexts)
+    q_dec = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    q_pre = torch.randn(prompt, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    p_ctx = torch.tensor([prompt], dtype=torch.int32, device=DEVICE)
+    p_qsl = torch.tensor([0, prompt], dtype=torch.int32, device=DEVICE)
+    tiles = tile_list(prompt, prefill_tile_tokens(NUM_HEADS, NUM_KV_HEADS, DTYPE), batch + prompt)
+    caches = []
+    for _ in range(layers):
+        k = torch.randn(batch, max(contexts), NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        dec = paged_batch(k, torch.randn_like(k), 16, gen)
+        k = torch.randn(1, prompt, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        if not caches:   # layer 0's prompt attention, for the check
+            ref_pre = torch.nn.functional.scaled_dot_product_attention(
+                q_pre.unsqueeze(0).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=SCALE,
+                is_causal=True, enable_gqa=True).transpose(1, 2)[0]
+        caches.append((dec, paged_batch(k, v, 16, gen)))
+        del k, v
+    outs = [(torch.empty_like(q_dec), torch.empty_like(q_pre)) for _ in range(layers)]
+    side = torch.cuda.Stream() if DEVICE == "cuda" else None
+
+    def decode(i):
+        k_cache, v_cache, block_tables = caches[i][0]
+        paged_decode_attention(q_dec, k_cache, v_cache, block_tables, ctx, SCALE, out=outs[i][0],
+                               query_start_loc=qsl, work=work)
+
+    def prefill(i):
+        k_cache, v_cache, block_tables = caches[i][1]
+        paged_prefill_attention(q_pre, k_cache, v_cache, block_tables, p_ctx, p_qsl, 0, SCALE,
+                                out=outs[i][1], tiles=tiles)
+
+    def streams(i):   # fork: the decodes on the side stream; join before the layer ends
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            decode(i)
+        prefill(i)
+        main.wait_stream(side)
+
+    variants = {"decode": [decode], "prefill": [prefill], "serial": [decode, prefill]}
+    if side is not None:
+        variants["streams"] = [streams]
+    row = {"B": batch, "prompt": prompt, "ctx_mean": sum(contexts) / batch, "layers": layers}
+    first = None
+    for name, calls in variants.items():
+        run = lambda calls=calls: [call(i) for i in range(layers) for call in calls]   # noqa: E731
+        run()
+        if name in ("serial", "streams"):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            got = torch.cat([torch.cat([o[0].flatten(), o[1].flatten()]) for o in outs]).float()
+            if first is None:
+                first = got.clone()
+            row["max_diff"] = (got - first).abs().max().item()
+        graph_ms = measure_graph(run)
+        row[f"{name}_us"] = graph_ms and 1e3 * graph_ms / layers
+    ref_dec = torch_decode_attention(q_dec, *caches[0][0], ctx, SCALE)
+    row["rel_err"] = max(rel_err(outs[0][0], ref_dec), rel_err(outs[0][1], ref_pre))
+    if row.get("streams_us"):
+        row["ideal_us"] = max(row["decode_us"], row["prefill_us"])
+        row["saved_us"] = row["serial_us"] - row["streams_us"]
+    return row
+
+
+def bench_overlap(gen) -> list[dict]:
+    cases = ((2, 24), (3, 40)) if args.smoke else OVERLAP_CASES
+    rows = [overlap_row(b, p, gen) for b, p in cases]
+    print("\noverlap: a mixed step's attention, B decodes (ctx 768..1280) + one P-token prompt, us per layer "
+          "(CUDA graph of `layers` layers); streams = the decode kernel on a second stream; ideal = max(decode, prefill)")
+    print(f"{'B':>4} {'P':>5} {'layers':>6} {'decode_us':>10} {'prefill_us':>10} {'serial_us':>10} "
+          f"{'streams_us':>10} {'ideal_us':>9} {'saved_us':>9} {'saved%':>7} {'rel_err':>8} {'max_diff':>8}")
+    for r in rows:
+        saved = r.get("saved_us")
+        pct = 100 * saved / r["serial_us"] if saved is not None else None
+        print(f"{r['B']:>4} {r['prompt']:>5} {r['layers']:>6} {fmt(r['decode_us'], '10.1f')} "
+              f"{fmt(r['prefill_us'], '10.1f')} {fmt(r['serial_us'], '10.1f')} {fmt(r.get('streams_us'), '10.1f')} "
+              f"{fmt(r.get('ideal_us'), '9.1f')} {fmt(saved, '9.1f')} {fmt(pct, '7.1f')} "
+              f"{r['rel_err']:>8.1e} {r['max_diff']:>8.1e}")
+    return rows
+
+
 def check_cuda_graph(gen):
     """Capture decode once (explicit num_splits), replay with new inputs copied into the static
     buffers, compare with eager. Returns the max abs difference over two replays."""
@@ -731,6 +834,7 @@ def main():
     prefill = print_prefill(bench_prefill(fi, gen, peak), peak) if "prefill" in STAGES else []
     graph_diff = check_cuda_graph(gen) if "decode" in STAGES else None
     fold = bench_fold(gen) if "fold" in STAGES else None
+    overlap = bench_overlap(gen) if "overlap" in STAGES else None
     sweep_rows = sweep(gen) if args.sweep else None
     blocks, cost, failed = None, None, None
     if "blocks" in STAGES:
@@ -758,7 +862,7 @@ def main():
                       "stages": STAGES, "copy_GBps": copy_gbps, "cuda_graph_max_diff": graph_diff,
                       "matmul_peak_TFLOPs": peak, "prefill_engine_launch": launch_name(PREFILL_LAUNCH),
                       "decode": decode, "prefill": prefill, "sweep": sweep_rows,
-                      "block_cost": cost, "blocks": blocks, "fold": fold}))
+                      "block_cost": cost, "blocks": blocks, "fold": fold, "overlap": overlap}))
     if failed:
         sys.exit(failed)
 

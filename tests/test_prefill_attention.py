@@ -164,3 +164,18 @@ def test_engine_launch_compiles_to_wgmma_with_pipelined_kv_loads_for_sm90():
     for tiles, r in res.items():
         assert r["wgmma"] == 4 and r["mma"] == 0 and r["ptx_wgmma"] > 0, (tiles, r)
         assert r["tile_loads"] == 1 and r["async_copies"] >= 4, (tiles, r)
+
+
+def test_bench_overlap_stage_smoke():
+    """`bench_attention.py --smoke --stages overlap`: a mixed step's decode and prefill kernels,
+    alone and one after the other, right against the torch references (the timings and the
+    two-stream variant need a GPU)."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--smoke",
+                             "--stages", "overlap", "--no-flashinfer"], capture_output=True, text=True,
+                            check=True, cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert "streams_us" in result.stdout
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["overlap"]
+    assert [(r["B"], r["prompt"]) for r in rows] == [(2, 24), (3, 40)]
+    for r in rows:
+        assert r["rel_err"] < 1e-5 and r["max_diff"] == 0, r
+
