@@ -106,6 +106,7 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
   gemm_engine) TAIL=30 run bench_gemm_engine 240 python3 benchmarks/bench_gemm.py --stages engine --engine qwen3-0.6b ;;
   check_moe) TAIL=30 run check_moe_gpu 300 python3 benchmarks/check_moe_gpu.py ;;
   attn_sweep) TAIL=40 run attention_sweep 200 python3 benchmarks/bench_attention.py --stages decode --sweep --no-flashinfer ;;
+  overlap)  TAIL=12 run attention_overlap 120 python3 benchmarks/bench_attention.py --stages overlap --no-flashinfer ;;   # a mixed step's two attention kernels on two streams
   quant)    # issue 13 in one stage list: h200_quant.sh (engine_q, then kernels) within QBUDGET s
             STAGES="engine_q kernels" BUDGET=${QBUDGET:-520} OUT=$OUT bash benchmarks/h200_quant.sh ;;
   prof_small) # one decode step's kernels in launch order, batch 1 and 64 (where the fixed cost goes)
