@@ -12,18 +12,19 @@ prints and marks the capacity (the highest rate at which >= 90 % of requests met
 
 --compare takes a real run (mode=gpu) and a simulated one, in either order (the summaries
 say which is which), and reports every metric with its error (sim - real) / real as a
-signed percentage, overlaid latency CDFs and predicted-vs-measured step times. Given two
+signed percentage, overlaid latency CDFs and predicted-vs-measured step times (each real
+step priced by the simulator's cost model, where the simulated run used one). Given two
 load sweeps instead, it pairs their runs by request rate and draws latency vs load for both.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from analysis import plots
-from analysis.compare import compare_runs, format_table, identify, percent_error
+from analysis.compare import (compare_runs, format_table, identify, percent_error, priced_steps,
+                              step_price_errors)
 from analysis.metrics import format_report, format_value
 from analysis.runs import HEADLINE, capacity, find_runs, sweep_table, varying_keys
 
@@ -107,7 +108,14 @@ def report_compare(a, b, out: Path) -> None:
     cdfs = plots.latency_cdfs({f"real ({real.name})": real.requests(),
                                f"sim ({sim.name})": sim.requests()})
     print("wrote", plots.save(cdfs, out / "compare_cdfs.png"))
-    scatter = plots.step_time_scatter(real.steps(), sim.steps())
+    steps, model = priced_steps(real, sim)
+    if steps is not None:
+        print(f"\nthe real run's steps priced by the simulator's cost model, {model}:")
+        print(step_price_errors(steps).to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+        scatter = plots.priced_step_scatter(steps, model)
+    else:
+        print(f"\nstep times: {model}; drawn as the two runs' steps side by side")
+        scatter = plots.step_time_scatter(real.steps(), sim.steps())
     print("wrote", plots.save(scatter, out / "compare_step_time.png"))
 
 

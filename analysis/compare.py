@@ -62,3 +62,46 @@ def format_table(table: pd.DataFrame) -> str:
                           "(sim-real)/real": table["error_pct"].map(
                               lambda e: "n/a" if math.isnan(e) else f"{e:+.1f}%")})
     return shown.to_string(index=False)
+
+
+def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
+    """The real run's steps (those with a device time) priced by the cost model the simulated
+    run used, built from its config as the simulator built it (a calibration's clock term
+    applied along the real run's own timeline; a feature an older engine did not record
+    takes the cost model's fallback, as run_fidelity's steps.csv): (its steps table with
+    `pred_s`, the cost model's name), or (None, why not) when the simulated run replayed
+    recorded steps or its config or the real steps cannot be priced."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from experiments.config import build, recorded_config
+    from experiments.replay import sim_cost_model
+    from simulator.clock import along_run
+    cost = sim.config.get("cost_model") or {}
+    if cost.get("kind") not in ("fitted", "roofline"):
+        return None, f"the simulated run's cost model is {cost.get('kind')!r}, not fitted or roofline"
+    steps = real.steps()
+    if "device_s" not in steps:
+        return None, "the real run's steps have no device times"
+    steps = steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)].sort_values("start_s")
+    try:
+        _, model = sim_cost_model(build(recorded_config(sim.config)))
+        pred = [model.predict(row) for row in steps.to_dict("records")]
+    except (KeyError, TypeError, ValueError, FileNotFoundError, OmegaConfBaseException) as e:
+        return None, f"the simulated run's cost model cannot price the real steps ({type(e).__name__}: {e})"
+    if model.clock is not None:
+        pred = along_run(model.clock, steps, pred)[1]
+    return steps.assign(pred_s=pred), cost["kind"] + (f" ({cost['path']})" if cost.get("path") else "")
+
+
+def step_price_errors(priced: pd.DataFrame) -> pd.DataFrame:
+    """Per step kind (decode-only, with prefill): steps, the mean of (price - measured) /
+    measured and the time-weighted error (sum of prices / sum of device times - 1), in %."""
+    rows = []
+    for kind, part in (("decode-only", priced[priced["num_prefill_tokens"] == 0]),
+                       ("with prefill", priced[priced["num_prefill_tokens"] > 0])):
+        if len(part):
+            err = part["pred_s"] / part["device_s"] - 1
+            rows.append({"steps": kind, "n": len(part), "mean_error_pct": 100 * err.mean(),
+                         "weighted_error_pct": 100 * (part["pred_s"].sum() / part["device_s"].sum() - 1)})
+    return pd.DataFrame(rows)
+

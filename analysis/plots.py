@@ -273,13 +273,40 @@ def step_time_scatter(real: pd.DataFrame, sim: pd.DataFrame) -> Figure:
                            s=12 + 60 * both["count_real"] / both["count_real"].max(),
                            color=COLORS[i], marker="os"[i], label=label)
         title = "mean per step shape (kind, batched tokens in powers of 2)"
-    low, high = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
+    _diagonal(ax)
+    ax.set(xlabel="measured step time (ms)", ylabel="predicted step time (ms)", title=f"step time, {title}")
+    return fig
+
+
+def priced_step_scatter(steps: pd.DataFrame, model: str) -> Figure:
+    """Each real step's measured device time against the simulator cost model's price of it
+    (analysis.compare.priced_steps), decode-only steps and steps with prefill apart."""
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, prefill) in enumerate((("decode-only steps", False), ("steps with prefill", True))):
+        part = steps[(steps["num_prefill_tokens"] > 0) == prefill]
+        err = 100 * (part["pred_s"].sum() / part["device_s"].sum() - 1) if len(part) else 0.0
+        ax.scatter(part["device_s"] * 1e3, part["pred_s"] * 1e3, s=6, alpha=0.4, color=COLORS[i],
+                   marker="os"[i], label=f"{label} ({len(part)}; time-weighted {err:+.1f}%)")
+    _diagonal(ax)
+    ax.set(xlabel="measured device time (ms)", ylabel="predicted device time (ms)",
+           title=f"each real step against the simulator's price of it\n(cost model: {model})")
+    return fig
+
+
+def _diagonal(ax) -> None:
+    """sim = real, log axes labelled in plain numbers (1, 2, 5 per decade)."""
+    ax.set(xscale="log", yscale="log")
+    low = min(ax.get_xlim()[0], ax.get_ylim()[0])
+    high = max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot([low, high], [low, high], color="grey", ls="--", lw=1, label="sim = real")
-    ax.set(xlabel="measured step time (ms)", ylabel="predicted step time (ms)",
-           xscale="log", yscale="log", title=f"step time, {title}")
+    ax.set(xlim=(low, high), ylim=(low, high))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return fig
 
 
 def _binned_step_times(steps: pd.DataFrame, prefill: int) -> pd.DataFrame:

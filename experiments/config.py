@@ -8,6 +8,7 @@ frozen values. `build` then constructs the frozen dataclasses, whose `__post_ini
 checks run: a bad value fails there with a message naming the field.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,6 +261,20 @@ class Config:
     engine: EngineSchema = field(default_factory=EngineSchema)
     slo: SLOSchema = field(default_factory=SLOSchema)
     calibrate: CalibrateSchema = field(default_factory=CalibrateSchema)
+
+
+def recorded_config(config: dict, *overrides: dict) -> DictConfig:
+    """A run's config as its summary.json records it (`config`), on this code's schema, with
+    `overrides` merged over it. The results writer stores inf as null (JSON has neither inf
+    nor NaN): a null in a float field that takes no None is inf again (a roofline_exponent of
+    .inf, the max)."""
+    def section(schema_type, values: dict) -> dict:
+        types = {f.name: f.type for f in dataclasses.fields(schema_type)}
+        return {k: math.inf if v is None and types.get(k) is float else v for k, v in values.items()}
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    restored = {k: section(sections[k], v) if isinstance(v, dict) and dataclasses.is_dataclass(sections.get(k))
+                else v for k, v in config.items()}
+    return OmegaConf.merge(OmegaConf.structured(Config), restored, *overrides)
 
 
 def register_configs() -> None:

@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import Config, build
+from experiments.config import build, recorded_config
 from experiments.replay import load_requests, recorded_num_blocks
 from policy.decode_plan import DecodePlan
 from simulator import CudaGraphs, ModelSpec, Simulator
@@ -44,7 +43,7 @@ def run_config(run_dir: Path):
               "cost_model": {"kind": "replay", "path": str(steps), "strict": True},
               "engine": dict(config.get("engine", {}), model_path=None)}   # the model: config["model"]
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), config, replay)
+        cfg = recorded_config(config, replay)
     except OmegaConfBaseException as e:
         raise ValueError(f"{summary}: its config does not fit this code's ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})") from e

@@ -71,24 +71,31 @@ def load_requests(rc: RunConfig, vocab_size: int) -> list:
     return materialize(load_trace(rc.trace), rc.cache.block_size, vocab_size, rc.trace.seed)
 
 
-def replay_sim(rc: RunConfig) -> Replay:
-    """Simulated time: step times come from the cost model; the simulator runs the engine's
-    step loop with the engine's settings (async scheduling, CUDA-graph sizes)."""
-    from simulator import CudaGraphs, ModelSpec, Simulator, build_cost_model, kv_pool_blocks
+def sim_cost_model(rc: RunConfig):
+    """(ModelSpec, CostModel): the model description and the cost model the simulator prices
+    this config's steps with (its CUDA graphs, block size and PDL rows as the engine's)."""
+    from simulator import CudaGraphs, ModelSpec, build_cost_model
     hf_config = rc.hf_config
     if rc.engine.model_path is not None:   # the checkpoint the engine runs describes the model
         hf_config = json.loads((Path(rc.engine.model_path) / "config.json").read_text())
     model = ModelSpec.from_hf_config(hf_config, name=rc.model_name)
-    tp = rc.engine.tensor_parallel_size
-    recorded_blocks = recorded_num_blocks(rc)
-    num_blocks = rc.num_blocks or recorded_blocks or kv_pool_blocks(
-        model, rc.hardware, rc.cache.block_size, rc.gpu_memory_utilization, tp=tp)
-    requests = load_requests(rc, model.vocab_size)
-    check_requests(requests, rc, num_blocks)
     graphs = CudaGraphs.for_engine(rc.scheduler.max_num_seqs, rc.scheduler.max_num_batched_tokens,
                                    rc.engine.graph_limit)
-    cost_model = build_cost_model(rc.cost_model, model, rc.hardware, tp=tp, graphs=graphs,
-                                  block_size=rc.cache.block_size, pdl_max_tokens=rc.engine.pdl_max_tokens)
+    return model, build_cost_model(rc.cost_model, model, rc.hardware, tp=rc.engine.tensor_parallel_size,
+                                   graphs=graphs, block_size=rc.cache.block_size,
+                                   pdl_max_tokens=rc.engine.pdl_max_tokens)
+
+
+def replay_sim(rc: RunConfig) -> Replay:
+    """Simulated time: step times come from the cost model; the simulator runs the engine's
+    step loop with the engine's settings (async scheduling, CUDA-graph sizes)."""
+    from simulator import Simulator, kv_pool_blocks
+    model, cost_model = sim_cost_model(rc)
+    recorded_blocks = recorded_num_blocks(rc)
+    num_blocks = rc.num_blocks or recorded_blocks or kv_pool_blocks(
+        model, rc.hardware, rc.cache.block_size, rc.gpu_memory_utilization, tp=rc.engine.tensor_parallel_size)
+    requests = load_requests(rc, model.vocab_size)
+    check_requests(requests, rc, num_blocks)
     sim = Simulator(rc.scheduler, rc.cache, cost_model, num_blocks,
                     num_replicas=rc.cluster.num_replicas, router=rc.cluster.router, seed=rc.seed,
                     async_scheduling=rc.engine.async_on)

@@ -115,3 +115,15 @@ def heat_along(flops: np.ndarray, device_s: np.ndarray, gap_s: np.ndarray, tau: 
         out[i] = u[i] + (h - u[i]) * (-math.expm1(-x) / x)
         h = u[i] + (h - u[i]) * math.exp(-x)
     return out
+
+
+def along_run(term: ClockTerm, steps, base_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(heat, price) of a recorded run's steps (a steps table in start order: the features,
+    device_s and gpu_gap_s) whose base prices are `base_s`, under the term along the run's own
+    measured device timeline, as the fit reads the profile's."""
+    heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
+                      steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
+    slow = np.where(steps["num_prefill_tokens"] > 0, term.slowdown.get("prompt", 0.0),
+                    term.slowdown.get("decode", 0.0))
+    return heat, np.asarray(base_s, float) * (1 + slow * heat)
+

@@ -123,6 +123,49 @@ def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, stand
     assert summary["load"]["request_rate"] is None
 
 
+def test_recorded_config_reads_a_runs_summary_back(tmp_path):
+    """A summary's config rebuilds the run's config: JSON stores the H100 file's
+    roofline_exponent (.inf) as null, read back as inf; an optional field's null stays None."""
+    from experiments.config import recorded_config
+    cfg = compose_config(SMALL)
+    run(cfg, tmp_path)
+    config = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert config["hardware"]["roofline_exponent"] is None
+    rc, original = build(recorded_config(config)), build(cfg)
+    assert rc.hardware == original.hardware and rc.hardware.roofline_exponent == float("inf")
+    assert rc.scheduler == original.scheduler and rc.trace == original.trace
+
+
+def test_compare_prices_each_real_step_with_the_simulators_cost_model(tmp_path, stand_in_calibration, capsys):
+    """`analysis --compare` prices every step of the real run with the cost model the simulated
+    run used: a run made with that very model, taken as the measurement, is priced at its own
+    device times step for step; one made with another model is not; a replayed simulation
+    has no model to price with and the figure falls back to the two runs' steps."""
+    from analysis.compare import priced_steps
+    from analysis.runs import load_run
+    fitted = SMALL + ["cost_model=fitted", f"cost_model.path={stand_in_calibration}"]
+    run(compose_config(fitted), tmp_path / "fitted")
+    run(compose_config(SMALL), tmp_path / "roofline")
+    for name in ("fitted", "roofline"):     # stand-ins for engine runs
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        (tmp_path / name / "summary.json").write_text(json.dumps({**summary, "mode": "gpu"}))
+    sim = load_run(tmp_path / "fitted")
+    steps, model = priced_steps(load_run(tmp_path / "fitted"), sim)
+    assert str(stand_in_calibration) in model and len(steps) > 40
+    assert (steps["pred_s"] - steps["device_s"]).abs().max() < 1e-12 * steps["device_s"].max()
+    steps, _ = priced_steps(load_run(tmp_path / "roofline"), sim)
+    assert (steps["pred_s"] - steps["device_s"]).abs().max() > 0.01 * steps["device_s"].max()
+    assert analysis_main(["--compare", str(tmp_path / "roofline"), str(tmp_path / "fitted"),
+                          "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "priced by the simulator's cost model, fitted" in printed and "decode-only" in printed
+    assert (tmp_path / "out" / "compare_step_time.png").is_file()
+    run(compose_config(SMALL + ["cost_model=replay", f"cost_model.path={tmp_path / 'roofline' / 'steps.parquet'}"]),
+        tmp_path / "replayed")
+    steps, why = priced_steps(load_run(tmp_path / "roofline"), load_run(tmp_path / "replayed"))
+    assert steps is None and "'replay'" in why
+
+
 def test_fitted_cost_model_needs_a_named_calibration():
     with pytest.raises(ValueError, match="cost_model.kind='fitted' needs cost_model.path"):
         build(compose_config(SMALL + ["cost_model=fitted"]))

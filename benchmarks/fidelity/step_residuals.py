@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 from experiments.plan_features import plan_features  # noqa: E402
 from simulator import sim  # noqa: E402
 from simulator.calibrate import with_plan_features, with_prefill_max  # noqa: E402
-from simulator.clock import heat_along  # noqa: E402
+from simulator.clock import along_run  # noqa: E402
 from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
 
 
@@ -95,10 +95,7 @@ def with_clock(steps: pd.DataFrame, term) -> pd.DataFrame:
     """A run's priced steps (in start order) with the calibration's clock term applied along
     the run's own device timeline (its measured device times and the idle before each, as
     the fit reads the profile's): `heat`, and `pred` / `err` under the clock."""
-    heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
-                      steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
-    slow = np.where(steps["num_prefill_tokens"] > 0, term.slowdown["prompt"], term.slowdown["decode"])
-    pred = steps["pred"].to_numpy(float) * (1 + slow * heat)
+    heat, pred = along_run(term, steps, steps["pred"].to_numpy(float))
     return steps.assign(heat=heat, pred=pred, err=pred / steps["device_s"].to_numpy(float) - 1)
 
 
