@@ -23,7 +23,9 @@ waits on those pipes and on the workers' exits, and on a failure:
      the abort did not end), prints the worker's error on stderr and exits the process:
      an error and exit code 1 instead of a hang.
 Rank 0 joins the process group only once every worker says it is about to join, so a worker
-that fails before (a missing GPU, an import error) fails the engine's start at once too.
+that fails before (a missing GPU, an import error) fails the engine's start at once too; one
+that fails while the group forms fails it with its own error, not rank 0's connect error, and
+a failed start leaves the process able to start another engine (`init_process_group`).
 Each worker exits when
 rank 0's process is gone. A worker that seems stuck prints its Python stack on SIGUSR1
 (`kill -USR1 PID`). TWINSERVE_TP_FAULT makes rank 1 fail on purpose (`parse_fault`): the tests
@@ -95,8 +97,16 @@ def init_process_group(rank: int, world_size: int, rendezvous: str | int,
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     init = (f"tcp://127.0.0.1:{rendezvous}" if isinstance(rendezvous, int)
             else f"file://{rendezvous}")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init,
-                            rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init,
+                                rank=rank, world_size=world_size, timeout=TIMEOUT)
+    except BaseException:
+        # torch names an unnamed group by a counter it advances before it connects and resets
+        # only when a formed group is destroyed: after a failed start the next group of this
+        # process would be "1" where fresh workers name theirs "0", and the two would wait for
+        # each other in the rendezvous until TIMEOUT
+        dist.distributed_c10d._world.group_count = 0
+        raise
 
 
 def abort_process_group() -> None:
@@ -244,7 +254,13 @@ class Workers:
         process would not meet its workers)."""
         while not self.arrived.wait(0.05):
             self.check()
-        init_process_group(0, world_size, self.rendezvous, device)
+        try:
+            init_process_group(0, world_size, self.rendezvous, device)
+        except Exception:
+            # a worker that failed as the group formed (its sockets closed under rank 0's
+            # connect): its error, with its traceback, is the cause
+            self.check(wait_s=5.0)
+            raise
 
     def watch(self) -> None:
         """The watchdog (a thread): count the workers about to join (`arrived`), and when a

@@ -98,6 +98,34 @@ def test_worker_failing_mid_run_raises_its_error(llama, monkeypatch):
     assert not worker.is_alive()
 
 
+@pytest.mark.distributed
+def test_an_engine_starts_after_a_failed_group_start_in_the_same_process(llama, monkeypatch):
+    """A process group start that fails once torch has named the group (as when a worker dies
+    while rank 0 connects to it: "Connection closed by peer") fails the engine's start at once
+    and leaves the next tensor-parallel engine of this process able to meet its workers,
+    instead of waiting in the rendezvous for the 10-minute timeout."""
+    import torch.distributed.distributed_c10d as c10d
+    real_helper = c10d._new_process_group_helper
+
+    def connect_fails(*args, **kwargs):    # after torch has named the group, as gloo's connect fails
+        raise RuntimeError("Gloo connectFullMesh failed: Connection closed by peer (injected)")
+    monkeypatch.setattr(c10d, "_new_process_group_helper", connect_fails)
+    error = error_within(BOUND_S, lambda: LLM(llama, **CPU))
+    assert "(injected)" in str(error)
+    monkeypatch.setattr(c10d, "_new_process_group_helper", real_helper)
+    started = []
+    thread = threading.Thread(target=lambda: started.append(LLM(llama, **CPU)), daemon=True)
+    thread.start()
+    thread.join(BOUND_S)
+    assert started, f"the next engine did not start within {BOUND_S} s"
+    llm = started[0]
+    try:
+        out = llm.generate([[5, 6, 7, 8]], GREEDY, use_tqdm=False)
+    finally:
+        llm.close()
+    assert len(out[0].token_ids) == GREEDY.max_tokens
+
+
 STUCK_RANK0 = """
 import os, sys, time
 os.environ["TRITON_INTERPRET"] = "1"
