@@ -71,11 +71,14 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
     takes the cost model's fallback, as run_fidelity's steps.csv): (its steps table with
     `pred_s`, the cost model's name), or (None, why not) when the simulated run replayed
     recorded steps or its config or the real steps cannot be priced."""
-    from omegaconf.errors import OmegaConfBaseException
+    try:   # the one place analysis reaches up: the simulator's cost model (torch-free)
+        from omegaconf.errors import OmegaConfBaseException
 
-    from experiments.config import build, recorded_config
-    from experiments.replay import sim_cost_model
-    from simulator.clock import along_run
+        from experiments.config import build, recorded_config
+        from experiments.replay import sim_cost_model
+        from simulator.clock import along_run
+    except ImportError as e:
+        return None, f"the simulator cannot be imported here ({e})"
     cost = sim.config.get("cost_model") or {}
     if cost.get("kind") not in ("fitted", "roofline"):
         return None, f"the simulated run's cost model is {cost.get('kind')!r}, not fitted or roofline"
