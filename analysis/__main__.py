@@ -110,9 +110,10 @@ def report_compare(a, b, out: Path) -> None:
     print("wrote", plots.save(cdfs, out / "compare_cdfs.png"))
     steps, model = priced_steps(real, sim)
     if steps is not None:
+        errors = step_price_errors(steps)
         print(f"\nthe real run's steps priced by the simulator's cost model, {model}:")
-        print(step_price_errors(steps).to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
-        scatter = plots.priced_step_scatter(steps, model)
+        print(errors.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+        scatter = plots.priced_step_scatter(steps, model, errors)
     else:
         print(f"\nstep times: {model}; drawn as the two runs' steps side by side")
         scatter = plots.step_time_scatter(real.steps(), sim.steps())

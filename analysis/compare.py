@@ -96,15 +96,18 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
     return steps.assign(pred_s=pred), cost["kind"] + (f" ({cost['path']})" if cost.get("path") else "")
 
 
+STEP_KINDS = ("decode-only steps", "steps with prefill")   # step_price_errors' rows
+
+
 def step_price_errors(priced: pd.DataFrame) -> pd.DataFrame:
     """Per step kind (decode-only, with prefill): steps, the mean of (price - measured) /
     measured and the time-weighted error (sum of prices / sum of device times - 1), in %."""
     rows = []
-    for kind, part in (("decode-only", priced[priced["num_prefill_tokens"] == 0]),
-                       ("with prefill", priced[priced["num_prefill_tokens"] > 0])):
+    for kind, part in ((STEP_KINDS[0], priced[priced["num_prefill_tokens"] == 0]),
+                       (STEP_KINDS[1], priced[priced["num_prefill_tokens"] > 0])):
         if len(part):
             err = part["pred_s"] / part["device_s"] - 1
-            rows.append({"steps": kind, "n": len(part), "mean_error_pct": 100 * err.mean(),
+            rows.append({"kind": kind, "n": len(part), "mean_error_pct": 100 * err.mean(),
                          "weighted_error_pct": 100 * (part["pred_s"].sum() / part["device_s"].sum() - 1)})
     return pd.DataFrame(rows)
 

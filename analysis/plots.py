@@ -16,6 +16,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from analysis.compare import STEP_KINDS
 from analysis.metrics import format_value, latency_samples
 
 CDF_METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2EL"))
@@ -278,16 +279,18 @@ def step_time_scatter(real: pd.DataFrame, sim: pd.DataFrame) -> Figure:
     return fig
 
 
-def priced_step_scatter(steps: pd.DataFrame, model: str) -> Figure:
+def priced_step_scatter(steps: pd.DataFrame, model: str, errors: pd.DataFrame) -> Figure:
     """Each real step's measured device time against the simulator cost model's price of it
-    (analysis.compare.priced_steps), decode-only steps and steps with prefill apart."""
+    (analysis.compare.priced_steps), decode-only steps and steps with prefill apart, each
+    labelled with its row of `errors` (analysis.compare.step_price_errors)."""
     fig = Figure(figsize=(6.5, 6), layout="constrained")
     ax = fig.subplots()
-    for i, (label, prefill) in enumerate((("decode-only steps", False), ("steps with prefill", True))):
-        part = steps[(steps["num_prefill_tokens"] > 0) == prefill]
-        err = 100 * (part["pred_s"].sum() / part["device_s"].sum() - 1) if len(part) else 0.0
-        ax.scatter(part["device_s"] * 1e3, part["pred_s"] * 1e3, s=6, alpha=0.4, color=COLORS[i],
-                   marker="os"[i], label=f"{label} ({len(part)}; time-weighted {err:+.1f}%)")
+    weighted = dict(zip(errors["kind"], errors["weighted_error_pct"])) if len(errors) else {}
+    for i, label in enumerate(STEP_KINDS):
+        part = steps[(steps["num_prefill_tokens"] > 0) == bool(i)]
+        if len(part):
+            ax.scatter(part["device_s"] * 1e3, part["pred_s"] * 1e3, s=6, alpha=0.4, color=COLORS[i],
+                       marker="os"[i], label=f"{label} ({len(part)}; time-weighted {weighted[label]:+.1f}%)")
     _diagonal(ax)
     ax.set(xlabel="measured device time (ms)", ylabel="predicted device time (ms)",
            title=f"each real step against the simulator's price of it\n(cost model: {model})")

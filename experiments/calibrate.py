@@ -315,6 +315,12 @@ def time_cool(runner, batch, light, repeats: int) -> float:
     return statistics.median(timed_sequence(runner, [light] * COOL_STEPS + [batch])[-1] for _ in range(repeats))
 
 
+def profiled_token_ids(rc: RunConfig, is_moe: bool) -> str:
+    """The profiled steps' token ids: calibrate.token_ids, always "random" for a mixture of
+    experts (all-zero ids route every row to the same k experts)."""
+    return "random" if is_moe else rc.calibrate.token_ids
+
+
 def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int,
             progress=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Time every grid shape on the engine's runner: one row per shape (medians), and the
@@ -340,14 +346,15 @@ def profile(rc: RunConfig, engine, graphs: CudaGraphs, repeats: int,
     chunk = min(HOT_CHUNK, rc.scheduler.max_num_batched_tokens - beside, rc.scheduler.max_model_len)
     heavy = shape_batch([(chunk, chunk)] + [(min(COOL_CONTEXT, rc.scheduler.max_model_len), 1)] * beside,
                         rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
-    if model.is_moe or rc.calibrate.token_ids == "random":
+    random_ids = profiled_token_ids(rc, model.is_moe) == "random"
+    if random_ids:
         random_token_ids(heavy, model.vocab_size, seed=len(grid))
     runner.known(light), runner.known(heavy)
     heavy_seen = light_seen = 0
     rows, started = [], time.perf_counter()
     for k, point in enumerate(grid):
         batch = shape_batch(point["shape"], rc.cache.block_size, runner.num_blocks, plan, contiguous=contiguous)
-        if model.is_moe or rc.calibrate.token_ids == "random":   # (a MoE's all-zero ids route to k experts)
+        if random_ids:
             random_token_ids(batch, model.vocab_size, seed=k)
         if model.is_moe:
             # a chunk's cached prefix written as serving writes it: the router sees the
@@ -575,7 +582,7 @@ def fit(rc, run: Profiled, command: str) -> dict:
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)",
                          "kv_layout": rc.calibrate.kv_layout,
-                         "token_ids": "random" if model.config.is_moe else rc.calibrate.token_ids}
+                         "token_ids": profiled_token_ids(rc, model.config.is_moe)}
     # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(run.serving)
     return calib

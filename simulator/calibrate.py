@@ -36,7 +36,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
                                   step_experts_touched, decode_reread_share_tokens, reread_saving)
 from policy.decode_plan import DecodePlan
-from simulator.clock import ClockTerm, flops_per_unit, heat_along
+from simulator.clock import ClockTerm, flops_per_unit, heat_along, slowdowns, step_kinds
 from simulator.profile_grid import is_decode_entry, shape_batch
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 
@@ -205,7 +205,7 @@ def clock_rows(profile: pd.DataFrame, timeline: pd.DataFrame, term: ClockTerm) -
     rows = rows[rows["own"] & rows["phase"].isin(CLOCK_PHASES) & (rows["shape"] >= 0)]
     first = rows.groupby(["shape", "phase"]).cumcount()
     rows = rows[(rows["phase"] != "back_to_back") | (first >= 2)]
-    return rows.assign(kind=np.where(rows["num_prefill_tokens"] > 0, "prompt", "decode"),
+    return rows.assign(kind=step_kinds(rows["num_prefill_tokens"]),
                        split=profile["split"].to_numpy()[rows["shape"].to_numpy()],
                        log_s=np.log(rows["device_s"].to_numpy(float)))
 
@@ -307,7 +307,7 @@ def fit_calibration(profile: pd.DataFrame, meta: dict, timeline: pd.DataFrame | 
     if timeline is not None and flops:
         clock, heat = fit_clock(profile, timeline, flops)
         if clock:
-            slow = np.where(profile["num_prefill_tokens"] > 0, clock["slowdown"]["prompt"], clock["slowdown"]["decode"])
+            slow = slowdowns(clock["slowdown"], profile["num_prefill_tokens"])
             profile = profile.assign(device_s=profile["device_s"] / (1 + slow * np.nan_to_num(heat)))
     moe = moe_section(profile, meta)
     reread = reread_curve(profile)

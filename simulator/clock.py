@@ -30,6 +30,16 @@ def step_kind(num_prefill_tokens) -> str:
     return "prompt" if num_prefill_tokens > 0 else "decode"
 
 
+def step_kinds(num_prefill_tokens) -> np.ndarray:
+    """`step_kind` of many steps (their num_prefill_tokens, an array or a column)."""
+    return np.where(np.asarray(num_prefill_tokens) > 0, step_kind(1), step_kind(0))
+
+
+def slowdowns(slowdown: dict, num_prefill_tokens) -> np.ndarray:
+    """Each step's slowdown per PFLOP/s of heat, by its kind (0 for a kind `slowdown` lacks)."""
+    return np.array([slowdown.get(kind, 0.0) for kind in step_kinds(num_prefill_tokens)], float)
+
+
 def flops_per_unit(model, tp: int = 1) -> dict:
     """FLOPs of one rank per computed token (the linear layers), per sampled token (the LM
     head) and per attention (query, key) pair (QK and PV over all layers), from a ModelSpec."""
@@ -123,7 +133,5 @@ def along_run(term: ClockTerm, steps, base_s: np.ndarray) -> tuple[np.ndarray, n
     measured device timeline, as the fit reads the profile's."""
     heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
                       steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
-    slow = np.where(steps["num_prefill_tokens"] > 0, term.slowdown.get("prompt", 0.0),
-                    term.slowdown.get("decode", 0.0))
-    return heat, np.asarray(base_s, float) * (1 + slow * heat)
+    return heat, np.asarray(base_s, float) * (1 + slowdowns(term.slowdown, steps["num_prefill_tokens"]) * heat)
 
