@@ -145,8 +145,9 @@ class CalibrateConfig:
     of the whole pool, a long-running server's after churn); on the H200 a decode step reads
     scattered blocks 0.6-0.9% slower (benchmarks/probe_transitions.py --stages layout).
     clock: also fit the clock term (simulator.clock, on the profile's launch timeline) and
-    the kinds on base-clock times; off by default (simulator/calibrations/README.md, session
-    15: on Llama-3.1-8B it predicts the profile's own cool and hot timings, not yet serving).
+    the kinds on base-clock times (a profile without a timeline gets no term). On by default
+    since session 17: with random token ids it is what takes Llama-3.1-8B's fidelity table
+    from 62 to 87 of 90 (simulator/calibrations/README.md).
     token_ids: the profiled steps' token ids, "random" (as serving's prompts; a mixture of
     experts always gets random ones, so its rows route as serving's do) or "zero" (every row
     of the activations alike, as every profile before session 15 had them): a GPU at its
@@ -157,7 +158,7 @@ class CalibrateConfig:
     fit_hardware: bool = True
     check_steps: str | None = None
     kv_layout: str = "contiguous"
-    clock: bool = False
+    clock: bool = True
     token_ids: str = "random"
 
     def __post_init__(self):
