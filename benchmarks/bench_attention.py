@@ -151,6 +151,10 @@ def measure(fn, warmup_ms=25, rep_ms=100) -> float:
 def measure_graph(fn):
     if DEVICE == "cpu":
         return None
+    # do_bench_cudagraph runs fn on a fresh stream that does not wait for this one: without the
+    # sync its first calls overlap what was just queued here (overlap_row's eager run), and two
+    # folded decode launches at once share the ticket counters (paged_decode_attention's contract)
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
