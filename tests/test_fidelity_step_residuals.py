@@ -86,3 +86,30 @@ def test_a_run_priced_under_the_clock_term_has_no_residual_under_it(tmp_path, ca
     for kind in ("decode", "mixed"):
         assert summaries["with"][kind]["weighted_error"] == pytest.approx(0, abs=2e-4)
         assert summaries["without"][kind]["weighted_error"] < -0.005    # the clock made every step longer
+
+
+def test_step_errors_price_a_clocked_calibration_along_the_run(tmp_path):
+    """simulator.calibrate.step_errors (the fidelity table's steps.csv, `--check-steps`) prices
+    each step under a calibration's clock term along the run, as the simulator priced it: no
+    error on a run simulated with the term; the same file without it prices every step short."""
+    from experiments.plan_features import plan_features
+    from simulator.calibrate import step_errors
+    from simulator.clock import flops_per_unit
+    from simulator.cost_model import CudaGraphs, ModelSpec
+    import yaml
+    cfg = yaml.safe_load((REPO / "conf/model/qwen3-0.6b.yaml").read_text())
+    calib = json.loads(QWEN.read_text())
+    plain = dict(calib)
+    calib["clock"] = {"tau_s": 0.02, "slowdown": {"decode": 2.0, "prompt": 1.0},
+                      "flops": flops_per_unit(ModelSpec.from_hf_config(cfg["hf_config"], name="qwen3-0.6b"))}
+    clocked = tmp_path / "clocked.json"
+    clocked.write_text(json.dumps(calib))
+    simulated_run(clocked, tmp_path / "run")
+    steps = plan_features(tmp_path / "run", calib["decode_plan"])
+    graphs = CudaGraphs.for_engine(256, 8192, 8192)
+    for kind, e in step_errors(calib, graphs, steps).items():
+        assert e["predicted_s"] / e["measured_s"] - 1 == pytest.approx(0, abs=1e-3), kind
+    for kind, e in step_errors(plain, graphs, steps).items():
+        assert e["predicted_s"] / e["measured_s"] - 1 < -0.005, kind
+    with pytest.raises(ValueError, match="gpu_gap_s"):
+        step_errors(calib, graphs, steps.drop(columns=["gpu_gap_s"]))
