@@ -190,8 +190,8 @@ class ModelRunner:
 
     def allocate_kv_cache(self, activation_bytes: int) -> int:
         """Size the KV pool from what memory is left, allocate ONE tensor
-        [2, layers, blocks, block_size, kv_heads, head_dim] and give each attention layer
-        its K and V views."""
+        [2, layers, blocks, block_size, kv_heads, head_dim] (EngineConfig.kv_cache_init's
+        contents) and give each attention layer its K and V views."""
         cfg, mc = self.config, self.model_config
         layers = self.model.attention_layers()
         kv_heads = mc.num_kv_heads_per_rank(self.tp_size)
@@ -220,6 +220,9 @@ class ModelRunner:
                 "tensor parallelism")
         self.kv_cache = torch.zeros(2, len(layers), num_blocks, cfg.block_size, kv_heads,
                                     mc.head_dim, dtype=self.dtype, device=self.device)
+        if cfg.kv_cache_init == "random":
+            gen = torch.Generator(self.device).manual_seed(cfg.seed + self.rank)
+            self.kv_cache.normal_(generator=gen)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks

@@ -543,7 +543,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
 def profile_engine(rc) -> Profiled:
     """Start the engine, time the grid and the serving loop's host window, close it."""
     started = time.perf_counter()
-    engine = build_engine(rc)
+    engine = build_engine(rc, kv_cache_init=rc.calibrate.kv_cache_init)
     try:
         startup_s = time.perf_counter() - started
         graphs = engine_graphs(rc, engine)
@@ -582,7 +582,8 @@ def fit(rc, run: Profiled, command: str) -> dict:
     calib["profiled"] = {"timing": "back to back (each step launched while the previous runs)",
                          "sampling": "temperature 1.0 (the engine's default)",
                          "kv_layout": rc.calibrate.kv_layout,
-                         "token_ids": profiled_token_ids(rc, model.config.is_moe)}
+                         "token_ids": profiled_token_ids(rc, model.config.is_moe),
+                         "kv_cache_init": rc.calibrate.kv_cache_init}
     # the serving loop's host window: what cost_model.host_window=serving charges
     calib["host_serving"] = fit_serving_host(run.serving)
     return calib

@@ -233,9 +233,10 @@ def engine_kwargs(rc: RunConfig) -> dict:
                 seed=rc.seed)
 
 
-def build_engine(rc: RunConfig):
-    """The engine `rc` describes (mode=gpu replays, calibration). Raises RuntimeError, saying
-    what is missing, where the engine cannot run."""
+def build_engine(rc: RunConfig, **settings):
+    """The engine `rc` describes (mode=gpu replays, calibration), with `settings` (EngineConfig
+    fields rc does not carry) on top. Raises RuntimeError, saying what is missing, where the
+    engine cannot run."""
     try:
         import torch
         from engine import LLMEngine
@@ -244,7 +245,7 @@ def build_engine(rc: RunConfig):
     if rc.engine.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{GPU_EXTRA}: torch.cuda.is_available() is False here "
                            "(engine.device=cpu runs tiny models on the CPU)")
-    return LLMEngine(model_path(rc), **engine_kwargs(rc))
+    return LLMEngine(model_path(rc), **engine_kwargs(rc), **settings)
 
 
 def check_engine(engine, rc: RunConfig) -> None:

@@ -124,6 +124,21 @@ def test_preemption(checkpoints, reference, policy):
     assert [o.token_ids for o in outs] == reference["qwen3"][:len(PROMPTS)]
 
 
+def test_random_kv_pool_changes_no_output(checkpoints, reference):
+    """kv_cache_init="random" (what calibration profiles over) fills the pool before any
+    step, and no output reads it: preemption recomputes into reused blocks, prefix hits
+    read blocks written by earlier requests."""
+    llm = LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=16, block_size=4, max_model_len=64,
+              kv_cache_init="random")
+    pool = llm.model_runner.kv_cache
+    assert pool.abs().amax() > 0 and abs(float(pool.std()) - 1) < 0.1
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert total(llm, "num_preempted") > 0
+    assert [o.token_ids for o in outs] == reference["qwen3"][:len(PROMPTS)]
+    assert LLM(checkpoints["qwen3"], **CPU, num_gpu_blocks=16, block_size=4,
+               max_model_len=64).model_runner.kv_cache.abs().amax() == 0   # (the default)
+
+
 @pytest.mark.parametrize("block_size", [1, 5, 32])
 def test_block_sizes(checkpoints, reference, block_size):
     llm, outs = generate(checkpoints["llama"], PROMPTS, block_size=block_size,
@@ -336,7 +351,8 @@ def test_config_errors(checkpoints, tmp_path):
                        (dict(dtype="float8"), "dtype"),
                        (dict(scheduler_policy="sjf"), "policy"),
                        (dict(pdl_max_tokens=-1), "pdl_max_tokens"),
-                       (dict(pdl_max_tokens=True), "pdl_max_tokens")]:
+                       (dict(pdl_max_tokens=True), "pdl_max_tokens"),
+                       (dict(kv_cache_init="ones"), "kv_cache_init")]:
         with pytest.raises(ValueError, match=match):
             EngineConfig(model=path, max_model_len=128, **bad)
     with pytest.raises(ValueError, match="max_position_embeddings"):
