@@ -152,10 +152,14 @@ class CalibrateConfig:
     experts always gets random ones, so its rows route as serving's do) or "zero" (every row
     of the activations alike, as every profile before session 15 had them): a GPU at its
     power limit may clock differently for them (benchmarks/probe_transitions.py --stages
-    tokens). kv_cache_init: the engine's KV pool before profiling (engine.EngineConfig
-    .kv_cache_init), "random" by default since session 18: the profile's decodes read
-    blocks no prefill wrote, and over an all-zero pool they ran 1.7-3.2% faster than over
-    written ones (Llama-3.1-8B, H200); "zeros" as every profile before."""
+    tokens). kv_cache_init: what the KV blocks the profiled shapes read hold (they are
+    never written by a step of theirs): "written" (the default since session 18: before
+    profiling, the model prefills prompts of random ids into them, as serving's decodes
+    read what its prefills wrote), "random" (normal values, engine.EngineConfig.kv_cache_init)
+    or "zeros" (the pool as allocated, as every profile before). On the H200 decode steps
+    over zeros ran 1-4% faster than over random values, and Qwen3-0.6B's serving steps ran
+    1.4% faster than a profile over random values priced them (benchmarks/README.md,
+    session 18)."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
@@ -163,7 +167,7 @@ class CalibrateConfig:
     kv_layout: str = "contiguous"
     clock: bool = True
     token_ids: str = "random"
-    kv_cache_init: str = "random"
+    kv_cache_init: str = "written"
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,
@@ -172,8 +176,8 @@ class CalibrateConfig:
                  f"calibrate.kv_layout must be contiguous or scattered, got {self.kv_layout!r}")
         _require(self.token_ids in ("zero", "random"),
                  f"calibrate.token_ids must be zero or random, got {self.token_ids!r}")
-        _require(self.kv_cache_init in ("zeros", "random"),
-                 f"calibrate.kv_cache_init must be zeros or random, got {self.kv_cache_init!r}")
+        _require(self.kv_cache_init in ("written", "random", "zeros"),
+                 f"calibrate.kv_cache_init must be written, random or zeros, got {self.kv_cache_init!r}")
 
 
 @dataclass(frozen=True, slots=True)

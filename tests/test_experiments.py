@@ -275,7 +275,7 @@ def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
     ("engine.pdl_max_tokens=-1", "engine.pdl_max_tokens must be an integer >= 0"),
     ("calibrate.kv_layout=random", "calibrate.kv_layout must be contiguous or scattered"),
     ("calibrate.token_ids=ones", "calibrate.token_ids must be zero or random"),
-    ("calibrate.kv_cache_init=ones", "calibrate.kv_cache_init must be zeros or random"),
+    ("calibrate.kv_cache_init=ones", "calibrate.kv_cache_init must be written, random or zeros"),
 ])
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -546,7 +546,7 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert calib["engine"]["max_num_batched_tokens"] == 64 and calib["engine"]["cuda_graph_max_tokens"] == 0
     assert calib["profiled"]["kv_layout"] == "contiguous"    # (the default: a fresh pool's, as replays have)
     assert calib["profiled"]["token_ids"] == "random"       # (the default: as serving's prompts)
-    assert calib["profiled"]["kv_cache_init"] == "random"   # (the default: written KV, as serving reads)
+    assert calib["profiled"]["kv_cache_init"] == "written"  # (the default: the model's KV, as serving reads)
     # the clock term, where the CPU's timings gave one, loads back as the simulator prices it
     assert "clock" not in calib or FittedCostModel(calib).clock.tau_s == calib["clock"]["tau_s"]
     assert set(calib["kinds"]) == {"eager"}                  # no CUDA graphs on the CPU
