@@ -164,11 +164,12 @@ def pool_blocks_read(grid: list[dict], block_size: int, num_blocks: int, contigu
 def write_kv_pool(runner, blocks: int, chunk_tokens: int, vocab_size: int, sampling, plan=None) -> int:
     """Fill blocks 1..`blocks` - 1 of the KV pool with keys and values the model computes:
     prompts of random token ids, `chunk_tokens` at a time, prefilled through the runner
-    (untimed; every tensor-parallel rank follows; `plan`: the engine's decode plan). A serving engine's decodes read blocks
-    its prefills wrote; the profile's shapes read blocks no step of theirs wrote, and what
-    those hold sets the power a step draws: on the H200 Qwen3-0.6B decode steps over an
-    all-zero pool ran 1-4% faster than over normal random values (probe_engines.py), and
-    its serving steps sat between the two. Returns the tokens written."""
+    (untimed; every tensor-parallel rank follows; `plan`: the engine's decode plan). A
+    serving engine's decodes read blocks its prefills wrote; the profile's shapes read
+    blocks no step of theirs wrote, and what those hold sets the power a step draws: on
+    the H200 Qwen3-0.6B decode steps over an all-zero pool ran 1-4% faster than over
+    normal random values (probe_engines.py), and its serving steps sat between the two.
+    Returns the tokens written."""
     block_size = runner.config.block_size
     per = max(1, chunk_tokens // block_size)
     done = 0
