@@ -85,6 +85,7 @@ def fp32_checks(root, backends):
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     cases = {
         "graphs": dict(),                               # decode and mixed-step graphs
+        "streams": dict(attention_streams=True, max_num_batched_tokens=64),  # mixed steps' two attention streams
         "decode-graphs": dict(cuda_graph_max_tokens=16),  # larger mixed steps eager
         "eager": dict(enforce_eager=True),
         "chunked": dict(max_num_batched_tokens=32, max_num_seqs=4),

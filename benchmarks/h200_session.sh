@@ -118,6 +118,10 @@ for stage in ${STAGES:-smoke check steps offline}; do case $stage in
                 --num-seqs 1 --max-input-len 512 --max-output-len 1024 --decode-batches 1 --cprofile 45
             TAIL=8 run bench_pack 120 python3 benchmarks/bench_pack.py ;;
   steps_small) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small 200 $SMALL_STEPS ;;
+  streams)  # EngineConfig.attention_streams A/B on mixed steps (one engine each, the same kernel plan)
+            ckpt qwen3-0.6b twinserve-qwen3-0.6b
+            MIXED="python3 benchmarks/bench_serving.py --tables steps --model /tmp/twinserve-qwen3-0.6b --decode-batches 64 --mixed-batches 64,256 --chunks 16,128,512,2048 ${KPLAN:+--kernel-plan $KPLAN}"
+            TAIL=14 run steps_mixed_one_stream 200 $MIXED; TAIL=14 run steps_mixed_streams 200 $MIXED --attention-streams ;;
   steps_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=12 run steps_small_nopdl 200 $SMALL_STEPS --pdl-max-tokens 0 ;;
   prof_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=70 run profile_q06_b1_nopdl 200 $TIMELINE --batch 1 --pdl-max-tokens 0 ;;
   offline_nopdl) ckpt qwen3-0.6b twinserve-qwen3-0.6b; TAIL=30 run engine_q06_nopdl 240 python3 benchmarks/bench_engine.py --model /tmp/twinserve-qwen3-0.6b --pdl-max-tokens 0 ;;

@@ -62,6 +62,16 @@ class EngineConfig:
         plan, or a calibration that records one) the engine runs its choice and times
         nothing; where it does not, the engine times as usual and writes it there. None:
         time at every start (two engines may then choose differently).
+    attention_streams: in a step with both decode rows and prompt chunks (triton backend,
+        CUDA), run the decode rows' attention kernel on a second stream beside the prompt
+        chunks' prefill kernel, forked after the layer's K/V store and joined before its
+        output projection, in CUDA graphs too (each graph captures the fork and join). The
+        decode kernel is memory-bound and the prefill kernel compute-bound: on the H200 the
+        pair took 8-25 us less per layer at 64 decodes beside 128-2,048 prompt tokens
+        (benchmarks/bench_attention.py --stages overlap, session 18). Steps launched with
+        programmatic dependent launch (at most pdl_max_tokens tokens) stay on one stream.
+        Outputs are the same either way. Off by default until the engine's step table has
+        measured it; ignored on the CPU and by other backends.
     kv_cache_init: what the KV pool holds before any step writes it, "zeros" (as allocated)
         or "random" (normal values, every rank): what calibration profiles over, since its
         dummy sequences read blocks no prefill wrote, where a serving engine's decodes read
@@ -89,6 +99,7 @@ class EngineConfig:
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
     kernel_plan: str | None = None
+    attention_streams: bool = False
     kv_cache_init: str = "zeros"
     seed: int = 0
 
@@ -120,6 +131,8 @@ class EngineConfig:
                  f"skinny_gemm must be true or false, got {self.skinny_gemm!r}")
         _require(self.kernel_plan is None or (isinstance(self.kernel_plan, str) and self.kernel_plan),
                  f"kernel_plan must be a file path or None, got {self.kernel_plan!r}")
+        _require(isinstance(self.attention_streams, bool),
+                 f"attention_streams must be true or false, got {self.attention_streams!r}")
         _require(self.kv_cache_init in ("zeros", "random"),
                  f"kv_cache_init must be zeros or random, got {self.kv_cache_init!r}")
         # The policy configs check their own fields (block_size, budgets, policy name).

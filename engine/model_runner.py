@@ -109,6 +109,9 @@ class ModelRunner:
                         torch.cuda.Event(enable_timing=True)) for _ in range(4)] if on_gpu else []
         self.plan_sent = None      # CUDA event: flashinfer's last plan has been uploaded
         backend = resolve_backend(config.attention_backend, self.device)
+        # a mixed step's decode attention beside its prefill attention (attention_stream)
+        self.side_stream = (torch.cuda.Stream(self.device)
+                            if on_gpu and backend == "triton" and config.attention_streams else None)
         # flashinfer plans each step on the host (plan_attention). Made before profiling, so
         # the KV pool is sized around its workspace.
         self.planner = None
@@ -428,8 +431,17 @@ class ModelRunner:
                                  decode_rows=step.decode_rows,
                                  prefill_tiles=tiles if step.P else None,
                                  decode_work=(decode_work, decode_index) if step.D else None,
-                                 wrapper=wrapper)
+                                 wrapper=wrapper, side_stream=self.attention_stream(step))
         return input_ids, positions, meta
+
+    def attention_stream(self, step: Step):
+        """The second stream of a step's attention (EngineConfig.attention_streams): for a
+        step with decode rows and prompt tiles, not launched with programmatic dependent
+        launch (its kernels wait on the one before in the same stream); else None."""
+        if self.side_stream is None or not (step.P and step.decode_rows):
+            return None
+        pdl_step = self.pdl is not None and step.T <= self.config.pdl_max_tokens
+        return None if pdl_step else self.side_stream
 
     def plan_attention(self, step: Step):
         """flashinfer: plan this step's attention from the HOST copy of its inputs and

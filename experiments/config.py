@@ -76,7 +76,9 @@ class EngineSettings:
     pdl_max_tokens: steps up to this many tokens launch their Triton kernels with
         programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig).
     kernel_plan: a file pinning the skinny-GEMM choice (engine.kernel_plan): read where it
-        exists (a plan or a calibration), written where it does not; None: timed at start."""
+        exists (a plan or a calibration), written where it does not; None: timed at start.
+    attention_streams: a mixed step's decode attention on a second stream beside its
+        prefill attention (engine.EngineConfig; off by default)."""
     model_path: str | None = None
     dtype: str = "auto"
     device: str = "cuda"
@@ -88,6 +90,7 @@ class EngineSettings:
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
     kernel_plan: str | None = None
+    attention_streams: bool = False
 
     def __post_init__(self):
         _require(self.device in ("cuda", "cpu"),

@@ -55,6 +55,10 @@ class AttentionMetadata:
                                      computes them when absent)
     wrapper           object         flashinfer only: the wrapper planned for this step
                                      (FlashInferPlanner.plan); None for other backends
+    side_stream       object         triton, runner-built steps with decode rows and
+                                     prefill tiles: the CUDA stream the decode kernel runs
+                                     on beside the prefill kernel (EngineConfig.
+                                     attention_streams); None = one stream
     """
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
@@ -68,6 +72,7 @@ class AttentionMetadata:
     decode_work: tuple[torch.Tensor, torch.Tensor] | None = None
     cu_seqlens_k: torch.Tensor | None = None
     wrapper: object | None = None
+    side_stream: object | None = None
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -189,13 +194,25 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
         # mixed steps), decode rows on the split-KV kernel, prefill tiles from the list.
         out = torch.empty_like(q)
         rows = meta.decode_rows
-        if rows:
+
+        def decode():
             paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:rows],
                                    meta.context_lens[:rows], scale, out=out,
                                    query_start_loc=meta.query_start_loc, work=meta.decode_work)
+
+        side = meta.side_stream if rows and meta.prefill_tiles is not None else None
+        if side is not None:   # fork: the decodes beside the prefill (disjoint rows of `out`)
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)          # q and this step's stored K/V are ready
+            with torch.cuda.stream(side):
+                decode()
+        elif rows:
+            decode()
         if meta.prefill_tiles is not None:
             paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                     meta.query_start_loc, 0, scale, out=out, tiles=meta.prefill_tiles)
+        if side is not None:
+            main.wait_stream(side)          # join before anything reads `out`
         return out
     # Metadata built by hand (tests, scripts): the kernels' own dispatch by max_query_len.
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
