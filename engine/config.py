@@ -73,9 +73,9 @@ class EngineConfig:
         Outputs are the same either way. Off by default until the engine's step table has
         measured it; ignored on the CPU and by other backends.
     kv_cache_init: what the KV pool holds before any step writes it, "zeros" (as allocated)
-        or "random" (normal values, every rank): what calibration profiles over, since its
-        dummy sequences read blocks no prefill wrote, where a serving engine's decodes read
-        written keys and values. Outputs never depend on it (a step reads only blocks it or
+        or "random" (normal values, every rank; `calibrate.kv_cache_init=random` profiles
+        over it: the profile's dummy sequences read blocks no prefill wrote, where a serving
+        engine's decodes read written keys and values). Outputs never depend on it (a step reads only blocks it or
         an earlier step wrote); device time does: on the H200, Llama-3.1-8B decode steps over
         a random pool ran 1.7-3.2% slower than over zeros (benchmarks/fidelity/probe_engines.py).
     """
