@@ -89,7 +89,7 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
     try:
         _, model = sim_cost_model(build(recorded_config(sim.config)))
         pred = [model.predict(row) for row in steps.to_dict("records")]
-        if model.clock is not None:     # a run recorded without gpu_gap_s: KeyError, said below
+        if model.clock is not None:     # a run recorded without gpu_gap_s: ValueError, said below
             pred = along_run(model.clock, steps, pred)[1]
     except (KeyError, TypeError, ValueError, FileNotFoundError, OmegaConfBaseException) as e:
         return None, f"the simulated run's cost model cannot price the real steps ({type(e).__name__}: {e})"

@@ -130,7 +130,11 @@ def heat_along(flops: np.ndarray, device_s: np.ndarray, gap_s: np.ndarray, tau: 
 def along_run(term: ClockTerm, steps, base_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(heat, price) of a recorded run's steps (a steps table in start order: the features,
     device_s and gpu_gap_s) whose base prices are `base_s`, under the term along the run's own
-    measured device timeline, as the fit reads the profile's."""
+    measured device timeline, as the fit reads the profile's. ValueError for steps without
+    gpu_gap_s (a run recorded before it was)."""
+    if "gpu_gap_s" not in steps.columns:
+        raise ValueError("the run's steps have no gpu_gap_s (the device idle before each step), which "
+                         "a clock term needs: record the run again")
     heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
                       steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
     return heat, np.asarray(base_s, float) * (1 + slowdowns(term.slowdown, steps["num_prefill_tokens"]) * heat)
