@@ -1,6 +1,6 @@
 """GPU correctness of the engine against Hugging Face transformers (run on the GPU machine).
 
-    python benchmarks/check_gpu.py [--backends triton,torch] [--out results.json]
+    python benchmarks/check_gpu.py [--backends triton,torch] [--cases streams,graphs] [--out results.json]
 
 1. fp32, tiny random Qwen3 / Qwen2 / Llama (std 0.3, so every token depends on the whole
    context): greedy tokens must equal transformers' token for token, with CUDA graphs, prefix
@@ -77,7 +77,7 @@ def engine_logits(runner, prompt):
     return runner.model.compute_logits(hidden[step.num_tokens - 1:step.num_tokens])[0]
 
 
-def fp32_checks(root, backends):
+def fp32_checks(root, backends, only=None):
     rows, ok = [], True
     ps = prompts([3, 9, 17, 30, 41, 77, 130], 0, 500)
     shared = prompts([37], 1, 500)[0]
@@ -95,6 +95,8 @@ def fp32_checks(root, backends):
         "block32": dict(block_size=32, num_gpu_blocks=128),
         "block256": dict(block_size=256, num_gpu_blocks=16),
     }
+    if only and only - set(cases):
+        raise SystemExit(f"check_gpu: unknown case(s) {sorted(only - set(cases))} (known: {', '.join(cases)})")
     for arch in ("qwen3", "qwen2", "llama"):
         path = write_random_checkpoint(tiny_config(arch), os.path.join(root, arch), dtype="float32", std=0.3)
         ref_model = hf_model(path, torch.float32)
@@ -105,7 +107,7 @@ def fp32_checks(root, backends):
             if backend == "flashinfer":   # no fp32 kernels: benchmarks/check_flashinfer.py covers these cases
                 continue
             for name, kw in cases.items():
-                if arch != "qwen3" and name not in ("graphs", "chunked"):
+                if (arch != "qwen3" and name not in ("graphs", "chunked")) or (only and name not in only):
                     continue
                 base = dict(device="cuda", dtype="float32", attention_backend=backend,
                             num_gpu_blocks=1024, max_model_len=512, block_size=16, max_num_seqs=16)
@@ -177,12 +179,15 @@ def bf16_checks(root, backends):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--cases", default="", help="only these fp32 cases (comma-separated names of "
+                    "fp32_checks' cases), and no bf16 check: a quick re-check of one engine option")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     backends = args.backends.split(",")
+    only = set(filter(None, args.cases.split(",")))
     with tempfile.TemporaryDirectory() as root:
-        rows32, ok32 = fp32_checks(root, backends)
-        rows16, ok16 = bf16_checks(root, backends)
+        rows32, ok32 = fp32_checks(root, backends, only)
+        rows16, ok16 = bf16_checks(root, backends) if not only else ([], True)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for r in rows32 + rows16:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
