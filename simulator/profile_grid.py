@@ -115,7 +115,7 @@ def decode_batches(g: _Grid) -> None:
 def padded_decodes(g: _Grid) -> None:
     """Decode batches across each graph bucket, run padded to its graph size: serving fills a
     bucket at every size, most of its decode steps run padded, and the split-KV plan plans the
-    padding rows. Per bucket (below, b] of graph sizes 8 apart or more: one past `below` spread
+    padding rows. Per bucket (below, b] of graph sizes from 8 rows up: one past `below` spread
     around the middle context, and at one past `below`, a quarter and three quarters into the
     bucket (its middle is one of `serving_decodes`' sizes) batches as serving forms them at means
     of 1/4, 1/2 and 3/4 of the longest context (3/8 held out). Measured on the H200
