@@ -297,6 +297,85 @@ def priced_step_scatter(steps: pd.DataFrame, model: str, errors: pd.DataFrame) -
     return fig
 
 
+FIDELITY_METRICS = (("request_throughput", "throughput (req/s)"), ("mean_ttft_ms", "mean TTFT (ms)"),
+                    ("p90_ttft_ms", "p90 TTFT (ms)"), ("mean_tpot_ms", "mean TPOT (ms)"),
+                    ("mean_e2el_ms", "mean E2EL (ms)"))
+
+
+def _offered_rate(load) -> float:
+    """A fidelity cell's load as run_fidelity writes it ("15.9rps") in req/s."""
+    return float(str(load).removesuffix("rps"))
+
+
+def fidelity_vs_load(table: pd.DataFrame) -> Figure:
+    """The fidelity table (benchmarks/fidelity/run_fidelity.py's table.csv) as latency and
+    throughput against load: one row of panels per trace, the real runs as points (the mean of
+    the repeats, the bar their min-max range) and each cost model as a line, the capacity the
+    cells were placed by as a dotted line (cells right of it are past capacity). Pair cells
+    are left out."""
+    base = table[table["pair"].isna()].assign(rate=lambda t: t["load"].map(_offered_rate))
+    traces = sorted(base["trace"].unique())
+    models = sorted(base["cost_model"].unique(), key=lambda m: (m != "fitted", m))
+    fig = Figure(figsize=_bounded(3.2 * len(FIDELITY_METRICS), 2.9 * len(traces) + 0.6),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(traces), len(FIDELITY_METRICS), squeeze=False))
+    for row, trace in zip(axes, traces):
+        cells = base[base["trace"] == trace]
+        below, past = cells[cells["below_capacity"]]["rate"], cells[~cells["below_capacity"]]["rate"]
+        for ax, (metric, title) in zip(row, FIDELITY_METRICS):
+            rows = cells[cells["metric"] == metric].sort_values("rate")
+            real = rows.drop_duplicates("cell")
+            ax.errorbar(real["rate"], real["real"], yerr=real["real"] * real["real_spread"] / 2,
+                        color="black", marker="o", ls="none", capsize=3,
+                        label="real (mean of the repeats; bar: their range)")
+            for i, model in enumerate(models):
+                sim = rows[rows["cost_model"] == model]
+                ax.plot(sim["rate"], sim["sim"], **{**series_style(i), "marker": "s"}, label=f"sim, {model}")
+            if len(below) and len(past):
+                ax.axvline((below.max() + past.min()) / 2, color="grey", ls=":", lw=1.2,
+                           label="capacity (cells right of it are past it)")
+            ax.set(title=f"{trace}: {title}", xlabel="offered load (req/s)")
+            ax.grid(alpha=0.3)
+    _figure_legend(fig, axes[0][0], 2 + len(models))
+    return fig
+
+
+def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0) -> Figure:
+    """The policy-effect pairs (run_fidelity.py's effects.csv): per cost model, each pair's
+    predicted change of a metric against its measured change (%), filled where within target
+    (same sign and within `tolerance_pp` points; TTFT's 5 points are counted in the title's
+    tally, the band shows the common `tolerance_pp`), hollow where not."""
+    models = sorted(effects["cost_model"].unique(), key=lambda m: (m != "fitted", m))
+    pairs = sorted(effects["pair"].unique())
+    fig = Figure(figsize=_bounded(5.2 * len(models), 5.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(models), squeeze=False)[0])
+    span = 100 * float(np.nanmax(np.abs(effects[["measured_change", "predicted_change"]].to_numpy(float))))
+    span = max(span * 1.05, 2 * tolerance_pp)
+    for ax, model in zip(axes, models):
+        rows = effects[effects["cost_model"] == model]
+        grid = np.array([-span, span])
+        ax.fill_between(grid, grid - tolerance_pp, grid + tolerance_pp, color="grey", alpha=0.15,
+                        label=f"within {tolerance_pp:g} points")
+        ax.plot(grid, grid, color="grey", ls="--", lw=1, label="predicted = measured")
+        for i, pair in enumerate(pairs):
+            p = rows[rows["pair"] == pair]
+            hit = p["within_target"].astype(bool)
+            color = COLORS[i % len(COLORS)]
+            ax.scatter(100 * p["measured_change"][hit], 100 * p["predicted_change"][hit], s=22,
+                       color=color, marker=MARKERS[1 + i % (len(MARKERS) - 1)], label=pair)
+            ax.scatter(100 * p["measured_change"][~hit], 100 * p["predicted_change"][~hit], s=22,
+                       facecolors="none", edgecolors=[color], marker=MARKERS[1 + i % (len(MARKERS) - 1)])
+        ax.axhline(0, color="black", lw=0.6)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set(xlim=(-span, span), ylim=(-span, span), xlabel="measured change (%)",
+               ylabel="predicted change (%)",
+               title=f"{model}: {int(rows['within_target'].sum())} / {len(rows)} within target "
+                     "(hollow: not)")
+        ax.grid(alpha=0.3)
+    _figure_legend(fig, axes[0], 2 + len(pairs))
+    return fig
+
+
 def _diagonal(ax) -> None:
     """sim = real, log axes labelled in plain numbers (1, 2, 5 per decade)."""
     ax.set(xscale="log", yscale="log")

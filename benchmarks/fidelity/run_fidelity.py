@@ -25,7 +25,8 @@ Stages (each reads what the earlier ones wrote under --out, so they can run apar
   table     table.csv (one row per cell x metric x cost model), table.md, effects.csv
             (policy-effect pairs), equivalence.csv, steps.csv (the fitted model on every real
             run's own steps: device time error per step kind, each run replayed for the
-            split-KV plan's features); prints the summary, ends with one JSON line.
+            split-KV plan's features), fidelity_vs_load.png and fidelity_effects.png (shown in
+            table.md); prints the summary, ends with one JSON line.
 
 Cells: each trace at each load with the base settings; the pairs at the highest load
 below capacity: policy (chunked -> prefill_first), budget (max_num_batched_tokens 8192 ->
@@ -258,11 +259,26 @@ def stage_table(args, todo) -> dict:
     steps = step_costs(args, todo)
     steps.to_csv(args.out / "steps.csv", index=False)
     summary = summarize(table, effects, equivalence, steps)
-    text = markdown(table, effects, equivalence, summary, steps)
+    text = markdown(table, effects, equivalence, summary, steps) + figures(table, effects, args.out)
     (args.out / "table.md").write_text(text)
     print(text)
     print(json.dumps(summary))
     return summary
+
+
+def figures(table: pd.DataFrame, effects: pd.DataFrame, out: Path) -> str:
+    """fidelity_vs_load.png (latency and throughput against load, real and every cost model)
+    and, with pairs, fidelity_effects.png (predicted against measured changes) under `out`;
+    returns the markdown that shows them."""
+    from analysis.plots import fidelity_effects, fidelity_vs_load, save
+    lines = []
+    if not table.empty and table["pair"].isna().any():
+        save(fidelity_vs_load(table), out / "fidelity_vs_load.png")
+        lines.append("![latency and throughput against load, real and simulated](fidelity_vs_load.png)")
+    if not effects.empty:
+        save(fidelity_effects(effects), out / "fidelity_effects.png")
+        lines.append("![predicted against measured policy effects](fidelity_effects.png)")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def step_costs(args, todo) -> pd.DataFrame:

@@ -1,0 +1,69 @@
+"""The fidelity table's figures (analysis.plots.fidelity_vs_load / fidelity_effects, drawn by
+run_fidelity.py's table stage): what each panel shows is read back from the figure."""
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+
+MODELS = ("roofline", "fitted")
+
+
+def table(traces=("sharegpt", "azure_conv"), rates=(4.0, 8.0, 12.0, 16.0), capacity=13.0):
+    rows = []
+    for trace in traces:
+        for i, rate in enumerate(rates):
+            for model in MODELS:
+                for metric, _ in plots.FIDELITY_METRICS:
+                    real = 10.0 + rate + i
+                    rows.append({"cell": f"{trace}-L{i}", "trace": trace, "load": f"{rate:g}rps",
+                                 "below_capacity": rate < capacity, "pair": None, "cost_model": model,
+                                 "metric": metric, "real": real, "sim": real * (1.1 if model == "roofline" else 1.01),
+                                 "real_spread": 0.04})
+            for model in MODELS:      # a pair cell at this load: never drawn against load
+                rows.append({"cell": f"{trace}-L{i}-policy1", "trace": trace, "load": f"{rate:g}rps",
+                             "below_capacity": True, "pair": "policy", "cost_model": model,
+                             "metric": "mean_ttft_ms", "real": 1e6, "sim": 1e6, "real_spread": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_load_figure_has_a_row_per_trace_with_real_points_and_a_line_per_cost_model():
+    fig = plots.fidelity_vs_load(table())
+    assert len(fig.axes) == 2 * len(plots.FIDELITY_METRICS)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("azure_conv") and titles[len(plots.FIDELITY_METRICS)].startswith("sharegpt")
+    ax = fig.axes[1]                                      # azure_conv, mean TTFT
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for model in MODELS:
+        x, y = lines[f"sim, {model}"].get_data()
+        assert list(x) == [4.0, 8.0, 12.0, 16.0]          # sorted by load, pair cells left out
+        assert max(y) < 1e5
+    real = next(c for c in ax.containers if c.get_label().startswith("real"))
+    x, y = real.lines[0].get_data()
+    assert list(x) == [4.0, 8.0, 12.0, 16.0] and np.allclose(y, [14.0, 19.0, 24.0, 29.0])
+    capacity = [line for line in ax.get_lines() if line.get_label().startswith("capacity")]
+    assert len(capacity) == 1 and capacity[0].get_xdata()[0] == 14.0   # between the last below and the first past
+
+
+def test_no_capacity_line_when_every_cell_is_below_it():
+    fig = plots.fidelity_vs_load(table(capacity=100.0))
+    assert not [line for line in fig.axes[0].get_lines() if line.get_label().startswith("capacity")]
+
+
+def test_effects_figure_counts_and_marks_the_pairs_within_target():
+    rows = []
+    for model in MODELS:
+        for k, (measured, predicted, within) in enumerate(((0.10, 0.11, True), (-0.05, -0.04, True),
+                                                           (0.02, -0.01, False))):
+            rows.append({"cell": "c", "pair": ("policy", "budget", "policy")[k], "cost_model": model,
+                         "metric": "mean_tpot_ms", "measured_change": measured,
+                         "predicted_change": predicted if model == "fitted" else -predicted,
+                         "within_target": within if model == "fitted" else False})
+    fig = plots.fidelity_effects(pd.DataFrame(rows))
+    fitted, roofline = fig.axes
+    assert fitted.get_title().startswith("fitted: 2 / 3") and roofline.get_title().startswith("roofline: 0 / 3")
+    hollow = [c for c in fitted.collections if len(c.get_offsets()) and not len(c.get_facecolor())]
+    filled = [c for c in fitted.collections if len(c.get_offsets()) and len(c.get_facecolor())
+              and c.get_label() in ("policy", "budget")]
+    assert sum(len(c.get_offsets()) for c in hollow) == 1 and sum(len(c.get_offsets()) for c in filled) == 2
+    xmin, xmax = fitted.get_xlim()
+    assert xmin <= -10 and xmax >= 10                     # every change is on the axes
