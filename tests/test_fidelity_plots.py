@@ -67,3 +67,21 @@ def test_effects_figure_counts_and_marks_the_pairs_within_target():
     assert sum(len(c.get_offsets()) for c in hollow) == 1 and sum(len(c.get_offsets()) for c in filled) == 2
     xmin, xmax = fitted.get_xlim()
     assert xmin <= -10 and xmax >= 10                     # every change is on the axes
+
+
+def test_table_stage_draws_what_the_table_holds(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "run_fidelity", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run_fidelity.py")
+    run_fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_fidelity)
+    text = run_fidelity.figures(table(), pd.DataFrame(), tmp_path / "loads")
+    assert sorted(p.name for p in (tmp_path / "loads").iterdir()) == ["fidelity_vs_load.png"]
+    assert "(fidelity_vs_load.png)" in text and "effects" not in text
+    one_load = table(rates=(8.0,))
+    effects = pd.DataFrame([{"cell": "c", "pair": "policy", "cost_model": "fitted", "metric": "mean_tpot_ms",
+                             "measured_change": 0.1, "predicted_change": 0.1, "within_target": True}])
+    text = run_fidelity.figures(one_load, effects, tmp_path / "pairs")   # a line needs two loads
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["fidelity_effects.png"]
+    assert "(fidelity_effects.png)" in text and "vs_load" not in text

@@ -272,7 +272,8 @@ def figures(table: pd.DataFrame, effects: pd.DataFrame, out: Path) -> str:
     returns the markdown that shows them."""
     from analysis.plots import fidelity_effects, fidelity_vs_load, save
     lines = []
-    if not table.empty and table["pair"].isna().any():
+    base = table[table["pair"].isna()] if not table.empty else table
+    if not base.empty and base.groupby("trace")["load"].nunique().max() >= 2:   # a line needs two loads
         save(fidelity_vs_load(table), out / "fidelity_vs_load.png")
         lines.append("![latency and throughput against load, real and simulated](fidelity_vs_load.png)")
     if not effects.empty:
