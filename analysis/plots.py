@@ -340,11 +340,12 @@ def fidelity_vs_load(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0) -> Figure:
+def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh: float = 10.0) -> Figure:
     """The policy-effect pairs (run_fidelity.py's effects.csv): per cost model, each pair's
     predicted change of a metric against its measured change (%), filled where within target
     (same sign and within `tolerance_pp` points; TTFT's 5 points are counted in the title's
-    tally, the band shows the common `tolerance_pp`), hollow where not."""
+    tally, the band shows the common `tolerance_pp`), hollow where not; symlog axes, linear
+    within +-`linthresh` points."""
     models = sorted(effects["cost_model"].unique(), key=lambda m: (m != "fitted", m))
     pairs = sorted(effects["pair"].unique())
     fig = Figure(figsize=_bounded(5.2 * len(models), 5.4), layout="constrained")
@@ -353,7 +354,7 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0) -> Figure
     span = max(span * 1.05, 2 * tolerance_pp)
     for ax, model in zip(axes, models):
         rows = effects[effects["cost_model"] == model]
-        grid = np.array([-span, span])
+        grid = np.linspace(-span, span, 401)      # dense: the band bends on the symlog axes
         ax.fill_between(grid, grid - tolerance_pp, grid + tolerance_pp, color="grey", alpha=0.15,
                         label=f"within {tolerance_pp:g} points")
         ax.plot(grid, grid, color="grey", ls="--", lw=1, label="predicted = measured")
@@ -367,6 +368,11 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0) -> Figure
                        facecolors="none", edgecolors=[color], marker=MARKERS[1 + i % (len(MARKERS) - 1)])
         ax.axhline(0, color="black", lw=0.6)
         ax.axvline(0, color="black", lw=0.6)
+        # linear within +-linthresh points, where most changes and the band lie; log beyond
+        ticks = [t for t in (-100, -50, -10, -5, 0, 5, 10, 50, 100) if abs(t) <= span]
+        for axis in ("x", "y"):
+            getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh, linscale=1.5)
+            getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:g}" for t in ticks])
         ax.set(xlim=(-span, span), ylim=(-span, span), xlabel="measured change (%)",
                ylabel="predicted change (%)",
                title=f"{model}: {int(rows['within_target'].sum())} / {len(rows)} within target "
