@@ -302,6 +302,11 @@ FIDELITY_METRICS = (("request_throughput", "throughput (req/s)"), ("mean_ttft_ms
                     ("mean_e2el_ms", "mean E2EL (ms)"))
 
 
+def _fitted_first(models) -> list:
+    """A fidelity table's cost models, the fitted one first."""
+    return sorted(models, key=lambda m: (m != "fitted", m))
+
+
 def _offered_rate(load) -> float:
     """A fidelity cell's load as run_fidelity writes it ("15.9rps") in req/s."""
     return float(str(load).removesuffix("rps"))
@@ -315,7 +320,7 @@ def fidelity_vs_load(table: pd.DataFrame) -> Figure:
     are left out."""
     base = table[table["pair"].isna()].assign(rate=lambda t: t["load"].map(_offered_rate))
     traces = sorted(base["trace"].unique())
-    models = sorted(base["cost_model"].unique(), key=lambda m: (m != "fitted", m))
+    models = _fitted_first(base["cost_model"].unique())
     fig = Figure(figsize=_bounded(3.2 * len(FIDELITY_METRICS), 2.9 * len(traces) + 0.6),
                  layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(traces), len(FIDELITY_METRICS), squeeze=False))
@@ -346,30 +351,30 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh
     (same sign and within `tolerance_pp` points; TTFT's 5 points are counted in the title's
     tally, the band shows the common `tolerance_pp`), hollow where not; symlog axes, linear
     within +-`linthresh` points."""
-    models = sorted(effects["cost_model"].unique(), key=lambda m: (m != "fitted", m))
+    models = _fitted_first(effects["cost_model"].unique())
     pairs = sorted(effects["pair"].unique())
     fig = Figure(figsize=_bounded(5.2 * len(models), 5.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(models), squeeze=False)[0])
     span = 100 * float(np.nanmax(np.abs(effects[["measured_change", "predicted_change"]].to_numpy(float))))
     span = max(span * 1.05, 2 * tolerance_pp)
+    grid = np.linspace(-span, span, 401)          # dense: the band bends on the symlog axes
+    ticks = [t for t in (-100, -50, -10, -5, 0, 5, 10, 50, 100) if abs(t) <= span]
     for ax, model in zip(axes, models):
         rows = effects[effects["cost_model"] == model]
-        grid = np.linspace(-span, span, 401)      # dense: the band bends on the symlog axes
         ax.fill_between(grid, grid - tolerance_pp, grid + tolerance_pp, color="grey", alpha=0.15,
                         label=f"within {tolerance_pp:g} points")
         ax.plot(grid, grid, color="grey", ls="--", lw=1, label="predicted = measured")
         for i, pair in enumerate(pairs):
             p = rows[rows["pair"] == pair]
             hit = p["within_target"].astype(bool)
-            color = COLORS[i % len(COLORS)]
+            color, marker = COLORS[i % len(COLORS)], MARKERS[1 + i % (len(MARKERS) - 1)]
             ax.scatter(100 * p["measured_change"][hit], 100 * p["predicted_change"][hit], s=22,
-                       color=color, marker=MARKERS[1 + i % (len(MARKERS) - 1)], label=pair)
+                       color=color, marker=marker, label=pair)
             ax.scatter(100 * p["measured_change"][~hit], 100 * p["predicted_change"][~hit], s=22,
-                       facecolors="none", edgecolors=[color], marker=MARKERS[1 + i % (len(MARKERS) - 1)])
+                       facecolors="none", edgecolors=[color], marker=marker)
         ax.axhline(0, color="black", lw=0.6)
         ax.axvline(0, color="black", lw=0.6)
         # linear within +-linthresh points, where most changes and the band lie; log beyond
-        ticks = [t for t in (-100, -50, -10, -5, 0, 5, 10, 50, 100) if abs(t) <= span]
         for axis in ("x", "y"):
             getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh, linscale=1.5)
             getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:g}" for t in ticks])
