@@ -1,11 +1,7 @@
 """The fidelity table's policy-effect test (benchmarks/fidelity/run_fidelity.py pair_effect)."""
-import importlib.util
-from pathlib import Path
+import bench_scripts
 
-spec = importlib.util.spec_from_file_location(
-    "run_fidelity", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run_fidelity.py")
-run_fidelity = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_fidelity)
+run_fidelity = bench_scripts.load("benchmarks/fidelity/run_fidelity.py")
 
 
 def side(real, sim, spread):

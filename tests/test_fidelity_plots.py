@@ -3,6 +3,7 @@ run_fidelity.py's table stage): what each panel shows is read back from the figu
 import numpy as np
 import pandas as pd
 
+import bench_scripts
 from analysis import plots
 
 MODELS = ("roofline", "fitted")
@@ -70,12 +71,7 @@ def test_effects_figure_counts_and_marks_the_pairs_within_target():
 
 
 def test_table_stage_draws_what_the_table_holds(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "run_fidelity", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run_fidelity.py")
-    run_fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_fidelity)
+    run_fidelity = bench_scripts.load("benchmarks/fidelity/run_fidelity.py")
     text = run_fidelity.figures(table(), pd.DataFrame(), tmp_path / "loads")
     assert sorted(p.name for p in (tmp_path / "loads").iterdir()) == ["fidelity_vs_load.png"]
     assert "(fidelity_vs_load.png)" in text and "effects" not in text

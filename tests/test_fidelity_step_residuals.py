@@ -2,7 +2,7 @@
 (a simulated run with the fitted model: device_s is the model's own prediction, the host
 window its host model): the tool must line each step up with the batch the replay formed
 and find no error, whatever the grouping."""
-import importlib.util
+import bench_scripts
 import json
 from pathlib import Path
 
@@ -14,9 +14,7 @@ from simulator.hardware import HostCosts
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1.json"
-spec = importlib.util.spec_from_file_location("step_residuals", REPO / "benchmarks/fidelity/step_residuals.py")
-step_residuals = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_residuals)
+step_residuals = bench_scripts.load("benchmarks/fidelity/step_residuals.py")
 
 
 def simulated_run(calibration: Path, out: Path) -> None:

@@ -2,7 +2,7 @@
 (step_costs): a run the calibration itself priced shows no error; a run at another KV block
 size than the profiled one is left out, saying why."""
 import argparse
-import importlib.util
+import bench_scripts
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,7 @@ from experiments.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = REPO / "simulator/calibrations/qwen3-0.6b-h200-tp1.json"
-spec = importlib.util.spec_from_file_location("run_fidelity", REPO / "benchmarks/fidelity/run_fidelity.py")
-run_fidelity = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_fidelity)
+run_fidelity = bench_scripts.load("benchmarks/fidelity/run_fidelity.py")
 
 
 def test_step_costs_of_the_real_runs(tmp_path):

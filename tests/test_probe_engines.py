@@ -1,6 +1,6 @@
 """benchmarks/fidelity/probe_engines.py end to end on the CPU (tiny model, one engine), and
 the skinny-GEMM plan at a glance (engine.kernel_plan.describe, experiments.calibrate.skinny_plan)."""
-import importlib.util
+import bench_scripts
 import json
 import pathlib
 from types import SimpleNamespace
@@ -11,10 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_probe():
-    spec = importlib.util.spec_from_file_location("probe_engines", ROOT / "benchmarks/fidelity/probe_engines.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("benchmarks/fidelity/probe_engines.py")
 
 
 def test_skinny_plan_names_each_layer_shape_and_row_count():

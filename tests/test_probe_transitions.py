@@ -1,6 +1,6 @@
 """benchmarks/probe_transitions.py: each step of a cycle is launched while the one before runs,
 and the device time kept is the measured position's, from every cycle but the warm-up."""
-import importlib.util
+import bench_scripts
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,9 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-spec = importlib.util.spec_from_file_location("probe_transitions", REPO / "benchmarks/probe_transitions.py")
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+probe = bench_scripts.load("benchmarks/probe_transitions.py")
 
 
 class FakeRunner:

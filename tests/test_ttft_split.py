@@ -1,15 +1,12 @@
 """benchmarks/fidelity/ttft_split.py: a request's TTFT cut at the step loop's events, its parts
 adding up to the TTFT, and a simulated run's TTFT error split into the parts' differences."""
-import importlib.util
+import bench_scripts
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-SPEC = importlib.util.spec_from_file_location(
-    "ttft_split", Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "ttft_split.py")
-ttft_split = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(ttft_split)
+ttft_split = bench_scripts.load("benchmarks/fidelity/ttft_split.py")
 
 
 def write_run(d: Path, host: float, device: float, queue: float, prompt_tokens=None) -> Path:
