@@ -312,12 +312,13 @@ def _offered_rate(load) -> float:
     return float(str(load).removesuffix("rps"))
 
 
-def fidelity_vs_load(table: pd.DataFrame) -> Figure:
+def fidelity_vs_load(table: pd.DataFrame, capacity: dict[str, float] | None = None) -> Figure:
     """The fidelity table (benchmarks/fidelity/run_fidelity.py's table.csv) as latency and
     throughput against load: one row of panels per trace, the real runs as points (the mean of
-    the repeats, the bar their min-max range) and each cost model as a line, the capacity the
-    cells were placed by as a dotted line (cells right of it are past capacity). Pair cells
-    are left out."""
+    the repeats, the bar their min-max range) and each cost model as a line, and a dotted line
+    where the trace's cells turn from below capacity to past it: at `capacity[trace]` (req/s,
+    the capacity the cells were placed by: run_fidelity's capacity.json) where given, else
+    half way between the last cell below and the first past. Pair cells are left out."""
     base = table[table["pair"].isna()].assign(rate=lambda t: t["load"].map(_offered_rate))
     traces = sorted(base["trace"].unique())
     models = _fitted_first(base["cost_model"].unique())
@@ -337,8 +338,8 @@ def fidelity_vs_load(table: pd.DataFrame) -> Figure:
                 sim = rows[rows["cost_model"] == model]
                 ax.plot(sim["rate"], sim["sim"], **{**series_style(i), "marker": "s"}, label=f"sim, {model}")
             if len(below) and len(past):
-                ax.axvline((below.max() + past.min()) / 2, color="grey", ls=":", lw=1.2,
-                           label="capacity (cells right of it are past it)")
+                at = (capacity or {}).get(trace, (below.max() + past.min()) / 2)
+                ax.axvline(at, color="grey", ls=":", lw=1.2, label="capacity (cells right of it are past it)")
             ax.set(title=f"{trace}: {title}", xlabel="offered load (req/s)")
             ax.grid(alpha=0.3)
     _figure_legend(fig, axes[0][0], 2 + len(models))

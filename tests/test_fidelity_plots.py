@@ -5,6 +5,7 @@ import pandas as pd
 
 import bench_scripts
 from analysis import plots
+from matplotlib.figure import Figure
 
 MODELS = ("roofline", "fitted")
 
@@ -43,6 +44,23 @@ def test_load_figure_has_a_row_per_trace_with_real_points_and_a_line_per_cost_mo
     assert list(x) == [4.0, 8.0, 12.0, 16.0] and np.allclose(y, [14.0, 19.0, 24.0, 29.0])
     capacity = [line for line in ax.get_lines() if line.get_label().startswith("capacity")]
     assert len(capacity) == 1 and capacity[0].get_xdata()[0] == 14.0   # between the last below and the first past
+
+
+def test_capacity_line_at_each_traces_capacity_where_given():
+    fig = plots.fidelity_vs_load(table(), {"azure_conv": 13.0, "sharegpt": 12.5})
+    n = len(plots.FIDELITY_METRICS)
+    for ax, at in ((fig.axes[0], 13.0), (fig.axes[n + 2], 12.5)):   # an azure_conv and a sharegpt panel
+        capacity = [line for line in ax.get_lines() if line.get_label().startswith("capacity")]
+        assert len(capacity) == 1 and capacity[0].get_xdata()[0] == at
+
+
+def test_table_stage_marks_the_capacity_json_figures(tmp_path, monkeypatch):
+    run_fidelity = bench_scripts.load("benchmarks/fidelity/run_fidelity.py")
+    drawn = []
+    monkeypatch.setattr(plots, "fidelity_vs_load", lambda t, capacity=None: drawn.append(capacity) or Figure())
+    capacity = {"azure_conv": {"capacity_rps": 13.0, "native_rps": 2.3}, "sharegpt": {"capacity_rps": 12.5, "native_rps": None}}
+    run_fidelity.figures(table(), pd.DataFrame(), tmp_path, capacity)
+    assert drawn == [{"azure_conv": 13.0, "sharegpt": 12.5}]
 
 
 def test_no_capacity_line_when_every_cell_is_below_it():

@@ -211,7 +211,7 @@ def read_metrics(run_dir: Path) -> dict | None:
     return json.loads(f.read_text())["metrics"] if f.is_file() else None
 
 
-def stage_table(args, todo) -> dict:
+def stage_table(args, todo, capacity: dict | None = None) -> dict:
     rows, effects, equivalence = [], [], []
     sim_models = sorted(p.name for p in (args.out / "sim").iterdir()) if (args.out / "sim").is_dir() else []
     seen = set()
@@ -259,22 +259,24 @@ def stage_table(args, todo) -> dict:
     steps = step_costs(args, todo)
     steps.to_csv(args.out / "steps.csv", index=False)
     summary = summarize(table, effects, equivalence, steps)
-    text = markdown(table, effects, equivalence, summary, steps) + figures(table, effects, args.out)
+    text = markdown(table, effects, equivalence, summary, steps) + figures(table, effects, args.out, capacity)
     (args.out / "table.md").write_text(text)
     print(text)
     print(json.dumps(summary))
     return summary
 
 
-def figures(table: pd.DataFrame, effects: pd.DataFrame, out: Path) -> str:
-    """fidelity_vs_load.png (latency and throughput against load, real and every cost model)
-    and, with pairs, fidelity_effects.png (predicted against measured changes) under `out`;
-    returns the markdown that shows them."""
+def figures(table: pd.DataFrame, effects: pd.DataFrame, out: Path,
+            capacity: dict | None = None) -> str:
+    """fidelity_vs_load.png (latency and throughput against load, real and every cost model,
+    `capacity` (capacity.json's) marked) and, with pairs, fidelity_effects.png (predicted
+    against measured changes) under `out`; returns the markdown that shows them."""
     from analysis.plots import fidelity_effects, fidelity_vs_load, save
     lines = []
     base = table[table["pair"].isna()] if not table.empty else table
     if not base.empty and base.groupby("trace")["load"].nunique().max() >= 2:   # a line needs two loads
-        save(fidelity_vs_load(table), out / "fidelity_vs_load.png")
+        rps = {trace: c["capacity_rps"] for trace, c in (capacity or {}).items()}
+        save(fidelity_vs_load(table, rps), out / "fidelity_vs_load.png")
         lines.append("![latency and throughput against load, real and simulated](fidelity_vs_load.png)")
     if not effects.empty:
         save(fidelity_effects(effects), out / "fidelity_effects.png")
@@ -487,7 +489,7 @@ def main(argv=None) -> None:
     if "sim" in args.stages:
         stage_sim(args, common, todo)
     if "table" in args.stages:
-        stage_table(args, todo)
+        stage_table(args, todo, capacity)
 
 
 if __name__ == "__main__":
