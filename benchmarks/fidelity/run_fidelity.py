@@ -174,6 +174,10 @@ def hardware_overrides(path) -> list[str]:
 
 
 def stage_sim(args, common, todo) -> None:
+    """Every cell on the simulator, once per cost model (fitted: the calibration; roofline: the
+    --roofline-hardware file; roofline_fitted: the calibration's own hardware file where there
+    is one), and every real run replayed from its own steps (cost_model=replay); a replay that
+    diverges leaves diverged.txt for the table instead of stopping the stage."""
     models = {"fitted": ["cost_model=fitted", f"cost_model.path={args.calibration}"],
               "roofline": ["cost_model=roofline"]
               + (hardware_overrides(args.roofline_hardware) if args.roofline_hardware else [])}
@@ -212,6 +216,11 @@ def read_metrics(run_dir: Path) -> dict | None:
 
 
 def stage_table(args, todo, capacity: dict | None = None) -> dict:
+    """From what the real and sim stages wrote under --out: table.csv (cell x cost model x
+    metric: real mean of the repeats, sim, error, the repeats' spread), effects.csv (each
+    pair's measured against predicted change), equivalence.csv (each replay step for step),
+    steps.csv, the figures (the capacity line at `capacity`, capacity.json's) and table.md;
+    prints the markdown and returns the summary (its last line, as JSON)."""
     rows, effects, equivalence = [], [], []
     sim_models = sorted(p.name for p in (args.out / "sim").iterdir()) if (args.out / "sim").is_dir() else []
     seen = set()
