@@ -12,6 +12,13 @@ leave-one-model-out error says what to expect for a model never profiled.
         --hardware conf/hardware/h200.yaml --out conf/hardware/h200.yaml \\
         [--leave-one-out simulator/calibrations/leave_one_out]
 
+A GPU of the same compute die as a fitted one but without profiles of its own (the H100
+next to the H200: the same GH100, other HBM) gets the fitted file's rates, shape and engine
+costs, its own peaks, memory, interconnect and measured block costs kept:
+
+    python -m simulator.hardware_fit --transfer-from conf/hardware/h200.yaml \\
+        --hardware conf/hardware/h100.yaml --out conf/hardware/h100.yaml
+
 Each profile needs its metadata JSON beside it (<name>.json: model, device, tp, engine), as
 `python run.py experiment=calibrate` writes them; the model is read from conf/model/<model>.yaml.
 All profiles must come from one device. Prints per profile and step kind the held-out MAPE
@@ -443,6 +450,28 @@ def print_table(rows: list[dict]) -> None:
 FIT_NOTE = "# fit: "    # the comment lines write_spec owns (replaced on every write)
 
 
+def fitted_fields() -> list[str]:
+    """Every field a fit may write: the searched rates and shape, the fixed costs, the host
+    overheads and the block-cost reference."""
+    return list(SEARCHED) + list(FIXED) + [n for names in HOST_TERMS.values() for n in names] + [
+        "attention_reference_block"]
+
+
+def transfer(source: HardwareSpec, target: HardwareSpec) -> tuple[HardwareSpec, list[str]]:
+    """`target` with `source`'s fitted values (fitted_fields), for a GPU of `source`'s compute
+    die that has no profiles: the efficiencies are fractions of each file's own datasheet
+    peaks, so they carry over with the die (the same SMs, clocks and kernels), and the fixed
+    costs and host overheads are the engine's. Kept from `target`: its peaks, memory,
+    interconnect bandwidth, measured attention block costs, and a MEASURED value it states.
+    Returns (the spec, the fields taken). Raises ValueError (one line) when the dense peaks
+    differ: another die, whose rates the fit says nothing about."""
+    if source.peak_tflops != target.peak_tflops:
+        raise ValueError(f"a transfer needs GPUs of one compute die (the same dense peak): {source.name} "
+                         f"{source.peak_tflops:g} TFLOP/s, {target.name} {target.peak_tflops:g}")
+    taken = [n for n in fitted_fields() if not (n in MEASURED and getattr(target, n) is not None)]
+    return dataclasses.replace(target, **{n: getattr(source, n) for n in taken}), taken
+
+
 def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: list[str]) -> None:
     """Write `source` (the hardware YAML fitted from) to `path` with `fields` set to `hw`'s
     values (4 significant digits: a readable file): each such line replaced where the file
@@ -480,7 +509,10 @@ def write_spec(hw: HardwareSpec, path, source: str, fields: list[str], note: lis
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("profiles", nargs="+", help="profile parquets (python run.py experiment=calibrate writes them)")
+    ap.add_argument("profiles", nargs="*", help="profile parquets (python run.py experiment=calibrate writes them)")
+    ap.add_argument("--transfer-from", default=None, metavar="FILE",
+                    help="instead of fitting: take FILE's fitted values (a fitted hardware YAML of the same "
+                    "compute die) into --hardware, written to --out")
     ap.add_argument("--hardware", required=True, help="the GPU's hardware YAML: its peaks, memory, interconnect "
                     "and block costs are kept, the fitted values and `# fit:` lines replaced")
     ap.add_argument("--out", default=None, help="where to write the jointly fitted hardware YAML")
@@ -489,6 +521,11 @@ def main(argv=None) -> None:
     ap.add_argument("--sweeps", type=int, default=4, help="coordinate-search sweeps (default 4)")
     ap.add_argument("--polish", type=int, default=300, help="Nelder-Mead iterations after them (default 300)")
     args = ap.parse_args(argv)
+    command = "python -m simulator.hardware_fit " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.transfer_from:
+        return main_transfer(args, command)
+    if not args.profiles:
+        sys.exit("error: give profile parquets to fit on, or --transfer-from a fitted file")
     try:
         profiles = [load_profile(p) for p in args.profiles]
         check_profiles(profiles)
@@ -501,7 +538,6 @@ def main(argv=None) -> None:
     rows = error_table(profiles, specs)
     print("held-out steps, roofline (predicted - measured) / measured:")
     print_table(rows)
-    command = "python -m simulator.hardware_fit " + " ".join(sys.argv[1:] if argv is None else argv)
     source = [f"{p.name} (engine {p.engine_commit[:7]})" for p in profiles]
     searched, fixed = fitted_params(profiles, given)
     # every searched name, determined or at its lead (a leave-one-out fit may lack what the
@@ -528,6 +564,28 @@ def main(argv=None) -> None:
     print(json.dumps({"joint": {r["profile"] + "/" + r["kind"]: round(r["mape"], 4) for r in rows if r["hardware"] == "joint"},
                       **({"leave_one_out": {r["profile"] + "/" + r["kind"]: round(r["mape"], 4)
                                             for r in rows if r["hardware"] == "leave-one-out"}} if loo else {})}))
+
+
+def main_transfer(args, command: str) -> None:
+    """--transfer-from: write --hardware with the fitted file's values (transfer) to --out,
+    the fit comment lines naming the file and what it was fitted on."""
+    if args.profiles or not args.out:
+        sys.exit("error: --transfer-from takes no profiles and needs --out")
+    try:
+        source_text = Path(args.transfer_from).read_text()
+        source = HardwareSpec(**yaml.safe_load(source_text))
+        target_text = Path(args.hardware).read_text()
+        spec, taken = transfer(source, HardwareSpec(**yaml.safe_load(target_text)))
+    except (ValueError, OSError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    fitted_on = [line[len(FIT_NOTE):] for line in source_text.splitlines()
+                 if line.startswith(FIT_NOTE) and not line.startswith(FIT_NOTE + "command:")]
+    note = [f"efficiencies, fixed costs and host overheads transferred from {args.transfer_from} "
+            f"(the same compute die, {source.peak_tflops:g} TFLOP/s dense; not profiled here), there:",
+            *[f"  {line}" for line in fitted_on],
+            f"command: {command} ({datetime.date.today().isoformat()})"]
+    write_spec(spec, args.out, target_text, taken, note)
+    print(f"wrote {args.out}: {len(taken)} values from {args.transfer_from}")
 
 
 if __name__ == "__main__":

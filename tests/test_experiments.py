@@ -124,10 +124,10 @@ def test_summary_names_a_fitted_calibration_and_trace_timestamps(tmp_path, stand
 
 
 def test_recorded_config_reads_a_runs_summary_back(tmp_path):
-    """A summary's config rebuilds the run's config: JSON stores the H100 file's
-    roofline_exponent (.inf) as null, read back as inf; an optional field's null stays None."""
+    """A summary's config rebuilds the run's config: JSON stores a roofline_exponent of inf
+    (the max of the two terms) as null, read back as inf; an optional field's null stays None."""
     from experiments.config import recorded_config
-    cfg = compose_config(SMALL)
+    cfg = compose_config(SMALL + ["hardware.roofline_exponent=inf", "hardware.expert_flops_efficiency=null"])
     run(cfg, tmp_path)
     config = json.loads((tmp_path / "summary.json").read_text())["config"]
     assert config["hardware"]["roofline_exponent"] is None

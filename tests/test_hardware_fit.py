@@ -15,10 +15,10 @@ from simulator import hardware_fit
 from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CudaGraphs, RooflineCostModel
 from simulator.hardware import HardwareSpec
-from tests.test_simulator import load_hardware, load_model
+from tests.test_simulator import H100, H100_DATASHEET, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = load_hardware("h100")
+DATASHEET = H100_DATASHEET   # an H100 file of datasheet peaks and leads: the fits start from leads
 GRAPHS = CudaGraphs.for_engine(16, 512, 256)
 ENGINE = {"max_num_seqs": 16, "max_num_batched_tokens": 512, "cuda_graph_max_tokens": 256,
           "block_size": 16, "pdl_max_tokens": 8}
@@ -98,7 +98,7 @@ def test_what_one_dense_model_or_no_moe_cannot_tell_stays_at_the_lead(tmp_path):
     assert "gemm_depth_overhead" not in hardware_fit.fitted_params(one)[0]
     assert "gemm_depth_overhead" in hardware_fit.fitted_params(two)[0]
     assert "expert_flops_efficiency" not in hardware_fit.fitted_params(two)[0]
-    assert "attention_flops_efficiency" in hardware_fit.fitted_params(two, H100)[0]       # h100.yaml: null
+    assert "attention_flops_efficiency" in hardware_fit.fitted_params(two, H100)[0]       # not stated
     measured = dataclasses.replace(H100, attention_flops_efficiency=0.123, expert_flops_efficiency=0.4,
                                    gemm_depth_overhead=7.0)
     assert "attention_flops_efficiency" not in hardware_fit.fitted_params(two, measured)[0]
@@ -107,8 +107,7 @@ def test_what_one_dense_model_or_no_moe_cannot_tell_stays_at_the_lead(tmp_path):
     assert kept.gemm_depth_overhead == hardware_fit.LEADS["gemm_depth_overhead"]   # not the file's 7
     assert kept.expert_flops_efficiency is None                    # not the file's: no MoE profile
     # written as such: a null the source file lacks is added, a stated one replaced
-    source = (ROOT / "conf" / "hardware" / "h100.yaml").read_text()
-    for text in (source, source + "expert_flops_efficiency: 0.4\n"):
+    for text in (DATASHEET, DATASHEET + "expert_flops_efficiency: 0.4\n"):
         hardware_fit.write_spec(kept, tmp_path / "out.yaml", text, ["expert_flops_efficiency", "gemm_depth_overhead"], ["t"])
         written = (tmp_path / "out.yaml").read_text()
         assert "expert_flops_efficiency: null" in written and written.count("expert_flops_efficiency") == 1
@@ -196,8 +195,9 @@ def test_gemm_shapes_and_their_depth_overhead():
 
 def test_cli_writes_the_joint_and_leave_one_out_files(tmp_path, capsys):
     paths = [str(write_profile(tmp_path, m, TRUTH, every=5)) for m in ("qwen3-0.6b", "llama-3.1-70b")]
-    out = tmp_path / "h100-fit.yaml"
-    hardware_fit.main(paths + ["--hardware", str(ROOT / "conf" / "hardware" / "h100.yaml"), "--out", str(out),
+    out, given = tmp_path / "h100-fit.yaml", tmp_path / "h100.yaml"
+    given.write_text(DATASHEET)
+    hardware_fit.main(paths + ["--hardware", str(given), "--out", str(out),
                                "--leave-one-out", str(tmp_path / "loo"), "--sweeps", "1", "--polish", "10"])
     text = out.read_text()
     assert "qwen3-0.6b-tp1 (engine abc1234)" in text and "command: python -m simulator.hardware_fit" in text
@@ -234,3 +234,48 @@ def test_write_hardware_takes_numpy_values(tmp_path):
     assert back["flops_efficiency"] == pytest.approx(0.61)
     assert back["layer_fixed_s"] == pytest.approx(2e-5)
     assert HardwareSpec(**back) == dataclasses.replace(hw, flops_efficiency=0.61, layer_fixed_s=back["layer_fixed_s"])
+
+
+def test_transfer_takes_the_fitted_values_and_keeps_the_gpus_own(tmp_path):
+    """A GPU of a fitted one's die, without profiles: the fitted rates, shape and engine costs
+    carried over, its own peaks, memory, interconnect and measured block costs kept; another
+    die refused."""
+    fitted = dataclasses.replace(TRUTH, name="big", hbm_bandwidth_gbs=4800.0, memory_gib=140.0,
+                                 interconnect_gbs=900.0, step_overhead_s=3e-4, seq_overhead_s=2e-6,
+                                 shared_kv_read_cost=0.5, attention_block_cost={"decode": {64: 0.9}})
+    target = HardwareSpec(name="small", peak_tflops=fitted.peak_tflops, hbm_bandwidth_gbs=3350.0,
+                          memory_gib=80.0, interconnect_gbs=450.0, attention_block_cost={"decode": {64: 0.99}})
+    spec, taken = hardware_fit.transfer(fitted, target)
+    for name in ("name", "peak_tflops", "hbm_bandwidth_gbs", "memory_gib", "interconnect_gbs", "attention_block_cost"):
+        assert getattr(spec, name) == getattr(target, name) and name not in taken
+    assert {"flops_efficiency", "layer_fixed_s", "step_overhead_s", "attention_flops_efficiency"} <= set(taken)
+    for name in taken:
+        assert getattr(spec, name) == getattr(fitted, name)
+    stated = dataclasses.replace(target, attention_flops_efficiency=0.5)    # measured on this GPU: kept
+    assert hardware_fit.transfer(fitted, stated)[0].attention_flops_efficiency == 0.5
+    with pytest.raises(ValueError, match="one compute die"):
+        hardware_fit.transfer(fitted, dataclasses.replace(target, peak_tflops=312.0))
+
+
+def test_cli_transfer_writes_the_file_with_its_source(tmp_path, capsys):
+    source = tmp_path / "big.yaml"
+    fitted = dataclasses.replace(TRUTH, name="big", hbm_bandwidth_gbs=4800.0)
+    source.write_text("# fit: fitted jointly on 2 profiles of GPU X:\n"
+                      + yaml.safe_dump({k: v for k, v in dataclasses.asdict(fitted).items() if v is not None}))
+    target = tmp_path / "small.yaml"
+    target.write_text("# small: a datasheet\nname: small\npeak_tflops: 989.0\nhbm_bandwidth_gbs: 3350.0\n"
+                      "memory_gib: 80.0\n")
+    out = tmp_path / "out.yaml"
+    hardware_fit.main(["--transfer-from", str(source), "--hardware", str(target), "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# small: a datasheet") and f"transferred from {source}" in text
+    assert "# fit:   fitted jointly on 2 profiles of GPU X:" in text
+    spec = HardwareSpec(**yaml.safe_load(text))
+    assert spec.hbm_bandwidth_gbs == 3350.0 and spec.flops_efficiency == pytest.approx(TRUTH.flops_efficiency)
+    assert spec.layer_fixed_s == pytest.approx(TRUTH.layer_fixed_s)
+    with pytest.raises(SystemExit, match="needs --out"):
+        hardware_fit.main(["--transfer-from", str(source), "--hardware", str(target)])
+    other = tmp_path / "other.yaml"
+    other.write_text("name: other\npeak_tflops: 312.0\nhbm_bandwidth_gbs: 2039.0\nmemory_gib: 80.0\n")
+    with pytest.raises(SystemExit, match="one compute die"):
+        hardware_fit.main(["--transfer-from", str(source), "--hardware", str(other), "--out", str(out)])

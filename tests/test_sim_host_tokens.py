@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from policy import CacheConfig, SchedulerConfig
-from simulator import CudaGraphs, HardwareSpec, ModelSpec, RooflineCostModel, Simulator
+from simulator import CudaGraphs, ModelSpec, RooflineCostModel, Simulator
 from simulator.calibrate import fit_host
 from simulator.hardware import HostCosts
+from tests.test_simulator import H100   # datasheet peaks and leads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QWEN = ModelSpec.from_hf_config(yaml.safe_load(open(ROOT / "conf/model/qwen3-0.6b.yaml"))["hf_config"], "qwen3-0.6b")
-H100 = HardwareSpec(**yaml.safe_load(open(ROOT / "conf/hardware/h100.yaml")))
 SCHED = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=4096)
 CACHE = CacheConfig(block_size=16, enable_prefix_caching=False)
 
