@@ -42,3 +42,67 @@ def test_within_targets_counts_cells_below_capacity_by_each_models_tolerance():
     assert w.loc[("fitted", "b"), "within"] == 3
     assert w.loc[("roofline", "a"), "within"] == 3        # 12% is within the roofline's 15%
     assert w.loc[("fitted", "all"), "within"] == 4 and w.loc[("fitted", "all"), "of"] == 6
+
+
+def write_run(d, ttft, e2e, tokens, scale=1.0):
+    """A run folder of requests (arrival 0.1 s apart) whose times after arrival are
+    `scale` x the given ones: TTFT, E2E and `tokens` output tokens evenly in between."""
+    import numpy as np
+    import pandas as pd
+    rows = []
+    for i, (t, e, n) in enumerate(zip(ttft, e2e, tokens)):
+        arrival = 0.1 * i
+        times = arrival + scale * np.linspace(t, e, n)
+        rows.append({"request_id": f"r{i}", "arrival_s": arrival, "first_token_s": times[0], "finish_s": times[-1],
+                     "prompt_len": 10, "output_len": n, "finish_reason": "length", "token_times_s": list(times)})
+    d.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(d / "requests.parquet")
+    return d
+
+
+def requests(seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ttft = rng.lognormal(-4, 1, 60)
+    return ttft, ttft + rng.uniform(0.05, 2.0, 60), rng.integers(2, 40, 60)
+
+
+def test_sampling_interval_is_paired_and_follows_a_uniform_change(tmp_path):
+    """One draw of requests for both sides: identical sides give no interval at all however
+    spread the requests, every latency 20% longer gives exactly +20% in every draw; the
+    throughputs (counts over a duration) get none."""
+    a = [write_run(tmp_path / f"a{r}", *requests(r)) for r in range(2)]
+    same = [write_run(tmp_path / f"same{r}", *requests(r)) for r in range(2)]
+    slow = [write_run(tmp_path / f"slow{r}", *requests(r), scale=1.2) for r in range(2)]
+    for b, change in ((same, 0.0), (slow, 0.2)):
+        intervals = run_fidelity.sampling_interval(a, b, draws=50)
+        assert intervals["request_throughput"] is None and intervals["output_throughput"] is None
+        for metric in ("mean_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p99_itl_ms", "mean_e2el_ms"):
+            lo, hi = intervals[metric]
+            assert abs(lo - change) < 1e-9 and abs(hi - change) < 1e-9, metric
+
+
+def test_sampling_interval_widens_for_a_tail_changed_by_few_requests(tmp_path):
+    import numpy as np
+    a = [write_run(tmp_path / "a", *requests(0))]
+    ttft, e2e, tokens = requests(0)
+    worst = np.argsort(ttft)[-3:]                 # the three slowest first tokens take 3x longer
+    ttft, e2e = ttft.copy(), e2e.copy()
+    e2e[worst] += 2 * ttft[worst]
+    ttft[worst] *= 3
+    b = [write_run(tmp_path / "b", ttft, e2e, tokens)]
+    intervals = run_fidelity.sampling_interval(a, b, draws=200)
+    p99, median = intervals["p99_ttft_ms"], intervals["median_ttft_ms"]
+    assert p99[0] < p99[1] and p99[1] - p99[0] > 0.2      # which of the three a draw holds moves p99
+    assert abs(median[0]) < 1e-9 and abs(median[1]) < 1e-9   # the middle of the requests never moves
+
+
+def test_summary_counts_the_misses_inside_the_sampling_interval():
+    import pandas as pd
+    effects = pd.DataFrame([
+        {"cost_model": "fitted", "within_target": True, "within_sampling": True, "beyond_spread": True},
+        {"cost_model": "fitted", "within_target": False, "within_sampling": True, "beyond_spread": False},
+        {"cost_model": "fitted", "within_target": False, "within_sampling": False, "beyond_spread": True}])
+    summary = run_fidelity.summarize(pd.DataFrame(), effects, pd.DataFrame())
+    assert summary["effects_within_target"] == {"fitted": "1/3"}
+    assert summary["effects_missed_within_sampling"] == {"fitted": "1/2"}

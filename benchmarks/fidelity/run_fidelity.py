@@ -253,12 +253,22 @@ def stage_table(args, todo, capacity: dict | None = None) -> dict:
     table = pd.DataFrame(rows)
     if not table.empty:
         paired = table[table["pair"].notna()]
+        dirs = {c["name"]: c["dir"] for c in todo}
+        intervals = {}     # (group, pair) -> sampling_interval of its real runs
         for (cell_base, model, metric, pair), g in paired.groupby(["group", "cost_model", "metric", "pair"]):
             if set(g["side"]) != {0, 1}:
                 continue
             a, b = g[g["side"] == 0].iloc[0], g[g["side"] == 1].iloc[0]
-            effects.append({"cell": cell_base, "pair": pair, "cost_model": model, "metric": metric,
-                            **pair_effect(a, b, metric)})
+            if (cell_base, pair) not in intervals:
+                intervals[cell_base, pair] = sampling_interval(
+                    *[[args.out / "real" / dirs[side["cell"]] / f"r{r}" for r in range(int(side["repeats"]))]
+                      for side in (a, b)])
+            effect = pair_effect(a, b, metric)
+            interval = intervals[cell_base, pair][metric]
+            effects.append({"cell": cell_base, "pair": pair, "cost_model": model, "metric": metric, **effect,
+                            "sampling_lo": interval[0] if interval else math.nan,
+                            "sampling_hi": interval[1] if interval else math.nan,
+                            "within_sampling": bool(interval) and interval[0] <= effect["predicted_change"] <= interval[1]})
     effects = pd.DataFrame(effects)
     equivalence = pd.DataFrame(equivalence)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -348,6 +358,61 @@ def pair_effect(a, b, metric: str) -> dict:
             "beyond_spread": bool(abs(measured) > max(a["real_spread"], b["real_spread"]))}
 
 
+SAMPLING_DRAWS = 400     # paired bootstrap draws of a pair's requests (sampling_interval)
+_STAT = {"mean": np.nanmean, "median": np.nanmedian,
+         "p90": lambda x, axis: np.nanpercentile(x, 90, axis=axis),
+         "p99": lambda x, axis: np.nanpercentile(x, 99, axis=axis)}
+
+
+def _run_samples(run_dir: Path) -> dict:
+    """A real run's completed requests by id: ttft, tpot (NaN with one output token), e2el
+    (seconds) and each request's inter-token gaps, as analysis.metrics computes them."""
+    from analysis.metrics import add_latencies, completed
+    df = add_latencies(completed(pd.read_parquet(run_dir / "requests.parquet")).copy())
+    return {rid: (r.ttft_s, r.tpot_s, r.e2el_s, np.diff(np.asarray(r.token_times_s, float)))
+            for rid, r in zip(df["request_id"], df.itertuples())}
+
+
+def sampling_interval(a_runs: list[Path], b_runs: list[Path], metrics=METRICS,
+                      draws: int = SAMPLING_DRAWS, seed: int = 0) -> dict:
+    """How much the measured change A -> B of each metric owes to which requests the trace
+    happened to hold: the change measured again `draws` times on the requests drawn with
+    replacement (one draw for both sides and every repeat: a pair replays one set of
+    requests, so what the sides share cancels), each side the mean of its repeats as in the
+    table; {metric: (5th, 95th percentile)}, None for the throughputs (a run's count over its
+    duration: not a per-request sample). A predicted change inside the interval is as close
+    as this many requests can tell."""
+    runs = [[_run_samples(d) for d in side] for side in (a_runs, b_runs)]
+    ids = sorted(set.intersection(*(set(r) for side in runs for r in side)))
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(draws, len(ids)))
+
+    pooled = {}    # (side, run) -> each draw's inter-token gaps, pooled (ragged: draw by draw)
+
+    def side_values(s: int, column: int, stat: str) -> np.ndarray:
+        per_run = []
+        for k, r in enumerate(runs[s]):
+            if column < 3:
+                per_run.append(_STAT[stat](np.array([r[i][column] for i in ids], float)[draw], axis=1))
+                continue
+            if (s, k) not in pooled:
+                gaps = [r[i][3] for i in ids]
+                pooled[s, k] = [np.concatenate([gaps[j] for j in row]) for row in draw]
+            per_run.append(np.array([_STAT[stat](g, axis=None) for g in pooled[s, k]]))
+        return 1000.0 * np.mean(per_run, axis=0)
+    out = {}
+    for metric in metrics:
+        if not metric.endswith("_ms"):
+            out[metric] = None
+            continue
+        stat, name, _ = metric.split("_")
+        column = ("ttft", "tpot", "e2el", "itl").index(name)
+        a, b = side_values(0, column, stat), side_values(1, column, stat)
+        lo, hi = np.percentile((b - a) / a, [5, 95])
+        out[metric] = (float(lo), float(hi))
+    return out
+
+
 def within_targets(table: pd.DataFrame) -> pd.DataFrame:
     """The cells below capacity (pairs aside), per cost model and trace: how many (cell,
     metric) errors of TARGETS' metrics are within target (the fitted model's TARGETS, any
@@ -382,6 +447,10 @@ def summarize(table, effects, equivalence, steps: pd.DataFrame | None = None) ->
         clear = effects[effects["beyond_spread"]]   # changes larger than the repeats' noise
         out["effects_beyond_spread_within_target"] = {m: f"{int(g['within_target'].sum())}/{len(g)}"
                                                       for m, g in clear.groupby("cost_model")}
+        if "within_sampling" in effects.columns:     # misses inside the requests' sampling interval
+            out["effects_missed_within_sampling"] = {
+                m: f"{int((~g['within_target'] & g['within_sampling']).sum())}/{int((~g['within_target']).sum())}"
+                for m, g in effects.groupby("cost_model")}
     if not equivalence.empty:
         def identical(r) -> bool:
             if isinstance(r.get("diverged"), str):
@@ -428,9 +497,16 @@ def markdown(table, effects, equivalence, summary, steps: pd.DataFrame | None = 
     if not effects.empty:
         key = effects[effects["metric"].isin(["request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms"])]
         lines += ["## Policy effects (change B vs A, %)", "",
-                  md(key.assign(measured=100 * key["measured_change"], predicted=100 * key["predicted_change"])[
+                  md(key.assign(measured=100 * key["measured_change"], predicted=100 * key["predicted_change"],
+                                **({"sampling_90": [f"{100 * lo:+.1f}..{100 * hi:+.1f}" if lo == lo else "-"
+                                                    for lo, hi in zip(key["sampling_lo"], key["sampling_hi"])]}
+                                   if "sampling_lo" in key.columns else {}))[
                       ["cell", "pair", "cost_model", "metric", "measured", "predicted", "same_sign", "within_target"]
-                  ], index=False), ""]
+                      + (["sampling_90", "within_sampling"] if "sampling_lo" in key.columns else [])
+                  ], index=False), "",
+                  "sampling_90: the 5-95% interval of the measured change over the requests drawn "
+                  "again with replacement (one draw for both sides: sampling_interval); "
+                  "within_sampling: the prediction lies inside it.", ""]
     if not equivalence.empty:
         lines += ["## Step-for-step replay of every real run", "", md(equivalence, index=False), ""]
     if steps is not None and not steps.empty:
