@@ -350,8 +350,9 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh
     """The policy-effect pairs (run_fidelity.py's effects.csv): per cost model, each pair's
     predicted change of a metric against its measured change (%), filled where within target
     (same sign and within `tolerance_pp` points; TTFT's 5 points are counted in the title's
-    tally, the band shows the common `tolerance_pp`), hollow where not; symlog axes, linear
-    within +-`linthresh` points."""
+    tally, the band shows the common `tolerance_pp`), hollow where not, a miss with its
+    measured change's sampling interval (effects' sampling_lo / sampling_hi, where present)
+    drawn as a bar along the measured axis; symlog axes, linear within +-`linthresh` points."""
     models = _fitted_first(effects["cost_model"].unique())
     pairs = sorted(effects["pair"].unique())
     fig = Figure(figsize=_bounded(5.2 * len(models), 5.4), layout="constrained")
@@ -373,6 +374,16 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh
                        color=color, marker=marker, label=pair)
             ax.scatter(100 * p["measured_change"][~hit], 100 * p["predicted_change"][~hit], s=22,
                        facecolors="none", edgecolors=[color], marker=marker)
+        missed = rows[~rows["within_target"].astype(bool)]
+        sampled = missed[missed["sampling_lo"].notna()] if "sampling_lo" in rows.columns else missed.iloc[:0]
+        if len(sampled):   # the percentile interval need not hold the full sample's change: clip
+            ax.errorbar(100 * sampled["measured_change"], 100 * sampled["predicted_change"],
+                        xerr=[100 * (sampled["measured_change"] - sampled["sampling_lo"]).clip(lower=0),
+                              100 * (sampled["sampling_hi"] - sampled["measured_change"]).clip(lower=0)],
+                        fmt="none", ecolor="grey", elinewidth=0.8, capsize=2,
+                        label="a miss's sampling interval (5-95%)")
+        inside = (f"\n{int(missed['within_sampling'].astype(bool).sum())} / {len(missed)} misses inside "
+                  "their sampling interval" if "within_sampling" in rows.columns else "")
         ax.axhline(0, color="black", lw=0.6)
         ax.axvline(0, color="black", lw=0.6)
         # linear within +-linthresh points, where most changes and the band lie; log beyond
@@ -382,9 +393,9 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh
         ax.set(xlim=(-span, span), ylim=(-span, span), xlabel="measured change (%)",
                ylabel="predicted change (%)",
                title=f"{model}: {int(rows['within_target'].sum())} / {len(rows)} within target "
-                     "(hollow: not)")
+                     f"(hollow: not){inside}")
         ax.grid(alpha=0.3)
-    _figure_legend(fig, axes[0], 2 + len(pairs))
+    _figure_legend(fig, axes[0], 3 + len(pairs))
     return fig
 
 

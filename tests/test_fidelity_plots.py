@@ -99,3 +99,19 @@ def test_table_stage_draws_what_the_table_holds(tmp_path):
     text = run_fidelity.figures(one_load, effects, tmp_path / "pairs")   # a line needs two loads
     assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["fidelity_effects.png"]
     assert "(fidelity_effects.png)" in text and "vs_load" not in text
+
+
+def test_effects_figure_bars_each_miss_with_its_sampling_interval():
+    rows = [{"cell": "c", "pair": "policy", "cost_model": "fitted", "metric": m, "measured_change": meas,
+             "predicted_change": pred, "within_target": hit, "sampling_lo": lo, "sampling_hi": hi,
+             "within_sampling": lo <= pred <= hi if lo == lo else False}
+            for m, meas, pred, hit, lo, hi in (("mean_tpot_ms", 0.10, 0.11, True, 0.08, 0.12),
+                                               ("p90_ttft_ms", 0.27, 0.15, False, 0.10, 0.46),
+                                               ("p99_itl_ms", 0.34, 0.16, False, 0.28, 0.44),
+                                               ("request_throughput", 0.001, -0.001, False, np.nan, np.nan))]
+    ax = plots.fidelity_effects(pd.DataFrame(rows)).axes[0]
+    bars = [c for c in ax.containers if c.get_label().startswith("a miss's sampling interval")]
+    assert len(bars) == 1
+    segments = bars[0].lines[2][0].get_segments()       # the misses with an interval, not the hit
+    assert sorted((round(a[0], 6), round(b[0], 6)) for a, b in segments) == [(10.0, 46.0), (28.0, 44.0)]
+    assert ax.get_title().endswith("1 / 3 misses inside their sampling interval")
