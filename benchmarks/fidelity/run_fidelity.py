@@ -384,9 +384,10 @@ def sampling_interval(a_runs: list[Path], b_runs: list[Path], metrics=METRICS,
     as this many requests can tell."""
     runs = [[_run_samples(d) for d in side] for side in (a_runs, b_runs)]
     ids = sorted(set.intersection(*(set(r) for side in runs for r in side)))
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(ids), size=(draws, len(ids)))
-
+    if not ids:
+        raise ValueError(f"{a_runs[0].parent.name} -> {b_runs[0].parent.name}: no request completed "
+                         "in every run of both sides")
+    draw = np.random.default_rng(seed).integers(0, len(ids), size=(draws, len(ids)))
     pooled = {}    # (side, run) -> each draw's inter-token gaps, pooled (ragged: draw by draw)
 
     def side_values(s: int, column: int, stat: str) -> np.ndarray:
