@@ -106,3 +106,14 @@ def test_summary_counts_the_misses_inside_the_sampling_interval():
     summary = run_fidelity.summarize(pd.DataFrame(), effects, pd.DataFrame())
     assert summary["effects_within_target"] == {"fitted": "1/3"}
     assert summary["effects_missed_within_sampling"] == {"fitted": "1/2"}
+
+
+def test_sampling_interval_needs_requests_both_sides_completed(tmp_path):
+    import pandas as pd
+    import pytest
+    a = write_run(tmp_path / "x" / "r0", *requests(0))
+    b = write_run(tmp_path / "y" / "r0", *requests(1))
+    df = pd.read_parquet(b / "requests.parquet")
+    df.assign(request_id="other-" + df["request_id"]).to_parquet(b / "requests.parquet")
+    with pytest.raises(ValueError, match="x -> y: no request completed"):
+        run_fidelity.sampling_interval([a], [b], draws=5)
