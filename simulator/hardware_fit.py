@@ -541,9 +541,9 @@ def main(argv=None) -> None:
     source = [f"{p.name} (engine {p.engine_commit[:7]})" for p in profiles]
     searched, fixed = fitted_params(profiles, given)
     # every searched name, determined or at its lead (a leave-one-out fit may lack what the
-    # joint one has), but a measured one the file states
-    fitted = [n for n in SEARCHED if n in searched or n not in MEASURED] + list(fixed) + [
-        n for names in HOST_TERMS.values() for n in names] + ["attention_reference_block"]
+    # joint one has), but a measured one the file states; the fixed costs the profiles determine
+    fitted = [n for n in fitted_fields() if not (n in FIXED and n not in fixed)
+              and not (n in MEASURED and n not in searched)]
     text = Path(args.hardware).read_text()
     done = f"command: {command} ({datetime.date.today().isoformat()})"
     if args.out:

@@ -4,13 +4,13 @@
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+import bench_scripts
 from simulator import hardware_fit
 from simulator.profile_grid import profile_grid, shape_batch
 from simulator.cost_model import CudaGraphs, RooflineCostModel
@@ -18,7 +18,6 @@ from simulator.hardware import HardwareSpec
 from tests.test_simulator import H100, H100_DATASHEET, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASHEET = H100_DATASHEET   # an H100 file of datasheet peaks and leads: the fits start from leads
 GRAPHS = CudaGraphs.for_engine(16, 512, 256)
 ENGINE = {"max_num_seqs": 16, "max_num_batched_tokens": 512, "cuda_graph_max_tokens": 256,
           "block_size": 16, "pdl_max_tokens": 8}
@@ -107,7 +106,7 @@ def test_what_one_dense_model_or_no_moe_cannot_tell_stays_at_the_lead(tmp_path):
     assert kept.gemm_depth_overhead == hardware_fit.LEADS["gemm_depth_overhead"]   # not the file's 7
     assert kept.expert_flops_efficiency is None                    # not the file's: no MoE profile
     # written as such: a null the source file lacks is added, a stated one replaced
-    for text in (DATASHEET, DATASHEET + "expert_flops_efficiency: 0.4\n"):
+    for text in (H100_DATASHEET, H100_DATASHEET + "expert_flops_efficiency: 0.4\n"):
         hardware_fit.write_spec(kept, tmp_path / "out.yaml", text, ["expert_flops_efficiency", "gemm_depth_overhead"], ["t"])
         written = (tmp_path / "out.yaml").read_text()
         assert "expert_flops_efficiency: null" in written and written.count("expert_flops_efficiency") == 1
@@ -196,7 +195,7 @@ def test_gemm_shapes_and_their_depth_overhead():
 def test_cli_writes_the_joint_and_leave_one_out_files(tmp_path, capsys):
     paths = [str(write_profile(tmp_path, m, TRUTH, every=5)) for m in ("qwen3-0.6b", "llama-3.1-70b")]
     out, given = tmp_path / "h100-fit.yaml", tmp_path / "h100.yaml"
-    given.write_text(DATASHEET)
+    given.write_text(H100_DATASHEET)   # datasheet peaks and leads: the fits start from leads
     hardware_fit.main(paths + ["--hardware", str(given), "--out", str(out),
                                "--leave-one-out", str(tmp_path / "loo"), "--sweeps", "1", "--polish", "10"])
     text = out.read_text()
@@ -212,8 +211,7 @@ def test_cli_writes_the_joint_and_leave_one_out_files(tmp_path, capsys):
 def test_fidelity_roofline_hardware_overrides():
     """The table's roofline row with a given hardware file: every field the file's, the ones
     it leaves out at HardwareSpec's defaults (not conf/hardware's), through Hydra."""
-    sys.path.insert(0, str(ROOT / "benchmarks" / "fidelity"))
-    import run_fidelity
+    run_fidelity = bench_scripts.load("benchmarks/fidelity/run_fidelity.py")
 
     from experiments.config import build
     leads = ROOT / "conf" / "hardware" / "rtx4090.yaml"     # no fitted terms: all left out
