@@ -111,3 +111,22 @@ def test_step_errors_price_a_clocked_calibration_along_the_run(tmp_path):
         assert e["predicted_s"] / e["measured_s"] - 1 < -0.005, kind
     with pytest.raises(ValueError, match="gpu_gap_s"):
         step_errors(calib, graphs, steps.drop(columns=["gpu_gap_s"]))
+
+
+def test_the_profiles_own_shapes_are_priced_under_the_clock_term_along_its_order():
+    """A warm GPU runs prompt steps slower: a profile shape after heavy ones is priced above its
+    base price, by the median of its back-to-back steps; with no slowdown the price is the base."""
+    import numpy as np
+    import pandas as pd
+    from simulator.clock import ClockTerm
+    profile = pd.DataFrame({"num_prefill_tokens": [4096, 4096, 0], "num_batched_tokens": [4096, 4096, 16],
+                            "prefill_attention_pairs": [8e6, 8e6, 0.0], "decode_context_tokens": [0, 0, 16_000],
+                            "num_sampled": [1, 1, 16], "device_s": [0.05, 0.05, 0.002],
+                            "pred": [0.05, 0.05, 0.002]})
+    flops = {"token": 1.6e10, "sampled": 1e9, "pair": 1e6}
+    hot = step_residuals.with_profile_clock(profile, ClockTerm(0.075, {"decode": 0.2, "prompt": 0.35}, flops))
+    cool = step_residuals.with_profile_clock(profile, ClockTerm(0.075, {"decode": 0.0, "prompt": 0.0}, flops))
+    assert np.allclose(cool["pred"], profile["pred"]) and np.allclose(cool["err"], 0)
+    assert (hot["pred"] >= profile["pred"]).all()
+    assert hot["pred"].iloc[1] > hot["pred"].iloc[0] > profile["pred"].iloc[0]   # warmer after the first
+    assert np.allclose(hot["err"], hot["pred"] / profile["device_s"] - 1)
