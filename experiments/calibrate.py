@@ -38,6 +38,11 @@ Ends with one JSON line (the files and the held-out errors).
 re-measures only step 2's serving loop of the existing calibration file (its `host_serving`
 and <name>.serving.parquet; the profile and the fits stay), on the engine the overrides
 describe (give the ones the calibration was made with).
+
+    python -m experiments.calibrate --block-cost 32,64 model=qwen3-0.6b hardware=h200 [...]
+
+measures the model's attention cost at those KV block sizes against the profiled one, on the
+engine's own steps, into the existing calibration (experiments.block_cost).
 """
 import dataclasses
 import json
@@ -507,8 +512,7 @@ def remeasure_host_serving(cfg: DictConfig, overrides: list[str]) -> dict:
     if rc.mode != "gpu":
         raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
     tp = rc.engine.tensor_parallel_size
-    out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
-               f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
+    out = calibration_path(rc)
     if not out.is_file():
         raise ValueError(f"--host-serving-only: no calibration at {out} (make one with "
                          "`python run.py experiment=calibrate ...`)")
@@ -567,9 +571,7 @@ def calibrate(cfg: DictConfig, run_dir=None, overrides: list[str] | None = None)
     if rc.mode != "gpu":
         raise ValueError("calibration profiles the engine: use mode=gpu (experiment=calibrate sets it)")
     command = "python run.py " + " ".join(overrides if overrides is not None else sys.argv[1:])
-    tp = rc.engine.tensor_parallel_size
-    out = Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
-               f"{rc.model_name}-{rc.hardware.name}-tp{tp}.json")
+    out = calibration_path(rc)
     out.parent.mkdir(parents=True, exist_ok=True)
     run = profile_engine(rc)
     calib = fit(rc, run, command)
@@ -687,26 +689,61 @@ def report(rc, run: Profiled, calib: dict, out: Path, command: str, summary: dic
             summary["run_steps_median_error"] = {k: round(v["median_error"], 4) for k, v in errors.items()}
 
 
+def block_cost_sizes(overrides: list[str]) -> tuple[list[int] | None, list[str]]:
+    """(the block sizes of `--block-cost B1,B2` / `--block-cost=B1,B2`, or None; the other
+    arguments). SystemExit (one line) for a missing or malformed list."""
+    rest, sizes, args = [], None, iter(overrides)
+    for arg in args:
+        if arg == "--block-cost" or arg.startswith("--block-cost="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            try:
+                sizes = [int(x) for x in value.split(",") if x.strip()]
+            except ValueError:
+                sizes = []
+            if not sizes:
+                sys.exit(f"experiments.calibrate: --block-cost takes block sizes like 32,64, got {value!r}")
+        else:
+            rest.append(arg)
+    return sizes, rest
+
+
 def main(argv=None) -> None:
     """`python -m experiments.calibrate <hydra overrides>`: the same as `python run.py
     experiment=calibrate <overrides>`, without Hydra's output directory.
     `python -m experiments.calibrate --host-serving-only <overrides>`: re-measure only the
-    calibration's serving-loop host window (remeasure_host_serving)."""
+    calibration's serving-loop host window (remeasure_host_serving).
+    `python -m experiments.calibrate --block-cost 32,64 <overrides>`: measure the model's
+    attention cost at those KV block sizes against the profiled one and write it into the
+    calibration (experiments.block_cost)."""
     from hydra import compose, initialize_config_dir
     from experiments.config import register_configs
     overrides = list(sys.argv[1:] if argv is None else argv)
     serving_only = "--host-serving-only" in overrides
-    overrides = [o for o in overrides if o != "--host-serving-only"]
+    block_sizes, overrides = block_cost_sizes([o for o in overrides if o != "--host-serving-only"])
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=["experiment=calibrate"] + overrides)
-    if serving_only:
+    if serving_only or block_sizes:
         try:
-            remeasure_host_serving(cfg, overrides)
+            if serving_only:
+                remeasure_host_serving(cfg, overrides)
+            if block_sizes:
+                from experiments.block_cost import measure_block_cost
+                rc = build(cfg)
+                if rc.mode != "gpu":
+                    raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
+                measure_block_cost(rc, calibration_path(rc), block_sizes, "python -m experiments.calibrate "
+                                   f"--block-cost {','.join(map(str, block_sizes))} " + " ".join(overrides))
         except ValueError as e:
             sys.exit(f"experiments.calibrate: {e}")
     else:
         calibrate(cfg, overrides=["experiment=calibrate"] + overrides)
+
+
+def calibration_path(rc: RunConfig) -> Path:
+    """calibrate.out, else simulator/calibrations/<model>-<hardware>-tp<tp>.json."""
+    return Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
+                f"{rc.model_name}-{rc.hardware.name}-tp{rc.engine.tensor_parallel_size}.json")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.decode_plan import RULE_FIELDS, DecodePlan
 from policy.model import ModelConfig, expected_experts_touched
 from simulator.clock import ClockTerm
-from simulator.hardware import HOST_WINDOWS, GiB, HardwareSpec, HostCosts
+from simulator.hardware import HOST_WINDOWS, GiB, HardwareSpec, HostCosts, block_cost, check_block_cost
 
 if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
     import pandas as pd
@@ -618,9 +618,10 @@ class FittedCostModel(CostModel):
     features: FITTED_FEATURES (attention and sampling work), each with a coefficient, or
     (`slopes`, variant " sloped") a coefficient piecewise linear in T' through its own
     knots. Host costs come from the file.
-    Given the hardware and the run's block size, each attention coefficient is scaled by
-    cost(run's block) / cost(block profiled) of its kernel (ATTENTION_FEATURES, the
-    hardware's `attention_block_cost`): the profile measured attention at one block size.
+    Given the run's block size, each attention coefficient is scaled by cost(run's block) /
+    cost(block profiled) of its kernel (ATTENTION_FEATURES; the calibration's own
+    `attention_block_cost`, measured on the model's steps, else the hardware's): the profile
+    measured attention at one block size.
     A step of a kind the profiled engine never ran (its graphs differ from the simulated
     engine's) is costed by the first fitted kind of eager, mixed, decode, at its tokens.
     A fit that uses decode_span_tokens, decode_split_seqs or decode_work_items (PLAN_FEATURES) needs the
@@ -649,6 +650,8 @@ class FittedCostModel(CostModel):
          "reread": {"shares": [...], "saving_s": [...]} (optional: the kinds were fitted on
                    steps as if unshared; a step with re-read KV costs its unshared price less
                    reread_saving),
+         "attention_block_cost": {"decode": {block size: relative time}, "prefill": {...}}
+                  (optional: experiments.block_cost's, at the profiled block size 1.0),
          "clock": {"tau_s", "slowdown": {"decode", "prompt"}, "flops": {...}} (optional: the
                   kinds were fitted on base-clock times; `clock`, a simulator.clock.ClockTerm,
                   and the simulator's executor turn each prediction into the step's time
@@ -769,14 +772,19 @@ class FittedCostModel(CostModel):
     def _block_factors(self, hw: HardwareSpec | None, block_size: int | None) -> dict:
         """{"decode": f, "prefill": f}: the run's block size against the profiled one
         (the calibration's engine.block_size; 16, the engine's default, if not recorded,
-        as for its other engine settings)."""
-        if hw is None or block_size is None or not hw.attention_block_cost:
+        as for its other engine settings), from the calibration's own attention_block_cost
+        where it has one (measured on the model's steps: experiments.block_cost), else the
+        hardware's (the attention kernel alone: bench_attention.py --stages blocks)."""
+        own = self.calibration.get("attention_block_cost")
+        tables = (check_block_cost(own, self.source) if own is not None
+                  else hw.attention_block_cost if hw is not None else {})
+        if block_size is None or not tables:
             return {}
         profiled = (self.calibration.get("engine") or {}).get("block_size", 16)
         _require(isinstance(profiled, int) and profiled >= 1,
                  f"{self.source}: engine.block_size must be an integer >= 1, got {profiled!r}")
-        return {kernel: hw.attention_block_factor(kernel, block_size) / hw.attention_block_factor(kernel, profiled)
-                for kernel in hw.attention_block_cost}
+        return {kernel: block_cost(table, block_size) / block_cost(table, profiled)
+                for kernel, table in tables.items()}
 
     @classmethod
     def load(cls, path, graphs: CudaGraphs = CudaGraphs(), hw: HardwareSpec | None = None,

@@ -603,6 +603,26 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert again["host_serving"] != calib["host_serving"] and again["kinds"] == calib["kinds"]
     with pytest.raises(SystemExit, match="no calibration at"):
         calibrate_main(["--host-serving-only", "engine.device=cpu", f"calibrate.out={tmp_path / 'none.json'}"])
+    # the block size's cost measured on the model's own steps (experiments.block_cost): block 32
+    # against the profiled 16, written into the calibration, which then prices block 32 by it
+    engine_args = ["engine.device=cpu", f"engine.model_path={model_dir}", "engine.dtype=float32",
+                   "scheduler.max_num_seqs=4", "scheduler.max_num_batched_tokens=64",
+                   "scheduler.max_model_len=128", "cache.num_blocks=64", "calibrate.repeats=1",
+                   f"calibrate.out={out}"]
+    monkeypatch.setattr("experiments.block_cost.SHAPES_PER_KIND", 6)
+    calibrate_main(["--block-cost", "32"] + engine_args)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    costed = json.loads(out.read_text())
+    table = costed["attention_block_cost"]
+    assert table and all(t["16"] == 1.0 and t["32"] > 0 for t in table.values())
+    assert costed["kinds"] == again["kinds"] and "--block-cost 32" in costed["attention_block_cost_measured"]["command"]
+    timed = pd.read_parquet(summary["blocks"])
+    assert len(timed) == summary["shapes"] and (timed[["device_s_block16", "device_s_block32"]] > 0).all().all()
+    model = FittedCostModel(costed, block_size=32)
+    assert model.attn_factors == {k: t["32"] for k, t in table.items()}
+    for bad in (["--block-cost", "16"], ["--block-cost=x"]):      # the profiled size, not a list
+        with pytest.raises(SystemExit, match="--block-cost"):
+            calibrate_main(bad + engine_args)
     run(compose_config(SMALL + ["cost_model=fitted", f"cost_model.path={out}", "trace=synthetic",
                                 "trace.prompt_len=32", "trace.output_len=8", "scheduler.max_model_len=128",
                                 "scheduler.max_num_batched_tokens=64", "scheduler.max_num_seqs=4",
