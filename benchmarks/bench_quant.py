@@ -425,7 +425,8 @@ def bench_engine(args, fmt: str, extra: dict, ceiling: float) -> dict:
                        for layer in runner.model.attention_layers())
     llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     result.update(weight_GB=weight_bytes / 1e9, kv_blocks=runner.num_blocks,
-                  kv_tokens=runner.num_blocks * llm.config.block_size, decode=[])
+                  kv_tokens=runner.num_blocks * llm.config.block_size, decode=[],
+                  memory_GB={k: v / 1e9 for k, v in runner.memory.items() if k != "utilization"})
     for batch in map(int, args.decode_batches.split(",")):
         b = decode_breakdown(llm, batch, args.decode_context, 16)
         if b["steps"] and ceiling == ceiling:
@@ -487,6 +488,9 @@ def print_engine(res: dict, base: dict | None, name: str, args) -> None:
               f"{b['batch']:>6} {b['step_ms']:>8.3f} {b['device_ms']:>10.3f} "
               f"{b['tok_per_s']:>9.0f} {b.get('pct_of_copy', float('nan')):>6.1f}% "
               f"{ratio(ref, b['device_ms']):>8}")
+    if res.get("memory_GB"):   # where the memory went when the KV pool was sized (ModelRunner.memory)
+        print(f"{res['format']:>15} memory GB at KV sizing: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in res["memory_GB"].items()))
     p = res["prefill"]
     if p["steps"]:
         ref = (base or {}).get("prefill", {}).get("device_ms", float("nan"))

@@ -125,6 +125,7 @@ class ModelRunner:
         if on_gpu and config.pdl_max_tokens:
             from engine.kernels import pdl
             self.pdl = pdl if pdl.supported(self.device) else None
+        self.memory: dict = {}   # where the device's memory went when the pool was sized (CUDA: memory_report)
         self.num_blocks = self.allocate_kv_cache(self.profile())
         # the start-up kernel choices (skinny GEMM, fused MoE tiles, W4A16 launches), before
         # capture: timed, or read from EngineConfig.kernel_plan; their timing reports
@@ -207,6 +208,9 @@ class ModelRunner:
             used = total - free
             budget = total * cfg.gpu_memory_utilization - used - activation_bytes
             num_blocks = int(budget // block_bytes)
+            self.memory = memory_report(total, free, torch.cuda.memory_allocated(self.device),
+                                        torch.cuda.memory_reserved(self.device), activation_bytes,
+                                        max(num_blocks, 0) * block_bytes, cfg.gpu_memory_utilization)
         else:
             num_blocks = min(CPU_KV_BYTES // block_bytes, cfg.max_num_seqs * self.max_blocks)
         if self.tp_size > 1:    # every rank must hold the same pool
@@ -552,6 +556,20 @@ class ModelRunner:
             step = Step.from_header(header)
             dist.broadcast(self.buffer.device[HEADER_BYTES:step.nbytes], src=0)
             self.forward(step)
+
+
+def memory_report(total: int, free: int, allocated: int, reserved: int, activation: int,
+                  kv: int, utilization: float) -> dict:
+    """Where the device's memory went when the KV pool was sized (bytes): `weights` (every
+    tensor torch holds then: weights, buffers, scratch), `torch_cache` (torch's cached free
+    blocks), `other` (the rest of what the device reports used: the CUDA context, loaded
+    kernels' code and local memory, libraries' workspaces), `activation` (the largest step's
+    peak), `kv` (the pool), and `unused` (the share 1 - gpu_memory_utilization plus what
+    rounding to whole blocks leaves)."""
+    used = total - free
+    return {"total": total, "weights": allocated, "torch_cache": reserved - allocated,
+            "other": used - reserved, "activation": activation, "kv": kv,
+            "unused": total - used - activation - kv, "utilization": utilization}
 
 
 def size(nbytes: int) -> str:

@@ -202,3 +202,22 @@ def test_tensor_parallel_listens_on_loopback_only(checkpoint):
                            use_tqdm=False)
     assert len(out[0].token_ids) == 2
     assert addresses and set(addresses) <= loopback, addresses
+
+
+def test_the_memory_report_accounts_for_every_byte_of_the_device():
+    """ModelRunner.memory (CUDA): the device's bytes when the KV pool was sized, split into
+    what torch holds, torch's cache, the rest the device reports used, the largest step's
+    activations, the pool and what is left; on the CPU nothing is measured."""
+    from engine.model_runner import memory_report
+    gib = 1 << 30
+    report = memory_report(total=141 * gib, free=120 * gib, allocated=16 * gib, reserved=17 * gib,
+                           activation=3 * gib, kv=100 * gib, utilization=0.9)
+    parts = ("weights", "torch_cache", "other", "activation", "kv", "unused")
+    assert sum(report[k] for k in parts) == report["total"]
+    assert report["weights"] == 16 * gib and report["torch_cache"] == gib and report["other"] == 4 * gib
+    assert report["unused"] == 141 * gib - 21 * gib - 103 * gib
+
+
+def test_a_cpu_runner_reports_no_device_memory(checkpoint):
+    engine = LLMEngine(checkpoint, **CPU, num_gpu_blocks=32, max_model_len=64)
+    assert engine.model_runner.memory == {} and engine.model_runner.num_blocks == 32
