@@ -418,8 +418,13 @@ def layer_gemms(cfg: ModelConfig, tp: int = 1) -> tuple[list, list]:
 # held chunks of unequal context, a short chunk behind a 4k prefix beside a fresh one, which
 # prefill_span_tokens took at the chunks' mean context; at the longest chunk's they are within
 # 1-3%, and neither H200 profile of session 14 keeps this term.)
+# num_sampled in a decode step: its real rows, against the padding rows of its CUDA graph
+# (base(T') prices the graph's rows): a real row costs its sampling and its attention
+# program's fixed work, a padding row neither. Without it Qwen3-0.6B's fit (session 19's
+# padded grid) priced serving's decode steps with 8 or more padding rows +2.2..+2.5%
+# (session 19's and 21's runs), with it +1.9..+2.3%, held-out 1.64 -> 1.62% (session 21).
 FITTED_FEATURES = {
-    "decode": ["decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
+    "decode": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens", "max_context_tokens",
                "decode_span_tokens", "decode_split_seqs", "decode_work_items", "decode_reread_share_tokens"],
     "mixed": ["num_sampled", "decode_context_tokens", "decode_distinct_context_tokens",
               "prefill_attention_pairs", "prefill_kv_tokens", "max_context_tokens",

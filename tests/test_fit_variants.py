@@ -59,3 +59,23 @@ def test_a_feature_leaves_where_its_removal_pays_beyond_the_noise():
     assert "max_context_tokens" not in f["coefficients"]
     with_it = min(v for k, v in f["forms"].items() if "without" not in k)
     assert f["forms"][f["variant"]] < with_it
+
+
+def test_a_decode_fit_tells_real_rows_from_its_graphs_padding():
+    """A decode step runs its CUDA graph's rows, padding included; a real row also samples and
+    has its attention program. The decode kind prices num_sampled, so a padded step is priced
+    below a full one of the same graph (simulator.calibrate.fit_kinds, the product's features)."""
+    from simulator.calibrate import fit_kinds
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(300):
+        graph = int(rng.choice([8, 16, 32]))
+        real = int(rng.integers(max(1, graph // 2), graph + 1))
+        ctx = int(rng.integers(256, 4096)) * real
+        t = 1e-3 + 2e-5 * graph + 3e-6 * real + 10e-9 * ctx
+        rows.append({"kind": "decode", "rows": graph, "num_sampled": real, "decode_context_tokens": ctx,
+                     "device_s": t * (1 + 0.002 * rng.standard_normal()),
+                     "split": "held_out" if i % 3 == 1 else "train"})
+    fit = fit_kinds(pd.DataFrame(rows), ["decode"], note=False)["decode"]
+    assert abs(fit["coefficients"]["num_sampled"] - 3e-6) < 0.5e-6
+    assert fit["held_out"]["mape"] < 0.005
