@@ -360,7 +360,9 @@ def fidelity_effects(effects: pd.DataFrame, tolerance_pp: float = 3.0, linthresh
     span = 100 * float(np.nanmax(np.abs(effects[["measured_change", "predicted_change"]].to_numpy(float))))
     span = max(span * 1.05, 2 * tolerance_pp)
     grid = np.linspace(-span, span, 401)          # dense: the band bends on the symlog axes
-    ticks = [t for t in (-100, -50, -10, -5, 0, 5, 10, 50, 100) if abs(t) <= span]
+    # +-50 and +-100 sit a factor 2 apart on the log part: with both the labels run together
+    ticks = [t for t in (-100, -50, -10, -5, 0, 5, 10, 50, 100)
+             if abs(t) <= span and not (abs(t) == 50 and span >= 100)]
     for ax, model in zip(axes, models):
         rows = effects[effects["cost_model"] == model]
         ax.fill_between(grid, grid - tolerance_pp, grid + tolerance_pp, color="grey", alpha=0.15,
