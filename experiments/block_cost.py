@@ -28,13 +28,13 @@ it (<name>.blocks.parquet). The fitted model then uses that table instead of the
 import dataclasses
 import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from experiments import results
-from experiments.calibrate import device_name, pool_blocks_read, time_shape, write_kv_pool, write_prefixes
+from experiments.calibrate import (device_name, existing_calibration, pool_blocks_read, time_shape,
+                                   write_kv_pool, write_prefixes)
 from experiments.config import RunConfig
 from experiments.replay import build_engine
 from simulator import CudaGraphs, FittedCostModel
@@ -46,11 +46,16 @@ SHAPES_PER_KIND = 16       # timed per step kind and block size (half fit, half 
 SELECTION_BLOCKS = 1 << 20  # the pool shape_batch lays the shapes out in while choosing them
 
 
+def without_block_cost(calib: dict) -> dict:
+    """The calibration as fitted, without a block-cost table measured before."""
+    return {k: v for k, v in calib.items() if k != "attention_block_cost"}
+
+
 def attention_parts(calib: dict, graphs: CudaGraphs, features: list[dict]) -> np.ndarray:
     """[n, 3]: each step's price at the profiled block size and its decode and prefill
     attention's parts (the price with that kernel's coefficients doubled, less the price)."""
     profiled = (calib.get("engine") or {}).get("block_size", 16)
-    bare = {k: v for k, v in calib.items() if k != "attention_block_cost"}
+    bare = without_block_cost(calib)
     base = FittedCostModel(bare, graphs=graphs)
     out = np.zeros((len(features), 3))
     out[:, 0] = [base.predict(f) for f in features]
@@ -69,8 +74,7 @@ def choose_shapes(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame,
     if "shape" not in profile.columns:
         raise ValueError("the calibration's profile has no shape column (profiled before session 10): "
                          "calibrate again")
-    plan = FittedCostModel({k: v for k, v in calib.items() if k != "attention_block_cost"},
-                           graphs=graphs).decode_plan
+    plan = FittedCostModel(without_block_cost(calib), graphs=graphs).decode_plan
     profiled = (calib.get("engine") or {}).get("block_size", 16)
     shapes = [json.loads(s) for s in profile["shape"]]
     features = [shape_batch(s, profiled, SELECTION_BLOCKS, plan, contiguous=True).features() for s in shapes]
@@ -145,19 +149,12 @@ def time_shapes(rc: RunConfig, calib: dict, block_size: int, shapes: pd.DataFram
         engine.close()
 
 
-def measure_block_cost(rc: RunConfig, out: Path, sizes: list[int], command: str,
-                       progress=print) -> dict:
-    """Measure the block costs of the calibration at `out` for block sizes `sizes` (see the
-    module docstring), write them into it and the timings next to it; returns the summary
-    (also printed as the last line). ValueError (one line) for a bad request."""
-    if not out.is_file():
-        raise ValueError(f"--block-cost: no calibration at {out} (make one with "
-                         "`python run.py experiment=calibrate ...`)")
-    calib = json.loads(out.read_text())
-    tp = rc.engine.tensor_parallel_size
-    if calib.get("model") != rc.model_name or int(calib.get("tp", 1)) != tp:
-        raise ValueError(f"--block-cost: {out} is for {calib.get('model')} tp={calib.get('tp')}, "
-                         f"not {rc.model_name} tp={tp}")
+def measure_block_cost(rc: RunConfig, sizes: list[int], command: str, progress=print) -> dict:
+    """Measure the block costs of rc's calibration (experiments.calibrate.existing_calibration)
+    for block sizes `sizes` (see the module docstring), write them into it and the timings
+    next to it; returns the summary (also printed as the last line). ValueError (one line)
+    for a bad request."""
+    out, calib = existing_calibration(rc, "--block-cost")
     profiled = (calib.get("engine") or {}).get("block_size", 16)
     if rc.cache.block_size != profiled:
         raise ValueError(f"--block-cost: {out} was profiled at block size {profiled}; give the "
@@ -179,7 +176,7 @@ def measure_block_cost(rc: RunConfig, out: Path, sizes: list[int], command: str,
     fit_rows = np.arange(len(shapes)) % 2 == 0
     held = ~fit_rows if (~fit_rows).any() else fit_rows
     tables, errors = {"decode": {profiled: 1.0}, "prefill": {profiled: 1.0}}, {}
-    bare = {k: v for k, v in calib.items() if k != "attention_block_cost"}
+    bare = without_block_cost(calib)
     for b in sizes:
         factors = fit_factors(t_p[fit_rows], times[b][fit_rows], shapes["c_decode"].to_numpy()[fit_rows],
                               shapes["c_prefill"].to_numpy()[fit_rows])

@@ -509,17 +509,7 @@ def remeasure_host_serving(cfg: DictConfig, overrides: list[str]) -> dict:
     calibration and the steps next to it (<name>.serving.parquet); the profile and the fits
     are left as they are. Returns the summary also printed as the last line."""
     rc = build(cfg)
-    if rc.mode != "gpu":
-        raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
-    tp = rc.engine.tensor_parallel_size
-    out = calibration_path(rc)
-    if not out.is_file():
-        raise ValueError(f"--host-serving-only: no calibration at {out} (make one with "
-                         "`python run.py experiment=calibrate ...`)")
-    calib = json.loads(out.read_text())
-    if calib.get("model") != rc.model_name or int(calib.get("tp", 1)) != tp:
-        raise ValueError(f"--host-serving-only: {out} is for {calib.get('model')} tp={calib.get('tp')}, "
-                         f"not {rc.model_name} tp={tp}")
+    out, calib = existing_calibration(rc, "--host-serving-only")
     engine = build_engine(rc)
     try:
         serving = measure_serving_host(rc, engine)
@@ -729,10 +719,7 @@ def main(argv=None) -> None:
                 remeasure_host_serving(cfg, overrides)
             if block_sizes:
                 from experiments.block_cost import measure_block_cost
-                rc = build(cfg)
-                if rc.mode != "gpu":
-                    raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
-                measure_block_cost(rc, calibration_path(rc), block_sizes, "python -m experiments.calibrate "
+                measure_block_cost(build(cfg), block_sizes, "python -m experiments.calibrate "
                                    f"--block-cost {','.join(map(str, block_sizes))} " + " ".join(overrides))
         except ValueError as e:
             sys.exit(f"experiments.calibrate: {e}")
@@ -744,6 +731,23 @@ def calibration_path(rc: RunConfig) -> Path:
     """calibrate.out, else simulator/calibrations/<model>-<hardware>-tp<tp>.json."""
     return Path(rc.calibrate.out or REPO / "simulator" / "calibrations" /
                 f"{rc.model_name}-{rc.hardware.name}-tp{rc.engine.tensor_parallel_size}.json")
+
+
+def existing_calibration(rc: RunConfig, flag: str) -> tuple[Path, dict]:
+    """(path, contents) of the calibration a re-measuring mode (`flag`) adds to: the file
+    calibration_path names, made for rc's model and tensor parallelism, on the engine
+    (mode=gpu). ValueError (one line, naming `flag`) otherwise."""
+    if rc.mode != "gpu":
+        raise ValueError("calibration measures the engine: use mode=gpu (experiment=calibrate sets it)")
+    out, tp = calibration_path(rc), rc.engine.tensor_parallel_size
+    if not out.is_file():
+        raise ValueError(f"{flag}: no calibration at {out} (make one with "
+                         "`python run.py experiment=calibrate ...`)")
+    calib = json.loads(out.read_text())
+    if calib.get("model") != rc.model_name or int(calib.get("tp", 1)) != tp:
+        raise ValueError(f"{flag}: {out} is for {calib.get('model')} tp={calib.get('tp')}, "
+                         f"not {rc.model_name} tp={tp}")
+    return out, calib
 
 
 if __name__ == "__main__":
