@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Staged for session 22 (nvidia-h200, ~6-9 min): each shipped TP=1 calibration's attention cost
+# Session 22 call 1-2 (nvidia-h200, ~6-9 min): each shipped TP=1 calibration's attention cost
 # at KV blocks 32 and 64 measured on its model's own steps (experiments.block_cost), into
 # copies under /tmp/bc (the shipped files stay as they are until the tables say so). Then on
 # the CPU: run_fidelity.py --stages sim,table on session 21's Llama pair runs
