@@ -268,8 +268,12 @@ def chunks(g: _Grid) -> None:
 def eager_steps(g: _Grid) -> None:
     """Eight token counts past the largest mixed graph up to the token budget, run eagerly (2, 8
     and 32 too where there are no graphs): a chunk alone and behind 1k cached tokens, beside a
-    quarter's worth of decodes (up to 32, sharing 7/8 or not) and beside half. Every other size
-    held out, never the largest."""
+    quarter's worth of decodes (up to 32, sharing 7/8 or not) and beside half; and the same
+    tokens as several prompts: two halves, and one long prompt ahead of three of a sixteenth
+    each (a burst's arrivals behind a long one, as prefill_first forms them): with one prompt
+    per step a chunk's query-key pairs grow with its tokens and cannot be told from them (as
+    in `chunks`). Engines whose mixed graphs reach the token budget (the shipped calibrations:
+    8,192 both) run none of these. Every other size held out, never the largest."""
     limit = g.graphs.mixed[-1] if g.graphs.mixed else 1
     top = min(g.M, g.L)
     eager = sorted({int(x) for x in np.geomspace(max(limit + 1, 2), top, 8)}) if top > limit else []
@@ -288,6 +292,10 @@ def eager_steps(g: _Grid) -> None:
         many = min(t // 2, g.S - 1)
         if many > max(d, 1):
             g.add([(t - many, t - many)] + g.spread(many, g.mid), split)
+        if t >= 64 and g.S >= 4:
+            g.add([(t // 2, t // 2), (t - t // 2, t - t // 2)], split)
+            short = t // 16
+            g.add([(t - 3 * short, t - 3 * short)] + [(short, short)] * 3, split)
 
 
 # ---- a mixture of experts' extra points ---------------------------------------------------------

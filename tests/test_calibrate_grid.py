@@ -59,6 +59,23 @@ def test_grid_profiles_several_prompt_chunks_in_one_step():
         assert f["prefill_attention_pairs"] < 0.6 * one["prefill_attention_pairs"]
 
 
+def test_grid_tells_eager_prompts_pairs_from_their_tokens():
+    """Past the largest mixed graph (eager steps) the grid holds several prompts of the same
+    tokens as a single chunk, so a fit can tell query-key pairs from tokens there too, among
+    the fitted shapes and the held-out ones."""
+    graphs = CudaGraphs.for_engine(S, M, 2048)
+    pairs = {}
+    for p in profile_grid(S, M, L, graphs):
+        f = shape_batch(p["shape"], 16, 1 << 16).features()
+        if graphs.rows(f)[0] == "eager" and f["num_decode_seqs"] == 0 and f["prefill_kv_tokens"] == f["num_prefill_tokens"]:
+            pairs.setdefault((p["split"], f["num_prefill_tokens"]), set()).add(f["prefill_attention_pairs"])
+    for split in ("train", "held_out"):
+        tokens = [t for s, t in pairs if s == split]
+        assert tokens and all(len(pairs[split, t]) >= 3 for t in tokens), (split, pairs)
+    largest = max(t for _, t in pairs)
+    assert ("train", largest) in pairs
+
+
 def test_grid_profiles_chunks_behind_long_prefixes():
     """Serving's chunks sit behind up to max_model_len - chunk tokens of earlier context (a
     conversation's cached history, a long prompt's earlier chunks): the grid reaches 6k of
