@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
+from engine.kernels import buffers
 from engine.layers import quant
 from engine.layers.attention import AttentionMetadata, resolve_backend
 from engine.layers.flashinfer_backend import FlashInferPlanner
@@ -99,6 +100,10 @@ class ModelRunner:
         # The last launched step's sampled tokens, at one address for every step (graphs
         # write it, the next step's pending inputs read it)
         self.tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        # the kernels' shared per-device buffers live while a runner on the device does
+        self.holds_buffers = on_gpu
+        if on_gpu:
+            buffers.hold(self.tokens.device)
         self.inputs_sent = None    # CUDA event: the last step's inputs have left the host buffer
         self.last_done = None      # CUDA event: the last launched step has finished
         # Each step's (begin, inputs sent, done) events, reused in turn: at most two steps are
@@ -146,6 +151,9 @@ class ModelRunner:
         """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
         the device (LLMEngine.close): the runner cannot run steps afterwards."""
         self.graphs.clear()
+        if self.holds_buffers:   # after the graphs that captured them
+            buffers.release(self.tokens.device)
+            self.holds_buffers = False
         self.model = self.kv_cache = self.tokens = self.planner = None
         gc.collect()
         if self.device.type == "cuda":

@@ -720,7 +720,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []   # outgrown ticket counters: captured graphs may still use them
+_RETIRED: dict[torch.device, list[torch.Tensor]] = {}   # outgrown: captured graphs may still use them
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:
@@ -737,10 +737,16 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
                                f"counters on {device}, more than allocated; call it once at this batch "
                                f"size before CUDA-graph capture")
         if tickets is not None:
-            _RETIRED.append(tickets)
+            _RETIRED.setdefault(device, []).append(tickets)
         tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _TICKETS[device] = tickets
     return tickets
+
+
+def drop_buffers(device: torch.device) -> None:
+    """Forget the device's ticket counters (engine.kernels.buffers: no graph uses them any more)."""
+    _TICKETS.pop(device, None)
+    _RETIRED.pop(device, None)
 
 
 def _pages_contiguous(k_cache, v_cache) -> bool:

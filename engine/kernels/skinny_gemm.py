@@ -247,7 +247,7 @@ def launch_config(m: int, n: int, k: int, split_k: int | None, sms: int,
 # ---- workspace ---------------------------------------------------------------------------
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED: list[torch.Tensor] = []   # outgrown workspaces: captured graphs may still use them
+_RETIRED: dict[torch.device, list[torch.Tensor]] = {}   # outgrown: captured graphs may still use them
 
 
 def workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,13 +256,19 @@ def workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[tor
     partial, arrivals = _WORKSPACES.get(device, (None, None))
     if partial is None or partial.numel() < partial_numel or arrivals.numel() < tiles:
         if partial is not None:
-            _RETIRED.extend((partial, arrivals))
+            _RETIRED.setdefault(device, []).extend((partial, arrivals))
         size = max(partial_numel, 0 if partial is None else partial.numel())
         count = max(tiles, 0 if arrivals is None else arrivals.numel())
         partial = torch.empty(size, dtype=torch.float32, device=device)
         arrivals = torch.zeros(count, dtype=torch.int32, device=device)
         _WORKSPACES[device] = partial, arrivals
     return partial, arrivals
+
+
+def drop_buffers(device: torch.device) -> None:
+    """Forget the device's workspaces (engine.kernels.buffers: no graph uses them any more)."""
+    _WORKSPACES.pop(device, None)
+    _RETIRED.pop(device, None)
 
 
 # ---- the call ----------------------------------------------------------------------------

@@ -1567,7 +1567,7 @@ def w4a16_tiled(x: torch.Tensor, w: W4, bias: torch.Tensor | None,
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []   # outgrown scratch buffers: captured graphs may still use them
+_RETIRED: dict[torch.device, list[torch.Tensor]] = {}   # outgrown: captured graphs may still use them
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -1575,10 +1575,17 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
     buf = _SCRATCH.get((device, dtype))
     if buf is None or buf.numel() < numel:
         if buf is not None:
-            _RETIRED.append(buf)
+            _RETIRED.setdefault(device, []).append(buf)
         buf = torch.empty(numel, dtype=dtype, device=device)
         _SCRATCH[(device, dtype)] = buf
     return buf
+
+
+def drop_buffers(device: torch.device) -> None:
+    """Forget the device's scratch buffers (engine.kernels.buffers: no graph uses them any more)."""
+    for key in [key for key in _SCRATCH if key[0] == device]:
+        del _SCRATCH[key]
+    _RETIRED.pop(device, None)
 
 
 def dequantize_into(w: W4, out: torch.Tensor, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
