@@ -43,6 +43,17 @@ def pinned_segments(snapshot: dict) -> list[dict]:
     return sorted(out, key=lambda s: -s["free"])
 
 
+def pinned_by_site(segments: list[dict]) -> dict[str, int]:
+    """Each segment's free bytes charged to its live blocks in proportion to their sizes,
+    summed by the site that allocated them: what keeps how much of torch's cache."""
+    by_site = defaultdict(float)
+    for s in segments:
+        live = sum(b["size"] for b in s["live"])
+        for b in s["live"]:
+            by_site[site(b.get("frames", []))] += s["free"] * b["size"] / live
+    return dict(by_site)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -65,13 +76,10 @@ def main():
         memory = {k: (v / GB if k != "utilization" else v) for k, v in llm.model_runner.memory.items()}
     print("memory GB at KV sizing: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     segments = pinned_segments(seen["snapshot"])
-    by_site = defaultdict(float)
+    by_site = pinned_by_site(segments)
     print(f"\n{len(segments)} segments hold {sum(s['free'] for s in segments) / GB:.2f} GB free beside live blocks "
           f"(reserved {seen['reserved'] / GB:.2f}, allocated {seen['allocated'] / GB:.2f})")
     print(f"{'segment MB':>11} {'free MB':>9} {'live':>5}  largest live blocks (MB) and their sites")
-    for s in segments:
-        for b in s["live"]:   # a segment's free bytes charged to its live blocks by size
-            by_site[site(b.get("frames", []))] += s["free"] * b["size"] / sum(x["size"] for x in s["live"])
     for s in segments[:args.top]:
         live = sorted(s["live"], key=lambda b: -b["size"])[:3]
         print(f"{s['size'] / 1e6:11.1f} {s['free'] / 1e6:9.1f} {len(s['live']):5d}  "
