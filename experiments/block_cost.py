@@ -9,7 +9,8 @@ coefficient scaled by cost(B) / cost(P) of its kernel (FittedCostModel, ATTENTIO
 Without this the costs are the hardware file's (`bench_attention.py --stages blocks`: the
 attention kernel alone, one head layout, blocks scattered at random). Here, for P and each B,
 an engine with that block size (the calibration's kernel plan pinned, its KV pool filled as
-the profile's was) times the same shapes of the profile, SHAPES_PER_KIND of each step kind
+the profile's was, the blocks laid out as calibrate.block_cost_layout says) times the same
+shapes of the profile, SHAPES_PER_KIND of each step kind
 spread over their attention share, back to back as the profile does
 (experiments.calibrate.time_shape), all on this GPU in one run, so the ratios leave out how
 it differs from the profile's GPU. The fitted model at P splits each shape's price into its
@@ -117,15 +118,23 @@ def relative_error(t_p, t_b, parts: pd.DataFrame, factors: dict) -> np.ndarray:
     return pred / t_b - 1
 
 
+def block_layout(rc: RunConfig, calib: dict) -> str:
+    """Where the timed shapes' KV blocks lie: calibrate.block_cost_layout, or for "profiled"
+    the calibration profile's layout (scattered in profiles that did not record one)."""
+    layout = rc.calibrate.block_cost_layout
+    return (calib.get("profiled") or {}).get("kv_layout", "scattered") if layout == "profiled" else layout
+
+
 def time_shapes(rc: RunConfig, calib: dict, block_size: int, shapes: pd.DataFrame, repeats: int,
                 progress=print) -> list[float]:
     """Median device seconds of each shape on an engine of `rc` with KV block size
-    `block_size`, its KV pool filled and token ids drawn as the calibration's profile did."""
+    `block_size`, its KV pool filled and token ids drawn as the calibration's profile did, its
+    blocks laid out as `block_layout` says."""
     from engine import SamplingParams
     profiled = calib.get("profiled") or {}
     written = profiled.get("kv_cache_init", "zeros") == "written"
     random_ids = profiled.get("token_ids", "zero") == "random"
-    contiguous = profiled.get("kv_layout", "scattered") == "contiguous"
+    contiguous = block_layout(rc, calib) == "contiguous"
     rc = dataclasses.replace(rc, cache=dataclasses.replace(rc.cache, block_size=block_size))
     engine = build_engine(rc, kv_cache_init="random" if profiled.get("kv_cache_init") == "random" else "zeros")
     try:
@@ -192,7 +201,7 @@ def measure_block_cost(rc: RunConfig, sizes: list[int], command: str, progress=p
     calib["attention_block_cost"] = {k: {str(b): c for b, c in t.items()} for k, t in tables.items() if len(t) > 1}
     calib["attention_block_cost_measured"] = {
         "command": command, "commit": results.commit(), "device": device_name(rc),
-        "shapes": len(shapes), "repeats": repeats,
+        "shapes": len(shapes), "repeats": repeats, "kv_layout": block_layout(rc, calib),
         "held_out_mean_abs_error": {str(b): e for b, e in errors.items()}}
     check_block_cost(calib["attention_block_cost"], str(out))
     FittedCostModel(calib, source=str(out), graphs=graphs, block_size=sizes[0])   # loads back

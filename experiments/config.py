@@ -162,7 +162,9 @@ class CalibrateConfig:
     or "zeros" (the pool as allocated, as every profile before). On the H200 decode steps
     over zeros ran 1-4% faster than over random values, and Qwen3-0.6B's serving steps ran
     1.4% faster than a profile over random values priced them (benchmarks/README.md,
-    session 18)."""
+    session 18). block_cost_layout: where `--block-cost` (experiments.block_cost) lays the
+    timed shapes' KV blocks, at every block size: "profiled" (as the calibration's profile
+    did) or kv_layout's two; serving's blocks scatter as its pool churns."""
     repeats: int = 3
     out: str | None = None
     fit_hardware: bool = True
@@ -171,12 +173,16 @@ class CalibrateConfig:
     clock: bool = True
     token_ids: str = "random"
     kv_cache_init: str = "written"
+    block_cost_layout: str = "profiled"
 
     def __post_init__(self):
         _require(isinstance(self.repeats, int) and self.repeats >= 1,
                  f"calibrate.repeats must be an integer >= 1, got {self.repeats!r}")
         _require(self.kv_layout in ("contiguous", "scattered"),
                  f"calibrate.kv_layout must be contiguous or scattered, got {self.kv_layout!r}")
+        _require(self.block_cost_layout in ("profiled", "contiguous", "scattered"),
+                 f"calibrate.block_cost_layout must be profiled, contiguous or scattered, got "
+                 f"{self.block_cost_layout!r}")
         _require(self.token_ids in ("zero", "random"),
                  f"calibrate.token_ids must be zero or random, got {self.token_ids!r}")
         _require(self.kv_cache_init in ("written", "random", "zeros"),

@@ -275,6 +275,7 @@ def test_every_shipped_sweep_axis_changes_the_results(tmp_path, experiment):
     ("engine.pdl_max_tokens=-1", "engine.pdl_max_tokens must be an integer >= 0"),
     ("calibrate.kv_layout=random", "calibrate.kv_layout must be contiguous or scattered"),
     ("calibrate.token_ids=ones", "calibrate.token_ids must be zero or random"),
+    ("calibrate.block_cost_layout=random", "calibrate.block_cost_layout must be profiled, contiguous or scattered"),
     ("calibrate.kv_cache_init=ones", "calibrate.kv_cache_init must be written, random or zeros"),
 ])
 def test_bad_values_fail_with_the_field_named(override, message):
@@ -620,6 +621,11 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     assert len(timed) == summary["shapes"] and (timed[["device_s_block16", "device_s_block32"]] > 0).all().all()
     model = FittedCostModel(costed, block_size=32)
     assert model.attn_factors == {k: t["32"] for k, t in table.items()}
+    assert costed["attention_block_cost_measured"]["kv_layout"] == costed["profiled"]["kv_layout"]
+    # the shapes' blocks laid out as a churned pool's, whatever the profile did
+    calibrate_main(["--block-cost", "32", "calibrate.block_cost_layout=scattered"] + engine_args)
+    assert json.loads(out.read_text())["attention_block_cost_measured"]["kv_layout"] == "scattered"
+    capsys.readouterr()
     for bad in (["--block-cost", "16"], ["--block-cost=x"]):      # the profiled size, not a list
         with pytest.raises(SystemExit, match="--block-cost"):
             calibrate_main(bad + engine_args)
