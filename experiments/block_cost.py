@@ -10,8 +10,8 @@ Without this the costs are the hardware file's (`bench_attention.py --stages blo
 attention kernel alone, one head layout, blocks scattered at random). Here, for P and each B,
 an engine with that block size (the calibration's kernel plan pinned, its KV pool filled as
 the profile's was, the blocks laid out as calibrate.block_cost_layout says) times the same
-shapes of the profile, SHAPES_PER_KIND of each step kind
-spread over their attention share, back to back as the profile does
+shapes of the profile, SHAPES_PER_KIND of each step kind spread over their attention share,
+back to back as the profile does
 (experiments.calibrate.time_shape), all on this GPU in one run, so the ratios leave out how
 it differs from the profile's GPU. The fitted model at P splits each shape's price into its
 decode attention's and its prefill attention's parts (c_decode, c_prefill: the price with
