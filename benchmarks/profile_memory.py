@@ -76,7 +76,7 @@ def main():
         memory = {k: (v / GB if k != "utilization" else v) for k, v in llm.model_runner.memory.items()}
     print("memory GB at KV sizing: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     segments = pinned_segments(seen["snapshot"])
-    by_site = pinned_by_site(segments)
+    by_site = sorted(pinned_by_site(segments).items(), key=lambda kv: -kv[1])[:args.top]
     print(f"\n{len(segments)} segments hold {sum(s['free'] for s in segments) / GB:.2f} GB free beside live blocks "
           f"(reserved {seen['reserved'] / GB:.2f}, allocated {seen['allocated'] / GB:.2f})")
     print(f"{'segment MB':>11} {'free MB':>9} {'live':>5}  largest live blocks (MB) and their sites")
@@ -85,10 +85,10 @@ def main():
         print(f"{s['size'] / 1e6:11.1f} {s['free'] / 1e6:9.1f} {len(s['live']):5d}  "
               + "; ".join(f"{b['size'] / 1e6:.1f} {site(b.get('frames', []))}" for b in live))
     print("\nfree bytes pinned, by the site of the blocks that pin them (GB)")
-    for name, nbytes in sorted(by_site.items(), key=lambda kv: -kv[1])[:args.top]:
+    for name, nbytes in by_site:
         print(f"  {nbytes / GB:7.3f}  {name}")
     print(json.dumps({"model": args.model, "memory_GB": memory,
-                      "pinned_GB": {k: round(v / GB, 4) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:args.top]}}))
+                      "pinned_GB": {k: round(v / GB, 4) for k, v in by_site}}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from experiments.calibrate import (device_name, existing_calibration, pool_block
 from experiments.config import RunConfig
 from experiments.replay import build_engine
 from simulator import CudaGraphs, FittedCostModel
+from simulator.cost_model import profiled_block_size, profiled_kv_layout
 from simulator.hardware import check_block_cost
 from simulator.profile_grid import random_token_ids, shape_batch
 
@@ -58,7 +59,7 @@ def without_block_cost(calib: dict) -> dict:
 def attention_parts(calib: dict, graphs: CudaGraphs, features: list[dict]) -> np.ndarray:
     """[n, 3]: each step's price at the profiled block size and its decode and prefill
     attention's parts (the price with that kernel's coefficients doubled, less the price)."""
-    profiled = (calib.get("engine") or {}).get("block_size", 16)
+    profiled = profiled_block_size(calib)
     bare = without_block_cost(calib)
     base = FittedCostModel(bare, graphs=graphs)
     out = np.zeros((len(features), 3))
@@ -80,7 +81,7 @@ def choose_shapes(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame,
         raise ValueError("the calibration's profile has no shape column (profiled before session 10): "
                          "calibrate again")
     plan = FittedCostModel(without_block_cost(calib), graphs=graphs).decode_plan
-    profiled = (calib.get("engine") or {}).get("block_size", 16)
+    profiled = profiled_block_size(calib)
     shapes = [json.loads(s) for s in profile["shape"]]
     features = [shape_batch(s, profiled, SELECTION_BLOCKS, plan, contiguous=True).features() for s in shapes]
     parts = attention_parts(calib, graphs, features)
@@ -122,7 +123,7 @@ def block_layout(rc: RunConfig, calib: dict) -> str:
     """Where the timed shapes' KV blocks lie: calibrate.block_cost_layout, or for "profiled"
     the calibration profile's layout (scattered in profiles that did not record one)."""
     layout = rc.calibrate.block_cost_layout
-    return (calib.get("profiled") or {}).get("kv_layout", "scattered") if layout == "profiled" else layout
+    return profiled_kv_layout(calib) if layout == "profiled" else layout
 
 
 def time_shapes(rc: RunConfig, calib: dict, block_size: int, shapes: pd.DataFrame, repeats: int,
@@ -168,7 +169,7 @@ def measure_block_cost(rc: RunConfig, sizes: list[int], command: str, progress=p
     next to it; returns the summary (also printed as the last line). ValueError (one line)
     for a bad request."""
     out, calib = existing_calibration(rc, "--block-cost")
-    profiled = (calib.get("engine") or {}).get("block_size", 16)
+    profiled = profiled_block_size(calib)
     if rc.cache.block_size != profiled:
         raise ValueError(f"--block-cost: {out} was profiled at block size {profiled}; give the "
                          f"calibration's settings (cache.block_size={profiled}), and the block sizes "

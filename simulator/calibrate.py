@@ -34,6 +34,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   CudaGraphs, FittedCostModel, ModelSpec, REPO_ROOT, TIE_MAPE, _fit_base,
                                   fit_kind, moe_experts_touched, nonnegative_lstsq, prefill_cached_pairs,
                                   prefill_causal_pairs, prefill_other_cached_tokens, prefill_span_tokens,
+                                  profiled_block_size,
                                   step_experts_touched, decode_reread_share_tokens, reread_saving)
 from policy.decode_plan import DecodePlan
 from simulator.clock import ClockTerm, along_run, flops_per_unit, heat_along, slowdowns, step_kinds
@@ -104,8 +105,7 @@ def with_plan_features(profile: pd.DataFrame, meta: dict) -> pd.DataFrame:
     e = meta.get("engine") or {}
     graphs = CudaGraphs.for_calibration(e)
     plan = DecodePlan(decode_graph_sizes=tuple(graphs.decode), **meta["decode_plan"])
-    block_size = e.get("block_size", 16)
-    computed = pd.DataFrame([shape_batch(json.loads(shape), block_size, 1 << 20, plan).features()
+    computed = pd.DataFrame([shape_batch(json.loads(shape), profiled_block_size(meta), 1 << 20, plan).features()
                              for shape in profile["shape"]], index=profile.index)
     for f in set(PLAN_FEATURES) - set(missing):
         if not (computed[f] == profile[f]).all():

@@ -186,6 +186,18 @@ class CudaGraphs:
                           self.decode, self.mixed)
 
 
+def profiled_block_size(calib: dict) -> int:
+    """The KV block size a calibration's profile ran at: its engine.block_size, 16 (the
+    engine's default) where the file does not record it, as for its other engine settings."""
+    return (calib.get("engine") or {}).get("block_size", 16)
+
+
+def profiled_kv_layout(calib: dict) -> str:
+    """Where the profile's shapes' KV blocks lay ("contiguous" / "scattered"): its
+    profiled.kv_layout, scattered in profiles made before it was recorded."""
+    return (calib.get("profiled") or {}).get("kv_layout", "scattered")
+
+
 # ---- cost models ------------------------------------------------------------------
 class CostModel(ABC):
     """Device seconds of one engine step (`predict`) and the host costs around it (`host`).
@@ -785,7 +797,7 @@ class FittedCostModel(CostModel):
                   else hw.attention_block_cost if hw is not None else {})
         if block_size is None or not tables:
             return {}
-        profiled = (self.calibration.get("engine") or {}).get("block_size", 16)
+        profiled = profiled_block_size(self.calibration)
         _require(isinstance(profiled, int) and profiled >= 1,
                  f"{self.source}: engine.block_size must be an integer >= 1, got {profiled!r}")
         return {kernel: block_cost(table, block_size) / block_cost(table, profiled)

@@ -40,7 +40,7 @@ import yaml
 
 from simulator.calibrate import host_columns, with_shared_feature
 from simulator.cost_model import (REPO_ROOT, CudaGraphs, ModelSpec, RooflineCostModel,
-                                  nonnegative_lstsq)
+                                  nonnegative_lstsq, profiled_block_size)
 from simulator.hardware import HardwareSpec
 
 # The parameters a joint fit searches, with their ranges (a log grid each): the rates and
@@ -144,7 +144,7 @@ def load_profile(path, meta_path=None, model_dir=None) -> Profile:
     engine = meta.get("engine", {})
     graphs = CudaGraphs.for_calibration(engine)
     return Profile(path.name.replace(".profile.parquet", ""), meta["device"], model, int(meta.get("tp", 1)),
-                   graphs, int(engine.get("block_size", 16)), int(engine.get("pdl_max_tokens") or 0),
+                   graphs, int(profiled_block_size(meta)), int(engine.get("pdl_max_tokens") or 0),
                    str(meta.get("engine_commit") or "?"), steps)
 
 

@@ -313,8 +313,9 @@ def step_costs(args, todo) -> pd.DataFrame:
     from experiments.plan_features import plan_features, run_config
     from simulator import CudaGraphs
     from simulator.calibrate import step_errors
+    from simulator.cost_model import profiled_block_size
     calib = json.loads(Path(args.calibration).read_text())
-    plan, profiled_block = calib.get("decode_plan"), (calib.get("engine") or {}).get("block_size", 16)
+    plan, profiled_block = calib.get("decode_plan"), profiled_block_size(calib)
     rows, seen = [], set()
     for cell in todo:
         if cell["dir"] in seen:

@@ -57,7 +57,7 @@ from experiments.plan_features import plan_features  # noqa: E402
 from simulator import sim  # noqa: E402
 from simulator.calibrate import with_plan_features, with_prefill_max  # noqa: E402
 from simulator.clock import along_run  # noqa: E402
-from simulator.cost_model import CudaGraphs, FittedCostModel  # noqa: E402
+from simulator.cost_model import CudaGraphs, FittedCostModel, profiled_kv_layout  # noqa: E402
 
 
 def replayed_batches(run_dir: Path, plan: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -251,8 +251,8 @@ def main(argv=None) -> None:
     decode["context cv"] = pd.cut(decode["cv"], [-0.01, 0.2, 0.4, 0.6, 0.8, 10])
     table(decode, "context cv", "decode steps by the spread of their contexts (std / mean)")
     decode["block contiguity"] = pd.cut(decode["contiguity"], [-0.01, 0.5, 0.9, 0.99, 1.0])
-    layout = (calib.get("profiled") or {}).get("kv_layout", "scattered")   # (profiles that do not record it: scattered)
-    table(decode, "block contiguity", f"decode steps by KV block layout (adjacent block ids / pairs; the profile's: {layout})")
+    table(decode, "block contiguity", "decode steps by KV block layout (adjacent block ids / pairs; "
+          f"the profile's: {profiled_kv_layout(calib)})")
     table(decode, "after", "decode steps by the step before")
     decode["idle before (ms)"] = pd.cut(1e3 * decode["gpu_gap_s"], [-1, 0.01, 0.1, 1, 10, math.inf])
     table(decode, "idle before (ms)", "decode steps by device idle before them")
