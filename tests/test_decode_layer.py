@@ -48,17 +48,6 @@ def random_layer(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> DecoderLaye
     return layer.to(dtype).to(DEVICE)
 
 
-def weights(layer: DecoderLayer) -> dl.LayerWeights:
-    att, mlp = layer.self_attn, layer.mlp
-    return dl.LayerWeights(
-        in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-        eps=layer.input_layernorm.eps, qkv=att.qkv_proj.weight, qkv_bias=att.qkv_proj.bias,
-        o=att.o_proj.weight, o_bias=att.o_proj.bias, gate_up=mlp.gate_up_proj.weight,
-        down=mlp.down_proj.weight, q_norm=att.q_norm.weight if att.qk_norm else None,
-        k_norm=att.k_norm.weight if att.qk_norm else None,
-        qk_eps=att.q_norm.eps if att.qk_norm else 0.0, num_heads=att.num_heads, scale=att.attn.scale)
-
-
 def decode_step(cfg: ModelConfig, dtype: torch.dtype, contexts, block_size: int, seed: int):
     """A decode-only step: one token per sequence at position context - 1, its slot in the
     sequence's (shuffled) blocks; a last padding row (context 1, slot -1) as a CUDA graph
@@ -113,7 +102,7 @@ def test_decode_layer_equals_the_torch_layer(architecture, dtype, first):
     with torch.no_grad():
         ref_out, ref_res = layer(positions, hidden, residual, meta)
     rotary = layer.self_attn.rotary_emb
-    out, res = dl.decode_layer(weights(layer), hidden, residual, positions, rotary.cos, rotary.sin,
+    out, res = dl.decode_layer(layer.launch_weights(), hidden, residual, positions, rotary.cos, rotary.sin,
                                k_cache, v_cache, meta.block_tables, meta.context_lens,
                                meta.query_start_loc, meta.slot_mapping, meta.decode_work)
     real = slice(0, hidden.shape[0] - 1)                     # not the padding row
@@ -140,11 +129,11 @@ def test_decode_layer_refuses_what_it_cannot_run():
     args = (positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.block_tables, meta.context_lens,
             meta.query_start_loc, meta.slot_mapping, meta.decode_work)
     with pytest.raises(ValueError, match="1..64 rows"):
-        dl.decode_layer(weights(layer), hidden.repeat(30, 1), None, *args)
+        dl.decode_layer(layer.launch_weights(), hidden.repeat(30, 1), None, *args)
     with pytest.raises(ValueError, match="activation dtype"):
-        dl.decode_layer(weights(layer), hidden.half(), None, *args)
+        dl.decode_layer(layer.launch_weights(), hidden.half(), None, *args)
     with pytest.raises(ValueError, match="ahead"):
-        dl.decode_layer(weights(layer), hidden, None, *args, ahead=5)
+        dl.decode_layer(layer.launch_weights(), hidden, None, *args, ahead=5)
 
 
 def test_split_items_cover_k_in_whole_blocks():

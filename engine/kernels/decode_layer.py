@@ -274,6 +274,25 @@ def split_items(n: int, k: int, programs: int) -> tuple[int, int, int]:
     return tiles, triton.cdiv(k, k_per_split), k_per_split
 
 
+def stage_items(w: LayerWeights, head_dim: int, programs: int) -> list[tuple[int, int, int]]:
+    """(tiles, splits, K per split) of the four GEMM stages: qkv, o, gate_up, down."""
+    h, inter = w.qkv.shape[1], w.down.shape[1]
+    return [split_items(n, k, programs) for n, k in ((w.qkv.shape[0], h), (h, w.num_heads * head_dim),
+                                                     (2 * inter, h), (h, inter))]
+
+
+def _workspace(device, stages, bm):
+    return workspace(device, max(t * s for t, s, _ in stages) * BLOCK_N * bm, max(t for t, _, _ in stages))
+
+
+def reserve(device: torch.device, w: LayerWeights, head_dim: int, rows: int) -> None:
+    """Make the buffers a launch of up to `rows` rows of this layer's shape needs (the split-K
+    workspace, the barrier counters) before CUDA-graph capture: made inside one, their zeros
+    would be written at the first replay only."""
+    _workspace(device, stage_items(w, head_dim, num_sms(device)), block_m(rows))
+    _sync_counters(device)
+
+
 _SYNC: dict[torch.device, torch.Tensor] = {}
 
 
@@ -337,11 +356,9 @@ def decode_layer(w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor |
     nqkv, qd, inter = w.qkv.shape[0], w.num_heads * head_dim, w.down.shape[1]
     group = w.num_heads // num_kv
     programs = num_sms(dev)
-    g1, g3, g4, g5 = (split_items(n, k, programs) for n, k in
-                      ((nqkv, h), (h, qd), (2 * inter, h), (h, inter)))
+    g1, g3, g4, g5 = stage_items(w, head_dim, programs)
     bm = block_m(m)
-    partial, arrivals = workspace(dev, max(t * s for t, s, _ in (g1, g3, g4, g5)) * BLOCK_N * bm,
-                                  max(t for t, _, _ in (g1, g3, g4, g5)))
+    partial, arrivals = _workspace(dev, (g1, g3, g4, g5), bm)
     sync = _sync_counters(dev)
     items, index = work
     tickets = pa._tickets(dev, context_lens.shape[0] * num_kv)
