@@ -44,6 +44,7 @@ MAX_ROWS = 64          # the skinny GEMM's row limit
 NUM_WARPS = 4
 NUM_STAGES = 3         # K steps in flight per program in the GEMM stages
 AHEAD = 1              # stages past the current one whose bytes a program has asked L2 for
+PROGRAMS_PER_SM = 2    # resident programs per SM (fewer where registers or shared memory allow fewer)
 
 
 @triton.jit
@@ -332,8 +333,8 @@ def decode_layer(w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor |
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                  slot_mapping: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor],
-                 stages: bool | None = None, ahead: int = AHEAD,
-                 prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 stages: bool | None = None, ahead: int = AHEAD, prefetch: bool = True,
+                 programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a decode-only step (every row one decode token, `work` the
     runner's split-KV plan of them: engine.kernels.launch.plan_decode_work) -> (the MLP's
     output, the residual stream after attention), as DecoderLayer.forward returns them:
@@ -342,7 +343,8 @@ def decode_layer(w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor |
     slot_mapping; h2 = attn Wo^T + h1; out = silu(gate) * up of RMSNorm(h2) Wgu^T, times
     Wdown^T. stages: one launch per stage (default on the interpreter, where the barrier
     cannot run); prefetch (GPU only): ask L2 for each stage's bytes `ahead` (0-4) stages
-    before it runs.
+    before it runs. programs_per_sm: the grid, per SM, where that many fit on one at once
+    (the barrier needs every program resident: fewer are launched where fewer fit).
     CUDA-graph safe after one call on the device outside a capture (counters, workspace)."""
     why = supported(w, hidden, k_cache)
     if why:
@@ -355,7 +357,7 @@ def decode_layer(w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor |
     num_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
     nqkv, qd, inter = w.qkv.shape[0], w.num_heads * head_dim, w.down.shape[1]
     group = w.num_heads // num_kv
-    programs = num_sms(dev)
+    programs = num_sms(dev) * programs_per_sm
     g1, g3, g4, g5 = stage_items(w, head_dim, programs)
     bm = block_m(m)
     partial, arrivals = _workspace(dev, (g1, g3, g4, g5), bm)
@@ -403,6 +405,33 @@ def decode_layer(w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor |
         PAGES=triton.next_power_of_2(triton.cdiv(DECODE_BLOCK_N, block_size) + 1),
         PREFETCH=prefetch, AHEAD=ahead,
         num_warps=max(NUM_WARPS, DECODE_NUM_WARPS), num_stages=NUM_STAGES)
+    if not stages:
+        fit = _resident(dev, args, consts)
+        if fit < programs_per_sm:   # (the stages' items were cut for the grid: cut again)
+            return decode_layer(w, hidden, residual, positions, cos, sin, k_cache, v_cache,
+                                block_tables, context_lens, query_start_loc, slot_mapping, work,
+                                stages, ahead, prefetch, fit)
     for stage in (range(1, 6) if stages else (0,)):
         _decode_layer_kernel[(programs,)](*args, STAGE=stage, **consts)
     return out, res2
+
+
+_FIT: dict[tuple, int] = {}
+
+
+def _resident(device, args, consts) -> int:
+    """Programs of the one-launch kernel that fit on one SM at once (its registers, shared
+    memory and warps against the SM's), from the compiled kernel; at least 1 (a kernel that
+    does not fit at all fails to launch)."""
+    key = (device, tuple(sorted((k, str(v)) for k, v in consts.items())))
+    if key not in _FIT:
+        kernel = _decode_layer_kernel.warmup(*args, STAGE=0, grid=(1,), **consts)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        warps = consts["num_warps"]
+        regs = -(-kernel.n_regs * 32 // 256) * 256 * warps          # allocated per warp in 256s
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        _FIT[key] = max(1, min(getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
+                               smem // (kernel.metadata.shared + 1024),   # + the CTA's reserved 1 KB
+                               getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)))
+    return _FIT[key]
