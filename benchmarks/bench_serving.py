@@ -180,7 +180,7 @@ def step_table(args, path: str, extra: dict) -> tuple[list[dict], dict]:
     bandwidth, flops = ceilings(cuda)
     llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              cuda_graph_max_tokens=args.graph_max_tokens, enforce_eager=args.enforce_eager, pdl_max_tokens=args.pdl_max_tokens, decode_layer_max_rows=args.decode_layer_max_rows, kernel_plan=args.kernel_plan,
+              cuda_graph_max_tokens=args.graph_max_tokens, enforce_eager=args.enforce_eager, pdl_max_tokens=args.pdl_max_tokens, kernel_plan=args.kernel_plan,
               attention_streams=args.attention_streams,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False, **extra)
     shapes = [tuple(map(int, x.split(":"))) for x in args.profile.split(",") if x]
@@ -278,8 +278,6 @@ def main():
     ap.add_argument("--graph-max-tokens", type=int, default=8448)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--pdl-max-tokens", type=int, default=32, help="EngineConfig.pdl_max_tokens (0: no PDL, A/B)")
-    ap.add_argument("--decode-layer-max-rows", type=int, default=0,
-                    help="EngineConfig.decode_layer_max_rows (0: five launches a layer, A/B)")
     ap.add_argument("--attention-streams", action="store_true",
                     help="EngineConfig.attention_streams: a mixed step's decode attention on a second stream (A/B)")
     ap.add_argument("--kernel-plan", help="EngineConfig.kernel_plan: a file pinning the skinny-GEMM choice "

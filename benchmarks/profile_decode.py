@@ -29,13 +29,11 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--pdl-max-tokens", type=int, default=32, help="EngineConfig.pdl_max_tokens (0: no PDL, A/B)")
-    ap.add_argument("--decode-layer-max-rows", type=int, default=0,
-                    help="EngineConfig.decode_layer_max_rows (0: five launches a layer, A/B)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed (by GPU time)")
     ap.add_argument("--timeline", type=int, default=40, help="kernels of the last step listed in launch order")
     args = ap.parse_args()
     engine = LLMEngine(args.model, max_model_len=args.max_model_len, max_num_batched_tokens=16384,
-                       pdl_max_tokens=args.pdl_max_tokens, decode_layer_max_rows=args.decode_layer_max_rows)
+                       pdl_max_tokens=args.pdl_max_tokens)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64)
     for i in range(args.batch):
         engine.add_request([(7 * i + j) % 10000 for j in range(args.context)], params)

@@ -57,12 +57,6 @@ class EngineConfig:
         (decode attention) into L2 meanwhile. 0 = never (plain stream order). Measured on
         the H200 (Qwen3-0.6B decode, context 1k): -12% step time at batch 1, -2% at 16,
         +2% at 64, hence 32. Ignored where unsupported (CPU, interpreter, before sm_90).
-    decode_layer_max_rows: decode-only steps of at most this many rows (1-64) run each
-        decoder layer as one persistent launch (engine.kernels.decode_layer: the five stages'
-        kernels as one program per SM with grid barriers between them and L2 prefetch ahead)
-        instead of five launches; 0 = never. CUDA, triton backend, tensor parallelism 1,
-        dense bf16 / fp16 layers (MoE and 4-bit layers keep their kernels). Outputs: the same
-        as the five kernels up to the order of fp32 sums.
     kernel_plan: a file pinning the start-up kernel choices (engine.kernel_plan: skinny_gemm's,
         a 4-bit model's W4A16 launches, an MoE model's fused-MoE tiles): where it exists (a
         plan, or a calibration that records one) the engine runs its choice and times
@@ -104,7 +98,6 @@ class EngineConfig:
     attention_backend: str = "auto"
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
-    decode_layer_max_rows: int = 0
     kernel_plan: str | None = None
     attention_streams: bool = False
     kv_cache_init: str = "zeros"
@@ -130,10 +123,6 @@ class EngineConfig:
                  f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         _require(isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0,
                  f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
-        _require(isinstance(self.decode_layer_max_rows, int) and not isinstance(self.decode_layer_max_rows, bool)
-                 and 0 <= self.decode_layer_max_rows <= 64,
-                 f"decode_layer_max_rows must be an integer in 0..64 (0: five launches a layer), "
-                 f"got {self.decode_layer_max_rows!r}")
         _require(isinstance(self.pdl_max_tokens, int) and not isinstance(self.pdl_max_tokens, bool)
                  and self.pdl_max_tokens >= 0,
                  f"pdl_max_tokens must be an integer >= 0 (0: no programmatic dependent launch), "

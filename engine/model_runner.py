@@ -135,7 +135,6 @@ class ModelRunner:
         # the start-up kernel choices (skinny GEMM, fused MoE tiles, W4A16 launches), before
         # capture: timed, or read from EngineConfig.kernel_plan; their timing reports
         self.skinny_report, self.moe_report, self.quant_report = self.choose_kernels(backend)
-        self.decode_layers = self.use_decode_layer(backend)
         # (kind, size) -> (graph, its hidden rows of the sampled tokens: for `resample`)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
@@ -242,32 +241,6 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
-
-    def use_decode_layer(self, backend: str) -> int:
-        """Let the decoder layers that can run a decode-only step as one launch do so
-        (EngineConfig.decode_layer_max_rows; engine.kernels.decode_layer), its buffers made
-        before capture. Returns how many layers will."""
-        rows = self.config.decode_layer_max_rows
-        if not rows or self.device.type != "cuda" or backend != "triton" or self.tp_size > 1:
-            return 0
-        from engine.kernels import decode_layer
-        from engine.models.transformer import MLP, DecoderLayer
-        count = 0
-        for layer in self.model.modules():
-            if not isinstance(layer, DecoderLayer) or not isinstance(layer.mlp, MLP):
-                continue
-            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                       layer.mlp.down_proj)
-            if any(lin.quant is not None for lin in linears) or not layer.self_attn.fused:
-                continue
-            weights = layer.launch_weights()
-            attn = layer.self_attn.attn
-            probe = torch.empty(1, weights.qkv.shape[1], dtype=self.dtype, device=self.device)
-            if decode_layer.supported(weights, probe, attn.k_cache) is None:
-                decode_layer.reserve(self.device, weights, attn.head_dim, rows)
-                layer.one_launch_rows = rows
-                count += 1
-        return count
 
     def choose_kernels(self, backend: str) -> tuple[list, list, list]:
         """Set the start-up kernel choices: the skinny GEMM's (CUDA graphs on, bf16 / fp16

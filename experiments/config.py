@@ -75,9 +75,6 @@ class EngineSettings:
     skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig).
     pdl_max_tokens: steps up to this many tokens launch their Triton kernels with
         programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig).
-    decode_layer_max_rows: decode-only steps up to this many rows run each decoder layer as
-        one persistent launch (engine.kernels.decode_layer); 0 = five launches a layer
-        (engine.EngineConfig).
     kernel_plan: a file pinning the skinny-GEMM choice (engine.kernel_plan): read where it
         exists (a plan or a calibration), written where it does not; None: timed at start.
     attention_streams: a mixed step's decode attention on a second stream beside its
@@ -92,7 +89,6 @@ class EngineSettings:
     async_scheduling: bool | None = None
     skinny_gemm: bool = True
     pdl_max_tokens: int = 32
-    decode_layer_max_rows: int = 0
     kernel_plan: str | None = None
     attention_streams: bool = False
 
@@ -107,10 +103,6 @@ class EngineSettings:
         _require(isinstance(self.pdl_max_tokens, int) and not isinstance(self.pdl_max_tokens, bool)
                  and self.pdl_max_tokens >= 0,
                  f"engine.pdl_max_tokens must be an integer >= 0 (0: never), got {self.pdl_max_tokens!r}")
-        _require(isinstance(self.decode_layer_max_rows, int) and not isinstance(self.decode_layer_max_rows, bool)
-                 and 0 <= self.decode_layer_max_rows <= 64,
-                 f"engine.decode_layer_max_rows must be an integer in 0..64 (0: never), "
-                 f"got {self.decode_layer_max_rows!r}")
         _require(self.kernel_plan is None or (isinstance(self.kernel_plan, str) and self.kernel_plan),
                  f"engine.kernel_plan must be a file path or null, got {self.kernel_plan!r}")
 

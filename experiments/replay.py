@@ -230,7 +230,6 @@ def engine_kwargs(rc: RunConfig) -> dict:
                 attention_backend=rc.engine.attention_backend,
                 async_scheduling=rc.engine.async_scheduling, skinny_gemm=rc.engine.skinny_gemm,
                 pdl_max_tokens=rc.engine.pdl_max_tokens, kernel_plan=rc.engine.kernel_plan,
-                decode_layer_max_rows=rc.engine.decode_layer_max_rows,
                 attention_streams=rc.engine.attention_streams,
                 seed=rc.seed)
 

@@ -1,5 +1,5 @@
 """The lifetime of the kernels' per-device buffers: skinny_gemm's split-K workspace, w4a16's
-dequantization scratch, paged_attention's merge tickets and decode_layer's barrier counters. Each module keeps one buffer per
+dequantization scratch and paged_attention's merge tickets. Each module keeps one buffer per
 device, shared by every engine on it and grown, never freed while in use, because a CUDA graph
 keeps the addresses it captured. A ModelRunner on a CUDA device holds the device's buffers from
 its start (`hold`) and lets go when released (`release`); the last to let go drops them, so a
@@ -23,5 +23,5 @@ def release(device) -> None:
     if _HOLDERS[device] <= 0:
         del _HOLDERS[device]
         # by module path: the package also exports a function named paged_attention
-        for name in ("paged_attention", "skinny_gemm", "w4a16", "decode_layer"):
+        for name in ("paged_attention", "skinny_gemm", "w4a16"):
             importlib.import_module(f"engine.kernels.{name}").drop_buffers(device)

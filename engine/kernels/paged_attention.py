@@ -123,8 +123,16 @@ def _decode_row(query_start_loc_ptr, b, USE_QSL: tl.constexpr, USE_WORK: tl.cons
     return row, skip
 
 
-@triton.jit
-def decode_program(i0, kv_head, i2, num_kv_heads,
+# Triton compiles a new variant for every new "specialization" of the runtime arguments:
+# an int that is 1 or a multiple of 16, a pointer that is 16-byte aligned. Block-table widths,
+# split counts and the pointers of sliced per-sequence arrays (a mixed step hands the decode
+# and prefill kernels `context_lens[nd:]`, ...) change every step, and a compile in the middle
+# of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
+                                            "query_start_loc_ptr", "work_ptr", "index_ptr",
+                                            "tickets_ptr", "pos_ptr", "slot_ptr"])
+def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr,
     pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
@@ -139,10 +147,7 @@ def decode_program(i0, kv_head, i2, num_kv_heads,
     PAGES: tl.constexpr = 1, FOLD: tl.constexpr = False, MERGE_G: tl.constexpr = 1,
     MERGE_S: tl.constexpr = 1, QKV: tl.constexpr = False, QK_NORM: tl.constexpr = False,
 ):
-    """One program of _decode_kernel (i0, kv_head, i2: its grid position, num_kv_heads the
-    grid's axis 1), or one work item of a persistent kernel (engine.kernels.decode_layer,
-    PDL off: it prefetches and synchronizes itself): one split of one sequence's KV for one
-    KV head, positions [start, end).
+    """One split of one sequence's KV for one KV head: positions [start, end).
 
     USE_WORK: program (i, kv_head) runs item i of the host's work list, `work[i]` = (b,
     start, end, splits of b); b < 0: nothing to do (a CUDA graph's grid covers the most
@@ -169,124 +174,90 @@ def decode_program(i0, kv_head, i2, num_kv_heads,
     kv_heads, head_dim] is contiguous; KV head h prefetches its 1/kv_heads of it, PART_ELEMS
     elements at h * PART_ELEMS, so the programs of a work item cover the pages between them)."""
     if USE_WORK:
-        slot = i0
+        slot = tl.program_id(0)
         b = tl.load(work_ptr + 4 * slot)
-        idle = b < 0          # an unused item of a CUDA graph's longest plan
-        b = tl.maximum(b, 0)
+        if b < 0:
+            return
         start = tl.load(work_ptr + 4 * slot + 1)
         end = tl.load(work_ptr + 4 * slot + 2)
         splits = tl.load(work_ptr + 4 * slot + 3)
     else:
-        b = i0
-        split = i2
+        b = tl.program_id(0)
+        split = tl.program_id(2)
         slot = b * num_splits + split
         splits = num_splits
-        idle = False
+    kv_head = tl.program_id(1)
     row, skip = _decode_row(query_start_loc_ptr, b, USE_QSL, USE_WORK)
-    if not (idle or skip):
-        if not USE_WORK:
-            context_len = tl.load(context_lens_ptr + b)
-            # Splits own whole tiles, sized per sequence so short sequences do not idle.
-            tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
-            start = split * tiles_per_split * BLOCK_N
-            end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
-        if PREFETCH:
-            _prefetch_pages(k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start, end,
-                            kv_head, stride_cb, BLOCK_SIZE, PART_ELEMS, PART_BYTES, BLOCK_N, PAGES, PDL)
-        pdl.enter(PDL)             # q and this step's K/V come from the kernel before
+    if skip:
+        return
+    if not USE_WORK:
+        context_len = tl.load(context_lens_ptr + b)
+        # Splits own whole tiles, sized per sequence so short sequences do not idle.
+        tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
+        start = split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
+    if PREFETCH:
+        _prefetch_pages(k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start, end,
+                        kv_head, stride_cb, BLOCK_SIZE, PART_ELEMS, PART_BYTES, BLOCK_N, PAGES, PDL)
+    pdl.enter(PDL)             # q and this step's K/V come from the kernel before
 
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM_PAD)
-        n = tl.arange(0, BLOCK_N)
-        heads = kv_head * GROUP + g
-        g_mask = g < GROUP
-        d_mask = d < HEAD_DIM
-        q_mask = g_mask[:, None] & d_mask[None, :]
-        q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh
-        if QKV:
-            position = tl.load(pos_ptr + row)
-            q = _norm_rope(q_rows, d, q_mask, position, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps,
-                           QK_NORM, HEAD_DIM)
-            if end == tl.load(context_lens_ptr + b):
-                _store_new_kv(q_ptr + row * stride_qt, d, d_mask, kv_head, GROUP * num_kv_heads,
-                              num_kv_heads, tl.load(slot_ptr + row), position, cos_ptr, sin_ptr,
-                              stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs,
-                              stride_ch, BLOCK_SIZE, QK_NORM, HEAD_DIM)
-        else:
-            q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q_mask = g_mask[:, None] & d_mask[None, :]
+    q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh
+    if QKV:
+        position = tl.load(pos_ptr + row)
+        q = _norm_rope(q_rows, d, q_mask, position, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps,
+                       QK_NORM, HEAD_DIM)
+        if end == tl.load(context_lens_ptr + b):
+            _store_new_kv(q_ptr + row * stride_qt, d, d_mask, kv_head, GROUP * tl.num_programs(1),
+                          tl.num_programs(1), tl.load(slot_ptr + row), position, cos_ptr, sin_ptr,
+                          stride_cos, kw_ptr, eps, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs,
+                          stride_ch, BLOCK_SIZE, QK_NORM, HEAD_DIM)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
 
-        block_table_ptr = block_tables_ptr + b * stride_bt
-        head_off = kv_head * stride_ch
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-        for tile_start in range(start, end, BLOCK_N):
-            pos = tile_start + n
-            pos_mask = pos < end
-            rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
-                            BLOCK_SIZE, TILE_IN_PAGE)
-            kv_off = head_off + rows[:, None] + d[None, :]
-            kv_mask = pos_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-            s = tl.where(pos_mask[None, :], s, float("-inf"))
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
+    block_table_ptr = block_tables_ptr + b * stride_bt
+    head_off = kv_head * stride_ch
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + n
+        pos_mask = pos < end
+        rows = _kv_rows(block_table_ptr, tile_start, pos, pos_mask, stride_cb, stride_cs,
+                        BLOCK_SIZE, TILE_IN_PAGE)
+        kv_off = head_off + rows[:, None] + d[None, :]
+        kv_mask = pos_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(pos_mask[None, :], s, float("-inf"))
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc, l, m = _online_softmax_step(acc, l, m, s, v, PRECISION, UPCAST)
 
-        # An empty range (padding row with context 0, or a split past a short context) has l == 0.
-        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-        out_mask = g_mask[:, None] & d_mask[None, :]
-        if splits == 1:
-            tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.store(partial_ptr + slot * stride_pp + heads[:, None] * stride_ph + d[None, :], out,
-                     mask=out_mask)
-            lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
-            tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
-            if FOLD:
-                if USE_WORK:
-                    first = tl.load(index_ptr + 2 * b)
-                else:
-                    first = b * num_splits
-                _merge_if_last(partial_ptr, lse_ptr, out_ptr, tickets_ptr + b * num_kv_heads + kv_head,
-                               first, splits, row, kv_head, stride_pp, stride_ph, stride_lp, stride_ot,
-                               stride_oh, GROUP, MERGE_G, MERGE_S, HEAD_DIM, HEAD_DIM_PAD)
-
-
-# Triton compiles a new variant for every new "specialization" of the runtime arguments:
-# an int that is 1 or a multiple of 16, a pointer that is 16-byte aligned. Block-table widths,
-# split counts and the pointers of sliced per-sequence arrays (a mixed step hands the decode
-# and prefill kernels `context_lens[nd:]`, ...) change every step, and a compile in the middle
-# of a run costs 0.5-1 s (measured on an H200). So those are never specialized.
-@triton.jit(do_not_specialize=["stride_bt", "num_splits"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr",
-                                            "query_start_loc_ptr", "work_ptr", "index_ptr",
-                                            "tickets_ptr", "pos_ptr", "slot_ptr"])
-def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr,
-    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
-    qk_scale, eps,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, stride_cos, num_splits,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, USE_WORK: tl.constexpr, USE_QSL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, PART_ELEMS: tl.constexpr = 0, PART_BYTES: tl.constexpr = 0,
-    PAGES: tl.constexpr = 1, FOLD: tl.constexpr = False, MERGE_G: tl.constexpr = 1,
-    MERGE_S: tl.constexpr = 1, QKV: tl.constexpr = False, QK_NORM: tl.constexpr = False,
-):
-    """Program (i0, kv_head, i2) of the grid: `decode_program`."""
-    decode_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
-                   q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-                   work_ptr, index_ptr, out_ptr, partial_ptr, lse_ptr, tickets_ptr, pos_ptr, cos_ptr,
-                   sin_ptr, qw_ptr, kw_ptr, slot_ptr, qk_scale, eps, stride_qt, stride_qh, stride_cb,
-                   stride_cs, stride_ch, stride_bt, stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
-                   stride_cos, num_splits, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N,
-                   TILE_IN_PAGE, USE_WORK, USE_QSL, PRECISION, UPCAST, PDL, PREFETCH, PART_ELEMS, PART_BYTES,
-                   PAGES, FOLD, MERGE_G, MERGE_S, QKV, QK_NORM)
+    # An empty range (padding row with context 0, or a split past a short context) has l == 0.
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if splits == 1:
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(partial_ptr + slot * stride_pp + heads[:, None] * stride_ph + d[None, :], out,
+                 mask=out_mask)
+        lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
+        tl.store(lse_ptr + slot * stride_lp + heads, lse, mask=g_mask)
+        if FOLD:
+            if USE_WORK:
+                first = tl.load(index_ptr + 2 * b)
+            else:
+                first = b * num_splits
+            _merge_if_last(partial_ptr, lse_ptr, out_ptr, tickets_ptr + b * tl.num_programs(1) + kv_head,
+                           first, splits, row, kv_head, stride_pp, stride_ph, stride_lp, stride_ot,
+                           stride_oh, GROUP, MERGE_G, MERGE_S, HEAD_DIM, HEAD_DIM_PAD)
 
 
 @triton.jit

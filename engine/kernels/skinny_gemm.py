@@ -120,26 +120,25 @@ def _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
 @triton.jit
 def store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
                mask_n, mask_m, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, num_tiles, num_splits):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """The end of a swapped-dot program (this kernel's and engine.kernels.w4a16's): its fp32
     acc [BLOCK_N, BLOCK_M] to y (+ bias). With split-K (SPLIT, grid axis 1) each split writes
     its partial tile to the workspace and bumps the tile's arrival counter; the split that
     arrives last sums the partials in split order (deterministic), stores y and resets the
-    counter for the next call. num_tiles / num_splits: the tile and split counts (a grid's
-    axes 0 and 1, or a persistent kernel's work items: engine.kernels.decode_layer)."""
+    counter for the next call."""
     if SPLIT:
         # partial[split, tile] is an fp32 [BLOCK_M, BLOCK_N] block (rows m < M written)
         tile = pid_n * BLOCK_N * BLOCK_M + offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-        split_stride = num_tiles * BLOCK_N * BLOCK_M
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
         tl.store(partial_ptr + pid_k * split_stride + tile, acc, mask=mask_m[None, :])
         # every thread's partial is written before the counter moves (the release below is
         # one thread's; the barrier orders the others' stores before it)
         tl.debug_barrier()
         arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == num_splits - 1:   # the last split of this tile: reduce
+        if arrived == tl.num_programs(1) - 1:   # the last split of this tile: reduce
             tl.debug_barrier()
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, num_splits):
+            for s in range(0, tl.num_programs(1)):
                 acc += tl.load(partial_ptr + s * split_stride + tile, mask=mask_m[None, :],
                                other=0.0, cache_modifier=".cg")
             _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
@@ -148,25 +147,25 @@ def store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, of
         _store_y(y_ptr, bias_ptr, acc, offs_n, offs_m, mask_n, mask_m, stride_ym, HAS_BIAS)
 
 
-@triton.jit
-def skinny_program(pid_n, pid_k, num_tiles, num_splits,
-                   x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
-                   res_ptr, norm_w_ptr, res_out_ptr, eps,
-                   M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                   SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr, PREFETCH: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """Tile `pid_n` of N, split `pid_k` of K, of `num_tiles` x `num_splits`: one program of
-    _skinny_gemm_kernel, or one work item of a persistent kernel (engine.kernels.decode_layer,
-    PDL and PREFETCH off: it prefetches and synchronizes itself). The A operand (x^T tiles,
-    `_input_tile`) is x, or:
+# M is not specialized (Triton would compile M == 1 and M % 16 == 0 apart): the LM head sees
+# any row count, and a variant compiled mid-run stalls the engine for a second
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
+                        res_ptr, norm_w_ptr, res_out_ptr, eps,
+                        M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
+                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                        SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                        ELEM_BYTES: tl.constexpr = 2):
+    """The A operand (x^T tiles, `_input_tile`) is x, or:
     SWIGLU: x is [M, 2K] = [gate | up] and the operand silu(gate) * up, computed per tile as
     engine.kernels.fused.silu_and_mul computes it (an MLP's down projection without its
     activation kernel);
     NORM: the operand is RMSNorm(h) * norm_w with h = x (+ residual with HAS_RESIDUAL),
     rounded as engine.kernels.fused.add_rmsnorm rounds it (a decoder layer's qkv or gate_up
-    projection without its norm kernel); item (0, 0) writes h to res_out."""
+    projection without its norm kernel); program (0, 0) writes h to res_out."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
@@ -174,7 +173,9 @@ def skinny_program(pid_n, pid_k, num_tiles, num_splits,
     k_end = tl.minimum(k_start + k_per_split, K)
     rows = offs_n.to(tl.int64)   # N * K may pass 2^31 (LM heads of large vocabularies)
     if PREFETCH:   # launched early (PDL): pull this program's weight slice into L2 meanwhile
-        prefetch_slice(w_ptr, offs_n, N, k_start, k_end, stride_wn, ELEM_BYTES, BLOCK_N)
+        first = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start
+        nbytes = tl.zeros((BLOCK_N,), dtype=tl.int32) + ((k_end - k_start) * ELEM_BYTES) // 16 * 16
+        pdl.prefetch_rows_l2(w_ptr + first, nbytes, PDL)
     pdl.enter(PDL)               # x, the residual and the workspace come from earlier kernels
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
@@ -197,37 +198,7 @@ def skinny_program(pid_n, pid_k, num_tiles, num_splits,
         else:
             acc += tl.dot(w, xt)
     store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
-               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M, num_tiles, num_splits)
-
-
-@triton.jit
-def prefetch_slice(w_ptr, offs_n, N, k_start, k_end, stride_wn, ELEM_BYTES: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Ask L2 for W[offs_n, k_start:k_end] (rows past N: the last row again), one bulk
-    prefetch per row (engine.kernels.pdl.prefetch_rows_l2: 16-byte aligned rows)."""
-    first = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start
-    nbytes = tl.zeros((BLOCK_N,), dtype=tl.int32) + ((k_end - k_start) * ELEM_BYTES) // 16 * 16
-    pdl.prefetch_rows_l2(w_ptr + first, nbytes, True)
-
-
-# M is not specialized (Triton would compile M == 1 and M % 16 == 0 apart): the LM head sees
-# any row count, and a variant compiled mid-run stalls the engine for a second
-@triton.jit(do_not_specialize=["M"])
-def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
-                        res_ptr, norm_w_ptr, res_out_ptr, eps,
-                        M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
-                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                        SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                        ELEM_BYTES: tl.constexpr = 2):
-    """Program (tile, split) of the grid: `skinny_program`."""
-    skinny_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
-                   x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr,
-                   res_ptr, norm_w_ptr, res_out_ptr, eps,
-                   M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_om, k_per_split,
-                   HAS_BIAS, SPLIT, IEEE, SWIGLU, NORM, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K,
-                   PDL, PREFETCH, ELEM_BYTES)
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- launch rule -------------------------------------------------------------------------

@@ -357,8 +357,7 @@ def _w4a16_skinny_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
                 xsum = tl.sum(xt.to(tl.float32), axis=0)                         # [BLOCK_M]
                 acc += s[:, None] * (part - z.to(tl.float32)[:, None] * xsum[None, :])
     store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
-               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M,
-               tl.num_programs(0), tl.num_programs(1))
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
@@ -629,8 +628,7 @@ def _w4a16_fma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, per
                         (BLOCK_N,))   # nibble j is column 8c + AWQ_ORDER[j]
     offs_m = tl.arange(0, 1)
     store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
-               offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1,
-               tl.num_programs(0), tl.num_programs(1))
+               offs_n < N, offs_m < 1, 0, HAS_BIAS, SPLIT, BLOCK_N, 1)
 
 
 # ---- the streaming GEMV (M = 1, repacked) -----------------------------------------------------
@@ -1029,8 +1027,7 @@ def _w4a16_mma_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bias
             part = tl.dot(x, w)
         acc += part * s[None, :]
     store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n,
-               offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M,
-               tl.num_programs(0), tl.num_programs(1))
+               offs_m, mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -1071,8 +1068,7 @@ def _w4a16_swap_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bia
         else:
             acc = tl.dot(tl.trans(wt), xt, acc)
     store_tile(acc, y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid_n, pid_k, offs_n, offs_m,
-               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M,
-               tl.num_programs(0), tl.num_programs(1))
+               mask_n, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- the nibble-sliced tensor-core kernel (M <= 64, repacked) ---------------------------------
@@ -1178,8 +1174,7 @@ def _w4a16_slice_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, bi
     offs_n = tl.reshape(_join8(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7),
                         (BLOCK_N,))
     store_tile(tl.trans(acc), y_ptr, bias_ptr, partial_ptr, arrivals_ptr, pid, pid_k, offs_n,
-               offs_m, offs_n < N, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M,
-               tl.num_programs(0), tl.num_programs(1))
+               offs_m, offs_n < N, mask_m, stride_ym, HAS_BIAS, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # ---- launch rules --------------------------------------------------------------------------

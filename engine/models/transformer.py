@@ -116,16 +116,8 @@ class DecoderLayer(nn.Module):
             self.mlp.gate_up_proj.norm_input = True
         self.self_attn.qkv_proj.norm_input = True
 
-    # EngineConfig.decode_layer_max_rows where the layer qualifies (ModelRunner.use_decode_layer):
-    # decode-only steps of at most this many rows run the layer as one persistent launch
-    one_launch_rows = 0
-
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata):
-        if (self.one_launch_rows and hidden.shape[0] <= self.one_launch_rows
-                and meta.decode_work is not None and meta.prefill_tiles is None
-                and meta.decode_rows == hidden.shape[0]):
-            return self.forward_one_launch(positions, hidden, residual, meta)
         # Each norm runs in the next projection's kernel where that layer's measured plan
         # says so (engine.layers.linear.LinearBase.forward_rmsnorm), else as its own kernel.
         qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
@@ -136,27 +128,6 @@ class DecoderLayer(nn.Module):
             return self.mlp.down(gate_up), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def launch_weights(self):
-        """The layer's tensors as engine.kernels.decode_layer reads them."""
-        from engine.kernels.decode_layer import LayerWeights
-        att, mlp = self.self_attn, self.mlp
-        return LayerWeights(
-            in_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
-            eps=self.input_layernorm.eps, qkv=att.qkv_proj.weight, qkv_bias=att.qkv_proj.bias,
-            o=att.o_proj.weight, o_bias=att.o_proj.bias, gate_up=mlp.gate_up_proj.weight,
-            down=mlp.down_proj.weight, q_norm=att.q_norm.weight if att.qk_norm else None,
-            k_norm=att.k_norm.weight if att.qk_norm else None,
-            qk_eps=att.q_norm.eps if att.qk_norm else 0.0, num_heads=att.num_heads, scale=att.attn.scale)
-
-    def forward_one_launch(self, positions: torch.Tensor, hidden: torch.Tensor,
-                           residual: torch.Tensor | None, meta: AttentionMetadata):
-        """`forward` of a decode-only step as one launch (engine.kernels.decode_layer)."""
-        from engine.kernels.decode_layer import decode_layer
-        attn, rotary, rows = self.self_attn.attn, self.self_attn.rotary_emb, meta.decode_rows
-        return decode_layer(self.launch_weights(), hidden, residual, positions, rotary.cos, rotary.sin,
-                            attn.k_cache, attn.v_cache, meta.block_tables[:rows], meta.context_lens[:rows],
-                            meta.query_start_loc, meta.slot_mapping, meta.decode_work)
 
 
 class TransformerModel(nn.Module):
