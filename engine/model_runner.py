@@ -14,7 +14,6 @@ broadcasts them; the other ranks (engine.distributed) receive them and run the s
 forward, so no rank but 0 ever sees a Batch.
 """
 import gc
-import os
 import time
 from dataclasses import dataclass
 
@@ -136,8 +135,6 @@ class ModelRunner:
         # the start-up kernel choices (skinny GEMM, fused MoE tiles, W4A16 launches), before
         # capture: timed, or read from EngineConfig.kernel_plan; their timing reports
         self.skinny_report, self.moe_report, self.quant_report = self.choose_kernels(backend)
-        if on_gpu and self.pdl is not None and os.environ.get("TWINSERVE_PREFETCH_NEXT") == "1":
-            self.chain_prefetch()
         # (kind, size) -> (graph, its hidden rows of the sampled tokens: for `resample`)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         # Eager where graphs are not safe: the torch reference backend reads sequence lengths
@@ -154,9 +151,6 @@ class ModelRunner:
         """Drop the CUDA graphs, the KV cache and the weights, and return the freed memory to
         the device (LLMEngine.close): the runner cannot run steps afterwards."""
         self.graphs.clear()
-        if os.environ.get("TWINSERVE_PREFETCH_NEXT") == "1":   # its weights' addresses go now
-            from engine.kernels import skinny_gemm
-            skinny_gemm.PREFETCH_NEXT.clear()
         if self.holds_buffers:   # after the graphs that captured them
             buffers.release(self.tokens.device)
             self.holds_buffers = False
@@ -247,21 +241,6 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
-
-    def chain_prefetch(self) -> None:
-        """Each dense decoder GEMM's next one in the step (engine.kernels.skinny_gemm.
-        PREFETCH_NEXT, an experiment: TWINSERVE_PREFETCH_NEXT=1)."""
-        from engine.kernels import skinny_gemm
-        from engine.models.transformer import MLP, DecoderLayer
-        chain = []
-        for layer in self.model.modules():
-            if isinstance(layer, DecoderLayer) and isinstance(layer.mlp, MLP):
-                chain += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                          layer.mlp.down_proj]
-        for a, b in zip(chain, chain[1:]):
-            if a.quant is None and b.quant is None and (b.weight.numel() * b.weight.element_size()
-                                                        <= skinny_gemm.NEXT_MAX_BYTES):
-                skinny_gemm.PREFETCH_NEXT[a.weight.data_ptr()] = b.weight
 
     def choose_kernels(self, backend: str) -> tuple[list, list, list]:
         """Set the start-up kernel choices: the skinny GEMM's (CUDA graphs on, bf16 / fp16

@@ -157,8 +157,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
                         SWIGLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                        ELEM_BYTES: tl.constexpr = 2, next_ptr=None, next_bytes=0,
-                        next_piece=0, NEXT_PIECES: tl.constexpr = 0):
+                        ELEM_BYTES: tl.constexpr = 2):
     """The A operand (x^T tiles, `_input_tile`) is x, or:
     SWIGLU: x is [M, 2K] = [gate | up] and the operand silu(gate) * up, computed per tile as
     engine.kernels.fused.silu_and_mul computes it (an MLP's down projection without its
@@ -177,12 +176,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr
         first = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start
         nbytes = tl.zeros((BLOCK_N,), dtype=tl.int32) + ((k_end - k_start) * ELEM_BYTES) // 16 * 16
         pdl.prefetch_rows_l2(w_ptr + first, nbytes, PDL)
-        if NEXT_PIECES:   # ... and this program's share of the next GEMM's weights (PREFETCH_NEXT)
-            p = pid_k * tl.num_programs(0) + pid_n
-            share = tl.cdiv(next_bytes, tl.num_programs(0) * tl.num_programs(1) * next_piece)
-            offs = (p * share + tl.arange(0, NEXT_PIECES)) * next_piece
-            offs = tl.minimum(offs, next_bytes - next_piece).to(tl.int64)
-            pdl.prefetch_rows_l2(next_ptr + offs, tl.zeros((NEXT_PIECES,), dtype=tl.int32) + next_piece, PDL)
     pdl.enter(PDL)               # x, the residual and the workspace come from earlier kernels
     if NORM:
         rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, mask_m, stride_xm, stride_rm,
@@ -340,29 +333,8 @@ def _launch(x, weight, bias, split_k, config, swiglu, norm=None):
         HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32 or _INTERPRETED,
         SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm[0] is not None,
         PDL=pdl.enabled(), PREFETCH=pdl.enabled() and _aligned(weight), ELEM_BYTES=weight.element_size(),
-        **_next_args(weight, tiles * splits), **cfg, **pdl.launch_kwargs())
+        **cfg, **pdl.launch_kwargs())
     return y
-
-
-# An experiment (TWINSERVE_PREFETCH_NEXT=1): a decode step's GEMM, launched early under PDL, also
-# asks L2 for the next GEMM's weights of the layer chain (qkv -> o -> gate_up -> down -> the next
-# layer's qkv; ModelRunner.chain_prefetch), so each finds its bytes one kernel earlier than its
-# own prefetch brings them. Weight data_ptr -> the next weight, where that fits NEXT_MAX_BYTES.
-PREFETCH_NEXT: dict[int, torch.Tensor] = {}
-NEXT_MAX_BYTES = 16 << 20    # a third of an H100 / H200's L2
-NEXT_PIECE = 16384
-
-
-def _next_args(weight: torch.Tensor, programs: int) -> dict:
-    nxt = PREFETCH_NEXT.get(weight.data_ptr()) if pdl.enabled() else None
-    if nxt is None:
-        return {}
-    nbytes = nxt.numel() * nxt.element_size()
-    per = triton.cdiv(nbytes, programs)
-    pieces = min(64, triton.next_power_of_2(triton.cdiv(per, NEXT_PIECE)))
-    piece = triton.cdiv(triton.cdiv(per, pieces), 16) * 16
-    return dict(next_ptr=nxt.view(-1).view(torch.uint8), next_bytes=nbytes, next_piece=piece,
-                NEXT_PIECES=pieces)
 
 
 def _aligned(weight: torch.Tensor) -> bool:
