@@ -704,16 +704,20 @@ def main(argv=None) -> None:
     calibration's serving-loop host window (remeasure_host_serving).
     `python -m experiments.calibrate --block-cost 32,64 <overrides>`: measure the model's
     attention cost at those KV block sizes against the profiled one and write it into the
-    calibration (experiments.block_cost)."""
+    calibration (experiments.block_cost).
+    `python -m experiments.calibrate --idle-cost <overrides>`: measure what a step costs after
+    the device sat idle and write it into the calibration (experiments.idle_cost)."""
     from hydra import compose, initialize_config_dir
     from experiments.config import register_configs
     overrides = list(sys.argv[1:] if argv is None else argv)
     serving_only = "--host-serving-only" in overrides
-    block_sizes, overrides = block_cost_sizes([o for o in overrides if o != "--host-serving-only"])
+    idle_cost = "--idle-cost" in overrides
+    block_sizes, overrides = block_cost_sizes([o for o in overrides if o not in ("--host-serving-only",
+                                                                                 "--idle-cost")])
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=["experiment=calibrate"] + overrides)
-    if serving_only or block_sizes:
+    if serving_only or block_sizes or idle_cost:
         try:
             if serving_only:
                 remeasure_host_serving(cfg, overrides)
@@ -721,6 +725,9 @@ def main(argv=None) -> None:
                 from experiments.block_cost import measure_block_cost
                 measure_block_cost(build(cfg), block_sizes, "python -m experiments.calibrate "
                                    f"--block-cost {','.join(map(str, block_sizes))} " + " ".join(overrides))
+            if idle_cost:
+                from experiments.idle_cost import measure_idle_cost
+                measure_idle_cost(build(cfg), "python -m experiments.calibrate --idle-cost " + " ".join(overrides))
         except ValueError as e:
             sys.exit(f"experiments.calibrate: {e}")
     else:

@@ -139,3 +139,54 @@ def along_run(term: ClockTerm, steps, base_s: np.ndarray) -> tuple[np.ndarray, n
                       steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
     return heat, np.asarray(base_s, float) * (1 + slowdowns(term.slowdown, steps["num_prefill_tokens"]) * heat)
 
+
+IDLE_FORMS = ("add", "mul")
+
+
+@dataclass(frozen=True)
+class IdleTerm:
+    """What a step costs beyond its price (and the clock term's) after the device sat idle
+    `gap` seconds: a calibration's "idle_cost" (experiments.idle_cost measures it). A device
+    left idle drops its SM clock toward idle speed and lets caches go cold, so the first step
+    after a pause runs long; the heat of the clock term decays in the same pause, which the
+    measurement already set against. Per step kind (`step_kind`), one value per measured idle
+    length `idle_s` (ascending): seconds ("add") or a share of the step's price ("mul"),
+    interpolated in log idle, scaled down linearly below the shortest idle (0 at no idle) and
+    held past the longest."""
+    form: str
+    idle_s: tuple
+    values: dict            # "decode" / "prompt" -> one value per idle length
+
+    @classmethod
+    def from_calibration(cls, d: dict | None, source: str = "<calibration>") -> "IdleTerm | None":
+        if not d:
+            return None
+        try:
+            idle = tuple(float(g) for g in d["idle_s"])
+            term = cls(str(d["form"]), idle, {k: tuple(float(v) for v in d[k])
+                                              for k in ("decode", "prompt") if k in d})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: the idle_cost section needs form, idle_s and per-kind "
+                             f"values: {e!r}") from None
+        if (term.form not in IDLE_FORMS or not idle or any(g <= 0 for g in idle)
+                or list(idle) != sorted(set(idle))
+                or any(len(v) != len(idle) or not all(map(math.isfinite, v)) for v in term.values.values())):
+            raise ValueError(f"{source}: idle_cost needs form in {IDLE_FORMS}, idle_s ascending "
+                             "and > 0, and one finite value per idle length for each kind")
+        return term
+
+    def describe(self) -> dict:
+        return {"form": self.form, "idle_s": list(self.idle_s), **{k: list(v) for k, v in self.values.items()}}
+
+    def extra(self, gap_s: float, num_prefill_tokens: int, price_s: float) -> float:
+        """Seconds to add to a step of price `price_s` launched after `gap_s` of device idle."""
+        values = self.values.get(step_kind(num_prefill_tokens))
+        if not values or not gap_s > 0:
+            return 0.0
+        g = self.idle_s
+        if gap_s <= g[0]:
+            v = values[0] * gap_s / g[0]
+        else:
+            v = float(np.interp(math.log(gap_s), [math.log(x) for x in g], values))
+        return v * price_s if self.form == "mul" else v
+

@@ -28,7 +28,7 @@ import numpy as np
 from policy.cuda_graphs import decode_sizes, graph_rows, mixed_sizes
 from policy.decode_plan import RULE_FIELDS, DecodePlan
 from policy.model import ModelConfig, expected_experts_touched
-from simulator.clock import ClockTerm
+from simulator.clock import ClockTerm, IdleTerm
 from simulator.hardware import HOST_WINDOWS, GiB, HardwareSpec, HostCosts, block_cost, check_block_cost
 
 if TYPE_CHECKING:   # pandas only where a steps table is read: not on the simulator's path
@@ -206,6 +206,7 @@ class CostModel(ABC):
     host: HostCosts = HostCosts()
     decode_plan: DecodePlan | None = None
     clock: ClockTerm | None = None      # the GPU clock's state (fitted models only)
+    idle: IdleTerm | None = None        # the cost of a step after device idle (fitted models only)
 
     @abstractmethod
     def predict(self, features: dict) -> float:
@@ -672,7 +673,10 @@ class FittedCostModel(CostModel):
          "clock": {"tau_s", "slowdown": {"decode", "prompt"}, "flops": {...}} (optional: the
                   kinds were fitted on base-clock times; `clock`, a simulator.clock.ClockTerm,
                   and the simulator's executor turn each prediction into the step's time
-                  under the GPU clock's state)}
+                  under the GPU clock's state),
+         "idle_cost": {"form", "idle_s": [...], "decode": [...], "prompt": [...]} (optional:
+                  experiments.idle_cost's; `idle`, a simulator.clock.IdleTerm, that the
+                  executor adds to a step by the device idle before it)}
     """
 
     def __init__(self, calibration: dict, source: str = "<calibration>",
@@ -707,6 +711,7 @@ class FittedCostModel(CostModel):
         self.host = HostCosts.from_calibration(calibration, host_window, source)
         self.attn_factors = self._block_factors(hw, block_size)
         self.clock = ClockTerm.from_calibration(calibration.get("clock"), source)
+        self.idle = IdleTerm.from_calibration(calibration.get("idle_cost"), source)
 
         def factor(name):
             return self.attn_factors.get(ATTENTION_FEATURES.get(name), 1.0)
@@ -1078,12 +1083,14 @@ class CostModelConfig:
     runner's launches; "serving", the engine's own step loop, admissions included; "auto",
     "serving" where the file measured it, else "profile"). clock (fitted): apply the
     calibration's clock term (simulator.clock) where it has one; false prices every step at
-    the base clock."""
+    the base clock. idle (fitted): add the calibration's idle cost (simulator.clock.IdleTerm,
+    experiments.idle_cost) to a step after device idle where it has one."""
     kind: str = "roofline"
     path: str | None = None
     strict: bool = True
     host_window: str = "auto"
     clock: bool = True
+    idle: bool = True
 
     def __post_init__(self):
         _require(self.kind in COST_MODELS,
@@ -1131,6 +1138,8 @@ def build_cost_model(cfg: CostModelConfig, model: ModelSpec, hw: HardwareSpec, t
     fitted = FittedCostModel.load(path, graphs, hw, block_size, cfg.host_window)
     if not cfg.clock:
         fitted.clock = None
+    if not cfg.idle:
+        fitted.idle = None
     calib = fitted.calibration
     _require(_same_model(str(calib.get("model", "")), model.name),
              f"{path}: calibrated for model {calib.get('model')!r}, not {model.name!r}")

@@ -95,9 +95,11 @@ class SimExecutor:
         self.t += (host.admission(admitted, admitted_tokens)
                    + host.before_launch(features["num_seqs"], features["num_prefill_tokens"]))
         start = max(self.t, self.device_free)
-        device = self.cost.predict(features)
+        price = device = self.cost.predict(features)
         if self.gpu_clock is not None:      # the base-clock price under the clock's state
             device = self.gpu_clock.run(start, device, features)
+        if self.cost.idle is not None:      # ... and after the device sat idle
+            device += self.cost.idle.extra(start - self.device_free, features["num_prefill_tokens"], price)
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
         self.device_free = start + device
         return self.device_free, batch

@@ -626,6 +626,18 @@ def test_calibrate_profiles_the_engine_and_fits_the_cost_models(tmp_path, capsys
     calibrate_main(["--block-cost", "32", "calibrate.block_cost_layout=scattered"] + engine_args)
     assert json.loads(out.read_text())["attention_block_cost_measured"]["kv_layout"] == "scattered"
     capsys.readouterr()
+    # the cost of a step after device idle (experiments.idle_cost), written in and priced by
+    monkeypatch.setattr("experiments.idle_cost.SHAPES_PER_KIND", 2)
+    monkeypatch.setattr("experiments.idle_cost.IDLES_S", (0.001, 0.004))
+    before = json.loads(out.read_text())
+    calibrate_main(["--idle-cost"] + engine_args)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    idled = json.loads(out.read_text())
+    assert idled["idle_cost"]["idle_s"] == [0.001, 0.004] and idled["idle_cost"]["form"] in ("add", "mul")
+    assert idled["attention_block_cost"] == before["attention_block_cost"]       # kept
+    timed = pd.read_parquet(summary["idle"])
+    assert len(timed) == summary["shapes"] * 2 * 1 and (timed["device_s"] > 0).all()
+    assert FittedCostModel(idled).idle is not None
     for bad in (["--block-cost", "16"], ["--block-cost=x"]):      # the profiled size, not a list
         with pytest.raises(SystemExit, match="--block-cost"):
             calibrate_main(bad + engine_args)
