@@ -70,6 +70,7 @@ class SimExecutor:
         self.replay = cost if isinstance(cost, ReplayCostModel) else None
         self.t = 0.0
         self.device_free = 0.0      # when the device finishes the last launched step
+        self.launched = False       # whether a step was launched (the device idled before)
         self.current = None         # the replayed record of the step being formed
         self.admitted = 0           # requests added since the last launch ...
         self.admitted_tokens = 0    # ... and their prompt tokens
@@ -98,8 +99,10 @@ class SimExecutor:
         price = device = self.cost.predict(features)
         if self.gpu_clock is not None:      # the base-clock price under the clock's state
             device = self.gpu_clock.run(start, device, features)
-        if self.cost.idle is not None:      # ... and after the device sat idle
-            device += self.cost.idle.extra(start - self.device_free, features["num_prefill_tokens"], price)
+        if self.cost.idle is not None:      # ... and after the device sat idle (before the first
+            gap = start - self.device_free if self.launched else math.inf   # step: since start-up)
+            device += self.cost.idle.extra(gap, features["num_prefill_tokens"], price)
+        self.launched = True
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
         self.device_free = start + device
         return self.device_free, batch
