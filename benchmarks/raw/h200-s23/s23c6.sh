@@ -13,6 +13,7 @@ t0=$(date +%s)
 for v in 128 32 64; do
   timeout 100 python3 - > $OUT/steps_min$v.txt 2>&1 <<PY
 import sys, runpy
+sys.path.insert(0, "benchmarks")
 import policy.decode_plan as d
 import engine.kernels.launch as launch
 launch.decode_shares = lambda c, h, s: d.DecodePlan(h, s, min_tokens_per_split=$v).shares(c)
