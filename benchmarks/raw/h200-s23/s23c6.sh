@@ -10,8 +10,8 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,serial --format=csv,noheader | tee $OUT/gpu.txt
 python3 -m engine.checkpoint qwen3-0.6b /tmp/q06 > /dev/null 2>&1
 t0=$(date +%s)
-for v in 128 32 64; do
-  timeout 100 python3 - > $OUT/steps_min$v.txt 2>&1 <<PY
+for v in ${VALUES:-128 32 64}; do
+  timeout 100 python3 - > $OUT/steps_min$v.$SECONDS.txt 2>&1 <<PY
 import sys, runpy
 sys.path.insert(0, "benchmarks")
 import policy.decode_plan as d
@@ -21,5 +21,5 @@ sys.argv = ["bench_serving.py", "--tables", "steps", "--model", "/tmp/q06", "--d
             "--mixed-batches", "64", "--chunks", "16", "--kernel-plan", "simulator/calibrations/qwen3-0.6b-h200-tp1.json"]
 runpy.run_path("benchmarks/bench_serving.py", run_name="__main__")
 PY
-  echo "min=$v rc=$? $(( $(date +%s) - t0 )) s"; grep -A5 "^decodes" $OUT/steps_min$v.txt | cut -c1-72
+  echo "min=$v rc=$? $(( $(date +%s) - t0 )) s"; grep -A5 "^decodes" $(ls -t $OUT/steps_min$v.* | head -1) | cut -c1-72
 done
