@@ -29,6 +29,7 @@ it (<name>.blocks.parquet). The fitted model then uses that table instead of the
 import dataclasses
 import json
 import statistics
+from contextlib import closing
 
 import numpy as np
 import pandas as pd
@@ -126,41 +127,50 @@ def block_layout(rc: RunConfig, calib: dict) -> str:
     return profiled_kv_layout(calib) if layout == "profiled" else layout
 
 
-def time_shapes(rc: RunConfig, calib: dict, block_size: int, shapes: pd.DataFrame, repeats: int,
-                progress=print) -> list[float]:
-    """Median device seconds of each shape on an engine of `rc` with KV block size
-    `block_size`, its KV pool filled and token ids drawn as the calibration's profile did, its
-    blocks laid out as `block_layout` says."""
+def profiled_batches(rc: RunConfig, calib: dict, block_size: int, shapes: list, contiguous: bool):
+    """Yield (runner, batch, sampling params) for each of `shapes` (profiled shapes) on an
+    engine of `rc` with KV block size `block_size`, its KV pool filled and token ids drawn as
+    the calibration's profile did, the blocks in order (`contiguous`) or scattered; the engine
+    is closed when the generator ends. What every re-measurement of a calibration's shapes
+    (this module, experiments.idle_cost) times them on."""
     from engine import SamplingParams
     profiled = calib.get("profiled") or {}
     written = profiled.get("kv_cache_init", "zeros") == "written"
     random_ids = profiled.get("token_ids", "zero") == "random"
-    contiguous = block_layout(rc, calib) == "contiguous"
     rc = dataclasses.replace(rc, cache=dataclasses.replace(rc.cache, block_size=block_size))
     engine = build_engine(rc, kv_cache_init="random" if profiled.get("kv_cache_init") == "random" else "zeros")
     try:
         runner, model, plan = engine.model_runner, engine.model_config, engine.decode_plan()
         sampling = SamplingParams()
-        grid = [{"shape": s} for s in shapes["shape"]]
+        grid = [{"shape": s} for s in shapes]
         if written:
             write_kv_pool(runner, pool_blocks_read(grid, block_size, runner.num_blocks, contiguous),
                           min(rc.scheduler.max_num_batched_tokens, rc.scheduler.max_model_len),
                           model.vocab_size, sampling, plan)
-        times = []
         for k, point in enumerate(grid):
             batch = shape_batch(point["shape"], block_size, runner.num_blocks, plan, contiguous=contiguous)
             if random_ids or model.is_moe:
                 random_token_ids(batch, model.vocab_size, seed=k)
             if model.is_moe:
                 write_prefixes(runner, batch, rc.scheduler.max_num_batched_tokens, sampling)
-            device, *_ = time_shape(runner, batch, [sampling] * len(batch.seqs), repeats,
-                                    runner.device.type == "cuda")
-            times.append(statistics.median(device))
-        if progress:
-            progress(f"block size {block_size}: {len(times)} shapes timed")
-        return times
+            yield runner, batch, [sampling] * len(batch.seqs)
     finally:
         engine.close()
+
+
+def time_shapes(rc: RunConfig, calib: dict, block_size: int, shapes: pd.DataFrame, repeats: int,
+                progress=print) -> list[float]:
+    """Median device seconds of each shape on an engine of `rc` with KV block size
+    `block_size` (`profiled_batches`), its blocks laid out as `block_layout` says."""
+    times = []
+    batches = profiled_batches(rc, calib, block_size, list(shapes["shape"]), block_layout(rc, calib) == "contiguous")
+    with closing(batches):   # the engine closes with it, on an error too
+        for runner, batch, params in batches:
+            device, *_ = time_shape(runner, batch, params, repeats, runner.device.type == "cuda")
+            times.append(statistics.median(device))
+    if progress:
+        progress(f"block size {block_size}: {len(times)} shapes timed")
+    return times
 
 
 def measure_block_cost(rc: RunConfig, sizes: list[int], command: str, progress=print) -> dict:

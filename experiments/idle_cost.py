@@ -28,6 +28,7 @@ before it (simulator.clock.IdleTerm), interpolated in log idle.
 """
 import dataclasses
 import json
+from contextlib import closing
 import statistics
 import time
 
@@ -35,14 +36,13 @@ import numpy as np
 import pandas as pd
 
 from experiments import results
-from experiments.calibrate import (device_name, existing_calibration, pool_blocks_read, time_shape,
-                                   write_kv_pool)
+from experiments.block_cost import profiled_batches
+from experiments.calibrate import device_name, existing_calibration, time_shape
 from experiments.config import RunConfig
-from experiments.replay import build_engine
 from simulator import CudaGraphs, FittedCostModel
 from simulator.clock import Clock, IdleTerm, step_kind
 from simulator.cost_model import profiled_block_size, profiled_kv_layout
-from simulator.profile_grid import random_token_ids, shape_batch
+from simulator.profile_grid import shape_batch
 
 SHAPES_PER_KIND = 6
 IDLES_S = (0.0005, 0.002, 0.005, 0.02, 0.05, 0.2, 0.5)
@@ -88,6 +88,22 @@ def time_after_idle(runner, batch, params, repeats: int) -> list[dict]:
             runner.wait(launched)
             rows.append({"idle_s": idle, "repeat": r, "heat": heat, "gap_s": launched.gap_s,
                          "device_s": launched.device_s})
+    return rows
+
+
+def idle_rows(model: FittedCostModel, shapes: pd.DataFrame, k: int, runner, batch, params,
+              repeats: int) -> list[dict]:
+    """Shape k's timings (`time_after_idle`, after its back-to-back warm-up) with the fitted
+    model's prediction of each history."""
+    device, *_ = time_shape(runner, batch, params, repeats, runner.device.type == "cuda")
+    f, rows = shapes["features"][k], []
+    for row in time_after_idle(runner, batch, params, repeats):
+        pred_b2b, pred_idle = predicted(model, f, row["heat"], row["gap_s"])
+        rows.append({"shape_id": k, "kind": shapes["kind"][k], "shape": json.dumps(shapes["shape"][k]),
+                     "prefill_tokens": f["num_prefill_tokens"], "price_s": shapes["price_s"][k],
+                     "idle_s": row["idle_s"], "repeat": row["repeat"], "gap_s": row["gap_s"],
+                     "device_s": row["device_s"], "b2b_s": row["heat"][-1][1],
+                     "b2b_median_s": statistics.median(device), "pred_b2b_s": pred_b2b, "pred_idle_s": pred_idle})
     return rows
 
 
@@ -141,7 +157,6 @@ def measure_idle_cost(rc: RunConfig, command: str, progress=print) -> dict:
     """Measure rc's calibration's idle cost (see the module docstring), write it into the
     calibration and the timings next to it; returns the summary (also printed last).
     ValueError (one line) for a bad request."""
-    from engine import SamplingParams
     out, calib = existing_calibration(rc, "--idle-cost")
     profiled = profiled_block_size(calib)
     if rc.cache.block_size != profiled:
@@ -156,37 +171,13 @@ def measure_idle_cost(rc: RunConfig, command: str, progress=print) -> dict:
     shapes = choose_shapes(bare, graphs, pd.read_parquet(profile_path))
     if calib.get("kernel_plan") and rc.engine.kernel_plan is None:   # the kernels its profile ran
         rc = dataclasses.replace(rc, engine=dataclasses.replace(rc.engine, kernel_plan=str(out)))
-    profiled_meta = calib.get("profiled") or {}
-    contiguous = profiled_kv_layout(calib) == "contiguous"
-    engine = build_engine(rc, kv_cache_init="random" if profiled_meta.get("kv_cache_init") == "random" else "zeros")
-    rows = []
-    try:
-        runner, spec, plan = engine.model_runner, engine.model_config, engine.decode_plan()
-        sampling = SamplingParams()
-        grid = [{"shape": s} for s in shapes["shape"]]
-        if profiled_meta.get("kv_cache_init", "zeros") == "written":
-            write_kv_pool(runner, pool_blocks_read(grid, profiled, runner.num_blocks, contiguous),
-                          min(rc.scheduler.max_num_batched_tokens, rc.scheduler.max_model_len),
-                          spec.vocab_size, sampling, plan)
-        for k, point in enumerate(grid):
-            batch = shape_batch(point["shape"], profiled, runner.num_blocks, plan, contiguous=contiguous)
-            if profiled_meta.get("token_ids", "zero") == "random":
-                random_token_ids(batch, spec.vocab_size, seed=k)
-            params = [sampling] * len(batch.seqs)
-            device, *_ = time_shape(runner, batch, params, rc.calibrate.repeats, runner.device.type == "cuda")
-            f = shapes["features"][k]
-            for row in time_after_idle(runner, batch, params, rc.calibrate.repeats):
-                pred_b2b, pred_idle = predicted(model, f, row["heat"], row["gap_s"])
-                rows.append({"shape_id": k, "kind": shapes["kind"][k], "shape": json.dumps(point["shape"]),
-                             "prefill_tokens": f["num_prefill_tokens"], "price_s": shapes["price_s"][k],
-                             "idle_s": row["idle_s"], "repeat": row["repeat"], "gap_s": row["gap_s"],
-                             "device_s": row["device_s"], "b2b_s": row["heat"][-1][1],
-                             "b2b_median_s": statistics.median(device),
-                             "pred_b2b_s": pred_b2b, "pred_idle_s": pred_idle})
-        if progress:
-            progress(f"idle cost: {len(grid)} shapes x {len(IDLES_S)} idle lengths timed")
-    finally:
-        engine.close()
+    batches = profiled_batches(rc, calib, profiled, list(shapes["shape"]),
+                               profiled_kv_layout(calib) == "contiguous")
+    with closing(batches):   # the engine closes with it, on an error too
+        rows = [row for k, (runner, batch, params) in enumerate(batches)
+                for row in idle_rows(model, shapes, k, runner, batch, params, rc.calibrate.repeats)]
+    if progress:
+        progress(f"idle cost: {len(shapes)} shapes x {len(IDLES_S)} idle lengths timed")
     timings = extras(pd.DataFrame(rows))
     fit = np.arange(len(shapes)) % 2 == 0
     term, errors = fit_term(timings, fit)
