@@ -76,7 +76,7 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
 
         from experiments.config import build, recorded_config
         from experiments.replay import sim_cost_model
-        from simulator.clock import along_run
+        from simulator.clock import price_along_run
     except ImportError as e:
         return None, f"the simulator cannot be imported here ({e})"
     cost = sim.config.get("cost_model") or {}
@@ -89,8 +89,8 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
     try:
         _, model = sim_cost_model(build(recorded_config(sim.config)))
         pred = [model.predict(row) for row in steps.to_dict("records")]
-        if model.clock is not None:     # a run recorded without gpu_gap_s: ValueError, said below
-            pred = along_run(model.clock, steps, pred)[1]
+        pred = price_along_run(model.clock, getattr(model, "idle", None), steps, pred)[1]   # without
+        # gpu_gap_s where a term needs it: ValueError, said below
     except (KeyError, TypeError, ValueError, FileNotFoundError, OmegaConfBaseException) as e:
         return None, f"the simulated run's cost model cannot price the real steps ({type(e).__name__}: {e})"
     return steps.assign(pred_s=pred), cost["kind"] + (f" ({cost['path']})" if cost.get("path") else "")

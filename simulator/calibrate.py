@@ -37,7 +37,7 @@ from simulator.cost_model import (CACHED_PAIRS_FEATURE, CALIBRATION_FORMAT, CAUS
                                   profiled_block_size,
                                   step_experts_touched, decode_reread_share_tokens, reread_saving)
 from policy.decode_plan import DecodePlan
-from simulator.clock import ClockTerm, along_run, flops_per_unit, heat_along, slowdowns, step_kinds
+from simulator.clock import ClockTerm, flops_per_unit, heat_along, price_along_run, slowdowns, step_kinds
 from simulator.profile_grid import is_decode_entry, shape_batch
 from simulator.hardware import SERVING_HOST_TERMS, HardwareSpec
 
@@ -660,7 +660,8 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     """How the calibration predicts a real run's own steps (a steps.parquet with device_s, in
     step order): per step kind, n and the median / mean of (predicted - measured) / measured,
     and the predicted / measured sum of device time. A calibration with a clock term prices
-    each step under it along the run's own device timeline (simulator.clock.along_run), as the
+    each step under it along the run's own device timeline, and with an idle cost adds it
+    (simulator.clock.price_along_run), as the
     simulator prices it along its own; a run recorded without `gpu_gap_s` cannot be."""
     steps = with_shared_feature(steps[steps["device_s"].notna() & (steps["num_seqs"] > 0)], "the run")
     model = FittedCostModel(calib, graphs=graphs)
@@ -673,8 +674,7 @@ def step_errors(calib: dict, graphs: CudaGraphs, steps: "pd.DataFrame") -> dict:
     rows = steps.to_dict("records")
     kinds = [graphs.rows(r)[0] for r in rows]
     pred = np.array([model.predict(r) for r in rows])
-    if model.clock is not None:
-        pred = along_run(model.clock, steps, pred)[1]
+    pred = price_along_run(model.clock, model.idle, steps, pred)[1]
     real = steps["device_s"].to_numpy(float)
     out = {}
     for kind in sorted(set(kinds)):

@@ -95,20 +95,21 @@ class Clock:
     def __init__(self, term: ClockTerm):
         self.term, self.heat, self.t = term, 0.0, 0.0
 
-    def run(self, start: float, base_s: float, features: dict) -> float:
-        """Device seconds of a step of base time `base_s` that starts at `start` (no earlier
-        than the last step's end); the state moves to its end."""
+    def run(self, start: float, base_s: float, features: dict, extra_s: float = 0.0) -> float:
+        """Device seconds of a step of base time `base_s` (plus `extra_s` the clock does not
+        stretch: an IdleTerm's) that starts at `start` (no earlier than the last step's end);
+        the state moves to its end."""
         term = self.term
         h0 = self.heat * math.exp(-max(0.0, start - self.t) / term.tau_s)
         if base_s <= 0:
             self.heat, self.t = h0, start
-            return base_s
+            return base_s + extra_s
         flops = term.step_flops(features)
         slow = term.slowdown.get(step_kind(features["num_prefill_tokens"]), 0.0)
-        duration = base_s
+        duration = base_s + extra_s
         for _ in range(3):      # u is the step's FLOPs over the time it actually takes, as
             u = flops / (duration * PFLOPS)     # heat_along reads a measured timeline
-            duration = base_s * (1.0 + slow * mean_heat(h0, u, duration, term.tau_s))
+            duration = base_s * (1.0 + slow * mean_heat(h0, u, duration, term.tau_s)) + extra_s
         self.heat, self.t = end_heat(h0, u, duration, term.tau_s), start + duration
         return duration
 
@@ -138,6 +139,26 @@ def along_run(term: ClockTerm, steps, base_s: np.ndarray) -> tuple[np.ndarray, n
     heat = heat_along(np.asarray(term.step_flops(steps), float), steps["device_s"].to_numpy(float),
                       steps["gpu_gap_s"].fillna(0.0).to_numpy(float), term.tau_s)
     return heat, np.asarray(base_s, float) * (1 + slowdowns(term.slowdown, steps["num_prefill_tokens"]) * heat)
+
+
+def price_along_run(clock: ClockTerm | None, idle: "IdleTerm | None", steps, base_s) -> tuple:
+    """(heat or None, price) of a recorded run's steps (a steps table in start order) whose
+    base prices are `base_s`, as the simulator prices its own steps: under the clock term along
+    the run's measured device timeline (`along_run`), plus the idle cost by the device idle
+    before each step (`IdleTerm.extra`, the first step after the idle since start-up). The
+    one rule every tool that prices real steps with a calibration follows (step errors,
+    step_residuals, analysis --compare). ValueError for a run without gpu_gap_s."""
+    heat, price = (None, np.asarray(base_s, float)) if clock is None else along_run(clock, steps, base_s)
+    if idle is not None:
+        if "gpu_gap_s" not in steps.columns:
+            raise ValueError("the run's steps have no gpu_gap_s (the device idle before each step), which "
+                             "an idle cost needs: record the run again")
+        gaps = steps["gpu_gap_s"].fillna(0.0).to_numpy(float).copy()
+        if len(gaps):
+            gaps[0] = math.inf
+        price = price + np.array([idle.extra(g, n, b) for g, n, b in zip(
+            gaps, steps["num_prefill_tokens"].to_numpy(), np.asarray(base_s, float))])
+    return heat, price
 
 
 IDLE_FORMS = ("add", "mul")

@@ -96,13 +96,16 @@ class SimExecutor:
         self.t += (host.admission(admitted, admitted_tokens)
                    + host.before_launch(features["num_seqs"], features["num_prefill_tokens"]))
         start = max(self.t, self.device_free)
-        price = device = self.cost.predict(features)
-        if self.gpu_clock is not None:      # the base-clock price under the clock's state
-            device = self.gpu_clock.run(start, device, features)
-        if self.cost.idle is not None:      # ... and after the device sat idle (before the first
-            gap = start - self.device_free if self.launched else math.inf   # step: since start-up)
-            device += self.cost.idle.extra(gap, features["num_prefill_tokens"], price)
+        price = self.cost.predict(features)
+        extra = 0.0
+        if self.cost.idle is not None:      # after the device sat idle (the first step: since
+            gap = start - self.device_free if self.launched else math.inf   # start-up)
+            extra = self.cost.idle.extra(gap, features["num_prefill_tokens"], price)
         self.launched = True
+        if self.gpu_clock is not None:      # the base-clock price under the clock's state
+            device = self.gpu_clock.run(start, price, features, extra)
+        else:
+            device = price + extra
         record["device_s"], record["gpu_gap_s"] = device, start - self.device_free
         self.device_free = start + device
         return self.device_free, batch

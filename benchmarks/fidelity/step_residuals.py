@@ -37,7 +37,8 @@ measured, mean over steps):
   requests that arrived since the previous step was formed (the engine admits them in that
   window), next to the calibration's host model.
 With a clock term in the calibration (simulator.clock) every price is taken under it, along
-each run's own measured device timeline, and a table by heat is added.
+each run's own measured device timeline, and a table by heat is added; with an idle cost
+(experiments.idle_cost) each price adds it by the device idle before the step.
 The last line is a JSON summary. Runs only on recorded data (no GPU); seconds per run.
 """
 import argparse
@@ -56,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from experiments.plan_features import plan_features  # noqa: E402
 from simulator import sim  # noqa: E402
 from simulator.calibrate import with_plan_features, with_prefill_max  # noqa: E402
-from simulator.clock import along_run  # noqa: E402
+from simulator.clock import along_run, price_along_run  # noqa: E402
 from simulator.cost_model import CudaGraphs, FittedCostModel, profiled_kv_layout  # noqa: E402
 
 
@@ -91,12 +92,14 @@ def priced(model: FittedCostModel, graphs: CudaGraphs, steps: pd.DataFrame) -> p
                         err=(pred - steps["device_s"].to_numpy(float)) / steps["device_s"].to_numpy(float))
 
 
-def with_clock(steps: pd.DataFrame, term) -> pd.DataFrame:
+def with_terms(steps: pd.DataFrame, model) -> pd.DataFrame:
     """A run's priced steps (in start order) with the calibration's clock term applied along
     the run's own device timeline (its measured device times and the idle before each, as
-    the fit reads the profile's): `heat`, and `pred` / `err` under the clock."""
-    heat, pred = along_run(term, steps, steps["pred"].to_numpy(float))
-    return steps.assign(heat=heat, pred=pred, err=pred / steps["device_s"].to_numpy(float) - 1)
+    the fit reads the profile's) and its idle cost added (simulator.clock.price_along_run):
+    `heat` (with a clock term), and `pred` / `err` under them."""
+    heat, pred = price_along_run(model.clock, model.idle, steps, steps["pred"].to_numpy(float))
+    steps = steps.assign(pred=pred, err=pred / steps["device_s"].to_numpy(float) - 1)
+    return steps if heat is None else steps.assign(heat=heat)
 
 
 def table(df: pd.DataFrame, by, title: str) -> None:
@@ -225,8 +228,7 @@ def main(argv=None) -> None:
         except (ValueError, RuntimeError) as e:
             sys.exit(f"{run_dir}: {e}")
         steps = priced(model, graphs, steps).join(shapes)
-        if model.clock is not None:
-            steps = with_clock(steps, model.clock)
+        steps = with_terms(steps, model)
         steps["after"] = np.where(steps["num_prefill_tokens"].shift(1).fillna(0) > 0, "mixed", "decode")
         steps["arrived"] = arrivals_between(steps, pd.read_parquet(run_dir / "requests.parquet"))
         steps["tokens before"] = tokens_before(steps["start_s"].to_numpy(float),
