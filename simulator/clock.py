@@ -19,6 +19,7 @@ timeline) and the simulator (SimExecutor, through FittedCostModel.clock) both us
 No torch: the simulator imports it.
 """
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,7 +208,11 @@ class IdleTerm:
         g = self.idle_s
         if gap_s <= g[0]:
             v = values[0] * gap_s / g[0]
-        else:
-            v = float(np.interp(math.log(gap_s), [math.log(x) for x in g], values))
+        elif gap_s >= g[-1]:
+            v = values[-1]
+        else:   # (per simulated step: plain floats, no numpy)
+            i = bisect_right(g, gap_s)
+            w = math.log(gap_s / g[i - 1]) / math.log(g[i] / g[i - 1])
+            v = values[i - 1] + w * (values[i] - values[i - 1])
         return v * price_s if self.form == "mul" else v
 
