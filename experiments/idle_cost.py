@@ -28,9 +28,9 @@ before it (simulator.clock.IdleTerm), interpolated in log idle.
 """
 import dataclasses
 import json
-from contextlib import closing
 import statistics
 import time
+from contextlib import closing
 
 import numpy as np
 import pandas as pd
