@@ -102,3 +102,33 @@ def test_the_fit_recovers_a_planted_additive_term():
     assert term.form == "add" and errors["add"] < errors["none"]
     for kind in ("decode", "prompt"):
         assert np.allclose(term.values[kind], planted.values[kind], atol=2e-5)
+
+
+def test_a_simulated_run_priced_along_its_own_timeline_is_its_own_device_time():
+    """simulator.clock.price_along_run, what the step-pricing tools use on recorded runs, gives
+    back every simulated step's device time when the run was simulated with both terms: the
+    clock term along the run's timeline (the idle extra inside each step's duration, as the
+    executor runs it) and the idle cost by the idle before each step."""
+    from simulator.clock import ClockTerm, price_along_run
+
+    class Clocked(Flat):
+        def __init__(self):
+            super().__init__(IdleTerm.from_calibration(TERM))
+            self.clock = ClockTerm(0.05, {"decode": 0.2, "prompt": 0.3},
+                                   {"token": 1.4e10, "sampled": 1e9, "pair": 5e5})
+
+        def predict(self, f: dict) -> float:
+            return 1e-3 + 2e-6 * f["num_batched_tokens"]
+
+    rng = np.random.default_rng(1)
+    requests = [Request(i, float(t), int(rng.integers(16, 900)), int(rng.integers(2, 30)))
+                for i, t in enumerate(np.cumsum(rng.exponential(0.02, 60)))]
+    sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048)
+    cost = Clocked()
+    steps = pd.DataFrame(Simulator(sched, CacheConfig(block_size=16, enable_prefix_caching=False), cost,
+                                   num_blocks=400).run(requests).steps).sort_values("start_s")
+    assert (steps["gpu_gap_s"] > 1e-3).sum() > 5                    # some steps after idle
+    base = np.array([cost.predict(r) for r in steps.to_dict("records")])
+    _, price = price_along_run(cost.clock, cost.idle, steps, base)
+    assert np.allclose(price, steps["device_s"], rtol=1e-6, atol=1e-9)
+    assert not np.allclose(price, price_along_run(cost.clock, None, steps, base)[1])   # the term counts
