@@ -89,8 +89,8 @@ def priced_steps(real: Run, sim: Run) -> tuple[pd.DataFrame | None, str]:
     try:
         _, model = sim_cost_model(build(recorded_config(sim.config)))
         pred = [model.predict(row) for row in steps.to_dict("records")]
-        pred = price_along_run(model.clock, model.idle, steps, pred)[1]   # without
-        # gpu_gap_s where a term needs it: ValueError, said below
+        # a run recorded without gpu_gap_s, where a term needs it: ValueError, said below
+        pred = price_along_run(model.clock, model.idle, steps, pred)[1]
     except (KeyError, TypeError, ValueError, FileNotFoundError, OmegaConfBaseException) as e:
         return None, f"the simulated run's cost model cannot price the real steps ({type(e).__name__}: {e})"
     return steps.assign(pred_s=pred), cost["kind"] + (f" ({cost['path']})" if cost.get("path") else "")

@@ -72,29 +72,42 @@ def attention_parts(calib: dict, graphs: CudaGraphs, features: list[dict]) -> np
     return out
 
 
-def choose_shapes(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame,
-                  per_kind: int | None = None) -> pd.DataFrame:
-    """Up to `per_kind` (default SHAPES_PER_KIND) profiled shapes of each step kind, evenly
-    spread over the kind's shapes sorted by their attention share (the part of the price a
-    block size can move), with the columns shape (list), kind, price_s, c_decode, c_prefill."""
-    per_kind = per_kind or SHAPES_PER_KIND
+def shape_features(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame) -> tuple[list, list[dict]]:
+    """The calibration profile's shapes (lists) and their features at the profiled block size,
+    blocks in order over a large pool: what a re-measurement chooses its shapes among.
+    ValueError for a profile without shapes."""
     if "shape" not in profile.columns:
         raise ValueError("the calibration's profile has no shape column (profiled before session 10): "
                          "calibrate again")
     plan = FittedCostModel(without_block_cost(calib), graphs=graphs).decode_plan
     profiled = profiled_block_size(calib)
     shapes = [json.loads(s) for s in profile["shape"]]
-    features = [shape_batch(s, profiled, SELECTION_BLOCKS, plan, contiguous=True).features() for s in shapes]
+    return shapes, [shape_batch(s, profiled, SELECTION_BLOCKS, plan, contiguous=True).features() for s in shapes]
+
+
+def spread(table: pd.DataFrame, by: str, per_kind: int) -> list[pd.DataFrame]:
+    """Up to `per_kind` rows of each step kind (KINDS; `table`'s kind column), evenly spread
+    over the kind's rows sorted by `by`."""
+    chosen = []
+    for kind in KINDS:
+        rows = table[table["kind"] == kind].sort_values(by, kind="stable")
+        if len(rows):
+            pick = np.unique(np.linspace(0, len(rows) - 1, min(per_kind, len(rows))).round().astype(int))
+            chosen.append(rows.iloc[pick])
+    return chosen
+
+
+def choose_shapes(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame,
+                  per_kind: int | None = None) -> pd.DataFrame:
+    """Up to `per_kind` (default SHAPES_PER_KIND) profiled shapes of each step kind, evenly
+    spread over the kind's shapes sorted by their attention share (the part of the price a
+    block size can move), with the columns shape (list), kind, price_s, c_decode, c_prefill."""
+    shapes, features = shape_features(calib, graphs, profile)
     parts = attention_parts(calib, graphs, features)
     table = pd.DataFrame({"shape": shapes, "kind": [graphs.rows(f)[0] for f in features],
                           "price_s": parts[:, 0], "c_decode": parts[:, 1], "c_prefill": parts[:, 2]})
     table["share"] = (table["c_decode"] + table["c_prefill"]) / table["price_s"]
-    chosen = []
-    for kind in KINDS:
-        rows = table[(table["kind"] == kind) & (table["share"] > 0)].sort_values("share", kind="stable")
-        if len(rows):
-            pick = np.unique(np.linspace(0, len(rows) - 1, min(per_kind, len(rows))).round().astype(int))
-            chosen.append(rows.iloc[pick])
+    chosen = spread(table[table["share"] > 0], "share", per_kind or SHAPES_PER_KIND)
     if not chosen:
         raise ValueError("no profiled shape has an attention part to measure")
     return pd.concat(chosen, ignore_index=True)
@@ -125,6 +138,24 @@ def block_layout(rc: RunConfig, calib: dict) -> str:
     the calibration profile's layout (scattered in profiles that did not record one)."""
     layout = rc.calibrate.block_cost_layout
     return profiled_kv_layout(calib) if layout == "profiled" else layout
+
+
+def remeasured(rc: RunConfig, flag: str, hint: str = "") -> tuple:
+    """(path, contents, profile, rc with the calibration's kernel plan pinned: the kernels its
+    profile ran) of the calibration a re-measurement (`flag`) adds to
+    (experiments.calibrate.existing_calibration). ValueError (one line, naming `flag`) when rc's
+    block size is not the profiled one (`hint` ends that message) or the profile is missing."""
+    out, calib = existing_calibration(rc, flag)
+    profiled = profiled_block_size(calib)
+    if rc.cache.block_size != profiled:
+        raise ValueError(f"{flag}: {out} was profiled at block size {profiled}; give the "
+                         f"calibration's settings (cache.block_size={profiled}){hint}")
+    profile_path = out.with_suffix(".profile.parquet")
+    if not profile_path.is_file():
+        raise ValueError(f"{flag}: the calibration's profile {profile_path} is missing")
+    if calib.get("kernel_plan") and rc.engine.kernel_plan is None:
+        rc = dataclasses.replace(rc, engine=dataclasses.replace(rc.engine, kernel_plan=str(out)))
+    return out, calib, pd.read_parquet(profile_path), rc
 
 
 def profiled_batches(rc: RunConfig, calib: dict, block_size: int, shapes: list, contiguous: bool):
@@ -178,22 +209,13 @@ def measure_block_cost(rc: RunConfig, sizes: list[int], command: str, progress=p
     for block sizes `sizes` (see the module docstring), write them into it and the timings
     next to it; returns the summary (also printed as the last line). ValueError (one line)
     for a bad request."""
-    out, calib = existing_calibration(rc, "--block-cost")
+    out, calib, profile, rc = remeasured(rc, "--block-cost", ", and the block sizes to measure after --block-cost")
     profiled = profiled_block_size(calib)
-    if rc.cache.block_size != profiled:
-        raise ValueError(f"--block-cost: {out} was profiled at block size {profiled}; give the "
-                         f"calibration's settings (cache.block_size={profiled}), and the block sizes "
-                         "to measure after --block-cost")
     sizes = sorted(set(sizes))
     if not sizes or any(b < 1 or b == profiled for b in sizes):
         raise ValueError(f"--block-cost needs block sizes >= 1 other than the profiled {profiled}, got {sizes}")
-    profile_path = out.with_suffix(".profile.parquet")
-    if not profile_path.is_file():
-        raise ValueError(f"--block-cost: the calibration's profile {profile_path} is missing")
     graphs = CudaGraphs.for_calibration(calib.get("engine"))
-    shapes = choose_shapes(calib, graphs, pd.read_parquet(profile_path))
-    if calib.get("kernel_plan") and rc.engine.kernel_plan is None:   # the kernels its profile ran
-        rc = dataclasses.replace(rc, engine=dataclasses.replace(rc.engine, kernel_plan=str(out)))
+    shapes = choose_shapes(calib, graphs, profile)
     repeats = rc.calibrate.repeats
     times = {b: np.array(time_shapes(rc, calib, b, shapes, repeats, progress)) for b in [profiled] + sizes}
     t_p = times[profiled]

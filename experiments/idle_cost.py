@@ -26,7 +26,6 @@ calibration gets "idle_cost": {"form", "idle_s": [...], "decode": [...], "prompt
 (<name>.idle.parquet). The simulator then adds the term to every step by the device idle
 before it (simulator.clock.IdleTerm), interpolated in log idle.
 """
-import dataclasses
 import json
 import statistics
 import time
@@ -36,36 +35,26 @@ import numpy as np
 import pandas as pd
 
 from experiments import results
-from experiments.block_cost import profiled_batches
-from experiments.calibrate import device_name, existing_calibration, time_shape
+from experiments.block_cost import profiled_batches, remeasured, shape_features, spread
+from experiments.calibrate import device_name, time_shape
 from experiments.config import RunConfig
 from simulator import CudaGraphs, FittedCostModel
-from simulator.clock import Clock, IdleTerm, step_kind
+from simulator.clock import Clock, IdleTerm, step_kinds
 from simulator.cost_model import profiled_block_size, profiled_kv_layout
-from simulator.profile_grid import shape_batch
 
 SHAPES_PER_KIND = 6
 IDLES_S = (0.0005, 0.002, 0.005, 0.02, 0.05, 0.2, 0.5)
 HEAT_STEPS = 3          # back-to-back steps of the shape before each idle (its clock state)
-KINDS = ("decode", "mixed", "eager")
 
 
 def choose_shapes(calib: dict, graphs: CudaGraphs, profile: pd.DataFrame, per_kind: int = SHAPES_PER_KIND):
     """Up to `per_kind` profiled shapes of each graph kind, evenly spread over their price:
     columns shape (list), kind, features (dict), price_s."""
     model = FittedCostModel(calib, graphs=graphs)
-    shapes = [json.loads(s) for s in profile["shape"]]
-    features = [shape_batch(s, profiled_block_size(calib), 1 << 20, model.decode_plan, contiguous=True).features()
-                for s in shapes]
+    shapes, features = shape_features(calib, graphs, profile)
     table = pd.DataFrame({"shape": shapes, "kind": [graphs.rows(f)[0] for f in features],
                           "features": features, "price_s": [model.predict(f) for f in features]})
-    chosen = []
-    for kind in KINDS:
-        rows = table[table["kind"] == kind].sort_values("price_s", kind="stable")
-        if len(rows):
-            pick = np.unique(np.linspace(0, len(rows) - 1, min(per_kind, len(rows))).round().astype(int))
-            chosen.append(rows.iloc[pick])
-    return pd.concat(chosen, ignore_index=True)
+    return pd.concat(spread(table, "price_s", per_kind), ignore_index=True)
 
 
 def time_after_idle(runner, batch, params, repeats: int) -> list[dict]:
@@ -132,7 +121,7 @@ def fit_term(timings: pd.DataFrame, fit: np.ndarray) -> tuple[IdleTerm, dict]:
     """The term of the form that prices the held-out shapes better, and both forms' held-out
     mean |error| of the step after idle (relative to its measured time)."""
     per_shape = timings.groupby(["shape_id", "idle_s"], as_index=False).median(numeric_only=True)
-    per_shape["kind"] = per_shape["prefill_tokens"].map(lambda n: step_kind(n))
+    per_shape["kind"] = step_kinds(per_shape["prefill_tokens"])
     held = ~np.isin(per_shape["shape_id"], np.flatnonzero(fit))
     if not held.any():
         held = np.ones(len(per_shape), bool)
@@ -157,20 +146,12 @@ def measure_idle_cost(rc: RunConfig, command: str, progress=print) -> dict:
     """Measure rc's calibration's idle cost (see the module docstring), write it into the
     calibration and the timings next to it; returns the summary (also printed last).
     ValueError (one line) for a bad request."""
-    out, calib = existing_calibration(rc, "--idle-cost")
+    out, calib, profile, rc = remeasured(rc, "--idle-cost")
     profiled = profiled_block_size(calib)
-    if rc.cache.block_size != profiled:
-        raise ValueError(f"--idle-cost: {out} was profiled at block size {profiled}; give the "
-                         f"calibration's settings (cache.block_size={profiled})")
-    profile_path = out.with_suffix(".profile.parquet")
-    if not profile_path.is_file():
-        raise ValueError(f"--idle-cost: the calibration's profile {profile_path} is missing")
     graphs = CudaGraphs.for_calibration(calib.get("engine"))
     bare = {k: v for k, v in calib.items() if k not in ("idle_cost", "idle_cost_measured")}
     model = FittedCostModel(bare, graphs=graphs)
-    shapes = choose_shapes(bare, graphs, pd.read_parquet(profile_path))
-    if calib.get("kernel_plan") and rc.engine.kernel_plan is None:   # the kernels its profile ran
-        rc = dataclasses.replace(rc, engine=dataclasses.replace(rc.engine, kernel_plan=str(out)))
+    shapes = choose_shapes(bare, graphs, profile)
     batches = profiled_batches(rc, calib, profiled, list(shapes["shape"]),
                                profiled_kv_layout(calib) == "contiguous")
     with closing(batches):   # the engine closes with it, on an error too
@@ -201,7 +182,7 @@ def measure_idle_cost(rc: RunConfig, command: str, progress=print) -> dict:
 def print_idle_cost(timings: pd.DataFrame, term: IdleTerm, errors: dict) -> None:
     print("\nthe step after idle, against back to back: measured change / the fitted model's change "
           "(median over the shapes of each kind, ms)")
-    kinds = timings["prefill_tokens"].map(step_kind)
+    kinds = step_kinds(timings["prefill_tokens"])
     print(f"{'idle ms':>8}" + "".join(f"{k + ' meas':>14}{k + ' model':>14}" for k in ("decode", "prompt")))
     for g in IDLES_S:
         line = f"{1e3 * g:>8.1f}"
