@@ -121,6 +121,7 @@ from engine.kernels import (choose_num_splits, paged_attention, paged_decode_att
 from engine.kernels.fused import qk_norm_rope_store  # noqa: E402
 from engine.kernels.launch import (PREFILL_LAUNCH, PrefillLaunch, decode_work_capacity,  # noqa: E402
                                    plan_decode_work, prefill_tile_tokens)
+from policy.decode_plan import DecodePlan  # noqa: E402
 from engine.kernels.paged_attention import paged_decode_attention_qkv  # noqa: E402
 from engine.layers.attention import torch_decode_attention  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -425,9 +426,9 @@ def block_points():
 def decode_work(contexts):
     """The model runner's split-KV plan for decodes of these contexts (items, index), as
     engine.step_inputs builds it with engine.kernels.launch.plan_decode_work."""
-    items = np.empty((decode_work_capacity(len(contexts), NUM_KV_HEADS, _num_sms()), 4), np.int32)
+    items = np.empty((decode_work_capacity(len(contexts), DecodePlan(NUM_KV_HEADS, _num_sms())), 4), np.int32)
     index = np.empty((len(contexts), 2), np.int32)
-    plan_decode_work(np.array(contexts), NUM_KV_HEADS, _num_sms(), items, index)
+    plan_decode_work(np.array(contexts), DecodePlan(NUM_KV_HEADS, _num_sms()), items, index)
     return torch.from_numpy(items).to(DEVICE), torch.from_numpy(index).to(DEVICE)
 
 

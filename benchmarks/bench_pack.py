@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from engine.kernels.launch import decode_work_capacity, prefill_tile_tokens  # noqa: E402
+from policy.decode_plan import DecodePlan  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.step_inputs import StepBuffer, StepPacker  # noqa: E402
 from policy import CacheConfig, Scheduler, SchedulerConfig, Sequence  # noqa: E402
@@ -39,8 +40,8 @@ def make_packer() -> StepPacker:
     tile = prefill_tile_tokens(HEADS, KV_HEADS, torch.bfloat16)
     max_blocks = -(-MAX_LEN // BLOCK)
     buffer = StepBuffer(MAX_TOKENS, MAX_SEQS, max_blocks, -(-MAX_TOKENS // tile) + MAX_SEQS,
-                        decode_work_capacity(MAX_SEQS, KV_HEADS, SMS), torch.device("cpu"))
-    packer = StepPacker(buffer, BLOCK, max_blocks, MAX_SEQS, VOCAB, tile, KV_HEADS, SMS)
+                        decode_work_capacity(MAX_SEQS, DecodePlan(KV_HEADS, SMS)), torch.device("cpu"))
+    packer = StepPacker(buffer, BLOCK, max_blocks, MAX_SEQS, VOCAB, tile, DecodePlan(KV_HEADS, SMS))
     packer.decode_sizes = decode_sizes(MAX_SEQS, 512)
     return packer
 

@@ -58,10 +58,11 @@ class EngineConfig:
         the H200 (Qwen3-0.6B decode, context 1k): -12% step time at batch 1, -2% at 16,
         +2% at 64, hence 32. Ignored where unsupported (CPU, interpreter, before sm_90).
     kernel_plan: a file pinning the start-up kernel choices (engine.kernel_plan: skinny_gemm's,
-        a 4-bit model's W4A16 launches, an MoE model's fused-MoE tiles): where it exists (a
-        plan, or a calibration that records one) the engine runs its choice and times
-        nothing; where it does not, the engine times as usual and writes it there. None:
-        time at every start (two engines may then choose differently).
+        a 4-bit model's W4A16 launches, an MoE model's fused-MoE tiles) and the decode
+        attention's split-KV rule: where it exists (a plan, or a calibration that records
+        one) the engine runs its choice and rule and times nothing; where it does not, the
+        engine times as usual and writes it there. None: time at every start (two engines
+        may then choose differently) and run the engine's own rule.
     attention_streams: in a step with both decode rows and prompt chunks (triton backend,
         CUDA), run the decode rows' attention kernel on a second stream beside the prompt
         chunks' prefill kernel, forked after the layer's K/V store and joined before its

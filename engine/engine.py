@@ -11,7 +11,7 @@ import math
 import os
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -138,7 +138,7 @@ class LLMEngine:
         if resolve_backend(self.config.attention_backend, runner.device) != "triton":
             return None
         packer = runner.packer
-        return DecodePlan(packer.num_kv_heads, packer.num_sms, tuple(packer.decode_sizes))
+        return replace(packer.decode_plan, decode_graph_sizes=tuple(packer.decode_sizes))
 
     # ---- requests -------------------------------------------------------------------
 

@@ -25,7 +25,12 @@ before the other two existed, still pins a bf16 dense model):
           workspace and the dequantization scratch sized: w4a16.prepare_w4a16), nothing timed;
 - moe     per fused MoE layer group (w13 and w2 shapes, dtype, top-k) and token-count bucket:
           rows per block and each grouped GEMM's tiles (engine.kernels.fused_moe.
-          choose_moe_tiles).
+          choose_moe_tiles);
+- decode  the split-KV rule of the decode attention (policy.decode_plan.KERNEL_RULE_FIELDS:
+          shortest share, programs per SM, ...), which is not timed but changes between
+          engine versions: a calibration records it as its `decode_plan` and prices every step
+          by it, so an engine pinned to that calibration cuts its decode attention as the
+          profiled one did. A plan or calibration without one runs the engine's own rule.
 
 A plan whose layer groups do not match the model's (another model, tensor-parallel size,
 quantization format, group size, act-order, top-k) is refused in one line naming what differs.
@@ -46,10 +51,10 @@ def group_key(n: int, k: int, dtype: torch.dtype, has_bias: bool, swiglu: bool, 
     return "/".join([f"{n}x{k}", str(dtype).removeprefix("torch.")] + flags)
 
 
-def snapshot(model: torch.nn.Module, device: str, device_type: str = "cuda") -> dict:
+def snapshot(model: torch.nn.Module, device: str, device_type: str = "cuda", decode=None) -> dict:
     """The plan `model`'s layers run now (set by the timed choices or by `apply`): "skinny"
     always (empty plans where none was chosen), "w4a16" / "moe" where a 4-bit / fused MoE
-    layer has a plan."""
+    layer has a plan, "decode" where `decode` (the runner's DecodePlan) is given."""
     from engine.kernels.skinny_gemm import skinny_layers
     groups = {}
     for key, layers in skinny_layers(model, device_type).items():
@@ -69,6 +74,8 @@ def snapshot(model: torch.nn.Module, device: str, device_type: str = "cuda") -> 
            for name, (fields, layers) in _moe_groups(model, device_type).items()}
     if any(entry["plan"] for entry in moe.values()):
         plan["moe"] = moe
+    if decode is not None:
+        plan["decode"] = decode.kernel_rule()
     return plan
 
 
@@ -97,6 +104,8 @@ def describe(plan: dict) -> dict[str, str]:
         for tokens, tiles in entry["plan"]:
             out[f"moe {name}/t{tokens}"] = (f"m{tiles['block_m']} gate_up {_tiles_str(tiles['gate_up'])}"
                                           f" down {_tiles_str(tiles['down'])}")
+    if plan.get("decode"):
+        out["decode"] = " ".join(f"{f}={v}" for f, v in plan["decode"].items())
     return out
 
 
@@ -262,6 +271,31 @@ def read(path: str) -> dict | None:
         raise ValueError(f"kernel plan {path}: not a {FORMAT} file, nor a calibration that "
                          "records one (calibrations made before session 8 do not)")
     return data
+
+
+def read_decode_rule(path: str | None) -> dict | None:
+    """The split-KV rule `path` pins ({field: value} over policy.decode_plan.KERNEL_RULE_FIELDS):
+    a plan file's "decode", a calibration's `decode_plan` (the rule of the engine it profiled);
+    None where there is no file, or it records no rule (the engine's own then runs). Raises
+    ValueError in one line for a rule with unknown or missing fields."""
+    if not path or not Path(path).exists():
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"kernel plan {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"kernel plan {path}: not a {FORMAT} file, nor a calibration")
+    rule = data.get("decode") if data.get("format") == FORMAT else data.get("decode_plan")
+    if not rule:
+        return None
+    from policy.decode_plan import KERNEL_RULE_FIELDS, RULE_FIELDS
+    unknown = sorted(set(rule) - set(RULE_FIELDS) - {"num_kv_heads", "num_sms"})
+    missing = [f for f in KERNEL_RULE_FIELDS if f not in rule]
+    if unknown or missing:
+        raise ValueError(f"kernel plan {path}: its decode rule has unknown fields {unknown} / lacks "
+                         f"{missing} (fields: {list(KERNEL_RULE_FIELDS)})")
+    return {f: rule[f] for f in KERNEL_RULE_FIELDS}
 
 
 def write(path: str, plan: dict) -> None:

@@ -34,6 +34,7 @@ from engine.step_inputs import (DECODE_GRAPH, HEADER_BYTES, LOGITS_ROWS, MIXED_G
                                 StepBuffer, StepPacker, dummy_batch, take_pending)
 from policy import Batch
 from policy.cuda_graphs import capture_sizes, decode_sizes, mixed_sizes
+from policy.decode_plan import DecodePlan
 
 CPU_KV_BYTES = 1 << 30          # default KV pool on the CPU (tests pass num_gpu_blocks)
 RUN, STOP = 1, 2                # header[0]: what the followers do next
@@ -161,18 +162,21 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def make_packer(self) -> StepPacker:
+        from engine import kernel_plan
         from engine.kernels.launch import decode_work_capacity, prefill_tile_tokens
         cfg, mc = self.config, self.model_config
         kv_heads = mc.num_kv_heads_per_rank(self.tp_size)
         tile = prefill_tile_tokens(mc.num_attention_heads, mc.num_key_value_heads, self.dtype)
         sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                if self.device.type == "cuda" else 132)
+        # the split-KV rule: the engine's, or the one a kernel plan (or calibration) pins
+        plan = DecodePlan(kv_heads, sms, **(kernel_plan.read_decode_rule(cfg.kernel_plan) or {}))
         max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         buffer = StepBuffer(max_tokens, cfg.max_num_seqs, self.max_blocks,
                             -(-max_tokens // tile) + cfg.max_num_seqs,
-                            decode_work_capacity(cfg.max_num_seqs, kv_heads, sms), self.device)
+                            decode_work_capacity(cfg.max_num_seqs, plan), self.device)
         return StepPacker(buffer, self.block_size, self.max_blocks, cfg.max_num_seqs,
-                          mc.vocab_size, tile, kv_heads, sms, rank=self.rank, seed=cfg.seed)
+                          mc.vocab_size, tile, plan, rank=self.rank, seed=cfg.seed)
 
     # ---- startup --------------------------------------------------------------------
 
@@ -269,7 +273,7 @@ class ModelRunner:
                    choose_moe_tiles(self.model, cfg.max_num_batched_tokens),   # bf16 / fp16 experts
                    quant.choose_kernels(self.model, pdl_rows))                 # 4-bit layers
         if path and self.rank == 0:
-            kernel_plan.write(path, kernel_plan.snapshot(self.model, device))
+            kernel_plan.write(path, kernel_plan.snapshot(self.model, device, decode=self.packer.decode_plan))
         return reports
 
     @torch.inference_mode()

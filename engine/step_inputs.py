@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.kernels.launch import decode_work_capacity, plan_decode_work
+from engine.kernels.launch import check_kernel_rule, decode_work_capacity, plan_decode_work
 from engine.sampler import SamplingTensors, philox_inputs, row_seed
 from engine.sampling_params import SamplingParams
 from policy import Batch, Sequence
 from policy.cuda_graphs import graph_rows
+from policy.decode_plan import DecodePlan
 
 ALIGN = 256                     # byte alignment of each input inside the step buffer
 HEADER_SLOTS = 16               # int64 slots at the front of the step buffer (TP control)
@@ -207,12 +208,12 @@ class StepPacker:
     every step runs eagerly at its exact shape)."""
 
     def __init__(self, buffer: StepBuffer, block_size: int, max_blocks: int, max_num_seqs: int,
-                 vocab_size: int, tile_tokens: int, num_kv_heads: int,
-                 num_sms: int, rank: int = 0, seed: int = 0):
+                 vocab_size: int, tile_tokens: int, decode_plan: DecodePlan, rank: int = 0, seed: int = 0):
         self.buffer, self.block_size, self.max_blocks = buffer, block_size, max_blocks
         self.max_num_seqs = max_num_seqs
         self.vocab_size, self.tile_tokens, self.rank = vocab_size, tile_tokens, rank
-        self.num_kv_heads, self.num_sms = num_kv_heads, num_sms   # the split-KV plan's inputs
+        # the split-KV plan (one rank's KV heads, the SMs, the rule: engine.kernel_plan may pin it)
+        self.decode_plan = check_kernel_rule(decode_plan)
         self.decode_sizes: list[int] = []
         self.mixed_sizes: list[int] = []
         self.block_tables = BlockTableMirror(2 * max_num_seqs + 2, max_blocks)
@@ -222,7 +223,7 @@ class StepPacker:
 
     def work_capacity(self, decode_rows: int) -> int:
         """Decode work items a step with this many decode rows can need (0: no decode)."""
-        return decode_work_capacity(decode_rows, self.num_kv_heads, self.num_sms) if decode_rows else 0
+        return decode_work_capacity(decode_rows, self.decode_plan) if decode_rows else 0
 
     def graph_shape(self, kind: int, size: int) -> tuple[int, int, int, int, int]:
         """(T, B, W, P, D) of a captured graph of this kind and size."""
@@ -291,7 +292,7 @@ class StepPacker:
             self._pad(graph, B, B, Tp, Bp, input_ids, positions, slot_mapping, context_lens,
                       query_start_loc, block_tables)
         # the split-KV plan; a decode graph's padding rows too, so no row is left junk
-        plan_decode_work(context_lens[:Bp], self.num_kv_heads, self.num_sms, decode_work, decode_index)
+        plan_decode_work(context_lens[:Bp], self.decode_plan, decode_work, decode_index)
         logits_rows[:len(sampled)] = iota[:B] if len(sampled) == B else sampled
         return self.finish(batch, sampling_params, seqs, sampled, host, graph,
                            Step(Tp, Bp, W, P, S, 1 if B else 0, max_ctx, B, Bp, D, graph, nbytes, F, 0, B))
@@ -378,7 +379,7 @@ class StepPacker:
                   query_start_loc, block_tables)
         if D:   # the split-KV plan; a decode graph's padding rows too, so no row is left junk
             n = Bp if graph == DECODE_GRAPH else num_decode
-            plan_decode_work(context_lens[:n], self.num_kv_heads, self.num_sms, decode_work, decode_index)
+            plan_decode_work(context_lens[:n], self.decode_plan, decode_work, decode_index)
             decode_index[n:] = 0    # prefill and padding rows: nothing to merge
         logits_rows[:len(sampled)] = query_start_loc[1:][sampled] - 1
         if fixed:    # the host holds a placeholder there: name the device's token instead

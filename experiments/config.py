@@ -75,8 +75,9 @@ class EngineSettings:
     skinny_gemm: the Triton skinny GEMM where measured faster at start (engine.EngineConfig).
     pdl_max_tokens: steps up to this many tokens launch their Triton kernels with
         programmatic dependent launch on sm_90+; 0 = never (engine.EngineConfig).
-    kernel_plan: a file pinning the skinny-GEMM choice (engine.kernel_plan): read where it
-        exists (a plan or a calibration), written where it does not; None: timed at start.
+    kernel_plan: a file pinning the start-up kernel choices and the decode attention's
+        split rule (engine.kernel_plan): read where it exists (a plan or a calibration),
+        written where it does not; None: timed at start, the engine's own split rule.
     attention_streams: a mixed step's decode attention on a second stream beside its
         prefill attention (engine.EngineConfig; off by default)."""
     model_path: str | None = None

@@ -31,7 +31,10 @@ from policy.cuda_graphs import padded_size
 
 DECODE_BLOCK_N = 64          # KV tokens per tile of the decode kernel
 PROGRAMS_PER_SM = 4          # the plan aims at about this many programs per SM in flight
-MIN_TOKENS_PER_SPLIT = 128   # ... but never a share below this much KV
+# ... but never a share below this much KV. 64 since session 24 (was 128; H200, Qwen3-0.6B:
+# batch 1 at context 1k -4.5%, batches 16 / 64 / mixed unchanged). Each calibration records
+# the rule of the engine it profiled, and pinning it as EngineConfig.kernel_plan runs that rule.
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64              # ... nor more shares of one sequence than this
 SPLIT_SLACK = 1.25           # a sequence up to 1.25 shares long stays one share (no merge)
 # A program's fixed work (its query, its partial output, the merge of a split sequence)
@@ -43,6 +46,8 @@ PROGRAM_OVERHEAD_TILES = 2
 # the engine it profiled, which may since have changed).
 RULE_FIELDS = ("block_n", "programs_per_sm", "min_tokens_per_split", "max_splits", "split_slack",
                "overhead_tiles")
+# The fields the kernel runs (`overhead_tiles` is the cost model's): what a kernel plan pins.
+KERNEL_RULE_FIELDS = RULE_FIELDS[:-1]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -81,6 +86,11 @@ class DecodePlan:
     def target(self) -> int:
         """Items the plan aims at: about programs_per_sm programs per SM, one per (item, KV head)."""
         return cdiv(self.programs_per_sm * self.num_sms, self.num_kv_heads)
+
+    def kernel_rule(self) -> dict:
+        """The rule the kernel runs ({field: value} over KERNEL_RULE_FIELDS): what
+        engine.kernel_plan writes and pins."""
+        return {name: getattr(self, name) for name in KERNEL_RULE_FIELDS}
 
     def describe(self) -> dict:
         """What a calibration records: the geometry and the rule (not the graph sizes, which
@@ -159,9 +169,3 @@ class DecodePlan:
         for c in cost[slots:].tolist():
             heapreplace(busy, busy[0] + c)
         return max(busy) * self.block_n
-
-
-def decode_shares(context_lens, num_kv_heads: int, num_sms: int):
-    """`DecodePlan.shares` under the engine's rule (the module's constants): what
-    engine.kernels.launch.plan_decode_work cuts the batch into."""
-    return DecodePlan(num_kv_heads, num_sms).shares(context_lens)

@@ -23,7 +23,8 @@ def test_items_are_the_plans_shares_padding_rows_included():
     one = shape_batch([(4096, 1)], 16, 4096, H200).features()
     assert one["decode_work_items"] == int(H200.shares([4096])[3].sum()) > 1     # one long decode, split
     # 3 decodes replayed from the 4-row graph: the padding row is a one-token item of its own
-    three = shape_batch([(100, 1)] * 3, 16, 4096, H200).features()
+    short = H200.min_tokens_per_split - 4     # below the shortest share: one item each
+    three = shape_batch([(short, 1)] * 3, 16, 4096, H200).features()
     assert three["decode_work_items"] == 4
     # items grow with the batch's context up to the plan's target, then stay (the concave part)
     items = [shape_batch([(c, 1)] * 8, 16, 1 << 16, H200).features()["decode_work_items"] for c in (256, 1024, 4096, 8192)]

@@ -30,9 +30,9 @@ def kernel_span(contexts, kv_heads=8, sms=132):
     """The span from the engine's own work list (plan_decode_work), scheduled by a heap:
     each item, in order, to the slot that frees first."""
     n = len(contexts)
-    items = np.zeros((decode_work_capacity(n, kv_heads, sms), 4), np.int32)
+    items = np.zeros((decode_work_capacity(n, DecodePlan(kv_heads, sms)), 4), np.int32)
     index = np.zeros((n, 2), np.int32)
-    count = plan_decode_work(np.array(contexts), kv_heads, sms, items, index)
+    count = plan_decode_work(np.array(contexts), DecodePlan(kv_heads, sms), items, index)
     cost = [-(-(end - start) // DECODE_BLOCK_N) + PROGRAM_OVERHEAD_TILES for _, start, end, _ in items[:count]]
     slots = [0] * DecodePlan(kv_heads, sms).target
     for c in cost:
@@ -49,8 +49,10 @@ def test_span_is_the_kernel_plan_list_scheduled(contexts, geometry):
 
 def test_unequal_contexts_and_a_second_wave_cost_more_than_their_sum_says():
     # one wave (items <= target): the largest share
-    exact = DecodePlan(8, 132, split_slack=1.0)          # 1024 tokens in 8 shares of 128
+    exact = DecodePlan(8, 132, split_slack=1.0, min_tokens_per_split=128)   # 1024 tokens: 8 shares of 128
     assert exact.span_tokens([1024], False) == (1024 // 64 // 8 + PROGRAM_OVERHEAD_TILES) * 64 == 256
+    finer = DecodePlan(8, 132, split_slack=1.0, min_tokens_per_split=64)    # 16 shares of 64
+    assert finer.span_tokens([1024], False) == (1024 // 64 // 16 + PROGRAM_OVERHEAD_TILES) * 64 == 192
     assert H200.span_tokens([1024], False) == kernel_span([1024])
     uniform = H200.span_tokens([2048] * 32, False)
     spread = H200.span_tokens([int(2048 * (0.25 + 1.5 * i / 31)) for i in range(32)], False)

@@ -19,6 +19,7 @@ import torch
 from engine.kernels import paged_decode_attention
 from engine.kernels.fused import qk_norm_rope_store
 from engine.kernels.launch import decode_work_capacity, plan_decode_work
+from policy.decode_plan import DecodePlan
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.rotary import RotaryEmbedding
 from tests.test_kernels import (DEVICE, TOLERANCE, make_batch, on_device, poisoned, reference_attention,
@@ -29,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def work_list(context_lens, num_kv_heads, sms, rows):
-    cap = decode_work_capacity(len(context_lens), num_kv_heads, sms) + 3   # padded, as a graph's
+    cap = decode_work_capacity(len(context_lens), DecodePlan(num_kv_heads, sms)) + 3   # padded, as a graph's
     items, index = np.zeros((cap, 4), np.int32), np.zeros((rows, 2), np.int32)
-    plan_decode_work(np.asarray(context_lens), num_kv_heads, sms, items, index)
+    plan_decode_work(np.asarray(context_lens), DecodePlan(num_kv_heads, sms), items, index)
     return items, index
 
 

@@ -23,6 +23,7 @@ from engine.kernels import (choose_num_splits, paged_attention, paged_decode_att
                             paged_prefill_attention, store_kvcache)
 from engine.kernels.launch import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT,  # noqa: E402
                                    SPLIT_SLACK, decode_work_capacity, plan_decode_work)
+from policy.decode_plan import DecodePlan  # noqa: E402
 from engine.kernels.paged_attention import _decode_kernel  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
@@ -207,10 +208,10 @@ def test_decode_work_plan_partitions_every_context():
         n = rng.randint(1, 300)
         sms, kv_heads = rng.choice([(132, 8), (132, 1), (78, 4), (4, 2)])
         ctx = np.array([rng.choice([1, rng.randint(1, 200), rng.randint(1, 40000)]) for _ in range(n)])
-        cap = decode_work_capacity(n, kv_heads, sms)
+        cap = decode_work_capacity(n, DecodePlan(kv_heads, sms))
         items = np.full((cap + 3, 4), 7, dtype=np.int32)
         index = np.full((n, 2), 7, dtype=np.int32)
-        count = plan_decode_work(ctx, kv_heads, sms, items, index)
+        count = plan_decode_work(ctx, DecodePlan(kv_heads, sms), items, index)
         assert count <= cap and (items[count:, 0] == -1).all()
         lengths = items[:count, 2] - items[:count, 1]
         assert (lengths > 0).all()
@@ -242,9 +243,9 @@ def test_decode_work_list_matches_reference(group, block_size, dtype, sms):
     q, k_cache, v_cache, block_tables, context_lens, qsl = make_batch(
         seqs, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=group * block_size)
     num_decode = 5
-    cap = decode_work_capacity(num_decode, num_kv_heads, sms) + 2
+    cap = decode_work_capacity(num_decode, DecodePlan(num_kv_heads, sms)) + 2
     items, index = np.zeros((cap, 4), np.int32), np.zeros((len(seqs), 2), np.int32)
-    count = plan_decode_work(context_lens[:num_decode].cpu().numpy(), num_kv_heads, sms, items, index)
+    count = plan_decode_work(context_lens[:num_decode].cpu().numpy(), DecodePlan(num_kv_heads, sms), items, index)
     assert count > num_decode or sms == 132   # the small "GPUs" split the long contexts
     work = on_device(torch.from_numpy(items), torch.from_numpy(index))
     scale = head_dim ** -0.5

@@ -17,7 +17,7 @@ from engine.kernels.launch import decode_work_capacity, plan_decode_work
 from engine.step_inputs import StepBuffer, StepPacker
 from policy import Batch, Sequence
 from policy.cuda_graphs import decode_sizes, padded_size
-from policy.decode_plan import DecodePlan
+from policy.decode_plan import MIN_TOKENS_PER_SPLIT, DecodePlan
 from simulator import Simulator
 from simulator.calibrate import fit_calibration, step_errors, with_plan_features
 from simulator.profile_grid import shape_batch
@@ -38,9 +38,9 @@ def kernel_merges(contexts, kv_heads=8, sms=132):
 def kernel_work(contexts, kv_heads=8, sms=132):
     """(items of the engine's work list, sequences it gives more than one)."""
     n = len(contexts)
-    items = np.zeros((decode_work_capacity(n, kv_heads, sms), 4), np.int32)
+    items = np.zeros((decode_work_capacity(n, DecodePlan(kv_heads, sms)), 4), np.int32)
     index = np.zeros((n, 2), np.int32)
-    count = plan_decode_work(np.array(contexts), kv_heads, sms, items, index)
+    count = plan_decode_work(np.array(contexts), DecodePlan(kv_heads, sms), items, index)
     return count, int((index[:, 1] > 1).sum())
 
 
@@ -69,14 +69,15 @@ def test_padding_rows_count_as_the_engine_plans_them():
     assert plan.split_seqs(contexts, decode_only=False) == 3 == kernel_merges(contexts, 1, 2)  # mixed
     assert plan.split_seqs(contexts, decode_only=True) == 1 == kernel_merges(contexts + [1], 1, 2)
     assert plan.split_seqs([], True) == 0 == plan.span_tokens([], True)
-    assert plan.split_seqs([100], True) == 0                                  # one share: no merge
+    short = plan.min_tokens_per_split - 4                                     # below the shortest share
+    assert plan.split_seqs([short], True) == 0                                # one share: no merge
 
 
 def packer(kv_heads, sms, graphs=()):
     max_seqs, max_tokens, block_size, max_blocks = 16, 64, 4, 256
     buffer = StepBuffer(max_tokens, max_seqs, max_blocks, max_tokens + max_seqs,
-                        decode_work_capacity(max_seqs, kv_heads, sms), torch.device("cpu"))
-    p = StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, 4, kv_heads, sms)
+                        decode_work_capacity(max_seqs, DecodePlan(kv_heads, sms)), torch.device("cpu"))
+    p = StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, 4, DecodePlan(kv_heads, sms))
     p.decode_sizes = list(graphs)
     return p
 
@@ -116,7 +117,8 @@ def test_the_engine_merges_examples():
     assert engine_merges_and_feature(long_short, graphs=False) == (2, 2)
     assert engine_merges_and_feature(long_short, graphs=True) == (2, 2)
     assert engine_merges_and_feature(long_short + [(500, True)], graphs=True) == (2, 2)   # mixed
-    assert engine_merges_and_feature([(100, False)] * 3, graphs=True) == (0, 0)
+    short = MIN_TOKENS_PER_SPLIT - 4                                 # below the shortest share
+    assert engine_merges_and_feature([(short, False)] * 3, graphs=True) == (0, 0)
 
 
 def test_batch_features_carry_it_only_with_a_plan():

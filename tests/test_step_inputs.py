@@ -15,6 +15,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.checkpoint import tiny_config, write_random_checkpoint
 from engine.kernels.launch import decode_work_capacity
+from policy.decode_plan import DecodePlan
 from engine.step_inputs import (DECODE_GRAPH, EAGER, MIXED_GRAPH, BlockTableMirror, StepBuffer,
                                 StepPacker, dummy_batch, layout)
 from policy import Batch, Sequence
@@ -48,8 +49,8 @@ def packer(max_seqs=8, max_tokens=64, block_size=4, max_model_len=64, tile=4):
     max_blocks = -(-max_model_len // block_size)
     kv_heads, sms = 2, 4     # a small "GPU": the split-KV plan splits contexts of a few tokens
     buffer = StepBuffer(max_tokens, max_seqs, max_blocks, max_tokens // tile + max_seqs,
-                        decode_work_capacity(max_seqs, kv_heads, sms), torch.device("cpu"))
-    return StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, tile, kv_heads, sms)
+                        decode_work_capacity(max_seqs, DecodePlan(kv_heads, sms)), torch.device("cpu"))
+    return StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, tile, DecodePlan(kv_heads, sms))
 
 
 def batch_of(rng, n):

@@ -30,6 +30,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.checkpoint import tiny_config, write_random_checkpoint
 from engine.distributed import FAULT_ENV, init_process_group
 from engine.kernels.launch import decode_work_capacity
+from policy.decode_plan import DecodePlan
 from engine.model_runner import ModelRunner
 from engine.models import ModelConfig
 from engine.step_inputs import (DECODE_GRAPH, FIELDS, LOGITS_ROWS, MIXED_GRAPH, StepBuffer,
@@ -208,9 +209,9 @@ def packer(rank: int, max_seqs=8, max_tokens=64, block_size=4, max_model_len=32,
     """A rank's StepPacker over a buffer full of junk (what earlier steps leave there)."""
     max_blocks = -(-max_model_len // block_size)
     buffer = StepBuffer(max_tokens, max_seqs, max_blocks, -(-max_tokens // tile) + max_seqs,
-                        decode_work_capacity(max_seqs, 2, 4), torch.device("cpu"))
+                        decode_work_capacity(max_seqs, DecodePlan(2, 4)), torch.device("cpu"))
     buffer.host_np[:] = np.random.default_rng(rank).integers(0, 256, buffer.host_np.size, dtype=np.uint8)
-    return StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, tile, 2, 4, rank=rank)
+    return StepPacker(buffer, block_size, max_blocks, max_seqs, 1000, tile, DecodePlan(2, 4), rank=rank)
 
 
 def read_by_device(fields: list[np.ndarray], block_size=4) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import torch
 # The split-KV plan's rule and constants live with the policy (torch-free), so the simulator
 # costs a step by the plan the kernel runs: policy.decode_plan.
 from policy.decode_plan import (DECODE_BLOCK_N, MAX_SPLITS, MIN_TOKENS_PER_SPLIT,  # noqa: F401
-                                PROGRAMS_PER_SM, SPLIT_SLACK, cdiv, decode_shares)
+                                PROGRAMS_PER_SM, SPLIT_SLACK, DecodePlan, cdiv)
 
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
@@ -74,29 +74,39 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, 
     return max(1, min(cdiv(target, programs), by_length, MAX_SPLITS))
 
 
-def decode_work_capacity(num_rows: int, num_kv_heads: int, num_sms: int) -> int:
-    """Most work items `plan_decode_work` can produce for `num_rows` decode sequences: what a
-    CUDA graph of that many decode rows sizes its work list (and grid) for."""
-    return num_rows + cdiv(PROGRAMS_PER_SM * num_sms, num_kv_heads)
+def decode_work_capacity(num_rows: int, plan: DecodePlan) -> int:
+    """Most work items `plan_decode_work` can produce for `num_rows` decode sequences under
+    `plan`: what a CUDA graph of that many decode rows sizes its work list (and grid) for."""
+    return num_rows + plan.target
 
 
-def plan_decode_work(context_lens: np.ndarray, num_kv_heads: int, num_sms: int,
-                     items: np.ndarray, index: np.ndarray) -> int:
+def check_kernel_rule(plan: DecodePlan) -> DecodePlan:
+    """`plan`, if the decode kernel can run its rule: tiles of DECODE_BLOCK_N tokens (a
+    compile-time constant of the kernel) and at most MAX_SPLITS shares a sequence (the merge
+    kernel's width). Else ValueError in one line."""
+    if plan.block_n != DECODE_BLOCK_N or plan.max_splits > MAX_SPLITS:
+        raise ValueError(f"decode plan: the kernel runs tiles of {DECODE_BLOCK_N} tokens and at most "
+                         f"{MAX_SPLITS} shares a sequence; the rule asks for block_n {plan.block_n}, "
+                         f"max_splits {plan.max_splits}")
+    return plan
+
+
+def plan_decode_work(context_lens: np.ndarray, plan: DecodePlan, items: np.ndarray, index: np.ndarray) -> int:
     """Balanced split-KV plan for the decode kernel (flash-decoding with a host work list).
 
-    Every decode sequence b (rows 0..len(context_lens)-1) is cut into ceil(context /
-    (SPLIT_SLACK x chunk)) shares of whole decode tiles, as even as tiles allow, one work
-    item each: items[i] = (b, start, end, shares of b), index[b] = (first item, shares); the
-    shares are policy.decode_plan.decode_shares' (about PROGRAMS_PER_SM programs per SM; a
-    share may reach SPLIT_SLACK x chunk). So one long context among short ones no longer
-    sets the step time (each sequence got the same split count before): every program reads
-    about the same number of KV bytes. At most `decode_work_capacity(len, ...)` items; the rest
-    of `items` gets b = -1. Returns the number of items."""
+    Every decode sequence b (rows 0..len(context_lens)-1) is cut into `plan`'s shares
+    (policy.decode_plan.DecodePlan.shares: whole decode tiles, as even as tiles allow, about
+    programs_per_sm programs per SM, a share up to split_slack x the chunk), one work item
+    each: items[i] = (b, start, end, shares of b), index[b] = (first item, shares). So one long
+    context among short ones no longer sets the step time (each sequence got the same split
+    count before): every program reads about the same number of KV bytes. At most
+    `decode_work_capacity(len, plan)` items; the rest of `items` gets b = -1. Returns the
+    number of items."""
     n = len(context_lens)
     if n == 0:
         items[:, 0] = -1
         return 0
-    ctx, tiles, per, shares = decode_shares(context_lens, num_kv_heads, num_sms)
+    ctx, tiles, per, shares = plan.shares(context_lens)
     count = int(shares.sum())
     first = np.cumsum(shares) - shares
     seq = np.repeat(np.arange(n), shares)
