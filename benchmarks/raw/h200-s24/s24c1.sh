@@ -30,4 +30,4 @@ timeout 170 python3 -m experiments.calibrate --idle-cost model=qwen3-0.6b hardwa
 echo "idle rc=$? $(( $(date +%s) - t0 )) s"; grep -A14 "^the step after idle" $O/q06/idle_cost.txt | cut -c1-160
 python3 -c "import json; d=json.load(open('$O/q06/qwen3-0.6b-h200-tp1.json')); print(d['decode_plan'])"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu --format=csv,noheader | tee -a $O/gpu.txt
-ls -la $OUT $O/q06
+cd $O && tar -cf - . | xz -T16 -6 > /tmp/c1.tar.xz; split -b 15m /tmp/c1.tar.xz $OUT/part_; ls -la $OUT
