@@ -55,7 +55,7 @@ def runner_on_a_gpu(llm, path):
     (the model stays on the CPU: its kernels are interpreted)."""
     config = dataclasses.replace(llm.config, kernel_plan=str(path))
     return SimpleNamespace(config=config, device=torch.device("cuda"), pdl=None, rank=0,
-                           model=llm.model_runner.model)
+                           model=llm.model_runner.model, packer=llm.model_runner.packer)
 
 
 def plans(model):
@@ -90,6 +90,8 @@ def test_a_quantized_engine_runs_the_launches_another_engine_timed(checkpoint, t
     assert len(reports[2]) == len(M_VALUES) * len(w4a16.quantized_layers(first.model_runner.model))
     chosen = plans(first.model_runner.model)
     assert path.exists() and chosen
+    # the file also pins the split rule the engine ran (engine.kernel_plan "decode")
+    assert kernel_plan.read_decode_rule(str(path)) == first.model_runner.packer.decode_plan.kernel_rule()
     kinds = {launch.kind for plan in chosen.values() for _, launch in plan}
     assert len(kinds) >= 3   # the choice is varied: the comparison below means something
 
