@@ -24,7 +24,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.compare import (compare_runs, format_table, identify, percent_error, priced_steps,
-                              step_price_errors)
+                              split_rule_note, step_price_errors)
 from analysis.metrics import format_report, format_value
 from analysis.runs import HEADLINE, capacity, find_runs, sweep_table, varying_keys
 
@@ -104,6 +104,8 @@ def report_sweep(runs, out: Path) -> None:
 def report_compare(a, b, out: Path) -> None:
     real, sim = identify(a, b)
     print(f"real: {real.path}\n      {describe(real)}\nsim:  {sim.path}\n      {describe(sim)}")
+    if note := split_rule_note(real, sim):
+        print(note)
     print(format_table(compare_runs(real, sim)))
     cdfs = plots.latency_cdfs({f"real ({real.name})": real.requests(),
                                f"sim ({sim.name})": sim.requests()})

@@ -49,6 +49,7 @@ class Replay:
     gpu: str | None = None
     t0: float = 0.0
     equivalence: dict | None = None    # cost_model=replay: what matched the recorded run
+    decode_plan: dict | None = None    # the split rule its decode attention ran / was priced by
 
 
 def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
@@ -101,8 +102,9 @@ def replay_sim(rc: RunConfig) -> Replay:
                     async_scheduling=rc.engine.async_on)
     with tqdm(total=len(requests), unit="req", desc="sim", disable=not rc.progress) as bar:
         result = sim.run(requests, progress=bar.update)
+    plan = getattr(cost_model, "decode_plan", None)
     replay = Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
-                    result.wall_s, num_blocks)
+                    result.wall_s, num_blocks, decode_plan=plan.describe() if plan else None)
     if rc.cost_model.kind == "replay":
         replay.equivalence = {"steps_identical": result.replayed_steps,
                               "steps_recorded": len(cost_model.records)}
@@ -178,6 +180,7 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
         requests = load_requests(rc, engine.model_config.vocab_size)
         check_requests(requests, rc, num_blocks)
         warm_up(engine, rc)
+        plan = engine.decode_plan()     # the split rule its decode attention runs (the summary's)
         # A full garbage collection scans every object the engine built (modules, graphs:
         # hundreds of thousands) and took 120-150 ms when one fell on the first steps of a
         # freshly built engine's replay; collect now and freeze what is left, as serving
@@ -210,7 +213,8 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
     ordered = [sequences[r.request_id] for r in requests]
     duration = max((seq.finish_time for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
-    return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu)
+    return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu,
+                  decode_plan=plan.describe() if plan else None)
 
 
 def engine_kwargs(rc: RunConfig) -> dict:
@@ -327,7 +331,8 @@ def run(cfg: DictConfig, run_dir, name: str | None = None, group: str | None = N
                "gpu": replay.gpu, "mode": rc.mode, "backend": backend, "load": load,
                "equivalence": replay.equivalence,
                "run": {"num_requests": len(requests_table), "num_blocks": replay.num_blocks,
-                       "num_steps": len(steps_table), "wall_s": replay.wall_s}}
+                       "num_steps": len(steps_table), "wall_s": replay.wall_s,
+                       "decode_plan": replay.decode_plan}}
     results.write(run_dir, requests_table, steps_table, summary)
     logger = make_logger(rc.logger, run_dir, config, name=name or run_dir.name, group=group,
                          job_type=rc.mode)

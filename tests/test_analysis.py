@@ -174,7 +174,7 @@ def test_percent_error_is_signed_and_relative_to_the_measurement():
 
 
 # ---- result directories -----------------------------------------------------------
-def write_run(path: Path, config: dict, requests: pd.DataFrame, slos=None, mode="sim"):
+def write_run(path: Path, config: dict, requests: pd.DataFrame, slos=None, mode="sim", run=None):
     path.mkdir(parents=True)
     requests.to_parquet(path / "requests.parquet", index=False)
     steps = pd.DataFrame({"start_s": [0.0, 0.1, 0.2], "duration_s": [0.1, 0.1, 0.1],
@@ -182,7 +182,7 @@ def write_run(path: Path, config: dict, requests: pd.DataFrame, slos=None, mode=
                           "num_batched_tokens": [10, 2, 1], "num_prefill_tokens": [10, 0, 0]})
     steps.to_parquet(path / "steps.parquet", index=False)
     summary = {"config": config, "metrics": compute_metrics(requests, slos=slos),
-               "versions": {}, "gpu": None, "mode": mode}
+               "versions": {}, "gpu": None, "mode": mode, **({"run": run} if run else {})}
     (path / "summary.json").write_text(json.dumps(summary, allow_nan=True))
 
 
@@ -323,6 +323,26 @@ def test_compare_identifies_the_real_run(tmp_path, table):
     write_run(tmp_path / "gpu", {}, scaled(table, 2), mode="gpu")
     sim, gpu = load_run(tmp_path / "sim"), load_run(tmp_path / "gpu")
     assert identify(sim, gpu) == (gpu, sim) and identify(gpu, sim) == (gpu, sim)
+
+
+def test_compare_says_when_the_runs_split_decode_attention_by_other_rules(tmp_path, table, capsys):
+    """A real run whose engine cut its decode attention by another rule than the twin priced
+    (each summary's run.decode_plan) gets a note naming the fields; the same rule, or a run
+    that records none, none."""
+    from policy.decode_plan import DecodePlan
+    ran, priced = DecodePlan(8, 132, min_tokens_per_split=64), DecodePlan(8, 132, min_tokens_per_split=128)
+    cases = {"other": (ran, priced), "same": (ran, ran), "unrecorded": (ran, None)}
+    for name, (a, b) in cases.items():
+        write_run(tmp_path / name / "gpu", {}, table, mode="gpu", run={"decode_plan": a.describe()})
+        write_run(tmp_path / name / "sim", {}, table, mode="sim", run={"decode_plan": b and b.describe()})
+        assert analysis_main(["--compare", str(tmp_path / name / "gpu"), str(tmp_path / name / "sim"),
+                              "--out", str(tmp_path / name / "out")]) == 0
+        printed = capsys.readouterr().out
+        if name == "other":
+            assert "split rule differs (min_tokens_per_split 64 ran, 128 priced)" in printed
+            assert "engine.kernel_plan=<the calibration>" in printed
+        else:
+            assert "split rule differs" not in printed
 
 
 def test_compare_two_load_sweeps(tmp_path, table, capsys):

@@ -239,6 +239,9 @@ def test_a_run_recorded_without_the_plan_features_gets_them_by_replay(tmp_path):
     with mock.patch.object(RooflineCostModel, "decode_plan", plan):   # the executor plans
         record("planned")
     planned = pd.read_parquet(tmp_path / "planned" / "steps.parquet")
+    # each run's summary says which split rule priced it (analysis --compare checks it)
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text())["run"] for n in ("bare", "planned")}
+    assert summaries["planned"]["decode_plan"] == plan.describe() and summaries["bare"]["decode_plan"] is None
     computed = plan_features(tmp_path / "bare", plan.describe())
     assert len(computed) == len(planned) and planned["decode_split_seqs"].gt(0).any()
     for f in ("decode_span_tokens", "decode_split_seqs"):
