@@ -49,6 +49,9 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from analysis.compare import split_rule_note  # noqa: E402
+from analysis.runs import load_run  # noqa: E402
+
 from experiments.config import register_configs  # noqa: E402
 from experiments.replay import build_engine, run  # noqa: E402
 from experiments.config import build  # noqa: E402
@@ -177,19 +180,23 @@ def stage_sim(args, common, todo) -> None:
     """Every cell on the simulator, once per cost model (fitted: the calibration; roofline: the
     --roofline-hardware file; roofline_fitted: the calibration's own hardware file where there
     is one), and every real run replayed from its own steps (cost_model=replay); a replay that
-    diverges leaves diverged.txt for the table instead of stopping the stage."""
+    diverges leaves diverged.txt for the table instead of stopping the stage. Says (once) where
+    a real run's decode attention split by another rule than the calibration prices."""
     models = {"fitted": ["cost_model=fitted", f"cost_model.path={args.calibration}"],
               "roofline": ["cost_model=roofline"]
               + (hardware_overrides(args.roofline_hardware) if args.roofline_hardware else [])}
     hw_file = Path(args.calibration).with_suffix(".hardware.yaml")
     if hw_file.is_file():
         models["roofline_fitted"] = ["cost_model=roofline"] + hardware_overrides(hw_file)
+    notes = set()
     for cell in {c["dir"]: c for c in todo}.values():
         for model, over in models.items():
             run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
                 args.out / "sim" / model / cell["dir"])
         for rep in range(args.repeats):
             real = args.out / "real" / cell["dir"] / f"r{rep}"
+            if (real / "summary.json").is_file():
+                notes.add(split_rule_note(load_run(real), load_run(args.out / "sim" / "fitted" / cell["dir"])))
             if (real / "steps.parquet").is_file():
                 try:
                     run(compose_cfg(common + ["mode=sim", "cost_model=replay",
@@ -198,6 +205,8 @@ def stage_sim(args, common, todo) -> None:
                 except RuntimeError as e:     # diverged: recorded in the table, not fatal
                     (args.out / "replay" / cell["dir"] / f"r{rep}").mkdir(parents=True, exist_ok=True)
                     (args.out / "replay" / cell["dir"] / f"r{rep}" / "diverged.txt").write_text(str(e))
+    for note in sorted(notes - {None}):
+        print(note)
 
 
 def hydra_value(v) -> str:
