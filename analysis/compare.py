@@ -10,7 +10,6 @@ import math
 import pandas as pd
 
 from analysis.runs import Run
-from policy.decode_plan import KERNEL_RULE_FIELDS
 
 METRICS = ("completed", "duration_s", "request_throughput", "output_throughput",
            "total_token_throughput", "request_goodput",
@@ -68,13 +67,13 @@ def format_table(table: pd.DataFrame) -> str:
 def split_rule_note(real: Run, sim: Run) -> str | None:
     """One line where the real run's decode attention cut its KV by another split rule (or
     geometry) than the simulated run priced, as each summary records it (`run.decode_plan`:
-    policy.decode_plan's rule with the KV heads and SMs), else None (the same rule, or a run
-    that records none: runs before session 24, other attention backends, replays)."""
+    the KV heads, the SMs and the rule the kernel runs, experiments.replay), else None (the
+    same, or a run that records none: runs before session 24, other attention backends,
+    replays)."""
     ran, priced = ((r.summary.get("run") or {}).get("decode_plan") for r in (real, sim))
     if not ran or not priced:
         return None
-    fields = ("num_kv_heads", "num_sms") + KERNEL_RULE_FIELDS
-    diff = [f"{f} {ran.get(f)} ran, {priced.get(f)} priced" for f in fields if ran.get(f) != priced.get(f)]
+    diff = [f"{f} {ran.get(f)} ran, {priced.get(f)} priced" for f in {**ran, **priced} if ran.get(f) != priced.get(f)]
     if not diff:
         return None
     return ("note: the decode attention's split rule differs (" + "; ".join(diff) + "): the twin "

@@ -49,7 +49,14 @@ class Replay:
     gpu: str | None = None
     t0: float = 0.0
     equivalence: dict | None = None    # cost_model=replay: what matched the recorded run
-    decode_plan: dict | None = None    # the split rule its decode attention ran / was priced by
+    decode_plan: dict | None = None    # the split rule its decode attention ran / was priced by (split_rule)
+
+
+def split_rule(plan) -> dict | None:
+    """What a run's summary records of a DecodePlan (`run.decode_plan`): the KV heads and SMs
+    it plans for and the rule the kernel runs (policy.decode_plan.KERNEL_RULE_FIELDS), which
+    analysis.compare sets side by side; None without a plan."""
+    return {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms, **plan.kernel_rule()} if plan else None
 
 
 def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
@@ -104,7 +111,7 @@ def replay_sim(rc: RunConfig) -> Replay:
         result = sim.run(requests, progress=bar.update)
     plan = getattr(cost_model, "decode_plan", None)
     replay = Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
-                    result.wall_s, num_blocks, decode_plan=plan.describe() if plan else None)
+                    result.wall_s, num_blocks, decode_plan=split_rule(plan))
     if rc.cost_model.kind == "replay":
         replay.equivalence = {"steps_identical": result.replayed_steps,
                               "steps_recorded": len(cost_model.records)}
@@ -214,7 +221,7 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
     duration = max((seq.finish_time for seq in ordered), default=0.0)
     gpu = torch.cuda.get_device_name() if rc.engine.device == "cuda" else None
     return Replay(ordered, {}, engine.step_records, duration, wall_s, num_blocks, gpu=gpu,
-                  decode_plan=plan.describe() if plan else None)
+                  decode_plan=split_rule(plan))
 
 
 def engine_kwargs(rc: RunConfig) -> dict:
