@@ -57,7 +57,7 @@ from omegaconf import DictConfig
 
 from experiments import results
 from experiments.config import RunConfig, build
-from experiments.replay import build_engine
+from experiments.replay import build_engine, split_rule_line
 from policy import Batch, CacheConfig, Scheduler, SchedulerConfig, Sequence
 from simulator import CudaGraphs, FittedCostModel, ModelSpec
 from simulator.clock import flops_per_unit
@@ -582,7 +582,7 @@ def profile_engine(rc) -> Profiled:
         startup_s = time.perf_counter() - started
         graphs = engine_graphs(rc, engine)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
-              f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)")
+              f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)\n{split_rule_line(engine)}")
         table, timeline = profile(rc, engine, graphs, rc.calibrate.repeats)
         serving = measure_serving_host(rc, engine)
         device = device_name(rc)

@@ -59,6 +59,21 @@ def split_rule(plan) -> dict | None:
     return {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms, **plan.kernel_rule()} if plan else None
 
 
+def split_rule_line(engine) -> str:
+    """One line on the split rule the engine's decode attention runs and where it comes from:
+    a kernel plan or calibration that pins one (engine.kernel_plan), or the engine's own."""
+    from policy.decode_plan import DecodePlan
+    plan = engine.decode_plan()
+    if plan is None:
+        return "decode split rule: none (the attention backend is not the Triton one)"
+    own = DecodePlan(plan.num_kv_heads, plan.num_sms).kernel_rule()
+    rule = plan.kernel_rule()
+    if rule == own:
+        return f"decode split rule: the engine's own (shortest share {rule['min_tokens_per_split']} tokens)"
+    differs = ", ".join(f"{f} {v} (own {own[f]})" for f, v in rule.items() if v != own[f])
+    return f"decode split rule: pinned by {engine.config.kernel_plan}: {differs}"
+
+
 def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
     """Fail before starting if a request can never run (too long for max_model_len or for
     the KV pool), with the scheduler's own message: the same check `Scheduler.add` does
@@ -188,6 +203,7 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
         check_requests(requests, rc, num_blocks)
         warm_up(engine, rc)
         plan = engine.decode_plan()     # the split rule its decode attention runs (the summary's)
+        log.info(split_rule_line(engine))
         # A full garbage collection scans every object the engine built (modules, graphs:
         # hundreds of thousands) and took 120-150 ms when one fell on the first steps of a
         # freshly built engine's replay; collect now and freeze what is left, as serving

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 from engine import LLM, SamplingParams, kernel_plan  # noqa: E402
 from engine.checkpoint import tiny_config, write_random_checkpoint  # noqa: E402
+from experiments.replay import split_rule_line  # noqa: E402
 from policy.decode_plan import KERNEL_RULE_FIELDS, MIN_TOKENS_PER_SPLIT, DecodePlan  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -46,6 +47,7 @@ def test_a_pinned_rule_cuts_the_shares_its_calibration_priced(checkpoint, tmp_pa
     assert own_plan.min_tokens_per_split == MIN_TOKENS_PER_SPLIT
     assert own_plan.shares([CONTEXT])[3][0] > 1                  # the engine's rule splits it
     tokens = own.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
+    assert split_rule_line(own) == f"decode split rule: the engine's own (shortest share {MIN_TOKENS_PER_SPLIT} tokens)"
     own.close()
 
     longer = 4 * MIN_TOKENS_PER_SPLIT
@@ -54,6 +56,9 @@ def test_a_pinned_rule_cuts_the_shares_its_calibration_priced(checkpoint, tmp_pa
     assert plan.min_tokens_per_split == longer and plan.num_kv_heads == own_plan.num_kv_heads
     assert plan.shares([CONTEXT])[3][0] == 1                     # the calibration's rule: one share
     assert pinned.model_runner.packer.decode_plan == plan        # what the packer cuts with
+    # what a replay logs and a calibration prints: the rule, where it comes from
+    assert split_rule_line(pinned).endswith(f"min_tokens_per_split {longer} (own {MIN_TOKENS_PER_SPLIT})")
+    assert "pinned by " + str(tmp_path) in split_rule_line(pinned)
     assert pinned.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids == tokens
     pinned.close()
 
