@@ -256,16 +256,24 @@ def _tiles_str(t: dict) -> str:
     return f"{t['block_n']}x{t['block_k']}w{t['num_warps']}s{t['num_stages']}"
 
 
-def read(path: str) -> dict | None:
-    """The plan in `path` (a plan file, or a calibration's `kernel_plan`), or None where the
-    file does not exist yet. Raises ValueError for a file that is neither."""
+def _load(path: str):
+    """The JSON in `path`, or None where the file does not exist yet; ValueError in one line
+    for a file that is not readable JSON."""
     p = Path(path)
     if not p.exists():
         return None
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"kernel plan {path}: not readable JSON ({e})") from None
+
+
+def read(path: str) -> dict | None:
+    """The plan in `path` (a plan file, or a calibration's `kernel_plan`), or None where the
+    file does not exist yet. Raises ValueError for a file that is neither."""
+    data = _load(path)
+    if data is None:
+        return None
     data = data.get("kernel_plan", data) if isinstance(data, dict) else data
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"kernel plan {path}: not a {FORMAT} file, nor a calibration that "
@@ -278,12 +286,9 @@ def read_decode_rule(path: str | None) -> dict | None:
     a plan file's "decode", a calibration's `decode_plan` (the rule of the engine it profiled);
     None where there is no file, or it records no rule (the engine's own then runs). Raises
     ValueError in one line for a rule with unknown or missing fields."""
-    if not path or not Path(path).exists():
+    data = _load(path) if path else None
+    if data is None:
         return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"kernel plan {path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"kernel plan {path}: not a {FORMAT} file, nor a calibration")
     rule = data.get("decode") if data.get("format") == FORMAT else data.get("decode_plan")

@@ -581,14 +581,16 @@ def profile_engine(rc) -> Profiled:
     try:
         startup_s = time.perf_counter() - started
         graphs = engine_graphs(rc, engine)
+        plan = engine.decode_plan()       # the split rule the kernel runs (recorded with the profile)
         print(f"engine ready in {startup_s:.1f} s ({engine.model_runner.num_blocks} KV blocks, "
-              f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)\n{split_rule_line(engine)}")
+              f"{len(graphs.decode)} decode + {len(graphs.mixed)} mixed graph sizes)\n"
+              f"{split_rule_line(plan, engine.config.kernel_plan)}")
         table, timeline = profile(rc, engine, graphs, rc.calibrate.repeats)
         serving = measure_serving_host(rc, engine)
         device = device_name(rc)
         run = Profiled(table, timeline, serving, graphs,
                        ModelSpec(rc.model_name, engine.model_config),   # what was profiled (model_path's own)
-                       device, engine.decode_plan(), pinned_plan(engine, device), startup_s, 0.0)
+                       device, plan, pinned_plan(engine, device), startup_s, 0.0)
     finally:
         engine.close()
     return run._replace(profile_s=time.perf_counter() - started - startup_s)

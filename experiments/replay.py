@@ -59,11 +59,11 @@ def split_rule(plan) -> dict | None:
     return {"num_kv_heads": plan.num_kv_heads, "num_sms": plan.num_sms, **plan.kernel_rule()} if plan else None
 
 
-def split_rule_line(engine) -> str:
-    """One line on the split rule the engine's decode attention runs and where it comes from:
-    a kernel plan or calibration that pins one (engine.kernel_plan), or the engine's own."""
+def split_rule_line(plan, kernel_plan: str | None) -> str:
+    """One line on the split rule an engine's decode attention runs (`plan`, its
+    decode_plan()) and where it comes from: the file its engine.kernel_plan names, where that
+    pins another rule than the engine's own, or the engine's own."""
     from policy.decode_plan import DecodePlan
-    plan = engine.decode_plan()
     if plan is None:
         return "decode split rule: none (the attention backend is not the Triton one)"
     own = DecodePlan(plan.num_kv_heads, plan.num_sms).kernel_rule()
@@ -71,7 +71,7 @@ def split_rule_line(engine) -> str:
     if rule == own:
         return f"decode split rule: the engine's own (shortest share {rule['min_tokens_per_split']} tokens)"
     differs = ", ".join(f"{f} {v} (own {own[f]})" for f, v in rule.items() if v != own[f])
-    return f"decode split rule: pinned by {engine.config.kernel_plan}: {differs}"
+    return f"decode split rule: pinned by {kernel_plan}: {differs}"
 
 
 def check_requests(requests, rc: RunConfig, num_blocks: int) -> None:
@@ -124,9 +124,8 @@ def replay_sim(rc: RunConfig) -> Replay:
                     async_scheduling=rc.engine.async_on)
     with tqdm(total=len(requests), unit="req", desc="sim", disable=not rc.progress) as bar:
         result = sim.run(requests, progress=bar.update)
-    plan = getattr(cost_model, "decode_plan", None)
     replay = Replay(result.sequences, result.replica_of, result.steps, result.duration_s,
-                    result.wall_s, num_blocks, decode_plan=split_rule(plan))
+                    result.wall_s, num_blocks, decode_plan=split_rule(cost_model.decode_plan))
     if rc.cost_model.kind == "replay":
         replay.equivalence = {"steps_identical": result.replayed_steps,
                               "steps_recorded": len(cost_model.records)}
@@ -203,7 +202,7 @@ def replay_gpu(rc: RunConfig, engine=None) -> Replay:
         check_requests(requests, rc, num_blocks)
         warm_up(engine, rc)
         plan = engine.decode_plan()     # the split rule its decode attention runs (the summary's)
-        log.info(split_rule_line(engine))
+        log.info(split_rule_line(plan, engine.config.kernel_plan))
         # A full garbage collection scans every object the engine built (modules, graphs:
         # hundreds of thousands) and took 120-150 ms when one fell on the first steps of a
         # freshly built engine's replay; collect now and freeze what is left, as serving

@@ -47,7 +47,7 @@ def test_a_pinned_rule_cuts_the_shares_its_calibration_priced(checkpoint, tmp_pa
     assert own_plan.min_tokens_per_split == MIN_TOKENS_PER_SPLIT
     assert own_plan.shares([CONTEXT])[3][0] > 1                  # the engine's rule splits it
     tokens = own.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
-    assert split_rule_line(own) == f"decode split rule: the engine's own (shortest share {MIN_TOKENS_PER_SPLIT} tokens)"
+    assert split_rule_line(own.decode_plan(), own.config.kernel_plan) == f"decode split rule: the engine's own (shortest share {MIN_TOKENS_PER_SPLIT} tokens)"
     own.close()
 
     longer = 4 * MIN_TOKENS_PER_SPLIT
@@ -57,8 +57,8 @@ def test_a_pinned_rule_cuts_the_shares_its_calibration_priced(checkpoint, tmp_pa
     assert plan.shares([CONTEXT])[3][0] == 1                     # the calibration's rule: one share
     assert pinned.model_runner.packer.decode_plan == plan        # what the packer cuts with
     # what a replay logs and a calibration prints: the rule, where it comes from
-    assert split_rule_line(pinned).endswith(f"min_tokens_per_split {longer} (own {MIN_TOKENS_PER_SPLIT})")
-    assert "pinned by " + str(tmp_path) in split_rule_line(pinned)
+    assert split_rule_line(plan, pinned.config.kernel_plan).endswith(f"min_tokens_per_split {longer} (own {MIN_TOKENS_PER_SPLIT})")
+    assert "pinned by " + str(tmp_path) in split_rule_line(plan, pinned.config.kernel_plan)
     assert pinned.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids == tokens
     pinned.close()
 

@@ -193,10 +193,11 @@ def stage_sim(args, common, todo) -> None:
         for model, over in models.items():
             run(compose_cfg(common + ["mode=sim"] + cell["overrides"] + over),
                 args.out / "sim" / model / cell["dir"])
+        fitted = load_run(args.out / "sim" / "fitted" / cell["dir"])
         for rep in range(args.repeats):
             real = args.out / "real" / cell["dir"] / f"r{rep}"
             if (real / "summary.json").is_file():
-                notes.add(split_rule_note(load_run(real), load_run(args.out / "sim" / "fitted" / cell["dir"])))
+                notes.add(split_rule_note(load_run(real), fitted))
             if (real / "steps.parquet").is_file():
                 try:
                     run(compose_cfg(common + ["mode=sim", "cost_model=replay",
